@@ -1,0 +1,305 @@
+//! Types shared by the drain-agent eBPF programs and the agent.
+//!
+//! Everything here is `#[repr(C)]` plain data (it crosses the kernel/user boundary through
+//! BPF maps and the ring buffer) plus the one pure rule of the project, [`classify`]: which
+//! TCP state transition opens or closes a *tracked connection*. The rule is unit-tested on
+//! the host and compiled unchanged into the BPF program.
+#![no_std]
+
+/// TCP states, as numbered in the kernel's `include/net/tcp_states.h`.
+///
+/// The `sock:inet_sock_set_state` tracepoint reports `oldstate`/`newstate` with these values.
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
+    pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
+/// Address families (`include/linux/socket.h`).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP` (`include/uapi/linux/in.h`).
+pub const IPPROTO_TCP: u16 = 6;
+
+/// What a state transition means for the connection count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    /// A passively opened socket became active: count it (once).
+    Open,
+    /// An active socket left ESTABLISHED/CLOSE_WAIT: stop counting it (if it was counted).
+    Close,
+    /// Nothing changes for the count.
+    Unchanged,
+}
+
+/// A socket is *active* while the application may still be serving it: ESTABLISHED, or
+/// CLOSE_WAIT (the peer sent FIN, but our side still holds the socket and may still write).
+#[inline(always)]
+pub const fn is_active(state: i32) -> bool {
+    state == tcp_state::ESTABLISHED || state == tcp_state::CLOSE_WAIT
+}
+
+/// The state rule: old state, new state → +1 / 0 / −1.
+///
+/// * Open: `SYN_RECV → ESTABLISHED` is the passive open (someone connected *to* us; the
+///   child socket is created in SYN_RECV by `inet_csk_clone_lock()`). `SYN_RECV → CLOSE_WAIT`
+///   is the same for a TCP Fast Open child whose first segment already carried FIN
+///   (`tcp_fin()` moves SYN_RECV straight to CLOSE_WAIT). Active opens go
+///   `SYN_SENT → ESTABLISHED` and are never counted.
+/// * Close: any move from an active state to a non-active one (FIN_WAIT1 when we close
+///   first, LAST_ACK after CLOSE_WAIT, CLOSE on RST or abort). It only un-counts a socket that
+///   was counted; the caller's per-socket map decides that.
+#[inline(always)]
+pub const fn classify(old_state: i32, new_state: i32) -> Transition {
+    if is_active(new_state) {
+        if old_state == tcp_state::SYN_RECV {
+            Transition::Open
+        } else {
+            Transition::Unchanged
+        }
+    } else if is_active(old_state) {
+        Transition::Close
+    } else {
+        Transition::Unchanged
+    }
+}
+
+/// What the connections are counted by: one listening endpoint in one network namespace.
+///
+/// `addr` holds an IPv4 address in its first 4 bytes (rest zero) when `family == AF_INET`;
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are folded to IPv4 before they get here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ConnKey {
+    /// Inode number of the socket's network namespace (`net->ns.inum`).
+    pub netns: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local port, host byte order.
+    pub port: u16,
+    /// Local address, network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Per-key counters, updated with atomic adds by the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnCounts {
+    /// Tracked connections open now.
+    pub active: i64,
+    /// Tracked connections opened (seeded ones included) since the agent started.
+    pub opened: u64,
+    /// Tracked connections closed since the agent started.
+    pub closed: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last open or close, written just before
+    /// the count changes: how long a drained endpoint has been at zero (`settle`).
+    pub last_change_ns: u64,
+}
+
+/// Start time of a socket the agent found already established (its real start is unknown).
+pub const STARTED_UNKNOWN: u64 = 0;
+
+/// Value of the per-socket map: which key a tracked socket counts under, and since when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockEntry {
+    pub key: ConnKey,
+    /// `bpf_ktime_get_ns()` at the passive open, or [`STARTED_UNKNOWN`] for seeded sockets.
+    pub started_ns: u64,
+}
+
+/// Ring-buffer record, written when a key's active count moves between 0 and 1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ZeroCrossing {
+    pub key: ConnKey,
+    /// The key's active count right after the change (0 or 1).
+    pub active: i64,
+}
+
+/// Number of buckets of the kernel-side connection-duration histogram: upper bounds
+/// [`DURATION_BUCKETS_MS`], plus one overflow bucket.
+pub const DURATION_BUCKET_COUNT: usize = 14;
+/// Upper bounds (milliseconds) of the connection-duration buckets, 1 ms to 1 h.
+pub const DURATION_BUCKETS_MS: [u64; DURATION_BUCKET_COUNT - 1] = [
+    1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 3_600_000,
+];
+
+/// Index of the bucket a duration falls in (the last index is "over 1 h").
+#[inline(always)]
+pub const fn duration_bucket(duration_ns: u64) -> usize {
+    let ms_ceil = duration_ns.div_ceil(1_000_000);
+    let mut i = 0;
+    while i < DURATION_BUCKETS_MS.len() {
+        if ms_ceil <= DURATION_BUCKETS_MS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    DURATION_BUCKETS_MS.len()
+}
+
+/// Per-port duration histogram (kernel-side): count per bucket and the sum of durations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DurationHistogram {
+    pub buckets: [u64; DURATION_BUCKET_COUNT],
+    pub sum_ns: u64,
+}
+
+/// Indices of the `ERRORS` array map: things the programs could not do, never silent.
+pub mod error_index {
+    /// The per-socket map was full: a connection could not be tracked.
+    pub const SOCKET_MAP_FULL: u32 = 0;
+    /// The per-key count map was full: a connection could not be counted.
+    pub const COUNT_MAP_FULL: u32 = 1;
+    /// The ring buffer was full: a zero-crossing event was lost.
+    pub const EVENT_LOST: u32 = 2;
+    /// Reading socket fields with `bpf_probe_read_kernel` failed.
+    pub const READ_FAILED: u32 = 3;
+    /// A histogram update failed.
+    pub const HISTOGRAM_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+    /// Metric label of each index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "socket_map_full",
+        "count_map_full",
+        "event_lost",
+        "read_failed",
+        "histogram_failed",
+    ];
+}
+
+/// Field offsets inside kernel structs, read from the running kernel's BTF by the agent and
+/// handed to the programs as a read-only global (aya 0.14 has no CO-RE for Rust programs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    /// `struct sock_common`: `skc_family` (u16).
+    pub skc_family: u32,
+    /// `skc_state` (u8).
+    pub skc_state: u32,
+    /// `skc_num` (u16, local port in host byte order).
+    pub skc_num: u32,
+    /// `skc_rcv_saddr` (__be32, local IPv4 address).
+    pub skc_rcv_saddr: u32,
+    /// `skc_v6_rcv_saddr` (struct in6_addr, local IPv6 address).
+    pub skc_v6_rcv_saddr: u32,
+    /// `skc_net` (possible_net_t, whose first field is `struct net *net`).
+    pub skc_net: u32,
+    /// `struct net`: `ns.inum` (unsigned int).
+    pub net_ns_inum: u32,
+    /// `struct sock`: `sk_protocol` (u16); [`OFFSET_UNKNOWN`] when it is a bitfield.
+    pub sk_protocol: u32,
+}
+
+/// Marks an offset the running kernel does not provide as a plain field.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{ConnCounts, ConnKey, DurationHistogram, KernelOffsets, SockEntry, ZeroCrossing};
+
+    // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with no padding
+    // holes that could leak or hold invalid values; any bit pattern is valid.
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnCounts {}
+    unsafe impl aya::Pod for SockEntry {}
+    unsafe impl aya::Pod for ZeroCrossing {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for DurationHistogram {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_state::*;
+    use super::*;
+
+    const ALL: [i32; 12] = [
+        ESTABLISHED,
+        SYN_SENT,
+        SYN_RECV,
+        FIN_WAIT1,
+        FIN_WAIT2,
+        TIME_WAIT,
+        CLOSE,
+        CLOSE_WAIT,
+        LAST_ACK,
+        LISTEN,
+        CLOSING,
+        NEW_SYN_RECV,
+    ];
+
+    #[test]
+    fn passive_open_counts() {
+        assert_eq!(classify(SYN_RECV, ESTABLISHED), Transition::Open);
+        assert_eq!(classify(SYN_RECV, CLOSE_WAIT), Transition::Open);
+    }
+
+    #[test]
+    fn active_open_never_counts() {
+        assert_eq!(classify(SYN_SENT, ESTABLISHED), Transition::Unchanged);
+        assert_eq!(classify(CLOSE, SYN_SENT), Transition::Unchanged);
+    }
+
+    #[test]
+    fn half_close_by_peer_stays_active() {
+        assert_eq!(classify(ESTABLISHED, CLOSE_WAIT), Transition::Unchanged);
+    }
+
+    #[test]
+    fn every_way_out_of_an_active_state_closes() {
+        for old in [ESTABLISHED, CLOSE_WAIT] {
+            for new in ALL.into_iter().filter(|s| !is_active(*s)) {
+                assert_eq!(classify(old, new), Transition::Close, "{old} -> {new}");
+            }
+        }
+    }
+
+    #[test]
+    fn transitions_between_inactive_states_change_nothing() {
+        for old in ALL.into_iter().filter(|s| !is_active(*s)) {
+            for new in ALL.into_iter().filter(|s| !is_active(*s)) {
+                assert_eq!(classify(old, new), Transition::Unchanged, "{old} -> {new}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_syn_recv_opens() {
+        for old in ALL {
+            for new in ALL {
+                let opens = classify(old, new) == Transition::Open;
+                assert_eq!(opens, old == SYN_RECV && is_active(new), "{old} -> {new}");
+            }
+        }
+    }
+
+    #[test]
+    fn duration_buckets_are_upper_bounds() {
+        assert_eq!(duration_bucket(0), 0);
+        assert_eq!(duration_bucket(1_000_000), 0);
+        assert_eq!(duration_bucket(1_000_001), 1);
+        assert_eq!(duration_bucket(5_000_000), 1);
+        assert_eq!(duration_bucket(999_000_000), 6);
+        assert_eq!(duration_bucket(3_600_000_000_000), DURATION_BUCKET_COUNT - 2);
+        assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKET_COUNT - 1);
+    }
+
+    #[test]
+    fn shared_types_have_no_padding() {
+        assert_eq!(core::mem::size_of::<ConnKey>(), 24);
+        assert_eq!(core::mem::size_of::<ConnCounts>(), 32);
+        assert_eq!(core::mem::size_of::<SockEntry>(), 32);
+        assert_eq!(core::mem::size_of::<ZeroCrossing>(), 32);
+    }
+}

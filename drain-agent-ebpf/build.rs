@@ -1,0 +1,15 @@
+//! Rebuild the eBPF object when the linker changes, and pick the BPF instruction set.
+use std::{env, path::PathBuf};
+
+fn main() {
+    // bpf-linker does the code generation (rustc hands it bitcode), so a new linker can
+    // change the object: rebuild when it does.
+    let linker = env::var_os("PATH")
+        .and_then(|paths| {
+            env::split_paths(&paths)
+                .map(|dir| dir.join("bpf-linker"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("bpf-linker"));
+    println!("cargo:rerun-if-changed={}", linker.display());
+}

@@ -1,0 +1,456 @@
+//! drain-agent's kernel side: count the inbound TCP connections of every local endpoint.
+//!
+//! One handler, three ways to reach it (the agent attaches the first that loads, see
+//! DESIGN.md): a BTF tracepoint, the classic tracepoint and a raw tracepoint, all on
+//! `sock:inet_sock_set_state`, which the kernel fires from `tcp_set_state()` and
+//! `inet_sk_set_state()` *before* it stores the new state (net/ipv4/tcp.c,
+//! net/ipv4/af_inet.c). A fourth program, a `iter/tcp` BPF iterator, seeds the maps with the
+//! connections that were already established when the agent started.
+//!
+//! Exactly-once: the per-socket map `SOCKETS` is the source of truth. A count goes up only
+//! when a socket's insert (`BPF_NOEXIST`) succeeds, and down only when its delete succeeds,
+//! so no interleaving of events, seeding or CPUs can count a socket twice or go negative.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core::intrinsics::atomic_xadd is the only atomic add that compiles for BPF"
+)]
+
+use core::{ffi::c_void, intrinsics::AtomicOrdering, ptr};
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    maps::{Array, HashMap, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    EbpfContext as _,
+};
+use drain_agent_common::{
+    classify, duration_bucket, error_index, is_active, tcp_state, ConnCounts, ConnKey,
+    DurationHistogram, KernelOffsets, SockEntry, Transition, ZeroCrossing, AF_INET, AF_INET6,
+    IPPROTO_TCP, OFFSET_UNKNOWN, STARTED_UNKNOWN,
+};
+
+// Map sizes below are defaults; the agent sets the real ones at load time from its flags.
+
+/// Tracked sockets, keyed by the socket's kernel address. Not preallocated: memory is
+/// charged to the agent's cgroup, and a preallocated map would charge its full size at start.
+#[map]
+static SOCKETS: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// Counters per endpoint. Entries are never deleted here: `opened`/`closed` are totals.
+#[map]
+static COUNTS: HashMap<ConnKey, ConnCounts> = HashMap::with_max_entries(16_384, 0);
+
+/// Kernel-side histogram of how long tracked connections stayed active, per endpoint.
+#[map]
+static DURATIONS: HashMap<ConnKey, DurationHistogram> = HashMap::with_max_entries(16_384, 0);
+
+/// Listening (netns, port) pairs, filled by the seeding iterator: a socket found already
+/// established is *passive* when its local port has a listener in its namespace.
+#[map]
+static LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
+
+/// Wake-ups for the agent: one record each time an endpoint's count moves between 0 and 1.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Failure counters, indexed by `error_index`. Nothing is dropped silently.
+#[map]
+static ERRORS: Array<u64> = Array::with_max_entries(error_index::COUNT, 0);
+
+/// Field offsets of the running kernel, from its BTF; written by the agent at load time.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    skc_family: 0,
+    skc_state: 0,
+    skc_num: 0,
+    skc_rcv_saddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    net_ns_inum: 0,
+    sk_protocol: OFFSET_UNKNOWN,
+};
+
+const EEXIST: i32 = 17;
+
+/// Handler errors: nothing to do but count them (a BPF program has nobody to return them to).
+#[derive(Clone, Copy)]
+enum Error {
+    ReadFailed,
+}
+
+// ---------------------------------------------------------------------------------------
+// The three attach points. Each only extracts (sk, oldstate, newstate) from its context.
+// ---------------------------------------------------------------------------------------
+
+/// `tp_btf/inet_sock_set_state`: args are the tracepoint's `TP_PROTO(const struct sock *sk,
+/// const int oldstate, const int newstate)` (include/trace/events/sock.h).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let old_state: i32 = ctx.arg(1);
+    let new_state: i32 = ctx.arg(2);
+    on_state_change(old_state, new_state, || read_ctx_u64(ctx.as_ptr(), 0));
+    0
+}
+
+/// `raw_tp/inet_sock_set_state`: the same TP_PROTO arguments, as `u64 args[]`.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    let old_state = ctx.arg::<u64>(1) as i32;
+    let new_state = ctx.arg::<u64>(2) as i32;
+    on_state_change(old_state, new_state, || read_ctx_u64(ctx.as_ptr(), 0));
+    0
+}
+
+/// Classic `tracepoint/sock/inet_sock_set_state`. The record layout is TP_STRUCT__entry of
+/// include/trace/events/sock.h after the 8-byte common header:
+/// `const void *skaddr` @8, `int oldstate` @16, `int newstate` @20 (stable since 4.16; the
+/// agent checks these offsets against tracefs' `format` file before attaching).
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state_tp(ctx: TracePointContext) -> i32 {
+    const SKADDR: usize = 8;
+    const OLDSTATE: usize = 16;
+    const NEWSTATE: usize = 20;
+    let record = ctx.as_ptr().cast::<u8>();
+    // SAFETY: the offsets lie inside the record (checked by the verifier too).
+    let (old_state, new_state) = unsafe {
+        (
+            ptr::read_unaligned(record.add(OLDSTATE).cast::<i32>()),
+            ptr::read_unaligned(record.add(NEWSTATE).cast::<i32>()),
+        )
+    };
+    on_state_change(old_state, new_state, || {
+        // SAFETY: as above.
+        Ok(unsafe { ptr::read_unaligned(record.add(SKADDR).cast::<u64>()) })
+    });
+    0
+}
+
+/// Reads a context slot through `bpf_probe_read_kernel`, so that the verifier sees a plain
+/// number rather than a typed kernel pointer: the field offsets we add to it come from a
+/// global and are not constants, and typed pointers only take constant offsets.
+#[inline(always)]
+fn read_ctx_u64(ctx: *mut c_void, index: usize) -> Result<u64, Error> {
+    // SAFETY: the context holds at least `index + 1` u64 arguments (TP_PROTO has three).
+    unsafe { bpf_probe_read_kernel(ctx.cast::<u64>().add(index)) }.map_err(|_| Error::ReadFailed)
+}
+
+#[inline(always)]
+fn on_state_change(old_state: i32, new_state: i32, sk: impl FnOnce() -> Result<u64, Error>) {
+    // Most transitions (SYN_SENT, LISTEN, TIME_WAIT, …) change nothing: leave before
+    // touching the socket or any map.
+    let transition = classify(old_state, new_state);
+    if transition == Transition::Unchanged {
+        return;
+    }
+    if let Err(error) = try_on_state_change(transition, sk) {
+        count_error(error);
+    }
+}
+
+#[inline(always)]
+fn try_on_state_change(
+    transition: Transition,
+    sk: impl FnOnce() -> Result<u64, Error>,
+) -> Result<(), Error> {
+    let sk = sk()?;
+    match transition {
+        Transition::Open => {
+            let offsets = kernel_offsets();
+            if !is_tcp(sk, &offsets)? {
+                return Ok(());
+            }
+            let key = read_key(sk, &offsets)?;
+            track_open(sk, key, false);
+        }
+        Transition::Close => track_close(sk),
+        Transition::Unchanged => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Seeding: connections established before the agent started.
+// ---------------------------------------------------------------------------------------
+
+/// `iter/tcp` (aya-ebpf 0.2 has no `#[iter]` attribute, so the section is set by hand).
+///
+/// The context is `struct bpf_iter__tcp { meta, sk_common, uid }` (net/ipv4/tcp_ipv4.c); it
+/// walks the listening sockets first, then the established ones, of the network namespace
+/// that created the iterator. `bpf_iter_tcp_seq_show()` holds the socket lock
+/// (`lock_sock_fast`) while this runs and skips unhashed sockets, so the state we read cannot
+/// change under us: a socket that closes during the walk is seen closed (skipped), or its
+/// close runs after our insert and removes it. Counted once or not at all, never twice.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn seed_established_tcp(ctx: *mut c_void) -> i32 {
+    if let Err(error) = try_seed_established_tcp(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
+    let sk = read_ctx_u64(ctx, 1)?;
+    if sk == 0 {
+        // The last call of a walk has no socket.
+        return Ok(());
+    }
+    let offsets = kernel_offsets();
+    let state = i32::from(read_kernel::<u8>(sk, offsets.skc_state)?);
+    if state == tcp_state::LISTEN {
+        let netns = read_netns(sk, &offsets)?;
+        let port = read_kernel::<u16>(sk, offsets.skc_num)?;
+        // A full map only means fewer seeded sockets are recognised as passive.
+        let _ = LISTENERS.insert(listener_key(netns, port), 1, 0);
+    } else if is_active(state) {
+        let key = read_key(sk, &offsets)?;
+        // SAFETY: the map value is plain data; we only test for its presence.
+        if unsafe { LISTENERS.get(listener_key(key.netns, key.port)) }.is_some() {
+            track_open(sk, key, true);
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn listener_key(netns: u32, port: u16) -> u64 {
+    (u64::from(netns) << 16) | u64::from(port)
+}
+
+// ---------------------------------------------------------------------------------------
+// The exactly-once bookkeeping.
+// ---------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn track_open(sk: u64, key: ConnKey, seeded: bool) {
+    // SAFETY: a BPF helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A seeded socket was established at some unknown time before the agent started.
+    let started_ns = if seeded { STARTED_UNKNOWN } else { now };
+    let entry = SockEntry { key, started_ns };
+    match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // Already tracked (e.g. seen by the tracepoint while the seeding walk ran).
+        Err(error) if error == -EEXIST => return,
+        Err(_) => {
+            count_error_at(error_index::SOCKET_MAP_FULL);
+            return;
+        }
+    }
+    let Some(counts) = counts_of(&key) else {
+        // Could not count it: untrack it too, so the close does not un-count it.
+        let _ = SOCKETS.remove(sk);
+        count_error_at(error_index::COUNT_MAP_FULL);
+        return;
+    };
+    // SAFETY: `counts` points into a map value that lives while this program runs.
+    unsafe {
+        atomic_add_u64(ptr::addr_of_mut!((*counts).opened), 1);
+        ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
+        if add_active(counts, 1) == 1 {
+            emit_zero_crossing(key, 1);
+        }
+    }
+}
+
+#[inline(always)]
+fn track_close(sk: u64) {
+    // SAFETY: the entry is copied out at once; state changes of one socket are serialised
+    // by its lock, so nobody else removes it between here and our own remove.
+    let Some(entry) = (unsafe { SOCKETS.get(sk) }).copied() else {
+        // Not tracked: an outbound connection, or one the agent could not track.
+        return;
+    };
+    if SOCKETS.remove(sk).is_err() {
+        return;
+    }
+    // SAFETY: a BPF helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(counts) = COUNTS.get_ptr_mut(entry.key) {
+        // SAFETY: as in `track_open`.
+        unsafe {
+            atomic_add_u64(ptr::addr_of_mut!((*counts).closed), 1);
+            ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
+            if add_active(counts, -1) == 0 {
+                emit_zero_crossing(entry.key, 0);
+            }
+        }
+    }
+    if entry.started_ns != STARTED_UNKNOWN {
+        record_duration(&entry.key, now.saturating_sub(entry.started_ns));
+    }
+}
+
+/// The counters of `key`, created on first use.
+#[inline(always)]
+fn counts_of(key: &ConnKey) -> Option<*mut ConnCounts> {
+    if let Some(counts) = COUNTS.get_ptr_mut(key) {
+        return Some(counts);
+    }
+    // Another CPU may create it first: BPF_NOEXIST keeps theirs, and we use whichever won.
+    let _ = COUNTS.insert(key, ConnCounts::default(), u64::from(BPF_NOEXIST));
+    COUNTS.get_ptr_mut(key)
+}
+
+#[inline(always)]
+fn record_duration(key: &ConnKey, duration_ns: u64) {
+    let histogram = match DURATIONS.get_ptr_mut(key) {
+        Some(histogram) => histogram,
+        None => {
+            let _ = DURATIONS.insert(key, DurationHistogram::default(), u64::from(BPF_NOEXIST));
+            match DURATIONS.get_ptr_mut(key) {
+                Some(histogram) => histogram,
+                None => {
+                    count_error_at(error_index::HISTOGRAM_FAILED);
+                    return;
+                }
+            }
+        }
+    };
+    let bucket = duration_bucket(duration_ns);
+    // SAFETY: `histogram` points into a live map value; `bucket` is in range by construction
+    // of `duration_bucket` and re-checked for the verifier.
+    unsafe {
+        if let Some(slot) = (*histogram).buckets.get_mut(bucket) {
+            atomic_add_u64(slot, 1);
+        }
+        atomic_add_u64(ptr::addr_of_mut!((*histogram).sum_ns), duration_ns);
+    }
+}
+
+#[inline(always)]
+fn emit_zero_crossing(key: ConnKey, active: i64) {
+    if EVENTS.output::<ZeroCrossing>(ZeroCrossing { key, active }, 0).is_err() {
+        count_error_at(error_index::EVENT_LOST);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading the socket.
+// ---------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn kernel_offsets() -> KernelOffsets {
+    // SAFETY: a read-only global the loader filled in; volatile so the compiler does not
+    // fold the zero defaults in.
+    unsafe { ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u32) -> Result<T, Error> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }
+        .map_err(|_| Error::ReadFailed)
+}
+
+/// `inet_sock_set_state` also fires for non-TCP inet sockets on some kernels (DCCP used
+/// `inet_sk_set_state()`); only TCP is ours.
+#[inline(always)]
+fn is_tcp(sk: u64, offsets: &KernelOffsets) -> Result<bool, Error> {
+    if offsets.sk_protocol == OFFSET_UNKNOWN {
+        return Ok(true);
+    }
+    Ok(read_kernel::<u16>(sk, offsets.sk_protocol)? == IPPROTO_TCP)
+}
+
+#[inline(always)]
+fn read_netns(sk: u64, offsets: &KernelOffsets) -> Result<u32, Error> {
+    // sk->__sk_common.skc_net.net->ns.inum
+    let net = read_kernel::<u64>(sk, offsets.skc_net)?;
+    read_kernel::<u32>(net, offsets.net_ns_inum)
+}
+
+#[inline(always)]
+fn read_key(sk: u64, offsets: &KernelOffsets) -> Result<ConnKey, Error> {
+    let mut key = ConnKey {
+        netns: read_netns(sk, offsets)?,
+        family: read_kernel::<u16>(sk, offsets.skc_family)?,
+        port: read_kernel::<u16>(sk, offsets.skc_num)?,
+        addr: [0; 16],
+    };
+    if key.family == AF_INET6 {
+        let v6 = read_kernel::<[u8; 16]>(sk, offsets.skc_v6_rcv_saddr)?;
+        if is_v4_mapped(&v6) {
+            // An IPv6 listener accepting an IPv4 client: count it as the IPv4 it is.
+            key.family = AF_INET;
+            key.addr[..4].copy_from_slice(&v6[12..]);
+        } else {
+            key.addr = v6;
+        }
+    } else {
+        key.family = AF_INET;
+        let v4 = read_kernel::<[u8; 4]>(sk, offsets.skc_rcv_saddr)?;
+        key.addr[..4].copy_from_slice(&v4);
+    }
+    Ok(key)
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10].iter().all(|byte| *byte == 0) && addr[10] == 0xff && addr[11] == 0xff
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters.
+// ---------------------------------------------------------------------------------------
+
+/// Adds `delta` to the active count atomically and returns the count read right after.
+///
+/// The BPF instruction set before v3 has no fetch-and-add, and aya-build fixes the CPU to
+/// `generic`, so the add and the read are two steps. That is enough for the wake-ups: a
+/// socket's close always follows its open (both run under the socket lock), so the count
+/// never goes negative, and whenever a count settles at 0 the *last* add was a decrement
+/// whose read comes after every add and sees the 0, so at least one "reached zero" event is
+/// written. Concurrent changes may add spurious events; the agent re-reads the count on each.
+///
+/// # Safety
+/// `counts` points into a live map value.
+#[inline(always)]
+unsafe fn add_active(counts: *mut ConnCounts, delta: i64) -> i64 {
+    // SAFETY: the caller's pointer is valid; volatile so the read is not folded into the add.
+    unsafe {
+        let active = ptr::addr_of_mut!((*counts).active);
+        core::intrinsics::atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(active, delta);
+        ptr::read_volatile(active)
+    }
+}
+
+#[inline(always)]
+unsafe fn atomic_add_u64(target: *mut u64, value: u64) {
+    // SAFETY: the caller passes a pointer into a map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value);
+    }
+}
+
+#[inline(always)]
+fn count_error(error: Error) {
+    match error {
+        Error::ReadFailed => count_error_at(error_index::READ_FAILED),
+    }
+}
+
+#[inline(always)]
+fn count_error_at(index: u32) {
+    if let Some(counter) = ERRORS.get_ptr_mut(index) {
+        // SAFETY: a pointer into the array map's value.
+        unsafe { atomic_add_u64(counter, 1) };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // BPF programs cannot panic (the verifier rejects unbounded loops); this is unreachable.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,189 @@
+//! `drain-agent run`: wire the kernel side, the tracker and the HTTP server together, and
+//! shut them down in order on SIGTERM or Ctrl-C.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::maps::{MapData, RingBuf};
+use log::{error, info, warn};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{
+    bpf::{Kernel, KernelOptions, parse_event},
+    cli::RunArgs,
+    http::{AppState, WaitLimits, router},
+    metrics::Metrics,
+    tracker::Tracker,
+};
+
+/// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
+pub fn main(args: RunArgs) -> ExitCode {
+    init_logging(&args.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(problem) => Err(problem).context("cannot start the async runtime"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(problem) => {
+            error!("{problem:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let env = env_logger::Env::default().default_filter_or(level);
+    // A second init (tests) is harmless.
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
+}
+
+/// The agent itself.
+pub async fn run(args: RunArgs) -> Result<()> {
+    ensure!(
+        args.default_timeout <= args.max_timeout,
+        "--default-timeout ({:?}) is longer than --max-timeout ({:?})",
+        args.default_timeout,
+        args.max_timeout
+    );
+    ensure!(args.max_waiters > 0, "--max-waiters must be at least 1");
+    // Bind first: a port conflict is the most common start-up mistake, and it should not
+    // cost a program load to find out.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (another agent or node_exporter there? choose one with --listen)",
+                args.listen
+            )
+        })?;
+
+    let mut kernel = Kernel::load(&KernelOptions {
+        max_connections: args.max_connections,
+        max_endpoints: args.max_endpoints,
+        attach: args.attach,
+    })?;
+    let attach = kernel.attach_method();
+    let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));
+    let events = kernel
+        .take_events()
+        .context("the ring buffer was taken already")?;
+    let event_task = tokio::spawn(forward_events(events, Arc::clone(&tracker)));
+    if args.no_seed {
+        info!("not counting connections opened before start (--no-seed)");
+    } else {
+        kernel.seed_existing_connections()?;
+    }
+
+    let metrics = Arc::new(Metrics::new(
+        Arc::clone(&tracker),
+        args.ports.clone(),
+        attach.name(),
+        true,
+    )?);
+    let state = Arc::new(AppState {
+        tracker: Arc::clone(&tracker),
+        limits: WaitLimits {
+            default_timeout: args.default_timeout,
+            max_timeout: args.max_timeout,
+        },
+        metrics,
+    });
+    let address = listener.local_addr().context("listener address")?;
+    info!("serving on http://{address} (attached with {attach})");
+    let shutdown_tracker = Arc::clone(&tracker);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move {
+            wait_for_stop_signal().await;
+            info!("shutting down: answering open waiters");
+            shutdown_tracker.begin_shutdown();
+        })
+        .await
+        .context("the HTTP server failed")?;
+    event_task.abort();
+    drop(kernel);
+    info!("programs detached; bye");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(problem) => {
+                warn!("cannot listen for SIGTERM: {problem}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+/// Wakes the waiters of a port whenever the kernel says one of its endpoints crossed zero.
+/// If the ring buffer ever overflows (the kernel counts it), every waiter re-reads once.
+async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>) {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
+    // and the AsyncFd owns the ring buffer.
+    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+        Ok(ring) => ring,
+        Err(problem) => {
+            let (_, problem) = problem.into_parts();
+            error!("cannot watch the event ring buffer: {problem}; waiters will only answer on timeout");
+            return;
+        }
+    };
+    let mut lost_seen = lost_events(&tracker);
+    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(problem) => {
+                        error!("event ring buffer failed: {problem}");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(event) = parse_event(&item) {
+                        tracker.notify_port(event.key.port);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = lost_check.tick() => {
+                let lost = lost_events(&tracker);
+                if lost > lost_seen {
+                    warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
+                    lost_seen = lost;
+                    tracker.notify_all();
+                }
+            }
+        }
+    }
+}
+
+fn lost_events(tracker: &Tracker) -> u64 {
+    tracker
+        .tracking_errors()
+        .ok()
+        .and_then(|errors| {
+            errors
+                .into_iter()
+                .find(|(name, _)| *name == "event_lost")
+                .map(|(_, count)| count)
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,467 @@
+//! The kernel side, from user space: load the programs, pick how to attach, seed the
+//! connections that already exist, and read the maps. Dropping [`Kernel`] detaches it all.
+
+use std::{
+    fmt,
+    fs,
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
+};
+use drain_agent_common::{
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, ZeroCrossing, error_index,
+};
+use log::{debug, info, warn};
+
+use crate::{
+    btf::{Btf, VMLINUX_BTF},
+    netns,
+    tracker::{ConnectionSource, Endpoint},
+};
+
+/// The eBPF object, built by build.rs from drain-agent-ebpf and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
+
+const TRACEPOINT_CATEGORY: &str = "sock";
+const TRACEPOINT_NAME: &str = "inet_sock_set_state";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// How the state-change handler is attached, in the order the agent tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMethod {
+    /// BTF-enabled tracepoint (`tp_btf`): cheapest, needs kernel BTF but no tracefs.
+    TpBtf,
+    /// Classic tracepoint through tracefs (mounted by the agent if absent).
+    Tracepoint,
+    /// Raw tracepoint: no BTF and no tracefs needed.
+    RawTracepoint,
+}
+
+impl AttachMethod {
+    pub const ALL: [Self; 3] = [Self::TpBtf, Self::Tracepoint, Self::RawTracepoint];
+
+    /// The name used in logs and in the `attach` metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TpBtf => "tp_btf",
+            Self::Tracepoint => "tracepoint",
+            Self::RawTracepoint => "raw_tracepoint",
+        }
+    }
+
+    const fn program(self) -> &'static str {
+        match self {
+            Self::TpBtf => "inet_sock_set_state_btf",
+            Self::Tracepoint => "inet_sock_set_state_tp",
+            Self::RawTracepoint => "inet_sock_set_state_raw",
+        }
+    }
+}
+
+impl fmt::Display for AttachMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Sizes and choices made at load time.
+#[derive(Clone, Debug)]
+pub struct KernelOptions {
+    /// Capacity of the per-socket map: connections tracked at once.
+    pub max_connections: u32,
+    /// Capacity of the per-endpoint maps: (netns, address, port) keys.
+    pub max_endpoints: u32,
+    /// Attach only this way (default: the first of [`AttachMethod::ALL`] that works).
+    pub attach: Option<AttachMethod>,
+}
+
+/// What seeding found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SeedReport {
+    pub namespaces: usize,
+    pub failed_namespaces: usize,
+}
+
+/// The loaded and attached programs, and the maps the agent reads.
+pub struct Kernel {
+    /// Owns the programs and their links; dropping it detaches them.
+    ebpf: Ebpf,
+    aya_btf: aya::Btf,
+    attach: AttachMethod,
+    maps: Arc<KernelMaps>,
+    events: Option<RingBuf<MapData>>,
+}
+
+/// The maps the agent reads while serving; shared with the HTTP side.
+pub struct KernelMaps {
+    counts: HashMap<MapData, ConnKey, ConnCounts>,
+    durations: HashMap<MapData, ConnKey, DurationHistogram>,
+    errors: Array<MapData, u64>,
+}
+
+impl Kernel {
+    /// Loads the programs and attaches the state-change handler (not yet seeded).
+    pub fn load(options: &KernelOptions) -> Result<Self> {
+        ensure!(options.max_connections > 0, "--max-connections must be at least 1");
+        ensure!(options.max_endpoints > 0, "--max-endpoints must be at least 1");
+        raise_memlock_limit();
+        let offsets = Btf::from_file(Path::new(VMLINUX_BTF))
+            .and_then(|btf| btf.kernel_offsets())
+            .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
+        debug!("kernel offsets: {offsets:?}");
+        let aya_btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .map_max_entries("SOCKETS", options.max_connections)
+            .map_max_entries("COUNTS", options.max_endpoints)
+            .map_max_entries("DURATIONS", options.max_endpoints)
+            .map_max_entries("LISTENERS", options.max_endpoints)
+            .load(EBPF_OBJECT)
+            .context("cannot load the eBPF object (is the agent running as root, or with CAP_BPF and CAP_PERFMON?)")?;
+
+        let candidates: Vec<AttachMethod> = match options.attach {
+            Some(method) => vec![method],
+            None => AttachMethod::ALL.to_vec(),
+        };
+        let mut failures = Vec::new();
+        let mut attached = None;
+        for method in candidates {
+            match attach(&mut ebpf, &aya_btf, method) {
+                Ok(()) => {
+                    attached = Some(method);
+                    break;
+                }
+                Err(error) => {
+                    warn!("cannot attach with {method}: {error:#}");
+                    failures.push(format!("{method}: {error:#}"));
+                }
+            }
+        }
+        let attach = attached.ok_or_else(|| {
+            anyhow!(
+                "cannot attach to the {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} tracepoint (Linux >= 4.16 needed) in any way: {}",
+                failures.join("; ")
+            )
+        })?;
+        info!("attached to {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} with {attach}");
+
+        let maps = KernelMaps {
+            counts: take_map(&mut ebpf, "COUNTS")?,
+            durations: take_map(&mut ebpf, "DURATIONS")?,
+            errors: take_map(&mut ebpf, "ERRORS")?,
+        };
+        let events = take_map(&mut ebpf, "EVENTS")?;
+        Ok(Self {
+            ebpf,
+            aya_btf,
+            attach,
+            maps: Arc::new(maps),
+            events: Some(events),
+        })
+    }
+
+    /// How the handler is attached.
+    pub const fn attach_method(&self) -> AttachMethod {
+        self.attach
+    }
+
+    /// The maps, for the tracker.
+    pub fn maps(&self) -> Arc<KernelMaps> {
+        Arc::clone(&self.maps)
+    }
+
+    /// The ring buffer of zero-crossing events (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Counts the connections that were established before the handler was attached, in
+    /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
+    /// is exactly-once). Call it after [`Kernel::load`].
+    pub fn seed_existing_connections(&mut self) -> Result<SeedReport> {
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut("seed_established_tcp")
+            .context("the eBPF object has no seeding iterator")?
+            .try_into()
+            .context("seed_established_tcp is not an iterator")?;
+        program
+            .load("tcp", &self.aya_btf)
+            .context("cannot load the iter/tcp seeding program (Linux >= 5.9 needed)")?;
+        let mut report = SeedReport::default();
+        for (inode, path) in netns::all_namespaces() {
+            let link_id = program.attach().context("cannot attach the iter/tcp iterator")?;
+            let link = program.take_link(link_id).context("cannot take the iterator link")?;
+            // The iterator walks the namespace of whoever creates its file: do that inside.
+            let walked = netns::run_in(&path, move || -> Result<()> {
+                let mut file = link.into_file().context("cannot create the iterator")?;
+                let mut sink = Vec::new();
+                file.read_to_end(&mut sink).context("the iterator failed")?;
+                Ok(())
+            });
+            match walked {
+                Ok(()) => report.namespaces += 1,
+                Err(error) => {
+                    // A namespace whose processes just exited is gone; nothing to count there.
+                    report.failed_namespaces += 1;
+                    warn!("cannot seed network namespace {inode} ({}): {error:#}", path.display());
+                }
+            }
+        }
+        info!(
+            "seeded existing connections from {} network namespaces ({} could not be read)",
+            report.namespaces, report.failed_namespaces
+        );
+        Ok(report)
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> Result<()> {
+    let program = ebpf
+        .program_mut(method.program())
+        .with_context(|| format!("the eBPF object has no program {}", method.program()))?;
+    match method {
+        AttachMethod::TpBtf => {
+            let program: &mut BtfTracePoint = program.try_into()?;
+            program.load(TRACEPOINT_NAME, btf)?;
+            program.attach()?;
+        }
+        AttachMethod::Tracepoint => {
+            ensure_tracefs()?;
+            check_tracepoint_format()?;
+            let program: &mut TracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+        }
+        AttachMethod::RawTracepoint => {
+            let program: &mut RawTracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(TRACEPOINT_NAME)?;
+        }
+    }
+    Ok(())
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when nothing is there (the classic tracepoint
+/// needs it to find the tracepoint's id).
+fn ensure_tracefs() -> Result<()> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.exists() {
+        return Ok(());
+    }
+    if Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    info!("tracefs is not mounted; mounting it at {TRACEFS}");
+    let target = std::ffi::CString::new(TRACEFS).context("tracefs path")?;
+    let fstype = c"tracefs";
+    let source = c"nodev";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot mount tracefs at {TRACEFS}"));
+    }
+    Ok(())
+}
+
+/// The classic tracepoint program reads `skaddr`, `oldstate` and `newstate` at fixed
+/// offsets; refuse to attach if this kernel lays the record out differently.
+fn check_tracepoint_format() -> Result<()> {
+    let path = [TRACEFS, "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(|root| {
+            Path::new(root)
+                .join("events")
+                .join(TRACEPOINT_CATEGORY)
+                .join(TRACEPOINT_NAME)
+                .join("format")
+        })
+        .find(|path| path.exists())
+        .context("tracefs has no sock/inet_sock_set_state (Linux >= 4.16 needed)")?;
+    let format = fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    check_record_offsets(&format)
+}
+
+fn check_record_offsets(format: &str) -> Result<()> {
+    for (field, expected) in [("skaddr", 8), ("oldstate", 16), ("newstate", 20)] {
+        let offset = format
+            .lines()
+            .find(|line| {
+                line.split(';')
+                    .next()
+                    .is_some_and(|decl| decl.trim_end().ends_with(&format!(" {field}")))
+            })
+            .and_then(|line| line.split("offset:").nth(1))
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|number| number.trim().parse::<usize>().ok())
+            .with_context(|| format!("tracepoint format has no field {field}"))?;
+        if offset != expected {
+            bail!("tracepoint field {field} is at offset {offset}, the program expects {expected}");
+        }
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        debug!(
+            "cannot raise RLIMIT_MEMLOCK ({}); not needed on Linux >= 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The address of a key, as an `IpAddr`.
+pub fn key_addr(key: &ConnKey) -> IpAddr {
+    if key.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    }
+}
+
+/// Parses one ring-buffer record.
+pub fn parse_event(bytes: &[u8]) -> Option<ZeroCrossing> {
+    if bytes.len() < std::mem::size_of::<ZeroCrossing>() {
+        return None;
+    }
+    // SAFETY: length checked; ZeroCrossing is plain data, any bit pattern is valid.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ZeroCrossing>()) })
+}
+
+impl ConnectionSource for KernelMaps {
+    fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let mut endpoints = Vec::new();
+        for entry in self.counts.iter() {
+            let (key, counts) = entry.context("cannot read the connection-count map")?;
+            endpoints.push(Endpoint {
+                netns: key.netns,
+                addr: key_addr(&key),
+                port: key.port,
+                // Never negative by construction (exactly-once map); clamp all the same.
+                active: u64::try_from(counts.active).unwrap_or(0),
+                opened: counts.opened,
+                closed: counts.closed,
+                last_change_ns: counts.last_change_ns,
+            });
+        }
+        Ok(endpoints)
+    }
+
+    fn check_health(&self) -> Result<()> {
+        self.errors
+            .get(&0, 0)
+            .map(drop)
+            .context("the kernel maps are not readable")
+    }
+
+    fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        self.durations
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, histogram)| (key.port, histogram))
+                    .context("cannot read the duration map")
+            })
+            .collect()
+    }
+
+    fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        (0..error_index::COUNT)
+            .zip(error_index::NAMES)
+            .map(|(index, name)| {
+                self.errors
+                    .get(&index, 0)
+                    .map(|count| (name, count))
+                    .with_context(|| format!("cannot read error counter {name}"))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1470
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+";
+
+    #[test]
+    fn accepts_the_known_tracepoint_layout() {
+        check_record_offsets(FORMAT).expect("known layout");
+    }
+
+    #[test]
+    fn refuses_a_moved_field() {
+        let moved = FORMAT.replace("int newstate;\toffset:20", "int newstate;\toffset:24");
+        let error = check_record_offsets(&moved).expect_err("moved field");
+        assert!(error.to_string().contains("newstate is at offset 24"), "{error}");
+        let error = check_record_offsets("format:\n").expect_err("no fields");
+        assert!(error.to_string().contains("no field skaddr"), "{error}");
+    }
+
+    #[test]
+    fn keys_become_addresses() {
+        let mut key = ConnKey {
+            family: AF_INET,
+            ..ConnKey::default()
+        };
+        key.addr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        assert_eq!(key_addr(&key), "10.0.0.7".parse::<IpAddr>().expect("ip"));
+        key.family = drain_agent_common::AF_INET6;
+        key.addr = "fd00::1".parse::<Ipv6Addr>().expect("ip").octets();
+        assert_eq!(key_addr(&key), "fd00::1".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn short_events_are_ignored() {
+        assert!(parse_event(&[0; 8]).is_none());
+        assert!(parse_event(&[0; std::mem::size_of::<ZeroCrossing>()]).is_some());
+    }
+}

@@ -1,0 +1,161 @@
+//! Command-line interface. `drain-agent` alone runs the agent, like `drain-agent run`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{bpf::AttachMethod, duration::parse_duration, metrics::PortSet};
+
+/// The default address of the agent for `wait` and `status`.
+pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:9100";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "drain-agent",
+    version,
+    about = "Counts the inbound TCP connections of every local port from the kernel (eBPF) and \
+             answers \"is this port drained?\" for deploy hooks.",
+    long_about = "Counts the inbound TCP connections of every local port from the kernel (eBPF) \
+                  and answers \"is this port drained?\" for deploy hooks.\n\n\
+                  Run the agent (as root, or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN), then block a \
+                  stop hook on it:\n  curl -fsS 'localhost:9100/drained?port=8080&timeout=30s'\n  \
+                  drain-agent wait --port 8080 --timeout 30s",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `run`, for bare `drain-agent`.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
+    Run(RunArgs),
+    /// Block until a port is drained, by asking a running agent (for images without curl).
+    /// Exit status: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
+    Wait(WaitArgs),
+    /// Print the ports with open connections, as a running agent counts them.
+    Status(StatusArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Address to serve the HTTP API on. 9100 is also node_exporter's default port: pick
+    /// another (e.g. 127.0.0.1:9110) if both run on one host.
+    #[arg(long, env = "DRAIN_AGENT_LISTEN", default_value = "127.0.0.1:9100")]
+    pub listen: SocketAddr,
+
+    /// How long /drained blocks when the request has no `timeout`.
+    #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub default_timeout: Duration,
+
+    /// The longest `timeout` (and `settle`) a request may ask for.
+    #[arg(long, env = "DRAIN_AGENT_MAX_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub max_timeout: Duration,
+
+    /// How many /drained requests may block at once; more get 429.
+    #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS", default_value_t = 1024)]
+    pub max_waiters: usize,
+
+    /// Connections tracked at once (kernel per-socket map size). Memory is used as
+    /// connections come (about 100 bytes each), not reserved up front.
+    #[arg(long, env = "DRAIN_AGENT_MAX_CONNECTIONS", default_value_t = 262_144)]
+    pub max_connections: u32,
+
+    /// Distinct (network namespace, local address, port) endpoints tracked.
+    #[arg(long, env = "DRAIN_AGENT_MAX_ENDPOINTS", default_value_t = 16_384)]
+    pub max_endpoints: u32,
+
+    /// Only export these ports in /metrics and /connections, e.g. `80,443,8080-8090`
+    /// (default: every port that has had an inbound connection).
+    #[arg(long, env = "DRAIN_AGENT_PORTS", value_parser = clap::value_parser!(PortSet))]
+    pub ports: Option<PortSet>,
+
+    /// Attach only this way instead of trying tp_btf, then tracepoint, then raw-tracepoint.
+    #[arg(long, env = "DRAIN_AGENT_ATTACH", value_enum)]
+    pub attach: Option<AttachMethod>,
+
+    /// Do not count the connections that were open before the agent started.
+    #[arg(long, env = "DRAIN_AGENT_NO_SEED")]
+    pub no_seed: bool,
+
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
+    #[arg(long, env = "DRAIN_AGENT_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct WaitArgs {
+    /// Local port whose inbound connections must finish.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+
+    /// Only connections to this local address (a pod's IP).
+    #[arg(long)]
+    pub addr: Option<std::net::IpAddr>,
+
+    /// Only this network namespace: an inode number or a path such as /proc/PID/ns/net.
+    #[arg(long)]
+    pub netns: Option<String>,
+
+    /// Give up (exit 1) after this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Drained only once the count has stayed 0 this long.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// The agent to ask.
+    #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]
+    pub agent: String,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StatusArgs {
+    /// The agent to ask.
+    #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]
+    pub agent: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_command_runs_with_defaults() {
+        let cli = Cli::try_parse_from(["drain-agent"]).expect("parse");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.listen, "127.0.0.1:9100".parse().expect("addr"));
+        assert_eq!(cli.run.default_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn run_and_wait_parse() {
+        let cli = Cli::try_parse_from(["drain-agent", "run", "--listen", "0.0.0.0:9110"])
+            .expect("parse");
+        assert!(matches!(cli.command, Some(Command::Run(args)) if args.listen.port() == 9110));
+        let cli = Cli::try_parse_from(["drain-agent", "wait", "--port", "8080", "--timeout", "2m"])
+            .expect("parse");
+        assert!(
+            matches!(cli.command, Some(Command::Wait(args)) if args.port == 8080 && args.timeout == Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for args in [
+            vec!["drain-agent", "--listen", "nowhere"],
+            vec!["drain-agent", "--default-timeout", "soon"],
+            vec!["drain-agent", "--ports", "0"],
+            vec!["drain-agent", "wait", "--port", "0"],
+            vec!["drain-agent", "wait", "--port", "70000"],
+            vec!["drain-agent", "wait"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+    }
+}

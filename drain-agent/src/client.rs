@@ -1,0 +1,407 @@
+//! `drain-agent wait` and `drain-agent status`: small clients of a running agent, for
+//! images without curl. Plain HTTP/1.1 over a TCP socket: no TLS, no dependencies.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpStream, ToSocketAddrs as _},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+use crate::{
+    cli::{StatusArgs, WaitArgs},
+    duration::format_duration,
+};
+
+/// Exit status of `wait` when the port drained.
+pub const EXIT_DRAINED: u8 = 0;
+/// Exit status of `wait` when the port did not drain in time.
+pub const EXIT_NOT_DRAINED: u8 = 1;
+/// Exit status for usage errors and an unreachable agent.
+pub const EXIT_ERROR: u8 = 2;
+
+/// How long to pause before asking a briefly unreachable agent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// `http://host:port[/prefix]`, split up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentUrl {
+    pub host: String,
+    pub port: u16,
+    pub prefix: String,
+}
+
+impl AgentUrl {
+    pub fn parse(text: &str) -> Result<Self> {
+        let Some(rest) = text.strip_prefix("http://") else {
+            bail!("agent URL {text:?} must start with http:// (e.g. http://127.0.0.1:9100)");
+        };
+        let (authority, prefix) = match rest.find('/') {
+            Some(slash) => (&rest[..slash], rest[slash..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .with_context(|| format!("agent URL {text:?} has an unclosed '['"))?;
+            (host, after.strip_prefix(':').unwrap_or("80"))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, port),
+                None => (authority, "80"),
+            }
+        };
+        if host.is_empty() {
+            bail!("agent URL {text:?} has no host");
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .with_context(|| format!("agent URL {text:?} has a bad port {port:?}"))?;
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+/// One response: status code and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET path` with a deadline for the whole exchange.
+pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
+    let address = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {}", url.host))?
+        .next()
+        .with_context(|| format!("{} has no address", url.host))?;
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2).min(timeout))
+        .with_context(|| format!("cannot connect to the agent at {address}"))?;
+    stream.set_read_timeout(Some(timeout)).context("socket timeout")?;
+    stream.set_write_timeout(Some(timeout)).context("socket timeout")?;
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    write!(
+        stream,
+        "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: drain-agent/{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+        url.prefix,
+        url.port,
+        env!("CARGO_PKG_VERSION")
+    )
+    .context("cannot send the request")?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .context("no complete answer from the agent")?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the agent's answer is not HTTP")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .context("the agent's answer has no status code")?;
+    let chunked = head
+        .lines()
+        .any(|line| line.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut body: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").context("bad chunked body")?;
+        let size = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+        if size == 0 {
+            return Ok(out);
+        }
+        out.push_str(rest.get(..size).context("short chunk")?);
+        body = rest.get(size + 2..).context("short chunk")?;
+    }
+}
+
+#[derive(Deserialize)]
+struct DrainedBody {
+    drained: bool,
+    active: u64,
+    waited_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body).map_or_else(|_| body.trim().to_owned(), |e| e.error)
+}
+
+/// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
+pub fn wait(args: &WaitArgs) -> ExitCode {
+    let url = match AgentUrl::parse(&args.agent) {
+        Ok(url) => url,
+        Err(problem) => {
+            eprintln!("drain-agent wait: {problem:#}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let started = Instant::now();
+    let deadline = started + args.timeout;
+    let mut last_problem: Option<String>;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let mut query = format!(
+            "/drained?port={}&timeout={}ms",
+            args.port,
+            remaining.as_millis()
+        );
+        if let Some(addr) = args.addr {
+            query.push_str(&format!("&addr={addr}"));
+        }
+        if let Some(netns) = &args.netns {
+            query.push_str("&netns=");
+            query.extend(form_urlencoded::byte_serialize(netns.as_bytes()));
+        }
+        if !args.settle.is_zero() {
+            query.push_str(&format!("&settle={}ms", args.settle.as_millis()));
+        }
+        match get(&url, &query, remaining + Duration::from_secs(5)) {
+            Ok(response) if response.status == 200 || response.status == 503 => {
+                match serde_json::from_str::<DrainedBody>(&response.body) {
+                    Ok(body) if body.drained => {
+                        println!(
+                            "port {} drained (waited {} ms)",
+                            args.port,
+                            started.elapsed().as_millis()
+                        );
+                        return ExitCode::from(EXIT_DRAINED);
+                    }
+                    Ok(body) => {
+                        // Not drained: the timeout ran out, or the agent is shutting down and
+                        // answered early. Ask again while time is left.
+                        last_problem = Some(format!(
+                            "{} connection(s) still open after {} ms",
+                            body.active, body.waited_ms
+                        ));
+                    }
+                    Err(_) => {
+                        // A 503 that is not ours (e.g. a proxy in front): report it.
+                        last_problem = Some(format!(
+                            "unexpected answer {}: {}",
+                            response.status,
+                            error_text(&response.body)
+                        ));
+                    }
+                }
+            }
+            Ok(response) if response.status == 400 => {
+                eprintln!("drain-agent wait: the agent refused the request: {}", error_text(&response.body));
+                return ExitCode::from(EXIT_ERROR);
+            }
+            Ok(response) => {
+                last_problem = Some(format!(
+                    "agent answered {}: {}",
+                    response.status,
+                    error_text(&response.body)
+                ));
+            }
+            Err(problem) => {
+                // Unreachable (restarting?): retry within the timeout.
+                if Instant::now() >= deadline {
+                    eprintln!(
+                        "drain-agent wait: agent unreachable at {}: {problem:#}",
+                        args.agent
+                    );
+                    return ExitCode::from(EXIT_ERROR);
+                }
+                last_problem = Some(format!("agent unreachable at {}: {problem:#}", args.agent));
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+    }
+    let problem = last_problem.unwrap_or_else(|| "no answer".into());
+    if problem.starts_with("agent unreachable") {
+        eprintln!("drain-agent wait: {problem}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    eprintln!(
+        "drain-agent wait: port {} not drained within {}: {problem}",
+        args.port,
+        format_duration(args.timeout)
+    );
+    ExitCode::from(EXIT_NOT_DRAINED)
+}
+
+#[derive(Deserialize)]
+struct ConnectionsBody {
+    endpoints: Vec<EndpointRow>,
+}
+
+#[derive(Deserialize)]
+struct EndpointRow {
+    netns: u32,
+    addr: String,
+    port: u16,
+    active: u64,
+    opened: u64,
+    closed: u64,
+}
+
+/// `drain-agent status`: a table of the ports with open connections.
+pub fn status(args: &StatusArgs) -> ExitCode {
+    match status_table(args) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(problem) => {
+            eprintln!("drain-agent status: {problem:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn status_table(args: &StatusArgs) -> Result<String> {
+    let url = AgentUrl::parse(&args.agent)?;
+    let response = get(&url, "/connections", Duration::from_secs(10))
+        .with_context(|| format!("agent unreachable at {}", args.agent))?;
+    if response.status != 200 {
+        bail!("agent answered {}: {}", response.status, error_text(&response.body));
+    }
+    let body: ConnectionsBody =
+        serde_json::from_str(&response.body).context("the agent's answer is not the expected JSON")?;
+    Ok(render_table(&body.endpoints))
+}
+
+fn render_table(rows: &[EndpointRow]) -> String {
+    let header = ["PORT", "ADDRESS", "NETNS", "ACTIVE", "OPENED", "CLOSED"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.port.to_string(),
+                row.addr.clone(),
+                row.netns.to_string(),
+                row.active.to_string(),
+                row.opened.to_string(),
+                row.closed.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; 6]| {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            // Text left-aligned, numbers right-aligned.
+            if i == 1 {
+                text.push_str(&format!("{cell:<width$}  "));
+            } else {
+                text.push_str(&format!("{cell:>width$}  "));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(header);
+    for row in &cells {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
+    }
+    if rows.is_empty() {
+        out.push_str("(no open inbound connections)\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_urls_parse() {
+        assert_eq!(
+            AgentUrl::parse("http://127.0.0.1:9100").expect("url"),
+            AgentUrl {
+                host: "127.0.0.1".into(),
+                port: 9100,
+                prefix: String::new()
+            }
+        );
+        let url = AgentUrl::parse("http://[::1]:9110/agent/").expect("url");
+        assert_eq!((url.host.as_str(), url.port, url.prefix.as_str()), ("::1", 9110, "/agent"));
+        assert_eq!(AgentUrl::parse("http://node").expect("url").port, 80);
+        for bad in ["https://x:1", "127.0.0.1:9100", "http://:9100", "http://x:0", "http://x:abc"] {
+            assert!(AgentUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_parse_plain_and_chunked() {
+        let plain = parse_response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}")
+            .expect("plain");
+        assert_eq!((plain.status, plain.body.as_str()), (503, "{}"));
+        let chunked = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .expect("chunked");
+        assert_eq!(chunked.body, "abcde");
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let rows = vec![
+            EndpointRow {
+                netns: 4026531840,
+                addr: "127.0.0.1".into(),
+                port: 8080,
+                active: 12,
+                opened: 140,
+                closed: 128,
+            },
+            EndpointRow {
+                netns: 4026532000,
+                addr: "fd00::1234".into(),
+                port: 443,
+                active: 1,
+                opened: 1,
+                closed: 0,
+            },
+        ];
+        let table = render_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("PORT  ADDRESS"), "{table}");
+        // Every column ends at the same place on every line.
+        let active_end = lines[0].find("ACTIVE").expect("header") + "ACTIVE".len();
+        assert_eq!(&lines[1][active_end - 2..active_end], "12", "{table}");
+        assert_eq!(&lines[2][active_end - 1..active_end], "1", "{table}");
+        assert!(render_table(&[]).contains("no open inbound connections"));
+    }
+}

@@ -1,0 +1,435 @@
+//! The HTTP API (see the README's "HTTP API"): thin handlers over the [`Tracker`].
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::{
+    duration::{format_duration, parse_duration},
+    metrics::Metrics,
+    netns,
+    tracker::{Filter, Tracker, WaitError, canonical_addr},
+};
+
+/// Limits on what a client may ask for.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitLimits {
+    /// Used when a request has no `timeout`.
+    pub default_timeout: Duration,
+    /// The longest `timeout` or `settle` a request may ask for.
+    pub max_timeout: Duration,
+}
+
+/// Everything the handlers need.
+pub struct AppState {
+    pub tracker: Arc<Tracker>,
+    pub limits: WaitLimits,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The agent's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/drained", get(drained))
+        .route("/healthz", get(healthz))
+        .route("/connections", get(connections))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON error body: `{"error": "..."}`.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (try /drained?port=P, /connections, /metrics or /healthz)",
+    )
+}
+
+/// A parsed `/drained` request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainRequest {
+    pub filter: Filter,
+    pub timeout: Duration,
+    pub settle: Duration,
+}
+
+const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle"];
+
+/// Parses the query of `/drained` (also used for `/connections` filters). Every error
+/// names the parameter and what was wrong.
+pub fn parse_drain_request(query: Option<&str>, limits: WaitLimits) -> Result<DrainRequest, String> {
+    let mut values: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if !DRAIN_PARAMETERS.contains(&name.as_ref()) {
+            return Err(format!(
+                "unknown parameter {name:?} (known: {})",
+                DRAIN_PARAMETERS.join(", ")
+            ));
+        }
+        if values.insert(name.to_string(), value.to_string()).is_some() {
+            return Err(format!("parameter {name:?} is given more than once"));
+        }
+    }
+    let port = match values.get("port") {
+        None => return Err("missing parameter \"port\" (e.g. /drained?port=8080)".into()),
+        Some(text) => parse_port(text)?,
+    };
+    let addr = values
+        .get("addr")
+        .map(|text| {
+            text.parse::<IpAddr>()
+                .map(canonical_addr)
+                .map_err(|_| format!("addr: {text:?} is not an IP address"))
+        })
+        .transpose()?;
+    let netns = values.get("netns").map(|text| parse_netns(text)).transpose()?;
+    let timeout = match values.get("timeout") {
+        None => limits.default_timeout,
+        Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
+    };
+    let settle = match values.get("settle") {
+        None => Duration::ZERO,
+        Some(text) => parse_limited("settle", text, limits.max_timeout)?,
+    };
+    Ok(DrainRequest {
+        filter: Filter { port, addr, netns },
+        timeout,
+        settle,
+    })
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u32>() {
+        Ok(port @ 1..=65535) => Ok(port as u16),
+        _ => Err(format!("port: {text:?} is not a port number (1-65535)")),
+    }
+}
+
+/// `netns` is an inode number or the path of a namespace file.
+fn parse_netns(text: &str) -> Result<u32, String> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u32>()
+            .map_err(|_| format!("netns: {text:?} is not a namespace inode number"));
+    }
+    if !text.starts_with('/') {
+        return Err(format!(
+            "netns: {text:?} is neither an inode number nor an absolute path such as /run/netns/NAME"
+        ));
+    }
+    netns::inode_of(Path::new(text)).map_err(|e| format!("netns: {e:#}"))
+}
+
+fn parse_limited(name: &str, text: &str, max: Duration) -> Result<Duration, String> {
+    let duration = parse_duration(text).map_err(|e| format!("{name}: {e}"))?;
+    if duration > max {
+        return Err(format!(
+            "{name}: {text} is longer than the maximum {} (--max-timeout)",
+            format_duration(max)
+        ));
+    }
+    Ok(duration)
+}
+
+#[derive(Serialize)]
+struct DrainedBody {
+    port: u16,
+    drained: bool,
+    active: u64,
+    waited_ms: u64,
+}
+
+async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let request = match parse_drain_request(query.as_deref(), state.limits) {
+        Ok(request) => request,
+        Err(message) => {
+            state.metrics.drain_request("invalid", None);
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+    };
+    let outcome = state
+        .tracker
+        .wait_until_drained(&request.filter, request.timeout, request.settle)
+        .await;
+    match outcome {
+        Ok(outcome) => {
+            let result = if outcome.drained { "drained" } else { "timeout" };
+            state.metrics.drain_request(result, Some(outcome.waited));
+            let status = if outcome.drained {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = DrainedBody {
+                port: request.filter.port,
+                drained: outcome.drained,
+                active: outcome.active,
+                waited_ms: u64::try_from(outcome.waited.as_millis()).unwrap_or(u64::MAX),
+            };
+            (status, Json(body)).into_response()
+        }
+        Err(WaitError::TooManyWaiters(max)) => {
+            state.metrics.drain_request("rejected", None);
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{max} requests are waiting already (--max-waiters); retry later"),
+            )
+        }
+        Err(WaitError::Source(source)) => {
+            state.metrics.drain_request("error", None);
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the connection counts: {source:#}"),
+            )
+        }
+    }
+}
+
+async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.tracker.check_health() {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "attach": state.metrics.attach_method() })),
+        )
+            .into_response(),
+        Err(problem) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{problem:#}")),
+    }
+}
+
+const CONNECTION_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
+
+/// `GET /connections[?port=P][&addr=IP][&netns=N]`: endpoints with active connections.
+async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let mut port = None;
+    let mut addr = None;
+    let mut netns = None;
+    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        let parsed = match name.as_ref() {
+            "port" => parse_port(&value).map(|p| port = Some(p)),
+            "addr" => value
+                .parse::<IpAddr>()
+                .map(|a| addr = Some(canonical_addr(a)))
+                .map_err(|_| format!("addr: {value:?} is not an IP address")),
+            "netns" => parse_netns(&value).map(|n| netns = Some(n)),
+            other => Err(format!(
+                "unknown parameter {other:?} (known: {})",
+                CONNECTION_PARAMETERS.join(", ")
+            )),
+        };
+        if let Err(message) = parsed {
+            return error(StatusCode::BAD_REQUEST, message);
+        }
+    }
+    match state.tracker.snapshot() {
+        Ok(mut endpoints) => {
+            endpoints.retain(|e| {
+                e.active > 0
+                    && port.is_none_or(|p| p == e.port)
+                    && addr.is_none_or(|a| a == e.addr)
+                    && netns.is_none_or(|n| n == e.netns)
+                    && state.metrics.exports_port(e.port)
+            });
+            endpoints.sort_by(|a, b| (a.port, a.netns, a.addr).cmp(&(b.port, b.netns, b.addr)));
+            (StatusCode::OK, Json(json!({ "endpoints": endpoints }))).into_response()
+        }
+        Err(problem) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the connection counts: {problem:#}"),
+        ),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match state.metrics.render() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(problem) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render metrics: {problem:#}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::tracker::fake::{FakeSource, endpoint};
+
+    const LIMITS: WaitLimits = WaitLimits {
+        default_timeout: Duration::from_secs(30),
+        max_timeout: Duration::from_secs(300),
+    };
+
+    fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
+        let source = Arc::new(FakeSource::default());
+        source.set(endpoints);
+        let tracker = Arc::new(Tracker::new(source.clone(), 8));
+        let metrics = Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
+        let state = Arc::new(AppState {
+            tracker,
+            limits: LIMITS,
+            metrics,
+        });
+        (source, state)
+    }
+
+    async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
+        let response = router(state.clone())
+            .oneshot(
+                axum::http::Request::builder()
+                    .uri(uri)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        });
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn drained_port_answers_200() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 9090, 4)]);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["drained"], true);
+        assert_eq!(body["active"], 0);
+        assert_eq!(body["port"], 8080);
+        assert!(body["waited_ms"].is_u64());
+    }
+
+    #[tokio::test]
+    async fn busy_port_answers_503_with_the_count() {
+        let (_, state) = app(vec![
+            endpoint("127.0.0.1", 8080, 4),
+            endpoint("10.0.0.5", 8080, 2),
+        ]);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["drained"], false);
+        assert_eq!(body["active"], 6);
+        let (_, body) = get(&state, "/drained?port=8080&timeout=0&addr=10.0.0.5").await;
+        assert_eq!(body["active"], 2);
+        let (_, body) = get(&state, "/drained?port=8080&timeout=0&addr=::ffff:10.0.0.5").await;
+        assert_eq!(body["active"], 2);
+        let (_, body) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
+        assert_eq!(body["active"], 6);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0&netns=1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["active"], 0);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_400_naming_the_parameter() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let cases = [
+            ("/drained", "missing parameter \"port\""),
+            ("/drained?port=", "port: \"\" is not a port"),
+            ("/drained?port=abc", "port: \"abc\""),
+            ("/drained?port=0", "port: \"0\""),
+            ("/drained?port=65536", "port: \"65536\""),
+            ("/drained?port=-1", "port: \"-1\""),
+            ("/drained?port=80&port=81", "more than once"),
+            ("/drained?port=80&prot=1", "unknown parameter \"prot\""),
+            ("/drained?port=80&addr=nope", "addr: \"nope\" is not an IP"),
+            ("/drained?port=80&timeout=soon", "timeout: "),
+            ("/drained?port=80&timeout=1y", "timeout: unknown unit"),
+            ("/drained?port=80&timeout=6m", "longer than the maximum 300s"),
+            ("/drained?port=80&settle=10h", "settle: 10h is longer"),
+            ("/drained?port=80&netns=abc", "netns: \"abc\" is neither"),
+            ("/drained?port=80&netns=/nonexistent", "netns: cannot open"),
+            ("/drained?port=80&netns=/proc/self/status", "not a namespace file"),
+            ("/drained?port=%ZZ", "port:"),
+        ];
+        for (uri, expected) in cases {
+            let (status, body) = get(&state, uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            let message = body["error"].as_str().unwrap_or_default();
+            assert!(message.contains(expected), "{uri}: {message}");
+        }
+        // Nothing a bad request did changed the answer to a good one.
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["active"], 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_404_and_health_is_200() {
+        let (source, state) = app(vec![]);
+        let (status, body) = get(&state, "/drain?port=1").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"].as_str().unwrap_or_default().contains("/drained"));
+        let (status, body) = get(&state, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["status"], "ok");
+        source.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (status, _) = get(&state, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, body) = get(&state, "/drained?port=1&timeout=0").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(body["error"].as_str().unwrap_or_default().contains("broken"));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_answers_when_its_port_drains() {
+        let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let request = {
+            let state = state.clone();
+            tokio::spawn(async move { get(&state, "/drained?port=8080&timeout=30s").await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!request.is_finished());
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        state.tracker.notify_port(8080);
+        let (status, body) = request.await.expect("join");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["drained"], true);
+    }
+
+    #[tokio::test]
+    async fn connections_lists_active_endpoints() {
+        let (_, state) = app(vec![
+            endpoint("127.0.0.1", 8080, 3),
+            endpoint("127.0.0.1", 9090, 0),
+            endpoint("::1", 443, 1),
+        ]);
+        let (status, body) = get(&state, "/connections").await;
+        assert_eq!(status, StatusCode::OK);
+        let endpoints = body["endpoints"].as_array().expect("array");
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(endpoints[0]["port"], 443);
+        assert_eq!(endpoints[0]["addr"], "::1");
+        assert_eq!(endpoints[1]["port"], 8080);
+        assert_eq!(endpoints[1]["active"], 3);
+        let (_, body) = get(&state, "/connections?port=443").await;
+        assert_eq!(body["endpoints"].as_array().expect("array").len(), 1);
+        let (status, body) = get(&state, "/connections?port=x").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["error"].as_str().unwrap_or_default().contains("port"));
+    }
+}

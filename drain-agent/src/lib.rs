@@ -1,0 +1,13 @@
+//! drain-agent: counts inbound TCP connections per local port from the kernel and answers
+//! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
+
+pub mod agent;
+pub mod bpf;
+pub mod btf;
+pub mod cli;
+pub mod client;
+pub mod duration;
+pub mod http;
+pub mod metrics;
+pub mod netns;
+pub mod tracker;

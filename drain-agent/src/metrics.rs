@@ -1,0 +1,473 @@
+//! Prometheus metrics (prefix `drain_agent_`), on the agent's own registry.
+//!
+//! Connection metrics come from a [`Collector`] that reads the tracker at scrape time, so a
+//! scrape always shows the kernel's current counts and nothing is kept twice. Label sets
+//! stay bounded: ports (optionally limited by `--ports`), never client addresses.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use drain_agent_common::{DURATION_BUCKET_COUNT, DURATION_BUCKETS_MS};
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+
+use crate::tracker::Tracker;
+
+/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges.iter().any(|(low, high)| (*low..=*high).contains(&port))
+    }
+}
+
+impl std::str::FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |part: &str| match part.trim().parse::<u32>() {
+            Ok(port @ 1..=65535) => Ok(port as u16),
+            _ => Err(format!("{part:?} is not a port number (1-65535)")),
+        };
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            let range = match item.split_once('-') {
+                Some((low, high)) => {
+                    let (low, high) = (port(low)?, port(high)?);
+                    if low > high {
+                        return Err(format!("range {item:?} is backwards"));
+                    }
+                    (low, high)
+                }
+                None => {
+                    let single = port(item)?;
+                    (single, single)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(Self { ranges })
+    }
+}
+
+/// The agent's metrics and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    drain_requests: IntCounterVec,
+    drain_wait_seconds: HistogramVec,
+    attach: String,
+    ports: Option<PortSet>,
+}
+
+impl Metrics {
+    /// `process_metrics` adds the standard process metrics (CPU, RSS, fds) of this process.
+    pub fn new(
+        tracker: Arc<Tracker>,
+        ports: Option<PortSet>,
+        attach: &str,
+        process_metrics: bool,
+    ) -> Result<Self> {
+        let registry = Registry::new();
+        let drain_requests = IntCounterVec::new(
+            Opts::new(
+                "drain_agent_drain_requests_total",
+                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (too many waiters), error.",
+            ),
+            &["result"],
+        )?;
+        // Pre-create the documented results so dashboards see zeros, not gaps.
+        for result in ["drained", "timeout", "invalid"] {
+            drain_requests.with_label_values(&[result]);
+        }
+        let drain_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "drain_agent_drain_wait_seconds",
+                "How long /drained requests waited before answering.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            &[],
+        )?;
+        registry.register(Box::new(drain_requests.clone()))?;
+        registry.register(Box::new(drain_wait_seconds.clone()))?;
+        registry.register(Box::new(ConnectionCollector::new(
+            tracker,
+            ports.clone(),
+            attach.to_owned(),
+        )?))?;
+        if process_metrics {
+            registry
+                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+                .context("cannot register the process metrics")?;
+        }
+        Ok(Self {
+            registry,
+            drain_requests,
+            drain_wait_seconds,
+            attach: attach.to_owned(),
+            ports,
+        })
+    }
+
+    /// Counts a `/drained` answer; `waited` only for answered waits.
+    pub fn drain_request(&self, result: &str, waited: Option<Duration>) {
+        self.drain_requests.with_label_values(&[result]).inc();
+        if let Some(waited) = waited {
+            self.drain_wait_seconds
+                .with_label_values(&[] as &[&str])
+                .observe(waited.as_secs_f64());
+        }
+    }
+
+    /// How the kernel handler is attached (`tp_btf`, `tracepoint`, `raw_tracepoint`).
+    pub fn attach_method(&self) -> &str {
+        &self.attach
+    }
+
+    /// Whether `--ports` lets this port be exported.
+    pub fn exports_port(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> Result<String> {
+        let families = self.registry.gather();
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut text)
+            .context("cannot encode metrics")?;
+        String::from_utf8(text).context("metrics are not UTF-8")
+    }
+}
+
+/// Reads the tracker at scrape time.
+struct ConnectionCollector {
+    tracker: Arc<Tracker>,
+    ports: Option<PortSet>,
+    attach: String,
+    descs: Vec<Desc>,
+}
+
+const ACTIVE: (&str, &str) = (
+    "drain_agent_connections_active",
+    "Inbound TCP connections open now (ESTABLISHED or CLOSE_WAIT), per local port.",
+);
+const OPENED: (&str, &str) = (
+    "drain_agent_connections_opened_total",
+    "Inbound TCP connections opened (or found open at start) since the agent started, per local port.",
+);
+const CLOSED: (&str, &str) = (
+    "drain_agent_connections_closed_total",
+    "Inbound TCP connections closed since the agent started, per local port.",
+);
+const DURATION: (&str, &str) = (
+    "drain_agent_connection_duration_seconds",
+    "How long inbound TCP connections stayed open, per local port (connections open before the agent started are not included).",
+);
+const TRACKED: (&str, &str) = (
+    "drain_agent_tracked_sockets",
+    "Sockets tracked in the kernel map now, all ports.",
+);
+const ERRORS: (&str, &str) = (
+    "drain_agent_tracking_errors_total",
+    "Connections or events the kernel side could not track, by reason; anything above 0 means counts may be off.",
+);
+const BUILD_INFO: (&str, &str) = (
+    "drain_agent_build_info",
+    "Always 1; labels give the agent version and how it is attached to the kernel.",
+);
+const WAITERS: (&str, &str) = (
+    "drain_agent_drain_waiters",
+    "/drained requests blocked now.",
+);
+
+impl ConnectionCollector {
+    fn new(tracker: Arc<Tracker>, ports: Option<PortSet>, attach: String) -> Result<Self> {
+        let desc = |(name, help): (&str, &str), labels: &[&str]| {
+            Desc::new(
+                name.to_owned(),
+                help.to_owned(),
+                labels.iter().map(|l| (*l).to_owned()).collect(),
+                Default::default(),
+            )
+        };
+        let descs = vec![
+            desc(ACTIVE, &["port"])?,
+            desc(OPENED, &["port"])?,
+            desc(CLOSED, &["port"])?,
+            desc(DURATION, &["port"])?,
+            desc(TRACKED, &[])?,
+            desc(ERRORS, &["reason"])?,
+            desc(BUILD_INFO, &["version", "attach"])?,
+            desc(WAITERS, &[])?,
+        ];
+        Ok(Self {
+            tracker,
+            ports,
+            attach,
+            descs,
+        })
+    }
+
+    fn exported(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+    }
+}
+
+fn family(
+    (name, help): (&str, &str),
+    kind: MetricType,
+    metrics: Vec<proto::Metric>,
+) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_owned());
+    family.set_help(help.to_owned());
+    family.set_field_type(kind);
+    family.set_metric(metrics);
+    family
+}
+
+fn labels(pairs: &[(&str, String)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = proto::LabelPair::default();
+            pair.set_name((*name).to_owned());
+            pair.set_value(value.clone());
+            pair
+        })
+        .collect()
+}
+
+fn gauge(pairs: &[(&str, String)], value: f64) -> proto::Metric {
+    let mut gauge = proto::Gauge::default();
+    gauge.set_value(value);
+    let mut metric = proto::Metric::from_label(labels(pairs));
+    metric.set_gauge(gauge);
+    metric
+}
+
+fn counter(pairs: &[(&str, String)], value: f64) -> proto::Metric {
+    let mut counter = proto::Counter::default();
+    counter.set_value(value);
+    let mut metric = proto::Metric::from_label(labels(pairs));
+    metric.set_counter(counter);
+    metric
+}
+
+/// Per-port totals, summed over namespaces and addresses.
+#[derive(Default)]
+struct PortTotals {
+    active: u64,
+    opened: u64,
+    closed: u64,
+}
+
+impl Collector for ConnectionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = Vec::new();
+        let version = env!("CARGO_PKG_VERSION").to_owned();
+        families.push(family(
+            BUILD_INFO,
+            MetricType::GAUGE,
+            vec![gauge(&[("version", version), ("attach", self.attach.clone())], 1.0)],
+        ));
+        families.push(family(
+            WAITERS,
+            MetricType::GAUGE,
+            vec![gauge(&[], self.tracker.waiters() as f64)],
+        ));
+
+        // A scrape that cannot read the kernel shows no connection metrics rather than
+        // wrong ones; /healthz says why.
+        let Ok(endpoints) = self.tracker.snapshot() else {
+            return families;
+        };
+        let mut by_port: BTreeMap<u16, PortTotals> = BTreeMap::new();
+        let mut tracked = 0;
+        for endpoint in &endpoints {
+            tracked += endpoint.active;
+            if !self.exported(endpoint.port) {
+                continue;
+            }
+            let totals = by_port.entry(endpoint.port).or_default();
+            totals.active += endpoint.active;
+            totals.opened += endpoint.opened;
+            totals.closed += endpoint.closed;
+        }
+        let per_port = |value: fn(&PortTotals) -> u64, make: fn(&[(&str, String)], f64) -> proto::Metric| {
+            by_port
+                .iter()
+                .map(|(port, totals)| make(&[("port", port.to_string())], value(totals) as f64))
+                .collect::<Vec<_>>()
+        };
+        families.push(family(ACTIVE, MetricType::GAUGE, per_port(|t| t.active, gauge)));
+        families.push(family(OPENED, MetricType::COUNTER, per_port(|t| t.opened, counter)));
+        families.push(family(CLOSED, MetricType::COUNTER, per_port(|t| t.closed, counter)));
+        families.push(family(
+            TRACKED,
+            MetricType::GAUGE,
+            vec![gauge(&[], tracked as f64)],
+        ));
+
+        if let Ok(durations) = self.tracker.durations() {
+            let mut by_port: BTreeMap<u16, ([u64; DURATION_BUCKET_COUNT], u64)> = BTreeMap::new();
+            for (port, histogram) in durations {
+                if !self.exported(port) {
+                    continue;
+                }
+                let entry = by_port.entry(port).or_insert(([0; DURATION_BUCKET_COUNT], 0));
+                for (total, count) in entry.0.iter_mut().zip(histogram.buckets) {
+                    *total += count;
+                }
+                entry.1 += histogram.sum_ns;
+            }
+            let metrics = by_port
+                .into_iter()
+                .map(|(port, (buckets, sum_ns))| duration_metric(port, &buckets, sum_ns))
+                .collect();
+            families.push(family(DURATION, MetricType::HISTOGRAM, metrics));
+        }
+
+        if let Ok(errors) = self.tracker.tracking_errors() {
+            let metrics = errors
+                .into_iter()
+                .map(|(reason, count)| counter(&[("reason", reason.to_owned())], count as f64))
+                .collect();
+            families.push(family(ERRORS, MetricType::COUNTER, metrics));
+        }
+        // Families with no samples would render as bare HELP/TYPE lines; leave them out.
+        families.retain(|family| !family.get_metric().is_empty());
+        families
+    }
+}
+
+fn duration_metric(port: u16, buckets: &[u64; DURATION_BUCKET_COUNT], sum_ns: u64) -> proto::Metric {
+    let mut cumulative = 0;
+    let mut proto_buckets = Vec::new();
+    for (upper_ms, count) in DURATION_BUCKETS_MS.iter().zip(buckets) {
+        cumulative += count;
+        let mut bucket = proto::Bucket::default();
+        bucket.set_upper_bound(*upper_ms as f64 / 1000.0);
+        bucket.set_cumulative_count(cumulative);
+        proto_buckets.push(bucket);
+    }
+    let total: u64 = buckets.iter().sum();
+    let mut histogram = proto::Histogram::default();
+    histogram.set_bucket(proto_buckets);
+    histogram.set_sample_count(total);
+    histogram.set_sample_sum(sum_ns as f64 / 1e9);
+    let mut metric = proto::Metric::from_label(labels(&[("port", port.to_string())]));
+    metric.set_histogram(histogram);
+    metric
+}
+
+/// Checks a `--ports` value at start-up, for a clear CLI error.
+pub fn parse_ports(text: &str) -> Result<PortSet> {
+    match text.parse::<PortSet>() {
+        Ok(ports) => Ok(ports),
+        Err(problem) => bail!("--ports {text:?}: {problem}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drain_agent_common::DurationHistogram;
+
+    use super::*;
+    use crate::tracker::fake::{FakeSource, endpoint};
+
+    fn metrics(ports: Option<PortSet>) -> (Arc<FakeSource>, Metrics) {
+        let source = Arc::new(FakeSource::default());
+        let tracker = Arc::new(Tracker::new(source.clone(), 4));
+        let metrics = Metrics::new(tracker, ports, "tp_btf", false).expect("metrics");
+        (source, metrics)
+    }
+
+    #[test]
+    fn port_sets_parse_and_refuse_nonsense() {
+        let ports: PortSet = "80, 443,8080-8090".parse().expect("ports");
+        assert!(ports.contains(80) && ports.contains(8085) && !ports.contains(8091));
+        for bad in ["", "0", "70000", "a", "90-80", "1-", "-5"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad}");
+        }
+        assert!(parse_ports("x").unwrap_err().to_string().contains("--ports"));
+    }
+
+    #[test]
+    fn renders_per_port_sums_from_the_live_counts() {
+        let (source, metrics) = metrics(None);
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, 3),
+            endpoint("10.0.0.1", 8080, 2),
+            endpoint("::1", 443, 1),
+        ]);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("drain_agent_connections_active{port=\"8080\"} 5"), "{text}");
+        assert!(text.contains("drain_agent_connections_active{port=\"443\"} 1"), "{text}");
+        assert!(text.contains("drain_agent_tracked_sockets 6"), "{text}");
+        assert!(text.contains("drain_agent_build_info{attach=\"tp_btf\",version="), "{text}");
+        // Read at scrape time: a change shows in the next scrape.
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("drain_agent_connections_active{port=\"8080\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn ports_allow_list_limits_the_labels() {
+        let (source, metrics) = metrics(Some("8080".parse().expect("ports")));
+        source.set(vec![endpoint("127.0.0.1", 8080, 3), endpoint("127.0.0.1", 9, 1)]);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("port=\"8080\""), "{text}");
+        assert!(!text.contains("port=\"9\""), "{text}");
+        assert!(metrics.exports_port(8080) && !metrics.exports_port(9));
+    }
+
+    #[test]
+    fn duration_histogram_is_cumulative_in_seconds() {
+        let mut buckets = [0; DURATION_BUCKET_COUNT];
+        buckets[0] = 2; // <= 1 ms
+        buckets[6] = 1; // <= 1 s
+        buckets[DURATION_BUCKET_COUNT - 1] = 1; // > 1 h
+        let metric = duration_metric(80, &buckets, 3_700_000_000_000);
+        let histogram = metric.get_histogram();
+        assert_eq!(histogram.get_sample_count(), 4);
+        assert!((histogram.get_sample_sum() - 3700.0).abs() < 1e-6);
+        let bounds: Vec<(f64, u64)> = histogram
+            .get_bucket()
+            .iter()
+            .map(|b| (b.get_upper_bound(), b.get_cumulative_count()))
+            .collect();
+        assert_eq!(bounds[0], (0.001, 2));
+        assert_eq!(bounds[6], (1.0, 3));
+        assert_eq!(bounds.last().copied(), Some((3600.0, 3)));
+        let _ = DurationHistogram::default();
+    }
+
+    #[test]
+    fn drain_requests_are_counted() {
+        let (_, metrics) = metrics(None);
+        metrics.drain_request("drained", Some(Duration::from_millis(3)));
+        metrics.drain_request("invalid", None);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("drain_agent_drain_requests_total{result=\"drained\"} 1"), "{text}");
+        assert!(text.contains("drain_agent_drain_requests_total{result=\"timeout\"} 0"), "{text}");
+        assert!(text.contains("drain_agent_drain_wait_seconds_count 1"), "{text}");
+    }
+}

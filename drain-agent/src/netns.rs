@@ -1,0 +1,108 @@
+//! Network namespaces: finding them all, naming them by inode, and running code inside one.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Where `ip netns add` keeps named namespaces (they may have no process in them).
+pub const NAMED_NETNS_DIR: &str = "/run/netns";
+
+/// The inode number of the network namespace at `path` (`/proc/PID/ns/net`,
+/// `/run/netns/NAME`): the same number the kernel has in `net->ns.inum`.
+pub fn inode_of(path: &Path) -> Result<u32> {
+    let metadata = std::fs::metadata(path)
+        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    // nsfs files live on the nsfs pseudo-filesystem; anything else is not a namespace.
+    let file = File::open(path)
+        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    // SAFETY: an ioctl-free check: fstatfs on a valid fd into a zeroed struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot stat {}", path.display()));
+    }
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    if i64::from(stat.f_type) != NSFS_MAGIC {
+        bail!("{} is not a namespace file", path.display());
+    }
+    u32::try_from(metadata.ino()).with_context(|| format!("inode of {} too big", path.display()))
+}
+
+/// Every network namespace that has a process in it or a name under [`NAMED_NETNS_DIR`],
+/// keyed by inode, with one path that opens it.
+pub fn all_namespaces() -> BTreeMap<u32, PathBuf> {
+    let mut found = BTreeMap::new();
+    let mut consider = |path: PathBuf| {
+        // Processes come and go while we look; a vanished one is simply skipped.
+        if let Ok(inode) = inode_of(&path) {
+            found.entry(inode).or_insert(path);
+        }
+    };
+    consider(PathBuf::from("/proc/self/ns/net"));
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                consider(entry.path().join("ns/net"));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(NAMED_NETNS_DIR) {
+        for entry in entries.flatten() {
+            consider(entry.path());
+        }
+    }
+    found
+}
+
+/// Runs `work` on a new thread that has joined the network namespace at `path`.
+///
+/// `setns` changes only the calling thread, so the agent's own threads stay where they are.
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let namespace = File::open(path)
+        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    let shown = path.display().to_string();
+    let thread = std::thread::Builder::new()
+        .name("netns-enter".into())
+        .spawn(move || -> Result<T> {
+            // SAFETY: setns on a valid namespace fd, affecting only this thread.
+            if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("cannot enter network namespace {shown}"));
+            }
+            work()
+        })
+        .context("cannot start a thread")?;
+    match thread.join() {
+        Ok(result) => result,
+        Err(_) => bail!("thread in network namespace {} panicked", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_is_found() {
+        let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
+        assert!(all_namespaces().contains_key(&own));
+    }
+
+    #[test]
+    fn non_namespace_files_are_refused() {
+        let error = inode_of(Path::new("/proc/self/status")).expect_err("not a netns");
+        assert!(error.to_string().contains("is not a namespace file"), "{error}");
+        let error = inode_of(Path::new("/nonexistent/ns")).expect_err("missing");
+        assert!(error.to_string().contains("/nonexistent/ns"), "{error}");
+    }
+}

@@ -1,0 +1,522 @@
+//! The agent's view of the connections: what is open now, and waiting until none are.
+//!
+//! Counts are read from a [`ConnectionSource`] (the kernel maps, or a fake in tests) each
+//! time they are needed, so every answer is the kernel's current truth. Waiters sleep on a
+//! per-port `watch` channel that the ring-buffer reader bumps whenever an endpoint's count
+//! reaches or leaves zero: a drained port is noticed at once, without polling.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use drain_agent_common::DurationHistogram;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// One listening endpoint (netns, local address, port) and its counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub netns: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Tracked connections open now (ESTABLISHED or CLOSE_WAIT).
+    pub active: u64,
+    pub opened: u64,
+    pub closed: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last open or close.
+    #[serde(skip)]
+    pub last_change_ns: u64,
+}
+
+/// Where the counts come from. The kernel maps implement it; tests use a fake.
+pub trait ConnectionSource: Send + Sync + 'static {
+    /// Every endpoint that has had a tracked connection.
+    fn endpoints(&self) -> Result<Vec<Endpoint>>;
+    /// Ok when the counts can be trusted (programs attached, maps readable).
+    fn check_health(&self) -> Result<()>;
+    /// Connection-duration histograms, by local port (one entry per endpoint).
+    fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        Ok(Vec::new())
+    }
+    /// What the kernel side could not track, by reason.
+    fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Which connections a question is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filter {
+    pub port: u16,
+    /// Only this local address (a pod's IP). IPv4-mapped IPv6 is folded to IPv4.
+    pub addr: Option<IpAddr>,
+    /// Only this network namespace (inode).
+    pub netns: Option<u32>,
+}
+
+impl Filter {
+    pub const fn port(port: u16) -> Self {
+        Self {
+            port,
+            addr: None,
+            netns: None,
+        }
+    }
+
+    pub fn matches(&self, endpoint: &Endpoint) -> bool {
+        endpoint.port == self.port
+            && self.addr.is_none_or(|addr| addr == endpoint.addr)
+            && self.netns.is_none_or(|netns| netns == endpoint.netns)
+    }
+}
+
+/// Folds `::ffff:a.b.c.d` to `a.b.c.d`, as the kernel side does for keys.
+pub fn canonical_addr(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// The answer to "is it drained?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainOutcome {
+    pub drained: bool,
+    pub active: u64,
+    pub waited: Duration,
+}
+
+/// Why a wait could not even start.
+#[derive(Debug)]
+pub enum WaitError {
+    /// More waiters than `--max-waiters` are blocked already.
+    TooManyWaiters(usize),
+    /// The counts could not be read.
+    Source(anyhow::Error),
+}
+
+/// Wakes the waiters of one port when its count may have crossed zero.
+#[derive(Default)]
+struct PortChannels {
+    senders: Mutex<HashMap<u16, watch::Sender<u64>>>,
+}
+
+impl PortChannels {
+    fn subscribe(&self, port: u16) -> watch::Receiver<u64> {
+        let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        senders
+            .entry(port)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, port: u16) {
+        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = senders.get(&port) {
+            sender.send_modify(|generation| *generation = generation.wrapping_add(1));
+        }
+    }
+
+    fn notify_all(&self) {
+        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        for sender in senders.values() {
+            sender.send_modify(|generation| *generation = generation.wrapping_add(1));
+        }
+    }
+}
+
+/// Shared state behind the HTTP handlers.
+pub struct Tracker {
+    source: Arc<dyn ConnectionSource>,
+    channels: PortChannels,
+    shutdown: watch::Sender<bool>,
+    waiters: AtomicUsize,
+    max_waiters: usize,
+}
+
+/// The counts of a filter at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FilterState {
+    active: u64,
+    last_change_ns: u64,
+}
+
+/// Keeps the waiter count right however a wait ends (answer, timeout, client gone).
+struct WaiterSlot<'a>(&'a AtomicUsize);
+
+impl Drop for WaiterSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+impl Tracker {
+    pub fn new(source: Arc<dyn ConnectionSource>, max_waiters: usize) -> Self {
+        Self {
+            source,
+            channels: PortChannels::default(),
+            shutdown: watch::channel(false).0,
+            waiters: AtomicUsize::new(0),
+            max_waiters,
+        }
+    }
+
+    /// Every endpoint, as the kernel counts it now.
+    pub fn snapshot(&self) -> Result<Vec<Endpoint>> {
+        self.source.endpoints()
+    }
+
+    pub fn check_health(&self) -> Result<()> {
+        self.source.check_health()
+    }
+
+    pub fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        self.source.durations()
+    }
+
+    pub fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        self.source.tracking_errors()
+    }
+
+    /// Active connections matching `filter`, now.
+    pub fn active(&self, filter: &Filter) -> Result<u64> {
+        Ok(self.state(filter)?.active)
+    }
+
+    fn state(&self, filter: &Filter) -> Result<FilterState> {
+        let mut state = FilterState {
+            active: 0,
+            last_change_ns: 0,
+        };
+        for endpoint in self.source.endpoints()? {
+            if filter.matches(&endpoint) {
+                state.active += endpoint.active;
+                state.last_change_ns = state.last_change_ns.max(endpoint.last_change_ns);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Called by the event reader: an endpoint on `port` crossed zero.
+    pub fn notify_port(&self, port: u16) {
+        self.channels.notify(port);
+    }
+
+    /// Called when events may have been lost: every waiter re-reads its count.
+    pub fn notify_all(&self) {
+        self.channels.notify_all();
+    }
+
+    /// Open waiters answer at once with what they have; new ones answer immediately.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Waiters blocked now.
+    pub fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::Acquire)
+    }
+
+    /// Blocks until no connection matching `filter` has been active for `settle`, or until
+    /// `timeout` passes, or until the agent shuts down. `timeout` zero answers at once.
+    pub async fn wait_until_drained(
+        &self,
+        filter: &Filter,
+        timeout: Duration,
+        settle: Duration,
+    ) -> Result<DrainOutcome, WaitError> {
+        let before = self.waiters.fetch_add(1, Ordering::AcqRel);
+        let _slot = WaiterSlot(&self.waiters);
+        if before >= self.max_waiters {
+            return Err(WaitError::TooManyWaiters(self.max_waiters));
+        }
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut changes = self.channels.subscribe(filter.port);
+        let mut shutdown = self.shutdown.subscribe();
+        let settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
+        loop {
+            // Mark the current generation seen *before* reading, so a change that lands
+            // between the read and the sleep still wakes us.
+            changes.borrow_and_update();
+            let state = self.state(filter).map_err(WaitError::Source)?;
+            let zero_for_ns = monotonic_ns().saturating_sub(state.last_change_ns);
+            let settled = state.active == 0 && zero_for_ns >= settle_ns;
+            let now = Instant::now();
+            if settled || now >= deadline || *shutdown.borrow_and_update() {
+                return Ok(DrainOutcome {
+                    drained: settled,
+                    active: state.active,
+                    waited: now - started,
+                });
+            }
+            // At zero but not settled yet: look again when the settle time is up.
+            let wake_at = if state.active == 0 {
+                deadline.min(now + Duration::from_nanos(settle_ns - zero_for_ns))
+            } else {
+                deadline
+            };
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The channel never closes while the tracker lives; be safe anyway.
+                        tokio::time::sleep_until(wake_at.into()).await;
+                    }
+                }
+                _ = shutdown.changed() => {}
+                () = tokio::time::sleep_until(wake_at.into()) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A connection source the tests set by hand.
+    use super::*;
+
+    #[derive(Default)]
+    pub struct FakeSource {
+        pub endpoints: Mutex<Vec<Endpoint>>,
+        pub broken: std::sync::atomic::AtomicBool,
+    }
+
+    impl FakeSource {
+        pub fn set(&self, endpoints: Vec<Endpoint>) {
+            *self.endpoints.lock().expect("lock") = endpoints;
+        }
+    }
+
+    impl ConnectionSource for FakeSource {
+        fn endpoints(&self) -> Result<Vec<Endpoint>> {
+            if self.broken.load(Ordering::Relaxed) {
+                anyhow::bail!("fake source is broken");
+            }
+            Ok(self.endpoints.lock().expect("lock").clone())
+        }
+
+        fn check_health(&self) -> Result<()> {
+            if self.broken.load(Ordering::Relaxed) {
+                anyhow::bail!("fake source is broken");
+            }
+            Ok(())
+        }
+    }
+
+    pub fn endpoint(addr: &str, port: u16, active: u64) -> Endpoint {
+        Endpoint {
+            netns: 4_026_531_840,
+            addr: addr.parse().expect("addr"),
+            port,
+            active,
+            opened: active,
+            closed: 0,
+            last_change_ns: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::*, *};
+
+    fn tracker(endpoints: Vec<Endpoint>) -> (Arc<FakeSource>, Arc<Tracker>) {
+        let source = Arc::new(FakeSource::default());
+        source.set(endpoints);
+        let tracker = Arc::new(Tracker::new(source.clone(), 16));
+        (source, tracker)
+    }
+
+    #[test]
+    fn filters_by_port_address_and_namespace() {
+        let (_, tracker) = tracker(vec![
+            endpoint("10.0.0.1", 8080, 2),
+            endpoint("10.0.0.2", 8080, 3),
+            Endpoint {
+                netns: 7,
+                ..endpoint("10.0.0.2", 8080, 4)
+            },
+            endpoint("10.0.0.1", 9090, 5),
+        ]);
+        assert_eq!(tracker.active(&Filter::port(8080)).expect("count"), 9);
+        let by_addr = Filter {
+            addr: Some("10.0.0.2".parse().expect("ip")),
+            ..Filter::port(8080)
+        };
+        assert_eq!(tracker.active(&by_addr).expect("count"), 7);
+        let by_netns = Filter {
+            netns: Some(7),
+            ..Filter::port(8080)
+        };
+        assert_eq!(tracker.active(&by_netns).expect("count"), 4);
+        assert_eq!(tracker.active(&Filter::port(1)).expect("count"), 0);
+    }
+
+    #[test]
+    fn mapped_addresses_fold_to_ipv4() {
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
+        assert_eq!(canonical_addr(mapped), "10.1.2.3".parse::<IpAddr>().expect("ip"));
+        let v6: IpAddr = "fd00::3".parse().expect("ip");
+        assert_eq!(canonical_addr(v6), v6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_zero_answers_at_once() {
+        let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 3)]);
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert_eq!(
+            outcome,
+            DrainOutcome {
+                drained: false,
+                active: 3,
+                waited: Duration::ZERO
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_wakes_on_the_port_event_not_on_a_timer() {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
+        let waiter = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move {
+                tracker
+                    .wait_until_drained(&Filter::port(80), Duration::from_secs(3600), Duration::ZERO)
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiter.is_finished());
+        // The count drops, but nobody says so: the waiter keeps sleeping (no polling).
+        source.set(vec![endpoint("127.0.0.1", 80, 0)]);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiter.is_finished());
+        // An event on another port does not concern it either... but its port's does.
+        tracker.notify_port(81);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        tracker.notify_port(80);
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(outcome.drained);
+        assert_eq!(outcome.active, 0);
+        assert_eq!(outcome.waited, Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_answers_not_drained() {
+        let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 2)]);
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::from_secs(5), Duration::ZERO)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert!(!outcome.drained);
+        assert_eq!(outcome.active, 2);
+        assert_eq!(outcome.waited, Duration::from_secs(5));
+    }
+
+    // Real time: `settle` is measured against the kernel's clock (CLOCK_MONOTONIC).
+    #[tokio::test]
+    async fn settle_needs_the_count_to_stay_zero() {
+        let settle = Duration::from_millis(300);
+        let (source, tracker) = tracker(vec![Endpoint {
+            last_change_ns: monotonic_ns(),
+            ..endpoint("127.0.0.1", 80, 0)
+        }]);
+        let started = Instant::now();
+        let waiter = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move {
+                tracker
+                    .wait_until_drained(&Filter::port(80), Duration::from_secs(30), settle)
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            })
+        };
+        // Half-way through, a connection comes and goes: the settle time starts again.
+        tokio::time::sleep(settle / 2).await;
+        source.set(vec![Endpoint {
+            last_change_ns: monotonic_ns(),
+            ..endpoint("127.0.0.1", 80, 0)
+        }]);
+        tracker.notify_port(80);
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(outcome.drained);
+        assert!(started.elapsed() >= settle + settle / 2, "{:?}", started.elapsed());
+
+        // Long at zero already: answers at once, even with timeout 0.
+        source.set(vec![endpoint("127.0.0.1", 80, 0)]);
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, settle)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert!(outcome.drained);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_answers_open_waiters() {
+        let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
+        let waiter = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move {
+                tracker
+                    .wait_until_drained(&Filter::port(80), Duration::from_secs(3600), Duration::ZERO)
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            })
+        };
+        tokio::task::yield_now().await;
+        tracker.begin_shutdown();
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(!outcome.drained);
+        assert_eq!(outcome.active, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_limited_and_released() {
+        let source = Arc::new(FakeSource::default());
+        source.set(vec![endpoint("127.0.0.1", 80, 1)]);
+        let tracker = Arc::new(Tracker::new(source, 1));
+        let first = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move {
+                let _ = tracker
+                    .wait_until_drained(&Filter::port(80), Duration::from_secs(10), Duration::ZERO)
+                    .await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(tracker.waiters(), 1);
+        let second = tracker
+            .wait_until_drained(&Filter::port(80), Duration::from_secs(10), Duration::ZERO)
+            .await;
+        assert!(matches!(second, Err(WaitError::TooManyWaiters(1))));
+        first.abort();
+        let _ = first.await;
+        assert_eq!(tracker.waiters(), 0);
+    }
+}
