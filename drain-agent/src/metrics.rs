@@ -422,7 +422,7 @@ mod tests {
         assert!(text.contains("drain_agent_connections_active{port=\"8080\"} 5"), "{text}");
         assert!(text.contains("drain_agent_connections_active{port=\"443\"} 1"), "{text}");
         assert!(text.contains("drain_agent_tracked_sockets 6"), "{text}");
-        assert!(text.contains("drain_agent_build_info{attach=\"tp_btf\",version="), "{text}");
+        assert!(text.contains("drain_agent_build_info{version=\"0.1.0\",attach=\"tp_btf\"} 1"), "{text}");
         // Read at scrape time: a change shows in the next scrape.
         source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
         let text = metrics.render().expect("render");

@@ -12,13 +12,13 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Result;
 use drain_agent_common::DurationHistogram;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 /// One listening endpoint (netns, local address, port) and its counts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -278,11 +278,11 @@ impl Tracker {
                 changed = changes.changed() => {
                     if changed.is_err() {
                         // The channel never closes while the tracker lives; be safe anyway.
-                        tokio::time::sleep_until(wake_at.into()).await;
+                        tokio::time::sleep_until(wake_at).await;
                     }
                 }
                 _ = shutdown.changed() => {}
-                () = tokio::time::sleep_until(wake_at.into()) => {}
+                () = tokio::time::sleep_until(wake_at) => {}
             }
         }
     }

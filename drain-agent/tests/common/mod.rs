@@ -1,0 +1,290 @@
+//! Helpers shared by the kernel and end-to-end tests: privilege checks, the real agent
+//! binary, HTTP, network namespaces. Each test binary uses a different subset.
+#![allow(dead_code, reason = "each test binary uses its own subset of these helpers")]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use drain_agent::client::{AgentUrl, get};
+
+/// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
+/// (CI) the test fails; otherwise it prints a loud SKIP and the caller returns.
+pub fn kernel_available(test: &str) -> bool {
+    let required = std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    if root && btf {
+        return true;
+    }
+    let why = if root { "the kernel has no BTF" } else { "not running as root" };
+    assert!(!required, "{test}: kernel test cannot run ({why}) and DRAIN_AGENT_REQUIRE_KERNEL=1");
+    eprintln!("SKIP {test}: kernel test cannot run ({why}); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead");
+    false
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real agent binary, started as users start it; SIGTERM and reaped on drop.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn agent_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_drain-agent"))
+}
+
+impl Agent {
+    /// Starts `drain-agent run --listen 127.0.0.1:<free port> <extra>` and waits for /healthz.
+    pub fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut child = Command::new(agent_binary())
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start drain-agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+                sink.lock().expect("log").push(line);
+            }
+        });
+        let agent = Self {
+            child: Some(child),
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        agent.wait_healthy(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_healthy(&self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Ok((200, _)) = self.try_get("/healthz") {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "agent not healthy after {limit:?}; log:\n{}",
+                self.log.lock().expect("log").join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn try_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let url = AgentUrl::parse(&self.url)?;
+        let response = get(&url, path, Duration::from_secs(120))?;
+        Ok((response.status, response.body))
+    }
+
+    /// GET `path`; the body parsed as JSON.
+    pub fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.try_get(path).expect("agent answers");
+        let json = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: body is not JSON ({e}): {body}"));
+        (status, json)
+    }
+
+    /// Active connections on `port` now (`/drained?port=P&timeout=0`).
+    pub fn active(&self, port: u16) -> u64 {
+        let (_, body) = self.get_json(&format!("/drained?port={port}&timeout=0"));
+        body["active"].as_u64().expect("active is a number")
+    }
+
+    /// Polls `active(port)` until it equals `expected` (events reach the maps at once,
+    /// but the test's own closes race with its reads) — fails after 10 s.
+    pub fn expect_active(&self, port: u16, expected: u64) {
+        let started = Instant::now();
+        loop {
+            let active = self.active(port);
+            if active == expected {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "port {port}: active {active}, expected {expected}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent still running");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                panic!("agent did not exit within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback listener that accepts and keeps connections until told to close them.
+pub struct Server {
+    pub port: u16,
+    accepted: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Server {
+    pub fn start(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).expect("bind server");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => sink.lock().expect("accepted").push(stream),
+                    Err(_) => break,
+                }
+            }
+        });
+        Self { port, accepted }
+    }
+
+    /// Accepted connections so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.lock().expect("accepted").len()
+    }
+
+    pub fn wait_accepted(&self, count: usize) {
+        let started = Instant::now();
+        while self.accepted() < count {
+            assert!(started.elapsed() < Duration::from_secs(10), "server accepted {} of {count}", self.accepted());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Closes (drops) every accepted connection.
+    pub fn close_all(&self) {
+        self.accepted.lock().expect("accepted").clear();
+    }
+
+    /// Takes the accepted connections out, for tests that close them one way or another.
+    pub fn take_all(&self) -> Vec<TcpStream> {
+        std::mem::take(&mut *self.accepted.lock().expect("accepted"))
+    }
+}
+
+/// Established connections with local port `port`, counted by `ss` (ground truth).
+pub fn ss_count(port: u16, netns: Option<&str>) -> u64 {
+    let filter = format!("( sport = :{port} )");
+    let mut command = match netns {
+        Some(name) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", name, "ss"]);
+            c
+        }
+        None => Command::new("ss"),
+    };
+    let output = command
+        .args(["-Htn", "state", "established", &filter])
+        .output()
+        .expect("run ss");
+    let established = String::from_utf8_lossy(&output.stdout).lines().count() as u64;
+    let output = match netns {
+        Some(name) => Command::new("ip")
+            .args(["netns", "exec", name, "ss", "-Htn", "state", "close-wait", &filter])
+            .output(),
+        None => Command::new("ss").args(["-Htn", "state", "close-wait", &filter]).output(),
+    }
+    .expect("run ss");
+    established + String::from_utf8_lossy(&output.stdout).lines().count() as u64
+}
+
+/// A network namespace made for one test (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+pub fn run(command: &str, args: &[&str]) {
+    let output = Command::new(command).args(args).output().unwrap_or_else(|e| panic!("{command}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl Netns {
+    /// A namespace whose name starts with `da-` (so a failed run's leftovers are recognisable).
+    pub fn new(tag: &str) -> Self {
+        let name = format!("da-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run("ip", &["netns", "add", &name]);
+        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Runs `work` on a thread inside this namespace (sockets it makes live there).
+    pub fn run_in<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        drain_agent::netns::run_in(std::path::Path::new(&self.path()), move || Ok(work()))
+            .expect("run in netns")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
