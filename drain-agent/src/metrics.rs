@@ -4,11 +4,7 @@
 //! scrape always shows the kernel's current counts and nothing is kept twice. Label sets
 //! stay bounded: ports (optionally limited by `--ports`), never client addresses.
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use drain_agent_common::{DURATION_BUCKET_COUNT, DURATION_BUCKETS_MS};
@@ -28,7 +24,9 @@ pub struct PortSet {
 
 impl PortSet {
     pub fn contains(&self, port: u16) -> bool {
-        self.ranges.iter().any(|(low, high)| (*low..=*high).contains(&port))
+        self.ranges
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&port))
     }
 }
 
@@ -109,7 +107,9 @@ impl Metrics {
         )?))?;
         if process_metrics {
             registry
-                .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+                .register(Box::new(
+                    prometheus::process_collector::ProcessCollector::for_self(),
+                ))
                 .context("cannot register the process metrics")?;
         }
         Ok(Self {
@@ -286,7 +286,10 @@ impl Collector for ConnectionCollector {
         families.push(family(
             BUILD_INFO,
             MetricType::GAUGE,
-            vec![gauge(&[("version", version), ("attach", self.attach.clone())], 1.0)],
+            vec![gauge(
+                &[("version", version), ("attach", self.attach.clone())],
+                1.0,
+            )],
         ));
         families.push(family(
             WAITERS,
@@ -311,15 +314,28 @@ impl Collector for ConnectionCollector {
             totals.opened += endpoint.opened;
             totals.closed += endpoint.closed;
         }
-        let per_port = |value: fn(&PortTotals) -> u64, make: fn(&[(&str, String)], f64) -> proto::Metric| {
+        let per_port = |value: fn(&PortTotals) -> u64,
+                        make: fn(&[(&str, String)], f64) -> proto::Metric| {
             by_port
                 .iter()
                 .map(|(port, totals)| make(&[("port", port.to_string())], value(totals) as f64))
                 .collect::<Vec<_>>()
         };
-        families.push(family(ACTIVE, MetricType::GAUGE, per_port(|t| t.active, gauge)));
-        families.push(family(OPENED, MetricType::COUNTER, per_port(|t| t.opened, counter)));
-        families.push(family(CLOSED, MetricType::COUNTER, per_port(|t| t.closed, counter)));
+        families.push(family(
+            ACTIVE,
+            MetricType::GAUGE,
+            per_port(|t| t.active, gauge),
+        ));
+        families.push(family(
+            OPENED,
+            MetricType::COUNTER,
+            per_port(|t| t.opened, counter),
+        ));
+        families.push(family(
+            CLOSED,
+            MetricType::COUNTER,
+            per_port(|t| t.closed, counter),
+        ));
         families.push(family(
             TRACKED,
             MetricType::GAUGE,
@@ -332,7 +348,9 @@ impl Collector for ConnectionCollector {
                 if !self.exported(port) {
                     continue;
                 }
-                let entry = by_port.entry(port).or_insert(([0; DURATION_BUCKET_COUNT], 0));
+                let entry = by_port
+                    .entry(port)
+                    .or_insert(([0; DURATION_BUCKET_COUNT], 0));
                 for (total, count) in entry.0.iter_mut().zip(histogram.buckets) {
                     *total += count;
                 }
@@ -358,7 +376,11 @@ impl Collector for ConnectionCollector {
     }
 }
 
-fn duration_metric(port: u16, buckets: &[u64; DURATION_BUCKET_COUNT], sum_ns: u64) -> proto::Metric {
+fn duration_metric(
+    port: u16,
+    buckets: &[u64; DURATION_BUCKET_COUNT],
+    sum_ns: u64,
+) -> proto::Metric {
     let mut cumulative = 0;
     let mut proto_buckets = Vec::new();
     for (upper_ms, count) in DURATION_BUCKETS_MS.iter().zip(buckets) {
@@ -407,7 +429,12 @@ mod tests {
         for bad in ["", "0", "70000", "a", "90-80", "1-", "-5"] {
             assert!(bad.parse::<PortSet>().is_err(), "{bad}");
         }
-        assert!(parse_ports("x").unwrap_err().to_string().contains("--ports"));
+        assert!(
+            parse_ports("x")
+                .unwrap_err()
+                .to_string()
+                .contains("--ports")
+        );
     }
 
     #[test]
@@ -419,20 +446,35 @@ mod tests {
             endpoint("::1", 443, 1),
         ]);
         let text = metrics.render().expect("render");
-        assert!(text.contains("drain_agent_connections_active{port=\"8080\"} 5"), "{text}");
-        assert!(text.contains("drain_agent_connections_active{port=\"443\"} 1"), "{text}");
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"8080\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"443\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("drain_agent_tracked_sockets 6"), "{text}");
-        assert!(text.contains("drain_agent_build_info{version=\"0.1.0\",attach=\"tp_btf\"} 1"), "{text}");
+        assert!(
+            text.contains("drain_agent_build_info{version=\"0.1.0\",attach=\"tp_btf\"} 1"),
+            "{text}"
+        );
         // Read at scrape time: a change shows in the next scrape.
         source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
         let text = metrics.render().expect("render");
-        assert!(text.contains("drain_agent_connections_active{port=\"8080\"} 0"), "{text}");
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"8080\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]
     fn ports_allow_list_limits_the_labels() {
         let (source, metrics) = metrics(Some("8080".parse().expect("ports")));
-        source.set(vec![endpoint("127.0.0.1", 8080, 3), endpoint("127.0.0.1", 9, 1)]);
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, 3),
+            endpoint("127.0.0.1", 9, 1),
+        ]);
         let text = metrics.render().expect("render");
         assert!(text.contains("port=\"8080\""), "{text}");
         assert!(!text.contains("port=\"9\""), "{text}");
@@ -452,7 +494,7 @@ mod tests {
         let bounds: Vec<(f64, u64)> = histogram
             .get_bucket()
             .iter()
-            .map(|b| (b.get_upper_bound(), b.get_cumulative_count()))
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
             .collect();
         assert_eq!(bounds[0], (0.001, 2));
         assert_eq!(bounds[6], (1.0, 3));
@@ -466,8 +508,17 @@ mod tests {
         metrics.drain_request("drained", Some(Duration::from_millis(3)));
         metrics.drain_request("invalid", None);
         let text = metrics.render().expect("render");
-        assert!(text.contains("drain_agent_drain_requests_total{result=\"drained\"} 1"), "{text}");
-        assert!(text.contains("drain_agent_drain_requests_total{result=\"timeout\"} 0"), "{text}");
-        assert!(text.contains("drain_agent_drain_wait_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("drain_agent_drain_requests_total{result=\"drained\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_requests_total{result=\"timeout\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_count 1"),
+            "{text}"
+        );
     }
 }
