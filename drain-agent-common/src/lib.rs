@@ -291,7 +291,10 @@ mod tests {
         assert_eq!(duration_bucket(1_000_001), 1);
         assert_eq!(duration_bucket(5_000_000), 1);
         assert_eq!(duration_bucket(999_000_000), 6);
-        assert_eq!(duration_bucket(3_600_000_000_000), DURATION_BUCKET_COUNT - 2);
+        assert_eq!(
+            duration_bucket(3_600_000_000_000),
+            DURATION_BUCKET_COUNT - 2
+        );
         assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKET_COUNT - 1);
     }
 

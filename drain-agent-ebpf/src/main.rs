@@ -21,17 +21,17 @@
 use core::{ffi::c_void, intrinsics::AtomicOrdering, ptr};
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
-    EbpfContext as _,
 };
 use drain_agent_common::{
-    classify, duration_bucket, error_index, is_active, tcp_state, ConnCounts, ConnKey,
-    DurationHistogram, KernelOffsets, SockEntry, Transition, ZeroCrossing, AF_INET, AF_INET6,
-    IPPROTO_TCP, OFFSET_UNKNOWN, STARTED_UNKNOWN,
+    AF_INET, AF_INET6, ConnCounts, ConnKey, DurationHistogram, IPPROTO_TCP, KernelOffsets,
+    OFFSET_UNKNOWN, STARTED_UNKNOWN, SockEntry, Transition, ZeroCrossing, classify,
+    duration_bucket, error_index, is_active, tcp_state,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -326,7 +326,10 @@ fn record_duration(key: &ConnKey, duration_ns: u64) {
 
 #[inline(always)]
 fn emit_zero_crossing(key: ConnKey, active: i64) {
-    if EVENTS.output::<ZeroCrossing>(ZeroCrossing { key, active }, 0).is_err() {
+    if EVENTS
+        .output::<ZeroCrossing>(ZeroCrossing { key, active }, 0)
+        .is_err()
+    {
         count_error_at(error_index::EVENT_LOST);
     }
 }

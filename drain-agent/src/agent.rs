@@ -139,7 +139,9 @@ async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>) {
         Ok(ring) => ring,
         Err(problem) => {
             let (_, problem) = problem.into_parts();
-            error!("cannot watch the event ring buffer: {problem}; waiters will only answer on timeout");
+            error!(
+                "cannot watch the event ring buffer: {problem}; waiters will only answer on timeout"
+            );
             return;
         }
     };

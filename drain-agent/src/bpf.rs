@@ -2,8 +2,7 @@
 //! connections that already exist, and read the maps. Dropping [`Kernel`] detaches it all.
 
 use std::{
-    fmt,
-    fs,
+    fmt, fs,
     io::Read as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
@@ -110,8 +109,14 @@ pub struct KernelMaps {
 impl Kernel {
     /// Loads the programs and attaches the state-change handler (not yet seeded).
     pub fn load(options: &KernelOptions) -> Result<Self> {
-        ensure!(options.max_connections > 0, "--max-connections must be at least 1");
-        ensure!(options.max_endpoints > 0, "--max-endpoints must be at least 1");
+        ensure!(
+            options.max_connections > 0,
+            "--max-connections must be at least 1"
+        );
+        ensure!(
+            options.max_endpoints > 0,
+            "--max-endpoints must be at least 1"
+        );
         raise_memlock_limit();
         let offsets = Btf::from_file(Path::new(VMLINUX_BTF))
             .and_then(|btf| btf.kernel_offsets())
@@ -199,8 +204,12 @@ impl Kernel {
             .context("cannot load the iter/tcp seeding program (Linux >= 5.9 needed)")?;
         let mut report = SeedReport::default();
         for (inode, path) in netns::all_namespaces() {
-            let link_id = program.attach().context("cannot attach the iter/tcp iterator")?;
-            let link = program.take_link(link_id).context("cannot take the iterator link")?;
+            let link_id = program
+                .attach()
+                .context("cannot attach the iter/tcp iterator")?;
+            let link = program
+                .take_link(link_id)
+                .context("cannot take the iterator link")?;
             // The iterator walks the namespace of whoever creates its file: do that inside.
             let walked = netns::run_in(&path, move || -> Result<()> {
                 let mut file = link.into_file().context("cannot create the iterator")?;
@@ -213,7 +222,10 @@ impl Kernel {
                 Err(error) => {
                     // A namespace whose processes just exited is gone; nothing to count there.
                     report.failed_namespaces += 1;
-                    warn!("cannot seed network namespace {inode} ({}): {error:#}", path.display());
+                    warn!(
+                        "cannot seed network namespace {inode} ({}): {error:#}",
+                        path.display()
+                    );
                 }
             }
         }
@@ -306,8 +318,8 @@ fn check_tracepoint_format() -> Result<()> {
         })
         .find(|path| path.exists())
         .context("tracefs has no sock/inet_sock_set_state (Linux >= 4.16 needed)")?;
-    let format = fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let format =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     check_record_offsets(&format)
 }
 
@@ -349,7 +361,12 @@ fn raise_memlock_limit() {
 /// The address of a key, as an `IpAddr`.
 pub fn key_addr(key: &ConnKey) -> IpAddr {
     if key.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]))
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
     } else {
         IpAddr::V6(Ipv6Addr::from(key.addr))
     }
@@ -441,7 +458,10 @@ format:
     fn refuses_a_moved_field() {
         let moved = FORMAT.replace("int newstate;\toffset:20", "int newstate;\toffset:24");
         let error = check_record_offsets(&moved).expect_err("moved field");
-        assert!(error.to_string().contains("newstate is at offset 24"), "{error}");
+        assert!(
+            error.to_string().contains("newstate is at offset 24"),
+            "{error}"
+        );
         let error = check_record_offsets("format:\n").expect_err("no fields");
         assert!(error.to_string().contains("no field skaddr"), "{error}");
     }

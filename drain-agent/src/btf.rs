@@ -79,8 +79,8 @@ fn read_u32(data: &[u8], at: usize) -> Result<u32> {
 impl Btf {
     /// Reads and parses a BTF file such as [`VMLINUX_BTF`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let data =
-            std::fs::read(path).with_context(|| format!("cannot read BTF from {}", path.display()))?;
+        let data = std::fs::read(path)
+            .with_context(|| format!("cannot read BTF from {}", path.display()))?;
         Self::parse(&data).with_context(|| format!("cannot parse BTF from {}", path.display()))
     }
 
@@ -88,7 +88,10 @@ impl Btf {
     pub fn parse(data: &[u8]) -> Result<Self> {
         ensure!(data.len() >= 24, "BTF header is truncated");
         let magic = u16::from_le_bytes([data[0], data[1]]);
-        ensure!(magic == BTF_MAGIC, "not little-endian BTF (magic {magic:#x})");
+        ensure!(
+            magic == BTF_MAGIC,
+            "not little-endian BTF (magic {magic:#x})"
+        );
         let header_len = read_u32(data, 4)? as usize;
         let type_off = read_u32(data, 8)? as usize;
         let type_len = read_u32(data, 12)? as usize;
@@ -140,8 +143,8 @@ impl Btf {
                 }
                 KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
                 KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST
-                | KIND_RESTRICT | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
+                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
                 other => bail!("unknown BTF kind {other} at type {}", types.len()),
             }
             types.push(Type {
@@ -268,7 +271,10 @@ impl Btf {
         // `struct sock` begins with `struct sock_common __sk_common` (include/net/sock.h), so
         // sock_common offsets are sock offsets too; checked rather than assumed.
         let sk_common = self.byte_offset("sock", &["__sk_common"])?;
-        ensure!(sk_common == 0, "struct sock does not start with __sk_common");
+        ensure!(
+            sk_common == 0,
+            "struct sock does not start with __sk_common"
+        );
         // `possible_net_t skc_net` holds `struct net *net` (include/net/net_namespace.h).
         let skc_net = self.byte_offset("sock_common", &["skc_net", "net"])?;
         // Since 5.6 sk_protocol is a plain u16; before, a bitfield we cannot read this way.
@@ -314,8 +320,13 @@ mod tests {
         let mut blob = Vec::new();
         blob.extend(BTF_MAGIC.to_le_bytes());
         blob.extend([1u8, 0]);
-        for v in [24u32, 0, type_bytes.len() as u32, type_bytes.len() as u32, strings.len() as u32]
-        {
+        for v in [
+            24u32,
+            0,
+            type_bytes.len() as u32,
+            type_bytes.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend(v.to_le_bytes());
         }
         blob.extend(type_bytes);
@@ -335,7 +346,10 @@ mod tests {
     fn missing_fields_are_named_in_the_error() {
         let btf = Btf::parse(&sample_btf()).expect("parse");
         let error = btf.field("outer", &["nope"]).expect_err("no such field");
-        assert!(error.to_string().contains("outer has no field nope"), "{error}");
+        assert!(
+            error.to_string().contains("outer has no field nope"),
+            "{error}"
+        );
         let error = btf.field("inner", &["a"]).expect_err("no such struct");
         assert!(error.to_string().contains("no struct inner"), "{error}");
     }

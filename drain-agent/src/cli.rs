@@ -135,8 +135,8 @@ mod tests {
 
     #[test]
     fn run_and_wait_parse() {
-        let cli = Cli::try_parse_from(["drain-agent", "run", "--listen", "0.0.0.0:9110"])
-            .expect("parse");
+        let cli =
+            Cli::try_parse_from(["drain-agent", "run", "--listen", "0.0.0.0:9110"]).expect("parse");
         assert!(matches!(cli.command, Some(Command::Run(args)) if args.listen.port() == 9110));
         let cli = Cli::try_parse_from(["drain-agent", "wait", "--port", "8080", "--timeout", "2m"])
             .expect("parse");

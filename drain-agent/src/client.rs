@@ -86,8 +86,12 @@ pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
         .with_context(|| format!("{} has no address", url.host))?;
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2).min(timeout))
         .with_context(|| format!("cannot connect to the agent at {address}"))?;
-    stream.set_read_timeout(Some(timeout)).context("socket timeout")?;
-    stream.set_write_timeout(Some(timeout)).context("socket timeout")?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .context("socket timeout")?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .context("socket timeout")?;
     let host = if url.host.contains(':') {
         format!("[{}]", url.host)
     } else {
@@ -118,10 +122,15 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok())
         .context("the agent's answer has no status code")?;
-    let chunked = head
-        .lines()
-        .any(|line| line.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_owned() };
+    let chunked = head.lines().any(|line| {
+        line.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_owned()
+    };
     Ok(Response { status, body })
 }
 
@@ -213,7 +222,10 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                 }
             }
             Ok(response) if response.status == 400 => {
-                eprintln!("drain-agent wait: the agent refused the request: {}", error_text(&response.body));
+                eprintln!(
+                    "drain-agent wait: the agent refused the request: {}",
+                    error_text(&response.body)
+                );
                 return ExitCode::from(EXIT_ERROR);
             }
             Ok(response) => {
@@ -287,10 +299,14 @@ fn status_table(args: &StatusArgs) -> Result<String> {
     let response = get(&url, "/connections", Duration::from_secs(10))
         .with_context(|| format!("agent unreachable at {}", args.agent))?;
     if response.status != 200 {
-        bail!("agent answered {}: {}", response.status, error_text(&response.body));
+        bail!(
+            "agent answered {}: {}",
+            response.status,
+            error_text(&response.body)
+        );
     }
-    let body: ConnectionsBody =
-        serde_json::from_str(&response.body).context("the agent's answer is not the expected JSON")?;
+    let body: ConnectionsBody = serde_json::from_str(&response.body)
+        .context("the agent's answer is not the expected JSON")?;
     Ok(render_table(&body.endpoints))
 }
 
@@ -354,17 +370,27 @@ mod tests {
             }
         );
         let url = AgentUrl::parse("http://[::1]:9110/agent/").expect("url");
-        assert_eq!((url.host.as_str(), url.port, url.prefix.as_str()), ("::1", 9110, "/agent"));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.prefix.as_str()),
+            ("::1", 9110, "/agent")
+        );
         assert_eq!(AgentUrl::parse("http://node").expect("url").port, 80);
-        for bad in ["https://x:1", "127.0.0.1:9100", "http://:9100", "http://x:0", "http://x:abc"] {
+        for bad in [
+            "https://x:1",
+            "127.0.0.1:9100",
+            "http://:9100",
+            "http://x:0",
+            "http://x:abc",
+        ] {
             assert!(AgentUrl::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn responses_parse_plain_and_chunked() {
-        let plain = parse_response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}")
-            .expect("plain");
+        let plain =
+            parse_response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}")
+                .expect("plain");
         assert_eq!((plain.status, plain.body.as_str()), (503, "{}"));
         let chunked = parse_response(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",

@@ -24,7 +24,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     if number.is_empty() || number.starts_with('.') || number.ends_with('.') {
-        return Err(format!("{text:?} is not a duration (use e.g. 500ms, 30s, 2m)"));
+        return Err(format!(
+            "{text:?} is not a duration (use e.g. 500ms, 30s, 2m)"
+        ));
     }
     let value: f64 = number
         .parse()
@@ -64,12 +66,18 @@ mod tests {
 
     #[test]
     fn refuses_everything_else_with_a_reason() {
-        for bad in ["", "  ", "abc", "-1", "5x", "s", "1.", ".5", "1..2s", "10 s", "1e3"] {
+        for bad in [
+            "", "  ", "abc", "-1", "5x", "s", "1.", ".5", "1..2s", "10 s", "1e3",
+        ] {
             let error = parse_duration(bad).expect_err(bad);
             assert!(!error.is_empty(), "{bad}");
         }
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("99999999h").unwrap_err().contains("too long"));
+        assert!(
+            parse_duration("99999999h")
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 
     #[test]

@@ -70,7 +70,10 @@ const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle
 
 /// Parses the query of `/drained` (also used for `/connections` filters). Every error
 /// names the parameter and what was wrong.
-pub fn parse_drain_request(query: Option<&str>, limits: WaitLimits) -> Result<DrainRequest, String> {
+pub fn parse_drain_request(
+    query: Option<&str>,
+    limits: WaitLimits,
+) -> Result<DrainRequest, String> {
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !DRAIN_PARAMETERS.contains(&name.as_ref()) {
@@ -95,7 +98,10 @@ pub fn parse_drain_request(query: Option<&str>, limits: WaitLimits) -> Result<Dr
                 .map_err(|_| format!("addr: {text:?} is not an IP address"))
         })
         .transpose()?;
-    let netns = values.get("netns").map(|text| parse_netns(text)).transpose()?;
+    let netns = values
+        .get("netns")
+        .map(|text| parse_netns(text))
+        .transpose()?;
     let timeout = match values.get("timeout") {
         None => limits.default_timeout,
         Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
@@ -166,7 +172,11 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
         .await;
     match outcome {
         Ok(outcome) => {
-            let result = if outcome.drained { "drained" } else { "timeout" };
+            let result = if outcome.drained {
+                "drained"
+            } else {
+                "timeout"
+            };
             state.metrics.drain_request(result, Some(outcome.waited));
             let status = if outcome.drained {
                 StatusCode::OK
@@ -256,7 +266,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     match state.metrics.render() {
         Ok(text) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
@@ -285,7 +298,8 @@ mod tests {
         let source = Arc::new(FakeSource::default());
         source.set(endpoints);
         let tracker = Arc::new(Tracker::new(source.clone(), 8));
-        let metrics = Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
+        let metrics =
+            Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
         let state = Arc::new(AppState {
             tracker,
             limits: LIMITS,
@@ -305,7 +319,12 @@ mod tests {
             .await
             .expect("response");
         let status = response.status();
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
         });
@@ -359,11 +378,17 @@ mod tests {
             ("/drained?port=80&addr=nope", "addr: \"nope\" is not an IP"),
             ("/drained?port=80&timeout=soon", "timeout: "),
             ("/drained?port=80&timeout=1y", "timeout: unknown unit"),
-            ("/drained?port=80&timeout=6m", "longer than the maximum 300s"),
+            (
+                "/drained?port=80&timeout=6m",
+                "longer than the maximum 300s",
+            ),
             ("/drained?port=80&settle=10h", "settle: 10h is longer"),
             ("/drained?port=80&netns=abc", "netns: \"abc\" is neither"),
             ("/drained?port=80&netns=/nonexistent", "netns: cannot open"),
-            ("/drained?port=80&netns=/proc/self/status", "not a namespace file"),
+            (
+                "/drained?port=80&netns=/proc/self/status",
+                "not a namespace file",
+            ),
             ("/drained?port=%ZZ", "port:"),
         ];
         for (uri, expected) in cases {
@@ -383,16 +408,28 @@ mod tests {
         let (source, state) = app(vec![]);
         let (status, body) = get(&state, "/drain?port=1").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(body["error"].as_str().unwrap_or_default().contains("/drained"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("/drained")
+        );
         let (status, body) = get(&state, "/healthz").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ok");
-        source.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        source
+            .broken
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let (status, _) = get(&state, "/healthz").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         let (status, body) = get(&state, "/drained?port=1&timeout=0").await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(body["error"].as_str().unwrap_or_default().contains("broken"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("broken")
+        );
     }
 
     #[tokio::test]

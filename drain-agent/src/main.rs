@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use drain_agent::{
-    agent, client,
+    agent,
     cli::{Cli, Command},
+    client,
 };
 
 fn main() -> ExitCode {

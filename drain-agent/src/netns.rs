@@ -101,7 +101,10 @@ mod tests {
     #[test]
     fn non_namespace_files_are_refused() {
         let error = inode_of(Path::new("/proc/self/status")).expect_err("not a netns");
-        assert!(error.to_string().contains("is not a namespace file"), "{error}");
+        assert!(
+            error.to_string().contains("is not a namespace file"),
+            "{error}"
+        );
         let error = inode_of(Path::new("/nonexistent/ns")).expect_err("missing");
         assert!(error.to_string().contains("/nonexistent/ns"), "{error}");
     }

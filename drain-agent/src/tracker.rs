@@ -373,7 +373,10 @@ mod tests {
     #[test]
     fn mapped_addresses_fold_to_ipv4() {
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
-        assert_eq!(canonical_addr(mapped), "10.1.2.3".parse::<IpAddr>().expect("ip"));
+        assert_eq!(
+            canonical_addr(mapped),
+            "10.1.2.3".parse::<IpAddr>().expect("ip")
+        );
         let v6: IpAddr = "fd00::3".parse().expect("ip");
         assert_eq!(canonical_addr(v6), v6);
     }
@@ -403,7 +406,11 @@ mod tests {
             let tracker = tracker.clone();
             tokio::spawn(async move {
                 tracker
-                    .wait_until_drained(&Filter::port(80), Duration::from_secs(3600), Duration::ZERO)
+                    .wait_until_drained(
+                        &Filter::port(80),
+                        Duration::from_secs(3600),
+                        Duration::ZERO,
+                    )
                     .await
                     .map_err(|e| format!("{e:?}"))
             })
@@ -465,7 +472,11 @@ mod tests {
         tracker.notify_port(80);
         let outcome = waiter.await.expect("join").expect("outcome");
         assert!(outcome.drained);
-        assert!(started.elapsed() >= settle + settle / 2, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= settle + settle / 2,
+            "{:?}",
+            started.elapsed()
+        );
 
         // Long at zero already: answers at once, even with timeout 0.
         source.set(vec![endpoint("127.0.0.1", 80, 0)]);
@@ -484,7 +495,11 @@ mod tests {
             let tracker = tracker.clone();
             tokio::spawn(async move {
                 tracker
-                    .wait_until_drained(&Filter::port(80), Duration::from_secs(3600), Duration::ZERO)
+                    .wait_until_drained(
+                        &Filter::port(80),
+                        Duration::from_secs(3600),
+                        Duration::ZERO,
+                    )
                     .await
                     .map_err(|e| format!("{e:?}"))
             })

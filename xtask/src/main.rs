@@ -62,7 +62,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut command = if is_root() {
                 Command::new(&binary)
             } else {
-                eprintln!("xtask: the agent needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN); using sudo");
+                eprintln!(
+                    "xtask: the agent needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN); using sudo"
+                );
                 let mut sudo = Command::new("sudo");
                 sudo.arg(&binary);
                 sudo
@@ -96,7 +98,11 @@ fn test(extra: &[String]) -> Result<()> {
     clippy_ebpf()?;
     let mut args = vec!["test".to_owned()];
     args.extend(extra.iter().cloned());
-    status(Command::new(cargo_binary()).args(&args).current_dir(workspace_root()))
+    status(
+        Command::new(cargo_binary())
+            .args(&args)
+            .current_dir(workspace_root()),
+    )
 }
 
 /// Clippy for the eBPF crate, on its own target and toolchain.
@@ -120,7 +126,10 @@ fn clippy_ebpf() -> Result<()> {
                 "warnings",
             ])
             // Keep the BPF build's artefacts apart from the host build's.
-            .env("CARGO_TARGET_DIR", workspace_root().join("target/ebpf-clippy"))
+            .env(
+                "CARGO_TARGET_DIR",
+                workspace_root().join("target/ebpf-clippy"),
+            )
             .env_remove("RUSTC")
             .env_remove("RUSTC_WORKSPACE_WRAPPER")
             .current_dir(workspace_root().join("drain-agent-ebpf")),
@@ -138,7 +147,11 @@ pub fn cargo_binary() -> String {
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {
-    status(Command::new(cargo_binary()).args(args).current_dir(workspace_root()))
+    status(
+        Command::new(cargo_binary())
+            .args(args)
+            .current_dir(workspace_root()),
+    )
 }
 
 pub fn is_root() -> bool {

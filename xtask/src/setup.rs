@@ -53,7 +53,13 @@ fn output_of(program: &str, args: &[&str]) -> Option<String> {
 fn ensure_nightly() -> Result<()> {
     let installed = output_of(
         "rustup",
-        &["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN],
+        &[
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ],
     )
     .is_some_and(|components| components.lines().any(|c| c.starts_with("rust-src")));
     if installed {

@@ -1,6 +1,9 @@
 //! Helpers shared by the kernel and end-to-end tests: privilege checks, the real agent
 //! binary, HTTP, network namespaces. Each test binary uses a different subset.
-#![allow(dead_code, reason = "each test binary uses its own subset of these helpers")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own subset of these helpers"
+)]
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -23,9 +26,18 @@ pub fn kernel_available(test: &str) -> bool {
     if root && btf {
         return true;
     }
-    let why = if root { "the kernel has no BTF" } else { "not running as root" };
-    assert!(!required, "{test}: kernel test cannot run ({why}) and DRAIN_AGENT_REQUIRE_KERNEL=1");
-    eprintln!("SKIP {test}: kernel test cannot run ({why}); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead");
+    let why = if root {
+        "the kernel has no BTF"
+    } else {
+        "not running as root"
+    };
+    assert!(
+        !required,
+        "{test}: kernel test cannot run ({why}) and DRAIN_AGENT_REQUIRE_KERNEL=1"
+    );
+    eprintln!(
+        "SKIP {test}: kernel test cannot run ({why}); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+    );
     false
 }
 
@@ -206,7 +218,11 @@ impl Server {
     pub fn wait_accepted(&self, count: usize) {
         let started = Instant::now();
         while self.accepted() < count {
-            assert!(started.elapsed() < Duration::from_secs(10), "server accepted {} of {count}", self.accepted());
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "server accepted {} of {count}",
+                self.accepted()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -240,9 +256,20 @@ pub fn ss_count(port: u16, netns: Option<&str>) -> u64 {
     let established = String::from_utf8_lossy(&output.stdout).lines().count() as u64;
     let output = match netns {
         Some(name) => Command::new("ip")
-            .args(["netns", "exec", name, "ss", "-Htn", "state", "close-wait", &filter])
+            .args([
+                "netns",
+                "exec",
+                name,
+                "ss",
+                "-Htn",
+                "state",
+                "close-wait",
+                &filter,
+            ])
             .output(),
-        None => Command::new("ss").args(["-Htn", "state", "close-wait", &filter]).output(),
+        None => Command::new("ss")
+            .args(["-Htn", "state", "close-wait", &filter])
+            .output(),
     }
     .expect("run ss");
     established + String::from_utf8_lossy(&output.stdout).lines().count() as u64
@@ -254,7 +281,10 @@ pub struct Netns {
 }
 
 pub fn run(command: &str, args: &[&str]) {
-    let output = Command::new(command).args(args).output().unwrap_or_else(|e| panic!("{command}: {e}"));
+    let output = Command::new(command)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{command}: {e}"));
     assert!(
         output.status.success(),
         "{command} {args:?} failed: {}",
@@ -285,6 +315,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
