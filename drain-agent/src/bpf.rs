@@ -36,11 +36,11 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// How the state-change handler is attached, in the order the agent tries them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMethod {
-    /// BTF-enabled tracepoint (`tp_btf`): cheapest, needs kernel BTF but no tracefs.
+    /// BTF-enabled tracepoint (`tp_btf`): cheapest; needs no tracefs.
     TpBtf,
     /// Classic tracepoint through tracefs (mounted by the agent if absent).
     Tracepoint,
-    /// Raw tracepoint: no BTF and no tracefs needed.
+    /// Raw tracepoint: needs no tracefs; for kernels that refuse tp_btf.
     RawTracepoint,
 }
 

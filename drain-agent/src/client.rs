@@ -23,6 +23,9 @@ pub const EXIT_NOT_DRAINED: u8 = 1;
 /// Exit status for usage errors and an unreachable agent.
 pub const EXIT_ERROR: u8 = 2;
 
+/// The longest single `/drained` request `wait` makes.
+const MAX_SLICE: Duration = Duration::from_secs(60);
+
 /// How long to pause before asking a briefly unreachable agent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -177,10 +180,13 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let mut last_problem: Option<String>;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
+        // Ask in slices of at most a minute: within any agent's --max-timeout, and a
+        // restarted agent is found again quickly.
+        let slice = remaining.min(MAX_SLICE);
         let mut query = format!(
             "/drained?port={}&timeout={}ms",
             args.port,
-            remaining.as_millis()
+            slice.as_millis()
         );
         if let Some(addr) = args.addr {
             query.push_str(&format!("&addr={addr}"));
@@ -192,7 +198,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         if !args.settle.is_zero() {
             query.push_str(&format!("&settle={}ms", args.settle.as_millis()));
         }
-        match get(&url, &query, remaining + Duration::from_secs(5)) {
+        match get(&url, &query, slice + Duration::from_secs(5)) {
             Ok(response) if response.status == 200 || response.status == 503 => {
                 match serde_json::from_str::<DrainedBody>(&response.body) {
                     Ok(body) if body.drained => {

@@ -252,7 +252,7 @@ async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
                     && netns.is_none_or(|n| n == e.netns)
                     && state.metrics.exports_port(e.port)
             });
-            endpoints.sort_by(|a, b| (a.port, a.netns, a.addr).cmp(&(b.port, b.netns, b.addr)));
+            endpoints.sort_by_key(|e| (e.port, e.netns, e.addr));
             (StatusCode::OK, Json(json!({ "endpoints": endpoints }))).into_response()
         }
         Err(problem) => error(

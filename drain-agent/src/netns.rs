@@ -3,7 +3,10 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -15,22 +18,28 @@ pub const NAMED_NETNS_DIR: &str = "/run/netns";
 /// The inode number of the network namespace at `path` (`/proc/PID/ns/net`,
 /// `/run/netns/NAME`): the same number the kernel has in `net->ns.inum`.
 pub fn inode_of(path: &Path) -> Result<u32> {
-    let metadata = std::fs::metadata(path)
+    // O_PATH: resolve without opening for I/O, so a FIFO or device named by a client
+    // cannot block or trigger anything.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
         .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    // nsfs files live on the nsfs pseudo-filesystem; anything else is not a namespace.
-    let file = File::open(path)
-        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    // SAFETY: an ioctl-free check: fstatfs on a valid fd into a zeroed struct.
+    // SAFETY: a zeroed statfs is a valid out-buffer.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("cannot stat {}", path.display()));
     }
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    if i64::from(stat.f_type) != NSFS_MAGIC {
+    // Namespace files live on nsfs (include/uapi/linux/magic.h: NSFS_MAGIC).
+    const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+    if stat.f_type != NSFS_MAGIC {
         bail!("{} is not a namespace file", path.display());
     }
+    let metadata = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     u32::try_from(metadata.ino()).with_context(|| format!("inode of {} too big", path.display()))
 }
 

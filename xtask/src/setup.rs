@@ -50,6 +50,10 @@ fn output_of(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Components of the eBPF toolchain: rust-src for `-Z build-std=core`, clippy for the
+/// BPF-target lint run.
+const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+
 fn ensure_nightly() -> Result<()> {
     let installed = output_of(
         "rustup",
@@ -60,22 +64,37 @@ fn ensure_nightly() -> Result<()> {
             "--toolchain",
             EBPF_TOOLCHAIN,
         ],
-    )
-    .is_some_and(|components| components.lines().any(|c| c.starts_with("rust-src")));
-    if installed {
+    );
+    let Some(installed) = installed else {
+        eprintln!("xtask: installing {EBPF_TOOLCHAIN} (for the eBPF build)");
+        let mut command = Command::new("rustup");
+        command.args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+        ]);
+        for component in EBPF_COMPONENTS {
+            command.args(["--component", component]);
+        }
+        return status(&mut command)
+            .context("cannot install the eBPF toolchain (is rustup on PATH?)");
+    };
+    let missing: Vec<&str> = EBPF_COMPONENTS
+        .into_iter()
+        .filter(|component| !installed.lines().any(|line| line.starts_with(component)))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing {EBPF_TOOLCHAIN} with rust-src (for the eBPF build)");
-    status(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        EBPF_TOOLCHAIN,
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
-    .context("cannot install the eBPF toolchain (is rustup on PATH?)")
+    eprintln!("xtask: adding {} to {EBPF_TOOLCHAIN}", missing.join(", "));
+    status(
+        Command::new("rustup")
+            .args(["component", "add", "--toolchain", EBPF_TOOLCHAIN])
+            .args(&missing),
+    )
+    .context("cannot add components to the eBPF toolchain")
 }
 
 fn ensure_bpf_linker() -> Result<()> {

@@ -64,7 +64,11 @@ pub fn agent_binary() -> PathBuf {
 impl Agent {
     /// Starts `drain-agent run --listen 127.0.0.1:<free port> <extra>` and waits for /healthz.
     pub fn start(extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts the agent on a given loopback port.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut child = Command::new(agent_binary())
             .arg("run")
             .arg("--listen")

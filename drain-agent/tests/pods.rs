@@ -1,0 +1,337 @@
+//! Pods on one node, simulated: network namespaces with their own IPs on veth pairs, each
+//! listening on the same port, clients in the host namespace. A pod's drain must see only
+//! its own connections. Also `drain-agent wait` and `status` against the real agent.
+
+mod common;
+
+use std::{
+    net::TcpStream,
+    process::{Command, Output},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Netns, Server, agent_binary, free_port, kernel_available, run};
+
+/// A namespace with `eth0` on a veth pair to the host: host side `.1`, pod side `.2` of
+/// 10.213.`subnet`.0/30 — addresses that exist only inside this test.
+struct Pod {
+    netns: Netns,
+    host_link: String,
+    ip: String,
+}
+
+impl Pod {
+    fn new(tag: &str, subnet: u8) -> Self {
+        let netns = Netns::new(tag);
+        let host_link = format!(
+            "dv{}{}",
+            std::process::id() % 100_000,
+            tag.chars().last().unwrap_or('x')
+        );
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_link])
+            .output();
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ],
+        );
+        let host_ip = format!("10.213.{subnet}.1/30");
+        let ip = format!("10.213.{subnet}.2");
+        run("ip", &["addr", "add", &host_ip, "dev", &host_link]);
+        run("ip", &["link", "set", &host_link, "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run("ip", &["-n", &netns.name, "link", "set", "eth0", "up"]);
+        Self {
+            netns,
+            host_link,
+            ip,
+        }
+    }
+
+    /// A listener inside the pod, on all its addresses.
+    fn listen(&self, port: u16) -> Server {
+        self.netns
+            .run_in(move || Server::start(&format!("0.0.0.0:{port}")))
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .output();
+    }
+}
+
+fn connect(ip: &str, port: u16, count: usize, server: &Server) -> Vec<TcpStream> {
+    let before = server.accepted();
+    let clients = (0..count)
+        .map(|_| {
+            TcpStream::connect_timeout(
+                &format!("{ip}:{port}").parse().expect("addr"),
+                Duration::from_secs(5),
+            )
+            .expect("connect to pod")
+        })
+        .collect();
+    server.wait_accepted(before + count);
+    clients
+}
+
+fn wait_command(args: &[&str]) -> (Output, Duration) {
+    let started = Instant::now();
+    let output = Command::new(agent_binary())
+        .arg("wait")
+        .args(args)
+        .output()
+        .expect("run drain-agent wait");
+    (output, started.elapsed())
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exit code")
+}
+
+#[test]
+fn pods_on_one_port_drain_apart() {
+    if !kernel_available("pods_on_one_port_drain_apart") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let port = free_port();
+    let pod_a = Pod::new("poda", 1);
+    let pod_b = Pod::new("podb", 2);
+    let server_a = pod_a.listen(port);
+    let server_b = pod_b.listen(port);
+    let clients_a = connect(&pod_a.ip, port, 3, &server_a);
+    let clients_b = connect(&pod_b.ip, port, 5, &server_b);
+
+    let count = |query: &str| {
+        let (_, body) = agent.get_json(&format!("/drained?port={port}&timeout=0{query}"));
+        body["active"].as_u64().expect("active")
+    };
+    assert_eq!(count(&format!("&addr={}", pod_a.ip)), 3, "pod A by IP");
+    assert_eq!(count(&format!("&addr={}", pod_b.ip)), 5, "pod B by IP");
+    assert_eq!(
+        count(&format!("&netns={}", pod_a.netns.path())),
+        3,
+        "pod A by netns path"
+    );
+    assert_eq!(
+        count(&format!("&netns={}", pod_b.netns.path())),
+        5,
+        "pod B by netns path"
+    );
+    assert_eq!(count(""), 8, "unscoped: the whole node");
+    let (_, listing) = agent.get_json(&format!("/connections?port={port}"));
+    assert_eq!(
+        listing["endpoints"].as_array().expect("endpoints").len(),
+        2,
+        "{listing}"
+    );
+
+    // `status` shows both pods in a table.
+    let status = Command::new(agent_binary())
+        .args(["status", "--agent", &agent.url])
+        .output()
+        .expect("status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    assert!(
+        table.lines().next().is_some_and(|h| h.trim_start().starts_with("PORT")),
+        "{table}"
+    );
+    assert!(
+        table.contains(&pod_a.ip) && table.contains(&pod_b.ip),
+        "{table}"
+    );
+
+    // Pod B's preStop waits while pod A drains: B is still busy, so it gives up (1).
+    let addr_b = pod_b.ip.clone();
+    let (output, _) = wait_command(&[
+        "--port",
+        &port.to_string(),
+        "--addr",
+        &addr_b,
+        "--timeout",
+        "500ms",
+        "--agent",
+        &agent.url,
+    ]);
+    assert_eq!(
+        code(&output),
+        1,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("5 connection(s) still open"));
+
+    // Pod A's preStop blocks until A's connections close, then exits 0 at once.
+    let url = agent.url.clone();
+    let addr_a = pod_a.ip.clone();
+    let waiting = thread::spawn(move || {
+        wait_command(&[
+            "--port",
+            &port.to_string(),
+            "--addr",
+            &addr_a,
+            "--timeout",
+            "20s",
+            "--agent",
+            &url,
+        ])
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(!waiting.is_finished(), "wait returned while pod A was busy");
+    drop(clients_a);
+    server_a.close_all();
+    let (output, took) = waiting.join().expect("wait thread");
+    assert_eq!(
+        code(&output),
+        0,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(count(&format!("&addr={}", pod_a.ip)), 0);
+    assert_eq!(
+        count(&format!("&addr={}", pod_b.ip)),
+        5,
+        "B untouched by A's drain"
+    );
+    assert_eq!(count(""), 5);
+
+    drop(clients_b);
+    server_b.close_all();
+    assert_eq!(count(""), 0);
+}
+
+#[test]
+fn wait_exit_codes_against_the_real_agent() {
+    if !kernel_available("wait_exit_codes_against_the_real_agent") {
+        return;
+    }
+    // Usage errors: 2, without asking anybody.
+    for bad in [
+        vec!["--port", "0"],
+        vec!["--port", "80", "--timeout", "soon"],
+        vec!["--port", "80", "--agent", "ftp://x"],
+    ] {
+        let (output, _) = wait_command(&bad);
+        assert_eq!(
+            code(&output),
+            2,
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    // Nobody listening where the agent should be: 2 after the timeout, with a clear message.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let (output, took) = wait_command(&["--port", "80", "--timeout", "1s", "--agent", &nowhere]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code(&output), 2, "{stderr}");
+    assert!(stderr.contains("agent unreachable"), "{stderr}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    // An agent that comes up while `wait` is retrying (e.g. restarting) is found in time.
+    let agent_port = free_port();
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let url = format!("http://127.0.0.1:{agent_port}");
+    let waiting = {
+        let url = url.clone();
+        thread::spawn(move || {
+            wait_command(&[
+                "--port",
+                &port.to_string(),
+                "--timeout",
+                "30s",
+                "--agent",
+                &url,
+            ])
+        })
+    };
+    thread::sleep(Duration::from_millis(700));
+    let agent = Agent::start_on(agent_port, &[]);
+    let (output, _) = waiting.join().expect("wait thread");
+    assert_eq!(
+        code(&output),
+        0,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Busy port, short timeout: 1. Then drained: 0. Bad request relayed: 2.
+    let clients = connect("127.0.0.1", port, 2, &server);
+    let (output, _) = wait_command(&[
+        "--port",
+        &port.to_string(),
+        "--timeout",
+        "300ms",
+        "--agent",
+        &agent.url,
+    ]);
+    assert_eq!(
+        code(&output),
+        1,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    drop(clients);
+    server.close_all();
+    let (output, _) = wait_command(&[
+        "--port",
+        &port.to_string(),
+        "--timeout",
+        "5s",
+        "--agent",
+        &agent.url,
+    ]);
+    assert_eq!(
+        code(&output),
+        0,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("drained"));
+    let (output, _) = wait_command(&[
+        "--port",
+        &port.to_string(),
+        "--netns",
+        "/etc/hostname",
+        "--timeout",
+        "5s",
+        "--agent",
+        &agent.url,
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code(&output), 2, "{stderr}");
+    assert!(stderr.contains("netns"), "{stderr}");
+}
