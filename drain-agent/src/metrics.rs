@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use drain_agent_common::{DURATION_BUCKET_COUNT, DURATION_BUCKETS_MS};
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
 };
@@ -59,11 +59,14 @@ impl std::str::FromStr for PortSet {
     }
 }
 
+/// The `result` label values of `drain_agent_drain_requests_total`.
+const DRAIN_RESULTS: [&str; 5] = ["drained", "timeout", "invalid", "rejected", "error"];
+
 /// The agent's metrics and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
     drain_requests: IntCounterVec,
-    drain_wait_seconds: HistogramVec,
+    drain_wait_seconds: Histogram,
     attach: String,
     ports: Option<PortSet>,
 }
@@ -84,11 +87,12 @@ impl Metrics {
             ),
             &["result"],
         )?;
-        // Pre-create the documented results so dashboards see zeros, not gaps.
-        for result in ["drained", "timeout", "invalid"] {
+        // Pre-create every documented result so dashboards see zeros, not gaps.
+        for result in DRAIN_RESULTS {
             drain_requests.with_label_values(&[result]);
         }
-        let drain_wait_seconds = HistogramVec::new(
+        // A plain histogram (no labels), so it is exported, with zeros, before the first wait.
+        let drain_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "drain_agent_drain_wait_seconds",
                 "How long /drained requests waited before answering.",
@@ -96,7 +100,6 @@ impl Metrics {
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),
-            &[],
         )?;
         registry.register(Box::new(drain_requests.clone()))?;
         registry.register(Box::new(drain_wait_seconds.clone()))?;
@@ -125,9 +128,7 @@ impl Metrics {
     pub fn drain_request(&self, result: &str, waited: Option<Duration>) {
         self.drain_requests.with_label_values(&[result]).inc();
         if let Some(waited) = waited {
-            self.drain_wait_seconds
-                .with_label_values(&[] as &[&str])
-                .observe(waited.as_secs_f64());
+            self.drain_wait_seconds.observe(waited.as_secs_f64());
         }
     }
 
@@ -500,6 +501,24 @@ mod tests {
         assert_eq!(bounds[6], (1.0, 3));
         assert_eq!(bounds.last().copied(), Some((3600.0, 3)));
         let _ = DurationHistogram::default();
+    }
+
+    #[test]
+    fn drain_metrics_are_zeros_before_the_first_request() {
+        let (_, metrics) = metrics(None);
+        let text = metrics.render().expect("render");
+        for result in DRAIN_RESULTS {
+            let line = format!("drain_agent_drain_requests_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_count 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_bucket{le=\"+Inf\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

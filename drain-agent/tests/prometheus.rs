@@ -1,0 +1,755 @@
+//! The agent's `/metrics` checked against the real Prometheus tools: `promtool check metrics`
+//! on a live scrape, a real Prometheus server scraping the agent, the connection-duration
+//! histogram against connections held for measured times, bounded label sets and the
+//! `--ports` allow-list, and the process and build-info metrics.
+//!
+//! Every test starts its own agent and uses its own listener ports, so they can run in
+//! parallel (and alongside other tests that count other ports).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write as _,
+    net::{IpAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Server, kernel_available};
+use drain_agent::client::{AgentUrl, get};
+use drain_agent_common::DURATION_BUCKETS_MS;
+
+const PROMTOOL: &str = "/usr/bin/promtool";
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+// ---------------------------------------------------------------------------------------
+// The text format, parsed just enough to look samples up.
+
+/// One sample line: `name{label="value",...} value`.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn parse_samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+        .map(|line| parse_sample(line).unwrap_or_else(|| panic!("unparsable sample line {line:?}")))
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    // Rust's float parser takes the format's `+Inf`, `-Inf` and `NaN` as they are.
+    let value = value.parse::<f64>().ok()?;
+    let (name, labels) = match series.split_once('{') {
+        None => (series, BTreeMap::new()),
+        Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
+    };
+    Some(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// `a="1",b="x\"y"` (the inside of the braces).
+fn parse_labels(mut text: &str) -> Option<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    while !text.is_empty() {
+        let (name, rest) = text.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            let (index, c) = chars.next()?;
+            match c {
+                '\\' => {
+                    let (_, escaped) = chars.next()?;
+                    value.push(if escaped == 'n' { '\n' } else { escaped });
+                }
+                '"' => break index,
+                c => value.push(c),
+            }
+        };
+        labels.insert(name.to_owned(), value);
+        let after = &rest[end + 1..];
+        text = after.strip_prefix(',').unwrap_or(after);
+    }
+    Some(labels)
+}
+
+/// Samples named `name` whose labels include all of `want`.
+fn find<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && want
+                    .iter()
+                    .all(|(label, value)| s.labels.get(*label).is_some_and(|v| v == value))
+        })
+        .collect()
+}
+
+/// The one sample named `name` with labels `want`, if there is one (two is a bug).
+fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let found = find(samples, name, want);
+    assert!(
+        found.len() <= 1,
+        "{name} {want:?} appears {} times: {found:?}",
+        found.len()
+    );
+    found.first().map(|s| s.value)
+}
+
+/// GET /metrics from `agent`: the body, checked to be a 200.
+fn scrape(agent: &Agent) -> String {
+    let (status, body) = agent.try_get("/metrics").expect("agent answers /metrics");
+    assert_eq!(status, 200, "/metrics: {body}");
+    body
+}
+
+/// Scrapes until `done(samples)` holds — the test's own closes race with the scrape — and
+/// fails after `limit` with the last body.
+fn scrape_until(
+    agent: &Agent,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[Sample]) -> bool,
+) -> String {
+    let started = Instant::now();
+    loop {
+        let body = scrape(agent);
+        if done(&parse_samples(&body)) {
+            return body;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "no scrape showed {what} within {limit:?}; last:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn connect(port: u16, count: usize) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. promtool
+
+#[test]
+fn promtool_accepts_a_live_scrape() {
+    if !kernel_available("promtool_accepts_a_live_scrape") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port.to_string();
+    let clients = connect(server.port, 4);
+    server.wait_accepted(4);
+    // The server closes two (they leave ESTABLISHED: a duration is recorded), two stay open.
+    let mut accepted = server.take_all();
+    accepted.truncate(2);
+    agent.expect_active(server.port, 2);
+    // A drained and an invalid /drained answer (expect_active made timeouts), so the drain
+    // metrics have samples of every kind too.
+    let (status, _) = agent.get_json(&format!("/drained?port={}&timeout=0", common::free_port()));
+    assert_eq!(status, 200);
+    let (status, _) = agent.get_json("/drained?port=0");
+    assert_eq!(status, 400);
+
+    let body = scrape_until(&agent, Duration::from_secs(10), "the closes", |s| {
+        value(
+            s,
+            "drain_agent_connection_duration_seconds_count",
+            &[("port", &port)],
+        ) == Some(2.0)
+    });
+    // The body must have what is being checked: per-port gauge, counters and histogram.
+    let samples = parse_samples(&body);
+    let port_label = [("port", port.as_str())];
+    for (name, expected) in [
+        ("drain_agent_connections_active", 2.0),
+        ("drain_agent_connections_opened_total", 4.0),
+        ("drain_agent_connections_closed_total", 2.0),
+        ("drain_agent_connection_duration_seconds_count", 2.0),
+    ] {
+        assert_eq!(
+            value(&samples, name, &port_label),
+            Some(expected),
+            "{name}:\n{body}"
+        );
+    }
+    assert!(
+        value(&samples, "drain_agent_drain_wait_seconds_count", &[]).is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+
+    let mut promtool = Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {PROMTOOL} (Debian package prometheus): {e}"));
+    // promtool reads all of stdin before it writes anything, so this cannot deadlock.
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("feed promtool");
+    let output = promtool.wait_with_output().expect("promtool");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Problems (lint warnings included) are printed and make the exit status non-zero.
+    assert!(
+        output.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty(),
+        "promtool check metrics: {}\nstdout:\n{stdout}\nstderr:\n{stderr}\nbody:\n{body}",
+        output.status
+    );
+    drop((clients, accepted));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. A real Prometheus server
+
+/// A Prometheus server scraping one target every second, on its own port and temporary
+/// storage; stopped (and its directory removed) on drop, also when the test fails.
+struct Prometheus {
+    child: Option<Child>,
+    dir: PathBuf,
+    url: AgentUrl,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "drain-agent-prometheus-{}-{}",
+            std::process::id(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("data")).expect("prometheus directory");
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: drain-agent\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("prometheus config");
+        let log = fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let port = common::free_port();
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {PROMETHEUS} (Debian package prometheus): {e}"));
+        let mut prometheus = Self {
+            child: Some(child),
+            dir,
+            url: AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
+        };
+        prometheus.wait_ready(Duration::from_secs(30));
+        prometheus
+    }
+
+    fn wait_ready(&mut self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("wait"))
+            {
+                panic!(
+                    "prometheus exited ({status}) before it was ready; log:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok((200, _)) = self.get("/-/ready") {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "prometheus not ready after {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let response = get(&self.url, path, Duration::from_secs(10))?;
+        Ok((response.status, response.body))
+    }
+
+    /// The end of Prometheus's log, for failure messages.
+    fn log(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// An instant query: `None` for an empty result, else the one series' value.
+    fn query(&self, promql: &str) -> anyhow::Result<Option<String>> {
+        let encoded: String = form_urlencoded::byte_serialize(promql.as_bytes()).collect();
+        let (status, body) = self.get(&format!("/api/v1/query?query={encoded}"))?;
+        anyhow::ensure!(status == 200, "status {status}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body)?;
+        anyhow::ensure!(json["status"] == "success", "{body}");
+        let result = json["data"]["result"]
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("no result array: {body}"))?;
+        match result.as_slice() {
+            [] => Ok(None),
+            [series] => Ok(series["value"][1].as_str().map(str::to_owned)),
+            _ => anyhow::bail!("{} series, expected one: {body}", result.len()),
+        }
+    }
+
+    /// Queries until `promql` answers `expected`; fails after `limit` with the last answer
+    /// and the scrape target's state. Returns how long it took.
+    fn wait_for(&self, promql: &str, expected: &str, limit: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let answer = self.query(promql);
+            if matches!(&answer, Ok(Some(value)) if value == expected) {
+                return started.elapsed();
+            }
+            if started.elapsed() > limit {
+                let targets = self.get("/api/v1/targets").map(|(_, body)| body);
+                panic!(
+                    "prometheus: {promql} did not become {expected} within {limit:?}; last answer: \
+                     {answer:?}\ntargets: {targets:?}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let started = Instant::now();
+            let mut exited = false;
+            while started.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !exited {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_real_prometheus_sees_connections_open_and_close() {
+    if !kernel_available("a_real_prometheus_sees_connections_open_and_close") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let prometheus = Prometheus::start(&format!("127.0.0.1:{}", agent.port));
+    let limit = Duration::from_secs(30);
+    // The agent is scraped and the scrape is accepted.
+    prometheus.wait_for("up{job=\"drain-agent\"}", "1", limit);
+
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let clients = connect(port, 7);
+    server.wait_accepted(7);
+    agent.expect_active(port, 7);
+    let active = format!("drain_agent_connections_active{{port=\"{port}\"}}");
+    let took = prometheus.wait_for(&active, "7", limit);
+    eprintln!("prometheus saw 7 active connections after {took:?}");
+
+    server.close_all();
+    drop(clients);
+    agent.expect_active(port, 0);
+    let took = prometheus.wait_for(&active, "0", limit);
+    eprintln!("prometheus saw 0 active connections after {took:?}");
+    // Counters and the histogram made it through as well.
+    for series in [
+        format!("drain_agent_connections_opened_total{{port=\"{port}\"}}"),
+        format!("drain_agent_connections_closed_total{{port=\"{port}\"}}"),
+        format!("drain_agent_connection_duration_seconds_count{{port=\"{port}\"}}"),
+        format!("drain_agent_connection_duration_seconds_bucket{{port=\"{port}\",le=\"+Inf\"}}"),
+    ] {
+        prometheus.wait_for(&series, "7", limit);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. The duration histogram
+
+/// One connection held for a known time. The tracked socket is the server's (it was opened
+/// passively); the server closes it, so it leaves ESTABLISHED inside `drop(server)`.
+struct Held {
+    /// Kept open until the end: only the server side closes.
+    _client: TcpStream,
+    server: Option<TcpStream>,
+    hold: Duration,
+    /// Before `connect`: the server socket cannot be established earlier.
+    connect_started: Instant,
+    /// After `accept`: the server socket was established by then.
+    accepted: Instant,
+    /// The kernel's duration lies in `[shortest, longest]`.
+    shortest: Duration,
+    longest: Duration,
+}
+
+#[test]
+fn duration_histogram_matches_connections_held_for_known_times() {
+    if !kernel_available("duration_histogram_matches_connections_held_for_known_times") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let port_text = port.to_string();
+    const HOLDS_MS: [u64; 6] = [50, 50, 50, 600, 600, 1500];
+
+    let mut held: Vec<Held> = HOLDS_MS
+        .iter()
+        .map(|&hold_ms| {
+            let connect_started = Instant::now();
+            let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            // One connection in the backlog at a time: this accept returns this connection.
+            let (server, _) = listener.accept().expect("accept");
+            Held {
+                _client: client,
+                server: Some(server),
+                hold: Duration::from_millis(hold_ms),
+                connect_started,
+                accepted: Instant::now(),
+                shortest: Duration::ZERO,
+                longest: Duration::ZERO,
+            }
+        })
+        .collect();
+    // Close each server socket when its time is up, earliest first.
+    held.sort_by_key(|h| h.accepted + h.hold);
+    for h in &mut held {
+        std::thread::sleep((h.accepted + h.hold).saturating_duration_since(Instant::now()));
+        let closing = Instant::now();
+        drop(h.server.take());
+        let closed = Instant::now();
+        h.shortest = closing - h.accepted;
+        h.longest = closed - h.connect_started;
+    }
+
+    let body = scrape_until(&agent, Duration::from_secs(10), "6 durations", |s| {
+        value(
+            s,
+            "drain_agent_connection_duration_seconds_count",
+            &[("port", &port_text)],
+        ) == Some(6.0)
+    });
+    let samples = parse_samples(&body);
+    let label = [("port", port_text.as_str())];
+    let sum = value(
+        &samples,
+        "drain_agent_connection_duration_seconds_sum",
+        &label,
+    )
+    .expect("sum");
+    let buckets: Vec<(f64, f64)> = find(
+        &samples,
+        "drain_agent_connection_duration_seconds_bucket",
+        &label,
+    )
+    .iter()
+    .map(|s| {
+        let le = s.labels.get("le").expect("le label");
+        (
+            le.parse::<f64>().unwrap_or_else(|_| panic!("le {le:?}")),
+            s.value,
+        )
+    })
+    .collect();
+
+    let shortest: f64 = held.iter().map(|h| h.shortest.as_secs_f64()).sum();
+    let longest: f64 = held.iter().map(|h| h.longest.as_secs_f64()).sum();
+    let nominal: f64 = HOLDS_MS.iter().map(|&ms| ms as f64 / 1000.0).sum();
+    eprintln!(
+        "duration sum: agent {sum:.4} s; measured from the test [{shortest:.4}, {longest:.4}] s; nominal {nominal:.3} s"
+    );
+    eprintln!("buckets (le, cumulative): {buckets:?}");
+
+    // One bucket per bound of drain-agent-common, then +Inf, in order, cumulative.
+    let mut expected_bounds: Vec<f64> = DURATION_BUCKETS_MS
+        .iter()
+        .map(|&ms| ms as f64 / 1000.0)
+        .collect();
+    expected_bounds.push(f64::INFINITY);
+    let bounds: Vec<f64> = buckets.iter().map(|(le, _)| *le).collect();
+    assert_eq!(bounds, expected_bounds, "bucket bounds:\n{body}");
+    assert!(
+        buckets.windows(2).all(|pair| pair[0].1 <= pair[1].1),
+        "buckets are not cumulative: {buckets:?}"
+    );
+    assert_eq!(
+        buckets.last().map(|b| b.1),
+        Some(6.0),
+        "le=\"+Inf\" must equal the count"
+    );
+
+    // Each connection's kernel-side duration lies within what the test measured around its
+    // connect/accept and its close, so every bucket count is known up to connections whose
+    // measured interval straddles that bound (normally none: the intervals are microseconds
+    // wide). With the nominal holds that is le=0.1 -> 3, le=1 -> 5, le=5 -> 6.
+    for &(le, got) in &buckets {
+        let surely_in = held
+            .iter()
+            .filter(|h| h.longest.as_secs_f64() <= le)
+            .count() as f64;
+        let maybe_in = held
+            .iter()
+            .filter(|h| h.shortest.as_secs_f64() <= le)
+            .count() as f64;
+        assert!(
+            (surely_in..=maybe_in).contains(&got),
+            "le={le}: {got} connections, expected {surely_in}..={maybe_in} from the measured holds {:?}",
+            held.iter()
+                .map(|h| (h.shortest, h.longest))
+                .collect::<Vec<_>>()
+        );
+    }
+    let nominal_bucket = |le: f64| held.iter().filter(|h| h.hold.as_secs_f64() <= le).count();
+    if held
+        .iter()
+        .all(|h| h.longest < h.hold + Duration::from_millis(40))
+    {
+        // The holds were not delayed past their nominal buckets: the counts are exact.
+        for le in [0.1, 1.0, 5.0, f64::INFINITY] {
+            let got = buckets.iter().find(|b| b.0 == le).map(|b| b.1);
+            assert_eq!(got, Some(nominal_bucket(le) as f64), "le={le}");
+        }
+    }
+
+    // The sum: within what was measured (plus a millisecond of clock slack per connection),
+    // and, generously, near the nominal total.
+    let slack = 0.001 * held.len() as f64;
+    assert!(
+        (shortest - slack..=longest + slack).contains(&sum),
+        "sum {sum} s is outside the measured [{shortest}, {longest}] s"
+    );
+    assert!(
+        (sum - nominal).abs() <= 0.4 * nominal,
+        "sum {sum} s is not within 40% of the nominal {nominal} s"
+    );
+    drop(held);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Bounded labels and the --ports allow-list
+
+/// Label names the agent's metrics may carry; a client address or port never is one.
+const ALLOWED_LABELS: [&str; 6] = ["port", "le", "result", "reason", "version", "attach"];
+
+#[test]
+fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
+    if !kernel_available("labels_are_local_ports_only_and_the_ports_flag_limits_them") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    // Port P on 20 local addresses (127.0.0.1 .. 127.0.0.20): 20 kernel keys, one port.
+    let first = Server::start("127.0.0.1:0");
+    let p = first.port;
+    let mut servers = vec![first];
+    servers.extend((2..=20).map(|i| Server::start(&format!("127.0.0.{i}:{p}"))));
+    let limited = Agent::start(&["--ports", &p.to_string()]);
+    let other = Server::start("127.0.0.1:0");
+    let q = other.port;
+
+    let mut clients: Vec<TcpStream> = (1..=20)
+        .map(|i| TcpStream::connect((format!("127.0.0.{i}").as_str(), p)).expect("connect"))
+        .collect();
+    clients.extend(connect(q, 3));
+    for server in &servers {
+        server.wait_accepted(1);
+    }
+    other.wait_accepted(3);
+    let client_ports: BTreeSet<String> = clients
+        .iter()
+        .map(|c| c.local_addr().expect("addr").port().to_string())
+        .collect();
+    agent.expect_active(p, 20);
+    agent.expect_active(q, 3);
+    limited.expect_active(p, 20);
+
+    let (p_text, q_text) = (p.to_string(), q.to_string());
+    let body = scrape(&agent);
+    let samples = parse_samples(&body);
+    for sample in &samples {
+        for (name, value) in &sample.labels {
+            assert!(
+                ALLOWED_LABELS.contains(&name.as_str()),
+                "label {name} on {sample:?}"
+            );
+            assert!(
+                value.parse::<IpAddr>().is_err(),
+                "an address as a label value: {sample:?}"
+            );
+            if name == "port" {
+                assert!(value.parse::<u16>().is_ok(), "port label {value:?}");
+                assert!(
+                    !client_ports.contains(value),
+                    "a client port as a label: {sample:?}"
+                );
+            }
+        }
+    }
+    // 20 local addresses, one series.
+    assert_eq!(
+        value(
+            &samples,
+            "drain_agent_connections_active",
+            &[("port", &p_text)]
+        ),
+        Some(20.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "drain_agent_connections_active",
+            &[("port", &q_text)]
+        ),
+        Some(3.0),
+        "{body}"
+    );
+
+    // With --ports P: P is exported, Q (counted by the other agent) nowhere.
+    let body = scrape(&limited);
+    let samples = parse_samples(&body);
+    assert_eq!(
+        value(
+            &samples,
+            "drain_agent_connections_active",
+            &[("port", &p_text)]
+        ),
+        Some(20.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "drain_agent_connections_opened_total",
+            &[("port", &p_text)]
+        ),
+        Some(20.0),
+        "{body}"
+    );
+    for sample in &samples {
+        if let Some(port) = sample.labels.get("port") {
+            assert_eq!(port, &p_text, "--ports {p} exported {sample:?}");
+        }
+    }
+    assert!(!body.contains(&format!("port=\"{q}\"")), "{body}");
+    drop(clients);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Process, build-info and agent-wide metrics
+
+#[test]
+fn process_build_info_and_agent_wide_metrics_are_exported() {
+    if !kernel_available("process_build_info_and_agent_wide_metrics_are_exported") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let body = scrape(&agent);
+    let samples = parse_samples(&body);
+    for name in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            value(&samples, name, &[]).is_some_and(|v| v > 0.0),
+            "{name} missing or not positive:\n{body}"
+        );
+    }
+    // The agent-wide families are there before any connection or request (zeros, not gaps).
+    for name in [
+        "drain_agent_drain_waiters",
+        "drain_agent_tracked_sockets",
+        "drain_agent_drain_wait_seconds_count",
+    ] {
+        assert!(
+            value(&samples, name, &[]).is_some(),
+            "{name} missing:\n{body}"
+        );
+    }
+    assert_eq!(
+        value(&samples, "drain_agent_drain_wait_seconds_count", &[]),
+        Some(0.0),
+        "no /drained request was made:\n{body}"
+    );
+    for result in ["drained", "timeout", "invalid", "rejected", "error"] {
+        assert!(
+            value(
+                &samples,
+                "drain_agent_drain_requests_total",
+                &[("result", result)]
+            )
+            .is_some(),
+            "drain_requests_total{{result={result}}} missing:\n{body}"
+        );
+    }
+    // Present for every reason (their values count system-wide activity: not asserted).
+    for reason in drain_agent_common::error_index::NAMES {
+        assert!(
+            value(
+                &samples,
+                "drain_agent_tracking_errors_total",
+                &[("reason", reason)]
+            )
+            .is_some(),
+            "tracking_errors_total{{reason={reason}}} missing:\n{body}"
+        );
+    }
+    let info = find(&samples, "drain_agent_build_info", &[]);
+    assert_eq!(info.len(), 1, "{body}");
+    assert_eq!(info[0].value, 1.0);
+    assert_eq!(
+        info[0].labels.get("version").map(String::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        info[0].labels.get("attach").map(String::as_str),
+        Some("tp_btf"),
+        "{body}"
+    );
+}
