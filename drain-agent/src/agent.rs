@@ -78,7 +78,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
     } else {
-        kernel.seed_existing_connections()?;
+        kernel.seed_existing_connections().context(
+            "cannot count the connections that were open before the agent started \
+             (run with --no-seed to count only new ones)",
+        )?;
     }
 
     let metrics = Arc::new(Metrics::new(

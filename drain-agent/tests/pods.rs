@@ -161,7 +161,10 @@ fn pods_on_one_port_drain_apart() {
     let table = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{table}");
     assert!(
-        table.lines().next().is_some_and(|h| h.trim_start().starts_with("PORT")),
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.trim_start().starts_with("PORT")),
         "{table}"
     );
     assert!(
