@@ -98,11 +98,55 @@ fn test(extra: &[String]) -> Result<()> {
     clippy_ebpf()?;
     let mut args = vec!["test".to_owned()];
     args.extend(extra.iter().cloned());
-    status(
+    run_tests_with_summary(
         Command::new(cargo_binary())
             .args(&args)
             .current_dir(workspace_root()),
     )
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line that adds up every
+/// test binary's `test result:` line: `xtask test: N passed, N failed, N skipped`.
+fn run_tests_with_summary(command: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+
+    let shown = format!("{command:?}");
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let mut totals = [0u64; 3];
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("cannot read cargo test's output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for (total, word) in totals.iter_mut().zip(["passed", "failed", "ignored"]) {
+                *total += count_before(result, word);
+            }
+        }
+    }
+    let exit = child.wait().context("cargo test did not finish")?;
+    let [passed, failed, ignored] = totals;
+    println!("xtask test: {passed} passed, {failed} failed, {ignored} skipped");
+    if !exit.success() {
+        bail!("{shown} failed ({exit})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// In `ok. 39 passed; 0 failed; 1 ignored; …`, the number before `word`.
+fn count_before(result: &str, word: &str) -> u64 {
+    result
+        .split(';')
+        .filter_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            (words.next() == Some(word)).then(|| words.next()?.parse::<u64>().ok())?
+        })
+        .sum()
 }
 
 /// Clippy for the eBPF crate, on its own target and toolchain.
