@@ -536,3 +536,38 @@ fn sigterm_answers_open_waiters_and_exits_zero() {
         agent.log_text()
     );
 }
+
+#[test]
+fn every_attach_method_counts_the_same() {
+    if !kernel_available("every_attach_method_counts_the_same") {
+        return;
+    }
+    for (flag, reported) in [
+        ("tp-btf", "tp_btf"),
+        ("tracepoint", "tracepoint"),
+        ("raw-tracepoint", "raw_tracepoint"),
+    ] {
+        let agent = Agent::start(&["--attach", flag]);
+        let (_, health) = agent.get_json("/healthz");
+        assert_eq!(health["attach"], reported, "{health}");
+        let server = Server::start("[::]:0");
+        let port = server.port;
+        let v4 = connect_many(&server, &format!("127.0.0.1:{port}"), 2);
+        let v6 = connect_many(&server, &format!("[::1]:{port}"), 3);
+        assert_eq!(agent.active(port), 5, "{flag}");
+        let (_, body) = drained(&agent, &format!("port={port}&timeout=0&addr=::1"));
+        assert_eq!(body["active"], 3, "{flag}: {body}");
+        drop(v4);
+        server.close_all();
+        drop(v6);
+        assert_eq!(agent.active(port), 0, "{flag}");
+        let (_, metrics) = agent.try_get("/metrics").expect("metrics");
+        assert!(
+            metrics.contains(&format!(
+                "drain_agent_build_info{{version=\"{}\",attach=\"{reported}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{metrics}"
+        );
+    }
+}
