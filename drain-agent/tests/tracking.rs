@@ -571,3 +571,115 @@ fn every_attach_method_counts_the_same() {
         );
     }
 }
+
+#[test]
+fn seeding_during_a_churn_counts_each_connection_once() {
+    if !kernel_available("seeding_during_a_churn_counts_each_connection_once") {
+        return;
+    }
+    // Connections open and close on two threads while the agent starts, attaches and
+    // walks the existing sockets: each must end up counted once or not at all.
+    let server = Arc::new(Server::start("127.0.0.1:0"));
+    let port = server.port;
+    // 200 connections that exist well before the agent, whatever the churn rate.
+    let settled_clients = connect_many(&server, &format!("127.0.0.1:{port}"), 200);
+    let settled_servers = server.take_all();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut held = std::collections::VecDeque::new();
+                let mut opened = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && opened < 200_000 {
+                    held.push_back(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+                    opened += 1;
+                    // Keep a sliding window of 20 open, so some are always mid-flight.
+                    if held.len() > 20 {
+                        held.pop_front();
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    // The server side closes what it accepts while the churn runs, but keeps every tenth
+    // connection open for good: many connections exist before the agent starts, and more
+    // open and close while it seeds.
+    let closer = {
+        let server = Arc::clone(&server);
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut long_lived = Vec::new();
+            let mut accepted = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for stream in server.take_all() {
+                    if accepted % 10 == 0 {
+                        long_lived.push(stream);
+                    }
+                    accepted += 1;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            long_lived
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let agent = Agent::start(&[]);
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let long_lived = closer.join().expect("closer");
+    let held: Vec<TcpStream> = churners
+        .into_iter()
+        .flat_map(|c| c.join().expect("churner"))
+        .collect();
+    // Close the server side of every connection but the held ones, as in the churn test.
+    let held_addrs: std::collections::HashSet<SocketAddr> =
+        held.iter().map(|c| c.local_addr().expect("addr")).collect();
+    let mut kept = long_lived;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (keep, close): (Vec<TcpStream>, Vec<TcpStream>) = server
+            .take_all()
+            .into_iter()
+            .partition(|s| s.peer_addr().is_ok_and(|peer| held_addrs.contains(&peer)));
+        kept.extend(keep);
+        drop(close);
+        if accept_queue_len(port) == 0 && server.accepted() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server did not accept everything"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Server sockets still open (the tracked side), by ss; clients that let go are in
+    // CLOSE_WAIT on the server side, which counts too.
+    let truth = ss_count(port, None);
+    assert!(
+        truth > 100,
+        "the test needs many open connections, has {truth}"
+    );
+    assert_eq!(
+        agent.active(port),
+        truth,
+        "agent vs ss after seeding under churn"
+    );
+    println!(
+        "{} server sockets still open after the churn; agent agrees",
+        truth
+    );
+    drop(kept);
+    drop(held);
+    drop(settled_servers);
+    drop(settled_clients);
+    assert_eq!(agent.active(port), 0);
+    let (_, metrics) = agent.try_get("/metrics").expect("metrics");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("drain_agent_tracking_errors_total"))
+    {
+        assert!(line.ends_with(" 0"), "tracking error: {line}");
+    }
+}
