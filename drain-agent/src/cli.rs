@@ -93,8 +93,9 @@ pub struct WaitArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
 
-    /// Only connections to this local address (a pod's IP).
-    #[arg(long)]
+    /// Only connections to this local address (a pod's IP; in a pod spec, set
+    /// DRAIN_AGENT_ADDR from `status.podIP` and the hook needs no shell).
+    #[arg(long, env = "DRAIN_AGENT_ADDR")]
     pub addr: Option<std::net::IpAddr>,
 
     /// Only this network namespace: an inode number or a path such as /proc/PID/ns/net.

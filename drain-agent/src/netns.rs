@@ -47,11 +47,13 @@ pub fn inode_of(path: &Path) -> Result<u32> {
 /// keyed by inode, with one path that opens it.
 pub fn all_namespaces() -> BTreeMap<u32, PathBuf> {
     let mut found = BTreeMap::new();
-    let mut consider = |path: PathBuf| {
-        // Processes come and go while we look; a vanished one is simply skipped.
-        if let Ok(inode) = inode_of(&path) {
+    let mut consider = |path: PathBuf| match inode_of(&path) {
+        Ok(inode) => {
             found.entry(inode).or_insert(path);
         }
+        // Processes come and go while we look (a vanished one is simply skipped); without
+        // CAP_SYS_PTRACE, other users' processes cannot be opened.
+        Err(problem) => log::debug!("skipping {}: {problem:#}", path.display()),
     };
     consider(PathBuf::from("/proc/self/ns/net"));
     if let Ok(entries) = std::fs::read_dir("/proc") {
