@@ -345,6 +345,26 @@ mod tests {
         (source, tracker)
     }
 
+    type WaitResult = Result<DrainOutcome, String>;
+
+    /// A waiter on `port` with a one-hour timeout, running in the background.
+    fn spawn_hour_long_waiter(
+        tracker: &Arc<Tracker>,
+        port: u16,
+    ) -> tokio::task::JoinHandle<WaitResult> {
+        let tracker = Arc::clone(tracker);
+        tokio::spawn(async move {
+            tracker
+                .wait_until_drained(
+                    &Filter::port(port),
+                    Duration::from_secs(3600),
+                    Duration::ZERO,
+                )
+                .await
+                .map_err(|e| format!("{e:?}"))
+        })
+    }
+
     #[test]
     fn filters_by_port_address_and_namespace() {
         let (_, tracker) = tracker(vec![
@@ -402,19 +422,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_wakes_on_the_port_event_not_on_a_timer() {
         let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
-        let waiter = {
-            let tracker = tracker.clone();
-            tokio::spawn(async move {
-                tracker
-                    .wait_until_drained(
-                        &Filter::port(80),
-                        Duration::from_secs(3600),
-                        Duration::ZERO,
-                    )
-                    .await
-                    .map_err(|e| format!("{e:?}"))
-            })
-        };
+        let waiter = spawn_hour_long_waiter(&tracker, 80);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!waiter.is_finished());
         // The count drops, but nobody says so: the waiter keeps sleeping (no polling).
@@ -491,19 +499,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_answers_open_waiters() {
         let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
-        let waiter = {
-            let tracker = tracker.clone();
-            tokio::spawn(async move {
-                tracker
-                    .wait_until_drained(
-                        &Filter::port(80),
-                        Duration::from_secs(3600),
-                        Duration::ZERO,
-                    )
-                    .await
-                    .map_err(|e| format!("{e:?}"))
-            })
-        };
+        let waiter = spawn_hour_long_waiter(&tracker, 80);
         tokio::task::yield_now().await;
         tracker.begin_shutdown();
         let outcome = waiter.await.expect("join").expect("outcome");
