@@ -105,6 +105,28 @@ pub struct ConnCounts {
     pub last_change_ns: u64,
 }
 
+/// Per-port totals over every namespace and address: what an unscoped `/drained?port=P`
+/// reads, with one lookup (the `PORT_TOTALS` array is indexed by port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortTotals {
+    pub active: i64,
+    /// As [`ConnCounts::last_change_ns`], for the port.
+    pub last_change_ns: u64,
+}
+
+/// Entries of the `PORT_TOTALS` array: one per port number.
+pub const PORT_COUNT: u32 = 65_536;
+
+/// Entries of the `WATCHED_PORTS` bitmap: one bit per port, 64 ports per entry.
+pub const WATCHED_WORDS: u32 = PORT_COUNT / 64;
+
+/// Where a port's bit lives in the `WATCHED_PORTS` bitmap: (entry, mask).
+#[inline(always)]
+pub const fn watched_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1u64 << (port % 64))
+}
+
 /// Start time of a socket the agent found already established (its real start is unknown).
 pub const STARTED_UNKNOWN: u64 = 0;
 
@@ -207,7 +229,9 @@ pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{ConnCounts, ConnKey, DurationHistogram, KernelOffsets, SockEntry, ZeroCrossing};
+    use super::{
+        ConnCounts, ConnKey, DurationHistogram, KernelOffsets, PortTotals, SockEntry, ZeroCrossing,
+    };
 
     // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with no padding
     // holes that could leak or hold invalid values; any bit pattern is valid.
@@ -217,6 +241,7 @@ mod user {
     unsafe impl aya::Pod for ZeroCrossing {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for DurationHistogram {}
+    unsafe impl aya::Pod for PortTotals {}
 }
 
 #[cfg(test)]
@@ -296,6 +321,14 @@ mod tests {
             DURATION_BUCKET_COUNT - 2
         );
         assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKET_COUNT - 1);
+    }
+
+    #[test]
+    fn every_port_has_its_own_watched_bit() {
+        assert_eq!(watched_bit(0), (0, 1));
+        assert_eq!(watched_bit(63), (0, 1 << 63));
+        assert_eq!(watched_bit(64), (1, 1));
+        assert_eq!(watched_bit(u16::MAX), (WATCHED_WORDS - 1, 1 << 63));
     }
 
     #[test]

@@ -30,8 +30,8 @@ use aya_ebpf::{
 };
 use drain_agent_common::{
     AF_INET, AF_INET6, ConnCounts, ConnKey, DurationHistogram, IPPROTO_TCP, KernelOffsets,
-    OFFSET_UNKNOWN, STARTED_UNKNOWN, SockEntry, Transition, ZeroCrossing, classify,
-    duration_bucket, error_index, is_active, tcp_state,
+    OFFSET_UNKNOWN, PORT_COUNT, PortTotals, STARTED_UNKNOWN, SockEntry, Transition, WATCHED_WORDS,
+    ZeroCrossing, classify, duration_bucket, error_index, is_active, tcp_state, watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -53,6 +53,16 @@ static DURATIONS: HashMap<ConnKey, DurationHistogram> = HashMap::with_max_entrie
 /// established is *passive* when its local port has a listener in its namespace.
 #[map]
 static LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
+
+/// Per-port totals over all namespaces and addresses, indexed by port: an unscoped
+/// `/drained?port=P` is one lookup, however many endpoints there are.
+#[map]
+static PORT_TOTALS: Array<PortTotals> = Array::with_max_entries(PORT_COUNT, 0);
+
+/// One bit per port that somebody is waiting on (set by the agent). Zero-crossing events
+/// are written only for these: with nobody waiting, the hot path never wakes the agent.
+#[map]
+static WATCHED_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
 
 /// Wake-ups for the agent: one record each time an endpoint's count moves between 0 and 1.
 #[map]
@@ -253,10 +263,11 @@ fn track_open(sk: u64, key: ConnKey, seeded: bool) {
     unsafe {
         atomic_add_u64(ptr::addr_of_mut!((*counts).opened), 1);
         ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
-        if add_active(counts, 1) == 1 {
+        if add_active(ptr::addr_of_mut!((*counts).active), 1) == 1 {
             emit_zero_crossing(key, 1);
         }
     }
+    add_port_total(key.port, 1, now);
 }
 
 #[inline(always)]
@@ -277,13 +288,25 @@ fn track_close(sk: u64) {
         unsafe {
             atomic_add_u64(ptr::addr_of_mut!((*counts).closed), 1);
             ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
-            if add_active(counts, -1) == 0 {
+            if add_active(ptr::addr_of_mut!((*counts).active), -1) == 0 {
                 emit_zero_crossing(entry.key, 0);
             }
         }
     }
+    add_port_total(entry.key.port, -1, now);
     if entry.started_ns != STARTED_UNKNOWN {
         record_duration(&entry.key, now.saturating_sub(entry.started_ns));
+    }
+}
+
+#[inline(always)]
+fn add_port_total(port: u16, delta: i64, now: u64) {
+    if let Some(total) = PORT_TOTALS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: a pointer into the array map's value, which lives as long as the map.
+        unsafe {
+            ptr::write_volatile(ptr::addr_of_mut!((*total).last_change_ns), now);
+            add_active(ptr::addr_of_mut!((*total).active), delta);
+        }
     }
 }
 
@@ -326,6 +349,14 @@ fn record_duration(key: &ConnKey, duration_ns: u64) {
 
 #[inline(always)]
 fn emit_zero_crossing(key: ConnKey, active: i64) {
+    // Only ports somebody waits on. The agent sets a port's bit *before* it reads the
+    // count it waits on, and we test the bit *after* our atomic add (a full barrier): either
+    // its read sees our change, or we see its bit. No wake-up is lost.
+    let (word, mask) = watched_bit(key.port);
+    match WATCHED_PORTS.get(word) {
+        Some(bits) if bits & mask != 0 => {}
+        _ => return,
+    }
     if EVENTS
         .output::<ZeroCrossing>(ZeroCrossing { key, active }, 0)
         .is_err()
@@ -413,12 +444,11 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
 /// written. Concurrent changes may add spurious events; the agent re-reads the count on each.
 ///
 /// # Safety
-/// `counts` points into a live map value.
+/// `active` points into a live map value.
 #[inline(always)]
-unsafe fn add_active(counts: *mut ConnCounts, delta: i64) -> i64 {
+unsafe fn add_active(active: *mut i64, delta: i64) -> i64 {
     // SAFETY: the caller's pointer is valid; volatile so the read is not folded into the add.
     unsafe {
-        let active = ptr::addr_of_mut!((*counts).active);
         core::intrinsics::atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(active, delta);
         ptr::read_volatile(active)
     }

@@ -83,6 +83,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
              (run with --no-seed to count only new ones)",
         )?;
     }
+    kernel.release_load_time_memory();
 
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),

@@ -6,7 +6,7 @@ use std::{
     io::Read as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -16,14 +16,15 @@ use aya::{
     programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
 };
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, ZeroCrossing, error_index,
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, PortTotals, ZeroCrossing, error_index,
+    watched_bit,
 };
 use log::{debug, info, warn};
 
 use crate::{
     btf::{Btf, VMLINUX_BTF},
     netns,
-    tracker::{ConnectionSource, Endpoint},
+    tracker::{ConnectionSource, Endpoint, PortState},
 };
 
 /// The eBPF object, built by build.rs from drain-agent-ebpf and embedded in the binary.
@@ -93,7 +94,9 @@ pub struct SeedReport {
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     ebpf: Ebpf,
-    aya_btf: aya::Btf,
+    /// The parsed kernel BTF (tens of MiB), needed until seeding; see
+    /// [`Kernel::release_load_time_memory`].
+    aya_btf: Option<aya::Btf>,
     attach: AttachMethod,
     maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
@@ -104,6 +107,9 @@ pub struct KernelMaps {
     counts: HashMap<MapData, ConnKey, ConnCounts>,
     durations: HashMap<MapData, ConnKey, DurationHistogram>,
     errors: Array<MapData, u64>,
+    port_totals: Array<MapData, PortTotals>,
+    /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
+    watched_ports: Mutex<Array<MapData, u64>>,
 }
 
 impl Kernel {
@@ -163,11 +169,13 @@ impl Kernel {
             counts: take_map(&mut ebpf, "COUNTS")?,
             durations: take_map(&mut ebpf, "DURATIONS")?,
             errors: take_map(&mut ebpf, "ERRORS")?,
+            port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
+            watched_ports: Mutex::new(take_map(&mut ebpf, "WATCHED_PORTS")?),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
         Ok(Self {
             ebpf,
-            aya_btf,
+            aya_btf: Some(aya_btf),
             attach,
             maps: Arc::new(maps),
             events: Some(events),
@@ -199,8 +207,12 @@ impl Kernel {
             .context("the eBPF object has no seeding iterator")?
             .try_into()
             .context("seed_established_tcp is not an iterator")?;
+        let btf = self
+            .aya_btf
+            .as_ref()
+            .context("seeding runs once, right after loading")?;
         program
-            .load("tcp", &self.aya_btf)
+            .load("tcp", btf)
             .context("cannot load the iter/tcp seeding program (Linux >= 5.9 needed)")?;
         let mut report = SeedReport::default();
         for (inode, path) in netns::all_namespaces() {
@@ -234,6 +246,19 @@ impl Kernel {
             report.namespaces, report.failed_namespaces
         );
         Ok(report)
+    }
+}
+
+impl Kernel {
+    /// Frees what only loading and seeding needed (the parsed kernel BTF is most of the
+    /// agent's memory at start) and hands the freed heap back to the system.
+    pub fn release_load_time_memory(&mut self) {
+        self.aya_btf = None;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap pages; no pointers are invalidated.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -398,6 +423,36 @@ impl ConnectionSource for KernelMaps {
             });
         }
         Ok(endpoints)
+    }
+
+    fn port_state(&self, port: u16) -> Result<Option<PortState>> {
+        let totals = self
+            .port_totals
+            .get(&u32::from(port), 0)
+            .with_context(|| format!("cannot read the totals of port {port}"))?;
+        Ok(Some(PortState {
+            active: u64::try_from(totals.active).unwrap_or(0),
+            last_change_ns: totals.last_change_ns,
+        }))
+    }
+
+    fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
+        let (word, mask) = watched_bit(port);
+        let mut bitmap = self
+            .watched_ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bits = bitmap
+            .get(&word, 0)
+            .context("cannot read the watched-ports bitmap")?;
+        let bits = if watched { bits | mask } else { bits & !mask };
+        bitmap
+            .set(word, bits, 0)
+            .context("cannot update the watched-ports bitmap")?;
+        // The bit must be visible before the caller reads the count it waits on (the
+        // program reads the bit after changing a count): a full barrier between the two.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     fn check_health(&self) -> Result<()> {

@@ -49,6 +49,24 @@ pub trait ConnectionSource: Send + Sync + 'static {
     fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
         Ok(Vec::new())
     }
+    /// Totals of one port over every namespace and address, when the source keeps them
+    /// (one lookup instead of a walk over every endpoint).
+    fn port_state(&self, _port: u16) -> Result<Option<PortState>> {
+        Ok(None)
+    }
+    /// Somebody waits on `port` (or nobody any more): the source only needs to send
+    /// zero-crossing wake-ups for watched ports. Must take effect before it returns.
+    fn watch_port(&self, _port: u16, _watched: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The counts of a port or filter at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortState {
+    pub active: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last open or close (0: never).
+    pub last_change_ns: u64,
 }
 
 /// Which connections a question is about.
@@ -102,35 +120,69 @@ pub enum WaitError {
     Source(anyhow::Error),
 }
 
+/// One port's wake-up channel and how many waiters listen on it.
+struct PortChannel {
+    sender: watch::Sender<u64>,
+    waiters: usize,
+}
+
 /// Wakes the waiters of one port when its count may have crossed zero.
 #[derive(Default)]
 struct PortChannels {
-    senders: Mutex<HashMap<u16, watch::Sender<u64>>>,
+    ports: Mutex<HashMap<u16, PortChannel>>,
 }
 
 impl PortChannels {
-    fn subscribe(&self, port: u16) -> watch::Receiver<u64> {
-        let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        senders
-            .entry(port)
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u16, PortChannel>> {
+        self.ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn notify(&self, port: u16) {
-        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sender) = senders.get(&port) {
-            sender.send_modify(|generation| *generation = generation.wrapping_add(1));
+        if let Some(channel) = self.lock().get(&port) {
+            channel
+                .sender
+                .send_modify(|generation| *generation = generation.wrapping_add(1));
         }
     }
 
     fn notify_all(&self) {
-        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        for sender in senders.values() {
-            sender.send_modify(|generation| *generation = generation.wrapping_add(1));
+        for channel in self.lock().values() {
+            channel
+                .sender
+                .send_modify(|generation| *generation = generation.wrapping_add(1));
         }
     }
 }
+
+/// A waiter's subscription to its port; the last one to leave unwatches the port.
+struct PortWatch<'a> {
+    tracker: &'a Tracker,
+    port: u16,
+    changes: watch::Receiver<u64>,
+}
+
+impl Drop for PortWatch<'_> {
+    fn drop(&mut self) {
+        let mut ports = self.tracker.channels.lock();
+        let Some(channel) = ports.get_mut(&self.port) else {
+            return;
+        };
+        channel.waiters = channel.waiters.saturating_sub(1);
+        if channel.waiters == 0 {
+            ports.remove(&self.port);
+            if let Err(problem) = self.tracker.source.watch_port(self.port, false) {
+                log::warn!("cannot unwatch port {}: {problem:#}", self.port);
+            }
+        }
+    }
+}
+
+/// After a waiter starts, its count is read once more this much later, whatever happens:
+/// on CPUs where the kernel's atomic add is not a full barrier, a change racing with the
+/// waiter's arrival might otherwise go unannounced. One look, not polling.
+const ARRIVAL_RECHECK: Duration = Duration::from_millis(50);
 
 /// Shared state behind the HTTP handlers.
 pub struct Tracker {
@@ -139,13 +191,6 @@ pub struct Tracker {
     shutdown: watch::Sender<bool>,
     waiters: AtomicUsize,
     max_waiters: usize,
-}
-
-/// The counts of a filter at one instant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FilterState {
-    active: u64,
-    last_change_ns: u64,
 }
 
 /// Keeps the waiter count right however a wait ends (answer, timeout, client gone).
@@ -201,8 +246,14 @@ impl Tracker {
         Ok(self.state(filter)?.active)
     }
 
-    fn state(&self, filter: &Filter) -> Result<FilterState> {
-        let mut state = FilterState {
+    fn state(&self, filter: &Filter) -> Result<PortState> {
+        if filter.addr.is_none()
+            && filter.netns.is_none()
+            && let Some(state) = self.source.port_state(filter.port)?
+        {
+            return Ok(state);
+        }
+        let mut state = PortState {
             active: 0,
             last_change_ns: 0,
         };
@@ -213,6 +264,29 @@ impl Tracker {
             }
         }
         Ok(state)
+    }
+
+    /// Subscribes to `port`'s wake-ups; the first waiter on a port asks the source to
+    /// announce its zero crossings.
+    fn watch(&self, port: u16) -> Result<PortWatch<'_>> {
+        let mut ports = self.channels.lock();
+        let channel = ports.entry(port).or_insert_with(|| PortChannel {
+            sender: watch::channel(0).0,
+            waiters: 0,
+        });
+        if channel.waiters == 0
+            && let Err(problem) = self.source.watch_port(port, true)
+        {
+            ports.remove(&port);
+            return Err(problem);
+        }
+        channel.waiters += 1;
+        let changes = channel.sender.subscribe();
+        Ok(PortWatch {
+            tracker: self,
+            port,
+            changes,
+        })
     }
 
     /// Called by the event reader: an endpoint on `port` crossed zero.
@@ -250,13 +324,15 @@ impl Tracker {
         }
         let started = Instant::now();
         let deadline = started + timeout;
-        let mut changes = self.channels.subscribe(filter.port);
+        // Watch before the first read: a change after the read is then announced.
+        let mut port_watch = self.watch(filter.port).map_err(WaitError::Source)?;
         let mut shutdown = self.shutdown.subscribe();
         let settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
+        let mut recheck_at = Some(started + ARRIVAL_RECHECK);
         loop {
             // Mark the current generation seen *before* reading, so a change that lands
             // between the read and the sleep still wakes us.
-            changes.borrow_and_update();
+            port_watch.changes.borrow_and_update();
             let state = self.state(filter).map_err(WaitError::Source)?;
             let zero_for_ns = monotonic_ns().saturating_sub(state.last_change_ns);
             let settled = state.active == 0 && zero_for_ns >= settle_ns;
@@ -269,13 +345,18 @@ impl Tracker {
                 });
             }
             // At zero but not settled yet: look again when the settle time is up.
-            let wake_at = if state.active == 0 {
+            let mut wake_at = if state.active == 0 {
                 deadline.min(now + Duration::from_nanos(settle_ns - zero_for_ns))
             } else {
                 deadline
             };
+            match recheck_at {
+                Some(at) if at <= now => recheck_at = None,
+                Some(at) => wake_at = wake_at.min(at),
+                None => {}
+            }
             tokio::select! {
-                changed = changes.changed() => {
+                changed = port_watch.changes.changed() => {
                     if changed.is_err() {
                         // The channel never closes while the tracker lives; be safe anyway.
                         tokio::time::sleep_until(wake_at).await;
@@ -297,6 +378,8 @@ pub mod fake {
     pub struct FakeSource {
         pub endpoints: Mutex<Vec<Endpoint>>,
         pub broken: std::sync::atomic::AtomicBool,
+        /// Ports the tracker asked to watch, as it left them.
+        pub watched: Mutex<std::collections::BTreeSet<u16>>,
     }
 
     impl FakeSource {
@@ -317,6 +400,17 @@ pub mod fake {
             if self.broken.load(Ordering::Relaxed) {
                 anyhow::bail!("fake source is broken");
             }
+            Ok(())
+        }
+
+        fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
+            let mut ports = self.watched.lock().expect("lock");
+            let changed = if watched {
+                ports.insert(port)
+            } else {
+                ports.remove(&port)
+            };
+            assert!(changed, "port {port} watched={watched} twice in a row");
             Ok(())
         }
     }
@@ -438,6 +532,29 @@ mod tests {
         assert!(outcome.drained);
         assert_eq!(outcome.active, 0);
         assert_eq!(outcome.waited, Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ports_are_watched_exactly_while_somebody_waits() {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
+        let first = spawn_hour_long_waiter(&tracker, 80);
+        let second = spawn_hour_long_waiter(&tracker, 80);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*source.watched.lock().expect("lock"), [80].into());
+        first.abort();
+        let _ = first.await;
+        assert_eq!(
+            *source.watched.lock().expect("lock"),
+            [80].into(),
+            "one waiter left"
+        );
+        source.set(vec![endpoint("127.0.0.1", 80, 0)]);
+        tracker.notify_port(80);
+        assert!(second.await.expect("join").expect("outcome").drained);
+        assert!(
+            source.watched.lock().expect("lock").is_empty(),
+            "nobody waits"
+        );
     }
 
     #[tokio::test(start_paused = true)]

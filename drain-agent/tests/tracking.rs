@@ -614,7 +614,7 @@ fn seeding_during_a_churn_counts_each_connection_once() {
             let mut accepted = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for stream in server.take_all() {
-                    if accepted % 10 == 0 {
+                    if accepted.is_multiple_of(10) {
                         long_lived.push(stream);
                     }
                     accepted += 1;
