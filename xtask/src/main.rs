@@ -1,6 +1,7 @@
 //! `cargo xtask`: the developer's front door. Every command installs what it needs first
 //! (idempotently), so the README's two commands work on a fresh machine.
 
+mod bench;
 mod e2e;
 mod setup;
 
@@ -37,6 +38,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Set up, build, and benchmark the agent (as root): kernel cost, churn overhead, answer
+    /// cost against `ss`, wake-up latency, footprint. Writes bench/RESULTS.md and results.json.
+    Bench(bench::BenchArgs),
     /// Set up, then run the rolling deploy behind nginx under load (as root): with
     /// drain-agent, without a drain, and with a fixed sleep; print the summary table.
     E2e,
@@ -77,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut command)
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Bench(args) => bench::bench(&args),
         Task::E2e => e2e::run(),
     }
 }

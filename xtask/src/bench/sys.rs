@@ -1,0 +1,595 @@
+//! What the benchmark reads from and sets in the kernel: BPF program statistics (through the
+//! `bpf()` syscall), process memory and CPU time (`/proc`), sysctls, and the fd limit.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+// `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+// Byte offsets in `struct bpf_prog_info` (include/uapi/linux/bpf.h; stable ABI, fields are
+// only ever appended).
+const INFO_ID: usize = 4;
+const INFO_NAME: usize = 64;
+const INFO_NAME_LEN: usize = 16;
+const INFO_RUN_TIME_NS: usize = 192;
+const INFO_RUN_CNT: usize = 200;
+const INFO_RECURSION_MISSES: usize = 208;
+
+/// The part of `union bpf_attr` used by `BPF_PROG_GET_NEXT_ID` and `BPF_PROG_GET_FD_BY_ID`.
+#[repr(C)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The part of `union bpf_attr` used by `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Room for `struct bpf_prog_info` (232 bytes on 6.x kernels); the kernel fills what it has.
+#[repr(C, align(8))]
+struct InfoBuffer([u8; 256]);
+
+/// One BPF program's statistics at one instant.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProgStats {
+    pub id: u32,
+    /// As the kernel keeps it: the first 15 bytes of the program's name.
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    pub recursion_misses: u64,
+}
+
+impl ProgStats {
+    /// What happened between `earlier` and `self` (same program).
+    pub fn since(&self, earlier: &Self) -> ProgStats {
+        ProgStats {
+            id: self.id,
+            name: self.name.clone(),
+            run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
+            run_cnt: self.run_cnt.saturating_sub(earlier.run_cnt),
+            recursion_misses: self
+                .recursion_misses
+                .saturating_sub(earlier.recursion_misses),
+        }
+    }
+
+    pub fn mean_ns(&self) -> f64 {
+        if self.run_cnt == 0 {
+            0.0
+        } else {
+            self.run_time_ns as f64 / self.run_cnt as f64
+        }
+    }
+}
+
+fn bpf(
+    command: libc::c_long,
+    attr: *mut libc::c_void,
+    size: usize,
+) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` points to a live, initialised attribute struct of `size` bytes; the
+    // kernel reads and writes only within it (and within buffers it points to).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, command, attr, size) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// The statistics of program `id`.
+pub fn prog_stats(id: u32) -> Result<ProgStats> {
+    let mut attr = IdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        (&raw mut attr).cast(),
+        size_of::<IdAttr>(),
+    )
+    .with_context(|| format!("cannot open BPF program {id} (bpf BPF_PROG_GET_FD_BY_ID)"))?;
+    let fd = i32::try_from(fd).context("bpf() returned an fd out of range")?;
+    // SAFETY: the kernel just gave us this fd; nobody else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    prog_stats_of_fd(&fd).with_context(|| format!("cannot read BPF program {id}"))
+}
+
+fn prog_stats_of_fd(fd: &OwnedFd) -> Result<ProgStats> {
+    use std::os::fd::AsRawFd as _;
+    let mut info = InfoBuffer([0; 256]);
+    let mut attr = InfoAttr {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).context("negative fd")?,
+        info_len: 256,
+        info: (&raw mut info) as u64,
+    };
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        (&raw mut attr).cast(),
+        size_of::<InfoAttr>(),
+    )
+    .context("bpf BPF_OBJ_GET_INFO_BY_FD")?;
+    let filled = usize::try_from(attr.info_len).unwrap_or(0);
+    if filled < INFO_RECURSION_MISSES + 8 {
+        bail!(
+            "the kernel's bpf_prog_info has only {filled} bytes: no run-time statistics (Linux >= 5.1 needed)"
+        );
+    }
+    let bytes = &info.0;
+    let u32_at =
+        |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let u64_at = |at: usize| {
+        let mut word = [0; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_ne_bytes(word)
+    };
+    let name = &bytes[INFO_NAME..INFO_NAME + INFO_NAME_LEN];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(INFO_NAME_LEN);
+    Ok(ProgStats {
+        id: u32_at(INFO_ID),
+        name: String::from_utf8_lossy(&name[..end]).into_owned(),
+        run_time_ns: u64_at(INFO_RUN_TIME_NS),
+        run_cnt: u64_at(INFO_RUN_CNT),
+        recursion_misses: u64_at(INFO_RECURSION_MISSES),
+    })
+}
+
+/// Every BPF program loaded on the host.
+pub fn all_prog_ids() -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    let mut start = 0;
+    for _ in 0..1_000_000 {
+        let mut attr = IdAttr {
+            id: start,
+            next_id: 0,
+            open_flags: 0,
+        };
+        match bpf(
+            BPF_PROG_GET_NEXT_ID,
+            (&raw mut attr).cast(),
+            size_of::<IdAttr>(),
+        ) {
+            Ok(_) => {
+                ids.push(attr.next_id);
+                start = attr.next_id;
+            }
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(ids),
+            Err(error) => return Err(error).context("bpf BPF_PROG_GET_NEXT_ID"),
+        }
+    }
+    Ok(ids)
+}
+
+/// Programs on the host whose name starts with `prefix`, except those in `mine`: other
+/// agents (other people's tests) attached to the same tracepoint add their cost to every
+/// connection we make.
+pub fn foreign_programs(prefix: &str, mine: &BTreeSet<u32>) -> Result<Vec<ProgStats>> {
+    let mut found = Vec::new();
+    for id in all_prog_ids()? {
+        if mine.contains(&id) {
+            continue;
+        }
+        // A program can be unloaded between listing and opening it.
+        if let Ok(stats) = prog_stats(id)
+            && stats.name.starts_with(prefix)
+        {
+            found.push(stats);
+        }
+    }
+    Ok(found)
+}
+
+/// The BPF programs a process holds open (from `/proc/PID/fdinfo`: `prog_id:` lines, which
+/// program fds and link fds both have).
+pub fn prog_ids_of_process(pid: u32) -> Result<BTreeSet<u32>> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    let mut ids = BTreeSet::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        // An fd may close while we look: skip it.
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(id) = line.strip_prefix("prog_id:")
+                && let Ok(id) = id.trim().parse()
+            {
+                ids.insert(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Kernel memory of the BPF maps a process holds (sum of the `memlock:` of its map fds;
+/// on 6.x kernels this is the maps' real usage, not their capacity).
+pub fn map_memory_bytes(pid: u32) -> Result<u64> {
+    let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
+    let mut seen = BTreeSet::new();
+    let mut total = 0;
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+        let Ok(text) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            total += memlock;
+        }
+    }
+    Ok(total)
+}
+
+/// A process's memory, in KiB, from `/proc/PID/status` and `/proc/PID/smaps_rollup`.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub rss_anon_kib: u64,
+    pub rss_file_kib: u64,
+    pub rss_shmem_kib: u64,
+    pub hwm_kib: u64,
+}
+
+pub fn memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(Memory {
+        rss_kib: field("VmRSS:"),
+        rss_anon_kib: field("RssAnon:"),
+        rss_file_kib: field("RssFile:"),
+        rss_shmem_kib: field("RssShmem:"),
+        hwm_kib: field("VmHWM:"),
+    })
+}
+
+/// Where a process's resident memory is, by mapping (largest first): `[heap]`, anonymous
+/// mappings, the binary, libraries, BPF maps.
+pub fn rss_by_mapping(pid: u32) -> Result<Vec<(String, u64)>> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let mut totals: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // "start-end perms offset dev inode [path]"
+            let path = line.split_whitespace().nth(5).unwrap_or("");
+            current = if path.is_empty() {
+                "[anonymous]".to_owned()
+            } else if let Some(name) = path.rsplit('/').next()
+                && path.starts_with('/')
+            {
+                name.to_owned()
+            } else {
+                path.to_owned()
+            };
+        } else if first == "Rss:" {
+            let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            *totals.entry(current.clone()).or_default() += kib;
+        }
+    }
+    let mut list: Vec<(String, u64)> = totals.into_iter().filter(|(_, kib)| *kib > 0).collect();
+    list.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+    Ok(list)
+}
+
+/// User + system CPU time of a process (all threads), in milliseconds.
+pub fn cpu_time_ms(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // The command name is in parentheses and may contain spaces: count from after it.
+    let after = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("{path} is malformed"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of stat(5); `after` starts at field 3.
+    let ticks = |index: usize| -> Result<u64> {
+        fields
+            .get(index - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{path}: no field {index}"))
+    };
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Ok(total as f64 * 1000.0 / hz)
+}
+
+/// Sets a sysctl for the life of the guard, and puts the old value back when dropped.
+pub struct Sysctl {
+    path: PathBuf,
+    previous: String,
+}
+
+impl Sysctl {
+    /// `name` as in `sysctl`, e.g. `kernel.bpf_stats_enabled`.
+    pub fn set(name: &str, value: &str) -> Result<Self> {
+        let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+        let previous = fs::read_to_string(&path)
+            .with_context(|| format!("cannot read sysctl {name}"))?
+            .trim()
+            .to_owned();
+        fs::write(&path, value).with_context(|| format!("cannot set sysctl {name}={value}"))?;
+        Ok(Self { path, previous })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(error) = fs::write(&self.path, &self.previous) {
+            eprintln!(
+                "bench: cannot restore {} to {}: {error}",
+                self.path.display(),
+                self.previous
+            );
+        }
+    }
+}
+
+pub fn read_sysctl(name: &str) -> Result<String> {
+    let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+    Ok(fs::read_to_string(&path)
+        .with_context(|| format!("cannot read sysctl {name}"))?
+        .trim()
+        .to_owned())
+}
+
+/// Raises RLIMIT_NOFILE (soft and hard) to at least `wanted`, within `fs.nr_open`.
+pub fn raise_fd_limit(wanted: u64) -> Result<u64> {
+    let nr_open: u64 = read_sysctl("fs.nr_open")?.parse().context("fs.nr_open")?;
+    let target = wanted.min(nr_open);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur >= target {
+        return Ok(limit.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max.max(target),
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot raise RLIMIT_NOFILE to {target} (root needed)"));
+    }
+    Ok(target)
+}
+
+/// The machine the numbers come from.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub commit: String,
+    pub date_utc: String,
+}
+
+pub fn machine(workspace: &Path) -> Machine {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or_else(
+            || "unknown".to_owned(),
+            |(_, model)| model.trim().to_owned(),
+        );
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_kib: f64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |v| v.trim().to_owned());
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .current_dir(workspace)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let mut commit =
+        output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    // Uncommitted changes to the agent (not to the bench's own output) change the numbers.
+    let dirty = output(
+        "git",
+        &[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "drain-agent/src",
+            "drain-agent/build.rs",
+            "drain-agent/Cargo.toml",
+            "drain-agent-ebpf",
+            "drain-agent-common",
+        ],
+    )
+    .is_some_and(|text| !text.is_empty());
+    if dirty {
+        commit.push_str(" (+ uncommitted agent changes)");
+    }
+    let date_utc = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    Machine {
+        cpus,
+        cpu_model,
+        memory_gib: memory_kib / 1024.0 / 1024.0,
+        kernel,
+        commit,
+        date_utc,
+    }
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+
+/// The part of `union bpf_attr` used by `BPF_PROG_LOAD`, up to `expected_attach_type`.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The part of `union bpf_attr` used by `BPF_RAW_TRACEPOINT_OPEN`.
+#[repr(C)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    pad: u32,
+}
+
+/// A program that does nothing (`r0 = 0; exit`) attached to a raw tracepoint: with BPF
+/// statistics on, its mean run time is the floor of the measurement (the dispatch and the
+/// statistics' own clock reads), to read the handler's numbers against. Detached on drop.
+pub struct EmptyProgram {
+    prog: OwnedFd,
+    _link: OwnedFd,
+}
+
+impl EmptyProgram {
+    pub fn attach(tracepoint: &str) -> Result<Self> {
+        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0; then BPF_JMP | BPF_EXIT.
+        let insns: [u64; 2] = [0xb7, 0x95];
+        let license = c"GPL";
+        let mut name = [0u8; 16];
+        name[..11].copy_from_slice(b"bench_empty");
+        let mut load = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level: 0,
+            log_size: 0,
+            log_buf: 0,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name: name,
+            prog_ifindex: 0,
+            expected_attach_type: 0,
+        };
+        let fd = bpf(
+            BPF_PROG_LOAD,
+            (&raw mut load).cast(),
+            size_of::<ProgLoadAttr>(),
+        )
+        .context("cannot load the empty reference program (bpf BPF_PROG_LOAD)")?;
+        // SAFETY: a new fd from the kernel, owned here.
+        let prog = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).context("fd out of range")?) };
+        let tracepoint = std::ffi::CString::new(tracepoint).context("tracepoint name")?;
+        let mut open = RawTracepointAttr {
+            name: tracepoint.as_ptr() as u64,
+            prog_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
+                .context("negative fd")?,
+            pad: 0,
+        };
+        let fd = bpf(
+            BPF_RAW_TRACEPOINT_OPEN,
+            (&raw mut open).cast(),
+            size_of::<RawTracepointAttr>(),
+        )
+        .context("cannot attach the empty reference program (bpf BPF_RAW_TRACEPOINT_OPEN)")?;
+        // SAFETY: as above.
+        let link = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).context("fd out of range")?) };
+        Ok(Self { prog, _link: link })
+    }
+
+    pub fn stats(&self) -> Result<ProgStats> {
+        prog_stats_of_fd(&self.prog)
+    }
+}
+
+/// User + system CPU time of this process (all its threads) so far, in milliseconds.
+pub fn own_cpu_time_ms() -> f64 {
+    // SAFETY: a zeroed rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let ms = |tv: libc::timeval| tv.tv_sec as f64 * 1000.0 + tv.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// The host's TCP sockets now (`/proc/net/sockstat`): in use, and in TIME_WAIT.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TcpSockets {
+    pub inuse: u64,
+    pub time_wait: u64,
+}
+
+pub fn tcp_sockets() -> TcpSockets {
+    let text = fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let Some(line) = text.lines().find(|line| line.starts_with("TCP:")) else {
+        return TcpSockets::default();
+    };
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |name: &str| {
+        words
+            .iter()
+            .position(|w| *w == name)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    TcpSockets {
+        inuse: field("inuse"),
+        time_wait: field("tw"),
+    }
+}
