@@ -268,11 +268,11 @@ fn kernel_section(out: &mut String, results: &Results) {
     let _ = writeln!(
         out,
         "**Churn** ({} connections, {} threads: connect, accept, close the client, close the server; each \
-         connection fires the tracepoint on both sockets). Each thread has its own port, so every \
-         connection takes its port's count 0 → 1 → 0 and the handler writes two ring-buffer events \
-         (which wake the agent). The *anchored* churn is the same with one extra connection held \
-         open per port, so counts never reach zero and no events are written; the difference is the \
-         cost of the events.\n",
+         connection fires the tracepoint on both sockets). Each thread has its own port, so every connection takes its port's count 0 → 1 → 0: two \
+         zero crossings (agents before commit 512a7a4 wrote a ring-buffer event for each and woke \
+         up; later ones only for ports somebody waits on, none here). The *anchored* churn is the \
+         same with one extra connection held open per port, so counts never reach zero; half the \
+         difference per connection is what a zero crossing costs the handler.\n",
         plan.map_or(0, |p| p.churn_connections),
         plan.map_or(0, |p| p.churn_threads)
     );
@@ -345,8 +345,10 @@ fn kernel_section(out: &mut String, results: &Results) {
     let _ = writeln!(
         out,
         "1. *close N connections opened before the agent attached*: 2N closes of untracked sockets (a `SOCKETS` lookup that misses), the rest early returns;\n\
-         2. *open N connections*: N tracked opens (socket reads, insert into `SOCKETS`, count; one ring-buffer event for the first), the rest early returns;\n\
-         3. *close those N*: N tracked closes (lookup, delete, count, duration histogram; one event for the last) + N untracked closes (the client ends), the rest early returns;\n\
+         2. *open N connections*: N tracked opens (socket reads, insert into `SOCKETS`, count; \
+         the first is a zero crossing), the rest early returns;\n\
+         3. *close those N*: N tracked closes (lookup, delete, count, duration histogram; the \
+         last is a zero crossing) + N untracked closes (the client ends), the rest early returns;\n\
          4. *N connects refused by RST*: early returns only (`classify()` says Unchanged: CLOSE → SYN_SENT → CLOSE).\n\n\
          Phase 4 gives the early-return cost; subtracting it (and phase 1's result) from phases 2 and 3 gives \
          the rest. Here the sockets are many and cold (N open at once), unlike in the churn. \
@@ -443,9 +445,10 @@ fn overhead_section(out: &mut String, results: &Results) {
          statistics are off here. Each round also records the CPU time per connection (the churning \
          process's threads, plus the agent's): its ratio (without ÷ with) is what throughput would \
          show on a CPU-bound machine that nobody else uses, and it is far less disturbed by other \
-         tenants than a wall-clock rate. Two variants: *ports drain between connections* (each \
-         connection takes its port 0 → 1 → 0: two ring-buffer events that wake the agent — the \
-         goal's scenario), and *ports stay busy* (one more connection held open per port: no events).\n",
+         tenants than a wall-clock rate. Two variants: *ports drain between connections* (each connection takes its port 0 → 1 → \
+         0, two zero crossings — the goal's scenario; agents before commit 512a7a4 wrote a \
+         ring-buffer event for each and woke up), and *ports stay busy* (one more connection held \
+         open per port: no zero crossings).\n",
         overhead.threads, overhead.round_seconds
     );
     for variant in [&overhead.draining, &overhead.busy] {
