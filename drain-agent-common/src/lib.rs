@@ -137,6 +137,25 @@ pub struct SockEntry {
     pub key: ConnKey,
     /// `bpf_ktime_get_ns()` at the passive open, or [`STARTED_UNKNOWN`] for seeded sockets.
     pub started_ns: u64,
+    /// When the entry was made (by the handler or by a walk).
+    pub tracked_ns: u64,
+    /// When a walk last found the socket still open ([`repair`]); 0 before any walk.
+    pub audited_ns: u64,
+}
+
+/// Repairs of missed state changes.
+///
+/// The kernel skips a BPF program that is already running on the CPU (a softirq
+/// interrupting the handler in task context: `recursion_misses` in `bpf_prog_info`), so a
+/// state change can go unseen. The agent then walks the open sockets again: a walk counts
+/// open passive sockets it finds untracked (a missed open), stamps `audited_ns` on tracked
+/// ones it finds open, and afterwards the agent asks `forget_stale_socket` to drop entries
+/// that were neither stamped nor made since the walk began (a missed close).
+pub mod repair {
+    /// Indices of the `REPAIRS` array map.
+    pub const OPENS_FOUND: u32 = 0;
+    pub const CLOSES_FOUND: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Ring-buffer record, written when a key's active count moves between 0 and 1.
@@ -335,7 +354,7 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
         assert_eq!(core::mem::size_of::<ConnCounts>(), 32);
-        assert_eq!(core::mem::size_of::<SockEntry>(), 32);
+        assert_eq!(core::mem::size_of::<SockEntry>(), 48);
         assert_eq!(core::mem::size_of::<ZeroCrossing>(), 32);
     }
 }

@@ -31,7 +31,8 @@ use aya_ebpf::{
 use drain_agent_common::{
     AF_INET, AF_INET6, ConnCounts, ConnKey, DurationHistogram, IPPROTO_TCP, KernelOffsets,
     OFFSET_UNKNOWN, PORT_COUNT, PortTotals, STARTED_UNKNOWN, SockEntry, Transition, WATCHED_WORDS,
-    ZeroCrossing, classify, duration_bucket, error_index, is_active, tcp_state, watched_bit,
+    ZeroCrossing, classify, duration_bucket, error_index, is_active, repair, tcp_state,
+    watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -67,6 +68,10 @@ static WATCHED_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
 /// Wake-ups for the agent: one record each time an endpoint's count moves between 0 and 1.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Missed state changes that walks found and repaired, indexed by `repair`.
+#[map]
+static REPAIRS: Array<u64> = Array::with_max_entries(repair::COUNT, 0);
 
 /// Failure counters, indexed by `error_index`. Nothing is dropped silently.
 #[map]
@@ -184,17 +189,30 @@ fn try_on_state_change<M: KernelMemory>(
             let key = read_key::<M>(sk, &offsets)?;
             track_open(sk, key, false);
         }
-        Transition::Close => track_close(sk),
+        Transition::Close => {
+            // Most closes are of sockets never tracked (every client end, every outbound
+            // connection). A port with no tracked connection ever has no `last_change_ns`:
+            // one array load answers, where a miss in the big socket map costs a lookup.
+            // On a move to CLOSE the kernel has already released the port (`inet_put_port()`
+            // zeroes `inet_num` before `inet_sk_state_store()` fires the tracepoint): port 0
+            // tells nothing, so look the socket up.
+            let port = M::read::<u16>(sk, kernel_offsets().skc_num)?;
+            if port == 0 || port_ever_tracked(port) {
+                track_close(sk, true);
+            }
+        }
         Transition::Unchanged => {}
     }
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
-// Seeding: connections established before the agent started.
+// Walks: connections established before the agent started, and repairs.
 // ---------------------------------------------------------------------------------------
 
 /// `iter/tcp` (aya-ebpf 0.2 has no `#[iter]` attribute, so the section is set by hand).
+/// The agent runs it at start (seeding) and again whenever the handler may have missed a
+/// state change (see `drain_agent_common::repair`).
 ///
 /// The context is `struct bpf_iter__tcp { meta, sk_common, uid }` (net/ipv4/tcp_ipv4.c); it
 /// walks the listening sockets first, then the established ones, of the network namespace
@@ -228,11 +246,55 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
     } else if is_active(state) {
         let key = read_key::<ProbeReads>(sk, &offsets)?;
         // SAFETY: the map value is plain data; we only test for its presence.
-        if unsafe { LISTENERS.get(listener_key(key.netns, key.port)) }.is_some() {
-            track_open(sk, key, true);
+        if unsafe { LISTENERS.get(listener_key(key.netns, key.port)) }.is_none() {
+            return Ok(());
+        }
+        match SOCKETS.get_ptr_mut(sk) {
+            // Tracked: stamp it as seen open by this walk.
+            // SAFETY: a pointer into the live map value; the socket lock is held.
+            Some(entry) if unsafe { (*entry).key } == key => unsafe {
+                ptr::write_volatile(ptr::addr_of_mut!((*entry).audited_ns), bpf_ktime_get_ns());
+            },
+            // The address belongs to an earlier socket whose close was missed: un-count
+            // that one, count this one.
+            Some(_) => {
+                if track_close(sk, false) {
+                    count_repair(repair::CLOSES_FOUND);
+                }
+                if track_open(sk, key, true) {
+                    count_repair(repair::OPENS_FOUND);
+                }
+            }
+            // Untracked: found by seeding, or its open was missed.
+            None => {
+                if track_open(sk, key, true) {
+                    count_repair(repair::OPENS_FOUND);
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Drops the entry of a socket whose close was missed. Not attached: the agent runs it with
+/// `BPF_PROG_TEST_RUN`, args `[sk, walk_started_ns]`, for entries the last walk neither
+/// found open nor saw made. It checks that again here, against the live entry.
+#[raw_tracepoint(tracepoint = "forget_stale_socket")]
+pub fn forget_stale_socket(ctx: RawTracePointContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    let walk_started_ns = ctx.arg::<u64>(1);
+    // SAFETY: the entry is copied out at once.
+    let Some(entry) = (unsafe { SOCKETS.get(sk) }).copied() else {
+        return 0;
+    };
+    if entry.audited_ns >= walk_started_ns || entry.tracked_ns >= walk_started_ns {
+        return 0;
+    }
+    if track_close(sk, false) {
+        count_repair(repair::CLOSES_FOUND);
+        return 1;
+    }
+    0
 }
 
 #[inline(always)]
@@ -244,27 +306,33 @@ fn listener_key(netns: u32, port: u16) -> u64 {
 // The exactly-once bookkeeping.
 // ---------------------------------------------------------------------------------------
 
+/// Counts `sk` under `key` if it is not tracked yet; true when it was counted now.
 #[inline(always)]
-fn track_open(sk: u64, key: ConnKey, seeded: bool) {
+fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
     // SAFETY: a BPF helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // A seeded socket was established at some unknown time before the agent started.
-    let started_ns = if seeded { STARTED_UNKNOWN } else { now };
-    let entry = SockEntry { key, started_ns };
+    // A socket found by a walk was established at some unknown time before.
+    let started_ns = if found_by_walk { STARTED_UNKNOWN } else { now };
+    let entry = SockEntry {
+        key,
+        started_ns,
+        tracked_ns: now,
+        audited_ns: 0,
+    };
     match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // Already tracked (e.g. seen by the tracepoint while the seeding walk ran).
-        Err(error) if error == -EEXIST => return,
+        Err(error) if error == -EEXIST => return false,
         Err(_) => {
             count_error_at(error_index::SOCKET_MAP_FULL);
-            return;
+            return false;
         }
     }
     let Some(counts) = counts_of(&key) else {
         // Could not count it: untrack it too, so the close does not un-count it.
         let _ = SOCKETS.remove(sk);
         count_error_at(error_index::COUNT_MAP_FULL);
-        return;
+        return false;
     };
     // SAFETY: `counts` points into a map value that lives while this program runs.
     unsafe {
@@ -275,18 +343,21 @@ fn track_open(sk: u64, key: ConnKey, seeded: bool) {
         }
     }
     add_port_total(key.port, 1, now);
+    true
 }
 
+/// Un-counts `sk` if it is tracked; true when it was un-counted now. `closed_now` says the
+/// close is happening now (so its duration is known), not found out later by a walk.
 #[inline(always)]
-fn track_close(sk: u64) {
+fn track_close(sk: u64, closed_now: bool) -> bool {
     // SAFETY: the entry is copied out at once; state changes of one socket are serialised
     // by its lock, so nobody else removes it between here and our own remove.
     let Some(entry) = (unsafe { SOCKETS.get(sk) }).copied() else {
         // Not tracked: an outbound connection, or one the agent could not track.
-        return;
+        return false;
     };
     if SOCKETS.remove(sk).is_err() {
-        return;
+        return false;
     }
     // SAFETY: a BPF helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -301,9 +372,27 @@ fn track_close(sk: u64) {
         }
     }
     add_port_total(entry.key.port, -1, now);
-    if entry.started_ns != STARTED_UNKNOWN {
+    if closed_now && entry.started_ns != STARTED_UNKNOWN {
         record_duration(&entry.key, now.saturating_sub(entry.started_ns));
     }
+    true
+}
+
+#[inline(always)]
+fn count_repair(index: u32) {
+    if let Some(counter) = REPAIRS.get_ptr_mut(index) {
+        // SAFETY: a pointer into the array map's value.
+        unsafe { atomic_add_u64(counter, 1) };
+    }
+}
+
+/// Whether a socket on `port` was ever tracked: `track_open` stamps the port's
+/// `last_change_ns` before any close of the same socket can run (both hold its lock).
+#[inline(always)]
+fn port_ever_tracked(port: u16) -> bool {
+    PORT_TOTALS
+        .get(u32::from(port))
+        .is_none_or(|total| total.last_change_ns != 0)
 }
 
 #[inline(always)]

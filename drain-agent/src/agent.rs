@@ -69,7 +69,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_endpoints: args.max_endpoints,
         attach: args.attach,
     })?;
-    let attach = kernel.attach_method();
     let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));
     let events = kernel
         .take_events()
@@ -84,6 +83,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )?;
     }
     kernel.release_load_time_memory();
+    let attach = kernel.attach_method();
+    let can_walk = kernel.can_walk();
+    let kernel = Arc::new(std::sync::Mutex::new(kernel));
+    let repair_task = can_walk.then(|| {
+        tokio::spawn(repair_missed_changes(
+            Arc::clone(&kernel),
+            args.repair_interval,
+        ))
+    });
 
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),
@@ -111,9 +119,72 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await
         .context("the HTTP server failed")?;
     event_task.abort();
+    if let Some(task) = repair_task {
+        task.abort();
+    }
+    // A repair in progress holds the lock; taking it waits for that walk to end.
+    drop(
+        kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     drop(kernel);
     info!("programs detached; bye");
     Ok(())
+}
+
+/// Walks the open sockets to repair missed state changes: within a second of the kernel
+/// reporting that it skipped the handler, and every `interval` (0: only then).
+async fn repair_missed_changes(kernel: Arc<std::sync::Mutex<Kernel>>, interval: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut skipped_seen = 0;
+    let mut last_walk = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let kernel = Arc::clone(&kernel);
+        let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;
+        let outcome = tokio::task::spawn_blocking(
+            move || -> Result<Option<(u64, crate::bpf::RepairReport)>> {
+                let mut kernel = kernel
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let skipped = kernel.handler_skipped_runs()?;
+                if skipped == skipped_seen && !periodic {
+                    return Ok(None);
+                }
+                Ok(Some((skipped, kernel.repair()?)))
+            },
+        )
+        .await;
+        match outcome {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some((skipped, report)))) => {
+                if skipped > skipped_seen {
+                    info!(
+                        "the kernel skipped the handler {} time(s); repaired {} missed open(s) and {} missed close(s)",
+                        skipped - skipped_seen,
+                        report.opens_found,
+                        report.closes_found
+                    );
+                } else if report.opens_found + report.closes_found > 0 {
+                    warn!(
+                        "periodic walk repaired {} missed open(s) and {} missed close(s)",
+                        report.opens_found, report.closes_found
+                    );
+                }
+                skipped_seen = skipped;
+                last_walk = tokio::time::Instant::now();
+            }
+            Ok(Err(problem)) => {
+                warn!("cannot repair missed state changes: {problem:#}");
+                // Do not hammer a failing walk: wait for the next interval.
+                last_walk = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Err(problem) => warn!("repair task failed: {problem}"),
+        }
+    }
 }
 
 async fn wait_for_stop_signal() {

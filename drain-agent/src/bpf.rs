@@ -2,22 +2,29 @@
 //! connections that already exist, and read the maps. Dropping [`Kernel`] detaches it all.
 
 use std::{
+    collections::HashSet,
     fmt, fs,
     io::Read as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{BtfTracePoint, Iter, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, Iter, RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint,
+    },
 };
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, PortTotals, ZeroCrossing, error_index,
-    watched_bit,
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, PortTotals, SockEntry, ZeroCrossing,
+    error_index, repair, watched_bit,
 };
 use log::{debug, info, warn};
 
@@ -83,13 +90,6 @@ pub struct KernelOptions {
     pub attach: Option<AttachMethod>,
 }
 
-/// What seeding found.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SeedReport {
-    pub namespaces: usize,
-    pub failed_namespaces: usize,
-}
-
 /// The loaded and attached programs, and the maps the agent reads.
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
@@ -100,6 +100,10 @@ pub struct Kernel {
     attach: AttachMethod,
     maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
+    /// Every tracked socket, for the sweep after a walk.
+    sockets: HashMap<MapData, u64, SockEntry>,
+    /// Why walks cannot run on this kernel, if they cannot.
+    walker_problem: Option<String>,
 }
 
 /// The maps the agent reads while serving; shared with the HTTP side.
@@ -110,6 +114,11 @@ pub struct KernelMaps {
     port_totals: Array<MapData, PortTotals>,
     /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
     watched_ports: Mutex<Array<MapData, u64>>,
+    repairs: Array<MapData, u64>,
+    /// Repairs made by the start-up seeding walk, which are not repairs.
+    seeding_opens: AtomicU64,
+    /// Runs of the handler the kernel skipped (`recursion_misses`), as last read.
+    handler_skipped: AtomicU64,
 }
 
 impl Kernel {
@@ -171,14 +180,28 @@ impl Kernel {
             errors: take_map(&mut ebpf, "ERRORS")?,
             port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
             watched_ports: Mutex::new(take_map(&mut ebpf, "WATCHED_PORTS")?),
+            repairs: take_map(&mut ebpf, "REPAIRS")?,
+            seeding_opens: AtomicU64::new(0),
+            handler_skipped: AtomicU64::new(0),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
+        let sockets = take_map(&mut ebpf, "SOCKETS")?;
+        let walker_problem = load_walker(&mut ebpf, &aya_btf)
+            .err()
+            .map(|problem| format!("{problem:#}"));
+        if let Some(problem) = &walker_problem {
+            warn!(
+                "connections open before start cannot be counted, nor missed changes repaired: {problem}"
+            );
+        }
         Ok(Self {
             ebpf,
             aya_btf: Some(aya_btf),
             attach,
             maps: Arc::new(maps),
             events: Some(events),
+            sockets,
+            walker_problem,
         })
     }
 
@@ -199,22 +222,35 @@ impl Kernel {
 
     /// Counts the connections that were established before the handler was attached, in
     /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
-    /// is exactly-once). Call it after [`Kernel::load`].
-    pub fn seed_existing_connections(&mut self) -> Result<SeedReport> {
+    /// is exactly-once). Call it once, after [`Kernel::load`].
+    pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
+        let report = self.walk()?;
+        let found = self.maps.repair_count(repair::OPENS_FOUND)?;
+        self.maps.seeding_opens.store(found, Ordering::Relaxed);
+        info!(
+            "counted {found} connections open before start, in {} network namespaces ({} could not be read)",
+            report.walked.len(),
+            report.failed
+        );
+        Ok(report)
+    }
+
+    /// Walks the open sockets of every network namespace: counts open passive sockets that
+    /// are not tracked and stamps the tracked ones it finds open.
+    fn walk(&mut self) -> Result<WalkReport> {
+        if let Some(problem) = &self.walker_problem {
+            bail!("{problem}");
+        }
         let program: &mut Iter = self
             .ebpf
-            .program_mut("seed_established_tcp")
-            .context("the eBPF object has no seeding iterator")?
+            .program_mut(WALKER)
+            .context("the eBPF object has no walker")?
             .try_into()
-            .context("seed_established_tcp is not an iterator")?;
-        let btf = self
-            .aya_btf
-            .as_ref()
-            .context("seeding runs once, right after loading")?;
-        program
-            .load("tcp", btf)
-            .context("cannot load the iter/tcp seeding program (Linux >= 5.9 needed)")?;
-        let mut report = SeedReport::default();
+            .context("the walker is not an iterator")?;
+        let mut report = WalkReport {
+            started_ns: crate::tracker::monotonic_ns(),
+            ..WalkReport::default()
+        };
         for (inode, path) in netns::all_namespaces() {
             let link_id = program
                 .attach()
@@ -230,23 +266,148 @@ impl Kernel {
                 Ok(())
             });
             match walked {
-                Ok(()) => report.namespaces += 1,
+                Ok(()) => {
+                    report.walked.insert(inode);
+                }
                 Err(error) => {
                     // A namespace whose processes just exited is gone; nothing to count there.
-                    report.failed_namespaces += 1;
+                    report.failed += 1;
                     warn!(
-                        "cannot seed network namespace {inode} ({}): {error:#}",
+                        "cannot walk network namespace {inode} ({}): {error:#}",
                         path.display()
                     );
                 }
             }
         }
-        info!(
-            "seeded existing connections from {} network namespaces ({} could not be read)",
-            report.namespaces, report.failed_namespaces
-        );
         Ok(report)
     }
+
+    /// Finds and repairs state changes the handler missed: walks the open sockets (which
+    /// counts missed opens), then drops the tracked sockets of walked namespaces that the
+    /// walk did not find open and that were not tracked after it began (missed closes).
+    pub fn repair(&mut self) -> Result<RepairReport> {
+        let opens_before = self.maps.repair_count(repair::OPENS_FOUND)?;
+        let closes_before = self.maps.repair_count(repair::CLOSES_FOUND)?;
+        let walk = self.walk()?;
+        let mut stale = Vec::new();
+        for entry in self.sockets.iter() {
+            // Entries come and go while we read: a vanished one is simply not a candidate.
+            let Ok((sk, entry)) = entry else { continue };
+            if entry.audited_ns < walk.started_ns
+                && entry.tracked_ns < walk.started_ns
+                && walk.walked.contains(&entry.key.netns)
+            {
+                stale.push(sk);
+            }
+        }
+        let forget: &RawTracePoint = self
+            .ebpf
+            .program(FORGETTER)
+            .context("the eBPF object has no forget_stale_socket")?
+            .try_into()
+            .context("forget_stale_socket is not a raw tracepoint")?;
+        for sk in stale {
+            let mut options = RawTracePointRunOptions::new();
+            options.args[0] = sk;
+            options.args[1] = walk.started_ns;
+            forget
+                .test_run(options)
+                .context("cannot run forget_stale_socket")?;
+        }
+        Ok(RepairReport {
+            opens_found: self.maps.repair_count(repair::OPENS_FOUND)? - opens_before,
+            closes_found: self.maps.repair_count(repair::CLOSES_FOUND)? - closes_before,
+        })
+    }
+
+    /// Whether this kernel can walk the open sockets (seeding and repairs).
+    pub const fn can_walk(&self) -> bool {
+        self.walker_problem.is_none()
+    }
+
+    /// Runs of the attached handler the kernel skipped so far (`recursion_misses`: the
+    /// handler was already running on that CPU, interrupted by a softirq). Each may be a
+    /// missed open or close; [`Kernel::repair`] finds those.
+    pub fn handler_skipped_runs(&self) -> Result<u64> {
+        let program = self
+            .ebpf
+            .program(self.attach.program())
+            .context("the handler is not loaded")?;
+        let fd = program.fd().context("the handler has no fd")?;
+        let skipped = recursion_misses(fd.as_fd())?;
+        self.maps.handler_skipped.store(skipped, Ordering::Relaxed);
+        Ok(skipped)
+    }
+}
+
+/// The walker: `iter/tcp`, run at start and for repairs.
+const WALKER: &str = "seed_established_tcp";
+/// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached.
+const FORGETTER: &str = "forget_stale_socket";
+
+/// Loads the walker and the forgetter; they need Linux >= 5.9 (iter/tcp) and >= 5.10
+/// (running a raw tracepoint program on demand).
+fn load_walker(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    let walker: &mut Iter = ebpf
+        .program_mut(WALKER)
+        .context("the eBPF object has no walker")?
+        .try_into()
+        .context("the walker is not an iterator")?;
+    walker
+        .load("tcp", btf)
+        .context("cannot load the iter/tcp walker (Linux >= 5.9 needed)")?;
+    let forget: &mut RawTracePoint = ebpf
+        .program_mut(FORGETTER)
+        .context("the eBPF object has no forget_stale_socket")?
+        .try_into()
+        .context("forget_stale_socket is not a raw tracepoint")?;
+    forget.load().context("cannot load forget_stale_socket")?;
+    Ok(())
+}
+
+/// `bpf_prog_info.recursion_misses` of a loaded program (Linux >= 5.12; 0 before).
+fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
+    use std::os::fd::AsRawFd as _;
+
+    // SAFETY: plain C structs; all-zero is a valid value for both.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The `info` member of the union is the one BPF_OBJ_GET_INFO_BY_FD reads.
+    attr.info.bpf_fd = u32::try_from(program.as_raw_fd()).context("bad program fd")?;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = (&raw mut info) as u64;
+    // SAFETY: the bpf syscall with a valid attr of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD");
+    }
+    Ok(info.recursion_misses)
+}
+
+/// What a walk did.
+#[derive(Clone, Debug, Default)]
+pub struct WalkReport {
+    /// CLOCK_MONOTONIC when the walk began.
+    pub started_ns: u64,
+    /// Inodes of the network namespaces walked.
+    pub walked: HashSet<u32>,
+    /// Namespaces that could not be walked.
+    pub failed: usize,
+}
+
+/// What a repair found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    pub opens_found: u64,
+    pub closes_found: u64,
 }
 
 impl Kernel {
@@ -406,6 +567,14 @@ pub fn parse_event(bytes: &[u8]) -> Option<ZeroCrossing> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ZeroCrossing>()) })
 }
 
+impl KernelMaps {
+    fn repair_count(&self, index: u32) -> Result<u64> {
+        self.repairs
+            .get(&index, 0)
+            .with_context(|| format!("cannot read repair counter {index}"))
+    }
+}
+
 impl ConnectionSource for KernelMaps {
     fn endpoints(&self) -> Result<Vec<Endpoint>> {
         let mut endpoints = Vec::new();
@@ -474,7 +643,7 @@ impl ConnectionSource for KernelMaps {
     }
 
     fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
-        (0..error_index::COUNT)
+        let mut errors = (0..error_index::COUNT)
             .zip(error_index::NAMES)
             .map(|(index, name)| {
                 self.errors
@@ -482,7 +651,24 @@ impl ConnectionSource for KernelMaps {
                     .map(|count| (name, count))
                     .with_context(|| format!("cannot read error counter {name}"))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        errors.push((
+            "handler_skipped",
+            self.handler_skipped.load(Ordering::Relaxed),
+        ));
+        Ok(errors)
+    }
+
+    fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
+        let seeding = self.seeding_opens.load(Ordering::Relaxed);
+        Ok(vec![
+            (
+                "missed_open",
+                self.repair_count(repair::OPENS_FOUND)?
+                    .saturating_sub(seeding),
+            ),
+            ("missed_close", self.repair_count(repair::CLOSES_FOUND)?),
+        ])
     }
 }
 

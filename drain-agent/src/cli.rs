@@ -78,7 +78,14 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_ATTACH", value_enum)]
     pub attach: Option<AttachMethod>,
 
-    /// Do not count the connections that were open before the agent started.
+    /// How often to walk the open sockets to find and repair state changes the kernel
+    /// skipped (it also walks within a second of the kernel reporting a skipped run);
+    /// 0 walks only then.
+    #[arg(long, env = "DRAIN_AGENT_REPAIR_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub repair_interval: Duration,
+
+    /// Do not walk the open sockets at start: connections open before the agent started
+    /// are then only counted by the first repair walk (see --repair-interval).
     #[arg(long, env = "DRAIN_AGENT_NO_SEED")]
     pub no_seed: bool,
 

@@ -185,6 +185,10 @@ const ERRORS: (&str, &str) = (
     "drain_agent_tracking_errors_total",
     "Connections or events the kernel side could not track, by reason; anything above 0 means counts may be off.",
 );
+const REPAIRS: (&str, &str) = (
+    "drain_agent_repairs_total",
+    "State changes the kernel skipped (see tracking_errors_total{reason=\"handler_skipped\"}) that a walk of the open sockets found and repaired, by kind.",
+);
 const BUILD_INFO: (&str, &str) = (
     "drain_agent_build_info",
     "Always 1; labels give the agent version and how it is attached to the kernel.",
@@ -211,6 +215,7 @@ impl ConnectionCollector {
             desc(DURATION, &["port"])?,
             desc(TRACKED, &[])?,
             desc(ERRORS, &["reason"])?,
+            desc(REPAIRS, &["kind"])?,
             desc(BUILD_INFO, &["version", "attach"])?,
             desc(WAITERS, &[])?,
         ];
@@ -370,6 +375,13 @@ impl Collector for ConnectionCollector {
                 .map(|(reason, count)| counter(&[("reason", reason.to_owned())], count as f64))
                 .collect();
             families.push(family(ERRORS, MetricType::COUNTER, metrics));
+        }
+        if let Ok(repairs) = self.tracker.repairs() {
+            let metrics = repairs
+                .into_iter()
+                .map(|(kind, count)| counter(&[("kind", kind.to_owned())], count as f64))
+                .collect();
+            families.push(family(REPAIRS, MetricType::COUNTER, metrics));
         }
         // Families with no samples would render as bare HELP/TYPE lines; leave them out.
         families.retain(|family| !family.get_metric().is_empty());

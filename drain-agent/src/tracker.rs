@@ -49,6 +49,10 @@ pub trait ConnectionSource: Send + Sync + 'static {
     fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
         Ok(Vec::new())
     }
+    /// State changes the kernel side missed and later found and repaired, by kind.
+    fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(Vec::new())
+    }
     /// Totals of one port over every namespace and address, when the source keeps them
     /// (one lookup instead of a walk over every endpoint).
     fn port_state(&self, _port: u16) -> Result<Option<PortState>> {
@@ -239,6 +243,10 @@ impl Tracker {
 
     pub fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
         self.source.tracking_errors()
+    }
+
+    pub fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
+        self.source.repairs()
     }
 
     /// Active connections matching `filter`, now.

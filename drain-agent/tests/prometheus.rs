@@ -574,7 +574,9 @@ fn duration_histogram_matches_connections_held_for_known_times() {
 // 4. Bounded labels and the --ports allow-list
 
 /// Label names the agent's metrics may carry; a client address or port never is one.
-const ALLOWED_LABELS: [&str; 6] = ["port", "le", "result", "reason", "version", "attach"];
+const ALLOWED_LABELS: [&str; 7] = [
+    "port", "le", "result", "reason", "kind", "version", "attach",
+];
 
 #[test]
 fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
@@ -729,7 +731,10 @@ fn process_build_info_and_agent_wide_metrics_are_exported() {
         );
     }
     // Present for every reason (their values count system-wide activity: not asserted).
-    for reason in drain_agent_common::error_index::NAMES {
+    let reasons = drain_agent_common::error_index::NAMES
+        .into_iter()
+        .chain(["handler_skipped"]);
+    for reason in reasons {
         assert!(
             value(
                 &samples,
@@ -738,6 +743,12 @@ fn process_build_info_and_agent_wide_metrics_are_exported() {
             )
             .is_some(),
             "tracking_errors_total{{reason={reason}}} missing:\n{body}"
+        );
+    }
+    for kind in ["missed_open", "missed_close"] {
+        assert!(
+            value(&samples, "drain_agent_repairs_total", &[("kind", kind)]).is_some(),
+            "repairs_total{{kind={kind}}} missing:\n{body}"
         );
     }
     let info = find(&samples, "drain_agent_build_info", &[]);

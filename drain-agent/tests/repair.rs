@@ -1,0 +1,199 @@
+//! Repairs of state changes the kernel skipped (a handler run it did not make because the
+//! handler was already running on that CPU). Such a skip cannot be caused on demand, so
+//! these tests make the two states a skip leaves behind and check the agent repairs them:
+//!
+//! * a missed open: an open passive connection the agent does not track — made by opening
+//!   connections before an agent started with `--no-seed`;
+//! * a missed close: a tracked socket that no longer exists, still counted — made by
+//!   writing the agent's own kernel maps the way the handler writes them for an open.
+//!
+//! One agent at a time in this file (the second test finds the agent's maps by name).
+
+mod common;
+
+use std::{
+    net::TcpStream,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, loaded_maps};
+use common::{Agent, Server, kernel_available};
+use drain_agent_common::{AF_INET, ConnCounts, ConnKey, PortTotals, SockEntry};
+
+/// The tests here must not overlap: the second reads "the newest maps named X".
+static ONE_AGENT_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn metric(agent: &Agent, line_start: &str) -> Option<f64> {
+    let (_, body) = agent.try_get("/metrics").expect("metrics");
+    body.lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_walk_counts_open_connections_the_handler_missed() {
+    if !kernel_available("a_walk_counts_open_connections_the_handler_missed") {
+        return;
+    }
+    let _alone = ONE_AGENT_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    server.wait_accepted(3);
+
+    // Not seeded: to this agent the three are exactly what missed opens leave behind.
+    let agent = Agent::start(&["--no-seed", "--repair-interval", "1s"]);
+    assert_eq!(agent.active(port), 0, "not seeded, not counted yet");
+    wait_for("the walk counts them", Duration::from_secs(10), || {
+        agent.active(port) == 3
+    });
+    // At least ours (other connections open on this host before the agent count too).
+    let repaired = "drain_agent_repairs_total{kind=\"missed_open\"}";
+    let found = metric(&agent, repaired).expect("repairs metric");
+    assert!(found >= 3.0, "{found}");
+    // Repaired sockets close like any other.
+    server.close_all();
+    drop(clients);
+    assert_eq!(agent.active(port), 0);
+    // Further walks find nothing more to repair.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(metric(&agent, repaired), Some(found));
+    assert_eq!(
+        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        Some(0.0)
+    );
+}
+
+/// The newest map with this name (created by the agent this test started).
+fn newest_map(name: &str, created_after: u32) -> Map {
+    let id = loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str() == Some(name) && info.id() > created_after)
+        .map(|info| info.id())
+        .max()
+        .unwrap_or_else(|| panic!("no map {name} newer than id {created_after}"));
+    Map::from_map_data(MapData::from_id(id).expect("open map")).expect("map")
+}
+
+#[test]
+fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
+    if !kernel_available("a_walk_uncounts_a_socket_whose_close_the_handler_missed") {
+        return;
+    }
+    let _alone = ONE_AGENT_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let newest_before = loaded_maps()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .max()
+        .unwrap_or(0);
+    let agent = Agent::start(&["--repair-interval", "1s"]);
+    let port = common::free_port();
+
+    // What the handler leaves behind for a connection to 127.0.0.1:port whose close it
+    // missed: a tracked socket (at an address no live socket has), counted.
+    let mut sockets: HashMap<MapData, u64, SockEntry> =
+        HashMap::try_from(newest_map("SOCKETS", newest_before)).expect("SOCKETS");
+    let mut counts: HashMap<MapData, ConnKey, ConnCounts> =
+        HashMap::try_from(newest_map("COUNTS", newest_before)).expect("COUNTS");
+    let mut totals: Array<MapData, PortTotals> =
+        Array::try_from(newest_map("PORT_TOTALS", newest_before)).expect("PORT_TOTALS");
+    let own_netns =
+        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("netns");
+    let mut key = ConnKey {
+        netns: own_netns,
+        family: AF_INET,
+        port,
+        addr: [0; 16],
+    };
+    key.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let gone_socket = 0xffff_dead_0000_0000_u64 | u64::from(port);
+    let long_ago = 1;
+    sockets
+        .insert(
+            gone_socket,
+            SockEntry {
+                key,
+                started_ns: long_ago,
+                tracked_ns: long_ago,
+                audited_ns: 0,
+            },
+            0,
+        )
+        .expect("insert socket");
+    counts
+        .insert(
+            key,
+            ConnCounts {
+                active: 1,
+                opened: 1,
+                closed: 0,
+                last_change_ns: long_ago,
+            },
+            0,
+        )
+        .expect("insert counts");
+    totals
+        .set(
+            u32::from(port),
+            PortTotals {
+                active: 1,
+                last_change_ns: long_ago,
+            },
+            0,
+        )
+        .expect("set totals");
+    assert_eq!(
+        agent.active(port),
+        1,
+        "the stale socket counts until repaired"
+    );
+
+    // A waiter on the port is answered when the walk finds the socket gone.
+    let started = Instant::now();
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=20s"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(agent.active(port), 0);
+    let (_, body) = agent.get_json(&format!("/drained?port={port}&timeout=0&addr=127.0.0.1"));
+    assert_eq!(
+        body["active"], 0,
+        "the endpoint's own count is repaired too"
+    );
+    assert!(sockets.get(&gone_socket, 0).is_err(), "the entry is gone");
+    assert_eq!(
+        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        Some(1.0)
+    );
+
+    // Real connections opened meanwhile are never taken for stale.
+    let server = Server::start(&format!("127.0.0.1:{port}"));
+    let _clients: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    server.wait_accepted(2);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(agent.active(port), 2);
+    assert_eq!(
+        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        Some(1.0)
+    );
+}
