@@ -115,6 +115,15 @@ fn code(output: &Output) -> i32 {
     output.status.code().expect("exit code")
 }
 
+fn assert_exit(output: &Output, expected: i32) {
+    assert_eq!(
+        code(output),
+        expected,
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn pods_on_one_port_drain_apart() {
     if !kernel_available("pods_on_one_port_drain_apart") {
@@ -184,12 +193,7 @@ fn pods_on_one_port_drain_apart() {
         "--agent",
         &agent.url,
     ]);
-    assert_eq!(
-        code(&output),
-        1,
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 1);
     assert!(String::from_utf8_lossy(&output.stderr).contains("5 connection(s) still open"));
 
     // Pod A's preStop blocks until A's connections close, then exits 0 at once.
@@ -212,12 +216,7 @@ fn pods_on_one_port_drain_apart() {
     drop(clients_a);
     server_a.close_all();
     let (output, took) = waiting.join().expect("wait thread");
-    assert_eq!(
-        code(&output),
-        0,
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(count(&format!("&addr={}", pod_a.ip)), 0);
     assert_eq!(
@@ -284,12 +283,7 @@ fn wait_exit_codes_against_the_real_agent() {
     thread::sleep(Duration::from_millis(700));
     let agent = Agent::start_on(agent_port, &[]);
     let (output, _) = waiting.join().expect("wait thread");
-    assert_eq!(
-        code(&output),
-        0,
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 0);
 
     // Busy port, short timeout: 1. Then drained: 0. Bad request relayed: 2.
     let clients = connect("127.0.0.1", port, 2, &server);
@@ -301,12 +295,7 @@ fn wait_exit_codes_against_the_real_agent() {
         "--agent",
         &agent.url,
     ]);
-    assert_eq!(
-        code(&output),
-        1,
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 1);
     drop(clients);
     server.close_all();
     let (output, _) = wait_command(&[
@@ -317,12 +306,7 @@ fn wait_exit_codes_against_the_real_agent() {
         "--agent",
         &agent.url,
     ]);
-    assert_eq!(
-        code(&output),
-        0,
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_exit(&output, 0);
     assert!(String::from_utf8_lossy(&output.stdout).contains("drained"));
     let (output, _) = wait_command(&[
         "--port",
