@@ -133,8 +133,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Walks the open sockets to repair missed state changes: within a second of the kernel
-/// reporting that it skipped the handler, and every `interval` (0: only then).
+/// The shortest time between two repair walks started by skipped handler runs.
+const REPAIR_GAP: Duration = Duration::from_secs(5);
+
+/// Walks the open sockets to repair missed state changes: soon after the kernel reports
+/// that it skipped the handler (checked every second, walks at most every [`REPAIR_GAP`]),
+/// and every `interval` (0: only then).
 async fn repair_missed_changes(kernel: Arc<std::sync::Mutex<Kernel>>, interval: Duration) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -144,13 +148,16 @@ async fn repair_missed_changes(kernel: Arc<std::sync::Mutex<Kernel>>, interval: 
         tick.tick().await;
         let kernel = Arc::clone(&kernel);
         let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;
+        // A walk costs a pass over every socket; under a steady trickle of skipped runs,
+        // walk at most every REPAIR_GAP (a skipped change is repaired within that).
+        let may_walk = periodic || last_walk.elapsed() >= REPAIR_GAP;
         let outcome = tokio::task::spawn_blocking(
             move || -> Result<Option<(u64, crate::bpf::RepairReport)>> {
                 let mut kernel = kernel
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let skipped = kernel.handler_skipped_runs()?;
-                if skipped == skipped_seen && !periodic {
+                if !may_walk || (skipped == skipped_seen && !periodic) {
                     return Ok(None);
                 }
                 Ok(Some((skipped, kernel.repair()?)))

@@ -79,7 +79,7 @@ pub struct RunArgs {
     pub attach: Option<AttachMethod>,
 
     /// How often to walk the open sockets to find and repair state changes the kernel
-    /// skipped (it also walks within a second of the kernel reporting a skipped run);
+    /// skipped (it also walks within 5 s of the kernel reporting a skipped run);
     /// 0 walks only then.
     #[arg(long, env = "DRAIN_AGENT_REPAIR_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub repair_interval: Duration,
