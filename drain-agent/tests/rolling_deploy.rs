@@ -341,5 +341,13 @@ fn backend_stops_gracefully_on_sigterm() {
         log.contains("shutdown signal=SIGTERM in_flight=1 open_connections=2"),
         "{log}"
     );
-    assert!(log.contains("idle_keepalive_closed=1"), "{log}");
+    // The idle connection, plus any probe connection the listener accepted before it
+    // closed (the check above races with the shutdown); none aborted.
+    let idle_closed = log
+        .split("idle_keepalive_closed=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse::<u32>().ok());
+    assert!(idle_closed.is_some_and(|count| count >= 1), "{log}");
+    assert!(log.contains("aborted=0"), "{log}");
 }
