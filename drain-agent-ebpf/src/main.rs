@@ -196,7 +196,9 @@ fn try_on_state_change<M: KernelMemory>(
             // On a move to CLOSE the kernel has already released the port (`inet_put_port()`
             // zeroes `inet_num` before `inet_sk_state_store()` fires the tracepoint): port 0
             // tells nothing, so look the socket up.
-            let port = M::read::<u16>(sk, kernel_offsets().skc_num)?;
+            // SAFETY: one field of the read-only global (not the whole struct: hot path).
+            let skc_num = unsafe { ptr::read_volatile(&raw const KERNEL_OFFSETS.skc_num) };
+            let port = M::read::<u16>(sk, skc_num)?;
             if port == 0 || port_ever_tracked(port) {
                 track_close(sk, true);
             }

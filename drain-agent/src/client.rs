@@ -177,7 +177,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     };
     let started = Instant::now();
     let deadline = started + args.timeout;
-    let mut last_problem: Option<String>;
+    let mut last_problem: WaitProblem;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         // Ask in slices of at most a minute: within any agent's --max-timeout, and a
@@ -212,14 +212,14 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                     Ok(body) => {
                         // Not drained: the timeout ran out, or the agent is shutting down and
                         // answered early. Ask again while time is left.
-                        last_problem = Some(format!(
+                        last_problem = WaitProblem::NotDrained(format!(
                             "{} connection(s) still open after {} ms",
                             body.active, body.waited_ms
                         ));
                     }
                     Err(_) => {
                         // A 503 that is not ours (e.g. a proxy in front): report it.
-                        last_problem = Some(format!(
+                        last_problem = WaitProblem::NotDrained(format!(
                             "unexpected answer {}: {}",
                             response.status,
                             error_text(&response.body)
@@ -235,7 +235,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                 return ExitCode::from(EXIT_ERROR);
             }
             Ok(response) => {
-                last_problem = Some(format!(
+                last_problem = WaitProblem::NotDrained(format!(
                     "agent answered {}: {}",
                     response.status,
                     error_text(&response.body)
@@ -243,14 +243,10 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             }
             Err(problem) => {
                 // Unreachable (restarting?): retry within the timeout.
-                if Instant::now() >= deadline {
-                    eprintln!(
-                        "drain-agent wait: agent unreachable at {}: {problem:#}",
-                        args.agent
-                    );
-                    return ExitCode::from(EXIT_ERROR);
-                }
-                last_problem = Some(format!("agent unreachable at {}: {problem:#}", args.agent));
+                last_problem = WaitProblem::Unreachable(format!(
+                    "agent unreachable at {}: {problem:#}",
+                    args.agent
+                ));
             }
         }
         if Instant::now() >= deadline {
@@ -258,17 +254,28 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         }
         std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
     }
-    let problem = last_problem.unwrap_or_else(|| "no answer".into());
-    if problem.starts_with("agent unreachable") {
-        eprintln!("drain-agent wait: {problem}");
-        return ExitCode::from(EXIT_ERROR);
+    match last_problem {
+        WaitProblem::Unreachable(problem) => {
+            eprintln!("drain-agent wait: {problem}");
+            ExitCode::from(EXIT_ERROR)
+        }
+        WaitProblem::NotDrained(problem) => {
+            eprintln!(
+                "drain-agent wait: port {} not drained within {}: {problem}",
+                args.port,
+                format_duration(args.timeout)
+            );
+            ExitCode::from(EXIT_NOT_DRAINED)
+        }
     }
-    eprintln!(
-        "drain-agent wait: port {} not drained within {}: {problem}",
-        args.port,
-        format_duration(args.timeout)
-    );
-    ExitCode::from(EXIT_NOT_DRAINED)
+}
+
+/// Why the last try of `wait` did not end it: decides the exit status at the deadline.
+enum WaitProblem {
+    /// The agent answered, but the port was not drained (exit 1).
+    NotDrained(String),
+    /// The agent could not be reached (exit 2).
+    Unreachable(String),
 }
 
 #[derive(Deserialize)]

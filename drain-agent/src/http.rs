@@ -92,11 +92,7 @@ pub fn parse_drain_request(
     };
     let addr = values
         .get("addr")
-        .map(|text| {
-            text.parse::<IpAddr>()
-                .map(canonical_addr)
-                .map_err(|_| format!("addr: {text:?} is not an IP address"))
-        })
+        .map(|text| parse_addr(text))
         .transpose()?;
     let netns = values
         .get("netns")
@@ -122,6 +118,13 @@ fn parse_port(text: &str) -> Result<u16, String> {
         Ok(port @ 1..=65535) => Ok(port as u16),
         _ => Err(format!("port: {text:?} is not a port number (1-65535)")),
     }
+}
+
+/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
+fn parse_addr(text: &str) -> Result<IpAddr, String> {
+    text.parse::<IpAddr>()
+        .map(canonical_addr)
+        .map_err(|_| format!("addr: {text:?} is not an IP address"))
 }
 
 /// `netns` is an inode number or the path of a namespace file.
@@ -229,10 +232,7 @@ async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
     for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         let parsed = match name.as_ref() {
             "port" => parse_port(&value).map(|p| port = Some(p)),
-            "addr" => value
-                .parse::<IpAddr>()
-                .map(|a| addr = Some(canonical_addr(a)))
-                .map_err(|_| format!("addr: {value:?} is not an IP address")),
+            "addr" => parse_addr(&value).map(|a| addr = Some(a)),
             "netns" => parse_netns(&value).map(|n| netns = Some(n)),
             other => Err(format!(
                 "unknown parameter {other:?} (known: {})",

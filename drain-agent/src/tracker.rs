@@ -130,6 +130,14 @@ struct PortChannel {
     waiters: usize,
 }
 
+impl PortChannel {
+    /// Every waiter of the port re-reads its count.
+    fn wake(&self) {
+        self.sender
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+}
+
 /// Wakes the waiters of one port when its count may have crossed zero.
 #[derive(Default)]
 struct PortChannels {
@@ -145,18 +153,12 @@ impl PortChannels {
 
     fn notify(&self, port: u16) {
         if let Some(channel) = self.lock().get(&port) {
-            channel
-                .sender
-                .send_modify(|generation| *generation = generation.wrapping_add(1));
+            channel.wake();
         }
     }
 
     fn notify_all(&self) {
-        for channel in self.lock().values() {
-            channel
-                .sender
-                .send_modify(|generation| *generation = generation.wrapping_add(1));
-        }
+        self.lock().values().for_each(PortChannel::wake);
     }
 }
 
@@ -540,6 +542,18 @@ mod tests {
         assert!(outcome.drained);
         assert_eq!(outcome.active, 0);
         assert_eq!(outcome.waited, Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_waiter_looks_once_more_for_a_change_that_raced_its_arrival() {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
+        let waiter = spawn_hour_long_waiter(&tracker, 80);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The close raced the waiter's arrival: no wake-up comes for it.
+        source.set(vec![endpoint("127.0.0.1", 80, 0)]);
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(outcome.drained);
+        assert_eq!(outcome.waited, ARRIVAL_RECHECK);
     }
 
     #[tokio::test(start_paused = true)]
