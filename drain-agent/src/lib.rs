@@ -10,4 +10,5 @@ pub mod duration;
 pub mod http;
 pub mod metrics;
 pub mod netns;
+pub mod sockdiag;
 pub mod tracker;
