@@ -110,9 +110,19 @@ pub struct ConnCounts {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PortTotals {
+    /// Tracked connections open now on this port, in every namespace and on every address
+    /// (scoped and [unscoped](SOCK_UNSCOPED) ones alike): exact whatever happens to the
+    /// per-endpoint map, because array elements are never freed.
     pub active: i64,
     /// As [`ConnCounts::last_change_ns`], for the port.
     pub last_change_ns: u64,
+    /// Of `active`, the connections counted only here, not under their endpoint (the
+    /// endpoint map was full, or the endpoint was being reclaimed): while this is above 0,
+    /// answers scoped to an address or namespace on this port cannot be vouched for.
+    pub unscoped: i64,
+    /// Connections on this port that could not be tracked at all (the per-socket map was
+    /// full), ever. Only grows: the agent compares it with the value at its last walk.
+    pub lost: u64,
 }
 
 /// Entries of the `PORT_TOTALS` array: one per port number.
@@ -127,14 +137,26 @@ pub const fn watched_bit(port: u16) -> (u32, u64) {
     ((port / 64) as u32, 1u64 << (port % 64))
 }
 
+/// Key of the `LISTENERS` and `OWN_ENDPOINTS` maps: a (network namespace inode, port) pair.
+#[inline(always)]
+pub const fn netns_port_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
 /// Start time of a socket the agent found already established (its real start is unknown).
 pub const STARTED_UNKNOWN: u64 = 0;
+
+/// [`SockEntry::flags`]: the socket is counted in its port's totals only, not under its
+/// endpoint (see [`PortTotals::unscoped`]); its close un-counts it the same way.
+pub const SOCK_UNSCOPED: u64 = 1;
 
 /// Value of the per-socket map: which key a tracked socket counts under, and since when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockEntry {
     pub key: ConnKey,
+    /// [`SOCK_UNSCOPED`] or 0. Written once, at the insert, never changed.
+    pub flags: u64,
     /// `bpf_ktime_get_ns()` at the passive open, or [`STARTED_UNKNOWN`] for seeded sockets.
     pub started_ns: u64,
     /// When the entry was made (by the handler or by a walk).
@@ -209,7 +231,13 @@ pub mod error_index {
     pub const READ_FAILED: u32 = 3;
     /// A histogram update failed.
     pub const HISTOGRAM_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// A walk could not record a listener: a pre-existing passive socket of that
+    /// (namespace, port) may be taken for an outbound one and not counted.
+    pub const LISTENER_MAP_FULL: u32 = 5;
+    /// A tracked socket's close found no counters for its endpoint (cannot happen by the
+    /// reclaim rule; counted so that it would be seen).
+    pub const COUNT_MISSING: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Metric label of each index.
     pub const NAMES: [&str; COUNT as usize] = [
         "socket_map_full",
@@ -217,6 +245,8 @@ pub mod error_index {
         "event_lost",
         "read_failed",
         "histogram_failed",
+        "listener_map_full",
+        "count_missing",
     ];
 }
 
@@ -354,7 +384,8 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
         assert_eq!(core::mem::size_of::<ConnCounts>(), 32);
-        assert_eq!(core::mem::size_of::<SockEntry>(), 48);
+        assert_eq!(core::mem::size_of::<SockEntry>(), 56);
+        assert_eq!(core::mem::size_of::<PortTotals>(), 32);
         assert_eq!(core::mem::size_of::<ZeroCrossing>(), 32);
     }
 }

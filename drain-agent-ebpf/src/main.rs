@@ -30,9 +30,9 @@ use aya_ebpf::{
 };
 use drain_agent_common::{
     AF_INET, AF_INET6, ConnCounts, ConnKey, DurationHistogram, IPPROTO_TCP, KernelOffsets,
-    OFFSET_UNKNOWN, PORT_COUNT, PortTotals, STARTED_UNKNOWN, SockEntry, Transition, WATCHED_WORDS,
-    ZeroCrossing, classify, duration_bucket, error_index, is_active, repair, tcp_state,
-    watched_bit,
+    OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED, STARTED_UNKNOWN, SockEntry, Transition,
+    WATCHED_WORDS, ZeroCrossing, classify, duration_bucket, error_index, is_active, netns_port_key,
+    repair, tcp_state, watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -42,13 +42,34 @@ use drain_agent_common::{
 #[map]
 static SOCKETS: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
-/// Counters per endpoint. Entries are never deleted here: `opened`/`closed` are totals.
+/// Counters per endpoint. The programs never delete entries; the agent reclaims idle ones
+/// by the rule written at [`is_retiring`], which no concurrent open can slip through.
 #[map]
 static COUNTS: HashMap<ConnKey, ConnCounts> = HashMap::with_max_entries(16_384, 0);
 
-/// Kernel-side histogram of how long tracked connections stayed active, per endpoint.
+/// Endpoints the agent is reclaiming right now. An open on one of them is counted in its
+/// port's totals only ([`SOCK_UNSCOPED`]) and never touches its `COUNTS` entry.
 #[map]
-static DURATIONS: HashMap<ConnKey, DurationHistogram> = HashMap::with_max_entries(16_384, 0);
+static RETIRING: HashMap<ConnKey, u8> = HashMap::with_max_entries(4_096, 0);
+
+/// One bit per port with an endpoint in `RETIRING` (set by the agent first): the common
+/// open path costs one array load, not a hash lookup.
+#[map]
+static RETIRING_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
+
+/// The agent's own listening endpoints, by `netns_port_key`: connections to the agent's
+/// API are not the services' and take no slot. `OWN_PORTS` is the bitmap in front of it.
+#[map]
+static OWN_ENDPOINTS: HashMap<u64, u8> = HashMap::with_max_entries(1_024, 0);
+
+#[map]
+static OWN_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
+
+/// Kernel-side histogram of how long tracked connections stayed active, per local port
+/// (not per endpoint: bounded by the port space however many addresses come and go).
+#[map]
+static DURATIONS: HashMap<u32, DurationHistogram> =
+    HashMap::with_max_entries(PORT_COUNT, BPF_F_NO_PREALLOC);
 
 /// Listening (netns, port) pairs, filled by the seeding iterator: a socket found already
 /// established is *passive* when its local port has a listener in its namespace.
@@ -243,14 +264,18 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
     if state == tcp_state::LISTEN {
         let netns = read_netns::<ProbeReads>(sk, &offsets)?;
         let port = ProbeReads::read::<u16>(sk, offsets.skc_num)?;
-        // A full map only means fewer seeded sockets are recognised as passive.
-        let _ = LISTENERS.insert(listener_key(netns, port), 1, 0);
+        // A full map means a pre-existing passive socket of this port could be taken for an
+        // outbound one and go uncounted: the agent must not vouch for counts until a walk
+        // has recorded every listener (it clears the map before each walk).
+        if LISTENERS.insert(netns_port_key(netns, port), 1, 0).is_err() {
+            count_error_at(error_index::LISTENER_MAP_FULL);
+        }
     } else if is_active(state) {
         let key = read_key::<ProbeReads>(sk, &offsets)?;
-        // SAFETY: the map value is plain data; we only test for its presence.
-        if unsafe { LISTENERS.get(listener_key(key.netns, key.port)) }.is_none() {
-            return Ok(());
-        }
+        // A tracked socket found open is live whether or not its port still has a
+        // listener: a service that closed its listener keeps serving the connections it
+        // has (graceful shutdown, one-shot servers). The listener only decides whether an
+        // *untracked* socket was opened passively (an inbound connection) at all.
         match SOCKETS.get_ptr_mut(sk) {
             // Tracked: stamp it as seen open by this walk.
             // SAFETY: a pointer into the live map value; the socket lock is held.
@@ -258,18 +283,18 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
                 ptr::write_volatile(ptr::addr_of_mut!((*entry).audited_ns), bpf_ktime_get_ns());
             },
             // The address belongs to an earlier socket whose close was missed: un-count
-            // that one, count this one.
+            // that one, and count this one if it is passive.
             Some(_) => {
                 if track_close(sk, false) {
                     count_repair(repair::CLOSES_FOUND);
                 }
-                if track_open(sk, key, true) {
+                if has_listener(&key) && track_open(sk, key, true) {
                     count_repair(repair::OPENS_FOUND);
                 }
             }
             // Untracked: found by seeding, or its open was missed.
             None => {
-                if track_open(sk, key, true) {
+                if has_listener(&key) && track_open(sk, key, true) {
                     count_repair(repair::OPENS_FOUND);
                 }
             }
@@ -299,9 +324,12 @@ pub fn forget_stale_socket(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the walk saw a listener on the key's (namespace, port): a socket found open
+/// there was opened passively (ephemeral client ports never collide with listeners).
 #[inline(always)]
-fn listener_key(netns: u32, port: u16) -> u64 {
-    (u64::from(netns) << 16) | u64::from(port)
+fn has_listener(key: &ConnKey) -> bool {
+    // SAFETY: the map value is plain data; we only test for its presence.
+    unsafe { LISTENERS.get(netns_port_key(key.netns, key.port)) }.is_some()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -309,14 +337,35 @@ fn listener_key(netns: u32, port: u16) -> u64 {
 // ---------------------------------------------------------------------------------------
 
 /// Counts `sk` under `key` if it is not tracked yet; true when it was counted now.
+///
+/// Where it is counted: always in the port's totals (an array: its memory is never freed,
+/// so port-only answers stay exact whatever happens to the hash maps), and under its
+/// endpoint in `COUNTS` unless that is impossible (map full) or forbidden (the endpoint is
+/// being reclaimed); then the socket is marked [`SOCK_UNSCOPED`] and counted in the port's
+/// `unscoped` total instead, so the agent knows scoped answers on this port need checking.
 #[inline(always)]
 fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
+    if is_own_endpoint(&key) {
+        return false;
+    }
     // SAFETY: a BPF helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // Decide the endpoint counters *before* the socket entry exists: the entry's flags
+    // are written once, with the insert, and the close reads them.
+    let counts = if is_retiring(&key) {
+        None
+    } else {
+        let counts = counts_of(&key);
+        if counts.is_none() {
+            count_error_at(error_index::COUNT_MAP_FULL);
+        }
+        counts
+    };
     // A socket found by a walk was established at some unknown time before.
     let started_ns = if found_by_walk { STARTED_UNKNOWN } else { now };
     let entry = SockEntry {
         key,
+        flags: if counts.is_some() { 0 } else { SOCK_UNSCOPED },
         started_ns,
         tracked_ns: now,
         audited_ns: 0,
@@ -326,25 +375,30 @@ fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
         // Already tracked (e.g. seen by the tracepoint while the seeding walk ran).
         Err(error) if error == -EEXIST => return false,
         Err(_) => {
+            // Cannot track it at all: the port's `lost` tells the agent not to vouch for
+            // this port until a walk has found every open socket of it tracked.
             count_error_at(error_index::SOCKET_MAP_FULL);
+            if let Some(total) = PORT_TOTALS.get_ptr_mut(u32::from(key.port)) {
+                // SAFETY: a pointer into the array map's value.
+                unsafe { atomic_add_u64(ptr::addr_of_mut!((*total).lost), 1) };
+            }
             return false;
         }
     }
-    let Some(counts) = counts_of(&key) else {
-        // Could not count it: untrack it too, so the close does not un-count it.
-        let _ = SOCKETS.remove(sk);
-        count_error_at(error_index::COUNT_MAP_FULL);
-        return false;
-    };
-    // SAFETY: `counts` points into a map value that lives while this program runs.
-    unsafe {
-        atomic_add_u64(ptr::addr_of_mut!((*counts).opened), 1);
-        ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
-        if add_active(ptr::addr_of_mut!((*counts).active), 1) == 1 {
-            emit_zero_crossing(key, 1);
+    let endpoint_now = counts.map(|counts| {
+        // SAFETY: `counts` points into a map value that lives while this program runs
+        // (and is not reclaimed meanwhile: see `is_retiring`).
+        unsafe {
+            atomic_add_u64(ptr::addr_of_mut!((*counts).opened), 1);
+            ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
+            add_active(ptr::addr_of_mut!((*counts).active), 1)
         }
+    });
+    let port_now = add_port_total(key.port, 1, counts.is_none(), now);
+    // After both counters moved (see `emit_zero_crossing` for why both).
+    if endpoint_now == Some(1) || port_now == Some(1) {
+        emit_zero_crossing(key, 1);
     }
-    add_port_total(key.port, 1, now);
     true
 }
 
@@ -363,21 +417,64 @@ fn track_close(sk: u64, closed_now: bool) -> bool {
     }
     // SAFETY: a BPF helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(counts) = COUNTS.get_ptr_mut(entry.key) {
-        // SAFETY: as in `track_open`.
-        unsafe {
-            atomic_add_u64(ptr::addr_of_mut!((*counts).closed), 1);
-            ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
-            if add_active(ptr::addr_of_mut!((*counts).active), -1) == 0 {
-                emit_zero_crossing(entry.key, 0);
-            }
+    let unscoped = entry.flags & SOCK_UNSCOPED != 0;
+    let mut endpoint_now = None;
+    if !unscoped {
+        match COUNTS.get_ptr_mut(entry.key) {
+            // SAFETY: as in `track_open`; the endpoint cannot be reclaimed while this
+            // socket is counted in it (its `active` is at least 1 until the add below).
+            Some(counts) => unsafe {
+                atomic_add_u64(ptr::addr_of_mut!((*counts).closed), 1);
+                ptr::write_volatile(ptr::addr_of_mut!((*counts).last_change_ns), now);
+                endpoint_now = Some(add_active(ptr::addr_of_mut!((*counts).active), -1));
+            },
+            None => count_error_at(error_index::COUNT_MISSING),
         }
     }
-    add_port_total(entry.key.port, -1, now);
+    let port_now = add_port_total(entry.key.port, -1, unscoped, now);
+    if endpoint_now == Some(0) || port_now == Some(0) {
+        emit_zero_crossing(entry.key, 0);
+    }
     if closed_now && entry.started_ns != STARTED_UNKNOWN {
-        record_duration(&entry.key, now.saturating_sub(entry.started_ns));
+        record_duration(entry.key.port, now.saturating_sub(entry.started_ns));
     }
     true
+}
+
+/// Whether the agent is reclaiming `key`'s endpoint counters right now.
+///
+/// The reclaim rule (the agent's side is `kernel::reclaim`): the agent (1) sets the port's
+/// bit in `RETIRING_PORTS` and puts the key in `RETIRING`, (2) waits for an RCU grace
+/// period (`membarrier(MEMBARRIER_CMD_GLOBAL)` calls `synchronize_rcu()`; every run of
+/// these programs is an RCU read-side critical section: tracepoints run their probes with
+/// preemption disabled, `__bpf_trace_run()` and `bpf_iter_run_prog()` take
+/// `rcu_read_lock()`), (3) reads the entry and deletes it only if `active` is 0, (4) takes
+/// the key out of `RETIRING`. After (2), no open that missed the mark is still running, and
+/// every later open sees the mark and does not touch `COUNTS[key]`; a close touches it only
+/// for a socket counted in it, which keeps `active` above 0 until that close's last write.
+/// So a deleted entry is one no program holds or will take a pointer to: no open is lost
+/// and no write lands in freed (or reused) memory.
+#[inline(always)]
+fn is_retiring(key: &ConnKey) -> bool {
+    let (word, mask) = watched_bit(key.port);
+    match RETIRING_PORTS.get(word) {
+        Some(bits) if bits & mask != 0 => {}
+        _ => return false,
+    }
+    // SAFETY: the map value is plain data; we only test for its presence.
+    unsafe { RETIRING.get(key) }.is_some()
+}
+
+/// Whether `key` is one of the agent's own listening endpoints.
+#[inline(always)]
+fn is_own_endpoint(key: &ConnKey) -> bool {
+    let (word, mask) = watched_bit(key.port);
+    match OWN_PORTS.get(word) {
+        Some(bits) if bits & mask != 0 => {}
+        _ => return false,
+    }
+    // SAFETY: the map value is plain data; we only test for its presence.
+    unsafe { OWN_ENDPOINTS.get(netns_port_key(key.netns, key.port)) }.is_some()
 }
 
 #[inline(always)]
@@ -397,14 +494,18 @@ fn port_ever_tracked(port: u16) -> bool {
         .is_none_or(|total| total.last_change_ns != 0)
 }
 
+/// Adds `delta` to the port's active total (and to its unscoped total when `unscoped`);
+/// returns the active total read right after.
 #[inline(always)]
-fn add_port_total(port: u16, delta: i64, now: u64) {
-    if let Some(total) = PORT_TOTALS.get_ptr_mut(u32::from(port)) {
-        // SAFETY: a pointer into the array map's value, which lives as long as the map.
-        unsafe {
-            ptr::write_volatile(ptr::addr_of_mut!((*total).last_change_ns), now);
-            add_active(ptr::addr_of_mut!((*total).active), delta);
+fn add_port_total(port: u16, delta: i64, unscoped: bool, now: u64) -> Option<i64> {
+    let total = PORT_TOTALS.get_ptr_mut(u32::from(port))?;
+    // SAFETY: a pointer into the array map's value, which lives as long as the map.
+    unsafe {
+        ptr::write_volatile(ptr::addr_of_mut!((*total).last_change_ns), now);
+        if unscoped {
+            add_active(ptr::addr_of_mut!((*total).unscoped), delta);
         }
+        Some(add_active(ptr::addr_of_mut!((*total).active), delta))
     }
 }
 
@@ -420,12 +521,13 @@ fn counts_of(key: &ConnKey) -> Option<*mut ConnCounts> {
 }
 
 #[inline(always)]
-fn record_duration(key: &ConnKey, duration_ns: u64) {
-    let histogram = match DURATIONS.get_ptr_mut(key) {
+fn record_duration(port: u16, duration_ns: u64) {
+    let port = u32::from(port);
+    let histogram = match DURATIONS.get_ptr_mut(port) {
         Some(histogram) => histogram,
         None => {
-            let _ = DURATIONS.insert(key, DurationHistogram::default(), u64::from(BPF_NOEXIST));
-            match DURATIONS.get_ptr_mut(key) {
+            let _ = DURATIONS.insert(port, DurationHistogram::default(), u64::from(BPF_NOEXIST));
+            match DURATIONS.get_ptr_mut(port) {
                 Some(histogram) => histogram,
                 None => {
                     count_error_at(error_index::HISTOGRAM_FAILED);
@@ -445,6 +547,14 @@ fn record_duration(key: &ConnKey, duration_ns: u64) {
     }
 }
 
+/// Tells the agent that `key`'s endpoint count or its port's total moved between 0 and 1.
+///
+/// Written only after *both* counters changed: a port-only waiter reads the port total,
+/// a scoped waiter the endpoint counts, and each must find the change already made when
+/// the event wakes it (writing the event between the two adds lost about 1 wake-up in 150
+/// on slow vCPUs: the agent read the port total before it was lowered and slept on).
+/// Each counter's last decrement reads the 0 it leaves (see `add_active`), so whichever
+/// count a waiter reads, the change that brought it to 0 is followed by an event.
 #[inline(always)]
 fn emit_zero_crossing(key: ConnKey, active: i64) {
     // Only ports somebody waits on. The agent sets a port's bit *before* it reads the

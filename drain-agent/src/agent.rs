@@ -9,9 +9,9 @@ use log::{error, info, warn};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
-    bpf::{Kernel, KernelOptions, parse_event},
     cli::RunArgs,
     http::{AppState, WaitLimits, router},
+    kernel::{Kernel, KernelOptions, parse_event},
     metrics::Metrics,
     tracker::Tracker,
 };
@@ -68,7 +68,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
         attach: args.attach,
+        no_seed: args.no_seed,
     })?;
+    // The agent's own API connections are not a service's: they take no slot.
+    let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+        .context("cannot read the agent's own network namespace")?;
+    kernel.ignore_own_endpoint(
+        own_netns,
+        listener.local_addr().context("listener address")?.port(),
+    )?;
     let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));
     let events = kernel
         .take_events()
@@ -86,12 +94,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
-    let repair_task = can_walk.then(|| {
-        tokio::spawn(repair_missed_changes(
-            Arc::clone(&kernel),
-            args.repair_interval,
-        ))
-    });
+    let repair_task = tokio::spawn(repair_missed_changes(
+        Arc::clone(&kernel),
+        Arc::clone(&tracker),
+        args.repair_interval,
+        can_walk,
+    ));
 
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),
@@ -99,15 +107,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
+    let address = listener.local_addr().context("listener address")?;
     let state = Arc::new(AppState {
         tracker: Arc::clone(&tracker),
         limits: WaitLimits {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
+            own_port: Some(address.port()),
         },
         metrics,
     });
-    let address = listener.local_addr().context("listener address")?;
     info!("serving on http://{address} (attached with {attach})");
     let shutdown_tracker = Arc::clone(&tracker);
     axum::serve(listener, router(state))
@@ -119,9 +128,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await
         .context("the HTTP server failed")?;
     event_task.abort();
-    if let Some(task) = repair_task {
-        task.abort();
-    }
+    repair_task.abort();
     // A repair in progress holds the lock; taking it waits for that walk to end.
     drop(
         kernel
@@ -135,29 +142,64 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// The shortest time between two repair walks started by skipped handler runs.
 const REPAIR_GAP: Duration = Duration::from_secs(5);
+/// The shortest time between two walks started by a lasting doubt (a full map, a
+/// namespace that cannot be entered): each walk may clear it, but none is likely to soon.
+const DOUBT_GAP: Duration = Duration::from_secs(30);
+/// How often idle endpoints are reclaimed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Walks the open sockets to repair missed state changes: soon after the kernel reports
 /// that it skipped the handler (checked every second, walks at most every [`REPAIR_GAP`]),
-/// and every `interval` (0: only then).
-async fn repair_missed_changes(kernel: Arc<std::sync::Mutex<Kernel>>, interval: Duration) {
+/// while the agent cannot vouch for its counts (at most every [`DOUBT_GAP`]), and every
+/// `interval` (0: only then). Also reclaims idle endpoints, and logs each doubt about the
+/// agent's health once when it appears and once when it clears.
+async fn repair_missed_changes(
+    kernel: Arc<std::sync::Mutex<Kernel>>,
+    tracker: Arc<Tracker>,
+    interval: Duration,
+    can_walk: bool,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut skipped_seen = 0;
     let mut last_walk = tokio::time::Instant::now();
+    let mut last_reclaim = tokio::time::Instant::now();
+    let mut reported: std::collections::BTreeSet<crate::doubt::Doubt> = Default::default();
     loop {
         tick.tick().await;
+        let doubts: std::collections::BTreeSet<_> = tracker.health_doubts().into_iter().collect();
+        for doubt in doubts.difference(&reported) {
+            warn!(
+                "cannot vouch for every count: {doubt}; /drained confirms with the socket tables or answers 503"
+            );
+        }
+        for doubt in reported.difference(&doubts) {
+            info!("resolved: {doubt}");
+        }
+        let doubted = !doubts.is_empty();
+        reported = doubts;
         let kernel = Arc::clone(&kernel);
         let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;
         // A walk costs a pass over every socket; under a steady trickle of skipped runs,
         // walk at most every REPAIR_GAP (a skipped change is repaired within that).
-        let may_walk = periodic || last_walk.elapsed() >= REPAIR_GAP;
+        let may_walk = can_walk && (periodic || last_walk.elapsed() >= REPAIR_GAP);
+        let doubt_walk = doubted && last_walk.elapsed() >= DOUBT_GAP;
+        let reclaim = last_reclaim.elapsed() >= RECLAIM_EVERY;
+        if reclaim {
+            last_reclaim = tokio::time::Instant::now();
+        }
         let outcome = tokio::task::spawn_blocking(
-            move || -> Result<Option<(u64, crate::bpf::RepairReport)>> {
+            move || -> Result<Option<(u64, crate::kernel::RepairReport)>> {
                 let mut kernel = kernel
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if reclaim
+                    && let Err(problem) = kernel.reclaim_idle_endpoints(crate::kernel::RECLAIM_IDLE)
+                {
+                    warn!("cannot reclaim idle endpoints: {problem:#}");
+                }
                 let skipped = kernel.handler_skipped_runs()?;
-                if !may_walk || (skipped == skipped_seen && !periodic) {
+                if !may_walk || (skipped == skipped_seen && !periodic && !doubt_walk) {
                     return Ok(None);
                 }
                 Ok(Some((skipped, kernel.repair()?)))
@@ -176,7 +218,7 @@ async fn repair_missed_changes(kernel: Arc<std::sync::Mutex<Kernel>>, interval: 
                     );
                 } else if report.opens_found + report.closes_found > 0 {
                     warn!(
-                        "periodic walk repaired {} missed open(s) and {} missed close(s)",
+                        "walk repaired {} missed open(s) and {} missed close(s)",
                         report.opens_found, report.closes_found
                     );
                 }

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bpf::AttachMethod, duration::parse_duration, metrics::PortSet};
+use crate::{duration::parse_duration, kernel::AttachMethod, metrics::PortSet};
 
 /// The default address of the agent for `wait` and `status`.
 pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:9100";

@@ -1,6 +1,6 @@
 //! The HTTP API (see the README's "HTTP API"): thin handlers over the [`Tracker`].
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -26,6 +26,9 @@ pub struct WaitLimits {
     pub default_timeout: Duration,
     /// The longest `timeout` or `settle` a request may ask for.
     pub max_timeout: Duration,
+    /// The agent's own API port: its connections are not counted, so asking about it is
+    /// a mistake (it could never drain while the request itself is open).
+    pub own_port: Option<u16>,
 }
 
 /// Everything the handlers need.
@@ -51,6 +54,30 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// Why a request is refused; each becomes a status and `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: the request names something wrong (the message names the parameter).
+    BadRequest(String),
+    /// 404: the request names something that does not exist (e.g. an unknown netns).
+    NotFound(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::BadRequest(message) => error(StatusCode::BAD_REQUEST, message),
+            Self::NotFound(message) => error(StatusCode::NOT_FOUND, message),
+        }
+    }
+}
+
+impl From<String> for ApiError {
+    fn from(message: String) -> Self {
+        Self::BadRequest(message)
+    }
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -68,28 +95,29 @@ pub struct DrainRequest {
 
 const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle"];
 
-/// Parses the query of `/drained` (also used for `/connections` filters). Every error
-/// names the parameter and what was wrong.
-pub fn parse_drain_request(
-    query: Option<&str>,
-    limits: WaitLimits,
-) -> Result<DrainRequest, String> {
+/// Splits a query into its parameters: each must be one of `known` and appear once.
+fn parse_query(query: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if !DRAIN_PARAMETERS.contains(&name.as_ref()) {
-            return Err(format!(
+        if !known.contains(&name.as_ref()) {
+            return Err(ApiError::BadRequest(format!(
                 "unknown parameter {name:?} (known: {})",
-                DRAIN_PARAMETERS.join(", ")
-            ));
+                known.join(", ")
+            )));
         }
         if values.insert(name.to_string(), value.to_string()).is_some() {
-            return Err(format!("parameter {name:?} is given more than once"));
+            return Err(ApiError::BadRequest(format!(
+                "parameter {name:?} is given more than once"
+            )));
         }
     }
-    let port = match values.get("port") {
-        None => return Err("missing parameter \"port\" (e.g. /drained?port=8080)".into()),
-        Some(text) => parse_port(text)?,
-    };
+    Ok(values)
+}
+
+/// The optional `addr` and `netns` of a query.
+fn parse_scope(
+    values: &BTreeMap<String, String>,
+) -> Result<(Option<IpAddr>, Option<u32>), ApiError> {
     let addr = values
         .get("addr")
         .map(|text| parse_addr(text))
@@ -98,6 +126,29 @@ pub fn parse_drain_request(
         .get("netns")
         .map(|text| parse_netns(text))
         .transpose()?;
+    Ok((addr, netns))
+}
+
+/// Parses the query of `/drained`. Every error names the parameter and what was wrong.
+pub fn parse_drain_request(
+    query: Option<&str>,
+    limits: WaitLimits,
+) -> Result<DrainRequest, ApiError> {
+    let values = parse_query(query, &DRAIN_PARAMETERS)?;
+    let port = match values.get("port") {
+        None => {
+            return Err(ApiError::BadRequest(
+                "missing parameter \"port\" (e.g. /drained?port=8080)".into(),
+            ));
+        }
+        Some(text) => parse_port(text)?,
+    };
+    if limits.own_port == Some(port) {
+        return Err(ApiError::BadRequest(format!(
+            "port: {port} is the agent's own API port, whose connections are not counted"
+        )));
+    }
+    let (addr, netns) = parse_scope(&values)?;
     let timeout = match values.get("timeout") {
         None => limits.default_timeout,
         Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
@@ -106,6 +157,13 @@ pub fn parse_drain_request(
         None => Duration::ZERO,
         Some(text) => parse_limited("settle", text, limits.max_timeout)?,
     };
+    if settle > timeout && !timeout.is_zero() {
+        return Err(ApiError::BadRequest(format!(
+            "settle: {} is longer than the timeout {}, so the answer could only be 503",
+            format_duration(settle),
+            format_duration(timeout)
+        )));
+    }
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
@@ -127,19 +185,22 @@ fn parse_addr(text: &str) -> Result<IpAddr, String> {
         .map_err(|_| format!("addr: {text:?} is not an IP address"))
 }
 
-/// `netns` is an inode number or the path of a namespace file.
-fn parse_netns(text: &str) -> Result<u32, String> {
+/// `netns` is an inode number of a network namespace that exists, or the path of one in
+/// the places where they live. Every refused path gets the same answer.
+fn parse_netns(text: &str) -> Result<u32, ApiError> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text
-            .parse::<u32>()
-            .map_err(|_| format!("netns: {text:?} is not a namespace inode number"));
+        let inode = text.parse::<u32>().map_err(|_| {
+            ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
+        })?;
+        if !netns::all_namespaces().contains_key(&inode) {
+            return Err(ApiError::NotFound(format!(
+                "netns: no network namespace with inode {inode} is known to the agent"
+            )));
+        }
+        return Ok(inode);
     }
-    if !text.starts_with('/') {
-        return Err(format!(
-            "netns: {text:?} is neither an inode number nor an absolute path such as /run/netns/NAME"
-        ));
-    }
-    netns::inode_of(Path::new(text)).map_err(|e| format!("netns: {e:#}"))
+    netns::inode_of_client_path(text)
+        .ok_or_else(|| ApiError::BadRequest(netns::REFUSED_PATH.into()))
 }
 
 fn parse_limited(name: &str, text: &str, max: Duration) -> Result<Duration, String> {
@@ -159,20 +220,26 @@ struct DrainedBody {
     drained: bool,
     active: u64,
     waited_ms: u64,
+    /// Why the agent cannot vouch for the count (the answer is then never "drained").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unknown: Option<String>,
 }
 
 async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
     let request = match parse_drain_request(query.as_deref(), state.limits) {
         Ok(request) => request,
-        Err(message) => {
+        Err(problem) => {
             state.metrics.drain_request("invalid", None);
-            return error(StatusCode::BAD_REQUEST, message);
+            return problem.into_response();
         }
     };
+    // A client that hangs up drops this future: the guard still records the request.
+    let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let outcome = state
         .tracker
         .wait_until_drained(&request.filter, request.timeout, request.settle)
         .await;
+    abandoned.0 = None;
     match outcome {
         Ok(outcome) => {
             let result = if outcome.drained {
@@ -191,6 +258,7 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
                 drained: outcome.drained,
                 active: outcome.active,
                 waited_ms: u64::try_from(outcome.waited.as_millis()).unwrap_or(u64::MAX),
+                unknown: outcome.unknown,
             };
             (status, Json(body)).into_response()
         }
@@ -211,13 +279,36 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
     }
 }
 
+/// Records a `/drained` request whose client went away before its answer.
+struct AbandonedGuard(Option<Arc<Metrics>>);
+
+impl Drop for AbandonedGuard {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0.take() {
+            metrics.drain_request("abandoned", None);
+        }
+    }
+}
+
+/// `200 ok`, `200 degraded` with the reasons (the agent serves, but some answers need the
+/// socket tables or say "unknown"), or `503` when the maps cannot be read.
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.tracker.check_health() {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({ "status": "ok", "attach": state.metrics.attach_method() })),
-        )
-            .into_response(),
+        Ok(()) => {
+            let reasons: Vec<String> = state
+                .tracker
+                .health_doubts()
+                .iter()
+                .filter(|doubt| doubt.degrades_health())
+                .map(ToString::to_string)
+                .collect();
+            let status = if reasons.is_empty() { "ok" } else { "degraded" };
+            let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
+            if !reasons.is_empty() {
+                body["reasons"] = json!(reasons);
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
         Err(problem) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{problem:#}")),
     }
 }
@@ -226,23 +317,18 @@ const CONNECTION_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
 
 /// `GET /connections[?port=P][&addr=IP][&netns=N]`: endpoints with active connections.
 async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let mut port = None;
-    let mut addr = None;
-    let mut netns = None;
-    for (name, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        let parsed = match name.as_ref() {
-            "port" => parse_port(&value).map(|p| port = Some(p)),
-            "addr" => parse_addr(&value).map(|a| addr = Some(a)),
-            "netns" => parse_netns(&value).map(|n| netns = Some(n)),
-            other => Err(format!(
-                "unknown parameter {other:?} (known: {})",
-                CONNECTION_PARAMETERS.join(", ")
-            )),
+    let (port, addr, netns) =
+        match parse_query(query.as_deref(), &CONNECTION_PARAMETERS).and_then(|values| {
+            let port = values
+                .get("port")
+                .map(|text| parse_port(text))
+                .transpose()?;
+            let (addr, netns) = parse_scope(&values)?;
+            Ok((port, addr, netns))
+        }) {
+            Ok(parsed) => parsed,
+            Err(problem) => return problem.into_response(),
         };
-        if let Err(message) = parsed {
-            return error(StatusCode::BAD_REQUEST, message);
-        }
-    }
     match state.tracker.snapshot() {
         Ok(mut endpoints) => {
             endpoints.retain(|e| {
@@ -292,6 +378,7 @@ mod tests {
     const LIMITS: WaitLimits = WaitLimits {
         default_timeout: Duration::from_secs(30),
         max_timeout: Duration::from_secs(300),
+        own_port: Some(9100),
     };
 
     fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
@@ -356,11 +443,19 @@ mod tests {
         assert_eq!(body["active"], 2);
         let (_, body) = get(&state, "/drained?port=8080&timeout=0&addr=::ffff:10.0.0.5").await;
         assert_eq!(body["active"], 2);
-        let (_, body) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
-        assert_eq!(body["active"], 6);
+        // The fake's endpoints live in a namespace that does not exist here: 404, not 0.
+        let (status, _) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
+        let exists = crate::netns::all_namespaces().contains_key(&4_026_531_840);
+        assert_eq!(status == StatusCode::NOT_FOUND, !exists);
+        // An inode that is no network namespace is not "drained": it is not found.
         let (status, body) = get(&state, "/drained?port=8080&timeout=0&netns=1").await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(body["active"], 0);
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("inode 1")
+        );
     }
 
     #[tokio::test]
@@ -383,11 +478,18 @@ mod tests {
                 "longer than the maximum 300s",
             ),
             ("/drained?port=80&settle=10h", "settle: 10h is longer"),
-            ("/drained?port=80&netns=abc", "netns: \"abc\" is neither"),
-            ("/drained?port=80&netns=/nonexistent", "netns: cannot open"),
+            ("/drained?port=80&netns=abc", netns::REFUSED_PATH),
+            ("/drained?port=80&netns=/nonexistent", netns::REFUSED_PATH),
             (
                 "/drained?port=80&netns=/proc/self/status",
-                "not a namespace file",
+                netns::REFUSED_PATH,
+            ),
+            ("/drained?port=80&netns=/proc/1/ns/mnt", netns::REFUSED_PATH),
+            ("/drained?port=80&netns=/root", netns::REFUSED_PATH),
+            ("/drained?port=9100", "the agent's own API port"),
+            (
+                "/drained?port=80&timeout=5s&settle=10s",
+                "longer than the timeout",
             ),
             ("/drained?port=%ZZ", "port:"),
         ];
@@ -468,5 +570,13 @@ mod tests {
         let (status, body) = get(&state, "/connections?port=x").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body["error"].as_str().unwrap_or_default().contains("port"));
+        let (status, body) = get(&state, "/connections?port=1&port=2").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("more than once")
+        );
     }
 }

@@ -2,12 +2,12 @@
 //! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
 
 pub mod agent;
-pub mod bpf;
-pub mod btf;
 pub mod cli;
 pub mod client;
+pub mod doubt;
 pub mod duration;
 pub mod http;
+pub mod kernel;
 pub mod metrics;
 pub mod netns;
 pub mod sockdiag;

@@ -60,7 +60,14 @@ impl std::str::FromStr for PortSet {
 }
 
 /// The `result` label values of `drain_agent_drain_requests_total`.
-const DRAIN_RESULTS: [&str; 5] = ["drained", "timeout", "invalid", "rejected", "error"];
+const DRAIN_RESULTS: [&str; 6] = [
+    "drained",
+    "timeout",
+    "invalid",
+    "rejected",
+    "error",
+    "abandoned",
+];
 
 /// The agent's metrics and the registry that renders them.
 pub struct Metrics {
@@ -193,6 +200,14 @@ const BUILD_INFO: (&str, &str) = (
     "drain_agent_build_info",
     "Always 1; labels give the agent version and how it is attached to the kernel.",
 );
+const WALKS: (&str, &str) = (
+    "drain_agent_walks_total",
+    "Completed walks of the open sockets (seeding and repairs); each one vouches for the counts as of its start.",
+);
+const DEGRADED: (&str, &str) = (
+    "drain_agent_degraded",
+    "1 while the agent cannot vouch for every count (a full map, a namespace it cannot walk, …; /healthz gives the reasons): /drained then confirms with the kernel's socket tables or answers 503.",
+);
 const WAITERS: (&str, &str) = (
     "drain_agent_drain_waiters",
     "/drained requests blocked now.",
@@ -218,6 +233,8 @@ impl ConnectionCollector {
             desc(REPAIRS, &["kind"])?,
             desc(BUILD_INFO, &["version", "attach"])?,
             desc(WAITERS, &[])?,
+            desc(WALKS, &[])?,
+            desc(DEGRADED, &[])?,
         ];
         Ok(Self {
             tracker,
@@ -302,6 +319,21 @@ impl Collector for ConnectionCollector {
             MetricType::GAUGE,
             vec![gauge(&[], self.tracker.waiters() as f64)],
         ));
+        families.push(family(
+            WALKS,
+            MetricType::COUNTER,
+            vec![counter(&[], self.tracker.walks() as f64)],
+        ));
+        let degraded = self
+            .tracker
+            .health_doubts()
+            .iter()
+            .any(crate::doubt::Doubt::degrades_health);
+        families.push(family(
+            DEGRADED,
+            MetricType::GAUGE,
+            vec![gauge(&[], f64::from(u8::from(degraded)))],
+        ));
 
         // A scrape that cannot read the kernel shows no connection metrics rather than
         // wrong ones; /healthz says why.
@@ -319,6 +351,20 @@ impl Collector for ConnectionCollector {
             totals.active += endpoint.active;
             totals.opened += endpoint.opened;
             totals.closed += endpoint.closed;
+        }
+        // Endpoints reclaimed after going idle keep their totals here.
+        for (port, opened, closed) in self.tracker.reclaimed_totals() {
+            if self.exported(port) {
+                let totals = by_port.entry(port).or_default();
+                totals.opened += opened;
+                totals.closed += closed;
+            }
+        }
+        // The port totals are exact even for connections counted for their port only.
+        for (port, totals) in &mut by_port {
+            if let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(*port)) {
+                totals.active = active;
+            }
         }
         let per_port = |value: fn(&PortTotals) -> u64,
                         make: fn(&[(&str, String)], f64) -> proto::Metric| {

@@ -12,6 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+/// Namespace files live on nsfs (include/uapi/linux/magic.h: NSFS_MAGIC).
+const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+
 /// Where `ip netns add` keeps named namespaces (they may have no process in them).
 pub const NAMED_NETNS_DIR: &str = "/run/netns";
 
@@ -32,8 +35,6 @@ pub fn inode_of(path: &Path) -> Result<u32> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("cannot stat {}", path.display()));
     }
-    // Namespace files live on nsfs (include/uapi/linux/magic.h: NSFS_MAGIC).
-    const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
     if stat.f_type != NSFS_MAGIC {
         bail!("{} is not a namespace file", path.display());
     }
@@ -41,6 +42,62 @@ pub fn inode_of(path: &Path) -> Result<u32> {
         .metadata()
         .with_context(|| format!("cannot stat {}", path.display()))?;
     u32::try_from(metadata.ino()).with_context(|| format!("inode of {} too big", path.display()))
+}
+
+/// The one answer to every `netns=` path that is refused, whatever the reason (missing,
+/// not a namespace, another kind of namespace, outside the allowed directories): a client
+/// must not learn anything about the file system from it.
+pub const REFUSED_PATH: &str = "netns: not a network namespace; give an inode number or a path /proc/PID/ns/net, /run/netns/NAME or /var/run/netns/NAME";
+
+/// Whether `text` names a namespace file where network namespaces live: `/proc/PID/ns/net`,
+/// `/run/netns/NAME` or `/var/run/netns/NAME` (NAME a single path component).
+fn is_allowed_netns_path(text: &str) -> bool {
+    let component =
+        |name: &str| !name.is_empty() && name != "." && name != ".." && !name.contains('/');
+    if let Some(rest) = text.strip_prefix("/proc/")
+        && let Some(pid) = rest.strip_suffix("/ns/net")
+    {
+        return !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    }
+    ["/run/netns/", "/var/run/netns/"]
+        .iter()
+        .any(|dir| text.strip_prefix(dir).is_some_and(component))
+}
+
+/// The inode of the *network* namespace at a client-given path, or `None` for anything
+/// else; the caller answers [`REFUSED_PATH`] for every `None`.
+pub fn inode_of_client_path(text: &str) -> Option<u32> {
+    if !is_allowed_netns_path(text) {
+        return None;
+    }
+    // Not O_PATH: the namespace-type ioctl needs a real descriptor. O_NONBLOCK so that a
+    // FIFO left in /run/netns cannot block us. /proc/PID/ns/net is a link that must be
+    // followed; a named namespace is a bind-mounted file, so a link there is refused.
+    let follow = if text.starts_with("/proc/") {
+        0
+    } else {
+        libc::O_NOFOLLOW
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | follow)
+        .open(text)
+        .ok()?;
+    // SAFETY: a zeroed statfs is a valid out-buffer.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 || stat.f_type != NSFS_MAGIC {
+        return None;
+    }
+    // NS_GET_NSTYPE (include/uapi/linux/nsfs.h: _IO(0xb7, 0x3)): the namespace's kind.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without argument on an nsfs file we hold open.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNET {
+        return None;
+    }
+    let metadata = file.metadata().ok()?;
+    u32::try_from(metadata.ino()).ok()
 }
 
 /// Every network namespace that has a process in it or a name under [`NAMED_NETNS_DIR`],
@@ -107,6 +164,32 @@ mod tests {
     fn own_namespace_is_found() {
         let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
         assert!(all_namespaces().contains_key(&own));
+    }
+
+    #[test]
+    fn client_paths_must_be_network_namespaces_in_the_allowed_places() {
+        let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
+        let pid = std::process::id();
+        assert_eq!(
+            inode_of_client_path(&format!("/proc/{pid}/ns/net")),
+            Some(own)
+        );
+        for refused in [
+            "/proc/self/ns/net".to_owned(),
+            format!("/proc/{pid}/ns/mnt"),
+            format!("/proc/{pid}/ns/pid"),
+            format!("/proc/{pid}/ns/../ns/net"),
+            "/proc/1/status".into(),
+            "/root".into(),
+            "/etc/passwd".into(),
+            "/nonexistent".into(),
+            "/run/netns/../../etc/passwd".into(),
+            "/run/netns/".into(),
+            "/run/netns/no-such-namespace".into(),
+            "/var/run/netns/a/b".into(),
+        ] {
+            assert_eq!(inode_of_client_path(&refused), None, "{refused}");
+        }
     }
 
     #[test]

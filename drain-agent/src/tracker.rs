@@ -15,10 +15,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use drain_agent_common::DurationHistogram;
 use serde::Serialize;
 use tokio::{sync::watch, time::Instant};
+
+use crate::doubt::{Doubt, describe};
 
 /// One listening endpoint (netns, local address, port) and its counts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -62,6 +64,33 @@ pub trait ConnectionSource: Send + Sync + 'static {
     /// zero-crossing wake-ups for watched ports. Must take effect before it returns.
     fn watch_port(&self, _port: u16, _watched: bool) -> Result<()> {
         Ok(())
+    }
+    /// Why the counts of `filter` cannot be vouched for now (empty: they can).
+    fn doubts(&self, _filter: &Filter) -> Result<Vec<Doubt>> {
+        Ok(Vec::new())
+    }
+    /// Doubts about the agent as a whole, for `/healthz` and the logs.
+    fn health_doubts(&self) -> Vec<Doubt> {
+        Vec::new()
+    }
+    /// Connections matching `filter` open right now, counted from the kernel's socket
+    /// tables rather than the maps (blocking; enters namespaces). Used only to confirm a
+    /// doubted zero.
+    fn confirm(&self, _filter: &Filter) -> Result<u64> {
+        bail!("this source cannot confirm counts")
+    }
+    /// Walks of the open sockets completed so far.
+    fn walks(&self) -> u64 {
+        0
+    }
+    /// Opened and closed totals of reclaimed endpoints, by port: `(port, opened, closed)`.
+    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+        Vec::new()
+    }
+    /// The last change of endpoints of `port` that were reclaimed (CLOCK_MONOTONIC ns, 0:
+    /// none): scoped quiet windows must not forget them.
+    fn reclaimed_last_change(&self, _port: u16) -> u64 {
+        0
     }
 }
 
@@ -108,12 +137,31 @@ pub fn canonical_addr(addr: IpAddr) -> IpAddr {
 }
 
 /// The answer to "is it drained?".
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DrainOutcome {
     pub drained: bool,
     pub active: u64,
     pub waited: Duration,
+    /// Set when the count could not be vouched for and the kernel's socket tables could
+    /// not settle it either: why the answer is "not drained" although the count is 0.
+    pub unknown: Option<String>,
 }
+
+/// What a doubted zero turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Nothing to doubt, or the socket tables confirm zero.
+    Drained,
+    /// The socket tables show connections the maps missed.
+    Busy(u64),
+    /// Neither the maps nor the socket tables can say.
+    Unknown(String),
+}
+
+/// How long a doubted waiter waits before it asks the socket tables again: connections
+/// the maps missed send no events when they close, so this one case looks periodically.
+const CONFIRM_RETRY: Duration = Duration::from_millis(250);
+const CONFIRM_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Why a wait could not even start.
 #[derive(Debug)]
@@ -251,6 +299,16 @@ impl Tracker {
         self.source.repairs()
     }
 
+    /// Walks of the open sockets completed so far.
+    pub fn walks(&self) -> u64 {
+        self.source.walks()
+    }
+
+    /// Opened and closed totals of reclaimed endpoints, by port.
+    pub fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+        self.source.reclaimed_totals()
+    }
+
     /// Active connections matching `filter`, now.
     pub fn active(&self, filter: &Filter) -> Result<u64> {
         Ok(self.state(filter)?.active)
@@ -273,6 +331,10 @@ impl Tracker {
                 state.last_change_ns = state.last_change_ns.max(endpoint.last_change_ns);
             }
         }
+        // A reclaimed endpoint of this port may have been in scope: its last change counts.
+        state.last_change_ns = state
+            .last_change_ns
+            .max(self.source.reclaimed_last_change(filter.port));
         Ok(state)
     }
 
@@ -319,8 +381,33 @@ impl Tracker {
         self.waiters.load(Ordering::Acquire)
     }
 
+    /// Whether a zero count for `filter` can be trusted: without doubts, yes; with
+    /// doubts, the kernel's socket tables decide.
+    async fn verdict(&self, filter: &Filter) -> Verdict {
+        let doubts = match self.source.doubts(filter) {
+            Ok(doubts) => doubts,
+            Err(problem) => return Verdict::Unknown(format!("{problem:#}")),
+        };
+        if doubts.is_empty() {
+            return Verdict::Drained;
+        }
+        let source = Arc::clone(&self.source);
+        let scope = filter.clone();
+        let confirmed = tokio::task::spawn_blocking(move || source.confirm(&scope)).await;
+        match confirmed {
+            Ok(Ok(0)) => Verdict::Drained,
+            Ok(Ok(open)) => Verdict::Busy(open),
+            Ok(Err(problem)) => Verdict::Unknown(format!(
+                "{} (and the socket tables could not be read: {problem:#})",
+                describe(&doubts)
+            )),
+            Err(problem) => Verdict::Unknown(format!("{}: {problem}", describe(&doubts))),
+        }
+    }
+
     /// Blocks until no connection matching `filter` has been active for `settle`, or until
     /// `timeout` passes, or until the agent shuts down. `timeout` zero answers at once.
+    /// Never answers drained from a count it cannot vouch for (see [`Doubt`]).
     pub async fn wait_until_drained(
         &self,
         filter: &Filter,
@@ -339,27 +426,52 @@ impl Tracker {
         let mut shutdown = self.shutdown.subscribe();
         let settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
         let mut recheck_at = Some(started + ARRIVAL_RECHECK);
+        let mut confirm_retry = CONFIRM_RETRY;
         loop {
             // Mark the current generation seen *before* reading, so a change that lands
             // between the read and the sleep still wakes us.
             port_watch.changes.borrow_and_update();
-            let state = self.state(filter).map_err(WaitError::Source)?;
+            let mut state = self.state(filter).map_err(WaitError::Source)?;
             let zero_for_ns = monotonic_ns().saturating_sub(state.last_change_ns);
-            let settled = state.active == 0 && zero_for_ns >= settle_ns;
+            let quiet = state.active == 0 && zero_for_ns >= settle_ns;
+            let mut unknown = None;
+            let mut doubted = false;
+            let drained = if quiet {
+                match self.verdict(filter).await {
+                    Verdict::Drained => true,
+                    Verdict::Busy(open) => {
+                        state.active = open;
+                        doubted = true;
+                        false
+                    }
+                    Verdict::Unknown(why) => {
+                        unknown = Some(why);
+                        doubted = true;
+                        false
+                    }
+                }
+            } else {
+                false
+            };
             let now = Instant::now();
-            if settled || now >= deadline || *shutdown.borrow_and_update() {
+            if drained || now >= deadline || *shutdown.borrow_and_update() {
                 return Ok(DrainOutcome {
-                    drained: settled,
+                    drained,
                     active: state.active,
                     waited: now - started,
+                    unknown,
                 });
             }
             // At zero but not settled yet: look again when the settle time is up.
-            let mut wake_at = if state.active == 0 {
+            let mut wake_at = if state.active == 0 && !doubted {
                 deadline.min(now + Duration::from_nanos(settle_ns - zero_for_ns))
             } else {
                 deadline
             };
+            if doubted {
+                wake_at = wake_at.min(now + confirm_retry);
+                confirm_retry = (confirm_retry * 2).min(CONFIRM_RETRY_MAX);
+            }
             match recheck_at {
                 Some(at) if at <= now => recheck_at = None,
                 Some(at) => wake_at = wake_at.min(at),
@@ -377,6 +489,11 @@ impl Tracker {
             }
         }
     }
+
+    /// Doubts about the agent as a whole (for `/healthz`).
+    pub fn health_doubts(&self) -> Vec<Doubt> {
+        self.source.health_doubts()
+    }
 }
 
 #[cfg(test)]
@@ -384,12 +501,30 @@ pub mod fake {
     //! A connection source the tests set by hand.
     use super::*;
 
-    #[derive(Default)]
     pub struct FakeSource {
         pub endpoints: Mutex<Vec<Endpoint>>,
         pub broken: std::sync::atomic::AtomicBool,
         /// Ports the tracker asked to watch, as it left them.
         pub watched: Mutex<std::collections::BTreeSet<u16>>,
+        /// What `doubts` says for every filter.
+        pub doubts: Mutex<Vec<Doubt>>,
+        /// What `confirm` answers (an error text, or the count).
+        pub confirmed: Mutex<Result<u64, String>>,
+        /// How often `confirm` was asked.
+        pub confirmations: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Default for FakeSource {
+        fn default() -> Self {
+            Self {
+                endpoints: Mutex::default(),
+                broken: std::sync::atomic::AtomicBool::default(),
+                watched: Mutex::default(),
+                doubts: Mutex::default(),
+                confirmed: Mutex::new(Err("no socket tables in the fake".into())),
+                confirmations: std::sync::atomic::AtomicUsize::default(),
+            }
+        }
     }
 
     impl FakeSource {
@@ -399,6 +534,19 @@ pub mod fake {
     }
 
     impl ConnectionSource for FakeSource {
+        fn doubts(&self, _filter: &Filter) -> Result<Vec<Doubt>> {
+            Ok(self.doubts.lock().expect("lock").clone())
+        }
+
+        fn confirm(&self, _filter: &Filter) -> Result<u64> {
+            self.confirmations.fetch_add(1, Ordering::Relaxed);
+            self.confirmed
+                .lock()
+                .expect("lock")
+                .clone()
+                .map_err(anyhow::Error::msg)
+        }
+
         fn endpoints(&self) -> Result<Vec<Endpoint>> {
             if self.broken.load(Ordering::Relaxed) {
                 anyhow::bail!("fake source is broken");
@@ -518,7 +666,8 @@ mod tests {
             DrainOutcome {
                 drained: false,
                 active: 3,
-                waited: Duration::ZERO
+                waited: Duration::ZERO,
+                unknown: None,
             }
         );
     }
@@ -633,6 +782,52 @@ mod tests {
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
         assert!(outcome.drained);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_doubted_zero_is_never_drained_unless_the_socket_tables_confirm_it() {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
+        *source.doubts.lock().expect("lock") = vec![Doubt::ConnectionsLost { port: 80 }];
+        // The socket tables cannot be read: 503 with the reason, at the timeout.
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::from_secs(3), Duration::ZERO)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert!(!outcome.drained);
+        assert!(outcome.waited >= Duration::from_secs(3));
+        let why = outcome.unknown.expect("a reason");
+        assert!(
+            why.contains("port 80") && why.contains("socket tables"),
+            "{why}"
+        );
+        // They show two connections the maps missed: not drained, and the count says so.
+        *source.confirmed.lock().expect("lock") = Ok(2);
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert_eq!((outcome.drained, outcome.active), (false, 2));
+        // A waiter looks again by itself (those connections send no events) and answers
+        // once the tables show zero.
+        let waiter = spawn_hour_long_waiter(&tracker, 80);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished());
+        *source.confirmed.lock().expect("lock") = Ok(0);
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(outcome.drained);
+        assert!(outcome.waited <= Duration::from_secs(5) + CONFIRM_RETRY_MAX);
+        // Without doubts the tables are not asked at all.
+        source.doubts.lock().expect("lock").clear();
+        let asked = source.confirmations.load(Ordering::Relaxed);
+        let outcome = tracker
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("outcome");
+        assert!(outcome.drained);
+        assert_eq!(source.confirmations.load(Ordering::Relaxed), asked);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,11 +1,14 @@
 //! The kernel side, from user space: load the programs, pick how to attach, seed the
 //! connections that already exist, and read the maps. Dropping [`Kernel`] detaches it all.
 
+pub mod btf;
+pub mod maps;
+pub mod reclaim;
+
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     fmt, fs,
     io::Read as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
     path::Path,
     sync::{
@@ -23,16 +26,16 @@ use aya::{
     },
 };
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, PortTotals, SockEntry, ZeroCrossing,
-    error_index, repair, watched_bit,
+    ConnCounts, ConnKey, SockEntry, ZeroCrossing, netns_port_key, repair, watched_bit,
 };
 use log::{debug, info, warn};
 
-use crate::{
-    btf::{Btf, VMLINUX_BTF},
-    netns,
-    tracker::{ConnectionSource, Endpoint, PortState},
+use self::btf::{Btf, VMLINUX_BTF};
+pub use self::{
+    maps::KernelMaps,
+    reclaim::{RECLAIM_IDLE, ReclaimReport},
 };
+use crate::netns;
 
 /// The eBPF object, built by build.rs from drain-agent-ebpf and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
@@ -88,6 +91,8 @@ pub struct KernelOptions {
     pub max_endpoints: u32,
     /// Attach only this way (default: the first of [`AttachMethod::ALL`] that works).
     pub attach: Option<AttachMethod>,
+    /// Connections open before start are not counted by a walk at start.
+    pub no_seed: bool,
 }
 
 /// The loaded and attached programs, and the maps the agent reads.
@@ -102,23 +107,18 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     /// Every tracked socket, for the sweep after a walk.
     sockets: HashMap<MapData, u64, SockEntry>,
+    /// The walker's listener map, emptied before each walk.
+    listeners: HashMap<MapData, u64, u8>,
+    /// A second handle on the endpoint counters, to delete reclaimed ones.
+    counts: HashMap<MapData, ConnKey, ConnCounts>,
+    retiring: HashMap<MapData, ConnKey, u8>,
+    retiring_ports: Array<MapData, u64>,
+    own_endpoints: HashMap<MapData, u64, u8>,
+    own_ports: Array<MapData, u64>,
     /// Why walks cannot run on this kernel, if they cannot.
     walker_problem: Option<String>,
-}
-
-/// The maps the agent reads while serving; shared with the HTTP side.
-pub struct KernelMaps {
-    counts: HashMap<MapData, ConnKey, ConnCounts>,
-    durations: HashMap<MapData, ConnKey, DurationHistogram>,
-    errors: Array<MapData, u64>,
-    port_totals: Array<MapData, PortTotals>,
-    /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
-    watched_ports: Mutex<Array<MapData, u64>>,
-    repairs: Array<MapData, u64>,
-    /// Repairs made by the start-up seeding walk, which are not repairs.
-    seeding_opens: AtomicU64,
-    /// Runs of the handler the kernel skipped (`recursion_misses`), as last read.
-    handler_skipped: AtomicU64,
+    /// Capacity of the endpoint map (reclaim pressure).
+    max_endpoints: u32,
 }
 
 impl Kernel {
@@ -143,7 +143,6 @@ impl Kernel {
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
-            .map_max_entries("DURATIONS", options.max_endpoints)
             .map_max_entries("LISTENERS", options.max_endpoints)
             .load(EBPF_OBJECT)
             .context("cannot load the eBPF object (is the agent running as root, or with CAP_BPF and CAP_PERFMON?)")?;
@@ -174,18 +173,23 @@ impl Kernel {
         })?;
         info!("attached to {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} with {attach}");
 
-        let maps = KernelMaps {
-            counts: take_map(&mut ebpf, "COUNTS")?,
-            durations: take_map(&mut ebpf, "DURATIONS")?,
-            errors: take_map(&mut ebpf, "ERRORS")?,
-            port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
-            watched_ports: Mutex::new(take_map(&mut ebpf, "WATCHED_PORTS")?),
-            repairs: take_map(&mut ebpf, "REPAIRS")?,
-            seeding_opens: AtomicU64::new(0),
-            handler_skipped: AtomicU64::new(0),
+        let handler = ebpf
+            .program(attach.program())
+            .context("the handler is not loaded")?
+            .fd()
+            .context("the handler has no fd")?
+            .try_clone()
+            .context("cannot duplicate the handler's fd")?;
+        let counts_map = ebpf
+            .take_map("COUNTS")
+            .context("the eBPF object has no map COUNTS")?;
+        let aya::maps::Map::HashMap(counts_data) = &counts_map else {
+            bail!("map COUNTS has an unexpected type");
         };
-        let events = take_map(&mut ebpf, "EVENTS")?;
-        let sockets = take_map(&mut ebpf, "SOCKETS")?;
+        let counts_writer = HashMap::try_from(aya::maps::Map::HashMap(second_handle(counts_data)?))
+            .context("cannot open the endpoint map twice")?;
+        let counts: HashMap<MapData, ConnKey, ConnCounts> =
+            HashMap::try_from(counts_map).context("map COUNTS has an unexpected type")?;
         let walker_problem = load_walker(&mut ebpf, &aya_btf)
             .err()
             .map(|problem| format!("{problem:#}"));
@@ -194,7 +198,31 @@ impl Kernel {
                 "connections open before start cannot be counted, nor missed changes repaired: {problem}"
             );
         }
+        let maps = KernelMaps {
+            counts,
+            durations: take_map(&mut ebpf, "DURATIONS")?,
+            errors: take_map(&mut ebpf, "ERRORS")?,
+            port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
+            watched_ports: Mutex::new(take_map(&mut ebpf, "WATCHED_PORTS")?),
+            repairs: take_map(&mut ebpf, "REPAIRS")?,
+            handler,
+            seeding_opens: AtomicU64::new(0),
+            handler_skipped: AtomicU64::new(0),
+            vouched: Mutex::default(),
+            walks: AtomicU64::new(0),
+            reclaimed: Mutex::default(),
+            no_walker: walker_problem.is_some(),
+            not_seeded: options.no_seed,
+        };
+        let events = take_map(&mut ebpf, "EVENTS")?;
+        let sockets = take_map(&mut ebpf, "SOCKETS")?;
         Ok(Self {
+            listeners: take_map(&mut ebpf, "LISTENERS")?,
+            counts: counts_writer,
+            retiring: take_map(&mut ebpf, "RETIRING")?,
+            retiring_ports: take_map(&mut ebpf, "RETIRING_PORTS")?,
+            own_endpoints: take_map(&mut ebpf, "OWN_ENDPOINTS")?,
+            own_ports: take_map(&mut ebpf, "OWN_PORTS")?,
             ebpf,
             aya_btf: Some(aya_btf),
             attach,
@@ -202,7 +230,22 @@ impl Kernel {
             events: Some(events),
             sockets,
             walker_problem,
+            max_endpoints: options.max_endpoints,
         })
+    }
+
+    /// Leaves connections to the agent's own listener at `port` in the namespace `netns`
+    /// uncounted: they are not a service's, and must not take a slot.
+    pub fn ignore_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        self.own_endpoints
+            .insert(netns_port_key(netns, port), 1, 0)
+            .context("cannot record the agent's own endpoint")?;
+        let (word, mask) = watched_bit(port);
+        let bits = self.own_ports.get(&word, 0).context("own-ports bitmap")?;
+        self.own_ports
+            .set(word, bits | mask, 0)
+            .context("own-ports bitmap")?;
+        Ok(())
     }
 
     /// How the handler is attached.
@@ -247,10 +290,19 @@ impl Kernel {
             .context("the eBPF object has no walker")?
             .try_into()
             .context("the walker is not an iterator")?;
+        // Every counter as it is before the walk: what the walk will vouch for.
+        let snapshot = self.maps.snapshot()?;
+        // Listeners are recorded afresh by each walk (a closed one must not linger, and a
+        // full map is then only ever this walk's).
+        let stale_listeners: Vec<u64> = self.listeners.keys().filter_map(Result::ok).collect();
+        for key in stale_listeners {
+            let _ = self.listeners.remove(&key);
+        }
         let mut report = WalkReport {
             started_ns: crate::tracker::monotonic_ns(),
             ..WalkReport::default()
         };
+        let mut failed = BTreeSet::new();
         for (inode, path) in netns::all_namespaces() {
             let link_id = program
                 .attach()
@@ -270,8 +322,8 @@ impl Kernel {
                     report.walked.insert(inode);
                 }
                 Err(error) => {
-                    // A namespace whose processes just exited is gone; nothing to count there.
                     report.failed += 1;
+                    failed.insert(inode);
                     warn!(
                         "cannot walk network namespace {inode} ({}): {error:#}",
                         path.display()
@@ -279,6 +331,11 @@ impl Kernel {
                 }
             }
         }
+        // A namespace whose processes just exited is gone, and so are its connections;
+        // one that is still there was not walked, and its counts are not vouched for.
+        let still_there = netns::all_namespaces();
+        failed.retain(|inode| still_there.contains_key(inode));
+        self.maps.vouch(snapshot, failed);
         Ok(report)
     }
 
@@ -329,14 +386,7 @@ impl Kernel {
     /// handler was already running on that CPU, interrupted by a softirq). Each may be a
     /// missed open or close; [`Kernel::repair`] finds those.
     pub fn handler_skipped_runs(&self) -> Result<u64> {
-        let program = self
-            .ebpf
-            .program(self.attach.program())
-            .context("the handler is not loaded")?;
-        let fd = program.fd().context("the handler has no fd")?;
-        let skipped = recursion_misses(fd.as_fd())?;
-        self.maps.handler_skipped.store(skipped, Ordering::Relaxed);
-        Ok(skipped)
+        self.maps.handler_skipped_runs()
     }
 }
 
@@ -363,6 +413,16 @@ fn load_walker(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
         .context("forget_stale_socket is not a raw tracepoint")?;
     forget.load().context("cannot load forget_stale_socket")?;
     Ok(())
+}
+
+/// Opens a second, independently owned handle on a map (the same kernel object).
+fn second_handle(map: &MapData) -> Result<MapData> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate a map fd")?;
+    MapData::from_fd(fd).context("cannot open the map again")
 }
 
 /// `bpf_prog_info.recursion_misses` of a loaded program (Linux >= 5.12; 0 before).
@@ -544,20 +604,6 @@ fn raise_memlock_limit() {
     }
 }
 
-/// The address of a key, as an `IpAddr`.
-pub fn key_addr(key: &ConnKey) -> IpAddr {
-    if key.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
-        ))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(key.addr))
-    }
-}
-
 /// Parses one ring-buffer record.
 pub fn parse_event(bytes: &[u8]) -> Option<ZeroCrossing> {
     if bytes.len() < std::mem::size_of::<ZeroCrossing>() {
@@ -567,114 +613,12 @@ pub fn parse_event(bytes: &[u8]) -> Option<ZeroCrossing> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ZeroCrossing>()) })
 }
 
-impl KernelMaps {
-    fn repair_count(&self, index: u32) -> Result<u64> {
-        self.repairs
-            .get(&index, 0)
-            .with_context(|| format!("cannot read repair counter {index}"))
-    }
-}
-
-impl ConnectionSource for KernelMaps {
-    fn endpoints(&self) -> Result<Vec<Endpoint>> {
-        let mut endpoints = Vec::new();
-        for entry in self.counts.iter() {
-            let (key, counts) = entry.context("cannot read the connection-count map")?;
-            endpoints.push(Endpoint {
-                netns: key.netns,
-                addr: key_addr(&key),
-                port: key.port,
-                // Never negative by construction (exactly-once map); clamp all the same.
-                active: u64::try_from(counts.active).unwrap_or(0),
-                opened: counts.opened,
-                closed: counts.closed,
-                last_change_ns: counts.last_change_ns,
-            });
-        }
-        Ok(endpoints)
-    }
-
-    fn port_state(&self, port: u16) -> Result<Option<PortState>> {
-        let totals = self
-            .port_totals
-            .get(&u32::from(port), 0)
-            .with_context(|| format!("cannot read the totals of port {port}"))?;
-        Ok(Some(PortState {
-            active: u64::try_from(totals.active).unwrap_or(0),
-            last_change_ns: totals.last_change_ns,
-        }))
-    }
-
-    fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
-        let (word, mask) = watched_bit(port);
-        let mut bitmap = self
-            .watched_ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bits = bitmap
-            .get(&word, 0)
-            .context("cannot read the watched-ports bitmap")?;
-        let bits = if watched { bits | mask } else { bits & !mask };
-        bitmap
-            .set(word, bits, 0)
-            .context("cannot update the watched-ports bitmap")?;
-        // The bit must be visible before the caller reads the count it waits on (the
-        // program reads the bit after changing a count): a full barrier between the two.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn check_health(&self) -> Result<()> {
-        self.errors
-            .get(&0, 0)
-            .map(drop)
-            .context("the kernel maps are not readable")
-    }
-
-    fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
-        self.durations
-            .iter()
-            .map(|entry| {
-                entry
-                    .map(|(key, histogram)| (key.port, histogram))
-                    .context("cannot read the duration map")
-            })
-            .collect()
-    }
-
-    fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
-        let mut errors = (0..error_index::COUNT)
-            .zip(error_index::NAMES)
-            .map(|(index, name)| {
-                self.errors
-                    .get(&index, 0)
-                    .map(|count| (name, count))
-                    .with_context(|| format!("cannot read error counter {name}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        errors.push((
-            "handler_skipped",
-            self.handler_skipped.load(Ordering::Relaxed),
-        ));
-        Ok(errors)
-    }
-
-    fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
-        let seeding = self.seeding_opens.load(Ordering::Relaxed);
-        Ok(vec![
-            (
-                "missed_open",
-                self.repair_count(repair::OPENS_FOUND)?
-                    .saturating_sub(seeding),
-            ),
-            ("missed_close", self.repair_count(repair::CLOSES_FOUND)?),
-        ])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::maps::key_addr;
+    use drain_agent_common::AF_INET;
+    use std::net::{IpAddr, Ipv6Addr};
 
     const FORMAT: &str = "name: inet_sock_set_state
 ID: 1470

@@ -1,0 +1,125 @@
+//! Why the agent cannot vouch for a count: the fail-closed rule's vocabulary.
+//!
+//! A count read from the kernel maps is exact while every state change reached the
+//! handler and every connection found room in the maps. When that may not hold for a
+//! question's scope, the count is *doubted*: the agent does not answer "drained" from it.
+//! It checks the kernel's socket tables instead (sock_diag, see `kernel::confirm`), and if
+//! even that is impossible it answers 503 with the doubt as the reason. Never a false
+//! "drained".
+
+use std::fmt;
+
+/// One reason a count may be wrong.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Doubt {
+    /// The kernel skipped runs of the handler (another BPF program was running on that CPU)
+    /// since the last walk began: a connection may have opened unseen. Routine under load;
+    /// repaired by the next walk.
+    HandlerSkipped,
+    /// The handler could not read a socket's fields.
+    ReadFailed,
+    /// A walk could not record every listener: a pre-existing inbound connection may have
+    /// been taken for an outbound one.
+    ListenerMapFull,
+    /// A close found no counters for its endpoint (should never happen).
+    CountMissing,
+    /// Connections open before the agent started were not counted (`--no-seed`) and no
+    /// walk has run since.
+    NotSeeded,
+    /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
+    /// and skipped runs cannot be found.
+    NoWalker,
+    /// Connections on this port could not be tracked: the per-socket map was full
+    /// (`--max-connections`) since the last walk began.
+    ConnectionsLost { port: u16 },
+    /// Some connections on this port are counted for the port only, not for their
+    /// address and namespace (the endpoint map was full, `--max-endpoints`, or an endpoint
+    /// was being reclaimed): answers scoped by `addr` or `netns` cannot use the counts.
+    Unscoped { port: u16 },
+    /// A network namespace could not be walked: its pre-existing connections are unknown.
+    NamespaceUnwalked { netns: u32 },
+    /// The per-socket map overflowed since the last walk began (health; the ports
+    /// concerned show [`Doubt::ConnectionsLost`]).
+    SocketMapFull,
+    /// The endpoint map overflowed since the last walk began (health; the ports concerned
+    /// show [`Doubt::Unscoped`]).
+    EndpointMapFull,
+}
+
+impl Doubt {
+    /// Whether the doubt means something is wrong with the agent or its limits (shown by
+    /// `/healthz` as degraded), not a routine condition the next walk clears.
+    pub const fn degrades_health(&self) -> bool {
+        !matches!(self, Self::HandlerSkipped | Self::Unscoped { .. })
+    }
+}
+
+impl fmt::Display for Doubt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HandlerSkipped => {
+                f.write_str("the kernel skipped handler runs since the last walk of the sockets")
+            }
+            Self::ReadFailed => f.write_str("the handler could not read a socket"),
+            Self::ListenerMapFull => {
+                f.write_str("the listener map was full during a walk (--max-endpoints)")
+            }
+            Self::CountMissing => f.write_str("a close found no counters for its endpoint"),
+            Self::NotSeeded => f.write_str(
+                "connections open before start were not counted (--no-seed) and no walk has run yet",
+            ),
+            Self::NoWalker => f.write_str(
+                "this kernel cannot walk the open sockets (iter/tcp): pre-existing connections are unknown",
+            ),
+            Self::ConnectionsLost { port } => write!(
+                f,
+                "connections on port {port} could not be tracked: the socket map is full (--max-connections)"
+            ),
+            Self::Unscoped { port } => write!(
+                f,
+                "some connections on port {port} are counted for the port only (endpoint map full, --max-endpoints, or an endpoint being reclaimed)"
+            ),
+            Self::NamespaceUnwalked { netns } => {
+                write!(f, "network namespace {netns} could not be walked")
+            }
+            Self::SocketMapFull => f.write_str(
+                "the socket map is full (--max-connections): some connections are not tracked",
+            ),
+            Self::EndpointMapFull => f.write_str(
+                "the endpoint map is full (--max-endpoints): some connections are counted for their port only",
+            ),
+        }
+    }
+}
+
+/// Joins doubts into one line for an answer or a log.
+pub fn describe(doubts: &[Doubt]) -> String {
+    doubts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routine_doubts_do_not_degrade_health() {
+        assert!(!Doubt::HandlerSkipped.degrades_health());
+        assert!(!Doubt::Unscoped { port: 1 }.degrades_health());
+        assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
+        assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
+    }
+
+    #[test]
+    fn descriptions_name_the_cause() {
+        let text = describe(&[Doubt::ConnectionsLost { port: 8080 }, Doubt::NotSeeded]);
+        assert!(
+            text.contains("port 8080") && text.contains("--max-connections"),
+            "{text}"
+        );
+        assert!(text.contains("--no-seed"), "{text}");
+    }
+}

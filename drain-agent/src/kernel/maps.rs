@@ -1,0 +1,406 @@
+//! The maps the agent reads while serving, shared with the HTTP side: counts, totals,
+//! errors, and what the last walk vouched for (the fail-closed rule, see [`Doubt`]).
+
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData},
+    programs::ProgramFd,
+};
+use drain_agent_common::{
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, error_index, repair,
+    watched_bit,
+};
+
+use crate::{
+    doubt::Doubt,
+    netns,
+    tracker::{ConnectionSource, Endpoint, Filter, PortState, canonical_addr},
+};
+
+/// The maps the agent reads while serving.
+pub struct KernelMaps {
+    pub(super) counts: HashMap<MapData, ConnKey, ConnCounts>,
+    pub(super) durations: HashMap<MapData, u32, DurationHistogram>,
+    pub(super) errors: Array<MapData, u64>,
+    pub(super) port_totals: Array<MapData, PortTotals>,
+    /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
+    pub(super) watched_ports: Mutex<Array<MapData, u64>>,
+    pub(super) repairs: Array<MapData, u64>,
+    /// The attached handler, to read how many runs the kernel skipped.
+    pub(super) handler: ProgramFd,
+    /// Repairs made by the start-up seeding walk, which are not repairs.
+    pub(super) seeding_opens: AtomicU64,
+    /// Runs of the handler the kernel skipped (`recursion_misses`), as last read.
+    pub(super) handler_skipped: AtomicU64,
+    /// What the walks vouched for.
+    pub(super) vouched: Mutex<Vouched>,
+    /// Walks completed.
+    pub(super) walks: AtomicU64,
+    /// Totals of reclaimed endpoints, by port (their counters left the kernel map).
+    pub(super) reclaimed: Mutex<StdHashMap<u16, Reclaimed>>,
+    /// This kernel cannot walk the open sockets.
+    pub(super) no_walker: bool,
+    /// Connections open before start were not counted (`--no-seed`).
+    pub(super) not_seeded: bool,
+}
+
+/// The counters of endpoints that were reclaimed, summed per port.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reclaimed {
+    pub opened: u64,
+    pub closed: u64,
+    pub last_change_ns: u64,
+    pub endpoints: u64,
+}
+
+/// The error counters and skipped runs at one instant, and the per-port `lost` counters
+/// of the ports that have any.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub skipped: u64,
+    pub errors: [u64; error_index::COUNT as usize],
+    pub lost: StdHashMap<u16, u64>,
+}
+
+/// What the last complete walk vouched for: every change before `snapshot` was taken is
+/// reflected in the maps (a walk counts the missed opens and un-counts the missed closes of
+/// every namespace it could enter), except in the namespaces in `unwalked`.
+#[derive(Debug, Default)]
+pub struct Vouched {
+    pub snapshot: Option<Snapshot>,
+    pub unwalked: BTreeSet<u32>,
+    /// The `socket_map_full` total when `lost` was last read port by port.
+    lost_read_at: Option<u64>,
+    lost: StdHashMap<u16, u64>,
+}
+
+impl KernelMaps {
+    pub(super) fn repair_count(&self, index: u32) -> Result<u64> {
+        self.repairs
+            .get(&index, 0)
+            .with_context(|| format!("cannot read repair counter {index}"))
+    }
+
+    fn error_counts(&self) -> Result<[u64; error_index::COUNT as usize]> {
+        let mut counts = [0; error_index::COUNT as usize];
+        for (index, slot) in (0..error_index::COUNT).zip(counts.iter_mut()) {
+            *slot = self
+                .errors
+                .get(&index, 0)
+                .with_context(|| format!("cannot read error counter {index}"))?;
+        }
+        Ok(counts)
+    }
+
+    /// Runs of the handler the kernel skipped so far.
+    pub fn handler_skipped_runs(&self) -> Result<u64> {
+        let skipped = super::recursion_misses(self.handler.as_fd())?;
+        self.handler_skipped.store(skipped, Ordering::Relaxed);
+        Ok(skipped)
+    }
+
+    fn vouched(&self) -> std::sync::MutexGuard<'_, Vouched> {
+        self.vouched.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The counters now, taken just before a walk begins. Reading `lost` port by port
+    /// costs 65,536 lookups, so it is done only when the socket map has overflowed since
+    /// the last read.
+    pub(super) fn snapshot(&self) -> Result<Snapshot> {
+        let skipped = self.handler_skipped_runs()?;
+        let errors = self.error_counts()?;
+        let overflowed = errors[error_index::SOCKET_MAP_FULL as usize];
+        let mut vouched = self.vouched();
+        if overflowed > 0 && vouched.lost_read_at != Some(overflowed) {
+            let mut lost = StdHashMap::new();
+            for port in 1..PORT_COUNT {
+                let totals = self
+                    .port_totals
+                    .get(&port, 0)
+                    .context("cannot read the port totals")?;
+                if totals.lost > 0 {
+                    lost.insert(u16::try_from(port).unwrap_or(u16::MAX), totals.lost);
+                }
+            }
+            vouched.lost = lost;
+            vouched.lost_read_at = Some(overflowed);
+        }
+        Ok(Snapshot {
+            skipped,
+            errors,
+            lost: vouched.lost.clone(),
+        })
+    }
+
+    /// A walk that began at `snapshot` has ended; `unwalked` are the namespaces it could
+    /// not enter (and that still exist).
+    pub(super) fn vouch(&self, snapshot: Snapshot, unwalked: BTreeSet<u32>) {
+        let mut vouched = self.vouched();
+        vouched.snapshot = Some(snapshot);
+        vouched.unwalked = unwalked;
+        self.walks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Doubts that concern every scope.
+    fn global_doubts(&self, health: bool) -> Result<Vec<Doubt>> {
+        let mut doubts = Vec::new();
+        if self.no_walker {
+            doubts.push(Doubt::NoWalker);
+        }
+        let vouched = self.vouched();
+        let Some(snapshot) = &vouched.snapshot else {
+            if self.not_seeded {
+                doubts.push(Doubt::NotSeeded);
+            }
+            return Ok(doubts);
+        };
+        let errors = self.error_counts()?;
+        let grew = |index: u32| errors[index as usize] > snapshot.errors[index as usize];
+        if !health && self.handler_skipped_runs()? > snapshot.skipped {
+            doubts.push(Doubt::HandlerSkipped);
+        }
+        if grew(error_index::READ_FAILED) {
+            doubts.push(Doubt::ReadFailed);
+        }
+        if grew(error_index::LISTENER_MAP_FULL) {
+            doubts.push(Doubt::ListenerMapFull);
+        }
+        if grew(error_index::COUNT_MISSING) {
+            doubts.push(Doubt::CountMissing);
+        }
+        if health {
+            if grew(error_index::SOCKET_MAP_FULL) {
+                doubts.push(Doubt::SocketMapFull);
+            }
+            if grew(error_index::COUNT_MAP_FULL) {
+                doubts.push(Doubt::EndpointMapFull);
+            }
+            doubts.extend(
+                vouched
+                    .unwalked
+                    .iter()
+                    .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
+            );
+        }
+        Ok(doubts)
+    }
+
+    /// Counts the connections of `filter` in one namespace from its socket tables.
+    fn count_in_namespace(path: PathBuf, filter: &Filter) -> Result<u64> {
+        let port = filter.port;
+        let addr = filter.addr;
+        netns::run_in(&path, move || {
+            use crate::sockdiag::{Query, query, state};
+            let sockets = query(&Query {
+                local_port: port,
+                states: state::bit(state::ESTABLISHED) | state::bit(state::CLOSE_WAIT),
+                with_info: false,
+            })?;
+            Ok(sockets
+                .iter()
+                .filter(|socket| addr.is_none_or(|addr| canonical_addr(socket.local.ip()) == addr))
+                .count() as u64)
+        })
+    }
+}
+
+/// The address of a key, as an `IpAddr`.
+pub fn key_addr(key: &ConnKey) -> IpAddr {
+    if key.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
+    }
+}
+
+impl ConnectionSource for KernelMaps {
+    fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let mut endpoints = Vec::new();
+        for entry in self.counts.iter() {
+            let (key, counts) = entry.context("cannot read the connection-count map")?;
+            endpoints.push(Endpoint {
+                netns: key.netns,
+                addr: key_addr(&key),
+                port: key.port,
+                // Never negative by construction (exactly-once map); clamp all the same.
+                active: u64::try_from(counts.active).unwrap_or(0),
+                opened: counts.opened,
+                closed: counts.closed,
+                last_change_ns: counts.last_change_ns,
+            });
+        }
+        Ok(endpoints)
+    }
+
+    fn walks(&self) -> u64 {
+        self.walks.load(Ordering::Relaxed)
+    }
+
+    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+        self.reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(port, totals)| (*port, totals.opened, totals.closed))
+            .collect()
+    }
+
+    fn reclaimed_last_change(&self, port: u16) -> u64 {
+        self.reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&port)
+            .map_or(0, |totals| totals.last_change_ns)
+    }
+
+    fn port_state(&self, port: u16) -> Result<Option<PortState>> {
+        let totals = self
+            .port_totals
+            .get(&u32::from(port), 0)
+            .with_context(|| format!("cannot read the totals of port {port}"))?;
+        Ok(Some(PortState {
+            active: u64::try_from(totals.active).unwrap_or(0),
+            last_change_ns: totals.last_change_ns,
+        }))
+    }
+
+    fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
+        let (word, mask) = watched_bit(port);
+        let mut bitmap = self
+            .watched_ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let bits = bitmap
+            .get(&word, 0)
+            .context("cannot read the watched-ports bitmap")?;
+        let bits = if watched { bits | mask } else { bits & !mask };
+        bitmap
+            .set(word, bits, 0)
+            .context("cannot update the watched-ports bitmap")?;
+        // The bit must be visible before the caller reads the count it waits on (the
+        // program reads the bit after changing a count): a full barrier between the two.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn doubts(&self, filter: &Filter) -> Result<Vec<Doubt>> {
+        let mut doubts = self.global_doubts(false)?;
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        let vouched = self.vouched();
+        let lost_at_walk = vouched
+            .snapshot
+            .as_ref()
+            .and_then(|snapshot| snapshot.lost.get(&filter.port).copied())
+            .unwrap_or(0);
+        if totals.lost > lost_at_walk {
+            doubts.push(Doubt::ConnectionsLost { port: filter.port });
+        }
+        let scoped = filter.addr.is_some() || filter.netns.is_some();
+        if scoped && totals.unscoped > 0 {
+            doubts.push(Doubt::Unscoped { port: filter.port });
+        }
+        doubts.extend(
+            vouched
+                .unwalked
+                .iter()
+                .filter(|netns| filter.netns.is_none_or(|wanted| wanted == **netns))
+                .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
+        );
+        Ok(doubts)
+    }
+
+    fn health_doubts(&self) -> Vec<Doubt> {
+        self.global_doubts(true).unwrap_or_else(|problem| {
+            log::warn!("cannot read the error counters: {problem:#}");
+            vec![Doubt::ReadFailed]
+        })
+    }
+
+    fn confirm(&self, filter: &Filter) -> Result<u64> {
+        let namespaces = netns::all_namespaces();
+        let targets: Vec<(u32, PathBuf)> = match filter.netns {
+            Some(wanted) => vec![(
+                wanted,
+                namespaces
+                    .get(&wanted)
+                    .cloned()
+                    .with_context(|| format!("network namespace {wanted} cannot be entered"))?,
+            )],
+            None => namespaces.into_iter().collect(),
+        };
+        let mut open = 0;
+        for (inode, path) in targets {
+            match Self::count_in_namespace(path, filter) {
+                Ok(count) => open += count,
+                // A namespace that is gone has no connections left.
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(problem) => {
+                    return Err(problem)
+                        .with_context(|| format!("cannot read network namespace {inode}"));
+                }
+            }
+        }
+        Ok(open)
+    }
+
+    fn check_health(&self) -> Result<()> {
+        self.errors
+            .get(&0, 0)
+            .map(drop)
+            .context("the kernel maps are not readable")
+    }
+
+    fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        self.durations
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(port, histogram)| (u16::try_from(port).unwrap_or(0), histogram))
+                    .context("cannot read the duration map")
+            })
+            .collect()
+    }
+
+    fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut errors: Vec<(&'static str, u64)> = error_index::NAMES
+            .into_iter()
+            .zip(self.error_counts()?)
+            .collect();
+        errors.push((
+            "handler_skipped",
+            self.handler_skipped.load(Ordering::Relaxed),
+        ));
+        Ok(errors)
+    }
+
+    fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
+        let seeding = self.seeding_opens.load(Ordering::Relaxed);
+        Ok(vec![
+            (
+                "missed_open",
+                self.repair_count(repair::OPENS_FOUND)?
+                    .saturating_sub(seeding),
+            ),
+            ("missed_close", self.repair_count(repair::CLOSES_FOUND)?),
+        ])
+    }
+}

@@ -1,0 +1,171 @@
+//! Reclaiming endpoint counters that went idle, so that the endpoint map cannot be filled
+//! for good by endpoints that come and go (pod churn, or a user connecting to thousands of
+//! loopback addresses).
+//!
+//! The rule, and why no open is ever lost (the kernel half is `is_retiring` in the eBPF
+//! program):
+//! 1. mark: set the port's bit in `RETIRING_PORTS`, put the key in `RETIRING`;
+//! 2. wait for an RCU grace period with `membarrier(MEMBARRIER_CMD_GLOBAL)`, which calls
+//!    `synchronize_rcu()` (kernel/sched/membarrier.c). Every run of the programs is an RCU
+//!    read-side section (tracepoint probes run with preemption disabled; `__bpf_trace_run()`,
+//!    `bpf_iter_run_prog()` and `BPF_PROG_TEST_RUN` take `rcu_read_lock()`), so when it
+//!    returns every run that could have missed the mark has ended, and every later open of
+//!    the key sees the mark and counts the socket for its port only, never touching the
+//!    endpoint's counters;
+//! 3. read the counters and delete the entry only if `active` is 0: no socket is counted in
+//!    it, no open can add one, and a close only touches it for a socket counted in it;
+//! 4. unmark.
+//!
+//! So a deleted entry is one no program holds or will take a pointer to. Writing from user
+//! space into the map instead (or deleting without the grace period) could let an open add
+//! to an element that is already freed and reused by another key: a count silently too low.
+
+use std::{collections::HashMap as StdHashMap, sync::PoisonError, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use drain_agent_common::{ConnKey, watched_bit};
+use log::debug;
+
+use super::{Kernel, maps::Reclaimed};
+use crate::tracker::monotonic_ns;
+
+/// An endpoint at zero for this long is reclaimed.
+pub const RECLAIM_IDLE: Duration = Duration::from_secs(60);
+/// Above this share of the endpoint map in use, endpoints at zero are reclaimed however
+/// recently they changed.
+const PRESSURE_PERCENT: u64 = 75;
+/// At most this many endpoints per round (the size of the `RETIRING` map).
+const BATCH: usize = 4_096;
+
+/// What a reclaim round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimReport {
+    pub reclaimed: u64,
+    /// Endpoints that gained a connection while being reclaimed and were kept.
+    pub kept: u64,
+}
+
+impl Kernel {
+    /// Reclaims the counters of endpoints at zero that have been idle for `idle` (or at all,
+    /// when the map is under pressure). See the module documentation for why it is safe.
+    pub fn reclaim_idle_endpoints(&mut self, idle: Duration) -> Result<ReclaimReport> {
+        let now = monotonic_ns();
+        let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut in_use = 0u64;
+        let mut candidates = Vec::new();
+        for entry in self.counts.iter() {
+            let Ok((key, counts)) = entry else { continue };
+            in_use += 1;
+            if counts.active == 0 && candidates.len() < BATCH {
+                candidates.push((key, counts.last_change_ns));
+            }
+        }
+        let pressure = in_use * 100 >= u64::from(self.max_endpoints) * PRESSURE_PERCENT;
+        candidates
+            .retain(|(_, last_change)| pressure || now.saturating_sub(*last_change) >= idle_ns);
+        if candidates.is_empty() {
+            return Ok(ReclaimReport::default());
+        }
+        // 1. Mark.
+        let mut words: StdHashMap<u32, u64> = StdHashMap::new();
+        for (key, _) in &candidates {
+            let (word, mask) = watched_bit(key.port);
+            *words.entry(word).or_default() |= mask;
+        }
+        for (word, mask) in &words {
+            let bits = self
+                .retiring_ports
+                .get(word, 0)
+                .context("retiring bitmap")?;
+            self.retiring_ports
+                .set(*word, bits | mask, 0)
+                .context("retiring bitmap")?;
+        }
+        let mut marked = Vec::with_capacity(candidates.len());
+        for (key, _) in &candidates {
+            if self.retiring.insert(key, 1, 0).is_ok() {
+                marked.push(*key);
+            }
+        }
+        // 2. Wait for every program run that may have missed the mark.
+        let waited = synchronize_rcu();
+        // 3. Delete the entries still at zero (only if the wait really happened).
+        let mut report = ReclaimReport::default();
+        if waited.is_ok() {
+            let mut reclaimed = self
+                .maps
+                .reclaimed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for key in &marked {
+                let Ok(counts) = self.counts.get(key, 0) else {
+                    continue;
+                };
+                if counts.active != 0 {
+                    report.kept += 1;
+                    continue;
+                }
+                if self.counts.remove(key).is_ok() {
+                    let totals = reclaimed.entry(key.port).or_insert_with(Reclaimed::default);
+                    totals.opened += counts.opened;
+                    totals.closed += counts.closed;
+                    totals.last_change_ns = totals.last_change_ns.max(counts.last_change_ns);
+                    totals.endpoints += 1;
+                    report.reclaimed += 1;
+                }
+            }
+        }
+        // 4. Unmark: the keys first, then the bits (an open that still sees a bit finds no
+        // key and counts normally).
+        for key in &marked {
+            let _ = self.retiring.remove(key);
+        }
+        for (word, mask) in &words {
+            let bits = self
+                .retiring_ports
+                .get(word, 0)
+                .context("retiring bitmap")?;
+            self.retiring_ports
+                .set(*word, bits & !mask, 0)
+                .context("retiring bitmap")?;
+        }
+        waited.context("cannot wait for running programs; no endpoint reclaimed")?;
+        debug!(
+            "reclaimed {} idle endpoints ({} kept, map {}% full)",
+            report.reclaimed,
+            report.kept,
+            in_use * 100 / u64::from(self.max_endpoints.max(1))
+        );
+        Ok(report)
+    }
+
+    /// Keys being reclaimed now (for tests).
+    pub fn retiring_keys(&self) -> Vec<ConnKey> {
+        self.retiring.keys().filter_map(Result::ok).collect()
+    }
+}
+
+/// Waits until every CPU has passed through a quiescent state: `membarrier(
+/// MEMBARRIER_CMD_GLOBAL)` runs `synchronize_rcu()` (Linux >= 4.16 under this name; it
+/// refuses with EINVAL on `nohz_full` systems, and then nothing is reclaimed).
+fn synchronize_rcu() -> Result<()> {
+    // With one CPU online, membarrier returns without a grace period, relying on nothing
+    // else running; a preemptible program run (PREEMPT_RT kernels) would break that, so
+    // reclaim nothing there (a full endpoint map still fails closed).
+    // SAFETY: sysconf has no preconditions.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        bail!("one CPU online: membarrier would not wait for a grace period");
+    }
+    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0) };
+    if supported < 0 || supported & MEMBARRIER_CMD_GLOBAL == 0 {
+        bail!("membarrier(MEMBARRIER_CMD_GLOBAL) is not available");
+    }
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
+    }
+    Ok(())
+}
