@@ -29,6 +29,10 @@ const MAX_SLICE: Duration = Duration::from_secs(60);
 /// How long to pause before asking a briefly unreachable agent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
+/// How long past its deadline `wait` waits for an answer the agent sends at that deadline
+/// (the agent answers a `timeout=T` request after T, plus the time to send it).
+const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
 /// `http://host:port[/prefix]`, split up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentUrl {
@@ -80,46 +84,93 @@ pub struct Response {
     pub body: String,
 }
 
-/// `GET path` with a deadline for the whole exchange.
+/// The longest a connect may take within a `get` (a SYN to a dead host is not retried
+/// sooner otherwise).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most of an answer `get` reads (the agent's largest, /metrics, is far smaller).
+const MAX_ANSWER: usize = 16 << 20;
+
+/// `GET path` with a deadline for the whole exchange: connect, send and read together take
+/// at most `timeout` (name resolution aside: the agent URL is normally an IP address).
 pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
+    let deadline = Instant::now() + timeout;
     let address = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {}", url.host))?
         .next()
         .with_context(|| format!("{} has no address", url.host))?;
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2).min(timeout))
+    let mut stream = TcpStream::connect_timeout(&address, left(deadline)?.min(CONNECT_TIMEOUT))
         .with_context(|| format!("cannot connect to the agent at {address}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .context("socket timeout")?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .context("socket timeout")?;
     let host = if url.host.contains(':') {
         format!("[{}]", url.host)
     } else {
         url.host.clone()
     };
-    write!(
-        stream,
+    let request = format!(
         "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: drain-agent/{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
         url.prefix,
         url.port,
         env!("CARGO_PKG_VERSION")
-    )
-    .context("cannot send the request")?;
+    );
+    let mut sent = 0;
+    while sent < request.len() {
+        stream
+            .set_write_timeout(Some(left(deadline)?))
+            .context("socket timeout")?;
+        match stream.write(&request.as_bytes()[sent..]) {
+            Ok(0) => bail!("the agent closed the connection before the request was sent"),
+            Ok(n) => sent += n,
+            Err(problem) if problem.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(problem) => return Err(problem).context("cannot send the request"),
+        }
+    }
     let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .context("no complete answer from the agent")?;
+    let mut buffer = [0u8; 16 << 10];
+    loop {
+        stream
+            .set_read_timeout(Some(left(deadline)?))
+            .context("socket timeout")?;
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buffer[..n]);
+                if raw.len() > MAX_ANSWER {
+                    bail!("the agent's answer is longer than {MAX_ANSWER} bytes");
+                }
+            }
+            Err(problem) if problem.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(problem)
+                if matches!(
+                    problem.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("no complete answer from the agent within {timeout:?}")
+            }
+            Err(problem) => return Err(problem).context("no complete answer from the agent"),
+        }
+    }
     parse_response(&raw)
 }
 
+/// Time left until `deadline`; an error once it has passed (a zero socket timeout would
+/// mean "no timeout").
+fn left(deadline: Instant) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("no complete answer from the agent by the deadline");
+    }
+    Ok(left)
+}
+
 fn parse_response(raw: &[u8]) -> Result<Response> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+    let split = raw
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
         .context("the agent's answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let body = &raw[split + 4..];
     let status = head
         .split_whitespace()
         .nth(1)
@@ -132,21 +183,36 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
     let body = if chunked {
         dechunk(body)?
     } else {
-        body.to_owned()
+        body.to_vec()
     };
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
-fn dechunk(mut body: &str) -> Result<String> {
-    let mut out = String::new();
+/// Joins the chunks of a chunked body. On bytes: chunk sizes count bytes, and a chunk may
+/// end inside a multi-byte character.
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
     loop {
-        let (size, rest) = body.split_once("\r\n").context("bad chunked body")?;
+        let line_end = body
+            .windows(2)
+            .position(|window| window == b"\r\n")
+            .context("bad chunked body")?;
+        let size = std::str::from_utf8(&body[..line_end]).context("bad chunk size")?;
+        // Chunk extensions (";name=value") are allowed after the size.
+        let size = size.split(';').next().unwrap_or_default();
         let size = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
+        let rest = &body[line_end + 2..];
         if size == 0 {
             return Ok(out);
         }
-        out.push_str(rest.get(..size).context("short chunk")?);
-        body = rest.get(size + 2..).context("short chunk")?;
+        out.extend_from_slice(rest.get(..size).context("short chunk")?);
+        body = rest
+            .get(size..)
+            .and_then(|after| after.strip_prefix(b"\r\n"))
+            .context("short chunk")?;
     }
 }
 
@@ -198,7 +264,11 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         if !args.settle.is_zero() {
             query.push_str(&format!("&settle={}ms", args.settle.as_millis()));
         }
-        match get(&url, &query, slice + Duration::from_secs(5)) {
+        // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
+        // does: an agent that accepts but never answers (stopped, or out of file
+        // descriptors with connections queued in its backlog) must not stretch the wait.
+        let exchange = (slice + Duration::from_secs(5)).min(remaining + ANSWER_MARGIN);
+        match get(&url, &query, exchange) {
             Ok(response) if response.status == 200 || response.status == 503 => {
                 match serde_json::from_str::<DrainedBody>(&response.body) {
                     Ok(body) if body.drained => {
@@ -411,6 +481,70 @@ mod tests {
         .expect("chunked");
         assert_eq!(chunked.body, "abcde");
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn chunks_split_inside_a_character_join_on_bytes() {
+        // "é" is two bytes (c3 a9), sent in two chunks of one byte each; chunk extensions
+        // are ignored.
+        let split = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{\xc3\r\n1;x=y\r\n\xa9\r\n1\r\n}\r\n0\r\n\r\n",
+        )
+        .expect("split character");
+        assert_eq!(split.body, "{\u{e9}}");
+        // A stray invalid byte counts as one byte, not as the three of U+FFFD.
+        let invalid = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\na\xff\r\n1\r\nb\r\n0\r\n\r\n",
+        )
+        .expect("invalid byte");
+        assert_eq!(invalid.body, "a\u{fffd}b");
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+                .is_err()
+        );
+    }
+
+    /// A listener that accepts (through the backlog) and never answers.
+    fn silent_agent() -> (std::net::TcpListener, AgentUrl) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+        (listener, url)
+    }
+
+    #[test]
+    fn get_keeps_its_deadline_against_a_silent_agent() {
+        let (_listener, url) = silent_agent();
+        let started = Instant::now();
+        let answer = get(&url, "/healthz", Duration::from_millis(700));
+        let took = started.elapsed();
+        assert!(answer.is_err());
+        assert!(
+            took >= Duration::from_millis(650) && took < Duration::from_millis(1200),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn get_keeps_its_deadline_against_a_trickling_agent() {
+        // Sends a byte every 200 ms: per-read timeouts alone would never fire.
+        let (listener, url) = silent_agent();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n");
+                for _ in 0..50 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if stream.write_all(b"x").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let started = Instant::now();
+        let answer = get(&url, "/healthz", Duration::from_secs(1));
+        let took = started.elapsed();
+        assert!(answer.is_err());
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
     }
 
     #[test]
