@@ -46,6 +46,12 @@ fn init_logging(level: &str) {
 
 /// The agent itself.
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Room for the eBPF objects and --http-max-connections sockets under a default unit's
+    // soft limit of 1,024.
+    match crate::fdlimit::raise_soft_limit() {
+        Ok(limit) => log::debug!("open-file limit: {limit}"),
+        Err(problem) => warn!("{problem:#}"),
+    }
     ensure!(
         args.default_timeout <= args.max_timeout,
         "--default-timeout ({:?}) is longer than --max-timeout ({:?})",
@@ -119,14 +125,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     });
     info!("serving on http://{address} (attached with {attach})");
     let shutdown_tracker = Arc::clone(&tracker);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
+    crate::server::serve(
+        listener,
+        router(state),
+        crate::server::ServerLimits::from_args(&args),
+        async move {
             wait_for_stop_signal().await;
             info!("shutting down: answering open waiters");
             shutdown_tracker.begin_shutdown();
-        })
-        .await
-        .context("the HTTP server failed")?;
+        },
+    )
+    .await
+    .context("the HTTP server failed")?;
     event_task.abort();
     repair_task.abort();
     // A repair in progress holds the lock; taking it waits for that walk to end.

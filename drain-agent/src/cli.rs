@@ -60,6 +60,28 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS", default_value_t = 1024)]
     pub max_waiters: usize,
 
+    /// Open HTTP connections at most (kept below the open-file limit). At the cap, a new
+    /// connection replaces the oldest idle one; when every one has a request in progress,
+    /// the new one is closed at once.
+    #[arg(long, env = "DRAIN_AGENT_HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    pub http_max_connections: usize,
+
+    /// Time a client has to send a complete request head (idle connections are closed then).
+    #[arg(long, env = "DRAIN_AGENT_HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Drop a connection whose answer makes no progress this long (a client that does not read).
+    #[arg(long, env = "DRAIN_AGENT_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_write_timeout: Duration,
+
+    /// How long open HTTP connections get to finish on SIGTERM before they are dropped.
+    #[arg(long, env = "DRAIN_AGENT_HTTP_SHUTDOWN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub http_shutdown_timeout: Duration,
+
+    /// How many /drained requests one source IP address may have in progress; more get 429.
+    #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS_PER_SOURCE", default_value_t = 64)]
+    pub max_waiters_per_source: usize,
+
     /// Connections tracked at once (kernel per-socket map size). Memory is used as
     /// connections come (about 100 bytes each), not reserved up front.
     #[arg(long, env = "DRAIN_AGENT_MAX_CONNECTIONS", default_value_t = 262_144)]
@@ -139,6 +161,10 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.run.listen, "127.0.0.1:9100".parse().expect("addr"));
         assert_eq!(cli.run.default_timeout, Duration::from_secs(30));
+        assert_eq!(
+            crate::server::ServerLimits::from_args(&cli.run),
+            crate::server::ServerLimits::default()
+        );
     }
 
     #[test]

@@ -1,0 +1,893 @@
+//! The HTTP server loop: accepts connections and runs hyper on them, with the limits
+//! `axum::serve` does not have. The agent answers stop hooks; a client that holds sockets
+//! open, trickles headers, never reads its answers or blocks many `/drained` requests must
+//! not be able to keep the hooks of everyone else from being answered, nor the agent from
+//! exiting.
+//!
+//! - **Connection cap** ([`ServerLimits::max_connections`], kept below the open-file limit
+//!   so `accept` does not run out of file descriptors). At the cap, a new connection takes
+//!   the place of the *oldest idle* connection (one with no request in a handler: waiting
+//!   for its first request, trickling headers, or kept alive between requests), which is
+//!   closed. Why not "stop accepting until one frees": new connections would queue in the
+//!   kernel's backlog behind the idle ones, and a stop hook would wait for idle sockets to
+//!   time out. Why not "accept and close at once": anyone holding `max_connections` idle
+//!   sockets would shut everyone else out. Evicting the oldest idle one lets a well-behaved
+//!   client in at once; only when every connection has a request in progress (e.g. blocked
+//!   `/drained` waiters) is the new connection closed at once.
+//! - **Header-read timeout**: a connection that has not sent a complete request head within
+//!   [`ServerLimits::header_timeout`] (first request, or the next one on a kept-alive
+//!   connection) is closed.
+//! - **Write timeout**: a connection whose answer makes no progress for
+//!   [`ServerLimits::write_timeout`] (a client that does not read) is dropped.
+//! - **`/drained` waiters per source IP** ([`ServerLimits::max_waiters_per_source`]): more
+//!   get 429, so one client cannot use up the agent-wide `--max-waiters`.
+//! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
+//!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
+//!   connections closed) and whatever is left after [`ServerLimits::shutdown_timeout`] is
+//!   dropped.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use anyhow::{Result, ensure};
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Request, State},
+    http::StatusCode,
+    middleware::{Next, from_fn_with_state},
+    response::{IntoResponse, Response},
+};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use log::{debug, info, warn};
+use serde_json::json;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+    task::{AbortHandle, JoinSet},
+    time::{Instant, Sleep},
+};
+use tower::ServiceExt as _;
+
+use crate::{cli::RunArgs, fdlimit, tracker::canonical_addr};
+
+/// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
+/// links, the runtime, namespace files while seeding): the connection cap is lowered to
+/// stay this far below the open-file limit.
+const RESERVED_FDS: u64 = 128;
+
+/// How long to pause accepting after an accept error that is not about one connection
+/// (EMFILE, ENFILE, ENOBUFS...): retrying at once would spin, and the error is not fatal.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the server allows its clients; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Open HTTP connections at most (lowered to stay below the open-file limit).
+    pub max_connections: usize,
+    /// Time for a client to send a complete request head.
+    pub header_timeout: Duration,
+    /// Time an answer may make no write progress before the connection is dropped.
+    pub write_timeout: Duration,
+    /// `/drained` requests in progress at once per source IP address; more get 429.
+    pub max_waiters_per_source: usize,
+    /// Time open connections get to finish after shutdown begins.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            header_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            max_waiters_per_source: 64,
+            shutdown_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ServerLimits {
+    /// The limits `drain-agent run` was given.
+    pub fn from_args(args: &RunArgs) -> Self {
+        Self {
+            max_connections: args.http_max_connections,
+            header_timeout: args.http_header_timeout,
+            write_timeout: args.http_write_timeout,
+            max_waiters_per_source: args.max_waiters_per_source,
+            shutdown_timeout: args.http_shutdown_timeout,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            self.max_connections > 0,
+            "--http-max-connections must be at least 1"
+        );
+        ensure!(
+            !self.header_timeout.is_zero(),
+            "--http-header-timeout must be longer than 0"
+        );
+        ensure!(
+            !self.write_timeout.is_zero(),
+            "--http-write-timeout must be longer than 0"
+        );
+        ensure!(
+            self.max_waiters_per_source > 0,
+            "--max-waiters-per-source must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
+/// `limits.shutdown_timeout`. Each request carries the peer address as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    limits.check()?;
+    let cap = connection_cap(limits.max_connections);
+    let app = app.layer(from_fn_with_state(
+        SourceLimiter::new(limits.max_waiters_per_source),
+        limit_waiters_per_source,
+    ));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Slots::default());
+    let mut tasks = JoinSet::new();
+    let mut accept_errors_logged_at: Option<Instant> = None;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Reap finished connection tasks (their slots are freed by their guards already).
+        while tasks.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(problem) if is_per_connection(&problem) => continue,
+            Err(problem) => {
+                // EMFILE and friends: not fatal, but retrying at once would spin.
+                if accept_errors_logged_at.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    warn!(
+                        "cannot accept HTTP connections: {problem} (pausing {ACCEPT_ERROR_PAUSE:?}; \
+                         {} open, cap {cap})",
+                        slots.open()
+                    );
+                    accept_errors_logged_at = Some(Instant::now());
+                }
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        if !slots.make_room(cap) {
+            debug!("{peer}: closed at once, {cap} connections have requests in progress");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let service = {
+            let app = app.clone();
+            let in_flight = Arc::clone(&in_flight);
+            service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let busy = Busy::new(Arc::clone(&in_flight));
+                let app = app.clone();
+                async move {
+                    let response = app.oneshot(request).await;
+                    drop(busy);
+                    response
+                }
+            })
+        };
+        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+        let connection = graceful.watch(builder.serve_connection(io, service));
+        slots.open_slot(&mut tasks, in_flight, async move {
+            if let Err(problem) = connection.await {
+                debug!("{peer}: connection ended: {problem}");
+            }
+        });
+    }
+    // Stop accepting: new connections are refused from here on.
+    drop(listener);
+    let open = slots.open();
+    if open > 0 {
+        info!(
+            "waiting up to {:?} for {open} HTTP connection(s) to finish",
+            limits.shutdown_timeout
+        );
+    }
+    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            "dropping {} HTTP connection(s) still open {:?} after shutdown began",
+            slots.open(),
+            limits.shutdown_timeout
+        );
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// The connection cap: `wanted`, lowered to stay [`RESERVED_FDS`] below the open-file limit.
+fn connection_cap(wanted: usize) -> usize {
+    let limit = match fdlimit::soft_limit() {
+        Ok(limit) => limit,
+        Err(problem) => {
+            warn!("{problem:#}; keeping --http-max-connections {wanted}");
+            return wanted;
+        }
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > room {
+        warn!(
+            "--http-max-connections {wanted} lowered to {room}: the open-file limit is {limit} \
+             and {RESERVED_FDS} are kept for the rest of the agent (raise LimitNOFILE)"
+        );
+        room
+    } else {
+        wanted
+    }
+}
+
+/// Accept errors that concern one connection only (retry at once).
+fn is_per_connection(problem: &io::Error) -> bool {
+    matches!(
+        problem.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// The open connections, oldest first, and whether each has a request in a handler.
+#[derive(Default)]
+struct Slots {
+    open: Mutex<SlotMap>,
+}
+
+#[derive(Default)]
+struct SlotMap {
+    next_id: u64,
+    slots: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    in_flight: Arc<AtomicUsize>,
+    abort: AbortHandle,
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotMap> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn open(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Whether one more connection fits under `cap`, closing the oldest idle one if needed.
+    fn make_room(&self, cap: usize) -> bool {
+        let victim = {
+            let mut map = self.lock();
+            if map.slots.len() < cap {
+                return true;
+            }
+            let Some(id) = map
+                .slots
+                .iter()
+                .find(|(_, slot)| slot.in_flight.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id)
+            else {
+                return false;
+            };
+            map.slots.remove(&id)
+        };
+        if let Some(victim) = victim {
+            // Dropping the connection's future closes its socket.
+            victim.abort.abort();
+        }
+        true
+    }
+
+    /// Runs a connection task that holds a slot until it ends (or is aborted).
+    fn open_slot(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<()>,
+        in_flight: Arc<AtomicUsize>,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
+        // Held while spawning, so the task's guard cannot remove the slot before it exists.
+        let mut map = self.lock();
+        let id = map.next_id;
+        map.next_id += 1;
+        let guard = SlotGuard {
+            slots: Arc::clone(self),
+            id,
+        };
+        let abort = tasks.spawn(async move {
+            let _guard = guard;
+            work.await;
+        });
+        map.slots.insert(id, Slot { in_flight, abort });
+    }
+}
+
+/// Frees a connection's slot when its task ends or is aborted.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.lock().slots.remove(&self.id);
+    }
+}
+
+/// Marks a connection busy (not evictable) while one of its requests is in a handler.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(in_flight: Arc<AtomicUsize>) -> Self {
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(in_flight)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts `/drained` requests in progress per source address.
+#[derive(Clone)]
+struct SourceLimiter {
+    max: usize,
+    waiting: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl SourceLimiter {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            waiting: Arc::default(),
+        }
+    }
+
+    fn try_acquire(&self, source: IpAddr) -> Option<SourcePermit> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = waiting.entry(source).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(SourcePermit {
+            limiter: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One `/drained` request in progress; released when the request ends or is dropped.
+struct SourcePermit {
+    limiter: SourceLimiter,
+    source: IpAddr,
+}
+
+impl Drop for SourcePermit {
+    fn drop(&mut self) {
+        let mut waiting = self
+            .limiter
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = waiting.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                waiting.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Middleware: at most `max` `/drained` requests in progress per source IP (IPv4-mapped
+/// IPv6 folded to IPv4); more get 429. Requests without `ConnectInfo` (not from [`serve`])
+/// are not limited here.
+async fn limit_waiters_per_source(
+    State(limiter): State<SourceLimiter>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path() != "/drained" {
+        return next.run(request).await;
+    }
+    let Some(ConnectInfo(peer)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    else {
+        return next.run(request).await;
+    };
+    let source = canonical_addr(peer.ip());
+    let Some(_permit) = limiter.try_acquire(source) else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({
+                "error": format!(
+                    "{} /drained requests from {source} are in progress already \
+                     (--max-waiters-per-source); retry later",
+                    limiter.max
+                )
+            })),
+        )
+            .into_response();
+    };
+    next.run(request).await
+}
+
+/// An I/O object whose writes fail with `TimedOut` after `limit` without progress: a client
+/// that stops reading cannot hold its connection (and the agent's shutdown) forever.
+pub struct WriteTimeout<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed while a write is pending; reset when one makes progress.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<T> WriteTimeout<T> {
+    pub fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// Passes a ready result through (progress: disarm); on pending, arms the timer and
+    /// fails once it fires.
+    fn guard<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.armed = false;
+            return poll;
+        }
+        let deadline = Instant::now() + self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if !self.armed {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = true;
+        if timer.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {:?}", self.limit),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.guard(cx, poll)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use axum::routing::get;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpSocket, TcpStream},
+        sync::{Notify, oneshot},
+        task::JoinHandle,
+    };
+
+    use super::*;
+
+    /// A test app: `/healthz` answers at once, `/drained` blocks until released (and
+    /// counts the requests that reached it), `/big` answers 256 KiB.
+    struct TestServer {
+        addr: SocketAddr,
+        entered: Arc<AtomicUsize>,
+        release: Arc<Notify>,
+        stop: Option<oneshot::Sender<()>>,
+        task: JoinHandle<Result<()>>,
+    }
+
+    fn limits() -> ServerLimits {
+        ServerLimits {
+            header_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
+            ..ServerLimits::default()
+        }
+    }
+
+    async fn start(limits: ServerLimits) -> TestServer {
+        let entered = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
+        let app = {
+            let entered = Arc::clone(&entered);
+            let release = Arc::clone(&release);
+            Router::new()
+                .route("/healthz", get(|| async { "ok" }))
+                .route("/big", get(|| async { "x".repeat(256 << 10) }))
+                .route(
+                    "/drained",
+                    get(move || {
+                        let release = Arc::clone(&release);
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            release.notified().await;
+                            "released"
+                        }
+                    }),
+                )
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, limits, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            entered,
+            release,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    impl TestServer {
+        /// Waits until `count` requests reached `/drained`.
+        async fn wait_entered(&self, count: usize) {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while self.entered.load(Ordering::SeqCst) < count {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("requests reached the handler");
+        }
+
+        /// Begins shutdown; returns how long `serve` took to return.
+        async fn stop(mut self) -> Duration {
+            let started = Instant::now();
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("serve returned")
+                .expect("task")
+                .expect("serve");
+            started.elapsed()
+        }
+    }
+
+    async fn send(stream: &mut TcpStream, path: &str) {
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+    }
+
+    /// Reads until EOF (or a reset); the text read.
+    async fn read_all(stream: &mut TcpStream) -> String {
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+            .await
+            .expect("the server closed the connection");
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
+    /// `GET path` with `Connection: close` from `source`; the status line and body.
+    async fn request_from(addr: SocketAddr, source: &str, path: &str) -> String {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{source}:0").parse().expect("source"))
+            .expect("bind source");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("send");
+        read_all(&mut stream).await
+    }
+
+    async fn request(addr: SocketAddr, path: &str) -> String {
+        request_from(addr, "127.0.0.1", path).await
+    }
+
+    /// Whether the server closed `stream` (EOF or reset) within a short time.
+    async fn closed_by_server(stream: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_the_cap_a_new_client_replaces_the_oldest_idle_connection() {
+        let server = start(ServerLimits {
+            max_connections: 4,
+            ..limits()
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..6 {
+            idle.push(TcpStream::connect(server.addr).await.expect("connect"));
+        }
+        let answer = request(server.addr, "/healthz").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("ok"), "{answer}");
+        // 6 idle + 1 client through a cap of 4: the three oldest idle ones were closed.
+        for (i, stream) in idle.iter_mut().enumerate() {
+            assert_eq!(closed_by_server(stream).await, i < 3, "connection {i}");
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_with_requests_in_progress_are_not_evicted() {
+        let server = start(ServerLimits {
+            max_connections: 2,
+            ..limits()
+        })
+        .await;
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+            send(&mut stream, "/drained").await;
+            waiters.push(stream);
+        }
+        server.wait_entered(2).await;
+        // Full of busy connections: the next one is closed at once, unanswered.
+        let answer = request(server.addr, "/healthz").await;
+        assert_eq!(answer, "");
+        server.release.notify_waiters();
+        for stream in &mut waiters {
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.expect("answer");
+            assert_eq!(&head, b"HTTP/1.1 200");
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
+        let server = start(ServerLimits {
+            header_timeout: Duration::from_millis(300),
+            ..limits()
+        })
+        .await;
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+        let mut trickling = TcpStream::connect(server.addr).await.expect("connect");
+        trickling.write_all(b"GET /healthz HT").await.expect("send");
+        read_all(&mut silent).await;
+        read_all(&mut trickling).await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        // A client that sends its request in time is answered.
+        let answer = request(server.addr, "/healthz").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drained_requests_are_limited_per_source_address() {
+        let server = start(ServerLimits {
+            max_waiters_per_source: 2,
+            ..limits()
+        })
+        .await;
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+            send(&mut stream, "/drained").await;
+            waiters.push(stream);
+        }
+        server.wait_entered(2).await;
+        let refused = request(server.addr, "/drained?port=1").await;
+        assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+        let body = refused.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(body).expect("json body");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains("--max-waiters-per-source"), "{message}");
+        assert!(message.contains("127.0.0.1"), "{message}");
+        // Other endpoints and other sources are not limited.
+        assert!(
+            request(server.addr, "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        let other = tokio::spawn(request_from(server.addr, "127.0.0.2", "/drained"));
+        server.wait_entered(3).await;
+        // A finished request frees its place.
+        server.release.notify_waiters();
+        assert!(other.await.expect("other").starts_with("HTTP/1.1 200"));
+        let mut head = [0u8; 12];
+        waiters[0].read_exact(&mut head).await.expect("answer");
+        let again = tokio::spawn(request(server.addr, "/drained"));
+        server.wait_entered(4).await;
+        server.release.notify_waiters();
+        assert!(again.await.expect("again").starts_with("HTTP/1.1 200"));
+        server.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_lets_answers_in_progress_finish() {
+        let server = start(limits()).await;
+        let mut waiter = TcpStream::connect(server.addr).await.expect("connect");
+        send(&mut waiter, "/drained").await;
+        server.wait_entered(1).await;
+        let idle = TcpStream::connect(server.addr).await.expect("connect");
+        let release = Arc::clone(&server.release);
+        let addr = server.addr;
+        let stopping = tokio::spawn(server.stop());
+        // The listener closes; the waiter's answer, given now, still arrives.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the listener closed");
+        release.notify_waiters();
+        let answer = read_all(&mut waiter).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("released"), "{answer}");
+        let took = stopping.await.expect("stop");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        drop(idle);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_is_bounded_when_a_client_does_not_read() {
+        let server = start(ServerLimits {
+            shutdown_timeout: Duration::from_millis(500),
+            ..limits()
+        })
+        .await;
+        let mut greedy = TcpStream::connect(server.addr).await.expect("connect");
+        let pipelined = "GET /big HTTP/1.1\r\nHost: test\r\n\r\n".repeat(100);
+        greedy.write_all(pipelined.as_bytes()).await.expect("send");
+        // Another connection is answered: the server is running and past the greedy accept.
+        assert!(
+            request(server.addr, "/healthz")
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        let took = server.stop().await;
+        println!("serve returned {took:?} after shutdown began");
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // Dropped: what was sent reads out, then the connection ends.
+        read_all(&mut greedy).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_fail_after_the_write_timeout_without_progress() {
+        let (writer, mut reader) = tokio::io::duplex(64);
+        let mut writer = WriteTimeout::new(writer, Duration::from_secs(10));
+        let started = Instant::now();
+        let problem = writer
+            .write_all(&[0; 1024])
+            .await
+            .expect_err("nobody reads");
+        assert_eq!(problem.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        // Slow progress (64 bytes every 6 s) is progress: no timeout over 24 s.
+        let (writer, mut slow) = tokio::io::duplex(64);
+        let mut writer = WriteTimeout::new(writer, Duration::from_secs(10));
+        let draining = tokio::spawn(async move {
+            let mut buffer = [0u8; 64];
+            let mut total = 0;
+            while total < 256 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                total += slow.read(&mut buffer).await.expect("read");
+            }
+            total
+        });
+        writer.write_all(&[0; 256]).await.expect("slow reader");
+        assert_eq!(draining.await.expect("reader"), 256);
+        let mut sink = [0u8; 64];
+        assert_eq!(reader.read(&mut sink).await.expect("read"), 64);
+    }
+}

@@ -1,0 +1,297 @@
+//! The HTTP server's limits, end to end through the real agent binary: idle sockets under a
+//! low open-file limit, a client that pipelines and never reads, and `drain-agent wait`
+//! against agents that do not answer.
+//!
+//! `DRAIN_AGENT_TEST_BINARY=/path/to/drain-agent` runs these against another build (to show
+//! that an older agent fails them).
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{free_port, kernel_available};
+use drain_agent::client::{AgentUrl, get};
+
+fn binary() -> PathBuf {
+    std::env::var_os("DRAIN_AGENT_TEST_BINARY").map_or_else(common::agent_binary, PathBuf::from)
+}
+
+/// The agent started through `prlimit --nofile=<nofile>` (soft:hard), as a systemd unit
+/// without `LimitNOFILE=` would start it; SIGTERM and reaped on drop.
+struct LimitedAgent {
+    child: Option<Child>,
+    port: u16,
+    url: AgentUrl,
+}
+
+impl LimitedAgent {
+    fn start(nofile: Option<&str>) -> Self {
+        let port = free_port();
+        let mut command = match nofile {
+            Some(limits) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limits}"))
+                    .arg("--")
+                    .arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start drain-agent");
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent] {line}");
+            }
+        });
+        let agent = Self {
+            child: Some(child),
+            port,
+            url: AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
+        };
+        let started = Instant::now();
+        while !matches!(agent.get("/healthz", Duration::from_secs(2)), Ok((200, _))) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "agent not healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    fn get(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+        let response = get(&self.url, path, timeout)?;
+        Ok((response.status, response.body))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Open file descriptors of the agent now.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(Iterator::count)
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM; the exit status and how long the exit took (killed after `limit`).
+    fn stop(&mut self, limit: Duration) -> (Option<ExitStatus>, Duration) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return (Some(status), started.elapsed());
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (None, started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LimitedAgent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Opens `count` connections to `port` and sends nothing on them.
+fn idle_connections(port: u16, count: usize) -> Vec<TcpStream> {
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    (0..count)
+        .filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok())
+        .collect()
+}
+
+fn answers_despite_idle_sockets(test: &str, nofile: &str) {
+    if !kernel_available(test) {
+        return;
+    }
+    let agent = LimitedAgent::start(Some(nofile));
+    let idle = idle_connections(agent.port, 1100);
+    println!(
+        "{test}: {} idle connections open, the agent has {} fds open",
+        idle.len(),
+        agent.open_fds()
+    );
+    let started = Instant::now();
+    let health = agent.get("/healthz", Duration::from_secs(5));
+    let health_took = started.elapsed();
+    let started = Instant::now();
+    let drained = agent.get(
+        &format!("/drained?port={}&timeout=0", free_port()),
+        Duration::from_secs(5),
+    );
+    let drained_took = started.elapsed();
+    println!("{test}: /healthz took {health_took:?}, /drained took {drained_took:?}");
+    let fds = agent.open_fds();
+    println!("{test}: the agent has {fds} fds open");
+    assert!(
+        matches!(health, Ok((200, _))),
+        "/healthz under {nofile}: {health:?}"
+    );
+    assert!(
+        matches!(drained, Ok((200, _))),
+        "/drained under {nofile}: {drained:?}"
+    );
+    assert!(health_took < Duration::from_secs(2), "{health_took:?}");
+    assert!(drained_took < Duration::from_secs(2), "{drained_took:?}");
+    assert!(fds < 1024, "{fds} fds open");
+    drop(idle);
+}
+
+#[test]
+fn health_and_drained_answer_with_1100_idle_sockets_at_a_soft_fd_limit_of_1024() {
+    answers_despite_idle_sockets(
+        "health_and_drained_answer_with_1100_idle_sockets_at_a_soft_fd_limit_of_1024",
+        "1024:20000",
+    );
+}
+
+#[test]
+fn health_and_drained_answer_with_1100_idle_sockets_at_a_hard_fd_limit_of_1024() {
+    answers_despite_idle_sockets(
+        "health_and_drained_answer_with_1100_idle_sockets_at_a_hard_fd_limit_of_1024",
+        "1024:1024",
+    );
+}
+
+/// Bytes the agent has queued towards the client on its port (ss Send-Q).
+fn agent_send_queue(port: u16) -> u64 {
+    let output = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigterm_exits_in_bounded_time_with_a_client_that_pipelines_and_never_reads() {
+    let test = "sigterm_exits_in_bounded_time_with_a_client_that_pipelines_and_never_reads";
+    if !kernel_available(test) {
+        return;
+    }
+    let mut agent = LimitedAgent::start(None);
+    let greedy = TcpStream::connect(("127.0.0.1", agent.port)).expect("connect");
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+        agent.port
+    );
+    let pipelined = request.repeat(3000);
+    let writer = {
+        let mut greedy = greedy.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            greedy
+                .set_write_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            // Fails once the agent drops the connection; that is fine.
+            let _ = greedy.write_all(pipelined.as_bytes());
+        })
+    };
+    // Wait until the agent is stuck writing answers the client does not read: its send
+    // queue is full, i.e. non-empty and no longer growing.
+    let started = Instant::now();
+    let (mut last, mut same) = (0, 0);
+    while same < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the agent's send queue did not fill up (last {last} bytes)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let queued = agent_send_queue(agent.port);
+        same = if queued > 0 && queued == last {
+            same + 1
+        } else {
+            0
+        };
+        last = queued;
+    }
+    println!("{test}: the agent has {last} bytes queued to a client that does not read");
+    let (status, took) = agent.stop(Duration::from_secs(30));
+    println!("{test}: the agent exited {took:?} after SIGTERM ({status:?})");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    let _ = greedy.shutdown(std::net::Shutdown::Both);
+    let _ = writer.join();
+}
+
+/// Runs `drain-agent wait --port 8080 --timeout <timeout> --agent <url>`; the exit code and
+/// how long it took.
+fn wait_against(url: &str, timeout: &str) -> (Option<i32>, Duration) {
+    let started = Instant::now();
+    let output = Command::new(binary())
+        .args([
+            "wait",
+            "--port",
+            "8080",
+            "--timeout",
+            timeout,
+            "--agent",
+            url,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drain-agent wait");
+    let took = started.elapsed();
+    eprintln!("{}", String::from_utf8_lossy(&output.stderr).trim());
+    (output.status.code(), took)
+}
+
+#[test]
+fn wait_keeps_its_deadline_against_an_agent_that_accepts_but_never_answers() {
+    // Connections complete through the backlog; nothing is ever read or written, as with a
+    // stopped agent or one out of file descriptors.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let (code, took) = wait_against(&format!("http://127.0.0.1:{port}"), "3s");
+    println!("wait --timeout 3s against a silent agent: exit {code:?} after {took:?}");
+    assert!(matches!(code, Some(1 | 2)), "exit {code:?}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+        "took {took:?}"
+    );
+    drop(silent);
+}
+
+#[test]
+fn wait_keeps_its_deadline_when_nobody_listens() {
+    let port = free_port();
+    let (code, took) = wait_against(&format!("http://127.0.0.1:{port}"), "2s");
+    println!("wait --timeout 2s with nobody listening: exit {code:?} after {took:?}");
+    assert_eq!(code, Some(2));
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
