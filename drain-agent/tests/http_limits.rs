@@ -19,7 +19,7 @@ use common::{free_port, kernel_available};
 use drain_agent::client::{AgentUrl, get};
 
 fn binary() -> PathBuf {
-    std::env::var_os("DRAIN_AGENT_TEST_BINARY").map_or_else(common::agent_binary, PathBuf::from)
+    common::agent_binary()
 }
 
 /// The agent started through `prlimit --nofile=<nofile>` (soft:hard), as a systemd unit

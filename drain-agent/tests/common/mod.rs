@@ -57,8 +57,13 @@ pub struct Agent {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// The agent binary under test: this build's, or `DRAIN_AGENT_TEST_BINARY` (to show that a
+/// test fails against an older build).
 pub fn agent_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drain-agent"))
+    std::env::var_os("DRAIN_AGENT_TEST_BINARY").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_drain-agent")),
+        PathBuf::from,
+    )
 }
 
 impl Agent {
