@@ -1,18 +1,17 @@
 //! `drain-agent run`: wire the kernel side, the tracker and the HTTP server together, and
 //! shut them down in order on SIGTERM or Ctrl-C.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::{Context as _, Result, ensure};
-use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     cli::RunArgs,
     http::{AppState, WaitLimits, router},
-    kernel::{Kernel, KernelOptions, parse_event},
+    kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
+    repair::repair_missed_changes,
     tracker::Tracker,
 };
 
@@ -73,7 +72,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
-        attach: args.attach,
+        attach: args.attach.map(Into::into),
         no_seed: args.no_seed,
     })?;
     // The agent's own API connections are not a service's: they take no slot.
@@ -87,7 +86,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let events = kernel
         .take_events()
         .context("the ring buffer was taken already")?;
-    let event_task = tokio::spawn(forward_events(events, Arc::clone(&tracker)));
+    let event_task = tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps()));
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
     } else {
@@ -150,102 +149,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The shortest time between two repair walks started by skipped handler runs.
-const REPAIR_GAP: Duration = Duration::from_secs(5);
-/// The shortest time between two walks started by a lasting doubt (a full map, a
-/// namespace that cannot be entered): each walk may clear it, but none is likely to soon.
-const DOUBT_GAP: Duration = Duration::from_secs(30);
-/// How often idle endpoints are reclaimed.
-const RECLAIM_EVERY: Duration = Duration::from_secs(10);
-
-/// Walks the open sockets to repair missed state changes: soon after the kernel reports
-/// that it skipped the handler (checked every second, walks at most every [`REPAIR_GAP`]),
-/// while the agent cannot vouch for its counts (at most every [`DOUBT_GAP`]), and every
-/// `interval` (0: only then). Also reclaims idle endpoints, and logs each doubt about the
-/// agent's health once when it appears and once when it clears.
-async fn repair_missed_changes(
-    kernel: Arc<std::sync::Mutex<Kernel>>,
-    tracker: Arc<Tracker>,
-    interval: Duration,
-    can_walk: bool,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut skipped_seen = 0;
-    let mut last_walk = tokio::time::Instant::now();
-    let mut last_reclaim = tokio::time::Instant::now();
-    let mut reported: std::collections::BTreeSet<crate::doubt::Doubt> = Default::default();
-    loop {
-        tick.tick().await;
-        let doubts: std::collections::BTreeSet<_> = tracker.health_doubts().into_iter().collect();
-        for doubt in doubts.difference(&reported) {
-            warn!(
-                "cannot vouch for every count: {doubt}; /drained confirms with the socket tables or answers 503"
-            );
-        }
-        for doubt in reported.difference(&doubts) {
-            info!("resolved: {doubt}");
-        }
-        let doubted = !doubts.is_empty();
-        reported = doubts;
-        let kernel = Arc::clone(&kernel);
-        let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;
-        // A walk costs a pass over every socket; under a steady trickle of skipped runs,
-        // walk at most every REPAIR_GAP (a skipped change is repaired within that).
-        let may_walk = can_walk && (periodic || last_walk.elapsed() >= REPAIR_GAP);
-        let doubt_walk = doubted && last_walk.elapsed() >= DOUBT_GAP;
-        let reclaim = last_reclaim.elapsed() >= RECLAIM_EVERY;
-        if reclaim {
-            last_reclaim = tokio::time::Instant::now();
-        }
-        let outcome = tokio::task::spawn_blocking(
-            move || -> Result<Option<(u64, crate::kernel::RepairReport)>> {
-                let mut kernel = kernel
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if reclaim
-                    && let Err(problem) = kernel.reclaim_idle_endpoints(crate::kernel::RECLAIM_IDLE)
-                {
-                    warn!("cannot reclaim idle endpoints: {problem:#}");
-                }
-                let skipped = kernel.handler_skipped_runs()?;
-                if !may_walk || (skipped == skipped_seen && !periodic && !doubt_walk) {
-                    return Ok(None);
-                }
-                Ok(Some((skipped, kernel.repair()?)))
-            },
-        )
-        .await;
-        match outcome {
-            Ok(Ok(None)) => {}
-            Ok(Ok(Some((skipped, report)))) => {
-                if skipped > skipped_seen {
-                    info!(
-                        "the kernel skipped the handler {} time(s); repaired {} missed open(s) and {} missed close(s)",
-                        skipped - skipped_seen,
-                        report.opens_found,
-                        report.closes_found
-                    );
-                } else if report.opens_found + report.closes_found > 0 {
-                    warn!(
-                        "walk repaired {} missed open(s) and {} missed close(s)",
-                        report.opens_found, report.closes_found
-                    );
-                }
-                skipped_seen = skipped;
-                last_walk = tokio::time::Instant::now();
-            }
-            Ok(Err(problem)) => {
-                warn!("cannot repair missed state changes: {problem:#}");
-                // Do not hammer a failing walk: wait for the next interval.
-                last_walk = tokio::time::Instant::now();
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            }
-            Err(problem) => warn!("repair task failed: {problem}"),
-        }
-    }
-}
-
 async fn wait_for_stop_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -262,64 +165,4 @@ async fn wait_for_stop_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-}
-
-/// Wakes the waiters of a port whenever the kernel says one of its endpoints crossed zero.
-/// If the ring buffer ever overflows (the kernel counts it), every waiter re-reads once.
-async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>) {
-    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
-    // and the AsyncFd owns the ring buffer.
-    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
-        Ok(ring) => ring,
-        Err(problem) => {
-            let (_, problem) = problem.into_parts();
-            error!(
-                "cannot watch the event ring buffer: {problem}; waiters will only answer on timeout"
-            );
-            return;
-        }
-    };
-    let mut lost_seen = lost_events(&tracker);
-    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = match ready {
-                    Ok(guard) => guard,
-                    Err(problem) => {
-                        error!("event ring buffer failed: {problem}");
-                        return;
-                    }
-                };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if let Some(event) = parse_event(&item) {
-                        tracker.notify_port(event.key.port);
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = lost_check.tick() => {
-                let lost = lost_events(&tracker);
-                if lost > lost_seen {
-                    warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
-                    lost_seen = lost;
-                    tracker.notify_all();
-                }
-            }
-        }
-    }
-}
-
-fn lost_events(tracker: &Tracker) -> u64 {
-    tracker
-        .tracking_errors()
-        .ok()
-        .and_then(|errors| {
-            errors
-                .into_iter()
-                .find(|(name, _)| *name == "event_lost")
-                .map(|(_, count)| count)
-        })
-        .unwrap_or(0)
 }

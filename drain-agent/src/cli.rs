@@ -4,10 +4,75 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{duration::parse_duration, kernel::AttachMethod, metrics::PortSet};
+use crate::{duration::parse_duration, kernel::AttachMethod};
 
 /// The default address of the agent for `wait` and `status`.
 pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:9100";
+
+/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&port))
+    }
+}
+
+impl std::str::FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |part: &str| match part.trim().parse::<u32>() {
+            Ok(port @ 1..=65535) => Ok(port as u16),
+            _ => Err(format!("{part:?} is not a port number (1-65535)")),
+        };
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            let range = match item.split_once('-') {
+                Some((low, high)) => {
+                    let (low, high) = (port(low)?, port(high)?);
+                    if low > high {
+                        return Err(format!("range {item:?} is backwards"));
+                    }
+                    (low, high)
+                }
+                None => {
+                    let single = port(item)?;
+                    (single, single)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(Self { ranges })
+    }
+}
+
+/// `--attach`: the command-line names of [`AttachMethod`] (the kernel side knows nothing
+/// of the command line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachArg {
+    /// BTF-enabled tracepoint (`tp_btf`): cheapest; needs no tracefs.
+    TpBtf,
+    /// Classic tracepoint through tracefs (mounted by the agent if absent).
+    Tracepoint,
+    /// Raw tracepoint: needs no tracefs; for kernels that refuse tp_btf.
+    RawTracepoint,
+}
+
+impl From<AttachArg> for AttachMethod {
+    fn from(arg: AttachArg) -> Self {
+        match arg {
+            AttachArg::TpBtf => Self::TpBtf,
+            AttachArg::Tracepoint => Self::Tracepoint,
+            AttachArg::RawTracepoint => Self::RawTracepoint,
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,7 +163,7 @@ pub struct RunArgs {
 
     /// Attach only this way instead of trying tp_btf, then tracepoint, then raw-tracepoint.
     #[arg(long, env = "DRAIN_AGENT_ATTACH", value_enum)]
-    pub attach: Option<AttachMethod>,
+    pub attach: Option<AttachArg>,
 
     /// How often to walk the open sockets to find and repair state changes the kernel
     /// skipped (it also walks within 5 s of the kernel reporting a skipped run);

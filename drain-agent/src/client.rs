@@ -9,9 +9,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
 
 use crate::{
+    api::{ConnectionsBody, DrainedBody, Endpoint, ErrorBody},
     cli::{StatusArgs, WaitArgs},
     duration::format_duration,
 };
@@ -216,18 +216,6 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
-#[derive(Deserialize)]
-struct DrainedBody {
-    drained: bool,
-    active: u64,
-    waited_ms: u64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-}
-
 fn error_text(body: &str) -> String {
     serde_json::from_str::<ErrorBody>(body).map_or_else(|_| body.trim().to_owned(), |e| e.error)
 }
@@ -282,10 +270,13 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                     Ok(body) => {
                         // Not drained: the timeout ran out, or the agent is shutting down and
                         // answered early. Ask again while time is left.
-                        last_problem = WaitProblem::NotDrained(format!(
-                            "{} connection(s) still open after {} ms",
-                            body.active, body.waited_ms
-                        ));
+                        last_problem = WaitProblem::NotDrained(match body.unknown {
+                            Some(why) => format!("the agent cannot vouch for the count: {why}"),
+                            None => format!(
+                                "{} connection(s) still open after {} ms",
+                                body.active, body.waited_ms
+                            ),
+                        });
                     }
                     Err(_) => {
                         // A 503 that is not ours (e.g. a proxy in front): report it.
@@ -348,21 +339,6 @@ enum WaitProblem {
     Unreachable(String),
 }
 
-#[derive(Deserialize)]
-struct ConnectionsBody {
-    endpoints: Vec<EndpointRow>,
-}
-
-#[derive(Deserialize)]
-struct EndpointRow {
-    netns: u32,
-    addr: String,
-    port: u16,
-    active: u64,
-    opened: u64,
-    closed: u64,
-}
-
 /// `drain-agent status`: a table of the ports with open connections.
 pub fn status(args: &StatusArgs) -> ExitCode {
     match status_table(args) {
@@ -393,14 +369,14 @@ fn status_table(args: &StatusArgs) -> Result<String> {
     Ok(render_table(&body.endpoints))
 }
 
-fn render_table(rows: &[EndpointRow]) -> String {
+fn render_table(rows: &[Endpoint]) -> String {
     let header = ["PORT", "ADDRESS", "NETNS", "ACTIVE", "OPENED", "CLOSED"];
     let cells: Vec<[String; 6]> = rows
         .iter()
         .map(|row| {
             [
                 row.port.to_string(),
-                row.addr.clone(),
+                row.addr.to_string(),
                 row.netns.to_string(),
                 row.active.to_string(),
                 row.opened.to_string(),
@@ -550,21 +526,23 @@ mod tests {
     #[test]
     fn table_columns_line_up() {
         let rows = vec![
-            EndpointRow {
+            Endpoint {
                 netns: 4026531840,
-                addr: "127.0.0.1".into(),
+                addr: "127.0.0.1".parse().expect("ip"),
                 port: 8080,
                 active: 12,
                 opened: 140,
                 closed: 128,
+                last_change_ns: 0,
             },
-            EndpointRow {
+            Endpoint {
                 netns: 4026532000,
-                addr: "fd00::1234".into(),
+                addr: "fd00::1234".parse().expect("ip"),
                 port: 443,
                 active: 1,
                 opened: 1,
                 closed: 0,
+                last_change_ns: 0,
             },
         ];
         let table = render_table(&rows);

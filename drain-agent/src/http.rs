@@ -1,6 +1,6 @@
 //! The HTTP API (see the README's "HTTP API"): thin handlers over the [`Tracker`].
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -9,27 +9,17 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Serialize;
 use serde_json::json;
 
+pub use crate::api::WaitLimits;
 use crate::{
-    duration::{format_duration, parse_duration},
+    api::{
+        CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, error,
+        parse_drain_request, parse_port, parse_query, parse_scope,
+    },
     metrics::Metrics,
-    netns,
-    tracker::{Filter, Tracker, WaitError, canonical_addr},
+    tracker::{Tracker, WaitError},
 };
-
-/// Limits on what a client may ask for.
-#[derive(Clone, Copy, Debug)]
-pub struct WaitLimits {
-    /// Used when a request has no `timeout`.
-    pub default_timeout: Duration,
-    /// The longest `timeout` or `settle` a request may ask for.
-    pub max_timeout: Duration,
-    /// The agent's own API port: its connections are not counted, so asking about it is
-    /// a mistake (it could never drain while the request itself is open).
-    pub own_port: Option<u16>,
-}
 
 /// Everything the handlers need.
 pub struct AppState {
@@ -49,35 +39,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// A JSON error body: `{"error": "..."}`.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-/// Why a request is refused; each becomes a status and `{"error": "..."}`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApiError {
-    /// 400: the request names something wrong (the message names the parameter).
-    BadRequest(String),
-    /// 404: the request names something that does not exist (e.g. an unknown netns).
-    NotFound(String),
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        match self {
-            Self::BadRequest(message) => error(StatusCode::BAD_REQUEST, message),
-            Self::NotFound(message) => error(StatusCode::NOT_FOUND, message),
-        }
-    }
-}
-
-impl From<String> for ApiError {
-    fn from(message: String) -> Self {
-        Self::BadRequest(message)
-    }
-}
-
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -85,151 +46,11 @@ async fn not_found() -> Response {
     )
 }
 
-/// A parsed `/drained` request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DrainRequest {
-    pub filter: Filter,
-    pub timeout: Duration,
-    pub settle: Duration,
-}
-
-const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle"];
-
-/// Splits a query into its parameters: each must be one of `known` and appear once.
-fn parse_query(query: Option<&str>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
-    let mut values: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if !known.contains(&name.as_ref()) {
-            return Err(ApiError::BadRequest(format!(
-                "unknown parameter {name:?} (known: {})",
-                known.join(", ")
-            )));
-        }
-        if values.insert(name.to_string(), value.to_string()).is_some() {
-            return Err(ApiError::BadRequest(format!(
-                "parameter {name:?} is given more than once"
-            )));
-        }
-    }
-    Ok(values)
-}
-
-/// The optional `addr` and `netns` of a query.
-fn parse_scope(
-    values: &BTreeMap<String, String>,
-) -> Result<(Option<IpAddr>, Option<u32>), ApiError> {
-    let addr = values
-        .get("addr")
-        .map(|text| parse_addr(text))
-        .transpose()?;
-    let netns = values
-        .get("netns")
-        .map(|text| parse_netns(text))
-        .transpose()?;
-    Ok((addr, netns))
-}
-
-/// Parses the query of `/drained`. Every error names the parameter and what was wrong.
-pub fn parse_drain_request(
-    query: Option<&str>,
-    limits: WaitLimits,
-) -> Result<DrainRequest, ApiError> {
-    let values = parse_query(query, &DRAIN_PARAMETERS)?;
-    let port = match values.get("port") {
-        None => {
-            return Err(ApiError::BadRequest(
-                "missing parameter \"port\" (e.g. /drained?port=8080)".into(),
-            ));
-        }
-        Some(text) => parse_port(text)?,
-    };
-    if limits.own_port == Some(port) {
-        return Err(ApiError::BadRequest(format!(
-            "port: {port} is the agent's own API port, whose connections are not counted"
-        )));
-    }
-    let (addr, netns) = parse_scope(&values)?;
-    let timeout = match values.get("timeout") {
-        None => limits.default_timeout,
-        Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
-    };
-    let settle = match values.get("settle") {
-        None => Duration::ZERO,
-        Some(text) => parse_limited("settle", text, limits.max_timeout)?,
-    };
-    if settle > timeout && !timeout.is_zero() {
-        return Err(ApiError::BadRequest(format!(
-            "settle: {} is longer than the timeout {}, so the answer could only be 503",
-            format_duration(settle),
-            format_duration(timeout)
-        )));
-    }
-    Ok(DrainRequest {
-        filter: Filter { port, addr, netns },
-        timeout,
-        settle,
-    })
-}
-
-fn parse_port(text: &str) -> Result<u16, String> {
-    match text.parse::<u32>() {
-        Ok(port @ 1..=65535) => Ok(port as u16),
-        _ => Err(format!("port: {text:?} is not a port number (1-65535)")),
-    }
-}
-
-/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
-fn parse_addr(text: &str) -> Result<IpAddr, String> {
-    text.parse::<IpAddr>()
-        .map(canonical_addr)
-        .map_err(|_| format!("addr: {text:?} is not an IP address"))
-}
-
-/// `netns` is an inode number of a network namespace that exists, or the path of one in
-/// the places where they live. Every refused path gets the same answer.
-fn parse_netns(text: &str) -> Result<u32, ApiError> {
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        let inode = text.parse::<u32>().map_err(|_| {
-            ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
-        })?;
-        if !netns::all_namespaces().contains_key(&inode) {
-            return Err(ApiError::NotFound(format!(
-                "netns: no network namespace with inode {inode} is known to the agent"
-            )));
-        }
-        return Ok(inode);
-    }
-    netns::inode_of_client_path(text)
-        .ok_or_else(|| ApiError::BadRequest(netns::REFUSED_PATH.into()))
-}
-
-fn parse_limited(name: &str, text: &str, max: Duration) -> Result<Duration, String> {
-    let duration = parse_duration(text).map_err(|e| format!("{name}: {e}"))?;
-    if duration > max {
-        return Err(format!(
-            "{name}: {text} is longer than the maximum {} (--max-timeout)",
-            format_duration(max)
-        ));
-    }
-    Ok(duration)
-}
-
-#[derive(Serialize)]
-struct DrainedBody {
-    port: u16,
-    drained: bool,
-    active: u64,
-    waited_ms: u64,
-    /// Why the agent cannot vouch for the count (the answer is then never "drained").
-    #[serde(skip_serializing_if = "Option::is_none")]
-    unknown: Option<String>,
-}
-
 async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
     let request = match parse_drain_request(query.as_deref(), state.limits) {
         Ok(request) => request,
         Err(problem) => {
-            state.metrics.drain_request("invalid", None);
+            state.metrics.drain_request(DrainResult::Invalid, None);
             return problem.into_response();
         }
     };
@@ -243,9 +64,9 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
     match outcome {
         Ok(outcome) => {
             let result = if outcome.drained {
-                "drained"
+                DrainResult::Drained
             } else {
-                "timeout"
+                DrainResult::Timeout
             };
             state.metrics.drain_request(result, Some(outcome.waited));
             let status = if outcome.drained {
@@ -263,14 +84,14 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
             (status, Json(body)).into_response()
         }
         Err(WaitError::TooManyWaiters(max)) => {
-            state.metrics.drain_request("rejected", None);
+            state.metrics.drain_request(DrainResult::Rejected, None);
             error(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!("{max} requests are waiting already (--max-waiters); retry later"),
             )
         }
         Err(WaitError::Source(source)) => {
-            state.metrics.drain_request("error", None);
+            state.metrics.drain_request(DrainResult::Error, None);
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot read the connection counts: {source:#}"),
@@ -285,7 +106,7 @@ struct AbandonedGuard(Option<Arc<Metrics>>);
 impl Drop for AbandonedGuard {
     fn drop(&mut self) {
         if let Some(metrics) = self.0.take() {
-            metrics.drain_request("abandoned", None);
+            metrics.drain_request(DrainResult::Abandoned, None);
         }
     }
 }
@@ -313,8 +134,6 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-const CONNECTION_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
-
 /// `GET /connections[?port=P][&addr=IP][&netns=N]`: endpoints with active connections.
 async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
     let (port, addr, netns) =
@@ -339,7 +158,7 @@ async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
                     && state.metrics.exports_port(e.port)
             });
             endpoints.sort_by_key(|e| (e.port, e.netns, e.addr));
-            (StatusCode::OK, Json(json!({ "endpoints": endpoints }))).into_response()
+            (StatusCode::OK, Json(ConnectionsBody { endpoints })).into_response()
         }
         Err(problem) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -368,6 +187,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use crate::netns;
+
     use axum::body::Body;
     use http_body_util::BodyExt as _;
     use tower::ServiceExt as _;

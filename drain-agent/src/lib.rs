@@ -2,6 +2,7 @@
 //! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod doubt;
@@ -11,6 +12,7 @@ pub mod http;
 pub mod kernel;
 pub mod metrics;
 pub mod netns;
+pub mod repair;
 pub mod server;
 pub mod sockdiag;
 pub mod tracker;

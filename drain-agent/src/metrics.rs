@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use drain_agent_common::{DURATION_BUCKET_COUNT, DURATION_BUCKETS_MS};
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder,
@@ -14,60 +14,7 @@ use prometheus::{
     proto::{self, MetricFamily, MetricType},
 };
 
-use crate::tracker::Tracker;
-
-/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortSet {
-    ranges: Vec<(u16, u16)>,
-}
-
-impl PortSet {
-    pub fn contains(&self, port: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|(low, high)| (*low..=*high).contains(&port))
-    }
-}
-
-impl std::str::FromStr for PortSet {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let port = |part: &str| match part.trim().parse::<u32>() {
-            Ok(port @ 1..=65535) => Ok(port as u16),
-            _ => Err(format!("{part:?} is not a port number (1-65535)")),
-        };
-        let mut ranges = Vec::new();
-        for item in text.split(',') {
-            let range = match item.split_once('-') {
-                Some((low, high)) => {
-                    let (low, high) = (port(low)?, port(high)?);
-                    if low > high {
-                        return Err(format!("range {item:?} is backwards"));
-                    }
-                    (low, high)
-                }
-                None => {
-                    let single = port(item)?;
-                    (single, single)
-                }
-            };
-            ranges.push(range);
-        }
-        Ok(Self { ranges })
-    }
-}
-
-/// The `result` label values of `drain_agent_drain_requests_total`.
-const DRAIN_RESULTS: [&str; 6] = [
-    "drained",
-    "timeout",
-    "invalid",
-    "rejected",
-    "error",
-    "abandoned",
-];
+use crate::{api::DrainResult, cli::PortSet, tracker::Tracker};
 
 /// The agent's metrics and the registry that renders them.
 pub struct Metrics {
@@ -95,8 +42,8 @@ impl Metrics {
             &["result"],
         )?;
         // Pre-create every documented result so dashboards see zeros, not gaps.
-        for result in DRAIN_RESULTS {
-            drain_requests.with_label_values(&[result]);
+        for result in DrainResult::ALL {
+            drain_requests.with_label_values(&[result.label()]);
         }
         // A plain histogram (no labels), so it is exported, with zeros, before the first wait.
         let drain_wait_seconds = Histogram::with_opts(
@@ -132,8 +79,10 @@ impl Metrics {
     }
 
     /// Counts a `/drained` answer; `waited` only for answered waits.
-    pub fn drain_request(&self, result: &str, waited: Option<Duration>) {
-        self.drain_requests.with_label_values(&[result]).inc();
+    pub fn drain_request(&self, result: DrainResult, waited: Option<Duration>) {
+        self.drain_requests
+            .with_label_values(&[result.label()])
+            .inc();
         if let Some(waited) = waited {
             self.drain_wait_seconds.observe(waited.as_secs_f64());
         }
@@ -459,14 +408,6 @@ fn duration_metric(
     metric
 }
 
-/// Checks a `--ports` value at start-up, for a clear CLI error.
-pub fn parse_ports(text: &str) -> Result<PortSet> {
-    match text.parse::<PortSet>() {
-        Ok(ports) => Ok(ports),
-        Err(problem) => bail!("--ports {text:?}: {problem}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use drain_agent_common::DurationHistogram;
@@ -488,12 +429,6 @@ mod tests {
         for bad in ["", "0", "70000", "a", "90-80", "1-", "-5"] {
             assert!(bad.parse::<PortSet>().is_err(), "{bad}");
         }
-        assert!(
-            parse_ports("x")
-                .unwrap_err()
-                .to_string()
-                .contains("--ports")
-        );
     }
 
     #[test]
@@ -565,8 +500,11 @@ mod tests {
     fn drain_metrics_are_zeros_before_the_first_request() {
         let (_, metrics) = metrics(None);
         let text = metrics.render().expect("render");
-        for result in DRAIN_RESULTS {
-            let line = format!("drain_agent_drain_requests_total{{result=\"{result}\"}} 0");
+        for result in DrainResult::ALL {
+            let line = format!(
+                "drain_agent_drain_requests_total{{result=\"{}\"}} 0",
+                result.label()
+            );
             assert!(text.contains(&line), "{line}:\n{text}");
         }
         assert!(
@@ -582,8 +520,8 @@ mod tests {
     #[test]
     fn drain_requests_are_counted() {
         let (_, metrics) = metrics(None);
-        metrics.drain_request("drained", Some(Duration::from_millis(3)));
-        metrics.drain_request("invalid", None);
+        metrics.drain_request(DrainResult::Drained, Some(Duration::from_millis(3)));
+        metrics.drain_request(DrainResult::Invalid, None);
         let text = metrics.render().expect("render");
         assert!(
             text.contains("drain_agent_drain_requests_total{result=\"drained\"} 1"),

@@ -17,13 +17,14 @@ use std::{
 
 use anyhow::{Result, bail};
 use drain_agent_common::DurationHistogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 
 use crate::doubt::{Doubt, describe};
 
-/// One listening endpoint (netns, local address, port) and its counts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One listening endpoint (netns, local address, port) and its counts (also a row of the
+/// `/connections` answer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub netns: u32,
     pub addr: IpAddr,

@@ -103,6 +103,13 @@ impl KernelMaps {
         Ok(counts)
     }
 
+    /// Ring-buffer records the kernel could not write (the buffer was full) so far.
+    pub fn lost_events(&self) -> u64 {
+        self.errors
+            .get(&error_index::EVENT_LOST, 0)
+            .unwrap_or_default()
+    }
+
     /// Runs of the handler the kernel skipped so far.
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         let skipped = super::recursion_misses(self.handler.as_fd())?;

@@ -1,86 +1,41 @@
 //! The kernel side, from user space: load the programs, pick how to attach, seed the
 //! connections that already exist, and read the maps. Dropping [`Kernel`] detaches it all.
 
+pub mod attach;
 pub mod btf;
+pub mod events;
 pub mod maps;
 pub mod reclaim;
+pub mod walk;
 
 use std::{
-    collections::{BTreeSet, HashSet},
-    fmt, fs,
-    io::Read as _,
     os::fd::AsFd as _,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{
-        BtfTracePoint, Iter, RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint,
-    },
 };
 use drain_agent_common::{
-    ConnCounts, ConnKey, SockEntry, ZeroCrossing, netns_port_key, repair, watched_bit,
+    ConnCounts, ConnKey, SockEntry, ZeroCrossing, netns_port_key, watched_bit,
 };
 use log::{debug, info, warn};
 
+use self::attach::{TRACEPOINT_CATEGORY, TRACEPOINT_NAME, attach};
 use self::btf::{Btf, VMLINUX_BTF};
+use self::walk::load_walker;
 pub use self::{
+    attach::AttachMethod,
     maps::KernelMaps,
     reclaim::{RECLAIM_IDLE, ReclaimReport},
+    walk::{RepairReport, WalkReport},
 };
-use crate::netns;
 
 /// The eBPF object, built by build.rs from drain-agent-ebpf and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
-
-const TRACEPOINT_CATEGORY: &str = "sock";
-const TRACEPOINT_NAME: &str = "inet_sock_set_state";
-const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// How the state-change handler is attached, in the order the agent tries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMethod {
-    /// BTF-enabled tracepoint (`tp_btf`): cheapest; needs no tracefs.
-    TpBtf,
-    /// Classic tracepoint through tracefs (mounted by the agent if absent).
-    Tracepoint,
-    /// Raw tracepoint: needs no tracefs; for kernels that refuse tp_btf.
-    RawTracepoint,
-}
-
-impl AttachMethod {
-    pub const ALL: [Self; 3] = [Self::TpBtf, Self::Tracepoint, Self::RawTracepoint];
-
-    /// The name used in logs and in the `attach` metric label.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::TpBtf => "tp_btf",
-            Self::Tracepoint => "tracepoint",
-            Self::RawTracepoint => "raw_tracepoint",
-        }
-    }
-
-    const fn program(self) -> &'static str {
-        match self {
-            Self::TpBtf => "inet_sock_set_state_btf",
-            Self::Tracepoint => "inet_sock_set_state_tp",
-            Self::RawTracepoint => "inet_sock_set_state_raw",
-        }
-    }
-}
-
-impl fmt::Display for AttachMethod {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Sizes and choices made at load time.
 #[derive(Clone, Debug)]
@@ -263,156 +218,12 @@ impl Kernel {
         self.events.take()
     }
 
-    /// Counts the connections that were established before the handler was attached, in
-    /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
-    /// is exactly-once). Call it once, after [`Kernel::load`].
-    pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
-        let report = self.walk()?;
-        let found = self.maps.repair_count(repair::OPENS_FOUND)?;
-        self.maps.seeding_opens.store(found, Ordering::Relaxed);
-        info!(
-            "counted {found} connections open before start, in {} network namespaces ({} could not be read)",
-            report.walked.len(),
-            report.failed
-        );
-        Ok(report)
-    }
-
-    /// Walks the open sockets of every network namespace: counts open passive sockets that
-    /// are not tracked and stamps the tracked ones it finds open.
-    fn walk(&mut self) -> Result<WalkReport> {
-        if let Some(problem) = &self.walker_problem {
-            bail!("{problem}");
-        }
-        let program: &mut Iter = self
-            .ebpf
-            .program_mut(WALKER)
-            .context("the eBPF object has no walker")?
-            .try_into()
-            .context("the walker is not an iterator")?;
-        // Every counter as it is before the walk: what the walk will vouch for.
-        let snapshot = self.maps.snapshot()?;
-        // Listeners are recorded afresh by each walk (a closed one must not linger, and a
-        // full map is then only ever this walk's).
-        let stale_listeners: Vec<u64> = self.listeners.keys().filter_map(Result::ok).collect();
-        for key in stale_listeners {
-            let _ = self.listeners.remove(&key);
-        }
-        let mut report = WalkReport {
-            started_ns: crate::tracker::monotonic_ns(),
-            ..WalkReport::default()
-        };
-        let mut failed = BTreeSet::new();
-        for (inode, path) in netns::all_namespaces() {
-            let link_id = program
-                .attach()
-                .context("cannot attach the iter/tcp iterator")?;
-            let link = program
-                .take_link(link_id)
-                .context("cannot take the iterator link")?;
-            // The iterator walks the namespace of whoever creates its file: do that inside.
-            let walked = netns::run_in(&path, move || -> Result<()> {
-                let mut file = link.into_file().context("cannot create the iterator")?;
-                let mut sink = Vec::new();
-                file.read_to_end(&mut sink).context("the iterator failed")?;
-                Ok(())
-            });
-            match walked {
-                Ok(()) => {
-                    report.walked.insert(inode);
-                }
-                Err(error) => {
-                    report.failed += 1;
-                    failed.insert(inode);
-                    warn!(
-                        "cannot walk network namespace {inode} ({}): {error:#}",
-                        path.display()
-                    );
-                }
-            }
-        }
-        // A namespace whose processes just exited is gone, and so are its connections;
-        // one that is still there was not walked, and its counts are not vouched for.
-        let still_there = netns::all_namespaces();
-        failed.retain(|inode| still_there.contains_key(inode));
-        self.maps.vouch(snapshot, failed);
-        Ok(report)
-    }
-
-    /// Finds and repairs state changes the handler missed: walks the open sockets (which
-    /// counts missed opens), then drops the tracked sockets of walked namespaces that the
-    /// walk did not find open and that were not tracked after it began (missed closes).
-    pub fn repair(&mut self) -> Result<RepairReport> {
-        let opens_before = self.maps.repair_count(repair::OPENS_FOUND)?;
-        let closes_before = self.maps.repair_count(repair::CLOSES_FOUND)?;
-        let walk = self.walk()?;
-        let mut stale = Vec::new();
-        for entry in self.sockets.iter() {
-            // Entries come and go while we read: a vanished one is simply not a candidate.
-            let Ok((sk, entry)) = entry else { continue };
-            if entry.audited_ns < walk.started_ns
-                && entry.tracked_ns < walk.started_ns
-                && walk.walked.contains(&entry.key.netns)
-            {
-                stale.push(sk);
-            }
-        }
-        let forget: &RawTracePoint = self
-            .ebpf
-            .program(FORGETTER)
-            .context("the eBPF object has no forget_stale_socket")?
-            .try_into()
-            .context("forget_stale_socket is not a raw tracepoint")?;
-        for sk in stale {
-            let mut options = RawTracePointRunOptions::new();
-            options.args[0] = sk;
-            options.args[1] = walk.started_ns;
-            forget
-                .test_run(options)
-                .context("cannot run forget_stale_socket")?;
-        }
-        Ok(RepairReport {
-            opens_found: self.maps.repair_count(repair::OPENS_FOUND)? - opens_before,
-            closes_found: self.maps.repair_count(repair::CLOSES_FOUND)? - closes_before,
-        })
-    }
-
-    /// Whether this kernel can walk the open sockets (seeding and repairs).
-    pub const fn can_walk(&self) -> bool {
-        self.walker_problem.is_none()
-    }
-
     /// Runs of the attached handler the kernel skipped so far (`recursion_misses`: the
     /// handler was already running on that CPU, interrupted by a softirq). Each may be a
     /// missed open or close; [`Kernel::repair`] finds those.
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         self.maps.handler_skipped_runs()
     }
-}
-
-/// The walker: `iter/tcp`, run at start and for repairs.
-const WALKER: &str = "seed_established_tcp";
-/// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached.
-const FORGETTER: &str = "forget_stale_socket";
-
-/// Loads the walker and the forgetter; they need Linux >= 5.9 (iter/tcp) and >= 5.10
-/// (running a raw tracepoint program on demand).
-fn load_walker(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
-    let walker: &mut Iter = ebpf
-        .program_mut(WALKER)
-        .context("the eBPF object has no walker")?
-        .try_into()
-        .context("the walker is not an iterator")?;
-    walker
-        .load("tcp", btf)
-        .context("cannot load the iter/tcp walker (Linux >= 5.9 needed)")?;
-    let forget: &mut RawTracePoint = ebpf
-        .program_mut(FORGETTER)
-        .context("the eBPF object has no forget_stale_socket")?
-        .try_into()
-        .context("forget_stale_socket is not a raw tracepoint")?;
-    forget.load().context("cannot load forget_stale_socket")?;
-    Ok(())
 }
 
 /// Opens a second, independently owned handle on a map (the same kernel object).
@@ -452,24 +263,6 @@ fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
     Ok(info.recursion_misses)
 }
 
-/// What a walk did.
-#[derive(Clone, Debug, Default)]
-pub struct WalkReport {
-    /// CLOCK_MONOTONIC when the walk began.
-    pub started_ns: u64,
-    /// Inodes of the network namespaces walked.
-    pub walked: HashSet<u32>,
-    /// Namespaces that could not be walked.
-    pub failed: usize,
-}
-
-/// What a repair found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RepairReport {
-    pub opens_found: u64,
-    pub closes_found: u64,
-}
-
 impl Kernel {
     /// Frees what only loading and seeding needed (the parsed kernel BTF is most of the
     /// agent's memory at start) and hands the freed heap back to the system.
@@ -491,102 +284,6 @@ where
         .take_map(name)
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-}
-
-fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> Result<()> {
-    let program = ebpf
-        .program_mut(method.program())
-        .with_context(|| format!("the eBPF object has no program {}", method.program()))?;
-    match method {
-        AttachMethod::TpBtf => {
-            let program: &mut BtfTracePoint = program.try_into()?;
-            program.load(TRACEPOINT_NAME, btf)?;
-            program.attach()?;
-        }
-        AttachMethod::Tracepoint => {
-            ensure_tracefs()?;
-            check_tracepoint_format()?;
-            let program: &mut TracePoint = program.try_into()?;
-            program.load()?;
-            program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
-        }
-        AttachMethod::RawTracepoint => {
-            let program: &mut RawTracePoint = program.try_into()?;
-            program.load()?;
-            program.attach(TRACEPOINT_NAME)?;
-        }
-    }
-    Ok(())
-}
-
-/// Mounts tracefs at /sys/kernel/tracing when nothing is there (the classic tracepoint
-/// needs it to find the tracepoint's id).
-fn ensure_tracefs() -> Result<()> {
-    let events = Path::new(TRACEFS).join("events");
-    if events.exists() {
-        return Ok(());
-    }
-    if Path::new("/sys/kernel/debug/tracing/events").exists() {
-        return Ok(());
-    }
-    info!("tracefs is not mounted; mounting it at {TRACEFS}");
-    let target = std::ffi::CString::new(TRACEFS).context("tracefs path")?;
-    let fstype = c"tracefs";
-    let source = c"nodev";
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot mount tracefs at {TRACEFS}"));
-    }
-    Ok(())
-}
-
-/// The classic tracepoint program reads `skaddr`, `oldstate` and `newstate` at fixed
-/// offsets; refuse to attach if this kernel lays the record out differently.
-fn check_tracepoint_format() -> Result<()> {
-    let path = [TRACEFS, "/sys/kernel/debug/tracing"]
-        .iter()
-        .map(|root| {
-            Path::new(root)
-                .join("events")
-                .join(TRACEPOINT_CATEGORY)
-                .join(TRACEPOINT_NAME)
-                .join("format")
-        })
-        .find(|path| path.exists())
-        .context("tracefs has no sock/inet_sock_set_state (Linux >= 4.16 needed)")?;
-    let format =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    check_record_offsets(&format)
-}
-
-fn check_record_offsets(format: &str) -> Result<()> {
-    for (field, expected) in [("skaddr", 8), ("oldstate", 16), ("newstate", 20)] {
-        let offset = format
-            .lines()
-            .find(|line| {
-                line.split(';')
-                    .next()
-                    .is_some_and(|decl| decl.trim_end().ends_with(&format!(" {field}")))
-            })
-            .and_then(|line| line.split("offset:").nth(1))
-            .and_then(|rest| rest.split(';').next())
-            .and_then(|number| number.trim().parse::<usize>().ok())
-            .with_context(|| format!("tracepoint format has no field {field}"))?;
-        if offset != expected {
-            bail!("tracepoint field {field} is at offset {offset}, the program expects {expected}");
-        }
-    }
-    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup.
@@ -619,37 +316,6 @@ mod tests {
     use crate::kernel::maps::key_addr;
     use drain_agent_common::AF_INET;
     use std::net::{IpAddr, Ipv6Addr};
-
-    const FORMAT: &str = "name: inet_sock_set_state
-ID: 1470
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
-\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
-\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
-";
-
-    #[test]
-    fn accepts_the_known_tracepoint_layout() {
-        check_record_offsets(FORMAT).expect("known layout");
-    }
-
-    #[test]
-    fn refuses_a_moved_field() {
-        let moved = FORMAT.replace("int newstate;\toffset:20", "int newstate;\toffset:24");
-        let error = check_record_offsets(&moved).expect_err("moved field");
-        assert!(
-            error.to_string().contains("newstate is at offset 24"),
-            "{error}"
-        );
-        let error = check_record_offsets("format:\n").expect_err("no fields");
-        assert!(error.to_string().contains("no field skaddr"), "{error}");
-    }
 
     #[test]
     fn keys_become_addresses() {

@@ -1,0 +1,257 @@
+//! The HTTP contract, in one place: the parameters every endpoint accepts and how they are
+//! checked, the answer bodies, the error type and the result labels. The server
+//! ([`crate::http`]) and the clients ([`crate::client`]) both use these definitions.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub use crate::tracker::Endpoint;
+use crate::{
+    duration::{format_duration, parse_duration},
+    netns,
+    tracker::{Filter, canonical_addr},
+};
+
+/// The answer of `GET /drained`: 200 when drained, 503 when not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainedBody {
+    pub port: u16,
+    pub drained: bool,
+    pub active: u64,
+    pub waited_ms: u64,
+    /// Why the agent cannot vouch for the count (the answer is then never "drained").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
+}
+
+/// Every error answer: `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The answer of `GET /connections`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionsBody {
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainResult {
+    Drained,
+    Timeout,
+    /// Bad input (4xx).
+    Invalid,
+    /// Too many waiters (429).
+    Rejected,
+    /// The counts could not be read (500).
+    Error,
+    /// The client hung up before its answer.
+    Abandoned,
+}
+
+impl DrainResult {
+    pub const ALL: [Self; 6] = [
+        Self::Drained,
+        Self::Timeout,
+        Self::Invalid,
+        Self::Rejected,
+        Self::Error,
+        Self::Abandoned,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::Timeout => "timeout",
+            Self::Invalid => "invalid",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// A JSON error answer.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Limits on what a client may ask for.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitLimits {
+    /// Used when a request has no `timeout`.
+    pub default_timeout: Duration,
+    /// The longest `timeout` or `settle` a request may ask for.
+    pub max_timeout: Duration,
+    /// The agent's own API port: its connections are not counted, so asking about it is
+    /// a mistake (it could never drain while the request itself is open).
+    pub own_port: Option<u16>,
+}
+
+/// Why a request is refused; each becomes a status and `{"error": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: the request names something wrong (the message names the parameter).
+    BadRequest(String),
+    /// 404: the request names something that does not exist (e.g. an unknown netns).
+    NotFound(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::BadRequest(message) => error(StatusCode::BAD_REQUEST, message),
+            Self::NotFound(message) => error(StatusCode::NOT_FOUND, message),
+        }
+    }
+}
+
+impl From<String> for ApiError {
+    fn from(message: String) -> Self {
+        Self::BadRequest(message)
+    }
+}
+
+/// A parsed `/drained` request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainRequest {
+    pub filter: Filter,
+    pub timeout: Duration,
+    pub settle: Duration,
+}
+
+/// The parameters of `/drained`.
+pub const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle"];
+/// The parameters of `/connections`.
+pub const CONNECTION_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
+
+/// Splits a query into its parameters: each must be one of `known` and appear once.
+pub fn parse_query(
+    query: Option<&str>,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut values: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if !known.contains(&name.as_ref()) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown parameter {name:?} (known: {})",
+                known.join(", ")
+            )));
+        }
+        if values.insert(name.to_string(), value.to_string()).is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "parameter {name:?} is given more than once"
+            )));
+        }
+    }
+    Ok(values)
+}
+
+/// The optional `addr` and `netns` of a query.
+pub fn parse_scope(
+    values: &BTreeMap<String, String>,
+) -> Result<(Option<IpAddr>, Option<u32>), ApiError> {
+    let addr = values
+        .get("addr")
+        .map(|text| parse_addr(text))
+        .transpose()?;
+    let netns = values
+        .get("netns")
+        .map(|text| parse_netns(text))
+        .transpose()?;
+    Ok((addr, netns))
+}
+
+/// Parses the query of `/drained`. Every error names the parameter and what was wrong.
+pub fn parse_drain_request(
+    query: Option<&str>,
+    limits: WaitLimits,
+) -> Result<DrainRequest, ApiError> {
+    let values = parse_query(query, &DRAIN_PARAMETERS)?;
+    let port = match values.get("port") {
+        None => {
+            return Err(ApiError::BadRequest(
+                "missing parameter \"port\" (e.g. /drained?port=8080)".into(),
+            ));
+        }
+        Some(text) => parse_port(text)?,
+    };
+    if limits.own_port == Some(port) {
+        return Err(ApiError::BadRequest(format!(
+            "port: {port} is the agent's own API port, whose connections are not counted"
+        )));
+    }
+    let (addr, netns) = parse_scope(&values)?;
+    let timeout = match values.get("timeout") {
+        None => limits.default_timeout,
+        Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
+    };
+    let settle = match values.get("settle") {
+        None => Duration::ZERO,
+        Some(text) => parse_limited("settle", text, limits.max_timeout)?,
+    };
+    if settle > timeout && !timeout.is_zero() {
+        return Err(ApiError::BadRequest(format!(
+            "settle: {} is longer than the timeout {}, so the answer could only be 503",
+            format_duration(settle),
+            format_duration(timeout)
+        )));
+    }
+    Ok(DrainRequest {
+        filter: Filter { port, addr, netns },
+        timeout,
+        settle,
+    })
+}
+
+pub fn parse_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u32>() {
+        Ok(port @ 1..=65535) => Ok(port as u16),
+        _ => Err(format!("port: {text:?} is not a port number (1-65535)")),
+    }
+}
+
+/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
+fn parse_addr(text: &str) -> Result<IpAddr, String> {
+    text.parse::<IpAddr>()
+        .map(canonical_addr)
+        .map_err(|_| format!("addr: {text:?} is not an IP address"))
+}
+
+/// `netns` is an inode number of a network namespace that exists, or the path of one in
+/// the places where they live. Every refused path gets the same answer.
+fn parse_netns(text: &str) -> Result<u32, ApiError> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let inode = text.parse::<u32>().map_err(|_| {
+            ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
+        })?;
+        if !netns::all_namespaces().contains_key(&inode) {
+            return Err(ApiError::NotFound(format!(
+                "netns: no network namespace with inode {inode} is known to the agent"
+            )));
+        }
+        return Ok(inode);
+    }
+    netns::inode_of_client_path(text)
+        .ok_or_else(|| ApiError::BadRequest(netns::REFUSED_PATH.into()))
+}
+
+fn parse_limited(name: &str, text: &str, max: Duration) -> Result<Duration, String> {
+    let duration = parse_duration(text).map_err(|e| format!("{name}: {e}"))?;
+    if duration > max {
+        return Err(format!(
+            "{name}: {text} is longer than the maximum {} (--max-timeout)",
+            format_duration(max)
+        ));
+    }
+    Ok(duration)
+}

@@ -1,0 +1,185 @@
+//! How the state-change handler is attached: the three ways, tried in order, and what
+//! each needs from the kernel (tracefs and its record layout for the classic tracepoint).
+
+use std::{fmt, fs, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+};
+use log::info;
+
+pub(super) const TRACEPOINT_CATEGORY: &str = "sock";
+pub(super) const TRACEPOINT_NAME: &str = "inet_sock_set_state";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// How the state-change handler is attached, in the order the agent tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMethod {
+    /// BTF-enabled tracepoint (`tp_btf`): cheapest; needs no tracefs.
+    TpBtf,
+    /// Classic tracepoint through tracefs (mounted by the agent if absent).
+    Tracepoint,
+    /// Raw tracepoint: needs no tracefs; for kernels that refuse tp_btf.
+    RawTracepoint,
+}
+
+impl AttachMethod {
+    pub const ALL: [Self; 3] = [Self::TpBtf, Self::Tracepoint, Self::RawTracepoint];
+
+    /// The name used in logs and in the `attach` metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TpBtf => "tp_btf",
+            Self::Tracepoint => "tracepoint",
+            Self::RawTracepoint => "raw_tracepoint",
+        }
+    }
+
+    pub(super) const fn program(self) -> &'static str {
+        match self {
+            Self::TpBtf => "inet_sock_set_state_btf",
+            Self::Tracepoint => "inet_sock_set_state_tp",
+            Self::RawTracepoint => "inet_sock_set_state_raw",
+        }
+    }
+}
+
+impl fmt::Display for AttachMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub(super) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> Result<()> {
+    let program = ebpf
+        .program_mut(method.program())
+        .with_context(|| format!("the eBPF object has no program {}", method.program()))?;
+    match method {
+        AttachMethod::TpBtf => {
+            let program: &mut BtfTracePoint = program.try_into()?;
+            program.load(TRACEPOINT_NAME, btf)?;
+            program.attach()?;
+        }
+        AttachMethod::Tracepoint => {
+            ensure_tracefs()?;
+            check_tracepoint_format()?;
+            let program: &mut TracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+        }
+        AttachMethod::RawTracepoint => {
+            let program: &mut RawTracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(TRACEPOINT_NAME)?;
+        }
+    }
+    Ok(())
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when nothing is there (the classic tracepoint
+/// needs it to find the tracepoint's id).
+fn ensure_tracefs() -> Result<()> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.exists() {
+        return Ok(());
+    }
+    if Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    info!("tracefs is not mounted; mounting it at {TRACEFS}");
+    let target = std::ffi::CString::new(TRACEFS).context("tracefs path")?;
+    let fstype = c"tracefs";
+    let source = c"nodev";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot mount tracefs at {TRACEFS}"));
+    }
+    Ok(())
+}
+
+/// The classic tracepoint program reads `skaddr`, `oldstate` and `newstate` at fixed
+/// offsets; refuse to attach if this kernel lays the record out differently.
+fn check_tracepoint_format() -> Result<()> {
+    let path = [TRACEFS, "/sys/kernel/debug/tracing"]
+        .iter()
+        .map(|root| {
+            Path::new(root)
+                .join("events")
+                .join(TRACEPOINT_CATEGORY)
+                .join(TRACEPOINT_NAME)
+                .join("format")
+        })
+        .find(|path| path.exists())
+        .context("tracefs has no sock/inet_sock_set_state (Linux >= 4.16 needed)")?;
+    let format =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    check_record_offsets(&format)
+}
+
+fn check_record_offsets(format: &str) -> Result<()> {
+    for (field, expected) in [("skaddr", 8), ("oldstate", 16), ("newstate", 20)] {
+        let offset = format
+            .lines()
+            .find(|line| {
+                line.split(';')
+                    .next()
+                    .is_some_and(|decl| decl.trim_end().ends_with(&format!(" {field}")))
+            })
+            .and_then(|line| line.split("offset:").nth(1))
+            .and_then(|rest| rest.split(';').next())
+            .and_then(|number| number.trim().parse::<usize>().ok())
+            .with_context(|| format!("tracepoint format has no field {field}"))?;
+        if offset != expected {
+            bail!("tracepoint field {field} is at offset {offset}, the program expects {expected}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: inet_sock_set_state
+ID: 1470
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
+";
+
+    #[test]
+    fn accepts_the_known_tracepoint_layout() {
+        check_record_offsets(FORMAT).expect("known layout");
+    }
+
+    #[test]
+    fn refuses_a_moved_field() {
+        let moved = FORMAT.replace("int newstate;\toffset:20", "int newstate;\toffset:24");
+        let error = check_record_offsets(&moved).expect_err("moved field");
+        assert!(
+            error.to_string().contains("newstate is at offset 24"),
+            "{error}"
+        );
+        let error = check_record_offsets("format:\n").expect_err("no fields");
+        assert!(error.to_string().contains("no field skaddr"), "{error}");
+    }
+}

@@ -1,0 +1,58 @@
+//! The ring-buffer reader: wakes the waiters of a port whenever the kernel says one of its
+//! endpoints crossed zero, and every waiter when events were lost.
+
+use std::{sync::Arc, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use log::{error, warn};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use super::{KernelMaps, parse_event};
+use crate::tracker::Tracker;
+
+/// Wakes the waiters of a port whenever the kernel says one of its endpoints crossed zero.
+/// If the ring buffer ever overflows (the kernel counts it), every waiter re-reads once.
+pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps: Arc<KernelMaps>) {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
+    // and the AsyncFd owns the ring buffer.
+    let mut ring = match unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) } {
+        Ok(ring) => ring,
+        Err(problem) => {
+            let (_, problem) = problem.into_parts();
+            error!(
+                "cannot watch the event ring buffer: {problem}; waiters will only answer on timeout"
+            );
+            return;
+        }
+    };
+    let mut lost_seen = maps.lost_events();
+    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(problem) => {
+                        error!("event ring buffer failed: {problem}");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if let Some(event) = parse_event(&item) {
+                        tracker.notify_port(event.key.port);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = lost_check.tick() => {
+                let lost = maps.lost_events();
+                if lost > lost_seen {
+                    warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
+                    lost_seen = lost;
+                    tracker.notify_all();
+                }
+            }
+        }
+    }
+}

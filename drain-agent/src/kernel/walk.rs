@@ -1,0 +1,184 @@
+//! Walks of the open sockets: seeding at start (connections opened before the agent) and
+//! repairs (state changes the kernel skipped), with the sweep that drops tracked sockets a
+//! walk no longer finds. Each walk also records what it vouches for (`maps::Vouched`).
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::Read as _,
+    sync::atomic::Ordering,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{Iter, RawTracePoint, RawTracePointRunOptions, TestRun as _},
+};
+use drain_agent_common::repair;
+use log::{info, warn};
+
+use super::Kernel;
+use crate::netns;
+
+impl Kernel {
+    /// Counts the connections that were established before the handler was attached, in
+    /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
+    /// is exactly-once). Call it once, after [`Kernel::load`].
+    pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
+        let report = self.walk()?;
+        let found = self.maps.repair_count(repair::OPENS_FOUND)?;
+        self.maps.seeding_opens.store(found, Ordering::Relaxed);
+        info!(
+            "counted {found} connections open before start, in {} network namespaces ({} could not be read)",
+            report.walked.len(),
+            report.failed
+        );
+        Ok(report)
+    }
+
+    /// Walks the open sockets of every network namespace: counts open passive sockets that
+    /// are not tracked and stamps the tracked ones it finds open.
+    fn walk(&mut self) -> Result<WalkReport> {
+        if let Some(problem) = &self.walker_problem {
+            bail!("{problem}");
+        }
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(WALKER)
+            .context("the eBPF object has no walker")?
+            .try_into()
+            .context("the walker is not an iterator")?;
+        // Every counter as it is before the walk: what the walk will vouch for.
+        let snapshot = self.maps.snapshot()?;
+        // Listeners are recorded afresh by each walk (a closed one must not linger, and a
+        // full map is then only ever this walk's).
+        let stale_listeners: Vec<u64> = self.listeners.keys().filter_map(Result::ok).collect();
+        for key in stale_listeners {
+            let _ = self.listeners.remove(&key);
+        }
+        let mut report = WalkReport {
+            started_ns: crate::tracker::monotonic_ns(),
+            ..WalkReport::default()
+        };
+        let mut failed = BTreeSet::new();
+        for (inode, path) in netns::all_namespaces() {
+            let link_id = program
+                .attach()
+                .context("cannot attach the iter/tcp iterator")?;
+            let link = program
+                .take_link(link_id)
+                .context("cannot take the iterator link")?;
+            // The iterator walks the namespace of whoever creates its file: do that inside.
+            let walked = netns::run_in(&path, move || -> Result<()> {
+                let mut file = link.into_file().context("cannot create the iterator")?;
+                let mut sink = Vec::new();
+                file.read_to_end(&mut sink).context("the iterator failed")?;
+                Ok(())
+            });
+            match walked {
+                Ok(()) => {
+                    report.walked.insert(inode);
+                }
+                Err(error) => {
+                    report.failed += 1;
+                    failed.insert(inode);
+                    warn!(
+                        "cannot walk network namespace {inode} ({}): {error:#}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        // A namespace whose processes just exited is gone, and so are its connections;
+        // one that is still there was not walked, and its counts are not vouched for.
+        let still_there = netns::all_namespaces();
+        failed.retain(|inode| still_there.contains_key(inode));
+        self.maps.vouch(snapshot, failed);
+        Ok(report)
+    }
+
+    /// Finds and repairs state changes the handler missed: walks the open sockets (which
+    /// counts missed opens), then drops the tracked sockets of walked namespaces that the
+    /// walk did not find open and that were not tracked after it began (missed closes).
+    pub fn repair(&mut self) -> Result<RepairReport> {
+        let opens_before = self.maps.repair_count(repair::OPENS_FOUND)?;
+        let closes_before = self.maps.repair_count(repair::CLOSES_FOUND)?;
+        let walk = self.walk()?;
+        let mut stale = Vec::new();
+        for entry in self.sockets.iter() {
+            // Entries come and go while we read: a vanished one is simply not a candidate.
+            let Ok((sk, entry)) = entry else { continue };
+            if entry.audited_ns < walk.started_ns
+                && entry.tracked_ns < walk.started_ns
+                && walk.walked.contains(&entry.key.netns)
+            {
+                stale.push(sk);
+            }
+        }
+        let forget: &RawTracePoint = self
+            .ebpf
+            .program(FORGETTER)
+            .context("the eBPF object has no forget_stale_socket")?
+            .try_into()
+            .context("forget_stale_socket is not a raw tracepoint")?;
+        for sk in stale {
+            let mut options = RawTracePointRunOptions::new();
+            options.args[0] = sk;
+            options.args[1] = walk.started_ns;
+            forget
+                .test_run(options)
+                .context("cannot run forget_stale_socket")?;
+        }
+        Ok(RepairReport {
+            opens_found: self.maps.repair_count(repair::OPENS_FOUND)? - opens_before,
+            closes_found: self.maps.repair_count(repair::CLOSES_FOUND)? - closes_before,
+        })
+    }
+
+    /// Whether this kernel can walk the open sockets (seeding and repairs).
+    pub const fn can_walk(&self) -> bool {
+        self.walker_problem.is_none()
+    }
+}
+
+/// The walker: `iter/tcp`, run at start and for repairs.
+const WALKER: &str = "seed_established_tcp";
+/// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached.
+const FORGETTER: &str = "forget_stale_socket";
+
+/// Loads the walker and the forgetter; they need Linux >= 5.9 (iter/tcp) and >= 5.10
+/// (running a raw tracepoint program on demand).
+pub(super) fn load_walker(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    let walker: &mut Iter = ebpf
+        .program_mut(WALKER)
+        .context("the eBPF object has no walker")?
+        .try_into()
+        .context("the walker is not an iterator")?;
+    walker
+        .load("tcp", btf)
+        .context("cannot load the iter/tcp walker (Linux >= 5.9 needed)")?;
+    let forget: &mut RawTracePoint = ebpf
+        .program_mut(FORGETTER)
+        .context("the eBPF object has no forget_stale_socket")?
+        .try_into()
+        .context("forget_stale_socket is not a raw tracepoint")?;
+    forget.load().context("cannot load forget_stale_socket")?;
+    Ok(())
+}
+
+/// What a walk did.
+#[derive(Clone, Debug, Default)]
+pub struct WalkReport {
+    /// CLOCK_MONOTONIC when the walk began.
+    pub started_ns: u64,
+    /// Inodes of the network namespaces walked.
+    pub walked: HashSet<u32>,
+    /// Namespaces that could not be walked.
+    pub failed: usize,
+}
+
+/// What a repair found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    pub opens_found: u64,
+    pub closes_found: u64,
+}

@@ -1,0 +1,108 @@
+//! The repair scheduler: when to walk the open sockets again (skipped handler runs, lasting
+//! doubts, the periodic walk), when to reclaim idle endpoints, and logging each doubt about
+//! the agent's health once when it appears and once when it clears. The walks themselves
+//! are `kernel::Kernel::repair`.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use log::{info, warn};
+
+use crate::{
+    doubt::Doubt,
+    kernel::{Kernel, RECLAIM_IDLE, RepairReport},
+    tracker::Tracker,
+};
+
+/// The shortest time between two repair walks started by skipped handler runs.
+const REPAIR_GAP: Duration = Duration::from_secs(5);
+/// The shortest time between two walks started by a lasting doubt (a full map, a
+/// namespace that cannot be entered): each walk may clear it, but none is likely to soon.
+const DOUBT_GAP: Duration = Duration::from_secs(30);
+/// How often idle endpoints are reclaimed.
+const RECLAIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Walks the open sockets to repair missed state changes: soon after the kernel reports
+/// that it skipped the handler (checked every second, walks at most every [`REPAIR_GAP`]),
+/// while the agent cannot vouch for its counts (at most every [`DOUBT_GAP`]), and every
+/// `interval` (0: only then). Also reclaims idle endpoints, and logs each doubt about the
+/// agent's health once when it appears and once when it clears.
+pub async fn repair_missed_changes(
+    kernel: Arc<std::sync::Mutex<Kernel>>,
+    tracker: Arc<Tracker>,
+    interval: Duration,
+    can_walk: bool,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut skipped_seen = 0;
+    let mut last_walk = tokio::time::Instant::now();
+    let mut last_reclaim = tokio::time::Instant::now();
+    let mut reported: BTreeSet<Doubt> = BTreeSet::new();
+    loop {
+        tick.tick().await;
+        let doubts: BTreeSet<Doubt> = tracker.health_doubts().into_iter().collect();
+        for doubt in doubts.difference(&reported) {
+            warn!(
+                "cannot vouch for every count: {doubt}; /drained confirms with the socket tables or answers 503"
+            );
+        }
+        for doubt in reported.difference(&doubts) {
+            info!("resolved: {doubt}");
+        }
+        let doubted = !doubts.is_empty();
+        reported = doubts;
+        let kernel = Arc::clone(&kernel);
+        let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;
+        // A walk costs a pass over every socket; under a steady trickle of skipped runs,
+        // walk at most every REPAIR_GAP (a skipped change is repaired within that).
+        let may_walk = can_walk && (periodic || last_walk.elapsed() >= REPAIR_GAP);
+        let doubt_walk = doubted && last_walk.elapsed() >= DOUBT_GAP;
+        let reclaim = last_reclaim.elapsed() >= RECLAIM_EVERY;
+        if reclaim {
+            last_reclaim = tokio::time::Instant::now();
+        }
+        let outcome =
+            tokio::task::spawn_blocking(move || -> Result<Option<(u64, RepairReport)>> {
+                let mut kernel = kernel
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if reclaim && let Err(problem) = kernel.reclaim_idle_endpoints(RECLAIM_IDLE) {
+                    warn!("cannot reclaim idle endpoints: {problem:#}");
+                }
+                let skipped = kernel.handler_skipped_runs()?;
+                if !may_walk || (skipped == skipped_seen && !periodic && !doubt_walk) {
+                    return Ok(None);
+                }
+                Ok(Some((skipped, kernel.repair()?)))
+            })
+            .await;
+        match outcome {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some((skipped, report)))) => {
+                if skipped > skipped_seen {
+                    info!(
+                        "the kernel skipped the handler {} time(s); repaired {} missed open(s) and {} missed close(s)",
+                        skipped - skipped_seen,
+                        report.opens_found,
+                        report.closes_found
+                    );
+                } else if report.opens_found + report.closes_found > 0 {
+                    warn!(
+                        "walk repaired {} missed open(s) and {} missed close(s)",
+                        report.opens_found, report.closes_found
+                    );
+                }
+                skipped_seen = skipped;
+                last_walk = tokio::time::Instant::now();
+            }
+            Ok(Err(problem)) => {
+                warn!("cannot repair missed state changes: {problem:#}");
+                // Do not hammer a failing walk: wait for the next interval.
+                last_walk = tokio::time::Instant::now();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Err(problem) => warn!("repair task failed: {problem}"),
+        }
+    }
+}
