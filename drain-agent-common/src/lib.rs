@@ -285,11 +285,17 @@ mod user {
     // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with no padding
     // holes that could leak or hold invalid values; any bit pattern is valid.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for ConnCounts {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for SockEntry {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for ZeroCrossing {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for KernelOffsets {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for DurationHistogram {}
+    // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for PortTotals {}
 }
 

@@ -3,6 +3,11 @@
 //!
 //! A linter that is not installed skips its test loudly, or fails it when
 //! `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI); `cargo xtask setup` installs them all.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

@@ -7,6 +7,11 @@
 //! * `netns=` of another namespace kind, an unknown inode or an arbitrary path is refused,
 //!   with one text for existing and missing files;
 //! * a port-only waiter is woken by the last close every time, with every core busy.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

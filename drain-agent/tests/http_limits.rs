@@ -4,6 +4,11 @@
 //!
 //! `DRAIN_AGENT_TEST_BINARY=/path/to/drain-agent` runs these against another build (to show
 //! that an older agent fails them).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! Pods on one node, simulated: network namespaces with their own IPs on veth pairs, each
 //! listening on the same port, clients in the host namespace. A pod's drain must see only
 //! its own connections. Also `drain-agent wait` and `status` against the real agent.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

@@ -5,6 +5,11 @@
 //!
 //! Every test starts its own agent and uses its own listener ports, so they can run in
 //! parallel (and alongside other tests that count other ports).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

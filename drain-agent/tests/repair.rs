@@ -8,6 +8,11 @@
 //!   writing the agent's own kernel maps the way the handler writes them for an open.
 //!
 //! One agent at a time in this file (the second test finds the agent's maps by name).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

@@ -5,6 +5,11 @@
 //! Real parts on loopback: nginx (Debian package), two `e2e-backend` processes, the real agent,
 //! and a load generator (keep-alive clients, fast requests and slow streamed ones of 0.5–3 s)
 //! running through the whole deploy. `cargo xtask e2e` runs this and prints the table.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 #[path = "rolling_deploy/deploy.rs"]

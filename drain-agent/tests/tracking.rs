@@ -2,6 +2,11 @@
 //! loopback and in network namespaces made here, exact counts checked against `ss`.
 //!
 //! Every test starts its own agent and uses its own ports, so they can run in parallel.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

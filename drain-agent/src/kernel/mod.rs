@@ -243,6 +243,7 @@ fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
 
     // SAFETY: plain C structs; all-zero is a valid value for both.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // The `info` member of the union is the one BPF_OBJ_GET_INFO_BY_FD reads.
     attr.info.bpf_fd = u32::try_from(program.as_raw_fd()).context("bad program fd")?;
