@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
-/// The nightly that builds the eBPF side (see DESIGN.md: newer aya-ebpf needs rustc >= 1.98).
+/// The nightly that builds the eBPF side (newer aya-ebpf needs rustc >= 1.98; see ARCHITECTURE.md).
 const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 
 fn main() -> anyhow::Result<()> {

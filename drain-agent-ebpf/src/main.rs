@@ -1,7 +1,7 @@
 //! drain-agent's kernel side: count the inbound TCP connections of every local endpoint.
 //!
 //! One handler, three ways to reach it (the agent attaches the first that loads, see
-//! DESIGN.md): a BTF tracepoint, the classic tracepoint and a raw tracepoint, all on
+//! ARCHITECTURE.md): a BTF tracepoint, the classic tracepoint and a raw tracepoint, all on
 //! `sock:inet_sock_set_state`, which the kernel fires from `tcp_set_state()` and
 //! `inet_sk_set_state()` *before* it stores the new state (net/ipv4/tcp.c,
 //! net/ipv4/af_inet.c). A fourth program, a `iter/tcp` BPF iterator, seeds the maps with the
