@@ -163,6 +163,13 @@ pub struct SockEntry {
     pub tracked_ns: u64,
     /// When a walk last found the socket still open ([`repair`]); 0 before any walk.
     pub audited_ns: u64,
+    /// The peer's address (network byte order; IPv4 in the first 4 bytes when
+    /// `remote_family` is `AF_INET`, IPv4-mapped IPv6 folded like [`ConnKey::addr`]).
+    pub remote: [u8; 16],
+    /// The peer's port, host byte order.
+    pub remote_port: u16,
+    pub remote_family: u16,
+    pub _pad: u32,
 }
 
 /// Repairs of missed state changes.
@@ -180,13 +187,37 @@ pub mod repair {
     pub const COUNT: u32 = 2;
 }
 
-/// Ring-buffer record, written when a key's active count moves between 0 and 1.
+/// Ring-buffer record, written for every tracked open and close on a port somebody waits
+/// on (the agent's `WATCHED_PORTS` bitmap).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ZeroCrossing {
+pub struct ConnEvent {
     pub key: ConnKey,
-    /// The key's active count right after the change (0 or 1).
-    pub active: i64,
+    /// The peer (see [`SockEntry::remote`]).
+    pub remote: [u8; 16],
+    pub remote_port: u16,
+    pub remote_family: u16,
+    /// [`event_kind::OPEN`] or [`event_kind::CLOSE`].
+    pub kind: u8,
+    /// [`crossing::ENDPOINT`] | [`crossing::PORT`]: which counts moved between 0 and 1.
+    pub crossing: u8,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns()` of the change.
+    pub at_ns: u64,
+}
+
+/// [`ConnEvent::kind`].
+pub mod event_kind {
+    pub const OPEN: u8 = 1;
+    pub const CLOSE: u8 = 2;
+}
+
+/// [`ConnEvent::crossing`] bits.
+pub mod crossing {
+    /// The endpoint's count moved between 0 and 1.
+    pub const ENDPOINT: u8 = 1;
+    /// The port's total moved between 0 and 1.
+    pub const PORT: u8 = 2;
 }
 
 /// Number of buckets of the kernel-side connection-duration histogram: upper bounds
@@ -271,6 +302,12 @@ pub struct KernelOffsets {
     pub net_ns_inum: u32,
     /// `struct sock`: `sk_protocol` (u16); [`OFFSET_UNKNOWN`] when it is a bitfield.
     pub sk_protocol: u32,
+    /// `skc_daddr` (__be32, the peer's IPv4 address).
+    pub skc_daddr: u32,
+    /// `skc_v6_daddr` (struct in6_addr, the peer's IPv6 address).
+    pub skc_v6_daddr: u32,
+    /// `skc_dport` (__be16, the peer's port).
+    pub skc_dport: u32,
 }
 
 /// Marks an offset the running kernel does not provide as a plain field.
@@ -279,7 +316,7 @@ pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        ConnCounts, ConnKey, DurationHistogram, KernelOffsets, PortTotals, SockEntry, ZeroCrossing,
+        ConnCounts, ConnEvent, ConnKey, DurationHistogram, KernelOffsets, PortTotals, SockEntry,
     };
 
     // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with no padding
@@ -290,7 +327,7 @@ mod user {
     // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for SockEntry {}
     // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
-    unsafe impl aya::Pod for ZeroCrossing {}
+    unsafe impl aya::Pod for ConnEvent {}
     // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for KernelOffsets {}
     // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
@@ -390,8 +427,8 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
         assert_eq!(core::mem::size_of::<ConnCounts>(), 32);
-        assert_eq!(core::mem::size_of::<SockEntry>(), 56);
+        assert_eq!(core::mem::size_of::<SockEntry>(), 80);
         assert_eq!(core::mem::size_of::<PortTotals>(), 32);
-        assert_eq!(core::mem::size_of::<ZeroCrossing>(), 32);
+        assert_eq!(core::mem::size_of::<ConnEvent>(), 56);
     }
 }

@@ -29,10 +29,10 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use drain_agent_common::{
-    AF_INET, AF_INET6, ConnCounts, ConnKey, DurationHistogram, IPPROTO_TCP, KernelOffsets,
-    OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED, STARTED_UNKNOWN, SockEntry, Transition,
-    WATCHED_WORDS, ZeroCrossing, classify, duration_bucket, error_index, is_active, netns_port_key,
-    repair, tcp_state, watched_bit,
+    AF_INET, AF_INET6, ConnCounts, ConnEvent, ConnKey, DurationHistogram, IPPROTO_TCP,
+    KernelOffsets, OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED, STARTED_UNKNOWN,
+    SockEntry, Transition, WATCHED_WORDS, classify, crossing, duration_bucket, error_index,
+    event_kind, is_active, netns_port_key, repair, tcp_state, watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -86,7 +86,7 @@ static PORT_TOTALS: Array<PortTotals> = Array::with_max_entries(PORT_COUNT, 0);
 #[map]
 static WATCHED_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
 
-/// Wake-ups for the agent: one record each time an endpoint's count moves between 0 and 1.
+/// Wake-ups for the agent: one record per tracked open and close on a watched port.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -109,6 +109,9 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     skc_net: 0,
     net_ns_inum: 0,
     sk_protocol: OFFSET_UNKNOWN,
+    skc_daddr: 0,
+    skc_v6_daddr: 0,
+    skc_dport: 0,
 };
 
 const EEXIST: i32 = 17;
@@ -208,7 +211,8 @@ fn try_on_state_change<M: KernelMemory>(
                 return Ok(());
             }
             let key = read_key::<M>(sk, &offsets)?;
-            track_open(sk, key, false);
+            let peer = read_peer::<M>(sk, &offsets)?;
+            track_open(sk, key, peer, false);
         }
         Transition::Close => {
             // Most closes are of sockets never tracked (every client end, every outbound
@@ -272,6 +276,7 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
         }
     } else if is_active(state) {
         let key = read_key::<ProbeReads>(sk, &offsets)?;
+        let peer = read_peer::<ProbeReads>(sk, &offsets)?;
         // A tracked socket found open is live whether or not its port still has a
         // listener: a service that closed its listener keeps serving the connections it
         // has (graceful shutdown, one-shot servers). The listener only decides whether an
@@ -288,13 +293,13 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
                 if track_close(sk, false) {
                     count_repair(repair::CLOSES_FOUND);
                 }
-                if has_listener(&key) && track_open(sk, key, true) {
+                if has_listener(&key) && track_open(sk, key, peer, true) {
                     count_repair(repair::OPENS_FOUND);
                 }
             }
             // Untracked: found by seeding, or its open was missed.
             None => {
-                if has_listener(&key) && track_open(sk, key, true) {
+                if has_listener(&key) && track_open(sk, key, peer, true) {
                     count_repair(repair::OPENS_FOUND);
                 }
             }
@@ -344,7 +349,7 @@ fn has_listener(key: &ConnKey) -> bool {
 /// being reclaimed); then the socket is marked [`SOCK_UNSCOPED`] and counted in the port's
 /// `unscoped` total instead, so the agent knows scoped answers on this port need checking.
 #[inline(always)]
-fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
+fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool) -> bool {
     if is_own_endpoint(&key) {
         return false;
     }
@@ -369,6 +374,10 @@ fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
         started_ns,
         tracked_ns: now,
         audited_ns: 0,
+        remote: peer.addr,
+        remote_port: peer.port,
+        remote_family: peer.family,
+        _pad: 0,
     };
     match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
@@ -395,10 +404,14 @@ fn track_open(sk: u64, key: ConnKey, found_by_walk: bool) -> bool {
         }
     });
     let port_now = add_port_total(key.port, 1, counts.is_none(), now);
-    // After both counters moved (see `emit_zero_crossing` for why both).
-    if endpoint_now == Some(1) || port_now == Some(1) {
-        emit_zero_crossing(key, 1);
-    }
+    // After both counters moved (see `emit_event` for why both).
+    emit_event(
+        key,
+        peer,
+        event_kind::OPEN,
+        crossed(endpoint_now == Some(1), port_now == Some(1)),
+        now,
+    );
     true
 }
 
@@ -432,9 +445,18 @@ fn track_close(sk: u64, closed_now: bool) -> bool {
         }
     }
     let port_now = add_port_total(entry.key.port, -1, unscoped, now);
-    if endpoint_now == Some(0) || port_now == Some(0) {
-        emit_zero_crossing(entry.key, 0);
-    }
+    let peer = Peer {
+        addr: entry.remote,
+        port: entry.remote_port,
+        family: entry.remote_family,
+    };
+    emit_event(
+        entry.key,
+        peer,
+        event_kind::CLOSE,
+        crossed(endpoint_now == Some(0), port_now == Some(0)),
+        now,
+    );
     if closed_now && entry.started_ns != STARTED_UNKNOWN {
         record_duration(entry.key.port, now.saturating_sub(entry.started_ns));
     }
@@ -547,7 +569,13 @@ fn record_duration(port: u16, duration_ns: u64) {
     }
 }
 
-/// Tells the agent that `key`'s endpoint count or its port's total moved between 0 and 1.
+#[inline(always)]
+fn crossed(endpoint: bool, port: bool) -> u8 {
+    (if endpoint { crossing::ENDPOINT } else { 0 }) | (if port { crossing::PORT } else { 0 })
+}
+
+/// Tells the agent about a tracked open or close on a watched port, and whether the
+/// endpoint's count or the port's total moved between 0 and 1 (`crossing`).
 ///
 /// Written only after *both* counters changed: a port-only waiter reads the port total,
 /// a scoped waiter the endpoint counts, and each must find the change already made when
@@ -555,8 +583,10 @@ fn record_duration(port: u16, duration_ns: u64) {
 /// on slow vCPUs: the agent read the port total before it was lowered and slept on).
 /// Each counter's last decrement reads the 0 it leaves (see `add_active`), so whichever
 /// count a waiter reads, the change that brought it to 0 is followed by an event.
+/// Every open and close is sent (not only crossings) so that waiters with a quiet window
+/// or ignored sources see each arrival and its peer; only while somebody waits on the port.
 #[inline(always)]
-fn emit_zero_crossing(key: ConnKey, active: i64) {
+fn emit_event(key: ConnKey, peer: Peer, kind: u8, crossing: u8, now: u64) {
     // Only ports somebody waits on. The agent sets a port's bit *before* it reads the
     // count it waits on, and we test the bit *after* our atomic add (a full barrier): either
     // its read sees our change, or we see its bit. No wake-up is lost.
@@ -565,10 +595,17 @@ fn emit_zero_crossing(key: ConnKey, active: i64) {
         Some(bits) if bits & mask != 0 => {}
         _ => return,
     }
-    if EVENTS
-        .output::<ZeroCrossing>(ZeroCrossing { key, active }, 0)
-        .is_err()
-    {
+    let event = ConnEvent {
+        key,
+        remote: peer.addr,
+        remote_port: peer.port,
+        remote_family: peer.family,
+        kind,
+        crossing,
+        _pad: 0,
+        at_ns: now,
+    };
+    if EVENTS.output::<ConnEvent>(event, 0).is_err() {
         count_error_at(error_index::EVENT_LOST);
     }
 }
@@ -675,6 +712,39 @@ fn read_key<M: KernelMemory>(sk: u64, offsets: &KernelOffsets) -> Result<ConnKey
         key.addr[..4].copy_from_slice(&v4.to_ne_bytes());
     }
     Ok(key)
+}
+
+/// The other end of a connection.
+#[derive(Clone, Copy)]
+struct Peer {
+    addr: [u8; 16],
+    port: u16,
+    family: u16,
+}
+
+#[inline(always)]
+fn read_peer<M: KernelMemory>(sk: u64, offsets: &KernelOffsets) -> Result<Peer, Error> {
+    let family = M::read::<u16>(sk, offsets.skc_family)?;
+    // skc_dport is big-endian (__be16).
+    let port = u16::from_be(M::read::<u16>(sk, offsets.skc_dport)?);
+    let mut peer = Peer {
+        addr: [0; 16],
+        port,
+        family: AF_INET,
+    };
+    if family == AF_INET6 {
+        let v6 = M::read_in6_addr(sk, offsets.skc_v6_daddr)?;
+        if is_v4_mapped(&v6) {
+            peer.addr[..4].copy_from_slice(&v6[12..]);
+        } else {
+            peer.addr = v6;
+            peer.family = AF_INET6;
+        }
+    } else {
+        let v4 = M::read::<u32>(sk, offsets.skc_daddr)?;
+        peer.addr[..4].copy_from_slice(&v4.to_ne_bytes());
+    }
+    Ok(peer)
 }
 
 #[inline(always)]

@@ -12,8 +12,9 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-pub use crate::tracker::Endpoint;
+pub use crate::{drain_rule::Peer, tracker::Endpoint};
 use crate::{
+    drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
     netns,
     tracker::{Filter, canonical_addr},
@@ -29,6 +30,15 @@ pub struct DrainedBody {
     /// Why the agent cannot vouch for the count (the answer is then never "drained").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown: Option<String>,
+    /// Of `active`, idle and busy connections (when they were looked at one by one: with
+    /// `idle` or `ignore`, or in a not-drained answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<u64>,
+    /// The first remaining connections, in a not-drained answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<Peer>,
 }
 
 /// Every error answer: `{"error": "..."}`.
@@ -40,7 +50,16 @@ pub struct ErrorBody {
 /// The answer of `GET /connections`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionsBody {
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Vec<EndpointRow>,
+}
+
+/// One endpoint in `/connections`, with its connections one by one when `peers=true`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRow {
+    #[serde(flatten)]
+    pub endpoint: Endpoint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<Peer>>,
 }
 
 /// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
@@ -126,13 +145,17 @@ impl From<String> for ApiError {
 pub struct DrainRequest {
     pub filter: Filter,
     pub timeout: Duration,
-    pub settle: Duration,
+    pub rule: DrainRule,
+    /// The request used the deprecated `settle` (read as `quiet`).
+    pub deprecated_settle: bool,
 }
 
 /// The parameters of `/drained`.
-pub const DRAIN_PARAMETERS: [&str; 5] = ["port", "addr", "netns", "timeout", "settle"];
+pub const DRAIN_PARAMETERS: [&str; 8] = [
+    "port", "addr", "netns", "timeout", "quiet", "ignore", "idle", "settle",
+];
 /// The parameters of `/connections`.
-pub const CONNECTION_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
+pub const CONNECTION_PARAMETERS: [&str; 4] = ["port", "addr", "netns", "peers"];
 
 /// Splits a query into its parameters: each must be one of `known` and appear once.
 pub fn parse_query(
@@ -195,21 +218,43 @@ pub fn parse_drain_request(
         None => limits.default_timeout,
         Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
     };
-    let settle = match values.get("settle") {
+    if values.contains_key("quiet") && values.contains_key("settle") {
+        return Err(ApiError::BadRequest(
+            "settle: give quiet only (settle is its deprecated name)".into(),
+        ));
+    }
+    let deprecated_settle = values.contains_key("settle");
+    let quiet = match values.get("quiet").or_else(|| values.get("settle")) {
         None => Duration::ZERO,
-        Some(text) => parse_limited("settle", text, limits.max_timeout)?,
+        Some(text) => {
+            let name = if deprecated_settle { "settle" } else { "quiet" };
+            parse_limited(name, text, limits.max_timeout)?
+        }
     };
-    if settle > timeout && !timeout.is_zero() {
+    if quiet > timeout && !timeout.is_zero() {
         return Err(ApiError::BadRequest(format!(
-            "settle: {} is longer than the timeout {}, so the answer could only be 503",
-            format_duration(settle),
+            "quiet: {} is longer than the timeout {}, so the answer could only be 503",
+            format_duration(quiet),
             format_duration(timeout)
         )));
     }
+    let ignore = match values.get("ignore") {
+        None => Vec::new(),
+        Some(text) => parse_cidrs(text).map_err(|problem| format!("ignore: {problem}"))?,
+    };
+    let idle = values
+        .get("idle")
+        .map(|text| parse_limited("idle", text, limits.max_timeout))
+        .transpose()?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
-        settle,
+        rule: DrainRule {
+            quiet,
+            ignore,
+            idle,
+        },
+        deprecated_settle,
     })
 }
 

@@ -200,9 +200,27 @@ pub struct WaitArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
-    /// Drained only once the count has stayed 0 this long.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
-    pub settle: Duration,
+    /// Arrivals stopped: drained only once no new connection has arrived for this long,
+    /// counted from when `wait` asked (every drain takes at least this long: the time load
+    /// balancers need to stop sending). `--settle` is its deprecated name.
+    #[arg(long, alias = "settle", default_value = "0s", value_parser = parse_duration)]
+    pub quiet: Duration,
+
+    /// Probe traffic: connections from these sources (CIDR[,CIDR…], e.g. the node's own
+    /// address, where the kubelet's probes come from) neither count as arrivals nor hold
+    /// the drain.
+    #[arg(long, value_name = "CIDR[,CIDR...]")]
+    pub ignore: Option<String>,
+
+    /// Idle connections need not hold the drain: a connection with nothing in flight that
+    /// has moved no data for this long does not count (keep-alive pools). Off by default:
+    /// an idle WebSocket is still a live session.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle: Option<Duration>,
+
+    /// Print a progress line to stderr this often (0: never).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub progress: Duration,
 
     /// The agent to ask.
     #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]

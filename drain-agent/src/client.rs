@@ -23,8 +23,10 @@ pub const EXIT_NOT_DRAINED: u8 = 1;
 /// Exit status for usage errors and an unreachable agent.
 pub const EXIT_ERROR: u8 = 2;
 
-/// The longest single `/drained` request `wait` makes.
-const MAX_SLICE: Duration = Duration::from_secs(60);
+/// The longest single `/drained` request `wait` makes (the agent's default
+/// `--max-timeout`). One request covers the whole wait whenever it can: a quiet window is
+/// counted from the request.
+const MAX_SLICE: Duration = Duration::from_secs(600);
 
 /// How long to pause before asking a briefly unreachable agent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
@@ -220,6 +222,74 @@ fn error_text(body: &str) -> String {
     serde_json::from_str::<ErrorBody>(body).map_or_else(|_| body.trim().to_owned(), |e| e.error)
 }
 
+/// The drain-rule parameters of `wait`'s requests.
+fn rule_query(args: &WaitArgs) -> String {
+    let mut query = String::new();
+    if !args.quiet.is_zero() {
+        query.push_str(&format!("&quiet={}ms", args.quiet.as_millis()));
+    }
+    if let Some(ignore) = &args.ignore {
+        query.push_str("&ignore=");
+        query.extend(form_urlencoded::byte_serialize(ignore.as_bytes()));
+    }
+    if let Some(idle) = args.idle {
+        query.push_str(&format!("&idle={}ms", idle.as_millis()));
+    }
+    query
+}
+
+/// One line about what still holds a drain: "8080: 3 active (2 idle), oldest 41 s from
+/// 10.0.3.7:51234".
+pub fn describe_remaining(body: &DrainedBody) -> String {
+    let mut line = format!("{}: {} active", body.port, body.active);
+    if let Some(idle) = body.idle {
+        line.push_str(&format!(" ({idle} idle)"));
+    }
+    if let Some(oldest) = body
+        .peers
+        .iter()
+        .filter(|peer| peer.age_ms.is_some())
+        .max_by_key(|peer| peer.age_ms)
+    {
+        line.push_str(&format!(
+            ", oldest {} s from {}",
+            oldest.age_ms.unwrap_or(0) / 1000,
+            oldest.remote
+        ));
+    } else if let Some(first) = body.peers.first() {
+        line.push_str(&format!(", e.g. from {}", first.remote));
+    }
+    if let Some(why) = &body.unknown {
+        line.push_str(&format!("; cannot vouch for the count: {why}"));
+    }
+    line
+}
+
+/// Prints a progress line every `every` until `done` is set: a pure query
+/// (`timeout=0`), which starts nothing and does not disturb the waiting request.
+fn progress_lines(
+    url: AgentUrl,
+    query: String,
+    every: Duration,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut next = Instant::now() + every;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() < next {
+            continue;
+        }
+        next += every;
+        if let Ok(response) = get(&url, &query, Duration::from_secs(5))
+            && let Ok(body) = serde_json::from_str::<DrainedBody>(&response.body)
+            && !body.drained
+            && !done.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!("drain-agent wait: {}", describe_remaining(&body));
+        }
+    }
+}
+
 /// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
 pub fn wait(args: &WaitArgs) -> ExitCode {
     let url = match AgentUrl::parse(&args.agent) {
@@ -232,6 +302,27 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let started = Instant::now();
     let deadline = started + args.timeout;
     let mut last_problem: WaitProblem;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop_progress = StopOnDrop(std::sync::Arc::clone(&done));
+    if !args.progress.is_zero() {
+        let mut query = format!("/drained?port={}&timeout=0", args.port);
+        if let Some(addr) = args.addr {
+            query.push_str(&format!("&addr={addr}"));
+        }
+        if let Some(netns) = &args.netns {
+            query.push_str("&netns=");
+            query.extend(form_urlencoded::byte_serialize(netns.as_bytes()));
+        }
+        if let Some(ignore) = &args.ignore {
+            query.push_str("&ignore=");
+            query.extend(form_urlencoded::byte_serialize(ignore.as_bytes()));
+        }
+        if let Some(idle) = args.idle {
+            query.push_str(&format!("&idle={}ms", idle.as_millis()));
+        }
+        let (url, every, done) = (url.clone(), args.progress, std::sync::Arc::clone(&done));
+        std::thread::spawn(move || progress_lines(url, query, every, done));
+    }
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         // Ask in slices of at most a minute: within any agent's --max-timeout, and a
@@ -249,9 +340,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             query.push_str("&netns=");
             query.extend(form_urlencoded::byte_serialize(netns.as_bytes()));
         }
-        if !args.settle.is_zero() {
-            query.push_str(&format!("&settle={}ms", args.settle.as_millis()));
-        }
+        query.push_str(&rule_query(args));
         // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
@@ -270,13 +359,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                     Ok(body) => {
                         // Not drained: the timeout ran out, or the agent is shutting down and
                         // answered early. Ask again while time is left.
-                        last_problem = WaitProblem::NotDrained(match body.unknown {
-                            Some(why) => format!("the agent cannot vouch for the count: {why}"),
-                            None => format!(
-                                "{} connection(s) still open after {} ms",
-                                body.active, body.waited_ms
-                            ),
-                        });
+                        last_problem = WaitProblem::NotDrained(describe_remaining(&body));
                     }
                     Err(_) => {
                         // A 503 that is not ours (e.g. a proxy in front): report it.
@@ -331,6 +414,15 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     }
 }
 
+/// Stops the progress thread however `wait` returns.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Why the last try of `wait` did not end it: decides the exit status at the deadline.
 enum WaitProblem {
     /// The agent answered, but the port was not drained (exit 1).
@@ -366,7 +458,8 @@ fn status_table(args: &StatusArgs) -> Result<String> {
     }
     let body: ConnectionsBody = serde_json::from_str(&response.body)
         .context("the agent's answer is not the expected JSON")?;
-    Ok(render_table(&body.endpoints))
+    let endpoints: Vec<Endpoint> = body.endpoints.into_iter().map(|row| row.endpoint).collect();
+    Ok(render_table(&endpoints))
 }
 
 fn render_table(rows: &[Endpoint]) -> String {

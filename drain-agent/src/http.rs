@@ -1,6 +1,9 @@
 //! The HTTP API (see the README's "HTTP API"): thin handlers over the [`Tracker`].
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use axum::{
     Json, Router,
@@ -14,11 +17,11 @@ use serde_json::json;
 pub use crate::api::WaitLimits;
 use crate::{
     api::{
-        CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, error,
-        parse_drain_request, parse_port, parse_query, parse_scope,
+        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, EndpointRow,
+        error, parse_drain_request, parse_port, parse_query, parse_scope,
     },
     metrics::Metrics,
-    tracker::{Tracker, WaitError},
+    tracker::{Filter, Tracker, WaitError},
 };
 
 /// Everything the handlers need.
@@ -54,11 +57,16 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
             return problem.into_response();
         }
     };
+    if request.deprecated_settle && !SETTLE_WARNED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "a /drained request used settle=, which is now quiet= (counted from the request, not from the last change); settle will be removed"
+        );
+    }
     // A client that hangs up drops this future: the guard still records the request.
     let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let outcome = state
         .tracker
-        .wait_until_drained(&request.filter, request.timeout, request.settle)
+        .wait_until_drained(&request.filter, request.timeout, &request.rule)
         .await;
     abandoned.0 = None;
     match outcome {
@@ -80,6 +88,9 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
                 active: outcome.active,
                 waited_ms: u64::try_from(outcome.waited.as_millis()).unwrap_or(u64::MAX),
                 unknown: outcome.unknown,
+                idle: outcome.idle,
+                busy: outcome.busy,
+                peers: outcome.peers,
             };
             (status, Json(body)).into_response()
         }
@@ -99,6 +110,9 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
         }
     }
 }
+
+/// `settle` is deprecated: warn once per agent run, not per request.
+static SETTLE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Records a `/drained` request whose client went away before its answer.
 struct AbandonedGuard(Option<Arc<Metrics>>);
@@ -134,37 +148,70 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// `GET /connections[?port=P][&addr=IP][&netns=N]`: endpoints with active connections.
+/// `GET /connections[?port=P][&addr=IP][&netns=N][&peers=true]`: endpoints with active
+/// connections, and with `peers=true` each one's connections (peer, age, idle, queues).
 async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let (port, addr, netns) =
-        match parse_query(query.as_deref(), &CONNECTION_PARAMETERS).and_then(|values| {
-            let port = values
-                .get("port")
-                .map(|text| parse_port(text))
-                .transpose()?;
-            let (addr, netns) = parse_scope(&values)?;
-            Ok((port, addr, netns))
-        }) {
-            Ok(parsed) => parsed,
-            Err(problem) => return problem.into_response(),
+    let parsed = parse_query(query.as_deref(), &CONNECTION_PARAMETERS).and_then(|values| {
+        let port = values
+            .get("port")
+            .map(|text| parse_port(text))
+            .transpose()?;
+        let (addr, netns) = parse_scope(&values)?;
+        let peers = match values.get("peers").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "peers: {other:?} is neither true nor false"
+                )));
+            }
         };
-    match state.tracker.snapshot() {
-        Ok(mut endpoints) => {
-            endpoints.retain(|e| {
-                e.active > 0
-                    && port.is_none_or(|p| p == e.port)
-                    && addr.is_none_or(|a| a == e.addr)
-                    && netns.is_none_or(|n| n == e.netns)
-                    && state.metrics.exports_port(e.port)
-            });
-            endpoints.sort_by_key(|e| (e.port, e.netns, e.addr));
-            (StatusCode::OK, Json(ConnectionsBody { endpoints })).into_response()
+        Ok((port, addr, netns, peers))
+    });
+    let (port, addr, netns, with_peers) = match parsed {
+        Ok(parsed) => parsed,
+        Err(problem) => return problem.into_response(),
+    };
+    let mut endpoints = match state.tracker.snapshot() {
+        Ok(endpoints) => endpoints,
+        Err(problem) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the connection counts: {problem:#}"),
+            );
         }
-        Err(problem) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read the connection counts: {problem:#}"),
-        ),
+    };
+    endpoints.retain(|e| {
+        e.active > 0
+            && port.is_none_or(|p| p == e.port)
+            && addr.is_none_or(|a| a == e.addr)
+            && netns.is_none_or(|n| n == e.netns)
+            && state.metrics.exports_port(e.port)
+    });
+    endpoints.sort_by_key(|e| (e.port, e.netns, e.addr));
+    let mut rows = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let peers = if with_peers {
+            let filter = Filter {
+                port: endpoint.port,
+                addr: Some(endpoint.addr),
+                netns: Some(endpoint.netns),
+            };
+            match state.tracker.remaining(&filter).await {
+                Ok(peers) => Some(peers),
+                Err(problem) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot list the connections: {problem:#}"),
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        rows.push(EndpointRow { endpoint, peers });
     }
+    (StatusCode::OK, Json(ConnectionsBody { endpoints: rows })).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

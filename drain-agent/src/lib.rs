@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod client;
 pub mod doubt;
+pub mod drain_rule;
 pub mod duration;
 pub mod fdlimit;
 pub mod http;

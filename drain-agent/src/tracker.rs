@@ -18,9 +18,15 @@ use std::{
 use anyhow::{Result, bail};
 use drain_agent_common::DurationHistogram;
 use serde::{Deserialize, Serialize};
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
 
-use crate::doubt::{Doubt, describe};
+use crate::{
+    doubt::{Doubt, describe},
+    drain_rule::{Decision, DrainRule, Peer, Remaining, decide},
+};
 
 /// One listening endpoint (netns, local address, port) and its counts (also a row of the
 /// `/connections` answer).
@@ -84,6 +90,12 @@ pub trait ConnectionSource: Send + Sync + 'static {
     fn walks(&self) -> u64 {
         0
     }
+    /// The connections of `filter` open now, one by one, from the kernel's socket tables
+    /// (blocking; enters namespaces). `busy` is left false for the caller to set; `with_age`
+    /// also looks up when each started (a pass over the tracked sockets: reports only).
+    fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
+        bail!("this source cannot list connections")
+    }
     /// Opened and closed totals of reclaimed endpoints, by port: `(port, opened, closed)`.
     fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
         Vec::new()
@@ -123,9 +135,13 @@ impl Filter {
     }
 
     pub fn matches(&self, endpoint: &Endpoint) -> bool {
-        endpoint.port == self.port
-            && self.addr.is_none_or(|addr| addr == endpoint.addr)
-            && self.netns.is_none_or(|netns| netns == endpoint.netns)
+        self.matches_parts(endpoint.netns, endpoint.addr, endpoint.port)
+    }
+
+    pub fn matches_parts(&self, netns: u32, addr: IpAddr, port: u16) -> bool {
+        port == self.port
+            && self.addr.is_none_or(|wanted| wanted == addr)
+            && self.netns.is_none_or(|wanted| wanted == netns)
     }
 }
 
@@ -146,7 +162,20 @@ pub struct DrainOutcome {
     /// Set when the count could not be vouched for and the kernel's socket tables could
     /// not settle it either: why the answer is "not drained" although the count is 0.
     pub unknown: Option<String>,
+    /// Of `active`, the connections idle and busy by the request's `idle` bar (1 s when it
+    /// has none), when the connections were looked at one by one.
+    pub idle: Option<u64>,
+    pub busy: Option<u64>,
+    /// The first [`PEERS_SHOWN`] remaining connections, when not drained.
+    pub peers: Vec<Peer>,
 }
+
+/// How many remaining connections a not-drained answer lists.
+pub const PEERS_SHOWN: usize = 10;
+
+/// The idle bar used to call a connection idle or busy in reports when the request has no
+/// `idle` (it then decides nothing).
+pub const REPORT_IDLE_BAR: Duration = Duration::from_secs(1);
 
 /// What a doubted zero turned out to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,9 +202,24 @@ pub enum WaitError {
     Source(anyhow::Error),
 }
 
-/// One port's wake-up channel and how many waiters listen on it.
+/// A tracked open or close on a watched port, as the kernel reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionEvent {
+    pub netns: u32,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub remote: IpAddr,
+    pub opened: bool,
+    /// A count moved between 0 and 1 (waiters of the port must re-read).
+    pub crossing: bool,
+    /// CLOCK_MONOTONIC nanoseconds of the change.
+    pub at_ns: u64,
+}
+
+/// One port's wake-up channel, its stream of events, and how many waiters listen on it.
 struct PortChannel {
     sender: watch::Sender<u64>,
+    events: broadcast::Sender<ConnectionEvent>,
     waiters: usize,
 }
 
@@ -209,13 +253,29 @@ impl PortChannels {
     fn notify_all(&self) {
         self.lock().values().for_each(PortChannel::wake);
     }
+
+    fn publish(&self, event: ConnectionEvent) {
+        if let Some(channel) = self.lock().get(&event.port) {
+            if event.crossing {
+                channel.wake();
+            }
+            // Nobody subscribed is fine: only waiters with a quiet window or a rule that
+            // looks at each connection listen.
+            let _ = channel.events.send(event);
+        }
+    }
 }
+
+/// Events kept per port for waiters that have not read them yet; a waiter that falls
+/// further behind treats it as an arrival now (the safe side: a longer quiet window).
+const EVENT_BACKLOG: usize = 1024;
 
 /// A waiter's subscription to its port; the last one to leave unwatches the port.
 struct PortWatch<'a> {
     tracker: &'a Tracker,
     port: u16,
     changes: watch::Receiver<u64>,
+    events: broadcast::Receiver<ConnectionEvent>,
 }
 
 impl Drop for PortWatch<'_> {
@@ -254,6 +314,15 @@ struct WaiterSlot<'a>(&'a AtomicUsize);
 impl Drop for WaiterSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The active count of an answer: the connections looked at one by one when they were
+/// (the socket tables' truth), else the maps' count.
+fn peers_or(count: u64, idle: Option<u64>, busy: Option<u64>) -> u64 {
+    match (idle, busy) {
+        (Some(idle), Some(busy)) => idle + busy,
+        _ => count,
     }
 }
 
@@ -345,6 +414,7 @@ impl Tracker {
         let mut ports = self.channels.lock();
         let channel = ports.entry(port).or_insert_with(|| PortChannel {
             sender: watch::channel(0).0,
+            events: broadcast::channel(EVENT_BACKLOG).0,
             waiters: 0,
         });
         if channel.waiters == 0
@@ -355,16 +425,23 @@ impl Tracker {
         }
         channel.waiters += 1;
         let changes = channel.sender.subscribe();
+        let events = channel.events.subscribe();
         Ok(PortWatch {
             tracker: self,
             port,
             changes,
+            events,
         })
     }
 
     /// Called by the event reader: an endpoint on `port` crossed zero.
     pub fn notify_port(&self, port: u16) {
         self.channels.notify(port);
+    }
+
+    /// Called by the event reader for every tracked open and close on a watched port.
+    pub fn publish(&self, event: ConnectionEvent) {
+        self.channels.publish(event);
     }
 
     /// Called when events may have been lost: every waiter re-reads its count.
@@ -406,14 +483,39 @@ impl Tracker {
         }
     }
 
-    /// Blocks until no connection matching `filter` has been active for `settle`, or until
+    /// The connections of `filter` open now, one by one (for `/connections?peers=true`).
+    pub async fn remaining(&self, filter: &Filter) -> Result<Vec<Peer>> {
+        self.peers(filter, REPORT_IDLE_BAR, true).await
+    }
+
+    /// The remaining connections of `filter`, each marked busy or idle by `bar`.
+    async fn peers(&self, filter: &Filter, bar: Duration, with_age: bool) -> Result<Vec<Peer>> {
+        let source = Arc::clone(&self.source);
+        let scope = filter.clone();
+        let mut peers = tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
+            .await
+            .map_err(|problem| anyhow::anyhow!("listing connections failed: {problem}"))??;
+        for peer in &mut peers {
+            peer.busy = !peer.is_idle(bar);
+        }
+        // Busy first, then the oldest: the ones a reader wants to see.
+        peers.sort_by_key(|peer| (!peer.busy, std::cmp::Reverse(peer.age_ms)));
+        Ok(peers)
+    }
+
+    /// Blocks until `filter` is drained by `rule` (see [`crate::drain_rule`]), or until
     /// `timeout` passes, or until the agent shuts down. `timeout` zero answers at once.
     /// Never answers drained from a count it cannot vouch for (see [`Doubt`]).
+    ///
+    /// Woken by the kernel: zero crossings for the strict rule, every open and close of the
+    /// port for a quiet window or a rule that looks at each connection; by the clock only
+    /// when time alone changes the answer (the window ends, a silent connection turns
+    /// idle) and, for the one thing no event announces, data in flight.
     pub async fn wait_until_drained(
         &self,
         filter: &Filter,
         timeout: Duration,
-        settle: Duration,
+        rule: &DrainRule,
     ) -> Result<DrainOutcome, WaitError> {
         let before = self.waiters.fetch_add(1, Ordering::AcqRel);
         let _slot = WaiterSlot(&self.waiters);
@@ -422,53 +524,142 @@ impl Tracker {
         }
         let started = Instant::now();
         let deadline = started + timeout;
-        // Watch before the first read: a change after the read is then announced.
+        // Watch before the first read: a change after the read is then announced. The
+        // request's quiet window starts here, once arrivals are announced.
         let mut port_watch = self.watch(filter.port).map_err(WaitError::Source)?;
+        let started_ns = monotonic_ns();
         let mut shutdown = self.shutdown.subscribe();
-        let settle_ns = u64::try_from(settle.as_nanos()).unwrap_or(u64::MAX);
+        let wants_events = !rule.quiet.is_zero() || rule.needs_peers();
+        let mut last_arrival_ns: Option<u64> = None;
+        let absorb = |event: Result<ConnectionEvent, broadcast::error::TryRecvError>,
+                      last: &mut Option<u64>| {
+            match event {
+                Ok(event) => {
+                    if event.opened
+                        && event.at_ns >= started_ns
+                        && filter.matches_parts(event.netns, event.addr, event.port)
+                        && !rule.ignores(event.remote)
+                    {
+                        *last = Some(last.map_or(event.at_ns, |at| at.max(event.at_ns)));
+                    }
+                    true
+                }
+                // Fell behind: count it as an arrival now (a longer window, never shorter).
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    *last = Some(monotonic_ns());
+                    true
+                }
+                Err(_) => false,
+            }
+        };
         let mut recheck_at = Some(started + ARRIVAL_RECHECK);
         let mut confirm_retry = CONFIRM_RETRY;
         loop {
             // Mark the current generation seen *before* reading, so a change that lands
             // between the read and the sleep still wakes us.
             port_watch.changes.borrow_and_update();
+            while absorb(port_watch.events.try_recv(), &mut last_arrival_ns) {}
             let mut state = self.state(filter).map_err(WaitError::Source)?;
-            let zero_for_ns = monotonic_ns().saturating_sub(state.last_change_ns);
-            let quiet = state.active == 0 && zero_for_ns >= settle_ns;
+            let mut peers = None;
             let mut unknown = None;
             let mut doubted = false;
-            let drained = if quiet {
-                match self.verdict(filter).await {
-                    Verdict::Drained => true,
-                    Verdict::Busy(open) => {
-                        state.active = open;
+            if rule.needs_peers() && state.active > 0 {
+                match self
+                    .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), false)
+                    .await
+                {
+                    Ok(list) => peers = Some(list),
+                    Err(problem) => {
+                        unknown = Some(format!(
+                            "cannot list the remaining connections: {problem:#}"
+                        ));
                         doubted = true;
-                        false
-                    }
-                    Verdict::Unknown(why) => {
-                        unknown = Some(why);
-                        doubted = true;
-                        false
                     }
                 }
-            } else {
-                false
+            }
+            let now_ns = monotonic_ns();
+            let since_request = Duration::from_nanos(now_ns.saturating_sub(started_ns));
+            let since_arrival =
+                last_arrival_ns.map(|at| Duration::from_nanos(now_ns.saturating_sub(at)));
+            let remaining = match &peers {
+                Some(list) => Remaining::Peers(list),
+                None => Remaining::Count(state.active),
             };
+            let mut decision = if unknown.is_some() {
+                Decision::Wait { recheck_in: None }
+            } else {
+                decide(rule, since_request, since_arrival, &remaining)
+            };
+            // A drained decision from the maps' count must be vouched for; one from the
+            // socket tables (peers) already is.
+            if decision == Decision::Drained && peers.is_none() {
+                match self.verdict(filter).await {
+                    Verdict::Drained => {}
+                    Verdict::Busy(open) => {
+                        doubted = true;
+                        state.active = open;
+                        decision = Decision::Wait { recheck_in: None };
+                        if rule.needs_peers() {
+                            // The tables see connections the maps missed: judge them.
+                            if let Ok(list) = self
+                                .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), false)
+                                .await
+                            {
+                                decision = decide(
+                                    rule,
+                                    since_request,
+                                    since_arrival,
+                                    &Remaining::Peers(&list),
+                                );
+                                peers = Some(list);
+                            }
+                        }
+                    }
+                    Verdict::Unknown(why) => {
+                        doubted = true;
+                        unknown = Some(why);
+                        decision = Decision::Wait { recheck_in: None };
+                    }
+                }
+            }
+            let drained = decision == Decision::Drained;
             let now = Instant::now();
             if drained || now >= deadline || *shutdown.borrow_and_update() {
+                if !drained && state.active > 0 {
+                    // Say who is still connected, with their ages (best effort).
+                    if let Ok(list) = self
+                        .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), true)
+                        .await
+                    {
+                        peers = Some(list);
+                    }
+                }
+                let (idle, busy) = peers.as_ref().map_or((None, None), |list| {
+                    let busy = list.iter().filter(|peer| peer.busy).count() as u64;
+                    (Some(list.len() as u64 - busy), Some(busy))
+                });
+                let mut shown = peers.unwrap_or_default();
+                if drained {
+                    shown.clear();
+                }
+                shown.truncate(PEERS_SHOWN);
                 return Ok(DrainOutcome {
                     drained,
-                    active: state.active,
+                    active: peers_or(state.active, idle, busy),
                     waited: now - started,
                     unknown,
+                    idle,
+                    busy,
+                    peers: shown,
                 });
             }
-            // At zero but not settled yet: look again when the settle time is up.
-            let mut wake_at = if state.active == 0 && !doubted {
-                deadline.min(now + Duration::from_nanos(settle_ns - zero_for_ns))
-            } else {
-                deadline
-            };
+            let mut wake_at = deadline;
+            if let Decision::Wait {
+                recheck_in: Some(wait),
+            } = decision
+            {
+                wake_at = wake_at.min(now + wait);
+            }
             if doubted {
                 wake_at = wake_at.min(now + confirm_retry);
                 confirm_retry = (confirm_retry * 2).min(CONFIRM_RETRY_MAX);
@@ -484,6 +675,13 @@ impl Tracker {
                         // The channel never closes while the tracker lives; be safe anyway.
                         tokio::time::sleep_until(wake_at).await;
                     }
+                }
+                event = port_watch.events.recv(), if wants_events => {
+                    let event = event.map_err(|problem| match problem {
+                        broadcast::error::RecvError::Lagged(n) => broadcast::error::TryRecvError::Lagged(n),
+                        broadcast::error::RecvError::Closed => broadcast::error::TryRecvError::Closed,
+                    });
+                    absorb(event, &mut last_arrival_ns);
                 }
                 _ = shutdown.changed() => {}
                 () = tokio::time::sleep_until(wake_at) => {}
@@ -590,6 +788,7 @@ pub mod fake {
 #[cfg(test)]
 mod tests {
     use super::{fake::*, *};
+    use crate::drain_rule::DrainRule;
 
     fn tracker(endpoints: Vec<Endpoint>) -> (Arc<FakeSource>, Arc<Tracker>) {
         let source = Arc::new(FakeSource::default());
@@ -611,7 +810,7 @@ mod tests {
                 .wait_until_drained(
                     &Filter::port(port),
                     Duration::from_secs(3600),
-                    Duration::ZERO,
+                    &DrainRule::default(),
                 )
                 .await
                 .map_err(|e| format!("{e:?}"))
@@ -658,7 +857,7 @@ mod tests {
     async fn timeout_zero_answers_at_once() {
         let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 3)]);
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
@@ -669,6 +868,9 @@ mod tests {
                 active: 3,
                 waited: Duration::ZERO,
                 unknown: None,
+                idle: None,
+                busy: None,
+                peers: Vec::new(),
             }
         );
     }
@@ -733,7 +935,11 @@ mod tests {
     async fn timeout_answers_not_drained() {
         let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 2)]);
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::from_secs(5), Duration::ZERO)
+            .wait_until_drained(
+                &Filter::port(80),
+                Duration::from_secs(5),
+                &DrainRule::default(),
+            )
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
@@ -742,47 +948,67 @@ mod tests {
         assert_eq!(outcome.waited, Duration::from_secs(5));
     }
 
-    // Real time: `settle` is measured against the kernel's clock (CLOCK_MONOTONIC).
-    #[tokio::test]
-    async fn settle_needs_the_count_to_stay_zero() {
-        let settle = Duration::from_millis(300);
-        let (source, tracker) = tracker(vec![Endpoint {
-            last_change_ns: monotonic_ns(),
-            ..endpoint("127.0.0.1", 80, 0)
-        }]);
-        let started = Instant::now();
-        let waiter = {
-            let tracker = tracker.clone();
-            tokio::spawn(async move {
-                tracker
-                    .wait_until_drained(&Filter::port(80), Duration::from_secs(30), settle)
-                    .await
-                    .map_err(|e| format!("{e:?}"))
-            })
-        };
-        // Half-way through, a connection comes and goes: the settle time starts again.
-        tokio::time::sleep(settle / 2).await;
-        source.set(vec![Endpoint {
-            last_change_ns: monotonic_ns(),
-            ..endpoint("127.0.0.1", 80, 0)
-        }]);
-        tracker.notify_port(80);
-        let outcome = waiter.await.expect("join").expect("outcome");
-        assert!(outcome.drained);
-        assert!(
-            started.elapsed() >= settle + settle / 2,
-            "{:?}",
-            started.elapsed()
-        );
+    fn arrival(port: u16, at_ns: u64) -> ConnectionEvent {
+        ConnectionEvent {
+            netns: 4_026_531_840,
+            addr: "127.0.0.1".parse().expect("ip"),
+            port,
+            remote: "127.0.0.9".parse().expect("ip"),
+            opened: true,
+            crossing: false,
+            at_ns,
+        }
+    }
 
-        // Long at zero already: answers at once, even with timeout 0.
-        source.set(vec![endpoint("127.0.0.1", 80, 0)]);
+    // Real time: arrivals carry kernel timestamps (CLOCK_MONOTONIC).
+    #[tokio::test]
+    async fn the_quiet_window_counts_from_the_request_and_restarts_on_arrivals() {
+        let quiet = Duration::from_millis(300);
+        let rule = DrainRule {
+            quiet,
+            ..DrainRule::default()
+        };
+        // Nothing connected for ages: still waits the window from the request.
+        let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
+        let started = Instant::now();
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::ZERO, settle)
+            .wait_until_drained(&Filter::port(80), Duration::from_secs(30), &rule)
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
         assert!(outcome.drained);
+        assert!(started.elapsed() >= quiet, "{:?}", started.elapsed());
+        // An arrival half-way restarts it; an ignored source's does not.
+        for (remote, restarts) in [("127.0.0.9", true), ("10.9.0.1", false)] {
+            let rule = DrainRule {
+                quiet,
+                ignore: crate::drain_rule::parse_cidrs("10.9.0.0/16").expect("cidr"),
+                ..DrainRule::default()
+            };
+            let started = Instant::now();
+            let waiter = {
+                let tracker = tracker.clone();
+                tokio::spawn(async move {
+                    tracker
+                        .wait_until_drained(&Filter::port(80), Duration::from_secs(30), &rule)
+                        .await
+                        .map_err(|e| format!("{e:?}"))
+                })
+            };
+            tokio::time::sleep(quiet / 2).await;
+            tracker.publish(ConnectionEvent {
+                remote: remote.parse().expect("ip"),
+                ..arrival(80, monotonic_ns())
+            });
+            let outcome = waiter.await.expect("join").expect("outcome");
+            assert!(outcome.drained);
+            let took = started.elapsed();
+            if restarts {
+                assert!(took >= quiet + quiet / 2, "{remote}: {took:?}");
+            } else {
+                assert!(took < quiet + quiet / 2, "{remote}: {took:?}");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -791,7 +1017,11 @@ mod tests {
         *source.doubts.lock().expect("lock") = vec![Doubt::ConnectionsLost { port: 80 }];
         // The socket tables cannot be read: 503 with the reason, at the timeout.
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::from_secs(3), Duration::ZERO)
+            .wait_until_drained(
+                &Filter::port(80),
+                Duration::from_secs(3),
+                &DrainRule::default(),
+            )
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
@@ -805,7 +1035,7 @@ mod tests {
         // They show two connections the maps missed: not drained, and the count says so.
         *source.confirmed.lock().expect("lock") = Ok(2);
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
@@ -823,7 +1053,7 @@ mod tests {
         source.doubts.lock().expect("lock").clear();
         let asked = source.confirmations.load(Ordering::Relaxed);
         let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::ZERO, Duration::ZERO)
+            .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
             .await
             .map_err(|e| format!("{e:?}"))
             .expect("outcome");
@@ -851,14 +1081,22 @@ mod tests {
             let tracker = tracker.clone();
             tokio::spawn(async move {
                 let _ = tracker
-                    .wait_until_drained(&Filter::port(80), Duration::from_secs(10), Duration::ZERO)
+                    .wait_until_drained(
+                        &Filter::port(80),
+                        Duration::from_secs(10),
+                        &DrainRule::default(),
+                    )
                     .await;
             })
         };
         tokio::task::yield_now().await;
         assert_eq!(tracker.waiters(), 1);
         let second = tracker
-            .wait_until_drained(&Filter::port(80), Duration::from_secs(10), Duration::ZERO)
+            .wait_until_drained(
+                &Filter::port(80),
+                Duration::from_secs(10),
+                &DrainRule::default(),
+            )
             .await;
         assert!(matches!(second, Err(WaitError::TooManyWaiters(1))));
         first.abort();

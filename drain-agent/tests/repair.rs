@@ -145,6 +145,7 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
                 started_ns: long_ago,
                 tracked_ns: long_ago,
                 audited_ns: 0,
+                ..SockEntry::default()
             },
             0,
         )

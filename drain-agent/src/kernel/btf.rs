@@ -291,6 +291,9 @@ impl Btf {
             skc_net,
             net_ns_inum: self.byte_offset("net", &["ns", "inum"])?,
             sk_protocol,
+            skc_daddr: sock_common("skc_daddr")?,
+            skc_v6_daddr: sock_common("skc_v6_daddr")?,
+            skc_dport: sock_common("skc_dport")?,
         })
     }
 }

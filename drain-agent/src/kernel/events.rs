@@ -7,8 +7,28 @@ use aya::maps::{MapData, RingBuf};
 use log::{error, warn};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use super::{KernelMaps, parse_event};
-use crate::tracker::Tracker;
+use drain_agent_common::{ConnEvent, ConnKey, crossing, event_kind};
+
+use super::{KernelMaps, maps::key_addr, parse_event};
+use crate::tracker::{ConnectionEvent, Tracker};
+
+/// The kernel's record, in the tracker's terms.
+fn connection_event(event: &ConnEvent) -> ConnectionEvent {
+    let remote = ConnKey {
+        family: event.remote_family,
+        addr: event.remote,
+        ..ConnKey::default()
+    };
+    ConnectionEvent {
+        netns: event.key.netns,
+        addr: key_addr(&event.key),
+        port: event.key.port,
+        remote: key_addr(&remote),
+        opened: event.kind == event_kind::OPEN,
+        crossing: event.crossing & (crossing::ENDPOINT | crossing::PORT) != 0,
+        at_ns: event.at_ns,
+    }
+}
 
 /// Wakes the waiters of a port whenever the kernel says one of its endpoints crossed zero.
 /// If the ring buffer ever overflows (the kernel counts it), every waiter re-reads once.
@@ -40,7 +60,7 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     if let Some(event) = parse_event(&item) {
-                        tracker.notify_port(event.key.port);
+                        tracker.publish(connection_event(&event));
                     }
                 }
                 guard.clear_ready();

@@ -18,19 +18,25 @@ use aya::{
     programs::ProgramFd,
 };
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, error_index, repair,
-    watched_bit,
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, STARTED_UNKNOWN,
+    SockEntry, error_index, repair, watched_bit,
 };
 
 use crate::{
     doubt::Doubt,
-    netns,
-    tracker::{ConnectionSource, Endpoint, Filter, PortState, canonical_addr},
+    drain_rule::Peer,
+    netns, sockdiag,
+    tracker::{ConnectionSource, Endpoint, Filter, PortState, canonical_addr, monotonic_ns},
 };
+
+/// A connection by its addresses: (netns, local, remote).
+type FourTuple = (u32, std::net::SocketAddr, std::net::SocketAddr);
 
 /// The maps the agent reads while serving.
 pub struct KernelMaps {
     pub(super) counts: HashMap<MapData, ConnKey, ConnCounts>,
+    /// A read handle on the tracked sockets: when each connection started, for reports.
+    pub(super) sockets: HashMap<MapData, u64, SockEntry>,
     pub(super) durations: HashMap<MapData, u32, DurationHistogram>,
     pub(super) errors: Array<MapData, u64>,
     pub(super) port_totals: Array<MapData, PortTotals>,
@@ -222,6 +228,30 @@ impl KernelMaps {
     }
 }
 
+/// The namespaces a filter covers, with a path to enter each.
+fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
+    let namespaces = netns::all_namespaces();
+    Ok(match filter.netns {
+        Some(wanted) => vec![(
+            wanted,
+            namespaces
+                .get(&wanted)
+                .cloned()
+                .with_context(|| format!("network namespace {wanted} cannot be entered"))?,
+        )],
+        None => namespaces.into_iter().collect(),
+    })
+}
+
+/// The peer address of a tracked socket.
+fn remote_addr(entry: &SockEntry) -> IpAddr {
+    key_addr(&ConnKey {
+        family: entry.remote_family,
+        addr: entry.remote,
+        ..ConnKey::default()
+    })
+}
+
 /// The address of a key, as an `IpAddr`.
 pub fn key_addr(key: &ConnKey) -> IpAddr {
     if key.family == AF_INET {
@@ -342,18 +372,72 @@ impl ConnectionSource for KernelMaps {
         })
     }
 
+    fn peers(&self, filter: &Filter, with_age: bool) -> Result<Vec<Peer>> {
+        let mut started: StdHashMap<FourTuple, u64> = StdHashMap::new();
+        if with_age {
+            for entry in self.sockets.iter() {
+                let Ok((_, entry)) = entry else { continue };
+                let local = key_addr(&entry.key);
+                if entry.started_ns == STARTED_UNKNOWN
+                    || !filter.matches_parts(entry.key.netns, local, entry.key.port)
+                {
+                    continue;
+                }
+                let remote = (remote_addr(&entry), entry.remote_port).into();
+                started.insert(
+                    (entry.key.netns, (local, entry.key.port).into(), remote),
+                    entry.started_ns,
+                );
+            }
+        }
+        let now_ns = monotonic_ns();
+        let mut peers = Vec::new();
+        for (inode, path) in namespaces_of(filter)? {
+            let port = filter.port;
+            let addr = filter.addr;
+            let found = netns::run_in(&path, move || {
+                sockdiag::query(&sockdiag::Query {
+                    local_port: port,
+                    states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
+                        | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
+                    with_info: true,
+                })
+            });
+            let sockets = match found {
+                Ok(sockets) => sockets,
+                // A namespace that is gone has no connections left.
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => continue,
+                Err(problem) => {
+                    return Err(problem)
+                        .with_context(|| format!("cannot read network namespace {inode}"));
+                }
+            };
+            for socket in sockets {
+                if addr.is_some_and(|addr| canonical_addr(socket.local.ip()) != addr) {
+                    continue;
+                }
+                let idle_ms = socket.info.as_ref().map_or(0, |info| {
+                    u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
+                });
+                let age_ms = started
+                    .get(&(inode, socket.local, socket.remote))
+                    .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
+                peers.push(Peer {
+                    remote: socket.remote,
+                    local: socket.local,
+                    age_ms,
+                    idle_ms,
+                    recv_queue: socket.recv_queue,
+                    send_queue: socket.send_queue,
+                    busy: false,
+                });
+            }
+        }
+        Ok(peers)
+    }
+
     fn confirm(&self, filter: &Filter) -> Result<u64> {
-        let namespaces = netns::all_namespaces();
-        let targets: Vec<(u32, PathBuf)> = match filter.netns {
-            Some(wanted) => vec![(
-                wanted,
-                namespaces
-                    .get(&wanted)
-                    .cloned()
-                    .with_context(|| format!("network namespace {wanted} cannot be entered"))?,
-            )],
-            None => namespaces.into_iter().collect(),
-        };
+        let targets = namespaces_of(filter)?;
         let mut open = 0;
         for (inode, path) in targets {
             match Self::count_in_namespace(path, filter) {

@@ -19,9 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
 };
-use drain_agent_common::{
-    ConnCounts, ConnKey, SockEntry, ZeroCrossing, netns_port_key, watched_bit,
-};
+use drain_agent_common::{ConnCounts, ConnEvent, ConnKey, SockEntry, netns_port_key, watched_bit};
 use log::{debug, info, warn};
 
 use self::attach::{TRACEPOINT_CATEGORY, TRACEPOINT_NAME, attach};
@@ -153,8 +151,20 @@ impl Kernel {
                 "connections open before start cannot be counted, nor missed changes repaired: {problem}"
             );
         }
+        let sockets_map = ebpf
+            .take_map("SOCKETS")
+            .context("the eBPF object has no map SOCKETS")?;
+        let aya::maps::Map::HashMap(sockets_data) = &sockets_map else {
+            bail!("map SOCKETS has an unexpected type");
+        };
+        let sockets_reader =
+            HashMap::try_from(aya::maps::Map::HashMap(second_handle(sockets_data)?))
+                .context("cannot open the socket map twice")?;
+        let sockets: HashMap<MapData, u64, SockEntry> =
+            HashMap::try_from(sockets_map).context("map SOCKETS has an unexpected type")?;
         let maps = KernelMaps {
             counts,
+            sockets: sockets_reader,
             durations: take_map(&mut ebpf, "DURATIONS")?,
             errors: take_map(&mut ebpf, "ERRORS")?,
             port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
@@ -170,7 +180,6 @@ impl Kernel {
             not_seeded: options.no_seed,
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
-        let sockets = take_map(&mut ebpf, "SOCKETS")?;
         Ok(Self {
             listeners: take_map(&mut ebpf, "LISTENERS")?,
             counts: counts_writer,
@@ -303,12 +312,12 @@ fn raise_memlock_limit() {
 }
 
 /// Parses one ring-buffer record.
-pub fn parse_event(bytes: &[u8]) -> Option<ZeroCrossing> {
-    if bytes.len() < std::mem::size_of::<ZeroCrossing>() {
+pub fn parse_event(bytes: &[u8]) -> Option<ConnEvent> {
+    if bytes.len() < std::mem::size_of::<ConnEvent>() {
         return None;
     }
-    // SAFETY: length checked; ZeroCrossing is plain data, any bit pattern is valid.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ZeroCrossing>()) })
+    // SAFETY: length checked; ConnEvent is plain data, any bit pattern is valid.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnEvent>()) })
 }
 
 #[cfg(test)]
@@ -334,6 +343,6 @@ mod tests {
     #[test]
     fn short_events_are_ignored() {
         assert!(parse_event(&[0; 8]).is_none());
-        assert!(parse_event(&[0; std::mem::size_of::<ZeroCrossing>()]).is_some());
+        assert!(parse_event(&[0; std::mem::size_of::<ConnEvent>()]).is_some());
     }
 }

@@ -1,0 +1,370 @@
+//! The drain rule: when a scope counts as drained in real traffic, as a pure function of
+//! time and of what is still connected (so it is tested on a fake clock).
+//!
+//! * **Arrivals stopped** (`quiet`): no new connection to the scope for `quiet`, counted
+//!   from the *later* of the request's arrival and the last arrival. Every drain takes at
+//!   least `quiet` (the time load balancers and kube-proxies need to stop sending) and ends
+//!   `quiet` after the last arrival.
+//! * **Probe traffic is not traffic** (`ignore`): connections from these sources neither
+//!   count as arrivals nor hold the drain.
+//! * **Idle connections need not hold a drain** (`idle`, opt-in): a remaining connection is
+//!   idle when nothing is in flight (no byte in its receive queue, none unsent or
+//!   unacknowledged) and no data has moved either way for `idle`; otherwise busy. Without
+//!   the option every remaining connection holds the drain (an idle WebSocket is still a
+//!   live session).
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tracker::canonical_addr;
+
+/// An IPv4 or IPv6 network, `10.0.0.0/8`, `fd00::/8` or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.network, canonical_addr(addr)) {
+            (IpAddr::V4(network), IpAddr::V4(addr)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(network) & mask == u32::from(addr) & mask
+            }
+            (IpAddr::V6(network), IpAddr::V6(addr)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(network) & mask == u128::from(addr) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network = addr
+            .parse::<IpAddr>()
+            .map(canonical_addr)
+            .map_err(|_| format!("{text:?} is not an address or network (e.g. 10.0.0.0/8)"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|prefix| *prefix <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0-{max}"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// Parses `CIDR[,CIDR…]`.
+pub fn parse_cidrs(text: &str) -> Result<Vec<Cidr>, String> {
+    text.split(',')
+        .map(|part| part.trim().parse::<Cidr>())
+        .collect()
+}
+
+/// What "drained" means for one request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrainRule {
+    pub quiet: Duration,
+    pub ignore: Vec<Cidr>,
+    pub idle: Option<Duration>,
+}
+
+impl DrainRule {
+    /// Whether a connection from `remote` is probe traffic to leave out.
+    pub fn ignores(&self, remote: IpAddr) -> bool {
+        self.ignore.iter().any(|cidr| cidr.contains(remote))
+    }
+
+    /// Whether deciding needs the remaining connections one by one (their peers and queues)
+    /// rather than their count.
+    pub const fn needs_peers(&self) -> bool {
+        !self.ignore.is_empty() || self.idle.is_some()
+    }
+}
+
+/// One remaining connection, as the kernel's socket tables show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// How long it has been open, when known (connections opened before the agent started
+    /// have no known start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
+    /// How long no data has moved either way.
+    pub idle_ms: u64,
+    /// Bytes received and not yet read by the application.
+    pub recv_queue: u32,
+    /// Bytes not yet sent or not yet acknowledged by the peer.
+    pub send_queue: u32,
+    /// Busy or idle by the request's `idle` (or a 0 s bar when it has none).
+    pub busy: bool,
+}
+
+impl Peer {
+    /// Nothing in flight either way.
+    pub const fn nothing_in_flight(&self) -> bool {
+        self.recv_queue == 0 && self.send_queue == 0
+    }
+
+    /// Idle for the bar `idle`: nothing in flight and silent for at least `idle`.
+    pub fn is_idle(&self, idle: Duration) -> bool {
+        self.nothing_in_flight() && Duration::from_millis(self.idle_ms) >= idle
+    }
+}
+
+/// How often a connection with data in flight is looked at again: moving data sends no
+/// event, so this is the one case the rule cannot wake for exactly.
+pub const BUSY_RECHECK: Duration = Duration::from_millis(250);
+
+/// The rule's answer at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Drained,
+    /// Not yet. `recheck_in`: when time alone may change the answer (the quiet window
+    /// ends, a connection turns idle); `None` when only a connection event can.
+    Wait {
+        recheck_in: Option<Duration>,
+    },
+}
+
+/// What remains of a scope: only a count (strict rule, no ignored sources), or the
+/// connections one by one.
+#[derive(Clone, Debug)]
+pub enum Remaining<'a> {
+    Count(u64),
+    Peers(&'a [Peer]),
+}
+
+/// The rule. `since_request`: time since the request arrived; `since_arrival`: time since
+/// the last arrival (of a source not ignored) after the request, if any.
+pub fn decide(
+    rule: &DrainRule,
+    since_request: Duration,
+    since_arrival: Option<Duration>,
+    remaining: &Remaining<'_>,
+) -> Decision {
+    let quiet_for = since_arrival.map_or(since_request, |since| since.min(since_request));
+    let mut recheck: Option<Duration> = None;
+    let mut soonest = |wait: Duration| {
+        recheck = Some(recheck.map_or(wait, |now: Duration| now.min(wait)));
+    };
+    let mut drained = true;
+    if quiet_for < rule.quiet {
+        drained = false;
+        soonest(rule.quiet - quiet_for);
+    }
+    match remaining {
+        Remaining::Count(0) => {}
+        Remaining::Count(_) => drained = false,
+        Remaining::Peers(peers) => {
+            for peer in peers.iter().filter(|peer| !rule.ignores(peer.remote.ip())) {
+                match rule.idle {
+                    None => drained = false,
+                    Some(idle) => {
+                        if peer.is_idle(idle) {
+                            continue;
+                        }
+                        drained = false;
+                        if peer.nothing_in_flight() {
+                            // Silent but not for long enough: it turns idle at a known time.
+                            soonest(idle.saturating_sub(Duration::from_millis(peer.idle_ms)));
+                        } else {
+                            soonest(BUSY_RECHECK);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if drained {
+        Decision::Drained
+    } else {
+        Decision::Wait {
+            recheck_in: recheck,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(remote: &str, idle_ms: u64, recv_queue: u32, send_queue: u32) -> Peer {
+        Peer {
+            remote: remote.parse().expect("addr"),
+            local: "10.0.0.1:8080".parse().expect("addr"),
+            age_ms: None,
+            idle_ms,
+            recv_queue,
+            send_queue,
+            busy: false,
+        }
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn the_quiet_window_counts_from_the_request() {
+        let rule = DrainRule {
+            quiet: S(5),
+            ..DrainRule::default()
+        };
+        // Idle for an hour before the request: still waits the window from the request.
+        let none = Remaining::Count(0);
+        assert_eq!(
+            decide(&rule, S(0), None, &none),
+            Decision::Wait {
+                recheck_in: Some(S(5))
+            }
+        );
+        assert_eq!(
+            decide(&rule, S(3), None, &none),
+            Decision::Wait {
+                recheck_in: Some(S(2))
+            }
+        );
+        assert_eq!(decide(&rule, S(5), None, &none), Decision::Drained);
+    }
+
+    #[test]
+    fn a_late_arrival_restarts_the_quiet_window() {
+        let rule = DrainRule {
+            quiet: S(5),
+            ..DrainRule::default()
+        };
+        let none = Remaining::Count(0);
+        // An arrival 4 s after the request, gone again: the window ends 5 s after it.
+        assert_eq!(
+            decide(&rule, S(6), Some(S(2)), &none),
+            Decision::Wait {
+                recheck_in: Some(S(3))
+            }
+        );
+        assert_eq!(decide(&rule, S(9), Some(S(5)), &none), Decision::Drained);
+        // While it is open the count holds the drain, and only its close can end it.
+        assert_eq!(
+            decide(&rule, S(20), Some(S(15)), &Remaining::Count(1)),
+            Decision::Wait { recheck_in: None }
+        );
+    }
+
+    #[test]
+    fn ignored_sources_neither_hold_the_drain() {
+        let rule = DrainRule {
+            ignore: parse_cidrs("10.1.0.0/16, fd00::7").expect("cidrs"),
+            ..DrainRule::default()
+        };
+        let probes = [
+            peer("10.1.2.3:5000", 0, 10, 0),
+            peer("[fd00::7]:1", 0, 0, 0),
+        ];
+        assert_eq!(
+            decide(&rule, S(0), None, &Remaining::Peers(&probes)),
+            Decision::Drained
+        );
+        let mixed = [probes[0].clone(), peer("10.2.0.1:5000", 9_000, 0, 0)];
+        assert_eq!(
+            decide(&rule, S(0), None, &Remaining::Peers(&mixed)),
+            Decision::Wait { recheck_in: None }
+        );
+        // An IPv4 client seen through an IPv6 listener is the IPv4 address.
+        assert!(rule.ignores("::ffff:10.1.9.9".parse().expect("ip")));
+    }
+
+    #[test]
+    fn idle_connections_do_not_hold_the_drain_but_busy_ones_do() {
+        let rule = DrainRule {
+            idle: Some(S(2)),
+            ..DrainRule::default()
+        };
+        let idle = peer("10.2.0.1:1", 2_500, 0, 0);
+        let silent_not_long = peer("10.2.0.2:1", 500, 0, 0);
+        let unread = peer("10.2.0.3:1", 60_000, 100, 0);
+        let unacked = peer("10.2.0.4:1", 60_000, 0, 4_000);
+        assert_eq!(
+            decide(
+                &rule,
+                S(0),
+                None,
+                &Remaining::Peers(std::slice::from_ref(&idle))
+            ),
+            Decision::Drained
+        );
+        // It turns idle 1.5 s from now: the rule says when to look again.
+        assert_eq!(
+            decide(
+                &rule,
+                S(0),
+                None,
+                &Remaining::Peers(&[idle.clone(), silent_not_long])
+            ),
+            Decision::Wait {
+                recheck_in: Some(Duration::from_millis(1_500))
+            }
+        );
+        for busy in [unread, unacked] {
+            assert_eq!(
+                decide(&rule, S(0), None, &Remaining::Peers(&[idle.clone(), busy])),
+                Decision::Wait {
+                    recheck_in: Some(BUSY_RECHECK)
+                }
+            );
+        }
+        // Without the option, an idle connection is still a connection.
+        assert_eq!(
+            decide(
+                &DrainRule::default(),
+                S(0),
+                None,
+                &Remaining::Peers(&[idle])
+            ),
+            Decision::Wait { recheck_in: None }
+        );
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let net: Cidr = "192.168.4.0/22".parse().expect("cidr");
+        assert!(net.contains("192.168.7.255".parse().expect("ip")));
+        assert!(!net.contains("192.168.8.0".parse().expect("ip")));
+        assert!(!net.contains("::1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("8.8.8.8".parse().expect("ip")));
+        let one: Cidr = "fd00::1".parse().expect("cidr");
+        assert!(one.contains("fd00::1".parse().expect("ip")));
+        assert!(!one.contains("fd00::2".parse().expect("ip")));
+        for bad in ["", "10.0.0.0/33", "fd00::/129", "nope", "10.0.0.0/x"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(net.to_string(), "192.168.4.0/22");
+    }
+}
