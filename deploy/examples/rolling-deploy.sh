@@ -39,7 +39,7 @@ DRAIN_AGENT_URL=${DRAIN_AGENT_URL:-http://127.0.0.1:9100}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-60s}
 # Drained only once no connection has been open for this long: covers a connection that an
 # old nginx worker is still opening (a retry from another backend) at the moment we look.
-DRAIN_SETTLE=${DRAIN_SETTLE:-200ms}
+DRAIN_QUIET=${DRAIN_QUIET:-${DRAIN_SETTLE:-200ms}}
 # DRAIN=sleep: how long (seconds).
 DRAIN_SLEEP=${DRAIN_SLEEP:-5}
 
@@ -115,9 +115,9 @@ drain_backend() {
     case $DRAIN in
     agent)
         # drain-agent counts the backend's inbound TCP connections in the kernel; this returns
-        # once none has been open for DRAIN_SETTLE. Exit 1: still busy at DRAIN_TIMEOUT.
+        # once none has arrived for DRAIN_QUIET. Exit 1: still busy at DRAIN_TIMEOUT.
         if ! "$DRAIN_AGENT" wait --agent "$DRAIN_AGENT_URL" --port "$port" --addr "$host" \
-            --timeout "$DRAIN_TIMEOUT" --settle "$DRAIN_SETTLE"; then
+            --timeout "$DRAIN_TIMEOUT" --quiet "$DRAIN_QUIET"; then
             die "$backend not drained within $DRAIN_TIMEOUT: it stays out of nginx and running; deploy stopped"
         fi
         ;;

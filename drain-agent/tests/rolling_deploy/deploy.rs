@@ -53,7 +53,7 @@ impl Drain {
 }
 
 /// The settle time the deploy asks drain-agent for.
-pub const SETTLE: &str = "200ms";
+pub const QUIET: &str = "200ms";
 
 /// A step the script logged (`rolling-deploy: TIME STEP BACKEND …`), and when we read it.
 #[derive(Clone, Debug)]
@@ -96,7 +96,7 @@ pub fn run(stack: &mut Stack, drain: Drain, agent_url: &str) -> DeployRun {
         .env("DRAIN_AGENT", crate::common::agent_binary())
         .env("DRAIN_AGENT_URL", agent_url)
         .env("DRAIN_TIMEOUT", "30s")
-        .env("DRAIN_SETTLE", SETTLE)
+        .env("DRAIN_QUIET", QUIET)
         .env("STOP_SIGNAL", drain.stop_signal())
         .env("BACKEND_RUN_DIR", stack.run_dir())
         .env(

@@ -134,7 +134,7 @@ pub fn table(results: &[ArmResult]) -> String {
         let wait = match result.drain {
             Drain::None => "none".to_owned(),
             Drain::Sleep(pause) => format!("sleep {}", seconds(pause)),
-            Drain::Agent => format!("drain-agent wait (settle {})", crate::deploy::SETTLE),
+            Drain::Agent => format!("drain-agent wait (quiet {})", crate::deploy::QUIET),
         };
         let per_backend = |f: &dyn Fn(&BackendStep) -> String| {
             result
