@@ -252,8 +252,8 @@ fn remove_leftovers_of_killed_runs() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(owner) = name
             .strip_prefix("da-rolling-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
+            // The first number: `PID-TAG-…`, or `TAG-PID` as older runs named them.
+            .and_then(|rest| rest.split('-').find_map(|part| part.parse::<u32>().ok()))
         else {
             continue;
         };
