@@ -493,7 +493,18 @@ mod tests {
         assert_eq!(bounds[0], (0.001, 2));
         assert_eq!(bounds[6], (1.0, 3));
         assert_eq!(bounds.last().copied(), Some((3600.0, 3)));
-        let _ = DurationHistogram::default();
+        // A port's kernel histogram before any close: all zeros, no sample.
+        let empty = DurationHistogram::default();
+        let metric = duration_metric(80, &empty.buckets, empty.sum_ns);
+        let histogram = metric.get_histogram();
+        assert_eq!(histogram.get_sample_count(), 0);
+        assert_eq!(histogram.get_sample_sum(), 0.0);
+        assert!(
+            histogram
+                .get_bucket()
+                .iter()
+                .all(|b| b.cumulative_count() == 0)
+        );
     }
 
     #[test]

@@ -27,22 +27,6 @@ use std::{
 
 use common::{Agent, Server, kernel_available};
 
-/// The value of the first metric line starting with `line_start`.
-fn metric(agent: &Agent, line_start: &str) -> Option<f64> {
-    let (_, body) = agent.try_get("/metrics").expect("metrics");
-    body.lines()
-        .find(|line| line.starts_with(line_start))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Raises this process's soft file limit to its hard one (the tests hold many sockets).
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
@@ -74,19 +58,22 @@ fn a_closed_listener_keeps_its_connections_through_walks() {
     agent.expect_active(port, 3);
     // The usual graceful shutdown: stop listening, keep serving what is open.
     drop(listener);
-    let walks = metric(&agent, "drain_agent_walks_total").expect("walks metric");
-    wait_for("three more walks", Duration::from_secs(20), || {
-        metric(&agent, "drain_agent_walks_total").is_some_and(|now| now >= walks + 3.0)
+    let walks = agent
+        .metric("drain_agent_walks_total")
+        .expect("walks metric");
+    common::wait_until("three more walks", Duration::from_secs(20), || {
+        agent
+            .metric("drain_agent_walks_total")
+            .is_some_and(|now| now >= walks + 3.0)
     });
     let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
     assert_eq!((status, body["active"].as_u64()), (503, Some(3)), "{body}");
-    let gauge = metric(
-        &agent,
-        &format!("drain_agent_connections_active{{port=\"{port}\"}}"),
-    );
+    let gauge = agent.metric(&format!(
+        "drain_agent_connections_active{{port=\"{port}\"}}"
+    ));
     assert_eq!(gauge, Some(3.0), "the walks must not drop live connections");
     assert_eq!(
-        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        agent.metric("drain_agent_repairs_total{kind=\"missed_close\"}"),
         Some(0.0)
     );
     // A waiter answers once they really close.
@@ -150,7 +137,7 @@ fn a_full_socket_map_is_never_drained_while_a_connection_is_open() {
     assert_eq!(health["status"], "degraded", "{health}");
     let reasons = health["reasons"].to_string();
     assert!(reasons.contains("--max-connections"), "{reasons}");
-    assert_eq!(metric(&agent, "drain_agent_degraded"), Some(1.0));
+    assert_eq!(agent.metric("drain_agent_degraded"), Some(1.0));
     assert!(
         agent.log_text().contains("the socket map is full"),
         "a WARN names the cause"

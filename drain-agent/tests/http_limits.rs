@@ -16,21 +16,21 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{free_port, kernel_available};
-use drain_agent::client::{AgentUrl, get};
+use common::{child::Guard, free_port, kernel_available};
+use drain_agent::client::AgentUrl;
 
 fn binary() -> PathBuf {
     common::agent_binary()
 }
 
 /// The agent started through `prlimit --nofile=<nofile>` (soft:hard), as a systemd unit
-/// without `LimitNOFILE=` would start it; SIGTERM and reaped on drop.
+/// without `LimitNOFILE=` would start it; stopped and reaped on drop.
 struct LimitedAgent {
-    child: Option<Child>,
+    process: Guard,
     port: u16,
     url: AgentUrl,
 }
@@ -49,21 +49,22 @@ impl LimitedAgent {
             }
             None => Command::new(binary()),
         };
-        let mut child = command
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start drain-agent");
-        let stderr = child.stderr.take().expect("stderr");
+        let mut process = Guard::spawn(
+            "drain-agent",
+            command
+                .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let stderr = process.child_mut().stderr.take().expect("stderr");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent] {line}");
             }
         });
         let agent = Self {
-            child: Some(child),
+            process,
             port,
             url: AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
         };
@@ -79,12 +80,11 @@ impl LimitedAgent {
     }
 
     fn get(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
-        let response = get(&self.url, path, timeout)?;
-        Ok((response.status, response.body))
+        common::http::get_url(&self.url, path, timeout)
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
     /// Open file descriptors of the agent now.
@@ -96,29 +96,7 @@ impl LimitedAgent {
 
     /// SIGTERM; the exit status and how long the exit took (killed after `limit`).
     fn stop(&mut self, limit: Duration) -> (Option<ExitStatus>, Duration) {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return (Some(status), started.elapsed());
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                return (None, started.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for LimitedAgent {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.stop(Duration::from_secs(5));
-        }
+        self.process.stop_within(limit)
     }
 }
 

@@ -216,7 +216,8 @@ fn pods_on_one_port_drain_apart() {
             &url,
         ])
     });
-    thread::sleep(Duration::from_millis(300));
+    // The preStop's request has reached the agent and blocks there.
+    agent.wait_for_waiters(1);
     assert!(!waiting.is_finished(), "wait returned while pod A was busy");
     drop(clients_a);
     server_a.close_all();
@@ -285,6 +286,8 @@ fn wait_exit_codes_against_the_real_agent() {
             ])
         })
     };
+    // The scenario, not synchronisation: the agent is away for a while (`wait` retries
+    // every 250 ms meanwhile), then comes up.
     thread::sleep(Duration::from_millis(700));
     let agent = Agent::start_on(agent_port, &[]);
     let (output, _) = waiting.join().expect("wait thread");

@@ -15,21 +15,16 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     io::Write as _,
     net::{IpAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Agent, Server, kernel_available};
-use drain_agent::client::{AgentUrl, get};
+use common::{Agent, Server, kernel_available, prometheus::Prometheus};
 use drain_agent_common::DURATION_BUCKETS_MS;
 
 const PROMTOOL: &str = "/usr/bin/promtool";
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 
 // ---------------------------------------------------------------------------------------
 // The text format, parsed just enough to look samples up.
@@ -227,155 +222,6 @@ fn promtool_accepts_a_live_scrape() {
 
 // ---------------------------------------------------------------------------------------
 // 2. A real Prometheus server
-
-/// A Prometheus server scraping one target every second, on its own port and temporary
-/// storage; stopped (and its directory removed) on drop, also when the test fails.
-struct Prometheus {
-    child: Option<Child>,
-    dir: PathBuf,
-    url: AgentUrl,
-}
-
-impl Prometheus {
-    fn start(target: &str) -> Self {
-        static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "drain-agent-prometheus-{}-{}",
-            std::process::id(),
-            STARTED.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(dir.join("data")).expect("prometheus directory");
-        let config = dir.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: drain-agent\n    static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .expect("prometheus config");
-        let log = fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
-        let port = common::free_port();
-        let child = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {PROMETHEUS} (Debian package prometheus): {e}"));
-        let mut prometheus = Self {
-            child: Some(child),
-            dir,
-            url: AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
-        };
-        prometheus.wait_ready(Duration::from_secs(30));
-        prometheus
-    }
-
-    fn wait_ready(&mut self, limit: Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().expect("wait"))
-            {
-                panic!(
-                    "prometheus exited ({status}) before it was ready; log:\n{}",
-                    self.log()
-                );
-            }
-            if let Ok((200, _)) = self.get("/-/ready") {
-                return;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "prometheus not ready after {limit:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let response = get(&self.url, path, Duration::from_secs(10))?;
-        Ok((response.status, response.body))
-    }
-
-    /// The end of Prometheus's log, for failure messages.
-    fn log(&self) -> String {
-        let text = fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// An instant query: `None` for an empty result, else the one series' value.
-    fn query(&self, promql: &str) -> anyhow::Result<Option<String>> {
-        let encoded: String = form_urlencoded::byte_serialize(promql.as_bytes()).collect();
-        let (status, body) = self.get(&format!("/api/v1/query?query={encoded}"))?;
-        anyhow::ensure!(status == 200, "status {status}: {body}");
-        let json: serde_json::Value = serde_json::from_str(&body)?;
-        anyhow::ensure!(json["status"] == "success", "{body}");
-        let result = json["data"]["result"]
-            .as_array()
-            .ok_or_else(|| anyhow::anyhow!("no result array: {body}"))?;
-        match result.as_slice() {
-            [] => Ok(None),
-            [series] => Ok(series["value"][1].as_str().map(str::to_owned)),
-            _ => anyhow::bail!("{} series, expected one: {body}", result.len()),
-        }
-    }
-
-    /// Queries until `promql` answers `expected`; fails after `limit` with the last answer
-    /// and the scrape target's state. Returns how long it took.
-    fn wait_for(&self, promql: &str, expected: &str, limit: Duration) -> Duration {
-        let started = Instant::now();
-        loop {
-            let answer = self.query(promql);
-            if matches!(&answer, Ok(Some(value)) if value == expected) {
-                return started.elapsed();
-            }
-            if started.elapsed() > limit {
-                let targets = self.get("/api/v1/targets").map(|(_, body)| body);
-                panic!(
-                    "prometheus: {promql} did not become {expected} within {limit:?}; last answer: \
-                     {answer:?}\ntargets: {targets:?}\nlog:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let started = Instant::now();
-            let mut exited = false;
-            while started.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    exited = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if !exited {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 #[test]
 fn a_real_prometheus_sees_connections_open_and_close() {

@@ -29,21 +29,6 @@ use drain_agent_common::{AF_INET, ConnCounts, ConnKey, PortTotals, SockEntry};
 /// The tests here must not overlap: the second reads "the newest maps named X".
 static ONE_AGENT_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn metric(agent: &Agent, line_start: &str) -> Option<f64> {
-    let (_, body) = agent.try_get("/metrics").expect("metrics");
-    body.lines()
-        .find(|line| line.starts_with(line_start))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
-fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_walk_counts_open_connections_the_handler_missed() {
     if !kernel_available("a_walk_counts_open_connections_the_handler_missed") {
@@ -62,30 +47,32 @@ fn a_walk_counts_open_connections_the_handler_missed() {
     // Not seeded: to this agent the three are exactly what missed opens leave behind.
     let agent = Agent::start(&["--no-seed", "--repair-interval", "1s"]);
     let gauge = format!("drain_agent_connections_active{{port=\"{port}\"}}");
-    assert_eq!(metric(&agent, &gauge), None, "not seeded, not counted yet");
+    assert_eq!(agent.metric(&gauge), None, "not seeded, not counted yet");
     // Until a walk has run, the agent does not vouch for a zero: it asks the socket
     // tables, which see all three.
     let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
     assert_eq!((status, body["active"].as_u64()), (503, Some(3)), "{body}");
-    wait_for("the walk counts them", Duration::from_secs(10), || {
-        metric(&agent, &gauge) == Some(3.0)
+    common::wait_until("the walk counts them", Duration::from_secs(10), || {
+        agent.metric(&gauge) == Some(3.0)
     });
     // At least ours (other connections open on this host before the agent count too).
     let repaired = "drain_agent_repairs_total{kind=\"missed_open\"}";
-    let found = metric(&agent, repaired).expect("repairs metric");
+    let found = agent.metric(repaired).expect("repairs metric");
     assert!(found >= 3.0, "{found}");
     // Repaired sockets close like any other.
     server.close_all();
     drop(clients);
     assert_eq!(agent.active(port), 0);
     // Further walks find nothing more to repair.
-    let walks = metric(&agent, "drain_agent_walks_total").expect("walks");
-    wait_for("two more walks", Duration::from_secs(10), || {
-        metric(&agent, "drain_agent_walks_total").is_some_and(|now| now >= walks + 2.0)
+    let walks = agent.metric("drain_agent_walks_total").expect("walks");
+    common::wait_until("two more walks", Duration::from_secs(10), || {
+        agent
+            .metric("drain_agent_walks_total")
+            .is_some_and(|now| now >= walks + 2.0)
     });
-    assert_eq!(metric(&agent, repaired), Some(found));
+    assert_eq!(agent.metric(repaired), Some(found));
     assert_eq!(
-        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        agent.metric("drain_agent_repairs_total{kind=\"missed_close\"}"),
         Some(0.0)
     );
 }
@@ -196,7 +183,7 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
     );
     assert!(sockets.get(&gone_socket, 0).is_err(), "the entry is gone");
     assert_eq!(
-        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        agent.metric("drain_agent_repairs_total{kind=\"missed_close\"}"),
         Some(1.0)
     );
 
@@ -206,13 +193,15 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
         .collect();
     server.wait_accepted(2);
-    let walks = metric(&agent, "drain_agent_walks_total").expect("walks");
-    wait_for("two more walks", Duration::from_secs(10), || {
-        metric(&agent, "drain_agent_walks_total").is_some_and(|now| now >= walks + 2.0)
+    let walks = agent.metric("drain_agent_walks_total").expect("walks");
+    common::wait_until("two more walks", Duration::from_secs(10), || {
+        agent
+            .metric("drain_agent_walks_total")
+            .is_some_and(|now| now >= walks + 2.0)
     });
     assert_eq!(agent.active(port), 2);
     assert_eq!(
-        metric(&agent, "drain_agent_repairs_total{kind=\"missed_close\"}"),
+        agent.metric("drain_agent_repairs_total{kind=\"missed_close\"}"),
         Some(1.0)
     );
 }

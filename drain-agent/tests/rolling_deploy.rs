@@ -30,12 +30,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, kernel_available};
+use common::{Agent, child::Guard, kernel_available, wait_until};
 use deploy::Drain;
 use load::{Load, LoadConfig, Outcome};
-use processes::Group;
 use report::ArmResult;
-use stack::{Stack, http_get, wait_until};
+use stack::{Stack, http_get};
 
 /// The fixed sleep of baseline (b): longer than the longest request (3 s), as people pick it.
 const FIXED_SLEEP: Duration = Duration::from_secs(5);
@@ -219,8 +218,8 @@ fn reload_releases_idle_upstream_keepalive_connections() {
         );
     }
     wait_until(
-        Duration::from_secs(5),
         "the agent to see nginx's idle connections",
+        Duration::from_secs(5),
         || agent.active(port) > 0,
     );
     let (_, idle) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
@@ -269,15 +268,15 @@ fn reload_releases_idle_upstream_keepalive_connections() {
 fn backend_stops_gracefully_on_sigterm() {
     let port = common::free_port();
     let address = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut backend = Group::spawn(
+    let mut backend = Guard::spawn_group(
         "e2e-backend",
         Command::new(processes::backend_binary())
             .args(["--listen", &address.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
-        None,
-    );
-    wait_until(Duration::from_secs(10), "the backend", || {
+    )
+    .stop_signal(None);
+    wait_until("the backend", Duration::from_secs(10), || {
         http_get(address, "/health").is_some()
     });
 
@@ -298,7 +297,11 @@ fn backend_stops_gracefully_on_sigterm() {
         "GET /slow?ms=1500&bytes=1000 HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     .expect("send");
-    std::thread::sleep(Duration::from_millis(300));
+    // In flight once its answer has begun: the head goes out with the first piece at once.
+    let mut whole = vec![0; 4096];
+    let first = slow.read(&mut whole).expect("the slow answer begins");
+    assert!(first > 0, "the slow request's connection closed");
+    whole.truncate(first);
 
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(backend.pid() as i32, libc::SIGTERM) };
@@ -314,12 +317,11 @@ fn backend_stops_gracefully_on_sigterm() {
         "idle connection closed late"
     );
     // New connections are refused.
-    wait_until(Duration::from_secs(2), "the listener to close", || {
+    wait_until("the listener to close", Duration::from_secs(2), || {
         TcpStream::connect(address).is_err()
     });
     // The slow request still completes, whole; then the backend closes the connection
     // (read_to_end sees its end of file).
-    let mut whole = Vec::new();
     slow.read_to_end(&mut whole).expect("slow answer");
     let text = String::from_utf8_lossy(&whole);
     let (head, body) = text.split_once("\r\n\r\n").expect("a head");

@@ -126,26 +126,71 @@ fn run_tests_with_summary(command: &mut Command) -> Result<()> {
         .spawn()
         .with_context(|| format!("cannot start {shown}"))?;
     let stdout = child.stdout.take().context("cargo test has no stdout")?;
-    let mut totals = [0u64; 3];
+    let mut summary = TestSummary::default();
     for line in BufReader::new(stdout).lines() {
         let line = line.context("cannot read cargo test's output")?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            for (total, word) in totals.iter_mut().zip(["passed", "failed", "ignored"]) {
-                *total += count_before(result, word);
-            }
-        }
+        summary.read_line(&line);
     }
     let exit = child.wait().context("cargo test did not finish")?;
-    let [passed, failed, ignored] = totals;
-    println!("xtask test: {passed} passed, {failed} failed, {ignored} skipped");
+    println!("{}", summary.closing_line());
     if !exit.success() {
         bail!("{shown} failed ({exit})");
     }
-    if passed == 0 {
+    if summary.passed() == 0 {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// What the `cargo test` output says, added up. A test that cannot run here (no root, no
+/// BTF, a tool missing) returns early and so counts as passed in libtest's `test result:`
+/// line; it prints `SKIP <name>: <why>` first, and is counted here as skipped instead.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestSummary {
+    /// `passed` summed over the `test result:` lines, skips included.
+    passed_or_skipped: u64,
+    failed: u64,
+    ignored: u64,
+    /// `SKIP` lines seen.
+    skipped: u64,
+}
+
+impl TestSummary {
+    fn read_line(&mut self, line: &str) {
+        if let Some(result) = line.strip_prefix("test result: ") {
+            self.passed_or_skipped += count_before(result, "passed");
+            self.failed += count_before(result, "failed");
+            self.ignored += count_before(result, "ignored");
+        } else if is_skip_line(line) {
+            self.skipped += 1;
+        }
+    }
+
+    fn passed(&self) -> u64 {
+        self.passed_or_skipped.saturating_sub(self.skipped)
+    }
+
+    fn closing_line(&self) -> String {
+        format!(
+            "xtask test: {} passed, {} failed, {} skipped",
+            self.passed(),
+            self.failed,
+            self.ignored + self.skipped
+        )
+    }
+}
+
+/// `SKIP name: why`, at the start of a line or — with one test thread, where libtest has
+/// written `test name ... ` already — right after that.
+fn is_skip_line(line: &str) -> bool {
+    let rest = line.strip_prefix("SKIP ").or_else(|| {
+        line.starts_with("test ")
+            .then(|| line.split_once(" ... SKIP "))?
+            .map(|(_, rest)| rest)
+    });
+    rest.and_then(|rest| rest.split_once(": "))
+        .is_some_and(|(name, _)| !name.is_empty() && !name.contains(char::is_whitespace))
 }
 
 /// In `ok. 39 passed; 0 failed; 1 ignored; …`, the number before `word`.
@@ -223,4 +268,75 @@ pub fn status(command: &mut Command) -> Result<()> {
         bail!("{shown} failed ({exit})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary_of(output: &str) -> TestSummary {
+        let mut summary = TestSummary::default();
+        for line in output.lines() {
+            summary.read_line(line);
+        }
+        summary
+    }
+
+    #[test]
+    fn skipped_kernel_tests_count_as_skipped_not_passed() {
+        let output = "\
+running 3 tests
+SKIP counts_ipv4: kernel test cannot run (not running as root); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead
+test counts_ipv4 ... ok
+test only_the_listening_side_counts ... SKIP only_the_listening_side_counts: kernel test cannot run (not running as root)
+ok
+test parses ... ok
+
+test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+running 40 tests
+test result: ok. 39 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.20s
+";
+        let summary = summary_of(output);
+        assert_eq!(
+            summary,
+            TestSummary {
+                passed_or_skipped: 42,
+                failed: 0,
+                ignored: 1,
+                skipped: 2,
+            }
+        );
+        assert_eq!(
+            summary.closing_line(),
+            "xtask test: 40 passed, 0 failed, 3 skipped"
+        );
+    }
+
+    #[test]
+    fn failures_and_lines_that_only_mention_skip_are_told_apart() {
+        let output = "\
+[agent] SKIP nothing here
+note: SKIP in the middle: not a skip line
+SKIP : no name
+test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 3.00s
+";
+        let summary = summary_of(output);
+        assert_eq!(summary.skipped, 0);
+        assert_eq!(
+            summary.closing_line(),
+            "xtask test: 5 passed, 2 failed, 0 skipped"
+        );
+    }
+
+    #[test]
+    fn more_skips_than_passes_never_underflow() {
+        let summary =
+            summary_of("SKIP a: x\nSKIP b: y\ntest result: ok. 1 passed; 0 failed; 0 ignored;\n");
+        assert_eq!(summary.passed(), 0);
+        assert_eq!(
+            summary.closing_line(),
+            "xtask test: 0 passed, 0 failed, 2 skipped"
+        );
+    }
 }

@@ -1,23 +1,30 @@
 //! Helpers shared by the kernel and end-to-end tests: privilege checks, the real agent
-//! binary, HTTP, network namespaces. Each test binary uses a different subset.
+//! binary, processes ([`child`]), HTTP ([`http`]), a real Prometheus ([`prometheus`]),
+//! temporary directories, network namespaces. Each test binary uses a different subset.
 #![allow(
     dead_code,
     reason = "each test binary uses its own subset of these helpers"
 )]
 
+pub mod child;
+pub mod http;
+pub mod prometheus;
+
 use std::{
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use drain_agent::client::{AgentUrl, get};
+use child::Guard;
+use drain_agent::client::AgentUrl;
 
 /// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
-/// (CI) the test fails; otherwise it prints a loud SKIP and the caller returns.
+/// (CI) the test fails; otherwise it reports a SKIP (see [`report_skip`]) and the caller
+/// returns.
 pub fn kernel_available(test: &str) -> bool {
     let required = std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
     // SAFETY: geteuid has no preconditions.
@@ -35,10 +42,45 @@ pub fn kernel_available(test: &str) -> bool {
         !required,
         "{test}: kernel test cannot run ({why}) and DRAIN_AGENT_REQUIRE_KERNEL=1"
     );
-    eprintln!(
-        "SKIP {test}: kernel test cannot run ({why}); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+    report_skip(
+        test,
+        &format!(
+            "kernel test cannot run ({why}); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+        ),
     );
     false
+}
+
+/// Prints `SKIP <test>: <why>` on a line of its own, to the process's standard output
+/// itself rather than through `println!`: libtest captures `println!` of passing tests, and
+/// a skipped test passes — written past the capture, the line shows in every run, and
+/// `cargo xtask test` counts it as skipped instead of passed.
+pub fn report_skip(test: &str, why: &str) {
+    let mut out = std::io::stdout().lock();
+    // With one test thread libtest has written `test NAME ... ` on this line already:
+    // `cargo xtask test` finds the SKIP there too.
+    let _ = writeln!(out, "SKIP {test}: {why}");
+    let _ = out.flush();
+}
+
+/// Polls `ready` every 20 ms until it holds; fails the test after `limit`, naming `what`.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A temporary directory whose name starts with `prefix`, removed on drop.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create a temporary directory")
 }
 
 /// A port nobody listens on right now.
@@ -49,9 +91,9 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// The real agent binary, started as users start it; SIGTERM and reaped on drop.
+/// The real agent binary, started as users start it; stopped and reaped on drop.
 pub struct Agent {
-    child: Option<Child>,
+    process: Guard,
     pub port: u16,
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -74,18 +116,19 @@ impl Agent {
 
     /// Starts the agent on a given loopback port.
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
-        let mut child = Command::new(agent_binary())
-            .arg("run")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start drain-agent");
+        let mut process = Guard::spawn(
+            "drain-agent",
+            Command::new(agent_binary())
+                .arg("run")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
+        let stderr = process.child_mut().stderr.take().expect("stderr");
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -94,7 +137,7 @@ impl Agent {
             }
         });
         let agent = Self {
-            child: Some(child),
+            process,
             port,
             url: format!("http://127.0.0.1:{port}"),
             log,
@@ -119,9 +162,7 @@ impl Agent {
     }
 
     pub fn try_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let url = AgentUrl::parse(&self.url)?;
-        let response = get(&url, path, Duration::from_secs(120))?;
-        Ok((response.status, response.body))
+        http::get_url(&AgentUrl::parse(&self.url)?, path, Duration::from_secs(120))
     }
 
     /// GET `path`; the body parsed as JSON.
@@ -155,44 +196,43 @@ impl Agent {
         }
     }
 
-    /// Sends SIGTERM and returns the exit status.
+    /// The value of the first `/metrics` sample line starting with `line_start` (a name,
+    /// or a name and labels).
+    pub fn metric(&self, line_start: &str) -> Option<f64> {
+        let (_, body) = self.try_get("/metrics").expect("metrics");
+        body.lines()
+            .find(|line| line.starts_with(line_start))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Waits (at most 10 s) until `count` `/drained` requests are blocked in the agent
+    /// (`drain_agent_drain_waiters`): a waiter started by the test has arrived and waits.
+    pub fn wait_for_waiters(&self, count: u64) {
+        wait_until(
+            &format!("{count} blocked /drained request(s)"),
+            Duration::from_secs(10),
+            || self.metric("drain_agent_drain_waiters ") == Some(count as f64),
+        );
+    }
+
+    /// Completed socket walks so far (`drain_agent_walks_total`: seeding and repairs).
+    pub fn walks(&self) -> u64 {
+        self.metric("drain_agent_walks_total ")
+            .expect("drain_agent_walks_total is exported") as u64
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Sends SIGTERM and returns the exit status; fails if the agent takes over 15 s.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("agent still running");
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if started.elapsed() > Duration::from_secs(15) {
-                let _ = child.kill();
-                panic!("agent did not exit within 15 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (status, took) = self.process.stop_within(Duration::from_secs(15));
+        status.unwrap_or_else(|| panic!("agent did not exit within {took:?} of SIGTERM"))
     }
 
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(5) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -282,6 +322,16 @@ pub fn ss_count(port: u16, netns: Option<&str>) -> u64 {
     }
     .expect("run ss");
     established + String::from_utf8_lossy(&output.stdout).lines().count() as u64
+}
+
+/// Connections with local port `port` in TCP state `state` (as `ss` names it, e.g.
+/// `close-wait`) in this namespace.
+pub fn ss_count_in_state(port: u16, state: &str) -> u64 {
+    let output = Command::new("ss")
+        .args(["-Htn", "state", state, &format!("( sport = :{port} )")])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&output.stdout).lines().count() as u64
 }
 
 /// A network namespace made for one test (`ip netns add`), deleted on drop.

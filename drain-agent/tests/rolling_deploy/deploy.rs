@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    processes::Group,
+    common::child::Guard,
     stack::{Stack, examples_dir},
 };
 
@@ -109,7 +109,7 @@ pub fn run(stack: &mut Stack, drain: Drain, agent_url: &str) -> DeployRun {
     let started = Instant::now();
     let group = stack
         .deploy
-        .insert(Group::spawn("rolling-deploy.sh", &mut command, None));
+        .insert(Guard::spawn_group("rolling-deploy.sh", &mut command).stop_signal(None));
     let steps = Arc::new(Mutex::new(Vec::new()));
     let stdout = group.child_mut().stdout.take().expect("script stdout");
     let sink = Arc::clone(&steps);

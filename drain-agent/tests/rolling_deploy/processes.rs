@@ -1,95 +1,13 @@
-//! Processes the test starts: each in its own process group, stopped, killed and reaped on
-//! drop — also when the test panics. The test process is made a child subreaper, so that
-//! processes started by the deploy script (the new backends) are reparented to it when the
-//! script exits, and can be reaped here instead of lingering as zombies.
+//! The processes of a deploy that the test does not start itself — backends the script
+//! started, named by pid files — and the `e2e-backend` binary. The processes the test does
+//! start are [`crate::common::child::Guard`]s (each leading its own process group).
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus},
+    process::Command,
     sync::OnceLock,
     time::{Duration, Instant},
 };
-
-/// A child process leading its own process group.
-pub struct Group {
-    name: String,
-    child: Child,
-    /// Sent to the leader first on drop (then, after a grace period, SIGKILL to the group).
-    polite_signal: Option<i32>,
-    reaped: Option<ExitStatus>,
-}
-
-impl Group {
-    /// Spawns `command` in a new process group.
-    pub fn spawn(name: &str, command: &mut Command, polite_signal: Option<i32>) -> Self {
-        use std::os::unix::process::CommandExt as _;
-        become_subreaper();
-        let child = command
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child,
-            polite_signal,
-            reaped: None,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn child_mut(&mut self) -> &mut Child {
-        &mut self.child
-    }
-
-    /// Waits up to `limit` for the leader to exit.
-    pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let started = Instant::now();
-        loop {
-            if self.reaped.is_none() {
-                self.reaped = self
-                    .child
-                    .try_wait()
-                    .unwrap_or_else(|e| panic!("wait for {}: {e}", self.name));
-            }
-            if self.reaped.is_some() || started.elapsed() >= limit {
-                return self.reaped;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        let pid = self.pid() as i32;
-        if self.reaped.is_none()
-            && let Some(signal) = self.polite_signal
-        {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(pid, signal) };
-            self.wait_for(Duration::from_secs(5));
-        }
-        // Whatever is left in the group (workers, processes the leader started): gone.
-        // SAFETY: killpg on the process group we created for this child.
-        unsafe { libc::killpg(pid, libc::SIGKILL) };
-        if self.reaped.is_none() {
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Makes this process the reaper of its descendants' orphans (once).
-pub fn become_subreaper() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
-        let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        assert_eq!(result, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
-    });
-}
 
 /// Kills `pid` if it is still an `e2e-backend` (pid files can outlive their process), then
 /// reaps it if it became our child.

@@ -11,12 +11,14 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use tempfile::TempDir;
+
 use crate::{
-    common::free_port,
-    processes::{self, Group},
+    common::{self, child::Guard, free_port, wait_until},
+    processes,
 };
 
 /// The nginx binary (Debian package).
@@ -24,24 +26,6 @@ const NGINX: &str = "/usr/sbin/nginx";
 
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
-}
-
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("da-rolling-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the temporary directory");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What the backend logged when it was told to stop (`shutdown signal=… in_flight=N
@@ -58,9 +42,9 @@ pub struct Stack {
     pub backend_ports: [u16; 2],
     pub backend_binary: PathBuf,
     /// The deploy script (and the backends it starts), once run: killed on drop.
-    pub deploy: Option<Group>,
-    nginx: Option<Group>,
-    backends: Vec<Group>,
+    pub deploy: Option<Guard>,
+    nginx: Option<Guard>,
+    backends: Vec<Guard>,
     nginx_log: Arc<Mutex<Vec<String>>>,
     dir: TempDir,
 }
@@ -69,8 +53,9 @@ impl Stack {
     /// Starts the two v1 backends and nginx, and waits until nginx answers through them.
     pub fn start(tag: &str) -> Self {
         remove_leftovers_of_killed_runs();
-        let dir = TempDir::new(tag);
-        std::fs::create_dir_all(dir.0.join("run")).expect("create run dir");
+        // `da-rolling-PID-…`: a later run finds what a killed run left by its pid.
+        let dir = common::temp_dir(&format!("da-rolling-{}-{tag}-", std::process::id()));
+        std::fs::create_dir_all(dir.path().join("run")).expect("create run dir");
         let mut stack = Self {
             nginx_port: free_port(),
             backend_ports: [free_port(), free_port()],
@@ -90,11 +75,11 @@ impl Stack {
 
     /// Pid files and logs of the backends (`backend-PORT.pid`, `backend-PORT.log`).
     pub fn run_dir(&self) -> PathBuf {
-        self.dir.0.join("run")
+        self.dir.path().join("run")
     }
 
     pub fn conf_path(&self) -> PathBuf {
-        self.dir.0.join("nginx.conf")
+        self.dir.path().join("nginx.conf")
     }
 
     pub fn nginx_addr(&self) -> SocketAddr {
@@ -103,12 +88,12 @@ impl Stack {
 
     /// How the script calls nginx: our prefix, config and error log.
     pub fn nginx_command(&self) -> String {
-        let dir = self.dir.0.display();
+        let dir = self.dir.path().display();
         format!("{NGINX} -p {dir}/ -c {dir}/nginx.conf -e {dir}/error.log")
     }
 
     pub fn nginx_pid_file(&self) -> PathBuf {
-        self.dir.0.join("nginx.pid")
+        self.dir.path().join("nginx.pid")
     }
 
     pub fn backend_addr(port: u16) -> String {
@@ -123,15 +108,15 @@ impl Stack {
             .open(&log)
             .expect("backend log");
         let err = out.try_clone().expect("backend log");
-        let group = Group::spawn(
+        let group = Guard::spawn_group(
             "e2e-backend",
             Command::new(&self.backend_binary)
                 .args(["--listen", &Self::backend_addr(port), "--app-version", "v1"])
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err),
-            None,
-        );
+        )
+        .stop_signal(None);
         std::fs::write(
             self.run_dir().join(format!("backend-{port}.pid")),
             format!("{}\n", group.pid()),
@@ -139,10 +124,10 @@ impl Stack {
         .expect("write the pid file");
         self.backends.push(group);
         wait_until(
-            Duration::from_secs(10),
             &format!("backend {port} healthy"),
+            Duration::from_secs(10),
             || {
-                http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/health")
+                http_get(common::http::loopback(port), "/health")
                     .is_some_and(|(status, _)| status == 200)
             },
         );
@@ -164,7 +149,7 @@ impl Stack {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // SIGQUIT: nginx's graceful stop; SIGKILL for the group follows if it takes too long.
-        let mut group = Group::spawn("nginx", &mut command, Some(libc::SIGQUIT));
+        let mut group = Guard::spawn_group("nginx", &mut command).stop_signal(Some(libc::SIGQUIT));
         let stderr = group.child_mut().stderr.take().expect("nginx stderr");
         let sink = Arc::clone(&self.nginx_log);
         std::thread::spawn(move || {
@@ -176,8 +161,8 @@ impl Stack {
         self.nginx = Some(group);
         let addr = self.nginx_addr();
         wait_until(
-            Duration::from_secs(10),
             "nginx answering through the backends",
+            Duration::from_secs(10),
             || http_get(addr, "/fast?bytes=10").is_some_and(|(status, _)| status == 200),
         );
     }
@@ -211,7 +196,8 @@ impl Stack {
     /// The request ids (`rid=` in the query) of every request nginx read, from its access log
     /// (nginx logs each request it has read, answered or not).
     pub fn nginx_request_ids(&self) -> HashSet<String> {
-        let log = std::fs::read_to_string(self.dir.0.join("access.log")).expect("read access.log");
+        let log =
+            std::fs::read_to_string(self.dir.path().join("access.log")).expect("read access.log");
         log.lines()
             .filter_map(|line| {
                 let (_, after) = line.split_once("rid=")?;
@@ -222,7 +208,7 @@ impl Stack {
 
     /// nginx's error log so far (for failure messages).
     pub fn nginx_error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
     /// The pids in the backends' pid files (the script rewrites them as it replaces backends).
@@ -266,8 +252,8 @@ fn remove_leftovers_of_killed_runs() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(owner) = name
             .strip_prefix("da-rolling-")
-            .and_then(|rest| rest.rsplit('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
+            // The first number: `PID-TAG-…`, or `TAG-PID` as older runs named them.
+            .and_then(|rest| rest.split('-').find_map(|part| part.parse::<u32>().ok()))
         else {
             continue;
         };
@@ -299,30 +285,7 @@ fn remove_leftovers_of_killed_runs() {
     }
 }
 
-/// Polls `ready` every 20 ms; panics after `limit`.
-pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// One `GET` on a new connection: status and body, `None` on any failure.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
+    common::http::get(addr, path, Duration::from_secs(10)).ok()
 }

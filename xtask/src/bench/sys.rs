@@ -1,50 +1,19 @@
-//! What the benchmark reads from and sets in the kernel: BPF program statistics (through the
-//! `bpf()` syscall), process memory and CPU time (`/proc`), sysctls, and the fd limit.
+//! What the benchmark reads from and sets in the kernel: BPF program statistics (aya's
+//! decoding of `bpf_prog_info`), process memory and CPU time (`/proc`), sysctls, and the fd
+//! limit.
 
 use std::{
     collections::BTreeSet,
     fs,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::programs::{ProgramInfo, loaded_programs};
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
 use serde::Serialize;
-
-// `enum bpf_cmd` (include/uapi/linux/bpf.h).
-const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-// Byte offsets in `struct bpf_prog_info` (include/uapi/linux/bpf.h; stable ABI, fields are
-// only ever appended).
-const INFO_ID: usize = 4;
-const INFO_NAME: usize = 64;
-const INFO_NAME_LEN: usize = 16;
-const INFO_RUN_TIME_NS: usize = 192;
-const INFO_RUN_CNT: usize = 200;
-const INFO_RECURSION_MISSES: usize = 208;
-
-/// The part of `union bpf_attr` used by `BPF_PROG_GET_NEXT_ID` and `BPF_PROG_GET_FD_BY_ID`.
-#[repr(C)]
-struct IdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// The part of `union bpf_attr` used by `BPF_OBJ_GET_INFO_BY_FD`.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// Room for `struct bpf_prog_info` (232 bytes on 6.x kernels); the kernel fills what it has.
-#[repr(C, align(8))]
-struct InfoBuffer([u8; 256]);
 
 /// One BPF program's statistics at one instant.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -95,107 +64,91 @@ fn bpf(
     }
 }
 
-/// The statistics of program `id`.
-pub fn prog_stats(id: u32) -> Result<ProgStats> {
-    let mut attr = IdAttr {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = bpf(
-        BPF_PROG_GET_FD_BY_ID,
-        (&raw mut attr).cast(),
-        size_of::<IdAttr>(),
-    )
-    .with_context(|| format!("cannot open BPF program {id} (bpf BPF_PROG_GET_FD_BY_ID)"))?;
-    let fd = i32::try_from(fd).context("bpf() returned an fd out of range")?;
-    // SAFETY: the kernel just gave us this fd; nobody else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    prog_stats_of_fd(&fd).with_context(|| format!("cannot read BPF program {id}"))
-}
-
-fn prog_stats_of_fd(fd: &OwnedFd) -> Result<ProgStats> {
-    use std::os::fd::AsRawFd as _;
-    let mut info = InfoBuffer([0; 256]);
-    let mut attr = InfoAttr {
-        bpf_fd: u32::try_from(fd.as_raw_fd()).context("negative fd")?,
-        info_len: 256,
-        info: (&raw mut info) as u64,
-    };
+/// The kernel's `bpf_prog_info` of the program behind `fd`, as aya-obj's typed struct: for
+/// `recursion_misses`, which aya 0.14's `ProgramInfo` does not decode (and the id of a
+/// program that aya did not load).
+fn raw_prog_info(fd: BorrowedFd<'_>) -> Result<bpf_prog_info> {
+    // SAFETY: plain C structs of integers; all-zero is a valid value for both.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The `info` member of the union is the one BPF_OBJ_GET_INFO_BY_FD reads.
+    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).context("negative fd")?;
+    attr.info.info_len = u32::try_from(size_of::<bpf_prog_info>()).context("info size")?;
+    attr.info.info = (&raw mut info) as u64;
     bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
+        bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
         (&raw mut attr).cast(),
-        size_of::<InfoAttr>(),
+        size_of::<bpf_attr>(),
     )
     .context("bpf BPF_OBJ_GET_INFO_BY_FD")?;
-    let filled = usize::try_from(attr.info_len).unwrap_or(0);
-    if filled < INFO_RECURSION_MISSES + 8 {
+    // SAFETY: the `info` member is the one written above, and the kernel only updates its
+    // `info_len` (to the size it filled).
+    let filled = unsafe { attr.info.info_len } as usize;
+    if filled < std::mem::offset_of!(bpf_prog_info, recursion_misses) + size_of::<u64>() {
         bail!(
-            "the kernel's bpf_prog_info has only {filled} bytes: no run-time statistics (Linux >= 5.1 needed)"
+            "the kernel's bpf_prog_info has only {filled} bytes: no recursion_misses (Linux >= 5.12 needed)"
         );
     }
-    let bytes = &info.0;
-    let u32_at =
-        |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    let u64_at = |at: usize| {
-        let mut word = [0; 8];
-        word.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_ne_bytes(word)
-    };
-    let name = &bytes[INFO_NAME..INFO_NAME + INFO_NAME_LEN];
-    let end = name.iter().position(|b| *b == 0).unwrap_or(INFO_NAME_LEN);
+    Ok(info)
+}
+
+/// One program's statistics: id, name, run time and count as aya decodes them;
+/// `recursion_misses` from the typed struct.
+fn stats_of(info: &ProgramInfo) -> Result<ProgStats> {
+    let id = info.id();
+    let fd = info
+        .fd()
+        .with_context(|| format!("cannot open BPF program {id}"))?;
+    let raw = raw_prog_info(fd.as_fd()).with_context(|| format!("cannot read BPF program {id}"))?;
     Ok(ProgStats {
-        id: u32_at(INFO_ID),
-        name: String::from_utf8_lossy(&name[..end]).into_owned(),
-        run_time_ns: u64_at(INFO_RUN_TIME_NS),
-        run_cnt: u64_at(INFO_RUN_CNT),
-        recursion_misses: u64_at(INFO_RECURSION_MISSES),
+        id,
+        name: String::from_utf8_lossy(info.name()).into_owned(),
+        run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        run_cnt: info.run_count(),
+        recursion_misses: raw.recursion_misses,
     })
 }
 
-/// Every BPF program loaded on the host.
-pub fn all_prog_ids() -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    let mut start = 0;
-    for _ in 0..1_000_000 {
-        let mut attr = IdAttr {
-            id: start,
-            next_id: 0,
-            open_flags: 0,
-        };
-        match bpf(
-            BPF_PROG_GET_NEXT_ID,
-            (&raw mut attr).cast(),
-            size_of::<IdAttr>(),
-        ) {
-            Ok(_) => {
-                ids.push(attr.next_id);
-                start = attr.next_id;
+/// The statistics of every program on the host that `wanted(id, name)` picks. Programs
+/// unloaded while they are listed are passed over.
+fn programs_where(wanted: impl Fn(u32, &[u8]) -> bool) -> Result<Vec<ProgStats>> {
+    let mut found = Vec::new();
+    let mut listed = false;
+    let mut last_error = None;
+    for info in loaded_programs() {
+        match info {
+            Ok(info) => {
+                listed = true;
+                if wanted(info.id(), info.name()) {
+                    // A program can be unloaded between listing and opening it.
+                    match stats_of(&info) {
+                        Ok(stats) => found.push(stats),
+                        Err(error) => last_error = Some(error),
+                    }
+                }
             }
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(ids),
-            Err(error) => return Err(error).context("bpf BPF_PROG_GET_NEXT_ID"),
+            Err(error) => last_error = Some(anyhow::Error::new(error)),
         }
     }
-    Ok(ids)
+    if !listed && let Some(error) = last_error {
+        return Err(error.context("cannot list the BPF programs (root needed)"));
+    }
+    Ok(found)
+}
+
+/// The statistics of program `id`.
+pub fn prog_stats(id: u32) -> Result<ProgStats> {
+    programs_where(|candidate, _| candidate == id)?
+        .pop()
+        .with_context(|| format!("cannot read BPF program {id}: not loaded (any more)"))
 }
 
 /// Programs on the host whose name starts with `prefix`, except those in `mine`: other
 /// agents (other people's tests) attached to the same tracepoint add their cost to every
 /// connection we make.
 pub fn foreign_programs(prefix: &str, mine: &BTreeSet<u32>) -> Result<Vec<ProgStats>> {
-    let mut found = Vec::new();
-    for id in all_prog_ids()? {
-        if mine.contains(&id) {
-            continue;
-        }
-        // A program can be unloaded between listing and opening it.
-        if let Ok(stats) = prog_stats(id)
-            && stats.name.starts_with(prefix)
-        {
-            found.push(stats);
-        }
-    }
-    Ok(found)
+    programs_where(|id, name| !mine.contains(&id) && name.starts_with(prefix.as_bytes()))
 }
 
 /// The BPF programs a process holds open (from `/proc/PID/fdinfo`: `prog_id:` lines, which
@@ -501,7 +454,8 @@ struct RawTracepointAttr {
 /// statistics on, its mean run time is the floor of the measurement (the dispatch and the
 /// statistics' own clock reads), to read the handler's numbers against. Detached on drop.
 pub struct EmptyProgram {
-    prog: OwnedFd,
+    id: u32,
+    _prog: OwnedFd,
     _link: OwnedFd,
 }
 
@@ -537,8 +491,7 @@ impl EmptyProgram {
         let tracepoint = std::ffi::CString::new(tracepoint).context("tracepoint name")?;
         let mut open = RawTracepointAttr {
             name: tracepoint.as_ptr() as u64,
-            prog_fd: u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&prog))
-                .context("negative fd")?,
+            prog_fd: u32::try_from(prog.as_raw_fd()).context("negative fd")?,
             pad: 0,
         };
         let fd = bpf(
@@ -549,11 +502,18 @@ impl EmptyProgram {
         .context("cannot attach the empty reference program (bpf BPF_RAW_TRACEPOINT_OPEN)")?;
         // SAFETY: as above.
         let link = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).context("fd out of range")?) };
-        Ok(Self { prog, _link: link })
+        let id = raw_prog_info(prog.as_fd())
+            .context("cannot read the empty reference program")?
+            .id;
+        Ok(Self {
+            id,
+            _prog: prog,
+            _link: link,
+        })
     }
 
     pub fn stats(&self) -> Result<ProgStats> {
-        prog_stats_of_fd(&self.prog)
+        prog_stats(self.id)
     }
 }
 
