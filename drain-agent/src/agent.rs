@@ -8,7 +8,9 @@ use log::{error, info, warn};
 
 use crate::{
     cli::RunArgs,
+    drain::{Closer, Drains},
     http::{AppState, WaitLimits, router},
+    journal::Journal,
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
     repair::repair_missed_changes,
@@ -82,6 +84,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         own_netns,
         listener.local_addr().context("listener address")?.port(),
     )?;
+    let kernel_maps = kernel.maps();
     let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));
     let events = kernel
         .take_events()
@@ -112,6 +115,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
+    let journal = args
+        .journal
+        .as_deref()
+        .map(|path| Journal::open(path, args.journal_max_bytes))
+        .transpose()?;
+    let maps = kernel_maps;
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&tracker),
+        Some(maps as Arc<dyn Closer>),
+        journal,
+    ));
+    metrics.register_drains(Arc::clone(&drains))?;
     let address = listener.local_addr().context("listener address")?;
     let state = Arc::new(AppState {
         tracker: Arc::clone(&tracker),
@@ -121,6 +136,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             own_port: Some(address.port()),
         },
         metrics,
+        drains: Arc::clone(&drains),
     });
     info!("serving on http://{address} (attached with {attach})");
     let shutdown_tracker = Arc::clone(&tracker);
@@ -136,6 +152,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await
     .context("the HTTP server failed")?;
+    // Drains in progress ended with the shutdown: let them write their records.
+    drains
+        .wait_all_ended(std::time::Duration::from_secs(2))
+        .await;
     event_task.abort();
     repair_task.abort();
     // A repair in progress holds the lock; taking it waits for that walk to end.

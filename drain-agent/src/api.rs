@@ -12,12 +12,17 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-pub use crate::{drain_rule::Peer, tracker::Endpoint};
 use crate::{
+    drain::DrainSpec,
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
     netns,
     tracker::{Filter, canonical_addr},
+};
+pub use crate::{
+    drain::{DrainRecord, OnTimeout},
+    drain_rule::Peer,
+    tracker::Endpoint,
 };
 
 /// The answer of `GET /drained`: 200 when drained, 503 when not.
@@ -39,6 +44,27 @@ pub struct DrainedBody {
     /// The first remaining connections, in a not-drained answer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<Peer>,
+    /// The drain this request joined or started (requests with a timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<u64>,
+    /// Connections the agent closed at the deadline (`on_timeout=close`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed: Option<u64>,
+}
+
+/// The answer of `GET /health?port=P`: 503 while a drain of the port is in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthBody {
+    pub port: u16,
+    pub draining: bool,
+}
+
+/// The answer of `GET /drains`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainsBody {
+    pub in_progress: Vec<DrainRecord>,
+    /// Ended drains, newest first (at most the last 200).
+    pub recent: Vec<DrainRecord>,
 }
 
 /// Every error answer: `{"error": "..."}`.
@@ -148,12 +174,40 @@ pub struct DrainRequest {
     pub rule: DrainRule,
     /// The request used the deprecated `settle` (read as `quiet`).
     pub deprecated_settle: bool,
+    /// `on_timeout=close|keep`: close what is left at the deadline.
+    pub on_timeout: OnTimeout,
+    /// `pace=N`: at most N closings per second (0: all at once).
+    pub pace: u32,
+}
+
+impl DrainRequest {
+    /// The drain this request starts or joins.
+    pub fn spec(&self) -> DrainSpec {
+        DrainSpec {
+            filter: self.filter.clone(),
+            timeout: self.timeout,
+            rule: self.rule.clone(),
+            on_timeout: self.on_timeout,
+            pace: self.pace,
+        }
+    }
 }
 
 /// The parameters of `/drained`.
-pub const DRAIN_PARAMETERS: [&str; 8] = [
-    "port", "addr", "netns", "timeout", "quiet", "ignore", "idle", "settle",
+pub const DRAIN_PARAMETERS: [&str; 10] = [
+    "port",
+    "addr",
+    "netns",
+    "timeout",
+    "quiet",
+    "ignore",
+    "idle",
+    "settle",
+    "on_timeout",
+    "pace",
 ];
+/// The parameters of `DELETE /drain` and `GET /health`: a scope only.
+pub const SCOPE_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
 /// The parameters of `/connections`.
 pub const CONNECTION_PARAMETERS: [&str; 4] = ["port", "addr", "netns", "peers"];
 
@@ -246,6 +300,21 @@ pub fn parse_drain_request(
         .get("idle")
         .map(|text| parse_limited("idle", text, limits.max_timeout))
         .transpose()?;
+    let on_timeout = match values.get("on_timeout").map(String::as_str) {
+        None | Some("keep") => OnTimeout::Keep,
+        Some("close") => OnTimeout::Close,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "on_timeout: {other:?} is neither close nor keep"
+            )));
+        }
+    };
+    let pace = match values.get("pace") {
+        None => 0,
+        Some(text) => text
+            .parse::<u32>()
+            .map_err(|_| format!("pace: {text:?} is not a number of closings per second"))?,
+    };
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
@@ -255,7 +324,25 @@ pub fn parse_drain_request(
             idle,
         },
         deprecated_settle,
+        on_timeout,
+        pace,
     })
+}
+
+/// Parses a query that names a scope only (`port`, `addr`, `netns`).
+pub fn parse_scope_request(query: Option<&str>, limits: WaitLimits) -> Result<Filter, ApiError> {
+    let values = parse_query(query, &SCOPE_PARAMETERS)?;
+    let port = match values.get("port") {
+        None => return Err(ApiError::BadRequest("missing parameter \"port\"".into())),
+        Some(text) => parse_port(text)?,
+    };
+    if limits.own_port == Some(port) {
+        return Err(ApiError::BadRequest(format!(
+            "port: {port} is the agent's own API port, whose connections are not counted"
+        )));
+    }
+    let (addr, netns) = parse_scope(&values)?;
+    Ok(Filter { port, addr, netns })
 }
 
 pub fn parse_port(text: &str) -> Result<u16, String> {

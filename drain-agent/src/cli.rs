@@ -176,6 +176,16 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_NO_SEED")]
     pub no_seed: bool,
 
+    /// Append a record of every ended drain to this file (JSON lines), and read the last
+    /// ones back at start so `/drains` survives restarts.
+    #[arg(long, env = "DRAIN_AGENT_JOURNAL")]
+    pub journal: Option<std::path::PathBuf>,
+
+    /// Past this size the journal moves to PATH.1 and a new one starts (at most twice
+    /// this is kept).
+    #[arg(long, env = "DRAIN_AGENT_JOURNAL_MAX_BYTES", default_value_t = 8 << 20)]
+    pub journal_max_bytes: u64,
+
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, env = "DRAIN_AGENT_LOG", default_value = "info")]
     pub log_level: String,

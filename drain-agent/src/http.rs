@@ -10,16 +10,18 @@ use axum::{
     extract::{RawQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde_json::json;
 
 pub use crate::api::WaitLimits;
 use crate::{
     api::{
-        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, EndpointRow,
-        error, parse_drain_request, parse_port, parse_query, parse_scope,
+        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, DrainsBody,
+        EndpointRow, HealthBody, OnTimeout, error, parse_drain_request, parse_port, parse_query,
+        parse_scope, parse_scope_request,
     },
+    drain::{DrainEnd, Drains},
     metrics::Metrics,
     tracker::{Filter, Tracker, WaitError},
 };
@@ -29,12 +31,16 @@ pub struct AppState {
     pub tracker: Arc<Tracker>,
     pub limits: WaitLimits,
     pub metrics: Arc<Metrics>,
+    pub drains: Arc<Drains>,
 }
 
 /// The agent's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/drained", get(drained))
+        .route("/drain", post(start_drain).delete(cancel_drain))
+        .route("/drains", get(list_drains))
+        .route("/health", get(health))
         .route("/healthz", get(healthz))
         .route("/connections", get(connections))
         .route("/metrics", get(metrics))
@@ -45,7 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint (try /drained?port=P, /connections, /metrics or /healthz)",
+        "no such endpoint (try /drained?port=P, /drain, /drains, /health?port=P, /connections, /metrics or /healthz)",
     )
 }
 
@@ -62,6 +68,10 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
             "a /drained request used settle=, which is now quiet= (counted from the request, not from the last change); settle will be removed"
         );
     }
+    // A waiter with a timeout joins the drain of its scope, starting one if none is in
+    // progress: the load balancer is told (/health, agent-check) and the drain is recorded.
+    // `timeout=0` stays a pure query.
+    let drain = (!request.timeout.is_zero()).then(|| state.drains.start(request.spec()).0.id);
     // A client that hangs up drops this future: the guard still records the request.
     let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let outcome = state
@@ -70,7 +80,23 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
         .await;
     abandoned.0 = None;
     match outcome {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
+            let mut closed = None;
+            if !outcome.drained
+                && request.on_timeout == OnTimeout::Close
+                && drain.is_some()
+                && !state.tracker.shutting_down()
+            {
+                // The drain closes what is left at its deadline: wait for its record.
+                if let Some(record) = state.drains.wait_ended(&request.filter, CLOSE_WAIT).await
+                    && record.result == Some(DrainEnd::ClosedAtDeadline)
+                {
+                    closed = Some(record.closed_by_agent);
+                    outcome.drained = true;
+                    outcome.active = 0;
+                    outcome.peers.clear();
+                }
+            }
             let result = if outcome.drained {
                 DrainResult::Drained
             } else {
@@ -91,6 +117,8 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
                 idle: outcome.idle,
                 busy: outcome.busy,
                 peers: outcome.peers,
+                drain,
+                closed,
             };
             (status, Json(body)).into_response()
         }
@@ -109,6 +137,82 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
             )
         }
     }
+}
+
+/// How long a `/drained` answer waits for its drain to close what is left at the deadline.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `POST /drain?port=P[&addr][&netns][&timeout][&quiet][&ignore][&idle][&on_timeout][&pace]`:
+/// starts a drain (201) or returns the one in progress for that scope (200).
+async fn start_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let request = match parse_drain_request(query.as_deref(), state.limits) {
+        Ok(request) => request,
+        Err(problem) => return problem.into_response(),
+    };
+    if request.timeout.is_zero() {
+        return ApiError::BadRequest("timeout: a drain needs a timeout above 0".into())
+            .into_response();
+    }
+    let (record, created) = state.drains.start(request.spec());
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(record)).into_response()
+}
+
+/// `DELETE /drain?port=P[&addr][&netns]`: cancels the drain of that scope.
+async fn cancel_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let filter = match parse_scope_request(query.as_deref(), state.limits) {
+        Ok(filter) => filter,
+        Err(problem) => return problem.into_response(),
+    };
+    match state.drains.cancel(&filter).await {
+        Some(record) => (StatusCode::OK, Json(record)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no drain of this scope is in progress",
+        ),
+    }
+}
+
+/// `GET /drains`: drains in progress and the last ended ones.
+async fn list_drains(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    if let Err(problem) = parse_query(query.as_deref(), &[]) {
+        return problem.into_response();
+    }
+    let (in_progress, recent) = state.drains.list();
+    (
+        StatusCode::OK,
+        Json(DrainsBody {
+            in_progress,
+            recent,
+        }),
+    )
+        .into_response()
+}
+
+/// `GET /health?port=P`: 200 normally, 503 while a drain of P is in progress — a health
+/// check for load balancers (AWS target groups, nginx, HAProxy `httpchk`, readiness).
+async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let port = match parse_query(query.as_deref(), &["port"]).and_then(|values| {
+        values
+            .get("port")
+            .map(|text| parse_port(text))
+            .transpose()?
+            .ok_or_else(|| ApiError::BadRequest("missing parameter \"port\"".into()))
+    }) {
+        Ok(port) => port,
+        Err(problem) => return problem.into_response(),
+    };
+    let draining = state.drains.draining(port);
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(HealthBody { port, draining })).into_response()
 }
 
 /// `settle` is deprecated: warn once per agent run, not per request.
@@ -236,7 +340,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 mod tests {
     use std::time::Duration;
 
-    use crate::netns;
+    use crate::{drain::Drains, netns};
 
     use axum::body::Body;
     use http_body_util::BodyExt as _;
@@ -257,12 +361,111 @@ mod tests {
         let tracker = Arc::new(Tracker::new(source.clone(), 8));
         let metrics =
             Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
+        let drains = Arc::new(Drains::new(tracker.clone(), None, None));
+        metrics
+            .register_drains(drains.clone())
+            .expect("drain metrics");
         let state = Arc::new(AppState {
             tracker,
             limits: LIMITS,
             metrics,
+            drains,
         });
         (source, state)
+    }
+
+    async fn request(
+        state: &Arc<AppState>,
+        method: &str,
+        uri: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let response = router(state.clone())
+            .oneshot(
+                axum::http::Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_started_once_gates_health_and_is_recorded() {
+        let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let (status, _) = get(&state, "/health?port=8080").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, first) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+        assert_eq!(status, StatusCode::CREATED, "{first}");
+        let (status, again) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(first["id"], again["id"]);
+        let (status, body) = get(&state, "/health?port=8080").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["draining"], true);
+        // Another port is not gated.
+        assert_eq!(get(&state, "/health?port=8081").await.0, StatusCode::OK);
+        let (status, body) = request(&state, "DELETE", "/drain?port=8080").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["result"], "cancelled");
+        assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+        let (status, _) = request(&state, "DELETE", "/drain?port=8080").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        // A plain waiter with a timeout joins (here: starts) a drain and names it.
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=5s").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["drain"].as_u64().is_some(), "{body}");
+        // timeout=0 starts nothing.
+        let (_, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert!(body.get("drain").is_none(), "{body}");
+        let (status, body) = get(&state, "/drains").await;
+        assert_eq!(status, StatusCode::OK);
+        let recent = body["recent"].as_array().expect("recent");
+        assert!(!recent.is_empty(), "{body}");
+        assert_eq!(recent.last().expect("first drain")["result"], "cancelled");
+        let metrics = state.metrics.render().expect("metrics");
+        assert!(
+            metrics.contains("drain_agent_drains_total{result=\"cancelled\"} 1"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_drain_requests_are_400_and_change_nothing() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        for (method, uri, expected) in [
+            ("POST", "/drain", "missing parameter \"port\""),
+            ("POST", "/drain?port=8080&timeout=0", "timeout"),
+            ("POST", "/drain?port=8080&on_timeout=explode", "on_timeout"),
+            ("POST", "/drain?port=8080&pace=-1", "pace"),
+            ("POST", "/drain?port=8080&ignore=10.0.0.0/99", "ignore"),
+            ("POST", "/drain?port=8080&idle=soon", "idle"),
+            ("DELETE", "/drain?port=8080&timeout=1s", "unknown parameter"),
+            ("GET", "/health", "missing parameter \"port\""),
+            ("GET", "/health?port=0", "port"),
+            ("GET", "/drains?x=1", "unknown parameter"),
+        ] {
+            let (status, body) = request(&state, method, uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+            let message = body["error"].as_str().unwrap_or_default();
+            assert!(message.contains(expected), "{method} {uri}: {message}");
+        }
+        let (_, body) = get(&state, "/drains").await;
+        assert_eq!(body["in_progress"].as_array().map(Vec::len), Some(0));
+        assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
     }
 
     async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
@@ -378,7 +581,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_paths_are_404_and_health_is_200() {
         let (source, state) = app(vec![]);
-        let (status, body) = get(&state, "/drain?port=1").await;
+        let (status, body) = get(&state, "/drainz?port=1").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(
             body["error"]

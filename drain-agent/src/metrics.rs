@@ -14,7 +14,12 @@ use prometheus::{
     proto::{self, MetricFamily, MetricType},
 };
 
-use crate::{api::DrainResult, cli::PortSet, tracker::Tracker};
+use crate::{
+    api::DrainResult,
+    cli::PortSet,
+    drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains},
+    tracker::Tracker,
+};
 
 /// The agent's metrics and the registry that renders them.
 pub struct Metrics {
@@ -381,6 +386,77 @@ impl Collector for ConnectionCollector {
         // Families with no samples would render as bare HELP/TYPE lines; leave them out.
         families.retain(|family| !family.get_metric().is_empty());
         families
+    }
+}
+
+const DRAINS: (&str, &str) = (
+    "drain_agent_drains_total",
+    "Drains ended since the agent started, by result (drained, timeout, closed_at_deadline, cancelled, agent_shutdown).",
+);
+const DRAIN_DURATION: (&str, &str) = (
+    "drain_agent_drain_duration_seconds",
+    "How long drains took from start to end.",
+);
+
+/// The drain records' metrics, read from the registry at scrape time.
+struct DrainCollector {
+    drains: Arc<Drains>,
+    descs: Vec<Desc>,
+}
+
+impl Collector for DrainCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stats = self.drains.stats();
+        let ended = DrainEnd::ALL
+            .iter()
+            .map(|result| {
+                let count = stats.ended.get(result).copied().unwrap_or(0);
+                counter(&[("result", result.label().to_owned())], count as f64)
+            })
+            .collect();
+        let mut histogram = proto::Histogram::default();
+        histogram.set_bucket(
+            DRAIN_DURATION_BUCKETS
+                .iter()
+                .zip(stats.buckets)
+                .map(|(bound, count)| {
+                    let mut bucket = proto::Bucket::default();
+                    bucket.set_upper_bound(*bound);
+                    bucket.set_cumulative_count(count);
+                    bucket
+                })
+                .collect(),
+        );
+        histogram.set_sample_count(stats.count);
+        histogram.set_sample_sum(stats.sum_seconds);
+        let mut duration = proto::Metric::default();
+        duration.set_histogram(histogram);
+        vec![
+            family(DRAINS, MetricType::COUNTER, ended),
+            family(DRAIN_DURATION, MetricType::HISTOGRAM, vec![duration]),
+        ]
+    }
+}
+
+impl Metrics {
+    /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).
+    pub fn register_drains(&self, drains: Arc<Drains>) -> Result<()> {
+        let desc = |(name, help): (&str, &str), labels: &[&str]| {
+            Desc::new(
+                name.to_owned(),
+                help.to_owned(),
+                labels.iter().map(|l| (*l).to_owned()).collect(),
+                Default::default(),
+            )
+        };
+        let descs = vec![desc(DRAINS, &["result"])?, desc(DRAIN_DURATION, &[])?];
+        self.registry
+            .register(Box::new(DrainCollector { drains, descs }))
+            .context("cannot register the drain metrics")
     }
 }
 

@@ -115,8 +115,8 @@ pub struct PortState {
     pub last_change_ns: u64,
 }
 
-/// Which connections a question is about.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which connections a question is about (also a drain's scope).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Filter {
     pub port: u16,
     /// Only this local address (a pod's IP). IPv4-mapped IPv6 is folded to IPv4.
@@ -168,6 +168,10 @@ pub struct DrainOutcome {
     pub busy: Option<u64>,
     /// The first [`PEERS_SHOWN`] remaining connections, when not drained.
     pub peers: Vec<Peer>,
+    /// When the count was first seen at zero, after the request.
+    pub first_zero: Option<Duration>,
+    /// Connections that arrived (from sources not ignored) after the request.
+    pub arrivals: u64,
 }
 
 /// How many remaining connections a not-drained answer lists.
@@ -454,6 +458,11 @@ impl Tracker {
         self.shutdown.send_replace(true);
     }
 
+    /// Whether the agent is shutting down (waiters answer at once).
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     /// Waiters blocked now.
     pub fn waiters(&self) -> usize {
         self.waiters.load(Ordering::Acquire)
@@ -529,10 +538,16 @@ impl Tracker {
         let mut port_watch = self.watch(filter.port).map_err(WaitError::Source)?;
         let started_ns = monotonic_ns();
         let mut shutdown = self.shutdown.subscribe();
-        let wants_events = !rule.quiet.is_zero() || rule.needs_peers();
+        // Events matter to the decision with a quiet window or a look at each connection;
+        // otherwise they are only counted (arrivals, for the drain's record), and a zero
+        // crossing wakes the waiter through `changes`.
+        let decides_on_events = !rule.quiet.is_zero() || rule.needs_peers();
         let mut last_arrival_ns: Option<u64> = None;
+        let mut arrivals = 0u64;
+        let mut first_zero = None;
         let absorb = |event: Result<ConnectionEvent, broadcast::error::TryRecvError>,
-                      last: &mut Option<u64>| {
+                      last: &mut Option<u64>,
+                      arrivals: &mut u64| {
             match event {
                 Ok(event) => {
                     if event.opened
@@ -541,12 +556,14 @@ impl Tracker {
                         && !rule.ignores(event.remote)
                     {
                         *last = Some(last.map_or(event.at_ns, |at| at.max(event.at_ns)));
+                        *arrivals += 1;
                     }
                     true
                 }
                 // Fell behind: count it as an arrival now (a longer window, never shorter).
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
                     *last = Some(monotonic_ns());
+                    *arrivals += missed;
                     true
                 }
                 Err(_) => false,
@@ -558,8 +575,15 @@ impl Tracker {
             // Mark the current generation seen *before* reading, so a change that lands
             // between the read and the sleep still wakes us.
             port_watch.changes.borrow_and_update();
-            while absorb(port_watch.events.try_recv(), &mut last_arrival_ns) {}
+            while absorb(
+                port_watch.events.try_recv(),
+                &mut last_arrival_ns,
+                &mut arrivals,
+            ) {}
             let mut state = self.state(filter).map_err(WaitError::Source)?;
+            if state.active == 0 && first_zero.is_none() {
+                first_zero = Some(started.elapsed());
+            }
             let mut peers = None;
             let mut unknown = None;
             let mut doubted = false;
@@ -651,6 +675,8 @@ impl Tracker {
                     idle,
                     busy,
                     peers: shown,
+                    first_zero,
+                    arrivals,
                 });
             }
             let mut wake_at = deadline;
@@ -669,22 +695,33 @@ impl Tracker {
                 Some(at) => wake_at = wake_at.min(at),
                 None => {}
             }
-            tokio::select! {
-                changed = port_watch.changes.changed() => {
-                    if changed.is_err() {
-                        // The channel never closes while the tracker lives; be safe anyway.
-                        tokio::time::sleep_until(wake_at).await;
+            loop {
+                tokio::select! {
+                    changed = port_watch.changes.changed() => {
+                        if changed.is_err() {
+                            // The channel never closes while the tracker lives; be safe anyway.
+                            tokio::time::sleep_until(wake_at).await;
+                        }
                     }
+                    event = port_watch.events.recv() => {
+                        let event = event.map_err(|problem| match problem {
+                            broadcast::error::RecvError::Lagged(n) => {
+                                broadcast::error::TryRecvError::Lagged(n)
+                            }
+                            broadcast::error::RecvError::Closed => {
+                                broadcast::error::TryRecvError::Closed
+                            }
+                        });
+                        let open = absorb(event, &mut last_arrival_ns, &mut arrivals);
+                        if open && !decides_on_events {
+                            // Counted; nothing to decide until a crossing or the clock.
+                            continue;
+                        }
+                    }
+                    _ = shutdown.changed() => {}
+                    () = tokio::time::sleep_until(wake_at) => {}
                 }
-                event = port_watch.events.recv(), if wants_events => {
-                    let event = event.map_err(|problem| match problem {
-                        broadcast::error::RecvError::Lagged(n) => broadcast::error::TryRecvError::Lagged(n),
-                        broadcast::error::RecvError::Closed => broadcast::error::TryRecvError::Closed,
-                    });
-                    absorb(event, &mut last_arrival_ns);
-                }
-                _ = shutdown.changed() => {}
-                () = tokio::time::sleep_until(wake_at) => {}
+                break;
             }
         }
     }
@@ -871,6 +908,8 @@ mod tests {
                 idle: None,
                 busy: None,
                 peers: Vec::new(),
+                first_zero: None,
+                arrivals: 0,
             }
         );
     }

@@ -252,6 +252,49 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
+impl crate::drain::Closer for KernelMaps {
+    /// Closes connections through netlink `SOCK_DESTROY` (what `ss -K` does) in each
+    /// namespace of the scope; the peer gets a reset.
+    fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
+        let wanted: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)> =
+            targets
+                .iter()
+                .map(|peer| (peer.local, peer.remote))
+                .collect();
+        let mut closed = 0;
+        for (inode, path) in namespaces_of(filter)? {
+            let port = filter.port;
+            let wanted = wanted.clone();
+            let done = netns::run_in(&path, move || {
+                let sockets = sockdiag::query(&sockdiag::Query {
+                    local_port: port,
+                    states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
+                        | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
+                    with_info: false,
+                })?;
+                let mut closed = 0u64;
+                for socket in sockets {
+                    if wanted.contains(&(socket.local, socket.remote))
+                        && sockdiag::destroy(&socket).is_ok()
+                    {
+                        closed += 1;
+                    }
+                }
+                Ok(closed)
+            });
+            match done {
+                Ok(count) => closed += count,
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(problem) => {
+                    return Err(problem)
+                        .with_context(|| format!("cannot close in network namespace {inode}"));
+                }
+            }
+        }
+        Ok(closed)
+    }
+}
+
 /// The address of a key, as an `IpAddr`.
 pub fn key_addr(key: &ConnKey) -> IpAddr {
     if key.family == AF_INET {
