@@ -125,6 +125,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Arc::clone(&tracker),
         Some(maps as Arc<dyn Closer>),
         journal,
+        args.max_waiters,
     ));
     metrics.register_drains(Arc::clone(&drains))?;
     let address = listener.local_addr().context("listener address")?;

@@ -228,6 +228,16 @@ pub struct WaitArgs {
     #[arg(long, value_parser = parse_duration)]
     pub idle: Option<Duration>,
 
+    /// At the timeout, close the connections still open (idle ones first) instead of
+    /// leaving them: the drain ends then, and the peers get a reset. Never by default.
+    #[arg(long)]
+    pub close_at_timeout: bool,
+
+    /// With --close-at-timeout: close at most this many connections per second (0: all at
+    /// once; closing 10,000 WebSockets at once makes a reconnect storm).
+    #[arg(long, default_value_t = 0)]
+    pub pace: u32,
+
     /// Print a progress line to stderr this often (0: never).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub progress: Duration,

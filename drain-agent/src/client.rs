@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    advice::PortAdvice,
     api::{ConnectionsBody, DrainedBody, Endpoint, ErrorBody},
     cli::{StatusArgs, WaitArgs},
     duration::format_duration,
@@ -235,6 +236,12 @@ fn rule_query(args: &WaitArgs) -> String {
     if let Some(idle) = args.idle {
         query.push_str(&format!("&idle={}ms", idle.as_millis()));
     }
+    if args.close_at_timeout {
+        query.push_str("&on_timeout=close");
+        if args.pace > 0 {
+            query.push_str(&format!("&pace={}", args.pace));
+        }
+    }
     query
 }
 
@@ -349,11 +356,18 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             Ok(response) if response.status == 200 || response.status == 503 => {
                 match serde_json::from_str::<DrainedBody>(&response.body) {
                     Ok(body) if body.drained => {
-                        println!(
-                            "port {} drained (waited {} ms)",
-                            args.port,
-                            started.elapsed().as_millis()
-                        );
+                        match body.closed {
+                            Some(closed) => println!(
+                                "port {} drained at the deadline: the agent closed {closed} connection(s) (waited {} ms)",
+                                args.port,
+                                started.elapsed().as_millis()
+                            ),
+                            None => println!(
+                                "port {} drained (waited {} ms)",
+                                args.port,
+                                started.elapsed().as_millis()
+                            ),
+                        }
                         return ExitCode::from(EXIT_DRAINED);
                     }
                     Ok(body) => {
@@ -459,7 +473,49 @@ fn status_table(args: &StatusArgs) -> Result<String> {
     let body: ConnectionsBody = serde_json::from_str(&response.body)
         .context("the agent's answer is not the expected JSON")?;
     let endpoints: Vec<Endpoint> = body.endpoints.into_iter().map(|row| row.endpoint).collect();
-    Ok(render_table(&endpoints))
+    let mut out = render_table(&endpoints);
+    // Advice from history; an older agent without /advice just gets the table.
+    if let Ok(response) = get(&url, "/advice", Duration::from_secs(10))
+        && response.status == 200
+        && let Ok(advice) = serde_json::from_str::<Vec<PortAdvice>>(&response.body)
+        && !advice.is_empty()
+    {
+        out.push('\n');
+        out.push_str(&render_advice(&advice));
+    }
+    Ok(out)
+}
+
+/// `ms` as a short duration ("over 1h" for the overflow bucket).
+fn short_ms(ms: Option<u64>) -> String {
+    match ms {
+        None => "over 1h".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms"),
+        Some(ms) => format_duration(Duration::from_millis(ms)),
+    }
+}
+
+/// How long each port's connections last, and the timeout that covers them.
+fn render_advice(advice: &[PortAdvice]) -> String {
+    let mut out =
+        String::from("connection durations since the agent started (histogram bounds):\n");
+    for port in advice {
+        let pick = match (port.timeout_s, port.grace_period_s) {
+            (Some(timeout), Some(grace)) => {
+                format!("drain --timeout {timeout}s; terminationGracePeriodSeconds >= {grace}")
+            }
+            _ => "connections outlive any timeout: drain with --idle, or --close-at-timeout".into(),
+        };
+        out.push_str(&format!(
+            "  {}: {} closed; p50 <= {}, p99 <= {}, max <= {}: {pick}\n",
+            port.port,
+            port.connections,
+            short_ms(port.p50_ms),
+            short_ms(port.p99_ms),
+            short_ms(port.max_ms)
+        ));
+    }
+    out
 }
 
 fn render_table(rows: &[Endpoint]) -> String {

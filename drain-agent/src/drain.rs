@@ -144,6 +144,8 @@ pub struct Drains {
     journal: Option<Journal>,
     next_id: AtomicU64,
     running: Mutex<HashMap<Filter, Arc<Running>>>,
+    /// Drains in progress at most (`--max-waiters`).
+    max_running: usize,
     history: Mutex<VecDeque<DrainRecord>>,
     stats: Mutex<DrainStats>,
 }
@@ -167,6 +169,7 @@ impl Drains {
         tracker: Arc<Tracker>,
         closer: Option<Arc<dyn Closer>>,
         journal: Option<Journal>,
+        max_running: usize,
     ) -> Self {
         let past = journal
             .as_ref()
@@ -179,6 +182,7 @@ impl Drains {
             journal,
             next_id: AtomicU64::new(next_id),
             running: Mutex::new(HashMap::new()),
+            max_running,
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
         }
@@ -191,11 +195,14 @@ impl Drains {
     }
 
     /// Starts a drain of `spec.filter`, or returns the one in progress for that scope.
-    /// `true` when it was started now.
-    pub fn start(self: &Arc<Self>, spec: DrainSpec) -> (DrainRecord, bool) {
+    /// `true` when it was started now; `None` when as many drains as allowed run already.
+    pub fn start(self: &Arc<Self>, spec: DrainSpec) -> Option<(DrainRecord, bool)> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
-            return (lock(&existing.record).clone(), false);
+            return Some((lock(&existing.record).clone(), false));
+        }
+        if running.len() >= self.max_running {
+            return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let active_at_start = self.tracker.active(&spec.filter).unwrap_or(0);
@@ -233,7 +240,7 @@ impl Drains {
         );
         let registry = Arc::clone(self);
         tokio::spawn(async move { registry.run(spec, drain).await });
-        (record, true)
+        Some((record, true))
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
@@ -284,7 +291,7 @@ impl Drains {
         let mut cancel = drain.cancel.subscribe();
         let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            outcome = self.tracker.wait_until_drained(&spec.filter, spec.timeout, &spec.rule) => Some(outcome),
+            outcome = self.tracker.wait_for_drain(&spec.filter, spec.timeout, &spec.rule) => Some(outcome),
             _ = cancel.wait_for(|cancelled| *cancelled) => None,
         };
         let mut closed = 0;
@@ -410,7 +417,7 @@ mod tests {
         let source = Arc::new(FakeSource::default());
         source.set(vec![endpoint("127.0.0.1", 8080, active)]);
         let tracker = Arc::new(Tracker::new(source.clone(), 16));
-        let drains = Arc::new(Drains::new(Arc::clone(&tracker), None, None));
+        let drains = Arc::new(Drains::new(Arc::clone(&tracker), None, None, 4));
         (source, tracker, drains)
     }
 
@@ -428,9 +435,9 @@ mod tests {
     async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
         let (source, tracker, drains) = registry(2);
         assert!(!drains.draining(8080));
-        let (first, created) = drains.start(spec(Duration::from_secs(60)));
+        let (first, created) = drains.start(spec(Duration::from_secs(60))).expect("room");
         assert!(created);
-        let (again, created) = drains.start(spec(Duration::from_secs(60)));
+        let (again, created) = drains.start(spec(Duration::from_secs(60))).expect("room");
         assert!(!created);
         assert_eq!(first.id, again.id);
         assert_eq!(first.active_at_start, 2);
@@ -452,7 +459,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancel_and_timeout_are_recorded() {
         let (_, _, drains) = registry(1);
-        let (started, _) = drains.start(spec(Duration::from_secs(3600)));
+        let (started, _) = drains.start(spec(Duration::from_secs(3600))).expect("room");
         let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
         assert_eq!(
             (record.id, record.result),
@@ -460,7 +467,7 @@ mod tests {
         );
         assert!(!drains.draining(8080));
         assert!(drains.cancel(&Filter::port(8080)).await.is_none());
-        drains.start(spec(Duration::from_secs(2)));
+        drains.start(spec(Duration::from_secs(2))).expect("room");
         let record = drains
             .wait_ended(&Filter::port(8080), Duration::from_secs(10))
             .await

@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/drain", post(start_drain).delete(cancel_drain))
         .route("/drains", get(list_drains))
         .route("/health", get(health))
+        .route("/advice", get(advice))
         .route("/healthz", get(healthz))
         .route("/connections", get(connections))
         .route("/metrics", get(metrics))
@@ -71,7 +72,15 @@ async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) 
     // A waiter with a timeout joins the drain of its scope, starting one if none is in
     // progress: the load balancer is told (/health, agent-check) and the drain is recorded.
     // `timeout=0` stays a pure query.
-    let drain = (!request.timeout.is_zero()).then(|| state.drains.start(request.spec()).0.id);
+    // At the drain limit the waiter still waits, unrecorded: a stop hook must not fail.
+    let drain = if request.timeout.is_zero() {
+        None
+    } else {
+        state
+            .drains
+            .start(request.spec())
+            .map(|(record, _)| record.id)
+    };
     // A client that hangs up drops this future: the guard still records the request.
     let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let outcome = state
@@ -153,7 +162,12 @@ async fn start_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
         return ApiError::BadRequest("timeout: a drain needs a timeout above 0".into())
             .into_response();
     }
-    let (record, created) = state.drains.start(request.spec());
+    let Some((record, created)) = state.drains.start(request.spec()) else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "as many drains as --max-waiters allows are in progress; retry later",
+        );
+    };
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -213,6 +227,24 @@ async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -
         StatusCode::OK
     };
     (status, Json(HealthBody { port, draining })).into_response()
+}
+
+/// `GET /advice`: per port, how long connections last and the drain timeout to pick.
+async fn advice(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    if let Err(problem) = parse_query(query.as_deref(), &[]) {
+        return problem.into_response();
+    }
+    match state.tracker.durations() {
+        Ok(histograms) => {
+            let mut advice = crate::advice::advise(&histograms);
+            advice.retain(|port| state.metrics.exports_port(port.port));
+            (StatusCode::OK, Json(advice)).into_response()
+        }
+        Err(problem) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the duration histograms: {problem:#}"),
+        ),
+    }
 }
 
 /// `settle` is deprecated: warn once per agent run, not per request.
@@ -361,7 +393,7 @@ mod tests {
         let tracker = Arc::new(Tracker::new(source.clone(), 8));
         let metrics =
             Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
-        let drains = Arc::new(Drains::new(tracker.clone(), None, None));
+        let drains = Arc::new(Drains::new(tracker.clone(), None, None, 8));
         metrics
             .register_drains(drains.clone())
             .expect("drain metrics");

@@ -1,6 +1,7 @@
 //! drain-agent: counts inbound TCP connections per local port from the kernel and answers
 //! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
 
+pub mod advice;
 pub mod agent;
 pub mod api;
 pub mod cli;

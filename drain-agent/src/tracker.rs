@@ -531,6 +531,27 @@ impl Tracker {
         if before >= self.max_waiters {
             return Err(WaitError::TooManyWaiters(self.max_waiters));
         }
+        self.wait(filter, timeout, rule).await
+    }
+
+    /// [`Tracker::wait_until_drained`] for the agent's own drains: not a request, so not
+    /// counted in `drain_waiters` nor limited by `--max-waiters` (drains are limited by
+    /// their own registry).
+    pub async fn wait_for_drain(
+        &self,
+        filter: &Filter,
+        timeout: Duration,
+        rule: &DrainRule,
+    ) -> Result<DrainOutcome, WaitError> {
+        self.wait(filter, timeout, rule).await
+    }
+
+    async fn wait(
+        &self,
+        filter: &Filter,
+        timeout: Duration,
+        rule: &DrainRule,
+    ) -> Result<DrainOutcome, WaitError> {
         let started = Instant::now();
         let deadline = started + timeout;
         // Watch before the first read: a change after the read is then announced. The

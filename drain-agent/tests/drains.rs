@@ -1,0 +1,240 @@
+//! The whole drain against the real agent: the `/health` gate, the deadline enforced by
+//! closing what is left (and not without asking), and one correct record per drain in
+//! `/drains` and in the journal, also across an agent restart.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Server, kernel_available};
+
+fn post(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
+    request(agent, "POST", path)
+}
+
+/// A request with a method `drain_agent::client::get` does not send: curl (a Debian package
+/// the tests already install).
+fn request(agent: &Agent, method: &str, path: &str) -> (u16, serde_json::Value) {
+    let output = Command::new("curl")
+        .args(["-sS", "-X", method, "-w", "\n%{http_code}"])
+        .arg(format!("{}{path}", agent.url))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("status"),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn the_health_gate_follows_the_drain_within_milliseconds() {
+    if !kernel_available("the_health_gate_follows_the_drain_within_milliseconds") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    server.wait_accepted(1);
+    assert_eq!(agent.get_json(&format!("/health?port={port}")).0, 200);
+    let (status, record) = post(&agent, &format!("/drain?port={port}&timeout=5m"));
+    let started = Instant::now();
+    assert_eq!(status, 201, "{record}");
+    let (status, body) = agent.get_json(&format!("/health?port={port}"));
+    let flipped = started.elapsed();
+    assert_eq!((status, &body["draining"]), (503, &serde_json::json!(true)));
+    assert!(flipped < Duration::from_millis(200), "{flipped:?}");
+    let (status, again) = post(&agent, &format!("/drain?port={port}&timeout=5m"));
+    assert_eq!((status, &again["id"]), (200, &record["id"]), "idempotent");
+    let (status, cancelled) = request(&agent, "DELETE", &format!("/drain?port={port}"));
+    let cancelled_at = Instant::now();
+    assert_eq!(
+        (status, &cancelled["result"]),
+        (200, &serde_json::json!("cancelled"))
+    );
+    assert_eq!(agent.get_json(&format!("/health?port={port}")).0, 200);
+    println!(
+        "/health: 503 {flipped:?} after the drain started, 200 {:?} after it was cancelled",
+        cancelled_at.elapsed()
+    );
+}
+
+fn wait_output(agent: &Agent, args: &[&str]) -> std::process::Output {
+    Command::new(common::agent_binary())
+        .arg("wait")
+        .args(args)
+        .env("DRAIN_AGENT_URL", &agent.url)
+        .output()
+        .expect("wait")
+}
+
+#[test]
+fn the_deadline_closes_what_is_left_only_when_asked() {
+    if !kernel_available("the_deadline_closes_what_is_left_only_when_asked") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port.to_string();
+    let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    server.wait_accepted(1);
+
+    // Without the deadline action: 503 / exit 1, nothing closed.
+    let output = wait_output(&agent, &["--port", &port, "--timeout", "1500ms"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut byte = [0u8; 1];
+    let still_open = matches!(client.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut);
+    assert!(still_open, "nothing is closed without --close-at-timeout");
+
+    // With it: the drain ends at the timeout, the client sees a reset, the stop proceeds.
+    let started = Instant::now();
+    let output = wait_output(
+        &agent,
+        &["--port", &port, "--timeout", "1500ms", "--close-at-timeout"],
+    );
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(stdout.contains("closed 1 connection"), "{stdout}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let reset = client.read(&mut byte);
+    assert!(
+        matches!(&reset, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client sees a reset: {reset:?}"
+    );
+    agent.expect_active(server.port, 0);
+    let (_, drains) = agent.get_json("/drains");
+    let recent = drains["recent"].as_array().expect("recent");
+    assert_eq!(recent.len(), 2, "{drains}");
+    assert_eq!(recent[0]["result"], "closed_at_deadline");
+    assert_eq!(recent[0]["closed_by_agent"], 1);
+    assert_eq!(recent[0]["active_at_start"], 1);
+    assert_eq!(recent[1]["result"], "timeout");
+    assert_eq!(recent[1]["closed_by_agent"], 0);
+    println!("closed at the deadline after {took:?}: {stdout}");
+}
+
+#[test]
+fn every_drain_is_on_record_also_across_a_restart() {
+    if !kernel_available("every_drain_is_on_record_also_across_a_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = dir.path().join("drains.jsonl");
+    let journal_arg = journal.to_str().expect("path").to_owned();
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let (record_id, agent_port) = {
+        let agent = Agent::start(&["--journal", &journal_arg]);
+        let first = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let second = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        server.wait_accepted(2);
+        agent.expect_active(port, 2);
+        let waiter = {
+            let url = agent.url.clone();
+            std::thread::spawn(move || {
+                let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+                drain_agent::client::get(
+                    &url,
+                    &format!("/drained?port={port}&timeout=20s&quiet=300ms"),
+                    Duration::from_secs(30),
+                )
+                .expect("answer")
+            })
+        };
+        agent.wait_for_waiters(1);
+        // One late arrival while draining, then everything closes.
+        let late = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        server.wait_accepted(3);
+        drop((first, second, late));
+        server.close_all();
+        let answer = waiter.join().expect("waiter");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let body: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+        let (_, drains) = agent.get_json("/drains");
+        let record = drains["recent"][0].clone();
+        assert_eq!(record["id"], body["drain"], "{drains}");
+        assert_eq!(record["result"], "drained");
+        assert_eq!(record["active_at_start"], 2);
+        assert_eq!(record["late_arrivals"], 1);
+        assert!(record["first_zero_after_ms"].is_u64(), "{record}");
+        let metrics = agent.try_get("/metrics").expect("metrics").1;
+        assert!(
+            metrics.contains("drain_agent_drains_total{result=\"drained\"} 1"),
+            "{metrics}"
+        );
+        (record["id"].as_u64().expect("id"), agent.port)
+    };
+    // The journal holds exactly that record, one JSON object per line.
+    let text = std::fs::read_to_string(&journal).expect("journal");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert_eq!(lines[0]["id"], record_id);
+    // A new agent reads it back, and numbers its next drain after it.
+    let agent = Agent::start(&["--journal", &journal_arg]);
+    assert_ne!(agent.port, 0);
+    let _ = agent_port;
+    let (_, drains) = agent.get_json("/drains");
+    assert_eq!(drains["recent"][0]["id"], record_id, "{drains}");
+    let (status, next) = post(&agent, &format!("/drain?port={port}&timeout=1s"));
+    assert_eq!(status, 201);
+    assert!(next["id"].as_u64().expect("id") > record_id);
+}
+
+#[test]
+fn status_advises_a_timeout_from_history() {
+    if !kernel_available("status_advises_a_timeout_from_history") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    for _ in 0..5 {
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        server.wait_accepted(1);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(client);
+        server.close_all();
+    }
+    common::wait_until("closes counted", Duration::from_secs(5), || {
+        agent.get_json("/advice").1.as_array().is_some_and(|ports| {
+            ports
+                .iter()
+                .any(|p| p["port"] == port && p["connections"] == 5)
+        })
+    });
+    let output = Command::new(common::agent_binary())
+        .arg("status")
+        .env("DRAIN_AGENT_URL", &agent.url)
+        .output()
+        .expect("status");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains(&format!("{port}: 5 closed"))
+            && stdout.contains("drain --timeout 5s; terminationGracePeriodSeconds >= 20"),
+        "{stdout}"
+    );
+    println!("{stdout}");
+}
