@@ -13,7 +13,7 @@ use crate::{
     journal::Journal,
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
-    repair::repair_missed_changes,
+    repair::{repair_missed_changes, watch_skipped_runs},
     tracker::Tracker,
 };
 
@@ -114,6 +114,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
+    let skip_task = tokio::spawn(watch_skipped_runs(
+        Arc::clone(&kernel_maps),
+        Arc::clone(&tracker),
+    ));
     let repair_task = tokio::spawn(repair_missed_changes(
         Arc::clone(&kernel),
         Arc::clone(&tracker),
@@ -171,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .await;
     event_task.abort();
     repair_task.abort();
+    skip_task.abort();
     // A repair in progress holds the lock; taking it waits for that walk to end.
     drop(
         kernel

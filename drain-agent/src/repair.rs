@@ -10,9 +10,30 @@ use log::{info, warn};
 
 use crate::{
     doubt::Doubt,
-    kernel::{Kernel, RECLAIM_IDLE, RepairReport},
+    kernel::{Kernel, KernelMaps, RECLAIM_IDLE, RepairReport},
     tracker::Tracker,
 };
+
+/// How often the handler's skipped runs are read: each may be a missed close that leaves a
+/// waiter's count too high, and waiters woken by it look at the socket tables at once.
+const SKIP_WATCH: Duration = Duration::from_millis(100);
+
+/// Wakes every waiter when the kernel skipped the handler (a cheap read of
+/// `recursion_misses`, apart from the walks, which take the kernel lock).
+pub async fn watch_skipped_runs(maps: Arc<KernelMaps>, tracker: Arc<Tracker>) {
+    let mut tick = tokio::time::interval(SKIP_WATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seen = maps.handler_skipped_runs().unwrap_or(0);
+    loop {
+        tick.tick().await;
+        if let Ok(now) = maps.handler_skipped_runs()
+            && now > seen
+        {
+            seen = now;
+            tracker.notify_all();
+        }
+    }
+}
 
 /// The shortest time between two repair walks started by skipped handler runs.
 const REPAIR_GAP: Duration = Duration::from_secs(5);
