@@ -2,6 +2,7 @@
 //! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
 
 pub mod agent;
+pub mod agentcheck;
 pub mod api;
 pub mod cli;
 pub mod client;
