@@ -177,7 +177,10 @@ fn haproxy_follows_the_gate_through_agent_checks() {
     // Flip the gate a few times; each flip shows in HAProxy within a couple of agent-inters.
     let mut to_drain = Vec::new();
     let mut to_ready = Vec::new();
-    for _ in 0..5 {
+    // Each flip at another point of the 200 ms check cycle (a flip right after a state change
+    // would always wait a whole agent-inter).
+    for offset in [0, 40, 80, 120, 160] {
+        std::thread::sleep(Duration::from_millis(offset));
         gate.draining.store(true, Ordering::SeqCst);
         to_drain.push(time_until_status(&haproxy, "app", "DRAIN", limit));
         if to_drain.len() == 1 {
@@ -187,6 +190,7 @@ fn haproxy_follows_the_gate_through_agent_checks() {
                 stat["status"], stat["weight"], stat["agent_desc"]
             );
         }
+        std::thread::sleep(Duration::from_millis(200 - offset));
         gate.draining.store(false, Ordering::SeqCst);
         to_ready.push(time_until_status(&haproxy, "app", SERVING, limit));
     }
