@@ -3,6 +3,7 @@
 
 pub mod advice;
 pub mod agent;
+pub mod agentcheck;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -22,52 +22,10 @@ use common::{Agent, kernel_available};
 /// A client connection from `source` (a loopback address) to `port`, and the accepted end.
 fn connect_from(source: &str, listener: &TcpListener) -> (TcpStream, TcpStream) {
     let port = listener.local_addr().expect("addr").port();
-    let socket = socket2_connect(source, port);
+    let target = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    let socket = common::connect_from(source.parse().expect("ip"), target).expect("connect");
     let (accepted, _) = listener.accept().expect("accept");
     (socket, accepted)
-}
-
-/// Connects to 127.0.0.1:`port` from the loopback address `source` (bind, then connect).
-fn socket2_connect(source: &str, port: u16) -> TcpStream {
-    // SAFETY: plain socket calls on a descriptor we own and hand to TcpStream.
-    unsafe {
-        use std::os::fd::FromRawFd as _;
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket");
-        let stream = TcpStream::from_raw_fd(fd);
-        let bind = sockaddr(source.parse().expect("ip"), 0);
-        assert_eq!(
-            libc::bind(
-                fd,
-                (&raw const bind).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-            ),
-            0,
-            "bind {source}"
-        );
-        let peer = sockaddr("127.0.0.1".parse().expect("ip"), port);
-        assert_eq!(
-            libc::connect(
-                fd,
-                (&raw const peer).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
-            ),
-            0,
-            "connect"
-        );
-        stream
-    }
-}
-
-fn sockaddr(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(ip.octets()),
-        },
-        sin_zero: [0; 8],
-    }
 }
 
 fn drained(agent: &Agent, query: &str) -> (u16, serde_json::Value, Duration) {

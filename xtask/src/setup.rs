@@ -17,6 +17,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("curl", "curl"),
     ("nginx", "nginx"),
+    ("haproxy", "haproxy"),
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),
 ];

@@ -287,6 +287,46 @@ impl Server {
     }
 }
 
+/// A TCP connection to `target` from the local address `source` (bound before connecting):
+/// traffic that comes from another address of this host, e.g. a node's probes (127.0.0.2).
+pub fn connect_from(
+    source: std::net::Ipv4Addr,
+    target: std::net::SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    fn sockaddr(address: std::net::SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: address.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(address.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket has no preconditions; the descriptor is checked, then owned by `stream`.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let local = sockaddr(std::net::SocketAddrV4::new(source, 0));
+    // SAFETY: bind on our open socket, with a sockaddr_in of the length given.
+    if unsafe { libc::bind(fd, (&raw const local).cast(), length) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let peer = sockaddr(target);
+    // SAFETY: connect on our open socket, with a sockaddr_in of the length given.
+    if unsafe { libc::connect(fd, (&raw const peer).cast(), length) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// Established connections with local port `port`, counted by `ss` (ground truth).
 pub fn ss_count(port: u16, netns: Option<&str>) -> u64 {
     let filter = format!("( sport = :{port} )");

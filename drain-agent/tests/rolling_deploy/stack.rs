@@ -223,7 +223,7 @@ impl Stack {
     }
 }
 
-fn field(line: &str, name: &str) -> u64 {
+pub fn field(line: &str, name: &str) -> u64 {
     line.split_whitespace()
         .find_map(|word| word.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))

@@ -1,0 +1,598 @@
+//! HAProxy's agent-check protocol: a small TCP listener that tells HAProxy to stop sending
+//! new connections to a server whose port is draining, and to send them again when it is not.
+//!
+//! The protocol (HAProxy configuration manual, server keywords `agent-check`, `agent-send`,
+//! `agent-port`, `agent-inter`): every `agent-inter` HAProxy connects to `agent-port`, writes
+//! the `agent-send` string verbatim (if set), and reads one ASCII line ended by the first `\r`
+//! or `\n`. The line is made of words separated by spaces, tabs or commas; HAProxy acts on
+//! the words it knows — `ready`, `drain`, `maint` (administrative state), `up`, `down`,
+//! `fail`, `stopped` (operational state), `N%` (weight), `maxconn:N` — changes nothing it is
+//! not told, and reports the first word it does not know as `agent reports an error : WORD`
+//! (`show stat`, column `last_agt`) without changing any state. An incomplete line (no
+//! `\r`/`\n` before the close) is ignored too. A connection the agent refuses or closes is
+//! not an error to HAProxy either (a warning in its log).
+//!
+//! What this listener answers, to a request line that names a port (`agent-send "8080\n"`):
+//!
+//! | request | answer | effect in HAProxy |
+//! |---|---|---|
+//! | a port that is draining | `drain\n` | the server leaves the load-balancing farm (DRAIN) |
+//! | a port that is not draining | `ready\n` | the server's DRAIN or MAINT state is cancelled |
+//! | anything else | `invalid-request\n` | nothing (logged as "agent reports an error") |
+//!
+//! A request is one line, `\r` or `\n` ended (or ended by the connection's end of input):
+//! optional blanks, a decimal port `1..=65535` (digits only), optional blanks. Why a bad
+//! request answers neither `ready` nor `drain`: `drain` would take a server out because of
+//! a typo in `agent-send`, and `ready` would put back a server that something else (this
+//! agent before a restart, or an operator) set to DRAIN or MAINT — HAProxy keeps one forced
+//! DRAIN and one forced MAINT flag per server, shared by the agent and the runtime API
+//! (`set server … state`), and `ready` clears both. An unknown word is the one answer that
+//! changes nothing and still shows in HAProxy's stats (`last_agt`).
+//!
+//! The same sharing is why `ready` for a port that is not draining is a choice with a
+//! consequence: with `agent-check` on a server line, this agent owns that server's
+//! administrative state, and a `set server … state maint` (or `drain`) through the runtime
+//! API is undone at the next check (within `agent-inter`; HAProxy 2.6 even shows a runtime-API
+//! DRAIN as `DRAIN (agent)`). Take such servers out with `disable agent` first, or let the
+//! drain registry say `drain`. Only an agent's `ready` can undo its `drain` (HAProxy's manual
+//! says so), so answering nothing when not draining would leave drained servers out forever.
+//! `tests/agent_check.rs` shows each of these against a real HAProxy.
+//!
+//! Bounds: at most [`Limits::max_connections`] connections at once (more are closed at once,
+//! unanswered: no change in HAProxy); the request must arrive within
+//! [`Limits::read_timeout`] (counted once for the whole request, not per read) and fit in
+//! [`MAX_REQUEST`] bytes; the answer must be written within [`Limits::write_timeout`]. A request
+//! that is not `\n`-ended is answered when the read timeout ends it, which is later than
+//! HAProxy's check timeout (`agent-inter` when `timeout check` is not set) when that is short:
+//! put the `\n` in `agent-send`. Once `shutdown` resolves the listener closes; connections in
+//! progress get their (bounded) time to finish, then `serve` returns.
+
+use std::{
+    future::Future,
+    io,
+    net::{Shutdown, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use log::{debug, warn};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+    time::Instant,
+};
+
+/// Which ports are draining now (implemented by the agent's drain registry).
+pub trait PortGate: Send + Sync + 'static {
+    fn draining(&self, port: u16) -> bool;
+}
+
+/// The longest request line read, line end included; a longer one is invalid.
+pub const MAX_REQUEST: usize = 64;
+
+/// After the answer, how long unread input is drained before the socket is closed (closing
+/// with unread input would send a reset, which could reach HAProxy before the answer is read).
+const LINGER: Duration = Duration::from_millis(500);
+
+/// How long to pause accepting after an accept error that is not about one connection
+/// (EMFILE, ENFILE, ENOBUFS…): retrying at once would spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the listener allows its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; more are closed unanswered.
+    pub max_connections: usize,
+    /// The whole request must arrive within this long after the connection is accepted.
+    pub read_timeout: Duration,
+    /// The answer must be written within this long.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            read_timeout: Duration::from_millis(500),
+            write_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The port is not draining: `ready` (cancels DRAIN and MAINT).
+    Ready,
+    /// The port is draining: `drain`.
+    Drain,
+    /// The request named no valid port: a word HAProxy does not know (changes nothing).
+    Invalid,
+}
+
+impl Reply {
+    /// The line sent to HAProxy.
+    pub fn line(self) -> &'static [u8] {
+        match self {
+            Self::Ready => b"ready\n",
+            Self::Drain => b"drain\n",
+            Self::Invalid => b"invalid-request\n",
+        }
+    }
+}
+
+/// The port a request names: the bytes before the first `\r` or `\n` (all of them if there
+/// is none), blanks around, then 1 to 5 ASCII digits making `1..=65535`.
+pub fn parse_request(request: &[u8]) -> Option<u16> {
+    let line = request
+        .split(|byte| *byte == b'\r' || *byte == b'\n')
+        .next()
+        .unwrap_or_default();
+    let line = line.trim_ascii();
+    if line.is_empty() || line.len() > 5 || !line.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let port: u16 = std::str::from_utf8(line).ok()?.parse().ok()?;
+    (port != 0).then_some(port)
+}
+
+/// The answer to `request` (the bytes received) with `gate`.
+pub fn reply_for(request: &[u8], gate: &dyn PortGate) -> Reply {
+    match parse_request(request) {
+        Some(port) if gate.draining(port) => Reply::Drain,
+        Some(_) => Reply::Ready,
+        None => Reply::Invalid,
+    }
+}
+
+/// Serves the agent-check protocol on `listener` with the default [`Limits`] until `shutdown`
+/// resolves.
+pub async fn serve(
+    listener: TcpListener,
+    gate: Arc<dyn PortGate>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    serve_with(listener, gate, Limits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listener: TcpListener,
+    gate: Arc<dyn PortGate>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    ensure!(
+        limits.max_connections > 0,
+        "agent-check: max_connections must be at least 1"
+    );
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut tasks = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut accept_error_logged_at: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        while tasks.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(problem) if is_per_connection(&problem) => continue,
+            Err(problem) => {
+                if accept_error_logged_at.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    warn!(
+                        "agent-check: cannot accept connections: {problem} (pausing {ACCEPT_ERROR_PAUSE:?})"
+                    );
+                    accept_error_logged_at = Some(Instant::now());
+                }
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(
+                "agent-check: {peer}: closed unanswered, {} connections open",
+                limits.max_connections
+            );
+            drop(stream);
+            continue;
+        };
+        let gate = Arc::clone(&gate);
+        tasks.spawn(async move {
+            if let Err(problem) = answer(stream, peer, gate.as_ref(), limits).await {
+                debug!("agent-check: {peer}: {problem:#}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    // Every connection ends by itself within its timeouts and the linger; wait that long.
+    let bound = limits.read_timeout + limits.write_timeout + LINGER;
+    let finished =
+        tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+/// Accept errors about one connection only (it was reset before we took it): not a reason to
+/// pause.
+fn is_per_connection(problem: &io::Error) -> bool {
+    matches!(
+        problem.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// One connection: read the request, answer, close cleanly.
+async fn answer(
+    stream: TcpStream,
+    peer: SocketAddr,
+    gate: &dyn PortGate,
+    limits: Limits,
+) -> Result<()> {
+    let request = read_request(&stream, limits.read_timeout).await?;
+    let reply = reply_for(&request, gate);
+    if reply == Reply::Invalid {
+        debug!(
+            "agent-check: {peer}: invalid request {:?}, answered {:?}",
+            String::from_utf8_lossy(&request),
+            reply
+        );
+    }
+    tokio::time::timeout(limits.write_timeout, write_all(&stream, reply.line()))
+        .await
+        .context("answer not written in time")?
+        .context("write the answer")?;
+    close(stream).await
+}
+
+/// Reads until a line end, the end of input, [`MAX_REQUEST`] bytes or the deadline, and
+/// returns what arrived (possibly nothing: the answer is then `invalid-request`).
+async fn read_request(stream: &TcpStream, timeout: Duration) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut request = Vec::with_capacity(MAX_REQUEST);
+    let mut chunk = [0_u8; MAX_REQUEST];
+    while request.len() < MAX_REQUEST
+        && !request.iter().any(|byte| *byte == b'\n' || *byte == b'\r')
+    {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_elapsed) => break,
+            Ok(ready) => ready.context("wait for the request")?,
+        }
+        let room = MAX_REQUEST - request.len();
+        match stream.try_read(&mut chunk[..room]) {
+            Ok(0) => break,
+            Ok(read) => request.extend_from_slice(&chunk[..read]),
+            Err(problem) if problem.kind() == io::ErrorKind::WouldBlock => {}
+            Err(problem) => return Err(problem).context("read the request"),
+        }
+    }
+    Ok(request)
+}
+
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(problem) if problem.kind() == io::ErrorKind::WouldBlock => {}
+            Err(problem) => return Err(problem),
+        }
+    }
+    Ok(())
+}
+
+/// Sends our end of input (FIN), then reads and drops what the peer still sends until it
+/// closes or [`LINGER`] passes, so the close does not turn into a reset.
+async fn close(stream: TcpStream) -> Result<()> {
+    let stream = stream.into_std().context("take the socket")?;
+    stream
+        .shutdown(Shutdown::Write)
+        .context("shut down the write side")?;
+    let stream = TcpStream::from_std(stream).context("give the socket back")?;
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0_u8; 512];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Err(_elapsed) => return Ok(()),
+            Ok(ready) => ready.context("wait for the peer's close")?,
+        }
+        match stream.try_read(&mut sink) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(problem) if problem.kind() == io::ErrorKind::WouldBlock => {}
+            // A reset after our answer: nothing left to do.
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+mod tests {
+    use std::{
+        collections::HashSet,
+        io::{Read as _, Write as _},
+        sync::Mutex,
+    };
+
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// A gate whose draining ports the test sets.
+    #[derive(Default)]
+    struct FakeGate(Mutex<HashSet<u16>>);
+
+    impl FakeGate {
+        fn set(&self, port: u16, draining: bool) {
+            let mut ports = self.0.lock().unwrap();
+            if draining {
+                ports.insert(port);
+            } else {
+                ports.remove(&port);
+            }
+        }
+    }
+
+    impl PortGate for FakeGate {
+        fn draining(&self, port: u16) -> bool {
+            self.0.lock().unwrap().contains(&port)
+        }
+    }
+
+    #[test]
+    fn requests_name_a_port_or_are_invalid() {
+        for (request, port) in [
+            (&b"8080\n"[..], Some(8080)),
+            (b"8080\r\n", Some(8080)),
+            (b"8080", Some(8080)),
+            (b"  443\t\n", Some(443)),
+            (b"1\n", Some(1)),
+            (b"65535\n", Some(65535)),
+            (b"8080\nmore", Some(8080)),
+            (b"", None),
+            (b"\n", None),
+            (b"0\n", None),
+            (b"00000\n", None),
+            (b"65536\n", None),
+            (b"99999\n", None),
+            (b"123456\n", None),
+            (b"+8080\n", None),
+            (b"-1\n", None),
+            (b"8080 8081\n", None),
+            (b"port=8080\n", None),
+            (b"be/s1\n", None),
+            (b"80\x0080\n", None),
+            (b"\xff\xfe\n", None),
+        ] {
+            assert_eq!(
+                parse_request(request),
+                port,
+                "{:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
+    }
+
+    #[test]
+    fn answers_follow_the_gate_and_bad_requests_change_nothing() {
+        let gate = FakeGate::default();
+        assert_eq!(reply_for(b"8080\n", &gate), Reply::Ready);
+        gate.set(8080, true);
+        assert_eq!(reply_for(b"8080\n", &gate), Reply::Drain);
+        assert_eq!(reply_for(b"8081\n", &gate), Reply::Ready);
+        assert_eq!(reply_for(b"nonsense\n", &gate), Reply::Invalid);
+        gate.set(8080, false);
+        assert_eq!(reply_for(b"8080\n", &gate), Reply::Ready);
+
+        // The invalid answer is one word HAProxy does not know: not one it acts on
+        // (up, down, fail, stopped, ready, drain, maint, N%, maxconn:N), and no separator
+        // (space, tab, comma) that would make it several words.
+        let line = std::str::from_utf8(Reply::Invalid.line()).unwrap();
+        let word = line.strip_suffix('\n').unwrap();
+        assert!(!word.contains([' ', '\t', ',', '\r', '\n', '#']));
+        let known = ["up", "down", "fail", "stopped", "ready", "drain", "maint"];
+        assert!(!known.iter().any(|k| word.eq_ignore_ascii_case(k)));
+        assert!(!word.starts_with(|c: char| c.is_ascii_digit()));
+        assert!(!word.to_ascii_lowercase().starts_with("maxconn:"));
+        for reply in [Reply::Ready, Reply::Drain, Reply::Invalid] {
+            assert!(reply.line().ends_with(b"\n") && reply.line().is_ascii());
+        }
+    }
+
+    struct Running {
+        address: SocketAddr,
+        stop: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    async fn start(gate: Arc<FakeGate>, limits: Limits) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_with(listener, gate, limits, async {
+            let _ = stopped.await;
+        }));
+        Running {
+            address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    impl Running {
+        async fn stop(mut self) -> Duration {
+            let started = std::time::Instant::now();
+            let _ = self.stop.take().unwrap().send(());
+            self.task.await.unwrap().unwrap();
+            started.elapsed()
+        }
+    }
+
+    /// One exchange from a blocking client (on a blocking thread): what came back, whole.
+    async fn exchange(address: SocketAddr, request: &'static [u8], close_write: bool) -> Vec<u8> {
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream.write_all(request).unwrap();
+            if close_write {
+                stream.shutdown(Shutdown::Write).unwrap();
+            }
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).unwrap();
+            answer
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_the_gate_over_tcp() {
+        let gate = Arc::new(FakeGate::default());
+        let running = start(Arc::clone(&gate), Limits::default()).await;
+        let address = running.address;
+        assert_eq!(exchange(address, b"8080\n", false).await, b"ready\n");
+        gate.set(8080, true);
+        assert_eq!(exchange(address, b"8080\n", false).await, b"drain\n");
+        assert_eq!(exchange(address, b"8080\r\n", false).await, b"drain\n");
+        assert_eq!(exchange(address, b"9090\n", false).await, b"ready\n");
+        // No line end, but the end of input: answered at once.
+        assert_eq!(exchange(address, b"8080", true).await, b"drain\n");
+        assert_eq!(
+            exchange(address, b"what\n", false).await,
+            b"invalid-request\n"
+        );
+        assert_eq!(exchange(address, b"", true).await, b"invalid-request\n");
+        // Longer than MAX_REQUEST with no line end: invalid, answered without waiting.
+        let long: &'static [u8] = &[b'1'; MAX_REQUEST * 2];
+        let started = std::time::Instant::now();
+        assert_eq!(exchange(address, long, false).await, b"invalid-request\n");
+        assert!(started.elapsed() < Duration::from_millis(400));
+        gate.set(8080, false);
+        assert_eq!(exchange(address, b"8080\n", false).await, b"ready\n");
+        assert!(running.stop().await < Duration::from_secs(1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_client_is_answered_invalid_after_the_read_timeout() {
+        let limits = Limits {
+            read_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let running = start(Arc::new(FakeGate::default()), limits).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            exchange(running.address, b"", false).await,
+            b"invalid-request\n"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // A request without a line end that never ends: answered from what arrived.
+        assert_eq!(exchange(running.address, b"8080", false).await, b"ready\n");
+        running.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_cap_are_closed_unanswered() {
+        let limits = Limits {
+            max_connections: 1,
+            read_timeout: Duration::from_secs(3),
+            ..Limits::default()
+        };
+        let running = start(Arc::new(FakeGate::default()), limits).await;
+        let address = running.address;
+        // Holds the only slot: connected, silent.
+        let holder = tokio::task::spawn_blocking(move || {
+            let stream = std::net::TcpStream::connect(address).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            stream
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Over the cap: closed with no answer (a reset when our request was not read yet).
+        let refused = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(address).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = stream.write_all(b"8080\n");
+            let mut answer = Vec::new();
+            match stream.read_to_end(&mut answer) {
+                Ok(_) => answer,
+                Err(problem) => {
+                    assert_eq!(problem.kind(), std::io::ErrorKind::ConnectionReset);
+                    answer
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(refused, b"");
+        let holder = holder.await.unwrap();
+        // The holder's request, sent late, is still answered (its slot is its own).
+        tokio::task::spawn_blocking(move || {
+            let mut holder = holder;
+            holder.write_all(b"8080\n").unwrap();
+            let mut answer = Vec::new();
+            holder.read_to_end(&mut answer).unwrap();
+            assert_eq!(answer, b"ready\n");
+        })
+        .await
+        .unwrap();
+        // The slot is free again.
+        assert_eq!(exchange(address, b"8080\n", false).await, b"ready\n");
+        running.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_closes_the_listener_and_is_bounded() {
+        let limits = Limits {
+            read_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let running = start(Arc::new(FakeGate::default()), limits).await;
+        let address = running.address;
+        // A silent connection in progress when shutdown begins.
+        let silent = std::net::TcpStream::connect(address).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let took = running.stop().await;
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert!(std::net::TcpStream::connect(address).is_err());
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn zero_connections_is_a_configuration_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let limits = Limits {
+            max_connections: 0,
+            ..Limits::default()
+        };
+        let result = serve_with(listener, Arc::new(FakeGate::default()), limits, async {}).await;
+        assert!(result.is_err());
+    }
+}
