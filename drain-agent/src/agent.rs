@@ -144,6 +144,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.max_waiters,
     ));
     metrics.register_drains(Arc::clone(&drains))?;
+    // HAProxy's agent-check: bound before serving, so a conflict fails the start.
+    let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);
+    let agent_check_task = match args.agent_check_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (--agent-check-listen)"))?;
+            info!("agent-check on {address}");
+            let gate = Arc::clone(&drains) as Arc<dyn crate::agentcheck::PortGate>;
+            let mut stopped = agent_check_stopped;
+            Some(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                if let Err(problem) = crate::agentcheck::serve(listener, gate, stop).await {
+                    warn!("the agent-check listener failed: {problem:#}");
+                }
+            }))
+        }
+        None => None,
+    };
     let address = listener.local_addr().context("listener address")?;
     let state = Arc::new(AppState {
         tracker: Arc::clone(&tracker),
@@ -173,6 +194,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drains
         .wait_all_ended(std::time::Duration::from_secs(2))
         .await;
+    agent_check_stop.send_replace(true);
+    if let Some(task) = agent_check_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     event_task.abort();
     repair_task.abort();
     skip_task.abort();

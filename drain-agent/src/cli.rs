@@ -176,6 +176,11 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_NO_SEED")]
     pub no_seed: bool,
 
+    /// Serve HAProxy's agent-check protocol on this address: `drain` for a port being
+    /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).
+    #[arg(long, env = "DRAIN_AGENT_AGENT_CHECK_LISTEN")]
+    pub agent_check_listen: Option<SocketAddr>,
+
     /// Append a record of every ended drain to this file (JSON lines), and read the last
     /// ones back at start so `/drains` survives restarts.
     #[arg(long, env = "DRAIN_AGENT_JOURNAL")]

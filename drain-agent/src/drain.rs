@@ -112,6 +112,12 @@ pub trait Closer: Send + Sync + 'static {
     fn close(&self, filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64>;
 }
 
+impl crate::agentcheck::PortGate for Drains {
+    fn draining(&self, port: u16) -> bool {
+        Drains::draining(self, port)
+    }
+}
+
 /// A drain in progress.
 struct Running {
     record: Mutex<DrainRecord>,

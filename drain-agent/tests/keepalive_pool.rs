@@ -54,12 +54,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::child::Guard;
+use common::wait_until;
 use common::{Agent, free_port, kernel_available};
 use haproxy::{Haproxy, ServerLine};
 use load::{Kind, Load, LoadConfig, Outcome, Record};
 use probe::{Probe, ProbeRecord};
-use processes::Group;
-use stack::{http_get, wait_until};
+use stack::http_get;
 
 /// The node's address, where the probes come from.
 const NODE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -106,7 +107,7 @@ impl Arm {
 struct Backend {
     port: u16,
     log: PathBuf,
-    process: Group,
+    process: Guard,
 }
 
 impl Backend {
@@ -114,7 +115,7 @@ impl Backend {
         let log = dir.join(format!("backend-{port}.log"));
         let out = File::create(&log).expect("backend log");
         let err = out.try_clone().expect("backend log");
-        let process = Group::spawn(
+        let process = Guard::spawn_group(
             "e2e-backend",
             Command::new(processes::backend_binary())
                 .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -122,15 +123,15 @@ impl Backend {
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err),
-            None,
-        );
+        )
+        .stop_signal(None);
         std::fs::write(
             dir.join("run").join(format!("backend-{port}.pid")),
             format!("{}\n", process.pid()),
         )
         .expect("backend pid file");
         let address = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_until(Duration::from_secs(10), "the backend", || {
+        wait_until("the backend", Duration::from_secs(10), || {
             http_get(address, "/health").is_some_and(|(status, _)| status == 200)
         });
         Self { port, log, process }
@@ -258,7 +259,7 @@ fn run_arm(arm: Arm, agent: &Agent) -> ArmResult {
         });
     let haproxy = Haproxy::start(dir, free_port(), &servers);
     let frontend = SocketAddr::from(([127, 0, 0, 1], haproxy.frontend_port));
-    wait_until(Duration::from_secs(10), "HAProxy answering", || {
+    wait_until("HAProxy answering", Duration::from_secs(10), || {
         http_get(frontend, "/fast?bytes=10").is_some_and(|(status, _)| status == 200)
     });
 

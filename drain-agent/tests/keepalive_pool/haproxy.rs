@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::processes::{self, Group};
+use crate::{common::child::Guard, processes};
 
 /// The HAProxy binary (Debian package `haproxy`, in `cargo xtask setup`).
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -43,7 +43,7 @@ pub struct ServerLine {
 pub struct Haproxy {
     pub frontend_port: u16,
     dir: PathBuf,
-    process: Option<Group>,
+    process: Option<Guard>,
 }
 
 /// The configuration: one HTTP frontend, one backend `be` that keeps idle keep-alive
@@ -115,7 +115,7 @@ impl Haproxy {
             String::from_utf8_lossy(&checked.stderr)
         );
         let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy.log");
-        let process = Group::spawn(
+        let process = Guard::spawn_group(
             "haproxy",
             Command::new(HAPROXY)
                 .arg("-db")
@@ -124,8 +124,8 @@ impl Haproxy {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("haproxy.log"))
                 .stderr(log),
-            Some(libc::SIGTERM),
-        );
+        )
+        .stop_signal(Some(libc::SIGTERM));
         std::fs::write(dir.join("haproxy.pid"), format!("{}\n", process.pid()))
             .expect("write haproxy.pid");
         let haproxy = Self {
