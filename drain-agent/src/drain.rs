@@ -106,10 +106,26 @@ pub struct DrainRecord {
     pub on_timeout: OnTimeout,
 }
 
-/// Closes connections of a scope (the kernel side implements it).
+/// What the drains need from the kernel side.
 pub trait Closer: Send + Sync + 'static {
     /// Closes `targets` (connections of `filter`); returns how many were closed.
     fn close(&self, filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64>;
+    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie: a new
+    /// cookie is a new instance of the service.
+    fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>>;
+}
+
+/// After a drain ends, its port stays out of rotation (the stop that follows is about to
+/// end the service) until a new instance listens on it, until `DELETE /drain`, or at most
+/// this long.
+pub const GATE_HOLD: Duration = Duration::from_secs(300);
+
+/// A port kept out of rotation after its drain.
+struct Held {
+    filter: Filter,
+    /// The listeners when the drain ended: any other one is a new instance.
+    listeners: std::collections::HashSet<u64>,
+    until: tokio::time::Instant,
 }
 
 impl crate::agentcheck::PortGate for Drains {
@@ -150,6 +166,8 @@ pub struct Drains {
     journal: Option<Journal>,
     next_id: AtomicU64,
     running: Mutex<HashMap<Filter, Arc<Running>>>,
+    /// Ports whose drain ended and that stay out of rotation (see [`GATE_HOLD`]).
+    held: Mutex<HashMap<u16, Held>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     history: Mutex<VecDeque<DrainRecord>>,
@@ -188,16 +206,40 @@ impl Drains {
             journal,
             next_id: AtomicU64::new(next_id),
             running: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             max_running,
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
         }
     }
 
-    /// Whether a drain of `port` (any scope on it) is in progress: what `/health?port=P`
-    /// and the agent-check answer.
+    /// Whether `port` is out of rotation: a drain of it (any scope) is in progress, or one
+    /// ended and no new instance listens yet. What `/health?port=P` and the agent-check
+    /// answer: a load balancer must not send to a service that drained and is stopping.
     pub fn draining(&self, port: u16) -> bool {
-        lock(&self.running).keys().any(|filter| filter.port == port)
+        if lock(&self.running).keys().any(|filter| filter.port == port) {
+            return true;
+        }
+        let mut held = lock(&self.held);
+        let Some(hold) = held.get(&port) else {
+            return false;
+        };
+        let reopen = tokio::time::Instant::now() >= hold.until
+            || self.closer.as_ref().is_some_and(|closer| {
+                closer
+                    .listeners(&hold.filter)
+                    .is_ok_and(|now| now.iter().any(|cookie| !hold.listeners.contains(cookie)))
+            });
+        if reopen {
+            held.remove(&port);
+            log::info!("port {port} back in rotation: a new instance listens");
+        }
+        !reopen
+    }
+
+    /// Puts `filter`'s port back in rotation at once (`DELETE /drain` after a drain ended).
+    pub fn release(&self, filter: &Filter) -> bool {
+        lock(&self.held).remove(&filter.port).is_some()
     }
 
     /// Starts a drain of `spec.filter`, or returns the one in progress for that scope.
@@ -252,6 +294,7 @@ impl Drains {
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
         let drain = lock(&self.running).get(filter).cloned()?;
+        self.release(filter);
         let mut finished = drain.finished.subscribe();
         drain.cancel.send_replace(true);
         // The drain ends at once on cancel; wait for its record.
@@ -350,7 +393,9 @@ impl Drains {
                 return 0;
             }
         };
-        // Idle ones first: closing them loses nothing in flight.
+        // Ignored sources (probes) never held the drain: leave them. Idle ones first:
+        // closing them loses nothing in flight.
+        peers.retain(|peer| !spec.rule.ignores(peer.remote.ip()));
         peers.sort_by_key(|peer| peer.busy);
         let batch = if spec.pace == 0 {
             peers.len().max(1)
@@ -375,6 +420,23 @@ impl Drains {
 
     /// Moves an ended drain to the history, the journal, the log and the metrics.
     fn finish(&self, filter: &Filter, record: DrainRecord) {
+        if record.result != Some(DrainEnd::Cancelled)
+            && record.result != Some(DrainEnd::AgentShutdown)
+        {
+            let listeners = self
+                .closer
+                .as_ref()
+                .and_then(|closer| closer.listeners(filter).ok())
+                .unwrap_or_default();
+            lock(&self.held).insert(
+                filter.port,
+                Held {
+                    filter: filter.clone(),
+                    listeners: listeners.into_iter().collect(),
+                    until: tokio::time::Instant::now() + GATE_HOLD,
+                },
+            );
+        }
         lock(&self.running).remove(filter);
         log::info!(
             "drain {} ended: result={} port={} waited_ms={} active_at_start={} late_arrivals={} left={} closed_by_agent={}",
@@ -455,6 +517,10 @@ mod tests {
             .await
             .expect("record");
         assert_eq!(record.result, Some(DrainEnd::Drained));
+        // Drained: the port stays out of rotation until a new instance listens (no kernel
+        // here to ask) or it is released.
+        assert!(drains.draining(8080));
+        assert!(drains.release(&Filter::port(8080)));
         assert!(!drains.draining(8080));
         let (running, ended) = drains.list();
         assert!(running.is_empty());

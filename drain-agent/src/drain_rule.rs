@@ -125,14 +125,19 @@ pub struct Peer {
     pub recv_queue: u32,
     /// Bytes not yet sent or not yet acknowledged by the peer.
     pub send_queue: u32,
+    /// Data arrived after the last data sent: a request the application has read and not
+    /// answered yet (it may be thinking, with both queues empty).
+    #[serde(default)]
+    pub awaiting_reply: bool,
     /// Busy or idle by the request's `idle` (or a 0 s bar when it has none).
     pub busy: bool,
 }
 
 impl Peer {
-    /// Nothing in flight either way.
+    /// Nothing in flight either way: both queues empty, and no request read and not yet
+    /// answered (for request/response protocols, a request being worked on moves no bytes).
     pub const fn nothing_in_flight(&self) -> bool {
-        self.recv_queue == 0 && self.send_queue == 0
+        self.recv_queue == 0 && self.send_queue == 0 && !self.awaiting_reply
     }
 
     /// Idle for the bar `idle`: nothing in flight and silent for at least `idle`.
@@ -226,6 +231,7 @@ mod tests {
             idle_ms,
             recv_queue,
             send_queue,
+            awaiting_reply: false,
             busy: false,
         }
     }
@@ -331,7 +337,11 @@ mod tests {
                 recheck_in: Some(Duration::from_millis(1_500))
             }
         );
-        for busy in [unread, unacked] {
+        let thinking = Peer {
+            awaiting_reply: true,
+            ..peer("10.2.0.5:1", 60_000, 0, 0)
+        };
+        for busy in [unread, unacked, thinking] {
             assert_eq!(
                 decide(&rule, S(0), None, &Remaining::Peers(&[idle.clone(), busy])),
                 Decision::Wait {

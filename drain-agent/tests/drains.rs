@@ -169,6 +169,10 @@ fn every_drain_is_on_record_also_across_a_restart() {
         let answer = waiter.join().expect("waiter");
         assert_eq!(answer.status, 200, "{}", answer.body);
         let body: serde_json::Value = serde_json::from_str(&answer.body).expect("json");
+        // The drain ends with the answer; its record moves to `recent` right after.
+        common::wait_until("the drain's record", Duration::from_secs(5), || {
+            agent.get_json("/drains").1["recent"][0]["id"] == body["drain"]
+        });
         let (_, drains) = agent.get_json("/drains");
         let record = drains["recent"][0].clone();
         assert_eq!(record["id"], body["drain"], "{drains}");

@@ -448,3 +448,122 @@ fn idle_drain_ends_with_the_requests_while_a_strict_one_waits_for_the_pool() {
         idle.last_request_end
     );
 }
+
+/// The whole drain behind a real HAProxy whose `agent-check` points at the agent: the
+/// backend's stop script is only `drain-agent wait --port P …` followed by its SIGTERM.
+/// HAProxy moves the server to DRAIN by itself (no load-balancer step in the script), no
+/// request fails; then a client that holds a connection forever is closed at the deadline
+/// (`--close-at-timeout`): the drain ends at the timeout, the record says 1 closed by the
+/// agent, and the client sees a reset.
+#[test]
+fn haproxy_takes_the_server_out_by_agent_check_when_the_stop_script_drains() {
+    let test = "haproxy_takes_the_server_out_by_agent_check_when_the_stop_script_drains";
+    if !kernel_available(test) || !haproxy::available(test) {
+        return;
+    }
+    let agent_check = free_port();
+    let agent = Agent::start(&["--agent-check-listen", &format!("127.0.0.1:{agent_check}")]);
+    let dir = Haproxy::prepare_dir("agent-check");
+    let mut backends = [free_port(), free_port()].map(|port| Backend::start(&dir, port));
+    let port = backends[0].port;
+    let servers =
+        [("s1", backends[0].port), ("s2", backends[1].port)].map(|(name, port)| ServerLine {
+            name: name.into(),
+            port,
+            options: format!(
+                "agent-check agent-addr 127.0.0.1 agent-port {agent_check} agent-inter 200ms agent-send \"{port}\\n\""
+            ),
+        });
+    let haproxy = Haproxy::start(dir, free_port(), &servers);
+    let frontend = SocketAddr::from(([127, 0, 0, 1], haproxy.frontend_port));
+    wait_until("HAProxy answering", Duration::from_secs(10), || {
+        http_get(frontend, "/fast?bytes=10").is_some_and(|(status, _)| status == 200)
+    });
+    // Without `check`, HAProxy shows a serving server as "no check"; the agent's answer
+    // ("ready") shows in agent_status.
+    wait_until("s1 ready by agent-check", Duration::from_secs(10), || {
+        haproxy.server_status("s1") == "no check"
+    });
+    let load = Load::start(&load_config(frontend));
+    std::thread::sleep(WARM_UP);
+
+    // The stop script: drain, then SIGTERM. Nothing else.
+    let started = Instant::now();
+    let mut wait = Command::new(common::agent_binary())
+        .args(["wait", "--port", &port.to_string()])
+        .args(["--timeout", "20s", "--quiet", "1s", "--idle", "1s"])
+        .args(["--agent", &agent.url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start drain-agent wait");
+    let mut saw_drain = None;
+    let status = loop {
+        if saw_drain.is_none() && haproxy.server_status("s1").starts_with("DRAIN") {
+            saw_drain = Some(started.elapsed());
+        }
+        if let Some(status) = wait.try_wait().expect("wait") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let drain_time = started.elapsed();
+    backends[0].terminate();
+    std::thread::sleep(COOL_DOWN);
+    let records = load.finish();
+    let failed = records.iter().filter(|r| r.outcome != Outcome::Ok).count();
+    eprintln!(
+        "agent-check drain: {} requests, {failed} failed, HAProxy showed DRAIN after {:?}, drain time {:?}, wait exit {:?}",
+        records.len(),
+        saw_drain,
+        drain_time,
+        status.code()
+    );
+    assert_eq!(status.code(), Some(0), "the drain did not finish");
+    let to_drain = saw_drain.expect("HAProxy never showed s1 as DRAIN");
+    assert!(to_drain < Duration::from_secs(2), "{to_drain:?}");
+    assert_eq!(failed, 0, "requests failed");
+    assert!(drain_time < Duration::from_secs(15), "{drain_time:?}");
+
+    // A client that holds a connection to B forever (from its own address, so it is not
+    // HAProxy, whose connections come from 127.0.0.1 and are ignored here): closed at the
+    // deadline when asked, and B's stop proceeds.
+    let port_b = backends[1].port;
+    let mut holder = common::connect_from(
+        Ipv4Addr::new(127, 0, 0, 9),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port_b),
+    )
+    .expect("connect to B from 127.0.0.9");
+    let started = Instant::now();
+    let output = Command::new(common::agent_binary())
+        .args(["wait", "--port", &port_b.to_string(), "--timeout", "3s"])
+        .args(["--ignore", "127.0.0.1/32", "--close-at-timeout"])
+        .args(["--agent", &agent.url])
+        .output()
+        .expect("wait B");
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(stdout.contains("closed 1 connection"), "{stdout}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    let mut byte = [0u8; 1];
+    holder
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let read = std::io::Read::read(&mut holder, &mut byte);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the holder sees a reset: {read:?}"
+    );
+    let (_, drains) = agent.get_json("/drains");
+    let record = &drains["recent"][0];
+    assert_eq!(record["port"], port_b, "{drains}");
+    assert_eq!(record["result"], "closed_at_deadline", "{drains}");
+    assert_eq!(record["closed_by_agent"], 1, "{drains}");
+    backends[1].terminate();
+    eprintln!("forever client closed at the deadline after {took:?}: {stdout}");
+}

@@ -199,7 +199,7 @@ fn pods_on_one_port_drain_apart() {
         &agent.url,
     ]);
     assert_exit(&output, 1);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("5 connection(s) still open"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(": 5 active"));
 
     // Pod A's preStop blocks until A's connections close, then exits 0 at once.
     let url = agent.url.clone();

@@ -253,6 +253,26 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
 }
 
 impl crate::drain::Closer for KernelMaps {
+    fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
+        let mut cookies = Vec::new();
+        for (inode, path) in namespaces_of(filter)? {
+            let port = filter.port;
+            let found = netns::run_in(&path, move || {
+                sockdiag::query(&sockdiag::Query {
+                    local_port: port,
+                    states: sockdiag::state::bit(sockdiag::state::LISTEN),
+                    with_info: false,
+                })
+            });
+            match found {
+                Ok(sockets) => cookies.extend(sockets.iter().map(|socket| socket.cookie)),
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(problem) => return Err(problem),
+            }
+        }
+        Ok(cookies)
+    }
+
     /// Closes connections through netlink `SOCK_DESTROY` (what `ss -K` does) in each
     /// namespace of the scope; the peer gets a reset.
     fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
@@ -462,6 +482,11 @@ impl ConnectionSource for KernelMaps {
                 let idle_ms = socket.info.as_ref().map_or(0, |info| {
                     u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
                 });
+                // Received more recently than sent: a request read and not answered yet.
+                let awaiting_reply = socket
+                    .info
+                    .as_ref()
+                    .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
                 let age_ms = started
                     .get(&(inode, socket.local, socket.remote))
                     .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
@@ -472,6 +497,7 @@ impl ConnectionSource for KernelMaps {
                     idle_ms,
                     recv_queue: socket.recv_queue,
                     send_queue: socket.send_queue,
+                    awaiting_reply,
                     busy: false,
                 });
             }
