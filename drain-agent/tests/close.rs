@@ -2,7 +2,8 @@
 //! method, against real sockets: in this test's network namespace and in one made for it.
 //! Each test opens a loopback listener with three connections, closes two of them by their
 //! two ends, and checks that exactly those two clients read a reset, that the third still
-//! carries data both ways, and that `ss` no longer shows the two.
+//! carries data both ways, that `ss` no longer shows the two, and that the handler
+//! un-counted them.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -25,7 +26,7 @@ use drain_agent::{
     drain_rule::Peer,
     kernel::{Kernel, KernelOptions, destroy::CloseMethod},
     netns,
-    tracker::Filter,
+    tracker::{ConnectionSource as _, Filter},
 };
 
 /// One loaded `Kernel` at a time: each parses the kernel's BTF (tens of MiB).
@@ -141,8 +142,18 @@ fn ss_remote_ports(port: u16, netns: Option<&str>) -> Vec<u16> {
         .collect()
 }
 
-/// Opens three connections (in `namespace` when given), closes two with `method` in the
-/// scope `filter_netns`, and checks everything.
+/// The port's active total in the kernel maps.
+fn counted(kernel: &Kernel, port: u16) -> u64 {
+    kernel
+        .maps()
+        .port_state(port)
+        .expect("read the totals")
+        .expect("kernel maps have totals")
+        .active
+}
+
+/// Opens three connections (in `namespace` when given), closes two with `method`, and
+/// checks the clients, `ss` and the handler's count.
 fn close_two_of_three(method: CloseMethod, namespace: Option<&Netns>) {
     let _one = ONE_KERNEL_AT_A_TIME
         .lock()
@@ -166,6 +177,8 @@ fn close_two_of_three(method: CloseMethod, namespace: Option<&Netns>) {
     let mut expected = ports.clone();
     expected.sort_unstable();
     assert_eq!(before, expected, "ss before the close");
+    // The handler counted the three (loaded before they were opened).
+    assert_eq!(counted(&kernel, connections.port), 3);
 
     // In the made namespace, scope the filter to it; in ours, leave it unscoped: every
     // namespace of the host is then walked.
@@ -183,6 +196,8 @@ fn close_two_of_three(method: CloseMethod, namespace: Option<&Netns>) {
     connections.check();
     let after = ss_remote_ports(connections.port, name);
     assert_eq!(after, vec![ports[2]], "ss after the close");
+    // The handler saw the two move to CLOSE and un-counted them.
+    assert_eq!(counted(&kernel, connections.port), 1);
 
     // Nothing is left to close: a second call closes nothing.
     let again = kernel
