@@ -12,4 +12,10 @@ fn main() {
         })
         .unwrap_or_else(|| PathBuf::from("bpf-linker"));
     println!("cargo:rerun-if-changed={}", linker.display());
+    // bpf-linker internalises every symbol it is not told to export, extern declarations
+    // included, and LLVM then drops the arguments of the "internal" kfunc `bpf_sock_destroy`
+    // (dead-argument elimination: the call lost its socket). Exported, it stays an extern
+    // call with its C signature, relocated against the undefined symbol, which the agent
+    // links to the kernel's BTF id at load time (drain-agent/src/kernel/destroy.rs).
+    println!("cargo:rustc-link-arg-bins=--export=bpf_sock_destroy");
 }

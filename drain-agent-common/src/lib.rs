@@ -313,10 +313,26 @@ pub struct KernelOffsets {
 /// Marks an offset the running kernel does not provide as a plain field.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
+/// One connection the agent wants closed by the `destroy_sockets` iterator: both ends,
+/// IPv4-mapped IPv6 folded to IPv4 (as in [`ConnKey`]), addresses in network byte order,
+/// ports in host byte order. No namespace: the iterator walks one namespace per run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DestroyKey {
+    /// `AF_INET` or `AF_INET6` (of both ends, after folding).
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        ConnCounts, ConnEvent, ConnKey, DurationHistogram, KernelOffsets, PortTotals, SockEntry,
+        ConnCounts, ConnEvent, ConnKey, DestroyKey, DurationHistogram, KernelOffsets, PortTotals,
+        SockEntry,
     };
 
     // SAFETY: all of these are #[repr(C)] structs of integers and byte arrays with no padding
@@ -334,6 +350,8 @@ mod user {
     unsafe impl aya::Pod for DurationHistogram {}
     // SAFETY: as above: #[repr(C)] plain data, every bit pattern valid.
     unsafe impl aya::Pod for PortTotals {}
+    // SAFETY: as above: #[repr(C)] plain data (explicit padding field), every bit pattern valid.
+    unsafe impl aya::Pod for DestroyKey {}
 }
 
 #[cfg(test)]

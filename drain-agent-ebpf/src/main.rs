@@ -338,6 +338,89 @@ fn has_listener(key: &ConnKey) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
+// Closing connections at a drain's deadline (issue 12).
+// ---------------------------------------------------------------------------------------
+
+/// The connections to close, written by the agent right before it runs `destroy_sockets`
+/// and removed right after (the agent's `kernel::destroy`). Empty between runs.
+#[map]
+static DESTROY_TARGETS: HashMap<drain_agent_common::DestroyKey, u8> =
+    HashMap::with_max_entries(DESTROY_BATCH, 0);
+
+/// How many targets one run takes; the agent writes larger sets in batches of this size.
+const DESTROY_BATCH: u32 = 1_024;
+
+/// `[0]`: sockets `destroy_sockets` destroyed; `[1]`: destroys the kernel refused.
+#[map]
+static DESTROYED: Array<u64> = Array::with_max_entries(2, 0);
+
+unsafe extern "C" {
+    /// The kfunc `int bpf_sock_destroy(struct sock_common *sock)` (net/core/filter.c,
+    /// Linux 6.5): calls the protocol's `diag_destroy` (`tcp_abort()` for TCP) with
+    /// `ECONNABORTED`, the same abort `SOCK_DESTROY` (`ss -K`) does: the peer gets a RST,
+    /// the owner sees the error on its next call. Allowed only in BPF iterators
+    /// (`tracing_iter_filter`), and safe in the tcp one, which holds the socket's lock while
+    /// the program runs (`bpf_iter_tcp_seq_show()` takes `lock_sock_fast()`); `tcp_abort()`
+    /// skips its own `lock_sock()` when called from BPF (`has_current_bpf_ctx()`, 6.5).
+    /// `KF_TRUSTED_ARGS`: the argument must be the iterator's own, unmodified socket pointer.
+    /// aya 0.14 cannot link this call; the agent does (drain-agent/src/kernel/destroy.rs).
+    fn bpf_sock_destroy(sock: *mut c_void) -> i32;
+}
+
+/// `iter/tcp`, run by the agent in one network namespace at a time when a drain's deadline
+/// passes: destroys each ESTABLISHED or CLOSE_WAIT socket whose two ends are in
+/// `DESTROY_TARGETS`. Safe against races for the same reasons as the walker above: the
+/// socket lock is held, and unhashed sockets are skipped, so the state we test is the state
+/// we destroy. The handler sees the socket move to CLOSE and un-counts it as usual.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn destroy_sockets(ctx: *mut c_void) -> i32 {
+    if let Err(error) = try_destroy_sockets(ctx) {
+        count_error(error);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_destroy_sockets(ctx: *mut c_void) -> Result<(), Error> {
+    // A plain load, not `bpf_probe_read_kernel`: the verifier types `bpf_iter__tcp.sk_common`
+    // (offset 8) as a trusted `struct sock_common *` or NULL (net/ipv4/tcp_ipv4.c,
+    // `tcp_reg_info`), which is what the kfunc takes; a probe read would make it a number.
+    // SAFETY: the context is `struct bpf_iter__tcp`, whose second member is the socket.
+    let sk = unsafe { ptr::read_volatile(ctx.cast::<u64>().add(1)) };
+    if sk == 0 {
+        // The last call of a walk has no socket.
+        return Ok(());
+    }
+    let offsets = kernel_offsets();
+    let state = i32::from(BtfLoads::read::<u8>(sk, offsets.skc_state)?);
+    if !is_active(state) {
+        return Ok(());
+    }
+    let local = read_key::<BtfLoads>(sk, &offsets)?;
+    let remote = read_peer::<BtfLoads>(sk, &offsets)?;
+    let target = drain_agent_common::DestroyKey {
+        family: local.family,
+        local_port: local.port,
+        remote_port: remote.port,
+        _pad: 0,
+        local_addr: local.addr,
+        remote_addr: remote.addr,
+    };
+    // SAFETY: the value is plain data; we only test for its presence.
+    if unsafe { DESTROY_TARGETS.get(target) }.is_none() {
+        return Ok(());
+    }
+    // SAFETY: `sk` is the iterator's socket, locked for the duration of this program.
+    let result = unsafe { bpf_sock_destroy(sk as *mut c_void) };
+    if let Some(counter) = DESTROYED.get_ptr_mut(u32::from(result != 0)) {
+        // SAFETY: a pointer into the array map's value.
+        unsafe { atomic_add_u64(counter, 1) };
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // The exactly-once bookkeeping.
 // ---------------------------------------------------------------------------------------
 

@@ -229,7 +229,7 @@ impl KernelMaps {
 }
 
 /// The namespaces a filter covers, with a path to enter each.
-fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
+pub(super) fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
     let namespaces = netns::all_namespaces();
     Ok(match filter.netns {
         Some(wanted) => vec![(

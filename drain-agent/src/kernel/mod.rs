@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod btf;
+pub mod destroy;
 pub mod events;
 pub mod maps;
 pub mod reclaim;
@@ -70,6 +71,8 @@ pub struct Kernel {
     own_ports: Array<MapData, u64>,
     /// Why walks cannot run on this kernel, if they cannot.
     walker_problem: Option<String>,
+    /// The `bpf_sock_destroy()` iterator's maps, and whether it loaded.
+    closer: destroy::Closer,
     /// Capacity of the endpoint map (reclaim pressure).
     max_endpoints: u32,
 }
@@ -91,13 +94,14 @@ impl Kernel {
             .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
         debug!("kernel offsets: {offsets:?}");
         let aya_btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+        let object = destroy::link_kfuncs(EBPF_OBJECT, &aya_btf)?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
             .map_max_entries("LISTENERS", options.max_endpoints)
-            .load(EBPF_OBJECT)
+            .load(object.bytes())
             .context("cannot load the eBPF object (is the agent running as root, or with CAP_BPF and CAP_PERFMON?)")?;
 
         let candidates: Vec<AttachMethod> = match options.attach {
@@ -151,6 +155,7 @@ impl Kernel {
                 "connections open before start cannot be counted, nor missed changes repaired: {problem}"
             );
         }
+        let closer = destroy::load_closer(&mut ebpf, &aya_btf, object.problem)?;
         let sockets_map = ebpf
             .take_map("SOCKETS")
             .context("the eBPF object has no map SOCKETS")?;
@@ -194,6 +199,7 @@ impl Kernel {
             events: Some(events),
             sockets,
             walker_problem,
+            closer,
             max_endpoints: options.max_endpoints,
         })
     }

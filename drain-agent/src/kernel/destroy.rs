@@ -1,0 +1,509 @@
+//! Closing the connections left at a drain's deadline, in every namespace of its scope.
+//!
+//! Two ways, both ending in the kernel's `tcp_abort()` (the peer gets a RST, the owner sees
+//! `ECONNABORTED` on its next call):
+//! - [`CloseMethod::Bpf`]: the `destroy_sockets` `iter/tcp` program calls the kfunc
+//!   `bpf_sock_destroy()` (Linux >= 6.5) on each socket whose two ends are in
+//!   `DESTROY_TARGETS`. One pass over the namespace's sockets closes a whole batch, under
+//!   each socket's lock.
+//! - [`CloseMethod::Netlink`]: `SOCK_DESTROY` over `NETLINK_SOCK_DIAG`, one request per
+//!   socket, like `ss -K` (needs `CONFIG_INET_DIAG_DESTROY`).
+//!
+//! aya 0.14 cannot link a kfunc call: it only knows calls to functions inside the object,
+//! and fails the *whole* object on the call to the extern symbol ("error relocating
+//! function": `UnknownFunction { address: 2624, caller_name: "destroy_sockets" }`).
+//! So [`link_kfuncs`] does what libbpf does for `__ksym` externs, on a copy of the object
+//! before aya sees it: each `call` relocated against `bpf_sock_destroy` becomes a
+//! `BPF_PSEUDO_KFUNC_CALL` whose immediate is the function's id in the running kernel's BTF.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::Read as _,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData},
+    programs::Iter,
+};
+use aya_obj::btf::BtfKind;
+use drain_agent_common::{AF_INET, AF_INET6, DestroyKey};
+use log::{info, warn};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+use super::{Kernel, maps::namespaces_of};
+use crate::{
+    drain_rule::Peer,
+    netns,
+    sockdiag::{self, Query, state},
+    tracker::{Filter, canonical_addr},
+};
+
+/// How to close connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseMethod {
+    /// `bpf_sock_destroy()` from the `destroy_sockets` iterator (Linux >= 6.5).
+    Bpf,
+    /// `SOCK_DESTROY` over `NETLINK_SOCK_DIAG`, one socket at a time (`ss -K`).
+    Netlink,
+}
+
+/// The iterator that destroys the targets.
+const DESTROYER: &str = "destroy_sockets";
+/// The kfunc it calls.
+const KFUNC: &str = "bpf_sock_destroy";
+/// `DESTROY_BATCH` of the eBPF side: the capacity of `DESTROY_TARGETS`.
+const BATCH: usize = 1_024;
+/// `DESTROYED` slots.
+const DESTROYED_OK: u32 = 0;
+const DESTROY_REFUSED: u32 = 1;
+
+/// The eBPF object with its kfunc calls linked; `problem` says why they could not be.
+pub(super) struct LinkedObject {
+    /// The object's bytes, 8-byte aligned (the ELF reader needs aligned headers).
+    words: Vec<u64>,
+    len: usize,
+    pub problem: Option<String>,
+}
+
+impl LinkedObject {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// Rewrites every call to [`KFUNC`] in `object` into a kfunc call the kernel resolves
+/// (`src_reg = BPF_PSEUDO_KFUNC_CALL`, `imm` = the function's BTF id in vmlinux, `off` = 0
+/// for vmlinux), as libbpf does for `__ksym` externs (`bpf_object__relocate_data`,
+/// `RELO_EXTERN_CALL`). Where the kernel has no such function (before 6.5), the calls get
+/// id 0 (libbpf's value for a missing weak kfunc): aya still loads the rest of the object,
+/// and `destroy_sockets` is not loaded (the verifier would refuse it).
+pub(super) fn link_kfuncs(object: &[u8], btf: &aya::Btf) -> Result<LinkedObject> {
+    match btf.id_by_type_name_kind(KFUNC, BtfKind::Func) {
+        Ok(id) => link_kfunc_calls(object, id, None),
+        Err(error) => link_kfunc_calls(
+            object,
+            0,
+            Some(format!(
+                "the kernel has no kfunc {KFUNC} (Linux >= 6.5 needed): {error}"
+            )),
+        ),
+    }
+}
+
+/// Points every call to [`KFUNC`] in a copy of `object` at BTF id `btf_id`.
+fn link_kfunc_calls(object: &[u8], btf_id: u32, problem: Option<String>) -> Result<LinkedObject> {
+    let mut words = vec![0u64; object.len().div_ceil(8)];
+    // SAFETY: `words` has room for `object.len()` bytes; the regions do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            object.as_ptr(),
+            words.as_mut_ptr().cast::<u8>(),
+            object.len(),
+        );
+    }
+    let imm = i32::try_from(btf_id).context("BTF id out of range")?;
+    let calls = kfunc_calls(object)?;
+    if calls.is_empty() {
+        bail!("the eBPF object has no call to {KFUNC}");
+    }
+    let mut linked = LinkedObject {
+        words,
+        len: object.len(),
+        problem,
+    };
+    // SAFETY: `words` holds `len` bytes (see `bytes`), and we hold the only reference.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(linked.words.as_mut_ptr().cast::<u8>(), linked.len)
+    };
+    for offset in calls {
+        let insn = bytes
+            .get_mut(offset..offset + 8)
+            .context("a kfunc call lies outside the object")?;
+        // `struct bpf_insn` (little-endian object): code, dst_reg:4|src_reg:4, off, imm.
+        if insn[0] != BPF_JMP_CALL {
+            bail!(
+                "the instruction relocated against {KFUNC} is not a call (code {:#x})",
+                insn[0]
+            );
+        }
+        insn[1] = (BPF_PSEUDO_KFUNC_CALL << 4) | (insn[1] & 0x0f);
+        insn[2..4].copy_from_slice(&0i16.to_le_bytes());
+        insn[4..8].copy_from_slice(&imm.to_le_bytes());
+    }
+    Ok(linked)
+}
+
+/// `BPF_JMP | BPF_CALL` (include/uapi/linux/bpf_common.h, bpf.h).
+const BPF_JMP_CALL: u8 = 0x85;
+/// include/uapi/linux/bpf.h
+const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
+
+/// File offsets of the instructions relocated against [`KFUNC`].
+fn kfunc_calls(object: &[u8]) -> Result<Vec<usize>> {
+    let file = object::File::parse(object).context("cannot parse the eBPF object")?;
+    let mut calls = Vec::new();
+    for section in file.sections() {
+        let Some((start, _)) = section.file_range() else {
+            continue;
+        };
+        for (offset, relocation) in section.relocations() {
+            let RelocationTarget::Symbol(index) = relocation.target() else {
+                continue;
+            };
+            let symbol = file
+                .symbol_by_index(index)
+                .context("a relocation names a missing symbol")?;
+            if symbol.name() == Ok(KFUNC) && symbol.is_undefined() {
+                let at = start
+                    .checked_add(offset)
+                    .and_then(|at| usize::try_from(at).ok())
+                    .context("relocation offset out of range")?;
+                calls.push(at);
+            }
+        }
+    }
+    Ok(calls)
+}
+
+/// The iterator's maps, and why it cannot run (if it cannot).
+pub(super) struct Closer {
+    targets: HashMap<MapData, DestroyKey, u8>,
+    destroyed: Array<MapData, u64>,
+    problem: Option<String>,
+}
+
+/// Takes the iterator's maps and loads it, unless `problem` (from [`link_kfuncs`]) already
+/// says it cannot work; a verifier refusal is kept as the reason, with its log.
+pub(super) fn load_closer(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    problem: Option<String>,
+) -> Result<Closer> {
+    let targets = super::take_map(ebpf, "DESTROY_TARGETS")?;
+    let destroyed = super::take_map(ebpf, "DESTROYED")?;
+    let problem = problem.or_else(|| {
+        let program: &mut Iter = match ebpf.program_mut(DESTROYER).map(TryInto::try_into) {
+            Some(Ok(program)) => program,
+            Some(Err(error)) => return Some(format!("{DESTROYER} is not an iterator: {error}")),
+            None => return Some(format!("the eBPF object has no {DESTROYER}")),
+        };
+        program
+            .load("tcp", btf)
+            .err()
+            .map(|error| format!("cannot load {DESTROYER}: {error:#}"))
+    });
+    match &problem {
+        None => info!("connections can be closed with bpf_sock_destroy()"),
+        Some(problem) => {
+            warn!("connections will be closed with SOCK_DESTROY (netlink) only: {problem}");
+        }
+    }
+    Ok(Closer {
+        targets,
+        destroyed,
+        problem,
+    })
+}
+
+/// Connections to close, as both sides name them: (local, remote), canonical addresses.
+type Wanted = HashSet<(SocketAddr, SocketAddr)>;
+
+impl Kernel {
+    /// Whether [`CloseMethod::Bpf`] works on this kernel.
+    pub const fn can_close_with_bpf(&self) -> bool {
+        self.closer.problem.is_none()
+    }
+
+    /// Why [`CloseMethod::Bpf`] does not work here, if it does not.
+    pub fn bpf_close_problem(&self) -> Option<&str> {
+        self.closer.problem.as_deref()
+    }
+
+    /// Closes the given connections of one scope (each identified by local and remote address), in every namespace of the scope; returns how many were closed.
+    ///
+    /// Only ESTABLISHED and CLOSE_WAIT connections are closed, and only targets inside the
+    /// filter (its port, and its address if it has one); the rest are ignored. A target has
+    /// no namespace: the same two ends in two namespaces of the scope are both closed.
+    /// A namespace that cannot be entered fails the call (after the others were done),
+    /// unless it vanished meanwhile, taking its connections with it.
+    pub fn close_connections(
+        &mut self,
+        filter: &Filter,
+        targets: &[Peer],
+        method: CloseMethod,
+    ) -> Result<u64> {
+        let wanted: Wanted = targets
+            .iter()
+            .map(|peer| (canonical(peer.local), canonical(peer.remote)))
+            .filter(|(local, _)| {
+                local.port() == filter.port && filter.addr.is_none_or(|addr| addr == local.ip())
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        if method == CloseMethod::Bpf
+            && let Some(problem) = &self.closer.problem
+        {
+            bail!("cannot close connections with bpf_sock_destroy(): {problem}");
+        }
+        let mut closed = 0;
+        let mut failed = BTreeSet::new();
+        for (inode, path) in namespaces_of(filter)? {
+            let result = match method {
+                CloseMethod::Bpf => self.close_with_bpf(&path, &wanted),
+                CloseMethod::Netlink => close_with_netlink(path.clone(), filter.port, &wanted),
+            };
+            match result {
+                Ok(count) => closed += count,
+                // A namespace that is gone has no connections left.
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(error) => {
+                    warn!(
+                        "cannot close connections in network namespace {inode} ({}): {error:#}",
+                        path.display()
+                    );
+                    failed.insert(inode);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            bail!(
+                "closed {closed} connections, but not in network namespaces {failed:?} (see the log)"
+            );
+        }
+        Ok(closed)
+    }
+
+    /// Runs `destroy_sockets` in one namespace, batch by batch; returns how many it closed.
+    fn close_with_bpf(&mut self, path: &std::path::Path, wanted: &Wanted) -> Result<u64> {
+        let keys: Vec<DestroyKey> = wanted
+            .iter()
+            .filter_map(|(local, remote)| destroy_key(*local, *remote))
+            .collect();
+        let before = self.destroyed(DESTROYED_OK)?;
+        let refused_before = self.destroyed(DESTROY_REFUSED)?;
+        for batch in keys.chunks(BATCH) {
+            self.clear_targets();
+            let run = self.run_destroyer(path, batch);
+            // Never leave targets behind for the next run, whatever happened.
+            self.clear_targets();
+            run?;
+        }
+        let refused = self.destroyed(DESTROY_REFUSED)? - refused_before;
+        if refused > 0 {
+            warn!(
+                "bpf_sock_destroy() refused {refused} sockets in {}",
+                path.display()
+            );
+        }
+        Ok(self.destroyed(DESTROYED_OK)? - before)
+    }
+
+    fn run_destroyer(&mut self, path: &std::path::Path, batch: &[DestroyKey]) -> Result<()> {
+        for key in batch {
+            self.closer
+                .targets
+                .insert(key, 1, 0)
+                .context("cannot write a close target")?;
+        }
+        let program: &mut Iter = self
+            .ebpf
+            .program_mut(DESTROYER)
+            .with_context(|| format!("the eBPF object has no {DESTROYER}"))?
+            .try_into()
+            .with_context(|| format!("{DESTROYER} is not an iterator"))?;
+        let link_id = program
+            .attach()
+            .with_context(|| format!("cannot attach {DESTROYER}"))?;
+        let link = program
+            .take_link(link_id)
+            .context("cannot take the iterator link")?;
+        // The iterator walks the namespace of whoever creates its file: do that inside.
+        netns::run_in(path, move || -> Result<()> {
+            let mut file = link.into_file().context("cannot create the iterator")?;
+            let mut sink = Vec::new();
+            file.read_to_end(&mut sink)
+                .with_context(|| format!("{DESTROYER} failed"))?;
+            Ok(())
+        })
+    }
+
+    fn clear_targets(&mut self) {
+        let stale: Vec<DestroyKey> = self.closer.targets.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = self.closer.targets.remove(&key);
+        }
+    }
+
+    fn destroyed(&self, slot: u32) -> Result<u64> {
+        self.closer
+            .destroyed
+            .get(&slot, 0)
+            .context("cannot read the DESTROYED counters")
+    }
+}
+
+/// `SOCK_DESTROY` for each wanted connection on `port` in the namespace at `path`.
+fn close_with_netlink(path: PathBuf, port: u16, wanted: &Wanted) -> Result<u64> {
+    let wanted = wanted.clone();
+    netns::run_in(&path, move || -> Result<u64> {
+        let sockets = sockdiag::query(&Query {
+            local_port: port,
+            states: state::bit(state::ESTABLISHED) | state::bit(state::CLOSE_WAIT),
+            with_info: false,
+        })?;
+        let mut closed = 0;
+        for socket in sockets
+            .iter()
+            .filter(|socket| wanted.contains(&(canonical(socket.local), canonical(socket.remote))))
+        {
+            match sockdiag::destroy(socket) {
+                Ok(()) => closed += 1,
+                // Closed between the dump and now: nothing left to do.
+                Err(error) if is_enoent(&error) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(closed)
+    })
+}
+
+fn is_enoent(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|cause| cause.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// IPv4-mapped IPv6 folded to IPv4, as the kernel side folds them.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_addr(addr.ip()), addr.port())
+}
+
+/// The map key of a connection; `None` when the two ends are of different families (no
+/// such TCP connection exists).
+fn destroy_key(local: SocketAddr, remote: SocketAddr) -> Option<DestroyKey> {
+    let mut key = DestroyKey {
+        local_port: local.port(),
+        remote_port: remote.port(),
+        ..DestroyKey::default()
+    };
+    match (local.ip(), remote.ip()) {
+        (IpAddr::V4(local), IpAddr::V4(remote)) => {
+            key.family = AF_INET;
+            key.local_addr[..4].copy_from_slice(&local.octets());
+            key.remote_addr[..4].copy_from_slice(&remote.octets());
+        }
+        (IpAddr::V6(local), IpAddr::V6(remote)) => {
+            key.family = AF_INET6;
+            key.local_addr = local.octets();
+            key.remote_addr = remote.octets();
+        }
+        _ => return None,
+    }
+    Some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::EBPF_OBJECT;
+
+    #[test]
+    fn the_object_calls_the_kfunc_once_as_an_extern_call() {
+        let calls = kfunc_calls(EBPF_OBJECT).expect("parse the object");
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        let insn = &EBPF_OBJECT[calls[0]..calls[0] + 8];
+        // `call -1` against the undefined symbol, as LLVM leaves an extern call; the regs
+        // byte says `src_reg = BPF_PSEUDO_CALL` (1).
+        assert_eq!(insn, [0x85, 0x10, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+
+        let linked = link_kfunc_calls(EBPF_OBJECT, 4242, None).expect("link");
+        let insn = &linked.bytes()[calls[0]..calls[0] + 8];
+        assert_eq!(insn[..4], [0x85, 0x20, 0, 0]);
+        assert_eq!(
+            i32::from_le_bytes(insn[4..].try_into().expect("4 bytes")),
+            4242
+        );
+        // Nothing else moved.
+        let changed = EBPF_OBJECT
+            .iter()
+            .zip(linked.bytes())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(changed <= 5, "{changed} bytes changed");
+        assert_eq!(linked.bytes().len(), EBPF_OBJECT.len());
+    }
+
+    /// What a kernel without the kfunc gets: aya loads the object (the other programs work),
+    /// and only `destroy_sockets` is refused, by the verifier.
+    #[test]
+    fn without_the_kfunc_the_rest_of_the_object_still_loads() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP without_the_kfunc_the_rest_of_the_object_still_loads: needs root");
+            return;
+        }
+        let btf = aya::Btf::from_sys_fs().expect("kernel BTF");
+        let offsets = crate::kernel::btf::Btf::from_file(std::path::Path::new(
+            crate::kernel::btf::VMLINUX_BTF,
+        ))
+        .and_then(|btf| btf.kernel_offsets())
+        .expect("offsets");
+        // Id 0 is what libbpf writes for a missing weak kfunc: the verifier accepts it only
+        // in dead code (here 6.18 stops at the call's unset R0).
+        let linked =
+            link_kfunc_calls(EBPF_OBJECT, 0, Some("no kfunc".into())).expect("link with id 0");
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .load(linked.bytes())
+            .expect("aya loads the object");
+        let closer = load_closer(&mut ebpf, &btf, None).expect("maps");
+        let problem = closer
+            .problem
+            .expect("the verifier refuses a call to BTF id 0");
+        assert!(
+            problem.contains(&format!("cannot load {DESTROYER}")),
+            "{problem}"
+        );
+        let walker: &mut Iter = ebpf
+            .program_mut("seed_established_tcp")
+            .expect("walker")
+            .try_into()
+            .expect("iterator");
+        walker.load("tcp", &btf).expect("the walker still loads");
+    }
+
+    #[test]
+    fn keys_fold_v4_mapped_addresses() {
+        let local = canonical("[::ffff:10.0.0.1]:80".parse().expect("addr"));
+        let remote = canonical("[::ffff:10.0.0.2]:5000".parse().expect("addr"));
+        let key = destroy_key(local, remote).expect("same family");
+        assert_eq!(key.family, AF_INET);
+        assert_eq!(key.local_port, 80);
+        assert_eq!(key.remote_port, 5000);
+        assert_eq!(key.local_addr[..4], [10, 0, 0, 1]);
+        assert_eq!(key.remote_addr[..4], [10, 0, 0, 2]);
+        assert!(key.local_addr[4..].iter().all(|b| *b == 0));
+        let v6 = destroy_key(
+            "[fd00::1]:80".parse().expect("addr"),
+            "[fd00::2]:1".parse().expect("addr"),
+        )
+        .expect("same family");
+        assert_eq!(v6.family, AF_INET6);
+        assert!(
+            destroy_key(
+                "10.0.0.1:80".parse().expect("addr"),
+                "[fd00::2]:1".parse().expect("addr")
+            )
+            .is_none()
+        );
+    }
+}
