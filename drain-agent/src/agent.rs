@@ -7,10 +7,11 @@ use anyhow::{Context as _, Result, ensure};
 use log::{error, info, warn};
 
 use crate::{
-    cli::RunArgs,
+    cli::{CloseArg, RunArgs},
     drain::{Closer, Drains},
     http::{AppState, WaitLimits, router},
     journal::Journal,
+    kernel::destroy::{CloseMethod, KernelCloser},
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
     repair::{repair_missed_changes, watch_skipped_runs},
@@ -36,6 +37,28 @@ pub fn main(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The close method asked for, checked against what this kernel loaded.
+fn close_method(asked: CloseArg, kernel: &Kernel) -> Result<CloseMethod> {
+    Ok(match asked {
+        CloseArg::Netlink => CloseMethod::Netlink,
+        CloseArg::Auto if kernel.can_close_with_bpf() => CloseMethod::Bpf,
+        CloseArg::Auto => {
+            if let Some(problem) = kernel.bpf_close_problem() {
+                info!("bpf_sock_destroy is not available ({problem}); closing through netlink");
+            }
+            CloseMethod::Netlink
+        }
+        CloseArg::BpfSockDestroy => {
+            ensure!(
+                kernel.can_close_with_bpf(),
+                "--close-method bpf-sock-destroy: not available on this kernel: {}",
+                kernel.bpf_close_problem().unwrap_or("unknown reason")
+            );
+            CloseMethod::Bpf
+        }
+    })
 }
 
 /// glibc gives every thread that allocates its own arena (up to 8 per core), and waves of
@@ -136,10 +159,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(|path| Journal::open(path, args.journal_max_bytes))
         .transpose()?;
-    let maps = kernel_maps;
+    let method = {
+        let kernel = kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        close_method(args.close_method, &kernel)?
+    };
+    info!("connections closed at a deadline use {method:?}");
+    let closer = KernelCloser {
+        kernel: Arc::clone(&kernel),
+        maps: Arc::clone(&kernel_maps),
+        method,
+    };
     let drains = Arc::new(Drains::new(
         Arc::clone(&tracker),
-        Some(maps as Arc<dyn Closer>),
+        Some(Arc::new(closer) as Arc<dyn Closer>),
         journal,
         args.max_waiters,
     ));

@@ -74,6 +74,17 @@ impl From<AttachArg> for AttachMethod {
     }
 }
 
+/// `--close-method`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloseArg {
+    /// bpf-sock-destroy where it loaded, else netlink.
+    Auto,
+    /// `bpf_sock_destroy()` from a BPF iterator (Linux >= 6.5).
+    BpfSockDestroy,
+    /// Netlink `SOCK_DESTROY`, as `ss -K` (needs CONFIG_INET_DIAG_DESTROY).
+    Netlink,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "drain-agent",
@@ -180,6 +191,16 @@ pub struct RunArgs {
     /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).
     #[arg(long, env = "DRAIN_AGENT_AGENT_CHECK_LISTEN")]
     pub agent_check_listen: Option<SocketAddr>,
+
+    /// How connections are closed at a drain's deadline (`on_timeout=close`): `auto` uses
+    /// `bpf_sock_destroy()` where the kernel has it (6.5+), else netlink `SOCK_DESTROY`.
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_CLOSE_METHOD",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub close_method: CloseArg,
 
     /// Append a record of every ended drain to this file (JSON lines), and read the last
     /// ones back at start so `/drains` survives restarts.

@@ -80,6 +80,7 @@ impl Connections {
                 idle_ms: 0,
                 recv_queue: 0,
                 send_queue: 0,
+                awaiting_reply: false,
                 busy: false,
             })
             .collect()

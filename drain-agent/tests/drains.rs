@@ -242,3 +242,51 @@ fn status_advises_a_timeout_from_history() {
     );
     println!("{stdout}");
 }
+
+/// Both ways of closing at the deadline, through the agent: `bpf_sock_destroy()` (chosen
+/// by default where the kernel has it) and the netlink fallback (forced with a flag).
+#[test]
+fn both_close_methods_close_at_the_deadline() {
+    if !kernel_available("both_close_methods_close_at_the_deadline") {
+        return;
+    }
+    for (flag, expected) in [("auto", "Bpf"), ("netlink", "Netlink")] {
+        let agent = Agent::start(&["--close-method", flag]);
+        assert!(
+            agent
+                .log_text()
+                .contains(&format!("connections closed at a deadline use {expected}")),
+            "{flag}: {}",
+            agent.log_text()
+        );
+        let server = Server::start("127.0.0.1:0");
+        let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+        server.wait_accepted(1);
+        let output = wait_output(
+            &agent,
+            &[
+                "--port",
+                &server.port.to_string(),
+                "--timeout",
+                "1s",
+                "--close-at-timeout",
+            ],
+        );
+        assert_eq!(output.status.code(), Some(0), "{flag}: {output:?}");
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        let reset = client.read(&mut byte);
+        assert!(
+            matches!(&reset, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{flag}: {reset:?}"
+        );
+        let (_, drains) = agent.get_json("/drains");
+        assert_eq!(
+            drains["recent"][0]["closed_by_agent"], 1,
+            "{flag}: {drains}"
+        );
+        println!("{flag}: closed with {expected}");
+    }
+}
