@@ -271,11 +271,19 @@ else
                 ;;
         esac
         [ "$took" -gt "$worst" ] && worst=$took
-        [ "$took" -gt 1000 ] && late=$((late + 1))
+        if [ "$took" -gt 1000 ]; then
+            # The agent's own waited_ms tells an answer sent late from a slow guest.
+            late=$((late + 1))
+            waited=$(sed -n 's/.*"waited_ms":\([0-9]*\).*/\1/p' /tmp/waiter.out)
+            echo "late round $r: $took ms after the close, agent waited_ms=$waited"
+        fi
     done
     if [ -n "$bad" ]; then
         fail wakeup "$bad"
     elif [ "$late" -gt 0 ]; then
+        # For the log: did the agent doubt its counts (skipped handler runs, lost events)?
+        http /metrics
+        echo "$BODY" | grep -v '^#' | grep -E 'skipped|lost|doubt|error|repair' | sed 's/^/late metrics: /'
         fail wakeup "$late of $rounds rounds later than 1 s (worst $worst ms)"
     else
         result wakeup "ok ${worst} ms"
