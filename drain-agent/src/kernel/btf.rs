@@ -285,7 +285,7 @@ impl Btf {
         Ok(KernelOffsets {
             skc_family: sock_common("skc_family")?,
             skc_state: sock_common("skc_state")?,
-            skc_num: sock_common("skc_num")? + 8,
+            skc_num: sock_common("skc_num")?,
             skc_rcv_saddr: sock_common("skc_rcv_saddr")?,
             skc_v6_rcv_saddr: sock_common("skc_v6_rcv_saddr")?,
             skc_net,
