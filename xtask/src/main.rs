@@ -3,6 +3,7 @@
 
 mod bench;
 mod e2e;
+mod kernels;
 mod setup;
 
 use std::{
@@ -44,6 +45,9 @@ enum Task {
     /// Set up, then run the rolling deploy behind nginx under load (as root): with
     /// drain-agent, without a drain, and with a fixed sleep; print the summary table.
     E2e,
+    /// Boot the agent's release build under qemu on Debian's cloud kernels (default: the
+    /// oldest, 6.1, 6.12 and the newest; `--all`: every series) and check it on each.
+    Kernels(kernels::KernelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -83,6 +87,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Bench(args) => bench::bench(&args),
         Task::E2e => e2e::run(),
+        Task::Kernels(args) => kernels::kernels(&args),
     }
 }
 

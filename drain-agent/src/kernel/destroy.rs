@@ -410,6 +410,28 @@ fn destroy_key(local: SocketAddr, remote: SocketAddr) -> Option<DestroyKey> {
     Some(key)
 }
 
+/// The drains' [`crate::drain::Closer`]: closes through the kernel with the chosen method
+/// (`bpf_sock_destroy` where it loaded, else netlink), and finds listeners for the gate.
+pub struct KernelCloser {
+    pub kernel: std::sync::Arc<std::sync::Mutex<Kernel>>,
+    pub maps: std::sync::Arc<super::KernelMaps>,
+    pub method: CloseMethod,
+}
+
+impl crate::drain::Closer for KernelCloser {
+    fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
+        let mut kernel = self
+            .kernel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kernel.close_connections(filter, targets, self.method)
+    }
+
+    fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
+        crate::drain::Closer::listeners(self.maps.as_ref(), filter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,27 +527,5 @@ mod tests {
             )
             .is_none()
         );
-    }
-}
-
-/// The drains' [`crate::drain::Closer`]: closes through the kernel with the chosen method
-/// (`bpf_sock_destroy` where it loaded, else netlink), and finds listeners for the gate.
-pub struct KernelCloser {
-    pub kernel: std::sync::Arc<std::sync::Mutex<Kernel>>,
-    pub maps: std::sync::Arc<super::KernelMaps>,
-    pub method: CloseMethod,
-}
-
-impl crate::drain::Closer for KernelCloser {
-    fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
-        let mut kernel = self
-            .kernel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kernel.close_connections(filter, targets, self.method)
-    }
-
-    fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
-        crate::drain::Closer::listeners(self.maps.as_ref(), filter)
     }
 }

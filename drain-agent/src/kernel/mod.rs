@@ -117,8 +117,9 @@ impl Kernel {
                     break;
                 }
                 Err(error) => {
-                    warn!("cannot attach with {method}: {error:#}");
-                    failures.push(format!("{method}: {error:#}"));
+                    let why = one_line(&error);
+                    warn!("cannot attach with {method}: {why}");
+                    failures.push(format!("{method}: {why}"));
                 }
             }
         }
@@ -302,6 +303,22 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// An attach failure as one log line. A verifier rejection carries the verifier's whole log
+/// (often hundreds of lines); its last lines say why (the failing instruction, an unknown
+/// helper), so only those are kept.
+fn one_line(error: &anyhow::Error) -> String {
+    let text = format!("{error:#}");
+    let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
+    let first = lines.next().unwrap_or_default().to_owned();
+    let rest: Vec<&str> = lines.collect();
+    let tail = &rest[rest.len().saturating_sub(3)..];
+    if tail.is_empty() {
+        first
+    } else {
+        format!("{first} … {}", tail.join(" / "))
+    }
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
@@ -329,6 +346,20 @@ pub fn parse_event(bytes: &[u8]) -> Option<ConnEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_attach_failure_is_one_line_with_the_verifiers_last_lines() {
+        let error = anyhow!(
+            "the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: 0: (79) r1 = *(u64 *)(r1 +0)\n1: (85) call bpf_x#212\nunknown func bpf_x#212\nprocessed 2 insns\n"
+        );
+        let line = one_line(&error);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.ends_with("1: (85) call bpf_x#212 / unknown func bpf_x#212 / processed 2 insns"),
+            "{line}"
+        );
+        assert_eq!(one_line(&anyhow!("no BTF")), "no BTF");
+    }
     use crate::kernel::maps::key_addr;
     use drain_agent_common::AF_INET;
     use std::net::{IpAddr, Ipv6Addr};

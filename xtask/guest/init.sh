@@ -1,0 +1,299 @@
+#!/bin/busybox sh
+# PID 1 of a `cargo xtask kernels` guest: a busybox initramfs around the agent's release
+# build. It runs the agent the way a host would, CHECKS every answer, and prints one
+# `RESULT key=value` line per check on the serial console (value `ok…` or `FAIL: why`);
+# the host parses them into the compatibility table. Kernel parameters without a dot reach
+# us as environment variables: `rounds` (wake-up stress rounds).
+export PATH=/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /tmp /run/netns
+ip link set lo up
+: "${rounds:=100}"
+AGENT=http://127.0.0.1:9100
+
+result() { echo "RESULT $1=$2"; }
+fail() { result "$1" "FAIL: $2"; }
+
+# Milliseconds since boot, from /proc/uptime (10 ms resolution is plenty for a 1 s limit).
+now_ms() {
+    read -r up _ </proc/uptime
+    cs=${up#*.}
+    cs=${cs#0}
+    echo $((${up%.*} * 1000 + cs * 10))
+}
+
+# http PATH: sets CODE (HTTP status, 000 if no answer) and BODY.
+http() {
+    BODY=$(wget -q -S -O- "$AGENT$1" 2>/tmp/http.hdr)
+    CODE=$(sed -n 's/^ *HTTP\/1\.[01] \([0-9][0-9][0-9]\).*/\1/p' /tmp/http.hdr | tail -n 1)
+    : "${CODE:=000}"
+}
+
+# Connections are held open by busybox nc: one persistent server per port that runs `cat`
+# on each accepted connection (it echoes nothing, as the client sends nothing), and one
+# client per connection with a FIFO on stdin that never ends. Killing the client closes the
+# connection: `cat` sees EOF and exits, which closes the tracked (server) side.
+mkfifo /tmp/hold
+exec 3<>/tmp/hold
+
+hexport() { printf '%04X' "$1"; }
+
+# wait_tcp PORT STATE COUNT: until COUNT sockets with local port PORT are in STATE (0A
+# listening, 01 established); 5 s at most. busybox nc listens on IPv6, hence tcp6 too.
+wait_tcp() {
+    want=":$(hexport "$1") "
+    i=0
+    while [ "$i" -lt 100 ]; do
+        n=$(cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -c "^ *[0-9]*: [0-9A-F]*$want[0-9A-F:]* $2 ")
+        [ "$n" -ge "$3" ] && return 0
+        sleep 0.05
+        i=$((i + 1))
+    done
+    return 1
+}
+
+serve() {
+    nc -ll -p "$1" -e /bin/cat </dev/null >/dev/null 2>&1 &
+    wait_tcp "$1" 0A 1
+}
+
+# connect PORT: opens one connection; its client's pid in CLIENT.
+connect() {
+    nc 127.0.0.1 "$1" <&3 >/dev/null 2>&1 &
+    CLIENT=$!
+}
+
+# expect_active PORT N: the agent counts N active connections to PORT (summed over its
+# endpoints: namespaces and addresses), and /drained?timeout=0 agrees.
+expect_active() {
+    http "/connections?port=$1"
+    [ "$CODE" = 200 ] || { WHY="/connections answered $CODE"; return 1; }
+    total=0
+    for n in $(echo "$BODY" | grep -o '"active":[0-9]*' | cut -d: -f2); do
+        total=$((total + n))
+    done
+    [ "$total" = "$2" ] || { WHY="port $1: $total active, not $2: $BODY"; return 1; }
+    http "/drained?port=$1&timeout=0"
+    if [ "$2" = 0 ]; then want=200; else want=503; fi
+    [ "$CODE" = "$want" ] || { WHY="/drained?port=$1&timeout=0 answered $CODE, not $want"; return 1; }
+}
+
+# expect_drained PORT: a waiter on PORT gets 200 and "drained":true within 5 s.
+expect_drained() {
+    http "/drained?port=$1&timeout=5s"
+    [ "$CODE" = 200 ] || { WHY="/drained?port=$1 answered $CODE"; return 1; }
+    case "$BODY" in *'"drained":true'*) ;; *) WHY="/drained?port=$1 body $BODY"; return 1 ;; esac
+}
+
+# start_agent LOG ARGS…: starts the agent, waits until /healthz answers 200 (60 s at most);
+# sets AGENT_PID, START_MS, ATTACH; on failure WHY is the agent's last log line.
+start_agent() {
+    log=/tmp/$1.log
+    shift
+    t0=$(now_ms)
+    /drain-agent run --listen 127.0.0.1:9100 "$@" >"$log" 2>&1 &
+    AGENT_PID=$!
+    i=0
+    while [ "$i" -lt 600 ]; do
+        if ! kill -0 "$AGENT_PID" 2>/dev/null; then
+            WHY="agent exited: $(grep -v '^ *$' "$log" | tail -n 1)"
+            return 1
+        fi
+        http /healthz
+        if [ "$CODE" = 200 ]; then
+            START_MS=$(($(now_ms) - t0))
+            ATTACH=$(echo "$BODY" | sed -n 's/.*"attach":"\([a-z_]*\)".*/\1/p')
+            return 0
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    WHY="no healthy answer within 60 s: $(tail -n 1 "$log")"
+    stop_agent
+    return 1
+}
+
+stop_agent() {
+    kill -TERM "$AGENT_PID" 2>/dev/null
+    wait "$AGENT_PID" 2>/dev/null
+}
+
+# Also print the agent's warnings (why an attach mode failed) for the log.
+show_log() {
+    grep -E 'WARN|ERROR|error' "/tmp/$1.log" | head -n 5 | sed "s/^/agent[$1]: /"
+}
+
+result boots ok
+result kernel "$(uname -r)"
+if [ -e /sys/kernel/btf/vmlinux ]; then result btf ok; else fail btf "no /sys/kernel/btf/vmlinux"; fi
+
+# --- Each attach mode, forced: attach, count one connection, wake a waiter. ---
+port=8200
+for mode in tp-btf tracepoint raw-tracepoint; do
+    port=$((port + 1))
+    key=attach_$mode
+    if ! start_agent "$mode" --attach "$mode" --log-level warn; then
+        fail "$key" "$WHY"
+        show_log "$mode"
+        continue
+    fi
+    want=$(echo "$mode" | tr - _)
+    if [ "$ATTACH" != "$want" ]; then
+        fail "$key" "attached with $ATTACH"
+    elif ! serve "$port"; then
+        fail "$key" "nc cannot listen on $port"
+    else
+        connect "$port"
+        if ! wait_tcp "$port" 01 1; then
+            fail "$key" "connection to $port not established"
+        elif ! expect_active "$port" 1; then
+            fail "$key" "$WHY"
+        else
+            kill "$CLIENT"
+            if expect_drained "$port" && expect_active "$port" 0; then
+                result "$key" ok
+            else
+                fail "$key" "$WHY"
+            fi
+        fi
+    fi
+    stop_agent
+    show_log "$mode"
+done
+
+# --- The default run: connections that exist before start, in this and another namespace. ---
+serve 8101
+connect 8101
+PRE_CLIENT=$CLIENT
+wait_tcp 8101 01 1 || fail pre_existing "connection to 8101 not established"
+# A second network namespace with its own loopback, server and connection, kept alive by
+# its processes (the agent finds it through /proc/PID/ns/net).
+unshare -n sh -c '
+    ip link set lo up
+    nc -ll -p 8102 -e /bin/cat </dev/null >/dev/null 2>&1 &
+    sleep 0.3
+    nc 127.0.0.1 8102 <&3 >/dev/null 2>&1 &
+    echo $! >/tmp/netns.client
+    sleep 100000
+' &
+NETNS_SH=$!
+sleep 1
+
+if ! start_agent default; then
+    fail attach_default "$WHY"
+    show_log default
+else
+    result attach_default "$ATTACH"
+    result start_ms "$START_MS"
+
+    # Pre-existing connection, this namespace.
+    if ! expect_active 8101 1; then
+        fail pre_existing "$WHY"
+    else
+        kill "$PRE_CLIENT"
+        if expect_drained 8101 && expect_active 8101 0; then result pre_existing ok; else fail pre_existing "$WHY"; fi
+    fi
+
+    # Pre-existing connection, second namespace.
+    if [ ! -s /tmp/netns.client ]; then
+        fail netns_seed "the second namespace did not start"
+    elif ! expect_active 8102 1; then
+        fail netns_seed "$WHY"
+    else
+        kill "$(cat /tmp/netns.client)"
+        if expect_drained 8102 && expect_active 8102 0; then result netns_seed ok; else fail netns_seed "$WHY"; fi
+    fi
+
+    # New connections: three at once, counted, then all closed.
+    serve 8103
+    connect 8103
+    c1=$CLIENT
+    connect 8103
+    c2=$CLIENT
+    connect 8103
+    c3=$CLIENT
+    if ! wait_tcp 8103 01 3; then
+        fail new_connections "3 connections to 8103 not established"
+    elif ! expect_active 8103 3; then
+        fail new_connections "$WHY"
+    else
+        kill "$c1" "$c2"
+        i=0
+        until expect_active 8103 1 || [ "$i" -ge 30 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        if ! expect_active 8103 1; then
+            fail new_connections "after closing 2: $WHY"
+        else
+            kill "$c3"
+            if expect_drained 8103 && expect_active 8103 0; then result new_connections ok; else fail new_connections "$WHY"; fi
+        fi
+    fi
+
+    # Wake-up stress: a waiter blocked on an open connection must be answered within 1 s
+    # of the close, every round.
+    serve 8104
+    worst=0
+    late=0
+    bad=""
+    r=0
+    while [ "$r" -lt "$rounds" ]; do
+        r=$((r + 1))
+        connect 8104
+        if ! wait_tcp 8104 01 1; then
+            bad="round $r: connection not established"
+            break
+        fi
+        rm -f /tmp/waiter.out
+        wget -q -O /tmp/waiter.out "$AGENT/drained?port=8104&timeout=20s" 2>/dev/null &
+        waiter=$!
+        sleep 0.15
+        if ! kill -0 "$waiter" 2>/dev/null; then
+            bad="round $r: the waiter was answered before the close: $(cat /tmp/waiter.out 2>/dev/null)"
+            kill "$CLIENT"
+            break
+        fi
+        t0=$(now_ms)
+        kill "$CLIENT"
+        wait "$waiter"
+        took=$(($(now_ms) - t0))
+        case "$(cat /tmp/waiter.out 2>/dev/null)" in
+            *'"drained":true'*) ;;
+            *)
+                bad="round $r: waiter got $(cat /tmp/waiter.out 2>/dev/null)"
+                break
+                ;;
+        esac
+        [ "$took" -gt "$worst" ] && worst=$took
+        if [ "$took" -gt 1000 ]; then
+            # The agent's own waited_ms tells an answer sent late from a slow guest.
+            late=$((late + 1))
+            waited=$(sed -n 's/.*"waited_ms":\([0-9]*\).*/\1/p' /tmp/waiter.out)
+            echo "late round $r: $took ms after the close, agent waited_ms=$waited"
+        fi
+    done
+    if [ -n "$bad" ]; then
+        fail wakeup "$bad"
+    elif [ "$late" -gt 0 ]; then
+        # For the log: did the agent doubt its counts (skipped handler runs, lost events)?
+        http /metrics
+        echo "$BODY" | grep -v '^#' | grep -E 'skipped|lost|doubt|error|repair' | sed 's/^/late metrics: /'
+        fail wakeup "$late of $rounds rounds later than 1 s (worst $worst ms)"
+    else
+        result wakeup "ok ${worst} ms"
+    fi
+
+    rss=$(sed -n 's/^VmRSS:[^0-9]*\([0-9]*\) kB/\1/p' "/proc/$AGENT_PID/status")
+    result rss_kib "$rss"
+    stop_agent
+    show_log default
+fi
+kill "$NETNS_SH" 2>/dev/null
+result done ok
+poweroff -f
