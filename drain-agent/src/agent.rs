@@ -14,7 +14,9 @@ use crate::{
     kernel::destroy::{CloseMethod, KernelCloser},
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
+    pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
     repair::{repair_missed_changes, watch_skipped_runs},
+    server::ServerLimits,
     tracker::Tracker,
 };
 
@@ -211,19 +213,59 @@ pub async fn run(args: RunArgs) -> Result<()> {
         drains: Arc::clone(&drains),
     });
     info!("serving on http://{address} (attached with {attach})");
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let pods_task = match args.pod_listen {
+        Some(addr) => {
+            let options = PodListenOptions {
+                addr,
+                name_prefix: args.pod_netns_prefix.clone(),
+                limits: ServerLimits {
+                    max_connections: args.pod_http_max_connections,
+                    ..ServerLimits::from_args(&args)
+                },
+            };
+            // The same state, but the agent's own port there is the pod port.
+            let pod_state = Arc::new(AppState {
+                tracker: Arc::clone(&state.tracker),
+                limits: WaitLimits {
+                    own_port: Some(addr.port()),
+                    ..state.limits
+                },
+                metrics: Arc::clone(&state.metrics),
+                drains: Arc::clone(&state.drains),
+            });
+            let endpoints: Arc<dyn OwnEndpoints> = Arc::new(KernelEndpoints(Arc::clone(&kernel)));
+            let metrics = Arc::clone(&state.metrics);
+            let stopping = stopping.clone();
+            Some(tokio::spawn(async move {
+                serve_in_pods(options, pod_state, endpoints, &metrics, stopping).await
+            }))
+        }
+        None => None,
+    };
     let shutdown_tracker = Arc::clone(&tracker);
-    crate::server::serve(
+    let served = crate::server::serve(
         listener,
         router(state),
-        crate::server::ServerLimits::from_args(&args),
+        ServerLimits::from_args(&args),
         async move {
             wait_for_stop_signal().await;
             info!("shutting down: answering open waiters");
             shutdown_tracker.begin_shutdown();
+            let _ = stop.send(true);
         },
     )
     .await
-    .context("the HTTP server failed")?;
+    .context("the HTTP server failed");
+    if let Some(pods_task) = pods_task {
+        // The pod listeners shut down with the node's (their shutdown is bounded as well).
+        match pods_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(problem)) => error!("the pod listeners failed: {problem:#}"),
+            Err(problem) => error!("the pod listener task failed: {problem}"),
+        }
+    }
+    served?;
     // Drains in progress ended with the shutdown: let them write their records.
     drains
         .wait_all_ended(std::time::Duration::from_secs(2))
@@ -244,6 +286,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(kernel);
     info!("programs detached; bye");
     Ok(())
+}
+
+/// The kernel's own-endpoint map, for the pod listeners.
+struct KernelEndpoints(Arc<std::sync::Mutex<Kernel>>);
+
+impl OwnEndpoints for KernelEndpoints {
+    fn ignore(&self, netns: u32, port: u16) -> Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ignore_own_endpoint(netns, port)
+    }
+
+    fn forget(&self, netns: u32, port: u16) -> Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_own_endpoint(netns, port)
+    }
 }
 
 async fn wait_for_stop_signal() {

@@ -124,6 +124,25 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_LISTEN", default_value = "127.0.0.1:9100")]
     pub listen: SocketAddr,
 
+    /// Also serve the API inside every other network namespace (every pod) on this address,
+    /// e.g. 127.0.0.1:9100 (hooks call localhost) or 0.0.0.0:9100 (the kubelet's httpGet
+    /// calls the pod IP). Requests there answer for that namespace only. Off by default.
+    #[arg(long, env = "DRAIN_AGENT_POD_LISTEN")]
+    pub pod_listen: Option<SocketAddr>,
+
+    /// With --pod-listen: only named namespaces (/run/netns/NAME) whose NAME starts with
+    /// this (e.g. "cni-" for the pods of containerd and CRI-O); default: every namespace.
+    #[arg(long, env = "DRAIN_AGENT_POD_NETNS_PREFIX", requires = "pod_listen")]
+    pub pod_netns_prefix: Option<String>,
+
+    /// With --pod-listen: open HTTP connections at most per pod listener.
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_POD_HTTP_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub pod_http_max_connections: usize,
+
     /// How long /drained blocks when the request has no `timeout`.
     #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub default_timeout: Duration,

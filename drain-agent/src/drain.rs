@@ -242,6 +242,14 @@ impl Drains {
         lock(&self.held).remove(&filter.port).is_some()
     }
 
+    /// Whether a drain of `port` in the namespace `netns` is in progress: `/health?port=P`
+    /// asked inside a pod (its own drains only).
+    pub fn draining_in(&self, port: u16, netns: u32) -> bool {
+        lock(&self.running)
+            .keys()
+            .any(|filter| filter.port == port && filter.netns == Some(netns))
+    }
+
     /// Starts a drain of `spec.filter`, or returns the one in progress for that scope.
     /// `true` when it was started now; `None` when as many drains as allowed run already.
     pub fn start(self: &Arc<Self>, spec: DrainSpec) -> Option<(DrainRecord, bool)> {

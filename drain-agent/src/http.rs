@@ -7,7 +7,7 @@ use std::sync::{
 
 use axum::{
     Json, Router,
-    extract::{RawQuery, State},
+    extract::{Extension, RawQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -23,8 +23,16 @@ use crate::{
     },
     drain::{DrainEnd, Drains},
     metrics::Metrics,
+    pod_scope::{PodScope, confine, node_only},
     tracker::{Filter, Tracker, WaitError},
 };
+
+/// The pod scope of a request (`None` on the node listener): see `pod_scope.rs`.
+type Scope = Option<Extension<PodScope>>;
+
+fn scope_of(scope: &Scope) -> Option<&PodScope> {
+    scope.as_ref().map(|Extension(scope)| scope)
+}
 
 /// Everything the handlers need.
 pub struct AppState {
@@ -56,8 +64,13 @@ async fn not_found() -> Response {
     )
 }
 
-async fn drained(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let request = match parse_drain_request(query.as_deref(), state.limits) {
+async fn drained(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let parsed = parse_drain_request(query.as_deref(), state.limits);
+    let request = match confine(scope_of(&scope), parsed).await {
         Ok(request) => request,
         Err(problem) => {
             state.metrics.drain_request(DrainResult::Invalid, None);
@@ -153,8 +166,13 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `POST /drain?port=P[&addr][&netns][&timeout][&quiet][&ignore][&idle][&on_timeout][&pace]`:
 /// starts a drain (201) or returns the one in progress for that scope (200).
-async fn start_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let request = match parse_drain_request(query.as_deref(), state.limits) {
+async fn start_drain(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let parsed = parse_drain_request(query.as_deref(), state.limits);
+    let request = match confine(scope_of(&scope), parsed).await {
         Ok(request) => request,
         Err(problem) => return problem.into_response(),
     };
@@ -177,8 +195,13 @@ async fn start_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
 }
 
 /// `DELETE /drain?port=P[&addr][&netns]`: cancels the drain of that scope.
-async fn cancel_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
-    let filter = match parse_scope_request(query.as_deref(), state.limits) {
+async fn cancel_drain(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let parsed = parse_scope_request(query.as_deref(), state.limits);
+    let filter = match confine(scope_of(&scope), parsed).await {
         Ok(filter) => filter,
         Err(problem) => return problem.into_response(),
     };
@@ -192,11 +215,19 @@ async fn cancel_drain(State(state): State<Arc<AppState>>, RawQuery(query): RawQu
 }
 
 /// `GET /drains`: drains in progress and the last ended ones.
-async fn list_drains(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn list_drains(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
     if let Err(problem) = parse_query(query.as_deref(), &[]) {
         return problem.into_response();
     }
-    let (in_progress, recent) = state.drains.list();
+    let (mut in_progress, mut recent) = state.drains.list();
+    if let Some(scope) = scope_of(&scope) {
+        in_progress.retain(|record| record.netns == Some(scope.netns));
+        recent.retain(|record| record.netns == Some(scope.netns));
+    }
     (
         StatusCode::OK,
         Json(DrainsBody {
@@ -209,7 +240,11 @@ async fn list_drains(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
 
 /// `GET /health?port=P`: 200 normally, 503 while a drain of P is in progress — a health
 /// check for load balancers (AWS target groups, nginx, HAProxy `httpchk`, readiness).
-async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn health(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
     let port = match parse_query(query.as_deref(), &["port"]).and_then(|values| {
         values
             .get("port")
@@ -220,7 +255,10 @@ async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -
         Ok(port) => port,
         Err(problem) => return problem.into_response(),
     };
-    let draining = state.drains.draining(port);
+    let draining = match scope_of(&scope) {
+        Some(scope) => state.drains.draining_in(port, scope.netns),
+        None => state.drains.draining(port),
+    };
     let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -230,7 +268,14 @@ async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -
 }
 
 /// `GET /advice`: per port, how long connections last and the drain timeout to pick.
-async fn advice(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn advice(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if scope.is_some() {
+        return node_only();
+    }
     if let Err(problem) = parse_query(query.as_deref(), &[]) {
         return problem.into_response();
     }
@@ -286,7 +331,11 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /connections[?port=P][&addr=IP][&netns=N][&peers=true]`: endpoints with active
 /// connections, and with `peers=true` each one's connections (peer, age, idle, queues).
-async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn connections(
+    State(state): State<Arc<AppState>>,
+    scope: Scope,
+    RawQuery(query): RawQuery,
+) -> Response {
     let parsed = parse_query(query.as_deref(), &CONNECTION_PARAMETERS).and_then(|values| {
         let port = values
             .get("port")
@@ -304,10 +353,17 @@ async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
         };
         Ok((port, addr, netns, peers))
     });
-    let (port, addr, netns, with_peers) = match parsed {
-        Ok(parsed) => parsed,
-        Err(problem) => return problem.into_response(),
+    let (port, addr, mut netns, with_peers) = match (parsed, scope_of(&scope)) {
+        (Ok(parsed), _) => parsed,
+        (Err(problem), Some(scope)) => return scope.hide(problem).into_response(),
+        (Err(problem), None) => return problem.into_response(),
     };
+    if let Some(scope) = scope_of(&scope) {
+        match scope.check(addr, netns).await {
+            Ok(own) => netns = Some(own),
+            Err(problem) => return problem.into_response(),
+        }
+    }
     let mut endpoints = match state.tracker.snapshot() {
         Ok(endpoints) => endpoints,
         Err(problem) => {
@@ -350,7 +406,10 @@ async fn connections(State(state): State<Arc<AppState>>, RawQuery(query): RawQue
     (StatusCode::OK, Json(ConnectionsBody { endpoints: rows })).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>, scope: Scope) -> Response {
+    if scope.is_some() {
+        return node_only();
+    }
     match state.metrics.render() {
         Ok(text) => (
             StatusCode::OK,

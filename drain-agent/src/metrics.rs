@@ -443,6 +443,13 @@ impl Collector for DrainCollector {
 }
 
 impl Metrics {
+    /// Adds a collector of another module (the pod listeners' gauge).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<()> {
+        self.registry
+            .register(collector)
+            .context("cannot register a metric")
+    }
+
     /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).
     pub fn register_drains(&self, drains: Arc<Drains>) -> Result<()> {
         let desc = |(name, help): (&str, &str), labels: &[&str]| {

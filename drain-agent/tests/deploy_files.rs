@@ -580,16 +580,6 @@ fn env_field_ref<'a>(container: &'a Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("env {name} from a fieldRef"))
 }
 
-fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
-    container["env"]
-        .as_array()
-        .expect("env")
-        .iter()
-        .find(|e| e["name"] == name)
-        .and_then(|e| e["value"].as_str())
-        .unwrap_or_else(|| panic!("env {name} with a value"))
-}
-
 #[test]
 fn kubernetes_manifests_agree_with_each_other() {
     let test = "kubernetes_manifests_agree_with_each_other";
@@ -712,39 +702,40 @@ fn kubernetes_manifests_agree_with_each_other() {
     let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
     assert_eq!(labels[job_label], "drain-agent");
 
-    // The example application: preStop asks its node's agent about its own IP and port.
+    // The example application: preStop is an httpGet to the agent's listener inside the
+    // pod (--pod-listen), nothing in the image.
+    let pod_listen = flag_value(&args, "--pod-listen").expect("--pod-listen");
+    let pod_port: u16 = pod_listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("--pod-listen ADDR:PORT");
+    assert_ne!(
+        pod_port, agent_port,
+        "the node listener is off the pod port"
+    );
     let deployment = find_kind(&documents, "Deployment", "example-app");
     let pod = &deployment["spec"]["template"]["spec"];
     let app = &pod["containers"][0];
-    assert_eq!(env_field_ref(app, "HOST_IP"), "status.hostIP");
-    assert_eq!(env_field_ref(app, "POD_IP"), "status.podIP");
+    let hook = &app["lifecycle"]["preStop"]["httpGet"];
     assert_eq!(
-        env_value(app, "DRAIN_AGENT_URL"),
-        format!("http://$(HOST_IP):{agent_port}")
+        hook["port"], pod_port,
+        "the hook calls the agent inside the pod"
     );
-    let command: Vec<&str> = app["lifecycle"]["preStop"]["exec"]["command"]
-        .as_array()
-        .expect("an exec preStop")
-        .iter()
-        .map(|w| w.as_str().expect("word"))
+    let path = hook["path"].as_str().expect("an httpGet preStop path");
+    let query = path
+        .strip_prefix("/drained?")
+        .expect("the hook asks /drained");
+    let params: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    let joined = command.join(" ");
-    // Kubernetes expands $(VAR) in env, command and args, but not in hooks
-    // (kubernetes/kubernetes#129502): such a hook would send the literal text.
     assert!(
-        !joined.contains("$("),
-        "preStop uses $(VAR), which Kubernetes leaves as is: {joined}"
+        !params.contains_key("addr") && !params.contains_key("netns"),
+        "inside the pod the scope is the pod already: {path}"
     );
-    let words: Vec<&str> = joined
-        .split_whitespace()
-        .map(|w| w.trim_matches('"'))
-        .collect();
-    assert!(joined.contains("drain-agent wait"), "{joined}");
-    assert_eq!(flag_value(&words, "--addr"), Some("$POD_IP"));
-    let app_port: u16 = flag_value(&words, "--port")
-        .expect("--port")
-        .parse()
-        .expect("port");
+    let app_port: u16 = params["port"].parse().expect("port");
     assert!(
         app["ports"]
             .as_array()
@@ -753,8 +744,7 @@ fn kubernetes_manifests_agree_with_each_other() {
             .any(|p| p["containerPort"] == app_port),
         "the preStop port {app_port} is the container's"
     );
-    let timeout =
-        parse_duration(flag_value(&words, "--timeout").expect("--timeout")).expect("timeout");
+    let timeout = parse_duration(&params["timeout"]).expect("timeout");
     let grace = Duration::from_secs(
         pod["terminationGracePeriodSeconds"]
             .as_u64()
@@ -1498,72 +1488,67 @@ fn example_stop_hooks_wait_for_the_drain() {
         .spawn()
         .expect("run the ExecStop= wait");
 
-    // The shell script of the exec preStop, found in the text (no YAML parser needed).
+    // The httpGet preStop, found in the text (no YAML parser needed), sent as the kubelet
+    // sends it. Here to the node listener: the same handler; what the listener inside the
+    // pod adds (the pod's scope) is tested in tests/pod_listen.rs.
     let text = read(&deploy("kubernetes/example-app.yaml"));
-    let script = text
+    let hook_path = text
         .lines()
         .map(str::trim_start)
-        .find(|l| l.starts_with("- exec drain-agent wait"))
-        .expect("preStop: - exec drain-agent wait …")
-        .trim_start_matches("- ")
-        .replace("--port 8080", &format!("--port {port}"));
-    // As the kubelet runs it: in the container's environment (drain-agent on PATH), with no
-    // $(VAR) expansion; DRAIN_AGENT_URL is what Kubernetes makes of http://$(HOST_IP):PORT.
-    let path = format!(
-        "{}:{}",
-        binary.parent().expect("bin dir").display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let kubernetes_hook = Command::new("/bin/sh")
-        .args(["-c", &script])
-        .env("PATH", path)
-        .env("POD_IP", "127.0.0.1")
-        // The node's address, where probes come from: not the test client's.
-        .env("HOST_IP", "127.0.0.2")
-        .env("DRAIN_AGENT_URL", &agent.url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the preStop hook");
+        .find_map(|l| l.strip_prefix("path: /drained?"))
+        .map(|query| {
+            format!(
+                "/drained?{}",
+                query.replace("port=8080", &format!("port={port}"))
+            )
+        })
+        .expect("preStop: httpGet: path: /drained?…");
+    let agent_port = agent.port;
+    let kubernetes_hook = std::thread::spawn(move || {
+        common::http::get(
+            common::http::loopback(agent_port),
+            &hook_path,
+            Duration::from_secs(60),
+        )
+        .expect("the httpGet hook is answered")
+    });
 
-    let mut hooks = [
-        ("systemd ExecStop", systemd_hook),
-        ("Kubernetes preStop", kubernetes_hook),
-    ];
+    let mut systemd_hook = systemd_hook;
     std::thread::sleep(Duration::from_millis(1500));
-    for (name, hook) in &mut hooks {
-        let early = hook.try_wait().expect("try_wait");
-        assert!(
-            early.is_none(),
-            "{name} returned ({early:?}) while a connection was open"
-        );
-    }
+    let early = systemd_hook.try_wait().expect("try_wait");
+    assert!(
+        early.is_none(),
+        "systemd ExecStop returned ({early:?}) while a connection was open"
+    );
+    assert!(
+        !kubernetes_hook.is_finished(),
+        "the Kubernetes preStop returned while a connection was open"
+    );
     drop(client);
     server.close_all();
     let closed = Instant::now();
-    for (name, hook) in hooks {
-        let output = hook
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(
-            output.status.success(),
-            "{name} did not exit 0: {:?}\n{}",
-            output.status,
-            text_of(&output)
-        );
-        // 100 ms of slack for the kernel's and the test's clocks.
-        assert!(
-            hooks_started.elapsed() + Duration::from_millis(100) >= quiet,
-            "{name} returned {:?} after it began, before the {quiet:?} quiet window",
-            hooks_started.elapsed()
-        );
-        println!(
-            "{name}: exit 0 {:?} after the close, {:?} after it began",
-            closed.elapsed(),
-            hooks_started.elapsed()
-        );
-    }
+    let output = systemd_hook
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("systemd ExecStop: {e}"));
+    assert!(
+        output.status.success(),
+        "systemd ExecStop did not exit 0: {:?}\n{}",
+        output.status,
+        text_of(&output)
+    );
+    let (status, body) = kubernetes_hook.join().expect("preStop thread");
+    assert_eq!(status, 200, "the Kubernetes preStop: {body}");
+    // 100 ms of slack for the kernel's and the test's clocks.
+    assert!(
+        hooks_started.elapsed() + Duration::from_millis(100) >= quiet,
+        "the hooks returned {:?} after they began, before the {quiet:?} quiet window",
+        hooks_started.elapsed()
+    );
+    println!(
+        "both hooks answered {:?} after the close, {:?} after they began",
+        closed.elapsed(),
+        hooks_started.elapsed()
+    );
 }
 
 #[test]

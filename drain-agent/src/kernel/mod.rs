@@ -219,6 +219,15 @@ impl Kernel {
         Ok(())
     }
 
+    /// Counts connections to `port` in `netns` again (a pod listener there is closed). The
+    /// port's bit in the own-ports bitmap stays: it only sends the handler to look.
+    pub fn forget_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        match self.own_endpoints.remove(&netns_port_key(netns, port)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(problem) => Err(problem).context("cannot forget an own endpoint"),
+        }
+    }
+
     /// How the handler is attached.
     pub const fn attach_method(&self) -> AttachMethod {
         self.attach

@@ -1,0 +1,119 @@
+//! The scope of a request that arrived on a listener inside a pod's network namespace
+//! (`--pod-listen`): it may ask about that namespace only. The pod listener manager
+//! (`pods.rs`) puts a [`PodScope`] into each request's extensions; the handlers (`http.rs`)
+//! confine what they parsed with it. On the node listener there is no `PodScope` and
+//! nothing changes.
+//!
+//! The rules (README "HTTP API" → "Inside a pod"):
+//! - a `/drained`, `/drain` or `/connections` scope gets `netns=` set to the pod's own
+//!   namespace; naming another namespace (or one that does not exist: no probing which
+//!   do) is 400, and so is an `addr=` that is not an address of the pod's namespace;
+//! - `/drains` lists only the pod's drains, `/health?port=P` says whether the pod's own
+//!   drain of P is in progress;
+//! - `/metrics` and `/advice` are node-wide (other pods' ports, and with them what runs
+//!   there): 403, served on the node listener only.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use axum::{http::StatusCode, response::Response};
+
+use crate::{
+    api::{ApiError, DrainRequest, error},
+    netns,
+    tracker::{Filter, canonical_addr},
+};
+
+/// The namespace a pod listener lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodScope {
+    /// Inode of the network namespace.
+    pub netns: u32,
+}
+
+/// The message of every refused `netns=` on a pod listener, the same whatever the reason.
+pub const OTHER_NETNS: &str = "netns: this listener is inside a pod and answers for its own network namespace only (leave netns out)";
+
+/// Something with a scope a pod listener confines.
+pub trait Scoped {
+    fn filter_mut(&mut self) -> &mut Filter;
+}
+
+impl Scoped for Filter {
+    fn filter_mut(&mut self) -> &mut Filter {
+        self
+    }
+}
+
+impl Scoped for DrainRequest {
+    fn filter_mut(&mut self) -> &mut Filter {
+        &mut self.filter
+    }
+}
+
+impl PodScope {
+    /// The namespace a request may ask about, given the `addr` and `netns` it named.
+    pub async fn check(&self, addr: Option<IpAddr>, netns: Option<u32>) -> Result<u32, ApiError> {
+        if netns.is_some_and(|asked| asked != self.netns) {
+            return Err(ApiError::BadRequest(OTHER_NETNS.into()));
+        }
+        if let Some(addr) = addr {
+            let addr = canonical_addr(addr);
+            let own = self.addresses().await.map_err(|problem| {
+                ApiError::BadRequest(format!(
+                    "addr: cannot read this namespace's addresses: {problem:#}"
+                ))
+            })?;
+            if !own.contains(&addr) {
+                return Err(ApiError::BadRequest(format!(
+                    "addr: {addr} is not an address of this pod's network namespace"
+                )));
+            }
+        }
+        Ok(self.netns)
+    }
+
+    /// The addresses of the namespace, read on a thread inside it.
+    async fn addresses(&self) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
+        let inode = self.netns;
+        tokio::task::spawn_blocking(move || {
+            let path: PathBuf = netns::all_namespaces()
+                .remove(&inode)
+                .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
+            netns::run_in(&path, crate::ifaddrs::local_addresses)
+        })
+        .await?
+    }
+
+    /// A parse error as a pod sees it: "not found" would tell which namespaces exist.
+    pub fn hide(&self, problem: ApiError) -> ApiError {
+        match problem {
+            ApiError::NotFound(_) => ApiError::BadRequest(OTHER_NETNS.into()),
+            ApiError::BadRequest(message) if message == netns::REFUSED_PATH => {
+                ApiError::BadRequest(OTHER_NETNS.into())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Confines a parsed request to the pod's namespace (no scope: unchanged).
+pub async fn confine<T: Scoped>(
+    scope: Option<&PodScope>,
+    parsed: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let Some(scope) = scope else {
+        return parsed;
+    };
+    let mut parsed = parsed.map_err(|problem| scope.hide(problem))?;
+    let filter = parsed.filter_mut();
+    filter.netns = Some(scope.check(filter.addr, filter.netns).await?);
+    Ok(parsed)
+}
+
+/// The answer to a node-wide endpoint asked on a pod listener.
+pub fn node_only() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "node-wide data is served on the agent's node listener only, not inside a pod",
+    )
+}

@@ -1,0 +1,426 @@
+//! `--pod-listen ADDR`: the agent's API inside every pod's network namespace, so a stop
+//! hook reaches it at `localhost:PORT` (or, bound to `0.0.0.0`, at the pod's IP from the
+//! kubelet's `httpGet`) and needs nothing in the application's image.
+//!
+//! This module is the listener manager: it finds namespaces (inotify on the named
+//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), binds ADDR
+//! in each new one on a thread that entered it (a socket stays in the namespace it was
+//! created in), serves the routes there through its own [`server::serve`] (so connection
+//! caps and per-source waiter limits apply per pod: one pod cannot starve another), and
+//! closes the listener as soon as the namespace is gone from [`netns::all_namespaces`] —
+//! a listening socket holds its namespace alive, so keeping it would pin a dead pod's
+//! whole network stack.
+//!
+//! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
+//! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
+//! from the node's own addresses (the kubelet calls the pod IP from the node) are answered,
+//! others get 403.
+//!
+//! A namespace where ADDR is taken already is skipped for its lifetime (logged once,
+//! counted in `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry
+//! that could take the port from the pod while its server restarts.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use axum::{
+    Extension,
+    extract::{ConnectInfo, Request, State},
+    http::StatusCode,
+    middleware::{Next, from_fn_with_state},
+    response::Response,
+};
+use log::{debug, info, warn};
+use prometheus::{IntGaugeVec, Opts};
+use tokio::{sync::watch, task::JoinSet, time::Instant};
+
+use crate::{
+    api::error,
+    http::{AppState, router},
+    metrics::Metrics,
+    netns,
+    netns_watch::NetnsWatch,
+    pod_scope::PodScope,
+    server::{self, ServerLimits},
+    tracker::canonical_addr,
+};
+
+/// The `/proc` rescan period: namespaces of processes have no file event.
+const RESCAN: Duration = Duration::from_secs(1);
+/// After a file event, rescan this often for a while: `ip netns add` and the runtimes
+/// create the file first and bind-mount the namespace onto it a moment later.
+const BURST_EVERY: Duration = Duration::from_millis(25);
+const BURST_FOR: Duration = Duration::from_millis(750);
+
+/// Keeps the agent's own connections uncounted (the kernel side implements it).
+pub trait OwnEndpoints: Send + Sync + 'static {
+    /// Leaves connections to `port` in `netns` uncounted.
+    fn ignore(&self, netns: u32, port: u16) -> Result<()>;
+    /// Undoes [`OwnEndpoints::ignore`] once the listener is closed.
+    fn forget(&self, netns: u32, port: u16) -> Result<()>;
+}
+
+/// What `--pod-listen` and its companion flags ask for.
+#[derive(Clone, Debug)]
+pub struct PodListenOptions {
+    pub addr: SocketAddr,
+    /// Only named namespaces (`/run/netns/NAME`) whose NAME starts with this.
+    pub name_prefix: Option<String>,
+    pub limits: ServerLimits,
+}
+
+/// A listener being served.
+struct Listening {
+    stop: watch::Sender<bool>,
+}
+
+/// Callers a listener beyond loopback answers besides loopback: the node's addresses.
+#[derive(Clone, Default)]
+struct NodeAddresses(Arc<RwLock<BTreeSet<IpAddr>>>);
+
+impl NodeAddresses {
+    fn allows(&self, peer: IpAddr) -> bool {
+        let peer = canonical_addr(peer);
+        peer.is_loopback()
+            || self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&peer)
+    }
+
+    fn set(&self, addresses: BTreeSet<IpAddr>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = addresses;
+    }
+}
+
+/// Serves the API inside every pod namespace until `stop` turns true; then every pod
+/// listener shuts down (within `limits.shutdown_timeout`) before this returns.
+pub async fn serve_in_pods(
+    options: PodListenOptions,
+    state: Arc<AppState>,
+    endpoints: Arc<dyn OwnEndpoints>,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let gauge = IntGaugeVec::new(
+        Opts::new(
+            "drain_agent_pod_listeners",
+            "--pod-listen listeners inside pod network namespaces: listening, or skipped (the address was taken in that namespace).",
+        ),
+        &["state"],
+    )?;
+    metrics.register(Box::new(gauge.clone()))?;
+    let own_netns = netns::inode_of(Path::new("/proc/self/ns/net"))
+        .context("cannot read the agent's own network namespace")?;
+    let mut watch = match NetnsWatch::new() {
+        Ok(watch) => Some(watch),
+        Err(problem) => {
+            warn!("{problem:#}; finding new namespaces by rescanning every {RESCAN:?} only");
+            None
+        }
+    };
+    let node = NodeAddresses::default();
+    let mut manager = Manager {
+        options,
+        state,
+        endpoints,
+        node: node.clone(),
+        own_netns,
+        listening: BTreeMap::new(),
+        skipped: BTreeSet::new(),
+        failing: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        stop: stop.clone(),
+    };
+    info!(
+        "serving inside pod network namespaces on {} (node-level callers: loopback and this node's addresses)",
+        manager.options.addr
+    );
+    let mut burst_until: Option<Instant> = None;
+    loop {
+        manager.reconcile().await;
+        gauge
+            .with_label_values(&["listening"])
+            .set(i64::try_from(manager.listening.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["skipped"])
+            .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
+        if let Some(watch) = &mut watch {
+            watch.watch_dirs();
+        }
+        let next = match burst_until {
+            Some(until) if Instant::now() < until => BURST_EVERY,
+            _ => {
+                burst_until = None;
+                RESCAN
+            }
+        };
+        let changed = async {
+            match &mut watch {
+                Some(watch) => watch.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|stopping| *stopping) => break,
+            result = changed => {
+                if let Err(problem) = result {
+                    warn!("{problem:#}; finding new namespaces by rescanning only");
+                    watch = None;
+                }
+                burst_until = Some(Instant::now() + BURST_FOR);
+            }
+            () = tokio::time::sleep(next) => {}
+        }
+        // Finished listener tasks (their namespaces went away).
+        while manager.tasks.try_join_next().is_some() {}
+    }
+    // `stop` is true: every listener shuts down on its own; wait for them.
+    while manager.tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+struct Manager {
+    options: PodListenOptions,
+    state: Arc<AppState>,
+    endpoints: Arc<dyn OwnEndpoints>,
+    node: NodeAddresses,
+    own_netns: u32,
+    listening: BTreeMap<u32, Listening>,
+    /// Namespaces where the address was taken: left alone for their lifetime.
+    skipped: BTreeSet<u32>,
+    /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
+    /// every rescan, the problem logged once.
+    failing: BTreeMap<u32, String>,
+    tasks: JoinSet<()>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Manager {
+    /// One rescan: close listeners of namespaces that are gone, open them in new ones.
+    async fn reconcile(&mut self) {
+        let prefix = self.options.name_prefix.clone();
+        let own = self.own_netns;
+        let scanned = tokio::task::spawn_blocking(move || {
+            let addresses = crate::ifaddrs::local_addresses();
+            (candidates(own, prefix.as_deref()), addresses)
+        })
+        .await;
+        let (present, addresses) = match scanned {
+            Ok(scanned) => scanned,
+            Err(problem) => {
+                warn!("namespace scan failed: {problem}");
+                return;
+            }
+        };
+        match addresses {
+            Ok(addresses) => self.node.set(addresses),
+            Err(problem) => debug!("cannot read the node's addresses: {problem:#}"),
+        }
+        let gone: Vec<u32> = self
+            .listening
+            .keys()
+            .filter(|inode| !present.contains_key(inode))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(listening) = self.listening.remove(&inode) {
+                info!("network namespace {inode} is gone: closing its listener");
+                let _ = listening.stop.send(true);
+            }
+        }
+        self.skipped.retain(|inode| present.contains_key(inode));
+        self.failing.retain(|inode, _| present.contains_key(inode));
+        for (inode, path) in present {
+            if self.listening.contains_key(&inode) || self.skipped.contains(&inode) {
+                continue;
+            }
+            self.open(inode, path).await;
+        }
+    }
+
+    async fn open(&mut self, inode: u32, path: PathBuf) {
+        let addr = self.options.addr;
+        let bound = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || bind_in(&path, inode, addr)
+        })
+        .await;
+        let listener = match bound {
+            Ok(Ok(listener)) => listener,
+            Ok(Err(Bind::InUse)) => {
+                info!(
+                    "network namespace {inode} ({}): {addr} is in use there already; skipping it (no listener in that pod)",
+                    path.display()
+                );
+                self.skipped.insert(inode);
+                return;
+            }
+            Ok(Err(Bind::Failed(problem))) => {
+                let text = format!("{problem:#}");
+                if self.failing.get(&inode) != Some(&text) {
+                    debug!(
+                        "network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)"
+                    );
+                    self.failing.insert(inode, text);
+                }
+                return;
+            }
+            Err(problem) => {
+                warn!("network namespace {inode}: bind thread failed: {problem}");
+                return;
+            }
+        };
+        self.failing.remove(&inode);
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(problem) => {
+                warn!("network namespace {inode}: cannot register the listener: {problem}");
+                return;
+            }
+        };
+        let endpoints = Arc::clone(&self.endpoints);
+        let port = addr.port();
+        // After the bind (a pod that holds the port keeps its connections counted): a
+        // connection in between is counted and un-counted like any other.
+        let ignored = tokio::task::spawn_blocking({
+            let endpoints = Arc::clone(&endpoints);
+            move || endpoints.ignore(inode, port)
+        })
+        .await;
+        if !matches!(ignored, Ok(Ok(()))) {
+            warn!(
+                "network namespace {inode}: cannot leave the agent's own connections there uncounted; not listening"
+            );
+            return;
+        }
+        let mut app = router(Arc::clone(&self.state)).layer(Extension(PodScope { netns: inode }));
+        if !addr.ip().is_loopback() {
+            app = app.layer(from_fn_with_state(self.node.clone(), node_or_loopback_only));
+        }
+        let (stop_listener, mut stopped) = watch::channel(false);
+        let mut agent_stop = self.stop.clone();
+        let limits = self.options.limits;
+        info!(
+            "listening on {addr} inside network namespace {inode} ({})",
+            path.display()
+        );
+        self.tasks.spawn(async move {
+            let shutdown = async move {
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => {}
+                    _ = agent_stop.wait_for(|stop| *stop) => {}
+                }
+            };
+            if let Err(problem) = server::serve(listener, app, limits, shutdown).await {
+                warn!("network namespace {inode}: the listener failed: {problem:#}");
+            }
+            // The listener is closed (dropped by serve): the namespace is no longer held.
+            let forgotten =
+                tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
+            if !matches!(forgotten, Ok(Ok(()))) {
+                debug!("network namespace {inode}: own endpoint not forgotten");
+            }
+            debug!("network namespace {inode}: listener closed");
+        });
+        self.listening.insert(
+            inode,
+            Listening {
+                stop: stop_listener,
+            },
+        );
+    }
+}
+
+/// Why a bind failed.
+enum Bind {
+    /// The address is taken in that namespace (skip it for good).
+    InUse,
+    /// Anything else (retry later).
+    Failed(anyhow::Error),
+}
+
+/// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
+/// namespace `inode` (a PID may have been reused since the scan).
+fn bind_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<std::net::TcpListener, Bind> {
+    let result = netns::run_in(path, move || {
+        let entered = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
+        if entered != inode {
+            bail!("{} is now namespace {entered}, not {inode}", addr);
+        }
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .context("cannot make the listener non-blocking")?;
+                Ok(Ok(listener))
+            }
+            Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => Ok(Err(())),
+            Err(problem) => Err(problem).with_context(|| format!("cannot listen on {addr}")),
+        }
+    });
+    match result {
+        Ok(Ok(listener)) => Ok(listener),
+        Ok(Err(())) => Err(Bind::InUse),
+        Err(problem) => Err(Bind::Failed(problem)),
+    }
+}
+
+/// The namespaces to listen in: every one but the agent's own, or with a name prefix only
+/// named ones whose name starts with it.
+fn candidates(own: u32, prefix: Option<&str>) -> BTreeMap<u32, PathBuf> {
+    let mut found = netns::all_namespaces();
+    found.remove(&own);
+    let Some(prefix) = prefix else {
+        return found;
+    };
+    let mut named = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(netns::NAMED_NETNS_DIR) {
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(prefix) {
+                continue;
+            }
+            let path = entry.path();
+            if let Ok(inode) = netns::inode_of(&path)
+                && inode != own
+            {
+                named.insert(inode, path);
+            }
+        }
+    }
+    named
+}
+
+/// Middleware of listeners bound beyond loopback: loopback (the pod itself) and the node's
+/// own addresses (the kubelet's `httpGet`) only; anyone else (other pods, other hosts)
+/// gets 403.
+async fn node_or_loopback_only(
+    State(node): State<NodeAddresses>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip());
+    match peer {
+        Some(peer) if node.allows(peer) => next.run(request).await,
+        Some(peer) => error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{peer} may not ask here: this listener inside a pod answers the pod itself (localhost) and its node only"
+            ),
+        ),
+        None => error(StatusCode::FORBIDDEN, "unknown caller"),
+    }
+}

@@ -1,0 +1,550 @@
+//! `--pod-listen`: the agent's API inside every pod's network namespace. Pods are network
+//! namespaces with veth pairs to the host (10.213.3x.0/30, addresses that exist only in
+//! this test); the real agent binary serves inside them. A pod's requests answer for that
+//! pod only; the kubelet-style caller (the host, at the pod's IP) is answered, other
+//! callers are refused; a new namespace gets its listener within a second, a deleted one
+//! is let go (no socket of the agent pins it); a pod holding the port is left alone; and
+//! SIGTERM answers waiters on every listener.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Netns, Server, free_port, kernel_available, run, wait_until};
+
+/// A namespace with `eth0` on a veth pair to the host: host side `.1`, pod side `.2` of
+/// 10.213.`subnet`.0/30.
+struct Pod {
+    netns: Netns,
+    host_link: String,
+    ip: String,
+}
+
+impl Pod {
+    fn new(tag: &str, subnet: u8) -> Self {
+        let netns = Netns::new(tag);
+        let host_link = format!(
+            "dl{}{}",
+            std::process::id() % 100_000,
+            tag.chars().last().unwrap_or('x')
+        );
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_link])
+            .output();
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ],
+        );
+        let ip = format!("10.213.{subnet}.2");
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.213.{subnet}.1/30"),
+                "dev",
+                &host_link,
+            ],
+        );
+        run("ip", &["link", "set", &host_link, "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                &netns.name,
+                "addr",
+                "add",
+                &format!("{ip}/30"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run("ip", &["-n", &netns.name, "link", "set", "eth0", "up"]);
+        Self {
+            netns,
+            host_link,
+            ip,
+        }
+    }
+
+    fn listen(&self, port: u16) -> Server {
+        self.netns
+            .run_in(move || Server::start(&format!("0.0.0.0:{port}")))
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .output();
+    }
+}
+
+/// `GET path` from inside the namespace at `netns_path` (or from the host with `None`)
+/// to `addr`: status and JSON body (`Null` when not JSON).
+fn get_from(netns_path: Option<&str>, addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let path = path.to_owned();
+    let fetch = move || common::http::get(addr, &path, Duration::from_secs(60));
+    let (status, body) = match netns_path {
+        Some(ns) => drain_agent::netns::run_in(Path::new(ns), fetch),
+        None => fetch(),
+    }
+    .expect("request answered");
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+/// The same from another thread, for requests that block.
+fn spawn_get(
+    netns_path: Option<String>,
+    addr: SocketAddr,
+    path: String,
+) -> thread::JoinHandle<(u16, serde_json::Value, Duration)> {
+    thread::spawn(move || {
+        let started = Instant::now();
+        let (status, body) = get_from(netns_path.as_deref(), addr, &path);
+        (status, body, started.elapsed())
+    })
+}
+
+fn connect(ip: &str, port: u16, count: usize, server: &Server) -> Vec<TcpStream> {
+    let before = server.accepted();
+    let clients = (0..count)
+        .map(|_| {
+            TcpStream::connect_timeout(
+                &format!("{ip}:{port}").parse().expect("addr"),
+                Duration::from_secs(5),
+            )
+            .expect("connect to pod")
+        })
+        .collect();
+    server.wait_accepted(before + count);
+    clients
+}
+
+fn inode_of(path: &str) -> u64 {
+    std::fs::metadata(path).expect("namespace file").ino()
+}
+
+/// Every place a network namespace inode shows from user space: processes' and threads'
+/// namespaces (the agent's setns threads among them) and `lsns`.
+fn namespace_visible(inode: u64) -> Vec<String> {
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(entry.path().join("task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if std::fs::metadata(task.path().join("ns/net")).is_ok_and(|m| m.ino() == inode) {
+                seen.push(format!("{}", task.path().display()));
+            }
+        }
+    }
+    let lsns = Command::new("lsns")
+        .args(["-t", "net", "-n", "-o", "NS"])
+        .output()
+        .expect("lsns");
+    if String::from_utf8_lossy(&lsns.stdout)
+        .lines()
+        .any(|line| line.trim() == inode.to_string())
+    {
+        seen.push("lsns".into());
+    }
+    seen
+}
+
+/// The network namespace inodes of the sockets `pid` holds: each descriptor copied with
+/// pidfd_getfd, its namespace asked with SIOCGSKNS.
+fn socket_namespaces(pid: u32) -> Vec<u64> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: pidfd_open with a pid and no flags.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: pidfd_getfd copies a descriptor of the target into this process.
+        let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+        if copy < 0 {
+            continue;
+        }
+        let copy = copy as i32;
+        // SAFETY: SIOCGSKNS on a socket returns a new descriptor of its network namespace.
+        let ns = unsafe { libc::ioctl(copy, SIOCGSKNS) };
+        if ns >= 0 {
+            let metadata = std::fs::metadata(format!("/proc/self/fd/{ns}")).expect("ns fd");
+            found.push(metadata.ino());
+            // SAFETY: closing the descriptor the ioctl returned.
+            unsafe { libc::close(ns) };
+        }
+        // SAFETY: closing our copy.
+        unsafe { libc::close(copy) };
+    }
+    // SAFETY: closing the pidfd.
+    unsafe { libc::close(pidfd as i32) };
+    found
+}
+
+#[test]
+fn the_api_inside_every_pod() {
+    if !kernel_available("the_api_inside_every_pod") {
+        return;
+    }
+    let pid = std::process::id();
+    // Only this test's namespaces get listeners (other tests on this machine make theirs).
+    let prefix = format!("da-pl{pid}-");
+    let tag = |t: &str| format!("pl{pid}-{t}");
+    let pod_port = free_port();
+    let pod_a = Pod::new(&tag("a"), 31);
+    let pod_b = Pod::new(&tag("b"), 32);
+    // A pod that serves on the agent's pod port itself.
+    let squatter = Pod::new(&tag("c"), 33);
+    let squatter_server = squatter.listen(pod_port);
+    // A namespace outside the prefix, wired to pod A directly: neither loopback nor a node
+    // address for A's listener.
+    let stranger = Netns::new(&format!("plx{pid}"));
+    let (a_side, x_side) = (
+        format!("da{}a", pid % 100_000),
+        format!("da{}x", pid % 100_000),
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod_a.netns.name,
+            "link",
+            "add",
+            &a_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &x_side,
+            "netns",
+            &stranger.name,
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod_a.netns.name,
+            "addr",
+            "add",
+            "10.213.34.1/30",
+            "dev",
+            &a_side,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &pod_a.netns.name, "link", "set", &a_side, "up"],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &stranger.name,
+            "addr",
+            "add",
+            "10.213.34.2/30",
+            "dev",
+            &x_side,
+        ],
+    );
+    run("ip", &["-n", &stranger.name, "link", "set", &x_side, "up"]);
+
+    let pod_listen = format!("0.0.0.0:{pod_port}");
+    let mut agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-http-max-connections",
+        "8",
+        "--max-waiters-per-source",
+        "3",
+    ]);
+    wait_until("pod listeners", Duration::from_secs(5), || {
+        agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(2.0)
+            && agent.metric("drain_agent_pod_listeners{state=\"skipped\"}") == Some(1.0)
+    });
+    assert!(
+        agent.log_text().contains("is in use there already"),
+        "{}",
+        agent.log_text()
+    );
+    // The squatter's own server keeps working.
+    let before = squatter_server.accepted();
+    let _kept = TcpStream::connect_timeout(
+        &format!("{}:{pod_port}", squatter.ip).parse().expect("addr"),
+        Duration::from_secs(5),
+    )
+    .expect("the pod's own server on the port");
+    squatter_server.wait_accepted(before + 1);
+
+    let port = free_port();
+    let server_a = pod_a.listen(port);
+    let server_b = pod_b.listen(port);
+    let clients_a = connect(&pod_a.ip, port, 3, &server_a);
+    let clients_b = connect(&pod_b.ip, port, 5, &server_b);
+    let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
+    let (path_a, path_b) = (pod_a.netns.path(), pod_b.netns.path());
+
+    // Inside A (`ip netns exec A curl`): A's count only.
+    let curl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod_a.netns.name,
+            "curl",
+            "-s",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{pod_port}/drained?port={port}&timeout=0"
+        ))
+        .output()
+        .expect("curl in pod A");
+    let text = String::from_utf8_lossy(&curl.stdout);
+    println!("curl inside pod A: {text}");
+    assert!(text.ends_with("\n503"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("json");
+    assert_eq!(body["active"], 3, "{body}");
+    let (status, body) = get_from(
+        Some(&path_b),
+        local,
+        &format!("/drained?port={port}&timeout=0"),
+    );
+    assert_eq!((status, body["active"].as_u64()), (503, Some(5)), "{body}");
+    // The node listener still sees the whole node.
+    assert_eq!(agent.active(port), 8);
+
+    // A naming B: 400, whether by path, inode, address or a namespace that does not exist.
+    let b_inode = inode_of(&path_b);
+    for query in [
+        format!("netns={path_b}"),
+        format!("netns={b_inode}"),
+        "netns=4294967295".to_owned(),
+        format!("addr={}", pod_b.ip),
+    ] {
+        let (status, body) = get_from(
+            Some(&path_a),
+            local,
+            &format!("/drained?port={port}&timeout=0&{query}"),
+        );
+        assert_eq!(status, 400, "{query}: {body}");
+        println!("A asking {query}: {body}");
+    }
+    let (status, body) = get_from(
+        Some(&path_a),
+        local,
+        &format!(
+            "/drained?port={port}&timeout=0&addr={}&netns={path_a}",
+            pod_a.ip
+        ),
+    );
+    assert_eq!((status, body["active"].as_u64()), (503, Some(3)), "{body}");
+    // Node-wide data is not served in a pod; /connections shows the pod only.
+    for path in ["/metrics", "/advice"] {
+        let (status, _) = get_from(Some(&path_a), local, path);
+        assert_eq!(status, 403, "{path}");
+    }
+    let (status, body) = get_from(Some(&path_a), local, "/connections");
+    assert_eq!(status, 200);
+    let endpoints = body["endpoints"].as_array().expect("endpoints");
+    assert_eq!(endpoints.len(), 1, "{body}");
+    assert_eq!(endpoints[0]["addr"], pod_a.ip.as_str(), "{body}");
+    assert!(!body.to_string().contains(&pod_b.ip), "{body}");
+
+    // A caller that is neither loopback nor the node: 403 (the stranger at A's other IP).
+    let (status, body) = get_from(
+        Some(&stranger.path()),
+        SocketAddr::from(([10, 213, 34, 1], pod_port)),
+        "/healthz",
+    );
+    assert_eq!(status, 403, "{body}");
+    println!("stranger: {body}");
+
+    // A's waiters use up A's per-source limit (3): a fourth is turned away; B is not
+    // affected.
+    let a_waiters: Vec<_> = (0..3)
+        .map(|_| {
+            spawn_get(
+                Some(path_a.clone()),
+                local,
+                format!("/drained?port={port}&timeout=30s"),
+            )
+        })
+        .collect();
+    agent.wait_for_waiters(3);
+    let (status, body) = get_from(
+        Some(&path_a),
+        local,
+        &format!("/drained?port={port}&timeout=30s"),
+    );
+    assert_eq!(status, 429, "{body}");
+    let b_waiter = spawn_get(
+        Some(path_b.clone()),
+        local,
+        format!("/drained?port={port}&timeout=30s"),
+    );
+    agent.wait_for_waiters(4);
+    drop(clients_b);
+    server_b.close_all();
+    let (status, body, took) = b_waiter.join().expect("B's waiter");
+    assert_eq!(
+        (status, body["drained"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    println!("B drained in {took:?} while A's 3 waiters waited");
+    assert!(a_waiters.iter().all(|w| !w.is_finished()));
+
+    // The kubelet's httpGet: the host calls A's IP on the pod port; it blocks until A drains.
+    let http_get = spawn_get(
+        None,
+        format!("{}:{pod_port}", pod_a.ip).parse().expect("addr"),
+        format!("/drained?port={port}&timeout=20s&quiet=200ms"),
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !http_get.is_finished(),
+        "the httpGet answered while A was busy"
+    );
+    drop(clients_a);
+    server_a.close_all();
+    let (status, body, took) = http_get.join().expect("httpGet");
+    assert_eq!(
+        (status, body["drained"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    println!("httpGet from the node to A's IP answered 200 after {took:?}");
+    for waiter in a_waiters {
+        let (status, _, _) = waiter.join().expect("A's waiter");
+        assert_eq!(status, 200);
+    }
+
+    // A namespace made now gets its listener within a second; deleted, it is let go.
+    let started = Instant::now();
+    let late = Netns::new(&tag("d"));
+    let late_path = late.path();
+    let late_inode = inode_of(&late_path);
+    let mut answered = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        let probe = late_path.clone();
+        let ok = drain_agent::netns::run_in(Path::new(&probe), move || {
+            Ok(common::http::get(local, "/healthz", Duration::from_secs(1))
+                .is_ok_and(|(s, _)| s == 200))
+        })
+        .unwrap_or(false);
+        if ok {
+            answered = Some(started.elapsed());
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let answered = answered.expect("the new namespace got a listener");
+    println!("a namespace made after the start was served {answered:?} after `ip netns add`");
+    assert!(answered < Duration::from_secs(1), "{answered:?}");
+    assert!(
+        socket_namespaces(agent.pid()).contains(&late_inode),
+        "the agent's listener socket is in the new namespace"
+    );
+    let deleted = Instant::now();
+    drop(late);
+    wait_until(
+        "the agent to let the deleted namespace go",
+        Duration::from_secs(5),
+        || !socket_namespaces(agent.pid()).contains(&late_inode),
+    );
+    let released = deleted.elapsed();
+    wait_until("the namespace to vanish", Duration::from_secs(5), || {
+        namespace_visible(late_inode).is_empty()
+    });
+    println!(
+        "after `ip netns del`: the agent's socket closed within {released:?}; inode {late_inode} visible nowhere after {:?}",
+        deleted.elapsed()
+    );
+    wait_until("the listener count", Duration::from_secs(5), || {
+        agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(2.0)
+    });
+
+    // SIGTERM: waiters on the node listener and inside a pod are answered; clean exit.
+    let _busy = connect(&pod_b.ip, port, 1, &server_b);
+    let pod_waiter = spawn_get(
+        Some(path_b.clone()),
+        local,
+        format!("/drained?port={port}&timeout=60s"),
+    );
+    let node_waiter = spawn_get(
+        None,
+        SocketAddr::from(([127, 0, 0, 1], agent.port)),
+        format!("/drained?port={port}&timeout=60s"),
+    );
+    agent.wait_for_waiters(2);
+    let stopping = Instant::now();
+    let status = agent.stop();
+    assert!(status.success(), "{status:?}");
+    for (name, waiter) in [("pod", pod_waiter), ("node", node_waiter)] {
+        let (status, body, _) = waiter.join().expect("waiter");
+        assert_eq!(status, 503, "{name}: {body}");
+        assert_eq!(body["drained"], false, "{name}: {body}");
+    }
+    println!(
+        "SIGTERM: exited and answered both waiters in {:?}",
+        stopping.elapsed()
+    );
+    // No listener is left in the pods.
+    let status = drain_agent::netns::run_in(Path::new(&path_b), move || {
+        Ok(common::http::get(local, "/healthz", Duration::from_secs(1)).map_or(0, |(s, _)| s))
+    })
+    .expect("probe");
+    assert_eq!(status, 0);
+    drop(squatter_server);
+}
