@@ -1212,7 +1212,15 @@ fn dashboard_and_alerts_name_only_exported_metrics() {
     if !common::kernel_available(test) {
         return;
     }
-    let agent = common::Agent::start(&[]);
+    // With in-pod listeners on (limited to namespaces that do not exist), so that their
+    // gauge is exported too.
+    let pod_listen = format!("127.0.0.1:{}", common::free_port());
+    let agent = common::Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        "da-no-such-namespace-",
+    ]);
     let _server = exercise(&agent);
     let (status, metrics) = agent.try_get("/metrics").expect("scrape");
     assert_eq!(status, 200);
