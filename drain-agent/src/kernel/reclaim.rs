@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, bail};
 use drain_agent_common::{ConnKey, watched_bit};
 use log::debug;
 
-use super::{Kernel, maps::Reclaimed};
+use super::Kernel;
 use crate::tracker::monotonic_ns;
 
 /// An endpoint at zero for this long is reclaimed.
@@ -106,7 +106,7 @@ impl Kernel {
                     continue;
                 }
                 if self.counts.remove(key).is_ok() {
-                    let totals = reclaimed.entry(key.port).or_insert_with(Reclaimed::default);
+                    let totals = reclaimed.entry(key.port).or_default();
                     totals.opened += counts.opened;
                     totals.closed += counts.closed;
                     totals.last_change_ns = totals.last_change_ns.max(counts.last_change_ns);
