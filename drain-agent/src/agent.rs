@@ -18,7 +18,7 @@ use crate::{
 
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
-    init_logging(&args.log_level);
+    crate::logging::init(&args.log_level, args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -34,14 +34,6 @@ pub fn main(args: RunArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
-    // A second init (tests) is harmless.
-    let _ = env_logger::Builder::from_env(env)
-        .format_timestamp_millis()
-        .try_init();
 }
 
 /// The agent itself.
@@ -87,7 +79,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let events = kernel
         .take_events()
         .context("the ring buffer was taken already")?;
-    let event_task = tokio::spawn(forward_events(events, Arc::clone(&tracker)));
+    // A task that ends makes /healthz fail (crate::tasks), so the agent gets restarted.
+    let tasks = crate::tasks::TaskWatch::default();
+    let event_task = tasks.watch(
+        "event reader",
+        tokio::spawn(forward_events(events, Arc::clone(&tracker))),
+    );
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
     } else {
@@ -100,12 +97,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
-    let repair_task = tokio::spawn(repair_missed_changes(
-        Arc::clone(&kernel),
-        Arc::clone(&tracker),
-        args.repair_interval,
-        can_walk,
-    ));
+    let repair_task = tasks.watch(
+        "repair task",
+        tokio::spawn(repair_missed_changes(
+            Arc::clone(&kernel),
+            Arc::clone(&tracker),
+            args.repair_interval,
+            can_walk,
+        )),
+    );
 
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),
@@ -127,7 +127,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let shutdown_tracker = Arc::clone(&tracker);
     crate::server::serve(
         listener,
-        router(state),
+        tasks.guard_healthz(router(state)),
         crate::server::ServerLimits::from_args(&args),
         async move {
             wait_for_stop_signal().await;
