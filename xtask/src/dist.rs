@@ -115,7 +115,13 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         })?;
         shipped.push(image(binary, &dist)?);
     }
-    write_checksums(&dist, &shipped)?;
+    write_checksums(&dist)?;
+    for file in &shipped {
+        println!(
+            "xtask dist:   {}",
+            file.strip_prefix(&dist).unwrap_or(file).display()
+        );
+    }
     println!(
         "xtask dist: done in {:.0} s, in {}",
         started.elapsed().as_secs_f64(),
@@ -374,13 +380,27 @@ fn image(binary: &Path, dist: &Path) -> Result<PathBuf> {
     Ok(archive)
 }
 
-/// `target/dist/SHA256SUMS` for every shipped file, with paths relative to `dist`.
-fn write_checksums(dist: &Path, files: &[PathBuf]) -> Result<()> {
-    let relative: Vec<&Path> = files
-        .iter()
-        .map(|file| file.strip_prefix(dist).unwrap_or(file))
-        .collect();
-    let sums = output(Command::new("sha256sum").args(&relative).current_dir(dist))?;
+/// `target/dist/SHA256SUMS` for every file under `dist` (what this run built and what an
+/// earlier run for another target left), with paths relative to `dist`.
+fn write_checksums(dist: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dist.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|name| name != "SHA256SUMS") {
+                files.push(path.strip_prefix(dist).unwrap_or(&path).to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    let sums = output(Command::new("sha256sum").args(&files).current_dir(dist))?;
     std::fs::write(dist.join("SHA256SUMS"), sums).context("cannot write SHA256SUMS")
 }
 
