@@ -97,10 +97,13 @@ fn render(name: &str, dir: &Path) -> Rendered {
         "kubectl kustomize {name}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // Unique per render: the tests run in parallel and each removes its files.
+    static RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let file = std::env::temp_dir().join(format!(
-        "drain-agent-kustomize-{}-{}.yaml",
+        "drain-agent-kustomize-{}-{}-{}.yaml",
         name.replace('/', "-"),
-        std::process::id()
+        std::process::id(),
+        RENDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     fs::write(&file, &output.stdout).expect("write rendered");
     let parsed = Command::new("python3")
