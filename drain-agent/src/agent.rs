@@ -22,7 +22,7 @@ use crate::{
 
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
-    init_logging(&args.log_level);
+    crate::logging::init(&args.log_level, args.log_format);
     limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,14 +74,6 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn init_logging(level: &str) {
-    let env = env_logger::Env::default().default_filter_or(level);
-    // A second init (tests) is harmless.
-    let _ = env_logger::Builder::from_env(env)
-        .format_timestamp_millis()
-        .try_init();
-}
-
 /// The agent itself.
 pub async fn run(args: RunArgs) -> Result<()> {
     // Room for the eBPF objects and --http-max-connections sockets under a default unit's
@@ -126,7 +118,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let events = kernel
         .take_events()
         .context("the ring buffer was taken already")?;
-    let event_task = tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps()));
+    // A task that ends makes /healthz fail (crate::tasks), so the agent gets restarted.
+    let tasks = crate::tasks::TaskWatch::default();
+    let event_task = tasks.watch(
+        "event reader",
+        tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps())),
+    );
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
     } else {
@@ -139,16 +136,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
-    let skip_task = tokio::spawn(watch_skipped_runs(
-        Arc::clone(&kernel_maps),
-        Arc::clone(&tracker),
-    ));
-    let repair_task = tokio::spawn(repair_missed_changes(
-        Arc::clone(&kernel),
-        Arc::clone(&tracker),
-        args.repair_interval,
-        can_walk,
-    ));
+    let skip_task = tasks.watch(
+        "skipped-run watch",
+        tokio::spawn(watch_skipped_runs(
+            Arc::clone(&kernel_maps),
+            Arc::clone(&tracker),
+        )),
+    );
+    let repair_task = tasks.watch(
+        "repair task",
+        tokio::spawn(repair_missed_changes(
+            Arc::clone(&kernel),
+            Arc::clone(&tracker),
+            args.repair_interval,
+            can_walk,
+        )),
+    );
 
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),
@@ -246,7 +249,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let shutdown_tracker = Arc::clone(&tracker);
     let served = crate::server::serve(
         listener,
-        router(state),
+        tasks.guard_healthz(router(state)),
         ServerLimits::from_args(&args),
         async move {
             wait_for_stop_signal().await;

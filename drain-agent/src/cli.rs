@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{duration::parse_duration, kernel::AttachMethod};
+use crate::{duration::parse_duration, kernel::AttachMethod, logging::LogFormat};
 
 /// The default address of the agent for `wait` and `status`.
 pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:9100";
@@ -88,7 +88,7 @@ pub enum CloseArg {
 #[derive(Debug, Parser)]
 #[command(
     name = "drain-agent",
-    version,
+    version = crate::build_info::VERSION,
     about = "Counts the inbound TCP connections of every local port from the kernel (eBPF) and \
              answers \"is this port drained?\" for deploy hooks.",
     long_about = "Counts the inbound TCP connections of every local port from the kernel (eBPF) \
@@ -115,6 +115,20 @@ pub enum Command {
     Wait(WaitArgs),
     /// Print the ports with open connections, as a running agent counts them.
     Status(StatusArgs),
+    /// Print a shell completion script, e.g.
+    /// `drain-agent completions bash > /etc/bash_completion.d/drain-agent`.
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (drain-agent.1, drain-agent-run.1, …) into a directory.
+    #[command(hide = true)]
+    Manpage {
+        /// Where to write them (created if missing).
+        #[arg(default_value = ".")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Debug, Args)]
@@ -234,6 +248,10 @@ pub struct RunArgs {
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, env = "DRAIN_AGENT_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// Log format: text, or json (one object per line: ts, level, target, message).
+    #[arg(long, env = "DRAIN_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -297,6 +315,14 @@ pub struct StatusArgs {
     /// The agent to ask.
     #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]
     pub agent: String,
+
+    /// Only this local port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+
+    /// Print the agent's `/connections` JSON instead of a table (for scripts and jq).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[cfg(test)]

@@ -445,9 +445,10 @@ enum WaitProblem {
     Unreachable(String),
 }
 
-/// `drain-agent status`: a table of the ports with open connections.
+/// `drain-agent status`: a table of the ports with open connections, or with `--json` the
+/// agent's `/connections` answer as it is (one line), for scripts.
 pub fn status(args: &StatusArgs) -> ExitCode {
-    match status_table(args) {
+    match status_text(args) {
         Ok(table) => {
             print!("{table}");
             ExitCode::SUCCESS
@@ -459,9 +460,13 @@ pub fn status(args: &StatusArgs) -> ExitCode {
     }
 }
 
-fn status_table(args: &StatusArgs) -> Result<String> {
+fn status_text(args: &StatusArgs) -> Result<String> {
     let url = AgentUrl::parse(&args.agent)?;
-    let response = get(&url, "/connections", Duration::from_secs(10))
+    let path = match args.port {
+        Some(port) => format!("/connections?port={port}"),
+        None => "/connections".to_owned(),
+    };
+    let response = get(&url, &path, Duration::from_secs(10))
         .with_context(|| format!("agent unreachable at {}", args.agent))?;
     if response.status != 200 {
         bail!(
@@ -469,6 +474,12 @@ fn status_table(args: &StatusArgs) -> Result<String> {
             response.status,
             error_text(&response.body)
         );
+    }
+    if args.json {
+        // Parsed and printed again: one line, and never a non-JSON answer passed on.
+        let body: serde_json::Value =
+            serde_json::from_str(&response.body).context("the agent's answer is not JSON")?;
+        return Ok(format!("{body}\n"));
     }
     let body: ConnectionsBody = serde_json::from_str(&response.body)
         .context("the agent's answer is not the expected JSON")?;

@@ -6,7 +6,7 @@ use clap::Parser as _;
 use drain_agent::{
     agent,
     cli::{Cli, Command},
-    client,
+    client, generate,
 };
 
 fn main() -> ExitCode {
@@ -16,5 +16,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => agent::main(args),
         Some(Command::Wait(args)) => client::wait(&args),
         Some(Command::Status(args)) => client::status(&args),
+        Some(Command::Completions { shell }) => generate::completions(shell),
+        Some(Command::Manpage { dir }) => generate::manpages(&dir),
     }
 }

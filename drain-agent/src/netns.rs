@@ -13,7 +13,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 /// Namespace files live on nsfs (include/uapi/linux/magic.h: NSFS_MAGIC).
-const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+/// Compared as u64: `statfs.f_type` is signed in glibc, unsigned in musl (static builds).
+const NSFS_MAGIC: u64 = 0x6e73_6673;
 
 /// Where `ip netns add` keeps named namespaces (they may have no process in them).
 pub const NAMED_NETNS_DIR: &str = "/run/netns";
@@ -35,7 +36,7 @@ pub fn inode_of(path: &Path) -> Result<u32> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("cannot stat {}", path.display()));
     }
-    if stat.f_type != NSFS_MAGIC {
+    if stat.f_type as u64 != NSFS_MAGIC {
         bail!("{} is not a namespace file", path.display());
     }
     let metadata = file
@@ -86,13 +87,15 @@ pub fn inode_of_client_path(text: &str) -> Option<u32> {
     // SAFETY: a zeroed statfs is a valid out-buffer.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 || stat.f_type != NSFS_MAGIC {
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0
+        || stat.f_type as u64 != NSFS_MAGIC
+    {
         return None;
     }
     // NS_GET_NSTYPE (include/uapi/linux/nsfs.h: _IO(0xb7, 0x3)): the namespace's kind.
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     // SAFETY: an ioctl without argument on an nsfs file we hold open.
-    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
         return None;
     }

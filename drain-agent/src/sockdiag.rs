@@ -223,7 +223,9 @@ const TCPI_NOTSENT_BYTES: usize = 144;
 /// the reader's buffer, up to 32 KiB); a truncated datagram is an error, never skipped.
 const RECV_BUFFER: usize = 64 * 1024;
 /// The kernel answers synchronously; this only keeps a wedged kernel from hanging the agent.
-const RECV_TIMEOUT_S: libc::time_t = 5;
+// i64 rather than libc::time_t, which the libc crate deprecates on musl (static builds);
+// time_t is 64 bits on every target the agent is built for.
+const RECV_TIMEOUT_S: i64 = 5;
 
 /// `struct inet_diag_sockid`, in host terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -502,14 +502,22 @@ fn systemd_example_app_drains_before_sigterm() {
 // Kubernetes
 // ---------------------------------------------------------------------------------------
 
+/// The complete manifests as written: the kustomize base's resources, the PodMonitor (of
+/// overlays/podmonitor) and the example application. Patches and kustomizations are not
+/// manifests; drain-agent/tests/kustomize.rs renders and validates every overlay.
 fn kubernetes_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(deploy("kubernetes"))
-        .expect("deploy/kubernetes")
+    let mut files: Vec<PathBuf> = fs::read_dir(deploy("kubernetes/base"))
+        .expect("deploy/kubernetes/base")
         .map(|entry| entry.expect("entry").path())
         .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .filter(|path| !path.ends_with("kustomization.yaml"))
+        .chain([
+            deploy("kubernetes/overlays/podmonitor/podmonitor.yaml"),
+            deploy("kubernetes/example-app.yaml"),
+        ])
         .collect();
     files.sort();
-    assert!(files.len() >= 3, "manifests: {files:?}");
+    assert!(files.len() >= 5, "manifests: {files:?}");
     files
 }
 
@@ -824,17 +832,8 @@ fn dockerfile_builds_like_xtask_setup() {
         builder_from.starts_with("rust:") && builder_from.ends_with(" AS builder"),
         "FROM rust:… AS builder, not {builder_from:?}"
     );
-    let runtime_from = &runtime[0].1;
-    assert!(
-        runtime_from.starts_with("gcr.io/distroless/cc-debian12")
-            || runtime_from.starts_with("debian:12"),
-        "a small Debian 12 runtime, not {runtime_from:?}"
-    );
-    // The binary links glibc dynamically: build on the runtime's Debian release.
-    assert!(
-        builder_from.contains("bookworm"),
-        "the builder is Debian 12 (bookworm) like the runtime"
-    );
+    // The binary is static (musl): the runtime needs no C library, nor any base image.
+    assert_eq!(runtime[0].1, "scratch", "the runtime stage is FROM scratch");
 
     let runs: Vec<String> = builder
         .iter()
@@ -842,10 +841,14 @@ fn dockerfile_builds_like_xtask_setup() {
         .map(|(_, r)| r.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
     let script = runs.join(" && ");
+    let target = rust_const(&workspace().join("xtask/src/setup.rs"), "STATIC_TARGET");
     for expected in [
         format!("rustup toolchain install {toolchain} --profile minimal --component rust-src"),
         format!("cargo install bpf-linker@{linker} --locked"),
-        "cargo build --release --locked -p drain-agent".to_owned(),
+        format!("rustup target add {target}"),
+        // The binary built as `cargo xtask dist` builds it outside Docker.
+        "cargo xtask dist --no-image".to_owned(),
+        format!("cp target/dist/{target}/drain-agent /drain-agent"),
     ] {
         assert!(
             script.contains(&expected),
@@ -1197,9 +1200,18 @@ fn exported_names(metrics: &str) -> (BTreeSet<String>, BTreeSet<String>) {
 /// The files this test owns under deploy/ (deploy/examples belongs to the end-to-end tests).
 fn all_deploy_files() -> Vec<PathBuf> {
     let mut files = vec![deploy("README.md"), deploy("Dockerfile")];
-    for dir in ["systemd", "kubernetes", "grafana", "prometheus"] {
-        for entry in fs::read_dir(deploy(dir)).expect("read_dir") {
-            files.push(entry.expect("entry").path());
+    let mut dirs: Vec<PathBuf> = ["systemd", "kubernetes", "grafana", "prometheus"]
+        .iter()
+        .map(|dir| deploy(dir))
+        .collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
         }
     }
     files.sort();

@@ -2,6 +2,7 @@
 //! (idempotently), so the README's two commands work on a fresh machine.
 
 mod bench;
+mod dist;
 mod e2e;
 mod kernels;
 mod setup;
@@ -42,6 +43,9 @@ enum Task {
     /// Set up, build, and benchmark the agent (as root): kernel cost, churn overhead, answer
     /// cost against `ss`, wake-up latency, footprint. Writes bench/RESULTS.md and results.json.
     Bench(bench::BenchArgs),
+    /// Set up, then build what a release ships into target/dist: the static (musl) binary
+    /// with its checksum, shell completions, man pages, and the OCI image (buildah).
+    Dist(dist::DistArgs),
     /// Set up, then run the rolling deploy behind nginx under load (as root): with
     /// drain-agent, without a drain, and with a fixed sleep; print the summary table.
     E2e,
@@ -88,12 +92,18 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench(args) => bench::bench(&args),
         Task::E2e => e2e::run(),
         Task::Kernels(args) => kernels::kernels(&args),
+        Task::Dist(args) => dist::dist(&args),
     }
 }
 
 /// Lints on both targets, then the test suite.
 fn test(extra: &[String]) -> Result<()> {
     setup::setup(&setup::SetupArgs::default())?;
+    // The dist and image tests run what `cargo xtask dist` ships (the image needs root).
+    dist::dist(&dist::DistArgs {
+        no_image: !is_root(),
+        ..Default::default()
+    })?;
     if std::env::var_os("DRAIN_AGENT_REQUIRE_KERNEL").is_none() && !is_root() {
         eprintln!(
             "xtask: not root: kernel and end-to-end tests will be SKIPPED (set DRAIN_AGENT_REQUIRE_KERNEL=1 to make that an error)"

@@ -20,7 +20,24 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),
+    // The image tests (drain-agent/tests/image.rs) and `cargo xtask dist`: buildah builds
+    // the image from the static binary without a Docker engine, podman runs it.
+    ("buildah", "buildah"),
+    ("podman", "podman"),
+    // Debian 12's podman runs crun, which refuses hosts with cgroups in hybrid mode (v1
+    // controllers plus a v2 hierarchy with controllers: this machine); runc runs there.
+    ("runc", "runc"),
+    // `kubectl kustomize` renders the overlays (drain-agent/tests/kustomize.rs). Skipped
+    // when a kubectl is on PATH already (another package may own /usr/bin/kubectl).
+    ("kubernetes-client", "kubectl"),
 ];
+
+/// Debian packages `cargo xtask dist` needs to build the image.
+pub const IMAGE_PACKAGES: &[(&str, &str)] = &[("buildah", "buildah")];
+
+/// The target of the static release binary (`cargo xtask dist`): musl, linked statically,
+/// so it runs on any Linux distribution whatever its C library.
+pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Linters the deploy-file tests run (drain-agent/tests/deploy_files.rs), from PyPI, each
 /// with a command that shows it is installed. Pinned so CI lints the same way every time.
@@ -46,10 +63,25 @@ pub fn setup(args: &SetupArgs) -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()?;
     if !args.no_apt {
-        ensure_debian_packages()?;
+        // The dist-binary tests (drain-agent/tests/dist.rs, image.rs) use what
+        // `cargo xtask dist` builds for this target.
+        ensure_rust_target(STATIC_TARGET)?;
+        ensure_debian_packages(DEBIAN_PACKAGES)?;
         ensure_python_tools()?;
     }
     Ok(())
+}
+
+/// Adds `target`'s standard library to the default toolchain (the one that builds the
+/// agent), unless it is there.
+pub fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = output_of("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if installed.lines().any(|line| line.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the Rust target {target}");
+    status(Command::new("rustup").args(["target", "add", target]))
+        .with_context(|| format!("cannot add the Rust target {target} (is rustup on PATH?)"))
 }
 
 fn ensure_python_tools() -> Result<()> {
@@ -151,7 +183,7 @@ fn ensure_bpf_linker() -> Result<()> {
     .context("cannot install bpf-linker")
 }
 
-fn has_command(name: &str) -> bool {
+pub fn has_command(name: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| {
         std::env::split_paths(&paths)
             .chain(["/usr/sbin".into(), "/sbin".into()])
@@ -159,8 +191,9 @@ fn has_command(name: &str) -> bool {
     })
 }
 
-fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs those of `packages` whose command is missing (apt, as root).
+pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, command)| !has_command(command))
         .map(|(package, _)| *package)

@@ -108,6 +108,37 @@ pub fn agent_binary() -> PathBuf {
     )
 }
 
+/// `target/dist`, where `cargo xtask dist` puts what it builds: beside the directory of the
+/// test build (`target/debug`), wherever CARGO_TARGET_DIR put it.
+pub fn dist_dir() -> PathBuf {
+    agent_binary()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the agent binary is in target/<profile>/")
+        .join("dist")
+}
+
+/// The static binary `cargo xtask dist` built, when it is there. When it is not: with
+/// `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI, where `cargo xtask test` builds it first) the test
+/// fails; otherwise it prints a loud SKIP.
+pub fn dist_binary(test: &str) -> Option<PathBuf> {
+    let binary = dist_dir().join("x86_64-unknown-linux-musl/drain-agent");
+    if binary.is_file() {
+        return Some(binary);
+    }
+    let required = std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{test}: {} is missing (`cargo xtask dist` builds it) and DRAIN_AGENT_REQUIRE_KERNEL=1",
+        binary.display()
+    );
+    eprintln!(
+        "SKIP {test}: {} is missing; run `cargo xtask dist` (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)",
+        binary.display()
+    );
+    None
+}
+
 impl Agent {
     /// Starts `drain-agent run --listen 127.0.0.1:<free port> <extra>` and waits for /healthz.
     pub fn start(extra: &[&str]) -> Self {
@@ -116,9 +147,14 @@ impl Agent {
 
     /// Starts the agent on a given loopback port.
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
+        Self::start_binary(&agent_binary(), port, extra)
+    }
+
+    /// Starts another build of the agent (the static one of `cargo xtask dist`).
+    pub fn start_binary(binary: &std::path::Path, port: u16, extra: &[&str]) -> Self {
         let mut process = Guard::spawn(
             "drain-agent",
-            Command::new(agent_binary())
+            Command::new(binary)
                 .arg("run")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))

@@ -1,0 +1,149 @@
+//! What `cargo xtask dist` ships: the static musl binary (no shared library at all, so it
+//! runs on any distribution), its checksum, completions and man pages — and that this
+//! binary does the agent's job like the dynamic build: attach, count a connection, drain.
+//!
+//! Skips loudly when target/dist is missing (fails with `DRAIN_AGENT_REQUIRE_KERNEL=1`;
+//! `cargo xtask test` builds it first).
+
+mod common;
+
+use std::{
+    net::TcpStream,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+#[test]
+fn dist_binary_is_static_and_checksummed() {
+    let test = "dist_binary_is_static_and_checksummed";
+    let Some(binary) = common::dist_binary(test) else {
+        return;
+    };
+    let size = std::fs::metadata(&binary).expect("binary").len();
+    println!(
+        "{}: {size} bytes ({:.1} MiB)",
+        binary.display(),
+        size as f64 / 1_048_576.0
+    );
+    // glibc's ldd says "not a dynamic executable" for a static binary, "statically linked"
+    // for a static position-independent one (what Rust's musl target builds).
+    let ldd = Command::new("ldd").arg(&binary).output().expect("ldd");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ldd.stdout),
+        String::from_utf8_lossy(&ldd.stderr)
+    );
+    println!("ldd: {}", text.trim());
+    assert!(
+        text.contains("not a dynamic executable") || text.contains("statically linked"),
+        "ldd {}: {text}",
+        binary.display()
+    );
+    // Stripped: no symbol table section (readelf comes with gcc's binutils).
+    if let Ok(sections) = Command::new("readelf")
+        .args(["--section-headers", "--wide"])
+        .arg(&binary)
+        .output()
+    {
+        let sections = String::from_utf8_lossy(&sections.stdout);
+        assert!(
+            !sections.split_whitespace().any(|word| word == ".symtab"),
+            "the binary still has a .symtab:\n{sections}"
+        );
+    }
+
+    let version = Command::new(&binary)
+        .arg("--version")
+        .output()
+        .expect("--version");
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    println!("{version}");
+    assert!(
+        version.starts_with(&format!(
+            "drain-agent {} (commit ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
+    );
+    assert!(
+        !version.contains("commit unknown"),
+        "built in git, the binary should name its commit: {version}"
+    );
+
+    let dir = binary.parent().expect("dir");
+    let check = Command::new("sha256sum")
+        .args(["-c", "drain-agent.sha256"])
+        .current_dir(dir)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let dist = common::dist_dir();
+    let check = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&dist)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    for file in [
+        "completions/drain-agent.bash",
+        "completions/_drain-agent",
+        "completions/drain-agent.fish",
+        "man/drain-agent.1",
+        "man/drain-agent-wait.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dist.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains("drain-agent"), "{file}");
+    }
+}
+
+/// The kernel smoke test, on the static binary: it attaches, counts a connection made on
+/// the host, and answers a blocked /drained when it closes.
+#[test]
+fn dist_binary_counts_and_drains() {
+    let test = "dist_binary_counts_and_drains";
+    if !common::kernel_available(test) {
+        return;
+    }
+    let Some(binary) = common::dist_binary(test) else {
+        return;
+    };
+    let agent = common::Agent::start_binary(&binary, common::free_port(), &[]);
+    let (_, health) = agent.get_json("/healthz");
+    println!("static binary healthy: {health}");
+    let server = common::Server::start("127.0.0.1:0");
+    let client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    server.wait_accepted(1);
+    agent.expect_active(server.port, 1);
+
+    let url = agent.url.clone();
+    let port = server.port;
+    let waiter = std::thread::spawn(move || {
+        let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+        let started = Instant::now();
+        let answer = drain_agent::client::get(
+            &url,
+            &format!("/drained?port={port}&timeout=10s"),
+            Duration::from_secs(15),
+        )
+        .expect("/drained");
+        (answer, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    drop(client);
+    server.close_all();
+    let (answer, waited) = waiter.join().expect("waiter");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body: serde_json::Value = serde_json::from_str(&answer.body).expect("JSON");
+    assert_eq!(body["drained"], true, "{body}");
+    assert!(waited < Duration::from_secs(5), "drained after {waited:?}");
+    println!("static binary: drained {waited:?} after the request");
+}

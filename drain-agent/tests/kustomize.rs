@@ -1,0 +1,359 @@
+//! The kustomize base and every overlay under deploy/kubernetes/overlays/, rendered with
+//! `kubectl kustomize` and validated with `kubernetes-validate --strict`, then checked for
+//! what each promises: one port everywhere (and not node_exporter's 9100), Linux nodes
+//! only, a startup probe, scrape annotations on the pods only, the SELinux and AppArmor
+//! settings, and each overlay's own change.
+//!
+//! `DRAIN_AGENT_KUBECTL` picks another kubectl (the overlays are written for kustomize
+//! v2.0.3, Debian 12's kubectl 1.20, as well as current ones). A tool that is not installed
+//! skips its test loudly, or fails it when `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+
+fn kubernetes_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("deploy/kubernetes")
+}
+
+fn required() -> bool {
+    std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
+}
+
+fn kubectl() -> String {
+    std::env::var("DRAIN_AGENT_KUBECTL").unwrap_or_else(|_| "kubectl".to_owned())
+}
+
+fn tool_available(test: &str, program: &str, args: &[&str]) -> bool {
+    let works = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if works {
+        return true;
+    }
+    assert!(
+        !required(),
+        "{test}: `{program} {}` does not work here (`cargo xtask setup` installs it) and \
+         DRAIN_AGENT_REQUIRE_KERNEL=1",
+        args.join(" ")
+    );
+    eprintln!("SKIP {test}: `{program}` is not installed; run `cargo xtask setup`");
+    false
+}
+
+/// The base and every overlay directory, by name ("base", "overlays/port", …).
+fn kustomizations() -> Vec<(String, PathBuf)> {
+    let mut dirs = vec![("base".to_owned(), kubernetes_dir().join("base"))];
+    let mut overlays: Vec<(String, PathBuf)> = fs::read_dir(kubernetes_dir().join("overlays"))
+        .expect("deploy/kubernetes/overlays")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.join("kustomization.yaml").is_file())
+        .map(|path| {
+            let name = format!(
+                "overlays/{}",
+                path.file_name().expect("name").to_string_lossy()
+            );
+            (name, path)
+        })
+        .collect();
+    overlays.sort();
+    assert!(overlays.len() >= 5, "overlays: {overlays:?}");
+    dirs.extend(overlays);
+    dirs
+}
+
+/// `kubectl kustomize dir`, written to a file (for kubernetes-validate) and parsed.
+struct Rendered {
+    name: String,
+    file: PathBuf,
+    documents: Vec<Value>,
+}
+
+impl Drop for Rendered {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.file);
+    }
+}
+
+fn render(name: &str, dir: &Path) -> Rendered {
+    let output = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Unique per render: the tests run in parallel and each removes its files.
+    static RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let file = std::env::temp_dir().join(format!(
+        "drain-agent-kustomize-{}-{}-{}.yaml",
+        name.replace('/', "-"),
+        std::process::id(),
+        RENDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    fs::write(&file, &output.stdout).expect("write rendered");
+    let parsed = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys, yaml\n\
+             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+             json.dump(docs, sys.stdout)",
+        )
+        .arg(&file)
+        .output()
+        .expect("python3");
+    assert!(
+        parsed.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    Rendered {
+        name: name.to_owned(),
+        file,
+        documents: serde_json::from_slice(&parsed.stdout).expect("JSON"),
+    }
+}
+
+fn find<'a>(rendered: &'a Rendered, kind: &str) -> &'a Value {
+    let found: Vec<&Value> = rendered
+        .documents
+        .iter()
+        .filter(|d| d["kind"] == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "{}: one {kind}", rendered.name);
+    found[0]
+}
+
+fn has(rendered: &Rendered, kind: &str) -> bool {
+    rendered.documents.iter().any(|d| d["kind"] == kind)
+}
+
+/// Everything the DaemonSet says about its port: the --listen argument, the container
+/// port, the scrape annotation (when present) and the Service's port.
+fn agent_port(rendered: &Rendered) -> u16 {
+    let daemonset = find(rendered, "DaemonSet");
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let listen = args
+        .iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .expect("--listen");
+    let port: u16 = listen
+        .strip_prefix("$(HOST_IP):")
+        .expect("--listen $(HOST_IP):PORT")
+        .parse()
+        .expect("port");
+    let name = &rendered.name;
+    assert_eq!(container["ports"][0]["containerPort"], port, "{name}");
+    assert_eq!(container["ports"][0]["name"], "metrics", "{name}");
+    let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
+    if let Some(scraped) = annotations["prometheus.io/port"].as_str() {
+        assert_eq!(scraped, port.to_string(), "{name}: scrape annotation");
+    }
+    let service = find(rendered, "Service");
+    assert_eq!(service["spec"]["ports"][0]["port"], port, "{name}: Service");
+    port
+}
+
+#[test]
+fn every_overlay_renders_and_validates() {
+    let test = "every_overlay_renders_and_validates";
+    if !tool_available(test, &kubectl(), &["kustomize", "--help"])
+        || !tool_available(test, "kubernetes-validate", &["--version"])
+        || !tool_available(test, "python3", &["-c", "import yaml"])
+    {
+        return;
+    }
+    for (name, dir) in kustomizations() {
+        let rendered = render(&name, &dir);
+        // The oldest release still common in managed clusters, and the newest the tool knows.
+        for version in ["1.29.0", "1.37.0"] {
+            let output = Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&rendered.file)
+                .stdin(Stdio::null())
+                .output()
+                .expect("kubernetes-validate");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            // prometheus-operator's PodMonitor is a custom resource: no schema ships with
+            // the tool (checked by hand below).
+            let problems: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with("INFO"))
+                .filter(|l| {
+                    !(l.starts_with("WARN")
+                        && l.contains("Couldn't find schema for kind PodMonitor"))
+                })
+                .collect();
+            assert!(
+                output.status.success() && problems.is_empty(),
+                "{name} against Kubernetes {version}:\n{text}"
+            );
+            let passed = text
+                .lines()
+                .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+                .count();
+            assert!(passed >= 4, "{name}: {passed} documents validated:\n{text}");
+        }
+        println!("{name}: renders, validates against 1.29 and 1.37");
+    }
+}
+
+#[test]
+fn every_overlay_keeps_the_agents_promises() {
+    let test = "every_overlay_keeps_the_agents_promises";
+    if !tool_available(test, &kubectl(), &["kustomize", "--help"])
+        || !tool_available(test, "python3", &["-c", "import yaml"])
+    {
+        return;
+    }
+    let rendered: Vec<Rendered> = kustomizations()
+        .iter()
+        .map(|(name, dir)| render(name, dir))
+        .collect();
+    for output in &rendered {
+        let name = &output.name;
+        let port = agent_port(output);
+        assert_ne!(port, 9100, "{name}: 9100 is node_exporter's port");
+
+        // One namespace, and it exists.
+        let namespace = find(output, "Namespace")["metadata"]["name"]
+            .as_str()
+            .expect("Namespace name")
+            .to_owned();
+        for document in &output.documents {
+            if document["kind"] != "Namespace" {
+                assert_eq!(
+                    document["metadata"]["namespace"], namespace,
+                    "{name}: {} in the agent's namespace",
+                    document["kind"]
+                );
+            }
+        }
+        if has(output, "PodMonitor") {
+            assert_eq!(
+                find(output, "PodMonitor")["spec"]["namespaceSelector"]["matchNames"],
+                serde_json::json!([namespace]),
+                "{name}: the PodMonitor looks in the agent's namespace"
+            );
+        }
+
+        let pod = &find(output, "DaemonSet")["spec"]["template"];
+        let spec = &pod["spec"];
+        let container = &spec["containers"][0];
+        assert_eq!(
+            spec["nodeSelector"]["kubernetes.io/os"], "linux",
+            "{name}: Linux nodes only"
+        );
+        let startup = &container["startupProbe"];
+        assert_eq!(startup["httpGet"]["path"], "/healthz", "{name}");
+        assert_eq!(startup["httpGet"]["port"], "metrics", "{name}");
+        let budget = startup["periodSeconds"].as_u64().unwrap_or(10)
+            * startup["failureThreshold"].as_u64().unwrap_or(3);
+        assert!(budget >= 30, "{name}: {budget} s to start");
+        assert!(
+            container["livenessProbe"]["initialDelaySeconds"].is_null(),
+            "{name}: the startup probe replaces the liveness probe's delay"
+        );
+        assert_eq!(
+            container["securityContext"]["seLinuxOptions"]["type"], "spc_t",
+            "{name}"
+        );
+        assert_ne!(container["securityContext"]["privileged"], true, "{name}");
+        let annotations = &pod["metadata"]["annotations"];
+        assert_eq!(
+            annotations["container.apparmor.security.beta.kubernetes.io/drain-agent"], "unconfined",
+            "{name}"
+        );
+
+        // Scrape annotations in one place: the pods, never the Service.
+        let service = find(output, "Service");
+        let service_keys: BTreeSet<&str> = service["metadata"]["annotations"]
+            .as_object()
+            .map(|a| a.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert!(
+            !service_keys.iter().any(|k| k.starts_with("prometheus.io/")),
+            "{name}: the Service carries scrape annotations too"
+        );
+        let pod_scraped = annotations["prometheus.io/scrape"] == "true";
+        // With the PodMonitor, the annotations go (no double scrape).
+        assert_ne!(
+            pod_scraped,
+            has(output, "PodMonitor"),
+            "{name}: exactly one way to be scraped"
+        );
+    }
+
+    let by_name = |name: &str| {
+        rendered
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let base = by_name("base");
+    let base_port = agent_port(base);
+    let base_image =
+        find(base, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    assert_eq!(
+        base_image,
+        format!("localhost/drain-agent:{}", env!("CARGO_PKG_VERSION"))
+    );
+    // The example application asks the agent on the base's port.
+    let example = std::fs::read_to_string(kubernetes_dir().join("example-app.yaml")).expect("read");
+    assert!(
+        example.contains(&format!("http://$(HOST_IP):{base_port}")),
+        "example-app.yaml's DRAIN_AGENT_URL is not on port {base_port}"
+    );
+
+    let port = by_name("overlays/port");
+    assert_ne!(agent_port(port), base_port, "overlays/port moves the port");
+
+    let namespace = by_name("overlays/namespace");
+    assert_ne!(
+        find(namespace, "Namespace")["metadata"]["name"],
+        find(base, "Namespace")["metadata"]["name"]
+    );
+
+    let image = by_name("overlays/image");
+    let image_name =
+        &find(image, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_ne!(*image_name, base_image, "overlays/image sets the image");
+
+    let selector = by_name("overlays/node-selector");
+    let node_selector = &find(selector, "DaemonSet")["spec"]["template"]["spec"]["nodeSelector"];
+    assert_eq!(node_selector["kubernetes.io/arch"], "amd64");
+    assert_eq!(node_selector["kubernetes.io/os"], "linux");
+
+    let monitor = by_name("overlays/podmonitor");
+    let podmonitor = find(monitor, "PodMonitor");
+    assert_eq!(
+        podmonitor["spec"]["podMetricsEndpoints"][0]["port"],
+        "metrics"
+    );
+    assert!(!has(base, "PodMonitor"), "the base needs no CRD");
+}

@@ -1,0 +1,106 @@
+//! Operator conveniences, against the real agent: `--log-format json` (every line one JSON
+//! object), `drain-agent status --json` (the agent's /connections) and `status --port`.
+
+mod common;
+
+use std::{net::TcpStream, process::Command, time::Duration};
+
+#[test]
+fn json_logs_parse_line_by_line() {
+    let test = "json_logs_parse_line_by_line";
+    if !common::kernel_available(test) {
+        return;
+    }
+    let mut agent = common::Agent::start(&["--log-format", "json", "--log-level", "debug"]);
+    let _ = agent.try_get("/connections");
+    assert!(agent.stop().success());
+    // The log thread reads stderr until the pipe closes.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = agent.log_text();
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not one JSON object ({e}): {line}"));
+        for key in ["ts", "level", "target", "message"] {
+            assert!(value[key].is_string(), "{key} missing: {line}");
+        }
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"]
+                .contains(&value["level"].as_str().unwrap_or("")),
+            "{line}"
+        );
+        messages.push(value["message"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m.starts_with("serving on http://")),
+        "no start-up line in:\n{log}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("bye")),
+        "no shutdown line in:\n{log}"
+    );
+}
+
+fn status(agent: &common::Agent, args: &[&str]) -> String {
+    let output = Command::new(common::agent_binary())
+        .arg("status")
+        .args(args)
+        .env("DRAIN_AGENT_URL", &agent.url)
+        .output()
+        .expect("drain-agent status");
+    assert!(
+        output.status.success(),
+        "status {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
+#[test]
+fn status_json_matches_connections() {
+    let test = "status_json_matches_connections";
+    if !common::kernel_available(test) {
+        return;
+    }
+    let agent = common::Agent::start(&[]);
+    let first = common::Server::start("127.0.0.1:0");
+    let second = common::Server::start("127.0.0.1:0");
+    let _a = TcpStream::connect(("127.0.0.1", first.port)).expect("connect");
+    let _b = TcpStream::connect(("127.0.0.1", second.port)).expect("connect");
+    let _c = TcpStream::connect(("127.0.0.1", second.port)).expect("connect");
+    first.wait_accepted(1);
+    second.wait_accepted(2);
+    agent.expect_active(first.port, 1);
+    agent.expect_active(second.port, 2);
+
+    let printed = status(&agent, &["--json"]);
+    assert_eq!(printed.lines().count(), 1, "one line: {printed}");
+    let printed: serde_json::Value = serde_json::from_str(&printed).expect("status --json is JSON");
+    let (code, connections) = agent.get_json("/connections");
+    assert_eq!(code, 200);
+    assert_eq!(printed, connections);
+
+    let one = status(&agent, &["--json", "--port", &second.port.to_string()]);
+    let one: serde_json::Value = serde_json::from_str(&one).expect("JSON");
+    let (_, expected) = agent.get_json(&format!("/connections?port={}", second.port));
+    assert_eq!(one, expected);
+    let endpoints = one["endpoints"].as_array().expect("endpoints");
+    assert!(!endpoints.is_empty());
+    assert!(endpoints.iter().all(|e| e["port"] == second.port), "{one}");
+    assert_eq!(
+        endpoints
+            .iter()
+            .filter_map(|e| e["active"].as_u64())
+            .sum::<u64>(),
+        2
+    );
+
+    // The table, filtered the same way.
+    let table = status(&agent, &["--port", &first.port.to_string()]);
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{table}");
+    assert!(
+        rows[0].trim_start().starts_with(&first.port.to_string()),
+        "{table}"
+    );
+}
