@@ -4,6 +4,11 @@
 //!
 //! Skips loudly when target/dist is missing (fails with `DRAIN_AGENT_REQUIRE_KERNEL=1`;
 //! `cargo xtask test` builds it first).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

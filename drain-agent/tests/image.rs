@@ -7,6 +7,11 @@
 //!
 //! A kernel test (root); skips loudly without podman or the image, or fails with
 //! `DRAIN_AGENT_REQUIRE_KERNEL=1` (`cargo xtask test` builds the image first).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 

@@ -7,6 +7,11 @@
 //! `DRAIN_AGENT_KUBECTL` picks another kubectl (the overlays are written for kustomize
 //! v2.0.3, Debian 12's kubectl 1.20, as well as current ones). A tool that is not installed
 //! skips its test loudly, or fails it when `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 use std::{
     collections::BTreeSet,

@@ -1,5 +1,10 @@
 //! Operator conveniences, against the real agent: `--log-format json` (every line one JSON
 //! object), `drain-agent status --json` (the agent's /connections) and `status --port`.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
 
 mod common;
 
