@@ -252,13 +252,11 @@ fn both_close_methods_close_at_the_deadline() {
     }
     for (flag, expected) in [("auto", "Bpf"), ("netlink", "Netlink")] {
         let agent = Agent::start(&["--close-method", flag]);
-        assert!(
-            agent
-                .log_text()
-                .contains(&format!("connections closed at a deadline use {expected}")),
-            "{flag}: {}",
-            agent.log_text()
-        );
+        // The log is read by a thread of its own: wait for the line, bounded.
+        let line = format!("connections closed at a deadline use {expected}");
+        common::wait_until(&line, Duration::from_secs(5), || {
+            agent.log_text().contains(&line)
+        });
         let server = Server::start("127.0.0.1:0");
         let mut client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
         server.wait_accepted(1);
