@@ -39,7 +39,7 @@ pub const IMAGE_PACKAGES: &[(&str, &str)] = &[("buildah", "buildah")];
 /// so it runs on any Linux distribution whatever its C library.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
 
-/// Linters the deploy-file tests run (drain-agent/tests/deploy_files.rs), from PyPI, each
+/// Linters the deploy-file tests run (drain-agent/tests/deploy_*.rs), from PyPI, each
 /// with a command that shows it is installed. Pinned so CI lints the same way every time.
 const PYTHON_TOOLS: &[(&str, &str)] = &[
     ("kubernetes-validate==1.37.0", "kubernetes-validate"),

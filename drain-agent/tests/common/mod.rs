@@ -1,12 +1,14 @@
 //! Helpers shared by the kernel and end-to-end tests: privilege checks, the real agent
-//! binary, processes ([`child`]), HTTP ([`http`]), a real Prometheus ([`prometheus`]),
-//! temporary directories, network namespaces. Each test binary uses a different subset.
+//! binary, processes ([`child`]), deployment files ([`deploy`]), HTTP ([`http`]), a real
+//! Prometheus ([`prometheus`]), temporary directories, network namespaces. Each test binary
+//! uses a different subset.
 #![allow(
     dead_code,
     reason = "each test binary uses its own subset of these helpers"
 )]
 
 pub mod child;
+pub mod deploy;
 pub mod http;
 pub mod prometheus;
 

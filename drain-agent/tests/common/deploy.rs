@@ -1,0 +1,176 @@
+//! Helpers of the deployment-file tests (`deploy_*.rs`): the files under deploy/, the linters
+//! that check them (a missing one skips its test loudly, or fails it when
+//! `DRAIN_AGENT_REQUIRE_KERNEL=1`), systemd units, YAML, metric names.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use serde_json::Value;
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn deploy(relative: &str) -> PathBuf {
+    workspace().join("deploy").join(relative)
+}
+
+pub fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+pub fn required() -> bool {
+    std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
+}
+
+/// Whether `program args` runs and succeeds. When it does not: with
+/// `DRAIN_AGENT_REQUIRE_KERNEL=1` the test fails, otherwise it prints a loud SKIP.
+pub fn tool_available(test: &str, program: &str, args: &[&str]) -> bool {
+    let works = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if works {
+        return true;
+    }
+    assert!(
+        !required(),
+        "{test}: `{program} {}` does not work here (`cargo xtask setup` installs it) and \
+         DRAIN_AGENT_REQUIRE_KERNEL=1",
+        args.join(" ")
+    );
+    eprintln!(
+        "SKIP {test}: `{program}` is not installed; run `cargo xtask setup` \
+         (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)"
+    );
+    false
+}
+
+pub fn run(command: &mut Command) -> Output {
+    let shown = format!("{command:?}");
+    command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+}
+
+pub fn text_of(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `key = value` lines of a systemd unit, with their section, in order.
+pub fn unit_directives(text: &str) -> Vec<(String, String, String)> {
+    let mut section = String::new();
+    let mut directives = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not a directive: {line:?}"));
+        directives.push((
+            section.clone(),
+            key.trim().to_owned(),
+            value.trim().to_owned(),
+        ));
+    }
+    directives
+}
+
+/// Every value of `key` in `section`.
+pub fn unit_values(
+    directives: &[(String, String, String)],
+    section: &str,
+    key: &str,
+) -> Vec<String> {
+    directives
+        .iter()
+        .filter(|(s, k, _)| s == section && k == key)
+        .map(|(_, _, v)| v.clone())
+        .collect()
+}
+
+pub fn unit_value(directives: &[(String, String, String)], section: &str, key: &str) -> String {
+    let values = unit_values(directives, section, key);
+    assert_eq!(
+        values.len(),
+        1,
+        "[{section}] {key}= should be set once: {values:?}"
+    );
+    values[0].clone()
+}
+
+/// The value after `flag` in a command line.
+pub fn flag_value<'a>(words: &[&'a str], flag: &str) -> Option<&'a str> {
+    words
+        .iter()
+        .position(|w| *w == flag)
+        .and_then(|i| words.get(i + 1).copied())
+}
+
+/// Every YAML document of `path` as JSON, through Python's PyYAML (which kubernetes-validate
+/// brings along). None, after a loud SKIP, when it is not installed.
+pub fn yaml_documents(test: &str, path: &Path) -> Option<Vec<Value>> {
+    if !tool_available(test, "python3", &["-c", "import yaml"]) {
+        return None;
+    }
+    let output = run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json, sys, yaml\n\
+         docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
+         json.dump(docs, sys.stdout)",
+        )
+        .arg(path));
+    assert!(
+        output.status.success(),
+        "{}: not YAML: {}",
+        path.display(),
+        text_of(&output)
+    );
+    Some(serde_json::from_slice(&output.stdout).expect("python printed JSON"))
+}
+
+/// Identifiers starting with `prefix` (`drain_agent_`, `process_`) in `text`, whole words only.
+pub fn identifiers(text: &str, prefix: &str) -> BTreeSet<String> {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    let mut offset = 0;
+    while let Some(at) = rest.find(prefix) {
+        let start = offset + at;
+        let before = text[..start].chars().next_back();
+        let word: String = text[start..].chars().take_while(|c| is_word(*c)).collect();
+        if !before.is_some_and(is_word) {
+            found.insert(word.clone());
+        }
+        offset = start + word.len().max(1);
+        rest = &text[offset..];
+    }
+    found
+}
+
+/// What the agent needs, as Kubernetes spells capabilities (without `CAP_`).
+pub fn agent_capabilities() -> BTreeSet<String> {
+    ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]
+        .iter()
+        .map(|c| (*c).to_owned())
+        .collect()
+}

@@ -1,0 +1,450 @@
+//! The Kubernetes manifests (deploy/kubernetes/) checked with kubernetes-validate and
+//! against each other, and the capabilities they (and the systemd unit) grant tried on the
+//! real agent.
+//!
+//! A linter that is not installed skips its test loudly, or fails it when
+//! `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI); `cargo xtask setup` installs them all.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    child::Guard,
+    deploy::{
+        agent_capabilities, deploy, flag_value, read, run, text_of, tool_available,
+        unit_directives, unit_value, yaml_documents,
+    },
+};
+use drain_agent::{
+    client::{AgentUrl, get},
+    duration::parse_duration,
+};
+use serde_json::Value;
+
+/// The complete manifests as written: the kustomize base's resources, the PodMonitor (of
+/// overlays/podmonitor) and the example application. Patches and kustomizations are not
+/// manifests; drain-agent/tests/kustomize.rs renders and validates every overlay.
+fn kubernetes_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(deploy("kubernetes/base"))
+        .expect("deploy/kubernetes/base")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .filter(|path| !path.ends_with("kustomization.yaml"))
+        .chain([
+            deploy("kubernetes/overlays/podmonitor/podmonitor.yaml"),
+            deploy("kubernetes/example-app.yaml"),
+        ])
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "manifests: {files:?}");
+    files
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    let test = "kubernetes_manifests_validate_against_the_schemas";
+    if !tool_available(test, "kubernetes-validate", &["--version"]) {
+        return;
+    }
+    // The oldest release still common in managed clusters, and the newest the tool knows.
+    for version in ["1.29.0", "1.37.0"] {
+        for file in kubernetes_files() {
+            let output = run(Command::new("kubernetes-validate")
+                .args(["--strict", "--kubernetes-version", version])
+                .arg(&file));
+            let text = text_of(&output);
+            let passed = text
+                .lines()
+                .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+                .count();
+            // prometheus-operator's PodMonitor is a custom resource: no schema ships with the
+            // tool (kubernetes_manifests_agree_with_each_other checks it by hand).
+            let problems: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with("INFO"))
+                .filter(|l| {
+                    !(l.starts_with("WARN")
+                        && l.contains("Couldn't find schema for kind PodMonitor"))
+                })
+                .collect();
+            assert!(
+                output.status.success() && problems.is_empty(),
+                "{} against Kubernetes {version}:\n{text}",
+                file.display()
+            );
+            let custom = text.contains("kind PodMonitor");
+            assert!(
+                passed > 0 || custom,
+                "{}: nothing validated:\n{text}",
+                file.display()
+            );
+        }
+    }
+}
+
+fn find_kind<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn env_field_ref<'a>(container: &'a Value, name: &str) -> &'a str {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+        .unwrap_or_else(|| panic!("env {name} from a fieldRef"))
+}
+
+#[test]
+fn kubernetes_manifests_agree_with_each_other() {
+    let test = "kubernetes_manifests_agree_with_each_other";
+    let mut documents = Vec::new();
+    for file in kubernetes_files() {
+        let Some(docs) = yaml_documents(test, &file) else {
+            return;
+        };
+        documents.extend(docs);
+    }
+
+    // The agent: on every node, in the host's network and PID namespaces, unprivileged but
+    // for the capabilities it uses.
+    let daemonset = find_kind(&documents, "DaemonSet", "drain-agent");
+    let namespace = daemonset["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    assert_eq!(namespace, "drain-agent");
+    find_kind(&documents, "Namespace", namespace);
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(
+        pod["hostPID"], true,
+        "seeding reads /proc/PID/ns/net of every process"
+    );
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert!(
+        pod["tolerations"]
+            .as_array()
+            .expect("tolerations")
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none()),
+        "tolerates every taint"
+    );
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let agent = &containers[0];
+    let security = &agent["securityContext"];
+    assert_ne!(security["privileged"], true, "capabilities, not privileged");
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    let added: BTreeSet<String> = security["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().expect("capability").to_owned())
+        .collect();
+    assert_eq!(
+        added,
+        agent_capabilities(),
+        "the same capabilities as the systemd unit"
+    );
+    // The API server refuses allowPrivilegeEscalation: false together with CAP_SYS_ADMIN.
+    assert_ne!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(env_field_ref(agent, "HOST_IP"), "status.hostIP");
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect();
+    assert_eq!(args.first(), Some(&"run"));
+    let listen = flag_value(&args, "--listen").expect("--listen");
+    let agent_port: u16 = listen
+        .strip_prefix("$(HOST_IP):")
+        .expect("--listen $(HOST_IP):PORT")
+        .parse()
+        .expect("port");
+    let port_entry = &agent["ports"][0];
+    assert_eq!(port_entry["containerPort"], agent_port);
+    let port_name = port_entry["name"].as_str().expect("port name");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
+        let port = &agent[probe]["httpGet"]["port"];
+        assert!(
+            *port == port_name || *port == agent_port,
+            "{probe} port {port}"
+        );
+    }
+    for resources in ["requests", "limits"] {
+        assert!(
+            agent["resources"][resources]["memory"].is_string(),
+            "resources.{resources}.memory"
+        );
+    }
+    let mounts: BTreeMap<&str, &Value> = agent["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| (m["mountPath"].as_str().expect("mountPath"), m))
+        .collect();
+    for path in ["/sys/kernel/btf", "/run/netns"] {
+        assert_eq!(
+            mounts.get(path).map(|m| &m["readOnly"]),
+            Some(&Value::Bool(true)),
+            "{path} mounted read-only"
+        );
+    }
+    assert_eq!(
+        mounts["/run/netns"]["mountPropagation"], "HostToContainer",
+        "namespaces named later show up"
+    );
+
+    // Discovery: the Service and the PodMonitor select the agent's pods and port.
+    let labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    let service = find_kind(&documents, "Service", "drain-agent");
+    for (key, value) in service["spec"]["selector"].as_object().expect("selector") {
+        assert_eq!(&labels[key], value, "Service selector {key}");
+    }
+    assert_eq!(service["spec"]["ports"][0]["port"], agent_port);
+    let monitor = find_kind(&documents, "PodMonitor", "drain-agent");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&labels[key], value, "PodMonitor selector {key}");
+    }
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], port_name);
+    // The alert rules select job="drain-agent".
+    let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
+    assert_eq!(labels[job_label], "drain-agent");
+
+    // The example application: preStop is an httpGet to the agent's listener inside the
+    // pod (--pod-listen), nothing in the image.
+    let pod_listen = flag_value(&args, "--pod-listen").expect("--pod-listen");
+    let pod_port: u16 = pod_listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("--pod-listen ADDR:PORT");
+    assert_ne!(
+        pod_port, agent_port,
+        "the node listener is off the pod port"
+    );
+    let deployment = find_kind(&documents, "Deployment", "example-app");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let app = &pod["containers"][0];
+    let hook = &app["lifecycle"]["preStop"]["httpGet"];
+    assert_eq!(
+        hook["port"], pod_port,
+        "the hook calls the agent inside the pod"
+    );
+    let path = hook["path"].as_str().expect("an httpGet preStop path");
+    let query = path
+        .strip_prefix("/drained?")
+        .expect("the hook asks /drained");
+    let params: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(
+        !params.contains_key("addr") && !params.contains_key("netns"),
+        "inside the pod the scope is the pod already: {path}"
+    );
+    let app_port: u16 = params["port"].parse().expect("port");
+    assert!(
+        app["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["containerPort"] == app_port),
+        "the preStop port {app_port} is the container's"
+    );
+    let timeout = parse_duration(&params["timeout"]).expect("timeout");
+    let grace = Duration::from_secs(
+        pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("grace period"),
+    );
+    assert!(
+        grace >= timeout + Duration::from_secs(10),
+        "terminationGracePeriodSeconds ({grace:?}) must cover the {timeout:?} drain and the app's exit"
+    );
+}
+
+/// A `sleep` of user nobody in a network namespace of its own (no name under /run/netns),
+/// holding one established inbound connection to 127.0.0.1:`port` there: a container's
+/// process, as the agent finds it through /proc/PID/ns/net.
+fn spawn_foreign_holder(port: u16) -> Guard {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new("sleep");
+    command.arg("120").stdin(Stdio::null());
+    // SAFETY: between fork and exec the closure makes raw system calls only, on memory it
+    // owns; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return fail();
+            }
+            let control = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let mut request: libc::ifreq = std::mem::zeroed();
+            for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+                *slot = *byte as libc::c_char;
+            }
+            request.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if control < 0 || libc::ioctl(control, libc::SIOCSIFFLAGS, &request) != 0 {
+                return fail();
+            }
+            let address = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let pointer = (&raw const address).cast::<libc::sockaddr>();
+            let length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let listener = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let client = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if listener < 0
+                || client < 0
+                || libc::bind(listener, pointer, length) != 0
+                || libc::listen(listener, 4) != 0
+                || libc::connect(client, pointer, length) != 0
+                || libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut()) < 0
+            {
+                return fail();
+            }
+            // The sockets stay open across exec (no close-on-exec); then drop root.
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    Guard::spawn("the holder", &mut command)
+}
+
+/// Starts the agent under `setpriv` with only `capabilities` (uid 0, no new privileges, as
+/// the systemd unit runs it) and returns its /connections once it is healthy.
+fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
+    let port = common::free_port();
+    let bounding: Vec<String> = capabilities
+        .iter()
+        .map(|c| format!("+{}", c.to_ascii_lowercase()))
+        .collect();
+    let mut child = Guard::spawn(
+        "the agent under setpriv",
+        Command::new("setpriv")
+            .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
+            .arg("--no-new-privs")
+            .arg(common::agent_binary())
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+    let started = Instant::now();
+    loop {
+        if get(&url, "/healthz", Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        if let Some(status) = child.try_status() {
+            let mut log = String::new();
+            if let Some(mut stderr) = child.child_mut().stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut log);
+            }
+            panic!("the agent with only {capabilities:?} exited ({status}):\n{log}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "agent with {capabilities:?} never healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let response = get(&url, "/connections", Duration::from_secs(10)).expect("/connections");
+    serde_json::from_str(&response.body).expect("JSON")
+}
+
+/// The capabilities the unit and the DaemonSet grant are enough for everything the agent
+/// does, seeding included: it counts a connection that was open before it started, in a
+/// namespace that only another user's process holds. And CAP_SYS_PTRACE is there for a
+/// reason: without it, that namespace is missed.
+#[test]
+fn agent_works_with_only_the_granted_capabilities() {
+    let test = "agent_works_with_only_the_granted_capabilities";
+    if !common::kernel_available(test) || !tool_available(test, "setpriv", &["--version"]) {
+        return;
+    }
+    let unit = unit_directives(&read(&deploy("systemd/drain-agent.service")));
+    let granted: BTreeSet<String> = unit_value(&unit, "Service", "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_owned())
+        .collect();
+    let port = 18_089;
+    let holder = spawn_foreign_holder(port);
+    let netns = {
+        let path = format!("/proc/{}/ns/net", holder.pid());
+        let started = Instant::now();
+        loop {
+            // Until exec, the child still shows the parent's namespace and owner.
+            let metadata = fs::metadata(&path).expect("holder's namespace");
+            let owner = std::os::unix::fs::MetadataExt::uid(
+                &fs::metadata(format!("/proc/{}", holder.pid())).expect("proc"),
+            );
+            let comm =
+                fs::read_to_string(format!("/proc/{}/comm", holder.pid())).unwrap_or_default();
+            if owner == 65534 && comm.trim() == "sleep" {
+                break std::os::unix::fs::MetadataExt::ino(&metadata);
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "holder did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let seeded = |connections: &Value| {
+        connections["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .any(|e| e["port"] == port && e["netns"] == netns && e["active"] == 1)
+    };
+
+    let connections = connections_with_capabilities(&granted);
+    assert!(
+        seeded(&connections),
+        "with {granted:?} the agent did not count the connection in namespace {netns}: {connections}"
+    );
+    let mut fewer = granted.clone();
+    assert!(fewer.remove("SYS_PTRACE"), "CAP_SYS_PTRACE is granted");
+    let connections = connections_with_capabilities(&fewer);
+    assert!(
+        !seeded(&connections),
+        "without CAP_SYS_PTRACE the agent still found namespace {netns}: drop the capability \
+         from deploy/ (systemd unit, DaemonSet, README)"
+    );
+    drop(holder);
+}
