@@ -328,11 +328,28 @@ fn every_overlay_keeps_the_agents_promises() {
         base_image,
         format!("localhost/drain-agent:{}", env!("CARGO_PKG_VERSION"))
     );
-    // The example application asks the agent on the base's port.
+    // The example application asks the agent inside its own pod: the port the base's
+    // --pod-listen serves there (its node listener, `base_port`, is not for hooks).
+    let args = find(base, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let pod_listen = args
+        .iter()
+        .position(|arg| arg == "--pod-listen")
+        .and_then(|at| args.get(at + 1))
+        .and_then(|value| value.as_str())
+        .expect("the base DaemonSet runs with --pod-listen");
+    let pod_port = pod_listen.rsplit(':').next().expect("a port");
+    assert_ne!(
+        pod_port,
+        base_port.to_string(),
+        "pod and node listeners differ"
+    );
     let example = std::fs::read_to_string(kubernetes_dir().join("example-app.yaml")).expect("read");
     assert!(
-        example.contains(&format!("http://$(HOST_IP):{base_port}")),
-        "example-app.yaml's DRAIN_AGENT_URL is not on port {base_port}"
+        example.contains("httpGet:") && example.contains(&format!("port: {pod_port}")),
+        "example-app.yaml's preStop does not ask the in-pod listener on port {pod_port}"
     );
 
     let port = by_name("overlays/port");
