@@ -488,8 +488,11 @@ fn status_text(args: &StatusArgs) -> Result<String> {
     // Advice from history; an older agent without /advice just gets the table.
     if let Ok(response) = get(&url, "/advice", Duration::from_secs(10))
         && response.status == 200
-        && let Ok(advice) = serde_json::from_str::<Vec<PortAdvice>>(&response.body)
-        && !advice.is_empty()
+        && let Ok(mut advice) = serde_json::from_str::<Vec<PortAdvice>>(&response.body)
+        && {
+            advice.retain(|port| args.port.is_none_or(|wanted| wanted == port.port));
+            !advice.is_empty()
+        }
     {
         out.push('\n');
         out.push_str(&render_advice(&advice));
