@@ -387,8 +387,9 @@ fn churn_from_many_threads_counts_exactly() {
     assert_eq!(ss_count(port, None), expected, "ss agrees");
     drop(held);
     drop(kept);
-    assert_eq!(agent.active(port), 0);
     assert_eq!(ss_count(port, None), 0);
+    // A close the kernel skipped is corrected by the socket tables or the next walk.
+    agent.expect_active(port, 0);
     // Nothing went missing on the way.
     let (_, metrics) = agent.try_get("/metrics").expect("metrics");
     for line in metrics
@@ -713,7 +714,9 @@ fn seeding_during_a_churn_counts_each_connection_once() {
     drop(held);
     drop(settled_servers);
     drop(settled_clients);
-    assert_eq!(agent.active(port), 0);
+    // Closes the kernel skipped in this burst leave the count too high (the safe side)
+    // until the socket tables or the next walk (within about 5 s) correct it.
+    agent.expect_active(port, 0);
     let (_, metrics) = agent.try_get("/metrics").expect("metrics");
     for line in metrics
         .lines()
