@@ -90,6 +90,10 @@ pub trait ConnectionSource: Send + Sync + 'static {
     fn walks(&self) -> u64 {
         0
     }
+    /// Runs of the handler the kernel skipped so far (fresh).
+    fn skipped_runs(&self) -> u64 {
+        0
+    }
     /// The connections of `filter` open now, one by one, from the kernel's socket tables
     /// (blocking; enters namespaces). `busy` is left false for the caller to set; `with_age`
     /// also looks up when each started (a pass over the tracked sockets: reports only).
@@ -575,6 +579,9 @@ impl Tracker {
         // request's quiet window starts here, once arrivals are announced.
         let mut port_watch = self.watch(filter.port).map_err(WaitError::Source)?;
         let started_ns = monotonic_ns();
+        // A run the kernel skips after this may be this scope's close: the socket tables
+        // then decide (see below), whatever a walk vouches for meanwhile.
+        let skipped_at_start = self.source.skipped_runs();
         let mut shutdown = self.shutdown.subscribe();
         // Events matter to the decision with a quiet window or a look at each connection;
         // otherwise they are only counted (arrivals, for the drain's record), and a zero
@@ -620,7 +627,11 @@ impl Tracker {
             ) {}
             let mut state = self.state(filter).map_err(WaitError::Source)?;
             let mut from_tables = false;
-            if state.active > 0 && !rule.needs_peers() && self.skipped_since_walk(filter) {
+            if state.active > 0
+                && !rule.needs_peers()
+                && (self.source.skipped_runs() > skipped_at_start
+                    || self.skipped_since_walk(filter))
+            {
                 // A skipped close leaves a count too high (the safe side) until the next
                 // walk; the socket tables say at once whether those connections are gone.
                 if let Some(open) = self.confirm(filter).await

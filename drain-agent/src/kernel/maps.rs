@@ -352,6 +352,10 @@ impl ConnectionSource for KernelMaps {
         self.walks.load(Ordering::Relaxed)
     }
 
+    fn skipped_runs(&self) -> u64 {
+        self.handler_skipped_runs().unwrap_or(0)
+    }
+
     fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
         self.reclaimed
             .lock()

@@ -24,7 +24,10 @@ impl Kernel {
     /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
     /// is exactly-once). Call it once, after [`Kernel::load`].
     pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
-        let report = self.walk()?;
+        let mut report = self.walk()?;
+        if let Some((snapshot, failed)) = report.vouches.take() {
+            self.maps.vouch(snapshot, failed);
+        }
         let found = self.maps.repair_count(repair::OPENS_FOUND)?;
         self.maps.seeding_opens.store(found, Ordering::Relaxed);
         info!(
@@ -92,7 +95,7 @@ impl Kernel {
         // one that is still there was not walked, and its counts are not vouched for.
         let still_there = netns::all_namespaces();
         failed.retain(|inode| still_there.contains_key(inode));
-        self.maps.vouch(snapshot, failed);
+        report.vouches = Some((snapshot, failed));
         Ok(report)
     }
 
@@ -102,7 +105,7 @@ impl Kernel {
     pub fn repair(&mut self) -> Result<RepairReport> {
         let opens_before = self.maps.repair_count(repair::OPENS_FOUND)?;
         let closes_before = self.maps.repair_count(repair::CLOSES_FOUND)?;
-        let walk = self.walk()?;
+        let mut walk = self.walk()?;
         let mut stale = Vec::new();
         for entry in self.sockets.iter() {
             // Entries come and go while we read: a vanished one is simply not a candidate.
@@ -127,6 +130,11 @@ impl Kernel {
             forget
                 .test_run(options)
                 .context("cannot run forget_stale_socket")?;
+        }
+        // Only now are the missed closes before the walk un-counted too: vouch after the
+        // sweep, not after the walk (a count in between is still too high).
+        if let Some((snapshot, failed)) = walk.vouches.take() {
+            self.maps.vouch(snapshot, failed);
         }
         Ok(RepairReport {
             opens_found: self.maps.repair_count(repair::OPENS_FOUND)? - opens_before,
@@ -174,6 +182,9 @@ pub struct WalkReport {
     pub walked: HashSet<u32>,
     /// Namespaces that could not be walked.
     pub failed: usize,
+    /// What the walk vouches for once its caller has finished with it (the counters at its
+    /// start, the namespaces it could not enter).
+    pub vouches: Option<(super::maps::Snapshot, BTreeSet<u32>)>,
 }
 
 /// What a repair found.
