@@ -199,7 +199,9 @@ enum Verdict {
 /// How long a doubted waiter waits before it asks the socket tables again: connections
 /// the maps missed send no events when they close, so this one case looks periodically.
 const CONFIRM_RETRY: Duration = Duration::from_millis(250);
-const CONFIRM_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Not longer: a connection whose open the kernel skipped sends no event when it closes, so
+/// this is how late such a close can be answered (until the next walk counts it).
+const CONFIRM_RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// Why a wait could not even start.
 #[derive(Debug)]
