@@ -114,9 +114,20 @@ async fn drained(
                     && record.result == Some(DrainEnd::ClosedAtDeadline)
                 {
                     closed = Some(record.closed_by_agent);
-                    outcome.drained = true;
-                    outcome.active = 0;
-                    outcome.peers.clear();
+                    // Drained only if nothing is left now: a close that failed must not turn
+                    // into a "drained". Asked like any answer (doubts confirmed), without
+                    // the quiet window, which the deadline has ended.
+                    let now_rule = crate::drain_rule::DrainRule {
+                        quiet: std::time::Duration::ZERO,
+                        ..request.rule.clone()
+                    };
+                    if let Ok(after) = state
+                        .tracker
+                        .wait_until_drained(&request.filter, std::time::Duration::ZERO, &now_rule)
+                        .await
+                    {
+                        outcome = after;
+                    }
                 }
             }
             let result = if outcome.drained {
