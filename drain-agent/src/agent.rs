@@ -132,6 +132,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
              (run with --no-seed to count only new ones)",
         )?;
     }
+    if let Err(problem) = crate::sockdiag::check_readable() {
+        warn!(
+            "{problem:#}: a count the agent cannot vouch for (after skipped handler runs) is \
+             not confirmed at once but waits for the next walk of the sockets; load the \
+             inet_diag and tcp_diag modules"
+        );
+    }
     kernel.release_load_time_memory();
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();

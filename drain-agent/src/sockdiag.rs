@@ -129,6 +129,19 @@ pub fn query(q: &Query) -> Result<Vec<TcpSocket>> {
     Ok(found)
 }
 
+/// Whether the socket tables can be read here (the `inet_diag` and `tcp_diag` modules, which
+/// a host loads on demand): the agent confirms the counts it cannot vouch for with them.
+/// Without them such a count waits for the next walk (fail closed, but late).
+pub fn check_readable() -> Result<()> {
+    query(&Query {
+        local_port: 1,
+        states: state::bit(state::LISTEN),
+        with_info: false,
+    })
+    .map(drop)
+    .context("the kernel's socket tables (inet_diag) cannot be read")
+}
+
 /// Closes one socket (`SOCK_DESTROY`, like `ss -K`): the kernel aborts it and the peer gets a
 /// RST; the owning process sees `ECONNABORTED` on its next call.
 ///

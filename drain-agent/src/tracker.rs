@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use drain_agent_common::DurationHistogram;
+use log::debug;
 use serde::{Deserialize, Serialize};
 use tokio::{
     sync::{broadcast, watch},
@@ -629,11 +630,13 @@ impl Tracker {
             ) {}
             let mut state = self.state(filter).map_err(WaitError::Source)?;
             let mut from_tables = false;
-            if state.active > 0
-                && !rule.needs_peers()
-                && (self.source.skipped_runs() > skipped_at_start
-                    || self.skipped_since_walk(filter))
-            {
+            // The kernel skipped runs that may be this scope's: until a walk vouches for the
+            // counts again, a count may be too high and its connections' closes may move it
+            // without a zero crossing (or not at all), so no event can be relied on to wake
+            // this waiter: it asks the socket tables itself, every CONFIRM_RETRY_MAX.
+            let in_doubt =
+                self.source.skipped_runs() > skipped_at_start || self.skipped_since_walk(filter);
+            if state.active > 0 && !rule.needs_peers() && in_doubt {
                 // A skipped close leaves a count too high (the safe side) until the next
                 // walk; the socket tables say at once whether those connections are gone.
                 if let Some(open) = self.confirm(filter).await
@@ -709,6 +712,22 @@ impl Tracker {
                 }
             }
             let drained = decision == Decision::Drained;
+            debug!(
+                "waiter on port {} at {} ms: {} active{}{}, {:?}{}",
+                filter.port,
+                started.elapsed().as_millis(),
+                state.active,
+                if from_tables { " (socket tables)" } else { "" },
+                if in_doubt { ", in doubt" } else { "" },
+                decision,
+                unknown
+                    .as_deref()
+                    .map(|why| format!(" (unknown: {why})"))
+                    .unwrap_or_default()
+            );
+            if in_doubt && !drained {
+                doubted = true;
+            }
             let now = Instant::now();
             if drained || now >= deadline || *shutdown.borrow_and_update() {
                 if !drained && state.active > 0 {
@@ -775,7 +794,7 @@ impl Tracker {
                             }
                         });
                         let open = absorb(event, &mut last_arrival_ns, &mut arrivals);
-                        if open && !decides_on_events {
+                        if open && !decides_on_events && !in_doubt {
                             // Counted; nothing to decide until a crossing or the clock.
                             continue;
                         }
@@ -1160,6 +1179,31 @@ mod tests {
             .expect("outcome");
         assert!(outcome.drained);
         assert_eq!(source.confirmations.load(Ordering::Relaxed), asked);
+    }
+
+    /// Found by the kernel matrix on 7.3 (a waiter answered ~5 s late): a skipped close
+    /// left the port's count one too high; the next waiter saw 2 in the maps and 1 in the
+    /// tables, and when that last connection closed the maps went 2 -> 1, no zero
+    /// crossing, so nothing woke it until a walk corrected the count.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_on_a_count_known_too_high_asks_the_tables_again() {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 2)]);
+        *source.doubts.lock().expect("lock") = vec![Doubt::HandlerSkipped];
+        *source.confirmed.lock().expect("lock") = Ok(1);
+        let waiter = spawn_hour_long_waiter(&tracker, 80);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiter.is_finished());
+        // The real close: the maps go 2 -> 1 (no crossing), the tables to 0.
+        source.set(vec![endpoint("127.0.0.1", 80, 1)]);
+        *source.confirmed.lock().expect("lock") = Ok(0);
+        let outcome = waiter.await.expect("join").expect("outcome");
+        assert!(outcome.drained);
+        assert_eq!(outcome.active, 0);
+        assert!(
+            outcome.waited <= Duration::from_secs(2) + CONFIRM_RETRY_MAX,
+            "{:?}",
+            outcome.waited
+        );
     }
 
     #[tokio::test(start_paused = true)]

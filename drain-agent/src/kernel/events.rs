@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use log::{error, warn};
+use log::{debug, error, warn};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use drain_agent_common::{ConnEvent, ConnKey, crossing, event_kind};
@@ -60,7 +60,15 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
                     if let Some(event) = parse_event(&item) {
-                        tracker.publish(connection_event(&event));
+                        let event = connection_event(&event);
+                        debug!(
+                            "event: port {} {} (crossing: {}), read {} µs after the change",
+                            event.port,
+                            if event.opened { "open" } else { "close" },
+                            event.crossing,
+                            crate::tracker::monotonic_ns().saturating_sub(event.at_ns) / 1000
+                        );
+                        tracker.publish(event);
                     }
                 }
                 guard.clear_ready();
