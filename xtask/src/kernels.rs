@@ -121,6 +121,8 @@ fn numbers(text: &str) -> Vec<u64> {
 
 pub fn kernels(args: &KernelsArgs) -> Result<()> {
     ensure_host_commands()?;
+    // The kernels' modules come compressed (xz or zstd, by release).
+    setup::ensure_debian_packages(&[("xz-utils", "xz"), ("zstd", "zstd")])?;
     let cache = target_dir().join("kernels");
     let apt = PrivateApt::new(&cache.join("apt"))?;
     apt.update(args.refresh)?;
@@ -155,12 +157,20 @@ pub fn kernels(args: &KernelsArgs) -> Result<()> {
     let mut rows = Vec::new();
     let started = Instant::now();
     for kernel in &chosen {
-        let vmlinuz = apt.fetch_kernel(kernel, &cache)?;
+        let (vmlinuz, modules) = apt.fetch_kernel(kernel, &cache)?;
+        // The shared initramfs, then this kernel's modules: the kernel unpacks concatenated
+        // cpio archives one after the other.
+        let own_initramfs = cache.join(format!("initramfs-{}.cpio", kernel.abi));
+        let mut bytes =
+            fs::read(&initramfs).with_context(|| format!("cannot read {}", initramfs.display()))?;
+        bytes.extend(modules_archive(&modules)?);
+        fs::write(&own_initramfs, bytes)
+            .with_context(|| format!("cannot write {}", own_initramfs.display()))?;
         eprintln!("xtask: booting {} ({})", kernel.abi, kernel.suite);
         let log = logs.join(format!("{}.log", kernel.abi));
         let guest = tools.boot(
             &vmlinuz,
-            &initramfs,
+            &own_initramfs,
             args.rounds,
             Duration::from_secs(args.guest_timeout),
             &log,
@@ -535,12 +545,15 @@ impl PrivateApt {
         Ok(available)
     }
 
-    /// The kernel image, downloaded and unpacked once into target/kernels/vmlinuz/.
-    fn fetch_kernel(&self, kernel: &Available, cache: &Path) -> Result<PathBuf> {
+    /// The kernel image and its socket-diagnostics modules, downloaded and unpacked once
+    /// into target/kernels/vmlinuz/ and target/kernels/modules/ABI/.
+    fn fetch_kernel(&self, kernel: &Available, cache: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
         let images = cache.join("vmlinuz");
         let image = images.join(format!("vmlinuz-{}", kernel.abi));
-        if image.exists() {
-            return Ok(image);
+        let modules = cache.join("modules").join(&kernel.abi);
+        let done = modules.join(".done");
+        if image.exists() && done.exists() {
+            return Ok((image, diag_modules(&modules)));
         }
         fs::create_dir_all(&images).context("cannot create target/kernels/vmlinuz")?;
         let downloads = cache.join("downloads");
@@ -576,12 +589,102 @@ impl PrivateApt {
                 )
             })?;
         fs::copy(found, &image).with_context(|| format!("cannot copy {}", found.display()))?;
-        // The modules are not needed: the cloud kernels have virtio, BTF, bpffs and tracefs
-        // built in. Only the image stays cached.
+        // The cloud kernels have virtio, BTF, bpffs and tracefs built in, but the socket
+        // diagnostics (inet_diag, tcp_diag: what `ss` and the agent's confirmation read) are
+        // modules, which a host loads on demand and this initramfs cannot: keep those two,
+        // uncompressed, for the guest to insmod. A kernel with them built in has none.
+        let _ = fs::remove_dir_all(&modules);
+        fs::create_dir_all(&modules)
+            .with_context(|| format!("cannot create {}", modules.display()))?;
+        // From 7.3 the modules are a package of their own, linux-modules-ABI.
+        if find_module(&unpacked, DIAG_MODULES[0])?.is_none()
+            && let Some(flavour) = kernel
+                .package
+                .strip_prefix("linux-binary-")
+                .or_else(|| kernel.package.strip_prefix("linux-image-"))
+        {
+            let package = format!("linux-modules-{flavour}");
+            eprintln!("xtask: downloading {package} {}", kernel.version);
+            status(
+                self.command("apt-get")
+                    .args(["download", "-q"])
+                    .arg(format!("{package}={}", kernel.version))
+                    .current_dir(&downloads),
+            )?;
+            let modules_deb = find_deb(&downloads, &package)?;
+            status(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&modules_deb)
+                    .arg(&unpacked),
+            )?;
+            let _ = fs::remove_file(&modules_deb);
+        }
+        for name in DIAG_MODULES {
+            if let Some(packed) = find_module(&unpacked, name)? {
+                unpack_module(&packed, &modules.join(format!("{name}.ko")))?;
+            }
+        }
+        fs::write(&done, "").with_context(|| format!("cannot write {}", done.display()))?;
         let _ = fs::remove_dir_all(&unpacked);
         let _ = fs::remove_file(&deb);
-        Ok(image)
+        Ok((image, diag_modules(&modules)))
     }
+}
+
+/// The socket-diagnostics modules, in load order (tcp_diag needs inet_diag).
+const DIAG_MODULES: [&str; 2] = ["inet_diag", "tcp_diag"];
+
+/// The unpacked modules of `dir`, in load order.
+fn diag_modules(dir: &Path) -> Vec<PathBuf> {
+    DIAG_MODULES
+        .iter()
+        .map(|name| dir.join(format!("{name}.ko")))
+        .filter(|path| path.is_file())
+        .collect()
+}
+
+/// `NAME.ko`, `.ko.xz` or `.ko.zst` under the package's `lib/modules/*/kernel/net/ipv4/`
+/// (or `usr/lib/…`, from 7.3).
+fn find_module(unpacked: &Path, name: &str) -> Result<Option<PathBuf>> {
+    for root in ["lib/modules", "usr/lib/modules"] {
+        let Ok(versions) = fs::read_dir(unpacked.join(root)) else {
+            continue;
+        };
+        for version in versions.filter_map(Result::ok) {
+            let dir = version.path().join("kernel/net/ipv4");
+            for suffix in ["ko", "ko.xz", "ko.zst"] {
+                let path = dir.join(format!("{name}.{suffix}"));
+                if path.is_file() {
+                    return Ok(Some(path));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Copies a module to `out`, uncompressed (busybox's insmod takes plain modules only).
+fn unpack_module(packed: &Path, out: &Path) -> Result<()> {
+    let name = packed.display().to_string();
+    let bytes = if name.ends_with(".xz") {
+        output_bytes(Command::new("xz").args(["-dc"]).arg(packed))?
+    } else if name.ends_with(".zst") {
+        output_bytes(Command::new("zstd").args(["-dcq"]).arg(packed))?
+    } else {
+        fs::read(packed).with_context(|| format!("cannot read {name}"))?
+    };
+    fs::write(out, bytes).with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn output_bytes(command: &mut Command) -> Result<Vec<u8>> {
+    let shown = format!("{command:?}");
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {shown}"))?;
+    ensure!(out.status.success(), "{shown} failed: {}", out.status);
+    Ok(out.stdout)
 }
 
 fn find_deb(dir: &Path, package: &str) -> Result<PathBuf> {
@@ -1030,6 +1133,23 @@ fn build_initramfs(agent: &Path, busybox: &Path, out: &Path) -> Result<()> {
         archive.file(inside, 0o755, &bytes);
     }
     fs::write(out, archive.finish()).with_context(|| format!("cannot write {}", out.display()))
+}
+
+/// A cpio archive of `modules/NAME.ko` (the guest loads them in name order: inet_diag,
+/// then tcp_diag).
+fn modules_archive(modules: &[PathBuf]) -> Result<Vec<u8>> {
+    let mut archive = Cpio::default();
+    archive.directory("modules");
+    for (i, module) in modules.iter().enumerate() {
+        let name = module
+            .file_name()
+            .and_then(|name| name.to_str())
+            .context("module file name")?;
+        let bytes =
+            fs::read(module).with_context(|| format!("cannot read {}", module.display()))?;
+        archive.file(&format!("modules/{i}-{name}"), 0o644, &bytes);
+    }
+    Ok(archive.finish())
 }
 
 /// A newc ("070701") cpio archive, the format the kernel unpacks as an initramfs.
