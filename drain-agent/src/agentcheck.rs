@@ -56,13 +56,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use log::{debug, warn};
+use log::debug;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
     task::JoinSet,
     time::Instant,
 };
+
+use crate::server::Acceptor;
 
 /// Which ports are draining now (implemented by the agent's drain registry).
 pub trait PortGate: Send + Sync + 'static {
@@ -75,10 +77,6 @@ pub const MAX_REQUEST: usize = 64;
 /// After the answer, how long unread input is drained before the socket is closed (closing
 /// with unread input would send a reset, which could reach HAProxy before the answer is read).
 const LINGER: Duration = Duration::from_millis(500);
-
-/// How long to pause accepting after an accept error that is not about one connection
-/// (EMFILE, ENFILE, ENOBUFS…): retrying at once would spin.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the listener allows its clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,30 +169,16 @@ pub async fn serve_with(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut accept_error_logged_at: Option<Instant> = None;
+    let mut acceptor = Acceptor::default();
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
+        let accepted = acceptor
+            .next(&listener, shutdown.as_mut(), || {
+                "agent-check: cannot accept connections".to_owned()
+            })
+            .await;
         while tasks.try_join_next().is_some() {}
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(problem) if is_per_connection(&problem) => continue,
-            Err(problem) => {
-                if accept_error_logged_at.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    warn!(
-                        "agent-check: cannot accept connections: {problem} (pausing {ACCEPT_ERROR_PAUSE:?})"
-                    );
-                    accept_error_logged_at = Some(Instant::now());
-                }
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
-                }
-            }
+        let Some((stream, peer)) = accepted else {
+            break;
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             debug!(
@@ -222,18 +206,6 @@ pub async fn serve_with(
         while tasks.join_next().await.is_some() {}
     }
     Ok(())
-}
-
-/// Accept errors about one connection only (it was reset before we took it): not a reason to
-/// pause.
-fn is_per_connection(problem: &io::Error) -> bool {
-    matches!(
-        problem.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-    )
 }
 
 /// One connection: read the request, answer, close cleanly.

@@ -57,7 +57,7 @@ use log::{debug, info, warn};
 use serde_json::json;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     task::{AbortHandle, JoinSet},
     time::{Instant, Sleep},
 };
@@ -156,35 +156,21 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Slots::default());
     let mut tasks = JoinSet::new();
-    let mut accept_errors_logged_at: Option<Instant> = None;
+    let mut acceptor = Acceptor::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
+        let accepted = acceptor
+            .next(&listener, shutdown.as_mut(), || {
+                format!(
+                    "cannot accept HTTP connections ({} open, cap {cap})",
+                    slots.open()
+                )
+            })
+            .await;
         // Reap finished connection tasks (their slots are freed by their guards already).
         while tasks.try_join_next().is_some() {}
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(problem) if is_per_connection(&problem) => continue,
-            Err(problem) => {
-                // EMFILE and friends: not fatal, but retrying at once would spin.
-                if accept_errors_logged_at.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
-                    warn!(
-                        "cannot accept HTTP connections: {problem} (pausing {ACCEPT_ERROR_PAUSE:?}; \
-                         {} open, cap {cap})",
-                        slots.open()
-                    );
-                    accept_errors_logged_at = Some(Instant::now());
-                }
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break,
-                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
-                }
-            }
+        let Some((stream, peer)) = accepted else {
+            break;
         };
         if !slots.make_room(cap) {
             debug!("{peer}: closed at once, {cap} connections have requests in progress");
@@ -259,6 +245,52 @@ fn connection_cap(wanted: usize) -> usize {
         room
     } else {
         wanted
+    }
+}
+
+/// The accept loop's error handling, shared by every listener of the agent (HTTP here, the
+/// agent-check protocol in [`crate::agentcheck`]).
+#[derive(Default)]
+pub struct Acceptor {
+    logged_at: Option<Instant>,
+}
+
+impl Acceptor {
+    /// The next connection of `listener`, or None once `shutdown` completes. An error about
+    /// one connection (reset before it was taken) is skipped; any other (EMFILE and friends)
+    /// is not fatal, but retrying at once would spin: it pauses ACCEPT_ERROR_PAUSE and is
+    /// logged, with `what()`, at most every 10 s.
+    pub async fn next<F: Future<Output = ()>>(
+        &mut self,
+        listener: &TcpListener,
+        mut shutdown: Pin<&mut F>,
+        what: impl Fn() -> String,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = shutdown.as_mut() => return None,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok(pair) => return Some(pair),
+                Err(problem) if is_per_connection(&problem) => {}
+                Err(problem) => {
+                    if self
+                        .logged_at
+                        .is_none_or(|at| at.elapsed() > Duration::from_secs(10))
+                    {
+                        warn!("{}: {problem} (pausing {ACCEPT_ERROR_PAUSE:?})", what());
+                        self.logged_at = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        biased;
+                        () = shutdown.as_mut() => return None,
+                        () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -13,31 +13,9 @@ mod common;
 
 use std::{path::Path, process::Command};
 
-use common::deploy::{deploy, read, run, text_of, tool_available, workspace};
-
-/// `(INSTRUCTION, arguments)` of a Dockerfile, continuation lines joined, comments dropped.
-fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
-    let mut instructions = Vec::new();
-    let mut pending = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
-            continue;
-        }
-        if let Some(start) = trimmed.strip_suffix('\\') {
-            pending.push_str(start);
-            pending.push(' ');
-            continue;
-        }
-        pending.push_str(trimmed);
-        let (keyword, rest) = pending
-            .split_once(char::is_whitespace)
-            .unwrap_or((&pending, ""));
-        instructions.push((keyword.to_ascii_uppercase(), rest.trim().to_owned()));
-        pending.clear();
-    }
-    instructions
-}
+use common::deploy::{
+    deploy, dockerfile_instructions, read, run, text_of, tool_available, workspace,
+};
 
 /// `const NAME: &str = "value";` in a Rust source file.
 fn rust_const(path: &Path, name: &str) -> String {

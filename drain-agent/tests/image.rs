@@ -88,25 +88,11 @@ struct DockerfileRuntime {
 fn dockerfile_runtime() -> DockerfileRuntime {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
     let text = std::fs::read_to_string(&path).expect("read the Dockerfile");
-    // Continuation lines joined, comments dropped, from the last FROM on.
-    let mut instructions: Vec<String> = Vec::new();
-    let mut pending = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
-            continue;
-        }
-        if let Some(start) = trimmed.strip_suffix('\\') {
-            pending.push_str(start);
-            pending.push(' ');
-            continue;
-        }
-        pending.push_str(trimmed);
-        instructions.push(std::mem::take(&mut pending));
-    }
+    // From the last FROM on: the runtime stage.
+    let instructions = common::deploy::dockerfile_instructions(&text);
     let last_from = instructions
         .iter()
-        .rposition(|i| i.starts_with("FROM "))
+        .rposition(|(keyword, _)| keyword == "FROM")
         .expect("FROM");
     let runtime = &instructions[last_from..];
     let mut args = BTreeMap::new();
@@ -114,9 +100,9 @@ fn dockerfile_runtime() -> DockerfileRuntime {
     let mut entrypoint = Value::Null;
     let mut cmd = Value::Null;
     let mut binary_path = String::new();
-    for instruction in runtime {
-        let (keyword, rest) = instruction.split_once(' ').unwrap_or((instruction, ""));
-        match keyword {
+    for (keyword, rest) in runtime {
+        let rest = rest.as_str();
+        match keyword.as_str() {
             "ARG" => {
                 let (name, value) = rest.split_once('=').unwrap_or((rest, ""));
                 args.insert(format!("${{{name}}}"), value.to_owned());

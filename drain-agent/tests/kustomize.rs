@@ -13,47 +13,24 @@
     reason = "test code: a failed expectation is the test failing"
 )]
 
+mod common;
+
 use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
+use common::deploy::{deploy, kubernetes_validate, run, text_of, tool_available, yaml_documents};
 use serde_json::Value;
 
 fn kubernetes_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("deploy/kubernetes")
-}
-
-fn required() -> bool {
-    std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
+    deploy("kubernetes")
 }
 
 fn kubectl() -> String {
     std::env::var("DRAIN_AGENT_KUBECTL").unwrap_or_else(|_| "kubectl".to_owned())
-}
-
-fn tool_available(test: &str, program: &str, args: &[&str]) -> bool {
-    let works = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if works {
-        return true;
-    }
-    assert!(
-        !required(),
-        "{test}: `{program} {}` does not work here (`cargo xtask setup` installs it) and \
-         DRAIN_AGENT_REQUIRE_KERNEL=1",
-        args.join(" ")
-    );
-    eprintln!("SKIP {test}: `{program}` is not installed; run `cargo xtask setup`");
-    false
 }
 
 /// The base and every overlay directory, by name ("base", "overlays/port", …).
@@ -80,56 +57,28 @@ fn kustomizations() -> Vec<(String, PathBuf)> {
 /// `kubectl kustomize dir`, written to a file (for kubernetes-validate) and parsed.
 struct Rendered {
     name: String,
-    file: PathBuf,
+    file: tempfile::NamedTempFile,
     documents: Vec<Value>,
 }
 
-impl Drop for Rendered {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.file);
-    }
-}
-
 fn render(name: &str, dir: &Path) -> Rendered {
-    let output = Command::new(kubectl())
-        .arg("kustomize")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kubectl kustomize");
+    let output = run(Command::new(kubectl()).arg("kustomize").arg(dir));
     assert!(
         output.status.success(),
         "kubectl kustomize {name}: {}",
-        String::from_utf8_lossy(&output.stderr)
+        text_of(&output)
     );
-    // Unique per render: the tests run in parallel and each removes its files.
-    static RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let file = std::env::temp_dir().join(format!(
-        "drain-agent-kustomize-{}-{}-{}.yaml",
-        name.replace('/', "-"),
-        std::process::id(),
-        RENDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    fs::write(&file, &output.stdout).expect("write rendered");
-    let parsed = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import json, sys, yaml\n\
-             docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]\n\
-             json.dump(docs, sys.stdout)",
-        )
-        .arg(&file)
-        .output()
-        .expect("python3");
-    assert!(
-        parsed.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&parsed.stderr)
-    );
+    let file = tempfile::Builder::new()
+        .prefix("drain-agent-kustomize-")
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temporary file");
+    fs::write(file.path(), &output.stdout).expect("write rendered");
+    let documents = yaml_documents(name, file.path()).expect("python3 with PyYAML");
     Rendered {
         name: name.to_owned(),
         file,
-        documents: serde_json::from_slice(&parsed.stdout).expect("JSON"),
+        documents,
     }
 }
 
@@ -193,36 +142,8 @@ fn every_overlay_renders_and_validates() {
         let rendered = render(&name, &dir);
         // The oldest release still common in managed clusters, and the newest the tool knows.
         for version in ["1.29.0", "1.37.0"] {
-            let output = Command::new("kubernetes-validate")
-                .args(["--strict", "--kubernetes-version", version])
-                .arg(&rendered.file)
-                .stdin(Stdio::null())
-                .output()
-                .expect("kubernetes-validate");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            // prometheus-operator's PodMonitor is a custom resource: no schema ships with
-            // the tool (checked by hand below).
-            let problems: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.starts_with("INFO"))
-                .filter(|l| {
-                    !(l.starts_with("WARN")
-                        && l.contains("Couldn't find schema for kind PodMonitor"))
-                })
-                .collect();
-            assert!(
-                output.status.success() && problems.is_empty(),
-                "{name} against Kubernetes {version}:\n{text}"
-            );
-            let passed = text
-                .lines()
-                .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
-                .count();
-            assert!(passed >= 4, "{name}: {passed} documents validated:\n{text}");
+            let passed = kubernetes_validate(rendered.file.path(), version);
+            assert!(passed >= 4, "{name}: {passed} documents validated");
         }
         println!("{name}: renders, validates against 1.29 and 1.37");
     }

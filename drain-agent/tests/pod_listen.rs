@@ -22,87 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Netns, Server, free_port, kernel_available, run, wait_until};
-
-/// A namespace with `eth0` on a veth pair to the host: host side `.1`, pod side `.2` of
-/// 10.213.`subnet`.0/30.
-struct Pod {
-    netns: Netns,
-    host_link: String,
-    ip: String,
-}
-
-impl Pod {
-    fn new(tag: &str, subnet: u8) -> Self {
-        let netns = Netns::new(tag);
-        let host_link = format!(
-            "dl{}{}",
-            std::process::id() % 100_000,
-            tag.chars().last().unwrap_or('x')
-        );
-        let _ = Command::new("ip")
-            .args(["link", "del", &host_link])
-            .output();
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host_link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns.name,
-            ],
-        );
-        let ip = format!("10.213.{subnet}.2");
-        run(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("10.213.{subnet}.1/30"),
-                "dev",
-                &host_link,
-            ],
-        );
-        run("ip", &["link", "set", &host_link, "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns.name,
-                "addr",
-                "add",
-                &format!("{ip}/30"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run("ip", &["-n", &netns.name, "link", "set", "eth0", "up"]);
-        Self {
-            netns,
-            host_link,
-            ip,
-        }
-    }
-
-    fn listen(&self, port: u16) -> Server {
-        self.netns
-            .run_in(move || Server::start(&format!("0.0.0.0:{port}")))
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_link])
-            .output();
-    }
-}
+use common::{
+    Agent, Netns, free_port, kernel_available,
+    pod::{Pod, connect},
+    run, wait_until,
+};
 
 /// `GET path` from inside the namespace at `netns_path` (or from the host with `None`)
 /// to `addr`: status and JSON body (`Null` when not JSON).
@@ -128,21 +52,6 @@ fn spawn_get(
         let (status, body) = get_from(netns_path.as_deref(), addr, &path);
         (status, body, started.elapsed())
     })
-}
-
-fn connect(ip: &str, port: u16, count: usize, server: &Server) -> Vec<TcpStream> {
-    let before = server.accepted();
-    let clients = (0..count)
-        .map(|_| {
-            TcpStream::connect_timeout(
-                &format!("{ip}:{port}").parse().expect("addr"),
-                Duration::from_secs(5),
-            )
-            .expect("connect to pod")
-        })
-        .collect();
-    server.wait_accepted(before + count);
-    clients
 }
 
 fn inode_of(path: &str) -> u64 {

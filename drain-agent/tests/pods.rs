@@ -10,101 +10,15 @@
 mod common;
 
 use std::{
-    net::TcpStream,
     process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Agent, Netns, Server, agent_binary, free_port, kernel_available, run};
-
-/// A namespace with `eth0` on a veth pair to the host: host side `.1`, pod side `.2` of
-/// 10.213.`subnet`.0/30 — addresses that exist only inside this test.
-struct Pod {
-    netns: Netns,
-    host_link: String,
-    ip: String,
-}
-
-impl Pod {
-    fn new(tag: &str, subnet: u8) -> Self {
-        let netns = Netns::new(tag);
-        let host_link = format!(
-            "dv{}{}",
-            std::process::id() % 100_000,
-            tag.chars().last().unwrap_or('x')
-        );
-        let _ = Command::new("ip")
-            .args(["link", "del", &host_link])
-            .output();
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &host_link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns.name,
-            ],
-        );
-        let host_ip = format!("10.213.{subnet}.1/30");
-        let ip = format!("10.213.{subnet}.2");
-        run("ip", &["addr", "add", &host_ip, "dev", &host_link]);
-        run("ip", &["link", "set", &host_link, "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &netns.name,
-                "addr",
-                "add",
-                &format!("{ip}/30"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run("ip", &["-n", &netns.name, "link", "set", "eth0", "up"]);
-        Self {
-            netns,
-            host_link,
-            ip,
-        }
-    }
-
-    /// A listener inside the pod, on all its addresses.
-    fn listen(&self, port: u16) -> Server {
-        self.netns
-            .run_in(move || Server::start(&format!("0.0.0.0:{port}")))
-    }
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_link])
-            .output();
-    }
-}
-
-fn connect(ip: &str, port: u16, count: usize, server: &Server) -> Vec<TcpStream> {
-    let before = server.accepted();
-    let clients = (0..count)
-        .map(|_| {
-            TcpStream::connect_timeout(
-                &format!("{ip}:{port}").parse().expect("addr"),
-                Duration::from_secs(5),
-            )
-            .expect("connect to pod")
-        })
-        .collect();
-    server.wait_accepted(before + count);
-    clients
-}
+use common::{
+    Agent, Server, agent_binary, free_port, kernel_available,
+    pod::{Pod, connect},
+};
 
 fn wait_command(args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();

@@ -148,6 +148,56 @@ pub fn yaml_documents(test: &str, path: &Path) -> Option<Vec<Value>> {
     Some(serde_json::from_slice(&output.stdout).expect("python printed JSON"))
 }
 
+/// `(INSTRUCTION, arguments)` of a Dockerfile, continuation lines joined, comments dropped.
+pub fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
+    let mut instructions = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && pending.is_empty()) {
+            continue;
+        }
+        if let Some(start) = trimmed.strip_suffix('\\') {
+            pending.push_str(start);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(trimmed);
+        let (keyword, rest) = pending
+            .split_once(char::is_whitespace)
+            .unwrap_or((&pending, ""));
+        instructions.push((keyword.to_ascii_uppercase(), rest.trim().to_owned()));
+        pending.clear();
+    }
+    instructions
+}
+
+/// `kubernetes-validate --strict` of `file` against Kubernetes `version`: panics naming what
+/// it found wrong, and returns how many documents it validated. prometheus-operator's
+/// PodMonitor is a custom resource with no schema in the tool: its warning is allowed (the
+/// tests check PodMonitors by hand).
+pub fn kubernetes_validate(file: &Path, version: &str) -> usize {
+    let output = run(Command::new("kubernetes-validate")
+        .args(["--strict", "--kubernetes-version", version])
+        .arg(file));
+    let text = text_of(&output);
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("INFO"))
+        .filter(|l| {
+            !(l.starts_with("WARN") && l.contains("Couldn't find schema for kind PodMonitor"))
+        })
+        .collect();
+    assert!(
+        output.status.success() && problems.is_empty(),
+        "{} against Kubernetes {version}:\n{text}",
+        file.display()
+    );
+    text.lines()
+        .filter(|l| l.starts_with("INFO") && l.contains(" passed "))
+        .count()
+}
+
 /// Identifiers starting with `prefix` (`drain_agent_`, `process_`) in `text`, whole words only.
 pub fn identifiers(text: &str, prefix: &str) -> BTreeSet<String> {
     let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';

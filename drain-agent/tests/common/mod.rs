@@ -10,6 +10,7 @@
 pub mod child;
 pub mod deploy;
 pub mod http;
+pub mod pod;
 pub mod prometheus;
 
 use std::{
