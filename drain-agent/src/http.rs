@@ -575,6 +575,22 @@ mod tests {
         request(state, "GET", uri).await
     }
 
+    /// A close at the deadline that left connections open (here: the agent has no way to
+    /// close, so nothing was closed) must not answer drained.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_close_that_closed_nothing_is_not_drained() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 2)]);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=2s&on_timeout=close").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["drained"], false, "{body}");
+        assert_eq!(body["active"], 2, "{body}");
+        let (_, drains) = get(&state, "/drains").await;
+        assert!(
+            drains.to_string().contains("closed_at_deadline"),
+            "{drains}"
+        );
+    }
+
     #[tokio::test]
     async fn drained_port_answers_200() {
         let (_, state) = app(vec![endpoint("127.0.0.1", 9090, 4)]);
