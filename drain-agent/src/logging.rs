@@ -2,7 +2,10 @@
 //! (`--log-format json`) for log pipelines (Loki, Elasticsearch, CloudWatch) that would
 //! otherwise have to parse free text.
 
-use std::io::Write as _;
+use std::{
+    io::Write as _,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use clap::ValueEnum;
 
@@ -23,13 +26,21 @@ pub fn init(level: &str, format: LogFormat) {
     let mut builder = env_logger::Builder::from_env(env);
     match format {
         LogFormat::Text => {
-            builder.format_timestamp_millis();
+            builder.format(|buf, record| {
+                writeln!(
+                    buf,
+                    "[{} {:<5} {}] {}",
+                    rfc3339_millis(SystemTime::now()),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                )
+            });
         }
         LogFormat::Json => {
             builder.format(|buf, record| {
-                let ts = buf.timestamp_millis().to_string();
                 let line = json_line(
-                    &ts,
+                    &rfc3339_millis(SystemTime::now()),
                     record.level().as_str(),
                     record.target(),
                     &record.args().to_string(),
@@ -39,6 +50,32 @@ pub fn init(level: &str, format: LogFormat) {
         }
     }
     let _ = builder.try_init();
+}
+
+/// `2026-01-01T00:00:00.000Z`: UTC, milliseconds. Written here rather than through
+/// env_logger's `humantime` feature, which pulls in a whole date-time library (jiff) for this
+/// one line; the date comes from Howard Hinnant's `civil_from_days` (proleptic Gregorian
+/// calendar, exact for every day since 1970).
+pub fn rfc3339_millis(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = secs / 86_400;
+    let (hour, minute, second) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // civil_from_days, for days >= 0: eras of 400 years (146,097 days) from 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
+        since.subsec_millis()
+    )
 }
 
 /// One log record as a single-line JSON object. serde_json escapes newlines and control
@@ -64,6 +101,63 @@ pub fn json_line(ts: &str, level: &str, target: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_millis() {
+        let at = |secs: u64, millis: u64| {
+            UNIX_EPOCH + std::time::Duration::from_millis(secs * 1000 + millis)
+        };
+        assert_eq!(rfc3339_millis(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        // Leap days: 2000 (divisible by 400) and 2024; 2100 is not one.
+        assert_eq!(
+            rfc3339_millis(at(951_782_400, 7)),
+            "2000-02-29T00:00:00.007Z"
+        );
+        assert_eq!(
+            rfc3339_millis(at(951_868_799, 999)),
+            "2000-02-29T23:59:59.999Z"
+        );
+        assert_eq!(
+            rfc3339_millis(at(1_709_164_800, 0)),
+            "2024-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339_millis(at(4_107_542_400, 0)),
+            "2100-03-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339_millis(at(1_798_761_599, 120)),
+            "2026-12-31T23:59:59.120Z"
+        );
+        // Every day of 1970..2100 against a plain day-by-day count.
+        let mut days = 0u64;
+        for year in 1970..2100u64 {
+            let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+            for (month, length) in [
+                31,
+                if leap { 29 } else { 28 },
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                for day in 1..=length {
+                    let want = format!("{year:04}-{:02}-{day:02}T12:00:00.000Z", month + 1);
+                    assert_eq!(rfc3339_millis(at(days * 86_400 + 43_200, 0)), want);
+                    days += 1;
+                }
+            }
+        }
+    }
 
     #[test]
     fn json_lines_are_one_object_per_line() {
