@@ -242,12 +242,17 @@ else
         fail new_connections "3 connections to 8103 not established"
     elif ! expect_active 8103 3; then
         fail new_connections "$WHY"
-    elif ! http "/connections?port=8103&peers=true" || [ "$CODE" != 200 ] ||
-        [ "$(echo "$BODY" | grep -o '"remote"' | wc -l)" != 3 ]; then
+    else
         # Each connection from the kernel's socket tables (inet_diag): what the agent
         # confirms a count it cannot vouch for with.
-        fail new_connections "the socket tables: /connections?peers=true answered $CODE: $BODY"
-    else
+        http "/connections?port=8103&peers=true"
+        if [ "$CODE" = 200 ] && [ "$(echo "$BODY" | grep -o '"remote"' | wc -l)" = 3 ]; then
+            result socket_tables ok
+        elif [ -z "$(ls /modules 2>/dev/null)" ]; then
+            result socket_tables "n/a: no inet_diag/tcp_diag modules for this kernel in the archive"
+        else
+            fail socket_tables "/connections?peers=true answered $CODE: $BODY"
+        fi
         kill "$c1" "$c2"
         i=0
         until expect_active 8103 1 || [ "$i" -ge 30 ]; do
