@@ -107,28 +107,17 @@ mod tests {
         let at = |secs: u64, millis: u64| {
             UNIX_EPOCH + std::time::Duration::from_millis(secs * 1000 + millis)
         };
-        assert_eq!(rfc3339_millis(at(0, 0)), "1970-01-01T00:00:00.000Z");
-        // Leap days: 2000 (divisible by 400) and 2024; 2100 is not one.
-        assert_eq!(
-            rfc3339_millis(at(951_782_400, 7)),
-            "2000-02-29T00:00:00.007Z"
-        );
-        assert_eq!(
-            rfc3339_millis(at(951_868_799, 999)),
-            "2000-02-29T23:59:59.999Z"
-        );
-        assert_eq!(
-            rfc3339_millis(at(1_709_164_800, 0)),
-            "2024-02-29T00:00:00.000Z"
-        );
-        assert_eq!(
-            rfc3339_millis(at(4_107_542_400, 0)),
-            "2100-03-01T00:00:00.000Z"
-        );
-        assert_eq!(
-            rfc3339_millis(at(1_798_761_599, 120)),
-            "2026-12-31T23:59:59.120Z"
-        );
+        // The epoch; leap days of 2000 (divisible by 400) and 2024; 2100 is no leap year.
+        for (secs, millis, want) in [
+            (0, 0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, 7, "2000-02-29T00:00:00.007Z"),
+            (951_868_799, 999, "2000-02-29T23:59:59.999Z"),
+            (1_709_164_800, 0, "2024-02-29T00:00:00.000Z"),
+            (4_107_542_400, 0, "2100-03-01T00:00:00.000Z"),
+            (1_798_761_599, 120, "2026-12-31T23:59:59.120Z"),
+        ] {
+            assert_eq!(rfc3339_millis(at(secs, millis)), want);
+        }
         // Every day of 1970..2100 against a plain day-by-day count.
         let mut days = 0u64;
         for year in 1970..2100u64 {
