@@ -178,6 +178,10 @@ pub struct DrainRequest {
     pub on_timeout: OnTimeout,
     /// `pace=N`: at most N closings per second (0: all at once).
     pub pace: u32,
+    /// `peers=true`: a not-drained answer to a pure query (`timeout=0`) lists the remaining
+    /// connections too (a waiter's answer always does). Off by default: the list costs a
+    /// pass over the kernel's socket tables, which a poller should not pay every time.
+    pub peers: bool,
 }
 
 impl DrainRequest {
@@ -194,7 +198,7 @@ impl DrainRequest {
 }
 
 /// The parameters of `/drained`.
-pub const DRAIN_PARAMETERS: [&str; 10] = [
+pub const DRAIN_PARAMETERS: [&str; 11] = [
     "port",
     "addr",
     "netns",
@@ -205,6 +209,7 @@ pub const DRAIN_PARAMETERS: [&str; 10] = [
     "settle",
     "on_timeout",
     "pace",
+    "peers",
 ];
 /// The parameters of `DELETE /drain` and `GET /health`: a scope only.
 pub const SCOPE_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
@@ -315,6 +320,7 @@ pub fn parse_drain_request(
             .parse::<u32>()
             .map_err(|_| format!("pace: {text:?} is not a number of closings per second"))?,
     };
+    let peers = parse_peers_flag(&values)?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
@@ -326,7 +332,19 @@ pub fn parse_drain_request(
         deprecated_settle,
         on_timeout,
         pace,
+        peers,
     })
+}
+
+/// `peers=true|false` (default false), of `/drained` and `/connections`.
+pub fn parse_peers_flag(values: &BTreeMap<String, String>) -> Result<bool, ApiError> {
+    match values.get("peers").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "peers: {other:?} is neither true nor false"
+        ))),
+    }
 }
 
 /// Parses a query that names a scope only (`port`, `addr`, `netns`).

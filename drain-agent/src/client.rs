@@ -312,7 +312,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let _stop_progress = StopOnDrop(std::sync::Arc::clone(&done));
     if !args.progress.is_zero() {
-        let mut query = format!("/drained?port={}&timeout=0", args.port);
+        let mut query = format!("/drained?port={}&timeout=0&peers=true", args.port);
         if let Some(addr) = args.addr {
             query.push_str(&format!("&addr={addr}"));
         }

@@ -130,6 +130,16 @@ async fn drained(
                     }
                 }
             }
+            if request.peers && !outcome.drained && outcome.active > 0 && outcome.peers.is_empty() {
+                // A pure query asked for the list (a waiter's answer has it already).
+                if let Ok((peers, idle, busy)) =
+                    state.tracker.listed(&request.filter, &request.rule).await
+                {
+                    outcome.peers = peers;
+                    outcome.idle = outcome.idle.or(idle);
+                    outcome.busy = outcome.busy.or(busy);
+                }
+            }
             let result = if outcome.drained {
                 DrainResult::Drained
             } else {
@@ -353,15 +363,7 @@ async fn connections(
             .map(|text| parse_port(text))
             .transpose()?;
         let (addr, netns) = parse_scope(&values)?;
-        let peers = match values.get("peers").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(ApiError::BadRequest(format!(
-                    "peers: {other:?} is neither true nor false"
-                )));
-            }
-        };
+        let peers = crate::api::parse_peers_flag(&values)?;
         Ok((port, addr, netns, peers))
     });
     let (port, addr, mut netns, with_peers) = match (parsed, scope_of(&scope)) {
@@ -573,6 +575,31 @@ mod tests {
 
     async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
         request(state, "GET", uri).await
+    }
+
+    /// Listing the connections left is a pass over the socket tables (80 ms with 9,000
+    /// connections on the port): a pure query pays it only when it asks with `peers=true`.
+    /// Found by the answer benchmark: `timeout=0` had gone from 0.36 ms to 57 ms.
+    #[tokio::test(start_paused = true)]
+    async fn a_pure_query_lists_the_connections_only_when_asked() {
+        let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 3)]);
+        let lists = || source.peer_lists.load(std::sync::atomic::Ordering::Relaxed);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert_eq!(
+            (status, &body["active"]),
+            (StatusCode::SERVICE_UNAVAILABLE, &3.into())
+        );
+        assert_eq!(lists(), 0);
+        let (status, _) = get(&state, "/drained?port=8080&timeout=0&peers=true").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(lists(), 1);
+        let (status, body) = get(&state, "/drained?port=8080&timeout=0&peers=yes").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        // A waiter's answer lists them at its deadline (and so may the record of the drain
+        // it started).
+        let (status, _) = get(&state, "/drained?port=8080&timeout=1s").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(lists() >= 2, "{}", lists());
     }
 
     /// A close at the deadline that left connections open (here: the agent has no way to

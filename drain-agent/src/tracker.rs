@@ -330,6 +330,14 @@ impl Drop for WaiterSlot<'_> {
 
 /// The active count of an answer: the connections looked at one by one when they were
 /// (the socket tables' truth), else the maps' count.
+/// How many of `list` are idle and busy (None without a list).
+fn idle_and_busy(list: Option<&[Peer]>) -> (Option<u64>, Option<u64>) {
+    list.map_or((None, None), |list| {
+        let busy = list.iter().filter(|peer| peer.busy).count() as u64;
+        (Some(list.len() as u64 - busy), Some(busy))
+    })
+}
+
 fn peers_or(count: u64, idle: Option<u64>, busy: Option<u64>) -> u64 {
     match (idle, busy) {
         (Some(idle), Some(busy)) => idle + busy,
@@ -519,6 +527,22 @@ impl Tracker {
     /// The connections of `filter` open now, one by one (for `/connections?peers=true`).
     pub async fn remaining(&self, filter: &Filter) -> Result<Vec<Peer>> {
         self.peers(filter, REPORT_IDLE_BAR, true).await
+    }
+
+    /// What a not-drained answer shows of the connections left: the first
+    /// [`PEERS_SHOWN`] (busy first, then the oldest), and how many are idle and busy by
+    /// `rule` (for a pure query asked with `peers=true`; a waiter's answer has them already).
+    pub async fn listed(
+        &self,
+        filter: &Filter,
+        rule: &DrainRule,
+    ) -> Result<(Vec<Peer>, Option<u64>, Option<u64>)> {
+        let mut list = self
+            .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), true)
+            .await?;
+        let (idle, busy) = idle_and_busy(Some(&list));
+        list.truncate(PEERS_SHOWN);
+        Ok((list, idle, busy))
     }
 
     /// The remaining connections of `filter`, each marked busy or idle by `bar`.
@@ -730,8 +754,10 @@ impl Tracker {
             }
             let now = Instant::now();
             if drained || now >= deadline || *shutdown.borrow_and_update() {
-                if !drained && state.active > 0 {
-                    // Say who is still connected, with their ages (best effort).
+                if !drained && state.active > 0 && !timeout.is_zero() {
+                    // A waiter's answer says who is still connected, with their ages (best
+                    // effort). A pure query only when asked (`peers=true`, see
+                    // `Tracker::listed`): the list is a pass over the socket tables.
                     if let Ok(list) = self
                         .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), true)
                         .await
@@ -739,10 +765,7 @@ impl Tracker {
                         peers = Some(list);
                     }
                 }
-                let (idle, busy) = peers.as_ref().map_or((None, None), |list| {
-                    let busy = list.iter().filter(|peer| peer.busy).count() as u64;
-                    (Some(list.len() as u64 - busy), Some(busy))
-                });
+                let (idle, busy) = idle_and_busy(peers.as_deref());
                 let mut shown = peers.unwrap_or_default();
                 if drained {
                     shown.clear();
@@ -829,6 +852,8 @@ pub mod fake {
         pub confirmed: Mutex<Result<u64, String>>,
         /// How often `confirm` was asked.
         pub confirmations: std::sync::atomic::AtomicUsize,
+        /// How often the connections were listed (`peers`).
+        pub peer_lists: std::sync::atomic::AtomicUsize,
     }
 
     impl Default for FakeSource {
@@ -840,6 +865,7 @@ pub mod fake {
                 doubts: Mutex::default(),
                 confirmed: Mutex::new(Err("no socket tables in the fake".into())),
                 confirmations: std::sync::atomic::AtomicUsize::default(),
+                peer_lists: std::sync::atomic::AtomicUsize::default(),
             }
         }
     }
@@ -862,6 +888,11 @@ pub mod fake {
                 .expect("lock")
                 .clone()
                 .map_err(anyhow::Error::msg)
+        }
+
+        fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
+            self.peer_lists.fetch_add(1, Ordering::Relaxed);
+            bail!("no socket tables in the fake")
         }
 
         fn endpoints(&self) -> Result<Vec<Endpoint>> {
