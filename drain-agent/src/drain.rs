@@ -384,7 +384,22 @@ impl Drains {
             record.wait_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             record.clone()
         };
-        self.finish(&spec.filter, record);
+        // The listeners now (the gate waits for a new one): a netlink query per namespace,
+        // off the async workers, which are answering the drain's waiters meanwhile.
+        let listeners = match (&self.closer, record.result) {
+            (Some(closer), Some(result))
+                if result != DrainEnd::Cancelled && result != DrainEnd::AgentShutdown =>
+            {
+                let (closer, filter) = (Arc::clone(closer), spec.filter.clone());
+                tokio::task::spawn_blocking(move || closer.listeners(&filter))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        self.finish(&spec.filter, record, listeners);
         drain.finished.send_replace(true);
     }
 
@@ -427,15 +442,10 @@ impl Drains {
     }
 
     /// Moves an ended drain to the history, the journal, the log and the metrics.
-    fn finish(&self, filter: &Filter, record: DrainRecord) {
+    fn finish(&self, filter: &Filter, record: DrainRecord, listeners: Vec<u64>) {
         if record.result != Some(DrainEnd::Cancelled)
             && record.result != Some(DrainEnd::AgentShutdown)
         {
-            let listeners = self
-                .closer
-                .as_ref()
-                .and_then(|closer| closer.listeners(filter).ok())
-                .unwrap_or_default();
             lock(&self.held).insert(
                 filter.port,
                 Held {
