@@ -167,16 +167,18 @@ const WAITERS: (&str, &str) = (
     "/drained requests blocked now.",
 );
 
+/// The description of metric `(name, help)` with these labels.
+fn desc((name, help): (&str, &str), labels: &[&str]) -> prometheus::Result<Desc> {
+    Desc::new(
+        name.to_owned(),
+        help.to_owned(),
+        labels.iter().map(|l| (*l).to_owned()).collect(),
+        Default::default(),
+    )
+}
+
 impl ConnectionCollector {
     fn new(tracker: Arc<Tracker>, ports: Option<PortSet>, attach: String) -> Result<Self> {
-        let desc = |(name, help): (&str, &str), labels: &[&str]| {
-            Desc::new(
-                name.to_owned(),
-                help.to_owned(),
-                labels.iter().map(|l| (*l).to_owned()).collect(),
-                Default::default(),
-            )
-        };
         let descs = vec![
             desc(ACTIVE, &["port"])?,
             desc(OPENED, &["port"])?,
@@ -452,14 +454,6 @@ impl Metrics {
 
     /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).
     pub fn register_drains(&self, drains: Arc<Drains>) -> Result<()> {
-        let desc = |(name, help): (&str, &str), labels: &[&str]| {
-            Desc::new(
-                name.to_owned(),
-                help.to_owned(),
-                labels.iter().map(|l| (*l).to_owned()).collect(),
-                Default::default(),
-            )
-        };
         let descs = vec![desc(DRAINS, &["result"])?, desc(DRAIN_DURATION, &[])?];
         self.registry
             .register(Box::new(DrainCollector { drains, descs }))

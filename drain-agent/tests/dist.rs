@@ -75,28 +75,22 @@ fn dist_binary_is_static_and_checksummed() {
         "built in git, the binary should name its commit: {version}"
     );
 
-    let dir = binary.parent().expect("dir");
-    let check = Command::new("sha256sum")
-        .args(["-c", "drain-agent.sha256"])
-        .current_dir(dir)
-        .output()
-        .expect("sha256sum");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
     let dist = common::dist_dir();
-    let check = Command::new("sha256sum")
-        .args(["-c", "SHA256SUMS"])
-        .current_dir(&dist)
-        .output()
-        .expect("sha256sum");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    for (dir, sums) in [
+        (binary.parent().expect("dir"), "drain-agent.sha256"),
+        (dist.as_path(), "SHA256SUMS"),
+    ] {
+        let check = Command::new("sha256sum")
+            .args(["-c", sums])
+            .current_dir(dir)
+            .output()
+            .expect("sha256sum");
+        assert!(
+            check.status.success(),
+            "{sums}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
     for file in [
         "completions/drain-agent.bash",
         "completions/_drain-agent",

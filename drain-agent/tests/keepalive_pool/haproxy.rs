@@ -87,8 +87,8 @@ backend be
 impl Haproxy {
     /// A directory for this HAProxy and what the test runs next to it (`run/NAME.pid`).
     pub fn prepare_dir(tag: &str) -> PathBuf {
-        remove_leftovers_of_killed_runs();
-        let dir = std::env::temp_dir().join(format!("da-haproxy-{tag}-{}", std::process::id()));
+        processes::remove_leftovers_of_killed_runs("da-haproxy-", "haproxy.pid", "haproxy");
+        let dir = std::env::temp_dir().join(format!("da-haproxy-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("run")).expect("create the HAProxy directory");
         dir
@@ -215,57 +215,9 @@ impl Haproxy {
 impl Drop for Haproxy {
     fn drop(&mut self) {
         self.process.take();
-        for pid in pids_in(&self.dir.join("run")) {
+        for pid in processes::pids_in(&self.dir.join("run")) {
             processes::kill_backend(pid);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn pids_in(dir: &Path) -> Vec<i32> {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| read_pid(&entry.path()))
-        .collect()
-}
-
-/// A test process killed outright never runs its drop guards: the next run kills the
-/// HAProxy and the backends it left (by their pid files, checking what they are) and removes
-/// its directory.
-fn remove_leftovers_of_killed_runs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name
-            .strip_prefix("da-haproxy-")
-            .and_then(|rest| rest.rsplit('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{owner}")).exists() {
-            continue; // that run is alive
-        }
-        let dir = entry.path();
-        if let Some(pid) = read_pid(&dir.join("haproxy.pid")) {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("haproxy") {
-                // SAFETY: killpg on the group our HAProxy led (started with its own group).
-                unsafe { libc::killpg(pid, libc::SIGKILL) };
-            }
-        }
-        for pid in pids_in(&dir.join("run")) {
-            processes::kill_backend(pid);
-        }
-        eprintln!("removed the leftovers of a killed run: {}", dir.display());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

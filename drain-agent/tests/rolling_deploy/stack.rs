@@ -52,7 +52,7 @@ pub struct Stack {
 impl Stack {
     /// Starts the two v1 backends and nginx, and waits until nginx answers through them.
     pub fn start(tag: &str) -> Self {
-        remove_leftovers_of_killed_runs();
+        processes::remove_leftovers_of_killed_runs("da-rolling-", "nginx.pid", "nginx");
         // `da-rolling-PID-…`: a later run finds what a killed run left by its pid.
         let dir = common::temp_dir(&format!("da-rolling-{}-{tag}-", std::process::id()));
         std::fs::create_dir_all(dir.path().join("run")).expect("create run dir");
@@ -239,49 +239,6 @@ impl Drop for Stack {
         for pid in self.backend_pids() {
             processes::kill_backend(pid);
         }
-    }
-}
-
-/// A test process killed outright (SIGKILL, a CI timeout) never runs its drop guards: the
-/// next run removes what it left — its nginx, its backends, its directory.
-fn remove_leftovers_of_killed_runs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(owner) = name
-            .strip_prefix("da-rolling-")
-            // The first number: `PID-TAG-…`, or `TAG-PID` as older runs named them.
-            .and_then(|rest| rest.split('-').find_map(|part| part.parse::<u32>().ok()))
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{owner}")).exists() {
-            continue; // that run is alive
-        }
-        let dir = entry.path();
-        let read_pid = |path: PathBuf| -> Option<i32> {
-            std::fs::read_to_string(path).ok()?.trim().parse().ok()
-        };
-        if let Some(master) = read_pid(dir.join("nginx.pid")) {
-            let cmdline = std::fs::read(format!("/proc/{master}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains("nginx") {
-                // SAFETY: killpg on the group our nginx master led (started with its own group).
-                unsafe { libc::killpg(master, libc::SIGKILL) };
-            }
-        }
-        for pid_file in std::fs::read_dir(dir.join("run"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Some(pid) = read_pid(pid_file.path()) {
-                processes::kill_backend(pid);
-            }
-        }
-        eprintln!("removed the leftovers of a killed run: {}", dir.display());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
