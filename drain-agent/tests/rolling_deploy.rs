@@ -303,6 +303,9 @@ fn backend_stops_gracefully_on_sigterm() {
     assert!(first > 0, "the slow request's connection closed");
     whole.truncate(first);
 
+    // The backend's own counts (reported at the signal) must be up to date: a thread starved
+    // by the deploys running beside this test may have answered without counting it yet.
+    processes::wait_until_settled(backend.pid());
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(backend.pid() as i32, libc::SIGTERM) };
     let signalled = Instant::now();
