@@ -5,7 +5,12 @@
 //! ([`KernelOffsets`]). aya-obj parses BTF too, but keeps struct members private; this is
 //! the small part of the format (Documentation/bpf/btf.rst) that offsets need.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    fs::File,
+    io::{BufReader, Read as _, Seek as _, SeekFrom},
+    os::unix::fs::FileExt as _,
+    path::Path,
+};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use drain_agent_common::{KernelOffsets, OFFSET_UNKNOWN};
@@ -36,7 +41,7 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Member {
     name: u32,
     type_id: u32,
@@ -44,21 +49,34 @@ struct Member {
     bitfield_size: u32,
 }
 
-#[derive(Clone, Debug)]
+/// One type, as small as the walk needs: the members of a struct or union stay in the file
+/// and are read when asked for (vmlinux has about 150,000 types and 5 MiB; the agent's
+/// memory at start is kept low by holding only this and the names, see
+/// [`Btf::loading_btf`]).
+#[derive(Clone, Copy, Debug)]
 struct Type {
-    kind: u32,
+    kind: u8,
+    kind_flag: bool,
+    vlen: u16,
     name: u32,
-    /// For modifiers, typedefs and pointers: the type referred to.
+    /// For modifiers, typedefs and pointers: the type referred to; for functions, their
+    /// prototype.
     referred: u32,
-    members: Vec<Member>,
+    /// Where the members begin in the type section.
+    members_at: u32,
 }
 
-/// A parsed BTF blob: enough to walk struct and union members by name.
+/// A parsed BTF file: enough to walk struct and union members by name, and to find the
+/// ids of the kernel types the loader attaches to.
 pub struct Btf {
+    /// The file, for members (read when asked for).
+    file: File,
+    /// Where the type section begins in the file.
+    types_at: u64,
+    /// The string section.
     strings: Vec<u8>,
     /// Index 0 is the `void` type.
     types: Vec<Type>,
-    structs_by_name: HashMap<String, u32>,
 }
 
 /// Where a field lies inside its outermost struct.
@@ -69,114 +87,180 @@ pub struct FieldLocation {
     pub is_bitfield: bool,
 }
 
-fn read_u32(data: &[u8], at: usize) -> Result<u32> {
-    let bytes = data
-        .get(at..at + 4)
-        .with_context(|| format!("BTF is truncated at byte {at}"))?;
-    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+/// A kernel type the loader needs by id (see [`Btf::loading_btf`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wanted<'a> {
+    /// `typedef … name`, e.g. `btf_trace_inet_sock_set_state` for a `tp_btf` program.
+    Typedef(&'a str),
+    /// A function, e.g. `bpf_iter_tcp` for an iterator or a kfunc.
+    Func(&'a str),
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0; 4];
+    if let Some(slice) = bytes.get(at..at + 4) {
+        word.copy_from_slice(slice);
+    }
+    u32::from_le_bytes(word)
 }
 
 impl Btf {
-    /// Reads and parses a BTF file such as [`VMLINUX_BTF`].
+    /// Reads a little-endian BTF file such as [`VMLINUX_BTF`]: its names and one small
+    /// record per type; members are read from the file when asked for.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let data = std::fs::read(path)
-            .with_context(|| format!("cannot read BTF from {}", path.display()))?;
-        Self::parse(&data).with_context(|| format!("cannot parse BTF from {}", path.display()))
+        let file =
+            File::open(path).with_context(|| format!("cannot read BTF from {}", path.display()))?;
+        Self::read(file).with_context(|| format!("cannot parse BTF from {}", path.display()))
     }
 
-    /// Parses a little-endian BTF blob.
-    pub fn parse(data: &[u8]) -> Result<Self> {
-        ensure!(data.len() >= 24, "BTF header is truncated");
-        let magic = u16::from_le_bytes([data[0], data[1]]);
+    fn read(file: File) -> Result<Self> {
+        let mut header = [0; 24];
+        file.read_exact_at(&mut header, 0)
+            .context("BTF header is truncated")?;
+        let magic = u16::from_le_bytes([header[0], header[1]]);
         ensure!(
             magic == BTF_MAGIC,
             "not little-endian BTF (magic {magic:#x})"
         );
-        let header_len = read_u32(data, 4)? as usize;
-        let type_off = read_u32(data, 8)? as usize;
-        let type_len = read_u32(data, 12)? as usize;
-        let str_off = read_u32(data, 16)? as usize;
-        let str_len = read_u32(data, 20)? as usize;
-        let type_section = data
-            .get(header_len + type_off..header_len + type_off + type_len)
-            .context("BTF type section out of bounds")?;
-        let strings = data
-            .get(header_len + str_off..header_len + str_off + str_len)
-            .context("BTF string section out of bounds")?
-            .to_vec();
+        let header_len = u64::from(le_u32(&header, 4));
+        let types_at = header_len + u64::from(le_u32(&header, 8));
+        let type_len = u64::from(le_u32(&header, 12));
+        let strings_at = header_len + u64::from(le_u32(&header, 16));
+        let mut strings = vec![0; le_u32(&header, 20) as usize];
+        file.read_exact_at(&mut strings, strings_at)
+            .context("BTF string section out of bounds")?;
 
+        let mut section = BufReader::with_capacity(64 * 1024, &file);
+        section
+            .seek(SeekFrom::Start(types_at))
+            .context("BTF type section out of bounds")?;
+        let mut section = section.take(type_len);
         let mut types = vec![Type {
             kind: 0,
+            kind_flag: false,
+            vlen: 0,
             name: 0,
             referred: 0,
-            members: Vec::new(),
+            members_at: 0,
         }];
-        let mut at = 0;
-        while at < type_section.len() {
-            let name = read_u32(type_section, at)?;
-            let info = read_u32(type_section, at + 4)?;
-            let size_or_type = read_u32(type_section, at + 8)?;
+        let mut at: u64 = 0;
+        while at < type_len {
+            let mut head = [0; 12];
+            section
+                .read_exact(&mut head)
+                .with_context(|| format!("BTF type {} is truncated", types.len()))?;
+            let name = le_u32(&head, 0);
+            let info = le_u32(&head, 4);
+            let size_or_type = le_u32(&head, 8);
             at += 12;
-            let vlen = (info & 0xffff) as usize;
+            let vlen = u64::from(info & 0xffff);
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let mut members = Vec::new();
-            match kind {
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => at += 4,
-                KIND_ARRAY => at += 12,
-                KIND_STRUCT | KIND_UNION => {
-                    for _ in 0..vlen {
-                        let offset = read_u32(type_section, at + 8)?;
-                        let (bit_offset, bitfield_size) = if kind_flag {
-                            (offset & 0x00ff_ffff, offset >> 24)
-                        } else {
-                            (offset, 0)
-                        };
-                        members.push(Member {
-                            name: read_u32(type_section, at)?,
-                            type_id: read_u32(type_section, at + 4)?,
-                            bit_offset,
-                            bitfield_size,
-                        });
-                        at += 12;
-                    }
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => at += 8 * vlen,
-                KIND_DATASEC | KIND_ENUM64 => at += 12 * vlen,
+            let members_at = u32::try_from(at).context("BTF type section too large")?;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
                 KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
-                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => {}
+                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
                 other => bail!("unknown BTF kind {other} at type {}", types.len()),
-            }
+            };
+            let skipped = std::io::copy(&mut (&mut section).take(extra), &mut std::io::sink())
+                .context("cannot read the BTF type section")?;
+            ensure!(
+                skipped == extra,
+                "BTF type {} runs past the type section",
+                types.len()
+            );
+            at += extra;
             types.push(Type {
-                kind,
+                // Masked to 5 bits above.
+                kind: kind as u8,
+                kind_flag: info >> 31 == 1,
+                // Masked to 16 bits above.
+                vlen: vlen as u16,
                 name,
                 referred: size_or_type,
-                members,
+                members_at,
             });
         }
-
-        let mut btf = Self {
+        Ok(Self {
+            file,
+            types_at,
             strings,
             types,
-            structs_by_name: HashMap::new(),
-        };
-        let mut structs_by_name = HashMap::new();
-        for (id, ty) in btf.types.iter().enumerate() {
-            if ty.kind == KIND_STRUCT && ty.name != 0 {
-                let id = u32::try_from(id).context("too many BTF types")?;
-                // The first definition wins; vmlinux has one per name.
-                structs_by_name
-                    .entry(btf.name(ty.name).to_owned())
-                    .or_insert(id);
-            }
+        })
+    }
+
+    /// The id of the first type of `kind` named `name`.
+    fn type_id(&self, kind: u32, name: &str) -> Option<u32> {
+        let id = self.types.iter().position(|ty| {
+            u32::from(ty.kind) == kind && ty.name != 0 && self.name(ty.name) == name
+        })?;
+        u32::try_from(id).ok()
+    }
+
+    /// A stand-in for the kernel's BTF that holds only the `wanted` types, each at its
+    /// real id, for the loader: aya asks its BTF for nothing but ids here (a `tp_btf`
+    /// program's `btf_trace_*` typedef, an iterator's `bpf_iter_*` function, a kfunc),
+    /// and the programs need no CO-RE relocation (offsets come from [`Btf::kernel_offsets`]).
+    /// aya's own parse of the whole kernel BTF peaked at about 40 MiB at start; this is a
+    /// blob of one 12-byte placeholder (`void *`) per id up to the highest wanted one, which
+    /// aya parses. A wanted type the kernel does not have is left out, and aya's lookup
+    /// then fails with its name.
+    pub fn loading_btf(&self, wanted: &[Wanted<'_>]) -> Result<LoadingBtf> {
+        let mut strings = vec![0u8];
+        let mut found: Vec<(u32, [u32; 3])> = Vec::new();
+        for want in wanted {
+            let (kind, name) = match want {
+                Wanted::Typedef(name) => (KIND_TYPEDEF, name),
+                Wanted::Func(name) => (KIND_FUNC, name),
+            };
+            let Some(id) = self.type_id(kind, name) else {
+                continue;
+            };
+            let ty = self.types[id as usize];
+            let name_at = u32::try_from(strings.len()).context("BTF names too long")?;
+            strings.extend(name.bytes().chain([0]));
+            // A function's linkage is its vlen (BTF_FUNC_GLOBAL, ...).
+            found.push((
+                id,
+                [name_at, (kind << 24) | u32::from(ty.vlen), ty.referred],
+            ));
         }
-        btf.structs_by_name = structs_by_name;
-        Ok(btf)
+        Ok(LoadingBtf { strings, found })
+    }
+
+    /// The members of a struct or union (none for other kinds), read from the file.
+    fn members(&self, ty: &Type) -> Result<Vec<Member>> {
+        if !matches!(u32::from(ty.kind), KIND_STRUCT | KIND_UNION) {
+            return Ok(Vec::new());
+        }
+        let mut raw = vec![0; 12 * usize::from(ty.vlen)];
+        self.file
+            .read_exact_at(&mut raw, self.types_at + u64::from(ty.members_at))
+            .context("cannot read BTF members")?;
+        Ok(raw
+            .chunks_exact(12)
+            .map(|member| {
+                let offset = le_u32(member, 8);
+                let (bit_offset, bitfield_size) = if ty.kind_flag {
+                    (offset & 0x00ff_ffff, offset >> 24)
+                } else {
+                    (offset, 0)
+                };
+                Member {
+                    name: le_u32(member, 0),
+                    type_id: le_u32(member, 4),
+                    bit_offset,
+                    bitfield_size,
+                }
+            })
+            .collect())
     }
 
     fn name(&self, offset: u32) -> &str {
-        let start = offset as usize;
-        let Some(rest) = self.strings.get(start..) else {
+        let Some(rest) = self.strings.get(offset as usize..) else {
             return "";
         };
         let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
@@ -187,7 +271,7 @@ impl Btf {
     fn resolve(&self, mut id: u32) -> Option<&Type> {
         for _ in 0..32 {
             let ty = self.types.get(id as usize)?;
-            match ty.kind {
+            match u32::from(ty.kind) {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
                     id = ty.referred;
                 }
@@ -199,8 +283,8 @@ impl Btf {
 
     /// Finds `name` among the members of `ty`, looking inside anonymous structs and unions
     /// (the kernel's `sock_common` keeps most fields in them). Returns the bit offset.
-    fn find_member<'a>(&'a self, ty: &'a Type, name: &str) -> Option<(u32, &'a Member)> {
-        for member in &ty.members {
+    fn find_member(&self, ty: &Type, name: &str) -> Option<(u32, Member)> {
+        for member in self.members(ty).ok()? {
             if member.name != 0 {
                 if self.name(member.name) == name {
                     return Some((member.bit_offset, member));
@@ -208,7 +292,7 @@ impl Btf {
                 continue;
             }
             let inner = self.resolve(member.type_id)?;
-            if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
+            if matches!(u32::from(inner.kind), KIND_STRUCT | KIND_UNION)
                 && let Some((offset, found)) = self.find_member(inner, name)
             {
                 return Some((member.bit_offset + offset, found));
@@ -219,9 +303,9 @@ impl Btf {
 
     /// The location of `path` (e.g. `["ns", "inum"]`) inside `struct struct_name`.
     pub fn field(&self, struct_name: &str, path: &[&str]) -> Result<FieldLocation> {
-        let id = *self
-            .structs_by_name
-            .get(struct_name)
+        // The first definition wins; vmlinux has one per name.
+        let id = self
+            .type_id(KIND_STRUCT, struct_name)
             .with_context(|| format!("kernel BTF has no struct {struct_name}"))?;
         let mut ty = self
             .resolve(id)
@@ -240,7 +324,7 @@ impl Btf {
             if depth + 1 < path.len() {
                 ty = self
                     .resolve(member.type_id)
-                    .filter(|t| matches!(t.kind, KIND_STRUCT | KIND_UNION))
+                    .filter(|t| matches!(u32::from(t.kind), KIND_STRUCT | KIND_UNION))
                     .with_context(|| {
                         format!(
                             "kernel BTF: {struct_name}.{} is not a struct",
@@ -298,9 +382,114 @@ impl Btf {
     }
 }
 
+/// The kernel types the loader needs, found by [`Btf::loading_btf`]; small, so that the
+/// parsed kernel BTF can be dropped before [`LoadingBtf::build`] allocates.
+pub struct LoadingBtf {
+    /// The wanted names, as a BTF string section.
+    strings: Vec<u8>,
+    /// Each found type's id and its three words (name, info, type).
+    found: Vec<(u32, [u32; 3])>,
+}
+
+impl LoadingBtf {
+    /// The stand-in BTF described at [`Btf::loading_btf`].
+    pub fn build(self) -> Result<aya::Btf> {
+        let Self { strings, found } = self;
+        let last = found.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let placeholder = [0, KIND_PTR << 24, 0];
+        let mut types = Vec::with_capacity(12 * last as usize);
+        for id in 1..=last {
+            let words = found
+                .iter()
+                .find(|(found_id, _)| *found_id == id)
+                .map_or(placeholder, |(_, words)| *words);
+            types.extend(words.iter().flat_map(|word| word.to_le_bytes()));
+        }
+        let type_len = u32::try_from(types.len()).context("BTF too large")?;
+        let str_len = u32::try_from(strings.len()).context("BTF names too long")?;
+        let mut blob = Vec::with_capacity(24 + types.len() + strings.len());
+        blob.extend(BTF_MAGIC.to_le_bytes());
+        // Version 1, no flags.
+        blob.extend([1, 0]);
+        for word in [24, 0, type_len, type_len, str_len] {
+            blob.extend(word.to_le_bytes());
+        }
+        blob.extend(types);
+        blob.extend(strings);
+        aya::Btf::parse(&blob, object::Endianness::Little)
+            .context("cannot build the loader's copy of the kernel types")
+    }
+}
+
+/// An `EbpfLoader` without the kernel BTF it parses by default.
+///
+/// `aya::EbpfLoader::new()` reads and parses the whole of [`VMLINUX_BTF`] (about 30 MiB
+/// at its peak, 5 MiB of it the file) as its default target BTF; the agent replaces that
+/// at once ([`Btf::loading_btf`]), but the peak stays the agent's. So the loader is made
+/// on a thread of its own in a private mount namespace where the file reads empty: the
+/// default parse fails at once and leaves no BTF. Nothing leaves that thread: the
+/// namespace is private (no mount propagates back to the host) and is gone when the
+/// thread ends. Where namespaces cannot be made (no `CAP_SYS_ADMIN`, a seccomp filter),
+/// the loader is made as usual, and only the peak is higher.
+pub fn loader_without_kernel_btf() -> aya::EbpfLoader<'static> {
+    let made = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Err(problem) = hide_kernel_btf_from_this_thread() {
+                    log::debug!(
+                        "the eBPF loader parses the kernel BTF as usual (more memory at start): {problem:#}"
+                    );
+                }
+                aya::EbpfLoader::new()
+            })
+            .join()
+    });
+    made.unwrap_or_else(|_| aya::EbpfLoader::new())
+}
+
+/// Gives the calling thread its own mount namespace in which [`VMLINUX_BTF`] is empty.
+fn hide_kernel_btf_from_this_thread() -> Result<()> {
+    // SAFETY: plain syscalls with valid C strings; CLONE_NEWNS unshares this thread's
+    // filesystem context only (kernel/fork.c, `ksys_unshare` adds CLONE_FS), never the
+    // process's.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("making mounts private");
+        }
+        if libc::mount(
+            c"/dev/null".as_ptr(),
+            c"/sys/kernel/btf/vmlinux".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("bind-mounting over the BTF");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads `blob` as a BTF file.
+    fn parse(blob: Vec<u8>) -> Result<Btf> {
+        let mut file = tempfile::tempfile().expect("temporary file");
+        std::io::Write::write_all(&mut file, &blob).expect("write");
+        Btf::read(file)
+    }
 
     /// Builds a BTF blob by hand: `struct outer { int a; union { struct { int b; int c; }; }; }`.
     fn sample_btf() -> Vec<u8> {
@@ -339,7 +528,7 @@ mod tests {
 
     #[test]
     fn finds_fields_inside_anonymous_members() {
-        let btf = Btf::parse(&sample_btf()).expect("parse");
+        let btf = parse(sample_btf()).expect("parse");
         assert_eq!(btf.field("outer", &["a"]).expect("a").byte_offset, 0);
         assert_eq!(btf.field("outer", &["b"]).expect("b").byte_offset, 8);
         assert_eq!(btf.field("outer", &["c"]).expect("c").byte_offset, 12);
@@ -347,7 +536,7 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named_in_the_error() {
-        let btf = Btf::parse(&sample_btf()).expect("parse");
+        let btf = parse(sample_btf()).expect("parse");
         let error = btf.field("outer", &["nope"]).expect_err("no such field");
         assert!(
             error.to_string().contains("outer has no field nope"),
@@ -359,8 +548,8 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(b"not btf at all, not at all").is_err());
-        assert!(Btf::parse(&[]).is_err());
+        assert!(parse(b"not btf at all, not at all".to_vec()).is_err());
+        assert!(parse(Vec::new()).is_err());
     }
 
     #[test]

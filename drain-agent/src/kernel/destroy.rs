@@ -54,7 +54,7 @@ pub enum CloseMethod {
 /// The iterator that destroys the targets.
 const DESTROYER: &str = "destroy_sockets";
 /// The kfunc it calls.
-const KFUNC: &str = "bpf_sock_destroy";
+pub(super) const KFUNC: &str = "bpf_sock_destroy";
 /// `DESTROY_BATCH` of the eBPF side: the capacity of `DESTROY_TARGETS`.
 const BATCH: usize = 1_024;
 /// `DESTROYED` slots.

@@ -17,14 +17,14 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{Array, HashMap, MapData, RingBuf},
 };
 use drain_agent_common::{ConnCounts, ConnEvent, ConnKey, SockEntry, netns_port_key, watched_bit};
 use log::{debug, info, warn};
 
 use self::attach::{TRACEPOINT_CATEGORY, TRACEPOINT_NAME, attach};
-use self::btf::{Btf, VMLINUX_BTF};
+use self::btf::{Btf, LoadingBtf, VMLINUX_BTF, Wanted};
 use self::walk::load_walker;
 pub use self::{
     attach::AttachMethod,
@@ -53,9 +53,6 @@ pub struct KernelOptions {
 pub struct Kernel {
     /// Owns the programs and their links; dropping it detaches them.
     ebpf: Ebpf,
-    /// The parsed kernel BTF (tens of MiB), needed until seeding; see
-    /// [`Kernel::release_load_time_memory`].
-    aya_btf: Option<aya::Btf>,
     attach: AttachMethod,
     maps: Arc<KernelMaps>,
     events: Option<RingBuf<MapData>>,
@@ -77,6 +74,17 @@ pub struct Kernel {
     max_endpoints: u32,
 }
 
+/// The kernel types the loader looks up by id: the `tp_btf` handler's tracepoint, the
+/// `iter/tcp` programs' target, the kfunc of [`destroy`].
+fn loading_btf(btf: &Btf) -> Result<LoadingBtf> {
+    let tracepoint = format!("btf_trace_{TRACEPOINT_NAME}");
+    btf.loading_btf(&[
+        Wanted::Typedef(&tracepoint),
+        Wanted::Func(walk::ITER_TCP),
+        Wanted::Func(destroy::KFUNC),
+    ])
+}
+
 impl Kernel {
     /// Loads the programs and attaches the state-change handler (not yet seeded).
     pub fn load(options: &KernelOptions) -> Result<Self> {
@@ -89,14 +97,17 @@ impl Kernel {
             "--max-endpoints must be at least 1"
         );
         raise_memlock_limit();
-        let offsets = Btf::from_file(Path::new(VMLINUX_BTF))
-            .and_then(|btf| btf.kernel_offsets())
+        // The kernel's BTF is read once, for the field offsets and the ids the loader
+        // needs, and dropped before loading (see `Btf::loading_btf`).
+        let (offsets, loading) = Btf::from_file(Path::new(VMLINUX_BTF))
+            .and_then(|btf| Ok((btf.kernel_offsets()?, loading_btf(&btf)?)))
             .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
+        let aya_btf = loading.build()?;
         debug!("kernel offsets: {offsets:?}");
-        let aya_btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
         let object = destroy::link_kfuncs(EBPF_OBJECT, &aya_btf)?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
+        // No target BTF: the programs have no CO-RE relocations (offsets are a global).
+        let mut ebpf = btf::loader_without_kernel_btf()
+            .btf(None)
             .override_global("KERNEL_OFFSETS", &offsets, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
@@ -157,6 +168,8 @@ impl Kernel {
             );
         }
         let closer = destroy::load_closer(&mut ebpf, &aya_btf, object.problem)?;
+        // Every program that needed a kernel type id is loaded.
+        drop(aya_btf);
         let sockets_map = ebpf
             .take_map("SOCKETS")
             .context("the eBPF object has no map SOCKETS")?;
@@ -194,7 +207,6 @@ impl Kernel {
             own_endpoints: take_map(&mut ebpf, "OWN_ENDPOINTS")?,
             own_ports: take_map(&mut ebpf, "OWN_PORTS")?,
             ebpf,
-            aya_btf: Some(aya_btf),
             attach,
             maps: Arc::new(maps),
             events: Some(events),
@@ -290,10 +302,10 @@ fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
 }
 
 impl Kernel {
-    /// Frees what only loading and seeding needed (the parsed kernel BTF is most of the
-    /// agent's memory at start) and hands the freed heap back to the system.
+    /// Hands the heap that only loading and seeding needed (the loader's copy of the kernel
+    /// types, dropped at the end of [`Kernel::load`]; the seeding walk's buffers) back to the
+    /// system.
     pub fn release_load_time_memory(&mut self) {
-        self.aya_btf = None;
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only releases free heap pages; no pointers are invalidated.
         unsafe {

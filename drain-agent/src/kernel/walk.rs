@@ -148,6 +148,10 @@ impl Kernel {
     }
 }
 
+/// The kernel function an `iter/tcp` program's BTF id names (aya's `Iter::load("tcp")`
+/// looks up `bpf_iter_` + the target).
+pub(super) const ITER_TCP: &str = "bpf_iter_tcp";
+
 /// The walker: `iter/tcp`, run at start and for repairs.
 const WALKER: &str = "seed_established_tcp";
 /// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached.
