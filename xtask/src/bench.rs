@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// `--agent-arg=--max-connections=32768` (for profiling experiments).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Also measure this build (e.g. the previous design's, `git worktree add` + `cargo build
+    /// --release`) in the kernel and overhead sections, each section right after this
+    /// build's, and report the two side by side (with their memory at start).
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     /// Run only these sections (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Section>,
@@ -199,9 +204,29 @@ pub struct Results {
     pub answer: Option<answer::AnswerCost>,
     pub wakeup: Option<wakeup::Wakeup>,
     pub metrics: Option<footprint::MetricsScrape>,
+    /// This build's memory at start, and the baseline's (`--baseline`) measured in turn.
+    pub start_memory: Option<sys::Memory>,
+    pub baseline: Option<Baseline>,
     pub goals: Vec<report::Goal>,
     /// Sections that failed, with why (the others still ran).
     pub errors: Vec<String>,
+}
+
+/// Another build measured in the same run (`--baseline`).
+#[derive(Debug, Default, Serialize)]
+pub struct Baseline {
+    pub binary: String,
+    /// `drain-agent --version` of the baseline.
+    pub version: String,
+    pub start_memory: Option<sys::Memory>,
+    pub kernel: Option<kernel::KernelCost>,
+    pub overhead: Option<overhead::Overhead>,
+}
+
+/// A build's memory once it serves: its peak at start (`VmHWM`) and its RSS then.
+fn start_memory(plan: &Plan, binary: &Path, log_dir: &Path) -> Result<sys::Memory> {
+    let agent = agent::Agent::start(binary, log_dir, &plan.agent(None, false))?;
+    sys::memory(agent.pid())
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -265,14 +290,36 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let outcome = footprint::run(&plan, &binary, &log_dir, &mut foreign);
         results.metrics = record(&mut results.errors, "footprint", outcome);
     }
+    let mut baseline = args.baseline.as_ref().map(|binary| Baseline {
+        binary: binary.display().to_string(),
+        version: version_of(binary),
+        ..Baseline::default()
+    });
+    let outcome = start_memory(&plan, &binary, &log_dir);
+    results.start_memory = record(&mut results.errors, "start memory", outcome);
+    if let (Some(base), Some(path)) = (baseline.as_mut(), args.baseline.as_ref()) {
+        let outcome = start_memory(&plan, path, &log_dir);
+        base.start_memory = record(&mut results.errors, "baseline start memory", outcome);
+    }
     if wanted(Section::Kernel) {
         let outcome = kernel::run(&plan, &binary, &log_dir, &mut foreign);
         results.kernel = record(&mut results.errors, "kernel", outcome);
+        if let (Some(base), Some(path)) = (baseline.as_mut(), args.baseline.as_ref()) {
+            eprintln!("bench: [kernel] the baseline, {}", path.display());
+            let outcome = kernel::run(&plan, path, &log_dir, &mut foreign);
+            base.kernel = record(&mut results.errors, "baseline kernel", outcome);
+        }
     }
     if wanted(Section::Overhead) {
         let outcome = overhead::run(&plan, &binary, &log_dir, &mut foreign);
         results.overhead = record(&mut results.errors, "overhead", outcome);
+        if let (Some(base), Some(path)) = (baseline.as_mut(), args.baseline.as_ref()) {
+            eprintln!("bench: [overhead] the baseline, {}", path.display());
+            let outcome = overhead::run(&plan, path, &log_dir, &mut foreign);
+            base.overhead = record(&mut results.errors, "baseline overhead", outcome);
+        }
     }
+    results.baseline = baseline;
     results.other_handlers = foreign;
     results.duration_s = started.elapsed().as_secs_f64();
     results.goals = report::goals(&results);
@@ -287,6 +334,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         bail!("some sections failed: {}", results.errors.join("; "));
     }
     Ok(())
+}
+
+/// `binary --version`, or why it could not be asked.
+fn version_of(binary: &Path) -> String {
+    match std::process::Command::new(binary).arg("--version").output() {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        Err(error) => format!("unknown ({error})"),
+    }
 }
 
 /// Keeps a failed section's error for the report and lets the others run.

@@ -132,6 +132,24 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             5.0,
         ));
     }
+    if let Some(memory) = &results.start_memory {
+        let peak = memory.hwm_kib as f64 / 1024.0;
+        let baseline = results
+            .baseline
+            .as_ref()
+            .and_then(|base| base.start_memory)
+            .map(|base| format!("; the baseline: {}", mib(base.hwm_kib)))
+            .unwrap_or_default();
+        goals.push(at_most(
+            "agent peak RSS at start ≤ 16 MiB",
+            format!(
+                "{peak:.1} MiB (RSS once serving {}){baseline}",
+                mib(memory.rss_kib)
+            ),
+            peak,
+            16.0,
+        ));
+    }
     if let Some(answer) = &results.answer {
         let mib = answer.memory_loaded.rss_kib as f64 / 1024.0;
         goals.push(at_most(
@@ -227,6 +245,7 @@ pub fn markdown(results: &Results, previous: &str) -> String {
         );
     }
 
+    baseline_section(&mut out, results);
     kernel_section(&mut out, results);
     overhead_section(&mut out, results);
     answer_section(&mut out, results);
@@ -241,6 +260,108 @@ pub fn markdown(results: &Results, previous: &str) -> String {
         .unwrap_or_else(|| "(nothing written yet)".to_owned());
     let _ = writeln!(out, "{ANALYSIS_BEGIN}\n\n{kept}\n\n{ANALYSIS_END}");
     out
+}
+
+/// This build and the baseline (`--baseline`), measured in turn in the same run.
+fn baseline_section(out: &mut String, results: &Results) {
+    let Some(base) = &results.baseline else {
+        return;
+    };
+    let _ = writeln!(out, "\n## Side by side with the baseline\n");
+    let _ = writeln!(
+        out,
+        "The baseline is `{}` (`{}`), measured right after this build in each section below, with the same plan. Cells: this build / the baseline; kernel costs in ns per run, net of the measurement floor of each build's own run.\n",
+        base.binary, base.version
+    );
+    header(out, &["measure", "this build", "baseline"]);
+    if let (Some(this), Some(that)) = (&results.start_memory, &base.start_memory) {
+        row(
+            out,
+            &[
+                "peak RSS at start (`VmHWM` once serving)".into(),
+                mib(this.hwm_kib),
+                mib(that.hwm_kib),
+            ],
+        );
+        row(
+            out,
+            &[
+                "RSS once serving".into(),
+                mib(this.rss_kib),
+                mib(that.rss_kib),
+            ],
+        );
+    }
+    if let (Some(this), Some(that)) = (&results.kernel, &base.kernel) {
+        let net = |value: f64, floor: f64| format!("{:.0}", value - floor);
+        for method in &this.methods {
+            let Some(other) = that.methods.iter().find(|m| m.attach == method.attach) else {
+                continue;
+            };
+            let (f1, f2) = (this.floor.mean_ns, that.floor.mean_ns);
+            for (what, mine, theirs) in [
+                (
+                    "tracked open",
+                    method.tracked_open_ns,
+                    other.tracked_open_ns,
+                ),
+                (
+                    "tracked close",
+                    method.tracked_close_ns,
+                    other.tracked_close_ns,
+                ),
+                (
+                    "tracked mean",
+                    method.tracked_mean_ns,
+                    other.tracked_mean_ns,
+                ),
+                (
+                    "untracked, weighted",
+                    method.untracked_mean_ns,
+                    other.untracked_mean_ns,
+                ),
+                (
+                    "hot churn, mean per run",
+                    method.churn.mean_ns,
+                    other.churn.mean_ns,
+                ),
+            ] {
+                row(
+                    out,
+                    &[
+                        format!("{}: {what}", method.attach),
+                        net(mine, f1),
+                        net(theirs, f2),
+                    ],
+                );
+            }
+        }
+    }
+    if let (Some(this), Some(that)) = (&results.overhead, &base.overhead) {
+        for (what, mine, theirs) in [
+            ("churn throughput ratio", &this.draining, &that.draining),
+            (
+                "churn throughput ratio, ports kept busy",
+                &this.busy,
+                &that.busy,
+            ),
+        ] {
+            row(
+                out,
+                &[
+                    what.into(),
+                    format!(
+                        "{:.3} (CPU {:.3})",
+                        mine.median_ratio, mine.median_cpu_ratio
+                    ),
+                    format!(
+                        "{:.3} (CPU {:.3})",
+                        theirs.median_ratio, theirs.median_cpu_ratio
+                    ),
+                ],
+            );
+        }
+    }
 }
 
 fn kernel_section(out: &mut String, results: &Results) {
