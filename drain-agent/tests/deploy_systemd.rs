@@ -137,7 +137,9 @@ fn systemd_agent_unit_is_least_privilege() {
         // Seeding reads /proc/*/ns/net of every process and enters those namespaces.
         ("ProtectProc", "default"),
         ("ProcSubset", "all"),
-        ("RestrictNamespaces", "net"),
+        // net: setns() into pods; mnt: one thread's private mount namespace at start, in
+        // which the kernel BTF reads empty for aya's default parse (kernel/btf.rs).
+        ("RestrictNamespaces", "net mnt"),
     ] {
         assert_eq!(unit_value(&unit, "Service", key), value, "{key}=");
     }
@@ -161,18 +163,20 @@ fn systemd_agent_unit_is_least_privilege() {
         );
     }
 
-    // systemd's own score of the sandbox (0 = locked down, 10 = none): 2.8 now. Fails when any
-    // change loosens it.
+    // systemd's own score of the sandbox (0 = locked down, 10 = none): 2.9 now. Fails when any
+    // change loosens it. (2.8 until `RestrictNamespaces=` allowed `mnt` for one thread's private
+    // mount namespace at start, which takes the agent's peak memory from ~40 to ~13 MiB; the
+    // agent already holds CAP_SYS_ADMIN, so it gains no power from it.)
     if !tool_available(test, "systemd-analyze", &["--version"]) {
         return;
     }
     let dir = common::temp_dir("drain-agent-deploy-security-");
     let units = units_for_verify(dir.path());
     let output = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=28", "--no-pager"])
+        .args(["security", "--offline=yes", "--threshold=29", "--no-pager"])
         .arg(&units[0]));
     let text = text_of(&output);
-    assert!(output.status.success(), "exposure above 2.8:\n{text}");
+    assert!(output.status.success(), "exposure above 2.9:\n{text}");
     assert!(text.contains("Overall exposure level"), "{text}");
 }
 
