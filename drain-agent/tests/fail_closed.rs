@@ -6,7 +6,9 @@
 //!   thousands of loopback addresses) make answers confirmed or "unknown", never drained;
 //! * `netns=` of another namespace kind, an unknown inode or an arbitrary path is refused,
 //!   with one text for existing and missing files;
-//! * a port-only waiter is woken by the last close every time, with every core busy.
+//! * a port-only waiter is woken by the last close every time, with every core busy;
+//! * a namespace kept alive only by its sockets (no process, no bind mount: the agent cannot
+//!   enter it) keeps its counted connections in a doubted answer.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -407,4 +409,65 @@ fn port_only_waiters_are_woken_by_the_last_close_with_every_core_busy() {
         at(1.0)
     );
     assert_eq!(late, 0, "lost wake-ups");
+}
+
+/// Made on a thread that leaves at once: a network namespace with a connection on loopback,
+/// kept alive only by the sockets returned (no task is in it and nothing is mounted on it,
+/// so the agent can find it nowhere to read its socket tables).
+fn connection_in_a_namespace_of_sockets_only() -> (u16, Vec<std::net::TcpStream>, TcpListener) {
+    thread::spawn(|| {
+        // SAFETY: unshares this thread's network namespace only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip link set lo up");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (port, vec![client, server], listener)
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+#[test]
+fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open() {
+    let test = "a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open";
+    if !kernel_available(test) || !common::deploy::tool_available(test, "ip", &["-V"]) {
+        return;
+    }
+    // --no-seed: every count is doubted until the first walk, so answers are checked against
+    // the socket tables, which cannot be read in that namespace.
+    let agent = Agent::start(&["--no-seed", "--repair-interval", "3s"]);
+    let walks = agent
+        .metric("drain_agent_walks_total")
+        .expect("walks metric");
+    let (port, connection, _listener) = connection_in_a_namespace_of_sockets_only();
+    let not_drained = || {
+        let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
+        assert_eq!(
+            (status, &body["drained"], &body["active"]),
+            (503, &serde_json::json!(false), &serde_json::json!(1)),
+            "{body}"
+        );
+    };
+    assert_eq!(walks, 0.0, "--no-seed: no walk yet");
+    not_drained();
+    // The walks cannot enter it either: its connection must stay counted through them.
+    common::wait_until("two walks", Duration::from_secs(20), || {
+        agent
+            .metric("drain_agent_walks_total")
+            .is_some_and(|now| now >= 2.0)
+    });
+    not_drained();
+    drop(connection);
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=5s"));
+    assert_eq!(
+        (status, &body["drained"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
 }

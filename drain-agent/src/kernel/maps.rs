@@ -2,7 +2,7 @@
 //! errors, and what the last walk vouched for (the fail-closed rule, see [`Doubt`]).
 
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeSet, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd as _,
     path::PathBuf,
@@ -276,11 +276,10 @@ impl crate::drain::Closer for KernelMaps {
     /// Closes connections through netlink `SOCK_DESTROY` (what `ss -K` does) in each
     /// namespace of the scope; the peer gets a reset.
     fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
-        let wanted: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)> =
-            targets
-                .iter()
-                .map(|peer| (peer.local, peer.remote))
-                .collect();
+        let wanted: HashSet<(std::net::SocketAddr, std::net::SocketAddr)> = targets
+            .iter()
+            .map(|peer| (peer.local, peer.remote))
+            .collect();
         let mut closed = 0;
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
@@ -512,15 +511,28 @@ impl ConnectionSource for KernelMaps {
     fn confirm(&self, filter: &Filter) -> Result<u64> {
         let targets = namespaces_of(filter)?;
         let mut open = 0;
+        let mut read = HashSet::new();
         for (inode, path) in targets {
             match Self::count_in_namespace(path, filter) {
-                Ok(count) => open += count,
+                Ok(count) => {
+                    open += count;
+                    read.insert(inode);
+                }
                 // A namespace that is gone has no connections left.
                 Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
                 Err(problem) => {
                     return Err(problem)
                         .with_context(|| format!("cannot read network namespace {inode}"));
                 }
+            }
+        }
+        // The tables of a namespace the agent cannot find (one kept alive only by its
+        // sockets: no process in it, nothing mounted on it) were not read, so what the maps
+        // count there stands: a namespace that is really gone closed its sockets, and their
+        // closes took its counts to zero (or left them too high, the safe side).
+        for endpoint in self.endpoints()? {
+            if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
+                open += endpoint.active;
             }
         }
         Ok(open)
