@@ -131,6 +131,15 @@ pub const PORT_COUNT: u32 = 65_536;
 /// Entries of the `WATCHED_PORTS` bitmap: one bit per port, 64 ports per entry.
 pub const WATCHED_WORDS: u32 = PORT_COUNT / 64;
 
+/// Entries of the `TRACKED_PORTS` array: one byte per port, eight to an entry.
+pub const TRACKED_PORT_WORDS: u32 = PORT_COUNT / 8;
+
+/// Where a port's byte lives in the `TRACKED_PORTS` array: (entry, byte in it, 0 to 7).
+#[inline(always)]
+pub const fn tracked_port_byte(port: u16) -> (u32, usize) {
+    ((port / 8) as u32, (port % 8) as usize)
+}
+
 /// Where a port's bit lives in the `WATCHED_PORTS` bitmap: (entry, mask).
 #[inline(always)]
 pub const fn watched_bit(port: u16) -> (u32, u64) {
@@ -439,6 +448,9 @@ mod tests {
         assert_eq!(watched_bit(63), (0, 1 << 63));
         assert_eq!(watched_bit(64), (1, 1));
         assert_eq!(watched_bit(u16::MAX), (WATCHED_WORDS - 1, 1 << 63));
+        assert_eq!(tracked_port_byte(0), (0, 0));
+        assert_eq!(tracked_port_byte(8081), (1010, 1));
+        assert_eq!(tracked_port_byte(u16::MAX), (TRACKED_PORT_WORDS - 1, 7));
     }
 
     #[test]

@@ -31,8 +31,9 @@ use aya_ebpf::{
 use drain_agent_common::{
     AF_INET, AF_INET6, ConnCounts, ConnEvent, ConnKey, DurationHistogram, IPPROTO_TCP,
     KernelOffsets, OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED, STARTED_UNKNOWN,
-    SockEntry, Transition, WATCHED_WORDS, classify, crossing, duration_bucket, error_index,
-    event_kind, is_active, netns_port_key, repair, tcp_state, watched_bit,
+    SockEntry, TRACKED_PORT_WORDS, Transition, WATCHED_WORDS, classify, crossing, duration_bucket,
+    error_index, event_kind, is_active, netns_port_key, repair, tcp_state, tracked_port_byte,
+    watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
@@ -80,6 +81,15 @@ static LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 /// `/drained?port=P` is one lookup, however many endpoints there are.
 #[map]
 static PORT_TOTALS: Array<PortTotals> = Array::with_max_entries(PORT_COUNT, 0);
+
+/// One byte per port, set (never cleared) when a socket on it is first tracked, so that a
+/// close of a socket never tracked (every client end, every outbound connection) is answered
+/// by a 64 KiB array that stays in cache; the per-port totals it used to read are 2 MiB, and
+/// a random ephemeral port missed the cache there. A byte, not a bit: byte stores from two
+/// CPUs cannot undo each other, where a read-modify-write of a shared word could (and an
+/// atomic OR needs Linux 5.12).
+#[map]
+static TRACKED_PORTS: Array<[u8; 8]> = Array::with_max_entries(TRACKED_PORT_WORDS, 0);
 
 /// One bit per port that somebody is waiting on (set by the agent). Zero-crossing events
 /// are written only for these: with nobody waiting, the hot path never wakes the agent.
@@ -216,8 +226,9 @@ fn try_on_state_change<M: KernelMemory>(
         }
         Transition::Close => {
             // Most closes are of sockets never tracked (every client end, every outbound
-            // connection). A port with no tracked connection ever has no `last_change_ns`:
-            // one array load answers, where a miss in the big socket map costs a lookup.
+            // connection). A port with no tracked connection ever is not marked in
+            // `TRACKED_PORTS`: one load from a small array answers, where a miss in the big
+            // socket map costs a lookup.
             // On a move to CLOSE the kernel has already released the port (`inet_put_port()`
             // zeroes `inet_num` before `inet_sk_state_store()` fires the tracepoint): port 0
             // tells nothing, so look the socket up.
@@ -486,6 +497,7 @@ fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool) -> bool {
             add_active(ptr::addr_of_mut!((*counts).active), 1)
         }
     });
+    mark_port_tracked(key.port);
     let port_now = add_port_total(key.port, 1, counts.is_none(), now);
     // After both counters moved (see `emit_event` for why both).
     emit_event(
@@ -590,13 +602,28 @@ fn count_repair(index: u32) {
     }
 }
 
-/// Whether a socket on `port` was ever tracked: `track_open` stamps the port's
-/// `last_change_ns` before any close of the same socket can run (both hold its lock).
+/// Whether a socket on `port` was ever tracked: `track_open` marks the port in
+/// `TRACKED_PORTS` before any close of the same socket can run (both hold its lock). An
+/// entry that cannot be read counts as tracked (the close then looks the socket up).
 #[inline(always)]
 fn port_ever_tracked(port: u16) -> bool {
-    PORT_TOTALS
-        .get(u32::from(port))
-        .is_none_or(|total| total.last_change_ns != 0)
+    let (entry, byte) = tracked_port_byte(port);
+    TRACKED_PORTS
+        .get(entry)
+        .is_none_or(|bytes| bytes.get(byte).is_none_or(|marked| *marked != 0))
+}
+
+/// Marks `port` in `TRACKED_PORTS` (see [`port_ever_tracked`]).
+#[inline(always)]
+fn mark_port_tracked(port: u16) {
+    let (entry, byte) = tracked_port_byte(port);
+    if let Some(bytes) = TRACKED_PORTS.get_ptr_mut(entry)
+        // SAFETY: a pointer into the array map's value, which lives as long as the map.
+        && let Some(marked) = unsafe { (*bytes).get_mut(byte) }
+    {
+        // SAFETY: as above; a single byte store.
+        unsafe { ptr::write_volatile(marked, 1) };
+    }
 }
 
 /// Adds `delta` to the port's active total (and to its unscoped total when `unscoped`);
