@@ -115,7 +115,7 @@ fn dist_binary_counts_and_drains() {
     let Some(binary) = common::dist_binary(test) else {
         return;
     };
-    let agent = common::Agent::start_binary(&binary, common::free_port(), &[]);
+    let agent = common::Agent::start_binary_on_a_free_port(&binary, &[]);
     let (_, health) = agent.get_json("/healthz");
     println!("static binary healthy: {health}");
     let server = common::Server::start("127.0.0.1:0");
@@ -160,7 +160,7 @@ fn dist_binary_starts_within_16_mib() {
     let Some(binary) = common::dist_binary(test) else {
         return;
     };
-    let agent = common::Agent::start_binary(&binary, common::free_port(), &[]);
+    let agent = common::Agent::start_binary_on_a_free_port(&binary, &[]);
     let (status, _) = agent.get_json("/healthz");
     assert_eq!(status, 200);
     let proc_status =

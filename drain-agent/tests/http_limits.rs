@@ -278,3 +278,38 @@ fn wait_keeps_its_deadline_when_nobody_listens() {
     assert_eq!(code, Some(2));
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+/// An address already taken (another agent, node_exporter): the agent exits at once with an
+/// error naming it, not a hang, and another free port works (what the tests' own start does
+/// when another test took the free port it was given).
+#[test]
+fn a_taken_listen_address_is_a_clear_error_at_once() {
+    let test = "a_taken_listen_address_is_a_clear_error_at_once";
+    if !kernel_available(test) {
+        return;
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let started = std::time::Instant::now();
+    let refused = std::panic::catch_unwind(|| common::Agent::start_on(port, &[]));
+    let message = match refused {
+        Ok(_) => panic!("the agent started on a taken port"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    assert!(
+        message.contains("(it exited)")
+            && message.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && message.contains("Address already in use"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "noticed after {:?}",
+        started.elapsed()
+    );
+    let agent = common::Agent::start(&[]);
+    assert_ne!(agent.port, port);
+}

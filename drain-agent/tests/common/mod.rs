@@ -145,7 +145,7 @@ pub fn dist_binary(test: &str) -> Option<PathBuf> {
 impl Agent {
     /// Starts `drain-agent run --listen 127.0.0.1:<free port> <extra>` and waits for /healthz.
     pub fn start(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), extra)
+        Self::start_binary_on_a_free_port(&agent_binary(), extra)
     }
 
     /// Starts the agent on a given loopback port.
@@ -153,8 +153,29 @@ impl Agent {
         Self::start_binary(&agent_binary(), port, extra)
     }
 
-    /// Starts another build of the agent (the static one of `cargo xtask dist`).
+    /// Starts another build of the agent (the static one of `cargo xtask dist`) on a given
+    /// loopback port.
     pub fn start_binary(binary: &std::path::Path, port: u16, extra: &[&str]) -> Self {
+        Self::spawn(binary, port, extra).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts `binary` on a free loopback port. A free port can be taken by another test
+    /// between the check and the agent's bind: the agent then exits at once ("Address
+    /// already in use"), and another port is tried (five in all).
+    pub fn start_binary_on_a_free_port(binary: &std::path::Path, extra: &[&str]) -> Self {
+        let mut attempt = 1;
+        loop {
+            match Self::spawn(binary, free_port(), extra) {
+                Ok(agent) => return agent,
+                Err(why) if attempt < 5 && why.contains("Address already in use") => {
+                    attempt += 1;
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn spawn(binary: &std::path::Path, port: u16, extra: &[&str]) -> Result<Self, String> {
         let mut process = Guard::spawn(
             "drain-agent",
             Command::new(binary)
@@ -169,33 +190,56 @@ impl Agent {
         let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = process.child_mut().stderr.take().expect("stderr");
         let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent] {line}");
                 sink.lock().expect("log").push(line);
             }
         });
-        let agent = Self {
+        let mut agent = Self {
             process,
             port,
             url: format!("http://127.0.0.1:{port}"),
             log,
         };
-        agent.wait_healthy(Duration::from_secs(30));
-        agent
+        match agent.wait_healthy(Duration::from_secs(30)) {
+            Ok(()) => Ok(agent),
+            Err(exited) => {
+                if exited {
+                    // The whole log: the reader ends with the agent's stderr.
+                    let _ = reader.join();
+                }
+                Err(format!(
+                    "agent not healthy{}; log:\n{}",
+                    if exited {
+                        " (it exited)"
+                    } else {
+                        " after 30 s"
+                    },
+                    agent.log.lock().expect("log").join("\n")
+                ))
+            }
+        }
     }
 
-    fn wait_healthy(&self, limit: Duration) {
+    /// Waits for `/healthz` to answer 200; `Err(true)` when the agent exited first,
+    /// `Err(false)` after `limit`.
+    fn wait_healthy(&mut self, limit: Duration) -> Result<(), bool> {
         let started = Instant::now();
         loop {
-            if let Ok((200, _)) = self.try_get("/healthz") {
-                return;
+            if matches!(self.process.child_mut().try_wait(), Ok(Some(_))) {
+                return Err(true);
             }
-            assert!(
-                started.elapsed() < limit,
-                "agent not healthy after {limit:?}; log:\n{}",
-                self.log.lock().expect("log").join("\n")
-            );
+            // A short deadline: whoever holds the port when the agent could not bind it may
+            // accept and never answer.
+            if let Ok((200, _)) = AgentUrl::parse(&self.url)
+                .and_then(|url| http::get_url(&url, "/healthz", Duration::from_secs(1)))
+            {
+                return Ok(());
+            }
+            if started.elapsed() >= limit {
+                return Err(false);
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
