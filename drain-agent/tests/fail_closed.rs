@@ -471,3 +471,38 @@ fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open(
         "{body}"
     );
 }
+
+/// The same with a full endpoint map: the connection is counted for its port only (no
+/// endpoint says which namespace it is in), and still stands in a doubted answer.
+#[test]
+fn a_namespace_kept_only_by_sockets_keeps_its_port_only_connections() {
+    let test = "a_namespace_kept_only_by_sockets_keeps_its_port_only_connections";
+    if !kernel_available(test) || !common::deploy::tool_available(test, "ip", &["-V"]) {
+        return;
+    }
+    let agent = Agent::start(&[
+        "--no-seed",
+        "--repair-interval",
+        "1h",
+        "--max-endpoints",
+        "1",
+    ]);
+    // Takes the only endpoint slot (if nothing else on the host took it first).
+    let filler = Server::start("127.0.0.1:0");
+    let _held = hold(&filler, filler.port, 1);
+    agent.expect_active(filler.port, 1);
+    let (port, connection, _listener) = connection_in_a_namespace_of_sockets_only();
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
+    assert_eq!(
+        (status, &body["drained"], &body["active"]),
+        (503, &serde_json::json!(false), &serde_json::json!(1)),
+        "{body}"
+    );
+    drop(connection);
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=5s"));
+    assert_eq!(
+        (status, &body["drained"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
+}

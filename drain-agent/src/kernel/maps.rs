@@ -18,8 +18,8 @@ use aya::{
     programs::ProgramFd,
 };
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, STARTED_UNKNOWN,
-    SockEntry, error_index, repair, watched_bit,
+    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SOCK_UNSCOPED,
+    STARTED_UNKNOWN, SockEntry, error_index, repair, watched_bit,
 };
 
 use crate::{
@@ -533,6 +533,25 @@ impl ConnectionSource for KernelMaps {
         for endpoint in self.endpoints()? {
             if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
                 open += endpoint.active;
+            }
+        }
+        // Connections counted for the port only (the endpoint map was full, or the endpoint
+        // was being reclaimed) are in no endpoint above: their own entries say where they
+        // are. One lookup decides whether the pass over the socket map is needed at all.
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        if totals.unscoped > 0 {
+            for entry in self.sockets.iter() {
+                // Entries come and go while we read: a vanished one is closed.
+                let Ok((_, entry)) = entry else { continue };
+                if entry.flags & SOCK_UNSCOPED != 0
+                    && !read.contains(&entry.key.netns)
+                    && filter.matches_parts(entry.key.netns, key_addr(&entry.key), entry.key.port)
+                {
+                    open += 1;
+                }
             }
         }
         Ok(open)
