@@ -620,6 +620,8 @@ fn mark_port_tracked(port: u16) {
     if let Some(bytes) = TRACKED_PORTS.get_ptr_mut(entry)
         // SAFETY: a pointer into the array map's value, which lives as long as the map.
         && let Some(marked) = unsafe { (*bytes).get_mut(byte) }
+        // Stored once: a store on every open would bounce the cache line between CPUs.
+        && *marked == 0
     {
         // SAFETY: as above; a single byte store.
         unsafe { ptr::write_volatile(marked, 1) };
