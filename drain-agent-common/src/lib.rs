@@ -121,7 +121,7 @@ pub struct PortTotals {
     /// answers scoped to an address or namespace on this port cannot be vouched for.
     pub unscoped: i64,
     /// Connections on this port that could not be tracked at all (the per-socket map was
-    /// full), ever. Only grows: the agent compares it with the value at its last walk.
+    /// full, or a dead socket's entry held the address: `error_index::ADDRESS_TAKEN`), ever. Only grows: the agent compares it with the value at its last walk.
     pub lost: u64,
 }
 
@@ -277,7 +277,10 @@ pub mod error_index {
     /// A tracked socket's close found no counters for its endpoint (cannot happen by the
     /// reclaim rule; counted so that it would be seen).
     pub const COUNT_MISSING: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// A passive open found its socket's address still holding the entry of a dead socket
+    /// whose close the kernel skipped: the connection could not be tracked until a walk.
+    pub const ADDRESS_TAKEN: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Metric label of each index.
     pub const NAMES: [&str; COUNT as usize] = [
         "socket_map_full",
@@ -287,6 +290,7 @@ pub mod error_index {
         "histogram_failed",
         "listener_map_full",
         "count_missing",
+        "address_taken",
     ];
 }
 

@@ -475,16 +475,26 @@ fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool) -> bool {
     };
     match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
-        // Already tracked (e.g. seen by the tracepoint while the seeding walk ran).
-        Err(error) if error == -EEXIST => return false,
+        // A walk found it tracked meanwhile: it holds the socket's lock, as the handler
+        // does, so this is the handler's own entry (counted once).
+        Err(error) if error == -EEXIST && found_by_walk => return false,
+        // The handler's open found the address taken. Not by this socket: a socket opens
+        // passively once, and before its open is stored no walk can see it active (the
+        // tracepoint fires before `tcp_set_state()` stores ESTABLISHED, under the lock a
+        // walk takes). So the entry is a dead socket's whose close the kernel skipped, at
+        // an address the allocator gave to this new one. It cannot be replaced here
+        // without racing `forget_stale_socket`, which may be removing it without this
+        // socket's lock; so this connection is not counted, and the port is marked like a
+        // full map's: the agent does not vouch for it until a walk has repaired both (the
+        // walk finds this socket open under a foreign entry and swaps them).
+        Err(error) if error == -EEXIST => {
+            lose_connection(key.port, error_index::ADDRESS_TAKEN);
+            return false;
+        }
         Err(_) => {
             // Cannot track it at all: the port's `lost` tells the agent not to vouch for
             // this port until a walk has found every open socket of it tracked.
-            count_error_at(error_index::SOCKET_MAP_FULL);
-            if let Some(total) = PORT_TOTALS.get_ptr_mut(u32::from(key.port)) {
-                // SAFETY: a pointer into the array map's value.
-                unsafe { atomic_add_u64(ptr::addr_of_mut!((*total).lost), 1) };
-            }
+            lose_connection(key.port, error_index::SOCKET_MAP_FULL);
             return false;
         }
     }
@@ -508,6 +518,17 @@ fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool) -> bool {
         now,
     );
     true
+}
+
+/// A connection on `port` that could not be tracked, for the reason `error`: counted in the
+/// port's `lost`, which the agent compares with its value at the last walk.
+#[inline(always)]
+fn lose_connection(port: u16, error: u32) {
+    count_error_at(error);
+    if let Some(total) = PORT_TOTALS.get_ptr_mut(u32::from(port)) {
+        // SAFETY: a pointer into the array map's value.
+        unsafe { atomic_add_u64(ptr::addr_of_mut!((*total).lost), 1) };
+    }
 }
 
 /// Un-counts `sk` if it is tracked; true when it was un-counted now. `closed_now` says the

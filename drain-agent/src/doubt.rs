@@ -29,8 +29,9 @@ pub enum Doubt {
     /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
     /// and skipped runs cannot be found.
     NoWalker,
-    /// Connections on this port could not be tracked: the per-socket map was full
-    /// (`--max-connections`) since the last walk began.
+    /// Connections on this port could not be tracked since the last walk began: the
+    /// per-socket map was full (`--max-connections`), or an open found its socket's
+    /// address still held by a dead socket whose close the kernel skipped.
     ConnectionsLost { port: u16 },
     /// Some connections on this port are counted for the port only, not for their
     /// address and namespace (the endpoint map was full, `--max-endpoints`, or an endpoint
@@ -73,7 +74,7 @@ impl fmt::Display for Doubt {
             ),
             Self::ConnectionsLost { port } => write!(
                 f,
-                "connections on port {port} could not be tracked: the socket map is full (--max-connections)"
+                "connections on port {port} could not be tracked: the socket map is full (--max-connections), or a skipped close left a dead socket's entry at a new socket's address"
             ),
             Self::Unscoped { port } => write!(
                 f,

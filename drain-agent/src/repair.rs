@@ -44,7 +44,8 @@ const DOUBT_GAP: Duration = Duration::from_secs(30);
 const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Walks the open sockets to repair missed state changes: soon after the kernel reports
-/// that it skipped the handler (checked every second, walks at most every [`REPAIR_GAP`]),
+/// that it skipped the handler, or an open found a dead socket's entry at its address
+/// (checked every second, walks at most every [`REPAIR_GAP`]),
 /// while the agent cannot vouch for its counts (at most every [`DOUBT_GAP`]), and every
 /// `interval` (0: only then). Also reclaims idle endpoints, and logs each doubt about the
 /// agent's health once when it appears and once when it clears.
@@ -56,7 +57,7 @@ pub async fn repair_missed_changes(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut skipped_seen = 0;
+    let mut missed_seen = 0;
     let mut last_walk = tokio::time::Instant::now();
     let mut last_reclaim = tokio::time::Instant::now();
     let mut reported: BTreeSet<Doubt> = BTreeSet::new();
@@ -91,20 +92,20 @@ pub async fn repair_missed_changes(
                 if reclaim && let Err(problem) = kernel.reclaim_idle_endpoints(RECLAIM_IDLE) {
                     warn!("cannot reclaim idle endpoints: {problem:#}");
                 }
-                let skipped = kernel.handler_skipped_runs()?;
-                if !may_walk || (skipped == skipped_seen && !periodic && !doubt_walk) {
+                let missed = kernel.missed_changes()?;
+                if !may_walk || (missed == missed_seen && !periodic && !doubt_walk) {
                     return Ok(None);
                 }
-                Ok(Some((skipped, kernel.repair()?)))
+                Ok(Some((missed, kernel.repair()?)))
             })
             .await;
         match outcome {
             Ok(Ok(None)) => {}
-            Ok(Ok(Some((skipped, report)))) => {
-                if skipped > skipped_seen {
+            Ok(Ok(Some((missed, report)))) => {
+                if missed > missed_seen {
                     info!(
-                        "the kernel skipped the handler {} time(s); repaired {} missed open(s) and {} missed close(s)",
-                        skipped - skipped_seen,
+                        "the handler missed {} state change(s) (skipped runs, or opens at a dead socket's address); repaired {} missed open(s) and {} missed close(s)",
+                        missed - missed_seen,
                         report.opens_found,
                         report.closes_found
                     );
@@ -114,7 +115,7 @@ pub async fn repair_missed_changes(
                         report.opens_found, report.closes_found
                     );
                 }
-                skipped_seen = skipped;
+                missed_seen = missed;
                 last_walk = tokio::time::Instant::now();
             }
             Ok(Err(problem)) => {

@@ -213,3 +213,153 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
         Some(1.0)
     );
 }
+
+/// A skipped close leaves a dead socket's entry behind, and the allocator soon gives its
+/// address to a new socket. When that new socket is an inbound connection, its open finds
+/// the address taken: it used to be dropped unseen ("already tracked"), so the port
+/// counted one connection fewer than were open, with nothing doubted — a false "drained"
+/// once the counted ones closed. Now the open is counted as lost (`address_taken`): the
+/// port's answers are checked with the socket tables, and a walk follows within seconds
+/// and repairs both sockets.
+#[test]
+fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
+    if !kernel_available("an_open_at_a_dead_sockets_address_is_not_lost_unseen") {
+        return;
+    }
+    let _alone = ONE_AGENT_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let newest_before = loaded_maps()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .max()
+        .unwrap_or(0);
+    // The default repair interval (10 minutes): any walk here is one the agent decided on.
+    let agent = Agent::start(&[]);
+    let mut sockets: HashMap<MapData, u64, SockEntry> =
+        HashMap::try_from(newest_map("SOCKETS", newest_before)).expect("SOCKETS");
+    let mut counts: HashMap<MapData, ConnKey, ConnCounts> =
+        HashMap::try_from(newest_map("COUNTS", newest_before)).expect("COUNTS");
+    let mut totals: Array<MapData, PortTotals> =
+        Array::try_from(newest_map("PORT_TOTALS", newest_before)).expect("PORT_TOTALS");
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    const N: usize = 100;
+
+    // The addresses the allocator gives to this port's inbound sockets.
+    let clients: Vec<TcpStream> = (0..N)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    server.wait_accepted(N);
+    agent.expect_active(port, N as u64);
+    let addresses: Vec<u64> = sockets
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| entry.key.port == port)
+        .map(|(sk, _)| sk)
+        .collect();
+    assert_eq!(addresses.len(), N, "one entry per inbound socket");
+    drop(clients);
+    server.close_all();
+    agent.expect_active(port, 0);
+    common::wait_until("their entries gone", Duration::from_secs(10), || {
+        addresses.iter().all(|sk| sockets.get(sk, 0).is_err())
+    });
+    // Freed sockets return to the allocator after an RCU grace period.
+    std::thread::sleep(Duration::from_millis(200));
+
+    // What skipped closes leave at those addresses: dead sockets of another endpoint, still
+    // tracked and counted.
+    let dead_port = common::free_port();
+    let own_netns =
+        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("netns");
+    let mut dead_key = ConnKey {
+        netns: own_netns,
+        family: AF_INET,
+        port: dead_port,
+        addr: [0; 16],
+    };
+    dead_key.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let long_ago = 1;
+    for sk in &addresses {
+        sockets
+            .insert(
+                *sk,
+                SockEntry {
+                    key: dead_key,
+                    flags: 0,
+                    started_ns: long_ago,
+                    tracked_ns: long_ago,
+                    audited_ns: 0,
+                    ..SockEntry::default()
+                },
+                0,
+            )
+            .expect("insert a dead socket");
+    }
+    counts
+        .insert(
+            dead_key,
+            ConnCounts {
+                active: N as i64,
+                opened: N as u64,
+                closed: 0,
+                last_change_ns: long_ago,
+            },
+            0,
+        )
+        .expect("insert counts");
+    totals
+        .set(
+            u32::from(dead_port),
+            PortTotals {
+                active: N as i64,
+                last_change_ns: long_ago,
+                ..PortTotals::default()
+            },
+            0,
+        )
+        .expect("set totals");
+
+    // New inbound connections: some land on those addresses.
+    let clients: Vec<TcpStream> = (0..N)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    server.wait_accepted(N);
+    let taken = agent
+        .metric("drain_agent_tracking_errors_total{reason=\"address_taken\"}")
+        .expect("the address_taken counter");
+    assert!(
+        taken >= 1.0,
+        "no new inbound socket got a dead socket's address ({taken}): the test did not happen"
+    );
+    // Every answer counts all of them: from the socket tables until a walk has repaired the
+    // maps, then from the maps.
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
+    assert_eq!(
+        (status, body["active"].as_u64()),
+        (503, Some(N as u64)),
+        "{body}"
+    );
+    // The agent walks soon (not after its 10-minute interval) and repairs both ports.
+    let gauge = |port: u16| format!("drain_agent_connections_active{{port=\"{port}\"}}");
+    common::wait_until(
+        "the walk counts the new connections",
+        Duration::from_secs(15),
+        || agent.metric(&gauge(port)) == Some(N as f64),
+    );
+    common::wait_until(
+        "the walk un-counts the dead sockets",
+        Duration::from_secs(15),
+        || {
+            agent
+                .metric(&gauge(dead_port))
+                .is_none_or(|active| active == 0.0)
+        },
+    );
+    let (_, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
+    assert_eq!(body["active"].as_u64(), Some(N as u64), "{body}");
+    drop(clients);
+    server.close_all();
+    agent.expect_active(port, 0);
+}

@@ -86,7 +86,8 @@ pub struct Snapshot {
 pub struct Vouched {
     pub snapshot: Option<Snapshot>,
     pub unwalked: BTreeSet<u32>,
-    /// The `socket_map_full` total when `lost` was last read port by port.
+    /// The connections lost in all (`socket_map_full` + `address_taken`) when `lost` was
+    /// last read port by port.
     lost_read_at: Option<u64>,
     lost: StdHashMap<u16, u64>,
 }
@@ -116,6 +117,14 @@ impl KernelMaps {
             .unwrap_or_default()
     }
 
+    /// Passive opens so far that found their socket's address held by the entry of a dead
+    /// socket whose close was skipped (each such connection is untracked until a walk).
+    pub fn addresses_taken(&self) -> Result<u64> {
+        self.errors
+            .get(&error_index::ADDRESS_TAKEN, 0)
+            .context("cannot read the address_taken counter")
+    }
+
     /// Runs of the handler the kernel skipped so far.
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         let skipped = super::recursion_misses(self.handler.as_fd())?;
@@ -128,14 +137,14 @@ impl KernelMaps {
     }
 
     /// The counters now, taken just before a walk begins. Reading `lost` port by port
-    /// costs 65,536 lookups, so it is done only when the socket map has overflowed since
-    /// the last read.
+    /// costs 65,536 lookups, so it is done only when a connection was lost (the socket map
+    /// overflowed, or an open found its address taken) since the last read.
     pub(super) fn snapshot(&self) -> Result<Snapshot> {
         let skipped = self.handler_skipped_runs()?;
         let errors = self.error_counts()?;
-        let overflowed = errors[error_index::SOCKET_MAP_FULL as usize];
+        let lost_in_all = lost_in_all(&errors);
         let mut vouched = self.vouched();
-        if overflowed > 0 && vouched.lost_read_at != Some(overflowed) {
+        if lost_in_all > 0 && vouched.lost_read_at != Some(lost_in_all) {
             let mut lost = StdHashMap::new();
             for port in 1..PORT_COUNT {
                 let totals = self
@@ -147,7 +156,7 @@ impl KernelMaps {
                 }
             }
             vouched.lost = lost;
-            vouched.lost_read_at = Some(overflowed);
+            vouched.lost_read_at = Some(lost_in_all);
         }
         Ok(Snapshot {
             skipped,
@@ -226,6 +235,13 @@ impl KernelMaps {
                 .count() as u64)
         })
     }
+}
+
+/// Connections that could not be tracked, for any reason, so far (each also counted in
+/// its port's `lost`).
+fn lost_in_all(errors: &[u64; error_index::COUNT as usize]) -> u64 {
+    errors[error_index::SOCKET_MAP_FULL as usize]
+        .saturating_add(errors[error_index::ADDRESS_TAKEN as usize])
 }
 
 /// The namespaces a filter covers, with a path to enter each.

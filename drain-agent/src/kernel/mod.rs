@@ -261,6 +261,16 @@ impl Kernel {
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         self.maps.handler_skipped_runs()
     }
+
+    /// State changes the handler could not record so far: its skipped runs, and passive
+    /// opens that found their address held by a dead socket's entry (the aftermath of a
+    /// skipped close). Each is repaired by the next walk.
+    pub fn missed_changes(&self) -> Result<u64> {
+        Ok(self
+            .maps
+            .handler_skipped_runs()?
+            .saturating_add(self.maps.addresses_taken()?))
+    }
 }
 
 /// Opens a second, independently owned handle on a map (the same kernel object).
