@@ -88,6 +88,91 @@ fn newest_map(name: &str, created_after: u32) -> Map {
     Map::from_map_data(MapData::from_id(id).expect("open map")).expect("map")
 }
 
+/// The kernel maps of the agent a test started, written the way the handler writes them.
+struct AgentMaps {
+    sockets: HashMap<MapData, u64, SockEntry>,
+    counts: HashMap<MapData, ConnKey, ConnCounts>,
+    totals: Array<MapData, PortTotals>,
+}
+
+/// The largest map id now: maps made after this are the next agent's.
+fn newest_map_id() -> u32 {
+    loaded_maps()
+        .filter_map(Result::ok)
+        .map(|info| info.id())
+        .max()
+        .unwrap_or(0)
+}
+
+impl AgentMaps {
+    fn newer_than(created_after: u32) -> Self {
+        Self {
+            sockets: HashMap::try_from(newest_map("SOCKETS", created_after)).expect("SOCKETS"),
+            counts: HashMap::try_from(newest_map("COUNTS", created_after)).expect("COUNTS"),
+            totals: Array::try_from(newest_map("PORT_TOTALS", created_after)).expect("PORT_TOTALS"),
+        }
+    }
+
+    /// What skipped closes leave behind: tracked sockets at `addresses`, which no live
+    /// socket under `key` has, counted under `key` and its port since long ago.
+    fn plant_dead_sockets(&mut self, key: ConnKey, addresses: &[u64]) {
+        let long_ago = 1;
+        for sk in addresses {
+            self.sockets
+                .insert(
+                    *sk,
+                    SockEntry {
+                        key,
+                        flags: 0,
+                        started_ns: long_ago,
+                        tracked_ns: long_ago,
+                        audited_ns: 0,
+                        ..SockEntry::default()
+                    },
+                    0,
+                )
+                .expect("insert a dead socket");
+        }
+        let n = addresses.len();
+        self.counts
+            .insert(
+                key,
+                ConnCounts {
+                    active: n as i64,
+                    opened: n as u64,
+                    closed: 0,
+                    last_change_ns: long_ago,
+                },
+                0,
+            )
+            .expect("insert counts");
+        self.totals
+            .set(
+                u32::from(key.port),
+                PortTotals {
+                    active: n as i64,
+                    last_change_ns: long_ago,
+                    ..PortTotals::default()
+                },
+                0,
+            )
+            .expect("set totals");
+    }
+}
+
+/// 127.0.0.1:`port` in the test's own network namespace.
+fn loopback_key(port: u16) -> ConnKey {
+    let mut key = ConnKey {
+        netns: drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+            .expect("netns"),
+        family: AF_INET,
+        port,
+        addr: [0; 16],
+    };
+    key.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    key
+}
+
 #[test]
 fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
     if !kernel_available("a_walk_uncounts_a_socket_whose_close_the_handler_missed") {
@@ -96,70 +181,15 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
     let _alone = ONE_AGENT_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let newest_before = loaded_maps()
-        .filter_map(Result::ok)
-        .map(|info| info.id())
-        .max()
-        .unwrap_or(0);
+    let newest_before = newest_map_id();
     let agent = Agent::start(&["--repair-interval", "1s"]);
     let port = common::free_port();
 
     // What the handler leaves behind for a connection to 127.0.0.1:port whose close it
     // missed: a tracked socket (at an address no live socket has), counted.
-    let mut sockets: HashMap<MapData, u64, SockEntry> =
-        HashMap::try_from(newest_map("SOCKETS", newest_before)).expect("SOCKETS");
-    let mut counts: HashMap<MapData, ConnKey, ConnCounts> =
-        HashMap::try_from(newest_map("COUNTS", newest_before)).expect("COUNTS");
-    let mut totals: Array<MapData, PortTotals> =
-        Array::try_from(newest_map("PORT_TOTALS", newest_before)).expect("PORT_TOTALS");
-    let own_netns =
-        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("netns");
-    let mut key = ConnKey {
-        netns: own_netns,
-        family: AF_INET,
-        port,
-        addr: [0; 16],
-    };
-    key.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let mut maps = AgentMaps::newer_than(newest_before);
     let gone_socket = 0xffff_dead_0000_0000_u64 | u64::from(port);
-    let long_ago = 1;
-    sockets
-        .insert(
-            gone_socket,
-            SockEntry {
-                key,
-                flags: 0,
-                started_ns: long_ago,
-                tracked_ns: long_ago,
-                audited_ns: 0,
-                ..SockEntry::default()
-            },
-            0,
-        )
-        .expect("insert socket");
-    counts
-        .insert(
-            key,
-            ConnCounts {
-                active: 1,
-                opened: 1,
-                closed: 0,
-                last_change_ns: long_ago,
-            },
-            0,
-        )
-        .expect("insert counts");
-    totals
-        .set(
-            u32::from(port),
-            PortTotals {
-                active: 1,
-                last_change_ns: long_ago,
-                ..PortTotals::default()
-            },
-            0,
-        )
-        .expect("set totals");
+    maps.plant_dead_sockets(loopback_key(port), &[gone_socket]);
     // The maps count it until repaired (the metric reads the maps; a /drained answer may
     // already be corrected by the socket tables when the kernel skipped runs meanwhile).
     assert_eq!(
@@ -189,7 +219,10 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
         body["active"], 0,
         "the endpoint's own count is repaired too"
     );
-    assert!(sockets.get(&gone_socket, 0).is_err(), "the entry is gone");
+    assert!(
+        maps.sockets.get(&gone_socket, 0).is_err(),
+        "the entry is gone"
+    );
     assert_eq!(
         agent.metric("drain_agent_repairs_total{kind=\"missed_close\"}"),
         Some(1.0)
@@ -229,19 +262,10 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
     let _alone = ONE_AGENT_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let newest_before = loaded_maps()
-        .filter_map(Result::ok)
-        .map(|info| info.id())
-        .max()
-        .unwrap_or(0);
+    let newest_before = newest_map_id();
     // The default repair interval (10 minutes): any walk here is one the agent decided on.
     let agent = Agent::start(&[]);
-    let mut sockets: HashMap<MapData, u64, SockEntry> =
-        HashMap::try_from(newest_map("SOCKETS", newest_before)).expect("SOCKETS");
-    let mut counts: HashMap<MapData, ConnKey, ConnCounts> =
-        HashMap::try_from(newest_map("COUNTS", newest_before)).expect("COUNTS");
-    let mut totals: Array<MapData, PortTotals> =
-        Array::try_from(newest_map("PORT_TOTALS", newest_before)).expect("PORT_TOTALS");
+    let mut maps = AgentMaps::newer_than(newest_before);
     let server = Server::start("127.0.0.1:0");
     let port = server.port;
     const N: usize = 100;
@@ -252,7 +276,8 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
         .collect();
     server.wait_accepted(N);
     agent.expect_active(port, N as u64);
-    let addresses: Vec<u64> = sockets
+    let addresses: Vec<u64> = maps
+        .sockets
         .iter()
         .filter_map(Result::ok)
         .filter(|(_, entry)| entry.key.port == port)
@@ -263,7 +288,7 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
     server.close_all();
     agent.expect_active(port, 0);
     common::wait_until("their entries gone", Duration::from_secs(10), || {
-        addresses.iter().all(|sk| sockets.get(sk, 0).is_err())
+        addresses.iter().all(|sk| maps.sockets.get(sk, 0).is_err())
     });
     // Freed sockets return to the allocator after an RCU grace period.
     std::thread::sleep(Duration::from_millis(200));
@@ -271,55 +296,7 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
     // What skipped closes leave at those addresses: dead sockets of another endpoint, still
     // tracked and counted.
     let dead_port = common::free_port();
-    let own_netns =
-        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("netns");
-    let mut dead_key = ConnKey {
-        netns: own_netns,
-        family: AF_INET,
-        port: dead_port,
-        addr: [0; 16],
-    };
-    dead_key.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-    let long_ago = 1;
-    for sk in &addresses {
-        sockets
-            .insert(
-                *sk,
-                SockEntry {
-                    key: dead_key,
-                    flags: 0,
-                    started_ns: long_ago,
-                    tracked_ns: long_ago,
-                    audited_ns: 0,
-                    ..SockEntry::default()
-                },
-                0,
-            )
-            .expect("insert a dead socket");
-    }
-    counts
-        .insert(
-            dead_key,
-            ConnCounts {
-                active: N as i64,
-                opened: N as u64,
-                closed: 0,
-                last_change_ns: long_ago,
-            },
-            0,
-        )
-        .expect("insert counts");
-    totals
-        .set(
-            u32::from(dead_port),
-            PortTotals {
-                active: N as i64,
-                last_change_ns: long_ago,
-                ..PortTotals::default()
-            },
-            0,
-        )
-        .expect("set totals");
+    maps.plant_dead_sockets(loopback_key(dead_port), &addresses);
 
     // New inbound connections: some land on those addresses.
     let clients: Vec<TcpStream> = (0..N)
