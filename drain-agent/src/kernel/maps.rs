@@ -143,8 +143,11 @@ impl KernelMaps {
         let skipped = self.handler_skipped_runs()?;
         let errors = self.error_counts()?;
         let lost_in_all = lost_in_all(&errors);
-        let mut vouched = self.vouched();
-        if lost_in_all > 0 && vouched.lost_read_at != Some(lost_in_all) {
+        let read_at = self.vouched().lost_read_at;
+        // Read without holding `vouched`: every waiter's pass reads it, and 65,536 lookups
+        // take long enough under load to make them late (a CI run saw answers 1 s late).
+        // Only the walker takes snapshots, so no other writer races this one.
+        if lost_in_all > 0 && read_at != Some(lost_in_all) {
             let mut lost = StdHashMap::new();
             for port in 1..PORT_COUNT {
                 let totals = self
@@ -155,13 +158,14 @@ impl KernelMaps {
                     lost.insert(u16::try_from(port).unwrap_or(u16::MAX), totals.lost);
                 }
             }
+            let mut vouched = self.vouched();
             vouched.lost = lost;
             vouched.lost_read_at = Some(lost_in_all);
         }
         Ok(Snapshot {
             skipped,
             errors,
-            lost: vouched.lost.clone(),
+            lost: self.vouched().lost.clone(),
         })
     }
 
