@@ -411,6 +411,16 @@ fn port_only_waiters_are_woken_by_the_last_close_with_every_core_busy() {
     assert_eq!(late, 0, "lost wake-ups");
 }
 
+/// The port is answered drained within 5 s (its last connection was just closed).
+fn expect_drained_soon(agent: &Agent, port: u16) {
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=5s"));
+    assert_eq!(
+        (status, &body["drained"]),
+        (200, &serde_json::json!(true)),
+        "{body}"
+    );
+}
+
 /// Made on a thread that leaves at once: a network namespace with a connection on loopback,
 /// kept alive only by the sockets returned (no task is in it and nothing is mounted on it,
 /// so the agent can find it nowhere to read its socket tables).
@@ -464,12 +474,7 @@ fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open(
     });
     not_drained();
     drop(connection);
-    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=5s"));
-    assert_eq!(
-        (status, &body["drained"]),
-        (200, &serde_json::json!(true)),
-        "{body}"
-    );
+    expect_drained_soon(&agent, port);
 }
 
 /// The same with a full endpoint map: the connection is counted for its port only (no
@@ -499,10 +504,5 @@ fn a_namespace_kept_only_by_sockets_keeps_its_port_only_connections() {
         "{body}"
     );
     drop(connection);
-    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=5s"));
-    assert_eq!(
-        (status, &body["drained"]),
-        (200, &serde_json::json!(true)),
-        "{body}"
-    );
+    expect_drained_soon(&agent, port);
 }

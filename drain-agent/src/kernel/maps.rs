@@ -99,30 +99,37 @@ impl KernelMaps {
             .with_context(|| format!("cannot read repair counter {index}"))
     }
 
+    /// One of the `ERRORS` counters (an `error_index`).
+    fn error_count(&self, index: u32) -> Result<u64> {
+        self.errors.get(&index, 0).with_context(|| {
+            format!(
+                "cannot read error counter {}",
+                error_index::NAMES
+                    .get(index as usize)
+                    .copied()
+                    .unwrap_or("?")
+            )
+        })
+    }
+
     fn error_counts(&self) -> Result<[u64; error_index::COUNT as usize]> {
         let mut counts = [0; error_index::COUNT as usize];
         for (index, slot) in (0..error_index::COUNT).zip(counts.iter_mut()) {
-            *slot = self
-                .errors
-                .get(&index, 0)
-                .with_context(|| format!("cannot read error counter {index}"))?;
+            *slot = self.error_count(index)?;
         }
         Ok(counts)
     }
 
     /// Ring-buffer records the kernel could not write (the buffer was full) so far.
     pub fn lost_events(&self) -> u64 {
-        self.errors
-            .get(&error_index::EVENT_LOST, 0)
+        self.error_count(error_index::EVENT_LOST)
             .unwrap_or_default()
     }
 
     /// Passive opens so far that found their socket's address held by the entry of a dead
     /// socket whose close was skipped (each such connection is untracked until a walk).
     pub fn addresses_taken(&self) -> Result<u64> {
-        self.errors
-            .get(&error_index::ADDRESS_TAKEN, 0)
-            .context("cannot read the address_taken counter")
+        self.error_count(error_index::ADDRESS_TAKEN)
     }
 
     /// Runs of the handler the kernel skipped so far.
