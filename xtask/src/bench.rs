@@ -9,7 +9,7 @@
 //!
 //! The machine is shared and small: every comparison is a ratio inside one run, with A/B
 //! rounds interleaved and medians taken. Every loop is bounded in count and time; the full
-//! run takes about 6 minutes on 2 cores, `--quick` about 1–2.
+//! run takes about 8 minutes on 2 cores, `--quick` about 1–2.
 
 mod agent;
 mod answer;
@@ -132,7 +132,9 @@ impl Plan {
                 churn_time_limit: Duration::from_secs(120),
                 split_connections: 8_000,
                 split_repetitions: 5,
-                ab_pairs: 7,
+                // 15 pairs: the median's 95 % interval is then the 4th to 12th pair
+                // ratio (with 7 it is the whole range, and one pair's noise here is ±5 %).
+                ab_pairs: 15,
                 ab_round: Duration::from_secs(3),
                 answer_levels: vec![0, 10_000, 100_000],
                 answer_rounds: 60,

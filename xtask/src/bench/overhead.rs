@@ -16,9 +16,12 @@ use super::{
     Foreign, Plan,
     agent::Agent,
     net::{self, ChurnKind, ChurnLimit},
-    stats::median,
+    stats::{median, median_interval},
     sys,
 };
+
+/// The coverage asked of the interval reported around each median pair ratio.
+pub const MEDIAN_COVERAGE: f64 = 0.95;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Round {
@@ -52,12 +55,16 @@ pub struct Variant {
     /// with ÷ without throughput, per pair.
     pub pair_ratios: Vec<f64>,
     pub median_ratio: f64,
+    /// A 95 % (or more) interval for the median pair ratio: (low, high, coverage); `None`
+    /// with too few pairs for that coverage.
+    pub ratio_interval: Option<(f64, f64, f64)>,
     pub median_without_per_second: f64,
     pub median_with_per_second: f64,
     /// without ÷ with CPU per connection, per pair (what the ratio would be on a CPU-bound
     /// machine nobody else uses).
     pub pair_cpu_ratios: Vec<f64>,
     pub median_cpu_ratio: f64,
+    pub cpu_ratio_interval: Option<(f64, f64, f64)>,
     pub median_cpu_us_without: f64,
     pub median_cpu_us_with: f64,
     /// Agent CPU per 1,000 churned connections (median over attached rounds).
@@ -163,6 +170,8 @@ fn variant(
         result.attached_connections += round.connections;
     }
     result.median_ratio = median(&result.pair_ratios);
+    result.ratio_interval = median_interval(&result.pair_ratios, MEDIAN_COVERAGE);
+    result.cpu_ratio_interval = median_interval(&result.pair_cpu_ratios, MEDIAN_COVERAGE);
     result.median_without_per_second = of(false, |r| r.per_second);
     result.median_with_per_second = of(true, |r| r.per_second);
     result.median_cpu_ratio = median(&result.pair_cpu_ratios);

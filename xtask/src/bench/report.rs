@@ -30,6 +30,17 @@ fn at_most(goal: &str, measured: String, value: f64, target: f64) -> Goal {
     }
 }
 
+/// The distribution-free interval around a median pair ratio, as the report writes it.
+fn interval_text(interval: Option<(f64, f64, f64)>) -> String {
+    match interval {
+        Some((low, high, coverage)) => format!(
+            "{:.0} % interval for the median {low:.3}–{high:.3}",
+            coverage * 100.0
+        ),
+        None => "too few pairs for an interval".to_owned(),
+    }
+}
+
 fn at_least(goal: &str, measured: String, value: f64, target: f64) -> Goal {
     Goal {
         goal: goal.to_owned(),
@@ -87,12 +98,14 @@ pub fn goals(results: &Results) -> Vec<Goal> {
         goals.push(at_least(
             "churn throughput with the agent ≥ 0.97 × without",
             format!(
-                "{:.3} (median of {} pair ratios; {:.0} vs {:.0} connections/s); by CPU per connection {:.3}; ports kept busy: {:.3} (CPU {:.3})",
+                "{:.3} (median of {} pair ratios, {}; {:.0} vs {:.0} connections/s); by CPU per connection {:.3} ({}); ports kept busy: {:.3} (CPU {:.3})",
                 v.median_ratio,
                 v.pair_ratios.len(),
+                interval_text(v.ratio_interval),
                 v.median_with_per_second,
                 v.median_without_per_second,
                 v.median_cpu_ratio,
+                interval_text(v.cpu_ratio_interval),
                 overhead.busy.median_ratio,
                 overhead.busy.median_cpu_ratio
             ),
@@ -625,13 +638,15 @@ fn overhead_section(out: &mut String, results: &Results) {
         }
         let _ = writeln!(
             out,
-            "\nMedian throughput ratio **{:.3}** (medians of the rounds themselves: {:.0} with vs {:.0} without connections/s); median CPU \
-             ratio **{:.3}** ({:.1} with vs {:.1} without µs per connection). Agent CPU: {:.2} ms per 1,000 \
+            "\nMedian throughput ratio **{:.3}** ({}; medians of the rounds themselves: {:.0} with vs {:.0} without connections/s); median CPU \
+             ratio **{:.3}** ({}; {:.1} with vs {:.1} without µs per connection). Agent CPU: {:.2} ms per 1,000 \
              connections, {:.1} % of one core during the churn (medians).",
             variant.median_ratio,
+            interval_text(variant.ratio_interval),
             variant.median_with_per_second,
             variant.median_without_per_second,
             variant.median_cpu_ratio,
+            interval_text(variant.cpu_ratio_interval),
             variant.median_cpu_us_with,
             variant.median_cpu_us_without,
             variant.agent_cpu_ms_per_1k_connections,

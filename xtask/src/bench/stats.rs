@@ -57,6 +57,34 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// A distribution-free interval for the median of the population `values` were drawn from:
+/// the k-th smallest and k-th largest value, with k the largest whose coverage (the chance
+/// that the median lies between them, from the binomial distribution with p = ½) is at least
+/// `min_coverage`. Returns (low, high, coverage); `None` for fewer than 2 values.
+pub fn median_interval(values: &[f64], min_coverage: f64) -> Option<(f64, f64, f64)> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n < 2 {
+        return None;
+    }
+    // P(X ≤ j) for X ~ Binomial(n, ½), built term by term.
+    let mut term = 0.5_f64.powi(i32::try_from(n).ok()?);
+    let mut below = 0.0;
+    let mut chosen = None;
+    for k in 1..=n / 2 {
+        // `below` is P(X ≤ k − 2); add P(X = k − 1).
+        below += term;
+        term *= (n - (k - 1)) as f64 / k as f64;
+        let coverage = 1.0 - 2.0 * below;
+        if coverage < min_coverage {
+            break;
+        }
+        chosen = Some((sorted[k - 1], sorted[n - k], coverage));
+    }
+    chosen
+}
+
 /// Times `run` up to `count` times, stopping early once `budget` is spent (at least
 /// `min_count` samples are taken whatever the budget).
 pub fn sample(
@@ -99,6 +127,29 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_interval_widens_with_the_coverage_asked() {
+        let values: Vec<f64> = (1..=7).map(f64::from).collect();
+        // n = 7: [min, max] covers 1 − 2/128; [2nd, 6th] only 1 − 16/128.
+        let (low, high, coverage) = median_interval(&values, 0.95).expect("interval");
+        assert_eq!((low, high), (1.0, 7.0));
+        assert!((coverage - (1.0 - 2.0 / 128.0)).abs() < 1e-12, "{coverage}");
+        let (low, high, coverage) = median_interval(&values, 0.85).expect("interval");
+        assert_eq!((low, high), (2.0, 6.0));
+        assert!((coverage - 0.875).abs() < 1e-12, "{coverage}");
+        // n = 15: the 4th and 12th values cover 96.5 %.
+        let values: Vec<f64> = (1..=15).map(f64::from).collect();
+        let (low, high, coverage) = median_interval(&values, 0.95).expect("interval");
+        assert_eq!((low, high), (4.0, 12.0));
+        assert!(
+            (coverage - (1.0 - 2.0 * 576.0 / 32_768.0)).abs() < 1e-12,
+            "{coverage}"
+        );
+        assert_eq!(median_interval(&[1.0], 0.5), None);
+        // Too few values for the coverage asked.
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0], 0.95), None);
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
