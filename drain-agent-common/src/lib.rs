@@ -152,6 +152,10 @@ pub const fn netns_port_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
 }
 
+/// Entries of the `FORGETTING` map: socket addresses whose stale entries one round of the
+/// agent's sweep drops (larger sweeps take several rounds).
+pub const FORGET_BATCH: u32 = 4_096;
+
 /// Start time of a socket the agent found already established (its real start is unknown).
 pub const STARTED_UNKNOWN: u64 = 0;
 
@@ -280,7 +284,10 @@ pub mod error_index {
     /// A passive open found its socket's address still holding the entry of a dead socket
     /// whose close the kernel skipped: the connection could not be tracked until a walk.
     pub const ADDRESS_TAKEN: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A tracked socket closed at an address the agent was dropping a dead socket's entry
+    /// from: its entry was left for the next repair walk (a count too high until then).
+    pub const CLOSE_DEFERRED: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Metric label of each index.
     pub const NAMES: [&str; COUNT as usize] = [
         "socket_map_full",
@@ -291,6 +298,7 @@ pub mod error_index {
         "listener_map_full",
         "count_missing",
         "address_taken",
+        "close_deferred",
     ];
 }
 

@@ -29,17 +29,20 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use drain_agent_common::{
-    AF_INET, AF_INET6, ConnCounts, ConnEvent, ConnKey, DurationHistogram, IPPROTO_TCP,
-    KernelOffsets, OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED, STARTED_UNKNOWN,
-    SockEntry, TRACKED_PORT_WORDS, Transition, WATCHED_WORDS, classify, crossing, duration_bucket,
-    error_index, event_kind, is_active, netns_port_key, repair, tcp_state, tracked_port_byte,
-    watched_bit,
+    AF_INET, AF_INET6, ConnCounts, ConnEvent, ConnKey, DurationHistogram, FORGET_BATCH,
+    IPPROTO_TCP, KernelOffsets, OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED,
+    STARTED_UNKNOWN, SockEntry, TRACKED_PORT_WORDS, Transition, WATCHED_WORDS, classify, crossing,
+    duration_bucket, error_index, event_kind, is_active, netns_port_key, repair, tcp_state,
+    tracked_port_byte, watched_bit,
 };
 
 // Map sizes below are defaults; the agent sets the real ones at load time from its flags.
 
 /// Tracked sockets, keyed by the socket's kernel address. Not preallocated: memory is
 /// charged to the agent's cgroup, and a preallocated map would charge its full size at start.
+/// Either way a deleted element may be reused at once (since Linux 6.1 the default map frees
+/// to a per-CPU cache, `bpf_mem_cache_free()`): nothing here relies on a freed entry's copy
+/// staying intact, see [`forget_stale_socket`].
 #[map]
 static SOCKETS: HashMap<u64, SockEntry> = HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
@@ -103,6 +106,18 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// Missed state changes that walks found and repaired, indexed by `repair`.
 #[map]
 static REPAIRS: Array<u64> = Array::with_max_entries(repair::COUNT, 0);
+
+/// Addresses of sockets whose entries the agent is about to drop with
+/// [`forget_stale_socket`], set by the agent before it runs it and removed right after.
+/// While an address is here the handler's close leaves its entry alone (see
+/// [`being_forgotten`]): the forgetter is then the only one who may remove it.
+#[map]
+static FORGETTING: HashMap<u64, u8> = HashMap::with_max_entries(FORGET_BATCH, 0);
+
+/// `[0]` is non-zero while `FORGETTING` has entries (the agent sets it first and clears it
+/// last): the common close path costs one array load, not a hash lookup.
+#[map]
+static FORGETTING_NOW: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Failure counters, indexed by `error_index`. Nothing is dropped silently.
 #[map]
@@ -236,7 +251,18 @@ fn try_on_state_change<M: KernelMemory>(
             let skc_num = unsafe { ptr::read_volatile(&raw const KERNEL_OFFSETS.skc_num) };
             let port = M::read::<u16>(sk, skc_num)?;
             if port == 0 || port_ever_tracked(port) {
-                track_close(sk, true);
+                if being_forgotten(sk) {
+                    // The entry at this address (if any) is left to the forgetter; if it
+                    // was this socket's own, it is now a dead socket's entry, and the
+                    // repair walk this counter asks for drops it (a count too high until
+                    // then, never too low).
+                    // SAFETY: the value is plain data; we only test for its presence.
+                    if unsafe { SOCKETS.get(sk) }.is_some() {
+                        count_error_at(error_index::CLOSE_DEFERRED);
+                    }
+                } else {
+                    track_close(sk, true);
+                }
             }
         }
         Transition::Unchanged => {}
@@ -322,6 +348,22 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
 /// Drops the entry of a socket whose close was missed. Not attached: the agent runs it with
 /// `BPF_PROG_TEST_RUN`, args `[sk, walk_started_ns]`, for entries the last walk neither
 /// found open nor saw made. It checks that again here, against the live entry.
+///
+/// Why its look-up and its delete act on the same entry. It holds no socket lock (the
+/// socket is dead), so without more, another remover could act at the same address in
+/// between: the close of a newer socket there (an outbound one, which the handler lets
+/// remove what it finds, see `try_on_state_change`) drops the entry and un-counts the dead
+/// socket, the memory is reused by a passive socket whose open inserts a fresh entry, and
+/// our delete would drop *that* one and un-count the dead socket a second time: a count
+/// one too low and nothing doubted. So the agent first puts the address in `FORGETTING`
+/// and waits for an RCU grace period (every handler run is one; `kernel::forget`): after
+/// it, no handler run that missed the mark is still running, and every later close at the
+/// address leaves the entry alone ([`being_forgotten`]). An open there cannot insert while
+/// the entry exists (`BPF_NOEXIST`), and walks run one at a time with this program (the
+/// agent's walker). So between our look-up and our delete nobody else removes or replaces
+/// the entry, and the copy we take cannot be torn by the element's memory being reused
+/// (the hash map reuses a deleted element at once since Linux 6.1, kernel/bpf/hashtab.c
+/// `htab_elem_free()` → `bpf_mem_cache_free()`).
 #[raw_tracepoint(tracepoint = "forget_stale_socket")]
 pub fn forget_stale_socket(ctx: RawTracePointContext) -> i32 {
     let sk = ctx.arg::<u64>(0);
@@ -577,6 +619,19 @@ fn track_close(sk: u64, closed_now: bool) -> bool {
         record_duration(entry.key.port, now.saturating_sub(entry.started_ns));
     }
     true
+}
+
+/// Whether the agent is about to drop the entry at the socket address `sk` (see
+/// [`forget_stale_socket`]). The agent marks the address before its grace period, so a
+/// close that runs after the grace period finds the mark.
+#[inline(always)]
+fn being_forgotten(sk: u64) -> bool {
+    match FORGETTING_NOW.get(0) {
+        Some(now) if *now != 0 => {}
+        _ => return false,
+    }
+    // SAFETY: the map value is plain data; we only test for its presence.
+    unsafe { FORGETTING.get(sk) }.is_some()
 }
 
 /// Whether the agent is reclaiming `key`'s endpoint counters right now.

@@ -44,8 +44,8 @@ const DOUBT_GAP: Duration = Duration::from_secs(30);
 const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 
 /// Walks the open sockets to repair missed state changes: soon after the kernel reports
-/// that it skipped the handler, or an open found a dead socket's entry at its address
-/// (checked every second, walks at most every [`REPAIR_GAP`]),
+/// that it skipped the handler, an open found a dead socket's entry at its address, or a
+/// close came during a sweep and was left to a walk (checked every second, walks at most every [`REPAIR_GAP`]),
 /// while the agent cannot vouch for its counts (at most every [`DOUBT_GAP`]), and every
 /// `interval` (0: only then). Also reclaims idle endpoints, and logs each doubt about the
 /// agent's health once when it appears and once when it clears.
@@ -104,7 +104,7 @@ pub async fn repair_missed_changes(
             Ok(Ok(Some((missed, report)))) => {
                 if missed > missed_seen {
                     info!(
-                        "the handler missed {} state change(s) (skipped runs, or opens at a dead socket's address); repaired {} missed open(s) and {} missed close(s)",
+                        "the handler missed {} state change(s) (skipped runs, opens at a dead socket's address, or closes left to a walk); repaired {} missed open(s) and {} missed close(s)",
                         missed - missed_seen,
                         report.opens_found,
                         report.closes_found

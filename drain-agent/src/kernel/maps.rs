@@ -132,6 +132,12 @@ impl KernelMaps {
         self.error_count(error_index::ADDRESS_TAKEN)
     }
 
+    /// Closes of tracked sockets so far that came while the agent was dropping a dead
+    /// socket's entry at the same address: left for the next walk.
+    pub fn closes_deferred(&self) -> Result<u64> {
+        self.error_count(error_index::CLOSE_DEFERRED)
+    }
+
     /// Runs of the handler the kernel skipped so far.
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         let skipped = super::recursion_misses(self.handler.as_fd())?;

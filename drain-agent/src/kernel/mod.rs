@@ -5,7 +5,9 @@ pub mod attach;
 pub mod btf;
 pub mod destroy;
 pub mod events;
+mod forget;
 pub mod maps;
+mod rcu;
 pub mod reclaim;
 pub mod walk;
 
@@ -64,6 +66,9 @@ pub struct Kernel {
     counts: HashMap<MapData, ConnKey, ConnCounts>,
     retiring: HashMap<MapData, ConnKey, u8>,
     retiring_ports: Array<MapData, u64>,
+    /// Addresses whose dead sockets' entries are being dropped, and the flag in front.
+    forgetting: HashMap<MapData, u64, u8>,
+    forgetting_now: Array<MapData, u64>,
     own_endpoints: HashMap<MapData, u64, u8>,
     own_ports: Array<MapData, u64>,
     /// Why walks cannot run on this kernel, if they cannot.
@@ -204,6 +209,8 @@ impl Kernel {
             counts: counts_writer,
             retiring: take_map(&mut ebpf, "RETIRING")?,
             retiring_ports: take_map(&mut ebpf, "RETIRING_PORTS")?,
+            forgetting: take_map(&mut ebpf, "FORGETTING")?,
+            forgetting_now: take_map(&mut ebpf, "FORGETTING_NOW")?,
             own_endpoints: take_map(&mut ebpf, "OWN_ENDPOINTS")?,
             own_ports: take_map(&mut ebpf, "OWN_PORTS")?,
             ebpf,
@@ -262,14 +269,16 @@ impl Kernel {
         self.maps.handler_skipped_runs()
     }
 
-    /// State changes the handler could not record so far: its skipped runs, and passive
-    /// opens that found their address held by a dead socket's entry (the aftermath of a
-    /// skipped close). Each is repaired by the next walk.
+    /// State changes the handler could not record so far: its skipped runs, passive opens
+    /// that found their address held by a dead socket's entry (the aftermath of a skipped
+    /// close), and closes left for a walk during a sweep (`forget`). Each is repaired by
+    /// the next walk.
     pub fn missed_changes(&self) -> Result<u64> {
         Ok(self
             .maps
             .handler_skipped_runs()?
-            .saturating_add(self.maps.addresses_taken()?))
+            .saturating_add(self.maps.addresses_taken()?)
+            .saturating_add(self.maps.closes_deferred()?))
     }
 }
 

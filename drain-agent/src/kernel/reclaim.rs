@@ -5,13 +5,9 @@
 //! The rule, and why no open is ever lost (the kernel half is `is_retiring` in the eBPF
 //! program):
 //! 1. mark: set the port's bit in `RETIRING_PORTS`, put the key in `RETIRING`;
-//! 2. wait for an RCU grace period with `membarrier(MEMBARRIER_CMD_GLOBAL)`, which calls
-//!    `synchronize_rcu()` (kernel/sched/membarrier.c). Every run of the programs is an RCU
-//!    read-side section (tracepoint probes run with preemption disabled; `__bpf_trace_run()`,
-//!    `bpf_iter_run_prog()` and `BPF_PROG_TEST_RUN` take `rcu_read_lock()`), so when it
-//!    returns every run that could have missed the mark has ended, and every later open of
-//!    the key sees the mark and counts the socket for its port only, never touching the
-//!    endpoint's counters;
+//! 2. wait for an RCU grace period (`rcu::grace_period`): when it returns every run that
+//!    could have missed the mark has ended, and every later open of the key sees the mark
+//!    and counts the socket for its port only, never touching the endpoint's counters;
 //! 3. read the counters and delete the entry only if `active` is 0: no socket is counted in
 //!    it, no open can add one, and a close only touches it for a socket counted in it;
 //! 4. unmark.
@@ -22,11 +18,11 @@
 
 use std::{collections::HashMap as StdHashMap, sync::PoisonError, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use drain_agent_common::{ConnKey, watched_bit};
 use log::debug;
 
-use super::Kernel;
+use super::{Kernel, rcu::grace_period};
 use crate::tracker::monotonic_ns;
 
 /// An endpoint at zero for this long is reclaimed.
@@ -88,7 +84,7 @@ impl Kernel {
             }
         }
         // 2. Wait for every program run that may have missed the mark.
-        let waited = synchronize_rcu();
+        let waited = grace_period();
         // 3. Delete the entries still at zero (only if the wait really happened).
         let mut report = ReclaimReport::default();
         if waited.is_ok() {
@@ -143,29 +139,4 @@ impl Kernel {
     pub fn retiring_keys(&self) -> Vec<ConnKey> {
         self.retiring.keys().filter_map(Result::ok).collect()
     }
-}
-
-/// Waits until every CPU has passed through a quiescent state: `membarrier(
-/// MEMBARRIER_CMD_GLOBAL)` runs `synchronize_rcu()` (Linux >= 4.16 under this name; it
-/// refuses with EINVAL on `nohz_full` systems, and then nothing is reclaimed).
-fn synchronize_rcu() -> Result<()> {
-    // With one CPU online, membarrier returns without a grace period, relying on nothing
-    // else running; a preemptible program run (PREEMPT_RT kernels) would break that, so
-    // reclaim nothing there (a full endpoint map still fails closed).
-    // SAFETY: sysconf has no preconditions.
-    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
-        bail!("one CPU online: membarrier would not wait for a grace period");
-    }
-    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0) };
-    if supported < 0 || supported & MEMBARRIER_CMD_GLOBAL == 0 {
-        bail!("membarrier(MEMBARRIER_CMD_GLOBAL) is not available");
-    }
-    // SAFETY: as above.
-    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
-    }
-    Ok(())
 }

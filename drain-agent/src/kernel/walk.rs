@@ -11,12 +11,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{Iter, RawTracePoint, RawTracePointRunOptions, TestRun as _},
+    programs::{Iter, RawTracePoint},
 };
 use drain_agent_common::repair;
 use log::{info, warn};
 
-use super::Kernel;
+use super::{Kernel, forget::FORGETTER};
 use crate::netns;
 
 impl Kernel {
@@ -117,20 +117,7 @@ impl Kernel {
                 stale.push(sk);
             }
         }
-        let forget: &RawTracePoint = self
-            .ebpf
-            .program(FORGETTER)
-            .context("the eBPF object has no forget_stale_socket")?
-            .try_into()
-            .context("forget_stale_socket is not a raw tracepoint")?;
-        for sk in stale {
-            let mut options = RawTracePointRunOptions::new();
-            options.args[0] = sk;
-            options.args[1] = walk.started_ns;
-            forget
-                .test_run(options)
-                .context("cannot run forget_stale_socket")?;
-        }
+        self.forget_stale(&stale, walk.started_ns)?;
         // Only now are the missed closes before the walk un-counted too: vouch after the
         // sweep, not after the walk (a count in between is still too high).
         if let Some((snapshot, failed)) = walk.vouches.take() {
@@ -154,8 +141,6 @@ pub(super) const ITER_TCP: &str = "bpf_iter_tcp";
 
 /// The walker: `iter/tcp`, run at start and for repairs.
 const WALKER: &str = "seed_established_tcp";
-/// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached.
-const FORGETTER: &str = "forget_stale_socket";
 
 /// Loads the walker and the forgetter; they need Linux >= 5.9 (iter/tcp) and >= 5.10
 /// (running a raw tracepoint program on demand).
