@@ -40,6 +40,7 @@ use drain_agent_common::{
 
 /// Tracked sockets, keyed by the socket's kernel address. Not preallocated: memory is
 /// charged to the agent's cgroup, and a preallocated map would charge its full size at start.
+/// `--preallocate-sockets` clears the flag before loading (the agent's `kernel::prealloc`).
 /// Either way a deleted element may be reused at once (since Linux 6.1 the default map frees
 /// to a per-CPU cache, `bpf_mem_cache_free()`): nothing here relies on a freed entry's copy
 /// staying intact, see [`forget_stale_socket`].

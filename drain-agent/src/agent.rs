@@ -105,6 +105,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_endpoints: args.max_endpoints,
         attach: args.attach.map(Into::into),
         no_seed: args.no_seed,
+        preallocate_sockets: args.preallocate_sockets,
     })?;
     // The agent's own API connections are not a service's: they take no slot.
     let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))

@@ -38,6 +38,7 @@ fn load_kernel() -> Kernel {
         max_endpoints: 1_024,
         attach: None,
         no_seed: true,
+        preallocate_sockets: false,
     })
     .expect("load the kernel side")
 }

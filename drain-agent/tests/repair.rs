@@ -220,6 +220,15 @@ fn a_walk_uncounts_a_socket_whose_close_the_handler_missed() {
     walk_uncounts_a_dead_socket(&[]);
 }
 
+/// The same with the per-socket map preallocated (deleted elements reused at once).
+#[test]
+fn a_walk_uncounts_a_dead_socket_in_a_preallocated_socket_map() {
+    if !kernel_available("a_walk_uncounts_a_dead_socket_in_a_preallocated_socket_map") {
+        return;
+    }
+    walk_uncounts_a_dead_socket(&["--preallocate-sockets"]);
+}
+
 fn walk_uncounts_a_dead_socket(extra: &[&str]) {
     let mut args = vec!["--repair-interval", "1s"];
     args.extend_from_slice(extra);

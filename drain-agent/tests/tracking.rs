@@ -303,7 +303,39 @@ fn churn_from_many_threads_counts_exactly() {
     if !kernel_available("churn_from_many_threads_counts_exactly") {
         return;
     }
-    let agent = Agent::start(&[]);
+    churn_counts_exactly(&Agent::start(&[]));
+}
+
+/// The same churn with the per-socket map preallocated: its deleted elements are reused at
+/// once, by the next connection's insert on the same CPU.
+#[test]
+fn churn_counts_exactly_with_a_preallocated_socket_map() {
+    if !kernel_available("churn_counts_exactly_with_a_preallocated_socket_map") {
+        return;
+    }
+    let agent = Agent::start(&["--preallocate-sockets", "--max-connections", "50000"]);
+    // The agent's own maps, from its file descriptors (other tests' agents run meanwhile).
+    let flags_of_its_50000_slot_maps: Vec<String> =
+        std::fs::read_dir(format!("/proc/{}/fdinfo", agent.pid()))
+            .expect("the agent's fdinfo")
+            .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+            .filter(|info| info.lines().any(|line| line == "max_entries:\t50000"))
+            .filter_map(|info| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("map_flags:\t").map(str::to_owned))
+            })
+            .collect();
+    assert!(
+        !flags_of_its_50000_slot_maps.is_empty()
+            && flags_of_its_50000_slot_maps
+                .iter()
+                .all(|flags| flags == "0x0"),
+        "the socket map is preallocated (no BPF_F_NO_PREALLOC): {flags_of_its_50000_slot_maps:?}"
+    );
+    churn_counts_exactly(&agent);
+}
+
+fn churn_counts_exactly(agent: &Agent) {
     const THREADS: usize = 4;
     const PER_THREAD: usize = 1_500;
     const KEPT_PER_THREAD: usize = 9;

@@ -74,6 +74,11 @@ impl LinkedObject {
         // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
         unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
     }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` is the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+    }
 }
 
 /// Rewrites every call to [`KFUNC`] in `object` into a kfunc call the kernel resolves
@@ -116,10 +121,7 @@ fn link_kfunc_calls(object: &[u8], btf_id: u32, problem: Option<String>) -> Resu
         len: object.len(),
         problem,
     };
-    // SAFETY: `words` holds `len` bytes (see `bytes`), and we hold the only reference.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(linked.words.as_mut_ptr().cast::<u8>(), linked.len)
-    };
+    let bytes = linked.bytes_mut();
     for offset in calls {
         let insn = bytes
             .get_mut(offset..offset + 8)

@@ -7,6 +7,7 @@ pub mod destroy;
 pub mod events;
 mod forget;
 pub mod maps;
+mod prealloc;
 mod rcu;
 pub mod reclaim;
 pub mod walk;
@@ -49,6 +50,8 @@ pub struct KernelOptions {
     pub attach: Option<AttachMethod>,
     /// Connections open before start are not counted by a walk at start.
     pub no_seed: bool,
+    /// Reserve the per-socket map's memory at start (`prealloc`).
+    pub preallocate_sockets: bool,
 }
 
 /// The loaded and attached programs, and the maps the agent reads.
@@ -109,7 +112,10 @@ impl Kernel {
             .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
         let aya_btf = loading.build()?;
         debug!("kernel offsets: {offsets:?}");
-        let object = destroy::link_kfuncs(EBPF_OBJECT, &aya_btf)?;
+        let mut object = destroy::link_kfuncs(EBPF_OBJECT, &aya_btf)?;
+        if options.preallocate_sockets {
+            prealloc::preallocate(object.bytes_mut(), "SOCKETS")?;
+        }
         // No target BTF: the programs have no CO-RE relocations (offsets are a global).
         let mut ebpf = btf::loader_without_kernel_btf()
             .btf(None)
