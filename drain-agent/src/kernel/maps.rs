@@ -563,6 +563,17 @@ impl ConnectionSource for KernelMaps {
         // sockets: no process in it, nothing mounted on it) were not read, so what the maps
         // count there stands: a namespace that is really gone closed its sockets, and their
         // closes took its counts to zero (or left them too high, the safe side).
+        // The port's total counts every tracked connection of the port, under an endpoint
+        // or for the port only, and no count is ever negative: at 0, both passes below
+        // would add 0. One lookup then spares them (each reads a whole map, which with
+        // full maps under load took long enough to make doubted waiters late).
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        if totals.active == 0 && totals.unscoped == 0 {
+            return Ok(open);
+        }
         for endpoint in self.endpoints()? {
             if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
                 open += endpoint.active;
@@ -570,11 +581,7 @@ impl ConnectionSource for KernelMaps {
         }
         // Connections counted for the port only (the endpoint map was full, or the endpoint
         // was being reclaimed) are in no endpoint above: their own entries say where they
-        // are. One lookup decides whether the pass over the socket map is needed at all.
-        let totals = self
-            .port_totals
-            .get(&u32::from(filter.port), 0)
-            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        // are.
         if totals.unscoped > 0 {
             for entry in self.sockets.iter() {
                 // Entries come and go while we read: a vanished one is closed.
