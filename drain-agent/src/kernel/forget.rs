@@ -34,6 +34,10 @@ impl Kernel {
     /// `walk_started_ns` (see the module documentation). When no grace period can be
     /// waited for, drops nothing and says so: the counts stay too high, never too low.
     pub(super) fn forget_stale(&mut self, stale: &[u64], walk_started_ns: u64) -> Result<()> {
+        if self.no_grace_period.is_some() {
+            // Said once at start.
+            return Ok(());
+        }
         for batch in stale.chunks(FORGET_BATCH as usize) {
             // 1. Mark.
             let mut marked = Vec::with_capacity(batch.len());

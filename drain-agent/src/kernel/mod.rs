@@ -76,6 +76,9 @@ pub struct Kernel {
     own_ports: Array<MapData, u64>,
     /// Why walks cannot run on this kernel, if they cannot.
     walker_problem: Option<String>,
+    /// Why no RCU grace period can be waited for here, if it cannot (`rcu`): then idle
+    /// endpoints are not reclaimed and missed closes are not swept.
+    no_grace_period: Option<String>,
     /// The `bpf_sock_destroy()` iterator's maps, and whether it loaded.
     closer: destroy::Closer,
     /// Capacity of the endpoint map (reclaim pressure).
@@ -178,6 +181,12 @@ impl Kernel {
                 "connections open before start cannot be counted, nor missed changes repaired: {problem}"
             );
         }
+        let no_grace_period = rcu::unavailable();
+        if let Some(problem) = &no_grace_period {
+            warn!(
+                "{problem}: idle endpoint counters are not reclaimed (a full endpoint map counts for the port only), and a close the kernel skipped keeps its count one too high (drains wait for their deadline)"
+            );
+        }
         let closer = destroy::load_closer(&mut ebpf, &aya_btf, object.problem)?;
         // Every program that needed a kernel type id is loaded.
         drop(aya_btf);
@@ -225,6 +234,7 @@ impl Kernel {
             events: Some(events),
             sockets,
             walker_problem,
+            no_grace_period,
             closer,
             max_endpoints: options.max_endpoints,
         })

@@ -19,25 +19,42 @@ use anyhow::{Context as _, Result, bail};
 /// and on `nohz_full` systems (where membarrier refuses with EINVAL), this fails and the
 /// caller leaves things as they are: counts stay too high, never too low.
 pub(super) fn grace_period() -> Result<()> {
-    // SAFETY: sysconf has no preconditions.
-    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
-        if preempt_rt() {
-            bail!("one CPU online on a PREEMPT_RT kernel: no grace period can be waited for");
-        }
+    if let Some(problem) = unavailable() {
+        bail!("{problem}");
+    }
+    if one_cpu_online() {
         return Ok(());
     }
-    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0) };
-    if supported < 0 || supported & MEMBARRIER_CMD_GLOBAL == 0 {
-        bail!("membarrier(MEMBARRIER_CMD_GLOBAL) is not available");
-    }
-    // SAFETY: as above.
     if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
     }
     Ok(())
+}
+
+/// Why [`grace_period`] cannot work on this machine as it is now, if it cannot: the agent
+/// says so once at start (the membarrier query leaves `MEMBARRIER_CMD_GLOBAL` out on
+/// `nohz_full` systems, kernel/sched/membarrier.c).
+pub(super) fn unavailable() -> Option<String> {
+    if one_cpu_online() {
+        return preempt_rt().then(|| {
+            "one CPU online on a PREEMPT_RT kernel: no grace period can be waited for".to_owned()
+        });
+    }
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0) };
+    (supported < 0 || supported & MEMBARRIER_CMD_GLOBAL == 0).then(|| {
+        "membarrier(MEMBARRIER_CMD_GLOBAL) is not available (nohz_full, or Linux < 4.16)".to_owned()
+    })
+}
+
+const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+
+fn one_cpu_online() -> bool {
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    online < 2
 }
 
 /// Whether the running kernel is built with `PREEMPT_RT` (its version string says so;
@@ -57,6 +74,7 @@ mod tests {
     #[test]
     fn a_grace_period_can_be_waited_for_here() {
         // The machines that run the tests have no PREEMPT_RT or nohz_full kernel.
+        assert_eq!(unavailable(), None);
         grace_period().expect("a grace period");
     }
 }

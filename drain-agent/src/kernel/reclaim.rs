@@ -45,6 +45,10 @@ impl Kernel {
     /// Reclaims the counters of endpoints at zero that have been idle for `idle` (or at all,
     /// when the map is under pressure). See the module documentation for why it is safe.
     pub fn reclaim_idle_endpoints(&mut self, idle: Duration) -> Result<ReclaimReport> {
+        if self.no_grace_period.is_some() {
+            // Said once at start.
+            return Ok(ReclaimReport::default());
+        }
         let now = monotonic_ns();
         let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
         let mut in_use = 0u64;
