@@ -187,6 +187,31 @@ for mode in tp-btf tracepoint raw-tracepoint; do
     show_log "$mode"
 done
 
+# --- The socket map preallocated (--preallocate-sockets): loads, counts, drains. ---
+key=preallocated
+port=8210
+if ! start_agent "$key" --preallocate-sockets --max-connections 4096 --log-level warn; then
+    fail "$key" "$WHY"
+elif ! serve "$port"; then
+    fail "$key" "nc cannot listen on $port"
+else
+    connect "$port"
+    if ! wait_tcp "$port" 01 1; then
+        fail "$key" "connection to $port not established"
+    elif ! expect_active "$port" 1; then
+        fail "$key" "$WHY"
+    else
+        kill "$CLIENT"
+        if expect_drained "$port" && expect_active "$port" 0; then
+            result "$key" ok
+        else
+            fail "$key" "$WHY"
+        fi
+    fi
+fi
+stop_agent
+show_log "$key"
+
 # --- The default run: connections that exist before start, in this and another namespace. ---
 serve 8101
 connect 8101

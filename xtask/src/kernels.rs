@@ -55,6 +55,7 @@ const CHECKS: &[(&str, &str)] = &[
     ("attach_tp-btf", "tp-btf"),
     ("attach_tracepoint", "tracepoint"),
     ("attach_raw-tracepoint", "raw-tracepoint"),
+    ("preallocated", "preallocated map"),
     ("pre_existing", "pre-existing counted"),
     ("new_connections", "new counted"),
     ("socket_tables", "socket tables"),
