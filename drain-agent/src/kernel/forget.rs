@@ -53,8 +53,9 @@ impl Kernel {
                 // 3. Drop the entries that are still stale.
                 self.run_forgetter(&marked, walk_started_ns)
             });
-            // 4. Unmark, whatever happened: the flag first (a close that still sees it
-            // finds no address and goes on as usual), then the addresses.
+            // 4. Unmark, whatever happened: the flag first, then the addresses. A close that
+            // read the flag just before may still find its address and leave its entry to
+            // the next walk (`close_deferred`): too high until then, never too low.
             let cleared = self.set_forgetting_now(0);
             for sk in &marked {
                 let _ = self.forgetting.remove(sk);
