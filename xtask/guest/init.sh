@@ -153,6 +153,28 @@ result boots ok
 result kernel "$(uname -r)"
 if [ -e /sys/kernel/btf/vmlinux ]; then result btf ok; else fail btf "no /sys/kernel/btf/vmlinux"; fi
 
+# count_one KEY PORT: with an agent running, one connection to PORT is counted, and its close
+# wakes a waiter and brings the count back to 0; reports KEY.
+count_one() {
+    if ! serve "$2"; then
+        fail "$1" "nc cannot listen on $2"
+        return
+    fi
+    connect "$2"
+    if ! wait_tcp "$2" 01 1; then
+        fail "$1" "connection to $2 not established"
+    elif ! expect_active "$2" 1; then
+        fail "$1" "$WHY"
+    else
+        kill "$CLIENT"
+        if expect_drained "$2" && expect_active "$2" 0; then
+            result "$1" ok
+        else
+            fail "$1" "$WHY"
+        fi
+    fi
+}
+
 # --- Each attach mode, forced: attach, count one connection, wake a waiter. ---
 port=8200
 for mode in tp-btf tracepoint raw-tracepoint; do
@@ -166,51 +188,21 @@ for mode in tp-btf tracepoint raw-tracepoint; do
     want=$(echo "$mode" | tr - _)
     if [ "$ATTACH" != "$want" ]; then
         fail "$key" "attached with $ATTACH"
-    elif ! serve "$port"; then
-        fail "$key" "nc cannot listen on $port"
     else
-        connect "$port"
-        if ! wait_tcp "$port" 01 1; then
-            fail "$key" "connection to $port not established"
-        elif ! expect_active "$port" 1; then
-            fail "$key" "$WHY"
-        else
-            kill "$CLIENT"
-            if expect_drained "$port" && expect_active "$port" 0; then
-                result "$key" ok
-            else
-                fail "$key" "$WHY"
-            fi
-        fi
+        count_one "$key" "$port"
     fi
     stop_agent
     show_log "$mode"
 done
 
 # --- The socket map preallocated (--preallocate-sockets): loads, counts, drains. ---
-key=preallocated
-port=8210
-if ! start_agent "$key" --preallocate-sockets --max-connections 4096 --log-level warn; then
-    fail "$key" "$WHY"
-elif ! serve "$port"; then
-    fail "$key" "nc cannot listen on $port"
+if start_agent preallocated --preallocate-sockets --max-connections 4096 --log-level warn; then
+    count_one preallocated 8210
 else
-    connect "$port"
-    if ! wait_tcp "$port" 01 1; then
-        fail "$key" "connection to $port not established"
-    elif ! expect_active "$port" 1; then
-        fail "$key" "$WHY"
-    else
-        kill "$CLIENT"
-        if expect_drained "$port" && expect_active "$port" 0; then
-            result "$key" ok
-        else
-            fail "$key" "$WHY"
-        fi
-    fi
+    fail preallocated "$WHY"
 fi
 stop_agent
-show_log "$key"
+show_log preallocated
 
 # --- The default run: connections that exist before start, in this and another namespace. ---
 serve 8101

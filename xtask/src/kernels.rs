@@ -89,8 +89,9 @@ pub struct KernelsArgs {
     /// Re-read the suites' package lists even when the cached ones are recent.
     #[arg(long)]
     pub refresh: bool,
-    /// Also write the table, with the date and commit, into deploy/COMPATIBILITY.md.
-    #[arg(long)]
+    /// Also write the table, with the date and commit, into deploy/COMPATIBILITY.md (the
+    /// whole matrix only: the document says it covers every series).
+    #[arg(long, requires = "all")]
     pub write: bool,
 }
 
@@ -1105,7 +1106,8 @@ fn compatibility_document(table: &str) -> Result<String> {
          regression.\n\n\
          Columns: *default attach* is the mode the agent picks by itself; *tp-btf*, *tracepoint*, \
          *raw-tracepoint* force one mode (`--attach`) and check that a connection is counted and \
-         a waiter woken; *pre-existing counted* is a connection opened before the agent started; \
+         a waiter woken; *preallocated map* does the same with `--preallocate-sockets`; \
+         *pre-existing counted* is a connection opened before the agent started; \
          *socket tables* is the agent reading the kernel's socket tables (inet_diag and tcp_diag, \
          loaded into the guest as a host loads them on demand), with which it confirms a count \
          it cannot vouch for (`n/a`: the archive has no modules package for that kernel); \
