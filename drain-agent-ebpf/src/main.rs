@@ -252,18 +252,7 @@ fn try_on_state_change<M: KernelMemory>(
             let skc_num = unsafe { ptr::read_volatile(&raw const KERNEL_OFFSETS.skc_num) };
             let port = M::read::<u16>(sk, skc_num)?;
             if port == 0 || port_ever_tracked(port) {
-                if being_forgotten(sk) {
-                    // The entry at this address (if any) is left to the forgetter; if it
-                    // was this socket's own, it is now a dead socket's entry, and the
-                    // repair walk this counter asks for drops it (a count too high until
-                    // then, never too low).
-                    // SAFETY: the value is plain data; we only test for its presence.
-                    if unsafe { SOCKETS.get(sk) }.is_some() {
-                        count_error_at(error_index::CLOSE_DEFERRED);
-                    }
-                } else {
-                    track_close(sk, true);
-                }
+                track_close(sk, true);
             }
         }
         Transition::Unchanged => {}
@@ -353,7 +342,7 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
 /// Why its look-up and its delete act on the same entry. It holds no socket lock (the
 /// socket is dead), so without more, another remover could act at the same address in
 /// between: the close of a newer socket there (an outbound one, which the handler lets
-/// remove what it finds, see `try_on_state_change`) drops the entry and un-counts the dead
+/// remove what it finds, see `track_close`) drops the entry and un-counts the dead
 /// socket, the memory is reused by a passive socket whose open inserts a fresh entry, and
 /// our delete would drop *that* one and un-count the dead socket a second time: a count
 /// one too low and nothing doubted. So the agent first puts the address in `FORGETTING`
@@ -584,6 +573,15 @@ fn track_close(sk: u64, closed_now: bool) -> bool {
         // Not tracked: an outbound connection, or one the agent could not track.
         return false;
     };
+    // Only the handler's closes (`closed_now`) can race the forgetter; walks run one at a
+    // time with it. Checked only here, where an entry exists: most closes have none.
+    if closed_now && being_forgotten(sk) {
+        // The entry is left to the forgetter. If it was this socket's own, it is now a dead
+        // socket's entry, and the repair walk this counter asks for drops it (a count too
+        // high until then, never too low).
+        count_error_at(error_index::CLOSE_DEFERRED);
+        return false;
+    }
     if SOCKETS.remove(sk).is_err() {
         return false;
     }
