@@ -18,6 +18,7 @@ mod holder;
 mod kernel;
 mod net;
 mod overhead;
+mod reference;
 mod report;
 mod stats;
 mod sys;
@@ -304,11 +305,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         base.start_memory = record(&mut results.errors, "baseline start memory", outcome);
     }
     if wanted(Section::Kernel) {
-        let outcome = kernel::run(&plan, &binary, &log_dir, &mut foreign);
+        let outcome = kernel::run(&plan, &binary, &log_dir, &mut foreign, true);
         results.kernel = record(&mut results.errors, "kernel", outcome);
         if let (Some(base), Some(path)) = (baseline.as_mut(), args.baseline.as_ref()) {
             eprintln!("bench: [kernel] the baseline, {}", path.display());
-            let outcome = kernel::run(&plan, path, &log_dir, &mut foreign);
+            let outcome = kernel::run(&plan, path, &log_dir, &mut foreign, false);
             base.kernel = record(&mut results.errors, "baseline kernel", outcome);
         }
     }

@@ -29,6 +29,7 @@ use super::{
     Plan,
     agent::Agent,
     net::{self, ChurnKind, ChurnLimit, Pairs},
+    reference::{EmptyProgram, Reference, ReferenceProgram},
     stats::median,
     sys::{self, ProgStats},
 };
@@ -125,19 +126,39 @@ pub struct MethodCost {
     pub runs: u64,
 }
 
+/// A reference program's numbers (see `reference`): the same phases as the handler's.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReferenceCost {
+    pub reference: Reference,
+    pub label: String,
+    pub repetitions: Vec<PhaseSet>,
+    /// Medians over the repetitions, as for the handler.
+    pub early_return_ns: f64,
+    pub untracked_close_ns: f64,
+    pub tracked_open_ns: f64,
+    pub tracked_close_ns: f64,
+    pub tracked_mean_ns: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KernelCost {
     /// An empty program (`r0 = 0; exit`) on the same tracepoint over a churn: what the
     /// statistics report for doing nothing (dispatch + the clock reads of the statistics).
     pub floor: Phase,
     pub methods: Vec<MethodCost>,
+    /// What the simplest per-socket bookkeeping costs on this host, in the same phases
+    /// (measured once per run, not again for a baseline).
+    pub references: Vec<ReferenceCost>,
 }
 
+/// Measures the floor, each attach method of the agent `binary`, and (`with_references`)
+/// the reference programs.
 pub fn run(
     plan: &Plan,
     binary: &Path,
     log_dir: &Path,
     foreign: &mut super::Foreign,
+    with_references: bool,
 ) -> Result<KernelCost> {
     let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1")?;
     let mut cost = KernelCost {
@@ -169,11 +190,101 @@ pub fn run(
         );
         cost.methods.push(method);
     }
+    if with_references {
+        for reference in Reference::ALL {
+            let measured = measure_reference(plan, reference)
+                .with_context(|| format!("reference program: {}", reference.label()))?;
+            eprintln!(
+                "bench: [kernel] reference, {}: open {:.0} ns, close {:.0} ns, untracked close {:.0} ns, early return {:.0} ns",
+                measured.label,
+                measured.tracked_open_ns,
+                measured.tracked_close_ns,
+                measured.untracked_close_ns,
+                measured.early_return_ns
+            );
+            cost.references.push(measured);
+        }
+    }
     Ok(cost)
 }
 
+/// What the phases measure: the agent's handler, or a reference program.
+trait Subject {
+    fn stats(&self) -> Result<ProgStats>;
+    /// After the phase that opened `n` connections to `port`.
+    fn check_opened(&self, port: u16, n: u64) -> Result<()>;
+    /// After the phase that closed them.
+    fn check_closed(&self, n: u64) -> Result<()>;
+    fn stop(self) -> Result<()>;
+}
+
+impl Subject for Agent {
+    fn stats(&self) -> Result<ProgStats> {
+        self.prog_stats(HANDLER_PREFIX)
+    }
+
+    fn check_opened(&self, port: u16, n: u64) -> Result<()> {
+        // Reported, not fatal: `miscounted` in the churns is where the agent's count is judged.
+        let counted = self.active(port)?;
+        if counted != n {
+            eprintln!(
+                "bench: [kernel] warning: the agent counts {counted} connections, {n} are open"
+            );
+        }
+        Ok(())
+    }
+
+    fn check_closed(&self, _n: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn stop(self) -> Result<()> {
+        Agent::stop(self)
+    }
+}
+
+impl Subject for ReferenceProgram {
+    fn stats(&self) -> Result<ProgStats> {
+        ReferenceProgram::stats(self)
+    }
+
+    fn check_opened(&self, _port: u16, n: u64) -> Result<()> {
+        ReferenceProgram::check_opened(self, n)
+    }
+
+    fn check_closed(&self, n: u64) -> Result<()> {
+        ReferenceProgram::check_closed(self, n)
+    }
+
+    fn stop(self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn measure_reference(plan: &Plan, reference: Reference) -> Result<ReferenceCost> {
+    let mut repetitions = Vec::new();
+    for _ in 0..plan.split_repetitions {
+        let (set, _misses) = measure_phases(plan, || ReferenceProgram::attach(reference))?;
+        repetitions.push(set);
+    }
+    let of =
+        |value: fn(&PhaseSet) -> f64| median(&repetitions.iter().map(value).collect::<Vec<_>>());
+    let tracked_open_ns = of(|r| r.tracked_open_ns);
+    let tracked_close_ns = of(|r| r.tracked_close_ns);
+    Ok(ReferenceCost {
+        reference,
+        label: reference.label().to_owned(),
+        early_return_ns: of(|r| r.early_return_ns),
+        untracked_close_ns: of(|r| r.untracked_close_ns),
+        tracked_open_ns,
+        tracked_close_ns,
+        tracked_mean_ns: (tracked_open_ns + tracked_close_ns) / 2.0,
+        repetitions,
+    })
+}
+
 fn measure_floor(plan: &Plan) -> Result<Phase> {
-    let empty = sys::EmptyProgram::attach("inet_sock_set_state")?;
+    let empty = EmptyProgram::attach()?;
     let before = empty.stats()?;
     let report = net::churn(
         ChurnKind::Accepted,
@@ -202,7 +313,11 @@ fn measure_method(
     let mut repetitions = Vec::new();
     let mut recursion_misses = 0;
     for _ in 0..plan.split_repetitions {
-        let (set, misses) = measure_phases(plan, binary, log_dir, attach, foreign)?;
+        let (set, misses) = measure_phases(plan, || {
+            let agent = Agent::start(binary, log_dir, &plan.agent(Some(attach), true))?;
+            foreign.check(&agent)?;
+            Ok(agent)
+        })?;
         repetitions.push(set);
         recursion_misses += misses;
     }
@@ -279,14 +394,11 @@ fn measure_method(
     })
 }
 
-/// The four phases once, with a fresh agent (the first phase needs connections it never saw
-/// open). Returns the set and the recursion misses seen.
-fn measure_phases(
+/// The four phases once, with a fresh subject from `start` (the first phase needs
+/// connections it never saw open). Returns the set and the recursion misses seen.
+fn measure_phases<S: Subject>(
     plan: &Plan,
-    binary: &Path,
-    log_dir: &Path,
-    attach: &'static str,
-    foreign: &mut super::Foreign,
+    start: impl FnOnce() -> Result<S>,
 ) -> Result<(PhaseSet, u64)> {
     let n = plan.split_connections;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -297,9 +409,8 @@ fn measure_phases(
     let mut before = Pairs::default();
     before.establish(&listener, &destinations, n, deadline)?;
 
-    let agent = Agent::start(binary, log_dir, &plan.agent(Some(attach), true))?;
-    foreign.check(&agent)?;
-    let stats = || agent.prog_stats(HANDLER_PREFIX);
+    let subject = start()?;
+    let stats = || subject.stats();
 
     let s0 = stats()?;
     before.close_gracefully();
@@ -314,13 +425,11 @@ fn measure_phases(
     pairs.establish(&listener, &destinations, n, deadline)?;
     let s2 = stats()?;
     let open = Phase::new("open N connections", n as u64, &s2.since(&s1));
-    let counted = agent.active(net::local_port(&listener)?)?;
-    if counted != n as u64 {
-        eprintln!("bench: [kernel] warning: the agent counts {counted} connections, {n} are open");
-    }
+    subject.check_opened(net::local_port(&listener)?, n as u64)?;
 
     pairs.close_gracefully();
     let s3 = stats()?;
+    subject.check_closed(n as u64)?;
     let close = Phase::new(
         "close those N (client first, then server)",
         n as u64,
@@ -341,7 +450,7 @@ fn measure_phases(
         refused_report.connections,
         &s4.since(&s3),
     );
-    agent.stop()?;
+    subject.stop()?;
 
     let n = n as f64;
     let early = refused.mean_ns;

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     fs,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -49,7 +49,7 @@ impl ProgStats {
     }
 }
 
-fn bpf(
+pub(super) fn bpf(
     command: libc::c_long,
     attr: *mut libc::c_void,
     size: usize,
@@ -67,7 +67,7 @@ fn bpf(
 /// The kernel's `bpf_prog_info` of the program behind `fd`, as aya-obj's typed struct: for
 /// `recursion_misses`, which aya 0.14's `ProgramInfo` does not decode (and the id of a
 /// program that aya did not load).
-fn raw_prog_info(fd: BorrowedFd<'_>) -> Result<bpf_prog_info> {
+pub(super) fn raw_prog_info(fd: BorrowedFd<'_>) -> Result<bpf_prog_info> {
     // SAFETY: plain C structs of integers; all-zero is a valid value for both.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -418,102 +418,6 @@ pub fn machine(workspace: &Path) -> Machine {
         kernel,
         commit,
         date_utc,
-    }
-}
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
-const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
-
-/// The part of `union bpf_attr` used by `BPF_PROG_LOAD`, up to `expected_attach_type`.
-#[repr(C)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
-/// The part of `union bpf_attr` used by `BPF_RAW_TRACEPOINT_OPEN`.
-#[repr(C)]
-struct RawTracepointAttr {
-    name: u64,
-    prog_fd: u32,
-    pad: u32,
-}
-
-/// A program that does nothing (`r0 = 0; exit`) attached to a raw tracepoint: with BPF
-/// statistics on, its mean run time is the floor of the measurement (the dispatch and the
-/// statistics' own clock reads), to read the handler's numbers against. Detached on drop.
-pub struct EmptyProgram {
-    id: u32,
-    _prog: OwnedFd,
-    _link: OwnedFd,
-}
-
-impl EmptyProgram {
-    pub fn attach(tracepoint: &str) -> Result<Self> {
-        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0; then BPF_JMP | BPF_EXIT.
-        let insns: [u64; 2] = [0xb7, 0x95];
-        let license = c"GPL";
-        let mut name = [0u8; 16];
-        name[..11].copy_from_slice(b"bench_empty");
-        let mut load = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_RAW_TRACEPOINT,
-            insn_cnt: 2,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            log_level: 0,
-            log_size: 0,
-            log_buf: 0,
-            kern_version: 0,
-            prog_flags: 0,
-            prog_name: name,
-            prog_ifindex: 0,
-            expected_attach_type: 0,
-        };
-        let fd = bpf(
-            BPF_PROG_LOAD,
-            (&raw mut load).cast(),
-            size_of::<ProgLoadAttr>(),
-        )
-        .context("cannot load the empty reference program (bpf BPF_PROG_LOAD)")?;
-        // SAFETY: a new fd from the kernel, owned here.
-        let prog = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).context("fd out of range")?) };
-        let tracepoint = std::ffi::CString::new(tracepoint).context("tracepoint name")?;
-        let mut open = RawTracepointAttr {
-            name: tracepoint.as_ptr() as u64,
-            prog_fd: u32::try_from(prog.as_raw_fd()).context("negative fd")?,
-            pad: 0,
-        };
-        let fd = bpf(
-            BPF_RAW_TRACEPOINT_OPEN,
-            (&raw mut open).cast(),
-            size_of::<RawTracepointAttr>(),
-        )
-        .context("cannot attach the empty reference program (bpf BPF_RAW_TRACEPOINT_OPEN)")?;
-        // SAFETY: as above.
-        let link = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).context("fd out of range")?) };
-        let id = raw_prog_info(prog.as_fd())
-            .context("cannot read the empty reference program")?
-            .id;
-        Ok(Self {
-            id,
-            _prog: prog,
-            _link: link,
-        })
-    }
-
-    pub fn stats(&self) -> Result<ProgStats> {
-        prog_stats(self.id)
     }
 }
 
