@@ -110,13 +110,8 @@ pub struct MethodCost {
     /// (churn − anchored churn) run time per zero-crossing event (2 per churned connection).
     pub zero_crossing_event_ns: f64,
     pub repetitions: Vec<PhaseSet>,
-    /// Mean ns per run, by kind: medians over the repetitions.
-    pub early_return_ns: f64,
-    pub untracked_close_ns: f64,
-    pub tracked_open_ns: f64,
-    pub tracked_close_ns: f64,
-    /// Mean over the tracked runs (one open and one close per connection).
-    pub tracked_mean_ns: f64,
+    #[serde(flatten)]
+    pub costs: KindCosts,
     /// Mean over the untracked runs, weighted as they occur in the churn.
     pub untracked_mean_ns: f64,
     pub recursion_misses: u64,
@@ -126,18 +121,42 @@ pub struct MethodCost {
     pub runs: u64,
 }
 
+/// Mean ns per run, by kind: medians over the repetitions of the phases.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KindCosts {
+    pub early_return_ns: f64,
+    pub untracked_close_ns: f64,
+    pub tracked_open_ns: f64,
+    pub tracked_close_ns: f64,
+    /// Mean over the tracked runs (one open and one close per connection).
+    pub tracked_mean_ns: f64,
+}
+
+impl KindCosts {
+    fn median_of(repetitions: &[PhaseSet]) -> Self {
+        let of = |value: fn(&PhaseSet) -> f64| {
+            median(&repetitions.iter().map(value).collect::<Vec<_>>())
+        };
+        let tracked_open_ns = of(|r| r.tracked_open_ns);
+        let tracked_close_ns = of(|r| r.tracked_close_ns);
+        Self {
+            early_return_ns: of(|r| r.early_return_ns),
+            untracked_close_ns: of(|r| r.untracked_close_ns),
+            tracked_open_ns,
+            tracked_close_ns,
+            tracked_mean_ns: (tracked_open_ns + tracked_close_ns) / 2.0,
+        }
+    }
+}
+
 /// A reference program's numbers (see `reference`): the same phases as the handler's.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReferenceCost {
     pub reference: Reference,
     pub label: String,
     pub repetitions: Vec<PhaseSet>,
-    /// Medians over the repetitions, as for the handler.
-    pub early_return_ns: f64,
-    pub untracked_close_ns: f64,
-    pub tracked_open_ns: f64,
-    pub tracked_close_ns: f64,
-    pub tracked_mean_ns: f64,
+    #[serde(flatten)]
+    pub costs: KindCosts,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -183,10 +202,10 @@ pub fn run(
             method.churn_anchored.recursion_misses,
             method.churn_anchored.miscounted,
             method.zero_crossing_event_ns,
-            method.tracked_open_ns,
-            method.tracked_close_ns,
-            method.untracked_close_ns,
-            method.early_return_ns
+            method.costs.tracked_open_ns,
+            method.costs.tracked_close_ns,
+            method.costs.untracked_close_ns,
+            method.costs.early_return_ns
         );
         cost.methods.push(method);
     }
@@ -197,10 +216,10 @@ pub fn run(
             eprintln!(
                 "bench: [kernel] reference, {}: open {:.0} ns, close {:.0} ns, untracked close {:.0} ns, early return {:.0} ns",
                 measured.label,
-                measured.tracked_open_ns,
-                measured.tracked_close_ns,
-                measured.untracked_close_ns,
-                measured.early_return_ns
+                measured.costs.tracked_open_ns,
+                measured.costs.tracked_close_ns,
+                measured.costs.untracked_close_ns,
+                measured.costs.early_return_ns
             );
             cost.references.push(measured);
         }
@@ -267,18 +286,10 @@ fn measure_reference(plan: &Plan, reference: Reference) -> Result<ReferenceCost>
         let (set, _misses) = measure_phases(plan, || ReferenceProgram::attach(reference))?;
         repetitions.push(set);
     }
-    let of =
-        |value: fn(&PhaseSet) -> f64| median(&repetitions.iter().map(value).collect::<Vec<_>>());
-    let tracked_open_ns = of(|r| r.tracked_open_ns);
-    let tracked_close_ns = of(|r| r.tracked_close_ns);
     Ok(ReferenceCost {
         reference,
         label: reference.label().to_owned(),
-        early_return_ns: of(|r| r.early_return_ns),
-        untracked_close_ns: of(|r| r.untracked_close_ns),
-        tracked_open_ns,
-        tracked_close_ns,
-        tracked_mean_ns: (tracked_open_ns + tracked_close_ns) / 2.0,
+        costs: KindCosts::median_of(&repetitions),
         repetitions,
     })
 }
@@ -351,16 +362,12 @@ fn measure_method(
     recursion_misses += s2.since(&s0).recursion_misses;
     agent.stop()?;
 
-    let of =
-        |value: fn(&PhaseSet) -> f64| median(&repetitions.iter().map(value).collect::<Vec<_>>());
-    let early_return_ns = of(|r| r.early_return_ns);
-    let untracked_close_ns = of(|r| r.untracked_close_ns);
-    let tracked_open_ns = of(|r| r.tracked_open_ns);
-    let tracked_close_ns = of(|r| r.tracked_close_ns);
+    let costs = KindCosts::median_of(&repetitions);
     // In the churn each connection has 1 tracked open, 1 tracked close, 1 untracked close
     // (the client's) and the rest early returns.
     let early_per_connection = (churn.runs_per_connection - 3.0).max(0.0);
-    let untracked_mean_ns = (early_per_connection * early_return_ns + untracked_close_ns)
+    let untracked_mean_ns = (early_per_connection * costs.early_return_ns
+        + costs.untracked_close_ns)
         / (early_per_connection + 1.0);
     let all_phases = || {
         repetitions
@@ -382,11 +389,7 @@ fn measure_method(
         churn_anchored,
         zero_crossing_event_ns,
         repetitions,
-        early_return_ns,
-        untracked_close_ns,
-        tracked_open_ns,
-        tracked_close_ns,
-        tracked_mean_ns: (tracked_open_ns + tracked_close_ns) / 2.0,
+        costs,
         untracked_mean_ns,
         recursion_misses,
         miscounted,
