@@ -62,6 +62,11 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// Run time per connection, net of `floor` ns per run: what the program added to each.
+    pub fn net_ns_per_connection(&self, floor: f64) -> f64 {
+        (self.mean_ns - floor) * self.runs_per_connection
+    }
+
     fn new(phase: &str, connections: u64, delta: &ProgStats) -> Self {
         Self {
             phase: phase.to_owned(),
@@ -157,6 +162,9 @@ pub struct ReferenceCost {
     pub repetitions: Vec<PhaseSet>,
     #[serde(flatten)]
     pub costs: KindCosts,
+    /// The handler's churn (connect, accept, close both ends) with the reference instead:
+    /// the same maps kept hot.
+    pub churn: Phase,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -214,12 +222,13 @@ pub fn run(
             let measured = measure_reference(plan, reference)
                 .with_context(|| format!("reference program: {}", reference.label()))?;
             eprintln!(
-                "bench: [kernel] reference, {}: open {:.0} ns, close {:.0} ns, untracked close {:.0} ns, early return {:.0} ns",
+                "bench: [kernel] reference, {}: open {:.0} ns, close {:.0} ns, untracked close {:.0} ns, early return {:.0} ns; churn {:.1} ns/run",
                 measured.label,
                 measured.costs.tracked_open_ns,
                 measured.costs.tracked_close_ns,
                 measured.costs.untracked_close_ns,
-                measured.costs.early_return_ns
+                measured.costs.early_return_ns,
+                measured.churn.mean_ns
             );
             cost.references.push(measured);
         }
@@ -286,11 +295,28 @@ fn measure_reference(plan: &Plan, reference: Reference) -> Result<ReferenceCost>
         let (set, _misses) = measure_phases(plan, || ReferenceProgram::attach(reference))?;
         repetitions.push(set);
     }
+    let program = ReferenceProgram::attach(reference)?;
+    let s0 = program.stats()?;
+    let report = net::churn(
+        ChurnKind::Accepted,
+        plan.churn_threads,
+        ChurnLimit {
+            connections: plan.churn_connections,
+            time: plan.churn_time_limit,
+        },
+    )?;
+    let s1 = program.stats()?;
+    program.check_closed(report.connections)?;
     Ok(ReferenceCost {
         reference,
         label: reference.label().to_owned(),
         costs: KindCosts::median_of(&repetitions),
         repetitions,
+        churn: Phase::new(
+            "churn: connect, accept, close client, close server",
+            report.connections,
+            &s1.since(&s0),
+        ),
     })
 }
 

@@ -550,14 +550,36 @@ fn kernel_section(out: &mut String, results: &Results) {
         header(
             out,
             &[
-                "reference",
+                "program",
                 "tracked open",
                 "tracked close",
                 "tracked mean",
                 "early return",
                 "untracked close",
+                "churn: per connection, net (runs)",
             ],
         );
+        let churn = |phase: &super::kernel::Phase| {
+            format!(
+                "{:.0} ns ({:.1})",
+                phase.net_ns_per_connection(floor),
+                phase.runs_per_connection
+            )
+        };
+        if let Some(method) = kernel.methods.first() {
+            row(
+                out,
+                &[
+                    format!("the handler, {}", method.attach),
+                    net(method.costs.tracked_open_ns),
+                    net(method.costs.tracked_close_ns),
+                    net(method.costs.tracked_mean_ns),
+                    net(method.costs.early_return_ns),
+                    net(method.costs.untracked_close_ns),
+                    churn(&method.churn),
+                ],
+            );
+        }
         for reference in &kernel.references {
             row(
                 out,
@@ -568,9 +590,16 @@ fn kernel_section(out: &mut String, results: &Results) {
                     net(reference.costs.tracked_mean_ns),
                     net(reference.costs.early_return_ns),
                     net(reference.costs.untracked_close_ns),
+                    churn(&reference.churn),
                 ],
             );
         }
+        let _ = writeln!(
+            out,
+            "\nThe last column is the churn of the table above (connect, accept, close both ends; every \
+             map hot) with each program: its run time per connection, net of the floor on each run. \
+             A connection has one tracked open and one tracked close.\n"
+        );
     }
     let _ = writeln!(out, "\nThe phases behind it:\n");
     header(
