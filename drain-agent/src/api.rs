@@ -13,11 +13,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
+    addr::canonical_addr,
     drain::DrainSpec,
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
     netns,
-    tracker::{Filter, canonical_addr},
+    tracker::Filter,
 };
 pub use crate::{
     drain::{DrainRecord, OnTimeout},

@@ -16,6 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use crate::closer::Closer;
 use crate::{
     drain_rule::{DrainRule, Peer},
     journal::Journal,
@@ -106,15 +107,6 @@ pub struct DrainRecord {
     pub on_timeout: OnTimeout,
 }
 
-/// What the drains need from the kernel side.
-pub trait Closer: Send + Sync + 'static {
-    /// Closes `targets` (connections of `filter`); returns how many were closed.
-    fn close(&self, filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64>;
-    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie: a new
-    /// cookie is a new instance of the service.
-    fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>>;
-}
-
 /// After a drain ends, its port stays out of rotation (the stop that follows is about to
 /// end the service) until a new instance listens on it, until `DELETE /drain`, or at most
 /// this long.
@@ -197,7 +189,7 @@ impl Drains {
     ) -> Self {
         let past = journal
             .as_ref()
-            .map(|journal| journal.read_records(HISTORY))
+            .map(|journal| journal.read_records::<DrainRecord>(HISTORY))
             .unwrap_or_default();
         let next_id = past.iter().map(|record| record.id).max().unwrap_or(0) + 1;
         Self {

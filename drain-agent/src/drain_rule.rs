@@ -22,7 +22,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::tracker::canonical_addr;
+use crate::addr::canonical_addr;
 
 /// An IPv4 or IPv6 network, `10.0.0.0/8`, `fd00::/8` or a single address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

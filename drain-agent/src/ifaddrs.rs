@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::tracker::canonical_addr;
+use crate::addr::canonical_addr;
 
 /// Every address configured on an interface of the calling thread's network namespace,
 /// IPv4-mapped IPv6 folded to IPv4 (as the tracker does).

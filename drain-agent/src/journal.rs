@@ -10,10 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use serde::{Serialize, de::DeserializeOwned};
 
-use crate::drain::DrainRecord;
-
-/// An append-only, size-bounded file of drain records.
+/// An append-only, size-bounded file of drain records (any record type that serde can write
+/// and read back: the journal does not depend on the drains that use it).
 pub struct Journal {
     path: PathBuf,
     max_bytes: u64,
@@ -44,7 +44,7 @@ impl Journal {
     }
 
     /// Appends one record as a JSON line (rotating first if the file is full).
-    pub fn append(&self, record: &DrainRecord) -> Result<()> {
+    pub fn append<R: Serialize>(&self, record: &R) -> Result<()> {
         let _serial = self
             .lock
             .lock()
@@ -68,7 +68,7 @@ impl Journal {
     }
 
     /// The last `limit` records, oldest first (unreadable lines are skipped with a log).
-    pub fn read_records(&self, limit: usize) -> Vec<DrainRecord> {
+    pub fn read_records<R: DeserializeOwned>(&self, limit: usize) -> Vec<R> {
         let mut records = Vec::new();
         for path in [self.rotated(), self.path.clone()] {
             let Ok(file) = fs::File::open(&path) else {
@@ -76,7 +76,7 @@ impl Journal {
             };
             for (number, line) in BufReader::new(file).lines().enumerate() {
                 let Ok(line) = line else { break };
-                match serde_json::from_str::<DrainRecord>(&line) {
+                match serde_json::from_str::<R>(&line) {
                     Ok(record) => records.push(record),
                     Err(problem) => log::warn!(
                         "{}:{}: not a drain record, skipped: {problem}",
@@ -94,7 +94,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::{DrainEnd, OnTimeout};
+    use crate::drain::{DrainEnd, DrainRecord, OnTimeout};
 
     fn record(id: u64) -> DrainRecord {
         DrainRecord {
@@ -127,7 +127,7 @@ mod tests {
         assert!(size(&path) <= 4096, "{}", size(&path));
         assert!(size(&journal.rotated()) <= 4096);
         let reopened = Journal::open(&path, 4096).expect("reopen");
-        let records = reopened.read_records(10);
+        let records = reopened.read_records::<DrainRecord>(10);
         assert_eq!(records.len(), 10);
         assert_eq!(records.last().map(|r| r.id), Some(100));
         assert_eq!(records[0].id, 91);

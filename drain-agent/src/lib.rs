@@ -1,6 +1,7 @@
 //! drain-agent: counts inbound TCP connections per local port from the kernel and answers
 //! "is this port drained?" over HTTP. See the README for the contracts; each module has one job.
 
+pub mod addr;
 pub mod advice;
 pub mod agent;
 pub mod agentcheck;
@@ -8,6 +9,7 @@ pub mod api;
 pub mod build_info;
 pub mod cli;
 pub mod client;
+pub mod closer;
 pub mod doubt;
 pub mod drain;
 pub mod drain_rule;

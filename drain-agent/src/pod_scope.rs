@@ -18,9 +18,10 @@ use std::{net::IpAddr, path::PathBuf};
 use axum::{http::StatusCode, response::Response};
 
 use crate::{
+    addr::canonical_addr,
     api::{ApiError, DrainRequest, error},
     netns,
-    tracker::{Filter, canonical_addr},
+    tracker::Filter,
 };
 
 /// The namespace a pod listener lives in.

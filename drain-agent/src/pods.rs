@@ -41,6 +41,7 @@ use prometheus::{IntGaugeVec, Opts};
 use tokio::{sync::watch, task::JoinSet, time::Instant};
 
 use crate::{
+    addr::canonical_addr,
     api::error,
     http::{AppState, router},
     metrics::Metrics,
@@ -48,7 +49,6 @@ use crate::{
     netns_watch::NetnsWatch,
     pod_scope::PodScope,
     server::{self, ServerLimits},
-    tracker::canonical_addr,
 };
 
 /// The `/proc` rescan period: namespaces of processes have no file event.

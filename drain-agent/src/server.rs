@@ -63,7 +63,7 @@ use tokio::{
 };
 use tower::ServiceExt as _;
 
-use crate::{cli::RunArgs, fdlimit, tracker::canonical_addr};
+use crate::{addr::canonical_addr, cli::RunArgs, fdlimit};
 
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to

@@ -150,14 +150,6 @@ impl Filter {
     }
 }
 
-/// Folds `::ffff:a.b.c.d` to `a.b.c.d`, as the kernel side does for keys.
-pub fn canonical_addr(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
-        IpAddr::V4(_) => addr,
-    }
-}
-
 /// The answer to "is it drained?".
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DrainOutcome {
@@ -983,17 +975,6 @@ mod tests {
         };
         assert_eq!(tracker.active(&by_netns).expect("count"), 4);
         assert_eq!(tracker.active(&Filter::port(1)).expect("count"), 0);
-    }
-
-    #[test]
-    fn mapped_addresses_fold_to_ipv4() {
-        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
-        assert_eq!(
-            canonical_addr(mapped),
-            "10.1.2.3".parse::<IpAddr>().expect("ip")
-        );
-        let v6: IpAddr = "fd00::3".parse().expect("ip");
-        assert_eq!(canonical_addr(v6), v6);
     }
 
     #[tokio::test(start_paused = true)]

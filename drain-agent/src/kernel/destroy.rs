@@ -36,10 +36,11 @@ use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarge
 
 use super::{Kernel, maps::namespaces_of};
 use crate::{
+    addr::canonical_addr,
     drain_rule::Peer,
     netns,
     sockdiag::{self, Query, state},
-    tracker::{Filter, canonical_addr},
+    tracker::Filter,
 };
 
 /// How to close connections.
@@ -412,7 +413,7 @@ fn destroy_key(local: SocketAddr, remote: SocketAddr) -> Option<DestroyKey> {
     Some(key)
 }
 
-/// The drains' [`crate::drain::Closer`]: closes through the kernel with the chosen method
+/// The drains' [`crate::closer::Closer`]: closes through the kernel with the chosen method
 /// (`bpf_sock_destroy` where it loaded, else netlink), and finds listeners for the gate.
 pub struct KernelCloser {
     pub kernel: std::sync::Arc<std::sync::Mutex<Kernel>>,
@@ -420,7 +421,7 @@ pub struct KernelCloser {
     pub method: CloseMethod,
 }
 
-impl crate::drain::Closer for KernelCloser {
+impl crate::closer::Closer for KernelCloser {
     fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
         let mut kernel = self
             .kernel
@@ -430,7 +431,7 @@ impl crate::drain::Closer for KernelCloser {
     }
 
     fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
-        crate::drain::Closer::listeners(self.maps.as_ref(), filter)
+        crate::closer::Closer::listeners(self.maps.as_ref(), filter)
     }
 }
 

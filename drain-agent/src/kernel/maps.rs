@@ -23,10 +23,11 @@ use drain_agent_common::{
 };
 
 use crate::{
+    addr::canonical_addr,
     doubt::Doubt,
     drain_rule::Peer,
     netns, sockdiag,
-    tracker::{ConnectionSource, Endpoint, Filter, PortState, canonical_addr, monotonic_ns},
+    tracker::{ConnectionSource, Endpoint, Filter, PortState, monotonic_ns},
 };
 
 /// A connection by its addresses: (netns, local, remote).
@@ -285,7 +286,7 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
-impl crate::drain::Closer for KernelMaps {
+impl crate::closer::Closer for KernelMaps {
     fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
         let mut cookies = Vec::new();
         for (inode, path) in namespaces_of(filter)? {

@@ -1,0 +1,13 @@
+//! What the drains need from the kernel side: a trait of its own, below both, so that the
+//! kernel implements it without importing the drains (`drain` uses it, `kernel` provides it).
+
+use crate::{drain_rule::Peer, tracker::Filter};
+
+/// Closing connections and listing listeners, for the drains.
+pub trait Closer: Send + Sync + 'static {
+    /// Closes `targets` (connections of `filter`); returns how many were closed.
+    fn close(&self, filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64>;
+    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie: a new
+    /// cookie is a new instance of the service.
+    fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>>;
+}
