@@ -8,7 +8,8 @@ use log::{error, info, warn};
 
 use crate::{
     cli::{CloseArg, RunArgs},
-    drain::{Closer, Drains},
+    closer::Closer,
+    drain::Drains,
     http::{AppState, WaitLimits, router},
     journal::Journal,
     kernel::destroy::{CloseMethod, KernelCloser},

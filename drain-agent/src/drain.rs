@@ -16,8 +16,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use crate::closer::Closer;
 use crate::{
+    closer::Closer,
     drain_rule::{DrainRule, Peer},
     journal::Journal,
     tracker::{Filter, Tracker, WaitError},
