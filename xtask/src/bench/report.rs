@@ -518,18 +518,26 @@ fn kernel_section(out: &mut String, results: &Results) {
         ],
     );
     let net = |value: f64| format!("{value:.0} ({:.0})", value - floor);
+    // The five per-kind cells every table of this section shows, in its column order.
+    let kinds = |name: String, costs: &super::kernel::KindCosts, last: String| {
+        [
+            name,
+            net(costs.tracked_open_ns),
+            net(costs.tracked_close_ns),
+            net(costs.tracked_mean_ns),
+            net(costs.early_return_ns),
+            net(costs.untracked_close_ns),
+            last,
+        ]
+    };
     for method in &kernel.methods {
         row(
             out,
-            &[
+            &kinds(
                 method.attach.clone(),
-                net(method.costs.tracked_open_ns),
-                net(method.costs.tracked_close_ns),
-                net(method.costs.tracked_mean_ns),
-                net(method.costs.early_return_ns),
-                net(method.costs.untracked_close_ns),
+                &method.costs,
                 net(method.untracked_mean_ns),
-            ],
+            ),
         );
     }
     if !kernel.references.is_empty() {
@@ -569,29 +577,21 @@ fn kernel_section(out: &mut String, results: &Results) {
         if let Some(method) = kernel.methods.first() {
             row(
                 out,
-                &[
+                &kinds(
                     format!("the handler, {}", method.attach),
-                    net(method.costs.tracked_open_ns),
-                    net(method.costs.tracked_close_ns),
-                    net(method.costs.tracked_mean_ns),
-                    net(method.costs.early_return_ns),
-                    net(method.costs.untracked_close_ns),
+                    &method.costs,
                     churn(&method.churn),
-                ],
+                ),
             );
         }
         for reference in &kernel.references {
             row(
                 out,
-                &[
+                &kinds(
                     reference.label.clone(),
-                    net(reference.costs.tracked_open_ns),
-                    net(reference.costs.tracked_close_ns),
-                    net(reference.costs.tracked_mean_ns),
-                    net(reference.costs.early_return_ns),
-                    net(reference.costs.untracked_close_ns),
+                    &reference.costs,
                     churn(&reference.churn),
-                ],
+                ),
             );
         }
         let _ = writeln!(
