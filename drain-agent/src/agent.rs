@@ -185,10 +185,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
         maps: Arc::clone(&kernel_maps),
         method,
     };
+    // Who may do what (authority.rs): the node's own namespace, and which pod an address
+    // belongs to.
+    let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+        .context("cannot read the agent's own network namespace")?;
+    let pods = Arc::new(crate::pod_addresses::PodAddresses::new(
+        own_netns,
+        Arc::new(crate::pod_addresses::NamespaceAddresses { own_netns }),
+    ));
+    let authority = Arc::new(crate::authority::Authority {
+        pods: Arc::clone(&pods),
+        owners: Arc::new(crate::authority::SocketTableOwners),
+    });
+    let tokens = match &args.auth_token_file {
+        Some(path) => Some(Arc::new(crate::identify::Tokens::read(path)?)),
+        None => None,
+    };
     let drains = Arc::new(Drains::new(
         Arc::clone(&tracker),
         Some(Arc::new(closer) as Arc<dyn Closer>),
         journal,
+        Some(pods),
         args.max_waiters,
     ));
     metrics.register_drains(Arc::clone(&drains))?;
@@ -223,7 +240,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         metrics,
         drains: Arc::clone(&drains),
+        authority: Arc::clone(&authority),
     });
+    let identify = crate::identify::Identify {
+        authority,
+        sockets: Arc::new(crate::identify::SocketTables),
+        tokens,
+    };
     info!("serving on http://{address} (attached with {attach})");
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let pods_task = match args.pod_listen {
@@ -245,6 +268,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 },
                 metrics: Arc::clone(&state.metrics),
                 drains: Arc::clone(&state.drains),
+                authority: Arc::clone(&state.authority),
             });
             let endpoints: Arc<dyn OwnEndpoints> = Arc::new(KernelEndpoints(Arc::clone(&kernel)));
             let metrics = Arc::clone(&state.metrics);
@@ -258,7 +282,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let shutdown_tracker = Arc::clone(&tracker);
     let served = crate::server::serve(
         listener,
-        tasks.guard_healthz(router(state)),
+        tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
+            identify,
+            crate::identify::identify,
+        ))),
         ServerLimits::from_args(&args),
         async move {
             wait_for_stop_signal().await;

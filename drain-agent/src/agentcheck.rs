@@ -50,7 +50,7 @@
 use std::{
     future::Future,
     io,
-    net::{Shutdown, SocketAddr},
+    net::{IpAddr, Shutdown, SocketAddr},
     sync::Arc,
     time::Duration,
 };
@@ -66,9 +66,15 @@ use tokio::{
 
 use crate::server::Acceptor;
 
-/// Which ports are draining now (implemented by the agent's drain registry).
+/// Which scopes are draining now (implemented by the agent's drain registry): a port, or a
+/// port at one local address (a pod's IP, which names the pod's namespace). A drain of one
+/// pod never answers `drain` for another pod or for the node's port.
 pub trait PortGate: Send + Sync + 'static {
-    fn draining(&self, port: u16) -> bool;
+    fn draining(
+        &self,
+        port: u16,
+        addr: Option<IpAddr>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
 /// The longest request line read, line end included; a longer one is invalid.
@@ -121,25 +127,34 @@ impl Reply {
     }
 }
 
-/// The port a request names: the bytes before the first `\r` or `\n` (all of them if there
-/// is none), blanks around, then 1 to 5 ASCII digits making `1..=65535`.
-pub fn parse_request(request: &[u8]) -> Option<u16> {
+/// The scope a request names: the bytes before the first `\r` or `\n` (all of them if
+/// there is none), blanks around, then 1 to 5 ASCII digits making `1..=65535`, optionally
+/// followed by blanks and one IPv4 or IPv6 address (`agent-send "8080 10.0.3.7\n"`: that
+/// pod's port).
+pub fn parse_request(request: &[u8]) -> Option<(u16, Option<IpAddr>)> {
     let line = request
         .split(|byte| *byte == b'\r' || *byte == b'\n')
         .next()
         .unwrap_or_default();
-    let line = line.trim_ascii();
-    if line.is_empty() || line.len() > 5 || !line.iter().all(u8::is_ascii_digit) {
+    let line = std::str::from_utf8(line.trim_ascii()).ok()?;
+    let mut words = line.split([' ', '\t']).filter(|word| !word.is_empty());
+    let port = words.next()?;
+    let addr = words.next();
+    if words.next().is_some() || port.len() > 5 || !port.bytes().all(|byte| byte.is_ascii_digit()) {
         return None;
     }
-    let port: u16 = std::str::from_utf8(line).ok()?.parse().ok()?;
-    (port != 0).then_some(port)
+    let port: u16 = port.parse().ok()?;
+    let addr = match addr {
+        None => None,
+        Some(text) => Some(text.parse::<IpAddr>().ok()?),
+    };
+    (port != 0).then_some((port, addr))
 }
 
 /// The answer to `request` (the bytes received) with `gate`.
-pub fn reply_for(request: &[u8], gate: &dyn PortGate) -> Reply {
+pub async fn reply_for(request: &[u8], gate: &dyn PortGate) -> Reply {
     match parse_request(request) {
-        Some(port) if gate.draining(port) => Reply::Drain,
+        Some((port, addr)) if gate.draining(port, addr).await => Reply::Drain,
         Some(_) => Reply::Ready,
         None => Reply::Invalid,
     }
@@ -216,7 +231,7 @@ async fn answer(
     limits: Limits,
 ) -> Result<()> {
     let request = read_request(&stream, limits.read_timeout).await?;
-    let reply = reply_for(&request, gate);
+    let reply = reply_for(&request, gate).await;
     if reply == Reply::Invalid {
         debug!(
             "agent-check: {peer}: invalid request {:?}, answered {:?}",
@@ -326,21 +341,37 @@ mod tests {
     }
 
     impl PortGate for FakeGate {
-        fn draining(&self, port: u16) -> bool {
-            self.0.lock().unwrap().contains(&port)
+        fn draining(
+            &self,
+            port: u16,
+            addr: Option<IpAddr>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+            // The fake gates whole ports, and no address-scoped question.
+            let draining = addr.is_none() && self.0.lock().unwrap().contains(&port);
+            Box::pin(async move { draining })
         }
     }
 
     #[test]
     fn requests_name_a_port_or_are_invalid() {
         for (request, port) in [
-            (&b"8080\n"[..], Some(8080)),
-            (b"8080\r\n", Some(8080)),
-            (b"8080", Some(8080)),
-            (b"  443\t\n", Some(443)),
-            (b"1\n", Some(1)),
-            (b"65535\n", Some(65535)),
-            (b"8080\nmore", Some(8080)),
+            (&b"8080\n"[..], Some((8080, None))),
+            (b"8080\r\n", Some((8080, None))),
+            (b"8080", Some((8080, None))),
+            (b"  443\t\n", Some((443, None))),
+            (b"1\n", Some((1, None))),
+            (b"65535\n", Some((65535, None))),
+            (b"8080\nmore", Some((8080, None))),
+            (
+                b"8080 10.0.3.7\n",
+                Some((8080, Some(IpAddr::from([10, 0, 3, 7])))),
+            ),
+            (
+                b"8080\tfd00::7\n",
+                Some((8080, Some("fd00::7".parse().unwrap()))),
+            ),
+            (b"8080 10.0.3.7 x\n", None),
+            (b"8080 10.0.3\n", None),
             (b"", None),
             (b"\n", None),
             (b"0\n", None),
@@ -351,6 +382,7 @@ mod tests {
             (b"+8080\n", None),
             (b"-1\n", None),
             (b"8080 8081\n", None),
+            (b"8080,10.0.3.7\n", None),
             (b"port=8080\n", None),
             (b"be/s1\n", None),
             (b"80\x0080\n", None),
@@ -365,16 +397,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn answers_follow_the_gate_and_bad_requests_change_nothing() {
+    #[tokio::test]
+    async fn answers_follow_the_gate_and_bad_requests_change_nothing() {
         let gate = FakeGate::default();
-        assert_eq!(reply_for(b"8080\n", &gate), Reply::Ready);
+        assert_eq!(reply_for(b"8080\n", &gate).await, Reply::Ready);
         gate.set(8080, true);
-        assert_eq!(reply_for(b"8080\n", &gate), Reply::Drain);
-        assert_eq!(reply_for(b"8081\n", &gate), Reply::Ready);
-        assert_eq!(reply_for(b"nonsense\n", &gate), Reply::Invalid);
+        assert_eq!(reply_for(b"8080\n", &gate).await, Reply::Drain);
+        assert_eq!(reply_for(b"8080 10.0.3.7\n", &gate).await, Reply::Ready);
+        assert_eq!(reply_for(b"8081\n", &gate).await, Reply::Ready);
+        assert_eq!(reply_for(b"nonsense\n", &gate).await, Reply::Invalid);
         gate.set(8080, false);
-        assert_eq!(reply_for(b"8080\n", &gate), Reply::Ready);
+        assert_eq!(reply_for(b"8080\n", &gate).await, Reply::Ready);
 
         // The invalid answer is one word HAProxy does not know: not one it acts on
         // (up, down, fail, stopped, ready, drain, maint, N%, maxconn:N), and no separator

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::{
     addr::canonical_addr,
-    drain::DrainSpec,
+    drain::{DrainSpec, Given},
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
     netns,
@@ -150,6 +150,12 @@ pub enum ApiError {
     BadRequest(String),
     /// 404: the request names something that does not exist (e.g. an unknown netns).
     NotFound(String),
+    /// 401: a bearer token was given and is not one the agent was configured with.
+    Unauthorized(String),
+    /// 403: this caller may not do this (the message names the rule; SECURITY.md).
+    Forbidden(String),
+    /// 409: the request's settings differ from those of the drain in progress of its scope.
+    Conflict(String),
 }
 
 impl IntoResponse for ApiError {
@@ -157,6 +163,13 @@ impl IntoResponse for ApiError {
         match self {
             Self::BadRequest(message) => error(StatusCode::BAD_REQUEST, message),
             Self::NotFound(message) => error(StatusCode::NOT_FOUND, message),
+            Self::Unauthorized(message) => (
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                error(StatusCode::UNAUTHORIZED, message),
+            )
+                .into_response(),
+            Self::Forbidden(message) => error(StatusCode::FORBIDDEN, message),
+            Self::Conflict(message) => error(StatusCode::CONFLICT, message),
         }
     }
 }
@@ -183,6 +196,8 @@ pub struct DrainRequest {
     /// connections too (a waiter's answer always does). Off by default: the list costs a
     /// pass over the kernel's socket tables, which a poller should not pay every time.
     pub peers: bool,
+    /// Which drain settings the request named (they must agree with a drain in progress).
+    pub given: Given,
 }
 
 impl DrainRequest {
@@ -194,6 +209,7 @@ impl DrainRequest {
             rule: self.rule.clone(),
             on_timeout: self.on_timeout,
             pace: self.pace,
+            given: self.given,
         }
     }
 }
@@ -334,6 +350,13 @@ pub fn parse_drain_request(
         on_timeout,
         pace,
         peers,
+        given: Given {
+            on_timeout: values.contains_key("on_timeout"),
+            quiet: values.contains_key("quiet") || values.contains_key("settle"),
+            ignore: values.contains_key("ignore"),
+            idle: values.contains_key("idle"),
+            pace: values.contains_key("pace"),
+        },
     })
 }
 
@@ -372,7 +395,7 @@ pub fn parse_port(text: &str) -> Result<u16, String> {
 }
 
 /// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
-fn parse_addr(text: &str) -> Result<IpAddr, String> {
+pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
     text.parse::<IpAddr>()
         .map(canonical_addr)
         .map_err(|_| format!("addr: {text:?} is not an IP address"))

@@ -243,6 +243,14 @@ pub struct RunArgs {
     )]
     pub close_method: CloseArg,
 
+    /// Bearer tokens (one per line, at least 16 characters; `#` comments) that give a caller
+    /// the node's authority on any listener: the only way for callers that are neither this
+    /// node nor a pod on it to do more than read /metrics, /healthz and /health. Send it as
+    /// `Authorization: Bearer TOKEN` (`drain-agent wait` reads $DRAIN_AGENT_TOKEN). See
+    /// SECURITY.md.
+    #[arg(long, env = "DRAIN_AGENT_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+
     /// Append a record of every ended drain to this file (JSON lines), and read the last
     /// ones back at start so `/drains` survives restarts.
     #[arg(long, env = "DRAIN_AGENT_JOURNAL")]

@@ -20,7 +20,7 @@ use crate::{
     closer::Closer,
     drain_rule::{DrainRule, Peer},
     journal::Journal,
-    tracker::{Filter, Tracker, WaitError},
+    tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
 
 /// How a drain ended.
@@ -32,15 +32,18 @@ pub enum DrainEnd {
     ClosedAtDeadline,
     Cancelled,
     AgentShutdown,
+    /// Started by `/drained` waiters, every one of which went away before it ended.
+    Abandoned,
 }
 
 impl DrainEnd {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Drained,
         Self::Timeout,
         Self::ClosedAtDeadline,
         Self::Cancelled,
         Self::AgentShutdown,
+        Self::Abandoned,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -50,7 +53,14 @@ impl DrainEnd {
             Self::ClosedAtDeadline => "closed_at_deadline",
             Self::Cancelled => "cancelled",
             Self::AgentShutdown => "agent_shutdown",
+            Self::Abandoned => "abandoned",
         }
+    }
+
+    /// Whether the scope stays out of rotation after this end: a drain that ran its course
+    /// precedes a stop; a cancelled, abandoned or interrupted one does not.
+    pub const fn holds_the_gate(self) -> bool {
+        matches!(self, Self::Drained | Self::Timeout | Self::ClosedAtDeadline)
     }
 }
 
@@ -75,6 +85,108 @@ pub struct DrainSpec {
     pub on_timeout: OnTimeout,
     /// Closings per second at the deadline (0: all at once).
     pub pace: u32,
+    /// Which settings the request named: only those must agree with a drain in progress.
+    pub given: Given,
+}
+
+/// The settings a request named explicitly (the rest take the drain's, or the defaults).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Given {
+    pub on_timeout: bool,
+    pub quiet: bool,
+    pub ignore: bool,
+    pub idle: bool,
+    pub pace: bool,
+}
+
+impl DrainSpec {
+    /// What `asked` names that differs from this drain in progress, or `None`: a request
+    /// that would change a drain others wait on gets 409, never a silent drop.
+    fn conflict(&self, asked: &Self) -> Option<String> {
+        let mut differences = Vec::new();
+        if asked.given.on_timeout && asked.on_timeout != self.on_timeout {
+            differences.push(format!(
+                "on_timeout={} (asked {})",
+                self.on_timeout.label(),
+                asked.on_timeout.label()
+            ));
+        }
+        if asked.given.quiet && asked.rule.quiet != self.rule.quiet {
+            differences.push(format!(
+                "quiet={:?} (asked {:?})",
+                self.rule.quiet, asked.rule.quiet
+            ));
+        }
+        if asked.given.ignore && asked.rule.ignore != self.rule.ignore {
+            differences.push("a different ignore list".into());
+        }
+        if asked.given.idle && asked.rule.idle != self.rule.idle {
+            differences.push(format!(
+                "idle={:?} (asked {:?})",
+                self.rule.idle, asked.rule.idle
+            ));
+        }
+        if asked.given.pace && asked.pace != self.pace {
+            differences.push(format!("pace={} (asked {})", self.pace, asked.pace));
+        }
+        (!differences.is_empty()).then(|| differences.join(", "))
+    }
+}
+
+impl OnTimeout {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Close => "close",
+        }
+    }
+}
+
+/// Why a drain could not be started or joined.
+#[derive(Debug)]
+pub enum JoinError {
+    /// As many drains as allowed are in progress.
+    Full,
+    /// The drain in progress of this scope has other settings (named, with its id).
+    Conflict(u64, String),
+}
+
+/// What a drain came to: the answer its waiters get.
+#[derive(Clone, Debug)]
+pub struct Final {
+    pub result: DrainEnd,
+    pub outcome: crate::tracker::DrainOutcome,
+    /// Connections the agent closed at the deadline (`on_timeout=close`).
+    pub closed: Option<u64>,
+}
+
+/// The scope a `/health` or agent-check question is about, resolved to a namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Asked {
+    pub port: u16,
+    pub addr: Option<IpAddr>,
+    /// The namespace asked about: the pod's, the one `addr` belongs to, else the node's.
+    pub netns: u32,
+    /// Asked for a whole namespace (a pod about itself): any drain inside it counts.
+    pub whole_namespace: bool,
+}
+
+impl Asked {
+    /// Whether a drain of `scope` takes what is asked about out of rotation: it covers it.
+    /// A drain of one pod (namespace or address) never covers another pod or the node.
+    pub fn covered_by(&self, scope: &Filter) -> bool {
+        scope.port == self.port
+            && scope.netns.is_none_or(|netns| netns == self.netns)
+            && match scope.addr {
+                None => true,
+                Some(addr) => {
+                    self.addr == Some(addr)
+                        || (self.addr.is_none()
+                            && self.whole_namespace
+                            && scope.netns == Some(self.netns))
+                }
+            }
+    }
 }
 
 /// The record of one drain (`/drains`, the journal).
@@ -112,25 +224,86 @@ pub struct DrainRecord {
 /// this long.
 pub const GATE_HOLD: Duration = Duration::from_secs(300);
 
-/// A port kept out of rotation after its drain.
+/// At most this many scopes are held out of rotation after their drains; past it the
+/// oldest hold ends first.
+pub const HELD_MAX: usize = 4096;
+
+/// A scope kept out of rotation after its drain.
 struct Held {
-    filter: Filter,
     /// The listeners when the drain ended: any other one is a new instance.
     listeners: std::collections::HashSet<u64>,
     until: tokio::time::Instant,
 }
 
 impl crate::agentcheck::PortGate for Drains {
-    fn draining(&self, port: u16) -> bool {
-        Drains::draining(self, port)
+    fn draining(
+        &self,
+        port: u16,
+        addr: Option<IpAddr>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            let asked = self.resolve(port, addr, None).await;
+            self.gated(&asked)
+        })
     }
 }
 
 /// A drain in progress.
 struct Running {
+    spec: DrainSpec,
+    deadline: tokio::time::Instant,
     record: Mutex<DrainRecord>,
-    cancel: watch::Sender<bool>,
-    finished: watch::Sender<bool>,
+    /// Set to end the drain early: `Cancelled` (`DELETE`) or `Abandoned` (its waiters left).
+    cancel: watch::Sender<Option<DrainEnd>>,
+    finished: watch::Sender<Option<Arc<Final>>>,
+    /// Started or joined by `POST /drain`: lives until its timeout or `DELETE`, whoever waits.
+    posted: std::sync::atomic::AtomicBool,
+    /// `/drained` waiters attached now.
+    waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
+/// ends the drain when it was the last waiter of a drain no `POST` asked for.
+pub struct Membership {
+    drain: Arc<Running>,
+}
+
+impl Membership {
+    pub fn id(&self) -> u64 {
+        lock(&self.drain.record).id
+    }
+
+    /// When the drain's own deadline passes.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.drain.deadline
+    }
+
+    /// The drain's outcome, if it ends before `until`.
+    pub async fn outcome(&self, until: tokio::time::Instant) -> Option<Arc<Final>> {
+        let mut finished = self.drain.finished.subscribe();
+        tokio::time::timeout_at(until, finished.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|done| done.ok().and_then(|done| done.clone()))
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let left = self.drain.waiters.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0
+            && !self.drain.posted.load(Ordering::Acquire)
+            && tokio::time::Instant::now() < self.drain.deadline
+        {
+            // Nobody waits for it and nobody asked for it to run on its own.
+            self.drain.cancel.send_if_modified(|end| {
+                end.is_none() && {
+                    *end = Some(DrainEnd::Abandoned);
+                    true
+                }
+            });
+        }
+    }
 }
 
 /// How many ended drains `/drains` keeps.
@@ -158,8 +331,11 @@ pub struct Drains {
     journal: Option<Journal>,
     next_id: AtomicU64,
     running: Mutex<HashMap<Filter, Arc<Running>>>,
-    /// Ports whose drain ended and that stay out of rotation (see [`GATE_HOLD`]).
-    held: Mutex<HashMap<u16, Held>>,
+    /// Scopes whose drain ended and that stay out of rotation (see [`GATE_HOLD`],
+    /// [`HELD_MAX`]).
+    held: Mutex<HashMap<Filter, Held>>,
+    /// Which namespace an address asked about belongs to (`None` in unit tests: the node).
+    pods: Option<Arc<crate::pod_addresses::PodAddresses>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     history: Mutex<VecDeque<DrainRecord>>,
@@ -185,6 +361,7 @@ impl Drains {
         tracker: Arc<Tracker>,
         closer: Option<Arc<dyn Closer>>,
         journal: Option<Journal>,
+        pods: Option<Arc<crate::pod_addresses::PodAddresses>>,
         max_running: usize,
     ) -> Self {
         let past = journal
@@ -199,58 +376,117 @@ impl Drains {
             next_id: AtomicU64::new(next_id),
             running: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            pods,
             max_running,
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
         }
     }
 
-    /// Whether `port` is out of rotation: a drain of it (any scope) is in progress, or one
-    /// ended and no new instance listens yet. What `/health?port=P` and the agent-check
-    /// answer: a load balancer must not send to a service that drained and is stopping.
-    pub fn draining(&self, port: u16) -> bool {
-        if lock(&self.running).keys().any(|filter| filter.port == port) {
+    /// The scope a `/health?port=P[&addr=IP]` or agent-check question is about: `pod` is
+    /// the asking pod's namespace (its own listener, or its address on the node's); else
+    /// the namespace `addr` belongs to, else the node's own.
+    pub async fn resolve(&self, port: u16, addr: Option<IpAddr>, pod: Option<u32>) -> Asked {
+        let addr = addr.map(crate::addr::canonical_addr);
+        if let Some(netns) = pod {
+            return Asked {
+                port,
+                addr,
+                netns,
+                whole_namespace: addr.is_none(),
+            };
+        }
+        let (own, owner) = match (&self.pods, addr) {
+            (Some(pods), Some(addr)) => (pods.own_netns(), pods.owner(addr).await),
+            (Some(pods), None) => (pods.own_netns(), None),
+            (None, _) => (0, None),
+        };
+        Asked {
+            port,
+            addr,
+            netns: owner.unwrap_or(own),
+            whole_namespace: false,
+        }
+    }
+
+    /// Whether what is asked is out of rotation: a drain that covers it is in progress, or
+    /// one ended and no new instance listens yet. What `/health?port=P` and the agent-check
+    /// answer: a load balancer must not send to a service that drained and is stopping. A
+    /// drain of one scope never gates another (see [`Asked::covered_by`]).
+    pub fn gated(&self, asked: &Asked) -> bool {
+        if lock(&self.running)
+            .keys()
+            .any(|scope| asked.covered_by(scope))
+        {
             return true;
         }
+        let now = tokio::time::Instant::now();
         let mut held = lock(&self.held);
-        let Some(hold) = held.get(&port) else {
-            return false;
-        };
-        let reopen = tokio::time::Instant::now() >= hold.until
-            || self.closer.as_ref().is_some_and(|closer| {
-                closer
-                    .listeners(&hold.filter)
-                    .is_ok_and(|now| now.iter().any(|cookie| !hold.listeners.contains(cookie)))
-            });
-        if reopen {
-            held.remove(&port);
-            log::info!("port {port} back in rotation: a new instance listens");
-        }
-        !reopen
+        let mut gated = false;
+        held.retain(|scope, hold| {
+            if !asked.covered_by(scope) {
+                return true;
+            }
+            let reopen = now >= hold.until
+                || self.closer.as_ref().is_some_and(|closer| {
+                    closer
+                        .listeners(scope)
+                        .is_ok_and(|now| now.iter().any(|cookie| !hold.listeners.contains(cookie)))
+                });
+            if reopen {
+                log::info!(
+                    "port {} (addr {}, netns {}) back in rotation: a new instance listens, or the hold ended",
+                    scope.port,
+                    scope.addr.map_or("-".into(), |addr| addr.to_string()),
+                    scope.netns.map_or("-".into(), |netns| netns.to_string())
+                );
+            }
+            gated |= !reopen;
+            !reopen
+        });
+        gated
     }
 
-    /// Puts `filter`'s port back in rotation at once (`DELETE /drain` after a drain ended).
+    /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).
     pub fn release(&self, filter: &Filter) -> bool {
-        lock(&self.held).remove(&filter.port).is_some()
+        lock(&self.held).remove(filter).is_some()
     }
 
-    /// Whether a drain of `port` in the namespace `netns` is in progress: `/health?port=P`
-    /// asked inside a pod (its own drains only).
-    pub fn draining_in(&self, port: u16, netns: u32) -> bool {
-        lock(&self.running)
-            .keys()
-            .any(|filter| filter.port == port && filter.netns == Some(netns))
+    /// `POST /drain`: starts a drain of `spec.filter`, or returns the one in progress for
+    /// that scope (`false`), which from now on lives until its timeout or `DELETE`.
+    pub fn post(self: &Arc<Self>, spec: DrainSpec) -> Result<(DrainRecord, bool), JoinError> {
+        let (drain, created) = self.start(spec, true)?;
+        drain.posted.store(true, Ordering::Release);
+        let record = lock(&drain.record).clone();
+        Ok((record, created))
     }
 
-    /// Starts a drain of `spec.filter`, or returns the one in progress for that scope.
-    /// `true` when it was started now; `None` when as many drains as allowed run already.
-    pub fn start(self: &Arc<Self>, spec: DrainSpec) -> Option<(DrainRecord, bool)> {
+    /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
+    /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
+    pub fn join(self: &Arc<Self>, spec: DrainSpec) -> Result<(Membership, bool), JoinError> {
+        let (drain, created) = self.start(spec, false)?;
+        Ok((Membership { drain }, created))
+    }
+
+    /// The drain of `spec.filter`, started now (`true`) or in progress, with one more
+    /// waiter attached unless `posted`.
+    fn start(
+        self: &Arc<Self>,
+        spec: DrainSpec,
+        posted: bool,
+    ) -> Result<(Arc<Running>, bool), JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
-            return Some((lock(&existing.record).clone(), false));
+            if let Some(difference) = existing.spec.conflict(&spec) {
+                return Err(JoinError::Conflict(lock(&existing.record).id, difference));
+            }
+            if !posted {
+                existing.waiters.fetch_add(1, Ordering::AcqRel);
+            }
+            return Ok((Arc::clone(existing), false));
         }
         if running.len() >= self.max_running {
-            return None;
+            return Err(JoinError::Full);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let active_at_start = self.tracker.active(&spec.filter).unwrap_or(0);
@@ -271,9 +507,13 @@ impl Drains {
             on_timeout: spec.on_timeout,
         };
         let drain = Arc::new(Running {
-            record: Mutex::new(record.clone()),
-            cancel: watch::channel(false).0,
-            finished: watch::channel(false).0,
+            spec: spec.clone(),
+            deadline: tokio::time::Instant::now() + spec.timeout,
+            record: Mutex::new(record),
+            cancel: watch::channel(None).0,
+            finished: watch::channel(None).0,
+            posted: std::sync::atomic::AtomicBool::new(posted),
+            waiters: std::sync::atomic::AtomicUsize::new(usize::from(!posted)),
         });
         running.insert(spec.filter.clone(), Arc::clone(&drain));
         drop(running);
@@ -287,8 +527,9 @@ impl Drains {
             spec.timeout
         );
         let registry = Arc::clone(self);
-        tokio::spawn(async move { registry.run(spec, drain).await });
-        Some((record, true))
+        let running = Arc::clone(&drain);
+        tokio::spawn(async move { registry.run(spec, running).await });
+        Ok((drain, true))
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
@@ -296,9 +537,14 @@ impl Drains {
         let drain = lock(&self.running).get(filter).cloned()?;
         self.release(filter);
         let mut finished = drain.finished.subscribe();
-        drain.cancel.send_replace(true);
+        drain.cancel.send_if_modified(|end| {
+            end.is_none() && {
+                *end = Some(DrainEnd::Cancelled);
+                true
+            }
+        });
         // The drain ends at once on cancel; wait for its record.
-        let _ = finished.wait_for(|done| *done).await;
+        let _ = finished.wait_for(Option::is_some).await;
         let record = lock(&drain.record).clone();
         Some(record)
     }
@@ -307,7 +553,7 @@ impl Drains {
     pub async fn wait_ended(&self, filter: &Filter, limit: Duration) -> Option<DrainRecord> {
         let drain = lock(&self.running).get(filter).cloned()?;
         let mut finished = drain.finished.subscribe();
-        let _ = tokio::time::timeout(limit, finished.wait_for(|done| *done)).await;
+        let _ = tokio::time::timeout(limit, finished.wait_for(Option::is_some)).await;
         let record = lock(&drain.record).clone();
         Some(record)
     }
@@ -339,14 +585,14 @@ impl Drains {
     async fn run(self: Arc<Self>, spec: DrainSpec, drain: Arc<Running>) {
         let mut cancel = drain.cancel.subscribe();
         let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
-            outcome = self.tracker.wait_for_drain(&spec.filter, spec.timeout, &spec.rule) => Some(outcome),
-            _ = cancel.wait_for(|cancelled| *cancelled) => None,
+        let waited = tokio::select! {
+            outcome = self.tracker.wait_for_drain(&spec.filter, spec.timeout, &spec.rule) => Ok(outcome),
+            end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
         };
         let mut closed = 0;
-        let result = match outcome {
-            None => DrainEnd::Cancelled,
-            Some(Ok(outcome)) => {
+        let (result, outcome) = match waited {
+            Err(end) => (end, self.not_drained(&spec.filter, started, None)),
+            Ok(Ok(outcome)) => {
                 {
                     let mut record = lock(&drain.record);
                     record.first_zero_after_ms = outcome
@@ -356,17 +602,42 @@ impl Drains {
                     record.peers_at_end = outcome.peers.clone();
                 }
                 if outcome.drained {
-                    DrainEnd::Drained
+                    (DrainEnd::Drained, outcome)
                 } else if self.tracker.shutting_down() {
-                    DrainEnd::AgentShutdown
+                    (DrainEnd::AgentShutdown, outcome)
                 } else if spec.on_timeout == OnTimeout::Close {
                     closed = self.close_remaining(&spec).await;
-                    DrainEnd::ClosedAtDeadline
+                    // Drained only if nothing is left now: a close that failed must not turn
+                    // into a "drained". Asked like any answer (doubts confirmed), without the
+                    // quiet window, which the deadline has ended.
+                    let now_rule = DrainRule {
+                        quiet: Duration::ZERO,
+                        ..spec.rule.clone()
+                    };
+                    let after = self
+                        .tracker
+                        .wait_for_drain(&spec.filter, Duration::ZERO, &now_rule)
+                        .await
+                        .map(|after| DrainOutcome {
+                            waited: started.elapsed(),
+                            ..after
+                        })
+                        .unwrap_or(outcome);
+                    (DrainEnd::ClosedAtDeadline, after)
                 } else {
-                    DrainEnd::Timeout
+                    (DrainEnd::Timeout, outcome)
                 }
             }
-            Some(Err(WaitError::TooManyWaiters(_) | WaitError::Source(_))) => DrainEnd::Timeout,
+            Ok(Err(problem)) => {
+                let why = match problem {
+                    WaitError::TooManyWaiters(max) => format!("{max} waiters already"),
+                    WaitError::Source(source) => format!("{source:#}"),
+                };
+                (
+                    DrainEnd::Timeout,
+                    self.not_drained(&spec.filter, started, Some(why)),
+                )
+            }
         };
         let record = {
             let mut record = lock(&drain.record);
@@ -379,9 +650,7 @@ impl Drains {
         // The listeners now (the gate waits for a new one): a netlink query per namespace,
         // off the async workers, which are answering the drain's waiters meanwhile.
         let listeners = match (&self.closer, record.result) {
-            (Some(closer), Some(result))
-                if result != DrainEnd::Cancelled && result != DrainEnd::AgentShutdown =>
-            {
+            (Some(closer), Some(result)) if result.holds_the_gate() => {
                 let (closer, filter) = (Arc::clone(closer), spec.filter.clone());
                 tokio::task::spawn_blocking(move || closer.listeners(&filter))
                     .await
@@ -392,7 +661,32 @@ impl Drains {
             _ => Vec::new(),
         };
         self.finish(&spec.filter, record, listeners);
-        drain.finished.send_replace(true);
+        drain.finished.send_replace(Some(Arc::new(Final {
+            result,
+            outcome,
+            closed: (spec.on_timeout == OnTimeout::Close && result == DrainEnd::ClosedAtDeadline)
+                .then_some(closed),
+        })));
+    }
+
+    /// A not-drained outcome with the count now (a drain that ended before its wait did).
+    fn not_drained(
+        &self,
+        filter: &Filter,
+        started: tokio::time::Instant,
+        unknown: Option<String>,
+    ) -> DrainOutcome {
+        DrainOutcome {
+            drained: false,
+            active: self.tracker.active(filter).unwrap_or(0),
+            waited: started.elapsed(),
+            unknown,
+            idle: None,
+            busy: None,
+            peers: Vec::new(),
+            first_zero: None,
+            arrivals: 0,
+        }
     }
 
     /// Closes what is left of `spec`'s scope: idle connections first, then the rest, paced.
@@ -435,13 +729,21 @@ impl Drains {
 
     /// Moves an ended drain to the history, the journal, the log and the metrics.
     fn finish(&self, filter: &Filter, record: DrainRecord, listeners: Vec<u64>) {
-        if record.result != Some(DrainEnd::Cancelled)
-            && record.result != Some(DrainEnd::AgentShutdown)
-        {
-            lock(&self.held).insert(
-                filter.port,
+        if record.result.is_some_and(DrainEnd::holds_the_gate) {
+            let mut held = lock(&self.held);
+            if held.len() >= HELD_MAX && !held.contains_key(filter) {
+                // Bounded: the hold that ends soonest goes first.
+                let soonest = held
+                    .iter()
+                    .min_by_key(|(_, hold)| hold.until)
+                    .map(|(scope, _)| scope.clone());
+                if let Some(soonest) = soonest {
+                    held.remove(&soonest);
+                }
+            }
+            held.insert(
+                filter.clone(),
                 Held {
-                    filter: filter.clone(),
                     listeners: listeners.into_iter().collect(),
                     until: tokio::time::Instant::now() + GATE_HOLD,
                 },
@@ -495,7 +797,7 @@ mod tests {
         let source = Arc::new(FakeSource::default());
         source.set(vec![endpoint("127.0.0.1", 8080, active)]);
         let tracker = Arc::new(Tracker::new(source.clone(), 16));
-        let drains = Arc::new(Drains::new(Arc::clone(&tracker), None, None, 4));
+        let drains = Arc::new(Drains::new(Arc::clone(&tracker), None, None, None, 4));
         (source, tracker, drains)
     }
 
@@ -506,20 +808,31 @@ mod tests {
             rule: DrainRule::default(),
             on_timeout: OnTimeout::Keep,
             pace: 0,
+            given: Given::default(),
+        }
+    }
+
+    /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
+    fn node(port: u16) -> Asked {
+        Asked {
+            port,
+            addr: None,
+            netns: 0,
+            whole_namespace: false,
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
         let (source, tracker, drains) = registry(2);
-        assert!(!drains.draining(8080));
-        let (first, created) = drains.start(spec(Duration::from_secs(60))).expect("room");
+        assert!(!drains.gated(&node(8080)));
+        let (first, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
         assert!(created);
-        let (again, created) = drains.start(spec(Duration::from_secs(60))).expect("room");
+        let (again, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
         assert!(!created);
         assert_eq!(first.id, again.id);
         assert_eq!(first.active_at_start, 2);
-        assert!(drains.draining(8080) && !drains.draining(8081));
+        assert!(drains.gated(&node(8080)) && !drains.gated(&node(8081)));
         source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
         tracker.notify_port(8080);
         let record = drains
@@ -529,9 +842,9 @@ mod tests {
         assert_eq!(record.result, Some(DrainEnd::Drained));
         // Drained: the port stays out of rotation until a new instance listens (no kernel
         // here to ask) or it is released.
-        assert!(drains.draining(8080));
+        assert!(drains.gated(&node(8080)));
         assert!(drains.release(&Filter::port(8080)));
-        assert!(!drains.draining(8080));
+        assert!(!drains.gated(&node(8080)));
         let (running, ended) = drains.list();
         assert!(running.is_empty());
         assert_eq!(ended[0].id, first.id);
@@ -541,15 +854,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancel_and_timeout_are_recorded() {
         let (_, _, drains) = registry(1);
-        let (started, _) = drains.start(spec(Duration::from_secs(3600))).expect("room");
+        let (started, _) = drains.post(spec(Duration::from_secs(3600))).expect("room");
         let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
         assert_eq!(
             (record.id, record.result),
             (started.id, Some(DrainEnd::Cancelled))
         );
-        assert!(!drains.draining(8080));
+        assert!(!drains.gated(&node(8080)));
         assert!(drains.cancel(&Filter::port(8080)).await.is_none());
-        drains.start(spec(Duration::from_secs(2))).expect("room");
+        drains.post(spec(Duration::from_secs(2))).expect("room");
         let record = drains
             .wait_ended(&Filter::port(8080), Duration::from_secs(10))
             .await
@@ -557,5 +870,139 @@ mod tests {
         assert_eq!(record.result, Some(DrainEnd::Timeout));
         assert_eq!(record.closed_by_agent, 0);
         assert_eq!(drains.list().1.len(), 2);
+    }
+
+    /// Issue 22: a `GET` whose client went away after 1 s left a 10-minute drain running,
+    /// gating the port for 10 minutes. Now the drain lives while one of its waiters waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
+        let (_, _, drains) = registry(1);
+        let (first, created) = drains.join(spec(Duration::from_secs(600))).expect("room");
+        assert!(created);
+        let (second, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
+        assert_eq!(first.id(), second.id());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(drains.gated(&node(8080)), "one waiter is still there");
+        drop(second);
+        let record = drains
+            .wait_ended(&Filter::port(8080), Duration::from_secs(1))
+            .await;
+        // Ended (or already gone from the running set) within a second.
+        assert!(record.is_none_or(|record| record.result == Some(DrainEnd::Abandoned)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(drains.list().0.is_empty());
+        assert_eq!(drains.list().1[0].result, Some(DrainEnd::Abandoned));
+        assert!(
+            !drains.gated(&node(8080)),
+            "an abandoned drain holds no gate"
+        );
+        // A POST keeps it running whoever waits.
+        let (waiter, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
+        drains.post(spec(Duration::from_secs(600))).expect("room");
+        drop(waiter);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(drains.list().0.len(), 1);
+    }
+
+    /// Issue 22: a request with other settings silently joined a drain in progress (a
+    /// close request answered `on_timeout: keep`). Named settings that differ are refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
+        let (_, _, drains) = registry(1);
+        drains.post(spec(Duration::from_secs(600))).expect("room");
+        let close = DrainSpec {
+            on_timeout: OnTimeout::Close,
+            given: Given {
+                on_timeout: true,
+                ..Given::default()
+            },
+            ..spec(Duration::from_secs(3))
+        };
+        match drains.post(close.clone()) {
+            Err(JoinError::Conflict(_, text)) => {
+                assert!(text.contains("on_timeout=keep (asked close)"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(drains.join(close), Err(JoinError::Conflict(..))));
+        // Settings not named take the drain's: the plain hook joins.
+        assert!(drains.join(spec(Duration::from_secs(3))).is_ok());
+        let quiet = DrainSpec {
+            rule: DrainRule {
+                quiet: Duration::from_secs(5),
+                ..DrainRule::default()
+            },
+            given: Given {
+                quiet: true,
+                ..Given::default()
+            },
+            ..spec(Duration::from_secs(30))
+        };
+        assert!(matches!(drains.post(quiet), Err(JoinError::Conflict(..))));
+    }
+
+    /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and
+    /// agent-check for 5 minutes. A drain gates only what it covers.
+    #[tokio::test(start_paused = true)]
+    async fn one_scopes_drain_never_gates_another() {
+        let (_, _, drains) = registry(1);
+        let pod_a = Filter {
+            port: 8080,
+            addr: None,
+            netns: Some(7),
+        };
+        let pod_b_addr: IpAddr = "10.1.0.8".parse().expect("ip");
+        let pod_a_addr: IpAddr = "10.1.0.7".parse().expect("ip");
+        drains
+            .post(DrainSpec {
+                filter: pod_a.clone(),
+                ..spec(Duration::from_secs(600))
+            })
+            .expect("room");
+        let a_inside = Asked {
+            port: 8080,
+            addr: None,
+            netns: 7,
+            whole_namespace: true,
+        };
+        let a_by_addr = Asked {
+            port: 8080,
+            addr: Some(pod_a_addr),
+            netns: 7,
+            whole_namespace: false,
+        };
+        let b_inside = Asked {
+            netns: 8,
+            ..a_inside
+        };
+        let b_by_addr = Asked {
+            addr: Some(pod_b_addr),
+            netns: 8,
+            ..a_by_addr
+        };
+        assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
+        assert!(!drains.gated(&node(8080)), "the node's port");
+        assert!(
+            !drains.gated(&b_inside) && !drains.gated(&b_by_addr),
+            "pod B"
+        );
+        // Pod A's hook on the node listener drains {addr, netns}: its own /health sees it.
+        drains.cancel(&pod_a).await.expect("cancelled");
+        drains
+            .post(DrainSpec {
+                filter: Filter {
+                    addr: Some(pod_a_addr),
+                    ..pod_a.clone()
+                },
+                ..spec(Duration::from_secs(600))
+            })
+            .expect("room");
+        assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
+        assert!(!drains.gated(&node(8080)) && !drains.gated(&b_inside));
+        // A node-wide drain covers every pod's port.
+        drains.post(spec(Duration::from_secs(600))).expect("room");
+        assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
     }
 }

@@ -17,22 +17,16 @@ use serde_json::json;
 pub use crate::api::WaitLimits;
 use crate::{
     api::{
-        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainResult, DrainedBody, DrainsBody,
-        EndpointRow, HealthBody, OnTimeout, error, parse_drain_request, parse_port, parse_query,
-        parse_scope, parse_scope_request,
+        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainResult, DrainedBody,
+        DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr, parse_drain_request,
+        parse_port, parse_query, parse_scope, parse_scope_request,
     },
-    drain::{DrainEnd, Drains},
+    authority::{Authority, Caller},
+    drain::{DrainEnd, Drains, Final, JoinError, Membership},
     metrics::Metrics,
-    pod_scope::{PodScope, confine, node_only},
-    tracker::{Filter, Tracker, WaitError},
+    pod_scope::node_only,
+    tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
-
-/// The pod scope of a request (`None` on the node listener): see `pod_scope.rs`.
-type Scope = Option<Extension<PodScope>>;
-
-fn scope_of(scope: &Scope) -> Option<&PodScope> {
-    scope.as_ref().map(|Extension(scope)| scope)
-}
 
 /// Everything the handlers need.
 pub struct AppState {
@@ -40,6 +34,8 @@ pub struct AppState {
     pub limits: WaitLimits,
     pub metrics: Arc<Metrics>,
     pub drains: Arc<Drains>,
+    /// Who may do what (`authority.rs`).
+    pub authority: Arc<Authority>,
 }
 
 /// The agent's routes.
@@ -66,11 +62,11 @@ async fn not_found() -> Response {
 
 async fn drained(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
     let parsed = parse_drain_request(query.as_deref(), state.limits);
-    let request = match confine(scope_of(&scope), parsed).await {
+    let request = match caller.confine(&state.authority, parsed).await {
         Ok(request) => request,
         Err(problem) => {
             state.metrics.drain_request(DrainResult::Invalid, None);
@@ -82,54 +78,47 @@ async fn drained(
             "a /drained request used settle=, which is now quiet= (counted from the request, not from the last change); settle will be removed"
         );
     }
-    // A waiter with a timeout joins the drain of its scope, starting one if none is in
-    // progress: the load balancer is told (/health, agent-check) and the drain is recorded.
-    // `timeout=0` stays a pure query.
-    // At the drain limit the waiter still waits, unrecorded: a stop hook must not fail.
-    let drain = if request.timeout.is_zero() {
-        None
-    } else {
-        state
-            .drains
-            .start(request.spec())
-            .map(|(record, _)| record.id)
-    };
-    // A client that hangs up drops this future: the guard still records the request.
-    let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
-    let outcome = state
-        .tracker
-        .wait_until_drained(&request.filter, request.timeout, &request.rule)
-        .await;
-    abandoned.0 = None;
-    match outcome {
-        Ok(mut outcome) => {
-            let mut closed = None;
-            if !outcome.drained
-                && request.on_timeout == OnTimeout::Close
-                && drain.is_some()
-                && !state.tracker.shutting_down()
-            {
-                // The drain closes what is left at its deadline: wait for its record.
-                if let Some(record) = state.drains.wait_ended(&request.filter, CLOSE_WAIT).await
-                    && record.result == Some(DrainEnd::ClosedAtDeadline)
-                {
-                    closed = Some(record.closed_by_agent);
-                    // Drained only if nothing is left now: a close that failed must not turn
-                    // into a "drained". Asked like any answer (doubts confirmed), without
-                    // the quiet window, which the deadline has ended.
-                    let now_rule = crate::drain_rule::DrainRule {
-                        quiet: std::time::Duration::ZERO,
-                        ..request.rule.clone()
-                    };
-                    if let Ok(after) = state
-                        .tracker
-                        .wait_until_drained(&request.filter, std::time::Duration::ZERO, &now_rule)
-                        .await
-                    {
-                        outcome = after;
-                    }
+    // A waiter with a timeout joins the drain of its scope (starting one if none is in
+    // progress) when its caller may control the scope: the load balancer is told (/health,
+    // agent-check) and the drain is recorded. Otherwise it only waits (observing), and
+    // may not ask for connections to be closed. `timeout=0` stays a pure query.
+    let mut joined = None;
+    if !request.timeout.is_zero() {
+        match caller.may_control(&state.authority, &request.filter).await {
+            Ok(()) => match state.drains.join(request.spec()) {
+                Ok((membership, _)) => joined = Some(membership),
+                Err(JoinError::Conflict(id, difference)) => {
+                    state.metrics.drain_request(DrainResult::Invalid, None);
+                    return ApiError::Conflict(format!(
+                        "drain {id} of this scope is in progress with {difference}: wait with its settings, or cancel it first"
+                    ))
+                    .into_response();
                 }
+                // At the drain limit the waiter still waits, unrecorded: a stop hook must
+                // not fail.
+                Err(JoinError::Full) => {}
+            },
+            Err(problem) if request.on_timeout == OnTimeout::Close => {
+                state.metrics.drain_request(DrainResult::Invalid, None);
+                return problem.into_response();
             }
+            Err(_) => {}
+        }
+    }
+    // A client that hangs up drops this future: the guard still records the request, and
+    // the membership's drop ends a drain no one waits for any more.
+    let mut abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
+    let answer = match &joined {
+        Some(membership) => await_drain(&state, &request, membership).await,
+        None => state
+            .tracker
+            .wait_until_drained(&request.filter, request.timeout, &request.rule)
+            .await
+            .map(|outcome| (outcome, None)),
+    };
+    abandoned.0 = None;
+    match answer {
+        Ok((mut outcome, closed)) => {
             if request.peers && !outcome.drained && outcome.active > 0 && outcome.peers.is_empty() {
                 // A pure query asked for the list (a waiter's answer has it already).
                 if let Ok((peers, idle, busy)) =
@@ -160,7 +149,7 @@ async fn drained(
                 idle: outcome.idle,
                 busy: outcome.busy,
                 peers: outcome.peers,
-                drain,
+                drain: joined.as_ref().map(Membership::id),
                 closed,
             };
             (status, Json(body)).into_response()
@@ -182,18 +171,83 @@ async fn drained(
     }
 }
 
-/// How long a `/drained` answer waits for its drain to close what is left at the deadline.
+/// How long past its drain's deadline a waiter waits for the drain's outcome: a paced
+/// close at the deadline takes its time.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A waiter's answer from the drain it joined. The drain owns the deadline, the close at
+/// the deadline and the final recount: a waiter whose deadline is the drain's (or later)
+/// gets the drain's outcome; one whose deadline comes first is answered then, with the
+/// count at that moment. A drain that ended without draining (its timeout, a cancel)
+/// before this waiter's own deadline leaves it waiting, as an observer, until then.
+async fn await_drain(
+    state: &AppState,
+    request: &DrainRequest,
+    membership: &Membership,
+) -> Result<(DrainOutcome, Option<u64>), WaitError> {
+    let _slot = state.tracker.admit()?;
+    let started = tokio::time::Instant::now();
+    let own_deadline = started + request.timeout;
+    let until = if membership.deadline() <= own_deadline {
+        // Bounded: a paced close at the deadline takes its time, and the agent may be
+        // shutting down.
+        membership.deadline() + CLOSE_WAIT
+    } else {
+        own_deadline
+    };
+    let final_outcome: Option<Arc<Final>> = membership.outcome(until).await;
+    let waited = |mut outcome: DrainOutcome| {
+        outcome.waited = started.elapsed();
+        outcome
+    };
+    match final_outcome {
+        Some(done)
+            if done.outcome.drained
+                || matches!(
+                    done.result,
+                    DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
+                )
+                || tokio::time::Instant::now() >= own_deadline =>
+        {
+            Ok((waited(done.outcome.clone()), done.closed))
+        }
+        Some(_) => {
+            let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = state
+                .tracker
+                .wait_for_drain(&request.filter, left, &request.rule)
+                .await?;
+            Ok((waited(outcome), None))
+        }
+        None => {
+            // This waiter's deadline came first: the count now, asked like any answer.
+            let mut outcome = state
+                .tracker
+                .wait_for_drain(&request.filter, std::time::Duration::ZERO, &request.rule)
+                .await?;
+            if !outcome.drained
+                && outcome.active > 0
+                && let Ok((peers, idle, busy)) =
+                    state.tracker.listed(&request.filter, &request.rule).await
+            {
+                outcome.peers = peers;
+                outcome.idle = outcome.idle.or(idle);
+                outcome.busy = outcome.busy.or(busy);
+            }
+            Ok((waited(outcome), None))
+        }
+    }
+}
 
 /// `POST /drain?port=P[&addr][&netns][&timeout][&quiet][&ignore][&idle][&on_timeout][&pace]`:
 /// starts a drain (201) or returns the one in progress for that scope (200).
 async fn start_drain(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
     let parsed = parse_drain_request(query.as_deref(), state.limits);
-    let request = match confine(scope_of(&scope), parsed).await {
+    let request = match caller.confine(&state.authority, parsed).await {
         Ok(request) => request,
         Err(problem) => return problem.into_response(),
     };
@@ -201,11 +255,23 @@ async fn start_drain(
         return ApiError::BadRequest("timeout: a drain needs a timeout above 0".into())
             .into_response();
     }
-    let Some((record, created)) = state.drains.start(request.spec()) else {
-        return error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "as many drains as --max-waiters allows are in progress; retry later",
-        );
+    if let Err(problem) = caller.may_control(&state.authority, &request.filter).await {
+        return problem.into_response();
+    }
+    let (record, created) = match state.drains.post(request.spec()) {
+        Ok(started) => started,
+        Err(JoinError::Full) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "as many drains as --max-waiters allows are in progress; retry later",
+            );
+        }
+        Err(JoinError::Conflict(id, difference)) => {
+            return ApiError::Conflict(format!(
+                "drain {id} of this scope is in progress with {difference}: cancel it first, or ask with its settings"
+            ))
+            .into_response();
+        }
     };
     let status = if created {
         StatusCode::CREATED
@@ -218,14 +284,18 @@ async fn start_drain(
 /// `DELETE /drain?port=P[&addr][&netns]`: cancels the drain of that scope.
 async fn cancel_drain(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
     let parsed = parse_scope_request(query.as_deref(), state.limits);
-    let filter = match confine(scope_of(&scope), parsed).await {
+    let filter = match caller.confine(&state.authority, parsed).await {
         Ok(filter) => filter,
         Err(problem) => return problem.into_response(),
     };
+    // Only the same scope (confined above: a pod names its own) or the node cancels.
+    if let Err(problem) = caller.may_control(&state.authority, &filter).await {
+        return problem.into_response();
+    }
     match state.drains.cancel(&filter).await {
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(
@@ -238,17 +308,18 @@ async fn cancel_drain(
 /// `GET /drains`: drains in progress and the last ended ones.
 async fn list_drains(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(problem) = parse_query(query.as_deref(), &[]) {
+    if let Err(problem) = caller
+        .observer()
+        .and_then(|_| parse_query(query.as_deref(), &[]))
+    {
         return problem.into_response();
     }
     let (mut in_progress, mut recent) = state.drains.list();
-    if let Some(scope) = scope_of(&scope) {
-        in_progress.retain(|record| record.netns == Some(scope.netns));
-        recent.retain(|record| record.netns == Some(scope.netns));
-    }
+    in_progress.retain(|record| caller.sees(&state.authority, record.netns));
+    recent.retain(|record| caller.sees(&state.authority, record.netns));
     (
         StatusCode::OK,
         Json(DrainsBody {
@@ -263,23 +334,33 @@ async fn list_drains(
 /// check for load balancers (AWS target groups, nginx, HAProxy `httpchk`, readiness).
 async fn health(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let port = match parse_query(query.as_deref(), &["port"]).and_then(|values| {
-        values
+    let parsed = parse_query(query.as_deref(), &["port", "addr"]).and_then(|values| {
+        let port = values
             .get("port")
             .map(|text| parse_port(text))
             .transpose()?
-            .ok_or_else(|| ApiError::BadRequest("missing parameter \"port\"".into()))
-    }) {
-        Ok(port) => port,
+            .ok_or_else(|| ApiError::BadRequest("missing parameter \"port\"".into()))?;
+        let addr = values
+            .get("addr")
+            .map(|text| parse_addr(text).map_err(ApiError::BadRequest))
+            .transpose()?;
+        Ok((port, addr))
+    });
+    let (port, addr) = match parsed {
+        Ok(parsed) => parsed,
         Err(problem) => return problem.into_response(),
     };
-    let draining = match scope_of(&scope) {
-        Some(scope) => state.drains.draining_in(port, scope.netns),
-        None => state.drains.draining(port),
+    // A pod asks about itself; anyone else about the scope it names (the node's port, or
+    // the pod `addr` belongs to). One scope's drain never gates another's.
+    let pod = match caller {
+        Caller::Pod { netns } => Some(netns),
+        _ => None,
     };
+    let asked = state.drains.resolve(port, addr, pod).await;
+    let draining = state.drains.gated(&asked);
     let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -291,11 +372,11 @@ async fn health(
 /// `GET /advice`: per port, how long connections last and the drain timeout to pick.
 async fn advice(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if scope.is_some() {
-        return node_only();
+    if let Err(problem) = caller.node_wide() {
+        return problem.into_response();
     }
     if let Err(problem) = parse_query(query.as_deref(), &[]) {
         return problem.into_response();
@@ -354,9 +435,12 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 /// connections, and with `peers=true` each one's connections (peer, age, idle, queues).
 async fn connections(
     State(state): State<Arc<AppState>>,
-    scope: Scope,
+    caller: Caller,
     RawQuery(query): RawQuery,
 ) -> Response {
+    if let Err(problem) = caller.observer() {
+        return problem.into_response();
+    }
     let parsed = parse_query(query.as_deref(), &CONNECTION_PARAMETERS).and_then(|values| {
         let port = values
             .get("port")
@@ -366,17 +450,22 @@ async fn connections(
         let peers = crate::api::parse_peers_flag(&values)?;
         Ok((port, addr, netns, peers))
     });
-    let (port, addr, mut netns, with_peers) = match (parsed, scope_of(&scope)) {
-        (Ok(parsed), _) => parsed,
-        (Err(problem), Some(scope)) => return scope.hide(problem).into_response(),
-        (Err(problem), None) => return problem.into_response(),
+    let parsed = parsed.map(|(port, addr, netns, peers)| {
+        (
+            Filter {
+                port: port.unwrap_or(0),
+                addr,
+                netns,
+            },
+            port,
+            peers,
+        )
+    });
+    let (scope, port, with_peers) = match caller.confine(&state.authority, parsed).await {
+        Ok(parsed) => parsed,
+        Err(problem) => return problem.into_response(),
     };
-    if let Some(scope) = scope_of(&scope) {
-        match scope.check(addr, netns).await {
-            Ok(own) => netns = Some(own),
-            Err(problem) => return problem.into_response(),
-        }
-    }
+    let (addr, netns) = (scope.addr, scope.netns);
     let mut endpoints = match state.tracker.snapshot() {
         Ok(endpoints) => endpoints,
         Err(problem) => {
@@ -419,7 +508,12 @@ async fn connections(
     (StatusCode::OK, Json(ConnectionsBody { endpoints: rows })).into_response()
 }
 
-async fn metrics(State(state): State<Arc<AppState>>, scope: Scope) -> Response {
+/// `GET /metrics`: public on the node listener (Prometheus, wherever it runs: no client
+/// addresses are in it); not served inside a pod (node-wide data).
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    scope: Option<Extension<crate::pod_scope::PodScope>>,
+) -> Response {
     if scope.is_some() {
         return node_only();
     }
@@ -451,7 +545,11 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::tracker::fake::{FakeSource, endpoint};
+    use crate::{
+        authority::PortOwners,
+        pod_addresses::{AddressSource, PodAddresses},
+        tracker::fake::{FakeSource, endpoint},
+    };
 
     const LIMITS: WaitLimits = WaitLimits {
         default_timeout: Duration::from_secs(30),
@@ -465,7 +563,14 @@ mod tests {
         let tracker = Arc::new(Tracker::new(source.clone(), 8));
         let metrics =
             Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
-        let drains = Arc::new(Drains::new(tracker.clone(), None, None, 8));
+        let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
+        let drains = Arc::new(Drains::new(
+            tracker.clone(),
+            None,
+            None,
+            Some(Arc::clone(&pods)),
+            8,
+        ));
         metrics
             .register_drains(drains.clone())
             .expect("drain metrics");
@@ -474,8 +579,37 @@ mod tests {
             limits: LIMITS,
             metrics,
             drains,
+            authority: Arc::new(Authority {
+                pods,
+                owners: Arc::new(Owners),
+            }),
         });
         (source, state)
+    }
+
+    /// Two pods: namespace 7 (10.1.0.7) and 8 (10.1.0.8); the node is namespace 1.
+    struct TwoPods;
+
+    impl AddressSource for TwoPods {
+        fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+            std::collections::BTreeMap::from([
+                (7, vec!["10.1.0.7".parse().expect("ip")]),
+                (8, vec!["10.1.0.8".parse().expect("ip")]),
+            ])
+        }
+    }
+
+    /// Port 8080's sockets are uid 1000's; 9090's are uid 1000's and root's.
+    struct Owners;
+
+    impl PortOwners for Owners {
+        fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+            Ok(match port {
+                8080 => vec![1000, 1000],
+                9090 => vec![1000, 0],
+                _ => Vec::new(),
+            })
+        }
     }
 
     async fn request(
@@ -483,14 +617,23 @@ mod tests {
         method: &str,
         uri: &str,
     ) -> (StatusCode, serde_json::Value) {
+        request_as(state, Caller::Node, method, uri).await
+    }
+
+    async fn request_as(
+        state: &Arc<AppState>,
+        caller: Caller,
+        method: &str,
+        uri: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request");
+        request.extensions_mut().insert(caller);
         let response = router(state.clone())
-            .oneshot(
-                axum::http::Request::builder()
-                    .method(method)
-                    .uri(uri)
-                    .body(Body::empty())
-                    .expect("request"),
-            )
+            .oneshot(request)
             .await
             .expect("response");
         let status = response.status();

@@ -45,6 +45,13 @@ impl Scoped for Filter {
     }
 }
 
+/// A scope with whatever else a request parsed (`/connections`).
+impl<A, B> Scoped for (Filter, A, B) {
+    fn filter_mut(&mut self) -> &mut Filter {
+        &mut self.0
+    }
+}
+
 impl Scoped for DrainRequest {
     fn filter_mut(&mut self) -> &mut Filter {
         &mut self.filter

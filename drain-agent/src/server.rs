@@ -134,9 +134,14 @@ impl ServerLimits {
     }
 }
 
+/// The local address of the connection a request came on (a request extension, beside the
+/// peer's `ConnectInfo<SocketAddr>`): who is calling is told from both ends (`identify.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
 /// `limits.shutdown_timeout`. Each request carries the peer address as
-/// `ConnectInfo<SocketAddr>`.
+/// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -178,12 +183,16 @@ pub async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(LocalAddr);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let service = {
             let app = app.clone();
             let in_flight = Arc::clone(&in_flight);
             service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(local) = local {
+                    request.extensions_mut().insert(local);
+                }
                 let busy = Busy::new(Arc::clone(&in_flight));
                 let app = app.clone();
                 async move {

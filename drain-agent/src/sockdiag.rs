@@ -66,6 +66,9 @@ pub struct TcpSocket {
     pub state: u8,
     /// `idiag_inode`: the socket inode (0 for time-wait and request sockets).
     pub inode: u32,
+    /// `idiag_uid`: the user that owns the socket (`sock_i_uid()`, in the initial user
+    /// namespace's view: the agent asks from there).
+    pub uid: u32,
     /// `idiag_cookie`: the kernel's unique socket id (`SO_COOKIE`).
     pub cookie: u64,
     /// `idiag_rqueue`: for a connection, bytes received and not yet read by the application.
@@ -660,6 +663,7 @@ fn parse_socket(payload: &[u8], with_info: bool) -> Result<TcpSocket> {
     // idiag_expires at base, then rqueue, wqueue, uid, inode.
     let recv_queue = read_u32(payload, base + 4)?;
     let send_queue = read_u32(payload, base + 8)?;
+    let uid = read_u32(payload, base + 12)?;
     let inode = read_u32(payload, base + 16)?;
     let address = |raw: [u8; 16], port: u16| -> Result<SocketAddr> {
         let ip = match family as i32 {
@@ -692,6 +696,7 @@ fn parse_socket(payload: &[u8], with_info: bool) -> Result<TcpSocket> {
         remote: address(id.dst, id.dport)?,
         state,
         inode,
+        uid,
         cookie: id.cookie,
         recv_queue,
         send_queue,

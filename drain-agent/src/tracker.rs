@@ -312,7 +312,7 @@ pub struct Tracker {
 }
 
 /// Keeps the waiter count right however a wait ends (answer, timeout, client gone).
-struct WaiterSlot<'a>(&'a AtomicUsize);
+pub struct WaiterSlot<'a>(&'a AtomicUsize);
 
 impl Drop for WaiterSlot<'_> {
     fn drop(&mut self) {
@@ -549,6 +549,17 @@ impl Tracker {
     /// port for a quiet window or a rule that looks at each connection; by the clock only
     /// when time alone changes the answer (the window ends, a silent connection turns
     /// idle) and, for the one thing no event announces, data in flight.
+    /// A waiter's place among `--max-waiters`, for a request that waits on a drain's
+    /// outcome rather than on [`Tracker::wait_until_drained`]; held until dropped.
+    pub fn admit(&self) -> Result<WaiterSlot<'_>, WaitError> {
+        let before = self.waiters.fetch_add(1, Ordering::AcqRel);
+        let slot = WaiterSlot(&self.waiters);
+        if before >= self.max_waiters {
+            return Err(WaitError::TooManyWaiters(self.max_waiters));
+        }
+        Ok(slot)
+    }
+
     pub async fn wait_until_drained(
         &self,
         filter: &Filter,

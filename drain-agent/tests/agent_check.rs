@@ -45,8 +45,13 @@ struct Switch {
 }
 
 impl PortGate for Switch {
-    fn draining(&self, port: u16) -> bool {
-        port == self.port && self.draining.load(Ordering::SeqCst)
+    fn draining(
+        &self,
+        port: u16,
+        addr: Option<std::net::IpAddr>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        let draining = addr.is_none() && port == self.port && self.draining.load(Ordering::SeqCst);
+        Box::pin(async move { draining })
     }
 }
 

@@ -1,0 +1,187 @@
+//! Who may do what (SECURITY.md): every request has a [`Caller`], and the handlers ask it
+//! before they read or change anything.
+//!
+//! *Observing* is waiting on and reading counts; *control* is starting a drain (which flips
+//! `/health` and the agent-check answer), cancelling one, and closing connections.
+//!
+//! | caller | how it is known | observes | controls |
+//! |---|---|---|---|
+//! | [`Caller::Node`] | its socket in the node's tables is root's; or a configured bearer token | everything | everything |
+//! | [`Caller::LocalUser`] | its socket in the node's tables is another user's | the node's own namespace | ports whose sockets there are all its own |
+//! | [`Caller::Pod`] | a pod listener; or on the node listener, a source address of exactly one pod namespace | its namespace | its namespace |
+//! | [`Caller::Remote`] | anyone else | `/metrics`, `/healthz`, `/health` | nothing |
+//!
+//! A request that reaches a handler without a caller (no identification layer ran) is
+//! [`Caller::Remote`]: the rules fail closed.
+
+use std::{convert::Infallible, net::IpAddr, sync::Arc};
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+
+use crate::{
+    api::ApiError,
+    pod_addresses::PodAddresses,
+    pod_scope::{PodScope, Scoped, confine},
+    tracker::Filter,
+};
+
+/// Who is asking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Root on this node, or the holder of a configured bearer token: everything.
+    Node,
+    /// A process of another user on this node, in the node's own network namespace.
+    /// `None`: its socket was found but the tables could not say whose it is.
+    LocalUser { uid: Option<u32> },
+    /// A pod on this node: its own network namespace only.
+    Pod { netns: u32 },
+    /// Anyone else.
+    Remote,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        if let Some(scope) = parts.extensions.get::<PodScope>() {
+            return Ok(Self::Pod { netns: scope.netns });
+        }
+        Ok(parts
+            .extensions
+            .get::<Self>()
+            .copied()
+            .unwrap_or(Self::Remote))
+    }
+}
+
+/// The uids of the sockets on a local port, in the node's own network namespace.
+pub trait PortOwners: Send + Sync + 'static {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>>;
+}
+
+/// The real one: the kernel's socket tables, read on the calling thread (the agent's
+/// threads are in the node's namespace).
+pub struct SocketTableOwners;
+
+impl PortOwners for SocketTableOwners {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+        use crate::sockdiag::{Query, query, state};
+        let states = state::bit(state::LISTEN)
+            | state::bit(state::ESTABLISHED)
+            | state::bit(state::CLOSE_WAIT);
+        Ok(query(&Query {
+            local_port: port,
+            states,
+            with_info: false,
+        })?
+        .into_iter()
+        .map(|socket| socket.uid)
+        .collect())
+    }
+}
+
+/// What the rules need to know about the node.
+pub struct Authority {
+    pub pods: Arc<PodAddresses>,
+    pub owners: Arc<dyn PortOwners>,
+}
+
+/// The text of every refusal of a remote caller.
+pub const REMOTE_RULE: &str = "this agent answers /metrics, /healthz and /health to callers that are neither this node nor a pod on it; everything else needs a bearer token the agent was configured with (--auth-token-file); see SECURITY.md";
+
+impl Caller {
+    /// Refuses a caller that may not observe anything beyond the public endpoints.
+    pub fn observer(self) -> Result<Self, ApiError> {
+        match self {
+            Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
+            other => Ok(other),
+        }
+    }
+
+    /// Confines a parsed request to what this caller may ask about: a pod's namespace, the
+    /// node's namespace for a local user, unchanged for the node. A remote caller is refused
+    /// before its input is looked at (a parse error could say something about the host).
+    pub async fn confine<T: Scoped>(
+        self,
+        authority: &Authority,
+        parsed: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        match self.observer()? {
+            Self::Node => parsed,
+            Self::Pod { netns } => confine(Some(&PodScope { netns }), parsed).await,
+            Self::LocalUser { .. } => {
+                let own = authority.pods.own_netns();
+                let mut parsed = parsed?;
+                let filter = parsed.filter_mut();
+                if filter.netns.is_some_and(|asked| asked != own) {
+                    return Err(ApiError::Forbidden(format!(
+                        "netns: a local user may ask about this node's own network namespace only ({own}); ask as root for others (SECURITY.md)"
+                    )));
+                }
+                filter.netns = Some(own);
+                Ok(parsed)
+            }
+            Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
+        }
+    }
+
+    /// Whether this caller may control `filter` (confined already): start a drain of it
+    /// (and so gate its `/health`), cancel it, close its connections.
+    pub async fn may_control(self, authority: &Authority, filter: &Filter) -> Result<(), ApiError> {
+        match self {
+            Self::Node | Self::Pod { .. } => Ok(()),
+            Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
+            Self::LocalUser { uid: None } => Err(ApiError::Forbidden(
+                "cannot tell which user is calling (the socket tables could not be read): only root controls drains now".into(),
+            )),
+            Self::LocalUser { uid: Some(uid) } => {
+                let owners = Arc::clone(&authority.owners);
+                let port = filter.port;
+                let found = tokio::task::spawn_blocking(move || owners.owners(port))
+                    .await
+                    .map_err(|problem| anyhow::anyhow!("{problem}"))
+                    .and_then(|read| read);
+                match found {
+                    Ok(uids) if !uids.is_empty() && uids.iter().all(|&owner| owner == uid) => {
+                        Ok(())
+                    }
+                    Ok(uids) if uids.is_empty() => Err(ApiError::Forbidden(format!(
+                        "port {port}: nothing listens or is connected on it in this node's namespace, so no user owns it; a local user controls only ports its own sockets hold (SECURITY.md)"
+                    ))),
+                    Ok(_) => Err(ApiError::Forbidden(format!(
+                        "port {port}: sockets of another user are on it; uid {uid} controls only ports whose sockets are all its own (SECURITY.md)"
+                    ))),
+                    Err(problem) => Err(ApiError::Forbidden(format!(
+                        "port {port}: cannot read who owns it ({problem:#}); only root controls drains now"
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Whether a drain record of `filter`'s scope may be shown to this caller.
+    pub fn sees(self, authority: &Authority, netns: Option<u32>) -> bool {
+        match self {
+            Self::Node => true,
+            Self::Pod { netns: own } => netns == Some(own),
+            Self::LocalUser { .. } => netns == Some(authority.pods.own_netns()),
+            Self::Remote => false,
+        }
+    }
+
+    /// Node-wide data (`/advice`): the node and its local users, not pods.
+    pub fn node_wide(self) -> Result<(), ApiError> {
+        match self {
+            Self::Node | Self::LocalUser { .. } => Ok(()),
+            Self::Pod { .. } => Err(ApiError::Forbidden(
+                "node-wide data is served to this node's own callers only, not to a pod (SECURITY.md)".into(),
+            )),
+            Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
+        }
+    }
+}
+
+/// Whether `addr` is a source address that names a pod (used by the identification).
+pub async fn pod_of(authority: &Authority, addr: IpAddr) -> Option<u32> {
+    authority.pods.owner(addr).await
+}
