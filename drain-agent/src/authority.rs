@@ -111,12 +111,19 @@ impl Caller {
             Self::Pod { netns } => confine(Some(&PodScope { netns }), parsed).await,
             Self::LocalUser { .. } => {
                 let own = authority.pods.own_netns();
-                let mut parsed = parsed?;
+                let other = || {
+                    ApiError::Forbidden(format!(
+                        "netns: a local user may ask about this node's own network namespace only ({own}); ask as root for others (SECURITY.md)"
+                    ))
+                };
+                // Whether another namespace exists is not a local user's to learn here.
+                let mut parsed = parsed.map_err(|problem| match problem {
+                    ApiError::NotFound(_) => other(),
+                    problem => problem,
+                })?;
                 let filter = parsed.filter_mut();
                 if filter.netns.is_some_and(|asked| asked != own) {
-                    return Err(ApiError::Forbidden(format!(
-                        "netns: a local user may ask about this node's own network namespace only ({own}); ask as root for others (SECURITY.md)"
-                    )));
+                    return Err(other());
                 }
                 filter.netns = Some(own);
                 Ok(parsed)

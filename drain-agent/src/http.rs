@@ -922,4 +922,176 @@ mod tests {
                 .contains("more than once")
         );
     }
+
+    /// Issue 22: anyone who could reach the node listener drained, gated and closed every
+    /// pod's port and read every pod's clients. A remote caller now gets the public
+    /// endpoints only, and nothing it asks changes anything.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_caller_reads_metrics_and_health_only_and_changes_nothing() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        for (method, uri) in [
+            ("GET", "/drained?port=8080&timeout=1s"),
+            ("GET", "/drained?port=8080&timeout=0"),
+            ("GET", "/drained?port=nonsense"),
+            ("POST", "/drain?port=8080&timeout=1s&on_timeout=close"),
+            ("DELETE", "/drain?port=8080"),
+            ("GET", "/connections?peers=true"),
+            ("GET", "/drains"),
+            ("GET", "/advice"),
+        ] {
+            let (status, body) = request_as(&state, Caller::Remote, method, uri).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}: {body}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("SECURITY.md"),
+                "{body}"
+            );
+        }
+        for uri in ["/metrics", "/healthz", "/health?port=8080"] {
+            let (status, body) = request_as(&state, Caller::Remote, "GET", uri).await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        }
+        let (_, drains) = get(&state, "/drains").await;
+        assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(0));
+        assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+    }
+
+    /// Issue 22: as user `nobody`, a drain with `on_timeout=close` reset a root service's
+    /// connections. A local user controls only ports whose sockets are all its own, in
+    /// the node's own namespace; it may still wait on any port there.
+    #[tokio::test(start_paused = true)]
+    async fn a_local_user_controls_only_its_own_ports() {
+        // The node's namespace is 1 here.
+        let on_node = |port| crate::tracker::Endpoint {
+            netns: 1,
+            ..endpoint("127.0.0.1", port, 1)
+        };
+        let (_, state) = app(vec![on_node(8080), on_node(9090)]);
+        let user = Caller::LocalUser { uid: Some(1000) };
+        let other = Caller::LocalUser { uid: Some(1001) };
+        let (status, body) = request_as(&state, user, "POST", "/drain?port=8080&timeout=1m").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["netns"], 1, "confined to the node's namespace: {body}");
+        for (caller, method, uri) in [
+            (other, "DELETE", "/drain?port=8080"),
+            (user, "POST", "/drain?port=9090&timeout=1m"),
+            (
+                user,
+                "GET",
+                "/drained?port=9090&timeout=1s&on_timeout=close",
+            ),
+            (user, "POST", "/drain?port=7070&timeout=1m"),
+            (
+                Caller::LocalUser { uid: None },
+                "POST",
+                "/drain?port=8080&timeout=1m",
+            ),
+            (user, "GET", "/drained?port=8080&timeout=0&netns=4026531840"),
+        ] {
+            let (status, body) = request_as(&state, caller, method, uri).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{caller:?} {method} {uri}: {body}"
+            );
+        }
+        // Waiting on another user's port observes: no drain starts, nothing is gated.
+        let (status, body) = request_as(&state, user, "GET", "/drained?port=9090&timeout=1s").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.get("drain").is_none(), "{body}");
+        let (_, drains) = get(&state, "/drains").await;
+        assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(1));
+        assert_eq!(get(&state, "/health?port=9090").await.0, StatusCode::OK);
+        // Its own drain gates the node's port (the node's namespace is the one it drains).
+        assert_eq!(
+            get(&state, "/health?port=8080").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (status, _) = request_as(&state, user, "DELETE", "/drain?port=8080").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P`, and a
+    /// pod could cancel another pod's drain. Pods act on their own namespace only.
+    #[tokio::test(start_paused = true)]
+    async fn a_pods_drain_is_its_own() {
+        let (_, state) = app(vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }]);
+        let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+        let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["netns"], 7);
+        let health = |caller, uri: &'static str| {
+            let state = state.clone();
+            async move { request_as(&state, caller, "GET", uri).await.0 }
+        };
+        assert_eq!(
+            health(a, "/health?port=8080").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(health(b, "/health?port=8080").await, StatusCode::OK);
+        assert_eq!(
+            health(Caller::Node, "/health?port=8080").await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            health(Caller::Node, "/health?port=8080&addr=10.1.0.7").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            health(Caller::Remote, "/health?port=8080&addr=10.1.0.8").await,
+            StatusCode::OK
+        );
+        // Pod B neither sees nor cancels it.
+        let (status, _) = request_as(&state, b, "DELETE", "/drain?port=8080").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (_, listed) = request_as(&state, b, "GET", "/drains").await;
+        assert_eq!(listed["in_progress"].as_array().map(Vec::len), Some(0));
+        let (status, _) = request_as(&state, a, "DELETE", "/drain?port=8080").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    /// Issue 22: a waiter with `timeout=3s` that joined a 10-minute drain hung for 30 s (here
+    /// 5 minutes, the test's maximum).
+    /// Each waiter is answered at its own timeout, whatever drain it joined.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_answered_at_its_own_timeout_whatever_drain_it_joined() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 2)]);
+        let (status, _) = request(
+            &state,
+            "POST",
+            "/drain?port=8080&timeout=5m&on_timeout=close",
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let started = tokio::time::Instant::now();
+        let (status, body) = get(&state, "/drained?port=8080&timeout=3s&on_timeout=close").await;
+        let waited = started.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            waited >= Duration::from_secs(3) && waited <= Duration::from_millis(3100),
+            "{waited:?}"
+        );
+        assert!(
+            body["drain"].as_u64().is_some(),
+            "it joined the drain: {body}"
+        );
+        assert_eq!(body["active"], 2);
+        // A differing named setting is refused, naming it; the drain is unchanged.
+        let (status, body) = get(&state, "/drained?port=8080&timeout=3s&on_timeout=keep").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("on_timeout=close (asked keep)"),
+            "{body}"
+        );
+        let (status, _) = request(&state, "POST", "/drain?port=8080&timeout=1m&quiet=5s").await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
 }
