@@ -1,0 +1,485 @@
+//! Who may do what (issue 22, SECURITY.md), against the real agent listening beyond
+//! loopback as the DaemonSet does (`--listen 0.0.0.0:P`), with real callers:
+//! - "another node": a network namespace the agent cannot find (made by a thread of this
+//!   test that left the host's namespace; nothing names it), on its own subnet;
+//! - pods on this node: named namespaces on veth pairs (`common::pod`);
+//! - a local user: `curl` run as uid 65534 (`nobody`), and a service of that user.
+//!
+//! Each case failed on 942aa50: the remote caller drained and reset every pod's
+//! connections and read their clients, a pod's drain reset the other pod's, `nobody`
+//! reset a root service's connections.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    agent_binary,
+    child::Guard,
+    free_port, kernel_available,
+    pod::{Pod, connect},
+    run,
+};
+
+const NOBODY: u32 = 65_534;
+
+/// `curl` from `netns` (a path, `None`: here) as `uid`: the status and the body.
+fn curl(netns: Option<&str>, uid: Option<u32>, method: &str, url: &str) -> (u16, String) {
+    let mut command = match netns {
+        Some(path) => {
+            let mut command = Command::new("nsenter");
+            command.arg(format!("--net={path}")).arg("curl");
+            command
+        }
+        None => Command::new("curl"),
+    };
+    command
+        .args(["-sS", "-m", "20", "-X", method, "-w", "\n%{http_code}", url])
+        .stdin(Stdio::null());
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt as _;
+        command.uid(uid).gid(uid);
+    }
+    let output = command.output().expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The agent as the DaemonSet runs it: reachable from every address of the node.
+fn start_agent(port: u16) -> Guard {
+    let agent = Guard::spawn(
+        "drain-agent",
+        Command::new(agent_binary())
+            .args(["run", "--listen", &format!("0.0.0.0:{port}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let started = Instant::now();
+    while curl(
+        None,
+        None,
+        "GET",
+        &format!("http://127.0.0.1:{port}/healthz"),
+    )
+    .0 != 200
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "agent not up");
+        thread::sleep(Duration::from_millis(100));
+    }
+    agent
+}
+
+type Work = Box<dyn FnOnce() + Send>;
+
+/// "Another node": a namespace that no process and no name holds (a thread of this test
+/// left the host's; the agent's `/proc/*/ns/net` scan sees only main threads), joined to
+/// the host by a veth pair on 10.214.`subnet`.0/30: host `.1`, remote `.2`. Its requests
+/// are made on that thread (a `curl` in it would be a process the agent can find).
+struct Remote {
+    path: String,
+    host_link: String,
+    work: Option<mpsc::Sender<Work>>,
+}
+
+impl Remote {
+    fn new(subnet: u8) -> Self {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (work_tx, work_rx) = mpsc::channel::<Work>();
+        thread::spawn(move || {
+            // SAFETY: unshare affects this thread only (CLONE_NEWNET, no CLONE_THREAD games).
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            ready_tx.send(tid).expect("send");
+            for work in work_rx {
+                work();
+            }
+        });
+        let tid = ready_rx.recv().expect("tid");
+        let path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+        let tag = std::process::id() % 100_000;
+        let host_link = format!("dar{tag}h");
+        let remote_link = format!("dar{tag}r");
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_link])
+            .output();
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_link,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &remote_link,
+            ],
+        );
+        run("ip", &["link", "set", &remote_link, "netns", &path]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.214.{subnet}.1/30"),
+                "dev",
+                &host_link,
+            ],
+        );
+        run("ip", &["link", "set", &host_link, "up"]);
+        let inside = |args: &[&str]| {
+            let mut full = vec![format!("--net={path}"), "ip".into()];
+            full.extend(args.iter().map(ToString::to_string));
+            let full: Vec<&str> = full.iter().map(String::as_str).collect();
+            run("nsenter", &full);
+        };
+        inside(&[
+            "addr",
+            "add",
+            &format!("10.214.{subnet}.2/30"),
+            "dev",
+            &remote_link,
+        ]);
+        inside(&["link", "set", &remote_link, "up"]);
+        inside(&["link", "set", "lo", "up"]);
+        Self {
+            path,
+            host_link,
+            work: Some(work_tx),
+        }
+    }
+
+    /// One HTTP/1.1 request from the remote's thread: the status and the body.
+    fn request(&self, method: &str, url: &str, header: Option<&str>) -> (u16, String) {
+        let rest = url.strip_prefix("http://").expect("http url");
+        let (host, path) = rest.split_at(rest.find('/').expect("path"));
+        let text = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}\r\n",
+            header.map(|line| format!("{line}\r\n")).unwrap_or_default()
+        );
+        let host = host.to_owned();
+        let (answer_tx, answer_rx) = mpsc::channel();
+        self.work
+            .as_ref()
+            .expect("thread")
+            .send(Box::new(move || {
+                let mut stream = TcpStream::connect(&host).expect("connect from the remote");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .expect("timeout");
+                stream.write_all(text.as_bytes()).expect("send");
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                let _ = answer_tx.send(answer);
+            }))
+            .expect("send work");
+        let answer = answer_rx.recv().expect("answer");
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .output();
+        drop(self.work.take());
+    }
+}
+
+/// Whether `stream` is still open: a read finds neither an end nor a reset (the servers
+/// here send nothing unasked).
+fn alive(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut byte = [0_u8; 1];
+    match stream.read(&mut byte) {
+        Err(problem) => matches!(
+            problem.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn callers_beyond_the_node_and_its_pods_read_metrics_and_health_only() {
+    if !kernel_available("callers_beyond_the_node_and_its_pods_read_metrics_and_health_only") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let port = free_port();
+    let pod_a = Pod::new("aua", 31);
+    let server_a = pod_a.listen(port);
+    let _clients = connect(&pod_a.ip, port, 3, &server_a);
+    let remote = Remote::new(41);
+    let node = |path: &str| format!("http://10.214.41.1:{api}{path}");
+    for (method, path) in [
+        (
+            "POST",
+            format!("/drain?port={port}&timeout=1s&on_timeout=close"),
+        ),
+        ("GET", format!("/drained?port={port}&timeout=1s")),
+        ("DELETE", format!("/drain?port={port}")),
+        ("GET", "/connections?peers=true".to_owned()),
+        ("GET", "/drains".to_owned()),
+        ("GET", "/advice".to_owned()),
+    ] {
+        let (status, body) = remote.request(method, &node(&path), None);
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert!(body.contains("SECURITY.md"), "{body}");
+    }
+    for path in ["/metrics", "/healthz", &format!("/health?port={port}")] {
+        let (status, body) = remote.request("GET", &node(path), None);
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // A wrong token is 401 (no token file was configured).
+    let (status, body) = remote.request(
+        "POST",
+        &node(&format!("/drain?port={port}&timeout=1s")),
+        Some("Authorization: Bearer 0123456789abcdef0123"),
+    );
+    assert_eq!(status, 401, "{body}");
+    // Nothing changed: the pod's connections are all there after the 1 s a drain asked.
+    thread::sleep(Duration::from_millis(1500));
+    let (status, body) = curl(None, None, "GET", &format!("http://127.0.0.1:{api}/drains"));
+    assert_eq!(status, 200);
+    assert!(body.contains("\"in_progress\":[]"), "{body}");
+    assert!(!body.contains("closed_at_deadline"), "{body}");
+    let (_, body) = curl(
+        None,
+        None,
+        "GET",
+        &format!("http://127.0.0.1:{api}/drained?port={port}&timeout=0"),
+    );
+    assert!(body.contains("\"active\":3"), "{body}");
+}
+
+#[test]
+fn a_pod_on_the_node_drains_and_closes_its_own_connections_only() {
+    if !kernel_available("a_pod_on_the_node_drains_and_closes_its_own_connections_only") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let port = free_port();
+    let pod_a = Pod::new("aub", 32);
+    let pod_b = Pod::new("auc", 33);
+    let server_a = pod_a.listen(port);
+    let server_b = pod_b.listen(port);
+    let mut clients_a = connect(&pod_a.ip, port, 3, &server_a);
+    let mut clients_b = connect(&pod_b.ip, port, 3, &server_b);
+    // Pod A calls the node's address (its gateway) from its own address.
+    let node_from_a = |path: &str| format!("http://10.213.32.1:{api}{path}");
+    let (status, body) = curl(
+        Some(&pod_a.netns.path()),
+        None,
+        "POST",
+        &node_from_a(&format!("/drain?port={port}&timeout=1s&on_timeout=close")),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Its scope is its own namespace, whatever it asked.
+    let (status, body) = curl(
+        Some(&pod_a.netns.path()),
+        None,
+        "GET",
+        &node_from_a(&format!(
+            "/drained?port={port}&timeout=0&netns=/proc/1/ns/net"
+        )),
+    );
+    assert_eq!(status, 400, "{body}");
+    let health = |query: &str| {
+        curl(
+            None,
+            None,
+            "GET",
+            &format!("http://127.0.0.1:{api}/health?{query}"),
+        )
+        .0
+    };
+    // The node's port and pod B's stay in rotation while A drains.
+    assert_eq!(health(&format!("port={port}")), 200);
+    assert_eq!(health(&format!("port={port}&addr={}", pod_b.ip)), 200);
+    assert_eq!(health(&format!("port={port}&addr={}", pod_a.ip)), 503);
+    thread::sleep(Duration::from_millis(2500));
+    for client in &mut clients_a {
+        assert!(
+            !alive(client),
+            "pod A's connection was closed at its deadline"
+        );
+    }
+    for client in &mut clients_b {
+        assert!(alive(client), "pod B's connection is untouched");
+    }
+    assert_eq!(health(&format!("port={port}")), 200);
+    assert_eq!(health(&format!("port={port}&addr={}", pod_b.ip)), 200);
+    // Pod B cannot see or cancel A's drains.
+    let (status, body) = curl(
+        Some(&pod_b.netns.path()),
+        None,
+        "GET",
+        &format!("http://10.213.33.1:{api}/drains"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"recent\":[]"), "{body}");
+}
+
+/// A service of user `nobody` on `port`: its listener and the connections it accepts
+/// are that user's (the socket's owner is the creating thread's fsuid). Echoes.
+fn nobodys_service(port: u16) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    thread::spawn(move || {
+        // SAFETY: setfsuid is per thread; it changes whose sockets this thread makes.
+        unsafe { libc::setfsuid(NOBODY) };
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        ready_tx.send(()).expect("ready");
+        for stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || echo(stream));
+        }
+    });
+    ready_rx.recv().expect("ready");
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buffer = [0_u8; 64];
+    while let Ok(read) = stream.read(&mut buffer) {
+        if read == 0 || stream.write_all(&buffer[..read]).is_err() {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_local_user_drains_its_own_port_and_cannot_close_anothers() {
+    if !kernel_available("a_local_user_drains_its_own_port_and_cannot_close_anothers") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let url = |path: &str| format!("http://127.0.0.1:{api}{path}");
+    // Root's service, with three clients.
+    let roots = free_port();
+    let listener = TcpListener::bind(("127.0.0.1", roots)).expect("bind");
+    thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || echo(stream));
+        }
+    });
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", roots)).expect("connect"))
+        .collect();
+    let (status, body) = curl(
+        None,
+        Some(NOBODY),
+        "POST",
+        &url(&format!("/drain?port={roots}&timeout=1s&on_timeout=close")),
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = curl(
+        None,
+        Some(NOBODY),
+        "GET",
+        &url(&format!(
+            "/drained?port={roots}&timeout=1s&on_timeout=close"
+        )),
+    );
+    assert_eq!(status, 403, "{body}");
+    // Waiting observes: answered at its timeout, no drain, root's port not gated.
+    let (status, body) = curl(
+        None,
+        Some(NOBODY),
+        "GET",
+        &url(&format!("/drained?port={roots}&timeout=1s")),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.contains("\"drain\""), "{body}");
+    assert_eq!(
+        curl(None, None, "GET", &url(&format!("/health?port={roots}"))).0,
+        200
+    );
+    thread::sleep(Duration::from_millis(500));
+    for client in &mut clients {
+        assert!(alive(client), "root's connections are untouched");
+    }
+    // nobody's own service: its stop hook drains it (the systemd example with User=).
+    let own = free_port();
+    nobodys_service(own);
+    let client = TcpStream::connect(("127.0.0.1", own)).expect("connect");
+    let closer = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(700));
+        drop(client);
+    });
+    let (status, body) = curl(
+        None,
+        Some(NOBODY),
+        "GET",
+        &url(&format!("/drained?port={own}&timeout=10s")),
+    );
+    closer.join().expect("closer");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"drain\""), "its own drain: {body}");
+    // Root controls everything.
+    let (status, body) = curl(
+        None,
+        None,
+        "POST",
+        &url(&format!("/drain?port={roots}&timeout=5s")),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = curl(None, None, "DELETE", &url(&format!("/drain?port={roots}")));
+    assert_eq!(status, 200);
+}
+
+/// A `GET` whose client went away left its 10-minute drain (and the port's gate) running.
+#[test]
+fn a_drain_whose_only_client_left_is_gone_within_a_second() {
+    if !kernel_available("a_drain_whose_only_client_left_is_gone_within_a_second") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let url = |path: &str| format!("http://127.0.0.1:{api}{path}");
+    let port = free_port();
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _accepted = listener.accept().expect("accept");
+    let output = Command::new("curl")
+        .args(["-sS", "-m", "1"])
+        .arg(url(&format!("/drained?port={port}&timeout=10m")))
+        .output()
+        .expect("curl");
+    assert!(!output.status.success(), "curl gave up after 1 s");
+    thread::sleep(Duration::from_millis(1000));
+    let (_, body) = curl(None, None, "GET", &url("/drains"));
+    assert!(body.contains("\"in_progress\":[]"), "{body}");
+    assert!(body.contains("\"abandoned\""), "{body}");
+    assert_eq!(
+        curl(None, None, "GET", &url(&format!("/health?port={port}"))).0,
+        200
+    );
+}
