@@ -324,6 +324,11 @@ pub struct WaitArgs {
     /// The agent to ask.
     #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]
     pub agent: String,
+
+    /// A file holding a bearer token the agent accepts (its --auth-token-file): needed only
+    /// when asking an agent from beyond its node and pods (SECURITY.md).
+    #[arg(long, env = "DRAIN_AGENT_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -331,6 +336,11 @@ pub struct StatusArgs {
     /// The agent to ask.
     #[arg(long, env = "DRAIN_AGENT_URL", default_value = DEFAULT_AGENT_URL)]
     pub agent: String,
+
+    /// A file holding a bearer token the agent accepts (its --auth-token-file): needed only
+    /// when asking an agent from beyond its node and pods (SECURITY.md).
+    #[arg(long, env = "DRAIN_AGENT_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// Only this local port.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]

@@ -42,9 +42,33 @@ pub struct AgentUrl {
     pub host: String,
     pub port: u16,
     pub prefix: String,
+    /// Sent as `Authorization: Bearer …` when set ([`AgentUrl::with_token_file`]).
+    pub token: Option<String>,
 }
 
 impl AgentUrl {
+    /// Adds the bearer token read from `path` (its first line that is not blank or a `#`
+    /// comment), if a path is given.
+    pub fn with_token_file(mut self, path: Option<&std::path::Path>) -> Result<Self> {
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            let token = text
+                .lines()
+                .map(str::trim)
+                .find(|line| !line.is_empty() && !line.starts_with('#'))
+                .with_context(|| format!("the token file {} holds no token", path.display()))?;
+            if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+                bail!(
+                    "the token in {} has characters a header cannot carry",
+                    path.display()
+                );
+            }
+            self.token = Some(token.to_owned());
+        }
+        Ok(self)
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let Some(rest) = text.strip_prefix("http://") else {
             bail!("agent URL {text:?} must start with http:// (e.g. http://127.0.0.1:9100)");
@@ -76,6 +100,7 @@ impl AgentUrl {
             host: host.to_owned(),
             port,
             prefix: prefix.to_owned(),
+            token: None,
         })
     }
 }
@@ -110,8 +135,13 @@ pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
     } else {
         url.host.clone()
     };
+    let authorization = url
+        .token
+        .as_ref()
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: drain-agent/{}\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+        "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: drain-agent/{}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n\r\n",
         url.prefix,
         url.port,
         env!("CARGO_PKG_VERSION")
@@ -299,7 +329,9 @@ fn progress_lines(
 
 /// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
 pub fn wait(args: &WaitArgs) -> ExitCode {
-    let url = match AgentUrl::parse(&args.agent) {
+    let url = match AgentUrl::parse(&args.agent)
+        .and_then(|url| url.with_token_file(args.token_file.as_deref()))
+    {
         Ok(url) => url,
         Err(problem) => {
             eprintln!("drain-agent wait: {problem:#}");
@@ -461,7 +493,7 @@ pub fn status(args: &StatusArgs) -> ExitCode {
 }
 
 fn status_text(args: &StatusArgs) -> Result<String> {
-    let url = AgentUrl::parse(&args.agent)?;
+    let url = AgentUrl::parse(&args.agent)?.with_token_file(args.token_file.as_deref())?;
     let path = match args.port {
         Some(port) => format!("/connections?port={port}"),
         None => "/connections".to_owned(),
@@ -588,8 +620,22 @@ mod tests {
             AgentUrl {
                 host: "127.0.0.1".into(),
                 port: 9100,
-                prefix: String::new()
+                prefix: String::new(),
+                token: None,
             }
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "# ops\n\n  0123456789abcdef-ops \nsecond\n").expect("write");
+        let url = AgentUrl::parse("http://127.0.0.1:9100")
+            .and_then(|url| url.with_token_file(Some(&file)))
+            .expect("token");
+        assert_eq!(url.token.as_deref(), Some("0123456789abcdef-ops"));
+        std::fs::write(&file, "bad token\n").expect("write");
+        assert!(
+            AgentUrl::parse("http://127.0.0.1:9100")
+                .and_then(|url| url.with_token_file(Some(&file)))
+                .is_err()
         );
         let url = AgentUrl::parse("http://[::1]:9110/agent/").expect("url");
         assert_eq!(

@@ -60,10 +60,15 @@ fn curl(netns: Option<&str>, uid: Option<u32>, method: &str, url: &str) -> (u16,
 
 /// The agent as the DaemonSet runs it: reachable from every address of the node.
 fn start_agent(port: u16) -> Guard {
+    start_agent_with(port, &[])
+}
+
+fn start_agent_with(port: u16, extra: &[&str]) -> Guard {
     let agent = Guard::spawn(
         "drain-agent",
         Command::new(agent_binary())
             .args(["run", "--listen", &format!("0.0.0.0:{port}")])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     );
@@ -89,7 +94,6 @@ type Work = Box<dyn FnOnce() + Send>;
 /// the host by a veth pair on 10.214.`subnet`.0/30: host `.1`, remote `.2`. Its requests
 /// are made on that thread (a `curl` in it would be a process the agent can find).
 struct Remote {
-    path: String,
     host_link: String,
     work: Option<mpsc::Sender<Work>>,
 }
@@ -157,7 +161,6 @@ impl Remote {
         inside(&["link", "set", &remote_link, "up"]);
         inside(&["link", "set", "lo", "up"]);
         Self {
-            path,
             host_link,
             work: Some(work_tx),
         }
@@ -258,7 +261,7 @@ fn callers_beyond_the_node_and_its_pods_read_metrics_and_health_only() {
         let (status, body) = remote.request("GET", &node(path), None);
         assert_eq!(status, 200, "{path}: {body}");
     }
-    // A wrong token is 401 (no token file was configured).
+    // A token, when none was configured, is 401.
     let (status, body) = remote.request(
         "POST",
         &node(&format!("/drain?port={port}&timeout=1s")),
@@ -482,4 +485,51 @@ fn a_drain_whose_only_client_left_is_gone_within_a_second() {
         curl(None, None, "GET", &url(&format!("/health?port={port}"))).0,
         200
     );
+}
+
+/// Control from beyond the node is opt-in, with a bearer token from `--auth-token-file`.
+#[test]
+fn a_configured_token_gives_a_remote_caller_the_nodes_authority() {
+    if !kernel_available("a_configured_token_gives_a_remote_caller_the_nodes_authority") {
+        return;
+    }
+    let api = free_port();
+    let tokens = common::temp_dir("tokens");
+    let token_file = tokens.path().join("tokens");
+    std::fs::write(
+        &token_file,
+        "# the deploy pipeline\nfedcba9876543210-pipeline\n",
+    )
+    .expect("write");
+    let _agent = start_agent_with(
+        api,
+        &["--auth-token-file", token_file.to_str().expect("utf-8")],
+    );
+    let port = free_port();
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _accepted = listener.accept().expect("accept");
+    let remote = Remote::new(42);
+    let node = |path: &str| format!("http://10.214.42.1:{api}{path}");
+    let drain = node(&format!("/drain?port={port}&timeout=30s"));
+    assert_eq!(remote.request("POST", &drain, None).0, 403);
+    let (status, body) = remote.request(
+        "POST",
+        &drain,
+        Some("Authorization: Bearer fedcba9876543210-pipelinX"),
+    );
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = remote.request(
+        "POST",
+        &drain,
+        Some("Authorization: Bearer fedcba9876543210-pipeline"),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = remote.request(
+        "GET",
+        &node(&format!("/connections?port={port}&peers=true")),
+        Some("Authorization: Bearer fedcba9876543210-pipeline"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"remote\""), "{body}");
 }

@@ -12,6 +12,7 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u
         host: addr.ip().to_string(),
         port: addr.port(),
         prefix: String::new(),
+        token: None,
     };
     get_url(&url, path, timeout)
 }
