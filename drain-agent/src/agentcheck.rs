@@ -12,16 +12,19 @@
 //! `\r`/`\n` before the close) is ignored too. A connection the agent refuses or closes is
 //! not an error to HAProxy either (a warning in its log).
 //!
-//! What this listener answers, to a request line that names a port (`agent-send "8080\n"`):
+//! What this listener answers, to a request line that names a port (`agent-send "8080\n"`:
+//! the node's port) or a port and a pod's address (`agent-send "8080 10.0.3.7\n"`: that
+//! pod's port, in the namespace the address belongs to):
 //!
 //! | request | answer | effect in HAProxy |
 //! |---|---|---|
-//! | a port that is draining | `drain\n` | the server leaves the load-balancing farm (DRAIN) |
-//! | a port that is not draining | `ready\n` | the server's DRAIN or MAINT state is cancelled |
+//! | a scope a drain covers (its own, or the node's whole port) | `drain\n` | the server leaves the load-balancing farm (DRAIN) |
+//! | a scope no drain covers (another pod's drain does not) | `ready\n` | the server's DRAIN or MAINT state is cancelled |
 //! | anything else | `invalid-request\n` | nothing (logged as "agent reports an error") |
 //!
 //! A request is one line, `\r` or `\n` ended (or ended by the connection's end of input):
-//! optional blanks, a decimal port `1..=65535` (digits only), optional blanks. Why a bad
+//! optional blanks, a decimal port `1..=65535` (digits only), optionally blanks and one IPv4
+//! or IPv6 address, optional blanks. Why a bad
 //! request answers neither `ready` nor `drain`: `drain` would take a server out because of
 //! a typo in `agent-send`, and `ready` would put back a server that something else (this
 //! agent before a restart, or an operator) set to DRAIN or MAINT — HAProxy keeps one forced
