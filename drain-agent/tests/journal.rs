@@ -1,6 +1,7 @@
 //! `--journal PATH` against the real binary: a path that is not a regular file of its own (a
 //! symbolic link, a FIFO, a device) stops the agent at start, at once, with a message that
-//! names the journal, and nothing is written through a link.
+//! names the journal, and nothing is written through a link; a new journal is created 0600,
+//! and an existing one that others can read is used as it is, with a warning.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -26,8 +27,9 @@ fn start_fails(journal: &Path) -> (String, Duration) {
         "drain-agent",
         Command::new(common::agent_binary())
             .arg("run")
+            // Port 0: the start must fail on the journal, never on a taken port.
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", common::free_port()))
+            .arg("127.0.0.1:0")
             .arg("--journal")
             .arg(journal)
             .stdin(Stdio::null())
@@ -97,4 +99,41 @@ fn a_journal_that_is_not_a_regular_file_stops_the_start() {
         std::fs::read_to_string(&victim).expect("victim"),
         "precious\n"
     );
+}
+
+#[test]
+fn a_new_journal_is_private_and_a_readable_one_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let test = "a_new_journal_is_private_and_a_readable_one_is_warned_about";
+    if !common::kernel_available(test) {
+        return;
+    }
+    let dir = common::temp_dir("drain-agent-journal-");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+
+    let new = dir.path().join("new.jsonl");
+    let mut agent = common::Agent::start(&["--journal", new.to_str().expect("path")]);
+    assert_eq!(mode(&new), 0o600, "a journal the agent creates");
+    assert!(agent.stop().success());
+    assert!(
+        !agent.log_text().contains("group or others can read"),
+        "{}",
+        agent.log_text()
+    );
+
+    let loose = dir.path().join("loose.jsonl");
+    std::fs::write(&loose, "").expect("write");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut agent = common::Agent::start(&["--journal", loose.to_str().expect("path")]);
+    assert!(agent.stop().success());
+    // The log thread reads stderr until the pipe closes.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = agent.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("group or others can read"))
+        .unwrap_or_else(|| panic!("no warning about the readable journal; log:\n{log}"));
+    assert!(warning.contains(&*loose.to_string_lossy()), "{warning}");
+    assert!(warning.contains("0644"), "{warning}");
+    assert_eq!(mode(&loose), 0o644, "nothing is tightened silently");
 }
