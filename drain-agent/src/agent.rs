@@ -101,6 +101,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             )
         })?;
 
+    // The journal next, also before the program load: a path that is not a regular file
+    // of its own (a link, a FIFO, a device) stops the start at once, naming it.
+    let journal = args
+        .journal
+        .as_deref()
+        .map(|path| Journal::open(path, args.journal_max_bytes))
+        .transpose()?;
+
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,
         max_endpoints: args.max_endpoints,
@@ -168,11 +176,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
-    let journal = args
-        .journal
-        .as_deref()
-        .map(|path| Journal::open(path, args.journal_max_bytes))
-        .transpose()?;
     let method = {
         let kernel = kernel
             .lock()

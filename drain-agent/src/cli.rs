@@ -252,7 +252,8 @@ pub struct RunArgs {
     pub auth_token_file: Option<std::path::PathBuf>,
 
     /// Append a record of every ended drain to this file (JSON lines), and read the last
-    /// ones back at start so `/drains` survives restarts.
+    /// ones back at start so `/drains` survives restarts. A regular file or nothing (then
+    /// created mode 0600): a link, FIFO or device there stops the start.
     #[arg(long, env = "DRAIN_AGENT_JOURNAL")]
     pub journal: Option<std::path::PathBuf>,
 

@@ -1,16 +1,35 @@
 //! The drain journal (`--journal PATH`): one JSON line per ended drain, appended, bounded
 //! in size (past `--journal-max-bytes` the file moves to `PATH.1` and a new one starts, so at
 //! most twice the bound is kept), read back at start so `/drains` survives restarts.
+//!
+//! The path is trusted for nothing (issue 22: the agent runs as root on a shared node, and
+//! the journal holds client addresses). Both `PATH` and `PATH.1` are opened without
+//! following a symbolic link (`O_NOFOLLOW`) and used only when they are regular files, so
+//! the journal is never written through a link, nor read from a device or a FIFO; a new
+//! journal is created mode 0600; the read at start takes only the tail of each file
+//! ([`TAIL_BYTES`]); a torn last line (a write cut short, no newline) is ignored, and the
+//! next append starts on a line of its own.
 
 use std::{
-    fs::{self, OpenOptions},
-    io::{BufRead as _, BufReader, Write as _},
+    fs::{self, File, FileType, OpenOptions},
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use anyhow::{Context as _, Result};
 use serde::{Serialize, de::DeserializeOwned};
+
+/// At start at most this much of the end of each file (`PATH.1`, `PATH`) is read. A fixed
+/// cap rather than `--journal-max-bytes`: that flag has no upper bound, and the agent
+/// keeps only the last 200 records (`drain::HISTORY`), each well under 4 KiB (at most 10
+/// peers at the end), so 4 MiB per file holds the history several times over. A larger
+/// file (a lowered `--journal-max-bytes`, or something else writing there) costs no more.
+pub const TAIL_BYTES: u64 = 4 << 20;
+
+/// Mode of a journal the agent creates: only its owner (root) reads the client addresses.
+const NEW_FILE_MODE: u32 = 0o600;
 
 /// An append-only, size-bounded file of drain records (any record type that serde can write
 /// and read back: the journal does not depend on the drains that use it).
@@ -21,20 +40,173 @@ pub struct Journal {
     lock: Mutex<()>,
 }
 
+/// What a file type is, in a start-up error.
+fn kind_of(file_type: FileType) -> &'static str {
+    if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "of an unknown type"
+    }
+}
+
+/// The start-up error for a journal path that is not a regular file of its own.
+fn refuse(path: &Path, file_type: FileType) -> anyhow::Error {
+    let hint = if file_type.is_symlink() {
+        " (the journal is never written through a link: name the file itself)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!(
+        "the drain journal {} is {}, not a regular file: refused{hint}",
+        path.display(),
+        kind_of(file_type)
+    )
+}
+
+/// How a journal file is opened.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read and append, created (mode 0600) if missing: `PATH`.
+    Append,
+    /// Read only, never created: `PATH.1`, and `PATH` when reading records.
+    Read,
+}
+
+/// Opens `path` only if it is a regular file that is not a symbolic link, without ever
+/// blocking on what is there.
+///
+/// `O_NOFOLLOW` fails the open (ELOOP) when the last component is a link, also with
+/// `O_CREAT` (a dangling link is not followed to create its target). `O_NONBLOCK` because
+/// opening a FIFO otherwise blocks until the other end is opened (for ever, at start); with
+/// it the open returns at once and `fstat` on the descriptor (not on the path, which could
+/// be swapped in between) says what was opened. On a regular file `O_NONBLOCK` has no
+/// effect on Linux (open(2)); it is cleared anyway, so the descriptor is the one a plain
+/// open gives whatever a file system makes of the flag. Chosen over `O_PATH` and a second
+/// open, which would check one file and then open a name again.
+fn open_regular(path: &Path, access: Access) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    if access == Access::Append {
+        options.append(true).create(true).mode(NEW_FILE_MODE);
+    }
+    let file = match options.open(path) {
+        Ok(file) => file,
+        Err(problem) => {
+            // ELOOP (a link), EISDIR (a directory opened for writing), ENXIO (a socket):
+            // name what is there rather than the errno.
+            if let Ok(meta) = fs::symlink_metadata(path)
+                && !meta.file_type().is_file()
+            {
+                return Err(refuse(path, meta.file_type()));
+            }
+            return Err(problem)
+                .with_context(|| format!("cannot open the drain journal {}", path.display()));
+        }
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat the drain journal {}", path.display()))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(path, meta.file_type()));
+    }
+    rustix::fs::fcntl_getfl(&file)
+        .and_then(|flags| rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK))
+        .with_context(|| format!("cannot clear O_NONBLOCK on {}", path.display()))?;
+    Ok(file)
+}
+
+/// Warns (once, at start) when others than the owner may read or write an existing
+/// journal: it holds client addresses. Nothing is changed: the mode may be deliberate.
+fn warn_if_loose(path: &Path, file: &File) {
+    if let Ok(meta) = file.metadata()
+        && meta.mode() & 0o066 != 0
+    {
+        log::warn!(
+            "the drain journal {} has mode {:04o}: group or others can read (or write) the \
+             client addresses in it; `chmod 600` it (new journals are created 0600)",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+}
+
+/// The complete lines of the last [`TAIL_BYTES`] of `file`, with their byte offsets: a
+/// line cut by the start of the window and a torn last line (no newline) are left out.
+fn tail_lines(path: &Path, file: &mut File) -> Result<Vec<(u64, Vec<u8>)>> {
+    let size = file.metadata().context("stat")?.len();
+    // One byte before the window too: it says whether the window starts a line.
+    let start = size.saturating_sub(TAIL_BYTES).saturating_sub(1);
+    file.seek(SeekFrom::Start(start)).context("seek")?;
+    let mut data = Vec::new();
+    file.take(TAIL_BYTES + 1)
+        .read_to_end(&mut data)
+        .context("read")?;
+    let mut from = 0;
+    if start > 0 {
+        // Up to and including the first newline is the end of a line cut by the window
+        // (or just the newline before the window, when the window starts a line).
+        match data.iter().position(|&byte| byte == b'\n') {
+            Some(at) => from = at + 1,
+            None => return Ok(Vec::new()),
+        }
+    }
+    let mut end = data.len();
+    if !data.ends_with(b"\n") {
+        let complete = data[from..]
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(from, |at| from + at + 1);
+        log::warn!(
+            "{}: the last line has no newline (a write cut short), ignored ({} bytes)",
+            path.display(),
+            end - complete
+        );
+        end = complete;
+    }
+    let mut lines = Vec::new();
+    let mut offset = from;
+    for line in data[from..end].split(|&byte| byte == b'\n') {
+        if !line.is_empty() {
+            lines.push((start + offset as u64, line.to_vec()));
+        }
+        offset += line.len() + 1;
+    }
+    Ok(lines)
+}
+
 impl Journal {
-    /// Opens (creating if needed) the journal at `path`; fails early when it cannot be
-    /// written, so a bad path is found at start, not at the first drain.
+    /// Opens (creating if needed, mode 0600) the journal at `path`, and checks `PATH.1` if
+    /// it is there; fails early when either is not a regular file or cannot be written, so
+    /// a bad path is found at start, not at the first drain.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open the drain journal {}", path.display()))?;
-        Ok(Self {
+        let journal = Self {
             path: path.to_owned(),
             max_bytes: max_bytes.max(4096),
             lock: Mutex::new(()),
-        })
+        };
+        let file = open_regular(path, Access::Append)?;
+        warn_if_loose(path, &file);
+        let rotated = journal.rotated();
+        match fs::symlink_metadata(&rotated) {
+            Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => {}
+            _ => {
+                let file = open_regular(&rotated, Access::Read)?;
+                warn_if_loose(&rotated, &file);
+            }
+        }
+        Ok(journal)
     }
 
     fn rotated(&self) -> PathBuf {
@@ -51,37 +223,65 @@ impl Journal {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut line = serde_json::to_vec(record).context("cannot encode a drain record")?;
         line.push(b'\n');
-        let size = fs::metadata(&self.path).map_or(0, |meta| meta.len());
+        let mut file = open_regular(&self.path, Access::Append)?;
+        let mut size = file
+            .metadata()
+            .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
+            .len();
         if size + line.len() as u64 > self.max_bytes {
+            // rename(2) replaces the name PATH.1 itself: a link there is replaced, never
+            // followed, and its target is not touched.
             fs::rename(&self.path, self.rotated()).with_context(|| {
                 format!("cannot rotate the drain journal {}", self.path.display())
             })?;
+            file = open_regular(&self.path, Access::Append)?;
+            size = file
+                .metadata()
+                .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
+                .len();
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("cannot open the drain journal {}", self.path.display()))?;
+        // A torn last line (a write cut short by a crash or a full disk): end it first, so
+        // this record is a line of its own.
+        let mut last = [0_u8; 1];
+        if size > 0
+            && file
+                .read_at(&mut last, size - 1)
+                .with_context(|| format!("cannot read the drain journal {}", self.path.display()))?
+                == 1
+            && last[0] != b'\n'
+        {
+            line.insert(0, b'\n');
+        }
         // One write of a whole line: O_APPEND keeps it in one piece.
         file.write_all(&line)
             .with_context(|| format!("cannot write the drain journal {}", self.path.display()))
     }
 
-    /// The last `limit` records, oldest first (unreadable lines are skipped with a log).
+    /// The last `limit` records, oldest first, from the tails of `PATH.1` and `PATH`
+    /// (unreadable lines and files are skipped with a log).
     pub fn read_records<R: DeserializeOwned>(&self, limit: usize) -> Vec<R> {
         let mut records = Vec::new();
         for path in [self.rotated(), self.path.clone()] {
-            let Ok(file) = fs::File::open(&path) else {
+            if fs::symlink_metadata(&path).is_err() {
                 continue;
+            }
+            let lines = open_regular(&path, Access::Read).and_then(|mut file| {
+                tail_lines(&path, &mut file)
+                    .with_context(|| format!("cannot read the drain journal {}", path.display()))
+            });
+            let lines = match lines {
+                Ok(lines) => lines,
+                Err(problem) => {
+                    log::warn!("{problem:#}");
+                    continue;
+                }
             };
-            for (number, line) in BufReader::new(file).lines().enumerate() {
-                let Ok(line) = line else { break };
-                match serde_json::from_str::<R>(&line) {
+            for (offset, line) in lines {
+                match serde_json::from_slice::<R>(&line) {
                     Ok(record) => records.push(record),
                     Err(problem) => log::warn!(
-                        "{}:{}: not a drain record, skipped: {problem}",
-                        path.display(),
-                        number + 1
+                        "{} at byte {offset}: not a drain record, skipped: {problem}",
+                        path.display()
                     ),
                 }
             }
@@ -140,5 +340,257 @@ mod tests {
     #[test]
     fn a_bad_path_fails_at_open() {
         assert!(Journal::open(Path::new("/nonexistent/dir/drains.jsonl"), 4096).is_err());
+    }
+
+    /// A record the test can tell apart from any other.
+    fn ids(journal: &Journal) -> Vec<u64> {
+        journal
+            .read_records::<DrainRecord>(1000)
+            .iter()
+            .map(|r| r.id)
+            .collect()
+    }
+
+    fn error_of(result: Result<Journal>) -> String {
+        match result {
+            Ok(_) => panic!("the journal was opened"),
+            Err(problem) => format!("{problem:#}"),
+        }
+    }
+
+    #[test]
+    fn a_symlink_at_the_path_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").expect("write victim");
+        let link = dir.path().join("drains.jsonl");
+        std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+        let message = error_of(Journal::open(&link, 4096));
+        assert!(message.contains("symbolic link"), "{message}");
+        assert!(message.contains(&*link.to_string_lossy()), "{message}");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious\n");
+
+        // A dangling link: its target is not created either.
+        let missing = dir.path().join("created-through-the-link");
+        let dangling = dir.path().join("dangling.jsonl");
+        std::os::unix::fs::symlink(&missing, &dangling).expect("symlink");
+        let message = error_of(Journal::open(&dangling, 4096));
+        assert!(message.contains("symbolic link"), "{message}");
+        assert!(!missing.exists(), "the link's target was created");
+    }
+
+    #[test]
+    fn a_symlink_at_the_rotated_path_is_refused_at_start_and_replaced_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").expect("write victim");
+        let rotated = dir.path().join("drains.jsonl.1");
+        std::os::unix::fs::symlink(&victim, &rotated).expect("symlink");
+        let message = error_of(Journal::open(&path, 4096));
+        assert!(message.contains("drains.jsonl.1"), "{message}");
+        assert!(message.contains("symbolic link"), "{message}");
+
+        // A link that appears at PATH.1 while the agent runs: the rotation replaces it.
+        fs::remove_file(&rotated).expect("remove link");
+        let journal = Journal::open(&path, 4096).expect("open");
+        std::os::unix::fs::symlink(&victim, &rotated).expect("symlink");
+        for id in 1..=100 {
+            journal.append(&record(id)).expect("append");
+        }
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious\n");
+        assert!(
+            fs::symlink_metadata(&rotated)
+                .expect("rotated")
+                .file_type()
+                .is_file()
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("drains.jsonl");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let (done, result) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(Journal::open(&path, 4096).map(|_| ()));
+        });
+        let answer = result.recv_timeout(std::time::Duration::from_secs(2));
+        let Ok(answer) = answer else {
+            // Release the blocked open (it waits for a reader) before failing.
+            let _reader = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo);
+            panic!("opening a FIFO as the journal blocked for 2 s");
+        };
+        let message = format!("{:#}", answer.expect_err("a FIFO is refused"));
+        assert!(message.contains("FIFO"), "{message}");
+        assert!(message.contains("not a regular file"), "{message}");
+    }
+
+    #[test]
+    fn devices_directories_and_sockets_are_refused() {
+        let message = error_of(Journal::open(Path::new("/dev/zero"), 4096));
+        assert!(message.contains("/dev/zero"), "{message}");
+        assert!(message.contains("character device"), "{message}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let message = error_of(Journal::open(dir.path(), 4096));
+        assert!(
+            message.contains("a directory, not a regular file"),
+            "{message}"
+        );
+
+        let socket = dir.path().join("drains.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let message = error_of(Journal::open(&socket, 4096));
+        assert!(
+            message.contains("a socket, not a regular file"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_new_journal_is_mode_0600_and_an_existing_one_keeps_its_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        let journal = Journal::open(&path, 4096).expect("open");
+        journal.append(&record(1)).expect("append");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&path), 0o600);
+        // Rotated, the new file is 0600 too.
+        for id in 2..=100 {
+            journal.append(&record(id)).expect("append");
+        }
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&journal.rotated()), 0o600);
+
+        // An existing 0644 journal is used (with a warning) and not changed.
+        let loose = dir.path().join("loose.jsonl");
+        fs::write(&loose, "").expect("write");
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).expect("chmod");
+        Journal::open(&loose, 4096)
+            .expect("open")
+            .append(&record(1))
+            .expect("append");
+        assert_eq!(mode(&loose), 0o644);
+    }
+
+    /// Peak resident memory of this process so far, KiB (`VmHWM`).
+    fn peak_rss_kib() -> u64 {
+        fs::read_to_string("/proc/self/status")
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM")
+    }
+
+    #[test]
+    fn a_huge_journal_is_read_only_at_its_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        // 1 GiB of NUL bytes (sparse: no disk used), one newline, then three records.
+        let file = fs::File::create(&path).expect("create");
+        file.set_len(1 << 30).expect("set_len");
+        drop(file);
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open");
+        file.write_all(b"\n").expect("newline");
+        for id in 1..=3 {
+            let mut line = serde_json::to_vec(&record(id)).expect("json");
+            line.push(b'\n');
+            file.write_all(&line).expect("write");
+        }
+        drop(file);
+        let before = peak_rss_kib();
+        let started = std::time::Instant::now();
+        let journal = Journal::open(&path, 4096).expect("open");
+        assert_eq!(ids(&journal), [1, 2, 3]);
+        let took = started.elapsed();
+        let grew = peak_rss_kib().saturating_sub(before);
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+        assert!(grew < 64 << 10, "peak memory grew by {grew} KiB");
+        println!("1 GiB journal: read in {took:?}, peak memory +{grew} KiB");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_ignored_and_the_next_record_starts_a_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        let journal = Journal::open(&path, 1 << 20).expect("open");
+        journal.append(&record(1)).expect("append");
+        journal.append(&record(2)).expect("append");
+        // A write cut short: a whole record but no newline, then the agent restarts.
+        let mut torn = serde_json::to_vec(&record(3)).expect("json");
+        torn.truncate(torn.len() - 1);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(&torn)
+            .expect("write");
+        let journal = Journal::open(&path, 1 << 20).expect("reopen");
+        assert_eq!(ids(&journal), [1, 2]);
+        journal.append(&record(4)).expect("append");
+        assert_eq!(
+            ids(&Journal::open(&path, 1 << 20).expect("reopen")),
+            [1, 2, 4]
+        );
+        let text = fs::read_to_string(&path).expect("read");
+        let last = text.lines().last().expect("a line");
+        assert_eq!(
+            serde_json::from_str::<DrainRecord>(last)
+                .expect("a record")
+                .id,
+            4
+        );
+        // Even a complete JSON object without its newline is a torn line (the write of a
+        // line is one write: without the newline it did not finish).
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(&serde_json::to_vec(&record(5)).expect("json"))
+            .expect("write");
+        assert_eq!(
+            ids(&Journal::open(&path, 1 << 20).expect("reopen")),
+            [1, 2, 4]
+        );
+    }
+
+    #[test]
+    fn the_tail_window_keeps_a_line_that_starts_at_its_edge_and_drops_a_cut_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let line = |id: u64, pad: usize| {
+            // JSON allows leading white space: a record padded to a chosen length.
+            let mut line = vec![b' '; pad];
+            line.extend(serde_json::to_vec(&record(id)).expect("json"));
+            line.push(b'\n');
+            line
+        };
+        let rest = [line(2, 0), line(3, 0)].concat();
+        let unpadded = line(1, 0).len();
+        let window = usize::try_from(TAIL_BYTES).expect("usize");
+        for (extra, expected) in [(0, vec![1, 2, 3]), (1, vec![2, 3])] {
+            // Record 1 starts exactly at the window's first byte, or one byte before it.
+            let first = line(1, window - rest.len() - unpadded + extra);
+            let path = dir.path().join(format!("drains-{extra}.jsonl"));
+            fs::write(&path, [b"garbage\n".as_slice(), &first, &rest].concat()).expect("write");
+            let journal = Journal::open(&path, 4096).expect("open");
+            assert_eq!(
+                ids(&journal),
+                expected,
+                "record 1 {extra} byte(s) before the window"
+            );
+        }
     }
 }

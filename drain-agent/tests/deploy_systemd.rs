@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::child::Guard;
 use common::deploy::{
     agent_capabilities, deploy, flag_value, read, run, text_of, tool_available, unit_directives,
     unit_value, unit_values,
@@ -111,9 +112,15 @@ fn systemd_agent_unit_is_least_privilege() {
     let test = "systemd_agent_unit_is_least_privilege";
     let text = read(&deploy("systemd/drain-agent.service"));
     let unit = unit_directives(&text);
+    // Settings come from the environment, so that a drop-in changes them: a flag here
+    // would win over the drop-in's variable.
     assert_eq!(
         unit_value(&unit, "Service", "ExecStart"),
-        "/usr/local/bin/drain-agent run --listen 127.0.0.1:9100"
+        "/usr/local/bin/drain-agent run"
+    );
+    assert_eq!(
+        unit_value(&unit, "Service", "Environment"),
+        "DRAIN_AGENT_LISTEN=127.0.0.1:9100"
     );
     assert_eq!(unit_value(&unit, "Service", "Restart"), "on-failure");
     let capabilities: BTreeSet<String> = unit_value(&unit, "Service", "CapabilityBoundingSet")
@@ -178,6 +185,204 @@ fn systemd_agent_unit_is_least_privilege() {
     let text = text_of(&output);
     assert!(output.status.success(), "exposure above 2.9:\n{text}");
     assert!(text.contains("Overall exposure level"), "{text}");
+}
+
+/// systemd's manager binary: its `--test` mode loads units exactly as the running manager
+/// does (search path, drop-ins) and dumps what it loaded, without a booted systemd.
+fn systemd_manager() -> Option<PathBuf> {
+    ["/usr/lib/systemd/systemd", "/lib/systemd/systemd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+}
+
+/// The `-> Unit <name>:` block of a `systemd --test` dump.
+fn dumped_unit<'a>(dump: &'a str, name: &str) -> Vec<&'a str> {
+    let header = format!("-> Unit {name}:");
+    let mut lines = dump.lines().skip_while(|l| l.trim() != header);
+    let Some(first) = lines.next() else {
+        return Vec::new();
+    };
+    let indent = first.len() - first.trim_start().len();
+    std::iter::once(first)
+        .chain(lines.take_while(|l| {
+            !(l.trim_start().starts_with("-> Unit ") && l.len() - l.trim_start().len() == indent)
+        }))
+        .collect()
+}
+
+/// The settings documented in the unit take effect: the drop-in its comment gives
+/// (`systemctl edit drain-agent`, `Environment=DRAIN_AGENT_LISTEN=127.0.0.1:9110`, here with
+/// a free port) is loaded by systemd's own unit loader (`systemd --test`: the manager's
+/// parser, search path and drop-in handling, with no booted systemd), and the effective
+/// `ExecStart=` and `Environment=` it reports, run as they are, make the real agent listen
+/// on the drop-in's address. With a `--listen` in `ExecStart=` the flag won over the
+/// environment and the drop-in did nothing.
+#[test]
+fn systemd_drop_in_environment_moves_the_listener() {
+    let test = "systemd_drop_in_environment_moves_the_listener";
+    let text = read(&deploy("systemd/drain-agent.service"));
+    let documented = text
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("Environment=DRAIN_AGENT_LISTEN="))
+        })
+        .expect("the unit's comment shows the drop-in that moves the listener");
+    assert_eq!(documented, "Environment=DRAIN_AGENT_LISTEN=127.0.0.1:9110");
+    let port = common::free_port();
+    let drop_in = documented.replace(":9110", &format!(":{port}"));
+
+    let dir = common::temp_dir("drain-agent-deploy-dropin-");
+    let units = dir.path().join("units");
+    let drop_ins = units.join("drain-agent.service.d");
+    fs::create_dir_all(&drop_ins).expect("mkdir");
+    let agent = common::agent_binary();
+    fs::write(
+        units.join("drain-agent.service"),
+        text.replace(
+            "/usr/local/bin/drain-agent ",
+            &format!("{} ", agent.display()),
+        ),
+    )
+    .expect("write unit");
+    fs::write(
+        drop_ins.join("listen.conf"),
+        format!("[Service]\n{drop_in}\n"),
+    )
+    .expect("write drop-in");
+    // Readable by nobody, who reads them when the test runs as root (below).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for path in [dir.path(), &units, &drop_ins] {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+    }
+
+    if tool_available(test, "systemd-analyze", &["--version"]) {
+        let output = run(Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(units.join("drain-agent.service")));
+        let text = text_of(&output);
+        assert!(
+            output.status.success() && !text.contains("drain-agent.service"),
+            "systemd-analyze verify with the drop-in: {:?}\n{text}",
+            output.status
+        );
+    }
+
+    let Some(manager) = systemd_manager() else {
+        assert!(
+            !common::deploy::required(),
+            "{test}: no systemd manager binary and DRAIN_AGENT_REQUIRE_KERNEL=1"
+        );
+        common::report_skip(test, "no systemd manager binary (/usr/lib/systemd/systemd)");
+        return;
+    };
+    // `systemd --test` refuses to run as root: as root, it runs as nobody (setpriv).
+    let root = {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata("/proc/self").expect("/proc/self").uid() == 0
+    };
+    let mut command = if root {
+        if !tool_available(test, "setpriv", &["--version"]) {
+            return;
+        }
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&manager);
+        command
+    } else {
+        Command::new(&manager)
+    };
+    // The host's units stay on the search path (the trailing ':'): the agent's unit orders
+    // itself after targets that live there.
+    let output = run(command
+        .args(["--test", "--system", "--unit=drain-agent.service"])
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", units.display()))
+        .env("SYSTEMD_LOG_TARGET", "console")
+        .env("HOME", "/"));
+    let dump = text_of(&output);
+    let unit = dumped_unit(&dump, "drain-agent.service");
+    assert!(
+        !unit.is_empty(),
+        "systemd --test did not load drain-agent.service: {:?}\n{dump}",
+        output.status
+    );
+    let field = |name: &str| -> Vec<String> {
+        unit.iter()
+            .filter_map(|l| l.trim().strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    assert!(
+        field("DropIn Path:")
+            .iter()
+            .any(|p| p.ends_with("drain-agent.service.d/listen.conf")),
+        "systemd did not load the drop-in:\n{}",
+        unit.join("\n")
+    );
+    let environment = field("Environment:");
+    let commands = field("Command Line:");
+    let [command] = commands.as_slice() else {
+        panic!("one ExecStart= command line expected:\n{}", unit.join("\n"));
+    };
+    let words: Vec<&str> = command.split_whitespace().collect();
+    println!("systemd's effective ExecStart: {command}; Environment: {environment:?}");
+    assert_eq!(
+        environment
+            .iter()
+            .filter(|e| e.starts_with("DRAIN_AGENT_LISTEN="))
+            .collect::<Vec<_>>(),
+        [&drop_in["Environment=".len()..]],
+        "the drop-in's Environment= replaces the unit's"
+    );
+    assert!(
+        flag_value(&words, "--listen").is_none(),
+        "ExecStart= passes --listen, which wins over DRAIN_AGENT_LISTEN: {command}"
+    );
+
+    // Run as systemd would run it: that command line, that environment and nothing else.
+    if !common::kernel_available(test) {
+        return;
+    }
+    let mut process = Guard::spawn(
+        "drain-agent",
+        Command::new(words[0])
+            .args(&words[1..])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .envs(environment.iter().filter_map(|e| e.split_once('=')))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
+    common::wait_until(
+        &format!("the agent on 127.0.0.1:{port} (the drop-in's address)"),
+        Duration::from_secs(30),
+        || {
+            assert!(
+                process.try_status().is_none(),
+                "the agent exited: {:?}",
+                process.try_status()
+            );
+            matches!(
+                common::http::get(
+                    common::http::loopback(port),
+                    "/healthz",
+                    Duration::from_secs(1)
+                ),
+                Ok((200, _))
+            )
+        },
+    );
+    let (status, _) = process.stop();
+    assert!(status.is_some_and(|s| s.success()), "exit {status:?}");
 }
 
 #[test]

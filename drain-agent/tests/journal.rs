@@ -1,0 +1,139 @@
+//! `--journal PATH` against the real binary: a path that is not a regular file of its own (a
+//! symbolic link, a FIFO, a device) stops the agent at start, at once, with a message that
+//! names the journal, and nothing is written through a link; a new journal is created 0600,
+//! and an existing one that others can read is used as it is, with a warning.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    io::Read as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::child::Guard;
+
+/// Starts `drain-agent run --journal <journal>` and expects it to exit non-zero within
+/// 5 s; returns its stderr and how long it took.
+fn start_fails(journal: &Path) -> (String, Duration) {
+    let started = Instant::now();
+    let mut agent = Guard::spawn(
+        "drain-agent",
+        Command::new(common::agent_binary())
+            .arg("run")
+            // Port 0: the start must fail on the journal, never on a taken port.
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--journal")
+            .arg(journal)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .stop_signal(None);
+    let status = agent.wait_for(Duration::from_secs(5));
+    let took = started.elapsed();
+    // Stopped (SIGKILL) if it still runs: its stderr then ends.
+    agent.stop();
+    let mut log = String::new();
+    agent
+        .child_mut()
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("read stderr");
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the agent still ran 5 s after start with --journal {}; log:\n{log}",
+            journal.display()
+        )
+    });
+    assert!(!status.success(), "exit status {status:?}; log:\n{log}");
+    (log, took)
+}
+
+#[test]
+fn a_journal_that_is_not_a_regular_file_stops_the_start() {
+    let dir = common::temp_dir("drain-agent-journal-");
+
+    // A link to a file that does not exist yet: following it would create it.
+    let target = dir.path().join("written-through-the-link");
+    let link = dir.path().join("drains.jsonl");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    // A link to an existing file: following it would append to it.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").expect("victim");
+    let victim_link = dir.path().join("victim.jsonl");
+    std::os::unix::fs::symlink(&victim, &victim_link).expect("symlink");
+    let fifo = dir.path().join("fifo.jsonl");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+
+    for (journal, what) in [
+        (link.as_path(), "symbolic link"),
+        (victim_link.as_path(), "symbolic link"),
+        (fifo.as_path(), "FIFO"),
+        (Path::new("/dev/zero"), "character device"),
+    ] {
+        let (log, took) = start_fails(journal);
+        println!("--journal {}: exited after {took:?}", journal.display());
+        let line = log
+            .lines()
+            .find(|l| l.contains("drain journal"))
+            .unwrap_or_else(|| panic!("no message about the journal; log:\n{log}"));
+        assert!(line.contains(&*journal.to_string_lossy()), "{line}");
+        assert!(line.contains(what), "{line}");
+        assert!(line.contains("not a regular file"), "{line}");
+        // Before the eBPF programs are loaded: the first thing after the port is bound.
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+    assert!(!target.exists(), "the link's target was created");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "precious\n"
+    );
+}
+
+#[test]
+fn a_new_journal_is_private_and_a_readable_one_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let test = "a_new_journal_is_private_and_a_readable_one_is_warned_about";
+    if !common::kernel_available(test) {
+        return;
+    }
+    let dir = common::temp_dir("drain-agent-journal-");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+
+    let new = dir.path().join("new.jsonl");
+    let mut agent = common::Agent::start(&["--journal", new.to_str().expect("path")]);
+    assert_eq!(mode(&new), 0o600, "a journal the agent creates");
+    assert!(agent.stop().success());
+    assert!(
+        !agent.log_text().contains("group or others can read"),
+        "{}",
+        agent.log_text()
+    );
+
+    let loose = dir.path().join("loose.jsonl");
+    std::fs::write(&loose, "").expect("write");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut agent = common::Agent::start(&["--journal", loose.to_str().expect("path")]);
+    assert!(agent.stop().success());
+    // The log thread reads stderr until the pipe closes.
+    std::thread::sleep(Duration::from_millis(200));
+    let log = agent.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("group or others can read"))
+        .unwrap_or_else(|| panic!("no warning about the readable journal; log:\n{log}"));
+    assert!(warning.contains(&*loose.to_string_lossy()), "{warning}");
+    assert!(warning.contains("0644"), "{warning}");
+    assert_eq!(mode(&loose), 0o644, "nothing is tightened silently");
+}
