@@ -417,9 +417,12 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                     }
                 }
             }
-            Ok(response) if response.status == 400 => {
+            // Bad input, a token the agent does not accept, a caller that may not ask this,
+            // or settings that differ from the drain in progress: asking again cannot help.
+            Ok(response) if matches!(response.status, 400 | 401 | 403 | 409) => {
                 eprintln!(
-                    "drain-agent wait: the agent refused the request: {}",
+                    "drain-agent wait: the agent refused the request ({}): {}",
+                    response.status,
                     error_text(&response.body)
                 );
                 return ExitCode::from(EXIT_ERROR);

@@ -288,3 +288,60 @@ fn both_close_methods_close_at_the_deadline() {
         println!("{flag}: closed with {expected}");
     }
 }
+
+/// Issue 22: a waiter that joined a longer drain was answered at the drain's pace, not its
+/// own (a `timeout=3s` preStop hung 30 s), and a close request silently joined a drain that
+/// keeps (its close dropped). Each waiter is answered at its own timeout; a request whose
+/// named settings differ gets 409 naming them; `drain-agent wait` stops on it (exit 2).
+#[test]
+fn a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused() {
+    if !kernel_available("a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused")
+    {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    server.wait_accepted(1);
+    let (status, body) = post(&agent, &format!("/drain?port={port}&timeout=10m"));
+    assert_eq!(status, 201, "{body}");
+    let mut late = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=3s"));
+        let waited = started.elapsed();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["drain"], 1, "it joined the 10-minute drain: {body}");
+        late.push(waited);
+    }
+    eprintln!("timeout=3s waiters in a 10-minute drain answered after {late:?}");
+    for waited in &late {
+        assert!(
+            *waited >= Duration::from_secs(3) && *waited <= Duration::from_millis(3100),
+            "{late:?}"
+        );
+    }
+    let (status, body) = agent.get_json(&format!(
+        "/drained?port={port}&timeout=3s&on_timeout=close"
+    ));
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("on_timeout=keep (asked close)"), "{message}");
+    let (status, _) = post(&agent, &format!("/drain?port={port}&timeout=1s&on_timeout=close"));
+    assert_eq!(status, 409);
+    let output = Command::new(common::agent_binary())
+        .args(["wait", "--port", &port.to_string(), "--timeout", "3s"])
+        .args(["--close-at-timeout", "--agent", &agent.url])
+        .output()
+        .expect("wait");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("409"),
+        "{output:?}"
+    );
+    // Nothing was closed, and the drain is the one posted.
+    assert_eq!(agent.active(port), 1);
+    let (_, body) = agent.get_json("/drains");
+    assert_eq!(body["in_progress"][0]["on_timeout"], "keep", "{body}");
+}
