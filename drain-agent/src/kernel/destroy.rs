@@ -4,8 +4,9 @@
 //! `ECONNABORTED` on its next call):
 //! - [`CloseMethod::Bpf`]: the `destroy_sockets` `iter/tcp` program calls the kfunc
 //!   `bpf_sock_destroy()` (Linux >= 6.5) on each socket whose two ends are in
-//!   `DESTROY_TARGETS`. One pass over the namespace's sockets closes a whole batch, under
-//!   each socket's lock.
+//!   `DESTROY_TARGETS` and that has its own entry in `SOCKETS` (a tracked inbound
+//!   connection). One pass over the namespace's sockets closes a whole batch, under each
+//!   socket's lock.
 //! - [`CloseMethod::Netlink`]: `SOCK_DESTROY` over `NETLINK_SOCK_DIAG`, one request per
 //!   socket, like `ss -K` (needs `CONFIG_INET_DIAG_DESTROY`).
 //!
@@ -58,9 +59,10 @@ const DESTROYER: &str = "destroy_sockets";
 pub(super) const KFUNC: &str = "bpf_sock_destroy";
 /// `DESTROY_BATCH` of the eBPF side: the capacity of `DESTROY_TARGETS`.
 const BATCH: usize = 1_024;
-/// `DESTROYED` slots.
+/// `DESTROYED` slots (as in the eBPF program).
 const DESTROYED_OK: u32 = 0;
 const DESTROY_REFUSED: u32 = 1;
+const DESTROY_NOT_TRACKED: u32 = 2;
 
 /// The eBPF object with its kfunc calls linked; `problem` says why they could not be.
 pub(super) struct LinkedObject {
@@ -291,6 +293,7 @@ impl Kernel {
             .collect();
         let before = self.destroyed(DESTROYED_OK)?;
         let refused_before = self.destroyed(DESTROY_REFUSED)?;
+        let not_tracked_before = self.destroyed(DESTROY_NOT_TRACKED)?;
         for batch in keys.chunks(BATCH) {
             self.clear_targets();
             let run = self.run_destroyer(path, batch);
@@ -305,7 +308,34 @@ impl Kernel {
                 path.display()
             );
         }
+        let not_tracked = self.destroyed(DESTROY_NOT_TRACKED)? - not_tracked_before;
+        if not_tracked > 0 {
+            info!(
+                "{DESTROYER} left {not_tracked} sockets in {} open: not tracked inbound connections",
+                path.display()
+            );
+        }
         Ok(self.destroyed(DESTROYED_OK)? - before)
+    }
+
+    /// Runs `destroy_sockets` on `targets` (local, remote) in the namespace at `path`
+    /// *without* the user-space filter of [`Kernel::close_connections`]: only the
+    /// program's own check stands between the targets and `bpf_sock_destroy()`. For the
+    /// tests that show that check holds by itself; returns how many sockets it closed.
+    #[doc(hidden)]
+    pub fn close_with_bpf_unfiltered(
+        &mut self,
+        path: &std::path::Path,
+        targets: &[(SocketAddr, SocketAddr)],
+    ) -> Result<u64> {
+        if let Some(problem) = &self.closer.problem {
+            bail!("cannot close connections with bpf_sock_destroy(): {problem}");
+        }
+        let wanted: Wanted = targets
+            .iter()
+            .map(|(local, remote)| (canonical(*local), canonical(*remote)))
+            .collect();
+        self.close_with_bpf(path, &wanted)
     }
 
     fn run_destroyer(&mut self, path: &std::path::Path, batch: &[DestroyKey]) -> Result<()> {
