@@ -10,6 +10,14 @@
 //! - [`CloseMethod::Netlink`]: `SOCK_DESTROY` over `NETLINK_SOCK_DIAG`, one request per
 //!   socket, like `ss -K` (needs `CONFIG_INET_DIAG_DESTROY`).
 //!
+//! Only tracked inbound connections of the scope are ever closed. A drained port is also
+//! the local port of any outbound socket bound to it (`bind()` before `connect()`, the
+//! client end of a loopback pair): the socket tables list those on the port too, and
+//! closing by local port would abort them. So [`Kernel::close_connections`] keeps only
+//! the targets that the maps track in that namespace with both ends as given (the only guard
+//! of the netlink method), and `destroy_sockets` checks the socket's own `SOCKETS` entry
+//! again under its lock.
+//!
 //! aya 0.14 cannot link a kfunc call: it only knows calls to functions inside the object,
 //! and fails the *whole* object on the call to the extern symbol ("error relocating
 //! function": `UnknownFunction { address: 2624, caller_name: "destroy_sockets" }`).
@@ -35,7 +43,10 @@ use drain_agent_common::{AF_INET, AF_INET6, DestroyKey};
 use log::{info, warn};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
 
-use super::{Kernel, maps::namespaces_of};
+use super::{
+    Kernel,
+    maps::{Tracked, namespaces_of},
+};
 use crate::{
     addr::canonical_addr,
     drain_rule::Peer,
@@ -231,9 +242,12 @@ impl Kernel {
 
     /// Closes the given connections of one scope (each identified by local and remote address), in every namespace of the scope; returns how many were closed.
     ///
-    /// Only ESTABLISHED and CLOSE_WAIT connections are closed, and only targets inside the
-    /// filter (its port, and its address if it has one); the rest are ignored. A target has
-    /// no namespace: the same two ends in two namespaces of the scope are both closed.
+    /// Only tracked inbound connections are closed: a target is closed in a namespace of the
+    /// scope only if the maps track a connection there with these two ends (so never an
+    /// outbound socket whose local port is the filter's port, never one the agent did not
+    /// count), and only while it is ESTABLISHED or CLOSE_WAIT. Targets outside the filter
+    /// (its port, and its address if it has one) are ignored. A target has no namespace:
+    /// the same two ends tracked in two namespaces of the scope are both closed.
     /// A namespace that cannot be entered fails the call (after the others were done),
     /// unless it vanished meanwhile, taking its connections with it.
     pub fn close_connections(
@@ -257,12 +271,34 @@ impl Kernel {
         {
             bail!("cannot close connections with bpf_sock_destroy(): {problem}");
         }
+        // Read once, before any close: a connection the handler tracks now stays tracked
+        // until it closes. The netlink method has no other guard.
+        let tracked = self
+            .maps
+            .tracked(filter)
+            .context("cannot read the tracked connections")?;
+        let anywhere: Wanted = tracked
+            .keys()
+            .map(|(_, local, remote)| (*local, *remote))
+            .collect();
+        let untracked = wanted.difference(&anywhere).count();
+        if untracked > 0 {
+            info!(
+                "left {untracked} of {} connections on port {} open: not tracked inbound connections of the scope (outbound ones from that port, or never counted)",
+                wanted.len(),
+                filter.port
+            );
+        }
         let mut closed = 0;
         let mut failed = BTreeSet::new();
         for (inode, path) in namespaces_of(filter)? {
+            let here = tracked_in(&wanted, &tracked, inode);
+            if here.is_empty() {
+                continue;
+            }
             let result = match method {
-                CloseMethod::Bpf => self.close_with_bpf(&path, &wanted),
-                CloseMethod::Netlink => close_with_netlink(path.clone(), filter.port, &wanted),
+                CloseMethod::Bpf => self.close_with_bpf(&path, &here),
+                CloseMethod::Netlink => close_with_netlink(path.clone(), filter.port, &here),
             };
             match result {
                 Ok(count) => closed += count,
@@ -382,6 +418,15 @@ impl Kernel {
     }
 }
 
+/// The wanted connections tracked in the namespace `inode`: the only ones to close there.
+fn tracked_in(wanted: &Wanted, tracked: &Tracked, inode: u32) -> Wanted {
+    wanted
+        .iter()
+        .filter(|(local, remote)| tracked.contains_key(&(inode, *local, *remote)))
+        .copied()
+        .collect()
+}
+
 /// `SOCK_DESTROY` for each wanted connection on `port` in the namespace at `path`.
 fn close_with_netlink(path: PathBuf, port: u16, wanted: &Wanted) -> Result<u64> {
     let wanted = wanted.clone();
@@ -461,7 +506,7 @@ impl crate::closer::Closer for KernelCloser {
     }
 
     fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
-        crate::closer::Closer::listeners(self.maps.as_ref(), filter)
+        self.maps.listeners(filter)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     path::PathBuf,
     sync::{
@@ -30,8 +30,13 @@ use crate::{
     tracker::{ConnectionSource, Endpoint, Filter, PortState, monotonic_ns},
 };
 
-/// A connection by its addresses: (netns, local, remote).
-type FourTuple = (u32, std::net::SocketAddr, std::net::SocketAddr);
+/// A connection by its addresses: (netns, local, remote), addresses canonical
+/// ([`canonical_addr`]: IPv4-mapped IPv6 folded to IPv4, as the kernel side keys them).
+pub type FourTuple = (u32, SocketAddr, SocketAddr);
+
+/// The tracked connections of a scope, each with when it started (`STARTED_UNKNOWN` for
+/// one a walk found): see [`KernelMaps::tracked`].
+pub type Tracked = StdHashMap<FourTuple, u64>;
 
 /// The maps the agent reads while serving.
 pub struct KernelMaps {
@@ -286,8 +291,36 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
-impl crate::closer::Closer for KernelMaps {
-    fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
+impl KernelMaps {
+    /// The connections of `filter`'s scope that the maps track, read from `SOCKETS`: by
+    /// construction inbound ones (an entry is made by a passive open, or by a walk that
+    /// found the socket open on a port with a listener). What a forced close may touch,
+    /// and what tells them from outbound sockets that use the same local port.
+    pub fn tracked(&self, filter: &Filter) -> Result<Tracked> {
+        let mut tracked = Tracked::new();
+        for entry in self.sockets.iter() {
+            // Entries that vanish while we read are skipped by the iterator (closed).
+            let (_, entry) = entry.context("cannot read the socket map")?;
+            let local = key_addr(&entry.key);
+            if !filter.matches_parts(entry.key.netns, local, entry.key.port) {
+                continue;
+            }
+            let remote = SocketAddr::new(remote_addr(&entry), entry.remote_port);
+            tracked.insert(
+                (
+                    entry.key.netns,
+                    SocketAddr::new(local, entry.key.port),
+                    remote,
+                ),
+                entry.started_ns,
+            );
+        }
+        Ok(tracked)
+    }
+
+    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie (for
+    /// the drains' gate, through [`super::destroy::KernelCloser`]).
+    pub fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
         let mut cookies = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
@@ -305,46 +338,6 @@ impl crate::closer::Closer for KernelMaps {
             }
         }
         Ok(cookies)
-    }
-
-    /// Closes connections through netlink `SOCK_DESTROY` (what `ss -K` does) in each
-    /// namespace of the scope; the peer gets a reset.
-    fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
-        let wanted: HashSet<(std::net::SocketAddr, std::net::SocketAddr)> = targets
-            .iter()
-            .map(|peer| (peer.local, peer.remote))
-            .collect();
-        let mut closed = 0;
-        for (inode, path) in namespaces_of(filter)? {
-            let port = filter.port;
-            let wanted = wanted.clone();
-            let done = netns::run_in(&path, move || {
-                let sockets = sockdiag::query(&sockdiag::Query {
-                    local_port: port,
-                    states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
-                        | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
-                    with_info: false,
-                })?;
-                let mut closed = 0u64;
-                for socket in sockets {
-                    if wanted.contains(&(socket.local, socket.remote))
-                        && sockdiag::destroy(&socket).is_ok()
-                    {
-                        closed += 1;
-                    }
-                }
-                Ok(closed)
-            });
-            match done {
-                Ok(count) => closed += count,
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
-                Err(problem) => {
-                    return Err(problem)
-                        .with_context(|| format!("cannot close in network namespace {inode}"));
-                }
-            }
-        }
-        Ok(closed)
     }
 }
 
