@@ -291,6 +291,11 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
+/// A socket-table address as the maps spell it.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_addr(addr.ip()), addr.port())
+}
+
 impl KernelMaps {
     /// The connections of `filter`'s scope that the maps track, read from `SOCKETS`: by
     /// construction inbound ones (an entry is made by a passive open, or by a walk that
@@ -465,38 +470,28 @@ impl ConnectionSource for KernelMaps {
         })
     }
 
+    /// The connections of `filter` from the socket tables. A report (`with_age`: the
+    /// remaining connections of `/drained`, `/connections?peers=true`, a drain's record and
+    /// what it closes at its deadline) gets their ages from the maps and, when the scope's
+    /// counts are vouched for (no doubt), only the tracked ones: the tables also list
+    /// outbound sockets whose local port is the port, which are no connections of the
+    /// service's. In doubt, the tables' list stands as it is (a connection the maps missed
+    /// must show), as it does for the drain rule's own look (not a report: no extra pass
+    /// over the socket map each time it looks).
     fn peers(&self, filter: &Filter, with_age: bool) -> Result<Vec<Peer>> {
-        let mut started: StdHashMap<FourTuple, u64> = StdHashMap::new();
-        if with_age {
-            for entry in self.sockets.iter() {
-                let Ok((_, entry)) = entry else { continue };
-                let local = key_addr(&entry.key);
-                if entry.started_ns == STARTED_UNKNOWN
-                    || !filter.matches_parts(entry.key.netns, local, entry.key.port)
-                {
-                    continue;
-                }
-                let remote = (remote_addr(&entry), entry.remote_port).into();
-                started.insert(
-                    (entry.key.netns, (local, entry.key.port).into(), remote),
-                    entry.started_ns,
-                );
-            }
-        }
         let now_ns = monotonic_ns();
-        let mut peers = Vec::new();
+        let mut found = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
             let addr = filter.addr;
-            let found = netns::run_in(&path, move || {
+            let sockets = match netns::run_in(&path, move || {
                 sockdiag::query(&sockdiag::Query {
                     local_port: port,
                     states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
                         | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
                     with_info: true,
                 })
-            });
-            let sockets = match found {
+            }) {
                 Ok(sockets) => sockets,
                 // A namespace that is gone has no connections left.
                 Err(_) if !netns::all_namespaces().contains_key(&inode) => continue,
@@ -505,32 +500,59 @@ impl ConnectionSource for KernelMaps {
                         .with_context(|| format!("cannot read network namespace {inode}"));
                 }
             };
-            for socket in sockets {
-                if addr.is_some_and(|addr| canonical_addr(socket.local.ip()) != addr) {
-                    continue;
+            found.extend(
+                sockets
+                    .into_iter()
+                    .filter(|socket| {
+                        addr.is_none_or(|addr| canonical_addr(socket.local.ip()) == addr)
+                    })
+                    .map(|socket| (inode, socket)),
+            );
+        }
+        // Read after the tables: an inbound connection they show open was inserted before
+        // it became ESTABLISHED (the handler runs before the state is stored), so unless the
+        // scope is in doubt it is here, or has closed since.
+        let tracked = if with_age && !found.is_empty() {
+            match self.tracked(filter) {
+                Ok(tracked) => Some(tracked),
+                Err(problem) => {
+                    log::debug!("connections listed without ages: {problem:#}");
+                    None
                 }
-                let idle_ms = socket.info.as_ref().map_or(0, |info| {
-                    u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
-                });
-                // Received more recently than sent: a request read and not answered yet.
-                let awaiting_reply = socket
-                    .info
-                    .as_ref()
-                    .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
-                let age_ms = started
-                    .get(&(inode, socket.local, socket.remote))
-                    .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
-                peers.push(Peer {
-                    remote: socket.remote,
-                    local: socket.local,
-                    age_ms,
-                    idle_ms,
-                    recv_queue: socket.recv_queue,
-                    send_queue: socket.send_queue,
-                    awaiting_reply,
-                    busy: false,
-                });
             }
+        } else {
+            None
+        };
+        let only_tracked =
+            tracked.is_some() && self.doubts(filter).is_ok_and(|doubts| doubts.is_empty());
+        let mut peers = Vec::new();
+        for (inode, socket) in found {
+            let tuple = (inode, canonical(socket.local), canonical(socket.remote));
+            let started = tracked.as_ref().and_then(|tracked| tracked.get(&tuple));
+            if only_tracked && started.is_none() {
+                continue;
+            }
+            let idle_ms = socket.info.as_ref().map_or(0, |info| {
+                u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
+            });
+            // Received more recently than sent: a request read and not answered yet.
+            let awaiting_reply = socket
+                .info
+                .as_ref()
+                .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
+            let age_ms = started
+                .filter(|started| **started != STARTED_UNKNOWN)
+                .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
+            peers.push(Peer {
+                remote: socket.remote,
+                local: socket.local,
+                age_ms,
+                idle_ms,
+                recv_queue: socket.recv_queue,
+                send_queue: socket.send_queue,
+                awaiting_reply,
+                busy: false,
+            });
         }
         Ok(peers)
     }
