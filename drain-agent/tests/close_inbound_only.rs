@@ -317,18 +317,16 @@ fn forced_close_leaves_outbound_connections(method: &str) {
     let inbound_ports = setup.inbound_client_ports();
     let (status, connections) = agent.get_json(&format!("/connections?port={port}&peers=true"));
     assert_eq!(status, 200, "{connections}");
-    let listed: Vec<&serde_json::Value> = connections["endpoints"]
+    // Every endpoint's connections (the IPv4 and the IPv6 one).
+    let listed: Vec<serde_json::Value> = connections["endpoints"]
         .as_array()
-        .or_else(|| connections.as_array())
-        .map(|endpoints| {
-            endpoints
-                .iter()
-                .filter_map(|endpoint| endpoint["peers"].as_array())
-                .flatten()
-                .collect()
-        })
-        .unwrap_or_default();
-    let listed = serde_json::Value::Array(listed.into_iter().cloned().collect());
+        .unwrap_or_else(|| panic!("endpoints: {connections}"))
+        .iter()
+        .filter_map(|endpoint| endpoint["peers"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    let listed = serde_json::Value::Array(listed);
 
     let started = Instant::now();
     let (status, record) = post(
