@@ -393,9 +393,15 @@ static DESTROY_TARGETS: HashMap<drain_agent_common::DestroyKey, u8> =
 /// How many targets one run takes; the agent writes larger sets in batches of this size.
 const DESTROY_BATCH: u32 = 1_024;
 
-/// `[0]`: sockets `destroy_sockets` destroyed; `[1]`: destroys the kernel refused.
+/// `[0]`: sockets `destroy_sockets` destroyed; `[1]`: destroys the kernel refused; `[2]`:
+/// targets left alone because they are not tracked inbound connections ([`tracked_as`]).
 #[map]
-static DESTROYED: Array<u64> = Array::with_max_entries(2, 0);
+static DESTROYED: Array<u64> = Array::with_max_entries(3, 0);
+
+/// `DESTROYED` slots.
+const DESTROYED_OK: u32 = 0;
+const DESTROY_REFUSED: u32 = 1;
+const DESTROY_NOT_TRACKED: u32 = 2;
 
 unsafe extern "C" {
     /// The kfunc `int bpf_sock_destroy(struct sock_common *sock)` (net/core/filter.c,
@@ -412,9 +418,11 @@ unsafe extern "C" {
 
 /// `iter/tcp`, run by the agent in one network namespace at a time when a drain's deadline
 /// passes: destroys each ESTABLISHED or CLOSE_WAIT socket whose two ends are in
-/// `DESTROY_TARGETS`. Safe against races for the same reasons as the walker above: the
-/// socket lock is held, and unhashed sockets are skipped, so the state we test is the state
-/// we destroy. The handler sees the socket move to CLOSE and un-counts it as usual.
+/// `DESTROY_TARGETS` *and* that is a tracked inbound connection ([`tracked_as`]): never an
+/// outbound socket that happens to use the drained port as its local port. Safe against
+/// races for the same reasons as the walker above: the socket lock is held, and unhashed
+/// sockets are skipped, so the state we test is the state we destroy. The handler sees the
+/// socket move to CLOSE and un-counts it as usual.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn destroy_sockets(ctx: *mut c_void) -> i32 {
@@ -454,13 +462,70 @@ fn try_destroy_sockets(ctx: *mut c_void) -> Result<(), Error> {
     if unsafe { DESTROY_TARGETS.get(target) }.is_none() {
         return Ok(());
     }
+    if !tracked_as(sk, &local, &remote) {
+        // An outbound connection from the drained port, or one the agent never tracked:
+        // not the drain's to close, whatever user space asked.
+        count_destroyed(DESTROY_NOT_TRACKED);
+        return Ok(());
+    }
     // SAFETY: `sk` is the iterator's socket, locked for the duration of this program.
     let result = unsafe { bpf_sock_destroy(sk as *mut c_void) };
-    if let Some(counter) = DESTROYED.get_ptr_mut(u32::from(result != 0)) {
+    count_destroyed(if result == 0 {
+        DESTROYED_OK
+    } else {
+        DESTROY_REFUSED
+    });
+    Ok(())
+}
+
+/// Whether the socket at `sk` is tracked, as the connection (`local`, `remote`) it is now:
+/// the proof `destroy_sockets` asks for before destroying it.
+///
+/// `SOCKETS` is keyed by the socket's kernel address, as the handler keys it: the
+/// tracepoint's `sk` is a `struct sock *`, the iterator's `sk_common` a `struct sock_common
+/// *`, and `__sk_common` is the first member of `struct sock` (include/net/sock.h): the same
+/// address (the walker keys by it too). An entry is made only by a passive open
+/// (`SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, see `classify`; an active open goes
+/// `SYN_SENT` → `ESTABLISHED` and is never inserted), or by a walk that found the socket
+/// open on a port with a listener in its namespace (seeding, repairs).
+///
+/// Why the entry cannot change under us for this socket: `bpf_iter_tcp_seq_show()`
+/// (net/ipv4/tcp_ipv4.c) holds the socket lock (`lock_sock_fast()`) while this program
+/// runs, and every state change of a TCP socket runs under that lock (`tcp_set_state()` in
+/// process context owns it; in softirq it holds the spinlock, and defers to the backlog
+/// while the socket is owned), so the handler's insert (at the open) and delete (at the
+/// close) for *this* socket cannot run meanwhile, nor can a walk's (same lock). The sweep's
+/// `forget_stale_socket` deletes without the lock, but only an entry no walk found open
+/// since it began, i.e. a dead socket's: not this live one's (a walk stamps it). The
+/// address cannot belong to another live socket.
+///
+/// What the entry does not prove, so it is compared with the socket: a skipped close leaves
+/// a dead socket's entry at an address the allocator may give to any new socket (see
+/// `track_open`). Comparing the whole entry (namespace, local address and port, remote
+/// address and port) leaves only a dead connection with this very four-tuple in this
+/// namespace, whose close the kernel skipped and no walk has swept yet. And a socket a
+/// walk judged passive by its port's listener: an outbound socket bound to a port that
+/// has a listener looks the same to a walk (it is counted too, the safe side for drains).
+#[inline(always)]
+fn tracked_as(sk: u64, local: &ConnKey, remote: &Peer) -> bool {
+    // SAFETY: the entry is copied out at once (plain data).
+    match unsafe { SOCKETS.get(sk) }.copied() {
+        Some(entry) => {
+            entry.key == *local
+                && entry.remote_family == remote.family
+                && entry.remote_port == remote.port
+                && entry.remote == remote.addr
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn count_destroyed(slot: u32) {
+    if let Some(counter) = DESTROYED.get_ptr_mut(slot) {
         // SAFETY: a pointer into the array map's value.
         unsafe { atomic_add_u64(counter, 1) };
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

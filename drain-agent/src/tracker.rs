@@ -97,7 +97,9 @@ pub trait ConnectionSource: Send + Sync + 'static {
     }
     /// The connections of `filter` open now, one by one, from the kernel's socket tables
     /// (blocking; enters namespaces). `busy` is left false for the caller to set; `with_age`
-    /// also looks up when each started (a pass over the tracked sockets: reports only).
+    /// also looks up when each started and, unless the scope is in doubt, leaves out the
+    /// sockets the maps do not track (outbound ones from the port): a pass over the tracked
+    /// sockets, reports only.
     fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
         bail!("this source cannot list connections")
     }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     path::PathBuf,
     sync::{
@@ -30,8 +30,13 @@ use crate::{
     tracker::{ConnectionSource, Endpoint, Filter, PortState, monotonic_ns},
 };
 
-/// A connection by its addresses: (netns, local, remote).
-type FourTuple = (u32, std::net::SocketAddr, std::net::SocketAddr);
+/// A connection by its addresses: (netns, local, remote), addresses canonical
+/// ([`canonical_addr`]: IPv4-mapped IPv6 folded to IPv4, as the kernel side keys them).
+pub type FourTuple = (u32, SocketAddr, SocketAddr);
+
+/// The tracked connections of a scope, each with when it started (`STARTED_UNKNOWN` for
+/// one a walk found): see [`KernelMaps::tracked`].
+pub type Tracked = StdHashMap<FourTuple, u64>;
 
 /// The maps the agent reads while serving.
 pub struct KernelMaps {
@@ -286,8 +291,41 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
-impl crate::closer::Closer for KernelMaps {
-    fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
+/// A socket-table address as the maps spell it.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_addr(addr.ip()), addr.port())
+}
+
+impl KernelMaps {
+    /// The connections of `filter`'s scope that the maps track, read from `SOCKETS`: by
+    /// construction inbound ones (an entry is made by a passive open, or by a walk that
+    /// found the socket open on a port with a listener). What a forced close may touch,
+    /// and what tells them from outbound sockets that use the same local port.
+    pub fn tracked(&self, filter: &Filter) -> Result<Tracked> {
+        let mut tracked = Tracked::new();
+        for entry in self.sockets.iter() {
+            // Entries that vanish while we read are skipped by the iterator (closed).
+            let (_, entry) = entry.context("cannot read the socket map")?;
+            let local = key_addr(&entry.key);
+            if !filter.matches_parts(entry.key.netns, local, entry.key.port) {
+                continue;
+            }
+            let remote = SocketAddr::new(remote_addr(&entry), entry.remote_port);
+            tracked.insert(
+                (
+                    entry.key.netns,
+                    SocketAddr::new(local, entry.key.port),
+                    remote,
+                ),
+                entry.started_ns,
+            );
+        }
+        Ok(tracked)
+    }
+
+    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie (for
+    /// the drains' gate, through [`super::destroy::KernelCloser`]).
+    pub fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
         let mut cookies = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
@@ -305,46 +343,6 @@ impl crate::closer::Closer for KernelMaps {
             }
         }
         Ok(cookies)
-    }
-
-    /// Closes connections through netlink `SOCK_DESTROY` (what `ss -K` does) in each
-    /// namespace of the scope; the peer gets a reset.
-    fn close(&self, filter: &Filter, targets: &[Peer]) -> Result<u64> {
-        let wanted: HashSet<(std::net::SocketAddr, std::net::SocketAddr)> = targets
-            .iter()
-            .map(|peer| (peer.local, peer.remote))
-            .collect();
-        let mut closed = 0;
-        for (inode, path) in namespaces_of(filter)? {
-            let port = filter.port;
-            let wanted = wanted.clone();
-            let done = netns::run_in(&path, move || {
-                let sockets = sockdiag::query(&sockdiag::Query {
-                    local_port: port,
-                    states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
-                        | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
-                    with_info: false,
-                })?;
-                let mut closed = 0u64;
-                for socket in sockets {
-                    if wanted.contains(&(socket.local, socket.remote))
-                        && sockdiag::destroy(&socket).is_ok()
-                    {
-                        closed += 1;
-                    }
-                }
-                Ok(closed)
-            });
-            match done {
-                Ok(count) => closed += count,
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
-                Err(problem) => {
-                    return Err(problem)
-                        .with_context(|| format!("cannot close in network namespace {inode}"));
-                }
-            }
-        }
-        Ok(closed)
     }
 }
 
@@ -472,38 +470,28 @@ impl ConnectionSource for KernelMaps {
         })
     }
 
+    /// The connections of `filter` from the socket tables. A report (`with_age`: the
+    /// remaining connections of `/drained`, `/connections?peers=true`, a drain's record and
+    /// what it closes at its deadline) gets their ages from the maps and, when the scope's
+    /// counts are vouched for (no doubt), only the tracked ones: the tables also list
+    /// outbound sockets whose local port is the port, which are no connections of the
+    /// service's. In doubt, the tables' list stands as it is (a connection the maps missed
+    /// must show), as it does for the drain rule's own look (not a report: no extra pass
+    /// over the socket map each time it looks).
     fn peers(&self, filter: &Filter, with_age: bool) -> Result<Vec<Peer>> {
-        let mut started: StdHashMap<FourTuple, u64> = StdHashMap::new();
-        if with_age {
-            for entry in self.sockets.iter() {
-                let Ok((_, entry)) = entry else { continue };
-                let local = key_addr(&entry.key);
-                if entry.started_ns == STARTED_UNKNOWN
-                    || !filter.matches_parts(entry.key.netns, local, entry.key.port)
-                {
-                    continue;
-                }
-                let remote = (remote_addr(&entry), entry.remote_port).into();
-                started.insert(
-                    (entry.key.netns, (local, entry.key.port).into(), remote),
-                    entry.started_ns,
-                );
-            }
-        }
         let now_ns = monotonic_ns();
-        let mut peers = Vec::new();
+        let mut found = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
             let addr = filter.addr;
-            let found = netns::run_in(&path, move || {
+            let sockets = match netns::run_in(&path, move || {
                 sockdiag::query(&sockdiag::Query {
                     local_port: port,
                     states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
                         | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
                     with_info: true,
                 })
-            });
-            let sockets = match found {
+            }) {
                 Ok(sockets) => sockets,
                 // A namespace that is gone has no connections left.
                 Err(_) if !netns::all_namespaces().contains_key(&inode) => continue,
@@ -512,32 +500,59 @@ impl ConnectionSource for KernelMaps {
                         .with_context(|| format!("cannot read network namespace {inode}"));
                 }
             };
-            for socket in sockets {
-                if addr.is_some_and(|addr| canonical_addr(socket.local.ip()) != addr) {
-                    continue;
+            found.extend(
+                sockets
+                    .into_iter()
+                    .filter(|socket| {
+                        addr.is_none_or(|addr| canonical_addr(socket.local.ip()) == addr)
+                    })
+                    .map(|socket| (inode, socket)),
+            );
+        }
+        // Read after the tables: an inbound connection they show open was inserted before
+        // it became ESTABLISHED (the handler runs before the state is stored), so unless the
+        // scope is in doubt it is here, or has closed since.
+        let tracked = if with_age && !found.is_empty() {
+            match self.tracked(filter) {
+                Ok(tracked) => Some(tracked),
+                Err(problem) => {
+                    log::debug!("connections listed without ages: {problem:#}");
+                    None
                 }
-                let idle_ms = socket.info.as_ref().map_or(0, |info| {
-                    u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
-                });
-                // Received more recently than sent: a request read and not answered yet.
-                let awaiting_reply = socket
-                    .info
-                    .as_ref()
-                    .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
-                let age_ms = started
-                    .get(&(inode, socket.local, socket.remote))
-                    .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
-                peers.push(Peer {
-                    remote: socket.remote,
-                    local: socket.local,
-                    age_ms,
-                    idle_ms,
-                    recv_queue: socket.recv_queue,
-                    send_queue: socket.send_queue,
-                    awaiting_reply,
-                    busy: false,
-                });
             }
+        } else {
+            None
+        };
+        let only_tracked =
+            tracked.is_some() && self.doubts(filter).is_ok_and(|doubts| doubts.is_empty());
+        let mut peers = Vec::new();
+        for (inode, socket) in found {
+            let tuple = (inode, canonical(socket.local), canonical(socket.remote));
+            let started = tracked.as_ref().and_then(|tracked| tracked.get(&tuple));
+            if only_tracked && started.is_none() {
+                continue;
+            }
+            let idle_ms = socket.info.as_ref().map_or(0, |info| {
+                u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
+            });
+            // Received more recently than sent: a request read and not answered yet.
+            let awaiting_reply = socket
+                .info
+                .as_ref()
+                .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
+            let age_ms = started
+                .filter(|started| **started != STARTED_UNKNOWN)
+                .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
+            peers.push(Peer {
+                remote: socket.remote,
+                local: socket.local,
+                age_ms,
+                idle_ms,
+                recv_queue: socket.recv_queue,
+                send_queue: socket.send_queue,
+                awaiting_reply,
+                busy: false,
+            });
         }
         Ok(peers)
     }
