@@ -28,35 +28,14 @@ use std::{
 use common::{
     agent_binary,
     child::Guard,
-    free_port, kernel_available,
+    free_port,
+    http::curl,
+    kernel_available,
     pod::{Pod, connect},
     run,
 };
 
 const NOBODY: u32 = 65_534;
-
-/// `curl` from `netns` (a path, `None`: here) as `uid`: the status and the body.
-fn curl(netns: Option<&str>, uid: Option<u32>, method: &str, url: &str) -> (u16, String) {
-    let mut command = match netns {
-        Some(path) => {
-            let mut command = Command::new("nsenter");
-            command.arg(format!("--net={path}")).arg("curl");
-            command
-        }
-        None => Command::new("curl"),
-    };
-    command
-        .args(["-sS", "-m", "20", "-X", method, "-w", "\n%{http_code}", url])
-        .stdin(Stdio::null());
-    if let Some(uid) = uid {
-        use std::os::unix::process::CommandExt as _;
-        command.uid(uid).gid(uid);
-    }
-    let output = command.output().expect("run curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
 
 /// The agent as the DaemonSet runs it: reachable from every address of the node.
 fn start_agent(port: u16) -> Guard {

@@ -271,17 +271,7 @@ impl Setup {
 }
 
 fn post(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
-    let output = Command::new("curl")
-        .args(["-sS", "-X", "POST", "-w", "\n%{http_code}"])
-        .arg(format!("{}{path}", agent.url))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let (body, code) = text.rsplit_once('\n').expect("status line");
-    (
-        code.trim().parse().expect("status"),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    common::http::curl_json("POST", &format!("{}{path}", agent.url))
 }
 
 /// Remote ports of a list of peers (`{"remote": "ip:port", ...}`), sorted.

@@ -191,14 +191,16 @@ fn a_long_streaming_response_is_busy_for_its_whole_life() {
         body
     });
     let started = Instant::now();
-    // With and without the idle option, the drain waits for the stream to end.
+    // With and without the idle option, the drain waits for the stream to end. Two scopes
+    // (the port, and the port at 127.0.0.1): one scope's drain has one rule, and a waiter
+    // naming another gets 409.
     let idle = thread::spawn({
         let url = agent.url.clone();
         move || {
             let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
             let answer = drain_agent::client::get(
                 &url,
-                &format!("/drained?port={port}&idle=2s&timeout=60s"),
+                &format!("/drained?port={port}&addr=127.0.0.1&idle=2s&timeout=60s"),
                 Duration::from_secs(70),
             )
             .expect("answer");

@@ -22,20 +22,8 @@ fn post(agent: &Agent, path: &str) -> (u16, serde_json::Value) {
     request(agent, "POST", path)
 }
 
-/// A request with a method `drain_agent::client::get` does not send: curl (a Debian package
-/// the tests already install).
 fn request(agent: &Agent, method: &str, path: &str) -> (u16, serde_json::Value) {
-    let output = Command::new("curl")
-        .args(["-sS", "-X", method, "-w", "\n%{http_code}"])
-        .arg(format!("{}{path}", agent.url))
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let (body, code) = text.rsplit_once('\n').expect("status line");
-    (
-        code.trim().parse().expect("status"),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    common::http::curl_json(method, &format!("{}{path}", agent.url))
 }
 
 #[test]
@@ -295,8 +283,9 @@ fn both_close_methods_close_at_the_deadline() {
 /// named settings differ gets 409 naming them; `drain-agent wait` stops on it (exit 2).
 #[test]
 fn a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused() {
-    if !kernel_available("a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused")
-    {
+    if !kernel_available(
+        "a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused",
+    ) {
         return;
     }
     let agent = Agent::start(&[]);
@@ -322,13 +311,18 @@ fn a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused() 
             "{late:?}"
         );
     }
-    let (status, body) = agent.get_json(&format!(
-        "/drained?port={port}&timeout=3s&on_timeout=close"
-    ));
+    let (status, body) =
+        agent.get_json(&format!("/drained?port={port}&timeout=3s&on_timeout=close"));
     assert_eq!(status, 409, "{body}");
     let message = body["error"].as_str().unwrap_or_default();
-    assert!(message.contains("on_timeout=keep (asked close)"), "{message}");
-    let (status, _) = post(&agent, &format!("/drain?port={port}&timeout=1s&on_timeout=close"));
+    assert!(
+        message.contains("on_timeout=keep (asked close)"),
+        "{message}"
+    );
+    let (status, _) = post(
+        &agent,
+        &format!("/drain?port={port}&timeout=1s&on_timeout=close"),
+    );
     assert_eq!(status, 409);
     let output = Command::new(common::agent_binary())
         .args(["wait", "--port", &port.to_string(), "--timeout", "3s"])
