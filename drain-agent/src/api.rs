@@ -51,6 +51,18 @@ pub struct DrainedBody {
     /// Connections the agent closed at the deadline (`on_timeout=close`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed: Option<u64>,
+    /// Why a not-drained answer came before the request's timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<AnswerReason>,
+}
+
+/// Why a `/drained` answer came early without "drained".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerReason {
+    /// The agent is shutting down (a restart or an upgrade): ask again, the next agent
+    /// answers (the answer carries `Retry-After`). Not a timeout.
+    AgentShutdown,
 }
 
 /// The answer of `GET /health?port=P`: 503 while a drain of the port is in progress.
@@ -102,16 +114,19 @@ pub enum DrainResult {
     Error,
     /// The client hung up before its answer.
     Abandoned,
+    /// Answered not drained because the agent is shutting down (not a timeout).
+    AgentShutdown,
 }
 
 impl DrainResult {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Drained,
         Self::Timeout,
         Self::Invalid,
         Self::Rejected,
         Self::Error,
         Self::Abandoned,
+        Self::AgentShutdown,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -122,6 +137,7 @@ impl DrainResult {
             Self::Rejected => "rejected",
             Self::Error => "error",
             Self::Abandoned => "abandoned",
+            Self::AgentShutdown => "agent_shutdown",
         }
     }
 }

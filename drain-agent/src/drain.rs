@@ -328,7 +328,7 @@ pub struct DrainStats {
 pub struct Drains {
     tracker: Arc<Tracker>,
     closer: Option<Arc<dyn Closer>>,
-    journal: Option<Journal>,
+    journal: Option<Arc<Journal>>,
     next_id: AtomicU64,
     running: Mutex<HashMap<Filter, Arc<Running>>>,
     /// Scopes whose drain ended and that stay out of rotation (see [`GATE_HOLD`],
@@ -372,7 +372,7 @@ impl Drains {
         Self {
             tracker,
             closer,
-            journal,
+            journal: journal.map(Arc::new),
             next_id: AtomicU64::new(next_id),
             running: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -660,6 +660,16 @@ impl Drains {
             }
             _ => Vec::new(),
         };
+        // The record is on disk before any waiter gets the answer (`Final` is sent last).
+        if let Some(journal) = &self.journal {
+            let (journal, line) = (Arc::clone(journal), record.clone());
+            let written = tokio::task::spawn_blocking(move || journal.append(&line)).await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(problem)) => log::warn!("cannot write the drain journal: {problem:#}"),
+                Err(problem) => log::warn!("the drain journal writer failed: {problem}"),
+            }
+        }
         self.finish(&spec.filter, record, listeners);
         drain.finished.send_replace(Some(Arc::new(Final {
             result,
@@ -761,11 +771,6 @@ impl Drains {
             record.peers_at_end.len(),
             record.closed_by_agent
         );
-        if let Some(journal) = &self.journal
-            && let Err(problem) = journal.append(&record)
-        {
-            log::warn!("cannot write the drain journal: {problem:#}");
-        }
         {
             let mut stats = lock(&self.stats);
             if let Some(result) = record.result {

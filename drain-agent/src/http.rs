@@ -17,9 +17,9 @@ use serde_json::json;
 pub use crate::api::WaitLimits;
 use crate::{
     api::{
-        ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainResult, DrainedBody,
-        DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr, parse_drain_request,
-        parse_port, parse_query, parse_scope, parse_scope_request,
+        AnswerReason, ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainResult,
+        DrainedBody, DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr,
+        parse_drain_request, parse_port, parse_query, parse_scope, parse_scope_request,
     },
     authority::{Authority, Caller},
     drain::{DrainEnd, Drains, Final, JoinError, Membership},
@@ -129,8 +129,13 @@ async fn drained(
                     outcome.busy = outcome.busy.or(busy);
                 }
             }
+            // A not-drained answer because the agent stops says so: the hook should ask the
+            // next agent, and a 503 must not look like a timeout.
+            let shutdown = !outcome.drained && state.tracker.shutting_down();
             let result = if outcome.drained {
                 DrainResult::Drained
+            } else if shutdown {
+                DrainResult::AgentShutdown
             } else {
                 DrainResult::Timeout
             };
@@ -151,7 +156,11 @@ async fn drained(
                 peers: outcome.peers,
                 drain: joined.as_ref().map(Membership::id),
                 closed,
+                reason: shutdown.then_some(AnswerReason::AgentShutdown),
             };
+            if shutdown {
+                return (status, [(header::RETRY_AFTER, "1")], Json(body)).into_response();
+            }
             (status, Json(body)).into_response()
         }
         Err(WaitError::TooManyWaiters(max)) => {
@@ -1093,5 +1102,50 @@ mod tests {
         );
         let (status, _) = request(&state, "POST", "/drain?port=8080&timeout=1m&quiet=5s").await;
         assert_eq!(status, StatusCode::CONFLICT);
+    }
+
+    /// Issue 23: on SIGTERM the waiting hooks got a 503 that looked exactly like a
+    /// timeout's. A shutdown answer says so and asks to retry.
+    #[tokio::test]
+    async fn a_shutdown_answer_says_so_and_asks_to_retry() {
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let waiter = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut request = axum::http::Request::builder()
+                    .uri("/drained?port=8080&timeout=30s")
+                    .body(Body::empty())
+                    .expect("request");
+                request.extensions_mut().insert(Caller::Node);
+                router(state).oneshot(request).await.expect("response")
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.tracker.begin_shutdown();
+        let response = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("answered at once")
+            .expect("join");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(body["reason"], "agent_shutdown", "{body}");
+        assert_eq!(body["drained"], false);
+        // A timeout's answer has no reason.
+        let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let (_, body) = get(&state, "/drained?port=8080&timeout=0").await;
+        assert!(body.get("reason").is_none(), "{body}");
     }
 }

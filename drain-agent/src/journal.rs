@@ -254,7 +254,25 @@ impl Journal {
         }
         // One write of a whole line: O_APPEND keeps it in one piece.
         file.write_all(&line)
-            .with_context(|| format!("cannot write the drain journal {}", self.path.display()))
+            .with_context(|| format!("cannot write the drain journal {}", self.path.display()))?;
+        // On disk before the drain's answer is sent (the drains wait for this): a client
+        // that got an answer finds its drain in the journal after a crash. A new file (first
+        // record, or just rotated) also needs its name on disk: the directory is synced too.
+        file.sync_data()
+            .with_context(|| format!("cannot sync the drain journal {}", self.path.display()))?;
+        if size == 0
+            && let Some(parent) = self.path.parent()
+        {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            File::open(parent)
+                .and_then(|directory| directory.sync_all())
+                .with_context(|| format!("cannot sync the directory {}", parent.display()))?;
+        }
+        Ok(())
     }
 
     /// The last `limit` records, oldest first, from the tails of `PATH.1` and `PATH`
