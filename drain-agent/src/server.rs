@@ -12,8 +12,16 @@
 //!   kernel's backlog behind the idle ones, and a stop hook would wait for idle sockets to
 //!   time out. Why not "accept and close at once": anyone holding `max_connections` idle
 //!   sockets would shut everyone else out. Evicting the oldest idle one lets a well-behaved
-//!   client in at once; only when every connection has a request in progress (e.g. blocked
-//!   `/drained` waiters) is the new connection closed at once.
+//!   client in at once.
+//! - **Overload answers, never resets.** When every connection under the cap has a request in
+//!   progress (blocked `/drained` waiters), a new connection is still served, on one of
+//!   [`overflow_reserve`] connections kept beyond the cap (their file descriptors come out of
+//!   [`RESERVED_FDS`]): `/healthz` (the liveness probe) is answered there as usual, and so
+//!   is a `/drained` from a source that has none in progress (a pod's own hook, whoever
+//!   holds the rest); anything else gets `429` with `Retry-After` and the connection is
+//!   closed after the answer. When the reserve is full too, the server stops accepting until
+//!   a connection ends or turns idle: new connections wait in the kernel's listen backlog
+//!   (refused or reset by nobody) instead of being closed unanswered.
 //! - **Header-read timeout**: a connection that has not sent a complete request head within
 //!   [`ServerLimits::header_timeout`] (first request, or the next one on a kept-alive
 //!   connection) is closed.
@@ -150,10 +158,16 @@ pub async fn serve(
 ) -> Result<()> {
     limits.check()?;
     let cap = connection_cap(limits.max_connections);
+    let reserve = overflow_reserve(cap);
+    let limiter = SourceLimiter::new(limits.max_waiters_per_source);
     let app = app.layer(from_fn_with_state(
-        SourceLimiter::new(limits.max_waiters_per_source),
+        limiter.clone(),
         limit_waiters_per_source,
     ));
+    // Beyond the cap: the same routes behind a gate that lets only what must not wait in.
+    let overflow_app = app
+        .clone()
+        .layer(from_fn_with_state(limiter, overflow_only));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -164,6 +178,17 @@ pub async fn serve(
     let mut acceptor = Acceptor::default();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // Cap and reserve full of busy connections: leave new ones in the listen backlog
+        // until one ends or turns idle (it is then evicted), rather than close them.
+        while !slots.has_room(cap + reserve) {
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                () = slots.freed.notified() => {}
+                // A connection that turned idle sends no notification: look again.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
         let accepted = acceptor
             .next(&listener, shutdown.as_mut(), || {
                 format!(
@@ -177,11 +202,28 @@ pub async fn serve(
         let Some((stream, peer)) = accepted else {
             break;
         };
-        if !slots.make_room(cap) {
-            debug!("{peer}: closed at once, {cap} connections have requests in progress");
-            drop(stream);
-            continue;
-        }
+        // The look before the accept can be stale (a connection counts as idle until its
+        // first request arrives): this one then waits, accepted, for a place.
+        let app = loop {
+            if slots.make_room(cap) {
+                break Some(app.clone());
+            }
+            if slots.make_room(cap + reserve) {
+                debug!(
+                    "{peer}: served beyond the cap, {cap} connections have requests in progress"
+                );
+                break Some(overflow_app.clone());
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break None,
+                () = slots.freed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let Some(app) = app else {
+            break;
+        };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -232,6 +274,12 @@ pub async fn serve(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Connections kept beyond `cap` for what must not wait (see the module documentation):
+/// an eighth of the cap, from 4 to 64 (at most half of [`RESERVED_FDS`]).
+pub fn overflow_reserve(cap: usize) -> usize {
+    (cap / 8).clamp(4, 64)
 }
 
 /// The connection cap: `wanted`, lowered to stay [`RESERVED_FDS`] below the open-file limit.
@@ -318,6 +366,8 @@ fn is_per_connection(problem: &io::Error) -> bool {
 #[derive(Default)]
 struct Slots {
     open: Mutex<SlotMap>,
+    /// Notified when a connection ends.
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -338,6 +388,16 @@ impl Slots {
 
     fn open(&self) -> usize {
         self.lock().slots.len()
+    }
+
+    /// Whether a connection could be taken in under `limit` (now, or by evicting an idle one).
+    fn has_room(&self, limit: usize) -> bool {
+        let map = self.lock();
+        map.slots.len() < limit
+            || map
+                .slots
+                .values()
+                .any(|slot| slot.in_flight.load(Ordering::Acquire) == 0)
     }
 
     /// Whether one more connection fits under `cap`, closing the oldest idle one if needed.
@@ -396,6 +456,7 @@ struct SlotGuard {
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         self.slots.lock().slots.remove(&self.id);
+        self.slots.freed.notify_waiters();
     }
 }
 
@@ -428,6 +489,16 @@ impl SourceLimiter {
             max,
             waiting: Arc::default(),
         }
+    }
+
+    /// `/drained` requests of `source` in progress now.
+    fn count(&self, source: IpAddr) -> usize {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&source)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn try_acquire(&self, source: IpAddr) -> Option<SourcePermit> {
@@ -464,6 +535,36 @@ impl Drop for SourcePermit {
             }
         }
     }
+}
+
+/// Middleware of the connections beyond the cap: `/healthz`, and a `/drained` from a source
+/// with none in progress, go on; everything else is `429` with `Retry-After`, and the
+/// connection closes after the answer (its place is for the next one).
+async fn overflow_only(
+    State(limiter): State<SourceLimiter>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    let source = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| canonical_addr(peer.ip()));
+    let first_of_its_source = path == "/drained" && source.is_some_and(|at| limiter.count(at) == 0);
+    if path == "/healthz" || first_of_its_source {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [
+            (axum::http::header::RETRY_AFTER, "1"),
+            (axum::http::header::CONNECTION, "close"),
+        ],
+        Json(json!({
+            "error": "every HTTP connection the agent allows (--http-max-connections) has a request in progress; retry later"
+        })),
+    )
+        .into_response()
 }
 
 /// Middleware: at most `max` `/drained` requests in progress per source IP (IPv4-mapped
@@ -772,15 +873,69 @@ mod tests {
             waiters.push(stream);
         }
         server.wait_entered(2).await;
-        // Full of busy connections: the next one is closed at once, unanswered.
+        // Full of busy connections: the liveness probe is still answered (beyond the cap),
+        // a third waiter of the same source gets 429 with Retry-After (issue 23: it got an
+        // empty reply), and another source's first waiter is taken in.
         let answer = request(server.addr, "/healthz").await;
-        assert_eq!(answer, "");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let answer = request(server.addr, "/drained").await;
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 1"),
+            "{answer}"
+        );
+        let mut other = {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket
+                .bind("127.0.0.2:0".parse().expect("source"))
+                .expect("bind source");
+            socket.connect(server.addr).await.expect("connect")
+        };
+        send(&mut other, "/drained").await;
+        server.wait_entered(3).await;
         server.release.notify_waiters();
+        waiters.push(other);
         for stream in &mut waiters {
             let mut head = [0u8; 12];
             stream.read_exact(&mut head).await.expect("answer");
             assert_eq!(&head, b"HTTP/1.1 200");
         }
+        server.stop().await;
+    }
+
+    /// With the cap and the reserve full of waiters, new connections wait in the backlog and
+    /// are answered once a place frees: none is closed unanswered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
+        let server = start(ServerLimits {
+            max_connections: 2,
+            ..limits()
+        })
+        .await;
+        // 2 under the cap and 4 in the reserve, each from its own source.
+        let mut waiters = Vec::new();
+        for index in 0..(2 + overflow_reserve(2)) {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("127.0.1.{}:0", index + 1).parse().expect("source"))
+                .expect("bind source");
+            let mut stream = socket.connect(server.addr).await.expect("connect");
+            send(&mut stream, "/drained").await;
+            waiters.push(stream);
+            server.wait_entered(index + 1).await;
+        }
+        let late = tokio::spawn({
+            let addr = server.addr;
+            async move { request(addr, "/healthz").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !late.is_finished(),
+            "it waits (in the backlog, or accepted)"
+        );
+        server.release.notify_waiters();
+        let answer = late.await.expect("join");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         server.stop().await;
     }
 
