@@ -246,14 +246,15 @@ fn on_state_change<M: KernelMemory>(
     if transition == Transition::Unchanged {
         // Listeners (classify leaves LISTEN unchanged): the in-pod port's, counted per
         // namespace. Connections' opens and closes never get here.
-        if new_state == tcp_state::LISTEN {
-            if let Err(error) = try_on_listen::<M>(sk) {
-                count_error(error);
-            }
+        let listening = if new_state == tcp_state::LISTEN {
+            try_on_listen::<M>(sk)
         } else if old_state == tcp_state::LISTEN {
-            if let Err(error) = try_on_unlisten(sk) {
-                count_error(error);
-            }
+            try_on_unlisten(sk)
+        } else {
+            Ok(())
+        };
+        if let Err(error) = listening {
+            count_error(error);
         }
         return;
     }

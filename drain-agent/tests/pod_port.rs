@@ -394,3 +394,68 @@ fn the_hook_works_in_a_pod_that_does_not_use_the_port() {
     // The node listener saw none of the agent's own in-pod connections.
     assert_eq!(active_in(&agent, &pod.netns), 0);
 }
+
+/// The capabilities the DaemonSet and the systemd unit grant (deploy/README.md) are enough
+/// for the steering: no CAP_NET_ADMIN. Loading an `sk_lookup` program takes CAP_BPF (it is
+/// not among kernel/bpf/syscall.c's `is_net_admin_prog_type()`), and attaching it to a
+/// namespace asks for nothing more. The agent runs under `setpriv` with only those four
+/// in its bounding set, as the unit runs it, and serves a pod through `sk_lookup`.
+#[test]
+fn the_granted_capabilities_are_enough_to_steer() {
+    let test = "the_granted_capabilities_are_enough_to_steer";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        report_skip(test, "setpriv is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/drain-agent.service"),
+    )
+    .expect("the systemd unit");
+    let granted: Vec<String> = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!granted.iter().any(|c| c == "+net_admin"), "{granted:?}");
+    let dir = common::temp_dir("drain-agent-caps-");
+    let wrapper = dir.path().join("drain-agent");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --bounding-set=-all,{} --no-new-privs {} \"$@\"\n",
+            granted.join(","),
+            common::agent_binary().display()
+        ),
+    )
+    .expect("wrapper");
+    Command::new("chmod")
+        .args(["755"])
+        .arg(&wrapper)
+        .status()
+        .expect("chmod");
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("pc{pid}-a"));
+    let prefix = format!("da-pc{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start_binary_on_a_free_port(
+        &wrapper,
+        &["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix],
+    );
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"steered\"}"),
+        Some(1.0),
+        "with {granted:?} the port is steered, not bound: {}",
+        agent.log_text()
+    );
+    assert_eq!(listening_on_pod_port(&netns), "");
+    let app = App::listen(&netns, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
+    reaches_app(&netns, local(POD_PORT), &app);
+}
