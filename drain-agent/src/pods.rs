@@ -3,9 +3,9 @@
 //! kubelet's `httpGet`) and needs nothing in the application's image.
 //!
 //! This module is the listener manager: it finds namespaces (inotify on the named
-//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), binds ADDR
-//! in each new one on a thread that entered it (a socket stays in the namespace it was
-//! created in), serves the routes there through its own [`server::serve`] (so connection
+//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), makes a
+//! socket in each new one on a thread that entered it (a socket stays in the namespace it
+//! was created in), serves the routes there through its own [`server::serve`] (so connection
 //! caps and per-source waiter limits apply per pod: one pod cannot starve another), and
 //! closes the listener as soon as the namespace is gone from [`netns::all_namespaces`] —
 //! a listening socket holds its namespace alive, so keeping it would pin a dead pod's
@@ -16,9 +16,14 @@
 //! from the node's own addresses (the kubelet calls the pod IP from the node) are answered,
 //! others get 403.
 //!
-//! A namespace where ADDR is taken already is skipped for its lifetime (logged once,
-//! counted in `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry
-//! that could take the port from the pod while its server restarts.
+//! The port is taken from no pod: the socket is on loopback at a port the kernel picks, and
+//! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
+//! only while no application listens on ADDR's port in that namespace; the application
+//! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
+//! (WARN once at start) ADDR is bound in each namespace as before, and a namespace where it
+//! is taken already is skipped for its lifetime (logged once, counted in
+//! `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry that could
+//! take the port from the pod while its server restarts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
