@@ -324,34 +324,45 @@ impl Manager {
         let endpoints = Arc::clone(&self.endpoints);
         let opened = tokio::task::spawn_blocking({
             let path = path.to_owned();
-            move || -> Result<(std::net::TcpListener, SteerLink)> {
-                let (listener, netns_file) = socket_in(&path, inode, addr)?;
-                let link = endpoints.steer(addr, inode, &netns_file, listener.as_fd())?;
+            move || -> Result<(std::net::TcpListener, SteerLink), Bind> {
+                // Loopback may not be up yet in a namespace just made: retried quietly.
+                let (listener, netns_file) = socket_in(&path, inode, addr).map_err(Bind::Failed)?;
+                // The steering itself failing is worth a WARN.
+                let link = endpoints
+                    .steer(addr, inode, &netns_file, listener.as_fd())
+                    .map_err(Bind::Steer)?;
                 Ok((listener, link))
             }
         })
         .await;
-        match opened {
+        let (problem, steering) = match opened {
             Ok(Ok((listener, link))) => {
                 self.failing.remove(&inode);
-                Some((listener, Some(link)))
+                return Some((listener, Some(link)));
             }
-            Ok(Err(problem)) => {
-                let text = format!("{problem:#}");
-                if self.failing.get(&inode) != Some(&text) {
-                    warn!(
-                        "network namespace {inode}: cannot serve the in-pod port {} there yet: {text} (retrying)",
-                        addr.port()
-                    );
-                    self.failing.insert(inode, text);
-                }
-                None
-            }
+            Ok(Err(Bind::Failed(problem))) => (problem, false),
+            Ok(Err(Bind::Steer(problem))) => (problem, true),
+            Ok(Err(Bind::InUse)) => return None,
             Err(problem) => {
                 warn!("network namespace {inode}: socket thread failed: {problem}");
-                None
+                return None;
             }
+        };
+        let text = format!("{problem:#}");
+        if self.failing.get(&inode) != Some(&text) {
+            if steering {
+                warn!(
+                    "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
+                    addr.port()
+                );
+            } else {
+                debug!(
+                    "network namespace {inode}: cannot make the agent's socket there yet: {text} (retrying)"
+                );
+            }
+            self.failing.insert(inode, text);
         }
+        None
     }
 
     /// The fallback without `sk_lookup`: ADDR bound in the namespace.
@@ -375,7 +386,7 @@ impl Manager {
                 self.skipped.insert(inode);
                 None
             }
-            Ok(Err(Bind::Failed(problem))) => {
+            Ok(Err(Bind::Failed(problem) | Bind::Steer(problem))) => {
                 let text = format!("{problem:#}");
                 if self.failing.get(&inode) != Some(&text) {
                     debug!(
@@ -474,6 +485,8 @@ enum Bind {
     InUse,
     /// Anything else (retry later).
     Failed(anyhow::Error),
+    /// The socket is made, the steering failed (retry later, WARN).
+    Steer(anyhow::Error),
 }
 
 /// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
