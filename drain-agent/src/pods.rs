@@ -526,10 +526,14 @@ fn socket_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<(std::net::Tcp
             bail!("the namespace is now {entered}, not {inode}");
         }
         let netns_file = File::open(own).context("cannot open the namespace's file")?;
-        let local = if addr.is_ipv4() {
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
-        } else {
-            SocketAddr::from((Ipv6Addr::LOCALHOST, 0))
+        let local = match addr.ip() {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            // `[::]` takes IPv4 too, and a socket bound to `::1` is IPv6-only (binding a
+            // specific IPv6 address sets `sk_ipv6only`, net/ipv6/af_inet6.c), which
+            // `bpf_sk_assign()` refuses for IPv4: dual-stack on all addresses, as `[::]:9100`
+            // itself was (callers beyond loopback and the node get 403 there too).
+            IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
         };
         // The kernel may hand out the in-pod port itself if `ip_local_port_range` covers
         // it: holding that would take it from the pod, so pick again.

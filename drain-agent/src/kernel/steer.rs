@@ -3,7 +3,8 @@
 //! application listens on that port in that namespace.
 //!
 //! The agent's socket in a pod namespace is bound to loopback on a port the kernel picks
-//! (`127.0.0.1:0`, or `[::1]:0` for an IPv6 `--pod-listen`), so it takes nothing an
+//! (`127.0.0.1:0`; `[::1]:0` for `--pod-listen [::1]:PORT`; `[::]:0`, dual-stack, for
+//! `[::]:PORT`, since a socket bound to `::1` is IPv6-only), so it takes nothing an
 //! application asks for by number: the port comes from `ip_local_port_range` (32768–60999
 //! by default), the range every outbound connection takes its port from, where servers do
 //! not bind fixed ports; and only on loopback. (If the kernel hands out the in-pod port
@@ -174,7 +175,7 @@ fn program(target: SocketAddr, netns: u32, maps: &SteerMaps<'_>) -> Result<Vec<u
             }
         }
         SocketAddr::V6(v6) => {
-            // `[::]` takes both families (the agent's `[::1]` socket is dual-stack).
+            // `[::]` takes both families (the agent's `[::]:0` socket is dual-stack).
             if !v6.ip().is_unspecified() {
                 asm.insn(LDX_W, R2, CTX, FAMILY, 0);
                 asm.jump(JNE_K, R2, AF_INET6, Label::Out);
