@@ -301,7 +301,8 @@ pub mod error_index {
     /// count stays too high, so the agent keeps out of that port there: never too low).
     pub const POD_LISTENER_MAP_FULL: u32 = 9;
     /// A namespace's count of application listeners on the in-pod port could not be
-    /// created or changed: every `sk_lookup` program stops steering (it reads this counter).
+    /// created or changed, or a socket that may be such a listener could not be read:
+    /// every `sk_lookup` program stops steering (it reads this counter; never too low).
     pub const POD_LISTEN_COUNT_FAILED: u32 = 10;
     pub const COUNT: u32 = 11;
     /// Metric label of each index.

@@ -246,14 +246,16 @@ fn on_state_change<M: KernelMemory>(
     if transition == Transition::Unchanged {
         // Listeners (classify leaves LISTEN unchanged): the in-pod port's, counted per
         // namespace. Connections' opens and closes never get here.
-        let listening = if new_state == tcp_state::LISTEN {
-            try_on_listen::<M>(sk)
-        } else if old_state == tcp_state::LISTEN {
-            try_on_unlisten(sk)
-        } else {
-            Ok(())
-        };
-        if let Err(error) = listening {
+        if new_state == tcp_state::LISTEN {
+            if let Err(error) = try_on_listen::<M>(sk) {
+                // A listener that may be on the in-pod port went uncounted: steer nowhere.
+                count_error(error);
+                count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+            }
+        } else if old_state == tcp_state::LISTEN
+            && let Err(error) = try_on_unlisten(sk)
+        {
+            // Not un-counted: too high, never too low.
             count_error(error);
         }
         return;
@@ -435,7 +437,9 @@ fn pod_port() -> u16 {
 #[unsafe(link_section = "iter/tcp")]
 pub fn seed_pod_listeners(ctx: *mut c_void) -> i32 {
     if let Err(error) = try_seed_pod_listeners(ctx) {
+        // A listener that may be on the in-pod port went uncounted: steer nowhere.
         count_error(error);
+        count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
     }
     0
 }
@@ -455,16 +459,29 @@ fn try_seed_pod_listeners(ctx: *mut c_void) -> Result<(), Error> {
     seed_pod_listener(sk, port, &offsets)
 }
 
-/// A walk's part for one listening socket on `port`.
+/// A walk's part for one listening socket on `port`. A socket that cannot be read may be an
+/// uncounted listener on the in-pod port: then every `sk_lookup` program stops steering.
 #[inline(always)]
 fn seed_pod_listener(sk: u64, port: u16, offsets: &KernelOffsets) -> Result<(), Error> {
     let pod_port = pod_port();
-    if pod_port == 0 || port != pod_port || !is_tcp::<ProbeReads>(sk, offsets)? {
+    if pod_port == 0 || port != pod_port {
         return Ok(());
     }
-    let netns = read_netns::<ProbeReads>(sk, offsets)?;
-    pod_listener_open(sk, netns, true);
-    Ok(())
+    let netns = match is_tcp::<ProbeReads>(sk, offsets) {
+        Ok(false) => return Ok(()),
+        Ok(true) => read_netns::<ProbeReads>(sk, offsets),
+        Err(error) => Err(error),
+    };
+    match netns {
+        Ok(netns) => {
+            pod_listener_open(sk, netns, true);
+            Ok(())
+        }
+        Err(error) => {
+            count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+            Err(error)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
