@@ -329,6 +329,13 @@ impl OwnEndpoints for KernelEndpoints {
             .map(str::to_owned)
     }
 
+    fn steering_stopped(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .steering_stopped()
+    }
+
     fn steer(
         &self,
         target: std::net::SocketAddr,

@@ -76,6 +76,8 @@ pub trait OwnEndpoints: Send + Sync + 'static {
     fn forget(&self, netns: u32, port: u16) -> Result<()>;
     /// Why the in-pod port cannot be steered with `sk_lookup` here, or `None`.
     fn steering_problem(&self) -> Option<String>;
+    /// Whether the steering stopped everywhere (a listener on the port may be uncounted).
+    fn steering_stopped(&self) -> bool;
     /// Steers connections to `target` in `netns` (file `netns_file`) to `socket` while no
     /// application listens on `target`'s port there, and leaves them uncounted meanwhile;
     /// dropping the link detaches the steering.
@@ -189,8 +191,25 @@ pub async fn serve_in_pods(
         manager.options.addr
     );
     let mut burst_until: Option<Instant> = None;
+    let mut stopped_told = false;
     loop {
         manager.reconcile().await;
+        let stopped = if manager.steer && !stopped_told {
+            // The kernel's lock may be held by a walk: not on the runtime's threads.
+            let endpoints = Arc::clone(&manager.endpoints);
+            tokio::task::spawn_blocking(move || endpoints.steering_stopped())
+                .await
+                .unwrap_or(false)
+        } else {
+            false
+        };
+        if stopped {
+            stopped_told = true;
+            warn!(
+                "a listener on the in-pod port {} could not be counted (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}): the port is steered to the agent in no pod any more, so no application can lose a connection to it; restart the agent to steer again",
+                manager.options.addr.port()
+            );
+        }
         gauge
             .with_label_values(&["listening"])
             .set(i64::try_from(manager.listening.len()).unwrap_or(i64::MAX));

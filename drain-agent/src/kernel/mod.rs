@@ -273,6 +273,16 @@ impl Kernel {
         self.steering.as_ref().err().map(String::as_str)
     }
 
+    /// Whether the `sk_lookup` programs stopped steering because a listener on the in-pod
+    /// port may have gone uncounted (`error_index::POD_LISTEN_COUNT_FAILED`; for good).
+    pub fn steering_stopped(&self) -> bool {
+        self.steering.is_ok()
+            && self
+                .maps
+                .error_count(drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED)
+                .is_ok_and(|count| count > 0)
+    }
+
     /// Steers the in-pod port of the namespace `netns` (its file `netns_file`) to `socket`,
     /// the agent's listener there, while no application listens on that port there. First
     /// counts the listeners that began before the handler was attached (`seed_pod_listeners`,
