@@ -459,3 +459,41 @@ fn the_granted_capabilities_are_enough_to_steer() {
     let app = App::listen(&netns, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
     reaches_app(&netns, local(POD_PORT), &app);
 }
+
+/// `--pod-listen [::]:9100` (the DaemonSet's IPv6 variant): the agent answers inside on
+/// `127.0.0.1` and `[::1]`, and from the node at the pod's IPv4 address (its socket there is
+/// dual-stack: one bound to `::1` would be IPv6-only); an application on `[::]:9100` gets
+/// the port all the same.
+#[test]
+fn an_ipv6_wildcard_pod_listen_serves_both_families() {
+    let test = "an_ipv6_wildcard_pod_listen_serves_both_families";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-p6{pid}-");
+    let pod = Pod::new(&format!("p6{pid}-a"), 46);
+    let pod_listen = format!("[::]:{POD_PORT}");
+    let _agent = Agent::start(&["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+    let v6: SocketAddr = format!("[::1]:{POD_PORT}").parse().expect("addr");
+    let answered = |netns: Option<&str>, addr: SocketAddr| {
+        get(netns, addr, "/healthz", Duration::from_secs(5)).map(|(status, _)| status)
+    };
+    assert_eq!(answered(Some(&pod.netns.path()), v6), Some(200));
+    let pod_ip: SocketAddr = format!("{}:{POD_PORT}", pod.ip).parse().expect("addr");
+    assert_eq!(
+        answered(None, pod_ip),
+        Some(200),
+        "the node at the pod's IP"
+    );
+    let app = App::listen(&pod.netns, &format!("[::]:{POD_PORT}")).expect("the app listens");
+    reaches_app(&pod.netns, v6, &app);
+    reaches_app(&pod.netns, local(POD_PORT), &app);
+    drop(app);
+    wait_until("the agent to answer again", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+}
