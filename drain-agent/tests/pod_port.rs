@@ -497,3 +497,45 @@ fn an_ipv6_wildcard_pod_listen_serves_both_families() {
         agent_answers(&pod.netns)
     });
 }
+
+/// The listener count is kept by the handler whichever way it is attached: an application
+/// that listens after the agent served its namespace gets the port with each attach method.
+#[test]
+fn every_attach_method_counts_the_applications_listener() {
+    let test = "every_attach_method_counts_the_applications_listener";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    for (i, method) in ["tp-btf", "tracepoint", "raw-tracepoint"]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = format!("da-pa{pid}{i}-");
+        let netns = Netns::new(&format!("pa{pid}{i}-a"));
+        let pod_listen = format!("0.0.0.0:{POD_PORT}");
+        let _agent = Agent::start(&[
+            "--attach",
+            method,
+            "--pod-listen",
+            &pod_listen,
+            "--pod-netns-prefix",
+            &prefix,
+        ]);
+        wait_until(
+            "the agent to serve the namespace",
+            Duration::from_secs(5),
+            || agent_answers(&netns),
+        );
+        let app = App::listen(&netns, &format!("0.0.0.0:{POD_PORT}"))
+            .unwrap_or_else(|e| panic!("{method}: the app cannot listen: {e}"));
+        reaches_app(&netns, local(POD_PORT), &app);
+        drop(app);
+        wait_until(
+            &format!("{method}: the agent to answer again"),
+            Duration::from_secs(5),
+            || agent_answers(&netns),
+        );
+        println!("{method}: the application got the port and gave it back");
+    }
+}
