@@ -152,6 +152,15 @@ pub const fn netns_port_key(netns: u32, port: u16) -> u64 {
     ((netns as u64) << 16) | port as u64
 }
 
+/// Values of `OWN_ENDPOINTS`: the agent's listener holds the (namespace, port) itself
+/// (the node listener; a pod listener bound the old way), so every connection there is
+/// the agent's.
+pub const OWN_BOUND: u8 = 1;
+/// The agent's pod listener sits elsewhere and the `sk_lookup` program steers the
+/// in-pod port to it only while no application listens on that port in the namespace:
+/// a connection there is the agent's only while the namespace's `POD_LISTEN_COUNTS` is 0.
+pub const OWN_STEERED: u8 = 2;
+
 /// Entries of the `FORGETTING` map: socket addresses whose stale entries one round of the
 /// agent's sweep drops (larger sweeps take several rounds).
 pub const FORGET_BATCH: u32 = 4_096;
@@ -287,7 +296,15 @@ pub mod error_index {
     /// A tracked socket closed at an address the agent was dropping a dead socket's entry
     /// from: its entry was left for the next repair walk (a count too high until then).
     pub const CLOSE_DEFERRED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// An application's listener on the in-pod port could not get its entry in
+    /// `POD_LISTENERS`: it is counted all the same and never un-counted (its namespace's
+    /// count stays too high, so the agent keeps out of that port there: never too low).
+    pub const POD_LISTENER_MAP_FULL: u32 = 9;
+    /// A namespace's count of application listeners on the in-pod port could not be
+    /// created or changed, or a socket that may be such a listener could not be read:
+    /// every `sk_lookup` program stops steering (it reads this counter; never too low).
+    pub const POD_LISTEN_COUNT_FAILED: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Metric label of each index.
     pub const NAMES: [&str; COUNT as usize] = [
         "socket_map_full",
@@ -299,6 +316,8 @@ pub mod error_index {
         "count_missing",
         "address_taken",
         "close_deferred",
+        "pod_listener_map_full",
+        "pod_listen_count_failed",
     ];
 }
 

@@ -25,12 +25,12 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf, SockHash},
     programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use drain_agent_common::{
     AF_INET, AF_INET6, ConnCounts, ConnEvent, ConnKey, DurationHistogram, FORGET_BATCH,
-    IPPROTO_TCP, KernelOffsets, OFFSET_UNKNOWN, PORT_COUNT, PortTotals, SOCK_UNSCOPED,
+    IPPROTO_TCP, KernelOffsets, OFFSET_UNKNOWN, OWN_STEERED, PORT_COUNT, PortTotals, SOCK_UNSCOPED,
     STARTED_UNKNOWN, SockEntry, TRACKED_PORT_WORDS, Transition, WATCHED_WORDS, classify, crossing,
     duration_bucket, error_index, event_kind, is_active, netns_port_key, repair, tcp_state,
     tracked_port_byte, watched_bit,
@@ -140,6 +140,33 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     skc_dport: 0,
 };
 
+/// The in-pod port of `--pod-listen` (host byte order), 0 without it; written by the agent
+/// at load time. Application listeners on this port are counted per namespace
+/// (`POD_LISTEN_COUNTS`): the agent's `sk_lookup` programs steer the port to the agent only
+/// where that count is 0.
+#[unsafe(no_mangle)]
+static POD_PORT: u16 = 0;
+
+/// Application listeners on `POD_PORT`, keyed by the socket's kernel address, valued by its
+/// namespace inode: the exactly-once record behind `POD_LISTEN_COUNTS` (a count goes up
+/// only when an insert succeeds or cannot be made, down only when a delete succeeds).
+#[map]
+static POD_LISTENERS: HashMap<u64, u32> = HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+/// Listening sockets on `POD_PORT` per namespace inode (IPv4 and IPv6, any address).
+/// Never deleted: a namespace's inode is freed only after its last socket, so its last
+/// listener's close has brought the count back to 0, and the inode allocator
+/// (`proc_alloc_inum()`, an IDA handing out the lowest free number) keeps the set of keys
+/// as small as the set of namespaces alive at once.
+#[map]
+static POD_LISTEN_COUNTS: HashMap<u32, i64> = HashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+/// The agent's listening socket in each pod namespace, by namespace inode: what that
+/// namespace's `sk_lookup` program assigns (the agent builds one small program per
+/// namespace, `kernel/steer.rs`; none of this object's programs use the map).
+#[map]
+static POD_SOCKETS: SockHash<u32> = SockHash::with_max_entries(16_384, 0);
+
 const EEXIST: i32 = 17;
 
 /// Handler errors: nothing to do but count them (a BPF program has nobody to return them to).
@@ -217,6 +244,20 @@ fn on_state_change<M: KernelMemory>(
     // touching the socket or any map.
     let transition = classify(old_state, new_state);
     if transition == Transition::Unchanged {
+        // Listeners (classify leaves LISTEN unchanged): the in-pod port's, counted per
+        // namespace. Connections' opens and closes never get here.
+        if new_state == tcp_state::LISTEN {
+            if let Err(error) = try_on_listen::<M>(sk) {
+                // A listener that may be on the in-pod port went uncounted: steer nowhere.
+                count_error(error);
+                count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+            }
+        } else if old_state == tcp_state::LISTEN
+            && let Err(error) = try_on_unlisten(sk)
+        {
+            // Not un-counted: too high, never too low.
+            count_error(error);
+        }
         return;
     }
     if let Err(error) = try_on_state_change::<M>(transition, sk) {
@@ -261,6 +302,189 @@ fn try_on_state_change<M: KernelMemory>(
 }
 
 // ---------------------------------------------------------------------------------------
+// Application listeners on the in-pod port (`--pod-listen` with `sk_lookup`).
+// ---------------------------------------------------------------------------------------
+
+/// CLOSE → LISTEN: `inet_csk_listen_start()` (net/ipv4/inet_connection_sock.c) calls
+/// `inet_sk_state_store(sk, TCP_LISTEN)`, which fires the tracepoint (net/ipv4/af_inet.c),
+/// *before* `get_port()` validates the port and `hash()` puts the socket in the listening
+/// hash; if either fails it calls `inet_sk_set_state(sk, TCP_CLOSE)`, which fires it again.
+/// So the count goes up before the socket can take a connection and comes back down on a
+/// failed `listen()`: too high for a moment, never too low. `inet_listen()` holds the
+/// socket lock throughout, as a walk does ([`seed_pod_listeners`]).
+///
+/// `skc_num` is the bound port at this point (`bind()` set it). A socket that calls
+/// `listen()` without `bind()` reads 0 here and gets an ephemeral port from `get_port()`:
+/// it is not counted, which matters only if the in-pod port lies inside
+/// `ip_local_port_range` (ARCHITECTURE.md says so; the default range starts at 32768).
+#[inline(always)]
+fn try_on_listen<M: KernelMemory>(sk: impl FnOnce() -> Result<u64, Error>) -> Result<(), Error> {
+    let pod_port = pod_port();
+    if pod_port == 0 {
+        return Ok(());
+    }
+    let sk = sk()?;
+    // SAFETY: one field of the read-only global.
+    let skc_num = unsafe { ptr::read_volatile(&raw const KERNEL_OFFSETS.skc_num) };
+    if M::read::<u16>(sk, skc_num)? != pod_port {
+        return Ok(());
+    }
+    let offsets = kernel_offsets();
+    // An MPTCP listener stores LISTEN on its own socket and then listens on a TCP subflow
+    // socket (net/mptcp/protocol.c `mptcp_listen()`): the subflow is the one counted.
+    if !is_tcp::<M>(sk, &offsets)? {
+        return Ok(());
+    }
+    let netns = read_netns::<M>(sk, &offsets)?;
+    pod_listener_open(sk, netns, false);
+    Ok(())
+}
+
+/// LISTEN → CLOSE: `tcp_close()` / `tcp_disconnect()` call `tcp_set_state(sk, TCP_CLOSE)`,
+/// which unhashes the socket and releases its port (`inet_put_port()` zeroes `inet_num`,
+/// so the port cannot be read here) before `inet_sk_state_store()` fires the tracepoint
+/// (net/ipv4/tcp.c). So the socket is looked up by its address; listener closes are rare.
+#[inline(always)]
+fn try_on_unlisten(sk: impl FnOnce() -> Result<u64, Error>) -> Result<(), Error> {
+    if pod_port() == 0 {
+        return Ok(());
+    }
+    pod_listener_close(sk()?);
+    Ok(())
+}
+
+/// Counts the listener `sk` of namespace `netns` unless it is counted already.
+#[inline(always)]
+fn pod_listener_open(sk: u64, netns: u32, found_by_walk: bool) {
+    match POD_LISTENERS.insert(sk, netns, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // A walk found the handler's entry (both hold the socket's lock): counted once.
+        Err(error) if error == -EEXIST && found_by_walk => return,
+        // The handler's listen found the address taken: a dead listener's entry whose close
+        // was missed. Take the entry over and count this one: the dead one's count stays
+        // (too high, never too low).
+        Err(error) if error == -EEXIST => {
+            if POD_LISTENERS.insert(sk, netns, 0).is_err() {
+                count_error_at(error_index::POD_LISTENER_MAP_FULL);
+            }
+        }
+        // No room: counted all the same, and never un-counted (no entry to delete).
+        Err(_) => count_error_at(error_index::POD_LISTENER_MAP_FULL),
+    }
+    add_pod_listeners(netns, 1);
+}
+
+/// Un-counts the listener `sk` if it is counted.
+#[inline(always)]
+fn pod_listener_close(sk: u64) {
+    // SAFETY: the value is copied out at once; the socket's state changes are serialised by
+    // its lock, and walks only insert, so nobody else removes the entry in between.
+    let Some(netns) = (unsafe { POD_LISTENERS.get(sk) }).copied() else {
+        return;
+    };
+    if POD_LISTENERS.remove(sk).is_ok() {
+        add_pod_listeners(netns, -1);
+    }
+}
+
+#[inline(always)]
+fn add_pod_listeners(netns: u32, delta: i64) {
+    let count = match POD_LISTEN_COUNTS.get_ptr_mut(netns) {
+        Some(count) => count,
+        None => {
+            // Another CPU may create it first: BPF_NOEXIST keeps theirs.
+            let _ = POD_LISTEN_COUNTS.insert(netns, 0, u64::from(BPF_NOEXIST));
+            match POD_LISTEN_COUNTS.get_ptr_mut(netns) {
+                Some(count) => count,
+                None => {
+                    // The `sk_lookup` programs read this counter and stop steering.
+                    count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a pointer into a map value that is never deleted.
+    unsafe {
+        add_active(count, delta);
+    }
+}
+
+/// Whether an application listens on the in-pod port in `netns` (as far as counted).
+#[inline(always)]
+fn app_listens(netns: u32) -> bool {
+    // SAFETY: the map value is plain data, read once.
+    unsafe { POD_LISTEN_COUNTS.get(netns) }.is_some_and(|count| *count != 0)
+}
+
+#[inline(always)]
+fn pod_port() -> u16 {
+    // SAFETY: a read-only global the loader filled in; volatile so the 0 default is not
+    // folded in.
+    unsafe { ptr::read_volatile(&raw const POD_PORT) }
+}
+
+/// `iter/tcp`, run by the agent in one pod namespace before it attaches that namespace's
+/// `sk_lookup` program: counts the listeners on the in-pod port that began listening before
+/// the handler was attached. Exactly once with the handler: both insert into
+/// `POD_LISTENERS` with `BPF_NOEXIST` under the socket's lock (`bpf_iter_tcp_seq_show()`
+/// takes `lock_sock_fast()`, `inet_listen()` `lock_sock()`), and a socket closed before
+/// the walk reaches it is unhashed and skipped. Every walk (`seed_established_tcp`) does
+/// the same for the listeners it passes, so a listener the seed could not see (one whose
+/// `listen()` passed its tracepoint before the handler was attached and reached the
+/// listening hash only after the seed passed its bucket) is counted by the next walk.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn seed_pod_listeners(ctx: *mut c_void) -> i32 {
+    if let Err(error) = try_seed_pod_listeners(ctx) {
+        // A listener that may be on the in-pod port went uncounted: steer nowhere.
+        count_error(error);
+        count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_seed_pod_listeners(ctx: *mut c_void) -> Result<(), Error> {
+    let sk = read_ctx_u64(ctx, 1)?;
+    if sk == 0 {
+        return Ok(());
+    }
+    let offsets = kernel_offsets();
+    let state = i32::from(ProbeReads::read::<u8>(sk, offsets.skc_state)?);
+    if state != tcp_state::LISTEN {
+        return Ok(());
+    }
+    let port = ProbeReads::read::<u16>(sk, offsets.skc_num)?;
+    seed_pod_listener(sk, port, &offsets)
+}
+
+/// A walk's part for one listening socket on `port`. A socket that cannot be read may be an
+/// uncounted listener on the in-pod port: then every `sk_lookup` program stops steering.
+#[inline(always)]
+fn seed_pod_listener(sk: u64, port: u16, offsets: &KernelOffsets) -> Result<(), Error> {
+    let pod_port = pod_port();
+    if pod_port == 0 || port != pod_port {
+        return Ok(());
+    }
+    let netns = match is_tcp::<ProbeReads>(sk, offsets) {
+        Ok(false) => return Ok(()),
+        Ok(true) => read_netns::<ProbeReads>(sk, offsets),
+        Err(error) => Err(error),
+    };
+    match netns {
+        Ok(netns) => {
+            pod_listener_open(sk, netns, true);
+            Ok(())
+        }
+        Err(error) => {
+            count_error_at(error_index::POD_LISTEN_COUNT_FAILED);
+            Err(error)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Walks: connections established before the agent started, and repairs.
 // ---------------------------------------------------------------------------------------
 
@@ -301,6 +525,7 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
         if LISTENERS.insert(netns_port_key(netns, port), 1, 0).is_err() {
             count_error_at(error_index::LISTENER_MAP_FULL);
         }
+        seed_pod_listener(sk, port, &offsets)?;
     } else if is_active(state) {
         let key = read_key::<ProbeReads>(sk, &offsets)?;
         let peer = read_peer::<ProbeReads>(sk, &offsets)?;
@@ -723,6 +948,18 @@ fn is_retiring(key: &ConnKey) -> bool {
 }
 
 /// Whether `key` is one of the agent's own listening endpoints.
+///
+/// A steered pod endpoint ([`OWN_STEERED`]) is the agent's only while no application
+/// listens on that port in its namespace. A connection steered to the agent's socket keeps
+/// the packet's destination as its local address and port (the request socket is built
+/// from the packet, `inet_reqsk_alloc()` → `ir_num = ntohs(th->dest)`), so it is keyed
+/// under the in-pod port like an application's. Decided once, at the open (the socket
+/// entry remembers it): an application that starts listening between the agent's SYN and
+/// its handshake's end gets that one agent connection counted (too high, never too low);
+/// one that stops listening meanwhile leaves its half-open connection uncounted, but that
+/// one never opens: a child queued on a closed listener is aborted
+/// (`inet_csk_reqsk_queue_add()` checks LISTEN under the queue lock, `inet_csk_listen_stop()`
+/// aborts what was queued).
 #[inline(always)]
 fn is_own_endpoint(key: &ConnKey) -> bool {
     let (word, mask) = watched_bit(key.port);
@@ -730,8 +967,12 @@ fn is_own_endpoint(key: &ConnKey) -> bool {
         Some(bits) if bits & mask != 0 => {}
         _ => return false,
     }
-    // SAFETY: the map value is plain data; we only test for its presence.
-    unsafe { OWN_ENDPOINTS.get(netns_port_key(key.netns, key.port)) }.is_some()
+    // SAFETY: the map value is plain data, copied out at once.
+    match unsafe { OWN_ENDPOINTS.get(netns_port_key(key.netns, key.port)) }.copied() {
+        None => false,
+        Some(OWN_STEERED) => !app_listens(key.netns),
+        Some(_) => true,
+    }
 }
 
 #[inline(always)]

@@ -115,6 +115,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach: args.attach.map(Into::into),
         no_seed: args.no_seed,
         preallocate_sockets: args.preallocate_sockets,
+        pod_port: args.pod_listen.map_or(0, |addr| addr.port()),
     })?;
     // The agent's own API connections are not a service's: they take no slot.
     let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
@@ -342,10 +343,48 @@ impl OwnEndpoints for KernelEndpoints {
     }
 
     fn forget(&self, netns: u32, port: u16) -> Result<()> {
+        let mut kernel = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        kernel.unsteer_pod_port(netns);
+        kernel.forget_own_endpoint(netns, port)
+    }
+
+    fn steering_problem(&self) -> Option<String> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_own_endpoint(netns, port)
+            .steering_problem()
+            .map(str::to_owned)
+    }
+
+    fn steering_stopped(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .steering_stopped()
+    }
+
+    fn steer(
+        &self,
+        target: std::net::SocketAddr,
+        netns: u32,
+        netns_file: &std::fs::File,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<crate::kernel::steer::SteerLink> {
+        let mut kernel = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Before the program is attached: the first steered connection is the agent's.
+        kernel.ignore_steered_endpoint(netns, target.port())?;
+        let steered = kernel.steer_pod_port(target, netns, netns_file, socket);
+        if steered.is_err() {
+            kernel.unsteer_pod_port(netns);
+            let _ = kernel.forget_own_endpoint(netns, target.port());
+        }
+        steered
     }
 }
 

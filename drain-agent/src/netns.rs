@@ -141,21 +141,30 @@ pub fn run_in<T: Send + 'static>(
 ) -> Result<T> {
     let namespace = File::open(path)
         .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    let shown = path.display().to_string();
+    run_in_file(namespace, path.display().to_string(), work)
+}
+
+/// [`run_in`] for a namespace file already open (`shown` names it in errors).
+pub fn run_in_file<T: Send + 'static>(
+    namespace: File,
+    shown: String,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let entering = shown.clone();
     let thread = std::thread::Builder::new()
         .name("netns-enter".into())
         .spawn(move || -> Result<T> {
             // SAFETY: setns on a valid namespace fd, affecting only this thread.
             if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("cannot enter network namespace {shown}"));
+                    .with_context(|| format!("cannot enter network namespace {entering}"));
             }
             work()
         })
         .context("cannot start a thread")?;
     match thread.join() {
         Ok(result) => result,
-        Err(_) => bail!("thread in network namespace {} panicked", path.display()),
+        Err(_) => bail!("thread in network namespace {shown} panicked"),
     }
 }
 

@@ -3,9 +3,9 @@
 //! kubelet's `httpGet`) and needs nothing in the application's image.
 //!
 //! This module is the listener manager: it finds namespaces (inotify on the named
-//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), binds ADDR
-//! in each new one on a thread that entered it (a socket stays in the namespace it was
-//! created in), serves the routes there through its own [`server::serve`] (so connection
+//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), makes a
+//! socket in each new one on a thread that entered it (a socket stays in the namespace it
+//! was created in), serves the routes there through its own [`server::serve`] (so connection
 //! caps and per-source waiter limits apply per pod: one pod cannot starve another), and
 //! closes the listener as soon as the namespace is gone from [`netns::all_namespaces`] —
 //! a listening socket holds its namespace alive, so keeping it would pin a dead pod's
@@ -16,13 +16,20 @@
 //! from the node's own addresses (the kubelet calls the pod IP from the node) are answered,
 //! others get 403.
 //!
-//! A namespace where ADDR is taken already is skipped for its lifetime (logged once,
-//! counted in `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry
-//! that could take the port from the pod while its server restarts.
+//! The port is taken from no pod: the socket is on loopback at a port the kernel picks, and
+//! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
+//! only while no application listens on ADDR's port in that namespace; the application
+//! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
+//! (WARN once at start) ADDR is bound in each namespace as before, and a namespace where it
+//! is taken already is skipped for its lifetime (logged once, counted in
+//! `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry that could
+//! take the port from the pod while its server restarts.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr},
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -44,6 +51,7 @@ use crate::{
     addr::canonical_addr,
     api::error,
     http::{AppState, router},
+    kernel::steer::SteerLink,
     metrics::Metrics,
     netns,
     netns_watch::NetnsWatch,
@@ -58,12 +66,28 @@ const RESCAN: Duration = Duration::from_secs(1);
 const BURST_EVERY: Duration = Duration::from_millis(25);
 const BURST_FOR: Duration = Duration::from_millis(750);
 
-/// Keeps the agent's own connections uncounted (the kernel side implements it).
+/// Keeps the agent's own connections uncounted and steers the in-pod port to the agent
+/// (the kernel side implements it).
 pub trait OwnEndpoints: Send + Sync + 'static {
     /// Leaves connections to `port` in `netns` uncounted.
     fn ignore(&self, netns: u32, port: u16) -> Result<()>;
-    /// Undoes [`OwnEndpoints::ignore`] once the listener is closed.
+    /// Undoes [`OwnEndpoints::ignore`] and [`OwnEndpoints::steer`] once the listener is
+    /// closed.
     fn forget(&self, netns: u32, port: u16) -> Result<()>;
+    /// Why the in-pod port cannot be steered with `sk_lookup` here, or `None`.
+    fn steering_problem(&self) -> Option<String>;
+    /// Whether the steering stopped everywhere (a listener on the port may be uncounted).
+    fn steering_stopped(&self) -> bool;
+    /// Steers connections to `target` in `netns` (file `netns_file`) to `socket` while no
+    /// application listens on `target`'s port there, and leaves them uncounted meanwhile;
+    /// dropping the link detaches the steering.
+    fn steer(
+        &self,
+        target: SocketAddr,
+        netns: u32,
+        netns_file: &File,
+        socket: BorrowedFd<'_>,
+    ) -> Result<SteerLink>;
 }
 
 /// What `--pod-listen` and its companion flags ask for.
@@ -78,6 +102,8 @@ pub struct PodListenOptions {
 /// A listener being served.
 struct Listening {
     stop: watch::Sender<bool>,
+    /// On a socket of its own, the in-pod port steered to it (not bound).
+    steered: bool,
 }
 
 /// Callers a listener beyond loopback answers besides loopback: the node's addresses.
@@ -115,7 +141,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening, or skipped (the address was taken in that namespace).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), or skipped (fallback only: the address was taken in that namespace).",
         ),
         &["state"],
     )?;
@@ -130,7 +156,25 @@ pub async fn serve_in_pods(
         }
     };
     let node = NodeAddresses::default();
+    let steer = match endpoints.steering_problem() {
+        None => {
+            info!(
+                "the in-pod port {} is steered to the agent with sk_lookup where no application listens on it; the agent binds it nowhere",
+                options.addr.port()
+            );
+            true
+        }
+        Some(problem) => {
+            warn!(
+                "the in-pod port {} cannot be steered with sk_lookup ({problem}); falling back to binding {} in each pod namespace: a pod that holds the port already is skipped, and an application that tries to listen on it after the agent did fails",
+                options.addr.port(),
+                options.addr
+            );
+            false
+        }
+    };
     let mut manager = Manager {
+        steer,
         options,
         state,
         endpoints,
@@ -147,14 +191,35 @@ pub async fn serve_in_pods(
         manager.options.addr
     );
     let mut burst_until: Option<Instant> = None;
+    let mut stopped_told = false;
     loop {
         manager.reconcile().await;
+        let stopped = if manager.steer && !stopped_told {
+            // The kernel's lock may be held by a walk: not on the runtime's threads.
+            let endpoints = Arc::clone(&manager.endpoints);
+            tokio::task::spawn_blocking(move || endpoints.steering_stopped())
+                .await
+                .unwrap_or(false)
+        } else {
+            false
+        };
+        if stopped {
+            stopped_told = true;
+            warn!(
+                "a listener on the in-pod port {} could not be counted (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}): the port is steered to the agent in no pod any more, so no application can lose a connection to it; restart the agent to steer again",
+                manager.options.addr.port()
+            );
+        }
         gauge
             .with_label_values(&["listening"])
             .set(i64::try_from(manager.listening.len()).unwrap_or(i64::MAX));
         gauge
             .with_label_values(&["skipped"])
             .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
+        let steered = manager.listening.values().filter(|l| l.steered).count();
+        gauge
+            .with_label_values(&["steered"])
+            .set(i64::try_from(steered).unwrap_or(i64::MAX));
         if let Some(watch) = &mut watch {
             watch.watch_dirs();
         }
@@ -191,13 +256,16 @@ pub async fn serve_in_pods(
 }
 
 struct Manager {
+    /// The in-pod port is steered to a socket of the agent's (`sk_lookup`), not bound.
+    steer: bool,
     options: PodListenOptions,
     state: Arc<AppState>,
     endpoints: Arc<dyn OwnEndpoints>,
     node: NodeAddresses,
     own_netns: u32,
     listening: BTreeMap<u32, Listening>,
-    /// Namespaces where the address was taken: left alone for their lifetime.
+    /// Namespaces where the address was taken (binding fallback only): left alone for their
+    /// lifetime.
     skipped: BTreeSet<u32>,
     /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
     /// every rescan, the problem logged once.
@@ -250,23 +318,94 @@ impl Manager {
     }
 
     async fn open(&mut self, inode: u32, path: PathBuf) {
+        let (listener, link) = if self.steer {
+            match self.open_steered(inode, &path).await {
+                Some(opened) => opened,
+                None => return,
+            }
+        } else {
+            match self.open_bound(inode, &path).await {
+                Some(listener) => (listener, None),
+                None => return,
+            }
+        };
+        self.serve(inode, &path, listener, link);
+    }
+
+    /// A socket of the agent's on loopback in the namespace, and the in-pod port steered to
+    /// it; `None` (the problem logged once, retried on the next rescan) if either fails.
+    async fn open_steered(
+        &mut self,
+        inode: u32,
+        path: &Path,
+    ) -> Option<(std::net::TcpListener, Option<SteerLink>)> {
+        let addr = self.options.addr;
+        let endpoints = Arc::clone(&self.endpoints);
+        let opened = tokio::task::spawn_blocking({
+            let path = path.to_owned();
+            move || -> Result<(std::net::TcpListener, SteerLink), Bind> {
+                // Loopback may not be up yet in a namespace just made: retried quietly.
+                let (listener, netns_file) = socket_in(&path, inode, addr).map_err(Bind::Failed)?;
+                // The steering itself failing is worth a WARN.
+                let link = endpoints
+                    .steer(addr, inode, &netns_file, listener.as_fd())
+                    .map_err(Bind::Steer)?;
+                Ok((listener, link))
+            }
+        })
+        .await;
+        let (problem, steering) = match opened {
+            Ok(Ok((listener, link))) => {
+                self.failing.remove(&inode);
+                return Some((listener, Some(link)));
+            }
+            Ok(Err(Bind::Failed(problem))) => (problem, false),
+            Ok(Err(Bind::Steer(problem))) => (problem, true),
+            Ok(Err(Bind::InUse)) => return None,
+            Err(problem) => {
+                warn!("network namespace {inode}: socket thread failed: {problem}");
+                return None;
+            }
+        };
+        let text = format!("{problem:#}");
+        if self.failing.get(&inode) != Some(&text) {
+            if steering {
+                warn!(
+                    "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
+                    addr.port()
+                );
+            } else {
+                debug!(
+                    "network namespace {inode}: cannot make the agent's socket there yet: {text} (retrying)"
+                );
+            }
+            self.failing.insert(inode, text);
+        }
+        None
+    }
+
+    /// The fallback without `sk_lookup`: ADDR bound in the namespace.
+    async fn open_bound(&mut self, inode: u32, path: &Path) -> Option<std::net::TcpListener> {
         let addr = self.options.addr;
         let bound = tokio::task::spawn_blocking({
-            let path = path.clone();
+            let path = path.to_owned();
             move || bind_in(&path, inode, addr)
         })
         .await;
-        let listener = match bound {
-            Ok(Ok(listener)) => listener,
+        match bound {
+            Ok(Ok(listener)) => {
+                self.failing.remove(&inode);
+                Some(listener)
+            }
             Ok(Err(Bind::InUse)) => {
                 info!(
                     "network namespace {inode} ({}): {addr} is in use there already; skipping it (no listener in that pod)",
                     path.display()
                 );
                 self.skipped.insert(inode);
-                return;
+                None
             }
-            Ok(Err(Bind::Failed(problem))) => {
+            Ok(Err(Bind::Failed(problem) | Bind::Steer(problem))) => {
                 let text = format!("{problem:#}");
                 if self.failing.get(&inode) != Some(&text) {
                     debug!(
@@ -274,14 +413,25 @@ impl Manager {
                     );
                     self.failing.insert(inode, text);
                 }
-                return;
+                None
             }
             Err(problem) => {
                 warn!("network namespace {inode}: bind thread failed: {problem}");
-                return;
+                None
             }
-        };
-        self.failing.remove(&inode);
+        }
+    }
+
+    /// Serves the routes on `listener` until the namespace is gone or the agent stops.
+    fn serve(
+        &mut self,
+        inode: u32,
+        path: &Path,
+        listener: std::net::TcpListener,
+        link: Option<SteerLink>,
+    ) {
+        let addr = self.options.addr;
+        let steered = link.is_some();
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(problem) => {
@@ -291,16 +441,12 @@ impl Manager {
         };
         let endpoints = Arc::clone(&self.endpoints);
         let port = addr.port();
-        // After the bind (a pod that holds the port keeps its connections counted): a
-        // connection in between is counted and un-counted like any other.
-        let ignored = tokio::task::spawn_blocking({
-            let endpoints = Arc::clone(&endpoints);
-            move || endpoints.ignore(inode, port)
-        })
-        .await;
-        if !matches!(ignored, Ok(Ok(()))) {
+        // Bound: after the bind (a pod that holds the port keeps its connections counted);
+        // a connection in between is counted and un-counted like any other. Steered: done
+        // by `steer` before the program is attached.
+        if !steered && let Err(problem) = endpoints.ignore(inode, port) {
             warn!(
-                "network namespace {inode}: cannot leave the agent's own connections there uncounted; not listening"
+                "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
             );
             return;
         }
@@ -311,10 +457,17 @@ impl Manager {
         let (stop_listener, mut stopped) = watch::channel(false);
         let mut agent_stop = self.stop.clone();
         let limits = self.options.limits;
-        info!(
-            "listening on {addr} inside network namespace {inode} ({})",
-            path.display()
-        );
+        if steered {
+            info!(
+                "serving {addr} inside network namespace {inode} ({}) through sk_lookup (the port stays free for the pod)",
+                path.display()
+            );
+        } else {
+            info!(
+                "listening on {addr} inside network namespace {inode} ({})",
+                path.display()
+            );
+        }
         self.tasks.spawn(async move {
             let shutdown = async move {
                 tokio::select! {
@@ -325,6 +478,8 @@ impl Manager {
             if let Err(problem) = server::serve(listener, app, limits, shutdown).await {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
+            // Detached before the socket is forgotten.
+            drop(link);
             // The listener is closed (dropped by serve): the namespace is no longer held.
             let forgotten =
                 tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
@@ -337,6 +492,7 @@ impl Manager {
             inode,
             Listening {
                 stop: stop_listener,
+                steered,
             },
         );
     }
@@ -348,6 +504,8 @@ enum Bind {
     InUse,
     /// Anything else (retry later).
     Failed(anyhow::Error),
+    /// The socket is made, the steering failed (retry later, WARN).
+    Steer(anyhow::Error),
 }
 
 /// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
@@ -374,6 +532,43 @@ fn bind_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<std::net::TcpLis
         Ok(Err(())) => Err(Bind::InUse),
         Err(problem) => Err(Bind::Failed(problem)),
     }
+}
+
+/// The agent's socket for a steered in-pod port: made on a thread inside the namespace at
+/// `path` (checked to still be `inode`), on loopback at a port the kernel picks (see
+/// `kernel/steer.rs` for why), with the namespace's file for the `sk_lookup` link.
+fn socket_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<(std::net::TcpListener, File)> {
+    netns::run_in(path, move || {
+        let own = Path::new("/proc/thread-self/ns/net");
+        let entered = netns::inode_of(own)?;
+        if entered != inode {
+            bail!("the namespace is now {entered}, not {inode}");
+        }
+        let netns_file = File::open(own).context("cannot open the namespace's file")?;
+        let local = match addr.ip() {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            // `[::]` takes IPv4 too, and a socket bound to `::1` is IPv6-only (binding a
+            // specific IPv6 address sets `sk_ipv6only`, net/ipv6/af_inet6.c), which
+            // `bpf_sk_assign()` refuses for IPv4: dual-stack on all addresses, as `[::]:9100`
+            // itself was (callers beyond loopback and the node get 403 there too).
+            IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        };
+        // The kernel may hand out the in-pod port itself if `ip_local_port_range` covers
+        // it: holding that would take it from the pod, so pick again.
+        for _ in 0..8 {
+            let listener = std::net::TcpListener::bind(local)
+                .with_context(|| format!("cannot listen on {local}"))?;
+            if listener.local_addr().context("listener address")?.port() == addr.port() {
+                continue;
+            }
+            listener
+                .set_nonblocking(true)
+                .context("cannot make the listener non-blocking")?;
+            return Ok((listener, netns_file));
+        }
+        bail!("the kernel keeps picking the in-pod port {}", addr.port())
+    })
 }
 
 /// The namespaces to listen in: every one but the agent's own, or with a name prefix only

@@ -29,7 +29,6 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 

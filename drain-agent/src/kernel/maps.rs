@@ -106,7 +106,7 @@ impl KernelMaps {
     }
 
     /// One of the `ERRORS` counters (an `error_index`).
-    fn error_count(&self, index: u32) -> Result<u64> {
+    pub(super) fn error_count(&self, index: u32) -> Result<u64> {
         self.errors.get(&index, 0).with_context(|| {
             format!(
                 "cannot read error counter {}",

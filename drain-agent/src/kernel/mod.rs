@@ -10,6 +10,7 @@ pub mod maps;
 mod prealloc;
 mod rcu;
 pub mod reclaim;
+pub mod steer;
 pub mod walk;
 
 use std::{
@@ -52,6 +53,9 @@ pub struct KernelOptions {
     pub no_seed: bool,
     /// Reserve the per-socket map's memory at start (`prealloc`).
     pub preallocate_sockets: bool,
+    /// The in-pod port of `--pod-listen` (0: none): application listeners on it are counted
+    /// per namespace, and the port is steered to the agent where there are none (`steer`).
+    pub pod_port: u16,
 }
 
 /// The loaded and attached programs, and the maps the agent reads.
@@ -83,6 +87,8 @@ pub struct Kernel {
     closer: destroy::Closer,
     /// Capacity of the endpoint map (reclaim pressure).
     max_endpoints: u32,
+    /// The in-pod port's `sk_lookup` steering, or why it cannot be used here.
+    steering: Result<steer::Steering, String>,
 }
 
 /// The kernel types the loader looks up by id: the `tp_btf` handler's tracepoint, the
@@ -123,6 +129,7 @@ impl Kernel {
         let mut ebpf = btf::loader_without_kernel_btf()
             .btf(None)
             .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global("POD_PORT", &options.pod_port, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
             .map_max_entries("LISTENERS", options.max_endpoints)
@@ -188,6 +195,11 @@ impl Kernel {
             );
         }
         let closer = destroy::load_closer(&mut ebpf, &aya_btf, object.problem)?;
+        let pod_seeder = if options.pod_port == 0 {
+            Err("no --pod-listen".to_owned())
+        } else {
+            load_pod_seeder(&mut ebpf, &aya_btf).map_err(|problem| format!("{problem:#}"))
+        };
         // Every program that needed a kernel type id is loaded.
         drop(aya_btf);
         let sockets_map = ebpf
@@ -201,6 +213,8 @@ impl Kernel {
                 .context("cannot open the socket map twice")?;
         let sockets: HashMap<MapData, u64, SockEntry> =
             HashMap::try_from(sockets_map).context("map SOCKETS has an unexpected type")?;
+        // The steering programs read ERRORS too (taken into `maps` below).
+        let errors_fd = map_fd(&ebpf, "ERRORS");
         let maps = KernelMaps {
             counts,
             sockets: sockets_reader,
@@ -219,6 +233,18 @@ impl Kernel {
             not_seeded: options.no_seed,
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
+        let steering = pod_seeder.and_then(|()| {
+            let made = || -> Result<steer::Steering> {
+                let steering = steer::Steering {
+                    counts: map_fd(&ebpf, "POD_LISTEN_COUNTS")?,
+                    errors: errors_fd?,
+                    sockets: take_map(&mut ebpf, "POD_SOCKETS")?,
+                };
+                steering.probe()?;
+                Ok(steering)
+            };
+            made().map_err(|problem| format!("{problem:#}"))
+        });
         Ok(Self {
             listeners: take_map(&mut ebpf, "LISTENERS")?,
             counts: counts_writer,
@@ -237,14 +263,90 @@ impl Kernel {
             no_grace_period,
             closer,
             max_endpoints: options.max_endpoints,
+            steering,
         })
+    }
+
+    /// Why the in-pod port cannot be steered with `sk_lookup` here (then pod listeners bind
+    /// it themselves, the old way), or `None` when it can.
+    pub fn steering_problem(&self) -> Option<&str> {
+        self.steering.as_ref().err().map(String::as_str)
+    }
+
+    /// Whether the `sk_lookup` programs stopped steering because a listener on the in-pod
+    /// port may have gone uncounted (`error_index::POD_LISTEN_COUNT_FAILED`; for good).
+    pub fn steering_stopped(&self) -> bool {
+        self.steering.is_ok()
+            && self
+                .maps
+                .error_count(drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED)
+                .is_ok_and(|count| count > 0)
+    }
+
+    /// Steers the in-pod port of the namespace `netns` (its file `netns_file`) to `socket`,
+    /// the agent's listener there, while no application listens on that port there. First
+    /// counts the listeners that began before the handler was attached (`seed_pod_listeners`,
+    /// run inside the namespace), so the count is never too low when the program starts
+    /// reading it. Dropping the link detaches the program.
+    pub fn steer_pod_port(
+        &mut self,
+        target: std::net::SocketAddr,
+        netns: u32,
+        netns_file: &std::fs::File,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<steer::SteerLink> {
+        let steering = self
+            .steering
+            .as_mut()
+            .map_err(|problem| anyhow!("{problem}"))?;
+        let seeder: &mut aya::programs::Iter = self
+            .ebpf
+            .program_mut(POD_SEEDER)
+            .context("the eBPF object has no pod listener seeder")?
+            .try_into()
+            .context("the pod listener seeder is not an iterator")?;
+        let link_id = seeder
+            .attach()
+            .context("cannot attach the iter/tcp iterator")?;
+        let link = seeder
+            .take_link(link_id)
+            .context("cannot take the iterator link")?;
+        let namespace = netns_file
+            .try_clone()
+            .context("cannot duplicate the namespace file")?;
+        // The iterator walks the namespace of whoever creates its file: do that inside.
+        crate::netns::run_in_file(namespace, format!("{netns}"), move || -> Result<()> {
+            let mut file = link.into_file().context("cannot create the iterator")?;
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut sink).context("the iterator failed")?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot count the listeners of network namespace {netns}"))?;
+        steering.steer(target, netns, netns_file, socket)
+    }
+
+    /// Forgets the agent's socket in `netns` (after its link was dropped).
+    pub fn unsteer_pod_port(&mut self, netns: u32) {
+        if let Ok(steering) = self.steering.as_mut() {
+            steering.unsteer(netns);
+        }
     }
 
     /// Leaves connections to the agent's own listener at `port` in the namespace `netns`
     /// uncounted: they are not a service's, and must not take a slot.
     pub fn ignore_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_BOUND)
+    }
+
+    /// [`Kernel::ignore_own_endpoint`] for a port steered to the agent (`steer`): its
+    /// connections are the agent's only while no application listens on it there.
+    pub fn ignore_steered_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_STEERED)
+    }
+
+    fn ignore_own_endpoint_as(&mut self, netns: u32, port: u16, how: u8) -> Result<()> {
         self.own_endpoints
-            .insert(netns_port_key(netns, port), 1, 0)
+            .insert(netns_port_key(netns, port), how, 0)
             .context("cannot record the agent's own endpoint")?;
         let (word, mask) = watched_bit(port);
         let bits = self.own_ports.get(&word, 0).context("own-ports bitmap")?;
@@ -296,6 +398,35 @@ impl Kernel {
             .saturating_add(self.maps.addresses_taken()?)
             .saturating_add(self.maps.closes_deferred()?))
     }
+}
+
+/// The `iter/tcp` program that counts a pod namespace's listeners on the in-pod port.
+const POD_SEEDER: &str = "seed_pod_listeners";
+
+fn load_pod_seeder(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    let seeder: &mut aya::programs::Iter = ebpf
+        .program_mut(POD_SEEDER)
+        .context("the eBPF object has no pod listener seeder")?
+        .try_into()
+        .context("the pod listener seeder is not an iterator")?;
+    seeder
+        .load("tcp", btf)
+        .context("cannot load the iter/tcp pod listener seeder (Linux >= 5.9 needed)")
+}
+
+/// A map's fd of its own (for programs built outside the object, `steer`).
+fn map_fd(ebpf: &Ebpf, name: &str) -> Result<std::os::fd::OwnedFd> {
+    let map = ebpf
+        .map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    let data = match map {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::Array(data) => data,
+        _ => bail!("map {name} has an unexpected type"),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("cannot duplicate map {name}'s fd"))
 }
 
 /// Opens a second, independently owned handle on a map (the same kernel object).

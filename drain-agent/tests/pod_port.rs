@@ -1,0 +1,541 @@
+//! Issue 22, item 3: `--pod-listen` takes no port from a pod. With `sk_lookup` the agent
+//! binds the in-pod port (9100, the default of many exporters) in no namespace; an
+//! application that listens on it there, before or after the agent noticed the namespace,
+//! on `0.0.0.0`, `127.0.0.1` or `[::]`, gets it and its connections; when it stops
+//! listening the agent answers there again; in a pod that does not use the port the stop
+//! hook's calls (from inside, and the kubelet's `httpGet` from the node to the pod's IP)
+//! keep working, and the agent's own connections are never counted as the pod's.
+//!
+//! Pods are network namespaces with veth pairs to the host (10.213.4x.0/30, addresses that
+//! exist only in this test); the real agent binary serves inside them.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use common::{
+    Agent, Netns, free_port, kernel_available,
+    pod::{Pod, connect},
+    report_skip, wait_until,
+};
+
+/// The port of the finding: node_exporter's, and so the one pods most often use.
+const POD_PORT: u16 = 9100;
+
+/// The three ways an application listens on the port that the finding saw fail.
+const APP_ADDRESSES: [&str; 3] = ["0.0.0.0", "127.0.0.1", "[::]"];
+
+/// Whether `sk_lookup` exists here (Linux >= 5.9; the tests run as root, so CAP_NET_ADMIN).
+/// Without it the agent falls back to binding the port, and these tests cannot pass: they
+/// fail under `DRAIN_AGENT_REQUIRE_KERNEL=1` and are skipped otherwise.
+fn sk_lookup_available(test: &str) -> bool {
+    if !kernel_available(test) {
+        return false;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version >= (5, 9) {
+        return true;
+    }
+    let required = std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{test}: Linux {release} has no sk_lookup (5.9) and DRAIN_AGENT_REQUIRE_KERNEL=1"
+    );
+    report_skip(
+        test,
+        &format!("Linux {} has no sk_lookup (5.9)", release.trim()),
+    );
+    false
+}
+
+/// An application's listener inside a namespace: counts what it accepts (and keeps it
+/// open); dropping it closes the listening socket.
+struct App {
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl App {
+    /// `bind()` + `listen()` on `addr` inside `netns`, as an application does (Rust's
+    /// standard library sets SO_REUSEADDR, as most servers do).
+    fn listen(netns: &Netns, addr: &str) -> std::io::Result<Self> {
+        let addr: SocketAddr = addr.parse().expect("address");
+        let listener = netns.run_in(move || TcpListener::bind(addr))?;
+        listener.set_nonblocking(true).expect("non-blocking");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = thread::spawn({
+            let accepted = Arc::clone(&accepted);
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut kept = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            kept.push(stream);
+                            accepted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            accepted,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `GET path` on `addr` from inside the namespace at `netns_path` (or from the host with
+/// `None`): status and JSON body, or `None` when nothing answered HTTP.
+fn get(
+    netns_path: Option<&str>,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Option<(u16, serde_json::Value)> {
+    let path = path.to_owned();
+    let fetch = move || Ok(common::http::get(addr, &path, timeout).ok());
+    let answer = match netns_path {
+        Some(ns) => drain_agent::netns::run_in(Path::new(ns), fetch).expect("run in namespace"),
+        None => fetch().expect("request"),
+    }?;
+    Some((
+        answer.0,
+        serde_json::from_str(&answer.1).unwrap_or_default(),
+    ))
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Whether the agent answers `/healthz` on the in-pod port inside the namespace.
+fn agent_answers(netns: &Netns) -> bool {
+    // Short: an application that holds the port accepts and never answers HTTP.
+    let timeout = Duration::from_millis(500);
+    get(Some(&netns.path()), local(POD_PORT), "/healthz", timeout)
+        .is_some_and(|(status, body)| status == 200 && body.get("status").is_some())
+}
+
+/// A connection to the in-pod port from inside the namespace, at `target`, reaches `app`.
+fn reaches_app(netns: &Netns, target: SocketAddr, app: &App) {
+    let before = app.accepted();
+    let _client = netns
+        .run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("connect to {target} inside {}: {e}", netns.name));
+    wait_until(
+        &format!("the application to accept the connection to {target}"),
+        Duration::from_secs(5),
+        || app.accepted() == before + 1,
+    );
+}
+
+/// Connections on the in-pod port in `netns` as the node listener counts them.
+fn active_in(agent: &Agent, netns: &Netns) -> u64 {
+    let (status, body) = agent.get_json(&format!(
+        "/drained?port={POD_PORT}&netns={}&timeout=0",
+        netns.path()
+    ));
+    assert!(matches!(status, 200 | 503), "{body}");
+    body["active"].as_u64().expect("active")
+}
+
+/// Sockets listening on the in-pod port inside the namespace, by `ss`.
+fn listening_on_pod_port(netns: &Netns) -> String {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &netns.name, "ss", "-Hltn"])
+        .arg(format!("( sport = :{POD_PORT} )"))
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn an_application_gets_the_pod_port_before_and_after_the_agent() {
+    let test = "an_application_gets_the_pod_port_before_and_after_the_agent";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-pp{pid}-");
+    let tag = |t: &str| format!("pp{pid}-{t}");
+    // Namespaces whose application listened before the agent started (one per address:
+    // 0.0.0.0 and 127.0.0.1 exclude each other), with the first one's pod wired to the node.
+    let early_pod = Pod::new(&tag("0"), 41);
+    let early: Vec<Netns> = (1..APP_ADDRESSES.len())
+        .map(|i| Netns::new(&tag(&i.to_string())))
+        .collect();
+    let early_apps: Vec<App> = std::iter::once(&early_pod.netns)
+        .chain(&early)
+        .zip(APP_ADDRESSES)
+        .map(|(netns, addr)| {
+            App::listen(netns, &format!("{addr}:{POD_PORT}"))
+                .unwrap_or_else(|e| panic!("listen on {addr}:{POD_PORT} before the agent: {e}"))
+        })
+        .collect();
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix]);
+    // A namespace made after the start: the agent serves it before anything listens there.
+    let late = Netns::new(&tag("l"));
+    wait_until(
+        "the agent to serve the late namespace",
+        Duration::from_secs(5),
+        || agent_answers(&late),
+    );
+    // Before: each application kept its port and gets the connections, on every address it
+    // listens on, from inside and (for the pod) from the node.
+    for ((netns, addr), app) in std::iter::once(&early_pod.netns)
+        .chain(&early)
+        .zip(APP_ADDRESSES)
+        .zip(&early_apps)
+    {
+        println!(
+            "{}: an application on {addr}:{POD_PORT} from before the start",
+            netns.name
+        );
+        reaches_app(netns, local(POD_PORT), app);
+        if addr == "[::]" {
+            reaches_app(
+                netns,
+                format!("[::1]:{POD_PORT}").parse().expect("addr"),
+                app,
+            );
+        }
+        assert!(
+            !agent_answers(netns),
+            "{}: the agent answered instead",
+            netns.name
+        );
+    }
+    // The node's call to the pod's IP reaches the pod's application too.
+    let before = early_apps[0].accepted();
+    let _from_node = TcpStream::connect_timeout(
+        &format!("{}:{POD_PORT}", early_pod.ip)
+            .parse()
+            .expect("addr"),
+        Duration::from_secs(5),
+    )
+    .expect("connect from the node to the pod's IP");
+    wait_until(
+        "the pod's application to accept the node's connection",
+        Duration::from_secs(5),
+        || early_apps[0].accepted() == before + 1,
+    );
+    // After: the agent serves the late namespace; an application binds the port there on
+    // each address, gets the connections, and hands the port back when it closes.
+    for addr in APP_ADDRESSES {
+        assert!(agent_answers(&late), "the agent serves {}", late.name);
+        assert_eq!(
+            listening_on_pod_port(&late),
+            "",
+            "nothing listens on {POD_PORT} in {} while the agent serves it",
+            late.name
+        );
+        let app = App::listen(&late, &format!("{addr}:{POD_PORT}")).unwrap_or_else(|e| {
+            panic!(
+                "an application in {} could not listen on {addr}:{POD_PORT} after the agent served the namespace: {e}",
+                late.name
+            )
+        });
+        println!(
+            "{}: an application listens on {addr}:{POD_PORT} after the agent",
+            late.name
+        );
+        reaches_app(&late, local(POD_PORT), &app);
+        assert!(
+            !agent_answers(&late),
+            "the agent answered instead of the application"
+        );
+        drop(app);
+        wait_until(
+            "the agent to answer again once the application closed",
+            Duration::from_secs(5),
+            || agent_answers(&late),
+        );
+    }
+    // When an application stops listening, the agent answers there.
+    for (netns, app) in std::iter::once(&early_pod.netns)
+        .chain(&early)
+        .zip(early_apps)
+    {
+        drop(app);
+        wait_until(
+            &format!(
+                "the agent to answer in {} once the application closed",
+                netns.name
+            ),
+            Duration::from_secs(5),
+            || agent_answers(netns),
+        );
+    }
+
+    wait_until("every namespace served", Duration::from_secs(5), || {
+        agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(4.0)
+    });
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"steered\"}"),
+        Some(4.0),
+        "served through sk_lookup, binding nothing"
+    );
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"skipped\"}"),
+        Some(0.0)
+    );
+
+    // The agent's own connections on the in-pod port were never counted as the pod's.
+    assert_eq!(active_in(&agent, &late), 0);
+}
+
+#[test]
+fn the_hook_works_in_a_pod_that_does_not_use_the_port() {
+    let test = "the_hook_works_in_a_pod_that_does_not_use_the_port";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-ph{pid}-");
+    let pod = Pod::new(&format!("ph{pid}-a"), 45);
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+    assert_eq!(
+        listening_on_pod_port(&pod.netns),
+        "",
+        "the port is free in the pod"
+    );
+    let port = free_port();
+    let server = pod.listen(port);
+    let clients = connect(&pod.ip, port, 2, &server);
+
+    // `curl http://localhost:9100/drained?port=P` inside the pod: this pod's count.
+    let curl = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns.name,
+            "curl",
+            "-s",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!(
+            "http://localhost:{POD_PORT}/drained?port={port}&timeout=0"
+        ))
+        .output()
+        .expect("curl in the pod");
+    let text = String::from_utf8_lossy(&curl.stdout);
+    println!("curl inside the pod: {text}");
+    assert!(text.ends_with("\n503"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(text.lines().next().unwrap_or_default()).expect("json");
+    assert_eq!(body["active"], 2, "{body}");
+    // The kubelet's httpGet: the node calls the pod's IP on the in-pod port; it blocks
+    // until the pod drains.
+    let target: SocketAddr = format!("{}:{POD_PORT}", pod.ip).parse().expect("addr");
+    let waiter = thread::spawn(move || {
+        get(
+            None,
+            target,
+            &format!("/drained?port={port}&timeout=20s&quiet=200ms"),
+            Duration::from_secs(30),
+        )
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiter.is_finished(),
+        "the httpGet answered while the pod was busy"
+    );
+    drop(clients);
+    server.close_all();
+    let (status, body) = waiter.join().expect("httpGet").expect("answered");
+    assert_eq!(
+        (status, body["drained"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    // The node listener saw none of the agent's own in-pod connections.
+    assert_eq!(active_in(&agent, &pod.netns), 0);
+}
+
+/// The capabilities the DaemonSet and the systemd unit grant (deploy/README.md) are enough
+/// for the steering: no CAP_NET_ADMIN. Loading an `sk_lookup` program takes CAP_BPF (it is
+/// not among kernel/bpf/syscall.c's `is_net_admin_prog_type()`), and attaching it to a
+/// namespace asks for nothing more. The agent runs under `setpriv` with only those four
+/// in its bounding set, as the unit runs it, and serves a pod through `sk_lookup`.
+#[test]
+fn the_granted_capabilities_are_enough_to_steer() {
+    let test = "the_granted_capabilities_are_enough_to_steer";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        report_skip(test, "setpriv is not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/drain-agent.service"),
+    )
+    .expect("the systemd unit");
+    let granted: Vec<String> = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!granted.iter().any(|c| c == "+net_admin"), "{granted:?}");
+    let dir = common::temp_dir("drain-agent-caps-");
+    let wrapper = dir.path().join("drain-agent");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --bounding-set=-all,{} --no-new-privs {} \"$@\"\n",
+            granted.join(","),
+            common::agent_binary().display()
+        ),
+    )
+    .expect("wrapper");
+    Command::new("chmod")
+        .args(["755"])
+        .arg(&wrapper)
+        .status()
+        .expect("chmod");
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("pc{pid}-a"));
+    let prefix = format!("da-pc{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start_binary_on_a_free_port(
+        &wrapper,
+        &["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix],
+    );
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"steered\"}"),
+        Some(1.0),
+        "with {granted:?} the port is steered, not bound: {}",
+        agent.log_text()
+    );
+    assert_eq!(listening_on_pod_port(&netns), "");
+    let app = App::listen(&netns, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
+    reaches_app(&netns, local(POD_PORT), &app);
+}
+
+/// `--pod-listen [::]:9100` (the DaemonSet's IPv6 variant): the agent answers inside on
+/// `127.0.0.1` and `[::1]`, and from the node at the pod's IPv4 address (its socket there is
+/// dual-stack: one bound to `::1` would be IPv6-only); an application on `[::]:9100` gets
+/// the port all the same.
+#[test]
+fn an_ipv6_wildcard_pod_listen_serves_both_families() {
+    let test = "an_ipv6_wildcard_pod_listen_serves_both_families";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-p6{pid}-");
+    let pod = Pod::new(&format!("p6{pid}-a"), 46);
+    let pod_listen = format!("[::]:{POD_PORT}");
+    let _agent = Agent::start(&["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+    let v6: SocketAddr = format!("[::1]:{POD_PORT}").parse().expect("addr");
+    let answered = |netns: Option<&str>, addr: SocketAddr| {
+        get(netns, addr, "/healthz", Duration::from_secs(5)).map(|(status, _)| status)
+    };
+    assert_eq!(answered(Some(&pod.netns.path()), v6), Some(200));
+    let pod_ip: SocketAddr = format!("{}:{POD_PORT}", pod.ip).parse().expect("addr");
+    assert_eq!(
+        answered(None, pod_ip),
+        Some(200),
+        "the node at the pod's IP"
+    );
+    let app = App::listen(&pod.netns, &format!("[::]:{POD_PORT}")).expect("the app listens");
+    reaches_app(&pod.netns, v6, &app);
+    reaches_app(&pod.netns, local(POD_PORT), &app);
+    drop(app);
+    wait_until("the agent to answer again", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+}
+
+/// The listener count is kept by the handler whichever way it is attached: an application
+/// that listens after the agent served its namespace gets the port with each attach method.
+#[test]
+fn every_attach_method_counts_the_applications_listener() {
+    let test = "every_attach_method_counts_the_applications_listener";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    for (i, method) in ["tp-btf", "tracepoint", "raw-tracepoint"]
+        .into_iter()
+        .enumerate()
+    {
+        let prefix = format!("da-pa{pid}{i}-");
+        let netns = Netns::new(&format!("pa{pid}{i}-a"));
+        let pod_listen = format!("0.0.0.0:{POD_PORT}");
+        let _agent = Agent::start(&[
+            "--attach",
+            method,
+            "--pod-listen",
+            &pod_listen,
+            "--pod-netns-prefix",
+            &prefix,
+        ]);
+        wait_until(
+            "the agent to serve the namespace",
+            Duration::from_secs(5),
+            || agent_answers(&netns),
+        );
+        let app = App::listen(&netns, &format!("0.0.0.0:{POD_PORT}"))
+            .unwrap_or_else(|e| panic!("{method}: the app cannot listen: {e}"));
+        reaches_app(&netns, local(POD_PORT), &app);
+        drop(app);
+        wait_until(
+            &format!("{method}: the agent to answer again"),
+            Duration::from_secs(5),
+            || agent_answers(&netns),
+        );
+        println!("{method}: the application got the port and gave it back");
+    }
+}
