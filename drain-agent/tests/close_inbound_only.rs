@@ -387,6 +387,7 @@ fn load_kernel() -> Kernel {
         attach: None,
         no_seed: true,
         preallocate_sockets: false,
+        pod_port: 0,
     })
     .expect("load the kernel side")
 }

@@ -182,11 +182,10 @@ fn every_answered_drain_is_in_the_journal_after_a_kill() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    // SAFETY: kill(2) on the agent's own pid.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(agent.pid()).expect("pid"), libc::SIGKILL) },
-        0
-    );
+    let pid = i32::try_from(agent.pid()).expect("pid");
+    // SAFETY: kill(2) on the agent's own pid, a child of this test.
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let answered: Vec<u64> = clients
         .into_iter()
