@@ -350,5 +350,52 @@ else
     show_log default
 fi
 kill "$NETNS_SH" 2>/dev/null
+
+# --- The in-pod port (--pod-listen): served inside a namespace, never taken from an app
+# there (sk_lookup steering, Linux 5.9+; the agent binds it nowhere). The namespace's own
+# shell runs the checks and writes one line to /tmp/pod.result. ---
+rm -f /tmp/podport.go /tmp/pod.result /tmp/app.hit
+unshare -n sh -c '
+    ip link set lo up
+    i=0
+    while [ ! -e /tmp/podport.go ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    healthz() { wget -q -T 2 -O- http://127.0.0.1:9100/healthz 2>/dev/null; }
+    i=0
+    until healthz | grep -q status || [ "$i" -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
+    healthz | grep -q status || { echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace" >/tmp/pod.result; exit; }
+    nc -ll -p 9100 -e /bin/touch /tmp/app.hit </dev/null >/dev/null 2>&1 &
+    app=$!
+    sleep 0.3
+    kill -0 "$app" 2>/dev/null || { echo "FAIL: an application cannot listen on 9100 (taken)" >/tmp/pod.result; exit; }
+    if healthz | grep -q status; then
+        echo "FAIL: with an application listening on 9100 the agent still got its connection" >/tmp/pod.result
+    elif [ ! -e /tmp/app.hit ]; then
+        echo "FAIL: the application on 9100 got no connection" >/tmp/pod.result
+    else
+        kill "$app"
+        sleep 0.3
+        i=0
+        until healthz | grep -q status || [ "$i" -ge 20 ]; do sleep 0.1; i=$((i + 1)); done
+        if healthz | grep -q status; then echo ok >/tmp/pod.result; else echo "FAIL: the agent does not answer after the application closed" >/tmp/pod.result; fi
+    fi
+    kill "$app" 2>/dev/null
+' &
+POD_SH=$!
+if ! start_agent podport --pod-listen 127.0.0.1:9100 --log-level info; then
+    fail pod_port "$WHY"
+else
+    touch /tmp/podport.go
+    wait "$POD_SH"
+    if grep -q "cannot be steered" /tmp/podport.log; then
+        fail pod_port "fallback to binding: $(grep -o 'cannot be steered[^;]*' /tmp/podport.log | head -n 1)"
+    elif [ "$(cat /tmp/pod.result 2>/dev/null)" = ok ]; then
+        result pod_port ok
+    else
+        fail pod_port "$(cat /tmp/pod.result 2>/dev/null || echo 'no result from the namespace')"
+    fi
+    stop_agent
+fi
+show_log podport
+kill "$POD_SH" 2>/dev/null
 result done ok
 poweroff -f

@@ -61,6 +61,7 @@ const CHECKS: &[(&str, &str)] = &[
     ("socket_tables", "socket tables"),
     ("wakeup", "drained wake-up"),
     ("netns_seed", "2nd netns seeded"),
+    ("pod_port", "pod port steered"),
 ];
 
 /// Environment variable that overrides the Debian archive taken from the host's apt sources.
@@ -1113,7 +1114,9 @@ fn compatibility_document(table: &str) -> Result<String> {
          it cannot vouch for (`n/a`: the archive has no modules package for that kernel); \
          *drained wake-up* is the worst time, over every round, from the last `close()` to the \
          answer of a `/drained` waiter that was already blocked (each must be under 1 s); *2nd \
-         netns seeded* is a pre-existing connection in another network namespace (`unshare -n`). \
+         netns seeded* is a pre-existing connection in another network namespace (`unshare -n`); \
+         *pod port steered* is `--pod-listen 127.0.0.1:9100` answering inside another namespace while \
+         an application there can still listen on 9100 and gets its connections (sk_lookup steering). \
          RSS and start time (launch to the first healthy `/healthz`) are measured under TCG \
          emulation, which is many times slower than hardware: compare them between kernels, \
          not with a real host.\n\n\
