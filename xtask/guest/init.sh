@@ -361,7 +361,8 @@ unshare -n sh -c '
     while [ ! -e /tmp/podport.go ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
     healthz() { wget -q -T 2 -O- http://127.0.0.1:9100/healthz 2>/dev/null; }
     i=0
-    until healthz | grep -q status || [ "$i" -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
+    # Found by the agent'''s 1 s rescan of /proc, then entered (slow under TCG): 60 s at most.
+    until healthz | grep -q status || [ "$i" -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
     healthz | grep -q status || { echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace" >/tmp/pod.result; exit; }
     nc -ll -p 9100 -e /bin/touch /tmp/app.hit </dev/null >/dev/null 2>&1 &
     app=$!
@@ -396,6 +397,7 @@ else
     stop_agent
 fi
 show_log podport
+grep -a "pod\|namespace" /tmp/podport.log | tail -n 3 | sed "s/^/agent[podport]: /"
 kill "$POD_SH" 2>/dev/null
 result done ok
 poweroff -f
