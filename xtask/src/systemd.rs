@@ -108,6 +108,7 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
         fs::read_to_string(workspace_root().join("deploy/systemd/example-app.service"))
             .context("cannot read deploy/systemd/example-app.service")?;
 
+    let build_time = started.elapsed();
     let prepared = Instant::now();
     let root = rootfs(args.rebuild_rootfs)?;
     let rootfs_time = prepared.elapsed();
@@ -141,9 +142,10 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
     }
     let powered_off = machine.power_off();
     println!(
-        "xtask systemd: {} passed, {} failed; rootfs {:.1} s, boot {:.1} s, {:.1} s in all",
+        "xtask systemd: {} passed, {} failed; builds {:.1} s, rootfs {:.1} s, boot {:.1} s, {:.1} s in all",
         checks.passed(),
         checks.failed(),
+        build_time.as_secs_f64(),
         rootfs_time.as_secs_f64(),
         boot_time.as_secs_f64(),
         started.elapsed().as_secs_f64()
@@ -502,9 +504,11 @@ impl Machine {
             return Ok(());
         }
         let started = Instant::now();
-        // SAFETY: kill() with a pid we started and a valid signal number.
-        let sent = unsafe { libc::kill(self.leader as libc::pid_t, libc::SIGRTMIN() + 4) };
-        if sent == 0 {
+        // SAFETY: kill() with the container's PID 1 (never 0, our own process group) and a
+        // valid signal number.
+        let sent = self.leader != 0
+            && unsafe { libc::kill(self.leader as libc::pid_t, libc::SIGRTMIN() + 4) } == 0;
+        if sent {
             while started.elapsed() < POWER_OFF_LIMIT {
                 if let Some(exit) = self.nspawn.try_wait().context("systemd-nspawn")? {
                     self.stopped = true;
@@ -525,10 +529,18 @@ impl Machine {
         if self.stopped {
             return;
         }
-        // SAFETY: kill() with pids we started; SIGKILL to the container's PID 1 ends its PID
-        // namespace, and nspawn then exits.
-        unsafe {
-            libc::kill(self.leader as libc::pid_t, libc::SIGKILL);
+        // Never kill(0, …): that is our own process group. Before the leader is known,
+        // only nspawn is there to stop.
+        if self.leader != 0 {
+            // SAFETY: kill() with the container's PID 1, which nspawn started for us: SIGKILL
+            // ends its PID namespace, and nspawn then exits by itself (and cleans up).
+            unsafe {
+                libc::kill(self.leader as libc::pid_t, libc::SIGKILL);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.nspawn.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(50));
+            }
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
@@ -768,12 +780,19 @@ fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String>
         Ok((m.property("example-app", "ActiveState")? == "inactive").then_some(()))
     })?;
     let stop_took = closed.elapsed();
-    // The wait's own last line (stdout, exit 0), then the app's line on its signal.
-    let drained = journal_lines(machine, &format!("port {port} drained (waited "))?;
+    // The wait's own last line (stdout, exit 0), then the app's line on its signal; journald
+    // reads the units' output streams on its own time, so give it a moment.
+    let drained_line = format!("port {port} drained (waited ");
+    let (drained, signalled) = machine
+        .wait_for("the wait's and the app's last lines in the journal", COMMAND_LIMIT, |m| {
+            let drained = journal_lines(m, &drained_line)?;
+            let signalled = journal_lines(m, ": shutdown signal=")?;
+            Ok((!drained.is_empty() && !signalled.is_empty()).then_some((drained, signalled)))
+        })
+        .context("no `port N drained` line from `drain-agent wait` (its exit 0), or no signal line from the app")?;
     let [(drained_at, drained_message)] = drained.as_slice() else {
         bail!("one `port {port} drained` line expected from `drain-agent wait`, got {drained:?}");
     };
-    let signalled = journal_lines(machine, ": shutdown signal=")?;
     let [(signalled_at, message)] = signalled.as_slice() else {
         bail!("one shutdown line expected from the app, got {signalled:?}");
     };
