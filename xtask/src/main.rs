@@ -55,7 +55,8 @@ enum Task {
     Kernels(kernels::KernelsArgs),
     /// Boot a Debian rootfs with systemd as PID 1 (systemd-nspawn, as root), install the agent
     /// and the example app with their units from deploy/systemd/, and check them under systemd:
-    /// the start, the example app's drain-before-SIGTERM stop, the drop-in that moves the listener.
+    /// the start, the example app's drain-before-SIGTERM stop, the drop-in that moves the listener,
+    /// and the example app's stop with the agent moved.
     Systemd(systemd::SystemdArgs),
 }
 

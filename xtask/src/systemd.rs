@@ -132,10 +132,27 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
             "example-app: systemctl stop waits for a held connection, SIGTERM after it closed",
             || example_app_stop(&machine, &app, &app_unit_text),
         );
-        checks.run(
+        let moved = checks.run(
             "drop-in from the unit's comment moves the listener (daemon-reload, restart)",
             || drop_in_moves_listener(&machine, &agent_unit_text),
         );
+        let name =
+            "example-app, told the moved address by the drop-in its comment documents, still waits";
+        if moved {
+            checks.run(name, || {
+                example_app_follows_moved_agent(&machine, &app_unit_text, &agent_unit_text)
+            });
+        } else {
+            checks.not_run(name, "the agent did not move");
+        }
+    } else {
+        for name in [
+            "example-app's stop",
+            "the drop-in",
+            "example-app with the agent moved",
+        ] {
+            checks.not_run(name, "the agent was not installed and started");
+        }
     }
     if checks.failed() > 0 {
         print_diagnostics(&machine);
@@ -193,6 +210,12 @@ impl Checks {
         };
         self.results.push(passed);
         passed
+    }
+
+    /// A check that cannot run because one it builds on failed: counted as failed.
+    fn not_run(&mut self, name: &str, why: &str) {
+        println!("xtask systemd: FAIL  {name}: not run: {why}");
+        self.results.push(false);
     }
 
     fn passed(&self) -> usize {
@@ -658,15 +681,9 @@ fn install_agent(machine: &Machine, agent: &Path, unit: &str) -> Result<String> 
 /// `systemctl daemon-reload && systemctl restart drain-agent`: the agent must answer on the
 /// drop-in's address, and nothing may listen on the default one any more.
 fn drop_in_moves_listener(machine: &Machine, unit: &str) -> Result<String> {
-    let setting = unit
-        .lines()
-        .filter(|line| line.starts_with('#'))
-        .find_map(|line| {
-            line.split_whitespace()
-                .find(|word| word.starts_with("Environment=DRAIN_AGENT_LISTEN="))
-        })
-        .context("the unit's comments show no Environment=DRAIN_AGENT_LISTEN= drop-in")?;
-    let moved_to = &setting["Environment=DRAIN_AGENT_LISTEN=".len()..];
+    let moved_to = documented_setting(unit, "DRAIN_AGENT_LISTEN")?;
+    let moved_to = moved_to.as_str();
+    let setting = format!("Environment=DRAIN_AGENT_LISTEN={moved_to}");
     ensure!(
         moved_to != DEFAULT_LISTEN,
         "the documented drop-in names the default address"
@@ -716,8 +733,6 @@ fn drop_in_moves_listener(machine: &Machine, unit: &str) -> Result<String> {
 /// quiet window for as long as the connection is open; systemd sends SIGTERM only after the
 /// client closed, and the app then has nothing open.
 fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String> {
-    let port = app_port(unit)?;
-    let address = format!("127.0.0.1:{port}");
     let binary = fs::read(app).with_context(|| format!("cannot read {}", app.display()))?;
     machine.install("/usr/local/bin/example-app", &binary, 0o755)?;
     machine.install(
@@ -726,6 +741,52 @@ fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String>
         0o644,
     )?;
     machine.ok(&["systemctl", "daemon-reload"])?;
+    stop_waits_for_held_connection(machine, unit, DEFAULT_LISTEN)
+}
+
+/// With the agent moved by its drop-in, the example app's stop hook must be told where it
+/// is: the drop-in its unit's comment documents (`Environment=DRAIN_AGENT_URL=…`), for the
+/// address the agent's documented drop-in moved it to. Then the stop waits as before.
+fn example_app_follows_moved_agent(
+    machine: &Machine,
+    app_unit: &str,
+    agent_unit: &str,
+) -> Result<String> {
+    let moved_to = documented_setting(agent_unit, "DRAIN_AGENT_LISTEN")?;
+    let url = documented_setting(app_unit, "DRAIN_AGENT_URL")?;
+    ensure!(
+        url == format!("http://{moved_to}"),
+        "the example unit's comment points the wait at {url}, the agent's unit moves it to {moved_to}"
+    );
+    machine.install(
+        "/etc/systemd/system/example-app.service.d/override.conf",
+        format!("[Service]\nEnvironment=DRAIN_AGENT_URL={url}\n").as_bytes(),
+        0o644,
+    )?;
+    machine.ok(&["systemctl", "daemon-reload"])?;
+    stop_waits_for_held_connection(machine, app_unit, &moved_to)
+}
+
+/// The value of `Environment=NAME=VALUE` in a unit's comments (the drop-in it documents).
+fn documented_setting(unit: &str, name: &str) -> Result<String> {
+    let prefix = format!("Environment={name}=");
+    unit.lines()
+        .filter(|line| line.starts_with('#'))
+        .find_map(|line| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(prefix.as_str()))
+        })
+        .map(|value| value.trim_end_matches(['.', ',', ')', '`']).to_owned())
+        .with_context(|| format!("the unit's comments show no {prefix}… drop-in"))
+}
+
+/// Starts example-app, holds a connection to it, stops it: the stop must wait (the wait in
+/// ExecStop= asking the agent at `agent`) past the quiet window while the connection is
+/// open, and SIGTERM must follow the close.
+fn stop_waits_for_held_connection(machine: &Machine, unit: &str, agent: &str) -> Result<String> {
+    let port = app_port(unit)?;
+    let address = format!("127.0.0.1:{port}");
+    let since = monotonic_micros()?;
     machine.ok(&["systemctl", "start", "example-app"])?;
     machine.wait_for(&format!("example-app on {address}"), START_LIMIT, |m| {
         ensure!(
@@ -740,7 +801,7 @@ fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String>
     let mut client = HeldConnection::open(machine, &address)?;
     let drained_query = format!("/drained?port={port}&timeout=0");
     machine.wait_for("the agent counting the held connection", START_LIMIT, |m| {
-        let (_, body) = m.http_get(DEFAULT_LISTEN, &drained_query)?;
+        let (_, body) = m.http_get(agent, &drained_query)?;
         Ok(body.contains("\"active\":1").then_some(()))
     })?;
 
@@ -767,7 +828,7 @@ fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String>
         "{:.1} s into the stop, the unit's control process ({control}) is not `drain-agent wait`: {waiting:?}",
         stop_began.elapsed().as_secs_f64()
     );
-    let early = journal_lines(machine, ": shutdown signal=")?;
+    let early = journal_lines(machine, since, ": shutdown signal=")?;
     ensure!(
         early.is_empty(),
         "the app was signalled while the client was connected: {early:?}"
@@ -785,8 +846,8 @@ fn example_app_stop(machine: &Machine, app: &Path, unit: &str) -> Result<String>
     let drained_line = format!("port {port} drained (waited ");
     let (drained, signalled) = machine
         .wait_for("the wait's and the app's last lines in the journal", COMMAND_LIMIT, |m| {
-            let drained = journal_lines(m, &drained_line)?;
-            let signalled = journal_lines(m, ": shutdown signal=")?;
+            let drained = journal_lines(m, since, &drained_line)?;
+            let signalled = journal_lines(m, since, ": shutdown signal=")?;
             Ok((!drained.is_empty() && !signalled.is_empty()).then_some((drained, signalled)))
         })
         .context("no `port N drained` line from `drain-agent wait` (its exit 0), or no signal line from the app")?;
@@ -859,9 +920,10 @@ fn quiet_window(unit: &str) -> Result<Duration> {
     Ok(Duration::from_secs(seconds))
 }
 
-/// The example app's journal lines (its own and its ExecStop= commands') that contain
-/// `needle`, with their monotonic timestamps (µs; the container shares the host's clock).
-fn journal_lines(machine: &Machine, needle: &str) -> Result<Vec<(u64, String)>> {
+/// The example app's journal lines (its own and its ExecStop= commands') since `since` that
+/// contain `needle`, with their monotonic timestamps (µs; the container shares the host's
+/// clock).
+fn journal_lines(machine: &Machine, since: u64, needle: &str) -> Result<Vec<(u64, String)>> {
     let journal = machine.ok(&[
         "journalctl",
         "-u",
@@ -882,7 +944,9 @@ fn journal_lines(machine: &Machine, needle: &str) -> Result<Vec<(u64, String)>> 
             .as_str()
             .and_then(|at| at.parse().ok())
             .with_context(|| format!("journal entry without a monotonic time: {line}"))?;
-        lines.push((at, message.to_owned()));
+        if at >= since {
+            lines.push((at, message.to_owned()));
+        }
     }
     Ok(lines)
 }
