@@ -47,10 +47,12 @@ const INCLUDE: &[&str] = &["systemd", "systemd-sysv", "curl", "iproute2"];
 
 /// The nspawn flags the agent needs, besides the boot itself (`-b`, `-D`, `--machine`):
 const NSPAWN_FLAGS: &[&str] = &[
-    // nspawn's seccomp filter refuses bpf() and perf_event_open() by default: without them
-    // the agent cannot load or attach its programs. Its default capability set already holds
-    // CAP_SYS_ADMIN, which the kernel accepts for what CAP_BPF and CAP_PERFMON allow; and it
-    // mounts /sys read-only with /sys/kernel/btf/vmlinux in it.
+    // nspawn's seccomp filter refuses bpf() and perf_event_open() by default. Without bpf()
+    // the agent cannot create its maps ("failed to create map `SOCKETS`: Operation not
+    // permitted"); perf_event_open() is only for the classic-tracepoint fallback (tp_btf
+    // attaches through bpf() alone), which the unit allows too. Nothing else is needed: the
+    // default capability set holds CAP_SYS_ADMIN, which the kernel accepts for what CAP_BPF
+    // and CAP_PERFMON allow, and nspawn's read-only /sys has /sys/kernel/btf/vmlinux.
     "--system-call-filter=bpf perf_event_open",
     // This host has no D-Bus and no systemd-machined: do not register the machine, and run
     // in the caller's cgroup instead of asking the host's systemd for a scope.
