@@ -349,10 +349,11 @@ impl Machine {
                 .map(|done| done.stdout.trim().to_owned());
             match state.as_deref() {
                 Ok(state @ ("running" | "degraded")) => break state.to_owned(),
-                Ok(state @ ("stopping" | "offline" | "maintenance")) => {
+                Ok(state @ ("stopping" | "maintenance")) => {
                     bail!("the container's systemd is {state}")
                 }
-                // Before systemd has its private socket, systemctl cannot reach it.
+                // Before systemd has its private socket, systemctl cannot reach it (and says
+                // `offline`).
                 _ if Instant::now() < deadline => thread::sleep(Duration::from_millis(200)),
                 _ => bail!(
                     "the container did not finish booting within {BOOT_LIMIT:?} ({state:?}); console: {}\n{}",
