@@ -12,6 +12,22 @@
 //! run starts from the same tree and a crashed run leaves nothing behind in it; files are
 //! installed through `/proc/LEADER/root`, which is the container's own view of its root.
 //!
+//! The checks, in order (each prints PASS or FAIL with what it saw; any FAIL, or a check that
+//! could not run, makes the command fail):
+//! 1. the agent starts under its unit and answers `/healthz` on 127.0.0.1:9100;
+//! 2. `systemctl stop example-app` (e2e-backend as /usr/local/bin/example-app) while a client
+//!    holds a connection: the stop stays in ExecStop= (`drain-agent wait`) past the quiet
+//!    window, and the wait's end and SIGTERM follow the client's close;
+//! 3. the drop-in from the agent unit's comment (`Environment=DRAIN_AGENT_LISTEN=…`, where
+//!    `systemctl edit` writes it, `daemon-reload`, `restart`) moves the agent, nothing is
+//!    left on 9100;
+//! 4. with the example unit's documented drop-in (`Environment=DRAIN_AGENT_URL=…`), its stop
+//!    waits as in 2 with the agent moved.
+//!
+//! The container shares the host's kernel: the agent's eBPF program sees every namespace's
+//! connections, and the example unit's unscoped `wait --port 8080` counts the host's port
+//! 8080 too. CI runs the rig alone.
+//!
 //! [`Machine`] and [`rootfs`] are the reusable part: boot, run a bounded command inside,
 //! install a file, power off (or kill) — every wait has a limit.
 
