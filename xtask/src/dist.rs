@@ -68,7 +68,7 @@ pub struct DistArgs {
 }
 
 /// Where cargo puts its output: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map_or_else(
@@ -132,7 +132,7 @@ pub fn dist(args: &DistArgs) -> Result<()> {
 
 /// Builds the static release binary for `target` and copies it, with its checksum, to
 /// `target/dist/<target>/drain-agent`.
-fn build(target: &str) -> Result<PathBuf> {
+pub fn build(target: &str) -> Result<PathBuf> {
     setup::ensure_rust_target(target)?;
     let started = Instant::now();
     let variable = target.to_ascii_uppercase().replace('-', "_");

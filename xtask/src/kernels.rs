@@ -347,7 +347,7 @@ fn print_list(available: &[Available]) {
 /// The Debian archive: `$DRAIN_AGENT_DEBIAN_MIRROR`, else the first non-security archive in
 /// the host's apt sources (deb822 `.sources` files, then `sources.list`), so the matrix uses
 /// whatever mirror this machine is allowed to reach.
-fn debian_mirror() -> Result<String> {
+pub fn debian_mirror() -> Result<String> {
     if let Ok(mirror) = std::env::var(MIRROR_VARIABLE)
         && !mirror.trim().is_empty()
     {

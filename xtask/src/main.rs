@@ -6,6 +6,7 @@ mod dist;
 mod e2e;
 mod kernels;
 mod setup;
+mod systemd;
 
 use std::{
     path::{Path, PathBuf},
@@ -52,6 +53,11 @@ enum Task {
     /// Boot the agent's release build under qemu on Debian's cloud kernels (default: the
     /// oldest, 6.1, 6.12 and the newest; `--all`: every series) and check it on each.
     Kernels(kernels::KernelsArgs),
+    /// Boot a Debian rootfs with systemd as PID 1 (systemd-nspawn, as root), install the agent
+    /// and the example app with their units from deploy/systemd/, and check them under systemd:
+    /// the start, the example app's drain-before-SIGTERM stop, the drop-in that moves the listener,
+    /// and the example app's stop with the agent moved.
+    Systemd(systemd::SystemdArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::E2e => e2e::run(),
         Task::Kernels(args) => kernels::kernels(&args),
         Task::Dist(args) => dist::dist(&args),
+        Task::Systemd(args) => systemd::systemd(&args),
     }
 }
 

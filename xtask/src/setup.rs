@@ -30,6 +30,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // `kubectl kustomize` renders the overlays (drain-agent/tests/kustomize.rs). Skipped
     // when a kubectl is on PATH already (another package may own /usr/bin/kubectl).
     ("kubernetes-client", "kubectl"),
+    // `cargo xtask systemd` (xtask/src/systemd.rs, the same list as its PACKAGES): a Debian
+    // rootfs made by mmdebstrap, booted with systemd-nspawn, systemd as its PID 1.
+    ("systemd-container", "systemd-nspawn"),
+    ("mmdebstrap", "mmdebstrap"),
 ];
 
 /// Debian packages `cargo xtask dist` needs to build the image.
