@@ -361,7 +361,7 @@ unshare -n sh -c '
     while [ ! -e /tmp/podport.go ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
     healthz() { wget -q -T 2 -O- http://127.0.0.1:9100/healthz 2>/dev/null; }
     i=0
-    # Found by the agent'''s 1 s rescan of /proc, then entered (slow under TCG): 60 s at most.
+    # Found by the agent (its 1 s rescan of /proc), then entered; slow under TCG: 60 s at most.
     until healthz | grep -q status || [ "$i" -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
     healthz | grep -q status || { echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace" >/tmp/pod.result; exit; }
     nc -ll -p 9100 -e /bin/touch /tmp/app.hit </dev/null >/dev/null 2>&1 &
