@@ -359,11 +359,16 @@ unshare -n sh -c '
     ip link set lo up
     i=0
     while [ ! -e /tmp/podport.go ] && [ "$i" -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-    healthz() { wget -q -T 2 -O- http://127.0.0.1:9100/healthz 2>/dev/null; }
+    # nc, not wget: busybox wget exits at once without a word inside a namespace made by
+    # unshare (seen under every guest kernel), while nc connects.
+    healthz() { printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 9100 2>/dev/null; }
     i=0
     # Found by the agent (its 1 s rescan of /proc), then entered; slow under TCG: 60 s at most.
     until healthz | grep -q status || [ "$i" -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
-    healthz | grep -q status || { echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace" >/tmp/pod.result; exit; }
+    if ! healthz | grep -q status; then
+        echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace (sockets: $(tail -n +2 /proc/net/tcp | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,))" >/tmp/pod.result
+        exit
+    fi
     nc -ll -p 9100 -e /bin/touch /tmp/app.hit </dev/null >/dev/null 2>&1 &
     app=$!
     sleep 0.3
@@ -376,8 +381,12 @@ unshare -n sh -c '
         kill "$app"
         sleep 0.3
         i=0
-        until healthz | grep -q status || [ "$i" -ge 20 ]; do sleep 0.1; i=$((i + 1)); done
-        if healthz | grep -q status; then echo ok >/tmp/pod.result; else echo "FAIL: the agent does not answer after the application closed" >/tmp/pod.result; fi
+        until healthz | grep -q status || [ "$i" -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+        if healthz | grep -q status; then
+            echo ok >/tmp/pod.result
+        else
+            echo "FAIL: the agent does not answer after the application closed (port 9100 sockets: $(cat /proc/net/tcp /proc/net/tcp6 | grep -i ":238C " | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,); processes: $(ps | grep -c "nc -ll"))" >/tmp/pod.result
+        fi
     fi
     kill "$app" 2>/dev/null
 ' &
@@ -387,6 +396,8 @@ if ! start_agent podport --pod-listen 127.0.0.1:9100 --log-level info; then
 else
     touch /tmp/podport.go
     wait "$POD_SH"
+    http /metrics
+    echo "$BODY" | grep -E 'pod_listeners|tracking_errors_total\{reason="pod' | sed 's/^/podport metrics: /'
     if grep -q "cannot be steered" /tmp/podport.log; then
         fail pod_port "fallback to binding: $(grep -o 'cannot be steered[^;]*' /tmp/podport.log | head -n 1)"
     elif [ "$(cat /tmp/pod.result 2>/dev/null)" = ok ]; then
