@@ -752,8 +752,11 @@ impl Tracker {
                 doubted = true;
             }
             let now = Instant::now();
-            if drained || now >= deadline || *shutdown.borrow_and_update() {
-                if !drained && state.active > 0 && !timeout.is_zero() {
+            let stopping = *shutdown.borrow_and_update();
+            if drained || now >= deadline || stopping {
+                // At shutdown every waiter is answered at once, with no list: a list is a
+                // pass over the socket tables, and the answer only says "ask the next agent".
+                if !drained && state.active > 0 && !timeout.is_zero() && !stopping {
                     // A waiter's answer says who is still connected, with their ages (best
                     // effort). A pure query only when asked (`peers=true`, see
                     // `Tracker::listed`): the list is a pass over the socket tables.
@@ -1253,6 +1256,33 @@ mod tests {
         let outcome = waiter.await.expect("join").expect("outcome");
         assert!(!outcome.drained);
         assert_eq!(outcome.active, 1);
+    }
+
+    /// Issue 23: at SIGTERM with 50 waiters, 21–24 got no answer: each answer was built
+    /// with a list of the remaining connections (a pass over the socket tables, ~120 ms
+    /// under load), one after the other. At shutdown no list is built.
+    #[tokio::test]
+    async fn at_shutdown_every_waiter_is_answered_without_a_list() {
+        let source = Arc::new(FakeSource::default());
+        source.set(vec![endpoint("127.0.0.1", 80, 3)]);
+        let tracker = Arc::new(Tracker::new(source.clone(), 64));
+        let waiters: Vec<_> = (0..50)
+            .map(|_| spawn_hour_long_waiter(&tracker, 80))
+            .collect();
+        while tracker.waiters() < 50 {
+            tokio::task::yield_now().await;
+        }
+        tracker.begin_shutdown();
+        for waiter in waiters {
+            let outcome = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("answered")
+                .expect("join")
+                .expect("outcome");
+            assert!(!outcome.drained);
+            assert_eq!(outcome.active, 3);
+        }
+        assert_eq!(source.peer_lists.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
