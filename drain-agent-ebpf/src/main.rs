@@ -81,6 +81,16 @@ static DURATIONS: HashMap<u32, DurationHistogram> =
 #[map]
 static LISTENERS: HashMap<u64, u8> = HashMap::with_max_entries(16_384, 0);
 
+/// Local ports of open sockets a walk found untracked with no listener on their port. Such a
+/// socket may be inbound all the same: a service that closed its listener keeps serving
+/// the connections it has (nginx, Go's `Shutdown`, Envoy, HAProxy drain so), and an agent
+/// started (or restarted) then never saw their opens. The walk cannot tell, so it does not
+/// count them and the agent confirms answers for these ports with the socket tables (too
+/// high at worst: outbound sockets bound to the port count there too), never a silent zero.
+/// The agent clears it before each walk and reads it after; one entry per port at most.
+#[map]
+static UNSURE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
 /// Per-port totals over all namespaces and addresses, indexed by port: an unscoped
 /// `/drained?port=P` is one lookup, however many endpoints there are.
 #[map]
@@ -545,16 +555,10 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
                 if track_close(sk, false) {
                     count_repair(repair::CLOSES_FOUND);
                 }
-                if has_listener(&key) && track_open(sk, key, peer, true) {
-                    count_repair(repair::OPENS_FOUND);
-                }
+                seed_untracked(sk, key, peer);
             }
             // Untracked: found by seeding, or its open was missed.
-            None => {
-                if has_listener(&key) && track_open(sk, key, peer, true) {
-                    count_repair(repair::OPENS_FOUND);
-                }
-            }
+            None => seed_untracked(sk, key, peer),
         }
     }
     Ok(())
@@ -595,6 +599,20 @@ pub fn forget_stale_socket(ctx: RawTracePointContext) -> i32 {
         return 1;
     }
     0
+}
+
+/// An open socket the walk found untracked: counted when its port has a listener (then it
+/// was opened passively); otherwise its port is marked unsure ([`UNSURE_PORTS`]).
+#[inline(always)]
+fn seed_untracked(sk: u64, key: ConnKey, peer: Peer) {
+    if has_listener(&key) {
+        if track_open(sk, key, peer, true) {
+            count_repair(repair::OPENS_FOUND);
+        }
+    } else if UNSURE_PORTS.insert(key.port, 1, 0).is_err() {
+        // Cannot happen (a slot per port); if it did, nothing would be vouched for.
+        count_error_at(error_index::LISTENER_MAP_FULL);
+    }
 }
 
 /// Whether the walk saw a listener on the key's (namespace, port): a socket found open

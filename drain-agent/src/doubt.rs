@@ -39,6 +39,10 @@ pub enum Doubt {
     Unscoped { port: u16 },
     /// A network namespace could not be walked: its pre-existing connections are unknown.
     NamespaceUnwalked { netns: u32 },
+    /// Open connections on `port` that the last walk found untracked with no listener on the
+    /// port: inbound ones of a service that closed its listener before the agent (re)started
+    /// look just like outbound ones.
+    PassivityUnknown { port: u16 },
     /// The per-socket map overflowed since the last walk began (health; the ports
     /// concerned show [`Doubt::ConnectionsLost`]).
     SocketMapFull,
@@ -51,7 +55,10 @@ impl Doubt {
     /// Whether the doubt means something is wrong with the agent or its limits (shown by
     /// `/healthz` as degraded), not a routine condition the next walk clears.
     pub const fn degrades_health(&self) -> bool {
-        !matches!(self, Self::HandlerSkipped | Self::Unscoped { .. })
+        !matches!(
+            self,
+            Self::HandlerSkipped | Self::Unscoped { .. } | Self::PassivityUnknown { .. }
+        )
     }
 }
 
@@ -83,6 +90,10 @@ impl fmt::Display for Doubt {
             Self::NamespaceUnwalked { netns } => {
                 write!(f, "network namespace {netns} could not be walked")
             }
+            Self::PassivityUnknown { port } => write!(
+                f,
+                "connections on port {port} were open with no listener when the agent walked the sockets (a service that closed its listener, or outbound ones): confirmed with the socket tables"
+            ),
             Self::SocketMapFull => f.write_str(
                 "the socket map is full (--max-connections): some connections are not tracked",
             ),

@@ -92,6 +92,10 @@ pub struct Snapshot {
 pub struct Vouched {
     pub snapshot: Option<Snapshot>,
     pub unwalked: BTreeSet<u32>,
+    /// Ports of open sockets the walk found untracked with no listener on their port: they
+    /// may be inbound (a service that closed its listener), so answers for these ports are
+    /// confirmed with the socket tables until a walk no longer finds such sockets.
+    pub unsure_ports: BTreeSet<u16>,
     /// The connections lost in all (`socket_map_full` + `address_taken`) when `lost` was
     /// last read port by port.
     lost_read_at: Option<u64>,
@@ -190,10 +194,16 @@ impl KernelMaps {
 
     /// A walk that began at `snapshot` has ended; `unwalked` are the namespaces it could
     /// not enter (and that still exist).
-    pub(super) fn vouch(&self, snapshot: Snapshot, unwalked: BTreeSet<u32>) {
+    pub(super) fn vouch(
+        &self,
+        snapshot: Snapshot,
+        unwalked: BTreeSet<u32>,
+        unsure_ports: BTreeSet<u16>,
+    ) {
         let mut vouched = self.vouched();
         vouched.snapshot = Some(snapshot);
         vouched.unwalked = unwalked;
+        vouched.unsure_ports = unsure_ports;
         self.walks.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -448,6 +458,9 @@ impl ConnectionSource for KernelMaps {
             .unwrap_or(0);
         if totals.lost > lost_at_walk {
             doubts.push(Doubt::ConnectionsLost { port: filter.port });
+        }
+        if vouched.unsure_ports.contains(&filter.port) {
+            doubts.push(Doubt::PassivityUnknown { port: filter.port });
         }
         let scoped = filter.addr.is_some() || filter.netns.is_some();
         if scoped && totals.unscoped > 0 {

@@ -69,6 +69,8 @@ pub struct Kernel {
     sockets: HashMap<MapData, u64, SockEntry>,
     /// The walker's listener map, emptied before each walk.
     listeners: HashMap<MapData, u64, u8>,
+    /// Ports of open sockets a walk could not call passive or not, emptied before each walk.
+    unsure_ports: HashMap<MapData, u16, u8>,
     /// A second handle on the endpoint counters, to delete reclaimed ones.
     counts: HashMap<MapData, ConnKey, ConnCounts>,
     retiring: HashMap<MapData, ConnKey, u8>,
@@ -247,6 +249,7 @@ impl Kernel {
         });
         Ok(Self {
             listeners: take_map(&mut ebpf, "LISTENERS")?,
+            unsure_ports: take_map(&mut ebpf, "UNSURE_PORTS")?,
             counts: counts_writer,
             retiring: take_map(&mut ebpf, "RETIRING")?,
             retiring_ports: take_map(&mut ebpf, "RETIRING_PORTS")?,

@@ -25,8 +25,8 @@ impl Kernel {
     /// is exactly-once). Call it once, after [`Kernel::load`].
     pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
         let mut report = self.walk()?;
-        if let Some((snapshot, failed)) = report.vouches.take() {
-            self.maps.vouch(snapshot, failed);
+        if let Some((snapshot, failed, unsure)) = report.vouches.take() {
+            self.maps.vouch(snapshot, failed, unsure);
         }
         let found = self.maps.repair_count(repair::OPENS_FOUND)?;
         self.maps.seeding_opens.store(found, Ordering::Relaxed);
@@ -57,6 +57,11 @@ impl Kernel {
         let stale_listeners: Vec<u64> = self.listeners.keys().filter_map(Result::ok).collect();
         for key in stale_listeners {
             let _ = self.listeners.remove(&key);
+        }
+        // So are the ports of sockets whose passivity the walk cannot tell.
+        let stale_unsure: Vec<u16> = self.unsure_ports.keys().filter_map(Result::ok).collect();
+        for port in stale_unsure {
+            let _ = self.unsure_ports.remove(&port);
         }
         let mut report = WalkReport {
             started_ns: crate::tracker::monotonic_ns(),
@@ -95,7 +100,8 @@ impl Kernel {
         // one that is still there was not walked, and its counts are not vouched for.
         let still_there = netns::all_namespaces();
         failed.retain(|inode| still_there.contains_key(inode));
-        report.vouches = Some((snapshot, failed));
+        let unsure = self.unsure_ports.keys().filter_map(Result::ok).collect();
+        report.vouches = Some((snapshot, failed, unsure));
         Ok(report)
     }
 
@@ -120,8 +126,8 @@ impl Kernel {
         self.forget_stale(&stale, walk.started_ns)?;
         // Only now are the missed closes before the walk un-counted too: vouch after the
         // sweep, not after the walk (a count in between is still too high).
-        if let Some((snapshot, failed)) = walk.vouches.take() {
-            self.maps.vouch(snapshot, failed);
+        if let Some((snapshot, failed, unsure)) = walk.vouches.take() {
+            self.maps.vouch(snapshot, failed, unsure);
         }
         Ok(RepairReport {
             opens_found: self.maps.repair_count(repair::OPENS_FOUND)? - opens_before,
@@ -172,8 +178,9 @@ pub struct WalkReport {
     /// Namespaces that could not be walked.
     pub failed: usize,
     /// What the walk vouches for once its caller has finished with it (the counters at its
-    /// start, the namespaces it could not enter).
-    pub vouches: Option<(super::maps::Snapshot, BTreeSet<u32>)>,
+    /// start, the namespaces it could not enter, the ports of open sockets it could not call
+    /// passive or not).
+    pub vouches: Option<(super::maps::Snapshot, BTreeSet<u32>, BTreeSet<u16>)>,
 }
 
 /// What a repair found.
