@@ -671,6 +671,10 @@ fn install_agent(machine: &Machine, agent: &Path, unit: &str) -> Result<String> 
         unit.as_bytes(),
         0o644,
     )?;
+    // The target the apps order themselves after, installed with the agent's unit.
+    let target = fs::read(workspace_root().join("deploy/systemd/drain-agent.target"))
+        .context("cannot read deploy/systemd/drain-agent.target")?;
+    machine.install("/etc/systemd/system/drain-agent.target", &target, 0o644)?;
     machine.ok(&["systemctl", "daemon-reload"])?;
     machine.ok(&["systemctl", "enable", "--now", "drain-agent"])?;
     let (status, body) = machine.wait_for(
