@@ -27,6 +27,7 @@
 //!    connected: it is back within seconds (its restart not queued behind the app's stop
 //!    job: the app is ordered after drain-agent.target, not the service), and SIGTERM comes
 //!    within seconds of the client's close, not at the wait's timeout;
+//!    The same with `systemctl restart drain-agent` instead of the kill: it returns at once;
 //! 6. (last) poweroff with a client connected: the app's stop waits in ExecStop= while the
 //!    agent is still running, its stop job waiting behind the app's.
 //!
@@ -158,7 +159,11 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
         );
         checks.run(
             "agent killed (kill -9) mid-drain: back within seconds, SIGTERM soon after the close",
-            || agent_crash_mid_drain(&machine, &app_unit_text),
+            || agent_crash_mid_drain(&machine, &app_unit_text, Interruption::Kill),
+        );
+        checks.run(
+            "systemctl restart drain-agent mid-drain: returns at once, SIGTERM soon after the close",
+            || agent_crash_mid_drain(&machine, &app_unit_text, Interruption::Restart),
         );
         let moved = checks.run(
             "drop-in from the unit's comment moves the listener (daemon-reload, restart)",
@@ -177,6 +182,7 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
         for name in [
             "example-app's stop",
             "agent killed mid-drain",
+            "agent restarted mid-drain",
             "the drop-in",
             "example-app with the agent moved",
         ] {
@@ -936,18 +942,37 @@ fn stop_waits_for_held_connection(machine: &Machine, unit: &str, agent: &str) ->
     ))
 }
 
+/// What happens to the agent during the app's stop in [`agent_crash_mid_drain`].
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// `kill -9` of its main PID: `Restart=on-failure` brings it back.
+    Kill,
+    /// `systemctl restart drain-agent` (an upgrade, a changed drop-in).
+    Restart,
+}
+
+impl std::fmt::Display for Interruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kill => "kill -9",
+            Self::Restart => "systemctl restart drain-agent",
+        })
+    }
+}
+
 /// How soon the agent must be back after a `kill -9` (its unit's RestartSec=2s, and the
 /// start), and how soon after the client's close SIGTERM must come in the crash check.
 const RESTART_LIMIT: Duration = Duration::from_secs(8);
 const SIGTERM_AFTER_CLOSE_LIMIT: Duration = Duration::from_secs(8);
 
-/// Issue 23: the agent crashes (`kill -9`) while the example app's stop waits on it. With a
-/// client holding a connection, `systemctl stop --no-block example-app`, then 2 s later
-/// `kill -9` of the agent's main PID: the agent must be back within `RESTART_LIMIT` (its
-/// `Restart=on-failure` not queued behind the app's stop job), the stop must still wait
-/// for the connection, and SIGTERM must come within `SIGTERM_AFTER_CLOSE_LIMIT` of the
-/// client's close — not at the wait's 30 s timeout.
-fn agent_crash_mid_drain(machine: &Machine, unit: &str) -> Result<String> {
+/// Issue 23: the agent crashes (`kill -9`), or is restarted (`how`), while the example
+/// app's stop waits on it. With a client holding a connection, `systemctl stop --no-block
+/// example-app`, then 2 s later `kill -9` of the agent's main PID (or `systemctl restart
+/// drain-agent`): the agent must be back within `RESTART_LIMIT` (its restart job not
+/// queued behind the app's stop job), the stop must still wait for the connection, and
+/// SIGTERM must come within `SIGTERM_AFTER_CLOSE_LIMIT` of the client's close — not at the
+/// wait's 30 s timeout.
+fn agent_crash_mid_drain(machine: &Machine, unit: &str, how: Interruption) -> Result<String> {
     let port = app_port(unit)?;
     let address = format!("127.0.0.1:{port}");
     let since = monotonic_micros()?;
@@ -972,17 +997,34 @@ fn agent_crash_mid_drain(machine: &Machine, unit: &str) -> Result<String> {
         old_pid != "0",
         "the agent has no main PID 2 s into the app's stop"
     );
-    // bash's builtin: the minimal rootfs has no procps.
-    machine.ok(&["bash", "-c", &format!("kill -9 {old_pid}")])?;
     let killed = Instant::now();
-    let back = machine.wait_for("the agent restarted after kill -9", RESTART_LIMIT, |m| {
-        let pid = m.property("drain-agent", "MainPID")?;
-        let state = m.property("drain-agent", "ActiveState")?;
-        let up = pid != "0"
-            && pid != old_pid
-            && state == "active"
-            && matches!(m.http_get(DEFAULT_LISTEN, "/healthz"), Ok((200, _)));
-        Ok(up.then(|| killed.elapsed()))
+    let interrupted = match how {
+        // bash's builtin: the minimal rootfs has no procps.
+        Interruption::Kill => machine
+            .ok(&["bash", "-c", &format!("kill -9 {old_pid}")])
+            .map(drop),
+        // Bounded: `systemctl restart` blocks until the agent's restart job has run.
+        Interruption::Restart => machine
+            .run(&["systemctl", "restart", "drain-agent"], RESTART_LIMIT)
+            .and_then(|done| {
+                ensure!(
+                    done.status.success(),
+                    "systemctl restart drain-agent: {}",
+                    done.stderr.trim()
+                );
+                Ok(())
+            }),
+    };
+    let back = interrupted.and_then(|()| {
+        machine.wait_for(&format!("the agent back after {how}"), RESTART_LIMIT, |m| {
+            let pid = m.property("drain-agent", "MainPID")?;
+            let state = m.property("drain-agent", "ActiveState")?;
+            let up = pid != "0"
+                && pid != old_pid
+                && state == "active"
+                && matches!(m.http_get(DEFAULT_LISTEN, "/healthz"), Ok((200, _)));
+            Ok(up.then(|| killed.elapsed()))
+        })
     });
     let back = match back {
         Ok(back) => back,
@@ -1063,7 +1105,7 @@ fn agent_crash_mid_drain(machine: &Machine, unit: &str) -> Result<String> {
         "the app was not stopped by SIGTERM with nothing open: {message}"
     );
     Ok(format!(
-        "agent (pid {old_pid}) killed 2 s into the stop, back (pid {}) {:.1} s later while the \
+        "agent (pid {old_pid}) {how} 2 s into the stop, back (pid {}) {:.1} s later while the \
          app still waited; client closed {:.1} s into the stop, SIGTERM {:.1} s after the close: \"{}\"",
         machine.property("drain-agent", "MainPID")?,
         back.as_secs_f64(),
