@@ -72,6 +72,10 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
         fs::write(&path, text).expect("write unit");
         paths.push(path);
     }
+    // The target the apps order themselves after (it names no binary).
+    let target = dir.join("drain-agent.target");
+    fs::write(&target, read(&deploy("systemd/drain-agent.target"))).expect("write unit");
+    paths.push(target);
     paths
 }
 
@@ -94,6 +98,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .filter(|line| {
             line.contains(&*dir.path().to_string_lossy())
                 || line.contains("drain-agent.service")
+                || line.contains("drain-agent.target")
                 || line.contains("example-app.service")
         })
         .collect();
@@ -392,10 +397,27 @@ fn systemd_example_app_drains_before_sigterm() {
     for key in ["After", "Wants"] {
         let values = unit_values(&unit, "Unit", key).join(" ");
         assert!(
-            values
+            values.split_whitespace().any(|u| u == "drain-agent.target"),
+            "{key}= must name drain-agent.target (the agent stops after the app drains)"
+        );
+    }
+    // Ordered against the service itself, the agent's restart after a crash would wait for
+    // the app's stop (issue 23; `cargo xtask systemd` checks both).
+    for key in ["After", "Before"] {
+        let values = unit_values(&unit, "Unit", key).join(" ");
+        assert!(
+            !values
                 .split_whitespace()
                 .any(|u| u == "drain-agent.service"),
-            "{key}= must name drain-agent.service (the agent stops after the app drains)"
+            "{key}= must not name drain-agent.service: order against drain-agent.target"
+        );
+    }
+    let target = unit_directives(&read(&deploy("systemd/drain-agent.target")));
+    for key in ["After", "Wants"] {
+        assert_eq!(
+            unit_value(&target, "Unit", key),
+            "drain-agent.service",
+            "drain-agent.target: {key}=drain-agent.service"
         );
     }
     let stops = unit_values(&unit, "Service", "ExecStop");

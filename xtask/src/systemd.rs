@@ -22,7 +22,14 @@
 //!    `systemctl edit` writes it, `daemon-reload`, `restart`) moves the agent, nothing is
 //!    left on 9100;
 //! 4. with the example unit's documented drop-in (`Environment=DRAIN_AGENT_URL=…`), its stop
-//!    waits as in 2 with the agent moved.
+//!    waits as in 2 with the agent moved;
+//! 5. (after 2) the agent killed (`kill -9`) 2 s into the app's stop, a client still
+//!    connected: it is back within seconds (its restart not queued behind the app's stop
+//!    job: the app is ordered after drain-agent.target, not the service), and SIGTERM comes
+//!    within seconds of the client's close, not at the wait's timeout;
+//!    The same with `systemctl restart drain-agent` instead of the kill: it returns at once;
+//! 6. (last) poweroff with a client connected: the app's stop waits in ExecStop= while the
+//!    agent is still running, its stop job waiting behind the app's.
 //!
 //! The container shares the host's kernel: the agent's eBPF program sees every namespace's
 //! connections, and the example unit's unscoped `wait --port 8080` counts the host's port
@@ -150,6 +157,14 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
             "example-app: systemctl stop waits for a held connection, SIGTERM after it closed",
             || example_app_stop(&machine, &app, &app_unit_text),
         );
+        checks.run(
+            "agent killed (kill -9) mid-drain: back within seconds, SIGTERM soon after the close",
+            || agent_crash_mid_drain(&machine, &app_unit_text, Interruption::Kill),
+        );
+        checks.run(
+            "systemctl restart drain-agent mid-drain: returns at once, SIGTERM soon after the close",
+            || agent_crash_mid_drain(&machine, &app_unit_text, Interruption::Restart),
+        );
         let moved = checks.run(
             "drop-in from the unit's comment moves the listener (daemon-reload, restart)",
             || drop_in_moves_listener(&machine, &agent_unit_text),
@@ -166,6 +181,8 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
     } else {
         for name in [
             "example-app's stop",
+            "agent killed mid-drain",
+            "agent restarted mid-drain",
             "the drop-in",
             "example-app with the agent moved",
         ] {
@@ -174,6 +191,12 @@ pub fn systemd(args: &SystemdArgs) -> Result<()> {
     }
     if checks.failed() > 0 {
         print_diagnostics(&machine);
+    }
+    let name = "poweroff: example-app stops (and drains) while the agent is still running";
+    if installed {
+        checks.run(name, || poweroff_drains_first(&machine, &app_unit_text));
+    } else {
+        checks.not_run(name, "the agent was not installed and started");
     }
     let powered_off = machine.power_off();
     println!(
@@ -329,6 +352,8 @@ pub struct Machine {
     pub leader: u32,
     console: PathBuf,
     stopped: bool,
+    /// `request_power_off` sent the signal already.
+    power_off_requested: std::cell::Cell<bool>,
 }
 
 impl Machine {
@@ -356,6 +381,7 @@ impl Machine {
             leader: 0,
             console: console.to_owned(),
             stopped: false,
+            power_off_requested: std::cell::Cell::new(false),
         };
         let deadline = Instant::now() + BOOT_LIMIT;
         machine.leader = machine.find_leader(deadline)?;
@@ -546,10 +572,7 @@ impl Machine {
             return Ok(());
         }
         let started = Instant::now();
-        // SAFETY: kill() with the container's PID 1 (never 0, our own process group) and a
-        // valid signal number.
-        let sent = self.leader != 0
-            && unsafe { libc::kill(self.leader as libc::pid_t, libc::SIGRTMIN() + 4) } == 0;
+        let sent = self.power_off_requested.get() || self.request_power_off().is_ok();
         if sent {
             while started.elapsed() < POWER_OFF_LIMIT {
                 if let Some(exit) = self.nspawn.try_wait().context("systemd-nspawn")? {
@@ -565,6 +588,18 @@ impl Machine {
         }
         self.kill();
         bail!("the container did not power off within {POWER_OFF_LIMIT:?}: killed")
+    }
+
+    /// Asks the container's systemd to power off (SIGRTMIN+4) and returns at once;
+    /// `power_off` then waits for it.
+    pub fn request_power_off(&self) -> Result<()> {
+        ensure!(self.leader != 0, "the container's PID 1 is not known");
+        // SAFETY: kill() with the container's PID 1 (never 0, our own process group) and a
+        // valid signal number.
+        let sent = unsafe { libc::kill(self.leader as libc::pid_t, libc::SIGRTMIN() + 4) };
+        ensure!(sent == 0, "cannot signal the container's systemd");
+        self.power_off_requested.set(true);
+        Ok(())
     }
 
     fn kill(&mut self) {
@@ -671,6 +706,10 @@ fn install_agent(machine: &Machine, agent: &Path, unit: &str) -> Result<String> 
         unit.as_bytes(),
         0o644,
     )?;
+    // The target the apps order themselves after, installed with the agent's unit.
+    let target = fs::read(workspace_root().join("deploy/systemd/drain-agent.target"))
+        .context("cannot read deploy/systemd/drain-agent.target")?;
+    machine.install("/etc/systemd/system/drain-agent.target", &target, 0o644)?;
     machine.ok(&["systemctl", "daemon-reload"])?;
     machine.ok(&["systemctl", "enable", "--now", "drain-agent"])?;
     let (status, body) = machine.wait_for(
@@ -900,6 +939,260 @@ fn stop_waits_for_held_connection(machine: &Machine, unit: &str, agent: &str) ->
         (signalled_at - closed_at) as f64 / 1000.0,
         message.trim(),
         stop_took.as_secs_f64()
+    ))
+}
+
+/// What happens to the agent during the app's stop in [`agent_crash_mid_drain`].
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// `kill -9` of its main PID: `Restart=on-failure` brings it back.
+    Kill,
+    /// `systemctl restart drain-agent` (an upgrade, a changed drop-in).
+    Restart,
+}
+
+impl std::fmt::Display for Interruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kill => "kill -9",
+            Self::Restart => "systemctl restart drain-agent",
+        })
+    }
+}
+
+/// How soon the agent must be back after a `kill -9` (its unit's RestartSec=2s, and the
+/// start), and how soon after the client's close SIGTERM must come in the crash check.
+const RESTART_LIMIT: Duration = Duration::from_secs(8);
+const SIGTERM_AFTER_CLOSE_LIMIT: Duration = Duration::from_secs(8);
+
+/// Issue 23: the agent crashes (`kill -9`), or is restarted (`how`), while the example
+/// app's stop waits on it. With a client holding a connection, `systemctl stop --no-block
+/// example-app`, then 2 s later `kill -9` of the agent's main PID (or `systemctl restart
+/// drain-agent`): the agent must be back within `RESTART_LIMIT` (its restart job not
+/// queued behind the app's stop job), the stop must still wait for the connection, and
+/// SIGTERM must come within `SIGTERM_AFTER_CLOSE_LIMIT` of the client's close — not at the
+/// wait's 30 s timeout.
+fn agent_crash_mid_drain(machine: &Machine, unit: &str, how: Interruption) -> Result<String> {
+    let port = app_port(unit)?;
+    let address = format!("127.0.0.1:{port}");
+    let since = monotonic_micros()?;
+    machine.ok(&["systemctl", "start", "example-app"])?;
+    machine.wait_for(&format!("example-app on {address}"), START_LIMIT, |m| {
+        Ok(m.http_get(&address, "/health")
+            .ok()
+            .filter(|(status, _)| *status == 200))
+    })?;
+    let mut client = HeldConnection::open(machine, &address)?;
+    let drained_query = format!("/drained?port={port}&timeout=0");
+    machine.wait_for("the agent counting the held connection", START_LIMIT, |m| {
+        let (_, body) = m.http_get(DEFAULT_LISTEN, &drained_query)?;
+        Ok(body.contains("\"active\":1").then_some(()))
+    })?;
+
+    machine.ok(&["systemctl", "stop", "--no-block", "example-app"])?;
+    let stop_began = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    let old_pid = machine.property("drain-agent", "MainPID")?;
+    ensure!(
+        old_pid != "0",
+        "the agent has no main PID 2 s into the app's stop"
+    );
+    let killed = Instant::now();
+    let interrupted = match how {
+        // bash's builtin: the minimal rootfs has no procps.
+        Interruption::Kill => machine
+            .ok(&["bash", "-c", &format!("kill -9 {old_pid}")])
+            .map(drop),
+        // Bounded: `systemctl restart` blocks until the agent's restart job has run.
+        Interruption::Restart => machine
+            .run(&["systemctl", "restart", "drain-agent"], RESTART_LIMIT)
+            .and_then(|done| {
+                ensure!(
+                    done.status.success(),
+                    "systemctl restart drain-agent: {}",
+                    done.stderr.trim()
+                );
+                Ok(())
+            }),
+    };
+    let back = interrupted.and_then(|()| {
+        machine.wait_for(&format!("the agent back after {how}"), RESTART_LIMIT, |m| {
+            let pid = m.property("drain-agent", "MainPID")?;
+            let state = m.property("drain-agent", "ActiveState")?;
+            let up = pid != "0"
+                && pid != old_pid
+                && state == "active"
+                && matches!(m.http_get(DEFAULT_LISTEN, "/healthz"), Ok((200, _)));
+            Ok(up.then(|| killed.elapsed()))
+        })
+    });
+    let back = match back {
+        Ok(back) => back,
+        Err(problem) => {
+            let jobs = machine.ok(&["systemctl", "list-jobs"]).unwrap_or_default();
+            let app = machine
+                .property("example-app", "ActiveState")
+                .unwrap_or_default();
+            // Leave the machine as the next checks expect: app stopped, agent up.
+            let _ = client.close();
+            let _ = machine.wait_for("example-app stopped", Duration::from_secs(45), |m| {
+                Ok((m.property("example-app", "ActiveState")? == "inactive").then_some(()))
+            });
+            let _ = machine.wait_for("the agent back", START_LIMIT, |m| {
+                Ok(matches!(m.http_get(DEFAULT_LISTEN, "/healthz"), Ok((200, _))).then_some(()))
+            });
+            return Err(problem.context(format!("example-app {app}; jobs:\n{}", jobs.trim())));
+        }
+    };
+    let app_state = machine.property("example-app", "ActiveState")?;
+    ensure!(
+        app_state == "deactivating",
+        "example-app is {app_state} once the agent is back, with the client still connected"
+    );
+    // The restarted agent counts the held connection again (it seeds what is open).
+    machine.wait_for(
+        "the restarted agent counting the held connection",
+        START_LIMIT,
+        |m| {
+            let (_, body) = m.http_get(DEFAULT_LISTEN, &drained_query)?;
+            Ok(body.contains("\"active\":1").then_some(()))
+        },
+    )?;
+    // Hold past the wait's quiet window, so the close is what ends the drain.
+    let hold = quiet_window(unit)? + Duration::from_secs(2);
+    while stop_began.elapsed() < hold {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let app_state = machine.property("example-app", "ActiveState")?;
+    ensure!(
+        app_state == "deactivating",
+        "example-app is {app_state} {:.1} s into the stop, with the client still connected",
+        stop_began.elapsed().as_secs_f64()
+    );
+    let early = journal_lines(machine, since, ": shutdown signal=")?;
+    ensure!(
+        early.is_empty(),
+        "the app was signalled while the client was connected: {early:?}"
+    );
+
+    let closed_at = monotonic_micros()?;
+    client.close()?;
+    machine.wait_for(
+        "example-app stopped after the close",
+        Duration::from_secs(45),
+        |m| Ok((m.property("example-app", "ActiveState")? == "inactive").then_some(())),
+    )?;
+    let signalled =
+        machine.wait_for("the app's signal line in the journal", COMMAND_LIMIT, |m| {
+            let lines = journal_lines(m, since, ": shutdown signal=")?;
+            Ok((!lines.is_empty()).then_some(lines))
+        })?;
+    let [(signalled_at, message)] = signalled.as_slice() else {
+        bail!("one shutdown line expected from the app, got {signalled:?}");
+    };
+    ensure!(
+        *signalled_at >= closed_at,
+        "the app was signalled before the client closed: {message}"
+    );
+    let after_close = Duration::from_micros(signalled_at - closed_at);
+    ensure!(
+        after_close <= SIGTERM_AFTER_CLOSE_LIMIT,
+        "SIGTERM came {:.1} s after the client closed (limit {SIGTERM_AFTER_CLOSE_LIMIT:?}): {message}",
+        after_close.as_secs_f64()
+    );
+    ensure!(
+        message.contains("signal=SIGTERM") && message.contains("open_connections=0"),
+        "the app was not stopped by SIGTERM with nothing open: {message}"
+    );
+    Ok(format!(
+        "agent (pid {old_pid}) {how} 2 s into the stop, back (pid {}) {:.1} s later while the \
+         app still waited; client closed {:.1} s into the stop, SIGTERM {:.1} s after the close: \"{}\"",
+        machine.property("drain-agent", "MainPID")?,
+        back.as_secs_f64(),
+        hold.as_secs_f64(),
+        after_close.as_secs_f64(),
+        message.trim()
+    ))
+}
+
+/// Host shutdown: with a client holding a connection to example-app, the container's
+/// systemd is asked to power off. For the app's quiet window and more, its stop must stay
+/// in ExecStop= (`drain-agent wait`) while drain-agent.service is still active (its own
+/// stop job waiting behind the app's); then the client closes and the container powers off.
+/// The machine is left powering off.
+fn poweroff_drains_first(machine: &Machine, unit: &str) -> Result<String> {
+    let port = app_port(unit)?;
+    let address = format!("127.0.0.1:{port}");
+    machine.ok(&["systemctl", "start", "example-app"])?;
+    machine.wait_for(&format!("example-app on {address}"), START_LIMIT, |m| {
+        Ok(m.http_get(&address, "/health")
+            .ok()
+            .filter(|(status, _)| *status == 200))
+    })?;
+    let mut client = HeldConnection::open(machine, &address)?;
+    machine.request_power_off()?;
+    let began = Instant::now();
+    let hold = quiet_window(unit)? + Duration::from_secs(2);
+    let mut jobs = String::new();
+    let mut saw_wait = false;
+    while began.elapsed() < hold {
+        let app = machine.property("example-app", "ActiveState")?;
+        let agent = machine.property("drain-agent", "ActiveState")?;
+        let agent_sub = machine.property("drain-agent", "SubState")?;
+        let elapsed = began.elapsed().as_secs_f64();
+        // The shutdown transaction may take a moment to reach the app.
+        if app == "active" && elapsed < 2.0 {
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        ensure!(
+            app == "deactivating",
+            "example-app is {app} {elapsed:.1} s into the poweroff, with the client still connected"
+        );
+        ensure!(
+            agent == "active" && agent_sub == "running",
+            "drain-agent is {agent} ({agent_sub}) {elapsed:.1} s into the poweroff, while \
+             example-app still drains"
+        );
+        if !saw_wait {
+            let control = machine.property("example-app", "ControlPID")?;
+            let waiting = machine
+                .ok(&["cat", &format!("/proc/{control}/cmdline")])
+                .map(|line| line.replace('\0', " "))
+                .unwrap_or_default();
+            saw_wait = waiting.contains("drain-agent wait");
+            if saw_wait {
+                jobs = machine.ok(&["systemctl", "list-jobs", "--no-legend"])?;
+            }
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    ensure!(
+        saw_wait,
+        "example-app's control process was never `drain-agent wait` during the poweroff"
+    );
+    let agent_stop_waits = jobs
+        .lines()
+        .any(|line| line.contains("drain-agent.service") && line.contains("stop"));
+    ensure!(
+        agent_stop_waits,
+        "no stop job for drain-agent.service waiting while the app drained: {}",
+        jobs.trim()
+    );
+    client.close()?;
+    Ok(format!(
+        "{:.1} s into the poweroff example-app still in `drain-agent wait`, drain-agent active \
+         (running) with its stop job waiting; jobs then: {}",
+        hold.as_secs_f64(),
+        jobs.lines()
+            .filter(|line| line.contains("drain-agent") || line.contains("example-app"))
+            .map(|line| line
+                .split_whitespace()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" "))
+            .collect::<Vec<_>>()
+            .join("; ")
     ))
 }
 
