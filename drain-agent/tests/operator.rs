@@ -83,7 +83,20 @@ fn status_json_matches_connections() {
     let printed: serde_json::Value = serde_json::from_str(&printed).expect("status --json is JSON");
     let (code, connections) = agent.get_json("/connections");
     assert_eq!(code, 200);
-    assert_eq!(printed, connections);
+    // The agent counts every connection of the host: compare this test's ports only (the
+    // other tests of this binary open and close theirs between the two reads; the CI run
+    // once saw one do so).
+    let ours = |value: &serde_json::Value| -> Vec<serde_json::Value> {
+        value["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter(|e| e["port"] == first.port || e["port"] == second.port)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(ours(&printed), ours(&connections));
+    assert_eq!(ours(&printed).len(), 2, "{printed}");
 
     let one = status(&agent, &["--json", "--port", &second.port.to_string()]);
     let one: serde_json::Value = serde_json::from_str(&one).expect("JSON");
