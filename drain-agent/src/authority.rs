@@ -14,7 +14,7 @@
 //! A request that reaches a handler without a caller (no identification layer ran) is
 //! [`Caller::Remote`]: the rules fail closed.
 
-use std::{convert::Infallible, net::IpAddr, sync::Arc};
+use std::{convert::Infallible, sync::Arc};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 
@@ -186,9 +186,4 @@ impl Caller {
             Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
         }
     }
-}
-
-/// Whether `addr` is a source address that names a pod (used by the identification).
-pub async fn pod_of(authority: &Authority, addr: IpAddr) -> Option<u32> {
-    authority.pods.owner(addr).await
 }

@@ -550,6 +550,7 @@ impl Drains {
     }
 
     /// Waits until the drain of `filter` (if one runs) has ended, at most `limit`.
+    #[cfg(test)]
     pub async fn wait_ended(&self, filter: &Filter, limit: Duration) -> Option<DrainRecord> {
         let drain = lock(&self.running).get(filter).cloned()?;
         let mut finished = drain.finished.subscribe();

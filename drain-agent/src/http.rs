@@ -119,15 +119,9 @@ async fn drained(
     abandoned.0 = None;
     match answer {
         Ok((mut outcome, closed)) => {
-            if request.peers && !outcome.drained && outcome.active > 0 && outcome.peers.is_empty() {
+            if request.peers && outcome.peers.is_empty() {
                 // A pure query asked for the list (a waiter's answer has it already).
-                if let Ok((peers, idle, busy)) =
-                    state.tracker.listed(&request.filter, &request.rule).await
-                {
-                    outcome.peers = peers;
-                    outcome.idle = outcome.idle.or(idle);
-                    outcome.busy = outcome.busy.or(busy);
-                }
+                list_remaining(state.tracker.as_ref(), &request, &mut outcome).await;
             }
             // A not-drained answer because the agent stops says so: the hook should ask the
             // next agent, and a 503 must not look like a timeout.
@@ -177,6 +171,19 @@ async fn drained(
                 format!("cannot read the connection counts: {source:#}"),
             )
         }
+    }
+}
+
+/// Adds the remaining connections to a not-drained `outcome` (best effort: the list is a
+/// pass over the socket tables).
+async fn list_remaining(tracker: &Tracker, request: &DrainRequest, outcome: &mut DrainOutcome) {
+    if outcome.drained || outcome.active == 0 {
+        return;
+    }
+    if let Ok((peers, idle, busy)) = tracker.listed(&request.filter, &request.rule).await {
+        outcome.peers = peers;
+        outcome.idle = outcome.idle.or(idle);
+        outcome.busy = outcome.busy.or(busy);
     }
 }
 
@@ -234,15 +241,7 @@ async fn await_drain(
                 .tracker
                 .wait_for_drain(&request.filter, std::time::Duration::ZERO, &request.rule)
                 .await?;
-            if !outcome.drained
-                && outcome.active > 0
-                && let Ok((peers, idle, busy)) =
-                    state.tracker.listed(&request.filter, &request.rule).await
-            {
-                outcome.peers = peers;
-                outcome.idle = outcome.idle.or(idle);
-                outcome.busy = outcome.busy.or(busy);
-            }
+            list_remaining(state.tracker.as_ref(), request, &mut outcome).await;
             Ok((waited(outcome), None))
         }
     }
