@@ -250,6 +250,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         authority,
         sockets: Arc::new(crate::identify::SocketTables),
         tokens,
+        batches: Arc::default(),
     };
     info!("serving on http://{address} (attached with {attach})");
     let (stop, stopping) = tokio::sync::watch::channel(false);

@@ -33,37 +33,37 @@ use crate::{
     api::ApiError,
     authority::{Authority, Caller},
     server::LocalAddr,
+    shared_lists::Batched,
 };
 
-/// Finds the owner of a client socket in the node's tables.
+/// The client ends of connections to the agent, from the node's tables.
 pub trait ClientSockets: Send + Sync + 'static {
-    /// The uid of the socket whose local end is `client` and remote end `server`; `None`
-    /// when no such socket is in this namespace's tables.
-    fn owner(&self, client: SocketAddr, server: SocketAddr) -> Result<Option<u32>>;
+    /// Every socket in this namespace's tables whose remote port is `server_port`: its
+    /// local end, its remote end and its owner's uid.
+    fn clients_of(&self, server_port: u16) -> Result<Vec<ClientEnd>>;
 }
 
-/// The real one: a sock_diag dump of the client's port, on the calling thread (in the
-/// node's namespace), matched on both ends.
+/// One client socket: (local end, remote end, owner uid).
+pub type ClientEnd = (SocketAddr, SocketAddr, u32);
+
+/// The real one: a sock_diag dump of every socket whose remote port is the server's, on
+/// the calling thread (in the node's namespace). One dump answers every request that
+/// arrived before it began (`Batched`): a sock_diag dump walks the whole established hash
+/// table, whatever its filter, so a dump per request made a thousand hooks arriving
+/// together wait seconds.
 pub struct SocketTables;
 
 impl ClientSockets for SocketTables {
-    fn owner(&self, client: SocketAddr, server: SocketAddr) -> Result<Option<u32>> {
-        use crate::sockdiag::{Query, query, state};
-        let client = SocketAddr::new(canonical_addr(client.ip()), client.port());
-        let server = SocketAddr::new(canonical_addr(server.ip()), server.port());
+    fn clients_of(&self, server_port: u16) -> Result<Vec<ClientEnd>> {
+        use crate::sockdiag::{query_remote_port, state};
         let states = state::bit(state::ESTABLISHED)
             | state::bit(state::CLOSE_WAIT)
             | state::bit(state::FIN_WAIT1)
             | state::bit(state::FIN_WAIT2);
-        let sockets = query(&Query {
-            local_port: client.port(),
-            states,
-            with_info: false,
-        })?;
-        Ok(sockets
+        Ok(query_remote_port(server_port, states)?
             .into_iter()
-            .find(|socket| socket.local == client && socket.remote == server)
-            .map(|socket| socket.uid))
+            .map(|socket| (socket.local, socket.remote, socket.uid))
+            .collect())
     }
 }
 
@@ -133,6 +133,8 @@ pub struct Identify {
     pub authority: Arc<Authority>,
     pub sockets: Arc<dyn ClientSockets>,
     pub tokens: Option<Arc<Tokens>>,
+    /// One dump of the client ends for the requests of the same moment.
+    pub batches: Arc<Batched<u16, Vec<ClientEnd>>>,
 }
 
 impl Identify {
@@ -153,10 +155,23 @@ impl Identify {
         }
         if let Some(server) = server {
             let sockets = Arc::clone(&self.sockets);
-            let found = tokio::task::spawn_blocking(move || sockets.owner(peer, server))
-                .await
-                .map_err(|problem| anyhow::anyhow!("{problem}"))
-                .and_then(|found| found);
+            let clients = self
+                .batches
+                .get(&server.port(), || async move {
+                    tokio::task::spawn_blocking(move || sockets.clients_of(server.port()))
+                        .await
+                        .map_err(|problem| format!("{problem}"))?
+                        .map_err(|problem| format!("{problem:#}"))
+                })
+                .await;
+            let client = SocketAddr::new(canonical_addr(peer.ip()), peer.port());
+            let server = SocketAddr::new(canonical_addr(server.ip()), server.port());
+            let found = clients.map_err(anyhow::Error::msg).map(|clients| {
+                clients
+                    .iter()
+                    .find(|(local, remote, _)| *local == client && *remote == server)
+                    .map(|(_, _, uid)| *uid)
+            });
             match found {
                 Ok(Some(0)) => return Ok(Caller::Node),
                 Ok(Some(uid)) => return Ok(Caller::LocalUser { uid: Some(uid) }),
@@ -226,13 +241,15 @@ mod tests {
         pod_addresses::{AddressSource, PodAddresses},
     };
 
-    struct Sockets(Mutex<Option<Result<Option<u32>>>>);
+    /// The tables answer `uid` as the owner of every client end asked about, or fail.
+    struct Sockets(Mutex<Option<Result<Option<u32>>>>, SocketAddr, SocketAddr);
 
     impl ClientSockets for Sockets {
-        fn owner(&self, _: SocketAddr, _: SocketAddr) -> Result<Option<u32>> {
+        fn clients_of(&self, _: u16) -> Result<Vec<ClientEnd>> {
             match self.0.lock().expect("lock").take() {
-                Some(answer) => answer,
-                None => Ok(None),
+                Some(Ok(Some(uid))) => Ok(vec![(self.1, self.2, uid)]),
+                Some(Ok(None)) | None => Ok(Vec::new()),
+                Some(Err(problem)) => Err(problem),
             }
         }
     }
@@ -254,13 +271,23 @@ mod tests {
     }
 
     fn identify(answer: Result<Option<u32>>, tokens: Option<Tokens>) -> Identify {
+        identify_for(answer, tokens, at("127.0.0.1:40000"), at("10.0.0.1:19700"))
+    }
+
+    fn identify_for(
+        answer: Result<Option<u32>>,
+        tokens: Option<Tokens>,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> Identify {
         Identify {
             authority: Arc::new(Authority {
                 pods: Arc::new(PodAddresses::new(1, Arc::new(Pods))),
                 owners: Arc::new(NoOwners),
             }),
-            sockets: Arc::new(Sockets(Mutex::new(Some(answer)))),
+            sockets: Arc::new(Sockets(Mutex::new(Some(answer)), client, server)),
             tokens: tokens.map(Arc::new),
+            batches: Arc::default(),
         }
     }
 

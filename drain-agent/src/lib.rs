@@ -31,6 +31,7 @@ pub mod pod_scope;
 pub mod pods;
 pub mod repair;
 pub mod server;
+pub mod shared_lists;
 pub mod sockdiag;
 pub mod tasks;
 pub mod tracker;

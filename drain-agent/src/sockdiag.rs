@@ -105,25 +105,59 @@ pub struct TcpInfoSummary {
 ///
 /// The kernel filters by port (inet_diag bytecode) and by state; both are checked again here.
 pub fn query(q: &Query) -> Result<Vec<TcpSocket>> {
+    query_on(q, Side::Local)
+}
+
+/// Which end of a socket the port of a [`Query`] is matched against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Local,
+    Remote,
+}
+
+/// Every TCP socket in the calling thread's network namespace whose *remote* port is
+/// `port`, in `states`: e.g. the client ends of every connection to a listener of this
+/// namespace, in one pass (the identify batch: `identify.rs`).
+pub fn query_remote_port(port: u16, states: u32) -> Result<Vec<TcpSocket>> {
+    query_on(
+        &Query {
+            local_port: port,
+            states,
+            with_info: false,
+        },
+        Side::Remote,
+    )
+}
+
+fn query_on(q: &Query, side: Side) -> Result<Vec<TcpSocket>> {
     let socket = DiagSocket::open()?;
     let mut found = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         let shown = family_name(family);
-        socket.dump(q, family, &mut found).with_context(|| {
+        socket.dump(q, side, family, &mut found).with_context(|| {
             format!(
-                "inet_diag dump of {shown} TCP sockets on port {}",
+                "inet_diag dump of {shown} TCP sockets on {} port {}",
+                if side == Side::Local {
+                    "local"
+                } else {
+                    "remote"
+                },
                 q.local_port
             )
         })?;
     }
     // Defence in depth: the kernel already filtered by port (bytecode) and state.
     found.retain(|socket| {
-        let wanted =
-            socket.local.port() == q.local_port && q.states & state::bit(socket.state) != 0;
+        let port = match side {
+            Side::Local => socket.local.port(),
+            Side::Remote => socket.remote.port(),
+        };
+        let wanted = port == q.local_port && q.states & state::bit(socket.state) != 0;
         if !wanted {
             log::warn!(
-                "inet_diag returned a socket outside the filter (local {}, state {}): skipped",
+                "inet_diag returned a socket outside the filter (local {}, remote {}, state {}): skipped",
                 socket.local,
+                socket.remote,
                 socket.state
             );
         }
@@ -218,6 +252,8 @@ const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_BC_S_GE: u8 = 2;
 const INET_DIAG_BC_S_LE: u8 = 3;
+const INET_DIAG_BC_D_GE: u8 = 4;
+const INET_DIAG_BC_D_LE: u8 = 5;
 /// `sizeof(struct inet_diag_bc_op)`.
 const BC_OP_LEN: usize = 4;
 
@@ -343,7 +379,11 @@ fn request(kind: u16, flags: u16, seq: u32, body: &RequestBody<'_>) -> Result<Ve
 /// whose `no` field carries the port; `yes` steps over both, `no` jumps to 4 bytes past the end,
 /// which ends the program with len != 0: reject. (`inet_diag_bc_audit` accepts `no` up to
 /// `len + 4` for exactly this; `ss` builds the same program.)
-fn port_bytecode(port: u16) -> [u8; 4 * BC_OP_LEN] {
+fn port_bytecode(port: u16, side: Side) -> [u8; 4 * BC_OP_LEN] {
+    let (ge, le) = match side {
+        Side::Local => (INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE),
+        Side::Remote => (INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE),
+    };
     let op = |code: u8, yes: usize, no: usize| -> [u8; BC_OP_LEN] {
         // All values are below 20; the casts cannot truncate.
         let no = (no as u16).to_ne_bytes();
@@ -356,9 +396,9 @@ fn port_bytecode(port: u16) -> [u8; 4 * BC_OP_LEN] {
     let total = 4 * BC_OP_LEN;
     let mut out = [0u8; 4 * BC_OP_LEN];
     let ops = [
-        op(INET_DIAG_BC_S_GE, 2 * BC_OP_LEN, total + 4),
+        op(ge, 2 * BC_OP_LEN, total + 4),
         operand,
-        op(INET_DIAG_BC_S_LE, 2 * BC_OP_LEN, 2 * BC_OP_LEN + 4),
+        op(le, 2 * BC_OP_LEN, 2 * BC_OP_LEN + 4),
         operand,
     ];
     for (slot, op) in out.chunks_exact_mut(BC_OP_LEN).zip(ops) {
@@ -487,9 +527,9 @@ impl DiagSocket {
     }
 
     /// Dumps one family's sockets as the kernel filtered them for `q` into `found`.
-    fn dump(&self, q: &Query, family: u8, found: &mut Vec<TcpSocket>) -> Result<()> {
+    fn dump(&self, q: &Query, side: Side, family: u8, found: &mut Vec<TcpSocket>) -> Result<()> {
         let seq = u32::from(family);
-        let bytecode = port_bytecode(q.local_port);
+        let bytecode = port_bytecode(q.local_port, side);
         let ext = if q.with_info {
             1 << (INET_DIAG_INFO - 1)
         } else {
@@ -883,7 +923,7 @@ mod tests {
             2, 8, twenty[0], twenty[1], 0, 0, port[0], port[1], //
             3, 8, twelve[0], twelve[1], 0, 0, port[0], port[1],
         ];
-        assert_eq!(port_bytecode(8080), expected);
+        assert_eq!(port_bytecode(8080, Side::Local), expected);
     }
 
     #[cfg(target_env = "gnu")]
@@ -938,6 +978,29 @@ mod tests {
             let first = Messages::new(datagram).next().expect("one item");
             assert!(first.is_err());
         }
+    }
+
+    #[test]
+    fn by_remote_port_finds_exactly_the_client_ends() {
+        if !root_or_skip("by_remote_port_finds_exactly_the_client_ends") {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let target = listener.local_addr().expect("addr");
+        let pairs = connect(&listener, target, 3);
+        let established = state::bit(state::ESTABLISHED);
+        let mut found: Vec<_> = query_remote_port(target.port(), established)
+            .expect("query")
+            .into_iter()
+            .map(|socket| (socket.local, socket.remote))
+            .collect();
+        found.sort();
+        let mut expected: Vec<_> = pairs
+            .iter()
+            .map(|(client, _)| (client.local_addr().expect("addr"), target))
+            .collect();
+        expected.sort();
+        assert_eq!(found, expected, "the client ends, not the server ends");
     }
 
     #[test]
@@ -1028,7 +1091,7 @@ mod tests {
         let socket = DiagSocket::open().expect("open");
         let mut raw = Vec::new();
         socket
-            .dump(&q, libc::AF_INET as u8, &mut raw)
+            .dump(&q, Side::Local, libc::AF_INET as u8, &mut raw)
             .expect("dump");
         assert_eq!(raw.len(), 3, "listener and two server ends: {raw:#?}");
         assert!(raw.iter().all(|s| s.local.port() == port), "{raw:#?}");

@@ -27,6 +27,7 @@ use tokio::{
 use crate::{
     doubt::{Doubt, describe},
     drain_rule::{Decision, DrainRule, Peer, Remaining, decide},
+    shared_lists::SharedLists,
 };
 
 /// One listening endpoint (netns, local address, port) and its counts (also a row of the
@@ -311,6 +312,9 @@ pub struct Tracker {
     shutdown: watch::Sender<bool>,
     waiters: AtomicUsize,
     max_waiters: usize,
+    /// The report lists of answers (with ages), one pass per scope for the waiters
+    /// answered together.
+    reports: SharedLists<Filter, Vec<Peer>>,
 }
 
 /// Keeps the waiter count right however a wait ends (answer, timeout, client gone).
@@ -358,6 +362,7 @@ impl Tracker {
             shutdown: watch::channel(false).0,
             waiters: AtomicUsize::new(0),
             max_waiters,
+            reports: SharedLists::default(),
         }
     }
 
@@ -529,12 +534,28 @@ impl Tracker {
     }
 
     /// The remaining connections of `filter`, each marked busy or idle by `bar`.
+    /// Lists with ages are reports (answers, `/connections`): one pass per scope is shared
+    /// by the callers of the same moment (`shared_lists`). Lists without are the drain
+    /// rule's own look, always fresh.
     async fn peers(&self, filter: &Filter, bar: Duration, with_age: bool) -> Result<Vec<Peer>> {
-        let source = Arc::clone(&self.source);
-        let scope = filter.clone();
-        let mut peers = tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
-            .await
-            .map_err(|problem| anyhow::anyhow!("listing connections failed: {problem}"))??;
+        let pass = || async {
+            let source = Arc::clone(&self.source);
+            let scope = filter.clone();
+            tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
+                .await
+                .map_err(|problem| format!("listing connections failed: {problem}"))?
+                .map_err(|problem| format!("{problem:#}"))
+        };
+        let mut peers = if with_age {
+            self.reports
+                .get(filter, pass)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .as_ref()
+                .clone()
+        } else {
+            pass().await.map_err(anyhow::Error::msg)?
+        };
         for peer in &mut peers {
             peer.busy = !peer.is_idle(bar);
         }

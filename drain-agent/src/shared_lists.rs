@@ -1,0 +1,246 @@
+//! One pass over the socket tables shared by the callers of the same moment.
+//!
+//! [`SharedLists`]: one report list per scope, shared by the waiters answered together.
+//!
+//! A not-drained answer lists who is still connected (a pass over the kernel's socket
+//! tables, in every namespace of the scope). Waiters of one scope tend to be answered
+//! together: a thousand hooks with the same timeout, or every waiter at once when a drain
+//! ends. Each making its own pass costs a thousand passes in the same few milliseconds and
+//! makes the last answers late by seconds (measured in `tests/waiters_on_time.rs`: p50 at
+//! 6.3 s for a 5 s timeout before this). So the first waiter of a scope makes the pass,
+//! the others arriving while it runs, or within [`FRESH_FOR`] after it ended, take its
+//! result. A report list is never the ground for a "drained" answer (that is the count's
+//! and the doubts' business), so a list at most this old is fine for a report.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Mutex as TurnLock, OnceCell};
+
+/// How long after a pass ended its list still answers for its scope.
+pub const FRESH_FOR: Duration = Duration::from_millis(100);
+
+/// Scopes with a list kept at most; older entries are dropped first when full.
+const MAX_SCOPES: usize = 4096;
+
+type Slot<V> = Arc<OnceCell<(Instant, Result<Arc<V>, String>)>>;
+
+/// Single-flight, briefly kept results per key.
+pub struct SharedLists<K, V> {
+    slots: Mutex<HashMap<K, Slot<V>>>,
+}
+
+impl<K, V> Default for SharedLists<K, V> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash, V> SharedLists<K, V> {
+    /// The list of `key`: the one being made now, or made within [`FRESH_FOR`]; else
+    /// `make` runs (once, for every caller that arrives meanwhile).
+    pub async fn get<F, Fut>(&self, key: &K, make: F) -> Result<Arc<V>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, String>>,
+    {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            let stale = |slot: &Slot<V>| {
+                slot.get()
+                    .is_some_and(|(made, _)| now.duration_since(*made) > FRESH_FOR)
+            };
+            if slots.len() >= MAX_SCOPES {
+                slots.retain(|_, slot| !stale(slot));
+            }
+            match slots.get(key) {
+                Some(slot) if !stale(slot) => Arc::clone(slot),
+                _ => {
+                    let slot: Slot<V> = Arc::default();
+                    if slots.len() < MAX_SCOPES {
+                        slots.insert(key.clone(), Arc::clone(&slot));
+                    }
+                    slot
+                }
+            }
+        };
+        let (_, result) = slot
+            .get_or_init(|| async {
+                let result = make().await.map(Arc::new);
+                (Instant::now(), result)
+            })
+            .await;
+        result.clone()
+    }
+}
+
+/// Passes that must begin after their callers asked: who calls on this connection must be
+/// read from tables that already hold it. A caller joins the next pass of its key (one not
+/// begun yet), or opens it; passes of a key run one at a time, so callers arriving while one
+/// runs share the one after it. A thousand hooks connecting at once cost two or three
+/// passes, not a thousand (`tests/waiters_on_time.rs`).
+pub struct Batched<K, V> {
+    keys: Mutex<HashMap<K, Arc<Batch<V>>>>,
+}
+
+struct Batch<V> {
+    /// Held while a pass of this key runs.
+    turn: TurnLock<()>,
+    /// The pass not begun yet, which new callers join.
+    next: Mutex<Option<Slot<V>>>,
+}
+
+impl<K, V> Default for Batched<K, V> {
+    fn default() -> Self {
+        Self {
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash, V> Batched<K, V> {
+    /// The result of a pass of `key` that began after this call.
+    pub async fn get<F, Fut>(&self, key: &K, make: F) -> Result<Arc<V>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, String>>,
+    {
+        let batch = {
+            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            if keys.len() >= MAX_SCOPES && !keys.contains_key(key) {
+                // Keys nobody waits on any more.
+                keys.retain(|_, batch| Arc::strong_count(batch) > 1);
+            }
+            Arc::clone(keys.entry(key.clone()).or_insert_with(|| {
+                Arc::new(Batch {
+                    turn: TurnLock::new(()),
+                    next: Mutex::new(None),
+                })
+            }))
+        };
+        let slot = Arc::clone(
+            batch
+                .next
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert_with(Arc::default),
+        );
+        if let Some((_, result)) = slot.get() {
+            return result.clone();
+        }
+        let _turn = batch.turn.lock().await;
+        {
+            // The first of this pass's callers to get the turn begins it: from here on,
+            // new callers make the next one.
+            let mut next = batch.next.lock().unwrap_or_else(PoisonError::into_inner);
+            if next.as_ref().is_some_and(|open| Arc::ptr_eq(open, &slot)) {
+                *next = None;
+            }
+        }
+        let (_, result) = slot
+            .get_or_init(|| async { (Instant::now(), make().await.map(Arc::new)) })
+            .await;
+        result.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn callers_at_the_same_time_share_one_pass() {
+        let lists = SharedLists::<u16, Vec<u32>>::default();
+        let passes = AtomicUsize::new(0);
+        let make = || async {
+            passes.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(vec![1, 2, 3])
+        };
+        let (a, b, c) = tokio::join!(
+            lists.get(&8080, make),
+            lists.get(&8080, make),
+            lists.get(&8080, make)
+        );
+        for list in [a, b, c] {
+            assert_eq!(list.as_deref(), Ok(&vec![1, 2, 3]));
+        }
+        assert_eq!(
+            passes.load(Ordering::SeqCst),
+            1,
+            "one pass for three callers"
+        );
+        // Another scope makes its own.
+        let _ = lists.get(&9090, make).await;
+        assert_eq!(passes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_list_older_than_fresh_for_is_made_again() {
+        let lists = SharedLists::<u16, u32>::default();
+        let passes = AtomicUsize::new(0);
+        let make = || async { Ok(u32::try_from(passes.fetch_add(1, Ordering::SeqCst)).unwrap()) };
+        assert_eq!(lists.get(&1, make).await.as_deref(), Ok(&0));
+        assert_eq!(
+            lists.get(&1, make).await.as_deref(),
+            Ok(&0),
+            "fresh: shared"
+        );
+        tokio::time::sleep(FRESH_FOR + Duration::from_millis(20)).await;
+        assert_eq!(
+            lists.get(&1, make).await.as_deref(),
+            Ok(&1),
+            "stale: made again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_pass_is_shared_too_and_retried_once_stale() {
+        let lists = SharedLists::<u16, u32>::default();
+        assert_eq!(
+            lists
+                .get(&1, || async { Err("no tables".to_owned()) })
+                .await,
+            Err("no tables".to_owned())
+        );
+        tokio::time::sleep(FRESH_FOR + Duration::from_millis(20)).await;
+        assert_eq!(lists.get(&1, || async { Ok(7) }).await.as_deref(), Ok(&7));
+    }
+
+    #[tokio::test]
+    async fn a_batch_begins_after_its_callers_asked() {
+        let batched = Arc::new(Batched::<u16, usize>::default());
+        let passes = Arc::new(AtomicUsize::new(0));
+        // A pass that runs while the second and third caller arrive.
+        let first = {
+            let batched = Arc::clone(&batched);
+            let passes = Arc::clone(&passes);
+            tokio::spawn(async move {
+                batched
+                    .get(&1, || async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(passes.fetch_add(1, Ordering::SeqCst))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let make = || async { Ok(passes.fetch_add(1, Ordering::SeqCst)) };
+        let (second, third) = tokio::join!(batched.get(&1, make), batched.get(&1, make));
+        assert_eq!(first.await.expect("task").as_deref(), Ok(&0));
+        // They arrived while pass 0 ran: they share pass 1, which began after them.
+        assert_eq!((second.as_deref(), third.as_deref()), (Ok(&1), Ok(&1)));
+        assert_eq!(passes.load(Ordering::SeqCst), 2);
+        // A later caller gets a pass of its own.
+        assert_eq!(batched.get(&1, make).await.as_deref(), Ok(&2));
+    }
+}
