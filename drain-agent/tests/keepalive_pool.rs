@@ -270,6 +270,24 @@ fn run_arm(arm: Arm, agent: &Agent) -> ArmResult {
     );
     let load = Load::start(&load_config(frontend));
     std::thread::sleep(WARM_UP);
+    // A streamed answer in flight on A when it is taken out, or the arm proves nothing:
+    // asked of A itself, just before.
+    let backend_a = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until(
+        "a slow request in flight on A",
+        Duration::from_secs(10),
+        || {
+            http_get(backend_a, "/stats").is_some_and(|(status, body)| {
+                status == 200
+                    && body
+                        .split_whitespace()
+                        .skip_while(|word| *word != "streaming")
+                        .nth(1)
+                        .and_then(|count| count.parse::<u64>().ok())
+                        .is_some_and(|count| count > 0)
+            })
+        },
+    );
 
     // Out of rotation through the runtime API: no new request goes to A from here on.
     let pool_at_drain = haproxy.connections_to(port);

@@ -20,16 +20,20 @@ pub enum Answer {
     /// the rest in pieces spread over `over`, the last piece at the end. A proxy therefore
     /// forwards the head at once, and a backend that dies midway leaves a short body.
     Streamed { bytes: usize, over: Duration },
+    /// The server's own counters (`in_flight N streaming M`).
+    Stats,
 }
 
 /// `GET /health` → `ok <version>`; `GET /fast?bytes=N` (default 1024) → N bytes at once;
-/// `GET /slow?ms=M&bytes=N` (defaults 1000 ms, 16384 bytes) → N bytes streamed over M ms.
+/// `GET /slow?ms=M&bytes=N` (defaults 1000 ms, 16384 bytes) → N bytes streamed over M ms;
+/// `GET /stats` → requests in flight now, and streamed answers among them.
 pub fn route(request: &Request, version: &str) -> Answer {
     if request.method != "GET" {
         return text(405, "only GET\n");
     }
     let answer = match request.path.as_str() {
         "/health" => Ok(text(200, &format!("ok {version}\n"))),
+        "/stats" => Ok(Answer::Stats),
         "/fast" => request.number("bytes", 1024).and_then(|bytes| {
             let bytes = checked_bytes(bytes, 0)?;
             Ok(Answer::Whole {
@@ -117,6 +121,7 @@ mod tests {
                 body: b"ok v2\n".to_vec()
             }
         );
+        assert_eq!(route(&request("/stats"), "v1"), Answer::Stats);
         assert!(
             matches!(route(&request("/fast?bytes=10"), "v1"), Answer::Whole { status: 200, body } if body == b"abcdefghij")
         );

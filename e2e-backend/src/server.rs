@@ -31,6 +31,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Stats {
     /// Requests being answered now.
     pub in_flight: AtomicU64,
+    /// Of those, streamed (`/slow`) answers: a test takes a backend out of rotation while
+    /// one is in flight (`GET /stats` shows it).
+    pub streaming: AtomicU64,
     /// Requests answered completely.
     pub served: AtomicU64,
     /// Idle keep-alive connections closed because of shutdown.
@@ -243,7 +246,20 @@ fn answer(stream: &mut TcpStream, request: &Request, context: &Context) -> io::R
         }
         Answer::Streamed { bytes, over } => {
             let head = http::response_head(200, bytes, &context.identity, close);
-            write_streamed(stream, head, bytes, over)?;
+            context.stats.streaming.fetch_add(1, Ordering::SeqCst);
+            let written = write_streamed(stream, head, bytes, over);
+            context.stats.streaming.fetch_sub(1, Ordering::SeqCst);
+            written?;
+        }
+        Answer::Stats => {
+            let body = format!(
+                "in_flight {} streaming {}\n",
+                context.stats.in_flight.load(Ordering::SeqCst),
+                context.stats.streaming.load(Ordering::SeqCst)
+            );
+            let mut out = http::response_head(200, body.len(), &context.identity, close);
+            out.extend_from_slice(body.as_bytes());
+            stream.write_all(&out)?;
         }
     }
     stream.flush()?;
