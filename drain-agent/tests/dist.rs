@@ -176,3 +176,55 @@ fn dist_binary_starts_within_16_mib() {
     println!("static binary: peak RSS {peak} KiB at start, {now} KiB now");
     assert!(peak <= 16 * 1024, "peak RSS {peak} KiB at start");
 }
+
+/// The example unit's program ships beside the agent: static, checksummed, and it serves
+/// what the unit's comments say and stops gracefully on SIGTERM.
+#[test]
+fn dist_example_app_is_static_serves_and_stops() {
+    let test = "dist_example_app_is_static_serves_and_stops";
+    let Some(agent) = common::dist_binary(test) else {
+        return;
+    };
+    let dir = agent.parent().expect("dir");
+    let app = dir.join("example-app");
+    assert!(app.is_file(), "{} is missing", app.display());
+    let check = Command::new("sha256sum")
+        .args(["-c", "example-app.sha256"])
+        .current_dir(dir)
+        .output()
+        .expect("sha256sum");
+    assert!(check.status.success(), "example-app.sha256 does not check");
+    let ldd = Command::new("ldd").arg(&app).output().expect("ldd");
+    let text =
+        String::from_utf8_lossy(&ldd.stdout).to_string() + &String::from_utf8_lossy(&ldd.stderr);
+    assert!(
+        text.contains("not a dynamic executable") || text.contains("statically linked"),
+        "ldd example-app: {text}"
+    );
+    let unit = std::fs::read_to_string(common::deploy::deploy("systemd/example-app.service"))
+        .expect("unit");
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/example-app --listen"),
+        "the unit runs the shipped program"
+    );
+
+    let port = common::free_port();
+    let mut process = common::child::Guard::spawn(
+        "example-app",
+        Command::new(&app).args(["--listen", &format!("127.0.0.1:{port}")]),
+    );
+    let addr = common::http::loopback(port);
+    common::wait_until("example-app answering", Duration::from_secs(10), || {
+        common::http::get(addr, "/health", Duration::from_secs(2)).is_ok()
+    });
+    let (status, body) = common::http::get(addr, "/health", Duration::from_secs(2)).expect("get");
+    assert_eq!((status, body.trim()), (200, "ok v1"));
+    // SAFETY: kill(2) on the child this test started.
+    unsafe {
+        libc::kill(i32::try_from(process.pid()).expect("pid"), libc::SIGTERM);
+    }
+    let exited = process
+        .wait_for(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
+    assert!(exited.success(), "{exited:?}");
+}

@@ -151,11 +151,13 @@ fn every_answered_drain_is_in_the_journal_after_a_kill() {
     let journal_arg = journal.to_str().expect("utf-8").to_owned();
     let agent = common::Agent::start(&["--journal", &journal_arg]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Four clients, each asking about ports with nothing on them: every answer is a drain
     // that started, drained at once and ended (a record), named in the answer.
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let (url, stop) = (agent.url.clone(), std::sync::Arc::clone(&stop));
+            let count = std::sync::Arc::clone(&count);
             std::thread::spawn(move || {
                 let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
                 let mut answered = Vec::new();
@@ -175,13 +177,17 @@ fn every_answered_drain_is_in_the_journal_after_a_kill() {
                         serde_json::from_str(&response.body).unwrap_or_default();
                     if let Some(id) = body["drain"].as_u64() {
                         answered.push(id);
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 answered
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed once 1,000 drains were answered (in the middle of the next ones).
+    common::wait_until("1,000 drains answered", Duration::from_secs(90), || {
+        count.load(std::sync::atomic::Ordering::Relaxed) >= 1_000
+    });
     let pid = i32::try_from(agent.pid()).expect("pid");
     // SAFETY: kill(2) on the agent's own pid, a child of this test.
     let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -212,7 +218,7 @@ fn every_answered_drain_is_in_the_journal_after_a_kill() {
         missing.len()
     );
     assert!(
-        answered.len() >= 50,
+        answered.len() >= 1_000,
         "too few drains to tell: {}",
         answered.len()
     );

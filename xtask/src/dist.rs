@@ -4,6 +4,8 @@
 //! target/dist/
 //!   x86_64-unknown-linux-musl/drain-agent          static, stripped release binary
 //!   x86_64-unknown-linux-musl/drain-agent.sha256   `sha256sum -c` format
+//!   x86_64-unknown-linux-musl/example-app          the program deploy/systemd/example-app.service
+//!   x86_64-unknown-linux-musl/example-app.sha256   runs (the workspace's e2e-backend), static too
 //!   completions/                                   bash, zsh, fish, elvish, PowerShell
 //!   man/                                           drain-agent.1, drain-agent-run.1, …
 //!   drain-agent-VERSION-oci.tar                    the image (OCI archive), unless --no-image
@@ -98,6 +100,11 @@ pub fn dist(args: &DistArgs) -> Result<()> {
         shipped.push(binary.clone());
         shipped.push(binary.with_extension("sha256"));
         if target == setup::STATIC_TARGET {
+            // The example unit's program: something to try the units with before
+            // pointing them at one's own service.
+            let example = build_binary(target, "e2e-backend", "example-app")?;
+            shipped.push(example.clone());
+            shipped.push(example.with_extension("sha256"));
             native = Some(binary);
         }
     }
@@ -133,12 +140,18 @@ pub fn dist(args: &DistArgs) -> Result<()> {
 /// Builds the static release binary for `target` and copies it, with its checksum, to
 /// `target/dist/<target>/drain-agent`.
 pub fn build(target: &str) -> Result<PathBuf> {
+    build_binary(target, "drain-agent", "drain-agent")
+}
+
+/// Builds `package`'s static release binary (named as the package) for `target` and copies
+/// it, with its checksum, to `target/dist/<target>/<shipped>`.
+fn build_binary(target: &str, package: &str, shipped: &str) -> Result<PathBuf> {
     setup::ensure_rust_target(target)?;
     let started = Instant::now();
     let variable = target.to_ascii_uppercase().replace('-', "_");
     let mut command = Command::new(cargo_binary());
     command
-        .args(["build", "--release", "--locked", "--package", "drain-agent"])
+        .args(["build", "--release", "--locked", "--package", package])
         .args(["--target", target])
         // Stripped by the linker, for this target only: the eBPF object inside keeps its
         // BTF (built for the BPF target), and build scripts are untouched.
@@ -156,21 +169,14 @@ pub fn build(target: &str) -> Result<PathBuf> {
         command.env(format!("CARGO_TARGET_{variable}_LINKER"), linker);
     }
     status(&mut command)?;
-    let built = target_dir()
-        .join(target)
-        .join("release")
-        .join("drain-agent");
+    let built = target_dir().join(target).join("release").join(package);
     let dir = dist_dir().join(target);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let binary = dir.join("drain-agent");
+    let binary = dir.join(shipped);
     std::fs::copy(&built, &binary)
         .with_context(|| format!("cannot copy {} to {}", built.display(), binary.display()))?;
     check_static(&binary)?;
-    let checksum = output(
-        Command::new("sha256sum")
-            .arg("drain-agent")
-            .current_dir(&dir),
-    )?;
+    let checksum = output(Command::new("sha256sum").arg(shipped).current_dir(&dir))?;
     std::fs::write(binary.with_extension("sha256"), &checksum)
         .context("cannot write the checksum")?;
     let size = std::fs::metadata(&binary)
