@@ -121,7 +121,13 @@ async fn drained(
         Ok((mut outcome, closed)) => {
             if request.peers && outcome.peers.is_empty() {
                 // A pure query asked for the list (a waiter's answer has it already).
-                list_remaining(state.tracker.as_ref(), &request, &mut outcome).await;
+                list_remaining(
+                    state.tracker.as_ref(),
+                    &request,
+                    &mut outcome,
+                    crate::tracker::REPORT_BUDGET,
+                )
+                .await;
             }
             // A not-drained answer because the agent stops says so: the hook should ask the
             // next agent, and a 503 must not look like a timeout.
@@ -176,11 +182,16 @@ async fn drained(
 
 /// Adds the remaining connections to a not-drained `outcome` (best effort: the list is a
 /// pass over the socket tables).
-async fn list_remaining(tracker: &Tracker, request: &DrainRequest, outcome: &mut DrainOutcome) {
+async fn list_remaining(
+    tracker: &Tracker,
+    request: &DrainRequest,
+    outcome: &mut DrainOutcome,
+    budget: std::time::Duration,
+) {
     if outcome.drained || outcome.active == 0 {
         return;
     }
-    if let Ok((peers, idle, busy)) = tracker.listed(&request.filter, &request.rule).await {
+    if let Ok((peers, idle, busy)) = tracker.listed(&request.filter, &request.rule, budget).await {
         outcome.peers = peers;
         outcome.idle = outcome.idle.or(idle);
         outcome.busy = outcome.busy.or(busy);
@@ -241,7 +252,13 @@ async fn await_drain(
                 .tracker
                 .wait_for_drain(&request.filter, std::time::Duration::ZERO, &request.rule)
                 .await?;
-            list_remaining(state.tracker.as_ref(), request, &mut outcome).await;
+            list_remaining(
+                state.tracker.as_ref(),
+                request,
+                &mut outcome,
+                crate::tracker::ANSWER_LIST_BUDGET,
+            )
+            .await;
             Ok((waited(outcome), None))
         }
     }

@@ -306,6 +306,23 @@ impl Drop for PortWatch<'_> {
 const ARRIVAL_RECHECK: Duration = Duration::from_millis(50);
 
 /// Shared state behind the HTTP handlers.
+/// Why connections are listed one by one.
+#[derive(Clone, Copy, Debug)]
+enum Look {
+    /// The drain rule's own look (idle, ignored sources): always a fresh pass.
+    Rule,
+    /// A report (an answer's peers, `/connections`): shared, waited for at most this long.
+    Report(Duration),
+}
+
+/// How long a waiter's answer, due now, waits for its list of remaining connections: a
+/// list is a report (best effort), the answer's time is the caller's deadline.
+pub const ANSWER_LIST_BUDGET: Duration = Duration::from_millis(50);
+
+/// How long an explicit request for the list (`/connections?peers=true`, `peers=true`)
+/// waits for it.
+pub const REPORT_BUDGET: Duration = Duration::from_secs(10);
+
 pub struct Tracker {
     source: Arc<dyn ConnectionSource>,
     channels: PortChannels,
@@ -514,19 +531,26 @@ impl Tracker {
 
     /// The connections of `filter` open now, one by one (for `/connections?peers=true`).
     pub async fn remaining(&self, filter: &Filter) -> Result<Vec<Peer>> {
-        self.peers(filter, REPORT_IDLE_BAR, true).await
+        self.peers(filter, REPORT_IDLE_BAR, Look::Report(REPORT_BUDGET))
+            .await
     }
 
     /// What a not-drained answer shows of the connections left: the first
     /// [`PEERS_SHOWN`] (busy first, then the oldest), and how many are idle and busy by
-    /// `rule` (for a pure query asked with `peers=true`; a waiter's answer has them already).
+    /// `rule`, if the list comes within `budget` (for a pure query asked with `peers=true`,
+    /// or a waiter answered before its drain ended; a waiter's answer has them already).
     pub async fn listed(
         &self,
         filter: &Filter,
         rule: &DrainRule,
+        budget: Duration,
     ) -> Result<(Vec<Peer>, Option<u64>, Option<u64>)> {
         let mut list = self
-            .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), true)
+            .peers(
+                filter,
+                rule.idle.unwrap_or(REPORT_IDLE_BAR),
+                Look::Report(budget),
+            )
             .await?;
         let (idle, busy) = idle_and_busy(Some(&list));
         list.truncate(PEERS_SHOWN);
@@ -534,27 +558,35 @@ impl Tracker {
     }
 
     /// The remaining connections of `filter`, each marked busy or idle by `bar`.
-    /// Lists with ages are reports (answers, `/connections`): one pass per scope is shared
-    /// by the callers of the same moment (`shared_lists`). Lists without are the drain
-    /// rule's own look, always fresh.
-    async fn peers(&self, filter: &Filter, bar: Duration, with_age: bool) -> Result<Vec<Peer>> {
-        let pass = || async {
+    /// Reports (answers, `/connections`) share one pass per scope among the callers of the
+    /// same moment (`shared_lists`), each waiting at most its budget; the drain rule's own
+    /// look is always fresh.
+    async fn peers(&self, filter: &Filter, bar: Duration, look: Look) -> Result<Vec<Peer>> {
+        let pass = |with_age: bool| {
             let source = Arc::clone(&self.source);
             let scope = filter.clone();
-            tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
-                .await
-                .map_err(|problem| format!("listing connections failed: {problem}"))?
-                .map_err(|problem| format!("{problem:#}"))
+            async move {
+                tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
+                    .await
+                    .map_err(|problem| format!("listing connections failed: {problem}"))?
+                    .map_err(|problem| format!("{problem:#}"))
+            }
         };
-        let mut peers = if with_age {
-            self.reports
-                .get(filter, pass)
+        let mut peers = match look {
+            Look::Rule => pass(false).await.map_err(anyhow::Error::msg)?,
+            Look::Report(budget) => self
+                .reports
+                .get(filter, budget, || pass(true))
                 .await
+                .unwrap_or_else(|| {
+                    Err(format!(
+                        "the list of connections was not ready within {} ms",
+                        budget.as_millis()
+                    ))
+                })
                 .map_err(anyhow::Error::msg)?
                 .as_ref()
-                .clone()
-        } else {
-            pass().await.map_err(anyhow::Error::msg)?
+                .clone(),
         };
         for peer in &mut peers {
             peer.busy = !peer.is_idle(bar);
@@ -698,7 +730,7 @@ impl Tracker {
             let mut doubted = false;
             if rule.needs_peers() && state.active > 0 {
                 match self
-                    .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), false)
+                    .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), Look::Rule)
                     .await
                 {
                     Ok(list) => peers = Some(list),
@@ -735,7 +767,7 @@ impl Tracker {
                         if rule.needs_peers() {
                             // The tables see connections the maps missed: judge them.
                             if let Ok(list) = self
-                                .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), false)
+                                .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), Look::Rule)
                                 .await
                             {
                                 decision = decide(
@@ -782,7 +814,11 @@ impl Tracker {
                     // effort). A pure query only when asked (`peers=true`, see
                     // `Tracker::listed`): the list is a pass over the socket tables.
                     if let Ok(list) = self
-                        .peers(filter, rule.idle.unwrap_or(REPORT_IDLE_BAR), true)
+                        .peers(
+                            filter,
+                            rule.idle.unwrap_or(REPORT_IDLE_BAR),
+                            Look::Report(ANSWER_LIST_BUDGET),
+                        )
                         .await
                     {
                         peers = Some(list);

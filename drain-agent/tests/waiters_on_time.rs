@@ -11,10 +11,9 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{
-        Arc, Barrier,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -28,63 +27,32 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const SLACK: Duration = Duration::from_millis(100);
 
 /// One waiter: connect from `source`, send the request, read the whole answer. Returns the
-/// status and the time from the request's last byte written to the answer's last byte.
-fn wait_once(source: SocketAddr, agent: SocketAddr, path: &str) -> (u16, Duration, String) {
-    let mut stream = connect_from(source, agent);
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+/// status, the time from the request's last byte written to the answer's end, and the
+/// answer. Run as a task of one thread that only waits on sockets, so an answer's arrival is
+/// seen when it arrives (a thousand blocked threads waking on busy cores would measure their
+/// own scheduling).
+async fn wait_once(source: SocketAddr, agent: SocketAddr, path: String) -> (u16, Duration, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(source).expect("bind the source");
+    let mut stream = socket.connect(agent).await.expect("connect to the agent");
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
+        .await
         .expect("send");
     let sent = Instant::now();
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
     let took = sent.elapsed();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
     let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
     (status, took, answer)
-}
-
-/// A TCP connection from a given loopback source address (std cannot bind before connect).
-fn connect_from(source: SocketAddr, target: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd as _;
-    let (SocketAddr::V4(source), SocketAddr::V4(target)) = (source, target) else {
-        panic!("IPv4 only");
-    };
-    let sockaddr = |addr: std::net::SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor this function owns; the addresses live
-    // on the stack for the duration of each call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let from = sockaddr(source);
-        let rc = libc::bind(fd, (&raw const from).cast(), len);
-        assert_eq!(rc, 0, "bind {source}: {}", std::io::Error::last_os_error());
-        let to = sockaddr(target);
-        let rc = libc::connect(fd, (&raw const to).cast(), len);
-        assert_eq!(
-            rc,
-            0,
-            "connect {target}: {}",
-            std::io::Error::last_os_error()
-        );
-        stream
-    }
 }
 
 fn percentile(sorted: &[Duration], per_cent: usize) -> Duration {
@@ -120,27 +88,25 @@ fn a_thousand_waiters_are_answered_at_their_timeout_on_busy_cores() {
         .collect();
 
     let path = format!("/drained?port={port}&timeout=5s");
-    let start = Arc::new(Barrier::new(WAITERS));
-    let waiters: Vec<_> = (0..WAITERS)
-        .map(|index| {
-            let source: SocketAddr = format!("127.0.0.{}:0", 2 + index % SOURCES)
-                .parse()
-                .unwrap();
-            let path = path.clone();
-            let start = Arc::clone(&start);
-            std::thread::Builder::new()
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    start.wait();
-                    wait_once(source, agent_addr, &path)
-                })
-                .expect("thread")
-        })
-        .collect();
-    let answers: Vec<_> = waiters
-        .into_iter()
-        .map(|waiter| waiter.join().expect("waiter"))
-        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let answers: Vec<_> = runtime.block_on(async {
+        let waiters: Vec<_> = (0..WAITERS)
+            .map(|index| {
+                let source: SocketAddr = format!("127.0.0.{}:0", 2 + index % SOURCES)
+                    .parse()
+                    .unwrap();
+                tokio::spawn(wait_once(source, agent_addr, path.clone()))
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for waiter in waiters {
+            answers.push(waiter.await.expect("waiter"));
+        }
+        answers
+    });
     spinning.store(false, Ordering::Relaxed);
     for spinner in spinners {
         spinner.join().expect("spinner");
