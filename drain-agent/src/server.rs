@@ -32,7 +32,8 @@
 //! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
 //!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
 //!   connections closed) and whatever is left after [`ServerLimits::shutdown_timeout`] is
-//!   dropped.
+//!   dropped. For an upgrade ([`serve_handing_over`]) the requests in progress first get
+//!   their usual answers for the agent's `--shutdown-grace`; the bound counts from its end.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -156,6 +157,22 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    serve_handing_over(listener, app, limits, shutdown, std::future::ready(())).await
+}
+
+/// [`serve`] for a hand-over: once `stop_accepting` resolves the listener is closed (its
+/// queued connections go to the next agent's listener, `handover.rs`), and the requests in
+/// progress get their usual answers until `grace_over` resolves (the agent then answers its
+/// waiters `agent_shutdown`); whatever is still open [`ServerLimits::shutdown_timeout`] after
+/// that is dropped. Returns as soon as no connection is left.
+pub async fn serve_handing_over(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stop_accepting: impl Future<Output = ()>,
+    grace_over: impl Future<Output = ()>,
+) -> Result<()> {
+    let shutdown = stop_accepting;
     limits.check()?;
     let cap = connection_cap(limits.max_connections);
     let reserve = overflow_reserve(cap);
@@ -252,19 +269,28 @@ pub async fn serve(
             }
         });
     }
-    // Stop accepting: new connections are refused from here on.
+    // Stop accepting: new connections go to another listener of the address's group (the
+    // next agent) or, with none, are refused from here on.
     drop(listener);
     let open = slots.open();
     if open > 0 {
         info!(
-            "waiting up to {:?} for {open} HTTP connection(s) to finish",
+            "{open} HTTP connection(s) open: answered as usual until the shutdown grace ends, then within {:?}",
             limits.shutdown_timeout
         );
     }
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Idle kept-alive connections close now; a connection accepted but not read yet is not
+    // idle to hyper (its keep-alive state starts busy), so its request is read and answered.
+    let finished = graceful.shutdown();
+    let bound = async {
+        grace_over.await;
+        tokio::time::sleep(limits.shutdown_timeout).await;
+    };
+    let timed_out = tokio::select! {
+        () = finished => false,
+        () = bound => true,
+    };
+    if timed_out {
         warn!(
             "dropping {} HTTP connection(s) still open {:?} after shutdown began",
             slots.open(),
