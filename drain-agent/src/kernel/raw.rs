@@ -43,6 +43,8 @@ pub(super) struct ProgramKind {
 
 /// `BPF_PROG_LOAD` of `insns`; a refusal names the verifier's last line.
 pub(super) fn load(kind: &ProgramKind, insns: &[u64]) -> Result<OwnedFd> {
+    // BPF_OBJ_NAME_LEN (16) with its NUL: a longer name is refused with EINVAL.
+    anyhow::ensure!(kind.name.len() < 16, "program name too long");
     let mut log = vec![0u8; 16 * 1024];
     let license = c"GPL";
     let mut attr = zeroed_attr();

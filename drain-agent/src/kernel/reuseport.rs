@@ -46,7 +46,7 @@ impl MigrateProgram {
             &ProgramKind {
                 prog_type: bpf_prog_type::BPF_PROG_TYPE_SK_REUSEPORT,
                 attach_type: bpf_attach_type::BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
-                name: b"migrate_on_close",
+                name: b"handover_pass",
                 what: "an sk_reuseport program that migrates (Linux >= 5.14 needed)",
             },
             &insns,
