@@ -219,7 +219,10 @@ fn kubernetes_manifests_agree_with_each_other() {
     {
         assert_eq!(&labels[key], value, "PodMonitor selector {key}");
     }
-    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], port_name);
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["targetPort"],
+        agent_port
+    );
     // The alert rules select job="drain-agent".
     let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
     assert_eq!(labels[job_label], "drain-agent");
