@@ -10,11 +10,11 @@ use crate::{
     cli::{CloseArg, RunArgs},
     closer::Closer,
     drain::Drains,
+    handover::{Handover, StopPhase, reached},
     http::{AppState, WaitLimits, router},
     journal::Journal,
     kernel::destroy::{CloseMethod, KernelCloser},
     kernel::{Kernel, KernelOptions, events::forward_events},
-    handover::{Handover, StopPhase, reached},
     metrics::Metrics,
     pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
     repair::{repair_missed_changes, watch_skipped_runs},
@@ -213,9 +213,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);
     let agent_check_task = match args.agent_check_listen {
         Some(address) => {
-            let listener = handover
-                .bind_node(address, "--agent-check-listen")
-                .await?;
+            let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
             let gate = Arc::clone(&drains) as Arc<dyn crate::agentcheck::PortGate>;
             let mut stopped = agent_check_stopped;

@@ -81,9 +81,7 @@ impl Handover {
         if let Some(migrate) = &self.migrate
             && let Err(problem) = migrate.attach(socket.as_fd())
         {
-            warn!(
-                "{addr}: {problem:#}; connections queued on it at the agent's stop may be reset"
-            );
+            warn!("{addr}: {problem:#}; connections queued on it at the agent's stop may be reset");
         }
         Ok(std::net::TcpListener::from(socket))
     }

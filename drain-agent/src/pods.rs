@@ -595,7 +595,9 @@ fn bind_in(
             Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
                 // Who holds it: an application keeps it for good, an older agent is retried.
                 // Unknown (the socket tables unreadable): treated as an application's.
-                Ok(Err(crate::handover::held_by_an_agent(addr.port()).unwrap_or(false)))
+                Ok(Err(
+                    crate::handover::held_by_an_agent(addr.port()).unwrap_or(false)
+                ))
             }
             Err(problem) => Err(problem).with_context(|| format!("cannot listen on {addr}")),
         }

@@ -106,20 +106,23 @@ fn prefix() -> String {
 fn start_agent(port: u16, pod_port: u16, pods: usize, extra: &[&str]) -> Agent {
     let pod_listen = format!("127.0.0.1:{pod_port}");
     let prefix = prefix();
-    let mut args = vec![
-        "--pod-listen",
-        &pod_listen,
-        "--pod-netns-prefix",
-        &prefix,
-    ];
+    let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
     args.extend_from_slice(extra);
     let agent = Agent::start_on(port, &args);
-    wait_until("the agent serves", Duration::from_secs(30), || {
+    let started = Instant::now();
+    loop {
         let log = agent.log_text();
-        log.contains("serving on http://")
+        if log.contains("serving on http://")
             && log.matches("inside network namespace").count() >= pods
-    });
-    agent
+        {
+            return agent;
+        }
+        assert!(
+            !log.contains("ERROR") && started.elapsed() < Duration::from_secs(30),
+            "the agent on {port} does not serve beside the running one; its log:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Pods named `da-hvPID-<letter>`, each with its own /30 (third octet 100 + index).
@@ -129,7 +132,10 @@ fn make_pods(count: usize) -> Vec<Pod> {
         .map(|i| {
             let letter = &letters[i..=i];
             // Netns::new names it da-<tag>-<pid>: the tag starts with hv<pid>.
-            Pod::new(&format!("hv{}-{letter}", std::process::id() % 100_000), 100 + i as u8)
+            Pod::new(
+                &format!("hv{}-{letter}", std::process::id() % 100_000),
+                100 + i as u8,
+            )
         })
         .collect()
 }
@@ -223,10 +229,15 @@ fn twenty_upgrades_lose_no_hook() {
         .collect();
     let port = free_port();
     let pod_port = free_port();
-    let mut old = start_agent(port, pod_port, PODS, &["--shutdown-grace", "20s"]);
+    // The default --shutdown-grace (20s) is longer than every hook's timeout.
+    let mut old = start_agent(port, pod_port, PODS, &[]);
     let prober = Prober::start(vec![
         (None, node(port), "/healthz".to_owned()),
-        (Some(pods[0].netns.path()), node(pod_port), "/healthz".to_owned()),
+        (
+            Some(pods[0].netns.path()),
+            node(pod_port),
+            "/healthz".to_owned(),
+        ),
         (
             Some(pods[PODS - 1].netns.path()),
             node(pod_port),
@@ -237,7 +248,9 @@ fn twenty_upgrades_lose_no_hook() {
     let mut answered = 0;
     for round in 0..UPGRADES {
         // Two closing pods and three held ones this round.
-        let closing: Vec<usize> = (0..2).map(|k| PODS / 2 + (round * 2 + k) % (PODS / 2)).collect();
+        let closing: Vec<usize> = (0..2)
+            .map(|k| PODS / 2 + (round * 2 + k) % (PODS / 2))
+            .collect();
         let held: Vec<usize> = (0..3).map(|k| (round * 3 + k) % (PODS / 2)).collect();
         let closing_clients: Vec<Vec<TcpStream>> = closing
             .iter()
@@ -260,7 +273,7 @@ fn twenty_upgrades_lose_no_hook() {
             })
             .collect();
         old.wait_for_waiters(5);
-        let new = start_agent(port, pod_port, PODS, &["--shutdown-grace", "20s"]);
+        let new = start_agent(port, pod_port, PODS, &[]);
         let swapped = Instant::now();
         sigterm(&old);
         thread::sleep(Duration::from_millis(300));
@@ -271,10 +284,9 @@ fn twenty_upgrades_lose_no_hook() {
             servers[i].close_all();
         }
         for (i, closes, in_pod, hook) in hooks {
-            let answer = hook
-                .join()
-                .expect("hook thread")
-                .unwrap_or_else(|why| panic!("round {round}: hook on pod {i} (in pod: {in_pod}) failed: {why}"));
+            let answer = hook.join().expect("hook thread").unwrap_or_else(|why| {
+                panic!("round {round}: hook on pod {i} (in pod: {in_pod}) failed: {why}")
+            });
             let what = format!("round {round}, pod {i}, in pod {in_pod}: {answer:?}");
             if closes {
                 assert_eq!(answer.status, 200, "{what}");
@@ -283,7 +295,13 @@ fn twenty_upgrades_lose_no_hook() {
                 assert_eq!(answer.status, 503, "{what}");
                 assert_eq!(answer.body["drained"], false, "{what}");
                 assert_eq!(answer.body["active"], 2, "{what}");
-                assert!(answer.body.get("reason").is_none_or(serde_json::Value::is_null), "{what}");
+                assert!(
+                    answer
+                        .body
+                        .get("reason")
+                        .is_none_or(serde_json::Value::is_null),
+                    "{what}"
+                );
                 assert!(answer.retry_after.is_none(), "{what}");
             }
             answered += 1;
@@ -378,7 +396,10 @@ fn sigterm_answers_fifty_long_waiters_after_the_grace() {
     }
     let took = stopping.elapsed();
     println!("SIGTERM: 50 waiters answered agent_shutdown, agent exited after {took:?}");
-    assert!(took >= Duration::from_secs(2), "the grace was kept: {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "the grace was kept: {took:?}"
+    );
 }
 
 /// Connections queued in the old agent's accept queue when its listener closes are served
@@ -394,7 +415,9 @@ fn queued_connections_move_to_the_next_agent() {
     let old = Agent::start_on(port, &[]);
     let new = Agent::start_on(port, &[]);
     wait_until("the second agent serves", Duration::from_secs(30), || {
-        new.log_text().contains("serving on http://")
+        let log = new.log_text();
+        assert!(!log.contains("ERROR"), "the second agent failed:\n{log}");
+        log.contains("serving on http://")
     });
     // SAFETY: signals to a child of this test.
     unsafe { libc::kill(old.pid() as i32, libc::SIGSTOP) };
@@ -411,6 +434,7 @@ fn queued_connections_move_to_the_next_agent() {
         .collect();
     thread::sleep(Duration::from_millis(500));
     let queued = listener_queue(port);
+    // SAFETY: a signal to a child of this test.
     unsafe { libc::kill(old.pid() as i32, libc::SIGKILL) };
     let mut failed = Vec::new();
     for (n, mut stream) in streams.into_iter().enumerate() {
@@ -425,7 +449,10 @@ fn queued_connections_move_to_the_next_agent() {
         }
     }
     println!("{queued} connection(s) were queued on the stopped agent's listener");
-    assert!(queued > 0, "the test proves nothing: no connection was queued on the old agent");
+    assert!(
+        queued > 0,
+        "the test proves nothing: no connection was queued on the old agent"
+    );
     assert!(failed.is_empty(), "{failed:#?}");
     drop(new);
 }

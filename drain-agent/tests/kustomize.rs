@@ -130,7 +130,10 @@ fn agent_port(rendered: &Rendered) -> u16 {
     }
     let service = find(rendered, "Service");
     assert_eq!(service["spec"]["ports"][0]["port"], port, "{name}: Service");
-    assert_eq!(service["spec"]["ports"][0]["targetPort"], port, "{name}: Service");
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"], port,
+        "{name}: Service"
+    );
     if has(rendered, "PodMonitor") {
         let endpoint = &find(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
         assert_eq!(endpoint["targetPort"], port, "{name}: PodMonitor");
