@@ -1057,6 +1057,80 @@ mod tests {
         drop(idle);
     }
 
+    /// A hand-over: the listener closes at once, an answer in progress is still written
+    /// long after `shutdown_timeout` while the grace lasts, and the bound applies from the
+    /// grace's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
+        let release = Arc::new(Notify::new());
+        let app = {
+            let release = Arc::clone(&release);
+            Router::new()
+                .route(
+                    "/drained",
+                    get(move || {
+                        let release = Arc::clone(&release);
+                        async move {
+                            release.notified().await;
+                            "released"
+                        }
+                    }),
+                )
+                .route("/forever", get(std::future::pending::<&'static str>))
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (end_grace, grace_ended) = oneshot::channel::<()>();
+        let limits = ServerLimits {
+            shutdown_timeout: Duration::from_millis(200),
+            ..limits()
+        };
+        let task = tokio::spawn(serve_handing_over(
+            listener,
+            app,
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+            async move {
+                let _ = grace_ended.await;
+            },
+        ));
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        send(&mut first, "/drained").await;
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        send(&mut second, "/forever").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the listener closed");
+        // Well past shutdown_timeout, within the grace: answered as usual.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        release.notify_one();
+        let answer = read_all(&mut first).await;
+        assert!(answer.ends_with("released"), "{answer}");
+        // The grace ends: what is left is dropped after shutdown_timeout.
+        let ended = Instant::now();
+        let _ = end_grace.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returned")
+            .expect("task")
+            .expect("serve");
+        let took = ended.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(!read_all(&mut second).await.contains("HTTP/1.1"));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_is_bounded_when_a_client_does_not_read() {
         let server = start(ServerLimits {
