@@ -5,7 +5,8 @@
 //! namespaces with veth pairs (10.213.100-119.0/30, addresses that exist only in this
 //! test); hooks are single-shot HTTP GETs on fresh connections, as the kubelet's `httpGet`
 //! and curl send them, which never retry: a refused connection or an empty reply is a
-//! failed hook.
+//! failed hook. Also: a new agent started on an address held by a listener that does not
+//! share it (an agent of an older version) waits for it instead of failing its start.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -468,4 +469,34 @@ fn listener_queue(port: u16) -> u64 {
         .lines()
         .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
+}
+
+/// An agent of an older version did not share its listener (no `SO_REUSEPORT`): a new agent
+/// on its address does not fail its start but retries until the old one is gone. Here a
+/// plain listener holds the address for 2 s.
+#[test]
+fn a_new_agent_waits_for_an_unshared_listener_to_go() {
+    if !kernel_available("a_new_agent_waits_for_an_unshared_listener_to_go") {
+        return;
+    }
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let released = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(2));
+        drop(holder);
+        Instant::now()
+    });
+    // Waits until /healthz answers: only the new agent can, once it has the address.
+    let agent = Agent::start_on(port, &[]);
+    let released = released.join().expect("holder");
+    let log = agent.log_text();
+    assert!(
+        log.contains("is in use by a socket that does not share it"),
+        "{log}"
+    );
+    assert!(log.contains("is free again"), "{log}");
+    println!(
+        "the agent served {:?} after the unshared listener closed",
+        released.elapsed()
+    );
 }
