@@ -127,23 +127,37 @@ impl Handover {
     }
 }
 
-/// Whether a listener on `port` in the calling thread's network namespace belongs to a
-/// drain-agent process (an agent of an older version, which did not share it): the socket
-/// tables name the listeners' inodes, `/proc/PID/fd` who holds them. A bind that failed
-/// with `EADDRINUSE` is retried for such a holder (it stops soon), never for an application.
-pub fn held_by_an_agent(port: u16) -> Result<bool> {
+/// Who listens on an address already, in the calling thread's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    Nobody,
+    /// Only drain-agent processes (an agent beside this one, of this version or older).
+    Agents,
+    /// Something else (an application) too.
+    Application,
+}
+
+/// Who holds listeners whose address conflicts with `addr` (the same address, or either one
+/// unspecified) in the calling thread's network namespace: the socket tables name the
+/// listeners' inodes, `/proc/PID/fd` who holds them, and a holder whose `comm` is
+/// `drain-agent` is an agent. The in-pod fallback binds only where nobody or agents listen
+/// (an application that set `SO_REUSEPORT` too, as the agent's user, would otherwise share
+/// its port with the agent), and retries where an older agent holds the address unshared.
+pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
     use crate::sockdiag::{Query, query, state};
-    let inodes: std::collections::BTreeSet<u64> = query(&Query {
-        local_port: port,
+    let conflicts =
+        |ip: std::net::IpAddr| ip.is_unspecified() || addr.ip().is_unspecified() || ip == addr.ip();
+    let mut inodes: std::collections::BTreeSet<u64> = query(&Query {
+        local_port: addr.port(),
         states: state::bit(state::LISTEN),
         with_info: false,
     })?
     .into_iter()
+    .filter(|socket| conflicts(socket.local.ip()))
     .map(|socket| u64::from(socket.inode))
-    .filter(|inode| *inode != 0)
     .collect();
     if inodes.is_empty() {
-        return Ok(false);
+        return Ok(Holder::Nobody);
     }
     let processes = std::fs::read_dir("/proc").context("cannot read /proc")?;
     for process in processes.flatten() {
@@ -157,20 +171,24 @@ pub fn held_by_an_agent(port: u16) -> Result<bool> {
             continue;
         };
         for fd in fds.flatten() {
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let inode = target
-                .to_str()
-                .and_then(|text| text.strip_prefix("socket:["))
-                .and_then(|text| text.strip_suffix(']'))
-                .and_then(|text| text.parse::<u64>().ok());
-            if inode.is_some_and(|inode| inodes.contains(&inode)) {
-                return Ok(true);
+            let inode = std::fs::read_link(fd.path()).ok().and_then(|target| {
+                target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if let Some(inode) = inode {
+                inodes.remove(&inode);
             }
         }
     }
-    Ok(false)
+    Ok(if inodes.is_empty() {
+        Holder::Agents
+    } else {
+        Holder::Application
+    })
 }
 
 impl Default for Handover {
@@ -192,4 +210,55 @@ pub enum StopPhase {
 /// Resolves once `phases` reaches `phase` (or its sender is gone: the agent is stopping).
 pub async fn reached(mut phases: tokio::sync::watch::Receiver<StopPhase>, phase: StopPhase) {
     let _ = phases.wait_for(|now| *now >= phase).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket tables are read where the modules are there (not in every build sandbox).
+    fn tables_readable() -> bool {
+        crate::sockdiag::check_readable().is_ok()
+    }
+
+    #[test]
+    fn an_applications_listener_is_told_apart_from_nobody() {
+        if !tables_readable() {
+            eprintln!("SKIP: the socket tables cannot be read here");
+            return;
+        }
+        // This test process is not a drain-agent: its listener is an application's.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+        assert_eq!(
+            holder_of(at([127, 0, 0, 1])).ok(),
+            Some(Holder::Application)
+        );
+        assert_eq!(holder_of(at([0, 0, 0, 0])).ok(), Some(Holder::Application));
+        // Another address on the same port does not conflict.
+        assert_eq!(holder_of(at([127, 0, 0, 2])).ok(), Some(Holder::Nobody));
+        drop(listener);
+        assert_eq!(holder_of(at([127, 0, 0, 1])).ok(), Some(Holder::Nobody));
+    }
+
+    #[test]
+    fn listeners_of_one_address_share_it() {
+        let handover = Handover { migrate: None };
+        let first = handover
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let second = handover
+            .bind(addr)
+            .expect("a second listener on the same address");
+        // A listener that does not share it cannot join.
+        assert_eq!(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| e.kind())
+                .err(),
+            Some(std::io::ErrorKind::AddrInUse)
+        );
+        drop((first, second));
+    }
 }

@@ -59,7 +59,7 @@ use tokio::{sync::watch, task::JoinSet, time::Instant};
 use crate::{
     addr::canonical_addr,
     api::error,
-    handover::{Handover, StopPhase, reached},
+    handover::{Handover, Holder, StopPhase, holder_of, reached},
     http::{AppState, router},
     kernel::steer::SteerLink,
     metrics::Metrics,
@@ -590,22 +590,28 @@ fn bind_in(
         if entered != inode {
             bail!("{} is now namespace {entered}, not {inode}", addr);
         }
+        // Who listens there already: an application keeps the port for good (also one that
+        // set SO_REUSEPORT, whose group the agent's bind would join), agents share it, and
+        // an older agent that does not share it is retried. Unknown (the socket tables
+        // unreadable): an application's.
+        let holder = holder_of(addr).unwrap_or(Holder::Application);
+        if holder == Holder::Application {
+            return Ok(Err(Holder::Application));
+        }
         match handover.bind(addr) {
             Ok(listener) => Ok(Ok(listener)),
             Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
-                // Who holds it: an application keeps it for good, an older agent is retried.
-                // Unknown (the socket tables unreadable): treated as an application's.
-                Ok(Err(
-                    crate::handover::held_by_an_agent(addr.port()).unwrap_or(false)
-                ))
+                // Taken between the look and the bind: look again.
+                Ok(Err(holder_of(addr).unwrap_or(Holder::Application)))
             }
             Err(problem) => Err(problem).with_context(|| format!("cannot listen on {addr}")),
         }
     });
     match result {
         Ok(Ok(listener)) => Ok(listener),
-        Ok(Err(true)) => Err(Bind::AgentThere),
-        Ok(Err(false)) => Err(Bind::InUse),
+        Ok(Err(Holder::Application)) => Err(Bind::InUse),
+        // An agent's listener that does not share the address, or one gone meanwhile.
+        Ok(Err(Holder::Agents | Holder::Nobody)) => Err(Bind::AgentThere),
         Err(problem) => Err(Bind::Failed(problem)),
     }
 }
