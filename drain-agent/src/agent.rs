@@ -10,6 +10,7 @@ use crate::{
     cli::{CloseArg, RunArgs},
     closer::Closer,
     drain::Drains,
+    handover::{Handover, StopPhase, reached},
     http::{AppState, WaitLimits, router},
     journal::Journal,
     kernel::destroy::{CloseMethod, KernelCloser},
@@ -91,15 +92,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     ensure!(args.max_waiters > 0, "--max-waiters must be at least 1");
     // Bind first: a port conflict is the most common start-up mistake, and it should not
-    // cost a program load to find out.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (another agent or node_exporter there? choose one with --listen)",
-                args.listen
-            )
-        })?;
+    // cost the programs' load to find out. Shared with the next agent of an upgrade
+    // (handover.rs).
+    let handover = Arc::new(Handover::new());
+    let listener = handover.bind_node(args.listen, "--listen").await?;
 
     // The journal next, also before the program load: a path that is not a regular file
     // of its own (a link, a FIFO, a device) stops the start at once, naming it.
@@ -217,9 +213,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);
     let agent_check_task = match args.agent_check_listen {
         Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen on {address} (--agent-check-listen)"))?;
+            let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
             let gate = Arc::clone(&drains) as Arc<dyn crate::agentcheck::PortGate>;
             let mut stopped = agent_check_stopped;
@@ -253,12 +247,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
         batches: Arc::default(),
     };
     info!("serving on http://{address} (attached with {attach})");
-    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // The stop, in phases (handover.rs): SIGTERM closes the listeners (the next agent takes
+    // new and queued connections) and the waiters get their usual answers for up to
+    // --shutdown-grace; then the rest are answered `agent_shutdown`.
+    let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
+    let stopper = {
+        let tracker = Arc::clone(&tracker);
+        let grace = args.shutdown_grace;
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            info!(
+                "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
+            );
+            phase.send_replace(StopPhase::HandingOver);
+            tokio::time::sleep(grace).await;
+            info!("shutdown grace over: answering the waiters left (agent_shutdown)");
+            tracker.begin_shutdown();
+            phase.send_replace(StopPhase::AnsweringRest);
+        })
+    };
     let pods_task = match args.pod_listen {
         Some(addr) => {
             let options = PodListenOptions {
                 addr,
                 name_prefix: args.pod_netns_prefix.clone(),
+                handover: Arc::clone(&handover),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,
                     ..ServerLimits::from_args(&args)
@@ -277,30 +290,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
             });
             let endpoints: Arc<dyn OwnEndpoints> = Arc::new(KernelEndpoints(Arc::clone(&kernel)));
             let metrics = Arc::clone(&state.metrics);
-            let stopping = stopping.clone();
+            let phases = phases.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(options, pod_state, endpoints, &metrics, stopping).await
+                serve_in_pods(options, pod_state, endpoints, &metrics, phases).await
             }))
         }
         None => None,
     };
-    let shutdown_tracker = Arc::clone(&tracker);
-    let served = crate::server::serve(
+    let served = crate::server::serve_handing_over(
         listener,
         tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
             identify,
             crate::identify::identify,
         ))),
         ServerLimits::from_args(&args),
-        async move {
-            wait_for_stop_signal().await;
-            info!("shutting down: answering open waiters");
-            shutdown_tracker.begin_shutdown();
-            let _ = stop.send(true);
-        },
+        reached(phases.clone(), StopPhase::HandingOver),
+        reached(phases.clone(), StopPhase::AnsweringRest),
     )
     .await
     .context("the HTTP server failed");
+    if served.is_err() {
+        // The pod listeners stop too (the phase's sender is gone).
+        stopper.abort();
+    }
     if let Some(pods_task) = pods_task {
         // The pod listeners shut down with the node's (their shutdown is bounded as well).
         match pods_task.await {
@@ -309,6 +321,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Err(problem) => error!("the pod listener task failed: {problem}"),
         }
     }
+    // Every waiter answered before the grace ended: the rest of the stop needs no grace.
+    stopper.abort();
+    tracker.begin_shutdown();
     served?;
     // Drains in progress ended with the shutdown: let them write their records.
     drains

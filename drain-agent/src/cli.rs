@@ -183,9 +183,19 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_write_timeout: Duration,
 
-    /// How long open HTTP connections get to finish on SIGTERM before they are dropped.
+    /// How long open HTTP connections get to finish on SIGTERM before they are dropped
+    /// (counted from the end of --shutdown-grace).
     #[arg(long, env = "DRAIN_AGENT_HTTP_SHUTDOWN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub http_shutdown_timeout: Duration,
+
+    /// On SIGTERM the agent stops accepting at once (its listeners are shared with the next
+    /// agent of an upgrade, which takes new connections and those queued) and keeps giving
+    /// the waiters it has their usual answers (drained, or not at their timeout) for up to
+    /// this long; those still waiting then get 503 `"reason":"agent_shutdown"` with
+    /// Retry-After. Keep it plus --http-shutdown-timeout plus a few seconds below the stop
+    /// timeout (the DaemonSet's terminationGracePeriodSeconds: 30 for the default 20s).
+    #[arg(long, env = "DRAIN_AGENT_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 
     /// How many /drained requests one source IP address may have in progress; more get 429.
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS_PER_SOURCE", default_value_t = 64)]

@@ -17,6 +17,7 @@ pub mod drain_rule;
 pub mod duration;
 pub mod fdlimit;
 pub mod generate;
+pub mod handover;
 pub mod http;
 pub mod identify;
 pub mod ifaddrs;

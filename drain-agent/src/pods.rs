@@ -20,10 +20,19 @@
 //! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
 //! only while no application listens on ADDR's port in that namespace; the application
 //! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
-//! (WARN once at start) ADDR is bound in each namespace as before, and a namespace where it
-//! is taken already is skipped for its lifetime (logged once, counted in
+//! (WARN once at start) ADDR is bound in each namespace as before, with `SO_REUSEPORT`
+//! (`handover.rs`): the next agent of an upgrade binds it beside this one. A namespace where
+//! an application holds it already is skipped for its lifetime (logged once, counted in
 //! `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry that could
-//! take the port from the pod while its server restarts.
+//! take the port from the pod while its server restarts. One where an agent of an older
+//! version holds it (it did not share it; found through the socket tables and `/proc`) is
+//! retried on every rescan until that agent stops (`state="waiting"`).
+//!
+//! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
+//! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
+//! it before, then closes; a bound one closes, its queued connections moving to the next
+//! agent's listener. Requests in progress get their usual answers during the agent's
+//! `--shutdown-grace`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -50,6 +59,7 @@ use tokio::{sync::watch, task::JoinSet, time::Instant};
 use crate::{
     addr::canonical_addr,
     api::error,
+    handover::{Handover, Holder, StopPhase, holder_of, reached},
     http::{AppState, router},
     kernel::steer::SteerLink,
     metrics::Metrics,
@@ -58,6 +68,11 @@ use crate::{
     pod_scope::PodScope,
     server::{self, ServerLimits},
 };
+
+/// How long a steered listener keeps accepting after its steering was detached at the
+/// agent's stop: a connection steered at its SYN just before completes its handshake onto
+/// this socket (within a round trip: loopback or the pod's veth).
+const STEER_SETTLE: Duration = Duration::from_millis(250);
 
 /// The `/proc` rescan period: namespaces of processes have no file event.
 const RESCAN: Duration = Duration::from_secs(1);
@@ -97,6 +112,8 @@ pub struct PodListenOptions {
     /// Only named namespaces (`/run/netns/NAME`) whose NAME starts with this.
     pub name_prefix: Option<String>,
     pub limits: ServerLimits,
+    /// Binds the fallback's listeners so that the next agent shares them.
+    pub handover: Arc<Handover>,
 }
 
 /// A listener being served.
@@ -129,19 +146,20 @@ impl NodeAddresses {
     }
 }
 
-/// Serves the API inside every pod namespace until `stop` turns true; then every pod
-/// listener shuts down (within `limits.shutdown_timeout`) before this returns.
+/// Serves the API inside every pod namespace until the agent stops (`stop` reaches
+/// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
+/// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
 pub async fn serve_in_pods(
     options: PodListenOptions,
     state: Arc<AppState>,
     endpoints: Arc<dyn OwnEndpoints>,
     metrics: &Metrics,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<StopPhase>,
 ) -> Result<()> {
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), or skipped (fallback only: the address was taken in that namespace).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), or waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan).",
         ),
         &["state"],
     )?;
@@ -182,6 +200,7 @@ pub async fn serve_in_pods(
         own_netns,
         listening: BTreeMap::new(),
         skipped: BTreeSet::new(),
+        waiting: BTreeSet::new(),
         failing: BTreeMap::new(),
         tasks: JoinSet::new(),
         stop: stop.clone(),
@@ -216,6 +235,9 @@ pub async fn serve_in_pods(
         gauge
             .with_label_values(&["skipped"])
             .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["waiting"])
+            .set(i64::try_from(manager.waiting.len()).unwrap_or(i64::MAX));
         let steered = manager.listening.values().filter(|l| l.steered).count();
         gauge
             .with_label_values(&["steered"])
@@ -237,7 +259,7 @@ pub async fn serve_in_pods(
             }
         };
         tokio::select! {
-            _ = stop.wait_for(|stopping| *stopping) => break,
+            _ = stop.wait_for(|phase| *phase >= StopPhase::HandingOver) => break,
             result = changed => {
                 if let Err(problem) = result {
                     warn!("{problem:#}; finding new namespaces by rescanning only");
@@ -250,7 +272,7 @@ pub async fn serve_in_pods(
         // Finished listener tasks (their namespaces went away).
         while manager.tasks.try_join_next().is_some() {}
     }
-    // `stop` is true: every listener shuts down on its own; wait for them.
+    // The agent stops: every listener hands over and shuts down on its own; wait for them.
     while manager.tasks.join_next().await.is_some() {}
     Ok(())
 }
@@ -264,14 +286,17 @@ struct Manager {
     node: NodeAddresses,
     own_netns: u32,
     listening: BTreeMap<u32, Listening>,
-    /// Namespaces where the address was taken (binding fallback only): left alone for their
-    /// lifetime.
+    /// Namespaces where an application holds the address (binding fallback only): left
+    /// alone for their lifetime.
     skipped: BTreeSet<u32>,
+    /// Namespaces where an agent of an older version holds it without sharing it (binding
+    /// fallback only): retried on every rescan, logged once.
+    waiting: BTreeSet<u32>,
     /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
     /// every rescan, the problem logged once.
     failing: BTreeMap<u32, String>,
     tasks: JoinSet<()>,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<StopPhase>,
 }
 
 impl Manager {
@@ -308,6 +333,7 @@ impl Manager {
             }
         }
         self.skipped.retain(|inode| present.contains_key(inode));
+        self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
         for (inode, path) in present {
             if self.listening.contains_key(&inode) || self.skipped.contains(&inode) {
@@ -361,7 +387,7 @@ impl Manager {
             }
             Ok(Err(Bind::Failed(problem))) => (problem, false),
             Ok(Err(Bind::Steer(problem))) => (problem, true),
-            Ok(Err(Bind::InUse)) => return None,
+            Ok(Err(Bind::InUse | Bind::AgentThere)) => return None,
             Err(problem) => {
                 warn!("network namespace {inode}: socket thread failed: {problem}");
                 return None;
@@ -387,17 +413,33 @@ impl Manager {
     /// The fallback without `sk_lookup`: ADDR bound in the namespace.
     async fn open_bound(&mut self, inode: u32, path: &Path) -> Option<std::net::TcpListener> {
         let addr = self.options.addr;
+        let handover = Arc::clone(&self.options.handover);
         let bound = tokio::task::spawn_blocking({
             let path = path.to_owned();
-            move || bind_in(&path, inode, addr)
+            move || bind_in(&path, inode, addr, &handover)
         })
         .await;
         match bound {
             Ok(Ok(listener)) => {
                 self.failing.remove(&inode);
+                if self.waiting.remove(&inode) {
+                    info!(
+                        "network namespace {inode}: {addr} is free of the older agent now; listening"
+                    );
+                }
                 Some(listener)
             }
+            Ok(Err(Bind::AgentThere)) => {
+                if self.waiting.insert(inode) {
+                    info!(
+                        "network namespace {inode} ({}): an agent of an older version holds {addr} there without sharing it; retrying on every rescan until it stops",
+                        path.display()
+                    );
+                }
+                None
+            }
             Ok(Err(Bind::InUse)) => {
+                self.waiting.remove(&inode);
                 info!(
                     "network namespace {inode} ({}): {addr} is in use there already; skipping it (no listener in that pod)",
                     path.display()
@@ -454,8 +496,8 @@ impl Manager {
         if !addr.ip().is_loopback() {
             app = app.layer(from_fn_with_state(self.node.clone(), node_or_loopback_only));
         }
-        let (stop_listener, mut stopped) = watch::channel(false);
-        let mut agent_stop = self.stop.clone();
+        let (stop_listener, stopped) = watch::channel(false);
+        let agent_stop = self.stop.clone();
         let limits = self.options.limits;
         if steered {
             info!(
@@ -469,17 +511,39 @@ impl Manager {
             );
         }
         self.tasks.spawn(async move {
-            let shutdown = async move {
-                tokio::select! {
-                    _ = stopped.wait_for(|stop| *stop) => {}
-                    _ = agent_stop.wait_for(|stop| *stop) => {}
+            // The link lives in this future, which `serve` drops before it returns: detached
+            // before the socket is forgotten.
+            let stop_accepting = {
+                let mut stopped = stopped.clone();
+                let agent_stop = agent_stop.clone();
+                async move {
+                    let agent_stopping = tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => false,
+                        () = reached(agent_stop, StopPhase::HandingOver) => true,
+                    };
+                    if let Some(link) = link {
+                        // The agent stops: the steering goes first (another agent's program
+                        // serves the port from now on, kernel/steer.rs), then what was steered
+                        // here before is accepted, then the socket closes.
+                        drop(link);
+                        if agent_stopping {
+                            tokio::time::sleep(STEER_SETTLE).await;
+                        }
+                    }
                 }
             };
-            if let Err(problem) = server::serve(listener, app, limits, shutdown).await {
+            let grace_over = async move {
+                let mut stopped = stopped;
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => {}
+                    () = reached(agent_stop, StopPhase::AnsweringRest) => {}
+                }
+            };
+            if let Err(problem) =
+                server::serve_handing_over(listener, app, limits, stop_accepting, grace_over).await
+            {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
-            // Detached before the socket is forgotten.
-            drop(link);
             // The listener is closed (dropped by serve): the namespace is no longer held.
             let forgotten =
                 tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
@@ -500,8 +564,10 @@ impl Manager {
 
 /// Why a bind failed.
 enum Bind {
-    /// The address is taken in that namespace (skip it for good).
+    /// An application holds the address in that namespace (skip it for good).
     InUse,
+    /// An agent of an older version holds it without `SO_REUSEPORT` (retry on each rescan).
+    AgentThere,
     /// Anything else (retry later).
     Failed(anyhow::Error),
     /// The socket is made, the steering failed (retry later, WARN).
@@ -510,26 +576,42 @@ enum Bind {
 
 /// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
 /// namespace `inode` (a PID may have been reused since the scan).
-fn bind_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<std::net::TcpListener, Bind> {
+/// The listener is in the address's `SO_REUSEPORT` group (`handover.rs`): another agent's
+/// listener there is shared, not a conflict.
+fn bind_in(
+    path: &Path,
+    inode: u32,
+    addr: SocketAddr,
+    handover: &Arc<Handover>,
+) -> Result<std::net::TcpListener, Bind> {
+    let handover = Arc::clone(handover);
     let result = netns::run_in(path, move || {
         let entered = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
         if entered != inode {
             bail!("{} is now namespace {entered}, not {inode}", addr);
         }
-        match std::net::TcpListener::bind(addr) {
-            Ok(listener) => {
-                listener
-                    .set_nonblocking(true)
-                    .context("cannot make the listener non-blocking")?;
-                Ok(Ok(listener))
+        // Who listens there already: an application keeps the port for good (also one that
+        // set SO_REUSEPORT, whose group the agent's bind would join), agents share it, and
+        // an older agent that does not share it is retried. Unknown (the socket tables
+        // unreadable): an application's.
+        let holder = holder_of(addr).unwrap_or(Holder::Application);
+        if holder == Holder::Application {
+            return Ok(Err(Holder::Application));
+        }
+        match handover.bind(addr) {
+            Ok(listener) => Ok(Ok(listener)),
+            Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
+                // Taken between the look and the bind: look again.
+                Ok(Err(holder_of(addr).unwrap_or(Holder::Application)))
             }
-            Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => Ok(Err(())),
             Err(problem) => Err(problem).with_context(|| format!("cannot listen on {addr}")),
         }
     });
     match result {
         Ok(Ok(listener)) => Ok(listener),
-        Ok(Err(())) => Err(Bind::InUse),
+        Ok(Err(Holder::Application)) => Err(Bind::InUse),
+        // An agent's listener that does not share the address, or one gone meanwhile.
+        Ok(Err(Holder::Agents | Holder::Nobody)) => Err(Bind::AgentThere),
         Err(problem) => Err(Bind::Failed(problem)),
     }
 }

@@ -34,7 +34,8 @@
 //! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
 //!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
 //!   connections closed) and whatever is left after [`ServerLimits::shutdown_timeout`] is
-//!   dropped.
+//!   dropped. For an upgrade ([`serve_handing_over`]) the requests in progress first get
+//!   their usual answers for the agent's `--shutdown-grace`; the bound counts from its end.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -158,6 +159,22 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    serve_handing_over(listener, app, limits, shutdown, std::future::ready(())).await
+}
+
+/// [`serve`] for a hand-over: once `stop_accepting` resolves the listener is closed (its
+/// queued connections go to the next agent's listener, `handover.rs`), and the requests in
+/// progress get their usual answers until `grace_over` resolves (the agent then answers its
+/// waiters `agent_shutdown`); whatever is still open [`ServerLimits::shutdown_timeout`] after
+/// that is dropped. Returns as soon as no connection is left.
+pub async fn serve_handing_over(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stop_accepting: impl Future<Output = ()>,
+    grace_over: impl Future<Output = ()>,
+) -> Result<()> {
+    let shutdown = stop_accepting;
     limits.check()?;
     let cap = connection_cap(limits.max_connections);
     let reserve = overflow_reserve(cap);
@@ -254,19 +271,28 @@ pub async fn serve(
             }
         });
     }
-    // Stop accepting: new connections are refused from here on.
+    // Stop accepting: new connections go to another listener of the address's group (the
+    // next agent) or, with none, are refused from here on.
     drop(listener);
     let open = slots.open();
     if open > 0 {
         info!(
-            "waiting up to {:?} for {open} HTTP connection(s) to finish",
+            "{open} HTTP connection(s) open: answered as usual until the shutdown grace ends, then within {:?}",
             limits.shutdown_timeout
         );
     }
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Idle kept-alive connections close now; a connection accepted but not read yet is not
+    // idle to hyper (its keep-alive state starts busy), so its request is read and answered.
+    let finished = graceful.shutdown();
+    let bound = async {
+        grace_over.await;
+        tokio::time::sleep(limits.shutdown_timeout).await;
+    };
+    let timed_out = tokio::select! {
+        () = finished => false,
+        () = bound => true,
+    };
+    if timed_out {
         warn!(
             "dropping {} HTTP connection(s) still open {:?} after shutdown began",
             slots.open(),
@@ -1089,6 +1115,80 @@ mod tests {
         let took = stopping.await.expect("stop");
         assert!(took < Duration::from_secs(3), "{took:?}");
         drop(idle);
+    }
+
+    /// A hand-over: the listener closes at once, an answer in progress is still written
+    /// long after `shutdown_timeout` while the grace lasts, and the bound applies from the
+    /// grace's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
+        let release = Arc::new(Notify::new());
+        let app = {
+            let release = Arc::clone(&release);
+            Router::new()
+                .route(
+                    "/drained",
+                    get(move || {
+                        let release = Arc::clone(&release);
+                        async move {
+                            release.notified().await;
+                            "released"
+                        }
+                    }),
+                )
+                .route("/forever", get(std::future::pending::<&'static str>))
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (end_grace, grace_ended) = oneshot::channel::<()>();
+        let limits = ServerLimits {
+            shutdown_timeout: Duration::from_millis(200),
+            ..limits()
+        };
+        let task = tokio::spawn(serve_handing_over(
+            listener,
+            app,
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+            async move {
+                let _ = grace_ended.await;
+            },
+        ));
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        send(&mut first, "/drained").await;
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        send(&mut second, "/forever").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the listener closed");
+        // Well past shutdown_timeout, within the grace: answered as usual.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        release.notify_one();
+        let answer = read_all(&mut first).await;
+        assert!(answer.ends_with("released"), "{answer}");
+        // The grace ends: what is left is dropped after shutdown_timeout.
+        let ended = Instant::now();
+        let _ = end_grace.send(());
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve returned")
+            .expect("task")
+            .expect("serve");
+        let took = ended.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(!read_all(&mut second).await.contains("HTTP/1.1"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,17 +158,29 @@ fn kubernetes_manifests_agree_with_each_other() {
         .expect("--listen $(HOST_IP):PORT")
         .parse()
         .expect("port");
-    let port_entry = &agent["ports"][0];
-    assert_eq!(port_entry["containerPort"], agent_port);
-    let port_name = port_entry["name"].as_str().expect("port name");
+    // No container port (a hostNetwork containerPort becomes a hostPort, which keeps the
+    // upgrade's surge pod off the node): the probes name the number.
+    assert!(agent["ports"].is_null(), "no container port");
     for probe in ["livenessProbe", "readinessProbe"] {
         assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
-        let port = &agent[probe]["httpGet"]["port"];
-        assert!(
-            *port == port_name || *port == agent_port,
-            "{probe} port {port}"
-        );
+        assert_eq!(agent[probe]["httpGet"]["port"], agent_port, "{probe}");
     }
+    // The hand-over: the new agent starts beside the old one, which stops once it is ready.
+    let rolling = &daemonset["spec"]["updateStrategy"];
+    assert_eq!(rolling["type"], "RollingUpdate");
+    assert_eq!(rolling["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(rolling["rollingUpdate"]["maxUnavailable"], 0);
+    let grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    let shutdown_grace = flag_value(&args, "--shutdown-grace").unwrap_or("20s");
+    let shutdown_grace = parse_duration(shutdown_grace)
+        .expect("--shutdown-grace")
+        .as_secs();
+    assert!(
+        grace >= shutdown_grace + 3 + 2,
+        "terminationGracePeriodSeconds {grace} must cover --shutdown-grace ({shutdown_grace} s), --http-shutdown-timeout (3 s) and the drains' records (2 s)"
+    );
     for resources in ["requests", "limits"] {
         assert!(
             agent["resources"][resources]["memory"].is_string(),
@@ -207,7 +219,10 @@ fn kubernetes_manifests_agree_with_each_other() {
     {
         assert_eq!(&labels[key], value, "PodMonitor selector {key}");
     }
-    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], port_name);
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["targetPort"],
+        agent_port
+    );
     // The alert rules select job="drain-agent".
     let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
     assert_eq!(labels[job_label], "drain-agent");

@@ -124,8 +124,12 @@ fn systemd_agent_unit_is_least_privilege() {
         "/usr/local/bin/drain-agent run"
     );
     assert_eq!(
-        unit_value(&unit, "Service", "Environment"),
-        "DRAIN_AGENT_LISTEN=127.0.0.1:9100"
+        unit_values(&unit, "Service", "Environment"),
+        [
+            "DRAIN_AGENT_LISTEN=127.0.0.1:9100",
+            // systemd restarts stop the agent before starting the next: no grace.
+            "DRAIN_AGENT_SHUTDOWN_GRACE=0s"
+        ]
     );
     assert_eq!(unit_value(&unit, "Service", "Restart"), "on-failure");
     let capabilities: BTreeSet<String> = unit_value(&unit, "Service", "CapabilityBoundingSet")

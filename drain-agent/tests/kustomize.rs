@@ -118,14 +118,26 @@ fn agent_port(rendered: &Rendered) -> u16 {
         .parse()
         .expect("port");
     let name = &rendered.name;
-    assert_eq!(container["ports"][0]["containerPort"], port, "{name}");
-    assert_eq!(container["ports"][0]["name"], "metrics", "{name}");
+    // No container port: with hostNetwork it would become a hostPort, and the scheduler
+    // would keep the upgrade's surge pod (maxSurge) off the node.
+    assert!(container["ports"].is_null(), "{name}: no container port");
+    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["port"], port, "{name}: {probe}");
+    }
     let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
     if let Some(scraped) = annotations["prometheus.io/port"].as_str() {
         assert_eq!(scraped, port.to_string(), "{name}: scrape annotation");
     }
     let service = find(rendered, "Service");
     assert_eq!(service["spec"]["ports"][0]["port"], port, "{name}: Service");
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"], port,
+        "{name}: Service"
+    );
+    if has(rendered, "PodMonitor") {
+        let endpoint = &find(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["targetPort"], port, "{name}: PodMonitor");
+    }
     port
 }
 
@@ -197,7 +209,6 @@ fn every_overlay_keeps_the_agents_promises() {
         );
         let startup = &container["startupProbe"];
         assert_eq!(startup["httpGet"]["path"], "/healthz", "{name}");
-        assert_eq!(startup["httpGet"]["port"], "metrics", "{name}");
         let budget = startup["periodSeconds"].as_u64().unwrap_or(10)
             * startup["failureThreshold"].as_u64().unwrap_or(3);
         assert!(budget >= 30, "{name}: {budget} s to start");
@@ -295,8 +306,8 @@ fn every_overlay_keeps_the_agents_promises() {
     let monitor = by_name("overlays/podmonitor");
     let podmonitor = find(monitor, "PodMonitor");
     assert_eq!(
-        podmonitor["spec"]["podMetricsEndpoints"][0]["port"],
-        "metrics"
+        podmonitor["spec"]["podMetricsEndpoints"][0]["targetPort"],
+        base_port
     );
     assert!(!has(base, "PodMonitor"), "the base needs no CRD");
 }

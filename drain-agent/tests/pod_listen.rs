@@ -215,6 +215,9 @@ fn the_api_inside_every_pod() {
         "8",
         "--max-waiters-per-source",
         "3",
+        // Its SIGTERM below answers the waiters at once (tests/handover.rs keeps the grace).
+        "--shutdown-grace",
+        "0s",
     ]);
     // Every pod is served, the squatter too: the port is steered to the agent (sk_lookup)
     // only where no application listens on it, and bound nowhere (tests/pod_port.rs).

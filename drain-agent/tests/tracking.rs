@@ -562,7 +562,8 @@ fn sigterm_answers_open_waiters_and_exits_zero() {
     if !kernel_available("sigterm_answers_open_waiters_and_exits_zero") {
         return;
     }
-    let mut agent = Agent::start(&[]);
+    // No grace: the waiter is answered at once (tests/handover.rs keeps the grace).
+    let mut agent = Agent::start(&["--shutdown-grace", "0s"]);
     let server = Server::start("127.0.0.1:0");
     let port = server.port;
     let _clients = connect_many(&server, &format!("127.0.0.1:{port}"), 1);

@@ -8,8 +8,10 @@ pub mod events;
 mod forget;
 pub mod maps;
 mod prealloc;
+mod raw;
 mod rcu;
 pub mod reclaim;
+pub mod reuseport;
 pub mod steer;
 pub mod walk;
 

@@ -29,17 +29,33 @@
 //! before the listening hash, `inet_lookup_run_sk_lookup()`). Otherwise it assigns the
 //! agent's socket from `POD_SOCKETS[inode]` (`bpf_sk_assign()`, which checks protocol and
 //! family, net/core/filter.c `bpf_sk_lookup_assign()`) and returns `SK_PASS`.
+//!
+//! Two agents (an upgrade: the new one starts while the old one still runs): each attaches
+//! its own program, with its own socket map, to the namespace. The programs of a namespace
+//! run in attach order, each seeing the socket the ones before selected, and the last
+//! selection stands (include/linux/filter.h `BPF_PROG_SK_LOOKUP_RUN_ARRAY`); without a flag,
+//! `bpf_sk_assign()` refuses to override a selection (`-EEXIST`, net/core/filter.c
+//! `bpf_sk_lookup_assign()`). The agent assigns with `BPF_SK_LOOKUP_F_REPLACE`: the program
+//! attached last, the new agent's, serves at once, and the old agent's socket gets no new
+//! connection. If the later program finds no socket of its agent (its socket closed: the
+//! socket map drops a closed socket), it assigns nothing and the earlier selection stands.
+//! The old agent stops by detaching its link first, then accepting what is already queued
+//! on its socket (a connection is steered at its SYN: one steered before the detach may
+//! still complete its handshake onto the old socket), and only then closing it
+//! (`pods.rs`): no connection is refused or reset while one agent remains.
 
 use std::{
     fs::File,
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::maps::{MapData, SockHash};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use drain_agent_common::{IPPROTO_TCP, error_index};
+
+use super::raw::{self, ProgramKind, bpf, zeroed_attr};
 
 // BPF instruction encodings (include/uapi/linux/bpf.h, bpf_common.h).
 const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
@@ -60,6 +76,8 @@ const SK_RELEASE: i32 = 86;
 const SK_ASSIGN: i32 = 124;
 /// `enum sk_action`.
 const SK_PASS: i32 = 1;
+/// `BPF_SK_LOOKUP_F_REPLACE` (include/uapi/linux/bpf.h).
+const SK_LOOKUP_F_REPLACE: i32 = 1;
 
 const R0: u8 = 0;
 const R1: u8 = 1;
@@ -212,7 +230,9 @@ fn program(target: SocketAddr, netns: u32, maps: &SteerMaps<'_>) -> Result<Vec<u
     asm.insn(MOV64_X, SOCK, R0, 0, 0);
     asm.insn(MOV64_X, R1, CTX, 0, 0);
     asm.insn(MOV64_X, R2, SOCK, 0, 0);
-    asm.insn(MOV64_K, R3, 0, 0, 0);
+    // REPLACE: a socket another agent's program (attached earlier) assigned is overridden,
+    // so the newest agent serves (see the module doc, "Two agents").
+    asm.insn(MOV64_K, R3, 0, 0, SK_LOOKUP_F_REPLACE);
     asm.insn(CALL, 0, 0, 0, SK_ASSIGN);
     asm.insn(MOV64_X, R1, SOCK, 0, 0);
     asm.insn(CALL, 0, 0, 0, SK_RELEASE);
@@ -222,61 +242,17 @@ fn program(target: SocketAddr, netns: u32, maps: &SteerMaps<'_>) -> Result<Vec<u
     asm.finish()
 }
 
-fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
-    // SAFETY: the bpf syscall with a valid attr of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command as libc::c_long,
-            std::ptr::from_mut(attr),
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(rc).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: a new fd from the kernel, owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn zeroed_attr() -> bpf_attr {
-    // SAFETY: a C union of integers and arrays; all-zero is valid.
-    unsafe { std::mem::zeroed() }
-}
-
 /// `BPF_PROG_LOAD` of an `sk_lookup` program.
 fn load(insns: &[u64]) -> Result<OwnedFd> {
-    let mut log = vec![0u8; 16 * 1024];
-    let license = c"GPL";
-    let mut attr = zeroed_attr();
-    // SAFETY: writing the members BPF_PROG_LOAD reads; the pointers outlive the call.
-    unsafe {
-        let load = &mut attr.__bindgen_anon_3;
-        load.prog_type = bpf_prog_type::BPF_PROG_TYPE_SK_LOOKUP as u32;
-        load.expected_attach_type = bpf_attach_type::BPF_SK_LOOKUP as u32;
-        load.insn_cnt = u32::try_from(insns.len()).context("too many instructions")?;
-        load.insns = insns.as_ptr() as u64;
-        load.license = license.as_ptr() as u64;
-        load.log_level = 1;
-        load.log_size = u32::try_from(log.len()).context("log size")?;
-        load.log_buf = log.as_mut_ptr() as u64;
-        for (to, from) in load.prog_name.iter_mut().zip(b"pod_port_steer".iter()) {
-            *to = *from as libc::c_char;
-        }
-    }
-    match bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => Ok(fd),
-        Err(error) => {
-            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-            let verifier = String::from_utf8_lossy(&log[..end]);
-            let last = verifier.lines().rev().find(|line| !line.trim().is_empty());
-            bail!(
-                "cannot load an sk_lookup program (Linux >= 5.9 needed): {error}{}",
-                last.map(|line| format!(" ({line})")).unwrap_or_default()
-            )
-        }
-    }
+    raw::load(
+        &ProgramKind {
+            prog_type: bpf_prog_type::BPF_PROG_TYPE_SK_LOOKUP,
+            attach_type: bpf_attach_type::BPF_SK_LOOKUP,
+            name: b"pod_port_steer",
+            what: "an sk_lookup program (Linux >= 5.9 needed)",
+        },
+        insns,
+    )
 }
 
 /// `BPF_LINK_CREATE`: `program` on the namespace `netns`; detached when the link is closed

@@ -1,0 +1,264 @@
+//! Listeners an upgrade hands over: every listener of the agent that has a fixed address
+//! (the node's `--listen`, `--agent-check-listen`, the in-pod ones of the fallback that
+//! binds) is bound with `SO_REUSEPORT`, so the next agent binds the same address while this
+//! one still serves (the kernel spreads new connections over both by hash), and the group
+//! carries the program of `kernel/reuseport.rs`, so when this agent closes its listener the
+//! connections queued on it move to the next agent's instead of being reset.
+//!
+//! Both need the agents to run as the same user (the kernel only groups sockets of one
+//! uid, net/core/sock_reuseport.c via `inet_csk_bind_conflict()`), which the shipped units
+//! and the DaemonSet do. An agent of a version that did not set `SO_REUSEPORT` makes the
+//! bind fail with `EADDRINUSE` until it stops: the node's listeners are then retried for up
+//! to [`BIND_RETRY_FOR`] (the old agent is about to stop), the in-pod ones on every rescan
+//! (`pods.rs`).
+
+use std::{
+    net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+
+use crate::kernel::reuseport::MigrateProgram;
+
+/// How long a node listener's address may be held by a process that does not share it
+/// before the start fails: an older agent that is being replaced stops within its grace.
+pub const BIND_RETRY_FOR: Duration = Duration::from_secs(60);
+const BIND_RETRY_EVERY: Duration = Duration::from_millis(200);
+
+/// The accept backlog (tokio's and most servers' default).
+const BACKLOG: i32 = 1024;
+
+/// Binds listeners that share their address with the next agent.
+#[derive(Debug)]
+pub struct Handover {
+    /// `None`: the kernel refused the program (older than 5.14, or no CAP_BPF); listeners
+    /// are still shared, but the connections queued on this agent's are reset at its close.
+    migrate: Option<MigrateProgram>,
+}
+
+impl Handover {
+    /// Loads the migrate program once; says at INFO why not when it cannot.
+    pub fn new() -> Self {
+        let migrate = match MigrateProgram::load() {
+            Ok(program) => Some(program),
+            Err(problem) => {
+                info!(
+                    "{problem:#}: listeners are shared with the next agent (SO_REUSEPORT) but connections queued on this agent's at its stop are reset, not handed over"
+                );
+                None
+            }
+        };
+        Self { migrate }
+    }
+
+    /// Whether closed listeners hand their queued connections over (for tests and logs).
+    pub fn migrates(&self) -> bool {
+        self.migrate.is_some()
+    }
+
+    /// A non-blocking listener on `addr` in the calling thread's network namespace, in the
+    /// `SO_REUSEPORT` group of that address, with the migrate program attached.
+    pub fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let socket: OwnedFd = rustix::net::socket_with(
+            family,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        // As std and tokio do: a restart binds even with connections in TIME_WAIT.
+        sockopt::set_socket_reuseaddr(&socket, true)?;
+        sockopt::set_socket_reuseport(&socket, true)?;
+        rustix::net::bind(&socket, &addr)?;
+        rustix::net::listen(&socket, BACKLOG)?;
+        if let Some(migrate) = &self.migrate
+            && let Err(problem) = migrate.attach(socket.as_fd())
+        {
+            warn!("{addr}: {problem:#}; connections queued on it at the agent's stop may be reset");
+        }
+        Ok(std::net::TcpListener::from(socket))
+    }
+
+    /// [`Handover::bind`] for a listener of the node (`what` names its flag), as a tokio
+    /// listener. An address in use by a socket that does not share it (an agent of an older
+    /// version, being replaced) is retried for up to [`BIND_RETRY_FOR`], said once at WARN.
+    pub async fn bind_node(&self, addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+        let started = tokio::time::Instant::now();
+        let mut told = false;
+        let listener = loop {
+            match self.bind(addr) {
+                Ok(listener) => break listener,
+                Err(problem)
+                    if problem.kind() == std::io::ErrorKind::AddrInUse
+                        && started.elapsed() < BIND_RETRY_FOR =>
+                {
+                    if !told {
+                        warn!(
+                            "{addr} ({what}) is in use by a socket that does not share it: an agent of an older version being replaced? retrying for up to {BIND_RETRY_FOR:?}"
+                        );
+                        told = true;
+                    }
+                    tokio::time::sleep(BIND_RETRY_EVERY).await;
+                }
+                Err(problem) => {
+                    return Err(problem).with_context(|| {
+                        format!(
+                            "cannot listen on {addr} ({what}; another program there? choose another address)"
+                        )
+                    });
+                }
+            }
+        };
+        if told {
+            info!(
+                "{addr} ({what}) is free again: listening after {:?}",
+                started.elapsed()
+            );
+        }
+        tokio::net::TcpListener::from_std(listener)
+            .with_context(|| format!("cannot register the listener on {addr}"))
+    }
+}
+
+/// Who listens on an address already, in the calling thread's network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    Nobody,
+    /// Only drain-agent processes (an agent beside this one, of this version or older).
+    Agents,
+    /// Something else (an application) too.
+    Application,
+}
+
+/// Who holds listeners whose address conflicts with `addr` (the same address, or either one
+/// unspecified) in the calling thread's network namespace: the socket tables name the
+/// listeners' inodes, `/proc/PID/fd` who holds them, and a holder whose `comm` is
+/// `drain-agent` is an agent. The in-pod fallback binds only where nobody or agents listen
+/// (an application that set `SO_REUSEPORT` too, as the agent's user, would otherwise share
+/// its port with the agent), and retries where an older agent holds the address unshared.
+pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
+    use crate::sockdiag::{Query, query, state};
+    let conflicts =
+        |ip: std::net::IpAddr| ip.is_unspecified() || addr.ip().is_unspecified() || ip == addr.ip();
+    let mut inodes: std::collections::BTreeSet<u64> = query(&Query {
+        local_port: addr.port(),
+        states: state::bit(state::LISTEN),
+        with_info: false,
+    })?
+    .into_iter()
+    .filter(|socket| conflicts(socket.local.ip()))
+    .map(|socket| u64::from(socket.inode))
+    .collect();
+    if inodes.is_empty() {
+        return Ok(Holder::Nobody);
+    }
+    let processes = std::fs::read_dir("/proc").context("cannot read /proc")?;
+    for process in processes.flatten() {
+        let pid = process.path();
+        let is_agent = std::fs::read_to_string(pid.join("comm"))
+            .is_ok_and(|comm| comm.trim_end() == "drain-agent");
+        if !is_agent {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(pid.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let inode = std::fs::read_link(fd.path()).ok().and_then(|target| {
+                target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if let Some(inode) = inode {
+                inodes.remove(&inode);
+            }
+        }
+    }
+    Ok(if inodes.is_empty() {
+        Holder::Agents
+    } else {
+        Holder::Application
+    })
+}
+
+impl Default for Handover {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the agent's stop is: its listeners and the pod manager watch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopPhase {
+    Serving,
+    /// SIGTERM came: listeners closed (handed over), waiters answered as usual.
+    HandingOver,
+    /// `--shutdown-grace` is over: the waiters left are answered `agent_shutdown`.
+    AnsweringRest,
+}
+
+/// Resolves once `phases` reaches `phase` (or its sender is gone: the agent is stopping).
+pub async fn reached(mut phases: tokio::sync::watch::Receiver<StopPhase>, phase: StopPhase) {
+    let _ = phases.wait_for(|now| *now >= phase).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket tables are read where the modules are there (not in every build sandbox).
+    fn tables_readable() -> bool {
+        crate::sockdiag::check_readable().is_ok()
+    }
+
+    #[test]
+    fn an_applications_listener_is_told_apart_from_nobody() {
+        if !tables_readable() {
+            eprintln!("SKIP: the socket tables cannot be read here");
+            return;
+        }
+        // This test process is not a drain-agent: its listener is an application's.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let at = |ip: [u8; 4]| SocketAddr::from((ip, port));
+        assert_eq!(
+            holder_of(at([127, 0, 0, 1])).ok(),
+            Some(Holder::Application)
+        );
+        assert_eq!(holder_of(at([0, 0, 0, 0])).ok(), Some(Holder::Application));
+        // Another address on the same port does not conflict.
+        assert_eq!(holder_of(at([127, 0, 0, 2])).ok(), Some(Holder::Nobody));
+        drop(listener);
+        assert_eq!(holder_of(at([127, 0, 0, 1])).ok(), Some(Holder::Nobody));
+    }
+
+    #[test]
+    fn listeners_of_one_address_share_it() {
+        let handover = Handover { migrate: None };
+        let first = handover
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let second = handover
+            .bind(addr)
+            .expect("a second listener on the same address");
+        // A listener that does not share it cannot join.
+        assert_eq!(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| e.kind())
+                .err(),
+            Some(std::io::ErrorKind::AddrInUse)
+        );
+        drop((first, second));
+    }
+}

@@ -1,0 +1,502 @@
+//! Upgrades and restarts hand the listeners over (ARCHITECTURE.md, "Upgrades and restarts:
+//! the hand-over"): a new agent started on the same `--listen` and `--pod-listen` serves
+//! beside the running one, and the old one, at SIGTERM, stops accepting without resetting
+//! anything, gives the waiters it has their usual answers and exits. Pods are network
+//! namespaces with veth pairs (10.213.100-119.0/30, addresses that exist only in this
+//! test); hooks are single-shot HTTP GETs on fresh connections, as the kubelet's `httpGet`
+//! and curl send them, which never retry: a refused connection or an empty reply is a
+//! failed hook. Also: a new agent started on an address held by a listener that does not
+//! share it (an agent of an older version) waits for it instead of failing its start.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Agent, Server, free_port, kernel_available,
+    pod::{Pod, connect},
+    wait_until,
+};
+
+/// One single-shot answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: serde_json::Value,
+}
+
+/// `GET path` on a fresh connection to `addr` (from the namespace at `netns`, or the host),
+/// `Connection: close`, read to the end: what curl does. An error is a failed hook: refused,
+/// reset, or an empty or cut reply.
+fn single_shot(netns: Option<&str>, addr: SocketAddr, path: &str) -> Result<Answer, String> {
+    let path = path.to_owned();
+    let exchange = move || -> Result<Answer, String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(|e| e.to_string())?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| format!("send: {e}"))?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("read: {e}"))?;
+        if raw.is_empty() {
+            return Err("empty reply".to_owned());
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("cut reply: {text:?}"))?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line: {head:?}"))?;
+        let retry_after = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("retry-after")
+                .then(|| value.trim().to_owned())
+        });
+        let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    };
+    match netns {
+        Some(path) => drain_agent::netns::run_in(Path::new(path), move || Ok(exchange()))
+            .map_err(|e| format!("{e:#}"))?,
+        None => exchange(),
+    }
+}
+
+fn node(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// The names of this process's pods start with this (`Netns` names them `da-<tag>-<pid>`).
+fn prefix() -> String {
+    format!("da-hv{}-", std::process::id() % 100_000)
+}
+
+/// Starts an agent on `port` with `--pod-listen 127.0.0.1:pod_port` for the namespaces of
+/// `prefix`, and waits until *it* serves (its log says so: another agent on the same
+/// addresses answers `/healthz` too) in `pods` pods.
+fn start_agent(port: u16, pod_port: u16, pods: usize, extra: &[&str]) -> Agent {
+    let pod_listen = format!("127.0.0.1:{pod_port}");
+    let prefix = prefix();
+    let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
+    args.extend_from_slice(extra);
+    let agent = Agent::start_on(port, &args);
+    let started = Instant::now();
+    loop {
+        let log = agent.log_text();
+        if log.contains("serving on http://")
+            && log.matches("inside network namespace").count() >= pods
+        {
+            return agent;
+        }
+        assert!(
+            !log.contains("ERROR") && started.elapsed() < Duration::from_secs(30),
+            "the agent on {port} does not serve beside the running one; its log:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pods named `da-hvPID-<letter>`, each with its own /30 (third octet 100 + index).
+fn make_pods(count: usize) -> Vec<Pod> {
+    let letters = "abcdefghijklmnopqrstuvwxyz";
+    (0..count)
+        .map(|i| {
+            let letter = &letters[i..=i];
+            // Netns::new names it da-<tag>-<pid>: the tag starts with hv<pid>.
+            Pod::new(
+                &format!("hv{}-{letter}", std::process::id() % 100_000),
+                100 + i as u8,
+            )
+        })
+        .collect()
+}
+
+/// Requests sent continuously to every listener while agents come and go: none may fail.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    sent: Arc<Mutex<u64>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    fn start(targets: Vec<(Option<String>, SocketAddr, String)>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(Mutex::new(0));
+        let threads = targets
+            .into_iter()
+            .map(|(netns, addr, path)| {
+                let stop = Arc::clone(&stop);
+                let failures = Arc::clone(&failures);
+                let sent = Arc::clone(&sent);
+                thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Err(why) = single_shot(netns.as_deref(), addr, &path) {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{addr}{path} from {netns:?}: {why}"));
+                        }
+                        *sent.lock().unwrap() += 1;
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            failures,
+            sent,
+            threads,
+        }
+    }
+
+    /// Stops; (requests sent, failures).
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread.join().expect("prober");
+        }
+        let sent = *self.sent.lock().unwrap();
+        (sent, self.failures.lock().unwrap().clone())
+    }
+}
+
+/// SIGTERM without waiting for the exit.
+fn sigterm(agent: &Agent) {
+    // SAFETY: a signal to a child of this test.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+}
+
+/// 20 upgrades (a new agent on the same addresses, then SIGTERM to the old one) while 100
+/// hooks across 20 pods wait, 5 per upgrade, on the in-pod and the node listeners:
+/// - "held" pods (0-9) keep 2 connections to their service for the whole test: their hooks
+///   (timeout 6s) are answered 503, `active:2`, not drained and *not* `agent_shutdown`, at
+///   their timeout, by the old agent during its grace;
+/// - "closing" pods (10-19) get 2 connections before each round's hooks, closed 300 ms
+///   after the old agent's SIGTERM: their hooks (timeout 60s) are answered 200 drained.
+///
+/// Meanwhile probes hit the node listener and two in-pod listeners in a loop: 0 refused
+/// connections and 0 empty replies over all the swaps.
+#[test]
+fn twenty_upgrades_lose_no_hook() {
+    if !kernel_available("twenty_upgrades_lose_no_hook") {
+        return;
+    }
+    const PODS: usize = 20;
+    const UPGRADES: usize = 20;
+    let pods = make_pods(PODS);
+    // Each pod's service on a port of its own, so the node listener's answer is that pod's.
+    let base = 42_000 + (std::process::id() % 1_000) as u16 * 10;
+    let service_ports: Vec<u16> = (0..PODS).map(|i| base + i as u16).collect();
+    let servers: Vec<Server> = pods
+        .iter()
+        .zip(&service_ports)
+        .map(|(pod, port)| pod.listen(*port))
+        .collect();
+    let _held: Vec<Vec<TcpStream>> = (0..PODS / 2)
+        .map(|i| connect(&pods[i].ip, service_ports[i], 2, &servers[i]))
+        .collect();
+    let port = free_port();
+    let pod_port = free_port();
+    // The default --shutdown-grace (20s) is longer than every hook's timeout.
+    let mut old = start_agent(port, pod_port, PODS, &[]);
+    let prober = Prober::start(vec![
+        (None, node(port), "/healthz".to_owned()),
+        (
+            Some(pods[0].netns.path()),
+            node(pod_port),
+            "/healthz".to_owned(),
+        ),
+        (
+            Some(pods[PODS - 1].netns.path()),
+            node(pod_port),
+            format!("/drained?port={}&timeout=0", service_ports[PODS - 1]),
+        ),
+    ]);
+    let started = Instant::now();
+    let mut answered = 0;
+    for round in 0..UPGRADES {
+        // Two closing pods and three held ones this round.
+        let closing: Vec<usize> = (0..2)
+            .map(|k| PODS / 2 + (round * 2 + k) % (PODS / 2))
+            .collect();
+        let held: Vec<usize> = (0..3).map(|k| (round * 3 + k) % (PODS / 2)).collect();
+        let closing_clients: Vec<Vec<TcpStream>> = closing
+            .iter()
+            .map(|&i| connect(&pods[i].ip, service_ports[i], 2, &servers[i]))
+            .collect();
+        old.expect_active(service_ports[closing[0]], 2);
+        old.expect_active(service_ports[closing[1]], 2);
+        let hooks: Vec<_> = held
+            .iter()
+            .map(|&i| (i, false, "6s"))
+            .chain(closing.iter().map(|&i| (i, true, "60s")))
+            .enumerate()
+            .map(|(h, (i, closes, timeout))| {
+                let in_pod = (round + h) % 2 == 0;
+                let netns = in_pod.then(|| pods[i].netns.path());
+                let addr = if in_pod { node(pod_port) } else { node(port) };
+                let path = format!("/drained?port={}&timeout={timeout}", service_ports[i]);
+                let hook = thread::spawn(move || single_shot(netns.as_deref(), addr, &path));
+                (i, closes, in_pod, hook)
+            })
+            .collect();
+        old.wait_for_waiters(5);
+        let new = start_agent(port, pod_port, PODS, &[]);
+        let swapped = Instant::now();
+        sigterm(&old);
+        thread::sleep(Duration::from_millis(300));
+        // Both ends: a connection the client closed is in CLOSE_WAIT, still counted, until
+        // the service closes it too.
+        drop(closing_clients);
+        for &i in &closing {
+            servers[i].close_all();
+        }
+        for (i, closes, in_pod, hook) in hooks {
+            let answer = hook.join().expect("hook thread").unwrap_or_else(|why| {
+                panic!("round {round}: hook on pod {i} (in pod: {in_pod}) failed: {why}")
+            });
+            let what = format!("round {round}, pod {i}, in pod {in_pod}: {answer:?}");
+            if closes {
+                assert_eq!(answer.status, 200, "{what}");
+                assert_eq!(answer.body["drained"], true, "{what}");
+            } else {
+                assert_eq!(answer.status, 503, "{what}");
+                assert_eq!(answer.body["drained"], false, "{what}");
+                assert_eq!(answer.body["active"], 2, "{what}");
+                assert!(
+                    answer
+                        .body
+                        .get("reason")
+                        .is_none_or(serde_json::Value::is_null),
+                    "{what}"
+                );
+                assert!(answer.retry_after.is_none(), "{what}");
+            }
+            answered += 1;
+        }
+        let (status, took) = {
+            let status = old.stop();
+            (status, swapped.elapsed())
+        };
+        assert!(status.success(), "round {round}: old agent exit {status:?}");
+        println!("round {round}: old agent exited {took:?} after the new one served");
+        old = new;
+    }
+    let (sent, failures) = prober.finish();
+    println!(
+        "{UPGRADES} upgrades in {:?}: {answered} hooks answered right; {sent} probe requests, {} failed",
+        started.elapsed(),
+        failures.len()
+    );
+    assert_eq!(answered, 100);
+    assert!(failures.is_empty(), "failed probes: {failures:#?}");
+    assert!(old.stop().success());
+}
+
+/// A second agent started beside a running one serves every pod's listener (and the node's)
+/// within 1 s of the first one's `kill -9`.
+#[test]
+fn a_second_agent_takes_over_when_the_first_dies() {
+    if !kernel_available("a_second_agent_takes_over_when_the_first_dies") {
+        return;
+    }
+    const PODS: usize = 4;
+    let pods = make_pods(PODS);
+    let service = free_port();
+    let servers: Vec<Server> = pods.iter().map(|pod| pod.listen(service)).collect();
+    let _clients: Vec<Vec<TcpStream>> = pods
+        .iter()
+        .zip(&servers)
+        .map(|(pod, server)| connect(&pod.ip, service, 1, server))
+        .collect();
+    let port = free_port();
+    let pod_port = free_port();
+    let first = start_agent(port, pod_port, PODS, &[]);
+    let second = start_agent(port, pod_port, PODS, &[]);
+    // SAFETY: a signal to a child of this test.
+    unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
+    let killed = Instant::now();
+    let path = format!("/drained?port={service}&timeout=0");
+    for pod in &pods {
+        let answer = single_shot(Some(&pod.netns.path()), node(pod_port), &path)
+            .unwrap_or_else(|why| panic!("in-pod hook after the kill: {why}"));
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.body["active"], 1, "{answer:?}");
+    }
+    let answer = single_shot(None, node(port), "/healthz").expect("node listener");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let took = killed.elapsed();
+    println!("every listener answered by the second agent {took:?} after kill -9 of the first");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    drop(second);
+    drop(first);
+}
+
+/// SIGTERM with 50 `timeout=10m` waiters on a service with a held connection: after the
+/// grace, all 50 get 503 `"reason":"agent_shutdown"` with `Retry-After`, none dropped.
+#[test]
+fn sigterm_answers_fifty_long_waiters_after_the_grace() {
+    if !kernel_available("sigterm_answers_fifty_long_waiters_after_the_grace") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let service = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", service)).expect("connect");
+    server.wait_accepted(1);
+    let mut agent = Agent::start(&["--shutdown-grace", "2s"]);
+    agent.expect_active(service, 1);
+    let port = agent.port;
+    let waiters: Vec<_> = (0..50)
+        .map(|_| {
+            let path = format!("/drained?port={service}&timeout=10m");
+            thread::spawn(move || single_shot(None, node(port), &path))
+        })
+        .collect();
+    agent.wait_for_waiters(50);
+    let stopping = Instant::now();
+    let status = agent.stop();
+    assert!(status.success(), "{status:?}");
+    for waiter in waiters {
+        let answer = waiter.join().expect("waiter").expect("answered");
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.body["reason"], "agent_shutdown", "{answer:?}");
+        assert_eq!(answer.retry_after.as_deref(), Some("1"), "{answer:?}");
+    }
+    let took = stopping.elapsed();
+    println!("SIGTERM: 50 waiters answered agent_shutdown, agent exited after {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "the grace was kept: {took:?}"
+    );
+}
+
+/// Connections queued in the old agent's accept queue when its listener closes are served
+/// by the new agent (the migrate program, kernel/reuseport.rs): the old agent is stopped
+/// (SIGSTOP) so that it accepts nothing, connections are opened and their requests sent
+/// (about half land in its queue by the kernel's hash), then it is killed.
+#[test]
+fn queued_connections_move_to_the_next_agent() {
+    if !kernel_available("queued_connections_move_to_the_next_agent") {
+        return;
+    }
+    let port = free_port();
+    let old = Agent::start_on(port, &[]);
+    let new = Agent::start_on(port, &[]);
+    wait_until("the second agent serves", Duration::from_secs(30), || {
+        let log = new.log_text();
+        assert!(!log.contains("ERROR"), "the second agent failed:\n{log}");
+        log.contains("serving on http://")
+    });
+    // SAFETY: signals to a child of this test.
+    unsafe { libc::kill(old.pid() as i32, libc::SIGSTOP) };
+    let streams: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut stream = TcpStream::connect(node(port)).expect("connect");
+            write!(
+                stream,
+                "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .expect("send");
+            stream
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let queued = listener_queue(port);
+    // SAFETY: a signal to a child of this test.
+    unsafe { libc::kill(old.pid() as i32, libc::SIGKILL) };
+    let mut failed = Vec::new();
+    for (n, mut stream) in streams.into_iter().enumerate() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut raw = Vec::new();
+        match stream.read_to_end(&mut raw) {
+            Ok(_) if raw.starts_with(b"HTTP/1.1 200") => {}
+            Ok(_) => failed.push(format!("{n}: {:?}", String::from_utf8_lossy(&raw))),
+            Err(e) => failed.push(format!("{n}: {e}")),
+        }
+    }
+    println!("{queued} connection(s) were queued on the stopped agent's listener");
+    assert!(
+        queued > 0,
+        "the test proves nothing: no connection was queued on the old agent"
+    );
+    assert!(failed.is_empty(), "{failed:#?}");
+    drop(new);
+}
+
+/// The accept queue lengths of the listeners on `port` (`ss -ltn`: Recv-Q of a listener),
+/// summed.
+fn listener_queue(port: u16) -> u64 {
+    let output = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// An agent of an older version did not share its listener (no `SO_REUSEPORT`): a new agent
+/// on its address does not fail its start but retries until the old one is gone. Here a
+/// plain listener holds the address for 2 s.
+#[test]
+fn a_new_agent_waits_for_an_unshared_listener_to_go() {
+    if !kernel_available("a_new_agent_waits_for_an_unshared_listener_to_go") {
+        return;
+    }
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let released = thread::spawn(move || {
+        thread::sleep(Duration::from_secs(2));
+        drop(holder);
+        Instant::now()
+    });
+    // Waits until /healthz answers: only the new agent can, once it has the address.
+    let agent = Agent::start_on(port, &[]);
+    let released = released.join().expect("holder");
+    let log = agent.log_text();
+    assert!(
+        log.contains("is in use by a socket that does not share it"),
+        "{log}"
+    );
+    assert!(log.contains("is free again"), "{log}");
+    println!(
+        "the agent served {:?} after the unshared listener closed",
+        released.elapsed()
+    );
+}
