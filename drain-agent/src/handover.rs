@@ -10,7 +10,7 @@
 //! and the DaemonSet do. An agent of a version that did not set `SO_REUSEPORT` makes the
 //! bind fail with `EADDRINUSE` until it stops: the node's listeners are then retried for up
 //! to [`BIND_RETRY_FOR`] (the old agent is about to stop), the in-pod ones on every rescan
-//! (`pods.rs`).
+//! (`pods.rs`). An address held by another program fails the start at once.
 
 use std::{
     net::SocketAddr,
@@ -95,9 +95,13 @@ impl Handover {
         let listener = loop {
             match self.bind(addr) {
                 Ok(listener) => break listener,
+                // Waited for only while the holder is an agent (an older version being
+                // replaced): another program on the address (node_exporter on 9100) is a
+                // start-up error at once, naming the address.
                 Err(problem)
                     if problem.kind() == std::io::ErrorKind::AddrInUse
-                        && started.elapsed() < BIND_RETRY_FOR =>
+                        && started.elapsed() < BIND_RETRY_FOR
+                        && holder_of(addr).is_ok_and(|holder| holder != Holder::Application) =>
                 {
                     if !told {
                         warn!(

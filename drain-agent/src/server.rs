@@ -6,11 +6,11 @@
 //!
 //! - **Connection cap** ([`ServerLimits::max_connections`], kept below the open-file limit
 //!   so `accept` does not run out of file descriptors). At the cap, a new connection takes
-//!   the place of the *oldest idle* connection (one with no request in a handler: kept
-//!   alive between requests, or silent for [`FIRST_REQUEST_GRACE`] since it was accepted),
-//!   which is closed. A connection just accepted is not idle: its request is on its way (a
-//!   burst of 600 hooks evicted 87 of its own before their requests were read, each an
-//!   early EOF or a reset: `tests/overload.rs`). Why not "stop accepting until one frees": new connections would queue in the
+//!   the place of the *oldest idle* connection (one with no request in a handler and none
+//!   on its way: kept alive between requests, or holding a socket silent), which is closed.
+//!   A connection with received bytes not read yet, or accepted within 250 ms, is not
+//!   idle: a burst of 600 hooks evicted 87 of its own before their requests were read, each
+//!   an early EOF or a reset (`tests/overload.rs`). Why not "stop accepting until one frees": new connections would queue in the
 //!   kernel's backlog behind the idle ones, and a stop hook would wait for idle sockets to
 //!   time out. Why not "accept and close at once": anyone holding `max_connections` idle
 //!   sockets would shut everyone else out. Evicting the oldest idle one lets a well-behaved
@@ -263,9 +263,10 @@ pub async fn serve_handing_over(
                 }
             })
         };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
         let connection = graceful.watch(builder.serve_connection(io, service));
-        slots.open_slot(&mut tasks, activity, async move {
+        slots.open_slot(&mut tasks, activity, fd, async move {
             if let Err(problem) = connection.await {
                 debug!("{peer}: connection ended: {problem}");
             }
@@ -407,13 +408,18 @@ struct SlotMap {
 struct Slot {
     activity: Arc<Activity>,
     opened: Instant,
+    /// The connection's socket (see [`unread_bytes`]).
+    fd: std::os::fd::RawFd,
     abort: AbortHandle,
 }
 
-/// How long a connection that has sent no request yet is not idle: a client sends its
-/// request right after it connects, and a burst of them must not evict each other before
-/// the agent reads them; a client that holds sockets open without asking is evicted after.
+/// A connection that has sent no request within this long after it was accepted is idle,
+/// whatever it sent: a client trickling its request head, or holding a socket silent.
 pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// A connection accepted this recently is not idle even with nothing received yet: a
+/// client writes its request right after it connects, and the agent may accept it first.
+const CONNECT_GRACE: Duration = Duration::from_millis(250);
 
 /// What a connection is doing, for the cap.
 #[derive(Default)]
@@ -425,12 +431,40 @@ struct Activity {
 }
 
 impl Slot {
-    /// Idle: no request in a handler, and either one was served (kept alive between
-    /// requests) or none came within [`FIRST_REQUEST_GRACE`].
+    /// Idle, evictable: no request in a handler, and none on its way — nothing received
+    /// and not read yet, and not accepted within [`CONNECT_GRACE`]; or no request at all
+    /// within [`FIRST_REQUEST_GRACE`]. A burst of hooks at the cap must not evict its own
+    /// members before their requests are read (600 at once lost 87 that way, each an early
+    /// EOF or a reset: `tests/overload.rs`); sockets held silent are evicted at once.
     fn idle(&self) -> bool {
-        self.activity.in_flight.load(Ordering::Acquire) == 0
-            && (self.activity.requests.load(Ordering::Acquire) > 0
-                || self.opened.elapsed() >= FIRST_REQUEST_GRACE)
+        if self.activity.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let age = self.opened.elapsed();
+        let asked = self.activity.requests.load(Ordering::Acquire) > 0;
+        if !asked && age >= FIRST_REQUEST_GRACE {
+            return true;
+        }
+        if !asked && age < CONNECT_GRACE {
+            return false;
+        }
+        unread_bytes(self.fd) == 0
+    }
+}
+
+/// Bytes received on the socket `fd` and not read yet (`FIONREAD`, i.e. `SIOCINQ` for
+/// TCP). A descriptor closed meanwhile (its connection ended; its slot goes next) reads
+/// as nothing pending, and a number reused by a newer socket only makes this look busy:
+/// both at worst keep a connection that is about to go anyway.
+fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which lives for the call; any
+    // descriptor number is safe to pass (a closed one fails with EBADF).
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut pending) };
+    if rc == 0 {
+        usize::try_from(pending).unwrap_or(0)
+    } else {
+        0
     }
 }
 
@@ -478,6 +512,7 @@ impl Slots {
         self: &Arc<Self>,
         tasks: &mut JoinSet<()>,
         activity: Arc<Activity>,
+        fd: std::os::fd::RawFd,
         work: impl Future<Output = ()> + Send + 'static,
     ) {
         // Held while spawning, so the task's guard cannot remove the slot before it exists.
@@ -497,6 +532,7 @@ impl Slots {
             Slot {
                 activity,
                 opened: Instant::now(),
+                fd,
                 abort,
             },
         );
@@ -906,8 +942,8 @@ mod tests {
         for _ in 0..4 {
             idle.push(TcpStream::connect(server.addr).await.expect("connect"));
         }
-        // Silent past the grace: idle.
-        tokio::time::sleep(FIRST_REQUEST_GRACE + Duration::from_millis(200)).await;
+        // Silent past the connect grace: idle.
+        tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
         let answer = request(server.addr, "/healthz").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.ends_with("ok"), "{answer}");
