@@ -116,6 +116,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         no_seed: args.no_seed,
         preallocate_sockets: args.preallocate_sockets,
         pod_port: args.pod_listen.map_or(0, |addr| addr.port()),
+        pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     })?;
     // The agent's own API connections are not a service's: they take no slot.
     let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
@@ -152,6 +153,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     kernel.release_load_time_memory();
     let attach = kernel.attach_method();
+    let kernel_state = kernel.state();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
     let skip_task = tasks.watch(
@@ -177,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
+    metrics.register_kernel_state(kernel_state)?;
     let method = {
         let kernel = kernel
             .lock()
