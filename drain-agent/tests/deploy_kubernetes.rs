@@ -328,6 +328,9 @@ fn spawn_foreign_holder(port: u16) -> Guard {
 /// the systemd unit runs it) and returns its /connections once it is healthy.
 fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
     let port = common::free_port();
+    // The agent pins its kernel state as the DaemonSet's does (into a directory of this
+    // test's own): pinning must work with these capabilities too.
+    let pins = common::PinDir::new();
     let bounding: Vec<String> = capabilities
         .iter()
         .map(|c| format!("+{}", c.to_ascii_lowercase()))
@@ -339,6 +342,8 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
             .arg("--no-new-privs")
             .arg(common::agent_binary())
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--pin-dir")
+            .arg(&pins.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
