@@ -179,7 +179,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
-    metrics.register_kernel_state(kernel_state)?;
+    metrics.register_kernel_state(Arc::clone(&kernel_state))?;
     let method = {
         let kernel = kernel
             .lock()
@@ -330,7 +330,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
     drop(kernel);
-    info!("programs detached; bye");
+    if kernel_state.pinned() {
+        info!("programs released; the pinned handler counts on for the next agent; bye");
+    } else {
+        info!("programs detached; bye");
+    }
     Ok(())
 }
 

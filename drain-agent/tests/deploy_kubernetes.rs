@@ -192,6 +192,16 @@ fn kubernetes_manifests_agree_with_each_other() {
         mounts["/run/netns"]["mountPropagation"], "HostToContainer",
         "namespaces named later show up"
     );
+    // The pinned kernel state (--pin-dir) lives in the host's bpffs, written by the agent.
+    let bpffs = mounts.get("/sys/fs/bpf").expect("/sys/fs/bpf mounted");
+    assert_ne!(bpffs["readOnly"], true, "/sys/fs/bpf is written (pins)");
+    let bpffs_volume = daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == bpffs["name"])
+        .expect("the bpffs volume");
+    assert_eq!(bpffs_volume["hostPath"]["path"], "/sys/fs/bpf");
 
     // Discovery: the Service and the PodMonitor select the agent's pods and port.
     let labels = &daemonset["spec"]["template"]["metadata"]["labels"];
