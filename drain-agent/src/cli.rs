@@ -109,7 +109,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Block until a port is drained, by asking a running agent (for images without curl).
     /// Exit status: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
     Wait(WaitArgs),

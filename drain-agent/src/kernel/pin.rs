@@ -362,7 +362,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: a valid C string and a statfs struct to fill.
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
+        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
     }
 }
 
