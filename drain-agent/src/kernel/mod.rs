@@ -492,6 +492,15 @@ impl Kernel {
             pin_lock: Arc::default(),
         };
         if adopt.is_some() {
+            // A failed pod listener count stops steering for good, in the maps: adopting
+            // them would keep it stopped across restarts. New state counts afresh.
+            ensure!(
+                kernel
+                    .maps
+                    .error_count(drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED)?
+                    == 0,
+                "a pod listener count failed in it (steering stopped for good)"
+            );
             kernel.clear_dead_agents_marks()?;
         }
         Ok(kernel)
