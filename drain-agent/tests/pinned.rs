@@ -424,3 +424,48 @@ fn a_second_agent_waits_for_the_lock_then_owns_the_pins() {
         "the third agent counts on from the second's state"
     );
 }
+
+/// The agent refuses, at start and naming why, a pin directory it should not trust: not on
+/// bpffs, open to other users, owned by another user (pins there are programs and maps it
+/// would run and trust).
+#[test]
+fn an_unsafe_pin_directory_is_refused() {
+    let test = "an_unsafe_pin_directory_is_refused";
+    if !kernel_available(test) {
+        return;
+    }
+    use std::os::unix::fs::{PermissionsExt as _, chown};
+    // An agent mounts bpffs at /sys/fs/bpf if nothing is there (under a lock, so that agents
+    // starting at once mount it once): the directories below are made in it.
+    drop(Agent::start(&[]));
+    let not_bpffs = common::temp_dir("drain-agent-pins-");
+    let open_to_all = PinDir::new();
+    std::fs::create_dir(&open_to_all.path).expect("mkdir");
+    std::fs::set_permissions(&open_to_all.path, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let foreign = PinDir::new();
+    std::fs::create_dir(&foreign.path).expect("mkdir");
+    std::fs::set_permissions(&foreign.path, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    chown(&foreign.path, Some(65_534), Some(65_534)).expect("chown");
+    for (dir, why) in [
+        (not_bpffs.path().to_path_buf(), "is not on bpffs"),
+        (
+            open_to_all.path.clone(),
+            "is open to other users (mode 755)",
+        ),
+        (foreign.path.clone(), "is owned by uid 65534, not root"),
+    ] {
+        let output = std::process::Command::new(common::agent_binary())
+            .args(["run", "--listen", "127.0.0.1:0", "--pin-dir"])
+            .arg(&dir)
+            .output()
+            .expect("run the agent");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(why),
+            "{}: {:?}\n{stderr}",
+            dir.display(),
+            output.status
+        );
+    }
+}

@@ -303,22 +303,7 @@ pub(super) fn program_pin(method: AttachMethod) -> String {
 /// nothing is mounted there.
 fn make(root: &Path) -> Result<()> {
     if root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
-        info!("bpffs is not mounted; mounting it at {BPFFS}");
-        let target = CString::new(BPFFS).context("bpffs path")?;
-        // SAFETY: valid NUL-terminated strings; the data argument is a C string.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                c"mode=0700".as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("cannot mount bpffs at {BPFFS}"));
-        }
+        mount_bpffs()?;
     }
     match fs::DirBuilder::new().mode(0o700).create(root) {
         Ok(()) => Ok(()),
@@ -327,6 +312,43 @@ fn make(root: &Path) -> Result<()> {
             Err(error).with_context(|| format!("cannot make the pin directory {}", root.display()))
         }
     }
+}
+
+/// Mounts bpffs at [`BPFFS`], unless another process did meanwhile. Two agents starting at
+/// once would otherwise both mount it, the second instance hiding the first and the pins
+/// in it (their handlers attached, out of reach of `rm -r`). So the check and the mount are
+/// made under a `flock` of the mount point as opened before the mount (sysfs's directory):
+/// whoever waited finds bpffs there afterwards.
+fn mount_bpffs() -> Result<()> {
+    let mount_point = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(BPFFS)
+        .with_context(|| format!("cannot open {BPFFS}"))?;
+    // SAFETY: flock on an fd we own; released when `mount_point` is closed.
+    if unsafe { libc::flock(mount_point.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("cannot lock {BPFFS}"));
+    }
+    if is_bpffs(Path::new(BPFFS)) {
+        return Ok(());
+    }
+    info!("bpffs is not mounted; mounting it at {BPFFS}");
+    let target = CString::new(BPFFS).context("bpffs path")?;
+    // SAFETY: valid NUL-terminated strings; the data argument is a C string.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot mount bpffs at {BPFFS}"));
+    }
+    Ok(())
 }
 
 /// Refuses a pin directory another user could have prepared or can write into: pins there
