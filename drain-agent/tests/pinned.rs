@@ -282,9 +282,32 @@ fn connections_while_no_agent_runs_are_counted_by_the_pinned_handler() {
             .expect("repairs metric"),
         0.0
     );
+    // A waiter is woken by the pinned handler's events, read from the pinned ring buffer:
+    // with nothing doubted (the repair walk ran), nothing else would wake it before its
+    // 30 s timeout.
+    let url = second.url.clone();
+    let port = service.port;
+    let waiter = std::thread::spawn(move || {
+        let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+        let asked = Instant::now();
+        let answer = common::http::get_url(
+            &url,
+            &format!("/drained?port={port}&timeout=30s"),
+            Duration::from_secs(60),
+        );
+        (answer, asked.elapsed())
+    });
+    second.wait_for_waiters(1);
+    let closed = Instant::now();
     service.close(9);
-    let (status, body) = second.get_json(&format!("/drained?port={}&timeout=10s", service.port));
+    let (answer, _) = waiter.join().expect("waiter");
+    let woken = closed.elapsed();
+    let (status, body) = answer.expect("an answer");
     assert_eq!(status, 200, "{body}");
+    assert!(
+        woken < Duration::from_secs(5),
+        "the waiter was answered {woken:?} after the last close (not woken by an event?)"
+    );
 }
 
 /// A pin directory holding another layout (other sizes) is not adopted: the new agent loads
