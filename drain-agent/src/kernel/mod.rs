@@ -257,31 +257,36 @@ impl Kernel {
             );
             return Ok(());
         };
-        let Some(publication) = self.publication.take() else {
-            if self.state.origin == Origin::Adopted {
-                pins.remove_others();
-                *self.pin_lock.lock().unwrap_or_else(PoisonError::into_inner) = Some(pins);
-            } else {
-                warn!(
+        if held {
+            match self.publication.take() {
+                // Adopted: the pins are in place already.
+                None if self.state.origin == Origin::Adopted => {}
+                None => warn!(
                     "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
                     self.attach
-                );
-            }
-            return Ok(());
-        };
-        if held {
-            match pins.publish(&publication) {
-                Ok(()) => {
-                    self.state = Arc::new(KernelState::new(Origin::New, true));
-                    info!("kernel state pinned at {}", pins.layout_display());
-                }
-                Err(problem) => warn!(
-                    "kernel state is not pinned (counting stops when the agent stops): {problem:#}"
                 ),
+                Some(publication) => match pins.publish(&publication) {
+                    Ok(()) => {
+                        self.state = Arc::new(KernelState::new(Origin::New, true));
+                        info!("kernel state pinned at {}", pins.layout_display());
+                    }
+                    Err(problem) => warn!(
+                        "kernel state is not pinned (counting stops when the agent stops): {problem:#}"
+                    ),
+                },
             }
+            // Whatever this agent pinned, other layouts are stale, and its handler is in place.
+            pins.remove_others();
             *self.pin_lock.lock().unwrap_or_else(PoisonError::into_inner) = Some(pins);
             return Ok(());
         }
+        let Some(publication) = self.publication.take() else {
+            warn!(
+                "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
+                self.attach
+            );
+            return Ok(());
+        };
         info!(
             "kernel state made new, not pinned for now: another agent holds {} (an upgrade's overlap); this agent counts with state of its own and pins it there when that agent is gone",
             pins.root_display()

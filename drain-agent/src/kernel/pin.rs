@@ -245,9 +245,8 @@ impl PinDir {
             .collect()
     }
 
-    /// Pins `state` as this layout's (replacing what is there), then removes every other
-    /// layout: their handlers detach when their last pin goes. Call with the lock held and
-    /// this agent's handler attached.
+    /// Pins `state` as this layout's, replacing what is there (its handler detaches when its
+    /// last pin goes). Call with the lock held and this agent's handler attached.
     pub(super) fn publish(&self, state: &Publication) -> Result<()> {
         let dir = self.layout_dir();
         if dir.exists() {
@@ -272,12 +271,12 @@ impl PinDir {
             let _ = fs::remove_dir_all(&dir);
             return Err(problem);
         }
-        self.remove_others();
         Ok(())
     }
 
     /// Removes every layout but this one (after this agent's handler is attached, or its
-    /// adopted one is in place).
+    /// adopted one is in place): their handlers detach when their last pin goes, instead of
+    /// counting on into maps nobody reads.
     pub(super) fn remove_others(&self) {
         for name in self.others() {
             let path = self.root.join(&name);
@@ -424,6 +423,7 @@ pub(super) fn publish_when_free(
                 }
                 Err(problem) => warn!("cannot pin the kernel state: {problem:#}"),
             }
+            pins.remove_others();
             // The lock is held as long as the kernel state (the agent's life).
             *held.lock().unwrap_or_else(PoisonError::into_inner) = Some(pins);
             drop(state);
