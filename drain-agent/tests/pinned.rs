@@ -492,3 +492,83 @@ fn an_unsafe_pin_directory_is_refused() {
         );
     }
 }
+
+/// The pinned maps of `pins`' one layout, opened as the test's own handle.
+fn pinned_map(pins: &PinDir, name: &str) -> aya::maps::Map {
+    let [layout] = layouts(pins).try_into().expect("one layout");
+    let data = aya::maps::MapData::from_pin(pins.path.join(layout).join(name)).expect(name);
+    match name {
+        "OWN_PORTS" | "FORGETTING_NOW" => aya::maps::Map::Array(data),
+        _ => aya::maps::Map::HashMap(data),
+    }
+}
+
+/// Marks a killed agent left in the pinned maps are cleared when a new agent adopts them:
+/// an own-endpoint mark on a port an application now serves (left, the handler would leave
+/// its connections uncounted: a false drained), and a sweep's marks on tracked sockets
+/// (left, their closes would stay counted until a walk).
+#[test]
+fn marks_a_killed_agent_left_are_cleared_at_adoption() {
+    let test = "marks_a_killed_agent_left_are_cleared_at_adoption";
+    if !kernel_available(test) {
+        return;
+    }
+    use aya::maps::{Array, HashMap, MapData};
+    use drain_agent_common::{OWN_BOUND, SockEntry, netns_port_key, watched_bit};
+    let pins = PinDir::new();
+    let mut first = Agent::start(&["--pin-dir", &pins.arg()]);
+    let mut service = Service::start();
+    service.open(3);
+    first.expect_active(service.port, 3);
+    kill_9(&mut first);
+    // As if the dead agent had listened on the service's port (a pod listener), and had
+    // been sweeping the service's sockets when it died.
+    let netns =
+        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
+    let mut own: HashMap<MapData, u64, u8> =
+        HashMap::try_from(pinned_map(&pins, "OWN_ENDPOINTS")).expect("OWN_ENDPOINTS");
+    own.insert(netns_port_key(netns, service.port), OWN_BOUND, 0)
+        .expect("mark");
+    let mut own_ports: Array<MapData, u64> =
+        Array::try_from(pinned_map(&pins, "OWN_PORTS")).expect("OWN_PORTS");
+    let (word, mask) = watched_bit(service.port);
+    let bits = own_ports.get(&word, 0).expect("bits");
+    own_ports.set(word, bits | mask, 0).expect("bit");
+    let sockets: HashMap<MapData, u64, SockEntry> =
+        HashMap::try_from(pinned_map(&pins, "SOCKETS")).expect("SOCKETS");
+    let mut forgetting: HashMap<MapData, u64, u8> =
+        HashMap::try_from(pinned_map(&pins, "FORGETTING")).expect("FORGETTING");
+    let ours: Vec<u64> = sockets
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| entry.key.port == service.port)
+        .map(|(sk, _)| sk)
+        .collect();
+    assert_eq!(ours.len(), 3, "the service's tracked sockets");
+    for sk in &ours {
+        forgetting.insert(sk, 1, 0).expect("forgetting");
+    }
+    let mut forgetting_now: Array<MapData, u64> =
+        Array::try_from(pinned_map(&pins, "FORGETTING_NOW")).expect("FORGETTING_NOW");
+    forgetting_now.set(0, 1, 0).expect("flag");
+
+    let second = Agent::start(&["--pin-dir", &pins.arg()]);
+    assert!(
+        state_metric(&second).contains("origin=\"adopted\""),
+        "{}",
+        state_metric(&second)
+    );
+    // New connections on the once-own port are counted at once (no walk needed)...
+    service.open(4);
+    let started = Instant::now();
+    second.expect_active(service.port, 7);
+    // ...and closes of the marked sockets un-count them at once.
+    service.close(3);
+    second.expect_active(service.port, 4);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "counts followed only after {took:?} (a walk, not the handler?)"
+    );
+    assert_eq!(ss_count(service.port, None), 4);
+}
