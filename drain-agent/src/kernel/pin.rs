@@ -376,6 +376,11 @@ fn check_safe(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `f_type` is signed in glibc's `struct statfs` and unsigned in musl's.
+fn is_bpf_magic<T: Into<i128>>(f_type: T) -> bool {
+    f_type.into() == i128::from(BPF_FS_MAGIC)
+}
+
 fn is_bpffs(path: &Path) -> bool {
     let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
@@ -383,7 +388,7 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: a valid C string and a statfs struct to fill.
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
+        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && is_bpf_magic(stat.f_type)
     }
 }
 
