@@ -112,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         no_seed: args.no_seed,
         preallocate_sockets: args.preallocate_sockets,
         pod_port: args.pod_listen.map_or(0, |addr| addr.port()),
+        pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     })?;
     // The agent's own API connections are not a service's: they take no slot.
     let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
@@ -148,6 +149,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     kernel.release_load_time_memory();
     let attach = kernel.attach_method();
+    let kernel_state = kernel.state();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
     let skip_task = tasks.watch(
@@ -173,6 +175,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach.name(),
         true,
     )?);
+    metrics.register_kernel_state(Arc::clone(&kernel_state))?;
     let method = {
         let kernel = kernel
             .lock()
@@ -343,7 +346,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
     drop(kernel);
-    info!("programs detached; bye");
+    if kernel_state.pinned() {
+        info!("programs released; the pinned handler counts on for the next agent; bye");
+    } else {
+        info!("programs detached; bye");
+    }
     Ok(())
 }
 

@@ -109,7 +109,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Block until a port is drained, by asking a running agent (for images without curl).
     /// Exit status: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
     Wait(WaitArgs),
@@ -237,6 +237,23 @@ pub struct RunArgs {
     /// are then only counted by the first repair walk (see --repair-interval).
     #[arg(long, env = "DRAIN_AGENT_NO_SEED")]
     pub no_seed: bool,
+
+    /// Pin the kernel handler and its counting maps here (bpffs, 0700 root; bpffs is mounted
+    /// at /sys/fs/bpf if nothing is): counting goes on while the agent is down, and the next
+    /// agent adopts the counts instead of seeding afresh. Remove the directory to uninstall
+    /// (that detaches the handler).
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_PIN_DIR",
+        default_value = crate::kernel::pin::DEFAULT_DIR,
+        conflicts_with = "no_pin"
+    )]
+    pub pin_dir: std::path::PathBuf,
+
+    /// Pin nothing: the handler detaches when the agent stops, and the next agent seeds its
+    /// counts with a walk of the open sockets.
+    #[arg(long, env = "DRAIN_AGENT_NO_PIN")]
+    pub no_pin: bool,
 
     /// Serve HAProxy's agent-check protocol on this address: `drain` for a port being
     /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).

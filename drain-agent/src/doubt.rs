@@ -26,6 +26,10 @@ pub enum Doubt {
     /// Connections open before the agent started were not counted (`--no-seed`) and no
     /// walk has run since.
     NotSeeded,
+    /// The counts were adopted from the pinned state of an agent that is gone, and this
+    /// agent has not walked the sockets yet: what happened while no agent watched (skipped
+    /// runs, lost connections) is not known until that walk.
+    AdoptedUnwalked,
     /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
     /// and skipped runs cannot be found.
     NoWalker,
@@ -57,7 +61,10 @@ impl Doubt {
     pub const fn degrades_health(&self) -> bool {
         !matches!(
             self,
-            Self::HandlerSkipped | Self::Unscoped { .. } | Self::PassivityUnknown { .. }
+            Self::HandlerSkipped
+                | Self::Unscoped { .. }
+                | Self::PassivityUnknown { .. }
+                | Self::AdoptedUnwalked
         )
     }
 }
@@ -75,6 +82,9 @@ impl fmt::Display for Doubt {
             Self::CountMissing => f.write_str("a close found no counters for its endpoint"),
             Self::NotSeeded => f.write_str(
                 "connections open before start were not counted (--no-seed) and no walk has run yet",
+            ),
+            Self::AdoptedUnwalked => f.write_str(
+                "the counts were adopted from the previous agent's pinned state and are not checked by a walk of the sockets yet",
             ),
             Self::NoWalker => f.write_str(
                 "this kernel cannot walk the open sockets (iter/tcp): pre-existing connections are unknown",
@@ -121,6 +131,7 @@ mod tests {
     fn routine_doubts_do_not_degrade_health() {
         assert!(!Doubt::HandlerSkipped.degrades_health());
         assert!(!Doubt::Unscoped { port: 1 }.degrades_health());
+        assert!(!Doubt::AdoptedUnwalked.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
         assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
     }

@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         None => agent::main(cli.run),
-        Some(Command::Run(args)) => agent::main(args),
+        Some(Command::Run(args)) => agent::main(*args),
         Some(Command::Wait(args)) => client::wait(&args),
         Some(Command::Status(args)) => client::status(&args),
         Some(Command::Completions { shell }) => generate::completions(shell),

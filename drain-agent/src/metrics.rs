@@ -18,6 +18,7 @@ use crate::{
     api::DrainResult,
     cli::PortSet,
     drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains},
+    kernel::KernelState,
     tracker::Tracker,
 };
 
@@ -400,6 +401,38 @@ const DRAIN_DURATION: (&str, &str) = (
     "How long drains took from start to end.",
 );
 
+const KERNEL_STATE: (&str, &str) = (
+    "drain_agent_kernel_state",
+    "Always 1; origin=\"adopted\" when the counts were adopted from the previous agent's pinned kernel state, \"new\" when this agent loaded them; pinned=\"true\" when they outlive the agent (--pin-dir).",
+);
+
+/// Where the kernel state came from, read at scrape time (an agent that waited for the pin
+/// directory's lock pins its state later).
+struct KernelStateCollector {
+    state: Arc<KernelState>,
+    desc: Desc,
+}
+
+impl Collector for KernelStateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        vec![family(
+            KERNEL_STATE,
+            MetricType::GAUGE,
+            vec![gauge(
+                &[
+                    ("origin", self.state.origin.name().to_owned()),
+                    ("pinned", self.state.pinned().to_string()),
+                ],
+                1.0,
+            )],
+        )]
+    }
+}
+
 /// The drain records' metrics, read from the registry at scrape time.
 struct DrainCollector {
     drains: Arc<Drains>,
@@ -450,6 +483,14 @@ impl Metrics {
         self.registry
             .register(collector)
             .context("cannot register a metric")
+    }
+
+    /// Adds `drain_agent_kernel_state` (adopted or new, pinned or not).
+    pub fn register_kernel_state(&self, state: Arc<KernelState>) -> Result<()> {
+        let desc = desc(KERNEL_STATE, &["origin", "pinned"])?;
+        self.registry
+            .register(Box::new(KernelStateCollector { state, desc }))
+            .context("cannot register the kernel state metric")
     }
 
     /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).

@@ -47,6 +47,8 @@ fn start_agent_with(port: u16, extra: &[&str]) -> Guard {
         "drain-agent",
         Command::new(agent_binary())
             .args(["run", "--listen", &format!("0.0.0.0:{port}")])
+            // Nothing pinned: tests run in parallel on one kernel (tests/pinned.rs pins).
+            .arg("--no-pin")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null()),

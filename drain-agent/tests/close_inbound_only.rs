@@ -388,6 +388,7 @@ fn load_kernel() -> Kernel {
         no_seed: true,
         preallocate_sockets: false,
         pod_port: 0,
+        pin_dir: None,
     })
     .expect("load the kernel side")
 }

@@ -204,6 +204,16 @@ fn kubernetes_manifests_agree_with_each_other() {
         mounts["/run/netns"]["mountPropagation"], "HostToContainer",
         "namespaces named later show up"
     );
+    // The pinned kernel state (--pin-dir) lives in the host's bpffs, written by the agent.
+    let bpffs = mounts.get("/sys/fs/bpf").expect("/sys/fs/bpf mounted");
+    assert_ne!(bpffs["readOnly"], true, "/sys/fs/bpf is written (pins)");
+    let bpffs_volume = daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == bpffs["name"])
+        .expect("the bpffs volume");
+    assert_eq!(bpffs_volume["hostPath"]["path"], "/sys/fs/bpf");
 
     // Discovery: the Service and the PodMonitor select the agent's pods and port.
     let labels = &daemonset["spec"]["template"]["metadata"]["labels"];
@@ -343,6 +353,9 @@ fn spawn_foreign_holder(port: u16) -> Guard {
 /// the systemd unit runs it) and returns its /connections once it is healthy.
 fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
     let port = common::free_port();
+    // The agent pins its kernel state as the DaemonSet's does (into a directory of this
+    // test's own): pinning must work with these capabilities too.
+    let pins = common::PinDir::new();
     let bounding: Vec<String> = capabilities
         .iter()
         .map(|c| format!("+{}", c.to_ascii_lowercase()))
@@ -354,6 +367,8 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
             .arg("--no-new-privs")
             .arg(common::agent_binary())
             .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--pin-dir")
+            .arg(&pins.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),

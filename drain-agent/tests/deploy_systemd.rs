@@ -357,6 +357,9 @@ fn systemd_drop_in_environment_moves_the_listener() {
     if !common::kernel_available(test) {
         return;
     }
+    // A pin directory of the test's own (the unit's default is the host's, and tests run in
+    // parallel on one kernel); declared first, so it is removed after the agent stopped.
+    let pins = common::PinDir::new();
     let mut process = Guard::spawn(
         "drain-agent",
         Command::new(words[0])
@@ -367,6 +370,7 @@ fn systemd_drop_in_environment_moves_the_listener() {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
             .envs(environment.iter().filter_map(|e| e.split_once('=')))
+            .env("DRAIN_AGENT_PIN_DIR", &pins.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),

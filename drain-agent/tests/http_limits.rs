@@ -53,6 +53,8 @@ impl LimitedAgent {
             "drain-agent",
             command
                 .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+                // Nothing pinned: tests run in parallel on one kernel (tests/pinned.rs pins).
+                .arg("--no-pin")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),

@@ -255,6 +255,9 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
     let _ = podman(&["rm", "--force", &name]);
     // The DaemonSet's hostPath volumes (DirectoryOrCreate for /run/netns).
     std::fs::create_dir_all("/run/netns").expect("/run/netns");
+    // And the host's bpffs, where the agent pins its kernel state: into a directory of this
+    // test's own (tests run in parallel on one kernel), removed when the test ends.
+    let pins = common::PinDir::new();
     let mut args: Vec<String> = [
         "run",
         "--detach",
@@ -288,6 +291,8 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
             "/sys/kernel/btf:/sys/kernel/btf:ro",
             "-v",
             "/run/netns:/run/netns:ro,rslave",
+            "-v",
+            "/sys/fs/bpf:/sys/fs/bpf:rslave",
         ]
         .iter()
         .map(|s| (*s).to_owned()),
@@ -299,6 +304,7 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
     args.push(image());
     args.extend(["run", "--listen"].iter().map(|s| (*s).to_owned()));
     args.push(format!("127.0.0.1:{port}"));
+    args.extend(["--pin-dir".to_owned(), pins.arg()]);
     let started = Instant::now();
     let output = podman_command()
         .args(&args)
@@ -365,6 +371,8 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
 
     let logs = text(&podman(&["logs", &container.0]));
     assert!(logs.contains("serving on"), "{logs}");
+    // The kernel state is pinned in the host's bpffs, as the DaemonSet's is.
+    assert!(logs.contains("kernel state pinned at"), "{logs}");
     // SIGTERM ends it cleanly (exit 0), as a pod's termination does.
     let stop = podman(&["stop", "--time", "10", &container.0]);
     assert!(stop.status.success(), "{}", text(&stop));

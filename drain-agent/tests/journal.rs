@@ -32,6 +32,7 @@ fn start_fails(journal: &Path) -> (String, Duration) {
             .arg("127.0.0.1:0")
             .arg("--journal")
             .arg(journal)
+            .arg("--no-pin")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),

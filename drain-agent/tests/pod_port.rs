@@ -539,3 +539,50 @@ fn every_attach_method_counts_the_applications_listener() {
         println!("{method}: the application got the port and gave it back");
     }
 }
+
+/// Steering goes on over adopted kernel state (`--pin-dir`): an agent killed with `kill -9`,
+/// an application that starts listening on the in-pod port while no agent runs (the pinned
+/// handler counts it), and the next agent, which adopts the counts, leaves the port to the
+/// application and takes it back when the application stops listening.
+#[test]
+fn steering_goes_on_over_adopted_state() {
+    let test = "steering_goes_on_over_adopted_state";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-pa{pid}-");
+    let pod = Pod::new(&format!("pa{pid}-a"), 47);
+    let pins = common::PinDir::new();
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let args = [
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pin-dir",
+        &pins.arg(),
+    ];
+    let mut first = Agent::start(&args);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&pod.netns)
+    });
+    // SAFETY: kill(2) on the agent, a child of this test.
+    let killed = unsafe { libc::kill(i32::try_from(first.pid()).expect("pid"), libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    first.stop();
+    let app = App::listen(&pod.netns, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
+    let second = Agent::start(&args);
+    assert!(
+        second.log_text().contains("kernel state adopted"),
+        "{}",
+        second.log_text()
+    );
+    reaches_app(&pod.netns, local(POD_PORT), &app);
+    drop(app);
+    wait_until(
+        "the agent to serve the pod again",
+        Duration::from_secs(5),
+        || agent_answers(&pod.netns),
+    );
+}

@@ -1,12 +1,12 @@
 //! How the state-change handler is attached: the three ways, tried in order, and what
 //! each needs from the kernel (tracefs and its record layout for the classic tracepoint).
 
-use std::{fmt, fs, path::Path};
+use std::{fmt, fs, os::fd::OwnedFd, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint, links::FdLink},
 };
 use log::info;
 
@@ -52,7 +52,15 @@ impl fmt::Display for AttachMethod {
     }
 }
 
-pub(super) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> Result<()> {
+/// Loads and attaches the handler `method` names. Returns the link as an fd of the agent's
+/// own when it is a BPF link (`tp_btf`, raw tracepoint), which can be pinned (`pin`): the
+/// handler stays attached while that fd or a pin holds it. The classic tracepoint's link is
+/// a perf event (aya 0.14 keeps it inside the program): `None`, it cannot be pinned.
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    method: AttachMethod,
+) -> Result<Option<OwnedFd>> {
     let program = ebpf
         .program_mut(method.program())
         .with_context(|| format!("the eBPF object has no program {}", method.program()))?;
@@ -60,7 +68,8 @@ pub(super) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> R
         AttachMethod::TpBtf => {
             let program: &mut BtfTracePoint = program.try_into()?;
             program.load(TRACEPOINT_NAME, btf)?;
-            program.attach()?;
+            let id = program.attach()?;
+            own_link(program.take_link(id)?.into()).map(Some)
         }
         AttachMethod::Tracepoint => {
             ensure_tracefs()?;
@@ -68,14 +77,22 @@ pub(super) fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, method: AttachMethod) -> R
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
             program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+            Ok(None)
         }
         AttachMethod::RawTracepoint => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
-            program.attach(TRACEPOINT_NAME)?;
+            let id = program.attach(TRACEPOINT_NAME)?;
+            own_link(program.take_link(id)?.into()).map(Some)
         }
     }
-    Ok(())
+}
+
+/// An fd of the agent's own on `link` (aya 0.14's `FdLink` does not lend its fd): the link
+/// stays attached while that fd or a pin of it exists, and detaches when the last goes.
+fn own_link(link: FdLink) -> Result<OwnedFd> {
+    let id = link.info().context("cannot read the handler's link")?.id();
+    super::pin::link_fd_by_id(id).context("cannot open the handler's link")
 }
 
 /// Mounts tracefs at /sys/kernel/tracing when nothing is there (the classic tracepoint

@@ -384,6 +384,7 @@ impl Btf {
 
 /// The kernel types the loader needs, found by [`Btf::loading_btf`]; small, so that the
 /// parsed kernel BTF can be dropped before [`LoadingBtf::build`] allocates.
+#[derive(Clone)]
 pub struct LoadingBtf {
     /// The wanted names, as a BTF string section.
     strings: Vec<u8>,

@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
     sync::{
         Mutex, PoisonError,
@@ -13,10 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::{
-    maps::{Array, HashMap, MapData},
-    programs::ProgramFd,
-};
+use aya::maps::{Array, HashMap, MapData};
 use drain_agent_common::{
     AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SOCK_UNSCOPED,
     STARTED_UNKNOWN, SockEntry, error_index, repair, watched_bit,
@@ -49,8 +46,9 @@ pub struct KernelMaps {
     /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
     pub(super) watched_ports: Mutex<Array<MapData, u64>>,
     pub(super) repairs: Array<MapData, u64>,
-    /// The attached handler, to read how many runs the kernel skipped.
-    pub(super) handler: ProgramFd,
+    /// The attached handler (this agent's, or the adopted one), to read how many runs the
+    /// kernel skipped.
+    pub(super) handler: OwnedFd,
     /// Repairs made by the start-up seeding walk, which are not repairs.
     pub(super) seeding_opens: AtomicU64,
     /// Runs of the handler the kernel skipped (`recursion_misses`), as last read.
@@ -65,6 +63,9 @@ pub struct KernelMaps {
     pub(super) no_walker: bool,
     /// Connections open before start were not counted (`--no-seed`).
     pub(super) not_seeded: bool,
+    /// The counts were adopted from an earlier agent's pinned state (`pin`): nothing
+    /// vouches for what happened while no agent watched until this agent's first walk.
+    pub(super) adopted: bool,
 }
 
 /// The counters of endpoints that were reclaimed, summed per port.
@@ -217,6 +218,14 @@ impl KernelMaps {
         let Some(snapshot) = &vouched.snapshot else {
             if self.not_seeded {
                 doubts.push(Doubt::NotSeeded);
+            }
+            // Adopted counts are the pinned handler's, exact while it saw every change; but
+            // runs it skipped, connections it lost and the error counters are compared with
+            // what a walk vouched for, and the agent that walked last is gone. Until this
+            // agent's first walk (a repair: it stamps what exists and fixes what was missed,
+            // it does not rebuild), every answer is confirmed with the socket tables.
+            if self.adopted {
+                doubts.push(Doubt::AdoptedUnwalked);
             }
             return Ok(doubts);
         };

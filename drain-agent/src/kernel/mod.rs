@@ -7,6 +7,7 @@ pub mod destroy;
 pub mod events;
 mod forget;
 pub mod maps;
+pub mod pin;
 mod prealloc;
 mod raw;
 mod rcu;
@@ -16,9 +17,12 @@ pub mod steer;
 pub mod walk;
 
 use std::{
-    os::fd::AsFd as _,
-    path::Path,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -31,10 +35,12 @@ use log::{debug, info, warn};
 
 use self::attach::{TRACEPOINT_CATEGORY, TRACEPOINT_NAME, attach};
 use self::btf::{Btf, LoadingBtf, VMLINUX_BTF, Wanted};
+use self::pin::{Adoptable, PinDir, Publication};
 use self::walk::load_walker;
 pub use self::{
     attach::AttachMethod,
     maps::KernelMaps,
+    pin::{KernelState, Origin},
     reclaim::{RECLAIM_IDLE, ReclaimReport},
     walk::{RepairReport, WalkReport},
 };
@@ -58,6 +64,23 @@ pub struct KernelOptions {
     /// The in-pod port of `--pod-listen` (0: none): application listeners on it are counted
     /// per namespace, and the port is steered to the agent where there are none (`steer`).
     pub pod_port: u16,
+    /// Where the handler's link and the counting maps are pinned (`pin`), adopted from an
+    /// earlier agent and left for the next one; `None`: nothing outlives the agent.
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The choices besides the object's bytes that make a pinned layout unfit for this agent:
+/// map sizes and flags, how the handler is attached, what it counts (the in-pod port, the
+/// kernel's field offsets).
+fn layout_facts(options: &KernelOptions, offsets: &drain_agent_common::KernelOffsets) -> String {
+    format!(
+        "max_connections={} max_endpoints={} preallocate_sockets={} attach={} pod_port={} offsets={offsets:?}",
+        options.max_connections,
+        options.max_endpoints,
+        options.preallocate_sockets,
+        options.attach.map_or("any", AttachMethod::name),
+        options.pod_port,
+    )
 }
 
 /// The loaded and attached programs, and the maps the agent reads.
@@ -93,6 +116,63 @@ pub struct Kernel {
     max_endpoints: u32,
     /// The in-pod port's `sk_lookup` steering, or why it cannot be used here.
     steering: Result<steer::Steering, String>,
+    /// The agent's own fd on the handler's link (none for an adopted handler, whose pin
+    /// holds it, nor for the classic tracepoint's perf link, kept inside `ebpf`): closing
+    /// it detaches the handler unless it is pinned.
+    #[expect(
+        dead_code,
+        reason = "held for its drop: closing it detaches an unpinned handler"
+    )]
+    handler_link: Option<OwnedFd>,
+    /// Where the counting state came from, and whether it is pinned.
+    state: Arc<KernelState>,
+    /// This agent's handler and shared maps, until they are pinned (`take_ownership`).
+    publication: Option<Publication>,
+    /// A pin directory was asked for.
+    pin_wanted: bool,
+    /// Tells a thread waiting for the pin directory's lock to give up (`Drop`).
+    pin_stop: Arc<AtomicBool>,
+    /// The pin directory, its lock held, once this agent owns it.
+    pin_lock: Arc<Mutex<Option<PinDir>>>,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        // A thread still waiting for the lock must not pin (and so keep attached) a handler
+        // whose agent has let go of it.
+        self.pin_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Attaches the handler with the first method of `asked` (all of them, in order, when
+/// `None`) that works.
+fn attach_first(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    asked: Option<AttachMethod>,
+) -> Result<(AttachMethod, Option<OwnedFd>)> {
+    let candidates: Vec<AttachMethod> = match asked {
+        Some(method) => vec![method],
+        None => AttachMethod::ALL.to_vec(),
+    };
+    let mut failures = Vec::new();
+    for method in candidates {
+        match attach(ebpf, btf, method) {
+            Ok(link) => {
+                info!("attached to {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} with {method}");
+                return Ok((method, link));
+            }
+            Err(error) => {
+                let why = one_line(&error);
+                warn!("cannot attach with {method}: {why}");
+                failures.push(format!("{method}: {why}"));
+            }
+        }
+    }
+    Err(anyhow!(
+        "cannot attach to the {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} tracepoint (Linux >= 4.16 needed) in any way: {}",
+        failures.join("; ")
+    ))
 }
 
 /// The kernel types the loader looks up by id: the `tp_btf` handler's tracepoint, the
@@ -107,7 +187,8 @@ fn loading_btf(btf: &Btf) -> Result<LoadingBtf> {
 }
 
 impl Kernel {
-    /// Loads the programs and attaches the state-change handler (not yet seeded).
+    /// Loads the programs and attaches the state-change handler (not yet seeded), or, with
+    /// a pin directory (`pin`), adopts the handler and maps an earlier agent pinned there.
     pub fn load(options: &KernelOptions) -> Result<Self> {
         ensure!(
             options.max_connections > 0,
@@ -123,57 +204,192 @@ impl Kernel {
         let (offsets, loading) = Btf::from_file(Path::new(VMLINUX_BTF))
             .and_then(|btf| Ok((btf.kernel_offsets()?, loading_btf(&btf)?)))
             .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
-        let aya_btf = loading.build()?;
         debug!("kernel offsets: {offsets:?}");
+        let pins = match &options.pin_dir {
+            Some(dir) => PinDir::open(
+                dir,
+                pin::layout_name(EBPF_OBJECT, &layout_facts(options, &offsets)),
+            )?,
+            None => None,
+        };
+        let held = pins.as_ref().map(PinDir::try_lock).transpose()?;
+        let mut adopted = None;
+        if let (Some(pins), Some(true)) = (&pins, held) {
+            match pins.adoptable() {
+                Some(found) => {
+                    match Self::load_from(options, &offsets, loading.clone().build()?, Some(&found))
+                    {
+                        Ok(kernel) => {
+                            info!(
+                                "kernel state adopted from {}: the pinned handler kept counting while no agent ran (attached with {}); a repair walk checks it before it is vouched for",
+                                found.dir.display(),
+                                found.method
+                            );
+                            adopted = Some(kernel);
+                        }
+                        Err(problem) => warn!(
+                            "kernel state made new: cannot adopt the pinned state at {} ({problem:#}); it is replaced once this agent's handler is attached",
+                            found.dir.display()
+                        ),
+                    }
+                }
+                None => info!("kernel state made new: {}", pins.why_not_adopted()),
+            }
+        }
+        let mut kernel = match adopted {
+            Some(kernel) => kernel,
+            None => Self::load_from(options, &offsets, loading.build()?, None)?,
+        };
+        kernel.take_ownership(pins, held.unwrap_or(false))?;
+        Ok(kernel)
+    }
+
+    /// What happens to the pin directory once the state is loaded (see `pin`): the lock
+    /// holder keeps what it adopted or pins what it made, and removes every other layout
+    /// (only now, with its handler in place); an agent that found the lock held pins its
+    /// state when the other agent is gone.
+    fn take_ownership(&mut self, pins: Option<PinDir>, held: bool) -> Result<()> {
+        let Some(pins) = pins else {
+            if self.pin_wanted {
+                // `PinDir::open` said why.
+                return Ok(());
+            }
+            info!(
+                "kernel state made new and not pinned (--no-pin): counting stops when the agent stops"
+            );
+            return Ok(());
+        };
+        if held {
+            match self.publication.take() {
+                // Adopted: the pins are in place already.
+                None if self.state.origin == Origin::Adopted => {}
+                None => warn!(
+                    "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
+                    self.attach
+                ),
+                Some(publication) => match pins.publish(&publication) {
+                    Ok(()) => {
+                        self.state = Arc::new(KernelState::new(Origin::New, true));
+                        info!("kernel state pinned at {}", pins.layout_display());
+                    }
+                    Err(problem) => warn!(
+                        "kernel state is not pinned (counting stops when the agent stops): {problem:#}"
+                    ),
+                },
+            }
+            // Whatever this agent pinned, other layouts are stale, and its handler is in place.
+            pins.remove_others();
+            *self.pin_lock.lock().unwrap_or_else(PoisonError::into_inner) = Some(pins);
+            return Ok(());
+        }
+        let Some(publication) = self.publication.take() else {
+            warn!(
+                "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
+                self.attach
+            );
+            return Ok(());
+        };
+        info!(
+            "kernel state made new, not pinned for now: another agent holds {} (an upgrade's overlap); this agent counts with state of its own and pins it there when that agent is gone",
+            pins.root_display()
+        );
+        pin::publish_when_free(
+            pins,
+            publication,
+            Arc::clone(&self.state),
+            Arc::clone(&self.pin_stop),
+            Arc::clone(&self.pin_lock),
+        )
+    }
+
+    fn load_from(
+        options: &KernelOptions,
+        offsets: &drain_agent_common::KernelOffsets,
+        aya_btf: aya::Btf,
+        adopt: Option<&Adoptable>,
+    ) -> Result<Self> {
         let mut object = destroy::link_kfuncs(EBPF_OBJECT, &aya_btf)?;
         if options.preallocate_sockets {
             prealloc::preallocate(object.bytes_mut(), "SOCKETS")?;
         }
         // No target BTF: the programs have no CO-RE relocations (offsets are a global).
-        let mut ebpf = btf::loader_without_kernel_btf()
+        let mut loader = btf::loader_without_kernel_btf();
+        loader
             .btf(None)
-            .override_global("KERNEL_OFFSETS", &offsets, true)
+            .override_global("KERNEL_OFFSETS", offsets, true)
             .override_global("POD_PORT", &options.pod_port, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
-            .map_max_entries("LISTENERS", options.max_endpoints)
-            .load(object.bytes())
-            .context("cannot load the eBPF object (is the agent running as root, or with CAP_BPF and CAP_PERFMON?)")?;
-
-        let candidates: Vec<AttachMethod> = match options.attach {
-            Some(method) => vec![method],
-            None => AttachMethod::ALL.to_vec(),
-        };
-        let mut failures = Vec::new();
-        let mut attached = None;
-        for method in candidates {
-            match attach(&mut ebpf, &aya_btf, method) {
-                Ok(()) => {
-                    attached = Some(method);
-                    break;
-                }
-                Err(error) => {
-                    let why = one_line(&error);
-                    warn!("cannot attach with {method}: {why}");
-                    failures.push(format!("{method}: {why}"));
-                }
+            .map_max_entries("LISTENERS", options.max_endpoints);
+        if let Some(found) = adopt {
+            // aya opens a map pinned at the path instead of making one (`map_pin_path`);
+            // `PinDir::adoptable` checked that every one is there.
+            for name in pin::SHARED_MAPS {
+                loader.map_pin_path(name, found.dir.join(name));
             }
         }
-        let attach = attached.ok_or_else(|| {
-            anyhow!(
-                "cannot attach to the {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} tracepoint (Linux >= 4.16 needed) in any way: {}",
-                failures.join("; ")
-            )
-        })?;
-        info!("attached to {TRACEPOINT_CATEGORY}:{TRACEPOINT_NAME} with {attach}");
+        let mut ebpf = loader
+            .load(object.bytes())
+            .context("cannot load the eBPF object (is the agent running as root, or with CAP_BPF and CAP_PERFMON?)")?;
+        let shared_maps = pin::SHARED_MAPS
+            .into_iter()
+            .map(|name| Ok((name, any_map_fd(&ebpf, name)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let shared_ids = shared_maps
+            .iter()
+            .map(|(_, fd)| pin::map_id(fd.as_fd()))
+            .collect::<Result<Vec<_>>>()?;
+        // The object's global data (`.rodata`: the offsets, the in-pod port) is per program
+        // load; a handler may use it besides the shared maps.
+        let data_maps = ebpf
+            .maps()
+            .filter(|(name, _)| name.starts_with('.'))
+            .count();
 
-        let handler = ebpf
-            .program(attach.program())
-            .context("the handler is not loaded")?
-            .fd()
-            .context("the handler has no fd")?
-            .try_clone()
-            .context("cannot duplicate the handler's fd")?;
+        let (attach, handler, handler_link) = match adopt {
+            Some(found) => {
+                // The pinned link keeps the earlier agent's handler attached and counting
+                // into the adopted maps: no second handler is attached.
+                let handler = pin::obj_get(&found.dir.join(pin::program_pin(found.method)))?;
+                pin::check_handler_maps(handler.as_fd(), &shared_ids, data_maps)
+                    .context("the pinned handler does not count into the pinned maps")?;
+                (found.method, handler, None)
+            }
+            None => {
+                let (attach, link) = attach_first(&mut ebpf, &aya_btf, options.attach)?;
+                let handler = ebpf
+                    .program(attach.program())
+                    .context("the handler is not loaded")?
+                    .fd()
+                    .context("the handler has no fd")?
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("cannot duplicate the handler's fd")?;
+                (attach, handler, link)
+            }
+        };
+        let publication = match (&handler_link, adopt) {
+            (Some(link), None) if options.pin_dir.is_some() => {
+                match pin::check_handler_maps(handler.as_fd(), &shared_ids, data_maps) {
+                    Ok(()) => Some(Publication {
+                        maps: shared_maps,
+                        handler: handler
+                            .try_clone()
+                            .context("cannot duplicate the handler's fd")?,
+                        link: link
+                            .try_clone()
+                            .context("cannot duplicate the handler's link")?,
+                        method: attach,
+                    }),
+                    Err(problem) => {
+                        warn!("kernel state is not pinned: {problem:#}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+
         let counts_map = ebpf
             .take_map("COUNTS")
             .context("the eBPF object has no map COUNTS")?;
@@ -219,6 +435,11 @@ impl Kernel {
             HashMap::try_from(sockets_map).context("map SOCKETS has an unexpected type")?;
         // The steering programs read ERRORS too (taken into `maps` below).
         let errors_fd = map_fd(&ebpf, "ERRORS");
+        let origin = if adopt.is_some() {
+            Origin::Adopted
+        } else {
+            Origin::New
+        };
         let maps = KernelMaps {
             counts,
             sockets: sockets_reader,
@@ -235,6 +456,7 @@ impl Kernel {
             reclaimed: Mutex::default(),
             no_walker: walker_problem.is_some(),
             not_seeded: options.no_seed,
+            adopted: adopt.is_some(),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
         let steering = pod_seeder.and_then(|()| {
@@ -249,7 +471,7 @@ impl Kernel {
             };
             made().map_err(|problem| format!("{problem:#}"))
         });
-        Ok(Self {
+        let mut kernel = Self {
             listeners: take_map(&mut ebpf, "LISTENERS")?,
             unsure_ports: take_map(&mut ebpf, "UNSURE_PORTS")?,
             counts: counts_writer,
@@ -269,7 +491,26 @@ impl Kernel {
             closer,
             max_endpoints: options.max_endpoints,
             steering,
-        })
+            handler_link,
+            state: Arc::new(KernelState::new(origin, adopt.is_some())),
+            publication,
+            pin_wanted: options.pin_dir.is_some(),
+            pin_stop: Arc::default(),
+            pin_lock: Arc::default(),
+        };
+        if adopt.is_some() {
+            // A failed pod listener count stops steering for good, in the maps: adopting
+            // them would keep it stopped across restarts. New state counts afresh.
+            ensure!(
+                kernel
+                    .maps
+                    .error_count(drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED)?
+                    == 0,
+                "a pod listener count failed in it (steering stopped for good)"
+            );
+            kernel.clear_dead_agents_marks()?;
+        }
+        Ok(kernel)
     }
 
     /// Why the in-pod port cannot be steered with `sk_lookup` here (then pod listeners bind
@@ -370,6 +611,65 @@ impl Kernel {
         }
     }
 
+    /// Where the counting state came from (adopted or new), and whether it is pinned.
+    pub fn state(&self) -> Arc<KernelState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Clears what a killed agent may have left marked in the adopted maps, before this
+    /// agent uses them. Each clearing is the step the dead agent would have taken last, and
+    /// each is exact whenever it runs:
+    /// - `FORGETTING_NOW`, then `FORGETTING` (a sweep's step 4, `forget`): the dead agent's
+    ///   forgetter ran synchronously in its process, so none runs any more; a mark only made
+    ///   a close leave its entry to a walk (`close_deferred`: too high, never too low), and
+    ///   the repair walk at adoption sweeps such entries.
+    /// - `RETIRING`, then `RETIRING_PORTS` (a reclaim's step 4, `reclaim`): an open that saw
+    ///   a mark counted its socket for the port only, and its close undoes exactly that; an
+    ///   entry the dead agent deleted was deleted after its grace period at `active` 0.
+    /// - `OWN_ENDPOINTS`: the dead agent's listeners closed with it; its marks would hide
+    ///   the connections of an application that listens there later (a count too low).
+    ///   This agent marks its own listeners again as it opens them. A connection accepted
+    ///   at such an endpoint before this clearing is untracked: the repair walk at adoption
+    ///   counts it (open, untracked, with a listener), and until that walk every answer is
+    ///   confirmed with the socket tables ([`crate::doubt::Doubt::AdoptedUnwalked`]).
+    ///   `OWN_PORTS` stays: a bit there only sends the handler to look up `OWN_ENDPOINTS`.
+    /// - `WATCHED_PORTS`: the dead agent's waiters are gone; their bits would only fill the
+    ///   ring buffer with events nobody waits for. (The buffer itself is read on by this
+    ///   agent: events already in it make waiters re-read, which is harmless.)
+    fn clear_dead_agents_marks(&mut self) -> Result<()> {
+        self.forgetting_now
+            .set(0, 0, 0)
+            .context("cannot clear FORGETTING_NOW")?;
+        let marked: Vec<u64> = self.forgetting.keys().filter_map(Result::ok).collect();
+        for sk in marked {
+            let _ = self.forgetting.remove(&sk);
+        }
+        let retiring: Vec<ConnKey> = self.retiring.keys().filter_map(Result::ok).collect();
+        for key in retiring {
+            let _ = self.retiring.remove(&key);
+        }
+        for word in 0..drain_agent_common::WATCHED_WORDS {
+            self.retiring_ports
+                .set(word, 0, 0)
+                .context("cannot clear RETIRING_PORTS")?;
+        }
+        let own: Vec<u64> = self.own_endpoints.keys().filter_map(Result::ok).collect();
+        for key in own {
+            let _ = self.own_endpoints.remove(&key);
+        }
+        let mut watched = self
+            .maps
+            .watched_ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for word in 0..drain_agent_common::WATCHED_WORDS {
+            watched
+                .set(word, 0, 0)
+                .context("cannot clear WATCHED_PORTS")?;
+        }
+        Ok(())
+    }
+
     /// How the handler is attached.
     pub const fn attach_method(&self) -> AttachMethod {
         self.attach
@@ -426,6 +726,23 @@ fn map_fd(ebpf: &Ebpf, name: &str) -> Result<std::os::fd::OwnedFd> {
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     let data = match map {
         aya::maps::Map::HashMap(data) | aya::maps::Map::Array(data) => data,
+        _ => bail!("map {name} has an unexpected type"),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("cannot duplicate map {name}'s fd"))
+}
+
+/// A map's fd of its own, whatever its type (to pin it, `pin`).
+fn any_map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
+    let map = ebpf
+        .map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    let data = match map {
+        aya::maps::Map::HashMap(data)
+        | aya::maps::Map::Array(data)
+        | aya::maps::Map::RingBuf(data) => data,
         _ => bail!("map {name} has an unexpected type"),
     };
     data.fd()

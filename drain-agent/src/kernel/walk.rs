@@ -23,7 +23,20 @@ impl Kernel {
     /// Counts the connections that were established before the handler was attached, in
     /// every network namespace, with the `iter/tcp` iterator (see the eBPF side for why this
     /// is exactly-once). Call it once, after [`Kernel::load`].
+    ///
+    /// With adopted state (`pin`) nothing is seeded: the pinned handler kept counting. The
+    /// walk is then a repair ([`Kernel::repair`]): it stamps what is open, counts the opens
+    /// and un-counts the closes the handler missed while no agent watched, and only then
+    /// vouches for the counts.
     pub fn seed_existing_connections(&mut self) -> Result<WalkReport> {
+        if self.maps.adopted {
+            let repaired = self.repair()?;
+            info!(
+                "checked the adopted counts: {} missed opens counted, {} missed closes un-counted",
+                repaired.opens_found, repaired.closes_found
+            );
+            return Ok(WalkReport::default());
+        }
         let mut report = self.walk()?;
         if let Some((snapshot, failed, unsure)) = report.vouches.take() {
             self.maps.vouch(snapshot, failed, unsure);

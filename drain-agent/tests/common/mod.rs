@@ -100,6 +100,54 @@ pub struct Agent {
     pub port: u16,
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// The agent's own pin directory, removed after the agent is stopped (fields drop in
+    /// order: `process` first).
+    _pins: Option<PinDir>,
+}
+
+/// A pin directory under bpffs of the test's own (`--pin-dir`), removed on drop: removing
+/// it unpins the maps and detaches a handler no agent holds any more. Tests run in parallel
+/// on one kernel, so each agent gets its own unless a test shares one on purpose.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            path: PathBuf::from(format!(
+                "/sys/fs/bpf/drain-agent-test-{}-{n}",
+                std::process::id()
+            )),
+        }
+    }
+
+    pub fn arg(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Whether `binary` has `--pin-dir` (an older build, `DRAIN_AGENT_TEST_BINARY`, has not).
+fn knows_pin_dir(binary: &std::path::Path) -> bool {
+    static KNOWN: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().expect("known binaries");
+    if let Some((_, knows)) = known.iter().find(|(path, _)| path == binary) {
+        return *knows;
+    }
+    let knows = Command::new(binary)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains("--pin-dir"));
+    known.push((binary.to_path_buf(), knows));
+    knows
 }
 
 /// The agent binary under test: this build's, or `DRAIN_AGENT_TEST_BINARY` (to show that a
@@ -176,12 +224,23 @@ impl Agent {
     }
 
     fn spawn(binary: &std::path::Path, port: u16, extra: &[&str]) -> Result<Self, String> {
+        // Each agent pins into a directory of its own, unless the test chose.
+        let pins = (!extra
+            .iter()
+            .any(|arg| arg.starts_with("--pin-dir") || *arg == "--no-pin")
+            && knows_pin_dir(binary))
+        .then(PinDir::new);
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        if let Some(pins) = &pins {
+            command.arg("--pin-dir").arg(&pins.path);
+        }
         let mut process = Guard::spawn(
             "drain-agent",
-            Command::new(binary)
-                .arg("run")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
+            command
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -201,6 +260,7 @@ impl Agent {
             port,
             url: format!("http://127.0.0.1:{port}"),
             log,
+            _pins: pins,
         };
         match agent.wait_healthy(Duration::from_secs(30)) {
             Ok(()) => Ok(agent),

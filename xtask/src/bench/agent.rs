@@ -48,6 +48,10 @@ impl Agent {
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--log-level", "warn"])
+            // Nothing pinned (`--pin-dir`): a pinned handler would stay attached after the
+            // agent stops and run in the measurements made without an agent. Through the
+            // environment, which a `--baseline` build without the flag ignores.
+            .env("DRAIN_AGENT_NO_PIN", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_err));

@@ -1,0 +1,568 @@
+//! Kernel state that outlives the agent: the handler's link and the maps it counts into,
+//! pinned under bpffs, so counting goes on while no agent runs and the next agent adopts
+//! the counts instead of rebuilding them (ARCHITECTURE.md, "Kernel state that outlives the
+//! agent").
+//!
+//! The pin directory (`--pin-dir`, `/sys/fs/bpf/drain-agent` by default) holds one
+//! subdirectory per *layout*: a hash of the embedded eBPF object and of every choice that
+//! shapes its maps or what the handler counts ([`layout_name`]). Inside: each map of
+//! [`SHARED_MAPS`] under its name, the handler program (`handler-<attach method>`) and its
+//! link (`link`, pinned last: a layout without it is incomplete and never adopted).
+//!
+//! Ownership is a `flock(LOCK_EX)` on the pin directory, held for the agent's lifetime
+//! (the kernel drops it when the process ends, however it ends). Only the holder adopts
+//! or replaces pins; an agent that cannot get the lock (another one still runs) counts
+//! with state of its own, unpinned, and replaces the pins when it gets the lock.
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+        },
+    },
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_map_info, bpf_prog_info};
+use log::{info, warn};
+
+use super::AttachMethod;
+
+/// The pin directory when `--pin-dir` is not given.
+pub const DEFAULT_DIR: &str = "/sys/fs/bpf/drain-agent";
+/// Where bpffs is mounted (by the agent if nothing is).
+const BPFFS: &str = "/sys/fs/bpf";
+/// `statfs.f_type` of bpffs (include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The handler's link, pinned last.
+const LINK: &str = "link";
+/// Bumped when the meaning of a pinned layout changes in a way the object bytes do not show.
+const LAYOUT_VERSION: &str = "v1";
+/// How often an agent that found the pin directory locked tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(250);
+
+/// Every map the state-change handler reads or writes: the counting state, shared by the
+/// pinned handler and whoever adopts it. Exactly the maps the handler's relocations name
+/// (checked at run time against the loaded handler, [`check_handler_maps`]); the maps only
+/// the walker, the forgetter, the closer and the steering programs use are per agent.
+pub(super) const SHARED_MAPS: [&str; 16] = [
+    "SOCKETS",
+    "COUNTS",
+    "PORT_TOTALS",
+    "TRACKED_PORTS",
+    "DURATIONS",
+    "ERRORS",
+    "EVENTS",
+    "WATCHED_PORTS",
+    "RETIRING",
+    "RETIRING_PORTS",
+    "FORGETTING",
+    "FORGETTING_NOW",
+    "OWN_ENDPOINTS",
+    "OWN_PORTS",
+    "POD_LISTENERS",
+    "POD_LISTEN_COUNTS",
+];
+
+/// Where the agent's counting state came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The pinned state of an earlier agent with the same layout: its handler kept counting.
+    Adopted,
+    /// Loaded by this agent, seeded by its walk.
+    New,
+}
+
+impl Origin {
+    /// The `origin` label of `drain_agent_kernel_state`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Adopted => "adopted",
+            Self::New => "new",
+        }
+    }
+}
+
+/// The agent's kernel state, for logs and `/metrics`.
+#[derive(Debug)]
+pub struct KernelState {
+    pub origin: Origin,
+    /// Whether the state is pinned (it outlives the agent); becomes true later for an agent
+    /// that waited for the lock.
+    pinned: AtomicBool,
+}
+
+impl KernelState {
+    pub(super) const fn new(origin: Origin, pinned: bool) -> Self {
+        Self {
+            origin,
+            pinned: AtomicBool::new(pinned),
+        }
+    }
+
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+}
+
+/// The name of the layout directory: FNV-1a over the object's bytes and `facts` (the
+/// choices that shape maps or what the handler counts). Not a security boundary: the pin
+/// directory is root's alone; a new object or other sizes simply find no match.
+pub(super) fn layout_name(object: &[u8], facts: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in object
+        .iter()
+        .chain([0].iter())
+        .chain(facts.as_bytes())
+        .chain(LAYOUT_VERSION.as_bytes())
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{LAYOUT_VERSION}-{hash:016x}")
+}
+
+/// The pin directory, opened and checked.
+pub(super) struct PinDir {
+    root: PathBuf,
+    /// The directory itself, open: its `flock` is the ownership.
+    file: File,
+    layout: String,
+}
+
+/// What a pinned layout directory offers for adoption.
+pub(super) struct Adoptable {
+    pub dir: PathBuf,
+    pub method: AttachMethod,
+}
+
+/// This agent's handler and maps, to pin.
+pub(super) struct Publication {
+    pub maps: Vec<(&'static str, OwnedFd)>,
+    pub handler: OwnedFd,
+    pub link: OwnedFd,
+    pub method: AttachMethod,
+}
+
+impl PinDir {
+    /// Opens (and makes, mounting bpffs at /sys/fs/bpf when nothing is mounted there) the
+    /// pin directory `root`. `Ok(None)`: it cannot be made here (read-only /sys, no
+    /// permission to mount), said with a WARN: the agent runs unpinned. An error: the
+    /// directory exists but is not safe to use (not bpffs, not root's, open to others).
+    pub(super) fn open(root: &Path, layout: String) -> Result<Option<Self>> {
+        if let Err(problem) = make(root) {
+            warn!(
+                "kernel state will not outlive the agent (counting stops while it is down, and the next agent seeds afresh): {problem:#}"
+            );
+            return Ok(None);
+        }
+        check_safe(root)?;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(root)
+            .with_context(|| format!("cannot open the pin directory {}", root.display()))?;
+        Ok(Some(Self {
+            root: root.to_path_buf(),
+            file,
+            layout,
+        }))
+    }
+
+    /// Takes the lock if no other agent holds it.
+    pub(super) fn try_lock(&self) -> Result<bool> {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        Err(error).with_context(|| format!("cannot lock {}", self.root.display()))
+    }
+
+    fn layout_dir(&self) -> PathBuf {
+        self.root.join(&self.layout)
+    }
+
+    pub(super) fn root_display(&self) -> std::path::Display<'_> {
+        self.root.display()
+    }
+
+    pub(super) fn layout_display(&self) -> String {
+        self.layout_dir().display().to_string()
+    }
+
+    /// The complete pinned state of this layout, if there is one (check with the lock held).
+    pub(super) fn adoptable(&self) -> Option<Adoptable> {
+        let dir = self.layout_dir();
+        if !dir.join(LINK).exists() || SHARED_MAPS.iter().any(|name| !dir.join(name).exists()) {
+            return None;
+        }
+        let method = AttachMethod::ALL
+            .into_iter()
+            .find(|method| dir.join(program_pin(*method)).exists())?;
+        Some(Adoptable { dir, method })
+    }
+
+    /// Why nothing is adopted (for the log), given that [`PinDir::adoptable`] said so.
+    pub(super) fn why_not_adopted(&self) -> String {
+        let others = self.others();
+        if self.layout_dir().exists() {
+            "the pinned state of this layout is incomplete (an agent stopped while pinning)"
+                .to_owned()
+        } else if others.is_empty() {
+            "nothing is pinned yet".to_owned()
+        } else {
+            format!(
+                "the pinned state is of another layout (another version, or other sizes or attach options): {}",
+                others.join(", ")
+            )
+        }
+    }
+
+    /// Entries of the pin directory other than this layout's.
+    fn others(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| *name != self.layout)
+            .collect()
+    }
+
+    /// Pins `state` as this layout's, replacing what is there (its handler detaches when its
+    /// last pin goes). Call with the lock held and this agent's handler attached.
+    pub(super) fn publish(&self, state: &Publication) -> Result<()> {
+        let dir = self.layout_dir();
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove the old pins at {}", dir.display()))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot make {}", dir.display()))?;
+        let pinned = (|| -> Result<()> {
+            for (name, fd) in &state.maps {
+                obj_pin(fd.as_fd(), &dir.join(name))
+                    .with_context(|| format!("cannot pin map {name}"))?;
+            }
+            obj_pin(state.handler.as_fd(), &dir.join(program_pin(state.method)))
+                .context("cannot pin the handler")?;
+            // Last: a layout with its link is complete.
+            obj_pin(state.link.as_fd(), &dir.join(LINK)).context("cannot pin the handler's link")
+        })();
+        if let Err(problem) = pinned {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(problem);
+        }
+        Ok(())
+    }
+
+    /// Removes every layout but this one (after this agent's handler is attached, or its
+    /// adopted one is in place): their handlers detach when their last pin goes, instead of
+    /// counting on into maps nobody reads.
+    pub(super) fn remove_others(&self) {
+        for name in self.others() {
+            let path = self.root.join(&name);
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => info!("removed stale pinned kernel state {}", path.display()),
+                Err(problem) => warn!("cannot remove {}: {problem}", path.display()),
+            }
+        }
+    }
+}
+
+/// The pin of the handler program attached with `method`.
+pub(super) fn program_pin(method: AttachMethod) -> String {
+    format!("handler-{}", method.name())
+}
+
+/// Makes `root` (0700) and mounts bpffs at [`BPFFS`] first if `root` is under it and
+/// nothing is mounted there.
+fn make(root: &Path) -> Result<()> {
+    if root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+        mount_bpffs()?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(root) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => {
+            Err(error).with_context(|| format!("cannot make the pin directory {}", root.display()))
+        }
+    }
+}
+
+/// Mounts bpffs at [`BPFFS`], unless another process did meanwhile. Two agents starting at
+/// once would otherwise both mount it, the second instance hiding the first and the pins
+/// in it (their handlers attached, out of reach of `rm -r`). So the check and the mount are
+/// made under a `flock` of the mount point as opened before the mount (sysfs's directory):
+/// whoever waited finds bpffs there afterwards.
+fn mount_bpffs() -> Result<()> {
+    let mount_point = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(BPFFS)
+        .with_context(|| format!("cannot open {BPFFS}"))?;
+    // SAFETY: flock on an fd we own; released when `mount_point` is closed.
+    if unsafe { libc::flock(mount_point.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("cannot lock {BPFFS}"));
+    }
+    if is_bpffs(Path::new(BPFFS)) {
+        return Ok(());
+    }
+    info!("bpffs is not mounted; mounting it at {BPFFS}");
+    let target = CString::new(BPFFS).context("bpffs path")?;
+    // SAFETY: valid NUL-terminated strings; the data argument is a C string.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("cannot mount bpffs at {BPFFS}"));
+    }
+    Ok(())
+}
+
+/// Refuses a pin directory another user could have prepared or can write into: pins there
+/// are programs and maps the agent would run and trust.
+fn check_safe(root: &Path) -> Result<()> {
+    let shown = root.display();
+    let meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {shown}"))?;
+    ensure!(
+        meta.is_dir(),
+        "the pin directory {shown} is not a directory (a link?); remove it or choose another with --pin-dir (or --no-pin)"
+    );
+    ensure!(
+        is_bpffs(root),
+        "the pin directory {shown} is not on bpffs; choose one under {BPFFS} with --pin-dir (or --no-pin)"
+    );
+    ensure!(
+        meta.uid() == 0,
+        "the pin directory {shown} is owned by uid {}, not root; remove it (rm -r {shown}) or choose another with --pin-dir",
+        meta.uid()
+    );
+    ensure!(
+        meta.mode() & 0o077 == 0,
+        "the pin directory {shown} is open to other users (mode {:o}); it must be 0700 (chmod 700 {shown})",
+        meta.mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// `f_type` is signed in glibc's `struct statfs` and unsigned in musl's.
+fn is_bpf_magic<T: Into<i128>>(f_type: T) -> bool {
+    f_type.into() == i128::from(BPF_FS_MAGIC)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid C string and a statfs struct to fill.
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && is_bpf_magic(stat.f_type)
+    }
+}
+
+/// Waits (on a thread) until the pin directory's lock is free, then pins `state` there:
+/// the agent that held it is gone. Stops trying once `stop` is set (the kernel state was
+/// dropped: then `state`'s link must not outlive it).
+pub(super) fn publish_when_free(
+    pins: PinDir,
+    state: Publication,
+    status: Arc<KernelState>,
+    stop: Arc<AtomicBool>,
+    held: Arc<Mutex<Option<PinDir>>>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("pin-lock".to_owned())
+        .spawn(move || {
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match pins.try_lock() {
+                    Ok(true) => break,
+                    Ok(false) => std::thread::sleep(LOCK_RETRY),
+                    Err(problem) => {
+                        warn!("kernel state will not be pinned: {problem:#}");
+                        return;
+                    }
+                }
+            }
+            match pins.publish(&state) {
+                Ok(()) => {
+                    status.pinned.store(true, Ordering::Relaxed);
+                    info!(
+                        "the agent that held {} is gone: this agent's kernel state is pinned there now (the next agent adopts it)",
+                        pins.root.display()
+                    );
+                }
+                Err(problem) => warn!("cannot pin the kernel state: {problem:#}"),
+            }
+            pins.remove_others();
+            // The lock is held as long as the kernel state (the agent's life).
+            *held.lock().unwrap_or_else(PoisonError::into_inner) = Some(pins);
+            drop(state);
+        })
+        .context("cannot start the pin-lock thread")?;
+    Ok(())
+}
+
+/// Checks that the handler `program` reads and writes no map but `shared` and the object's
+/// read-only data (`allowed_other`): a handler that outlives its agent must write only
+/// into maps the next agent adopts.
+pub(super) fn check_handler_maps(
+    program: BorrowedFd<'_>,
+    shared: &[u32],
+    allowed_other: usize,
+) -> Result<()> {
+    let used = prog_map_ids(program)?;
+    let others = used.iter().filter(|id| !shared.contains(id)).count();
+    ensure!(
+        others <= allowed_other && shared.iter().all(|id| used.contains(id)),
+        "the handler uses {} maps, {others} of them not pinned (expected {} pinned and at most {allowed_other} read-only data)",
+        used.len(),
+        shared.len()
+    );
+    Ok(())
+}
+
+fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: the bpf syscall with a valid attr of the size we pass.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command as libc::c_long,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: a C union of integers; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+fn owned(rc: i64) -> io::Result<OwnedFd> {
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: a new fd from the kernel, owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_OBJ_PIN`: pins the map, program or link `fd` at `path` (on bpffs).
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
+        .with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(())
+}
+
+/// `BPF_OBJ_GET`: opens what is pinned at `path`.
+pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
+        .and_then(owned)
+        .with_context(|| format!("cannot open the pin {}", path.display()))
+}
+
+/// A link's own fd, from its id (`BPF_LINK_GET_FD_BY_ID`).
+pub(super) fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
+    bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)
+        .and_then(owned)
+        .context("BPF_LINK_GET_FD_BY_ID")
+}
+
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> Result<()> {
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    attr.info.info_len = u32::try_from(size_of::<T>()).context("info size")?;
+    attr.info.info = std::ptr::from_mut(info) as u64;
+    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
+}
+
+/// The kernel's id of the map `fd`.
+pub(super) fn map_id(fd: BorrowedFd<'_>) -> Result<u32> {
+    // SAFETY: a plain C struct; all-zero is valid.
+    let mut info: bpf_map_info = unsafe { std::mem::zeroed() };
+    obj_info(fd, &mut info)?;
+    Ok(info.id)
+}
+
+/// The ids of the maps the program `fd` uses.
+fn prog_map_ids(fd: BorrowedFd<'_>) -> Result<Vec<u32>> {
+    // SAFETY: a plain C struct; all-zero is valid.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    obj_info(fd, &mut info)?;
+    let mut ids = vec![0u32; info.nr_map_ids as usize];
+    // SAFETY: as above.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    info.nr_map_ids = u32::try_from(ids.len()).context("map count")?;
+    info.map_ids = ids.as_mut_ptr() as u64;
+    obj_info(fd, &mut info)?;
+    ids.truncate(info.nr_map_ids as usize);
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_differ_by_object_and_by_facts() {
+        let one = layout_name(b"object", "max_connections=1");
+        assert_eq!(one, layout_name(b"object", "max_connections=1"));
+        assert_ne!(one, layout_name(b"object", "max_connections=2"));
+        assert_ne!(one, layout_name(b"object2", "max_connections=1"));
+        // The boundary between object and facts is part of the hash.
+        assert_ne!(layout_name(b"ab", "c"), layout_name(b"a", "bc"));
+        assert!(one.starts_with("v1-") && one.len() == 3 + 16, "{one}");
+    }
+
+    #[test]
+    fn origins_have_their_metric_labels() {
+        assert_eq!(Origin::Adopted.name(), "adopted");
+        assert_eq!(Origin::New.name(), "new");
+    }
+}
