@@ -32,7 +32,7 @@ use crate::{
     addr::canonical_addr,
     api::ApiError,
     authority::{Authority, Caller},
-    server::LocalAddr,
+    server::{AcceptedAt, LocalAddr},
     shared_lists::Batched,
 };
 
@@ -138,11 +138,13 @@ pub struct Identify {
 }
 
 impl Identify {
-    /// Who is calling from `peer` on the connection to `server`, with `bearer` if given.
+    /// Who is calling from `peer` on the connection to `server` (accepted at `accepted`),
+    /// with `bearer` if given.
     pub async fn caller(
         &self,
         peer: SocketAddr,
         server: Option<SocketAddr>,
+        accepted: tokio::time::Instant,
         bearer: Option<&[u8]>,
     ) -> Result<Caller, ApiError> {
         if let Some(given) = bearer {
@@ -157,7 +159,7 @@ impl Identify {
             let sockets = Arc::clone(&self.sockets);
             let clients = self
                 .batches
-                .get(&server.port(), || async move {
+                .get(&server.port(), accepted, || async move {
                     tokio::task::spawn_blocking(move || sockets.clients_of(server.port()))
                         .await
                         .map_err(|problem| format!("{problem}"))?
@@ -222,7 +224,15 @@ pub async fn identify(
         .extensions()
         .get::<LocalAddr>()
         .map(|LocalAddr(local)| *local);
-    match identify.caller(peer, server, bearer.as_deref()).await {
+    // A connection not from the server (tests) was accepted, at the latest, now.
+    let accepted = request
+        .extensions()
+        .get::<AcceptedAt>()
+        .map_or_else(tokio::time::Instant::now, |AcceptedAt(at)| *at);
+    match identify
+        .caller(peer, server, accepted, bearer.as_deref())
+        .await
+    {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
@@ -321,7 +331,7 @@ mod tests {
         ];
         for (answer, peer, expected) in cases {
             let caller = identify(answer, None)
-                .caller(at(peer), server, None)
+                .caller(at(peer), server, tokio::time::Instant::now(), None)
                 .await
                 .expect("caller");
             assert_eq!(caller, expected, "{peer}");
@@ -334,21 +344,32 @@ mod tests {
         let who = identify(Ok(None), Some(tokens));
         let remote = at("203.0.113.5:40000");
         assert_eq!(
-            who.caller(remote, None, Some(b"0123456789abcdef0123"))
-                .await
-                .ok(),
+            who.caller(
+                remote,
+                None,
+                tokio::time::Instant::now(),
+                Some(b"0123456789abcdef0123")
+            )
+            .await
+            .ok(),
             Some(Caller::Node)
         );
         for wrong in [&b"0123456789abcdef0124"[..], b"0123456789abcdef012", b""] {
             assert!(matches!(
-                who.caller(remote, None, Some(wrong)).await,
+                who.caller(remote, None, tokio::time::Instant::now(), Some(wrong))
+                    .await,
                 Err(ApiError::Unauthorized(_))
             ));
         }
         // Without a token file, any token is wrong.
         assert!(matches!(
             identify(Ok(None), None)
-                .caller(remote, None, Some(b"0123456789abcdef0123"))
+                .caller(
+                    remote,
+                    None,
+                    tokio::time::Instant::now(),
+                    Some(b"0123456789abcdef0123")
+                )
                 .await,
             Err(ApiError::Unauthorized(_))
         ));

@@ -150,6 +150,11 @@ impl ServerLimits {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalAddr(pub SocketAddr);
 
+/// When the connection a request came on was accepted (a request extension): its client's
+/// socket was in the kernel's tables by then (`identify.rs` reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptedAt(pub Instant);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
 /// `limits.shutdown_timeout`. Each request carries the peer address as
 /// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`].
@@ -221,6 +226,7 @@ pub async fn serve_handing_over(
         let Some((stream, peer)) = accepted else {
             break;
         };
+        let accepted_at = Instant::now();
         // The look before the accept can be stale (a connection counts as idle until its
         // first request arrives): this one then waits, accepted, for a place.
         let app = loop {
@@ -245,6 +251,7 @@ pub async fn serve_handing_over(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
+        let accepted_at = AcceptedAt(accepted_at);
         let activity = Arc::new(Activity::default());
         let service = {
             let app = app.clone();
@@ -254,6 +261,7 @@ pub async fn serve_handing_over(
                 if let Some(local) = local {
                     request.extensions_mut().insert(local);
                 }
+                request.extensions_mut().insert(accepted_at);
                 let busy = Busy::new(Arc::clone(&activity));
                 let app = app.clone();
                 async move {

@@ -127,11 +127,12 @@ impl<V> Entry<V> {
     }
 }
 
-/// Passes that must begin after their callers asked: who calls on this connection must be
-/// read from tables that already hold it. A caller joins the next pass of its key (one not
-/// begun yet), or opens it; passes of a key run one at a time, so callers arriving while one
-/// runs share the one after it. A thousand hooks connecting at once cost two or three
-/// passes, not a thousand (`tests/waiters_on_time.rs`).
+/// Passes that must begin after a moment their callers name: who calls on a connection must
+/// be read from tables that already hold it, so from a pass begun after the connection was
+/// accepted. A caller joins the pass running now if it began late enough, else the next
+/// pass of its key (one not begun yet), or opens it; passes of a key run one at a time. A
+/// thousand hooks connecting at once cost two or three passes, not a thousand, and mostly
+/// no wait for the next one (`tests/waiters_on_time.rs`).
 pub struct Batched<K, V> {
     keys: Mutex<HashMap<K, Arc<Batch<V>>>>,
 }
@@ -139,8 +140,14 @@ pub struct Batched<K, V> {
 struct Batch<V> {
     /// Held while a pass of this key runs.
     turn: TurnLock<()>,
-    /// The pass not begun yet, which new callers join.
-    next: Mutex<Option<Slot<V>>>,
+    /// The pass not begun yet, which new callers join; and the one running, with when it
+    /// began.
+    passes: Mutex<Passes<V>>,
+}
+
+struct Passes<V> {
+    next: Option<Slot<V>>,
+    running: Option<(Instant, Slot<V>)>,
 }
 
 impl<K, V> Default for Batched<K, V> {
@@ -152,8 +159,8 @@ impl<K, V> Default for Batched<K, V> {
 }
 
 impl<K: Clone + Eq + Hash, V> Batched<K, V> {
-    /// The result of a pass of `key` that began after this call.
-    pub async fn get<F, Fut>(&self, key: &K, make: F) -> Result<Arc<V>, String>
+    /// The result of a pass of `key` that began at `since` or later.
+    pub async fn get<F, Fut>(&self, key: &K, since: Instant, make: F) -> Result<Arc<V>, String>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, String>>,
@@ -167,27 +174,45 @@ impl<K: Clone + Eq + Hash, V> Batched<K, V> {
             Arc::clone(keys.entry(key.clone()).or_insert_with(|| {
                 Arc::new(Batch {
                     turn: TurnLock::new(()),
-                    next: Mutex::new(None),
+                    passes: Mutex::new(Passes {
+                        next: None,
+                        running: None,
+                    }),
                 })
             }))
         };
-        let slot = Arc::clone(
-            batch
-                .next
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert_with(Arc::default),
-        );
+        let (slot, running) = {
+            let mut passes = batch.passes.lock().unwrap_or_else(PoisonError::into_inner);
+            match &passes.running {
+                Some((began, slot)) if *began >= since => (Arc::clone(slot), true),
+                _ => (
+                    Arc::clone(passes.next.get_or_insert_with(Arc::default)),
+                    false,
+                ),
+            }
+        };
         if let Some((_, result)) = slot.get() {
+            return result.clone();
+        }
+        if running {
+            // Began late enough: wait for its end (its runner initializes the slot).
+            let (_, result) = slot
+                .get_or_init(|| async { (Instant::now(), make().await.map(Arc::new)) })
+                .await;
             return result.clone();
         }
         let _turn = batch.turn.lock().await;
         {
             // The first of this pass's callers to get the turn begins it: from here on,
-            // new callers make the next one.
-            let mut next = batch.next.lock().unwrap_or_else(PoisonError::into_inner);
-            if next.as_ref().is_some_and(|open| Arc::ptr_eq(open, &slot)) {
-                *next = None;
+            // new callers make the next one (or join this one, if it began late enough).
+            let mut passes = batch.passes.lock().unwrap_or_else(PoisonError::into_inner);
+            if passes
+                .next
+                .as_ref()
+                .is_some_and(|open| Arc::ptr_eq(open, &slot))
+            {
+                passes.next = None;
+                passes.running = Some((Instant::now(), Arc::clone(&slot)));
             }
         }
         let (_, result) = slot
@@ -307,7 +332,7 @@ mod tests {
             let passes = Arc::clone(&passes);
             tokio::spawn(async move {
                 batched
-                    .get(&1, || async {
+                    .get(&1, Instant::now(), || async {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok(passes.fetch_add(1, Ordering::SeqCst))
                     })
@@ -316,12 +341,34 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         let make = || async { Ok(passes.fetch_add(1, Ordering::SeqCst)) };
-        let (second, third) = tokio::join!(batched.get(&1, make), batched.get(&1, make));
+        let now = Instant::now();
+        let (second, third) = tokio::join!(batched.get(&1, now, make), batched.get(&1, now, make));
         assert_eq!(first.await.expect("task").as_deref(), Ok(&0));
         // They arrived while pass 0 ran: they share pass 1, which began after them.
         assert_eq!((second.as_deref(), third.as_deref()), (Ok(&1), Ok(&1)));
         assert_eq!(passes.load(Ordering::SeqCst), 2);
         // A later caller gets a pass of its own.
-        assert_eq!(batched.get(&1, make).await.as_deref(), Ok(&2));
+        assert_eq!(
+            batched.get(&1, Instant::now(), make).await.as_deref(),
+            Ok(&2)
+        );
+        // One whose moment came before a running pass began joins that pass.
+        let before = Instant::now();
+        let running = {
+            let batched = Arc::clone(&batched);
+            let passes = Arc::clone(&passes);
+            tokio::spawn(async move {
+                batched
+                    .get(&1, Instant::now(), || async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(passes.fetch_add(1, Ordering::SeqCst))
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(batched.get(&1, before, make).await.as_deref(), Ok(&3));
+        assert_eq!(running.await.expect("task").as_deref(), Ok(&3));
+        assert_eq!(passes.load(Ordering::SeqCst), 4);
     }
 }

@@ -317,7 +317,7 @@ enum Look {
 
 /// How long a waiter's answer, due now, waits for its list of remaining connections: a
 /// list is a report (best effort), the answer's time is the caller's deadline.
-pub const ANSWER_LIST_BUDGET: Duration = Duration::from_millis(50);
+pub const ANSWER_LIST_BUDGET: Duration = Duration::from_millis(20);
 
 /// How long an explicit request for the list (`/connections?peers=true`, `peers=true`)
 /// waits for it.

@@ -55,6 +55,9 @@ impl LimitedAgent {
                 .args(["run", "--listen", &format!("127.0.0.1:{port}")])
                 // Nothing pinned: tests run in parallel on one kernel (tests/pinned.rs pins).
                 .arg("--no-pin")
+                // The bounds below are the HTTP server's own (--http-shutdown-timeout), not
+                // the hand-over's grace for waiters (tests/handover.rs).
+                .args(["--shutdown-grace", "0s"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
