@@ -16,7 +16,7 @@ use crate::{
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
     pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
-    repair::{repair_missed_changes, watch_skipped_runs},
+    repair::{FirstWalk, repair_missed_changes, watch_skipped_runs},
     server::ServerLimits,
     tracker::Tracker,
 };
@@ -135,13 +135,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "event reader",
         tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps())),
     );
+    // The seeding walk (~13 ms per network namespace) runs beside the serving agent, as
+    // the repair task's first walk: until it ends every answer is doubted and confirmed
+    // with the socket tables (`Doubt::Seeding`), so serving first never answers a false
+    // "drained". Only whether it can run at all is decided before serving.
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
-    } else {
-        kernel.seed_existing_connections().context(
-            "cannot count the connections that were open before the agent started \
-             (run with --no-seed to count only new ones)",
-        )?;
+    } else if let Some(problem) = kernel.walker_problem() {
+        anyhow::bail!(
+            "cannot count the connections that were open before the agent started: {problem} \
+             (run with --no-seed to count only new ones)"
+        );
     }
     if let Err(problem) = crate::sockdiag::check_readable() {
         warn!(
@@ -154,6 +158,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let attach = kernel.attach_method();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
+    // Fired (or dropped) once the pod listeners of the namespaces there now are open.
+    let (pods_opened, seed_when) = tokio::sync::oneshot::channel();
+    let first_walk = if args.no_seed {
+        FirstWalk::None
+    } else {
+        FirstWalk::Seed { ready: seed_when }
+    };
     let skip_task = tasks.watch(
         "skipped-run watch",
         tokio::spawn(watch_skipped_runs(
@@ -168,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Arc::clone(&tracker),
             args.repair_interval,
             can_walk,
+            first_walk,
         )),
     );
 
@@ -278,10 +290,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let metrics = Arc::clone(&state.metrics);
             let stopping = stopping.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(options, pod_state, endpoints, &metrics, stopping).await
+                serve_in_pods(options, pod_state, endpoints, &metrics, stopping, pods_opened)
+                    .await
             }))
         }
-        None => None,
+        None => {
+            drop(pods_opened);
+            None
+        }
     };
     let shutdown_tracker = Arc::clone(&tracker);
     let served = crate::server::serve(

@@ -26,6 +26,10 @@ pub enum Doubt {
     /// Connections open before the agent started were not counted (`--no-seed`) and no
     /// walk has run since.
     NotSeeded,
+    /// The agent serves while its first walk (the seeding) runs: connections open before
+    /// it started are not all counted yet. Routine for a few seconds after every start;
+    /// answers are confirmed with the socket tables meanwhile.
+    Seeding,
     /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
     /// and skipped runs cannot be found.
     NoWalker,
@@ -57,7 +61,10 @@ impl Doubt {
     pub const fn degrades_health(&self) -> bool {
         !matches!(
             self,
-            Self::HandlerSkipped | Self::Unscoped { .. } | Self::PassivityUnknown { .. }
+            Self::HandlerSkipped
+                | Self::Seeding
+                | Self::Unscoped { .. }
+                | Self::PassivityUnknown { .. }
         )
     }
 }
@@ -75,6 +82,9 @@ impl fmt::Display for Doubt {
             Self::CountMissing => f.write_str("a close found no counters for its endpoint"),
             Self::NotSeeded => f.write_str(
                 "connections open before start were not counted (--no-seed) and no walk has run yet",
+            ),
+            Self::Seeding => f.write_str(
+                "the agent is counting the connections open before it started (seeding): confirmed with the socket tables until it has",
             ),
             Self::NoWalker => f.write_str(
                 "this kernel cannot walk the open sockets (iter/tcp): pre-existing connections are unknown",
@@ -121,6 +131,8 @@ mod tests {
     fn routine_doubts_do_not_degrade_health() {
         assert!(!Doubt::HandlerSkipped.degrades_health());
         assert!(!Doubt::Unscoped { port: 1 }.degrades_health());
+        assert!(!Doubt::Seeding.degrades_health());
+        assert!(Doubt::NotSeeded.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
         assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
     }

@@ -215,9 +215,14 @@ impl KernelMaps {
         }
         let vouched = self.vouched();
         let Some(snapshot) = &vouched.snapshot else {
-            if self.not_seeded {
-                doubts.push(Doubt::NotSeeded);
-            }
+            // No walk has ended yet: with --no-seed none was asked for; otherwise the
+            // seeding walk runs beside the serving agent (agent.rs). Either way nothing
+            // open before the start is vouched for.
+            doubts.push(if self.not_seeded {
+                Doubt::NotSeeded
+            } else {
+                Doubt::Seeding
+            });
             return Ok(doubts);
         };
         let errors = self.error_counts()?;
