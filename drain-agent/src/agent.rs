@@ -389,13 +389,24 @@ impl OwnEndpoints for KernelEndpoints {
         netns_file: &std::fs::File,
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<crate::kernel::steer::SteerLink> {
-        let mut kernel = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lock = || {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         // Before the program is attached: the first steered connection is the agent's.
-        kernel.ignore_steered_endpoint(netns, target.port())?;
-        let steered = kernel.steer_pod_port(target, netns, netns_file, socket);
+        let seeder = {
+            let mut kernel = lock();
+            kernel.ignore_steered_endpoint(netns, target.port())?;
+            kernel.pod_listener_seeder()
+        };
+        // The count of the namespace's listeners walks the whole TCP hash: not under the
+        // lock, which every other pod being opened (and the walks) need.
+        let counted =
+            seeder.and_then(|link| crate::kernel::count_pod_listeners(link, netns, netns_file));
+        let mut kernel = lock();
+        let steered =
+            counted.and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
         if steered.is_err() {
             kernel.unsteer_pod_port(netns);
             let _ = kernel.forget_own_endpoint(netns, target.port());
