@@ -108,6 +108,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(|path| Journal::open(path, args.journal_max_bytes))
         .transpose()?;
+    // And the state directory: drains and gates that outlive a restart (drain.rs).
+    let state_file = crate::state_file::StateFile::open(&args.state_dir)?;
 
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,
@@ -223,7 +225,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         journal,
         Some(pods),
         args.max_waiters,
-    ));
+    )
+    .with_state_file(state_file));
+    // Before anything is served: /health answers for a restored drain from the first question.
+    drains.restore();
     metrics.register_drains(Arc::clone(&drains))?;
     // HAProxy's agent-check: bound before serving, so a conflict fails the start.
     let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);

@@ -281,6 +281,8 @@ async fn start_drain(
             .into_response();
         }
     };
+    // On disk before the answer: a drain the caller was told about survives a restart.
+    state.drains.save().await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -304,7 +306,10 @@ async fn cancel_drain(
     if let Err(problem) = caller.may_control(&state.authority, &filter).await {
         return problem.into_response();
     }
-    match state.drains.cancel(&filter).await {
+    let cancelled = state.drains.cancel(&filter).await;
+    // The drain gone and the gate released on disk before the answer.
+    state.drains.save().await;
+    match cancelled {
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(
             StatusCode::NOT_FOUND,

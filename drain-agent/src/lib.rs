@@ -32,5 +32,6 @@ pub mod pods;
 pub mod repair;
 pub mod server;
 pub mod sockdiag;
+pub mod state_file;
 pub mod tasks;
 pub mod tracker;

@@ -332,9 +332,11 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
         .iter()
         .map(|c| format!("+{}", c.to_ascii_lowercase()))
         .collect();
+    let mut command = Command::new("setpriv");
+    let state = common::private_state(&mut command);
     let mut child = Guard::spawn(
         "the agent under setpriv",
-        Command::new("setpriv")
+        command
             .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
             .arg("--no-new-privs")
             .arg(common::agent_binary())
@@ -342,7 +344,8 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
-    );
+    )
+    .keep(state);
     let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
     let started = Instant::now();
     loop {

@@ -86,6 +86,15 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .expect("create a temporary directory")
 }
 
+/// Gives an agent started by `command` a state directory of its own
+/// (`DRAIN_AGENT_STATE_DIR`; the default, /run/drain-agent, would be shared by every test's
+/// agent): keep the returned directory as long as the agent runs (`Guard::keep`).
+pub fn private_state(command: &mut Command) -> tempfile::TempDir {
+    let dir = temp_dir("da-state-");
+    command.env("DRAIN_AGENT_STATE_DIR", dir.path());
+    dir
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -97,6 +106,9 @@ pub fn free_port() -> u16 {
 /// The real agent binary, started as users start it; stopped and reaped on drop.
 pub struct Agent {
     process: Guard,
+    /// The agent's own `--state-dir` (`DRAIN_AGENT_STATE_DIR`), unless the test gave one:
+    /// agents of tests running in parallel never share saved drains by accident.
+    _state_dir: Option<tempfile::TempDir>,
     pub port: u16,
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -156,7 +168,15 @@ impl Agent {
     /// Starts another build of the agent (the static one of `cargo xtask dist`) on a given
     /// loopback port.
     pub fn start_binary(binary: &std::path::Path, port: u16, extra: &[&str]) -> Self {
-        Self::spawn(binary, port, extra).unwrap_or_else(|why| panic!("{why}"))
+        Self::spawn(binary, port, extra, None).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts the agent on a free port with `state_dir` as its state directory (set through
+    /// `DRAIN_AGENT_STATE_DIR`, which builds without the flag ignore): agents started one
+    /// after the other with the same directory share their saved drains.
+    pub fn start_with_state_dir(state_dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn(&agent_binary(), free_port(), extra, Some(state_dir))
+            .unwrap_or_else(|why| panic!("{why}"))
     }
 
     /// Starts `binary` on a free loopback port. A free port can be taken by another test
@@ -165,7 +185,7 @@ impl Agent {
     pub fn start_binary_on_a_free_port(binary: &std::path::Path, extra: &[&str]) -> Self {
         let mut attempt = 1;
         loop {
-            match Self::spawn(binary, free_port(), extra) {
+            match Self::spawn(binary, free_port(), extra, None) {
                 Ok(agent) => return agent,
                 Err(why) if attempt < 5 && why.contains("Address already in use") => {
                     attempt += 1;
@@ -175,10 +195,21 @@ impl Agent {
         }
     }
 
-    fn spawn(binary: &std::path::Path, port: u16, extra: &[&str]) -> Result<Self, String> {
+    fn spawn(
+        binary: &std::path::Path,
+        port: u16,
+        extra: &[&str],
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let own_state = state_dir.is_none().then(|| temp_dir("da-state-"));
+        let state_path = state_dir.map_or_else(
+            || own_state.as_ref().expect("own state dir").path().to_owned(),
+            std::path::Path::to_owned,
+        );
         let mut process = Guard::spawn(
             "drain-agent",
             Command::new(binary)
+                .env("DRAIN_AGENT_STATE_DIR", &state_path)
                 .arg("run")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
@@ -198,6 +229,7 @@ impl Agent {
         });
         let mut agent = Self {
             process,
+            _state_dir: own_state,
             port,
             url: format!("http://127.0.0.1:{port}"),
             log,
