@@ -787,9 +787,12 @@ impl Drains {
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
+    /// The scope's held gate (if any) is released either way: `DELETE /drain` after a drain
+    /// ended puts the scope back in rotation (before, it did nothing without a drain in
+    /// progress).
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
-        let drain = lock(&self.running).get(filter).cloned()?;
         self.release(filter);
+        let drain = lock(&self.running).get(filter).cloned()?;
         let mut finished = drain.finished.subscribe();
         drain.cancel.send_if_modified(|end| {
             end.is_none() && {
@@ -1079,6 +1082,72 @@ mod tests {
         }
     }
 
+    /// A registry keeping its drains in `dir` (what `--state-dir` does).
+    fn saving_registry(
+        active: u64,
+        dir: &std::path::Path,
+    ) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+        let source = Arc::new(FakeSource::default());
+        source.set(vec![endpoint("127.0.0.1", 8080, active)]);
+        let tracker = Arc::new(Tracker::new(source.clone(), 16));
+        let drains = Arc::new(
+            Drains::new(Arc::clone(&tracker), None, None, None, 4)
+                .with_state_file(StateFile::open(dir).expect("state file")),
+        );
+        (source, tracker, drains)
+    }
+
+    #[tokio::test]
+    async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_, _, drains) = saving_registry(2, dir.path());
+        let mut posted = spec(Duration::from_secs(600));
+        posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
+        posted.given.ignore = true;
+        let (record, _) = drains.post(posted.clone()).expect("room");
+        let joined = DrainSpec {
+            filter: Filter::port(8081),
+            ..spec(Duration::from_secs(600))
+        };
+        let (_membership, _) = drains.join(joined).expect("room");
+        // A gate held after a drain of 9090 that ran its course.
+        drains.finish(
+            &Filter::port(9090),
+            DrainRecord {
+                result: Some(DrainEnd::Drained),
+                port: 9090,
+                ..record.clone()
+            },
+            vec![7],
+        );
+        drains.save().await;
+
+        let (_, tracker, restored) = saving_registry(2, dir.path());
+        restored.restore();
+        let (running, _) = restored.list();
+        assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
+        assert_eq!((running[0].id, running[0].port), (record.id, 8080));
+        assert_eq!(running[0].started_ms, record.started_ms);
+        assert!(restored.gated(&node(8080)) && restored.gated(&node(9090)));
+        assert!(!restored.gated(&node(8081)));
+        // Its settings came back: a request naming other ones conflicts.
+        let mut other = spec(Duration::from_secs(600));
+        other.given.ignore = true;
+        assert!(matches!(
+            restored.post(other),
+            Err(JoinError::Conflict(id, _)) if id == record.id
+        ));
+        assert!(matches!(restored.post(posted), Ok((again, false)) if again.id == record.id));
+        // Stopping writes nothing: what is on disk resumes at the next start.
+        tracker.begin_shutdown();
+        restored.release(&Filter::port(9090));
+        restored.save().await;
+        let (_, _, again) = saving_registry(2, dir.path());
+        again.restore();
+        assert!(again.gated(&node(9090)));
+        assert_eq!(again.list().0.len(), 1);
+    }
+
     /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
     fn node(port: u16) -> Asked {
         Asked {
@@ -1110,7 +1179,8 @@ mod tests {
         // Drained: the port stays out of rotation until a new instance listens (no kernel
         // here to ask) or it is released.
         assert!(drains.gated(&node(8080)));
-        assert!(drains.release(&Filter::port(8080)));
+        // DELETE /drain with no drain in progress: nothing cancelled, the gate released.
+        assert!(drains.cancel(&Filter::port(8080)).await.is_none());
         assert!(!drains.gated(&node(8080)));
         let (running, ended) = drains.list();
         assert!(running.is_empty());

@@ -313,7 +313,7 @@ async fn cancel_drain(
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
-            "no drain of this scope is in progress",
+            "no drain of this scope is in progress (a /health gate held after one is released)",
         ),
     }
 }
