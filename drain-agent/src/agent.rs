@@ -219,14 +219,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(path) => Some(Arc::new(crate::identify::Tokens::read(path)?)),
         None => None,
     };
-    let drains = Arc::new(Drains::new(
-        Arc::clone(&tracker),
-        Some(Arc::new(closer) as Arc<dyn Closer>),
-        journal,
-        Some(pods),
-        args.max_waiters,
-    )
-    .with_state_file(state_file));
+    let drains = Arc::new(
+        Drains::new(
+            Arc::clone(&tracker),
+            Some(Arc::new(closer) as Arc<dyn Closer>),
+            journal,
+            Some(pods),
+            args.max_waiters,
+        )
+        .with_state_file(state_file),
+    );
     // Before anything is served: /health answers for a restored drain from the first question.
     drains.restore();
     metrics.register_drains(Arc::clone(&drains))?;
@@ -295,8 +297,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let metrics = Arc::clone(&state.metrics);
             let stopping = stopping.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(options, pod_state, endpoints, &metrics, stopping, pods_opened)
-                    .await
+                serve_in_pods(
+                    options,
+                    pod_state,
+                    endpoints,
+                    &metrics,
+                    stopping,
+                    pods_opened,
+                )
+                .await
             }))
         }
         None => {

@@ -267,7 +267,11 @@ pub struct RunArgs {
     /// restarted agent resumes them. Created mode 0700 if absent; a link there, or a state
     /// file that is not a regular file, stops the start. Keep it on a file system that
     /// lives as long as the node's boot (systemd `RuntimeDirectory=`, a `hostPath`).
-    #[arg(long, env = "DRAIN_AGENT_STATE_DIR", default_value = "/run/drain-agent")]
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_STATE_DIR",
+        default_value = "/run/drain-agent"
+    )]
     pub state_dir: std::path::PathBuf,
 
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).

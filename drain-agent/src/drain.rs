@@ -521,7 +521,15 @@ impl Drains {
         let drains = lock(&self.running)
             .values()
             .filter(|drain| drain.posted.load(Ordering::Acquire))
-            .map(|drain| SavedDrain::of(&drain.spec, &lock(&drain.record), drain.deadline, now, now_ms))
+            .map(|drain| {
+                SavedDrain::of(
+                    &drain.spec,
+                    &lock(&drain.record),
+                    drain.deadline,
+                    now,
+                    now_ms,
+                )
+            })
             .collect();
         let held = lock(&self.held)
             .iter()
@@ -545,8 +553,7 @@ impl Drains {
             return;
         };
         let drains = Arc::clone(self);
-        let written =
-            tokio::task::spawn_blocking(move || file.write_with(|| drains.saved())).await;
+        let written = tokio::task::spawn_blocking(move || file.write_with(|| drains.saved())).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(problem)) => {
@@ -618,13 +625,18 @@ impl Drains {
                 .insert(spec.filter.clone(), Arc::clone(&resumed))
                 .is_some()
             {
-                log::warn!("{}: two drains of one scope; the later one kept", file.path().display());
+                log::warn!(
+                    "{}: two drains of one scope; the later one kept",
+                    file.path().display()
+                );
             }
             log::info!(
                 "drain {id} resumed after a restart: port={} addr={} netns={} {left:?} left",
                 spec.filter.port,
                 spec.filter.addr.map_or("-".into(), |addr| addr.to_string()),
-                spec.filter.netns.map_or("-".into(), |netns| netns.to_string()),
+                spec.filter
+                    .netns
+                    .map_or("-".into(), |netns| netns.to_string()),
             );
             let registry = Arc::clone(self);
             tokio::spawn(async move { registry.run(spec, resumed).await });

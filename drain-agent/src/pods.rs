@@ -318,7 +318,9 @@ impl Manager {
         self.failing.retain(|inode, _| present.contains_key(inode));
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
-            .filter(|(inode, _)| !self.listening.contains_key(inode) && !self.skipped.contains(inode))
+            .filter(|(inode, _)| {
+                !self.listening.contains_key(inode) && !self.skipped.contains(inode)
+            })
             .collect();
         self.open_all(new).await;
     }

@@ -53,7 +53,9 @@ pub enum FirstWalk {
     /// Until the seeding has ended every answer is doubted (`Doubt::Seeding`) and confirmed
     /// with the socket tables: the agent serves meanwhile, never answering "drained" from
     /// counts that miss what was open before it.
-    Seed { ready: tokio::sync::oneshot::Receiver<()> },
+    Seed {
+        ready: tokio::sync::oneshot::Receiver<()>,
+    },
 }
 
 /// The longest the seeding waits for the pod listeners to be open.

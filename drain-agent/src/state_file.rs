@@ -203,9 +203,8 @@ impl StateFile {
                 version.version
             );
         }
-        let envelope: Envelope<T> = serde_json::from_slice(&data).with_context(|| {
-            format!("the state file {} cannot be read", self.path.display())
-        })?;
+        let envelope: Envelope<T> = serde_json::from_slice(&data)
+            .with_context(|| format!("the state file {} cannot be read", self.path.display()))?;
         Ok(Some(envelope.state))
     }
 
@@ -213,7 +212,10 @@ impl StateFile {
     /// ends with the newest state) and syncs it to disk before returning. `now` returning
     /// `None` writes nothing (the agent is stopping: what is on disk stays).
     pub fn write_with<T: Serialize>(&self, now: impl FnOnce() -> Option<T>) -> Result<()> {
-        let _serial = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(state) = now() else {
             return Ok(());
         };
@@ -301,13 +303,19 @@ mod tests {
         fs::create_dir(&state_dir).expect("dir");
         std::os::unix::fs::symlink(&target, state_dir.join(FILE_NAME)).expect("link");
         let refused = StateFile::open(&state_dir).err().expect("refused");
-        assert!(format!("{refused:#}").contains("symbolic link"), "{refused:#}");
+        assert!(
+            format!("{refused:#}").contains("symbolic link"),
+            "{refused:#}"
+        );
         assert_eq!(fs::read(&target).expect("target"), b"secret");
 
         let linked_dir = root.path().join("linked");
         std::os::unix::fs::symlink(root.path(), &linked_dir).expect("dir link");
         let refused = StateFile::open(&linked_dir).err().expect("refused");
-        assert!(format!("{refused:#}").contains("not a directory"), "{refused:#}");
+        assert!(
+            format!("{refused:#}").contains("not a directory"),
+            "{refused:#}"
+        );
     }
 
     #[test]
@@ -334,7 +342,12 @@ mod tests {
             b"{\"version\":1,\"state\":{\"other\":true}}",
         ] {
             fs::write(file.path(), content).expect("write");
-            assert_eq!(file.read::<Kept>(), None, "{}", String::from_utf8_lossy(content));
+            assert_eq!(
+                file.read::<Kept>(),
+                None,
+                "{}",
+                String::from_utf8_lossy(content)
+            );
         }
         fs::write(file.path(), vec![b' '; MAX_BYTES as usize + 1]).expect("write");
         assert_eq!(file.read::<Kept>(), None);

@@ -75,8 +75,10 @@ fn a_drain_in_progress_survives_a_restart() {
             .collect();
         server.wait_accepted(3);
         let agent = Agent::start_with_state_dir(state.path(), &[]);
-        let (status, started) =
-            curl_json("POST", &format!("{}/drain?port={port}&timeout=10m", agent.url));
+        let (status, started) = curl_json(
+            "POST",
+            &format!("{}/drain?port={port}&timeout=10m", agent.url),
+        );
         assert_eq!(status, 201, "{started}");
         let id = started["id"].as_u64().expect("id");
         let started_ms = started["started_ms"].as_u64().expect("started_ms");
@@ -101,7 +103,11 @@ fn a_drain_in_progress_survives_a_restart() {
             "{stop:?}: {ended}"
         );
         assert_eq!(health(&agent, port), 200);
-        let next = curl_json("POST", &format!("{}/drain?port={port}&timeout=10m", agent.url)).1;
+        let next = curl_json(
+            "POST",
+            &format!("{}/drain?port={port}&timeout=10m", agent.url),
+        )
+        .1;
         assert!(
             next["id"].as_u64().expect("id") > id,
             "ids go on after the restored drain: {next}"
@@ -120,7 +126,10 @@ fn a_gate_held_after_a_drain_survives_a_restart_until_released() {
     let server = Server::start("127.0.0.1:0");
     let port = server.port;
     let agent = Agent::start_with_state_dir(state.path(), &[]);
-    let (status, body) = curl_json("POST", &format!("{}/drain?port={port}&timeout=1m", agent.url));
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={port}&timeout=1m", agent.url),
+    );
     assert_eq!(status, 201, "{body}");
     common::wait_until("the drain to end", Duration::from_secs(10), || {
         in_progress(&agent).is_empty()
@@ -130,9 +139,17 @@ fn a_gate_held_after_a_drain_survives_a_restart_until_released() {
     assert_eq!(health(&agent, port), 503, "held after the drain");
 
     let agent = restart(agent, Stop::Kill, state.path());
-    assert_eq!(health(&agent, port), 503, "held after a kill -9 and restart");
+    assert_eq!(
+        health(&agent, port),
+        503,
+        "held after a kill -9 and restart"
+    );
     let agent = restart(agent, Stop::Term, state.path());
-    assert_eq!(health(&agent, port), 503, "held after a SIGTERM and restart");
+    assert_eq!(
+        health(&agent, port),
+        503,
+        "held after a SIGTERM and restart"
+    );
 
     // Released (no drain in progress: 404, but the gate opens), and that survives too.
     let (status, _) = curl_json("DELETE", &format!("{}/drain?port={port}", agent.url));
@@ -160,6 +177,10 @@ fn a_link_at_the_state_file_stops_the_start() {
     )
     .stop_signal(None);
     let status = agent.wait_for(Duration::from_secs(10));
+    if status.is_none() {
+        // Started: stopped (and reaped) before its stderr is read to the end.
+        agent.stop();
+    }
     let mut stderr = String::new();
     agent
         .child_mut()

@@ -122,11 +122,8 @@ fn poll_every_pod(
                     let listener = SocketAddr::from(([127, 0, 0, 1], pod_port));
                     let give_up = Instant::now() + Duration::from_secs(30);
                     while Instant::now() < give_up {
-                        let answered = common::http::get(
-                            listener,
-                            "/healthz",
-                            Duration::from_secs(2),
-                        );
+                        let answered =
+                            common::http::get(listener, "/healthz", Duration::from_secs(2));
                         if matches!(answered, Ok((200, _))) {
                             let started = start.lock().expect("start").expect("started");
                             return Some(started.elapsed());
@@ -266,7 +263,11 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     // tables while seeding and from the maps after it.
     for sample in &busy_samples {
         assert_eq!(
-            (sample.status, &sample.body["drained"], &sample.body["active"]),
+            (
+                sample.status,
+                &sample.body["drained"],
+                &sample.body["active"]
+            ),
             (503, &false.into(), &(HELD as u64).into()),
             "busy pod (while seeding: {}): {}",
             sample.while_seeding,
