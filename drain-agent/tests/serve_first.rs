@@ -190,11 +190,10 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     wait_until("every pod listener", Duration::from_secs(60), || {
         first.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(PODS as f64)
     });
+    let pid = i32::try_from(first.pid()).expect("pid");
     // SAFETY: kill(2) on the agent, a child of this test.
-    assert_eq!(
-        unsafe { libc::kill(i32::try_from(first.pid()).expect("pid"), libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     first.stop();
 
     let start = Arc::new(Mutex::new(None));
