@@ -1100,7 +1100,11 @@ mod tests {
         dir: &std::path::Path,
     ) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
         let source = Arc::new(FakeSource::default());
-        source.set(vec![endpoint("127.0.0.1", 8080, active)]);
+        // 8081 busy too: the drain only waiters join must still run when it is saved.
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, active),
+            endpoint("127.0.0.1", 8081, active),
+        ]);
         let tracker = Arc::new(Tracker::new(source.clone(), 16));
         let drains = Arc::new(
             Drains::new(Arc::clone(&tracker), None, None, None, 4)
