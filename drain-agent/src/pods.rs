@@ -130,7 +130,8 @@ impl NodeAddresses {
 }
 
 /// Serves the API inside every pod namespace until `stop` turns true; then every pod
-/// listener shuts down (within `limits.shutdown_timeout`) before this returns.
+/// listener shuts down (within `limits.shutdown_timeout`) before this returns. `opened` is
+/// told once the namespaces there at the start are served (the seeding walk waits for it).
 pub async fn serve_in_pods(
     options: PodListenOptions,
     state: Arc<AppState>,

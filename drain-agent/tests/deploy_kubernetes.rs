@@ -349,7 +349,12 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
     let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
     let started = Instant::now();
     loop {
-        if get(&url, "/healthz", Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
+        // Serving, and the seeding walk (beside it) has ended: the connection open before
+        // the start is counted by then.
+        if get(&url, "/healthz", Duration::from_secs(2)).is_ok_and(|r| {
+            r.status == 200
+                && serde_json::from_str::<Value>(&r.body).is_ok_and(|body| body["seeding"] != true)
+        }) {
             break;
         }
         if let Some(status) = child.try_status() {

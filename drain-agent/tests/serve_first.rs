@@ -186,7 +186,7 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     let pod_port = free_port();
     let pod_listen = format!("127.0.0.1:{pod_port}");
     let args = ["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
-    let mut first = Agent::start(&args);
+    let mut first = Agent::start_serving(&args);
     wait_until("every pod listener", Duration::from_secs(60), || {
         first.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(PODS as f64)
     });
@@ -199,7 +199,7 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     let start = Arc::new(Mutex::new(None));
     let pollers = poll_every_pod(&namespaces, pod_port, Arc::clone(&start));
     *start.lock().expect("start") = Some(Instant::now());
-    let agent = Agent::start(&args);
+    let agent = Agent::start_serving(&args);
 
     // While the pollers wait: the two services, asked inside their pods until the seeding
     // has ended (and once after).
