@@ -137,7 +137,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "event reader",
         tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps())),
     );
-    // The seeding walk (~13 ms per network namespace) runs beside the serving agent, as
+    // The seeding walk (2-13 ms per network namespace) runs beside the serving agent, as
     // the repair task's first walk: until it ends every answer is doubted and confirmed
     // with the socket tables (`Doubt::Seeding`), so serving first never answers a false
     // "drained". Only whether it can run at all is decided before serving.

@@ -45,7 +45,7 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 
 /// How the repair task's first walk begins.
 pub enum FirstWalk {
-    /// `--no-seed`, or nothing to seed: repairs only.
+    /// `--no-seed`: repairs only.
     None,
     /// Count the connections open before the agent started (`Kernel::seed_existing_connections`)
     /// once `ready` fires (the pod listeners are open: they need the kernel's lock for a moment

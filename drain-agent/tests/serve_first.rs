@@ -27,7 +27,7 @@ use common::{Agent, Server, free_port, kernel_available, wait_until};
 
 const PODS: usize = 300;
 /// How often each pod's poller tries its listener (the measurement's resolution).
-const POLL: Duration = Duration::from_millis(25);
+const POLL: Duration = Duration::from_millis(40);
 /// The service port inside the two pods that run one.
 const SERVICE: u16 = 8080;
 /// Connections the busy pod's service holds.
