@@ -206,6 +206,7 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     let mut busy_samples = Vec::new();
     let mut idle_samples = Vec::new();
     let asking = Instant::now();
+    let seeded_after;
     loop {
         let before = seeding(&agent);
         let busy_answer = ask_pod(&busy, pod_port);
@@ -224,6 +225,7 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
             }
         }
         if !after && !busy_samples.is_empty() && !idle_samples.is_empty() {
+            seeded_after = start.lock().expect("start").expect("started").elapsed();
             break;
         }
         assert!(
@@ -250,6 +252,26 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
         at(0.9).as_millis(),
         at(0.99).as_millis(),
         at(1.0).as_millis()
+    );
+
+    // Served first: every pod listener answered before the seeding walk was seen to end (it
+    // begins once the pods are open). 53847d0 seeded first and served the pods after it.
+    let max = at(1.0);
+    eprintln!(
+        "the seeding walk was seen ended {} ms after the start",
+        seeded_after.as_millis()
+    );
+    assert!(
+        max < seeded_after,
+        "the last pod listener answered {max:?} after the start, the seeding had ended by {seeded_after:?}: not served first"
+    );
+    // The target is 1 s, measured above. This debug build: max 0.97–1.25 s on the 2-core VM
+    // under a load average of 6 (other builds), about 0.3–0.5 s of it the debug build's
+    // program load before anything can serve; the release build 0.64–0.71 s under the same
+    // load. The bound leaves room for that; 53847d0 took 2.3 s here (4.9–5 s in the issue).
+    assert!(
+        max <= Duration::from_secs(2),
+        "the slowest pod listener answered {max:?} after the new agent started (target 1 s, bound 2 s)"
     );
 
     let during = busy_samples.iter().filter(|s| s.while_seeding).count();
@@ -289,14 +311,5 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     assert!(
         busy_samples.last().is_some_and(|s| !s.while_seeding),
         "no answer after the seeding"
-    );
-    // The target is 1 s, measured above (this debug build: max 0.96–0.97 s on the 2-core VM,
-    // about 0.35 s of it the debug build's program load before anything serves, and the
-    // 300 pollers themselves loading both cores). The assertion leaves room for a machine
-    // busy with other builds; 53847d0 took ~5 s (the seeding before serving).
-    let max = at(1.0);
-    assert!(
-        max <= Duration::from_secs(2),
-        "the slowest pod listener answered {max:?} after the new agent started (target 1 s, bound 2 s)"
     );
 }
