@@ -17,7 +17,7 @@ use crate::{
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
     pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
-    repair::{repair_missed_changes, watch_skipped_runs},
+    repair::{FirstWalk, repair_missed_changes, watch_skipped_runs},
     server::ServerLimits,
     tracker::Tracker,
 };
@@ -104,6 +104,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(|path| Journal::open(path, args.journal_max_bytes))
         .transpose()?;
+    // And the state directory: drains and gates that outlive a restart (drain.rs).
+    let state_file = crate::state_file::StateFile::open(&args.state_dir)?;
 
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,
@@ -132,13 +134,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "event reader",
         tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps())),
     );
+    // The seeding walk (2-13 ms per network namespace) runs beside the serving agent, as
+    // the repair task's first walk: until it ends every answer is doubted and confirmed
+    // with the socket tables (`Doubt::Seeding`), so serving first never answers a false
+    // "drained". Only whether it can run at all is decided before serving.
     if args.no_seed {
         info!("not counting connections opened before start (--no-seed)");
-    } else {
-        kernel.seed_existing_connections().context(
-            "cannot count the connections that were open before the agent started \
-             (run with --no-seed to count only new ones)",
-        )?;
+    } else if let Some(problem) = kernel.walker_problem() {
+        anyhow::bail!(
+            "cannot count the connections that were open before the agent started: {problem} \
+             (run with --no-seed to count only new ones)"
+        );
     }
     if let Err(problem) = crate::sockdiag::check_readable() {
         warn!(
@@ -152,6 +158,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let kernel_state = kernel.state();
     let can_walk = kernel.can_walk();
     let kernel = Arc::new(std::sync::Mutex::new(kernel));
+    // Fired (or dropped) once the pod listeners of the namespaces there now are open.
+    let (pods_opened, seed_when) = tokio::sync::oneshot::channel();
+    let first_walk = if args.no_seed {
+        FirstWalk::None
+    } else {
+        FirstWalk::Seed { ready: seed_when }
+    };
     let skip_task = tasks.watch(
         "skipped-run watch",
         tokio::spawn(watch_skipped_runs(
@@ -166,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Arc::clone(&tracker),
             args.repair_interval,
             can_walk,
+            first_walk,
         )),
     );
 
@@ -204,13 +218,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(path) => Some(Arc::new(crate::identify::Tokens::read(path)?)),
         None => None,
     };
-    let drains = Arc::new(Drains::new(
-        Arc::clone(&tracker),
-        Some(Arc::new(closer) as Arc<dyn Closer>),
-        journal,
-        Some(pods),
-        args.max_waiters,
-    ));
+    let drains = Arc::new(
+        Drains::new(
+            Arc::clone(&tracker),
+            Some(Arc::new(closer) as Arc<dyn Closer>),
+            journal,
+            Some(pods),
+            args.max_waiters,
+        )
+        .with_state_file(state_file),
+    );
+    // Before anything is served: /health answers for a restored drain from the first question.
+    drains.restore();
     metrics.register_drains(Arc::clone(&drains))?;
     // HAProxy's agent-check: bound before serving, so a conflict fails the start.
     let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);
@@ -295,10 +314,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let metrics = Arc::clone(&state.metrics);
             let phases = phases.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(options, pod_state, endpoints, &metrics, phases).await
+                serve_in_pods(
+                    options,
+                    pod_state,
+                    endpoints,
+                    &metrics,
+                    phases,
+                    pods_opened,
+                )
+                .await
             }))
         }
-        None => None,
+        None => {
+            drop(pods_opened);
+            None
+        }
     };
     let served = crate::server::serve_handing_over(
         listener,
@@ -396,13 +426,24 @@ impl OwnEndpoints for KernelEndpoints {
         netns_file: &std::fs::File,
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<crate::kernel::steer::SteerLink> {
-        let mut kernel = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lock = || {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         // Before the program is attached: the first steered connection is the agent's.
-        kernel.ignore_steered_endpoint(netns, target.port())?;
-        let steered = kernel.steer_pod_port(target, netns, netns_file, socket);
+        let seeder = {
+            let mut kernel = lock();
+            kernel.ignore_steered_endpoint(netns, target.port())?;
+            kernel.pod_listener_seeder()
+        };
+        // The count of the namespace's listeners walks the whole TCP hash: not under the
+        // lock, which every other pod being opened (and the walks) need.
+        let counted =
+            seeder.and_then(|link| crate::kernel::count_pod_listeners(link, netns, netns_file));
+        let mut kernel = lock();
+        let steered =
+            counted.and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
         if steered.is_err() {
             kernel.unsteer_pod_port(netns);
             let _ = kernel.forget_own_endpoint(netns, target.port());

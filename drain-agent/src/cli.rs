@@ -107,6 +107,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start and moved out at once: boxing `run`'s flags saves nothing"
+)]
 pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
     Run(Box<RunArgs>),
@@ -288,6 +292,18 @@ pub struct RunArgs {
     /// this is kept).
     #[arg(long, env = "DRAIN_AGENT_JOURNAL_MAX_BYTES", default_value_t = 8 << 20)]
     pub journal_max_bytes: u64,
+
+    /// Keep the drains POSTed and in progress, and the /health gates held after drains, in
+    /// DIR/drains.json (written atomically, synced before a POST /drain is answered), so a
+    /// restarted agent resumes them. Created mode 0700 if absent; a link there, or a state
+    /// file that is not a regular file, stops the start. Keep it on a file system that
+    /// lives as long as the node's boot (systemd `RuntimeDirectory=`, a `hostPath`).
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_STATE_DIR",
+        default_value = "/run/drain-agent"
+    )]
+    pub state_dir: std::path::PathBuf,
 
     /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
     #[arg(long, env = "DRAIN_AGENT_LOG", default_value = "info")]

@@ -30,6 +30,10 @@ pub enum Doubt {
     /// agent has not walked the sockets yet: what happened while no agent watched (skipped
     /// runs, lost connections) is not known until that walk.
     AdoptedUnwalked,
+    /// The agent serves while its first walk (the seeding) runs: connections open before
+    /// it started are not all counted yet. Routine for a few seconds after every start;
+    /// answers are confirmed with the socket tables meanwhile.
+    Seeding,
     /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
     /// and skipped runs cannot be found.
     NoWalker,
@@ -62,6 +66,7 @@ impl Doubt {
         !matches!(
             self,
             Self::HandlerSkipped
+                | Self::Seeding
                 | Self::Unscoped { .. }
                 | Self::PassivityUnknown { .. }
                 | Self::AdoptedUnwalked
@@ -85,6 +90,9 @@ impl fmt::Display for Doubt {
             ),
             Self::AdoptedUnwalked => f.write_str(
                 "the counts were adopted from the previous agent's pinned state and are not checked by a walk of the sockets yet",
+            ),
+            Self::Seeding => f.write_str(
+                "the agent is counting the connections open before it started (seeding): confirmed with the socket tables until it has",
             ),
             Self::NoWalker => f.write_str(
                 "this kernel cannot walk the open sockets (iter/tcp): pre-existing connections are unknown",
@@ -132,6 +140,8 @@ mod tests {
         assert!(!Doubt::HandlerSkipped.degrades_health());
         assert!(!Doubt::Unscoped { port: 1 }.degrades_health());
         assert!(!Doubt::AdoptedUnwalked.degrades_health());
+        assert!(!Doubt::Seeding.degrades_health());
+        assert!(Doubt::NotSeeded.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
         assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
     }

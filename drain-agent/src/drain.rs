@@ -18,8 +18,9 @@ use tokio::sync::watch;
 
 use crate::{
     closer::Closer,
-    drain_rule::{DrainRule, Peer},
+    drain_rule::{Cidr, DrainRule, Peer},
     journal::Journal,
+    state_file::StateFile,
     tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
 
@@ -219,6 +220,120 @@ pub struct DrainRecord {
     pub on_timeout: OnTimeout,
 }
 
+/// What `--state-dir` keeps across a restart: the drains `POST /drain` started that are in
+/// progress, and the scopes held out of rotation after their drains.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedDrains {
+    drains: Vec<SavedDrain>,
+    held: Vec<SavedHold>,
+}
+
+/// A POSTed drain in progress: its record and everything its spec needs.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedDrain {
+    record: DrainRecord,
+    /// Unix time in milliseconds when it ends (at a restart it resumes with what is left).
+    deadline_ms: u64,
+    timeout_ms: u64,
+    quiet_ms: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ignore: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idle_ms: Option<u64>,
+    pace: u32,
+    given: SavedGiven,
+}
+
+/// [`Given`] on disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one flag per setting a request can name, as `Given`"
+)]
+struct SavedGiven {
+    on_timeout: bool,
+    quiet: bool,
+    ignore: bool,
+    idle: bool,
+    pace: bool,
+}
+
+/// A scope held out of rotation after its drain.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedHold {
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    addr: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    /// Cookies of the listeners when the drain ended (a socket's cookie never changes).
+    listeners: Vec<u64>,
+    /// Unix time in milliseconds when the hold ends.
+    until_ms: u64,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SavedDrain {
+    fn of(
+        spec: &DrainSpec,
+        record: &DrainRecord,
+        deadline: tokio::time::Instant,
+        now: tokio::time::Instant,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            record: record.clone(),
+            deadline_ms: now_ms.saturating_add(millis(deadline.saturating_duration_since(now))),
+            timeout_ms: millis(spec.timeout),
+            quiet_ms: millis(spec.rule.quiet),
+            ignore: spec.rule.ignore.iter().map(ToString::to_string).collect(),
+            idle_ms: spec.rule.idle.map(millis),
+            pace: spec.pace,
+            given: SavedGiven {
+                on_timeout: spec.given.on_timeout,
+                quiet: spec.given.quiet,
+                ignore: spec.given.ignore,
+                idle: spec.given.idle,
+                pace: spec.given.pace,
+            },
+        }
+    }
+
+    /// The drain's spec again; `None` when a setting cannot be read.
+    fn spec(&self) -> Option<DrainSpec> {
+        let ignore = self
+            .ignore
+            .iter()
+            .map(|cidr| cidr.parse::<Cidr>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(DrainSpec {
+            filter: Filter {
+                port: self.record.port,
+                addr: self.record.addr,
+                netns: self.record.netns,
+            },
+            timeout: Duration::from_millis(self.timeout_ms),
+            rule: DrainRule {
+                quiet: Duration::from_millis(self.quiet_ms),
+                ignore,
+                idle: self.idle_ms.map(Duration::from_millis),
+            },
+            on_timeout: self.record.on_timeout,
+            pace: self.pace,
+            given: Given {
+                on_timeout: self.given.on_timeout,
+                quiet: self.given.quiet,
+                ignore: self.given.ignore,
+                idle: self.given.idle,
+                pace: self.given.pace,
+            },
+        })
+    }
+}
+
 /// After a drain ends, its port stays out of rotation (the stop that follows is about to
 /// end the service) until a new instance listens on it, until `DELETE /drain`, or at most
 /// this long.
@@ -251,6 +366,8 @@ impl crate::agentcheck::PortGate for Drains {
 /// A drain in progress.
 struct Running {
     spec: DrainSpec,
+    /// When it started (a drain restored at start-up: as long before as it had run).
+    started: tokio::time::Instant,
     deadline: tokio::time::Instant,
     record: Mutex<DrainRecord>,
     /// Set to end the drain early: `Cancelled` (`DELETE`) or `Abandoned` (its waiters left).
@@ -340,6 +457,8 @@ pub struct Drains {
     max_running: usize,
     history: Mutex<VecDeque<DrainRecord>>,
     stats: Mutex<DrainStats>,
+    /// Where POSTed drains and held gates are kept across restarts (`--state-dir`).
+    state: Option<Arc<StateFile>>,
 }
 
 fn unix_ms() -> u64 {
@@ -380,7 +499,153 @@ impl Drains {
             max_running,
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
+            state: None,
         }
+    }
+
+    /// Keeps POSTed drains and held gates in `file` from now on (see [`Drains::restore`]).
+    #[must_use]
+    pub fn with_state_file(mut self, file: StateFile) -> Self {
+        self.state = Some(Arc::new(file));
+        self
+    }
+
+    /// The drains and gates to keep across a restart, as they are now; `None` once the agent
+    /// is stopping (drains end then as `agent_shutdown`, and must stay on disk to resume).
+    fn saved(&self) -> Option<SavedDrains> {
+        if self.tracker.shutting_down() {
+            return None;
+        }
+        let now_ms = unix_ms();
+        let now = tokio::time::Instant::now();
+        let drains = lock(&self.running)
+            .values()
+            .filter(|drain| drain.posted.load(Ordering::Acquire))
+            .map(|drain| {
+                SavedDrain::of(
+                    &drain.spec,
+                    &lock(&drain.record),
+                    drain.deadline,
+                    now,
+                    now_ms,
+                )
+            })
+            .collect();
+        let held = lock(&self.held)
+            .iter()
+            .filter(|(_, hold)| hold.until > now)
+            .map(|(scope, hold)| SavedHold {
+                port: scope.port,
+                addr: scope.addr,
+                netns: scope.netns,
+                listeners: hold.listeners.iter().copied().collect(),
+                until_ms: now_ms.saturating_add(millis(hold.until - now)),
+            })
+            .collect();
+        Some(SavedDrains { drains, held })
+    }
+
+    /// Writes the state file (if any) and syncs it: called before `POST /drain` and
+    /// `DELETE /drain` are answered, and when a drain ends. A failure is logged: the drain
+    /// goes on, but would not survive a restart.
+    pub async fn save(self: &Arc<Self>) {
+        let Some(file) = self.state.clone() else {
+            return;
+        };
+        let drains = Arc::clone(self);
+        let written = tokio::task::spawn_blocking(move || file.write_with(|| drains.saved())).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(problem)) => {
+                log::warn!("cannot save the drains (they will not survive a restart): {problem:#}");
+            }
+            Err(problem) => log::warn!("the state file writer failed: {problem}"),
+        }
+    }
+
+    /// At start-up: the drains POSTed before the last stop resume with their own deadlines
+    /// (waiters of `/drained` are gone with the old process: a drain only they started would
+    /// have ended `abandoned`, so none is kept), and held gates stay held until their hold
+    /// ends, a new listener appears, or `DELETE /drain`. Ids go on after the restored ones.
+    pub fn restore(self: &Arc<Self>) {
+        let Some(file) = &self.state else {
+            return;
+        };
+        let Some(saved) = file.read::<SavedDrains>() else {
+            return;
+        };
+        let now_ms = unix_ms();
+        let now = tokio::time::Instant::now();
+        let mut gates = 0;
+        {
+            let mut held = lock(&self.held);
+            for hold in saved.held {
+                if hold.until_ms <= now_ms || held.len() >= HELD_MAX {
+                    continue;
+                }
+                held.insert(
+                    Filter {
+                        port: hold.port,
+                        addr: hold.addr,
+                        netns: hold.netns,
+                    },
+                    Held {
+                        listeners: hold.listeners.into_iter().collect(),
+                        until: now + Duration::from_millis(hold.until_ms - now_ms),
+                    },
+                );
+                gates += 1;
+            }
+        }
+        let mut drains = 0;
+        for drain in saved.drains {
+            let Some(spec) = drain.spec() else {
+                log::warn!(
+                    "{}: drain {} has settings this agent cannot read: not resumed",
+                    file.path().display(),
+                    drain.record.id
+                );
+                continue;
+            };
+            let id = drain.record.id;
+            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+            let ran_for = Duration::from_millis(now_ms.saturating_sub(drain.record.started_ms));
+            let left = Duration::from_millis(drain.deadline_ms.saturating_sub(now_ms));
+            let resumed = Arc::new(Running {
+                spec: spec.clone(),
+                started: now.checked_sub(ran_for).unwrap_or(now),
+                deadline: now + left,
+                record: Mutex::new(drain.record),
+                cancel: watch::channel(None).0,
+                finished: watch::channel(None).0,
+                posted: std::sync::atomic::AtomicBool::new(true),
+                waiters: std::sync::atomic::AtomicUsize::new(0),
+            });
+            if lock(&self.running)
+                .insert(spec.filter.clone(), Arc::clone(&resumed))
+                .is_some()
+            {
+                log::warn!(
+                    "{}: two drains of one scope; the later one kept",
+                    file.path().display()
+                );
+            }
+            log::info!(
+                "drain {id} resumed after a restart: port={} addr={} netns={} {left:?} left",
+                spec.filter.port,
+                spec.filter.addr.map_or("-".into(), |addr| addr.to_string()),
+                spec.filter
+                    .netns
+                    .map_or("-".into(), |netns| netns.to_string()),
+            );
+            let registry = Arc::clone(self);
+            tokio::spawn(async move { registry.run(spec, resumed).await });
+            drains += 1;
+        }
+        log::info!(
+            "restored {drains} drain(s) in progress and {gates} held /health gate(s) from {}",
+            file.path().display()
+        );
     }
 
     /// The scope a `/health?port=P[&addr=IP]` or agent-check question is about: `pod` is
@@ -508,6 +773,7 @@ impl Drains {
         };
         let drain = Arc::new(Running {
             spec: spec.clone(),
+            started: tokio::time::Instant::now(),
             deadline: tokio::time::Instant::now() + spec.timeout,
             record: Mutex::new(record),
             cancel: watch::channel(None).0,
@@ -533,9 +799,12 @@ impl Drains {
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
+    /// The scope's held gate (if any) is released either way: `DELETE /drain` after a drain
+    /// ended puts the scope back in rotation (before, it did nothing without a drain in
+    /// progress).
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
-        let drain = lock(&self.running).get(filter).cloned()?;
         self.release(filter);
+        let drain = lock(&self.running).get(filter).cloned()?;
         let mut finished = drain.finished.subscribe();
         drain.cancel.send_if_modified(|end| {
             end.is_none() && {
@@ -585,9 +854,13 @@ impl Drains {
     /// One drain, from start to record.
     async fn run(self: Arc<Self>, spec: DrainSpec, drain: Arc<Running>) {
         let mut cancel = drain.cancel.subscribe();
-        let started = tokio::time::Instant::now();
+        let started = drain.started;
+        // Its own deadline: for a drain resumed after a restart, what was left of it.
+        let left = drain
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
         let waited = tokio::select! {
-            outcome = self.tracker.wait_for_drain(&spec.filter, spec.timeout, &spec.rule) => Ok(outcome),
+            outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
             end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
         };
         let mut closed = 0;
@@ -678,6 +951,9 @@ impl Drains {
             closed: (spec.on_timeout == OnTimeout::Close && result == DrainEnd::ClosedAtDeadline)
                 .then_some(closed),
         })));
+        // Ended (and its gate held, if it holds one): after the answer, which must not wait
+        // for a second sync. A crash in between resumes the drain, which ends again.
+        self.save().await;
     }
 
     /// A not-drained outcome with the count now (a drain that ended before its wait did).
@@ -818,6 +1094,76 @@ mod tests {
         }
     }
 
+    /// A registry keeping its drains in `dir` (what `--state-dir` does).
+    fn saving_registry(
+        active: u64,
+        dir: &std::path::Path,
+    ) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+        let source = Arc::new(FakeSource::default());
+        // 8081 busy too: the drain only waiters join must still run when it is saved.
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, active),
+            endpoint("127.0.0.1", 8081, active),
+        ]);
+        let tracker = Arc::new(Tracker::new(source.clone(), 16));
+        let drains = Arc::new(
+            Drains::new(Arc::clone(&tracker), None, None, None, 4)
+                .with_state_file(StateFile::open(dir).expect("state file")),
+        );
+        (source, tracker, drains)
+    }
+
+    #[tokio::test]
+    async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (_, _, drains) = saving_registry(2, dir.path());
+        let mut posted = spec(Duration::from_secs(600));
+        posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
+        posted.given.ignore = true;
+        let (record, _) = drains.post(posted.clone()).expect("room");
+        let joined = DrainSpec {
+            filter: Filter::port(8081),
+            ..spec(Duration::from_secs(600))
+        };
+        let (_membership, _) = drains.join(joined).expect("room");
+        // A gate held after a drain of 9090 that ran its course.
+        drains.finish(
+            &Filter::port(9090),
+            DrainRecord {
+                result: Some(DrainEnd::Drained),
+                port: 9090,
+                ..record.clone()
+            },
+            vec![7],
+        );
+        drains.save().await;
+
+        let (_, tracker, restored) = saving_registry(2, dir.path());
+        restored.restore();
+        let (running, _) = restored.list();
+        assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
+        assert_eq!((running[0].id, running[0].port), (record.id, 8080));
+        assert_eq!(running[0].started_ms, record.started_ms);
+        assert!(restored.gated(&node(8080)) && restored.gated(&node(9090)));
+        assert!(!restored.gated(&node(8081)));
+        // Its settings came back: a request naming other ones conflicts.
+        let mut other = spec(Duration::from_secs(600));
+        other.given.ignore = true;
+        assert!(matches!(
+            restored.post(other),
+            Err(JoinError::Conflict(id, _)) if id == record.id
+        ));
+        assert!(matches!(restored.post(posted), Ok((again, false)) if again.id == record.id));
+        // Stopping writes nothing: what is on disk resumes at the next start.
+        tracker.begin_shutdown();
+        restored.release(&Filter::port(9090));
+        restored.save().await;
+        let (_, _, again) = saving_registry(2, dir.path());
+        again.restore();
+        assert!(again.gated(&node(9090)));
+        assert_eq!(again.list().0.len(), 1);
+    }
+
     /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
     fn node(port: u16) -> Asked {
         Asked {
@@ -849,7 +1195,8 @@ mod tests {
         // Drained: the port stays out of rotation until a new instance listens (no kernel
         // here to ask) or it is released.
         assert!(drains.gated(&node(8080)));
-        assert!(drains.release(&Filter::port(8080)));
+        // DELETE /drain with no drain in progress: nothing cancelled, the gate released.
+        assert!(drains.cancel(&Filter::port(8080)).await.is_none());
         assert!(!drains.gated(&node(8080)));
         let (running, ended) = drains.list();
         assert!(running.is_empty());

@@ -298,6 +298,8 @@ async fn start_drain(
             .into_response();
         }
     };
+    // On disk before the answer: a drain the caller was told about survives a restart.
+    state.drains.save().await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -321,11 +323,14 @@ async fn cancel_drain(
     if let Err(problem) = caller.may_control(&state.authority, &filter).await {
         return problem.into_response();
     }
-    match state.drains.cancel(&filter).await {
+    let cancelled = state.drains.cancel(&filter).await;
+    // The drain gone and the gate released on disk before the answer.
+    state.drains.save().await;
+    match cancelled {
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
-            "no drain of this scope is in progress",
+            "no drain of this scope is in progress (a /health gate held after one is released)",
         ),
     }
 }
@@ -438,9 +443,8 @@ impl Drop for AbandonedGuard {
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.tracker.check_health() {
         Ok(()) => {
-            let reasons: Vec<String> = state
-                .tracker
-                .health_doubts()
+            let doubts = state.tracker.health_doubts();
+            let reasons: Vec<String> = doubts
                 .iter()
                 .filter(|doubt| doubt.degrades_health())
                 .map(ToString::to_string)
@@ -449,6 +453,17 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
             if !reasons.is_empty() {
                 body["reasons"] = json!(reasons);
+            }
+            // Serving while the first walk counts what was open before the start (or checks
+            // adopted counts): answers are confirmed with the socket tables meanwhile (not a
+            // fault).
+            if doubts.iter().any(|doubt| {
+                matches!(
+                    doubt,
+                    crate::doubt::Doubt::Seeding | crate::doubt::Doubt::AdoptedUnwalked
+                )
+            }) {
+                body["seeding"] = json!(true);
             }
             (StatusCode::OK, Json(body)).into_response()
         }

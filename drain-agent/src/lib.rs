@@ -34,5 +34,6 @@ pub mod repair;
 pub mod server;
 pub mod shared_lists;
 pub mod sockdiag;
+pub mod state_file;
 pub mod tasks;
 pub mod tracker;

@@ -149,12 +149,15 @@ impl NodeAddresses {
 /// Serves the API inside every pod namespace until the agent stops (`stop` reaches
 /// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
 /// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
+/// `opened` is told once the namespaces there at the start are served (the seeding walk
+/// waits for it).
 pub async fn serve_in_pods(
     options: PodListenOptions,
     state: Arc<AppState>,
     endpoints: Arc<dyn OwnEndpoints>,
     metrics: &Metrics,
     mut stop: watch::Receiver<StopPhase>,
+    opened: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
     let gauge = IntGaugeVec::new(
         Opts::new(
@@ -211,8 +214,14 @@ pub async fn serve_in_pods(
     );
     let mut burst_until: Option<Instant> = None;
     let mut stopped_told = false;
+    let mut opened = Some(opened);
     loop {
         manager.reconcile().await;
+        if let Some(opened) = opened.take() {
+            // The namespaces there at the start are served: the seeding walk may take the
+            // kernel's lock now (agent.rs).
+            let _ = opened.send(());
+        }
         let stopped = if manager.steer && !stopped_told {
             // The kernel's lock may be held by a walk: not on the runtime's threads.
             let endpoints = Arc::clone(&manager.endpoints);
@@ -335,133 +344,111 @@ impl Manager {
         self.skipped.retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
-        for (inode, path) in present {
-            if self.listening.contains_key(&inode) || self.skipped.contains(&inode) {
-                continue;
+        let new: Vec<(u32, PathBuf)> = present
+            .into_iter()
+            .filter(|(inode, _)| {
+                !self.listening.contains_key(inode) && !self.skipped.contains(inode)
+            })
+            .collect();
+        self.open_all(new).await;
+    }
+
+    /// Opens listeners in `new` namespaces, [`OPEN_AT_ONCE`] at a time: each takes a thread
+    /// that enters the namespace and, steered, a program load under the kernel's lock; one
+    /// after the other, 300 pods after a restart took over a second to be served.
+    async fn open_all(&mut self, new: Vec<(u32, PathBuf)>) {
+        let mut waiting = new.into_iter();
+        let mut opening = JoinSet::new();
+        loop {
+            while opening.len() < OPEN_AT_ONCE {
+                let Some((inode, path)) = waiting.next() else {
+                    break;
+                };
+                let (steer, addr, endpoints, handover) = (
+                    self.steer,
+                    self.options.addr,
+                    Arc::clone(&self.endpoints),
+                    Arc::clone(&self.options.handover),
+                );
+                opening.spawn_blocking(move || {
+                    let opened = if steer {
+                        open_steered(&path, inode, addr, endpoints.as_ref())
+                            .map(|(listener, link)| (listener, Some(link)))
+                    } else {
+                        bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
+                    };
+                    (inode, path, opened)
+                });
             }
-            self.open(inode, path).await;
+            let Some(done) = opening.join_next().await else {
+                return;
+            };
+            match done {
+                Ok((inode, path, opened)) => self.opened(inode, &path, opened),
+                Err(problem) => warn!("a pod listener's socket thread failed: {problem}"),
+            }
         }
     }
 
-    async fn open(&mut self, inode: u32, path: PathBuf) {
-        let (listener, link) = if self.steer {
-            match self.open_steered(inode, &path).await {
-                Some(opened) => opened,
-                None => return,
-            }
-        } else {
-            match self.open_bound(inode, &path).await {
-                Some(listener) => (listener, None),
-                None => return,
-            }
-        };
-        self.serve(inode, &path, listener, link);
-    }
-
-    /// A socket of the agent's on loopback in the namespace, and the in-pod port steered to
-    /// it; `None` (the problem logged once, retried on the next rescan) if either fails.
-    async fn open_steered(
+    /// Serves what [`Manager::open_all`] opened, or notes why it could not (logged once,
+    /// retried on the next rescan; a taken port in the binding fallback skips the namespace).
+    fn opened(
         &mut self,
         inode: u32,
         path: &Path,
-    ) -> Option<(std::net::TcpListener, Option<SteerLink>)> {
+        opened: Result<(std::net::TcpListener, Option<SteerLink>), Bind>,
+    ) {
         let addr = self.options.addr;
-        let endpoints = Arc::clone(&self.endpoints);
-        let opened = tokio::task::spawn_blocking({
-            let path = path.to_owned();
-            move || -> Result<(std::net::TcpListener, SteerLink), Bind> {
-                // Loopback may not be up yet in a namespace just made: retried quietly.
-                let (listener, netns_file) = socket_in(&path, inode, addr).map_err(Bind::Failed)?;
-                // The steering itself failing is worth a WARN.
-                let link = endpoints
-                    .steer(addr, inode, &netns_file, listener.as_fd())
-                    .map_err(Bind::Steer)?;
-                Ok((listener, link))
-            }
-        })
-        .await;
         let (problem, steering) = match opened {
-            Ok(Ok((listener, link))) => {
-                self.failing.remove(&inode);
-                return Some((listener, Some(link)));
-            }
-            Ok(Err(Bind::Failed(problem))) => (problem, false),
-            Ok(Err(Bind::Steer(problem))) => (problem, true),
-            Ok(Err(Bind::InUse | Bind::AgentThere)) => return None,
-            Err(problem) => {
-                warn!("network namespace {inode}: socket thread failed: {problem}");
-                return None;
-            }
-        };
-        let text = format!("{problem:#}");
-        if self.failing.get(&inode) != Some(&text) {
-            if steering {
-                warn!(
-                    "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
-                    addr.port()
-                );
-            } else {
-                debug!(
-                    "network namespace {inode}: cannot make the agent's socket there yet: {text} (retrying)"
-                );
-            }
-            self.failing.insert(inode, text);
-        }
-        None
-    }
-
-    /// The fallback without `sk_lookup`: ADDR bound in the namespace.
-    async fn open_bound(&mut self, inode: u32, path: &Path) -> Option<std::net::TcpListener> {
-        let addr = self.options.addr;
-        let handover = Arc::clone(&self.options.handover);
-        let bound = tokio::task::spawn_blocking({
-            let path = path.to_owned();
-            move || bind_in(&path, inode, addr, &handover)
-        })
-        .await;
-        match bound {
-            Ok(Ok(listener)) => {
+            Ok((listener, link)) => {
                 self.failing.remove(&inode);
                 if self.waiting.remove(&inode) {
                     info!(
                         "network namespace {inode}: {addr} is free of the older agent now; listening"
                     );
                 }
-                Some(listener)
+                self.serve(inode, path, listener, link);
+                return;
             }
-            Ok(Err(Bind::AgentThere)) => {
+            Err(Bind::AgentThere) => {
                 if self.waiting.insert(inode) {
                     info!(
                         "network namespace {inode} ({}): an agent of an older version holds {addr} there without sharing it; retrying on every rescan until it stops",
                         path.display()
                     );
                 }
-                None
+                return;
             }
-            Ok(Err(Bind::InUse)) => {
+            Err(Bind::InUse) => {
                 self.waiting.remove(&inode);
                 info!(
                     "network namespace {inode} ({}): {addr} is in use there already; skipping it (no listener in that pod)",
                     path.display()
                 );
                 self.skipped.insert(inode);
-                None
+                return;
             }
-            Ok(Err(Bind::Failed(problem) | Bind::Steer(problem))) => {
-                let text = format!("{problem:#}");
-                if self.failing.get(&inode) != Some(&text) {
-                    debug!(
-                        "network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)"
-                    );
-                    self.failing.insert(inode, text);
-                }
-                None
-            }
-            Err(problem) => {
-                warn!("network namespace {inode}: bind thread failed: {problem}");
-                None
-            }
+            Err(Bind::Failed(problem)) => (problem, false),
+            Err(Bind::Steer(problem)) => (problem, true),
+        };
+        let text = format!("{problem:#}");
+        if self.failing.get(&inode) == Some(&text) {
+            return;
         }
+        if steering {
+            warn!(
+                "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
+                addr.port()
+            );
+        } else if self.steer {
+            // Loopback may not be up yet in a namespace just made: retried quietly.
+            debug!(
+                "network namespace {inode}: cannot make the agent's socket there yet: {text} (retrying)"
+            );
+        } else {
+            debug!("network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)");
+        }
+        self.failing.insert(inode, text);
     }
 
     /// Serves the routes on `listener` until the namespace is gone or the agent stops.
@@ -560,6 +547,24 @@ impl Manager {
             },
         );
     }
+}
+
+/// At most this many pod listeners are being opened at once (threads inside namespaces).
+const OPEN_AT_ONCE: usize = 8;
+
+/// A socket of the agent's on loopback in the namespace at `path` (checked to be `inode`),
+/// and the in-pod port steered to it.
+fn open_steered(
+    path: &Path,
+    inode: u32,
+    addr: SocketAddr,
+    endpoints: &dyn OwnEndpoints,
+) -> Result<(std::net::TcpListener, SteerLink), Bind> {
+    let (listener, netns_file) = socket_in(path, inode, addr).map_err(Bind::Failed)?;
+    let link = endpoints
+        .steer(addr, inode, &netns_file, listener.as_fd())
+        .map_err(Bind::Steer)?;
+    Ok((listener, link))
 }
 
 /// Why a bind failed.

@@ -43,6 +43,50 @@ const DOUBT_GAP: Duration = Duration::from_secs(30);
 /// How often idle endpoints are reclaimed.
 const RECLAIM_EVERY: Duration = Duration::from_secs(10);
 
+/// How the repair task's first walk begins.
+pub enum FirstWalk {
+    /// `--no-seed`: repairs only.
+    None,
+    /// Count the connections open before the agent started (`Kernel::seed_existing_connections`)
+    /// once `ready` fires (the pod listeners are open: they need the kernel's lock for a moment
+    /// each, and the seeding holds it for its whole walk) or after [`SEED_AFTER_AT_MOST`].
+    /// Until the seeding has ended every answer is doubted (`Doubt::Seeding`) and confirmed
+    /// with the socket tables: the agent serves meanwhile, never answering "drained" from
+    /// counts that miss what was open before it.
+    Seed {
+        ready: tokio::sync::oneshot::Receiver<()>,
+    },
+}
+
+/// The longest the seeding waits for the pod listeners to be open.
+pub const SEED_AFTER_AT_MOST: Duration = Duration::from_secs(3);
+
+/// The seeding walk, retried every [`REPAIR_GAP`] until it succeeds (the doubt stands
+/// meanwhile: answers are confirmed with the socket tables).
+async fn seed(kernel: &Arc<std::sync::Mutex<Kernel>>, ready: tokio::sync::oneshot::Receiver<()>) {
+    let _ = tokio::time::timeout(SEED_AFTER_AT_MOST, ready).await;
+    loop {
+        let kernel = Arc::clone(kernel);
+        let seeded = tokio::task::spawn_blocking(move || {
+            let mut kernel = kernel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seeded = kernel.seed_existing_connections().map(|_| ());
+            kernel.release_load_time_memory();
+            seeded
+        })
+        .await;
+        match seeded {
+            Ok(Ok(())) => return,
+            Ok(Err(problem)) => warn!(
+                "cannot count the connections that were open before the agent started: {problem:#}; answers stay confirmed with the socket tables, retrying in {REPAIR_GAP:?}"
+            ),
+            Err(problem) => warn!("the seeding walk failed: {problem}; retrying in {REPAIR_GAP:?}"),
+        }
+        tokio::time::sleep(REPAIR_GAP).await;
+    }
+}
+
 /// Walks the open sockets to repair missed state changes: soon after the kernel reports
 /// that it skipped the handler, an open found a dead socket's entry at its address, or a
 /// close came during a sweep and was left to a walk (checked every second, walks at most every [`REPAIR_GAP`]),
@@ -54,7 +98,11 @@ pub async fn repair_missed_changes(
     tracker: Arc<Tracker>,
     interval: Duration,
     can_walk: bool,
+    first: FirstWalk,
 ) {
+    if let FirstWalk::Seed { ready } = first {
+        seed(&kernel, ready).await;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut missed_seen = 0;

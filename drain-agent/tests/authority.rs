@@ -43,16 +43,19 @@ fn start_agent(port: u16) -> Guard {
 }
 
 fn start_agent_with(port: u16, extra: &[&str]) -> Guard {
+    let mut command = Command::new(agent_binary());
+    let state = common::private_state(&mut command);
     let agent = Guard::spawn(
         "drain-agent",
-        Command::new(agent_binary())
+        command
             .args(["run", "--listen", &format!("0.0.0.0:{port}")])
             // Nothing pinned: tests run in parallel on one kernel (tests/pinned.rs pins).
             .arg("--no-pin")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
-    );
+    )
+    .keep(state);
     let started = Instant::now();
     while curl(
         None,

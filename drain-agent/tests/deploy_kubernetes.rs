@@ -360,9 +360,11 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
         .iter()
         .map(|c| format!("+{}", c.to_ascii_lowercase()))
         .collect();
+    let mut command = Command::new("setpriv");
+    let state = common::private_state(&mut command);
     let mut child = Guard::spawn(
         "the agent under setpriv",
-        Command::new("setpriv")
+        command
             .arg(format!("--bounding-set=-all,{}", bounding.join(",")))
             .arg("--no-new-privs")
             .arg(common::agent_binary())
@@ -372,11 +374,17 @@ fn connections_with_capabilities(capabilities: &BTreeSet<String>) -> Value {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped()),
-    );
+    )
+    .keep(state);
     let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
     let started = Instant::now();
     loop {
-        if get(&url, "/healthz", Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
+        // Serving, and the seeding walk (beside it) has ended: the connection open before
+        // the start is counted by then.
+        if get(&url, "/healthz", Duration::from_secs(2)).is_ok_and(|r| {
+            r.status == 200
+                && serde_json::from_str::<Value>(&r.body).is_ok_and(|body| body["seeding"] != true)
+        }) {
             break;
         }
         if let Some(status) = child.try_status() {

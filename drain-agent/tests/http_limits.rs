@@ -49,6 +49,7 @@ impl LimitedAgent {
             }
             None => Command::new(binary()),
         };
+        let state = common::private_state(&mut command);
         let mut process = Guard::spawn(
             "drain-agent",
             command
@@ -61,7 +62,8 @@ impl LimitedAgent {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),
-        );
+        )
+        .keep(state);
         let stderr = process.child_mut().stderr.take().expect("stderr");
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {

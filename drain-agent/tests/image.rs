@@ -301,6 +301,10 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
         args.push("-v".to_owned());
         args.push("/sys/kernel/tracing:/sys/kernel/tracing:ro".to_owned());
     }
+    // The DaemonSet's hostPath for the state directory (--state-dir), one per test run.
+    let state = common::temp_dir("da-state-");
+    args.push("-v".to_owned());
+    args.push(format!("{}:/run/drain-agent", state.path().display()));
     args.push(image());
     args.extend(["run", "--listen"].iter().map(|s| (*s).to_owned()));
     args.push(format!("127.0.0.1:{port}"));

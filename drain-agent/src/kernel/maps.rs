@@ -216,17 +216,21 @@ impl KernelMaps {
         }
         let vouched = self.vouched();
         let Some(snapshot) = &vouched.snapshot else {
-            if self.not_seeded {
-                doubts.push(Doubt::NotSeeded);
-            }
-            // Adopted counts are the pinned handler's, exact while it saw every change; but
-            // runs it skipped, connections it lost and the error counters are compared with
-            // what a walk vouched for, and the agent that walked last is gone. Until this
-            // agent's first walk (a repair: it stamps what exists and fixes what was missed,
-            // it does not rebuild), every answer is confirmed with the socket tables.
-            if self.adopted {
-                doubts.push(Doubt::AdoptedUnwalked);
-            }
+            // No walk has ended yet. With --no-seed none was asked for. On adopted counts
+            // (the pinned handler's, exact while it saw every change) the runs it skipped,
+            // the connections it lost and the error counters are compared with what a walk
+            // vouched for, and the agent that walked last is gone: until this agent's first
+            // walk (a repair: it stamps what exists and fixes what was missed, it does not
+            // rebuild) every answer is confirmed with the socket tables. Otherwise the
+            // seeding walk runs beside the serving agent (agent.rs). Either way nothing open
+            // before the start is vouched for.
+            doubts.push(if self.not_seeded {
+                Doubt::NotSeeded
+            } else if self.adopted {
+                Doubt::AdoptedUnwalked
+            } else {
+                Doubt::Seeding
+            });
             return Ok(doubts);
         };
         let errors = self.error_counts()?;

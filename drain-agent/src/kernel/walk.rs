@@ -152,6 +152,11 @@ impl Kernel {
     pub const fn can_walk(&self) -> bool {
         self.walker_problem.is_none()
     }
+
+    /// Why this kernel cannot walk the open sockets, if it cannot.
+    pub fn walker_problem(&self) -> Option<&str> {
+        self.walker_problem.as_deref()
+    }
 }
 
 /// The kernel function an `iter/tcp` program's BTF id names (aya's `Iter::load("tcp")`

@@ -23,6 +23,8 @@ pub struct Guard {
     /// what it started (workers, processes of a script) goes too.
     group: bool,
     status: Option<ExitStatus>,
+    /// What lives as long as the process (its temporary state directory).
+    _kept: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Guard {
@@ -38,7 +40,15 @@ impl Guard {
             grace: DEFAULT_GRACE,
             group: false,
             status: None,
+            _kept: Vec::new(),
         }
+    }
+
+    /// Keeps `thing` (a temporary directory the process uses) until the guard is dropped.
+    #[must_use]
+    pub fn keep(mut self, thing: impl std::any::Any + Send + Sync) -> Self {
+        self._kept.push(Box::new(thing));
+        self
     }
 
     /// Spawns `command` leading a new process group, with this test process as the reaper

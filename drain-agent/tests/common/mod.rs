@@ -86,6 +86,15 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .expect("create a temporary directory")
 }
 
+/// Gives an agent started by `command` a state directory of its own
+/// (`DRAIN_AGENT_STATE_DIR`; the default, /run/drain-agent, would be shared by every test's
+/// agent): keep the returned directory as long as the agent runs (`Guard::keep`).
+pub fn private_state(command: &mut Command) -> tempfile::TempDir {
+    let dir = temp_dir("da-state-");
+    command.env("DRAIN_AGENT_STATE_DIR", dir.path());
+    dir
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -94,9 +103,21 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// When a start returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ready {
+    /// `/healthz` answers 200.
+    Serving,
+    /// … and the seeding walk has ended.
+    Seeded,
+}
+
 /// The real agent binary, started as users start it; stopped and reaped on drop.
 pub struct Agent {
     process: Guard,
+    /// The agent's own `--state-dir` (`DRAIN_AGENT_STATE_DIR`), unless the test gave one:
+    /// agents of tests running in parallel never share saved drains by accident.
+    _state_dir: Option<tempfile::TempDir>,
     pub port: u16,
     pub url: String,
     pub log: Arc<Mutex<Vec<String>>>,
@@ -204,16 +225,41 @@ impl Agent {
     /// Starts another build of the agent (the static one of `cargo xtask dist`) on a given
     /// loopback port.
     pub fn start_binary(binary: &std::path::Path, port: u16, extra: &[&str]) -> Self {
-        Self::spawn(binary, port, extra).unwrap_or_else(|why| panic!("{why}"))
+        Self::spawn(binary, port, extra, None, Ready::Seeded).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts the agent on a free port with `state_dir` as its state directory (set through
+    /// `DRAIN_AGENT_STATE_DIR`, which builds without the flag ignore): agents started one
+    /// after the other with the same directory share their saved drains.
+    pub fn start_with_state_dir(state_dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn(
+            &agent_binary(),
+            free_port(),
+            extra,
+            Some(state_dir),
+            Ready::Seeded,
+        )
+        .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Starts the agent and returns as soon as it serves, while its seeding walk may still
+    /// run (`/healthz` `"seeding":true`; every other start waits for the walk's end, so
+    /// tests see the counts of connections open before the start).
+    pub fn start_serving(extra: &[&str]) -> Self {
+        Self::start_on_a_free_port(&agent_binary(), extra, Ready::Serving)
     }
 
     /// Starts `binary` on a free loopback port. A free port can be taken by another test
     /// between the check and the agent's bind: the agent then exits at once ("Address
     /// already in use"), and another port is tried (five in all).
     pub fn start_binary_on_a_free_port(binary: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_on_a_free_port(binary, extra, Ready::Seeded)
+    }
+
+    fn start_on_a_free_port(binary: &std::path::Path, extra: &[&str], ready: Ready) -> Self {
         let mut attempt = 1;
         loop {
-            match Self::spawn(binary, free_port(), extra) {
+            match Self::spawn(binary, free_port(), extra, None, ready) {
                 Ok(agent) => return agent,
                 Err(why) if attempt < 5 && why.contains("Address already in use") => {
                     attempt += 1;
@@ -223,15 +269,27 @@ impl Agent {
         }
     }
 
-    fn spawn(binary: &std::path::Path, port: u16, extra: &[&str]) -> Result<Self, String> {
+    fn spawn(
+        binary: &std::path::Path,
+        port: u16,
+        extra: &[&str],
+        state_dir: Option<&std::path::Path>,
+        ready: Ready,
+    ) -> Result<Self, String> {
         // Each agent pins into a directory of its own, unless the test chose.
         let pins = (!extra
             .iter()
             .any(|arg| arg.starts_with("--pin-dir") || *arg == "--no-pin")
             && knows_pin_dir(binary))
         .then(PinDir::new);
+        let own_state = state_dir.is_none().then(|| temp_dir("da-state-"));
+        let state_path = state_dir.map_or_else(
+            || own_state.as_ref().expect("own state dir").path().to_owned(),
+            std::path::Path::to_owned,
+        );
         let mut command = Command::new(binary);
         command
+            .env("DRAIN_AGENT_STATE_DIR", &state_path)
             .arg("run")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"));
@@ -257,12 +315,13 @@ impl Agent {
         });
         let mut agent = Self {
             process,
+            _state_dir: own_state,
             port,
             url: format!("http://127.0.0.1:{port}"),
             log,
             _pins: pins,
         };
-        match agent.wait_healthy(Duration::from_secs(30)) {
+        match agent.wait_healthy(Duration::from_secs(30), ready) {
             Ok(()) => Ok(agent),
             Err(exited) => {
                 if exited {
@@ -282,9 +341,10 @@ impl Agent {
         }
     }
 
-    /// Waits for `/healthz` to answer 200; `Err(true)` when the agent exited first,
+    /// Waits for `/healthz` to answer 200 (and for the seeding walk's end unless `ready` is
+    /// [`Ready::Serving`]); `Err(true)` when the agent exited first,
     /// `Err(false)` after `limit`.
-    fn wait_healthy(&mut self, limit: Duration) -> Result<(), bool> {
+    fn wait_healthy(&mut self, limit: Duration, ready: Ready) -> Result<(), bool> {
         let started = Instant::now();
         loop {
             if matches!(self.process.child_mut().try_wait(), Ok(Some(_))) {
@@ -292,10 +352,16 @@ impl Agent {
             }
             // A short deadline: whoever holds the port when the agent could not bind it may
             // accept and never answer.
-            if let Ok((200, _)) = AgentUrl::parse(&self.url)
+            if let Ok((200, body)) = AgentUrl::parse(&self.url)
                 .and_then(|url| http::get_url(&url, "/healthz", Duration::from_secs(1)))
             {
-                return Ok(());
+                // Serving; and, unless only that was asked for, done counting what was open
+                // before the start (the seeding walk runs beside the serving agent).
+                let seeding = serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|body| body["seeding"] == true);
+                if !seeding || ready == Ready::Serving {
+                    return Ok(());
+                }
             }
             if started.elapsed() >= limit {
                 return Err(false);

@@ -1,0 +1,355 @@
+//! The agent's state file (`run --state-dir DIR`: `DIR/drains.json`): what must outlive a
+//! restart of the agent (drains in progress, `/health` gates held after a drain), written
+//! whole and atomically, read back at start. Generic over what it holds: it does not import
+//! the drains that use it (as the journal).
+//!
+//! The directory and the file are trusted for nothing (the agent runs as root on a shared
+//! node; SECURITY.md), as the journal's path is not: the directory is created 0700 when
+//! absent and must be a directory, not a link; the file is opened without following a
+//! link (`O_NOFOLLOW`) and used only when it is a regular file (a link, FIFO or device
+//! there stops the start, naming it); new files are 0600; at most [`MAX_BYTES`] is read.
+//! A write goes to `drains.json.tmp` (removed first, then created with `O_EXCL |
+//! O_NOFOLLOW`, so a link planted there is never followed), is synced, renamed over the
+//! file (`rename(2)` replaces a name, never follows it) and the directory synced: after a
+//! crash the file is the old state or the new one, whole. A file that cannot be read as
+//! this version's state (torn by something else, edited, another version) is logged at
+//! WARN and ignored.
+
+use std::{
+    fs::{self, DirBuilder, File, OpenOptions},
+    io::{Read as _, Write as _},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// The file's name in the state directory.
+pub const FILE_NAME: &str = "drains.json";
+/// The layout written, and the only one read back.
+pub const VERSION: u32 = 1;
+/// The largest file read or written (the drains in progress are bounded by
+/// `--max-waiters`, the held gates by `drain::HELD_MAX`: far below this).
+pub const MAX_BYTES: u64 = 16 << 20;
+/// Mode of the directory the agent creates.
+const DIR_MODE: u32 = 0o700;
+/// Mode of the files the agent creates.
+const FILE_MODE: u32 = 0o600;
+
+/// On disk: the version beside what is kept.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u32,
+    state: T,
+}
+
+/// The state file of one agent.
+pub struct StateFile {
+    path: PathBuf,
+    temp: PathBuf,
+    dir: PathBuf,
+    /// Writes are serialised, and each writes the state as it is when it takes the lock,
+    /// so the last write on disk is never an older state than another's.
+    lock: Mutex<()>,
+}
+
+/// What is at `path` when it is not a regular file, in a start-up error.
+fn kind_of(meta: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let file_type = meta.file_type();
+    if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else {
+        "of an unknown type"
+    }
+}
+
+/// Opens `path` for reading only if it is a regular file, never through a link and never
+/// blocking on a FIFO (see `journal.rs` `open_regular` for the flags).
+fn open_regular(path: &Path) -> Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(problem) => {
+            if let Ok(meta) = fs::symlink_metadata(path)
+                && !meta.file_type().is_file()
+            {
+                bail!(
+                    "the state file {} is {}, not a regular file: refused (remove it)",
+                    path.display(),
+                    kind_of(&meta)
+                );
+            }
+            return Err(problem)
+                .with_context(|| format!("cannot open the state file {}", path.display()));
+        }
+    };
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat the state file {}", path.display()))?;
+    if !meta.file_type().is_file() {
+        bail!(
+            "the state file {} is {}, not a regular file: refused (remove it)",
+            path.display(),
+            kind_of(&meta)
+        );
+    }
+    Ok(Some(file))
+}
+
+impl StateFile {
+    /// The state file in `dir` (created 0700 if absent). Fails when `dir` is not a
+    /// directory of its own (a link, a file) or the file there is not a regular file, so
+    /// a bad path stops the start rather than the first drain's answer.
+    pub fn open(dir: &Path) -> Result<Self> {
+        match fs::symlink_metadata(dir) {
+            Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(dir)
+                    .with_context(|| {
+                        format!("cannot create the state directory {}", dir.display())
+                    })?;
+            }
+            Err(problem) => {
+                return Err(problem)
+                    .with_context(|| format!("cannot stat the state directory {}", dir.display()));
+            }
+            Ok(_) => {}
+        }
+        let meta = fs::symlink_metadata(dir)
+            .with_context(|| format!("cannot stat the state directory {}", dir.display()))?;
+        if !meta.file_type().is_dir() {
+            bail!(
+                "the state directory {} is {}, not a directory: refused",
+                dir.display(),
+                kind_of(&meta)
+            );
+        }
+        if meta.mode() & 0o022 != 0 {
+            log::warn!(
+                "the state directory {} has mode {:04o}: others than its owner may replace the state file (held /health gates); `chmod 700` it",
+                dir.display(),
+                meta.mode() & 0o7777
+            );
+        }
+        let file = Self {
+            path: dir.join(FILE_NAME),
+            temp: dir.join(format!("{FILE_NAME}.tmp")),
+            dir: dir.to_owned(),
+            lock: Mutex::new(()),
+        };
+        // Checked now: a link or a FIFO there is refused at start.
+        open_regular(&file.path)?;
+        Ok(file)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The state last written, or `None`: no file, or one that cannot be read as this
+    /// version's state (logged at WARN; the caller starts without it).
+    pub fn read<T: DeserializeOwned>(&self) -> Option<T> {
+        match self.try_read() {
+            Ok(state) => state,
+            Err(problem) => {
+                log::warn!("{problem:#}: ignored, starting without the saved drains");
+                None
+            }
+        }
+    }
+
+    fn try_read<T: DeserializeOwned>(&self) -> Result<Option<T>> {
+        let Some(file) = open_regular(&self.path)? else {
+            return Ok(None);
+        };
+        let mut data = Vec::new();
+        file.take(MAX_BYTES + 1)
+            .read_to_end(&mut data)
+            .with_context(|| format!("cannot read the state file {}", self.path.display()))?;
+        if data.len() as u64 > MAX_BYTES {
+            bail!(
+                "the state file {} is larger than {MAX_BYTES} bytes",
+                self.path.display()
+            );
+        }
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let version: Version = serde_json::from_slice(&data).with_context(|| {
+            format!("the state file {} is not a state file", self.path.display())
+        })?;
+        if version.version != VERSION {
+            bail!(
+                "the state file {} has version {}, this agent reads {VERSION}",
+                self.path.display(),
+                version.version
+            );
+        }
+        let envelope: Envelope<T> = serde_json::from_slice(&data)
+            .with_context(|| format!("the state file {} cannot be read", self.path.display()))?;
+        Ok(Some(envelope.state))
+    }
+
+    /// Writes the state `now()` gives (called under the write lock, so the file always
+    /// ends with the newest state) and syncs it to disk before returning. `now` returning
+    /// `None` writes nothing (the agent is stopping: what is on disk stays).
+    pub fn write_with<T: Serialize>(&self, now: impl FnOnce() -> Option<T>) -> Result<()> {
+        let _serial = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(state) = now() else {
+            return Ok(());
+        };
+        let data = serde_json::to_vec(&Envelope {
+            version: VERSION,
+            state,
+        })
+        .context("cannot encode the state")?;
+        if data.len() as u64 > MAX_BYTES {
+            bail!("the state is larger than {MAX_BYTES} bytes: not written");
+        }
+        // A leftover (a crash mid-write) or anything planted there: gone, then made anew
+        // without following a link.
+        match fs::remove_file(&self.temp) {
+            Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
+                return Err(problem)
+                    .with_context(|| format!("cannot remove {}", self.temp.display()));
+            }
+            _ => {}
+        }
+        let mut temp = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.temp)
+            .with_context(|| format!("cannot create {}", self.temp.display()))?;
+        temp.write_all(&data)
+            .and_then(|()| temp.sync_all())
+            .with_context(|| format!("cannot write {}", self.temp.display()))?;
+        drop(temp);
+        fs::rename(&self.temp, &self.path)
+            .with_context(|| format!("cannot replace {}", self.path.display()))?;
+        // The rename itself on disk.
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Kept {
+        drains: Vec<u64>,
+    }
+
+    fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    #[test]
+    fn written_state_is_read_back_and_the_directory_is_made_private() {
+        let root = dir();
+        let state_dir = root.path().join("a/b");
+        let file = StateFile::open(&state_dir).expect("open");
+        assert_eq!(
+            fs::metadata(&state_dir).expect("dir").mode() & 0o777,
+            DIR_MODE
+        );
+        assert_eq!(file.read::<Kept>(), None);
+        file.write_with(|| Some(Kept { drains: vec![1, 2] }))
+            .expect("write");
+        assert_eq!(
+            fs::metadata(file.path()).expect("file").mode() & 0o777,
+            FILE_MODE
+        );
+        assert_eq!(file.read::<Kept>(), Some(Kept { drains: vec![1, 2] }));
+        file.write_with(|| None::<Kept>).expect("nothing written");
+        assert_eq!(
+            StateFile::open(&state_dir).expect("again").read::<Kept>(),
+            Some(Kept { drains: vec![1, 2] })
+        );
+    }
+
+    #[test]
+    fn a_link_at_the_path_or_the_directory_is_refused() {
+        let root = dir();
+        let target = root.path().join("elsewhere");
+        fs::write(&target, b"secret").expect("target");
+        let state_dir = root.path().join("state");
+        fs::create_dir(&state_dir).expect("dir");
+        std::os::unix::fs::symlink(&target, state_dir.join(FILE_NAME)).expect("link");
+        let refused = StateFile::open(&state_dir).err().expect("refused");
+        assert!(
+            format!("{refused:#}").contains("symbolic link"),
+            "{refused:#}"
+        );
+        assert_eq!(fs::read(&target).expect("target"), b"secret");
+
+        let linked_dir = root.path().join("linked");
+        std::os::unix::fs::symlink(root.path(), &linked_dir).expect("dir link");
+        let refused = StateFile::open(&linked_dir).err().expect("refused");
+        assert!(
+            format!("{refused:#}").contains("not a directory"),
+            "{refused:#}"
+        );
+    }
+
+    #[test]
+    fn a_link_at_the_temporary_name_is_not_followed() {
+        let root = dir();
+        let target = root.path().join("elsewhere");
+        fs::write(&target, b"secret").expect("target");
+        let file = StateFile::open(&root.path().join("state")).expect("open");
+        std::os::unix::fs::symlink(&target, &file.temp).expect("link");
+        file.write_with(|| Some(Kept { drains: vec![7] }))
+            .expect("write");
+        assert_eq!(fs::read(&target).expect("target"), b"secret");
+        assert_eq!(file.read::<Kept>(), Some(Kept { drains: vec![7] }));
+    }
+
+    #[test]
+    fn torn_corrupt_and_foreign_files_are_ignored() {
+        let root = dir();
+        let file = StateFile::open(root.path()).expect("open");
+        for content in [
+            &b"{\"version\":1,\"state\":{\"drains\":[1,"[..],
+            b"not json",
+            b"{\"version\":2,\"state\":{\"drains\":[1]}}",
+            b"{\"version\":1,\"state\":{\"other\":true}}",
+        ] {
+            fs::write(file.path(), content).expect("write");
+            assert_eq!(
+                file.read::<Kept>(),
+                None,
+                "{}",
+                String::from_utf8_lossy(content)
+            );
+        }
+        fs::write(file.path(), vec![b' '; MAX_BYTES as usize + 1]).expect("write");
+        assert_eq!(file.read::<Kept>(), None);
+    }
+}

@@ -1,0 +1,205 @@
+//! Drains that survive a restart (issue 23): the agent keeps the drains `POST /drain`
+//! started and the `/health` gates held after drains in `--state-dir` (drains.json) and
+//! resumes them at start-up. On 53847d0 a restart (SIGTERM or `kill -9`) forgot them:
+//! `/drains` was empty and `/health` answered 200 while the service was stopping. The state
+//! file is trusted for nothing: a link there stops the start.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is the test failing"
+)]
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::TcpStream,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{Agent, Server, child::Guard, http::curl_json, kernel_available, temp_dir};
+
+/// How the agent goes away.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Term,
+    Kill,
+}
+
+fn restart(mut agent: Agent, stop: Stop, state: &Path) -> Agent {
+    if let Stop::Kill = stop {
+        // SAFETY: kill(2) on the agent, a child of this test.
+        let killed = unsafe { libc::kill(i32::try_from(agent.pid()).expect("pid"), libc::SIGKILL) };
+        assert_eq!(killed, 0);
+    }
+    agent.stop();
+    drop(agent);
+    Agent::start_with_state_dir(state, &[])
+}
+
+fn health(agent: &Agent, port: u16) -> u16 {
+    agent.get_json(&format!("/health?port={port}")).0
+}
+
+/// The drains in progress: (id, port, started_ms) of each.
+fn in_progress(agent: &Agent) -> Vec<(u64, u64, u64)> {
+    let (status, body) = agent.get_json("/drains");
+    assert_eq!(status, 200, "{body}");
+    body["in_progress"]
+        .as_array()
+        .expect("in_progress")
+        .iter()
+        .map(|drain| {
+            (
+                drain["id"].as_u64().expect("id"),
+                drain["port"].as_u64().expect("port"),
+                drain["started_ms"].as_u64().expect("started_ms"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_drain_in_progress_survives_a_restart() {
+    if !kernel_available("a_drain_in_progress_survives_a_restart") {
+        return;
+    }
+    for stop in [Stop::Term, Stop::Kill] {
+        let state = temp_dir("da-drain-state-");
+        let server = Server::start("127.0.0.1:0");
+        let port = server.port;
+        let _clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect();
+        server.wait_accepted(3);
+        let agent = Agent::start_with_state_dir(state.path(), &[]);
+        let (status, started) = curl_json(
+            "POST",
+            &format!("{}/drain?port={port}&timeout=10m", agent.url),
+        );
+        assert_eq!(status, 201, "{started}");
+        let id = started["id"].as_u64().expect("id");
+        let started_ms = started["started_ms"].as_u64().expect("started_ms");
+        assert_eq!(health(&agent, port), 503);
+
+        let agent = restart(agent, stop, state.path());
+        assert_eq!(
+            in_progress(&agent),
+            vec![(id, u64::from(port), started_ms)],
+            "{stop:?}: the drain in progress after the restart"
+        );
+        assert_eq!(
+            health(&agent, port),
+            503,
+            "{stop:?}: /health of the draining port after the restart"
+        );
+        // Still running, and still ends as drains do.
+        let (status, ended) = curl_json("DELETE", &format!("{}/drain?port={port}", agent.url));
+        assert_eq!(
+            (status, ended["id"].as_u64(), &ended["result"]),
+            (200, Some(id), &"cancelled".into()),
+            "{stop:?}: {ended}"
+        );
+        assert_eq!(health(&agent, port), 200);
+        let next = curl_json(
+            "POST",
+            &format!("{}/drain?port={port}&timeout=10m", agent.url),
+        )
+        .1;
+        assert!(
+            next["id"].as_u64().expect("id") > id,
+            "ids go on after the restored drain: {next}"
+        );
+    }
+}
+
+#[test]
+fn a_gate_held_after_a_drain_survives_a_restart_until_released() {
+    if !kernel_available("a_gate_held_after_a_drain_survives_a_restart_until_released") {
+        return;
+    }
+    let state = temp_dir("da-drain-state-");
+    // A service with nothing left: its drain ends drained at once, and its port stays out of
+    // rotation (the stop follows).
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let agent = Agent::start_with_state_dir(state.path(), &[]);
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={port}&timeout=1m", agent.url),
+    );
+    assert_eq!(status, 201, "{body}");
+    common::wait_until("the drain to end", Duration::from_secs(10), || {
+        in_progress(&agent).is_empty()
+    });
+    let recent = agent.get_json("/drains").1["recent"][0].clone();
+    assert_eq!(recent["result"], "drained", "{recent}");
+    assert_eq!(health(&agent, port), 503, "held after the drain");
+
+    let agent = restart(agent, Stop::Kill, state.path());
+    assert_eq!(
+        health(&agent, port),
+        503,
+        "held after a kill -9 and restart"
+    );
+    let agent = restart(agent, Stop::Term, state.path());
+    assert_eq!(
+        health(&agent, port),
+        503,
+        "held after a SIGTERM and restart"
+    );
+
+    // Released (no drain in progress: 404, but the gate opens), and that survives too.
+    let (status, _) = curl_json("DELETE", &format!("{}/drain?port={port}", agent.url));
+    assert_eq!(status, 404);
+    assert_eq!(health(&agent, port), 200);
+    let agent = restart(agent, Stop::Kill, state.path());
+    assert_eq!(health(&agent, port), 200, "released before the restart");
+}
+
+#[test]
+fn a_link_at_the_state_file_stops_the_start() {
+    let state = temp_dir("da-drain-state-");
+    let victim = state.path().join("victim");
+    std::fs::write(&victim, b"not the agent's").expect("victim");
+    std::os::unix::fs::symlink(&victim, state.path().join("drains.json")).expect("link");
+    let mut agent = Guard::spawn(
+        "drain-agent",
+        Command::new(common::agent_binary())
+            .env("DRAIN_AGENT_STATE_DIR", state.path())
+            // Port 0: the start must fail on the state file, never on a taken port.
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .stop_signal(None);
+    let status = agent.wait_for(Duration::from_secs(10));
+    if status.is_none() {
+        // Started: stopped (and reaped) before its stderr is read to the end.
+        agent.stop();
+    }
+    let mut stderr = String::new();
+    agent
+        .child_mut()
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "the agent started with a link at its state file ({status:?}): {stderr}"
+    );
+    assert!(
+        stderr.contains("drains.json") && stderr.contains("symbolic link"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&victim).expect("victim"),
+        b"not the agent's",
+        "the link's target was touched"
+    );
+}
