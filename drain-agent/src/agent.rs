@@ -314,15 +314,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let metrics = Arc::clone(&state.metrics);
             let phases = phases.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(
-                    options,
-                    pod_state,
-                    endpoints,
-                    &metrics,
-                    phases,
-                    pods_opened,
-                )
-                .await
+                serve_in_pods(options, pod_state, endpoints, &metrics, phases, pods_opened).await
             }))
         }
         None => {

@@ -107,10 +107,6 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at start and moved out at once: boxing `run`'s flags saves nothing"
-)]
 pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
     Run(Box<RunArgs>),
