@@ -230,6 +230,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     // Before anything is served: /health answers for a restored drain from the first question.
     drains.restore();
+    // Beside an agent that still writes the state file (an upgrade): this one writes once
+    // that one has gone, with what it saved meanwhile.
+    tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move { drains.take_over_state().await }
+    });
     metrics.register_drains(Arc::clone(&drains))?;
     // HAProxy's agent-check: bound before serving, so a conflict fails the start.
     let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);

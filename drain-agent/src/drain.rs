@@ -568,6 +568,40 @@ impl Drains {
     /// have ended `abandoned`, so none is kept), and held gates stay held until their hold
     /// ends, a new listener appears, or `DELETE /drain`. Ids go on after the restored ones.
     pub fn restore(self: &Arc<Self>) {
+        self.restore_saved(false);
+    }
+
+    /// Once the agent that wrote the state file has gone (an upgrade: `StateFile`): what it
+    /// saved after this agent started (drains POSTed to it meanwhile, gates it held) joins
+    /// this agent's, scopes this agent has already kept as they are, and this agent writes
+    /// from now on.
+    pub async fn take_over_state(self: &Arc<Self>) {
+        let Some(file) = self.state.clone() else {
+            return;
+        };
+        if file.is_writer() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || file.wait_to_write()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(problem)) => {
+                log::warn!(
+                    "{problem:#}: the drains are not saved (they will not survive a restart)"
+                );
+                return;
+            }
+            Err(problem) => {
+                log::warn!("the state file's lock waiter failed: {problem}");
+                return;
+            }
+        }
+        self.restore_saved(true);
+        self.save().await;
+    }
+
+    /// Restores the state file's drains and gates; `only_new`: not for scopes this agent
+    /// has a drain or a gate of already.
+    fn restore_saved(self: &Arc<Self>, only_new: bool) {
         let Some(file) = &self.state else {
             return;
         };
@@ -583,12 +617,16 @@ impl Drains {
                 if hold.until_ms <= now_ms || held.len() >= HELD_MAX {
                     continue;
                 }
+                let scope = Filter {
+                    port: hold.port,
+                    addr: hold.addr,
+                    netns: hold.netns,
+                };
+                if only_new && held.contains_key(&scope) {
+                    continue;
+                }
                 held.insert(
-                    Filter {
-                        port: hold.port,
-                        addr: hold.addr,
-                        netns: hold.netns,
-                    },
+                    scope,
                     Held {
                         listeners: hold.listeners.into_iter().collect(),
                         until: now + Duration::from_millis(hold.until_ms - now_ms),
@@ -608,6 +646,9 @@ impl Drains {
                 continue;
             };
             let id = drain.record.id;
+            if only_new && lock(&self.running).contains_key(&spec.filter) {
+                continue;
+            }
             self.next_id.fetch_max(id + 1, Ordering::Relaxed);
             let ran_for = Duration::from_millis(now_ms.saturating_sub(drain.record.started_ms));
             let left = Duration::from_millis(drain.deadline_ms.saturating_sub(now_ms));

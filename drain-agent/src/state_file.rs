@@ -46,6 +46,14 @@ struct Envelope<T> {
 }
 
 /// The state file of one agent.
+///
+/// One writer at a time: the agent holding `flock(LOCK_EX)` on the directory. During an
+/// upgrade two agents run at once (the hand-over, `handover.rs`); the new one restores what
+/// the old one saved, and leaves the file to it until it exits (the lock is released with
+/// the process, however it ends). Were both to write, each would overwrite the other's
+/// drains with its own set, and a drain POSTed to the old agent after the new one started
+/// would be lost with the old agent. The new one then takes the lock, merges what the old
+/// one left, and writes ([`crate::drain::Drains::take_over_state`]).
 pub struct StateFile {
     path: PathBuf,
     temp: PathBuf,
@@ -53,6 +61,9 @@ pub struct StateFile {
     /// Writes are serialised, and each writes the state as it is when it takes the lock,
     /// so the last write on disk is never an older state than another's.
     lock: Mutex<()>,
+    /// The directory, open; `flock`ed while this agent is the writer.
+    dir_file: File,
+    writer: std::sync::atomic::AtomicBool,
 }
 
 /// What is at `path` when it is not a regular file, in a start-up error.
@@ -148,11 +159,26 @@ impl StateFile {
                 meta.mode() & 0o7777
             );
         }
+        let dir_file = File::open(dir)
+            .with_context(|| format!("cannot open the state directory {}", dir.display()))?;
+        let writer = rustix::fs::flock(
+            &dir_file,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .is_ok();
+        if !writer {
+            log::info!(
+                "another agent writes the state in {} (an upgrade in progress): its drains are restored, and this agent writes them once it has gone",
+                dir.display()
+            );
+        }
         let file = Self {
             path: dir.join(FILE_NAME),
             temp: dir.join(format!("{FILE_NAME}.tmp")),
             dir: dir.to_owned(),
             lock: Mutex::new(()),
+            dir_file,
+            writer: std::sync::atomic::AtomicBool::new(writer),
         };
         // Checked now: a link or a FIFO there is refused at start.
         open_regular(&file.path)?;
@@ -161,6 +187,21 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether this agent writes the file (holds the directory's lock).
+    pub fn is_writer(&self) -> bool {
+        self.writer.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Blocks until this agent holds the directory's lock (the other agent exited), then
+    /// writes from now on. For a thread of its own.
+    pub fn wait_to_write(&self) -> Result<()> {
+        rustix::fs::flock(&self.dir_file, rustix::fs::FlockOperation::LockExclusive)
+            .with_context(|| format!("cannot lock the state directory {}", self.dir.display()))?;
+        self.writer
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     /// The state last written, or `None`: no file, or one that cannot be read as this
@@ -210,12 +251,17 @@ impl StateFile {
 
     /// Writes the state `now()` gives (called under the write lock, so the file always
     /// ends with the newest state) and syncs it to disk before returning. `now` returning
-    /// `None` writes nothing (the agent is stopping: what is on disk stays).
+    /// `None` writes nothing (the agent is stopping: what is on disk stays); nor does an
+    /// agent that is not the writer.
     pub fn write_with<T: Serialize>(&self, now: impl FnOnce() -> Option<T>) -> Result<()> {
         let _serial = self
             .lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !self.is_writer() {
+            // The other agent's file stands until it exits (see the type).
+            return Ok(());
+        }
         let Some(state) = now() else {
             return Ok(());
         };

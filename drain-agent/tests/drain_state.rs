@@ -203,3 +203,62 @@ fn a_link_at_the_state_file_stops_the_start() {
         "the link's target was touched"
     );
 }
+
+/// Two agents at once (an upgrade, `tests/handover.rs`) share the state directory. Only
+/// the one that holds its lock writes; the other takes over, with what the first saved
+/// meanwhile, once it has gone. Before, both wrote: the new agent's first write replaced
+/// the file with its own drains, and a drain POSTed to the old agent after the new one
+/// started was gone once the old one stopped.
+#[test]
+fn an_upgrade_overlap_loses_no_drain_posted_to_either_agent() {
+    if !kernel_available("an_upgrade_overlap_loses_no_drain_posted_to_either_agent") {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (to_old, to_new) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
+    let _held = [
+        TcpStream::connect(("127.0.0.1", to_old.port)).expect("connect"),
+        TcpStream::connect(("127.0.0.1", to_new.port)).expect("connect"),
+    ];
+    to_old.wait_accepted(1);
+    to_new.wait_accepted(1);
+    // A drain POSTed to each agent while both run.
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", old.url, to_old.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", new.url, to_new.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    // The old agent goes; the new one takes over the file.
+    let mut old = old;
+    old.stop();
+    drop(old);
+    common::wait_until(
+        "the new agent writes both drains",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(state.path().join("drains.json")).is_ok_and(|text| {
+                text.contains(&format!("\"port\":{}", to_old.port))
+                    && text.contains(&format!("\"port\":{}", to_new.port))
+            })
+        },
+    );
+    // And a crash of the new one keeps both for the next.
+    let after = restart(new, Stop::Kill, state.path());
+    let ports: Vec<u64> = in_progress(&after)
+        .iter()
+        .map(|(_, port, _)| *port)
+        .collect();
+    assert!(
+        ports.contains(&u64::from(to_old.port)) && ports.contains(&u64::from(to_new.port)),
+        "drains after the overlap and a crash: {ports:?}"
+    );
+    assert_eq!(health(&after, to_old.port), 503);
+    assert_eq!(health(&after, to_new.port), 503);
+}
