@@ -186,7 +186,14 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     let pod_port = free_port();
     let pod_listen = format!("127.0.0.1:{pod_port}");
     let args = ["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
-    let mut first = Agent::start_serving(&args);
+    // The shipped (release) binary: the time is asked of what users run (the debug build
+    // spends 0.3–0.5 s more loading the programs).
+    let Some(binary) =
+        common::dist_binary("three_hundred_pods_served_within_a_second_of_a_restart")
+    else {
+        return;
+    };
+    let mut first = Agent::start_binary_serving(&binary, &args);
     wait_until("every pod listener", Duration::from_secs(60), || {
         first.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(PODS as f64)
     });
@@ -199,7 +206,7 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
     let start = Arc::new(Mutex::new(None));
     let pollers = poll_every_pod(&namespaces, pod_port, Arc::clone(&start));
     *start.lock().expect("start") = Some(Instant::now());
-    let agent = Agent::start_serving(&args);
+    let agent = Agent::start_binary_serving(&binary, &args);
 
     // While the pollers wait: the two services, asked inside their pods until the seeding
     // has ended (and once after).
@@ -265,13 +272,12 @@ fn three_hundred_pods_served_within_a_second_of_a_restart() {
         max < seeded_after,
         "the last pod listener answered {max:?} after the start, the seeding had ended by {seeded_after:?}: not served first"
     );
-    // The target is 1 s, measured above. This debug build: max 0.97–1.25 s on the 2-core VM
-    // under a load average of 6 (other builds), about 0.3–0.5 s of it the debug build's
-    // program load before anything can serve; the release build 0.64–0.71 s under the same
-    // load. The bound leaves room for that; 53847d0 took 2.3 s here (4.9–5 s in the issue).
+    // 1 s, as the issue asks. The release build: 0.64–0.71 s on the 2-core VM under a load
+    // average of 6 (other builds); the debug build 0.97–1.25 s (0.3–0.5 s of it loading the
+    // programs); 53847d0 2.3 s here (4.9–5 s in the issue).
     assert!(
-        max <= Duration::from_secs(2),
-        "the slowest pod listener answered {max:?} after the new agent started (target 1 s, bound 2 s)"
+        max <= Duration::from_secs(1),
+        "the slowest pod listener answered {max:?} after the new agent started (1 s at most)"
     );
 
     let during = busy_samples.iter().filter(|s| s.while_seeding).count();

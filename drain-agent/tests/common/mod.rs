@@ -249,6 +249,11 @@ impl Agent {
         Self::start_on_a_free_port(&agent_binary(), extra, Ready::Serving)
     }
 
+    /// [`Agent::start_serving`] of another build (the shipped one of `cargo xtask dist`).
+    pub fn start_binary_serving(binary: &std::path::Path, extra: &[&str]) -> Self {
+        Self::start_on_a_free_port(binary, extra, Ready::Serving)
+    }
+
     /// Starts `binary` on a free loopback port. A free port can be taken by another test
     /// between the check and the agent's bind: the agent then exits at once ("Address
     /// already in use"), and another port is tried (five in all).
