@@ -479,11 +479,38 @@ fn a_new_agent_waits_for_an_unshared_listener_to_go() {
     if !kernel_available("a_new_agent_waits_for_an_unshared_listener_to_go") {
         return;
     }
-    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = holder.local_addr().expect("addr").port();
+    // An agent of an older version: a process named drain-agent (the agent tells an agent
+    // from another program by its name; another program fails the start at once,
+    // tests/http_limits.rs) that holds the address without SO_REUSEPORT for 2 s. Python
+    // through a link of that name.
+    let dir = common::temp_dir("da-older-agent-");
+    let older = dir.path().join("drain-agent");
+    std::os::unix::fs::symlink("/usr/bin/python3", &older).expect("link");
+    let port = common::free_port();
+    let mut holder = std::process::Command::new(&older)
+        .args([
+            "-c",
+            &format!(
+                "import socket, sys, time\n\
+                 s = socket.socket()\n\
+                 s.bind(('127.0.0.1', {port}))\n\
+                 s.listen()\n\
+                 print('ready', flush=True)\n\
+                 time.sleep(2)\n"
+            ),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 as an older agent");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("ready");
+    assert_eq!(ready.trim(), "ready");
     let released = thread::spawn(move || {
-        thread::sleep(Duration::from_secs(2));
-        drop(holder);
+        let _ = holder.wait();
         Instant::now()
     });
     // Waits until /healthz answers: only the new agent can, once it has the address.
