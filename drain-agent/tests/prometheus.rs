@@ -424,9 +424,11 @@ fn duration_histogram_matches_connections_held_for_known_times() {
 // ---------------------------------------------------------------------------------------
 // 4. Bounded labels and the --ports allow-list
 
-/// Label names the agent's metrics may carry; a client address or port never is one.
-const ALLOWED_LABELS: [&str; 7] = [
-    "port", "le", "result", "reason", "kind", "version", "attach",
+/// Label names the agent's metrics may carry; a client address or port never is one: their
+/// values are few and fixed, or local ports (`origin`/`pinned`: where the kernel state came
+/// from, `drain_agent_kernel_state`).
+const ALLOWED_LABELS: [&str; 9] = [
+    "port", "le", "result", "reason", "kind", "version", "attach", "origin", "pinned",
 ];
 
 #[test]
