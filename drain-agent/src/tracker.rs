@@ -74,14 +74,11 @@ pub trait ConnectionSource: Send + Sync + 'static {
     fn watch_port(&self, _port: u16, _watched: bool) -> Result<()> {
         Ok(())
     }
-    /// Why the counts of `filter` cannot be vouched for now (empty: they can).
-    fn doubts(&self, _filter: &Filter) -> Result<Vec<Doubt>> {
-        Ok(Vec::new())
-    }
-    /// Doubts about the agent as a whole, for `/healthz` and the logs.
-    fn health_doubts(&self) -> Vec<Doubt> {
-        Vec::new()
-    }
+    /// Why the counts of `filter` cannot be vouched for now (empty: they can). No default:
+    /// an empty list vouches, and a source that forgot this would be trusted.
+    fn doubts(&self, filter: &Filter) -> Result<Vec<Doubt>>;
+    /// Doubts about the agent as a whole, for `/healthz` and the logs. No default either.
+    fn health_doubts(&self) -> Vec<Doubt>;
     /// Connections matching `filter` open right now, counted from the kernel's socket
     /// tables rather than the maps (blocking; enters namespaces). Used only to confirm a
     /// doubted zero.
@@ -938,6 +935,10 @@ pub mod fake {
     impl ConnectionSource for FakeSource {
         fn doubts(&self, _filter: &Filter) -> Result<Vec<Doubt>> {
             Ok(self.doubts.lock().expect("lock").clone())
+        }
+
+        fn health_doubts(&self) -> Vec<Doubt> {
+            self.doubts.lock().expect("lock").clone()
         }
 
         fn confirm(&self, _filter: &Filter) -> Result<u64> {
