@@ -34,10 +34,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_map_info, bpf_prog_info};
+use aya_obj::generated::{bpf_cmd, bpf_map_info, bpf_prog_info};
 use log::{info, warn};
 
-use super::AttachMethod;
+use super::{
+    AttachMethod,
+    raw::{bpf_call as bpf, zeroed_attr},
+};
 
 /// The pin directory when `--pin-dir` is not given.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/drain-agent";
@@ -454,27 +457,6 @@ pub(super) fn check_handler_maps(
         shared.len()
     );
     Ok(())
-}
-
-fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
-    // SAFETY: the bpf syscall with a valid attr of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command as libc::c_long,
-            std::ptr::from_mut(attr),
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
-fn zeroed_attr() -> bpf_attr {
-    // SAFETY: a C union of integers; all-zero is valid.
-    unsafe { std::mem::zeroed() }
 }
 
 fn owned(rc: i64) -> io::Result<OwnedFd> {

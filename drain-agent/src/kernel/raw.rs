@@ -1,15 +1,16 @@
 //! Programs the agent assembles itself (`steer.rs`, `reuseport.rs`) are loaded with the
 //! raw `bpf()` syscall: aya 0.14 loads the programs of its object once, and these are a
-//! few instructions each, built at run time. The shared pieces: the syscall, a zeroed
-//! `bpf_attr`, and `BPF_PROG_LOAD` with the verifier's last line in the error.
+//! few instructions each, built at run time. The shared pieces: the syscall (also for
+//! `pin.rs`'s pins and object lookups), a zeroed `bpf_attr`, and `BPF_PROG_LOAD` with the
+//! verifier's last line in the error.
 
 use std::os::fd::{FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
 
-/// The `bpf()` syscall; a returned fd is owned by the caller.
-pub(super) fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
+/// The `bpf()` syscall; its return value as the kernel gave it (an fd for some commands).
+pub(super) fn bpf_call(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
     // SAFETY: the bpf syscall with a valid attr of the size we pass.
     let rc = unsafe {
         libc::syscall(
@@ -22,6 +23,12 @@ pub(super) fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<Owne
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(rc)
+}
+
+/// The `bpf()` syscall for a command that returns a new fd, owned by the caller.
+pub(super) fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
+    let rc = bpf_call(command, attr)?;
     let fd = i32::try_from(rc).map_err(|_| std::io::Error::other("fd out of range"))?;
     // SAFETY: a new fd from the kernel, owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
