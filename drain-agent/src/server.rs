@@ -33,7 +33,8 @@
 //!   get 429, so one client cannot use up the agent-wide `--max-waiters`.
 //! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
 //!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
-//!   connections closed) and whatever is left after [`ServerLimits::shutdown_timeout`] is
+//!   connections closed; a connection whose first request is still on its way is waited
+//!   for first, since hyper closes one it has read nothing from) and whatever is left after [`ServerLimits::shutdown_timeout`] is
 //!   dropped. For an upgrade ([`serve_handing_over`]) the requests in progress first get
 //!   their usual answers for the agent's `--shutdown-grace`; the bound counts from its end.
 
@@ -290,8 +291,11 @@ pub async fn serve_handing_over(
             limits.shutdown_timeout
         );
     }
-    // Idle kept-alive connections close now; a connection accepted but not read yet is not
-    // idle to hyper (its keep-alive state starts busy), so its request is read and answered.
+    // hyper's graceful shutdown closes a connection it has read nothing from yet, and a
+    // client accepted just before the stop may not have sent its request: wait until every
+    // connection has a request read or is idle by the cap's rule (nothing on its way).
+    slots.settle().await;
+    // Idle kept-alive connections close now; the others after their answers.
     let finished = graceful.shutdown();
     let bound = async {
         grace_over.await;
@@ -483,6 +487,25 @@ impl Slots {
 
     fn open(&self) -> usize {
         self.lock().slots.len()
+    }
+
+    /// Resolves once no connection has its first request on its way (each has one read, or
+    /// is idle by [`Slot::idle`]), which is at most [`FIRST_REQUEST_GRACE`] after the last
+    /// accept.
+    async fn settle(&self) {
+        loop {
+            let waiting =
+                self.lock().slots.values().any(|slot| {
+                    slot.activity.requests.load(Ordering::Acquire) == 0 && !slot.idle()
+                });
+            if !waiting {
+                return;
+            }
+            tokio::select! {
+                () = self.freed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
     }
 
     /// Whether a connection could be taken in under `limit` (now, or by evicting an idle one).
@@ -1159,6 +1182,27 @@ mod tests {
         let took = stopping.await.expect("stop");
         assert!(took < Duration::from_secs(3), "{took:?}");
         drop(idle);
+    }
+
+    /// A client accepted just before the stop whose request arrives just after it is
+    /// answered, not closed unread (hyper's graceful shutdown closes a connection it has
+    /// read nothing from: an upgrade's probe got `Broken pipe` that way, 1 in 43,567).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_arriving_right_after_the_stop_is_answered() {
+        let server = start(limits()).await;
+        let mut late = TcpStream::connect(server.addr).await.expect("connect");
+        // Accepted, nothing sent yet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopping = tokio::spawn(server.stop());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        late.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = read_all(&mut late).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("ok"), "{answer:?}");
+        let took = stopping.await.expect("stop");
+        assert!(took < Duration::from_secs(3), "{took:?}");
     }
 
     /// A hand-over: the listener closes at once, an answer in progress is still written
