@@ -10,15 +10,15 @@ use crate::{
     cli::{CloseArg, RunArgs},
     closer::Closer,
     drain::Drains,
-    handover::{Handover, StopPhase, reached},
+    drain::journal::Journal,
+    http::handover::{Handover, StopPhase, reached},
+    http::pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
+    http::server::ServerLimits,
     http::{AppState, WaitLimits, router},
-    journal::Journal,
     kernel::destroy::{CloseMethod, KernelCloser},
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
-    pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
     repair::{FirstWalk, repair_missed_changes, watch_skipped_runs},
-    server::ServerLimits,
     tracker::Tracker,
 };
 
@@ -80,7 +80,7 @@ fn limit_malloc_arenas() {
 pub async fn run(args: RunArgs) -> Result<()> {
     // Room for the eBPF objects and --http-max-connections sockets under a default unit's
     // soft limit of 1,024.
-    match crate::fdlimit::raise_soft_limit() {
+    match crate::sys::fdlimit::raise_soft_limit() {
         Ok(limit) => log::debug!("open-file limit: {limit}"),
         Err(problem) => warn!("{problem:#}"),
     }
@@ -105,7 +105,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|path| Journal::open(path, args.journal_max_bytes))
         .transpose()?;
     // And the state directory: drains and gates that outlive a restart (drain.rs).
-    let state_file = crate::state_file::StateFile::open(&args.state_dir)?;
+    let state_file = crate::drain::state_file::StateFile::open(&args.state_dir)?;
 
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,
@@ -117,7 +117,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     })?;
     // The agent's own API connections are not a service's: they take no slot.
-    let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+    let own_netns = crate::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
         .context("cannot read the agent's own network namespace")?;
     kernel.ignore_own_endpoint(
         own_netns,
@@ -146,7 +146,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
              (run with --no-seed to count only new ones)"
         );
     }
-    if let Err(problem) = crate::sockdiag::check_readable() {
+    if let Err(problem) = crate::sys::sockdiag::check_readable() {
         warn!(
             "{problem:#}: a count the agent cannot vouch for (after skipped handler runs) is \
              not confirmed at once but waits for the next walk of the sockets; load the \
@@ -204,18 +204,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     // Who may do what (authority.rs): the node's own namespace, and which pod an address
     // belongs to.
-    let own_netns = crate::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+    let own_netns = crate::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
         .context("cannot read the agent's own network namespace")?;
-    let pods = Arc::new(crate::pod_addresses::PodAddresses::new(
+    let pods = Arc::new(crate::sys::pod_addresses::PodAddresses::new(
         own_netns,
-        Arc::new(crate::pod_addresses::NamespaceAddresses { own_netns }),
+        Arc::new(crate::sys::pod_addresses::NamespaceAddresses { own_netns }),
     ));
-    let authority = Arc::new(crate::authority::Authority {
+    let authority = Arc::new(crate::http::authority::Authority {
         pods: Arc::clone(&pods),
-        owners: Arc::new(crate::authority::SocketTableOwners),
+        owners: Arc::new(crate::http::authority::SocketTableOwners),
     });
     let tokens = match &args.auth_token_file {
-        Some(path) => Some(Arc::new(crate::identify::Tokens::read(path)?)),
+        Some(path) => Some(Arc::new(crate::http::identify::Tokens::read(path)?)),
         None => None,
     };
     let drains = Arc::new(
@@ -243,13 +243,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(address) => {
             let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
-            let gate = Arc::clone(&drains) as Arc<dyn crate::agentcheck::PortGate>;
+            let gate = Arc::clone(&drains) as Arc<dyn crate::http::agentcheck::PortGate>;
             let mut stopped = agent_check_stopped;
             Some(tokio::spawn(async move {
                 let stop = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                if let Err(problem) = crate::agentcheck::serve(listener, gate, stop).await {
+                if let Err(problem) = crate::http::agentcheck::serve(listener, gate, stop).await {
                     warn!("the agent-check listener failed: {problem:#}");
                 }
             }))
@@ -268,9 +268,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         drains: Arc::clone(&drains),
         authority: Arc::clone(&authority),
     });
-    let identify = crate::identify::Identify {
+    let identify = crate::http::identify::Identify {
         authority,
-        sockets: Arc::new(crate::identify::SocketTables),
+        sockets: Arc::new(crate::http::identify::SocketTables),
         tokens,
         batches: Arc::default(),
     };
@@ -328,11 +328,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             None
         }
     };
-    let served = crate::server::serve_handing_over(
+    let served = crate::http::server::serve_handing_over(
         listener,
         tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
             identify,
-            crate::identify::identify,
+            crate::http::identify::identify,
         ))),
         ServerLimits::from_args(&args),
         reached(phases.clone(), StopPhase::HandingOver),

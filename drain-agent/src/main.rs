@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use drain_agent::{
     agent,
+    cli::client,
+    cli::generate,
     cli::{Cli, Command},
-    client, generate,
 };
 
 fn main() -> ExitCode {

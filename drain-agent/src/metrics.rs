@@ -15,9 +15,9 @@ use prometheus::{
 };
 
 use crate::{
-    api::DrainResult,
     cli::PortSet,
     drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains},
+    http::api::DrainResult,
     kernel::KernelState,
     tracker::Tracker,
 };

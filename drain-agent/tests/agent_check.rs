@@ -1,4 +1,4 @@
-//! `drain_agent::agentcheck` against a real HAProxy (Debian package): a server line with
+//! `drain_agent::http::agentcheck` against a real HAProxy (Debian package): a server line with
 //! `agent-check agent-port P agent-inter 200ms agent-send "PORT\n"` pointing at a listener
 //! served by `agentcheck::serve` with a gate the test flips. HAProxy's runtime API shows
 //! the server going to DRAIN and back; the test measures how long each flip takes to show.
@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent::agentcheck::{self, PortGate};
+use drain_agent::http::agentcheck::{self, PortGate};
 use haproxy::{Haproxy, ServerLine};
 
 /// A gate with one switch: is the port draining.

@@ -25,7 +25,7 @@ use common::{Netns, kernel_available};
 use drain_agent::{
     drain_rule::Peer,
     kernel::{Kernel, KernelOptions, destroy::CloseMethod},
-    netns,
+    sys::netns,
     tracker::{ConnectionSource as _, Filter},
 };
 

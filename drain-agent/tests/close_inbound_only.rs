@@ -36,7 +36,7 @@ use common::{Agent, kernel_available};
 use drain_agent::{
     drain_rule::Peer,
     kernel::{Kernel, KernelOptions, destroy::CloseMethod},
-    netns,
+    sys::netns,
     tracker::Filter,
 };
 

@@ -28,7 +28,7 @@ use common::{
     },
 };
 use drain_agent::{
-    client::{AgentUrl, get},
+    cli::client::{AgentUrl, get},
     duration::parse_duration,
 };
 use serde_json::Value;

@@ -126,9 +126,9 @@ fn dist_binary_counts_and_drains() {
     let url = agent.url.clone();
     let port = server.port;
     let waiter = std::thread::spawn(move || {
-        let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+        let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
         let started = Instant::now();
-        let answer = drain_agent::client::get(
+        let answer = drain_agent::cli::client::get(
             &url,
             &format!("/drained?port={port}&timeout=10s"),
             Duration::from_secs(15),

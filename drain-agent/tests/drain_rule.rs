@@ -197,8 +197,8 @@ fn a_long_streaming_response_is_busy_for_its_whole_life() {
     let idle = thread::spawn({
         let url = agent.url.clone();
         move || {
-            let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
-            let answer = drain_agent::client::get(
+            let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
+            let answer = drain_agent::cli::client::get(
                 &url,
                 &format!("/drained?port={port}&addr=127.0.0.1&idle=2s&timeout=60s"),
                 Duration::from_secs(70),

@@ -139,8 +139,8 @@ fn every_drain_is_on_record_also_across_a_restart() {
         let waiter = {
             let url = agent.url.clone();
             std::thread::spawn(move || {
-                let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
-                drain_agent::client::get(
+                let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
+                drain_agent::cli::client::get(
                     &url,
                     &format!("/drained?port={port}&timeout=20s&quiet=300ms"),
                     Duration::from_secs(30),

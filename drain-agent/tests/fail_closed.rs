@@ -82,8 +82,8 @@ fn a_closed_listener_keeps_its_connections_through_walks() {
     let waiter = {
         let url = agent.url.clone();
         thread::spawn(move || {
-            let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
-            drain_agent::client::get(
+            let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
+            drain_agent::cli::client::get(
                 &url,
                 &format!("/drained?port={port}&timeout=30s"),
                 Duration::from_secs(40),

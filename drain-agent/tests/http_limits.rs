@@ -21,7 +21,7 @@ use std::{
 };
 
 use common::{child::Guard, free_port, kernel_available};
-use drain_agent::client::AgentUrl;
+use drain_agent::cli::client::AgentUrl;
 
 fn binary() -> PathBuf {
     common::agent_binary()

@@ -322,10 +322,10 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
         text(&output)
     );
     let container = Container(name);
-    let url =
-        drain_agent::client::AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+    let url = drain_agent::cli::client::AgentUrl::parse(&format!("http://127.0.0.1:{port}"))
+        .expect("url");
     let health = loop {
-        if let Ok(answer) = drain_agent::client::get(&url, "/healthz", Duration::from_secs(2))
+        if let Ok(answer) = drain_agent::cli::client::get(&url, "/healthz", Duration::from_secs(2))
             && answer.status == 200
         {
             break answer.body;
@@ -349,7 +349,7 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
     let active = |expected: u64| {
         let started = Instant::now();
         loop {
-            let answer = drain_agent::client::get(
+            let answer = drain_agent::cli::client::get(
                 &url,
                 &format!("/drained?port={}&timeout=0", server.port),
                 Duration::from_secs(5),

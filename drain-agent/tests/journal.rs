@@ -160,14 +160,14 @@ fn every_answered_drain_is_in_the_journal_after_a_kill() {
             let (url, stop) = (agent.url.clone(), std::sync::Arc::clone(&stop));
             let count = std::sync::Arc::clone(&count);
             std::thread::spawn(move || {
-                let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+                let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
                 let mut answered = Vec::new();
                 for _ in 0..5_000 {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         break;
                     }
                     let port = common::free_port();
-                    let Ok(response) = drain_agent::client::get(
+                    let Ok(response) = drain_agent::cli::client::get(
                         &url,
                         &format!("/drained?port={port}&timeout=5s"),
                         Duration::from_secs(5),

@@ -288,7 +288,7 @@ fn connections_while_no_agent_runs_are_counted_by_the_pinned_handler() {
     let url = second.url.clone();
     let port = service.port;
     let waiter = std::thread::spawn(move || {
-        let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
+        let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
         let asked = Instant::now();
         let answer = common::http::get_url(
             &url,
@@ -336,8 +336,9 @@ fn a_layout_of_other_sizes_is_replaced_and_never_answers_a_false_drained() {
     let answers = {
         let asking = Arc::clone(&asking);
         std::thread::spawn(move || {
-            let url = drain_agent::client::AgentUrl::parse(&format!("http://127.0.0.1:{port}"))
-                .expect("url");
+            let url =
+                drain_agent::cli::client::AgentUrl::parse(&format!("http://127.0.0.1:{port}"))
+                    .expect("url");
             let mut answers = Vec::new();
             while asking.load(Ordering::SeqCst) {
                 if let Ok(answer) = common::http::get_url(
@@ -523,8 +524,8 @@ fn marks_a_killed_agent_left_are_cleared_at_adoption() {
     kill_9(&mut first);
     // As if the dead agent had listened on the service's port (a pod listener), and had
     // been sweeping the service's sockets when it died.
-    let netns =
-        drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
+    let netns = drain_agent::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+        .expect("own netns");
     let mut own: HashMap<MapData, u64, u8> =
         HashMap::try_from(pinned_map(&pins, "OWN_ENDPOINTS")).expect("OWN_ENDPOINTS");
     own.insert(netns_port_key(netns, service.port), OWN_BOUND, 0)

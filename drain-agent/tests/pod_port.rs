@@ -132,7 +132,9 @@ fn get(
     let path = path.to_owned();
     let fetch = move || Ok(common::http::get(addr, &path, timeout).ok());
     let answer = match netns_path {
-        Some(ns) => drain_agent::netns::run_in(Path::new(ns), fetch).expect("run in namespace"),
+        Some(ns) => {
+            drain_agent::sys::netns::run_in(Path::new(ns), fetch).expect("run in namespace")
+        }
         None => fetch().expect("request"),
     }?;
     Some((

@@ -202,7 +202,7 @@ fn connect_counted(agent: &Agent, server: &Server, n: usize) -> Vec<TcpStream> {
 /// 127.0.0.1:`port` in the test's own network namespace.
 fn loopback_key(port: u16) -> ConnKey {
     let mut key = ConnKey {
-        netns: drain_agent::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
+        netns: drain_agent::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
             .expect("netns"),
         family: AF_INET,
         port,

@@ -569,8 +569,8 @@ fn sigterm_answers_open_waiters_and_exits_zero() {
     let _clients = connect_many(&server, &format!("127.0.0.1:{port}"), 1);
     let url = agent.url.clone();
     let waiter = thread::spawn(move || {
-        let url = drain_agent::client::AgentUrl::parse(&url).expect("url");
-        drain_agent::client::get(
+        let url = drain_agent::cli::client::AgentUrl::parse(&url).expect("url");
+        drain_agent::cli::client::get(
             &url,
             &format!("/drained?port={port}&timeout=60s"),
             Duration::from_secs(90),

@@ -50,8 +50,8 @@ use super::{
 use crate::{
     addr::canonical_addr,
     drain_rule::Peer,
-    netns,
-    sockdiag::{self, Query, state},
+    sys::netns,
+    sys::sockdiag::{self, Query, state},
     tracker::Filter,
 };
 

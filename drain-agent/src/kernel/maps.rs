@@ -23,7 +23,8 @@ use crate::{
     addr::canonical_addr,
     doubt::Doubt,
     drain_rule::Peer,
-    netns, sockdiag,
+    sys::netns,
+    sys::sockdiag,
     tracker::{ConnectionSource, Endpoint, Filter, PortState, monotonic_ns},
 };
 
@@ -269,7 +270,7 @@ impl KernelMaps {
         let port = filter.port;
         let addr = filter.addr;
         netns::run_in(&path, move || {
-            use crate::sockdiag::{Query, query, state};
+            use crate::sys::sockdiag::{Query, query, state};
             let sockets = query(&Query {
                 local_port: port,
                 states: state::bit(state::ESTABLISHED) | state::bit(state::CLOSE_WAIT),

@@ -718,7 +718,7 @@ pub fn count_pod_listeners(
     let namespace = netns_file
         .try_clone()
         .context("cannot duplicate the namespace file")?;
-    crate::netns::run_in_file(namespace, format!("{netns}"), move || -> Result<()> {
+    crate::sys::netns::run_in_file(namespace, format!("{netns}"), move || -> Result<()> {
         let mut file = link.into_file().context("cannot create the iterator")?;
         let mut sink = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut sink).context("the iterator failed")?;

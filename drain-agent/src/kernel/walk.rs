@@ -17,7 +17,7 @@ use drain_agent_common::repair;
 use log::{info, warn};
 
 use super::{Kernel, forget::FORGETTER};
-use crate::netns;
+use crate::sys::netns;
 
 impl Kernel {
     /// Counts the connections that were established before the handler was attached, in

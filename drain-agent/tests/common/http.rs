@@ -1,5 +1,5 @@
 //! HTTP for the tests: one `GET` on a fresh connection through the agent's own client,
-//! `drain_agent::client::get` (one deadline for the whole exchange, chunked bodies joined),
+//! `drain_agent::cli::client::get` (one deadline for the whole exchange, chunked bodies joined),
 //! so the tests do not carry a second hand-written client.
 
 use std::{
@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use drain_agent::client::{AgentUrl, get as client_get};
+use drain_agent::cli::client::{AgentUrl, get as client_get};
 
 /// `GET path` from the server at `addr`: status and body.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {

@@ -23,7 +23,7 @@ use std::{
 };
 
 use child::Guard;
-use drain_agent::client::AgentUrl;
+use drain_agent::cli::client::AgentUrl;
 
 /// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
 /// (CI) the test fails; otherwise it reports a SKIP (see [`report_skip`]) and the caller
@@ -621,7 +621,7 @@ impl Netns {
 
     /// Runs `work` on a thread inside this namespace (sockets it makes live there).
     pub fn run_in<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        drain_agent::netns::run_in(std::path::Path::new(&self.path()), move || Ok(work()))
+        drain_agent::sys::netns::run_in(std::path::Path::new(&self.path()), move || Ok(work()))
             .expect("run in netns")
     }
 }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent::client::AgentUrl;
+use drain_agent::cli::client::AgentUrl;
 use tempfile::TempDir;
 
 use super::{child::Guard, free_port, http::get_url, temp_dir};

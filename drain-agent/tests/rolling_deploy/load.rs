@@ -196,7 +196,7 @@ impl Random {
 /// The longest a request may take before it counts as a timeout.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A keep-alive HTTP/1.1 client to one address. Not `drain_agent::client::get` (the tests'
+/// A keep-alive HTTP/1.1 client to one address. Not `drain_agent::cli::client::get` (the tests'
 /// shared client): that one opens a connection per request and says `Connection: close`,
 /// while the load must keep connections alive across nginx reloads, read `X-Backend`, tell
 /// whether any answer byte arrived before a failure (to re-send only unread requests), and

@@ -184,7 +184,7 @@ fn free_local_port() -> Result<SocketAddr> {
     listener.local_addr().context("listener address")
 }
 
-// Not `drain_agent::client::get`: depending on drain-agent would build its eBPF object (its build.rs) into every xtask, and the bench needs send-now-read-later waiters, keep-alive and RST closes that `get` has not.
+// Not `drain_agent::cli::client::get`: depending on drain-agent would build its eBPF object (its build.rs) into every xtask, and the bench needs send-now-read-later waiters, keep-alive and RST closes that `get` has not.
 
 /// An HTTP response: status and body.
 #[derive(Clone, Debug)]

@@ -5,6 +5,8 @@
 //! per-port `watch` channel that the ring-buffer reader bumps whenever an endpoint's count
 //! reaches or leaves zero: a drained port is noticed at once, without polling.
 
+pub mod shared_lists;
+
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -27,7 +29,7 @@ use tokio::{
 use crate::{
     doubt::{Doubt, describe},
     drain_rule::{Decision, DrainRule, Peer, Remaining, decide},
-    shared_lists::SharedLists,
+    tracker::shared_lists::SharedLists,
 };
 
 /// One listening endpoint (netns, local address, port) and its counts (also a row of the

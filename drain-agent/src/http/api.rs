@@ -1,6 +1,6 @@
 //! The HTTP contract, in one place: the parameters every endpoint accepts and how they are
 //! checked, the answer bodies, the error type and the result labels. The server
-//! ([`crate::http`]) and the clients ([`crate::client`]) both use these definitions.
+//! ([`crate::http`]) and the clients ([`crate::cli::client`]) both use these definitions.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -17,7 +17,7 @@ use crate::{
     drain::{DrainSpec, Given},
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
-    netns,
+    sys::netns,
     tracker::Filter,
 };
 pub use crate::{

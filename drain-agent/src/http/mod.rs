@@ -1,5 +1,14 @@
 //! The HTTP API (see the README's "HTTP API"): thin handlers over the [`Tracker`].
 
+pub mod agentcheck;
+pub mod api;
+pub mod authority;
+pub mod handover;
+pub mod identify;
+pub mod pod_scope;
+pub mod pods;
+pub mod server;
+
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -14,17 +23,17 @@ use axum::{
 };
 use serde_json::json;
 
-pub use crate::api::WaitLimits;
+pub use crate::http::api::WaitLimits;
 use crate::{
-    api::{
+    drain::{DrainEnd, Drains, Final, JoinError, Membership},
+    http::api::{
         AnswerReason, ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainResult,
         DrainedBody, DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr,
         parse_drain_request, parse_port, parse_query, parse_scope, parse_scope_request,
     },
-    authority::{Authority, Caller},
-    drain::{DrainEnd, Drains, Final, JoinError, Membership},
+    http::authority::{Authority, Caller},
+    http::pod_scope::node_only,
     metrics::Metrics,
-    pod_scope::node_only,
     tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
 
@@ -413,7 +422,7 @@ async fn advice(
     }
     match state.tracker.durations() {
         Ok(histograms) => {
-            let mut advice = crate::advice::advise(&histograms);
+            let mut advice = crate::drain::advice::advise(&histograms);
             advice.retain(|port| state.metrics.exports_port(port.port));
             (StatusCode::OK, Json(advice)).into_response()
         }
@@ -487,7 +496,7 @@ async fn connections(
             .map(|text| parse_port(text))
             .transpose()?;
         let (addr, netns) = parse_scope(&values)?;
-        let peers = crate::api::parse_peers_flag(&values)?;
+        let peers = crate::http::api::parse_peers_flag(&values)?;
         Ok((port, addr, netns, peers))
     });
     let parsed = parsed.map(|(port, addr, netns, peers)| {
@@ -552,7 +561,7 @@ async fn connections(
 /// addresses are in it); not served inside a pod (node-wide data).
 async fn metrics(
     State(state): State<Arc<AppState>>,
-    scope: Option<Extension<crate::pod_scope::PodScope>>,
+    scope: Option<Extension<crate::http::pod_scope::PodScope>>,
 ) -> Response {
     if scope.is_some() {
         return node_only();
@@ -578,7 +587,7 @@ async fn metrics(
 mod tests {
     use std::time::Duration;
 
-    use crate::{drain::Drains, netns};
+    use crate::{drain::Drains, sys::netns};
 
     use axum::body::Body;
     use http_body_util::BodyExt as _;
@@ -586,8 +595,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        authority::PortOwners,
-        pod_addresses::{AddressSource, PodAddresses},
+        http::authority::PortOwners,
+        sys::pod_addresses::{AddressSource, PodAddresses},
         tracker::fake::{FakeSource, endpoint},
     };
 
@@ -828,7 +837,7 @@ mod tests {
         assert_eq!(body["active"], 2);
         // The fake's endpoints live in a namespace that does not exist here: 404, not 0.
         let (status, _) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
-        let exists = crate::netns::all_namespaces().contains_key(&4_026_531_840);
+        let exists = crate::sys::netns::all_namespaces().contains_key(&4_026_531_840);
         assert_eq!(status == StatusCode::NOT_FOUND, !exists);
         // An inode that is no network namespace is not "drained": it is not found.
         let (status, body) = get(&state, "/drained?port=8080&timeout=0&netns=1").await;

@@ -30,10 +30,10 @@ use axum::{
 
 use crate::{
     addr::canonical_addr,
-    api::ApiError,
-    authority::{Authority, Caller},
-    server::{AcceptedAt, LocalAddr},
-    shared_lists::Batched,
+    http::api::ApiError,
+    http::authority::{Authority, Caller},
+    http::server::{AcceptedAt, LocalAddr},
+    tracker::shared_lists::Batched,
 };
 
 /// The client ends of connections to the agent, from the node's tables.
@@ -55,7 +55,7 @@ pub struct SocketTables;
 
 impl ClientSockets for SocketTables {
     fn clients_of(&self, server_port: u16) -> Result<Vec<ClientEnd>> {
-        use crate::sockdiag::{query_remote_port, state};
+        use crate::sys::sockdiag::{query_remote_port, state};
         let states = state::bit(state::ESTABLISHED)
             | state::bit(state::CLOSE_WAIT)
             | state::bit(state::FIN_WAIT1)
@@ -247,8 +247,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        authority::PortOwners,
-        pod_addresses::{AddressSource, PodAddresses},
+        http::authority::PortOwners,
+        sys::pod_addresses::{AddressSource, PodAddresses},
     };
 
     /// The tables answer `uid` as the owner of every client end asked about, or fail.

@@ -23,7 +23,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{addr::canonical_addr, netns};
+use crate::{addr::canonical_addr, sys::netns};
 
 /// A miss reads the namespaces again at most this often.
 pub const MISS_REFRESH: Duration = Duration::from_secs(1);
@@ -43,13 +43,13 @@ pub struct NamespaceAddresses {
 impl AddressSource for NamespaceAddresses {
     fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
         let mut found = BTreeMap::new();
-        let own = crate::ifaddrs::local_addresses().unwrap_or_default();
+        let own = crate::sys::ifaddrs::local_addresses().unwrap_or_default();
         found.insert(self.own_netns, own.into_iter().collect());
         for (inode, path) in netns::all_namespaces() {
             if inode == self.own_netns {
                 continue;
             }
-            match netns::run_in(&path, crate::ifaddrs::local_addresses) {
+            match netns::run_in(&path, crate::sys::ifaddrs::local_addresses) {
                 Ok(addresses) => {
                     found.insert(inode, addresses.into_iter().collect());
                 }

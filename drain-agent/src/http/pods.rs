@@ -58,15 +58,15 @@ use tokio::{sync::watch, task::JoinSet, time::Instant};
 
 use crate::{
     addr::canonical_addr,
-    api::error,
-    handover::{Handover, Holder, StopPhase, holder_of, reached},
+    http::api::error,
+    http::handover::{Handover, Holder, StopPhase, holder_of, reached},
+    http::pod_scope::PodScope,
+    http::server::{self, ServerLimits},
     http::{AppState, router},
     kernel::steer::SteerLink,
     metrics::Metrics,
-    netns,
-    netns_watch::NetnsWatch,
-    pod_scope::PodScope,
-    server::{self, ServerLimits},
+    sys::netns,
+    sys::netns_watch::NetnsWatch,
 };
 
 /// How long a steered listener keeps accepting after its steering was detached at the
@@ -314,7 +314,7 @@ impl Manager {
         let prefix = self.options.name_prefix.clone();
         let own = self.own_netns;
         let scanned = tokio::task::spawn_blocking(move || {
-            let addresses = crate::ifaddrs::local_addresses();
+            let addresses = crate::sys::ifaddrs::local_addresses();
             (candidates(own, prefix.as_deref()), addresses)
         })
         .await;

@@ -1,5 +1,8 @@
 //! Command-line interface. `drain-agent` alone runs the agent, like `drain-agent run`.
 
+pub mod client;
+pub mod generate;
+
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
@@ -402,8 +405,8 @@ mod tests {
         assert_eq!(cli.run.listen, "127.0.0.1:9100".parse().expect("addr"));
         assert_eq!(cli.run.default_timeout, Duration::from_secs(30));
         assert_eq!(
-            crate::server::ServerLimits::from_args(&cli.run),
-            crate::server::ServerLimits::default()
+            crate::http::server::ServerLimits::from_args(&cli.run),
+            crate::http::server::ServerLimits::default()
         );
     }
 

@@ -148,7 +148,7 @@ pub enum Holder {
 /// (an application that set `SO_REUSEPORT` too, as the agent's user, would otherwise share
 /// its port with the agent), and retries where an older agent holds the address unshared.
 pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
-    use crate::sockdiag::{Query, query, state};
+    use crate::sys::sockdiag::{Query, query, state};
     let conflicts =
         |ip: std::net::IpAddr| ip.is_unspecified() || addr.ip().is_unspecified() || ip == addr.ip();
     let mut inodes: std::collections::BTreeSet<u64> = query(&Query {
@@ -222,7 +222,7 @@ mod tests {
 
     /// The socket tables are read where the modules are there (not in every build sandbox).
     fn tables_readable() -> bool {
-        crate::sockdiag::check_readable().is_ok()
+        crate::sys::sockdiag::check_readable().is_ok()
     }
 
     #[test]

@@ -19,9 +19,9 @@ use std::{convert::Infallible, sync::Arc};
 use axum::{extract::FromRequestParts, http::request::Parts};
 
 use crate::{
-    api::ApiError,
-    pod_addresses::PodAddresses,
-    pod_scope::{PodScope, Scoped, confine},
+    http::api::ApiError,
+    http::pod_scope::{PodScope, Scoped, confine},
+    sys::pod_addresses::PodAddresses,
     tracker::Filter,
 };
 
@@ -65,7 +65,7 @@ pub struct SocketTableOwners;
 
 impl PortOwners for SocketTableOwners {
     fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
-        use crate::sockdiag::{Query, query, state};
+        use crate::sys::sockdiag::{Query, query, state};
         let states = state::bit(state::LISTEN)
             | state::bit(state::ESTABLISHED)
             | state::bit(state::CLOSE_WAIT);

@@ -11,10 +11,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    advice::PortAdvice,
-    api::{ConnectionsBody, DrainedBody, Endpoint, ErrorBody},
     cli::{StatusArgs, WaitArgs},
+    drain::advice::PortAdvice,
     duration::format_duration,
+    http::api::{ConnectionsBody, DrainedBody, Endpoint, ErrorBody},
 };
 
 /// Exit status of `wait` when the port drained.

@@ -10,7 +10,7 @@
 //! - closing connections at a deadline ([`destroy`], like `ss -K`: the peer gets a RST).
 //!
 //! Everything runs in the *calling thread's* network namespace; to look into another one, call
-//! from inside [`crate::netns::run_in`]. The socket is a plain `libc` netlink socket, opened and
+//! from inside [`crate::sys::netns::run_in`]. The socket is a plain `libc` netlink socket, opened and
 //! closed per call; every length the kernel sends is checked before it is read.
 
 use std::{

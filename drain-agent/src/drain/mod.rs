@@ -3,6 +3,10 @@
 //! enforced if asked (closing what is left), and every drain put on record (`/drains`, one
 //! log line, metrics, and an optional journal that survives restarts).
 
+pub mod advice;
+pub mod journal;
+pub mod state_file;
+
 use std::{
     collections::{HashMap, VecDeque},
     net::IpAddr,
@@ -18,9 +22,9 @@ use tokio::sync::watch;
 
 use crate::{
     closer::Closer,
+    drain::journal::Journal,
+    drain::state_file::StateFile,
     drain_rule::{Cidr, DrainRule, Peer},
-    journal::Journal,
-    state_file::StateFile,
     tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
 
@@ -350,7 +354,7 @@ struct Held {
     until: tokio::time::Instant,
 }
 
-impl crate::agentcheck::PortGate for Drains {
+impl crate::http::agentcheck::PortGate for Drains {
     fn draining(
         &self,
         port: u16,
@@ -452,7 +456,7 @@ pub struct Drains {
     /// [`HELD_MAX`]).
     held: Mutex<HashMap<Filter, Held>>,
     /// Which namespace an address asked about belongs to (`None` in unit tests: the node).
-    pods: Option<Arc<crate::pod_addresses::PodAddresses>>,
+    pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     history: Mutex<VecDeque<DrainRecord>>,
@@ -480,7 +484,7 @@ impl Drains {
         tracker: Arc<Tracker>,
         closer: Option<Arc<dyn Closer>>,
         journal: Option<Journal>,
-        pods: Option<Arc<crate::pod_addresses::PodAddresses>>,
+        pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
         max_running: usize,
     ) -> Self {
         let past = journal

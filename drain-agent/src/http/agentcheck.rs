@@ -73,7 +73,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::server::Acceptor;
+use crate::http::server::Acceptor;
 
 /// Which scopes are draining now (implemented by the agent's drain registry): a port, or a
 /// port at one local address (a pod's IP, which names the pod's namespace). A drain of one

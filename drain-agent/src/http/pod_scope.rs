@@ -19,8 +19,8 @@ use axum::{http::StatusCode, response::Response};
 
 use crate::{
     addr::canonical_addr,
-    api::{ApiError, DrainRequest, error},
-    netns,
+    http::api::{ApiError, DrainRequest, error},
+    sys::netns,
     tracker::Filter,
 };
 
@@ -87,7 +87,7 @@ impl PodScope {
             let path: PathBuf = netns::all_namespaces()
                 .remove(&inode)
                 .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
-            netns::run_in(&path, crate::ifaddrs::local_addresses)
+            netns::run_in(&path, crate::sys::ifaddrs::local_addresses)
         })
         .await?
     }

@@ -75,7 +75,7 @@ use tokio::{
 };
 use tower::ServiceExt as _;
 
-use crate::{addr::canonical_addr, cli::RunArgs, fdlimit};
+use crate::{addr::canonical_addr, cli::RunArgs, sys::fdlimit};
 
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
@@ -347,7 +347,7 @@ fn connection_cap(wanted: usize) -> usize {
 }
 
 /// The accept loop's error handling, shared by every listener of the agent (HTTP here, the
-/// agent-check protocol in [`crate::agentcheck`]).
+/// agent-check protocol in [`crate::http::agentcheck`]).
 #[derive(Default)]
 pub struct Acceptor {
     logged_at: Option<Instant>,
