@@ -243,7 +243,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(address) => {
             let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
-            let gate = Arc::clone(&drains) as Arc<dyn crate::http::agentcheck::PortGate>;
+            let gate = Arc::clone(&drains) as Arc<dyn crate::drain::PortGate>;
             let mut stopped = agent_check_stopped;
             Some(tokio::spawn(async move {
                 let stop = async move {
@@ -302,7 +302,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 handover: Arc::clone(&handover),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,
-                    ..ServerLimits::from_args(&args)
+                    ..args.server_limits()
                 },
             };
             // The same state, but the agent's own port there is the pod port.
@@ -334,7 +334,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             identify,
             crate::http::identify::identify,
         ))),
-        ServerLimits::from_args(&args),
+        args.server_limits(),
         reached(phases.clone(), StopPhase::HandingOver),
         reached(phases.clone(), StopPhase::AnsweringRest),
     )

@@ -15,9 +15,7 @@ use prometheus::{
 };
 
 use crate::{
-    cli::PortSet,
     drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains},
-    http::api::DrainResult,
     kernel::KernelState,
     tracker::Tracker,
 };
@@ -524,6 +522,90 @@ fn duration_metric(
     let mut metric = proto::Metric::from_label(labels(&[("port", port.to_string())]));
     metric.set_histogram(histogram);
     metric
+}
+
+/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&port))
+    }
+}
+
+impl std::str::FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |part: &str| match part.trim().parse::<u32>() {
+            Ok(port @ 1..=65535) => Ok(port as u16),
+            _ => Err(format!("{part:?} is not a port number (1-65535)")),
+        };
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            let range = match item.split_once('-') {
+                Some((low, high)) => {
+                    let (low, high) = (port(low)?, port(high)?);
+                    if low > high {
+                        return Err(format!("range {item:?} is backwards"));
+                    }
+                    (low, high)
+                }
+                None => {
+                    let single = port(item)?;
+                    (single, single)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(Self { ranges })
+    }
+}
+
+/// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainResult {
+    Drained,
+    Timeout,
+    /// Bad input (4xx).
+    Invalid,
+    /// Too many waiters (429).
+    Rejected,
+    /// The counts could not be read (500).
+    Error,
+    /// The client hung up before its answer.
+    Abandoned,
+    /// Answered not drained because the agent is shutting down (not a timeout).
+    AgentShutdown,
+}
+
+impl DrainResult {
+    pub const ALL: [Self; 7] = [
+        Self::Drained,
+        Self::Timeout,
+        Self::Invalid,
+        Self::Rejected,
+        Self::Error,
+        Self::Abandoned,
+        Self::AgentShutdown,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::Timeout => "timeout",
+            Self::Invalid => "invalid",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+            Self::Abandoned => "abandoned",
+            Self::AgentShutdown => "agent_shutdown",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent::http::agentcheck::{self, PortGate};
+use drain_agent::{drain::PortGate, http::agentcheck};
 use haproxy::{Haproxy, ServerLine};
 
 /// A gate with one switch: is the port draining.

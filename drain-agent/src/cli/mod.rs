@@ -7,53 +7,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{duration::parse_duration, kernel::AttachMethod, logging::LogFormat};
+use crate::{
+    duration::parse_duration, http::server::ServerLimits, kernel::AttachMethod, logging::LogFormat,
+    metrics::PortSet,
+};
 
 /// The default address of the agent for `wait` and `status`.
 pub const DEFAULT_AGENT_URL: &str = "http://127.0.0.1:9100";
-
-/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortSet {
-    ranges: Vec<(u16, u16)>,
-}
-
-impl PortSet {
-    pub fn contains(&self, port: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|(low, high)| (*low..=*high).contains(&port))
-    }
-}
-
-impl std::str::FromStr for PortSet {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let port = |part: &str| match part.trim().parse::<u32>() {
-            Ok(port @ 1..=65535) => Ok(port as u16),
-            _ => Err(format!("{part:?} is not a port number (1-65535)")),
-        };
-        let mut ranges = Vec::new();
-        for item in text.split(',') {
-            let range = match item.split_once('-') {
-                Some((low, high)) => {
-                    let (low, high) = (port(low)?, port(high)?);
-                    if low > high {
-                        return Err(format!("range {item:?} is backwards"));
-                    }
-                    (low, high)
-                }
-                None => {
-                    let single = port(item)?;
-                    (single, single)
-                }
-            };
-            ranges.push(range);
-        }
-        Ok(Self { ranges })
-    }
-}
 
 /// `--attach`: the command-line names of [`AttachMethod`] (the kernel side knows nothing
 /// of the command line).
@@ -394,6 +354,19 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+impl RunArgs {
+    /// The HTTP server's limits this agent was given.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.http_max_connections,
+            header_timeout: self.http_header_timeout,
+            write_timeout: self.http_write_timeout,
+            max_waiters_per_source: self.max_waiters_per_source,
+            shutdown_timeout: self.http_shutdown_timeout,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,7 +378,7 @@ mod tests {
         assert_eq!(cli.run.listen, "127.0.0.1:9100".parse().expect("addr"));
         assert_eq!(cli.run.default_timeout, Duration::from_secs(30));
         assert_eq!(
-            crate::http::server::ServerLimits::from_args(&cli.run),
+            cli.run.server_limits(),
             crate::http::server::ServerLimits::default()
         );
     }

@@ -354,7 +354,18 @@ struct Held {
     until: tokio::time::Instant,
 }
 
-impl crate::http::agentcheck::PortGate for Drains {
+/// Which scopes are draining now (implemented by the agent's drain registry): a port, or a
+/// port at one local address (a pod's IP, which names the pod's namespace). A drain of one
+/// pod never answers `drain` for another pod or for the node's port.
+pub trait PortGate: Send + Sync + 'static {
+    fn draining(
+        &self,
+        port: u16,
+        addr: Option<IpAddr>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+impl PortGate for Drains {
     fn draining(
         &self,
         port: u16,

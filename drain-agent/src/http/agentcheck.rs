@@ -73,18 +73,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::http::server::Acceptor;
-
-/// Which scopes are draining now (implemented by the agent's drain registry): a port, or a
-/// port at one local address (a pod's IP, which names the pod's namespace). A drain of one
-/// pod never answers `drain` for another pod or for the node's port.
-pub trait PortGate: Send + Sync + 'static {
-    fn draining(
-        &self,
-        port: u16,
-        addr: Option<IpAddr>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
-}
+use crate::{drain::PortGate, http::server::Acceptor};
 
 /// The longest request line read, line end included; a longer one is invalid.
 pub const MAX_REQUEST: usize = 64;

@@ -101,47 +101,6 @@ pub struct EndpointRow {
     pub peers: Option<Vec<Peer>>,
 }
 
-/// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DrainResult {
-    Drained,
-    Timeout,
-    /// Bad input (4xx).
-    Invalid,
-    /// Too many waiters (429).
-    Rejected,
-    /// The counts could not be read (500).
-    Error,
-    /// The client hung up before its answer.
-    Abandoned,
-    /// Answered not drained because the agent is shutting down (not a timeout).
-    AgentShutdown,
-}
-
-impl DrainResult {
-    pub const ALL: [Self; 7] = [
-        Self::Drained,
-        Self::Timeout,
-        Self::Invalid,
-        Self::Rejected,
-        Self::Error,
-        Self::Abandoned,
-        Self::AgentShutdown,
-    ];
-
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::Drained => "drained",
-            Self::Timeout => "timeout",
-            Self::Invalid => "invalid",
-            Self::Rejected => "rejected",
-            Self::Error => "error",
-            Self::Abandoned => "abandoned",
-            Self::AgentShutdown => "agent_shutdown",
-        }
-    }
-}
-
 /// A JSON error answer.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()

@@ -27,13 +27,13 @@ pub use crate::http::api::WaitLimits;
 use crate::{
     drain::{DrainEnd, Drains, Final, JoinError, Membership},
     http::api::{
-        AnswerReason, ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainResult,
-        DrainedBody, DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr,
-        parse_drain_request, parse_port, parse_query, parse_scope, parse_scope_request,
+        AnswerReason, ApiError, CONNECTION_PARAMETERS, ConnectionsBody, DrainRequest, DrainedBody,
+        DrainsBody, EndpointRow, HealthBody, OnTimeout, error, parse_addr, parse_drain_request,
+        parse_port, parse_query, parse_scope, parse_scope_request,
     },
     http::authority::{Authority, Caller},
     http::pod_scope::node_only,
-    metrics::Metrics,
+    metrics::{DrainResult, Metrics},
     tracker::{DrainOutcome, Filter, Tracker, WaitError},
 };
 

@@ -75,7 +75,7 @@ use tokio::{
 };
 use tower::ServiceExt as _;
 
-use crate::{addr::canonical_addr, cli::RunArgs, sys::fdlimit};
+use crate::{addr::canonical_addr, sys::fdlimit};
 
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
@@ -114,17 +114,6 @@ impl Default for ServerLimits {
 }
 
 impl ServerLimits {
-    /// The limits `drain-agent run` was given.
-    pub fn from_args(args: &RunArgs) -> Self {
-        Self {
-            max_connections: args.http_max_connections,
-            header_timeout: args.http_header_timeout,
-            write_timeout: args.http_write_timeout,
-            max_waiters_per_source: args.max_waiters_per_source,
-            shutdown_timeout: args.http_shutdown_timeout,
-        }
-    }
-
     fn check(&self) -> Result<()> {
         ensure!(
             self.max_connections > 0,
