@@ -23,12 +23,11 @@ use std::{
 
 use anyhow::Result;
 use drain_agent_common::DurationHistogram;
-use log::debug;
 use tokio::{sync::watch, time::Instant};
 
 use self::{
     shared_lists::SharedLists,
-    waiter::{Judgment, Pass, Step, Waiter, idle_and_busy},
+    waiter::{Pass, Step, Waiter, idle_and_busy},
     wake::PortChannels,
 };
 pub use self::{
@@ -90,28 +89,6 @@ impl Drop for WaiterSlot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// One pass of a waiter, in the debug log.
-fn log_pass(filter: &Filter, started: Instant, judgment: &Judgment) {
-    debug!(
-        "waiter on port {} at {} ms: {} active{}{}, {:?}{}",
-        filter.port,
-        started.elapsed().as_millis(),
-        judgment.active,
-        if judgment.from_tables {
-            " (socket tables)"
-        } else {
-            ""
-        },
-        if judgment.in_doubt { ", in doubt" } else { "" },
-        judgment.decision,
-        judgment
-            .unknown
-            .as_deref()
-            .map(|why| format!(" (unknown: {why})"))
-            .unwrap_or_default()
-    );
 }
 
 impl Tracker {
@@ -407,7 +384,7 @@ impl Tracker {
                         list,
                         waited,
                     } => {
-                        log_pass(filter, started, &judgment);
+                        judgment.log(filter, started);
                         let mut peers = pass.peers.take().and_then(Result::ok);
                         if list
                             && let Ok(report) = self
@@ -421,7 +398,7 @@ impl Tracker {
                     Step::Sleep { judgment, until } => break (judgment, until),
                 }
             };
-            log_pass(filter, started, &judgment);
+            judgment.log(filter, started);
             loop {
                 tokio::select! {
                     heard = port_watch.woken() => {

@@ -11,6 +11,15 @@ fn tracker(endpoints: Vec<Endpoint>) -> (Arc<FakeSource>, Arc<Tracker>) {
 
 type WaitResult = Result<DrainOutcome, String>;
 
+/// The answer of a waiter on `port`, which must not fail to start.
+async fn answer(tracker: &Tracker, port: u16, timeout: Duration, rule: &DrainRule) -> DrainOutcome {
+    tracker
+        .wait_until_drained(&Filter::port(port), timeout, rule)
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .expect("outcome")
+}
+
 /// A waiter on `port` with a one-hour timeout, running in the background.
 fn spawn_hour_long_waiter(
     tracker: &Arc<Tracker>,
@@ -57,11 +66,7 @@ fn filters_by_port_address_and_namespace() {
 #[tokio::test(start_paused = true)]
 async fn timeout_zero_answers_at_once() {
     let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 3)]);
-    let outcome = tracker
-        .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
     assert_eq!(
         outcome,
         DrainOutcome {
@@ -137,15 +142,7 @@ async fn ports_are_watched_exactly_while_somebody_waits() {
 #[tokio::test(start_paused = true)]
 async fn timeout_answers_not_drained() {
     let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 2)]);
-    let outcome = tracker
-        .wait_until_drained(
-            &Filter::port(80),
-            Duration::from_secs(5),
-            &DrainRule::default(),
-        )
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::from_secs(5), &DrainRule::default()).await;
     assert!(!outcome.drained);
     assert_eq!(outcome.active, 2);
     assert_eq!(outcome.waited, Duration::from_secs(5));
@@ -174,11 +171,7 @@ async fn the_quiet_window_counts_from_the_request_and_restarts_on_arrivals() {
     // Nothing connected for ages: still waits the window from the request.
     let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
     let started = Instant::now();
-    let outcome = tracker
-        .wait_until_drained(&Filter::port(80), Duration::from_secs(30), &rule)
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::from_secs(30), &rule).await;
     assert!(outcome.drained);
     assert!(started.elapsed() >= quiet, "{:?}", started.elapsed());
     // An arrival half-way restarts it; an ignored source's does not.
@@ -219,15 +212,7 @@ async fn a_doubted_zero_is_never_drained_unless_the_socket_tables_confirm_it() {
     let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
     *source.doubts.lock().expect("lock") = vec![Doubt::ConnectionsLost { port: 80 }];
     // The socket tables cannot be read: 503 with the reason, at the timeout.
-    let outcome = tracker
-        .wait_until_drained(
-            &Filter::port(80),
-            Duration::from_secs(3),
-            &DrainRule::default(),
-        )
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::from_secs(3), &DrainRule::default()).await;
     assert!(!outcome.drained);
     assert!(outcome.waited >= Duration::from_secs(3));
     let why = outcome.unknown.expect("a reason");
@@ -237,11 +222,7 @@ async fn a_doubted_zero_is_never_drained_unless_the_socket_tables_confirm_it() {
     );
     // They show two connections the maps missed: not drained, and the count says so.
     *source.confirmed.lock().expect("lock") = Ok(2);
-    let outcome = tracker
-        .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
     assert_eq!((outcome.drained, outcome.active), (false, 2));
     // A waiter looks again by itself (those connections send no events) and answers
     // once the tables show zero.
@@ -255,11 +236,7 @@ async fn a_doubted_zero_is_never_drained_unless_the_socket_tables_confirm_it() {
     // Without doubts the tables are not asked at all.
     source.doubts.lock().expect("lock").clear();
     let asked = source.confirmations.load(Ordering::Relaxed);
-    let outcome = tracker
-        .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .expect("outcome");
+    let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
     assert!(outcome.drained);
     assert_eq!(source.confirmations.load(Ordering::Relaxed), asked);
 }
@@ -299,11 +276,7 @@ async fn a_doubted_count_is_the_socket_tables_count() {
         let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
         *source.doubts.lock().expect("lock") = vec![doubt.clone()];
         *source.confirmed.lock().expect("lock") = Ok(200);
-        let outcome = tracker
-            .wait_until_drained(&Filter::port(80), Duration::ZERO, &DrainRule::default())
-            .await
-            .map_err(|e| format!("{e:?}"))
-            .expect("outcome");
+        let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
         assert_eq!((outcome.drained, outcome.active), (false, 200), "{doubt:?}");
     }
 }

@@ -103,6 +103,29 @@ pub(super) struct Judgment {
     pub unknown: Option<String>,
 }
 
+impl Judgment {
+    /// One pass of a waiter, in the debug log.
+    pub(super) fn log(&self, filter: &Filter, started: Instant) {
+        log::debug!(
+            "waiter on port {} at {} ms: {} active{}{}, {:?}{}",
+            filter.port,
+            started.elapsed().as_millis(),
+            self.active,
+            if self.from_tables {
+                " (socket tables)"
+            } else {
+                ""
+            },
+            if self.in_doubt { ", in doubt" } else { "" },
+            self.decision,
+            self.unknown
+                .as_deref()
+                .map(|why| format!(" (unknown: {why})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// What the waiter does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Step {
