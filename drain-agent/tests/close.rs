@@ -26,7 +26,7 @@ use drain_agent::{
     drain_rule::Peer,
     kernel::{Kernel, KernelOptions, destroy::CloseMethod},
     sys::netns,
-    tracker::{ConnectionSource as _, Filter},
+    tracker::{Counts as _, Filter},
 };
 
 /// One loaded `Kernel` at a time: each parses the kernel's BTF (tens of MiB).

@@ -25,7 +25,7 @@ use crate::{
     drain_rule::Peer,
     sys::netns,
     sys::sockdiag,
-    tracker::{ConnectionSource, Endpoint, Filter, PortState, monotonic_ns},
+    tracker::{Counts, Endpoint, Filter, PortState, Stats, Vouch, monotonic_ns},
 };
 
 /// A connection by its addresses: (netns, local, remote), addresses canonical
@@ -384,7 +384,7 @@ pub fn key_addr(key: &ConnKey) -> IpAddr {
     }
 }
 
-impl ConnectionSource for KernelMaps {
+impl Counts for KernelMaps {
     fn endpoints(&self) -> Result<Vec<Endpoint>> {
         let mut endpoints = Vec::new();
         for entry in self.counts.iter() {
@@ -401,23 +401,6 @@ impl ConnectionSource for KernelMaps {
             });
         }
         Ok(endpoints)
-    }
-
-    fn walks(&self) -> u64 {
-        self.walks.load(Ordering::Relaxed)
-    }
-
-    fn skipped_runs(&self) -> u64 {
-        self.handler_skipped_runs().unwrap_or(0)
-    }
-
-    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
-        self.reclaimed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(port, totals)| (*port, totals.opened, totals.closed))
-            .collect()
     }
 
     fn reclaimed_last_change(&self, port: u16) -> u64 {
@@ -456,45 +439,6 @@ impl ConnectionSource for KernelMaps {
         // program reads the bit after changing a count): a full barrier between the two.
         std::sync::atomic::fence(Ordering::SeqCst);
         Ok(())
-    }
-
-    fn doubts(&self, filter: &Filter) -> Result<Vec<Doubt>> {
-        let mut doubts = self.global_doubts(false)?;
-        let totals = self
-            .port_totals
-            .get(&u32::from(filter.port), 0)
-            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
-        let vouched = self.vouched();
-        let lost_at_walk = vouched
-            .snapshot
-            .as_ref()
-            .and_then(|snapshot| snapshot.lost.get(&filter.port).copied())
-            .unwrap_or(0);
-        if totals.lost > lost_at_walk {
-            doubts.push(Doubt::ConnectionsLost { port: filter.port });
-        }
-        if vouched.unsure_ports.contains(&filter.port) {
-            doubts.push(Doubt::PassivityUnknown { port: filter.port });
-        }
-        let scoped = filter.addr.is_some() || filter.netns.is_some();
-        if scoped && totals.unscoped > 0 {
-            doubts.push(Doubt::Unscoped { port: filter.port });
-        }
-        doubts.extend(
-            vouched
-                .unwalked
-                .iter()
-                .filter(|netns| filter.netns.is_none_or(|wanted| wanted == **netns))
-                .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
-        );
-        Ok(doubts)
-    }
-
-    fn health_doubts(&self) -> Vec<Doubt> {
-        self.global_doubts(true).unwrap_or_else(|problem| {
-            log::warn!("cannot read the error counters: {problem:#}");
-            vec![Doubt::ReadFailed]
-        })
     }
 
     /// The connections of `filter` from the socket tables. A report (`with_age`: the
@@ -639,12 +583,72 @@ impl ConnectionSource for KernelMaps {
         }
         Ok(open)
     }
+}
+
+impl Vouch for KernelMaps {
+    fn walks(&self) -> u64 {
+        self.walks.load(Ordering::Relaxed)
+    }
+
+    fn skipped_runs(&self) -> u64 {
+        self.handler_skipped_runs().unwrap_or(0)
+    }
+
+    fn doubts(&self, filter: &Filter) -> Result<Vec<Doubt>> {
+        let mut doubts = self.global_doubts(false)?;
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        let vouched = self.vouched();
+        let lost_at_walk = vouched
+            .snapshot
+            .as_ref()
+            .and_then(|snapshot| snapshot.lost.get(&filter.port).copied())
+            .unwrap_or(0);
+        if totals.lost > lost_at_walk {
+            doubts.push(Doubt::ConnectionsLost { port: filter.port });
+        }
+        if vouched.unsure_ports.contains(&filter.port) {
+            doubts.push(Doubt::PassivityUnknown { port: filter.port });
+        }
+        let scoped = filter.addr.is_some() || filter.netns.is_some();
+        if scoped && totals.unscoped > 0 {
+            doubts.push(Doubt::Unscoped { port: filter.port });
+        }
+        doubts.extend(
+            vouched
+                .unwalked
+                .iter()
+                .filter(|netns| filter.netns.is_none_or(|wanted| wanted == **netns))
+                .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
+        );
+        Ok(doubts)
+    }
+
+    fn health_doubts(&self) -> Vec<Doubt> {
+        self.global_doubts(true).unwrap_or_else(|problem| {
+            log::warn!("cannot read the error counters: {problem:#}");
+            vec![Doubt::ReadFailed]
+        })
+    }
 
     fn check_health(&self) -> Result<()> {
         self.errors
             .get(&0, 0)
             .map(drop)
             .context("the kernel maps are not readable")
+    }
+}
+
+impl Stats for KernelMaps {
+    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+        self.reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(port, totals)| (*port, totals.opened, totals.closed))
+            .collect()
     }
 
     fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {

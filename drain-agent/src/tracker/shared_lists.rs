@@ -322,23 +322,29 @@ mod tests {
         assert_eq!(passes.load(Ordering::SeqCst), 1);
     }
 
+    /// A pass of 50 ms for a caller of now, in the background; it returns its number.
+    fn slow_pass(
+        batched: &Arc<Batched<u16, usize>>,
+        passes: &Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<Result<Arc<usize>, String>> {
+        let batched = Arc::clone(batched);
+        let passes = Arc::clone(passes);
+        tokio::spawn(async move {
+            batched
+                .get(&1, Instant::now(), || async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(passes.fetch_add(1, Ordering::SeqCst))
+                })
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn a_batch_begins_after_its_callers_asked() {
         let batched = Arc::new(Batched::<u16, usize>::default());
         let passes = Arc::new(AtomicUsize::new(0));
         // A pass that runs while the second and third caller arrive.
-        let first = {
-            let batched = Arc::clone(&batched);
-            let passes = Arc::clone(&passes);
-            tokio::spawn(async move {
-                batched
-                    .get(&1, Instant::now(), || async {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok(passes.fetch_add(1, Ordering::SeqCst))
-                    })
-                    .await
-            })
-        };
+        let first = slow_pass(&batched, &passes);
         tokio::time::sleep(Duration::from_millis(10)).await;
         let make = || async { Ok(passes.fetch_add(1, Ordering::SeqCst)) };
         let now = Instant::now();
@@ -354,18 +360,7 @@ mod tests {
         );
         // One whose moment came before a running pass began joins that pass.
         let before = Instant::now();
-        let running = {
-            let batched = Arc::clone(&batched);
-            let passes = Arc::clone(&passes);
-            tokio::spawn(async move {
-                batched
-                    .get(&1, Instant::now(), || async {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok(passes.fetch_add(1, Ordering::SeqCst))
-                    })
-                    .await
-            })
-        };
+        let running = slow_pass(&batched, &passes);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(batched.get(&1, before, make).await.as_deref(), Ok(&3));
         assert_eq!(running.await.expect("task").as_deref(), Ok(&3));

@@ -1,0 +1,129 @@
+//! A connection source the tests set by hand.
+
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+};
+
+use anyhow::{Result, bail};
+
+use super::source::{Counts, Endpoint, Filter, Stats, Vouch};
+use crate::{doubt::Doubt, drain_rule::Peer};
+
+pub struct FakeSource {
+    pub endpoints: Mutex<Vec<Endpoint>>,
+    pub broken: AtomicBool,
+    /// Ports the tracker asked to watch, as it left them.
+    pub watched: Mutex<std::collections::BTreeSet<u16>>,
+    /// What `doubts` says for every filter.
+    pub doubts: Mutex<Vec<Doubt>>,
+    /// What `skipped_runs` says.
+    pub skipped_runs: AtomicU64,
+    /// What `confirm` answers (an error text, or the count).
+    pub confirmed: Mutex<Result<u64, String>>,
+    /// How often `confirm` was asked.
+    pub confirmations: AtomicUsize,
+    /// How often the connections were listed (`peers`).
+    pub peer_lists: AtomicUsize,
+}
+
+impl Default for FakeSource {
+    fn default() -> Self {
+        Self {
+            endpoints: Mutex::default(),
+            broken: AtomicBool::default(),
+            watched: Mutex::default(),
+            doubts: Mutex::default(),
+            skipped_runs: AtomicU64::default(),
+            confirmed: Mutex::new(Err("no socket tables in the fake".into())),
+            confirmations: AtomicUsize::default(),
+            peer_lists: AtomicUsize::default(),
+        }
+    }
+}
+
+impl FakeSource {
+    pub fn set(&self, endpoints: Vec<Endpoint>) {
+        *self.endpoints.lock().expect("lock") = endpoints;
+    }
+
+    fn health(&self) -> Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            bail!("fake source is broken");
+        }
+        Ok(())
+    }
+}
+
+impl Counts for FakeSource {
+    fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        self.health()?;
+        Ok(self.endpoints.lock().expect("lock").clone())
+    }
+
+    fn reclaimed_last_change(&self, _port: u16) -> u64 {
+        0
+    }
+
+    fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
+        let mut ports = self.watched.lock().expect("lock");
+        let changed = if watched {
+            ports.insert(port)
+        } else {
+            ports.remove(&port)
+        };
+        assert!(changed, "port {port} watched={watched} twice in a row");
+        Ok(())
+    }
+
+    fn confirm(&self, _filter: &Filter) -> Result<u64> {
+        self.confirmations.fetch_add(1, Ordering::Relaxed);
+        self.confirmed
+            .lock()
+            .expect("lock")
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
+        self.peer_lists.fetch_add(1, Ordering::Relaxed);
+        bail!("no socket tables in the fake")
+    }
+}
+
+impl Vouch for FakeSource {
+    fn check_health(&self) -> Result<()> {
+        self.health()
+    }
+
+    fn doubts(&self, _filter: &Filter) -> Result<Vec<Doubt>> {
+        Ok(self.doubts.lock().expect("lock").clone())
+    }
+
+    fn health_doubts(&self) -> Vec<Doubt> {
+        self.doubts.lock().expect("lock").clone()
+    }
+
+    fn walks(&self) -> u64 {
+        0
+    }
+
+    fn skipped_runs(&self) -> u64 {
+        self.skipped_runs.load(Ordering::Relaxed)
+    }
+}
+
+/// No statistics: the defaults.
+impl Stats for FakeSource {}
+
+pub fn endpoint(addr: &str, port: u16, active: u64) -> Endpoint {
+    Endpoint {
+        netns: 4_026_531_840,
+        addr: addr.parse().expect("addr"),
+        port,
+        active,
+        opened: active,
+        closed: 0,
+        last_change_ns: 0,
+    }
+}
