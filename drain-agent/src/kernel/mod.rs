@@ -13,6 +13,7 @@ mod raw;
 mod rcu;
 pub mod reclaim;
 pub mod reuseport;
+mod source;
 pub mod steer;
 pub mod walk;
 
