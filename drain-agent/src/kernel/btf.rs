@@ -450,34 +450,25 @@ pub fn loader_without_kernel_btf() -> aya::EbpfLoader<'static> {
 
 /// Gives the calling thread its own mount namespace in which [`VMLINUX_BTF`] is empty.
 fn hide_kernel_btf_from_this_thread() -> Result<()> {
-    // SAFETY: plain syscalls with valid C strings; CLONE_NEWNS unshares this thread's
-    // filesystem context only (kernel/fork.c, `ksys_unshare` adds CLONE_FS), never the
-    // process's.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("making mounts private");
-        }
-        if libc::mount(
-            c"/dev/null".as_ptr(),
-            c"/sys/kernel/btf/vmlinux".as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("bind-mounting over the BTF");
-        }
-    }
+    use rustix::{
+        mount::{MountPropagationFlags, mount_bind, mount_change},
+        thread::{UnshareFlags, unshare_unsafe},
+    };
+    // SAFETY: rustix marks unshare unsafe for `CLONE_FILES` only (a thread that stops
+    // sharing the fd table); CLONE_NEWNS unshares this thread's filesystem context only
+    // (kernel/fork.c, `ksys_unshare` adds CLONE_FS), never the process's.
+    unsafe { unshare_unsafe(UnshareFlags::NEWNS) }
+        .map_err(std::io::Error::from)
+        .context("unshare(CLONE_NEWNS)")?;
+    mount_change(
+        "/",
+        MountPropagationFlags::REC | MountPropagationFlags::PRIVATE,
+    )
+    .map_err(std::io::Error::from)
+    .context("making mounts private")?;
+    mount_bind("/dev/null", VMLINUX_BTF)
+        .map_err(std::io::Error::from)
+        .context("bind-mounting over the BTF")?;
     Ok(())
 }
 

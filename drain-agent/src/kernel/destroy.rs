@@ -32,7 +32,7 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
@@ -77,21 +77,21 @@ const DESTROY_NOT_TRACKED: u32 = 2;
 
 /// The eBPF object with its kfunc calls linked; `problem` says why they could not be.
 pub(super) struct LinkedObject {
-    /// The object's bytes, 8-byte aligned (the ELF reader needs aligned headers).
-    words: Vec<u64>,
+    /// Holds the object's bytes at `start`, its first 8-byte aligned address (the ELF
+    /// reader needs aligned headers). Never resized, so its bytes never move.
+    buffer: Vec<u8>,
+    start: usize,
     len: usize,
     pub problem: Option<String>,
 }
 
 impl LinkedObject {
     pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+        &self.buffer[self.start..self.start + self.len]
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, and `&mut self` is the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+        &mut self.buffer[self.start..self.start + self.len]
     }
 }
 
@@ -116,22 +116,19 @@ pub(super) fn link_kfuncs(object: &[u8], btf: &aya::Btf) -> Result<LinkedObject>
 
 /// Points every call to [`KFUNC`] in a copy of `object` at BTF id `btf_id`.
 fn link_kfunc_calls(object: &[u8], btf_id: u32, problem: Option<String>) -> Result<LinkedObject> {
-    let mut words = vec![0u64; object.len().div_ceil(8)];
-    // SAFETY: `words` has room for `object.len()` bytes; the regions do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            object.as_ptr(),
-            words.as_mut_ptr().cast::<u8>(),
-            object.len(),
-        );
-    }
+    // Up to 7 bytes before the first 8-byte aligned address.
+    let mut buffer = vec![0u8; object.len() + 7];
+    let start = buffer.as_ptr().align_offset(8);
+    ensure!(start < 8, "cannot align the eBPF object");
+    buffer[start..start + object.len()].copy_from_slice(object);
     let imm = i32::try_from(btf_id).context("BTF id out of range")?;
     let calls = kfunc_calls(object)?;
     if calls.is_empty() {
         bail!("the eBPF object has no call to {KFUNC}");
     }
     let mut linked = LinkedObject {
-        words,
+        buffer,
+        start,
         len: object.len(),
         problem,
     };
@@ -545,8 +542,7 @@ mod tests {
     /// and only `destroy_sockets` is refused, by the verifier.
     #[test]
     fn without_the_kfunc_the_rest_of_the_object_still_loads() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             eprintln!("SKIP without_the_kfunc_the_rest_of_the_object_still_loads: needs root");
             return;
         }

@@ -783,30 +783,7 @@ fn second_handle(map: &MapData) -> Result<MapData> {
 
 /// `bpf_prog_info.recursion_misses` of a loaded program (Linux >= 5.12; 0 before).
 fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
-    use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
-    use std::os::fd::AsRawFd as _;
-
-    // SAFETY: plain C structs; all-zero is a valid value for both.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // The `info` member of the union is the one BPF_OBJ_GET_INFO_BY_FD reads.
-    attr.info.bpf_fd = u32::try_from(program.as_raw_fd()).context("bad program fd")?;
-    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
-    attr.info.info = (&raw mut info) as u64;
-    // SAFETY: the bpf syscall with a valid attr of the size we pass.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-            &raw mut attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET_INFO_BY_FD");
-    }
-    Ok(info.recursion_misses)
+    Ok(raw::prog_info(program, &mut [])?.recursion_misses)
 }
 
 impl Kernel {
@@ -850,16 +827,13 @@ fn one_line(error: &anyhow::Error) -> String {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    let unlimited = rustix::process::Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: a valid rlimit struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        debug!(
-            "cannot raise RLIMIT_MEMLOCK ({}); not needed on Linux >= 5.11",
-            std::io::Error::last_os_error()
-        );
+    if let Err(problem) = rustix::process::setrlimit(rustix::process::Resource::Memlock, unlimited)
+    {
+        debug!("cannot raise RLIMIT_MEMLOCK ({problem}); not needed on Linux >= 5.11");
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
     fs::{self, File},
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
         unix::{
             ffi::OsStrExt as _,
             fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
@@ -34,12 +34,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use aya_obj::generated::{bpf_cmd, bpf_map_info, bpf_prog_info};
+use aya_obj::generated::bpf_cmd;
 use log::{info, warn};
+use rustix::{fs::FlockOperation, mount::MountFlags};
 
 use super::{
     AttachMethod,
-    raw::{bpf_call as bpf, zeroed_attr},
+    raw::{self, zeroed_attr},
 };
 
 /// The pin directory when `--pin-dir` is not given.
@@ -185,15 +186,12 @@ impl PinDir {
 
     /// Takes the lock if no other agent holds it.
     pub(super) fn try_lock(&self) -> Result<bool> {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
+        match rustix::fs::flock(&self.file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+            Err(error) => Err(io::Error::from(error))
+                .with_context(|| format!("cannot lock {}", self.root.display())),
         }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(false);
-        }
-        Err(error).with_context(|| format!("cannot lock {}", self.root.display()))
     }
 
     fn layout_dir(&self) -> PathBuf {
@@ -327,30 +325,17 @@ fn mount_bpffs() -> Result<()> {
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(BPFFS)
         .with_context(|| format!("cannot open {BPFFS}"))?;
-    // SAFETY: flock on an fd we own; released when `mount_point` is closed.
-    if unsafe { libc::flock(mount_point.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("cannot lock {BPFFS}"));
-    }
+    // Released when `mount_point` is closed.
+    rustix::fs::flock(&mount_point, FlockOperation::LockExclusive)
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot lock {BPFFS}"))?;
     if is_bpffs(Path::new(BPFFS)) {
         return Ok(());
     }
     info!("bpffs is not mounted; mounting it at {BPFFS}");
-    let target = CString::new(BPFFS).context("bpffs path")?;
-    // SAFETY: valid NUL-terminated strings; the data argument is a C string.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            c"mode=0700".as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("cannot mount bpffs at {BPFFS}"));
-    }
-    Ok(())
+    rustix::mount::mount("bpf", BPFFS, "bpf", MountFlags::empty(), c"mode=0700")
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot mount bpffs at {BPFFS}"))
 }
 
 /// Refuses a pin directory another user could have prepared or can write into: pins there
@@ -385,14 +370,7 @@ fn is_bpf_magic<T: Into<i128>>(f_type: T) -> bool {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: a valid C string and a statfs struct to fill.
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && is_bpf_magic(stat.f_type)
-    }
+    rustix::fs::statfs(path).is_ok_and(|stat| is_bpf_magic(stat.f_type))
 }
 
 /// Waits (on a thread) until the pin directory's lock is free, then pins `state` there:
@@ -459,19 +437,13 @@ pub(super) fn check_handler_maps(
     Ok(())
 }
 
-fn owned(rc: i64) -> io::Result<OwnedFd> {
-    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: a new fd from the kernel, owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// `BPF_OBJ_PIN`: pins the map, program or link `fd` at `path` (on bpffs).
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
     let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
     let mut attr = zeroed_attr();
     attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
     attr.__bindgen_anon_4.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
-    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
+    raw::bpf_call(bpf_cmd::BPF_OBJ_PIN, &mut attr)
         .with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
     Ok(())
 }
@@ -481,8 +453,7 @@ pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
     let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
     let mut attr = zeroed_attr();
     attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
-        .and_then(owned)
+    raw::bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
         .with_context(|| format!("cannot open the pin {}", path.display()))
 }
 
@@ -490,39 +461,19 @@ pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
 pub(super) fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
     let mut attr = zeroed_attr();
     attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
-    bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)
-        .and_then(owned)
-        .context("BPF_LINK_GET_FD_BY_ID")
-}
-
-fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> Result<()> {
-    let mut attr = zeroed_attr();
-    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
-    attr.info.info_len = u32::try_from(size_of::<T>()).context("info size")?;
-    attr.info.info = std::ptr::from_mut(info) as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-    Ok(())
+    raw::bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr).context("BPF_LINK_GET_FD_BY_ID")
 }
 
 /// The kernel's id of the map `fd`.
 pub(super) fn map_id(fd: BorrowedFd<'_>) -> Result<u32> {
-    // SAFETY: a plain C struct; all-zero is valid.
-    let mut info: bpf_map_info = unsafe { std::mem::zeroed() };
-    obj_info(fd, &mut info)?;
-    Ok(info.id)
+    Ok(raw::map_info(fd)?.id)
 }
 
 /// The ids of the maps the program `fd` uses.
 fn prog_map_ids(fd: BorrowedFd<'_>) -> Result<Vec<u32>> {
-    // SAFETY: a plain C struct; all-zero is valid.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    obj_info(fd, &mut info)?;
-    let mut ids = vec![0u32; info.nr_map_ids as usize];
-    // SAFETY: as above.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    info.nr_map_ids = u32::try_from(ids.len()).context("map count")?;
-    info.map_ids = ids.as_mut_ptr() as u64;
-    obj_info(fd, &mut info)?;
+    let used = raw::prog_info(fd, &mut [])?.nr_map_ids;
+    let mut ids = vec![0u32; used as usize];
+    let info = raw::prog_info(fd, &mut ids)?;
     ids.truncate(info.nr_map_ids as usize);
     Ok(ids)
 }
