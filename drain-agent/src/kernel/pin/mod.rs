@@ -15,15 +15,11 @@
 //! with state of its own, unpinned, and replaces the pins when it gets the lock.
 
 use std::{
-    ffi::CString,
     fs::{self, File},
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
-        unix::{
-            ffi::OsStrExt as _,
-            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
-        },
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
     sync::{
@@ -33,15 +29,17 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, ensure};
-use aya_obj::generated::bpf_cmd;
+use anyhow::{Context as _, Result};
 use log::{info, warn};
-use rustix::{fs::FlockOperation, mount::MountFlags};
+use rustix::fs::FlockOperation;
 
-use super::{
-    AttachMethod,
-    raw::{self, zeroed_attr},
-};
+mod bpffs;
+mod objects;
+
+use self::bpffs::{check_safe, make};
+use self::objects::obj_pin;
+pub(super) use self::objects::{check_handler_maps, link_fd_by_id, map_id, obj_get};
+use super::AttachMethod;
 
 /// The pin directory when `--pin-dir` is not given.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/drain-agent";
@@ -299,80 +297,6 @@ pub(super) fn program_pin(method: AttachMethod) -> String {
     format!("handler-{}", method.name())
 }
 
-/// Makes `root` (0700) and mounts bpffs at [`BPFFS`] first if `root` is under it and
-/// nothing is mounted there.
-fn make(root: &Path) -> Result<()> {
-    if root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
-        mount_bpffs()?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(root) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(error) => {
-            Err(error).with_context(|| format!("cannot make the pin directory {}", root.display()))
-        }
-    }
-}
-
-/// Mounts bpffs at [`BPFFS`], unless another process did meanwhile. Two agents starting at
-/// once would otherwise both mount it, the second instance hiding the first and the pins
-/// in it (their handlers attached, out of reach of `rm -r`). So the check and the mount are
-/// made under a `flock` of the mount point as opened before the mount (sysfs's directory):
-/// whoever waited finds bpffs there afterwards.
-fn mount_bpffs() -> Result<()> {
-    let mount_point = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(BPFFS)
-        .with_context(|| format!("cannot open {BPFFS}"))?;
-    // Released when `mount_point` is closed.
-    rustix::fs::flock(&mount_point, FlockOperation::LockExclusive)
-        .map_err(io::Error::from)
-        .with_context(|| format!("cannot lock {BPFFS}"))?;
-    if is_bpffs(Path::new(BPFFS)) {
-        return Ok(());
-    }
-    info!("bpffs is not mounted; mounting it at {BPFFS}");
-    rustix::mount::mount("bpf", BPFFS, "bpf", MountFlags::empty(), c"mode=0700")
-        .map_err(io::Error::from)
-        .with_context(|| format!("cannot mount bpffs at {BPFFS}"))
-}
-
-/// Refuses a pin directory another user could have prepared or can write into: pins there
-/// are programs and maps the agent would run and trust.
-fn check_safe(root: &Path) -> Result<()> {
-    let shown = root.display();
-    let meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {shown}"))?;
-    ensure!(
-        meta.is_dir(),
-        "the pin directory {shown} is not a directory (a link?); remove it or choose another with --pin-dir (or --no-pin)"
-    );
-    ensure!(
-        is_bpffs(root),
-        "the pin directory {shown} is not on bpffs; choose one under {BPFFS} with --pin-dir (or --no-pin)"
-    );
-    ensure!(
-        meta.uid() == 0,
-        "the pin directory {shown} is owned by uid {}, not root; remove it (rm -r {shown}) or choose another with --pin-dir",
-        meta.uid()
-    );
-    ensure!(
-        meta.mode() & 0o077 == 0,
-        "the pin directory {shown} is open to other users (mode {:o}); it must be 0700 (chmod 700 {shown})",
-        meta.mode() & 0o7777
-    );
-    Ok(())
-}
-
-/// `f_type` is signed in glibc's `struct statfs` and unsigned in musl's.
-fn is_bpf_magic<T: Into<i128>>(f_type: T) -> bool {
-    f_type.into() == i128::from(BPF_FS_MAGIC)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|stat| is_bpf_magic(stat.f_type))
-}
-
 /// Waits (on a thread) until the pin directory's lock is free, then pins `state` there:
 /// the agent that held it is gone. Stops trying once `stop` is set (the kernel state was
 /// dropped: then `state`'s link must not outlive it).
@@ -416,66 +340,6 @@ pub(super) fn publish_when_free(
         })
         .context("cannot start the pin-lock thread")?;
     Ok(())
-}
-
-/// Checks that the handler `program` reads and writes no map but `shared` and the object's
-/// read-only data (`allowed_other`): a handler that outlives its agent must write only
-/// into maps the next agent adopts.
-pub(super) fn check_handler_maps(
-    program: BorrowedFd<'_>,
-    shared: &[u32],
-    allowed_other: usize,
-) -> Result<()> {
-    let used = prog_map_ids(program)?;
-    let others = used.iter().filter(|id| !shared.contains(id)).count();
-    ensure!(
-        others <= allowed_other && shared.iter().all(|id| used.contains(id)),
-        "the handler uses {} maps, {others} of them not pinned (expected {} pinned and at most {allowed_other} read-only data)",
-        used.len(),
-        shared.len()
-    );
-    Ok(())
-}
-
-/// `BPF_OBJ_PIN`: pins the map, program or link `fd` at `path` (on bpffs).
-fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
-    attr.__bindgen_anon_4.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
-    raw::bpf_call(bpf_cmd::BPF_OBJ_PIN, &mut attr)
-        .with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
-    Ok(())
-}
-
-/// `BPF_OBJ_GET`: opens what is pinned at `path`.
-pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
-    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
-    raw::bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
-        .with_context(|| format!("cannot open the pin {}", path.display()))
-}
-
-/// A link's own fd, from its id (`BPF_LINK_GET_FD_BY_ID`).
-pub(super) fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
-    raw::bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr).context("BPF_LINK_GET_FD_BY_ID")
-}
-
-/// The kernel's id of the map `fd`.
-pub(super) fn map_id(fd: BorrowedFd<'_>) -> Result<u32> {
-    Ok(raw::map_info(fd)?.id)
-}
-
-/// The ids of the maps the program `fd` uses.
-fn prog_map_ids(fd: BorrowedFd<'_>) -> Result<Vec<u32>> {
-    let used = raw::prog_info(fd, &mut [])?.nr_map_ids;
-    let mut ids = vec![0u32; used as usize];
-    let info = raw::prog_info(fd, &mut ids)?;
-    ids.truncate(info.nr_map_ids as usize);
-    Ok(ids)
 }
 
 #[cfg(test)]
