@@ -1,6 +1,6 @@
 //! The one door to the raw `bpf()` syscall, for what aya 0.14 does not offer: programs the
 //! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
-//! once, and these are a few instructions each, built at run time), `pin.rs`'s pins and
+//! once, and these are a few instructions each, built at run time), `pin/`'s pins and
 //! object lookups, and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
 //! runs). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
