@@ -34,8 +34,13 @@ fn zeroed<T: Zeroable>() -> T {
 }
 
 /// The `bpf()` syscall; its return value as the kernel gave it (an fd for some commands).
+///
+/// The kernel reads and writes through the pointer members of `attr`: every caller (in
+/// this file, `pin/objects.rs` and `steer.rs`, nowhere else) points them only at buffers
+/// of the size it gives that outlive the call.
 pub(super) fn bpf_call(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
-    // SAFETY: the bpf syscall with a valid attr of the size we pass.
+    // SAFETY: `attr` is a whole `bpf_attr` of the size we pass, valid for the kernel to
+    // read and write; its pointer members point at live buffers (see above).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -7,6 +7,8 @@
 //!
 //! What the loader gets instead of the whole kernel BTF is in `loader.rs`.
 
+mod loader;
+
 use std::{
     fs::File,
     io::{BufReader, Read as _, Seek as _, SeekFrom},
@@ -16,8 +18,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use drain_agent_common::{KernelOffsets, OFFSET_UNKNOWN};
-
-mod loader;
 
 pub use self::loader::{LoadingBtf, Wanted, loader_without_kernel_btf};
 

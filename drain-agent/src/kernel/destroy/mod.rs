@@ -20,6 +20,8 @@
 //!
 //! The kfunc call is linked by the agent (aya 0.14 cannot): `kfunc.rs`.
 
+mod kfunc;
+
 use std::{
     collections::{BTreeSet, HashSet},
     io::Read as _,
@@ -35,8 +37,6 @@ use aya::{
 };
 use drain_agent_common::{AF_INET, AF_INET6, DestroyKey};
 use log::{info, warn};
-
-mod kfunc;
 
 pub(super) use self::kfunc::{KFUNC, link_kfuncs};
 use super::{

@@ -14,6 +14,9 @@
 //! or replaces pins; an agent that cannot get the lock (another one still runs) counts
 //! with state of its own, unpinned, and replaces the pins when it gets the lock.
 
+mod bpffs;
+mod objects;
+
 use std::{
     fs::{self, File},
     io,
@@ -32,9 +35,6 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{info, warn};
 use rustix::fs::FlockOperation;
-
-mod bpffs;
-mod objects;
 
 use self::bpffs::{check_safe, make};
 use self::objects::obj_pin;
