@@ -106,24 +106,15 @@ fn ensure_tracefs() -> Result<()> {
         return Ok(());
     }
     info!("tracefs is not mounted; mounting it at {TRACEFS}");
-    let target = std::ffi::CString::new(TRACEFS).context("tracefs path")?;
-    let fstype = c"tracefs";
-    let source = c"nodev";
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot mount tracefs at {TRACEFS}"));
-    }
-    Ok(())
+    rustix::mount::mount(
+        "nodev",
+        TRACEFS,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("cannot mount tracefs at {TRACEFS}"))
 }
 
 /// The classic tracepoint program reads `skaddr`, `oldstate` and `newstate` at fixed

@@ -1,17 +1,46 @@
-//! Programs the agent assembles itself (`steer.rs`, `reuseport.rs`) are loaded with the
-//! raw `bpf()` syscall: aya 0.14 loads the programs of its object once, and these are a
-//! few instructions each, built at run time. The shared pieces: the syscall (also for
-//! `pin.rs`'s pins and object lookups), a zeroed `bpf_attr`, and `BPF_PROG_LOAD` with the
+//! The one door to the raw `bpf()` syscall, for what aya 0.14 does not offer: programs the
+//! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
+//! once, and these are a few instructions each, built at run time), `pin/`'s pins and
+//! object lookups, and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
+//! runs). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
+//!
+//! Callers only *write* members of the `bpf_attr` union (safe in Rust); what the kernel
+//! answers comes back in the syscall's return value or in a plain struct it filled.
 
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+use aya_obj::generated::{
+    bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_info, bpf_prog_info, bpf_prog_type,
+};
+
+/// A kernel struct for which all-zero bytes are a valid value.
+///
+/// # Safety
+/// Implement only for plain C structs and unions of integers and arrays of integers.
+unsafe trait Zeroable: Sized {}
+// SAFETY: bindgen's C union of integer structs and arrays (include/uapi/linux/bpf.h).
+unsafe impl Zeroable for bpf_attr {}
+// SAFETY: a C struct of integers and arrays of integers.
+unsafe impl Zeroable for bpf_prog_info {}
+// SAFETY: as above.
+unsafe impl Zeroable for bpf_map_info {}
+
+/// An all-zero `T`: what the kernel expects in every member a command does not use.
+fn zeroed<T: Zeroable>() -> T {
+    // SAFETY: `T: Zeroable`, so all-zero bytes are a valid `T`.
+    unsafe { std::mem::zeroed() }
+}
 
 /// The `bpf()` syscall; its return value as the kernel gave it (an fd for some commands).
+///
+/// The kernel reads and writes through the pointer members of `attr`: every caller (in
+/// this file, `pin/objects.rs` and `steer.rs`, nowhere else) points them only at buffers
+/// of the size it gives that outlive the call.
 pub(super) fn bpf_call(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<i64> {
-    // SAFETY: the bpf syscall with a valid attr of the size we pass.
+    // SAFETY: `attr` is a whole `bpf_attr` of the size we pass, valid for the kernel to
+    // read and write; its pointer members point at live buffers (see above).
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -34,9 +63,39 @@ pub(super) fn bpf(command: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A `bpf_attr` with every member zero (the kernel refuses nonzero bytes past a command's
+/// members).
 pub(super) fn zeroed_attr() -> bpf_attr {
-    // SAFETY: a C union of integers and arrays; all-zero is valid.
-    unsafe { std::mem::zeroed() }
+    zeroed()
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info`, which says how much the kernel may fill.
+fn obj_info<T: Zeroable>(fd: BorrowedFd<'_>, info: &mut T) -> Result<()> {
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    attr.info.info_len = u32::try_from(size_of::<T>()).context("info size")?;
+    attr.info.info = std::ptr::from_mut(info) as u64;
+    bpf_call(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
+}
+
+/// The kernel's `bpf_map_info` of the map `fd`.
+pub(super) fn map_info(fd: BorrowedFd<'_>) -> Result<bpf_map_info> {
+    let mut info: bpf_map_info = zeroed();
+    obj_info(fd, &mut info)?;
+    Ok(info)
+}
+
+/// The kernel's `bpf_prog_info` of the program `fd`, with the ids of the maps it uses in
+/// `map_ids` (as many as fit; `nr_map_ids` says how many it uses).
+pub(super) fn prog_info(fd: BorrowedFd<'_>, map_ids: &mut [u32]) -> Result<bpf_prog_info> {
+    let mut info: bpf_prog_info = zeroed();
+    if !map_ids.is_empty() {
+        info.nr_map_ids = u32::try_from(map_ids.len()).context("map count")?;
+        info.map_ids = map_ids.as_mut_ptr() as u64;
+    }
+    obj_info(fd, &mut info)?;
+    Ok(info)
 }
 
 /// What to load: the program's type, expected attach type and name (for `bpftool prog`).
@@ -54,22 +113,21 @@ pub(super) fn load(kind: &ProgramKind, insns: &[u64]) -> Result<OwnedFd> {
     anyhow::ensure!(kind.name.len() < 16, "program name too long");
     let mut log = vec![0u8; 16 * 1024];
     let license = c"GPL";
-    let mut attr = zeroed_attr();
-    // SAFETY: writing the members BPF_PROG_LOAD reads; the pointers outlive the call.
-    unsafe {
-        let load = &mut attr.__bindgen_anon_3;
-        load.prog_type = kind.prog_type as u32;
-        load.expected_attach_type = kind.attach_type as u32;
-        load.insn_cnt = u32::try_from(insns.len()).context("too many instructions")?;
-        load.insns = insns.as_ptr() as u64;
-        load.license = license.as_ptr() as u64;
-        load.log_level = 1;
-        load.log_size = u32::try_from(log.len()).context("log size")?;
-        load.log_buf = log.as_mut_ptr() as u64;
-        for (to, from) in load.prog_name.iter_mut().zip(kind.name.iter()) {
-            *to = *from as libc::c_char;
-        }
+    let mut prog_name = [0 as libc::c_char; 16];
+    for (to, from) in prog_name.iter_mut().zip(kind.name.iter()) {
+        *to = *from as libc::c_char;
     }
+    let mut attr = zeroed_attr();
+    // The members BPF_PROG_LOAD reads; the pointers outlive the call.
+    attr.__bindgen_anon_3.prog_type = kind.prog_type as u32;
+    attr.__bindgen_anon_3.expected_attach_type = kind.attach_type as u32;
+    attr.__bindgen_anon_3.insn_cnt = u32::try_from(insns.len()).context("too many instructions")?;
+    attr.__bindgen_anon_3.insns = insns.as_ptr() as u64;
+    attr.__bindgen_anon_3.license = license.as_ptr() as u64;
+    attr.__bindgen_anon_3.log_level = 1;
+    attr.__bindgen_anon_3.log_size = u32::try_from(log.len()).context("log size")?;
+    attr.__bindgen_anon_3.log_buf = log.as_mut_ptr() as u64;
+    attr.__bindgen_anon_3.prog_name = prog_name;
     match bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr) {
         Ok(fd) => Ok(fd),
         Err(error) => {

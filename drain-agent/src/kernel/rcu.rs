@@ -3,6 +3,7 @@
 //! (`reclaim`) and the sweep of dead sockets' entries (`forget`).
 
 use anyhow::{Context as _, Result, bail};
+use rustix::thread::{MembarrierCommand, membarrier, membarrier_query};
 
 /// Returns once every program run that began before the call has ended, so that every run
 /// after it sees what the agent wrote before the call.
@@ -25,11 +26,9 @@ pub(super) fn grace_period() -> Result<()> {
     if one_cpu_online() {
         return Ok(());
     }
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("membarrier(MEMBARRIER_CMD_GLOBAL)");
-    }
-    Ok(())
+    membarrier(MembarrierCommand::Global)
+        .map_err(std::io::Error::from)
+        .context("membarrier(MEMBARRIER_CMD_GLOBAL)")
 }
 
 /// Why [`grace_period`] cannot work on this machine as it is now, if it cannot: the agent
@@ -41,20 +40,31 @@ pub(super) fn unavailable() -> Option<String> {
             "one CPU online on a PREEMPT_RT kernel: no grace period can be waited for".to_owned()
         });
     }
-    // SAFETY: membarrier takes two integers and touches no memory of ours.
-    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0) };
-    (supported < 0 || supported & MEMBARRIER_CMD_GLOBAL == 0).then(|| {
+    // An empty answer when the syscall fails (rustix's `membarrier_query`).
+    (!membarrier_query().contains_command(MembarrierCommand::Global)).then(|| {
         "membarrier(MEMBARRIER_CMD_GLOBAL) is not available (nohz_full, or Linux < 4.16)".to_owned()
     })
 }
 
-const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
-const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-
+/// Whether at most one CPU is online, from the kernel's list of online CPUs
+/// (`/sys/devices/system/cpu/online`, as glibc's `sysconf(_SC_NPROCESSORS_ONLN)` reads it).
+/// Unreadable counts as several: then [`grace_period`] runs membarrier, which is right for
+/// any number of CPUs.
 fn one_cpu_online() -> bool {
-    // SAFETY: sysconf has no preconditions.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    online < 2
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .is_ok_and(|list| cpus_in_list(&list) == Some(1))
+}
+
+/// The number of CPUs in a kernel CPU list ("0-3,5"), or `None` if it is not one.
+fn cpus_in_list(list: &str) -> Option<usize> {
+    let mut count = 0usize;
+    for range in list.trim().split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        let first: usize = first.parse().ok()?;
+        let last: usize = last.parse().ok()?;
+        count = count.checked_add(last.checked_sub(first)?.checked_add(1)?)?;
+    }
+    Some(count)
 }
 
 /// Whether the running kernel is built with `PREEMPT_RT` (its version string says so;
@@ -76,5 +86,14 @@ mod tests {
         // The machines that run the tests have no PREEMPT_RT or nohz_full kernel.
         assert_eq!(unavailable(), None);
         grace_period().expect("a grace period");
+    }
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(cpus_in_list("0\n"), Some(1));
+        assert_eq!(cpus_in_list("0-3,5"), Some(5));
+        assert_eq!(cpus_in_list("0-1,4-5,7\n"), Some(5));
+        assert_eq!(cpus_in_list(""), None);
+        assert_eq!(cpus_in_list("3-1"), None);
     }
 }

@@ -72,15 +72,7 @@ impl Kernel {
             let (word, mask) = watched_bit(key.port);
             *words.entry(word).or_default() |= mask;
         }
-        for (word, mask) in &words {
-            let bits = self
-                .retiring_ports
-                .get(word, 0)
-                .context("retiring bitmap")?;
-            self.retiring_ports
-                .set(*word, bits | mask, 0)
-                .context("retiring bitmap")?;
-        }
+        self.set_retiring_ports(&words, true)?;
         let mut marked = Vec::with_capacity(candidates.len());
         for (key, _) in &candidates {
             if self.retiring.insert(key, 1, 0).is_ok() {
@@ -120,15 +112,7 @@ impl Kernel {
         for key in &marked {
             let _ = self.retiring.remove(key);
         }
-        for (word, mask) in &words {
-            let bits = self
-                .retiring_ports
-                .get(word, 0)
-                .context("retiring bitmap")?;
-            self.retiring_ports
-                .set(*word, bits & !mask, 0)
-                .context("retiring bitmap")?;
-        }
+        self.set_retiring_ports(&words, false)?;
         waited.context("cannot wait for running programs; no endpoint reclaimed")?;
         debug!(
             "reclaimed {} idle endpoints ({} kept, map {}% full)",
@@ -137,6 +121,22 @@ impl Kernel {
             in_use * 100 / u64::from(self.max_endpoints.max(1))
         );
         Ok(report)
+    }
+
+    /// Sets (`retiring`) or clears the bits of `words` (word index to mask) in
+    /// `RETIRING_PORTS`, the bitmap that sends an open to look its key up in `RETIRING`.
+    fn set_retiring_ports(&mut self, words: &StdHashMap<u32, u64>, retiring: bool) -> Result<()> {
+        for (word, mask) in words {
+            let bits = self
+                .retiring_ports
+                .get(word, 0)
+                .context("retiring bitmap")?;
+            let bits = if retiring { bits | mask } else { bits & !mask };
+            self.retiring_ports
+                .set(*word, bits, 0)
+                .context("retiring bitmap")?;
+        }
+        Ok(())
     }
 
     /// Keys being reclaimed now (for tests).

@@ -18,12 +18,9 @@
 //! of the netlink method), and `destroy_sockets` checks the socket's own `SOCKETS` entry
 //! again under its lock.
 //!
-//! aya 0.14 cannot link a kfunc call: it only knows calls to functions inside the object,
-//! and fails the *whole* object on the call to the extern symbol ("error relocating
-//! function": `UnknownFunction { address: 2624, caller_name: "destroy_sockets" }`).
-//! So [`link_kfuncs`] does what libbpf does for `__ksym` externs, on a copy of the object
-//! before aya sees it: each `call` relocated against `bpf_sock_destroy` becomes a
-//! `BPF_PSEUDO_KFUNC_CALL` whose immediate is the function's id in the running kernel's BTF.
+//! The kfunc call is linked by the agent (aya 0.14 cannot): `kfunc.rs`.
+
+mod kfunc;
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -38,17 +35,15 @@ use aya::{
     maps::{Array, HashMap, MapData},
     programs::Iter,
 };
-use aya_obj::btf::BtfKind;
 use drain_agent_common::{AF_INET, AF_INET6, DestroyKey};
 use log::{info, warn};
-use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
 
+pub(super) use self::kfunc::{KFUNC, link_kfuncs};
 use super::{
     Kernel,
-    maps::{Tracked, namespaces_of},
+    maps::{Tracked, canonical, namespaces_of},
 };
 use crate::{
-    addr::canonical_addr,
     drain_rule::Peer,
     sys::netns,
     sys::sockdiag::{self, Query, state},
@@ -66,125 +61,12 @@ pub enum CloseMethod {
 
 /// The iterator that destroys the targets.
 const DESTROYER: &str = "destroy_sockets";
-/// The kfunc it calls.
-pub(super) const KFUNC: &str = "bpf_sock_destroy";
 /// `DESTROY_BATCH` of the eBPF side: the capacity of `DESTROY_TARGETS`.
 const BATCH: usize = 1_024;
 /// `DESTROYED` slots (as in the eBPF program).
 const DESTROYED_OK: u32 = 0;
 const DESTROY_REFUSED: u32 = 1;
 const DESTROY_NOT_TRACKED: u32 = 2;
-
-/// The eBPF object with its kfunc calls linked; `problem` says why they could not be.
-pub(super) struct LinkedObject {
-    /// The object's bytes, 8-byte aligned (the ELF reader needs aligned headers).
-    words: Vec<u64>,
-    len: usize,
-    pub problem: Option<String>,
-}
-
-impl LinkedObject {
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `words` holds at least `len` initialised bytes; u8 has no alignment needs.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
-    }
-
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, and `&mut self` is the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
-    }
-}
-
-/// Rewrites every call to [`KFUNC`] in `object` into a kfunc call the kernel resolves
-/// (`src_reg = BPF_PSEUDO_KFUNC_CALL`, `imm` = the function's BTF id in vmlinux, `off` = 0
-/// for vmlinux), as libbpf does for `__ksym` externs (`bpf_object__relocate_data`,
-/// `RELO_EXTERN_CALL`). Where the kernel has no such function (before 6.5), the calls get
-/// id 0 (libbpf's value for a missing weak kfunc): aya still loads the rest of the object,
-/// and `destroy_sockets` is not loaded (the verifier would refuse it).
-pub(super) fn link_kfuncs(object: &[u8], btf: &aya::Btf) -> Result<LinkedObject> {
-    match btf.id_by_type_name_kind(KFUNC, BtfKind::Func) {
-        Ok(id) => link_kfunc_calls(object, id, None),
-        Err(error) => link_kfunc_calls(
-            object,
-            0,
-            Some(format!(
-                "the kernel has no kfunc {KFUNC} (Linux >= 6.5 needed): {error}"
-            )),
-        ),
-    }
-}
-
-/// Points every call to [`KFUNC`] in a copy of `object` at BTF id `btf_id`.
-fn link_kfunc_calls(object: &[u8], btf_id: u32, problem: Option<String>) -> Result<LinkedObject> {
-    let mut words = vec![0u64; object.len().div_ceil(8)];
-    // SAFETY: `words` has room for `object.len()` bytes; the regions do not overlap.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            object.as_ptr(),
-            words.as_mut_ptr().cast::<u8>(),
-            object.len(),
-        );
-    }
-    let imm = i32::try_from(btf_id).context("BTF id out of range")?;
-    let calls = kfunc_calls(object)?;
-    if calls.is_empty() {
-        bail!("the eBPF object has no call to {KFUNC}");
-    }
-    let mut linked = LinkedObject {
-        words,
-        len: object.len(),
-        problem,
-    };
-    let bytes = linked.bytes_mut();
-    for offset in calls {
-        let insn = bytes
-            .get_mut(offset..offset + 8)
-            .context("a kfunc call lies outside the object")?;
-        // `struct bpf_insn` (little-endian object): code, dst_reg:4|src_reg:4, off, imm.
-        if insn[0] != BPF_JMP_CALL {
-            bail!(
-                "the instruction relocated against {KFUNC} is not a call (code {:#x})",
-                insn[0]
-            );
-        }
-        insn[1] = (BPF_PSEUDO_KFUNC_CALL << 4) | (insn[1] & 0x0f);
-        insn[2..4].copy_from_slice(&0i16.to_le_bytes());
-        insn[4..8].copy_from_slice(&imm.to_le_bytes());
-    }
-    Ok(linked)
-}
-
-/// `BPF_JMP | BPF_CALL` (include/uapi/linux/bpf_common.h, bpf.h).
-const BPF_JMP_CALL: u8 = 0x85;
-/// include/uapi/linux/bpf.h
-const BPF_PSEUDO_KFUNC_CALL: u8 = 2;
-
-/// File offsets of the instructions relocated against [`KFUNC`].
-fn kfunc_calls(object: &[u8]) -> Result<Vec<usize>> {
-    let file = object::File::parse(object).context("cannot parse the eBPF object")?;
-    let mut calls = Vec::new();
-    for section in file.sections() {
-        let Some((start, _)) = section.file_range() else {
-            continue;
-        };
-        for (offset, relocation) in section.relocations() {
-            let RelocationTarget::Symbol(index) = relocation.target() else {
-                continue;
-            };
-            let symbol = file
-                .symbol_by_index(index)
-                .context("a relocation names a missing symbol")?;
-            if symbol.name() == Ok(KFUNC) && symbol.is_undefined() {
-                let at = start
-                    .checked_add(offset)
-                    .and_then(|at| usize::try_from(at).ok())
-                    .context("relocation offset out of range")?;
-                calls.push(at);
-            }
-        }
-    }
-    Ok(calls)
-}
 
 /// The iterator's maps, and why it cannot run (if it cannot).
 pub(super) struct Closer {
@@ -459,11 +341,6 @@ fn is_enoent(error: &anyhow::Error) -> bool {
         .any(|cause| cause.raw_os_error() == Some(libc::ENOENT))
 }
 
-/// IPv4-mapped IPv6 folded to IPv4, as the kernel side folds them.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(canonical_addr(addr.ip()), addr.port())
-}
-
 /// The map key of a connection; `None` when the two ends are of different families (no
 /// such TCP connection exists).
 fn destroy_key(local: SocketAddr, remote: SocketAddr) -> Option<DestroyKey> {
@@ -513,73 +390,6 @@ impl crate::closer::Closer for KernelCloser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::EBPF_OBJECT;
-
-    #[test]
-    fn the_object_calls_the_kfunc_once_as_an_extern_call() {
-        let calls = kfunc_calls(EBPF_OBJECT).expect("parse the object");
-        assert_eq!(calls.len(), 1, "{calls:?}");
-        let insn = &EBPF_OBJECT[calls[0]..calls[0] + 8];
-        // `call -1` against the undefined symbol, as LLVM leaves an extern call; the regs
-        // byte says `src_reg = BPF_PSEUDO_CALL` (1).
-        assert_eq!(insn, [0x85, 0x10, 0, 0, 0xff, 0xff, 0xff, 0xff]);
-
-        let linked = link_kfunc_calls(EBPF_OBJECT, 4242, None).expect("link");
-        let insn = &linked.bytes()[calls[0]..calls[0] + 8];
-        assert_eq!(insn[..4], [0x85, 0x20, 0, 0]);
-        assert_eq!(
-            i32::from_le_bytes(insn[4..].try_into().expect("4 bytes")),
-            4242
-        );
-        // Nothing else moved.
-        let changed = EBPF_OBJECT
-            .iter()
-            .zip(linked.bytes())
-            .filter(|(a, b)| a != b)
-            .count();
-        assert!(changed <= 5, "{changed} bytes changed");
-        assert_eq!(linked.bytes().len(), EBPF_OBJECT.len());
-    }
-
-    /// What a kernel without the kfunc gets: aya loads the object (the other programs work),
-    /// and only `destroy_sockets` is refused, by the verifier.
-    #[test]
-    fn without_the_kfunc_the_rest_of_the_object_still_loads() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIP without_the_kfunc_the_rest_of_the_object_still_loads: needs root");
-            return;
-        }
-        let btf = aya::Btf::from_sys_fs().expect("kernel BTF");
-        let offsets = crate::kernel::btf::Btf::from_file(std::path::Path::new(
-            crate::kernel::btf::VMLINUX_BTF,
-        ))
-        .and_then(|btf| btf.kernel_offsets())
-        .expect("offsets");
-        // Id 0 is what libbpf writes for a missing weak kfunc: the verifier accepts it only
-        // in dead code (here 6.18 stops at the call's unset R0).
-        let linked =
-            link_kfunc_calls(EBPF_OBJECT, 0, Some("no kfunc".into())).expect("link with id 0");
-        let mut ebpf = aya::EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("KERNEL_OFFSETS", &offsets, true)
-            .load(linked.bytes())
-            .expect("aya loads the object");
-        let closer = load_closer(&mut ebpf, &btf, None).expect("maps");
-        let problem = closer
-            .problem
-            .expect("the verifier refuses a call to BTF id 0");
-        assert!(
-            problem.contains(&format!("cannot load {DESTROYER}")),
-            "{problem}"
-        );
-        let walker: &mut Iter = ebpf
-            .program_mut("seed_established_tcp")
-            .expect("walker")
-            .try_into()
-            .expect("iterator");
-        walker.load("tcp", &btf).expect("the walker still loads");
-    }
 
     #[test]
     fn keys_fold_v4_mapped_addresses() {

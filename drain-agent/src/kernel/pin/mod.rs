@@ -14,16 +14,15 @@
 //! or replaces pins; an agent that cannot get the lock (another one still runs) counts
 //! with state of its own, unpinned, and replaces the pins when it gets the lock.
 
+mod bpffs;
+mod objects;
+
 use std::{
-    ffi::CString,
     fs::{self, File},
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::{
-            ffi::OsStrExt as _,
-            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
-        },
+        fd::{AsFd as _, OwnedFd},
+        unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
     sync::{
@@ -33,14 +32,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, ensure};
-use aya_obj::generated::{bpf_cmd, bpf_map_info, bpf_prog_info};
+use anyhow::{Context as _, Result};
 use log::{info, warn};
+use rustix::fs::FlockOperation;
 
-use super::{
-    AttachMethod,
-    raw::{bpf_call as bpf, zeroed_attr},
-};
+use self::bpffs::{check_safe, make};
+use self::objects::obj_pin;
+pub(super) use self::objects::{check_handler_maps, link_fd_by_id, map_id, obj_get};
+use super::AttachMethod;
 
 /// The pin directory when `--pin-dir` is not given.
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/drain-agent";
@@ -185,15 +184,12 @@ impl PinDir {
 
     /// Takes the lock if no other agent holds it.
     pub(super) fn try_lock(&self) -> Result<bool> {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
+        match rustix::fs::flock(&self.file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+            Err(error) => Err(io::Error::from(error))
+                .with_context(|| format!("cannot lock {}", self.root.display())),
         }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(false);
-        }
-        Err(error).with_context(|| format!("cannot lock {}", self.root.display()))
     }
 
     fn layout_dir(&self) -> PathBuf {
@@ -301,100 +297,6 @@ pub(super) fn program_pin(method: AttachMethod) -> String {
     format!("handler-{}", method.name())
 }
 
-/// Makes `root` (0700) and mounts bpffs at [`BPFFS`] first if `root` is under it and
-/// nothing is mounted there.
-fn make(root: &Path) -> Result<()> {
-    if root.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
-        mount_bpffs()?;
-    }
-    match fs::DirBuilder::new().mode(0o700).create(root) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(error) => {
-            Err(error).with_context(|| format!("cannot make the pin directory {}", root.display()))
-        }
-    }
-}
-
-/// Mounts bpffs at [`BPFFS`], unless another process did meanwhile. Two agents starting at
-/// once would otherwise both mount it, the second instance hiding the first and the pins
-/// in it (their handlers attached, out of reach of `rm -r`). So the check and the mount are
-/// made under a `flock` of the mount point as opened before the mount (sysfs's directory):
-/// whoever waited finds bpffs there afterwards.
-fn mount_bpffs() -> Result<()> {
-    let mount_point = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(BPFFS)
-        .with_context(|| format!("cannot open {BPFFS}"))?;
-    // SAFETY: flock on an fd we own; released when `mount_point` is closed.
-    if unsafe { libc::flock(mount_point.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("cannot lock {BPFFS}"));
-    }
-    if is_bpffs(Path::new(BPFFS)) {
-        return Ok(());
-    }
-    info!("bpffs is not mounted; mounting it at {BPFFS}");
-    let target = CString::new(BPFFS).context("bpffs path")?;
-    // SAFETY: valid NUL-terminated strings; the data argument is a C string.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            c"mode=0700".as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("cannot mount bpffs at {BPFFS}"));
-    }
-    Ok(())
-}
-
-/// Refuses a pin directory another user could have prepared or can write into: pins there
-/// are programs and maps the agent would run and trust.
-fn check_safe(root: &Path) -> Result<()> {
-    let shown = root.display();
-    let meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {shown}"))?;
-    ensure!(
-        meta.is_dir(),
-        "the pin directory {shown} is not a directory (a link?); remove it or choose another with --pin-dir (or --no-pin)"
-    );
-    ensure!(
-        is_bpffs(root),
-        "the pin directory {shown} is not on bpffs; choose one under {BPFFS} with --pin-dir (or --no-pin)"
-    );
-    ensure!(
-        meta.uid() == 0,
-        "the pin directory {shown} is owned by uid {}, not root; remove it (rm -r {shown}) or choose another with --pin-dir",
-        meta.uid()
-    );
-    ensure!(
-        meta.mode() & 0o077 == 0,
-        "the pin directory {shown} is open to other users (mode {:o}); it must be 0700 (chmod 700 {shown})",
-        meta.mode() & 0o7777
-    );
-    Ok(())
-}
-
-/// `f_type` is signed in glibc's `struct statfs` and unsigned in musl's.
-fn is_bpf_magic<T: Into<i128>>(f_type: T) -> bool {
-    f_type.into() == i128::from(BPF_FS_MAGIC)
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: a valid C string and a statfs struct to fill.
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &raw mut stat) == 0 && is_bpf_magic(stat.f_type)
-    }
-}
-
 /// Waits (on a thread) until the pin directory's lock is free, then pins `state` there:
 /// the agent that held it is gone. Stops trying once `stop` is set (the kernel state was
 /// dropped: then `state`'s link must not outlive it).
@@ -438,93 +340,6 @@ pub(super) fn publish_when_free(
         })
         .context("cannot start the pin-lock thread")?;
     Ok(())
-}
-
-/// Checks that the handler `program` reads and writes no map but `shared` and the object's
-/// read-only data (`allowed_other`): a handler that outlives its agent must write only
-/// into maps the next agent adopts.
-pub(super) fn check_handler_maps(
-    program: BorrowedFd<'_>,
-    shared: &[u32],
-    allowed_other: usize,
-) -> Result<()> {
-    let used = prog_map_ids(program)?;
-    let others = used.iter().filter(|id| !shared.contains(id)).count();
-    ensure!(
-        others <= allowed_other && shared.iter().all(|id| used.contains(id)),
-        "the handler uses {} maps, {others} of them not pinned (expected {} pinned and at most {allowed_other} read-only data)",
-        used.len(),
-        shared.len()
-    );
-    Ok(())
-}
-
-fn owned(rc: i64) -> io::Result<OwnedFd> {
-    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: a new fd from the kernel, owned here.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// `BPF_OBJ_PIN`: pins the map, program or link `fd` at `path` (on bpffs).
-fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
-    attr.__bindgen_anon_4.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
-    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr)
-        .with_context(|| format!("BPF_OBJ_PIN {}", path.display()))?;
-    Ok(())
-}
-
-/// `BPF_OBJ_GET`: opens what is pinned at `path`.
-pub(super) fn obj_get(path: &Path) -> Result<OwnedFd> {
-    let name = CString::new(path.as_os_str().as_bytes()).context("pin path")?;
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
-        .and_then(owned)
-        .with_context(|| format!("cannot open the pin {}", path.display()))
-}
-
-/// A link's own fd, from its id (`BPF_LINK_GET_FD_BY_ID`).
-pub(super) fn link_fd_by_id(id: u32) -> Result<OwnedFd> {
-    let mut attr = zeroed_attr();
-    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
-    bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr)
-        .and_then(owned)
-        .context("BPF_LINK_GET_FD_BY_ID")
-}
-
-fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> Result<()> {
-    let mut attr = zeroed_attr();
-    attr.info.bpf_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
-    attr.info.info_len = u32::try_from(size_of::<T>()).context("info size")?;
-    attr.info.info = std::ptr::from_mut(info) as u64;
-    bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
-    Ok(())
-}
-
-/// The kernel's id of the map `fd`.
-pub(super) fn map_id(fd: BorrowedFd<'_>) -> Result<u32> {
-    // SAFETY: a plain C struct; all-zero is valid.
-    let mut info: bpf_map_info = unsafe { std::mem::zeroed() };
-    obj_info(fd, &mut info)?;
-    Ok(info.id)
-}
-
-/// The ids of the maps the program `fd` uses.
-fn prog_map_ids(fd: BorrowedFd<'_>) -> Result<Vec<u32>> {
-    // SAFETY: a plain C struct; all-zero is valid.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    obj_info(fd, &mut info)?;
-    let mut ids = vec![0u32; info.nr_map_ids as usize];
-    // SAFETY: as above.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    info.nr_map_ids = u32::try_from(ids.len()).context("map count")?;
-    info.map_ids = ids.as_mut_ptr() as u64;
-    obj_info(fd, &mut info)?;
-    ids.truncate(info.nr_map_ids as usize);
-    Ok(ids)
 }
 
 #[cfg(test)]

@@ -1,0 +1,142 @@
+//! The in-pod port (`--pod-listen`): the agent's own endpoints left uncounted, the
+//! `iter/tcp` seeder that counts a pod namespace's application listeners, and the
+//! `sk_lookup` steering of the port to the agent where there are none (`steer`).
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::Ebpf;
+use drain_agent_common::{netns_port_key, watched_bit};
+
+use super::{Kernel, steer};
+
+impl Kernel {
+    /// Why the in-pod port cannot be steered with `sk_lookup` here (then pod listeners bind
+    /// it themselves, the old way), or `None` when it can.
+    pub fn steering_problem(&self) -> Option<&str> {
+        self.steering.as_ref().err().map(String::as_str)
+    }
+
+    /// Whether the `sk_lookup` programs stopped steering because a listener on the in-pod
+    /// port may have gone uncounted (`error_index::POD_LISTEN_COUNT_FAILED`; for good).
+    pub fn steering_stopped(&self) -> bool {
+        self.steering.is_ok()
+            && self
+                .maps
+                .error_count(drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED)
+                .is_ok_and(|count| count > 0)
+    }
+
+    /// The iterator that counts a pod namespace's listeners on the in-pod port
+    /// (`seed_pod_listeners`): run it with [`count_pod_listeners`] inside the namespace
+    /// *without* holding the kernel's lock (it walks the whole TCP hash, 1–8 ms per
+    /// namespace: 300 pods opened after a restart waited on each other's walks), then
+    /// [`Kernel::steer_pod_port`].
+    pub fn pod_listener_seeder(&mut self) -> Result<aya::programs::iter::IterLink> {
+        self.steering
+            .as_ref()
+            .map_err(|problem| anyhow!("{problem}"))?;
+        let seeder: &mut aya::programs::Iter = self
+            .ebpf
+            .program_mut(POD_SEEDER)
+            .context("the eBPF object has no pod listener seeder")?
+            .try_into()
+            .context("the pod listener seeder is not an iterator")?;
+        let link_id = seeder
+            .attach()
+            .context("cannot attach the iter/tcp iterator")?;
+        seeder
+            .take_link(link_id)
+            .context("cannot take the iterator link")
+    }
+
+    /// Steers the in-pod port of the namespace `netns` (its file `netns_file`) to `socket`,
+    /// the agent's listener there, while no application listens on that port there. Call it
+    /// after [`count_pod_listeners`] counted the listeners that began before the handler was
+    /// attached, so the count is never too low when the program starts reading it. Dropping
+    /// the link detaches the program.
+    pub fn steer_pod_port(
+        &mut self,
+        target: std::net::SocketAddr,
+        netns: u32,
+        netns_file: &std::fs::File,
+        socket: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<steer::SteerLink> {
+        self.steering
+            .as_mut()
+            .map_err(|problem| anyhow!("{problem}"))?
+            .steer(target, netns, netns_file, socket)
+    }
+
+    /// Forgets the agent's socket in `netns` (after its link was dropped).
+    pub fn unsteer_pod_port(&mut self, netns: u32) {
+        if let Ok(steering) = self.steering.as_mut() {
+            steering.unsteer(netns);
+        }
+    }
+
+    /// Leaves connections to the agent's own listener at `port` in the namespace `netns`
+    /// uncounted: they are not a service's, and must not take a slot.
+    pub fn ignore_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_BOUND)
+    }
+
+    /// [`Kernel::ignore_own_endpoint`] for a port steered to the agent (`steer`): its
+    /// connections are the agent's only while no application listens on it there.
+    pub fn ignore_steered_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_STEERED)
+    }
+
+    fn ignore_own_endpoint_as(&mut self, netns: u32, port: u16, how: u8) -> Result<()> {
+        self.own_endpoints
+            .insert(netns_port_key(netns, port), how, 0)
+            .context("cannot record the agent's own endpoint")?;
+        let (word, mask) = watched_bit(port);
+        let bits = self.own_ports.get(&word, 0).context("own-ports bitmap")?;
+        self.own_ports
+            .set(word, bits | mask, 0)
+            .context("own-ports bitmap")?;
+        Ok(())
+    }
+
+    /// Counts connections to `port` in `netns` again (a pod listener there is closed). The
+    /// port's bit in the own-ports bitmap stays: it only sends the handler to look.
+    pub fn forget_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
+        match self.own_endpoints.remove(&netns_port_key(netns, port)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(problem) => Err(problem).context("cannot forget an own endpoint"),
+        }
+    }
+}
+
+/// The `iter/tcp` program that counts a pod namespace's listeners on the in-pod port.
+const POD_SEEDER: &str = "seed_pod_listeners";
+
+/// Runs the pod listener seeder (`link`, from [`Kernel::pod_listener_seeder`]) in the
+/// namespace `netns` (its file `netns_file`): the iterator walks the namespace of whoever
+/// creates its file, so that is done inside.
+pub fn count_pod_listeners(
+    link: aya::programs::iter::IterLink,
+    netns: u32,
+    netns_file: &std::fs::File,
+) -> Result<()> {
+    let namespace = netns_file
+        .try_clone()
+        .context("cannot duplicate the namespace file")?;
+    crate::sys::netns::run_in_file(namespace, format!("{netns}"), move || -> Result<()> {
+        let mut file = link.into_file().context("cannot create the iterator")?;
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut sink).context("the iterator failed")?;
+        Ok(())
+    })
+    .with_context(|| format!("cannot count the listeners of network namespace {netns}"))
+}
+
+pub(super) fn load_pod_seeder(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<()> {
+    let seeder: &mut aya::programs::Iter = ebpf
+        .program_mut(POD_SEEDER)
+        .context("the eBPF object has no pod listener seeder")?
+        .try_into()
+        .context("the pod listener seeder is not an iterator")?;
+    seeder
+        .load("tcp", btf)
+        .context("cannot load the iter/tcp pod listener seeder (Linux >= 5.9 needed)")
+}

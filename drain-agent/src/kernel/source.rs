@@ -1,0 +1,322 @@
+//! The kernel maps as the tracker's source ([`Counts`], [`Vouch`], [`Stats`]): counts, doubts, peers and the
+//! confirmation from the socket tables.
+
+use std::{collections::HashSet, sync::PoisonError, sync::atomic::Ordering};
+
+use anyhow::{Context as _, Result};
+use drain_agent_common::{
+    DurationHistogram, SOCK_UNSCOPED, STARTED_UNKNOWN, error_index, repair, watched_bit,
+};
+
+use super::maps::{KernelMaps, canonical, key_addr, namespaces_of};
+use crate::{
+    addr::canonical_addr,
+    doubt::Doubt,
+    drain_rule::Peer,
+    sys::{netns, sockdiag},
+    tracker::{Counts, Endpoint, Filter, PortState, Stats, Vouch, monotonic_ns},
+};
+
+impl Counts for KernelMaps {
+    fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let mut endpoints = Vec::new();
+        for entry in self.counts.iter() {
+            let (key, counts) = entry.context("cannot read the connection-count map")?;
+            endpoints.push(Endpoint {
+                netns: key.netns,
+                addr: key_addr(&key),
+                port: key.port,
+                // Never negative by construction (exactly-once map); clamp all the same.
+                active: u64::try_from(counts.active).unwrap_or(0),
+                opened: counts.opened,
+                closed: counts.closed,
+                last_change_ns: counts.last_change_ns,
+            });
+        }
+        Ok(endpoints)
+    }
+
+    fn port_state(&self, port: u16) -> Result<Option<PortState>> {
+        let totals = self
+            .port_totals
+            .get(&u32::from(port), 0)
+            .with_context(|| format!("cannot read the totals of port {port}"))?;
+        Ok(Some(PortState {
+            active: u64::try_from(totals.active).unwrap_or(0),
+            last_change_ns: totals.last_change_ns,
+        }))
+    }
+
+    fn reclaimed_last_change(&self, port: u16) -> u64 {
+        self.reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&port)
+            .map_or(0, |totals| totals.last_change_ns)
+    }
+
+    fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
+        let (word, mask) = watched_bit(port);
+        let mut bitmap = self
+            .watched_ports
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let bits = bitmap
+            .get(&word, 0)
+            .context("cannot read the watched-ports bitmap")?;
+        let bits = if watched { bits | mask } else { bits & !mask };
+        bitmap
+            .set(word, bits, 0)
+            .context("cannot update the watched-ports bitmap")?;
+        // The bit must be visible before the caller reads the count it waits on (the
+        // program reads the bit after changing a count): a full barrier between the two.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn confirm(&self, filter: &Filter) -> Result<u64> {
+        let targets = namespaces_of(filter)?;
+        let mut open = 0;
+        let mut read = HashSet::new();
+        for (inode, path) in targets {
+            match Self::count_in_namespace(path, filter) {
+                Ok(count) => {
+                    open += count;
+                    read.insert(inode);
+                }
+                // A namespace that is gone has no connections left.
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(problem) => {
+                    return Err(problem)
+                        .with_context(|| format!("cannot read network namespace {inode}"));
+                }
+            }
+        }
+        // The tables of a namespace the agent cannot find (one kept alive only by its
+        // sockets: no process in it, nothing mounted on it) were not read, so what the maps
+        // count there stands: a namespace that is really gone closed its sockets, and their
+        // closes took its counts to zero (or left them too high, the safe side).
+        // The port's total counts every tracked connection of the port, under an endpoint
+        // or for the port only, and no count is ever negative: at 0, both passes below
+        // would add 0. One lookup then spares them (each reads a whole map, which with
+        // full maps under load took long enough to make doubted waiters late).
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        if totals.active == 0 && totals.unscoped == 0 {
+            return Ok(open);
+        }
+        for endpoint in self.endpoints()? {
+            if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
+                open += endpoint.active;
+            }
+        }
+        // Connections counted for the port only (the endpoint map was full, or the endpoint
+        // was being reclaimed) are in no endpoint above: their own entries say where they
+        // are.
+        if totals.unscoped > 0 {
+            for entry in self.sockets.iter() {
+                // Entries come and go while we read: a vanished one is closed.
+                let Ok((_, entry)) = entry else { continue };
+                if entry.flags & SOCK_UNSCOPED != 0
+                    && !read.contains(&entry.key.netns)
+                    && filter.matches_parts(entry.key.netns, key_addr(&entry.key), entry.key.port)
+                {
+                    open += 1;
+                }
+            }
+        }
+        Ok(open)
+    }
+
+    /// The connections of `filter` from the socket tables. A report (`with_age`: the
+    /// remaining connections of `/drained`, `/connections?peers=true`, a drain's record and
+    /// what it closes at its deadline) gets their ages from the maps and, when the scope's
+    /// counts are vouched for (no doubt), only the tracked ones: the tables also list
+    /// outbound sockets whose local port is the port, which are no connections of the
+    /// service's. In doubt, the tables' list stands as it is (a connection the maps missed
+    /// must show), as it does for the drain rule's own look (not a report: no extra pass
+    /// over the socket map each time it looks).
+    fn peers(&self, filter: &Filter, with_age: bool) -> Result<Vec<Peer>> {
+        let now_ns = monotonic_ns();
+        let mut found = Vec::new();
+        for (inode, path) in namespaces_of(filter)? {
+            let port = filter.port;
+            let addr = filter.addr;
+            let sockets = match netns::run_in(&path, move || {
+                sockdiag::query(&sockdiag::Query {
+                    local_port: port,
+                    states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)
+                        | sockdiag::state::bit(sockdiag::state::CLOSE_WAIT),
+                    with_info: true,
+                })
+            }) {
+                Ok(sockets) => sockets,
+                // A namespace that is gone has no connections left.
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => continue,
+                Err(problem) => {
+                    return Err(problem)
+                        .with_context(|| format!("cannot read network namespace {inode}"));
+                }
+            };
+            found.extend(
+                sockets
+                    .into_iter()
+                    .filter(|socket| {
+                        addr.is_none_or(|addr| canonical_addr(socket.local.ip()) == addr)
+                    })
+                    .map(|socket| (inode, socket)),
+            );
+        }
+        // Read after the tables: an inbound connection they show open was inserted before
+        // it became ESTABLISHED (the handler runs before the state is stored), so unless the
+        // scope is in doubt it is here, or has closed since.
+        let tracked = if with_age && !found.is_empty() {
+            match self.tracked(filter) {
+                Ok(tracked) => Some(tracked),
+                Err(problem) => {
+                    log::debug!("connections listed without ages: {problem:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let only_tracked =
+            tracked.is_some() && self.doubts(filter).is_ok_and(|doubts| doubts.is_empty());
+        let mut peers = Vec::new();
+        for (inode, socket) in found {
+            let tuple = (inode, canonical(socket.local), canonical(socket.remote));
+            let started = tracked.as_ref().and_then(|tracked| tracked.get(&tuple));
+            if only_tracked && started.is_none() {
+                continue;
+            }
+            let idle_ms = socket.info.as_ref().map_or(0, |info| {
+                u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
+            });
+            // Received more recently than sent: a request read and not answered yet.
+            let awaiting_reply = socket
+                .info
+                .as_ref()
+                .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
+            let age_ms = started
+                .filter(|started| **started != STARTED_UNKNOWN)
+                .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
+            peers.push(Peer {
+                remote: socket.remote,
+                local: socket.local,
+                age_ms,
+                idle_ms,
+                recv_queue: socket.recv_queue,
+                send_queue: socket.send_queue,
+                awaiting_reply,
+                busy: false,
+            });
+        }
+        Ok(peers)
+    }
+}
+
+impl Vouch for KernelMaps {
+    fn check_health(&self) -> Result<()> {
+        self.errors
+            .get(&0, 0)
+            .map(drop)
+            .context("the kernel maps are not readable")
+    }
+
+    fn doubts(&self, filter: &Filter) -> Result<Vec<Doubt>> {
+        let mut doubts = self.global_doubts(false)?;
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        let vouched = self.vouched();
+        let lost_at_walk = vouched
+            .snapshot
+            .as_ref()
+            .and_then(|snapshot| snapshot.lost.get(&filter.port).copied())
+            .unwrap_or(0);
+        if totals.lost > lost_at_walk {
+            doubts.push(Doubt::ConnectionsLost { port: filter.port });
+        }
+        if vouched.unsure_ports.contains(&filter.port) {
+            doubts.push(Doubt::PassivityUnknown { port: filter.port });
+        }
+        let scoped = filter.addr.is_some() || filter.netns.is_some();
+        if scoped && totals.unscoped > 0 {
+            doubts.push(Doubt::Unscoped { port: filter.port });
+        }
+        doubts.extend(
+            vouched
+                .unwalked
+                .iter()
+                .filter(|netns| filter.netns.is_none_or(|wanted| wanted == **netns))
+                .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
+        );
+        Ok(doubts)
+    }
+
+    fn health_doubts(&self) -> Vec<Doubt> {
+        self.global_doubts(true).unwrap_or_else(|problem| {
+            log::warn!("cannot read the error counters: {problem:#}");
+            vec![Doubt::ReadFailed]
+        })
+    }
+
+    fn walks(&self) -> u64 {
+        self.walks.load(Ordering::Relaxed)
+    }
+
+    fn skipped_runs(&self) -> u64 {
+        self.handler_skipped_runs().unwrap_or(0)
+    }
+}
+
+impl Stats for KernelMaps {
+    fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        self.durations
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(port, histogram)| (u16::try_from(port).unwrap_or(0), histogram))
+                    .context("cannot read the duration map")
+            })
+            .collect()
+    }
+
+    fn tracking_errors(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut errors: Vec<(&'static str, u64)> = error_index::NAMES
+            .into_iter()
+            .zip(self.error_counts()?)
+            .collect();
+        errors.push((
+            "handler_skipped",
+            self.handler_skipped.load(Ordering::Relaxed),
+        ));
+        Ok(errors)
+    }
+
+    fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
+        let seeding = self.seeding_opens.load(Ordering::Relaxed);
+        Ok(vec![
+            (
+                "missed_open",
+                self.repair_count(repair::OPENS_FOUND)?
+                    .saturating_sub(seeding),
+            ),
+            ("missed_close", self.repair_count(repair::CLOSES_FOUND)?),
+        ])
+    }
+
+    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+        self.reclaimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(port, totals)| (*port, totals.opened, totals.closed))
+            .collect()
+    }
+}
+
