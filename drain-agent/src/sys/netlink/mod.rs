@@ -8,7 +8,7 @@
 
 pub mod wire;
 
-use std::{io, os::fd::OwnedFd, time::Duration};
+use std::{io, ops::ControlFlow, os::fd::OwnedFd, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use rustix::{
@@ -168,62 +168,68 @@ impl Socket {
         mut each: impl FnMut(&Message<'_>) -> Result<()>,
     ) -> Result<Dump> {
         self.send(request)?;
-        let mut buf = vec![0u8; RECV_BUFFER];
-        loop {
-            let len = self.recv(&mut buf)?;
-            let datagram = buf.get(..len).context("recvmsg length past buffer")?;
-            for message in Messages::new(datagram) {
-                let message = message?;
-                if message.seq != seq {
-                    bail!(
-                        "netlink answer for sequence {}, expected {seq}",
-                        message.seq
-                    );
-                }
-                if message.flags & NLM_F_DUMP_INTR != 0 {
-                    return Ok(Dump::Interrupted);
-                }
-                match message.kind {
-                    NLMSG_DONE => {
-                        if let Ok(status) = read_i32(message.payload, 0)
-                            && status < 0
-                        {
-                            return Err(io::Error::from_raw_os_error(-status))
-                                .context("kernel ended the dump with an error");
-                        }
-                        return Ok(Dump::Complete);
-                    }
-                    NLMSG_ERROR => {
-                        let errno = error_payload(message.payload)?;
-                        if errno != 0 {
-                            return Err(io::Error::from_raw_os_error(errno)).with_context(|| {
-                                format!("kernel refused the {what} dump request")
-                            });
-                        }
-                    }
-                    NLMSG_NOOP => {}
-                    NLMSG_OVERRUN => bail!("netlink overrun: answers were lost"),
-                    _ => each(&message)?,
-                }
+        self.read_until(|message| {
+            if message.seq != seq {
+                bail!(
+                    "netlink answer for sequence {}, expected {seq}",
+                    message.seq
+                );
             }
-        }
+            if message.flags & NLM_F_DUMP_INTR != 0 {
+                return Ok(ControlFlow::Break(Dump::Interrupted));
+            }
+            match message.kind {
+                NLMSG_DONE => {
+                    if let Ok(status) = read_i32(message.payload, 0)
+                        && status < 0
+                    {
+                        return Err(io::Error::from_raw_os_error(-status))
+                            .context("kernel ended the dump with an error");
+                    }
+                    return Ok(ControlFlow::Break(Dump::Complete));
+                }
+                NLMSG_ERROR => {
+                    let errno = error_payload(message.payload)?;
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(errno))
+                            .with_context(|| format!("kernel refused the {what} dump request"));
+                    }
+                }
+                NLMSG_NOOP => {}
+                NLMSG_OVERRUN => bail!("netlink overrun: answers were lost"),
+                _ => each(&message)?,
+            }
+            Ok(ControlFlow::Continue(()))
+        })
     }
 
     /// Reads until the `NLMSG_ERROR` answering `seq`; its errno (positive; 0 is an ack).
     pub fn wait_ack(&self, seq: u32) -> Result<i32> {
+        self.read_until(|message| {
+            if message.seq != seq {
+                return Ok(ControlFlow::Continue(()));
+            }
+            match message.kind {
+                NLMSG_ERROR => error_payload(message.payload).map(ControlFlow::Break),
+                NLMSG_NOOP => Ok(ControlFlow::Continue(())),
+                other => bail!("unexpected netlink message type {other} before the ack"),
+            }
+        })
+    }
+
+    /// Reads datagrams from the kernel and hands their messages, in order, to `each` until
+    /// it breaks with the answer; a malformed message is an error.
+    fn read_until<T>(
+        &self,
+        mut each: impl FnMut(Message<'_>) -> Result<ControlFlow<T>>,
+    ) -> Result<T> {
         let mut buf = vec![0u8; RECV_BUFFER];
         loop {
             let len = self.recv(&mut buf)?;
             let datagram = buf.get(..len).context("recvmsg length past buffer")?;
             for message in Messages::new(datagram) {
-                let message = message?;
-                if message.seq != seq {
-                    continue;
-                }
-                match message.kind {
-                    NLMSG_ERROR => return error_payload(message.payload),
-                    NLMSG_NOOP => {}
-                    other => bail!("unexpected netlink message type {other} before the ack"),
+                if let ControlFlow::Break(answer) = each(message?)? {
+                    return Ok(answer);
                 }
             }
         }
