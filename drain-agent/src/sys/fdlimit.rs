@@ -5,44 +5,35 @@
 use std::io;
 
 use anyhow::{Context as _, Result};
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
-fn get() -> Result<libc::rlimit> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the valid struct we pass.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("cannot read the open-file limit");
-    }
-    Ok(limit)
+/// A limit as a number: `RLIM_INFINITY` (rustix's `None`) is `u64::MAX`, as the kernel and
+/// libc spell it.
+fn number(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(u64::MAX)
 }
 
 /// The soft open-file limit now.
 pub fn soft_limit() -> Result<u64> {
-    Ok(get()?.rlim_cur)
+    Ok(number(getrlimit(Resource::Nofile).current))
 }
 
 /// Raises the soft open-file limit to the hard limit; returns the soft limit now in force.
 pub fn raise_soft_limit() -> Result<u64> {
-    let mut limit = get()?;
-    if limit.rlim_cur >= limit.rlim_max {
-        return Ok(limit.rlim_cur);
+    let limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (number(limit.current), number(limit.maximum));
+    if soft >= hard {
+        return Ok(soft);
     }
-    let before = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: setrlimit reads one valid rlimit struct; soft <= hard, so no privilege needed.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).with_context(|| {
-            format!(
-                "cannot raise the open-file limit from {before} to {}",
-                limit.rlim_max
-            )
-        });
-    }
-    Ok(limit.rlim_cur)
+    // Soft up to hard: no privilege needed.
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised)
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot raise the open-file limit from {soft} to {hard}"))?;
+    Ok(hard)
 }
 
 #[cfg(test)]
@@ -52,8 +43,8 @@ mod tests {
     #[test]
     fn raising_reaches_the_hard_limit() {
         let raised = raise_soft_limit().expect("raise");
-        let limit = get().expect("get");
-        assert_eq!(raised, limit.rlim_max);
-        assert_eq!(soft_limit().expect("soft"), limit.rlim_max);
+        let hard = number(getrlimit(Resource::Nofile).maximum);
+        assert_eq!(raised, hard);
+        assert_eq!(soft_limit().expect("soft"), hard);
     }
 }

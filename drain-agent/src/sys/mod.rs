@@ -3,6 +3,7 @@
 
 pub mod fdlimit;
 pub mod ifaddrs;
+pub mod netlink;
 pub mod netns;
 pub mod netns_watch;
 pub mod pod_addresses;

@@ -4,13 +4,14 @@ use std::{
     collections::BTreeMap,
     fs::File,
     os::{
-        fd::AsRawFd as _,
+        fd::{AsFd as _, AsRawFd as _},
         unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, bail};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 /// Namespace files live on nsfs (include/uapi/linux/magic.h: NSFS_MAGIC).
 /// Compared as u64: `statfs.f_type` is signed in glibc, unsigned in musl (static builds).
@@ -29,13 +30,9 @@ pub fn inode_of(path: &Path) -> Result<u32> {
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)
         .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    // SAFETY: a zeroed statfs is a valid out-buffer.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot stat {}", path.display()));
-    }
+    let stat = rustix::fs::fstatfs(&file)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     if stat.f_type as u64 != NSFS_MAGIC {
         bail!("{} is not a namespace file", path.display());
     }
@@ -84,17 +81,17 @@ pub fn inode_of_client_path(text: &str) -> Option<u32> {
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | follow)
         .open(text)
         .ok()?;
-    // SAFETY: a zeroed statfs is a valid out-buffer.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is open for the duration of the call; `stat` is a valid out-pointer.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0
-        || stat.f_type as u64 != NSFS_MAGIC
-    {
+    let stat = rustix::fs::fstatfs(&file).ok()?;
+    if stat.f_type as u64 != NSFS_MAGIC {
         return None;
     }
     // NS_GET_NSTYPE (include/uapi/linux/nsfs.h: _IO(0xb7, 0x3)): the namespace's kind.
+    // Neither std nor rustix has a safe call for it (rustix's `ioctl` is unsafe too, and
+    // its no-argument form drops the result this ioctl answers with).
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: an ioctl without argument on an nsfs file we hold open.
+    // SAFETY: an ioctl without argument on a file we hold open (and checked to be on nsfs,
+    // where 0xb703 is NS_GET_NSTYPE: fs/nsfs.c ns_ioctl); it reads and writes no memory of
+    // ours, its answer is the return value.
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
         return None;
@@ -154,11 +151,11 @@ pub fn run_in_file<T: Send + 'static>(
     let thread = std::thread::Builder::new()
         .name("netns-enter".into())
         .spawn(move || -> Result<T> {
-            // SAFETY: setns on a valid namespace fd, affecting only this thread.
-            if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("cannot enter network namespace {entering}"));
-            }
+            // setns(2) with CLONE_NEWNET: refused unless the file is a network namespace;
+            // it moves only the calling thread (this new one).
+            move_into_link_name_space(namespace.as_fd(), Some(LinkNameSpaceType::Network))
+                .map_err(std::io::Error::from)
+                .with_context(|| format!("cannot enter network namespace {entering}"))?;
             work()
         })
         .context("cannot start a thread")?;

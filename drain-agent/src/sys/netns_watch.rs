@@ -3,19 +3,20 @@
 //! Namespaces of processes have no file event; the pod listener manager rescans `/proc`
 //! every second for those, and to cover a directory that did not exist yet.
 //!
-//! The `libc` inotify calls, not a crate: three calls and one read loop.
+//! rustix's inotify calls, not a watcher crate: three calls and one read loop.
 
 use std::{
     collections::BTreeSet,
-    ffi::CString,
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
+    mem::MaybeUninit,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result};
+use rustix::{
+    fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags},
+    io::Errno,
+};
 use tokio::io::unix::AsyncFd;
 
 /// The directories watched (`/var/run` is usually a link to `/run`: watched once).
@@ -31,15 +32,12 @@ pub struct NetnsWatch {
 impl NetnsWatch {
     /// An inotify instance; call [`NetnsWatch::watch_dirs`] to add the directories.
     pub fn new() -> Result<Self> {
-        // SAFETY: inotify_init1 takes flags only; the fd is owned below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error()).context("inotify_init1 failed");
-        }
-        // SAFETY: `raw` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)
+            .map_err(std::io::Error::from)
+            .context("inotify_init1 failed")?;
         // SAFETY: an OwnedFd's descriptor stays open and the same until the AsyncFd (which
-        // owns it) is dropped.
+        // owns it) is dropped. (tokio's safe `with_interest` is deprecated as unsound for
+        // lack of I/O safety: tokio-rs/tokio#8587; this is its replacement.)
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(|problem| problem.into_parts().1)
             .context("cannot register the inotify descriptor")?;
@@ -73,20 +71,15 @@ impl NetnsWatch {
     }
 
     fn add(&self, dir: &Path) -> Result<()> {
-        let path = CString::new(dir.as_os_str().as_bytes()).context("path with a NUL")?;
-        let mask = libc::IN_CREATE
-            | libc::IN_DELETE
-            | libc::IN_MOVED_TO
-            | libc::IN_MOVED_FROM
-            | libc::IN_DELETE_SELF
-            | libc::IN_ONLYDIR;
-        // SAFETY: a valid inotify fd and a NUL-terminated path.
-        let wd =
-            unsafe { libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), path.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot watch {}", dir.display()));
-        }
+        let mask = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::ONLYDIR;
+        inotify::add_watch(self.fd.get_ref(), dir, mask)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
         Ok(())
     }
 
@@ -96,25 +89,27 @@ impl NetnsWatch {
     pub async fn changed(&mut self) -> Result<()> {
         loop {
             let mut guard = self.fd.readable().await.context("inotify")?;
-            let mut buffer = [0u8; 4096];
+            let mut buffer = [MaybeUninit::<u8>::uninit(); 4096];
             let mut got_any = false;
             let mut dir_gone = false;
-            loop {
-                let fd = guard.get_inner().as_raw_fd();
-                // SAFETY: reading into a buffer we own, at most its length.
-                let read = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
-                if read > 0 {
-                    got_any = true;
-                    dir_gone |= has_dir_gone(&buffer[..read.unsigned_abs()]);
-                    continue;
+            let mut events = inotify::Reader::new(guard.get_inner(), &mut buffer);
+            let problem = loop {
+                match events.next() {
+                    Ok(event) => {
+                        got_any = true;
+                        // IN_DELETE_SELF or IN_IGNORED: a watched directory went away.
+                        dir_gone |= event
+                            .events()
+                            .intersects(ReadFlags::DELETE_SELF | ReadFlags::IGNORED);
+                    }
+                    Err(Errno::WOULDBLOCK) => break None,
+                    Err(problem) => break Some(problem),
                 }
-                let problem = std::io::Error::last_os_error();
-                if read < 0 && problem.kind() == std::io::ErrorKind::WouldBlock {
-                    guard.clear_ready();
-                    break;
-                }
-                return Err(problem).context("cannot read inotify events");
+            };
+            if let Some(problem) = problem {
+                return Err(std::io::Error::from(problem)).context("cannot read inotify events");
             }
+            guard.clear_ready();
             if dir_gone {
                 self.watched.clear();
                 self.watch_dirs();
@@ -124,22 +119,4 @@ impl NetnsWatch {
             }
         }
     }
-}
-
-/// Whether a buffer of inotify events holds IN_DELETE_SELF or IN_IGNORED (a watched
-/// directory went away).
-fn has_dir_gone(events: &[u8]) -> bool {
-    let header = std::mem::size_of::<libc::inotify_event>();
-    let mut offset = 0;
-    while offset + header <= events.len() {
-        // SAFETY: at least a header's bytes are left; read unaligned from the byte buffer.
-        let event = unsafe {
-            std::ptr::read_unaligned(events[offset..].as_ptr().cast::<libc::inotify_event>())
-        };
-        if event.mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
-            return true;
-        }
-        offset += header + event.len as usize;
-    }
-    false
 }

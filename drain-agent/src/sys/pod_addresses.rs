@@ -2,7 +2,7 @@
 //! on this node (a request from that pod's own address) from anyone else, and which
 //! namespace an `addr=` names when a gate is asked about it (`authority.rs`, `drain.rs`).
 //!
-//! The map is read from the namespaces themselves (getifaddrs on a thread inside each, the
+//! The map is read from the namespaces themselves (`ifaddrs` on a thread inside each, the
 //! namespaces `netns::all_namespaces` finds), never from what a caller says. Only addresses
 //! that name one namespace are kept: loopback, link-local, unspecified and multicast
 //! addresses (every namespace has or may have them), the agent's own namespace's addresses
@@ -35,7 +35,7 @@ pub trait AddressSource: Send + Sync + 'static {
     fn read(&self) -> BTreeMap<u32, Vec<IpAddr>>;
 }
 
-/// The real source: `netns::all_namespaces` and getifaddrs inside each.
+/// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each.
 pub struct NamespaceAddresses {
     pub own_netns: u32,
 }
