@@ -40,6 +40,7 @@
 
 mod accept;
 mod limits;
+mod shared_stream;
 mod slots;
 mod write_timeout;
 
@@ -61,6 +62,7 @@ pub use self::{
 };
 use self::{
     limits::{SourceLimiter, limit_waiters_per_source, overflow_only},
+    shared_stream::SharedStream,
     slots::{Activity, Busy, Slots},
 };
 use crate::sys::fdlimit;
@@ -196,10 +198,11 @@ pub async fn serve_handing_over(
                 }
             })
         };
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let stream = SharedStream::new(stream);
+        let socket = stream.weak();
         let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
         let connection = graceful.watch(builder.serve_connection(io, service));
-        slots.open_slot(&mut tasks, activity, fd, async move {
+        slots.open_slot(&mut tasks, activity, socket, async move {
             if let Err(problem) = connection.await {
                 debug!("{peer}: connection ended: {problem}");
             }

@@ -6,16 +6,19 @@ use std::{
     collections::BTreeMap,
     future::Future,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
+    net::TcpStream,
     task::{AbortHandle, JoinSet},
     time::Instant,
 };
+
+use super::shared_stream::unread_bytes;
 
 /// The open connections, oldest first, and whether each has a request in a handler.
 #[derive(Default)]
@@ -35,7 +38,7 @@ struct Slot {
     activity: Arc<Activity>,
     opened: Instant,
     /// The connection's socket (see [`unread_bytes`]).
-    fd: std::os::fd::RawFd,
+    socket: Weak<TcpStream>,
     abort: AbortHandle,
 }
 
@@ -74,23 +77,7 @@ impl Slot {
         if !asked && age < CONNECT_GRACE {
             return false;
         }
-        unread_bytes(self.fd) == 0
-    }
-}
-
-/// Bytes received on the socket `fd` and not read yet (`FIONREAD`, i.e. `SIOCINQ` for
-/// TCP). A descriptor closed meanwhile (its connection ended; its slot goes next) reads
-/// as nothing pending, and a number reused by a newer socket only makes this look busy:
-/// both at worst keep a connection that is about to go anyway.
-fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
-    let mut pending: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer, which lives for the call; any
-    // descriptor number is safe to pass (a closed one fails with EBADF).
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut pending) };
-    if rc == 0 {
-        usize::try_from(pending).unwrap_or(0)
-    } else {
-        0
+        unread_bytes(&self.socket) == 0
     }
 }
 
@@ -157,7 +144,7 @@ impl Slots {
         self: &Arc<Self>,
         tasks: &mut JoinSet<()>,
         activity: Arc<Activity>,
-        fd: std::os::fd::RawFd,
+        socket: Weak<TcpStream>,
         work: impl Future<Output = ()> + Send + 'static,
     ) {
         // Held while spawning, so the task's guard cannot remove the slot before it exists.
@@ -177,7 +164,7 @@ impl Slots {
             Slot {
                 activity,
                 opened: Instant::now(),
-                fd,
+                socket,
                 abort,
             },
         );
