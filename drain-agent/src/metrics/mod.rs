@@ -138,6 +138,7 @@ impl Metrics {
     }
 }
 
+/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSet {
     ranges: Vec<(u16, u16)>,
