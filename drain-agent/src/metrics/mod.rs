@@ -224,7 +224,7 @@ impl DrainResult {
 
 #[cfg(test)]
 mod tests {
-    use drain_agent_common::DurationHistogram;
+    use drain_agent_common::{DURATION_BUCKET_COUNT, DurationHistogram};
 
     use super::{families::duration_metric, *};
     use crate::tracker::fake::{FakeSource, endpoint};

@@ -62,13 +62,15 @@ impl AgentUrl {
         if host.is_empty() {
             bail!("agent URL {text:?} has no host");
         }
-        let port = match authority.port() {
-            None => 80,
-            Some(port) => Some(port.as_u16())
+        // `Authority::port` is `None` for a port that is not a number as well as for none:
+        // whatever follows the host's last `:` must be a port.
+        let port = match authority.as_str().rsplit_once(':') {
+            Some((_, port)) if !port.contains(']') => port
+                .parse::<u16>()
+                .ok()
                 .filter(|port| *port != 0)
-                .with_context(|| {
-                    format!("agent URL {text:?} has a bad port {:?}", port.as_str())
-                })?,
+                .with_context(|| format!("agent URL {text:?} has a bad port {port:?}"))?,
+            _ => 80,
         };
         let prefix = uri
             .path_and_query()

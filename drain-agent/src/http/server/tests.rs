@@ -1,6 +1,10 @@
 //! The server's tests: limits, eviction, overload answers, timeouts, shutdown.
 
-use std::net::SocketAddr;
+use std::{
+    io,
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use axum::routing::get;
 use tokio::{
@@ -10,7 +14,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::*;
+use super::{slots::CONNECT_GRACE, *};
 
 /// A test app: `/healthz` answers at once, `/drained` blocks until released (and
 /// counts the requests that reached it), `/big` answers 256 KiB.
