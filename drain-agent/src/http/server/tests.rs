@@ -113,20 +113,58 @@ async fn read_all(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&raw).into_owned()
 }
 
-/// `GET path` with `Connection: close` from `source`; the status line and body.
-async fn request_from(addr: SocketAddr, source: &str, path: &str) -> String {
+/// A connection to `addr` from the loopback address `source`.
+async fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().expect("socket");
     socket
         .bind(format!("{source}:0").parse().expect("source"))
         .expect("bind source");
-    let mut stream = socket.connect(addr).await.expect("connect");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// Sends `GET path` with `Connection: close`.
+async fn send_closing(stream: &mut TcpStream, path: &str) {
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await
         .expect("send");
+}
+
+/// `GET path` with `Connection: close` from `source`; the status line and body.
+async fn request_from(addr: SocketAddr, source: &str, path: &str) -> String {
+    let mut stream = connect_from(addr, source).await;
+    send_closing(&mut stream, path).await;
     read_all(&mut stream).await
+}
+
+/// Asserts a `200 OK` answer.
+fn assert_ok(answer: &str) {
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// `count` connections from 127.0.0.1, each with a `/drained` request in the handler.
+async fn waiters(server: &TestServer, count: usize) -> Vec<TcpStream> {
+    let mut waiters = Vec::new();
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+    }
+    server.wait_entered(count).await;
+    waiters
+}
+
+/// Waits until nothing is accepted on `addr` any more.
+async fn wait_listener_closed(addr: SocketAddr) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener closed");
 }
 
 async fn request(addr: SocketAddr, path: &str) -> String {
@@ -156,7 +194,7 @@ async fn at_the_cap_a_new_client_replaces_the_oldest_idle_connection() {
     // Silent past the connect grace: idle.
     tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
     let answer = request(server.addr, "/healthz").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&answer);
     assert!(answer.ends_with("ok"), "{answer}");
     // 4 idle + 1 client through a cap of 4: the oldest idle one was closed.
     for (i, stream) in idle.iter_mut().enumerate() {
@@ -179,15 +217,11 @@ async fn a_connection_just_accepted_is_not_evicted_before_its_request() {
         early.push(TcpStream::connect(server.addr).await.expect("connect"));
     }
     // A third client, at the cap: served from the reserve, nobody evicted.
-    let answer = request(server.addr, "/healthz").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&request(server.addr, "/healthz").await);
     for stream in &mut early {
-        stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("send");
+        send_closing(stream, "/healthz").await;
         let answer = read_all(stream).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_ok(&answer);
     }
     server.stop().await;
 }
@@ -199,31 +233,18 @@ async fn connections_with_requests_in_progress_are_not_evicted() {
         ..limits()
     })
     .await;
-    let mut waiters = Vec::new();
-    for _ in 0..2 {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
-        send(&mut stream, "/drained").await;
-        waiters.push(stream);
-    }
-    server.wait_entered(2).await;
+    let mut waiters = waiters(&server, 2).await;
     // Full of busy connections: the liveness probe is still answered (beyond the cap),
     // a third waiter of the same source gets 429 with Retry-After (issue 23: it got an
     // empty reply), and another source's first waiter is taken in.
-    let answer = request(server.addr, "/healthz").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&request(server.addr, "/healthz").await);
     let answer = request(server.addr, "/drained").await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
     );
-    let mut other = {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .bind("127.0.0.2:0".parse().expect("source"))
-            .expect("bind source");
-        socket.connect(server.addr).await.expect("connect")
-    };
+    let mut other = connect_from(server.addr, "127.0.0.2").await;
     send(&mut other, "/drained").await;
     server.wait_entered(3).await;
     server.release.notify_waiters();
@@ -248,11 +269,7 @@ async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
     // 2 under the cap and 4 in the reserve, each from its own source.
     let mut waiters = Vec::new();
     for index in 0..(2 + overflow_reserve(2)) {
-        let socket = TcpSocket::new_v4().expect("socket");
-        socket
-            .bind(format!("127.0.1.{}:0", index + 1).parse().expect("source"))
-            .expect("bind source");
-        let mut stream = socket.connect(server.addr).await.expect("connect");
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
         send(&mut stream, "/drained").await;
         waiters.push(stream);
         server.wait_entered(index + 1).await;
@@ -268,7 +285,7 @@ async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
     );
     server.release.notify_waiters();
     let answer = late.await.expect("join");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&answer);
     server.stop().await;
 }
 
@@ -291,8 +308,7 @@ async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
         "{took:?}"
     );
     // A client that sends its request in time is answered.
-    let answer = request(server.addr, "/healthz").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&request(server.addr, "/healthz").await);
     server.stop().await;
 }
 
@@ -303,13 +319,7 @@ async fn drained_requests_are_limited_per_source_address() {
         ..limits()
     })
     .await;
-    let mut waiters = Vec::new();
-    for _ in 0..2 {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
-        send(&mut stream, "/drained").await;
-        waiters.push(stream);
-    }
-    server.wait_entered(2).await;
+    let mut waiters = waiters(&server, 2).await;
     let refused = request(server.addr, "/drained?port=1").await;
     assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
     let body = refused.split("\r\n\r\n").nth(1).unwrap_or_default();
@@ -348,16 +358,10 @@ async fn shutdown_lets_answers_in_progress_finish() {
     let addr = server.addr;
     let stopping = tokio::spawn(server.stop());
     // The listener closes; the waiter's answer, given now, still arrives.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while TcpStream::connect(addr).await.is_ok() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the listener closed");
+    wait_listener_closed(addr).await;
     release.notify_waiters();
     let answer = read_all(&mut waiter).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_ok(&answer);
     assert!(answer.ends_with("released"), "{answer}");
     let took = stopping.await.expect("stop");
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -375,11 +379,9 @@ async fn a_request_arriving_right_after_the_stop_is_answered() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    late.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
+    send_closing(&mut late, "/healthz").await;
     let answer = read_all(&mut late).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_ok(&answer);
     assert!(answer.ends_with("ok"), "{answer:?}");
     let took = stopping.await.expect("stop");
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -431,13 +433,7 @@ async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
     send(&mut second, "/forever").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while TcpStream::connect(addr).await.is_ok() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the listener closed");
+    wait_listener_closed(addr).await;
     // Well past shutdown_timeout, within the grace: answered as usual.
     tokio::time::sleep(Duration::from_millis(600)).await;
     release.notify_one();
