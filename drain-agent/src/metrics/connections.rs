@@ -99,6 +99,7 @@ impl ConnectionCollector {
     }
 }
 
+/// Per-port totals, summed over namespaces and addresses.
 #[derive(Default)]
 struct PortTotals {
     active: u64,

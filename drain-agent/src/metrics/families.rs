@@ -58,8 +58,6 @@ pub(super) fn counter(pairs: &[(&str, String)], value: f64) -> proto::Metric {
     metric
 }
 
-/// Per-port totals, summed over namespaces and addresses.
-
 /// The `port`'s connection-duration histogram from the kernel's buckets (milliseconds).
 pub(super) fn duration_metric(
     port: u16,
