@@ -179,7 +179,7 @@ pub async fn serve_in_pods(
         manager.reconcile().await;
         if let Some(opened) = opened.take() {
             // The namespaces there at the start are served: the seeding walk may take the
-            // kernel's lock now (agent.rs).
+            // kernel's lock now (agent/mod.rs).
             let _ = opened.send(());
         }
         let stopped = if manager.steer && !stopped_told {
