@@ -355,6 +355,18 @@ pub struct StatusArgs {
 }
 
 impl RunArgs {
+    /// What clap cannot check alone: the flags that must agree with each other.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.default_timeout <= self.max_timeout,
+            "--default-timeout ({:?}) is longer than --max-timeout ({:?})",
+            self.default_timeout,
+            self.max_timeout
+        );
+        anyhow::ensure!(self.max_waiters > 0, "--max-waiters must be at least 1");
+        Ok(())
+    }
+
     /// The HTTP server's limits this agent was given.
     pub fn server_limits(&self) -> ServerLimits {
         ServerLimits {

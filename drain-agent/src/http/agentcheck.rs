@@ -169,6 +169,23 @@ pub async fn serve(
     serve_with(listener, gate, Limits::default(), shutdown).await
 }
 
+/// [`serve`] on a task of its own until `stop` turns true; a failure is logged (the HTTP
+/// API goes on without the agent-check).
+pub fn spawn(
+    listener: TcpListener,
+    gate: Arc<dyn PortGate>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        };
+        if let Err(problem) = serve(listener, gate, stop).await {
+            log::warn!("the agent-check listener failed: {problem:#}");
+        }
+    })
+}
+
 /// [`serve`] with explicit limits.
 pub async fn serve_with(
     listener: TcpListener,

@@ -10,7 +10,7 @@
 //! and the DaemonSet do. An agent of a version that did not set `SO_REUSEPORT` makes the
 //! bind fail with `EADDRINUSE` until it stops: the node's listeners are then retried for up
 //! to [`BIND_RETRY_FOR`] (the old agent is about to stop), the in-pod ones on every rescan
-//! (`pods.rs`). An address held by another program fails the start at once.
+//! (`http/pods/`). An address held by another program fails the start at once.
 
 use std::{
     net::SocketAddr,

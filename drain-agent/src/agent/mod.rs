@@ -3,11 +3,14 @@
 
 use std::{process::ExitCode, sync::Arc};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use log::{error, info, warn};
 
+mod kernel_side;
+mod process;
+
 use crate::{
-    cli::{CloseArg, RunArgs},
+    cli::RunArgs,
     closer::Closer,
     drain::Drains,
     drain::journal::Journal,
@@ -15,7 +18,7 @@ use crate::{
     http::pods::{OwnEndpoints, PodListenOptions, serve_in_pods},
     http::server::ServerLimits,
     http::{AppState, WaitLimits, router},
-    kernel::destroy::{CloseMethod, KernelCloser},
+    kernel::destroy::KernelCloser,
     kernel::{Kernel, KernelOptions, events::forward_events},
     metrics::Metrics,
     repair::{FirstWalk, repair_missed_changes, watch_skipped_runs},
@@ -25,54 +28,13 @@ use crate::{
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
     crate::logging::init(&args.log_level, args.log_format);
-    limit_malloc_arenas();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build();
-    let result = match runtime {
-        Ok(runtime) => runtime.block_on(run(args)),
-        Err(problem) => Err(problem).context("cannot start the async runtime"),
-    };
+    let result = process::runtime().and_then(|runtime| runtime.block_on(run(args)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(problem) => {
             error!("{problem:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// The close method asked for, checked against what this kernel loaded.
-fn close_method(asked: CloseArg, kernel: &Kernel) -> Result<CloseMethod> {
-    Ok(match asked {
-        CloseArg::Netlink => CloseMethod::Netlink,
-        CloseArg::Auto if kernel.can_close_with_bpf() => CloseMethod::Bpf,
-        CloseArg::Auto => {
-            if let Some(problem) = kernel.bpf_close_problem() {
-                info!("bpf_sock_destroy is not available ({problem}); closing through netlink");
-            }
-            CloseMethod::Netlink
-        }
-        CloseArg::BpfSockDestroy => {
-            ensure!(
-                kernel.can_close_with_bpf(),
-                "--close-method bpf-sock-destroy: not available on this kernel: {}",
-                kernel.bpf_close_problem().unwrap_or("unknown reason")
-            );
-            CloseMethod::Bpf
-        }
-    })
-}
-
-/// glibc gives every thread that allocates its own arena (up to 8 per core), and waves of
-/// waiters touch many threads (workers, blocking pool): memory then plateaus far above
-/// what is in use. Two arenas are plenty for an agent with two workers.
-fn limit_malloc_arenas() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
@@ -84,13 +46,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Ok(limit) => log::debug!("open-file limit: {limit}"),
         Err(problem) => warn!("{problem:#}"),
     }
-    ensure!(
-        args.default_timeout <= args.max_timeout,
-        "--default-timeout ({:?}) is longer than --max-timeout ({:?})",
-        args.default_timeout,
-        args.max_timeout
-    );
-    ensure!(args.max_waiters > 0, "--max-waiters must be at least 1");
+    args.check()?;
     // Bind first: a port conflict is the most common start-up mistake, and it should not
     // cost the programs' load to find out. Shared with the next agent of an upgrade
     // (handover.rs).
@@ -194,7 +150,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let kernel = kernel
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        close_method(args.close_method, &kernel)?
+        kernel_side::close_method(args.close_method, &kernel)?
     };
     info!("connections closed at a deadline use {method:?}");
     let closer = KernelCloser {
@@ -204,8 +160,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     // Who may do what (authority.rs): the node's own namespace, and which pod an address
     // belongs to.
-    let own_netns = crate::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
-        .context("cannot read the agent's own network namespace")?;
     let pods = Arc::new(crate::sys::pod_addresses::PodAddresses::new(
         own_netns,
         Arc::new(crate::sys::pod_addresses::NamespaceAddresses { own_netns }),
@@ -244,15 +198,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
             let gate = Arc::clone(&drains) as Arc<dyn crate::drain::PortGate>;
-            let mut stopped = agent_check_stopped;
-            Some(tokio::spawn(async move {
-                let stop = async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                };
-                if let Err(problem) = crate::http::agentcheck::serve(listener, gate, stop).await {
-                    warn!("the agent-check listener failed: {problem:#}");
-                }
-            }))
+            Some(crate::http::agentcheck::spawn(
+                listener,
+                gate,
+                agent_check_stopped,
+            ))
         }
         None => None,
     };
@@ -279,21 +229,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // new and queued connections) and the waiters get their usual answers for up to
     // --shutdown-grace; then the rest are answered `agent_shutdown`.
     let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
-    let stopper = {
-        let tracker = Arc::clone(&tracker);
-        let grace = args.shutdown_grace;
-        tokio::spawn(async move {
-            wait_for_stop_signal().await;
-            info!(
-                "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
-            );
-            phase.send_replace(StopPhase::HandingOver);
-            tokio::time::sleep(grace).await;
-            info!("shutdown grace over: answering the waiters left (agent_shutdown)");
-            tracker.begin_shutdown();
-            phase.send_replace(StopPhase::AnsweringRest);
-        })
-    };
+    let stopper = tokio::spawn(process::stop_in_phases(
+        phase,
+        args.shutdown_grace,
+        Arc::clone(&tracker),
+    ));
     let pods_task = match args.pod_listen {
         Some(addr) => {
             let options = PodListenOptions {
@@ -316,7 +256,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 drains: Arc::clone(&state.drains),
                 authority: Arc::clone(&state.authority),
             });
-            let endpoints: Arc<dyn OwnEndpoints> = Arc::new(KernelEndpoints(Arc::clone(&kernel)));
+            let endpoints: Arc<dyn OwnEndpoints> =
+                Arc::new(kernel_side::KernelEndpoints(Arc::clone(&kernel)));
             let metrics = Arc::clone(&state.metrics);
             let phases = phases.clone();
             Some(tokio::spawn(async move {
@@ -380,90 +321,4 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!("programs detached; bye");
     }
     Ok(())
-}
-
-/// The kernel's own-endpoint map, for the pod listeners.
-struct KernelEndpoints(Arc<std::sync::Mutex<Kernel>>);
-
-impl OwnEndpoints for KernelEndpoints {
-    fn ignore(&self, netns: u32, port: u16) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .ignore_own_endpoint(netns, port)
-    }
-
-    fn forget(&self, netns: u32, port: u16) -> Result<()> {
-        let mut kernel = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        kernel.unsteer_pod_port(netns);
-        kernel.forget_own_endpoint(netns, port)
-    }
-
-    fn steering_problem(&self) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .steering_problem()
-            .map(str::to_owned)
-    }
-
-    fn steering_stopped(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .steering_stopped()
-    }
-
-    fn steer(
-        &self,
-        target: std::net::SocketAddr,
-        netns: u32,
-        netns_file: &std::fs::File,
-        socket: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<crate::kernel::steer::SteerLink> {
-        let lock = || {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        // Before the program is attached: the first steered connection is the agent's.
-        let seeder = {
-            let mut kernel = lock();
-            kernel.ignore_steered_endpoint(netns, target.port())?;
-            kernel.pod_listener_seeder()
-        };
-        // The count of the namespace's listeners walks the whole TCP hash: not under the
-        // lock, which every other pod being opened (and the walks) need.
-        let counted =
-            seeder.and_then(|link| crate::kernel::count_pod_listeners(link, netns, netns_file));
-        let mut kernel = lock();
-        let steered =
-            counted.and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
-        if steered.is_err() {
-            kernel.unsteer_pod_port(netns);
-            let _ = kernel.forget_own_endpoint(netns, target.port());
-        }
-        steered
-    }
-}
-
-async fn wait_for_stop_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(problem) => {
-                warn!("cannot listen for SIGTERM: {problem}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

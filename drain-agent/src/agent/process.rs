@@ -1,0 +1,70 @@
+//! The process around the agent: its allocator tuning, its async runtime and the stop
+//! signals.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use tokio::sync::watch;
+
+use crate::{http::handover::StopPhase, tracker::Tracker};
+
+/// The runtime the agent runs on: two workers (the agent mostly waits), with the
+/// allocator tuned for them first.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// glibc gives every thread that allocates its own arena (up to 8 per core), and waves of
+/// waiters touch many threads (workers, blocking pool): memory then plateaus far above
+/// what is in use. Two arenas are plenty for an agent with two workers.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// The stop, in phases (handover.rs): at SIGTERM or Ctrl-C the listeners close (the next
+/// agent takes new and queued connections) and the waiters get their usual answers for up
+/// to `grace` (--shutdown-grace); then the rest are answered `agent_shutdown`.
+pub async fn stop_in_phases(
+    phase: watch::Sender<StopPhase>,
+    grace: Duration,
+    tracker: Arc<Tracker>,
+) {
+    wait_for_stop_signal().await;
+    info!(
+        "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
+    );
+    phase.send_replace(StopPhase::HandingOver);
+    tokio::time::sleep(grace).await;
+    info!("shutdown grace over: answering the waiters left (agent_shutdown)");
+    tracker.begin_shutdown();
+    phase.send_replace(StopPhase::AnsweringRest);
+}
+
+/// Resolves at the first SIGTERM or Ctrl-C.
+pub async fn wait_for_stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(problem) => {
+                warn!("cannot listen for SIGTERM: {problem}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

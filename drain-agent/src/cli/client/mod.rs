@@ -1,0 +1,27 @@
+//! `drain-agent wait` and `drain-agent status`: small clients of a running agent, for
+//! images without curl. Plain HTTP/1.1 over a TCP socket, no TLS: the transport
+//! (`transport.rs`, URL and answers parsed by the `http` and `httparse` crates) and the two
+//! commands (`wait.rs`, `status.rs`).
+
+mod status;
+mod transport;
+mod wait;
+
+pub use self::{
+    status::status,
+    transport::{AgentUrl, Response, get},
+    wait::{describe_remaining, wait},
+};
+use crate::http::api::ErrorBody;
+
+/// Exit status of `wait` when the port drained.
+pub const EXIT_DRAINED: u8 = 0;
+/// Exit status of `wait` when the port did not drain in time.
+pub const EXIT_NOT_DRAINED: u8 = 1;
+/// Exit status for usage errors and an unreachable agent.
+pub const EXIT_ERROR: u8 = 2;
+
+/// The error an agent's answer carries (its JSON `error`), or the answer's text.
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<ErrorBody>(body).map_or_else(|_| body.trim().to_owned(), |e| e.error)
+}

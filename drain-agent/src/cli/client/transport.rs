@@ -1,0 +1,354 @@
+//! The client side of HTTP/1.1 the commands need: one `GET` with a deadline for the whole
+//! exchange. URLs are parsed with [`http::Uri`], answers with [`httparse`].
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpStream, ToSocketAddrs as _},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// `http://host:port[/prefix]`, split up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentUrl {
+    pub host: String,
+    pub port: u16,
+    pub prefix: String,
+    /// Sent as `Authorization: Bearer …` when set ([`AgentUrl::with_token_file`]).
+    pub token: Option<String>,
+}
+
+impl AgentUrl {
+    /// Adds the bearer token read from `path` (its first line that is not blank or a `#`
+    /// comment), if a path is given.
+    pub fn with_token_file(mut self, path: Option<&std::path::Path>) -> Result<Self> {
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            let token = text
+                .lines()
+                .map(str::trim)
+                .find(|line| !line.is_empty() && !line.starts_with('#'))
+                .with_context(|| format!("the token file {} holds no token", path.display()))?;
+            if !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+                bail!(
+                    "the token in {} has characters a header cannot carry",
+                    path.display()
+                );
+            }
+            self.token = Some(token.to_owned());
+        }
+        Ok(self)
+    }
+
+    /// `http://host[:port][/prefix]`; the port defaults to 80, a trailing `/` of the prefix
+    /// is dropped.
+    pub fn parse(text: &str) -> Result<Self> {
+        if !text.starts_with("http://") {
+            bail!("agent URL {text:?} must start with http:// (e.g. http://127.0.0.1:9100)");
+        }
+        let uri = text
+            .parse::<http::Uri>()
+            .with_context(|| format!("agent URL {text:?} is not a URL"))?;
+        let authority = uri
+            .authority()
+            .with_context(|| format!("agent URL {text:?} has no host"))?;
+        // An IPv6 address is bracketed in a URL and bare in a socket address.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if host.is_empty() {
+            bail!("agent URL {text:?} has no host");
+        }
+        // `Authority::port` is `None` for a port that is not a number as well as for none:
+        // whatever follows the host's last `:` must be a port.
+        let port = match authority.as_str().rsplit_once(':') {
+            Some((_, port)) if !port.contains(']') => port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .with_context(|| format!("agent URL {text:?} has a bad port {port:?}"))?,
+            _ => 80,
+        };
+        let prefix = uri
+            .path_and_query()
+            .map_or("", |path| path.as_str())
+            .trim_end_matches('/');
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            prefix: prefix.to_owned(),
+            token: None,
+        })
+    }
+}
+
+/// One response: status code and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// The longest a connect may take within a `get` (a SYN to a dead host is not retried
+/// sooner otherwise).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most of an answer `get` reads (the agent's largest, /metrics, is far smaller).
+const MAX_ANSWER: usize = 16 << 20;
+
+/// `GET path` with a deadline for the whole exchange: connect, send and read together take
+/// at most `timeout` (name resolution aside: the agent URL is normally an IP address).
+pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
+    let deadline = Instant::now() + timeout;
+    let address = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {}", url.host))?
+        .next()
+        .with_context(|| format!("{} has no address", url.host))?;
+    let mut stream = TcpStream::connect_timeout(&address, left(deadline)?.min(CONNECT_TIMEOUT))
+        .with_context(|| format!("cannot connect to the agent at {address}"))?;
+    let host = if url.host.contains(':') {
+        format!("[{}]", url.host)
+    } else {
+        url.host.clone()
+    };
+    let authorization = url
+        .token
+        .as_ref()
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET {}{path} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: drain-agent/{}\r\nAccept: application/json\r\n{authorization}Connection: close\r\n\r\n",
+        url.prefix,
+        url.port,
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut sent = 0;
+    while sent < request.len() {
+        stream
+            .set_write_timeout(Some(left(deadline)?))
+            .context("socket timeout")?;
+        match stream.write(&request.as_bytes()[sent..]) {
+            Ok(0) => bail!("the agent closed the connection before the request was sent"),
+            Ok(n) => sent += n,
+            Err(problem) if problem.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(problem) => return Err(problem).context("cannot send the request"),
+        }
+    }
+    let mut raw = Vec::new();
+    let mut buffer = [0u8; 16 << 10];
+    loop {
+        stream
+            .set_read_timeout(Some(left(deadline)?))
+            .context("socket timeout")?;
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buffer[..n]);
+                if raw.len() > MAX_ANSWER {
+                    bail!("the agent's answer is longer than {MAX_ANSWER} bytes");
+                }
+            }
+            Err(problem) if problem.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(problem)
+                if matches!(
+                    problem.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("no complete answer from the agent within {timeout:?}")
+            }
+            Err(problem) => return Err(problem).context("no complete answer from the agent"),
+        }
+    }
+    parse_response(&raw)
+}
+
+/// Time left until `deadline`; an error once it has passed (a zero socket timeout would
+/// mean "no timeout").
+fn left(deadline: Instant) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        bail!("no complete answer from the agent by the deadline");
+    }
+    Ok(left)
+}
+
+/// The status code and body of a whole answer (read to its end: the request says
+/// `Connection: close`).
+fn parse_response(raw: &[u8]) -> Result<Response> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut head = httparse::Response::new(&mut headers);
+    let body_at = match head.parse(raw) {
+        Ok(httparse::Status::Complete(body_at)) => body_at,
+        Ok(httparse::Status::Partial) => bail!("the agent's answer is not HTTP"),
+        Err(problem) => bail!("the agent's answer is not HTTP: {problem}"),
+    };
+    let status = head.code.context("the agent's answer has no status code")?;
+    let chunked = head.headers.iter().any(|header| {
+        header.name.eq_ignore_ascii_case("transfer-encoding")
+            && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked")
+    });
+    let body = &raw[body_at..];
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Joins the chunks of a chunked body. On bytes: chunk sizes count bytes, and a chunk may
+/// end inside a multi-byte character. Chunk extensions (";name=value") are skipped.
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let (data_at, size) = match httparse::parse_chunk_size(body) {
+            Ok(httparse::Status::Complete(found)) => found,
+            Ok(httparse::Status::Partial) => bail!("bad chunked body"),
+            Err(_) => bail!("bad chunk size"),
+        };
+        let size = usize::try_from(size).context("bad chunk size")?;
+        let rest = &body[data_at..];
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(rest.get(..size).context("short chunk")?);
+        body = rest
+            .get(size..)
+            .and_then(|after| after.strip_prefix(b"\r\n"))
+            .context("short chunk")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn agent_urls_parse() {
+        assert_eq!(
+            AgentUrl::parse("http://127.0.0.1:9100").expect("url"),
+            AgentUrl {
+                host: "127.0.0.1".into(),
+                port: 9100,
+                prefix: String::new(),
+                token: None,
+            }
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "# ops\n\n  0123456789abcdef-ops \nsecond\n").expect("write");
+        let url = AgentUrl::parse("http://127.0.0.1:9100")
+            .and_then(|url| url.with_token_file(Some(&file)))
+            .expect("token");
+        assert_eq!(url.token.as_deref(), Some("0123456789abcdef-ops"));
+        std::fs::write(&file, "bad token\n").expect("write");
+        assert!(
+            AgentUrl::parse("http://127.0.0.1:9100")
+                .and_then(|url| url.with_token_file(Some(&file)))
+                .is_err()
+        );
+        let url = AgentUrl::parse("http://[::1]:9110/agent/").expect("url");
+        assert_eq!(
+            (url.host.as_str(), url.port, url.prefix.as_str()),
+            ("::1", 9110, "/agent")
+        );
+        assert_eq!(AgentUrl::parse("http://node").expect("url").port, 80);
+        for bad in [
+            "https://x:1",
+            "127.0.0.1:9100",
+            "http://:9100",
+            "http://x:0",
+            "http://x:abc",
+        ] {
+            assert!(AgentUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_parse_plain_and_chunked() {
+        let plain =
+            parse_response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}")
+                .expect("plain");
+        assert_eq!((plain.status, plain.body.as_str()), (503, "{}"));
+        let chunked = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .expect("chunked");
+        assert_eq!(chunked.body, "abcde");
+        assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn chunks_split_inside_a_character_join_on_bytes() {
+        // "é" is two bytes (c3 a9), sent in two chunks of one byte each; chunk extensions
+        // are ignored.
+        let split = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{\xc3\r\n1;x=y\r\n\xa9\r\n1\r\n}\r\n0\r\n\r\n",
+        )
+        .expect("split character");
+        assert_eq!(split.body, "{\u{e9}}");
+        // A stray invalid byte counts as one byte, not as the three of U+FFFD.
+        let invalid = parse_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\na\xff\r\n1\r\nb\r\n0\r\n\r\n",
+        )
+        .expect("invalid byte");
+        assert_eq!(invalid.body, "a\u{fffd}b");
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab")
+                .is_err()
+        );
+    }
+
+    /// A listener that accepts (through the backlog) and never answers.
+    fn silent_agent() -> (std::net::TcpListener, AgentUrl) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
+        (listener, url)
+    }
+
+    #[test]
+    fn get_keeps_its_deadline_against_a_silent_agent() {
+        let (_listener, url) = silent_agent();
+        let started = Instant::now();
+        let answer = get(&url, "/healthz", Duration::from_millis(700));
+        let took = started.elapsed();
+        assert!(answer.is_err());
+        assert!(
+            took >= Duration::from_millis(650) && took < Duration::from_millis(1200),
+            "took {took:?}"
+        );
+    }
+
+    #[test]
+    fn get_keeps_its_deadline_against_a_trickling_agent() {
+        // Sends a byte every 200 ms: per-read timeouts alone would never fire.
+        let (listener, url) = silent_agent();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n");
+                for _ in 0..50 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if stream.write_all(b"x").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let started = Instant::now();
+        let answer = get(&url, "/healthz", Duration::from_secs(1));
+        let took = started.elapsed();
+        assert!(answer.is_err());
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+    }
+}

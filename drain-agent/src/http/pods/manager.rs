@@ -1,0 +1,332 @@
+//! The pod listener manager: one rescan closes the listeners of namespaces that are gone
+//! and opens them in new ones ([`Manager::reconcile`]), and each listener is served until
+//! its namespace is gone or the agent stops.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Result;
+use axum::{Extension, middleware::from_fn_with_state};
+use log::{debug, info, warn};
+use tokio::{sync::watch, task::JoinSet};
+
+use super::{
+    OwnEndpoints, PodListenOptions,
+    callers::{NodeAddresses, node_or_loopback_only},
+    open::{Bind, bind_in, open_steered},
+};
+use crate::{
+    http::handover::{StopPhase, reached},
+    http::pod_scope::PodScope,
+    http::server,
+    http::{AppState, router},
+    kernel::steer::SteerLink,
+    sys::netns,
+};
+
+/// How long a steered listener keeps accepting after its steering was detached at the
+/// agent's stop: a connection steered at its SYN just before completes its handshake onto
+/// this socket (within a round trip: loopback or the pod's veth).
+const STEER_SETTLE: Duration = Duration::from_millis(250);
+
+/// A listener being served.
+pub(super) struct Listening {
+    pub(super) stop: watch::Sender<bool>,
+    /// On a socket of its own, the in-pod port steered to it (not bound).
+    pub(super) steered: bool,
+}
+
+pub(super) struct Manager {
+    /// The in-pod port is steered to a socket of the agent's (`sk_lookup`), not bound.
+    pub(super) steer: bool,
+    pub(super) options: PodListenOptions,
+    pub(super) state: Arc<AppState>,
+    pub(super) endpoints: Arc<dyn OwnEndpoints>,
+    pub(super) node: NodeAddresses,
+    pub(super) own_netns: u32,
+    pub(super) listening: BTreeMap<u32, Listening>,
+    /// Namespaces where an application holds the address (binding fallback only): left
+    /// alone for their lifetime.
+    pub(super) skipped: BTreeSet<u32>,
+    /// Namespaces where an agent of an older version holds it without sharing it (binding
+    /// fallback only): retried on every rescan, logged once.
+    pub(super) waiting: BTreeSet<u32>,
+    /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
+    /// every rescan, the problem logged once.
+    pub(super) failing: BTreeMap<u32, String>,
+    pub(super) tasks: JoinSet<()>,
+    pub(super) stop: watch::Receiver<StopPhase>,
+}
+
+impl Manager {
+    /// One rescan: close listeners of namespaces that are gone, open them in new ones.
+    pub(super) async fn reconcile(&mut self) {
+        let prefix = self.options.name_prefix.clone();
+        let own = self.own_netns;
+        let scanned = tokio::task::spawn_blocking(move || {
+            let addresses = crate::sys::ifaddrs::local_addresses();
+            (candidates(own, prefix.as_deref()), addresses)
+        })
+        .await;
+        let (present, addresses) = match scanned {
+            Ok(scanned) => scanned,
+            Err(problem) => {
+                warn!("namespace scan failed: {problem}");
+                return;
+            }
+        };
+        match addresses {
+            Ok(addresses) => self.node.set(addresses),
+            Err(problem) => debug!("cannot read the node's addresses: {problem:#}"),
+        }
+        let gone: Vec<u32> = self
+            .listening
+            .keys()
+            .filter(|inode| !present.contains_key(inode))
+            .copied()
+            .collect();
+        for inode in gone {
+            if let Some(listening) = self.listening.remove(&inode) {
+                info!("network namespace {inode} is gone: closing its listener");
+                let _ = listening.stop.send(true);
+            }
+        }
+        self.skipped.retain(|inode| present.contains_key(inode));
+        self.waiting.retain(|inode| present.contains_key(inode));
+        self.failing.retain(|inode, _| present.contains_key(inode));
+        let new: Vec<(u32, PathBuf)> = present
+            .into_iter()
+            .filter(|(inode, _)| {
+                !self.listening.contains_key(inode) && !self.skipped.contains(inode)
+            })
+            .collect();
+        self.open_all(new).await;
+    }
+
+    /// Opens listeners in `new` namespaces, [`OPEN_AT_ONCE`] at a time: each takes a thread
+    /// that enters the namespace and, steered, a program load under the kernel's lock; one
+    /// after the other, 300 pods after a restart took over a second to be served.
+    async fn open_all(&mut self, new: Vec<(u32, PathBuf)>) {
+        let mut waiting = new.into_iter();
+        let mut opening = JoinSet::new();
+        loop {
+            while opening.len() < OPEN_AT_ONCE {
+                let Some((inode, path)) = waiting.next() else {
+                    break;
+                };
+                let (steer, addr, endpoints, handover) = (
+                    self.steer,
+                    self.options.addr,
+                    Arc::clone(&self.endpoints),
+                    Arc::clone(&self.options.handover),
+                );
+                opening.spawn_blocking(move || {
+                    let opened = if steer {
+                        open_steered(&path, inode, addr, endpoints.as_ref())
+                            .map(|(listener, link)| (listener, Some(link)))
+                    } else {
+                        bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
+                    };
+                    (inode, path, opened)
+                });
+            }
+            let Some(done) = opening.join_next().await else {
+                return;
+            };
+            match done {
+                Ok((inode, path, opened)) => self.opened(inode, &path, opened),
+                Err(problem) => warn!("a pod listener's socket thread failed: {problem}"),
+            }
+        }
+    }
+
+    /// Serves what [`Manager::open_all`] opened, or notes why it could not (logged once,
+    /// retried on the next rescan; a taken port in the binding fallback skips the namespace).
+    fn opened(
+        &mut self,
+        inode: u32,
+        path: &Path,
+        opened: Result<(std::net::TcpListener, Option<SteerLink>), Bind>,
+    ) {
+        let addr = self.options.addr;
+        let (problem, steering) = match opened {
+            Ok((listener, link)) => {
+                self.failing.remove(&inode);
+                if self.waiting.remove(&inode) {
+                    info!(
+                        "network namespace {inode}: {addr} is free of the older agent now; listening"
+                    );
+                }
+                self.serve(inode, path, listener, link);
+                return;
+            }
+            Err(Bind::AgentThere) => {
+                if self.waiting.insert(inode) {
+                    info!(
+                        "network namespace {inode} ({}): an agent of an older version holds {addr} there without sharing it; retrying on every rescan until it stops",
+                        path.display()
+                    );
+                }
+                return;
+            }
+            Err(Bind::InUse) => {
+                self.waiting.remove(&inode);
+                info!(
+                    "network namespace {inode} ({}): {addr} is in use there already; skipping it (no listener in that pod)",
+                    path.display()
+                );
+                self.skipped.insert(inode);
+                return;
+            }
+            Err(Bind::Failed(problem)) => (problem, false),
+            Err(Bind::Steer(problem)) => (problem, true),
+        };
+        let text = format!("{problem:#}");
+        if self.failing.get(&inode) == Some(&text) {
+            return;
+        }
+        if steering {
+            warn!(
+                "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
+                addr.port()
+            );
+        } else if self.steer {
+            // Loopback may not be up yet in a namespace just made: retried quietly.
+            debug!(
+                "network namespace {inode}: cannot make the agent's socket there yet: {text} (retrying)"
+            );
+        } else {
+            debug!("network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)");
+        }
+        self.failing.insert(inode, text);
+    }
+
+    /// Serves the routes on `listener` until the namespace is gone or the agent stops.
+    fn serve(
+        &mut self,
+        inode: u32,
+        path: &Path,
+        listener: std::net::TcpListener,
+        link: Option<SteerLink>,
+    ) {
+        let addr = self.options.addr;
+        let steered = link.is_some();
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(problem) => {
+                warn!("network namespace {inode}: cannot register the listener: {problem}");
+                return;
+            }
+        };
+        let endpoints = Arc::clone(&self.endpoints);
+        let port = addr.port();
+        // Bound: after the bind (a pod that holds the port keeps its connections counted);
+        // a connection in between is counted and un-counted like any other. Steered: done
+        // by `steer` before the program is attached.
+        if !steered && let Err(problem) = endpoints.ignore(inode, port) {
+            warn!(
+                "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
+            );
+            return;
+        }
+        let mut app = router(Arc::clone(&self.state)).layer(Extension(PodScope { netns: inode }));
+        if !addr.ip().is_loopback() {
+            app = app.layer(from_fn_with_state(self.node.clone(), node_or_loopback_only));
+        }
+        let (stop_listener, stopped) = watch::channel(false);
+        let agent_stop = self.stop.clone();
+        let limits = self.options.limits;
+        if steered {
+            info!(
+                "serving {addr} inside network namespace {inode} ({}) through sk_lookup (the port stays free for the pod)",
+                path.display()
+            );
+        } else {
+            info!(
+                "listening on {addr} inside network namespace {inode} ({})",
+                path.display()
+            );
+        }
+        self.tasks.spawn(async move {
+            // The link lives in this future, which `serve` drops before it returns: detached
+            // before the socket is forgotten.
+            let stop_accepting = {
+                let mut stopped = stopped.clone();
+                let agent_stop = agent_stop.clone();
+                async move {
+                    let agent_stopping = tokio::select! {
+                        _ = stopped.wait_for(|stop| *stop) => false,
+                        () = reached(agent_stop, StopPhase::HandingOver) => true,
+                    };
+                    if let Some(link) = link {
+                        // The agent stops: the steering goes first (another agent's program
+                        // serves the port from now on, kernel/steer.rs), then what was steered
+                        // here before is accepted, then the socket closes.
+                        drop(link);
+                        if agent_stopping {
+                            tokio::time::sleep(STEER_SETTLE).await;
+                        }
+                    }
+                }
+            };
+            let grace_over = async move {
+                let mut stopped = stopped;
+                tokio::select! {
+                    _ = stopped.wait_for(|stop| *stop) => {}
+                    () = reached(agent_stop, StopPhase::AnsweringRest) => {}
+                }
+            };
+            if let Err(problem) =
+                server::serve_handing_over(listener, app, limits, stop_accepting, grace_over).await
+            {
+                warn!("network namespace {inode}: the listener failed: {problem:#}");
+            }
+            // The listener is closed (dropped by serve): the namespace is no longer held.
+            let forgotten =
+                tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
+            if !matches!(forgotten, Ok(Ok(()))) {
+                debug!("network namespace {inode}: own endpoint not forgotten");
+            }
+            debug!("network namespace {inode}: listener closed");
+        });
+        self.listening.insert(
+            inode,
+            Listening {
+                stop: stop_listener,
+                steered,
+            },
+        );
+    }
+}
+
+/// At most this many pod listeners are being opened at once (threads inside namespaces).
+const OPEN_AT_ONCE: usize = 8;
+
+/// The namespaces to listen in: every one but the agent's own, or with a name prefix only
+/// named ones whose name starts with it.
+fn candidates(own: u32, prefix: Option<&str>) -> BTreeMap<u32, PathBuf> {
+    let mut found = netns::all_namespaces();
+    found.remove(&own);
+    let Some(prefix) = prefix else {
+        return found;
+    };
+    let mut named = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir(netns::NAMED_NETNS_DIR) {
+        for entry in entries.flatten() {
+            if !entry.file_name().to_string_lossy().starts_with(prefix) {
+                continue;
+            }
+            let path = entry.path();
+            if let Ok(inode) = netns::inode_of(&path)
+                && inode != own
+            {
+                named.insert(inode, path);
+            }
+        }
+    }
+    named
+}

@@ -1,0 +1,247 @@
+//! `--pod-listen ADDR`: the agent's API inside every pod's network namespace, so a stop
+//! hook reaches it at `localhost:PORT` (or, bound to `0.0.0.0`, at the pod's IP from the
+//! kubelet's `httpGet`) and needs nothing in the application's image.
+//!
+//! This module is the listener manager: it finds namespaces (inotify on the named
+//! namespace directories, `netns_watch.rs`, and a `/proc` rescan every second), makes a
+//! socket in each new one on a thread that entered it (a socket stays in the namespace it
+//! was created in), serves the routes there through its own [`server::serve`] (so connection
+//! caps and per-source waiter limits apply per pod: one pod cannot starve another), and
+//! closes the listener as soon as the namespace is gone from [`netns::all_namespaces`] —
+//! a listening socket holds its namespace alive, so keeping it would pin a dead pod's
+//! whole network stack.
+//!
+//! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
+//! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
+//! from the node's own addresses (the kubelet calls the pod IP from the node) are answered,
+//! others get 403.
+//!
+//! The port is taken from no pod: the socket is on loopback at a port the kernel picks, and
+//! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
+//! only while no application listens on ADDR's port in that namespace; the application
+//! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
+//! (WARN once at start) ADDR is bound in each namespace as before, with `SO_REUSEPORT`
+//! (`handover.rs`): the next agent of an upgrade binds it beside this one. A namespace where
+//! an application holds it already is skipped for its lifetime (logged once, counted in
+//! `drain_agent_pod_listeners{state="skipped"}`) and never disturbed: no retry that could
+//! take the port from the pod while its server restarts. One where an agent of an older
+//! version holds it (it did not share it; found through the socket tables and `/proc`) is
+//! retried on every rescan until that agent stops (`state="waiting"`).
+//!
+//! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
+//! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
+//! it before, then closes; a bound one closes, its queued connections moving to the next
+//! agent's listener. Requests in progress get their usual answers during the agent's
+//! `--shutdown-grace`.
+
+mod callers;
+mod manager;
+mod open;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::SocketAddr,
+    os::fd::BorrowedFd,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use log::{info, warn};
+use prometheus::{IntGaugeVec, Opts};
+use tokio::{sync::watch, task::JoinSet, time::Instant};
+
+use self::{callers::NodeAddresses, manager::Manager};
+use crate::{
+    http::AppState,
+    http::handover::{Handover, StopPhase},
+    http::server::ServerLimits,
+    kernel::steer::SteerLink,
+    metrics::Metrics,
+    sys::netns,
+    sys::netns_watch::NetnsWatch,
+};
+
+/// The `/proc` rescan period: namespaces of processes have no file event.
+const RESCAN: Duration = Duration::from_secs(1);
+/// After a file event, rescan this often for a while: `ip netns add` and the runtimes
+/// create the file first and bind-mount the namespace onto it a moment later.
+const BURST_EVERY: Duration = Duration::from_millis(25);
+const BURST_FOR: Duration = Duration::from_millis(750);
+
+/// Keeps the agent's own connections uncounted and steers the in-pod port to the agent
+/// (the kernel side implements it).
+pub trait OwnEndpoints: Send + Sync + 'static {
+    /// Leaves connections to `port` in `netns` uncounted.
+    fn ignore(&self, netns: u32, port: u16) -> Result<()>;
+    /// Undoes [`OwnEndpoints::ignore`] and [`OwnEndpoints::steer`] once the listener is
+    /// closed.
+    fn forget(&self, netns: u32, port: u16) -> Result<()>;
+    /// Why the in-pod port cannot be steered with `sk_lookup` here, or `None`.
+    fn steering_problem(&self) -> Option<String>;
+    /// Whether the steering stopped everywhere (a listener on the port may be uncounted).
+    fn steering_stopped(&self) -> bool;
+    /// Steers connections to `target` in `netns` (file `netns_file`) to `socket` while no
+    /// application listens on `target`'s port there, and leaves them uncounted meanwhile;
+    /// dropping the link detaches the steering.
+    fn steer(
+        &self,
+        target: SocketAddr,
+        netns: u32,
+        netns_file: &File,
+        socket: BorrowedFd<'_>,
+    ) -> Result<SteerLink>;
+}
+
+/// What `--pod-listen` and its companion flags ask for.
+#[derive(Clone, Debug)]
+pub struct PodListenOptions {
+    pub addr: SocketAddr,
+    /// Only named namespaces (`/run/netns/NAME`) whose NAME starts with this.
+    pub name_prefix: Option<String>,
+    pub limits: ServerLimits,
+    /// Binds the fallback's listeners so that the next agent shares them.
+    pub handover: Arc<Handover>,
+}
+
+/// Serves the API inside every pod namespace until the agent stops (`stop` reaches
+/// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
+/// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
+/// `opened` is told once the namespaces there at the start are served (the seeding walk
+/// waits for it).
+pub async fn serve_in_pods(
+    options: PodListenOptions,
+    state: Arc<AppState>,
+    endpoints: Arc<dyn OwnEndpoints>,
+    metrics: &Metrics,
+    mut stop: watch::Receiver<StopPhase>,
+    opened: tokio::sync::oneshot::Sender<()>,
+) -> Result<()> {
+    let gauge = IntGaugeVec::new(
+        Opts::new(
+            "drain_agent_pod_listeners",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), or waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan).",
+        ),
+        &["state"],
+    )?;
+    metrics.register(Box::new(gauge.clone()))?;
+    let own_netns = netns::inode_of(Path::new("/proc/self/ns/net"))
+        .context("cannot read the agent's own network namespace")?;
+    let mut watch = match NetnsWatch::new() {
+        Ok(watch) => Some(watch),
+        Err(problem) => {
+            warn!("{problem:#}; finding new namespaces by rescanning every {RESCAN:?} only");
+            None
+        }
+    };
+    let node = NodeAddresses::default();
+    let steer = match endpoints.steering_problem() {
+        None => {
+            info!(
+                "the in-pod port {} is steered to the agent with sk_lookup where no application listens on it; the agent binds it nowhere",
+                options.addr.port()
+            );
+            true
+        }
+        Some(problem) => {
+            warn!(
+                "the in-pod port {} cannot be steered with sk_lookup ({problem}); falling back to binding {} in each pod namespace: a pod that holds the port already is skipped, and an application that tries to listen on it after the agent did fails",
+                options.addr.port(),
+                options.addr
+            );
+            false
+        }
+    };
+    let mut manager = Manager {
+        steer,
+        options,
+        state,
+        endpoints,
+        node: node.clone(),
+        own_netns,
+        listening: BTreeMap::new(),
+        skipped: BTreeSet::new(),
+        waiting: BTreeSet::new(),
+        failing: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        stop: stop.clone(),
+    };
+    info!(
+        "serving inside pod network namespaces on {} (node-level callers: loopback and this node's addresses)",
+        manager.options.addr
+    );
+    let mut burst_until: Option<Instant> = None;
+    let mut stopped_told = false;
+    let mut opened = Some(opened);
+    loop {
+        manager.reconcile().await;
+        if let Some(opened) = opened.take() {
+            // The namespaces there at the start are served: the seeding walk may take the
+            // kernel's lock now (agent/mod.rs).
+            let _ = opened.send(());
+        }
+        let stopped = if manager.steer && !stopped_told {
+            // The kernel's lock may be held by a walk: not on the runtime's threads.
+            let endpoints = Arc::clone(&manager.endpoints);
+            tokio::task::spawn_blocking(move || endpoints.steering_stopped())
+                .await
+                .unwrap_or(false)
+        } else {
+            false
+        };
+        if stopped {
+            stopped_told = true;
+            warn!(
+                "a listener on the in-pod port {} could not be counted (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}): the port is steered to the agent in no pod any more, so no application can lose a connection to it; restart the agent to steer again",
+                manager.options.addr.port()
+            );
+        }
+        gauge
+            .with_label_values(&["listening"])
+            .set(i64::try_from(manager.listening.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["skipped"])
+            .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["waiting"])
+            .set(i64::try_from(manager.waiting.len()).unwrap_or(i64::MAX));
+        let steered = manager.listening.values().filter(|l| l.steered).count();
+        gauge
+            .with_label_values(&["steered"])
+            .set(i64::try_from(steered).unwrap_or(i64::MAX));
+        if let Some(watch) = &mut watch {
+            watch.watch_dirs();
+        }
+        let next = match burst_until {
+            Some(until) if Instant::now() < until => BURST_EVERY,
+            _ => {
+                burst_until = None;
+                RESCAN
+            }
+        };
+        let changed = async {
+            match &mut watch {
+                Some(watch) => watch.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.wait_for(|phase| *phase >= StopPhase::HandingOver) => break,
+            result = changed => {
+                if let Err(problem) = result {
+                    warn!("{problem:#}; finding new namespaces by rescanning only");
+                    watch = None;
+                }
+                burst_until = Some(Instant::now() + BURST_FOR);
+            }
+            () = tokio::time::sleep(next) => {}
+        }
+        // Finished listener tasks (their namespaces went away).
+        while manager.tasks.try_join_next().is_some() {}
+    }
+    // The agent stops: every listener hands over and shuts down on its own; wait for them.
+    while manager.tasks.join_next().await.is_some() {}
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Making a pod listener's socket on a thread inside the pod's namespace: the agent's
+//! own socket with the in-pod port steered to it, or (without `sk_lookup`) the in-pod
+//! address bound there.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::OwnEndpoints;
+use crate::{
+    http::handover::{Handover, Holder, holder_of},
+    kernel::steer::SteerLink,
+    sys::netns,
+};
+
+/// A socket of the agent's on loopback in the namespace at `path` (checked to be `inode`),
+/// and the in-pod port steered to it.
+pub(super) fn open_steered(
+    path: &Path,
+    inode: u32,
+    addr: SocketAddr,
+    endpoints: &dyn OwnEndpoints,
+) -> Result<(std::net::TcpListener, SteerLink), Bind> {
+    let (listener, netns_file) = socket_in(path, inode, addr).map_err(Bind::Failed)?;
+    let link = endpoints
+        .steer(addr, inode, &netns_file, listener.as_fd())
+        .map_err(Bind::Steer)?;
+    Ok((listener, link))
+}
+
+/// Why a bind failed.
+pub(super) enum Bind {
+    /// An application holds the address in that namespace (skip it for good).
+    InUse,
+    /// An agent of an older version holds it without `SO_REUSEPORT` (retry on each rescan).
+    AgentThere,
+    /// Anything else (retry later).
+    Failed(anyhow::Error),
+    /// The socket is made, the steering failed (retry later, WARN).
+    Steer(anyhow::Error),
+}
+
+/// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
+/// namespace `inode` (a PID may have been reused since the scan).
+/// The listener is in the address's `SO_REUSEPORT` group (`handover.rs`): another agent's
+/// listener there is shared, not a conflict.
+pub(super) fn bind_in(
+    path: &Path,
+    inode: u32,
+    addr: SocketAddr,
+    handover: &Arc<Handover>,
+) -> Result<std::net::TcpListener, Bind> {
+    let handover = Arc::clone(handover);
+    let result = netns::run_in(path, move || {
+        let entered = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
+        if entered != inode {
+            bail!("{} is now namespace {entered}, not {inode}", addr);
+        }
+        // Who listens there already: an application keeps the port for good (also one that
+        // set SO_REUSEPORT, whose group the agent's bind would join), agents share it, and
+        // an older agent that does not share it is retried. Unknown (the socket tables
+        // unreadable): an application's.
+        let holder = holder_of(addr).unwrap_or(Holder::Application);
+        if holder == Holder::Application {
+            return Ok(Err(Holder::Application));
+        }
+        match handover.bind(addr) {
+            Ok(listener) => Ok(Ok(listener)),
+            Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
+                // Taken between the look and the bind: look again.
+                Ok(Err(holder_of(addr).unwrap_or(Holder::Application)))
+            }
+            Err(problem) => Err(problem).with_context(|| format!("cannot listen on {addr}")),
+        }
+    });
+    match result {
+        Ok(Ok(listener)) => Ok(listener),
+        Ok(Err(Holder::Application)) => Err(Bind::InUse),
+        // An agent's listener that does not share the address, or one gone meanwhile.
+        Ok(Err(Holder::Agents | Holder::Nobody)) => Err(Bind::AgentThere),
+        Err(problem) => Err(Bind::Failed(problem)),
+    }
+}
+
+/// The agent's socket for a steered in-pod port: made on a thread inside the namespace at
+/// `path` (checked to still be `inode`), on loopback at a port the kernel picks (see
+/// `kernel/steer.rs` for why), with the namespace's file for the `sk_lookup` link.
+fn socket_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<(std::net::TcpListener, File)> {
+    netns::run_in(path, move || {
+        let own = Path::new("/proc/thread-self/ns/net");
+        let entered = netns::inode_of(own)?;
+        if entered != inode {
+            bail!("the namespace is now {entered}, not {inode}");
+        }
+        let netns_file = File::open(own).context("cannot open the namespace's file")?;
+        let local = match addr.ip() {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            // `[::]` takes IPv4 too, and a socket bound to `::1` is IPv6-only (binding a
+            // specific IPv6 address sets `sk_ipv6only`, net/ipv6/af_inet6.c), which
+            // `bpf_sk_assign()` refuses for IPv4: dual-stack on all addresses, as `[::]:9100`
+            // itself was (callers beyond loopback and the node get 403 there too).
+            IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+        };
+        // The kernel may hand out the in-pod port itself if `ip_local_port_range` covers
+        // it: holding that would take it from the pod, so pick again.
+        for _ in 0..8 {
+            let listener = std::net::TcpListener::bind(local)
+                .with_context(|| format!("cannot listen on {local}"))?;
+            if listener.local_addr().context("listener address")?.port() == addr.port() {
+                continue;
+            }
+            listener
+                .set_nonblocking(true)
+                .context("cannot make the listener non-blocking")?;
+            return Ok((listener, netns_file));
+        }
+        bail!("the kernel keeps picking the in-pod port {}", addr.port())
+    })
+}

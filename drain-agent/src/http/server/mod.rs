@@ -1,0 +1,277 @@
+//! The HTTP server loop: accepts connections and runs hyper on them, with the limits
+//! `axum::serve` does not have. The agent answers stop hooks; a client that holds sockets
+//! open, trickles headers, never reads its answers or blocks many `/drained` requests must
+//! not be able to keep the hooks of everyone else from being answered, nor the agent from
+//! exiting.
+//!
+//! - **Connection cap** ([`ServerLimits::max_connections`], kept below the open-file limit
+//!   so `accept` does not run out of file descriptors). At the cap, a new connection takes
+//!   the place of the *oldest idle* connection (one with no request in a handler and none
+//!   on its way: kept alive between requests, or holding a socket silent), which is closed.
+//!   A connection with received bytes not read yet, or accepted within 250 ms, is not
+//!   idle: a burst of 600 hooks evicted 87 of its own before their requests were read, each
+//!   an early EOF or a reset (`tests/overload.rs`). Why not "stop accepting until one frees": new connections would queue in the
+//!   kernel's backlog behind the idle ones, and a stop hook would wait for idle sockets to
+//!   time out. Why not "accept and close at once": anyone holding `max_connections` idle
+//!   sockets would shut everyone else out. Evicting the oldest idle one lets a well-behaved
+//!   client in at once.
+//! - **Overload answers, never resets.** When every connection under the cap has a request in
+//!   progress (blocked `/drained` waiters), a new connection is still served, on one of
+//!   [`overflow_reserve`] connections kept beyond the cap (their file descriptors come out of
+//!   [`RESERVED_FDS`]): `/healthz` (the liveness probe) is answered there as usual, and so
+//!   is a `/drained` from a source that has none in progress (a pod's own hook, whoever
+//!   holds the rest); anything else gets `429` with `Retry-After` and the connection is
+//!   closed after the answer. When the reserve is full too, the server stops accepting until
+//!   a connection ends or turns idle: new connections wait in the kernel's listen backlog
+//!   (refused or reset by nobody) instead of being closed unanswered.
+//! - **Header-read timeout**: a connection that has not sent a complete request head within
+//!   [`ServerLimits::header_timeout`] (first request, or the next one on a kept-alive
+//!   connection) is closed.
+//! - **Write timeout**: a connection whose answer makes no progress for
+//!   [`ServerLimits::write_timeout`] (a client that does not read) is dropped.
+//! - **`/drained` waiters per source IP** ([`ServerLimits::max_waiters_per_source`]): more
+//!   get 429, so one client cannot use up the agent-wide `--max-waiters`.
+//! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
+//!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
+//!   connections closed; a connection whose first request is still on its way is waited
+//!   for first, since hyper closes one it has read nothing from) and whatever is left after [`ServerLimits::shutdown_timeout`] is
+//!   dropped. For an upgrade ([`serve_handing_over`]) the requests in progress first get
+//!   their usual answers for the agent's `--shutdown-grace`; the bound counts from its end.
+
+mod accept;
+mod limits;
+mod shared_stream;
+mod slots;
+mod write_timeout;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Result;
+use axum::{Router, extract::ConnectInfo, middleware::from_fn_with_state};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use log::{debug, info, warn};
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tower::ServiceExt as _;
+
+pub use self::{
+    accept::Acceptor, limits::ServerLimits, slots::FIRST_REQUEST_GRACE, write_timeout::WriteTimeout,
+};
+use self::{
+    limits::{SourceLimiter, limit_waiters_per_source, overflow_only},
+    shared_stream::SharedStream,
+    slots::{Activity, Busy, Slots},
+};
+use crate::sys::fdlimit;
+
+/// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
+/// links, the runtime, namespace files while seeding): the connection cap is lowered to
+/// stay this far below the open-file limit.
+const RESERVED_FDS: u64 = 128;
+
+/// The local address of the connection a request came on (a request extension, beside the
+/// peer's `ConnectInfo<SocketAddr>`): who is calling is told from both ends (`identify.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// When the connection a request came on was accepted (a request extension): its client's
+/// socket was in the kernel's tables by then (`identify.rs` reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptedAt(pub Instant);
+
+/// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
+/// `limits.shutdown_timeout`. Each request carries the peer address as
+/// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`].
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    serve_handing_over(listener, app, limits, shutdown, std::future::ready(())).await
+}
+
+/// [`serve`] for a hand-over: once `stop_accepting` resolves the listener is closed (its
+/// queued connections go to the next agent's listener, `handover.rs`), and the requests in
+/// progress get their usual answers until `grace_over` resolves (the agent then answers its
+/// waiters `agent_shutdown`); whatever is still open [`ServerLimits::shutdown_timeout`] after
+/// that is dropped. Returns as soon as no connection is left.
+pub async fn serve_handing_over(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stop_accepting: impl Future<Output = ()>,
+    grace_over: impl Future<Output = ()>,
+) -> Result<()> {
+    let shutdown = stop_accepting;
+    limits.check()?;
+    let cap = connection_cap(limits.max_connections);
+    let reserve = overflow_reserve(cap);
+    let limiter = SourceLimiter::new(limits.max_waiters_per_source);
+    let app = app.layer(from_fn_with_state(
+        limiter.clone(),
+        limit_waiters_per_source,
+    ));
+    // Beyond the cap: the same routes behind a gate that lets only what must not wait in.
+    let overflow_app = app
+        .clone()
+        .layer(from_fn_with_state(limiter, overflow_only));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Slots::default());
+    let mut tasks = JoinSet::new();
+    let mut acceptor = Acceptor::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // Cap and reserve full of busy connections: leave new ones in the listen backlog
+        // until one ends or turns idle (it is then evicted), rather than close them.
+        while !slots.has_room(cap + reserve) {
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break,
+                () = slots.freed.notified() => {}
+                // A connection that turned idle sends no notification: look again.
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let accepted = acceptor
+            .next(&listener, shutdown.as_mut(), || {
+                format!(
+                    "cannot accept HTTP connections ({} open, cap {cap})",
+                    slots.open()
+                )
+            })
+            .await;
+        // Reap finished connection tasks (their slots are freed by their guards already).
+        while tasks.try_join_next().is_some() {}
+        let Some((stream, peer)) = accepted else {
+            break;
+        };
+        let accepted_at = Instant::now();
+        // The look before the accept can be stale (a connection counts as idle until its
+        // first request arrives): this one then waits, accepted, for a place.
+        let app = loop {
+            if slots.make_room(cap) {
+                break Some(app.clone());
+            }
+            if slots.make_room(cap + reserve) {
+                debug!(
+                    "{peer}: served beyond the cap, {cap} connections have requests in progress"
+                );
+                break Some(overflow_app.clone());
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break None,
+                () = slots.freed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        };
+        let Some(app) = app else {
+            break;
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(LocalAddr);
+        let accepted_at = AcceptedAt(accepted_at);
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let app = app.clone();
+            let activity = Arc::clone(&activity);
+            service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                if let Some(local) = local {
+                    request.extensions_mut().insert(local);
+                }
+                request.extensions_mut().insert(accepted_at);
+                let busy = Busy::new(Arc::clone(&activity));
+                let app = app.clone();
+                async move {
+                    let response = app.oneshot(request).await;
+                    drop(busy);
+                    response
+                }
+            })
+        };
+        let stream = SharedStream::new(stream);
+        let socket = stream.weak();
+        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+        let connection = graceful.watch(builder.serve_connection(io, service));
+        slots.open_slot(&mut tasks, activity, socket, async move {
+            if let Err(problem) = connection.await {
+                debug!("{peer}: connection ended: {problem}");
+            }
+        });
+    }
+    // Stop accepting: new connections go to another listener of the address's group (the
+    // next agent) or, with none, are refused from here on.
+    drop(listener);
+    let open = slots.open();
+    if open > 0 {
+        info!(
+            "{open} HTTP connection(s) open: answered as usual until the shutdown grace ends, then within {:?}",
+            limits.shutdown_timeout
+        );
+    }
+    // hyper's graceful shutdown closes a connection it has read nothing from yet, and a
+    // client accepted just before the stop may not have sent its request: wait until every
+    // connection has a request read or is idle by the cap's rule (nothing on its way).
+    slots.settle().await;
+    // Idle kept-alive connections close now; the others after their answers.
+    let finished = graceful.shutdown();
+    let bound = async {
+        grace_over.await;
+        tokio::time::sleep(limits.shutdown_timeout).await;
+    };
+    let timed_out = tokio::select! {
+        () = finished => false,
+        () = bound => true,
+    };
+    if timed_out {
+        warn!(
+            "dropping {} HTTP connection(s) still open {:?} after shutdown began",
+            slots.open(),
+            limits.shutdown_timeout
+        );
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Connections kept beyond `cap` for what must not wait (see the module documentation):
+/// an eighth of the cap, from 4 to 64 (at most half of [`RESERVED_FDS`]).
+pub fn overflow_reserve(cap: usize) -> usize {
+    (cap / 8).clamp(4, 64)
+}
+
+/// The connection cap: `wanted`, lowered to stay [`RESERVED_FDS`] below the open-file limit.
+fn connection_cap(wanted: usize) -> usize {
+    let limit = match fdlimit::soft_limit() {
+        Ok(limit) => limit,
+        Err(problem) => {
+            warn!("{problem:#}; keeping --http-max-connections {wanted}");
+            return wanted;
+        }
+    };
+    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > room {
+        warn!(
+            "--http-max-connections {wanted} lowered to {room}: the open-file limit is {limit} \
+             and {RESERVED_FDS} are kept for the rest of the agent (raise LimitNOFILE)"
+        );
+        room
+    } else {
+        wanted
+    }
+}
+
+#[cfg(test)]
+mod tests;

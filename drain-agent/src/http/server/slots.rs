@@ -1,0 +1,202 @@
+//! The connection slots under the cap: which connections are open, oldest first, which are
+//! idle (evictable) and the eviction of the oldest idle one (see the module documentation of
+//! `http::server`).
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpStream,
+    task::{AbortHandle, JoinSet},
+    time::Instant,
+};
+
+use super::shared_stream::unread_bytes;
+
+/// The open connections, oldest first, and whether each has a request in a handler.
+#[derive(Default)]
+pub(super) struct Slots {
+    open: Mutex<SlotMap>,
+    /// Notified when a connection ends.
+    pub(super) freed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct SlotMap {
+    next_id: u64,
+    slots: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    activity: Arc<Activity>,
+    opened: Instant,
+    /// The connection's socket (see [`unread_bytes`]).
+    socket: Weak<TcpStream>,
+    abort: AbortHandle,
+}
+
+/// A connection that has sent no request within this long after it was accepted is idle,
+/// whatever it sent: a client trickling its request head, or holding a socket silent.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+/// A connection accepted this recently is not idle even with nothing received yet: a
+/// client writes its request right after it connects, and the agent may accept it first.
+pub(super) const CONNECT_GRACE: Duration = Duration::from_millis(250);
+
+/// What a connection is doing, for the cap.
+#[derive(Default)]
+pub(super) struct Activity {
+    /// Requests in a handler now.
+    in_flight: AtomicUsize,
+    /// Requests started so far.
+    requests: AtomicUsize,
+}
+
+impl Slot {
+    /// Idle, evictable: no request in a handler, and none on its way — nothing received
+    /// and not read yet, and not accepted within [`CONNECT_GRACE`]; or no request at all
+    /// within [`FIRST_REQUEST_GRACE`]. A burst of hooks at the cap must not evict its own
+    /// members before their requests are read (600 at once lost 87 that way, each an early
+    /// EOF or a reset: `tests/overload.rs`); sockets held silent are evicted at once.
+    fn idle(&self) -> bool {
+        if self.activity.in_flight.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let age = self.opened.elapsed();
+        let asked = self.activity.requests.load(Ordering::Acquire) > 0;
+        if !asked && age >= FIRST_REQUEST_GRACE {
+            return true;
+        }
+        if !asked && age < CONNECT_GRACE {
+            return false;
+        }
+        unread_bytes(&self.socket) == 0
+    }
+}
+
+impl Slots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotMap> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn open(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Resolves once no connection has its first request on its way (each has one read, or
+    /// is idle by [`Slot::idle`]), which is at most [`FIRST_REQUEST_GRACE`] after the last
+    /// accept.
+    pub(super) async fn settle(&self) {
+        loop {
+            let waiting =
+                self.lock().slots.values().any(|slot| {
+                    slot.activity.requests.load(Ordering::Acquire) == 0 && !slot.idle()
+                });
+            if !waiting {
+                return;
+            }
+            tokio::select! {
+                () = self.freed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
+    /// Whether a connection could be taken in under `limit` (now, or by evicting an idle one).
+    pub(super) fn has_room(&self, limit: usize) -> bool {
+        let map = self.lock();
+        map.slots.len() < limit || map.slots.values().any(Slot::idle)
+    }
+
+    /// Whether one more connection fits under `cap`, closing the oldest idle one if needed.
+    pub(super) fn make_room(&self, cap: usize) -> bool {
+        let victim = {
+            let mut map = self.lock();
+            if map.slots.len() < cap {
+                return true;
+            }
+            let Some(id) = map
+                .slots
+                .iter()
+                .find(|(_, slot)| slot.idle())
+                .map(|(id, _)| *id)
+            else {
+                return false;
+            };
+            map.slots.remove(&id)
+        };
+        if let Some(victim) = victim {
+            // Dropping the connection's future closes its socket.
+            victim.abort.abort();
+        }
+        true
+    }
+
+    /// Runs a connection task that holds a slot until it ends (or is aborted).
+    pub(super) fn open_slot(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<()>,
+        activity: Arc<Activity>,
+        socket: Weak<TcpStream>,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
+        // Held while spawning, so the task's guard cannot remove the slot before it exists.
+        let mut map = self.lock();
+        let id = map.next_id;
+        map.next_id += 1;
+        let guard = SlotGuard {
+            slots: Arc::clone(self),
+            id,
+        };
+        let abort = tasks.spawn(async move {
+            let _guard = guard;
+            work.await;
+        });
+        map.slots.insert(
+            id,
+            Slot {
+                activity,
+                opened: Instant::now(),
+                socket,
+                abort,
+            },
+        );
+    }
+}
+
+/// Frees a connection's slot when its task ends or is aborted.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.lock().slots.remove(&self.id);
+        self.slots.freed.notify_waiters();
+    }
+}
+
+/// Marks a connection busy (not evictable) while one of its requests is in a handler.
+pub(super) struct Busy(Arc<Activity>);
+
+impl Busy {
+    pub(super) fn new(activity: Arc<Activity>) -> Self {
+        activity.requests.fetch_add(1, Ordering::AcqRel);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,512 @@
+//! The server's tests: limits, eviction, overload answers, timeouts, shutdown.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use axum::routing::get;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpSocket, TcpStream},
+    sync::{Notify, oneshot},
+    task::JoinHandle,
+};
+
+use super::{slots::CONNECT_GRACE, *};
+
+/// A test app: `/healthz` answers at once, `/drained` blocks until released (and
+/// counts the requests that reached it), `/big` answers 256 KiB.
+struct TestServer {
+    addr: SocketAddr,
+    entered: Arc<AtomicUsize>,
+    release: Arc<Notify>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+}
+
+fn limits() -> ServerLimits {
+    ServerLimits {
+        header_timeout: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(60),
+        ..ServerLimits::default()
+    }
+}
+
+async fn start(limits: ServerLimits) -> TestServer {
+    let entered = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(Notify::new());
+    let app = {
+        let entered = Arc::clone(&entered);
+        let release = Arc::clone(&release);
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/big", get(|| async { "x".repeat(256 << 10) }))
+            .route(
+                "/drained",
+                get(move || {
+                    let release = Arc::clone(&release);
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        release.notified().await;
+                        "released"
+                    }
+                }),
+            )
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, app, limits, async move {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        entered,
+        release,
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl TestServer {
+    /// Waits until `count` requests reached `/drained`.
+    async fn wait_entered(&self, count: usize) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while self.entered.load(Ordering::SeqCst) < count {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("requests reached the handler");
+    }
+
+    /// Begins shutdown; returns how long `serve` took to return.
+    async fn stop(mut self) -> Duration {
+        let started = Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("serve returned")
+            .expect("task")
+            .expect("serve");
+        started.elapsed()
+    }
+}
+
+async fn send(stream: &mut TcpStream, path: &str) {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+}
+
+/// Reads until EOF (or a reset); the text read.
+async fn read_all(stream: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+        .await
+        .expect("the server closed the connection");
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A connection to `addr` from the loopback address `source`.
+async fn connect_from(addr: SocketAddr, source: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind source");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// Sends `GET path` with `Connection: close`.
+async fn send_closing(stream: &mut TcpStream, path: &str) {
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send");
+}
+
+/// `GET path` with `Connection: close` from `source`; the status line and body.
+async fn request_from(addr: SocketAddr, source: &str, path: &str) -> String {
+    let mut stream = connect_from(addr, source).await;
+    send_closing(&mut stream, path).await;
+    read_all(&mut stream).await
+}
+
+/// Asserts a `200 OK` answer.
+fn assert_ok(answer: &str) {
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// `count` connections from 127.0.0.1, each with a `/drained` request in the handler.
+async fn waiters(server: &TestServer, count: usize) -> Vec<TcpStream> {
+    let mut waiters = Vec::new();
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+    }
+    server.wait_entered(count).await;
+    waiters
+}
+
+/// Waits until nothing is accepted on `addr` any more.
+async fn wait_listener_closed(addr: SocketAddr) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener closed");
+}
+
+async fn request(addr: SocketAddr, path: &str) -> String {
+    request_from(addr, "127.0.0.1", path).await
+}
+
+/// Whether the server closed `stream` (EOF or reset) within a short time.
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_new_client_replaces_the_oldest_idle_connection() {
+    let server = start(ServerLimits {
+        max_connections: 4,
+        ..limits()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    // Silent past the connect grace: idle.
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
+    let answer = request(server.addr, "/healthz").await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("ok"), "{answer}");
+    // 4 idle + 1 client through a cap of 4: the oldest idle one was closed.
+    for (i, stream) in idle.iter_mut().enumerate() {
+        assert_eq!(closed_by_server(stream).await, i < 1, "connection {i}");
+    }
+    server.stop().await;
+}
+
+/// Connections whose requests are on their way are not idle: a burst at the cap does
+/// not evict its own members (600 hooks at once lost 87 that way, `tests/overload.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_just_accepted_is_not_evicted_before_its_request() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    let mut early = Vec::new();
+    for _ in 0..2 {
+        early.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    // A third client, at the cap: served from the reserve, nobody evicted.
+    assert_ok(&request(server.addr, "/healthz").await);
+    for stream in &mut early {
+        send_closing(stream, "/healthz").await;
+        let answer = read_all(stream).await;
+        assert_ok(&answer);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_requests_in_progress_are_not_evicted() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    let mut waiters = waiters(&server, 2).await;
+    // Full of busy connections: the liveness probe is still answered (beyond the cap),
+    // a third waiter of the same source gets 429 with Retry-After (issue 23: it got an
+    // empty reply), and another source's first waiter is taken in.
+    assert_ok(&request(server.addr, "/healthz").await);
+    let answer = request(server.addr, "/drained").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let mut other = connect_from(server.addr, "127.0.0.2").await;
+    send(&mut other, "/drained").await;
+    server.wait_entered(3).await;
+    server.release.notify_waiters();
+    waiters.push(other);
+    for stream in &mut waiters {
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.expect("answer");
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+    server.stop().await;
+}
+
+/// With the cap and the reserve full of waiters, new connections wait in the backlog and
+/// are answered once a place frees: none is closed unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    // 2 under the cap and 4 in the reserve, each from its own source.
+    let mut waiters = Vec::new();
+    for index in 0..(2 + overflow_reserve(2)) {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    let late = tokio::spawn({
+        let addr = server.addr;
+        async move { request(addr, "/healthz").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !late.is_finished(),
+        "it waits (in the backlog, or accepted)"
+    );
+    server.release.notify_waiters();
+    let answer = late.await.expect("join");
+    assert_ok(&answer);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
+    let server = start(ServerLimits {
+        header_timeout: Duration::from_millis(300),
+        ..limits()
+    })
+    .await;
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+    let mut trickling = TcpStream::connect(server.addr).await.expect("connect");
+    trickling.write_all(b"GET /healthz HT").await.expect("send");
+    read_all(&mut silent).await;
+    read_all(&mut trickling).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // A client that sends its request in time is answered.
+    assert_ok(&request(server.addr, "/healthz").await);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_requests_are_limited_per_source_address() {
+    let server = start(ServerLimits {
+        max_waiters_per_source: 2,
+        ..limits()
+    })
+    .await;
+    let mut waiters = waiters(&server, 2).await;
+    let refused = request(server.addr, "/drained?port=1").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    let body = refused.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body: serde_json::Value = serde_json::from_str(body).expect("json body");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("--max-waiters-per-source"), "{message}");
+    assert!(message.contains("127.0.0.1"), "{message}");
+    // Other endpoints and other sources are not limited.
+    assert!(
+        request(server.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let other = tokio::spawn(request_from(server.addr, "127.0.0.2", "/drained"));
+    server.wait_entered(3).await;
+    // A finished request frees its place.
+    server.release.notify_waiters();
+    assert!(other.await.expect("other").starts_with("HTTP/1.1 200"));
+    let mut head = [0u8; 12];
+    waiters[0].read_exact(&mut head).await.expect("answer");
+    let again = tokio::spawn(request(server.addr, "/drained"));
+    server.wait_entered(4).await;
+    server.release.notify_waiters();
+    assert!(again.await.expect("again").starts_with("HTTP/1.1 200"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_answers_in_progress_finish() {
+    let server = start(limits()).await;
+    let mut waiter = TcpStream::connect(server.addr).await.expect("connect");
+    send(&mut waiter, "/drained").await;
+    server.wait_entered(1).await;
+    let idle = TcpStream::connect(server.addr).await.expect("connect");
+    let release = Arc::clone(&server.release);
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    // The listener closes; the waiter's answer, given now, still arrives.
+    wait_listener_closed(addr).await;
+    release.notify_waiters();
+    let answer = read_all(&mut waiter).await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("released"), "{answer}");
+    let took = stopping.await.expect("stop");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    drop(idle);
+}
+
+/// A client accepted just before the stop whose request arrives just after it is
+/// answered, not closed unread (hyper's graceful shutdown closes a connection it has
+/// read nothing from: an upgrade's probe got `Broken pipe` that way, 1 in 43,567).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_arriving_right_after_the_stop_is_answered() {
+    let server = start(limits()).await;
+    let mut late = TcpStream::connect(server.addr).await.expect("connect");
+    // Accepted, nothing sent yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send_closing(&mut late, "/healthz").await;
+    let answer = read_all(&mut late).await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("ok"), "{answer:?}");
+    let took = stopping.await.expect("stop");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A hand-over: the listener closes at once, an answer in progress is still written
+/// long after `shutdown_timeout` while the grace lasts, and the bound applies from the
+/// grace's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
+    let release = Arc::new(Notify::new());
+    let app = {
+        let release = Arc::clone(&release);
+        Router::new()
+            .route(
+                "/drained",
+                get(move || {
+                    let release = Arc::clone(&release);
+                    async move {
+                        release.notified().await;
+                        "released"
+                    }
+                }),
+            )
+            .route("/forever", get(std::future::pending::<&'static str>))
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (end_grace, grace_ended) = oneshot::channel::<()>();
+    let limits = ServerLimits {
+        shutdown_timeout: Duration::from_millis(200),
+        ..limits()
+    };
+    let task = tokio::spawn(serve_handing_over(
+        listener,
+        app,
+        limits,
+        async move {
+            let _ = stopped.await;
+        },
+        async move {
+            let _ = grace_ended.await;
+        },
+    ));
+    let mut first = TcpStream::connect(addr).await.expect("connect");
+    send(&mut first, "/drained").await;
+    let mut second = TcpStream::connect(addr).await.expect("connect");
+    send(&mut second, "/forever").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop.send(());
+    wait_listener_closed(addr).await;
+    // Well past shutdown_timeout, within the grace: answered as usual.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    release.notify_one();
+    let answer = read_all(&mut first).await;
+    assert!(answer.ends_with("released"), "{answer}");
+    // The grace ends: what is left is dropped after shutdown_timeout.
+    let ended = Instant::now();
+    let _ = end_grace.send(());
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("serve returned")
+        .expect("task")
+        .expect("serve");
+    let took = ended.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert!(!read_all(&mut second).await.contains("HTTP/1.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_a_client_does_not_read() {
+    let server = start(ServerLimits {
+        shutdown_timeout: Duration::from_millis(500),
+        ..limits()
+    })
+    .await;
+    let mut greedy = TcpStream::connect(server.addr).await.expect("connect");
+    let pipelined = "GET /big HTTP/1.1\r\nHost: test\r\n\r\n".repeat(100);
+    greedy.write_all(pipelined.as_bytes()).await.expect("send");
+    // Another connection is answered: the server is running and past the greedy accept.
+    assert!(
+        request(server.addr, "/healthz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    let took = server.stop().await;
+    println!("serve returned {took:?} after shutdown began");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    // Dropped: what was sent reads out, then the connection ends.
+    read_all(&mut greedy).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_fail_after_the_write_timeout_without_progress() {
+    let (writer, mut reader) = tokio::io::duplex(64);
+    let mut writer = WriteTimeout::new(writer, Duration::from_secs(10));
+    let started = Instant::now();
+    let problem = writer
+        .write_all(&[0; 1024])
+        .await
+        .expect_err("nobody reads");
+    assert_eq!(problem.kind(), io::ErrorKind::TimedOut);
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+    // Slow progress (64 bytes every 6 s) is progress: no timeout over 24 s.
+    let (writer, mut slow) = tokio::io::duplex(64);
+    let mut writer = WriteTimeout::new(writer, Duration::from_secs(10));
+    let draining = tokio::spawn(async move {
+        let mut buffer = [0u8; 64];
+        let mut total = 0;
+        while total < 256 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            total += slow.read(&mut buffer).await.expect("read");
+        }
+        total
+    });
+    writer.write_all(&[0; 256]).await.expect("slow reader");
+    assert_eq!(draining.await.expect("reader"), 256);
+    let mut sink = [0u8; 64];
+    assert_eq!(reader.read(&mut sink).await.expect("read"), 64);
+}

@@ -1,0 +1,245 @@
+//! The connection metrics, read from the tracker at scrape time.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use anyhow::Result;
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+
+use super::{
+    PortSet,
+    families::{counter, desc, duration_metric, family, gauge},
+};
+use crate::tracker::Tracker;
+use drain_agent_common::DURATION_BUCKET_COUNT;
+
+pub(super) struct ConnectionCollector {
+    tracker: Arc<Tracker>,
+    ports: Option<PortSet>,
+    attach: String,
+    descs: Vec<Desc>,
+}
+
+const ACTIVE: (&str, &str) = (
+    "drain_agent_connections_active",
+    "Inbound TCP connections open now (ESTABLISHED or CLOSE_WAIT), per local port.",
+);
+const OPENED: (&str, &str) = (
+    "drain_agent_connections_opened_total",
+    "Inbound TCP connections opened (or found open at start) since the agent started, per local port.",
+);
+const CLOSED: (&str, &str) = (
+    "drain_agent_connections_closed_total",
+    "Inbound TCP connections closed since the agent started, per local port.",
+);
+const DURATION: (&str, &str) = (
+    "drain_agent_connection_duration_seconds",
+    "How long inbound TCP connections stayed open, per local port (connections open before the agent started are not included).",
+);
+const TRACKED: (&str, &str) = (
+    "drain_agent_tracked_sockets",
+    "Sockets tracked in the kernel map now, all ports.",
+);
+const ERRORS: (&str, &str) = (
+    "drain_agent_tracking_errors_total",
+    "Connections or events the kernel side could not track, by reason; anything above 0 means counts may be off.",
+);
+const REPAIRS: (&str, &str) = (
+    "drain_agent_repairs_total",
+    "State changes the kernel skipped (see tracking_errors_total{reason=\"handler_skipped\"}) that a walk of the open sockets found and repaired, by kind.",
+);
+const BUILD_INFO: (&str, &str) = (
+    "drain_agent_build_info",
+    "Always 1; labels give the agent version and how it is attached to the kernel.",
+);
+const WALKS: (&str, &str) = (
+    "drain_agent_walks_total",
+    "Completed walks of the open sockets (seeding and repairs); each one vouches for the counts as of its start.",
+);
+const DEGRADED: (&str, &str) = (
+    "drain_agent_degraded",
+    "1 while the agent cannot vouch for every count (a full map, a namespace it cannot walk, …; /healthz gives the reasons): /drained then confirms with the kernel's socket tables or answers 503.",
+);
+const WAITERS: (&str, &str) = (
+    "drain_agent_drain_waiters",
+    "/drained requests blocked now.",
+);
+
+impl ConnectionCollector {
+    pub(super) fn new(
+        tracker: Arc<Tracker>,
+        ports: Option<PortSet>,
+        attach: String,
+    ) -> Result<Self> {
+        let descs = vec![
+            desc(ACTIVE, &["port"])?,
+            desc(OPENED, &["port"])?,
+            desc(CLOSED, &["port"])?,
+            desc(DURATION, &["port"])?,
+            desc(TRACKED, &[])?,
+            desc(ERRORS, &["reason"])?,
+            desc(REPAIRS, &["kind"])?,
+            desc(BUILD_INFO, &["version", "attach"])?,
+            desc(WAITERS, &[])?,
+            desc(WALKS, &[])?,
+            desc(DEGRADED, &[])?,
+        ];
+        Ok(Self {
+            tracker,
+            ports,
+            attach,
+            descs,
+        })
+    }
+
+    fn exported(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+    }
+}
+
+/// Per-port totals, summed over namespaces and addresses.
+#[derive(Default)]
+struct PortTotals {
+    active: u64,
+    opened: u64,
+    closed: u64,
+}
+
+impl Collector for ConnectionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = Vec::new();
+        let version = env!("CARGO_PKG_VERSION").to_owned();
+        families.push(family(
+            BUILD_INFO,
+            MetricType::GAUGE,
+            vec![gauge(
+                &[("version", version), ("attach", self.attach.clone())],
+                1.0,
+            )],
+        ));
+        families.push(family(
+            WAITERS,
+            MetricType::GAUGE,
+            vec![gauge(&[], self.tracker.waiters() as f64)],
+        ));
+        families.push(family(
+            WALKS,
+            MetricType::COUNTER,
+            vec![counter(&[], self.tracker.walks() as f64)],
+        ));
+        let degraded = self
+            .tracker
+            .health_doubts()
+            .iter()
+            .any(crate::doubt::Doubt::degrades_health);
+        families.push(family(
+            DEGRADED,
+            MetricType::GAUGE,
+            vec![gauge(&[], f64::from(u8::from(degraded)))],
+        ));
+
+        // A scrape that cannot read the kernel shows no connection metrics rather than
+        // wrong ones; /healthz says why.
+        let Ok(endpoints) = self.tracker.snapshot() else {
+            return families;
+        };
+        let mut by_port: BTreeMap<u16, PortTotals> = BTreeMap::new();
+        let mut tracked = 0;
+        for endpoint in &endpoints {
+            tracked += endpoint.active;
+            if !self.exported(endpoint.port) {
+                continue;
+            }
+            let totals = by_port.entry(endpoint.port).or_default();
+            totals.active += endpoint.active;
+            totals.opened += endpoint.opened;
+            totals.closed += endpoint.closed;
+        }
+        // Endpoints reclaimed after going idle keep their totals here.
+        for (port, opened, closed) in self.tracker.reclaimed_totals() {
+            if self.exported(port) {
+                let totals = by_port.entry(port).or_default();
+                totals.opened += opened;
+                totals.closed += closed;
+            }
+        }
+        // The port totals are exact even for connections counted for their port only.
+        for (port, totals) in &mut by_port {
+            if let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(*port)) {
+                totals.active = active;
+            }
+        }
+        let per_port = |value: fn(&PortTotals) -> u64,
+                        make: fn(&[(&str, String)], f64) -> proto::Metric| {
+            by_port
+                .iter()
+                .map(|(port, totals)| make(&[("port", port.to_string())], value(totals) as f64))
+                .collect::<Vec<_>>()
+        };
+        families.push(family(
+            ACTIVE,
+            MetricType::GAUGE,
+            per_port(|t| t.active, gauge),
+        ));
+        families.push(family(
+            OPENED,
+            MetricType::COUNTER,
+            per_port(|t| t.opened, counter),
+        ));
+        families.push(family(
+            CLOSED,
+            MetricType::COUNTER,
+            per_port(|t| t.closed, counter),
+        ));
+        families.push(family(
+            TRACKED,
+            MetricType::GAUGE,
+            vec![gauge(&[], tracked as f64)],
+        ));
+
+        if let Ok(durations) = self.tracker.durations() {
+            let mut by_port: BTreeMap<u16, ([u64; DURATION_BUCKET_COUNT], u64)> = BTreeMap::new();
+            for (port, histogram) in durations {
+                if !self.exported(port) {
+                    continue;
+                }
+                let entry = by_port
+                    .entry(port)
+                    .or_insert(([0; DURATION_BUCKET_COUNT], 0));
+                for (total, count) in entry.0.iter_mut().zip(histogram.buckets) {
+                    *total += count;
+                }
+                entry.1 += histogram.sum_ns;
+            }
+            let metrics = by_port
+                .into_iter()
+                .map(|(port, (buckets, sum_ns))| duration_metric(port, &buckets, sum_ns))
+                .collect();
+            families.push(family(DURATION, MetricType::HISTOGRAM, metrics));
+        }
+
+        if let Ok(errors) = self.tracker.tracking_errors() {
+            let metrics = errors
+                .into_iter()
+                .map(|(reason, count)| counter(&[("reason", reason.to_owned())], count as f64))
+                .collect();
+            families.push(family(ERRORS, MetricType::COUNTER, metrics));
+        }
+        if let Ok(repairs) = self.tracker.repairs() {
+            let metrics = repairs
+                .into_iter()
+                .map(|(kind, count)| counter(&[("kind", kind.to_owned())], count as f64))
+                .collect();
+            families.push(family(REPAIRS, MetricType::COUNTER, metrics));
+        }
+        // Families with no samples would render as bare HELP/TYPE lines; leave them out.
+        families.retain(|family| !family.get_metric().is_empty());
+        families
+    }
+}

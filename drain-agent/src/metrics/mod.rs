@@ -1,0 +1,364 @@
+//! Prometheus metrics (prefix `drain_agent_`), on the agent's own registry.
+//!
+//! Connection metrics come from a [`Collector`] that reads the tracker at scrape time, so a
+//! scrape always shows the kernel's current counts and nothing is kept twice. Label sets
+//! stay bounded: ports (optionally limited by `--ports`), never client addresses.
+
+mod connections;
+mod drains;
+mod families;
+mod kernel_state;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+use self::{
+    connections::ConnectionCollector, drains::DrainCollector, kernel_state::KernelStateCollector,
+};
+use crate::{drain::Drains, kernel::KernelState, tracker::Tracker};
+
+/// The agent's metrics and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    drain_requests: IntCounterVec,
+    drain_wait_seconds: Histogram,
+    attach: String,
+    ports: Option<PortSet>,
+}
+
+impl Metrics {
+    /// `process_metrics` adds the standard process metrics (CPU, RSS, fds) of this process.
+    pub fn new(
+        tracker: Arc<Tracker>,
+        ports: Option<PortSet>,
+        attach: &str,
+        process_metrics: bool,
+    ) -> Result<Self> {
+        let registry = Registry::new();
+        let drain_requests = IntCounterVec::new(
+            Opts::new(
+                "drain_agent_drain_requests_total",
+                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (too many waiters), error.",
+            ),
+            &["result"],
+        )?;
+        // Pre-create every documented result so dashboards see zeros, not gaps.
+        for result in DrainResult::ALL {
+            drain_requests.with_label_values(&[result.label()]);
+        }
+        // A plain histogram (no labels), so it is exported, with zeros, before the first wait.
+        let drain_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "drain_agent_drain_wait_seconds",
+                "How long /drained requests waited before answering.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )?;
+        registry.register(Box::new(drain_requests.clone()))?;
+        registry.register(Box::new(drain_wait_seconds.clone()))?;
+        registry.register(Box::new(ConnectionCollector::new(
+            tracker,
+            ports.clone(),
+            attach.to_owned(),
+        )?))?;
+        if process_metrics {
+            registry
+                .register(Box::new(
+                    prometheus::process_collector::ProcessCollector::for_self(),
+                ))
+                .context("cannot register the process metrics")?;
+        }
+        Ok(Self {
+            registry,
+            drain_requests,
+            drain_wait_seconds,
+            attach: attach.to_owned(),
+            ports,
+        })
+    }
+
+    /// Counts a `/drained` answer; `waited` only for answered waits.
+    pub fn drain_request(&self, result: DrainResult, waited: Option<Duration>) {
+        self.drain_requests
+            .with_label_values(&[result.label()])
+            .inc();
+        if let Some(waited) = waited {
+            self.drain_wait_seconds.observe(waited.as_secs_f64());
+        }
+    }
+
+    /// How the kernel handler is attached (`tp_btf`, `tracepoint`, `raw_tracepoint`).
+    pub fn attach_method(&self) -> &str {
+        &self.attach
+    }
+
+    /// Whether `--ports` lets this port be exported.
+    pub fn exports_port(&self, port: u16) -> bool {
+        self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> Result<String> {
+        let families = self.registry.gather();
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut text)
+            .context("cannot encode metrics")?;
+        String::from_utf8(text).context("metrics are not UTF-8")
+    }
+}
+
+/// Reads the tracker at scrape time.
+impl Metrics {
+    /// Adds a collector of another module (the pod listeners' gauge).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<()> {
+        self.registry
+            .register(collector)
+            .context("cannot register a metric")
+    }
+
+    /// Adds `drain_agent_kernel_state` (adopted or new, pinned or not).
+    pub fn register_kernel_state(&self, state: Arc<KernelState>) -> Result<()> {
+        self.registry
+            .register(Box::new(KernelStateCollector::new(state)?))
+            .context("cannot register the kernel state metric")
+    }
+
+    /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).
+    pub fn register_drains(&self, drains: Arc<Drains>) -> Result<()> {
+        self.registry
+            .register(Box::new(DrainCollector::new(drains)?))
+            .context("cannot register the drain metrics")
+    }
+}
+
+/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|(low, high)| (*low..=*high).contains(&port))
+    }
+}
+
+impl std::str::FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let port = |part: &str| match part.trim().parse::<u32>() {
+            Ok(port @ 1..=65535) => Ok(port as u16),
+            _ => Err(format!("{part:?} is not a port number (1-65535)")),
+        };
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            let range = match item.split_once('-') {
+                Some((low, high)) => {
+                    let (low, high) = (port(low)?, port(high)?);
+                    if low > high {
+                        return Err(format!("range {item:?} is backwards"));
+                    }
+                    (low, high)
+                }
+                None => {
+                    let single = port(item)?;
+                    (single, single)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(Self { ranges })
+    }
+}
+
+/// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainResult {
+    Drained,
+    Timeout,
+    /// Bad input (4xx).
+    Invalid,
+    /// Too many waiters (429).
+    Rejected,
+    /// The counts could not be read (500).
+    Error,
+    /// The client hung up before its answer.
+    Abandoned,
+    /// Answered not drained because the agent is shutting down (not a timeout).
+    AgentShutdown,
+}
+
+impl DrainResult {
+    pub const ALL: [Self; 7] = [
+        Self::Drained,
+        Self::Timeout,
+        Self::Invalid,
+        Self::Rejected,
+        Self::Error,
+        Self::Abandoned,
+        Self::AgentShutdown,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::Timeout => "timeout",
+            Self::Invalid => "invalid",
+            Self::Rejected => "rejected",
+            Self::Error => "error",
+            Self::Abandoned => "abandoned",
+            Self::AgentShutdown => "agent_shutdown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use drain_agent_common::{DURATION_BUCKET_COUNT, DurationHistogram};
+
+    use super::{families::duration_metric, *};
+    use crate::tracker::fake::{FakeSource, endpoint};
+
+    fn metrics(ports: Option<PortSet>) -> (Arc<FakeSource>, Metrics) {
+        let source = Arc::new(FakeSource::default());
+        let tracker = Arc::new(Tracker::new(source.clone(), 4));
+        let metrics = Metrics::new(tracker, ports, "tp_btf", false).expect("metrics");
+        (source, metrics)
+    }
+
+    #[test]
+    fn port_sets_parse_and_refuse_nonsense() {
+        let ports: PortSet = "80, 443,8080-8090".parse().expect("ports");
+        assert!(ports.contains(80) && ports.contains(8085) && !ports.contains(8091));
+        for bad in ["", "0", "70000", "a", "90-80", "1-", "-5"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_per_port_sums_from_the_live_counts() {
+        let (source, metrics) = metrics(None);
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, 3),
+            endpoint("10.0.0.1", 8080, 2),
+            endpoint("::1", 443, 1),
+        ]);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"8080\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"443\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("drain_agent_tracked_sockets 6"), "{text}");
+        assert!(
+            text.contains("drain_agent_build_info{version=\"0.1.0\",attach=\"tp_btf\"} 1"),
+            "{text}"
+        );
+        // Read at scrape time: a change shows in the next scrape.
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("drain_agent_connections_active{port=\"8080\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ports_allow_list_limits_the_labels() {
+        let (source, metrics) = metrics(Some("8080".parse().expect("ports")));
+        source.set(vec![
+            endpoint("127.0.0.1", 8080, 3),
+            endpoint("127.0.0.1", 9, 1),
+        ]);
+        let text = metrics.render().expect("render");
+        assert!(text.contains("port=\"8080\""), "{text}");
+        assert!(!text.contains("port=\"9\""), "{text}");
+        assert!(metrics.exports_port(8080) && !metrics.exports_port(9));
+    }
+
+    #[test]
+    fn duration_histogram_is_cumulative_in_seconds() {
+        let mut buckets = [0; DURATION_BUCKET_COUNT];
+        buckets[0] = 2; // <= 1 ms
+        buckets[6] = 1; // <= 1 s
+        buckets[DURATION_BUCKET_COUNT - 1] = 1; // > 1 h
+        let metric = duration_metric(80, &buckets, 3_700_000_000_000);
+        let histogram = metric.get_histogram();
+        assert_eq!(histogram.get_sample_count(), 4);
+        assert!((histogram.get_sample_sum() - 3700.0).abs() < 1e-6);
+        let bounds: Vec<(f64, u64)> = histogram
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        assert_eq!(bounds[0], (0.001, 2));
+        assert_eq!(bounds[6], (1.0, 3));
+        assert_eq!(bounds.last().copied(), Some((3600.0, 3)));
+        // A port's kernel histogram before any close: all zeros, no sample.
+        let empty = DurationHistogram::default();
+        let metric = duration_metric(80, &empty.buckets, empty.sum_ns);
+        let histogram = metric.get_histogram();
+        assert_eq!(histogram.get_sample_count(), 0);
+        assert_eq!(histogram.get_sample_sum(), 0.0);
+        assert!(
+            histogram
+                .get_bucket()
+                .iter()
+                .all(|b| b.cumulative_count() == 0)
+        );
+    }
+
+    #[test]
+    fn drain_metrics_are_zeros_before_the_first_request() {
+        let (_, metrics) = metrics(None);
+        let text = metrics.render().expect("render");
+        for result in DrainResult::ALL {
+            let line = format!(
+                "drain_agent_drain_requests_total{{result=\"{}\"}} 0",
+                result.label()
+            );
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_count 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_bucket{le=\"+Inf\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn drain_requests_are_counted() {
+        let (_, metrics) = metrics(None);
+        metrics.drain_request(DrainResult::Drained, Some(Duration::from_millis(3)));
+        metrics.drain_request(DrainResult::Invalid, None);
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("drain_agent_drain_requests_total{result=\"drained\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_requests_total{result=\"timeout\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("drain_agent_drain_wait_seconds_count 1"),
+            "{text}"
+        );
+    }
+}
