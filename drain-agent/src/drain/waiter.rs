@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership},
-    tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, WaitError},
+    tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, Tracker, WaitError},
 };
 
 /// How long past its drain's deadline a waiter waits for the drain's outcome: a paced
@@ -56,119 +56,118 @@ impl From<WaitError> for Unanswered {
     }
 }
 
-impl Drains {
-    /// The answer to one `/drained` request: its one wait. A client that hangs up drops
+impl Ask {
+    /// The answer to this `/drained` request: its one wait. A client that hangs up drops
     /// this future, and with it the [`Membership`], whose drop ends a drain no one waits
     /// for any more.
-    pub async fn answer(self: &Arc<Self>, ask: Ask) -> Result<Answer, Unanswered> {
-        let membership = self.member(&ask)?;
+    pub async fn answer(self, drains: &Arc<Drains>) -> Result<Answer, Unanswered> {
+        let tracker = drains.tracker.as_ref();
+        let membership = self.member(drains)?;
         let (mut outcome, closed) = match &membership {
-            Some(membership) => self.await_drain(&ask.spec, membership).await?,
+            Some(membership) => await_drain(tracker, &self.spec, membership).await?,
             None => {
-                let _slot = self.tracker.admit()?;
-                let outcome = self
-                    .tracker
-                    .wait_for_drain(&ask.spec.filter, ask.spec.timeout, &ask.spec.rule)
+                let _slot = tracker.admit()?;
+                let outcome = tracker
+                    .wait_for_drain(&self.spec.filter, self.spec.timeout, &self.spec.rule)
                     .await?;
                 (outcome, None)
             }
         };
-        if ask.peers && outcome.peers.is_empty() {
+        if self.peers && outcome.peers.is_empty() {
             // A pure query asked for the list (a waiter's answer has it already).
-            self.list_remaining(&ask.spec, &mut outcome, REPORT_BUDGET)
-                .await;
+            list_remaining(tracker, &self.spec, &mut outcome, REPORT_BUDGET).await;
         }
         Ok(Answer {
-            shutdown: !outcome.drained && self.tracker.shutting_down(),
+            shutdown: !outcome.drained && tracker.shutting_down(),
             drain: membership.as_ref().map(Membership::id),
             outcome,
             closed,
         })
     }
 
-    /// The drain `ask` joins, or `None`: its caller only observes, it is a pure query, or
-    /// as many drains as allowed are in progress (the waiter still waits, unrecorded: a
-    /// stop hook must not fail).
-    fn member(self: &Arc<Self>, ask: &Ask) -> Result<Option<Membership>, Unanswered> {
-        if !ask.control || ask.spec.timeout.is_zero() {
+    /// The drain this request joins, or `None`: its caller only observes, it is a pure
+    /// query, or as many drains as allowed are in progress (the waiter still waits,
+    /// unrecorded: a stop hook must not fail).
+    fn member(&self, drains: &Arc<Drains>) -> Result<Option<Membership>, Unanswered> {
+        if !self.control || self.spec.timeout.is_zero() {
             return Ok(None);
         }
-        match self.join(ask.spec.clone()) {
+        match drains.join(self.spec.clone()) {
             Ok((membership, _)) => Ok(Some(membership)),
             Err(JoinError::Full) => Ok(None),
             Err(JoinError::Conflict(id, difference)) => Err(Unanswered::Conflict(id, difference)),
         }
     }
+}
 
-    /// A waiter's answer from the drain it joined. The drain owns the deadline, the close
-    /// at the deadline and the final recount: a waiter whose deadline is the drain's (or
-    /// later) gets the drain's outcome; one whose deadline comes first is answered then,
-    /// with the count at that moment. A drain that ended without draining (its timeout, a
-    /// cancel) before this waiter's own deadline leaves it waiting, as an observer, until
-    /// then.
-    async fn await_drain(
-        &self,
-        spec: &DrainSpec,
-        membership: &Membership,
-    ) -> Result<(DrainOutcome, Option<u64>), WaitError> {
-        let _slot = self.tracker.admit()?;
-        let started = tokio::time::Instant::now();
-        let own_deadline = started + spec.timeout;
-        let until = if membership.deadline() <= own_deadline {
-            // Bounded: a paced close at the deadline takes its time, and the agent may be
-            // shutting down.
-            membership.deadline() + CLOSE_WAIT
-        } else {
-            own_deadline
-        };
-        let final_outcome = membership.outcome(until).await;
-        let waited = |mut outcome: DrainOutcome| {
-            outcome.waited = started.elapsed();
-            outcome
-        };
-        match final_outcome {
-            Some(done)
-                if done.outcome.drained
-                    || matches!(
-                        done.result,
-                        DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
-                    )
-                    || tokio::time::Instant::now() >= own_deadline =>
-            {
-                Ok((waited(done.outcome.clone()), done.closed))
-            }
-            Some(_) => {
-                let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
-                let outcome = self
-                    .tracker
-                    .wait_for_drain(&spec.filter, left, &spec.rule)
-                    .await?;
-                Ok((waited(outcome), None))
-            }
-            None => {
-                // This waiter's deadline came first: the count now, asked like any answer.
-                let mut outcome = self
-                    .tracker
-                    .wait_for_drain(&spec.filter, Duration::ZERO, &spec.rule)
-                    .await?;
-                self.list_remaining(spec, &mut outcome, ANSWER_LIST_BUDGET)
-                    .await;
-                Ok((waited(outcome), None))
-            }
+/// A waiter's answer from the drain it joined. The drain owns the deadline, the close at
+/// the deadline and the final recount: a waiter whose deadline is the drain's (or later)
+/// gets the drain's outcome; one whose deadline comes first is answered then, with the
+/// count at that moment. A drain that ended without draining (its timeout, a cancel)
+/// before this waiter's own deadline leaves it waiting, as an observer, until then.
+async fn await_drain(
+    tracker: &Tracker,
+    spec: &DrainSpec,
+    membership: &Membership,
+) -> Result<(DrainOutcome, Option<u64>), WaitError> {
+    let _slot = tracker.admit()?;
+    let started = tokio::time::Instant::now();
+    let own_deadline = started + spec.timeout;
+    let until = if membership.deadline() <= own_deadline {
+        // Bounded: a paced close at the deadline takes its time, and the agent may be
+        // shutting down.
+        membership.deadline() + CLOSE_WAIT
+    } else {
+        own_deadline
+    };
+    let final_outcome = membership.outcome(until).await;
+    let waited = |mut outcome: DrainOutcome| {
+        outcome.waited = started.elapsed();
+        outcome
+    };
+    match final_outcome {
+        Some(done)
+            if done.outcome.drained
+                || matches!(
+                    done.result,
+                    DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
+                )
+                || tokio::time::Instant::now() >= own_deadline =>
+        {
+            Ok((waited(done.outcome.clone()), done.closed))
+        }
+        Some(_) => {
+            let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = tracker
+                .wait_for_drain(&spec.filter, left, &spec.rule)
+                .await?;
+            Ok((waited(outcome), None))
+        }
+        None => {
+            // This waiter's deadline came first: the count now, asked like any answer.
+            let mut outcome = tracker
+                .wait_for_drain(&spec.filter, Duration::ZERO, &spec.rule)
+                .await?;
+            list_remaining(tracker, spec, &mut outcome, ANSWER_LIST_BUDGET).await;
+            Ok((waited(outcome), None))
         }
     }
+}
 
-    /// Adds the remaining connections to a not-drained `outcome` (best effort: the list is
-    /// a pass over the socket tables).
-    async fn list_remaining(&self, spec: &DrainSpec, outcome: &mut DrainOutcome, budget: Duration) {
-        if outcome.drained || outcome.active == 0 {
-            return;
-        }
-        if let Ok((peers, idle, busy)) = self.tracker.listed(&spec.filter, &spec.rule, budget).await
-        {
-            outcome.peers = peers;
-            outcome.idle = outcome.idle.or(idle);
-            outcome.busy = outcome.busy.or(busy);
-        }
+/// Adds the remaining connections to a not-drained `outcome` (best effort: the list is a
+/// pass over the socket tables).
+async fn list_remaining(
+    tracker: &Tracker,
+    spec: &DrainSpec,
+    outcome: &mut DrainOutcome,
+    budget: Duration,
+) {
+    if outcome.drained || outcome.active == 0 {
+        return;
+    }
+    if let Ok((peers, idle, busy)) = tracker.listed(&spec.filter, &spec.rule, budget).await {
+        outcome.peers = peers;
+        outcome.idle = outcome.idle.or(idle);
+        outcome.busy = outcome.busy.or(busy);
     }
 }

@@ -26,7 +26,7 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
     let port = ask.spec.filter.port;
     // A client that hangs up drops this future: the guard still records the request.
     let abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
-    let answer = state.drains.answer(ask).await;
+    let answer = ask.answer(&state.drains).await;
     abandoned.disarm();
     let (result, problem) = match answer {
         Ok(answer) => return render(&state.metrics, port, answer),
