@@ -103,18 +103,27 @@ async fn request_as(
         .oneshot(request)
         .await
         .expect("response");
-    let status = response.status();
+    (response.status(), body_of(response).await)
+}
+
+/// A response's body as JSON; one that is not JSON (the metrics): the text, as a string.
+async fn body_of(response: axum::response::Response) -> serde_json::Value {
     let bytes = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    // Not JSON (the metrics): the text, as a JSON string.
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
-    });
-    (status, body)
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Asserts an error answer: its status, and a text its message contains.
+#[track_caller]
+fn refused(answer: (StatusCode, serde_json::Value), status: StatusCode, text: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    let message = answer.1["error"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{message}");
 }
 
 #[tokio::test]
@@ -258,14 +267,8 @@ async fn busy_port_answers_503_with_the_count() {
     let exists = crate::sys::netns::all_namespaces().contains_key(&4_026_531_840);
     assert_eq!(status == StatusCode::NOT_FOUND, !exists);
     // An inode that is no network namespace is not "drained": it is not found.
-    let (status, body) = get(&state, "/drained?port=8080&timeout=0&netns=1").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("inode 1")
-    );
+    let answer = get(&state, "/drained?port=8080&timeout=0&netns=1").await;
+    refused(answer, StatusCode::NOT_FOUND, "inode 1");
 }
 
 #[tokio::test]
@@ -318,13 +321,10 @@ async fn bad_input_is_400_naming_the_parameter() {
 #[tokio::test]
 async fn unknown_paths_are_404_and_health_is_200() {
     let (source, state) = app(vec![]);
-    let (status, body) = get(&state, "/drainz?port=1").await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("/drained")
+    refused(
+        get(&state, "/drainz?port=1").await,
+        StatusCode::NOT_FOUND,
+        "/drained",
     );
     let (status, body) = get(&state, "/healthz").await;
     assert_eq!(status, StatusCode::OK);
@@ -334,14 +334,8 @@ async fn unknown_paths_are_404_and_health_is_200() {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let (status, _) = get(&state, "/healthz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    let (status, body) = get(&state, "/drained?port=1&timeout=0").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("broken")
-    );
+    let answer = get(&state, "/drained?port=1&timeout=0").await;
+    refused(answer, StatusCode::INTERNAL_SERVER_ERROR, "broken");
 }
 
 #[tokio::test]
@@ -380,13 +374,10 @@ async fn connections_lists_active_endpoints() {
     let (status, body) = get(&state, "/connections?port=x").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["error"].as_str().unwrap_or_default().contains("port"));
-    let (status, body) = get(&state, "/connections?port=1&port=2").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("more than once")
+    refused(
+        get(&state, "/connections?port=1&port=2").await,
+        StatusCode::BAD_REQUEST,
+        "more than once",
     );
 }
 
@@ -549,14 +540,10 @@ async fn a_waiter_is_answered_at_its_own_timeout_whatever_drain_it_joined() {
     );
     assert_eq!(body["active"], 2);
     // A differing named setting is refused, naming it; the drain is unchanged.
-    let (status, body) = get(&state, "/drained?port=8080&timeout=3s&on_timeout=keep").await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("on_timeout=close (asked keep)"),
-        "{body}"
+    refused(
+        get(&state, "/drained?port=8080&timeout=3s&on_timeout=keep").await,
+        StatusCode::CONFLICT,
+        "on_timeout=close (asked keep)",
     );
     let (status, _) = request(&state, "POST", "/drain?port=8080&timeout=1m&quiet=5s").await;
     assert_eq!(status, StatusCode::CONFLICT);
@@ -592,13 +579,7 @@ async fn a_shutdown_answer_says_so_and_asks_to_retry() {
             .map(|v| v.as_bytes()),
         Some(&b"1"[..])
     );
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    let body = body_of(response).await;
     assert_eq!(body["reason"], "agent_shutdown", "{body}");
     assert_eq!(body["drained"], false);
     // A timeout's answer has no reason.
