@@ -1,7 +1,13 @@
 //! A drain is a thing: started for a scope (idempotently), the load balancer told while it
-//! runs (`/health` and HAProxy's agent-check read [`Drains::draining`]), its deadline
+//! runs (`/health` and HAProxy's agent-check read [`Drains::gated`]), its deadline
 //! enforced if asked (closing what is left), and every drain put on record (`/drains`, one
 //! log line, metrics, and an optional journal that survives restarts).
+//!
+//! This file holds the vocabulary (spec, end, record) and the registry [`Drains`]; by job:
+//! `registry.rs` starts, joins and cancels drains, `run.rs` runs one from start to record,
+//! `waiter.rs` answers a `/drained` request (its one wait), `gate.rs` says what is out of
+//! rotation, `saved.rs` keeps drains across a restart (in `state_file.rs`), `journal.rs`
+//! keeps the ended ones, `untrusted_path.rs` opens the files of both.
 
 pub mod advice;
 mod gate;
