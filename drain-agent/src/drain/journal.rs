@@ -11,15 +11,17 @@
 //! next append starts on a line of its own.
 
 use std::{
-    fs::{self, File, FileType, OpenOptions},
+    fs::{self, File},
     io::{Read as _, Seek as _, SeekFrom, Write as _},
-    os::unix::fs::{FileExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use anyhow::{Context as _, Result};
 use serde::{Serialize, de::DeserializeOwned};
+
+use crate::drain::untrusted_path::{Access, Named};
 
 /// At start at most this much of the end of each file (`PATH.1`, `PATH`) is read. A fixed
 /// cap rather than `--journal-max-bytes`: that flag has no upper bound, and the agent
@@ -40,91 +42,24 @@ pub struct Journal {
     lock: Mutex<()>,
 }
 
-/// What a file type is, in a start-up error.
-fn kind_of(file_type: FileType) -> &'static str {
-    if file_type.is_symlink() {
-        "a symbolic link"
-    } else if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else if file_type.is_char_device() {
-        "a character device"
-    } else if file_type.is_block_device() {
-        "a block device"
-    } else {
-        "of an unknown type"
-    }
-}
-
-/// The start-up error for a journal path that is not a regular file of its own.
-fn refuse(path: &Path, file_type: FileType) -> anyhow::Error {
-    let hint = if file_type.is_symlink() {
-        " (the journal is never written through a link: name the file itself)"
-    } else {
-        ""
-    };
-    anyhow::anyhow!(
-        "the drain journal {} is {}, not a regular file: refused{hint}",
-        path.display(),
-        kind_of(file_type)
-    )
-}
-
-/// How a journal file is opened.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Access {
-    /// Read and append, created (mode 0600) if missing: `PATH`.
-    Append,
-    /// Read only, never created: `PATH.1`, and `PATH` when reading records.
-    Read,
-}
-
-/// Opens `path` only if it is a regular file that is not a symbolic link, without ever
-/// blocking on what is there.
-///
-/// `O_NOFOLLOW` fails the open (ELOOP) when the last component is a link, also with
-/// `O_CREAT` (a dangling link is not followed to create its target). `O_NONBLOCK` because
-/// opening a FIFO otherwise blocks until the other end is opened (for ever, at start); with
-/// it the open returns at once and `fstat` on the descriptor (not on the path, which could
-/// be swapped in between) says what was opened. On a regular file `O_NONBLOCK` has no
-/// effect on Linux (open(2)); it is cleared anyway, so the descriptor is the one a plain
-/// open gives whatever a file system makes of the flag. Chosen over `O_PATH` and a second
-/// open, which would check one file and then open a name again.
-fn open_regular(path: &Path, access: Access) -> Result<File> {
-    let mut options = OpenOptions::new();
-    options
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
-    if access == Access::Append {
-        options.append(true).create(true).mode(NEW_FILE_MODE);
-    }
-    let file = match options.open(path) {
-        Ok(file) => file,
-        Err(problem) => {
-            // ELOOP (a link), EISDIR (a directory opened for writing), ENXIO (a socket):
-            // name what is there rather than the errno.
-            if let Ok(meta) = fs::symlink_metadata(path)
-                && !meta.file_type().is_file()
-            {
-                return Err(refuse(path, meta.file_type()));
-            }
-            return Err(problem)
-                .with_context(|| format!("cannot open the drain journal {}", path.display()));
+/// The journal's files, as their errors name them.
+const JOURNAL: Named = Named {
+    what: "the drain journal",
+    advice: |file_type| {
+        if file_type.is_symlink() {
+            " (the journal is never written through a link: name the file itself)"
+        } else {
+            ""
         }
-    };
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot stat the drain journal {}", path.display()))?;
-    if !meta.file_type().is_file() {
-        return Err(refuse(path, meta.file_type()));
-    }
-    rustix::fs::fcntl_getfl(&file)
-        .and_then(|flags| rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK))
-        .with_context(|| format!("cannot clear O_NONBLOCK on {}", path.display()))?;
-    Ok(file)
+    },
+};
+
+/// Opens a journal file ([`Named::open_regular`]): `PATH` for appending (created 0600 if
+/// missing), `PATH.1` and `PATH` when reading records.
+fn open_regular(path: &Path, access: Access) -> Result<File> {
+    JOURNAL
+        .open_regular(path, access)?
+        .ok_or_else(|| anyhow::anyhow!("the drain journal {} is gone", path.display()))
 }
 
 /// Warns (once, at start) when others than the owner may read or write an existing
@@ -196,7 +131,7 @@ impl Journal {
             max_bytes: max_bytes.max(4096),
             lock: Mutex::new(()),
         };
-        let file = open_regular(path, Access::Append)?;
+        let file = open_regular(path, Access::Append(NEW_FILE_MODE))?;
         warn_if_loose(path, &file);
         let rotated = journal.rotated();
         match fs::symlink_metadata(&rotated) {
@@ -223,7 +158,7 @@ impl Journal {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut line = serde_json::to_vec(record).context("cannot encode a drain record")?;
         line.push(b'\n');
-        let mut file = open_regular(&self.path, Access::Append)?;
+        let mut file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
         let mut size = file
             .metadata()
             .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
@@ -234,7 +169,7 @@ impl Journal {
             fs::rename(&self.path, self.rotated()).with_context(|| {
                 format!("cannot rotate the drain journal {}", self.path.display())
             })?;
-            file = open_regular(&self.path, Access::Append)?;
+            file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
             size = file
                 .metadata()
                 .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
@@ -311,6 +246,8 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
     use crate::drain::{DrainEnd, DrainRecord, OnTimeout};
 

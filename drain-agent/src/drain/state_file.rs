@@ -26,6 +26,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::drain::untrusted_path::{Access, Named, kind_of};
+
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "drains.json";
 /// The layout written, and the only one read back.
@@ -66,60 +68,16 @@ pub struct StateFile {
     writer: std::sync::atomic::AtomicBool,
 }
 
-/// What is at `path` when it is not a regular file, in a start-up error.
-fn kind_of(meta: &fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt as _;
-    let file_type = meta.file_type();
-    if file_type.is_symlink() {
-        "a symbolic link"
-    } else if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else if file_type.is_char_device() || file_type.is_block_device() {
-        "a device"
-    } else {
-        "of an unknown type"
-    }
-}
+/// The state file, as its errors name it.
+const STATE_FILE: Named = Named {
+    what: "the state file",
+    advice: |_| " (remove it)",
+};
 
 /// Opens `path` for reading only if it is a regular file, never through a link and never
-/// blocking on a FIFO (see `journal.rs` `open_regular` for the flags).
+/// blocking on a FIFO ([`Named::open_regular`]).
 fn open_regular(path: &Path) -> Result<Option<File>> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(problem) => {
-            if let Ok(meta) = fs::symlink_metadata(path)
-                && !meta.file_type().is_file()
-            {
-                bail!(
-                    "the state file {} is {}, not a regular file: refused (remove it)",
-                    path.display(),
-                    kind_of(&meta)
-                );
-            }
-            return Err(problem)
-                .with_context(|| format!("cannot open the state file {}", path.display()));
-        }
-    };
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot stat the state file {}", path.display()))?;
-    if !meta.file_type().is_file() {
-        bail!(
-            "the state file {} is {}, not a regular file: refused (remove it)",
-            path.display(),
-            kind_of(&meta)
-        );
-    }
-    Ok(Some(file))
+    STATE_FILE.open_regular(path, Access::Read)
 }
 
 impl StateFile {
@@ -149,7 +107,7 @@ impl StateFile {
             bail!(
                 "the state directory {} is {}, not a directory: refused",
                 dir.display(),
-                kind_of(&meta)
+                kind_of(meta.file_type())
             );
         }
         if meta.mode() & 0o022 != 0 {

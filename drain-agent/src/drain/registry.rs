@@ -1,0 +1,224 @@
+//! The registry's side of a drain: starting one for a scope or joining the one in progress
+//! (`POST /drain`, a `/drained` waiter's [`Membership`]), cancelling it, and a drain's
+//! shared state while it runs ([`Running`]).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    drain::{DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, lock, unix_ms},
+    tracker::Filter,
+};
+
+/// A drain in progress.
+pub(super) struct Running {
+    pub(super) spec: DrainSpec,
+    /// When it started (a drain restored at start-up: as long before as it had run).
+    pub(super) started: tokio::time::Instant,
+    pub(super) deadline: tokio::time::Instant,
+    pub(super) record: Mutex<DrainRecord>,
+    /// Set to end the drain early: `Cancelled` (`DELETE`) or `Abandoned` (its waiters left).
+    pub(super) cancel: watch::Sender<Option<DrainEnd>>,
+    pub(super) finished: watch::Sender<Option<Arc<Final>>>,
+    /// Started or joined by `POST /drain`: lives until its timeout or `DELETE`, whoever waits.
+    pub(super) posted: AtomicBool,
+    /// `/drained` waiters attached now.
+    waiters: AtomicUsize,
+}
+
+impl Running {
+    /// A drain of `spec` with no waiter attached yet if `posted`, else with one.
+    pub(super) fn new(
+        spec: DrainSpec,
+        started: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+        record: DrainRecord,
+        posted: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            started,
+            deadline,
+            record: Mutex::new(record),
+            cancel: watch::channel(None).0,
+            finished: watch::channel(None).0,
+            posted: AtomicBool::new(posted),
+            waiters: AtomicUsize::new(usize::from(!posted)),
+        })
+    }
+
+    /// Ends the drain early with `end`, unless something ended it already.
+    fn end(&self, end: DrainEnd) {
+        self.cancel.send_if_modified(|ended| {
+            ended.is_none() && {
+                *ended = Some(end);
+                true
+            }
+        });
+    }
+}
+
+/// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
+/// ends the drain when it was the last waiter of a drain no `POST` asked for.
+pub struct Membership {
+    pub(super) drain: Arc<Running>,
+}
+
+impl Membership {
+    pub fn id(&self) -> u64 {
+        lock(&self.drain.record).id
+    }
+
+    /// When the drain's own deadline passes.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.drain.deadline
+    }
+
+    /// The drain's outcome, if it ends before `until`.
+    pub async fn outcome(&self, until: tokio::time::Instant) -> Option<Arc<Final>> {
+        let mut finished = self.drain.finished.subscribe();
+        tokio::time::timeout_at(until, finished.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|done| done.ok().and_then(|done| done.clone()))
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let left = self.drain.waiters.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0
+            && !self.drain.posted.load(Ordering::Acquire)
+            && tokio::time::Instant::now() < self.drain.deadline
+        {
+            // Nobody waits for it and nobody asked for it to run on its own.
+            self.drain.end(DrainEnd::Abandoned);
+        }
+    }
+}
+
+impl Drains {
+    /// `POST /drain`: starts a drain of `spec.filter`, or returns the one in progress for
+    /// that scope (`false`), which from now on lives until its timeout or `DELETE`.
+    pub fn post(self: &Arc<Self>, spec: DrainSpec) -> Result<(DrainRecord, bool), JoinError> {
+        let (drain, created) = self.start(spec, true)?;
+        drain.posted.store(true, Ordering::Release);
+        let record = lock(&drain.record).clone();
+        Ok((record, created))
+    }
+
+    /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
+    /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
+    pub fn join(self: &Arc<Self>, spec: DrainSpec) -> Result<(Membership, bool), JoinError> {
+        let (drain, created) = self.start(spec, false)?;
+        Ok((Membership { drain }, created))
+    }
+
+    /// The drain of `spec.filter`, started now (`true`) or in progress, with one more
+    /// waiter attached unless `posted`.
+    fn start(
+        self: &Arc<Self>,
+        spec: DrainSpec,
+        posted: bool,
+    ) -> Result<(Arc<Running>, bool), JoinError> {
+        let mut running = lock(&self.running);
+        if let Some(existing) = running.get(&spec.filter) {
+            if let Some(difference) = existing.spec.conflict(&spec) {
+                return Err(JoinError::Conflict(lock(&existing.record).id, difference));
+            }
+            if !posted {
+                existing.waiters.fetch_add(1, Ordering::AcqRel);
+            }
+            return Ok((Arc::clone(existing), false));
+        }
+        if running.len() >= self.max_running {
+            return Err(JoinError::Full);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let active_at_start = self.tracker.active(&spec.filter).unwrap_or(0);
+        let record = DrainRecord {
+            id,
+            port: spec.filter.port,
+            addr: spec.filter.addr,
+            netns: spec.filter.netns,
+            started_ms: unix_ms(),
+            first_zero_after_ms: None,
+            ended_ms: None,
+            result: None,
+            active_at_start,
+            late_arrivals: 0,
+            peers_at_end: Vec::new(),
+            closed_by_agent: 0,
+            wait_ms: 0,
+            on_timeout: spec.on_timeout,
+        };
+        let now = tokio::time::Instant::now();
+        let drain = Running::new(spec.clone(), now, now + spec.timeout, record, posted);
+        running.insert(spec.filter.clone(), Arc::clone(&drain));
+        drop(running);
+        log::info!(
+            "drain {id} started: {} timeout={:?} active={active_at_start}",
+            scope_text(&spec.filter),
+            spec.timeout
+        );
+        self.launch(Arc::clone(&drain));
+        Ok((drain, true))
+    }
+
+    /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
+    /// The scope's held gate (if any) is released either way: `DELETE /drain` after a drain
+    /// ended puts the scope back in rotation (before, it did nothing without a drain in
+    /// progress).
+    pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
+        self.release(filter);
+        let drain = lock(&self.running).get(filter).cloned()?;
+        let mut finished = drain.finished.subscribe();
+        drain.end(DrainEnd::Cancelled);
+        // The drain ends at once on cancel; wait for its record.
+        let _ = finished.wait_for(Option::is_some).await;
+        let record = lock(&drain.record).clone();
+        Some(record)
+    }
+
+    /// Waits until the drain of `filter` (if one runs) has ended, at most `limit`.
+    #[cfg(test)]
+    pub async fn wait_ended(&self, filter: &Filter, limit: Duration) -> Option<DrainRecord> {
+        let drain = lock(&self.running).get(filter).cloned()?;
+        let mut finished = drain.finished.subscribe();
+        let _ = tokio::time::timeout(limit, finished.wait_for(Option::is_some)).await;
+        let record = lock(&drain.record).clone();
+        Some(record)
+    }
+
+    /// Waits until no drain is in progress (at shutdown), at most `limit`.
+    pub async fn wait_all_ended(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !lock(&self.running).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs `drain` (started now, or resumed after a restart) until it ends, on a task of
+    /// its own: it ends whoever waits.
+    pub(super) fn launch(self: &Arc<Self>, drain: Arc<Running>) {
+        let registry = Arc::clone(self);
+        tokio::spawn(async move { registry.run(drain).await });
+    }
+}
+
+/// A scope as the log lines about drains name it.
+pub(super) fn scope_text(filter: &Filter) -> String {
+    format!(
+        "port={} addr={} netns={}",
+        filter.port,
+        filter.addr.map_or("-".into(), |addr| addr.to_string()),
+        filter.netns.map_or("-".into(), |netns| netns.to_string())
+    )
+}

@@ -1,0 +1,235 @@
+//! One drain's run, from start to record: its wait (the tracker's), its deadline, the close
+//! at the deadline (`on_timeout=close`) and the recount after it, then the record: the
+//! history, the held gate, the journal, the log line and the metrics.
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    drain::{
+        DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HELD_MAX,
+        HISTORY, OnTimeout, gate::Held, lock, registry::Running, unix_ms,
+    },
+    drain_rule::DrainRule,
+    tracker::{DrainOutcome, Filter, WaitError},
+};
+
+impl Drains {
+    /// One drain, from start to record.
+    pub(super) async fn run(self: Arc<Self>, drain: Arc<Running>) {
+        let spec = drain.spec.clone();
+        let mut cancel = drain.cancel.subscribe();
+        let started = drain.started;
+        // Its own deadline: for a drain resumed after a restart, what was left of it.
+        let left = drain
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let waited = tokio::select! {
+            outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
+            end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
+        };
+        let mut closed = 0;
+        let (result, outcome) = match waited {
+            Err(end) => (end, self.not_drained(&spec.filter, started, None)),
+            Ok(Ok(outcome)) => {
+                {
+                    let mut record = lock(&drain.record);
+                    record.first_zero_after_ms = outcome
+                        .first_zero
+                        .map(|at| u64::try_from(at.as_millis()).unwrap_or(u64::MAX));
+                    record.late_arrivals = outcome.arrivals;
+                    record.peers_at_end = outcome.peers.clone();
+                }
+                if outcome.drained {
+                    (DrainEnd::Drained, outcome)
+                } else if self.tracker.shutting_down() {
+                    (DrainEnd::AgentShutdown, outcome)
+                } else if spec.on_timeout == OnTimeout::Close {
+                    closed = self.close_remaining(&spec).await;
+                    // Drained only if nothing is left now: a close that failed must not turn
+                    // into a "drained". Asked like any answer (doubts confirmed), without the
+                    // quiet window, which the deadline has ended.
+                    let now_rule = DrainRule {
+                        quiet: Duration::ZERO,
+                        ..spec.rule.clone()
+                    };
+                    let after = self
+                        .tracker
+                        .wait_for_drain(&spec.filter, Duration::ZERO, &now_rule)
+                        .await
+                        .map(|after| DrainOutcome {
+                            waited: started.elapsed(),
+                            ..after
+                        })
+                        .unwrap_or(outcome);
+                    (DrainEnd::ClosedAtDeadline, after)
+                } else {
+                    (DrainEnd::Timeout, outcome)
+                }
+            }
+            Ok(Err(problem)) => {
+                let why = match problem {
+                    WaitError::TooManyWaiters(max) => format!("{max} waiters already"),
+                    WaitError::Source(source) => format!("{source:#}"),
+                };
+                (
+                    DrainEnd::Timeout,
+                    self.not_drained(&spec.filter, started, Some(why)),
+                )
+            }
+        };
+        let record = {
+            let mut record = lock(&drain.record);
+            record.result = Some(result);
+            record.ended_ms = Some(unix_ms());
+            record.closed_by_agent = closed;
+            record.wait_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            record.clone()
+        };
+        // The listeners now (the gate waits for a new one): a netlink query per namespace,
+        // off the async workers, which are answering the drain's waiters meanwhile.
+        let listeners = match (&self.closer, record.result) {
+            (Some(closer), Some(result)) if result.holds_the_gate() => {
+                let (closer, filter) = (Arc::clone(closer), spec.filter.clone());
+                tokio::task::spawn_blocking(move || closer.listeners(&filter))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        // The record is on disk before any waiter gets the answer (`Final` is sent last).
+        if let Some(journal) = &self.journal {
+            let (journal, line) = (Arc::clone(journal), record.clone());
+            let written = tokio::task::spawn_blocking(move || journal.append(&line)).await;
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(problem)) => log::warn!("cannot write the drain journal: {problem:#}"),
+                Err(problem) => log::warn!("the drain journal writer failed: {problem}"),
+            }
+        }
+        self.finish(&spec.filter, record, listeners);
+        drain.finished.send_replace(Some(Arc::new(Final {
+            result,
+            outcome,
+            closed: (spec.on_timeout == OnTimeout::Close && result == DrainEnd::ClosedAtDeadline)
+                .then_some(closed),
+        })));
+        // Ended (and its gate held, if it holds one): after the answer, which must not wait
+        // for a second sync. A crash in between resumes the drain, which ends again.
+        self.save().await;
+    }
+
+    /// A not-drained outcome with the count now (a drain that ended before its wait did).
+    fn not_drained(
+        &self,
+        filter: &Filter,
+        started: tokio::time::Instant,
+        unknown: Option<String>,
+    ) -> DrainOutcome {
+        DrainOutcome {
+            drained: false,
+            active: self.tracker.active(filter).unwrap_or(0),
+            waited: started.elapsed(),
+            unknown,
+            idle: None,
+            busy: None,
+            peers: Vec::new(),
+            first_zero: None,
+            arrivals: 0,
+        }
+    }
+
+    /// Closes what is left of `spec`'s scope: idle connections first, then the rest, paced.
+    async fn close_remaining(&self, spec: &DrainSpec) -> u64 {
+        let Some(closer) = self.closer.clone() else {
+            log::warn!("cannot close connections: this agent has no way to close sockets");
+            return 0;
+        };
+        let mut peers = match self.tracker.remaining(&spec.filter).await {
+            Ok(peers) => peers,
+            Err(problem) => {
+                log::warn!("cannot list the connections to close: {problem:#}");
+                return 0;
+            }
+        };
+        // Ignored sources (probes) never held the drain: leave them. Idle ones first:
+        // closing them loses nothing in flight.
+        peers.retain(|peer| !spec.rule.ignores(peer.remote.ip()));
+        peers.sort_by_key(|peer| peer.busy);
+        let batch = if spec.pace == 0 {
+            peers.len().max(1)
+        } else {
+            spec.pace as usize
+        };
+        let mut closed = 0;
+        for (round, chunk) in peers.chunks(batch).enumerate() {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let (closer, filter, chunk) =
+                (Arc::clone(&closer), spec.filter.clone(), chunk.to_vec());
+            match tokio::task::spawn_blocking(move || closer.close(&filter, &chunk)).await {
+                Ok(Ok(count)) => closed += count,
+                Ok(Err(problem)) => log::warn!("cannot close connections: {problem:#}"),
+                Err(problem) => log::warn!("closing failed: {problem}"),
+            }
+        }
+        closed
+    }
+
+    /// Moves an ended drain to the history, the journal, the log and the metrics.
+    pub(super) fn finish(&self, filter: &Filter, record: DrainRecord, listeners: Vec<u64>) {
+        if record.result.is_some_and(DrainEnd::holds_the_gate) {
+            let mut held = lock(&self.held);
+            if held.len() >= HELD_MAX && !held.contains_key(filter) {
+                // Bounded: the hold that ends soonest goes first.
+                let soonest = held
+                    .iter()
+                    .min_by_key(|(_, hold)| hold.until)
+                    .map(|(scope, _)| scope.clone());
+                if let Some(soonest) = soonest {
+                    held.remove(&soonest);
+                }
+            }
+            held.insert(
+                filter.clone(),
+                Held {
+                    listeners: listeners.into_iter().collect(),
+                    until: tokio::time::Instant::now() + GATE_HOLD,
+                },
+            );
+        }
+        lock(&self.running).remove(filter);
+        log::info!(
+            "drain {} ended: result={} port={} waited_ms={} active_at_start={} late_arrivals={} left={} closed_by_agent={}",
+            record.id,
+            record.result.map_or("-", DrainEnd::label),
+            record.port,
+            record.wait_ms,
+            record.active_at_start,
+            record.late_arrivals,
+            record.peers_at_end.len(),
+            record.closed_by_agent
+        );
+        {
+            let mut stats = lock(&self.stats);
+            if let Some(result) = record.result {
+                *stats.ended.entry(result).or_default() += 1;
+            }
+            let seconds = record.wait_ms as f64 / 1000.0;
+            for (bound, count) in DURATION_BUCKETS.iter().zip(stats.buckets.iter_mut()) {
+                if seconds <= *bound {
+                    *count += 1;
+                }
+            }
+            stats.count += 1;
+            stats.sum_seconds += seconds;
+        }
+        let mut history = lock(&self.history);
+        history.push_back(record);
+        while history.len() > HISTORY {
+            history.pop_front();
+        }
+    }
+}

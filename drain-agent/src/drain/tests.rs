@@ -1,0 +1,286 @@
+use super::*;
+use crate::tracker::fake::{FakeSource, endpoint};
+
+fn registry(active: u64) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, active)]);
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let drains = Arc::new(Drains::new(Arc::clone(&tracker), None, None, None, 4));
+    (source, tracker, drains)
+}
+
+fn spec(timeout: Duration) -> DrainSpec {
+    DrainSpec {
+        filter: Filter::port(8080),
+        timeout,
+        rule: DrainRule::default(),
+        on_timeout: OnTimeout::Keep,
+        pace: 0,
+        given: Given::default(),
+    }
+}
+
+/// A registry keeping its drains in `dir` (what `--state-dir` does).
+fn saving_registry(
+    active: u64,
+    dir: &std::path::Path,
+) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let source = Arc::new(FakeSource::default());
+    // 8081 busy too: the drain only waiters join must still run when it is saved.
+    source.set(vec![
+        endpoint("127.0.0.1", 8080, active),
+        endpoint("127.0.0.1", 8081, active),
+    ]);
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let drains = Arc::new(
+        Drains::new(Arc::clone(&tracker), None, None, None, 4)
+            .with_state_file(StateFile::open(dir).expect("state file")),
+    );
+    (source, tracker, drains)
+}
+
+#[tokio::test]
+async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, drains) = saving_registry(2, dir.path());
+    let mut posted = spec(Duration::from_secs(600));
+    posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
+    posted.given.ignore = true;
+    let (record, _) = drains.post(posted.clone()).expect("room");
+    let joined = DrainSpec {
+        filter: Filter::port(8081),
+        ..spec(Duration::from_secs(600))
+    };
+    let (_membership, _) = drains.join(joined).expect("room");
+    // A gate held after a drain of 9090 that ran its course.
+    drains.finish(
+        &Filter::port(9090),
+        DrainRecord {
+            result: Some(DrainEnd::Drained),
+            port: 9090,
+            ..record.clone()
+        },
+        vec![7],
+    );
+    drains.save().await;
+
+    let (_, tracker, restored) = saving_registry(2, dir.path());
+    restored.restore();
+    let (running, _) = restored.list();
+    assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
+    assert_eq!((running[0].id, running[0].port), (record.id, 8080));
+    assert_eq!(running[0].started_ms, record.started_ms);
+    assert!(restored.gated(&node(8080)) && restored.gated(&node(9090)));
+    assert!(!restored.gated(&node(8081)));
+    // Its settings came back: a request naming other ones conflicts.
+    let mut other = spec(Duration::from_secs(600));
+    other.given.ignore = true;
+    assert!(matches!(
+        restored.post(other),
+        Err(JoinError::Conflict(id, _)) if id == record.id
+    ));
+    assert!(matches!(restored.post(posted), Ok((again, false)) if again.id == record.id));
+    // Stopping writes nothing: what is on disk resumes at the next start.
+    tracker.begin_shutdown();
+    restored.release(&Filter::port(9090));
+    restored.save().await;
+    let (_, _, again) = saving_registry(2, dir.path());
+    again.restore();
+    assert!(again.gated(&node(9090)));
+    assert_eq!(again.list().0.len(), 1);
+}
+
+/// What `/health?port=P` asks on the node (the node's namespace is 0 here).
+fn node(port: u16) -> Asked {
+    Asked {
+        port,
+        addr: None,
+        netns: 0,
+        whole_namespace: false,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
+    let (source, tracker, drains) = registry(2);
+    assert!(!drains.gated(&node(8080)));
+    let (first, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
+    assert!(created);
+    let (again, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
+    assert!(!created);
+    assert_eq!(first.id, again.id);
+    assert_eq!(first.active_at_start, 2);
+    assert!(drains.gated(&node(8080)) && !drains.gated(&node(8081)));
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    tracker.notify_port(8080);
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::Drained));
+    // Drained: the port stays out of rotation until a new instance listens (no kernel
+    // here to ask) or it is released.
+    assert!(drains.gated(&node(8080)));
+    // DELETE /drain with no drain in progress: nothing cancelled, the gate released.
+    assert!(drains.cancel(&Filter::port(8080)).await.is_none());
+    assert!(!drains.gated(&node(8080)));
+    let (running, ended) = drains.list();
+    assert!(running.is_empty());
+    assert_eq!(ended[0].id, first.id);
+    assert_eq!(drains.stats().ended.get(&DrainEnd::Drained), Some(&1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_and_timeout_are_recorded() {
+    let (_, _, drains) = registry(1);
+    let (started, _) = drains.post(spec(Duration::from_secs(3600))).expect("room");
+    let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
+    assert_eq!(
+        (record.id, record.result),
+        (started.id, Some(DrainEnd::Cancelled))
+    );
+    assert!(!drains.gated(&node(8080)));
+    assert!(drains.cancel(&Filter::port(8080)).await.is_none());
+    drains.post(spec(Duration::from_secs(2))).expect("room");
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(10))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::Timeout));
+    assert_eq!(record.closed_by_agent, 0);
+    assert_eq!(drains.list().1.len(), 2);
+}
+
+/// Issue 22: a `GET` whose client went away after 1 s left a 10-minute drain running,
+/// gating the port for 10 minutes. Now the drain lives while one of its waiters waits.
+#[tokio::test(start_paused = true)]
+async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
+    let (_, _, drains) = registry(1);
+    let (first, created) = drains.join(spec(Duration::from_secs(600))).expect("room");
+    assert!(created);
+    let (second, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
+    assert_eq!(first.id(), second.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(first);
+    tokio::task::yield_now().await;
+    assert!(drains.gated(&node(8080)), "one waiter is still there");
+    drop(second);
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(1))
+        .await;
+    // Ended (or already gone from the running set) within a second.
+    assert!(record.is_none_or(|record| record.result == Some(DrainEnd::Abandoned)));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(drains.list().0.is_empty());
+    assert_eq!(drains.list().1[0].result, Some(DrainEnd::Abandoned));
+    assert!(
+        !drains.gated(&node(8080)),
+        "an abandoned drain holds no gate"
+    );
+    // A POST keeps it running whoever waits.
+    let (waiter, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
+    drains.post(spec(Duration::from_secs(600))).expect("room");
+    drop(waiter);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(drains.list().0.len(), 1);
+}
+
+/// Issue 22: a request with other settings silently joined a drain in progress (a
+/// close request answered `on_timeout: keep`). Named settings that differ are refused.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
+    let (_, _, drains) = registry(1);
+    drains.post(spec(Duration::from_secs(600))).expect("room");
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        given: Given {
+            on_timeout: true,
+            ..Given::default()
+        },
+        ..spec(Duration::from_secs(3))
+    };
+    match drains.post(close.clone()) {
+        Err(JoinError::Conflict(_, text)) => {
+            assert!(text.contains("on_timeout=keep (asked close)"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(drains.join(close), Err(JoinError::Conflict(..))));
+    // Settings not named take the drain's: the plain hook joins.
+    assert!(drains.join(spec(Duration::from_secs(3))).is_ok());
+    let quiet = DrainSpec {
+        rule: DrainRule {
+            quiet: Duration::from_secs(5),
+            ..DrainRule::default()
+        },
+        given: Given {
+            quiet: true,
+            ..Given::default()
+        },
+        ..spec(Duration::from_secs(30))
+    };
+    assert!(matches!(drains.post(quiet), Err(JoinError::Conflict(..))));
+}
+
+/// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and
+/// agent-check for 5 minutes. A drain gates only what it covers.
+#[tokio::test(start_paused = true)]
+async fn one_scopes_drain_never_gates_another() {
+    let (_, _, drains) = registry(1);
+    let pod_a = Filter {
+        port: 8080,
+        addr: None,
+        netns: Some(7),
+    };
+    let pod_b_addr: IpAddr = "10.1.0.8".parse().expect("ip");
+    let pod_a_addr: IpAddr = "10.1.0.7".parse().expect("ip");
+    drains
+        .post(DrainSpec {
+            filter: pod_a.clone(),
+            ..spec(Duration::from_secs(600))
+        })
+        .expect("room");
+    let a_inside = Asked {
+        port: 8080,
+        addr: None,
+        netns: 7,
+        whole_namespace: true,
+    };
+    let a_by_addr = Asked {
+        port: 8080,
+        addr: Some(pod_a_addr),
+        netns: 7,
+        whole_namespace: false,
+    };
+    let b_inside = Asked {
+        netns: 8,
+        ..a_inside
+    };
+    let b_by_addr = Asked {
+        addr: Some(pod_b_addr),
+        netns: 8,
+        ..a_by_addr
+    };
+    assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
+    assert!(!drains.gated(&node(8080)), "the node's port");
+    assert!(
+        !drains.gated(&b_inside) && !drains.gated(&b_by_addr),
+        "pod B"
+    );
+    // Pod A's hook on the node listener drains {addr, netns}: its own /health sees it.
+    drains.cancel(&pod_a).await.expect("cancelled");
+    drains
+        .post(DrainSpec {
+            filter: Filter {
+                addr: Some(pod_a_addr),
+                ..pod_a.clone()
+            },
+            ..spec(Duration::from_secs(600))
+        })
+        .expect("room");
+    assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
+    assert!(!drains.gated(&node(8080)) && !drains.gated(&b_inside));
+    // A node-wide drain covers every pod's port.
+    drains.post(spec(Duration::from_secs(600))).expect("room");
+    assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
+}

@@ -1,0 +1,173 @@
+//! A `/drained` waiter's one wait: the outcome of its drain. A waiter whose caller may
+//! control the scope joins the drain of that scope (starting one if none is in progress);
+//! one that may not (an observer), a pure query (`timeout=0`) and one past the drain limit
+//! wait unrecorded, on the same tracker wait a drain runs. Either way the drains own the
+//! deadline, the close at the deadline (`on_timeout=close`), the final recount and the list
+//! of the connections left; the handler only renders [`Answer`].
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership},
+    tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, Tracker, WaitError},
+};
+
+/// How long past its drain's deadline a waiter waits for the drain's outcome: a paced
+/// close at the deadline takes its time.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// What a `/drained` request asks for.
+#[derive(Clone, Debug)]
+pub struct Ask {
+    /// The drain it starts or joins (or, unrecorded, waits as).
+    pub spec: DrainSpec,
+    /// Its caller may control the scope: it joins the scope's drain (a `timeout` above 0).
+    pub control: bool,
+    /// `peers=true`: a not-drained answer to a pure query lists the connections left too
+    /// (a waiter's answer has them already).
+    pub peers: bool,
+}
+
+/// A waiter's answer.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub outcome: DrainOutcome,
+    /// Connections the agent closed at the deadline (`on_timeout=close`).
+    pub closed: Option<u64>,
+    /// The drain the waiter joined or started.
+    pub drain: Option<u64>,
+    /// Not drained because the agent is stopping: the hook should ask the next agent (a
+    /// 503 that must not look like a timeout).
+    pub shutdown: bool,
+}
+
+/// Why a waiter got no answer.
+#[derive(Debug)]
+pub enum Unanswered {
+    /// The drain in progress of this scope has other settings (named, with its id).
+    Conflict(u64, String),
+    /// The wait could not start (too many waiters) or the counts could not be read.
+    Wait(WaitError),
+}
+
+impl From<WaitError> for Unanswered {
+    fn from(problem: WaitError) -> Self {
+        Self::Wait(problem)
+    }
+}
+
+impl Ask {
+    /// The answer to this `/drained` request: its one wait. A client that hangs up drops
+    /// this future, and with it the [`Membership`], whose drop ends a drain no one waits
+    /// for any more.
+    pub async fn answer(self, drains: &Arc<Drains>) -> Result<Answer, Unanswered> {
+        let tracker = drains.tracker.as_ref();
+        let membership = self.member(drains)?;
+        let (mut outcome, closed) = match &membership {
+            Some(membership) => await_drain(tracker, &self.spec, membership).await?,
+            None => {
+                let _slot = tracker.admit()?;
+                let outcome = tracker
+                    .wait_for_drain(&self.spec.filter, self.spec.timeout, &self.spec.rule)
+                    .await?;
+                (outcome, None)
+            }
+        };
+        if self.peers && outcome.peers.is_empty() {
+            // A pure query asked for the list (a waiter's answer has it already).
+            list_remaining(tracker, &self.spec, &mut outcome, REPORT_BUDGET).await;
+        }
+        Ok(Answer {
+            shutdown: !outcome.drained && tracker.shutting_down(),
+            drain: membership.as_ref().map(Membership::id),
+            outcome,
+            closed,
+        })
+    }
+
+    /// The drain this request joins, or `None`: its caller only observes, it is a pure
+    /// query, or as many drains as allowed are in progress (the waiter still waits,
+    /// unrecorded: a stop hook must not fail).
+    fn member(&self, drains: &Arc<Drains>) -> Result<Option<Membership>, Unanswered> {
+        if !self.control || self.spec.timeout.is_zero() {
+            return Ok(None);
+        }
+        match drains.join(self.spec.clone()) {
+            Ok((membership, _)) => Ok(Some(membership)),
+            Err(JoinError::Full) => Ok(None),
+            Err(JoinError::Conflict(id, difference)) => Err(Unanswered::Conflict(id, difference)),
+        }
+    }
+}
+
+/// A waiter's answer from the drain it joined. The drain owns the deadline, the close at
+/// the deadline and the final recount: a waiter whose deadline is the drain's (or later)
+/// gets the drain's outcome; one whose deadline comes first is answered then, with the
+/// count at that moment. A drain that ended without draining (its timeout, a cancel)
+/// before this waiter's own deadline leaves it waiting, as an observer, until then.
+async fn await_drain(
+    tracker: &Tracker,
+    spec: &DrainSpec,
+    membership: &Membership,
+) -> Result<(DrainOutcome, Option<u64>), WaitError> {
+    let _slot = tracker.admit()?;
+    let started = tokio::time::Instant::now();
+    let own_deadline = started + spec.timeout;
+    let until = if membership.deadline() <= own_deadline {
+        // Bounded: a paced close at the deadline takes its time, and the agent may be
+        // shutting down.
+        membership.deadline() + CLOSE_WAIT
+    } else {
+        own_deadline
+    };
+    let final_outcome = membership.outcome(until).await;
+    let waited = |mut outcome: DrainOutcome| {
+        outcome.waited = started.elapsed();
+        outcome
+    };
+    match final_outcome {
+        Some(done)
+            if done.outcome.drained
+                || matches!(
+                    done.result,
+                    DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
+                )
+                || tokio::time::Instant::now() >= own_deadline =>
+        {
+            Ok((waited(done.outcome.clone()), done.closed))
+        }
+        Some(_) => {
+            let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = tracker
+                .wait_for_drain(&spec.filter, left, &spec.rule)
+                .await?;
+            Ok((waited(outcome), None))
+        }
+        None => {
+            // This waiter's deadline came first: the count now, asked like any answer.
+            let mut outcome = tracker
+                .wait_for_drain(&spec.filter, Duration::ZERO, &spec.rule)
+                .await?;
+            list_remaining(tracker, spec, &mut outcome, ANSWER_LIST_BUDGET).await;
+            Ok((waited(outcome), None))
+        }
+    }
+}
+
+/// Adds the remaining connections to a not-drained `outcome` (best effort: the list is a
+/// pass over the socket tables).
+async fn list_remaining(
+    tracker: &Tracker,
+    spec: &DrainSpec,
+    outcome: &mut DrainOutcome,
+    budget: Duration,
+) {
+    if outcome.drained || outcome.active == 0 {
+        return;
+    }
+    if let Ok((peers, idle, busy)) = tracker.listed(&spec.filter, &spec.rule, budget).await {
+        outcome.peers = peers;
+        outcome.idle = outcome.idle.or(idle);
+        outcome.busy = outcome.busy.or(busy);
+    }
+}

@@ -1,0 +1,69 @@
+//! `GET /connections`: the endpoints with active connections, and with `peers=true` each
+//! one's connections.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+use crate::{
+    http::{
+        AppState,
+        api::{ConnectionsBody, EndpointRow, error},
+        extract::{Confined, ConnectionsQuery},
+    },
+    tracker::Filter,
+};
+
+/// `GET /connections[?port=P][&addr=IP][&netns=N][&peers=true]`: endpoints with active
+/// connections, and with `peers=true` each one's connections (peer, age, idle, queues).
+pub(super) async fn connections(
+    State(state): State<Arc<AppState>>,
+    Confined(_, (scope, port, with_peers)): Confined<ConnectionsQuery>,
+) -> Response {
+    let (addr, netns) = (scope.addr, scope.netns);
+    let mut endpoints = match state.tracker.snapshot() {
+        Ok(endpoints) => endpoints,
+        Err(problem) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the connection counts: {problem:#}"),
+            );
+        }
+    };
+    endpoints.retain(|e| {
+        e.active > 0
+            && port.is_none_or(|p| p == e.port)
+            && addr.is_none_or(|a| a == e.addr)
+            && netns.is_none_or(|n| n == e.netns)
+            && state.metrics.exports_port(e.port)
+    });
+    endpoints.sort_by_key(|e| (e.port, e.netns, e.addr));
+    let mut rows = Vec::with_capacity(endpoints.len());
+    for endpoint in endpoints {
+        let peers = if with_peers {
+            let filter = Filter {
+                port: endpoint.port,
+                addr: Some(endpoint.addr),
+                netns: Some(endpoint.netns),
+            };
+            match state.tracker.remaining(&filter).await {
+                Ok(peers) => Some(peers),
+                Err(problem) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot list the connections: {problem:#}"),
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        rows.push(EndpointRow { endpoint, peers });
+    }
+    (StatusCode::OK, Json(ConnectionsBody { endpoints: rows })).into_response()
+}

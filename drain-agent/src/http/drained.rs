@@ -1,0 +1,116 @@
+//! `GET /drained?port=P[&timeout=T]…`: one wait, on the outcome of the request's drain
+//! ([`crate::drain::waiter`]), and the answer rendered: 200 drained, 503 not (with
+//! `Retry-After` when the agent stops), 409, 429 or 500 when there is no answer.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+
+use crate::{
+    drain::waiter::{Answer, Unanswered},
+    http::{
+        AppState,
+        api::{AnswerReason, ApiError, DrainedBody, error},
+        extract::Waiter,
+    },
+    metrics::{DrainResult, Metrics},
+    tracker::WaitError,
+};
+
+pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Waiter) -> Response {
+    let port = ask.spec.filter.port;
+    // A client that hangs up drops this future: the guard still records the request.
+    let abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
+    let answer = ask.answer(&state.drains).await;
+    abandoned.disarm();
+    let (result, problem) = match answer {
+        Ok(answer) => return render(&state.metrics, port, answer),
+        Err(Unanswered::Conflict(id, difference)) => (
+            DrainResult::Invalid,
+            ApiError::Conflict(format!(
+                "drain {id} of this scope is in progress with {difference}: wait with its settings, or cancel it first"
+            ))
+            .into_response(),
+        ),
+        Err(Unanswered::Wait(WaitError::TooManyWaiters(max))) => (
+            DrainResult::Rejected,
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{max} requests are waiting already (--max-waiters); retry later"),
+            ),
+        ),
+        Err(Unanswered::Wait(WaitError::Source(source))) => (
+            DrainResult::Error,
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the connection counts: {source:#}"),
+            ),
+        ),
+    };
+    state.metrics.drain_request(result, None);
+    problem
+}
+
+/// A waiter's answer: recorded, and 200 or 503 with its body.
+fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
+    let Answer {
+        outcome,
+        closed,
+        drain,
+        shutdown,
+    } = answer;
+    let result = if outcome.drained {
+        DrainResult::Drained
+    } else if shutdown {
+        DrainResult::AgentShutdown
+    } else {
+        DrainResult::Timeout
+    };
+    metrics.drain_request(result, Some(outcome.waited));
+    let status = if outcome.drained {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = DrainedBody {
+        port,
+        drained: outcome.drained,
+        active: outcome.active,
+        waited_ms: u64::try_from(outcome.waited.as_millis()).unwrap_or(u64::MAX),
+        unknown: outcome.unknown,
+        idle: outcome.idle,
+        busy: outcome.busy,
+        peers: outcome.peers,
+        drain,
+        closed,
+        reason: shutdown.then_some(AnswerReason::AgentShutdown),
+    };
+    if shutdown {
+        // The hook should ask the next agent, and a 503 must not look like a timeout.
+        return (status, [(header::RETRY_AFTER, "1")], Json(body)).into_response();
+    }
+    (status, Json(body)).into_response()
+}
+
+/// Records a `/drained` request whose client went away before its answer.
+struct AbandonedGuard(Option<Arc<Metrics>>);
+
+impl AbandonedGuard {
+    /// The answer came: nothing to record here.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbandonedGuard {
+    fn drop(&mut self) {
+        if let Some(metrics) = self.0.take() {
+            metrics.drain_request(DrainResult::Abandoned, None);
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The drains as things: `POST /drain` starts one, `DELETE /drain` cancels one, `GET
+//! /drains` lists them, and `GET /health?port=P` tells a load balancer whether a scope is
+//! out of rotation.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+
+use crate::{
+    drain::JoinError,
+    http::{
+        AppState,
+        api::{ApiError, DrainsBody, HealthBody, error},
+        extract::{Controlled, HealthQuery, NoParams, Observer, Posted},
+    },
+    tracker::Filter,
+};
+
+/// `POST /drain?port=P[&addr][&netns][&timeout][&quiet][&ignore][&idle][&on_timeout][&pace]`:
+/// starts a drain (201) or returns the one in progress for that scope (200).
+pub(super) async fn start_drain(
+    State(state): State<Arc<AppState>>,
+    Controlled(Posted(request)): Controlled<Posted>,
+) -> Response {
+    let (record, created) = match state.drains.post(request.spec()) {
+        Ok(started) => started,
+        Err(JoinError::Full) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "as many drains as --max-waiters allows are in progress; retry later",
+            );
+        }
+        Err(JoinError::Conflict(id, difference)) => {
+            return ApiError::Conflict(format!(
+                "drain {id} of this scope is in progress with {difference}: cancel it first, or ask with its settings"
+            ))
+            .into_response();
+        }
+    };
+    // On disk before the answer: a drain the caller was told about survives a restart.
+    state.drains.save().await;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(record)).into_response()
+}
+
+/// `DELETE /drain?port=P[&addr][&netns]`: cancels the drain of that scope. Only the same
+/// scope (confined: a pod names its own) or the node cancels.
+pub(super) async fn cancel_drain(
+    State(state): State<Arc<AppState>>,
+    Controlled(filter): Controlled<Filter>,
+) -> Response {
+    let cancelled = state.drains.cancel(&filter).await;
+    // The drain gone and the gate released on disk before the answer.
+    state.drains.save().await;
+    match cancelled {
+        Some(record) => (StatusCode::OK, Json(record)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no drain of this scope is in progress (a /health gate held after one is released)",
+        ),
+    }
+}
+
+/// `GET /drains`: drains in progress and the last ended ones.
+pub(super) async fn list_drains(
+    State(state): State<Arc<AppState>>,
+    Observer(caller): Observer,
+    NoParams: NoParams,
+) -> Response {
+    let (mut in_progress, mut recent) = state.drains.list();
+    in_progress.retain(|record| caller.sees(&state.authority, record.netns));
+    recent.retain(|record| caller.sees(&state.authority, record.netns));
+    (
+        StatusCode::OK,
+        Json(DrainsBody {
+            in_progress,
+            recent,
+        }),
+    )
+        .into_response()
+}
+
+/// `GET /health?port=P`: 200 normally, 503 while a drain of P is in progress — a health
+/// check for load balancers (AWS target groups, nginx, HAProxy `httpchk`, readiness).
+/// A pod asks about itself; anyone else about the scope it names (the node's port, or
+/// the pod `addr` belongs to). One scope's drain never gates another's.
+pub(super) async fn health(
+    State(state): State<Arc<AppState>>,
+    HealthQuery { port, addr, pod }: HealthQuery,
+) -> Response {
+    let asked = state.drains.resolve(port, addr, pod).await;
+    let draining = state.drains.gated(&asked);
+    let status = if draining {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(HealthBody { port, draining })).into_response()
+}

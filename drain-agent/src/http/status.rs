@@ -1,0 +1,97 @@
+//! The agent's own state: `GET /healthz` (can it count?), `GET /metrics` (Prometheus) and
+//! `GET /advice` (how long connections last, the timeout to pick).
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Extension, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::http::{
+    AppState,
+    api::error,
+    extract::{NoParams, NodeWide},
+    pod_scope::{PodScope, node_only},
+};
+
+/// `200 ok`, `200 degraded` with the reasons (the agent serves, but some answers need the
+/// socket tables or say "unknown"), or `503` when the maps cannot be read.
+pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.tracker.check_health() {
+        Ok(()) => {
+            let doubts = state.tracker.health_doubts();
+            let reasons: Vec<String> = doubts
+                .iter()
+                .filter(|doubt| doubt.degrades_health())
+                .map(ToString::to_string)
+                .collect();
+            let status = if reasons.is_empty() { "ok" } else { "degraded" };
+            let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
+            if !reasons.is_empty() {
+                body["reasons"] = json!(reasons);
+            }
+            // Serving while the first walk counts what was open before the start (or checks
+            // adopted counts): answers are confirmed with the socket tables meanwhile (not a
+            // fault).
+            if doubts.iter().any(|doubt| {
+                matches!(
+                    doubt,
+                    crate::doubt::Doubt::Seeding | crate::doubt::Doubt::AdoptedUnwalked
+                )
+            }) {
+                body["seeding"] = json!(true);
+            }
+            (StatusCode::OK, Json(body)).into_response()
+        }
+        Err(problem) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{problem:#}")),
+    }
+}
+
+/// `GET /advice`: per port, how long connections last and the drain timeout to pick.
+pub(super) async fn advice(
+    State(state): State<Arc<AppState>>,
+    NodeWide: NodeWide,
+    NoParams: NoParams,
+) -> Response {
+    match state.tracker.durations() {
+        Ok(histograms) => {
+            let mut advice = crate::drain::advice::advise(&histograms);
+            advice.retain(|port| state.metrics.exports_port(port.port));
+            (StatusCode::OK, Json(advice)).into_response()
+        }
+        Err(problem) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the duration histograms: {problem:#}"),
+        ),
+    }
+}
+
+/// `GET /metrics`: public on the node listener (Prometheus, wherever it runs: no client
+/// addresses are in it); not served inside a pod (node-wide data).
+pub(super) async fn metrics(
+    State(state): State<Arc<AppState>>,
+    scope: Option<Extension<PodScope>>,
+) -> Response {
+    if scope.is_some() {
+        return node_only();
+    }
+    match state.metrics.render() {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(problem) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render metrics: {problem:#}"),
+        ),
+    }
+}

@@ -1,0 +1,589 @@
+use std::time::Duration;
+
+use crate::{drain::Drains, sys::netns};
+
+use axum::body::Body;
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::{
+    http::authority::PortOwners,
+    sys::pod_addresses::{AddressSource, PodAddresses},
+    tracker::fake::{FakeSource, endpoint},
+};
+use crate::{
+    http::authority::{Authority, Caller},
+    metrics::Metrics,
+    tracker::Tracker,
+};
+use axum::http::{StatusCode, header};
+
+const LIMITS: WaitLimits = WaitLimits {
+    default_timeout: Duration::from_secs(30),
+    max_timeout: Duration::from_secs(300),
+    own_port: Some(9100),
+};
+
+fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
+    let source = Arc::new(FakeSource::default());
+    source.set(endpoints);
+    let tracker = Arc::new(Tracker::new(source.clone(), 8));
+    let metrics = Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
+    let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
+    let drains = Arc::new(Drains::new(
+        tracker.clone(),
+        None,
+        None,
+        Some(Arc::clone(&pods)),
+        8,
+    ));
+    metrics
+        .register_drains(drains.clone())
+        .expect("drain metrics");
+    let state = Arc::new(AppState {
+        tracker,
+        limits: LIMITS,
+        metrics,
+        drains,
+        authority: Arc::new(Authority {
+            pods,
+            owners: Arc::new(Owners),
+        }),
+    });
+    (source, state)
+}
+
+/// Two pods: namespace 7 (10.1.0.7) and 8 (10.1.0.8); the node is namespace 1.
+struct TwoPods;
+
+impl AddressSource for TwoPods {
+    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+        std::collections::BTreeMap::from([
+            (7, vec!["10.1.0.7".parse().expect("ip")]),
+            (8, vec!["10.1.0.8".parse().expect("ip")]),
+        ])
+    }
+}
+
+/// Port 8080's sockets are uid 1000's; 9090's are uid 1000's and root's.
+struct Owners;
+
+impl PortOwners for Owners {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+        Ok(match port {
+            8080 => vec![1000, 1000],
+            9090 => vec![1000, 0],
+            _ => Vec::new(),
+        })
+    }
+}
+
+async fn request(
+    state: &Arc<AppState>,
+    method: &str,
+    uri: &str,
+) -> (StatusCode, serde_json::Value) {
+    request_as(state, Caller::Node, method, uri).await
+}
+
+async fn request_as(
+    state: &Arc<AppState>,
+    caller: Caller,
+    method: &str,
+    uri: &str,
+) -> (StatusCode, serde_json::Value) {
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .expect("request");
+    request.extensions_mut().insert(caller);
+    let response = router(state.clone())
+        .oneshot(request)
+        .await
+        .expect("response");
+    (response.status(), body_of(response).await)
+}
+
+/// A response's body as JSON; one that is not JSON (the metrics): the text, as a string.
+async fn body_of(response: axum::response::Response) -> serde_json::Value {
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Asserts an error answer: its status, and a text its message contains.
+#[track_caller]
+fn refused(answer: (StatusCode, serde_json::Value), status: StatusCode, text: &str) {
+    assert_eq!(answer.0, status, "{}", answer.1);
+    let message = answer.1["error"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{message}");
+}
+
+#[tokio::test]
+async fn a_drain_is_started_once_gates_health_and_is_recorded() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let (status, _) = get(&state, "/health?port=8080").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, first) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, again) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first["id"], again["id"]);
+    let (status, body) = get(&state, "/health?port=8080").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["draining"], true);
+    // Another port is not gated.
+    assert_eq!(get(&state, "/health?port=8081").await.0, StatusCode::OK);
+    let (status, body) = request(&state, "DELETE", "/drain?port=8080").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["result"], "cancelled");
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+    let (status, _) = request(&state, "DELETE", "/drain?port=8080").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A plain waiter with a timeout joins (here: starts) a drain and names it.
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=5s").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["drain"].as_u64().is_some(), "{body}");
+    // timeout=0 starts nothing.
+    let (_, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert!(body.get("drain").is_none(), "{body}");
+    let (status, body) = get(&state, "/drains").await;
+    assert_eq!(status, StatusCode::OK);
+    let recent = body["recent"].as_array().expect("recent");
+    assert!(!recent.is_empty(), "{body}");
+    assert_eq!(recent.last().expect("first drain")["result"], "cancelled");
+    let metrics = state.metrics.render().expect("metrics");
+    assert!(
+        metrics.contains("drain_agent_drains_total{result=\"cancelled\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn bad_drain_requests_are_400_and_change_nothing() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    for (method, uri, expected) in [
+        ("POST", "/drain", "missing parameter \"port\""),
+        ("POST", "/drain?port=8080&timeout=0", "timeout"),
+        ("POST", "/drain?port=8080&on_timeout=explode", "on_timeout"),
+        ("POST", "/drain?port=8080&pace=-1", "pace"),
+        ("POST", "/drain?port=8080&ignore=10.0.0.0/99", "ignore"),
+        ("POST", "/drain?port=8080&idle=soon", "idle"),
+        ("DELETE", "/drain?port=8080&timeout=1s", "unknown parameter"),
+        ("GET", "/health", "missing parameter \"port\""),
+        ("GET", "/health?port=0", "port"),
+        ("GET", "/drains?x=1", "unknown parameter"),
+    ] {
+        let (status, body) = request(&state, method, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{method} {uri}: {message}");
+    }
+    let (_, body) = get(&state, "/drains").await;
+    assert_eq!(body["in_progress"].as_array().map(Vec::len), Some(0));
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+}
+
+async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
+    request(state, "GET", uri).await
+}
+
+/// Listing the connections left is a pass over the socket tables (80 ms with 9,000
+/// connections on the port): a pure query pays it only when it asks with `peers=true`.
+/// Found by the answer benchmark: `timeout=0` had gone from 0.36 ms to 57 ms.
+#[tokio::test(start_paused = true)]
+async fn a_pure_query_lists_the_connections_only_when_asked() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 3)]);
+    let lists = || source.peer_lists.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(
+        (status, &body["active"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &3.into())
+    );
+    assert_eq!(lists(), 0);
+    let (status, _) = get(&state, "/drained?port=8080&timeout=0&peers=true").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(lists(), 1);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0&peers=yes").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // A waiter's answer lists them at its deadline (and so may the record of the drain
+    // it started).
+    let (status, _) = get(&state, "/drained?port=8080&timeout=1s").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(lists() >= 2, "{}", lists());
+}
+
+/// A close at the deadline that left connections open (here: the agent has no way to
+/// close, so nothing was closed) must not answer drained.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_close_that_closed_nothing_is_not_drained() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 2)]);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=2s&on_timeout=close").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["drained"], false, "{body}");
+    assert_eq!(body["active"], 2, "{body}");
+    let (_, drains) = get(&state, "/drains").await;
+    assert!(
+        drains.to_string().contains("closed_at_deadline"),
+        "{drains}"
+    );
+}
+
+#[tokio::test]
+async fn drained_port_answers_200() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 9090, 4)]);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], true);
+    assert_eq!(body["active"], 0);
+    assert_eq!(body["port"], 8080);
+    assert!(body["waited_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn busy_port_answers_503_with_the_count() {
+    let (_, state) = app(vec![
+        endpoint("127.0.0.1", 8080, 4),
+        endpoint("10.0.0.5", 8080, 2),
+    ]);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["drained"], false);
+    assert_eq!(body["active"], 6);
+    let (_, body) = get(&state, "/drained?port=8080&timeout=0&addr=10.0.0.5").await;
+    assert_eq!(body["active"], 2);
+    let (_, body) = get(&state, "/drained?port=8080&timeout=0&addr=::ffff:10.0.0.5").await;
+    assert_eq!(body["active"], 2);
+    // The fake's endpoints live in a namespace that does not exist here: 404, not 0.
+    let (status, _) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
+    let exists = crate::sys::netns::all_namespaces().contains_key(&4_026_531_840);
+    assert_eq!(status == StatusCode::NOT_FOUND, !exists);
+    // An inode that is no network namespace is not "drained": it is not found.
+    let answer = get(&state, "/drained?port=8080&timeout=0&netns=1").await;
+    refused(answer, StatusCode::NOT_FOUND, "inode 1");
+}
+
+#[tokio::test]
+async fn bad_input_is_400_naming_the_parameter() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let cases = [
+        ("/drained", "missing parameter \"port\""),
+        ("/drained?port=", "port: \"\" is not a port"),
+        ("/drained?port=abc", "port: \"abc\""),
+        ("/drained?port=0", "port: \"0\""),
+        ("/drained?port=65536", "port: \"65536\""),
+        ("/drained?port=-1", "port: \"-1\""),
+        ("/drained?port=80&port=81", "more than once"),
+        ("/drained?port=80&prot=1", "unknown parameter \"prot\""),
+        ("/drained?port=80&addr=nope", "addr: \"nope\" is not an IP"),
+        ("/drained?port=80&timeout=soon", "timeout: "),
+        ("/drained?port=80&timeout=1y", "timeout: unknown unit"),
+        (
+            "/drained?port=80&timeout=6m",
+            "longer than the maximum 300s",
+        ),
+        ("/drained?port=80&settle=10h", "settle: 10h is longer"),
+        ("/drained?port=80&netns=abc", netns::REFUSED_PATH),
+        ("/drained?port=80&netns=/nonexistent", netns::REFUSED_PATH),
+        (
+            "/drained?port=80&netns=/proc/self/status",
+            netns::REFUSED_PATH,
+        ),
+        ("/drained?port=80&netns=/proc/1/ns/mnt", netns::REFUSED_PATH),
+        ("/drained?port=80&netns=/root", netns::REFUSED_PATH),
+        ("/drained?port=9100", "the agent's own API port"),
+        (
+            "/drained?port=80&timeout=5s&settle=10s",
+            "longer than the timeout",
+        ),
+        ("/drained?port=%ZZ", "port:"),
+    ];
+    for (uri, expected) in cases {
+        let (status, body) = get(&state, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{uri}: {message}");
+    }
+    // Nothing a bad request did changed the answer to a good one.
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["active"], 1);
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_and_health_is_200() {
+    let (source, state) = app(vec![]);
+    refused(
+        get(&state, "/drainz?port=1").await,
+        StatusCode::NOT_FOUND,
+        "/drained",
+    );
+    let (status, body) = get(&state, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    source
+        .broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, _) = get(&state, "/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let answer = get(&state, "/drained?port=1&timeout=0").await;
+    refused(answer, StatusCode::INTERNAL_SERVER_ERROR, "broken");
+}
+
+#[tokio::test]
+async fn a_waiter_answers_when_its_port_drains() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let request = {
+        let state = state.clone();
+        tokio::spawn(async move { get(&state, "/drained?port=8080&timeout=30s").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!request.is_finished());
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    state.tracker.notify_port(8080);
+    let (status, body) = request.await.expect("join");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["drained"], true);
+}
+
+#[tokio::test]
+async fn connections_lists_active_endpoints() {
+    let (_, state) = app(vec![
+        endpoint("127.0.0.1", 8080, 3),
+        endpoint("127.0.0.1", 9090, 0),
+        endpoint("::1", 443, 1),
+    ]);
+    let (status, body) = get(&state, "/connections").await;
+    assert_eq!(status, StatusCode::OK);
+    let endpoints = body["endpoints"].as_array().expect("array");
+    assert_eq!(endpoints.len(), 2);
+    assert_eq!(endpoints[0]["port"], 443);
+    assert_eq!(endpoints[0]["addr"], "::1");
+    assert_eq!(endpoints[1]["port"], 8080);
+    assert_eq!(endpoints[1]["active"], 3);
+    let (_, body) = get(&state, "/connections?port=443").await;
+    assert_eq!(body["endpoints"].as_array().expect("array").len(), 1);
+    let (status, body) = get(&state, "/connections?port=x").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap_or_default().contains("port"));
+    refused(
+        get(&state, "/connections?port=1&port=2").await,
+        StatusCode::BAD_REQUEST,
+        "more than once",
+    );
+}
+
+/// Issue 22: anyone who could reach the node listener drained, gated and closed every
+/// pod's port and read every pod's clients. A remote caller now gets the public
+/// endpoints only, and nothing it asks changes anything.
+#[tokio::test(start_paused = true)]
+async fn a_remote_caller_reads_metrics_and_health_only_and_changes_nothing() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    for (method, uri) in [
+        ("GET", "/drained?port=8080&timeout=1s"),
+        ("GET", "/drained?port=8080&timeout=0"),
+        ("GET", "/drained?port=nonsense"),
+        ("POST", "/drain?port=8080&timeout=1s&on_timeout=close"),
+        ("DELETE", "/drain?port=8080"),
+        ("GET", "/connections?peers=true"),
+        ("GET", "/drains"),
+        ("GET", "/advice"),
+    ] {
+        let (status, body) = request_as(&state, Caller::Remote, method, uri).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("SECURITY.md"),
+            "{body}"
+        );
+    }
+    for uri in ["/metrics", "/healthz", "/health?port=8080"] {
+        let (status, body) = request_as(&state, Caller::Remote, "GET", uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+    }
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(0));
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+}
+
+/// Issue 22: as user `nobody`, a drain with `on_timeout=close` reset a root service's
+/// connections. A local user controls only ports whose sockets are all its own, in
+/// the node's own namespace; it may still wait on any port there.
+#[tokio::test(start_paused = true)]
+async fn a_local_user_controls_only_its_own_ports() {
+    // The node's namespace is 1 here.
+    let on_node = |port| crate::tracker::Endpoint {
+        netns: 1,
+        ..endpoint("127.0.0.1", port, 1)
+    };
+    let (_, state) = app(vec![on_node(8080), on_node(9090)]);
+    let user = Caller::LocalUser { uid: Some(1000) };
+    let other = Caller::LocalUser { uid: Some(1001) };
+    let (status, body) = request_as(&state, user, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["netns"], 1, "confined to the node's namespace: {body}");
+    for (caller, method, uri) in [
+        (other, "DELETE", "/drain?port=8080"),
+        (user, "POST", "/drain?port=9090&timeout=1m"),
+        (
+            user,
+            "GET",
+            "/drained?port=9090&timeout=1s&on_timeout=close",
+        ),
+        (user, "POST", "/drain?port=7070&timeout=1m"),
+        (
+            Caller::LocalUser { uid: None },
+            "POST",
+            "/drain?port=8080&timeout=1m",
+        ),
+        (user, "GET", "/drained?port=8080&timeout=0&netns=4026531840"),
+    ] {
+        let (status, body) = request_as(&state, caller, method, uri).await;
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "{caller:?} {method} {uri}: {body}"
+        );
+    }
+    // Waiting on another user's port observes: no drain starts, nothing is gated.
+    let (status, body) = request_as(&state, user, "GET", "/drained?port=9090&timeout=1s").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.get("drain").is_none(), "{body}");
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(1));
+    assert_eq!(get(&state, "/health?port=9090").await.0, StatusCode::OK);
+    // Its own drain gates the node's port (the node's namespace is the one it drains).
+    assert_eq!(
+        get(&state, "/health?port=8080").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (status, _) = request_as(&state, user, "DELETE", "/drain?port=8080").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P`, and a
+/// pod could cancel another pod's drain. Pods act on their own namespace only.
+#[tokio::test(start_paused = true)]
+async fn a_pods_drain_is_its_own() {
+    let (_, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+    let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["netns"], 7);
+    let health = |caller, uri: &'static str| {
+        let state = state.clone();
+        async move { request_as(&state, caller, "GET", uri).await.0 }
+    };
+    assert_eq!(
+        health(a, "/health?port=8080").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(health(b, "/health?port=8080").await, StatusCode::OK);
+    assert_eq!(
+        health(Caller::Node, "/health?port=8080").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        health(Caller::Node, "/health?port=8080&addr=10.1.0.7").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        health(Caller::Remote, "/health?port=8080&addr=10.1.0.8").await,
+        StatusCode::OK
+    );
+    // Pod B neither sees nor cancels it.
+    let (status, _) = request_as(&state, b, "DELETE", "/drain?port=8080").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, listed) = request_as(&state, b, "GET", "/drains").await;
+    assert_eq!(listed["in_progress"].as_array().map(Vec::len), Some(0));
+    let (status, _) = request_as(&state, a, "DELETE", "/drain?port=8080").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Issue 22: a waiter with `timeout=3s` that joined a 10-minute drain hung for 30 s (here
+/// 5 minutes, the test's maximum).
+/// Each waiter is answered at its own timeout, whatever drain it joined.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_answered_at_its_own_timeout_whatever_drain_it_joined() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 2)]);
+    let (status, _) = request(
+        &state,
+        "POST",
+        "/drain?port=8080&timeout=5m&on_timeout=close",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let started = tokio::time::Instant::now();
+    let (status, body) = get(&state, "/drained?port=8080&timeout=3s&on_timeout=close").await;
+    let waited = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        waited >= Duration::from_secs(3) && waited <= Duration::from_millis(3100),
+        "{waited:?}"
+    );
+    assert!(
+        body["drain"].as_u64().is_some(),
+        "it joined the drain: {body}"
+    );
+    assert_eq!(body["active"], 2);
+    // A differing named setting is refused, naming it; the drain is unchanged.
+    refused(
+        get(&state, "/drained?port=8080&timeout=3s&on_timeout=keep").await,
+        StatusCode::CONFLICT,
+        "on_timeout=close (asked keep)",
+    );
+    let (status, _) = request(&state, "POST", "/drain?port=8080&timeout=1m&quiet=5s").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+/// Issue 23: on SIGTERM the waiting hooks got a 503 that looked exactly like a
+/// timeout's. A shutdown answer says so and asks to retry.
+#[tokio::test]
+async fn a_shutdown_answer_says_so_and_asks_to_retry() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let waiter = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut request = axum::http::Request::builder()
+                .uri("/drained?port=8080&timeout=30s")
+                .body(Body::empty())
+                .expect("request");
+            request.extensions_mut().insert(Caller::Node);
+            router(state).oneshot(request).await.expect("response")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    state.tracker.begin_shutdown();
+    let response = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("answered at once")
+        .expect("join");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let body = body_of(response).await;
+    assert_eq!(body["reason"], "agent_shutdown", "{body}");
+    assert_eq!(body["drained"], false);
+    // A timeout's answer has no reason.
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let (_, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert!(body.get("reason").is_none(), "{body}");
+}
