@@ -319,4 +319,3 @@ impl Stats for KernelMaps {
             .collect()
     }
 }
-
