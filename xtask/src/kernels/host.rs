@@ -111,8 +111,7 @@ impl HostTools {
 
 /// What the guests need from the host's suites; their dependencies that the host lacks are
 /// fetched too (shared libraries, and seabios for the firmware).
-const HOST_PACKAGES: &[&str] =
-    &["qemu-system-x86", "qemu-system-data", "busybox-static"];
+const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "qemu-system-data", "busybox-static"];
 
 /// The dependency closure of `roots` restricted to packages the host has not installed.
 fn missing_closure(roots: &[&str]) -> Result<Vec<String>> {
