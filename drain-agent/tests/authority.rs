@@ -215,6 +215,7 @@ fn alive(stream: &mut TcpStream) -> bool {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn callers_beyond_the_node_and_its_pods_read_metrics_and_health_only() {
     if !kernel_available("callers_beyond_the_node_and_its_pods_read_metrics_and_health_only") {
         return;
@@ -269,6 +270,7 @@ fn callers_beyond_the_node_and_its_pods_read_metrics_and_health_only() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_pod_on_the_node_drains_and_closes_its_own_connections_only() {
     if !kernel_available("a_pod_on_the_node_drains_and_closes_its_own_connections_only") {
         return;
@@ -363,6 +365,7 @@ fn echo(mut stream: TcpStream) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_local_user_drains_its_own_port_and_cannot_close_anothers() {
     if !kernel_available("a_local_user_drains_its_own_port_and_cannot_close_anothers") {
         return;
@@ -445,6 +448,7 @@ fn a_local_user_drains_its_own_port_and_cannot_close_anothers() {
 
 /// A `GET` whose client went away left its 10-minute drain (and the port's gate) running.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_drain_whose_only_client_left_is_gone_within_a_second() {
     if !kernel_available("a_drain_whose_only_client_left_is_gone_within_a_second") {
         return;
@@ -474,6 +478,7 @@ fn a_drain_whose_only_client_left_is_gone_within_a_second() {
 
 /// Control from beyond the node is opt-in, with a bearer token from `--auth-token-file`.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_configured_token_gives_a_remote_caller_the_nodes_authority() {
     if !kernel_available("a_configured_token_gives_a_remote_caller_the_nodes_authority") {
         return;

@@ -16,7 +16,6 @@ use std::{
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::Path,
-    process::Command,
     sync::Mutex,
     time::Duration,
 };
@@ -118,28 +117,18 @@ impl Connections {
 /// time-wait and closed), run in the named namespace when given.
 fn ss_remote_ports(port: u16, netns: Option<&str>) -> Vec<u16> {
     let filter = format!("( sport = :{port} )");
-    let mut command = match netns {
-        Some(name) => {
-            let mut command = Command::new("ip");
-            command.args(["netns", "exec", name, "ss"]);
-            command
-        }
-        None => Command::new("ss"),
-    };
-    let output = command
-        .args([
+    let rows = common::ss::ss(
+        netns,
+        &[
             "-Htn",
             "state",
             "connected",
             "exclude",
             "time-wait",
             &filter,
-        ])
-        .output()
-        .expect("run ss");
-    assert!(output.status.success(), "ss failed: {output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
+        ],
+    );
+    rows.lines()
         // The peer is the last column (there is no process column without -p).
         .filter_map(|line| line.split_whitespace().last()?.parse::<SocketAddr>().ok())
         .map(|peer| peer.port())
@@ -211,6 +200,7 @@ fn close_two_of_three(method: CloseMethod, namespace: Option<&Netns>) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn bpf_closes_exactly_the_targets() {
     if !kernel_available("bpf_closes_exactly_the_targets") {
         return;
@@ -219,6 +209,7 @@ fn bpf_closes_exactly_the_targets() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn netlink_closes_exactly_the_targets() {
     if !kernel_available("netlink_closes_exactly_the_targets") {
         return;
@@ -227,6 +218,7 @@ fn netlink_closes_exactly_the_targets() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn bpf_closes_exactly_the_targets_in_another_namespace() {
     if !kernel_available("bpf_closes_exactly_the_targets_in_another_namespace") {
         return;
@@ -236,6 +228,7 @@ fn bpf_closes_exactly_the_targets_in_another_namespace() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn netlink_closes_exactly_the_targets_in_another_namespace() {
     if !kernel_available("netlink_closes_exactly_the_targets_in_another_namespace") {
         return;
@@ -245,6 +238,7 @@ fn netlink_closes_exactly_the_targets_in_another_namespace() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn targets_outside_the_scope_are_left_alone() {
     if !kernel_available("targets_outside_the_scope_are_left_alone") {
         return;

@@ -298,7 +298,7 @@ fn forced_close_leaves_outbound_connections(method: &str) {
     let port = setup.port;
     // The socket tables list all seven on local port P; the agent counts the four inbound.
     assert_eq!(
-        common::ss_count(port, None),
+        common::ss::ss_count(port, None),
         7,
         "ss: 4 inbound + 3 outbound"
     );
@@ -342,7 +342,11 @@ fn forced_close_leaves_outbound_connections(method: &str) {
     // The sockets first: what the finding was about.
     setup.check_inbound_closed(method);
     setup.check_outbound_open(method);
-    assert_eq!(common::ss_count(port, None), 3, "ss: the 3 outbound remain");
+    assert_eq!(
+        common::ss::ss_count(port, None),
+        3,
+        "ss: the 3 outbound remain"
+    );
     agent.expect_active(port, 0);
     assert_eq!(
         ended["closed_by_agent"], 4,
@@ -365,6 +369,7 @@ fn forced_close_leaves_outbound_connections(method: &str) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn bpf_forced_close_leaves_outbound_connections_from_the_port() {
     if !kernel_available("bpf_forced_close_leaves_outbound_connections_from_the_port") {
         return;
@@ -373,6 +378,7 @@ fn bpf_forced_close_leaves_outbound_connections_from_the_port() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn netlink_forced_close_leaves_outbound_connections_from_the_port() {
     if !kernel_available("netlink_forced_close_leaves_outbound_connections_from_the_port") {
         return;
@@ -398,6 +404,7 @@ fn load_kernel() -> Kernel {
 /// and `destroy_sockets` given them directly (no user-space filter) leaves them alone by its
 /// own check, while an inbound one given the same way is closed.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn each_guard_alone_leaves_outbound_connections() {
     if !kernel_available("each_guard_alone_leaves_outbound_connections") {
         return;

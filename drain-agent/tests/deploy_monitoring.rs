@@ -389,6 +389,7 @@ fn all_deploy_files() -> Vec<PathBuf> {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn dashboard_and_alerts_name_only_exported_metrics() {
     let test = "dashboard_and_alerts_name_only_exported_metrics";
     if !common::kernel_available(test) {
@@ -468,6 +469,7 @@ fn prometheus_query(prometheus: &Prometheus, query: &str) -> Value {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn dashboard_and_alert_queries_work_in_a_real_prometheus() {
     let test = "dashboard_and_alert_queries_work_in_a_real_prometheus";
     if !common::kernel_available(test) || !tool_available(test, PROMETHEUS, &["--version"]) {

@@ -35,6 +35,7 @@ fn drained(agent: &Agent, query: &str) -> (u16, serde_json::Value, Duration) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn queued_data_is_busy_and_silence_is_idle() {
     if !kernel_available("queued_data_is_busy_and_silence_is_idle") {
         return;
@@ -106,6 +107,7 @@ fn queued_data_is_busy_and_silence_is_idle() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_ignored_source_neither_holds_the_drain_nor_restarts_the_quiet_window() {
     if !kernel_available("an_ignored_source_neither_holds_the_drain_nor_restarts_the_quiet_window")
     {
@@ -169,6 +171,7 @@ fn stream_for(mut stream: TcpStream, seconds: u64) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_long_streaming_response_is_busy_for_its_whole_life() {
     if !kernel_available("a_long_streaming_response_is_busy_for_its_whole_life") {
         return;
@@ -229,6 +232,7 @@ fn a_long_streaming_response_is_busy_for_its_whole_life() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn connections_with_peers_lists_who_is_still_connected() {
     if !kernel_available("connections_with_peers_lists_who_is_still_connected") {
         return;

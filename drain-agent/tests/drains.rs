@@ -27,6 +27,7 @@ fn request(agent: &Agent, method: &str, path: &str) -> (u16, serde_json::Value) 
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_health_gate_follows_the_drain_within_milliseconds() {
     if !kernel_available("the_health_gate_follows_the_drain_within_milliseconds") {
         return;
@@ -69,6 +70,7 @@ fn wait_output(agent: &Agent, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_deadline_closes_what_is_left_only_when_asked() {
     if !kernel_available("the_deadline_closes_what_is_left_only_when_asked") {
         return;
@@ -121,6 +123,7 @@ fn the_deadline_closes_what_is_left_only_when_asked() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn every_drain_is_on_record_also_across_a_restart() {
     if !kernel_available("every_drain_is_on_record_also_across_a_restart") {
         return;
@@ -195,6 +198,7 @@ fn every_drain_is_on_record_also_across_a_restart() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn status_advises_a_timeout_from_history() {
     if !kernel_available("status_advises_a_timeout_from_history") {
         return;
@@ -234,6 +238,7 @@ fn status_advises_a_timeout_from_history() {
 /// Both ways of closing at the deadline, through the agent: `bpf_sock_destroy()` (chosen
 /// by default where the kernel has it) and the netlink fallback (forced with a flag).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn both_close_methods_close_at_the_deadline() {
     if !kernel_available("both_close_methods_close_at_the_deadline") {
         return;
@@ -282,6 +287,7 @@ fn both_close_methods_close_at_the_deadline() {
 /// keeps (its close dropped). Each waiter is answered at its own timeout; a request whose
 /// named settings differ gets 409 naming them; `drain-agent wait` stops on it (exit 2).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused() {
     if !kernel_available(
         "a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused",

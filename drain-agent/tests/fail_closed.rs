@@ -44,6 +44,7 @@ fn raise_fd_limit() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_closed_listener_keeps_its_connections_through_walks() {
     if !kernel_available("a_closed_listener_keeps_its_connections_through_walks") {
         return;
@@ -108,6 +109,7 @@ fn hold(server: &Server, port: u16, count: usize) -> Vec<TcpStream> {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_full_socket_map_is_never_drained_while_a_connection_is_open() {
     if !kernel_available("a_full_socket_map_is_never_drained_while_a_connection_is_open") {
         return;
@@ -157,6 +159,7 @@ fn a_full_socket_map_is_never_drained_while_a_connection_is_open() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_full_endpoint_map_counts_for_the_port_and_confirms_scoped_answers() {
     if !kernel_available("a_full_endpoint_map_counts_for_the_port_and_confirms_scoped_answers") {
         return;
@@ -205,6 +208,7 @@ fn become_nobody_on_this_thread() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_unprivileged_user_cannot_make_a_new_service_invisible() {
     if !kernel_available("an_unprivileged_user_cannot_make_a_new_service_invisible") {
         return;
@@ -277,6 +281,7 @@ fn an_unprivileged_user_cannot_make_a_new_service_invisible() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn netns_must_name_an_existing_network_namespace() {
     if !kernel_available("netns_must_name_an_existing_network_namespace") {
         return;
@@ -331,6 +336,7 @@ fn netns_must_name_an_existing_network_namespace() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn port_only_waiters_are_woken_by_the_last_close_with_every_core_busy() {
     if !kernel_available("port_only_waiters_are_woken_by_the_last_close_with_every_core_busy") {
         return;
@@ -444,6 +450,7 @@ fn connection_in_a_namespace_of_sockets_only() -> (u16, Vec<std::net::TcpStream>
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open() {
     let test = "a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open";
     if !kernel_available(test) || !common::deploy::tool_available(test, "ip", &["-V"]) {
@@ -480,6 +487,7 @@ fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open(
 /// The same with a full endpoint map: the connection is counted for its port only (no
 /// endpoint says which namespace it is in), and still stands in a doubted answer.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_namespace_kept_only_by_sockets_keeps_its_port_only_connections() {
     let test = "a_namespace_kept_only_by_sockets_keeps_its_port_only_connections";
     if !kernel_available(test) || !common::deploy::tool_available(test, "ip", &["-V"]) {

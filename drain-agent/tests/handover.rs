@@ -210,6 +210,7 @@ fn sigterm(agent: &Agent) {
 /// Meanwhile probes hit the node listener and two in-pod listeners in a loop: 0 refused
 /// connections and 0 empty replies over all the swaps.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn twenty_upgrades_lose_no_hook() {
     if !kernel_available("twenty_upgrades_lose_no_hook") {
         return;
@@ -329,6 +330,7 @@ fn twenty_upgrades_lose_no_hook() {
 /// A second agent started beside a running one serves every pod's listener (and the node's)
 /// within 1 s of the first one's `kill -9`.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_second_agent_takes_over_when_the_first_dies() {
     if !kernel_available("a_second_agent_takes_over_when_the_first_dies") {
         return;
@@ -368,6 +370,7 @@ fn a_second_agent_takes_over_when_the_first_dies() {
 /// SIGTERM with 50 `timeout=10m` waiters on a service with a held connection: after the
 /// grace, all 50 get 503 `"reason":"agent_shutdown"` with `Retry-After`, none dropped.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn sigterm_answers_fifty_long_waiters_after_the_grace() {
     if !kernel_available("sigterm_answers_fifty_long_waiters_after_the_grace") {
         return;
@@ -408,6 +411,7 @@ fn sigterm_answers_fifty_long_waiters_after_the_grace() {
 /// (SIGSTOP) so that it accepts nothing, connections are opened and their requests sent
 /// (about half land in its queue by the kernel's hash), then it is killed.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn queued_connections_move_to_the_next_agent() {
     if !kernel_available("queued_connections_move_to_the_next_agent") {
         return;
@@ -434,7 +438,7 @@ fn queued_connections_move_to_the_next_agent() {
         })
         .collect();
     thread::sleep(Duration::from_millis(500));
-    let queued = listener_queue(port);
+    let queued = common::ss::accept_queue_len(port);
     // SAFETY: a signal to a child of this test.
     unsafe { libc::kill(old.pid() as i32, libc::SIGKILL) };
     let mut failed = Vec::new();
@@ -458,23 +462,11 @@ fn queued_connections_move_to_the_next_agent() {
     drop(new);
 }
 
-/// The accept queue lengths of the listeners on `port` (`ss -ltn`: Recv-Q of a listener),
-/// summed.
-fn listener_queue(port: u16) -> u64 {
-    let output = std::process::Command::new("ss")
-        .args(["-Hltn", &format!("sport = :{port}")])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
-}
-
 /// An agent of an older version did not share its listener (no `SO_REUSEPORT`): a new agent
 /// on its address does not fail its start but retries until the old one is gone. Here a
 /// plain listener holds the address for 2 s.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_new_agent_waits_for_an_unshared_listener_to_go() {
     if !kernel_available("a_new_agent_waits_for_an_unshared_listener_to_go") {
         return;

@@ -153,6 +153,7 @@ fn answers_despite_idle_sockets(test: &str, nofile: &str) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn health_and_drained_answer_with_1100_idle_sockets_at_a_soft_fd_limit_of_1024() {
     answers_despite_idle_sockets(
         "health_and_drained_answer_with_1100_idle_sockets_at_a_soft_fd_limit_of_1024",
@@ -161,6 +162,7 @@ fn health_and_drained_answer_with_1100_idle_sockets_at_a_soft_fd_limit_of_1024()
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn health_and_drained_answer_with_1100_idle_sockets_at_a_hard_fd_limit_of_1024() {
     answers_despite_idle_sockets(
         "health_and_drained_answer_with_1100_idle_sockets_at_a_hard_fd_limit_of_1024",
@@ -168,25 +170,8 @@ fn health_and_drained_answer_with_1100_idle_sockets_at_a_hard_fd_limit_of_1024()
     );
 }
 
-/// Bytes the agent has queued towards the client on its port (ss Send-Q).
-fn agent_send_queue(port: u16) -> u64 {
-    let output = Command::new("ss")
-        .args([
-            "-Htn",
-            "state",
-            "established",
-            &format!("( sport = :{port} )"),
-        ])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn sigterm_exits_in_bounded_time_with_a_client_that_pipelines_and_never_reads() {
     let test = "sigterm_exits_in_bounded_time_with_a_client_that_pipelines_and_never_reads";
     if !kernel_available(test) {
@@ -219,7 +204,7 @@ fn sigterm_exits_in_bounded_time_with_a_client_that_pipelines_and_never_reads() 
             "the agent's send queue did not fill up (last {last} bytes)"
         );
         std::thread::sleep(Duration::from_millis(50));
-        let queued = agent_send_queue(agent.port);
+        let queued = common::ss::send_queue_max(agent.port);
         same = if queued > 0 && queued == last {
             same + 1
         } else {
@@ -290,6 +275,7 @@ fn wait_keeps_its_deadline_when_nobody_listens() {
 /// error naming it, not a hang, and another free port works (what the tests' own start does
 /// when another test took the free port it was given).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_taken_listen_address_is_a_clear_error_at_once() {
     let test = "a_taken_listen_address_is_a_clear_error_at_once";
     if !kernel_available(test) {

@@ -141,6 +141,7 @@ fn dockerfile_runtime() -> DockerfileRuntime {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn image_has_the_dockerfiles_layout() {
     let test = "image_has_the_dockerfiles_layout";
     if !common::kernel_available(test) || !image_available(test) {
@@ -245,6 +246,7 @@ impl Drop for Container {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn image_runs_like_the_daemonset_and_counts_host_connections() {
     let test = "image_runs_like_the_daemonset_and_counts_host_connections";
     if !common::kernel_available(test) || !image_available(test) {

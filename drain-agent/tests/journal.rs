@@ -103,6 +103,7 @@ fn a_journal_that_is_not_a_regular_file_stops_the_start() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_new_journal_is_private_and_a_readable_one_is_warned_about() {
     use std::os::unix::fs::PermissionsExt as _;
     let test = "a_new_journal_is_private_and_a_readable_one_is_warned_about";
@@ -143,6 +144,7 @@ fn a_new_journal_is_private_and_a_readable_one_is_warned_about() {
 /// from the journal. A drain's record is on disk before its answer is sent, so every
 /// drain a client got an answer for is in the journal after the crash.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn every_answered_drain_is_in_the_journal_after_a_kill() {
     if !common::kernel_available("every_answered_drain_is_in_the_journal_after_a_kill") {
         return;

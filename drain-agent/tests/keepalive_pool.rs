@@ -380,6 +380,7 @@ fn table(results: &[ArmResult]) -> String {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn idle_drain_ends_with_the_requests_while_a_strict_one_waits_for_the_pool() {
     if !kernel_available("idle_drain_ends_with_the_requests_while_a_strict_one_waits_for_the_pool")
         || !haproxy::available("keepalive_pool")
@@ -474,6 +475,7 @@ fn idle_drain_ends_with_the_requests_while_a_strict_one_waits_for_the_pool() {
 /// (`--close-at-timeout`): the drain ends at the timeout, the record says 1 closed by the
 /// agent, and the client sees a reset.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn haproxy_takes_the_server_out_by_agent_check_when_the_stop_script_drains() {
     let test = "haproxy_takes_the_server_out_by_agent_check_when_the_stop_script_drains";
     if !kernel_available(test) || !haproxy::available(test) {

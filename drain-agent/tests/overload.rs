@@ -61,6 +61,7 @@ async fn ask(source: SocketAddr, agent: SocketAddr, path: String, patience: Dura
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn six_hundred_parked_waiters_lock_out_neither_the_probe_nor_a_hook() {
     if !kernel_available("six_hundred_parked_waiters_lock_out_neither_the_probe_nor_a_hook") {
         return;

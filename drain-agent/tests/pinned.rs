@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, PinDir, kernel_available, ss_count, wait_until};
+use common::{Agent, PinDir, kernel_available, ss::ss_count, wait_until};
 
 fn kill_9(agent: &mut Agent) {
     // SAFETY: kill(2) on the agent, a child of this test.
@@ -182,6 +182,7 @@ impl Drop for Churn {
 /// adopts (log and metric say so), its counts equal `ss` within 1 s of serving, and the
 /// counters kept their history (a re-seed would start them at what is open now).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn kill_9_while_a_service_churns_then_the_new_agent_adopts_and_is_exact() {
     let test = "kill_9_while_a_service_churns_then_the_new_agent_adopts_and_is_exact";
     if !kernel_available(test) {
@@ -249,6 +250,7 @@ fn kill_9_while_a_service_churns_then_the_new_agent_adopts_and_is_exact() {
 /// pins) are counted by the pinned handler, so the next agent has them right, even with the
 /// service's listener closed (a walk alone could not call those connections inbound).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn connections_while_no_agent_runs_are_counted_by_the_pinned_handler() {
     let test = "connections_while_no_agent_runs_are_counted_by_the_pinned_handler";
     if !kernel_available(test) {
@@ -314,6 +316,7 @@ fn connections_while_no_agent_runs_are_counted_by_the_pinned_handler() {
 /// its own, removes the old pins once its handler is attached, and never answers drained
 /// meanwhile for a service that still has connections.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_layout_of_other_sizes_is_replaced_and_never_answers_a_false_drained() {
     let test = "a_layout_of_other_sizes_is_replaced_and_never_answers_a_false_drained";
     if !kernel_available(test) {
@@ -394,6 +397,7 @@ fn a_layout_of_other_sizes_is_replaced_and_never_answers_a_false_drained() {
 /// right, each with its own state. Once the first is gone, the second pins its state there,
 /// and a third agent adopts the second's.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_second_agent_waits_for_the_lock_then_owns_the_pins() {
     let test = "a_second_agent_waits_for_the_lock_then_owns_the_pins";
     if !kernel_available(test) {
@@ -453,6 +457,7 @@ fn a_second_agent_waits_for_the_lock_then_owns_the_pins() {
 /// bpffs, open to other users, owned by another user (pins there are programs and maps it
 /// would run and trust).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_unsafe_pin_directory_is_refused() {
     let test = "an_unsafe_pin_directory_is_refused";
     if !kernel_available(test) {
@@ -509,6 +514,7 @@ fn pinned_map(pins: &PinDir, name: &str) -> aya::maps::Map {
 /// its connections uncounted: a false drained), and a sweep's marks on tracked sockets
 /// (left, their closes would stay counted until a walk).
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn marks_a_killed_agent_left_are_cleared_at_adoption() {
     let test = "marks_a_killed_agent_left_are_cleared_at_adoption";
     if !kernel_available(test) {

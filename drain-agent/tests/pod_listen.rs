@@ -137,6 +137,7 @@ fn socket_namespaces(pid: u32) -> Vec<u64> {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_api_inside_every_pod() {
     if !kernel_available("the_api_inside_every_pod") {
         return;

@@ -180,15 +180,14 @@ fn active_in(agent: &Agent, netns: &Netns) -> u64 {
 
 /// Sockets listening on the in-pod port inside the namespace, by `ss`.
 fn listening_on_pod_port(netns: &Netns) -> String {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &netns.name, "ss", "-Hltn"])
-        .arg(format!("( sport = :{POD_PORT} )"))
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    common::ss::ss(
+        Some(&netns.name),
+        &["-Hltn", &format!("( sport = :{POD_PORT} )")],
+    )
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_application_gets_the_pod_port_before_and_after_the_agent() {
     let test = "an_application_gets_the_pod_port_before_and_after_the_agent";
     if !sk_lookup_available(test) {
@@ -325,6 +324,7 @@ fn an_application_gets_the_pod_port_before_and_after_the_agent() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_hook_works_in_a_pod_that_does_not_use_the_port() {
     let test = "the_hook_works_in_a_pod_that_does_not_use_the_port";
     if !sk_lookup_available(test) {
@@ -403,6 +403,7 @@ fn the_hook_works_in_a_pod_that_does_not_use_the_port() {
 /// namespace asks for nothing more. The agent runs under `setpriv` with only those four
 /// in its bounding set, as the unit runs it, and serves a pod through `sk_lookup`.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_granted_capabilities_are_enough_to_steer() {
     let test = "the_granted_capabilities_are_enough_to_steer";
     if !sk_lookup_available(test) {
@@ -467,6 +468,7 @@ fn the_granted_capabilities_are_enough_to_steer() {
 /// dual-stack: one bound to `::1` would be IPv6-only); an application on `[::]:9100` gets
 /// the port all the same.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_ipv6_wildcard_pod_listen_serves_both_families() {
     let test = "an_ipv6_wildcard_pod_listen_serves_both_families";
     if !sk_lookup_available(test) {
@@ -503,6 +505,7 @@ fn an_ipv6_wildcard_pod_listen_serves_both_families() {
 /// The listener count is kept by the handler whichever way it is attached: an application
 /// that listens after the agent served its namespace gets the port with each attach method.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn every_attach_method_counts_the_applications_listener() {
     let test = "every_attach_method_counts_the_applications_listener";
     if !sk_lookup_available(test) {
@@ -547,6 +550,7 @@ fn every_attach_method_counts_the_applications_listener() {
 /// handler counts it), and the next agent, which adopts the counts, leaves the port to the
 /// application and takes it back when the application stops listening.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn steering_goes_on_over_adopted_state() {
     let test = "steering_goes_on_over_adopted_state";
     if !sk_lookup_available(test) {

@@ -44,6 +44,7 @@ fn assert_exit(output: &Output, expected: i32) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn pods_on_one_port_drain_apart() {
     if !kernel_available("pods_on_one_port_drain_apart") {
         return;
@@ -152,6 +153,7 @@ fn pods_on_one_port_drain_apart() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn wait_exit_codes_against_the_real_agent() {
     if !kernel_available("wait_exit_codes_against_the_real_agent") {
         return;

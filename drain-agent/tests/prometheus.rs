@@ -147,6 +147,7 @@ fn connect(port: u16, count: usize) -> Vec<TcpStream> {
 // 1. promtool
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn promtool_accepts_a_live_scrape() {
     if !kernel_available("promtool_accepts_a_live_scrape") {
         return;
@@ -224,6 +225,7 @@ fn promtool_accepts_a_live_scrape() {
 // 2. A real Prometheus server
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_real_prometheus_sees_connections_open_and_close() {
     if !kernel_available("a_real_prometheus_sees_connections_open_and_close") {
         return;
@@ -279,6 +281,7 @@ struct Held {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn duration_histogram_matches_connections_held_for_known_times() {
     if !kernel_available("duration_histogram_matches_connections_held_for_known_times") {
         return;
@@ -432,6 +435,7 @@ const ALLOWED_LABELS: [&str; 9] = [
 ];
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
     if !kernel_available("labels_are_local_ports_only_and_the_ports_flag_limits_them") {
         return;
@@ -538,6 +542,7 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
 // 5. Process, build-info and agent-wide metrics
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn process_build_info_and_agent_wide_metrics_are_exported() {
     if !kernel_available("process_build_info_and_agent_wide_metrics_are_exported") {
         return;

@@ -134,6 +134,7 @@ fn publish(summary: &str) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn rolling_deploy_with_the_agent_loses_no_request() {
     if !kernel_available("rolling_deploy_with_the_agent_loses_no_request") {
         return;
@@ -203,6 +204,7 @@ fn rolling_deploy_with_the_agent_loses_no_request() {
 /// when told to stop, and keep none while exiting), so a drain ends without the backend doing
 /// anything — and until then, drain-agent counts them as open.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn reload_releases_idle_upstream_keepalive_connections() {
     if !kernel_available("reload_releases_idle_upstream_keepalive_connections") {
         return;

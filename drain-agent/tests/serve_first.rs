@@ -162,6 +162,7 @@ fn ask_pod(path: &str, pod_port: u16) -> Option<(u16, serde_json::Value)> {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn three_hundred_pods_served_within_a_second_of_a_restart() {
     if !kernel_available("three_hundred_pods_served_within_a_second_of_a_restart") {
         return;

@@ -19,7 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Netns, Server, kernel_available, ss_count, ss_count_in_state, wait_until};
+use common::{
+    Agent, Netns, Server, kernel_available,
+    ss::{ss_count, ss_count_in_state},
+    wait_until,
+};
 
 /// Opens `count` client connections to `target` and waits until the server accepted them.
 fn connect_many(server: &Server, target: &str, count: usize) -> Vec<TcpStream> {
@@ -54,6 +58,7 @@ fn drained(agent: &Agent, query: &str) -> (u16, serde_json::Value) {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn counts_ipv4_ipv6_and_ipv4_clients_of_an_ipv6_listener() {
     if !kernel_available("counts_ipv4_ipv6_and_ipv4_clients_of_an_ipv6_listener") {
         return;
@@ -112,6 +117,7 @@ fn counts_ipv4_ipv6_and_ipv4_clients_of_an_ipv6_listener() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn half_close_stays_active_and_reset_ends_at_once() {
     if !kernel_available("half_close_stays_active_and_reset_ends_at_once") {
         return;
@@ -155,6 +161,7 @@ fn half_close_stays_active_and_reset_ends_at_once() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn only_the_listening_side_counts() {
     if !kernel_available("only_the_listening_side_counts") {
         return;
@@ -187,6 +194,7 @@ fn only_the_listening_side_counts() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn connections_opened_before_the_agent_started_are_counted() {
     if !kernel_available("connections_opened_before_the_agent_started_are_counted") {
         return;
@@ -235,6 +243,7 @@ fn connections_opened_before_the_agent_started_are_counted() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_waiter_answers_within_milliseconds_of_the_last_close() {
     if !kernel_available("a_waiter_answers_within_milliseconds_of_the_last_close") {
         return;
@@ -299,6 +308,7 @@ fn a_waiter_answers_within_milliseconds_of_the_last_close() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn churn_from_many_threads_counts_exactly() {
     if !kernel_available("churn_from_many_threads_counts_exactly") {
         return;
@@ -309,6 +319,7 @@ fn churn_from_many_threads_counts_exactly() {
 /// The same churn with the per-socket map preallocated: its deleted elements are reused at
 /// once, by the next connection's insert on the same CPU.
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn churn_counts_exactly_with_a_preallocated_socket_map() {
     if !kernel_available("churn_counts_exactly_with_a_preallocated_socket_map") {
         return;
@@ -397,7 +408,7 @@ fn churn_counts_exactly(agent: &Agent) {
             .partition(|s| s.peer_addr().is_ok_and(|peer| kept_addrs.contains(&peer)));
         held.extend(keep);
         drop(close);
-        if held.len() == kept.len() && accept_queue_len(port) == 0 {
+        if held.len() == kept.len() && common::ss::accept_queue_len(port) == 0 {
             // Whatever was accepted since the last batch is closed too.
             drop(v4.take_all());
             drop(v6.take_all());
@@ -408,7 +419,7 @@ fn churn_counts_exactly(agent: &Agent) {
             "server did not accept everything: held {} of {}, {} waiting",
             held.len(),
             kept.len(),
-            accept_queue_len(port)
+            common::ss::accept_queue_len(port)
         );
         thread::sleep(Duration::from_millis(20));
     }
@@ -446,19 +457,8 @@ fn is_handler_skipped(metric_line: &str) -> bool {
     false
 }
 
-/// Connections waiting in the accept queues of the listeners on `port`.
-fn accept_queue_len(port: u16) -> u64 {
-    let output = std::process::Command::new("ss")
-        .args(["-Htln", &format!("( sport = :{port} )")])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn two_namespaces_on_the_same_port_are_counted_apart() {
     if !kernel_available("two_namespaces_on_the_same_port_are_counted_apart") {
         return;
@@ -507,6 +507,7 @@ fn two_namespaces_on_the_same_port_are_counted_apart() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn bad_input_gets_400_and_changes_nothing() {
     if !kernel_available("bad_input_gets_400_and_changes_nothing") {
         return;
@@ -558,6 +559,7 @@ fn bad_input_gets_400_and_changes_nothing() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn sigterm_answers_open_waiters_and_exits_zero() {
     if !kernel_available("sigterm_answers_open_waiters_and_exits_zero") {
         return;
@@ -602,6 +604,7 @@ fn sigterm_answers_open_waiters_and_exits_zero() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn every_attach_method_counts_the_same() {
     if !kernel_available("every_attach_method_counts_the_same") {
         return;
@@ -637,6 +640,7 @@ fn every_attach_method_counts_the_same() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn seeding_during_a_churn_counts_each_connection_once() {
     if !kernel_available("seeding_during_a_churn_counts_each_connection_once") {
         return;
@@ -723,7 +727,7 @@ fn seeding_during_a_churn_counts_each_connection_once() {
             .partition(|s| s.peer_addr().is_ok_and(|peer| held_addrs.contains(&peer)));
         kept.extend(keep);
         drop(close);
-        if accept_queue_len(port) == 0 && server.accepted() == 0 {
+        if common::ss::accept_queue_len(port) == 0 && server.accepted() == 0 {
             break;
         }
         assert!(

@@ -68,6 +68,7 @@ fn percentile(sorted: &[Duration], per_cent: usize) -> Duration {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_thousand_waiters_are_answered_at_their_timeout_on_busy_cores() {
     if !kernel_available("a_thousand_waiters_are_answered_at_their_timeout_on_busy_cores") {
         return;

@@ -128,13 +128,26 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ])?;
     clippy_ebpf()?;
-    let mut args = vec!["test".to_owned()];
-    args.extend(extra.iter().cloned());
     run_tests_with_summary(
         Command::new(cargo_binary())
-            .args(&args)
+            .args(test_args(extra))
             .current_dir(workspace_root()),
     )
+}
+
+/// `cargo test` with the caller's arguments, running the ignored tests too: the kernel
+/// tests carry `#[ignore]` so that a plain `cargo test` (an editor, a contributor without
+/// root) reports them as not run instead of passed; here they run, and one that cannot
+/// (no root, no BTF) prints its `SKIP` line or, with `DRAIN_AGENT_REQUIRE_KERNEL=1`, fails.
+fn test_args(extra: &[String]) -> Vec<String> {
+    let mut args = vec!["test".to_owned()];
+    args.extend(extra.iter().cloned());
+    // Arguments after `--` go to the test binaries; add ours there.
+    if !extra.iter().any(|arg| arg == "--") {
+        args.push("--".to_owned());
+    }
+    args.push("--include-ignored".to_owned());
+    args
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line that adds up every
@@ -348,6 +361,38 @@ test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
         assert_eq!(
             summary.closing_line(),
             "xtask test: 5 passed, 2 failed, 0 skipped"
+        );
+    }
+
+    #[test]
+    fn the_ignored_kernel_tests_run_with_or_without_a_filter() {
+        let strings = |args: &[&str]| args.iter().map(|arg| (*arg).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            test_args(&[]),
+            strings(&["test", "--", "--include-ignored"])
+        );
+        assert_eq!(
+            test_args(&strings(&["-p", "drain-agent", "--test", "tracking"])),
+            strings(&[
+                "test",
+                "-p",
+                "drain-agent",
+                "--test",
+                "tracking",
+                "--",
+                "--include-ignored"
+            ])
+        );
+        assert_eq!(
+            test_args(&strings(&["--test", "close", "--", "--test-threads=1"])),
+            strings(&[
+                "test",
+                "--test",
+                "close",
+                "--",
+                "--test-threads=1",
+                "--include-ignored"
+            ])
         );
     }
 

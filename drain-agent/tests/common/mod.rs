@@ -12,6 +12,7 @@ pub mod deploy;
 pub mod http;
 pub mod pod;
 pub mod prometheus;
+pub mod ss;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -539,53 +540,6 @@ pub fn connect_from(
         return Err(std::io::Error::last_os_error());
     }
     Ok(stream)
-}
-
-/// Established connections with local port `port`, counted by `ss` (ground truth).
-pub fn ss_count(port: u16, netns: Option<&str>) -> u64 {
-    let filter = format!("( sport = :{port} )");
-    let mut command = match netns {
-        Some(name) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", name, "ss"]);
-            c
-        }
-        None => Command::new("ss"),
-    };
-    let output = command
-        .args(["-Htn", "state", "established", &filter])
-        .output()
-        .expect("run ss");
-    let established = String::from_utf8_lossy(&output.stdout).lines().count() as u64;
-    let output = match netns {
-        Some(name) => Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                name,
-                "ss",
-                "-Htn",
-                "state",
-                "close-wait",
-                &filter,
-            ])
-            .output(),
-        None => Command::new("ss")
-            .args(["-Htn", "state", "close-wait", &filter])
-            .output(),
-    }
-    .expect("run ss");
-    established + String::from_utf8_lossy(&output.stdout).lines().count() as u64
-}
-
-/// Connections with local port `port` in TCP state `state` (as `ss` names it, e.g.
-/// `close-wait`) in this namespace.
-pub fn ss_count_in_state(port: u16, state: &str) -> u64 {
-    let output = Command::new("ss")
-        .args(["-Htn", "state", state, &format!("( sport = :{port} )")])
-        .output()
-        .expect("run ss");
-    String::from_utf8_lossy(&output.stdout).lines().count() as u64
 }
 
 /// A network namespace made for one test (`ip netns add`), deleted on drop.
