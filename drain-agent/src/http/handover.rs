@@ -226,6 +226,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
     fn an_applications_listener_is_told_apart_from_nobody() {
         if !tables_readable() {
             eprintln!("SKIP: the socket tables cannot be read here");

@@ -85,6 +85,7 @@ fn root_or_skip(test: &str) -> bool {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn by_remote_port_finds_exactly_the_client_ends() {
     if !root_or_skip("by_remote_port_finds_exactly_the_client_ends") {
         return;
@@ -260,6 +261,7 @@ fn queues_and_tcp_info_show_busy_and_idle() {
 }
 
 #[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn destroy_resets_the_peer_and_the_socket_is_gone() {
     if !root_or_skip("destroy_resets_the_peer_and_the_socket_is_gone") {
         return;
