@@ -381,9 +381,16 @@ unshare -n sh -c '
         kill "$app"
         sleep 0.3
         i=0
-        # Slow under TCG (once in three runs 10 s was not enough on 6.1): 30 s at most.
-        until healthz | grep -q status || [ "$i" -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
-        if healthz | grep -q status; then
+        answered=no
+        # Slow under TCG (once in three runs 10 s was not enough on 6.1): 30 s at most. One
+        # answer is the proof; a second request to confirm it added only nc's 2 s idle limit
+        # as a way to fail under an overloaded emulator (seen on 5.10 and 6.12 at load 8-11).
+        while [ "$i" -lt 300 ]; do
+            if healthz | grep -q status; then answered=yes; break; fi
+            sleep 0.1
+            i=$((i + 1))
+        done
+        if [ "$answered" = yes ]; then
             echo ok >/tmp/pod.result
         else
             echo "FAIL: the agent does not answer after the application closed (port 9100 sockets: $(cat /proc/net/tcp /proc/net/tcp6 | grep -i ":238C " | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,); processes: $(ps | grep -c "nc -ll"))" >/tmp/pod.result
