@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (drain-agent-ebpf) for the BPF target with the pinned nightly
-//! and bpf-linker, into OUT_DIR, where `bpf.rs` embeds them with `include_bytes_aligned!`.
+//! and bpf-linker, into OUT_DIR, where `kernel/mod.rs` embeds them with `include_bytes_aligned!`.
 //! `cargo xtask setup` installs both; the error below says so when they are missing.
 
 use anyhow::Context as _;

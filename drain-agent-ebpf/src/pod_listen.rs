@@ -23,7 +23,7 @@ use crate::{
 /// `skc_num` is the bound port at this point (`bind()` set it). A socket that calls
 /// `listen()` without `bind()` reads 0 here and gets an ephemeral port from `get_port()`:
 /// it is not counted, which matters only if the in-pod port lies inside
-/// `ip_local_port_range` (ARCHITECTURE.md says so; the default range starts at 32768).
+/// `ip_local_port_range` (INVARIANTS.md, "The in-pod port"; the default range starts at 32768).
 #[inline(always)]
 pub(crate) fn try_on_listen<M: KernelMemory>(
     sk: impl FnOnce() -> Result<u64, Error>,

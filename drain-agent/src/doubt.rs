@@ -3,7 +3,7 @@
 //! A count read from the kernel maps is exact while every state change reached the
 //! handler and every connection found room in the maps. When that may not hold for a
 //! question's scope, the count is *doubted*: the agent does not answer "drained" from it.
-//! It checks the kernel's socket tables instead (sock_diag, see `kernel::confirm`), and if
+//! It checks the kernel's socket tables instead (sock_diag, see `Counts::confirm` in `kernel/source.rs`), and if
 //! even that is impossible it answers 503 with the doubt as the reason. Never a false
 //! "drained".
 

@@ -1,6 +1,6 @@
 //! The scope of a request that arrived on a listener inside a pod's network namespace
 //! (`--pod-listen`): it may ask about that namespace only. The pod listener manager
-//! (`pods.rs`) puts a [`PodScope`] into each request's extensions; the handlers'
+//! (`http/pods/`) puts a [`PodScope`] into each request's extensions; the handlers'
 //! extractors (`extract.rs`, through `Caller::confine`) confine what they parsed with it.
 //! On the node listener there is no `PodScope` and nothing changes.
 //!

@@ -215,7 +215,7 @@ impl KernelMaps {
             // vouched for, and the agent that walked last is gone: until this agent's first
             // walk (a repair: it stamps what exists and fixes what was missed, it does not
             // rebuild) every answer is confirmed with the socket tables. Otherwise the
-            // seeding walk runs beside the serving agent (agent.rs). Either way nothing open
+            // seeding walk runs beside the serving agent (`agent/mod.rs`). Either way nothing open
             // before the start is vouched for.
             doubts.push(if self.not_seeded {
                 Doubt::NotSeeded

@@ -42,7 +42,7 @@
 //! The old agent stops by detaching its link first, then accepting what is already queued
 //! on its socket (a connection is steered at its SYN: one steered before the detach may
 //! still complete its handshake onto the old socket), and only then closing it
-//! (`pods.rs`): no connection is refused or reset while one agent remains.
+//! (`http/pods/`): no connection is refused or reset while one agent remains.
 
 use std::{
     fs::File,

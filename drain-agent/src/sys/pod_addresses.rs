@@ -1,6 +1,6 @@
 //! Which network namespace on this node an address belongs to: how the agent tells a pod
 //! on this node (a request from that pod's own address) from anyone else, and which
-//! namespace an `addr=` names when a gate is asked about it (`authority.rs`, `drain.rs`).
+//! namespace an `addr=` names when a gate is asked about it (`http/authority.rs`, `drain/gate.rs`).
 //!
 //! The map is read from the namespaces themselves (`ifaddrs` on a thread inside each, the
 //! namespaces `netns::all_namespaces` finds), never from what a caller says. Only addresses

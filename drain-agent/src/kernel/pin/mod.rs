@@ -1,6 +1,6 @@
 //! Kernel state that outlives the agent: the handler's link and the maps it counts into,
 //! pinned under bpffs, so counting goes on while no agent runs and the next agent adopts
-//! the counts instead of rebuilding them (ARCHITECTURE.md, "Kernel state that outlives the
+//! the counts instead of rebuilding them (INVARIANTS.md, "Kernel state that outlives the
 //! agent").
 //!
 //! The pin directory (`--pin-dir`, `/sys/fs/bpf/drain-agent` by default) holds one
