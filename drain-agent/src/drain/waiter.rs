@@ -75,7 +75,14 @@ impl Ask {
         };
         if self.peers && outcome.peers.is_empty() {
             // A pure query asked for the list (a waiter's answer has it already).
-            list_remaining(tracker, &self.spec, &mut outcome, REPORT_BUDGET).await;
+            tracker
+                .list_remaining(
+                    &self.spec.filter,
+                    &self.spec.rule,
+                    &mut outcome,
+                    REPORT_BUDGET,
+                )
+                .await;
         }
         Ok(Answer {
             shutdown: !outcome.drained && tracker.shutting_down(),
@@ -148,26 +155,10 @@ async fn await_drain(
             let mut outcome = tracker
                 .wait_for_drain(&spec.filter, Duration::ZERO, &spec.rule)
                 .await?;
-            list_remaining(tracker, spec, &mut outcome, ANSWER_LIST_BUDGET).await;
+            tracker
+                .list_remaining(&spec.filter, &spec.rule, &mut outcome, ANSWER_LIST_BUDGET)
+                .await;
             Ok((waited(outcome), None))
         }
-    }
-}
-
-/// Adds the remaining connections to a not-drained `outcome` (best effort: the list is a
-/// pass over the socket tables).
-async fn list_remaining(
-    tracker: &Tracker,
-    spec: &DrainSpec,
-    outcome: &mut DrainOutcome,
-    budget: Duration,
-) {
-    if outcome.drained || outcome.active == 0 {
-        return;
-    }
-    if let Ok((peers, idle, busy)) = tracker.listed(&spec.filter, &spec.rule, budget).await {
-        outcome.peers = peers;
-        outcome.idle = outcome.idle.or(idle);
-        outcome.busy = outcome.busy.or(busy);
     }
 }

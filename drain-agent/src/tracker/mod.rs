@@ -209,26 +209,36 @@ impl Tracker {
             .await
     }
 
-    /// What a not-drained answer shows of the connections left: the first
+    /// Adds to a not-drained `outcome` what it shows of the connections left: the first
     /// [`PEERS_SHOWN`] (busy first, then the oldest), and how many are idle and busy by
     /// `rule`, if the list comes within `budget` (for a pure query asked with `peers=true`,
     /// or a waiter answered before its drain ended; a waiter's answer has them already).
-    pub async fn listed(
+    /// Best effort: the list is a pass over the socket tables, and a failed one adds nothing.
+    pub async fn list_remaining(
         &self,
         filter: &Filter,
         rule: &DrainRule,
+        outcome: &mut DrainOutcome,
         budget: Duration,
-    ) -> Result<(Vec<Peer>, Option<u64>, Option<u64>)> {
-        let mut list = self
+    ) {
+        if outcome.drained || outcome.active == 0 {
+            return;
+        }
+        let Ok(mut list) = self
             .peers(
                 filter,
                 rule.idle.unwrap_or(REPORT_IDLE_BAR),
                 Look::Report(budget),
             )
-            .await?;
+            .await
+        else {
+            return;
+        };
         let (idle, busy) = idle_and_busy(Some(&list));
         list.truncate(PEERS_SHOWN);
-        Ok((list, idle, busy))
+        outcome.peers = list;
+        outcome.idle = outcome.idle.or(idle);
+        outcome.busy = outcome.busy.or(busy);
     }
 
     /// The remaining connections of `filter`, each marked busy or idle by `bar`.
