@@ -383,7 +383,7 @@ unshare -n sh -c '
         i=0
         answered=no
         # Slow under TCG (once in three runs 10 s was not enough on 6.1): 30 s at most. One
-        # answer is the proof; a second request to confirm it added only nc's 2 s idle limit
+        # answer is the proof; a second request to confirm it added only the 2 s idle limit of nc
         # as a way to fail under an overloaded emulator (seen on 5.10 and 6.12 at load 8-11).
         while [ "$i" -lt 300 ]; do
             if healthz | grep -q status; then answered=yes; break; fi
