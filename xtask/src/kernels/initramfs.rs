@@ -72,3 +72,33 @@ pub(super) fn modules_archive(modules: &[PathBuf]) -> Result<Vec<u8>> {
     }
     Ok(archive.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write as _, process::Stdio};
+
+    use super::GUEST_INIT;
+
+    /// The guest's init parses: a syntax error (a quote inside the in-pod check's quoted
+    /// script once ended it) would only show after a kernel had booted, on every kernel.
+    #[test]
+    fn the_guest_init_parses() {
+        let mut sh = std::process::Command::new("sh")
+            .arg("-n")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        sh.stdin
+            .take()
+            .expect("stdin")
+            .write_all(GUEST_INIT.as_bytes())
+            .expect("write the script");
+        let out = sh.wait_with_output().expect("sh -n");
+        assert!(
+            out.status.success(),
+            "sh -n xtask/guest/init.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
