@@ -40,7 +40,6 @@
 
 mod accept;
 mod limits;
-mod shared_stream;
 mod slots;
 mod write_timeout;
 
@@ -62,7 +61,6 @@ pub use self::{
 };
 use self::{
     limits::{SourceLimiter, limit_waiters_per_source, overflow_only},
-    shared_stream::SharedStream,
     slots::{Activity, Busy, Slots},
 };
 use crate::sys::fdlimit;
@@ -198,8 +196,7 @@ pub async fn serve_handing_over(
                 }
             })
         };
-        let stream = SharedStream::new(stream);
-        let socket = stream.weak();
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
         let connection = graceful.watch(builder.serve_connection(io, service));
         slots.open_slot(&mut tasks, activity, socket, async move {

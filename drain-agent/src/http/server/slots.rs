@@ -6,19 +6,16 @@ use std::{
     collections::BTreeMap,
     future::Future,
     sync::{
-        Arc, Mutex, PoisonError, Weak,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
-    net::TcpStream,
     task::{AbortHandle, JoinSet},
     time::Instant,
 };
-
-use super::shared_stream::unread_bytes;
 
 /// The open connections, oldest first, and whether each has a request in a handler.
 #[derive(Default)]
@@ -38,7 +35,7 @@ struct Slot {
     activity: Arc<Activity>,
     opened: Instant,
     /// The connection's socket (see [`unread_bytes`]).
-    socket: Weak<TcpStream>,
+    socket: std::os::fd::RawFd,
     abort: AbortHandle,
 }
 
@@ -77,8 +74,25 @@ impl Slot {
         if !asked && age < CONNECT_GRACE {
             return false;
         }
-        unread_bytes(&self.socket) == 0
+        unread_bytes(self.socket) == 0
     }
+}
+
+/// Bytes received on the socket `fd` and not read yet (`FIONREAD`, i.e. `SIOCINQ` for
+/// TCP). A descriptor closed meanwhile (its connection ended; its slot goes next) reads
+/// as nothing pending, and a number reused by a newer socket only makes this look busy:
+/// both at worst keep a connection that is about to go anyway. Not through a shared
+/// `Arc<TcpStream>` read with `try_read`: that stream made hyper see a client's half-close
+/// (HTTP/1.0 and `SHUT_WR` after the request, as busybox nc does) before it answered, and
+/// close without an answer.
+fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
+    // SAFETY: the number is only borrowed for this one ioctl, which reads nothing through
+    // it but the descriptor; a closed number fails with EBADF (see above).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    rustix::io::ioctl_fionread(fd)
+        .ok()
+        .and_then(|pending| usize::try_from(pending).ok())
+        .unwrap_or(0)
 }
 
 impl Slots {
@@ -144,7 +158,7 @@ impl Slots {
         self: &Arc<Self>,
         tasks: &mut JoinSet<()>,
         activity: Arc<Activity>,
-        socket: Weak<TcpStream>,
+        socket: std::os::fd::RawFd,
         work: impl Future<Output = ()> + Send + 'static,
     ) {
         // Held while spawning, so the task's guard cannot remove the slot before it exists.
