@@ -201,13 +201,14 @@ pub async fn serve_with(
     let mut tasks = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut acceptor = Acceptor::default();
-    loop {
+    'serve: loop {
         // Full of connections being answered: leave new ones in the backlog (they end within
-        // the write timeout and the linger).
+        // the write timeout and the linger). A stop ends the serving (a completed `shutdown`
+        // must not be polled again by the accept below).
         while !open.make_room(limits.max_connections) {
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => break,
+                () = shutdown.as_mut() => break 'serve,
                 () = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
@@ -220,15 +221,17 @@ pub async fn serve_with(
         let Some((stream, peer)) = accepted else {
             break;
         };
-        if !open.make_room(limits.max_connections) {
-            // Only if the connections still reading got their requests meanwhile.
-            debug!(
-                "agent-check: {peer}: closed unanswered, {} connections are being answered",
-                limits.max_connections
-            );
-            drop(stream);
-            continue;
+        // The look before the accept can be stale (a connection still reading got its
+        // request meanwhile): this one waits, accepted, for a place rather than being closed
+        // unanswered.
+        while !open.make_room(limits.max_connections) {
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break 'serve,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
+        debug!("agent-check: {peer}: accepted");
         let gate = Arc::clone(&gate);
         let reading = Arc::new(AtomicBool::new(true));
         let (id, guard) = open.add(Arc::clone(&reading));
@@ -267,7 +270,13 @@ struct OpenMap {
 struct Connection {
     reading: Arc<AtomicBool>,
     abort: Option<AbortHandle>,
+    accepted: std::time::Instant,
 }
+
+/// A connection accepted this recently is not evicted even if its request has not been read:
+/// a check writes its request right after it connects, and the agent may accept it first
+/// (under load a real check was closed unanswered so, evicted to make room for the next).
+const CONNECT_GRACE: Duration = Duration::from_millis(250);
 
 impl Open {
     fn lock(&self) -> std::sync::MutexGuard<'_, OpenMap> {
@@ -277,7 +286,7 @@ impl Open {
     }
 
     /// Whether one more connection fits under `cap`, closing the oldest one still waiting
-    /// for its request if needed.
+    /// for its request (and accepted at least [`CONNECT_GRACE`] ago) if needed.
     fn make_room(&self, cap: usize) -> bool {
         let victim = {
             let mut map = self.lock();
@@ -287,7 +296,11 @@ impl Open {
             let Some(id) = map
                 .connections
                 .iter()
-                .find(|(_, open)| open.abort.is_some() && open.reading.load(Ordering::Acquire))
+                .find(|(_, open)| {
+                    open.abort.is_some()
+                        && open.reading.load(Ordering::Acquire)
+                        && open.accepted.elapsed() >= CONNECT_GRACE
+                })
                 .map(|(id, _)| *id)
             else {
                 return false;
@@ -310,6 +323,7 @@ impl Open {
             Connection {
                 reading,
                 abort: None,
+                accepted: std::time::Instant::now(),
             },
         );
         (
