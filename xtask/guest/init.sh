@@ -364,8 +364,13 @@ unshare -n sh -c '
     healthz() { printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 9100 2>/dev/null; }
     i=0
     # Found by the agent (its 1 s rescan of /proc), then entered; slow under TCG: 60 s at most.
-    until healthz | grep -q status || [ "$i" -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
-    if ! healthz | grep -q status; then
+    found=no
+    while [ "$i" -lt 600 ]; do
+        if healthz | grep -q status; then found=yes; break; fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+    if [ "$found" != yes ]; then
         echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace (sockets: $(tail -n +2 /proc/net/tcp | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,))" >/tmp/pod.result
         exit
     fi
