@@ -362,15 +362,20 @@ unshare -n sh -c '
     # nc, not wget: busybox wget exits at once without a word inside a namespace made by
     # unshare (seen under every guest kernel), while nc connects.
     healthz() { printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 9100 2>/dev/null; }
-    i=0
+    # Whether the agent answers within $1 tries 0.1 s apart. One answer is the proof: a
+    # second request to confirm it added only the 2 s idle limit of nc as a way to fail
+    # under an overloaded emulator (seen on 5.10, 6.12 and 7.3 at load 8-11).
+    answers_within() {
+        tries=0
+        while [ "$tries" -lt "$1" ]; do
+            if healthz | grep -q status; then return 0; fi
+            sleep 0.1
+            tries=$((tries + 1))
+        done
+        return 1
+    }
     # Found by the agent (its 1 s rescan of /proc), then entered; slow under TCG: 60 s at most.
-    found=no
-    while [ "$i" -lt 600 ]; do
-        if healthz | grep -q status; then found=yes; break; fi
-        sleep 0.1
-        i=$((i + 1))
-    done
-    if [ "$found" != yes ]; then
+    if ! answers_within 600; then
         echo "FAIL: the agent does not answer on 127.0.0.1:9100 inside the namespace (sockets: $(tail -n +2 /proc/net/tcp | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,))" >/tmp/pod.result
         exit
     fi
@@ -385,17 +390,8 @@ unshare -n sh -c '
     else
         kill "$app"
         sleep 0.3
-        i=0
-        answered=no
-        # Slow under TCG (once in three runs 10 s was not enough on 6.1): 30 s at most. One
-        # answer is the proof; a second request to confirm it added only the 2 s idle limit of nc
-        # as a way to fail under an overloaded emulator (seen on 5.10 and 6.12 at load 8-11).
-        while [ "$i" -lt 300 ]; do
-            if healthz | grep -q status; then answered=yes; break; fi
-            sleep 0.1
-            i=$((i + 1))
-        done
-        if [ "$answered" = yes ]; then
+        # Slow under TCG (once in three runs 10 s was not enough on 6.1): 30 s at most.
+        if answers_within 300; then
             echo ok >/tmp/pod.result
         else
             echo "FAIL: the agent does not answer after the application closed (port 9100 sockets: $(cat /proc/net/tcp /proc/net/tcp6 | grep -i ":238C " | awk '\''{print $2, $3, $4}'\'' | tr '\''\n'\'' ,); processes: $(ps | grep -c "nc -ll"))" >/tmp/pod.result
