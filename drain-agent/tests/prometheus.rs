@@ -442,10 +442,9 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
     }
     let agent = Agent::start(&[]);
     // Port P on 20 local addresses (127.0.0.1 .. 127.0.0.20): 20 kernel keys, one port.
-    let first = Server::start("127.0.0.1:0");
-    let p = first.port;
-    let mut servers = vec![first];
-    servers.extend((2..=20).map(|i| Server::start(&format!("127.0.0.{i}:{p}"))));
+    let hosts: Vec<String> = (1..=20).map(|i| format!("127.0.0.{i}")).collect();
+    let servers = Server::start_on_one_port(&hosts.iter().map(String::as_str).collect::<Vec<_>>());
+    let p = servers[0].port;
     let limited = Agent::start(&["--ports", &p.to_string()]);
     let other = Server::start("127.0.0.1:0");
     let q = other.port;

@@ -350,9 +350,12 @@ fn churn_counts_exactly(agent: &Agent) {
     const THREADS: usize = 4;
     const PER_THREAD: usize = 1_500;
     const KEPT_PER_THREAD: usize = 9;
-    let v4 = Arc::new(Server::start("127.0.0.1:0"));
+    let mut both = Server::start_on_one_port(&["127.0.0.1", "[::1]"]).into_iter();
+    let (Some(v4), Some(v6)) = (both.next(), both.next()) else {
+        panic!("two servers asked for");
+    };
+    let (v4, v6) = (Arc::new(v4), Arc::new(v6));
     let port = v4.port;
-    let v6 = Arc::new(Server::start(&format!("[::1]:{port}")));
     let start = Arc::new(Barrier::new(THREADS));
     let started = Instant::now();
     let workers: Vec<_> = (0..THREADS)

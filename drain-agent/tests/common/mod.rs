@@ -459,7 +459,29 @@ pub struct Server {
 
 impl Server {
     pub fn start(bind: &str) -> Self {
-        let listener = TcpListener::bind(bind).expect("bind server");
+        Self::try_start(bind).expect("bind server")
+    }
+
+    /// One server per host, all on one port that is free on every host. The first host's
+    /// ephemeral port may be taken on another host (by a test running beside this one): such
+    /// a port is given back and another is tried, at most 50 times.
+    pub fn start_on_one_port(hosts: &[&str]) -> Vec<Self> {
+        for _ in 0..50 {
+            let first = Self::start(&format!("{}:0", hosts[0]));
+            let port = first.port;
+            let rest: std::io::Result<Vec<Self>> = hosts[1..]
+                .iter()
+                .map(|host| Self::try_start(&format!("{host}:{port}")))
+                .collect();
+            if let Ok(rest) = rest {
+                return std::iter::once(first).chain(rest).collect();
+            }
+        }
+        panic!("no port free on all of {hosts:?} in 50 tries");
+    }
+
+    pub fn try_start(bind: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind)?;
         let port = listener.local_addr().expect("addr").port();
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&accepted);
@@ -471,7 +493,7 @@ impl Server {
                 }
             }
         });
-        Self { port, accepted }
+        Ok(Self { port, accepted })
     }
 
     /// Accepted connections so far.
