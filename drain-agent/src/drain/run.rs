@@ -10,7 +10,7 @@ use crate::{
         HISTORY, OnTimeout, gate::Held, lock, registry::Running, unix_ms,
     },
     drain_rule::DrainRule,
-    tracker::{DrainOutcome, Filter, WaitError},
+    tracker::{DrainOutcome, Filter, REPORT_BUDGET, WaitError},
 };
 
 impl Drains {
@@ -44,6 +44,16 @@ impl Drains {
                 } else if self.tracker.shutting_down() {
                     (DrainEnd::AgentShutdown, outcome)
                 } else if spec.on_timeout == OnTimeout::Close {
+                    if outcome.peers.is_empty() {
+                        // The deadline's list missed its budget (a busy node): the record
+                        // still names whom the close cuts. The answer waits for the close
+                        // anyway, so the list may take a report's budget.
+                        let mut listed = outcome.clone();
+                        self.tracker
+                            .list_remaining(&spec.filter, &spec.rule, &mut listed, REPORT_BUDGET)
+                            .await;
+                        lock(&drain.record).peers_at_end = listed.peers;
+                    }
                     closed = self.close_remaining(&spec).await;
                     // Drained only if nothing is left now: a close that failed must not turn
                     // into a "drained". Asked like any answer (doubts confirmed), without the

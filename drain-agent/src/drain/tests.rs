@@ -284,3 +284,46 @@ async fn one_scopes_drain_never_gates_another() {
     drains.post(spec(Duration::from_secs(600))).expect("room");
     assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
 }
+
+/// CI, under load: a forced close's record had no `peers_at_end` (the deadline's list took
+/// over its 20 ms budget), so nobody could tell whom the close cut. The record names them.
+#[tokio::test]
+async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
+    let (source, _, drains) = registry(1);
+    let peer = Peer {
+        remote: "10.0.0.2:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    // Slower than an answer's budget (20 ms), well within a report's.
+    *source.listed.lock().expect("lock") = Some((Duration::from_millis(80), vec![peer.clone()]));
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_millis(100))
+    };
+    let (record, _) = drains.post(close).expect("room");
+    let started = std::time::Instant::now();
+    let ended = loop {
+        if let Some(ended) = drains
+            .list()
+            .1
+            .into_iter()
+            .find(|ended| ended.id == record.id)
+        {
+            break ended;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the drain did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(ended.result, Some(DrainEnd::ClosedAtDeadline), "{ended:?}");
+    let cut: Vec<_> = ended.peers_at_end.iter().map(|cut| cut.remote).collect();
+    assert_eq!(cut, vec![peer.remote], "{ended:?}");
+}

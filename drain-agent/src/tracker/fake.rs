@@ -25,6 +25,9 @@ pub struct FakeSource {
     pub confirmations: AtomicUsize,
     /// How often the connections were listed (`peers`).
     pub peer_lists: AtomicUsize,
+    /// What `peers` lists, and how long a listing takes (real time: a slow socket table);
+    /// `None`: listing fails.
+    pub listed: Mutex<Option<(std::time::Duration, Vec<Peer>)>>,
 }
 
 impl Default for FakeSource {
@@ -38,6 +41,7 @@ impl Default for FakeSource {
             confirmed: Mutex::new(Err("no socket tables in the fake".into())),
             confirmations: AtomicUsize::default(),
             peer_lists: AtomicUsize::default(),
+            listed: Mutex::default(),
         }
     }
 }
@@ -87,7 +91,11 @@ impl Counts for FakeSource {
 
     fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
         self.peer_lists.fetch_add(1, Ordering::Relaxed);
-        bail!("no socket tables in the fake")
+        let Some((takes, peers)) = self.listed.lock().expect("lock").clone() else {
+            bail!("no socket tables in the fake")
+        };
+        std::thread::sleep(takes);
+        Ok(peers)
     }
 }
 
