@@ -28,7 +28,15 @@ use crate::{
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
     crate::logging::init(&args.log_level, args.log_format);
-    let result = process::runtime().and_then(|runtime| runtime.block_on(run(args)));
+    let result = process::runtime().and_then(|runtime| {
+        let result = runtime.block_on(run(args));
+        // A walk of the sockets or a pass over the socket tables may still run on a
+        // blocking thread (minutes at worst on a node with 100k connections under load):
+        // it must not hold the exit. What it leaves half done is what a crash leaves, and
+        // the next agent's adoption finishes it (`kernel::ownership`).
+        runtime.shutdown_timeout(process::EXIT_WAIT);
+        result
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(problem) => {
@@ -308,12 +316,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     event_task.abort();
     repair_task.abort();
     skip_task.abort();
-    // A repair in progress holds the lock; taking it waits for that walk to end.
-    drop(
-        kernel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    // A walk in progress holds the lock; it is waited for, but not for long.
+    if !process::released_within(&kernel, process::EXIT_WAIT).await {
+        warn!(
+            "a walk of the sockets still runs after {:?}: exiting without it; the next agent finishes what it left, as after a crash",
+            process::EXIT_WAIT
+        );
+        return Ok(());
+    }
     drop(kernel);
     if kernel_state.pinned() {
         info!("programs released; the pinned handler counts on for the next agent; bye");

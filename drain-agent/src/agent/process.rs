@@ -1,13 +1,33 @@
 //! The process around the agent: its allocator tuning, its async runtime and the stop
 //! signals.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
 use tokio::sync::watch;
 
 use crate::{http::handover::StopPhase, tracker::Tracker};
+
+/// How long the exit waits for work on blocking threads (a walk of the sockets, a pass over
+/// the socket tables) before it leaves without it.
+pub const EXIT_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether `shared`'s lock could be taken within `wait` (a walk holding it has ended).
+pub async fn released_within<T: Send + 'static>(shared: &Arc<Mutex<T>>, wait: Duration) -> bool {
+    let shared = Arc::clone(shared);
+    let taken = tokio::task::spawn_blocking(move || {
+        drop(
+            shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+    });
+    matches!(tokio::time::timeout(wait, taken).await, Ok(Ok(())))
+}
 
 /// The runtime the agent runs on: two workers (the agent mostly waits), with the
 /// allocator tuned for them first.
@@ -66,5 +86,40 @@ pub async fn wait_for_stop_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stop during a long walk did not end within 10 s (the bench, 100k connections):
+    /// the wait for the walk's lock is bounded.
+    #[tokio::test]
+    async fn the_wait_for_a_walk_is_bounded() {
+        let shared = Arc::new(Mutex::new(()));
+        let (held, release) = std::sync::mpsc::channel::<()>();
+        let walker = {
+            let shared = Arc::clone(&shared);
+            let (started, running) = std::sync::mpsc::channel();
+            let walker = std::thread::spawn(move || {
+                let _walk = shared.lock().expect("lock");
+                started.send(()).expect("started");
+                // The walk: until the test lets it go (at most 20 s).
+                let _ = release.recv_timeout(Duration::from_secs(20));
+            });
+            running.recv().expect("running");
+            walker
+        };
+        let asked = std::time::Instant::now();
+        assert!(!released_within(&shared, Duration::from_millis(200)).await);
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+        held.send(()).expect("release");
+        walker.join().expect("walker");
+        assert!(released_within(&shared, Duration::from_secs(5)).await);
     }
 }
