@@ -165,23 +165,32 @@ pub const OWN_STEERED: u8 = 2;
 /// agent's sweep drops (larger sweeps take several rounds).
 pub const FORGET_BATCH: u32 = 4_096;
 
-/// Start time of a socket the agent found already established (its real start is unknown).
+/// Start time of a socket the agent found already established (its real start is unknown):
+/// what [`SockEntry::started_ns`] says for one.
 pub const STARTED_UNKNOWN: u64 = 0;
 
 /// [`SockEntry::flags`]: the socket is counted in its port's totals only, not under its
 /// endpoint (see [`PortTotals::unscoped`]); its close un-counts it the same way.
-pub const SOCK_UNSCOPED: u64 = 1;
+pub const SOCK_UNSCOPED: u32 = 1;
+
+/// [`SockEntry::flags`]: a walk found the socket already established, so when it started
+/// is unknown (its `tracked_ns` is when the walk found it).
+pub const SOCK_FOUND_BY_WALK: u32 = 2;
 
 /// Value of the per-socket map: which key a tracked socket counts under, and since when.
+///
+/// 64 bytes, on purpose: a hash map element is a 48-byte header, the 8-byte key and this,
+/// 120 bytes, which the kernel's BPF allocator serves from its 128-byte class (two cache
+/// lines; `bpf_mem_alloc_init()`'s size classes). Every open writes the element cold and
+/// every close reads it cold: at 80 bytes (the 192-byte class, three lines) the insert and
+/// the close's lookup each cost one more cache miss. Hence one timestamp for the start and
+/// the tracking (a flag says when the start is unknown) and 32-bit flags.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockEntry {
     pub key: ConnKey,
-    /// [`SOCK_UNSCOPED`] or 0. Written once, at the insert, never changed.
-    pub flags: u64,
-    /// `bpf_ktime_get_ns()` at the passive open, or [`STARTED_UNKNOWN`] for seeded sockets.
-    pub started_ns: u64,
-    /// When the entry was made (by the handler or by a walk).
+    /// When the entry was made (by the handler at the passive open, or by a walk), from
+    /// `bpf_ktime_get_ns()`: the connection's start too, unless [`SOCK_FOUND_BY_WALK`].
     pub tracked_ns: u64,
     /// When a walk last found the socket still open ([`repair`]); 0 before any walk.
     pub audited_ns: u64,
@@ -191,7 +200,23 @@ pub struct SockEntry {
     /// The peer's port, host byte order.
     pub remote_port: u16,
     pub remote_family: u16,
-    pub _pad: u32,
+    /// [`SOCK_UNSCOPED`], [`SOCK_FOUND_BY_WALK`]. Written once, at the insert, never changed.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SockEntry>() == 64);
+
+impl SockEntry {
+    /// When the connection started (`bpf_ktime_get_ns()`), or [`STARTED_UNKNOWN`] for one a
+    /// walk found already established.
+    #[inline(always)]
+    pub fn started_ns(&self) -> u64 {
+        if self.flags & SOCK_FOUND_BY_WALK != 0 {
+            STARTED_UNKNOWN
+        } else {
+            self.tracked_ns
+        }
+    }
 }
 
 /// Repairs of missed state changes.

@@ -6,8 +6,8 @@ use core::ptr;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use drain_agent_common::{
-    ConnCounts, ConnEvent, ConnKey, DurationHistogram, OWN_STEERED, SOCK_UNSCOPED, STARTED_UNKNOWN,
-    SockEntry, crossing, duration_bucket, error_index, event_kind, netns_port_key,
+    ConnCounts, ConnEvent, ConnKey, DurationHistogram, OWN_STEERED, SOCK_FOUND_BY_WALK,
+    SOCK_UNSCOPED, SockEntry, crossing, duration_bucket, error_index, event_kind, netns_port_key,
     tracked_port_byte, watched_bit,
 };
 
@@ -47,17 +47,15 @@ pub(crate) fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool)
         counts
     };
     // A socket found by a walk was established at some unknown time before.
-    let started_ns = if found_by_walk { STARTED_UNKNOWN } else { now };
     let entry = SockEntry {
         key,
-        flags: if counts.is_some() { 0 } else { SOCK_UNSCOPED },
-        started_ns,
         tracked_ns: now,
         audited_ns: 0,
         remote: peer.addr,
         remote_port: peer.port,
         remote_family: peer.family,
-        _pad: 0,
+        flags: (if counts.is_some() { 0 } else { SOCK_UNSCOPED })
+            | (if found_by_walk { SOCK_FOUND_BY_WALK } else { 0 }),
     };
     match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
@@ -168,8 +166,8 @@ pub(crate) fn track_close(sk: u64, closed_now: bool) -> bool {
         crossed(endpoint_now == Some(0), port_now == Some(0)),
         now,
     );
-    if closed_now && entry.started_ns != STARTED_UNKNOWN {
-        record_duration(entry.key.port, now.saturating_sub(entry.started_ns));
+    if closed_now && entry.flags & SOCK_FOUND_BY_WALK == 0 {
+        record_duration(entry.key.port, now.saturating_sub(entry.tracked_ns));
     }
     true
 }

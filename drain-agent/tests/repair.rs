@@ -140,7 +140,6 @@ impl AgentMaps {
                     SockEntry {
                         key,
                         flags: 0,
-                        started_ns: long_ago,
                         tracked_ns: long_ago,
                         audited_ns: 0,
                         ..SockEntry::default()

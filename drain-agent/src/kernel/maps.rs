@@ -333,7 +333,7 @@ impl KernelMaps {
                     SocketAddr::new(local, entry.key.port),
                     remote,
                 ),
-                entry.started_ns,
+                entry.started_ns(),
             );
         }
         Ok(tracked)
