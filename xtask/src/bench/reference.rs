@@ -21,6 +21,14 @@
 //! is `SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, a close leaves those two states; every other
 //! run returns before touching memory. The empty program ([`EmptyProgram`]) is the floor.
 //!
+//! - [`Reference::SocketMap`]: the minimal socket-keyed map a drain needs, as a `bpftrace`
+//!   one-liner keeps it (`@s[skaddr] = nsecs` on `SYN_RECV` → `ESTABLISHED`,
+//!   `delete(@s[skaddr])` whenever a socket leaves `ESTABLISHED`, the client ends' deletes
+//!   missing): a u64 → u64 hash map of the agent's socket-map size, default flags
+//!   (`BPF_F_NO_PREALLOC`, as the agent's `SOCKETS` by default) or preallocated (as
+//!   `--preallocate-sockets`, and as bpftrace's own maps). The 10k-cold section
+//!   (`cold.rs`) compares the handler with it.
+//!
 //! They are written as BPF instructions here (a few dozen, with a small assembler) rather
 //! than built with the agent's eBPF crate: they are the benchmark's, not the agent's, and
 //! must not change when the agent does.
@@ -28,7 +36,7 @@
 use std::{
     collections::BTreeMap,
     ffi::CString,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -58,6 +66,10 @@ pub enum Reference {
     Line,
     /// A hash map keyed by the socket's address, `SOCKETS`' size.
     Hash { preallocated: bool },
+    /// `map[sk] = now` at a passive open, `delete(map[sk])` when a socket leaves
+    /// ESTABLISHED: what a bpftrace one-liner does (not in [`Reference::ALL`]: the kernel
+    /// section's phases do not run it).
+    SocketMap { preallocated: bool },
 }
 
 impl Reference {
@@ -76,6 +88,12 @@ impl Reference {
                 preallocated: false,
             } => "hash map insert/delete (default flags)",
             Reference::Hash { preallocated: true } => "hash map insert/delete (preallocated)",
+            Reference::SocketMap {
+                preallocated: false,
+            } => "minimal socket-keyed map (default flags)",
+            Reference::SocketMap { preallocated: true } => {
+                "minimal socket-keyed map (preallocated)"
+            }
         }
     }
 }
@@ -101,6 +119,8 @@ const PSEUDO_MAP_FD: u8 = 1;
 const MAP_LOOKUP_ELEM: i32 = 1;
 const MAP_UPDATE_ELEM: i32 = 2;
 const MAP_DELETE_ELEM: i32 = 3;
+const KTIME_GET_NS: i32 = 5;
+const BPF_ANY: i32 = 0;
 const BPF_NOEXIST: i32 = 1;
 
 // Registers: r1 the context, then the helpers' arguments; r6-r8 are kept across calls.
@@ -258,6 +278,41 @@ fn hash_program(map: &OwnedFd) -> Result<Vec<u64>> {
     asm.finish()
 }
 
+/// The bpftrace one-liner's program: `if (old == SYN_RECV && new == ESTABLISHED)
+/// @s[sk] = nsecs; else if (old == ESTABLISHED) delete(@s[sk]);`. Not `classify`: the
+/// one-liner knows nothing of CLOSE_WAIT (a server end the client closed first leaves
+/// ESTABLISHED for CLOSE_WAIT, which is where its entry goes).
+fn socket_map_program(map: &OwnedFd) -> Result<Vec<u64>> {
+    let mut asm = Asm::default();
+    asm.insn(LDX_DW, SK, R1, 0, 0);
+    asm.insn(LDX_DW, OLD, R1, 8, 0);
+    asm.insn(LDX_DW, NEW, R1, 16, 0);
+    asm.jump(JEQ_K, OLD, 0, ESTABLISHED, Label::Close);
+    asm.jump(JNE_K, OLD, 0, SYN_RECV, Label::Out);
+    asm.jump(JNE_K, NEW, 0, ESTABLISHED, Label::Out);
+    asm.label(Label::Open);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(STX_DW, FP, R0, -16, 0);
+    asm.insn(STX_DW, FP, SK, -8, 0);
+    asm.load_map(R1, map);
+    asm.insn(MOV64_X, R2, FP, 0, 0);
+    asm.insn(ADD64_K, R2, 0, 0, -8);
+    asm.insn(MOV64_X, R3, FP, 0, 0);
+    asm.insn(ADD64_K, R3, 0, 0, -16);
+    // bpftrace's map assignment: insert or overwrite.
+    asm.insn(MOV64_K, R4, 0, 0, BPF_ANY);
+    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
+    asm.jump(JA, 0, 0, 0, Label::Out);
+    asm.label(Label::Close);
+    asm.insn(STX_DW, FP, SK, -8, 0);
+    asm.load_map(R1, map);
+    asm.insn(MOV64_X, R2, FP, 0, 0);
+    asm.insn(ADD64_K, R2, 0, 0, -8);
+    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
+    epilogue(&mut asm);
+    asm.finish()
+}
+
 fn bpf_attr_zeroed() -> bpf_attr {
     // SAFETY: a C union of integers and arrays; all-zero is valid.
     unsafe { std::mem::zeroed() }
@@ -371,6 +426,42 @@ impl EmptyProgram {
     }
 }
 
+/// The keys of a hash map with u64 keys (`BPF_MAP_GET_NEXT_KEY` from the start).
+pub fn count_keys(map: BorrowedFd<'_>) -> Result<u64> {
+    let mut held = 0;
+    let mut key = 0u64;
+    let mut next = 0u64;
+    let mut first = true;
+    loop {
+        let mut attr = bpf_attr_zeroed();
+        // The members BPF_MAP_GET_NEXT_KEY reads; a null key starts the walk.
+        attr.__bindgen_anon_2.map_fd = u32::try_from(map.as_raw_fd()).context("negative fd")?;
+        attr.__bindgen_anon_2.key = if first { 0 } else { (&raw const key) as u64 };
+        attr.__bindgen_anon_2.__bindgen_anon_1.next_key = (&raw mut next) as u64;
+        match sys::bpf(
+            bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long,
+            (&raw mut attr).cast(),
+            size_of::<bpf_attr>(),
+        ) {
+            Ok(_) => {}
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(held),
+            Err(error) => return Err(error).context("bpf BPF_MAP_GET_NEXT_KEY"),
+        }
+        held += 1;
+        key = next;
+        first = false;
+    }
+}
+
+/// A hash map's flags: none (preallocated, the kernel's default) or `BPF_F_NO_PREALLOC`.
+pub fn map_flags(preallocated: bool) -> u32 {
+    if preallocated {
+        0
+    } else {
+        aya_obj::generated::BPF_F_NO_PREALLOC
+    }
+}
+
 /// A [`Reference`] program with its map, attached to the tracepoint; detached on drop.
 pub struct ReferenceProgram {
     reference: Reference,
@@ -382,6 +473,12 @@ pub struct ReferenceProgram {
 
 impl ReferenceProgram {
     pub fn attach(reference: Reference) -> Result<Self> {
+        Self::attach_sized(reference, SOCKET_MAP_ENTRIES)
+    }
+
+    /// As [`ReferenceProgram::attach`], with the hash maps sized `entries` (the agent's
+    /// socket map's `max_entries`, for a like-for-like comparison).
+    pub fn attach_sized(reference: Reference, entries: u32) -> Result<Self> {
         use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
         let (map, insns) = match reference {
             Reference::Line => {
@@ -396,19 +493,26 @@ impl ReferenceProgram {
                 (map, insns)
             }
             Reference::Hash { preallocated } => {
-                let flags = if preallocated {
-                    0
-                } else {
-                    aya_obj::generated::BPF_F_NO_PREALLOC
-                };
+                let flags = map_flags(preallocated);
                 let map = create_map(
                     BPF_MAP_TYPE_HASH as u32,
                     8,
                     SOCK_ENTRY_BYTES,
-                    SOCKET_MAP_ENTRIES,
+                    entries,
                     flags,
                 )?;
                 let insns = hash_program(&map)?;
+                (map, insns)
+            }
+            Reference::SocketMap { preallocated } => {
+                let map = create_map(
+                    BPF_MAP_TYPE_HASH as u32,
+                    8,
+                    8,
+                    entries,
+                    map_flags(preallocated),
+                )?;
+                let insns = socket_map_program(&map)?;
                 (map, insns)
             }
         };
@@ -451,34 +555,7 @@ impl ReferenceProgram {
                 }
                 Ok(held)
             }
-            Reference::Hash { .. } => {
-                let mut held = 0;
-                let mut key = 0u64;
-                let mut next = 0u64;
-                let mut first = true;
-                loop {
-                    let mut attr = bpf_attr_zeroed();
-                    // The members BPF_MAP_GET_NEXT_KEY reads; a null key starts the walk.
-                    attr.__bindgen_anon_2.map_fd =
-                        u32::try_from(self.map.as_raw_fd()).context("negative fd")?;
-                    attr.__bindgen_anon_2.key = if first { 0 } else { (&raw const key) as u64 };
-                    attr.__bindgen_anon_2.__bindgen_anon_1.next_key = (&raw mut next) as u64;
-                    match sys::bpf(
-                        bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long,
-                        (&raw mut attr).cast(),
-                        size_of::<bpf_attr>(),
-                    ) {
-                        Ok(_) => {}
-                        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
-                            return Ok(held);
-                        }
-                        Err(error) => return Err(error).context("bpf BPF_MAP_GET_NEXT_KEY"),
-                    }
-                    held += 1;
-                    key = next;
-                    first = false;
-                }
-            }
+            Reference::Hash { .. } | Reference::SocketMap { .. } => count_keys(self.map.as_fd()),
         }
     }
 
@@ -490,7 +567,7 @@ impl ReferenceProgram {
         let held = self.held()?;
         let enough = match self.reference {
             Reference::Line => held * 5 >= n * 4,
-            Reference::Hash { .. } => held >= n,
+            Reference::Hash { .. } | Reference::SocketMap { .. } => held >= n,
         };
         if !enough {
             bail!(
@@ -571,7 +648,13 @@ mod tests {
         }
         let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1").unwrap();
         const N: u64 = 300;
-        for reference in Reference::ALL {
+        let all = Reference::ALL.into_iter().chain([
+            Reference::SocketMap {
+                preallocated: false,
+            },
+            Reference::SocketMap { preallocated: true },
+        ]);
+        for reference in all {
             let program = ReferenceProgram::attach(reference).unwrap();
             let before = program.stats().unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
