@@ -99,11 +99,7 @@ impl Bpftrace {
         let listener = net::listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))?;
         let port = net::local_port(&listener)?;
         loop {
-            if let Some(status) = bpftrace
-                .child
-                .try_wait()
-                .context("cannot watch bpftrace")?
-            {
+            if let Some(status) = bpftrace.child.try_wait().context("cannot watch bpftrace")? {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
                 bail!("bpftrace exited at start ({status}):\n{log}");
             }

@@ -61,9 +61,9 @@ impl Program {
             Program::Agent {
                 preallocate_flag: true,
             } => format!("the agent's handler ({ATTACH}, --preallocate-sockets)"),
-            Program::SocketMap { preallocated } => Reference::SocketMap { preallocated }
-                .label()
-                .to_owned(),
+            Program::SocketMap { preallocated } => {
+                Reference::SocketMap { preallocated }.label().to_owned()
+            }
             Program::Empty => "empty program (the floor)".to_owned(),
             Program::Bpftrace => "real bpftrace one-liner".to_owned(),
             Program::BpftraceEmpty => "real bpftrace, empty probe".to_owned(),
@@ -336,7 +336,9 @@ pub fn run(plan: &Plan, binary: &Path, log_dir: &Path, foreign: &mut Foreign) ->
                     continue;
                 }
                 Err(error) => {
-                    return Err(error.context(format!("10k-cold workload with {}", program.label())));
+                    return Err(
+                        error.context(format!("10k-cold workload with {}", program.label()))
+                    );
                 }
             };
             eprintln!(

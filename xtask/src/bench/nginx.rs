@@ -98,7 +98,8 @@ impl Nginx {
         let dir = log_dir.join(format!("nginx-{}", std::process::id()));
         // What an earlier, killed run left here.
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         // A port free now on 127.0.0.1 (nginx binds it right after, on each address).
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
