@@ -192,3 +192,56 @@ impl Drop for Bpftrace {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// The real one-liner runs, keeps each passive open's socket in `@s` (of the size asked)
+    /// and drops it when the socket leaves ESTABLISHED; its statistics are read.
+    #[test]
+    fn the_real_one_liner_keeps_and_drops_each_socket() {
+        if !sys::root_or_skip("the_real_one_liner_keeps_and_drops_each_socket") {
+            return;
+        }
+        if let Some(reason) = unavailable() {
+            if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
+                panic!("{reason} (cargo xtask setup installs it)");
+            }
+            eprintln!("SKIP the_real_one_liner_keeps_and_drops_each_socket: {reason}");
+            return;
+        }
+        let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1").unwrap();
+        let logs = tempfile_dir();
+        const N: u64 = 300;
+        let bpftrace = Bpftrace::start(Script::SocketMap, 20_000, &logs).unwrap();
+        assert_eq!(bpftrace.preallocated(), Some(true), "bpftrace's maps");
+        let before = bpftrace.stats().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut pairs = Vec::new();
+        for _ in 0..N {
+            let client = TcpStream::connect(address).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            pairs.push((client, server));
+        }
+        let held = bpftrace.held().unwrap();
+        assert!((N..N + 50).contains(&held), "{held} held after {N} opens");
+        drop(pairs);
+        std::thread::sleep(Duration::from_millis(100));
+        let held = bpftrace.held().unwrap();
+        assert!(held < N / 10, "{held} still held after {N} closes");
+        let runs = bpftrace.stats().unwrap().since(&before).run_cnt;
+        assert!(runs >= 4 * N, "only {runs} runs for {N} connections");
+        drop(bpftrace);
+        let _ = std::fs::remove_dir_all(&logs);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("bench-bpftrace-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -623,27 +623,13 @@ mod tests {
         );
     }
 
-    fn root_or_skip(test: &str) -> bool {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            return true;
-        }
-        if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
-            panic!("{test}: needs root (BPF) and DRAIN_AGENT_REQUIRE_KERNEL=1");
-        }
-        eprintln!(
-            "SKIP {test}: kernel test cannot run (not running as root); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
-        );
-        false
-    }
-
     /// Each reference loads, runs on real connections, records each passive open and
     /// drops it at the close: the work it is a reference for is really done.
     #[test]
     fn each_reference_records_real_connections_and_drops_them() {
         use std::net::{TcpListener, TcpStream};
 
-        if !root_or_skip("each_reference_records_real_connections_and_drops_them") {
+        if !sys::root_or_skip("each_reference_records_real_connections_and_drops_them") {
             return;
         }
         let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1").unwrap();
