@@ -126,28 +126,41 @@ impl Bpftrace {
             std::thread::sleep(Duration::from_millis(100));
         }
         if script == Script::SocketMap {
-            let map = sys::map_ids_of_process(bpftrace.child.id())?
-                .into_iter()
-                .filter_map(|id| MapInfo::from_id(id).ok())
-                .find(|info| {
-                    info.key_size() == 8
-                        && info.value_size() == 8
-                        && matches!(info.map_type(), Ok(aya::maps::MapType::Hash))
-                })
-                .context("bpftrace holds no u64 → u64 hash map (its @s)")?;
-            if map.max_entries() < map_keys {
-                bail!(
-                    "bpftrace's @s holds at most {} keys, {map_keys} asked: this version reads neither BPFTRACE_MAP_KEYS_MAX nor BPFTRACE_MAX_MAP_KEYS",
-                    map.max_entries()
-                );
-            }
-            bpftrace.map = Some(map);
+            bpftrace.map = Some(bpftrace.socket_map(map_keys, deadline)?);
         }
         Ok(bpftrace)
     }
 
     pub fn stats(&self) -> Result<ProgStats> {
         sys::prog_stats(self.prog)
+    }
+
+    /// `@s`: the u64 → u64 hash map among the maps bpftrace holds, with room for `map_keys`.
+    fn socket_map(&self, map_keys: u32, deadline: Instant) -> Result<MapInfo> {
+        loop {
+            let maps: Vec<MapInfo> = sys::map_ids_of_process(self.child.id())?
+                .into_iter()
+                .filter_map(|id| MapInfo::from_id(id).ok())
+                .collect();
+            let found = maps.into_iter().find(|info| {
+                info.key_size() == 8
+                    && info.value_size() == 8
+                    && matches!(info.map_type(), Ok(aya::maps::MapType::Hash))
+            });
+            if let Some(map) = found {
+                if map.max_entries() < map_keys {
+                    bail!(
+                        "bpftrace's @s holds at most {} keys, {map_keys} asked: this version reads neither BPFTRACE_MAP_KEYS_MAX nor BPFTRACE_MAX_MAP_KEYS",
+                        map.max_entries()
+                    );
+                }
+                return Ok(map);
+            }
+            if Instant::now() > deadline {
+                bail!("bpftrace holds no u64 → u64 hash map (its @s)");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `@s`'s flags: whether bpftrace preallocates it.
@@ -206,6 +219,9 @@ mod tests {
         if !sys::root_or_skip("the_real_one_liner_keeps_and_drops_each_socket") {
             return;
         }
+        let _serial = sys::KERNEL_TEST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(reason) = unavailable() {
             if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
                 panic!("{reason} (cargo xtask setup installs it)");

@@ -441,3 +441,55 @@ fn workload(running: &Running, n: usize, round: usize) -> Result<Sample> {
         miscounted,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(program: Program, rounds: &[(usize, f64)]) -> ProgramCost {
+        ProgramCost {
+            program,
+            label: program.label(),
+            preallocated: None,
+            samples: rounds
+                .iter()
+                .map(|&(round, mean_ns)| Sample {
+                    round,
+                    mean_ns,
+                    ..Sample::default()
+                })
+                .collect(),
+            median_ns: median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>()),
+        }
+    }
+
+    /// Ratios are taken within a round: a round the reference missed is left out, not
+    /// paired with another round's sample.
+    #[test]
+    fn ratios_pair_samples_of_the_same_round() {
+        let agent = Program::Agent {
+            preallocate_flag: false,
+        };
+        let cold = ColdCost {
+            programs: vec![
+                cost(agent, &[(0, 200.0), (1, 300.0), (2, 400.0)]),
+                cost(
+                    Program::SocketMap {
+                        preallocated: false,
+                    },
+                    &[(0, 100.0), (2, 200.0)],
+                ),
+                cost(Program::Empty, &[(0, 50.0), (1, 50.0), (2, 50.0)]),
+            ],
+            ..ColdCost::default()
+        };
+        let c = compare(&cold, agent, false).expect("a comparison");
+        assert_eq!(c.ratios, vec![2.0, 2.0]);
+        assert_eq!(c.net_ratios, vec![3.0, 350.0 / 150.0]);
+        assert_eq!(c.median_ratio, 2.0);
+        assert!(
+            compare(&cold, agent, true).is_none(),
+            "no preallocated reference"
+        );
+    }
+}

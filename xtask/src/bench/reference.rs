@@ -632,6 +632,9 @@ mod tests {
         if !sys::root_or_skip("each_reference_records_real_connections_and_drops_them") {
             return;
         }
+        let _serial = sys::KERNEL_TEST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1").unwrap();
         const N: u64 = 300;
         let all = Reference::ALL.into_iter().chain([

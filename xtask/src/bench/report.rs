@@ -128,11 +128,10 @@ pub fn goals(results: &Results) -> Vec<Goal> {
         goals.push(at_least(
             "churn throughput with the agent ≥ 0.97 × without",
             format!(
-                "{:.3}{} (median of {} pair ratios, {}; {:.0} vs {:.0} connections/s); by CPU per connection {:.3} ({}); ports kept busy: {:.3} (CPU {:.3})",
+                "{:.3} (median of {} pair ratios, {}; {:.0} vs {:.0} connections/s); by CPU per connection {:.3} ({}); ports kept busy: {:.3} (CPU {:.3})",
                 v.median_ratio,
-                straddles(v.ratio_interval, 0.97),
                 v.pair_ratios.len(),
-                interval_text(v.ratio_interval),
+                interval_against(v.ratio_interval, 0.97),
                 v.median_with_per_second,
                 v.median_without_per_second,
                 v.median_cpu_ratio,
@@ -218,14 +217,15 @@ pub fn goals(results: &Results) -> Vec<Goal> {
     goals
 }
 
-/// " (the interval straddles T)" when the median's interval contains `target`: one run
-/// cannot tell on which side the ratio lies.
-fn straddles(interval: Option<(f64, f64, f64)>, target: f64) -> String {
+/// The interval as `interval_text` writes it, and ", which straddles T" when it contains
+/// `target`: one run cannot tell on which side of the goal the ratio lies.
+fn interval_against(interval: Option<(f64, f64, f64)>, target: f64) -> String {
+    let text = interval_text(interval);
     match interval {
         Some((low, high, _)) if low <= target && target <= high => {
-            format!(" (the interval straddles {target})")
+            format!("{text}, which straddles {target}")
         }
-        _ => String::new(),
+        _ => text,
     }
 }
 
@@ -290,16 +290,14 @@ fn nginx_goal(nginx: &NginxOverhead) -> Goal {
     at_least(
         "nginx new-connection-per-request throughput and CPU per request with the agent ≥ 0.99 of without",
         format!(
-            "throughput {:.3}{} (median of {} pair ratios, {}; {:.0} vs {:.0} requests/s); CPU per request {:.3}{} ({}; {:.1} vs {:.1} µs)",
+            "throughput {:.3} (median of {} pair ratios, {}; {:.0} vs {:.0} requests/s); CPU per request {:.3} ({}; {:.1} vs {:.1} µs)",
             nginx.median_ratio,
-            straddles(nginx.ratio_interval, 0.99),
             nginx.pair_ratios.len(),
-            interval_text(nginx.ratio_interval),
+            interval_against(nginx.ratio_interval, 0.99),
             nginx.median_with_per_second,
             nginx.median_without_per_second,
             nginx.median_cpu_ratio,
-            straddles(nginx.cpu_ratio_interval, 0.99),
-            interval_text(nginx.cpu_ratio_interval),
+            interval_against(nginx.cpu_ratio_interval, 0.99),
             nginx.median_cpu_us_with,
             nginx.median_cpu_us_without
         ),
@@ -966,6 +964,9 @@ fn wakeup_section(out: &mut String, results: &Results) {
 }
 
 fn footprint_section(out: &mut String, results: &Results) {
+    if results.answer.is_none() && results.overhead.is_none() && results.metrics.is_none() {
+        return;
+    }
     let _ = writeln!(out, "\n## 5. Footprint\n");
     header(out, &["what", "value"]);
     if let Some(answer) = &results.answer {
@@ -1252,4 +1253,23 @@ fn nginx_section(out: &mut String, nginx: &NginxOverhead) {
         nginx.median_cpu_ratio,
         interval_text(nginx.cpu_ratio_interval)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_that_contains_the_goal_says_so() {
+        let text = interval_against(Some((0.95, 1.01, 0.96)), 0.97);
+        assert_eq!(
+            text,
+            "96 % interval for the median 0.950–1.010, which straddles 0.97"
+        );
+        assert!(!interval_against(Some((0.98, 1.01, 0.96)), 0.97).contains("straddles"));
+        assert_eq!(
+            interval_against(None, 0.97),
+            "too few pairs for an interval"
+        );
+    }
 }

@@ -487,6 +487,11 @@ pub fn tcp_sockets() -> TcpSockets {
     }
 }
 
+/// Held by each of the bench's kernel tests: they switch `kernel.bpf_stats_enabled` on and
+/// back off, and count the host's passive opens, so two at once would disturb each other.
+#[cfg(test)]
+pub static KERNEL_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// In a test: whether it runs as root (BPF needs it); if not, the test is skipped with a
 /// note, or fails under `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
 #[cfg(test)]
