@@ -24,6 +24,7 @@ mod kernel;
 mod net;
 mod nginx;
 mod overhead;
+mod pairs;
 mod reference;
 mod report;
 mod stats;

@@ -208,7 +208,6 @@ impl Drop for Bpftrace {
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
 
     use super::*;
 
@@ -235,17 +234,10 @@ mod tests {
         let bpftrace = Bpftrace::start(Script::SocketMap, 20_000, &logs).unwrap();
         assert_eq!(bpftrace.preallocated(), Some(true), "bpftrace's maps");
         let before = bpftrace.stats().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let mut pairs = Vec::new();
-        for _ in 0..N {
-            let client = TcpStream::connect(address).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            pairs.push((client, server));
-        }
+        let pairs = super::super::net::open_for_test(N);
         let held = bpftrace.held().unwrap();
         assert!((N..N + 50).contains(&held), "{held} held after {N} opens");
-        drop(pairs);
+        pairs.close_gracefully();
         std::thread::sleep(Duration::from_millis(100));
         let held = bpftrace.held().unwrap();
         assert!(held < N / 10, "{held} still held after {N} closes");

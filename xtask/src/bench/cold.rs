@@ -27,7 +27,7 @@ use super::{
     holder::HeldConnections,
     kernel::HANDLER_PREFIX,
     net,
-    overhead::MEDIAN_COVERAGE,
+    pairs::MEDIAN_COVERAGE,
     reference::{EmptyProgram, Reference, ReferenceProgram, map_flags},
     stats::{median, median_interval},
     sys::{self, ProgStats},

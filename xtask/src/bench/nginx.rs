@@ -22,11 +22,8 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use super::{
-    Foreign, Plan,
-    agent::Agent,
-    net,
-    overhead::MEDIAN_COVERAGE,
-    stats::{median, median_interval},
+    Foreign, Plan, net,
+    pairs::{self, Paired, Round, RoundAgent},
     sys,
 };
 
@@ -39,47 +36,15 @@ const BODY: &[u8] = b"ok";
 const ADDRESSES: u8 = 4;
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Round {
-    pub pair: usize,
-    pub with_agent: bool,
-    pub requests: u64,
-    pub seconds: f64,
-    pub per_second: f64,
-    pub errors: u64,
-    pub load_cpu_ms: f64,
-    pub nginx_cpu_ms: f64,
-    pub agent_cpu_ms: Option<f64>,
-    /// Connections the agent still counted on nginx's port after the round (attached rounds).
-    pub left_active: Option<u64>,
-}
-
-impl Round {
-    /// CPU µs per request: nginx, the load generator and the agent.
-    pub fn cpu_us_per_request(&self) -> f64 {
-        (self.load_cpu_ms + self.nginx_cpu_ms + self.agent_cpu_ms.unwrap_or(0.0)) * 1000.0
-            / self.requests.max(1) as f64
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
 pub struct NginxOverhead {
     pub nginx_version: String,
     pub workers: usize,
     pub threads: usize,
     pub round_seconds: f64,
     pub rounds: Vec<Round>,
-    /// with ÷ without requests/s, per pair.
-    pub pair_ratios: Vec<f64>,
-    pub median_ratio: f64,
-    pub ratio_interval: Option<(f64, f64, f64)>,
-    /// without ÷ with CPU per request, per pair.
-    pub pair_cpu_ratios: Vec<f64>,
-    pub median_cpu_ratio: f64,
-    pub cpu_ratio_interval: Option<(f64, f64, f64)>,
-    pub median_with_per_second: f64,
-    pub median_without_per_second: f64,
-    pub median_cpu_us_with: f64,
-    pub median_cpu_us_without: f64,
+    /// Ratios within pairs (requests/s; CPU per request) and their medians.
+    #[serde(flatten)]
+    pub paired: Paired,
     pub errors: u64,
     pub left_active: u64,
 }
@@ -311,75 +276,20 @@ pub fn run(
 ) -> Result<NginxOverhead> {
     let workers = plan.nginx_workers;
     let nginx = Nginx::start(log_dir, workers)?;
-    let mut result = NginxOverhead {
+    let rounds = pairs::alternate("nginx", "request", plan.nginx_pairs, |pair, with_agent| {
+        round(plan, binary, log_dir, foreign, &nginx, pair, with_agent)
+    })?;
+    drop(nginx);
+    Ok(NginxOverhead {
         nginx_version: Nginx::version(),
         workers,
         threads: plan.nginx_threads,
         round_seconds: plan.nginx_round.as_secs_f64(),
-        ..NginxOverhead::default()
-    };
-    for pair in 0..plan.nginx_pairs {
-        let order = if pair % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        let mut rounds: [Option<Round>; 2] = [None, None];
-        for with_agent in order {
-            let round = round(plan, binary, log_dir, foreign, &nginx, pair, with_agent)?;
-            eprintln!(
-                "bench: [nginx] pair {pair} {}: {:.0} requests/s, {:.1} µs CPU/request ({} errors){}",
-                if with_agent {
-                    "with agent   "
-                } else {
-                    "without agent"
-                },
-                round.per_second,
-                round.cpu_us_per_request(),
-                round.errors,
-                round
-                    .left_active
-                    .map(|left| format!(", {left} left counted after the round"))
-                    .unwrap_or_default()
-            );
-            rounds[usize::from(with_agent)] = Some(round);
-        }
-        if let [Some(without), Some(with)] = rounds {
-            if without.per_second > 0.0 {
-                result
-                    .pair_ratios
-                    .push(with.per_second / without.per_second);
-            }
-            if with.cpu_us_per_request() > 0.0 {
-                result
-                    .pair_cpu_ratios
-                    .push(without.cpu_us_per_request() / with.cpu_us_per_request());
-            }
-            result.rounds.extend([without, with]);
-        }
-    }
-    drop(nginx);
-    let of = |with: bool, value: fn(&Round) -> f64| {
-        median(
-            &result
-                .rounds
-                .iter()
-                .filter(|r| r.with_agent == with)
-                .map(value)
-                .collect::<Vec<_>>(),
-        )
-    };
-    result.median_ratio = median(&result.pair_ratios);
-    result.ratio_interval = median_interval(&result.pair_ratios, MEDIAN_COVERAGE);
-    result.median_cpu_ratio = median(&result.pair_cpu_ratios);
-    result.cpu_ratio_interval = median_interval(&result.pair_cpu_ratios, MEDIAN_COVERAGE);
-    result.median_with_per_second = of(true, |r| r.per_second);
-    result.median_without_per_second = of(false, |r| r.per_second);
-    result.median_cpu_us_with = of(true, Round::cpu_us_per_request);
-    result.median_cpu_us_without = of(false, Round::cpu_us_per_request);
-    result.errors = result.rounds.iter().map(|r| r.errors).sum();
-    result.left_active = result.rounds.iter().filter_map(|r| r.left_active).sum();
-    Ok(result)
+        paired: Paired::of(&rounds),
+        errors: rounds.iter().map(|r| r.errors).sum(),
+        left_active: rounds.iter().filter_map(|r| r.left_active).sum(),
+        rounds,
+    })
 }
 
 fn round(
@@ -391,20 +301,7 @@ fn round(
     pair: usize,
     with_agent: bool,
 ) -> Result<Round> {
-    let agent = if with_agent {
-        let agent = Agent::start(binary, log_dir, &plan.agent(None, false))?;
-        foreign.check(&agent)?;
-        Some(agent)
-    } else {
-        foreign.check_without_agent()?;
-        None
-    };
-    // Let start-up work settle the same way for both.
-    std::thread::sleep(Duration::from_millis(300));
-    let agent_before = agent
-        .as_ref()
-        .map(|a| sys::cpu_time_ms(a.pid()))
-        .transpose()?;
+    let agent = RoundAgent::start(plan, binary, log_dir, foreign, with_agent)?;
     let nginx_before = nginx.cpu_ms()?;
     let load_before = sys::own_cpu_time_ms();
     let (requests, errors, elapsed) = load(
@@ -415,22 +312,12 @@ fn round(
     )?;
     let load_cpu_ms = sys::own_cpu_time_ms() - load_before;
     let nginx_cpu_ms = nginx.cpu_ms()? - nginx_before;
-    let agent_cpu_ms = match (&agent, agent_before) {
-        (Some(agent), Some(before)) => Some(sys::cpu_time_ms(agent.pid())? - before),
-        _ => None,
-    };
-    let left_active = agent
-        .as_ref()
-        .map(|a| a.left_active(&[nginx.port]))
-        .transpose()?;
-    if let Some(agent) = agent {
-        agent.stop()?;
-    }
+    let (agent_cpu_ms, left_active) = agent.finish(&[nginx.port])?;
     let seconds = elapsed.as_secs_f64();
     Ok(Round {
         pair,
         with_agent,
-        requests,
+        done: requests,
         seconds,
         per_second: if seconds > 0.0 {
             requests as f64 / seconds
@@ -439,7 +326,7 @@ fn round(
         },
         errors,
         load_cpu_ms,
-        nginx_cpu_ms,
+        server_cpu_ms: nginx_cpu_ms,
         agent_cpu_ms,
         left_active,
     })

@@ -197,12 +197,17 @@ impl Asm {
     }
 }
 
-/// The part every reference shares: load (sk, oldstate, newstate), classify like the
-/// handler and branch to [`Label::Open`] or [`Label::Close`], else return at once.
-fn classify(asm: &mut Asm) {
+/// r6 = sk, r7 = oldstate, r8 = newstate, from the tracepoint's `u64 args[]`.
+fn load_args(asm: &mut Asm) {
     asm.insn(LDX_DW, SK, R1, 0, 0);
     asm.insn(LDX_DW, OLD, R1, 8, 0);
     asm.insn(LDX_DW, NEW, R1, 16, 0);
+}
+
+/// The part every reference shares: load (sk, oldstate, newstate), classify like the
+/// handler and branch to [`Label::Open`] or [`Label::Close`], else return at once.
+fn classify(asm: &mut Asm) {
+    load_args(asm);
     asm.jump(JEQ_K, NEW, 0, ESTABLISHED, Label::NewActive);
     asm.jump(JEQ_K, NEW, 0, CLOSE_WAIT, Label::NewActive);
     // The new state is not active: a close if the old one was.
@@ -251,31 +256,43 @@ fn line_program(map: &OwnedFd) -> Result<Vec<u64>> {
     asm.finish()
 }
 
+/// r1 = the map, r2 = &key, the key being the socket's address at fp − 8.
+fn map_and_key(asm: &mut Asm, map: &OwnedFd) {
+    asm.insn(STX_DW, FP, SK, -8, 0);
+    asm.load_map(R1, map);
+    asm.insn(MOV64_X, R2, FP, 0, 0);
+    asm.insn(ADD64_K, R2, 0, 0, -8);
+}
+
+/// `map[sk] = *(fp + value)` with `flags`, then to [`Label::Out`]; the value is on the stack.
+fn update(asm: &mut Asm, map: &OwnedFd, value: i16, flags: i32) {
+    map_and_key(asm, map);
+    asm.insn(MOV64_X, R3, FP, 0, 0);
+    asm.insn(ADD64_K, R3, 0, 0, i32::from(value));
+    asm.insn(MOV64_K, R4, 0, 0, flags);
+    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
+    asm.jump(JA, 0, 0, 0, Label::Out);
+}
+
+/// [`Label::Close`]: `delete(map[sk])`, then the epilogue.
+fn delete_and_finish(mut asm: Asm, map: &OwnedFd) -> Result<Vec<u64>> {
+    asm.label(Label::Close);
+    map_and_key(&mut asm, map);
+    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
+    epilogue(&mut asm);
+    asm.finish()
+}
+
 fn hash_program(map: &OwnedFd) -> Result<Vec<u64>> {
     let value = -8 - SOCK_ENTRY_BYTES as i16;
     let mut asm = Asm::default();
     classify(&mut asm);
     asm.label(Label::Open);
-    asm.insn(STX_DW, FP, SK, -8, 0);
     for offset in (value..-8).step_by(8) {
         asm.insn(ST_DW, FP, 0, offset, 0);
     }
-    asm.load_map(R1, map);
-    asm.insn(MOV64_X, R2, FP, 0, 0);
-    asm.insn(ADD64_K, R2, 0, 0, -8);
-    asm.insn(MOV64_X, R3, FP, 0, 0);
-    asm.insn(ADD64_K, R3, 0, 0, i32::from(value));
-    asm.insn(MOV64_K, R4, 0, 0, BPF_NOEXIST);
-    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
-    asm.jump(JA, 0, 0, 0, Label::Out);
-    asm.label(Label::Close);
-    asm.insn(STX_DW, FP, SK, -8, 0);
-    asm.load_map(R1, map);
-    asm.insn(MOV64_X, R2, FP, 0, 0);
-    asm.insn(ADD64_K, R2, 0, 0, -8);
-    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
-    epilogue(&mut asm);
-    asm.finish()
+    update(&mut asm, map, value, BPF_NOEXIST);
+    delete_and_finish(asm, map)
 }
 
 /// The bpftrace one-liner's program: `if (old == SYN_RECV && new == ESTABLISHED)
@@ -284,33 +301,16 @@ fn hash_program(map: &OwnedFd) -> Result<Vec<u64>> {
 /// ESTABLISHED for CLOSE_WAIT, which is where its entry goes).
 fn socket_map_program(map: &OwnedFd) -> Result<Vec<u64>> {
     let mut asm = Asm::default();
-    asm.insn(LDX_DW, SK, R1, 0, 0);
-    asm.insn(LDX_DW, OLD, R1, 8, 0);
-    asm.insn(LDX_DW, NEW, R1, 16, 0);
+    load_args(&mut asm);
     asm.jump(JEQ_K, OLD, 0, ESTABLISHED, Label::Close);
     asm.jump(JNE_K, OLD, 0, SYN_RECV, Label::Out);
     asm.jump(JNE_K, NEW, 0, ESTABLISHED, Label::Out);
     asm.label(Label::Open);
     asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
     asm.insn(STX_DW, FP, R0, -16, 0);
-    asm.insn(STX_DW, FP, SK, -8, 0);
-    asm.load_map(R1, map);
-    asm.insn(MOV64_X, R2, FP, 0, 0);
-    asm.insn(ADD64_K, R2, 0, 0, -8);
-    asm.insn(MOV64_X, R3, FP, 0, 0);
-    asm.insn(ADD64_K, R3, 0, 0, -16);
     // bpftrace's map assignment: insert or overwrite.
-    asm.insn(MOV64_K, R4, 0, 0, BPF_ANY);
-    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
-    asm.jump(JA, 0, 0, 0, Label::Out);
-    asm.label(Label::Close);
-    asm.insn(STX_DW, FP, SK, -8, 0);
-    asm.load_map(R1, map);
-    asm.insn(MOV64_X, R2, FP, 0, 0);
-    asm.insn(ADD64_K, R2, 0, 0, -8);
-    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
-    epilogue(&mut asm);
-    asm.finish()
+    update(&mut asm, map, -16, BPF_ANY);
+    delete_and_finish(asm, map)
 }
 
 fn bpf_attr_zeroed() -> bpf_attr {
@@ -627,8 +627,6 @@ mod tests {
     /// drops it at the close: the work it is a reference for is really done.
     #[test]
     fn each_reference_records_real_connections_and_drops_them() {
-        use std::net::{TcpListener, TcpStream};
-
         if !sys::root_or_skip("each_reference_records_real_connections_and_drops_them") {
             return;
         }
@@ -646,18 +644,11 @@ mod tests {
         for reference in all {
             let program = ReferenceProgram::attach(reference).unwrap();
             let before = program.stats().unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let address = listener.local_addr().unwrap();
-            let mut pairs = Vec::new();
-            for _ in 0..N {
-                let client = TcpStream::connect(address).unwrap();
-                let (server, _) = listener.accept().unwrap();
-                pairs.push((client, server));
-            }
+            let pairs = super::super::net::open_for_test(N);
             program.check_opened(N).unwrap();
             let held = program.held().unwrap();
             assert!(held <= N + 50, "{reference:?}: {held} held after {N} opens");
-            drop(pairs);
+            pairs.close_gracefully();
             // The server ends leave ESTABLISHED for CLOSE_WAIT → LAST_ACK when the client's
             // FIN arrives and they close; all of it happens within the close calls.
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -9,6 +9,7 @@ use super::{
     Results,
     cold::{ColdCost, Program},
     nginx::NginxOverhead,
+    pairs::{Round, pair_of, pairs_in},
     reference::Reference,
     stats::Summary,
 };
@@ -129,17 +130,17 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             "churn throughput with the agent ≥ 0.97 × without",
             format!(
                 "{:.3} (median of {} pair ratios, {}; {:.0} vs {:.0} connections/s); by CPU per connection {:.3} ({}); ports kept busy: {:.3} (CPU {:.3})",
-                v.median_ratio,
-                v.pair_ratios.len(),
-                interval_against(v.ratio_interval, 0.97),
-                v.median_with_per_second,
-                v.median_without_per_second,
-                v.median_cpu_ratio,
-                interval_text(v.cpu_ratio_interval),
-                overhead.busy.median_ratio,
-                overhead.busy.median_cpu_ratio
+                v.paired.median_ratio,
+                v.paired.pair_ratios.len(),
+                interval_against(v.paired.ratio_interval, 0.97),
+                v.paired.median_with_per_second,
+                v.paired.median_without_per_second,
+                v.paired.median_cpu_ratio,
+                interval_text(v.paired.cpu_ratio_interval),
+                overhead.busy.paired.median_ratio,
+                overhead.busy.paired.median_cpu_ratio
             ),
-            v.median_ratio,
+            v.paired.median_ratio,
             0.97,
         ));
     }
@@ -291,17 +292,17 @@ fn nginx_goal(nginx: &NginxOverhead) -> Goal {
         "nginx new-connection-per-request throughput and CPU per request with the agent ≥ 0.99 of without",
         format!(
             "throughput {:.3} (median of {} pair ratios, {}; {:.0} vs {:.0} requests/s); CPU per request {:.3} ({}; {:.1} vs {:.1} µs)",
-            nginx.median_ratio,
-            nginx.pair_ratios.len(),
-            interval_against(nginx.ratio_interval, 0.99),
-            nginx.median_with_per_second,
-            nginx.median_without_per_second,
-            nginx.median_cpu_ratio,
-            interval_against(nginx.cpu_ratio_interval, 0.99),
-            nginx.median_cpu_us_with,
-            nginx.median_cpu_us_without
+            nginx.paired.median_ratio,
+            nginx.paired.pair_ratios.len(),
+            interval_against(nginx.paired.ratio_interval, 0.99),
+            nginx.paired.median_with_per_second,
+            nginx.paired.median_without_per_second,
+            nginx.paired.median_cpu_ratio,
+            interval_against(nginx.paired.cpu_ratio_interval, 0.99),
+            nginx.paired.median_cpu_us_with,
+            nginx.paired.median_cpu_us_without
         ),
-        nginx.median_ratio.min(nginx.median_cpu_ratio),
+        nginx.paired.median_ratio.min(nginx.paired.median_cpu_ratio),
         0.99,
     )
 }
@@ -498,11 +499,11 @@ fn baseline_section(out: &mut String, results: &Results) {
                     what.into(),
                     format!(
                         "{:.3} (CPU {:.3})",
-                        mine.median_ratio, mine.median_cpu_ratio
+                        mine.paired.median_ratio, mine.paired.median_cpu_ratio
                     ),
                     format!(
                         "{:.3} (CPU {:.3})",
-                        theirs.median_ratio, theirs.median_cpu_ratio
+                        theirs.paired.median_ratio, theirs.paired.median_cpu_ratio
                     ),
                 ],
             );
@@ -790,63 +791,20 @@ fn overhead_section(out: &mut String, results: &Results) {
     );
     for variant in [&overhead.draining, &overhead.busy] {
         let _ = writeln!(out, "\n**{}**\n", variant.name);
-        header(
-            out,
-            &[
-                "pair",
-                "without agent (connections/s)",
-                "with agent (connections/s)",
-                "ratio",
-                "CPU µs / connection without",
-                "CPU µs / connection with (agent's part)",
-                "CPU ratio",
-            ],
-        );
-        for pair in 0..variant.pair_ratios.len() {
-            let round = |with: bool| {
-                variant
-                    .rounds
-                    .iter()
-                    .find(|r| r.pair == pair && r.with_agent == with)
-            };
-            let (Some(without), Some(with)) = (round(false), round(true)) else {
-                continue;
-            };
-            let cpu_us = |r: &super::overhead::Round| {
-                (r.churn_cpu_ms + r.agent_cpu_ms.unwrap_or(0.0)) * 1000.0
-                    / r.connections.max(1) as f64
-            };
-            let agent_us =
-                with.agent_cpu_ms.unwrap_or(0.0) * 1000.0 / with.connections.max(1) as f64;
-            row(
-                out,
-                &[
-                    pair.to_string(),
-                    format!("{:.0}", without.per_second),
-                    format!("{:.0}", with.per_second),
-                    format!("{:.3}", variant.pair_ratios[pair]),
-                    format!("{:.1}", cpu_us(without)),
-                    format!("{:.1} ({agent_us:.2})", cpu_us(with)),
-                    variant
-                        .pair_cpu_ratios
-                        .get(pair)
-                        .map_or_else(String::new, |r| format!("{r:.3}")),
-                ],
-            );
-        }
+        pair_table(out, "connection", &variant.rounds);
         let _ = writeln!(
             out,
             "\nMedian throughput ratio **{:.3}** ({}; medians of the rounds themselves: {:.0} with vs {:.0} without connections/s); median CPU \
              ratio **{:.3}** ({}; {:.1} with vs {:.1} without µs per connection). Agent CPU: {:.2} ms per 1,000 \
              connections, {:.1} % of one core during the churn (medians).",
-            variant.median_ratio,
-            interval_text(variant.ratio_interval),
-            variant.median_with_per_second,
-            variant.median_without_per_second,
-            variant.median_cpu_ratio,
-            interval_text(variant.cpu_ratio_interval),
-            variant.median_cpu_us_with,
-            variant.median_cpu_us_without,
+            variant.paired.median_ratio,
+            interval_text(variant.paired.ratio_interval),
+            variant.paired.median_with_per_second,
+            variant.paired.median_without_per_second,
+            variant.paired.median_cpu_ratio,
+            interval_text(variant.paired.cpu_ratio_interval),
+            variant.paired.median_cpu_us_with,
+            variant.paired.median_cpu_us_without,
             variant.agent_cpu_ms_per_1k_connections,
             variant.agent_cpu_percent_of_core
         );
@@ -855,6 +813,47 @@ fn overhead_section(out: &mut String, results: &Results) {
             "After each attached round, with every connection closed, the agent still counted {} \
              connection(s) on the churned ports (of {} churned).",
             variant.left_active, variant.attached_connections
+        );
+    }
+}
+
+/// One row per pair of rounds: throughput without and with the agent and their ratio, CPU
+/// per `unit` of work without and with (the agent's part) and their ratio (without ÷ with).
+fn pair_table(out: &mut String, unit: &str, rounds: &[Round]) {
+    header(
+        out,
+        &[
+            "pair",
+            &format!("without agent ({unit}s/s)"),
+            &format!("with agent ({unit}s/s)"),
+            "ratio",
+            &format!("CPU µs / {unit} without"),
+            &format!("CPU µs / {unit} with (agent's part)"),
+            "CPU ratio",
+        ],
+    );
+    for pair in 0..pairs_in(rounds) {
+        let Some((without, with)) = pair_of(rounds, pair) else {
+            continue;
+        };
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.3}", a / b)
+            } else {
+                String::new()
+            }
+        };
+        row(
+            out,
+            &[
+                pair.to_string(),
+                format!("{:.0}", without.per_second),
+                format!("{:.0}", with.per_second),
+                ratio(with.per_second, without.per_second),
+                format!("{:.1}", without.cpu_us()),
+                format!("{:.1} ({:.2})", with.cpu_us(), with.agent_cpu_us()),
+                ratio(without.cpu_us(), with.cpu_us()),
+            ],
         );
     }
 }
@@ -1032,7 +1031,7 @@ fn footprint_section(out: &mut String, results: &Results) {
                         "{:.2} ms per 1,000 connections; {:.1} % of one core at {:.0} connections/s",
                         variant.agent_cpu_ms_per_1k_connections,
                         variant.agent_cpu_percent_of_core,
-                        variant.median_with_per_second
+                        variant.paired.median_with_per_second
                     ),
                 ],
             );
@@ -1206,52 +1205,14 @@ fn nginx_section(out: &mut String, nginx: &NginxOverhead) {
         nginx.errors,
         nginx.left_active
     );
-    header(
-        out,
-        &[
-            "pair",
-            "without agent (requests/s)",
-            "with agent (requests/s)",
-            "ratio",
-            "CPU µs / request without",
-            "CPU µs / request with (agent's part)",
-            "CPU ratio",
-        ],
-    );
-    for pair in 0..nginx.pair_ratios.len() {
-        let round = |with: bool| {
-            nginx
-                .rounds
-                .iter()
-                .find(|r| r.pair == pair && r.with_agent == with)
-        };
-        let (Some(without), Some(with)) = (round(false), round(true)) else {
-            continue;
-        };
-        let agent_us = with.agent_cpu_ms.unwrap_or(0.0) * 1000.0 / with.requests.max(1) as f64;
-        row(
-            out,
-            &[
-                pair.to_string(),
-                format!("{:.0}", without.per_second),
-                format!("{:.0}", with.per_second),
-                format!("{:.3}", nginx.pair_ratios[pair]),
-                format!("{:.1}", without.cpu_us_per_request()),
-                format!("{:.1} ({agent_us:.2})", with.cpu_us_per_request()),
-                nginx
-                    .pair_cpu_ratios
-                    .get(pair)
-                    .map_or_else(String::new, |r| format!("{r:.3}")),
-            ],
-        );
-    }
+    pair_table(out, "request", &nginx.rounds);
     let _ = writeln!(
         out,
         "\nMedian throughput ratio **{:.3}** ({}); median CPU ratio **{:.3}** ({}).",
-        nginx.median_ratio,
-        interval_text(nginx.ratio_interval),
-        nginx.median_cpu_ratio,
-        interval_text(nginx.cpu_ratio_interval)
+        nginx.paired.median_ratio,
+        interval_text(nginx.paired.ratio_interval),
+        nginx.paired.median_cpu_ratio,
+        interval_text(nginx.paired.cpu_ratio_interval)
     );
 }
 
