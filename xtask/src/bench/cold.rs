@@ -238,22 +238,17 @@ pub fn run(plan: &Plan, binary: &Path, log_dir: &Path, foreign: &mut Foreign) ->
         agent.stop()?;
     }
     let entries = agent_maps.iter().map(|m| m.2).max().unwrap_or(262_144);
-    let mut programs = vec![
-        Program::Agent {
-            preallocate_flag: false,
-        },
-        Program::SocketMap {
-            preallocated: agent_maps[0].1,
-        },
-        Program::Agent {
-            preallocate_flag: true,
-        },
-        Program::SocketMap {
-            preallocated: agent_maps[1].1,
-        },
-        Program::Empty,
-    ];
-    programs.dedup();
+    // Each agent configuration, then the reference with its flags (once, should both
+    // configurations have the same), then the floor.
+    let mut programs = Vec::new();
+    for &(agent, preallocated, _) in &agent_maps {
+        programs.push(agent);
+        let reference = Program::SocketMap { preallocated };
+        if !programs.contains(&reference) {
+            programs.push(reference);
+        }
+    }
+    programs.push(Program::Empty);
     let mut bpftrace_note = match bpftrace::unavailable() {
         Some(reason) => {
             eprintln!("bench: [reference] skipping the real bpftrace rows: {reason}");
