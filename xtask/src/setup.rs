@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("haproxy", "haproxy"),
     ("prometheus", "promtool"),
+    // `cargo xtask bench` runs the real bpftrace one-liner beside the agent (section 6;
+    // skipped with the reason when it is missing) and its reference test loads it.
+    ("bpftrace", "bpftrace"),
     ("systemd", "systemd-analyze"),
     // The image tests (drain-agent/tests/image.rs) and `cargo xtask dist`: buildah builds
     // the image from the static binary without a Docker engine, podman runs it.

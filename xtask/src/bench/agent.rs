@@ -21,6 +21,8 @@ pub struct Agent {
     child: Child,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    /// Its state directory (removed when it has stopped).
+    state_dir: PathBuf,
     /// Time from spawn to the first healthy `/healthz`.
     pub startup: Duration,
 }
@@ -42,6 +44,12 @@ impl Agent {
         let log_file =
             File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let log_err = log_file.try_clone().context("cannot share the agent log")?;
+        // Its own state directory: the default, /run/drain-agent, is shared with every other
+        // agent on the host, and an agent stops only once it holds that directory's lock (an
+        // agent someone left running made every bench agent wait at its stop).
+        let state_dir = log_dir.join(format!("state-{}", addr.port()));
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
         let mut command = Command::new(binary);
         command
             .arg("run")
@@ -52,6 +60,7 @@ impl Agent {
             // agent stops and run in the measurements made without an agent. Through the
             // environment, which a `--baseline` build without the flag ignores.
             .env("DRAIN_AGENT_NO_PIN", "true")
+            .env("DRAIN_AGENT_STATE_DIR", &state_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_err));
@@ -70,6 +79,7 @@ impl Agent {
             child,
             addr,
             log,
+            state_dir,
             startup: Duration::ZERO,
         };
         // Seeding 100k connections takes a moment; a broken agent exits at once.
@@ -175,6 +185,7 @@ impl Drop for Agent {
         if let Err(error) = self.terminate() {
             eprintln!("bench: {error:#}");
         }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 

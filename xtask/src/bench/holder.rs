@@ -5,7 +5,8 @@
 //! forks small holder processes: it establishes connections in batches, hands both ends to
 //! a holder over a unix socket (`SCM_RIGHTS`), and closes its own copies. A holder keeps
 //! what it receives until the socket to it closes, then resets every connection (no
-//! TIME_WAIT left behind) and exits.
+//! TIME_WAIT left behind) and exits; or, told so first ([`HeldConnections::close_gracefully`]),
+//! closes them the usual way, each client end before its server end.
 
 use std::{
     net::{Ipv4Addr, TcpListener},
@@ -76,7 +77,21 @@ impl Holder {
         Ok(())
     }
 
-    /// Closes the socket (the holder resets its connections and exits) and reaps it.
+    /// Tells the holder to close its connections gracefully (FIN, no reset) when it is
+    /// finished: a message with no fds and [`GRACEFUL`] as its byte.
+    fn graceful(&mut self) -> Result<()> {
+        let socket = self.socket.as_ref().context("holder already closed")?;
+        let byte = [GRACEFUL];
+        // SAFETY: a valid fd and buffer of the length given.
+        let sent = unsafe { libc::send(socket.as_raw_fd(), byte.as_ptr().cast(), 1, 0) };
+        if sent != 1 {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot tell a holder to close gracefully (send)");
+        }
+        Ok(())
+    }
+
+    /// Closes the socket (the holder closes its connections and exits) and reaps it.
     fn finish(&mut self) {
         if self.socket.take().is_none() {
             return;
@@ -107,7 +122,12 @@ impl Drop for Holder {
     }
 }
 
-/// The holder's life: receive fds until EOF, then reset them all and exit.
+/// The byte of the message that asks a holder to close without resets (other messages carry
+/// `b'f'` and fds).
+const GRACEFUL: u8 = b'g';
+
+/// The holder's life: receive fds until EOF, then close them all (reset, unless told to
+/// close gracefully) and exit.
 fn hold(socket: RawFd, store: &mut Vec<RawFd>) -> ! {
     // Drop everything inherited (the parent's connections, listeners, agent pipes) so
     // that the parent's closes still close.
@@ -118,11 +138,13 @@ fn hold(socket: RawFd, store: &mut Vec<RawFd>) -> ! {
         }
         libc::syscall(libc::SYS_close_range, (socket + 1) as u32, u32::MAX, 0u32);
     }
+    let mut graceful = false;
     loop {
         let mut received = [0 as RawFd; PER_MESSAGE];
         match receive_fds(socket, &mut received) {
             None => break,
-            Some(count) => {
+            Some((_, GRACEFUL)) => graceful = true,
+            Some((count, _)) => {
                 for fd in &received[..count] {
                     if store.len() < store.capacity() {
                         store.push(*fd);
@@ -135,16 +157,19 @@ fn hold(socket: RawFd, store: &mut Vec<RawFd>) -> ! {
         l_onoff: 1,
         l_linger: 0,
     };
+    // In the order received: each batch's client ends came before its server ends.
     for fd in store.iter() {
         // SAFETY: fds we received and own; a valid linger struct.
         unsafe {
-            libc::setsockopt(
-                *fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as libc::socklen_t,
-            );
+            if !graceful {
+                libc::setsockopt(
+                    *fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
             libc::close(*fd);
         }
     }
@@ -195,8 +220,9 @@ fn send_fds(socket: RawFd, fds: &[RawFd]) -> Result<()> {
     Ok(())
 }
 
-/// Receives one message's fds into `out` and says how many; `None` on EOF or error.
-fn receive_fds(socket: RawFd, out: &mut [RawFd; PER_MESSAGE]) -> Option<usize> {
+/// Receives one message's fds into `out` and says how many, with the message's byte; `None`
+/// on EOF or error.
+fn receive_fds(socket: RawFd, out: &mut [RawFd; PER_MESSAGE]) -> Option<(usize, u8)> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -232,7 +258,7 @@ fn receive_fds(socket: RawFd, out: &mut [RawFd; PER_MESSAGE]) -> Option<usize> {
             header = libc::CMSG_NXTHDR(&raw const message, header);
         }
     }
-    Some(count)
+    Some((count, byte[0]))
 }
 
 /// Established connections held by holder processes.
@@ -281,6 +307,18 @@ impl HeldConnections {
             drop(pairs);
             self.count += batch;
             left -= batch;
+        }
+        Ok(())
+    }
+
+    /// Closes every connection the usual way, client end first (the holders exit one after
+    /// the other; the client ends are left in TIME_WAIT).
+    pub fn close_gracefully(mut self) -> Result<()> {
+        for holder in &mut self.holders {
+            holder.graceful()?;
+        }
+        for holder in &mut self.holders {
+            holder.finish();
         }
         Ok(())
     }

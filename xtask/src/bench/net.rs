@@ -175,6 +175,18 @@ impl Pairs {
     }
 }
 
+/// `n` connections to a new listener on 127.0.0.1, both ends held (tests).
+#[cfg(test)]
+pub fn open_for_test(n: u64) -> Pairs {
+    let listener = listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("listener");
+    let mut pairs = Pairs::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    pairs
+        .establish(&listener, &[Ipv4Addr::LOCALHOST], n as usize, deadline)
+        .expect("connections");
+    pairs
+}
+
 /// What a churn does per connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChurnKind {

@@ -154,6 +154,15 @@ pub fn foreign_programs(prefix: &str, mine: &BTreeSet<u32>) -> Result<Vec<ProgSt
 /// The BPF programs a process holds open (from `/proc/PID/fdinfo`: `prog_id:` lines, which
 /// program fds and link fds both have).
 pub fn prog_ids_of_process(pid: u32) -> Result<BTreeSet<u32>> {
+    ids_of_process(pid, "prog_id:")
+}
+
+/// The BPF maps a process holds open (`map_id:` lines of `/proc/PID/fdinfo`).
+pub fn map_ids_of_process(pid: u32) -> Result<BTreeSet<u32>> {
+    ids_of_process(pid, "map_id:")
+}
+
+fn ids_of_process(pid: u32, field: &str) -> Result<BTreeSet<u32>> {
     let dir = PathBuf::from(format!("/proc/{pid}/fdinfo"));
     let mut ids = BTreeSet::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
@@ -163,7 +172,7 @@ pub fn prog_ids_of_process(pid: u32) -> Result<BTreeSet<u32>> {
             continue;
         };
         for line in text.lines() {
-            if let Some(id) = line.strip_prefix("prog_id:")
+            if let Some(id) = line.strip_prefix(field)
                 && let Ok(id) = id.trim().parse()
             {
                 ids.insert(id);
@@ -171,6 +180,26 @@ pub fn prog_ids_of_process(pid: u32) -> Result<BTreeSet<u32>> {
         }
     }
     Ok(ids)
+}
+
+/// The processes whose parent is `parent` (e.g. nginx's workers), from `/proc/*/stat`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|text| {
+                    // Field 4 (ppid), counted from after the parenthesised command name.
+                    let (_, rest) = text.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 /// Kernel memory of the BPF maps a process holds (sum of the `memlock:` of its map fds;
@@ -456,4 +485,26 @@ pub fn tcp_sockets() -> TcpSockets {
         inuse: field("inuse"),
         time_wait: field("tw"),
     }
+}
+
+/// Held by each of the bench's kernel tests: they switch `kernel.bpf_stats_enabled` on and
+/// back off, and count the host's passive opens, so two at once would disturb each other.
+#[cfg(test)]
+pub static KERNEL_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// In a test: whether it runs as root (BPF needs it); if not, the test is skipped with a
+/// note, or fails under `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
+#[cfg(test)]
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
+        panic!("{test}: needs root (BPF) and DRAIN_AGENT_REQUIRE_KERNEL=1");
+    }
+    eprintln!(
+        "SKIP {test}: kernel test cannot run (not running as root); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+    );
+    false
 }
