@@ -428,11 +428,20 @@ fn duration_histogram_matches_connections_held_for_known_times() {
 // 4. Bounded labels and the --ports allow-list
 
 /// Label names the agent's metrics may carry; a client address or port never is one: their
-/// values are few and fixed, or local ports (`origin`/`pinned`: where the kernel state came
-/// from, `drain_agent_kernel_state`).
-const ALLOWED_LABELS: [&str; 9] = [
-    "port", "le", "result", "reason", "kind", "version", "attach", "origin", "pinned",
+/// values are few and fixed, local ports (`origin`/`pinned`: where the kernel state came
+/// from, `drain_agent_kernel_state`), or local addresses ([`ADDRESS_LABEL`]).
+const ALLOWED_LABELS: [&str; 10] = [
+    "port", "addr", "le", "result", "reason", "kind", "version", "attach", "origin", "pinned",
 ];
+
+/// The one label whose values are addresses: the local address of the connection metrics
+/// (a pod's IP), never a client's.
+const ADDRESS_LABEL: &str = "addr";
+
+/// The sum of the samples named `name` whose labels include all of `want`.
+fn sum(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    find(samples, name, want).iter().map(|s| s.value).sum()
+}
 
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
@@ -446,6 +455,7 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
     let servers = Server::start_on_one_port(&hosts.iter().map(String::as_str).collect::<Vec<_>>());
     let p = servers[0].port;
     let limited = Agent::start(&["--ports", &p.to_string()]);
+    let by_port = Agent::start(&["--metrics-labels", "port"]);
     let other = Server::start("127.0.0.1:0");
     let q = other.port;
 
@@ -461,9 +471,15 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
         .iter()
         .map(|c| c.local_addr().expect("addr").port().to_string())
         .collect();
+    // A client as `address:port`, and its port alone as a label value: neither shows.
+    let client_ends: Vec<String> = clients
+        .iter()
+        .map(|c| c.local_addr().expect("addr").to_string())
+        .collect();
     agent.expect_active(p, 20);
     agent.expect_active(q, 3);
     limited.expect_active(p, 20);
+    by_port.expect_active(p, 20);
 
     let (p_text, q_text) = (p.to_string(), q.to_string());
     let body = scrape(&agent);
@@ -474,10 +490,22 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
                 ALLOWED_LABELS.contains(&name.as_str()),
                 "label {name} on {sample:?}"
             );
-            assert!(
-                value.parse::<IpAddr>().is_err(),
-                "an address as a label value: {sample:?}"
-            );
+            if name == ADDRESS_LABEL {
+                // A local address; on P only the servers' own (other ports may be other
+                // tests' or the host's, in their own namespaces).
+                assert!(
+                    value.parse::<IpAddr>().is_ok(),
+                    "addr {value:?}: {sample:?}"
+                );
+                if sample.labels.get("port") == Some(&p_text) {
+                    assert!(hosts.contains(value), "addr {value:?} on P: {sample:?}");
+                }
+            } else {
+                assert!(
+                    value.parse::<IpAddr>().is_err(),
+                    "an address as a label value: {sample:?}"
+                );
+            }
             if name == "port" {
                 assert!(value.parse::<u16>().is_ok(), "port label {value:?}");
                 assert!(
@@ -487,28 +515,45 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
             }
         }
     }
-    // 20 local addresses, one series.
+    for end in &client_ends {
+        assert!(
+            !body.contains(end.as_str()),
+            "client {end} in /metrics:\n{body}"
+        );
+    }
+    // 20 local addresses, 20 series of one connection each, 20 for the port.
+    for host in &hosts {
+        assert_eq!(
+            value(
+                &samples,
+                "drain_agent_connections_active",
+                &[("port", &p_text), ("addr", host)]
+            ),
+            Some(1.0),
+            "{body}"
+        );
+    }
     assert_eq!(
-        value(
+        sum(
             &samples,
             "drain_agent_connections_active",
             &[("port", &p_text)]
         ),
-        Some(20.0),
+        20.0,
         "{body}"
     );
     assert_eq!(
-        value(
+        sum(
             &samples,
             "drain_agent_connections_active",
             &[("port", &q_text)]
         ),
-        Some(3.0),
+        3.0,
         "{body}"
     );
 
-    // With --ports P: P is exported, Q (counted by the other agent) nowhere.
-    let body = scrape(&limited);
+    // --metrics-labels port: 20 local addresses, one series, no address anywhere.
+    let body = scrape(&by_port);
     let samples = parse_samples(&body);
     assert_eq!(
         value(
@@ -519,13 +564,29 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
         Some(20.0),
         "{body}"
     );
+    for sample in &samples {
+        assert!(!sample.labels.contains_key(ADDRESS_LABEL), "{sample:?}");
+    }
+
+    // With --ports P: P is exported, Q (counted by the other agent) nowhere.
+    let body = scrape(&limited);
+    let samples = parse_samples(&body);
     assert_eq!(
-        value(
+        sum(
+            &samples,
+            "drain_agent_connections_active",
+            &[("port", &p_text)]
+        ),
+        20.0,
+        "{body}"
+    );
+    assert_eq!(
+        sum(
             &samples,
             "drain_agent_connections_opened_total",
             &[("port", &p_text)]
         ),
-        Some(20.0),
+        20.0,
         "{body}"
     );
     for sample in &samples {

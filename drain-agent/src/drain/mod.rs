@@ -213,10 +213,32 @@ pub const DURATION_BUCKETS: [f64; 12] = [
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
+/// How long a scope's ended drains stay counted by scope after its last one ended: long
+/// enough for every scrape and alert to see the count rise, short enough that the scopes
+/// of pods long gone leave the metrics.
+pub const SCOPE_KEEP: Duration = Duration::from_secs(3600);
+
+/// Scopes counted by scope at most (the oldest go first): a bound however many pods come
+/// and go within [`SCOPE_KEEP`].
+pub const SCOPES_MAX: usize = 256;
+
+/// A drain's scope as the metrics name it: its port and the address it was asked for
+/// (`None`: every address, or a namespace's; the namespace is nothing Prometheus can join).
+pub type ScopeLabels = (u16, Option<IpAddr>);
+
+/// The ended drains of one scope.
+#[derive(Clone, Debug)]
+pub struct ScopeEnds {
+    pub ended: HashMap<DrainEnd, u64>,
+    pub last_end: std::time::Instant,
+}
+
 /// Ended drains, counted for the metrics.
 #[derive(Clone, Debug, Default)]
 pub struct DrainStats {
     pub ended: HashMap<DrainEnd, u64>,
+    /// By scope, for scopes whose last drain ended within [`SCOPE_KEEP`].
+    pub by_scope: HashMap<ScopeLabels, ScopeEnds>,
     /// Cumulative counts per [`DURATION_BUCKETS`] bound, the total count and sum (s).
     pub buckets: [u64; DURATION_BUCKETS.len()],
     pub count: u64,
@@ -304,7 +326,38 @@ impl Drains {
 
     /// Counts of ended drains, for the metrics.
     pub fn stats(&self) -> DrainStats {
-        lock(&self.stats).clone()
+        let mut stats = lock(&self.stats);
+        stats.forget_old_scopes(std::time::Instant::now());
+        stats.clone()
+    }
+}
+
+impl DrainStats {
+    /// Counts a drain of `scope` that ended with `result` at `now`.
+    fn count_scope(&mut self, scope: ScopeLabels, result: DrainEnd, now: std::time::Instant) {
+        let ends = self.by_scope.entry(scope).or_insert_with(|| ScopeEnds {
+            ended: HashMap::new(),
+            last_end: now,
+        });
+        *ends.ended.entry(result).or_default() += 1;
+        ends.last_end = now;
+        self.forget_old_scopes(now);
+    }
+
+    /// Leaves out the scopes past [`SCOPE_KEEP`], then the oldest beyond [`SCOPES_MAX`].
+    fn forget_old_scopes(&mut self, now: std::time::Instant) {
+        self.by_scope
+            .retain(|_, ends| now.saturating_duration_since(ends.last_end) <= SCOPE_KEEP);
+        while self.by_scope.len() > SCOPES_MAX {
+            let oldest = self
+                .by_scope
+                .iter()
+                .min_by_key(|(_, ends)| ends.last_end)
+                .map(|(scope, _)| *scope);
+            if let Some(oldest) = oldest {
+                self.by_scope.remove(&oldest);
+            }
+        }
     }
 }
 

@@ -216,6 +216,11 @@ impl Drains {
             let mut stats = lock(&self.stats);
             if let Some(result) = record.result {
                 *stats.ended.entry(result).or_default() += 1;
+                stats.count_scope(
+                    (record.port, record.addr),
+                    result,
+                    std::time::Instant::now(),
+                );
             }
             let seconds = record.wait_ms as f64 / 1000.0;
             for (bound, count) in DURATION_BUCKETS.iter().zip(stats.buckets.iter_mut()) {
