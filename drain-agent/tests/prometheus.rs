@@ -682,3 +682,116 @@ fn process_build_info_and_agent_wide_metrics_are_exported() {
         "{body}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. Series per node stay bounded
+
+/// 200 listeners: `ports` on each of 100 local addresses 127.0.1.1 … 127.0.1.100 (the
+/// endpoints of 100 pods), or None when one of them is taken (another test's).
+fn listeners_on_100_addresses(ports: [u16; 2]) -> Option<Vec<(String, u16, TcpListener)>> {
+    let mut listeners = Vec::new();
+    for host in (1..=100).map(|i| format!("127.0.1.{i}")) {
+        for port in ports {
+            listeners.push((
+                host.clone(),
+                port,
+                TcpListener::bind((host.as_str(), port)).ok()?,
+            ));
+        }
+    }
+    Some(listeners)
+}
+
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn series_stay_bounded_with_100_endpoints_and_10000_clients() {
+    if !kernel_available("series_stay_bounded_with_100_endpoints_and_10000_clients") {
+        return;
+    }
+    // 100 endpoints × 2 ports; 10,000 clients, 5,000 of them held at once (10,000 fds in
+    // this process, client and server side: under the 20,000 it may have).
+    const ROUND: usize = 5_000;
+    let agent = Agent::start(&[]);
+    let listeners = (0..20)
+        .find_map(|_| listeners_on_100_addresses([common::free_port(), common::free_port()]))
+        .expect("two ports free on 100 addresses");
+    let ports: BTreeSet<String> = listeners
+        .iter()
+        .map(|(_, port, _)| port.to_string())
+        .collect();
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for round in 0..2 {
+        let mut connections = Vec::with_capacity(2 * ROUND);
+        for index in 0..ROUND {
+            let (host, port, listener) = &listeners[index % listeners.len()];
+            let client = TcpStream::connect((host.as_str(), *port)).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            connections.push(client);
+            connections.push(server);
+        }
+        if round == 0 {
+            // The first 5,000 clients come and go.
+            drop(connections);
+        } else {
+            held = connections;
+        }
+    }
+    eprintln!("10,000 clients in {:?}, 5,000 held", started.elapsed());
+    let body = scrape_until(
+        &agent,
+        Duration::from_secs(30),
+        "5,000 connections held, 10,000 opened",
+        |samples| {
+            let ours = |name| {
+                find(samples, name, &[])
+                    .iter()
+                    .filter(|s| s.labels.get("port").is_some_and(|p| ports.contains(p)))
+                    .map(|s| s.value)
+                    .sum::<f64>()
+            };
+            ours("drain_agent_connections_active") == ROUND as f64
+                && ours("drain_agent_connections_opened_total") == (2 * ROUND) as f64
+        },
+    );
+    let samples = parse_samples(&body);
+    let connection_metrics = [
+        "drain_agent_connections_active",
+        "drain_agent_connections_opened_total",
+        "drain_agent_connections_closed_total",
+    ];
+    let mut all = 0;
+    for name in connection_metrics {
+        let series = find(&samples, name, &[]);
+        let ours = series
+            .iter()
+            .filter(|s| s.labels.get("port").is_some_and(|p| ports.contains(p)))
+            .count();
+        // One series per endpoint (address, port), whatever the number of clients.
+        assert_eq!(
+            ours, 200,
+            "{name}: {ours} series for 100 addresses × 2 ports"
+        );
+        all += series.len();
+    }
+    let histogram = samples
+        .iter()
+        .filter(|s| {
+            s.name
+                .starts_with("drain_agent_connection_duration_seconds")
+        })
+        .count();
+    eprintln!(
+        "connection series exposed: {all} (active + opened + closed, every port on this host), \
+         {histogram} duration-histogram lines (per port), {} lines in all",
+        samples.len()
+    );
+    // A few hundred: 3 × 200 for the test's endpoints, and what the host serves besides
+    // (the other tests of this binary run beside this one, on their own ports).
+    assert!(all <= 3 * 200 + 400, "{all} connection series");
+    for stream in held.iter().step_by(2) {
+        let client = stream.local_addr().expect("addr").to_string();
+        assert!(!body.contains(&client), "client {client} in /metrics");
+    }
+    drop(held);
+}
