@@ -222,8 +222,10 @@ pub const SCOPE_KEEP: Duration = Duration::from_secs(3600);
 /// and go within [`SCOPE_KEEP`].
 pub const SCOPES_MAX: usize = 256;
 
-/// A drain's scope as the metrics name it: its port and the address it was asked for
-/// (`None`: every address, or a namespace's; the namespace is nothing Prometheus can join).
+/// A drain's scope as the metrics name it: its port and the address it was asked for or,
+/// for a namespace's drain (a pod listener's), the namespace's own address on that port
+/// (`None`: every address, or a namespace with none known; the namespace itself is nothing
+/// Prometheus can join).
 pub type ScopeLabels = (u16, Option<IpAddr>);
 
 /// The ended drains of one scope.
@@ -330,6 +332,39 @@ impl Drains {
         stats.forget_old_scopes(std::time::Instant::now());
         stats.clone()
     }
+}
+
+impl Drains {
+    /// The scopes of the drains in progress, as the metrics label them.
+    pub fn in_progress_scopes(&self) -> Vec<ScopeLabels> {
+        let (running, _) = self.list();
+        let endpoints = if running
+            .iter()
+            .any(|r| r.addr.is_none() && r.netns.is_some())
+        {
+            self.tracker.snapshot().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        running
+            .iter()
+            .map(|record| scope_labels(record, &endpoints))
+            .collect()
+    }
+}
+
+/// `record`'s scope as the metrics label it: a namespace's drain gets the lowest address
+/// (IPv4 first) its endpoints of the port have other than loopback: the pod's IP.
+fn scope_labels(record: &DrainRecord, endpoints: &[crate::tracker::Endpoint]) -> ScopeLabels {
+    let addr = record.addr.or_else(|| {
+        let netns = record.netns?;
+        endpoints
+            .iter()
+            .filter(|e| e.netns == netns && e.port == record.port && !e.addr.is_loopback())
+            .map(|e| e.addr)
+            .min()
+    });
+    (record.port, addr)
 }
 
 impl DrainStats {

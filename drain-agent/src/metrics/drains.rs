@@ -77,10 +77,9 @@ impl Collector for DrainCollector {
         histogram.set_sample_sum(stats.sum_seconds);
         let mut duration = proto::Metric::default();
         duration.set_histogram(histogram);
-        let (running, _) = self.drains.list();
         let mut in_progress: BTreeMap<ScopeLabels, u64> = BTreeMap::new();
-        for record in &running {
-            *in_progress.entry((record.port, record.addr)).or_default() += 1;
+        for scope in self.drains.in_progress_scopes() {
+            *in_progress.entry(scope).or_default() += 1;
         }
         // A running scope shows its results at 0 before its first end, so that a rate sees
         // the rise when it ends.

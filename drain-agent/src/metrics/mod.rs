@@ -363,9 +363,29 @@ mod tests {
                 given: Given::default(),
             })
             .expect("room");
+        // A pod listener's drain (its namespace): labelled by the pod's address there.
+        let mut in_pod = endpoint("127.0.0.1", 8081, 1);
+        in_pod.netns = 7;
+        let mut pod_ip = endpoint("10.0.0.7", 8081, 1);
+        pod_ip.netns = 7;
+        source.set(vec![endpoint("10.0.0.1", 8080, 1), in_pod, pod_ip]);
+        drains
+            .post(DrainSpec {
+                filter: Filter {
+                    netns: Some(7),
+                    ..Filter::port(8081)
+                },
+                timeout: Duration::from_secs(60),
+                rule: DrainRule::default(),
+                on_timeout: OnTimeout::Keep,
+                pace: 0,
+                given: Given::default(),
+            })
+            .expect("room");
         let scope = "port=\"8080\",addr=\"10.0.0.1\"";
         let text = metrics.render().expect("render");
         for line in [
+            "drain_agent_drain_in_progress{port=\"8081\",addr=\"10.0.0.7\"} 1".to_owned(),
             format!("drain_agent_drain_in_progress{{{scope}}} 1"),
             format!("drain_agent_scope_drains_total{{{scope},result=\"timeout\"}} 0"),
         ] {
@@ -377,7 +397,10 @@ mod tests {
             .expect("the drain ends at its timeout");
         let text = metrics.render().expect("render");
         // Ended: no longer in progress, its timeout counted for its scope.
-        assert!(!text.contains("drain_agent_drain_in_progress"), "{text}");
+        assert!(
+            !text.contains(&format!("drain_agent_drain_in_progress{{{scope}}}")),
+            "{text}"
+        );
         let line = format!("drain_agent_scope_drains_total{{{scope},result=\"timeout\"}} 1");
         assert!(text.contains(&line), "{line}:\n{text}");
     }
