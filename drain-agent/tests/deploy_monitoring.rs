@@ -1,6 +1,8 @@
 //! The Prometheus configuration and alert rules (deploy/prometheus/) and the Grafana
 //! dashboard (deploy/grafana/) checked with promtool, against the metrics the real agent
-//! exports, and in a real Prometheus scraping it.
+//! exports, and in a real Prometheus scraping it; the rules that name pods through
+//! kube-state-metrics in a real Prometheus scraping the agent and a kube-state-metrics
+//! sample, and the recipes (deploy/recipes/).
 //!
 //! A linter that is not installed skips its test loudly, or fails it when
 //! `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI); `cargo xtask setup` installs them all.

@@ -1,7 +1,8 @@
 //! The agent's `/metrics` checked against the real Prometheus tools: `promtool check metrics`
 //! on a live scrape, a real Prometheus server scraping the agent, the connection-duration
-//! histogram against connections held for measured times, bounded label sets and the
-//! `--ports` allow-list, and the process and build-info metrics.
+//! histogram against connections held for measured times, bounded label sets (local ports
+//! and addresses, never a client's) and the `--ports` allow-list, the process and build-info
+//! metrics, and the series per node bounded with 100 endpoints and 10,000 clients.
 //!
 //! Every test starts its own agent and uses its own listener ports, so they can run in
 //! parallel (and alongside other tests that count other ports).
