@@ -188,7 +188,7 @@ impl Collector for ConnectionCollector {
         // The port totals are exact even for connections counted for their port only (the
         // endpoint map was full): by port they replace the sum, by address what no endpoint
         // holds goes to the port's series without an address, so a sum by port stays exact.
-        let ports: Vec<u16> = series.keys().map(|(port, _)| *port).collect();
+        let ports: std::collections::BTreeSet<u16> = series.keys().map(|(port, _)| *port).collect();
         for port in ports {
             let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(port)) else {
                 continue;
