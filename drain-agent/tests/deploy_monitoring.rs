@@ -1,6 +1,8 @@
 //! The Prometheus configuration and alert rules (deploy/prometheus/) and the Grafana
 //! dashboard (deploy/grafana/) checked with promtool, against the metrics the real agent
-//! exports, and in a real Prometheus scraping it.
+//! exports, and in a real Prometheus scraping it; the rules that name pods through
+//! kube-state-metrics in a real Prometheus scraping the agent and a kube-state-metrics
+//! sample, and the recipes (deploy/recipes/).
 //!
 //! A linter that is not installed skips its test loudly, or fails it when
 //! `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI); `cargo xtask setup` installs them all.
@@ -89,6 +91,34 @@ fn rule_expressions(text: &str) -> Vec<String> {
     exprs
 }
 
+/// The recording rules and alerts joined with kube-state-metrics.
+const KUBERNETES_RULES: &str = "drain-agent-kubernetes-rules.yml";
+
+/// The `record:` and `alert:` names of a rules file.
+fn recorded_and_alert_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim_start().trim_start_matches("- ");
+            line.strip_prefix("record:")
+                .or_else(|| line.strip_prefix("alert:"))
+        })
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+/// Recorded series a query names (`level:metric:operations`, the only names with a colon).
+fn recorded_names(query: &str) -> BTreeSet<String> {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    query
+        .split(|c: char| !is_word(c))
+        .filter(|word| {
+            let parts: Vec<&str> = word.split(':').collect();
+            parts.len() == 3 && parts.iter().all(|part| !part.is_empty())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 fn read_dashboard() -> Value {
     let path = deploy("grafana/drain-agent.json");
     serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -102,7 +132,10 @@ fn expand_grafana(expr: &str, instance: &str, rate_interval: &str) -> String {
         .replace("$__range", "5m")
         .replace("$instance", &instance.replace('.', "\\\\."))
         .replace("$job", "drain-agent")
-        .replace("$port", ".*");
+        .replace("$port", ".*")
+        .replace("$namespace", ".*")
+        .replace("$pod", ".*")
+        .replace("$grace", "30");
     assert!(
         !expanded.contains('$'),
         "unknown Grafana variable in {expr:?}"
@@ -160,6 +193,27 @@ fn prometheus_files_pass_promtool() {
         "promtool test rules:\n{}",
         text_of(&output)
     );
+    // The joins with kube-state-metrics: each recording rule and alert on made-up series.
+    for args in [
+        ["check", "rules", KUBERNETES_RULES],
+        ["test", "rules", "drain-agent-kubernetes-rules.test.yml"],
+    ] {
+        let output = run(Command::new("promtool").args(args).current_dir(&dir));
+        assert!(
+            output.status.success(),
+            "promtool {}:\n{}",
+            args.join(" "),
+            text_of(&output)
+        );
+    }
+    let tested = read(&dir.join("drain-agent-kubernetes-rules.test.yml"));
+    for name in recorded_and_alert_names(&read(&dir.join(KUBERNETES_RULES))) {
+        assert!(
+            tested.contains(&format!("expr: {name}\n"))
+                || tested.contains(&format!("alertname: {name}\n")),
+            "{name} has no promtool test"
+        );
+    }
 
     let output = run(Command::new("promtool")
         .args(["check", "config", "prometheus.yml"])
@@ -181,11 +235,9 @@ fn prometheus_files_pass_promtool() {
              checking prometheus-kubernetes.yml with static targets in its place"
         );
         let temp = common::temp_dir("drain-agent-deploy-promtool-");
-        fs::copy(
-            dir.join("drain-agent-rules.yml"),
-            temp.path().join("drain-agent-rules.yml"),
-        )
-        .expect("copy rules");
+        for rules in ["drain-agent-rules.yml", KUBERNETES_RULES] {
+            fs::copy(dir.join(rules), temp.path().join(rules)).expect("copy rules");
+        }
         let config = read(&dir.join("prometheus-kubernetes.yml"));
         fs::write(
             temp.path().join("prometheus-kubernetes.yml"),
@@ -258,7 +310,7 @@ fn grafana_dashboard_is_importable() {
         for target in targets {
             assert!(target["refId"].is_string(), "panel {id}: refId");
             let expr = target["expr"].as_str().expect("expr");
-            for variable in ["$instance", "$port", "$job"] {
+            for variable in ["$instance", "$port", "$job", "$namespace", "$pod", "$grace"] {
                 if expr.contains(variable) {
                     assert!(
                         variables.contains_key(&variable[1..]),
@@ -277,6 +329,8 @@ fn grafana_dashboard_is_importable() {
         "drain_agent_drain_requests_total",
         "drain_agent_drain_wait_seconds_bucket",
         "drain_agent_tracking_errors_total",
+        "drain_agent_drain_in_progress",
+        "drain_agent_drain_duration_seconds_bucket",
     ] {
         assert!(
             queries
@@ -284,6 +338,35 @@ fn grafana_dashboard_is_importable() {
                 .any(|(_, q)| identifiers(q, "drain_agent_").contains(needed)),
             "no panel shows {needed}"
         );
+    }
+    // Series with a colon are recorded: each by a rule of deploy/prometheus/, and the pod
+    // panels and variables use them.
+    let recorded: BTreeSet<String> =
+        recorded_and_alert_names(&read(&deploy(&format!("prometheus/{KUBERNETES_RULES}"))))
+            .into_iter()
+            .collect();
+    for (place, query) in &queries {
+        for name in recorded_names(query) {
+            assert!(
+                recorded.contains(&name),
+                "{place}: {name} is recorded by no rule"
+            );
+        }
+    }
+    for needed in [
+        "namespace_pod_port:drain_agent_connections_active:sum",
+        "namespace_pod_port:drain_agent_drain_in_progress:sum",
+        "namespace_workload_result:drain_agent_scope_drains_total:increase5m",
+    ] {
+        assert!(
+            queries
+                .iter()
+                .any(|(_, q)| recorded_names(q).contains(needed)),
+            "no panel shows {needed}"
+        );
+    }
+    for variable in ["namespace", "pod", "grace"] {
+        assert!(variables.contains_key(variable), "no ${variable} variable");
     }
     for quantile in ["0.5", "0.99"] {
         assert!(
@@ -344,9 +427,18 @@ fn exercise(agent: &common::Agent) -> (common::Server, TcpStream) {
     server.close_all();
     let (status, body) = agent.get_json(&format!("/drained?port={}&timeout=5s", server.port));
     assert_eq!(status, 200, "{body}");
-    // One connection stays open, so the active gauge has a non-zero series.
+    // One connection stays open, so the active gauge has a non-zero series, and a drain of
+    // its address runs (a minute: the test is over by then), so the drains by scope show.
     let kept = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
     server.wait_accepted(1);
+    let (status, body) = common::http::curl_json(
+        "POST",
+        &format!(
+            "{}/drain?port={}&addr=127.0.0.1&timeout=60s",
+            agent.url, server.port
+        ),
+    );
+    assert!((200..300).contains(&status), "POST /drain: {status} {body}");
     (server, kept)
 }
 
@@ -370,7 +462,7 @@ fn exported_names(metrics: &str) -> (BTreeSet<String>, BTreeSet<String>) {
 /// The files this test owns under deploy/ (deploy/examples belongs to the end-to-end tests).
 fn all_deploy_files() -> Vec<PathBuf> {
     let mut files = vec![deploy("README.md"), deploy("Dockerfile")];
-    let mut dirs: Vec<PathBuf> = ["systemd", "kubernetes", "grafana", "prometheus"]
+    let mut dirs: Vec<PathBuf> = ["systemd", "kubernetes", "grafana", "prometheus", "recipes"]
         .iter()
         .map(|dir| deploy(dir))
         .collect();
@@ -428,6 +520,9 @@ fn dashboard_and_alerts_name_only_exported_metrics() {
     let rules = rule_expressions(&read(&deploy("prometheus/drain-agent-rules.yml")));
     assert_eq!(rules.len(), 6, "{rules:?}");
     queries.extend(rules.into_iter().map(|q| ("alert rule".to_owned(), q)));
+    let rules = rule_expressions(&read(&deploy(&format!("prometheus/{KUBERNETES_RULES}"))));
+    assert_eq!(rules.len(), 7, "{rules:?}");
+    queries.extend(rules.into_iter().map(|q| ("kubernetes rule".to_owned(), q)));
     for (place, query) in &queries {
         for prefix in ["drain_agent_", "process_"] {
             for name in identifiers(query, prefix) {
@@ -526,6 +621,10 @@ fn dashboard_and_alert_queries_work_in_a_real_prometheus() {
     std::thread::sleep(Duration::from_secs(4));
 
     for (panel, query) in dashboard_queries(&read_dashboard()) {
+        // The pod panels need kube-state-metrics: pods_are_named_in_a_real_prometheus.
+        if !recorded_names(&query).is_empty() {
+            continue;
+        }
         let query = expand_grafana(&query, &instance, "30s");
         let query = match query.strip_prefix("label_values(") {
             Some(inner) => inner
@@ -572,4 +671,323 @@ fn dashboard_and_alert_queries_work_in_a_real_prometheus() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// kube-state-metrics as Prometheus sees it, for two pods: `kube_pod_info` (their IPs) and
+/// `kube_pod_status_phase`, served over plain HTTP on loopback until the test ends.
+fn serve_kube_state_metrics(pods: &[(&str, &str, &str, &str)]) -> String {
+    let mut body =
+        String::from("# HELP kube_pod_info Information about pod.\n# TYPE kube_pod_info gauge\n");
+    for (namespace, pod, ip, owner) in pods {
+        body.push_str(&format!(
+            "kube_pod_info{{namespace=\"{namespace}\",pod=\"{pod}\",uid=\"uid-{pod}\",host_ip=\"10.0.0.1\",pod_ip=\"{ip}\",node=\"node1\",created_by_kind=\"ReplicaSet\",created_by_name=\"{owner}\",priority_class=\"\",host_network=\"false\"}} 1\n"
+        ));
+    }
+    body.push_str("# HELP kube_pod_status_phase The pods current phase.\n# TYPE kube_pod_status_phase gauge\n");
+    for (namespace, pod, _, _) in pods {
+        for phase in ["Pending", "Running", "Succeeded", "Failed", "Unknown"] {
+            let value = u8::from(phase == "Running");
+            body.push_str(&format!(
+                "kube_pod_status_phase{{namespace=\"{namespace}\",pod=\"{pod}\",uid=\"uid-{pod}\",phase=\"{phase}\"}} {value}\n"
+            ));
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let address = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            // The request's head, then one answer and close.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match std::io::Read::read(&mut stream, &mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
+        }
+    });
+    address
+}
+
+/// The series of an instant query as (labels, value).
+fn series(prometheus: &Prometheus, query: &str) -> Vec<(Value, f64)> {
+    prometheus_query(prometheus, query)
+        .as_array()
+        .expect("result")
+        .iter()
+        .map(|s| {
+            let value = s["value"][1]
+                .as_str()
+                .expect("value")
+                .parse()
+                .expect("number");
+            (s["metric"].clone(), value)
+        })
+        .collect()
+}
+
+/// Queries until `done` holds for the answer; fails after 30 s with the last one.
+fn wait_series(
+    prometheus: &Prometheus,
+    query: &str,
+    what: &str,
+    done: impl Fn(&[(Value, f64)]) -> bool,
+) -> Vec<(Value, f64)> {
+    let started = Instant::now();
+    loop {
+        let answer = series(prometheus, query);
+        if done(&answer) {
+            return answer;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what}: {query} answered {answer:?}\nlog:\n{}",
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn pods_are_named_in_a_real_prometheus() {
+    let test = "pods_are_named_in_a_real_prometheus";
+    if !common::kernel_available(test) || !tool_available(test, PROMETHEUS, &["--version"]) {
+        return;
+    }
+    // Pods A and B, both serving the same port in their own namespaces.
+    let pid = std::process::id();
+    let pod_a = common::pod::Pod::new(&format!("dm{pid}-a"), 71);
+    let pod_b = common::pod::Pod::new(&format!("dm{pid}-b"), 72);
+    let port = common::free_port();
+    let server_a = pod_a.listen(port);
+    let server_b = pod_b.listen(port);
+    let agent = common::Agent::start(&[]);
+    let ksm = serve_kube_state_metrics(&[
+        ("shop", "web-a", &pod_a.ip, "web-a-6d8"),
+        ("shop", "web-b", &pod_b.ip, "web-b-7f9"),
+    ]);
+
+    // The agent and kube-state-metrics scraped every second, the rules evaluated as often.
+    let temp = common::temp_dir("drain-agent-deploy-pods-");
+    fs::copy(
+        deploy(&format!("prometheus/{KUBERNETES_RULES}")),
+        temp.path().join(KUBERNETES_RULES),
+    )
+    .expect("copy rules");
+    fs::write(
+        temp.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {KUBERNETES_RULES}\n\
+             scrape_configs:\n  - job_name: drain-agent\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n\
+             \x20 - job_name: kube-state-metrics\n    honor_labels: true\n    static_configs:\n      - targets: ['{ksm}']\n",
+            agent.port
+        ),
+    )
+    .expect("write config");
+    let prometheus = Prometheus::start_in(temp);
+
+    // B had a connection (its endpoint shows, at 0); A holds one.
+    drop(common::pod::connect(&pod_b.ip, port, 1, &server_b));
+    server_b.close_all();
+    let _held = common::pod::connect(&pod_a.ip, port, 1, &server_a);
+    agent.expect_active(port, 1);
+
+    let per_pod =
+        format!("namespace_pod_port:drain_agent_connections_active:sum{{port=\"{port}\"}}");
+    let answer = wait_series(
+        &prometheus,
+        &per_pod,
+        "A's connection under A's name",
+        |answer| {
+            answer
+                .iter()
+                .any(|(labels, value)| labels["pod"] == "web-a" && *value == 1.0)
+                && answer
+                    .iter()
+                    .any(|(labels, value)| labels["pod"] == "web-b" && *value == 0.0)
+        },
+    );
+    for (labels, value) in &answer {
+        assert_eq!(labels["namespace"], "shop", "{answer:?}");
+        if labels["pod"] == "web-b" {
+            assert_eq!(*value, 0.0, "B's name on A's connection: {answer:?}");
+        }
+    }
+    eprintln!("{per_pod}: {answer:?}");
+
+    // A's drain runs into its timeout (the connection stays): a timeout for A's workload.
+    let (status, body) = agent.get_json(&format!(
+        "/drained?port={port}&addr={}&timeout=3s",
+        pod_a.ip
+    ));
+    assert_eq!(status, 503, "{body}");
+    // And a drain of A in progress now (POSTed: it lives until its timeout).
+    let (status, body) = common::http::curl_json(
+        "POST",
+        &format!(
+            "{}/drain?port={port}&addr={}&timeout=120s",
+            agent.url, pod_a.ip
+        ),
+    );
+    assert!((200..300).contains(&status), "POST /drain: {status} {body}");
+    let in_progress = "namespace_pod_port:drain_agent_drain_in_progress:sum";
+    let answer = wait_series(
+        &prometheus,
+        in_progress,
+        "A's drain in progress",
+        |answer| answer.len() == 1 && answer[0].0["pod"] == "web-a" && answer[0].1 == 1.0,
+    );
+    eprintln!("{in_progress}: {answer:?}");
+    let timeouts =
+        "namespace_workload_result:drain_agent_scope_drains_total:increase5m{result=\"timeout\"}";
+    let answer = wait_series(
+        &prometheus,
+        timeouts,
+        "A's timeout for its workload",
+        |answer| {
+            answer
+                .iter()
+                .any(|(labels, value)| labels["created_by_name"] == "web-a-6d8" && *value > 0.0)
+        },
+    );
+    assert!(
+        answer
+            .iter()
+            .all(|(labels, _)| labels["created_by_name"] != "web-b-7f9"),
+        "{answer:?}"
+    );
+
+    // The dashboard's pod panels and variables answer with the pods' names.
+    let instance = format!("127.0.0.1:{}", agent.port);
+    for (panel, query) in dashboard_queries(&read_dashboard()) {
+        if recorded_names(&query).is_empty() {
+            continue;
+        }
+        let query = expand_grafana(&query, &instance, "30s");
+        let query = match query.strip_prefix("label_values(") {
+            Some(inner) => inner
+                .rsplit_once(',')
+                .expect("label_values(selector, label)")
+                .0
+                .to_owned(),
+            None => query,
+        };
+        let answer = wait_series(&prometheus, &query, &format!("panel {panel}"), |answer| {
+            !answer.is_empty()
+        });
+        let text = format!("{answer:?}");
+        assert!(
+            text.contains("web-a") || text.contains("web-a-6d8"),
+            "panel {panel}: {query} names no pod: {text}"
+        );
+    }
+
+    // kured's alert fires while A's drain runs.
+    wait_series(
+        &prometheus,
+        "ALERTS{alertname=\"DrainAgentDrainsInProgress\", alertstate=\"firing\"}",
+        "the alert kured waits on",
+        |answer| answer.len() == 1,
+    );
+
+    // The Argo Rollouts AnalysisTemplate's query: A's rollout fails, B's passes.
+    let Some(docs) =
+        common::deploy::yaml_documents(test, &deploy("recipes/argo-rollouts-analysis.yaml"))
+    else {
+        return;
+    };
+    let template = docs
+        .iter()
+        .find(|doc| doc["kind"] == "AnalysisTemplate")
+        .expect("an AnalysisTemplate");
+    let metric = &template["spec"]["metrics"][0];
+    assert_eq!(metric["successCondition"], "result[0] == 0", "{metric}");
+    let query = metric["provider"]["prometheus"]["query"]
+        .as_str()
+        .expect("query");
+    for (rollout, fails) in [("web-a", true), ("web-b", false)] {
+        let query = query
+            .replace("{{args.namespace}}", "shop")
+            .replace("{{args.rollout}}", rollout);
+        assert!(!query.contains("{{"), "an argument left in {query}");
+        let answer = series(&prometheus, &query);
+        assert_eq!(answer.len(), 1, "{query}: {answer:?}");
+        assert_eq!(
+            answer[0].1 > 0.0,
+            fails,
+            "rollout {rollout}: {query}: {answer:?}"
+        );
+    }
+}
+
+#[test]
+fn recipes_parse_and_name_what_the_rules_define() {
+    let test = "recipes_parse_and_name_what_the_rules_define";
+    let rules = recorded_and_alert_names(&read(&deploy(&format!("prometheus/{KUBERNETES_RULES}"))));
+    let mut files: Vec<PathBuf> = fs::read_dir(deploy("recipes"))
+        .expect("deploy/recipes")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for file in &files {
+        let Some(docs) = common::deploy::yaml_documents(test, file) else {
+            return;
+        };
+        assert!(!docs.is_empty(), "{}: no document", file.display());
+        // Every recorded series or alert a recipe names is one the rules define.
+        let text = read(file);
+        for name in recorded_names(&text) {
+            assert!(
+                rules.contains(&name),
+                "{}: {name} is defined by no rule",
+                file.display()
+            );
+        }
+    }
+    // kured blocks on exactly the alert, and only on it.
+    let kured =
+        common::deploy::yaml_documents(test, &deploy("recipes/kured.yaml")).expect("parsed above");
+    let command: Vec<&str> = kured[0]["spec"]["template"]["spec"]["containers"][0]["command"]
+        .as_array()
+        .expect("kured command")
+        .iter()
+        .map(|word| word.as_str().expect("word"))
+        .collect();
+    assert!(
+        command.contains(&"--alert-filter-regexp=^DrainAgentDrainsInProgress$"),
+        "{command:?}"
+    );
+    assert!(
+        command.contains(&"--alert-filter-match-only=true"),
+        "{command:?}"
+    );
+    assert!(
+        command
+            .iter()
+            .any(|word| word.starts_with("--prometheus-url=")),
+        "{command:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|name| name == "DrainAgentDrainsInProgress"),
+        "{rules:?}"
+    );
+    let analysis =
+        common::deploy::yaml_documents(test, &deploy("recipes/argo-rollouts-analysis.yaml"))
+            .expect("parsed above");
+    assert_eq!(analysis[0]["apiVersion"], "argoproj.io/v1alpha1");
+    assert_eq!(analysis[0]["kind"], "AnalysisTemplate");
+    assert_eq!(analysis[0]["spec"]["metrics"][0]["failureLimit"], 0);
 }

@@ -1,7 +1,8 @@
 //! The agent's `/metrics` checked against the real Prometheus tools: `promtool check metrics`
 //! on a live scrape, a real Prometheus server scraping the agent, the connection-duration
-//! histogram against connections held for measured times, bounded label sets and the
-//! `--ports` allow-list, and the process and build-info metrics.
+//! histogram against connections held for measured times, bounded label sets (local ports
+//! and addresses, never a client's) and the `--ports` allow-list, the process and build-info
+//! metrics, and the series per node bounded with 100 endpoints and 10,000 clients.
 //!
 //! Every test starts its own agent and uses its own listener ports, so they can run in
 //! parallel (and alongside other tests that count other ports).
@@ -428,11 +429,20 @@ fn duration_histogram_matches_connections_held_for_known_times() {
 // 4. Bounded labels and the --ports allow-list
 
 /// Label names the agent's metrics may carry; a client address or port never is one: their
-/// values are few and fixed, or local ports (`origin`/`pinned`: where the kernel state came
-/// from, `drain_agent_kernel_state`).
-const ALLOWED_LABELS: [&str; 9] = [
-    "port", "le", "result", "reason", "kind", "version", "attach", "origin", "pinned",
+/// values are few and fixed, local ports (`origin`/`pinned`: where the kernel state came
+/// from, `drain_agent_kernel_state`), or local addresses ([`ADDRESS_LABEL`]).
+const ALLOWED_LABELS: [&str; 10] = [
+    "port", "addr", "le", "result", "reason", "kind", "version", "attach", "origin", "pinned",
 ];
+
+/// The one label whose values are addresses: the local address of the connection metrics
+/// (a pod's IP), never a client's.
+const ADDRESS_LABEL: &str = "addr";
+
+/// The sum of the samples named `name` whose labels include all of `want`.
+fn sum(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    find(samples, name, want).iter().map(|s| s.value).sum()
+}
 
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
@@ -446,6 +456,7 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
     let servers = Server::start_on_one_port(&hosts.iter().map(String::as_str).collect::<Vec<_>>());
     let p = servers[0].port;
     let limited = Agent::start(&["--ports", &p.to_string()]);
+    let by_port = Agent::start(&["--metrics-labels", "port"]);
     let other = Server::start("127.0.0.1:0");
     let q = other.port;
 
@@ -461,9 +472,15 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
         .iter()
         .map(|c| c.local_addr().expect("addr").port().to_string())
         .collect();
+    // A client as `address:port`, and its port alone as a label value: neither shows.
+    let client_ends: Vec<String> = clients
+        .iter()
+        .map(|c| c.local_addr().expect("addr").to_string())
+        .collect();
     agent.expect_active(p, 20);
     agent.expect_active(q, 3);
     limited.expect_active(p, 20);
+    by_port.expect_active(p, 20);
 
     let (p_text, q_text) = (p.to_string(), q.to_string());
     let body = scrape(&agent);
@@ -474,10 +491,22 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
                 ALLOWED_LABELS.contains(&name.as_str()),
                 "label {name} on {sample:?}"
             );
-            assert!(
-                value.parse::<IpAddr>().is_err(),
-                "an address as a label value: {sample:?}"
-            );
+            if name == ADDRESS_LABEL {
+                // A local address; on P only the servers' own (other ports may be other
+                // tests' or the host's, in their own namespaces).
+                assert!(
+                    value.parse::<IpAddr>().is_ok(),
+                    "addr {value:?}: {sample:?}"
+                );
+                if sample.labels.get("port") == Some(&p_text) {
+                    assert!(hosts.contains(value), "addr {value:?} on P: {sample:?}");
+                }
+            } else {
+                assert!(
+                    value.parse::<IpAddr>().is_err(),
+                    "an address as a label value: {sample:?}"
+                );
+            }
             if name == "port" {
                 assert!(value.parse::<u16>().is_ok(), "port label {value:?}");
                 assert!(
@@ -487,28 +516,45 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
             }
         }
     }
-    // 20 local addresses, one series.
+    for end in &client_ends {
+        assert!(
+            !body.contains(end.as_str()),
+            "client {end} in /metrics:\n{body}"
+        );
+    }
+    // 20 local addresses, 20 series of one connection each, 20 for the port.
+    for host in &hosts {
+        assert_eq!(
+            value(
+                &samples,
+                "drain_agent_connections_active",
+                &[("port", &p_text), ("addr", host)]
+            ),
+            Some(1.0),
+            "{body}"
+        );
+    }
     assert_eq!(
-        value(
+        sum(
             &samples,
             "drain_agent_connections_active",
             &[("port", &p_text)]
         ),
-        Some(20.0),
+        20.0,
         "{body}"
     );
     assert_eq!(
-        value(
+        sum(
             &samples,
             "drain_agent_connections_active",
             &[("port", &q_text)]
         ),
-        Some(3.0),
+        3.0,
         "{body}"
     );
 
-    // With --ports P: P is exported, Q (counted by the other agent) nowhere.
-    let body = scrape(&limited);
+    // --metrics-labels port: 20 local addresses, one series, no address anywhere.
+    let body = scrape(&by_port);
     let samples = parse_samples(&body);
     assert_eq!(
         value(
@@ -519,13 +565,29 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
         Some(20.0),
         "{body}"
     );
+    for sample in &samples {
+        assert!(!sample.labels.contains_key(ADDRESS_LABEL), "{sample:?}");
+    }
+
+    // With --ports P: P is exported, Q (counted by the other agent) nowhere.
+    let body = scrape(&limited);
+    let samples = parse_samples(&body);
     assert_eq!(
-        value(
+        sum(
+            &samples,
+            "drain_agent_connections_active",
+            &[("port", &p_text)]
+        ),
+        20.0,
+        "{body}"
+    );
+    assert_eq!(
+        sum(
             &samples,
             "drain_agent_connections_opened_total",
             &[("port", &p_text)]
         ),
-        Some(20.0),
+        20.0,
         "{body}"
     );
     for sample in &samples {
@@ -620,4 +682,117 @@ fn process_build_info_and_agent_wide_metrics_are_exported() {
         Some("tp_btf"),
         "{body}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Series per node stay bounded
+
+/// 200 listeners: `ports` on each of 100 local addresses 127.0.1.1 … 127.0.1.100 (the
+/// endpoints of 100 pods), or None when one of them is taken (another test's).
+fn listeners_on_100_addresses(ports: [u16; 2]) -> Option<Vec<(String, u16, TcpListener)>> {
+    let mut listeners = Vec::new();
+    for host in (1..=100).map(|i| format!("127.0.1.{i}")) {
+        for port in ports {
+            listeners.push((
+                host.clone(),
+                port,
+                TcpListener::bind((host.as_str(), port)).ok()?,
+            ));
+        }
+    }
+    Some(listeners)
+}
+
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn series_stay_bounded_with_100_endpoints_and_10000_clients() {
+    if !kernel_available("series_stay_bounded_with_100_endpoints_and_10000_clients") {
+        return;
+    }
+    // 100 endpoints × 2 ports; 10,000 clients, 5,000 of them held at once (10,000 fds in
+    // this process, client and server side: under the 20,000 it may have).
+    const ROUND: usize = 5_000;
+    let agent = Agent::start(&[]);
+    let listeners = (0..20)
+        .find_map(|_| listeners_on_100_addresses([common::free_port(), common::free_port()]))
+        .expect("two ports free on 100 addresses");
+    let ports: BTreeSet<String> = listeners
+        .iter()
+        .map(|(_, port, _)| port.to_string())
+        .collect();
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for round in 0..2 {
+        let mut connections = Vec::with_capacity(2 * ROUND);
+        for index in 0..ROUND {
+            let (host, port, listener) = &listeners[index % listeners.len()];
+            let client = TcpStream::connect((host.as_str(), *port)).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            connections.push(client);
+            connections.push(server);
+        }
+        if round == 0 {
+            // The first 5,000 clients come and go.
+            drop(connections);
+        } else {
+            held = connections;
+        }
+    }
+    eprintln!("10,000 clients in {:?}, 5,000 held", started.elapsed());
+    let body = scrape_until(
+        &agent,
+        Duration::from_secs(30),
+        "5,000 connections held, 10,000 opened",
+        |samples| {
+            let ours = |name| {
+                find(samples, name, &[])
+                    .iter()
+                    .filter(|s| s.labels.get("port").is_some_and(|p| ports.contains(p)))
+                    .map(|s| s.value)
+                    .sum::<f64>()
+            };
+            ours("drain_agent_connections_active") == ROUND as f64
+                && ours("drain_agent_connections_opened_total") == (2 * ROUND) as f64
+        },
+    );
+    let samples = parse_samples(&body);
+    let connection_metrics = [
+        "drain_agent_connections_active",
+        "drain_agent_connections_opened_total",
+        "drain_agent_connections_closed_total",
+    ];
+    let mut all = 0;
+    for name in connection_metrics {
+        let series = find(&samples, name, &[]);
+        let ours = series
+            .iter()
+            .filter(|s| s.labels.get("port").is_some_and(|p| ports.contains(p)))
+            .count();
+        // One series per endpoint (address, port), whatever the number of clients.
+        assert_eq!(
+            ours, 200,
+            "{name}: {ours} series for 100 addresses × 2 ports"
+        );
+        all += series.len();
+    }
+    let histogram = samples
+        .iter()
+        .filter(|s| {
+            s.name
+                .starts_with("drain_agent_connection_duration_seconds")
+        })
+        .count();
+    eprintln!(
+        "connection series exposed: {all} (active + opened + closed, every port on this host), \
+         {histogram} duration-histogram lines (per port), {} lines in all",
+        samples.len()
+    );
+    // A few hundred: 3 × 200 for the test's endpoints, and what the host serves besides
+    // (the other tests of this binary run beside this one, on their own ports).
+    assert!(all <= 3 * 200 + 400, "{all} connection series");
+    for stream in held.iter().step_by(2) {
+        let client = stream.local_addr().expect("addr").to_string();
+        assert!(!body.contains(&client), "client {client} in /metrics");
+    }
+    drop(held);
 }

@@ -150,6 +150,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new(
         Arc::clone(&tracker),
         args.ports.clone(),
+        args.metrics_labels,
         attach.name(),
         true,
     )?);

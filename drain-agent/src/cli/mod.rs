@@ -8,8 +8,11 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    duration::parse_duration, http::server::ServerLimits, kernel::AttachMethod, logging::LogFormat,
-    metrics::PortSet,
+    duration::parse_duration,
+    http::server::ServerLimits,
+    kernel::AttachMethod,
+    logging::LogFormat,
+    metrics::{ConnectionLabels, PortSet},
 };
 
 /// The default address of the agent for `wait` and `status`.
@@ -185,6 +188,12 @@ pub struct RunArgs {
     /// (default: every port that has had an inbound connection).
     #[arg(long, env = "DRAIN_AGENT_PORTS", value_parser = clap::value_parser!(PortSet))]
     pub ports: Option<PortSet>,
+
+    /// The labels of the connection metrics: `address` (port and local address, a pod's
+    /// IP: one series per address and port served on the node, never client addresses) or
+    /// `port` (one series per port).
+    #[arg(long, env = "DRAIN_AGENT_METRICS_LABELS", value_enum, default_value_t = ConnectionLabels::Address)]
+    pub metrics_labels: ConnectionLabels,
 
     /// Attach only this way instead of trying tp_btf, then tracepoint, then raw-tracepoint.
     #[arg(long, env = "DRAIN_AGENT_ATTACH", value_enum)]

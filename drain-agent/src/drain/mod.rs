@@ -213,10 +213,34 @@ pub const DURATION_BUCKETS: [f64; 12] = [
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
+/// How long a scope's ended drains stay counted by scope after its last one ended: long
+/// enough for every scrape and alert to see the count rise, short enough that the scopes
+/// of pods long gone leave the metrics.
+pub const SCOPE_KEEP: Duration = Duration::from_secs(3600);
+
+/// Scopes counted by scope at most (the oldest go first): a bound however many pods come
+/// and go within [`SCOPE_KEEP`].
+pub const SCOPES_MAX: usize = 256;
+
+/// A drain's scope as the metrics name it: its port and the address it was asked for or,
+/// for a namespace's drain (a pod listener's), the namespace's own address on that port
+/// (`None`: every address, or a namespace with none known; the namespace itself is nothing
+/// Prometheus can join).
+pub type ScopeLabels = (u16, Option<IpAddr>);
+
+/// The ended drains of one scope.
+#[derive(Clone, Debug)]
+pub struct ScopeEnds {
+    pub ended: HashMap<DrainEnd, u64>,
+    pub last_end: std::time::Instant,
+}
+
 /// Ended drains, counted for the metrics.
 #[derive(Clone, Debug, Default)]
 pub struct DrainStats {
     pub ended: HashMap<DrainEnd, u64>,
+    /// By scope, for scopes whose last drain ended within [`SCOPE_KEEP`].
+    pub by_scope: HashMap<ScopeLabels, ScopeEnds>,
     /// Cumulative counts per [`DURATION_BUCKETS`] bound, the total count and sum (s).
     pub buckets: [u64; DURATION_BUCKETS.len()],
     pub count: u64,
@@ -304,7 +328,71 @@ impl Drains {
 
     /// Counts of ended drains, for the metrics.
     pub fn stats(&self) -> DrainStats {
-        lock(&self.stats).clone()
+        let mut stats = lock(&self.stats);
+        stats.forget_old_scopes(std::time::Instant::now());
+        stats.clone()
+    }
+}
+
+impl Drains {
+    /// The scopes of the drains in progress, as the metrics label them.
+    pub fn in_progress_scopes(&self) -> Vec<ScopeLabels> {
+        let (running, _) = self.list();
+        let endpoints = if running
+            .iter()
+            .any(|r| r.addr.is_none() && r.netns.is_some())
+        {
+            self.tracker.snapshot().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        running
+            .iter()
+            .map(|record| scope_labels(record, &endpoints))
+            .collect()
+    }
+}
+
+/// `record`'s scope as the metrics label it: a namespace's drain gets the lowest address
+/// (IPv4 first) its endpoints of the port have other than loopback: the pod's IP.
+fn scope_labels(record: &DrainRecord, endpoints: &[crate::tracker::Endpoint]) -> ScopeLabels {
+    let addr = record.addr.or_else(|| {
+        let netns = record.netns?;
+        endpoints
+            .iter()
+            .filter(|e| e.netns == netns && e.port == record.port && !e.addr.is_loopback())
+            .map(|e| e.addr)
+            .min()
+    });
+    (record.port, addr)
+}
+
+impl DrainStats {
+    /// Counts a drain of `scope` that ended with `result` at `now`.
+    fn count_scope(&mut self, scope: ScopeLabels, result: DrainEnd, now: std::time::Instant) {
+        let ends = self.by_scope.entry(scope).or_insert_with(|| ScopeEnds {
+            ended: HashMap::new(),
+            last_end: now,
+        });
+        *ends.ended.entry(result).or_default() += 1;
+        ends.last_end = now;
+        self.forget_old_scopes(now);
+    }
+
+    /// Leaves out the scopes past [`SCOPE_KEEP`], then the oldest beyond [`SCOPES_MAX`].
+    fn forget_old_scopes(&mut self, now: std::time::Instant) {
+        self.by_scope
+            .retain(|_, ends| now.saturating_duration_since(ends.last_end) <= SCOPE_KEEP);
+        while self.by_scope.len() > SCOPES_MAX {
+            let oldest = self
+                .by_scope
+                .iter()
+                .min_by_key(|(_, ends)| ends.last_end)
+                .map(|(scope, _)| *scope);
+            if let Some(oldest) = oldest {
+                self.by_scope.remove(&oldest);
+            }
+        }
     }
 }
 

@@ -222,10 +222,18 @@ impl Drains {
             record.peers_at_end.len(),
             record.closed_by_agent
         );
+        // Read before the lock: a namespace's drain is labelled by its endpoints' address.
+        let endpoints = if record.addr.is_none() && record.netns.is_some() {
+            self.tracker.snapshot().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let scope = super::scope_labels(&record, &endpoints);
         {
             let mut stats = lock(&self.stats);
             if let Some(result) = record.result {
                 *stats.ended.entry(result).or_default() += 1;
+                stats.count_scope(scope, result, std::time::Instant::now());
             }
             let seconds = record.wait_ms as f64 / 1000.0;
             for (bound, count) in DURATION_BUCKETS.iter().zip(stats.buckets.iter_mut()) {

@@ -29,7 +29,16 @@ fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppSta
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
     let tracker = Arc::new(Tracker::new(source.clone(), 8));
-    let metrics = Arc::new(Metrics::new(tracker.clone(), None, "test", false).expect("metrics"));
+    let metrics = Arc::new(
+        Metrics::new(
+            tracker.clone(),
+            None,
+            crate::metrics::ConnectionLabels::Port,
+            "test",
+            false,
+        )
+        .expect("metrics"),
+    );
     let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
     let drains = Arc::new(Drains::new(
         tracker.clone(),

@@ -1,6 +1,6 @@
 //! The connection metrics, read from the tracker at scrape time.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use anyhow::Result;
 use prometheus::{
@@ -9,7 +9,7 @@ use prometheus::{
 };
 
 use super::{
-    PortSet,
+    ConnectionLabels, PortSet,
     families::{counter, desc, duration_metric, family, gauge},
 };
 use crate::tracker::Tracker;
@@ -18,21 +18,22 @@ use drain_agent_common::DURATION_BUCKET_COUNT;
 pub(super) struct ConnectionCollector {
     tracker: Arc<Tracker>,
     ports: Option<PortSet>,
+    labels: ConnectionLabels,
     attach: String,
     descs: Vec<Desc>,
 }
 
 const ACTIVE: (&str, &str) = (
     "drain_agent_connections_active",
-    "Inbound TCP connections open now (ESTABLISHED or CLOSE_WAIT), per local port.",
+    "Inbound TCP connections open now (ESTABLISHED or CLOSE_WAIT), per local port and (--metrics-labels address) local address; a series without addr holds those counted for their port only.",
 );
 const OPENED: (&str, &str) = (
     "drain_agent_connections_opened_total",
-    "Inbound TCP connections opened (or found open at start) since the agent started, per local port.",
+    "Inbound TCP connections opened (or found open at start) since the agent started, per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
 );
 const CLOSED: (&str, &str) = (
     "drain_agent_connections_closed_total",
-    "Inbound TCP connections closed since the agent started, per local port.",
+    "Inbound TCP connections closed since the agent started, per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
 );
 const DURATION: (&str, &str) = (
     "drain_agent_connection_duration_seconds",
@@ -71,12 +72,17 @@ impl ConnectionCollector {
     pub(super) fn new(
         tracker: Arc<Tracker>,
         ports: Option<PortSet>,
+        labels: ConnectionLabels,
         attach: String,
     ) -> Result<Self> {
+        let per_endpoint: &[&str] = match labels {
+            ConnectionLabels::Port => &["port"],
+            ConnectionLabels::Address => &["port", "addr"],
+        };
         let descs = vec![
-            desc(ACTIVE, &["port"])?,
-            desc(OPENED, &["port"])?,
-            desc(CLOSED, &["port"])?,
+            desc(ACTIVE, per_endpoint)?,
+            desc(OPENED, per_endpoint)?,
+            desc(CLOSED, per_endpoint)?,
             desc(DURATION, &["port"])?,
             desc(TRACKED, &[])?,
             desc(ERRORS, &["reason"])?,
@@ -89,6 +95,7 @@ impl ConnectionCollector {
         Ok(Self {
             tracker,
             ports,
+            labels,
             attach,
             descs,
         })
@@ -99,7 +106,12 @@ impl ConnectionCollector {
     }
 }
 
-/// Per-port totals, summed over namespaces and addresses.
+/// One series of the connection metrics: a port and, labelled by address, the local
+/// address (`None`: what no address can be given: connections counted for their port
+/// only, reclaimed endpoints' totals; with port labels only, the whole port).
+type SeriesKey = (u16, Option<IpAddr>);
+
+/// Totals of one series, summed over the namespaces (and, by port, the addresses) in it.
 #[derive(Default)]
 struct PortTotals {
     active: u64,
@@ -149,37 +161,60 @@ impl Collector for ConnectionCollector {
         let Ok(endpoints) = self.tracker.snapshot() else {
             return families;
         };
-        let mut by_port: BTreeMap<u16, PortTotals> = BTreeMap::new();
+        let by_address = self.labels == ConnectionLabels::Address;
+        let mut series: BTreeMap<SeriesKey, PortTotals> = BTreeMap::new();
         let mut tracked = 0;
         for endpoint in &endpoints {
             tracked += endpoint.active;
             if !self.exported(endpoint.port) {
                 continue;
             }
-            let totals = by_port.entry(endpoint.port).or_default();
+            // Endpoints that share an address and port in several namespaces (127.0.0.1 in
+            // every pod) are one series: the namespace is nothing Prometheus can join on.
+            let addr = by_address.then_some(endpoint.addr);
+            let totals = series.entry((endpoint.port, addr)).or_default();
             totals.active += endpoint.active;
             totals.opened += endpoint.opened;
             totals.closed += endpoint.closed;
         }
-        // Endpoints reclaimed after going idle keep their totals here.
+        // Endpoints reclaimed after going idle keep their totals here, by port only.
         for (port, opened, closed) in self.tracker.reclaimed_totals() {
             if self.exported(port) {
-                let totals = by_port.entry(port).or_default();
+                let totals = series.entry((port, None)).or_default();
                 totals.opened += opened;
                 totals.closed += closed;
             }
         }
-        // The port totals are exact even for connections counted for their port only.
-        for (port, totals) in &mut by_port {
-            if let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(*port)) {
-                totals.active = active;
+        // The port totals are exact even for connections counted for their port only (the
+        // endpoint map was full): by port they replace the sum, by address what no endpoint
+        // holds goes to the port's series without an address, so a sum by port stays exact.
+        let ports: std::collections::BTreeSet<u16> = series.keys().map(|(port, _)| *port).collect();
+        for port in ports {
+            let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(port)) else {
+                continue;
+            };
+            let in_endpoints: u64 = series
+                .range((port, Some(IpAddr::from([0u8; 4])))..)
+                .take_while(|((other, _), _)| *other == port)
+                .map(|(_, totals)| totals.active)
+                .sum();
+            let rest = active.saturating_sub(in_endpoints);
+            if !by_address || rest > 0 {
+                series.entry((port, None)).or_default().active = rest;
             }
         }
+        let labels = |(port, addr): &SeriesKey| {
+            let mut labels = vec![("port", port.to_string())];
+            if let Some(addr) = addr {
+                labels.push(("addr", addr.to_string()));
+            }
+            labels
+        };
         let per_port = |value: fn(&PortTotals) -> u64,
                         make: fn(&[(&str, String)], f64) -> proto::Metric| {
-            by_port
+            series
                 .iter()
-                .map(|(port, totals)| make(&[("port", port.to_string())], value(totals) as f64))
+                .map(|(key, totals)| make(&labels(key), value(totals) as f64))
                 .collect::<Vec<_>>()
         };
         families.push(family(

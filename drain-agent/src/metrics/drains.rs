@@ -1,14 +1,14 @@
 //! The drain records' metrics, read from the drains at scrape time.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use prometheus::{
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
 };
 
-use super::families::{counter, desc, family};
-use crate::drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains};
+use super::families::{counter, desc, family, gauge};
+use crate::drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains, ScopeLabels};
 
 const DRAINS: (&str, &str) = (
     "drain_agent_drains_total",
@@ -19,6 +19,15 @@ const DRAIN_DURATION: (&str, &str) = (
     "How long drains took from start to end.",
 );
 
+const IN_PROGRESS: (&str, &str) = (
+    "drain_agent_drain_in_progress",
+    "Drains in progress, by scope: port and, for a drain asked for an address (a pod's IP), addr. Only scopes with a drain in progress: a series goes when its drain ends.",
+);
+const SCOPE_DRAINS: (&str, &str) = (
+    "drain_agent_scope_drains_total",
+    "Drains ended, by scope (port and, for a drain asked for an address, addr) and result; a scope shows while its drain runs and for an hour after its last one ended.",
+);
+
 /// The drain records' metrics, read from the registry at scrape time.
 pub(super) struct DrainCollector {
     drains: Arc<Drains>,
@@ -27,7 +36,12 @@ pub(super) struct DrainCollector {
 
 impl DrainCollector {
     pub(super) fn new(drains: Arc<Drains>) -> prometheus::Result<Self> {
-        let descs = vec![desc(DRAINS, &["result"])?, desc(DRAIN_DURATION, &[])?];
+        let descs = vec![
+            desc(DRAINS, &["result"])?,
+            desc(DRAIN_DURATION, &[])?,
+            desc(IN_PROGRESS, &["port", "addr"])?,
+            desc(SCOPE_DRAINS, &["port", "addr", "result"])?,
+        ];
         Ok(Self { drains, descs })
     }
 }
@@ -63,9 +77,55 @@ impl Collector for DrainCollector {
         histogram.set_sample_sum(stats.sum_seconds);
         let mut duration = proto::Metric::default();
         duration.set_histogram(histogram);
-        vec![
+        let mut in_progress: BTreeMap<ScopeLabels, u64> = BTreeMap::new();
+        for scope in self.drains.in_progress_scopes() {
+            *in_progress.entry(scope).or_default() += 1;
+        }
+        // A running scope shows its results at 0 before its first end, so that a rate sees
+        // the rise when it ends.
+        let mut by_scope: BTreeMap<ScopeLabels, Vec<u64>> = in_progress
+            .keys()
+            .map(|scope| (*scope, vec![0; DrainEnd::ALL.len()]))
+            .collect();
+        for (scope, ends) in &stats.by_scope {
+            let counts = by_scope
+                .entry(*scope)
+                .or_insert_with(|| vec![0; DrainEnd::ALL.len()]);
+            for (count, result) in counts.iter_mut().zip(DrainEnd::ALL) {
+                *count = ends.ended.get(&result).copied().unwrap_or(0);
+            }
+        }
+        let in_progress = in_progress
+            .iter()
+            .map(|(scope, count)| gauge(&scope_labels(scope), *count as f64))
+            .collect();
+        let scope_drains = by_scope
+            .iter()
+            .flat_map(|(scope, counts)| {
+                counts.iter().zip(DrainEnd::ALL).map(|(count, result)| {
+                    let mut labels = scope_labels(scope);
+                    labels.push(("result", result.label().to_owned()));
+                    counter(&labels, *count as f64)
+                })
+            })
+            .collect();
+        let mut families = vec![
             family(DRAINS, MetricType::COUNTER, ended),
             family(DRAIN_DURATION, MetricType::HISTOGRAM, vec![duration]),
-        ]
+            family(IN_PROGRESS, MetricType::GAUGE, in_progress),
+            family(SCOPE_DRAINS, MetricType::COUNTER, scope_drains),
+        ];
+        // No drain by scope: no bare HELP/TYPE lines either.
+        families.retain(|family| !family.get_metric().is_empty());
+        families
     }
+}
+
+/// A scope's labels: `port`, and `addr` when the drain was asked for an address.
+fn scope_labels((port, addr): &ScopeLabels) -> Vec<(&'static str, String)> {
+    let mut labels = vec![("port", port.to_string())];
+    if let Some(addr) = addr {
+        labels.push(("addr", addr.to_string()));
+    }
+    labels
 }

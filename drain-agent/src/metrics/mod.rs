@@ -2,7 +2,8 @@
 //!
 //! Connection metrics come from a [`Collector`] that reads the tracker at scrape time, so a
 //! scrape always shows the kernel's current counts and nothing is kept twice. Label sets
-//! stay bounded: ports (optionally limited by `--ports`), never client addresses.
+//! stay bounded: ports (optionally limited by `--ports`) and local addresses (the node's
+//! and its pods' own, [`ConnectionLabels`]), never client addresses.
 
 mod connections;
 mod drains;
@@ -35,6 +36,7 @@ impl Metrics {
     pub fn new(
         tracker: Arc<Tracker>,
         ports: Option<PortSet>,
+        labels: ConnectionLabels,
         attach: &str,
         process_metrics: bool,
     ) -> Result<Self> {
@@ -65,6 +67,7 @@ impl Metrics {
         registry.register(Box::new(ConnectionCollector::new(
             tracker,
             ports.clone(),
+            labels,
             attach.to_owned(),
         )?))?;
         if process_metrics {
@@ -136,6 +139,23 @@ impl Metrics {
             .register(Box::new(DrainCollector::new(drains)?))
             .context("cannot register the drain metrics")
     }
+}
+
+/// The labels of the connection metrics (`--metrics-labels`).
+///
+/// By address (the default), a series is a (local address, port): on a node that is the
+/// pods' IPs and the node's own addresses times the ports served, bounded by what runs on
+/// the node (110 pods × 2 ports: 220 series a metric), and the address is what
+/// kube-state-metrics' `kube_pod_info{pod_ip}` joins on. The network namespace is no label:
+/// Prometheus has nothing to join it with, and endpoints that share an address and port in
+/// several namespaces (127.0.0.1 in each pod) are summed. Client addresses never are labels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConnectionLabels {
+    /// `port` only: one series a port, the sum over every address and namespace.
+    Port,
+    /// `port` and `addr` (the local address: a pod's IP).
+    #[default]
+    Address,
 }
 
 /// A set of ports, as given to `--ports` (`80,443,8080-8090`).
@@ -232,7 +252,8 @@ mod tests {
     fn metrics(ports: Option<PortSet>) -> (Arc<FakeSource>, Metrics) {
         let source = Arc::new(FakeSource::default());
         let tracker = Arc::new(Tracker::new(source.clone(), 4));
-        let metrics = Metrics::new(tracker, ports, "tp_btf", false).expect("metrics");
+        let metrics =
+            Metrics::new(tracker, ports, ConnectionLabels::Port, "tp_btf", false).expect("metrics");
         (source, metrics)
     }
 
@@ -274,6 +295,114 @@ mod tests {
             text.contains("drain_agent_connections_active{port=\"8080\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn address_labels_sum_namespaces_and_keep_the_port_exact() {
+        let source = Arc::new(FakeSource::default());
+        let tracker = Arc::new(Tracker::new(source.clone(), 4));
+        let metrics = Metrics::new(
+            tracker,
+            Some("8080".parse().expect("ports")),
+            ConnectionLabels::Address,
+            "tp_btf",
+            false,
+        )
+        .expect("metrics");
+        let mut loopback_elsewhere = endpoint("127.0.0.1", 8080, 2);
+        loopback_elsewhere.netns += 1;
+        source.set(vec![
+            endpoint("10.0.0.1", 8080, 3),
+            endpoint("10.0.0.2", 8080, 0),
+            endpoint("127.0.0.1", 8080, 1),
+            loopback_elsewhere,
+            endpoint("10.0.0.1", 9, 1),
+        ]);
+        let text = metrics.render().expect("render");
+        for line in [
+            "drain_agent_connections_active{port=\"8080\",addr=\"10.0.0.1\"} 3",
+            "drain_agent_connections_active{port=\"8080\",addr=\"10.0.0.2\"} 0",
+            // Two namespaces, one address: one series.
+            "drain_agent_connections_active{port=\"8080\",addr=\"127.0.0.1\"} 3",
+        ] {
+            assert!(text.contains(line), "{line}:\n{text}");
+        }
+        // Every connection is in an endpoint: no series without an address; --ports holds.
+        assert!(
+            !text.contains("drain_agent_connections_active{port=\"8080\"}"),
+            "{text}"
+        );
+        assert!(!text.contains("port=\"9\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn drains_by_scope_show_while_they_run_and_count_their_results() {
+        use crate::{
+            drain::{DrainSpec, Given, OnTimeout},
+            drain_rule::DrainRule,
+            tracker::Filter,
+        };
+        let (source, metrics) = metrics(None);
+        source.set(vec![endpoint("10.0.0.1", 8080, 1)]);
+        let tracker = Arc::new(Tracker::new(source.clone(), 4));
+        let drains = Arc::new(Drains::new(tracker, None, None, None, 4));
+        metrics
+            .register_drains(Arc::clone(&drains))
+            .expect("register");
+        let pod = Filter {
+            addr: Some("10.0.0.1".parse().expect("addr")),
+            ..Filter::port(8080)
+        };
+        drains
+            .post(DrainSpec {
+                filter: pod.clone(),
+                timeout: Duration::from_millis(300),
+                rule: DrainRule::default(),
+                on_timeout: OnTimeout::Keep,
+                pace: 0,
+                given: Given::default(),
+            })
+            .expect("room");
+        // A pod listener's drain (its namespace): labelled by the pod's address there.
+        let mut in_pod = endpoint("127.0.0.1", 8081, 1);
+        in_pod.netns = 7;
+        let mut pod_ip = endpoint("10.0.0.7", 8081, 1);
+        pod_ip.netns = 7;
+        source.set(vec![endpoint("10.0.0.1", 8080, 1), in_pod, pod_ip]);
+        drains
+            .post(DrainSpec {
+                filter: Filter {
+                    netns: Some(7),
+                    ..Filter::port(8081)
+                },
+                timeout: Duration::from_secs(60),
+                rule: DrainRule::default(),
+                on_timeout: OnTimeout::Keep,
+                pace: 0,
+                given: Given::default(),
+            })
+            .expect("room");
+        let scope = "port=\"8080\",addr=\"10.0.0.1\"";
+        let text = metrics.render().expect("render");
+        for line in [
+            "drain_agent_drain_in_progress{port=\"8081\",addr=\"10.0.0.7\"} 1".to_owned(),
+            format!("drain_agent_drain_in_progress{{{scope}}} 1"),
+            format!("drain_agent_scope_drains_total{{{scope},result=\"timeout\"}} 0"),
+        ] {
+            assert!(text.contains(&line), "{line}:\n{text}");
+        }
+        drains
+            .wait_ended(&pod, Duration::from_secs(5))
+            .await
+            .expect("the drain ends at its timeout");
+        let text = metrics.render().expect("render");
+        // Ended: no longer in progress, its timeout counted for its scope.
+        assert!(
+            !text.contains(&format!("drain_agent_drain_in_progress{{{scope}}}")),
+            "{text}"
+        );
+        let line = format!("drain_agent_scope_drains_total{{{scope},result=\"timeout\"}} 1");
+        assert!(text.contains(&line), "{line}:\n{text}");
     }
 
     #[test]

@@ -413,11 +413,13 @@ impl Agent {
 
     /// The value of the first `/metrics` sample line starting with `line_start` (a name,
     /// or a name and labels).
+    ///
+    /// A selector `name{a="x",…}` sums every series of `name` whose labels include those:
+    /// the connection metrics carry the local address too (`--metrics-labels address`), and
+    /// `name{port="P"}` asks about the port.
     pub fn metric(&self, line_start: &str) -> Option<f64> {
         let (_, body) = self.try_get("/metrics").expect("metrics");
-        body.lines()
-            .find(|line| line.starts_with(line_start))
-            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        metric_in(&body, line_start)
     }
 
     /// Waits (at most 10 s) until `count` `/drained` requests are blocked in the agent
@@ -608,4 +610,41 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// The value of `selector` in the Prometheus text `body` (see [`Agent::metric`]).
+pub fn metric_in(body: &str, selector: &str) -> Option<f64> {
+    let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
+    let Some((name, wanted)) = selector
+        .strip_suffix('}')
+        .and_then(|rest| rest.split_once('{'))
+    else {
+        return body
+            .lines()
+            .find(|line| line.starts_with(selector))
+            .and_then(value);
+    };
+    let wanted: Vec<&str> = wanted
+        .split("\",")
+        .map(|pair| pair.trim_end_matches('"'))
+        .collect();
+    let mut found = None;
+    for line in body.lines() {
+        let Some(labels) = line
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('{'))
+            .and_then(|rest| rest.split_once("} "))
+            .map(|(labels, _)| labels)
+        else {
+            continue;
+        };
+        let has: Vec<&str> = labels
+            .split("\",")
+            .map(|pair| pair.trim_end_matches('"'))
+            .collect();
+        if wanted.iter().all(|pair| has.contains(pair)) {
+            *found.get_or_insert(0.0) += value(line)?;
+        }
+    }
+    found
 }
