@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, RingBuf, SockHash},
+    maps::{Array, HashMap, PerCpuHashMap, RingBuf, SockHash},
 };
 use drain_agent_common::{
     ConnCounts, ConnKey, DurationHistogram, FORGET_BATCH, KernelOffsets, OFFSET_UNKNOWN,
@@ -50,9 +50,13 @@ pub(crate) static OWN_PORTS: Array<u64> = Array::with_max_entries(WATCHED_WORDS,
 
 /// Kernel-side histogram of how long tracked connections stayed active, per local port
 /// (not per endpoint: bounded by the port space however many addresses come and go).
+/// Per CPU: every close adds to a bucket and to the sum, and on a shared value those two
+/// atomic adds moved the port's histogram lines between CPUs at every close; the agent sums
+/// the CPUs' copies when it reads (see [`record_duration`](crate::track) for why plain adds
+/// are exact here).
 #[map]
-pub(crate) static DURATIONS: HashMap<u32, DurationHistogram> =
-    HashMap::with_max_entries(PORT_COUNT, BPF_F_NO_PREALLOC);
+pub(crate) static DURATIONS: PerCpuHashMap<u32, DurationHistogram> =
+    PerCpuHashMap::with_max_entries(PORT_COUNT, BPF_F_NO_PREALLOC);
 
 /// Listening (netns, port) pairs, filled by the seeding iterator: a socket found already
 /// established is *passive* when its local port has a listener in its namespace.

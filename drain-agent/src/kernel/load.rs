@@ -375,6 +375,7 @@ fn any_map_fd(ebpf: &Ebpf, name: &str) -> Result<OwnedFd> {
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     let data = match map {
         aya::maps::Map::HashMap(data)
+        | aya::maps::Map::PerCpuHashMap(data)
         | aya::maps::Map::Array(data)
         | aya::maps::Map::RingBuf(data) => data,
         _ => bail!("map {name} has an unexpected type"),

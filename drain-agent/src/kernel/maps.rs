@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
 use drain_agent_common::{
     AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
 };
@@ -33,7 +33,7 @@ pub struct KernelMaps {
     pub(super) counts: HashMap<MapData, ConnKey, ConnCounts>,
     /// A read handle on the tracked sockets: when each connection started, for reports.
     pub(super) sockets: HashMap<MapData, u64, SockEntry>,
-    pub(super) durations: HashMap<MapData, u32, DurationHistogram>,
+    pub(super) durations: PerCpuHashMap<MapData, u32, DurationHistogram>,
     pub(super) errors: Array<MapData, u64>,
     pub(super) port_totals: Array<MapData, PortTotals>,
     /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.

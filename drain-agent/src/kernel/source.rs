@@ -276,11 +276,21 @@ impl Vouch for KernelMaps {
 
 impl Stats for KernelMaps {
     fn durations(&self) -> Result<Vec<(u16, DurationHistogram)>> {
+        // One copy per CPU (the programs add without atomics): their sum is the histogram.
         self.durations
             .iter()
             .map(|entry| {
                 entry
-                    .map(|(port, histogram)| (u16::try_from(port).unwrap_or(0), histogram))
+                    .map(|(port, per_cpu)| {
+                        let mut histogram = DurationHistogram::default();
+                        for copy in per_cpu.iter() {
+                            for (total, add) in histogram.buckets.iter_mut().zip(copy.buckets) {
+                                *total = total.wrapping_add(add);
+                            }
+                            histogram.sum_ns = histogram.sum_ns.wrapping_add(copy.sum_ns);
+                        }
+                        (u16::try_from(port).unwrap_or(0), histogram)
+                    })
                     .context("cannot read the duration map")
             })
             .collect()
