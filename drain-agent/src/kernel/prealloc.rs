@@ -3,7 +3,7 @@
 //! change a map's size but not its flags).
 //!
 //! Why it is opt-in. Preallocated, `SOCKETS` charges all of its slots to the agent's cgroup at
-//! start (152 bytes each: 38 MiB at the default 262,144, where the shipped map charges 4 MiB
+//! start (136 bytes each: 34 MiB at the default 262,144, where the shipped map charges 4 MiB
 //! of buckets and then what connections use), and in exchange a tracked open or close on
 //! cold caches costs about 40 % less (bench/RESULTS.md) and an insert never fails for lack of
 //! memory. Exactness is the same either way: since Linux 6.1 the default map also reuses a
