@@ -513,7 +513,7 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(core::mem::size_of::<ConnKey>(), 24);
         assert_eq!(core::mem::size_of::<ConnCounts>(), 32);
-        assert_eq!(core::mem::size_of::<SockEntry>(), 80);
+        assert_eq!(core::mem::size_of::<SockEntry>(), 64);
         assert_eq!(core::mem::size_of::<PortTotals>(), 32);
         assert_eq!(core::mem::size_of::<ConnEvent>(), 56);
     }
