@@ -231,7 +231,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         authority,
         sockets: Arc::new(crate::http::identify::SocketTables),
         tokens,
-        batches: Arc::default(),
     };
     info!("serving on http://{address} (attached with {attach})");
     // The stop, in phases (handover.rs): SIGTERM closes the listeners (the next agent takes

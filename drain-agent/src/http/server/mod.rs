@@ -53,7 +53,7 @@ use hyper_util::{
     server::graceful::GracefulShutdown,
 };
 use log::{debug, info, warn};
-use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tokio::{net::TcpListener, task::JoinSet};
 use tower::ServiceExt as _;
 
 pub use self::{
@@ -74,11 +74,6 @@ const RESERVED_FDS: u64 = 128;
 /// peer's `ConnectInfo<SocketAddr>`): who is calling is told from both ends (`identify.rs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalAddr(pub SocketAddr);
-
-/// When the connection a request came on was accepted (a request extension): its client's
-/// socket was in the kernel's tables by then (`identify.rs` reads them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AcceptedAt(pub Instant);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
 /// `limits.shutdown_timeout`. Each request carries the peer address as
@@ -151,7 +146,6 @@ pub async fn serve_handing_over(
         let Some((stream, peer)) = accepted else {
             break;
         };
-        let accepted_at = Instant::now();
         // The look before the accept can be stale (a connection counts as idle until its
         // first request arrives): this one then waits, accepted, for a place.
         let app = loop {
@@ -176,7 +170,6 @@ pub async fn serve_handing_over(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
-        let accepted_at = AcceptedAt(accepted_at);
         let activity = Arc::new(Activity::default());
         let service = {
             let app = app.clone();
@@ -186,7 +179,6 @@ pub async fn serve_handing_over(
                 if let Some(local) = local {
                     request.extensions_mut().insert(local);
                 }
-                request.extensions_mut().insert(accepted_at);
                 let busy = Busy::new(Arc::clone(&activity));
                 let app = app.clone();
                 async move {

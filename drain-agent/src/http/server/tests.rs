@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use super::{slots::CONNECT_GRACE, *};
+use tokio::time::Instant;
 
 /// A test app: `/healthz` answers at once, `/drained` blocks until released (and
 /// counts the requests that reached it), `/big` answers 256 KiB.

@@ -203,6 +203,29 @@ impl Socket {
         })
     }
 
+    /// Sends `request` (sequence number `seq`, not a dump) and hands the kernel's one answer to
+    /// `answer`: its first message other than netlink's own, or `Err(errno)` when the kernel
+    /// refused it (`NLMSG_ERROR`, errno positive).
+    pub fn ask<T>(
+        &self,
+        request: &[u8],
+        seq: u32,
+        mut answer: impl FnMut(Result<&Message<'_>, i32>) -> Result<T>,
+    ) -> Result<T> {
+        self.send(request)?;
+        self.read_until(|message| {
+            if message.seq != seq {
+                return Ok(ControlFlow::Continue(()));
+            }
+            match message.kind {
+                NLMSG_NOOP => Ok(ControlFlow::Continue(())),
+                NLMSG_ERROR => answer(Err(error_payload(message.payload)?)).map(ControlFlow::Break),
+                NLMSG_OVERRUN => bail!("netlink overrun: answers were lost"),
+                _ => answer(Ok(&message)).map(ControlFlow::Break),
+            }
+        })
+    }
+
     /// Reads until the `NLMSG_ERROR` answering `seq`; its errno (positive; 0 is an ack).
     pub fn wait_ack(&self, seq: u32) -> Result<i32> {
         self.read_until(|message| {

@@ -171,6 +171,47 @@ fn query_on(q: &Query, side: Side) -> Result<Vec<TcpSocket>> {
     Ok(found)
 }
 
+/// The TCP socket of this network namespace whose local end is `local` and remote end
+/// `remote`, if there is one: one lookup in the kernel's hash tables, not a dump (a dump
+/// walks every established socket whatever its filter: 40 ms at 100k connections).
+///
+/// An IPv4 end may belong to an IPv4 socket or to an IPv6 one (IPv4-mapped): both are asked.
+/// Time-wait and request sockets come back too (with state, uid and inode of their own).
+pub fn find_one(local: SocketAddr, remote: SocketAddr) -> Result<Option<TcpSocket>> {
+    let socket = Socket::open(Protocol::SockDiag)?;
+    let families: &[u8] = if local.is_ipv4() && remote.is_ipv4() {
+        &[libc::AF_INET as u8, libc::AF_INET6 as u8]
+    } else {
+        &[libc::AF_INET6 as u8]
+    };
+    for (seq, &family) in (1..).zip(families) {
+        let request = request::exact(family, sockid::SockId::of_ends(family, local, remote)?, seq)?;
+        let found = socket
+            .ask(&request, seq, |answer| match answer {
+                Ok(message) if message.kind == request::SOCK_DIAG_BY_FAMILY => {
+                    parse::parse_socket(message.payload, false)
+                        .map(Some)
+                        .context("malformed inet_diag_msg")
+                }
+                Ok(message) => bail!("unexpected netlink message type {}", message.kind),
+                Err(libc::ENOENT) => Ok(None),
+                Err(errno) => Err(io::Error::from_raw_os_error(errno))
+                    .context("the kernel refused the lookup"),
+            })
+            .with_context(|| {
+                format!(
+                    "inet_diag lookup of the {} TCP socket {local} -> {remote}",
+                    family_name(family)
+                )
+            })?;
+        // Defence in depth: the kernel found it by these ends.
+        if let Some(found) = found.filter(|found| found.local == local && found.remote == remote) {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
 /// Whether the socket tables can be read here (the `inet_diag` and `tcp_diag` modules, which
 /// a host loads on demand): the agent confirms the counts it cannot vouch for with them.
 /// Without them such a count waits for the next walk (fail closed, but late).

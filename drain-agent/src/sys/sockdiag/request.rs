@@ -47,6 +47,23 @@ pub(super) fn dump(q: &Query, side: Side, family: u8, seq: u32) -> Result<Vec<u8
     )
 }
 
+/// `SOCK_DIAG_BY_FAMILY` of the one socket `id` (not a dump): the kernel looks it up in its
+/// hash tables (`inet_diag_find_one_icsk()`), whatever their size.
+pub(super) fn exact(family: u8, id: SockId, seq: u32) -> Result<Vec<u8>> {
+    request(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST,
+        seq,
+        &RequestBody {
+            family,
+            states: u32::MAX,
+            ext: 0,
+            id,
+            bytecode: None,
+        },
+    )
+}
+
 /// `SOCK_DESTROY` of `sock`, by the identity and family the kernel reported for it.
 pub(super) fn destroy(sock: &TcpSocket, seq: u32) -> Result<Vec<u8>> {
     let id = SockId::of(sock)?;

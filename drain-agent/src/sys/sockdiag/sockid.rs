@@ -47,6 +47,29 @@ impl SockId {
         })
     }
 
+    /// The identity of the socket with local end `local` and remote end `remote` in
+    /// `family`, by addresses only (`INET_DIAG_NOCOOKIE`: the kernel then checks no cookie).
+    pub(super) fn of_ends(family: u8, local: SocketAddr, remote: SocketAddr) -> Result<SockId> {
+        let address = |addr: SocketAddr| -> Result<[u8; 16]> {
+            let mut raw = [0u8; 16];
+            match (i32::from(family), addr.ip()) {
+                (libc::AF_INET, IpAddr::V4(v4)) => raw[..4].copy_from_slice(&v4.octets()),
+                (libc::AF_INET6, IpAddr::V4(v4)) => raw = v4.to_ipv6_mapped().octets(),
+                (libc::AF_INET6, IpAddr::V6(v6)) => raw = v6.octets(),
+                (family, ip) => bail!("address {ip} does not fit family {family}"),
+            }
+            Ok(raw)
+        };
+        Ok(SockId {
+            sport: local.port(),
+            dport: remote.port(),
+            src: address(local)?,
+            dst: address(remote)?,
+            interface: 0,
+            cookie: u64::MAX,
+        })
+    }
+
     pub(super) fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.sport.to_be_bytes());
         out.extend_from_slice(&self.dport.to_be_bytes());
