@@ -22,18 +22,13 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{Mutex as TurnLock, OnceCell, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
 /// How long after a pass ended its list still answers for its scope.
 pub const FRESH_FOR: Duration = Duration::from_millis(100);
 
 /// Scopes with a list kept at most; older entries are dropped first when full.
 const MAX_SCOPES: usize = 4096;
-
-type Slot<V> = Arc<OnceCell<(Instant, Result<Arc<V>, String>)>>;
 
 /// Single-flight, briefly kept results per key, each waited for at most a budget: a pass
 /// runs as a task of its own, so a caller that stops waiting (its answer is due) neither
@@ -124,101 +119,6 @@ impl<V> Entry<V> {
         self.made
             .as_ref()
             .is_some_and(|(made, _)| made.elapsed() <= FRESH_FOR)
-    }
-}
-
-/// Passes that must begin after a moment their callers name: who calls on a connection must
-/// be read from tables that already hold it, so from a pass begun after the connection was
-/// accepted. A caller joins the pass running now if it began late enough, else the next
-/// pass of its key (one not begun yet), or opens it; passes of a key run one at a time. A
-/// thousand hooks connecting at once cost two or three passes, not a thousand, and mostly
-/// no wait for the next one (`tests/waiters_on_time.rs`).
-pub struct Batched<K, V> {
-    keys: Mutex<HashMap<K, Arc<Batch<V>>>>,
-}
-
-struct Batch<V> {
-    /// Held while a pass of this key runs.
-    turn: TurnLock<()>,
-    /// The pass not begun yet, which new callers join; and the one running, with when it
-    /// began.
-    passes: Mutex<Passes<V>>,
-}
-
-struct Passes<V> {
-    next: Option<Slot<V>>,
-    running: Option<(Instant, Slot<V>)>,
-}
-
-impl<K, V> Default for Batched<K, V> {
-    fn default() -> Self {
-        Self {
-            keys: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<K: Clone + Eq + Hash, V> Batched<K, V> {
-    /// The result of a pass of `key` that began at `since` or later.
-    pub async fn get<F, Fut>(&self, key: &K, since: Instant, make: F) -> Result<Arc<V>, String>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V, String>>,
-    {
-        let batch = {
-            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-            if keys.len() >= MAX_SCOPES && !keys.contains_key(key) {
-                // Keys nobody waits on any more.
-                keys.retain(|_, batch| Arc::strong_count(batch) > 1);
-            }
-            Arc::clone(keys.entry(key.clone()).or_insert_with(|| {
-                Arc::new(Batch {
-                    turn: TurnLock::new(()),
-                    passes: Mutex::new(Passes {
-                        next: None,
-                        running: None,
-                    }),
-                })
-            }))
-        };
-        let (slot, running) = {
-            let mut passes = batch.passes.lock().unwrap_or_else(PoisonError::into_inner);
-            match &passes.running {
-                Some((began, slot)) if *began >= since => (Arc::clone(slot), true),
-                _ => (
-                    Arc::clone(passes.next.get_or_insert_with(Arc::default)),
-                    false,
-                ),
-            }
-        };
-        if let Some((_, result)) = slot.get() {
-            return result.clone();
-        }
-        if running {
-            // Began late enough: wait for its end (its runner initializes the slot).
-            let (_, result) = slot
-                .get_or_init(|| async { (Instant::now(), make().await.map(Arc::new)) })
-                .await;
-            return result.clone();
-        }
-        let _turn = batch.turn.lock().await;
-        {
-            // The first of this pass's callers to get the turn begins it: from here on,
-            // new callers make the next one (or join this one, if it began late enough).
-            let mut passes = batch.passes.lock().unwrap_or_else(PoisonError::into_inner);
-            if passes
-                .next
-                .as_ref()
-                .is_some_and(|open| Arc::ptr_eq(open, &slot))
-            {
-                passes.next = None;
-                passes.running = Some((Instant::now(), Arc::clone(&slot)));
-            }
-        }
-        let (_, result) = slot
-            .get_or_init(|| async { (Instant::now(), make().await.map(Arc::new)) })
-            .await;
-        result.clone()
     }
 }
 
@@ -320,50 +220,5 @@ mod tests {
         // The pass goes on; a later caller with time to wait gets it, from the same pass.
         assert_eq!(lists.get(&1, LONG, make).await.unwrap().as_deref(), Ok(&5));
         assert_eq!(passes.load(Ordering::SeqCst), 1);
-    }
-
-    /// A pass of 50 ms for a caller of now, in the background; it returns its number.
-    fn slow_pass(
-        batched: &Arc<Batched<u16, usize>>,
-        passes: &Arc<AtomicUsize>,
-    ) -> tokio::task::JoinHandle<Result<Arc<usize>, String>> {
-        let batched = Arc::clone(batched);
-        let passes = Arc::clone(passes);
-        tokio::spawn(async move {
-            batched
-                .get(&1, Instant::now(), || async {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    Ok(passes.fetch_add(1, Ordering::SeqCst))
-                })
-                .await
-        })
-    }
-
-    #[tokio::test]
-    async fn a_batch_begins_after_its_callers_asked() {
-        let batched = Arc::new(Batched::<u16, usize>::default());
-        let passes = Arc::new(AtomicUsize::new(0));
-        // A pass that runs while the second and third caller arrive.
-        let first = slow_pass(&batched, &passes);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let make = || async { Ok(passes.fetch_add(1, Ordering::SeqCst)) };
-        let now = Instant::now();
-        let (second, third) = tokio::join!(batched.get(&1, now, make), batched.get(&1, now, make));
-        assert_eq!(first.await.expect("task").as_deref(), Ok(&0));
-        // They arrived while pass 0 ran: they share pass 1, which began after them.
-        assert_eq!((second.as_deref(), third.as_deref()), (Ok(&1), Ok(&1)));
-        assert_eq!(passes.load(Ordering::SeqCst), 2);
-        // A later caller gets a pass of its own.
-        assert_eq!(
-            batched.get(&1, Instant::now(), make).await.as_deref(),
-            Ok(&2)
-        );
-        // One whose moment came before a running pass began joins that pass.
-        let before = Instant::now();
-        let running = slow_pass(&batched, &passes);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(batched.get(&1, before, make).await.as_deref(), Ok(&3));
-        assert_eq!(running.await.expect("task").as_deref(), Ok(&3));
-        assert_eq!(passes.load(Ordering::SeqCst), 4);
     }
 }
