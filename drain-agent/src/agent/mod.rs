@@ -238,6 +238,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // --shutdown-grace; then the rest are answered `agent_shutdown`.
     let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
     let stopper = tokio::spawn(process::stop_in_phases(
+        process::StopSignals::install(),
         phase,
         args.shutdown_grace,
         Arc::clone(&tracker),

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
-use tokio::sync::watch;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{http::handover::StopPhase, tracker::Tracker};
 
@@ -55,11 +58,12 @@ fn limit_malloc_arenas() {
 /// agent takes new and queued connections) and the waiters get their usual answers for up
 /// to `grace` (--shutdown-grace); then the rest are answered `agent_shutdown`.
 pub async fn stop_in_phases(
+    mut signals: StopSignals,
     phase: watch::Sender<StopPhase>,
     grace: Duration,
     tracker: Arc<Tracker>,
 ) {
-    wait_for_stop_signal().await;
+    signals.first().await;
     info!(
         "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
     );
@@ -70,22 +74,45 @@ pub async fn stop_in_phases(
     phase.send_replace(StopPhase::AnsweringRest);
 }
 
-/// Resolves at the first SIGTERM or Ctrl-C.
-pub async fn wait_for_stop_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
+/// SIGTERM and SIGINT, caught from the moment [`StopSignals::install`] returns.
+pub struct StopSignals {
+    terminate: Option<Signal>,
+    interrupt: Option<Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers now, before the agent serves. Registered by the stop task when
+    /// it was first polled, they could come late: under load the agent answered `/healthz`
+    /// first, and a SIGTERM right after it (a supervisor that saw it healthy) killed it with
+    /// the signal's default action, no stop in phases, no hand-over.
+    pub fn install() -> Self {
+        let catch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(caught) => Some(caught),
             Err(problem) => {
-                warn!("cannot listen for SIGTERM: {problem}");
-                std::future::pending::<()>().await;
+                warn!("cannot catch {name}: {problem}");
+                None
+            }
+        };
+        Self {
+            terminate: catch(SignalKind::terminate(), "SIGTERM"),
+            interrupt: catch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT since [`StopSignals::install`].
+    async fn first(&mut self) {
+        async fn next(signal: Option<&mut Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+        tokio::select! {
+            () = next(self.terminate.as_mut()) => {}
+            () = next(self.interrupt.as_mut()) => {}
+        }
     }
 }
 
@@ -121,5 +148,22 @@ mod tests {
         held.send(()).expect("release");
         walker.join().expect("walker");
         assert!(released_within(&shared, Duration::from_secs(5)).await);
+    }
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::*;
+
+    /// A SIGTERM sent once `install` has returned, before anybody waits, is not lost (and
+    /// does not kill the test process with the default action).
+    #[tokio::test]
+    async fn a_signal_right_after_install_is_caught() {
+        let mut signals = StopSignals::install();
+        // SAFETY: a signal to this very process, whose handler is installed above.
+        unsafe { libc::raise(libc::SIGINT) };
+        tokio::time::timeout(Duration::from_secs(5), signals.first())
+            .await
+            .expect("the signal is seen");
     }
 }
