@@ -57,7 +57,7 @@ const SOCKET_MAP_ENTRIES: u32 = 262_144;
 const LINE_SLOTS_LOG2: u32 = 16;
 const LINE_BYTES: u32 = 64;
 /// `size_of::<drain_agent_common::SockEntry>()` (the key 24, four u64, the peer 16 + 8).
-const SOCK_ENTRY_BYTES: u32 = 80;
+const SOCK_ENTRY_BYTES: u32 = 64;
 
 /// What a reference program does per tracked event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
