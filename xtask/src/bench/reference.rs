@@ -56,7 +56,7 @@ const SOCKET_MAP_ENTRIES: u32 = 262_144;
 /// Slots of [`Reference::Line`]'s array: 4 MiB of 64-byte lines.
 const LINE_SLOTS_LOG2: u32 = 16;
 const LINE_BYTES: u32 = 64;
-/// `size_of::<drain_agent_common::SockEntry>()` (the key 24, four u64, the peer 16 + 8).
+/// `size_of::<drain_agent_common::SockEntry>()` (the key 24, two u64, the peer 16 + 8).
 const SOCK_ENTRY_BYTES: u32 = 64;
 
 /// What a reference program does per tracked event.
