@@ -27,23 +27,10 @@ pub(super) struct SockId {
 impl SockId {
     /// The identity the kernel reported for `sock`, rebuilt from its (possibly folded) addresses.
     pub(super) fn of(sock: &TcpSocket) -> Result<SockId> {
-        let address = |addr: SocketAddr| -> Result<[u8; 16]> {
-            let mut raw = [0u8; 16];
-            match (sock.family as i32, addr.ip()) {
-                (libc::AF_INET, IpAddr::V4(v4)) => raw[..4].copy_from_slice(&v4.octets()),
-                (libc::AF_INET6, IpAddr::V4(v4)) => raw = v4.to_ipv6_mapped().octets(),
-                (libc::AF_INET6, IpAddr::V6(v6)) => raw = v6.octets(),
-                (family, ip) => bail!("address {ip} does not fit family {family}"),
-            }
-            Ok(raw)
-        };
         Ok(SockId {
-            sport: sock.local.port(),
-            dport: sock.remote.port(),
-            src: address(sock.local)?,
-            dst: address(sock.remote)?,
             interface: sock.interface,
             cookie: sock.cookie,
+            ..Self::of_ends(sock.family, sock.local, sock.remote)?
         })
     }
 
