@@ -265,3 +265,95 @@ fn an_upgrade_overlap_loses_no_drain_posted_to_either_agent() {
     assert_eq!(health(&after, to_old.port), 503);
     assert_eq!(health(&after, to_new.port), 503);
 }
+
+/// A cancel during an upgrade's overlap holds, whichever agent it was sent to, for drains
+/// and for the `/health` gates held after them. The new agent restores the old one's drains
+/// and gates at its start; before, (a) a `DELETE` sent to the old agent left the new one's
+/// copies running (a drain with its deadline's close, a gate answering 503 for 5 minutes),
+/// and (b) one sent to the new agent was undone when it took over the old one's file, which
+/// still had them.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it() {
+    if !kernel_available("a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it") {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-cancel-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
+    // Two drains that cannot end (a connection held on each), two gates (drains of idle
+    // ports end at once and hold their scopes out of rotation).
+    let servers: Vec<Server> = (0..4).map(|_| Server::start("127.0.0.1:0")).collect();
+    let ports: Vec<u16> = servers.iter().map(|server| server.port).collect();
+    let _held: Vec<TcpStream> = ports[..2]
+        .iter()
+        .map(|port| TcpStream::connect(("127.0.0.1", *port)).expect("connect"))
+        .collect();
+    servers[0].wait_accepted(1);
+    servers[1].wait_accepted(1);
+    for port in &ports {
+        let (status, body) = curl_json(
+            "POST",
+            &format!("{}/drain?port={port}&timeout=10m", old.url),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    for port in &ports[2..] {
+        common::wait_until(
+            "the idle port's drain holds its gate",
+            Duration::from_secs(10),
+            || {
+                in_progress(&old)
+                    .iter()
+                    .all(|(_, p, _)| *p != u64::from(*port))
+                    && health(&old, *port) == 503
+            },
+        );
+    }
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    for port in &ports {
+        assert_eq!(
+            health(&new, *port),
+            503,
+            "the new agent restored port {port}"
+        );
+    }
+    // Each agent gets one drain's cancel and one gate's.
+    for (agent, port) in [
+        (&old, ports[0]),
+        (&new, ports[1]),
+        (&old, ports[2]),
+        (&new, ports[3]),
+    ] {
+        let (status, body) = curl_json("DELETE", &format!("{}/drain?port={port}", agent.url));
+        assert!(
+            status == 200 || status == 404,
+            "DELETE port {port}: {status} {body}"
+        );
+        assert_eq!(health(agent, port), 200, "port {port} after its DELETE");
+    }
+    let mut old = old;
+    old.stop();
+    drop(old);
+    common::wait_until(
+        "the new agent takes over the state file",
+        Duration::from_secs(10),
+        // Its restore at start, then the take-over's.
+        || new.log_text().matches("held /health gate(s) from").count() >= 2,
+    );
+    let left: Vec<u64> = in_progress(&new).iter().map(|(_, port, _)| *port).collect();
+    let gated: Vec<u16> = ports
+        .iter()
+        .copied()
+        .filter(|port| health(&new, *port) != 200)
+        .collect();
+    assert!(
+        left.is_empty() && gated.is_empty(),
+        "after the overlap, cancelled drains still in progress: {left:?}; scopes still out of rotation: {gated:?} (of {ports:?})"
+    );
+    // And what the new agent wrote keeps them cancelled for the next one.
+    let after = restart(new, Stop::Term, state.path());
+    assert!(in_progress(&after).is_empty());
+    for port in &ports {
+        assert_eq!(health(&after, *port), 200, "port {port} after a restart");
+    }
+}

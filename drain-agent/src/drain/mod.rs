@@ -265,6 +265,9 @@ pub struct Drains {
     stats: Mutex<DrainStats>,
     /// Where POSTed drains and held gates are kept across restarts (`--state-dir`).
     state: Option<Arc<StateFile>>,
+    /// While another agent writes the state file (an upgrade's overlap): what this one
+    /// restored and cancelled, for the take-over (`saved.rs`).
+    overlap: Mutex<Option<saved::Overlap>>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -306,6 +309,7 @@ impl Drains {
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
             state: None,
+            overlap: Mutex::new(None),
         }
     }
 

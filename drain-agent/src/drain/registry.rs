@@ -177,6 +177,7 @@ impl Drains {
     /// ended puts the scope back in rotation (before, it did nothing without a drain in
     /// progress).
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
+        self.note_cancel(filter);
         self.release(filter);
         let drain = lock(&self.running).get(filter).cloned()?;
         let mut finished = drain.finished.subscribe();

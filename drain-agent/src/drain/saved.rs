@@ -3,6 +3,7 @@
 //! agent that wrote it (an upgrade).
 
 use std::{
+    collections::{HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -194,14 +195,29 @@ impl Drains {
     /// (waiters of `/drained` are gone with the old process: a drain only they started would
     /// have ended `abandoned`, so none is kept), and held gates stay held until their hold
     /// ends, a new listener appears, or `DELETE /drain`. Ids go on after the restored ones.
+    /// Beside an agent that still writes the file (an upgrade), what is restored is noted
+    /// for the take-over ([`Overlap`]).
     pub fn restore(self: &Arc<Self>) {
-        self.restore_saved(false);
+        let Some(file) = &self.state else {
+            return;
+        };
+        let Some(saved) = file.read::<SavedDrains>() else {
+            return;
+        };
+        let restored = self.restore_saved(saved, None);
+        if !file.is_writer() {
+            *lock(&self.overlap) = Some(restored);
+        }
     }
 
-    /// Once the agent that wrote the state file has gone (an upgrade: `StateFile`): what it
-    /// saved after this agent started (drains POSTed to it meanwhile, gates it held) joins
-    /// this agent's, scopes this agent has already kept as they are, and this agent writes
-    /// from now on.
+    /// Once the agent that wrote the state file has gone (an upgrade: `StateFile`): its last
+    /// state is merged with this agent's, and this agent writes from now on.
+    ///
+    /// The merge: what that agent saved after this one started (drains POSTed to it
+    /// meanwhile, gates it held) joins this agent's, scopes this agent has already kept as
+    /// they are; what this agent restored at its start and that agent no longer has (it
+    /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
+    /// meanwhile ([`Drains::note_cancel`]) is not brought back.
     pub async fn take_over_state(self: &Arc<Self>) {
         let Some(file) = self.state.clone() else {
             return;
@@ -209,7 +225,8 @@ impl Drains {
         if file.is_writer() {
             return;
         }
-        match tokio::task::spawn_blocking(move || file.wait_to_write()).await {
+        let waiter = Arc::clone(&file);
+        match tokio::task::spawn_blocking(move || waiter.wait_for_lock()).await {
             Ok(Ok(())) => {}
             Ok(Err(problem)) => {
                 log::warn!(
@@ -222,60 +239,101 @@ impl Drains {
                 return;
             }
         }
-        self.restore_saved(true);
+        // Nothing written between the lock and here: the file is that agent's last state.
+        // One that cannot be read now (it could at start) ends nothing here: too much kept
+        // out of rotation, never too little.
+        let overlap = lock(&self.overlap).take().unwrap_or_default();
+        if let Some(saved) = file.read::<SavedDrains>() {
+            self.end_what_the_other_agent_ended(&saved, &overlap).await;
+            self.restore_saved(saved, Some(&overlap));
+        }
+        file.start_writing();
         self.save().await;
     }
 
-    /// Restores the state file's drains and gates; `only_new`: not for scopes this agent
-    /// has a drain or a gate of already.
-    fn restore_saved(self: &Arc<Self>, only_new: bool) {
-        let Some(file) = &self.state else {
-            return;
-        };
-        let Some(saved) = file.read::<SavedDrains>() else {
-            return;
-        };
+    /// The merge's second part (see [`Drains::take_over_state`]): drains and gates restored
+    /// at start that the other agent's last state no longer has.
+    async fn end_what_the_other_agent_ended(&self, saved: &SavedDrains, overlap: &Overlap) {
+        let still_there: HashSet<DrainIdentity> =
+            saved.drains.iter().map(SavedDrain::identity).collect();
+        for restored in overlap.drains.difference(&still_there) {
+            let same = lock(&self.running)
+                .get(&restored.scope)
+                .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *restored);
+            if same && let Some(record) = self.cancel(&restored.scope).await {
+                log::info!(
+                    "drain {} ended by the agent before this one during the upgrade (cancelled or over; its record is in that agent's journal): ended here too, {}",
+                    record.id,
+                    scope_text(&restored.scope)
+                );
+            }
+        }
+        let held_there: HashSet<Filter> = saved.held.iter().map(SavedHold::scope).collect();
+        let mut held = lock(&self.held);
+        for (scope, (_, until)) in &overlap.gates {
+            if !held_there.contains(scope)
+                && held.get(scope).is_some_and(|hold| hold.until == *until)
+            {
+                held.remove(scope);
+                log::info!(
+                    "the /health gate of {} was released by the agent before this one during the upgrade: released here too",
+                    scope_text(scope)
+                );
+            }
+        }
+    }
+
+    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over): not for scopes
+    /// this agent has a drain or a gate of already, nor what was cancelled here meanwhile.
+    /// Returns what it restored.
+    fn restore_saved(self: &Arc<Self>, saved: SavedDrains, overlap: Option<&Overlap>) -> Overlap {
+        let path = self
+            .state
+            .as_ref()
+            .map_or_else(String::new, |file| file.path().display().to_string());
         let now_ms = unix_ms();
         let now = tokio::time::Instant::now();
-        let mut gates = 0;
+        let mut restored = Overlap::default();
         {
             let mut held = lock(&self.held);
             for hold in saved.held {
                 if hold.until_ms <= now_ms || held.len() >= HELD_MAX {
                     continue;
                 }
-                let scope = Filter {
-                    port: hold.port,
-                    addr: hold.addr,
-                    netns: hold.netns,
-                };
-                if only_new && held.contains_key(&scope) {
+                let scope = hold.scope();
+                if let Some(overlap) = overlap
+                    && (held.contains_key(&scope)
+                        || overlap.released.contains(&(scope.clone(), hold.until_ms)))
+                {
                     continue;
                 }
+                let until = now + Duration::from_millis(hold.until_ms - now_ms);
                 held.insert(
-                    scope,
+                    scope.clone(),
                     Held {
                         listeners: hold.listeners.into_iter().collect(),
-                        until: now + Duration::from_millis(hold.until_ms - now_ms),
+                        until,
                     },
                 );
-                gates += 1;
+                restored.gates.insert(scope, (hold.until_ms, until));
             }
         }
-        let mut drains = 0;
         for drain in saved.drains {
             let Some(spec) = drain.spec() else {
                 log::warn!(
-                    "{}: drain {} has settings this agent cannot read: not resumed",
-                    file.path().display(),
+                    "{path}: drain {} has settings this agent cannot read: not resumed",
                     drain.record.id
                 );
                 continue;
             };
-            let id = drain.record.id;
-            if only_new && lock(&self.running).contains_key(&spec.filter) {
+            let identity = drain.identity();
+            if let Some(overlap) = overlap
+                && (lock(&self.running).contains_key(&spec.filter)
+                    || overlap.cancelled.contains(&identity))
+            {
                 continue;
             }
+            let id = drain.record.id;
             self.next_id.fetch_max(id + 1, Ordering::Relaxed);
             let ran_for = Duration::from_millis(now_ms.saturating_sub(drain.record.started_ms));
             let left = Duration::from_millis(drain.deadline_ms.saturating_sub(now_ms));
@@ -290,21 +348,96 @@ impl Drains {
                 .insert(spec.filter.clone(), Arc::clone(&resumed))
                 .is_some()
             {
-                log::warn!(
-                    "{}: two drains of one scope; the later one kept",
-                    file.path().display()
-                );
+                log::warn!("{path}: two drains of one scope; the later one kept");
             }
             log::info!(
                 "drain {id} resumed after a restart: {} {left:?} left",
                 scope_text(&spec.filter)
             );
             self.launch(resumed);
-            drains += 1;
+            restored.drains.insert(identity);
         }
         log::info!(
-            "restored {drains} drain(s) in progress and {gates} held /health gate(s) from {}",
-            file.path().display()
+            "restored {} drain(s) in progress and {} held /health gate(s) from {path}",
+            restored.drains.len(),
+            restored.gates.len()
         );
+        restored
     }
+
+    /// A `DELETE /drain` of `scope`, noted while another agent writes the state file (an
+    /// upgrade's overlap): the take-over does not bring back the drain or the gate it ended.
+    /// Called before the cancel, with the drain and gate it is about to end.
+    pub(super) fn note_cancel(&self, scope: &Filter) {
+        let mut overlap = lock(&self.overlap);
+        let Some(overlap) = overlap.as_mut() else {
+            return;
+        };
+        if let Some(drain) = lock(&self.running).get(scope) {
+            overlap
+                .cancelled
+                .insert(DrainIdentity::of(&lock(&drain.record)));
+        }
+        if let Some((until_ms, until)) = overlap.gates.get(scope)
+            && lock(&self.held)
+                .get(scope)
+                .is_some_and(|hold| hold.until == *until)
+        {
+            overlap.released.insert((scope.clone(), *until_ms));
+        }
+    }
+}
+
+/// One drain, across agents: its scope, id and start (ids are each agent's own count).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct DrainIdentity {
+    scope: Filter,
+    id: u64,
+    started_ms: u64,
+}
+
+impl DrainIdentity {
+    fn of(record: &DrainRecord) -> Self {
+        Self {
+            scope: Filter {
+                port: record.port,
+                addr: record.addr,
+                netns: record.netns,
+            },
+            id: record.id,
+            started_ms: record.started_ms,
+        }
+    }
+}
+
+impl SavedDrain {
+    fn identity(&self) -> DrainIdentity {
+        DrainIdentity::of(&self.record)
+    }
+}
+
+impl SavedHold {
+    fn scope(&self) -> Filter {
+        Filter {
+            port: self.port,
+            addr: self.addr,
+            netns: self.netns,
+        }
+    }
+}
+
+/// An upgrade's overlap, from this agent's side: what it restored at its start from the
+/// state file another agent still writes, and what it cancelled since. Kept until the
+/// take-over ([`Drains::take_over_state`]), which needs both to merge that agent's last
+/// state without undoing a cancel sent to either agent.
+#[derive(Debug, Default)]
+pub(super) struct Overlap {
+    /// Drains restored at start.
+    drains: HashSet<DrainIdentity>,
+    /// Gates restored at start: the file's end of the hold, and this agent's.
+    gates: HashMap<Filter, (u64, tokio::time::Instant)>,
+    /// Drains `DELETE /drain` ended here.
+    cancelled: HashSet<DrainIdentity>,
+    /// Restored gates `DELETE /drain` released here, with the file's end of the hold.
+    released: HashSet<(Filter, u64)>,
 }

@@ -152,14 +152,23 @@ impl StateFile {
         self.writer.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Blocks until this agent holds the directory's lock (the other agent exited), then
-    /// writes from now on. For a thread of its own.
-    pub fn wait_to_write(&self) -> Result<()> {
+    /// Blocks until this agent holds the directory's lock (the other agent exited). It does
+    /// not write yet: what the other agent left is read and merged first, then
+    /// [`StateFile::start_writing`] (a write in between would replace that agent's last state
+    /// with this one's). For a thread of its own.
+    pub fn wait_for_lock(&self) -> Result<()> {
         rustix::fs::flock(&self.dir_file, rustix::fs::FlockOperation::LockExclusive)
-            .with_context(|| format!("cannot lock the state directory {}", self.dir.display()))?;
+            .with_context(|| format!("cannot lock the state directory {}", self.dir.display()))
+    }
+
+    /// Writes from now on (after [`StateFile::wait_for_lock`] and the merge).
+    pub fn start_writing(&self) {
+        let _serial = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.writer
             .store(true, std::sync::atomic::Ordering::Release);
-        Ok(())
     }
 
     /// The state last written, or `None`: no file, or one that cannot be read as this
@@ -296,6 +305,36 @@ mod tests {
             StateFile::open(&state_dir).expect("again").read::<Kept>(),
             Some(Kept { drains: vec![1, 2] })
         );
+    }
+
+    /// An upgrade: the second agent writes nothing until it has the lock *and* has merged
+    /// what the first one left. Before, taking the lock made it the writer at once, and a
+    /// save in between (a drain ending) replaced the first agent's last state with its own.
+    #[test]
+    fn the_next_agent_writes_only_once_it_has_merged() {
+        let root = dir();
+        let first = StateFile::open(root.path()).expect("open");
+        let second = StateFile::open(root.path()).expect("open again");
+        assert!(first.is_writer() && !second.is_writer());
+        second
+            .write_with(|| Some(Kept { drains: vec![9] }))
+            .expect("not the writer: nothing written");
+        first
+            .write_with(|| Some(Kept { drains: vec![1] }))
+            .expect("write");
+        drop(first);
+        second
+            .wait_for_lock()
+            .expect("the lock, once the first is gone");
+        second
+            .write_with(|| Some(Kept { drains: vec![2] }))
+            .expect("not merged yet: nothing written");
+        assert_eq!(second.read::<Kept>(), Some(Kept { drains: vec![1] }));
+        second.start_writing();
+        second
+            .write_with(|| Some(Kept { drains: vec![1, 2] }))
+            .expect("write");
+        assert_eq!(second.read::<Kept>(), Some(Kept { drains: vec![1, 2] }));
     }
 
     #[test]
