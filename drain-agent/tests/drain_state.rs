@@ -357,3 +357,76 @@ fn a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it() {
         assert_eq!(health(&after, *port), 200, "port {port} after a restart");
     }
 }
+
+/// The new agent of an upgrade crashes while the old one still runs: what was asked of it
+/// meanwhile (a drain POSTed to it, a cancel sent to it) is not lost. It kept them in
+/// `drains.next.json`, and the agent started after it takes that file over. Before, they
+/// lived in its memory only (it does not write the state file while the old agent does),
+/// and the crash lost both: the drain was gone and the cancelled drain came back.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
+    if !kernel_available("a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it") {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-crash-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
+    let (kept, cancelled) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
+    let _held = [
+        TcpStream::connect(("127.0.0.1", kept.port)).expect("connect"),
+        TcpStream::connect(("127.0.0.1", cancelled.port)).expect("connect"),
+    ];
+    kept.wait_accepted(1);
+    cancelled.wait_accepted(1);
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", old.url, cancelled.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", new.url, kept.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = curl_json(
+        "DELETE",
+        &format!("{}/drain?port={}", new.url, cancelled.port),
+    );
+    assert_eq!(status, 200, "{body}");
+    // The new agent crashes; the DaemonSet starts another while the old one still runs.
+    let next = restart(new, Stop::Kill, state.path());
+    let ports: Vec<u64> = in_progress(&next)
+        .iter()
+        .map(|(_, port, _)| *port)
+        .collect();
+    assert_eq!(
+        ports,
+        vec![u64::from(kept.port)],
+        "drains in progress on the agent after the crash (POSTed: {}, cancelled: {})",
+        kept.port,
+        cancelled.port
+    );
+    assert_eq!(health(&next, kept.port), 503);
+    assert_eq!(health(&next, cancelled.port), 200);
+    // The old one goes; the one left writes the state, and a restart keeps it so.
+    let mut old = old;
+    old.stop();
+    drop(old);
+    common::wait_until(
+        "the agent left takes over the state file",
+        Duration::from_secs(10),
+        || !state.path().join("drains.next.json").exists(),
+    );
+    let after = restart(next, Stop::Term, state.path());
+    let ports: Vec<u64> = in_progress(&after)
+        .iter()
+        .map(|(_, port, _)| *port)
+        .collect();
+    assert_eq!(
+        ports,
+        vec![u64::from(kept.port)],
+        "after the take-over and a restart"
+    );
+    assert_eq!(health(&after, cancelled.port), 200);
+}

@@ -17,6 +17,7 @@ use crate::{
         gate::Held,
         lock,
         registry::{Running, scope_text},
+        state_file::{Role, StateFile},
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
@@ -25,10 +26,18 @@ use crate::{
 
 /// What `--state-dir` keeps across a restart: the drains `POST /drain` started that are in
 /// progress, and the scopes held out of rotation after their drains.
+///
+/// In the next agent's file (`drains.next.json`, an upgrade's overlap) it is that agent's own:
+/// drains POSTed to it, gates its drains left, and what `DELETE /drain` ended there of the
+/// state it restored (`cancelled`, `released`; never in the state file itself).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedDrains {
     drains: Vec<SavedDrain>,
     held: Vec<SavedHold>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cancelled: Vec<DrainIdentity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    released: Vec<ReleasedGate>,
 }
 
 /// A POSTed drain in progress: its record and everything its spec needs.
@@ -140,15 +149,27 @@ impl SavedDrain {
 impl Drains {
     /// The drains and gates to keep across a restart, as they are now; `None` once the agent
     /// is stopping (drains end then as `agent_shutdown`, and must stay on disk to resume).
-    fn saved(&self) -> Option<SavedDrains> {
+    ///
+    /// For [`Role::Next`] (beside the writer): only what is this agent's own, and the cancels
+    /// of what it restored ([`Overlap`]); the writer's file has the rest.
+    fn saved(&self, role: Role) -> Option<SavedDrains> {
         if self.tracker.shutting_down() {
             return None;
         }
         let now_ms = unix_ms();
         let now = tokio::time::Instant::now();
+        let overlap = lock(&self.overlap);
+        let theirs = overlap.as_ref().filter(|_| role == Role::Next);
         let drains = lock(&self.running)
             .values()
             .filter(|drain| drain.posted.load(Ordering::Acquire))
+            .filter(|drain| {
+                theirs.is_none_or(|overlap| {
+                    !overlap
+                        .drains
+                        .contains(&DrainIdentity::of(&lock(&drain.record)))
+                })
+            })
             .map(|drain| {
                 SavedDrain::of(
                     &drain.spec,
@@ -162,6 +183,14 @@ impl Drains {
         let held = lock(&self.held)
             .iter()
             .filter(|(_, hold)| hold.until > now)
+            .filter(|(scope, hold)| {
+                theirs.is_none_or(|overlap| {
+                    overlap
+                        .gates
+                        .get(*scope)
+                        .is_none_or(|(_, until)| *until != hold.until)
+                })
+            })
             .map(|(scope, hold)| SavedHold {
                 port: scope.port,
                 addr: scope.addr,
@@ -170,7 +199,18 @@ impl Drains {
                 until_ms: now_ms.saturating_add(millis(hold.until - now)),
             })
             .collect();
-        Some(SavedDrains { drains, held })
+        let (cancelled, released) = theirs.map_or_else(Default::default, |overlap| {
+            (
+                overlap.cancelled.iter().cloned().collect(),
+                overlap.released.iter().cloned().collect(),
+            )
+        });
+        Some(SavedDrains {
+            drains,
+            held,
+            cancelled,
+            released,
+        })
     }
 
     /// Writes the state file (if any) and syncs it: called before `POST /drain` and
@@ -181,7 +221,8 @@ impl Drains {
             return;
         };
         let drains = Arc::clone(self);
-        let written = tokio::task::spawn_blocking(move || file.write_with(|| drains.saved())).await;
+        let written =
+            tokio::task::spawn_blocking(move || file.write_with(|role| drains.saved(role))).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(problem)) => {
@@ -197,16 +238,37 @@ impl Drains {
     /// ends, a new listener appears, or `DELETE /drain`. Ids go on after the restored ones.
     /// Beside an agent that still writes the file (an upgrade), what is restored is noted
     /// for the take-over ([`Overlap`]).
+    ///
+    /// A `drains.next.json` a crashed agent left (its lock free) is taken over: its cancels
+    /// hold (what they ended is not restored), its own drains and gates join.
     pub fn restore(self: &Arc<Self>) {
         let Some(file) = &self.state else {
             return;
         };
-        let Some(saved) = file.read::<SavedDrains>() else {
-            return;
+        let left = file.read_next::<SavedDrains>().unwrap_or_default();
+        let mut ended = Overlap {
+            cancelled: left.cancelled.iter().cloned().collect(),
+            released: left.released.iter().cloned().collect(),
+            ..Overlap::default()
         };
-        let restored = self.restore_saved(saved, None);
+        if let Some(saved) = file.read::<SavedDrains>() {
+            let restored = self.restore_saved(saved, Some(&ended));
+            ended.drains = restored.drains;
+            ended.gates = restored.gates;
+        }
+        if !left.drains.is_empty() || !left.held.is_empty() {
+            log::info!("taking over what the agent beside the last writer kept (it has gone)");
+            self.restore_saved(
+                SavedDrains {
+                    drains: left.drains,
+                    held: left.held,
+                    ..SavedDrains::default()
+                },
+                Some(&ended),
+            );
+        }
         if !file.is_writer() {
-            *lock(&self.overlap) = Some(restored);
+            *lock(&self.overlap) = Some(ended);
         }
     }
 
@@ -223,6 +285,11 @@ impl Drains {
             return;
         };
         if file.is_writer() {
+            // A crashed agent's `drains.next.json`, restored at start: in the state, then gone.
+            if file.read_next::<SavedDrains>().is_some() {
+                self.save().await;
+            }
+            self.retire_next(&file);
             return;
         }
         let waiter = Arc::clone(&file);
@@ -249,6 +316,15 @@ impl Drains {
         }
         file.start_writing();
         self.save().await;
+        self.retire_next(&file);
+    }
+
+    /// [`StateFile::retire_next`], logged when it fails (the file is then folded in again
+    /// by the next agent: nothing lost, a cancel's drain ended twice at worst).
+    fn retire_next(&self, file: &StateFile) {
+        if let Err(problem) = file.retire_next() {
+            log::warn!("{problem:#}");
+        }
     }
 
     /// The merge's second part (see [`Drains::take_over_state`]): drains and gates restored
@@ -258,13 +334,13 @@ impl Drains {
             saved.drains.iter().map(SavedDrain::identity).collect();
         for restored in overlap.drains.difference(&still_there) {
             let same = lock(&self.running)
-                .get(&restored.scope)
+                .get(&restored.scope())
                 .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *restored);
-            if same && let Some(record) = self.cancel(&restored.scope).await {
+            if same && let Some(record) = self.cancel(&restored.scope()).await {
                 log::info!(
                     "drain {} ended by the agent before this one during the upgrade (cancelled or over; its record is in that agent's journal): ended here too, {}",
                     record.id,
-                    scope_text(&restored.scope)
+                    scope_text(&restored.scope())
                 );
             }
         }
@@ -303,7 +379,9 @@ impl Drains {
                 let scope = hold.scope();
                 if let Some(overlap) = overlap
                     && (held.contains_key(&scope)
-                        || overlap.released.contains(&(scope.clone(), hold.until_ms)))
+                        || overlap
+                            .released
+                            .contains(&ReleasedGate::of(&scope, hold.until_ms)))
                 {
                     continue;
                 }
@@ -383,15 +461,19 @@ impl Drains {
                 .get(scope)
                 .is_some_and(|hold| hold.until == *until)
         {
-            overlap.released.insert((scope.clone(), *until_ms));
+            overlap.released.insert(ReleasedGate::of(scope, *until_ms));
         }
     }
 }
 
 /// One drain, across agents: its scope, id and start (ids are each agent's own count).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(super) struct DrainIdentity {
-    scope: Filter,
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    addr: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
     id: u64,
     started_ms: u64,
 }
@@ -399,13 +481,41 @@ pub(super) struct DrainIdentity {
 impl DrainIdentity {
     fn of(record: &DrainRecord) -> Self {
         Self {
-            scope: Filter {
-                port: record.port,
-                addr: record.addr,
-                netns: record.netns,
-            },
+            port: record.port,
+            addr: record.addr,
+            netns: record.netns,
             id: record.id,
             started_ms: record.started_ms,
+        }
+    }
+
+    fn scope(&self) -> Filter {
+        Filter {
+            port: self.port,
+            addr: self.addr,
+            netns: self.netns,
+        }
+    }
+}
+
+/// A restored gate that `DELETE /drain` released: its scope and the file's end of its hold.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(super) struct ReleasedGate {
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    addr: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    until_ms: u64,
+}
+
+impl ReleasedGate {
+    fn of(scope: &Filter, until_ms: u64) -> Self {
+        Self {
+            port: scope.port,
+            addr: scope.addr,
+            netns: scope.netns,
+            until_ms,
         }
     }
 }
@@ -438,6 +548,6 @@ pub(super) struct Overlap {
     gates: HashMap<Filter, (u64, tokio::time::Instant)>,
     /// Drains `DELETE /drain` ended here.
     cancelled: HashSet<DrainIdentity>,
-    /// Restored gates `DELETE /drain` released here, with the file's end of the hold.
-    released: HashSet<(Filter, u64)>,
+    /// Restored gates `DELETE /drain` released here.
+    released: HashSet<ReleasedGate>,
 }

@@ -30,6 +30,12 @@ use crate::drain::untrusted_path::{Access, Named, kind_of};
 
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "drains.json";
+/// What the agent that is not the writer keeps meanwhile (an upgrade's overlap): its own
+/// drains and cancels, so that a crash of it before the writer has gone loses nothing.
+pub const NEXT_FILE_NAME: &str = "drains.next.json";
+/// Held (`flock`) by the agent that writes [`NEXT_FILE_NAME`]: one at a time, and a file
+/// whose lock nobody holds is a crashed agent's, to be taken over.
+const NEXT_LOCK_NAME: &str = "drains.next.lock";
 /// The layout written, and the only one read back.
 pub const VERSION: u32 = 1;
 /// The largest file read or written (the drains in progress are bounded by
@@ -56,9 +62,17 @@ struct Envelope<T> {
 /// drains with its own set, and a drain POSTed to the old agent after the new one started
 /// would be lost with the old agent. The new one then takes the lock, merges what the old
 /// one left, and writes ([`crate::drain::Drains::take_over_state`]).
+///
+/// Meanwhile the new agent keeps what is its own (drains POSTed to it, cancels sent to it)
+/// in [`NEXT_FILE_NAME`], under a lock of its own: were it to crash before the old agent has
+/// gone, the agent started after it takes that file over (a lock nobody holds) and loses
+/// none of it. The agent that becomes the writer folds the file into the state and removes
+/// it ([`StateFile::retire_next`]).
 pub struct StateFile {
     path: PathBuf,
     temp: PathBuf,
+    next_path: PathBuf,
+    next_temp: PathBuf,
     dir: PathBuf,
     /// Writes are serialised, and each writes the state as it is when it takes the lock,
     /// so the last write on disk is never an older state than another's.
@@ -66,6 +80,26 @@ pub struct StateFile {
     /// The directory, open; `flock`ed while this agent is the writer.
     dir_file: File,
     writer: std::sync::atomic::AtomicBool,
+    /// The lock of [`NEXT_FILE_NAME`], while this agent holds it: it writes that file (not
+    /// the writer), or it has yet to fold and remove one a crashed agent left (the writer).
+    next_lock: Mutex<Option<File>>,
+}
+
+/// Which file [`StateFile::write_with`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The state file: this agent holds the directory's lock.
+    Writer,
+    /// [`NEXT_FILE_NAME`]: another agent writes the state file (an upgrade's overlap).
+    Next,
+    /// Neither: a third agent at once; what it is asked is kept in memory only.
+    Neither,
+}
+
+fn lock_of<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The state file, as its errors name it.
@@ -124,23 +158,98 @@ impl StateFile {
             rustix::fs::FlockOperation::NonBlockingLockExclusive,
         )
         .is_ok();
+        // The writer takes it too when it can: a file left there is a crashed agent's.
+        let next_lock = Self::take_next_lock(dir)?;
         if !writer {
-            log::info!(
-                "another agent writes the state in {} (an upgrade in progress): its drains are restored, and this agent writes them once it has gone",
-                dir.display()
-            );
+            if next_lock.is_some() {
+                log::info!(
+                    "another agent writes the state in {} (an upgrade in progress): its drains are restored, this agent keeps its own in {NEXT_FILE_NAME} meanwhile and writes the state once it has gone",
+                    dir.display()
+                );
+            } else {
+                log::warn!(
+                    "two other agents use the state in {}: drains POSTed to this one are kept in memory only until they have gone",
+                    dir.display()
+                );
+            }
         }
         let file = Self {
             path: dir.join(FILE_NAME),
             temp: dir.join(format!("{FILE_NAME}.tmp")),
+            next_path: dir.join(NEXT_FILE_NAME),
+            next_temp: dir.join(format!("{NEXT_FILE_NAME}.tmp")),
             dir: dir.to_owned(),
             lock: Mutex::new(()),
             dir_file,
             writer: std::sync::atomic::AtomicBool::new(writer),
+            next_lock: Mutex::new(next_lock),
         };
         // Checked now: a link or a FIFO there is refused at start.
         open_regular(&file.path)?;
+        open_regular(&file.next_path)?;
         Ok(file)
+    }
+
+    /// The lock of [`NEXT_FILE_NAME`] if nobody holds it (a regular file of its own,
+    /// created 0600: never through a link).
+    fn take_next_lock(dir: &Path) -> Result<Option<File>> {
+        let path = dir.join(NEXT_LOCK_NAME);
+        let file = STATE_FILE
+            .open_regular(&path, Access::Append(FILE_MODE))?
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_ok()
+                .then_some(file),
+        )
+    }
+
+    /// Which file this agent writes now.
+    pub fn role(&self) -> Role {
+        if self.is_writer() {
+            Role::Writer
+        } else if lock_of(&self.next_lock).is_some() {
+            Role::Next
+        } else {
+            Role::Neither
+        }
+    }
+
+    /// [`NEXT_FILE_NAME`] as another agent left it (a crash), or as this one wrote it: only
+    /// while this agent holds its lock, else `None`.
+    pub fn read_next<T: DeserializeOwned>(&self) -> Option<T> {
+        if lock_of(&self.next_lock).is_none() {
+            return None;
+        }
+        match Self::try_read(&self.next_path) {
+            Ok(state) => state,
+            Err(problem) => {
+                log::warn!("{problem:#}: ignored");
+                None
+            }
+        }
+    }
+
+    /// Once the state file holds what [`NEXT_FILE_NAME`] held (the writer wrote after folding
+    /// it in): the file goes, and its lock is let go.
+    pub fn retire_next(&self) -> Result<()> {
+        let _serial = lock_of(&self.lock);
+        let mut next_lock = lock_of(&self.next_lock);
+        if next_lock.is_none() || !self.is_writer() {
+            return Ok(());
+        }
+        match fs::remove_file(&self.next_path) {
+            Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
+                return Err(problem)
+                    .with_context(|| format!("cannot remove {}", self.next_path.display()));
+            }
+            _ => {}
+        }
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+        *next_lock = None;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -163,10 +272,7 @@ impl StateFile {
 
     /// Writes from now on (after [`StateFile::wait_for_lock`] and the merge).
     pub fn start_writing(&self) {
-        let _serial = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serial = lock_of(&self.lock);
         self.writer
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -174,7 +280,7 @@ impl StateFile {
     /// The state last written, or `None`: no file, or one that cannot be read as this
     /// version's state (logged at WARN; the caller starts without it).
     pub fn read<T: DeserializeOwned>(&self) -> Option<T> {
-        match self.try_read() {
+        match Self::try_read(&self.path) {
             Ok(state) => state,
             Err(problem) => {
                 log::warn!("{problem:#}: ignored, starting without the saved drains");
@@ -183,53 +289,53 @@ impl StateFile {
         }
     }
 
-    fn try_read<T: DeserializeOwned>(&self) -> Result<Option<T>> {
-        let Some(file) = open_regular(&self.path)? else {
+    fn try_read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+        let Some(file) = open_regular(path)? else {
             return Ok(None);
         };
         let mut data = Vec::new();
         file.take(MAX_BYTES + 1)
             .read_to_end(&mut data)
-            .with_context(|| format!("cannot read the state file {}", self.path.display()))?;
+            .with_context(|| format!("cannot read the state file {}", path.display()))?;
         if data.len() as u64 > MAX_BYTES {
             bail!(
                 "the state file {} is larger than {MAX_BYTES} bytes",
-                self.path.display()
+                path.display()
             );
         }
         #[derive(Deserialize)]
         struct Version {
             version: u32,
         }
-        let version: Version = serde_json::from_slice(&data).with_context(|| {
-            format!("the state file {} is not a state file", self.path.display())
-        })?;
+        let version: Version = serde_json::from_slice(&data)
+            .with_context(|| format!("the state file {} is not a state file", path.display()))?;
         if version.version != VERSION {
             bail!(
                 "the state file {} has version {}, this agent reads {VERSION}",
-                self.path.display(),
+                path.display(),
                 version.version
             );
         }
         let envelope: Envelope<T> = serde_json::from_slice(&data)
-            .with_context(|| format!("the state file {} cannot be read", self.path.display()))?;
+            .with_context(|| format!("the state file {} cannot be read", path.display()))?;
         Ok(Some(envelope.state))
     }
 
-    /// Writes the state `now()` gives (called under the write lock, so the file always
-    /// ends with the newest state) and syncs it to disk before returning. `now` returning
-    /// `None` writes nothing (the agent is stopping: what is on disk stays); nor does an
-    /// agent that is not the writer.
-    pub fn write_with<T: Serialize>(&self, now: impl FnOnce() -> Option<T>) -> Result<()> {
-        let _serial = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !self.is_writer() {
-            // The other agent's file stands until it exits (see the type).
-            return Ok(());
-        }
-        let Some(state) = now() else {
+    /// Writes the state `now(role)` gives for this agent's [`Role`] (called under the write
+    /// lock, so the file always ends with the newest state) and syncs it to disk before
+    /// returning: the state file for the writer, [`NEXT_FILE_NAME`] for the agent beside it.
+    /// `now` returning `None` writes nothing (the agent is stopping: what is on disk
+    /// stays); nor does [`Role::Neither`].
+    pub fn write_with<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<()> {
+        let _serial = lock_of(&self.lock);
+        let role = self.role();
+        let (path, temp) = match role {
+            Role::Writer => (&self.path, &self.temp),
+            Role::Next => (&self.next_path, &self.next_temp),
+            // The other agents' files stand until they exit (see the type).
+            Role::Neither => return Ok(()),
+        };
+        let Some(state) = now(role) else {
             return Ok(());
         };
         let data = serde_json::to_vec(&Envelope {
@@ -242,26 +348,25 @@ impl StateFile {
         }
         // A leftover (a crash mid-write) or anything planted there: gone, then made anew
         // without following a link.
-        match fs::remove_file(&self.temp) {
+        match fs::remove_file(temp) {
             Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
-                return Err(problem)
-                    .with_context(|| format!("cannot remove {}", self.temp.display()));
+                return Err(problem).with_context(|| format!("cannot remove {}", temp.display()));
             }
             _ => {}
         }
-        let mut temp = OpenOptions::new()
+        let mut written = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(FILE_MODE)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(&self.temp)
-            .with_context(|| format!("cannot create {}", self.temp.display()))?;
-        temp.write_all(&data)
-            .and_then(|()| temp.sync_all())
-            .with_context(|| format!("cannot write {}", self.temp.display()))?;
-        drop(temp);
-        fs::rename(&self.temp, &self.path)
-            .with_context(|| format!("cannot replace {}", self.path.display()))?;
+            .open(temp)
+            .with_context(|| format!("cannot create {}", temp.display()))?;
+        written
+            .write_all(&data)
+            .and_then(|()| written.sync_all())
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        drop(written);
+        fs::rename(temp, path).with_context(|| format!("cannot replace {}", path.display()))?;
         // The rename itself on disk.
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
@@ -293,14 +398,14 @@ mod tests {
             DIR_MODE
         );
         assert_eq!(file.read::<Kept>(), None);
-        file.write_with(|| Some(Kept { drains: vec![1, 2] }))
+        file.write_with(|_| Some(Kept { drains: vec![1, 2] }))
             .expect("write");
         assert_eq!(
             fs::metadata(file.path()).expect("file").mode() & 0o777,
             FILE_MODE
         );
         assert_eq!(file.read::<Kept>(), Some(Kept { drains: vec![1, 2] }));
-        file.write_with(|| None::<Kept>).expect("nothing written");
+        file.write_with(|_| None::<Kept>).expect("nothing written");
         assert_eq!(
             StateFile::open(&state_dir).expect("again").read::<Kept>(),
             Some(Kept { drains: vec![1, 2] })
@@ -317,24 +422,81 @@ mod tests {
         let second = StateFile::open(root.path()).expect("open again");
         assert!(first.is_writer() && !second.is_writer());
         second
-            .write_with(|| Some(Kept { drains: vec![9] }))
+            .write_with(|_| Some(Kept { drains: vec![9] }))
             .expect("not the writer: nothing written");
         first
-            .write_with(|| Some(Kept { drains: vec![1] }))
+            .write_with(|_| Some(Kept { drains: vec![1] }))
             .expect("write");
         drop(first);
         second
             .wait_for_lock()
             .expect("the lock, once the first is gone");
         second
-            .write_with(|| Some(Kept { drains: vec![2] }))
+            .write_with(|_| Some(Kept { drains: vec![2] }))
             .expect("not merged yet: nothing written");
         assert_eq!(second.read::<Kept>(), Some(Kept { drains: vec![1] }));
         second.start_writing();
         second
-            .write_with(|| Some(Kept { drains: vec![1, 2] }))
+            .write_with(|_| Some(Kept { drains: vec![1, 2] }))
             .expect("write");
         assert_eq!(second.read::<Kept>(), Some(Kept { drains: vec![1, 2] }));
+    }
+
+    /// The agent beside the writer keeps its own in the next file; a crash of it leaves the
+    /// file to the next agent (its lock is free), and the one that becomes the writer folds
+    /// it in and removes it.
+    #[test]
+    fn the_next_file_outlives_a_crash_until_the_writer_folds_it_in() {
+        let root = dir();
+        let writer = StateFile::open(root.path()).expect("open");
+        assert_eq!(writer.role(), Role::Writer);
+        // At start the writer holds the next file's lock too (a crashed agent's file would
+        // be its to fold in); with none there, it lets it go.
+        assert_eq!(writer.read_next::<Kept>(), None);
+        writer.retire_next().expect("nothing to retire");
+        writer
+            .write_with(|role| {
+                assert_eq!(role, Role::Writer);
+                Some(Kept { drains: vec![1] })
+            })
+            .expect("write");
+        let beside = StateFile::open(root.path()).expect("open beside");
+        assert_eq!(beside.role(), Role::Next);
+        assert_eq!(
+            StateFile::open(root.path()).expect("a third").role(),
+            Role::Neither
+        );
+        beside
+            .write_with(|role| {
+                assert_eq!(role, Role::Next);
+                Some(Kept { drains: vec![5] })
+            })
+            .expect("write the next file");
+        assert_eq!(writer.read::<Kept>(), Some(Kept { drains: vec![1] }));
+        beside.retire_next().expect("not the writer: kept");
+        drop(beside);
+        let after_crash = StateFile::open(root.path()).expect("open after the crash");
+        assert_eq!(after_crash.role(), Role::Next);
+        assert_eq!(
+            after_crash.read_next::<Kept>(),
+            Some(Kept { drains: vec![5] })
+        );
+        drop(writer);
+        after_crash.wait_for_lock().expect("lock");
+        after_crash.start_writing();
+        after_crash
+            .write_with(|role| {
+                assert_eq!(role, Role::Writer);
+                Some(Kept { drains: vec![1, 5] })
+            })
+            .expect("write");
+        after_crash.retire_next().expect("retire");
+        assert!(!root.path().join(NEXT_FILE_NAME).exists());
+        assert_eq!(after_crash.read_next::<Kept>(), None, "its lock let go");
+        assert_eq!(
+            after_crash.read::<Kept>(),
+            Some(Kept { drains: vec![1, 5] })
+        );
     }
 
     #[test]
@@ -351,6 +513,18 @@ mod tests {
             "{refused:#}"
         );
         assert_eq!(fs::read(&target).expect("target"), b"secret");
+        // The next file and its lock alike: refused, the target untouched.
+        for name in [NEXT_FILE_NAME, NEXT_LOCK_NAME] {
+            let state_dir = root.path().join(format!("state-{name}"));
+            fs::create_dir(&state_dir).expect("dir");
+            std::os::unix::fs::symlink(&target, state_dir.join(name)).expect("link");
+            let refused = StateFile::open(&state_dir).err().expect("refused");
+            assert!(
+                format!("{refused:#}").contains("symbolic link"),
+                "{name}: {refused:#}"
+            );
+            assert_eq!(fs::read(&target).expect("target"), b"secret");
+        }
 
         let linked_dir = root.path().join("linked");
         std::os::unix::fs::symlink(root.path(), &linked_dir).expect("dir link");
@@ -368,7 +542,7 @@ mod tests {
         fs::write(&target, b"secret").expect("target");
         let file = StateFile::open(&root.path().join("state")).expect("open");
         std::os::unix::fs::symlink(&target, &file.temp).expect("link");
-        file.write_with(|| Some(Kept { drains: vec![7] }))
+        file.write_with(|_| Some(Kept { drains: vec![7] }))
             .expect("write");
         assert_eq!(fs::read(&target).expect("target"), b"secret");
         assert_eq!(file.read::<Kept>(), Some(Kept { drains: vec![7] }));
