@@ -309,10 +309,19 @@ impl Drains {
         // Nothing written between the lock and here: the file is that agent's last state.
         // One that cannot be read now (it could at start) ends nothing here: too much kept
         // out of rotation, never too little.
-        let overlap = lock(&self.overlap).take().unwrap_or_default();
-        if let Some(saved) = file.read::<SavedDrains>() {
-            self.end_what_the_other_agent_ended(&saved, &overlap).await;
-            self.restore_saved(saved, Some(&overlap));
+        let snapshot = lock(&self.overlap).clone().unwrap_or_default();
+        let saved = file.read::<SavedDrains>();
+        if let Some(saved) = &saved {
+            self.end_what_the_other_agent_ended(saved, &snapshot).await;
+        }
+        {
+            // Under the lock `note_cancel` takes: a `DELETE` is either noted before the
+            // restore, which then skips what it ended, or comes after it and ends it here.
+            let mut live = lock(&self.overlap);
+            let overlap = live.take().unwrap_or_default();
+            if let Some(saved) = saved {
+                self.restore_saved(saved, Some(&overlap));
+            }
         }
         file.start_writing();
         self.save().await;
@@ -381,7 +390,8 @@ impl Drains {
                     && (held.contains_key(&scope)
                         || overlap
                             .released
-                            .contains(&ReleasedGate::of(&scope, hold.until_ms)))
+                            .iter()
+                            .any(|released| released.is(&scope, hold.until_ms)))
                 {
                     continue;
                 }
@@ -509,6 +519,13 @@ pub(super) struct ReleasedGate {
     until_ms: u64,
 }
 
+/// How much later a saved hold of a released gate's scope may end and still be that gate.
+/// A hold's end is saved as wall-clock milliseconds computed anew at every save (from the
+/// agent's monotonic deadline), so one hold's `until_ms` moves by a millisecond or so between
+/// two saves; a new hold, made by a drain that ended after the release, ends `GATE_HOLD`
+/// after that end, later than this.
+const SAME_HOLD_SLACK_MS: u64 = 1_000;
+
 impl ReleasedGate {
     fn of(scope: &Filter, until_ms: u64) -> Self {
         Self {
@@ -517,6 +534,14 @@ impl ReleasedGate {
             netns: scope.netns,
             until_ms,
         }
+    }
+
+    /// Whether a saved hold of `scope` ending at `until_ms` is this released gate.
+    fn is(&self, scope: &Filter, until_ms: u64) -> bool {
+        self.port == scope.port
+            && self.addr == scope.addr
+            && self.netns == scope.netns
+            && until_ms <= self.until_ms.saturating_add(SAME_HOLD_SLACK_MS)
     }
 }
 
@@ -540,7 +565,7 @@ impl SavedHold {
 /// state file another agent still writes, and what it cancelled since. Kept until the
 /// take-over ([`Drains::take_over_state`]), which needs both to merge that agent's last
 /// state without undoing a cancel sent to either agent.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Overlap {
     /// Drains restored at start.
     drains: HashSet<DrainIdentity>,
@@ -550,4 +575,42 @@ pub(super) struct Overlap {
     cancelled: HashSet<DrainIdentity>,
     /// Restored gates `DELETE /drain` released here.
     released: HashSet<ReleasedGate>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hold's saved end moves by a millisecond between two saves of the same hold (it is
+    /// computed anew from the monotonic deadline): still the released gate. A hold of the
+    /// same scope made later, or another scope's, is not.
+    #[test]
+    fn a_released_gate_is_recognised_across_saves_of_its_hold() {
+        let scope = Filter {
+            port: 8080,
+            addr: None,
+            netns: None,
+        };
+        let released = ReleasedGate::of(&scope, 1_000_000);
+        assert!(released.is(&scope, 1_000_000));
+        assert!(
+            released.is(&scope, 1_000_001),
+            "the next save of the same hold"
+        );
+        assert!(released.is(&scope, 999_999));
+        assert!(
+            !released.is(&scope, 1_000_000 + millis(crate::drain::GATE_HOLD)),
+            "a hold made by a drain that ended later"
+        );
+        let other = Filter {
+            port: 8081,
+            ..scope.clone()
+        };
+        assert!(!released.is(&other, 1_000_000));
+        let pod = Filter {
+            netns: Some(4_026_532_000),
+            ..scope
+        };
+        assert!(!released.is(&pod, 1_000_000));
+    }
 }
