@@ -430,3 +430,72 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
     );
     assert_eq!(health(&after, cancelled.port), 200);
 }
+
+/// An upgrade rolled back: the new agent goes (here a crash; a stop alike) and the old one
+/// runs on, with no agent started after it. What was asked of the new agent is taken up by
+/// the old one within seconds: the drain POSTed to the new agent runs on the old one, and
+/// the drain cancelled on the new one ends there too. Before, the old agent read the new
+/// one's file only at its own next start: meanwhile the POSTed drain ran nowhere (its scope
+/// back in rotation while its service stopped) and the cancelled one ran on.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
+    if !kernel_available("the_old_agent_takes_up_what_a_gone_new_agent_was_asked") {
+        return;
+    }
+    let state = temp_dir("da-state-rollback-");
+    let old = Agent::start_with_state_dir(state.path(), &[]);
+    let (kept, cancelled) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
+    let _held = [
+        TcpStream::connect(("127.0.0.1", kept.port)).expect("connect"),
+        TcpStream::connect(("127.0.0.1", cancelled.port)).expect("connect"),
+    ];
+    kept.wait_accepted(1);
+    cancelled.wait_accepted(1);
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", old.url, cancelled.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    let mut new = Agent::start_with_state_dir(state.path(), &[]);
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={}&timeout=10m", new.url, kept.port),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = curl_json(
+        "DELETE",
+        &format!("{}/drain?port={}", new.url, cancelled.port),
+    );
+    assert_eq!(status, 200, "{body}");
+    // SAFETY: kill(2) on the agent, a child of this test.
+    let killed = unsafe { libc::kill(i32::try_from(new.pid()).expect("pid"), libc::SIGKILL) };
+    assert_eq!(killed, 0);
+    new.stop();
+    drop(new);
+    common::wait_until(
+        "the old agent takes up the new one's drain and cancel",
+        Duration::from_secs(15),
+        || {
+            in_progress(&old)
+                .iter()
+                .map(|(_, port, _)| *port)
+                .collect::<Vec<_>>()
+                == vec![u64::from(kept.port)]
+                && health(&old, kept.port) == 503
+                && health(&old, cancelled.port) == 200
+        },
+    );
+    common::wait_until(
+        "the new agent's file is folded in and removed",
+        Duration::from_secs(5),
+        || !state.path().join("drains.next.json").exists(),
+    );
+    // In the state file: a restart keeps the taken-up drain and not the cancelled one.
+    let after = restart(old, Stop::Term, state.path());
+    let ports: Vec<u64> = in_progress(&after)
+        .iter()
+        .map(|(_, port, _)| *port)
+        .collect();
+    assert_eq!(ports, vec![u64::from(kept.port)]);
+}

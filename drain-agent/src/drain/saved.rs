@@ -290,6 +290,7 @@ impl Drains {
                 self.save().await;
             }
             self.retire_next(&file);
+            self.fold_in_orphans(&file).await;
             return;
         }
         let waiter = Arc::clone(&file);
@@ -326,6 +327,73 @@ impl Drains {
         file.start_writing();
         self.save().await;
         self.retire_next(&file);
+        self.fold_in_orphans(&file).await;
+    }
+
+    /// The writer, until the agent stops: every [`ORPHAN_CHECK`], a `drains.next.json`
+    /// whose agent has gone (crashed, or stopped while this one runs on: an upgrade rolled
+    /// back) is folded in at once, not left until the next start. Its cancels end what they
+    /// ended here (the drain or gate it had restored from this agent's file), its own drains
+    /// and gates join (scopes this agent keeps already stay as they are).
+    async fn fold_in_orphans(self: &Arc<Self>, file: &StateFile) {
+        loop {
+            tokio::time::sleep(ORPHAN_CHECK).await;
+            if self.tracker.shutting_down() {
+                return;
+            }
+            match file.take_orphaned_next() {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(problem) => {
+                    log::warn!("{problem:#}");
+                    continue;
+                }
+            }
+            if let Some(left) = file.read_next::<SavedDrains>() {
+                log::info!(
+                    "folding in what an agent beside this one kept in {} (it has gone)",
+                    file.path().display()
+                );
+                self.fold_in(left).await;
+                self.save().await;
+            }
+            self.retire_next(file);
+        }
+    }
+
+    /// A gone agent's `drains.next.json`, into this writer's state (see
+    /// [`Drains::fold_in_orphans`]).
+    async fn fold_in(self: &Arc<Self>, left: SavedDrains) {
+        for cancelled in &left.cancelled {
+            let scope = cancelled.scope();
+            let same = lock(&self.running)
+                .get(&scope)
+                .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *cancelled);
+            if same && let Some(record) = self.cancel(&scope).await {
+                log::info!(
+                    "drain {} was cancelled on the agent beside this one: ended here too, {}",
+                    record.id,
+                    scope_text(&scope)
+                );
+            }
+        }
+        let now_ms = unix_ms();
+        let now = tokio::time::Instant::now();
+        lock(&self.held).retain(|scope, hold| {
+            let until_ms = now_ms.saturating_add(millis(hold.until.saturating_duration_since(now)));
+            !left
+                .released
+                .iter()
+                .any(|released| released.is(scope, until_ms))
+        });
+        self.restore_saved(
+            SavedDrains {
+                drains: left.drains,
+                held: left.held,
+                ..SavedDrains::default()
+            },
+            Some(&Overlap::default()),
+        );
     }
 
     /// [`StateFile::retire_next`], logged when it fails (the file is then folded in again
@@ -518,6 +586,9 @@ pub(super) struct ReleasedGate {
     netns: Option<u32>,
     until_ms: u64,
 }
+
+/// How often the writer looks for a `drains.next.json` whose agent has gone.
+const ORPHAN_CHECK: Duration = Duration::from_secs(2);
 
 /// How much later a saved hold of a released gate's scope may end and still be that gate.
 /// A hold's end is saved as wall-clock milliseconds computed anew at every save (from the

@@ -204,6 +204,24 @@ impl StateFile {
         )
     }
 
+    /// For the writer: takes the lock of a [`NEXT_FILE_NAME`] that is there and that nobody
+    /// holds (its agent has gone: a crash, or a stop while this one runs on). True when this
+    /// agent holds it now; [`StateFile::read_next`] then reads the file.
+    ///
+    /// The lock is tried only when the file exists: an agent starting beside this one never
+    /// finds its lock taken by this check (it creates the file only once it holds the lock).
+    pub fn take_orphaned_next(&self) -> Result<bool> {
+        let mut next_lock = lock_of(&self.next_lock);
+        if next_lock.is_some() {
+            return Ok(true);
+        }
+        if !self.is_writer() || fs::symlink_metadata(&self.next_path).is_err() {
+            return Ok(false);
+        }
+        *next_lock = Self::take_next_lock(&self.dir)?;
+        Ok(next_lock.is_some())
+    }
+
     /// Which file this agent writes now.
     pub fn role(&self) -> Role {
         if self.is_writer() {
@@ -497,6 +515,28 @@ mod tests {
             after_crash.read::<Kept>(),
             Some(Kept { drains: vec![1, 5] })
         );
+    }
+
+    /// The writer takes up a next file whose agent has gone, and only such a one: with no
+    /// file it never touches the lock (an agent starting beside it must get it).
+    #[test]
+    fn the_writer_takes_an_orphaned_next_file_and_no_other() {
+        let root = dir();
+        let writer = StateFile::open(root.path()).expect("open");
+        writer.retire_next().expect("none at start");
+        assert!(!writer.take_orphaned_next().expect("no file"));
+        let beside = StateFile::open(root.path()).expect("beside");
+        assert_eq!(beside.role(), Role::Next, "the lock was left alone");
+        beside
+            .write_with(|_| Some(Kept { drains: vec![7] }))
+            .expect("write");
+        assert!(!writer.take_orphaned_next().expect("its agent holds it"));
+        assert_eq!(writer.read_next::<Kept>(), None);
+        drop(beside);
+        assert!(writer.take_orphaned_next().expect("its agent has gone"));
+        assert_eq!(writer.read_next::<Kept>(), Some(Kept { drains: vec![7] }));
+        writer.retire_next().expect("retire");
+        assert!(!root.path().join(NEXT_FILE_NAME).exists());
     }
 
     #[test]
