@@ -263,8 +263,9 @@ pub struct RunArgs {
 
     /// Keep the drains POSTed and in progress, and the /health gates held after drains, in
     /// DIR/drains.json (written atomically, synced before a POST /drain is answered), so a
-    /// restarted agent resumes them. Created mode 0700 if absent; a link there, or a state
-    /// file that is not a regular file, stops the start. Keep it on a file system that
+    /// restarted agent resumes them. During an upgrade the new agent keeps what it is asked
+    /// in DIR/drains.next.json until the old one has gone. Created mode 0700 if absent; a
+    /// link there, or a state file that is not a regular file, stops the start. Keep it on a file system that
     /// lives as long as the node's boot (systemd `RuntimeDirectory=`, a `hostPath`).
     #[arg(
         long,

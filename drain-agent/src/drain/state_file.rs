@@ -158,8 +158,17 @@ impl StateFile {
             rustix::fs::FlockOperation::NonBlockingLockExclusive,
         )
         .is_ok();
-        // The writer takes it too when it can: a file left there is a crashed agent's.
-        let next_lock = Self::take_next_lock(dir)?;
+        // A link, FIFO or device at the lock's name stops the start, as at the state file's.
+        open_regular(&dir.join(NEXT_LOCK_NAME))?;
+        // The writer takes it too when it can: a file left there is a crashed agent's. One
+        // that cannot be made (a read-only directory) costs only what it would keep: the
+        // agent starts, as it does when the state file cannot be written.
+        let next_lock = Self::take_next_lock(dir).unwrap_or_else(|problem| {
+            log::warn!(
+                "{problem:#}: drains POSTed during an upgrade's overlap are kept in memory only"
+            );
+            None
+        });
         if !writer {
             if next_lock.is_some() {
                 log::info!(
