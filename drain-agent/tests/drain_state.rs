@@ -28,15 +28,19 @@ enum Stop {
     Kill,
 }
 
-fn restart(mut agent: Agent, stop: Stop, state: &Path) -> Agent {
+fn restart(agent: Agent, stop: Stop, state: &Path) -> Agent {
+    go(agent, stop);
+    Agent::start_with_state_dir(state, &[])
+}
+
+/// The agent goes: SIGTERM, or `kill -9` (a crash).
+fn go(mut agent: Agent, stop: Stop) {
     if let Stop::Kill = stop {
         // SAFETY: kill(2) on the agent, a child of this test.
         let killed = unsafe { libc::kill(i32::try_from(agent.pid()).expect("pid"), libc::SIGKILL) };
         assert_eq!(killed, 0);
     }
     agent.stop();
-    drop(agent);
-    Agent::start_with_state_dir(state, &[])
 }
 
 fn health(agent: &Agent, port: u16) -> u16 {
@@ -59,6 +63,63 @@ fn in_progress(agent: &Agent) -> Vec<(u64, u64, u64)> {
             )
         })
         .collect()
+}
+
+/// `n` servers on loopback with one connection held open to each (their drains cannot end
+/// while the returned streams live).
+fn busy_servers(n: usize) -> (Vec<Server>, Vec<TcpStream>) {
+    let servers: Vec<Server> = (0..n).map(|_| Server::start("127.0.0.1:0")).collect();
+    let held = servers
+        .iter()
+        .map(|server| TcpStream::connect(("127.0.0.1", server.port)).expect("connect"))
+        .collect();
+    for server in &servers {
+        server.wait_accepted(1);
+    }
+    (servers, held)
+}
+
+/// `POST /drain?port=P&timeout=10m` to `agent`, which starts it (201).
+fn post_drain(agent: &Agent, port: u16) {
+    let (status, body) = curl_json(
+        "POST",
+        &format!("{}/drain?port={port}&timeout=10m", agent.url),
+    );
+    assert_eq!(status, 201, "POST port {port}: {body}");
+}
+
+/// `DELETE /drain?port=P` to `agent`: its status.
+fn delete_drain(agent: &Agent, port: u16) -> u16 {
+    curl_json("DELETE", &format!("{}/drain?port={port}", agent.url)).0
+}
+
+/// An upgrade's overlap beside `old`: a new agent on the same state directory, asked to
+/// start a drain of `kept` and to cancel the drain of `cancelled` that `old` started (both
+/// ports with a connection held open, so neither drain can end on its own).
+struct Asked {
+    new: Agent,
+    kept: u16,
+    cancelled: u16,
+    _servers: Vec<Server>,
+    _held: Vec<TcpStream>,
+}
+
+impl Asked {
+    fn of_new_agent(old: &Agent, state: &Path) -> Self {
+        let (servers, held) = busy_servers(2);
+        let (kept, cancelled) = (servers[0].port, servers[1].port);
+        post_drain(old, cancelled);
+        let new = Agent::start_with_state_dir(state, &[]);
+        post_drain(&new, kept);
+        assert_eq!(delete_drain(&new, cancelled), 200);
+        Self {
+            new,
+            kept,
+            cancelled,
+            _servers: servers,
+            _held: held,
+        }
+    }
 }
 
 #[test]
@@ -220,28 +281,13 @@ fn an_upgrade_overlap_loses_no_drain_posted_to_either_agent() {
     let state = temp_dir("da-state-overlap-");
     let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
     let new = Agent::start_with_state_dir(state.path(), &[]);
-    let (to_old, to_new) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
-    let _held = [
-        TcpStream::connect(("127.0.0.1", to_old.port)).expect("connect"),
-        TcpStream::connect(("127.0.0.1", to_new.port)).expect("connect"),
-    ];
-    to_old.wait_accepted(1);
-    to_new.wait_accepted(1);
+    let (servers, _held) = busy_servers(2);
+    let (to_old, to_new) = (&servers[0], &servers[1]);
     // A drain POSTed to each agent while both run.
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", old.url, to_old.port),
-    );
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", new.url, to_new.port),
-    );
-    assert_eq!(status, 201, "{body}");
+    post_drain(&old, to_old.port);
+    post_drain(&new, to_new.port);
     // The old agent goes; the new one takes over the file.
-    let mut old = old;
-    old.stop();
-    drop(old);
+    go(old, Stop::Term);
     common::wait_until(
         "the new agent writes both drains",
         Duration::from_secs(10),
@@ -282,20 +328,11 @@ fn a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it() {
     let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
     // Two drains that cannot end (a connection held on each), two gates (drains of idle
     // ports end at once and hold their scopes out of rotation).
-    let servers: Vec<Server> = (0..4).map(|_| Server::start("127.0.0.1:0")).collect();
-    let ports: Vec<u16> = servers.iter().map(|server| server.port).collect();
-    let _held: Vec<TcpStream> = ports[..2]
-        .iter()
-        .map(|port| TcpStream::connect(("127.0.0.1", *port)).expect("connect"))
-        .collect();
-    servers[0].wait_accepted(1);
-    servers[1].wait_accepted(1);
+    let (busy, _held) = busy_servers(2);
+    let idle = [Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0")];
+    let ports: Vec<u16> = busy.iter().chain(&idle).map(|server| server.port).collect();
     for port in &ports {
-        let (status, body) = curl_json(
-            "POST",
-            &format!("{}/drain?port={port}&timeout=10m", old.url),
-        );
-        assert_eq!(status, 201, "{body}");
+        post_drain(&old, *port);
     }
     for port in &ports[2..] {
         common::wait_until(
@@ -331,9 +368,7 @@ fn a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it() {
         );
         assert_eq!(health(agent, port), 200, "port {port} after its DELETE");
     }
-    let mut old = old;
-    old.stop();
-    drop(old);
+    go(old, Stop::Term);
     common::wait_until(
         "the new agent takes over the state file",
         Duration::from_secs(10),
@@ -371,29 +406,8 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
     }
     let state = temp_dir("da-state-overlap-crash-");
     let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
-    let (kept, cancelled) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
-    let _held = [
-        TcpStream::connect(("127.0.0.1", kept.port)).expect("connect"),
-        TcpStream::connect(("127.0.0.1", cancelled.port)).expect("connect"),
-    ];
-    kept.wait_accepted(1);
-    cancelled.wait_accepted(1);
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", old.url, cancelled.port),
-    );
-    assert_eq!(status, 201, "{body}");
-    let new = Agent::start_with_state_dir(state.path(), &[]);
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", new.url, kept.port),
-    );
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = curl_json(
-        "DELETE",
-        &format!("{}/drain?port={}", new.url, cancelled.port),
-    );
-    assert_eq!(status, 200, "{body}");
+    let asked = Asked::of_new_agent(&old, state.path());
+    let (new, kept, cancelled) = (asked.new, asked.kept, asked.cancelled);
     // The new agent crashes; the DaemonSet starts another while the old one still runs.
     let next = restart(new, Stop::Kill, state.path());
     let ports: Vec<u64> = in_progress(&next)
@@ -402,17 +416,15 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
         .collect();
     assert_eq!(
         ports,
-        vec![u64::from(kept.port)],
+        vec![u64::from(kept)],
         "drains in progress on the agent after the crash (POSTed: {}, cancelled: {})",
-        kept.port,
-        cancelled.port
+        kept,
+        cancelled
     );
-    assert_eq!(health(&next, kept.port), 503);
-    assert_eq!(health(&next, cancelled.port), 200);
+    assert_eq!(health(&next, kept), 503);
+    assert_eq!(health(&next, cancelled), 200);
     // The old one goes; the one left writes the state, and a restart keeps it so.
-    let mut old = old;
-    old.stop();
-    drop(old);
+    go(old, Stop::Term);
     common::wait_until(
         "the agent left takes over the state file",
         Duration::from_secs(10),
@@ -425,10 +437,10 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
         .collect();
     assert_eq!(
         ports,
-        vec![u64::from(kept.port)],
+        vec![u64::from(kept)],
         "after the take-over and a restart"
     );
-    assert_eq!(health(&after, cancelled.port), 200);
+    assert_eq!(health(&after, cancelled), 200);
 }
 
 /// An upgrade rolled back: the new agent goes (here a crash; a stop alike) and the old one
@@ -445,34 +457,9 @@ fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
     }
     let state = temp_dir("da-state-rollback-");
     let old = Agent::start_with_state_dir(state.path(), &[]);
-    let (kept, cancelled) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
-    let _held = [
-        TcpStream::connect(("127.0.0.1", kept.port)).expect("connect"),
-        TcpStream::connect(("127.0.0.1", cancelled.port)).expect("connect"),
-    ];
-    kept.wait_accepted(1);
-    cancelled.wait_accepted(1);
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", old.url, cancelled.port),
-    );
-    assert_eq!(status, 201, "{body}");
-    let mut new = Agent::start_with_state_dir(state.path(), &[]);
-    let (status, body) = curl_json(
-        "POST",
-        &format!("{}/drain?port={}&timeout=10m", new.url, kept.port),
-    );
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = curl_json(
-        "DELETE",
-        &format!("{}/drain?port={}", new.url, cancelled.port),
-    );
-    assert_eq!(status, 200, "{body}");
-    // SAFETY: kill(2) on the agent, a child of this test.
-    let killed = unsafe { libc::kill(i32::try_from(new.pid()).expect("pid"), libc::SIGKILL) };
-    assert_eq!(killed, 0);
-    new.stop();
-    drop(new);
+    let asked = Asked::of_new_agent(&old, state.path());
+    let (new, kept, cancelled) = (asked.new, asked.kept, asked.cancelled);
+    go(new, Stop::Kill);
     common::wait_until(
         "the old agent takes up the new one's drain and cancel",
         Duration::from_secs(15),
@@ -481,9 +468,9 @@ fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
                 .iter()
                 .map(|(_, port, _)| *port)
                 .collect::<Vec<_>>()
-                == vec![u64::from(kept.port)]
-                && health(&old, kept.port) == 503
-                && health(&old, cancelled.port) == 200
+                == vec![u64::from(kept)]
+                && health(&old, kept) == 503
+                && health(&old, cancelled) == 200
         },
     );
     common::wait_until(
@@ -497,5 +484,5 @@ fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
         .iter()
         .map(|(_, port, _)| *port)
         .collect();
-    assert_eq!(ports, vec![u64::from(kept.port)]);
+    assert_eq!(ports, vec![u64::from(kept)]);
 }

@@ -88,6 +88,12 @@ pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A hold's end `until` as the file keeps it: Unix time in milliseconds, from the clocks
+/// read once per save (`now`, `now_ms`).
+fn saved_end(until: tokio::time::Instant, now: tokio::time::Instant, now_ms: u64) -> u64 {
+    now_ms.saturating_add(millis(until.saturating_duration_since(now)))
+}
+
 impl SavedDrain {
     fn of(
         spec: &DrainSpec,
@@ -196,7 +202,7 @@ impl Drains {
                 addr: scope.addr,
                 netns: scope.netns,
                 listeners: hold.listeners.iter().copied().collect(),
-                until_ms: now_ms.saturating_add(millis(hold.until - now)),
+                until_ms: saved_end(hold.until, now, now_ms),
             })
             .collect();
         let (cancelled, released) = theirs.map_or_else(Default::default, |overlap| {
@@ -258,14 +264,7 @@ impl Drains {
         }
         if !left.drains.is_empty() || !left.held.is_empty() {
             log::info!("taking over what the agent beside the last writer kept (it has gone)");
-            self.restore_saved(
-                SavedDrains {
-                    drains: left.drains,
-                    held: left.held,
-                    ..SavedDrains::default()
-                },
-                Some(&ended),
-            );
+            self.restore_saved(left, Some(&ended));
         }
         if !file.is_writer() {
             *lock(&self.overlap) = Some(ended);
@@ -365,35 +364,35 @@ impl Drains {
     /// [`Drains::fold_in_orphans`]).
     async fn fold_in(self: &Arc<Self>, left: SavedDrains) {
         for cancelled in &left.cancelled {
-            let scope = cancelled.scope();
-            let same = lock(&self.running)
-                .get(&scope)
-                .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *cancelled);
-            if same && let Some(record) = self.cancel(&scope).await {
-                log::info!(
-                    "drain {} was cancelled on the agent beside this one: ended here too, {}",
-                    record.id,
-                    scope_text(&scope)
-                );
-            }
+            self.end_if_running(cancelled, "was cancelled on the agent beside this one")
+                .await;
         }
         let now_ms = unix_ms();
         let now = tokio::time::Instant::now();
         lock(&self.held).retain(|scope, hold| {
-            let until_ms = now_ms.saturating_add(millis(hold.until.saturating_duration_since(now)));
+            let until_ms = saved_end(hold.until, now, now_ms);
             !left
                 .released
                 .iter()
                 .any(|released| released.is(scope, until_ms))
         });
-        self.restore_saved(
-            SavedDrains {
-                drains: left.drains,
-                held: left.held,
-                ..SavedDrains::default()
-            },
-            Some(&Overlap::default()),
-        );
+        self.restore_saved(left, Some(&Overlap::default()));
+    }
+
+    /// Ends the drain `identity` names if it is the one running for its scope (not a later
+    /// one of the same scope), logging `why`.
+    async fn end_if_running(&self, identity: &DrainIdentity, why: &str) {
+        let scope = identity.scope();
+        let same = lock(&self.running)
+            .get(&scope)
+            .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *identity);
+        if same && let Some(record) = self.cancel(&scope).await {
+            log::info!(
+                "drain {} {why}: ended here too, {}",
+                record.id,
+                scope_text(&scope)
+            );
+        }
     }
 
     /// [`StateFile::retire_next`], logged when it fails (the file is then folded in again
@@ -410,16 +409,11 @@ impl Drains {
         let still_there: HashSet<DrainIdentity> =
             saved.drains.iter().map(SavedDrain::identity).collect();
         for restored in overlap.drains.difference(&still_there) {
-            let same = lock(&self.running)
-                .get(&restored.scope())
-                .is_some_and(|drain| DrainIdentity::of(&lock(&drain.record)) == *restored);
-            if same && let Some(record) = self.cancel(&restored.scope()).await {
-                log::info!(
-                    "drain {} ended by the agent before this one during the upgrade (cancelled or over; its record is in that agent's journal): ended here too, {}",
-                    record.id,
-                    scope_text(&restored.scope())
-                );
-            }
+            self.end_if_running(
+                restored,
+                "was ended by the agent before this one during the upgrade (cancelled or over; its record is in that agent's journal)",
+            )
+            .await;
         }
         let held_there: HashSet<Filter> = saved.held.iter().map(SavedHold::scope).collect();
         let mut held = lock(&self.held);

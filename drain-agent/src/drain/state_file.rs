@@ -96,6 +96,16 @@ pub enum Role {
     Neither,
 }
 
+/// Removes `path` if something is there (never following it: `unlink` removes a name).
+fn remove_if_there(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
+            Err(problem).with_context(|| format!("cannot remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn lock_of<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -231,6 +241,13 @@ impl StateFile {
         Ok(next_lock.is_some())
     }
 
+    /// Syncs the directory: a rename or a removal in it on disk.
+    fn sync_dir(&self) -> Result<()> {
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("cannot sync the directory {}", self.dir.display()))
+    }
+
     /// Which file this agent writes now.
     pub fn role(&self) -> Role {
         if self.is_writer() {
@@ -265,16 +282,8 @@ impl StateFile {
         if next_lock.is_none() || !self.is_writer() {
             return Ok(());
         }
-        match fs::remove_file(&self.next_path) {
-            Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
-                return Err(problem)
-                    .with_context(|| format!("cannot remove {}", self.next_path.display()));
-            }
-            _ => {}
-        }
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+        remove_if_there(&self.next_path)?;
+        self.sync_dir()?;
         *next_lock = None;
         Ok(())
     }
@@ -375,12 +384,7 @@ impl StateFile {
         }
         // A leftover (a crash mid-write) or anything planted there: gone, then made anew
         // without following a link.
-        match fs::remove_file(temp) {
-            Err(problem) if problem.kind() != std::io::ErrorKind::NotFound => {
-                return Err(problem).with_context(|| format!("cannot remove {}", temp.display()));
-            }
-            _ => {}
-        }
+        remove_if_there(temp)?;
         let mut written = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -395,9 +399,7 @@ impl StateFile {
         drop(written);
         fs::rename(temp, path).with_context(|| format!("cannot replace {}", path.display()))?;
         // The rename itself on disk.
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .with_context(|| format!("cannot sync the directory {}", self.dir.display()))?;
+        self.sync_dir()?;
         Ok(())
     }
 }
