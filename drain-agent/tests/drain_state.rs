@@ -486,3 +486,37 @@ fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
         .collect();
     assert_eq!(ports, vec![u64::from(kept)]);
 }
+
+/// An upgrade rolled back, and the old agent asked at once: it answers from what the gone
+/// agent was asked, not only after its periodic check (every 2 s). On f856d94 it answered
+/// from its own state alone until then: `/health` said 200 for the scope whose drain was
+/// POSTed to the new agent (a load balancer sent it new users while its service stopped) and
+/// 503 for the one cancelled there, and a `DELETE` of the POSTed drain answered 404 and was
+/// undone by the fold-in a moment later (the drain ran on, with its deadline's close).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_rolled_back_upgrade_is_answered_at_once_from_what_the_gone_agent_was_asked() {
+    if !kernel_available(
+        "a_rolled_back_upgrade_is_answered_at_once_from_what_the_gone_agent_was_asked",
+    ) {
+        return;
+    }
+    let state = temp_dir("da-state-rollback-at-once-");
+    let old = Agent::start_with_state_dir(state.path(), &[]);
+    let asked = Asked::of_new_agent(&old, state.path());
+    let (new, kept, cancelled) = (asked.new, asked.kept, asked.cancelled);
+    go(new, Stop::Kill);
+    // Asked at once, as a load balancer's check or a retrying hook would.
+    let at_once = (health(&old, kept), health(&old, cancelled));
+    let delete = delete_drain(&old, kept);
+    assert_eq!(
+        (at_once, delete),
+        ((503, 200), 200),
+        "((/health of the drain POSTed to the gone agent, of the one cancelled there), DELETE of the POSTed one)"
+    );
+    // Past the periodic check: the cancel holds, nothing comes back.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(in_progress(&old).is_empty(), "{:?}", in_progress(&old));
+    assert_eq!((health(&old, kept), health(&old, cancelled)), (200, 200));
+    assert!(!state.path().join("drains.next.json").exists());
+}

@@ -206,7 +206,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Some(address) => {
             let listener = handover.bind_node(address, "--agent-check-listen").await?;
             info!("agent-check on {address}");
-            let gate = Arc::clone(&drains) as Arc<dyn crate::drain::PortGate>;
+            let gate = Arc::new(Arc::clone(&drains)) as Arc<dyn crate::drain::PortGate>;
             Some(crate::http::agentcheck::spawn(
                 listener,
                 gate,

@@ -2,7 +2,7 @@
 //! is about, whether a drain in progress (or one that ended, until a new instance listens)
 //! takes it out of rotation, and the [`PortGate`] the agent-check reads.
 
-use std::{collections::HashSet, net::IpAddr, time::Duration};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     drain::{Drains, lock},
@@ -65,13 +65,16 @@ pub trait PortGate: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
-impl PortGate for Drains {
+/// On the shared registry: a gone agent's `drains.next.json` is folded in before the
+/// answer ([`Drains::catch_up`]).
+impl PortGate for Arc<Drains> {
     fn draining(
         &self,
         port: u16,
         addr: Option<IpAddr>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
+            self.catch_up().await;
             let asked = self.resolve(port, addr, None).await;
             self.gated(&asked)
         })

@@ -268,6 +268,9 @@ pub struct Drains {
     /// While another agent writes the state file (an upgrade's overlap): what this one
     /// restored and cancelled, for the take-over (`saved.rs`).
     overlap: Mutex<Option<saved::Overlap>>,
+    /// Held while a gone agent's `drains.next.json` is folded in: by the writer's periodic
+    /// check and by a request that found the file first ([`Drains::catch_up`]), one at a time.
+    folding: tokio::sync::Mutex<()>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -310,6 +313,7 @@ impl Drains {
             stats: Mutex::new(DrainStats::default()),
             state: None,
             overlap: Mutex::new(None),
+            folding: tokio::sync::Mutex::new(()),
         }
     }
 

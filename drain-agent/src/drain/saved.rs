@@ -284,11 +284,15 @@ impl Drains {
             return;
         };
         if file.is_writer() {
-            // A crashed agent's `drains.next.json`, restored at start: in the state, then gone.
-            if file.read_next::<SavedDrains>().is_some() {
-                self.save().await;
+            // A crashed agent's `drains.next.json`, restored at start: in the state, then
+            // gone (before a request's `catch_up` could fold it in a second time).
+            {
+                let _one_at_a_time = self.folding.lock().await;
+                if file.read_next::<SavedDrains>().is_some() {
+                    self.save().await;
+                }
+                self.retire_next(&file);
             }
-            self.retire_next(&file);
             self.fold_in_orphans(&file).await;
             return;
         }
@@ -323,9 +327,14 @@ impl Drains {
                 self.restore_saved(saved, Some(&overlap));
             }
         }
-        file.start_writing();
-        self.save().await;
-        self.retire_next(&file);
+        {
+            // This agent's own `drains.next.json` is in the state file once saved; until it
+            // is retired, a request's `catch_up` must not take it for a gone agent's.
+            let _one_at_a_time = self.folding.lock().await;
+            file.start_writing();
+            self.save().await;
+            self.retire_next(&file);
+        }
         self.fold_in_orphans(&file).await;
     }
 
@@ -333,31 +342,55 @@ impl Drains {
     /// whose agent has gone (crashed, or stopped while this one runs on: an upgrade rolled
     /// back) is folded in at once, not left until the next start. Its cancels end what they
     /// ended here (the drain or gate it had restored from this agent's file), its own drains
-    /// and gates join (scopes this agent keeps already stay as they are).
+    /// and gates join (scopes this agent keeps already stay as they are). A request about
+    /// drains does not wait for this check: it folds the file in first ([`Drains::catch_up`]).
     async fn fold_in_orphans(self: &Arc<Self>, file: &StateFile) {
         loop {
             tokio::time::sleep(ORPHAN_CHECK).await;
             if self.tracker.shutting_down() {
                 return;
             }
-            match file.take_orphaned_next() {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(problem) => {
-                    log::warn!("{problem:#}");
-                    continue;
-                }
-            }
-            if let Some(left) = file.read_next::<SavedDrains>() {
-                log::info!(
-                    "folding in what an agent beside this one kept in {} (it has gone)",
-                    file.path().display()
-                );
-                self.fold_in(left).await;
-                self.save().await;
-            }
-            self.retire_next(file);
+            self.fold_in_orphan(file).await;
         }
+    }
+
+    /// Before a request reads or changes the drains or the gates (`POST`/`DELETE /drain`,
+    /// `/drains`, a `/drained` waiter, `/health`, the agent-check): a `drains.next.json` whose
+    /// agent has gone is folded in now. Else an upgrade rolled back would answer from the old
+    /// agent's state alone until the writer's next check: the scope whose drain was POSTed
+    /// to the gone agent in rotation, a `DELETE` of that drain answered 404 and undone by the
+    /// fold-in, a hook's `/drained` starting a drain without the POSTed settings.
+    ///
+    /// Costs one `stat` when there is no such file, which is always outside an upgrade.
+    pub async fn catch_up(self: &Arc<Self>) {
+        if let Some(file) = &self.state
+            && file.is_writer()
+            && file.next_is_there()
+        {
+            self.fold_in_orphan(file).await;
+        }
+    }
+
+    /// One look for a `drains.next.json` whose agent has gone, folded in if there is one.
+    async fn fold_in_orphan(self: &Arc<Self>, file: &StateFile) {
+        let _one_at_a_time = self.folding.lock().await;
+        match file.take_orphaned_next() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(problem) => {
+                log::warn!("{problem:#}");
+                return;
+            }
+        }
+        if let Some(left) = file.read_next::<SavedDrains>() {
+            log::info!(
+                "folding in what an agent beside this one kept in {} (it has gone)",
+                file.path().display()
+            );
+            self.fold_in(left).await;
+            self.save().await;
+        }
+        self.retire_next(file);
     }
 
     /// A gone agent's `drains.next.json`, into this writer's state (see

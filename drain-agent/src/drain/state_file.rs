@@ -234,11 +234,16 @@ impl StateFile {
         if next_lock.is_some() {
             return Ok(true);
         }
-        if !self.is_writer() || fs::symlink_metadata(&self.next_path).is_err() {
+        if !self.is_writer() || !self.next_is_there() {
             return Ok(false);
         }
         *next_lock = Self::take_next_lock(&self.dir)?;
         Ok(next_lock.is_some())
+    }
+
+    /// Whether a [`NEXT_FILE_NAME`] is there (whoever holds its lock): one `stat`.
+    pub fn next_is_there(&self) -> bool {
+        fs::symlink_metadata(&self.next_path).is_ok()
     }
 
     /// Syncs the directory: a rename or a removal in it on disk.

@@ -327,3 +327,40 @@ async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
     let cut: Vec<_> = ended.peers_at_end.iter().map(|cut| cut.remote).collect();
     assert_eq!(cut, vec![peer.remote], "{ended:?}");
 }
+
+/// An upgrade rolled back: the agent beside the writer kept a gate in `drains.next.json` and
+/// has gone. The writer's agent-check (HAProxy) answers from it at once, as `/health` does:
+/// before, it said "ready" until the writer's periodic check folded the file in.
+#[tokio::test]
+async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, writer) = saving_registry(0, dir.path());
+    // As at the writer's start (`take_over_state`): the lock of the next file let go.
+    writer
+        .state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    {
+        let (_, _, beside) = saving_registry(0, dir.path());
+        let (record, _) = beside.post(spec(Duration::from_secs(600))).expect("room");
+        beside.finish(
+            &Filter::port(9090),
+            DrainRecord {
+                result: Some(DrainEnd::Drained),
+                port: 9090,
+                ..record
+            },
+            vec![7],
+        );
+        beside.cancel(&Filter::port(8080)).await;
+        beside.save().await;
+        assert!(dir.path().join(state_file::NEXT_FILE_NAME).exists());
+        // `beside` goes here: its locks with it.
+    }
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&writer));
+    assert!(gate.draining(9090, None).await, "the gone agent's gate");
+    assert!(!gate.draining(8080, None).await);
+    assert!(!dir.path().join(state_file::NEXT_FILE_NAME).exists());
+}

@@ -62,6 +62,10 @@ impl Ask {
     /// for any more.
     pub async fn answer(self, drains: &Arc<Drains>) -> Result<Answer, Unanswered> {
         let tracker = drains.tracker.as_ref();
+        if self.control {
+            // A drain this waiter joins or starts: the one a gone agent was asked for, if any.
+            drains.catch_up().await;
+        }
         let membership = self.member(drains)?;
         let (mut outcome, closed) = match &membership {
             Some(membership) => await_drain(tracker, &self.spec, membership).await?,

@@ -27,6 +27,7 @@ pub(super) async fn start_drain(
     State(state): State<Arc<AppState>>,
     Controlled(Posted(request)): Controlled<Posted>,
 ) -> Response {
+    state.drains.catch_up().await;
     let (record, created) = match state.drains.post(request.spec()) {
         Ok(started) => started,
         Err(JoinError::Full) => {
@@ -58,6 +59,7 @@ pub(super) async fn cancel_drain(
     State(state): State<Arc<AppState>>,
     Controlled(filter): Controlled<Filter>,
 ) -> Response {
+    state.drains.catch_up().await;
     let cancelled = state.drains.cancel(&filter).await;
     // The drain gone and the gate released on disk before the answer.
     state.drains.save().await;
@@ -76,6 +78,7 @@ pub(super) async fn list_drains(
     Observer(caller): Observer,
     NoParams: NoParams,
 ) -> Response {
+    state.drains.catch_up().await;
     let (mut in_progress, mut recent) = state.drains.list();
     in_progress.retain(|record| caller.sees(&state.authority, record.netns));
     recent.retain(|record| caller.sees(&state.authority, record.netns));
@@ -97,6 +100,7 @@ pub(super) async fn health(
     State(state): State<Arc<AppState>>,
     HealthQuery { port, addr, pod }: HealthQuery,
 ) -> Response {
+    state.drains.catch_up().await;
     let asked = state.drains.resolve(port, addr, pod).await;
     let draining = state.drains.gated(&asked);
     let status = if draining {
