@@ -212,8 +212,9 @@ pub struct RunArgs {
 
     /// Pin the kernel handler and its counting maps here (bpffs, 0700 root; bpffs is mounted
     /// at /sys/fs/bpf if nothing is): counting goes on while the agent is down, and the next
-    /// agent adopts the counts instead of seeding afresh. Remove the directory to uninstall
-    /// (that detaches the handler).
+    /// agent adopts the counts instead of seeding afresh (the classic tracepoint only from
+    /// Linux 5.15: before, it has no link to pin). Remove the directory to uninstall (that
+    /// detaches the handler).
     #[arg(
         long,
         env = "DRAIN_AGENT_PIN_DIR",

@@ -53,9 +53,12 @@ impl fmt::Display for AttachMethod {
 }
 
 /// Loads and attaches the handler `method` names. Returns the link as an fd of the agent's
-/// own when it is a BPF link (`tp_btf`, raw tracepoint), which can be pinned (`pin`): the
-/// handler stays attached while that fd or a pin holds it. The classic tracepoint's link is
-/// a perf event (aya 0.14 keeps it inside the program): `None`, it cannot be pinned.
+/// own when it is a BPF link, which can be pinned (`pin`): the handler stays attached while
+/// that fd or a pin holds it. `tp_btf` and the raw tracepoint always have one; the classic
+/// tracepoint has one where the kernel links BPF to perf events (`BPF_LINK_TYPE_PERF_EVENT`,
+/// Linux 5.15: the link holds the perf event, so it outlives the agent's fd of that event).
+/// Before that, its attachment is the perf event itself, which aya keeps inside the program:
+/// `None`, it cannot be pinned.
 pub(super) fn attach(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
@@ -76,8 +79,17 @@ pub(super) fn attach(
             check_tracepoint_format()?;
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
-            program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
-            Ok(None)
+            let id = program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+            match FdLink::try_from(program.take_link(id)?) {
+                Ok(link) => own_link(link).map(Some),
+                Err(_) => {
+                    // No BPF link on this kernel: the perf event went with the refused
+                    // conversion, so attach again and leave it with the program. Nothing was
+                    // counted yet (the walk that seeds the counts runs after the attach).
+                    program.attach(TRACEPOINT_CATEGORY, TRACEPOINT_NAME)?;
+                    Ok(None)
+                }
+            }
         }
         AttachMethod::RawTracepoint => {
             let program: &mut RawTracePoint = program.try_into()?;

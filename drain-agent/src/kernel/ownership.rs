@@ -31,7 +31,7 @@ impl Kernel {
                 // Adopted: the pins are in place already.
                 None if self.state.origin == Origin::Adopted => {}
                 None => warn!(
-                    "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
+                    "kernel state is not pinned: the handler attached with {} has no link that can be pinned (the classic tracepoint has one from Linux 5.15); counting stops when the agent stops",
                     self.attach
                 ),
                 Some(publication) => match pins.publish(&publication) {
@@ -51,7 +51,7 @@ impl Kernel {
         }
         let Some(publication) = self.publication.take() else {
             warn!(
-                "kernel state is not pinned: the handler attached with {} has no link that can be pinned; counting stops when the agent stops",
+                "kernel state is not pinned: the handler attached with {} has no link that can be pinned (the classic tracepoint has one from Linux 5.15); counting stops when the agent stops",
                 self.attach
             );
             return Ok(());
