@@ -175,17 +175,24 @@ impl Drains {
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
     /// The scope's held gate (if any) is released either way: `DELETE /drain` after a drain
     /// ended puts the scope back in rotation (before, it did nothing without a drain in
-    /// progress).
+    /// progress). Released once the drain has ended: a drain that was ending on its own
+    /// meanwhile (drained) holds its gate as it ends, and that hold goes too.
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
         self.note_cancel(filter);
+        let drain = lock(&self.running).get(filter).cloned();
+        let record = match drain {
+            Some(drain) => {
+                let mut finished = drain.finished.subscribe();
+                drain.end(DrainEnd::Cancelled);
+                // The drain ends at once on cancel; wait for its record.
+                let _ = finished.wait_for(Option::is_some).await;
+                let record = lock(&drain.record).clone();
+                Some(record)
+            }
+            None => None,
+        };
         self.release(filter);
-        let drain = lock(&self.running).get(filter).cloned()?;
-        let mut finished = drain.finished.subscribe();
-        drain.end(DrainEnd::Cancelled);
-        // The drain ends at once on cancel; wait for its record.
-        let _ = finished.wait_for(Option::is_some).await;
-        let record = lock(&drain.record).clone();
-        Some(record)
+        record
     }
 
     /// Waits until the drain of `filter` (if one runs) has ended, at most `limit`.

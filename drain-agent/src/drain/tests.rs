@@ -357,10 +357,44 @@ async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept()
         beside.cancel(&Filter::port(8080)).await;
         beside.save().await;
         assert!(dir.path().join(state_file::NEXT_FILE_NAME).exists());
-        // `beside` goes here: its locks with it.
+        // `beside` goes here, its locks with it, once its drain's task (which saves after
+        // the end) has let go of it.
+        for _ in 0..500 {
+            if Arc::strong_count(&beside) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(Arc::strong_count(&beside), 1, "the drain's task still runs");
     }
     let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&writer));
     assert!(gate.draining(9090, None).await, "the gone agent's gate");
     assert!(!gate.draining(8080, None).await);
     assert!(!dir.path().join(state_file::NEXT_FILE_NAME).exists());
+}
+
+/// `DELETE /drain` while the drain is ending on its own (drained, its record being written
+/// to the journal): the gate that end holds is released too. Before, the cancel released the
+/// gate first and the drain's end held it right after: the scope stayed out of rotation for
+/// `GATE_HOLD` (5 min), though the caller was answered 200.
+#[tokio::test]
+async fn a_cancel_racing_a_drains_own_end_still_puts_the_scope_back_in_rotation() {
+    let dir = tempfile::tempdir().expect("dir");
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    let tracker = Arc::new(Tracker::new(source, 16));
+    let journal = Journal::open(&dir.path().join("drains.jsonl"), 1 << 20).expect("journal");
+    let drains = Arc::new(Drains::new(tracker, None, Some(journal), None, 4));
+    for round in 0..20 {
+        drains.post(spec(Duration::from_secs(600))).expect("room");
+        // The drain runs until it writes its record (nothing is open: drained at once).
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        drains.cancel(&Filter::port(8080)).await;
+        assert!(
+            !drains.gated(&node(8080)),
+            "round {round}: out of rotation after DELETE"
+        );
+    }
 }
