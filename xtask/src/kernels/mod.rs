@@ -122,14 +122,35 @@ pub fn kernels(args: &KernelsArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", own_initramfs.display()))?;
         eprintln!("xtask: booting {} ({})", kernel.abi, kernel.suite);
         let log = logs.join(format!("{}.log", kernel.abi));
-        let guest = tools.boot(
-            &vmlinuz,
-            &own_initramfs,
-            args.rounds,
-            Duration::from_secs(args.guest_timeout),
-            &log,
-        )?;
-        let row = Row::new(kernel, guest);
+        let boot = || {
+            tools.boot(
+                &vmlinuz,
+                &own_initramfs,
+                args.rounds,
+                Duration::from_secs(args.guest_timeout),
+                &log,
+            )
+        };
+        let mut guest = boot()?;
+        let mut first_boot = None;
+        if !guest.results.contains_key("boots") {
+            // The kernel never reached the guest's init: it crashed or hung while booting,
+            // before anything of the agent ran (seen once with 6.12.117 under TCG: an `int3`
+            // oops in `sched_clock_cpu` during an initcall; the next boot of the same image
+            // passed). Booted once more; the row says so, with the first boot's log.
+            let first = logs.join(format!("{}.first-boot.log", kernel.abi));
+            fs::rename(&log, &first)
+                .with_context(|| format!("cannot keep {} as {}", log.display(), first.display()))?;
+            eprintln!(
+                "xtask: {} did not reach the guest's init ({}); booting it once more (first log: {})",
+                kernel.abi,
+                guest.exit,
+                first.display()
+            );
+            first_boot = Some(first);
+            guest = boot()?;
+        }
+        let row = Row::new(kernel, guest, first_boot);
         eprintln!(
             "xtask: {} {} in {:.0} s (console log {})",
             kernel.abi,

@@ -27,13 +27,21 @@ const CHECKS: &[(&str, &str)] = &[
 pub(super) struct Row {
     pub(super) kernel: Available,
     pub(super) guest: Guest,
+    /// The log of a first boot that never reached the guest's init (the kernel was booted
+    /// once more: `guest` is the second boot).
+    pub(super) first_boot: Option<std::path::PathBuf>,
 }
 
 impl Row {
-    pub(super) fn new(kernel: &Available, guest: Guest) -> Self {
+    pub(super) fn new(
+        kernel: &Available,
+        guest: Guest,
+        first_boot: Option<std::path::PathBuf>,
+    ) -> Self {
         Self {
             kernel: kernel.clone(),
             guest,
+            first_boot,
         }
     }
 
@@ -82,6 +90,14 @@ impl Row {
                 let mut shown: String = value.replace('|', "/").chars().take(160).collect();
                 if shown.len() < value.len() {
                     shown.push('…');
+                }
+                if key == "boots"
+                    && let Some(first) = &self.first_boot
+                {
+                    let name = first
+                        .file_name()
+                        .map_or_else(String::new, |name| name.to_string_lossy().into_owned());
+                    let _ = write!(shown, " (2nd boot: the 1st never reached init, log {name})");
                 }
                 shown
             }
@@ -163,7 +179,9 @@ pub(super) fn compatibility_document(table: &str) -> Result<String> {
          of every series Debian's suites offer, with a busybox initramfs and an in-guest test \
          (`xtask/guest/init.sh`) that checks each answer. CI (`.ci/run`) runs the subset \
          `cargo xtask kernels` (the oldest series, 6.1, 6.12 and the newest) and fails on any \
-         regression.\n\n\
+         regression. A kernel whose first boot never reaches the guest's init (the emulated \
+         boot crashed or hung before anything of the agent ran) is booted once more, and its \
+         *boots* cell says so.\n\n\
          Columns: *default attach* is the mode the agent picks by itself; *tp-btf*, *tracepoint*, \
          *raw-tracepoint* force one mode (`--attach`) and check that a connection is counted and \
          a waiter woken; *preallocated map* does the same with `--preallocate-sockets`; \
@@ -183,4 +201,64 @@ pub(super) fn compatibility_document(table: &str) -> Result<String> {
          without BTF (the agent refuses to start there, by design).\n\n{table}",
         date = date.trim()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn row(results: &[(&str, &str)], first_boot: Option<&str>) -> Row {
+        Row::new(
+            &Available {
+                abi: "6.12.117+deb13".into(),
+                series: "6.12".into(),
+                package: "linux-image-6.12.117+deb13-cloud-amd64".into(),
+                version: "6.12.117-1".into(),
+                suite: "trixie".into(),
+            },
+            Guest {
+                results: results
+                    .iter()
+                    .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+                hung: false,
+                exit: "exit status: 0".into(),
+                seconds: 40.0,
+                qemu_errors: String::new(),
+            },
+            first_boot.map(std::path::PathBuf::from),
+        )
+    }
+
+    /// A kernel booted a second time (its first boot never reached init) is judged by the
+    /// second boot, and its row says that it took two.
+    #[test]
+    fn a_second_boot_is_judged_by_itself_and_said() {
+        let all_ok: Vec<(&str, &str)> = CHECKS
+            .iter()
+            .map(|(key, _)| {
+                (
+                    *key,
+                    if *key == "attach_default" {
+                        "tp_btf"
+                    } else {
+                        "ok"
+                    },
+                )
+            })
+            .chain([("done", "ok")])
+            .collect();
+        let retried = row(&all_ok, Some("/logs/6.12.117+deb13.first-boot.log"));
+        assert!(retried.failures().is_empty(), "{:?}", retried.failures());
+        assert_eq!(
+            retried.cell("boots"),
+            "ok (2nd boot: the 1st never reached init, log 6.12.117+deb13.first-boot.log)"
+        );
+        assert_eq!(row(&all_ok, None).cell("boots"), "ok");
+        // A second boot that fails too is a failure.
+        let failed = row(&[], Some("/logs/x.first-boot.log"));
+        assert!(failed.failures().contains(&"boots".to_owned()));
+    }
 }
