@@ -350,7 +350,9 @@ impl Drains {
             if self.tracker.shutting_down() {
                 return;
             }
-            self.fold_in_orphan(file).await;
+            if let Err(problem) = self.fold_in_orphan(file).await {
+                log::warn!("{problem:#}");
+            }
         }
     }
 
@@ -367,20 +369,19 @@ impl Drains {
             && file.is_writer()
             && file.next_is_there()
         {
-            self.fold_in_orphan(file).await;
+            // Said by the periodic check, every 2 s, not at every request.
+            if let Err(problem) = self.fold_in_orphan(file).await {
+                log::debug!("{problem:#}");
+            }
         }
     }
 
     /// One look for a `drains.next.json` whose agent has gone, folded in if there is one.
-    async fn fold_in_orphan(self: &Arc<Self>, file: &StateFile) {
+    /// An error: its lock could not be tried (nothing folded in, nothing changed).
+    async fn fold_in_orphan(self: &Arc<Self>, file: &StateFile) -> anyhow::Result<()> {
         let _one_at_a_time = self.folding.lock().await;
-        match file.take_orphaned_next() {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(problem) => {
-                log::warn!("{problem:#}");
-                return;
-            }
+        if !file.take_orphaned_next()? {
+            return Ok(());
         }
         if let Some(left) = file.read_next::<SavedDrains>() {
             log::info!(
@@ -391,6 +392,7 @@ impl Drains {
             self.save().await;
         }
         self.retire_next(file);
+        Ok(())
     }
 
     /// A gone agent's `drains.next.json`, into this writer's state (see
