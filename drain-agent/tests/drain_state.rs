@@ -65,6 +65,20 @@ fn in_progress(agent: &Agent) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// The ports of the drains in progress.
+fn ports_in_progress(agent: &Agent) -> Vec<u64> {
+    in_progress(agent)
+        .iter()
+        .map(|(_, port, _)| *port)
+        .collect()
+}
+
+/// Waits (at most `limit`) until `drains.next.json` has left `state`: folded into the state
+/// file and removed.
+fn wait_next_file_gone(state: &Path, what: &str, limit: Duration) {
+    common::wait_until(what, limit, || !state.join("drains.next.json").exists());
+}
+
 /// `n` servers on loopback with one connection held open to each (their drains cannot end
 /// while the returned streams live).
 fn busy_servers(n: usize) -> (Vec<Server>, Vec<TcpStream>) {
@@ -300,10 +314,7 @@ fn an_upgrade_overlap_loses_no_drain_posted_to_either_agent() {
     );
     // And a crash of the new one keeps both for the next.
     let after = restart(new, Stop::Kill, state.path());
-    let ports: Vec<u64> = in_progress(&after)
-        .iter()
-        .map(|(_, port, _)| *port)
-        .collect();
+    let ports = ports_in_progress(&after);
     assert!(
         ports.contains(&u64::from(to_old.port)) && ports.contains(&u64::from(to_new.port)),
         "drains after the overlap and a crash: {ports:?}"
@@ -375,7 +386,7 @@ fn a_cancel_during_an_upgrade_overlap_holds_whichever_agent_got_it() {
         // Its restore at start, then the take-over's.
         || new.log_text().matches("held /health gate(s) from").count() >= 2,
     );
-    let left: Vec<u64> = in_progress(&new).iter().map(|(_, port, _)| *port).collect();
+    let left = ports_in_progress(&new);
     let gated: Vec<u16> = ports
         .iter()
         .copied()
@@ -410,10 +421,7 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
     let (new, kept, cancelled) = (asked.new, asked.kept, asked.cancelled);
     // The new agent crashes; the DaemonSet starts another while the old one still runs.
     let next = restart(new, Stop::Kill, state.path());
-    let ports: Vec<u64> = in_progress(&next)
-        .iter()
-        .map(|(_, port, _)| *port)
-        .collect();
+    let ports = ports_in_progress(&next);
     assert_eq!(
         ports,
         vec![u64::from(kept)],
@@ -425,16 +433,13 @@ fn a_crash_of_the_new_agent_during_an_upgrade_loses_nothing_asked_of_it() {
     assert_eq!(health(&next, cancelled), 200);
     // The old one goes; the one left writes the state, and a restart keeps it so.
     go(old, Stop::Term);
-    common::wait_until(
+    wait_next_file_gone(
+        state.path(),
         "the agent left takes over the state file",
         Duration::from_secs(10),
-        || !state.path().join("drains.next.json").exists(),
     );
     let after = restart(next, Stop::Term, state.path());
-    let ports: Vec<u64> = in_progress(&after)
-        .iter()
-        .map(|(_, port, _)| *port)
-        .collect();
+    let ports = ports_in_progress(&after);
     assert_eq!(
         ports,
         vec![u64::from(kept)],
@@ -464,26 +469,19 @@ fn the_old_agent_takes_up_what_a_gone_new_agent_was_asked() {
         "the old agent takes up the new one's drain and cancel",
         Duration::from_secs(15),
         || {
-            in_progress(&old)
-                .iter()
-                .map(|(_, port, _)| *port)
-                .collect::<Vec<_>>()
-                == vec![u64::from(kept)]
+            ports_in_progress(&old) == vec![u64::from(kept)]
                 && health(&old, kept) == 503
                 && health(&old, cancelled) == 200
         },
     );
-    common::wait_until(
+    wait_next_file_gone(
+        state.path(),
         "the new agent's file is folded in and removed",
         Duration::from_secs(5),
-        || !state.path().join("drains.next.json").exists(),
     );
     // In the state file: a restart keeps the taken-up drain and not the cancelled one.
     let after = restart(old, Stop::Term, state.path());
-    let ports: Vec<u64> = in_progress(&after)
-        .iter()
-        .map(|(_, port, _)| *port)
-        .collect();
+    let ports = ports_in_progress(&after);
     assert_eq!(ports, vec![u64::from(kept)]);
 }
 

@@ -47,11 +47,7 @@ fn sk_lookup_available(test: &str) -> bool {
     if !kernel_available(test) {
         return false;
     }
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|part| part.parse::<u32>().ok());
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let (release, version) = common::kernel_version();
     if version >= (5, 9) {
         return true;
     }
@@ -60,10 +56,7 @@ fn sk_lookup_available(test: &str) -> bool {
         !required,
         "{test}: Linux {release} has no sk_lookup (5.9) and DRAIN_AGENT_REQUIRE_KERNEL=1"
     );
-    report_skip(
-        test,
-        &format!("Linux {} has no sk_lookup (5.9)", release.trim()),
-    );
+    report_skip(test, &format!("Linux {release} has no sk_lookup (5.9)"));
     false
 }
 

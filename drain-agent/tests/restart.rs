@@ -39,13 +39,7 @@ fn served_without_a_listener() -> (u16, Vec<TcpStream>, Vec<TcpStream>) {
 /// Whether the running kernel links BPF programs to perf events (`BPF_LINK_TYPE_PERF_EVENT`,
 /// Linux 5.15), which makes the classic tracepoint's attachment a link that can be pinned.
 fn perf_links() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-    let mut numbers = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|part| part.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    (major, minor) >= (5, 15)
+    common::kernel_version().1 >= (5, 15)
 }
 
 fn answer(agent: &Agent, port: u16) -> (u16, serde_json::Value) {

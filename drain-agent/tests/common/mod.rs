@@ -26,6 +26,17 @@ use std::{
 use child::Guard;
 use drain_agent::cli::client::AgentUrl;
 
+/// The running kernel's release, as `/proc/sys/kernel/osrelease` says it, and its
+/// `(major, minor)` (zeros where it cannot be read).
+pub fn kernel_version() -> (String, (u32, u32)) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (release.trim().to_owned(), version)
+}
+
 /// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
 /// (CI) the test fails; otherwise it reports a SKIP (see [`report_skip`]) and the caller
 /// returns.
