@@ -236,6 +236,57 @@ fn a_gate_held_after_a_drain_survives_a_restart_until_released() {
     assert_eq!(health(&agent, port), 200, "released before the restart");
 }
 
+/// A drain that cannot be saved in `--state-dir` (here a directory stands where the file is
+/// written first; in life a full or read-only disk) is still started, and the answer says,
+/// with a `Warning` that curl shows, that it would not survive a restart; the metrics say
+/// so too. And it is so: after a restart the saved drain is back and the other is not.
+/// Before, the answer was a plain 201 and only the log knew.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_drain_that_cannot_be_saved_is_answered_with_a_warning() {
+    if !kernel_available("a_drain_that_cannot_be_saved_is_answered_with_a_warning") {
+        return;
+    }
+    let state = temp_dir("da-drain-unsaved-");
+    let (servers, _held) = busy_servers(2);
+    let (saved, unsaved) = (servers[0].port, servers[1].port);
+    let agent = Agent::start_with_state_dir(state.path(), &[]);
+    post_drain(&agent, saved);
+    assert_eq!(agent.metric("drain_agent_drains_unsaved"), Some(0.0));
+
+    let blocker = state.path().join("drains.json.tmp");
+    std::fs::create_dir_all(blocker.join("inside")).expect("blocker");
+    let answer = Command::new("curl")
+        .args(["-sS", "-i", "-X", "POST"])
+        .arg(format!("{}/drain?port={unsaved}&timeout=10m", agent.url))
+        .output()
+        .expect("curl");
+    let answer = String::from_utf8_lossy(&answer.stdout).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(
+        answer.lines().any(|line| line
+            .to_ascii_lowercase()
+            .starts_with("warning: 299 drain-agent \"not saved in --state-dir")),
+        "{answer}"
+    );
+    assert_eq!(health(&agent, unsaved), 503, "still draining");
+    assert_eq!(agent.metric("drain_agent_drains_unsaved"), Some(1.0));
+    assert!(
+        agent
+            .metric("drain_agent_drain_save_failures_total")
+            .is_some_and(|failures| failures >= 1.0)
+    );
+
+    std::fs::remove_dir_all(&blocker).expect("blocker gone");
+    let agent = restart(agent, Stop::Kill, state.path());
+    assert_eq!(
+        ports_in_progress(&agent),
+        vec![u64::from(saved)],
+        "what the warning said: the unsaved drain did not survive"
+    );
+    assert_eq!(agent.metric("drain_agent_drains_unsaved"), Some(0.0));
+}
+
 #[test]
 fn a_link_at_the_state_file_stops_the_start() {
     let state = temp_dir("da-drain-state-");

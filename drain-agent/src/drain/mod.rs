@@ -37,6 +37,7 @@ use crate::{
 
 pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate};
 pub use registry::Membership;
+pub use saved::Saved;
 
 /// How a drain ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

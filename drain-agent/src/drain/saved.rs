@@ -17,12 +17,22 @@ use crate::{
         gate::Held,
         lock,
         registry::{Running, scope_text},
-        state_file::{Role, StateFile},
+        state_file::{Role, StateFile, Written},
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
     tracker::Filter,
 };
+
+/// Whether [`Drains::save`] left the drains and gates as they are now on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Saved {
+    /// On disk, or nothing to keep there (no state file; the agent stopping).
+    Yes,
+    /// Not on disk (the write failed, or a third agent keeps them in memory only): they
+    /// would not survive a restart of the agent. Said on the answer and in the metrics.
+    No,
+}
 
 /// What `--state-dir` keeps across a restart: the drains `POST /drain` started that are in
 /// progress, and the scopes held out of rotation after their drains.
@@ -220,22 +230,39 @@ impl Drains {
     }
 
     /// Writes the state file (if any) and syncs it: called before `POST /drain` and
-    /// `DELETE /drain` are answered, and when a drain ends. A failure is logged: the drain
-    /// goes on, but would not survive a restart.
-    pub async fn save(self: &Arc<Self>) {
+    /// `DELETE /drain` are answered, and when a drain ends. A failure is logged, counted
+    /// ([`Drains::unsaved`]) and returned, for the answer to say: the drain goes on, but
+    /// would not survive a restart.
+    pub async fn save(self: &Arc<Self>) -> Saved {
         let Some(file) = self.state.clone() else {
-            return;
+            return Saved::Yes;
         };
         let drains = Arc::clone(self);
         let written =
             tokio::task::spawn_blocking(move || file.write_with(|role| drains.saved(role))).await;
         match written {
-            Ok(Ok(())) => {}
+            Ok(Ok(Written::OnDisk | Written::Nothing)) => Saved::Yes,
+            // Warned at start (`StateFile::open`).
+            Ok(Ok(Written::InMemoryOnly)) => Saved::No,
             Ok(Err(problem)) => {
                 log::warn!("cannot save the drains (they will not survive a restart): {problem:#}");
+                Saved::No
             }
-            Err(problem) => log::warn!("the state file writer failed: {problem}"),
+            Err(problem) => {
+                log::warn!("the state file writer failed: {problem}");
+                Saved::No
+            }
         }
+    }
+
+    /// Whether the drains and gates as they are now are not in `--state-dir` (the last save
+    /// failed, or this is a third agent beside two), and how many saves since the start did
+    /// not reach the disk: `drain_agent_drains_unsaved` and
+    /// `drain_agent_drain_save_failures_total`.
+    pub fn unsaved(&self) -> (bool, u64) {
+        self.state
+            .as_ref()
+            .map_or((false, 0), |file| file.unsaved())
     }
 
     /// At start-up: the drains POSTed before the last stop resume with their own deadlines

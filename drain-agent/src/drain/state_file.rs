@@ -83,6 +83,21 @@ pub struct StateFile {
     /// The lock of [`NEXT_FILE_NAME`], while this agent holds it: it writes that file (not
     /// the writer), or it has yet to fold and remove one a crashed agent left (the writer).
     next_lock: Mutex<Option<File>>,
+    /// Whether the last write left the state on disk behind this agent's, and how many
+    /// writes did so; both set under `lock`, so they follow the order of the writes.
+    unsaved: std::sync::atomic::AtomicBool,
+    failed_writes: std::sync::atomic::AtomicU64,
+}
+
+/// What one [`StateFile::write_with`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The state is on disk, synced.
+    OnDisk,
+    /// Nothing to write: the agent is stopping (what is on disk stays).
+    Nothing,
+    /// [`Role::Neither`]: kept in memory only.
+    InMemoryOnly,
 }
 
 /// Which file [`StateFile::write_with`] writes.
@@ -202,6 +217,8 @@ impl StateFile {
             dir_file,
             writer: std::sync::atomic::AtomicBool::new(writer),
             next_lock: Mutex::new(next_lock),
+            unsaved: std::sync::atomic::AtomicBool::new(false),
+            failed_writes: std::sync::atomic::AtomicU64::new(0),
         };
         // Checked now: a link or a FIFO there is refused at start.
         open_regular(&file.path)?;
@@ -367,17 +384,42 @@ impl StateFile {
     /// returning: the state file for the writer, [`NEXT_FILE_NAME`] for the agent beside it.
     /// `now` returning `None` writes nothing (the agent is stopping: what is on disk
     /// stays); nor does [`Role::Neither`].
-    pub fn write_with<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<()> {
+    ///
+    /// A write that fails, or one kept in memory only, leaves [`StateFile::unsaved`] set
+    /// until a later write reaches the disk.
+    pub fn write_with<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<Written> {
+        use std::sync::atomic::Ordering::Relaxed;
         let _serial = lock_of(&self.lock);
+        let written = self.write_locked(now);
+        match &written {
+            Ok(Written::OnDisk) => self.unsaved.store(false, Relaxed),
+            Ok(Written::Nothing) => {}
+            Ok(Written::InMemoryOnly) | Err(_) => {
+                self.unsaved.store(true, Relaxed);
+                self.failed_writes.fetch_add(1, Relaxed);
+            }
+        }
+        written
+    }
+
+    /// Whether the state as this agent last wrote it is not on disk (a failed write, or a
+    /// third agent's: [`Role::Neither`]), and how many writes since the start were not.
+    pub fn unsaved(&self) -> (bool, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.unsaved.load(Relaxed), self.failed_writes.load(Relaxed))
+    }
+
+    /// [`StateFile::write_with`], under its lock.
+    fn write_locked<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<Written> {
         let role = self.role();
         let (path, temp) = match role {
             Role::Writer => (&self.path, &self.temp),
             Role::Next => (&self.next_path, &self.next_temp),
             // The other agents' files stand until they exit (see the type).
-            Role::Neither => return Ok(()),
+            Role::Neither => return Ok(Written::InMemoryOnly),
         };
         let Some(state) = now(role) else {
-            return Ok(());
+            return Ok(Written::Nothing);
         };
         let data = serde_json::to_vec(&Envelope {
             version: VERSION,
@@ -405,7 +447,7 @@ impl StateFile {
         fs::rename(temp, path).with_context(|| format!("cannot replace {}", path.display()))?;
         // The rename itself on disk.
         self.sync_dir()?;
-        Ok(())
+        Ok(Written::OnDisk)
     }
 }
 
@@ -496,16 +538,25 @@ mod tests {
             .expect("write");
         let beside = StateFile::open(root.path()).expect("open beside");
         assert_eq!(beside.role(), Role::Next);
+        // A third agent keeps what it is asked in memory only, and says so.
+        let third = StateFile::open(root.path()).expect("a third");
+        assert_eq!(third.role(), Role::Neither);
         assert_eq!(
-            StateFile::open(root.path()).expect("a third").role(),
-            Role::Neither
+            third.write_with(|_| Some(Kept { drains: vec![3] })).ok(),
+            Some(Written::InMemoryOnly)
         );
-        beside
-            .write_with(|role| {
-                assert_eq!(role, Role::Next);
-                Some(Kept { drains: vec![5] })
-            })
-            .expect("write the next file");
+        assert_eq!(third.unsaved(), (true, 1));
+        drop(third);
+        assert_eq!(
+            beside
+                .write_with(|role| {
+                    assert_eq!(role, Role::Next);
+                    Some(Kept { drains: vec![5] })
+                })
+                .ok(),
+            Some(Written::OnDisk)
+        );
+        assert_eq!(beside.unsaved(), (false, 0));
         assert_eq!(writer.read::<Kept>(), Some(Kept { drains: vec![1] }));
         beside.retire_next().expect("not the writer: kept");
         drop(beside);

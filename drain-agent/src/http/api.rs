@@ -101,6 +101,11 @@ pub struct EndpointRow {
     pub peers: Option<Vec<Peer>>,
 }
 
+/// The `Warning` header (RFC 7234's code 299, "a persistent warning") of a `POST` or
+/// `DELETE /drain` answered while the drains could not be saved in `--state-dir`: the drain
+/// (or its cancel) holds while this agent runs, but not across a restart of it.
+pub const UNSAVED_WARNING: &str = "299 drain-agent \"not saved in --state-dir: this would not survive a restart of the agent (see its log)\"";
+
 /// A JSON error answer.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use axum::{
     Json,
     extract::State,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 
 use crate::{
-    drain::JoinError,
+    drain::{JoinError, Saved},
     http::{
         AppState,
-        api::{ApiError, DrainsBody, HealthBody, error},
+        api::{ApiError, DrainsBody, HealthBody, UNSAVED_WARNING, error},
         extract::{Controlled, HealthQuery, NoParams, Observer, Posted},
     },
     tracker::Filter,
@@ -44,13 +44,25 @@ pub(super) async fn start_drain(
         }
     };
     // On disk before the answer: a drain the caller was told about survives a restart.
-    state.drains.save().await;
+    let saved = state.drains.save().await;
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    (status, Json(record)).into_response()
+    said_if_unsaved((status, Json(record)).into_response(), saved)
+}
+
+/// A drain started or cancelled that is not on disk is still answered (it holds while the
+/// agent runs: refusing it would leave the scope in rotation now), with a `Warning` that
+/// it would not survive a restart; `drain_agent_drains_unsaved` says it too.
+fn said_if_unsaved(mut response: Response, saved: Saved) -> Response {
+    if saved == Saved::No {
+        response
+            .headers_mut()
+            .insert(header::WARNING, HeaderValue::from_static(UNSAVED_WARNING));
+    }
+    response
 }
 
 /// `DELETE /drain?port=P[&addr][&netns]`: cancels the drain of that scope. Only the same
@@ -62,14 +74,15 @@ pub(super) async fn cancel_drain(
     state.drains.catch_up().await;
     let cancelled = state.drains.cancel(&filter).await;
     // The drain gone and the gate released on disk before the answer.
-    state.drains.save().await;
-    match cancelled {
+    let saved = state.drains.save().await;
+    let response = match cancelled {
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             "no drain of this scope is in progress (a /health gate held after one is released)",
         ),
-    }
+    };
+    said_if_unsaved(response, saved)
 }
 
 /// `GET /drains`: drains in progress and the last ended ones.

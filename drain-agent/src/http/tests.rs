@@ -26,6 +26,14 @@ const LIMITS: WaitLimits = WaitLimits {
 };
 
 fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_with(endpoints, None)
+}
+
+/// [`app`], its drains saved in `state_dir` when given (`--state-dir`).
+fn app_with(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
     let tracker = Arc::new(Tracker::new(source.clone(), 8));
@@ -40,13 +48,12 @@ fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppSta
         .expect("metrics"),
     );
     let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
-    let drains = Arc::new(Drains::new(
-        tracker.clone(),
-        None,
-        None,
-        Some(Arc::clone(&pods)),
-        8,
-    ));
+    let mut drains = Drains::new(tracker.clone(), None, None, Some(Arc::clone(&pods)), 8);
+    if let Some(dir) = state_dir {
+        drains = drains
+            .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
+    }
+    let drains = Arc::new(drains);
     metrics
         .register_drains(drains.clone())
         .expect("drain metrics");
@@ -174,6 +181,87 @@ async fn a_drain_is_started_once_gates_health_and_is_recorded() {
         metrics.contains("drain_agent_drains_total{result=\"cancelled\"} 1"),
         "{metrics}"
     );
+}
+
+/// A `POST` or `DELETE /drain` whose drains cannot be saved in `--state-dir` (here a
+/// directory stands where the file is written first; in life a full or read-only disk) is
+/// still carried out and answered, with a `Warning` that it would not survive a restart,
+/// and the metrics say so until a save reaches the disk again. Before, only the log did:
+/// the caller was told 201 and a restart dropped the drain and its `/health` gate.
+#[tokio::test]
+async fn drains_that_cannot_be_saved_are_answered_with_a_warning_and_counted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, state) = app_with(
+        vec![
+            endpoint("127.0.0.1", 8080, 1),
+            endpoint("127.0.0.1", 8081, 1),
+        ],
+        Some(dir.path()),
+    );
+    let unsaved_metrics = |state: &Arc<AppState>| {
+        let metrics = state.metrics.render().expect("metrics");
+        let value = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{name} in {metrics}"))
+                .to_owned()
+        };
+        (
+            value("drain_agent_drains_unsaved"),
+            value("drain_agent_drain_save_failures_total"),
+        )
+    };
+    let warning = |response: &axum::response::Response| {
+        response
+            .headers()
+            .get(header::WARNING)
+            .map(|value| value.to_str().expect("ascii").to_owned())
+    };
+    let send = |method: &'static str, uri: &'static str| {
+        let state = Arc::clone(&state);
+        async move {
+            let mut request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .expect("request");
+            request.extensions_mut().insert(Caller::Node);
+            router(state).oneshot(request).await.expect("response")
+        }
+    };
+
+    let saved = send("POST", "/drain?port=8080&timeout=4m").await;
+    assert_eq!(saved.status(), StatusCode::CREATED);
+    assert_eq!(warning(&saved), None);
+    assert_eq!(unsaved_metrics(&state), ("0".into(), "0".into()));
+
+    let blocker = dir
+        .path()
+        .join(format!("{}.tmp", crate::drain::state_file::FILE_NAME));
+    std::fs::create_dir_all(blocker.join("inside")).expect("blocker");
+    let unsaved = send("POST", "/drain?port=8081&timeout=4m").await;
+    assert_eq!(unsaved.status(), StatusCode::CREATED, "still started");
+    assert_eq!(warning(&unsaved).as_deref(), Some(api::UNSAVED_WARNING));
+    assert_eq!(
+        get(&state, "/health?port=8081").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let (flag, failures) = unsaved_metrics(&state);
+    assert_eq!(flag, "1");
+    assert!(failures.parse::<u64>().expect("count") >= 1, "{failures}");
+    let cancelled = send("DELETE", "/drain?port=8081").await;
+    assert_eq!(cancelled.status(), StatusCode::OK, "still cancelled");
+    assert_eq!(warning(&cancelled).as_deref(), Some(api::UNSAVED_WARNING));
+    assert_eq!(get(&state, "/health?port=8081").await.0, StatusCode::OK);
+
+    std::fs::remove_dir_all(&blocker).expect("blocker gone");
+    let cancelled = send("DELETE", "/drain?port=8080").await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    assert_eq!(warning(&cancelled), None);
+    let (flag, failures) = unsaved_metrics(&state);
+    assert_eq!(flag, "0", "saved again");
+    assert!(failures.parse::<u64>().expect("count") >= 2, "{failures}");
 }
 
 #[tokio::test]

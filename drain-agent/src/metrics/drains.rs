@@ -28,6 +28,15 @@ const SCOPE_DRAINS: (&str, &str) = (
     "Drains ended, by scope (port and, for a drain asked for an address, addr) and result; a scope shows while its drain runs and for an hour after its last one ended.",
 );
 
+const UNSAVED: (&str, &str) = (
+    "drain_agent_drains_unsaved",
+    "1 while the drains and held /health gates as they are now are not in --state-dir (the last save failed, or a third agent shares the directory): they would not survive a restart of the agent. The log says why.",
+);
+const SAVE_FAILURES: (&str, &str) = (
+    "drain_agent_drain_save_failures_total",
+    "Saves of the drains to --state-dir that did not reach the disk, since the agent started.",
+);
+
 /// The drain records' metrics, read from the registry at scrape time.
 pub(super) struct DrainCollector {
     drains: Arc<Drains>,
@@ -41,6 +50,8 @@ impl DrainCollector {
             desc(DRAIN_DURATION, &[])?,
             desc(IN_PROGRESS, &["port", "addr"])?,
             desc(SCOPE_DRAINS, &["port", "addr", "result"])?,
+            desc(UNSAVED, &[])?,
+            desc(SAVE_FAILURES, &[])?,
         ];
         Ok(Self { drains, descs })
     }
@@ -115,6 +126,17 @@ impl Collector for DrainCollector {
             family(IN_PROGRESS, MetricType::GAUGE, in_progress),
             family(SCOPE_DRAINS, MetricType::COUNTER, scope_drains),
         ];
+        let (unsaved, save_failures) = self.drains.unsaved();
+        families.push(family(
+            UNSAVED,
+            MetricType::GAUGE,
+            vec![gauge(&[], f64::from(u8::from(unsaved)))],
+        ));
+        families.push(family(
+            SAVE_FAILURES,
+            MetricType::COUNTER,
+            vec![counter(&[], save_failures as f64)],
+        ));
         // No drain by scope: no bare HELP/TYPE lines either.
         families.retain(|family| !family.get_metric().is_empty());
         families
