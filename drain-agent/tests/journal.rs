@@ -140,6 +140,38 @@ fn a_new_journal_is_private_and_a_readable_one_is_warned_about() {
     assert_eq!(mode(&loose), 0o644, "nothing is tightened silently");
 }
 
+/// A drain record that cannot be written (here a directory took the journal's name while
+/// the agent ran; in life a full disk) does not hold up the drain's answer, and is counted in
+/// `drain_agent_journal_write_failures_total` besides the log. Before, only the log said it.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_record_that_cannot_be_written_is_counted() {
+    if !common::kernel_available("a_record_that_cannot_be_written_is_counted") {
+        return;
+    }
+    let dir = common::temp_dir("journal-fails");
+    let journal = dir.path().join("drains.jsonl");
+    let agent = common::Agent::start(&["--journal", journal.to_str().expect("utf-8")]);
+    let failures = || agent.metric("drain_agent_journal_write_failures_total");
+    // A port with nothing on it: the drain a waiter starts ends at once, with a record.
+    let drained = |what: &str| {
+        let (status, body) =
+            agent.get_json(&format!("/drained?port={}&timeout=5s", common::free_port()));
+        assert_eq!(status, 200, "{what}: {body}");
+        assert!(body["drain"].as_u64().is_some(), "{what}: {body}");
+    };
+    drained("journal in place");
+    assert_eq!(failures(), Some(0.0));
+    std::fs::remove_file(&journal).expect("remove the journal");
+    std::fs::create_dir(&journal).expect("a directory in its place");
+    drained("journal gone: answered all the same");
+    assert_eq!(failures(), Some(1.0));
+    // The log is read from the agent's stderr by a thread of its own.
+    common::wait_until("the failure in the log", Duration::from_secs(5), || {
+        agent.log_text().contains("cannot write the drain journal")
+    });
+}
+
 /// Issue 23: `kill -9` while drains were answered lost 286–349 of ~1,500 answered drains
 /// from the journal. A drain's record is on disk before its answer is sent, so every
 /// drain a client got an answer for is in the journal after the crash.

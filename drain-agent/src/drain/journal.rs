@@ -40,6 +40,8 @@ pub struct Journal {
     max_bytes: u64,
     /// Appends are serialised: a line is never interleaved with another.
     lock: Mutex<()>,
+    /// Appends that failed since the start (`drain_agent_journal_write_failures_total`).
+    failed_appends: std::sync::atomic::AtomicU64,
 }
 
 /// The journal's files, as their errors name them.
@@ -130,6 +132,7 @@ impl Journal {
             path: path.to_owned(),
             max_bytes: max_bytes.max(4096),
             lock: Mutex::new(()),
+            failed_appends: std::sync::atomic::AtomicU64::new(0),
         };
         let file = open_regular(path, Access::Append(NEW_FILE_MODE))?;
         warn_if_loose(path, &file);
@@ -151,11 +154,28 @@ impl Journal {
     }
 
     /// Appends one record as a JSON line (rotating first if the file is full).
+    /// A failure is counted ([`Journal::failed_appends`]).
     pub fn append<R: Serialize>(&self, record: &R) -> Result<()> {
         let _serial = self
             .lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let appended = self.append_locked(record);
+        if appended.is_err() {
+            self.failed_appends
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        appended
+    }
+
+    /// How many appends failed since the start: drains whose record is not in the journal.
+    pub fn failed_appends(&self) -> u64 {
+        self.failed_appends
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// [`Journal::append`], under its lock.
+    fn append_locked<R: Serialize>(&self, record: &R) -> Result<()> {
         let mut line = serde_json::to_vec(record).context("cannot encode a drain record")?;
         line.push(b'\n');
         let mut file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
@@ -290,6 +310,26 @@ mod tests {
         for line in fs::read_to_string(&path).expect("read").lines() {
             serde_json::from_str::<serde_json::Value>(line).expect("a JSON line");
         }
+    }
+
+    /// An append that fails (here a directory took the journal's name after the start; in
+    /// life a full disk or a removed directory) is counted: the drain's record is missing,
+    /// and `drain_agent_journal_write_failures_total` says so. Before, only the log did.
+    #[test]
+    fn a_failed_append_is_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        let journal = Journal::open(&path, 4096).expect("open");
+        journal.append(&record(1)).expect("append");
+        assert_eq!(journal.failed_appends(), 0);
+        fs::remove_file(&path).expect("remove");
+        fs::create_dir(&path).expect("a directory in its place");
+        assert!(journal.append(&record(2)).is_err());
+        assert!(journal.append(&record(3)).is_err());
+        assert_eq!(journal.failed_appends(), 2);
+        fs::remove_dir(&path).expect("the directory gone");
+        journal.append(&record(4)).expect("append again");
+        assert_eq!(journal.failed_appends(), 2, "a count since the start");
     }
 
     #[test]

@@ -265,6 +265,14 @@ impl Drains {
             .map_or((false, 0), |file| file.unsaved())
     }
 
+    /// Drains whose record could not be written to the journal since the start
+    /// (`drain_agent_journal_write_failures_total`).
+    pub fn unjournaled(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |journal| journal.failed_appends())
+    }
+
     /// At start-up: the drains POSTed before the last stop resume with their own deadlines
     /// (waiters of `/drained` are gone with the old process: a drain only they started would
     /// have ended `abandoned`, so none is kept), and held gates stay held until their hold

@@ -37,6 +37,11 @@ const SAVE_FAILURES: (&str, &str) = (
     "Saves of the drains to --state-dir that did not reach the disk, since the agent started.",
 );
 
+const JOURNAL_FAILURES: (&str, &str) = (
+    "drain_agent_journal_write_failures_total",
+    "Drain records that could not be written to --journal since the agent started (the log says why): those drains are missing from it.",
+);
+
 /// The drain records' metrics, read from the registry at scrape time.
 pub(super) struct DrainCollector {
     drains: Arc<Drains>,
@@ -52,6 +57,7 @@ impl DrainCollector {
             desc(SCOPE_DRAINS, &["port", "addr", "result"])?,
             desc(UNSAVED, &[])?,
             desc(SAVE_FAILURES, &[])?,
+            desc(JOURNAL_FAILURES, &[])?,
         ];
         Ok(Self { drains, descs })
     }
@@ -136,6 +142,11 @@ impl Collector for DrainCollector {
             SAVE_FAILURES,
             MetricType::COUNTER,
             vec![counter(&[], save_failures as f64)],
+        ));
+        families.push(family(
+            JOURNAL_FAILURES,
+            MetricType::COUNTER,
+            vec![counter(&[], self.drains.unjournaled() as f64)],
         ));
         // No drain by scope: no bare HELP/TYPE lines either.
         families.retain(|family| !family.get_metric().is_empty());
