@@ -91,7 +91,23 @@ fn run_arm(drain: Drain, agent: &Agent) -> ArmResult {
 
     // Re-sent requests hid nothing: their first attempt never reached nginx (not in its
     // access log), while every request that counted did.
-    let seen_by_nginx = stack.nginx_request_ids();
+    // nginx writes a request's line after the answer's last byte: the load's last requests
+    // (the ones `finish` waited for) can be answered a moment before their lines are there.
+    // Read again until every answered request's line is, at most 5 s (a request nginx never
+    // saw still fails below).
+    let answered: Vec<&String> = records
+        .iter()
+        .filter(|record| record.outcome == Outcome::Ok)
+        .filter_map(|record| record.attempts.last())
+        .collect();
+    let mut seen_by_nginx = stack.nginx_request_ids();
+    let reading = Instant::now();
+    while answered.iter().any(|rid| !seen_by_nginx.contains(*rid))
+        && reading.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        seen_by_nginx = stack.nginx_request_ids();
+    }
     for record in &records {
         let (last, earlier) = record.attempts.split_last().expect("an attempt");
         for attempt in earlier {
