@@ -78,7 +78,7 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
                 if lost > lost_seen {
                     warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
                     lost_seen = lost;
-                    tracker.notify_all();
+                    tracker.events_lost();
                 }
             }
         }

@@ -10,6 +10,9 @@ use anyhow::{Result, bail};
 use super::source::{Counts, Endpoint, Filter, Stats, Vouch};
 use crate::{doubt::Doubt, drain_rule::Peer};
 
+/// What the fake does right after a read of its counts.
+pub type AfterRead = Box<dyn FnOnce(&FakeSource) + Send>;
+
 pub struct FakeSource {
     pub endpoints: Mutex<Vec<Endpoint>>,
     pub broken: AtomicBool,
@@ -28,6 +31,11 @@ pub struct FakeSource {
     /// What `peers` lists, and how long a listing takes (real time: a slow socket table);
     /// `None`: listing fails.
     pub listed: Mutex<Option<(std::time::Duration, Vec<Peer>)>>,
+    /// What `walks` says.
+    pub walks: AtomicU64,
+    /// Run once, by the next `endpoints` read, right after it took the counts: what
+    /// happens between a read of the counts and the read of their doubts.
+    pub after_next_read: Mutex<Option<AfterRead>>,
 }
 
 impl Default for FakeSource {
@@ -42,6 +50,8 @@ impl Default for FakeSource {
             confirmations: AtomicUsize::default(),
             peer_lists: AtomicUsize::default(),
             listed: Mutex::default(),
+            walks: AtomicU64::default(),
+            after_next_read: Mutex::default(),
         }
     }
 }
@@ -62,7 +72,12 @@ impl FakeSource {
 impl Counts for FakeSource {
     fn endpoints(&self) -> Result<Vec<Endpoint>> {
         self.health()?;
-        Ok(self.endpoints.lock().expect("lock").clone())
+        let endpoints = self.endpoints.lock().expect("lock").clone();
+        let after = self.after_next_read.lock().expect("lock").take();
+        if let Some(after) = after {
+            after(self);
+        }
+        Ok(endpoints)
     }
 
     fn reclaimed_last_change(&self, _port: u16) -> u64 {
@@ -113,7 +128,7 @@ impl Vouch for FakeSource {
     }
 
     fn walks(&self) -> u64 {
-        0
+        self.walks.load(Ordering::Relaxed)
     }
 
     fn skipped_runs(&self) -> u64 {

@@ -70,6 +70,10 @@ pub const ANSWER_LIST_BUDGET: Duration = Duration::from_millis(20);
 /// waits for it.
 pub const REPORT_BUDGET: Duration = Duration::from_secs(10);
 
+/// How many times a pass reads its scope when walks keep ending during the read
+/// ([`Tracker::read_scope`]).
+const SCOPE_READS: u32 = 3;
+
 /// Shared state behind the HTTP handlers.
 pub struct Tracker {
     source: Arc<dyn Source>,
@@ -163,6 +167,34 @@ impl Tracker {
         Ok(state)
     }
 
+    /// The scope's count, then its doubts: the waiter judges a zero by the doubts of the
+    /// same read. Read in that order, a doubt that appears in between is seen; one that a
+    /// walk *clears* in between is not (the walk counted what the count missed, then
+    /// vouched), so a read during which a walk ended is read again. Walks are seconds
+    /// apart: after [`SCOPE_READS`] reads that each saw one end, the last read's doubts
+    /// are replaced by an error, which is a doubt (never a drained answer from it).
+    fn read_scope(&self, filter: &Filter) -> Result<(u64, Result<Vec<Doubt>, String>)> {
+        let mut read = 0;
+        loop {
+            read += 1;
+            let walks = self.source.walks();
+            let count = self.state(filter)?.active;
+            let doubts = self
+                .source
+                .doubts(filter)
+                .map_err(|problem| format!("{problem:#}"));
+            if self.source.walks() == walks {
+                return Ok((count, doubts));
+            }
+            if read == SCOPE_READS {
+                return Ok((
+                    count,
+                    Err("walks of the open sockets kept ending while the counts were read".into()),
+                ));
+            }
+        }
+    }
+
     /// Called by the event reader: an endpoint on `port` crossed zero.
     pub fn notify_port(&self, port: u16) {
         self.channels.notify(port);
@@ -173,9 +205,16 @@ impl Tracker {
         self.channels.publish(event);
     }
 
-    /// Called when events may have been lost: every waiter re-reads its count.
+    /// Called when a count may have moved unannounced (the kernel skipped runs): every
+    /// waiter re-reads its count.
     pub fn notify_all(&self) {
         self.channels.notify_all();
+    }
+
+    /// Called when the kernel lost events (its ring buffer was full): every waiter re-reads
+    /// its count, and a quiet window restarts, since an arrival may have gone unheard.
+    pub fn events_lost(&self) {
+        self.channels.events_lost();
     }
 
     /// Open waiters answer at once with what they have; new ones answer immediately.
@@ -349,12 +388,7 @@ impl Tracker {
             while let Some(heard) = port_watch.try_hear() {
                 waiter.hear(heard);
             }
-            let count = self.state(filter).map_err(WaitError::Source)?.active;
-            // Read once a pass, after the count: the waiter judges a zero by the same read.
-            let doubts = self
-                .source
-                .doubts(filter)
-                .map_err(|problem| format!("{problem:#}"));
+            let (count, doubts) = self.read_scope(filter).map_err(WaitError::Source)?;
             let skipped = self.source.skipped_runs() > skipped_at_start;
             let mut pass = Pass {
                 now: Instant::now(),

@@ -281,6 +281,71 @@ async fn a_doubted_count_is_the_socket_tables_count() {
     }
 }
 
+/// Found by an audit: the doubts were read after the count, which catches a doubt that
+/// appears meanwhile but not one a walk clears. A walk that ended between the two reads
+/// (it counted a connection the count had missed, then vouched) left a zero from before
+/// the walk judged by the doubts after it: drained, with a connection open.
+#[tokio::test(start_paused = true)]
+async fn a_walk_that_ends_between_the_count_and_its_doubts_is_not_trusted() {
+    let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
+    *source.doubts.lock().expect("lock") = vec![Doubt::Seeding];
+    *source.after_next_read.lock().expect("lock") = Some(Box::new(|source: &FakeSource| {
+        // The seeding walk finds the connection open since before the agent, counts it
+        // and vouches: the doubt is gone, the count is 1.
+        source.set(vec![endpoint("127.0.0.1", 80, 1)]);
+        source.doubts.lock().expect("lock").clear();
+        source.walks.fetch_add(1, Ordering::Relaxed);
+    }));
+    let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
+    assert_eq!((outcome.drained, outcome.active), (false, 1), "{outcome:?}");
+}
+
+/// Found by an audit: a quiet window learned arrivals from the ring buffer's events only,
+/// so when the kernel lost events (the ring buffer was full) an arrival in the window
+/// went unseen and the window ended early. Events lost count as an arrival when the loss
+/// is noticed (a longer window, never a shorter one). Real time: the window is measured
+/// on CLOCK_MONOTONIC.
+#[tokio::test]
+async fn lost_events_restart_the_quiet_window() {
+    let quiet = Duration::from_millis(300);
+    let rule = DrainRule {
+        quiet,
+        ..DrainRule::default()
+    };
+    let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
+    let started = Instant::now();
+    let waiter = {
+        let (tracker, rule) = (Arc::clone(&tracker), rule.clone());
+        tokio::spawn(async move { answer(&tracker, 80, Duration::from_secs(10), &rule).await })
+    };
+    tokio::time::sleep(quiet / 2).await;
+    tracker.events_lost();
+    let outcome = waiter.await.expect("join");
+    assert!(outcome.drained);
+    let took = started.elapsed();
+    assert!(
+        took >= quiet + quiet / 2,
+        "answered {took:?} after the request"
+    );
+    // Not counted as an arrival: there may have been none.
+    assert_eq!(outcome.arrivals, 0);
+    // A wake-up for skipped runs is not a loss of events: the window is not restarted.
+    let started = Instant::now();
+    let waiter = {
+        let (tracker, rule) = (Arc::clone(&tracker), rule.clone());
+        tokio::spawn(async move { answer(&tracker, 80, Duration::from_secs(10), &rule).await })
+    };
+    tokio::time::sleep(quiet / 2).await;
+    tracker.notify_all();
+    let outcome = waiter.await.expect("join");
+    assert!(outcome.drained);
+    let took = started.elapsed();
+    assert!(
+        took < quiet + quiet / 2,
+        "answered {took:?} after the request"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_answers_open_waiters() {
     let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);

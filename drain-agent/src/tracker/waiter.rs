@@ -188,8 +188,8 @@ impl<'a> Waiter<'a> {
     }
 
     /// Takes in an event of the port: an arrival in scope, from a source not ignored, after
-    /// the request restarts the quiet window. Fell behind: count it as an arrival now (a
-    /// longer window, never shorter).
+    /// the request restarts the quiet window. Fell behind, or the kernel lost events: an
+    /// arrival now as far as the window goes (a longer window, never shorter).
     pub(super) fn hear(&mut self, heard: Heard) {
         let at_ns = match heard {
             Heard::Event(event) => {
@@ -209,6 +209,9 @@ impl<'a> Waiter<'a> {
                 self.arrivals += count;
                 at_ns
             }
+            // Not counted (it may have been none, or another port's), but the window
+            // restarts: an arrival may have gone unheard.
+            Heard::Lost { at_ns } => at_ns,
         };
         self.last_arrival_ns = Some(self.last_arrival_ns.map_or(at_ns, |at| at.max(at_ns)));
     }

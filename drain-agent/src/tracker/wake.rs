@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::Result;
@@ -53,6 +56,10 @@ impl PortChannel {
 #[derive(Default)]
 pub(super) struct PortChannels {
     ports: Mutex<HashMap<u16, PortChannel>>,
+    /// Times the kernel lost events (its ring buffer was full), and when the last loss was
+    /// noticed (CLOCK_MONOTONIC ns): every waiter hears it once as [`Heard::Lost`].
+    losses: AtomicU64,
+    lost_at_ns: AtomicU64,
 }
 
 impl PortChannels {
@@ -68,6 +75,14 @@ impl PortChannels {
 
     pub(super) fn notify_all(&self) {
         self.lock().values().for_each(PortChannel::wake);
+    }
+
+    /// Events were lost: any port may have had arrivals nobody heard of. Every waiter hears
+    /// it once ([`Heard::Lost`]) and re-reads its count.
+    pub(super) fn events_lost(&self) {
+        self.lost_at_ns.store(monotonic_ns(), Ordering::Release);
+        self.losses.fetch_add(1, Ordering::AcqRel);
+        self.notify_all();
     }
 
     pub(super) fn publish(&self, event: ConnectionEvent) {
@@ -105,6 +120,7 @@ impl PortChannels {
             port,
             changes,
             events,
+            losses_heard: self.losses.load(Ordering::Acquire),
         })
     }
 }
@@ -116,6 +132,11 @@ pub(super) enum Heard {
     /// It fell this many events behind, noticed at `at_ns`.
     Missed {
         count: u64,
+        at_ns: u64,
+    },
+    /// The kernel lost events (of any port: how many of this one's, and which, is not
+    /// known), noticed at `at_ns`.
+    Lost {
         at_ns: u64,
     },
 }
@@ -141,6 +162,8 @@ pub(super) struct PortWatch<'a> {
     port: u16,
     changes: watch::Receiver<u64>,
     events: broadcast::Receiver<ConnectionEvent>,
+    /// [`PortChannels::losses`] when last heard.
+    losses_heard: u64,
 }
 
 impl PortWatch<'_> {
@@ -150,8 +173,15 @@ impl PortWatch<'_> {
         self.changes.borrow_and_update();
     }
 
-    /// The next event already received, without waiting.
+    /// The next event already received, without waiting; a loss of events first.
     pub(super) fn try_hear(&mut self) -> Option<Heard> {
+        let losses = self.channels.losses.load(Ordering::Acquire);
+        if losses != self.losses_heard {
+            self.losses_heard = losses;
+            return Some(Heard::Lost {
+                at_ns: self.channels.lost_at_ns.load(Ordering::Acquire),
+            });
+        }
         Heard::from(self.events.try_recv())
     }
 
