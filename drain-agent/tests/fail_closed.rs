@@ -484,6 +484,33 @@ fn a_namespace_kept_only_by_sockets_is_not_drained_while_its_connection_is_open(
     expect_drained_soon(&agent, port);
 }
 
+/// Found by an audit: a rule that looks at each connection (`ignore`, `idle`) judged the
+/// socket tables' list alone, and that list left out the namespaces the agent cannot find:
+/// an empty list, drained, with the connection open.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_namespace_kept_only_by_sockets_is_not_drained_by_a_rule_that_lists_connections() {
+    let test = "a_namespace_kept_only_by_sockets_is_not_drained_by_a_rule_that_lists_connections";
+    if !kernel_available(test) || !common::deploy::tool_available(test, "ip", &["-V"]) {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (port, connection, _listener) = connection_in_a_namespace_of_sockets_only();
+    agent.expect_active(port, 1);
+    for rule in ["ignore=192.0.2.0/24", "idle=1ms"] {
+        let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0&{rule}"));
+        assert_eq!(
+            (status, &body["drained"]),
+            (503, &serde_json::json!(false)),
+            "{rule}: {body}"
+        );
+        let why = body["unknown"].as_str().unwrap_or_default();
+        assert!(why.contains("cannot enter"), "{rule}: {body}");
+    }
+    drop(connection);
+    expect_drained_soon(&agent, port);
+}
+
 /// The same with a full endpoint map: the connection is counted for its port only (no
 /// endpoint says which namespace it is in), and still stands in a doubted answer.
 #[test]

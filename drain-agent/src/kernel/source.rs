@@ -96,38 +96,7 @@ impl Counts for KernelMaps {
         // sockets: no process in it, nothing mounted on it) were not read, so what the maps
         // count there stands: a namespace that is really gone closed its sockets, and their
         // closes took its counts to zero (or left them too high, the safe side).
-        // The port's total counts every tracked connection of the port, under an endpoint
-        // or for the port only, and no count is ever negative: at 0, both passes below
-        // would add 0. One lookup then spares them (each reads a whole map, which with
-        // full maps under load took long enough to make doubted waiters late).
-        let totals = self
-            .port_totals
-            .get(&u32::from(filter.port), 0)
-            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
-        if totals.active == 0 && totals.unscoped == 0 {
-            return Ok(open);
-        }
-        for endpoint in self.endpoints()? {
-            if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
-                open += endpoint.active;
-            }
-        }
-        // Connections counted for the port only (the endpoint map was full, or the endpoint
-        // was being reclaimed) are in no endpoint above: their own entries say where they
-        // are.
-        if totals.unscoped > 0 {
-            for entry in self.sockets.iter() {
-                // Entries come and go while we read: a vanished one is closed.
-                let Ok((_, entry)) = entry else { continue };
-                if entry.flags & SOCK_UNSCOPED != 0
-                    && !read.contains(&entry.key.netns)
-                    && filter.matches_parts(entry.key.netns, key_addr(&entry.key), entry.key.port)
-                {
-                    open += 1;
-                }
-            }
-        }
-        Ok(open)
+        Ok(open + self.counted_unread(filter, &read)?)
     }
 
     /// The connections of `filter` from the socket tables. A report (`with_age`: the
@@ -141,6 +110,7 @@ impl Counts for KernelMaps {
     fn peers(&self, filter: &Filter, with_age: bool) -> Result<Vec<Peer>> {
         let now_ns = monotonic_ns();
         let mut found = Vec::new();
+        let mut read = HashSet::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
             let addr = filter.addr;
@@ -160,6 +130,7 @@ impl Counts for KernelMaps {
                         .with_context(|| format!("cannot read network namespace {inode}"));
                 }
             };
+            read.insert(inode);
             found.extend(
                 sockets
                     .into_iter()
@@ -167,6 +138,15 @@ impl Counts for KernelMaps {
                         addr.is_none_or(|addr| canonical_addr(socket.local.ip()) == addr)
                     })
                     .map(|socket| (inode, socket)),
+            );
+        }
+        // Connections in a namespace the agent cannot find (kept alive only by its sockets)
+        // cannot be listed. A list without them is not the scope's: a rule that looks at
+        // each connection would judge it drained, and an answer's count would be too low.
+        let unread = self.counted_unread(filter, &read)?;
+        if unread > 0 {
+            anyhow::bail!(
+                "{unread} connection(s) of the scope are in network namespaces the agent cannot enter, and cannot be listed"
             );
         }
         // Read after the tables: an inbound connection they show open was inserted before
@@ -327,5 +307,45 @@ impl Stats for KernelMaps {
             .iter()
             .map(|(port, totals)| (*port, totals.opened, totals.closed))
             .collect()
+    }
+}
+
+impl KernelMaps {
+    /// What the maps count of `filter` in namespaces whose socket tables were not `read`
+    /// (the agent cannot find them: kept alive only by their sockets).
+    fn counted_unread(&self, filter: &Filter, read: &HashSet<u32>) -> Result<u64> {
+        // The port's total counts every tracked connection of the port, under an endpoint
+        // or for the port only, and no count is ever negative: at 0, both passes below
+        // would add 0. One lookup then spares them (each reads a whole map, which with
+        // full maps under load took long enough to make doubted waiters late).
+        let totals = self
+            .port_totals
+            .get(&u32::from(filter.port), 0)
+            .with_context(|| format!("cannot read the totals of port {}", filter.port))?;
+        if totals.active == 0 && totals.unscoped == 0 {
+            return Ok(0);
+        }
+        let mut counted = 0;
+        for endpoint in self.endpoints()? {
+            if filter.matches(&endpoint) && !read.contains(&endpoint.netns) {
+                counted += endpoint.active;
+            }
+        }
+        // Connections counted for the port only (the endpoint map was full, or the endpoint
+        // was being reclaimed) are in no endpoint above: their own entries say where they
+        // are.
+        if totals.unscoped > 0 {
+            for entry in self.sockets.iter() {
+                // Entries come and go while we read: a vanished one is closed.
+                let Ok((_, entry)) = entry else { continue };
+                if entry.flags & SOCK_UNSCOPED != 0
+                    && !read.contains(&entry.key.netns)
+                    && filter.matches_parts(entry.key.netns, key_addr(&entry.key), entry.key.port)
+                {
+                    counted += 1;
+                }
+            }
+        }
+        Ok(counted)
     }
 }
