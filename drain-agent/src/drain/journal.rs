@@ -16,6 +16,7 @@ use std::{
     os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -42,6 +43,24 @@ pub struct Journal {
     lock: Mutex<()>,
     /// Appends that failed since the start (`drain_agent_journal_write_failures_total`).
     failed_appends: std::sync::atomic::AtomicU64,
+}
+
+/// How long an append waits for another agent's lock on the journal (its append: one
+/// write and a sync), and how many times it opens the name again when the file moved on.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+const LOCK_TRIES: u32 = 4;
+
+/// Takes `flock(LOCK_EX)` on `file`, trying for at most `wait` (a holder that never lets go
+/// must not hold a drain's answer up).
+fn lock_within(file: &File, wait: Duration) -> bool {
+    let until = Instant::now() + wait;
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return true,
+            Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => return false,
+        }
+    }
 }
 
 /// The journal's files, as their errors name them.
@@ -178,23 +197,31 @@ impl Journal {
     fn append_locked<R: Serialize>(&self, record: &R) -> Result<()> {
         let mut line = serde_json::to_vec(record).context("cannot encode a drain record")?;
         line.push(b'\n');
-        let mut file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
-        let mut size = file
-            .metadata()
-            .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
-            .len();
-        if size + line.len() as u64 > self.max_bytes {
+        // Another agent may append to the same journal (an upgrade's overlap): the file is
+        // appended to and rotated under its `flock`, and a name that moved on while this
+        // one waited (the other rotated) is opened again. Without it both could find the
+        // file full and rotate it, and the second rename would put the first one's new,
+        // nearly empty file over PATH.1: the full file's records gone.
+        let mut rotations = 0;
+        let (mut file, size) = loop {
+            let (file, locked) = self.open_locked()?;
+            let size = file
+                .metadata()
+                .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
+                .len();
+            // Without the lock (another holder kept it past the bound) the record is still
+            // appended, in one write, but the file is not rotated: too big for a while,
+            // never a rotation racing another.
+            if size + line.len() as u64 <= self.max_bytes || !locked || rotations > 0 {
+                break (file, size);
+            }
             // rename(2) replaces the name PATH.1 itself: a link there is replaced, never
             // followed, and its target is not touched.
             fs::rename(&self.path, self.rotated()).with_context(|| {
                 format!("cannot rotate the drain journal {}", self.path.display())
             })?;
-            file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
-            size = file
-                .metadata()
-                .with_context(|| format!("cannot stat the drain journal {}", self.path.display()))?
-                .len();
-        }
+            rotations += 1;
+        };
         // A torn last line (a write cut short by a crash or a full disk): end it first, so
         // this record is a line of its own.
         let mut last = [0_u8; 1];
@@ -228,6 +255,34 @@ impl Journal {
                 .with_context(|| format!("cannot sync the directory {}", parent.display()))?;
         }
         Ok(())
+    }
+
+    /// `PATH` opened for appending and locked (`flock`, waited for at most
+    /// [`LOCK_WAIT`]), and whether it is: the file that has the name now, not one another
+    /// agent rotated away while this one waited for its lock.
+    fn open_locked(&self) -> Result<(File, bool)> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let file = open_regular(&self.path, Access::Append(NEW_FILE_MODE))?;
+            if !lock_within(&file, LOCK_WAIT) {
+                log::warn!(
+                    "the drain journal {} stayed locked by another process for {LOCK_WAIT:?}: \
+                     appending without the lock (and without rotating)",
+                    self.path.display()
+                );
+                return Ok((file, false));
+            }
+            let opened = file.metadata().with_context(|| {
+                format!("cannot stat the drain journal {}", self.path.display())
+            })?;
+            let named = fs::symlink_metadata(&self.path).ok();
+            let same = named
+                .is_some_and(|named| (named.dev(), named.ino()) == (opened.dev(), opened.ino()));
+            if same || tries >= LOCK_TRIES {
+                return Ok((file, same));
+            }
+        }
     }
 
     /// The last `limit` records, oldest first, from the tails of `PATH.1` and `PATH`
@@ -266,7 +321,7 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::OpenOptions;
+    use std::{fs::OpenOptions, sync::Arc};
 
     use super::*;
     use crate::drain::{DrainEnd, DrainRecord, OnTimeout};
@@ -330,6 +385,54 @@ mod tests {
         fs::remove_dir(&path).expect("the directory gone");
         journal.append(&record(4)).expect("append again");
         assert_eq!(journal.failed_appends(), 2, "a count since the start");
+    }
+
+    /// Found by an audit: two agents on one `--journal` (an upgrade's overlap) that both
+    /// found the file full both rotated it: the second rename moved the first one's new,
+    /// nearly empty file over `PATH.1`, and the full file's records were gone. An append
+    /// now holds `flock` on the file it appends to, and one that finds the name moved on
+    /// while it waited appends to the new file instead of rotating again.
+    #[test]
+    fn two_agents_rotating_at_once_lose_no_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("drains.jsonl");
+        let journal = Arc::new(Journal::open(&path, 4096).expect("open"));
+        let mut id = 0;
+        let line = serde_json::to_vec(&record(10_000)).expect("json").len() as u64 + 1;
+        // Full: the next record does not fit.
+        while fs::metadata(&path).expect("size").len() + line <= 4096 {
+            id += 1;
+            journal.append(&record(id)).expect("append");
+        }
+        let full = id;
+        // The other agent, in the middle of its own rotation: it holds the file's lock.
+        let other = OpenOptions::new().append(true).open(&path).expect("open");
+        rustix::fs::flock(&other, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+        let appending = {
+            let journal = Arc::clone(&journal);
+            std::thread::spawn(move || journal.append(&record(10_000)))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        // It rotates and writes its record to the new file, then lets go.
+        fs::rename(&path, journal.rotated()).expect("rotate");
+        let mut new = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .expect("new file");
+        new.write_all(&serde_json::to_vec(&record(20_000)).expect("json"))
+            .expect("write");
+        new.write_all(b"\n").expect("write");
+        drop(other);
+        appending.join().expect("join").expect("append");
+        let ids: Vec<u64> = journal
+            .read_records::<DrainRecord>(1000)
+            .iter()
+            .map(|record| record.id)
+            .collect();
+        for id in (1..=full).chain([20_000, 10_000]) {
+            assert!(ids.contains(&id), "record {id} lost: {ids:?}");
+        }
     }
 
     #[test]
