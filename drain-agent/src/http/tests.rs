@@ -289,6 +289,41 @@ async fn bad_drain_requests_are_400_and_change_nothing() {
     assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
 }
 
+/// An `ignore` list had no limit: one request (hyper takes a ~64 KB URI) kept ~6,000
+/// CIDRs in a drain, copied into the state file in `--state-dir`, and a few hundred such
+/// drains made every later save fail (over the 16 MiB a restart reads) and cost more
+/// memory than the agent is given. Over [`MAX_IGNORE`] entries is a 400 naming `ignore`
+/// and the limit, on every route that takes the list, and starts nothing.
+#[tokio::test(start_paused = true)]
+async fn an_ignore_list_over_the_limit_is_400_and_starts_no_drain() {
+    use crate::drain_rule::MAX_IGNORE;
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let list = |count: usize| vec!["10.0.0.1/32"; count].join(",");
+    let over = list(MAX_IGNORE + 1);
+    for (method, uri) in [
+        ("POST", format!("/drain?port=8080&timeout=1m&ignore={over}")),
+        (
+            "GET",
+            format!("/drained?port=8080&timeout=1s&ignore={over}"),
+        ),
+        ("GET", format!("/drained?port=8080&timeout=0&ignore={over}")),
+    ] {
+        refused(
+            request(&state, method, &uri).await,
+            StatusCode::BAD_REQUEST,
+            &format!("ignore: at most {MAX_IGNORE}"),
+        );
+    }
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(0));
+    assert_eq!(drains["recent"].as_array().map(Vec::len), Some(0));
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+    // At the limit it is taken.
+    let uri = format!("/drain?port=8080&timeout=1m&ignore={}", list(MAX_IGNORE));
+    let (status, body) = request(&state, "POST", &uri).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
     request(state, "GET", uri).await
 }
