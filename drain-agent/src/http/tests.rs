@@ -548,6 +548,77 @@ async fn a_remote_caller_reads_metrics_and_health_only_and_changes_nothing() {
     assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
 }
 
+/// How many times [`Counted`] was parsed.
+static COUNTED_PARSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A scope whose parse is counted: a parse can cost a scan of every process in /proc
+/// (`netns=INODE`) or opening a namespace file (`netns=PATH`).
+struct Counted(crate::tracker::Filter);
+
+impl crate::http::pod_scope::Scoped for Counted {
+    fn filter_mut(&mut self) -> &mut crate::tracker::Filter {
+        &mut self.0
+    }
+}
+
+impl crate::http::extract::Params for Counted {
+    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, api::ApiError> {
+        COUNTED_PARSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        api::parse_scope_request(query, limits).map(Self)
+    }
+}
+
+/// A remote caller's query was parsed before it was refused: `netns=INODE` scanned every
+/// process in /proc on one of the runtime's two worker threads, for a caller who gets a
+/// 403 whatever it asks. It is now refused before its input is parsed, with the same
+/// answer as before; the callers who may ask still have theirs parsed.
+#[tokio::test]
+async fn a_remote_caller_is_refused_before_its_query_is_parsed() {
+    use crate::http::extract::{Confined, Controlled};
+    use axum::extract::FromRequestParts as _;
+    use std::sync::atomic::Ordering;
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let parts = |caller: Caller| {
+        let (mut parts, ()) = axum::http::Request::builder()
+            .uri("/drain?port=8080&netns=4026531840")
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts.extensions.insert(caller);
+        parts
+    };
+    let forbidden = Err(api::ApiError::Forbidden(
+        crate::http::authority::REMOTE_RULE.into(),
+    ));
+    let confined = Confined::<Counted>::from_request_parts(&mut parts(Caller::Remote), &state)
+        .await
+        .map(|_| ());
+    assert_eq!(confined, forbidden);
+    let controlled = Controlled::<Counted>::from_request_parts(&mut parts(Caller::Remote), &state)
+        .await
+        .map(|_| ());
+    assert_eq!(controlled, forbidden);
+    assert_eq!(
+        COUNTED_PARSES.load(Ordering::SeqCst),
+        0,
+        "parsed for a remote caller"
+    );
+    // The counter counts: the node's query is parsed (whatever the answer here).
+    let _ = Confined::<Counted>::from_request_parts(&mut parts(Caller::Node), &state).await;
+    assert_eq!(COUNTED_PARSES.load(Ordering::SeqCst), 1);
+    // Through the router: the same 403 as before, on every route that parses a scope.
+    for (method, uri) in [
+        ("GET", "/drained?port=8080&timeout=0&netns=4026531840"),
+        ("POST", "/drain?port=8080&timeout=1m&netns=/run/netns/x"),
+        ("DELETE", "/drain?port=8080&netns=1"),
+        ("GET", "/connections?netns=1"),
+    ] {
+        let (status, body) = request_as(&state, Caller::Remote, method, uri).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}: {body}");
+        assert_eq!(body["error"], crate::http::authority::REMOTE_RULE);
+    }
+}
+
 /// Issue 22: as user `nobody`, a drain with `on_timeout=close` reset a root service's
 /// connections. A local user controls only ports whose sockets are all its own, in
 /// the node's own namespace; it may still wait on any port there.
