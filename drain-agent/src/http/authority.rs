@@ -20,7 +20,7 @@ use axum::{extract::FromRequestParts, http::request::Parts};
 
 use crate::{
     http::api::ApiError,
-    http::pod_scope::{PodScope, Scoped, confine},
+    http::pod_scope::{PodScope, Scoped, confine, hide_namespaces},
     sys::pod_addresses::PodAddresses,
     tracker::Filter,
 };
@@ -121,11 +121,9 @@ impl Caller {
                         "netns: a local user may ask about this node's own network namespace only ({own}); ask as root for others (SECURITY.md)"
                     ))
                 };
-                // Whether another namespace exists is not a local user's to learn here.
-                let mut parsed = parsed.map_err(|problem| match problem {
-                    ApiError::NotFound(_) => other(),
-                    problem => problem,
-                })?;
+                // Whether another namespace (or namespace file) exists is not a local user's
+                // to learn here: a missing or refused one is answered as one that exists.
+                let mut parsed = parsed.map_err(|problem| hide_namespaces(problem, other))?;
                 let filter = parsed.filter_mut();
                 if filter.netns.is_some_and(|asked| asked != own) {
                     return Err(other());

@@ -674,6 +674,66 @@ async fn a_local_user_controls_only_its_own_ports() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// A local user was told which namespace files exist: a path to another namespace that
+/// exists was 403 (another namespace), a missing one 400 (refused path). Whatever it
+/// names outside the node's own namespace — there or not, an inode or a path, refused for
+/// its form — it now gets one answer, as a pod does; the node is still told precisely.
+#[tokio::test]
+async fn a_local_user_cannot_tell_which_namespaces_exist() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    // The node's namespace is 1 here, so this process's real one is "another namespace".
+    let existing = format!("/proc/{}/ns/net", std::process::id());
+    let existing_inode = netns::inode_of(std::path::Path::new(&existing))
+        .expect("own netns")
+        .to_string();
+    let missing = "/run/netns/drain-agent-test-no-such-namespace";
+    let asked = [
+        existing.as_str(),
+        existing_inode.as_str(),
+        missing,
+        "/proc/4294967295/ns/net",
+        "1",
+        "/proc/1/ns/mnt",
+        "/root",
+    ];
+    let user = Caller::LocalUser { uid: Some(1000) };
+    for (method, route) in [
+        ("GET", "/drained?port=8080&timeout=0"),
+        ("POST", "/drain?port=8080&timeout=1m"),
+        ("GET", "/connections?port=8080"),
+    ] {
+        let mut answers = Vec::new();
+        for netns in asked {
+            let uri = format!("{route}&netns={netns}");
+            answers.push(request_as(&state, user, method, &uri).await);
+        }
+        let (status, body) = &answers[0];
+        assert_eq!(*status, StatusCode::FORBIDDEN, "{method} {route}: {body}");
+        for (netns, answer) in asked.iter().zip(&answers) {
+            assert_eq!(answer, &answers[0], "{method} {route}&netns={netns}");
+        }
+    }
+    // The node is told precisely.
+    let node = |netns: &str| {
+        let (state, uri) = (
+            state.clone(),
+            format!("/drained?port=8080&timeout=0&netns={netns}"),
+        );
+        async move { request(&state, "GET", &uri).await }
+    };
+    let (status, body) = node(&existing).await;
+    assert!(
+        status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{body}"
+    );
+    refused(
+        node(missing).await,
+        StatusCode::BAD_REQUEST,
+        netns::REFUSED_PATH,
+    );
+    refused(node("1").await, StatusCode::NOT_FOUND, "inode 1");
+}
+
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P`, and a
 /// pod could cancel another pod's drain. Pods act on their own namespace only.
 #[tokio::test(start_paused = true)]
