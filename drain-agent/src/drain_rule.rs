@@ -82,8 +82,22 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// Parses `CIDR[,CIDR…]`.
+/// The most sources one `ignore` list may name. Each is kept in the drain's spec, copied
+/// into every answer's rule and written to the state file in `--state-dir`; without a
+/// limit one request (hyper takes a ~64 KB URI) carried ~6,000, and a few hundred such
+/// drains filled the state file past what a restart reads back (16 MiB) and the agent's
+/// memory limit. Probe sources are a handful (the node's addresses, a monitoring range).
+pub const MAX_IGNORE: usize = 64;
+
+/// Parses `CIDR[,CIDR…]`, at most [`MAX_IGNORE`] of them.
 pub fn parse_cidrs(text: &str) -> Result<Vec<Cidr>, String> {
+    // Counted before any is parsed: a list over the limit costs no more than its split.
+    let given = text.split(',').count();
+    if given > MAX_IGNORE {
+        return Err(format!(
+            "at most {MAX_IGNORE} sources (CIDR[,CIDR…]) per request, {given} given"
+        ));
+    }
     text.split(',')
         .map(|part| part.trim().parse::<Cidr>())
         .collect()
@@ -358,6 +372,28 @@ mod tests {
                 &Remaining::Peers(&[idle])
             ),
             Decision::Wait { recheck_in: None }
+        );
+    }
+
+    #[test]
+    fn an_ignore_list_longer_than_the_limit_is_refused() {
+        let at_limit = vec!["10.0.0.1"; MAX_IGNORE].join(",");
+        assert_eq!(
+            parse_cidrs(&at_limit).map(|list| list.len()),
+            Ok(MAX_IGNORE)
+        );
+        let over = vec!["10.0.0.1"; MAX_IGNORE + 1].join(",");
+        let problem = parse_cidrs(&over).expect_err("one over the limit");
+        assert!(
+            problem.contains(&format!("at most {MAX_IGNORE}")),
+            "{problem}"
+        );
+        // Counted before any is parsed: a long list of garbage names the limit too.
+        let garbage = vec!["x"; MAX_IGNORE + 1].join(",");
+        let problem = parse_cidrs(&garbage).expect_err("over");
+        assert!(
+            problem.contains(&format!("at most {MAX_IGNORE}")),
+            "{problem}"
         );
     }
 

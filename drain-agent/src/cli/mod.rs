@@ -311,8 +311,8 @@ pub struct WaitArgs {
 
     /// Probe traffic: connections from these sources (CIDR[,CIDR…], e.g. the node's own
     /// address, where the kubelet's probes come from) neither count as arrivals nor hold
-    /// the drain.
-    #[arg(long, value_name = "CIDR[,CIDR...]")]
+    /// the drain. At most 64 sources.
+    #[arg(long, value_name = "CIDR[,CIDR...]", value_parser = ignore_list)]
     pub ignore: Option<String>,
 
     /// Idle connections need not hold the drain: a connection with nothing in flight that
@@ -390,9 +390,42 @@ impl RunArgs {
     }
 }
 
+/// `wait --ignore`: checked as the agent checks its `ignore=` (the same parser and limit),
+/// and sent as given.
+fn ignore_list(text: &str) -> Result<String, String> {
+    crate::drain_rule::parse_cidrs(text).map(|_| text.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `wait --ignore` is checked with the agent's own rule (one definition, the same
+    /// limit), so a list the agent would refuse is said before any request is sent.
+    #[test]
+    fn wait_ignore_is_checked_like_the_agent_does() {
+        use crate::drain_rule::MAX_IGNORE;
+        let list = |count: usize| vec!["10.0.0.1/32"; count].join(",");
+        let wait = |ignore: &str| {
+            Cli::try_parse_from(["drain-agent", "wait", "--port", "8080", "--ignore", ignore])
+        };
+        assert!(wait(&list(MAX_IGNORE)).is_ok());
+        for bad in [list(MAX_IGNORE + 1), "10.0.0.0/99".to_owned()] {
+            assert!(wait(&bad).is_err(), "{bad}");
+        }
+        // The help states the limit (a doc comment cannot name the constant).
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let help = command
+            .find_subcommand_mut("wait")
+            .and_then(|wait| wait.get_arguments().find(|arg| arg.get_id() == "ignore"))
+            .and_then(|arg| arg.get_help())
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(
+            help.contains(&format!("At most {MAX_IGNORE} sources")),
+            "{help}"
+        );
+    }
 
     #[test]
     fn bare_command_runs_with_defaults() {

@@ -20,7 +20,7 @@ use axum::{extract::FromRequestParts, http::request::Parts};
 
 use crate::{
     http::api::ApiError,
-    http::pod_scope::{PodScope, Scoped, confine},
+    http::pod_scope::{PodScope, Scoped, confine, hide_namespaces},
     sys::pod_addresses::PodAddresses,
     tracker::Filter,
 };
@@ -98,15 +98,20 @@ impl Caller {
         }
     }
 
-    /// Confines a parsed request to what this caller may ask about: a pod's namespace, the
-    /// node's namespace for a local user, unchanged for the node. A remote caller is refused
-    /// before its input is looked at (a parse error could say something about the host).
+    /// Parses a request (`parse`) and confines it to what this caller may ask about: a pod's
+    /// namespace, the node's namespace for a local user, unchanged for the node. A remote
+    /// caller is refused before `parse` runs: a parse error could say something about the
+    /// host, and a parse can cost a scan of every process in /proc (`netns=INODE`) or the
+    /// opening of a namespace file (`netns=PATH`), which a caller who may ask nothing must
+    /// not be able to make the agent do.
     pub async fn confine<T: Scoped>(
         self,
         authority: &Authority,
-        parsed: Result<T, ApiError>,
+        parse: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        match self.observer()? {
+        let caller = self.observer()?;
+        let parsed = parse();
+        match caller {
             Self::Node => parsed,
             Self::Pod { netns } => confine(Some(&PodScope { netns }), parsed).await,
             Self::LocalUser { .. } => {
@@ -116,11 +121,9 @@ impl Caller {
                         "netns: a local user may ask about this node's own network namespace only ({own}); ask as root for others (SECURITY.md)"
                     ))
                 };
-                // Whether another namespace exists is not a local user's to learn here.
-                let mut parsed = parsed.map_err(|problem| match problem {
-                    ApiError::NotFound(_) => other(),
-                    problem => problem,
-                })?;
+                // Whether another namespace (or namespace file) exists is not a local user's
+                // to learn here: a missing or refused one is answered as one that exists.
+                let mut parsed = parsed.map_err(|problem| hide_namespaces(problem, other))?;
                 let filter = parsed.filter_mut();
                 if filter.netns.is_some_and(|asked| asked != own) {
                     return Err(other());

@@ -118,8 +118,10 @@ impl<T: Params> FromRequestParts<Arc<AppState>> for Confined<T> {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let caller = caller(parts, state).await;
-        let parsed = T::parse(parts.uri.query(), state.limits);
-        let params = caller.confine(&state.authority, parsed).await?;
+        let query = parts.uri.query();
+        let params = caller
+            .confine(&state.authority, || T::parse(query, state.limits))
+            .await?;
         params.check()?;
         Ok(Self(caller, params))
     }

@@ -94,13 +94,19 @@ impl PodScope {
 
     /// A parse error as a pod sees it: "not found" would tell which namespaces exist.
     pub fn hide(&self, problem: ApiError) -> ApiError {
-        match problem {
-            ApiError::NotFound(_) => ApiError::BadRequest(OTHER_NETNS.into()),
-            ApiError::BadRequest(message) if message == netns::REFUSED_PATH => {
-                ApiError::BadRequest(OTHER_NETNS.into())
-            }
-            other => other,
-        }
+        hide_namespaces(problem, || ApiError::BadRequest(OTHER_NETNS.into()))
+    }
+}
+
+/// A parse error as a caller confined to one namespace (a pod, a local user) sees it: an
+/// unknown inode (404) or a refused path (whose answer differs from that of a path to a
+/// namespace that exists) would tell it which namespaces and namespace files exist, so
+/// both become `other`, the answer it gets for naming another namespace that exists.
+pub fn hide_namespaces(problem: ApiError, other: impl FnOnce() -> ApiError) -> ApiError {
+    match problem {
+        ApiError::NotFound(_) => other(),
+        ApiError::BadRequest(message) if message == netns::REFUSED_PATH => other(),
+        problem => problem,
     }
 }
 

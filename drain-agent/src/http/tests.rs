@@ -289,6 +289,41 @@ async fn bad_drain_requests_are_400_and_change_nothing() {
     assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
 }
 
+/// An `ignore` list had no limit: one request (hyper takes a ~64 KB URI) kept ~6,000
+/// CIDRs in a drain, copied into the state file in `--state-dir`, and a few hundred such
+/// drains made every later save fail (over the 16 MiB a restart reads) and cost more
+/// memory than the agent is given. Over [`MAX_IGNORE`] entries is a 400 naming `ignore`
+/// and the limit, on every route that takes the list, and starts nothing.
+#[tokio::test(start_paused = true)]
+async fn an_ignore_list_over_the_limit_is_400_and_starts_no_drain() {
+    use crate::drain_rule::MAX_IGNORE;
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let list = |count: usize| vec!["10.0.0.1/32"; count].join(",");
+    let over = list(MAX_IGNORE + 1);
+    for (method, uri) in [
+        ("POST", format!("/drain?port=8080&timeout=1m&ignore={over}")),
+        (
+            "GET",
+            format!("/drained?port=8080&timeout=1s&ignore={over}"),
+        ),
+        ("GET", format!("/drained?port=8080&timeout=0&ignore={over}")),
+    ] {
+        refused(
+            request(&state, method, &uri).await,
+            StatusCode::BAD_REQUEST,
+            &format!("ignore: at most {MAX_IGNORE}"),
+        );
+    }
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(0));
+    assert_eq!(drains["recent"].as_array().map(Vec::len), Some(0));
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+    // At the limit it is taken.
+    let uri = format!("/drain?port=8080&timeout=1m&ignore={}", list(MAX_IGNORE));
+    let (status, body) = request(&state, "POST", &uri).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 async fn get(state: &Arc<AppState>, uri: &str) -> (StatusCode, serde_json::Value) {
     request(state, "GET", uri).await
 }
@@ -513,6 +548,77 @@ async fn a_remote_caller_reads_metrics_and_health_only_and_changes_nothing() {
     assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
 }
 
+/// How many times [`Counted`] was parsed.
+static COUNTED_PARSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A scope whose parse is counted: a parse can cost a scan of every process in /proc
+/// (`netns=INODE`) or opening a namespace file (`netns=PATH`).
+struct Counted(crate::tracker::Filter);
+
+impl crate::http::pod_scope::Scoped for Counted {
+    fn filter_mut(&mut self) -> &mut crate::tracker::Filter {
+        &mut self.0
+    }
+}
+
+impl crate::http::extract::Params for Counted {
+    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, api::ApiError> {
+        COUNTED_PARSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        api::parse_scope_request(query, limits).map(Self)
+    }
+}
+
+/// A remote caller's query was parsed before it was refused: `netns=INODE` scanned every
+/// process in /proc on one of the runtime's two worker threads, for a caller who gets a
+/// 403 whatever it asks. It is now refused before its input is parsed, with the same
+/// answer as before; the callers who may ask still have theirs parsed.
+#[tokio::test]
+async fn a_remote_caller_is_refused_before_its_query_is_parsed() {
+    use crate::http::extract::{Confined, Controlled};
+    use axum::extract::FromRequestParts as _;
+    use std::sync::atomic::Ordering;
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let parts = |caller: Caller| {
+        let (mut parts, ()) = axum::http::Request::builder()
+            .uri("/drain?port=8080&netns=4026531840")
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts.extensions.insert(caller);
+        parts
+    };
+    let forbidden = Err(api::ApiError::Forbidden(
+        crate::http::authority::REMOTE_RULE.into(),
+    ));
+    let confined = Confined::<Counted>::from_request_parts(&mut parts(Caller::Remote), &state)
+        .await
+        .map(|_| ());
+    assert_eq!(confined, forbidden);
+    let controlled = Controlled::<Counted>::from_request_parts(&mut parts(Caller::Remote), &state)
+        .await
+        .map(|_| ());
+    assert_eq!(controlled, forbidden);
+    assert_eq!(
+        COUNTED_PARSES.load(Ordering::SeqCst),
+        0,
+        "parsed for a remote caller"
+    );
+    // The counter counts: the node's query is parsed (whatever the answer here).
+    let _ = Confined::<Counted>::from_request_parts(&mut parts(Caller::Node), &state).await;
+    assert_eq!(COUNTED_PARSES.load(Ordering::SeqCst), 1);
+    // Through the router: the same 403 as before, on every route that parses a scope.
+    for (method, uri) in [
+        ("GET", "/drained?port=8080&timeout=0&netns=4026531840"),
+        ("POST", "/drain?port=8080&timeout=1m&netns=/run/netns/x"),
+        ("DELETE", "/drain?port=8080&netns=1"),
+        ("GET", "/connections?netns=1"),
+    ] {
+        let (status, body) = request_as(&state, Caller::Remote, method, uri).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}: {body}");
+        assert_eq!(body["error"], crate::http::authority::REMOTE_RULE);
+    }
+}
+
 /// Issue 22: as user `nobody`, a drain with `on_timeout=close` reset a root service's
 /// connections. A local user controls only ports whose sockets are all its own, in
 /// the node's own namespace; it may still wait on any port there.
@@ -566,6 +672,66 @@ async fn a_local_user_controls_only_its_own_ports() {
     );
     let (status, _) = request_as(&state, user, "DELETE", "/drain?port=8080").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// A local user was told which namespace files exist: a path to another namespace that
+/// exists was 403 (another namespace), a missing one 400 (refused path). Whatever it
+/// names outside the node's own namespace — there or not, an inode or a path, refused for
+/// its form — it now gets one answer, as a pod does; the node is still told precisely.
+#[tokio::test]
+async fn a_local_user_cannot_tell_which_namespaces_exist() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    // The node's namespace is 1 here, so this process's real one is "another namespace".
+    let existing = format!("/proc/{}/ns/net", std::process::id());
+    let existing_inode = netns::inode_of(std::path::Path::new(&existing))
+        .expect("own netns")
+        .to_string();
+    let missing = "/run/netns/drain-agent-test-no-such-namespace";
+    let asked = [
+        existing.as_str(),
+        existing_inode.as_str(),
+        missing,
+        "/proc/4294967295/ns/net",
+        "1",
+        "/proc/1/ns/mnt",
+        "/root",
+    ];
+    let user = Caller::LocalUser { uid: Some(1000) };
+    for (method, route) in [
+        ("GET", "/drained?port=8080&timeout=0"),
+        ("POST", "/drain?port=8080&timeout=1m"),
+        ("GET", "/connections?port=8080"),
+    ] {
+        let mut answers = Vec::new();
+        for netns in asked {
+            let uri = format!("{route}&netns={netns}");
+            answers.push(request_as(&state, user, method, &uri).await);
+        }
+        let (status, body) = &answers[0];
+        assert_eq!(*status, StatusCode::FORBIDDEN, "{method} {route}: {body}");
+        for (netns, answer) in asked.iter().zip(&answers) {
+            assert_eq!(answer, &answers[0], "{method} {route}&netns={netns}");
+        }
+    }
+    // The node is told precisely.
+    let node = |netns: &str| {
+        let (state, uri) = (
+            state.clone(),
+            format!("/drained?port=8080&timeout=0&netns={netns}"),
+        );
+        async move { request(&state, "GET", &uri).await }
+    };
+    let (status, body) = node(&existing).await;
+    assert!(
+        status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{body}"
+    );
+    refused(
+        node(missing).await,
+        StatusCode::BAD_REQUEST,
+        netns::REFUSED_PATH,
+    );
+    refused(node("1").await, StatusCode::NOT_FOUND, "inode 1");
 }
 
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P`, and a
