@@ -1,8 +1,8 @@
 //! `--pod-listen`: the agent's API inside every pod's network namespace. Pods are network
 //! namespaces with veth pairs to the host (10.213.3x.0/30, addresses that exist only in
 //! this test); the real agent binary serves inside them. A pod's requests answer for that
-//! pod only; the kubelet-style caller (the host, at the pod's IP) is answered, other
-//! callers are refused; a new namespace gets its listener within a second, a deleted one
+//! pod only; the kubelet-style caller (root on the host, at the pod's IP) is answered, other
+//! callers (another user on the host among them) are refused; a new namespace gets its listener within a second, a deleted one
 //! is let go (no socket of the agent pins it); a pod holding the port keeps it; and
 //! SIGTERM answers waiters on every listener.
 #![allow(
@@ -23,7 +23,9 @@ use std::{
 };
 
 use common::{
-    Agent, Netns, free_port, kernel_available,
+    Agent, Netns, free_port,
+    http::curl,
+    kernel_available,
     pod::{Pod, connect},
     run, wait_until,
 };
@@ -459,4 +461,149 @@ fn the_api_inside_every_pod() {
     .expect("probe");
     assert_eq!(status, 0);
     drop(squatter_server);
+}
+
+/// Only root of the node acts for a pod from the node: the in-pod listener answers a caller
+/// from a node address (the kubelet's `httpGet`) by the owner of its socket in the node's
+/// namespace. `curl` as uid 65534 at the pod's IPv4 and IPv6 address (a dual-stack
+/// `[::]` listener: the IPv4 caller arrives IPv4-mapped) may neither start a drain of the
+/// pod's port (which closes its clients at the deadline with `on_timeout=close`) nor read
+/// its clients' addresses, and nothing changes; root's same request is answered as before.
+/// Before the fix every caller from a node address was the pod itself: 201 for uid 65534.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn only_root_of_the_node_acts_for_a_pod_at_its_address() {
+    if !kernel_available("only_root_of_the_node_acts_for_a_pod_at_its_address") {
+        return;
+    }
+    const NOBODY: u32 = 65_534;
+    let pid = std::process::id();
+    let prefix = format!("da-pu{pid}-");
+    let pod = Pod::new(&format!("pu{pid}-a"), 35);
+    // IPv6 beside the pod's IPv4 (`nodad`: usable at once).
+    let (host_v6, pod_v6) = ("fd00:213:35::1", "fd00:213:35::2");
+    run(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{host_v6}/64"),
+            "dev",
+            &pod.host_link,
+            "nodad",
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod.netns.name,
+            "addr",
+            "add",
+            &format!("{pod_v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let pod_port = free_port();
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &format!("[::]:{pod_port}"),
+        "--pod-netns-prefix",
+        &prefix,
+    ]);
+    wait_until("the pod listener", Duration::from_secs(5), || {
+        agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(1.0)
+    });
+    let port = free_port();
+    let server = pod.listen(port);
+    let _clients = connect(&pod.ip, port, 2, &server);
+    let pod_urls = [
+        format!("http://{}:{pod_port}", pod.ip),
+        format!("http://[{pod_v6}]:{pod_port}"),
+    ];
+    let drains_in_progress = || {
+        let (status, body) = agent.get_json("/drains");
+        assert_eq!(status, 200, "{body}");
+        body["in_progress"].as_array().expect("in_progress").len()
+    };
+    for base in &pod_urls {
+        let (status, body) = curl(
+            None,
+            Some(NOBODY),
+            "POST",
+            &format!("{base}/drain?port={port}&timeout=1s&on_timeout=close"),
+        );
+        println!("uid {NOBODY} POST /drain at {base}: {status} {body}");
+        assert_eq!(status, 403, "{base}: {body}");
+        assert!(body.contains("root"), "{base}: says who may: {body}");
+        for path in [
+            format!("/connections?port={port}&peers=true"),
+            format!("/drained?port={port}&timeout=0"),
+            "/drains".to_owned(),
+        ] {
+            let (status, body) = curl(None, Some(NOBODY), "GET", &format!("{base}{path}"));
+            assert_eq!(status, 403, "{base}{path}: {body}");
+            assert!(!body.contains("10.213.35.1"), "{base}{path}: {body}");
+        }
+        assert_eq!(drains_in_progress(), 0, "{base}: uid {NOBODY} started none");
+    }
+    // The clients are there still, past the refused drain's deadline.
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.active(port), 2);
+
+    // Root (the kubelet) at either address: answered as the pod, as before.
+    for base in &pod_urls {
+        let (status, body) = curl(
+            None,
+            None,
+            "POST",
+            &format!("{base}/drain?port={port}&timeout=30s"),
+        );
+        assert_eq!(status, 201, "{base}: {body}");
+        assert_eq!(drains_in_progress(), 1, "{base}");
+        let (status, body) = curl(
+            None,
+            None,
+            "GET",
+            &format!("{base}/connections?port={port}&peers=true"),
+        );
+        assert_eq!(status, 200, "{base}: {body}");
+        assert!(body.contains(&pod.ip), "{base}: {body}");
+        let (status, body) = curl(None, None, "DELETE", &format!("{base}/drain?port={port}"));
+        assert_eq!(status, 200, "{base}: {body}");
+        assert_eq!(drains_in_progress(), 0, "{base}");
+    }
+    // The pod itself, on its loopback, is the pod whoever runs the call there (no socket
+    // of the node's is asked about): `nsenter` as root, then `curl` as uid 65534.
+    let inside = Command::new("nsenter")
+        .arg(format!("--net={}", pod.netns.path()))
+        .args([
+            "setpriv",
+            "--reuid",
+            &NOBODY.to_string(),
+            "--regid",
+            &NOBODY.to_string(),
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{pod_port}/connections?port={port}&peers=true"
+        ))
+        .output()
+        .expect("curl inside the pod");
+    assert_eq!(
+        String::from_utf8_lossy(&inside.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
 }

@@ -227,9 +227,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         drains: Arc::clone(&drains),
         authority: Arc::clone(&authority),
     });
+    // The node's socket tables: they tell a local caller of the node listener, and a caller
+    // from a node address of a pod listener, by its socket's owner.
+    let sockets: Arc<dyn crate::http::identify::ClientSockets> =
+        Arc::new(crate::http::identify::SocketTables);
     let identify = crate::http::identify::Identify {
         authority,
-        sockets: Arc::new(crate::http::identify::SocketTables),
+        sockets: Arc::clone(&sockets),
         tokens,
     };
     info!("serving on http://{address} (attached with {attach})");
@@ -270,7 +274,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let metrics = Arc::clone(&state.metrics);
             let phases = phases.clone();
             Some(tokio::spawn(async move {
-                serve_in_pods(options, pod_state, endpoints, &metrics, phases, pods_opened).await
+                serve_in_pods(
+                    options,
+                    pod_state,
+                    endpoints,
+                    sockets,
+                    &metrics,
+                    phases,
+                    pods_opened,
+                )
+                .await
             }))
         }
         None => {

@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | [`Caller::Node`] | its socket in the node's tables is root's; or a configured bearer token | everything | everything |
 //! | [`Caller::LocalUser`] | its socket in the node's tables is another user's | the node's own namespace | ports whose sockets there are all its own |
-//! | [`Caller::Pod`] | a pod listener; or on the node listener, a source address of exactly one pod namespace | its namespace | its namespace |
+//! | [`Caller::Pod`] | a pod listener (loopback; from a node address, a socket of root's there: `http/pods/callers.rs`); or on the node listener, a source address of exactly one pod namespace | its namespace | its namespace |
 //! | [`Caller::Remote`] | anyone else | `/metrics`, `/healthz`, `/health` | nothing |
 //!
 //! A request that reaches a handler without a caller (no identification layer ran) is

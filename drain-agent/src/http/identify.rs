@@ -155,14 +155,7 @@ impl Identify {
             };
         }
         if let Some(server) = server {
-            let sockets = Arc::clone(&self.sockets);
-            let client = SocketAddr::new(canonical_addr(peer.ip()), peer.port());
-            let server = SocketAddr::new(canonical_addr(server.ip()), server.port());
-            let found = tokio::task::spawn_blocking(move || sockets.owner_of(client, server))
-                .await
-                .map_err(|problem| anyhow::anyhow!("the socket lookup failed: {problem}"))
-                .and_then(|found| found);
-            match found {
+            match client_owner(&self.sockets, peer, server).await {
                 Ok(Some(0)) => return Ok(Caller::Node),
                 Ok(Some(uid)) => return Ok(Caller::LocalUser { uid: Some(uid) }),
                 Ok(None) => {}
@@ -180,6 +173,32 @@ impl Identify {
             None => Caller::Remote,
         })
     }
+}
+
+/// The owner of the caller's own socket in the node's tables: the client end `peer` of the
+/// connection to `server`, both as this agent's socket sees them (IPv4-mapped addresses
+/// taken as IPv4: the tables are asked in both families). `None`: no such socket that can
+/// be waiting for an answer (the connection was translated on its way, or comes from
+/// another namespace or host). The node listener ([`Identify::caller`]) and the pod
+/// listeners (`http/pods/callers.rs`) both ask here.
+///
+/// The lookup is a netlink request: it runs on a blocking thread, not on the runtime's
+/// workers, and is bounded by the netlink socket's receive timeout (`sys/netlink`). Every
+/// thread of the agent but the short-lived ones that enter a pod's namespace
+/// (`netns::run_in`, threads of their own) is in the node's namespace, so the tables asked
+/// are the node's.
+pub async fn client_owner(
+    sockets: &Arc<dyn ClientSockets>,
+    peer: SocketAddr,
+    server: SocketAddr,
+) -> Result<Option<u32>> {
+    let sockets = Arc::clone(sockets);
+    let client = SocketAddr::new(canonical_addr(peer.ip()), peer.port());
+    let server = SocketAddr::new(canonical_addr(server.ip()), server.port());
+    tokio::task::spawn_blocking(move || sockets.owner_of(client, server))
+        .await
+        .map_err(|problem| anyhow::anyhow!("the socket lookup failed: {problem}"))
+        .and_then(|found| found)
 }
 
 fn is_loopback(ip: IpAddr) -> bool {

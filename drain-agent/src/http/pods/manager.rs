@@ -16,7 +16,7 @@ use tokio::{sync::watch, task::JoinSet};
 
 use super::{
     OwnEndpoints, PodListenOptions,
-    callers::{NodeAddresses, node_or_loopback_only},
+    callers::{NodeCallers, pod_or_node_root_only},
     open::{Bind, bind_in, open_steered},
 };
 use crate::{
@@ -46,7 +46,8 @@ pub(super) struct Manager {
     pub(super) options: PodListenOptions,
     pub(super) state: Arc<AppState>,
     pub(super) endpoints: Arc<dyn OwnEndpoints>,
-    pub(super) node: NodeAddresses,
+    /// Who is answered from beyond the pod (bound beyond loopback): root of the node.
+    pub(super) node: NodeCallers,
     pub(super) own_netns: u32,
     pub(super) listening: BTreeMap<u32, Listening>,
     /// Namespaces where an application holds the address (binding fallback only): left
@@ -80,7 +81,7 @@ impl Manager {
             }
         };
         match addresses {
-            Ok(addresses) => self.node.set(addresses),
+            Ok(addresses) => self.node.addresses.set(addresses),
             Err(problem) => debug!("cannot read the node's addresses: {problem:#}"),
         }
         let gone: Vec<u32> = self
@@ -235,7 +236,7 @@ impl Manager {
         }
         let mut app = router(Arc::clone(&self.state)).layer(Extension(PodScope { netns: inode }));
         if !addr.ip().is_loopback() {
-            app = app.layer(from_fn_with_state(self.node.clone(), node_or_loopback_only));
+            app = app.layer(from_fn_with_state(self.node.clone(), pod_or_node_root_only));
         }
         let (stop_listener, stopped) = watch::channel(false);
         let agent_stop = self.stop.clone();

@@ -13,7 +13,8 @@
 //!
 //! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
 //! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
-//! from the node's own addresses (the kubelet calls the pod IP from the node) are answered,
+//! root of the node are answered (the kubelet calls the pod IP from the node: a caller
+//! from a node address is told by its socket's owner in the node's tables, `callers.rs`),
 //! others get 403.
 //!
 //! The port is taken from no pod: the socket is on loopback at a port the kernel picks, and
@@ -53,10 +54,14 @@ use log::{info, warn};
 use prometheus::{IntGaugeVec, Opts};
 use tokio::{sync::watch, task::JoinSet, time::Instant};
 
-use self::{callers::NodeAddresses, manager::Manager};
+use self::{
+    callers::{NodeAddresses, NodeCallers},
+    manager::Manager,
+};
 use crate::{
     http::AppState,
     http::handover::{Handover, StopPhase},
+    http::identify::ClientSockets,
     http::server::ServerLimits,
     kernel::steer::SteerLink,
     metrics::Metrics,
@@ -110,11 +115,13 @@ pub struct PodListenOptions {
 /// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
 /// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
 /// `opened` is told once the namespaces there at the start are served (the seeding walk
-/// waits for it).
+/// waits for it). `sockets`: the node's socket tables, which tell a caller from a node
+/// address by its socket's owner (only root's is answered).
 pub async fn serve_in_pods(
     options: PodListenOptions,
     state: Arc<AppState>,
     endpoints: Arc<dyn OwnEndpoints>,
+    sockets: Arc<dyn ClientSockets>,
     metrics: &Metrics,
     mut stop: watch::Receiver<StopPhase>,
     opened: tokio::sync::oneshot::Sender<()>,
@@ -136,7 +143,10 @@ pub async fn serve_in_pods(
             None
         }
     };
-    let node = NodeAddresses::default();
+    let node = NodeCallers {
+        addresses: NodeAddresses::default(),
+        sockets,
+    };
     let steer = match endpoints.steering_problem() {
         None => {
             info!(
@@ -169,7 +179,7 @@ pub async fn serve_in_pods(
         stop: stop.clone(),
     };
     info!(
-        "serving inside pod network namespaces on {} (node-level callers: loopback and this node's addresses)",
+        "serving inside pod network namespaces on {} (callers: the pod itself on loopback, and root of this node from its addresses)",
         manager.options.addr
     );
     let mut burst_until: Option<Instant> = None;
