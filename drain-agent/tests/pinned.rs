@@ -579,3 +579,37 @@ fn marks_a_killed_agent_left_are_cleared_at_adoption() {
     );
     assert_eq!(ss_count(service.port, None), 4);
 }
+
+/// Found by an audit: the per-CPU duration histograms had room for every port, 120 bytes
+/// per port per possible CPU, never freed: a pod that opened and closed connections on many
+/// ports of its own namespace could make them take 7.5 MiB per CPU (480 MiB on a 64-CPU
+/// node) of kernel memory charged to the agent. Their room is now sized by the CPU count
+/// (`kernel::budget`): the map the agent loads stays within the budget on this machine,
+/// whatever its CPU count.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_duration_histograms_stay_within_their_kernel_memory_budget() {
+    let test = "the_duration_histograms_stay_within_their_kernel_memory_budget";
+    if !kernel_available(test) {
+        return;
+    }
+    use drain_agent::kernel::budget::{DURATIONS_BUDGET, duration_ports, possible_cpus};
+    let pins = PinDir::new();
+    let agent = Agent::start(&["--pin-dir", &pins.arg()]);
+    let [layout] = layouts(&pins).try_into().expect("one layout");
+    let map =
+        aya::maps::MapData::from_pin(pins.path.join(layout).join("DURATIONS")).expect("DURATIONS");
+    let info = map.info().expect("map info");
+    let cpus = possible_cpus().expect("possible CPUs");
+    let bytes = u64::from(info.max_entries())
+        * u64::from(info.value_size()).div_ceil(8)
+        * 8
+        * u64::from(cpus);
+    assert!(
+        bytes <= DURATIONS_BUDGET,
+        "DURATIONS has room for {} ports: {bytes} bytes of values on {cpus} CPUs",
+        info.max_entries()
+    );
+    assert_eq!(info.max_entries(), duration_ports(cpus));
+    drop(agent);
+}

@@ -20,7 +20,7 @@ use super::{
     AttachMethod, EBPF_OBJECT, Kernel, KernelMaps, KernelOptions, KernelState, Origin,
     attach::{TRACEPOINT_CATEGORY, TRACEPOINT_NAME, attach},
     btf::{self, Btf, LoadingBtf, VMLINUX_BTF, Wanted},
-    destroy, pin,
+    budget, destroy, pin,
     pin::{Adoptable, PinDir, Publication},
     pod::load_pod_seeder,
     prealloc, rcu, steer,
@@ -30,9 +30,13 @@ use super::{
 /// The choices besides the object's bytes that make a pinned layout unfit for this agent:
 /// map sizes and flags, how the handler is attached, what it counts (the in-pod port, the
 /// kernel's field offsets).
-fn layout_facts(options: &KernelOptions, offsets: &drain_agent_common::KernelOffsets) -> String {
+fn layout_facts(
+    options: &KernelOptions,
+    offsets: &drain_agent_common::KernelOffsets,
+    duration_ports: u32,
+) -> String {
     format!(
-        "max_connections={} max_endpoints={} preallocate_sockets={} attach={} pod_port={} offsets={offsets:?}",
+        "max_connections={} max_endpoints={} duration_ports={duration_ports} preallocate_sockets={} attach={} pod_port={} offsets={offsets:?}",
         options.max_connections,
         options.max_endpoints,
         options.preallocate_sockets,
@@ -102,10 +106,19 @@ impl Kernel {
             .and_then(|btf| Ok((btf.kernel_offsets()?, loading_btf(&btf)?)))
             .context("cannot find socket field offsets in the kernel's BTF (is CONFIG_DEBUG_INFO_BTF set?)")?;
         debug!("kernel offsets: {offsets:?}");
+        let cpus = budget::possible_cpus()?;
+        let duration_ports = budget::duration_ports(cpus);
+        debug!(
+            "duration histograms: room for {duration_ports} ports on {cpus} possible CPUs ({} KiB at most)",
+            budget::durations_bytes(duration_ports, cpus) >> 10
+        );
         let pins = match &options.pin_dir {
             Some(dir) => PinDir::open(
                 dir,
-                pin::layout_name(EBPF_OBJECT, &layout_facts(options, &offsets)),
+                pin::layout_name(
+                    EBPF_OBJECT,
+                    &layout_facts(options, &offsets, duration_ports),
+                ),
             )?,
             None => None,
         };
@@ -114,8 +127,13 @@ impl Kernel {
         if let (Some(pins), Some(true)) = (&pins, held) {
             match pins.adoptable() {
                 Some(found) => {
-                    match Self::load_from(options, &offsets, loading.clone().build()?, Some(&found))
-                    {
+                    match Self::load_from(
+                        options,
+                        &offsets,
+                        duration_ports,
+                        loading.clone().build()?,
+                        Some(&found),
+                    ) {
                         Ok(kernel) => {
                             info!(
                                 "kernel state adopted from {}: the pinned handler kept counting while no agent ran (attached with {}); a repair walk checks it before it is vouched for",
@@ -135,7 +153,7 @@ impl Kernel {
         }
         let mut kernel = match adopted {
             Some(kernel) => kernel,
-            None => Self::load_from(options, &offsets, loading.build()?, None)?,
+            None => Self::load_from(options, &offsets, duration_ports, loading.build()?, None)?,
         };
         kernel.take_ownership(pins, held.unwrap_or(false))?;
         Ok(kernel)
@@ -144,6 +162,7 @@ impl Kernel {
     fn load_from(
         options: &KernelOptions,
         offsets: &drain_agent_common::KernelOffsets,
+        duration_ports: u32,
         aya_btf: aya::Btf,
         adopt: Option<&Adoptable>,
     ) -> Result<Self> {
@@ -159,7 +178,9 @@ impl Kernel {
             .override_global("POD_PORT", &options.pod_port, true)
             .map_max_entries("SOCKETS", options.max_connections)
             .map_max_entries("COUNTS", options.max_endpoints)
-            .map_max_entries("LISTENERS", options.max_endpoints);
+            .map_max_entries("LISTENERS", options.max_endpoints)
+            // Per CPU: sized by the CPU count (`budget`).
+            .map_max_entries("DURATIONS", duration_ports);
         if let Some(found) = adopt {
             // aya opens a map pinned at the path instead of making one (`map_pin_path`);
             // `PinDir::adoptable` checked that every one is there.

@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod btf;
+pub mod budget;
 pub mod destroy;
 pub mod events;
 mod forget;
