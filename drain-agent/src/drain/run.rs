@@ -87,6 +87,9 @@ impl Drains {
                 )
             }
         };
+        // The verdict is taken: a request arriving from now on waits for this drain to end
+        // and starts a fresh one, rather than get an answer about a time before it asked.
+        self.decide(&drain);
         let record = {
             let mut record = lock(&drain.record);
             record.result = Some(result);

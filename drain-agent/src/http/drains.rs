@@ -28,13 +28,26 @@ pub(super) async fn start_drain(
     Controlled(Posted(request)): Controlled<Posted>,
 ) -> Response {
     state.drains.catch_up().await;
-    let (record, created) = match state.drains.post(request.spec()) {
+    let (record, created) = match state.drains.post(request.spec()).await {
         Ok(started) => started,
         Err(JoinError::Full) => {
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "as many drains as --max-waiters allows are in progress; retry later",
             );
+        }
+        Err(JoinError::Ending(id)) => {
+            // Its verdict is about a time before this request: neither joined nor lost.
+            return (
+                [(header::RETRY_AFTER, "1")],
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "drain {id} of this scope has ended and is still writing its record; retry"
+                    ),
+                ),
+            )
+                .into_response();
         }
         Err(JoinError::Conflict(id, difference)) => {
             return ApiError::Conflict(format!(
