@@ -538,3 +538,64 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
     assert_eq!(second.outcome.active, 1, "{second:?}");
     assert_ne!(second.drain, first.drain, "B joined the decided drain");
 }
+
+/// Audit (drain lifecycle): a restored `on_timeout=close` drain whose deadline passed while
+/// no agent ran closed at once, before the seeding walk had counted the connections open
+/// before the start. On fresh kernel state only tracked connections can be closed: it
+/// closed none, recorded `closed_at_deadline`, and the connections stayed open. The close
+/// at a deadline waits until the seeding has ended.
+#[tokio::test]
+async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    *lock(&source.doubts) = vec![crate::doubt::Doubt::Seeding];
+    let peer = Peer {
+        remote: "10.0.0.2:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let (closer, _entered, release) = HeldCloser::new();
+    // Its listeners() answers at once here.
+    for _ in 0..4 {
+        release.send(()).expect("release");
+    }
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&tracker),
+        Some(Arc::clone(&closer) as Arc<dyn Closer>),
+        None,
+        None,
+        4,
+    ));
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_millis(50))
+    };
+    let (record, _) = drains.post(close).await.expect("room");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        lock(&closer.closes).is_empty(),
+        "closed before the seeding walk ended: {:?}",
+        lock(&closer.closes)
+    );
+    assert_eq!(drains.list().0.len(), 1, "still in progress");
+    let seeded_at = std::time::Instant::now();
+    lock(&source.doubts).clear();
+    tracker.walk_ended();
+    let ended = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(ended.id, record.id);
+    assert_eq!(ended.result, Some(DrainEnd::ClosedAtDeadline), "{ended:?}");
+    assert_eq!(ended.closed_by_agent, 1, "{ended:?}");
+    let closes = lock(&closer.closes).clone();
+    assert_eq!(closes.len(), 1, "{closes:?}");
+    assert!(closes[0].0 >= seeded_at, "closed before the seeding ended");
+}
