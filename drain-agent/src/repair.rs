@@ -102,6 +102,9 @@ pub async fn repair_missed_changes(
 ) {
     if let FirstWalk::Seed { ready } = first {
         seed(&kernel, ready).await;
+        // A close at a drain's deadline waits for this (`Tracker::seeded`): only tracked
+        // connections can be closed.
+        tracker.walk_ended();
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

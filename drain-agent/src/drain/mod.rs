@@ -36,7 +36,7 @@ use crate::{
 };
 
 pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate};
-pub use registry::Membership;
+pub use registry::{ENDING_WAIT, Membership};
 pub use saved::Saved;
 
 /// How a drain ended.
@@ -165,6 +165,9 @@ pub enum JoinError {
     Full,
     /// The drain in progress of this scope has other settings (named, with its id).
     Conflict(u64, String),
+    /// The drain of this scope (its id) has taken its verdict and did not end within
+    /// [`registry::ENDING_WAIT`]: a request must not get that verdict, nor join it.
+    Ending(u64),
 }
 
 /// What a drain came to: the answer its waiters get.

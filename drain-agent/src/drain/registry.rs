@@ -31,6 +31,9 @@ pub(super) struct Running {
     pub(super) posted: AtomicBool,
     /// `/drained` waiters attached now.
     waiters: AtomicUsize,
+    /// Its verdict is taken (set under the registry's lock, see [`Drains::decide`]): it is
+    /// ending (its listeners read, its record written) and nobody joins it any more.
+    decided: AtomicBool,
 }
 
 impl Running {
@@ -51,6 +54,7 @@ impl Running {
             finished: watch::channel(None).0,
             posted: AtomicBool::new(posted),
             waiters: AtomicUsize::new(usize::from(!posted)),
+            decided: AtomicBool::new(false),
         })
     }
 
@@ -63,6 +67,20 @@ impl Running {
             }
         });
     }
+}
+
+/// How long a request for a scope waits for the scope's drain to end once that drain's
+/// verdict is taken: the drain then reads the scope's listeners (a netlink query per
+/// namespace) and writes its record (an fsync), normally milliseconds. Past it the request
+/// is told the drain is still ending ([`JoinError::Ending`]).
+pub const ENDING_WAIT: Duration = Duration::from_secs(10);
+
+/// What one look at the registry found for a scope.
+enum Started {
+    /// The drain started (`true`) or joined.
+    Drain(Arc<Running>, bool),
+    /// The scope's drain has taken its verdict and is ending.
+    Ending(Arc<Running>),
 }
 
 /// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
@@ -107,8 +125,8 @@ impl Drop for Membership {
 impl Drains {
     /// `POST /drain`: starts a drain of `spec.filter`, or returns the one in progress for
     /// that scope (`false`), which from now on lives until its timeout or `DELETE`.
-    pub fn post(self: &Arc<Self>, spec: DrainSpec) -> Result<(DrainRecord, bool), JoinError> {
-        let (drain, created) = self.start(spec, true)?;
+    pub async fn post(self: &Arc<Self>, spec: DrainSpec) -> Result<(DrainRecord, bool), JoinError> {
+        let (drain, created) = self.start(spec, true).await?;
         drain.posted.store(true, Ordering::Release);
         let record = lock(&drain.record).clone();
         Ok((record, created))
@@ -116,27 +134,49 @@ impl Drains {
 
     /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
     /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
-    pub fn join(self: &Arc<Self>, spec: DrainSpec) -> Result<(Membership, bool), JoinError> {
-        let (drain, created) = self.start(spec, false)?;
+    pub async fn join(self: &Arc<Self>, spec: DrainSpec) -> Result<(Membership, bool), JoinError> {
+        let (drain, created) = self.start(spec, false).await?;
         Ok((Membership { drain }, created))
     }
 
     /// The drain of `spec.filter`, started now (`true`) or in progress, with one more
-    /// waiter attached unless `posted`.
-    fn start(
+    /// waiter attached unless `posted`. A drain whose verdict is taken is never joined: its
+    /// verdict is about a time before this request (a connection may have opened since).
+    /// The request waits for it to end (at most [`ENDING_WAIT`], on its `finished`, not
+    /// polling) and then starts or joins the scope's next one.
+    async fn start(
         self: &Arc<Self>,
         spec: DrainSpec,
         posted: bool,
     ) -> Result<(Arc<Running>, bool), JoinError> {
+        let limit = tokio::time::Instant::now() + ENDING_WAIT;
+        loop {
+            let ending = match self.start_now(&spec, posted)? {
+                Started::Drain(drain, created) => return Ok((drain, created)),
+                Started::Ending(ending) => ending,
+            };
+            let mut finished = ending.finished.subscribe();
+            let ended = tokio::time::timeout_at(limit, finished.wait_for(Option::is_some)).await;
+            if !matches!(ended, Ok(Ok(_))) {
+                return Err(JoinError::Ending(lock(&ending.record).id));
+            }
+        }
+    }
+
+    /// [`Drains::start`]'s one look at the registry, under its lock.
+    fn start_now(self: &Arc<Self>, spec: &DrainSpec, posted: bool) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
-            if let Some(difference) = existing.spec.conflict(&spec) {
+            if existing.decided.load(Ordering::Acquire) {
+                return Ok(Started::Ending(Arc::clone(existing)));
+            }
+            if let Some(difference) = existing.spec.conflict(spec) {
                 return Err(JoinError::Conflict(lock(&existing.record).id, difference));
             }
             if !posted {
                 existing.waiters.fetch_add(1, Ordering::AcqRel);
             }
-            return Ok((Arc::clone(existing), false));
+            return Ok(Started::Drain(Arc::clone(existing), false));
         }
         if running.len() >= self.max_running {
             return Err(JoinError::Full);
@@ -169,7 +209,16 @@ impl Drains {
             spec.timeout
         );
         self.launch(Arc::clone(&drain));
-        Ok((drain, true))
+        Ok(Started::Drain(drain, true))
+    }
+
+    /// Marks `drain`'s verdict taken: from now on a request for its scope waits for it to
+    /// end instead of joining it. Under the registry's lock, so that a request either joined
+    /// before (the verdict covers its whole wait, which began before it was taken) or sees
+    /// the mark.
+    pub(super) fn decide(&self, drain: &Running) {
+        let _running = lock(&self.running);
+        drain.decided.store(true, Ordering::Release);
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.

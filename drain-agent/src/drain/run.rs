@@ -13,6 +13,13 @@ use crate::{
     tracker::{DrainOutcome, Filter, REPORT_BUDGET, WaitError},
 };
 
+/// How long a close at a drain's deadline waits for the seeding walk (the first walk of the
+/// sockets after a start on fresh kernel state: it begins within 3 s,
+/// `repair::SEED_AFTER_AT_MOST`, and takes milliseconds per network namespace, seconds with
+/// hundreds of pods): until it has ended, the connections open before the start are not
+/// tracked and cannot be closed. A failed seeding is retried every 5 s: the bound allows one.
+pub const CLOSE_SEED_WAIT: Duration = Duration::from_secs(10);
+
 impl Drains {
     /// One drain, from start to record.
     pub(super) async fn run(self: Arc<Self>, drain: Arc<Running>) {
@@ -26,6 +33,21 @@ impl Drains {
         let waited = tokio::select! {
             outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
             end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
+        };
+        // A close at the deadline first waits for the seeding walk (see `await_seeding`);
+        // a cancel meanwhile ends the drain as before its deadline.
+        let waited = match waited {
+            Ok(Ok(outcome))
+                if !outcome.drained
+                    && spec.on_timeout == OnTimeout::Close
+                    && !self.tracker.shutting_down() =>
+            {
+                let id = lock(&drain.record).id;
+                self.await_seeding(id, &mut cancel)
+                    .await
+                    .map(|()| Ok(outcome))
+            }
+            other => other,
         };
         let mut closed = 0;
         let (result, outcome) = match waited {
@@ -87,6 +109,9 @@ impl Drains {
                 )
             }
         };
+        // The verdict is taken: a request arriving from now on waits for this drain to end
+        // and starts a fresh one, rather than get an answer about a time before it asked.
+        self.decide(&drain);
         let record = {
             let mut record = lock(&drain.record);
             record.result = Some(result);
@@ -128,6 +153,33 @@ impl Drains {
         // Ended (and its gate held, if it holds one): after the answer, which must not wait
         // for a second sync. A crash in between resumes the drain, which ends again.
         self.save().await;
+    }
+
+    /// Before a close at the deadline: waits until the seeding walk has counted the
+    /// connections open before the start (at most [`CLOSE_SEED_WAIT`]), or the drain is
+    /// cancelled (`Err`, its end). On fresh kernel state only the connections the handler
+    /// tracks can be closed (`kernel/destroy/`), and those open before the start are
+    /// tracked once that walk has counted them: a drain restored past its deadline reaches
+    /// its close at once, before the walk, and closed nothing. Past the bound it closes
+    /// what is tracked, and says why the rest stays open.
+    async fn await_seeding(
+        &self,
+        id: u64,
+        cancel: &mut tokio::sync::watch::Receiver<Option<DrainEnd>>,
+    ) -> Result<(), DrainEnd> {
+        tokio::select! {
+            seeded = self.tracker.seeded(CLOSE_SEED_WAIT) => {
+                if !seeded && !self.tracker.shutting_down() {
+                    log::warn!(
+                        "drain {id}: the seeding walk has not counted the connections open before the agent started after {CLOSE_SEED_WAIT:?}: closing those it tracks; the others stay open"
+                    );
+                }
+                Ok(())
+            }
+            end = cancel.wait_for(Option::is_some) => {
+                Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled))
+            }
+        }
     }
 
     /// A not-drained outcome with the count now (a drain that ended before its wait did).

@@ -27,8 +27,11 @@ use crate::{
 /// Whether [`Drains::save`] left the drains and gates as they are now on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Saved {
-    /// On disk, or nothing to keep there (no state file; the agent stopping).
+    /// On disk, or nothing to keep there (no state file).
     Yes,
+    /// Not written: the agent is stopping, and what is on disk stays (to resume at the next
+    /// start). A change made now would not be on disk: `POST` and `DELETE /drain` refuse it.
+    Stopping,
     /// Not on disk (the write failed, or a third agent keeps them in memory only): they
     /// would not survive a restart of the agent. Said on the answer and in the metrics.
     No,
@@ -241,7 +244,8 @@ impl Drains {
         let written =
             tokio::task::spawn_blocking(move || file.write_with(|role| drains.saved(role))).await;
         match written {
-            Ok(Ok(Written::OnDisk | Written::Nothing)) => Saved::Yes,
+            Ok(Ok(Written::OnDisk)) => Saved::Yes,
+            Ok(Ok(Written::Nothing)) => Saved::Stopping,
             // Warned at start (`StateFile::open`).
             Ok(Ok(Written::InMemoryOnly)) => Saved::No,
             Ok(Err(problem)) => {

@@ -46,12 +46,12 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut posted = spec(Duration::from_secs(600));
     posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
     posted.given.ignore = true;
-    let (record, _) = drains.post(posted.clone()).expect("room");
+    let (record, _) = drains.post(posted.clone()).await.expect("room");
     let joined = DrainSpec {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (_membership, _) = drains.join(joined).expect("room");
+    let (_membership, _) = drains.join(joined).await.expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -76,10 +76,10 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut other = spec(Duration::from_secs(600));
     other.given.ignore = true;
     assert!(matches!(
-        restored.post(other),
+        restored.post(other).await,
         Err(JoinError::Conflict(id, _)) if id == record.id
     ));
-    assert!(matches!(restored.post(posted), Ok((again, false)) if again.id == record.id));
+    assert!(matches!(restored.post(posted).await, Ok((again, false)) if again.id == record.id));
     // Stopping writes nothing: what is on disk resumes at the next start.
     tracker.begin_shutdown();
     restored.release(&Filter::port(9090));
@@ -104,9 +104,15 @@ fn node(port: u16) -> Asked {
 async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
     let (source, tracker, drains) = registry(2);
     assert!(!drains.gated(&node(8080)));
-    let (first, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
+    let (first, created) = drains
+        .post(spec(Duration::from_secs(60)))
+        .await
+        .expect("room");
     assert!(created);
-    let (again, created) = drains.post(spec(Duration::from_secs(60))).expect("room");
+    let (again, created) = drains
+        .post(spec(Duration::from_secs(60)))
+        .await
+        .expect("room");
     assert!(!created);
     assert_eq!(first.id, again.id);
     assert_eq!(first.active_at_start, 2);
@@ -133,7 +139,10 @@ async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
 #[tokio::test(start_paused = true)]
 async fn cancel_and_timeout_are_recorded() {
     let (_, _, drains) = registry(1);
-    let (started, _) = drains.post(spec(Duration::from_secs(3600))).expect("room");
+    let (started, _) = drains
+        .post(spec(Duration::from_secs(3600)))
+        .await
+        .expect("room");
     let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
     assert_eq!(
         (record.id, record.result),
@@ -141,7 +150,10 @@ async fn cancel_and_timeout_are_recorded() {
     );
     assert!(!drains.gated(&node(8080)));
     assert!(drains.cancel(&Filter::port(8080)).await.is_none());
-    drains.post(spec(Duration::from_secs(2))).expect("room");
+    drains
+        .post(spec(Duration::from_secs(2)))
+        .await
+        .expect("room");
     let record = drains
         .wait_ended(&Filter::port(8080), Duration::from_secs(10))
         .await
@@ -156,9 +168,15 @@ async fn cancel_and_timeout_are_recorded() {
 #[tokio::test(start_paused = true)]
 async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
     let (_, _, drains) = registry(1);
-    let (first, created) = drains.join(spec(Duration::from_secs(600))).expect("room");
+    let (first, created) = drains
+        .join(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
     assert!(created);
-    let (second, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
+    let (second, _) = drains
+        .join(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
     assert_eq!(first.id(), second.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(first);
@@ -178,8 +196,14 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
         "an abandoned drain holds no gate"
     );
     // A POST keeps it running whoever waits.
-    let (waiter, _) = drains.join(spec(Duration::from_secs(600))).expect("room");
-    drains.post(spec(Duration::from_secs(600))).expect("room");
+    let (waiter, _) = drains
+        .join(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
     drop(waiter);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(drains.list().0.len(), 1);
@@ -190,7 +214,10 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
 #[tokio::test(start_paused = true)]
 async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
     let (_, _, drains) = registry(1);
-    drains.post(spec(Duration::from_secs(600))).expect("room");
+    drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
     let close = DrainSpec {
         on_timeout: OnTimeout::Close,
         given: Given {
@@ -199,15 +226,18 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         },
         ..spec(Duration::from_secs(3))
     };
-    match drains.post(close.clone()) {
+    match drains.post(close.clone()).await {
         Err(JoinError::Conflict(_, text)) => {
             assert!(text.contains("on_timeout=keep (asked close)"), "{text}");
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(drains.join(close), Err(JoinError::Conflict(..))));
+    assert!(matches!(
+        drains.join(close).await,
+        Err(JoinError::Conflict(..))
+    ));
     // Settings not named take the drain's: the plain hook joins.
-    assert!(drains.join(spec(Duration::from_secs(3))).is_ok());
+    assert!(drains.join(spec(Duration::from_secs(3))).await.is_ok());
     let quiet = DrainSpec {
         rule: DrainRule {
             quiet: Duration::from_secs(5),
@@ -219,7 +249,10 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         },
         ..spec(Duration::from_secs(30))
     };
-    assert!(matches!(drains.post(quiet), Err(JoinError::Conflict(..))));
+    assert!(matches!(
+        drains.post(quiet).await,
+        Err(JoinError::Conflict(..))
+    ));
 }
 
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and
@@ -239,6 +272,7 @@ async fn one_scopes_drain_never_gates_another() {
             filter: pod_a.clone(),
             ..spec(Duration::from_secs(600))
         })
+        .await
         .expect("room");
     let a_inside = Asked {
         port: 8080,
@@ -277,11 +311,15 @@ async fn one_scopes_drain_never_gates_another() {
             },
             ..spec(Duration::from_secs(600))
         })
+        .await
         .expect("room");
     assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
     assert!(!drains.gated(&node(8080)) && !drains.gated(&b_inside));
     // A node-wide drain covers every pod's port.
-    drains.post(spec(Duration::from_secs(600))).expect("room");
+    drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
     assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
 }
 
@@ -306,7 +344,7 @@ async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
         on_timeout: OnTimeout::Close,
         ..spec(Duration::from_millis(100))
     };
-    let (record, _) = drains.post(close).expect("room");
+    let (record, _) = drains.post(close).await.expect("room");
     let started = std::time::Instant::now();
     let ended = loop {
         if let Some(ended) = drains
@@ -344,7 +382,10 @@ async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept()
         .expect("nothing to retire");
     {
         let (_, _, beside) = saving_registry(0, dir.path());
-        let (record, _) = beside.post(spec(Duration::from_secs(600))).expect("room");
+        let (record, _) = beside
+            .post(spec(Duration::from_secs(600)))
+            .await
+            .expect("room");
         beside.finish(
             &Filter::port(9090),
             DrainRecord {
@@ -386,7 +427,10 @@ async fn a_cancel_racing_a_drains_own_end_still_puts_the_scope_back_in_rotation(
     let journal = Journal::open(&dir.path().join("drains.jsonl"), 1 << 20).expect("journal");
     let drains = Arc::new(Drains::new(tracker, None, Some(journal), None, 4));
     for round in 0..20 {
-        drains.post(spec(Duration::from_secs(600))).expect("room");
+        drains
+            .post(spec(Duration::from_secs(600)))
+            .await
+            .expect("room");
         // The drain runs until it writes its record (nothing is open: drained at once).
         for _ in 0..3 {
             tokio::task::yield_now().await;
@@ -397,4 +441,161 @@ async fn a_cancel_racing_a_drains_own_end_still_puts_the_scope_back_in_rotation(
             "round {round}: out of rotation after DELETE"
         );
     }
+}
+
+/// A closer whose `listeners()` says it was entered, then blocks until released: it holds a
+/// drain between its verdict and its end (the listeners are read after the verdict).
+struct HeldCloser {
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    /// When each `close` was called, and with how many targets.
+    closes: Mutex<Vec<(std::time::Instant, usize)>>,
+}
+
+impl HeldCloser {
+    fn new() -> (
+        Arc<Self>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::SyncSender<()>,
+    ) {
+        let (entered, entered_rx) = std::sync::mpsc::sync_channel(4);
+        let (release_tx, release) = std::sync::mpsc::sync_channel(4);
+        let closer = Arc::new(Self {
+            entered,
+            release: Mutex::new(release),
+            closes: Mutex::default(),
+        });
+        (closer, entered_rx, release_tx)
+    }
+}
+
+impl Closer for HeldCloser {
+    fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
+        lock(&self.closes).push((std::time::Instant::now(), targets.len()));
+        Ok(targets.len() as u64)
+    }
+
+    fn listeners(&self, _filter: &Filter) -> anyhow::Result<Vec<u64>> {
+        let _ = self.entered.send(());
+        let _ = lock(&self.release).recv_timeout(Duration::from_secs(10));
+        Ok(Vec::new())
+    }
+}
+
+/// Audit (drain lifecycle): a waiter that joined a drain between its "drained" verdict and
+/// its end (while its listeners were read and its record written) got that verdict, though
+/// a connection had opened before it asked. A request that arrives after the verdict waits
+/// for that drain to end and then starts (or joins) a fresh one.
+#[tokio::test]
+async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let (closer, entered, release) = HeldCloser::new();
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&tracker),
+        Some(closer as Arc<dyn Closer>),
+        None,
+        None,
+        4,
+    ));
+    let ask = |timeout| waiter::Ask {
+        spec: spec(timeout),
+        control: true,
+        peers: false,
+    };
+    let answer = |ask: waiter::Ask| {
+        let drains = Arc::clone(&drains);
+        tokio::spawn(async move { ask.answer(&drains).await })
+    };
+    let first = answer(ask(Duration::from_secs(5)));
+    // A's drain decided "drained" (nothing open) and reads the listeners now.
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("task")
+        .expect("the drain never read the listeners");
+    // A connection opens; B asks.
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    tracker.notify_port(8080);
+    let second = answer(ask(Duration::from_millis(300)));
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    // A's end, and then B's drain's (a timeout holds the gate too: listeners read again).
+    release.send(()).expect("release");
+    release.send(()).expect("release");
+    let first = first.await.expect("task").expect("answer");
+    assert!(first.outcome.drained, "A's verdict: {first:?}");
+    let second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("B answered")
+        .expect("task")
+        .expect("answer");
+    assert!(
+        !second.outcome.drained,
+        "B asked while a connection was open and got the old verdict: {second:?}"
+    );
+    assert_eq!(second.outcome.active, 1, "{second:?}");
+    assert_ne!(second.drain, first.drain, "B joined the decided drain");
+}
+
+/// Audit (drain lifecycle): a restored `on_timeout=close` drain whose deadline passed while
+/// no agent ran closed at once, before the seeding walk had counted the connections open
+/// before the start. On fresh kernel state only tracked connections can be closed: it
+/// closed none, recorded `closed_at_deadline`, and the connections stayed open. The close
+/// at a deadline waits until the seeding has ended.
+#[tokio::test]
+async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    *lock(&source.doubts) = vec![crate::doubt::Doubt::Seeding];
+    let peer = Peer {
+        remote: "10.0.0.2:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let (closer, _entered, release) = HeldCloser::new();
+    // Its listeners() answers at once here.
+    for _ in 0..4 {
+        release.send(()).expect("release");
+    }
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&tracker),
+        Some(Arc::clone(&closer) as Arc<dyn Closer>),
+        None,
+        None,
+        4,
+    ));
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_millis(50))
+    };
+    let (record, _) = drains.post(close).await.expect("room");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        lock(&closer.closes).is_empty(),
+        "closed before the seeding walk ended: {:?}",
+        lock(&closer.closes)
+    );
+    assert_eq!(drains.list().0.len(), 1, "still in progress");
+    let seeded_at = std::time::Instant::now();
+    lock(&source.doubts).clear();
+    tracker.walk_ended();
+    let ended = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(ended.id, record.id);
+    assert_eq!(ended.result, Some(DrainEnd::ClosedAtDeadline), "{ended:?}");
+    assert_eq!(ended.closed_by_agent, 1, "{ended:?}");
+    let closes = lock(&closer.closes).clone();
+    assert_eq!(closes.len(), 1, "{closes:?}");
+    assert!(closes[0].0 >= seeded_at, "closed before the seeding ended");
 }

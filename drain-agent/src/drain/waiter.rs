@@ -66,7 +66,7 @@ impl Ask {
             // A drain this waiter joins or starts: the one a gone agent was asked for, if any.
             drains.catch_up().await;
         }
-        let membership = self.member(drains)?;
+        let membership = self.member(drains).await?;
         let (mut outcome, closed) = match &membership {
             Some(membership) => await_drain(tracker, &self.spec, membership).await?,
             None => {
@@ -98,14 +98,15 @@ impl Ask {
 
     /// The drain this request joins, or `None`: its caller only observes, it is a pure
     /// query, or as many drains as allowed are in progress (the waiter still waits,
-    /// unrecorded: a stop hook must not fail).
-    fn member(&self, drains: &Arc<Drains>) -> Result<Option<Membership>, Unanswered> {
+    /// unrecorded: a stop hook must not fail). The same when the scope's drain has taken
+    /// its verdict and is slow to end: the waiter waits on its own count, never that verdict.
+    async fn member(&self, drains: &Arc<Drains>) -> Result<Option<Membership>, Unanswered> {
         if !self.control || self.spec.timeout.is_zero() {
             return Ok(None);
         }
-        match drains.join(self.spec.clone()) {
+        match drains.join(self.spec.clone()).await {
             Ok((membership, _)) => Ok(Some(membership)),
-            Err(JoinError::Full) => Ok(None),
+            Err(JoinError::Full | JoinError::Ending(_)) => Ok(None),
             Err(JoinError::Conflict(id, difference)) => Err(Unanswered::Conflict(id, difference)),
         }
     }

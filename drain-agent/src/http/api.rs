@@ -80,10 +80,34 @@ pub struct DrainsBody {
     pub recent: Vec<DrainRecord>,
 }
 
-/// Every error answer: `{"error": "..."}`.
+/// Every error answer: `{"error": "..."}`, and why it came when that is something a client
+/// acts on (`"reason":"agent_shutdown"`: ask again, the next agent answers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<AnswerReason>,
+}
+
+/// `Retry-After` (seconds) of an answer given because the agent is stopping
+/// ([`AnswerReason::AgentShutdown`]): by then the next agent answers.
+pub const SHUTDOWN_RETRY_AFTER: &str = "1";
+
+/// The answer to a request this agent no longer carries out because it is stopping: `503`
+/// with [`SHUTDOWN_RETRY_AFTER`] and [`AnswerReason::AgentShutdown`], as a `/drained` answered
+/// at a stop. `what` names what was not done.
+pub fn stopping(what: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, SHUTDOWN_RETRY_AFTER)],
+        Json(ErrorBody {
+            error: format!(
+                "the agent is stopping (a restart or an upgrade): {what}; retry, the next agent answers"
+            ),
+            reason: Some(AnswerReason::AgentShutdown),
+        }),
+    )
+        .into_response()
 }
 
 /// The answer of `GET /connections`.

@@ -15,7 +15,7 @@ use crate::{
     drain::waiter::{Answer, Unanswered},
     http::{
         AppState,
-        api::{AnswerReason, ApiError, DrainedBody, error},
+        api::{AnswerReason, ApiError, DrainedBody, SHUTDOWN_RETRY_AFTER, error},
         extract::Waiter,
     },
     metrics::{DrainResult, Metrics},
@@ -92,7 +92,12 @@ fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
     };
     if shutdown {
         // The hook should ask the next agent, and a 503 must not look like a timeout.
-        return (status, [(header::RETRY_AFTER, "1")], Json(body)).into_response();
+        return (
+            status,
+            [(header::RETRY_AFTER, SHUTDOWN_RETRY_AFTER)],
+            Json(body),
+        )
+            .into_response();
     }
     (status, Json(body)).into_response()
 }

@@ -15,7 +15,10 @@ use crate::{
     drain::{JoinError, Saved},
     http::{
         AppState,
-        api::{ApiError, DrainsBody, HealthBody, UNSAVED_WARNING, error},
+        api::{
+            ApiError, DrainsBody, HealthBody, SHUTDOWN_RETRY_AFTER, UNSAVED_WARNING, error,
+            stopping,
+        },
         extract::{Controlled, HealthQuery, NoParams, Observer, Posted},
     },
     tracker::Filter,
@@ -27,14 +30,31 @@ pub(super) async fn start_drain(
     State(state): State<Arc<AppState>>,
     Controlled(Posted(request)): Controlled<Posted>,
 ) -> Response {
+    if state.tracker.shutting_down() {
+        // Nothing is written to --state-dir any more: a drain started now would be lost.
+        return stopping(STOPPING_POST);
+    }
     state.drains.catch_up().await;
-    let (record, created) = match state.drains.post(request.spec()) {
+    let (record, created) = match state.drains.post(request.spec()).await {
         Ok(started) => started,
         Err(JoinError::Full) => {
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "as many drains as --max-waiters allows are in progress; retry later",
             );
+        }
+        Err(JoinError::Ending(id)) => {
+            // Its verdict is about a time before this request: neither joined nor lost.
+            return (
+                [(header::RETRY_AFTER, SHUTDOWN_RETRY_AFTER)],
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "drain {id} of this scope has ended and is still writing its record; retry"
+                    ),
+                ),
+            )
+                .into_response();
         }
         Err(JoinError::Conflict(id, difference)) => {
             return ApiError::Conflict(format!(
@@ -45,6 +65,10 @@ pub(super) async fn start_drain(
     };
     // On disk before the answer: a drain the caller was told about survives a restart.
     let saved = state.drains.save().await;
+    if saved == Saved::Stopping {
+        // The stop began meanwhile: the drain is in this agent's memory only, which ends.
+        return stopping(STOPPING_POST);
+    }
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -52,6 +76,11 @@ pub(super) async fn start_drain(
     };
     said_if_unsaved((status, Json(record)).into_response(), saved)
 }
+
+/// What a `POST /drain` refused at a stop did not do.
+const STOPPING_POST: &str = "no drain started";
+/// What a `DELETE /drain` refused at a stop did not do.
+const STOPPING_DELETE: &str = "nothing cancelled or released";
 
 /// A drain started or cancelled that is not on disk is still answered (it holds while the
 /// agent runs: refusing it would leave the scope in rotation now), with a `Warning` that
@@ -71,10 +100,19 @@ pub(super) async fn cancel_drain(
     State(state): State<Arc<AppState>>,
     Controlled(filter): Controlled<Filter>,
 ) -> Response {
+    if state.tracker.shutting_down() {
+        // Nothing is written to --state-dir any more: the drain or gate cancelled now would
+        // be resumed by the next agent.
+        return stopping(STOPPING_DELETE);
+    }
     state.drains.catch_up().await;
     let cancelled = state.drains.cancel(&filter).await;
     // The drain gone and the gate released on disk before the answer.
     let saved = state.drains.save().await;
+    if saved == Saved::Stopping {
+        // The stop began meanwhile: on disk the drain (or gate) is still there.
+        return stopping(STOPPING_DELETE);
+    }
     let response = match cancelled {
         Some(record) => (StatusCode::OK, Json(record)).into_response(),
         None => error(

@@ -850,3 +850,80 @@ async fn a_shutdown_answer_says_so_and_asks_to_retry() {
     let (_, body) = get(&state, "/drained?port=8080&timeout=0").await;
     assert!(body.get("reason").is_none(), "{body}");
 }
+
+/// Audit (drain lifecycle): with a shutdown grace of 0, requests already on their way are
+/// served after SIGTERM, when nothing is written to `--state-dir` any more. A `DELETE` was
+/// answered as done (200 or, releasing a held gate, 404; no `Warning`) while `drains.json`
+/// still listed the drain or the gate, which the next agent resumed; a `POST` was answered
+/// 201 and never written. Now both change nothing and answer 503 with `Retry-After`, like a
+/// `/drained` answered at a stop: ask the next agent.
+#[tokio::test]
+async fn drain_changes_while_the_agent_stops_are_refused_with_retry_after() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, state) = app_with(
+        vec![
+            endpoint("127.0.0.1", 8080, 1),
+            endpoint("127.0.0.1", 8081, 1),
+            endpoint("127.0.0.1", 8082, 0),
+        ],
+        Some(dir.path()),
+    );
+    let (status, posted) = request(&state, "POST", "/drain?port=8080&timeout=4m").await;
+    assert_eq!(status, StatusCode::CREATED, "{posted}");
+    // 8082 drains at once: its gate is held.
+    let (status, posted) = request(&state, "POST", "/drain?port=8082&timeout=4m").await;
+    assert_eq!(status, StatusCode::CREATED, "{posted}");
+    state
+        .drains
+        .wait_ended(&crate::tracker::Filter::port(8082), Duration::from_secs(5))
+        .await;
+    state.tracker.begin_shutdown();
+    // 8080's drain ends as agent_shutdown (it stays on disk, to resume).
+    state.drains.wait_all_ended(Duration::from_secs(5)).await;
+    let (_, before) = get(&state, "/drains").await;
+    let file = dir.path().join(crate::drain::state_file::FILE_NAME);
+    let on_disk = std::fs::read(&file).expect("state file");
+    for (method, uri) in [
+        ("DELETE", "/drain?port=8080"),
+        ("DELETE", "/drain?port=8082"),
+        ("POST", "/drain?port=8081&timeout=4m"),
+        ("POST", "/drain?port=8080&timeout=4m"),
+    ] {
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request");
+        request.extensions_mut().insert(Caller::Node);
+        let response = router(state.clone())
+            .oneshot(request)
+            .await
+            .expect("response");
+        let status = response.status();
+        let retry = response.headers().get(header::RETRY_AFTER).cloned();
+        let body = body_of(response).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{method} {uri}: {body}"
+        );
+        assert_eq!(retry.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(body["reason"], "agent_shutdown", "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("stopping"),
+            "{body}"
+        );
+    }
+    let (_, after) = get(&state, "/drains").await;
+    assert_eq!(before, after, "nothing changed");
+    assert_eq!(std::fs::read(&file).expect("state file"), on_disk);
+    assert_eq!(
+        get(&state, "/health?port=8082").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the held gate stays"
+    );
+    assert_eq!(get(&state, "/health?port=8081").await.0, StatusCode::OK);
+}

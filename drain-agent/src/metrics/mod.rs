@@ -362,6 +362,7 @@ mod tests {
                 pace: 0,
                 given: Given::default(),
             })
+            .await
             .expect("room");
         // A pod listener's drain (its namespace): labelled by the pod's address there.
         let mut in_pod = endpoint("127.0.0.1", 8081, 1);
@@ -381,6 +382,7 @@ mod tests {
                 pace: 0,
                 given: Given::default(),
             })
+            .await
             .expect("room");
         let scope = "port=\"8080\",addr=\"10.0.0.1\"";
         let text = metrics.render().expect("render");

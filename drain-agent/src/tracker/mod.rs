@@ -79,6 +79,9 @@ pub struct Tracker {
     source: Arc<dyn Source>,
     channels: PortChannels,
     shutdown: watch::Sender<bool>,
+    /// Sent when a walk of the sockets has ended (the seeding among them): what waits for
+    /// the seeding ([`Tracker::seeded`]) looks again, woken rather than polling.
+    walked: watch::Sender<()>,
     waiters: AtomicUsize,
     max_waiters: usize,
     /// The report lists of answers (with ages), one pass per scope for the waiters
@@ -101,6 +104,7 @@ impl Tracker {
             source,
             channels: PortChannels::default(),
             shutdown: watch::channel(false).0,
+            walked: watch::channel(()).0,
             waiters: AtomicUsize::new(0),
             max_waiters,
             reports: SharedLists::default(),
@@ -225,6 +229,39 @@ impl Tracker {
     /// Whether the agent is shutting down (waiters answer at once).
     pub fn shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Called by the repair task when a walk of the sockets has ended (the seeding walk
+    /// first): [`Tracker::seeded`] looks at the doubts again.
+    pub fn walk_ended(&self) {
+        self.walked.send_replace(());
+    }
+
+    /// Waits until the connections open before the agent started are counted (the seeding
+    /// walk has ended: no [`Doubt::Seeding`]), at most until `limit`, or until the agent
+    /// stops; whether they are. Woken by [`Tracker::walk_ended`] and by the stop.
+    pub async fn seeded(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        // Subscribed before looking: a walk that ends in between is not missed.
+        let mut walked = self.walked.subscribe();
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let seeding = self.health_doubts().contains(&Doubt::Seeding);
+            if !seeding {
+                return true;
+            }
+            if self.shutting_down() {
+                return false;
+            }
+            tokio::select! {
+                changed = tokio::time::timeout_at(until, walked.changed()) => {
+                    if !matches!(changed, Ok(Ok(()))) {
+                        return !self.health_doubts().contains(&Doubt::Seeding);
+                    }
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
     }
 
     /// Waiters blocked now.
