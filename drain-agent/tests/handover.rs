@@ -86,7 +86,7 @@ fn single_shot(netns: Option<&str>, addr: SocketAddr, path: &str) -> Result<Answ
         })
     };
     match netns {
-        Some(path) => drain_agent::sys::netns::run_in(Path::new(path), move || Ok(exchange()))
+        Some(path) => drain_agent::sys::netns::run_in_path(Path::new(path), move || Ok(exchange()))
             .map_err(|e| format!("{e:#}"))?,
         None => exchange(),
     }

@@ -36,7 +36,7 @@ fn get_from(netns_path: Option<&str>, addr: SocketAddr, path: &str) -> (u16, ser
     let path = path.to_owned();
     let fetch = move || common::http::get(addr, &path, Duration::from_secs(60));
     let (status, body) = match netns_path {
-        Some(ns) => drain_agent::sys::netns::run_in(Path::new(ns), fetch),
+        Some(ns) => drain_agent::sys::netns::run_in_path(Path::new(ns), fetch),
         None => fetch(),
     }
     .expect("request answered");
@@ -392,7 +392,7 @@ fn the_api_inside_every_pod() {
     let mut answered = None;
     while started.elapsed() < Duration::from_secs(5) {
         let probe = late_path.clone();
-        let ok = drain_agent::sys::netns::run_in(Path::new(&probe), move || {
+        let ok = drain_agent::sys::netns::run_in_path(Path::new(&probe), move || {
             Ok(common::http::get(local, "/healthz", Duration::from_secs(1))
                 .is_ok_and(|(s, _)| s == 200))
         })
@@ -455,7 +455,7 @@ fn the_api_inside_every_pod() {
         stopping.elapsed()
     );
     // No listener is left in the pods.
-    let status = drain_agent::sys::netns::run_in(Path::new(&path_b), move || {
+    let status = drain_agent::sys::netns::run_in_path(Path::new(&path_b), move || {
         Ok(common::http::get(local, "/healthz", Duration::from_secs(1)).map_or(0, |(s, _)| s))
     })
     .expect("probe");

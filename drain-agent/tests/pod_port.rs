@@ -126,7 +126,7 @@ fn get(
     let fetch = move || Ok(common::http::get(addr, &path, timeout).ok());
     let answer = match netns_path {
         Some(ns) => {
-            drain_agent::sys::netns::run_in(Path::new(ns), fetch).expect("run in namespace")
+            drain_agent::sys::netns::run_in_path(Path::new(ns), fetch).expect("run in namespace")
         }
         None => fetch().expect("request"),
     }?;

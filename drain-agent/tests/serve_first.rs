@@ -103,7 +103,7 @@ impl Drop for Namespaces {
 }
 
 fn in_namespace<T: Send + 'static>(path: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
-    drain_agent::sys::netns::run_in(Path::new(path), move || Ok(work())).expect("run in netns")
+    drain_agent::sys::netns::run_in_path(Path::new(path), move || Ok(work())).expect("run in netns")
 }
 
 /// Polls `GET /healthz` on the pod listener inside each namespace until it answers 200;

@@ -87,7 +87,7 @@ impl PodScope {
             let path: PathBuf = netns::all_namespaces()
                 .remove(&inode)
                 .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
-            netns::run_in(&path, crate::sys::ifaddrs::local_addresses)
+            netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses)
         })
         .await?
     }

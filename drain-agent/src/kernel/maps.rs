@@ -258,10 +258,10 @@ impl KernelMaps {
     }
 
     /// Counts the connections of `filter` in one namespace from its socket tables.
-    pub(super) fn count_in_namespace(path: PathBuf, filter: &Filter) -> Result<u64> {
+    pub(super) fn count_in_namespace(inode: u32, path: PathBuf, filter: &Filter) -> Result<u64> {
         let port = filter.port;
         let addr = filter.addr;
-        netns::run_in(&path, move || {
+        netns::run_in(inode, &path, move || {
             use crate::sys::sockdiag::{Query, query, state};
             let sockets = query(&Query {
                 local_port: port,
@@ -345,7 +345,7 @@ impl KernelMaps {
         let mut cookies = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
-            let found = netns::run_in(&path, move || {
+            let found = netns::run_in(inode, &path, move || {
                 sockdiag::query(&sockdiag::Query {
                     local_port: port,
                     states: sockdiag::state::bit(sockdiag::state::LISTEN),

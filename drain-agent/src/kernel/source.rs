@@ -79,7 +79,7 @@ impl Counts for KernelMaps {
         let mut open = 0;
         let mut read = HashSet::new();
         for (inode, path) in targets {
-            match Self::count_in_namespace(path, filter) {
+            match Self::count_in_namespace(inode, path, filter) {
                 Ok(count) => {
                     open += count;
                     read.insert(inode);
@@ -114,7 +114,7 @@ impl Counts for KernelMaps {
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
             let addr = filter.addr;
-            let sockets = match netns::run_in(&path, move || {
+            let sockets = match netns::run_in(inode, &path, move || {
                 sockdiag::query(&sockdiag::Query {
                     local_port: port,
                     states: sockdiag::state::bit(sockdiag::state::ESTABLISHED)

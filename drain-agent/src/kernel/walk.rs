@@ -89,7 +89,7 @@ impl Kernel {
                 .take_link(link_id)
                 .context("cannot take the iterator link")?;
             // The iterator walks the namespace of whoever creates its file: do that inside.
-            let walked = netns::run_in(&path, move || -> Result<()> {
+            let walked = netns::run_in(inode, &path, move || -> Result<()> {
                 let mut file = link.into_file().context("cannot create the iterator")?;
                 let mut sink = Vec::new();
                 file.read_to_end(&mut sink).context("the iterator failed")?;

@@ -129,16 +129,41 @@ pub fn all_namespaces() -> BTreeMap<u32, PathBuf> {
     found
 }
 
-/// Runs `work` on a new thread that has joined the network namespace at `path`.
+/// Runs `work` on a new thread that has joined the network namespace `inode`, at `path`.
 ///
 /// `setns` changes only the calling thread, so the agent's own threads stay where they are.
+/// The path is a name found earlier ([`all_namespaces`]): by now its process may have exited
+/// and its PID gone to a process in another namespace, or its name under `/run/netns` been
+/// given to a new one. The file opened is checked to be `inode` before it is entered, so a
+/// walk never takes another namespace's sockets for `inode`'s (it would un-count `inode`'s
+/// live connections as closed), nor a confirmation another namespace's count.
 pub fn run_in<T: Send + 'static>(
+    inode: u32,
     path: &Path,
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let namespace = File::open(path)
         .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    let found = namespace
+        .metadata()
+        .with_context(|| format!("cannot stat network namespace {}", path.display()))?
+        .ino();
+    if found != u64::from(inode) {
+        bail!(
+            "{} is network namespace {found} now, not {inode} (its process or name was reused)",
+            path.display()
+        );
+    }
     run_in_file(namespace, path.display().to_string(), work)
+}
+
+/// [`run_in`] for a path named just now (not found earlier): whichever network namespace it
+/// names.
+pub fn run_in_path<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    run_in(inode_of(path)?, path, work)
 }
 
 /// [`run_in`] for a namespace file already open (`shown` names it in errors).
@@ -168,6 +193,31 @@ pub fn run_in_file<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by an audit: a walk entered the path it had found for a namespace without
+    /// checking that the path still named it (its process gone, the PID reused by a process
+    /// elsewhere), then un-counted the live connections of the namespace it meant as
+    /// closed. A path that names another namespace now is refused before it is entered.
+    #[test]
+    fn a_path_that_names_another_namespace_now_is_not_entered() {
+        let path = Path::new("/proc/self/ns/net");
+        let own = inode_of(path).expect("own netns");
+        let entered = run_in(own, path, || inode_of(Path::new("/proc/thread-self/ns/net")))
+            .expect("own namespace");
+        assert_eq!(entered, own);
+        let other = own.wrapping_add(1);
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = {
+            let ran = std::sync::Arc::clone(&ran);
+            run_in(other, path, move || {
+                ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        };
+        let problem = format!("{:#}", refused.expect_err("another namespace's path"));
+        assert!(problem.contains(&format!("not {other}")), "{problem}");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn own_namespace_is_found() {

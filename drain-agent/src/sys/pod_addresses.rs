@@ -49,7 +49,7 @@ impl AddressSource for NamespaceAddresses {
             if inode == self.own_netns {
                 continue;
             }
-            match netns::run_in(&path, crate::sys::ifaddrs::local_addresses) {
+            match netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses) {
                 Ok(addresses) => {
                     found.insert(inode, addresses.into_iter().collect());
                 }

@@ -610,7 +610,7 @@ impl Netns {
 
     /// Runs `work` on a thread inside this namespace (sockets it makes live there).
     pub fn run_in<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
-        drain_agent::sys::netns::run_in(std::path::Path::new(&self.path()), move || Ok(work()))
+        drain_agent::sys::netns::run_in_path(std::path::Path::new(&self.path()), move || Ok(work()))
             .expect("run in netns")
     }
 }

@@ -57,11 +57,7 @@ pub(super) fn bind_in(
     handover: &Arc<Handover>,
 ) -> Result<std::net::TcpListener, Bind> {
     let handover = Arc::clone(handover);
-    let result = netns::run_in(path, move || {
-        let entered = netns::inode_of(Path::new("/proc/thread-self/ns/net"))?;
-        if entered != inode {
-            bail!("{} is now namespace {entered}, not {inode}", addr);
-        }
+    let result = netns::run_in(inode, path, move || {
         // Who listens there already: an application keeps the port for good (also one that
         // set SO_REUSEPORT, whose group the agent's bind would join), agents share it, and
         // an older agent that does not share it is retried. Unknown (the socket tables
@@ -92,12 +88,8 @@ pub(super) fn bind_in(
 /// `path` (checked to still be `inode`), on loopback at a port the kernel picks (see
 /// `kernel/steer.rs` for why), with the namespace's file for the `sk_lookup` link.
 fn socket_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<(std::net::TcpListener, File)> {
-    netns::run_in(path, move || {
+    netns::run_in(inode, path, move || {
         let own = Path::new("/proc/thread-self/ns/net");
-        let entered = netns::inode_of(own)?;
-        if entered != inode {
-            bail!("the namespace is now {entered}, not {inode}");
-        }
         let netns_file = File::open(own).context("cannot open the namespace's file")?;
         let local = match addr.ip() {
             IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),

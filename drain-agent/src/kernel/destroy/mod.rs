@@ -179,8 +179,8 @@ impl Kernel {
                 continue;
             }
             let result = match method {
-                CloseMethod::Bpf => self.close_with_bpf(&path, &here),
-                CloseMethod::Netlink => close_with_netlink(path.clone(), filter.port, &here),
+                CloseMethod::Bpf => self.close_with_bpf(inode, &path, &here),
+                CloseMethod::Netlink => close_with_netlink(inode, path.clone(), filter.port, &here),
             };
             match result {
                 Ok(count) => closed += count,
@@ -204,7 +204,12 @@ impl Kernel {
     }
 
     /// Runs `destroy_sockets` in one namespace, batch by batch; returns how many it closed.
-    fn close_with_bpf(&mut self, path: &std::path::Path, wanted: &Wanted) -> Result<u64> {
+    fn close_with_bpf(
+        &mut self,
+        inode: u32,
+        path: &std::path::Path,
+        wanted: &Wanted,
+    ) -> Result<u64> {
         let keys: Vec<DestroyKey> = wanted
             .iter()
             .filter_map(|(local, remote)| destroy_key(*local, *remote))
@@ -214,7 +219,7 @@ impl Kernel {
         let not_tracked_before = self.destroyed(DESTROY_NOT_TRACKED)?;
         for batch in keys.chunks(BATCH) {
             self.clear_targets();
-            let run = self.run_destroyer(path, batch);
+            let run = self.run_destroyer(inode, path, batch);
             // Never leave targets behind for the next run, whatever happened.
             self.clear_targets();
             run?;
@@ -253,10 +258,16 @@ impl Kernel {
             .iter()
             .map(|(local, remote)| (canonical(*local), canonical(*remote)))
             .collect();
-        self.close_with_bpf(path, &wanted)
+        let inode = netns::inode_of(path)?;
+        self.close_with_bpf(inode, path, &wanted)
     }
 
-    fn run_destroyer(&mut self, path: &std::path::Path, batch: &[DestroyKey]) -> Result<()> {
+    fn run_destroyer(
+        &mut self,
+        inode: u32,
+        path: &std::path::Path,
+        batch: &[DestroyKey],
+    ) -> Result<()> {
         for key in batch {
             self.closer
                 .targets
@@ -276,7 +287,7 @@ impl Kernel {
             .take_link(link_id)
             .context("cannot take the iterator link")?;
         // The iterator walks the namespace of whoever creates its file: do that inside.
-        netns::run_in(path, move || -> Result<()> {
+        netns::run_in(inode, path, move || -> Result<()> {
             let mut file = link.into_file().context("cannot create the iterator")?;
             let mut sink = Vec::new();
             file.read_to_end(&mut sink)
@@ -310,9 +321,9 @@ fn tracked_in(wanted: &Wanted, tracked: &Tracked, inode: u32) -> Wanted {
 }
 
 /// `SOCK_DESTROY` for each wanted connection on `port` in the namespace at `path`.
-fn close_with_netlink(path: PathBuf, port: u16, wanted: &Wanted) -> Result<u64> {
+fn close_with_netlink(inode: u32, path: PathBuf, port: u16, wanted: &Wanted) -> Result<u64> {
     let wanted = wanted.clone();
-    netns::run_in(&path, move || -> Result<u64> {
+    netns::run_in(inode, &path, move || -> Result<u64> {
         let sockets = sockdiag::query(&Query {
             local_port: port,
             states: state::bit(state::ESTABLISHED) | state::bit(state::CLOSE_WAIT),
