@@ -197,8 +197,14 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let last_problem = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         // Ask in slices of at most MAX_SLICE: within any agent's --max-timeout, and a
-        // restarted agent is found again quickly.
-        let slice = remaining.min(MAX_SLICE);
+        // restarted agent is found again quickly. The first request asks for --timeout
+        // itself, not the microseconds less that are left by now: a --quiet as long as
+        // --timeout is allowed, and 1999 ms would have been refused for a 2 s window.
+        let slice = match last_problem {
+            None => args.timeout,
+            Some(_) => remaining,
+        }
+        .min(MAX_SLICE);
         // A retry (the agent restarted or was out of reach) asks for what is left, and the
         // quiet window is counted from each request: with less left than --quiet, no
         // answer can say drained in time (the agent refuses such a request, and a shorter
