@@ -273,14 +273,18 @@ fn wait_keeps_its_deadline_when_nobody_listens() {
 
 /// With a quiet window, once less is left than `--quiet` the wait cannot end drained and
 /// waits out its timeout; when no agent ever answered, it still ends at its deadline with
-/// exit 2 (no agent), not 1.
+/// exit 2 (no agent), not 1, and says that `--close-at-timeout` closes nothing then.
 #[test]
 fn wait_with_quiet_and_nobody_listening_exits_2_at_its_deadline() {
     let port = free_port();
     let started = Instant::now();
     let output = Command::new(binary())
         .args(["wait", "--port", "8080", "--timeout", "2s", "--quiet", "1s"])
-        .args(["--agent", &format!("http://127.0.0.1:{port}")])
+        .args([
+            "--close-at-timeout",
+            "--agent",
+            &format!("http://127.0.0.1:{port}"),
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run drain-agent wait");
@@ -292,6 +296,10 @@ fn wait_with_quiet_and_nobody_listening_exits_2_at_its_deadline() {
     );
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unreachable"), "{stderr}");
+    assert!(
+        stderr.contains("nothing is closed at the deadline"),
+        "{stderr}"
+    );
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
         "took {took:?}"

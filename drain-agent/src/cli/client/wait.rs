@@ -144,6 +144,7 @@ enum Reply {
     Problem(WaitProblem),
 }
 
+/// What `get`'s result says, the same for the waiting requests and the counts.
 fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
     match answer {
         Ok(response) if response.status == 200 || response.status == 503 => {
@@ -272,8 +273,15 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
 fn wait_out(url: &AgentUrl, args: &WaitArgs, deadline: Instant, after: &WaitProblem) -> ExitCode {
     let left = format_duration(deadline.saturating_duration_since(Instant::now()));
     let quiet = format_duration(args.quiet);
+    // --close-at-timeout cannot be asked for either: the request that closes at the
+    // deadline carries the quiet window too, and a shorter one could answer drained.
+    let no_close = if args.close_at_timeout {
+        " (nothing is closed at the deadline)"
+    } else {
+        ""
+    };
     eprintln!(
-        "drain-agent wait: {}; {left} left, less than the quiet window {quiet}: the wait cannot end drained in time, waiting out the timeout",
+        "drain-agent wait: {}; {left} left, less than the quiet window {quiet}: the wait cannot end drained in time, waiting out the timeout{no_close}",
         after.text()
     );
     let why = format!("{left} was left to ask again, less than the quiet window {quiet}");
