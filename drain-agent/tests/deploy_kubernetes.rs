@@ -24,7 +24,7 @@ use common::{
     child::Guard,
     deploy::{
         agent_capabilities, deploy, flag_value, kubernetes_validate, read, tool_available,
-        unit_directives, unit_value, yaml_documents,
+        unit_directives, unit_value, workspace, yaml_documents,
     },
 };
 use drain_agent::{
@@ -288,6 +288,41 @@ fn kubernetes_manifests_agree_with_each_other() {
     assert!(
         grace >= timeout + Duration::from_secs(10),
         "terminationGracePeriodSeconds ({grace:?}) must cover the {timeout:?} drain and the app's exit"
+    );
+
+    // The docs say what the manifests do: every node listener they name is the DaemonSet's
+    // port, and the README's headline Kubernetes hook is the example's httpGet, which needs
+    // nothing in the app's image.
+    for doc in [deploy("README.md"), workspace().join("README.md")] {
+        let text = read(&doc);
+        for (at, _) in text.match_indices("$(HOST_IP):") {
+            let port: String = text[at + "$(HOST_IP):".len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            assert_eq!(
+                port,
+                agent_port.to_string(),
+                "{} names the node listener $(HOST_IP):{port}; the DaemonSet listens on {agent_port}",
+                doc.display()
+            );
+        }
+    }
+    let readme = read(&workspace().join("README.md"));
+    let headline = readme
+        .split("```yaml")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("README.md has a Kubernetes hook in a yaml block");
+    let hook_at = |form: &str| headline.find(form).unwrap_or(usize::MAX);
+    assert!(
+        hook_at("httpGet:") < hook_at("exec:"),
+        "README.md's headline hook is the httpGet one:\n{headline}"
+    );
+    assert!(
+        headline.contains(&format!("port: {pod_port}"))
+            && headline.contains(&format!("path: {path}")),
+        "README.md's headline hook is example-app.yaml's (port {pod_port}, path {path}):\n{headline}"
     );
 }
 

@@ -276,3 +276,40 @@ fn connections_with_peers_lists_who_is_still_connected() {
     println!("{stderr}");
     drop(client);
 }
+
+/// `wait --timeout 2s --quiet 2s` on a port nothing holds: a quiet window as long as the
+/// timeout is allowed (only a longer one is a 400), so the wait ends at about 2 s, drained
+/// or not (the window and the deadline end together), never refused. `wait` used to ask
+/// for what was left of its timeout a few microseconds after it started, 1999 ms, and the
+/// agent refused `quiet=2000ms` at once (exit 2).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn wait_with_quiet_as_long_as_its_timeout_is_not_refused() {
+    if !kernel_available("wait_with_quiet_as_long_as_its_timeout_is_not_refused") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let started = Instant::now();
+    let output = std::process::Command::new(common::agent_binary())
+        .args(["wait", "--port", &port.to_string()])
+        .args(["--timeout", "2s", "--quiet", "2s", "--agent", &agent.url])
+        .output()
+        .expect("wait");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "wait --timeout 2s --quiet 2s: exit {:?} after {took:?}: {}{stderr}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(matches!(output.status.code(), Some(0 | 1)), "{stderr}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}

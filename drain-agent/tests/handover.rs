@@ -546,3 +546,65 @@ fn a_new_agent_stopped_while_the_old_one_runs_exits_at_once() {
     assert!(took < Duration::from_secs(8), "{took:?}");
     drop(old);
 }
+
+/// `drain-agent wait --timeout 6s --quiet 5s` on a held connection while the agent is
+/// restarted 1.5 s in (SIGTERM with `--shutdown-grace 0s`: it answers `agent_shutdown` at
+/// once; a new agent then starts on the same address): with 4.5 s left, shorter than the
+/// quiet window, no answer could say drained in time. `wait` keeps the hook waiting to its
+/// deadline and exits 1 (not drained in time), saying why. It used to ask the new agent
+/// for `quiet=5000ms` with a shorter timeout, was refused (400) and exited 2 at once,
+/// blaming a refusal and letting the pod's SIGTERM come 4 s early.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn wait_through_a_restart_with_less_time_left_than_quiet_exits_1_at_its_deadline() {
+    let test = "wait_through_a_restart_with_less_time_left_than_quiet_exits_1_at_its_deadline";
+    if !kernel_available(test) {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let service = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", service)).expect("connect");
+    server.wait_accepted(1);
+    let mut old = Agent::start(&["--shutdown-grace", "0s"]);
+    old.expect_active(service, 1);
+    let port = old.port;
+    let started = Instant::now();
+    let wait = std::process::Command::new(common::agent_binary())
+        .args(["wait", "--port", &service.to_string()])
+        .args(["--timeout", "6s", "--quiet", "5s", "--progress", "0s"])
+        .args(["--agent", &old.url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run drain-agent wait");
+    old.wait_for_waiters(1);
+    thread::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed()));
+    let status = old.stop();
+    assert!(status.success(), "{status:?}");
+    let restarted = started.elapsed();
+    let new = Agent::start_on(port, &[]);
+    println!(
+        "{test}: agent restarted {restarted:?} into the wait, serving again after {:?}",
+        started.elapsed()
+    );
+    let output = wait.wait_with_output().expect("wait's output");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "{test}: exit {:?} after {took:?}: {}",
+        output.status.code(),
+        stderr.trim()
+    );
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        took >= Duration::from_millis(5500) && took < Duration::from_secs(10),
+        "wait ended {took:?} into a 6 s timeout"
+    );
+    assert!(
+        stderr.contains("not drained within 6s") && stderr.contains("quiet"),
+        "{stderr}"
+    );
+    // The new agent still counts the held connection: the wait was right not to say drained.
+    new.expect_active(service, 1);
+}

@@ -271,6 +271,41 @@ fn wait_keeps_its_deadline_when_nobody_listens() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
 
+/// With a quiet window, once less is left than `--quiet` the wait cannot end drained and
+/// waits out its timeout; when no agent ever answered, it still ends at its deadline with
+/// exit 2 (no agent), not 1, and says that `--close-at-timeout` closes nothing then.
+#[test]
+fn wait_with_quiet_and_nobody_listening_exits_2_at_its_deadline() {
+    let port = free_port();
+    let started = Instant::now();
+    let output = Command::new(binary())
+        .args(["wait", "--port", "8080", "--timeout", "2s", "--quiet", "1s"])
+        .args([
+            "--close-at-timeout",
+            "--agent",
+            &format!("http://127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drain-agent wait");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "wait --quiet 1s with nobody listening: exit {:?} after {took:?}: {stderr}",
+        output.status.code()
+    );
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert!(
+        stderr.contains("nothing is closed at the deadline"),
+        "{stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+}
+
 /// An address already taken (another agent, node_exporter): the agent exits at once with an
 /// error naming it, not a hang, and another free port works (what the tests' own start does
 /// when another test took the free port it was given).

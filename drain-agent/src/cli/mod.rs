@@ -139,7 +139,9 @@ pub struct RunArgs {
 
     /// Open HTTP connections at most (kept below the open-file limit). At the cap, a new
     /// connection replaces the oldest idle one; when every one has a request in progress,
-    /// the new one is closed at once.
+    /// the new one is served on a small reserve beyond the cap (/healthz, and a /drained
+    /// from a source with none in progress) or answered 429 with Retry-After; when the
+    /// reserve is full too, new connections wait in the listen backlog. None is reset.
     #[arg(long, env = "DRAIN_AGENT_HTTP_MAX_CONNECTIONS", default_value_t = 512)]
     pub http_max_connections: usize,
 
@@ -248,8 +250,8 @@ pub struct RunArgs {
     /// Bearer tokens (one per line, at least 16 characters; `#` comments) that give a caller
     /// the node's authority on any listener: the only way for callers that are neither this
     /// node nor a pod on it to do more than read /metrics, /healthz and /health. Send it as
-    /// `Authorization: Bearer TOKEN` (`drain-agent wait` reads $DRAIN_AGENT_TOKEN). See
-    /// SECURITY.md.
+    /// `Authorization: Bearer TOKEN` (`drain-agent wait` sends the one in its `--token-file`,
+    /// $DRAIN_AGENT_TOKEN_FILE). See SECURITY.md.
     #[arg(long, env = "DRAIN_AGENT_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<std::path::PathBuf>,
 
@@ -427,6 +429,29 @@ mod tests {
             help.contains(&format!("At most {MAX_IGNORE} sources")),
             "{help}"
         );
+    }
+
+    /// The agent's `--auth-token-file` help names the variable `wait` takes its token file
+    /// from: clap's own env of `wait --token-file`, so the two cannot drift apart.
+    #[test]
+    fn auth_token_help_names_the_variable_wait_reads() {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        let env = command
+            .find_subcommand_mut("wait")
+            .and_then(|wait| {
+                wait.get_arguments()
+                    .find(|arg| arg.get_id() == "token_file")
+            })
+            .and_then(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .expect("wait --token-file has a variable");
+        let help = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == "auth_token_file")
+            .and_then(|arg| arg.get_long_help().or(arg.get_help()))
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(help.contains(&format!("${env}")), "{help}");
     }
 
     #[test]

@@ -11,7 +11,11 @@ use std::{
 };
 
 use super::{AgentUrl, EXIT_DRAINED, EXIT_ERROR, EXIT_NOT_DRAINED, error_text, get};
-use crate::{cli::WaitArgs, duration::format_duration, http::api::DrainedBody};
+use crate::{
+    cli::WaitArgs,
+    duration::format_duration,
+    http::api::{AnswerReason, DrainedBody},
+};
 
 /// The longest single `/drained` request `wait` makes (the agent's default
 /// `--max-timeout`). One request covers the whole wait whenever it can: a quiet window is
@@ -107,6 +111,68 @@ fn progress_lines(url: AgentUrl, query: String, every: Duration, done: Arc<Atomi
     }
 }
 
+/// The query of a count that starts nothing and waits for nothing (`timeout=0`): the
+/// progress lines, and the count of a wait that can no longer end drained.
+fn count_query(args: &WaitArgs) -> String {
+    let mut query = format!(
+        "/drained?port={}&timeout=0&peers=true{}",
+        args.port,
+        scope_query(args)
+    );
+    if let Some(ignore) = &args.ignore {
+        query.push_str("&ignore=");
+        query.extend(form_urlencoded::byte_serialize(ignore.as_bytes()));
+    }
+    if let Some(idle) = args.idle {
+        query.push_str(&format!("&idle={}ms", idle.as_millis()));
+    }
+    query
+}
+
+/// How often a wait that can no longer end drained asks the count (and whether an agent
+/// answers at all), and how long one such request may take.
+const COUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// What one answer (or the lack of one) of the agent means for the wait.
+enum Reply {
+    /// 200 or 503 with the agent's body: drained or not.
+    Body(DrainedBody),
+    /// Bad input, a token the agent does not accept, a caller that may not ask this, or
+    /// settings that differ from the drain in progress: asking again cannot help (exit 2).
+    Refused(String),
+    /// Anything else: the reason the wait goes on.
+    Problem(WaitProblem),
+}
+
+/// What `get`'s result says, the same for the waiting requests and the counts.
+fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
+    match answer {
+        Ok(response) if response.status == 200 || response.status == 503 => {
+            match serde_json::from_str::<DrainedBody>(&response.body) {
+                Ok(body) => Reply::Body(body),
+                // A 503 that is not ours (e.g. a proxy in front): report it.
+                Err(_) => Reply::Problem(WaitProblem::NotDrained(format!(
+                    "unexpected answer {}: {}",
+                    response.status,
+                    error_text(&response.body)
+                ))),
+            }
+        }
+        Ok(response) if matches!(response.status, 400 | 401 | 403 | 409) => Reply::Refused(
+            format!("({}): {}", response.status, error_text(&response.body)),
+        ),
+        Ok(response) => Reply::Problem(WaitProblem::NotDrained(format!(
+            "agent answered {}: {}",
+            response.status,
+            error_text(&response.body)
+        ))),
+        // Unreachable (restarting?): retry within the timeout.
+        Err(problem) => Reply::Problem(WaitProblem::Unreachable(format!(
+            "agent unreachable at {agent}: {problem:#}"
+        ))),
+    }
+}
+
 /// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
 pub fn wait(args: &WaitArgs) -> ExitCode {
     let url = match AgentUrl::parse(&args.agent)
@@ -120,30 +186,35 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     };
     let started = Instant::now();
     let deadline = started + args.timeout;
-    let mut last_problem: WaitProblem;
+    // Why the last request did not end the wait; none before the first.
+    let mut last_problem: Option<WaitProblem> = None;
     let done = Arc::new(AtomicBool::new(false));
     let _stop_progress = StopOnDrop(Arc::clone(&done));
     if !args.progress.is_zero() {
-        let mut query = format!(
-            "/drained?port={}&timeout=0&peers=true{}",
-            args.port,
-            scope_query(args)
-        );
-        if let Some(ignore) = &args.ignore {
-            query.push_str("&ignore=");
-            query.extend(form_urlencoded::byte_serialize(ignore.as_bytes()));
-        }
-        if let Some(idle) = args.idle {
-            query.push_str(&format!("&idle={}ms", idle.as_millis()));
-        }
         let (url, every, done) = (url.clone(), args.progress, Arc::clone(&done));
+        let query = count_query(args);
         std::thread::spawn(move || progress_lines(url, query, every, done));
     }
-    loop {
+    let last_problem = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        // Ask in slices of at most a minute: within any agent's --max-timeout, and a
-        // restarted agent is found again quickly.
-        let slice = remaining.min(MAX_SLICE);
+        // Ask in slices of at most MAX_SLICE: within any agent's --max-timeout, and a
+        // restarted agent is found again quickly. The first request asks for --timeout
+        // itself, not the microseconds less that are left by now: a --quiet as long as
+        // --timeout is allowed, and 1999 ms would have been refused for a 2 s window.
+        let slice = match last_problem {
+            None => args.timeout,
+            Some(_) => remaining,
+        }
+        .min(MAX_SLICE);
+        // A retry (the agent restarted or was out of reach) asks for what is left, and the
+        // quiet window is counted from each request: with less left than --quiet, no
+        // answer can say drained in time (the agent refuses such a request, and a shorter
+        // window would call drained what the user did not).
+        if let Some(problem) = &last_problem
+            && args.quiet.as_millis() > slice.as_millis()
+        {
+            return wait_out(&url, args, deadline, problem);
+        }
         let query = format!(
             "/drained?port={}&timeout={}ms{}{}",
             args.port,
@@ -155,77 +226,100 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
         let exchange = (slice + Duration::from_secs(5)).min(remaining + ANSWER_MARGIN);
-        match get(&url, &query, exchange) {
-            Ok(response) if response.status == 200 || response.status == 503 => {
-                match serde_json::from_str::<DrainedBody>(&response.body) {
-                    Ok(body) if body.drained => {
-                        match body.closed {
-                            Some(closed) => println!(
-                                "port {} drained at the deadline: the agent closed {closed} connection(s) (waited {} ms)",
-                                args.port,
-                                started.elapsed().as_millis()
-                            ),
-                            None => println!(
-                                "port {} drained (waited {} ms)",
-                                args.port,
-                                started.elapsed().as_millis()
-                            ),
-                        }
-                        return ExitCode::from(EXIT_DRAINED);
-                    }
-                    Ok(body) => {
-                        // Not drained: the timeout ran out, or the agent is shutting down and
-                        // answered early. Ask again while time is left.
-                        last_problem = WaitProblem::NotDrained(describe_remaining(&body));
-                    }
-                    Err(_) => {
-                        // A 503 that is not ours (e.g. a proxy in front): report it.
-                        last_problem = WaitProblem::NotDrained(format!(
-                            "unexpected answer {}: {}",
-                            response.status,
-                            error_text(&response.body)
-                        ));
-                    }
+        let problem = match judge(get(&url, &query, exchange), &args.agent) {
+            Reply::Body(body) if body.drained => {
+                match body.closed {
+                    Some(closed) => println!(
+                        "port {} drained at the deadline: the agent closed {closed} connection(s) (waited {} ms)",
+                        args.port,
+                        started.elapsed().as_millis()
+                    ),
+                    None => println!(
+                        "port {} drained (waited {} ms)",
+                        args.port,
+                        started.elapsed().as_millis()
+                    ),
                 }
+                return ExitCode::from(EXIT_DRAINED);
             }
-            // Bad input, a token the agent does not accept, a caller that may not ask this,
-            // or settings that differ from the drain in progress: asking again cannot help.
-            Ok(response) if matches!(response.status, 400 | 401 | 403 | 409) => {
-                eprintln!(
-                    "drain-agent wait: the agent refused the request ({}): {}",
-                    response.status,
-                    error_text(&response.body)
-                );
+            // Not drained: the timeout ran out, or the agent is shutting down and answered
+            // early. Ask again while time is left.
+            Reply::Body(body) => WaitProblem::NotDrained(match body.reason {
+                Some(AnswerReason::AgentShutdown) => {
+                    format!("the agent shut down ({})", describe_remaining(&body))
+                }
+                None => describe_remaining(&body),
+            }),
+            Reply::Refused(why) => {
+                eprintln!("drain-agent wait: the agent refused the request {why}");
                 return ExitCode::from(EXIT_ERROR);
             }
-            Ok(response) => {
-                last_problem = WaitProblem::NotDrained(format!(
-                    "agent answered {}: {}",
-                    response.status,
-                    error_text(&response.body)
-                ));
-            }
-            Err(problem) => {
-                // Unreachable (restarting?): retry within the timeout.
-                last_problem = WaitProblem::Unreachable(format!(
-                    "agent unreachable at {}: {problem:#}",
-                    args.agent
-                ));
-            }
-        }
+            Reply::Problem(problem) => problem,
+        };
         if Instant::now() >= deadline {
-            break;
+            break problem;
         }
+        last_problem = Some(problem);
         std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
-    }
+    };
+    finish(args, last_problem, None)
+}
+
+/// The rest of a wait that can no longer end drained: less is left than `--quiet` after
+/// `after` ended the last request early. It keeps the hook waiting until its deadline (the
+/// app serves meanwhile, as it would have for a wait that ends not drained) and asks the
+/// count about every second (`timeout=0`, which starts nothing), so that it ends as any
+/// wait does: 1 not drained in time, or 2 if no agent answered the last time.
+fn wait_out(url: &AgentUrl, args: &WaitArgs, deadline: Instant, after: &WaitProblem) -> ExitCode {
+    let left = format_duration(deadline.saturating_duration_since(Instant::now()));
+    let quiet = format_duration(args.quiet);
+    // --close-at-timeout cannot be asked for either: the request that closes at the
+    // deadline carries the quiet window too, and a shorter one could answer drained.
+    let no_close = if args.close_at_timeout {
+        " (nothing is closed at the deadline)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "drain-agent wait: {}; {left} left, less than the quiet window {quiet}: the wait cannot end drained in time, waiting out the timeout{no_close}",
+        after.text()
+    );
+    let why = format!("{left} was left to ask again, less than the quiet window {quiet}");
+    let query = count_query(args);
+    let last_problem = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let problem = match judge(
+            get(url, &query, COUNT_EVERY.min(remaining + ANSWER_MARGIN)),
+            &args.agent,
+        ) {
+            // Drained by count alone is not drained: the quiet window was not kept.
+            Reply::Body(body) => WaitProblem::NotDrained(describe_remaining(&body)),
+            Reply::Refused(refused) => {
+                eprintln!("drain-agent wait: the agent refused the request {refused}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+            Reply::Problem(problem) => problem,
+        };
+        if Instant::now() >= deadline {
+            break problem;
+        }
+        std::thread::sleep(COUNT_EVERY.min(deadline.saturating_duration_since(Instant::now())));
+    };
+    finish(args, last_problem, Some(&why))
+}
+
+/// The end of a wait whose deadline passed: the exit status says why (`cause`: what made
+/// it unable to end drained, if something other than the count did).
+fn finish(args: &WaitArgs, last_problem: WaitProblem, cause: Option<&str>) -> ExitCode {
+    let cause = cause.map(|cause| format!(" ({cause})")).unwrap_or_default();
     match last_problem {
         WaitProblem::Unreachable(problem) => {
-            eprintln!("drain-agent wait: {problem}");
+            eprintln!("drain-agent wait: {problem}{cause}");
             ExitCode::from(EXIT_ERROR)
         }
         WaitProblem::NotDrained(problem) => {
             eprintln!(
-                "drain-agent wait: port {} not drained within {}: {problem}",
+                "drain-agent wait: port {} not drained within {}: {problem}{cause}",
                 args.port,
                 format_duration(args.timeout)
             );
@@ -249,4 +343,12 @@ enum WaitProblem {
     NotDrained(String),
     /// The agent could not be reached (exit 2).
     Unreachable(String),
+}
+
+impl WaitProblem {
+    fn text(&self) -> &str {
+        match self {
+            Self::NotDrained(text) | Self::Unreachable(text) => text,
+        }
+    }
 }
