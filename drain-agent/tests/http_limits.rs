@@ -256,7 +256,8 @@ fn wait_keeps_its_deadline_against_an_agent_that_accepts_but_never_answers() {
     println!("wait --timeout 3s against a silent agent: exit {code:?} after {took:?}");
     assert!(matches!(code, Some(1 | 2)), "exit {code:?}");
     assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(4),
+        // Generous: a busy machine took 3.76 s (start-up and the last read's bound).
+        took >= Duration::from_secs(3) && took < Duration::from_secs(5),
         "took {took:?}"
     );
     drop(silent);
