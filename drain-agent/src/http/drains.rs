@@ -48,7 +48,7 @@ pub(super) async fn start_drain(
             return error(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    "{owner} has {limit} drains in progress, the per-owner limit (the drains of one pod's namespace, or of this node's local users, count together; see README \"Limits\"): cancel one or retry later; a /drained of a scope past it waits unrecorded"
+                    "{owner} has {limit} drains in progress, the per-owner limit (the drains of one pod's namespace, or of this node's local users, count together; see README \"Shared limits\"): cancel one or retry later; a /drained of a scope past it waits unrecorded"
                 ),
             );
         }
