@@ -133,7 +133,8 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_MAX_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub max_timeout: Duration,
 
-    /// How many /drained requests may block at once; more get 429.
+    /// How many /drained requests may block at once, and drains be in progress at once
+    /// (of which one pod's namespace, or the node's local users, may have 64); more get 429.
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS", default_value_t = 1024)]
     pub max_waiters: usize,
 

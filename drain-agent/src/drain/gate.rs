@@ -44,7 +44,8 @@ impl Asked {
 pub const GATE_HOLD: Duration = Duration::from_secs(300);
 
 /// At most this many scopes are held out of rotation after their drains; past it the
-/// oldest hold ends first.
+/// soonest-ending hold of the owner holding the most ends first (`owner::evictee`: one
+/// pod's drains evict its own holds, not another pod's).
 pub const HELD_MAX: usize = 4096;
 
 /// A scope kept out of rotation after its drain.

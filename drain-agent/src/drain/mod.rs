@@ -12,6 +12,7 @@
 pub mod advice;
 mod gate;
 pub mod journal;
+pub mod owner;
 mod registry;
 mod run;
 mod saved;
@@ -161,8 +162,11 @@ impl OnTimeout {
 /// Why a drain could not be started or joined.
 #[derive(Debug)]
 pub enum JoinError {
-    /// As many drains as allowed are in progress.
+    /// As many drains as the node allows (`--max-waiters`) are in progress.
     Full,
+    /// As many drains of this owner as one owner may have ([`owner::RUNNING_PER_OWNER`],
+    /// the limit named) are in progress.
+    OwnerFull(owner::Owner, usize),
     /// The drain in progress of this scope has other settings (named, with its id).
     Conflict(u64, String),
     /// The drain of this scope (its id) has taken its verdict and did not end within
@@ -265,6 +269,10 @@ pub struct Drains {
     pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
+    /// Drains in progress one owner may have at most ([`owner::RUNNING_PER_OWNER`]).
+    running_per_owner: usize,
+    /// Gates held at most ([`HELD_MAX`]).
+    held_max: usize,
     history: Mutex<VecDeque<DrainRecord>>,
     stats: Mutex<DrainStats>,
     /// Where POSTed drains and held gates are kept across restarts (`--state-dir`).
@@ -313,6 +321,8 @@ impl Drains {
             held: Mutex::new(HashMap::new()),
             pods,
             max_running,
+            running_per_owner: owner::RUNNING_PER_OWNER,
+            held_max: HELD_MAX,
             history: Mutex::new(past.into_iter().collect()),
             stats: Mutex::new(DrainStats::default()),
             state: None,
@@ -325,6 +335,16 @@ impl Drains {
     #[must_use]
     pub fn with_state_file(mut self, file: StateFile) -> Self {
         self.state = Some(Arc::new(file));
+        self
+    }
+
+    /// Other limits than the agent's ([`owner::RUNNING_PER_OWNER`], [`HELD_MAX`]): small
+    /// ones, for tests that fill them.
+    #[cfg(test)]
+    #[must_use]
+    pub fn with_limits(mut self, running_per_owner: usize, held_max: usize) -> Self {
+        self.running_per_owner = running_per_owner;
+        self.held_max = held_max;
         self
     }
 

@@ -13,7 +13,9 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    drain::{DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, lock, unix_ms},
+    drain::{
+        DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, lock, owner::Owner, unix_ms,
+    },
     tracker::Filter,
 };
 
@@ -177,6 +179,18 @@ impl Drains {
                 existing.waiters.fetch_add(1, Ordering::AcqRel);
             }
             return Ok(Started::Drain(Arc::clone(existing), false));
+        }
+        // One owner's drains never fill the node's limit: the others keep room for theirs.
+        // Asked first: an owner past its share is told of its own limit.
+        let owner = Owner::of(&spec.filter);
+        if owner.limited()
+            && running
+                .keys()
+                .filter(|scope| Owner::of(scope) == owner)
+                .count()
+                >= self.running_per_owner
+        {
+            return Err(JoinError::OwnerFull(owner, self.running_per_owner));
         }
         if running.len() >= self.max_running {
             return Err(JoinError::Full);

@@ -6,8 +6,13 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     drain::{
-        DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HELD_MAX,
-        HISTORY, OnTimeout, gate::Held, lock, registry::Running, unix_ms,
+        DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HISTORY,
+        OnTimeout,
+        gate::Held,
+        lock,
+        owner::{self, Owner},
+        registry::Running,
+        unix_ms,
     },
     drain_rule::DrainRule,
     tracker::{DrainOutcome, Filter, REPORT_BUDGET, WaitError},
@@ -244,14 +249,12 @@ impl Drains {
     pub(super) fn finish(&self, filter: &Filter, record: DrainRecord, listeners: Vec<u64>) {
         if record.result.is_some_and(DrainEnd::holds_the_gate) {
             let mut held = lock(&self.held);
-            if held.len() >= HELD_MAX && !held.contains_key(filter) {
-                // Bounded: the hold that ends soonest goes first.
-                let soonest = held
-                    .iter()
-                    .min_by_key(|(_, hold)| hold.until)
-                    .map(|(scope, _)| scope.clone());
-                if let Some(soonest) = soonest {
-                    held.remove(&soonest);
+            if held.len() >= self.held_max && !held.contains_key(filter) {
+                // Bounded: a hold of the owner holding the most goes (its soonest-ending),
+                // never one of an owner holding fewer than this scope's: one pod ending
+                // many drains evicts its own gates, not another pod's (`owner::evictee`).
+                if let Some(evicted) = owner::evictee(&held, Owner::of(filter)) {
+                    held.remove(&evicted);
                 }
             }
             held.insert(

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     drain::{
-        DrainRecord, DrainSpec, Drains, Given, HELD_MAX,
+        DrainRecord, DrainSpec, Drains, Given,
         gate::Held,
         lock,
         registry::{Running, scope_text},
@@ -518,7 +518,7 @@ impl Drains {
         {
             let mut held = lock(&self.held);
             for hold in saved.held {
-                if hold.until_ms <= now_ms || held.len() >= HELD_MAX {
+                if hold.until_ms <= now_ms || held.len() >= self.held_max {
                     continue;
                 }
                 let scope = hold.scope();

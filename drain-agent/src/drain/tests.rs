@@ -1,4 +1,4 @@
-use super::*;
+use super::{owner::Owner, *};
 use crate::tracker::fake::{FakeSource, endpoint};
 
 fn registry(active: u64) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
@@ -598,4 +598,150 @@ async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
     let closes = lock(&closer.closes).clone();
     assert_eq!(closes.len(), 1, "{closes:?}");
     assert!(closes[0].0 >= seeded_at, "closed before the seeding ended");
+}
+
+/// A drain of `port` inside namespace `netns` (a pod's) that stays in progress: its quiet
+/// window outlasts the test.
+fn pod_spec(netns: u32, port: u16) -> DrainSpec {
+    DrainSpec {
+        filter: Filter {
+            port,
+            addr: None,
+            netns: Some(netns),
+        },
+        rule: DrainRule {
+            quiet: Duration::from_secs(600),
+            ..DrainRule::default()
+        },
+        ..spec(Duration::from_secs(600))
+    }
+}
+
+/// Audit (shared caps): at most `--max-waiters` drains ran at once across every scope, so
+/// pod 7 posting drains on many ports of its own got pod 8's `POST /drain` a 429 (and its
+/// `/drained` an unrecorded wait: no gate, no close). Pod 7 now runs out of its own share.
+#[tokio::test(start_paused = true)]
+async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
+    let source = Arc::new(FakeSource::default());
+    let tracker = Arc::new(Tracker::new(source, 64));
+    // The node allows 4 drains at once, one owner 2.
+    let drains = Arc::new(Drains::new(tracker, None, None, None, 4).with_limits(2, 16));
+    let mut accepted = 0;
+    for port in 1..=16 {
+        match drains.post(pod_spec(7, port)).await {
+            Ok(_) => accepted += 1,
+            Err(JoinError::Full | JoinError::OwnerFull(..)) => {}
+            Err(other) => panic!("pod 7's drain of {port}: {other:?}"),
+        }
+    }
+    let (record, created) = drains
+        .post(pod_spec(8, 8080))
+        .await
+        .expect("pod 8's drain refused after pod 7 filled its share");
+    assert!(created && record.netns == Some(8));
+    assert_eq!(accepted, 2, "pod 7 ran more than its share");
+    // Refused naming its own limit, not the node's.
+    assert!(matches!(
+        drains.post(pod_spec(7, 100)).await,
+        Err(JoinError::OwnerFull(Owner::Netns(7), 2))
+    ));
+    // The node's port-wide scopes have only the node's limit.
+    drains
+        .post(DrainSpec {
+            filter: Filter::port(1),
+            ..pod_spec(0, 1)
+        })
+        .await
+        .expect("the node's drain");
+    assert!(matches!(
+        drains
+            .post(DrainSpec {
+                filter: Filter::port(2),
+                ..pod_spec(0, 2)
+            })
+            .await,
+        Err(JoinError::Full)
+    ));
+    assert_eq!(drains.list().0.len(), 4);
+    // A waiter past its owner's share waits unrecorded, and its answer says why.
+    let ask = waiter::Ask {
+        spec: DrainSpec {
+            timeout: Duration::from_millis(50),
+            ..pod_spec(7, 100)
+        },
+        control: true,
+        peers: false,
+    };
+    let answer = ask.answer(&drains).await.expect("answer");
+    assert_eq!(
+        (answer.drain, answer.unrecorded),
+        (None, Some(waiter::Unrecorded::OwnerLimit))
+    );
+}
+
+/// Audit (shared caps): at most `HELD_MAX` gates were held after drains, and at the limit
+/// the one ending soonest went: pod 7 ending many short drains evicted pod 8's gate, and
+/// `/health` for pod 8 said 200 while it stopped. At the limit a gate now goes from the
+/// owner holding the most: pod 7 evicts its own.
+#[tokio::test(start_paused = true)]
+async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
+    let source = Arc::new(FakeSource::default());
+    let tracker = Arc::new(Tracker::new(source, 64));
+    let drains = Arc::new(Drains::new(tracker, None, None, None, 4).with_limits(2, 4));
+    let ended = |netns: u32, port: u16| {
+        let record = DrainRecord {
+            id: u64::from(port),
+            port,
+            addr: None,
+            netns: Some(netns),
+            started_ms: 0,
+            first_zero_after_ms: Some(0),
+            ended_ms: Some(0),
+            result: Some(DrainEnd::Drained),
+            active_at_start: 0,
+            late_arrivals: 0,
+            peers_at_end: Vec::new(),
+            closed_by_agent: 0,
+            wait_ms: 0,
+            on_timeout: OnTimeout::Keep,
+        };
+        (pod_spec(netns, port).filter, record)
+    };
+    let pod = |netns: u32, port: u16| Asked {
+        port,
+        addr: None,
+        netns,
+        whole_namespace: true,
+    };
+    // Pod 8's drain ended first: its hold ends soonest.
+    let (scope, record) = ended(8, 8080);
+    drains.finish(&scope, record, Vec::new());
+    for port in 1..=12 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (scope, record) = ended(7, port);
+        drains.finish(&scope, record, Vec::new());
+    }
+    assert!(
+        drains.gated(&pod(8, 8080)),
+        "pod 7's drains evicted pod 8's gate"
+    );
+    // Pod 7 kept its newest gates, within the limit.
+    assert!(drains.gated(&pod(7, 12)) && !drains.gated(&pod(7, 1)));
+    assert_eq!(lock(&drains.held).len(), 4);
+    // The node's gate, held before pod 7 went on, stays too.
+    drains.finish(
+        &Filter::port(9090),
+        DrainRecord {
+            netns: None,
+            ..ended(7, 9090).1
+        },
+        Vec::new(),
+    );
+    for port in 13..=20 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (scope, record) = ended(7, port);
+        drains.finish(&scope, record, Vec::new());
+    }
+    assert!(drains.gated(&node(9090)) && drains.gated(&pod(8, 8080)));
+    assert!(drains.gated(&pod(7, 20)));
 }

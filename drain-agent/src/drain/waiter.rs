@@ -7,6 +7,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
     drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership},
     tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, Tracker, WaitError},
@@ -39,6 +41,23 @@ pub struct Answer {
     /// Not drained because the agent is stopping: the hook should ask the next agent (a
     /// 503 that must not look like a timeout).
     pub shutdown: bool,
+    /// Why a waiter that could control its scope joined no drain and waited unrecorded.
+    pub unrecorded: Option<Unrecorded>,
+}
+
+/// Why a `/drained` waiter whose caller controls the scope waited unrecorded: its answer
+/// still counts, but no drain ran for it (no `/health` gate, no close at the deadline, no
+/// record in `/drains`). The answer says so (`unrecorded`), for the hook to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unrecorded {
+    /// As many drains as the node allows (`--max-waiters`) were in progress.
+    DrainLimit,
+    /// As many drains of the scope's owner as one owner may have
+    /// ([`crate::drain::owner::RUNNING_PER_OWNER`]) were in progress.
+    OwnerLimit,
+    /// The scope's drain had taken its verdict and was slow to end.
+    Ending,
 }
 
 /// Why a waiter got no answer.
@@ -66,7 +85,10 @@ impl Ask {
             // A drain this waiter joins or starts: the one a gone agent was asked for, if any.
             drains.catch_up().await;
         }
-        let membership = self.member(drains).await?;
+        let (membership, unrecorded) = match self.member(drains).await? {
+            Joined::Drain(membership) => (Some(membership), None),
+            Joined::Unrecorded(why) => (None, why),
+        };
         let (mut outcome, closed) = match &membership {
             Some(membership) => await_drain(tracker, &self.spec, membership).await?,
             None => {
@@ -93,23 +115,36 @@ impl Ask {
             drain: membership.as_ref().map(Membership::id),
             outcome,
             closed,
+            unrecorded,
         })
     }
 
-    /// The drain this request joins, or `None`: its caller only observes, it is a pure
-    /// query, or as many drains as allowed are in progress (the waiter still waits,
-    /// unrecorded: a stop hook must not fail). The same when the scope's drain has taken
-    /// its verdict and is slow to end: the waiter waits on its own count, never that verdict.
-    async fn member(&self, drains: &Arc<Drains>) -> Result<Option<Membership>, Unanswered> {
+    /// The drain this request joins, or none: its caller only observes, it is a pure
+    /// query, or as many drains as allowed (the node's, or its owner's) are in progress
+    /// (the waiter still waits, unrecorded, and its answer says why: a stop hook must not
+    /// fail). The same when the scope's drain has taken its verdict and is slow to end: the
+    /// waiter waits on its own count, never that verdict.
+    async fn member(&self, drains: &Arc<Drains>) -> Result<Joined, Unanswered> {
         if !self.control || self.spec.timeout.is_zero() {
-            return Ok(None);
+            return Ok(Joined::Unrecorded(None));
         }
-        match drains.join(self.spec.clone()).await {
-            Ok((membership, _)) => Ok(Some(membership)),
-            Err(JoinError::Full | JoinError::Ending(_)) => Ok(None),
-            Err(JoinError::Conflict(id, difference)) => Err(Unanswered::Conflict(id, difference)),
-        }
+        let why = match drains.join(self.spec.clone()).await {
+            Ok((membership, _)) => return Ok(Joined::Drain(membership)),
+            Err(JoinError::Conflict(id, difference)) => {
+                return Err(Unanswered::Conflict(id, difference));
+            }
+            Err(JoinError::Full) => Unrecorded::DrainLimit,
+            Err(JoinError::OwnerFull(..)) => Unrecorded::OwnerLimit,
+            Err(JoinError::Ending(_)) => Unrecorded::Ending,
+        };
+        Ok(Joined::Unrecorded(Some(why)))
     }
+}
+
+/// What a waiter joined: a drain, or none (why, if it could control the scope).
+enum Joined {
+    Drain(Membership),
+    Unrecorded(Option<Unrecorded>),
 }
 
 /// A waiter's answer from the drain it joined. The drain owns the deadline, the close at

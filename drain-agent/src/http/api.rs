@@ -21,7 +21,7 @@ use crate::{
     tracker::Filter,
 };
 pub use crate::{
-    drain::{DrainRecord, OnTimeout},
+    drain::{DrainRecord, OnTimeout, waiter::Unrecorded},
     drain_rule::Peer,
     tracker::Endpoint,
 };
@@ -48,6 +48,10 @@ pub struct DrainedBody {
     /// The drain this request joined or started (requests with a timeout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<u64>,
+    /// A request that could control its scope but joined no drain says why: it waited
+    /// unrecorded (no `/health` gate, no close at the deadline, nothing in `/drains`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded: Option<Unrecorded>,
     /// Connections the agent closed at the deadline (`on_timeout=close`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed: Option<u64>,

@@ -63,6 +63,7 @@ fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
         closed,
         drain,
         shutdown,
+        unrecorded,
     } = answer;
     let result = if outcome.drained {
         DrainResult::Drained
@@ -87,6 +88,7 @@ fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
         busy: outcome.busy,
         peers: outcome.peers,
         drain,
+        unrecorded,
         closed,
         reason: shutdown.then_some(AnswerReason::AgentShutdown),
     };

@@ -34,6 +34,15 @@ fn app_with(
     endpoints: Vec<crate::tracker::Endpoint>,
     state_dir: Option<&std::path::Path>,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_built(endpoints, state_dir, |drains| drains)
+}
+
+/// [`app_with`], its registry set up by `build` (other limits).
+fn app_built(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+    build: impl FnOnce(Drains) -> Drains,
+) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
     let tracker = Arc::new(Tracker::new(source.clone(), 8));
@@ -53,7 +62,7 @@ fn app_with(
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
     }
-    let drains = Arc::new(drains);
+    let drains = Arc::new(build(drains));
     metrics
         .register_drains(drains.clone())
         .expect("drain metrics");
@@ -926,4 +935,39 @@ async fn drain_changes_while_the_agent_stops_are_refused_with_retry_after() {
         "the held gate stays"
     );
     assert_eq!(get(&state, "/health?port=8081").await.0, StatusCode::OK);
+}
+
+/// Audit (shared caps): pod 7 posting drains on many ports of its own filled the node's
+/// drain limit: pod 8's `POST /drain` got 429 and its `/drained` waited unrecorded. Pod 7
+/// now gets the 429, naming its own limit, and pod 8 is still served.
+#[tokio::test(start_paused = true)]
+async fn a_pod_past_its_share_of_drains_gets_429_naming_the_per_owner_limit() {
+    // The node allows 8 drains at once, one owner 2.
+    let (_, state) = app_built(Vec::new(), None, |drains| drains.with_limits(2, 16));
+    let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+    for port in 1..=2 {
+        let uri = format!("/drain?port={port}&timeout=5m&quiet=4m");
+        let (status, body) = request_as(&state, a, "POST", &uri).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let refused_post = request_as(&state, a, "POST", "/drain?port=3&timeout=5m&quiet=4m").await;
+    refused(
+        refused_post,
+        StatusCode::TOO_MANY_REQUESTS,
+        "network namespace 7 has 2 drains in progress, the per-owner limit",
+    );
+    // Its stop hook is still answered, unrecorded, and told so.
+    let (status, body) = request_as(&state, a, "GET", "/drained?port=3&timeout=1s").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["unrecorded"], "owner_limit", "{body}");
+    assert!(body.get("drain").is_none(), "{body}");
+    // Pod 8's drains are its own to start.
+    let (status, body) = request_as(&state, b, "POST", "/drain?port=3&timeout=5m&quiet=4m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = request_as(&state, b, "GET", "/drained?port=4&timeout=1s").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["drain"].is_u64() && body.get("unrecorded").is_none(),
+        "{body}"
+    );
 }

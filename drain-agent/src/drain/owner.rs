@@ -1,0 +1,94 @@
+//! Whose a drain's scope is, for the limits shared by the whole node: drains in progress
+//! (`--max-waiters`) and gates held after a drain ([`HELD_MAX`]). Without an owner, one pod
+//! could use them all up: post drains until the node's limit, so that another pod's `POST
+//! /drain` got 429 and its `/drained` waited unrecorded (no `/health` gate, no close at the
+//! deadline); or end short drains until the held gates' limit, evicting another pod's gate
+//! and putting it back in rotation while it stops.
+//!
+//! [`HELD_MAX`]: super::HELD_MAX
+
+use std::{collections::HashMap, fmt, net::IpAddr};
+
+use crate::{drain::gate::Held, tracker::Filter};
+
+/// Drains in progress one [`Owner`] may have at once (beside the node-wide `--max-waiters`);
+/// [`Owner::Node`] has only the node-wide limit. A pod needs about one per port it serves
+/// (a stop hook drains each port it listens on): 64 is far above that, and far below the
+/// default `--max-waiters` (1024), so that one owner never takes what the others need.
+pub const RUNNING_PER_OWNER: usize = 64;
+
+/// Whose a scope is: the owner a scope's drains and held gate count against.
+///
+/// It is read from the scope alone, as `http/authority.rs` and `http/pod_scope.rs` confine
+/// it per caller: every scope a pod may control carries its network namespace (on its own
+/// listener, and on the node's when it is known by its address), and every scope a local
+/// user may control carries the node's own namespace. A scope without a namespace can only
+/// be asked for by the node (root or a bearer token). So:
+/// - a scope with a namespace is that namespace's: one pod's, whatever its addresses; or,
+///   for the node's own namespace, its local users' (they share it: the scope does not say
+///   which user asked);
+/// - else one with an address is that address's (the node drains one pod by its IP);
+/// - else it is the node's: a port on every namespace.
+///
+/// The node's scopes may also be of a namespace (root may name any one): those count
+/// against that namespace, so that a pod cannot evict them unless it evicts its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Netns(u32),
+    Addr(IpAddr),
+    Node,
+}
+
+impl Owner {
+    pub fn of(scope: &Filter) -> Self {
+        match (scope.netns, scope.addr) {
+            (Some(netns), _) => Self::Netns(netns),
+            (None, Some(addr)) => Self::Addr(addr),
+            (None, None) => Self::Node,
+        }
+    }
+
+    /// Whether [`RUNNING_PER_OWNER`] applies: to everyone but the node's port-wide scopes,
+    /// which keep only the node-wide limit (what they had before owners).
+    pub fn limited(self) -> bool {
+        self != Self::Node
+    }
+}
+
+/// How a 429 names the owner: the caller's own namespace or address, nothing else.
+impl fmt::Display for Owner {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Netns(netns) => write!(formatter, "network namespace {netns}"),
+            Self::Addr(addr) => write!(formatter, "address {addr}"),
+            Self::Node => formatter.write_str("the node"),
+        }
+    }
+}
+
+/// The gate to evict so that `newcomer`'s can be held, when as many are held as allowed:
+/// the soonest-ending one of the owner holding the most; among owners holding as many, the
+/// newcomer's own. So an owner loses a gate to another only while it holds more than that
+/// other one (and so more than its share, the limit split among the owners holding gates
+/// and the newcomer's): an owner that holds no more gates than the newcomer's loses none,
+/// and one that keeps posting evicts its own once it holds the most. `None`: nothing held.
+pub(super) fn evictee(held: &HashMap<Filter, Held>, newcomer: Owner) -> Option<Filter> {
+    let mut counts: HashMap<Owner, usize> = HashMap::new();
+    for scope in held.keys() {
+        *counts.entry(Owner::of(scope)).or_default() += 1;
+    }
+    let own = counts.get(&newcomer).copied().unwrap_or(0);
+    let most = counts.values().copied().max()?;
+    let owner = if own == most {
+        newcomer
+    } else {
+        counts
+            .iter()
+            .find(|&(_, &count)| count == most)
+            .map(|(&owner, _)| owner)?
+    };
+    held.iter()
+        .filter(|(scope, _)| Owner::of(scope) == owner)
+        .min_by_key(|(_, hold)| hold.until)
+        .map(|(scope, _)| scope.clone())
+}
