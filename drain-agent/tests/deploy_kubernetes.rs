@@ -23,8 +23,8 @@ use std::{
 use common::{
     child::Guard,
     deploy::{
-        agent_capabilities, deploy, flag_value, kubernetes_validate, read, tool_available,
-        unit_directives, unit_value, yaml_documents,
+        STOP_MARGIN, agent_capabilities, deploy, flag_value, kubernetes_validate, read, run_args,
+        tool_available, unit_directives, unit_value, yaml_documents,
     },
 };
 use drain_agent::{
@@ -170,16 +170,33 @@ fn kubernetes_manifests_agree_with_each_other() {
     assert_eq!(rolling["type"], "RollingUpdate");
     assert_eq!(rolling["rollingUpdate"]["maxSurge"], 1);
     assert_eq!(rolling["rollingUpdate"]["maxUnavailable"], 0);
-    let grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        .as_u64()
-        .expect("terminationGracePeriodSeconds");
-    let shutdown_grace = flag_value(&args, "--shutdown-grace").unwrap_or("20s");
-    let shutdown_grace = parse_duration(shutdown_grace)
-        .expect("--shutdown-grace")
-        .as_secs();
+    // The stop (ARCHITECTURE.md, "Upgrades and restarts"), with the settings the agent is
+    // given here as the agent itself parses them.
+    let host_args: Vec<String> = args
+        .iter()
+        .skip(1)
+        .map(|a| a.replace("$(HOST_IP)", "192.0.2.1"))
+        .collect();
+    let host_args: Vec<&str> = host_args.iter().map(String::as_str).collect();
+    let run = run_args(&host_args, &[]);
+    // Every waiter the old agent of an upgrade holds at its SIGTERM gets its real answer:
+    // none can ask for longer than --max-timeout, and the kubelet never retries an httpGet
+    // preStop hook that got 503 agent_shutdown (the pod would get SIGTERM mid-drain).
     assert!(
-        grace >= shutdown_grace + 3 + 2,
-        "terminationGracePeriodSeconds {grace} must cover --shutdown-grace ({shutdown_grace} s), --http-shutdown-timeout (3 s) and the drains' records (2 s)"
+        run.shutdown_grace >= run.max_timeout,
+        "--shutdown-grace {:?} must cover the longest hook the agent accepts (--max-timeout {:?})",
+        run.shutdown_grace,
+        run.max_timeout
+    );
+    let grace = Duration::from_secs(
+        daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("terminationGracePeriodSeconds"),
+    );
+    let longest = drain_agent::agent::longest_stop(&run);
+    assert!(
+        grace >= longest + STOP_MARGIN,
+        "terminationGracePeriodSeconds {grace:?} must cover the agent's longest stop ({longest:?}: --shutdown-grace, --http-shutdown-timeout, the drains' records and the exit waits) and {STOP_MARGIN:?} more"
     );
     for resources in ["requests", "limits"] {
         assert!(

@@ -160,8 +160,12 @@ pub struct RunArgs {
     /// agent of an upgrade, which takes new connections and those queued) and keeps giving
     /// the waiters it has their usual answers (drained, or not at their timeout) for up to
     /// this long; those still waiting then get 503 `"reason":"agent_shutdown"` with
-    /// Retry-After. Keep it plus --http-shutdown-timeout plus a few seconds below the stop
-    /// timeout (the DaemonSet's terminationGracePeriodSeconds: 30 for the default 20s).
+    /// Retry-After. Where an agent starts beside this one (the DaemonSet's upgrade), set it
+    /// to --max-timeout, so that every waiter gets its real answer (the DaemonSet: 10m). The
+    /// stop timeout (terminationGracePeriodSeconds, TimeoutStopSec=) must cover it plus
+    /// --http-shutdown-timeout plus 8 s (drains' records 2 s, exit waits 3 s + 3 s; 2 s more
+    /// with --agent-check-listen; a grace under 2 s counts as 2 s) and a margin. The agent exits as soon as no waiter is
+    /// left.
     #[arg(long, env = "DRAIN_AGENT_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
