@@ -152,18 +152,45 @@ fn kubernetes_manifests_agree_with_each_other() {
         .map(|a| a.as_str().expect("arg"))
         .collect();
     assert_eq!(args.first(), Some(&"run"));
-    let listen = flag_value(&args, "--listen").expect("--listen");
+    // The agent's settings from its environment: the listen address (which the probe
+    // reads too) and the instance, the pod's UID.
+    let literal_env: Vec<(String, String)> = agent["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .filter(|(name, _)| name.starts_with("DRAIN_AGENT_"))
+        .map(|(name, value)| (name, value.replace("$(HOST_IP)", "192.0.2.1")))
+        .collect();
+    assert_eq!(env_field_ref(agent, "DRAIN_AGENT_INSTANCE"), "metadata.uid");
+    let listen = literal_env
+        .iter()
+        .find(|(name, _)| name == "DRAIN_AGENT_LISTEN")
+        .map(|(_, value)| value.as_str())
+        .expect("DRAIN_AGENT_LISTEN");
     let agent_port: u16 = listen
-        .strip_prefix("$(HOST_IP):")
-        .expect("--listen $(HOST_IP):PORT")
+        .strip_prefix("192.0.2.1:")
+        .expect("DRAIN_AGENT_LISTEN $(HOST_IP):PORT")
         .parse()
         .expect("port");
     // No container port (a hostNetwork containerPort becomes a hostPort, which keeps the
-    // upgrade's surge pod off the node): the probes name the number.
+    // upgrade's surge pod off the node): the liveness probe names the number.
     assert!(agent["ports"].is_null(), "no container port");
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
-        assert_eq!(agent[probe]["httpGet"]["port"], agent_port, "{probe}");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], agent_port);
+    // Readiness and startup: this pod's own agent only, never the upgrade's other agent on
+    // the same address (tests/probe.rs).
+    for probe in ["startupProbe", "readinessProbe"] {
+        assert_eq!(
+            agent[probe]["exec"]["command"],
+            serde_json::json!(["/drain-agent", "probe"]),
+            "{probe}"
+        );
     }
     // The hand-over: the new agent starts beside the old one, which stops once it is ready.
     let rolling = &daemonset["spec"]["updateStrategy"];
@@ -178,7 +205,11 @@ fn kubernetes_manifests_agree_with_each_other() {
         .map(|a| a.replace("$(HOST_IP)", "192.0.2.1"))
         .collect();
     let host_args: Vec<&str> = host_args.iter().map(String::as_str).collect();
-    let run = run_args(&host_args, &[]);
+    let environment: Vec<(&str, &str)> = literal_env
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let run = run_args(&host_args, &environment);
     // Every waiter the old agent of an upgrade holds at its SIGTERM gets its real answer:
     // none can ask for longer than --max-timeout, and the kubelet never retries an httpGet
     // preStop hook that got 503 agent_shutdown (the pod would get SIGTERM mid-drain).

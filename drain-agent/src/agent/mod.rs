@@ -60,6 +60,24 @@ pub fn longest_stop(args: &RunArgs) -> Duration {
         + EXIT_WAIT
 }
 
+/// A name for an agent started without `--instance`: 16 hex digits from the kernel's
+/// random source, or the process id and the time should that not be readable (a name
+/// only has to differ from the other agent's on the same address).
+fn random_instance() -> String {
+    use std::io::Read as _;
+    let mut bytes = [0_u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut source| source.read_exact(&mut bytes)) {
+        Ok(()) => bytes.iter().map(|byte| format!("{byte:02x}")).collect(),
+        Err(problem) => {
+            warn!("cannot read /dev/urandom ({problem}): the instance is named by pid and time");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.subsec_nanos());
+            format!("{}-{nanos}", std::process::id())
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
     crate::logging::init(&args.log_level, args.log_format);
@@ -90,6 +108,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Err(problem) => warn!("{problem:#}"),
     }
     args.check()?;
+    let instance = args.instance.clone().unwrap_or_else(random_instance);
+    info!("instance {instance} (drain-agent probe --instance)");
     // Bind first: a port conflict is the most common start-up mistake, and it should not
     // cost the programs' load to find out. Shared with the next agent of an upgrade
     // (handover.rs).
@@ -328,10 +348,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let served = crate::http::server::serve_handing_over(
         listener,
-        tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
-            identify,
-            crate::http::identify::identify,
-        ))),
+        crate::http::naming_instance(
+            tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
+                identify,
+                crate::http::identify::identify,
+            ))),
+            &instance,
+        )?,
         args.server_limits(),
         reached(phases.clone(), StopPhase::HandingOver),
         reached(phases.clone(), StopPhase::AnsweringRest),
