@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => agent::main(*args),
         Some(Command::Wait(args)) => client::wait(&args),
         Some(Command::Status(args)) => client::status(&args),
+        Some(Command::Probe(args)) => client::probe(&args),
         Some(Command::Completions { shell }) => generate::completions(shell),
         Some(Command::Manpage { dir }) => generate::manpages(&dir),
     }

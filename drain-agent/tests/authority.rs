@@ -523,3 +523,217 @@ fn a_configured_token_gives_a_remote_caller_the_nodes_authority() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"remote\""), "{body}");
 }
+
+/// One request of a recipe: its method, its URL with the recipe's placeholders, and the
+/// `Authorization` header line that follows it, if any.
+struct RecipeRequest {
+    method: String,
+    url: String,
+    authorization: Option<String>,
+}
+
+/// The requests deploy/recipes/README.md gives for grafana/rollout-operator, as written
+/// (the lines of its code blocks that start with a method and an `http://` URL).
+fn rollout_operator_recipe() -> Vec<RecipeRequest> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/recipes/README.md"),
+    )
+    .expect("deploy/recipes/README.md");
+    let start = text
+        .find("**rollout-operator's `prepare-downscale`**")
+        .expect("the rollout-operator recipe");
+    let section = &text[start..];
+    let section = &section[..section.find("\n- **").unwrap_or(section.len())];
+    let mut requests: Vec<RecipeRequest> = Vec::new();
+    for line in section.lines().map(str::trim) {
+        if let Some(header) = line.strip_prefix("Authorization: ") {
+            requests
+                .last_mut()
+                .expect("a header after its request")
+                .authorization = Some(format!("Authorization: {header}"));
+        } else if let Some((method, url)) = line.split_once(' ')
+            && ["GET", "POST", "DELETE"].contains(&method)
+            && url.starts_with("http://")
+        {
+            requests.push(RecipeRequest {
+                method: method.to_owned(),
+                url: url.to_owned(),
+                authorization: None,
+            });
+        }
+    }
+    requests
+}
+
+/// deploy/recipes/README.md, rollout-operator: the operator's own POST to the pod (from
+/// the operator's pod address) is refused by the pod listener, so the recipe has the pod
+/// start its own drain on its loopback, or something holding a node token call the node
+/// listener. Each request of the recipe runs here as written (the DaemonSet's ports and the
+/// example's 8080 replaced by this test's), and does what the recipe says.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_rollout_operator_recipe_drains_the_pod() {
+    if !kernel_available("the_rollout_operator_recipe_drains_the_pod") {
+        return;
+    }
+    let requests = rollout_operator_recipe();
+    let methods: Vec<(&str, bool)> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.authorization.is_some()))
+        .collect();
+    assert_eq!(
+        methods,
+        [("POST", false), ("DELETE", false), ("POST", true)],
+        "the recipe's requests: the pod's drain, its cancel, the node's with a token"
+    );
+    let pid = std::process::id();
+    let api = free_port();
+    let pod_port = free_port();
+    let tokens = common::temp_dir("tokens");
+    let token_file = tokens.path().join("tokens");
+    std::fs::write(&token_file, "rollout-automation-0123456789\n").expect("write");
+    let prefix = format!("da-rop{pid}");
+    let pod = Pod::new(&format!("rop{pid}a"), 61);
+    // The operator's pod: neither the pod nor the node, wired to the pod directly.
+    let operator = common::Netns::new(&format!("rox{pid}"));
+    let (pod_side, operator_side) = (
+        format!("dr{}p", pid % 100_000),
+        format!("dr{}o", pid % 100_000),
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod.netns.name,
+            "link",
+            "add",
+            &pod_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &operator_side,
+            "netns",
+            &operator.name,
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod.netns.name,
+            "addr",
+            "add",
+            "10.213.62.1/30",
+            "dev",
+            &pod_side,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &pod.netns.name, "link", "set", &pod_side, "up"],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &operator.name,
+            "addr",
+            "add",
+            "10.213.62.2/30",
+            "dev",
+            &operator_side,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &operator.name, "link", "set", &operator_side, "up"],
+    );
+    let _agent = start_agent_with(
+        api,
+        &[
+            "--pod-listen",
+            &format!("0.0.0.0:{pod_port}"),
+            "--pod-netns-prefix",
+            &prefix,
+            "--auth-token-file",
+            token_file.to_str().expect("utf-8"),
+            "--shutdown-grace",
+            "0s",
+        ],
+    );
+    let inside = Some(pod.netns.path());
+    let started = Instant::now();
+    while curl(
+        inside.as_deref(),
+        None,
+        "GET",
+        &format!("http://127.0.0.1:{pod_port}/healthz"),
+    )
+    .0 != 200
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no pod listener"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let port = free_port();
+    let server = pod.listen(port);
+    let _clients = connect(&pod.ip, port, 2, &server);
+    let health = || {
+        curl(
+            None,
+            None,
+            "GET",
+            &format!("http://127.0.0.1:{api}/health?port={port}&addr={}", pod.ip),
+        )
+        .0
+    };
+    assert_eq!(health(), 200);
+
+    // What the operator itself does: a POST to the pod's address from its own pod.
+    let (status, body) = curl(
+        Some(&operator.path()),
+        None,
+        "POST",
+        &format!("http://10.213.62.1:{pod_port}/drain?port={port}&timeout=60s"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(health(), 200, "the refused call changed nothing");
+
+    let remote = Remote::new(63);
+    let concrete = |url: &str| {
+        url.replace(":9100/", &format!(":{pod_port}/"))
+            .replace(":19700/", &format!(":{api}/"))
+            .replace("port=8080", &format!("port={port}"))
+            .replace("<node IP>", "10.214.63.1")
+            .replace("<pod IP>", &pod.ip)
+    };
+    // The pod's own drain, on its loopback: started, then joined (idempotent).
+    let start = &requests[0];
+    let url = concrete(&start.url);
+    let (status, body) = curl(inside.as_deref(), None, &start.method, &url);
+    assert_eq!(status, 201, "{url}: {body}");
+    assert_eq!(health(), 503, "the pod is out of rotation");
+    let (status, body) = curl(inside.as_deref(), None, &start.method, &url);
+    assert_eq!(status, 200, "{url} again: {body}");
+    // Cancelled the same way: back in rotation.
+    let cancel = &requests[1];
+    let url = concrete(&cancel.url);
+    let (status, body) = curl(inside.as_deref(), None, &cancel.method, &url);
+    assert_eq!(status, 200, "{url}: {body}");
+    assert_eq!(health(), 200, "back in rotation");
+    // The node listener with a token, from another host.
+    let node = &requests[2];
+    let url = concrete(&node.url);
+    let header = node
+        .authorization
+        .as_deref()
+        .expect("a token")
+        .replace("<token>", "rollout-automation-0123456789");
+    assert_eq!(remote.request(&node.method, &url, None).0, 403, "no token");
+    let (status, body) = remote.request(&node.method, &url, Some(&header));
+    assert_eq!(status, 201, "{url}: {body}");
+    assert_eq!(health(), 503, "the pod is out of rotation");
+}

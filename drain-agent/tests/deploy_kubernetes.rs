@@ -23,8 +23,8 @@ use std::{
 use common::{
     child::Guard,
     deploy::{
-        agent_capabilities, deploy, flag_value, kubernetes_validate, read, tool_available,
-        unit_directives, unit_value, workspace, yaml_documents,
+        STOP_MARGIN, agent_capabilities, deploy, flag_value, kubernetes_validate, read, run_args,
+        tool_available, unit_directives, unit_value, workspace, yaml_documents,
     },
 };
 use drain_agent::{
@@ -152,34 +152,82 @@ fn kubernetes_manifests_agree_with_each_other() {
         .map(|a| a.as_str().expect("arg"))
         .collect();
     assert_eq!(args.first(), Some(&"run"));
-    let listen = flag_value(&args, "--listen").expect("--listen");
+    // The agent's settings from its environment: the listen address (which the probe
+    // reads too) and the instance, the pod's UID.
+    let literal_env: Vec<(String, String)> = agent["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .filter(|(name, _)| name.starts_with("DRAIN_AGENT_"))
+        .map(|(name, value)| (name, value.replace("$(HOST_IP)", "192.0.2.1")))
+        .collect();
+    assert_eq!(env_field_ref(agent, "DRAIN_AGENT_INSTANCE"), "metadata.uid");
+    let listen = literal_env
+        .iter()
+        .find(|(name, _)| name == "DRAIN_AGENT_LISTEN")
+        .map(|(_, value)| value.as_str())
+        .expect("DRAIN_AGENT_LISTEN");
     let agent_port: u16 = listen
-        .strip_prefix("$(HOST_IP):")
-        .expect("--listen $(HOST_IP):PORT")
+        .strip_prefix("192.0.2.1:")
+        .expect("DRAIN_AGENT_LISTEN $(HOST_IP):PORT")
         .parse()
         .expect("port");
     // No container port (a hostNetwork containerPort becomes a hostPort, which keeps the
-    // upgrade's surge pod off the node): the probes name the number.
+    // upgrade's surge pod off the node): the liveness probe names the number.
     assert!(agent["ports"].is_null(), "no container port");
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(agent[probe]["httpGet"]["path"], "/healthz", "{probe}");
-        assert_eq!(agent[probe]["httpGet"]["port"], agent_port, "{probe}");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(agent["livenessProbe"]["httpGet"]["port"], agent_port);
+    // Readiness and startup: this pod's own agent only, never the upgrade's other agent on
+    // the same address (tests/probe.rs).
+    for probe in ["startupProbe", "readinessProbe"] {
+        assert_eq!(
+            agent[probe]["exec"]["command"],
+            serde_json::json!(["/drain-agent", "probe"]),
+            "{probe}"
+        );
     }
     // The hand-over: the new agent starts beside the old one, which stops once it is ready.
     let rolling = &daemonset["spec"]["updateStrategy"];
     assert_eq!(rolling["type"], "RollingUpdate");
     assert_eq!(rolling["rollingUpdate"]["maxSurge"], 1);
     assert_eq!(rolling["rollingUpdate"]["maxUnavailable"], 0);
-    let grace = daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        .as_u64()
-        .expect("terminationGracePeriodSeconds");
-    let shutdown_grace = flag_value(&args, "--shutdown-grace").unwrap_or("20s");
-    let shutdown_grace = parse_duration(shutdown_grace)
-        .expect("--shutdown-grace")
-        .as_secs();
+    // The stop (ARCHITECTURE.md, "Upgrades and restarts"), with the settings the agent is
+    // given here as the agent itself parses them.
+    let host_args: Vec<String> = args
+        .iter()
+        .skip(1)
+        .map(|a| a.replace("$(HOST_IP)", "192.0.2.1"))
+        .collect();
+    let host_args: Vec<&str> = host_args.iter().map(String::as_str).collect();
+    let environment: Vec<(&str, &str)> = literal_env
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let run = run_args(&host_args, &environment);
+    // Every waiter the old agent of an upgrade holds at its SIGTERM gets its real answer:
+    // none can ask for longer than --max-timeout, and the kubelet never retries an httpGet
+    // preStop hook that got 503 agent_shutdown (the pod would get SIGTERM mid-drain).
     assert!(
-        grace >= shutdown_grace + 3 + 2,
-        "terminationGracePeriodSeconds {grace} must cover --shutdown-grace ({shutdown_grace} s), --http-shutdown-timeout (3 s) and the drains' records (2 s)"
+        run.shutdown_grace >= run.max_timeout,
+        "--shutdown-grace {:?} must cover the longest hook the agent accepts (--max-timeout {:?})",
+        run.shutdown_grace,
+        run.max_timeout
+    );
+    let grace = Duration::from_secs(
+        daemonset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("terminationGracePeriodSeconds"),
+    );
+    let longest = drain_agent::agent::longest_stop(&run);
+    assert!(
+        grace >= longest + STOP_MARGIN,
+        "terminationGracePeriodSeconds {grace:?} must cover the agent's longest stop ({longest:?}: --shutdown-grace, --http-shutdown-timeout, the drains' records and the exit waits) and {STOP_MARGIN:?} more"
     );
     for resources in ["requests", "limits"] {
         assert!(

@@ -23,8 +23,8 @@ use std::{
 
 use common::child::Guard;
 use common::deploy::{
-    agent_capabilities, deploy, flag_value, read, run, text_of, tool_available, unit_directives,
-    unit_value, unit_values,
+    STOP_MARGIN, agent_capabilities, deploy, flag_value, read, run, run_args, text_of,
+    tool_available, unit_directives, unit_value, unit_values,
 };
 use drain_agent::duration::parse_duration;
 
@@ -194,6 +194,31 @@ fn systemd_agent_unit_is_least_privilege() {
     let text = text_of(&output);
     assert!(output.status.success(), "exposure above 2.9:\n{text}");
     assert!(text.contains("Overall exposure level"), "{text}");
+}
+
+/// The unit's stop timeout against the agent's longest stop with the settings the unit
+/// gives it (its `Environment=` lines, as the agent parses them): systemd SIGKILLs an agent
+/// still stopping at `TimeoutStopSec=`.
+#[test]
+fn systemd_stop_timeout_covers_the_agents_stop() {
+    let unit = unit_directives(&read(&deploy("systemd/drain-agent.service")));
+    assert_eq!(
+        unit_value(&unit, "Service", "ExecStart"),
+        "/usr/local/bin/drain-agent run",
+        "the settings are all in Environment="
+    );
+    let environment = unit_values(&unit, "Service", "Environment");
+    let environment: Vec<(&str, &str)> = environment
+        .iter()
+        .map(|pair| pair.split_once('=').expect("Environment=NAME=VALUE"))
+        .collect();
+    let agent = run_args(&[], &environment);
+    let longest = drain_agent::agent::longest_stop(&agent);
+    let timeout = systemd_seconds(&unit_value(&unit, "Service", "TimeoutStopSec"));
+    assert!(
+        timeout >= longest + STOP_MARGIN,
+        "TimeoutStopSec= {timeout:?} must cover the agent's longest stop ({longest:?}) and {STOP_MARGIN:?} more"
+    );
 }
 
 /// systemd's manager binary: its `--test` mode loads units exactly as the running manager

@@ -96,33 +96,77 @@ fn has(rendered: &Rendered, kind: &str) -> bool {
     rendered.documents.iter().any(|d| d["kind"] == kind)
 }
 
-/// Everything the DaemonSet says about its port: the --listen argument, the container
-/// port, the scrape annotation (when present) and the Service's port.
+/// The container's environment variables, in order: (name, value or null).
+fn env_list(container: &Value) -> Vec<(&str, &Value)> {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().expect("env name"), e))
+        .collect()
+}
+
+/// Everything the DaemonSet says about its port: the listen address (DRAIN_AGENT_LISTEN,
+/// which `run` and the `probe` of the startup and readiness probes both read), the
+/// liveness probe's port, the scrape annotation (when present) and the Service's port.
 fn agent_port(rendered: &Rendered) -> u16 {
     let daemonset = find(rendered, "DaemonSet");
     let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let name = &rendered.name;
     let args: Vec<&str> = container["args"]
         .as_array()
         .expect("args")
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    let listen = args
-        .iter()
-        .position(|a| *a == "--listen")
-        .and_then(|i| args.get(i + 1))
-        .expect("--listen");
+    assert!(
+        !args.contains(&"--listen"),
+        "{name}: the address is DRAIN_AGENT_LISTEN's, for the probe too"
+    );
+    let env = env_list(container);
+    let at = |wanted: &str| {
+        env.iter()
+            .position(|(n, _)| *n == wanted)
+            .unwrap_or_else(|| panic!("{name}: env {wanted}"))
+    };
+    // $(HOST_IP) is expanded only from a variable defined before.
+    assert!(
+        at("HOST_IP") < at("DRAIN_AGENT_LISTEN"),
+        "{name}: env order"
+    );
+    let listen = env[at("DRAIN_AGENT_LISTEN")].1["value"]
+        .as_str()
+        .expect("DRAIN_AGENT_LISTEN value");
     let port: u16 = listen
         .strip_prefix("$(HOST_IP):")
-        .expect("--listen $(HOST_IP):PORT")
+        .expect("DRAIN_AGENT_LISTEN $(HOST_IP):PORT")
         .parse()
         .expect("port");
-    let name = &rendered.name;
     // No container port: with hostNetwork it would become a hostPort, and the scheduler
     // would keep the upgrade's surge pod (maxSurge) off the node.
     assert!(container["ports"].is_null(), "{name}: no container port");
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
-        assert_eq!(container[probe]["httpGet"]["port"], port, "{name}: {probe}");
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["port"], port,
+        "{name}: livenessProbe"
+    );
+    // Startup and readiness: only this pod's own agent may pass them (an upgrade's other
+    // agent shares the address): `drain-agent probe` with the pod's UID as the instance.
+    assert_eq!(
+        env[at("DRAIN_AGENT_INSTANCE")].1["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.uid",
+        "{name}: the instance is the pod's UID"
+    );
+    for probe in ["startupProbe", "readinessProbe"] {
+        assert!(container[probe]["httpGet"].is_null(), "{name}: {probe}");
+        assert_eq!(
+            container[probe]["exec"]["command"],
+            serde_json::json!(["/drain-agent", "probe"]),
+            "{name}: {probe}"
+        );
+        assert!(
+            container[probe]["timeoutSeconds"].as_u64().unwrap_or(1) >= 3,
+            "{name}: {probe} outlasts the probe's 2 s"
+        );
     }
     let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
     if let Some(scraped) = annotations["prometheus.io/port"].as_str() {
@@ -208,7 +252,7 @@ fn every_overlay_keeps_the_agents_promises() {
             "{name}: Linux nodes only"
         );
         let startup = &container["startupProbe"];
-        assert_eq!(startup["httpGet"]["path"], "/healthz", "{name}");
+        assert!(startup["exec"]["command"].is_array(), "{name}");
         let budget = startup["periodSeconds"].as_u64().unwrap_or(10)
             * startup["failureThreshold"].as_u64().unwrap_or(3);
         assert!(budget >= 30, "{name}: {budget} s to start");

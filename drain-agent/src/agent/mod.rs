@@ -1,7 +1,7 @@
 //! `drain-agent run`: wire the kernel side, the tracker and the HTTP server together, and
 //! shut them down in order on SIGTERM or Ctrl-C.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use log::{error, info, warn};
@@ -25,6 +25,59 @@ use crate::{
     tracker::Tracker,
 };
 
+/// How long the drains in progress get to write their records once the waiters are answered.
+pub const DRAIN_RECORDS_WAIT: Duration = Duration::from_secs(2);
+/// How long the agent-check listener (`--agent-check-listen`) gets to stop.
+pub const AGENT_CHECK_STOP_WAIT: Duration = Duration::from_secs(2);
+/// How long the exit waits for work on blocking threads, once for a walk holding the
+/// kernel's lock and once more for the runtime's blocking pool.
+pub const EXIT_WAIT: Duration = process::EXIT_WAIT;
+
+/// The longest an agent run with `args` takes from SIGTERM to its exit, every bounded wait
+/// of the stop one after the other: `--shutdown-grace` (or, when shorter, the wait for the
+/// requests of connections accepted just before the stop, which runs beside it),
+/// `--http-shutdown-timeout`, the drains' records, the agent-check listener (when there is
+/// one), and [`EXIT_WAIT`] twice.
+/// A supervisor's stop timeout (`terminationGracePeriodSeconds`, `TimeoutStopSec=`) must
+/// be longer, or it kills the agent while it still answers waiters; the deploy tests
+/// (`tests/deploy_kubernetes.rs`, `tests/deploy_systemd.rs`) hold the shipped ones to it.
+/// Not counted: a pod's steering detached for 250 ms at the start of the grace, which the
+/// supervisors' margin covers.
+pub fn longest_stop(args: &RunArgs) -> Duration {
+    let agent_check = if args.agent_check_listen.is_some() {
+        AGENT_CHECK_STOP_WAIT
+    } else {
+        Duration::ZERO
+    };
+    // The requests of connections accepted just before the stop are waited for beside the
+    // grace (`serve_handing_over`): a grace shorter than that wait ends with it.
+    let requests_read = crate::http::server::FIRST_REQUEST_GRACE;
+    args.shutdown_grace.max(requests_read)
+        + args.http_shutdown_timeout
+        + DRAIN_RECORDS_WAIT
+        + agent_check
+        + EXIT_WAIT
+        + EXIT_WAIT
+}
+
+/// A name for an agent started without `--instance`: 16 hex digits from the kernel's
+/// random source, or the process id and the time should that not be readable (a name
+/// only has to differ from the other agent's on the same address).
+fn random_instance() -> String {
+    use std::io::Read as _;
+    let mut bytes = [0_u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut source| source.read_exact(&mut bytes)) {
+        Ok(()) => bytes.iter().map(|byte| format!("{byte:02x}")).collect(),
+        Err(problem) => {
+            warn!("cannot read /dev/urandom ({problem}): the instance is named by pid and time");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.subsec_nanos());
+            format!("{}-{nanos}", std::process::id())
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
     crate::logging::init(&args.log_level, args.log_format);
@@ -34,7 +87,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         // blocking thread (minutes at worst on a node with 100k connections under load):
         // it must not hold the exit. What it leaves half done is what a crash leaves, and
         // the next agent's adoption finishes it (`kernel::ownership`).
-        runtime.shutdown_timeout(process::EXIT_WAIT);
+        runtime.shutdown_timeout(EXIT_WAIT);
         result
     });
     match result {
@@ -55,6 +108,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Err(problem) => warn!("{problem:#}"),
     }
     args.check()?;
+    let instance = args.instance.clone().unwrap_or_else(random_instance);
+    info!("instance {instance} (drain-agent probe --instance)");
     // Bind first: a port conflict is the most common start-up mistake, and it should not
     // cost the programs' load to find out. Shared with the next agent of an upgrade
     // (handover.rs).
@@ -293,10 +348,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let served = crate::http::server::serve_handing_over(
         listener,
-        tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
-            identify,
-            crate::http::identify::identify,
-        ))),
+        crate::http::naming_instance(
+            tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
+                identify,
+                crate::http::identify::identify,
+            ))),
+            &instance,
+        )?,
         args.server_limits(),
         reached(phases.clone(), StopPhase::HandingOver),
         reached(phases.clone(), StopPhase::AnsweringRest),
@@ -320,21 +378,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracker.begin_shutdown();
     served?;
     // Drains in progress ended with the shutdown: let them write their records.
-    drains
-        .wait_all_ended(std::time::Duration::from_secs(2))
-        .await;
+    drains.wait_all_ended(DRAIN_RECORDS_WAIT).await;
     agent_check_stop.send_replace(true);
     if let Some(task) = agent_check_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        let _ = tokio::time::timeout(AGENT_CHECK_STOP_WAIT, task).await;
     }
     event_task.abort();
     repair_task.abort();
     skip_task.abort();
     // A walk in progress holds the lock; it is waited for, but not for long.
-    if !process::released_within(&kernel, process::EXIT_WAIT).await {
+    if !process::released_within(&kernel, EXIT_WAIT).await {
         warn!(
-            "a walk of the sockets still runs after {:?}: exiting without it; the next agent finishes what it left, as after a crash",
-            process::EXIT_WAIT
+            "a walk of the sockets still runs after {EXIT_WAIT:?}: exiting without it; the next agent finishes what it left, as after a crash"
         );
         return Ok(());
     }

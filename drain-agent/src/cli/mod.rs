@@ -81,6 +81,14 @@ pub enum Command {
     Wait(WaitArgs),
     /// Print the ports with open connections, as a running agent counts them.
     Status(StatusArgs),
+    /// Whether the agent named --instance serves and is healthy at --listen: an exec probe
+    /// for the kubelet. During an upgrade two agents share the address (SO_REUSEPORT) and
+    /// each connection goes to either; an `httpGet` probe of the new pod may be answered by
+    /// the old agent. This tries fresh connections (each hashed anew) until the named agent
+    /// answers `/healthz` (its answers carry its name) or --within passes. Exit status: 0
+    /// that agent answered 200; 1 it answered otherwise, or only other agents or none did;
+    /// 2 usage error.
+    Probe(ProbeArgs),
     /// Print a shell completion script, e.g.
     /// `drain-agent completions bash > /etc/bash_completion.d/drain-agent`.
     #[command(hide = true)]
@@ -163,8 +171,12 @@ pub struct RunArgs {
     /// agent of an upgrade, which takes new connections and those queued) and keeps giving
     /// the waiters it has their usual answers (drained, or not at their timeout) for up to
     /// this long; those still waiting then get 503 `"reason":"agent_shutdown"` with
-    /// Retry-After. Keep it plus --http-shutdown-timeout plus a few seconds below the stop
-    /// timeout (the DaemonSet's terminationGracePeriodSeconds: 30 for the default 20s).
+    /// Retry-After. Where an agent starts beside this one (the DaemonSet's upgrade), set it
+    /// to --max-timeout, so that every waiter gets its real answer (the DaemonSet: 10m). The
+    /// stop timeout (terminationGracePeriodSeconds, TimeoutStopSec=) must cover it plus
+    /// --http-shutdown-timeout plus 8 s (drains' records 2 s, exit waits 3 s + 3 s; 2 s more
+    /// with --agent-check-listen; a grace under 2 s counts as 2 s) and a margin. The agent exits as soon as no waiter is
+    /// left.
     #[arg(long, env = "DRAIN_AGENT_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
@@ -233,6 +245,13 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_NO_PIN")]
     pub no_pin: bool,
 
+    /// This agent's name, sent in the `drain-agent-instance` header of every answer on
+    /// --listen: `drain-agent probe --instance` tells this agent from another one on the same
+    /// address (an upgrade's old or new agent). The DaemonSet gives the pod's UID. Letters,
+    /// digits, '.', '_' and '-', at most 64. Default: random at each start.
+    #[arg(long, env = "DRAIN_AGENT_INSTANCE", value_parser = parse_instance)]
+    pub instance: Option<String>,
+
     /// Serve HAProxy's agent-check protocol on this address: `drain` for a port being
     /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).
     #[arg(long, env = "DRAIN_AGENT_AGENT_CHECK_LISTEN")]
@@ -287,6 +306,42 @@ pub struct RunArgs {
     /// Log format: text, or json (one object per line: ts, level, target, message).
     #[arg(long, env = "DRAIN_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ProbeArgs {
+    /// The address the agent serves on (its `run --listen`).
+    #[arg(long, env = "DRAIN_AGENT_LISTEN", default_value = "127.0.0.1:9100")]
+    pub listen: SocketAddr,
+
+    /// The agent to reach: its `run --instance` (the DaemonSet gives both the pod's UID).
+    #[arg(long, env = "DRAIN_AGENT_INSTANCE", value_parser = parse_instance)]
+    pub instance: String,
+
+    /// Give up (exit 1) when that agent has not answered within this long; keep it below
+    /// the probe's timeoutSeconds.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub within: Duration,
+}
+
+/// The longest `--instance`.
+pub const INSTANCE_MAX_LEN: usize = 64;
+
+/// `--instance`: letters, digits, `.`, `_` and `-` (a pod UID, a host name), at most
+/// [`INSTANCE_MAX_LEN`]: it is sent in a header as it is.
+pub fn parse_instance(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > INSTANCE_MAX_LEN {
+        return Err(format!(
+            "an instance name has 1 to {INSTANCE_MAX_LEN} characters"
+        ));
+    }
+    if !text
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+    {
+        return Err("an instance name has only letters, digits, '.', '_' and '-'".into());
+    }
+    Ok(text.to_owned())
 }
 
 #[derive(Clone, Debug, Args)]

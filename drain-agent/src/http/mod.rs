@@ -61,6 +61,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The header of every answer on the node listener that names the agent answering
+/// (`run --instance`): two agents share the address during an upgrade, and
+/// `drain-agent probe` must know which one it reached.
+pub const INSTANCE_HEADER: &str = "drain-agent-instance";
+
+/// `router` with every answer naming `instance` ([`INSTANCE_HEADER`]): the routes' answers,
+/// refusals and errors alike, so a probe knows whose answer it has whatever it says.
+pub fn naming_instance<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    instance: &str,
+) -> anyhow::Result<Router<S>> {
+    use anyhow::Context as _;
+    let value = axum::http::HeaderValue::from_str(instance)
+        .with_context(|| format!("the instance name {instance:?} cannot be sent in a header"))?;
+    Ok(router.layer(axum::middleware::map_response(
+        move |mut response: Response| {
+            let value = value.clone();
+            async move {
+                response.headers_mut().insert(INSTANCE_HEADER, value);
+                response
+            }
+        },
+    )))
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,

@@ -971,3 +971,47 @@ async fn a_pod_past_its_share_of_drains_gets_429_naming_the_per_owner_limit() {
         "{body}"
     );
 }
+
+/// Every answer names the agent that gave it (`drain-agent probe` tells two agents on one
+/// address apart by it): `/healthz` healthy or not, and a 404.
+#[tokio::test]
+async fn every_answer_names_the_instance() {
+    let (source, state) = app(vec![]);
+    let app = naming_instance(router(state), "pod-uid-1").expect("a header value");
+    let instance = |response: &axum::response::Response| {
+        response
+            .headers()
+            .get(INSTANCE_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let call = |uri: &'static str| {
+        let app = app.clone();
+        async move {
+            app.oneshot(
+                axum::http::Request::get(uri)
+                    .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                        [127, 0, 0, 1],
+                        40_000,
+                    ))))
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("answer")
+        }
+    };
+    let healthy = call("/healthz").await;
+    assert_eq!(healthy.status(), StatusCode::OK);
+    assert_eq!(instance(&healthy).as_deref(), Some("pod-uid-1"));
+    source
+        .broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let broken = call("/healthz").await;
+    assert_eq!(broken.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(instance(&broken).as_deref(), Some("pod-uid-1"));
+    let missing = call("/nowhere").await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(instance(&missing).as_deref(), Some("pod-uid-1"));
+    assert!(naming_instance(Router::<()>::new(), "bad\nname").is_err());
+}

@@ -202,8 +202,10 @@ mod tests {
     fn a_path_that_names_another_namespace_now_is_not_entered() {
         let path = Path::new("/proc/self/ns/net");
         let own = inode_of(path).expect("own netns");
-        let entered = run_in(own, path, || inode_of(Path::new("/proc/thread-self/ns/net")))
-            .expect("own namespace");
+        let entered = run_in(own, path, || {
+            inode_of(Path::new("/proc/thread-self/ns/net"))
+        })
+        .expect("own namespace");
         assert_eq!(entered, own);
         let other = own.wrapping_add(1);
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -224,3 +224,36 @@ pub fn agent_capabilities() -> BTreeSet<String> {
         .map(|c| (*c).to_owned())
         .collect()
 }
+
+/// What a supervisor's stop timeout keeps beyond the agent's longest stop
+/// (`drain_agent::agent::longest_stop`): the sub-second settles it does not count, and a
+/// loaded node's slowness.
+pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `drain-agent run`'s settings for a deployment's command line (after `run`) and the
+/// `DRAIN_AGENT_*` variables it sets, parsed by the agent's own parser: the defaults are the
+/// agent's, not copies. A variable is turned into the flag that reads it, so this process's
+/// environment plays no part; one that no flag reads fails the test.
+pub fn run_args(flags: &[&str], environment: &[(&str, &str)]) -> drain_agent::cli::RunArgs {
+    use clap::{CommandFactory as _, Parser as _};
+    let command = drain_agent::cli::Cli::command();
+    let run = command.find_subcommand("run").expect("the run subcommand");
+    let mut words: Vec<String> = vec!["drain-agent".into(), "run".into()];
+    for (name, value) in environment {
+        let flag = run
+            .get_arguments()
+            .find(|arg| arg.get_env().is_some_and(|env| env == *name))
+            .and_then(|arg| arg.get_long())
+            .unwrap_or_else(|| panic!("no flag of `run` reads {name}"));
+        words.push(format!("--{flag}={value}"));
+    }
+    words.extend(flags.iter().map(|word| (*word).to_owned()));
+    match drain_agent::cli::Cli::try_parse_from(&words) {
+        Ok(drain_agent::cli::Cli {
+            command: Some(drain_agent::cli::Command::Run(args)),
+            ..
+        }) => *args,
+        Ok(other) => panic!("{words:?} is not `run`: {other:?}"),
+        Err(problem) => panic!("{words:?}: {problem}"),
+    }
+}

@@ -3,11 +3,13 @@
 //! (`transport.rs`, URL and answers parsed by the `http` and `httparse` crates) and the two
 //! commands (`wait.rs`, `status.rs`).
 
+mod probe;
 mod status;
 mod transport;
 mod wait;
 
 pub use self::{
+    probe::probe,
     status::status,
     transport::{AgentUrl, Response, get},
     wait::{describe_remaining, wait},

@@ -85,11 +85,13 @@ impl AgentUrl {
     }
 }
 
-/// One response: status code and body.
+/// One response: status code, body, and the agent that answered
+/// ([`crate::http::INSTANCE_HEADER`]).
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
     pub body: String,
+    pub instance: Option<String>,
 }
 
 /// The longest a connect may take within a `get` (a SYN to a dead host is not retried
@@ -192,6 +194,15 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
         header.name.eq_ignore_ascii_case("transfer-encoding")
             && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked")
     });
+    let instance = head
+        .headers
+        .iter()
+        .find(|header| {
+            header
+                .name
+                .eq_ignore_ascii_case(crate::http::INSTANCE_HEADER)
+        })
+        .map(|header| String::from_utf8_lossy(header.value).into_owned());
     let body = &raw[body_at..];
     let body = if chunked {
         dechunk(body)?
@@ -201,6 +212,7 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
     Ok(Response {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
+        instance,
     })
 }
 
