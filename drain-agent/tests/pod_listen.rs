@@ -479,7 +479,9 @@ fn only_root_of_the_node_acts_for_a_pod_at_its_address() {
     const NOBODY: u32 = 65_534;
     let pid = std::process::id();
     let prefix = format!("da-pu{pid}-");
-    let pod = Pod::new(&format!("pu{pid}-a"), 35);
+    // Its own last letter: it names the host end of the veth pair, which a test running
+    // beside it in this binary (pod "a") must not share.
+    let pod = Pod::new(&format!("pu{pid}-u"), 35);
     // IPv6 beside the pod's IPv4 (`nodad`: usable at once).
     let (host_v6, pod_v6) = ("fd00:213:35::1", "fd00:213:35::2");
     run(
