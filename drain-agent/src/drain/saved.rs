@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     drain::{
         DrainRecord, DrainSpec, Drains, Given, HELD_MAX,
-        gate::Held,
+        gate::{Asked, Held},
         lock,
         registry::{Running, scope_text},
-        state_file::{Role, StateFile, Written},
+        state_file::{Role, Stamp, StateFile, Written},
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
@@ -609,6 +609,154 @@ impl Drains {
         {
             overlap.released.insert(ReleasedGate::of(scope, *until_ms));
         }
+    }
+}
+
+/// How old a read of the writer's file may be before it is read again even though its
+/// [`Stamp`] is the same (a freed inode reused by the next write, within the file system's
+/// timestamp granularity, with the same size): at most one read a second for that.
+const WRITER_VIEW_FRESH: Duration = Duration::from_secs(1);
+
+/// What the writer's state file says is out of rotation, as this agent last read it (the
+/// agent beside the writer, during an upgrade's overlap: [`Drains::writers_gate`]).
+#[derive(Default)]
+pub(super) struct WriterView {
+    /// The file last read, and when; `None`: never read.
+    read: Option<(Option<Stamp>, tokio::time::Instant)>,
+    seen: Seen,
+}
+
+/// The writer's file as last read.
+#[derive(Default)]
+enum Seen {
+    /// No file: nothing there is out of rotation.
+    #[default]
+    Nothing,
+    /// Its drains in progress and its held gates.
+    Read {
+        drains: Vec<DrainIdentity>,
+        held: Vec<SavedHold>,
+    },
+    /// It could not be read: whether a scope is out of rotation there cannot be vouched for.
+    Unreadable,
+}
+
+impl Drains {
+    /// Beside the state file's writer (an upgrade's overlap, until the take-over): whether
+    /// the writer's file says what is asked is out of rotation — a drain of it in progress,
+    /// or a gate held after one that no new listener has reopened — other than what a
+    /// `DELETE /drain` sent to this agent ended ([`Overlap`]'s `cancelled` and `released`).
+    /// Read only: this agent neither runs nor ends what is there.
+    ///
+    /// Without it, the drains POSTed to the writer after this agent started were unknown
+    /// here: once the writer closed its listeners at SIGTERM every `/health` and agent-check
+    /// reached this agent, which answered "not draining" although the file said otherwise.
+    ///
+    /// One `lstat` per question; the file is read again only when it changed (or the last
+    /// read is [`WRITER_VIEW_FRESH`] old). A file that cannot be read gates every question:
+    /// "not draining" is never said unvouched (as a held gate whose listeners cannot be read
+    /// stays held).
+    pub(super) fn writers_gate(&self, asked: &Asked) -> bool {
+        let Some(file) = &self.state else {
+            return false;
+        };
+        let (cancelled, released) = match lock(&self.overlap).as_ref() {
+            Some(overlap) => (overlap.cancelled.clone(), overlap.released.clone()),
+            // The writer, or the take-over has merged the writer's last state: all of it is
+            // in this agent's own drains and gates.
+            None => return false,
+        };
+        let holds: Vec<(Filter, HashSet<u64>)> = {
+            let mut view = lock(&self.writer_view);
+            view.refresh(file);
+            match &view.seen {
+                Seen::Nothing => return false,
+                Seen::Unreadable => return true,
+                Seen::Read { drains, held } => {
+                    if drains
+                        .iter()
+                        .any(|drain| asked.covered_by(&drain.scope()) && !cancelled.contains(drain))
+                    {
+                        return true;
+                    }
+                    let now_ms = unix_ms();
+                    held.iter()
+                        .filter(|hold| hold.until_ms > now_ms && asked.covered_by(&hold.scope()))
+                        .filter(|hold| {
+                            !released
+                                .iter()
+                                .any(|gate| gate.is(&hold.scope(), hold.until_ms))
+                        })
+                        .map(|hold| (hold.scope(), hold.listeners.iter().copied().collect()))
+                        .collect()
+                }
+            }
+        };
+        // As `Drains::gated` reopens its own: a listener the drain did not see is a new
+        // instance; listeners that cannot be read keep the gate.
+        holds.iter().any(|(scope, listeners)| {
+            !self.closer.as_ref().is_some_and(|closer| {
+                closer
+                    .listeners(scope)
+                    .is_ok_and(|now| now.iter().any(|cookie| !listeners.contains(cookie)))
+            })
+        })
+    }
+}
+
+impl WriterView {
+    /// Reads `file` again if it changed since the last read (or that read is old).
+    fn refresh(&mut self, file: &StateFile) {
+        let now = tokio::time::Instant::now();
+        let stamp = match file.stamp() {
+            Ok(stamp) => stamp,
+            Err(problem) => {
+                self.unreadable(None, now, &problem);
+                return;
+            }
+        };
+        if let Some((last, at)) = self.read
+            && last == stamp
+            && now.saturating_duration_since(at) < WRITER_VIEW_FRESH
+        {
+            return;
+        }
+        if stamp.is_none() {
+            self.read = Some((None, now));
+            self.seen = Seen::Nothing;
+            return;
+        }
+        match file.read_stamped::<SavedDrains>() {
+            Ok(Some((stamp, saved))) => {
+                self.read = Some((Some(stamp), now));
+                self.seen = Seen::Read {
+                    drains: saved.drains.iter().map(SavedDrain::identity).collect(),
+                    held: saved.held,
+                };
+            }
+            Ok(None) => {
+                self.read = Some((None, now));
+                self.seen = Seen::Nothing;
+            }
+            Err(problem) => self.unreadable(stamp, now, &problem),
+        }
+    }
+
+    /// The file could not be read: said once per version of it.
+    fn unreadable(
+        &mut self,
+        stamp: Option<Stamp>,
+        now: tokio::time::Instant,
+        problem: &anyhow::Error,
+    ) {
+        if !matches!(self.seen, Seen::Unreadable) || self.read.is_none_or(|(last, _)| last != stamp)
+        {
+            log::warn!(
+                "{problem:#}: this agent cannot tell which scopes the agent writing the state file drains; /health and the agent-check answer \"draining\" for every port until it can"
+            );
+        }
+        self.read = Some((stamp, now));
+        self.seen = Seen::Unreadable;
     }
 }
 

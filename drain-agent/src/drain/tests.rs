@@ -599,3 +599,50 @@ async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
     assert_eq!(closes.len(), 1, "{closes:?}");
     assert!(closes[0].0 >= seeded_at, "closed before the seeding ended");
 }
+
+/// Audit (upgrade overlap): beside the agent writing the state file, `/health` and the
+/// agent-check answer from what that file says too (read only): a drain POSTed to the writer
+/// after this agent started gates its scope here, a cancel sent to the writer reopens it, a
+/// cancel sent here holds here, and a file that cannot be read gates every scope. Before, this
+/// agent answered "not draining" for the writer's drain.
+#[tokio::test]
+async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, old) = saving_registry(2, dir.path());
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir.path());
+    new.restore();
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&new));
+    assert!(!gate.draining(8080, None).await);
+    old.post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    assert!(
+        gate.draining(8080, None).await,
+        "the writer's drain, POSTed after this agent started"
+    );
+    assert!(!gate.draining(8081, None).await, "another scope");
+    assert!(new.list().0.is_empty(), "nothing of it runs here");
+    old.cancel(&Filter::port(8080)).await;
+    assert_eq!(old.save().await, Saved::Yes);
+    assert!(!gate.draining(8080, None).await, "cancelled on the writer");
+    // A drain this agent restored and then cancelled stays cancelled here, though the
+    // writer's file still has it (a cancel sent here during the overlap).
+    old.post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (_, _, third) = saving_registry(2, dir.path());
+    third.restore();
+    assert!(third.gated(&node(8080)));
+    third.cancel(&Filter::port(8080)).await;
+    assert!(!third.gated(&node(8080)), "the cancel sent here holds here");
+    // A file that cannot be read: no scope is vouched for.
+    std::fs::write(dir.path().join(state_file::FILE_NAME), b"not json").expect("write");
+    assert!(new.gated(&node(8081)), "an unreadable writer's file");
+}
