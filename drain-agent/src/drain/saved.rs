@@ -314,8 +314,9 @@ impl Drains {
     /// state is merged with this agent's, and this agent writes from now on.
     ///
     /// The merge: what that agent saved after this one started (drains POSTed to it
-    /// meanwhile, gates it held) joins this agent's, scopes this agent has already kept as
-    /// they are; what this agent restored at its start and that agent no longer has (it
+    /// meanwhile, gates it held) joins this agent's, scopes this agent has a gate or a POSTed
+    /// drain of kept as they are (a drain only waiters started gives way to a POSTed one);
+    /// what this agent restored at its start and that agent no longer has (it
     /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
     /// meanwhile ([`Drains::note_cancel`]) is not brought back.
     pub async fn take_over_state(self: &Arc<Self>) {
@@ -381,7 +382,8 @@ impl Drains {
     /// whose agent has gone (crashed, or stopped while this one runs on: an upgrade rolled
     /// back) is folded in at once, not left until the next start. Its cancels end what they
     /// ended here (the drain or gate it had restored from this agent's file), its own drains
-    /// and gates join (scopes this agent keeps already stay as they are). A request about
+    /// and gates join (scopes this agent has a gate or a POSTed drain of already stay as they
+    /// are; a drain of the scope only waiters started gives way). A request about
     /// drains does not wait for this check: it folds the file in first ([`Drains::catch_up`]).
     async fn fold_in_orphans(self: &Arc<Self>, file: &StateFile) {
         loop {
@@ -504,9 +506,11 @@ impl Drains {
         }
     }
 
-    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over): not for scopes
-    /// this agent has a drain or a gate of already, nor what was cancelled here meanwhile.
-    /// Returns what it restored.
+    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over, a fold-in): not
+    /// for scopes this agent has a gate or a POSTed drain of already, nor what was cancelled
+    /// here meanwhile. A drain of the scope only `/drained` waiters started gives way to a
+    /// saved POSTed one ([`Running::hand_over`]: its waiters wait on that one). Returns what
+    /// it restored.
     fn restore_saved(self: &Arc<Self>, saved: SavedDrains, overlap: Option<&Overlap>) -> Overlap {
         let path = self
             .state
@@ -551,14 +555,10 @@ impl Drains {
                 continue;
             };
             let identity = drain.identity();
-            if let Some(overlap) = overlap
-                && (lock(&self.running).contains_key(&spec.filter)
-                    || overlap.cancelled.contains(&identity))
-            {
+            if overlap.is_some_and(|overlap| overlap.cancelled.contains(&identity)) {
                 continue;
             }
             let id = drain.record.id;
-            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
             let ran_for = Duration::from_millis(now_ms.saturating_sub(drain.record.started_ms));
             let left = Duration::from_millis(drain.deadline_ms.saturating_sub(now_ms));
             let resumed = Running::new(
@@ -568,11 +568,47 @@ impl Drains {
                 drain.record,
                 true,
             );
-            if lock(&self.running)
-                .insert(spec.filter.clone(), Arc::clone(&resumed))
-                .is_some()
-            {
-                log::warn!("{path}: two drains of one scope; the later one kept");
+            let existing = {
+                let mut running = lock(&self.running);
+                let existing = running.get(&spec.filter).cloned();
+                if let Some(existing) = &existing
+                    && overlap.is_some()
+                {
+                    // Beside this agent's own drain of the scope (the take-over, a fold-in):
+                    // a POSTed one stays as it is. One only `/drained` waiters started gives
+                    // way (unless its verdict is taken: it ends on its own, its waiters get
+                    // that verdict, and the drain restored here has the scope after it).
+                    if existing.posted.load(Ordering::Acquire) {
+                        drop(running);
+                        differs_from_kept(&path, existing, &spec, id);
+                        continue;
+                    }
+                    existing.hand_over(&resumed);
+                }
+                running.insert(spec.filter.clone(), Arc::clone(&resumed));
+                existing
+            };
+            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+            if let Some(existing) = existing {
+                if existing.handed_over() {
+                    // A POSTed drain wins over one only `/drained` waiters started: its
+                    // deadline, its close at the deadline and its gate were asked for, the
+                    // waiters' drain would end at their timeout or as they leave. They wait
+                    // on it now (`Membership` follows the hand-over).
+                    log::info!(
+                        "drain {} of {} (started by /drained waiters here) gives way to drain {id}, POSTed to another agent: its waiters wait on that one",
+                        lock(&existing.record).id,
+                        scope_text(&spec.filter)
+                    );
+                } else if overlap.is_some() {
+                    log::info!(
+                        "drain {} of {} (started by /drained waiters here) is ending on its own: drain {id}, POSTed to another agent, has the scope from now on",
+                        lock(&existing.record).id,
+                        scope_text(&spec.filter)
+                    );
+                } else {
+                    log::warn!("{path}: two drains of one scope; the later one kept");
+                }
             }
             log::info!(
                 "drain {id} resumed after a restart: {} {left:?} left",
@@ -757,6 +793,33 @@ impl WriterView {
         }
         self.read = Some((stamp, now));
         self.seen = Seen::Unreadable;
+    }
+}
+
+/// A POSTed drain of `spec`'s scope, saved by another agent as `id`, is not resumed: this
+/// agent's `kept`, POSTed here, goes on (as before). Said when their settings differ, as
+/// the caller of the one not resumed asked for others.
+fn differs_from_kept(path: &str, kept: &Running, spec: &DrainSpec, id: u64) {
+    let named = DrainSpec {
+        given: Given {
+            on_timeout: true,
+            quiet: true,
+            ignore: true,
+            idle: true,
+            pace: true,
+        },
+        ..spec.clone()
+    };
+    let difference = kept.spec.conflict(&named).or_else(|| {
+        (kept.spec.timeout != spec.timeout)
+            .then(|| format!("timeout={:?} (saved {:?})", kept.spec.timeout, spec.timeout))
+    });
+    if let Some(difference) = difference {
+        log::warn!(
+            "{path}: drain {id} of {}, POSTed to another agent, is not resumed: drain {} POSTed here drains the scope with other settings: {difference}",
+            scope_text(&spec.filter),
+            lock(&kept.record).id
+        );
     }
 }
 
