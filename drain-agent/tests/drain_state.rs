@@ -374,6 +374,63 @@ fn an_upgrade_overlap_loses_no_drain_posted_to_either_agent() {
     assert_eq!(health(&after, to_new.port), 503);
 }
 
+/// During an upgrade's overlap the new agent answers `/health` (and the agent-check) from
+/// what the old agent's state file says too: a drain POSTed to the old agent after the new
+/// one started, or the gate its end holds, is "draining" on both. Before, the new agent knew
+/// only what it had restored at its start and answered 200 for such a scope — flapping with
+/// the old agent's 503 by the listeners' hash, and 200 alone once the old agent closed its
+/// listeners at SIGTERM (until it exited), so a load balancer put the scope back in rotation
+/// while it drained. Read only: the new agent does not run the old one's drain, and a
+/// `DELETE` sent to the old agent puts the scope back on both.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overlap() {
+    if !kernel_available(
+        "the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overlap",
+    ) {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-health-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (busy, _held) = busy_servers(1);
+    let idle = Server::start("127.0.0.1:0");
+    let (draining, held) = (busy[0].port, idle.port);
+    assert_eq!(health(&new, draining), 200);
+    assert_eq!(health(&new, held), 200);
+    // Asked of the old agent only, after the new one started.
+    post_drain(&old, draining);
+    post_drain(&old, held);
+    common::wait_until(
+        "the idle port's drain ends and holds its gate",
+        Duration::from_secs(10),
+        || {
+            in_progress(&old)
+                .iter()
+                .all(|(_, port, _)| *port != u64::from(held))
+        },
+    );
+    assert_eq!(
+        health(&new, draining),
+        503,
+        "the new agent answers for a scope the old agent drains"
+    );
+    assert_eq!(
+        health(&new, held),
+        503,
+        "the new agent answers for a scope the old agent holds after its drain"
+    );
+    assert!(
+        in_progress(&new).is_empty(),
+        "the new agent runs nothing of the old one's"
+    );
+    // A cancel sent to the old agent puts the scopes back on the new one too.
+    assert_eq!(delete_drain(&old, draining), 200);
+    assert_eq!(delete_drain(&old, held), 404);
+    assert_eq!(health(&new, draining), 200, "after the old agent's DELETE");
+    assert_eq!(health(&new, held), 200, "after the old agent's DELETE");
+}
+
 /// A cancel during an upgrade's overlap holds, whichever agent it was sent to, for drains
 /// and for the `/health` gates held after them. The new agent restores the old one's drains
 /// and gates at its start; before, (a) a `DELETE` sent to the old agent left the new one's

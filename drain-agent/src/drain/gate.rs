@@ -112,7 +112,9 @@ impl Drains {
     /// Whether what is asked is out of rotation: a drain that covers it is in progress, or
     /// one ended and no new instance listens yet. What `/health?port=P` and the agent-check
     /// answer: a load balancer must not send to a service that drained and is stopping. A
-    /// drain of one scope never gates another (see [`Asked::covered_by`]).
+    /// drain of one scope never gates another (see [`Asked::covered_by`]). Beside the agent
+    /// writing the state file (an upgrade's overlap), what that agent's file says is out of
+    /// rotation counts too ([`Drains::writers_gate`]).
     pub fn gated(&self, asked: &Asked) -> bool {
         if lock(&self.running)
             .keys()
@@ -144,7 +146,9 @@ impl Drains {
             gated |= !reopen;
             !reopen
         });
-        gated
+        drop(held);
+        // Beside the writer (an upgrade's overlap): what was POSTed to it meanwhile.
+        gated || self.writers_gate(asked)
     }
 
     /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).

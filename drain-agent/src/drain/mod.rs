@@ -283,6 +283,9 @@ pub struct Drains {
     /// Held while a gone agent's `drains.next.json` is folded in: by the writer's periodic
     /// check and by a request that found the file first ([`Drains::catch_up`]), one at a time.
     folding: tokio::sync::Mutex<()>,
+    /// Beside the writer: what its state file says is out of rotation, as last read
+    /// ([`Drains::writers_gate`]).
+    writer_view: Mutex<saved::WriterView>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -328,6 +331,7 @@ impl Drains {
             state: None,
             overlap: Mutex::new(None),
             folding: tokio::sync::Mutex::new(()),
+            writer_view: Mutex::new(saved::WriterView::default()),
         }
     }
 

@@ -36,6 +36,10 @@ pub(super) struct Running {
     /// Its verdict is taken (set under the registry's lock, see [`Drains::decide`]): it is
     /// ending (its listeners read, its record written) and nobody joins it any more.
     decided: AtomicBool,
+    /// The drain it handed its scope and its waiters to (set once, under the registry's
+    /// lock, see [`Running::hand_over`]): a POSTed drain the take-over of an upgrade
+    /// restored for the scope this one, started by `/drained` waiters only, was draining.
+    moved: watch::Sender<Option<Arc<Running>>>,
 }
 
 impl Running {
@@ -57,7 +61,28 @@ impl Running {
             posted: AtomicBool::new(posted),
             waiters: AtomicUsize::new(usize::from(!posted)),
             decided: AtomicBool::new(false),
+            moved: watch::channel(None).0,
         })
+    }
+
+    /// Under the registry's lock, as `successor` (a POSTed drain of the same scope, restored
+    /// by a take-over) replaces this one, started by `/drained` waiters only: its waiters
+    /// wait on `successor` from now on (its deadline, its close at the deadline, its gate),
+    /// and this one ends without a record of its own ([`Drains::decide`] says so to its
+    /// run). Not when its verdict is taken: it ends on its own, its waiters get it
+    /// ([`Running::handed_over`] says which).
+    pub(super) fn hand_over(&self, successor: &Arc<Self>) {
+        if self.decided.load(Ordering::Acquire) {
+            return;
+        }
+        self.moved.send_replace(Some(Arc::clone(successor)));
+        // Wakes its run, which then finds it handed over.
+        self.end(DrainEnd::Cancelled);
+    }
+
+    /// Whether it handed its scope and waiters over ([`Running::hand_over`]).
+    pub(super) fn handed_over(&self) -> bool {
+        self.moved.borrow().is_some()
     }
 
     /// Ends the drain early with `end`, unless something ended it already.
@@ -87,27 +112,58 @@ enum Started {
 
 /// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
 /// ends the drain when it was the last waiter of a drain no `POST` asked for.
+///
+/// The drain it waits on is the one it joined, or the POSTed drain that one handed its
+/// waiters to ([`Running::hand_over`]: at an upgrade's take-over).
 pub struct Membership {
     pub(super) drain: Arc<Running>,
 }
 
 impl Membership {
+    /// The drain this waiter waits on now.
+    fn current(&self) -> Arc<Running> {
+        let mut drain = Arc::clone(&self.drain);
+        loop {
+            let next = drain.moved.borrow().clone();
+            match next {
+                Some(next) => drain = next,
+                None => return drain,
+            }
+        }
+    }
+
     pub fn id(&self) -> u64 {
-        lock(&self.drain.record).id
+        lock(&self.current().record).id
     }
 
-    /// When the drain's own deadline passes.
-    pub fn deadline(&self) -> tokio::time::Instant {
-        self.drain.deadline
-    }
-
-    /// The drain's outcome, if it ends before `until`.
-    pub async fn outcome(&self, until: tokio::time::Instant) -> Option<Arc<Final>> {
-        let mut finished = self.drain.finished.subscribe();
-        tokio::time::timeout_at(until, finished.wait_for(Option::is_some))
-            .await
-            .ok()
-            .and_then(|done| done.ok().and_then(|done| done.clone()))
+    /// The drain's outcome, if it ends before `until(its deadline)`. A drain handed over
+    /// meanwhile is followed: its successor's deadline and outcome count.
+    pub async fn outcome(
+        &self,
+        until: impl Fn(tokio::time::Instant) -> tokio::time::Instant,
+    ) -> Option<Arc<Final>> {
+        let mut drain = Arc::clone(&self.drain);
+        loop {
+            let mut moved = drain.moved.subscribe();
+            let next = moved.borrow_and_update().clone();
+            if let Some(next) = next {
+                drain = next;
+                continue;
+            }
+            let mut finished = drain.finished.subscribe();
+            let done = tokio::select! {
+                biased;
+                Ok(()) = moved.changed() => continue,
+                done = tokio::time::timeout_at(until(drain.deadline), finished.wait_for(Option::is_some)) => {
+                    done.ok().and_then(|done| done.ok().and_then(|done| done.clone()))
+                }
+            };
+            // A drain handed over ends without a verdict of its own: its successor's counts.
+            if drain.handed_over() {
+                continue;
+            }
+            return done;
+        }
     }
 }
 
@@ -229,10 +285,15 @@ impl Drains {
     /// Marks `drain`'s verdict taken: from now on a request for its scope waits for it to
     /// end instead of joining it. Under the registry's lock, so that a request either joined
     /// before (the verdict covers its whole wait, which began before it was taken) or sees
-    /// the mark.
-    pub(super) fn decide(&self, drain: &Running) {
+    /// the mark. False when it was handed over ([`Running::hand_over`]) instead: it ends
+    /// without a verdict, its successor has its scope and waiters.
+    pub(super) fn decide(&self, drain: &Running) -> bool {
         let _running = lock(&self.running);
+        if drain.handed_over() {
+            return false;
+        }
         drain.decided.store(true, Ordering::Release);
+        true
     }
 
     /// Cancels the drain of `filter`; its record, or `None` if none is in progress.
@@ -242,18 +303,18 @@ impl Drains {
     /// meanwhile (drained) holds its gate as it ends, and that hold goes too.
     pub async fn cancel(&self, filter: &Filter) -> Option<DrainRecord> {
         self.note_cancel(filter);
-        let drain = lock(&self.running).get(filter).cloned();
-        let record = match drain {
-            Some(drain) => {
-                let mut finished = drain.finished.subscribe();
-                drain.end(DrainEnd::Cancelled);
-                // The drain ends at once on cancel; wait for its record.
-                let _ = finished.wait_for(Option::is_some).await;
-                let record = lock(&drain.record).clone();
-                Some(record)
-            }
-            None => None,
-        };
+        let mut drain = lock(&self.running).get(filter).cloned();
+        let mut record = None;
+        while let Some(ending) = drain {
+            let mut finished = ending.finished.subscribe();
+            ending.end(DrainEnd::Cancelled);
+            // The drain ends at once on cancel; wait for its record.
+            let _ = finished.wait_for(Option::is_some).await;
+            record = Some(lock(&ending.record).clone());
+            // Handed over meanwhile (a take-over restored a POSTed drain of the scope): the
+            // scope's drain is that one now, and the cancel is for the scope.
+            drain = ending.moved.borrow().clone();
+        }
         self.release(filter);
         record
     }

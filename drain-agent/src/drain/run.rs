@@ -116,7 +116,21 @@ impl Drains {
         };
         // The verdict is taken: a request arriving from now on waits for this drain to end
         // and starts a fresh one, rather than get an answer about a time before it asked.
-        self.decide(&drain);
+        if !self.decide(&drain) {
+            // Handed over (`Running::hand_over`): the POSTed drain that replaced it has its
+            // scope, its waiters and the record. Ended for a `DELETE` waiting on it, which
+            // goes on to that drain.
+            log::info!(
+                "drain {} gave its scope and waiters to the POSTed drain restored for it: no record of its own",
+                lock(&drain.record).id
+            );
+            drain.finished.send_replace(Some(Arc::new(Final {
+                result,
+                outcome,
+                closed: None,
+            })));
+            return;
+        }
         let record = {
             let mut record = lock(&drain.record);
             record.result = Some(result);
@@ -265,7 +279,17 @@ impl Drains {
                 },
             );
         }
-        lock(&self.running).remove(filter);
+        {
+            // Only if the scope's drain is still this one: a drain restored for the scope
+            // meanwhile (an upgrade's take-over, `Drains::restore_saved`) stays.
+            let mut running = lock(&self.running);
+            if running.get(filter).is_some_and(|drain| {
+                let now = lock(&drain.record);
+                now.id == record.id && now.started_ms == record.started_ms
+            }) {
+                running.remove(filter);
+            }
+        }
         log::info!(
             "drain {} ended: result={} port={} waited_ms={} active_at_start={} late_arrivals={} left={} closed_by_agent={}",
             record.id,

@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     drain::{
         DrainRecord, DrainSpec, Drains, Given,
-        gate::Held,
+        gate::{Asked, Held},
         lock,
         registry::{Running, scope_text},
-        state_file::{Role, StateFile, Written},
+        state_file::{Role, Stamp, StateFile, Written},
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
@@ -314,8 +314,9 @@ impl Drains {
     /// state is merged with this agent's, and this agent writes from now on.
     ///
     /// The merge: what that agent saved after this one started (drains POSTed to it
-    /// meanwhile, gates it held) joins this agent's, scopes this agent has already kept as
-    /// they are; what this agent restored at its start and that agent no longer has (it
+    /// meanwhile, gates it held) joins this agent's, scopes this agent has a gate or a POSTed
+    /// drain of kept as they are (a drain only waiters started gives way to a POSTed one);
+    /// what this agent restored at its start and that agent no longer has (it
     /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
     /// meanwhile ([`Drains::note_cancel`]) is not brought back.
     pub async fn take_over_state(self: &Arc<Self>) {
@@ -381,7 +382,8 @@ impl Drains {
     /// whose agent has gone (crashed, or stopped while this one runs on: an upgrade rolled
     /// back) is folded in at once, not left until the next start. Its cancels end what they
     /// ended here (the drain or gate it had restored from this agent's file), its own drains
-    /// and gates join (scopes this agent keeps already stay as they are). A request about
+    /// and gates join (scopes this agent has a gate or a POSTed drain of already stay as they
+    /// are; a drain of the scope only waiters started gives way). A request about
     /// drains does not wait for this check: it folds the file in first ([`Drains::catch_up`]).
     async fn fold_in_orphans(self: &Arc<Self>, file: &StateFile) {
         loop {
@@ -504,9 +506,11 @@ impl Drains {
         }
     }
 
-    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over): not for scopes
-    /// this agent has a drain or a gate of already, nor what was cancelled here meanwhile.
-    /// Returns what it restored.
+    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over, a fold-in): not
+    /// for scopes this agent has a gate or a POSTed drain of already, nor what was cancelled
+    /// here meanwhile. A drain of the scope only `/drained` waiters started gives way to a
+    /// saved POSTed one ([`Running::hand_over`]: its waiters wait on that one). Returns what
+    /// it restored.
     fn restore_saved(self: &Arc<Self>, saved: SavedDrains, overlap: Option<&Overlap>) -> Overlap {
         let path = self
             .state
@@ -551,14 +555,10 @@ impl Drains {
                 continue;
             };
             let identity = drain.identity();
-            if let Some(overlap) = overlap
-                && (lock(&self.running).contains_key(&spec.filter)
-                    || overlap.cancelled.contains(&identity))
-            {
+            if overlap.is_some_and(|overlap| overlap.cancelled.contains(&identity)) {
                 continue;
             }
             let id = drain.record.id;
-            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
             let ran_for = Duration::from_millis(now_ms.saturating_sub(drain.record.started_ms));
             let left = Duration::from_millis(drain.deadline_ms.saturating_sub(now_ms));
             let resumed = Running::new(
@@ -568,11 +568,47 @@ impl Drains {
                 drain.record,
                 true,
             );
-            if lock(&self.running)
-                .insert(spec.filter.clone(), Arc::clone(&resumed))
-                .is_some()
-            {
-                log::warn!("{path}: two drains of one scope; the later one kept");
+            let existing = {
+                let mut running = lock(&self.running);
+                let existing = running.get(&spec.filter).cloned();
+                if let Some(existing) = &existing
+                    && overlap.is_some()
+                {
+                    // Beside this agent's own drain of the scope (the take-over, a fold-in):
+                    // a POSTed one stays as it is. One only `/drained` waiters started gives
+                    // way (unless its verdict is taken: it ends on its own, its waiters get
+                    // that verdict, and the drain restored here has the scope after it).
+                    if existing.posted.load(Ordering::Acquire) {
+                        drop(running);
+                        differs_from_kept(&path, existing, &spec, id);
+                        continue;
+                    }
+                    existing.hand_over(&resumed);
+                }
+                running.insert(spec.filter.clone(), Arc::clone(&resumed));
+                existing
+            };
+            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+            if let Some(existing) = existing {
+                if existing.handed_over() {
+                    // A POSTed drain wins over one only `/drained` waiters started: its
+                    // deadline, its close at the deadline and its gate were asked for, the
+                    // waiters' drain would end at their timeout or as they leave. They wait
+                    // on it now (`Membership` follows the hand-over).
+                    log::info!(
+                        "drain {} of {} (started by /drained waiters here) gives way to drain {id}, POSTed to another agent: its waiters wait on that one",
+                        lock(&existing.record).id,
+                        scope_text(&spec.filter)
+                    );
+                } else if overlap.is_some() {
+                    log::info!(
+                        "drain {} of {} (started by /drained waiters here) is ending on its own: drain {id}, POSTed to another agent, has the scope from now on",
+                        lock(&existing.record).id,
+                        scope_text(&spec.filter)
+                    );
+                } else {
+                    log::warn!("{path}: two drains of one scope; the later one kept");
+                }
             }
             log::info!(
                 "drain {id} resumed after a restart: {} {left:?} left",
@@ -609,6 +645,181 @@ impl Drains {
         {
             overlap.released.insert(ReleasedGate::of(scope, *until_ms));
         }
+    }
+}
+
+/// How old a read of the writer's file may be before it is read again even though its
+/// [`Stamp`] is the same (a freed inode reused by the next write, within the file system's
+/// timestamp granularity, with the same size): at most one read a second for that.
+const WRITER_VIEW_FRESH: Duration = Duration::from_secs(1);
+
+/// What the writer's state file says is out of rotation, as this agent last read it (the
+/// agent beside the writer, during an upgrade's overlap: [`Drains::writers_gate`]).
+#[derive(Default)]
+pub(super) struct WriterView {
+    /// The file last read, and when; `None`: never read.
+    read: Option<(Option<Stamp>, tokio::time::Instant)>,
+    seen: Seen,
+}
+
+/// The writer's file as last read.
+#[derive(Default)]
+enum Seen {
+    /// No file: nothing there is out of rotation.
+    #[default]
+    Nothing,
+    /// Its drains in progress and its held gates.
+    Read {
+        drains: Vec<DrainIdentity>,
+        held: Vec<SavedHold>,
+    },
+    /// It could not be read: whether a scope is out of rotation there cannot be vouched for.
+    Unreadable,
+}
+
+impl Drains {
+    /// Beside the state file's writer (an upgrade's overlap, until the take-over): whether
+    /// the writer's file says what is asked is out of rotation — a drain of it in progress,
+    /// or a gate held after one that no new listener has reopened — other than what a
+    /// `DELETE /drain` sent to this agent ended ([`Overlap`]'s `cancelled` and `released`).
+    /// Read only: this agent neither runs nor ends what is there.
+    ///
+    /// Without it, the drains POSTed to the writer after this agent started were unknown
+    /// here: once the writer closed its listeners at SIGTERM every `/health` and agent-check
+    /// reached this agent, which answered "not draining" although the file said otherwise.
+    ///
+    /// One `lstat` per question; the file is read again only when it changed (or the last
+    /// read is [`WRITER_VIEW_FRESH`] old). A file that cannot be read gates every question:
+    /// "not draining" is never said unvouched (as a held gate whose listeners cannot be read
+    /// stays held).
+    pub(super) fn writers_gate(&self, asked: &Asked) -> bool {
+        let Some(file) = &self.state else {
+            return false;
+        };
+        let (cancelled, released) = match lock(&self.overlap).as_ref() {
+            Some(overlap) => (overlap.cancelled.clone(), overlap.released.clone()),
+            // The writer, or the take-over has merged the writer's last state: all of it is
+            // in this agent's own drains and gates.
+            None => return false,
+        };
+        let holds: Vec<(Filter, HashSet<u64>)> = {
+            let mut view = lock(&self.writer_view);
+            view.refresh(file);
+            match &view.seen {
+                Seen::Nothing => return false,
+                Seen::Unreadable => return true,
+                Seen::Read { drains, held } => {
+                    if drains
+                        .iter()
+                        .any(|drain| asked.covered_by(&drain.scope()) && !cancelled.contains(drain))
+                    {
+                        return true;
+                    }
+                    let now_ms = unix_ms();
+                    held.iter()
+                        .filter(|hold| hold.until_ms > now_ms && asked.covered_by(&hold.scope()))
+                        .filter(|hold| {
+                            !released
+                                .iter()
+                                .any(|gate| gate.is(&hold.scope(), hold.until_ms))
+                        })
+                        .map(|hold| (hold.scope(), hold.listeners.iter().copied().collect()))
+                        .collect()
+                }
+            }
+        };
+        // As `Drains::gated` reopens its own: a listener the drain did not see is a new
+        // instance; listeners that cannot be read keep the gate.
+        holds.iter().any(|(scope, listeners)| {
+            !self.closer.as_ref().is_some_and(|closer| {
+                closer
+                    .listeners(scope)
+                    .is_ok_and(|now| now.iter().any(|cookie| !listeners.contains(cookie)))
+            })
+        })
+    }
+}
+
+impl WriterView {
+    /// Reads `file` again if it changed since the last read (or that read is old).
+    fn refresh(&mut self, file: &StateFile) {
+        let now = tokio::time::Instant::now();
+        let stamp = match file.stamp() {
+            Ok(stamp) => stamp,
+            Err(problem) => {
+                self.unreadable(None, now, &problem);
+                return;
+            }
+        };
+        if let Some((last, at)) = self.read
+            && last == stamp
+            && now.saturating_duration_since(at) < WRITER_VIEW_FRESH
+        {
+            return;
+        }
+        if stamp.is_none() {
+            self.read = Some((None, now));
+            self.seen = Seen::Nothing;
+            return;
+        }
+        match file.read_stamped::<SavedDrains>() {
+            Ok(Some((stamp, saved))) => {
+                self.read = Some((Some(stamp), now));
+                self.seen = Seen::Read {
+                    drains: saved.drains.iter().map(SavedDrain::identity).collect(),
+                    held: saved.held,
+                };
+            }
+            Ok(None) => {
+                self.read = Some((None, now));
+                self.seen = Seen::Nothing;
+            }
+            Err(problem) => self.unreadable(stamp, now, &problem),
+        }
+    }
+
+    /// The file could not be read: said once per version of it.
+    fn unreadable(
+        &mut self,
+        stamp: Option<Stamp>,
+        now: tokio::time::Instant,
+        problem: &anyhow::Error,
+    ) {
+        if !matches!(self.seen, Seen::Unreadable) || self.read.is_none_or(|(last, _)| last != stamp)
+        {
+            log::warn!(
+                "{problem:#}: this agent cannot tell which scopes the agent writing the state file drains; /health and the agent-check answer \"draining\" for every port until it can"
+            );
+        }
+        self.read = Some((stamp, now));
+        self.seen = Seen::Unreadable;
+    }
+}
+
+/// A POSTed drain of `spec`'s scope, saved by another agent as `id`, is not resumed: this
+/// agent's `kept`, POSTed here, goes on (as before). Said when their settings differ, as
+/// the caller of the one not resumed asked for others.
+fn differs_from_kept(path: &str, kept: &Running, spec: &DrainSpec, id: u64) {
+    let named = DrainSpec {
+        given: Given {
+            on_timeout: true,
+            quiet: true,
+            ignore: true,
+            idle: true,
+            pace: true,
+        },
+        ..spec.clone()
+    };
+    let difference = kept.spec.conflict(&named).or_else(|| {
+        (kept.spec.timeout != spec.timeout)
+            .then(|| format!("timeout={:?} (saved {:?})", kept.spec.timeout, spec.timeout))
+    });
+    if let Some(difference) = difference {
+        log::warn!(
+            "{path}: drain {id} of {}, POSTed to another agent, is not resumed: drain {} POSTed here drains the scope with other settings: {difference}",
+            scope_text(&spec.filter),
+            lock(&kept.record).id
+        );
     }
 }
 

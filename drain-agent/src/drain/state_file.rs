@@ -100,6 +100,28 @@ pub enum Written {
     InMemoryOnly,
 }
 
+/// One version of the state file on disk: its inode, size and change time. Every write
+/// renames a new file over the name (a new inode), so a state another agent wrote since is
+/// a new stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// Which file [`StateFile::write_with`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -347,10 +369,40 @@ impl StateFile {
         }
     }
 
+    /// Which version of the state file is there now (`None`: no file): one `lstat`. A
+    /// write renames a new file over the name, so a new state is a new [`Stamp`].
+    pub fn stamp(&self) -> Result<Option<Stamp>> {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) => Ok(Some(Stamp::of(&meta))),
+            Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(problem) => Err(problem)
+                .with_context(|| format!("cannot stat the state file {}", self.path.display())),
+        }
+    }
+
+    /// The state file as another agent wrote it, with the [`Stamp`] of what was read (taken
+    /// from the open file, so it names that content): `None` when there is none. Unlike
+    /// [`StateFile::read`], a file that cannot be read is an error, for the caller to decide.
+    pub fn read_stamped<T: DeserializeOwned>(&self) -> Result<Option<(Stamp, T)>> {
+        let Some(file) = open_regular(&self.path)? else {
+            return Ok(None);
+        };
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat the state file {}", self.path.display()))?;
+        let state = Self::read_open(file, &self.path)?;
+        Ok(Some((Stamp::of(&meta), state)))
+    }
+
     fn try_read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
         let Some(file) = open_regular(path)? else {
             return Ok(None);
         };
+        Self::read_open(file, path).map(Some)
+    }
+
+    /// Reads the state from `file`, opened at `path`: at most [`MAX_BYTES`], this version's.
+    fn read_open<T: DeserializeOwned>(file: File, path: &Path) -> Result<T> {
         let mut data = Vec::new();
         file.take(MAX_BYTES + 1)
             .read_to_end(&mut data)
@@ -376,7 +428,7 @@ impl StateFile {
         }
         let envelope: Envelope<T> = serde_json::from_slice(&data)
             .with_context(|| format!("the state file {} cannot be read", path.display()))?;
-        Ok(Some(envelope.state))
+        Ok(envelope.state)
     }
 
     /// Writes the state `now(role)` gives for this agent's [`Role`] (called under the write

@@ -745,3 +745,146 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
     assert!(drains.gated(&node(9090)) && drains.gated(&pod(8, 8080)));
     assert!(drains.gated(&pod(7, 20)));
 }
+
+/// Audit (upgrade overlap): a drain POSTed to the old agent (saved in the state file) and a
+/// `/drained` waiter's drain of the same scope started on the new agent meanwhile. At the
+/// take-over the POSTed drain wins: its id, deadline, `on_timeout=close` and gate, and the
+/// waiter already joined waits on it. Before, the take-over skipped every scope the new agent
+/// had a drain of: the POSTed drain was gone, and the waiters' drain ended as they left
+/// (`abandoned`, no gate), so nothing closed at the 10-minute deadline and the scope went
+/// back in rotation.
+#[tokio::test]
+async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = saving_registry(2, dir.path());
+    // As at the old agent's start (`take_over_state`): the next file's lock let go.
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir.path());
+    new.restore();
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    // The old agent's ids run ahead of the new one's (each agent counts its own): the
+    // waiter's drain and the POSTed one are told apart by id.
+    let spent = DrainSpec {
+        filter: Filter::port(9090),
+        ..spec(Duration::from_secs(600))
+    };
+    old.post(spent).await.expect("room");
+    old.cancel(&Filter::port(9090)).await;
+    // After the new agent started: POSTed to the old one (10 minutes, close at the end).
+    let posted = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        given: Given {
+            on_timeout: true,
+            ..Given::default()
+        },
+        ..spec(Duration::from_secs(600))
+    };
+    let (record, _) = old.post(posted).await.expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    // A stop hook's `/drained?timeout=60s` reaches the new agent: a drain of its own.
+    let (membership, created) = new.join(spec(Duration::from_secs(60))).await.expect("room");
+    assert!(created, "the new agent started its own drain of the scope");
+    assert_ne!(membership.id(), record.id);
+    // The old agent stops (what it saved stays on disk) and goes, its lock with it.
+    old_tracker.begin_shutdown();
+    old.wait_all_ended(Duration::from_secs(5)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&old) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        Arc::strong_count(&old),
+        1,
+        "the old agent's drain task still runs"
+    );
+    drop(old);
+    let state = Arc::clone(new.state.as_ref().expect("state file"));
+    for _ in 0..500 {
+        if state.is_writer() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(state.is_writer(), "the new agent took over");
+    // Its save after the merge.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        membership.id(),
+        record.id,
+        "the waiter waits on the POSTed drain"
+    );
+    // The waiter leaves (its client went away, or it was answered).
+    drop(membership);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (running, _) = new.list();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(
+        (running[0].id, running[0].started_ms, running[0].on_timeout),
+        (record.id, record.started_ms, OnTimeout::Close),
+        "the drain of the scope is the POSTed one: {running:?}"
+    );
+    assert!(new.gated(&node(8080)));
+    // And it is what the new agent keeps on disk.
+    let on_disk = std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file");
+    assert!(
+        on_disk.contains(&format!("\"started_ms\":{}", record.started_ms)),
+        "{on_disk}"
+    );
+    take_over.abort();
+}
+
+/// Audit (upgrade overlap): beside the agent writing the state file, `/health` and the
+/// agent-check answer from what that file says too (read only): a drain POSTed to the writer
+/// after this agent started gates its scope here, a cancel sent to the writer reopens it, a
+/// cancel sent here holds here, and a file that cannot be read gates every scope. Before, this
+/// agent answered "not draining" for the writer's drain.
+#[tokio::test]
+async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, old) = saving_registry(2, dir.path());
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir.path());
+    new.restore();
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&new));
+    assert!(!gate.draining(8080, None).await);
+    old.post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    assert!(
+        gate.draining(8080, None).await,
+        "the writer's drain, POSTed after this agent started"
+    );
+    assert!(!gate.draining(8081, None).await, "another scope");
+    assert!(new.list().0.is_empty(), "nothing of it runs here");
+    old.cancel(&Filter::port(8080)).await;
+    assert_eq!(old.save().await, Saved::Yes);
+    assert!(!gate.draining(8080, None).await, "cancelled on the writer");
+    // A drain this agent restored and then cancelled stays cancelled here, though the
+    // writer's file still has it (a cancel sent here during the overlap).
+    old.post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (_, _, third) = saving_registry(2, dir.path());
+    third.restore();
+    assert!(third.gated(&node(8080)));
+    third.cancel(&Filter::port(8080)).await;
+    assert!(!third.gated(&node(8080)), "the cancel sent here holds here");
+    // A file that cannot be read: no scope is vouched for.
+    std::fs::write(dir.path().join(state_file::FILE_NAME), b"not json").expect("write");
+    assert!(new.gated(&node(8081)), "an unreadable writer's file");
+}

@@ -160,12 +160,16 @@ async fn await_drain(
     let _slot = tracker.admit()?;
     let started = tokio::time::Instant::now();
     let own_deadline = started + spec.timeout;
-    let until = if membership.deadline() <= own_deadline {
-        // Bounded: a paced close at the deadline takes its time, and the agent may be
-        // shutting down.
-        membership.deadline() + CLOSE_WAIT
-    } else {
-        own_deadline
+    // Of the drain's deadline: the drain's own may change while this waiter waits (a drain
+    // handed over to a POSTed one at an upgrade's take-over).
+    let until = |deadline: tokio::time::Instant| {
+        if deadline <= own_deadline {
+            // Bounded: a paced close at the deadline takes its time, and the agent may be
+            // shutting down.
+            deadline + CLOSE_WAIT
+        } else {
+            own_deadline
+        }
     };
     let final_outcome = membership.outcome(until).await;
     let waited = |mut outcome: DrainOutcome| {
