@@ -16,6 +16,7 @@ use crate::{
         DrainRecord, DrainSpec, Drains, Given,
         gate::{Asked, Held},
         lock,
+        owner::Owner,
         registry::{Running, scope_text},
         state_file::{Role, Stamp, StateFile, Written},
         unix_ms,
@@ -634,9 +635,24 @@ impl Drains {
             return;
         };
         if let Some(drain) = lock(&self.running).get(scope) {
-            overlap
+            let identity = DrainIdentity::of(&lock(&drain.record));
+            // Bounded per owner: a pod that posts and cancels in a loop for the whole
+            // overlap (up to the old agent's --shutdown-grace) forgets its own oldest
+            // cancels, never another owner's; the most a forgotten one costs is its own
+            // drain brought back at the take-over.
+            let owner = Owner::of(&identity.scope());
+            let own = overlap
                 .cancelled
-                .insert(DrainIdentity::of(&lock(&drain.record)));
+                .iter()
+                .filter(|noted| Owner::of(&noted.scope()) == owner);
+            if own.clone().count() >= CANCELLED_PER_OWNER
+                && let Some(oldest) = own
+                    .min_by_key(|noted| (noted.started_ms, noted.id))
+                    .cloned()
+            {
+                overlap.cancelled.remove(&oldest);
+            }
+            overlap.cancelled.insert(identity);
         }
         if let Some((until_ms, until)) = overlap.gates.get(scope)
             && lock(&self.held)
@@ -910,6 +926,24 @@ impl SavedHold {
         }
     }
 }
+
+#[cfg(test)]
+impl Drains {
+    /// The scopes of the cancels noted in this agent's overlap.
+    pub(super) fn noted_cancels(&self) -> Vec<Filter> {
+        lock(&self.overlap)
+            .as_ref()
+            .map(|overlap| overlap.cancelled.iter().map(DrainIdentity::scope).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Cancels one owner ([`Owner`]) may have noted during an overlap ([`Drains::note_cancel`]):
+/// each is kept in memory and written to the next agent's file at every save, so a loop of
+/// `POST` and `DELETE` would grow both for as long as the overlap lasts. A pod has at most
+/// [`RUNNING_PER_OWNER`](super::owner::RUNNING_PER_OWNER) drains at once; this is several
+/// times that.
+pub(super) const CANCELLED_PER_OWNER: usize = 256;
 
 /// An upgrade's overlap, from this agent's side: what it restored at its start from the
 /// state file another agent still writes, and what it cancelled since. Kept until the

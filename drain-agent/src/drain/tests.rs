@@ -888,3 +888,44 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     std::fs::write(dir.path().join(state_file::FILE_NAME), b"not json").expect("write");
     assert!(new.gated(&node(8081)), "an unreadable writer's file");
 }
+
+/// Audit (overlap): during an upgrade's overlap every `DELETE /drain` noted the drain it
+/// ended (so that the take-over does not bring it back), with no bound: a pod posting and
+/// cancelling in a loop for the whole overlap (up to the old agent's `--shutdown-grace`, 10
+/// minutes in the DaemonSet) grew the list in memory and in the next agent's file, written
+/// at every save. Now each owner keeps at most `CANCELLED_PER_OWNER`: the looping pod
+/// forgets its own oldest, never another pod's.
+#[tokio::test]
+async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
+    use super::saved::CANCELLED_PER_OWNER;
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, old) = saving_registry(2, dir.path());
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir.path());
+    new.restore();
+    let cycle = |netns: u32, port: u16| {
+        let new = Arc::clone(&new);
+        async move {
+            new.post(pod_spec(netns, port)).await.expect("room");
+            new.cancel(&pod_spec(netns, port).filter).await;
+            new.wait_all_ended(Duration::from_secs(5)).await;
+        }
+    };
+    cycle(8, 8080).await;
+    for round in 0..CANCELLED_PER_OWNER + 5 {
+        cycle(7, 10_000 + u16::try_from(round).expect("port")).await;
+    }
+    let noted = new.noted_cancels();
+    let of = |netns: u32| {
+        noted
+            .iter()
+            .filter(|scope| scope.netns == Some(netns))
+            .count()
+    };
+    assert_eq!(of(8), 1, "the other pod's cancel is kept");
+    assert_eq!(of(7), CANCELLED_PER_OWNER, "{} noted", noted.len());
+}
