@@ -36,6 +36,10 @@ pub(super) struct Running {
     /// Its verdict is taken (set under the registry's lock, see [`Drains::decide`]): it is
     /// ending (its listeners read, its record written) and nobody joins it any more.
     decided: AtomicBool,
+    /// A `DELETE` is ending it (set under the registry's lock, see [`Drains::cancel`]):
+    /// nobody joins it any more, as for [`Running::decided`], but it may still hand its
+    /// scope over to a drain the take-over restored (the `DELETE` then ends that one too).
+    cancelling: AtomicBool,
     /// The drain it handed its scope and its waiters to (set once, under the registry's
     /// lock, see [`Running::hand_over`]): a POSTed drain the take-over of an upgrade
     /// restored for the scope this one, started by `/drained` waiters only, was draining.
@@ -61,6 +65,7 @@ impl Running {
             posted: AtomicBool::new(posted),
             waiters: AtomicUsize::new(usize::from(!posted)),
             decided: AtomicBool::new(false),
+            cancelling: AtomicBool::new(false),
             moved: watch::channel(None).0,
         })
     }
@@ -225,7 +230,9 @@ impl Drains {
     fn start_now(self: &Arc<Self>, spec: &DrainSpec, posted: bool) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
-            if existing.decided.load(Ordering::Acquire) {
+            if existing.decided.load(Ordering::Acquire)
+                || existing.cancelling.load(Ordering::Acquire)
+            {
                 return Ok(Started::Ending(Arc::clone(existing)));
             }
             if let Some(difference) = existing.spec.conflict(spec) {
@@ -307,6 +314,14 @@ impl Drains {
         let mut record = None;
         while let Some(ending) = drain {
             let mut finished = ending.finished.subscribe();
+            // Under the registry's lock: a request either joined before the cancel (and is
+            // answered "cancelled", as it would have been a moment later) or sees the mark
+            // and waits for the scope's next drain; before, a `POST` right after the
+            // `DELETE` could join the drain being ended and be answered with it.
+            {
+                let _running = lock(&self.running);
+                ending.cancelling.store(true, Ordering::Release);
+            }
             ending.end(DrainEnd::Cancelled);
             // The drain ends at once on cancel; wait for its record.
             let _ = finished.wait_for(Option::is_some).await;

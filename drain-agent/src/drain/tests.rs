@@ -929,3 +929,38 @@ async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
     assert_eq!(of(8), 1, "the other pod's cancel is kept");
     assert_eq!(of(7), CANCELLED_PER_OWNER, "{} noted", noted.len());
 }
+
+/// Audit (drain lifecycle): a `POST /drain` that came right after a `DELETE` of its scope,
+/// before the cancelled drain's own task had seen the cancel, joined that drain and was
+/// answered with it ("in progress"); the drain then ended as cancelled, and the scope was
+/// neither draining nor gated: the POST was lost. A drain being cancelled is now never
+/// joined: the POST waits for it to end and starts the scope's next drain.
+#[tokio::test]
+async fn a_post_right_after_a_cancel_starts_a_new_drain() {
+    let (_, _, drains) = registry(2);
+    let (first, _) = drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    // The DELETE runs up to its wait for the drain's end (polled once, on this task: the
+    // drain's own task has not run since).
+    let scope = Filter::port(8080);
+    let cancel = drains.cancel(&scope);
+    tokio::pin!(cancel);
+    tokio::select! {
+        biased;
+        _ = &mut cancel => panic!("the cancel cannot end before the drain's task runs"),
+        () = std::future::ready(()) => {}
+    }
+    let (second, created) = drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    let cancelled = cancel.await.expect("a drain was cancelled");
+    assert_eq!(cancelled.id, first.id);
+    assert!(
+        created && second.id != first.id,
+        "the POST joined the drain being cancelled: {second:?}"
+    );
+    assert!(drains.gated(&node(8080)), "the new drain holds the scope");
+}
