@@ -60,6 +60,23 @@ pub enum Unrecorded {
     Ending,
 }
 
+impl Unrecorded {
+    /// What it means for the hook, in its words (`drain-agent wait` prints it).
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Self::DrainLimit => {
+                "no drain was recorded for it (as many drains as the node allows, --max-waiters, were in progress): no /health gate, nothing closed at the deadline"
+            }
+            Self::OwnerLimit => {
+                "no drain was recorded for it (its namespace or address had as many drains in progress as one owner may): no /health gate, nothing closed at the deadline"
+            }
+            Self::Ending => {
+                "no drain was recorded for it (the scope's last drain was slow to end): no /health gate, nothing closed at the deadline"
+            }
+        }
+    }
+}
+
 /// Why a waiter got no answer.
 #[derive(Debug)]
 pub enum Unanswered {

@@ -88,6 +88,9 @@ pub fn describe_remaining(body: &DrainedBody) -> String {
     if let Some(why) = &body.unknown {
         line.push_str(&format!("; cannot vouch for the count: {why}"));
     }
+    if let Some(unrecorded) = body.unrecorded {
+        line.push_str(&format!("; {}", unrecorded.meaning()));
+    }
     line
 }
 
@@ -350,5 +353,35 @@ impl WaitProblem {
         match self {
             Self::NotDrained(text) | Self::Unreachable(text) => text,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer that waited unrecorded (its owner at its limit of drains) says so in what
+    /// `wait` prints: without a drain there is no gate and no close at the deadline, which a
+    /// hook asking `--close-at-timeout` must hear. Before, the line left it out.
+    #[test]
+    fn a_wait_that_was_not_recorded_says_so() {
+        let body: DrainedBody = serde_json::from_value(serde_json::json!({
+            "port": 8080,
+            "drained": false,
+            "active": 2,
+            "waited_ms": 1000,
+            "unrecorded": "owner_limit",
+        }))
+        .expect("an answer");
+        let line = describe_remaining(&body);
+        assert!(
+            line.starts_with("8080: 2 active") && line.contains("nothing closed at the deadline"),
+            "{line}"
+        );
+        let recorded = DrainedBody {
+            unrecorded: None,
+            ..body
+        };
+        assert!(!describe_remaining(&recorded).contains("no drain"));
     }
 }
