@@ -80,6 +80,10 @@ impl Running {
         if self.decided.load(Ordering::Acquire) {
             return;
         }
+        // A `DELETE` ending this one goes on to the successor: nobody joins that either.
+        if self.cancelling.load(Ordering::Acquire) {
+            successor.cancelling.store(true, Ordering::Release);
+        }
         self.moved.send_replace(Some(Arc::clone(successor)));
         // Wakes its run, which then finds it handed over.
         self.end(DrainEnd::Cancelled);
@@ -238,7 +242,11 @@ impl Drains {
             if let Some(difference) = existing.spec.conflict(spec) {
                 return Err(JoinError::Conflict(lock(&existing.record).id, difference));
             }
-            if !posted {
+            // Under the registry's lock, as a take-over looks: a drain a POST joined is a
+            // POSTed one from now on, never handed over as a waiters' drain.
+            if posted {
+                existing.posted.store(true, Ordering::Release);
+            } else {
                 existing.waiters.fetch_add(1, Ordering::AcqRel);
             }
             return Ok(Started::Drain(Arc::clone(existing), false));

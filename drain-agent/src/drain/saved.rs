@@ -584,7 +584,14 @@ impl Drains {
                         differs_from_kept(&path, existing, &spec, id);
                         continue;
                     }
-                    existing.hand_over(&resumed);
+                    // Its waiters follow the restored drain only where they could have joined
+                    // it: no setting they named differs (a join naming another one is a 409,
+                    // and a looser rule, no `quiet` or an `idle`, would answer them drained
+                    // by a rule they did not ask for). Otherwise the restored drain has the
+                    // scope and theirs ends on its own, by their rule.
+                    if spec.conflict(&existing.spec).is_none() {
+                        existing.hand_over(&resumed);
+                    }
                 }
                 running.insert(spec.filter.clone(), Arc::clone(&resumed));
                 existing

@@ -964,3 +964,78 @@ async fn a_post_right_after_a_cancel_starts_a_new_drain() {
     );
     assert!(drains.gated(&node(8080)), "the new drain holds the scope");
 }
+
+/// Review of the take-over (9836c92): a waiters' drain gave way to a POSTed drain of its
+/// scope whatever their settings, and its waiters then got the POSTed drain's verdict: a
+/// waiter that asked for a 5 s quiet window was answered by a drain without one (drained at
+/// the first zero, with the load balancer still sending). A POSTed drain takes the waiters
+/// over only where they could have joined it (no setting they named differs, as for a
+/// join); otherwise it has the scope and the waiters' drain ends on its own, by their rule.
+#[tokio::test]
+async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = saving_registry(2, dir.path());
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir.path());
+    new.restore();
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    let spent = DrainSpec {
+        filter: Filter::port(9090),
+        ..spec(Duration::from_secs(600))
+    };
+    old.post(spent).await.expect("room");
+    old.cancel(&Filter::port(9090)).await;
+    // POSTed to the old agent, with no quiet window.
+    let (record, _) = old
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    // A stop hook asks the new agent for a 5 s quiet window.
+    let mut quiet = spec(Duration::from_secs(60));
+    quiet.rule.quiet = Duration::from_secs(5);
+    quiet.given.quiet = true;
+    let (membership, created) = new.join(quiet).await.expect("room");
+    assert!(created);
+    let own = membership.id();
+    old_tracker.begin_shutdown();
+    old.wait_all_ended(Duration::from_secs(5)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&old) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(old);
+    let state = Arc::clone(new.state.as_ref().expect("state file"));
+    for _ in 0..500 {
+        if state.is_writer() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(state.is_writer(), "the new agent took over");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        membership.id(),
+        own,
+        "the waiter still waits by its own settings, not on the POSTed drain {}",
+        record.id
+    );
+    // The POSTed drain has the scope (its gate, its record).
+    let (running, _) = new.list();
+    assert!(
+        running.iter().any(|drain| drain.id == record.id),
+        "{running:?}"
+    );
+    assert!(new.gated(&node(8080)));
+    drop(membership);
+    take_over.abort();
+}
