@@ -39,6 +39,59 @@ fn saving_registry(
     (source, tracker, drains)
 }
 
+/// An upgrade's overlap: the state file's writer (`old`, as at its start in
+/// `take_over_state`: the next file's lock let go), and an agent started beside it that
+/// restored from its file (`new`). Returns the old agent's tracker, `old` and `new`.
+fn overlapping_registries(dir: &std::path::Path) -> (Arc<Tracker>, Arc<Drains>, Arc<Drains>) {
+    let (_, old_tracker, old) = saving_registry(2, dir);
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, _, new) = saving_registry(2, dir);
+    new.restore();
+    (old_tracker, old, new)
+}
+
+/// The old agent's ids run ahead of the new one's (each agent counts its own), so that a
+/// drain of each is told apart by id: one drain (of port 9090) posted and cancelled.
+async fn spend_an_id(old: &Arc<Drains>) {
+    let spent = DrainSpec {
+        filter: Filter::port(9090),
+        ..spec(Duration::from_secs(600))
+    };
+    old.post(spent).await.expect("room");
+    old.cancel(&Filter::port(9090)).await;
+}
+
+/// The old agent of an overlap stops (what it saved stays on disk) and goes, its lock with
+/// it; returns once `new` has taken over as the state file's writer.
+async fn old_agent_goes(old_tracker: &Tracker, old: Arc<Drains>, new: &Drains) {
+    old_tracker.begin_shutdown();
+    old.wait_all_ended(Duration::from_secs(5)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&old) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        Arc::strong_count(&old),
+        1,
+        "the old agent's drain task still runs"
+    );
+    drop(old);
+    let state = Arc::clone(new.state.as_ref().expect("state file"));
+    for _ in 0..500 {
+        if state.is_writer() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(state.is_writer(), "the new agent took over");
+}
+
 #[tokio::test]
 async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let dir = tempfile::tempdir().expect("dir");
@@ -756,27 +809,12 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
 #[tokio::test]
 async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
     let dir = tempfile::tempdir().expect("dir");
-    let (_, old_tracker, old) = saving_registry(2, dir.path());
-    // As at the old agent's start (`take_over_state`): the next file's lock let go.
-    old.state
-        .as_ref()
-        .expect("state file")
-        .retire_next()
-        .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir.path());
-    new.restore();
+    let (old_tracker, old, new) = overlapping_registries(dir.path());
     let take_over = tokio::spawn({
         let new = Arc::clone(&new);
         async move { new.take_over_state().await }
     });
-    // The old agent's ids run ahead of the new one's (each agent counts its own): the
-    // waiter's drain and the POSTed one are told apart by id.
-    let spent = DrainSpec {
-        filter: Filter::port(9090),
-        ..spec(Duration::from_secs(600))
-    };
-    old.post(spent).await.expect("room");
-    old.cancel(&Filter::port(9090)).await;
+    spend_an_id(&old).await;
     // After the new agent started: POSTed to the old one (10 minutes, close at the end).
     let posted = DrainSpec {
         on_timeout: OnTimeout::Close,
@@ -793,28 +831,7 @@ async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
     assert!(created, "the new agent started its own drain of the scope");
     assert_ne!(membership.id(), record.id);
     // The old agent stops (what it saved stays on disk) and goes, its lock with it.
-    old_tracker.begin_shutdown();
-    old.wait_all_ended(Duration::from_secs(5)).await;
-    for _ in 0..500 {
-        if Arc::strong_count(&old) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        Arc::strong_count(&old),
-        1,
-        "the old agent's drain task still runs"
-    );
-    drop(old);
-    let state = Arc::clone(new.state.as_ref().expect("state file"));
-    for _ in 0..500 {
-        if state.is_writer() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(state.is_writer(), "the new agent took over");
+    old_agent_goes(&old_tracker, old, &new).await;
     // Its save after the merge.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -850,14 +867,7 @@ async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
 #[tokio::test]
 async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     let dir = tempfile::tempdir().expect("dir");
-    let (_, _, old) = saving_registry(2, dir.path());
-    old.state
-        .as_ref()
-        .expect("state file")
-        .retire_next()
-        .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir.path());
-    new.restore();
+    let (_, old, new) = overlapping_registries(dir.path());
     let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&new));
     assert!(!gate.draining(8080, None).await);
     old.post(spec(Duration::from_secs(600)))
@@ -899,14 +909,7 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
 async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
     use super::saved::CANCELLED_PER_OWNER;
     let dir = tempfile::tempdir().expect("dir");
-    let (_, _, old) = saving_registry(2, dir.path());
-    old.state
-        .as_ref()
-        .expect("state file")
-        .retire_next()
-        .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir.path());
-    new.restore();
+    let (_, _old, new) = overlapping_registries(dir.path());
     let cycle = |netns: u32, port: u16| {
         let new = Arc::clone(&new);
         async move {
@@ -974,24 +977,12 @@ async fn a_post_right_after_a_cancel_starts_a_new_drain() {
 #[tokio::test]
 async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     let dir = tempfile::tempdir().expect("dir");
-    let (_, old_tracker, old) = saving_registry(2, dir.path());
-    old.state
-        .as_ref()
-        .expect("state file")
-        .retire_next()
-        .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir.path());
-    new.restore();
+    let (old_tracker, old, new) = overlapping_registries(dir.path());
     let take_over = tokio::spawn({
         let new = Arc::clone(&new);
         async move { new.take_over_state().await }
     });
-    let spent = DrainSpec {
-        filter: Filter::port(9090),
-        ..spec(Duration::from_secs(600))
-    };
-    old.post(spent).await.expect("room");
-    old.cancel(&Filter::port(9090)).await;
+    spend_an_id(&old).await;
     // POSTed to the old agent, with no quiet window.
     let (record, _) = old
         .post(spec(Duration::from_secs(600)))
@@ -1005,23 +996,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     let (membership, created) = new.join(quiet).await.expect("room");
     assert!(created);
     let own = membership.id();
-    old_tracker.begin_shutdown();
-    old.wait_all_ended(Duration::from_secs(5)).await;
-    for _ in 0..500 {
-        if Arc::strong_count(&old) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    drop(old);
-    let state = Arc::clone(new.state.as_ref().expect("state file"));
-    for _ in 0..500 {
-        if state.is_writer() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(state.is_writer(), "the new agent took over");
+    old_agent_goes(&old_tracker, old, &new).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         membership.id(),

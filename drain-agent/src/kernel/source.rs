@@ -314,6 +314,11 @@ impl KernelMaps {
     /// What the maps count of `filter` in namespaces whose socket tables were not `read`
     /// (the agent cannot find them: kept alive only by their sockets).
     fn counted_unread(&self, filter: &Filter, read: &HashSet<u32>) -> Result<u64> {
+        // A scope of one namespace whose tables were read has nothing elsewhere (a pod's
+        // scope, the common case): no pass over the maps.
+        if filter.netns.is_some_and(|netns| read.contains(&netns)) {
+            return Ok(0);
+        }
         // The port's total counts every tracked connection of the port, under an endpoint
         // or for the port only, and no count is ever negative: at 0, both passes below
         // would add 0. One lookup then spares them (each reads a whole map, which with
