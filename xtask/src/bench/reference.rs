@@ -17,6 +17,12 @@
 //!   with an all-zero value the size of the agent's `SockEntry` into a hash map of the
 //!   socket map's size, default flags or preallocated; at a close, delete it. The socket
 //!   map's own operations with nothing around them.
+//! - [`Reference::Timed`]: [`Reference::Hash`] (default flags) plus what a connection's
+//!   duration needs and nothing else: the clock read at the open (stored in the value), and
+//!   at the close a lookup of the entry, a second clock read and the subtraction before the
+//!   delete. The least any design that measures how long connections last does, so the
+//!   hot-churn goal can be read against it (the agent's duration histograms, its idle rule's
+//!   clock and its events' times all come from these two reads).
 //!
 //! Both classify transitions as the handler does (`drain_agent_common::classify`): an open
 //! is `SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, a close leaves those two states; every other
@@ -67,6 +73,9 @@ pub enum Reference {
     Line,
     /// A hash map keyed by the socket's address, `SOCKETS`' size.
     Hash { preallocated: bool },
+    /// [`Reference::Hash`] (default flags) with a duration: the clock at the open into the
+    /// value; at the close a lookup, the clock again and the subtraction, then the delete.
+    Timed,
     /// `map[sk] = now` at a passive open, `delete(map[sk])` when a socket leaves
     /// ESTABLISHED: what a bpftrace one-liner does (not in [`Reference::ALL`]: the kernel
     /// section's phases do not run it).
@@ -74,12 +83,13 @@ pub enum Reference {
 }
 
 impl Reference {
-    pub const ALL: [Reference; 3] = [
+    pub const ALL: [Reference; 4] = [
         Reference::Line,
         Reference::Hash {
             preallocated: false,
         },
         Reference::Hash { preallocated: true },
+        Reference::Timed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -89,6 +99,9 @@ impl Reference {
                 preallocated: false,
             } => "hash map insert/delete (default flags)",
             Reference::Hash { preallocated: true } => "hash map insert/delete (preallocated)",
+            Reference::Timed => {
+                "hash map insert/delete with a duration (two clock reads, a lookup)"
+            }
             Reference::SocketMap {
                 preallocated: false,
             } => "minimal socket-keyed map (default flags)",
@@ -109,6 +122,7 @@ const MOV64_K: u8 = 0xb7;
 const MOV64_X: u8 = 0xbf;
 const ADD64_K: u8 = 0x07;
 const MUL64_X: u8 = 0x2f;
+const SUB64_X: u8 = 0x1f;
 const RSH64_K: u8 = 0x77;
 const JA: u8 = 0x05;
 const JEQ_K: u8 = 0x15;
@@ -133,6 +147,8 @@ const R4: u8 = 4;
 const SK: u8 = 6;
 const OLD: u8 = 7;
 const NEW: u8 = 8;
+/// [`timed_program`]'s open time, kept across the close's clock call.
+const OPENED: u8 = 9;
 const FP: u8 = 10;
 
 /// TCP states (include/net/tcp_states.h).
@@ -294,6 +310,34 @@ fn hash_program(map: &OwnedFd) -> Result<Vec<u64>> {
     }
     update(&mut asm, map, value, BPF_NOEXIST);
     delete_and_finish(asm, map)
+}
+
+/// [`hash_program`] with a duration: at the open the clock goes into the value's first word;
+/// at the close the entry is looked up, the clock read again and the open's time subtracted
+/// (kept on the stack, as a histogram would take it), then the entry deleted.
+fn timed_program(map: &OwnedFd) -> Result<Vec<u64>> {
+    let value = -8 - SOCK_ENTRY_BYTES as i16;
+    let mut asm = Asm::default();
+    classify(&mut asm);
+    asm.label(Label::Open);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(STX_DW, FP, R0, value, 0);
+    for offset in (value + 8..-8).step_by(8) {
+        asm.insn(ST_DW, FP, 0, offset, 0);
+    }
+    update(&mut asm, map, value, BPF_NOEXIST);
+    asm.label(Label::Close);
+    map_and_key(&mut asm, map);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
+    asm.insn(LDX_DW, OPENED, R0, 0, 0);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(SUB64_X, R0, OPENED, 0, 0);
+    asm.insn(STX_DW, FP, R0, -16, 0);
+    map_and_key(&mut asm, map);
+    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
+    epilogue(&mut asm);
+    asm.finish()
 }
 
 /// The bpftrace one-liner's program: `if (old == SYN_RECV && new == ESTABLISHED)
@@ -505,6 +549,17 @@ impl ReferenceProgram {
                 let insns = hash_program(&map)?;
                 (map, insns)
             }
+            Reference::Timed => {
+                let map = create_map(
+                    BPF_MAP_TYPE_HASH as u32,
+                    8,
+                    SOCK_ENTRY_BYTES,
+                    entries,
+                    map_flags(false),
+                )?;
+                let insns = timed_program(&map)?;
+                (map, insns)
+            }
             Reference::SocketMap { preallocated } => {
                 let map = create_map(
                     BPF_MAP_TYPE_HASH as u32,
@@ -556,7 +611,9 @@ impl ReferenceProgram {
                 }
                 Ok(held)
             }
-            Reference::Hash { .. } | Reference::SocketMap { .. } => count_keys(self.map.as_fd()),
+            Reference::Hash { .. } | Reference::Timed | Reference::SocketMap { .. } => {
+                count_keys(self.map.as_fd())
+            }
         }
     }
 
@@ -568,7 +625,7 @@ impl ReferenceProgram {
         let held = self.held()?;
         let enough = match self.reference {
             Reference::Line => held * 5 >= n * 4,
-            Reference::Hash { .. } | Reference::SocketMap { .. } => held >= n,
+            Reference::Hash { .. } | Reference::Timed | Reference::SocketMap { .. } => held >= n,
         };
         if !enough {
             bail!(
