@@ -73,12 +73,16 @@ pub(crate) fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool)
         // walk finds this socket open under a foreign entry and swaps them).
         Err(error) if error == -EEXIST => {
             lose_connection(key.port, error_index::ADDRESS_TAKEN);
+            tell_of_an_untracked_arrival(key, peer, now);
             return false;
         }
         Err(_) => {
             // Cannot track it at all: the port's `lost` tells the agent not to vouch for
             // this port until a walk has found every open socket of it tracked.
             lose_connection(key.port, error_index::SOCKET_MAP_FULL);
+            if !found_by_walk {
+                tell_of_an_untracked_arrival(key, peer, now);
+            }
             return false;
         }
     }
@@ -113,6 +117,17 @@ fn lose_connection(port: u16, error: u32) {
         // SAFETY: a pointer into the array map's value.
         unsafe { atomic_add_u64(ptr::addr_of_mut!((*total).lost), 1) };
     }
+}
+
+/// An arrival the handler could not track is still an arrival: a `quiet` window must hear
+/// it, or a load balancer still sending short connections to a port whose map is full would
+/// look quiet (the counts say nothing of them, and the socket tables, read between two of
+/// them, find none). So it is told as an open (with its peer, for `ignore=`) and no crossing:
+/// the counts did not move, and a waiter woken by it only re-reads them. Only for the
+/// handler's opens, which happen now; a walk's find happened at some unknown time before.
+#[inline(always)]
+fn tell_of_an_untracked_arrival(key: ConnKey, peer: Peer, now: u64) {
+    emit_event(key, peer, event_kind::OPEN, 0, now);
 }
 
 /// Un-counts `sk` if it is tracked; true when it was un-counted now. `closed_now` says the

@@ -158,6 +158,64 @@ fn a_full_socket_map_is_never_drained_while_a_connection_is_open() {
     );
 }
 
+/// A full socket map: connections that arrive then cannot be tracked are arrivals all the
+/// same. A `quiet` window must hear them: a load balancer still sending a short connection
+/// to the port every 300 ms keeps the port busy, although the counts say nothing of them and
+/// the socket tables, read between two of them, find none open.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn arrivals_a_full_socket_map_could_not_track_keep_a_quiet_window_open() {
+    if !kernel_available("arrivals_a_full_socket_map_could_not_track_keep_a_quiet_window_open") {
+        return;
+    }
+    let agent = Agent::start(&["--max-connections", "20"]);
+    let filler = Server::start("127.0.0.1:0");
+    let held = hold(&filler, filler.port, 40);
+    let busy = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("local address").port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            // Bounded: at most 60 connections, one every 300 ms, each closed at both ends
+            // (the server end too: one left in CLOSE_WAIT would still count).
+            for _ in 0..60 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                let (server, _) = busy.accept().expect("accept");
+                thread::sleep(Duration::from_millis(20));
+                drop(client);
+                drop(server);
+                thread::sleep(Duration::from_millis(280));
+            }
+        })
+    };
+    let started = Instant::now();
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&quiet=2s&timeout=5s"));
+    let took = started.elapsed();
+    println!("answered after {took:?}: {status} {body}");
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("sender");
+    assert_eq!(
+        body["drained"], false,
+        "answered after {took:?} while a connection arrived every 300 ms: {status} {body}"
+    );
+    assert!(
+        took >= Duration::from_secs(4),
+        "answered at {took:?}, before its timeout: {body}"
+    );
+    // The arrivals were untracked ones: the map was full all along.
+    let (_, health) = agent.get_json("/healthz");
+    assert!(
+        health["reasons"].to_string().contains("--max-connections"),
+        "{health}"
+    );
+    drop(held);
+    filler.close_all();
+}
+
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_full_endpoint_map_counts_for_the_port_and_confirms_scoped_answers() {
