@@ -79,7 +79,7 @@ pub(super) async fn metrics(
     if scope.is_some() {
         return node_only();
     }
-    match state.metrics.render() {
+    match state.metrics.render_off_runtime().await {
         Ok(text) => (
             StatusCode::OK,
             [(

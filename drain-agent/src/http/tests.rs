@@ -1015,3 +1015,38 @@ async fn every_answer_names_the_instance() {
     assert_eq!(instance(&missing).as_deref(), Some("pod-uid-1"));
     assert!(naming_instance(Router::<()>::new(), "bad\nname").is_err());
 }
+
+/// A scrape reads every endpoint (syscalls on the kernel's maps, here a read that takes a
+/// second): on the runtime's workers it held up every other answer, hooks' included, and
+/// anyone who reaches the node listener may scrape. On a one-thread runtime, `/healthz` asked
+/// while a scrape renders is answered at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_scrape_does_not_hold_up_other_answers() {
+    let (source, state) = app(vec![endpoint("10.0.0.1", 8080, 1)]);
+    *source.after_next_read.lock().expect("lock") = Some(Box::new(|_| {
+        std::thread::sleep(Duration::from_millis(1500));
+    }));
+    let started = std::time::Instant::now();
+    let scrape = tokio::spawn({
+        let state = Arc::clone(&state);
+        async move {
+            let (status, body) = request_as(&state, Caller::Remote, "GET", "/metrics").await;
+            (status, body, started.elapsed())
+        }
+    });
+    // The scrape starts (and reads) first.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, body) = request(&state, "GET", "/healthz").await;
+    let answered = started.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, metrics, scraped) = scrape.await.expect("scrape");
+    assert_eq!(status, StatusCode::OK, "{metrics}");
+    assert!(
+        scraped >= Duration::from_millis(1500),
+        "the scrape did not take the slow read: {scraped:?}"
+    );
+    assert!(
+        answered < Duration::from_millis(1000),
+        "/healthz waited {answered:?} for a scrape"
+    );
+}

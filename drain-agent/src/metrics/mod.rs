@@ -29,6 +29,8 @@ pub struct Metrics {
     drain_wait_seconds: Histogram,
     attach: String,
     ports: Option<PortSet>,
+    /// One render at a time ([`Metrics::render_off_runtime`]).
+    rendering: tokio::sync::Semaphore,
 }
 
 impl Metrics {
@@ -83,6 +85,7 @@ impl Metrics {
             drain_wait_seconds,
             attach: attach.to_owned(),
             ports,
+            rendering: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -104,6 +107,23 @@ impl Metrics {
     /// Whether `--ports` lets this port be exported.
     pub fn exports_port(&self, port: u16) -> bool {
         self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+    }
+
+    /// [`Metrics::render`] on a blocking thread, one render at a time. A render reads every
+    /// endpoint, drain and histogram (syscalls on the kernel's maps), and anyone who reaches
+    /// the node listener may scrape: on one of the runtime's few workers, a few scrapes at
+    /// once would hold up every hook's answer. Here further scrapes wait their turn without
+    /// holding a worker (each holds only its connection's slot, which the server bounds).
+    pub async fn render_off_runtime(self: &Arc<Self>) -> Result<String> {
+        let _turn = self
+            .rendering
+            .acquire()
+            .await
+            .context("the metrics render gate is closed")?;
+        let metrics = Arc::clone(self);
+        tokio::task::spawn_blocking(move || metrics.render())
+            .await
+            .context("the metrics render did not finish")?
     }
 
     /// The Prometheus text format.
