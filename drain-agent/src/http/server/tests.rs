@@ -290,6 +290,96 @@ async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
     server.stop().await;
 }
 
+/// Fills the cap (2) and the reserve with `/drained` waiters, each from its own source.
+async fn fill_cap_and_reserve(server: &TestServer) -> Vec<TcpStream> {
+    let mut waiters = Vec::new();
+    for index in 0..(2 + overflow_reserve(2)) {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    waiters
+}
+
+/// A stop while the cap and the reserve are full ends the serving: the completed stop
+/// future is not polled again by the accept (that panicked "`async fn` resumed after
+/// completion" and, on the node listener, exited the agent), and the waiters get their
+/// answers as in any stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_cap_and_the_reserve_full_ends_the_serving() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    let mut waiters = fill_cap_and_reserve(&server).await;
+    // The loop is waiting for a place (nothing idle, nothing freed).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let release = Arc::clone(&server.release);
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    wait_listener_closed(addr).await;
+    release.notify_waiters();
+    for stream in &mut waiters {
+        let answer = read_all(stream).await;
+        assert_ok(&answer);
+        assert!(answer.ends_with("released"), "{answer}");
+    }
+    let took = stopping.await.expect("serve did not panic");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A connection accepted while the cap and the reserve looked to have room (an idle one),
+/// then left waiting for a place (the idle one turned busy), is answered at a stop — as a
+/// connection beyond the cap — not closed unanswered (reset, its request unread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_a_place_at_the_stop_is_answered() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    // 5 waiters and one kept-alive connection, idle after its answer.
+    let mut waiters = Vec::new();
+    for index in 0..(1 + overflow_reserve(2)) {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    let mut kept = connect_from(server.addr, "127.0.2.1").await;
+    send(&mut kept, "/healthz").await;
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).await.expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Past the connect grace, the answer read: idle, so the loop accepts again.
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(200)).await;
+    let mut rest = vec![0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(100), kept.read(&mut rest)).await;
+    // It turns busy: a late connection is accepted and finds no place.
+    send(&mut kept, "/drained").await;
+    server.wait_entered(2 + overflow_reserve(2)).await;
+    let mut late = connect_from(server.addr, "127.0.3.1").await;
+    send_closing(&mut late, "/healthz").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let release = Arc::clone(&server.release);
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    wait_listener_closed(addr).await;
+    let answer = read_all(&mut late).await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("ok"), "{answer:?}");
+    release.notify_waiters();
+    waiters.push(kept);
+    for stream in &mut waiters {
+        let answer = read_all(stream).await;
+        assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    }
+    let took = stopping.await.expect("stop");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
     let server = start(ServerLimits {
