@@ -31,6 +31,9 @@
 //! - **Header-read timeout**: a connection that has not sent a complete request head within
 //!   [`ServerLimits::header_timeout`] (first request, or the next one on a kept-alive
 //!   connection) is closed.
+//! - **Request-head size**: at most [`MAX_REQUEST_HEAD`] bytes and [`MAX_HEADERS`] header
+//!   lines; a larger head is answered `431` and the connection closed, so an unfinished
+//!   head holds at most that much of the agent's memory.
 //! - **Write timeout**: a connection whose answer makes no progress for
 //!   [`ServerLimits::write_timeout`] (a client that does not read) is dropped.
 //! - **`/drained` waiters per source IP** ([`ServerLimits::max_waiters_per_source`]): more
@@ -73,6 +76,21 @@ use crate::sys::fdlimit;
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
 /// stay this far below the open-file limit.
 const RESERVED_FDS: u64 = 128;
+
+/// The largest request head (request line and headers) the server reads, and the most
+/// it buffers from a connection. hyper's default (~400 KiB) let an unauthenticated client
+/// make the agent hold that much per connection while a head stays unfinished (who is
+/// calling is checked only once the head is read): 512 connections were ~200 MiB, past
+/// the DaemonSet's memory limit. The longest legal request the agent's clients send — a
+/// `/drained` with every parameter at its longest, form-encoded (64 IPv6 CIDRs in
+/// `ignore`), and a scraper's headers with a 2 KiB token — is about 7.2 KiB
+/// (`the_longest_legal_request_is_served`). A longer head is answered `431` and the
+/// connection closed. At least hyper's minimum, 8 KiB.
+pub const MAX_REQUEST_HEAD: usize = 16 << 10;
+
+/// The most header lines a request may have (hyper's default is 100); more are answered
+/// `431`. The kubelet, HAProxy, Prometheus and `drain-agent wait` send fewer than 10.
+pub const MAX_HEADERS: usize = 32;
 
 /// The local address of the connection a request came on (a request extension, beside the
 /// peer's `ConnectInfo<SocketAddr>`): who is calling is told from both ends (`identify.rs`).
@@ -119,7 +137,11 @@ pub async fn serve_handing_over(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // hyper reads no more than this into its buffer and answers 431 when the head is
+        // not complete in it: the bound on an unfinished head and on a complete one alike.
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_HEADERS);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Slots::default());
     let mut tasks = JoinSet::new();
