@@ -23,10 +23,17 @@
 //!   holds the rest); anything else gets `429` with `Retry-After` and the connection is
 //!   closed after the answer. When the reserve is full too, the server stops accepting until
 //!   a connection ends or turns idle: new connections wait in the kernel's listen backlog
-//!   (refused or reset by nobody) instead of being closed unanswered.
+//!   (refused or reset by nobody) instead of being closed unanswered. A connection accepted
+//!   on a stale look (an idle connection got a request meanwhile) waits for a place; if the
+//!   stop comes first it is served beyond the reserve by the same gate, not closed unread.
+//!   A stop while waiting ends the accept loop: the completed `shutdown` is never polled
+//!   again (an `async fn` panics when resumed after completion).
 //! - **Header-read timeout**: a connection that has not sent a complete request head within
 //!   [`ServerLimits::header_timeout`] (first request, or the next one on a kept-alive
 //!   connection) is closed.
+//! - **Request-head size**: at most [`MAX_REQUEST_HEAD`] bytes and [`MAX_HEADERS`] header
+//!   lines; a larger head is answered `431` and the connection closed, so an unfinished
+//!   head holds at most that much of the agent's memory.
 //! - **Write timeout**: a connection whose answer makes no progress for
 //!   [`ServerLimits::write_timeout`] (a client that does not read) is dropped.
 //! - **`/drained` waiters per source IP** ([`ServerLimits::max_waiters_per_source`]): more
@@ -69,6 +76,21 @@ use crate::sys::fdlimit;
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
 /// stay this far below the open-file limit.
 const RESERVED_FDS: u64 = 128;
+
+/// The largest request head (request line and headers) the server reads, and the most
+/// it buffers from a connection. hyper's default (~400 KiB) let an unauthenticated client
+/// make the agent hold that much per connection while a head stays unfinished (who is
+/// calling is checked only once the head is read): 512 connections were ~200 MiB, past
+/// the DaemonSet's memory limit. The longest legal request the agent's clients send — a
+/// `/drained` with every parameter at its longest, form-encoded (64 IPv6 CIDRs in
+/// `ignore`), and a scraper's headers with a 2 KiB token — is about 7.2 KiB
+/// (`the_longest_legal_request_is_served`). A longer head is answered `431` and the
+/// connection closed. At least hyper's minimum, 8 KiB.
+pub const MAX_REQUEST_HEAD: usize = 16 << 10;
+
+/// The most header lines a request may have (hyper's default is 100); more are answered
+/// `431`. The kubelet, HAProxy, Prometheus and `drain-agent wait` send fewer than 10.
+pub const MAX_HEADERS: usize = 32;
 
 /// The local address of the connection a request came on (a request extension, beside the
 /// peer's `ConnectInfo<SocketAddr>`): who is calling is told from both ends (`identify.rs`).
@@ -115,19 +137,26 @@ pub async fn serve_handing_over(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // hyper reads no more than this into its buffer and answers 431 when the head is
+        // not complete in it: the bound on an unfinished head and on a complete one alike.
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_HEADERS);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Slots::default());
     let mut tasks = JoinSet::new();
     let mut acceptor = Acceptor::default();
     let mut shutdown = std::pin::pin!(shutdown);
-    loop {
+    // Every wait on `shutdown` below leaves this loop once it completes: a completed
+    // `shutdown` must not be polled again (an `async fn` or block panics "resumed after
+    // completion", which on the node listener exited the agent).
+    'serve: loop {
         // Cap and reserve full of busy connections: leave new ones in the listen backlog
         // until one ends or turns idle (it is then evicted), rather than close them.
         while !slots.has_room(cap + reserve) {
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => break,
+                () = shutdown.as_mut() => break 'serve,
                 () = slots.freed.notified() => {}
                 // A connection that turned idle sends no notification: look again.
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -144,29 +173,32 @@ pub async fn serve_handing_over(
         // Reap finished connection tasks (their slots are freed by their guards already).
         while tasks.try_join_next().is_some() {}
         let Some((stream, peer)) = accepted else {
-            break;
+            break 'serve;
         };
-        // The look before the accept can be stale (a connection counts as idle until its
-        // first request arrives): this one then waits, accepted, for a place.
-        let app = loop {
+        // The look before the accept can be stale (an idle connection got a request
+        // meanwhile): this one then waits, accepted, for a place. At a stop it is served
+        // beyond the reserve, as an overload (its descriptor is open already, and no other
+        // is accepted after it), and answered like the others rather than closed unread
+        // (a reset).
+        let (app, stopping) = loop {
             if slots.make_room(cap) {
-                break Some(app.clone());
+                break (app.clone(), false);
             }
             if slots.make_room(cap + reserve) {
                 debug!(
                     "{peer}: served beyond the cap, {cap} connections have requests in progress"
                 );
-                break Some(overflow_app.clone());
+                break (overflow_app.clone(), false);
             }
             tokio::select! {
                 biased;
-                () = shutdown.as_mut() => break None,
+                () = shutdown.as_mut() => {
+                    debug!("{peer}: served beyond the reserve, accepted just before the stop");
+                    break (overflow_app.clone(), true);
+                }
                 () = slots.freed.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-        };
-        let Some(app) = app else {
-            break;
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
@@ -196,6 +228,9 @@ pub async fn serve_handing_over(
                 debug!("{peer}: connection ended: {problem}");
             }
         });
+        if stopping {
+            break 'serve;
+        }
     }
     // Stop accepting: new connections go to another listener of the address's group (the
     // next agent) or, with none, are refused from here on.

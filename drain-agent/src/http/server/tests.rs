@@ -290,6 +290,96 @@ async fn beyond_the_reserve_connections_wait_and_are_never_reset() {
     server.stop().await;
 }
 
+/// Fills the cap (2) and the reserve with `/drained` waiters, each from its own source.
+async fn fill_cap_and_reserve(server: &TestServer) -> Vec<TcpStream> {
+    let mut waiters = Vec::new();
+    for index in 0..(2 + overflow_reserve(2)) {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    waiters
+}
+
+/// A stop while the cap and the reserve are full ends the serving: the completed stop
+/// future is not polled again by the accept (that panicked "`async fn` resumed after
+/// completion" and, on the node listener, exited the agent), and the waiters get their
+/// answers as in any stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_cap_and_the_reserve_full_ends_the_serving() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    let mut waiters = fill_cap_and_reserve(&server).await;
+    // The loop is waiting for a place (nothing idle, nothing freed).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let release = Arc::clone(&server.release);
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    wait_listener_closed(addr).await;
+    release.notify_waiters();
+    for stream in &mut waiters {
+        let answer = read_all(stream).await;
+        assert_ok(&answer);
+        assert!(answer.ends_with("released"), "{answer}");
+    }
+    let took = stopping.await.expect("serve did not panic");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A connection accepted while the cap and the reserve looked to have room (an idle one),
+/// then left waiting for a place (the idle one turned busy), is answered at a stop — as a
+/// connection beyond the cap — not closed unanswered (reset, its request unread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_a_place_at_the_stop_is_answered() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    // 5 waiters and one kept-alive connection, idle after its answer.
+    let mut waiters = Vec::new();
+    for index in 0..(1 + overflow_reserve(2)) {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        waiters.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    let mut kept = connect_from(server.addr, "127.0.2.1").await;
+    send(&mut kept, "/healthz").await;
+    let mut head = [0u8; 12];
+    kept.read_exact(&mut head).await.expect("answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // Past the connect grace, the answer read: idle, so the loop accepts again.
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(200)).await;
+    let mut rest = vec![0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(100), kept.read(&mut rest)).await;
+    // It turns busy: a late connection is accepted and finds no place.
+    send(&mut kept, "/drained").await;
+    server.wait_entered(2 + overflow_reserve(2)).await;
+    let mut late = connect_from(server.addr, "127.0.3.1").await;
+    send_closing(&mut late, "/healthz").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let release = Arc::clone(&server.release);
+    let addr = server.addr;
+    let stopping = tokio::spawn(server.stop());
+    wait_listener_closed(addr).await;
+    let answer = read_all(&mut late).await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("ok"), "{answer:?}");
+    release.notify_waiters();
+    waiters.push(kept);
+    for stream in &mut waiters {
+        let answer = read_all(stream).await;
+        assert!(answer.contains("HTTP/1.1 200"), "{answer}");
+    }
+    let took = stopping.await.expect("stop");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
     let server = start(ServerLimits {
@@ -309,6 +399,95 @@ async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
         "{took:?}"
     );
     // A client that sends its request in time is answered.
+    assert_ok(&request(server.addr, "/healthz").await);
+    server.stop().await;
+}
+
+/// The longest request head the agent's clients send, with margin: a `/drained` with every
+/// parameter at its longest, form-encoded as HTTP clients do (64 of the longest CIDRs in
+/// `ignore`, a 255-byte namespace name), and the headers of a scraper with a 2 KiB token.
+fn longest_legal_head() -> String {
+    let cidr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255/128";
+    let ignore = vec![cidr; crate::drain_rule::MAX_IGNORE].join(",");
+    let netns = format!("/var/run/netns/{}", "n".repeat(255));
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("port", "65535")
+        .append_pair("addr", "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+        .append_pair("netns", &netns)
+        .append_pair("timeout", "1h59m59s999ms")
+        .append_pair("quiet", "1h59m59s999ms")
+        .append_pair("ignore", &ignore)
+        .append_pair("idle", "1h59m59s999ms")
+        .append_pair("on_timeout", "close")
+        .append_pair("pace", "4294967295")
+        .append_pair("peers", "true")
+        .finish();
+    // The query is one the API takes: each parameter once, the list at its longest.
+    let values = crate::http::api::parse_query(Some(&query), &crate::http::api::DRAIN_PARAMETERS)
+        .expect("a legal query");
+    let cidrs = crate::drain_rule::parse_cidrs(&values["ignore"]).expect("legal CIDRs");
+    assert_eq!(cidrs.len(), crate::drain_rule::MAX_IGNORE);
+    format!(
+        "GET /healthz?{query} HTTP/1.1\r\n\
+         Host: [ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535\r\n\
+         User-Agent: kube-lifecycle/1.33 Prometheus/3.4.0 HAProxy drain-agent/0.1.0\r\n\
+         Accept: application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,\
+         application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;\
+         escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2\r\n\
+         Accept-Encoding: gzip\r\n\
+         Authorization: Bearer {}\r\n\
+         X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\
+         X-Forwarded-For: 2001:db8::1, 2001:db8::2\r\n\
+         traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+         Connection: close\r\n\r\n",
+        "t".repeat(2048)
+    )
+}
+
+/// The longest legal request is served, well within the bound on a request head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_legal_request_is_served() {
+    let head = longest_legal_head();
+    println!("the longest legal request head: {} bytes", head.len());
+    assert!(head.len() <= MAX_REQUEST_HEAD / 2, "{} bytes", head.len());
+    let server = start(limits()).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("send");
+    let answer = read_all(&mut stream).await;
+    assert_ok(&answer);
+    assert!(answer.ends_with("ok"), "{answer:?}");
+    server.stop().await;
+}
+
+/// A request head past the bound is refused `431` and the connection closed, whether it
+/// is unfinished (the read buffer is full: an unauthenticated client cannot make the agent
+/// hold hyper's default ~400 KiB per connection) or has too many header lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_past_the_bound_is_refused_431() {
+    let server = start(limits()).await;
+    // Exactly the bound, unfinished: all of it is read (nothing left unread that would turn
+    // the close into a reset), and no more is waited for.
+    let start_of_head = "GET /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: ";
+    let unfinished = format!(
+        "{start_of_head}{}",
+        "a".repeat(MAX_REQUEST_HEAD - start_of_head.len())
+    );
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream.write_all(unfinished.as_bytes()).await.expect("send");
+    let answer = read_all(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // Too many header lines, each short.
+    let many: String = (0..=MAX_HEADERS)
+        .map(|index| format!("X-H{index}: 1\r\n"))
+        .collect();
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(format!("GET /healthz HTTP/1.1\r\nHost: test\r\n{many}\r\n").as_bytes())
+        .await
+        .expect("send");
+    let answer = read_all(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // Others are still served.
     assert_ok(&request(server.addr, "/healthz").await);
     server.stop().await;
 }
