@@ -10,4 +10,9 @@ pub trait Closer: Send + Sync + 'static {
     /// The listening sockets on `filter`'s port in its namespaces, by socket cookie: a new
     /// cookie is a new instance of the service.
     fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>>;
+    /// Why no connection can be closed here at all (found once at the start, e.g. the
+    /// netlink method without `CAP_NET_ADMIN`), or `None` when closing can work. A drain
+    /// asking for a close at its deadline is refused while this says why: accepting it
+    /// would record a close that never happens.
+    fn unavailable(&self) -> Option<&str>;
 }

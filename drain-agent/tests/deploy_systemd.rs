@@ -179,20 +179,22 @@ fn systemd_agent_unit_is_least_privilege() {
         );
     }
 
-    // systemd's own score of the sandbox (0 = locked down, 10 = none): 2.9 now. Fails when any
+    // systemd's own score of the sandbox (0 = locked down, 10 = none): 3.1 now. Fails when any
     // change loosens it. (2.8 until `RestrictNamespaces=` allowed `mnt` for one thread's private
     // mount namespace at start, which takes the agent's peak memory from ~40 to ~13 MiB; the
-    // agent already holds CAP_SYS_ADMIN, so it gains no power from it.)
+    // agent already holds CAP_SYS_ADMIN, so it gains no power from it. 2.9 until
+    // CAP_NET_ADMIN joined the bounding set (0.2): without it, closing at a drain's deadline
+    // through netlink SOCK_DESTROY, the only way before Linux 6.5, always failed.)
     if !tool_available(test, "systemd-analyze", &["--version"]) {
         return;
     }
     let dir = common::temp_dir("drain-agent-deploy-security-");
     let units = units_for_verify(dir.path());
     let output = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=29", "--no-pager"])
+        .args(["security", "--offline=yes", "--threshold=31", "--no-pager"])
         .arg(&units[0]));
     let text = text_of(&output);
-    assert!(output.status.success(), "exposure above 2.9:\n{text}");
+    assert!(output.status.success(), "exposure above 3.1:\n{text}");
     assert!(text.contains("Overall exposure level"), "{text}");
 }
 

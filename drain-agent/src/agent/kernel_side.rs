@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Result, ensure};
-use log::info;
+use log::{info, warn};
+use rustix::thread::CapabilitySet;
 
 use crate::{
     cli::CloseArg,
@@ -33,6 +34,49 @@ pub fn close_method(asked: CloseArg, kernel: &Kernel) -> Result<CloseMethod> {
             CloseMethod::Bpf
         }
     })
+}
+
+/// Why connections cannot be closed with `method` by this process, if they cannot
+/// (`asked`: the `--close-method` that chose it, to say why this method).
+///
+/// The netlink method's `SOCK_DESTROY` is refused by the kernel's `sock_diag_destroy()`
+/// unless the caller has `CAP_NET_ADMIN` over the socket's network namespace: without it in
+/// the agent's effective set every close fails (`EPERM`). The namespaces it closes in, the
+/// host's and its pods', are the initial user namespace's or its descendants', where the
+/// agent's own set is what counts. `bpf_sock_destroy()` checks no capability of its own
+/// (loading and running the iterator takes `CAP_BPF` and `CAP_PERFMON`, which the start
+/// already needed): [`CloseMethod::Bpf`] has no such problem.
+pub fn close_problem(method: CloseMethod, asked: CloseArg) -> Option<String> {
+    match method {
+        CloseMethod::Bpf => None,
+        CloseMethod::Netlink => match rustix::thread::capabilities(None) {
+            Ok(sets) => netlink_problem(sets.effective.contains(CapabilitySet::NET_ADMIN), asked),
+            // capget() on this thread does not fail on Linux: should it, the closes will
+            // say what the kernel thinks, as before.
+            Err(errno) => {
+                warn!(
+                    "cannot read the agent's capabilities ({errno}): whether connections can be closed through netlink is not known until one is"
+                );
+                None
+            }
+        },
+    }
+}
+
+/// The netlink method's problem, given whether `CAP_NET_ADMIN` is effective.
+fn netlink_problem(net_admin: bool, asked: CloseArg) -> Option<String> {
+    if net_admin {
+        return None;
+    }
+    let why_netlink = match asked {
+        CloseArg::Netlink => "as --close-method netlink asks",
+        CloseArg::Auto | CloseArg::BpfSockDestroy => {
+            "bpf_sock_destroy() is not usable on this kernel (Linux < 6.5)"
+        }
+    };
+    Some(format!(
+        "connections are closed through netlink SOCK_DESTROY ({why_netlink}), which needs CAP_NET_ADMIN, and the agent does not have it (grant CAP_NET_ADMIN: deploy/README.md)"
+    ))
 }
 
 /// The kernel's own-endpoint map, for the pod listeners.
@@ -93,5 +137,27 @@ impl OwnEndpoints for KernelEndpoints {
             let _ = kernel.forget_own_endpoint(netns, target.port());
         }
         steered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without CAP_NET_ADMIN the netlink method cannot close anything, and the problem says
+    /// so and why that method; with it, or with `bpf_sock_destroy()`, there is none.
+    #[test]
+    fn netlink_without_net_admin_is_a_problem() {
+        for asked in [CloseArg::Auto, CloseArg::Netlink] {
+            let problem = netlink_problem(false, asked).expect("a problem");
+            assert!(problem.contains("CAP_NET_ADMIN"), "{problem}");
+            assert!(problem.contains("SOCK_DESTROY"), "{problem}");
+            assert_eq!(netlink_problem(true, asked), None);
+        }
+        assert!(
+            netlink_problem(false, CloseArg::Netlink)
+                .is_some_and(|problem| problem.contains("--close-method netlink"))
+        );
+        assert_eq!(close_problem(CloseMethod::Bpf, CloseArg::Auto), None);
     }
 }

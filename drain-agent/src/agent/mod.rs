@@ -217,10 +217,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         kernel_side::close_method(args.close_method, &kernel)?
     };
     info!("connections closed at a deadline use {method:?}");
+    // Found once, before anything is served: an on_timeout=close that cannot happen is
+    // refused, never recorded as done (a failed close is only a WARN once the drain runs).
+    let unavailable = kernel_side::close_problem(method, args.close_method);
+    if let Some(problem) = &unavailable {
+        error!(
+            "connections cannot be closed at a drain's deadline: {problem}; on_timeout=close (drain-agent wait --close-at-timeout) is refused until the agent runs with it"
+        );
+    }
     let closer = KernelCloser {
         kernel: Arc::clone(&kernel),
         maps: Arc::clone(&kernel_maps),
         method,
+        unavailable,
     };
     // Who may do what (authority.rs): the node's own namespace, and which pod an address
     // belongs to.

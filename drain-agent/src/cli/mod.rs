@@ -47,7 +47,8 @@ pub enum CloseArg {
     Auto,
     /// `bpf_sock_destroy()` from a BPF iterator (Linux >= 6.5).
     BpfSockDestroy,
-    /// Netlink `SOCK_DESTROY`, as `ss -K` (needs CONFIG_INET_DIAG_DESTROY).
+    /// Netlink `SOCK_DESTROY`, as `ss -K` (needs CONFIG_INET_DIAG_DESTROY and
+    /// CAP_NET_ADMIN: without it, `on_timeout=close` is refused).
     Netlink,
 }
 
@@ -258,7 +259,8 @@ pub struct RunArgs {
     pub agent_check_listen: Option<SocketAddr>,
 
     /// How connections are closed at a drain's deadline (`on_timeout=close`): `auto` uses
-    /// `bpf_sock_destroy()` where the kernel has it (6.5+), else netlink `SOCK_DESTROY`.
+    /// `bpf_sock_destroy()` where the kernel has it (6.5+), else netlink `SOCK_DESTROY`
+    /// (which needs CAP_NET_ADMIN: without it such drains are refused, and /healthz says why).
     #[arg(
         long,
         env = "DRAIN_AGENT_CLOSE_METHOD",

@@ -352,6 +352,13 @@ impl Drains {
         self
     }
 
+    /// Why this agent cannot close connections at a drain's deadline (its closer said so at
+    /// the start), if it cannot: `on_timeout=close` is then refused, not accepted and
+    /// recorded as a close that never happened.
+    pub fn close_unavailable(&self) -> Option<&str> {
+        self.closer.as_deref().and_then(Closer::unavailable)
+    }
+
     /// Drains in progress and the last ended ones, newest first.
     pub fn list(&self) -> (Vec<DrainRecord>, Vec<DrainRecord>) {
         let running = lock(&self.running)

@@ -533,6 +533,10 @@ impl Closer for HeldCloser {
         let _ = lock(&self.release).recv_timeout(Duration::from_secs(10));
         Ok(Vec::new())
     }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Audit (drain lifecycle): a waiter that joined a drain between its "drained" verdict and

@@ -164,6 +164,9 @@ pub enum ApiError {
     Forbidden(String),
     /// 409: the request's settings differ from those of the drain in progress of its scope.
     Conflict(String),
+    /// 422: a well-formed request this agent cannot carry out as it runs (the message says
+    /// why): asking again cannot help, changing the request or the agent's setup can.
+    CannotDo(String),
 }
 
 impl IntoResponse for ApiError {
@@ -178,6 +181,7 @@ impl IntoResponse for ApiError {
                 .into_response(),
             Self::Forbidden(message) => error(StatusCode::FORBIDDEN, message),
             Self::Conflict(message) => error(StatusCode::CONFLICT, message),
+            Self::CannotDo(message) => error(StatusCode::UNPROCESSABLE_ENTITY, message),
         }
     }
 }
@@ -218,6 +222,20 @@ impl DrainRequest {
             on_timeout: self.on_timeout,
             pace: self.pace,
             given: self.given,
+        }
+    }
+
+    /// Refuses `on_timeout=close` when the agent cannot close connections (`unavailable`:
+    /// why, [`crate::drain::Drains::close_unavailable`]): such a drain would end recorded
+    /// `closed_at_deadline` with the connections still open. Nothing is started or joined.
+    pub fn check_close(&self, unavailable: Option<&str>) -> Result<(), ApiError> {
+        match unavailable {
+            Some(problem) if self.on_timeout == OnTimeout::Close => {
+                Err(ApiError::CannotDo(format!(
+                    "on_timeout=close: this agent cannot close connections: {problem}; no drain started or joined (ask with on_timeout=keep to drain without closing)"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }

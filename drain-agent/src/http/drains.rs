@@ -34,6 +34,9 @@ pub(super) async fn start_drain(
         // Nothing is written to --state-dir any more: a drain started now would be lost.
         return stopping(STOPPING_POST);
     }
+    if let Err(refused) = request.check_close(state.drains.close_unavailable()) {
+        return refused.into_response();
+    }
     state.drains.catch_up().await;
     let (record, created) = match state.drains.post(request.spec()).await {
         Ok(started) => started,

@@ -254,6 +254,13 @@ impl FromRequestParts<Arc<AppState>> for Waiter {
                 Err(_) => false,
             }
         };
+        // After the authority's check: a caller that may not control the scope learns
+        // nothing about the agent from this.
+        if control {
+            request
+                .check_close(state.drains.close_unavailable())
+                .map_err(refused)?;
+        }
         Ok(Self(Ask {
             spec: request.spec(),
             control,

@@ -34,6 +34,11 @@ pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             if !reasons.is_empty() {
                 body["reasons"] = json!(reasons);
             }
+            // Not a fault of the counts (the status stays): drains that close at their
+            // deadline are refused, and this says why.
+            if let Some(problem) = state.drains.close_unavailable() {
+                body["close_unavailable"] = json!(problem);
+            }
             // Serving while the first walk counts what was open before the start (or checks
             // adopted counts): answers are confirmed with the socket tables meanwhile (not a
             // fault).

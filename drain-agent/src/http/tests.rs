@@ -43,6 +43,16 @@ fn app_built(
     state_dir: Option<&std::path::Path>,
     build: impl FnOnce(Drains) -> Drains,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_closing(endpoints, state_dir, None, build)
+}
+
+/// [`app_built`] whose drains close connections with `closer`.
+fn app_closing(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+    closer: Option<Arc<dyn crate::closer::Closer>>,
+    build: impl FnOnce(Drains) -> Drains,
+) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
     let tracker = Arc::new(Tracker::new(source.clone(), 8));
@@ -57,7 +67,7 @@ fn app_built(
         .expect("metrics"),
     );
     let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
-    let mut drains = Drains::new(tracker.clone(), None, None, Some(Arc::clone(&pods)), 8);
+    let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8);
     if let Some(dir) = state_dir {
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
@@ -1049,4 +1059,73 @@ async fn a_slow_scrape_does_not_hold_up_other_answers() {
         answered < Duration::from_millis(1000),
         "/healthz waited {answered:?} for a scrape"
     );
+}
+
+/// A closer that cannot close anything here (the netlink method without CAP_NET_ADMIN).
+struct CannotClose;
+
+impl crate::closer::Closer for CannotClose {
+    fn close(
+        &self,
+        _filter: &crate::tracker::Filter,
+        _targets: &[crate::drain_rule::Peer],
+    ) -> anyhow::Result<u64> {
+        anyhow::bail!("SOCK_DESTROY: Operation not permitted")
+    }
+
+    fn listeners(&self, _filter: &crate::tracker::Filter) -> anyhow::Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        Some("closing through netlink SOCK_DESTROY needs CAP_NET_ADMIN")
+    }
+}
+
+/// An agent that cannot close refuses every request that would close at a deadline (422,
+/// saying why; nothing started, so no gate), says why on /healthz, and still takes drains
+/// that do not close. Before, it accepted them and recorded `closed_at_deadline` with the
+/// connections left open.
+#[tokio::test]
+async fn a_close_that_cannot_happen_is_refused() {
+    let (_, state) = app_closing(
+        vec![endpoint("127.0.0.1", 8080, 1)],
+        None,
+        Some(Arc::new(CannotClose)),
+        |drains| drains,
+    );
+    refused(
+        request(
+            &state,
+            "POST",
+            "/drain?port=8080&timeout=1m&on_timeout=close",
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "CAP_NET_ADMIN",
+    );
+    refused(
+        get(&state, "/drained?port=8080&timeout=1s&on_timeout=close").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "no drain started",
+    );
+    let (status, drains) = get(&state, "/drains").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drains["in_progress"], serde_json::json!([]), "{drains}");
+    assert_eq!(drains["recent"], serde_json::json!([]), "{drains}");
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+    let (status, health) = get(&state, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    assert!(
+        health["close_unavailable"]
+            .as_str()
+            .is_some_and(|why| why.contains("CAP_NET_ADMIN")),
+        "{health}"
+    );
+    // A pure query asks nothing to be closed; a drain that keeps its connections is taken.
+    let (status, _) = get(&state, "/drained?port=8080&timeout=0&on_timeout=close").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }

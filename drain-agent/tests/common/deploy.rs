@@ -217,9 +217,10 @@ pub fn identifiers(text: &str, prefix: &str) -> BTreeSet<String> {
     found
 }
 
-/// What the agent needs, as Kubernetes spells capabilities (without `CAP_`).
+/// What the agent needs, as Kubernetes spells capabilities (without `CAP_`): NET_ADMIN for
+/// closing at a deadline through netlink on Linux < 6.5 (`tests/close_capabilities.rs`).
 pub fn agent_capabilities() -> BTreeSet<String> {
-    ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]
+    ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]
         .iter()
         .map(|c| (*c).to_owned())
         .collect()

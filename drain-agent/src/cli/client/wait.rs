@@ -140,8 +140,10 @@ const COUNT_EVERY: Duration = Duration::from_secs(1);
 enum Reply {
     /// 200 or 503 with the agent's body: drained or not.
     Body(DrainedBody),
-    /// Bad input, a token the agent does not accept, a caller that may not ask this, or
-    /// settings that differ from the drain in progress: asking again cannot help (exit 2).
+    /// Bad input, a token the agent does not accept, a caller that may not ask this,
+    /// settings that differ from the drain in progress, or something the agent cannot do as
+    /// it runs (`--close-at-timeout` without a way to close): asking again cannot help
+    /// (exit 2).
     Refused(String),
     /// Anything else: the reason the wait goes on.
     Problem(WaitProblem),
@@ -161,7 +163,7 @@ fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
                 ))),
             }
         }
-        Ok(response) if matches!(response.status, 400 | 401 | 403 | 409) => Reply::Refused(
+        Ok(response) if matches!(response.status, 400 | 401 | 403 | 409 | 422) => Reply::Refused(
             format!("({}): {}", response.status, error_text(&response.body)),
         ),
         Ok(response) => Reply::Problem(WaitProblem::NotDrained(format!(

@@ -382,6 +382,9 @@ pub struct KernelCloser {
     pub kernel: std::sync::Arc<std::sync::Mutex<Kernel>>,
     pub maps: std::sync::Arc<super::KernelMaps>,
     pub method: CloseMethod,
+    /// Why `method` cannot close anything with the agent's capabilities
+    /// (`agent::kernel_side::close_problem`), if it cannot.
+    pub unavailable: Option<String>,
 }
 
 impl crate::closer::Closer for KernelCloser {
@@ -395,6 +398,10 @@ impl crate::closer::Closer for KernelCloser {
 
     fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
         self.maps.listeners(filter)
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 }
 
