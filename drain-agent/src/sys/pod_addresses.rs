@@ -64,7 +64,16 @@ pub trait AddressSource: Send + Sync + 'static {
     fn read(&self) -> BTreeMap<u32, Vec<IpAddr>>;
 }
 
-/// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each.
+/// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
+/// one root's user namespaces own ([`netns::UserOwner`]).
+///
+/// A network namespace another user's user namespace owns is left out: any local user can
+/// make one (`unshare -Urn`) and give it any address, pod A's included; counted, it made A's
+/// address name nobody (A's calls to the node listener `403`, and before the gate failed
+/// closed, A's `/health?addr=` 200 while A drained). A pod's is never such a namespace: the
+/// CRI runtime (root) makes it, in the initial user namespace or, for a `hostUsers: false`
+/// pod, in a user namespace the runtime creates as root. Rootless containers' namespaces
+/// are left out too: they are no pod of the node's.
 pub struct NamespaceAddresses {
     pub own_netns: u32,
 }
@@ -78,11 +87,24 @@ impl AddressSource for NamespaceAddresses {
             if inode == self.own_netns {
                 continue;
             }
-            match netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses) {
+            let read = netns::open_checked(inode, &path).and_then(|namespace| {
+                match netns::user_owner(&namespace)? {
+                    netns::UserOwner::Initial | netns::UserOwner::Root => {}
+                    netns::UserOwner::User(uid) => anyhow::bail!(
+                        "owned by a user namespace uid {uid} created: its addresses name nobody"
+                    ),
+                }
+                netns::run_in_file(
+                    namespace,
+                    path.display().to_string(),
+                    crate::sys::ifaddrs::local_addresses,
+                )
+            });
+            match read {
                 Ok(addresses) => {
                     found.insert(inode, addresses.into_iter().collect());
                 }
-                // Gone meanwhile, or not enterable: its addresses name nobody.
+                // Gone meanwhile, not enterable, or a user's own: its addresses name nobody.
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
             }
         }
@@ -471,5 +493,117 @@ mod tests {
             Some(&(8, later)),
             "the newest is kept"
         );
+    }
+
+    /// A network namespace held for a test by a child (`unshare`, as `uid` when given, with
+    /// a user namespace of its own when `own_users`) that has `addr` on its loopback; the
+    /// child is killed, and the namespace goes, on drop.
+    struct Held {
+        child: std::process::Child,
+        inode: u32,
+    }
+
+    impl Held {
+        fn new(uid: Option<u32>, own_users: bool, addr: &str) -> Self {
+            use std::io::BufRead as _;
+            let mut command = match uid {
+                Some(uid) => {
+                    let mut command = std::process::Command::new("setpriv");
+                    let uid = uid.to_string();
+                    command.args([
+                        "--reuid",
+                        &uid,
+                        "--regid",
+                        &uid,
+                        "--clear-groups",
+                        "unshare",
+                    ]);
+                    command
+                }
+                None => std::process::Command::new("unshare"),
+            };
+            let script = format!("ip addr add {addr}/32 dev lo && echo ready && exec sleep 600");
+            command
+                .arg(if own_users { "-Urn" } else { "-n" })
+                .args(["sh", "-c", &script])
+                .stdout(std::process::Stdio::piped());
+            let mut child = command.spawn().expect("unshare");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read");
+            assert_eq!(line.trim(), "ready", "the namespace was not made");
+            let path = format!("/proc/{}/ns/net", child.id());
+            let inode = netns::inode_of(std::path::Path::new(&path)).expect("its netns");
+            Self { child, inode }
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// An address of this test's own (so that other tests' namespaces never hold it).
+    fn test_addr(net: u8) -> String {
+        let pid = std::process::id();
+        format!("198.{net}.{}.{}", (pid >> 8) & 0xff, pid & 0xff)
+    }
+
+    /// Found by an audit: any local user could make a network namespace of its own
+    /// (`unshare -Urn`) and give it pod A's address, and the agent read every namespace in
+    /// /proc: A's address, held twice, named nobody (A's calls to the node listener `403`,
+    /// A's `/health?addr=` asked in the node's namespace). A namespace a user's own user
+    /// namespace owns names nothing now; a pod's (root's user namespaces, whether the
+    /// initial one or a `hostUsers: false` pod's that the runtime makes as root) still does.
+    #[tokio::test]
+    #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    async fn a_users_own_namespace_does_not_take_a_pods_address() {
+        let (a, hidden) = (test_addr(18), test_addr(19));
+        let pod = Held::new(None, false, &a);
+        let user_namespaced_pod = Held::new(None, true, &hidden);
+        let neighbour = Held::new(Some(65534), true, &a);
+        let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
+        let pods = PodAddresses::new(own, Arc::new(NamespaceAddresses { own_netns: own }));
+        assert_eq!(pods.owner(ip(&a)).await, Some(pod.inode), "pod A's address");
+        assert_eq!(
+            pods.owner(ip(&hidden)).await,
+            Some(user_namespaced_pod.inode),
+            "a hostUsers: false pod's"
+        );
+        drop(neighbour);
+    }
+
+    /// Who owns each kind of namespace, as the rule above reads it.
+    #[test]
+    #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    fn a_namespace_is_told_by_who_made_its_user_namespace() {
+        let open = |held: &Held| {
+            std::fs::File::open(format!("/proc/{}/ns/net", held.child.id())).expect("open")
+        };
+        let own = std::fs::File::open("/proc/self/ns/net").expect("own");
+        assert_eq!(
+            netns::user_owner(&own).expect("own"),
+            netns::UserOwner::Initial
+        );
+        let cases = [
+            (
+                Held::new(None, false, &test_addr(18)),
+                netns::UserOwner::Initial,
+            ),
+            (
+                Held::new(None, true, &test_addr(18)),
+                netns::UserOwner::Root,
+            ),
+            (
+                Held::new(Some(65534), true, &test_addr(18)),
+                netns::UserOwner::User(65534),
+            ),
+        ];
+        for (held, expected) in &cases {
+            assert_eq!(netns::user_owner(&open(held)).expect("owner"), *expected);
+        }
     }
 }
