@@ -6,6 +6,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     drain::{Drains, lock},
+    sys::pod_addresses::Named,
     tracker::Filter,
 };
 
@@ -35,6 +36,36 @@ impl Asked {
                             && scope.netns == Some(self.netns))
                 }
             }
+    }
+}
+
+/// A `/health` or agent-check question resolved: the scope it is about, and when its `addr`
+/// names no one namespace for sure ([`Named::Unsure`]: two namespaces hold it, or the pod it
+/// named lately holds it no more), the same question in each namespace it may be about.
+/// It is out of rotation if any of them is ([`Drains::gated_any`]): a neighbour that gives
+/// itself pod A's address must not put A back in rotation while A drains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// The question as it was resolved before any doubt: the pod's, the one namespace
+    /// `addr` names, else the node's.
+    pub asked: Asked,
+    /// The namespaces `addr` may be about beside `asked.netns` (none when it names one pod
+    /// or nobody).
+    pub unsure: Vec<u32>,
+}
+
+impl Question {
+    /// Every scope the question may be about, `asked` first.
+    pub fn each(&self) -> impl Iterator<Item = Asked> + '_ {
+        std::iter::once(self.asked).chain(
+            self.unsure
+                .iter()
+                .filter(|&&netns| netns != self.asked.netns)
+                .map(|&netns| Asked {
+                    netns,
+                    ..self.asked
+                }),
+        )
     }
 }
 
@@ -76,8 +107,8 @@ impl PortGate for Arc<Drains> {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
             self.catch_up().await;
-            let asked = self.resolve(port, addr, None).await;
-            self.gated(&asked)
+            let question = self.resolve(port, addr, None).await;
+            self.gated_any(&question)
         })
     }
 }
@@ -85,28 +116,47 @@ impl PortGate for Arc<Drains> {
 impl Drains {
     /// The scope a `/health?port=P[&addr=IP]` or agent-check question is about: `pod` is
     /// the asking pod's namespace (its own listener, or its address on the node's); else
-    /// the namespace `addr` belongs to, else the node's own.
-    pub async fn resolve(&self, port: u16, addr: Option<IpAddr>, pod: Option<u32>) -> Asked {
+    /// the namespace `addr` belongs to, else the node's own. An `addr` that names no one
+    /// namespace for sure (two hold it, or the pod it named lately holds it no more) asks
+    /// in the node's namespace and in each it may be about ([`Question::unsure`]).
+    pub async fn resolve(&self, port: u16, addr: Option<IpAddr>, pod: Option<u32>) -> Question {
         let addr = addr.map(crate::addr::canonical_addr);
         if let Some(netns) = pod {
-            return Asked {
+            return Question {
+                asked: Asked {
+                    port,
+                    addr,
+                    netns,
+                    whole_namespace: addr.is_none(),
+                },
+                unsure: Vec::new(),
+            };
+        }
+        let (own, named) = match (&self.pods, addr) {
+            (Some(pods), Some(addr)) => (pods.own_netns(), pods.named(addr).await),
+            (Some(pods), None) => (pods.own_netns(), Named::Nobody),
+            (None, _) => (0, Named::Nobody),
+        };
+        let (netns, unsure) = match named {
+            Named::Pod(netns) => (netns, Vec::new()),
+            Named::Nobody => (own, Vec::new()),
+            // As before, the node's question; and every namespace it may be about besides.
+            Named::Unsure(maybe) => (own, maybe),
+        };
+        Question {
+            asked: Asked {
                 port,
                 addr,
                 netns,
-                whole_namespace: addr.is_none(),
-            };
+                whole_namespace: false,
+            },
+            unsure,
         }
-        let (own, owner) = match (&self.pods, addr) {
-            (Some(pods), Some(addr)) => (pods.own_netns(), pods.owner(addr).await),
-            (Some(pods), None) => (pods.own_netns(), None),
-            (None, _) => (0, None),
-        };
-        Asked {
-            port,
-            addr,
-            netns: owner.unwrap_or(own),
-            whole_namespace: false,
-        }
+    }
+
+    /// Whether any scope `question` may be about is out of rotation ([`Drains::gated`]).
+    pub fn gated_any(&self, question: &Question) -> bool {
+        question.each().any(|asked| self.gated(&asked))
     }
 
     /// Whether what is asked is out of rotation: a drain that covers it is in progress, or

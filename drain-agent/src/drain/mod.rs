@@ -36,7 +36,7 @@ use crate::{
     tracker::{Filter, Tracker},
 };
 
-pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate};
+pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate, Question};
 pub use registry::{ENDING_WAIT, Membership};
 pub use saved::Saved;
 

@@ -164,8 +164,8 @@ pub(super) async fn health(
     HealthQuery { port, addr, pod }: HealthQuery,
 ) -> Response {
     state.drains.catch_up().await;
-    let asked = state.drains.resolve(port, addr, pod).await;
-    let draining = state.drains.gated(&asked);
+    let question = state.drains.resolve(port, addr, pod).await;
+    let draining = state.drains.gated_any(&question);
     let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

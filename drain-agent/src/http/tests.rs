@@ -8,6 +8,7 @@ use tower::ServiceExt as _;
 
 use super::*;
 use crate::{
+    http::agentcheck::Reply,
     http::authority::PortOwners,
     sys::pod_addresses::{AddressSource, PodAddresses},
     tracker::fake::{FakeSource, endpoint},
@@ -53,6 +54,27 @@ fn app_closing(
     closer: Option<Arc<dyn crate::closer::Closer>>,
     build: impl FnOnce(Drains) -> Drains,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_made(endpoints, state_dir, closer, build, Arc::new(TwoPods))
+}
+
+/// [`app_built`], the namespaces' addresses read from `addresses`.
+fn app_addressed(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+    build: impl FnOnce(Drains) -> Drains,
+    addresses: Arc<dyn AddressSource>,
+) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_made(endpoints, state_dir, None, build, addresses)
+}
+
+/// Every test app: drains closing with `closer`, the namespaces' addresses from `addresses`.
+fn app_made(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+    closer: Option<Arc<dyn crate::closer::Closer>>,
+    build: impl FnOnce(Drains) -> Drains,
+    addresses: Arc<dyn AddressSource>,
+) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
     let tracker = Arc::new(Tracker::new(source.clone(), 8));
@@ -66,7 +88,7 @@ fn app_closing(
         )
         .expect("metrics"),
     );
-    let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
+    let pods = Arc::new(PodAddresses::new(1, addresses));
     let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8);
     if let Some(dir) = state_dir {
         drains = drains
@@ -98,6 +120,33 @@ impl AddressSource for TwoPods {
             (7, vec!["10.1.0.7".parse().expect("ip")]),
             (8, vec!["10.1.0.8".parse().expect("ip")]),
         ])
+    }
+}
+
+/// Namespaces whose addresses a test changes (the node is namespace 1).
+struct Addresses(std::sync::Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
+
+impl Addresses {
+    fn new(namespaces: &[(u32, &[&str])]) -> Arc<Self> {
+        let this = Arc::new(Self(std::sync::Mutex::default()));
+        for (netns, addresses) in namespaces {
+            this.set(*netns, addresses);
+        }
+        this
+    }
+
+    fn set(&self, netns: u32, addresses: &[&str]) {
+        let addresses = addresses
+            .iter()
+            .map(|text| text.parse().expect("ip"))
+            .collect();
+        self.0.lock().expect("lock").insert(netns, addresses);
+    }
+}
+
+impl AddressSource for Addresses {
+    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+        self.0.lock().expect("lock").clone()
     }
 }
 
@@ -1128,4 +1177,114 @@ async fn a_close_that_cannot_happen_is_refused() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let (status, body) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// What a load balancer is told about `addr`'s port 8080: `/health` (its status and
+/// `draining`) and the agent-check answer.
+async fn lb_view(state: &Arc<AppState>, addr: &str) -> (StatusCode, serde_json::Value, Reply) {
+    let (status, body) = request_as(
+        state,
+        Caller::Remote,
+        "GET",
+        &format!("/health?port=8080&addr={addr}"),
+    )
+    .await;
+    let line = format!("8080 {addr}\n");
+    let reply = crate::http::agentcheck::reply_for(line.as_bytes(), &state.drains).await;
+    (status, body, reply)
+}
+
+/// Found by an audit: an address held by two namespaces named nobody, so a question about
+/// pod A's address was asked in the node's namespace and missed A's drain (its scope is A's
+/// namespace). A neighbour that gave itself A's address (a local user's `unshare -Urn` with
+/// a dummy interface, a pod with `CAP_NET_ADMIN`) made `/health?port=8080&addr=A` answer
+/// 200 and the agent-check `ready` (which also clears MAINT) while A drained: the load
+/// balancer kept sending to a stopping pod. Now the question is asked in every namespace
+/// holding the address, and any drain there gates it.
+#[tokio::test(start_paused = true)]
+async fn a_neighbour_holding_a_pods_address_does_not_put_the_draining_pod_back() {
+    let addresses = Addresses::new(&[(7, &["10.1.0.7"]), (8, &["10.1.0.8"])]);
+    let (_, state) = app_addressed(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |drains| drains,
+        addresses.clone(),
+    );
+    let a = Caller::Pod { netns: 7 };
+    let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::SERVICE_UNAVAILABLE, Reply::Drain),
+        "{body}"
+    );
+    // Namespace 9 gives itself A's address.
+    addresses.set(9, &["10.1.0.7"]);
+    tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
+    let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::SERVICE_UNAVAILABLE, Reply::Drain),
+        "{body}"
+    );
+    assert_eq!(body["draining"], true, "{body}");
+    // Pod B, and the neighbour's own address, are not in A's drain.
+    addresses.set(9, &["10.1.0.7", "10.1.0.9"]);
+    tokio::time::advance(crate::sys::pod_addresses::MISS_REFRESH).await;
+    for other in ["10.1.0.8", "10.1.0.9"] {
+        let (status, body, reply) = lb_view(&state, other).await;
+        assert_eq!(
+            (status, reply),
+            (StatusCode::OK, Reply::Ready),
+            "{other}: {body}"
+        );
+    }
+    // A's own drain goes on gating after the neighbour leaves.
+    addresses.set(9, &[]);
+    tokio::time::advance(crate::sys::pod_addresses::MISS_REFRESH).await;
+    let (status, _, reply) = lb_view(&state, "10.1.0.7").await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::SERVICE_UNAVAILABLE, Reply::Drain)
+    );
+}
+
+/// Found with the audit above: an address that named pod A and names no namespace now (A's
+/// namespace lost it, or went away, while its drain or the gate after it held) was asked
+/// in the node's namespace: 200 and `ready` while A was stopping. It is still asked in A's
+/// namespace until it names a pod again (or `FORMER_KEPT` passes); a pod it names then is
+/// believed.
+#[tokio::test(start_paused = true)]
+async fn an_address_that_left_a_draining_pod_keeps_it_out_of_rotation() {
+    let addresses = Addresses::new(&[(7, &["10.1.0.7"]), (8, &["10.1.0.8"])]);
+    let (_, state) = app_addressed(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |drains| drains,
+        addresses.clone(),
+    );
+    let a = Caller::Pod { netns: 7 };
+    let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(lb_view(&state, "10.1.0.7").await.2, Reply::Drain);
+    addresses.set(7, &[]);
+    tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
+    let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
+    assert_eq!(
+        (status, reply),
+        (StatusCode::SERVICE_UNAVAILABLE, Reply::Drain),
+        "{body}"
+    );
+    // Given to pod 8 alone: pod 8's question, which A's drain does not cover.
+    addresses.set(8, &["10.1.0.8", "10.1.0.7"]);
+    tokio::time::advance(crate::sys::pod_addresses::MISS_REFRESH).await;
+    let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
+    assert_eq!((status, reply), (StatusCode::OK, Reply::Ready), "{body}");
 }

@@ -129,6 +129,86 @@ pub fn all_namespaces() -> BTreeMap<u32, PathBuf> {
     found
 }
 
+/// Whose user namespace owns a network namespace: whether its addresses may name a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserOwner {
+    /// The agent's own user namespace: the initial one (the agent loads BPF programs, which
+    /// needs capabilities there). Pods with the host's users, `ip netns add`.
+    Initial,
+    /// A user namespace root created: a CRI runtime's for a `hostUsers: false` pod
+    /// (containerd and CRI-O make the pod's network namespace inside the pod's user
+    /// namespace, so that the pod may mount sysfs; they run as root).
+    Root,
+    /// A user namespace another user created (`unshare -U`, a rootless container), or one
+    /// made inside a pod's: that user's uid on the node (the kernel's `owner` of the user
+    /// namespace, the creator's effective uid).
+    User(u32),
+}
+
+/// include/uapi/linux/nsfs.h: `_IO(0xb7, 0x1)`, a new descriptor of the owning user
+/// namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+/// include/uapi/linux/nsfs.h: `_IO(0xb7, 0x4)`, the uid that created a user namespace.
+const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+
+/// Who owns the network namespace open in `namespace` ([`UserOwner`]). Two ioctls and a
+/// `stat`: cheap beside entering it.
+pub fn user_owner(namespace: &File) -> Result<UserOwner> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let own = std::fs::metadata("/proc/self/ns/user")
+        .context("cannot stat the agent's own user namespace")?
+        .ino();
+    // SAFETY: an ioctl without argument on a namespace file we hold open
+    // (fs/nsfs.c ns_ioctl); it touches no memory of ours, and its answer (a new descriptor
+    // or -1) is the return value.
+    let owner = unsafe { libc::ioctl(namespace.as_raw_fd(), NS_GET_USERNS as _) };
+    if owner < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot read the user namespace owning a network namespace");
+    }
+    // SAFETY: `owner` is a descriptor the ioctl just opened for us and nobody else holds.
+    let owner = File::from(unsafe { OwnedFd::from_raw_fd(owner) });
+    if owner
+        .metadata()
+        .context("cannot stat a user namespace")?
+        .ino()
+        == own
+    {
+        return Ok(UserOwner::Initial);
+    }
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID on a user namespace file we hold open writes one uid_t to
+    // the pointer given, which points to `uid`, alive for the call.
+    let done = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_OWNER_UID as _, &raw mut uid) };
+    if done < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("cannot read who created a user namespace");
+    }
+    Ok(if uid == 0 {
+        UserOwner::Root
+    } else {
+        UserOwner::User(uid)
+    })
+}
+
+/// Opens the network namespace `inode` at `path` (a name found earlier, which may name
+/// another one by now: refused then, see [`run_in`]).
+pub fn open_checked(inode: u32, path: &Path) -> Result<File> {
+    let namespace = File::open(path)
+        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
+    let found = namespace
+        .metadata()
+        .with_context(|| format!("cannot stat network namespace {}", path.display()))?
+        .ino();
+    if found != u64::from(inode) {
+        bail!(
+            "{} is network namespace {found} now, not {inode} (its process or name was reused)",
+            path.display()
+        );
+    }
+    Ok(namespace)
+}
+
 /// Runs `work` on a new thread that has joined the network namespace `inode`, at `path`.
 ///
 /// `setns` changes only the calling thread, so the agent's own threads stay where they are.
@@ -142,18 +222,7 @@ pub fn run_in<T: Send + 'static>(
     path: &Path,
     work: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let namespace = File::open(path)
-        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    let found = namespace
-        .metadata()
-        .with_context(|| format!("cannot stat network namespace {}", path.display()))?
-        .ino();
-    if found != u64::from(inode) {
-        bail!(
-            "{} is network namespace {found} now, not {inode} (its process or name was reused)",
-            path.display()
-        );
-    }
+    let namespace = open_checked(inode, path)?;
     run_in_file(namespace, path.display().to_string(), work)
 }
 

@@ -4,10 +4,17 @@
 //!
 //! The map is read from the namespaces themselves (`ifaddrs` on a thread inside each, the
 //! namespaces `netns::all_namespaces` finds), never from what a caller says. Only addresses
-//! that name one namespace are kept: loopback, link-local, unspecified and multicast
+//! that name one namespace name a pod: loopback, link-local, unspecified and multicast
 //! addresses (every namespace has or may have them), the agent's own namespace's addresses
 //! (the node's), and any address found in two namespaces are left out, so they never name a
 //! pod.
+//!
+//! An address found in two namespaces names nobody, but it is not forgotten: a neighbour
+//! that gives itself pod A's address (a pod with `CAP_NET_ADMIN` in its own namespace) must
+//! not take A's drain away from a load balancer asking about A's address. [`Named::Unsure`]
+//! says which namespaces it may be (those that hold it, and the pod it named before if it
+//! named one until lately: [`FORMER_KEPT`]), and the gate answers "draining" when a drain of
+//! any of them covers the question (`drain/gate.rs`, fail closed).
 //!
 //! Reading every namespace costs a thread and a `setns` each (about 0.1 ms), so the map is
 //! read again only when asked and stale: on a miss at most once per [`MISS_REFRESH`] (a
@@ -29,13 +36,44 @@ use crate::{addr::canonical_addr, sys::netns};
 pub const MISS_REFRESH: Duration = Duration::from_secs(1);
 /// A hit older than this is read again before it is believed.
 pub const HIT_REFRESH: Duration = Duration::from_secs(5);
+/// An address that named a pod and names none now (no namespace holds it, or two do) is
+/// still taken as maybe that pod's for this long, unless it names one pod again meanwhile:
+/// longer than a gate is held after a drain (`drain::GATE_HOLD`, 5 minutes), so a pod whose
+/// namespace lost its address (or went away) while draining stays out of rotation.
+pub const FORMER_KEPT: Duration = Duration::from_secs(600);
+/// At most this many such former owners are kept (the most recent): a pod adding and
+/// removing addresses cannot grow the map without bound.
+pub const FORMER_MAX: usize = 16_384;
+
+/// What an address names on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Named {
+    /// Exactly one namespace other than the node's holds it: that pod's.
+    Pod(u32),
+    /// No namespace that could be a pod's holds it, nor did one lately (or it cannot name a
+    /// pod at all: loopback, link-local...): the node's question.
+    Nobody,
+    /// It names no one pod, but may be any of these namespaces' (ascending, no repeats):
+    /// those that hold it (two or more, the node's among them if it holds it) and the pod it
+    /// named until lately ([`FORMER_KEPT`]). A question about it cannot be told apart.
+    Unsure(Vec<u32>),
+}
 
 /// Reads the addresses of every namespace but the agent's own, by inode.
 pub trait AddressSource: Send + Sync + 'static {
     fn read(&self) -> BTreeMap<u32, Vec<IpAddr>>;
 }
 
-/// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each.
+/// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
+/// one root's user namespaces own ([`netns::UserOwner`]).
+///
+/// A network namespace another user's user namespace owns is left out: any local user can
+/// make one (`unshare -Urn`) and give it any address, pod A's included; counted, it made A's
+/// address name nobody (A's calls to the node listener `403`, and before the gate failed
+/// closed, A's `/health?addr=` 200 while A drained). A pod's is never such a namespace: the
+/// CRI runtime (root) makes it, in the initial user namespace or, for a `hostUsers: false`
+/// pod, in a user namespace the runtime creates as root. Rootless containers' namespaces
+/// are left out too: they are no pod of the node's.
 pub struct NamespaceAddresses {
     pub own_netns: u32,
 }
@@ -49,11 +87,24 @@ impl AddressSource for NamespaceAddresses {
             if inode == self.own_netns {
                 continue;
             }
-            match netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses) {
+            let read = netns::open_checked(inode, &path).and_then(|namespace| {
+                match netns::user_owner(&namespace)? {
+                    netns::UserOwner::Initial | netns::UserOwner::Root => {}
+                    netns::UserOwner::User(uid) => anyhow::bail!(
+                        "owned by a user namespace uid {uid} created: its addresses name nobody"
+                    ),
+                }
+                netns::run_in_file(
+                    namespace,
+                    path.display().to_string(),
+                    crate::sys::ifaddrs::local_addresses,
+                )
+            });
+            match read {
                 Ok(addresses) => {
                     found.insert(inode, addresses.into_iter().collect());
                 }
-                // Gone meanwhile, or not enterable: its addresses name nobody.
+                // Gone meanwhile, not enterable, or a user's own: its addresses name nobody.
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
             }
         }
@@ -63,8 +114,34 @@ impl AddressSource for NamespaceAddresses {
 
 #[derive(Default)]
 struct Snapshot {
+    /// Addresses of exactly one namespace, not the node's.
     owners: HashMap<IpAddr, u32>,
+    /// Addresses of two or more namespaces: all of them.
+    shared: HashMap<IpAddr, Vec<u32>>,
+    /// Addresses that named a pod and name none now: that pod, and since when.
+    former: HashMap<IpAddr, (u32, Instant)>,
     read_at: Option<Instant>,
+}
+
+impl Snapshot {
+    fn named(&self, addr: IpAddr, now: Instant) -> Named {
+        if let Some(&netns) = self.owners.get(&addr) {
+            return Named::Pod(netns);
+        }
+        let mut maybe = self.shared.get(&addr).cloned().unwrap_or_default();
+        if let Some(&(netns, since)) = self.former.get(&addr)
+            && now.saturating_duration_since(since) < FORMER_KEPT
+        {
+            maybe.push(netns);
+        }
+        maybe.sort_unstable();
+        maybe.dedup();
+        if maybe.is_empty() {
+            Named::Nobody
+        } else {
+            Named::Unsure(maybe)
+        }
+    }
 }
 
 /// Address → the one pod namespace that has it.
@@ -91,31 +168,70 @@ fn may_name_a_pod(addr: IpAddr) -> bool {
     }
 }
 
-/// The owners: addresses of exactly one namespace other than `own`, and not of `own`.
-fn owners_of(own: u32, read: &BTreeMap<u32, Vec<IpAddr>>) -> HashMap<IpAddr, u32> {
-    let mut seen: HashMap<IpAddr, Option<u32>> = HashMap::new();
+/// Who holds what: addresses of exactly one namespace other than `own` (and not of `own`),
+/// and addresses of two or more namespaces with all of them.
+fn holders_of(
+    own: u32,
+    read: &BTreeMap<u32, Vec<IpAddr>>,
+) -> (HashMap<IpAddr, u32>, HashMap<IpAddr, Vec<u32>>) {
+    let mut seen: HashMap<IpAddr, Vec<u32>> = HashMap::new();
     for (&inode, addresses) in read {
         for &addr in addresses {
             let addr = canonical_addr(addr);
             if !may_name_a_pod(addr) {
                 continue;
             }
-            seen.entry(addr)
-                .and_modify(|owner| {
-                    if *owner != Some(inode) {
-                        *owner = None;
-                    }
-                })
-                .or_insert(Some(inode));
+            let holders = seen.entry(addr).or_default();
+            // The map is walked by inode, in order: a repeat is the same namespace.
+            if holders.last() != Some(&inode) {
+                holders.push(inode);
+            }
         }
     }
-    seen.into_iter()
-        .filter_map(|(addr, owner)| {
-            owner
-                .filter(|&inode| inode != own)
-                .map(|inode| (addr, inode))
+    let mut owners = HashMap::new();
+    let mut shared = HashMap::new();
+    for (addr, holders) in seen {
+        match holders.as_slice() {
+            [inode] if *inode != own => {
+                owners.insert(addr, *inode);
+            }
+            [_] => {}
+            _ => {
+                shared.insert(addr, holders);
+            }
+        }
+    }
+    (owners, shared)
+}
+
+/// The former owners after a read: `before`'s, and every address that named a pod
+/// (`owned_before`) and names none now (it named another pod: that one is believed). Those
+/// named again, or older than [`FORMER_KEPT`], go; past [`FORMER_MAX`] the oldest go.
+fn former_after(
+    before: &HashMap<IpAddr, (u32, Instant)>,
+    owned_before: &HashMap<IpAddr, u32>,
+    owners: &HashMap<IpAddr, u32>,
+    now: Instant,
+) -> HashMap<IpAddr, (u32, Instant)> {
+    let mut former: HashMap<IpAddr, (u32, Instant)> = before
+        .iter()
+        .filter(|(addr, (_, since))| {
+            !owners.contains_key(addr) && now.saturating_duration_since(*since) < FORMER_KEPT
         })
-        .collect()
+        .map(|(&addr, &kept)| (addr, kept))
+        .collect();
+    for (&addr, &netns) in owned_before {
+        if !owners.contains_key(&addr) {
+            former.insert(addr, (netns, now));
+        }
+    }
+    if former.len() > FORMER_MAX {
+        let mut newest: Vec<(IpAddr, (u32, Instant))> = former.into_iter().collect();
+        newest.sort_unstable_by_key(|&(_, (_, since))| std::cmp::Reverse(since));
+        newest.truncate(FORMER_MAX);
+        former = newest.into_iter().collect();
+    }
+    former
 }
 
 impl PodAddresses {
@@ -133,22 +249,30 @@ impl PodAddresses {
         self.own_netns
     }
 
-    /// The pod namespace that has `addr`, if exactly one does.
+    /// The pod namespace that has `addr`, if exactly one does: who a caller from it is.
     pub async fn owner(&self, addr: IpAddr) -> Option<u32> {
+        match self.named(addr).await {
+            Named::Pod(netns) => Some(netns),
+            Named::Nobody | Named::Unsure(_) => None,
+        }
+    }
+
+    /// What `addr` names: which namespace a gate question about it is about.
+    pub async fn named(&self, addr: IpAddr) -> Named {
         let addr = canonical_addr(addr);
         if !may_name_a_pod(addr) {
-            return None;
+            return Named::Nobody;
         }
         let now = Instant::now();
         let (found, read_at) = {
             let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-            (snapshot.owners.get(&addr).copied(), snapshot.read_at)
+            (snapshot.named(addr, now), snapshot.read_at)
         };
         let age = read_at.map(|at| now.saturating_duration_since(at));
-        let stale = match (found, age) {
+        let stale = match (&found, age) {
             (_, None) => true,
-            (Some(_), Some(age)) => age >= HIT_REFRESH,
-            (None, Some(age)) => age >= MISS_REFRESH,
+            (Named::Pod(_), Some(age)) => age >= HIT_REFRESH,
+            (Named::Nobody | Named::Unsure(_), Some(age)) => age >= MISS_REFRESH,
         };
         if !stale {
             return found;
@@ -157,9 +281,7 @@ impl PodAddresses {
         self.snapshot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .owners
-            .get(&addr)
-            .copied()
+            .named(addr, Instant::now())
     }
 
     /// Reads the namespaces again, unless another caller did since `seen`.
@@ -177,10 +299,20 @@ impl PodAddresses {
         let read = tokio::task::spawn_blocking(move || source.read())
             .await
             .unwrap_or_default();
-        let owners = owners_of(self.own_netns, &read);
+        let (owners, shared) = holders_of(self.own_netns, &read);
+        let now = Instant::now();
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        for (addr, holders) in &shared {
+            if !snapshot.shared.contains_key(addr) {
+                log::warn!(
+                    "address {addr} is held by network namespaces {holders:?}: it names no pod (a caller from it is remote), and /health or agent-check asking about it answers draining if a drain covers it in any of them"
+                );
+            }
+        }
+        snapshot.former = former_after(&snapshot.former, &snapshot.owners, &owners, now);
         snapshot.owners = owners;
-        snapshot.read_at = Some(Instant::now());
+        snapshot.shared = shared;
+        snapshot.read_at = Some(now);
     }
 }
 
@@ -225,7 +357,7 @@ mod tests {
             ),
             (9, vec![ip("192.168.5.1")]),
         ]);
-        let owners = owners_of(1, &read);
+        let (owners, _) = holders_of(1, &read);
         assert_eq!(owners.get(&ip("10.1.0.7")), Some(&7));
         assert_eq!(owners.get(&ip("10.1.0.8")), Some(&8));
         assert_eq!(owners.get(&ip("10.1.0.80")), Some(&8), "mapped form folded");
@@ -275,5 +407,203 @@ mod tests {
         let reads = fake.reads.load(Ordering::Relaxed);
         assert_eq!(pods.owner(ip("127.0.0.1")).await, None);
         assert_eq!(fake.reads.load(Ordering::Relaxed), reads);
+    }
+
+    /// An address of two namespaces, or one that left the pod it named, names no pod: it
+    /// may be any of them (the gate asks in each). The one it named is kept for
+    /// `FORMER_KEPT`, and forgotten at once when it names a pod again.
+    #[tokio::test(start_paused = true)]
+    async fn an_address_that_names_no_one_pod_says_which_it_may_be() {
+        let fake = Arc::new(Fake {
+            map: Mutex::new(BTreeMap::from([
+                (1, vec![ip("10.0.0.1")]),
+                (7, vec![ip("10.1.0.7")]),
+            ])),
+            reads: AtomicUsize::new(0),
+        });
+        let set = |netns: u32, addresses: &[&str]| {
+            fake.map
+                .lock()
+                .expect("lock")
+                .insert(netns, addresses.iter().map(|text| ip(text)).collect());
+        };
+        let pods = PodAddresses::new(1, fake.clone());
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(7));
+        assert_eq!(
+            pods.named(ip("10.0.0.1")).await,
+            Named::Nobody,
+            "the node's"
+        );
+        assert_eq!(pods.named(ip("127.0.0.1")).await, Named::Nobody);
+        // A neighbour takes A's address, and the node's.
+        set(9, &["10.1.0.7", "10.0.0.1"]);
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Unsure(vec![7, 9]));
+        assert_eq!(pods.owner(ip("10.1.0.7")).await, None, "a caller from it");
+        assert_eq!(pods.named(ip("10.0.0.1")).await, Named::Unsure(vec![1, 9]));
+        // The neighbour lets go: A's again.
+        set(9, &[]);
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(7));
+        // A loses it and nobody has it: A's still, until FORMER_KEPT.
+        set(7, &[]);
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Unsure(vec![7]));
+        assert_eq!(pods.owner(ip("10.1.0.7")).await, None, "a caller from it");
+        tokio::time::advance(FORMER_KEPT).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Nobody);
+        // Named again, then moved to another pod: the new one is believed, nothing kept.
+        set(7, &["10.1.0.7"]);
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(7));
+        set(7, &[]);
+        set(8, &["10.1.0.7"]);
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(8));
+        set(8, &[]);
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Unsure(vec![8]));
+        // A neighbour that held it beside the pod that had it is believed once it alone
+        // does (that pod let it go, as a stopped pod's address goes to a new pod).
+        set(8, &["10.1.0.7"]);
+        set(9, &["10.1.0.7"]);
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Unsure(vec![8, 9]));
+        set(8, &[]);
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(9));
+    }
+
+    #[test]
+    fn former_owners_are_bounded_oldest_first() {
+        let start = Instant::now();
+        let mut before = HashMap::new();
+        for n in 0..FORMER_MAX as u32 {
+            before.insert(
+                IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)),
+                (7, start),
+            );
+        }
+        let later = start + Duration::from_secs(1);
+        let owned_before = HashMap::from([(ip("10.200.0.1"), 8)]);
+        let former = former_after(&before, &owned_before, &HashMap::new(), later);
+        assert_eq!(former.len(), FORMER_MAX);
+        assert_eq!(
+            former.get(&ip("10.200.0.1")),
+            Some(&(8, later)),
+            "the newest is kept"
+        );
+    }
+
+    /// A network namespace held for a test by a child (`unshare`, as `uid` when given, with
+    /// a user namespace of its own when `own_users`) that has `addr` on its loopback; the
+    /// child is killed, and the namespace goes, on drop.
+    struct Held {
+        child: std::process::Child,
+        inode: u32,
+    }
+
+    impl Held {
+        fn new(uid: Option<u32>, own_users: bool, addr: &str) -> Self {
+            use std::io::BufRead as _;
+            let mut command = match uid {
+                Some(uid) => {
+                    let mut command = std::process::Command::new("setpriv");
+                    let uid = uid.to_string();
+                    command.args([
+                        "--reuid",
+                        &uid,
+                        "--regid",
+                        &uid,
+                        "--clear-groups",
+                        "unshare",
+                    ]);
+                    command
+                }
+                None => std::process::Command::new("unshare"),
+            };
+            let script = format!("ip addr add {addr}/32 dev lo && echo ready && exec sleep 600");
+            command
+                .arg(if own_users { "-Urn" } else { "-n" })
+                .args(["sh", "-c", &script])
+                .stdout(std::process::Stdio::piped());
+            let mut child = command.spawn().expect("unshare");
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read");
+            assert_eq!(line.trim(), "ready", "the namespace was not made");
+            let path = format!("/proc/{}/ns/net", child.id());
+            let inode = netns::inode_of(std::path::Path::new(&path)).expect("its netns");
+            Self { child, inode }
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// An address of this test's own (so that other tests' namespaces never hold it).
+    fn test_addr(net: u8) -> String {
+        let pid = std::process::id();
+        format!("198.{net}.{}.{}", (pid >> 8) & 0xff, pid & 0xff)
+    }
+
+    /// Found by an audit: any local user could make a network namespace of its own
+    /// (`unshare -Urn`) and give it pod A's address, and the agent read every namespace in
+    /// /proc: A's address, held twice, named nobody (A's calls to the node listener `403`,
+    /// A's `/health?addr=` asked in the node's namespace). A namespace a user's own user
+    /// namespace owns names nothing now; a pod's (root's user namespaces, whether the
+    /// initial one or a `hostUsers: false` pod's that the runtime makes as root) still does.
+    #[tokio::test]
+    #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    async fn a_users_own_namespace_does_not_take_a_pods_address() {
+        let (a, hidden) = (test_addr(18), test_addr(19));
+        let pod = Held::new(None, false, &a);
+        let user_namespaced_pod = Held::new(None, true, &hidden);
+        let neighbour = Held::new(Some(65534), true, &a);
+        let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
+        let pods = PodAddresses::new(own, Arc::new(NamespaceAddresses { own_netns: own }));
+        assert_eq!(pods.owner(ip(&a)).await, Some(pod.inode), "pod A's address");
+        assert_eq!(
+            pods.owner(ip(&hidden)).await,
+            Some(user_namespaced_pod.inode),
+            "a hostUsers: false pod's"
+        );
+        drop(neighbour);
+    }
+
+    /// Who owns each kind of namespace, as the rule above reads it.
+    #[test]
+    #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    fn a_namespace_is_told_by_who_made_its_user_namespace() {
+        let open = |held: &Held| {
+            std::fs::File::open(format!("/proc/{}/ns/net", held.child.id())).expect("open")
+        };
+        let own = std::fs::File::open("/proc/self/ns/net").expect("own");
+        assert_eq!(
+            netns::user_owner(&own).expect("own"),
+            netns::UserOwner::Initial
+        );
+        let cases = [
+            (
+                Held::new(None, false, &test_addr(18)),
+                netns::UserOwner::Initial,
+            ),
+            (
+                Held::new(None, true, &test_addr(18)),
+                netns::UserOwner::Root,
+            ),
+            (
+                Held::new(Some(65534), true, &test_addr(18)),
+                netns::UserOwner::User(65534),
+            ),
+        ];
+        for (held, expected) in &cases {
+            assert_eq!(netns::user_owner(&open(held)).expect("owner"), *expected);
+        }
     }
 }
