@@ -109,8 +109,9 @@ impl Drains {
         }
     }
 
-    /// Whether what is asked is out of rotation: a drain that covers it is in progress, or
-    /// one ended and no new instance listens yet. What `/health?port=P` and the agent-check
+    /// Whether what is asked is out of rotation: a drain that covers it is in progress (or
+    /// the agent's stop ended it: until the process exits), or one ended and no new
+    /// instance listens yet. What `/health?port=P` and the agent-check
     /// answer: a load balancer must not send to a service that drained and is stopping. A
     /// drain of one scope never gates another (see [`Asked::covered_by`]). Beside the agent
     /// writing the state file (an upgrade's overlap), what that agent's file says is out of
@@ -118,6 +119,7 @@ impl Drains {
     pub fn gated(&self, asked: &Asked) -> bool {
         if lock(&self.running)
             .keys()
+            .chain(lock(&self.interrupted).iter())
             .any(|scope| asked.covered_by(scope))
         {
             return true;

@@ -1014,3 +1014,33 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     drop(membership);
     take_over.abort();
 }
+
+/// Audit (agent stop): once the grace of a stop ended (`Tracker::begin_shutdown`), every
+/// drain in progress ends `agent_shutdown` (kept on disk, to resume at the next start) and
+/// left the registry, and `agent_shutdown` holds no gate: the agent-check, which answers
+/// until the process exits, said `ready` for the scope mid-drain and HAProxy put the server
+/// back in rotation for the last seconds of every restart. Now such a scope stays out of
+/// rotation until the process exits.
+#[tokio::test(start_paused = true)]
+async fn a_drain_the_agents_stop_ended_keeps_its_scope_out_of_rotation() {
+    let (_, tracker, drains) = registry(2);
+    drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert!(drains.gated(&node(8080)));
+    tracker.begin_shutdown();
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::AgentShutdown));
+    assert!(drains.list().0.is_empty(), "no drain in progress any more");
+    assert!(
+        drains.gated(&node(8080)),
+        "a drain the stop interrupted: still out of rotation"
+    );
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&drains));
+    assert!(gate.draining(8080, None).await, "the agent-check's answer");
+    assert!(!drains.gated(&node(8081)), "another scope");
+}
