@@ -294,6 +294,11 @@ pub struct Drains {
     /// Beside the writer: what its state file says is out of rotation, as last read
     /// ([`Drains::writers_gate`]).
     writer_view: Mutex<saved::WriterView>,
+    /// The writer, beside an agent started for an upgrade: what that agent's
+    /// `drains.next.json` says is out of rotation, as last read ([`Drains::beside_gate`]),
+    /// and the look at it, one at a time ([`Drains::look_beside`]).
+    beside_view: Mutex<saved::WriterView>,
+    beside_looking: tokio::sync::Mutex<()>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -341,6 +346,8 @@ impl Drains {
             overlap: Mutex::new(None),
             folding: tokio::sync::Mutex::new(()),
             writer_view: Mutex::new(saved::WriterView::default()),
+            beside_view: Mutex::new(saved::WriterView::default()),
+            beside_looking: tokio::sync::Mutex::new(()),
         }
     }
 
