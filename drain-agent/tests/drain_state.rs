@@ -431,6 +431,63 @@ fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overl
     assert_eq!(health(&new, held), 200, "after the old agent's DELETE");
 }
 
+/// Audit (upgrade overlap), the other way round: the old agent (the state file's writer)
+/// answers `/health` (and the agent-check) from what the new agent keeps in
+/// `drains.next.json` too: a drain POSTed to the new agent (a pod's preStop hook reaching
+/// it by the listeners' hash), or the gate its end holds, is "draining" on both. Before, the
+/// old agent answered 200 for such a scope from its own state: with the questions on the
+/// node's address spread over both agents, a load balancer flapped. A `DELETE` sent to the
+/// new agent puts the scope back on both.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_old_agent_answers_health_from_what_the_new_one_was_asked_during_the_overlap() {
+    if !kernel_available(
+        "the_old_agent_answers_health_from_what_the_new_one_was_asked_during_the_overlap",
+    ) {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-old-health-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "0s"]);
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (busy, _held) = busy_servers(1);
+    let idle = Server::start("127.0.0.1:0");
+    let (draining, held) = (busy[0].port, idle.port);
+    assert_eq!(health(&old, draining), 200);
+    assert_eq!(health(&old, held), 200);
+    // Asked of the new agent only.
+    post_drain(&new, draining);
+    post_drain(&new, held);
+    common::wait_until(
+        "the idle port's drain ends and holds its gate",
+        Duration::from_secs(10),
+        || {
+            in_progress(&new)
+                .iter()
+                .all(|(_, port, _)| *port != u64::from(held))
+        },
+    );
+    assert!(state.path().join("drains.next.json").exists());
+    assert_eq!(
+        health(&old, draining),
+        503,
+        "the old agent answers for a scope the new agent drains"
+    );
+    assert_eq!(
+        health(&old, held),
+        503,
+        "the old agent answers for a scope the new agent holds after its drain"
+    );
+    assert!(
+        in_progress(&old).is_empty(),
+        "the old agent runs nothing of the new one's"
+    );
+    // A cancel sent to the new agent puts the scopes back on the old one too.
+    assert_eq!(delete_drain(&new, draining), 200);
+    assert_eq!(delete_drain(&new, held), 404);
+    assert_eq!(health(&old, draining), 200, "after the new agent's DELETE");
+    assert_eq!(health(&old, held), 200, "after the new agent's DELETE");
+}
+
 /// A cancel during an upgrade's overlap holds, whichever agent it was sent to, for drains
 /// and for the `/health` gates held after them. The new agent restores the old one's drains
 /// and gates at its start; before, (a) a `DELETE` sent to the old agent left the new one's

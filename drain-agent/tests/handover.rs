@@ -406,6 +406,62 @@ fn sigterm_answers_fifty_long_waiters_after_the_grace() {
     );
 }
 
+/// Audit (stop): the agent-check listener (`--agent-check-listen`) closes at SIGTERM, with
+/// the other listeners, so HAProxy's checks reach the next agent (or, at a restart, find
+/// none and change nothing). Before, it answered through the whole grace (10 min in the
+/// DaemonSet) and the stop after it, from this agent's state alone: `ready` for a drain
+/// POSTed to the next agent, and, once the grace ended every drain `agent_shutdown`,
+/// `ready` for the drains still in progress.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_agent_check_listener_closes_at_sigterm() {
+    if !kernel_available("the_agent_check_listener_closes_at_sigterm") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let service = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", service)).expect("connect");
+    server.wait_accepted(1);
+    let check = free_port();
+    let check_listen = format!("127.0.0.1:{check}");
+    let mut agent = Agent::start(&[
+        "--shutdown-grace",
+        "5s",
+        "--agent-check-listen",
+        &check_listen,
+    ]);
+    agent.expect_active(service, 1);
+    let ask = || -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(node(check))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        writeln!(stream, "{service}")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    assert_eq!(ask().expect("a check while serving"), "ready\n");
+    // A waiter keeps the agent in its grace after SIGTERM.
+    let port = agent.port;
+    let waiter = thread::spawn(move || {
+        single_shot(
+            None,
+            node(port),
+            &format!("/drained?port={service}&timeout=10m"),
+        )
+    });
+    agent.wait_for_waiters(1);
+    sigterm(&agent);
+    wait_until(
+        "the agent-check listener closed at SIGTERM",
+        Duration::from_secs(3),
+        || ask().is_err(),
+    );
+    assert!(!waiter.is_finished(), "still in the grace");
+    let answer = waiter.join().expect("waiter").expect("answered");
+    assert_eq!(answer.body["reason"], "agent_shutdown", "{answer:?}");
+    assert!(agent.stop().success());
+}
+
 /// Connections queued in the old agent's accept queue when its listener closes are served
 /// by the new agent (the migrate program, kernel/reuseport.rs): the old agent is stopped
 /// (SIGSTOP) so that it accepts nothing, connections are opened and their requests sent

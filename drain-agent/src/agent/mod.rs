@@ -27,7 +27,8 @@ use crate::{
 
 /// How long the drains in progress get to write their records once the waiters are answered.
 pub const DRAIN_RECORDS_WAIT: Duration = Duration::from_secs(2);
-/// How long the agent-check listener (`--agent-check-listen`) gets to stop.
+/// How long the exit waits for the agent-check listener (`--agent-check-listen`, closed at
+/// SIGTERM) to end its last checks.
 pub const AGENT_CHECK_STOP_WAIT: Duration = Duration::from_secs(2);
 /// How long the exit waits for work on blocking threads, once for a walk holding the
 /// kernel's lock and once more for the runtime's blocking pool.
@@ -264,8 +265,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         async move { drains.take_over_state().await }
     });
     metrics.register_drains(Arc::clone(&drains))?;
-    // HAProxy's agent-check: bound before serving, so a conflict fails the start.
-    let (agent_check_stop, agent_check_stopped) = tokio::sync::watch::channel(false);
+    // The stop, in phases (handover.rs): SIGTERM closes the listeners (the next agent takes
+    // new and queued connections) and the waiters get their usual answers for up to
+    // --shutdown-grace; then the rest are answered `agent_shutdown`.
+    let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
+    // HAProxy's agent-check: bound before serving, so a conflict fails the start. It closes
+    // at SIGTERM with the other listeners: an agent that stops answers from a state about to
+    // be handed over (its drains end `agent_shutdown` at the grace's end), and a check it
+    // does not take reaches the next agent, or finds none and changes nothing in HAProxy.
     let agent_check_task = match args.agent_check_listen {
         Some(address) => {
             let listener = handover.bind_node(address, "--agent-check-listen").await?;
@@ -274,7 +281,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Some(crate::http::agentcheck::spawn(
                 listener,
                 gate,
-                agent_check_stopped,
+                reached(phases.clone(), StopPhase::HandingOver),
             ))
         }
         None => None,
@@ -301,10 +308,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokens,
     };
     info!("serving on http://{address} (attached with {attach})");
-    // The stop, in phases (handover.rs): SIGTERM closes the listeners (the next agent takes
-    // new and queued connections) and the waiters get their usual answers for up to
-    // --shutdown-grace; then the rest are answered `agent_shutdown`.
-    let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
     let stopper = tokio::spawn(process::stop_in_phases(
         process::StopSignals::install(),
         phase,
@@ -388,7 +391,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     served?;
     // Drains in progress ended with the shutdown: let them write their records.
     drains.wait_all_ended(DRAIN_RECORDS_WAIT).await;
-    agent_check_stop.send_replace(true);
+    // Closed at SIGTERM (or when the phases' sender went with a failed server): its last
+    // connections are bounded.
     if let Some(task) = agent_check_task {
         let _ = tokio::time::timeout(AGENT_CHECK_STOP_WAIT, task).await;
     }

@@ -255,6 +255,7 @@ pub struct RunArgs {
 
     /// Serve HAProxy's agent-check protocol on this address: `drain` for a port being
     /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).
+    /// Closed at SIGTERM with the other listeners (the next agent answers).
     #[arg(long, env = "DRAIN_AGENT_AGENT_CHECK_LISTEN")]
     pub agent_check_listen: Option<SocketAddr>,
 

@@ -97,8 +97,8 @@ pub trait PortGate: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
 }
 
-/// On the shared registry: a gone agent's `drains.next.json` is folded in before the
-/// answer ([`Drains::catch_up`]).
+/// On the shared registry: a gone agent's `drains.next.json` is folded in, and a running
+/// one's looked at, before the answer ([`Drains::catch_up`]).
 impl PortGate for Arc<Drains> {
     fn draining(
         &self,
@@ -159,15 +159,19 @@ impl Drains {
         question.each().any(|asked| self.gated(&asked))
     }
 
-    /// Whether what is asked is out of rotation: a drain that covers it is in progress, or
-    /// one ended and no new instance listens yet. What `/health?port=P` and the agent-check
+    /// Whether what is asked is out of rotation: a drain that covers it is in progress (or
+    /// the agent's stop ended it: until the process exits), or one ended and no new
+    /// instance listens yet. What `/health?port=P` and the agent-check
     /// answer: a load balancer must not send to a service that drained and is stopping. A
     /// drain of one scope never gates another (see [`Asked::covered_by`]). Beside the agent
     /// writing the state file (an upgrade's overlap), what that agent's file says is out of
-    /// rotation counts too ([`Drains::writers_gate`]).
+    /// rotation counts too ([`Drains::writers_gate`]); for that writer, what the agent
+    /// beside it keeps in `drains.next.json`, as the last [`Drains::catch_up`] read it
+    /// ([`Drains::beside_gate`]).
     pub fn gated(&self, asked: &Asked) -> bool {
         if lock(&self.running)
             .keys()
+            .chain(lock(&self.interrupted).iter())
             .any(|scope| asked.covered_by(scope))
         {
             return true;
@@ -197,8 +201,9 @@ impl Drains {
             !reopen
         });
         drop(held);
-        // Beside the writer (an upgrade's overlap): what was POSTed to it meanwhile.
-        gated || self.writers_gate(asked)
+        // An upgrade's overlap: beside the writer, what was POSTed to it meanwhile; the
+        // writer, what was POSTed to the agent beside it.
+        gated || self.writers_gate(asked) || self.beside_gate(asked)
     }
 
     /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).

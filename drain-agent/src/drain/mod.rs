@@ -21,7 +21,7 @@ mod untrusted_path;
 pub mod waiter;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -74,8 +74,10 @@ impl DrainEnd {
         }
     }
 
-    /// Whether the scope stays out of rotation after this end: a drain that ran its course
-    /// precedes a stop; a cancelled, abandoned or interrupted one does not.
+    /// Whether the scope stays out of rotation after this end (for [`GATE_HOLD`], across a
+    /// restart): a drain that ran its course precedes a stop; a cancelled, abandoned or
+    /// interrupted one does not. An interrupted one stays out of rotation until the
+    /// stopping agent exits (`Drains::gated`), and resumes at the next start.
     pub const fn holds_the_gate(self) -> bool {
         matches!(self, Self::Drained | Self::Timeout | Self::ClosedAtDeadline)
     }
@@ -265,6 +267,12 @@ pub struct Drains {
     /// Scopes whose drain ended and that stay out of rotation (see [`GATE_HOLD`],
     /// [`HELD_MAX`]).
     held: Mutex<HashMap<Filter, Held>>,
+    /// Scopes whose drain the agent's stop ended (`agent_shutdown`): out of rotation until
+    /// the process exits. The drain is kept on disk and resumes at the next start; what this
+    /// agent still answers until then (a `/health` on a connection open since before the
+    /// stop) must not put the scope back in rotation mid-drain. Never more than the drains in
+    /// progress at the stop.
+    interrupted: Mutex<HashSet<Filter>>,
     /// Which namespace an address asked about belongs to (`None` in unit tests: the node).
     pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
     /// Drains in progress at most (`--max-waiters`).
@@ -286,6 +294,11 @@ pub struct Drains {
     /// Beside the writer: what its state file says is out of rotation, as last read
     /// ([`Drains::writers_gate`]).
     writer_view: Mutex<saved::WriterView>,
+    /// The writer, beside an agent started for an upgrade: what that agent's
+    /// `drains.next.json` says is out of rotation, as last read ([`Drains::beside_gate`]),
+    /// and the look at it, one at a time ([`Drains::look_beside`]).
+    beside_view: Mutex<saved::WriterView>,
+    beside_looking: tokio::sync::Mutex<()>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -322,6 +335,7 @@ impl Drains {
             next_id: AtomicU64::new(next_id),
             running: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            interrupted: Mutex::new(HashSet::new()),
             pods,
             max_running,
             running_per_owner: owner::RUNNING_PER_OWNER,
@@ -332,6 +346,8 @@ impl Drains {
             overlap: Mutex::new(None),
             folding: tokio::sync::Mutex::new(()),
             writer_view: Mutex::new(saved::WriterView::default()),
+            beside_view: Mutex::new(saved::WriterView::default()),
+            beside_looking: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -279,6 +279,11 @@ impl Drains {
                 },
             );
         }
+        if record.result == Some(DrainEnd::AgentShutdown) {
+            // Still draining as far as the load balancer is concerned: the stop ended the
+            // wait, not the drain (it resumes at the next start).
+            lock(&self.interrupted).insert(filter.clone());
+        }
         {
             // Only if the scope's drain is still this one: a drain restored for the scope
             // meanwhile (an upgrade's take-over, `Drains::restore_saved`) stays.

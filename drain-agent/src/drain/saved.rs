@@ -18,7 +18,7 @@ use crate::{
         lock,
         owner::Owner,
         registry::{Running, scope_text},
-        state_file::{Role, Stamp, StateFile, Written},
+        state_file::{NEXT_FILE_NAME, Role, Stamp, StateFile, Which, Written},
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
@@ -405,25 +405,36 @@ impl Drains {
     /// to the gone agent in rotation, a `DELETE` of that drain answered 404 and undone by the
     /// fold-in, a hook's `/drained` starting a drain without the POSTed settings.
     ///
-    /// Costs one `stat` when there is no such file, which is always outside an upgrade.
+    /// The writer also looks at the `drains.next.json` of an agent beside it that runs (an
+    /// upgrade's overlap): what that agent keeps out of rotation is out of rotation in this
+    /// one's answers too ([`Drains::look_beside`], [`Drains::beside_gate`]).
+    ///
+    /// Costs one `lstat`, on a blocking thread, when there is no such file, which is always
+    /// outside an upgrade.
     pub async fn catch_up(self: &Arc<Self>) {
-        if let Some(file) = &self.state
-            && file.is_writer()
-            && file.next_is_there()
-        {
-            // Said by the periodic check, every 2 s, not at every request.
-            if let Err(problem) = self.fold_in_orphan(file).await {
-                log::debug!("{problem:#}");
+        let Some(file) = &self.state else {
+            return;
+        };
+        if !file.is_writer() || !self.look_beside(file).await {
+            return;
+        }
+        match self.fold_in_orphan(file).await {
+            // Folded in: what it kept is this agent's own now, and the file gone.
+            Ok(true) => {
+                self.look_beside(file).await;
             }
+            Ok(false) => {}
+            // Said by the periodic check, every 2 s, not at every request.
+            Err(problem) => log::debug!("{problem:#}"),
         }
     }
 
-    /// One look for a `drains.next.json` whose agent has gone, folded in if there is one.
-    /// An error: its lock could not be tried (nothing folded in, nothing changed).
-    async fn fold_in_orphan(self: &Arc<Self>, file: &StateFile) -> anyhow::Result<()> {
+    /// One look for a `drains.next.json` whose agent has gone, folded in if there is one
+    /// (true). An error: its lock could not be tried (nothing folded in, nothing changed).
+    async fn fold_in_orphan(self: &Arc<Self>, file: &StateFile) -> anyhow::Result<bool> {
         let _one_at_a_time = self.folding.lock().await;
         if !file.take_orphaned_next()? {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(left) = file.read_next::<SavedDrains>() {
             log::info!(
@@ -434,7 +445,7 @@ impl Drains {
             self.save().await;
         }
         self.retire_next(file);
-        Ok(())
+        Ok(true)
     }
 
     /// A gone agent's `drains.next.json`, into this writer's state (see
@@ -671,13 +682,15 @@ impl Drains {
     }
 }
 
-/// How old a read of the writer's file may be before it is read again even though its
+/// How old a read of another agent's file may be before it is read again even though its
 /// [`Stamp`] is the same (a freed inode reused by the next write, within the file system's
 /// timestamp granularity, with the same size): at most one read a second for that.
 const WRITER_VIEW_FRESH: Duration = Duration::from_secs(1);
 
-/// What the writer's state file says is out of rotation, as this agent last read it (the
-/// agent beside the writer, during an upgrade's overlap: [`Drains::writers_gate`]).
+/// What another agent's file says is out of rotation, as this agent last read it: the
+/// writer's state file beside it (an upgrade's overlap: [`Drains::writers_gate`]), or, for
+/// the writer, the `drains.next.json` of the agent started beside it
+/// ([`Drains::beside_gate`]).
 #[derive(Default)]
 pub(super) struct WriterView {
     /// The file last read, and when; `None`: never read.
@@ -685,7 +698,7 @@ pub(super) struct WriterView {
     seen: Seen,
 }
 
-/// The writer's file as last read.
+/// The other agent's file as last read.
 #[derive(Default)]
 enum Seen {
     /// No file: nothing there is out of rotation.
@@ -698,6 +711,59 @@ enum Seen {
     },
     /// It could not be read: whether a scope is out of rotation there cannot be vouched for.
     Unreadable,
+}
+
+/// What one look at the other agent's file found (the file I/O of [`WriterView::refresh`],
+/// done without the view's lock).
+enum Looked {
+    /// The same file as the last read, which is fresh: nothing to read.
+    Same,
+    /// No file.
+    Nothing(tokio::time::Instant),
+    Read(Stamp, SavedDrains, tokio::time::Instant),
+    Unreadable(Option<Stamp>, anyhow::Error, tokio::time::Instant),
+}
+
+/// What a [`Seen`] says of a question.
+enum Verdict {
+    /// Out of rotation.
+    Gated,
+    /// Out of rotation if one of these gates (scope, listeners when its drain ended) is not
+    /// reopened by a new listener.
+    Holds(Vec<(Filter, HashSet<u64>)>),
+}
+
+impl Seen {
+    /// Whether the file says `asked` is out of rotation: a drain of it in progress (other
+    /// than those `ended` says ended here), or a gate held after one (other than those
+    /// `released` says were released here). An unreadable file gates every question.
+    fn verdict(
+        &self,
+        asked: &Asked,
+        ended: impl Fn(&DrainIdentity) -> bool,
+        released: impl Fn(&SavedHold) -> bool,
+    ) -> Verdict {
+        match self {
+            Self::Nothing => Verdict::Holds(Vec::new()),
+            Self::Unreadable => Verdict::Gated,
+            Self::Read { drains, held } => {
+                if drains
+                    .iter()
+                    .any(|drain| asked.covered_by(&drain.scope()) && !ended(drain))
+                {
+                    return Verdict::Gated;
+                }
+                let now_ms = unix_ms();
+                Verdict::Holds(
+                    held.iter()
+                        .filter(|hold| hold.until_ms > now_ms && asked.covered_by(&hold.scope()))
+                        .filter(|hold| !released(hold))
+                        .map(|hold| (hold.scope(), hold.listeners.iter().copied().collect()))
+                        .collect(),
+                )
+            }
+        }
+    }
 }
 
 impl Drains {
@@ -725,79 +791,136 @@ impl Drains {
             // in this agent's own drains and gates.
             None => return false,
         };
-        let holds: Vec<(Filter, HashSet<u64>)> = {
+        let verdict = {
             let mut view = lock(&self.writer_view);
-            view.refresh(file);
-            match &view.seen {
-                Seen::Nothing => return false,
-                Seen::Unreadable => return true,
-                Seen::Read { drains, held } => {
-                    if drains
+            let now = tokio::time::Instant::now();
+            let looked = WriterView::look(view.read, file, Which::State, now);
+            view.apply(looked, Which::State);
+            view.seen.verdict(
+                asked,
+                |drain| cancelled.contains(drain),
+                |hold| {
+                    released
                         .iter()
-                        .any(|drain| asked.covered_by(&drain.scope()) && !cancelled.contains(drain))
-                    {
-                        return true;
-                    }
-                    let now_ms = unix_ms();
-                    held.iter()
-                        .filter(|hold| hold.until_ms > now_ms && asked.covered_by(&hold.scope()))
-                        .filter(|hold| {
-                            !released
-                                .iter()
-                                .any(|gate| gate.is(&hold.scope(), hold.until_ms))
-                        })
-                        .map(|hold| (hold.scope(), hold.listeners.iter().copied().collect()))
-                        .collect()
-                }
-            }
+                        .any(|gate| gate.is(&hold.scope(), hold.until_ms))
+                },
+            )
         };
-        // As `Drains::gated` reopens its own: a listener the drain did not see is a new
-        // instance; listeners that cannot be read keep the gate.
-        holds.iter().any(|(scope, listeners)| {
-            !self.closer.as_ref().is_some_and(|closer| {
-                closer
-                    .listeners(scope)
-                    .is_ok_and(|now| now.iter().any(|cookie| !listeners.contains(cookie)))
-            })
-        })
+        self.holds_stand(verdict)
+    }
+
+    /// For the state file's writer during an upgrade's overlap: whether the agent started
+    /// beside it keeps what is asked out of rotation in its `drains.next.json` — a drain
+    /// POSTed to it, or a gate held after one that no new listener has reopened — as last
+    /// read by [`Drains::look_beside`] (which every question's [`Drains::catch_up`] calls).
+    /// Read only: this agent neither runs nor ends what is there; the take-over merges it.
+    ///
+    /// Without it, a drain POSTed to the new agent (a pod's preStop hook, the listeners'
+    /// hash sending it there) was "not draining" on the old agent, which answered its share
+    /// of the node's `/health` and agent-check questions until its stop: HAProxy flapped.
+    /// A file that cannot be read gates every question. Not while this agent holds the
+    /// file's lock (then the file is its own, or a gone agent's it folds in).
+    pub(super) fn beside_gate(&self, asked: &Asked) -> bool {
+        let Some(file) = &self.state else {
+            return false;
+        };
+        if !file.is_writer() || file.holds_next_lock() {
+            return false;
+        }
+        let verdict = lock(&self.beside_view)
+            .seen
+            .verdict(asked, |_| false, |_| false);
+        self.holds_stand(verdict)
+    }
+
+    /// Whether `verdict` gates: as `Drains::gated` reopens its own holds, a listener the
+    /// drain did not see is a new instance; listeners that cannot be read keep the gate.
+    fn holds_stand(&self, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Gated => true,
+            Verdict::Holds(holds) => holds.iter().any(|(scope, listeners)| {
+                !self.closer.as_ref().is_some_and(|closer| {
+                    closer
+                        .listeners(scope)
+                        .is_ok_and(|now| now.iter().any(|cookie| !listeners.contains(cookie)))
+                })
+            }),
+        }
+    }
+
+    /// For the state file's writer: looks at `drains.next.json` (an agent started beside
+    /// this one writes it during an upgrade's overlap) for [`Drains::beside_gate`], on a
+    /// blocking thread (an `lstat`, and a read when it changed or the last read is
+    /// [`WRITER_VIEW_FRESH`] old; at most `MAX_BYTES`), one look at a time. True when the
+    /// file is there. A look that fails leaves the view unreadable: every scope gated.
+    pub(super) async fn look_beside(self: &Arc<Self>, file: &Arc<StateFile>) -> bool {
+        let _one_at_a_time = self.beside_looking.lock().await;
+        let last = lock(&self.beside_view).read;
+        let now = tokio::time::Instant::now();
+        let looking = Arc::clone(file);
+        let looked =
+            tokio::task::spawn_blocking(move || WriterView::look(last, &looking, Which::Next, now))
+                .await
+                .unwrap_or_else(|problem| {
+                    Looked::Unreadable(
+                        None,
+                        anyhow::anyhow!("the look at {NEXT_FILE_NAME} failed: {problem}"),
+                        now,
+                    )
+                });
+        let mut view = lock(&self.beside_view);
+        view.apply(looked, Which::Next);
+        !matches!(view.seen, Seen::Nothing)
     }
 }
 
 impl WriterView {
-    /// Reads `file` again if it changed since the last read (or that read is old).
-    fn refresh(&mut self, file: &StateFile) {
-        let now = tokio::time::Instant::now();
-        let stamp = match file.stamp() {
+    /// Looks at `which` file: read again if it changed since the `last` read (or that read
+    /// is old). File I/O: no lock held.
+    fn look(
+        last: Option<(Option<Stamp>, tokio::time::Instant)>,
+        file: &StateFile,
+        which: Which,
+        now: tokio::time::Instant,
+    ) -> Looked {
+        let stamp = match file.stamp(which) {
             Ok(stamp) => stamp,
-            Err(problem) => {
-                self.unreadable(None, now, &problem);
-                return;
-            }
+            Err(problem) => return Looked::Unreadable(None, problem, now),
         };
-        if let Some((last, at)) = self.read
+        if let Some((last, at)) = last
             && last == stamp
             && now.saturating_duration_since(at) < WRITER_VIEW_FRESH
         {
-            return;
+            return Looked::Same;
         }
         if stamp.is_none() {
-            self.read = Some((None, now));
-            self.seen = Seen::Nothing;
-            return;
+            return Looked::Nothing(now);
         }
-        match file.read_stamped::<SavedDrains>() {
-            Ok(Some((stamp, saved))) => {
+        match file.read_stamped::<SavedDrains>(which) {
+            Ok(Some((stamp, saved))) => Looked::Read(stamp, saved, now),
+            Ok(None) => Looked::Nothing(now),
+            Err(problem) => Looked::Unreadable(stamp, problem, now),
+        }
+    }
+
+    /// Takes in what a [`WriterView::look`] found.
+    fn apply(&mut self, looked: Looked, which: Which) {
+        match looked {
+            Looked::Same => {}
+            Looked::Nothing(now) => {
+                self.read = Some((None, now));
+                self.seen = Seen::Nothing;
+            }
+            Looked::Read(stamp, saved, now) => {
                 self.read = Some((Some(stamp), now));
                 self.seen = Seen::Read {
                     drains: saved.drains.iter().map(SavedDrain::identity).collect(),
                     held: saved.held,
                 };
             }
-            Ok(None) => {
-                self.read = Some((None, now));
-                self.seen = Seen::Nothing;
+            Looked::Unreadable(stamp, problem, now) => {
+                self.unreadable(stamp, now, &problem, which);
             }
-            Err(problem) => self.unreadable(stamp, now, &problem),
         }
     }
 
@@ -807,11 +930,16 @@ impl WriterView {
         stamp: Option<Stamp>,
         now: tokio::time::Instant,
         problem: &anyhow::Error,
+        which: Which,
     ) {
         if !matches!(self.seen, Seen::Unreadable) || self.read.is_none_or(|(last, _)| last != stamp)
         {
+            let whose = match which {
+                Which::State => "the agent writing the state file",
+                Which::Next => "the agent started beside this one (an upgrade)",
+            };
             log::warn!(
-                "{problem:#}: this agent cannot tell which scopes the agent writing the state file drains; /health and the agent-check answer \"draining\" for every port until it can"
+                "{problem:#}: this agent cannot tell which scopes {whose} drains; /health and the agent-check answer \"draining\" for every port until it can"
             );
         }
         self.read = Some((stamp, now));

@@ -133,6 +133,16 @@ pub enum Role {
     Neither,
 }
 
+/// Which of the two files another agent may be writing: [`StateFile::stamp`] and
+/// [`StateFile::read_stamped`] read it, never write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// The state file ([`FILE_NAME`]): the writer's, read by the agent beside it.
+    State,
+    /// [`NEXT_FILE_NAME`]: the agent beside the writer's, read by the writer.
+    Next,
+}
+
 /// Removes `path` if something is there (never following it: `unlink` removes a name).
 fn remove_if_there(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
@@ -369,29 +379,44 @@ impl StateFile {
         }
     }
 
-    /// Which version of the state file is there now (`None`: no file): one `lstat`. A
+    /// Which version of `which` file is there now (`None`: no file): one `lstat`. A
     /// write renames a new file over the name, so a new state is a new [`Stamp`].
-    pub fn stamp(&self) -> Result<Option<Stamp>> {
-        match fs::symlink_metadata(&self.path) {
+    pub fn stamp(&self, which: Which) -> Result<Option<Stamp>> {
+        let path = self.path_of(which);
+        match fs::symlink_metadata(path) {
             Ok(meta) => Ok(Some(Stamp::of(&meta))),
             Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(problem) => Err(problem)
-                .with_context(|| format!("cannot stat the state file {}", self.path.display())),
+                .with_context(|| format!("cannot stat the state file {}", path.display())),
         }
     }
 
-    /// The state file as another agent wrote it, with the [`Stamp`] of what was read (taken
+    /// `which` file as another agent wrote it, with the [`Stamp`] of what was read (taken
     /// from the open file, so it names that content): `None` when there is none. Unlike
     /// [`StateFile::read`], a file that cannot be read is an error, for the caller to decide.
-    pub fn read_stamped<T: DeserializeOwned>(&self) -> Result<Option<(Stamp, T)>> {
-        let Some(file) = open_regular(&self.path)? else {
+    pub fn read_stamped<T: DeserializeOwned>(&self, which: Which) -> Result<Option<(Stamp, T)>> {
+        let path = self.path_of(which);
+        let Some(file) = open_regular(path)? else {
             return Ok(None);
         };
         let meta = file
             .metadata()
-            .with_context(|| format!("cannot stat the state file {}", self.path.display()))?;
-        let state = Self::read_open(file, &self.path)?;
+            .with_context(|| format!("cannot stat the state file {}", path.display()))?;
+        let state = Self::read_open(file, path)?;
         Ok(Some((Stamp::of(&meta), state)))
+    }
+
+    fn path_of(&self, which: Which) -> &Path {
+        match which {
+            Which::State => &self.path,
+            Which::Next => &self.next_path,
+        }
+    }
+
+    /// Whether this agent holds the lock of [`NEXT_FILE_NAME`]: the file there (if any) is
+    /// its own, or a gone agent's it is folding in; else an agent beside it writes it.
+    pub fn holds_next_lock(&self) -> bool {
+        lock_of(&self.next_lock).is_some()
     }
 
     fn try_read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {

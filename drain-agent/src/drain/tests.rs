@@ -1018,3 +1018,81 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     drop(membership);
     take_over.abort();
 }
+
+/// Audit (agent stop): once the grace of a stop ended (`Tracker::begin_shutdown`), every
+/// drain in progress ends `agent_shutdown` (kept on disk, to resume at the next start) and
+/// left the registry, and `agent_shutdown` holds no gate: the agent-check, which answers
+/// until the process exits, said `ready` for the scope mid-drain and HAProxy put the server
+/// back in rotation for the last seconds of every restart. Now such a scope stays out of
+/// rotation until the process exits.
+#[tokio::test(start_paused = true)]
+async fn a_drain_the_agents_stop_ended_keeps_its_scope_out_of_rotation() {
+    let (_, tracker, drains) = registry(2);
+    drains
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert!(drains.gated(&node(8080)));
+    tracker.begin_shutdown();
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::AgentShutdown));
+    assert!(drains.list().0.is_empty(), "no drain in progress any more");
+    assert!(
+        drains.gated(&node(8080)),
+        "a drain the stop interrupted: still out of rotation"
+    );
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&drains));
+    assert!(gate.draining(8080, None).await, "the agent-check's answer");
+    assert!(!drains.gated(&node(8081)), "another scope");
+}
+
+/// Audit (upgrade overlap): the writer (the old agent) answered `/health` and the
+/// agent-check from its own drains only, and a drain POSTed to the agent started beside it
+/// (kept in that agent's `drains.next.json`) was "not draining" there: with checks spread
+/// over both agents on the node's address, HAProxy flapped. Now the writer gates from that
+/// file too (read only): a drain there, a gate held there, and a file that cannot be read.
+#[tokio::test]
+async fn the_writer_gates_from_what_the_agent_beside_it_keeps() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old, new) = overlapping_registries(dir.path());
+    let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&old));
+    assert!(!gate.draining(8080, None).await);
+    let (record, _) = new
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(new.save().await, Saved::Yes);
+    assert!(dir.path().join(state_file::NEXT_FILE_NAME).exists());
+    assert!(
+        gate.draining(8080, None).await,
+        "the drain POSTed to the agent beside the writer"
+    );
+    old.catch_up().await;
+    assert!(old.gated(&node(8080)), "what /health answers");
+    assert!(!gate.draining(8081, None).await, "another scope");
+    assert!(old.list().0.is_empty(), "nothing of it runs on the writer");
+    new.cancel(&Filter::port(8080)).await;
+    assert_eq!(new.save().await, Saved::Yes);
+    assert!(
+        !gate.draining(8080, None).await,
+        "cancelled where it was POSTed"
+    );
+    // A gate the agent beside holds after its drain of 9090 ran its course.
+    new.finish(
+        &Filter::port(9090),
+        DrainRecord {
+            result: Some(DrainEnd::Drained),
+            port: 9090,
+            ..record
+        },
+        vec![7],
+    );
+    assert_eq!(new.save().await, Saved::Yes);
+    assert!(gate.draining(9090, None).await, "the gate held beside");
+    // A file that cannot be read: no scope is vouched for.
+    std::fs::write(dir.path().join(state_file::NEXT_FILE_NAME), b"not json").expect("write");
+    assert!(gate.draining(8081, None).await, "an unreadable file beside");
+}

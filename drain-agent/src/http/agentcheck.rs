@@ -169,17 +169,15 @@ pub async fn serve(
     serve_with(listener, gate, Limits::default(), shutdown).await
 }
 
-/// [`serve`] on a task of its own until `stop` turns true; a failure is logged (the HTTP
-/// API goes on without the agent-check).
+/// [`serve`] on a task of its own until `stop` resolves (the agent's stop reached
+/// `HandingOver`: the checks queued on this listener then move to the next agent's, as the
+/// HTTP API's do); a failure is logged (the HTTP API goes on without the agent-check).
 pub fn spawn(
     listener: TcpListener,
     gate: Arc<dyn PortGate>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let stop = async move {
-            let _ = stop.wait_for(|stop| *stop).await;
-        };
         if let Err(problem) = serve(listener, gate, stop).await {
             log::warn!("the agent-check listener failed: {problem:#}");
         }
