@@ -319,7 +319,8 @@ impl Drains {
     /// drain of kept as they are (a drain only waiters started gives way to a POSTed one);
     /// what this agent restored at its start and that agent no longer has (it
     /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
-    /// meanwhile ([`Drains::note_cancel`]) is not brought back.
+    /// meanwhile ([`Drains::note_cancel`]), or restored at start and ended here since
+    /// ([`Drains::note_end`]), is not brought back.
     pub async fn take_over_state(self: &Arc<Self>) {
         let Some(file) = self.state.clone() else {
             return;
@@ -556,7 +557,9 @@ impl Drains {
                 continue;
             };
             let identity = drain.identity();
-            if overlap.is_some_and(|overlap| overlap.cancelled.contains(&identity)) {
+            if overlap.is_some_and(|overlap| {
+                overlap.cancelled.contains(&identity) || overlap.ended.contains(&identity)
+            }) {
                 continue;
             }
             let id = drain.record.id;
@@ -631,6 +634,24 @@ impl Drains {
             restored.gates.len()
         );
         restored
+    }
+
+    /// A drain that ended here (`record`, its end set), noted while another agent writes the
+    /// state file if it is one this agent restored at its start: the take-over does not start
+    /// it again from that agent's last file. An end at this agent's stop is no end of the
+    /// drain (it resumes at the next start).
+    pub(super) fn note_end(&self, record: &DrainRecord) {
+        if record.result == Some(crate::drain::DrainEnd::AgentShutdown) {
+            return;
+        }
+        let mut overlap = lock(&self.overlap);
+        let Some(overlap) = overlap.as_mut() else {
+            return;
+        };
+        let identity = DrainIdentity::of(record);
+        if overlap.drains.contains(&identity) {
+            overlap.ended.insert(identity);
+        }
     }
 
     /// A `DELETE /drain` of `scope`, noted while another agent writes the state file (an
@@ -964,6 +985,11 @@ pub(super) struct Overlap {
     gates: HashMap<Filter, (u64, tokio::time::Instant)>,
     /// Drains `DELETE /drain` ended here.
     cancelled: HashSet<DrainIdentity>,
+    /// Drains restored at start that then ended here (drained, timed out, closed at their
+    /// deadline, cancelled): the other agent's last file may still have them (an agent that
+    /// stops writes nothing), and they must not run again. A subset of `drains`, so bounded
+    /// as it is (by what the file held).
+    ended: HashSet<DrainIdentity>,
     /// Restored gates `DELETE /drain` released here.
     released: HashSet<ReleasedGate>,
 }

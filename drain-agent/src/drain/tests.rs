@@ -43,15 +43,29 @@ fn saving_registry(
 /// `take_over_state`: the next file's lock let go), and an agent started beside it that
 /// restored from its file (`new`). Returns the old agent's tracker, `old` and `new`.
 fn overlapping_registries(dir: &std::path::Path) -> (Arc<Tracker>, Arc<Drains>, Arc<Drains>) {
-    let (_, old_tracker, old) = saving_registry(2, dir);
-    old.state
+    let (_, old_tracker, old) = writing_registry(dir);
+    let (_, _, new) = registry_beside(dir);
+    (old_tracker, old, new)
+}
+
+/// The first half of [`overlapping_registries`]: the state file's writer, as at its start.
+fn writing_registry(dir: &std::path::Path) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let (source, tracker, drains) = saving_registry(2, dir);
+    drains
+        .state
         .as_ref()
         .expect("state file")
         .retire_next()
         .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir);
-    new.restore();
-    (old_tracker, old, new)
+    (source, tracker, drains)
+}
+
+/// The second half of [`overlapping_registries`]: an agent started beside the writer, having
+/// restored from its file.
+fn registry_beside(dir: &std::path::Path) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let (source, tracker, drains) = saving_registry(2, dir);
+    drains.restore();
+    (source, tracker, drains)
 }
 
 /// The old agent's ids run ahead of the new one's (each agent counts its own), so that a
@@ -1012,5 +1026,52 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     );
     assert!(new.gated(&node(8080)));
     drop(membership);
+    take_over.abort();
+}
+
+/// Audit (take-over): a drain the new agent restored at its start and that then ended here
+/// (drained) was launched again at the take-over, from the old agent's last file (which
+/// still had it: an agent stopping writes nothing): it gated the scope again and counted,
+/// or closed at its deadline, the connections of the service's new instance. The merge
+/// now skips what was restored at start and ended here, as it skips what was cancelled.
+#[tokio::test]
+async fn a_restored_drain_that_ended_here_is_not_started_again_at_the_take_over() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = writing_registry(dir.path());
+    let (record, _) = old
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (new_source, _, new) = registry_beside(dir.path());
+    assert_eq!(new.list().0.len(), 1, "restored at start");
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    // The restored copy drains here (the old instance's connections have gone) ...
+    new_source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    for _ in 0..500 {
+        if new.list().0.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (running, ended) = new.list();
+    assert!(running.is_empty(), "{running:?}");
+    assert_eq!(
+        (ended[0].id, ended[0].result),
+        (record.id, Some(DrainEnd::Drained))
+    );
+    // ... and the service's new instance has connections of its own.
+    new_source.set(vec![endpoint("127.0.0.1", 8080, 2)]);
+    // The old agent stops with the drain still in its file, and goes.
+    old_agent_goes(&old_tracker, old, &new).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (running, _) = new.list();
+    assert!(
+        running.is_empty(),
+        "the drain that ended here runs again: {running:?}"
+    );
     take_over.abort();
 }
