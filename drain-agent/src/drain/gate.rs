@@ -114,8 +114,14 @@ impl Drains {
     /// answer: a load balancer must not send to a service that drained and is stopping. A
     /// drain of one scope never gates another (see [`Asked::covered_by`]). Beside the agent
     /// writing the state file (an upgrade's overlap), what that agent's file says is out of
-    /// rotation counts too ([`Drains::writers_gate`]).
+    /// rotation counts too ([`Drains::writers_gate`]); so does, for every scope, a state file
+    /// this agent could not read ([`Drains::fail_closed`]).
     pub fn gated(&self, asked: &Asked) -> bool {
+        // A state file this agent could not read (a later release's, after a rollback) may
+        // hold a drain or a gate of any scope: none is vouched for until it could not.
+        if self.failing_closed() {
+            return true;
+        }
         if lock(&self.running)
             .keys()
             .any(|scope| asked.covered_by(scope))

@@ -286,6 +286,9 @@ pub struct Drains {
     /// Beside the writer: what its state file says is out of rotation, as last read
     /// ([`Drains::writers_gate`]).
     writer_view: Mutex<saved::WriterView>,
+    /// Until when a state file this agent could not read (set aside) could still gate:
+    /// every scope is answered "draining" until then ([`Drains::fail_closed`]).
+    unreadable_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -332,6 +335,7 @@ impl Drains {
             overlap: Mutex::new(None),
             folding: tokio::sync::Mutex::new(()),
             writer_view: Mutex::new(saved::WriterView::default()),
+            unreadable_until: Mutex::new(None),
         }
     }
 

@@ -1075,3 +1075,94 @@ async fn a_restored_drain_that_ended_here_is_not_started_again_at_the_take_over(
     );
     take_over.abort();
 }
+
+/// A state file as a later release writes it (a version this one cannot read), with a drain
+/// in progress (`on_timeout=close`) and a held gate.
+const NEWER_STATE: &str = r#"{"version":2,"state":{"drains":[{"record":{"id":7,"port":8080,"started_ms":1,"active_at_start":2,"late_arrivals":0,"closed_by_agent":0,"wait_ms":0,"on_timeout":"close"},"deadline_ms":99999999999999}],"held":[{"port":9090,"listeners":[1],"until_ms":99999999999999}],"gates_v2":[]}}"#;
+
+/// The files in `dir` holding exactly `content`.
+fn files_holding(dir: &std::path::Path, content: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|entry| {
+            let path = entry.expect("entry").path();
+            (std::fs::read(&path).ok()? == content.as_bytes())
+                .then(|| path.file_name()?.to_str().map(str::to_owned))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Audit (rollback): a later release's state file (a newer version) was overwritten at the
+/// take-over of the release rolled back to: it could not read it, restored nothing, and its
+/// first save replaced it — every drain in progress (`on_timeout=close` included) and every
+/// held gate gone, the scopes back in rotation. Now the file is set aside, never
+/// overwritten, and every scope is answered "draining" until anything in it could still
+/// gate.
+#[tokio::test]
+async fn a_newer_versions_state_file_is_set_aside_at_the_take_over_and_every_scope_gated() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (old_tracker, old, new) = overlapping_registries(dir.path());
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    // The old agent is the later release: its last state is a version 2 file.
+    std::fs::write(dir.path().join(state_file::FILE_NAME), NEWER_STATE).expect("write");
+    assert!(
+        new.gated(&node(8081)),
+        "beside it, an unreadable file gates"
+    );
+    old_agent_goes(&old_tracker, old, &new).await;
+    // Its save after the take-over.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(new.save().await, Saved::Yes);
+    let kept = files_holding(dir.path(), NEWER_STATE);
+    assert_eq!(kept.len(), 1, "the newer file is gone or overwritten");
+    assert_ne!(kept[0], state_file::FILE_NAME, "set aside, not in the way");
+    assert!(
+        new.gated(&node(8080)) && new.gated(&node(9090)) && new.gated(&node(8081)),
+        "every scope is draining while the newer file could still gate"
+    );
+    take_over.abort();
+}
+
+/// Audit (rollback, restart): a newer version's `drains.json` found at the start of the
+/// writer was ignored, then overwritten by the first save. It is set aside and every scope
+/// gated.
+#[tokio::test]
+async fn a_newer_versions_file_found_at_start_is_set_aside_and_gates() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join(state_file::FILE_NAME), NEWER_STATE).expect("write");
+    let (_, _, writer) = saving_registry(2, dir.path());
+    writer.restore();
+    let take_over = tokio::spawn({
+        let writer = Arc::clone(&writer);
+        async move { writer.take_over_state().await }
+    });
+    writer
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(writer.save().await, Saved::Yes);
+    assert_eq!(files_holding(dir.path(), NEWER_STATE).len(), 1, "at start");
+    assert!(writer.gated(&node(8081)), "at start: every scope");
+    take_over.abort();
+}
+
+/// The same for a newer version's `drains.next.json` that a gone agent left: the writer's
+/// fold-in deleted it unread.
+#[tokio::test]
+async fn a_newer_versions_next_file_is_set_aside_at_the_fold_in_and_gates() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, writer) = writing_registry(dir.path());
+    let next = r#"{"version":2,"state":{"drains":[],"held":[{"port":9191,"listeners":[],"until_ms":99999999999999}]}}"#;
+    std::fs::write(dir.path().join(state_file::NEXT_FILE_NAME), next).expect("write");
+    writer.catch_up().await;
+    assert_eq!(
+        files_holding(dir.path(), next).len(),
+        1,
+        "the gone agent's newer file is deleted unread"
+    );
+    assert!(writer.gated(&node(9191)) && writer.gated(&node(8081)));
+}
