@@ -683,3 +683,56 @@ fn a_rolled_back_upgrade_is_answered_at_once_from_what_the_gone_agent_was_asked(
     assert_eq!((health(&old, kept), health(&old, cancelled)), (200, 200));
     assert!(!state.path().join("drains.next.json").exists());
 }
+
+/// Audit (rollback): `kubectl rollout undo` after a release that bumped the state file's
+/// version. The release rolled back to cannot read the later one's `drains.json`; at its
+/// take-over it used to write over it: every drain in progress and every held gate gone,
+/// each port back in rotation. Now the file is moved aside, kept whole, and every port
+/// answers `/health` 503 (and the metric says why) while anything in it could still gate —
+/// also after a restart.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_rollback_keeps_the_later_releases_state_file_and_gates_every_port() {
+    if !kernel_available("a_rollback_keeps_the_later_releases_state_file_and_gates_every_port") {
+        return;
+    }
+    let state = temp_dir("da-state-rollback-");
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    // The later release runs and writes its own layout.
+    let later = Agent::start_with_state_dir(state.path(), &[]);
+    let newer = format!(
+        r#"{{"version":2,"state":{{"drains":[{{"port":{port},"on_timeout":"close"}}],"gates":[]}}}}"#
+    );
+    std::fs::write(state.path().join("drains.json"), &newer).expect("write");
+    // The rollback: this release starts beside it, then takes over when it stops.
+    let rolled_back = Agent::start_with_state_dir(state.path(), &[]);
+    assert_eq!(health(&rolled_back, port), 503, "beside it: fails closed");
+    go(later, Stop::Term);
+    common::wait_until(
+        "the rolled-back agent takes over",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(state.path().join("drains.json")).ok() != Some(newer.clone()),
+    );
+    let kept: Vec<String> = std::fs::read_dir(state.path())
+        .expect("dir")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("drains.json.unreadable-v2-at-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        std::fs::read_to_string(state.path().join(&kept[0])).expect("kept"),
+        newer
+    );
+    assert_eq!(health(&rolled_back, port), 503);
+    assert_eq!(
+        rolled_back.metric("drain_agent_state_unreadable"),
+        Some(1.0)
+    );
+    let other = Server::start("127.0.0.1:0");
+    assert_eq!(health(&rolled_back, other.port), 503, "every port");
+    // A restart keeps failing closed.
+    let after = restart(rolled_back, Stop::Kill, state.path());
+    assert_eq!(health(&after, other.port), 503, "after a restart");
+    assert_eq!(after.metric("drain_agent_state_unreadable"), Some(1.0));
+}

@@ -125,7 +125,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|path| Journal::open(path, args.journal_max_bytes))
         .transpose()?;
     // And the state directory: drains and gates that outlive a restart (drain.rs).
-    let state_file = crate::drain::state_file::StateFile::open(&args.state_dir)?;
+    // A state file this agent cannot read (a later release's) gates every scope for as long
+    // as a drain and its hold could last here, unless the file says less.
+    let state_file = crate::drain::state_file::StateFile::open(&args.state_dir)?
+        .with_longest_gate(args.max_timeout.saturating_add(crate::drain::GATE_HOLD));
 
     let mut kernel = Kernel::load(&KernelOptions {
         max_connections: args.max_connections,

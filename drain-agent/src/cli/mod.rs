@@ -293,7 +293,10 @@ pub struct RunArgs {
     /// DIR/drains.json (written atomically, synced before a POST /drain is answered), so a
     /// restarted agent resumes them. During an upgrade the new agent keeps what it is asked
     /// in DIR/drains.next.json until the old one has gone. Created mode 0700 if absent; a
-    /// link there, or a state file that is not a regular file, stops the start. Keep it on a file system that
+    /// link there, or a state file that is not a regular file, stops the start. A state file
+    /// this agent cannot read (a later release's, after a rollback) is moved aside, never
+    /// written over, and /health answers "draining" for every port while it could still
+    /// gate. Keep it on a file system that
     /// lives as long as the node's boot (systemd `RuntimeDirectory=`, a `hostPath`).
     #[arg(
         long,

@@ -167,8 +167,14 @@ impl Drains {
     /// writing the state file (an upgrade's overlap), what that agent's file says is out of
     /// rotation counts too ([`Drains::writers_gate`]); for that writer, what the agent
     /// beside it keeps in `drains.next.json`, as the last [`Drains::catch_up`] read it
-    /// ([`Drains::beside_gate`]).
+    /// ([`Drains::beside_gate`]); and, for every scope, a state file this agent could not
+    /// read ([`Drains::fail_closed`]).
     pub fn gated(&self, asked: &Asked) -> bool {
+        // A state file this agent could not read (a later release's, after a rollback) may
+        // hold a drain or a gate of any scope: none is vouched for until it could not.
+        if self.failing_closed() {
+            return true;
+        }
         if lock(&self.running)
             .keys()
             .chain(lock(&self.interrupted).iter())

@@ -299,6 +299,9 @@ pub struct Drains {
     /// and the look at it, one at a time ([`Drains::look_beside`]).
     beside_view: Mutex<saved::WriterView>,
     beside_looking: tokio::sync::Mutex<()>,
+    /// Until when a state file this agent could not read (set aside) could still gate:
+    /// every scope is answered "draining" until then ([`Drains::fail_closed`]).
+    unreadable_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -348,6 +351,7 @@ impl Drains {
             writer_view: Mutex::new(saved::WriterView::default()),
             beside_view: Mutex::new(saved::WriterView::default()),
             beside_looking: tokio::sync::Mutex::new(()),
+            unreadable_until: Mutex::new(None),
         }
     }
 

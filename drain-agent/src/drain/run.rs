@@ -284,6 +284,9 @@ impl Drains {
             // wait, not the drain (it resumes at the next start).
             lock(&self.interrupted).insert(filter.clone());
         }
+        // Before it leaves `running`: a take-over merging meanwhile sees it either running
+        // (kept as it is) or noted (not started again).
+        self.note_end(&record);
         {
             // Only if the scope's drain is still this one: a drain restored for the scope
             // meanwhile (an upgrade's take-over, `Drains::restore_saved`) stays.

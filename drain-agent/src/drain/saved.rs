@@ -18,7 +18,9 @@ use crate::{
         lock,
         owner::Owner,
         registry::{Running, scope_text},
-        state_file::{NEXT_FILE_NAME, Role, Stamp, StateFile, Which, Written},
+        state_file::{
+            Found, Lasting, NEXT_FILE_NAME, Role, Stamp, StateFile, Unreadable, Which, Written,
+        },
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
@@ -52,6 +54,25 @@ struct SavedDrains {
     cancelled: Vec<DrainIdentity>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     released: Vec<ReleasedGate>,
+}
+
+/// How long after its deadline a drain may still be closing what is left
+/// (`on_timeout=close`: the wait for the seeding walk, then `pace` a second) before its gate
+/// is held: allowed for in the file's `until_ms`.
+const CLOSING_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// The file's `until_ms` (the forward-compatibility rule, ARCHITECTURE.md): the last hold's
+/// end, or a drain's deadline, its close and the hold after it.
+impl Lasting for SavedDrains {
+    fn lasts_until_ms(&self) -> u64 {
+        let after_a_drain = millis(CLOSING_ALLOWANCE + crate::drain::GATE_HOLD);
+        let drains = self
+            .drains
+            .iter()
+            .map(|drain| drain.deadline_ms.saturating_add(after_a_drain));
+        let held = self.held.iter().map(|hold| hold.until_ms);
+        drains.chain(held).max().unwrap_or(0)
+    }
 }
 
 /// A POSTed drain in progress: its record and everything its spec needs.
@@ -291,13 +312,31 @@ impl Drains {
         let Some(file) = &self.state else {
             return;
         };
-        let left = file.read_next::<SavedDrains>().unwrap_or_default();
+        match file.set_aside_until_ms() {
+            Ok(Some(until_ms)) => self.fail_closed(
+                until_ms,
+                &format!(
+                    "a state file set aside earlier in {} (one this agent cannot read)",
+                    file.path().parent().unwrap_or(file.path()).display()
+                ),
+            ),
+            Ok(None) => {}
+            Err(problem) => log::warn!("{problem:#}"),
+        }
+        let left = self.next_left(file).unwrap_or_default();
         let mut ended = Overlap {
             cancelled: left.cancelled.iter().cloned().collect(),
             released: left.released.iter().cloned().collect(),
             ..Overlap::default()
         };
-        if let Some(saved) = file.read::<SavedDrains>() {
+        // The writer owns the file: one it cannot read is set aside before its first save.
+        // Beside the writer it is that agent's, read only (`writers_gate` fails closed).
+        let saved = if file.is_writer() {
+            self.owned_state(file)
+        } else {
+            file.read::<SavedDrains>()
+        };
+        if let Some(saved) = saved {
             let restored = self.restore_saved(saved, Some(&ended));
             ended.drains = restored.drains;
             ended.gates = restored.gates;
@@ -319,7 +358,8 @@ impl Drains {
     /// drain of kept as they are (a drain only waiters started gives way to a POSTed one);
     /// what this agent restored at its start and that agent no longer has (it
     /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
-    /// meanwhile ([`Drains::note_cancel`]) is not brought back.
+    /// meanwhile ([`Drains::note_cancel`]), or restored at start and ended here since
+    /// ([`Drains::note_end`]), is not brought back.
     pub async fn take_over_state(self: &Arc<Self>) {
         let Some(file) = self.state.clone() else {
             return;
@@ -329,7 +369,7 @@ impl Drains {
             // gone (before a request's `catch_up` could fold it in a second time).
             {
                 let _one_at_a_time = self.folding.lock().await;
-                if file.read_next::<SavedDrains>().is_some() {
+                if self.next_left(&file).is_some() {
                     self.save().await;
                 }
                 self.retire_next(&file);
@@ -352,10 +392,10 @@ impl Drains {
             }
         }
         // Nothing written between the lock and here: the file is that agent's last state.
-        // One that cannot be read now (it could at start) ends nothing here: too much kept
-        // out of rotation, never too little.
+        // One that cannot be read now (a later release's, at a rollback) ends nothing here
+        // and is set aside, not written over: every scope gated while it could gate.
         let snapshot = lock(&self.overlap).clone().unwrap_or_default();
-        let saved = file.read::<SavedDrains>();
+        let saved = self.owned_state(&file);
         if let Some(saved) = &saved {
             self.end_what_the_other_agent_ended(saved, &snapshot).await;
         }
@@ -436,7 +476,7 @@ impl Drains {
         if !file.take_orphaned_next()? {
             return Ok(false);
         }
-        if let Some(left) = file.read_next::<SavedDrains>() {
+        if let Some(left) = self.next_left(file) {
             log::info!(
                 "folding in what an agent beside this one kept in {} (it has gone)",
                 file.path().display()
@@ -481,6 +521,79 @@ impl Drains {
                 scope_text(&scope)
             );
         }
+    }
+
+    /// The state file, read by the agent that owns it (the writer at its start, or at the
+    /// take-over): one it cannot read is set aside and fails closed ([`Drains::fail_closed`]).
+    fn owned_state(&self, file: &StateFile) -> Option<SavedDrains> {
+        match file.read_owned::<SavedDrains>() {
+            Found::Nothing => None,
+            Found::State(saved) => Some(saved),
+            Found::Unreadable(unreadable) => {
+                self.unreadable_found(&unreadable);
+                None
+            }
+        }
+    }
+
+    /// `drains.next.json` while this agent holds its lock: one it cannot read is set aside
+    /// (never written over, nor removed unread) and fails closed.
+    fn next_left(&self, file: &StateFile) -> Option<SavedDrains> {
+        match file.read_next::<SavedDrains>() {
+            Found::Nothing => None,
+            Found::State(left) => Some(left),
+            Found::Unreadable(unreadable) => {
+                self.unreadable_found(&unreadable);
+                None
+            }
+        }
+    }
+
+    /// A state file this agent cannot read: said at ERROR, and every scope gated until it
+    /// could no longer gate.
+    fn unreadable_found(&self, unreadable: &Unreadable) {
+        let version = unreadable
+            .version
+            .map_or_else(|| "unknown".to_owned(), |version| version.to_string());
+        let at = if unreadable.set_aside {
+            "moved aside to"
+        } else {
+            "left at"
+        };
+        self.fail_closed(
+            unreadable.until_ms,
+            &format!(
+                "a state file this agent cannot read ({}; version {version}, this agent reads {}), {at} {}: its drains and gates are not restored (a rollback from a later release?)",
+                unreadable.problem,
+                crate::drain::state_file::VERSION,
+                unreadable.path.display()
+            ),
+        );
+    }
+
+    /// Every scope answers "draining" (`/health`, the agent-check) until `until_ms` (Unix
+    /// ms), for `why`; said at ERROR. A later end than one already set wins.
+    fn fail_closed(&self, until_ms: u64, why: &str) {
+        let now_ms = unix_ms();
+        let left = Duration::from_millis(until_ms.saturating_sub(now_ms));
+        if left.is_zero() {
+            log::warn!("{why}: nothing in it gates any more");
+            return;
+        }
+        log::error!(
+            "{why}: every scope is answered \"draining\" on /health and the agent-check for {left:?}, until nothing in it could still gate (drain_agent_state_unreadable is 1 meanwhile)"
+        );
+        let until = tokio::time::Instant::now() + left;
+        let mut failing = lock(&self.unreadable_until);
+        if failing.is_none_or(|now| now < until) {
+            *failing = Some(until);
+        }
+    }
+
+    /// Whether a state file this agent could not read still gates every scope
+    /// (`drain_agent_state_unreadable`).
+    pub fn failing_closed(&self) -> bool {
+        lock(&self.unreadable_until).is_some_and(|until| tokio::time::Instant::now() < until)
     }
 
     /// [`StateFile::retire_next`], logged when it fails (the file is then folded in again
@@ -567,7 +680,9 @@ impl Drains {
                 continue;
             };
             let identity = drain.identity();
-            if overlap.is_some_and(|overlap| overlap.cancelled.contains(&identity)) {
+            if overlap.is_some_and(|overlap| {
+                overlap.cancelled.contains(&identity) || overlap.ended.contains(&identity)
+            }) {
                 continue;
             }
             let id = drain.record.id;
@@ -642,6 +757,24 @@ impl Drains {
             restored.gates.len()
         );
         restored
+    }
+
+    /// A drain that ended here (`record`, its end set), noted while another agent writes the
+    /// state file if it is one this agent restored at its start: the take-over does not start
+    /// it again from that agent's last file. An end at this agent's stop is no end of the
+    /// drain (it resumes at the next start).
+    pub(super) fn note_end(&self, record: &DrainRecord) {
+        if record.result == Some(crate::drain::DrainEnd::AgentShutdown) {
+            return;
+        }
+        let mut overlap = lock(&self.overlap);
+        let Some(overlap) = overlap.as_mut() else {
+            return;
+        };
+        let identity = DrainIdentity::of(record);
+        if overlap.drains.contains(&identity) {
+            overlap.ended.insert(identity);
+        }
     }
 
     /// A `DELETE /drain` of `scope`, noted while another agent writes the state file (an
@@ -1092,6 +1225,11 @@ pub(super) struct Overlap {
     gates: HashMap<Filter, (u64, tokio::time::Instant)>,
     /// Drains `DELETE /drain` ended here.
     cancelled: HashSet<DrainIdentity>,
+    /// Drains restored at start that then ended here (drained, timed out, closed at their
+    /// deadline, cancelled): the other agent's last file may still have them (an agent that
+    /// stops writes nothing), and they must not run again. A subset of `drains`, so bounded
+    /// as it is (by what the file held).
+    ended: HashSet<DrainIdentity>,
     /// Restored gates `DELETE /drain` released here.
     released: HashSet<ReleasedGate>,
 }

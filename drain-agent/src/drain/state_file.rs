@@ -11,9 +11,15 @@
 //! A write goes to `drains.json.tmp` (removed first, then created with `O_EXCL |
 //! O_NOFOLLOW`, so a link planted there is never followed), is synced, renamed over the
 //! file (`rename(2)` replaces a name, never follows it) and the directory synced: after a
-//! crash the file is the old state or the new one, whole. A file that cannot be read as
-//! this version's state (torn by something else, edited, another version) is logged at
-//! WARN and ignored.
+//! crash the file is the old state or the new one, whole.
+//!
+//! A file that cannot be read as this version's state (another version: a rollback from a
+//! later release; torn by something else, edited) is never overwritten nor removed: the
+//! agent that would write over it (or fold it in) sets it aside under a name saying so
+//! ([`StateFile::read_owned`], [`set_aside_name`]), at most [`SET_ASIDE_MAX`] of them, and
+//! says until when it could still gate ([`Unreadable::until_ms`]: its own `until_ms` when it
+//! has one, see [`Lasting`], else the agent's longest drain and hold from now). Until then
+//! the drains answer every scope "draining" (`Drains::fail_closed`).
 
 use std::{
     fs::{self, DirBuilder, File, OpenOptions},
@@ -21,6 +27,7 @@ use std::{
     os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -41,16 +48,100 @@ pub const VERSION: u32 = 1;
 /// The largest file read or written (the drains in progress are bounded by
 /// `--max-waiters`, the held gates by `drain::HELD_MAX`: far below this).
 pub const MAX_BYTES: u64 = 16 << 20;
+/// Files set aside at most ([`set_aside_name`]); past it the one whose gating ends first
+/// goes (every scope is gated until the latest end, so that one changes nothing).
+pub const SET_ASIDE_MAX: usize = 8;
+/// How long an unreadable file gates by default, until [`StateFile::with_longest_gate`]:
+/// and the longest a file's own `until_ms` may say (later is taken as damaged).
+pub const UNREADABLE_GATE_CAP: Duration = Duration::from_secs(24 * 3600);
+/// What comes between the file's name and the version in a set-aside file's name.
+const SET_ASIDE_TAG: &str = ".unreadable-v";
 /// Mode of the directory the agent creates.
 const DIR_MODE: u32 = 0o700;
 /// Mode of the files the agent creates.
 const FILE_MODE: u32 = 0o600;
 
-/// On disk: the version beside what is kept.
+/// On disk: the version beside what is kept, and until when anything in it could gate.
+///
+/// The forward-compatibility rule (ARCHITECTURE.md): every version keeps `version` and
+/// `until_ms` here, with these meanings, so that an older agent that cannot read the rest
+/// knows how long to fail closed for it.
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
     version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until_ms: Option<u64>,
     state: T,
+}
+
+/// What a kept state says of how long it matters ([`Envelope`]'s `until_ms`).
+pub trait Lasting {
+    /// Unix time in milliseconds after which nothing in it runs or gates any more.
+    fn lasts_until_ms(&self) -> u64;
+}
+
+/// What reading a file this agent is about to write over (or fold in and remove) found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found<T> {
+    /// No file.
+    Nothing,
+    State(T),
+    /// A file this agent cannot read: set aside (or, if that failed, left where it was and
+    /// never written over).
+    Unreadable(Unreadable),
+}
+
+/// A state file this agent could not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Where it is now.
+    pub path: PathBuf,
+    /// Whether it was moved aside (else it stays at its name, and nothing writes there).
+    pub set_aside: bool,
+    /// Its version, when that much could be read.
+    pub version: Option<u32>,
+    /// Unix time in milliseconds until which something in it could still gate.
+    pub until_ms: u64,
+    /// Why it could not be read.
+    pub problem: String,
+}
+
+/// `version` and `until_ms` of a file whatever else is in it ([`Envelope`]).
+#[derive(Deserialize)]
+struct Bounds {
+    version: Option<u32>,
+    until_ms: Option<u64>,
+}
+
+/// The name a file `base` ([`FILE_NAME`], [`NEXT_FILE_NAME`]) of `version` is set aside
+/// under at `at_ms` (Unix ms), gating until `until_ms`: e.g.
+/// `drains.json.unreadable-v2-at-1700000000000-until-1700000900000`. The end is in the name,
+/// so that an agent started later gates until it without reading the file.
+pub fn set_aside_name(base: &str, version: Option<u32>, at_ms: u64, until_ms: u64) -> String {
+    let version = version.map_or_else(|| "unknown".to_owned(), |version| version.to_string());
+    format!("{base}{SET_ASIDE_TAG}{version}-at-{at_ms}-until-{until_ms}")
+}
+
+/// A set-aside file's name, read back: when it was set aside and until when it gates.
+fn parse_set_aside_name(name: &str) -> Option<(u64, u64)> {
+    let rest = [FILE_NAME, NEXT_FILE_NAME]
+        .iter()
+        .find_map(|base| name.strip_prefix(base)?.strip_prefix(SET_ASIDE_TAG))?;
+    let (_version, times) = rest.split_once("-at-")?;
+    let (at, until) = times.split_once("-until-")?;
+    Some((at.parse().ok()?, until.parse().ok()?))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The state file of one agent.
@@ -87,6 +178,13 @@ pub struct StateFile {
     /// writes did so; both set under `lock`, so they follow the order of the writes.
     unsaved: std::sync::atomic::AtomicBool,
     failed_writes: std::sync::atomic::AtomicU64,
+    /// How long a file this agent cannot read may still gate, from when it is found
+    /// (the longest drain and hold this agent allows; [`StateFile::with_longest_gate`]).
+    longest_gate: Duration,
+    /// An unreadable file that could not be set aside is at the state file's name, or at
+    /// the next file's: nothing writes over it or removes it.
+    blocked: std::sync::atomic::AtomicBool,
+    next_blocked: std::sync::atomic::AtomicBool,
 }
 
 /// What one [`StateFile::write_with`] did.
@@ -251,11 +349,23 @@ impl StateFile {
             next_lock: Mutex::new(next_lock),
             unsaved: std::sync::atomic::AtomicBool::new(false),
             failed_writes: std::sync::atomic::AtomicU64::new(0),
+            longest_gate: UNREADABLE_GATE_CAP,
+            blocked: std::sync::atomic::AtomicBool::new(false),
+            next_blocked: std::sync::atomic::AtomicBool::new(false),
         };
         // Checked now: a link or a FIFO there is refused at start.
         open_regular(&file.path)?;
         open_regular(&file.next_path)?;
         Ok(file)
+    }
+
+    /// How long a drain and the gate after it may last on this agent (its maximum timeout
+    /// and the hold): how long a file it cannot read is taken to gate when the file does
+    /// not say ([`Unreadable::until_ms`]).
+    #[must_use]
+    pub fn with_longest_gate(mut self, longest: Duration) -> Self {
+        self.longest_gate = longest;
+        self
     }
 
     /// The lock of [`NEXT_FILE_NAME`] if nobody holds it (a regular file of its own,
@@ -314,18 +424,155 @@ impl StateFile {
     }
 
     /// [`NEXT_FILE_NAME`] as another agent left it (a crash), or as this one wrote it: only
-    /// while this agent holds its lock, else `None`.
-    pub fn read_next<T: DeserializeOwned>(&self) -> Option<T> {
+    /// while this agent holds its lock, else [`Found::Nothing`]. One this agent cannot read
+    /// is set aside (this agent would write over it, or remove it once folded in).
+    pub fn read_next<T: DeserializeOwned>(&self) -> Found<T> {
+        let _serial = lock_of(&self.lock);
         if lock_of(&self.next_lock).is_none() {
-            return None;
+            return Found::Nothing;
         }
-        match Self::try_read(&self.next_path) {
-            Ok(state) => state,
+        self.read_or_set_aside(&self.next_path, NEXT_FILE_NAME, &self.next_blocked)
+    }
+
+    /// The state file, for the agent holding the directory's lock (the writer at its start,
+    /// or at the take-over before [`StateFile::start_writing`]): one it cannot read is set
+    /// aside, never written over.
+    pub fn read_owned<T: DeserializeOwned>(&self) -> Found<T> {
+        let _serial = lock_of(&self.lock);
+        self.read_or_set_aside(&self.path, FILE_NAME, &self.blocked)
+    }
+
+    /// `path` read, or set aside if it cannot be (under the write lock).
+    fn read_or_set_aside<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+        base: &str,
+        blocked: &std::sync::atomic::AtomicBool,
+    ) -> Found<T> {
+        let data = match Self::read_bytes(path) {
+            Ok(None) => return Found::Nothing,
+            Ok(Some(data)) => data,
             Err(problem) => {
-                log::warn!("{problem:#}: ignored");
-                None
+                return Found::Unreadable(self.set_aside(path, base, None, &problem, blocked));
+            }
+        };
+        match Self::parse(&data, path) {
+            Ok(state) => Found::State(state),
+            Err(problem) => {
+                Found::Unreadable(self.set_aside(path, base, Some(&data), &problem, blocked))
             }
         }
+    }
+
+    /// Moves the unreadable `path` (holding `data` when it could be read) aside; if that
+    /// fails it stays, and `blocked` keeps writes and removals off it.
+    fn set_aside(
+        &self,
+        path: &Path,
+        base: &str,
+        data: Option<&[u8]>,
+        problem: &anyhow::Error,
+        blocked: &std::sync::atomic::AtomicBool,
+    ) -> Unreadable {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bounds = data.and_then(|data| serde_json::from_slice::<Bounds>(data).ok());
+        let version = bounds.as_ref().and_then(|bounds| bounds.version);
+        let at_ms = now_ms();
+        let cap = at_ms.saturating_add(millis(UNREADABLE_GATE_CAP.max(self.longest_gate)));
+        let until_ms = bounds
+            .and_then(|bounds| bounds.until_ms)
+            .filter(|until_ms| *until_ms <= cap)
+            .unwrap_or_else(|| at_ms.saturating_add(millis(self.longest_gate)));
+        // Two set aside within one millisecond: never one over the other.
+        let mut aside = self
+            .dir
+            .join(set_aside_name(base, version, at_ms, until_ms));
+        for later in 1..=16 {
+            if fs::symlink_metadata(&aside).is_err() {
+                break;
+            }
+            aside = self.dir.join(set_aside_name(
+                base,
+                version,
+                at_ms.saturating_add(later),
+                until_ms,
+            ));
+        }
+        let moved = self.make_room_to_set_aside().and_then(|()| {
+            fs::rename(path, &aside)
+                .with_context(|| format!("cannot move {} aside", path.display()))?;
+            self.sync_dir()
+        });
+        let problem = format!("{problem:#}");
+        match moved {
+            Ok(()) => {
+                blocked.store(false, Relaxed);
+                Unreadable {
+                    path: aside,
+                    set_aside: true,
+                    version,
+                    until_ms,
+                    problem,
+                }
+            }
+            Err(failed) => {
+                log::error!(
+                    "{failed:#}: it stays at its name, and this agent writes no state there until it is moved away"
+                );
+                blocked.store(true, Relaxed);
+                Unreadable {
+                    path: path.to_owned(),
+                    set_aside: false,
+                    version,
+                    until_ms,
+                    problem,
+                }
+            }
+        }
+    }
+
+    /// The files set aside in the directory: their paths, when they were set aside and until
+    /// when they gate (from their names: [`set_aside_name`]).
+    fn set_aside_files(&self) -> Result<Vec<(PathBuf, u64, u64)>> {
+        let entries = fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list the state directory {}", self.dir.display()))?;
+        Ok(entries
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let (at, until) = parse_set_aside_name(entry.file_name().to_str()?)?;
+                Some((entry.path(), at, until))
+            })
+            .collect())
+    }
+
+    /// Below [`SET_ASIDE_MAX`] set-aside files: those whose gating ends first go.
+    fn make_room_to_set_aside(&self) -> Result<()> {
+        let mut files = self.set_aside_files()?;
+        files.sort_by_key(|(_, at, until)| (*until, *at));
+        let excess = (files.len() + 1).saturating_sub(SET_ASIDE_MAX);
+        for (path, _, _) in files.iter().take(excess) {
+            remove_if_there(path)?;
+            log::warn!(
+                "{} removed: more than {SET_ASIDE_MAX} unreadable state files set aside (the one gating for the shortest goes)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Until when the files set aside in the directory (by this agent or one before it)
+    /// gate, as their names say; a name saying more than [`UNREADABLE_GATE_CAP`] (or the
+    /// longest gate) after it was set aside is taken to say that much. `None`: none gates
+    /// any more, or none is there.
+    pub fn set_aside_until_ms(&self) -> Result<Option<u64>> {
+        let cap = millis(UNREADABLE_GATE_CAP.max(self.longest_gate));
+        let now = now_ms();
+        Ok(self
+            .set_aside_files()?
+            .into_iter()
+            .map(|(_, at, until)| until.min(at.saturating_add(cap)))
+            .filter(|until| *until > now)
+            .max())
     }
 
     /// Once the state file holds what [`NEXT_FILE_NAME`] held (the writer wrote after folding
@@ -335,6 +582,12 @@ impl StateFile {
         let mut next_lock = lock_of(&self.next_lock);
         if next_lock.is_none() || !self.is_writer() {
             return Ok(());
+        }
+        if self.next_blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!(
+                "{} cannot be read nor moved aside: kept (its lock too)",
+                self.next_path.display()
+            );
         }
         remove_if_there(&self.next_path)?;
         self.sync_dir()?;
@@ -368,7 +621,8 @@ impl StateFile {
     }
 
     /// The state last written, or `None`: no file, or one that cannot be read as this
-    /// version's state (logged at WARN; the caller starts without it).
+    /// version's state (logged at WARN; the caller starts without it). For an agent that
+    /// does not own the file (beside the writer): the owner uses [`StateFile::read_owned`].
     pub fn read<T: DeserializeOwned>(&self) -> Option<T> {
         match Self::try_read(&self.path) {
             Ok(state) => state,
@@ -426,8 +680,21 @@ impl StateFile {
         Self::read_open(file, path).map(Some)
     }
 
+    /// `path`'s content (at most [`MAX_BYTES`]), `None` when there is no file.
+    fn read_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
+        let Some(file) = open_regular(path)? else {
+            return Ok(None);
+        };
+        Self::read_data(file, path).map(Some)
+    }
+
     /// Reads the state from `file`, opened at `path`: at most [`MAX_BYTES`], this version's.
     fn read_open<T: DeserializeOwned>(file: File, path: &Path) -> Result<T> {
+        Self::parse(&Self::read_data(file, path)?, path)
+    }
+
+    /// At most [`MAX_BYTES`] of `file`, opened at `path`.
+    fn read_data(file: File, path: &Path) -> Result<Vec<u8>> {
         let mut data = Vec::new();
         file.take(MAX_BYTES + 1)
             .read_to_end(&mut data)
@@ -438,11 +705,16 @@ impl StateFile {
                 path.display()
             );
         }
+        Ok(data)
+    }
+
+    /// `data`, read at `path`, as this version's state.
+    fn parse<T: DeserializeOwned>(data: &[u8], path: &Path) -> Result<T> {
         #[derive(Deserialize)]
         struct Version {
             version: u32,
         }
-        let version: Version = serde_json::from_slice(&data)
+        let version: Version = serde_json::from_slice(data)
             .with_context(|| format!("the state file {} is not a state file", path.display()))?;
         if version.version != VERSION {
             bail!(
@@ -451,7 +723,7 @@ impl StateFile {
                 version.version
             );
         }
-        let envelope: Envelope<T> = serde_json::from_slice(&data)
+        let envelope: Envelope<T> = serde_json::from_slice(data)
             .with_context(|| format!("the state file {} cannot be read", path.display()))?;
         Ok(envelope.state)
     }
@@ -464,7 +736,10 @@ impl StateFile {
     ///
     /// A write that fails, or one kept in memory only, leaves [`StateFile::unsaved`] set
     /// until a later write reaches the disk.
-    pub fn write_with<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<Written> {
+    pub fn write_with<T: Serialize + Lasting>(
+        &self,
+        now: impl FnOnce(Role) -> Option<T>,
+    ) -> Result<Written> {
         use std::sync::atomic::Ordering::Relaxed;
         let _serial = lock_of(&self.lock);
         let written = self.write_locked(now);
@@ -487,19 +762,29 @@ impl StateFile {
     }
 
     /// [`StateFile::write_with`], under its lock.
-    fn write_locked<T: Serialize>(&self, now: impl FnOnce(Role) -> Option<T>) -> Result<Written> {
+    fn write_locked<T: Serialize + Lasting>(
+        &self,
+        now: impl FnOnce(Role) -> Option<T>,
+    ) -> Result<Written> {
         let role = self.role();
-        let (path, temp) = match role {
-            Role::Writer => (&self.path, &self.temp),
-            Role::Next => (&self.next_path, &self.next_temp),
+        let (path, temp, blocked) = match role {
+            Role::Writer => (&self.path, &self.temp, &self.blocked),
+            Role::Next => (&self.next_path, &self.next_temp, &self.next_blocked),
             // The other agents' files stand until they exit (see the type).
             Role::Neither => return Ok(Written::InMemoryOnly),
         };
+        if blocked.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!(
+                "{} is a state file this agent cannot read and could not move aside: not written over (move it away)",
+                path.display()
+            );
+        }
         let Some(state) = now(role) else {
             return Ok(Written::Nothing);
         };
         let data = serde_json::to_vec(&Envelope {
             version: VERSION,
+            until_ms: Some(state.lasts_until_ms()),
             state,
         })
         .context("cannot encode the state")?;
@@ -535,6 +820,13 @@ mod tests {
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Kept {
         drains: Vec<u64>,
+    }
+
+    /// Its drains are the Unix ms they end at.
+    impl Lasting for Kept {
+        fn lasts_until_ms(&self) -> u64 {
+            self.drains.iter().copied().max().unwrap_or(0)
+        }
     }
 
     fn dir() -> tempfile::TempDir {
@@ -605,7 +897,7 @@ mod tests {
         assert_eq!(writer.role(), Role::Writer);
         // At start the writer holds the next file's lock too (a crashed agent's file would
         // be its to fold in); with none there, it lets it go.
-        assert_eq!(writer.read_next::<Kept>(), None);
+        assert_eq!(writer.read_next::<Kept>(), Found::Nothing);
         writer.retire_next().expect("nothing to retire");
         writer
             .write_with(|role| {
@@ -641,7 +933,7 @@ mod tests {
         assert_eq!(after_crash.role(), Role::Next);
         assert_eq!(
             after_crash.read_next::<Kept>(),
-            Some(Kept { drains: vec![5] })
+            Found::State(Kept { drains: vec![5] })
         );
         drop(writer);
         after_crash.wait_for_lock().expect("lock");
@@ -654,7 +946,11 @@ mod tests {
             .expect("write");
         after_crash.retire_next().expect("retire");
         assert!(!root.path().join(NEXT_FILE_NAME).exists());
-        assert_eq!(after_crash.read_next::<Kept>(), None, "its lock let go");
+        assert_eq!(
+            after_crash.read_next::<Kept>(),
+            Found::Nothing,
+            "its lock let go"
+        );
         assert_eq!(
             after_crash.read::<Kept>(),
             Some(Kept { drains: vec![1, 5] })
@@ -675,10 +971,13 @@ mod tests {
             .write_with(|_| Some(Kept { drains: vec![7] }))
             .expect("write");
         assert!(!writer.take_orphaned_next().expect("its agent holds it"));
-        assert_eq!(writer.read_next::<Kept>(), None);
+        assert_eq!(writer.read_next::<Kept>(), Found::Nothing);
         drop(beside);
         assert!(writer.take_orphaned_next().expect("its agent has gone"));
-        assert_eq!(writer.read_next::<Kept>(), Some(Kept { drains: vec![7] }));
+        assert_eq!(
+            writer.read_next::<Kept>(),
+            Found::State(Kept { drains: vec![7] })
+        );
         writer.retire_next().expect("retire");
         assert!(!root.path().join(NEXT_FILE_NAME).exists());
     }
@@ -743,5 +1042,121 @@ mod tests {
         }
         fs::write(file.path(), vec![b' '; MAX_BYTES as usize + 1]).expect("write");
         assert_eq!(file.read::<Kept>(), None);
+    }
+
+    /// Audit (rollback): a file of another version (or a damaged one) that this agent owns
+    /// is never written over nor removed: it is set aside under a name giving its version,
+    /// when, and until when it gates — its own `until_ms` if it has a sane one, else the
+    /// longest gate from now — and an agent opened later reads that end from the name.
+    #[test]
+    fn an_unreadable_file_is_set_aside_with_its_bound_and_never_written_over() {
+        let root = dir();
+        let longest = Duration::from_secs(900);
+        let file = StateFile::open(root.path())
+            .expect("open")
+            .with_longest_gate(longest);
+        let newer = format!(
+            "{{\"version\":2,\"until_ms\":{},\"state\":{{\"gates\":[1]}}}}",
+            now_ms() + 60_000
+        );
+        fs::write(file.path(), &newer).expect("write");
+        let before = now_ms();
+        let Found::Unreadable(found) = file.read_owned::<Kept>() else {
+            panic!("read as a state");
+        };
+        assert!(found.set_aside && found.version == Some(2), "{found:?}");
+        assert!(found.problem.contains("version 2"), "{}", found.problem);
+        assert_eq!(fs::read_to_string(&found.path).expect("set aside"), newer);
+        assert!(!file.path().exists());
+        let name = found.path.file_name().and_then(|name| name.to_str());
+        assert!(
+            name.is_some_and(|name| name.starts_with("drains.json.unreadable-v2-at-")),
+            "{name:?}"
+        );
+        assert!(
+            found.until_ms > before && found.until_ms <= before + 61_000,
+            "its own bound"
+        );
+        // Written again only where it was: the state file's name.
+        file.write_with(|_| Some(Kept { drains: vec![1] }))
+            .expect("write");
+        assert_eq!(fs::read_to_string(&found.path).expect("kept"), newer);
+        let again = StateFile::open(root.path()).expect("open again");
+        assert_eq!(
+            again.set_aside_until_ms().expect("listed"),
+            Some(found.until_ms)
+        );
+
+        // No bound of its own (not even JSON): the longest gate from now.
+        fs::write(file.path(), b"not json").expect("write");
+        let Found::Unreadable(damaged) = file.read_owned::<Kept>() else {
+            panic!("read as a state");
+        };
+        assert_eq!(damaged.version, None);
+        assert!(
+            damaged.until_ms >= before + millis(longest)
+                && damaged.until_ms <= now_ms() + millis(longest),
+            "{damaged:?}"
+        );
+        assert_eq!(
+            fs::read(&damaged.path).expect("set aside"),
+            b"not json".to_vec()
+        );
+        assert_eq!(
+            again.set_aside_until_ms().expect("listed"),
+            Some(damaged.until_ms),
+            "the latest end"
+        );
+
+        // The next file too, for the agent holding its lock; and a bound past the cap is
+        // taken as damaged.
+        let next = format!("{{\"version\":3,\"until_ms\":{},\"state\":{{}}}}", u64::MAX);
+        fs::write(root.path().join(NEXT_FILE_NAME), &next).expect("write");
+        assert!(file.take_orphaned_next().expect("its lock"));
+        let Found::Unreadable(left) = file.read_next::<Kept>() else {
+            panic!("read as a state");
+        };
+        assert_eq!(left.version, Some(3));
+        assert!(left.until_ms <= now_ms() + millis(longest), "{left:?}");
+        assert_eq!(fs::read_to_string(&left.path).expect("set aside"), next);
+        file.retire_next().expect("nothing left to remove");
+        assert_eq!(fs::read_to_string(&left.path).expect("kept"), next);
+    }
+
+    /// The files set aside are bounded: past [`SET_ASIDE_MAX`], the one gating for the
+    /// shortest goes (every scope is gated until the latest end, which stays).
+    #[test]
+    fn set_aside_files_are_bounded_and_the_latest_end_stays() {
+        let root = dir();
+        let file = StateFile::open(root.path()).expect("open");
+        let base = now_ms() + 3_600_000;
+        let mut ends = Vec::new();
+        for round in 0..SET_ASIDE_MAX as u64 + 3 {
+            // The third one found gates the longest.
+            let until = if round == 2 {
+                base + 1_000_000
+            } else {
+                base + round
+            };
+            ends.push(until);
+            fs::write(
+                file.path(),
+                format!("{{\"version\":9,\"until_ms\":{until},\"state\":{round}}}"),
+            )
+            .expect("write");
+            assert!(matches!(file.read_owned::<Kept>(), Found::Unreadable(_)));
+        }
+        let left = file.set_aside_files().expect("listed");
+        assert_eq!(left.len(), SET_ASIDE_MAX);
+        assert_eq!(
+            file.set_aside_until_ms().expect("listed"),
+            Some(base + 1_000_000)
+        );
+        let gone: Vec<u64> = ends
+            .iter()
+            .copied()
+            .filter(|until| !left.iter().any(|(_, _, kept)| kept == until))
+            .collect();
+        assert_eq!(gone, vec![base, base + 1, base + 3], "the shortest went");
     }
 }

@@ -43,15 +43,29 @@ fn saving_registry(
 /// `take_over_state`: the next file's lock let go), and an agent started beside it that
 /// restored from its file (`new`). Returns the old agent's tracker, `old` and `new`.
 fn overlapping_registries(dir: &std::path::Path) -> (Arc<Tracker>, Arc<Drains>, Arc<Drains>) {
-    let (_, old_tracker, old) = saving_registry(2, dir);
-    old.state
+    let (_, old_tracker, old) = writing_registry(dir);
+    let (_, _, new) = registry_beside(dir);
+    (old_tracker, old, new)
+}
+
+/// The first half of [`overlapping_registries`]: the state file's writer, as at its start.
+fn writing_registry(dir: &std::path::Path) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let (source, tracker, drains) = saving_registry(2, dir);
+    drains
+        .state
         .as_ref()
         .expect("state file")
         .retire_next()
         .expect("nothing to retire");
-    let (_, _, new) = saving_registry(2, dir);
-    new.restore();
-    (old_tracker, old, new)
+    (source, tracker, drains)
+}
+
+/// The second half of [`overlapping_registries`]: an agent started beside the writer, having
+/// restored from its file.
+fn registry_beside(dir: &std::path::Path) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
+    let (source, tracker, drains) = saving_registry(2, dir);
+    drains.restore();
+    (source, tracker, drains)
 }
 
 /// The old agent's ids run ahead of the new one's (each agent counts its own), so that a
@@ -1095,4 +1109,142 @@ async fn the_writer_gates_from_what_the_agent_beside_it_keeps() {
     // A file that cannot be read: no scope is vouched for.
     std::fs::write(dir.path().join(state_file::NEXT_FILE_NAME), b"not json").expect("write");
     assert!(gate.draining(8081, None).await, "an unreadable file beside");
+}
+
+/// Audit (take-over): a drain the new agent restored at its start and that then ended here
+/// (drained) was launched again at the take-over, from the old agent's last file (which
+/// still had it: an agent stopping writes nothing): it gated the scope again and counted,
+/// or closed at its deadline, the connections of the service's new instance. The merge
+/// now skips what was restored at start and ended here, as it skips what was cancelled.
+#[tokio::test]
+async fn a_restored_drain_that_ended_here_is_not_started_again_at_the_take_over() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = writing_registry(dir.path());
+    let (record, _) = old
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (new_source, _, new) = registry_beside(dir.path());
+    assert_eq!(new.list().0.len(), 1, "restored at start");
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    // The restored copy drains here (the old instance's connections have gone) ...
+    new_source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    for _ in 0..500 {
+        if new.list().0.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (running, ended) = new.list();
+    assert!(running.is_empty(), "{running:?}");
+    assert_eq!(
+        (ended[0].id, ended[0].result),
+        (record.id, Some(DrainEnd::Drained))
+    );
+    // ... and the service's new instance has connections of its own.
+    new_source.set(vec![endpoint("127.0.0.1", 8080, 2)]);
+    // The old agent stops with the drain still in its file, and goes.
+    old_agent_goes(&old_tracker, old, &new).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (running, _) = new.list();
+    assert!(
+        running.is_empty(),
+        "the drain that ended here runs again: {running:?}"
+    );
+    take_over.abort();
+}
+
+/// A state file as a later release writes it (a version this one cannot read), with a drain
+/// in progress (`on_timeout=close`) and a held gate.
+const NEWER_STATE: &str = r#"{"version":2,"state":{"drains":[{"record":{"id":7,"port":8080,"started_ms":1,"active_at_start":2,"late_arrivals":0,"closed_by_agent":0,"wait_ms":0,"on_timeout":"close"},"deadline_ms":99999999999999}],"held":[{"port":9090,"listeners":[1],"until_ms":99999999999999}],"gates_v2":[]}}"#;
+
+/// The files in `dir` holding exactly `content`.
+fn files_holding(dir: &std::path::Path, content: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|entry| {
+            let path = entry.expect("entry").path();
+            (std::fs::read(&path).ok()? == content.as_bytes())
+                .then(|| path.file_name()?.to_str().map(str::to_owned))
+                .flatten()
+        })
+        .collect()
+}
+
+/// Audit (rollback): a later release's state file (a newer version) was overwritten at the
+/// take-over of the release rolled back to: it could not read it, restored nothing, and its
+/// first save replaced it — every drain in progress (`on_timeout=close` included) and every
+/// held gate gone, the scopes back in rotation. Now the file is set aside, never
+/// overwritten, and every scope is answered "draining" until anything in it could still
+/// gate.
+#[tokio::test]
+async fn a_newer_versions_state_file_is_set_aside_at_the_take_over_and_every_scope_gated() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (old_tracker, old, new) = overlapping_registries(dir.path());
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    // The old agent is the later release: its last state is a version 2 file.
+    std::fs::write(dir.path().join(state_file::FILE_NAME), NEWER_STATE).expect("write");
+    assert!(
+        new.gated(&node(8081)),
+        "beside it, an unreadable file gates"
+    );
+    old_agent_goes(&old_tracker, old, &new).await;
+    // Its save after the take-over.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(new.save().await, Saved::Yes);
+    let kept = files_holding(dir.path(), NEWER_STATE);
+    assert_eq!(kept.len(), 1, "the newer file is gone or overwritten");
+    assert_ne!(kept[0], state_file::FILE_NAME, "set aside, not in the way");
+    assert!(
+        new.gated(&node(8080)) && new.gated(&node(9090)) && new.gated(&node(8081)),
+        "every scope is draining while the newer file could still gate"
+    );
+    take_over.abort();
+}
+
+/// Audit (rollback, restart): a newer version's `drains.json` found at the start of the
+/// writer was ignored, then overwritten by the first save. It is set aside and every scope
+/// gated.
+#[tokio::test]
+async fn a_newer_versions_file_found_at_start_is_set_aside_and_gates() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join(state_file::FILE_NAME), NEWER_STATE).expect("write");
+    let (_, _, writer) = saving_registry(2, dir.path());
+    writer.restore();
+    let take_over = tokio::spawn({
+        let writer = Arc::clone(&writer);
+        async move { writer.take_over_state().await }
+    });
+    writer
+        .post(spec(Duration::from_secs(600)))
+        .await
+        .expect("room");
+    assert_eq!(writer.save().await, Saved::Yes);
+    assert_eq!(files_holding(dir.path(), NEWER_STATE).len(), 1, "at start");
+    assert!(writer.gated(&node(8081)), "at start: every scope");
+    take_over.abort();
+}
+
+/// The same for a newer version's `drains.next.json` that a gone agent left: the writer's
+/// fold-in deleted it unread.
+#[tokio::test]
+async fn a_newer_versions_next_file_is_set_aside_at_the_fold_in_and_gates() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, writer) = writing_registry(dir.path());
+    let next = r#"{"version":2,"state":{"drains":[],"held":[{"port":9191,"listeners":[],"until_ms":99999999999999}]}}"#;
+    std::fs::write(dir.path().join(state_file::NEXT_FILE_NAME), next).expect("write");
+    writer.catch_up().await;
+    assert_eq!(
+        files_holding(dir.path(), next).len(),
+        1,
+        "the gone agent's newer file is deleted unread"
+    );
+    assert!(writer.gated(&node(9191)) && writer.gated(&node(8081)));
 }

@@ -1288,3 +1288,35 @@ async fn an_address_that_left_a_draining_pod_keeps_it_out_of_rotation() {
     let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
     assert_eq!((status, reply), (StatusCode::OK, Reply::Ready), "{body}");
 }
+/// A state file this agent cannot read (a later release's: a rollback) is moved aside at
+/// start, not written over, and every port answers `/health` 503 while it could still gate;
+/// the metrics say so.
+#[tokio::test]
+async fn an_unreadable_state_file_gates_every_port_and_is_said_in_the_metrics() {
+    let dir = tempfile::tempdir().expect("dir");
+    let newer = r#"{"version":2,"state":{"drains":[]}}"#;
+    std::fs::write(dir.path().join(crate::drain::state_file::FILE_NAME), newer).expect("write");
+    let (_, state) = app_with(vec![endpoint("127.0.0.1", 8080, 1)], Some(dir.path()));
+    state.drains.restore();
+    assert_eq!(
+        get(&state, "/health?port=8080").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let metrics = state.metrics.render().expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "drain_agent_state_unreadable 1"),
+        "{metrics}"
+    );
+    let set_aside: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("drains.json.unreadable-v2-at-"))
+        .collect();
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(&set_aside[0])).expect("kept"),
+        newer
+    );
+}

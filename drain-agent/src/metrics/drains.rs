@@ -37,6 +37,11 @@ const SAVE_FAILURES: (&str, &str) = (
     "Saves of the drains to --state-dir that did not reach the disk, since the agent started.",
 );
 
+const STATE_UNREADABLE: (&str, &str) = (
+    "drain_agent_state_unreadable",
+    "1 while a state file in --state-dir this agent cannot read (another version: a rollback from a later release; or damaged) could still hold a drain or a /health gate: it was moved aside, not written over, and /health and the agent-check answer \"draining\" for every scope meanwhile. The log names the file.",
+);
+
 const JOURNAL_FAILURES: (&str, &str) = (
     "drain_agent_journal_write_failures_total",
     "Drain records that could not be written to --journal since the agent started (the log says why): those drains are missing from it.",
@@ -57,6 +62,7 @@ impl DrainCollector {
             desc(SCOPE_DRAINS, &["port", "addr", "result"])?,
             desc(UNSAVED, &[])?,
             desc(SAVE_FAILURES, &[])?,
+            desc(STATE_UNREADABLE, &[])?,
             desc(JOURNAL_FAILURES, &[])?,
         ];
         Ok(Self { drains, descs })
@@ -142,6 +148,14 @@ impl Collector for DrainCollector {
             SAVE_FAILURES,
             MetricType::COUNTER,
             vec![counter(&[], save_failures as f64)],
+        ));
+        families.push(family(
+            STATE_UNREADABLE,
+            MetricType::GAUGE,
+            vec![gauge(
+                &[],
+                f64::from(u8::from(self.drains.failing_closed())),
+            )],
         ));
         families.push(family(
             JOURNAL_FAILURES,
