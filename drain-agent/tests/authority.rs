@@ -446,6 +446,112 @@ fn a_local_user_drains_its_own_port_and_cannot_close_anothers() {
     assert_eq!(status, 200);
 }
 
+/// `GET path` to the agent on 127.0.0.1:`api`, from `source`, as `uid`, sent and left
+/// open: the socket is made on a thread whose fsuid is `uid`, so the kernel records it as
+/// that user's (what the agent looks up), whatever address it binds.
+fn send_as(uid: u32, source: &str, api: u16, path: &str) -> TcpStream {
+    let source: std::net::SocketAddr = format!("{source}:0").parse().expect("source");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    thread::spawn(move || {
+        // SAFETY: setfsuid is per thread; it changes whose sockets this thread makes.
+        unsafe { libc::setfsuid(uid) };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        let stream = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(source).expect("bind the source");
+            socket
+                .connect(([127, 0, 0, 1], api).into())
+                .await
+                .expect("connect")
+        });
+        let stream = stream.into_std().expect("std stream");
+        stream.set_nonblocking(false).expect("blocking");
+        (&stream).write_all(request.as_bytes()).expect("send");
+        stream
+    })
+    .join()
+    .expect("the user's thread")
+}
+
+/// The status of the answer on `stream` within `patience`; `None`: none came.
+fn status_within(stream: &mut TcpStream, patience: Duration) -> Option<u16> {
+    stream.set_read_timeout(Some(patience)).expect("timeout");
+    let mut head = [0_u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Audit (shared limits): `--max-waiters-per-source` and the reserve's "first of its
+/// source" went by address, and a local user may bind every address of 127.0.0.0/8:
+/// `nobody` filled the cap (4 waiters from each of 2 addresses, here) and the reserve
+/// (one "first" waiter from each of 4 more), and root's stop hook then waited in the
+/// listen backlog, answered by nobody. The agent now identifies the caller before those
+/// limits: `nobody` is one source whatever its addresses, and root's hook is answered.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_user_on_many_loopback_addresses_cannot_keep_roots_hook_waiting() {
+    if !kernel_available("a_user_on_many_loopback_addresses_cannot_keep_roots_hook_waiting") {
+        return;
+    }
+    let api = free_port();
+    // A cap of 8 connections (a reserve of 4 beyond it), 4 waiters per source.
+    let _agent = start_agent_with(
+        api,
+        &[
+            "--http-max-connections",
+            "8",
+            "--max-waiters-per-source",
+            "4",
+        ],
+    );
+    // A port that never drains (root's service, one client held), for nobody's waiters.
+    let busy = free_port();
+    let listener = TcpListener::bind(("127.0.0.1", busy)).expect("bind");
+    let _held = TcpStream::connect(("127.0.0.1", busy)).expect("connect");
+    let _accepted = listener.accept().expect("accept");
+    let wait = format!("/drained?port={busy}&timeout=60s");
+    let mut users = Vec::new();
+    for (address, count) in [
+        ("127.0.1.1", 4),
+        ("127.0.1.2", 4),
+        ("127.0.2.1", 1),
+        ("127.0.2.2", 1),
+        ("127.0.2.3", 1),
+        ("127.0.2.4", 1),
+    ] {
+        for _ in 0..count {
+            users.push(send_as(NOBODY, address, api, &wait));
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
+    // Root's stop hook, for a port with nothing open: drained at once.
+    let mut root = send_as(
+        0,
+        "127.0.0.1",
+        api,
+        &format!("/drained?port={}&timeout=5s", free_port()),
+    );
+    let status = status_within(&mut root, Duration::from_secs(5));
+    assert_eq!(
+        status,
+        Some(200),
+        "root's hook behind nobody's waiters from 6 loopback addresses"
+    );
+    // Nobody has 4 waiters, its per-source limit; the rest were told 429.
+    let mut refused = 0;
+    for user in &mut users {
+        match status_within(user, Duration::from_millis(200)) {
+            Some(429) => refused += 1,
+            None => {}
+            other => panic!("nobody's waiter answered {other:?}"),
+        }
+    }
+    assert_eq!(refused, users.len() - 4, "all but 4 of nobody's refused");
+}
+
 /// A `GET` whose client went away left its 10-minute drain (and the port's gate) running.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]

@@ -361,15 +361,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
             None
         }
     };
+    // The caller is identified before the server's `/drained` limits, which count it as
+    // who it is (a user, a pod), not by its address; every answer names the instance, the
+    // limits' 429s and identification's 401s too.
     let served = crate::http::server::serve_handing_over(
         listener,
-        crate::http::naming_instance(
-            tasks.guard_healthz(router(state).layer(axum::middleware::from_fn_with_state(
-                identify,
-                crate::http::identify::identify,
-            ))),
-            &instance,
-        )?,
+        tasks.guard_healthz(router(state)),
+        |limited| {
+            crate::http::naming_instance(
+                limited.layer(axum::middleware::from_fn_with_state(
+                    identify,
+                    crate::http::identify::identify,
+                )),
+                &instance,
+            )
+        },
         args.server_limits(),
         reached(phases.clone(), StopPhase::HandingOver),
         reached(phases.clone(), StopPhase::AnsweringRest),

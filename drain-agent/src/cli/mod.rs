@@ -143,7 +143,8 @@ pub struct RunArgs {
     pub max_timeout: Duration,
 
     /// How many /drained requests may block at once, and drains be in progress at once
-    /// (of which one pod's namespace, or the node's local users, may have 64); more get 429.
+    /// (of each, one pod's namespace, or the node's local users, may have 64; root only this
+    /// limit); more get 429.
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS", default_value_t = 1024)]
     pub max_waiters: usize,
 
@@ -181,7 +182,9 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// How many /drained requests one source IP address may have in progress; more get 429.
+    /// How many /drained requests one source may have in progress; more get 429. A source is
+    /// a local user (by its socket's owner, whatever loopback address it calls from), a pod
+    /// (by its namespace), else an IP address (root's processes among them).
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS_PER_SOURCE", default_value_t = 64)]
     pub max_waiters_per_source: usize,
 

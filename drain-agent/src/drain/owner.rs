@@ -1,5 +1,6 @@
 //! Whose a drain's scope is, for the limits shared by the whole node: drains in progress
-//! (`--max-waiters`) and gates held after a drain ([`HELD_MAX`]). Without an owner, one pod
+//! (`--max-waiters`), `/drained` waiters blocked (`--max-waiters` too) and gates held after
+//! a drain ([`HELD_MAX`]). Without an owner, one pod
 //! could use them all up: post drains until the node's limit, so that another pod's `POST
 //! /drain` got 429 and its `/drained` waited unrecorded (no `/health` gate, no close at the
 //! deadline); or end short drains until the held gates' limit, evicting another pod's gate
@@ -16,6 +17,13 @@ use crate::{drain::gate::Held, tracker::Filter};
 /// (a stop hook drains each port it listens on): 64 is far above that, and far below the
 /// default `--max-waiters` (1024), so that one owner never takes what the others need.
 pub const RUNNING_PER_OWNER: usize = 64;
+
+/// `/drained` waiters one [`Owner`] may have blocked at once (beside the node-wide
+/// `--max-waiters`, `Tracker::admit`); the node (root, a bearer token, its port-wide scopes)
+/// has only the node-wide limit. A pod needs about one per port its stop hooks wait on: 64,
+/// like [`RUNNING_PER_OWNER`], is far above that and a sixteenth of the default
+/// `--max-waiters` (1024).
+pub const WAITERS_PER_OWNER: usize = 64;
 
 /// Whose a scope is: the owner a scope's drains and held gate count against.
 ///

@@ -106,6 +106,9 @@ impl Drains {
             Ok(Err(problem)) => {
                 let why = match problem {
                     WaitError::TooManyWaiters(max) => format!("{max} waiters already"),
+                    WaitError::OwnerFull(owner, max) => {
+                        format!("{owner} has {max} waiters already")
+                    }
                     WaitError::Source(source) => format!("{source:#}"),
                 };
                 (

@@ -574,6 +574,7 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
         spec: spec(timeout),
         control: true,
         peers: false,
+        share: None,
     };
     let answer = |ask: waiter::Ask| {
         let drains = Arc::clone(&drains);
@@ -742,6 +743,7 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
         },
         control: true,
         peers: false,
+        share: Some(Owner::Netns(7)),
     };
     let answer = ask.answer(&drains).await.expect("answer");
     assert_eq!(

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership},
+    drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership, owner::Owner},
     tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, Tracker, WaitError},
 };
 
@@ -28,6 +28,9 @@ pub struct Ask {
     /// `peers=true`: a not-drained answer to a pure query lists the connections left too
     /// (a waiter's answer has them already).
     pub peers: bool,
+    /// Whose share of `--max-waiters` it takes ([`Tracker::admit`]): its scope's owner;
+    /// `None` for the node (root, a bearer token) and its port-wide scopes.
+    pub share: Option<Owner>,
 }
 
 /// A waiter's answer.
@@ -107,9 +110,9 @@ impl Ask {
             Joined::Unrecorded(why) => (None, why),
         };
         let (mut outcome, closed) = match &membership {
-            Some(membership) => await_drain(tracker, &self.spec, membership).await?,
+            Some(membership) => await_drain(tracker, &self.spec, self.share, membership).await?,
             None => {
-                let _slot = tracker.admit()?;
+                let _slot = tracker.admit(self.share)?;
                 let outcome = tracker
                     .wait_for_drain(&self.spec.filter, self.spec.timeout, &self.spec.rule)
                     .await?;
@@ -172,9 +175,10 @@ enum Joined {
 async fn await_drain(
     tracker: &Tracker,
     spec: &DrainSpec,
+    share: Option<Owner>,
     membership: &Membership,
 ) -> Result<(DrainOutcome, Option<u64>), WaitError> {
-    let _slot = tracker.admit()?;
+    let _slot = tracker.admit(share)?;
     let started = tokio::time::Instant::now();
     let own_deadline = started + spec.timeout;
     // Of the drain's deadline: the drain's own may change while this waiter waits (a drain

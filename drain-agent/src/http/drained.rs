@@ -44,6 +44,16 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
                 format!("{max} requests are waiting already (--max-waiters); retry later"),
             ),
         ),
+        Err(Unanswered::Wait(WaitError::OwnerFull(owner, limit))) => (
+            // The caller's own namespace only: other tenants are not its to count or name.
+            DrainResult::Rejected,
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{owner} has {limit} /drained requests waiting, the per-owner limit of waiters (the waiters of one pod's namespace, or of this node's local users, count together; see README \"Shared limits\"); retry later"
+                ),
+            ),
+        ),
         Err(Unanswered::Wait(WaitError::Source(source))) => (
             DrainResult::Error,
             error(

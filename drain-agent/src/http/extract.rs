@@ -15,7 +15,7 @@ use axum::{
 };
 
 use crate::{
-    drain::waiter::Ask,
+    drain::{owner::Owner, waiter::Ask},
     http::{
         AppState,
         api::{
@@ -261,10 +261,15 @@ impl FromRequestParts<Arc<AppState>> for Waiter {
                 .check_close(state.drains.close_unavailable())
                 .map_err(refused)?;
         }
+        // One owner's waiters never fill the node's limit (INVARIANTS.md "Shared limits");
+        // the node's only meets the node's limit, as before owners.
+        let owner = Owner::of(&request.filter);
+        let share = (caller != Caller::Node && owner.limited()).then_some(owner);
         Ok(Self(Ask {
             spec: request.spec(),
             control,
             peers: request.peers,
+            share,
         }))
     }
 }

@@ -44,7 +44,17 @@ fn app_built(
     state_dir: Option<&std::path::Path>,
     build: impl FnOnce(Drains) -> Drains,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
-    app_closing(endpoints, state_dir, None, build)
+    app_made(endpoints, state_dir, |tracker| tracker, build)
+}
+
+/// [`app_built`], its tracker (8 waiters at most) set up by `made` (other limits).
+fn app_made(
+    endpoints: Vec<crate::tracker::Endpoint>,
+    state_dir: Option<&std::path::Path>,
+    made: impl FnOnce(Tracker) -> Tracker,
+    build: impl FnOnce(Drains) -> Drains,
+) -> (Arc<FakeSource>, Arc<AppState>) {
+    app_full(endpoints, state_dir, None, made, build, Arc::new(TwoPods))
 }
 
 /// [`app_built`] whose drains close connections with `closer`.
@@ -54,7 +64,14 @@ fn app_closing(
     closer: Option<Arc<dyn crate::closer::Closer>>,
     build: impl FnOnce(Drains) -> Drains,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
-    app_made(endpoints, state_dir, closer, build, Arc::new(TwoPods))
+    app_full(
+        endpoints,
+        state_dir,
+        closer,
+        |tracker| tracker,
+        build,
+        Arc::new(TwoPods),
+    )
 }
 
 /// [`app_built`], the namespaces' addresses read from `addresses`.
@@ -64,20 +81,29 @@ fn app_addressed(
     build: impl FnOnce(Drains) -> Drains,
     addresses: Arc<dyn AddressSource>,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
-    app_made(endpoints, state_dir, None, build, addresses)
+    app_full(
+        endpoints,
+        state_dir,
+        None,
+        |tracker| tracker,
+        build,
+        addresses,
+    )
 }
 
-/// Every test app: drains closing with `closer`, the namespaces' addresses from `addresses`.
-fn app_made(
+/// Every test app: drains closing with `closer`, the tracker set up by `made`, the
+/// registry by `build`, the namespaces' addresses from `addresses`.
+fn app_full(
     endpoints: Vec<crate::tracker::Endpoint>,
     state_dir: Option<&std::path::Path>,
     closer: Option<Arc<dyn crate::closer::Closer>>,
+    made: impl FnOnce(Tracker) -> Tracker,
     build: impl FnOnce(Drains) -> Drains,
     addresses: Arc<dyn AddressSource>,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
-    let tracker = Arc::new(Tracker::new(source.clone(), 8));
+    let tracker = Arc::new(made(Tracker::new(source.clone(), 8)));
     let metrics = Arc::new(
         Metrics::new(
             tracker.clone(),
@@ -1029,6 +1055,68 @@ async fn a_pod_past_its_share_of_drains_gets_429_naming_the_per_owner_limit() {
         body["drain"].is_u64() && body.get("unrecorded").is_none(),
         "{body}"
     );
+}
+
+/// Audit (shared limits): `--max-waiters` was the node's alone, not split by owner: pods
+/// parking many `/drained` waiters filled it, and another pod's stop hook (the kubelet's
+/// `httpGet`, which does not retry) got 429, its drain ended and its container was killed
+/// with live connections. One owner's waiters now take at most its share; the 429 names
+/// the caller's own namespace and the per-owner limit.
+#[tokio::test]
+async fn a_pod_parking_waiters_never_fills_the_nodes_waiter_limit() {
+    // The node allows 8 waiters at once, one owner 3.
+    let (_, state) = app_made(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |tracker| tracker.with_waiters_per_owner(3),
+        |drains| drains,
+    );
+    let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+    // Pod 7 parks as many waiters as it can on its busy port, up to the node's limit.
+    let mut parked = Vec::new();
+    let mut refusals = Vec::new();
+    for _ in 0..8 {
+        let before = state.tracker.waiters();
+        let waiter = tokio::spawn({
+            let state = state.clone();
+            async move { request_as(&state, a, "GET", "/drained?port=8080&timeout=5m").await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while state.tracker.waiters() == before && !waiter.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("parked or answered");
+        if waiter.is_finished() {
+            refusals.push(waiter.await.expect("join"));
+        } else {
+            parked.push(waiter);
+        }
+    }
+    // Pod 8's stop hook is admitted (its port has nothing open: drained at once).
+    let (status, body) = request_as(&state, b, "GET", "/drained?port=9000&timeout=10s").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "pod 8's /drained with pod 7 holding {} waiters: {body}",
+        parked.len()
+    );
+    assert_eq!(parked.len(), 3, "pod 7's share");
+    assert_eq!(refusals.len(), 5);
+    for answer in refusals {
+        refused(
+            answer,
+            StatusCode::TOO_MANY_REQUESTS,
+            "network namespace 7 has 3 /drained requests waiting, the per-owner limit",
+        );
+    }
+    for waiter in parked {
+        waiter.abort();
+    }
 }
 
 /// Every answer names the agent that gave it (`drain-agent probe` tells two agents on one

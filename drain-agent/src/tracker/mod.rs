@@ -14,10 +14,8 @@ mod waiter;
 mod wake;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -37,6 +35,7 @@ pub use self::{
 };
 use crate::{
     doubt::Doubt,
+    drain::owner::{Owner, WAITERS_PER_OWNER},
     drain_rule::{DrainRule, Peer},
 };
 
@@ -49,6 +48,10 @@ pub const REPORT_IDLE_BAR: Duration = Duration::from_secs(1);
 pub enum WaitError {
     /// More waiters than `--max-waiters` are blocked already.
     TooManyWaiters(usize),
+    /// As many waiters of this owner as one owner may have
+    /// ([`WAITERS_PER_OWNER`](crate::drain::owner::WAITERS_PER_OWNER), the limit named)
+    /// are blocked already.
+    OwnerFull(Owner, usize),
     /// The counts could not be read.
     Source(anyhow::Error),
 }
@@ -82,19 +85,45 @@ pub struct Tracker {
     /// Sent when a walk of the sockets has ended (the seeding among them): what waits for
     /// the seeding ([`Tracker::seeded`]) looks again, woken rather than polling.
     walked: watch::Sender<()>,
-    waiters: AtomicUsize,
+    waiting: Mutex<Waiting>,
     max_waiters: usize,
+    /// Waiters one owner may have at most ([`WAITERS_PER_OWNER`]).
+    waiters_per_owner: usize,
     /// The report lists of answers (with ages), one pass per scope for the waiters
     /// answered together.
     reports: SharedLists<Filter, Vec<Peer>>,
 }
 
-/// Keeps the waiter count right however a wait ends (answer, timeout, client gone).
-pub struct WaiterSlot<'a>(&'a AtomicUsize);
+/// The waiters blocked now: all of them, and those of each owner that has a share
+/// ([`Tracker::admit`]); one lock, so that no two requests both take the last place.
+#[derive(Default)]
+struct Waiting {
+    total: usize,
+    per_owner: HashMap<Owner, usize>,
+}
+
+fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Keeps the waiter counts right however a wait ends (answer, timeout, client gone).
+pub struct WaiterSlot<'a> {
+    waiting: &'a Mutex<Waiting>,
+    owner: Option<Owner>,
+}
 
 impl Drop for WaiterSlot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut waiting = lock(self.waiting);
+        waiting.total = waiting.total.saturating_sub(1);
+        if let Some(owner) = self.owner
+            && let Some(count) = waiting.per_owner.get_mut(&owner)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                waiting.per_owner.remove(&owner);
+            }
+        }
     }
 }
 
@@ -105,8 +134,9 @@ impl Tracker {
             channels: PortChannels::default(),
             shutdown: watch::channel(false).0,
             walked: watch::channel(()).0,
-            waiters: AtomicUsize::new(0),
+            waiting: Mutex::default(),
             max_waiters,
+            waiters_per_owner: WAITERS_PER_OWNER,
             reports: SharedLists::default(),
         }
     }
@@ -266,7 +296,16 @@ impl Tracker {
 
     /// Waiters blocked now.
     pub fn waiters(&self) -> usize {
-        self.waiters.load(Ordering::Acquire)
+        lock(&self.waiting).total
+    }
+
+    /// Another share of `--max-waiters` per owner than [`WAITERS_PER_OWNER`]: a small one,
+    /// for tests that fill it.
+    #[cfg(test)]
+    #[must_use]
+    pub fn with_waiters_per_owner(mut self, waiters_per_owner: usize) -> Self {
+        self.waiters_per_owner = waiters_per_owner;
+        self
     }
 
     /// The socket tables' count for `filter` (off the async workers: a pass over the
@@ -358,13 +397,30 @@ impl Tracker {
 
     /// A waiter's place among `--max-waiters`, for a request that waits on a drain's
     /// outcome rather than on [`Tracker::wait_until_drained`]; held until dropped.
-    pub fn admit(&self) -> Result<WaiterSlot<'_>, WaitError> {
-        let before = self.waiters.fetch_add(1, Ordering::AcqRel);
-        let slot = WaiterSlot(&self.waiters);
-        if before >= self.max_waiters {
+    ///
+    /// `owner`: whose share it takes, at most [`WAITERS_PER_OWNER`] places of the node's
+    /// (`drain/owner.rs`: a pod's namespace, the node's local users), so that one owner's
+    /// waiters never fill the node's limit. `None` (the node: root, a bearer token, and its
+    /// port-wide scopes): the node's limit only. The owner's limit is asked first, so that
+    /// an owner past it is told of its own limit.
+    pub fn admit(&self, owner: Option<Owner>) -> Result<WaiterSlot<'_>, WaitError> {
+        let mut waiting = lock(&self.waiting);
+        if let Some(owner) = owner
+            && waiting.per_owner.get(&owner).copied().unwrap_or(0) >= self.waiters_per_owner
+        {
+            return Err(WaitError::OwnerFull(owner, self.waiters_per_owner));
+        }
+        if waiting.total >= self.max_waiters {
             return Err(WaitError::TooManyWaiters(self.max_waiters));
         }
-        Ok(slot)
+        waiting.total += 1;
+        if let Some(owner) = owner {
+            *waiting.per_owner.entry(owner).or_default() += 1;
+        }
+        Ok(WaiterSlot {
+            waiting: &self.waiting,
+            owner,
+        })
     }
 
     /// Blocks until `filter` is drained by `rule` (see [`crate::drain_rule`]), or until
@@ -381,7 +437,7 @@ impl Tracker {
         timeout: Duration,
         rule: &DrainRule,
     ) -> Result<DrainOutcome, WaitError> {
-        let _slot = self.admit()?;
+        let _slot = self.admit(None)?;
         self.wait(filter, timeout, rule).await
     }
 

@@ -1,6 +1,7 @@
 use super::waiter::{ARRIVAL_RECHECK, CONFIRM_RETRY_MAX};
 use super::{fake::*, *};
 use crate::drain_rule::DrainRule;
+use std::sync::atomic::Ordering;
 
 fn tracker(endpoints: Vec<Endpoint>) -> (Arc<FakeSource>, Arc<Tracker>) {
     let source = Arc::new(FakeSource::default());

@@ -282,7 +282,8 @@ impl Manager {
                 }
             };
             if let Err(problem) =
-                server::serve_handing_over(listener, app, limits, stop_accepting, grace_over).await
+                server::serve_handing_over(listener, app, Ok, limits, stop_accepting, grace_over)
+                    .await
             {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }

@@ -1,9 +1,10 @@
 //! What the server allows its clients (see the module documentation of `http::server`):
-//! the checked [`ServerLimits`], `/drained` waiters per source address, and the gate of the
-//! connections served beyond the cap.
+//! the checked [`ServerLimits`], `/drained` waiters per source (the caller where it is
+//! identified, else its address), and the gate of the connections served beyond the cap.
 
 use std::{
     collections::HashMap,
+    fmt,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -19,7 +20,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::addr::canonical_addr;
+use crate::{addr::canonical_addr, http::authority::Caller};
 
 /// What the server allows its clients; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +31,8 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Time an answer may make no write progress before the connection is dropped.
     pub write_timeout: Duration,
-    /// `/drained` requests in progress at once per source IP address; more get 429.
+    /// `/drained` requests in progress at once per source (a local user, a pod, else an IP
+    /// address); more get 429.
     pub max_waiters_per_source: usize,
     /// Time open connections get to finish after shutdown begins.
     pub shutdown_timeout: Duration,
@@ -70,11 +72,62 @@ impl ServerLimits {
     }
 }
 
-/// Counts `/drained` requests in progress per source address.
+/// Whose `/drained` requests count together against `--max-waiters-per-source`, and which
+/// a place in the reserve is the first of. A caller the node listener identified
+/// (`identify.rs`, which runs before these limits) is counted as who it is, not by its
+/// address: a local user can bind every address of 127.0.0.0/8, and a pod may have several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    /// A process on the node, by its socket's owner (the kernel's word, not the caller's).
+    User(u32),
+    /// Processes on the node whose socket's owner the tables could not tell: all of them
+    /// one source (root's among them, which then get a `429` rather than wait unanswered
+    /// behind another user's).
+    UnknownUser,
+    /// A pod, by its network namespace, whichever of its addresses it calls from.
+    Pod(u32),
+    /// The node (root, a bearer token), anyone else, and every caller of a listener that
+    /// identifies nobody before its limits (the pod listeners: only the pod and root reach
+    /// them): by address. Root's processes are told apart by address as before: the
+    /// kubelet's hooks from the node's address and `drain-agent wait` from 127.0.0.1 are
+    /// not one source, and no other user's requests count against either.
+    Address(IpAddr),
+}
+
+impl Source {
+    /// Whose `request` is; `None` for a request not from [`serve`](super::serve) (no peer
+    /// address), which is not limited here.
+    fn of(request: &Request) -> Option<Self> {
+        let extensions = request.extensions();
+        let peer = extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| canonical_addr(peer.ip()))?;
+        Some(match extensions.get::<Caller>() {
+            Some(Caller::LocalUser { uid: Some(uid) }) => Self::User(*uid),
+            Some(Caller::LocalUser { uid: None }) => Self::UnknownUser,
+            Some(Caller::Pod { netns }) => Self::Pod(*netns),
+            Some(Caller::Node | Caller::Remote) | None => Self::Address(peer),
+        })
+    }
+}
+
+/// How a `429` names the source: the caller itself, nothing else.
+impl fmt::Display for Source {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User(uid) => write!(formatter, "uid {uid} on this node"),
+            Self::UnknownUser => formatter.write_str("local users this agent cannot tell apart"),
+            Self::Pod(netns) => write!(formatter, "network namespace {netns}"),
+            Self::Address(addr) => write!(formatter, "{addr}"),
+        }
+    }
+}
+
+/// Counts `/drained` requests in progress per [`Source`].
 #[derive(Clone)]
 pub(super) struct SourceLimiter {
     max: usize,
-    waiting: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    waiting: Arc<Mutex<HashMap<Source, usize>>>,
 }
 
 impl SourceLimiter {
@@ -86,7 +139,7 @@ impl SourceLimiter {
     }
 
     /// `/drained` requests of `source` in progress now.
-    fn count(&self, source: IpAddr) -> usize {
+    fn count(&self, source: Source) -> usize {
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -95,7 +148,7 @@ impl SourceLimiter {
             .unwrap_or(0)
     }
 
-    fn try_acquire(&self, source: IpAddr) -> Option<SourcePermit> {
+    fn try_acquire(&self, source: Source) -> Option<SourcePermit> {
         let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         let count = waiting.entry(source).or_insert(0);
         if *count >= self.max {
@@ -112,7 +165,7 @@ impl SourceLimiter {
 /// One `/drained` request in progress; released when the request ends or is dropped.
 struct SourcePermit {
     limiter: SourceLimiter,
-    source: IpAddr,
+    source: Source,
 }
 
 impl Drop for SourcePermit {
@@ -131,55 +184,43 @@ impl Drop for SourcePermit {
     }
 }
 
-/// Middleware of the connections beyond the cap: `/healthz`, and a `/drained` from a source
-/// with none in progress, go on; everything else is `429` with `Retry-After`, and the
-/// connection closes after the answer (its place is for the next one).
-pub(super) async fn overflow_only(
+/// A request extension: the request came on a connection served beyond the cap.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BeyondCap;
+
+/// Middleware, after the caller is identified (where a listener does: see [`Source`]):
+///
+/// - on a connection beyond the cap ([`BeyondCap`]), `/healthz`, and a `/drained` of a
+///   source with none in progress, go on; everything else is `429` with `Retry-After`, and
+///   the connection closes after the answer (its place is for the next one);
+/// - at most `max` `/drained` requests in progress per [`Source`]; more get `429`.
+pub(super) async fn limit_waiters(
     State(limiter): State<SourceLimiter>,
     request: Request,
     next: Next,
 ) -> Response {
     let path = request.uri().path();
-    let source = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| canonical_addr(peer.ip()));
-    let first_of_its_source = path == "/drained" && source.is_some_and(|at| limiter.count(at) == 0);
-    if path == "/healthz" || first_of_its_source {
-        return next.run(request).await;
+    let waiter = path == "/drained";
+    let source = Source::of(&request);
+    if request.extensions().get::<BeyondCap>().is_some() {
+        let first_of_its_source = waiter && source.is_some_and(|at| limiter.count(at) == 0);
+        if path != "/healthz" && !first_of_its_source {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [
+                    (axum::http::header::RETRY_AFTER, "1"),
+                    (axum::http::header::CONNECTION, "close"),
+                ],
+                Json(json!({
+                    "error": "every HTTP connection the agent allows (--http-max-connections) has a request in progress; retry later"
+                })),
+            )
+                .into_response();
+        }
     }
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [
-            (axum::http::header::RETRY_AFTER, "1"),
-            (axum::http::header::CONNECTION, "close"),
-        ],
-        Json(json!({
-            "error": "every HTTP connection the agent allows (--http-max-connections) has a request in progress; retry later"
-        })),
-    )
-        .into_response()
-}
-
-/// Middleware: at most `max` `/drained` requests in progress per source IP (IPv4-mapped
-/// IPv6 folded to IPv4); more get 429. Requests without `ConnectInfo` (not from [`serve`])
-/// are not limited here.
-pub(super) async fn limit_waiters_per_source(
-    State(limiter): State<SourceLimiter>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if request.uri().path() != "/drained" {
-        return next.run(request).await;
-    }
-    let Some(ConnectInfo(peer)) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .copied()
-    else {
+    let Some(source) = source.filter(|_| waiter) else {
         return next.run(request).await;
     };
-    let source = canonical_addr(peer.ip());
     let Some(_permit) = limiter.try_acquire(source) else {
         return (
             StatusCode::TOO_MANY_REQUESTS,

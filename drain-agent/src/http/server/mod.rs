@@ -19,8 +19,8 @@
 //!   progress (blocked `/drained` waiters), a new connection is still served, on one of
 //!   [`overflow_reserve`] connections kept beyond the cap (their file descriptors come out of
 //!   [`RESERVED_FDS`]): `/healthz` (the liveness probe) is answered there as usual, and so
-//!   is a `/drained` from a source that has none in progress (a pod's own hook, whoever
-//!   holds the rest); anything else gets `429` with `Retry-After` and the connection is
+//!   is a `/drained` from a source (as below) that has none in progress (a pod's own hook,
+//!   whoever holds the rest); anything else gets `429` with `Retry-After` and the connection is
 //!   closed after the answer. When the reserve is full too, the server stops accepting until
 //!   a connection ends or turns idle: new connections wait in the kernel's listen backlog
 //!   (refused or reset by nobody) instead of being closed unanswered. A connection accepted
@@ -36,8 +36,13 @@
 //!   head holds at most that much of the agent's memory.
 //! - **Write timeout**: a connection whose answer makes no progress for
 //!   [`ServerLimits::write_timeout`] (a client that does not read) is dropped.
-//! - **`/drained` waiters per source IP** ([`ServerLimits::max_waiters_per_source`]): more
-//!   get 429, so one client cannot use up the agent-wide `--max-waiters`.
+//! - **`/drained` waiters per source** ([`ServerLimits::max_waiters_per_source`]): more get
+//!   429, so one client cannot use up the agent-wide `--max-waiters` nor the connections. A
+//!   source is the caller where the listener identified it before the limits (`front` of
+//!   [`serve_handing_over`]: the node listener's local users by their socket's owner, pods by
+//!   their namespace), else the IP address: a local user can bind every address of
+//!   127.0.0.0/8, and by address it filled the cap and then the reserve, one "first" waiter
+//!   per address, keeping root's stop hook in the backlog.
 //! - **Bounded shutdown**: once `shutdown` resolves, the listener is closed, open connections
 //!   are asked to finish (hyper's graceful shutdown: answers in progress are written, idle
 //!   connections closed; a connection whose first request is still on its way is waited
@@ -67,7 +72,7 @@ pub use self::{
     accept::Acceptor, limits::ServerLimits, slots::FIRST_REQUEST_GRACE, write_timeout::WriteTimeout,
 };
 use self::{
-    limits::{SourceLimiter, limit_waiters_per_source, overflow_only},
+    limits::{BeyondCap, SourceLimiter, limit_waiters},
     slots::{Activity, Busy, Slots},
 };
 use crate::sys::fdlimit;
@@ -99,14 +104,15 @@ pub struct LocalAddr(pub SocketAddr);
 
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
 /// `limits.shutdown_timeout`. Each request carries the peer address as
-/// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`].
+/// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`]. Nothing
+/// runs before the server's limits: they count `/drained` requests by address.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    serve_handing_over(listener, app, limits, shutdown, std::future::ready(())).await
+    serve_handing_over(listener, app, Ok, limits, shutdown, std::future::ready(())).await
 }
 
 /// [`serve`] for a hand-over: once `stop_accepting` resolves the listener is closed (its
@@ -114,9 +120,15 @@ pub async fn serve(
 /// progress get their usual answers until `grace_over` resolves (the agent then answers its
 /// waiters `agent_shutdown`); whatever is still open [`ServerLimits::shutdown_timeout`] after
 /// that is dropped. Returns as soon as no connection is left.
+///
+/// `front` wraps `app` with the server's limits inside: what it adds runs first on every
+/// request, beyond the cap too. The node listener identifies its caller there
+/// (`identify.rs`), so that the `/drained` limits count a local user or a pod as one source
+/// whatever address it calls from (ARCHITECTURE.md, "Waiters per source").
 pub async fn serve_handing_over(
     listener: TcpListener,
     app: Router,
+    front: impl FnOnce(Router) -> Result<Router>,
     limits: ServerLimits,
     stop_accepting: impl Future<Output = ()>,
     grace_over: impl Future<Output = ()>,
@@ -125,15 +137,12 @@ pub async fn serve_handing_over(
     limits.check()?;
     let cap = connection_cap(limits.max_connections);
     let reserve = overflow_reserve(cap);
-    let limiter = SourceLimiter::new(limits.max_waiters_per_source);
-    let app = app.layer(from_fn_with_state(
-        limiter.clone(),
-        limit_waiters_per_source,
-    ));
-    // Beyond the cap: the same routes behind a gate that lets only what must not wait in.
-    let overflow_app = app
-        .clone()
-        .layer(from_fn_with_state(limiter, overflow_only));
+    // One app for every connection: those beyond the cap are marked ([`BeyondCap`]) and
+    // gated by the same middleware, after whatever `front` adds.
+    let app = front(app.layer(from_fn_with_state(
+        SourceLimiter::new(limits.max_waiters_per_source),
+        limit_waiters,
+    )))?;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -176,25 +185,25 @@ pub async fn serve_handing_over(
             break 'serve;
         };
         // The look before the accept can be stale (an idle connection got a request
-        // meanwhile): this one then waits, accepted, for a place. At a stop it is served
-        // beyond the reserve, as an overload (its descriptor is open already, and no other
-        // is accepted after it), and answered like the others rather than closed unread
-        // (a reset).
-        let (app, stopping) = loop {
+        // meanwhile; a connection counts as idle until its first request arrives): this one
+        // then waits, accepted, for a place. At a stop it is served beyond the reserve, as
+        // an overload (its descriptor is open already, and no other is accepted after it),
+        // and answered like the others rather than closed unread (a reset).
+        let (beyond_cap, stopping) = loop {
             if slots.make_room(cap) {
-                break (app.clone(), false);
+                break (false, false);
             }
             if slots.make_room(cap + reserve) {
                 debug!(
                     "{peer}: served beyond the cap, {cap} connections have requests in progress"
                 );
-                break (overflow_app.clone(), false);
+                break (true, false);
             }
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => {
                     debug!("{peer}: served beyond the reserve, accepted just before the stop");
-                    break (overflow_app.clone(), true);
+                    break (true, true);
                 }
                 () = slots.freed.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -210,6 +219,9 @@ pub async fn serve_handing_over(
                 request.extensions_mut().insert(ConnectInfo(peer));
                 if let Some(local) = local {
                     request.extensions_mut().insert(local);
+                }
+                if beyond_cap {
+                    request.extensions_mut().insert(BeyondCap);
                 }
                 let busy = Busy::new(Arc::clone(&activity));
                 let app = app.clone();

@@ -36,6 +36,58 @@ fn limits() -> ServerLimits {
 }
 
 async fn start(limits: ServerLimits) -> TestServer {
+    start_with(limits, Ok).await
+}
+
+/// [`start`], the node listener's identification of callers in front of the limits (as
+/// the agent serves it): a connection from 127.0.0.1 is root's, any other uid 1000's.
+async fn start_identifying(limits: ServerLimits) -> TestServer {
+    use crate::http::{
+        authority::{Authority, PortOwners},
+        identify::{ClientSockets, Identify, identify},
+    };
+    use crate::sys::pod_addresses::{AddressSource, PodAddresses};
+
+    struct Sockets;
+    impl ClientSockets for Sockets {
+        fn owner_of(&self, client: SocketAddr, _: SocketAddr) -> Result<Option<u32>> {
+            Ok(Some(if client.ip().to_string() == "127.0.0.1" {
+                0
+            } else {
+                1000
+            }))
+        }
+    }
+    struct NoPods;
+    impl AddressSource for NoPods {
+        fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+            std::collections::BTreeMap::new()
+        }
+    }
+    struct NoOwners;
+    impl PortOwners for NoOwners {
+        fn owners(&self, _: u16) -> Result<Vec<u32>> {
+            Ok(Vec::new())
+        }
+    }
+    let who = Identify {
+        authority: Arc::new(Authority {
+            pods: Arc::new(PodAddresses::new(1, Arc::new(NoPods))),
+            owners: Arc::new(NoOwners),
+        }),
+        sockets: Arc::new(Sockets),
+        tokens: None,
+    };
+    start_with(limits, move |limited: Router| {
+        Ok(limited.layer(from_fn_with_state(who, identify)))
+    })
+    .await
+}
+
+async fn start_with(
+    limits: ServerLimits,
+    front: impl FnOnce(Router) -> Result<Router> + Send + 'static,
+) -> TestServer {
     let entered = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
     let app = {
@@ -59,9 +111,16 @@ async fn start(limits: ServerLimits) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, app, limits, async move {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(serve_handing_over(
+        listener,
+        app,
+        front,
+        limits,
+        async move {
+            let _ = stopped.await;
+        },
+        std::future::ready(()),
+    ));
     TestServer {
         addr,
         entered,
@@ -380,6 +439,93 @@ async fn a_connection_waiting_for_a_place_at_the_stop_is_answered() {
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
 
+/// Audit (shared limits): the per-source limit and the reserve's "first of its source"
+/// went by address, and a local user may bind every address of 127.0.0.0/8. Uid 1000
+/// filled the cap from a few addresses and then the reserve from one more address each
+/// ("first of its source"); root's stop hook (`drain-agent wait` from 127.0.0.1) then
+/// waited in the listen backlog, answered by nobody, until its deadline. A local user is
+/// now one source whatever its addresses, and root's `/drained` is let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_loopback_addresses_of_one_user_do_not_lock_root_out() {
+    // As many waiters per source as the cap: a connection that comes when one of the
+    // reserve's has just ended takes its place as one under the cap (the eviction of an
+    // idle connection), and only the per-source limit then keeps uid 1000 to 2.
+    let server = start_identifying(ServerLimits {
+        max_connections: 2,
+        max_waiters_per_source: 2,
+        ..limits()
+    })
+    .await;
+    // Uid 1000: 2 waiters under the cap, then one from each of 4 more addresses.
+    let mut users = Vec::new();
+    for index in 0..2 {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        users.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    // Each answered before root comes (a late one would find uid 1000's waiters released),
+    // and kept open: a waiter held by a client that went away would be dropped.
+    let mut beyond = Vec::new();
+    for index in 0..overflow_reserve(2) {
+        let mut stream = connect_from(server.addr, &format!("127.0.2.{}", index + 1)).await;
+        send_closing(&mut stream, "/drained").await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut answer)).await;
+        beyond.push((String::from_utf8_lossy(&answer).into_owned(), stream));
+    }
+    let mut root = connect_from(server.addr, "127.0.0.1").await;
+    send_closing(&mut root, "/drained").await;
+    server.wait_entered(3).await;
+    // The handler's wait is registered once it is polled, right after it is entered.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.release.notify_waiters();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), root.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with("HTTP/1.1 200"),
+        "root's /drained was not answered ({read:?}): uid 1000's addresses locked it out"
+    );
+    // Uid 1000's connections beyond the cap were answered 429, not let in as "first".
+    for (answer, _) in beyond {
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
+    }
+    drop(users);
+    server.stop().await;
+}
+
+/// Under the cap, a local user's `/drained` requests count together whatever addresses
+/// they come from, and the 429 names the user; root's count apart, by address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_requests_of_a_local_user_are_limited_across_its_addresses() {
+    let server = start_identifying(ServerLimits {
+        max_waiters_per_source: 2,
+        ..limits()
+    })
+    .await;
+    let mut parked = Vec::new();
+    for index in 0..2 {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        parked.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    let refused = request_from(server.addr, "127.0.1.3", "/drained").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("uid 1000"), "{refused}");
+    assert!(refused.contains("--max-waiters-per-source"), "{refused}");
+    for index in 0..2 {
+        let mut stream = connect_from(server.addr, "127.0.0.1").await;
+        send(&mut stream, "/drained").await;
+        parked.push(stream);
+        server.wait_entered(3 + index).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.release.notify_waiters();
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_trickling_clients_are_closed_after_the_header_timeout() {
     let server = start(ServerLimits {
@@ -599,6 +745,7 @@ async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
     let task = tokio::spawn(serve_handing_over(
         listener,
         app,
+        Ok,
         limits,
         async move {
             let _ = stopped.await;
