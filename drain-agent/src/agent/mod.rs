@@ -307,6 +307,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let options = PodListenOptions {
                 addr,
                 name_prefix: args.pod_netns_prefix.clone(),
+                bind_only: args.pod_listen_bind,
                 handover: Arc::clone(&handover),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,

@@ -133,6 +133,12 @@ pub struct RunArgs {
     )]
     pub pod_http_max_connections: usize,
 
+    /// With --pod-listen: bind its address in each namespace, as on kernels without
+    /// sk_lookup (Linux < 5.9), even where the port could be steered. For the tests of that
+    /// fallback; hidden.
+    #[arg(long, hide = true, requires = "pod_listen")]
+    pub pod_listen_bind: bool,
+
     /// How long /drained blocks when the request has no `timeout`.
     #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub default_timeout: Duration,

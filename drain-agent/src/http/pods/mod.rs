@@ -107,6 +107,9 @@ pub struct PodListenOptions {
     /// Only named namespaces (`/run/netns/NAME`) whose NAME starts with this.
     pub name_prefix: Option<String>,
     pub limits: ServerLimits,
+    /// Bind ADDR in each namespace even where `sk_lookup` could steer it (the fallback's
+    /// tests: `--pod-listen-bind`).
+    pub bind_only: bool,
     /// Binds the fallback's listeners so that the next agent shares them.
     pub handover: Arc<Handover>,
 }
@@ -147,7 +150,12 @@ pub async fn serve_in_pods(
         addresses: NodeAddresses::default(),
         sockets,
     };
-    let steer = match endpoints.steering_problem() {
+    let problem = if options.bind_only {
+        Some("--pod-listen-bind asks for the fallback".to_owned())
+    } else {
+        endpoints.steering_problem()
+    };
+    let steer = match problem {
         None => {
             info!(
                 "the in-pod port {} is steered to the agent with sk_lookup where no application listens on it; the agent binds it nowhere",
