@@ -74,6 +74,25 @@ impl App {
     fn listen(netns: &Netns, addr: &str) -> std::io::Result<Self> {
         let addr: SocketAddr = addr.parse().expect("address");
         let listener = netns.run_in(move || TcpListener::bind(addr))?;
+        Ok(Self::serve(listener))
+    }
+
+    /// `listen [::]:port` as nginx does it: IPv6 only (`IPV6_V6ONLY`), so the port's IPv4
+    /// side stays free for another socket.
+    fn listen_ipv6_only(netns: &Netns, port: u16) -> std::io::Result<Self> {
+        use rustix::net::{AddressFamily, SocketType, sockopt};
+        let listener = netns.run_in(move || -> std::io::Result<TcpListener> {
+            let socket = rustix::net::socket(AddressFamily::INET6, SocketType::STREAM, None)?;
+            sockopt::set_socket_reuseaddr(&socket, true)?;
+            sockopt::set_ipv6_v6only(&socket, true)?;
+            rustix::net::bind(&socket, &SocketAddr::from(([0u16; 8], port)))?;
+            rustix::net::listen(&socket, 128)?;
+            Ok(TcpListener::from(socket))
+        })?;
+        Ok(Self::serve(listener))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
         listener.set_nonblocking(true).expect("non-blocking");
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -93,11 +112,11 @@ impl App {
                 }
             }
         });
-        Ok(Self {
+        Self {
             accepted,
             stop,
             thread: Some(thread),
-        })
+        }
     }
 
     fn accepted(&self) -> usize {
@@ -583,5 +602,74 @@ fn steering_goes_on_over_adopted_state() {
         "the agent to serve the pod again",
         Duration::from_secs(5),
         || agent_answers(&pod.netns),
+    );
+}
+
+/// The binding fallback (no `sk_lookup`: forced with `--pod-listen-bind`) binds
+/// `0.0.0.0:9100` in the pod; an application may still listen on `[::]:9100` IPv6-only
+/// (nginx's `listen [::]:9100`), which does not conflict with it. The agent's own endpoint
+/// there must not make the application's IPv6 connections look like the agent's own: the
+/// node listener never answers "drained" for the pod's port 9100 while one is open.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn an_ipv6_only_app_beside_the_bound_fallback_is_never_drained_falsely() {
+    let test = "an_ipv6_only_app_beside_the_bound_fallback_is_never_drained_falsely";
+    if !kernel_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("pb{pid}-a"));
+    let prefix = format!("da-pb{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-listen-bind",
+    ]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    let bound = listening_on_pod_port(&netns);
+    assert!(
+        bound.contains(&format!("0.0.0.0:{POD_PORT}")),
+        "the fallback binds the port: {bound}"
+    );
+    let app = App::listen_ipv6_only(&netns, POD_PORT).expect("the app listens on [::]:9100");
+    let target = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], POD_PORT));
+    let client = netns
+        .run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+        .expect("connect to the app over IPv6");
+    wait_until("the app to accept", Duration::from_secs(5), || {
+        app.accepted() == 1
+    });
+    let (status, body) = agent.get_json(&format!(
+        "/drained?port={POD_PORT}&netns={}&timeout=0",
+        netns.path()
+    ));
+    println!("/drained with the app's IPv6 connection open: {status} {body}");
+    assert_eq!(
+        (status, body["drained"].as_bool()),
+        (503, Some(false)),
+        "the app's connection is open: {body}"
+    );
+    assert!(
+        body["active"].as_u64().is_some_and(|active| active >= 1),
+        "{body}"
+    );
+    // Once the app and its connection are gone, the port drains again.
+    drop(client);
+    drop(app);
+    wait_until(
+        "the pod's port 9100 to drain",
+        Duration::from_secs(5),
+        || {
+            let (status, body) = agent.get_json(&format!(
+                "/drained?port={POD_PORT}&netns={}&timeout=0",
+                netns.path()
+            ));
+            status == 200 && body["drained"] == true
+        },
     );
 }

@@ -140,7 +140,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("cannot read the agent's own network namespace")?;
     kernel.ignore_own_endpoint(
         own_netns,
-        listener.local_addr().context("listener address")?.port(),
+        listener.local_addr().context("listener address")?,
     )?;
     let kernel_maps = kernel.maps();
     let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));

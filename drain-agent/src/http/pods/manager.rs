@@ -228,7 +228,7 @@ impl Manager {
         // Bound: after the bind (a pod that holds the port keeps its connections counted);
         // a connection in between is counted and un-counted like any other. Steered: done
         // by `steer` before the program is attached.
-        if !steered && let Err(problem) = endpoints.ignore(inode, port) {
+        if !steered && let Err(problem) = endpoints.ignore(inode, addr) {
             warn!(
                 "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
             );

@@ -79,8 +79,8 @@ const BURST_FOR: Duration = Duration::from_millis(750);
 /// Keeps the agent's own connections uncounted and steers the in-pod port to the agent
 /// (the kernel side implements it).
 pub trait OwnEndpoints: Send + Sync + 'static {
-    /// Leaves connections to `port` in `netns` uncounted.
-    fn ignore(&self, netns: u32, port: u16) -> Result<()>;
+    /// Leaves connections to the agent's listener bound at `addr` in `netns` uncounted.
+    fn ignore(&self, netns: u32, addr: SocketAddr) -> Result<()>;
     /// Undoes [`OwnEndpoints::ignore`] and [`OwnEndpoints::steer`] once the listener is
     /// closed.
     fn forget(&self, netns: u32, port: u16) -> Result<()>;
