@@ -308,6 +308,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 addr,
                 name_prefix: args.pod_netns_prefix.clone(),
                 bind_only: args.pod_listen_bind,
+                socket_port: args.pod_socket_port,
                 handover: Arc::clone(&handover),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,
