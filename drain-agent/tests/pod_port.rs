@@ -4,7 +4,12 @@
 //! on `0.0.0.0`, `127.0.0.1` or `[::]`, gets it and its connections; when it stops
 //! listening the agent answers there again; in a pod that does not use the port the stop
 //! hook's calls (from inside, and the kubelet's `httpGet` from the node to the pod's IP)
-//! keep working, and the agent's own connections are never counted as the pod's.
+//! keep working, and the agent's own connections are never counted as the pod's. The one
+//! port the agent does take in a pod is its socket's, `--pod-socket-port` (29100), never a
+//! port in the ephemeral range an application may bind by number; a pod that holds it is
+//! not served. In the binding fallback (forced with `--pod-listen-bind`) an application on
+//! the port at another address (IPv6-only `[::]:9100`) never has its connections taken for
+//! the agent's.
 //!
 //! Pods are network namespaces with veth pairs to the host (10.213.4x.0/30, addresses that
 //! exist only in this test); the real agent binary serves inside them.
