@@ -57,6 +57,11 @@ pub enum Doubt {
     /// The endpoint map overflowed since the last walk began (health; the ports concerned
     /// show [`Doubt::Unscoped`]).
     EndpointMapFull,
+    /// The agent's own listener is bound on `port` in network namespace `netns`, and
+    /// another program has sockets on that port there too (a listener on another address
+    /// or family, or connections the agent's listener cannot have accepted): connections
+    /// to the port are left uncounted as the agent's by namespace and port, so theirs may be.
+    OwnPortShared { port: u16, netns: u32 },
 }
 
 impl Doubt {
@@ -68,6 +73,7 @@ impl Doubt {
             Self::HandlerSkipped
                 | Self::Seeding
                 | Self::Unscoped { .. }
+                | Self::OwnPortShared { .. }
                 | Self::PassivityUnknown { .. }
                 | Self::AdoptedUnwalked
         )
@@ -118,6 +124,10 @@ impl fmt::Display for Doubt {
             Self::EndpointMapFull => f.write_str(
                 "the endpoint map is full (--max-endpoints): some connections are counted for their port only",
             ),
+            Self::OwnPortShared { port, netns } => write!(
+                f,
+                "the agent's own listener on port {port} in network namespace {netns} shares the port with another program's sockets, whose connections may be taken for the agent's: confirmed with the socket tables"
+            ),
         }
     }
 }
@@ -140,6 +150,7 @@ mod tests {
         assert!(!Doubt::HandlerSkipped.degrades_health());
         assert!(!Doubt::Unscoped { port: 1 }.degrades_health());
         assert!(!Doubt::AdoptedUnwalked.degrades_health());
+        assert!(!Doubt::OwnPortShared { port: 1, netns: 7 }.degrades_health());
         assert!(!Doubt::Seeding.degrades_health());
         assert!(Doubt::NotSeeded.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());

@@ -4,7 +4,12 @@
 //! on `0.0.0.0`, `127.0.0.1` or `[::]`, gets it and its connections; when it stops
 //! listening the agent answers there again; in a pod that does not use the port the stop
 //! hook's calls (from inside, and the kubelet's `httpGet` from the node to the pod's IP)
-//! keep working, and the agent's own connections are never counted as the pod's.
+//! keep working, and the agent's own connections are never counted as the pod's. The one
+//! port the agent does take in a pod is its socket's, `--pod-socket-port` (29100), never a
+//! port in the ephemeral range an application may bind by number; a pod that holds it is
+//! not served. In the binding fallback (forced with `--pod-listen-bind`) an application on
+//! the port at another address (IPv6-only `[::]:9100`) never has its connections taken for
+//! the agent's.
 //!
 //! Pods are network namespaces with veth pairs to the host (10.213.4x.0/30, addresses that
 //! exist only in this test); the real agent binary serves inside them.
@@ -74,6 +79,25 @@ impl App {
     fn listen(netns: &Netns, addr: &str) -> std::io::Result<Self> {
         let addr: SocketAddr = addr.parse().expect("address");
         let listener = netns.run_in(move || TcpListener::bind(addr))?;
+        Ok(Self::serve(listener))
+    }
+
+    /// `listen [::]:port` as nginx does it: IPv6 only (`IPV6_V6ONLY`), so the port's IPv4
+    /// side stays free for another socket.
+    fn listen_ipv6_only(netns: &Netns, port: u16) -> std::io::Result<Self> {
+        use rustix::net::{AddressFamily, SocketType, sockopt};
+        let listener = netns.run_in(move || -> std::io::Result<TcpListener> {
+            let socket = rustix::net::socket(AddressFamily::INET6, SocketType::STREAM, None)?;
+            sockopt::set_socket_reuseaddr(&socket, true)?;
+            sockopt::set_ipv6_v6only(&socket, true)?;
+            rustix::net::bind(&socket, &SocketAddr::from(([0u16; 8], port)))?;
+            rustix::net::listen(&socket, 128)?;
+            Ok(TcpListener::from(socket))
+        })?;
+        Ok(Self::serve(listener))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
         listener.set_nonblocking(true).expect("non-blocking");
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -93,11 +117,11 @@ impl App {
                 }
             }
         });
-        Ok(Self {
+        Self {
             accepted,
             stop,
             thread: Some(thread),
-        })
+        }
     }
 
     fn accepted(&self) -> usize {
@@ -585,4 +609,193 @@ fn steering_goes_on_over_adopted_state() {
         Duration::from_secs(5),
         || agent_answers(&pod.netns),
     );
+}
+
+/// The binding fallback (no `sk_lookup`: forced with `--pod-listen-bind`) binds
+/// `0.0.0.0:9100` in the pod; an application may still listen on `[::]:9100` IPv6-only
+/// (nginx's `listen [::]:9100`), which does not conflict with it. The agent's own endpoint
+/// there must not make the application's IPv6 connections look like the agent's own: the
+/// node listener never answers "drained" for the pod's port 9100 while one is open.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn an_ipv6_only_app_beside_the_bound_fallback_is_never_drained_falsely() {
+    let test = "an_ipv6_only_app_beside_the_bound_fallback_is_never_drained_falsely";
+    if !kernel_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("pb{pid}-a"));
+    let prefix = format!("da-pb{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-listen-bind",
+    ]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    let bound = listening_on_pod_port(&netns);
+    assert!(
+        bound.contains(&format!("0.0.0.0:{POD_PORT}")),
+        "the fallback binds the port: {bound}"
+    );
+    let app = App::listen_ipv6_only(&netns, POD_PORT).expect("the app listens on [::]:9100");
+    let target = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], POD_PORT));
+    let client = netns
+        .run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(5)))
+        .expect("connect to the app over IPv6");
+    wait_until("the app to accept", Duration::from_secs(5), || {
+        app.accepted() == 1
+    });
+    let (status, body) = agent.get_json(&format!(
+        "/drained?port={POD_PORT}&netns={}&timeout=0",
+        netns.path()
+    ));
+    println!("/drained with the app's IPv6 connection open: {status} {body}");
+    assert_eq!(
+        (status, body["drained"].as_bool()),
+        (503, Some(false)),
+        "the app's connection is open: {body}"
+    );
+    assert!(
+        body["active"].as_u64().is_some_and(|active| active >= 1),
+        "{body}"
+    );
+    // Once the app and its connection are gone, the port drains again.
+    drop(client);
+    drop(app);
+    wait_until(
+        "the pod's port 9100 to drain",
+        Duration::from_secs(5),
+        || {
+            let (status, body) = agent.get_json(&format!(
+                "/drained?port={POD_PORT}&netns={}&timeout=0",
+                netns.path()
+            ));
+            status == 200 && body["drained"] == true
+        },
+    );
+}
+
+/// The local ports of the sockets listening inside the namespace, by `ss`.
+fn listening_ports(netns: &Netns) -> Vec<u16> {
+    let rows = common::ss::ss(Some(&netns.name), &["-Hltn"]);
+    let mut ports: Vec<u16> = rows
+        .lines()
+        .filter_map(|row| {
+            let local = row.split_whitespace().nth(3)?;
+            local.rsplit(':').next()?.parse().ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// The kernel's default `ip_local_port_range`, where servers bind fixed ports too (gRPC's
+/// 50051, MySQL X's 33060).
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// The agent's own socket in a pod (the one the in-pod port is steered to) is at
+/// `--pod-socket-port`, 29100 by default, not at a port the kernel picks: a picked one
+/// comes from the ephemeral range, and the agent makes it as soon as the namespace
+/// appears, before the application starts; an application that binds that port by number
+/// then failed (`EADDRINUSE`) and crash-looped.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_agents_socket_in_a_pod_is_at_the_socket_port() {
+    let test = "the_agents_socket_in_a_pod_is_at_the_socket_port";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("ps{pid}-a"));
+    let prefix = format!("da-ps{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    let agents = listening_ports(&netns);
+    println!("the agent listens in the pod on {agents:?}");
+    // An application that binds, by number, the port the agent's socket holds in the
+    // ephemeral range is locked out of it.
+    let mut apps = Vec::new();
+    for port in agents
+        .iter()
+        .copied()
+        .filter(|port| EPHEMERAL.contains(port))
+    {
+        let app = App::listen(&netns, &format!("0.0.0.0:{port}")).unwrap_or_else(|e| {
+            panic!("an application cannot bind 0.0.0.0:{port} while the agent runs: {e}")
+        });
+        apps.push(app);
+    }
+    assert_eq!(agents, vec![29100], "the agent's socket is at the default");
+    // gRPC's port, say, in that range: free.
+    let grpc = App::listen(&netns, "0.0.0.0:50051").expect("an application binds 50051");
+    reaches_app(&netns, local(50051), &grpc);
+    // The in-pod port is still the agent's.
+    assert!(agent_answers(&netns));
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"steered\"}"),
+        Some(1.0)
+    );
+}
+
+/// A pod whose application holds `--pod-socket-port` already is not served: no socket of
+/// the agent's there, no steering (the in-pod port refuses: the hook fails at once, as
+/// where the agent cannot make its socket), a WARN and
+/// `drain_agent_pod_listeners{state="socket_port_taken"}`; the application keeps its port,
+/// and other pods are served.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_pod_holding_the_socket_port_is_not_served() {
+    let test = "a_pod_holding_the_socket_port_is_not_served";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let taken = Netns::new(&format!("pt{pid}-a"));
+    let served = Netns::new(&format!("pt{pid}-b"));
+    let prefix = format!("da-pt{pid}-");
+    let socket_port = free_port();
+    let app = App::listen(&taken, &format!("0.0.0.0:{socket_port}")).expect("the app listens");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let socket_port_arg = socket_port.to_string();
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-socket-port",
+        &socket_port_arg,
+    ]);
+    wait_until(
+        "the agent to serve the other pod",
+        Duration::from_secs(5),
+        || agent_answers(&served),
+    );
+    assert_eq!(listening_ports(&served), vec![socket_port]);
+    wait_until(
+        "the taken pod to be reported",
+        Duration::from_secs(5),
+        || agent.metric("drain_agent_pod_listeners{state=\"socket_port_taken\"}") == Some(1.0),
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the agent's socket port is taken there"),
+        "a WARN names the pod: {log}"
+    );
+    let refused = taken
+        .run_in(|| TcpStream::connect_timeout(&local(POD_PORT), Duration::from_secs(2)).map(drop));
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "no agent and no steering in the taken pod"
+    );
+    assert_eq!(listening_ports(&taken), vec![socket_port]);
+    reaches_app(&taken, local(socket_port), &app);
 }

@@ -83,11 +83,11 @@ fn netlink_problem(net_admin: bool, asked: CloseArg) -> Option<String> {
 pub struct KernelEndpoints(pub Arc<Mutex<Kernel>>);
 
 impl OwnEndpoints for KernelEndpoints {
-    fn ignore(&self, netns: u32, port: u16) -> Result<()> {
+    fn ignore(&self, netns: u32, addr: std::net::SocketAddr) -> Result<()> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .ignore_own_endpoint(netns, port)
+            .ignore_own_endpoint(netns, addr)
     }
 
     fn forget(&self, netns: u32, port: u16) -> Result<()> {

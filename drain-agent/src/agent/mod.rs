@@ -144,7 +144,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("cannot read the agent's own network namespace")?;
     kernel.ignore_own_endpoint(
         own_netns,
-        listener.local_addr().context("listener address")?.port(),
+        listener.local_addr().context("listener address")?,
     )?;
     let kernel_maps = kernel.maps();
     let tracker = Arc::new(Tracker::new(kernel.maps(), args.max_waiters));
@@ -322,6 +322,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let options = PodListenOptions {
                 addr,
                 name_prefix: args.pod_netns_prefix.clone(),
+                bind_only: args.pod_listen_bind,
+                socket_port: args.pod_socket_port,
                 handover: Arc::clone(&handover),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,

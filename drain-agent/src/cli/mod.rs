@@ -134,6 +134,26 @@ pub struct RunArgs {
     )]
     pub pod_http_max_connections: usize,
 
+    /// With --pod-listen (steered with sk_lookup): the port of the agent's own socket in
+    /// each pod, on loopback (127.0.0.1; [::1] or [::] for an IPv6 --pod-listen), which the
+    /// in-pod port is steered to. It is taken in every pod: no application there can bind it
+    /// (on any address). Choose one your pods never use; a pod whose application holds it
+    /// already is not served (WARN, drain_agent_pod_listeners{state="socket_port_taken"}).
+    /// Must differ from --pod-listen's port.
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_POD_SOCKET_PORT",
+        default_value_t = crate::http::pods::DEFAULT_SOCKET_PORT,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub pod_socket_port: u16,
+
+    /// With --pod-listen: bind its address in each namespace, as on kernels without
+    /// sk_lookup (Linux < 5.9), even where the port could be steered. For the tests of that
+    /// fallback; hidden.
+    #[arg(long, hide = true, requires = "pod_listen")]
+    pub pod_listen_bind: bool,
+
     /// How long /drained blocks when the request has no `timeout`.
     #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub default_timeout: Duration,
@@ -444,6 +464,13 @@ impl RunArgs {
             self.max_timeout
         );
         anyhow::ensure!(self.max_waiters > 0, "--max-waiters must be at least 1");
+        if let Some(pod_listen) = self.pod_listen {
+            anyhow::ensure!(
+                pod_listen.port() != self.pod_socket_port,
+                "--pod-socket-port ({}) must differ from --pod-listen's port: the agent's socket there would take the in-pod port from every pod",
+                self.pod_socket_port
+            );
+        }
         Ok(())
     }
 
@@ -552,8 +579,32 @@ mod tests {
             vec!["drain-agent", "wait", "--port", "0"],
             vec!["drain-agent", "wait", "--port", "70000"],
             vec!["drain-agent", "wait"],
+            vec!["drain-agent", "--pod-socket-port", "0"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
         }
+    }
+
+    /// The agent's socket in each pod at the in-pod port itself would take that port from
+    /// every pod: refused at start, naming both flags.
+    #[test]
+    fn the_pod_socket_port_is_not_the_pod_port() {
+        let cli =
+            Cli::try_parse_from(["drain-agent", "--pod-listen", "0.0.0.0:9100"]).expect("parse");
+        assert_eq!(cli.run.pod_socket_port, 29100);
+        assert!(cli.run.check().is_ok());
+        let cli = Cli::try_parse_from([
+            "drain-agent",
+            "--pod-listen",
+            "0.0.0.0:9100",
+            "--pod-socket-port",
+            "9100",
+        ])
+        .expect("parse");
+        let problem = format!("{:#}", cli.run.check().expect_err("refused"));
+        assert!(
+            problem.contains("--pod-socket-port (9100)") && problem.contains("--pod-listen"),
+            "{problem}"
+        );
     }
 }

@@ -76,6 +76,14 @@ impl Handover {
         // As std and tokio do: a restart binds even with connections in TIME_WAIT.
         sockopt::set_socket_reuseaddr(&socket, true)?;
         sockopt::set_socket_reuseport(&socket, true)?;
+        // `[::]` takes IPv4 too, whatever `net.ipv6.bindv6only` says: then no other program
+        // can listen on the port beside it, and its IPv4 connections are its own
+        // (`kernel/maps.rs` `not_the_agents`).
+        if let SocketAddr::V6(v6) = addr
+            && v6.ip().is_unspecified()
+        {
+            sockopt::set_ipv6_v6only(&socket, false)?;
+        }
         rustix::net::bind(&socket, &addr)?;
         rustix::net::listen(&socket, BACKLOG)?;
         if let Some(migrate) = &self.migrate

@@ -317,6 +317,7 @@ impl Kernel {
             no_walker: walker_problem.is_some(),
             not_seeded: options.no_seed,
             adopted: adopt.is_some(),
+            own_bound: Mutex::default(),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
         let steering = pod_seeder.and_then(|()| {

@@ -2,7 +2,7 @@
 //! errors, and what the last walk vouched for (the fail-closed rule, see [`Doubt`]).
 
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
@@ -59,6 +59,12 @@ pub struct KernelMaps {
     /// The counts were adopted from an earlier agent's pinned state (`pin`): nothing
     /// vouches for what happened while no agent watched until this agent's first walk.
     pub(super) adopted: bool,
+    /// The addresses of the agent's own bound listeners (the node's `--listen`, the in-pod
+    /// ones of the binding fallback) by namespace and port. `OWN_ENDPOINTS` marks a
+    /// (namespace, port) only, so a program on the same port at another address (an
+    /// IPv6-only `[::]:9100` beside the agent's `0.0.0.0:9100`) would have its connections
+    /// taken for the agent's: [`KernelMaps::own_port_shared`] finds those sockets.
+    pub(super) own_bound: Mutex<BTreeMap<(u32, u16), SocketAddr>>,
 }
 
 /// The counters of endpoints that were reclaimed, summed per port.
@@ -307,6 +313,89 @@ fn remote_addr(entry: &SockEntry) -> IpAddr {
     })
 }
 
+impl KernelMaps {
+    /// [`Doubt::OwnPortShared`] for each namespace of `filter`'s scope where the agent's own
+    /// listener is bound on `filter.port` and another program has sockets on that port
+    /// (read from the namespace's socket tables, on a thread inside it). The handler leaves
+    /// a connection uncounted by its namespace and port alone (`OWN_ENDPOINTS`), so the
+    /// connections of a program beside the agent on the same port (`[::]:9100` IPv6-only
+    /// beside the agent's `0.0.0.0:9100`) would be taken for the agent's and a scope with
+    /// them open answered drained. Looked at on every read of the scope, its connections
+    /// included: a server that closes its listener to drain keeps its connections, and they
+    /// must keep the doubt. Only for the ports of the agent's own listeners.
+    pub(super) fn own_port_shared(&self, filter: &Filter) -> Result<Vec<Doubt>> {
+        let own: Vec<(u32, SocketAddr)> = self
+            .own_bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|((netns, port), _)| {
+                *port == filter.port && filter.netns.is_none_or(|wanted| wanted == *netns)
+            })
+            .map(|((netns, _), addr)| (*netns, *addr))
+            .collect();
+        if own.is_empty() {
+            return Ok(Vec::new());
+        }
+        let namespaces = netns::all_namespaces();
+        let mut doubts = Vec::new();
+        for (inode, addr) in own {
+            // A namespace that is gone has no sockets left.
+            let Some(path) = namespaces.get(&inode) else {
+                continue;
+            };
+            let shared = netns::run_in(inode, path, move || {
+                use sockdiag::state::{CLOSE_WAIT, ESTABLISHED, LISTEN, SYN_RECV, bit};
+                let sockets = sockdiag::query(&sockdiag::Query {
+                    local_port: addr.port(),
+                    states: bit(LISTEN) | bit(SYN_RECV) | bit(ESTABLISHED) | bit(CLOSE_WAIT),
+                    with_info: false,
+                })?;
+                Ok(sockets
+                    .iter()
+                    .any(|socket| not_the_agents(addr, socket.local, socket.state == LISTEN)))
+            });
+            match shared {
+                Ok(true) => doubts.push(Doubt::OwnPortShared {
+                    port: filter.port,
+                    netns: inode,
+                }),
+                Ok(false) => {}
+                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(problem) => {
+                    return Err(problem).with_context(|| {
+                        format!(
+                            "cannot read who uses the agent's own port {} in network namespace {inode}",
+                            filter.port
+                        )
+                    });
+                }
+            }
+        }
+        Ok(doubts)
+    }
+}
+
+/// Whether a socket at `local` (a listener if `listening`) on the port of `own`, the agent's
+/// listener's address, cannot be the agent's: a listener at another address (agents share theirs, `handover.rs`), or a
+/// connection the agent's listener cannot have accepted. That listener is `0.0.0.0` (takes
+/// every IPv4 connection: an IPv6 one is another program's), `[::]` (dual-stack, set so by
+/// `Handover::bind`: nothing else can bind the port beside it but a member of its
+/// `SO_REUSEPORT` group, whose listener has the same address), or one address (takes
+/// connections to that address only). IPv4-mapped addresses are folded to IPv4 by the
+/// socket tables.
+fn not_the_agents(own: SocketAddr, local: SocketAddr, listening: bool) -> bool {
+    let local = canonical(local);
+    if listening {
+        return local != canonical(own);
+    }
+    match canonical_addr(own.ip()) {
+        IpAddr::V4(ip) if ip.is_unspecified() => !local.is_ipv4(),
+        IpAddr::V6(ip) if ip.is_unspecified() => false,
+        ip => local.ip() != ip,
+    }
+}
+
 /// A socket-table address as the maps spell it.
 pub(super) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_addr(addr.ip()), addr.port())
@@ -373,5 +462,41 @@ pub fn key_addr(key: &ConnKey) -> IpAddr {
         ))
     } else {
         IpAddr::V6(Ipv6Addr::from(key.addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(addr: &str) -> SocketAddr {
+        addr.parse().expect("address")
+    }
+
+    #[test]
+    fn sockets_the_agents_listener_cannot_have_are_anothers() {
+        let v4_any = at("0.0.0.0:9100");
+        // Another agent's listener shares the address; any other listener is another's.
+        assert!(!not_the_agents(v4_any, at("0.0.0.0:9100"), true));
+        assert!(not_the_agents(v4_any, at("[::]:9100"), true));
+        assert!(not_the_agents(v4_any, at("10.0.0.5:9100"), true));
+        // 0.0.0.0 takes IPv4 connections only: an IPv6 one is an IPv6-only app's.
+        assert!(!not_the_agents(v4_any, at("10.0.0.5:9100"), false));
+        assert!(!not_the_agents(
+            v4_any,
+            at("[::ffff:127.0.0.1]:9100"),
+            false
+        ));
+        assert!(not_the_agents(v4_any, at("[::1]:9100"), false));
+        // One address: connections to that address only.
+        let loopback = at("127.0.0.1:9100");
+        assert!(!not_the_agents(loopback, at("127.0.0.1:9100"), false));
+        assert!(not_the_agents(loopback, at("10.0.0.5:9100"), false));
+        assert!(not_the_agents(loopback, at("[::1]:9100"), false));
+        // [::] is dual-stack (Handover::bind): every connection may be the agent's.
+        let v6_any = at("[::]:9100");
+        assert!(!not_the_agents(v6_any, at("10.0.0.5:9100"), false));
+        assert!(!not_the_agents(v6_any, at("[::1]:9100"), false));
+        assert!(not_the_agents(v6_any, at("0.0.0.0:9100"), true));
     }
 }

@@ -2,6 +2,8 @@
 //! `iter/tcp` seeder that counts a pod namespace's application listeners, and the
 //! `sk_lookup` steering of the port to the agent where there are none (`steer`).
 
+use std::{net::SocketAddr, sync::PoisonError};
+
 use anyhow::{Context as _, Result, anyhow};
 use aya::Ebpf;
 use drain_agent_common::{netns_port_key, watched_bit};
@@ -73,10 +75,19 @@ impl Kernel {
         }
     }
 
-    /// Leaves connections to the agent's own listener at `port` in the namespace `netns`
-    /// uncounted: they are not a service's, and must not take a slot.
-    pub fn ignore_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
-        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_BOUND)
+    /// Leaves connections to the agent's own listener bound at `addr` in the namespace
+    /// `netns` uncounted: they are not a service's, and must not take a slot. The map marks
+    /// the port, not the address: the address is kept for the answers about that port,
+    /// which doubt the count while another program uses the port there
+    /// ([`KernelMaps::own_port_shared`](super::maps::KernelMaps::own_port_shared)).
+    pub fn ignore_own_endpoint(&mut self, netns: u32, addr: SocketAddr) -> Result<()> {
+        // Known before the first connection goes uncounted.
+        self.maps
+            .own_bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((netns, addr.port()), addr);
+        self.ignore_own_endpoint_as(netns, addr.port(), drain_agent_common::OWN_BOUND)
     }
 
     /// [`Kernel::ignore_own_endpoint`] for a port steered to the agent (`steer`): its
@@ -101,9 +112,15 @@ impl Kernel {
     /// port's bit in the own-ports bitmap stays: it only sends the handler to look.
     pub fn forget_own_endpoint(&mut self, netns: u32, port: u16) -> Result<()> {
         match self.own_endpoints.remove(&netns_port_key(netns, port)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(problem) => Err(problem).context("cannot forget an own endpoint"),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(problem) => return Err(problem).context("cannot forget an own endpoint"),
         }
+        self.maps
+            .own_bound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(netns, port));
+        Ok(())
     }
 }
 

@@ -235,6 +235,7 @@ impl Vouch for KernelMaps {
                 .filter(|netns| filter.netns.is_none_or(|wanted| wanted == **netns))
                 .map(|netns| Doubt::NamespaceUnwalked { netns: *netns }),
         );
+        doubts.extend(self.own_port_shared(filter)?);
         Ok(doubts)
     }
 

@@ -2,13 +2,21 @@
 //! steers connections for the in-pod port to the agent's own socket there, only while no
 //! application listens on that port in that namespace.
 //!
-//! The agent's socket in a pod namespace is bound to loopback on a port the kernel picks
-//! (`127.0.0.1:0`; `[::1]:0` for `--pod-listen [::1]:PORT`; `[::]:0`, dual-stack, for
-//! `[::]:PORT`, since a socket bound to `::1` is IPv6-only), so it takes nothing an
-//! application asks for by number: the port comes from `ip_local_port_range` (32768–60999
-//! by default), the range every outbound connection takes its port from, where servers do
-//! not bind fixed ports; and only on loopback. (If the kernel hands out the in-pod port
-//! itself, because the range was set to include it, the socket is made again.)
+//! The agent's socket in a pod namespace is bound to loopback at one fixed port,
+//! `--pod-socket-port` (29100 by default): `127.0.0.1:29100`; `[::1]:29100` for
+//! `--pod-listen [::1]:PORT`; `[::]:29100`, dual-stack, for `[::]:PORT`, since a socket
+//! bound to `::1` is IPv6-only. That port is taken in every pod, on every address (a
+//! listener on any address of a port conflicts with an application's `bind()` of the
+//! wildcard on it, `inet_csk_bind_conflict()`): no address the agent could bind leaves an
+//! application's port free, so the port is one the operator knows and keeps free. A port
+//! the kernel picked (`:0`) came from `ip_local_port_range` (32768–60999), where servers
+//! do bind fixed ports (gRPC's 50051, MySQL X's 33060), and the socket is made as soon as
+//! the pod's namespace appears, before its application starts: about once in 28,000 pods
+//! the application's own `bind()` failed and its container crash-looped. A pod where the
+//! port is in use already is not served (`http/pods/`, `socket_port_taken`). The sockets
+//! of two agents (an upgrade) share the port (`SO_REUSEPORT`); each program assigns its
+//! agent's socket with `BPF_SK_LOOKUP_F_NO_REUSEPORT`, so the kernel does not pick another
+//! socket of that group (net/ipv4/inet_hashtables.c `inet_lookup_run_sk_lookup()`).
 //!
 //! Why one program per namespace, assembled here: an `sk_lookup` program cannot find out
 //! which namespace it runs in. Its context (`struct bpf_sk_lookup`) has no namespace, its
@@ -76,8 +84,9 @@ const SK_RELEASE: i32 = 86;
 const SK_ASSIGN: i32 = 124;
 /// `enum sk_action`.
 const SK_PASS: i32 = 1;
-/// `BPF_SK_LOOKUP_F_REPLACE` (include/uapi/linux/bpf.h).
+/// `BPF_SK_LOOKUP_F_REPLACE` and `BPF_SK_LOOKUP_F_NO_REUSEPORT` (include/uapi/linux/bpf.h).
 const SK_LOOKUP_F_REPLACE: i32 = 1;
+const SK_LOOKUP_F_NO_REUSEPORT: i32 = 2;
 
 const R0: u8 = 0;
 const R1: u8 = 1;
@@ -231,8 +240,16 @@ fn program(target: SocketAddr, netns: u32, maps: &SteerMaps<'_>) -> Result<Vec<u
     asm.insn(MOV64_X, R1, CTX, 0, 0);
     asm.insn(MOV64_X, R2, SOCK, 0, 0);
     // REPLACE: a socket another agent's program (attached earlier) assigned is overridden,
-    // so the newest agent serves (see the module doc, "Two agents").
-    asm.insn(MOV64_K, R3, 0, 0, SK_LOOKUP_F_REPLACE);
+    // so the newest agent serves (see the module doc, "Two agents"). NO_REUSEPORT: this
+    // socket, not one the kernel would pick from its SO_REUSEPORT group (the agents share
+    // `--pod-socket-port`, net/ipv4/inet_hashtables.c `inet_lookup_run_sk_lookup()`).
+    asm.insn(
+        MOV64_K,
+        R3,
+        0,
+        0,
+        SK_LOOKUP_F_REPLACE | SK_LOOKUP_F_NO_REUSEPORT,
+    );
     asm.insn(CALL, 0, 0, 0, SK_ASSIGN);
     asm.insn(MOV64_X, R1, SOCK, 0, 0);
     asm.insn(CALL, 0, 0, 0, SK_RELEASE);

@@ -53,6 +53,10 @@ pub(super) struct Manager {
     /// Namespaces where an application holds the address (binding fallback only): left
     /// alone for their lifetime.
     pub(super) skipped: BTreeSet<u32>,
+    /// Namespaces where an application holds the agent's socket port (`--pod-socket-port`;
+    /// steered only): not served, and left alone for their lifetime (a retry could take the
+    /// port while the application restarts).
+    pub(super) socket_port_taken: BTreeSet<u32>,
     /// Namespaces where an agent of an older version holds it without sharing it (binding
     /// fallback only): retried on every rescan, logged once.
     pub(super) waiting: BTreeSet<u32>,
@@ -97,12 +101,16 @@ impl Manager {
             }
         }
         self.skipped.retain(|inode| present.contains_key(inode));
+        self.socket_port_taken
+            .retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
-                !self.listening.contains_key(inode) && !self.skipped.contains(inode)
+                !self.listening.contains_key(inode)
+                    && !self.skipped.contains(inode)
+                    && !self.socket_port_taken.contains(inode)
             })
             .collect();
         self.open_all(new).await;
@@ -119,15 +127,16 @@ impl Manager {
                 let Some((inode, path)) = waiting.next() else {
                     break;
                 };
-                let (steer, addr, endpoints, handover) = (
+                let (steer, addr, socket_port, endpoints, handover) = (
                     self.steer,
                     self.options.addr,
+                    self.options.socket_port,
                     Arc::clone(&self.endpoints),
                     Arc::clone(&self.options.handover),
                 );
                 opening.spawn_blocking(move || {
                     let opened = if steer {
-                        open_steered(&path, inode, addr, endpoints.as_ref())
+                        open_steered(&path, inode, addr, socket_port, endpoints.as_ref())
                             .map(|(listener, link)| (listener, Some(link)))
                     } else {
                         bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
@@ -183,6 +192,17 @@ impl Manager {
                 self.skipped.insert(inode);
                 return;
             }
+            Err(Bind::SocketPortTaken(local)) => {
+                warn!(
+                    "network namespace {inode} ({}): the agent's socket port is taken there ({local} in use: an application on --pod-socket-port {}?); the in-pod port {} is not steered in that pod, and its hooks find no agent there (their connections are refused, or reach the application on {}); choose a --pod-socket-port its pods do not use",
+                    path.display(),
+                    local.port(),
+                    addr.port(),
+                    addr.port()
+                );
+                self.socket_port_taken.insert(inode);
+                return;
+            }
             Err(Bind::Failed(problem)) => (problem, false),
             Err(Bind::Steer(problem)) => (problem, true),
         };
@@ -228,7 +248,7 @@ impl Manager {
         // Bound: after the bind (a pod that holds the port keeps its connections counted);
         // a connection in between is counted and un-counted like any other. Steered: done
         // by `steer` before the program is attached.
-        if !steered && let Err(problem) = endpoints.ignore(inode, port) {
+        if !steered && let Err(problem) = endpoints.ignore(inode, addr) {
             warn!(
                 "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
             );

@@ -17,7 +17,9 @@
 //! from a node address is told by its socket's owner in the node's tables, `callers.rs`),
 //! others get 403.
 //!
-//! The port is taken from no pod: the socket is on loopback at a port the kernel picks, and
+//! The port is taken from no pod: the socket is on loopback at `--pod-socket-port` (29100:
+//! that port is taken in every pod instead, and a pod whose application holds it already is
+//! not served, logged once, `state="socket_port_taken"`), and
 //! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
 //! only while no application listens on ADDR's port in that namespace; the application
 //! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
@@ -79,8 +81,8 @@ const BURST_FOR: Duration = Duration::from_millis(750);
 /// Keeps the agent's own connections uncounted and steers the in-pod port to the agent
 /// (the kernel side implements it).
 pub trait OwnEndpoints: Send + Sync + 'static {
-    /// Leaves connections to `port` in `netns` uncounted.
-    fn ignore(&self, netns: u32, port: u16) -> Result<()>;
+    /// Leaves connections to the agent's listener bound at `addr` in `netns` uncounted.
+    fn ignore(&self, netns: u32, addr: SocketAddr) -> Result<()>;
     /// Undoes [`OwnEndpoints::ignore`] and [`OwnEndpoints::steer`] once the listener is
     /// closed.
     fn forget(&self, netns: u32, port: u16) -> Result<()>;
@@ -100,6 +102,15 @@ pub trait OwnEndpoints: Send + Sync + 'static {
     ) -> Result<SteerLink>;
 }
 
+/// `--pod-socket-port`'s default: the port of the agent's own socket in every pod. A fixed
+/// port an operator can know and keep free, not one the kernel picks: a picked one comes
+/// from `ip_local_port_range` (32768–60999), where servers do bind fixed ports (gRPC's
+/// 50051, MySQL X's 33060), and the agent makes its socket as soon as a pod's namespace
+/// appears, before the application starts: once in some 28,000 pods it held the
+/// application's port and the application's `bind()` failed. This one is below that range
+/// (no outbound connection's port) and is no common server's default that we know of.
+pub const DEFAULT_SOCKET_PORT: u16 = 29100;
+
 /// What `--pod-listen` and its companion flags ask for.
 #[derive(Clone, Debug)]
 pub struct PodListenOptions {
@@ -107,6 +118,12 @@ pub struct PodListenOptions {
     /// Only named namespaces (`/run/netns/NAME`) whose NAME starts with this.
     pub name_prefix: Option<String>,
     pub limits: ServerLimits,
+    /// Bind ADDR in each namespace even where `sk_lookup` could steer it (the fallback's
+    /// tests: `--pod-listen-bind`).
+    pub bind_only: bool,
+    /// The port of the agent's own socket in each pod, which ADDR is steered to
+    /// (`--pod-socket-port`, [`DEFAULT_SOCKET_PORT`]).
+    pub socket_port: u16,
     /// Binds the fallback's listeners so that the next agent shares them.
     pub handover: Arc<Handover>,
 }
@@ -129,7 +146,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), or waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), or waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan).",
         ),
         &["state"],
     )?;
@@ -147,7 +164,12 @@ pub async fn serve_in_pods(
         addresses: NodeAddresses::default(),
         sockets,
     };
-    let steer = match endpoints.steering_problem() {
+    let problem = if options.bind_only {
+        Some("--pod-listen-bind asks for the fallback".to_owned())
+    } else {
+        endpoints.steering_problem()
+    };
+    let steer = match problem {
         None => {
             info!(
                 "the in-pod port {} is steered to the agent with sk_lookup where no application listens on it; the agent binds it nowhere",
@@ -173,6 +195,7 @@ pub async fn serve_in_pods(
         own_netns,
         listening: BTreeMap::new(),
         skipped: BTreeSet::new(),
+        socket_port_taken: BTreeSet::new(),
         waiting: BTreeSet::new(),
         failing: BTreeMap::new(),
         tasks: JoinSet::new(),
@@ -214,6 +237,9 @@ pub async fn serve_in_pods(
         gauge
             .with_label_values(&["skipped"])
             .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["socket_port_taken"])
+            .set(i64::try_from(manager.socket_port_taken.len()).unwrap_or(i64::MAX));
         gauge
             .with_label_values(&["waiting"])
             .set(i64::try_from(manager.waiting.len()).unwrap_or(i64::MAX));

@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use super::OwnEndpoints;
 use crate::{
@@ -19,15 +19,16 @@ use crate::{
     sys::netns,
 };
 
-/// A socket of the agent's on loopback in the namespace at `path` (checked to be `inode`),
-/// and the in-pod port steered to it.
+/// A socket of the agent's on loopback at `socket_port` in the namespace at `path` (checked
+/// to be `inode`), and the in-pod port steered to it.
 pub(super) fn open_steered(
     path: &Path,
     inode: u32,
     addr: SocketAddr,
+    socket_port: u16,
     endpoints: &dyn OwnEndpoints,
 ) -> Result<(std::net::TcpListener, SteerLink), Bind> {
-    let (listener, netns_file) = socket_in(path, inode, addr).map_err(Bind::Failed)?;
+    let (listener, netns_file) = socket_in(path, inode, addr, socket_port)?;
     let link = endpoints
         .steer(addr, inode, &netns_file, listener.as_fd())
         .map_err(Bind::Steer)?;
@@ -40,6 +41,9 @@ pub(super) enum Bind {
     InUse,
     /// An agent of an older version holds it without `SO_REUSEPORT` (retry on each rescan).
     AgentThere,
+    /// An application holds the agent's socket port (`--pod-socket-port`) at this address
+    /// in that namespace: not served (skip it for good, WARN).
+    SocketPortTaken(SocketAddr),
     /// Anything else (retry later).
     Failed(anyhow::Error),
     /// The socket is made, the steering failed (retry later, WARN).
@@ -85,34 +89,68 @@ pub(super) fn bind_in(
 }
 
 /// The agent's socket for a steered in-pod port: made on a thread inside the namespace at
-/// `path` (checked to still be `inode`), on loopback at a port the kernel picks (see
-/// `kernel/steer.rs` for why), with the namespace's file for the `sk_lookup` link.
-fn socket_in(path: &Path, inode: u32, addr: SocketAddr) -> Result<(std::net::TcpListener, File)> {
-    netns::run_in(inode, path, move || {
+/// `path` (checked to still be `inode`), on loopback at `socket_port` (`--pod-socket-port`;
+/// see `kernel/steer.rs` for why a fixed port), with the namespace's file for the
+/// `sk_lookup` link. It is in the `SO_REUSEPORT` group of its address, so the next agent of
+/// an upgrade (the same user) makes its own beside it; each agent's program assigns its own
+/// socket with `BPF_SK_LOOKUP_F_NO_REUSEPORT`, so the group never spreads the steered
+/// connections. The port in use by anything else is [`Bind::SocketPortTaken`].
+fn socket_in(
+    path: &Path,
+    inode: u32,
+    addr: SocketAddr,
+    socket_port: u16,
+) -> Result<(std::net::TcpListener, File), Bind> {
+    let local = match addr.ip() {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, socket_port)),
+        // `[::]` takes IPv4 too, and a socket bound to `::1` is IPv6-only (binding a
+        // specific IPv6 address sets `sk_ipv6only`, net/ipv6/af_inet6.c), which
+        // `bpf_sk_assign()` refuses for IPv4: dual-stack on all addresses, as `[::]:9100`
+        // itself was (callers beyond loopback and the node get 403 there too).
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, socket_port))
+        }
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, socket_port)),
+    };
+    let made = netns::run_in(inode, path, move || {
         let own = Path::new("/proc/thread-self/ns/net");
         let netns_file = File::open(own).context("cannot open the namespace's file")?;
-        let local = match addr.ip() {
-            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            // `[::]` takes IPv4 too, and a socket bound to `::1` is IPv6-only (binding a
-            // specific IPv6 address sets `sk_ipv6only`, net/ipv6/af_inet6.c), which
-            // `bpf_sk_assign()` refuses for IPv4: dual-stack on all addresses, as `[::]:9100`
-            // itself was (callers beyond loopback and the node get 403 there too).
-            IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
-        };
-        // The kernel may hand out the in-pod port itself if `ip_local_port_range` covers
-        // it: holding that would take it from the pod, so pick again.
-        for _ in 0..8 {
-            let listener = std::net::TcpListener::bind(local)
-                .with_context(|| format!("cannot listen on {local}"))?;
-            if listener.local_addr().context("listener address")?.port() == addr.port() {
-                continue;
-            }
-            listener
-                .set_nonblocking(true)
-                .context("cannot make the listener non-blocking")?;
-            return Ok((listener, netns_file));
+        Ok(shared_listener(local).map(|listener| (listener, netns_file)))
+    });
+    match made {
+        Ok(Ok(made)) => Ok(made),
+        Ok(Err(problem)) if problem.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(Bind::SocketPortTaken(local))
         }
-        bail!("the kernel keeps picking the in-pod port {}", addr.port())
-    })
+        Ok(Err(problem)) => Err(Bind::Failed(
+            anyhow::Error::new(problem).context(format!("cannot listen on {local}")),
+        )),
+        Err(problem) => Err(Bind::Failed(problem)),
+    }
+}
+
+/// A non-blocking listener on `local` in the calling thread's namespace, in the
+/// `SO_REUSEPORT` group of that address (`[::]` dual-stack whatever `bindv6only` says).
+fn shared_listener(local: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = match local {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let socket = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    sockopt::set_socket_reuseport(&socket, true)?;
+    if let SocketAddr::V6(v6) = local
+        && v6.ip().is_unspecified()
+    {
+        sockopt::set_ipv6_v6only(&socket, false)?;
+    }
+    rustix::net::bind(&socket, &local)?;
+    rustix::net::listen(&socket, 1024)?;
+    Ok(std::net::TcpListener::from(socket))
 }
