@@ -81,6 +81,22 @@ impl DrainEnd {
     }
 }
 
+/// Who started a drain (`started_by` in its record): whom `/drains` shows the record to
+/// (`http/authority.rs`: a local user sees only the drains it started, for a record names
+/// the clients still connected at the end), and whether the drain's sockets must still be
+/// its starter's when it acts on them ([`Drains::still_owned`]: a local user controls only
+/// ports whose sockets are all its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StartedBy {
+    /// Root on the node, or the holder of a bearer token.
+    Node,
+    /// A process of another user on the node, in the node's own namespace.
+    LocalUser { uid: u32 },
+    /// A pod: the drain's scope is its namespace (the record's `netns`).
+    Pod,
+}
+
 /// What to do when a drain's timeout passes with connections left.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -211,6 +227,13 @@ pub struct DrainRecord {
     pub closed_by_agent: u64,
     pub wait_ms: u64,
     pub on_timeout: OnTimeout,
+    /// Who started it (a POST or `/drained` waiter that joined later is not named). `None`:
+    /// a record an agent wrote before records said so (its journal, its state file), which
+    /// only the node and the pod of its namespace are shown. Optional and left out when
+    /// `None`, so the state file keeps its version: an older agent reading a newer file
+    /// ignores the field (nothing there denies unknown fields), a newer one reads an older.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<StartedBy>,
 }
 
 /// How many ended drains `/drains` keeps.

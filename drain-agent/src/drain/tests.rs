@@ -61,7 +61,7 @@ async fn spend_an_id(old: &Arc<Drains>) {
         filter: Filter::port(9090),
         ..spec(Duration::from_secs(600))
     };
-    old.post(spent).await.expect("room");
+    old.post(spent, StartedBy::Node).await.expect("room");
     old.cancel(&Filter::port(9090)).await;
 }
 
@@ -99,12 +99,15 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut posted = spec(Duration::from_secs(600));
     posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
     posted.given.ignore = true;
-    let (record, _) = drains.post(posted.clone()).await.expect("room");
+    let (record, _) = drains
+        .post(posted.clone(), StartedBy::Node)
+        .await
+        .expect("room");
     let joined = DrainSpec {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (_membership, _) = drains.join(joined).await.expect("room");
+    let (_membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -129,10 +132,12 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut other = spec(Duration::from_secs(600));
     other.given.ignore = true;
     assert!(matches!(
-        restored.post(other).await,
+        restored.post(other, StartedBy::Node).await,
         Err(JoinError::Conflict(id, _)) if id == record.id
     ));
-    assert!(matches!(restored.post(posted).await, Ok((again, false)) if again.id == record.id));
+    assert!(
+        matches!(restored.post(posted, StartedBy::Node).await, Ok((again, false)) if again.id == record.id)
+    );
     // Stopping writes nothing: what is on disk resumes at the next start.
     tracker.begin_shutdown();
     restored.release(&Filter::port(9090));
@@ -158,12 +163,12 @@ async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
     let (source, tracker, drains) = registry(2);
     assert!(!drains.gated(&node(8080)));
     let (first, created) = drains
-        .post(spec(Duration::from_secs(60)))
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
         .await
         .expect("room");
     assert!(created);
     let (again, created) = drains
-        .post(spec(Duration::from_secs(60)))
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
         .await
         .expect("room");
     assert!(!created);
@@ -193,7 +198,7 @@ async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
 async fn cancel_and_timeout_are_recorded() {
     let (_, _, drains) = registry(1);
     let (started, _) = drains
-        .post(spec(Duration::from_secs(3600)))
+        .post(spec(Duration::from_secs(3600)), StartedBy::Node)
         .await
         .expect("room");
     let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
@@ -204,7 +209,7 @@ async fn cancel_and_timeout_are_recorded() {
     assert!(!drains.gated(&node(8080)));
     assert!(drains.cancel(&Filter::port(8080)).await.is_none());
     drains
-        .post(spec(Duration::from_secs(2)))
+        .post(spec(Duration::from_secs(2)), StartedBy::Node)
         .await
         .expect("room");
     let record = drains
@@ -222,12 +227,12 @@ async fn cancel_and_timeout_are_recorded() {
 async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
     let (_, _, drains) = registry(1);
     let (first, created) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert!(created);
     let (second, _) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(first.id(), second.id());
@@ -250,11 +255,11 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
     );
     // A POST keeps it running whoever waits.
     let (waiter, _) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     drop(waiter);
@@ -268,7 +273,7 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
 async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
     let (_, _, drains) = registry(1);
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     let close = DrainSpec {
@@ -279,18 +284,23 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         },
         ..spec(Duration::from_secs(3))
     };
-    match drains.post(close.clone()).await {
+    match drains.post(close.clone(), StartedBy::Node).await {
         Err(JoinError::Conflict(_, text)) => {
             assert!(text.contains("on_timeout=keep (asked close)"), "{text}");
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        drains.join(close).await,
+        drains.join(close, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
     // Settings not named take the drain's: the plain hook joins.
-    assert!(drains.join(spec(Duration::from_secs(3))).await.is_ok());
+    assert!(
+        drains
+            .join(spec(Duration::from_secs(3)), StartedBy::Node)
+            .await
+            .is_ok()
+    );
     let quiet = DrainSpec {
         rule: DrainRule {
             quiet: Duration::from_secs(5),
@@ -303,7 +313,7 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         ..spec(Duration::from_secs(30))
     };
     assert!(matches!(
-        drains.post(quiet).await,
+        drains.post(quiet, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
 }
@@ -321,10 +331,13 @@ async fn one_scopes_drain_never_gates_another() {
     let pod_b_addr: IpAddr = "10.1.0.8".parse().expect("ip");
     let pod_a_addr: IpAddr = "10.1.0.7".parse().expect("ip");
     drains
-        .post(DrainSpec {
-            filter: pod_a.clone(),
-            ..spec(Duration::from_secs(600))
-        })
+        .post(
+            DrainSpec {
+                filter: pod_a.clone(),
+                ..spec(Duration::from_secs(600))
+            },
+            StartedBy::Node,
+        )
         .await
         .expect("room");
     let a_inside = Asked {
@@ -357,20 +370,23 @@ async fn one_scopes_drain_never_gates_another() {
     // Pod A's hook on the node listener drains {addr, netns}: its own /health sees it.
     drains.cancel(&pod_a).await.expect("cancelled");
     drains
-        .post(DrainSpec {
-            filter: Filter {
-                addr: Some(pod_a_addr),
-                ..pod_a.clone()
+        .post(
+            DrainSpec {
+                filter: Filter {
+                    addr: Some(pod_a_addr),
+                    ..pod_a.clone()
+                },
+                ..spec(Duration::from_secs(600))
             },
-            ..spec(Duration::from_secs(600))
-        })
+            StartedBy::Node,
+        )
         .await
         .expect("room");
     assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
     assert!(!drains.gated(&node(8080)) && !drains.gated(&b_inside));
     // A node-wide drain covers every pod's port.
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
@@ -397,7 +413,7 @@ async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
         on_timeout: OnTimeout::Close,
         ..spec(Duration::from_millis(100))
     };
-    let (record, _) = drains.post(close).await.expect("room");
+    let (record, _) = drains.post(close, StartedBy::Node).await.expect("room");
     let started = std::time::Instant::now();
     let ended = loop {
         if let Some(ended) = drains
@@ -436,7 +452,7 @@ async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept()
     {
         let (_, _, beside) = saving_registry(0, dir.path());
         let (record, _) = beside
-            .post(spec(Duration::from_secs(600)))
+            .post(spec(Duration::from_secs(600)), StartedBy::Node)
             .await
             .expect("room");
         beside.finish(
@@ -481,7 +497,7 @@ async fn a_cancel_racing_a_drains_own_end_still_puts_the_scope_back_in_rotation(
     let drains = Arc::new(Drains::new(tracker, None, Some(journal), None, 4));
     for round in 0..20 {
         drains
-            .post(spec(Duration::from_secs(600)))
+            .post(spec(Duration::from_secs(600)), StartedBy::Node)
             .await
             .expect("room");
         // The drain runs until it writes its record (nothing is open: drained at once).
@@ -554,7 +570,7 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
     ));
     let ask = |timeout| waiter::Ask {
         spec: spec(timeout),
-        control: true,
+        control: Some(StartedBy::Node),
         peers: false,
     };
     let answer = |ask: waiter::Ask| {
@@ -630,7 +646,7 @@ async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
         on_timeout: OnTimeout::Close,
         ..spec(Duration::from_millis(50))
     };
-    let (record, _) = drains.post(close).await.expect("room");
+    let (record, _) = drains.post(close, StartedBy::Node).await.expect("room");
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         lock(&closer.closes).is_empty(),
@@ -681,37 +697,43 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
     let drains = Arc::new(Drains::new(tracker, None, None, None, 4).with_limits(2, 16));
     let mut accepted = 0;
     for port in 1..=16 {
-        match drains.post(pod_spec(7, port)).await {
+        match drains.post(pod_spec(7, port), StartedBy::Node).await {
             Ok(_) => accepted += 1,
             Err(JoinError::Full | JoinError::OwnerFull(..)) => {}
             Err(other) => panic!("pod 7's drain of {port}: {other:?}"),
         }
     }
     let (record, created) = drains
-        .post(pod_spec(8, 8080))
+        .post(pod_spec(8, 8080), StartedBy::Node)
         .await
         .expect("pod 8's drain refused after pod 7 filled its share");
     assert!(created && record.netns == Some(8));
     assert_eq!(accepted, 2, "pod 7 ran more than its share");
     // Refused naming its own limit, not the node's.
     assert!(matches!(
-        drains.post(pod_spec(7, 100)).await,
+        drains.post(pod_spec(7, 100), StartedBy::Node).await,
         Err(JoinError::OwnerFull(Owner::Netns(7), 2))
     ));
     // The node's port-wide scopes have only the node's limit.
     drains
-        .post(DrainSpec {
-            filter: Filter::port(1),
-            ..pod_spec(0, 1)
-        })
+        .post(
+            DrainSpec {
+                filter: Filter::port(1),
+                ..pod_spec(0, 1)
+            },
+            StartedBy::Node,
+        )
         .await
         .expect("the node's drain");
     assert!(matches!(
         drains
-            .post(DrainSpec {
-                filter: Filter::port(2),
-                ..pod_spec(0, 2)
-            })
+            .post(
+                DrainSpec {
+                    filter: Filter::port(2),
+                    ..pod_spec(0, 2)
+                },
+                StartedBy::Node
+            )
             .await,
         Err(JoinError::Full)
     ));
@@ -722,7 +744,7 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
             timeout: Duration::from_millis(50),
             ..pod_spec(7, 100)
         },
-        control: true,
+        control: Some(StartedBy::Node),
         peers: false,
     };
     let answer = ask.answer(&drains).await.expect("answer");
@@ -757,6 +779,7 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
             closed_by_agent: 0,
             wait_ms: 0,
             on_timeout: OnTimeout::Keep,
+            started_by: Some(StartedBy::Pod),
         };
         (pod_spec(netns, port).filter, record)
     };
@@ -824,10 +847,13 @@ async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
         },
         ..spec(Duration::from_secs(600))
     };
-    let (record, _) = old.post(posted).await.expect("room");
+    let (record, _) = old.post(posted, StartedBy::Node).await.expect("room");
     assert_eq!(old.save().await, Saved::Yes);
     // A stop hook's `/drained?timeout=60s` reaches the new agent: a drain of its own.
-    let (membership, created) = new.join(spec(Duration::from_secs(60))).await.expect("room");
+    let (membership, created) = new
+        .join(spec(Duration::from_secs(60)), StartedBy::Node)
+        .await
+        .expect("room");
     assert!(created, "the new agent started its own drain of the scope");
     assert_ne!(membership.id(), record.id);
     // The old agent stops (what it saved stays on disk) and goes, its lock with it.
@@ -870,7 +896,7 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     let (_, old, new) = overlapping_registries(dir.path());
     let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&new));
     assert!(!gate.draining(8080, None).await);
-    old.post(spec(Duration::from_secs(600)))
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -885,7 +911,7 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     assert!(!gate.draining(8080, None).await, "cancelled on the writer");
     // A drain this agent restored and then cancelled stays cancelled here, though the
     // writer's file still has it (a cancel sent here during the overlap).
-    old.post(spec(Duration::from_secs(600)))
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -913,7 +939,9 @@ async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
     let cycle = |netns: u32, port: u16| {
         let new = Arc::clone(&new);
         async move {
-            new.post(pod_spec(netns, port)).await.expect("room");
+            new.post(pod_spec(netns, port), StartedBy::Node)
+                .await
+                .expect("room");
             new.cancel(&pod_spec(netns, port).filter).await;
             new.wait_all_ended(Duration::from_secs(5)).await;
         }
@@ -942,7 +970,7 @@ async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
 async fn a_post_right_after_a_cancel_starts_a_new_drain() {
     let (_, _, drains) = registry(2);
     let (first, _) = drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     // The DELETE runs up to its wait for the drain's end (polled once, on this task: the
@@ -956,7 +984,7 @@ async fn a_post_right_after_a_cancel_starts_a_new_drain() {
         () = std::future::ready(()) => {}
     }
     let (second, created) = drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     let cancelled = cancel.await.expect("a drain was cancelled");
@@ -985,7 +1013,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     spend_an_id(&old).await;
     // POSTed to the old agent, with no quiet window.
     let (record, _) = old
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -993,7 +1021,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     let mut quiet = spec(Duration::from_secs(60));
     quiet.rule.quiet = Duration::from_secs(5);
     quiet.given.quiet = true;
-    let (membership, created) = new.join(quiet).await.expect("room");
+    let (membership, created) = new.join(quiet, StartedBy::Node).await.expect("room");
     assert!(created);
     let own = membership.id();
     old_agent_goes(&old_tracker, old, &new).await;
@@ -1013,4 +1041,50 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     assert!(new.gated(&node(8080)));
     drop(membership);
     take_over.abort();
+}
+
+/// Who started a drain (`started_by`, what `/drains` shows a local user by) is kept where
+/// the record is: in the state file (a restored drain is still its starter's) and in the
+/// journal (an ended one too). A record written before the field existed still loads, as
+/// one whose starter is unknown, and the field is left out when unknown: the state file's
+/// version stays, and an older agent reading a newer file ignores a field it does not know.
+#[tokio::test]
+async fn who_started_a_drain_survives_a_restart_and_old_records_still_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let user = StartedBy::LocalUser { uid: 1000 };
+    let (_, _, drains) = saving_registry(2, dir.path());
+    let (record, _) = drains
+        .post(spec(Duration::from_secs(600)), user)
+        .await
+        .expect("room");
+    assert_eq!(record.started_by, Some(user));
+    drains.save().await;
+    let (_, _, restored) = saving_registry(2, dir.path());
+    restored.restore();
+    let (running, _) = restored.list();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].started_by, Some(user), "{running:?}");
+
+    let line = serde_json::to_value(&record).expect("json");
+    assert_eq!(
+        line["started_by"],
+        serde_json::json!({"kind": "local_user", "uid": 1000})
+    );
+    let mut old = line.clone();
+    old.as_object_mut().expect("object").remove("started_by");
+    let old: DrainRecord = serde_json::from_value(old).expect("an older agent's record");
+    assert_eq!(old.started_by, None);
+    assert!(
+        serde_json::to_value(&old)
+            .expect("json")
+            .get("started_by")
+            .is_none()
+    );
+    let journal_path = dir.path().join("drains.jsonl");
+    let journal = Journal::open(&journal_path, 1 << 20).expect("journal");
+    journal.append(&record).expect("append");
+    let back = Journal::open(&journal_path, 1 << 20)
+        .expect("journal")
+        .read_records::<DrainRecord>(HISTORY);
+    assert_eq!(back, [record]);
 }
