@@ -51,16 +51,23 @@ pub enum DrainEnd {
     AgentShutdown,
     /// Started by `/drained` waiters, every one of which went away before it ended.
     Abandoned,
+    /// Started by a local user, whose port's sockets were no longer all its own: another
+    /// user's were on it while it ran, or at its end (before it would close or list what
+    /// is left) they were not all its own, none were left, or they could not be read.
+    /// Nothing closed, no gate held (`http/authority.rs`: a local user controls only ports
+    /// whose sockets are all its own, for as long as its drain acts on them).
+    NotOwned,
 }
 
 impl DrainEnd {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Drained,
         Self::Timeout,
         Self::ClosedAtDeadline,
         Self::Cancelled,
         Self::AgentShutdown,
         Self::Abandoned,
+        Self::NotOwned,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -71,6 +78,7 @@ impl DrainEnd {
             Self::Cancelled => "cancelled",
             Self::AgentShutdown => "agent_shutdown",
             Self::Abandoned => "abandoned",
+            Self::NotOwned => "not_owned",
         }
     }
 
@@ -290,6 +298,9 @@ pub struct Drains {
     held: Mutex<HashMap<Filter, Held>>,
     /// Which namespace an address asked about belongs to (`None` in unit tests: the node).
     pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
+    /// Whose a port's sockets are: a local user's drain acts on its scope only while they
+    /// are all that user's ([`Drains::with_port_owners`]; `None`: never).
+    port_owners: Option<Arc<dyn owner::PortOwners>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     /// Drains in progress one owner may have at most ([`owner::RUNNING_PER_OWNER`]).
@@ -346,6 +357,7 @@ impl Drains {
             running: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             pods,
+            port_owners: None,
             max_running,
             running_per_owner: owner::RUNNING_PER_OWNER,
             held_max: HELD_MAX,
@@ -362,6 +374,16 @@ impl Drains {
     #[must_use]
     pub fn with_state_file(mut self, file: StateFile) -> Self {
         self.state = Some(Arc::new(file));
+        self
+    }
+
+    /// Reads whose a port's sockets are from `owners` (the source `http/authority.rs`
+    /// checks a local user's control with): a local user's drain is checked against it
+    /// while it runs and before it acts at its end. Without it, a local user's drain that
+    /// does not drain ends `not_owned`: nothing closed, no gate held.
+    #[must_use]
+    pub fn with_port_owners(mut self, owners: Arc<dyn owner::PortOwners>) -> Self {
+        self.port_owners = Some(owners);
         self
     }
 

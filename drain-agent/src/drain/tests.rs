@@ -1088,3 +1088,153 @@ async fn who_started_a_drain_survives_a_restart_and_old_records_still_load() {
         .read_records::<DrainRecord>(HISTORY);
     assert_eq!(back, [record]);
 }
+
+/// Whose port 8080's sockets are, as the test sets it (a service restarting: another user
+/// binds the port, then root's service has it again).
+struct SwitchingOwners(Mutex<Vec<u32>>);
+
+impl owner::PortOwners for SwitchingOwners {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+        Ok(if port == 8080 {
+            lock(&self.0).clone()
+        } else {
+            Vec::new()
+        })
+    }
+}
+
+/// A registry with a closer that records its closes, a client left on 8080 (listed at
+/// the deadline), and whose 8080 is as `owners` says.
+fn closing_registry(
+    owners: &Arc<SwitchingOwners>,
+) -> (Arc<FakeSource>, Arc<HeldCloser>, Arc<Drains>) {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let peer = Peer {
+        remote: "10.0.0.2:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let (closer, _entered, release) = HeldCloser::new();
+    // Its listeners() answers at once here.
+    for _ in 0..4 {
+        release.send(()).expect("release");
+    }
+    let drains = Arc::new(
+        Drains::new(
+            tracker,
+            Some(Arc::clone(&closer) as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_port_owners(Arc::clone(owners) as Arc<dyn owner::PortOwners>),
+    );
+    (source, closer, drains)
+}
+
+/// A local user's port ownership was checked only when its drain started: uid 1000 bound
+/// 8080 while root's service restarted, POSTed `on_timeout=close` and went; root's
+/// service came back, and at the deadline the drain closed root's connections (and held
+/// root's port out of rotation after). Before it acts at its end, a local user's drain
+/// checks again that the port's sockets are all its own; if not, it closes nothing,
+/// holds no gate, and its record says `not_owned`. While they stay its own, it closes.
+#[tokio::test]
+async fn a_local_users_drain_closes_nothing_once_its_port_is_another_users() {
+    let user = StartedBy::LocalUser { uid: 1000 };
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_millis(200))
+    };
+    for taken in [true, false] {
+        let owners = Arc::new(SwitchingOwners(Mutex::new(vec![1000])));
+        let (_source, closer, drains) = closing_registry(&owners);
+        drains.post(close.clone(), user).await.expect("room");
+        if taken {
+            // uid 1000's service is gone; root's is back on the port.
+            *lock(&owners.0) = vec![0, 0];
+        }
+        let ended = drains
+            .wait_ended(&Filter::port(8080), Duration::from_secs(10))
+            .await
+            .expect("record");
+        let closes = lock(&closer.closes).clone();
+        if taken {
+            assert!(closes.is_empty(), "closed root's connections: {closes:?}");
+            assert_eq!(ended.result, Some(DrainEnd::NotOwned), "{ended:?}");
+            assert_eq!(ended.closed_by_agent, 0, "{ended:?}");
+            assert!(ended.peers_at_end.is_empty(), "root's clients: {ended:?}");
+            assert!(
+                !drains.gated(&node(8080)),
+                "root's port held out of rotation"
+            );
+        } else {
+            assert_eq!(closes.len(), 1, "its own connection: {closes:?}");
+            assert_eq!(ended.result, Some(DrainEnd::ClosedAtDeadline), "{ended:?}");
+        }
+    }
+}
+
+/// The same drain gated root's port until its deadline (`/health` 503 for its whole
+/// timeout, 10 minutes in the report): a local user's drain in progress checks every
+/// [`run::OWNER_RECHECK`] whether another user's sockets are on its port, and ends `not_owned`
+/// (no gate held) when they are.
+#[tokio::test(start_paused = true)]
+async fn a_local_users_drain_ends_when_another_user_takes_its_port() {
+    let owners = Arc::new(SwitchingOwners(Mutex::new(vec![1000])));
+    let (_source, closer, drains) = closing_registry(&owners);
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_secs(600))
+    };
+    drains
+        .post(close, StartedBy::LocalUser { uid: 1000 })
+        .await
+        .expect("room");
+    tokio::time::sleep(run::OWNER_RECHECK * 2).await;
+    assert!(drains.gated(&node(8080)), "its own port, out of rotation");
+    *lock(&owners.0) = vec![0, 1000];
+    let ended = drains
+        .wait_ended(&Filter::port(8080), run::OWNER_RECHECK * 2)
+        .await
+        .expect("record");
+    assert_eq!(ended.result, Some(DrainEnd::NotOwned), "{ended:?}");
+    assert!(!drains.gated(&node(8080)), "root's port out of rotation");
+    assert!(lock(&closer.closes).is_empty());
+}
+
+/// A local user's drain that drained keeps its gate when its service has gone from the
+/// port (what a stop hook drains for), and holds none when another user's sockets are on it.
+#[tokio::test]
+async fn a_local_users_drained_drain_holds_its_gate_only_while_no_other_user_is_on_its_port() {
+    for (owners_now, gated) in [(vec![], true), (vec![1000], true), (vec![0], false)] {
+        let owners = Arc::new(SwitchingOwners(Mutex::new(owners_now.clone())));
+        let (source, _closer, drains) = closing_registry(&owners);
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        drains
+            .post(
+                spec(Duration::from_secs(60)),
+                StartedBy::LocalUser { uid: 1000 },
+            )
+            .await
+            .expect("room");
+        let ended = drains
+            .wait_ended(&Filter::port(8080), Duration::from_secs(10))
+            .await
+            .expect("record");
+        let result = if gated {
+            DrainEnd::Drained
+        } else {
+            DrainEnd::NotOwned
+        };
+        assert_eq!(ended.result, Some(result), "{owners_now:?}: {ended:?}");
+        assert_eq!(drains.gated(&node(8080)), gated, "{owners_now:?}");
+    }
+}

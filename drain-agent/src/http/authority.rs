@@ -18,8 +18,12 @@ use std::{convert::Infallible, sync::Arc};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 
+pub use crate::drain::owner::{PortOwners, SocketTableOwners};
 use crate::{
-    drain::{DrainRecord, StartedBy},
+    drain::{
+        DrainRecord, StartedBy,
+        owner::{Holding, holding},
+    },
     http::api::ApiError,
     http::pod_scope::{PodScope, Scoped, confine, hide_namespaces},
     sys::pod_addresses::PodAddresses,
@@ -52,32 +56,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get::<Self>()
             .copied()
             .unwrap_or(Self::Remote))
-    }
-}
-
-/// The uids of the sockets on a local port, in the node's own network namespace.
-pub trait PortOwners: Send + Sync + 'static {
-    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>>;
-}
-
-/// The real one: the kernel's socket tables, read on the calling thread (the agent's
-/// threads are in the node's namespace).
-pub struct SocketTableOwners;
-
-impl PortOwners for SocketTableOwners {
-    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
-        use crate::sys::sockdiag::{Query, query, state};
-        let states = state::bit(state::LISTEN)
-            | state::bit(state::ESTABLISHED)
-            | state::bit(state::CLOSE_WAIT);
-        Ok(query(&Query {
-            local_port: port,
-            states,
-            with_info: false,
-        })?
-        .into_iter()
-        .map(|socket| socket.uid)
-        .collect())
     }
 }
 
@@ -152,20 +130,13 @@ impl Caller {
                 "cannot tell which user is calling (the socket tables could not be read): only root controls drains now".into(),
             )),
             Self::LocalUser { uid: Some(uid) } => {
-                let owners = Arc::clone(&authority.owners);
                 let port = filter.port;
-                let found = tokio::task::spawn_blocking(move || owners.owners(port))
-                    .await
-                    .map_err(|problem| anyhow::anyhow!("{problem}"))
-                    .and_then(|read| read);
-                match found {
-                    Ok(uids) if !uids.is_empty() && uids.iter().all(|&owner| owner == uid) => {
-                        Ok(StartedBy::LocalUser { uid })
-                    }
-                    Ok(uids) if uids.is_empty() => Err(ApiError::Forbidden(format!(
+                match holding(&authority.owners, port, uid).await {
+                    Ok(Holding::Own) => Ok(StartedBy::LocalUser { uid }),
+                    Ok(Holding::Nobody) => Err(ApiError::Forbidden(format!(
                         "port {port}: nothing listens or is connected on it in this node's namespace, so no user owns it; a local user controls only ports its own sockets hold (SECURITY.md)"
                     ))),
-                    Ok(_) => Err(ApiError::Forbidden(format!(
+                    Ok(Holding::Others) => Err(ApiError::Forbidden(format!(
                         "port {port}: sockets of another user are on it; uid {uid} controls only ports whose sockets are all its own (SECURITY.md)"
                     ))),
                     Err(problem) => Err(ApiError::Forbidden(format!(

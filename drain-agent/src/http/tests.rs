@@ -57,7 +57,9 @@ fn app_built(
         .expect("metrics"),
     );
     let pods = Arc::new(PodAddresses::new(1, Arc::new(TwoPods)));
-    let mut drains = Drains::new(tracker.clone(), None, None, Some(Arc::clone(&pods)), 8);
+    let owners: Arc<dyn PortOwners> = Arc::new(Owners);
+    let mut drains = Drains::new(tracker.clone(), None, None, Some(Arc::clone(&pods)), 8)
+        .with_port_owners(Arc::clone(&owners));
     if let Some(dir) = state_dir {
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
@@ -71,10 +73,7 @@ fn app_built(
         limits: LIMITS,
         metrics,
         drains,
-        authority: Arc::new(Authority {
-            pods,
-            owners: Arc::new(Owners),
-        }),
+        authority: Arc::new(Authority { pods, owners }),
     });
     (source, state)
 }
