@@ -552,6 +552,72 @@ fn a_user_on_many_loopback_addresses_cannot_keep_roots_hook_waiting() {
     assert_eq!(refused, users.len() - 4, "all but 4 of nobody's refused");
 }
 
+/// A local user's port ownership was checked only when its drain started. While root's
+/// service on a port restarted, `nobody` bound it, `POST`ed an `on_timeout=close` drain and
+/// went; root's service came back on the port, stayed out of rotation until the drain's
+/// deadline, and then had its connections reset. Now the drain sees another user's sockets
+/// on the port (within its 5 s recheck) and ends `not_owned`: the port back in rotation,
+/// nothing closed.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_local_users_drain_lets_go_of_a_port_root_takes_back() {
+    if !kernel_available("a_local_users_drain_lets_go_of_a_port_root_takes_back") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let url = |path: &str| format!("http://127.0.0.1:{api}{path}");
+    let port = free_port();
+    let (listener_tx, listener_rx) = mpsc::channel();
+    thread::spawn(move || {
+        // SAFETY: setfsuid is per thread; it changes whose sockets this thread makes.
+        unsafe { libc::setfsuid(NOBODY) };
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        listener_tx.send(listener).expect("send");
+    });
+    let nobodys = listener_rx.recv().expect("nobody's listener");
+    // Its quiet window is its whole timeout: it cannot drain before its deadline.
+    let (status, body) = curl(
+        None,
+        Some(NOBODY),
+        "POST",
+        &url(&format!(
+            "/drain?port={port}&timeout=10s&quiet=10s&on_timeout=close"
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let started = Instant::now();
+    drop(nobodys);
+    // Root's service is back, with a client.
+    let roots = TcpListener::bind(("127.0.0.1", port)).expect("root binds the port again");
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (served, _) = roots.accept().expect("accept");
+    thread::spawn(move || echo(served));
+    let mut ended = String::new();
+    while started.elapsed() < Duration::from_secs(9) {
+        let (_, body) = curl(None, None, "GET", &url("/drains"));
+        if body.contains("\"not_owned\"") {
+            ended = body;
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        ended.contains("\"in_progress\":[]"),
+        "nobody's drain still holds root's port: {ended}"
+    );
+    assert_eq!(
+        curl(None, None, "GET", &url(&format!("/health?port={port}"))).0,
+        200,
+        "root's port back in rotation"
+    );
+    // Past the drain's deadline: root's connection is untouched.
+    thread::sleep(Duration::from_secs(11).saturating_sub(started.elapsed()));
+    assert!(alive(&mut client), "root's connection was closed");
+    let (_, body) = curl(None, None, "GET", &url("/drains"));
+    assert!(body.contains("\"closed_by_agent\":0"), "{body}");
+}
+
 /// A `GET` whose client went away left its 10-minute drain (and the port's gate) running.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]

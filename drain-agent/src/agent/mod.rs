@@ -241,9 +241,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         own_netns,
         Arc::new(crate::sys::pod_addresses::NamespaceAddresses { own_netns }),
     ));
+    // One source of whose a port's sockets are: a local user's control is checked against
+    // it when its drain starts (authority.rs) and while the drain runs (drain/run.rs).
+    let owners: Arc<dyn crate::drain::owner::PortOwners> =
+        Arc::new(crate::drain::owner::SocketTableOwners);
     let authority = Arc::new(crate::http::authority::Authority {
         pods: Arc::clone(&pods),
-        owners: Arc::new(crate::http::authority::SocketTableOwners),
+        owners: Arc::clone(&owners),
     });
     let tokens = match &args.auth_token_file {
         Some(path) => Some(Arc::new(crate::http::identify::Tokens::read(path)?)),
@@ -257,7 +261,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Some(pods),
             args.max_waiters,
         )
-        .with_state_file(state_file),
+        .with_state_file(state_file)
+        .with_port_owners(owners),
     );
     // Before anything is served: /health answers for a restored drain from the first question.
     drains.restore();

@@ -342,6 +342,7 @@ mod tests {
             closed_by_agent: 0,
             wait_ms: 9,
             on_timeout: OnTimeout::Keep,
+            started_by: None,
         }
     }
 

@@ -51,16 +51,23 @@ pub enum DrainEnd {
     AgentShutdown,
     /// Started by `/drained` waiters, every one of which went away before it ended.
     Abandoned,
+    /// Started by a local user, whose port's sockets were no longer all its own: another
+    /// user's were on it while it ran, or at its end (before it would close or list what
+    /// is left) they were not all its own, none were left, or they could not be read.
+    /// Nothing closed, no gate held (`http/authority.rs`: a local user controls only ports
+    /// whose sockets are all its own, for as long as its drain acts on them).
+    NotOwned,
 }
 
 impl DrainEnd {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Drained,
         Self::Timeout,
         Self::ClosedAtDeadline,
         Self::Cancelled,
         Self::AgentShutdown,
         Self::Abandoned,
+        Self::NotOwned,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -71,6 +78,7 @@ impl DrainEnd {
             Self::Cancelled => "cancelled",
             Self::AgentShutdown => "agent_shutdown",
             Self::Abandoned => "abandoned",
+            Self::NotOwned => "not_owned",
         }
     }
 
@@ -81,6 +89,22 @@ impl DrainEnd {
     pub const fn holds_the_gate(self) -> bool {
         matches!(self, Self::Drained | Self::Timeout | Self::ClosedAtDeadline)
     }
+}
+
+/// Who started a drain (`started_by` in its record): whom `/drains` shows the record to
+/// (`http/authority.rs`: a local user sees only the drains it started, for a record names
+/// the clients still connected at the end), and whether the drain's sockets must still be
+/// its starter's when it acts on them ([`Drains::still_owned`]: a local user controls only
+/// ports whose sockets are all its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StartedBy {
+    /// Root on the node, or the holder of a bearer token.
+    Node,
+    /// A process of another user on the node, in the node's own namespace.
+    LocalUser { uid: u32 },
+    /// A pod: the drain's scope is its namespace (the record's `netns`).
+    Pod,
 }
 
 /// What to do when a drain's timeout passes with connections left.
@@ -213,6 +237,13 @@ pub struct DrainRecord {
     pub closed_by_agent: u64,
     pub wait_ms: u64,
     pub on_timeout: OnTimeout,
+    /// Who started it (a POST or `/drained` waiter that joined later is not named). `None`:
+    /// a record an agent wrote before records said so (its journal, its state file), which
+    /// only the node and the pod of its namespace are shown. Optional and left out when
+    /// `None`, so the state file keeps its version: an older agent reading a newer file
+    /// ignores the field (nothing there denies unknown fields), a newer one reads an older.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<StartedBy>,
 }
 
 /// How many ended drains `/drains` keeps.
@@ -275,6 +306,9 @@ pub struct Drains {
     interrupted: Mutex<HashSet<Filter>>,
     /// Which namespace an address asked about belongs to (`None` in unit tests: the node).
     pods: Option<Arc<crate::sys::pod_addresses::PodAddresses>>,
+    /// Whose a port's sockets are: a local user's drain acts on its scope only while they
+    /// are all that user's ([`Drains::with_port_owners`]; `None`: never).
+    port_owners: Option<Arc<dyn owner::PortOwners>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     /// Drains in progress one owner may have at most ([`owner::RUNNING_PER_OWNER`]).
@@ -340,6 +374,7 @@ impl Drains {
             held: Mutex::new(HashMap::new()),
             interrupted: Mutex::new(HashSet::new()),
             pods,
+            port_owners: None,
             max_running,
             running_per_owner: owner::RUNNING_PER_OWNER,
             held_max: HELD_MAX,
@@ -359,6 +394,16 @@ impl Drains {
     #[must_use]
     pub fn with_state_file(mut self, file: StateFile) -> Self {
         self.state = Some(Arc::new(file));
+        self
+    }
+
+    /// Reads whose a port's sockets are from `owners` (the source `http/authority.rs`
+    /// checks a local user's control with): a local user's drain is checked against it
+    /// while it runs and before it acts at its end. Without it, a local user's drain that
+    /// does not drain ends `not_owned`: nothing closed, no gate held.
+    #[must_use]
+    pub fn with_port_owners(mut self, owners: Arc<dyn owner::PortOwners>) -> Self {
+        self.port_owners = Some(owners);
         self
     }
 

@@ -6,6 +6,9 @@
 //! deadline); or end short drains until the held gates' limit, evicting another pod's gate
 //! and putting it back in rotation while it stops.
 //!
+//! Also whose a port's sockets are ([`PortOwners`], [`holding`]): a local user controls only
+//! ports whose sockets are all its own, when its drain starts and while it runs.
+//!
 //! [`HELD_MAX`]: super::HELD_MAX
 
 use std::{collections::HashMap, fmt, net::IpAddr};
@@ -72,6 +75,65 @@ impl fmt::Display for Owner {
             Self::Node => formatter.write_str("the node"),
         }
     }
+}
+
+/// The uids of the sockets on a local port, in the node's own network namespace.
+pub trait PortOwners: Send + Sync + 'static {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>>;
+}
+
+/// The real one: the kernel's socket tables, read on the calling thread (the agent's
+/// threads are in the node's namespace).
+pub struct SocketTableOwners;
+
+impl PortOwners for SocketTableOwners {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+        use crate::sys::sockdiag::{Query, query, state};
+        let states = state::bit(state::LISTEN)
+            | state::bit(state::ESTABLISHED)
+            | state::bit(state::CLOSE_WAIT);
+        Ok(query(&Query {
+            local_port: port,
+            states,
+            with_info: false,
+        })?
+        .into_iter()
+        .map(|socket| socket.uid)
+        .collect())
+    }
+}
+
+/// Whose the sockets on a port are, for one local user (`http/authority.rs`: a local user
+/// controls only ports whose sockets are all its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding {
+    /// There are sockets on it, and all are that user's.
+    Own,
+    /// Nothing listens or is connected on it: no user owns it.
+    Nobody,
+    /// Another user's sockets are on it.
+    Others,
+}
+
+/// Whether `uid` holds `port` in the node's namespace: the one check of a local user's
+/// control, when its drain starts (`http/authority.rs`) and while it runs (`run.rs`). The
+/// socket tables are read on a blocking thread.
+pub async fn holding(
+    owners: &std::sync::Arc<dyn PortOwners>,
+    port: u16,
+    uid: u32,
+) -> anyhow::Result<Holding> {
+    let owners = std::sync::Arc::clone(owners);
+    let uids = tokio::task::spawn_blocking(move || owners.owners(port))
+        .await
+        .map_err(|problem| anyhow::anyhow!("{problem}"))??;
+    Ok(if uids.is_empty() {
+        Holding::Nobody
+    } else if uids.iter().all(|&owner| owner == uid) {
+        Holding::Own
+    } else {
+        Holding::Others
+    })
 }
 
 /// The gate to evict so that `newcomer`'s can be held, when as many are held as allowed:

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 
 use crate::{
     drain::{
-        DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, lock, owner::Owner, unix_ms,
+        DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, StartedBy, lock, owner::Owner,
+        unix_ms,
     },
     tracker::Filter,
 };
@@ -190,10 +191,15 @@ impl Drop for Membership {
 }
 
 impl Drains {
-    /// `POST /drain`: starts a drain of `spec.filter`, or returns the one in progress for
-    /// that scope (`false`), which from now on lives until its timeout or `DELETE`.
-    pub async fn post(self: &Arc<Self>, spec: DrainSpec) -> Result<(DrainRecord, bool), JoinError> {
-        let (drain, created) = self.start(spec, true).await?;
+    /// `POST /drain` by `by`: starts a drain of `spec.filter`, or returns the one in
+    /// progress for that scope (`false`), which from now on lives until its timeout or
+    /// `DELETE`. A drain joined stays its starter's.
+    pub async fn post(
+        self: &Arc<Self>,
+        spec: DrainSpec,
+        by: StartedBy,
+    ) -> Result<(DrainRecord, bool), JoinError> {
+        let (drain, created) = self.start(spec, true, by).await?;
         drain.posted.store(true, Ordering::Release);
         let record = lock(&drain.record).clone();
         Ok((record, created))
@@ -201,8 +207,12 @@ impl Drains {
 
     /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
     /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
-    pub async fn join(self: &Arc<Self>, spec: DrainSpec) -> Result<(Membership, bool), JoinError> {
-        let (drain, created) = self.start(spec, false).await?;
+    pub async fn join(
+        self: &Arc<Self>,
+        spec: DrainSpec,
+        by: StartedBy,
+    ) -> Result<(Membership, bool), JoinError> {
+        let (drain, created) = self.start(spec, false, by).await?;
         Ok((Membership { drain }, created))
     }
 
@@ -215,10 +225,11 @@ impl Drains {
         self: &Arc<Self>,
         spec: DrainSpec,
         posted: bool,
+        by: StartedBy,
     ) -> Result<(Arc<Running>, bool), JoinError> {
         let limit = tokio::time::Instant::now() + ENDING_WAIT;
         loop {
-            let ending = match self.start_now(&spec, posted)? {
+            let ending = match self.start_now(&spec, posted, by)? {
                 Started::Drain(drain, created) => return Ok((drain, created)),
                 Started::Ending(ending) => ending,
             };
@@ -231,7 +242,12 @@ impl Drains {
     }
 
     /// [`Drains::start`]'s one look at the registry, under its lock.
-    fn start_now(self: &Arc<Self>, spec: &DrainSpec, posted: bool) -> Result<Started, JoinError> {
+    fn start_now(
+        self: &Arc<Self>,
+        spec: &DrainSpec,
+        posted: bool,
+        by: StartedBy,
+    ) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
             if existing.decided.load(Ordering::Acquire)
@@ -283,6 +299,7 @@ impl Drains {
             closed_by_agent: 0,
             wait_ms: 0,
             on_timeout: spec.on_timeout,
+            started_by: Some(by),
         };
         let now = tokio::time::Instant::now();
         let drain = Running::new(spec.clone(), now, now + spec.timeout, record, posted);

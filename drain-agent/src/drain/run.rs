@@ -7,10 +7,10 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     drain::{
         DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HISTORY,
-        OnTimeout,
+        OnTimeout, StartedBy,
         gate::Held,
         lock,
-        owner::{self, Owner},
+        owner::{self, Holding, Owner},
         registry::Running,
         unix_ms,
     },
@@ -25,6 +25,11 @@ use crate::{
 /// tracked and cannot be closed. A failed seeding is retried every 5 s: the bound allows one.
 pub const CLOSE_SEED_WAIT: Duration = Duration::from_secs(10);
 
+/// How often a local user's drain in progress checks that no other user's sockets are on
+/// its port ([`Drains::owner_lost`]): a port another user took is back in rotation within
+/// this; one socket-table query per local user's drain each time.
+pub const OWNER_RECHECK: Duration = Duration::from_secs(5);
+
 impl Drains {
     /// One drain, from start to record.
     pub(super) async fn run(self: Arc<Self>, drain: Arc<Running>) {
@@ -35,23 +40,36 @@ impl Drains {
         let left = drain
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
+        let by = lock(&drain.record).started_by;
         let waited = tokio::select! {
             outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
             end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
+            end = self.owner_lost(&drain, by) => Err(end),
         };
-        // A close at the deadline first waits for the seeding walk (see `await_seeding`);
-        // a cancel meanwhile ends the drain as before its deadline.
+        // A close at the deadline first waits for the seeding walk (see `await_seeding`; a
+        // cancel meanwhile ends the drain as before its deadline). Then a local user's drain
+        // acts on its scope (closes, lists the clients left, holds the gate) only if the
+        // port is still its own (`still_owned`).
+        let id = lock(&drain.record).id;
         let waited = match waited {
-            Ok(Ok(outcome))
-                if !outcome.drained
-                    && spec.on_timeout == OnTimeout::Close
-                    && !self.tracker.shutting_down() =>
-            {
-                let id = lock(&drain.record).id;
-                self.await_seeding(id, &mut cancel)
-                    .await
-                    .map(|()| Ok(outcome))
+            Ok(Ok(outcome)) if !self.tracker.shutting_down() => {
+                let seeded = if !outcome.drained && spec.on_timeout == OnTimeout::Close {
+                    self.await_seeding(id, &mut cancel).await
+                } else {
+                    Ok(())
+                };
+                match seeded {
+                    Ok(()) => self
+                        .still_owned(id, spec.filter.port, by, outcome.drained)
+                        .await
+                        .map(|()| Ok(outcome)),
+                    Err(end) => Err(end),
+                }
             }
+            Ok(Err(problem)) if !self.tracker.shutting_down() => self
+                .still_owned(id, spec.filter.port, by, false)
+                .await
+                .map(|()| Err(problem)),
             other => other,
         };
         let mut closed = 0;
@@ -202,6 +220,63 @@ impl Drains {
                 Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled))
             }
         }
+    }
+
+    /// Resolves (`NotOwned`) once another user's sockets are on the port of a local user's
+    /// drain, checked every [`OWNER_RECHECK`]: the drain must not keep a port that is no
+    /// longer its starter's out of rotation until its deadline. Only a clear answer ends it
+    /// (a failed read, or no socket left, as when its service exits at the end of a drain
+    /// about to succeed, is checked again at its end: [`Drains::still_owned`]). Never for
+    /// other starters.
+    async fn owner_lost(&self, drain: &Running, by: Option<StartedBy>) -> DrainEnd {
+        let (Some(StartedBy::LocalUser { uid }), Some(owners)) = (by, &self.port_owners) else {
+            return std::future::pending().await;
+        };
+        let port = drain.spec.filter.port;
+        loop {
+            tokio::time::sleep(OWNER_RECHECK).await;
+            if let Ok(Holding::Others) = owner::holding(owners, port, uid).await {
+                log::warn!(
+                    "drain {}: another user's sockets are on port {port}, which uid {uid} drains: ended, nothing closed, no gate held",
+                    lock(&drain.record).id
+                );
+                return DrainEnd::NotOwned;
+            }
+        }
+    }
+
+    /// Before a local user's drain acts at its end (closes what is left, names the clients
+    /// left, holds the gate): whether the port's sockets are still all its starter's, as
+    /// when it started (`http/authority.rs`). Not `drained`: they must be (a read that fails
+    /// counts as not). `drained` (its gate is what a stopping service needs, and none of
+    /// another user's clients is left to name): only another user's sockets on the port
+    /// count against it; none left is its service gone, as after a drain. `Err(NotOwned)`
+    /// when not; always `Ok` for other starters.
+    async fn still_owned(
+        &self,
+        id: u64,
+        port: u16,
+        by: Option<StartedBy>,
+        drained: bool,
+    ) -> Result<(), DrainEnd> {
+        let Some(StartedBy::LocalUser { uid }) = by else {
+            return Ok(());
+        };
+        let why = match &self.port_owners {
+            None if drained => return Ok(()),
+            None => "whose they are cannot be read here".to_owned(),
+            Some(owners) => match owner::holding(owners, port, uid).await {
+                Ok(Holding::Own) => return Ok(()),
+                Ok(Holding::Nobody) | Err(_) if drained => return Ok(()),
+                Ok(Holding::Others) => "another user's are on it".to_owned(),
+                Ok(Holding::Nobody) => "none are left".to_owned(),
+                Err(problem) => format!("they cannot be read: {problem:#}"),
+            },
+        };
+        log::warn!(
+            "drain {id}: port {port}'s sockets are no longer all uid {uid}'s, who started it ({why}): ended, nothing closed, no gate held"
+        );
+        Err(DrainEnd::NotOwned)
     }
 
     /// A not-drained outcome with the count now (a drain that ended before its wait did).

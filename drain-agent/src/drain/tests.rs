@@ -75,7 +75,7 @@ async fn spend_an_id(old: &Arc<Drains>) {
         filter: Filter::port(9090),
         ..spec(Duration::from_secs(600))
     };
-    old.post(spent).await.expect("room");
+    old.post(spent, StartedBy::Node).await.expect("room");
     old.cancel(&Filter::port(9090)).await;
 }
 
@@ -113,12 +113,15 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut posted = spec(Duration::from_secs(600));
     posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
     posted.given.ignore = true;
-    let (record, _) = drains.post(posted.clone()).await.expect("room");
+    let (record, _) = drains
+        .post(posted.clone(), StartedBy::Node)
+        .await
+        .expect("room");
     let joined = DrainSpec {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (_membership, _) = drains.join(joined).await.expect("room");
+    let (_membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -143,10 +146,12 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let mut other = spec(Duration::from_secs(600));
     other.given.ignore = true;
     assert!(matches!(
-        restored.post(other).await,
+        restored.post(other, StartedBy::Node).await,
         Err(JoinError::Conflict(id, _)) if id == record.id
     ));
-    assert!(matches!(restored.post(posted).await, Ok((again, false)) if again.id == record.id));
+    assert!(
+        matches!(restored.post(posted, StartedBy::Node).await, Ok((again, false)) if again.id == record.id)
+    );
     // Stopping writes nothing: what is on disk resumes at the next start.
     tracker.begin_shutdown();
     restored.release(&Filter::port(9090));
@@ -172,12 +177,12 @@ async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
     let (source, tracker, drains) = registry(2);
     assert!(!drains.gated(&node(8080)));
     let (first, created) = drains
-        .post(spec(Duration::from_secs(60)))
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
         .await
         .expect("room");
     assert!(created);
     let (again, created) = drains
-        .post(spec(Duration::from_secs(60)))
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
         .await
         .expect("room");
     assert!(!created);
@@ -207,7 +212,7 @@ async fn starting_is_idempotent_and_the_gate_follows_the_drain() {
 async fn cancel_and_timeout_are_recorded() {
     let (_, _, drains) = registry(1);
     let (started, _) = drains
-        .post(spec(Duration::from_secs(3600)))
+        .post(spec(Duration::from_secs(3600)), StartedBy::Node)
         .await
         .expect("room");
     let record = drains.cancel(&Filter::port(8080)).await.expect("cancelled");
@@ -218,7 +223,7 @@ async fn cancel_and_timeout_are_recorded() {
     assert!(!drains.gated(&node(8080)));
     assert!(drains.cancel(&Filter::port(8080)).await.is_none());
     drains
-        .post(spec(Duration::from_secs(2)))
+        .post(spec(Duration::from_secs(2)), StartedBy::Node)
         .await
         .expect("room");
     let record = drains
@@ -236,12 +241,12 @@ async fn cancel_and_timeout_are_recorded() {
 async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
     let (_, _, drains) = registry(1);
     let (first, created) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert!(created);
     let (second, _) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(first.id(), second.id());
@@ -264,11 +269,11 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
     );
     // A POST keeps it running whoever waits.
     let (waiter, _) = drains
-        .join(spec(Duration::from_secs(600)))
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     drop(waiter);
@@ -282,7 +287,7 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
 async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
     let (_, _, drains) = registry(1);
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     let close = DrainSpec {
@@ -293,18 +298,23 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         },
         ..spec(Duration::from_secs(3))
     };
-    match drains.post(close.clone()).await {
+    match drains.post(close.clone(), StartedBy::Node).await {
         Err(JoinError::Conflict(_, text)) => {
             assert!(text.contains("on_timeout=keep (asked close)"), "{text}");
         }
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        drains.join(close).await,
+        drains.join(close, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
     // Settings not named take the drain's: the plain hook joins.
-    assert!(drains.join(spec(Duration::from_secs(3))).await.is_ok());
+    assert!(
+        drains
+            .join(spec(Duration::from_secs(3)), StartedBy::Node)
+            .await
+            .is_ok()
+    );
     let quiet = DrainSpec {
         rule: DrainRule {
             quiet: Duration::from_secs(5),
@@ -317,7 +327,7 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         ..spec(Duration::from_secs(30))
     };
     assert!(matches!(
-        drains.post(quiet).await,
+        drains.post(quiet, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
 }
@@ -335,10 +345,13 @@ async fn one_scopes_drain_never_gates_another() {
     let pod_b_addr: IpAddr = "10.1.0.8".parse().expect("ip");
     let pod_a_addr: IpAddr = "10.1.0.7".parse().expect("ip");
     drains
-        .post(DrainSpec {
-            filter: pod_a.clone(),
-            ..spec(Duration::from_secs(600))
-        })
+        .post(
+            DrainSpec {
+                filter: pod_a.clone(),
+                ..spec(Duration::from_secs(600))
+            },
+            StartedBy::Node,
+        )
         .await
         .expect("room");
     let a_inside = Asked {
@@ -371,20 +384,23 @@ async fn one_scopes_drain_never_gates_another() {
     // Pod A's hook on the node listener drains {addr, netns}: its own /health sees it.
     drains.cancel(&pod_a).await.expect("cancelled");
     drains
-        .post(DrainSpec {
-            filter: Filter {
-                addr: Some(pod_a_addr),
-                ..pod_a.clone()
+        .post(
+            DrainSpec {
+                filter: Filter {
+                    addr: Some(pod_a_addr),
+                    ..pod_a.clone()
+                },
+                ..spec(Duration::from_secs(600))
             },
-            ..spec(Duration::from_secs(600))
-        })
+            StartedBy::Node,
+        )
         .await
         .expect("room");
     assert!(drains.gated(&a_inside) && drains.gated(&a_by_addr));
     assert!(!drains.gated(&node(8080)) && !drains.gated(&b_inside));
     // A node-wide drain covers every pod's port.
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert!(drains.gated(&node(8080)) && drains.gated(&b_by_addr));
@@ -411,7 +427,7 @@ async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
         on_timeout: OnTimeout::Close,
         ..spec(Duration::from_millis(100))
     };
-    let (record, _) = drains.post(close).await.expect("room");
+    let (record, _) = drains.post(close, StartedBy::Node).await.expect("room");
     let started = std::time::Instant::now();
     let ended = loop {
         if let Some(ended) = drains
@@ -450,7 +466,7 @@ async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept()
     {
         let (_, _, beside) = saving_registry(0, dir.path());
         let (record, _) = beside
-            .post(spec(Duration::from_secs(600)))
+            .post(spec(Duration::from_secs(600)), StartedBy::Node)
             .await
             .expect("room");
         beside.finish(
@@ -495,7 +511,7 @@ async fn a_cancel_racing_a_drains_own_end_still_puts_the_scope_back_in_rotation(
     let drains = Arc::new(Drains::new(tracker, None, Some(journal), None, 4));
     for round in 0..20 {
         drains
-            .post(spec(Duration::from_secs(600)))
+            .post(spec(Duration::from_secs(600)), StartedBy::Node)
             .await
             .expect("room");
         // The drain runs until it writes its record (nothing is open: drained at once).
@@ -572,7 +588,7 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
     ));
     let ask = |timeout| waiter::Ask {
         spec: spec(timeout),
-        control: true,
+        control: Some(StartedBy::Node),
         peers: false,
         share: None,
     };
@@ -649,7 +665,7 @@ async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
         on_timeout: OnTimeout::Close,
         ..spec(Duration::from_millis(50))
     };
-    let (record, _) = drains.post(close).await.expect("room");
+    let (record, _) = drains.post(close, StartedBy::Node).await.expect("room");
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(
         lock(&closer.closes).is_empty(),
@@ -700,37 +716,43 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
     let drains = Arc::new(Drains::new(tracker, None, None, None, 4).with_limits(2, 16));
     let mut accepted = 0;
     for port in 1..=16 {
-        match drains.post(pod_spec(7, port)).await {
+        match drains.post(pod_spec(7, port), StartedBy::Node).await {
             Ok(_) => accepted += 1,
             Err(JoinError::Full | JoinError::OwnerFull(..)) => {}
             Err(other) => panic!("pod 7's drain of {port}: {other:?}"),
         }
     }
     let (record, created) = drains
-        .post(pod_spec(8, 8080))
+        .post(pod_spec(8, 8080), StartedBy::Node)
         .await
         .expect("pod 8's drain refused after pod 7 filled its share");
     assert!(created && record.netns == Some(8));
     assert_eq!(accepted, 2, "pod 7 ran more than its share");
     // Refused naming its own limit, not the node's.
     assert!(matches!(
-        drains.post(pod_spec(7, 100)).await,
+        drains.post(pod_spec(7, 100), StartedBy::Node).await,
         Err(JoinError::OwnerFull(Owner::Netns(7), 2))
     ));
     // The node's port-wide scopes have only the node's limit.
     drains
-        .post(DrainSpec {
-            filter: Filter::port(1),
-            ..pod_spec(0, 1)
-        })
+        .post(
+            DrainSpec {
+                filter: Filter::port(1),
+                ..pod_spec(0, 1)
+            },
+            StartedBy::Node,
+        )
         .await
         .expect("the node's drain");
     assert!(matches!(
         drains
-            .post(DrainSpec {
-                filter: Filter::port(2),
-                ..pod_spec(0, 2)
-            })
+            .post(
+                DrainSpec {
+                    filter: Filter::port(2),
+                    ..pod_spec(0, 2)
+                },
+                StartedBy::Node
+            )
             .await,
         Err(JoinError::Full)
     ));
@@ -741,7 +763,7 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
             timeout: Duration::from_millis(50),
             ..pod_spec(7, 100)
         },
-        control: true,
+        control: Some(StartedBy::Node),
         peers: false,
         share: Some(Owner::Netns(7)),
     };
@@ -777,6 +799,7 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
             closed_by_agent: 0,
             wait_ms: 0,
             on_timeout: OnTimeout::Keep,
+            started_by: Some(StartedBy::Pod),
         };
         (pod_spec(netns, port).filter, record)
     };
@@ -844,10 +867,13 @@ async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
         },
         ..spec(Duration::from_secs(600))
     };
-    let (record, _) = old.post(posted).await.expect("room");
+    let (record, _) = old.post(posted, StartedBy::Node).await.expect("room");
     assert_eq!(old.save().await, Saved::Yes);
     // A stop hook's `/drained?timeout=60s` reaches the new agent: a drain of its own.
-    let (membership, created) = new.join(spec(Duration::from_secs(60))).await.expect("room");
+    let (membership, created) = new
+        .join(spec(Duration::from_secs(60)), StartedBy::Node)
+        .await
+        .expect("room");
     assert!(created, "the new agent started its own drain of the scope");
     assert_ne!(membership.id(), record.id);
     // The old agent stops (what it saved stays on disk) and goes, its lock with it.
@@ -890,7 +916,7 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     let (_, old, new) = overlapping_registries(dir.path());
     let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&new));
     assert!(!gate.draining(8080, None).await);
-    old.post(spec(Duration::from_secs(600)))
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -905,7 +931,7 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     assert!(!gate.draining(8080, None).await, "cancelled on the writer");
     // A drain this agent restored and then cancelled stays cancelled here, though the
     // writer's file still has it (a cancel sent here during the overlap).
-    old.post(spec(Duration::from_secs(600)))
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -933,7 +959,9 @@ async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
     let cycle = |netns: u32, port: u16| {
         let new = Arc::clone(&new);
         async move {
-            new.post(pod_spec(netns, port)).await.expect("room");
+            new.post(pod_spec(netns, port), StartedBy::Node)
+                .await
+                .expect("room");
             new.cancel(&pod_spec(netns, port).filter).await;
             new.wait_all_ended(Duration::from_secs(5)).await;
         }
@@ -962,7 +990,7 @@ async fn cancels_noted_during_an_overlap_are_bounded_per_owner() {
 async fn a_post_right_after_a_cancel_starts_a_new_drain() {
     let (_, _, drains) = registry(2);
     let (first, _) = drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     // The DELETE runs up to its wait for the drain's end (polled once, on this task: the
@@ -976,7 +1004,7 @@ async fn a_post_right_after_a_cancel_starts_a_new_drain() {
         () = std::future::ready(()) => {}
     }
     let (second, created) = drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     let cancelled = cancel.await.expect("a drain was cancelled");
@@ -1005,7 +1033,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     spend_an_id(&old).await;
     // POSTed to the old agent, with no quiet window.
     let (record, _) = old
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -1013,7 +1041,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     let mut quiet = spec(Duration::from_secs(60));
     quiet.rule.quiet = Duration::from_secs(5);
     quiet.given.quiet = true;
-    let (membership, created) = new.join(quiet).await.expect("room");
+    let (membership, created) = new.join(quiet, StartedBy::Node).await.expect("room");
     assert!(created);
     let own = membership.id();
     old_agent_goes(&old_tracker, old, &new).await;
@@ -1045,7 +1073,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
 async fn a_drain_the_agents_stop_ended_keeps_its_scope_out_of_rotation() {
     let (_, tracker, drains) = registry(2);
     drains
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert!(drains.gated(&node(8080)));
@@ -1077,7 +1105,7 @@ async fn the_writer_gates_from_what_the_agent_beside_it_keeps() {
     let gate: Arc<dyn PortGate> = Arc::new(Arc::clone(&old));
     assert!(!gate.draining(8080, None).await);
     let (record, _) = new
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(new.save().await, Saved::Yes);
@@ -1123,7 +1151,7 @@ async fn a_restored_drain_that_ended_here_is_not_started_again_at_the_take_over(
     let dir = tempfile::tempdir().expect("dir");
     let (_, old_tracker, old) = writing_registry(dir.path());
     let (record, _) = old
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(old.save().await, Saved::Yes);
@@ -1225,7 +1253,7 @@ async fn a_newer_versions_file_found_at_start_is_set_aside_and_gates() {
         async move { writer.take_over_state().await }
     });
     writer
-        .post(spec(Duration::from_secs(600)))
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
         .expect("room");
     assert_eq!(writer.save().await, Saved::Yes);
@@ -1249,4 +1277,200 @@ async fn a_newer_versions_next_file_is_set_aside_at_the_fold_in_and_gates() {
         "the gone agent's newer file is deleted unread"
     );
     assert!(writer.gated(&node(9191)) && writer.gated(&node(8081)));
+}
+
+/// Who started a drain (`started_by`, what `/drains` shows a local user by) is kept where
+/// the record is: in the state file (a restored drain is still its starter's) and in the
+/// journal (an ended one too). A record written before the field existed still loads, as
+/// one whose starter is unknown, and the field is left out when unknown: the state file's
+/// version stays, and an older agent reading a newer file ignores a field it does not know.
+#[tokio::test]
+async fn who_started_a_drain_survives_a_restart_and_old_records_still_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let user = StartedBy::LocalUser { uid: 1000 };
+    let (_, _, drains) = saving_registry(2, dir.path());
+    let (record, _) = drains
+        .post(spec(Duration::from_secs(600)), user)
+        .await
+        .expect("room");
+    assert_eq!(record.started_by, Some(user));
+    drains.save().await;
+    let (_, _, restored) = saving_registry(2, dir.path());
+    restored.restore();
+    let (running, _) = restored.list();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].started_by, Some(user), "{running:?}");
+
+    let line = serde_json::to_value(&record).expect("json");
+    assert_eq!(
+        line["started_by"],
+        serde_json::json!({"kind": "local_user", "uid": 1000})
+    );
+    let mut old = line.clone();
+    old.as_object_mut().expect("object").remove("started_by");
+    let old: DrainRecord = serde_json::from_value(old).expect("an older agent's record");
+    assert_eq!(old.started_by, None);
+    assert!(
+        serde_json::to_value(&old)
+            .expect("json")
+            .get("started_by")
+            .is_none()
+    );
+    let journal_path = dir.path().join("drains.jsonl");
+    let journal = Journal::open(&journal_path, 1 << 20).expect("journal");
+    journal.append(&record).expect("append");
+    let back = Journal::open(&journal_path, 1 << 20)
+        .expect("journal")
+        .read_records::<DrainRecord>(HISTORY);
+    assert_eq!(back, [record]);
+}
+
+/// Whose port 8080's sockets are, as the test sets it (a service restarting: another user
+/// binds the port, then root's service has it again).
+struct SwitchingOwners(Mutex<Vec<u32>>);
+
+impl owner::PortOwners for SwitchingOwners {
+    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
+        Ok(if port == 8080 {
+            lock(&self.0).clone()
+        } else {
+            Vec::new()
+        })
+    }
+}
+
+/// A registry with a closer that records its closes, a client left on 8080 (listed at
+/// the deadline), and whose 8080 is as `owners` says.
+fn closing_registry(
+    owners: &Arc<SwitchingOwners>,
+) -> (Arc<FakeSource>, Arc<HeldCloser>, Arc<Drains>) {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let peer = Peer {
+        remote: "10.0.0.2:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let (closer, _entered, release) = HeldCloser::new();
+    // Its listeners() answers at once here.
+    for _ in 0..4 {
+        release.send(()).expect("release");
+    }
+    let drains = Arc::new(
+        Drains::new(
+            tracker,
+            Some(Arc::clone(&closer) as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_port_owners(Arc::clone(owners) as Arc<dyn owner::PortOwners>),
+    );
+    (source, closer, drains)
+}
+
+/// A local user's port ownership was checked only when its drain started: uid 1000 bound
+/// 8080 while root's service restarted, POSTed `on_timeout=close` and went; root's
+/// service came back, and at the deadline the drain closed root's connections (and held
+/// root's port out of rotation after). Before it acts at its end, a local user's drain
+/// checks again that the port's sockets are all its own; if not, it closes nothing,
+/// holds no gate, and its record says `not_owned`. While they stay its own, it closes.
+#[tokio::test]
+async fn a_local_users_drain_closes_nothing_once_its_port_is_another_users() {
+    let user = StartedBy::LocalUser { uid: 1000 };
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_millis(200))
+    };
+    for taken in [true, false] {
+        let owners = Arc::new(SwitchingOwners(Mutex::new(vec![1000])));
+        let (_source, closer, drains) = closing_registry(&owners);
+        drains.post(close.clone(), user).await.expect("room");
+        if taken {
+            // uid 1000's service is gone; root's is back on the port.
+            *lock(&owners.0) = vec![0, 0];
+        }
+        let ended = drains
+            .wait_ended(&Filter::port(8080), Duration::from_secs(10))
+            .await
+            .expect("record");
+        let closes = lock(&closer.closes).clone();
+        if taken {
+            assert!(closes.is_empty(), "closed root's connections: {closes:?}");
+            assert_eq!(ended.result, Some(DrainEnd::NotOwned), "{ended:?}");
+            assert_eq!(ended.closed_by_agent, 0, "{ended:?}");
+            assert!(ended.peers_at_end.is_empty(), "root's clients: {ended:?}");
+            assert!(
+                !drains.gated(&node(8080)),
+                "root's port held out of rotation"
+            );
+        } else {
+            assert_eq!(closes.len(), 1, "its own connection: {closes:?}");
+            assert_eq!(ended.result, Some(DrainEnd::ClosedAtDeadline), "{ended:?}");
+        }
+    }
+}
+
+/// The same drain gated root's port until its deadline (`/health` 503 for its whole
+/// timeout, 10 minutes in the report): a local user's drain in progress checks every
+/// [`run::OWNER_RECHECK`] whether another user's sockets are on its port, and ends `not_owned`
+/// (no gate held) when they are.
+#[tokio::test(start_paused = true)]
+async fn a_local_users_drain_ends_when_another_user_takes_its_port() {
+    let owners = Arc::new(SwitchingOwners(Mutex::new(vec![1000])));
+    let (_source, closer, drains) = closing_registry(&owners);
+    let close = DrainSpec {
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_secs(600))
+    };
+    drains
+        .post(close, StartedBy::LocalUser { uid: 1000 })
+        .await
+        .expect("room");
+    tokio::time::sleep(run::OWNER_RECHECK * 2).await;
+    assert!(drains.gated(&node(8080)), "its own port, out of rotation");
+    *lock(&owners.0) = vec![0, 1000];
+    let ended = drains
+        .wait_ended(&Filter::port(8080), run::OWNER_RECHECK * 2)
+        .await
+        .expect("record");
+    assert_eq!(ended.result, Some(DrainEnd::NotOwned), "{ended:?}");
+    assert!(!drains.gated(&node(8080)), "root's port out of rotation");
+    assert!(lock(&closer.closes).is_empty());
+}
+
+/// A local user's drain that drained keeps its gate when its service has gone from the
+/// port (what a stop hook drains for), and holds none when another user's sockets are on it.
+#[tokio::test]
+async fn a_local_users_drained_drain_holds_its_gate_only_while_no_other_user_is_on_its_port() {
+    for (owners_now, gated) in [(vec![], true), (vec![1000], true), (vec![0], false)] {
+        let owners = Arc::new(SwitchingOwners(Mutex::new(owners_now.clone())));
+        let (source, _closer, drains) = closing_registry(&owners);
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        drains
+            .post(
+                spec(Duration::from_secs(60)),
+                StartedBy::LocalUser { uid: 1000 },
+            )
+            .await
+            .expect("room");
+        let ended = drains
+            .wait_ended(&Filter::port(8080), Duration::from_secs(10))
+            .await
+            .expect("record");
+        let result = if gated {
+            DrainEnd::Drained
+        } else {
+            DrainEnd::NotOwned
+        };
+        assert_eq!(ended.result, Some(result), "{owners_now:?}: {ended:?}");
+        assert_eq!(drains.gated(&node(8080)), gated, "{owners_now:?}");
+    }
 }

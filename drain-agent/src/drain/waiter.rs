@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership, owner::Owner},
+    drain::{DrainEnd, DrainSpec, Drains, JoinError, Membership, StartedBy, owner::Owner},
     tracker::{ANSWER_LIST_BUDGET, DrainOutcome, REPORT_BUDGET, Tracker, WaitError},
 };
 
@@ -23,8 +23,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(30);
 pub struct Ask {
     /// The drain it starts or joins (or, unrecorded, waits as).
     pub spec: DrainSpec,
-    /// Its caller may control the scope: it joins the scope's drain (a `timeout` above 0).
-    pub control: bool,
+    /// Its caller, when it may control the scope: it joins the scope's drain (a `timeout`
+    /// above 0), as this starter. `None`: it only waits.
+    pub control: Option<StartedBy>,
     /// `peers=true`: a not-drained answer to a pure query lists the connections left too
     /// (a waiter's answer has them already).
     pub peers: bool,
@@ -101,7 +102,7 @@ impl Ask {
     /// for any more.
     pub async fn answer(self, drains: &Arc<Drains>) -> Result<Answer, Unanswered> {
         let tracker = drains.tracker.as_ref();
-        if self.control {
+        if self.control.is_some() {
             // A drain this waiter joins or starts: the one a gone agent was asked for, if any.
             drains.catch_up().await;
         }
@@ -145,10 +146,10 @@ impl Ask {
     /// fail). The same when the scope's drain has taken its verdict and is slow to end: the
     /// waiter waits on its own count, never that verdict.
     async fn member(&self, drains: &Arc<Drains>) -> Result<Joined, Unanswered> {
-        if !self.control || self.spec.timeout.is_zero() {
+        let Some(by) = self.control.filter(|_| !self.spec.timeout.is_zero()) else {
             return Ok(Joined::Unrecorded(None));
-        }
-        let why = match drains.join(self.spec.clone()).await {
+        };
+        let why = match drains.join(self.spec.clone(), by).await {
             Ok((membership, _)) => return Ok(Joined::Drain(membership)),
             Err(JoinError::Conflict(id, difference)) => {
                 return Err(Unanswered::Conflict(id, difference));

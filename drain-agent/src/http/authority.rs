@@ -7,7 +7,7 @@
 //! | caller | how it is known | observes | controls |
 //! |---|---|---|---|
 //! | [`Caller::Node`] | its socket in the node's tables is root's; or a configured bearer token | everything | everything |
-//! | [`Caller::LocalUser`] | its socket in the node's tables is another user's | the node's own namespace | ports whose sockets there are all its own |
+//! | [`Caller::LocalUser`] | its socket in the node's tables is another user's | the node's own namespace; of the drains, those it started | ports whose sockets there are all its own |
 //! | [`Caller::Pod`] | a pod listener (loopback; from a node address, a socket of root's there: `http/pods/callers.rs`); or on the node listener, a source address of exactly one pod namespace | its namespace | its namespace |
 //! | [`Caller::Remote`] | anyone else | `/metrics`, `/healthz`, `/health` | nothing |
 //!
@@ -18,7 +18,12 @@ use std::{convert::Infallible, sync::Arc};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 
+pub use crate::drain::owner::{PortOwners, SocketTableOwners};
 use crate::{
+    drain::{
+        DrainRecord, StartedBy,
+        owner::{Holding, holding},
+    },
     http::api::ApiError,
     http::pod_scope::{PodScope, Scoped, confine, hide_namespaces},
     sys::pod_addresses::PodAddresses,
@@ -51,32 +56,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get::<Self>()
             .copied()
             .unwrap_or(Self::Remote))
-    }
-}
-
-/// The uids of the sockets on a local port, in the node's own network namespace.
-pub trait PortOwners: Send + Sync + 'static {
-    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>>;
-}
-
-/// The real one: the kernel's socket tables, read on the calling thread (the agent's
-/// threads are in the node's namespace).
-pub struct SocketTableOwners;
-
-impl PortOwners for SocketTableOwners {
-    fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
-        use crate::sys::sockdiag::{Query, query, state};
-        let states = state::bit(state::LISTEN)
-            | state::bit(state::ESTABLISHED)
-            | state::bit(state::CLOSE_WAIT);
-        Ok(query(&Query {
-            local_port: port,
-            states,
-            with_info: false,
-        })?
-        .into_iter()
-        .map(|socket| socket.uid)
-        .collect())
     }
 }
 
@@ -136,29 +115,28 @@ impl Caller {
     }
 
     /// Whether this caller may control `filter` (confined already): start a drain of it
-    /// (and so gate its `/health`), cancel it, close its connections.
-    pub async fn may_control(self, authority: &Authority, filter: &Filter) -> Result<(), ApiError> {
+    /// (and so gate its `/health`), cancel it, close its connections. `Ok`: who it is, as a
+    /// drain it starts records it.
+    pub async fn may_control(
+        self,
+        authority: &Authority,
+        filter: &Filter,
+    ) -> Result<StartedBy, ApiError> {
         match self {
-            Self::Node | Self::Pod { .. } => Ok(()),
+            Self::Node => Ok(StartedBy::Node),
+            Self::Pod { .. } => Ok(StartedBy::Pod),
             Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
             Self::LocalUser { uid: None } => Err(ApiError::Forbidden(
                 "cannot tell which user is calling (the socket tables could not be read): only root controls drains now".into(),
             )),
             Self::LocalUser { uid: Some(uid) } => {
-                let owners = Arc::clone(&authority.owners);
                 let port = filter.port;
-                let found = tokio::task::spawn_blocking(move || owners.owners(port))
-                    .await
-                    .map_err(|problem| anyhow::anyhow!("{problem}"))
-                    .and_then(|read| read);
-                match found {
-                    Ok(uids) if !uids.is_empty() && uids.iter().all(|&owner| owner == uid) => {
-                        Ok(())
-                    }
-                    Ok(uids) if uids.is_empty() => Err(ApiError::Forbidden(format!(
+                match holding(&authority.owners, port, uid).await {
+                    Ok(Holding::Own) => Ok(StartedBy::LocalUser { uid }),
+                    Ok(Holding::Nobody) => Err(ApiError::Forbidden(format!(
                         "port {port}: nothing listens or is connected on it in this node's namespace, so no user owns it; a local user controls only ports its own sockets hold (SECURITY.md)"
                     ))),
-                    Ok(_) => Err(ApiError::Forbidden(format!(
+                    Ok(Holding::Others) => Err(ApiError::Forbidden(format!(
                         "port {port}: sockets of another user are on it; uid {uid} controls only ports whose sockets are all its own (SECURITY.md)"
                     ))),
                     Err(problem) => Err(ApiError::Forbidden(format!(
@@ -169,13 +147,18 @@ impl Caller {
         }
     }
 
-    /// Whether a drain record of `filter`'s scope may be shown to this caller.
-    pub fn sees(self, authority: &Authority, netns: Option<u32>) -> bool {
+    /// Whether `record` may be shown to this caller: the node sees every drain, a pod those
+    /// of its namespace (whoever started them), a local user those it started. Its scope
+    /// is not enough for a local user: every local user's drains are of the node's
+    /// namespace, and a record names the clients still connected at its end.
+    pub fn sees(self, record: &DrainRecord) -> bool {
         match self {
             Self::Node => true,
-            Self::Pod { netns: own } => netns == Some(own),
-            Self::LocalUser { .. } => netns == Some(authority.pods.own_netns()),
-            Self::Remote => false,
+            Self::Pod { netns: own } => record.netns == Some(own),
+            Self::LocalUser { uid: Some(uid) } => {
+                record.started_by == Some(StartedBy::LocalUser { uid })
+            }
+            Self::LocalUser { uid: None } | Self::Remote => false,
         }
     }
 

@@ -28,7 +28,7 @@ use crate::{
 /// starts a drain (201) or returns the one in progress for that scope (200).
 pub(super) async fn start_drain(
     State(state): State<Arc<AppState>>,
-    Controlled(Posted(request)): Controlled<Posted>,
+    Controlled(by, Posted(request)): Controlled<Posted>,
 ) -> Response {
     if state.tracker.shutting_down() {
         // Nothing is written to --state-dir any more: a drain started now would be lost.
@@ -38,7 +38,7 @@ pub(super) async fn start_drain(
         return refused.into_response();
     }
     state.drains.catch_up().await;
-    let (record, created) = match state.drains.post(request.spec()).await {
+    let (record, created) = match state.drains.post(request.spec(), by).await {
         Ok(started) => started,
         Err(JoinError::Full) => {
             return error(
@@ -110,7 +110,7 @@ fn said_if_unsaved(mut response: Response, saved: Saved) -> Response {
 /// scope (confined: a pod names its own) or the node cancels.
 pub(super) async fn cancel_drain(
     State(state): State<Arc<AppState>>,
-    Controlled(filter): Controlled<Filter>,
+    Controlled(_, filter): Controlled<Filter>,
 ) -> Response {
     if state.tracker.shutting_down() {
         // Nothing is written to --state-dir any more: the drain or gate cancelled now would
@@ -143,8 +143,8 @@ pub(super) async fn list_drains(
 ) -> Response {
     state.drains.catch_up().await;
     let (mut in_progress, mut recent) = state.drains.list();
-    in_progress.retain(|record| caller.sees(&state.authority, record.netns));
-    recent.retain(|record| caller.sees(&state.authority, record.netns));
+    in_progress.retain(|record| caller.sees(record));
+    recent.retain(|record| caller.sees(record));
     (
         StatusCode::OK,
         Json(DrainsBody {

@@ -15,7 +15,7 @@ use axum::{
 };
 
 use crate::{
-    drain::{owner::Owner, waiter::Ask},
+    drain::{StartedBy, owner::Owner, waiter::Ask},
     http::{
         AppState,
         api::{
@@ -127,8 +127,9 @@ impl<T: Params> FromRequestParts<Arc<AppState>> for Confined<T> {
     }
 }
 
-/// [`Confined`], and its caller may control the scope (start, cancel, close).
-pub struct Controlled<T>(pub T);
+/// [`Confined`], and its caller may control the scope (start, cancel, close): who it is, as
+/// a drain it starts records it.
+pub struct Controlled<T>(pub StartedBy, pub T);
 
 impl<T: Params> FromRequestParts<Arc<AppState>> for Controlled<T> {
     type Rejection = ApiError;
@@ -138,10 +139,10 @@ impl<T: Params> FromRequestParts<Arc<AppState>> for Controlled<T> {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let Confined(caller, mut params) = Confined::<T>::from_request_parts(parts, state).await?;
-        caller
+        let by = caller
             .may_control(&state.authority, params.filter_mut())
             .await?;
-        Ok(Self(params))
+        Ok(Self(by, params))
     }
 }
 
@@ -244,19 +245,19 @@ impl FromRequestParts<Arc<AppState>> for Waiter {
             );
         }
         let control = if request.timeout.is_zero() {
-            false
+            None
         } else {
             match caller.may_control(&state.authority, &request.filter).await {
-                Ok(()) => true,
+                Ok(by) => Some(by),
                 Err(problem) if request.on_timeout == OnTimeout::Close => {
                     return Err(refused(problem));
                 }
-                Err(_) => false,
+                Err(_) => None,
             }
         };
         // After the authority's check: a caller that may not control the scope learns
         // nothing about the agent from this.
-        if control {
+        if control.is_some() {
             request
                 .check_close(state.drains.close_unavailable())
                 .map_err(refused)?;

@@ -115,7 +115,9 @@ fn app_full(
         .expect("metrics"),
     );
     let pods = Arc::new(PodAddresses::new(1, addresses));
-    let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8);
+    let owners: Arc<dyn PortOwners> = Arc::new(Owners);
+    let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8)
+        .with_port_owners(Arc::clone(&owners));
     if let Some(dir) = state_dir {
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
@@ -129,10 +131,7 @@ fn app_full(
         limits: LIMITS,
         metrics,
         drains,
-        authority: Arc::new(Authority {
-            pods,
-            owners: Arc::new(Owners),
-        }),
+        authority: Arc::new(Authority { pods, owners }),
     });
     (source, state)
 }
@@ -177,12 +176,14 @@ impl AddressSource for Addresses {
 }
 
 /// Port 8080's sockets are uid 1000's; 9090's are uid 1000's and root's.
+/// Port 8080's sockets are uid 1000's; 9090's are uid 1000's and root's; 7071's uid 1001's.
 struct Owners;
 
 impl PortOwners for Owners {
     fn owners(&self, port: u16) -> anyhow::Result<Vec<u32>> {
         Ok(match port {
             8080 => vec![1000, 1000],
+            7071 => vec![1001],
             9090 => vec![1000, 0],
             _ => Vec::new(),
         })
@@ -766,6 +767,92 @@ async fn a_local_user_controls_only_its_own_ports() {
     );
     let (status, _) = request_as(&state, user, "DELETE", "/drain?port=8080").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// `/drains` showed a local user every record of the node's namespace: another user's
+/// timed-out drain with the addresses of its clients (`peers_at_end`), and root's drains
+/// that named the node's namespace. A local user sees the drains it started only; root sees
+/// all; a pod its namespace's.
+#[tokio::test(start_paused = true)]
+async fn a_local_user_sees_only_its_own_drain_records() {
+    let on_node = |port| crate::tracker::Endpoint {
+        netns: 1,
+        ..endpoint("127.0.0.1", port, 1)
+    };
+    let (source, state) = app(vec![on_node(8080), on_node(7071), on_node(9090)]);
+    let client = crate::drain_rule::Peer {
+        remote: "192.0.2.10:5000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    };
+    *source.listed.lock().expect("lock") = Some((Duration::ZERO, vec![client]));
+    let (a, b) = (
+        Caller::LocalUser { uid: Some(1000) },
+        Caller::LocalUser { uid: Some(1001) },
+    );
+    for (caller, uri) in [
+        (a, "/drain?port=8080&timeout=1s"),
+        (b, "/drain?port=7071&timeout=1m"),
+    ] {
+        let (status, body) = request_as(&state, caller, "POST", uri).await;
+        assert_eq!(status, StatusCode::CREATED, "{caller:?} {uri}: {body}");
+    }
+    // Root's drain of the node's own namespace by name (`netns=` naming it: here the
+    // registry directly, the test's node namespace being no real one).
+    state
+        .drains
+        .post(
+            crate::drain::DrainSpec {
+                filter: crate::tracker::Filter {
+                    port: 9090,
+                    addr: None,
+                    netns: Some(1),
+                },
+                timeout: Duration::from_secs(60),
+                rule: crate::drain_rule::DrainRule::default(),
+                on_timeout: crate::drain::OnTimeout::Keep,
+                pace: 0,
+                given: crate::drain::Given::default(),
+            },
+            crate::drain::StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    // A's drain times out with its client still connected: its record names that client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, all) = get(&state, "/drains").await;
+    let ended = all["recent"][0].clone();
+    assert_eq!(ended["port"], 8080, "{all}");
+    assert_eq!(ended["result"], "timeout", "{all}");
+    assert!(
+        !ended["peers_at_end"].as_array().expect("peers").is_empty(),
+        "{all}"
+    );
+    let ports = |drains: &serde_json::Value| {
+        let mut ports: Vec<u64> = ["in_progress", "recent"]
+            .iter()
+            .flat_map(|list| drains[list].as_array().cloned().unwrap_or_default())
+            .filter_map(|record| record["port"].as_u64())
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    assert_eq!(ports(&all), [7071, 8080, 9090], "root sees all: {all}");
+    for (caller, own) in [
+        (a, vec![8080]),
+        (b, vec![7071]),
+        (Caller::LocalUser { uid: None }, vec![]),
+        (Caller::Pod { netns: 7 }, vec![]),
+    ] {
+        let (status, seen) = request_as(&state, caller, "GET", "/drains").await;
+        assert_eq!(status, StatusCode::OK, "{seen}");
+        assert_eq!(ports(&seen), own, "{caller:?}: {seen}");
+    }
 }
 
 /// A local user was told which namespace files exist: a path to another namespace that

@@ -374,14 +374,17 @@ mod tests {
             ..Filter::port(8080)
         };
         drains
-            .post(DrainSpec {
-                filter: pod.clone(),
-                timeout: Duration::from_millis(300),
-                rule: DrainRule::default(),
-                on_timeout: OnTimeout::Keep,
-                pace: 0,
-                given: Given::default(),
-            })
+            .post(
+                DrainSpec {
+                    filter: pod.clone(),
+                    timeout: Duration::from_millis(300),
+                    rule: DrainRule::default(),
+                    on_timeout: OnTimeout::Keep,
+                    pace: 0,
+                    given: Given::default(),
+                },
+                crate::drain::StartedBy::Node,
+            )
             .await
             .expect("room");
         // A pod listener's drain (its namespace): labelled by the pod's address there.
@@ -391,17 +394,20 @@ mod tests {
         pod_ip.netns = 7;
         source.set(vec![endpoint("10.0.0.1", 8080, 1), in_pod, pod_ip]);
         drains
-            .post(DrainSpec {
-                filter: Filter {
-                    netns: Some(7),
-                    ..Filter::port(8081)
+            .post(
+                DrainSpec {
+                    filter: Filter {
+                        netns: Some(7),
+                        ..Filter::port(8081)
+                    },
+                    timeout: Duration::from_secs(60),
+                    rule: DrainRule::default(),
+                    on_timeout: OnTimeout::Keep,
+                    pace: 0,
+                    given: Given::default(),
                 },
-                timeout: Duration::from_secs(60),
-                rule: DrainRule::default(),
-                on_timeout: OnTimeout::Keep,
-                pace: 0,
-                given: Given::default(),
-            })
+                crate::drain::StartedBy::Node,
+            )
             .await
             .expect("room");
         let scope = "port=\"8080\",addr=\"10.0.0.1\"";
