@@ -518,7 +518,7 @@ fn dashboard_and_alerts_name_only_exported_metrics() {
         .map(|(panel, q)| (format!("dashboard panel {panel}"), q))
         .collect();
     let rules = rule_expressions(&read(&deploy("prometheus/drain-agent-rules.yml")));
-    assert_eq!(rules.len(), 8, "{rules:?}");
+    assert_eq!(rules.len(), 9, "{rules:?}");
     queries.extend(rules.into_iter().map(|q| ("alert rule".to_owned(), q)));
     let rules = rule_expressions(&read(&deploy(&format!("prometheus/{KUBERNETES_RULES}"))));
     assert_eq!(rules.len(), 7, "{rules:?}");
@@ -651,7 +651,7 @@ fn dashboard_and_alert_queries_work_in_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().expect("rules").iter())
             .collect();
-        assert_eq!(all.len(), 8, "rules loaded: {rules}");
+        assert_eq!(all.len(), 9, "rules loaded: {rules}");
         let evaluated = all.iter().all(|r| r["health"] == "ok");
         if evaluated {
             for rule in &all {
