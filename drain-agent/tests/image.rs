@@ -232,7 +232,7 @@ fn daemonset_capabilities() -> Vec<String> {
             }
         }
     }
-    assert_eq!(capabilities.len(), 4, "{capabilities:?}");
+    assert_eq!(capabilities.len(), 5, "{capabilities:?}");
     capabilities
 }
 
