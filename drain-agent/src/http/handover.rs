@@ -32,6 +32,36 @@ const BIND_RETRY_EVERY: Duration = Duration::from_millis(200);
 /// The accept backlog (tokio's and most servers' default).
 const BACKLOG: i32 = 1024;
 
+/// A non-blocking TCP listener on `addr` in the calling thread's namespace, in the
+/// `SO_REUSEPORT` group of that address: the node's listeners here, and the agent's socket in
+/// each pod (`pods/open.rs`), which the agents of an upgrade share the same way.
+pub(crate) fn listening_in_group(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let socket: OwnedFd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    // As std and tokio do: a restart binds even with connections in TIME_WAIT.
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    sockopt::set_socket_reuseport(&socket, true)?;
+    // `[::]` takes IPv4 too, whatever `net.ipv6.bindv6only` says: then no other program
+    // can listen on the port beside it, and its IPv4 connections are its own
+    // (`kernel/maps.rs` `not_the_agents`).
+    if let SocketAddr::V6(v6) = addr
+        && v6.ip().is_unspecified()
+    {
+        sockopt::set_ipv6_v6only(&socket, false)?;
+    }
+    rustix::net::bind(&socket, &addr)?;
+    rustix::net::listen(&socket, BACKLOG)?;
+    Ok(socket)
+}
+
 /// Binds listeners that share their address with the next agent.
 #[derive(Debug)]
 pub struct Handover {
@@ -63,29 +93,7 @@ impl Handover {
     /// A non-blocking listener on `addr` in the calling thread's network namespace, in the
     /// `SO_REUSEPORT` group of that address, with the migrate program attached.
     pub fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-        let family = match addr {
-            SocketAddr::V4(_) => AddressFamily::INET,
-            SocketAddr::V6(_) => AddressFamily::INET6,
-        };
-        let socket: OwnedFd = rustix::net::socket_with(
-            family,
-            SocketType::STREAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )?;
-        // As std and tokio do: a restart binds even with connections in TIME_WAIT.
-        sockopt::set_socket_reuseaddr(&socket, true)?;
-        sockopt::set_socket_reuseport(&socket, true)?;
-        // `[::]` takes IPv4 too, whatever `net.ipv6.bindv6only` says: then no other program
-        // can listen on the port beside it, and its IPv4 connections are its own
-        // (`kernel/maps.rs` `not_the_agents`).
-        if let SocketAddr::V6(v6) = addr
-            && v6.ip().is_unspecified()
-        {
-            sockopt::set_ipv6_v6only(&socket, false)?;
-        }
-        rustix::net::bind(&socket, &addr)?;
-        rustix::net::listen(&socket, BACKLOG)?;
+        let socket = listening_in_group(addr)?;
         if let Some(migrate) = &self.migrate
             && let Err(problem) = migrate.attach(socket.as_fd())
         {

@@ -132,25 +132,5 @@ fn socket_in(
 /// A non-blocking listener on `local` in the calling thread's namespace, in the
 /// `SO_REUSEPORT` group of that address (`[::]` dual-stack whatever `bindv6only` says).
 fn shared_listener(local: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
-    let family = match local {
-        SocketAddr::V4(_) => AddressFamily::INET,
-        SocketAddr::V6(_) => AddressFamily::INET6,
-    };
-    let socket = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-        None,
-    )?;
-    sockopt::set_socket_reuseaddr(&socket, true)?;
-    sockopt::set_socket_reuseport(&socket, true)?;
-    if let SocketAddr::V6(v6) = local
-        && v6.ip().is_unspecified()
-    {
-        sockopt::set_ipv6_v6only(&socket, false)?;
-    }
-    rustix::net::bind(&socket, &local)?;
-    rustix::net::listen(&socket, 1024)?;
-    Ok(std::net::TcpListener::from(socket))
+    crate::http::handover::listening_in_group(local).map(std::net::TcpListener::from)
 }
