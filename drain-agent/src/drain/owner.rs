@@ -6,13 +6,16 @@
 //! deadline); or end short drains until the held gates' limit, evicting another pod's gate
 //! and putting it back in rotation while it stops.
 //!
+//! [`Owner`] itself lives with the tracker (`tracker/owner.rs`), which counts waiters by it.
+//!
 //! Also whose a port's sockets are ([`PortOwners`], [`holding`]): a local user controls only
 //! ports whose sockets are all its own, when its drain starts and while it runs.
 //!
 //! [`HELD_MAX`]: super::HELD_MAX
 
-use std::{collections::HashMap, fmt, net::IpAddr};
+use std::collections::HashMap;
 
+pub use crate::tracker::owner::{Owner, WAITERS_PER_OWNER};
 use crate::{drain::gate::Held, tracker::Filter};
 
 /// Drains in progress one [`Owner`] may have at once (beside the node-wide `--max-waiters`);
@@ -20,62 +23,6 @@ use crate::{drain::gate::Held, tracker::Filter};
 /// (a stop hook drains each port it listens on): 64 is far above that, and far below the
 /// default `--max-waiters` (1024), so that one owner never takes what the others need.
 pub const RUNNING_PER_OWNER: usize = 64;
-
-/// `/drained` waiters one [`Owner`] may have blocked at once (beside the node-wide
-/// `--max-waiters`, `Tracker::admit`); the node (root, a bearer token, its port-wide scopes)
-/// has only the node-wide limit. A pod needs about one per port its stop hooks wait on: 64,
-/// like [`RUNNING_PER_OWNER`], is far above that and a sixteenth of the default
-/// `--max-waiters` (1024).
-pub const WAITERS_PER_OWNER: usize = 64;
-
-/// Whose a scope is: the owner a scope's drains and held gate count against.
-///
-/// It is read from the scope alone, as `http/authority.rs` and `http/pod_scope.rs` confine
-/// it per caller: every scope a pod may control carries its network namespace (on its own
-/// listener, and on the node's when it is known by its address), and every scope a local
-/// user may control carries the node's own namespace. A scope without a namespace can only
-/// be asked for by the node (root or a bearer token). So:
-/// - a scope with a namespace is that namespace's: one pod's, whatever its addresses; or,
-///   for the node's own namespace, its local users' (they share it: the scope does not say
-///   which user asked);
-/// - else one with an address is that address's (the node drains one pod by its IP);
-/// - else it is the node's: a port on every namespace.
-///
-/// The node's scopes may also be of a namespace (root may name any one): those count
-/// against that namespace, so that a pod cannot evict them unless it evicts its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Owner {
-    Netns(u32),
-    Addr(IpAddr),
-    Node,
-}
-
-impl Owner {
-    pub fn of(scope: &Filter) -> Self {
-        match (scope.netns, scope.addr) {
-            (Some(netns), _) => Self::Netns(netns),
-            (None, Some(addr)) => Self::Addr(addr),
-            (None, None) => Self::Node,
-        }
-    }
-
-    /// Whether [`RUNNING_PER_OWNER`] applies: to everyone but the node's port-wide scopes,
-    /// which keep only the node-wide limit (what they had before owners).
-    pub fn limited(self) -> bool {
-        self != Self::Node
-    }
-}
-
-/// How a 429 names the owner: the caller's own namespace or address, nothing else.
-impl fmt::Display for Owner {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Netns(netns) => write!(formatter, "network namespace {netns}"),
-            Self::Addr(addr) => write!(formatter, "address {addr}"),
-            Self::Node => formatter.write_str("the node"),
-        }
-    }
-}
 
 /// The uids of the sockets on a local port, in the node's own network namespace.
 pub trait PortOwners: Send + Sync + 'static {

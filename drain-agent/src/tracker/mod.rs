@@ -8,6 +8,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod owner;
 pub mod shared_lists;
 pub mod source;
 mod waiter;
@@ -24,6 +25,7 @@ use drain_agent_common::DurationHistogram;
 use tokio::{sync::watch, time::Instant};
 
 use self::{
+    owner::{Owner, WAITERS_PER_OWNER},
     shared_lists::SharedLists,
     waiter::{Pass, Step, Waiter, idle_and_busy},
     wake::PortChannels,
@@ -35,7 +37,6 @@ pub use self::{
 };
 use crate::{
     doubt::Doubt,
-    drain::owner::{Owner, WAITERS_PER_OWNER},
     drain_rule::{DrainRule, Peer},
 };
 
@@ -49,7 +50,7 @@ pub enum WaitError {
     /// More waiters than `--max-waiters` are blocked already.
     TooManyWaiters(usize),
     /// As many waiters of this owner as one owner may have
-    /// ([`WAITERS_PER_OWNER`](crate::drain::owner::WAITERS_PER_OWNER), the limit named)
+    /// ([`WAITERS_PER_OWNER`], the limit named)
     /// are blocked already.
     OwnerFull(Owner, usize),
     /// The counts could not be read.
