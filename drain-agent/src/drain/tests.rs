@@ -411,16 +411,7 @@ async fn one_scopes_drain_never_gates_another() {
 #[tokio::test]
 async fn a_forced_close_records_whom_it_cut_even_when_the_list_is_slow() {
     let (source, _, drains) = registry(1);
-    let peer = Peer {
-        remote: "10.0.0.2:5000".parse().expect("addr"),
-        local: "127.0.0.1:8080".parse().expect("addr"),
-        age_ms: None,
-        idle_ms: 0,
-        recv_queue: 0,
-        send_queue: 0,
-        awaiting_reply: false,
-        busy: false,
-    };
+    let peer = crate::tracker::fake::peer("10.0.0.2:5000", "127.0.0.1:8080");
     // Slower than an answer's budget (20 ms), well within a report's.
     *source.listed.lock().expect("lock") = Some((Duration::from_millis(80), vec![peer.clone()]));
     let close = DrainSpec {
@@ -637,16 +628,7 @@ async fn a_close_at_the_deadline_waits_for_the_seeding_walk() {
     let source = Arc::new(FakeSource::default());
     source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
     *lock(&source.doubts) = vec![crate::doubt::Doubt::Seeding];
-    let peer = Peer {
-        remote: "10.0.0.2:5000".parse().expect("addr"),
-        local: "127.0.0.1:8080".parse().expect("addr"),
-        age_ms: None,
-        idle_ms: 0,
-        recv_queue: 0,
-        send_queue: 0,
-        awaiting_reply: false,
-        busy: false,
-    };
+    let peer = crate::tracker::fake::peer("10.0.0.2:5000", "127.0.0.1:8080");
     *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
     let tracker = Arc::new(Tracker::new(source.clone(), 16));
     let (closer, _entered, release) = HeldCloser::new();
@@ -1346,16 +1328,7 @@ fn closing_registry(
 ) -> (Arc<FakeSource>, Arc<HeldCloser>, Arc<Drains>) {
     let source = Arc::new(FakeSource::default());
     source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
-    let peer = Peer {
-        remote: "10.0.0.2:5000".parse().expect("addr"),
-        local: "127.0.0.1:8080".parse().expect("addr"),
-        age_ms: None,
-        idle_ms: 0,
-        recv_queue: 0,
-        send_queue: 0,
-        awaiting_reply: false,
-        busy: false,
-    };
+    let peer = crate::tracker::fake::peer("10.0.0.2:5000", "127.0.0.1:8080");
     *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
     let tracker = Arc::new(Tracker::new(source.clone(), 16));
     let (closer, _entered, release) = HeldCloser::new();

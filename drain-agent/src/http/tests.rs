@@ -780,16 +780,7 @@ async fn a_local_user_sees_only_its_own_drain_records() {
         ..endpoint("127.0.0.1", port, 1)
     };
     let (source, state) = app(vec![on_node(8080), on_node(7071), on_node(9090)]);
-    let client = crate::drain_rule::Peer {
-        remote: "192.0.2.10:5000".parse().expect("addr"),
-        local: "127.0.0.1:8080".parse().expect("addr"),
-        age_ms: None,
-        idle_ms: 0,
-        recv_queue: 0,
-        send_queue: 0,
-        awaiting_reply: false,
-        busy: false,
-    };
+    let client = crate::tracker::fake::peer("192.0.2.10:5000", "127.0.0.1:8080");
     *source.listed.lock().expect("lock") = Some((Duration::ZERO, vec![client]));
     let (a, b) = (
         Caller::LocalUser { uid: Some(1000) },

@@ -150,3 +150,18 @@ pub fn endpoint(addr: &str, port: u16, active: u64) -> Endpoint {
         last_change_ns: 0,
     }
 }
+
+/// A quiet, idle connection from `remote` to `local` (`"ip:port"`), as the socket tables
+/// list it.
+pub fn peer(remote: &str, local: &str) -> Peer {
+    Peer {
+        remote: remote.parse().expect("remote address"),
+        local: local.parse().expect("local address"),
+        age_ms: None,
+        idle_ms: 0,
+        recv_queue: 0,
+        send_queue: 0,
+        awaiting_reply: false,
+        busy: false,
+    }
+}
