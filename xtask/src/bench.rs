@@ -20,6 +20,7 @@ mod bpftrace;
 mod cold;
 mod footprint;
 mod holder;
+mod hot;
 mod kernel;
 mod net;
 mod nginx;
@@ -90,6 +91,9 @@ pub struct Plan {
     /// Connections in each attach method's churn (section 1).
     pub churn_connections: u64,
     pub churn_time_limit: Duration,
+    /// The hot churn in rounds (section 1): connections per program and round, and rounds.
+    pub hot_connections: u64,
+    pub hot_rounds: usize,
     /// N of the per-kind phases (section 1), and how many times they are repeated.
     pub split_connections: usize,
     pub split_repetitions: usize,
@@ -133,6 +137,8 @@ impl Plan {
                 churn_threads,
                 churn_connections: 10_000,
                 churn_time_limit: Duration::from_secs(30),
+                hot_connections: 5_000,
+                hot_rounds: 3,
                 split_connections: 3_000,
                 split_repetitions: 1,
                 ab_pairs: 2,
@@ -162,6 +168,10 @@ impl Plan {
                 churn_threads,
                 churn_connections: 100_000,
                 churn_time_limit: Duration::from_secs(120),
+                // 11 rounds: the median's 95 % interval is then the 3rd to 9th round
+                // ratio (98.8 %); about 4 s a round.
+                hot_connections: 30_000,
+                hot_rounds: 11,
                 split_connections: 8_000,
                 split_repetitions: 5,
                 // 15 pairs: the median's 95 % interval is then the 4th to 12th pair

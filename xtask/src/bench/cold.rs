@@ -135,7 +135,7 @@ impl ColdCost {
 }
 
 /// A program attached for one measurement.
-enum Running {
+pub(super) enum Running {
     Agent(Agent),
     Reference(ReferenceProgram),
     Empty(EmptyProgram),
@@ -143,7 +143,7 @@ enum Running {
 }
 
 impl Running {
-    fn stats(&self) -> Result<ProgStats> {
+    pub(super) fn stats(&self) -> Result<ProgStats> {
         match self {
             Running::Agent(agent) => agent.prog_stats(HANDLER_PREFIX),
             Running::Reference(program) => program.stats(),

@@ -8,6 +8,7 @@ use serde::Serialize;
 use super::{
     Results,
     cold::{ColdCost, Program},
+    hot::{HotRounds, Program as HotProgram},
     nginx::NginxOverhead,
     pairs::{Round, pair_of, pairs_in},
     reference::Reference,
@@ -77,8 +78,12 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             format!("; every reference: {host}")
         };
         // The handler's own bookkeeping, judged against the bare hash map (default flags, as
-        // the agent's socket map) in the same churn: every map hot.
-        if let Some(bare) = kernel.references.iter().find(|r| {
+        // the agent's socket map) in the same churn, every map hot: in rounds where they are
+        // (one unpaired pass per program cannot resolve 1.3× on a shared VM), else from the
+        // single churns of the table.
+        if let Some(goal) = kernel.hot.as_ref().and_then(hot_goal) {
+            goals.push(goal);
+        } else if let Some(bare) = kernel.references.iter().find(|r| {
             r.reference
                 == Reference::Hash {
                     preallocated: false,
@@ -91,26 +96,10 @@ pub fn goals(results: &Results) -> Vec<Goal> {
             } else {
                 f64::INFINITY
             };
-            // What a connection's duration alone costs on this host, in the same churn: the
-            // least a design that keeps the agent's duration histograms (and so the clock
-            // reads its idle rule and events use) does, read against the same bare map.
-            let timed = kernel
-                .references
-                .iter()
-                .find(|r| r.reference == Reference::Timed)
-                .map(|timed| {
-                    let timed = timed.churn.net_ns_per_connection(floor);
-                    format!(
-                        "; the bare map with a duration (two clock reads and the close's lookup) is already {timed:.0} ns, {:.2}× it, and the handler is {:.2}× that",
-                        timed / reference,
-                        handler / timed
-                    )
-                })
-                .unwrap_or_default();
             goals.push(at_most(
-                "hot churn per connection ≤ 1.3× the bare hash map reference",
+                HOT_GOAL,
                 format!(
-                    "{ratio:.2}×: {handler:.0} vs {reference:.0} ns per connection with {}{timed} (net of the floor {floor:.0}; in the cold phases the tracked mean is {:.0} vs {:.0} ns{host})",
+                    "{ratio:.2}×: {handler:.0} vs {reference:.0} ns per connection with {}, one pass each (net of the floor {floor:.0}; in the cold phases the tracked mean is {:.0} vs {:.0} ns{host})",
                     default.attach,
                     default.costs.tracked_mean_ns - floor,
                     bare.costs.tracked_mean_ns - floor
@@ -244,6 +233,35 @@ fn interval_against(interval: Option<(f64, f64, f64)>, target: f64) -> String {
         }
         _ => text,
     }
+}
+
+const HOT_GOAL: &str = "hot churn per connection ≤ 1.3× the bare hash map reference";
+
+/// The hot churn in rounds: the handler against the bare hash map, and what a duration
+/// alone (two clock reads and the close's lookup) costs against the same map.
+fn hot_goal(hot: &HotRounds) -> Option<Goal> {
+    let agent_bare = hot.ratio(HotProgram::Agent, HotProgram::Bare)?;
+    let timed_bare = hot.ratio(HotProgram::Timed, HotProgram::Bare)?;
+    let agent_timed = hot.ratio(HotProgram::Agent, HotProgram::Timed)?;
+    let ns = |program| hot.median_net(program).unwrap_or(f64::NAN);
+    Some(at_most(
+        HOT_GOAL,
+        format!(
+            "{:.2}× with {} (median of {} round ratios, {}; {:.0} vs {:.0} ns per connection, net of each round's floor, median {:.0} ns per run); the bare map with a duration (two clock reads and the close's lookup) {:.2}× the bare map ({}), and the handler {:.2}× that",
+            agent_bare.median,
+            hot.attach,
+            agent_bare.ratios.len(),
+            interval_against(agent_bare.interval, 1.3),
+            ns(HotProgram::Agent),
+            ns(HotProgram::Bare),
+            ns(HotProgram::Empty),
+            timed_bare.median,
+            interval_against(timed_bare.interval, 1.3),
+            agent_timed.median
+        ),
+        agent_bare.median,
+        1.3,
+    ))
 }
 
 /// The handler against the minimal socket-keyed map, same flags, 10k cold.
@@ -735,6 +753,9 @@ fn kernel_section(out: &mut String, results: &Results) {
              A connection has one tracked open and one tracked close.\n"
         );
     }
+    if let Some(hot) = &kernel.hot {
+        hot_rounds(out, hot);
+    }
     let _ = writeln!(out, "\nThe phases behind it:\n");
     header(
         out,
@@ -783,6 +804,95 @@ fn kernel_section(out: &mut String, results: &Results) {
             seed.agent_startup_ms
         );
     }
+}
+
+/// The hot churn in rounds: each program's ns per connection (net of the round's floor)
+/// and the ratios taken within each round.
+fn hot_rounds(out: &mut String, hot: &HotRounds) {
+    let _ = writeln!(
+        out,
+        "\n**The hot churn in rounds.** The same churn, {} connections per program and round, over \
+         {} rounds; the programs take turns in the order the handler ({}, a fresh agent each \
+         round), the bare hash map, the bare map with a duration, the empty program, reversed every \
+         other round. One pass per program, as in the table above, cannot resolve a 1.3× ratio on a \
+         shared VM: between runs the bare map's churn alone has swung several-fold. So each ratio is \
+         taken within a round, net of that round's own floor, and the goal reads the median of the \
+         round ratios with its interval. ns per connection, net of the round's floor (the floor's \
+         own column: ns per run):\n",
+        hot.connections_per_round, hot.rounds, hot.attach
+    );
+    header(
+        out,
+        &[
+            "round",
+            "the handler",
+            "bare hash map",
+            "with a duration",
+            "floor (ns/run)",
+            "handler / bare",
+            "duration / bare",
+            "handler / duration",
+        ],
+    );
+    let cell = |round: usize, program: HotProgram| {
+        let value = if program == HotProgram::Empty {
+            hot.sample(round, program)
+                .map(|floor| format!("{:.1}", floor.mean_ns))
+        } else {
+            hot.net(round, program).map(|ns| format!("{ns:.0}"))
+        };
+        value.unwrap_or_else(|| "—".to_owned())
+    };
+    let ratio = |round: usize, of: HotProgram, to: HotProgram| match (
+        hot.net(round, of),
+        hot.net(round, to),
+    ) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "—".to_owned(),
+    };
+    for round in 0..hot.rounds {
+        row(
+            out,
+            &[
+                (round + 1).to_string(),
+                cell(round, HotProgram::Agent),
+                cell(round, HotProgram::Bare),
+                cell(round, HotProgram::Timed),
+                cell(round, HotProgram::Empty),
+                ratio(round, HotProgram::Agent, HotProgram::Bare),
+                ratio(round, HotProgram::Timed, HotProgram::Bare),
+                ratio(round, HotProgram::Agent, HotProgram::Timed),
+            ],
+        );
+    }
+    let median = |of, to| {
+        hot.ratio(of, to).map_or("—".to_owned(), |r| {
+            format!("**{:.2}** ({})", r.median, interval_text(r.interval))
+        })
+    };
+    let ns = |program| {
+        hot.median_net(program)
+            .map_or("—".to_owned(), |ns| format!("{ns:.0}"))
+    };
+    row(
+        out,
+        &[
+            "median".to_owned(),
+            ns(HotProgram::Agent),
+            ns(HotProgram::Bare),
+            ns(HotProgram::Timed),
+            hot.median_net(HotProgram::Empty)
+                .map_or("—".to_owned(), |ns| format!("{ns:.1}")),
+            median(HotProgram::Agent, HotProgram::Bare),
+            median(HotProgram::Timed, HotProgram::Bare),
+            median(HotProgram::Agent, HotProgram::Timed),
+        ],
+    );
+    let _ = writeln!(
+        out,
+        "\nThe agent still counted {} connection(s) after its rounds' churns had all closed (0: no close missed).\n",
+        hot.miscounted
+    );
 }
 
 fn overhead_section(out: &mut String, results: &Results) {
