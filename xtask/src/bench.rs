@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the agent's costs, measured on this machine, written to
 //! `bench/RESULTS.md` and `bench/results.json`.
 //!
-//! 1. per-event kernel cost (the kernel's own BPF statistics), split by event kind;
+//! 1. per-event kernel cost (the kernel's own BPF statistics), split by event kind, and the
+//!    hot churn in rounds against the bare hash map (with and without a duration);
 //! 2. hot-path overhead: loopback connection churn with the agent attached vs not;
 //! 3. answer cost with 10k and 100k established connections, against `ss` and /proc/net/tcp;
 //! 4. wake-up latency from the last close to the waiter's answer, against polling;
@@ -255,6 +256,9 @@ pub struct Results {
     pub duration_s: f64,
     pub other_handlers: Foreign,
     pub kernel: Option<kernel::KernelCost>,
+    /// The hot churn of the handler and the bare map (with and without a duration) in
+    /// alternating rounds (section 1).
+    pub hot: Option<hot::HotRounds>,
     pub overhead: Option<overhead::Overhead>,
     pub answer: Option<answer::AnswerCost>,
     pub wakeup: Option<wakeup::Wakeup>,
@@ -361,6 +365,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if wanted(Section::Kernel) {
         let outcome = kernel::run(&plan, &binary, &log_dir, &mut foreign, true);
         results.kernel = record(&mut results.errors, "kernel", outcome);
+        let outcome = hot::run(&plan, &binary, &log_dir, &mut foreign);
+        results.hot = record(&mut results.errors, "hot churn in rounds", outcome);
         if let (Some(base), Some(path)) = (baseline.as_mut(), args.baseline.as_ref()) {
             eprintln!("bench: [kernel] the baseline, {}", path.display());
             let outcome = kernel::run(&plan, path, &log_dir, &mut foreign, false);

@@ -238,6 +238,15 @@ pub fn run(plan: &Plan, binary: &Path, log_dir: &Path, foreign: &mut Foreign) ->
         }
     }
     hot.summarise();
+    if let (Some(agent_bare), Some(timed_bare)) = (
+        hot.ratio(Program::Agent, Program::Bare),
+        hot.ratio(Program::Timed, Program::Bare),
+    ) {
+        eprintln!(
+            "bench: [kernel] hot churn over {} rounds: the handler {:.2}× the bare map, the bare map with a duration {:.2}× it (medians of round ratios, net of each round's floor)",
+            hot.rounds, agent_bare.median, timed_bare.median
+        );
+    }
     Ok(hot)
 }
 

@@ -28,7 +28,6 @@ use serde::Serialize;
 use super::{
     Plan,
     agent::Agent,
-    hot::{self, HotRounds},
     net::{self, ChurnKind, ChurnLimit, Pairs},
     reference::{EmptyProgram, Reference, ReferenceProgram},
     stats::median,
@@ -177,9 +176,6 @@ pub struct KernelCost {
     /// What the simplest per-socket bookkeeping costs on this host, in the same phases
     /// (measured once per run, not again for a baseline).
     pub references: Vec<ReferenceCost>,
-    /// The hot churn of the handler and the bare map (with and without a duration) in
-    /// alternating rounds (with the references only).
-    pub hot: Option<HotRounds>,
 }
 
 /// Measures the floor, each attach method of the agent `binary`, and (`with_references`)
@@ -236,17 +232,6 @@ pub fn run(
             );
             cost.references.push(measured);
         }
-        let hot = hot::run(plan, binary, log_dir, foreign).context("hot churn in rounds")?;
-        if let (Some(agent_bare), Some(timed_bare)) = (
-            hot.ratio(hot::Program::Agent, hot::Program::Bare),
-            hot.ratio(hot::Program::Timed, hot::Program::Bare),
-        ) {
-            eprintln!(
-                "bench: [kernel] hot churn over {} rounds: the handler {:.2}× the bare map, the bare map with a duration {:.2}× it (medians of round ratios, net of each round's floor)",
-                hot.rounds, agent_bare.median, timed_bare.median
-            );
-        }
-        cost.hot = Some(hot);
     }
     Ok(cost)
 }

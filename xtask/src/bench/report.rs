@@ -81,7 +81,7 @@ pub fn goals(results: &Results) -> Vec<Goal> {
         // the agent's socket map) in the same churn, every map hot: in rounds where they are
         // (one unpaired pass per program cannot resolve 1.3× on a shared VM), else from the
         // single churns of the table.
-        if let Some(goal) = kernel.hot.as_ref().and_then(hot_goal) {
+        if let Some(goal) = results.hot.as_ref().and_then(hot_goal) {
             goals.push(goal);
         } else if let Some(bare) = kernel.references.iter().find(|r| {
             r.reference
@@ -753,7 +753,7 @@ fn kernel_section(out: &mut String, results: &Results) {
              A connection has one tracked open and one tracked close.\n"
         );
     }
-    if let Some(hot) = &kernel.hot {
+    if let Some(hot) = &results.hot {
         hot_rounds(out, hot);
     }
     let _ = writeln!(out, "\nThe phases behind it:\n");
