@@ -246,3 +246,45 @@ fn wait_exit_codes_against_the_real_agent() {
     assert_eq!(code(&output), 2, "{stderr}");
     assert!(stderr.contains("netns"), "{stderr}");
 }
+
+/// A stop hook with a wrong `--netns` (an inode no namespace has) is refused by the agent
+/// with 404, and `wait` ends at once with exit 2 (a usage error): asking again cannot
+/// change the answer. Before, every status but 400, 401, 403, 409 and 422 was retried
+/// until the timeout and then exited 1, "not drained within 10s: agent answered 404".
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn wait_for_an_unknown_netns_inode_is_refused_at_once() {
+    if !kernel_available("wait_for_an_unknown_netns_inode_is_refused_at_once") {
+        return;
+    }
+    let unknown = 1;
+    assert!(
+        !drain_agent::sys::netns::all_namespaces().contains_key(&unknown),
+        "inode {unknown} is a network namespace here"
+    );
+    let agent = Agent::start(&[]);
+    let (output, took) = wait_command(&[
+        "--port",
+        "8080",
+        "--netns",
+        &unknown.to_string(),
+        "--timeout",
+        "10s",
+        "--agent",
+        &agent.url,
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "wait --netns {unknown} --timeout 10s: exit {:?} after {took:?}: {stderr}",
+        output.status.code()
+    );
+    assert_eq!(code(&output), 2, "{stderr}");
+    assert!(
+        stderr.contains("refused") && stderr.contains("404") && stderr.contains("inode 1"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "refused at once, not after its timeout: {took:?}"
+    );
+}

@@ -78,7 +78,9 @@ pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
     Run(Box<RunArgs>),
     /// Block until a port is drained, by asking a running agent (for images without curl).
-    /// Exit status: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
+    /// Exit status: 0 drained, 1 not drained in time, 2 usage error, a refusal (a 4xx other
+    /// than 408, 425 or 429, e.g. 404 for an unknown --netns inode: at once) or agent
+    /// unreachable.
     Wait(WaitArgs),
     /// Print the ports with open connections, as a running agent counts them.
     Status(StatusArgs),

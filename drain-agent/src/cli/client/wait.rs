@@ -140,13 +140,25 @@ const COUNT_EVERY: Duration = Duration::from_secs(1);
 enum Reply {
     /// 200 or 503 with the agent's body: drained or not.
     Body(DrainedBody),
-    /// Bad input, a token the agent does not accept, a caller that may not ask this,
-    /// settings that differ from the drain in progress, or something the agent cannot do as
-    /// it runs (`--close-at-timeout` without a way to close): asking again cannot help
-    /// (exit 2).
+    /// A 4xx that asking again cannot change ([`refused`]): bad input, a `--netns` inode
+    /// no namespace has (404), a token the agent does not accept, a caller that may not ask
+    /// this, settings that differ from the drain in progress, something the agent cannot do
+    /// as it runs (`--close-at-timeout` without a way to close), a request head too large
+    /// (431): the wait ends at once (exit 2).
     Refused(String),
     /// Anything else: the reason the wait goes on.
     Problem(WaitProblem),
+}
+
+/// Whether an answer's status refuses the request for good: every 4xx but those that say
+/// "later" — 408 (the server timed the request out), 425 (too early) and 429 (too many
+/// requests: the agent's limits of waiters and connections, with `Retry-After`). The agent
+/// answers 400, 401, 403, 404 (an unknown `netns` inode, an unknown path), 409, 422 and 431
+/// (a request head too large) to requests that will be refused again however often they
+/// are asked. 5xx (the counts could not be read, a proxy without an agent behind it) and
+/// anything else are asked again within the timeout; a refusal is never drained either.
+fn refused(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
 /// What `get`'s result says, the same for the waiting requests and the counts.
@@ -163,9 +175,11 @@ fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
                 ))),
             }
         }
-        Ok(response) if matches!(response.status, 400 | 401 | 403 | 409 | 422) => Reply::Refused(
-            format!("({}): {}", response.status, error_text(&response.body)),
-        ),
+        Ok(response) if refused(response.status) => Reply::Refused(format!(
+            "({}): {}",
+            response.status,
+            error_text(&response.body)
+        )),
         Ok(response) => Reply::Problem(WaitProblem::NotDrained(format!(
             "agent answered {}: {}",
             response.status,
@@ -178,7 +192,8 @@ fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
     }
 }
 
-/// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error or agent unreachable.
+/// `drain-agent wait`: 0 drained, 1 not drained in time, 2 usage error, a refusal
+/// ([`refused`], at once) or agent unreachable.
 pub fn wait(args: &WaitArgs) -> ExitCode {
     let url = match AgentUrl::parse(&args.agent)
         .and_then(|url| url.with_token_file(args.token_file.as_deref()))
@@ -361,6 +376,55 @@ impl WaitProblem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answered(status: u16, body: &str) -> anyhow::Result<super::super::Response> {
+        Ok(super::super::Response {
+            status,
+            body: body.to_owned(),
+            instance: None,
+        })
+    }
+
+    /// A request the agent will refuse again however often it is asked ends the wait at
+    /// once (exit 2): the agent's own 404 for an unknown `--netns` inode, and every other
+    /// 4xx but the three that say "later". Before, anything but 400, 401, 403, 409 and 422
+    /// was retried every 250 ms until the deadline and then called "not drained" (exit 1).
+    #[test]
+    fn a_4xx_that_asking_again_cannot_change_is_a_refusal() {
+        let unknown_netns =
+            r#"{"error":"netns: no network namespace with inode 1 is known to the agent"}"#;
+        match judge(answered(404, unknown_netns), "agent") {
+            Reply::Refused(why) => assert!(
+                why.contains("404") && why.contains("no network namespace with inode 1"),
+                "{why}"
+            ),
+            Reply::Body(_) | Reply::Problem(_) => panic!("404 for an unknown netns: not refused"),
+        }
+        for status in [400, 401, 403, 404, 405, 410, 413, 414, 422, 409, 431, 451] {
+            assert!(
+                matches!(judge(answered(status, "{}"), "agent"), Reply::Refused(_)),
+                "{status}: not a refusal"
+            );
+        }
+    }
+
+    /// What may change by asking again is asked again within the timeout: too many
+    /// requests (429, with Retry-After), a request the server timed out (408), too early
+    /// (425), and the server's own failures (5xx: the counts could not be read, a proxy
+    /// without an agent behind it); a 503 that is not the agent's answer among them. None
+    /// of them ends the wait, and none is ever drained.
+    #[test]
+    fn an_answer_that_says_later_is_asked_again() {
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(
+                    judge(answered(status, "busy"), "agent"),
+                    Reply::Problem(WaitProblem::NotDrained(_))
+                ),
+                "{status}: not asked again"
+            );
+        }
+    }
 
     /// An answer that waited unrecorded (its owner at its limit of drains) says so in what
     /// `wait` prints: without a drain there is no gate and no close at the deadline, which a
