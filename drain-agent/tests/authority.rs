@@ -316,6 +316,19 @@ fn a_pod_on_the_node_drains_and_closes_its_own_connections_only() {
     assert_eq!(health(&format!("port={port}")), 200);
     assert_eq!(health(&format!("port={port}&addr={}", pod_b.ip)), 200);
     assert_eq!(health(&format!("port={port}&addr={}", pod_a.ip)), 503);
+    // Pod B asking about A's address (a proxy pod checking its backend) is told A's drain,
+    // as anyone else is; about itself, its own.
+    let from_b = |query: &str| {
+        curl(
+            Some(&pod_b.netns.path()),
+            None,
+            "GET",
+            &format!("http://10.213.33.1:{api}/health?{query}"),
+        )
+        .0
+    };
+    assert_eq!(from_b(&format!("port={port}&addr={}", pod_a.ip)), 503);
+    assert_eq!(from_b(&format!("port={port}")), 200);
     thread::sleep(Duration::from_millis(2500));
     for client in &mut clients_a {
         assert!(
@@ -908,4 +921,13 @@ fn the_rollout_operator_recipe_drains_the_pod() {
     let (status, body) = remote.request(&node.method, &url, Some(&header));
     assert_eq!(status, 201, "{url}: {body}");
     assert_eq!(health(), 503, "the pod is out of rotation");
+    // The pod's own readiness probe (on its listener) agrees: the drain of its address is
+    // its own.
+    let (status, body) = curl(
+        inside.as_deref(),
+        None,
+        "GET",
+        &format!("http://127.0.0.1:{pod_port}/health?port={port}"),
+    );
+    assert_eq!(status, 503, "the pod's readiness probe: {body}");
 }

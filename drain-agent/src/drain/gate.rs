@@ -6,7 +6,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     drain::{Drains, lock},
-    sys::pod_addresses::Named,
+    sys::pod_addresses::{Named, may_name_a_pod},
     tracker::Filter,
 };
 
@@ -52,20 +52,33 @@ pub struct Question {
     /// The namespaces `addr` may be about beside `asked.netns` (none when it names one pod
     /// or nobody).
     pub unsure: Vec<u32>,
+    /// A pod asking about itself: the addresses that may be its (as an `addr=` question
+    /// resolves them, [`PodAddresses::addresses_of`]). A drain scoped by one of them and no
+    /// namespace (the node's `POST /drain?port=P&addr=<pod IP>`) covers the pod as it covers
+    /// `/health?addr=` and the agent-check about that address.
+    ///
+    /// [`PodAddresses::addresses_of`]: crate::sys::pod_addresses::PodAddresses::addresses_of
+    pub addresses: Vec<IpAddr>,
 }
 
 impl Question {
     /// Every scope the question may be about, `asked` first.
     pub fn each(&self) -> impl Iterator<Item = Asked> + '_ {
-        std::iter::once(self.asked).chain(
-            self.unsure
-                .iter()
-                .filter(|&&netns| netns != self.asked.netns)
-                .map(|&netns| Asked {
-                    netns,
-                    ..self.asked
-                }),
-        )
+        std::iter::once(self.asked)
+            .chain(
+                self.unsure
+                    .iter()
+                    .filter(|&&netns| netns != self.asked.netns)
+                    .map(|&netns| Asked {
+                        netns,
+                        ..self.asked
+                    }),
+            )
+            .chain(self.addresses.iter().map(|&addr| Asked {
+                addr: Some(addr),
+                whole_namespace: false,
+                ..self.asked
+            }))
     }
 }
 
@@ -115,28 +128,48 @@ impl PortGate for Arc<Drains> {
 
 impl Drains {
     /// The scope a `/health?port=P[&addr=IP]` or agent-check question is about: `pod` is
-    /// the asking pod's namespace (its own listener, or its address on the node's); else
-    /// the namespace `addr` belongs to, else the node's own. An `addr` that names no one
-    /// namespace for sure (two hold it, or the pod it named lately holds it no more) asks
-    /// in the node's namespace and in each it may be about ([`Question::unsure`]).
+    /// the asking pod's namespace (its own listener, or its address on the node's). A pod's
+    /// question without `addr`, or with one of its own (one that may name it, or loopback
+    /// and the like, which name no pod), is about its namespace; any other `addr` is asked
+    /// as anyone asks it (`/health` is public): the namespace `addr` belongs to, else the
+    /// node's own. An `addr` that names no one namespace for sure (two hold it, or the pod
+    /// it named lately holds it no more) asks in the node's namespace (a pod: its own) and in
+    /// each it may be about ([`Question::unsure`]).
     pub async fn resolve(&self, port: u16, addr: Option<IpAddr>, pod: Option<u32>) -> Question {
         let addr = addr.map(crate::addr::canonical_addr);
-        if let Some(netns) = pod {
-            return Question {
-                asked: Asked {
-                    port,
-                    addr,
-                    netns,
-                    whole_namespace: addr.is_none(),
-                },
-                unsure: Vec::new(),
-            };
-        }
-        let (own, named) = match (&self.pods, addr) {
-            (Some(pods), Some(addr)) => (pods.own_netns(), pods.named(addr).await),
-            (Some(pods), None) => (pods.own_netns(), Named::Nobody),
-            (None, _) => (0, Named::Nobody),
+        let named = match (&self.pods, addr) {
+            (Some(pods), Some(addr)) => pods.named(addr).await,
+            _ => Named::Nobody,
         };
+        if let Some(netns) = pod {
+            let own = match (&self.pods, addr, &named) {
+                // No address map (never in the agent): the pod's own, as it cannot be told.
+                (None, ..) | (_, None, _) => true,
+                (Some(_), Some(_), Named::Pod(holder)) => *holder == netns,
+                (Some(_), Some(_), Named::Unsure(maybe)) => maybe.contains(&netns),
+                (Some(_), Some(addr), Named::Nobody) => !may_name_a_pod(addr),
+            };
+            if own {
+                let addresses = match (&self.pods, addr) {
+                    (Some(pods), None) => pods.addresses_of(netns).await,
+                    _ => Vec::new(),
+                };
+                return Question {
+                    asked: Asked {
+                        port,
+                        addr,
+                        netns,
+                        whole_namespace: addr.is_none(),
+                    },
+                    unsure: match named {
+                        Named::Unsure(maybe) => maybe,
+                        Named::Pod(_) | Named::Nobody => Vec::new(),
+                    },
+                    addresses,
+                };
+            }
+        }
+        let own = self.pods.as_ref().map_or(0, |pods| pods.own_netns());
         let (netns, unsure) = match named {
             Named::Pod(netns) => (netns, Vec::new()),
             Named::Nobody => (own, Vec::new()),
@@ -151,6 +184,7 @@ impl Drains {
                 whole_namespace: false,
             },
             unsure,
+            addresses: Vec::new(),
         }
     }
 

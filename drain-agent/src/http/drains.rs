@@ -157,8 +157,9 @@ pub(super) async fn list_drains(
 
 /// `GET /health?port=P`: 200 normally, 503 while a drain of P is in progress — a health
 /// check for load balancers (AWS target groups, nginx, HAProxy `httpchk`, readiness).
-/// A pod asks about itself; anyone else about the scope it names (the node's port, or
-/// the pod `addr` belongs to). One scope's drain never gates another's.
+/// A pod asks about itself (a drain of one of its addresses included) unless its `addr`
+/// names another pod; anyone else about the scope it names (the node's port, or the pod
+/// `addr` belongs to). One scope's drain never gates another's.
 pub(super) async fn health(
     State(state): State<Arc<AppState>>,
     HealthQuery { port, addr, pod }: HealthQuery,

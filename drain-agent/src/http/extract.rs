@@ -185,8 +185,9 @@ impl<S: Send + Sync> FromRequestParts<S> for NoParams {
     }
 }
 
-/// `/health?port=P[&addr=IP]`: asked by anyone (a load balancer), not confined; a pod's
-/// own question is its namespace's.
+/// `/health?port=P[&addr=IP]`: asked by anyone (a load balancer), not confined; `pod` is
+/// the asking pod's namespace, which `Drains::resolve` asks about unless `addr` names
+/// another pod.
 pub struct HealthQuery {
     pub port: u16,
     pub addr: Option<std::net::IpAddr>,

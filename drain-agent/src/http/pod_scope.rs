@@ -9,7 +9,8 @@
 //!   namespace; naming another namespace (or one that does not exist: no probing which
 //!   do) is 400, and so is an `addr=` that is not an address of the pod's namespace;
 //! - `/drains` lists only the pod's drains, `/health?port=P` says whether the pod's own
-//!   drain of P is in progress;
+//!   drain of P (or the node's of one of its addresses) is in progress; `/health` is public,
+//!   so its `addr=` naming another pod is asked about that pod (`Drains::resolve`);
 //! - `/metrics` and `/advice` are node-wide (other pods' ports, and with them what runs
 //!   there): 403, served on the node listener only.
 

@@ -948,6 +948,99 @@ async fn a_pods_drain_is_its_own() {
     assert_eq!(status, StatusCode::OK);
 }
 
+/// Found by an audit: a pod asking `/health?port=8080` about itself (its readiness probe) was
+/// not covered by the node's drain of its address (`POST /drain?port=8080&addr=<pod IP>`,
+/// what token automation sends): that scope names no namespace, and only a drain inside the
+/// pod's namespace counted. The agent-check and `/health?addr=` said drain while the pod's
+/// own probe said 200, so Kubernetes kept it in its endpoints. Now an address the pod holds
+/// (as `addr=` questions resolve it) counts as the pod's: the three questions agree.
+#[tokio::test(start_paused = true)]
+async fn the_nodes_drain_of_a_pods_address_covers_the_pods_own_question() {
+    let (_, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    let (status, body) = request(&state, "POST", "/drain?port=8080&addr=10.1.0.7&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let health = |caller, uri: &'static str| {
+        let state = state.clone();
+        async move { request_as(&state, caller, "GET", uri).await.0 }
+    };
+    let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+    assert_eq!(
+        crate::http::agentcheck::reply_for(b"8080 10.1.0.7\n", &state.drains).await,
+        Reply::Drain
+    );
+    assert_eq!(
+        health(Caller::Remote, "/health?port=8080&addr=10.1.0.7").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        health(a, "/health?port=8080").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the pod's own readiness question"
+    );
+    assert_eq!(
+        health(a, "/health?port=8080&addr=10.1.0.7").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Another pod, and the node's port, are not in it.
+    assert_eq!(health(b, "/health?port=8080").await, StatusCode::OK);
+    assert_eq!(
+        health(Caller::Node, "/health?port=8080").await,
+        StatusCode::OK
+    );
+    assert_eq!(health(a, "/health?port=8081").await, StatusCode::OK);
+}
+
+/// Found by an audit: a pod asking `/health?port=8080&addr=<pod B's IP>` (an ingress or
+/// HAProxy pod on the node checking a backend at the node listener) was answered about its
+/// own namespace, never B's: 200 while B drained, where anyone else (a remote load
+/// balancer, the agent-check) was told 503. `/health` is public (SECURITY.md "Callers"):
+/// an address that is not the asking pod's is asked about as anyone asks it.
+#[tokio::test(start_paused = true)]
+async fn a_pod_asking_about_another_pods_address_is_told_that_pods_drain() {
+    let (_, state) = app(vec![crate::tracker::Endpoint {
+        netns: 8,
+        ..endpoint("10.1.0.8", 8080, 1)
+    }]);
+    let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
+    let (status, body) = request_as(&state, b, "POST", "/drain?port=8080&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let health = |caller, uri: &'static str| {
+        let state = state.clone();
+        async move { request_as(&state, caller, "GET", uri).await.0 }
+    };
+    assert_eq!(
+        crate::http::agentcheck::reply_for(b"8080 10.1.0.8\n", &state.drains).await,
+        Reply::Drain
+    );
+    assert_eq!(
+        health(Caller::Remote, "/health?port=8080&addr=10.1.0.8").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        health(a, "/health?port=8080&addr=10.1.0.8").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "pod A asking about B"
+    );
+    // A itself (its own address, loopback, no address) is not draining.
+    for own in [
+        "/health?port=8080",
+        "/health?port=8080&addr=10.1.0.7",
+        "/health?port=8080&addr=127.0.0.1",
+    ] {
+        assert_eq!(health(a, own).await, StatusCode::OK, "{own}");
+    }
+    // A's own loopback is still A's: A's drain covers it.
+    let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        health(a, "/health?port=8080&addr=127.0.0.1").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
 /// Issue 22: a waiter with `timeout=3s` that joined a 10-minute drain hung for 30 s (here
 /// 5 minutes, the test's maximum).
 /// Each waiter is answered at its own timeout, whatever drain it joined.

@@ -142,6 +142,34 @@ impl Snapshot {
             Named::Unsure(maybe)
         }
     }
+
+    /// Every address that may be `netns`'s as [`Snapshot::named`] says: those it alone
+    /// holds, those it holds with others, and those it held until lately.
+    fn addresses_of(&self, netns: u32, now: Instant) -> Vec<IpAddr> {
+        let mut found: Vec<IpAddr> = self
+            .owners
+            .iter()
+            .filter(|&(_, &owner)| owner == netns)
+            .map(|(&addr, _)| addr)
+            .chain(
+                self.shared
+                    .iter()
+                    .filter(|(_, holders)| holders.contains(&netns))
+                    .map(|(&addr, _)| addr),
+            )
+            .chain(
+                self.former
+                    .iter()
+                    .filter(|&(_, &(former, since))| {
+                        former == netns && now.saturating_duration_since(since) < FORMER_KEPT
+                    })
+                    .map(|(&addr, _)| addr),
+            )
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
 }
 
 /// Address → the one pod namespace that has it.
@@ -154,7 +182,7 @@ pub struct PodAddresses {
 }
 
 /// Whether `addr` can name a pod at all.
-fn may_name_a_pod(addr: IpAddr) -> bool {
+pub fn may_name_a_pod(addr: IpAddr) -> bool {
     match addr {
         IpAddr::V4(v4) => {
             !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified() || v4.is_multicast())
@@ -284,6 +312,26 @@ impl PodAddresses {
             .named(addr, Instant::now())
     }
 
+    /// The addresses that may name pod namespace `netns` (those [`PodAddresses::named`]
+    /// says may be its, [`Named::Pod`] or among [`Named::Unsure`]): a drain scoped by one of
+    /// them alone covers that pod's question about itself. Read again when older than
+    /// [`HIT_REFRESH`].
+    pub async fn addresses_of(&self, netns: u32) -> Vec<IpAddr> {
+        let read_at = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read_at;
+        let now = Instant::now();
+        if read_at.is_none_or(|at| now.saturating_duration_since(at) >= HIT_REFRESH) {
+            self.refresh(read_at).await;
+        }
+        self.snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .addresses_of(netns, Instant::now())
+    }
+
     /// Reads the namespaces again, unless another caller did since `seen`.
     async fn refresh(&self, seen: Option<Instant>) {
         let _reading = self.reading.lock().await;
@@ -371,6 +419,42 @@ mod tests {
         ] {
             assert_eq!(owners.get(&ip(nobody)), None, "{nobody}");
         }
+    }
+
+    /// A pod's addresses are those `named` says may be its: its own, those it shares, and
+    /// one it held until lately; never the node's, loopback, or another pod's.
+    #[tokio::test(start_paused = true)]
+    async fn a_pods_addresses_are_those_that_may_name_it() {
+        let fake = Arc::new(Fake {
+            map: Mutex::new(BTreeMap::from([
+                (1, vec![ip("10.0.0.1")]),
+                (7, vec![ip("10.1.0.7"), ip("127.0.0.1"), ip("10.9.9.9")]),
+                (8, vec![ip("10.1.0.8"), ip("10.9.9.9"), ip("10.1.0.78")]),
+            ])),
+            reads: AtomicUsize::new(0),
+        });
+        let pods = PodAddresses::new(1, fake.clone());
+        assert_eq!(
+            pods.addresses_of(7).await,
+            vec![ip("10.1.0.7"), ip("10.9.9.9")]
+        );
+        // 10.1.0.78 leaves pod 8: still maybe 8's until FORMER_KEPT.
+        fake.map
+            .lock()
+            .expect("lock")
+            .insert(8, vec![ip("10.1.0.8"), ip("10.9.9.9")]);
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(
+            pods.addresses_of(8).await,
+            vec![ip("10.1.0.8"), ip("10.1.0.78"), ip("10.9.9.9")]
+        );
+        assert_eq!(pods.named(ip("10.1.0.78")).await, Named::Unsure(vec![8]));
+        tokio::time::advance(FORMER_KEPT).await;
+        assert_eq!(
+            pods.addresses_of(8).await,
+            vec![ip("10.1.0.8"), ip("10.9.9.9")]
+        );
+        assert!(pods.addresses_of(1).await.is_empty(), "the node's own");
     }
 
     #[tokio::test(start_paused = true)]
