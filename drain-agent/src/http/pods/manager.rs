@@ -261,6 +261,7 @@ impl Manager {
         let (stop_listener, stopped) = watch::channel(false);
         let agent_stop = self.stop.clone();
         let limits = self.options.limits;
+        let metrics = Arc::clone(&self.state.metrics);
         if steered {
             info!(
                 "serving {addr} inside network namespace {inode} ({}) through sk_lookup (the port stays free for the pod)",
@@ -301,9 +302,16 @@ impl Manager {
                     () = reached(agent_stop, StopPhase::AnsweringRest) => {}
                 }
             };
-            if let Err(problem) =
-                server::serve_handing_over(listener, app, Ok, limits, stop_accepting, grace_over)
-                    .await
+            if let Err(problem) = server::serve_handing_over(
+                listener,
+                app,
+                Ok,
+                limits,
+                metrics,
+                stop_accepting,
+                grace_over,
+            )
+            .await
             {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
