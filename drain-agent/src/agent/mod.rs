@@ -330,6 +330,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 bind_only: args.pod_listen_bind,
                 socket_port: args.pod_socket_port,
                 handover: Arc::clone(&handover),
+                tasks: tasks.clone(),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,
                     ..args.server_limits()
