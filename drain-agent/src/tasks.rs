@@ -3,7 +3,8 @@
 //! systemd's watchdog script) restarts an agent that still serves but no longer wakes
 //! waiters or repairs counts.
 //!
-//! A layer around the router, not a change to `http`: the tasks belong to `agent`.
+//! A layer around the routers (the node listener's and every pod listener's, whose
+//! `/healthz` is the node's), not a change to the routes: the tasks belong to `agent`.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -19,7 +20,7 @@ use serde_json::json;
 use tokio::task::{AbortHandle, JoinHandle};
 
 /// Names and fates of the tasks that have ended (empty while all run).
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TaskWatch {
     ended: Arc<Mutex<Vec<String>>>,
 }

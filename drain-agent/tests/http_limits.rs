@@ -342,3 +342,38 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
     let agent = common::Agent::start(&[]);
     assert_ne!(agent.port, port);
 }
+
+/// Audit: `drain_agent_drain_requests_total{result="rejected"}` (README's metrics, and the
+/// shipped alert `DrainAgentWaitersRejected`) counted only the `--max-waiters` and
+/// per-owner 429s; a hook turned away by `--max-waiters-per-source` was answered 429 and
+/// counted nowhere, so the alert never fired for it.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_waiter_over_the_per_source_limit_is_counted_as_rejected() {
+    let test = "a_waiter_over_the_per_source_limit_is_counted_as_rejected";
+    if !kernel_available(test) {
+        return;
+    }
+    let agent = common::Agent::start(&["--max-waiters-per-source", "1"]);
+    // A port that does not drain: one client held open.
+    let server = common::Server::start("127.0.0.1:0");
+    let _client = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    server.wait_accepted(1);
+    let wait = format!("/drained?port={}&timeout=60s", server.port);
+    // The first waiter of 127.0.0.1 (root's, one source by address) is held.
+    let mut held = TcpStream::connect(("127.0.0.1", agent.port)).expect("connect");
+    write!(
+        held,
+        "GET {wait} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n",
+        agent.port
+    )
+    .expect("send");
+    agent.wait_for_waiters(1);
+    let rejected = "drain_agent_drain_requests_total{result=\"rejected\"}";
+    assert_eq!(agent.metric(rejected), Some(0.0));
+    let (status, body) = agent.try_get(&wait).expect("the second waiter is answered");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("--max-waiters-per-source"), "{body}");
+    assert_eq!(agent.metric(rejected), Some(1.0));
+    drop(held);
+}

@@ -330,6 +330,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 bind_only: args.pod_listen_bind,
                 socket_port: args.pod_socket_port,
                 handover: Arc::clone(&handover),
+                tasks: tasks.clone(),
                 limits: ServerLimits {
                     max_connections: args.pod_http_max_connections,
                     ..args.server_limits()
@@ -371,6 +372,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // The caller is identified before the server's `/drained` limits, which count it as
     // who it is (a user, a pod), not by its address; every answer names the instance, the
     // limits' 429s and identification's 401s too.
+    let metrics = Arc::clone(&state.metrics);
     let served = crate::http::server::serve_handing_over(
         listener,
         tasks.guard_healthz(router(state)),
@@ -384,6 +386,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             )
         },
         args.server_limits(),
+        metrics,
         reached(phases.clone(), StopPhase::HandingOver),
         reached(phases.clone(), StopPhase::AnsweringRest),
     )

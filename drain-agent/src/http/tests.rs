@@ -26,7 +26,8 @@ const LIMITS: WaitLimits = WaitLimits {
     own_port: Some(9100),
 };
 
-fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
+/// A test app over `endpoints` (also the pod listeners' router tests', `pods/manager.rs`).
+pub(super) fn app(endpoints: Vec<crate::tracker::Endpoint>) -> (Arc<FakeSource>, Arc<AppState>) {
     app_with(endpoints, None)
 }
 

@@ -46,7 +46,7 @@ impl Metrics {
         let drain_requests = IntCounterVec::new(
             Opts::new(
                 "drain_agent_drain_requests_total",
-                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (too many waiters), error.",
+                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (429: too many waiters, or every connection busy), error.",
             ),
             &["result"],
         )?;

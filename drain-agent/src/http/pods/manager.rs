@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Result;
-use axum::{Extension, middleware::from_fn_with_state};
+use axum::{Extension, Router, middleware::from_fn_with_state};
 use log::{debug, info, warn};
 use tokio::{sync::watch, task::JoinSet};
 
@@ -26,6 +26,7 @@ use crate::{
     http::{AppState, router},
     kernel::steer::SteerLink,
     sys::netns,
+    tasks::TaskWatch,
 };
 
 /// How long a steered listener keeps accepting after its steering was detached at the
@@ -254,13 +255,16 @@ impl Manager {
             );
             return;
         }
-        let mut app = router(Arc::clone(&self.state)).layer(Extension(PodScope { netns: inode }));
-        if !addr.ip().is_loopback() {
-            app = app.layer(from_fn_with_state(self.node.clone(), pod_or_node_root_only));
-        }
+        let app = pod_router(
+            Arc::clone(&self.state),
+            inode,
+            (!addr.ip().is_loopback()).then(|| self.node.clone()),
+            &self.options.tasks,
+        );
         let (stop_listener, stopped) = watch::channel(false);
         let agent_stop = self.stop.clone();
         let limits = self.options.limits;
+        let metrics = Arc::clone(&self.state.metrics);
         if steered {
             info!(
                 "serving {addr} inside network namespace {inode} ({}) through sk_lookup (the port stays free for the pod)",
@@ -301,9 +305,16 @@ impl Manager {
                     () = reached(agent_stop, StopPhase::AnsweringRest) => {}
                 }
             };
-            if let Err(problem) =
-                server::serve_handing_over(listener, app, Ok, limits, stop_accepting, grace_over)
-                    .await
+            if let Err(problem) = server::serve_handing_over(
+                listener,
+                app,
+                Ok,
+                limits,
+                metrics,
+                stop_accepting,
+                grace_over,
+            )
+            .await
             {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
@@ -322,6 +333,24 @@ impl Manager {
                 steered,
             },
         );
+    }
+}
+
+/// The routes of the listener in network namespace `netns`: the node's, confined to the
+/// namespace ([`PodScope`]), `/healthz` failing once one of the agent's watched `tasks`
+/// ended (as on the node listener: a pod's probe must not call an agent healthy whose
+/// event reader is gone), and, for a listener bound beyond loopback (`node` given),
+/// answered to the pod itself and root of the node only.
+fn pod_router(
+    state: Arc<AppState>,
+    netns: u32,
+    node: Option<NodeCallers>,
+    tasks: &TaskWatch,
+) -> Router {
+    let app = tasks.guard_healthz(router(state).layer(Extension(PodScope { netns })));
+    match node {
+        Some(node) => app.layer(from_fn_with_state(node, pod_or_node_root_only)),
+        None => app,
     }
 }
 
@@ -351,4 +380,65 @@ fn candidates(own: u32, prefix: Option<&str>) -> BTreeMap<u32, PathBuf> {
         }
     }
     named
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use axum::{body::Body, extract::ConnectInfo, http::Request, http::StatusCode};
+    use tower::ServiceExt as _;
+
+    use super::*;
+    use crate::http::{identify::SocketTables, pods::callers::NodeAddresses, tests::app};
+
+    /// `GET /healthz` on `app` from the pod itself (loopback): the status.
+    async fn healthz(app: Router) -> StatusCode {
+        let mut request = Request::get("/healthz")
+            .body(Body::empty())
+            .expect("request");
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        app.oneshot(request).await.expect("response").status()
+    }
+
+    /// Audit: `/healthz` on a pod listener is "as on the node" (README), but only the
+    /// node's router was guarded by the agent's watched tasks: once the event reader ended,
+    /// the node's `/healthz` answered 503 and every pod's still 200.
+    #[tokio::test]
+    async fn healthz_fails_on_a_pod_listener_once_a_watched_task_ended() {
+        let (_, state) = app(Vec::new());
+        let tasks = TaskWatch::default();
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        tasks.watch(
+            "event reader",
+            tokio::spawn(async move {
+                let _ = ended.await;
+            }),
+        );
+        let node = NodeCallers {
+            addresses: NodeAddresses::default(),
+            sockets: Arc::new(SocketTables),
+        };
+        // On loopback, and bound beyond it.
+        let routers = || {
+            [None, Some(node.clone())]
+                .map(|node| pod_router(Arc::clone(&state), 4_026_532_000, node, &tasks))
+        };
+        for app in routers() {
+            assert_eq!(healthz(app).await, StatusCode::OK);
+        }
+        end.send(()).expect("end the task");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.ended().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the task's end is noticed");
+        for app in routers() {
+            assert_eq!(healthz(app).await, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
 }

@@ -69,6 +69,7 @@ use crate::{
     metrics::Metrics,
     sys::netns,
     sys::netns_watch::NetnsWatch,
+    tasks::TaskWatch,
 };
 
 /// The `/proc` rescan period: namespaces of processes have no file event.
@@ -126,6 +127,9 @@ pub struct PodListenOptions {
     pub socket_port: u16,
     /// Binds the fallback's listeners so that the next agent shares them.
     pub handover: Arc<Handover>,
+    /// The agent's watched tasks: `/healthz` on every pod listener fails once one has
+    /// ended, as on the node listener.
+    pub tasks: TaskWatch,
 }
 
 /// Serves the API inside every pod namespace until the agent stops (`stop` reaches

@@ -20,7 +20,11 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{addr::canonical_addr, http::authority::Caller};
+use crate::{
+    addr::canonical_addr,
+    http::authority::Caller,
+    metrics::{DrainResult, Metrics},
+};
 
 /// What the server allows its clients; see the module documentation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,13 +132,18 @@ impl fmt::Display for Source {
 pub(super) struct SourceLimiter {
     max: usize,
     waiting: Arc<Mutex<HashMap<Source, usize>>>,
+    /// Where a `/drained` turned away here is counted `rejected`, as the handler counts the
+    /// `--max-waiters` and per-owner ones: the alert on that count must see every `429` a
+    /// hook gets.
+    metrics: Arc<Metrics>,
 }
 
 impl SourceLimiter {
-    pub(super) fn new(max: usize) -> Self {
+    pub(super) fn new(max: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             max,
             waiting: Arc::default(),
+            metrics,
         }
     }
 
@@ -194,6 +203,9 @@ pub(super) struct BeyondCap;
 ///   source with none in progress, go on; everything else is `429` with `Retry-After`, and
 ///   the connection closes after the answer (its place is for the next one);
 /// - at most `max` `/drained` requests in progress per [`Source`]; more get `429`.
+///
+/// Every `/drained` answered `429` here is counted [`DrainResult::Rejected`], as the
+/// handler counts its own `429`s; other routes' are not `/drained` answers.
 pub(super) async fn limit_waiters(
     State(limiter): State<SourceLimiter>,
     request: Request,
@@ -205,6 +217,11 @@ pub(super) async fn limit_waiters(
     if request.extensions().get::<BeyondCap>().is_some() {
         let first_of_its_source = waiter && source.is_some_and(|at| limiter.count(at) == 0);
         if path != "/healthz" && !first_of_its_source {
+            // Only a `/drained` is a drain request turned away; any other route's `429`
+            // here is its caller's to see (the metric counts `/drained` answers).
+            if waiter {
+                limiter.metrics.drain_request(DrainResult::Rejected, None);
+            }
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 [
@@ -222,6 +239,7 @@ pub(super) async fn limit_waiters(
         return next.run(request).await;
     };
     let Some(_permit) = limiter.try_acquire(source) else {
+        limiter.metrics.drain_request(DrainResult::Rejected, None);
         return (
             StatusCode::TOO_MANY_REQUESTS,
             Json(json!({

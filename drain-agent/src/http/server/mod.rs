@@ -75,7 +75,7 @@ use self::{
     limits::{BeyondCap, SourceLimiter, limit_waiters},
     slots::{Activity, Busy, Slots},
 };
-use crate::sys::fdlimit;
+use crate::{metrics::Metrics, sys::fdlimit};
 
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
@@ -105,14 +105,26 @@ pub struct LocalAddr(pub SocketAddr);
 /// Serves `app` on `listener` until `shutdown` resolves, then shuts down within
 /// `limits.shutdown_timeout`. Each request carries the peer address as
 /// `ConnectInfo<SocketAddr>` and the connection's local address as [`LocalAddr`]. Nothing
-/// runs before the server's limits: they count `/drained` requests by address.
+/// runs before the server's limits: they count `/drained` requests by address. A
+/// `/drained` the limits answer `429` is counted in `metrics` as
+/// [`DrainResult::Rejected`](crate::metrics::DrainResult::Rejected).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ServerLimits,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    serve_handing_over(listener, app, Ok, limits, shutdown, std::future::ready(())).await
+    serve_handing_over(
+        listener,
+        app,
+        Ok,
+        limits,
+        metrics,
+        shutdown,
+        std::future::ready(()),
+    )
+    .await
 }
 
 /// [`serve`] for a hand-over: once `stop_accepting` resolves the listener is closed (its
@@ -130,6 +142,7 @@ pub async fn serve_handing_over(
     app: Router,
     front: impl FnOnce(Router) -> Result<Router>,
     limits: ServerLimits,
+    metrics: Arc<Metrics>,
     stop_accepting: impl Future<Output = ()>,
     grace_over: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -140,7 +153,7 @@ pub async fn serve_handing_over(
     // One app for every connection: those beyond the cap are marked ([`BeyondCap`]) and
     // gated by the same middleware, after whatever `front` adds.
     let app = front(app.layer(from_fn_with_state(
-        SourceLimiter::new(limits.max_waiters_per_source),
+        SourceLimiter::new(limits.max_waiters_per_source, metrics),
         limit_waiters,
     )))?;
     let mut builder = http1::Builder::new();

@@ -21,10 +21,37 @@ use tokio::time::Instant;
 /// counts the requests that reached it), `/big` answers 256 KiB.
 struct TestServer {
     addr: SocketAddr,
+    /// Where the server counts the `/drained` requests its limits turn away.
+    metrics: Arc<Metrics>,
     entered: Arc<AtomicUsize>,
     release: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
+}
+
+/// The agent's metrics over a fake tracker: the server counts what its limits turn away.
+fn metrics() -> Arc<Metrics> {
+    let source = Arc::new(crate::tracker::fake::FakeSource::default());
+    let tracker = Arc::new(crate::tracker::Tracker::new(source, 8));
+    Arc::new(
+        Metrics::new(
+            tracker,
+            None,
+            crate::metrics::ConnectionLabels::Port,
+            "test",
+            false,
+        )
+        .expect("metrics"),
+    )
+}
+
+/// `drain_agent_drain_requests_total{result="rejected"}` in `metrics`.
+fn rejected(metrics: &Metrics) -> String {
+    let text = metrics.render().expect("render");
+    text.lines()
+        .find(|line| line.starts_with("drain_agent_drain_requests_total{result=\"rejected\"}"))
+        .expect("the rejected series is exported")
+        .to_owned()
 }
 
 fn limits() -> ServerLimits {
@@ -111,11 +138,13 @@ async fn start_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
+    let metrics = metrics();
     let task = tokio::spawn(serve_handing_over(
         listener,
         app,
         front,
         limits,
+        Arc::clone(&metrics),
         async move {
             let _ = stopped.await;
         },
@@ -123,6 +152,7 @@ async fn start_with(
     ));
     TestServer {
         addr,
+        metrics,
         entered,
         release,
         stop: Some(stop),
@@ -314,6 +344,47 @@ async fn connections_with_requests_in_progress_are_not_evicted() {
         stream.read_exact(&mut head).await.expect("answer");
         assert_eq!(&head, b"HTTP/1.1 200");
     }
+    server.stop().await;
+}
+
+/// Audit: the `/drained` requests the server's own limits turn away were answered `429` and
+/// counted nowhere, so `drain_agent_drain_requests_total{result="rejected"}` (and the
+/// alert on it) missed them. Over `--max-waiters-per-source`: counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_over_the_per_source_limit_is_counted_as_rejected() {
+    let server = start(ServerLimits {
+        max_waiters_per_source: 1,
+        ..limits()
+    })
+    .await;
+    let waiters = waiters(&server, 1).await;
+    assert!(rejected(&server.metrics).ends_with(" 0"));
+    let answer = request(server.addr, "/drained").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(rejected(&server.metrics).ends_with(" 1"));
+    server.release.notify_waiters();
+    drop(waiters);
+    server.stop().await;
+}
+
+/// Beyond the cap, a `/drained` of a source with one in progress is turned away and counted
+/// `rejected`; another route turned away there is no `/drained` answer and is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_turned_away_beyond_the_cap_is_counted_as_rejected() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        ..limits()
+    })
+    .await;
+    let waiters = waiters(&server, 2).await;
+    let answer = request(server.addr, "/big").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(rejected(&server.metrics).ends_with(" 0"));
+    let answer = request(server.addr, "/drained").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(rejected(&server.metrics).ends_with(" 1"));
+    server.release.notify_waiters();
+    drop(waiters);
     server.stop().await;
 }
 
@@ -747,6 +818,7 @@ async fn a_hand_over_keeps_answers_in_progress_for_the_grace() {
         app,
         Ok,
         limits,
+        metrics(),
         async move {
             let _ = stopped.await;
         },
