@@ -868,21 +868,78 @@ async fn a_local_user_cannot_tell_which_namespaces_exist() {
         "/proc/1/ns/mnt",
         "/root",
     ];
-    let user = Caller::LocalUser { uid: Some(1000) };
-    for (method, route) in [
-        ("GET", "/drained?port=8080&timeout=0"),
-        ("POST", "/drain?port=8080&timeout=1m"),
-        ("GET", "/connections?port=8080"),
-    ] {
+    // A parameter refused after `netns` was resolved answered for an existing namespace
+    // only ("timeout: …"); a missing one was refused first: every other parameter is
+    // checked before the namespace is looked up.
+    let (user, pod) = (
+        Caller::LocalUser { uid: Some(1000) },
+        Caller::Pod { netns: 7 },
+    );
+    for (caller, method, route, status) in [
+        (
+            user,
+            "GET",
+            "/drained?port=8080&timeout=0",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            user,
+            "POST",
+            "/drain?port=8080&timeout=1m",
+            StatusCode::FORBIDDEN,
+        ),
+        (user, "GET", "/connections?port=8080", StatusCode::FORBIDDEN),
+        (
+            pod,
+            "GET",
+            "/drained?port=8080&timeout=0",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            pod,
+            "POST",
+            "/drain?port=8080&timeout=1m",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            pod,
+            "GET",
+            "/connections?port=8080",
+            StatusCode::BAD_REQUEST,
+        ),
+        (pod, "DELETE", "/drain?port=8080", StatusCode::BAD_REQUEST),
+    ]
+    .into_iter()
+    .chain([user, pod].into_iter().flat_map(|caller| {
+        [
+            ("GET", "/drained?port=8080&timeout=bogus"),
+            ("GET", "/drained?port=8080&timeout=0&quiet=bogus"),
+            ("GET", "/drained?port=8080&timeout=1m&quiet=2m"),
+            ("GET", "/drained?port=8080&timeout=0&ignore=nope"),
+            ("GET", "/drained?port=8080&timeout=0&idle=bogus"),
+            ("GET", "/drained?port=8080&timeout=0&on_timeout=maybe"),
+            ("GET", "/drained?port=8080&timeout=0&pace=x"),
+            ("GET", "/drained?port=8080&timeout=0&peers=x"),
+            ("POST", "/drain?port=8080&timeout=1m&pace=x"),
+            ("GET", "/connections?port=8080&peers=x"),
+        ]
+        .map(|(method, route)| (caller, method, route, StatusCode::BAD_REQUEST))
+    })) {
         let mut answers = Vec::new();
         for netns in asked {
             let uri = format!("{route}&netns={netns}");
-            answers.push(request_as(&state, user, method, &uri).await);
+            answers.push(request_as(&state, caller, method, &uri).await);
         }
-        let (status, body) = &answers[0];
-        assert_eq!(*status, StatusCode::FORBIDDEN, "{method} {route}: {body}");
+        let (answer_status, body) = &answers[0];
+        assert_eq!(
+            *answer_status, status,
+            "{caller:?} {method} {route}: {body}"
+        );
         for (netns, answer) in asked.iter().zip(&answers) {
-            assert_eq!(answer, &answers[0], "{method} {route}&netns={netns}");
+            assert_eq!(
+                answer, &answers[0],
+                "{caller:?} {method} {route}&netns={netns}"
+            );
         }
     }
     // The node is told precisely.
