@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
-    addr::canonical_addr,
+    addr::{connection_addr, no_connection_message},
     drain::{DrainSpec, Given},
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
@@ -433,11 +433,14 @@ pub fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
+/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does; one no
+/// connection can have (`0.0.0.0`, `::`, multicast, broadcast) is refused.
 pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
-    text.parse::<IpAddr>()
-        .map(canonical_addr)
-        .map_err(|_| format!("addr: {text:?} is not an IP address"))
+    let addr = text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("addr: {text:?} is not an IP address"))?;
+    connection_addr(addr)
+        .map_err(|why| format!("addr: {}", no_connection_message("addr", addr, why)))
 }
 
 /// `netns` is an inode number of a network namespace that exists, or the path of one in
