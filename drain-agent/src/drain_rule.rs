@@ -61,7 +61,6 @@ impl FromStr for Cidr {
         };
         let network = addr
             .parse::<IpAddr>()
-            .map(canonical_addr)
             .map_err(|_| format!("{text:?} is not an address or network (e.g. 10.0.0.0/8)"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -72,7 +71,21 @@ impl FromStr for Cidr {
                 .filter(|prefix| *prefix <= max)
                 .ok_or_else(|| format!("{text:?}: the prefix length must be 0-{max}"))?,
         };
-        Ok(Self { network, prefix })
+        // An IPv4-mapped network (`::ffff:a.b.c.d/N`, as `ss` shows the clients of a
+        // dual-stack listener) is the IPv4 network of its last 32 bits, the way connections
+        // are compared (folded to IPv4); its prefix counts the 96 bits of `::ffff:` too.
+        match canonical_addr(network) {
+            IpAddr::V4(v4) if network.is_ipv6() => match prefix.checked_sub(96) {
+                Some(prefix) => Ok(Self {
+                    network: IpAddr::V4(v4),
+                    prefix,
+                }),
+                None => Err(format!(
+                    "{text:?}: an IPv4-mapped network (::ffff:a.b.c.d) needs a prefix length of 96-128, the 96 bits of ::ffff: and then the IPv4 network's; a shorter one would take in addresses that are not IPv4-mapped (write the IPv4 network itself, e.g. 10.1.0.0/16 for ::ffff:10.1.0.0/112)"
+                )),
+            },
+            network => Ok(Self { network, prefix }),
+        }
     }
 }
 
@@ -412,5 +425,27 @@ mod tests {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
         assert_eq!(net.to_string(), "192.168.4.0/22");
+        // Probe sources as `ss` shows them on a dual-stack listener: an IPv4-mapped network
+        // is the IPv4 network of its last 32 bits (prefix - 96). It was folded to IPv4
+        // before its prefix was read: /112 was refused ("must be 0-32"), and /24 was read
+        // as the IPv4 /24.
+        let mapped: Cidr = "::ffff:10.1.0.0/112".parse().expect("mapped cidr");
+        assert!(mapped.contains("10.1.9.9".parse().expect("ip")));
+        assert!(mapped.contains("::ffff:10.1.9.9".parse().expect("ip")));
+        assert!(!mapped.contains("10.2.0.1".parse().expect("ip")));
+        assert_eq!(mapped.to_string(), "10.1.0.0/16");
+        let one: Cidr = "::ffff:10.1.2.3".parse().expect("mapped address");
+        assert_eq!(one.to_string(), "10.1.2.3/32");
+        let every: Cidr = "::ffff:0.0.0.0/96".parse().expect("every mapped address");
+        assert!(every.contains("8.8.8.8".parse().expect("ip")));
+        for short in [
+            "::ffff:10.1.2.3/24",
+            "::ffff:0.0.0.0/95",
+            "::ffff:10.0.0.0/0",
+        ] {
+            let problem = short.parse::<Cidr>().expect_err(short);
+            assert!(problem.contains("96-128"), "{short}: {problem}");
+        }
+        assert!("::ffff:10.0.0.0/129".parse::<Cidr>().is_err());
     }
 }

@@ -382,8 +382,9 @@ pub struct WaitArgs {
     pub port: u16,
 
     /// Only connections to this local address (a pod's IP; in a pod spec, set
-    /// DRAIN_AGENT_ADDR from `status.podIP` and the hook needs no shell).
-    #[arg(long, env = "DRAIN_AGENT_ADDR")]
+    /// DRAIN_AGENT_ADDR from `status.podIP` and the hook needs no shell). Not 0.0.0.0, ::,
+    /// multicast or broadcast, which no connection has: leave it out for every address.
+    #[arg(long, env = "DRAIN_AGENT_ADDR", value_parser = wait_addr)]
     pub addr: Option<std::net::IpAddr>,
 
     /// Only this network namespace: an inode number or a path such as /proc/PID/ns/net.
@@ -494,6 +495,17 @@ fn ignore_list(text: &str) -> Result<String, String> {
     crate::drain_rule::parse_cidrs(text).map(|_| text.to_owned())
 }
 
+/// `wait --addr`: refused as the agent refuses its `addr=` (one no connection can have),
+/// and sent as given.
+fn wait_addr(text: &str) -> Result<std::net::IpAddr, String> {
+    let addr = text
+        .parse::<std::net::IpAddr>()
+        .map_err(|_| format!("{text:?} is not an IP address"))?;
+    crate::addr::connection_addr(addr)
+        .map(|_| addr)
+        .map_err(|why| crate::addr::no_connection_message("--addr", addr, why))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +534,34 @@ mod tests {
         assert!(
             help.contains(&format!("At most {MAX_IGNORE} sources")),
             "{help}"
+        );
+    }
+
+    /// `wait --addr` is checked with the agent's own rule: an address no connection can
+    /// have (which the agent refuses) is said before any request is sent.
+    #[test]
+    fn wait_addr_is_checked_like_the_agent_does() {
+        let wait = |addr: &str| {
+            Cli::try_parse_from(["drain-agent", "wait", "--port", "8080", "--addr", addr])
+        };
+        for good in ["10.1.0.7", "fd00::7", "::ffff:10.1.0.7"] {
+            assert!(wait(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "ff02::1",
+            "nope",
+        ] {
+            let problem = wait(bad).expect_err(bad).to_string();
+            assert!(problem.contains("--addr"), "{bad}: {problem}");
+        }
+        let problem = wait("0.0.0.0").expect_err("unspecified").to_string();
+        assert!(
+            problem.contains("not an address a connection can have"),
+            "{problem}"
         );
     }
 

@@ -24,7 +24,8 @@
 //!
 //! A request is one line, `\r` or `\n` ended (or ended by the connection's end of input):
 //! optional blanks, a decimal port `1..=65535` (digits only), optionally blanks and one IPv4
-//! or IPv6 address, optional blanks. Why a bad
+//! or IPv6 address a connection can have (not `0.0.0.0`, `::`, multicast or broadcast),
+//! optional blanks. Why a bad
 //! request answers neither `ready` nor `drain`: `drain` would take a server out because of
 //! a typo in `agent-send`, and `ready` would put back a server that something else (this
 //! agent before a restart, or an operator) set to DRAIN or MAINT — HAProxy keeps one forced
@@ -73,7 +74,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{drain::PortGate, http::server::Acceptor};
+use crate::{addr::connection_addr, drain::PortGate, http::server::Acceptor};
 
 /// The longest request line read, line end included; a longer one is invalid.
 pub const MAX_REQUEST: usize = 64;
@@ -129,7 +130,8 @@ impl Reply {
 /// The scope a request names: the bytes before the first `\r` or `\n` (all of them if
 /// there is none), blanks around, then 1 to 5 ASCII digits making `1..=65535`, optionally
 /// followed by blanks and one IPv4 or IPv6 address (`agent-send "8080 10.0.3.7\n"`: that
-/// pod's port).
+/// pod's port) that a connection can have (not `0.0.0.0`, `::`, multicast or broadcast:
+/// `/health`'s `addr=` refuses the same).
 pub fn parse_request(request: &[u8]) -> Option<(u16, Option<IpAddr>)> {
     let line = request
         .split(|byte| *byte == b'\r' || *byte == b'\n')
@@ -145,7 +147,11 @@ pub fn parse_request(request: &[u8]) -> Option<(u16, Option<IpAddr>)> {
     let port: u16 = port.parse().ok()?;
     let addr = match addr {
         None => None,
-        Some(text) => Some(text.parse::<IpAddr>().ok()?),
+        Some(text) => Some(
+            text.parse::<IpAddr>()
+                .ok()
+                .filter(|addr| connection_addr(*addr).is_ok())?,
+        ),
     };
     (port != 0).then_some((port, addr))
 }
@@ -502,6 +508,12 @@ mod tests {
                 b"8080\tfd00::7\n",
                 Some((8080, Some("fd00::7".parse().unwrap()))),
             ),
+            // No connection has these as its local address (as /health's addr=).
+            (b"8080 0.0.0.0\n", None),
+            (b"8080 ::\n", None),
+            (b"8080 224.0.0.1\n", None),
+            (b"8080 255.255.255.255\n", None),
+            (b"8080 ff02::1\n", None),
             (b"8080 10.0.3.7 x\n", None),
             (b"8080 10.0.3\n", None),
             (b"", None),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{
-    addr::canonical_addr,
+    addr::{connection_addr, no_connection_message},
     drain::{DrainSpec, Given},
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
@@ -281,19 +281,30 @@ pub fn parse_query(
     Ok(values)
 }
 
-/// The optional `addr` and `netns` of a query.
+/// The optional `addr` and `netns` of a query; `netns` still to be looked up.
 pub fn parse_scope(
     values: &BTreeMap<String, String>,
-) -> Result<(Option<IpAddr>, Option<u32>), ApiError> {
+) -> Result<(Option<IpAddr>, Netns<'_>), ApiError> {
     let addr = values
         .get("addr")
         .map(|text| parse_addr(text))
         .transpose()?;
-    let netns = values
-        .get("netns")
-        .map(|text| parse_netns(text))
-        .transpose()?;
-    Ok((addr, netns))
+    Ok((addr, Netns(values.get("netns").map(String::as_str))))
+}
+
+/// The `netns=` of a query, not looked up yet. Looking it up tells whether a namespace (or
+/// namespace file) exists, which a caller confined to one namespace may not learn
+/// (SECURITY.md): its answer is the same for every namespace but its own only if nothing
+/// else can refuse the request after the lookup. So every parser [`Netns::resolve`]s it
+/// last, once every other parameter is known good.
+#[must_use = "resolve it, last"]
+pub struct Netns<'a>(Option<&'a str>);
+
+impl Netns<'_> {
+    /// The inode of the namespace named, if one was: the last step of a parse.
+    pub fn resolve(self) -> Result<Option<u32>, ApiError> {
+        self.0.map(parse_netns).transpose()
+    }
 }
 
 /// Parses the query of `/drained`. Every error names the parameter and what was wrong.
@@ -364,6 +375,7 @@ pub fn parse_drain_request(
             .map_err(|_| format!("pace: {text:?} is not a number of closings per second"))?,
     };
     let peers = parse_peers_flag(&values)?;
+    let netns = netns.resolve()?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
@@ -410,6 +422,7 @@ pub fn parse_scope_request(query: Option<&str>, limits: WaitLimits) -> Result<Fi
         )));
     }
     let (addr, netns) = parse_scope(&values)?;
+    let netns = netns.resolve()?;
     Ok(Filter { port, addr, netns })
 }
 
@@ -420,11 +433,14 @@ pub fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does.
+/// A local address, IPv4-mapped IPv6 folded to IPv4 as the kernel side does; one no
+/// connection can have (`0.0.0.0`, `::`, multicast, broadcast) is refused.
 pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
-    text.parse::<IpAddr>()
-        .map(canonical_addr)
-        .map_err(|_| format!("addr: {text:?} is not an IP address"))
+    let addr = text
+        .parse::<IpAddr>()
+        .map_err(|_| format!("addr: {text:?} is not an IP address"))?;
+    connection_addr(addr)
+        .map_err(|why| format!("addr: {}", no_connection_message("addr", addr, why)))
 }
 
 /// `netns` is an inode number of a network namespace that exists, or the path of one in

@@ -74,6 +74,7 @@ impl Params for ConnectionsQuery {
             .transpose()?;
         let (addr, netns) = parse_scope(&values)?;
         let peers = parse_peers_flag(&values)?;
+        let netns = netns.resolve()?;
         let scope = Filter {
             port: port.unwrap_or(0),
             addr,

@@ -546,6 +546,59 @@ async fn bad_input_is_400_naming_the_parameter() {
     assert_eq!(body["active"], 1);
 }
 
+/// `addr=0.0.0.0` (or `::`, a multicast or the broadcast address) names no connection's
+/// local address: the count at it is always 0, so `/drained` answered 200 drained at once
+/// with clients connected, and a drain with `on_timeout=close` closed nothing. Such an
+/// address is refused wherever `addr=` is taken, naming the parameter.
+#[tokio::test]
+async fn an_address_no_connection_can_have_is_refused() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 2)]);
+    let addrs = [
+        "0.0.0.0",
+        "::",
+        "::ffff:0.0.0.0",
+        "224.0.0.1",
+        "239.255.255.250",
+        "::ffff:224.0.0.1",
+        "255.255.255.255",
+        "ff02::1",
+    ];
+    for addr in addrs {
+        for caller in [Caller::Node, Caller::Pod { netns: 7 }] {
+            for (method, route) in [
+                ("GET", "/drained?port=8080&timeout=0"),
+                ("GET", "/drained?port=8080&timeout=1m&on_timeout=close"),
+                ("POST", "/drain?port=8080&timeout=1m&on_timeout=close"),
+                ("DELETE", "/drain?port=8080"),
+                ("GET", "/connections?port=8080"),
+                ("GET", "/health?port=8080"),
+            ] {
+                let uri = format!("{route}&addr={addr}");
+                refused(
+                    request_as(&state, caller, method, &uri).await,
+                    StatusCode::BAD_REQUEST,
+                    "is not an address a connection can have",
+                );
+            }
+        }
+        let (_, body) = get(&state, &format!("/drained?port=8080&addr={addr}&timeout=0")).await;
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.starts_with("addr: "), "{message}");
+        assert!(message.contains("leave addr out"), "{message}");
+    }
+    // The folded spelling is named as the agent compares it.
+    refused(
+        get(&state, "/drained?port=8080&addr=::ffff:0.0.0.0&timeout=0").await,
+        StatusCode::BAD_REQUEST,
+        "addr: 0.0.0.0 is not",
+    );
+    // Nothing was started, and the connections are still counted.
+    let (status, body) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["active"], 2);
+    assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn unknown_paths_are_404_and_health_is_200() {
     let (source, state) = app(vec![]);
@@ -869,21 +922,78 @@ async fn a_local_user_cannot_tell_which_namespaces_exist() {
         "/proc/1/ns/mnt",
         "/root",
     ];
-    let user = Caller::LocalUser { uid: Some(1000) };
-    for (method, route) in [
-        ("GET", "/drained?port=8080&timeout=0"),
-        ("POST", "/drain?port=8080&timeout=1m"),
-        ("GET", "/connections?port=8080"),
-    ] {
+    // A parameter refused after `netns` was resolved answered for an existing namespace
+    // only ("timeout: …"); a missing one was refused first: every other parameter is
+    // checked before the namespace is looked up.
+    let (user, pod) = (
+        Caller::LocalUser { uid: Some(1000) },
+        Caller::Pod { netns: 7 },
+    );
+    for (caller, method, route, status) in [
+        (
+            user,
+            "GET",
+            "/drained?port=8080&timeout=0",
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            user,
+            "POST",
+            "/drain?port=8080&timeout=1m",
+            StatusCode::FORBIDDEN,
+        ),
+        (user, "GET", "/connections?port=8080", StatusCode::FORBIDDEN),
+        (
+            pod,
+            "GET",
+            "/drained?port=8080&timeout=0",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            pod,
+            "POST",
+            "/drain?port=8080&timeout=1m",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            pod,
+            "GET",
+            "/connections?port=8080",
+            StatusCode::BAD_REQUEST,
+        ),
+        (pod, "DELETE", "/drain?port=8080", StatusCode::BAD_REQUEST),
+    ]
+    .into_iter()
+    .chain([user, pod].into_iter().flat_map(|caller| {
+        [
+            ("GET", "/drained?port=8080&timeout=bogus"),
+            ("GET", "/drained?port=8080&timeout=0&quiet=bogus"),
+            ("GET", "/drained?port=8080&timeout=1m&quiet=2m"),
+            ("GET", "/drained?port=8080&timeout=0&ignore=nope"),
+            ("GET", "/drained?port=8080&timeout=0&idle=bogus"),
+            ("GET", "/drained?port=8080&timeout=0&on_timeout=maybe"),
+            ("GET", "/drained?port=8080&timeout=0&pace=x"),
+            ("GET", "/drained?port=8080&timeout=0&peers=x"),
+            ("POST", "/drain?port=8080&timeout=1m&pace=x"),
+            ("GET", "/connections?port=8080&peers=x"),
+        ]
+        .map(|(method, route)| (caller, method, route, StatusCode::BAD_REQUEST))
+    })) {
         let mut answers = Vec::new();
         for netns in asked {
             let uri = format!("{route}&netns={netns}");
-            answers.push(request_as(&state, user, method, &uri).await);
+            answers.push(request_as(&state, caller, method, &uri).await);
         }
-        let (status, body) = &answers[0];
-        assert_eq!(*status, StatusCode::FORBIDDEN, "{method} {route}: {body}");
+        let (answer_status, body) = &answers[0];
+        assert_eq!(
+            *answer_status, status,
+            "{caller:?} {method} {route}: {body}"
+        );
         for (netns, answer) in asked.iter().zip(&answers) {
-            assert_eq!(answer, &answers[0], "{method} {route}&netns={netns}");
+            assert_eq!(
+                answer, &answers[0],
+                "{caller:?} {method} {route}&netns={netns}"
+            );
         }
     }
     // The node is told precisely.
