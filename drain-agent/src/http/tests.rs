@@ -1197,6 +1197,93 @@ async fn a_pod_parking_waiters_never_fills_the_nodes_waiter_limit() {
     }
 }
 
+/// Audit (a refused waiter left a phantom drain): a `/drained` refused with `429` had
+/// joined its scope's drain before asking for its waiter's place, so it started one, and
+/// dropping its membership ended it `abandoned`: a record in `/drains` and the journal, a
+/// log line, `drains_total{result="abandoned"}`, and the scope's `/health` gated for that
+/// instant. A waiter now takes its place first: past either limit (its owner's, the
+/// node's) the `429` changes nothing.
+#[tokio::test]
+async fn a_waiter_refused_429_starts_no_drain() {
+    // The node allows 8 waiters at once, one owner 3.
+    let (_, state) = app_made(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |tracker| tracker.with_waiters_per_owner(3),
+        |drains| drains,
+    );
+    let pod = Caller::Pod { netns: 7 };
+    // Parks a waiter of `caller` on its busy port 8080 (pod 7's, or the node's scope).
+    let park = |caller: Caller, parked: &mut Vec<tokio::task::JoinHandle<_>>| {
+        let state = Arc::clone(&state);
+        let before = state.tracker.waiters();
+        let waiter = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { request_as(&state, caller, "GET", "/drained?port=8080&timeout=5m").await }
+        });
+        parked.push(waiter);
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while state.tracker.waiters() == before {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("parked");
+        }
+    };
+    let no_record_of = |port: u16| {
+        let state = Arc::clone(&state);
+        async move {
+            let (status, drains) = get(&state, "/drains").await;
+            assert_eq!(status, StatusCode::OK, "{drains}");
+            for list in ["in_progress", "recent"] {
+                let records = drains[list].as_array().expect("a list");
+                assert!(
+                    records.iter().all(|record| record["port"] != port),
+                    "a drain of port {port} in {list}: {drains}"
+                );
+            }
+        }
+    };
+    let mut parked = Vec::new();
+    for _ in 0..3 {
+        park(pod, &mut parked).await;
+    }
+    // Past its owner's share.
+    refused(
+        request_as(&state, pod, "GET", "/drained?port=8081&timeout=1m").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "network namespace 7 has 3 /drained requests waiting, the per-owner limit",
+    );
+    no_record_of(8081).await;
+    // Past the node's limit (the node has no share: only `--max-waiters`).
+    for _ in 0..5 {
+        park(Caller::Node, &mut parked).await;
+    }
+    refused(
+        request_as(&state, Caller::Node, "GET", "/drained?port=8082&timeout=1m").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "8 requests are waiting already (--max-waiters)",
+    );
+    no_record_of(8082).await;
+    let metrics = state.metrics.render().expect("metrics");
+    assert!(
+        metrics.contains("drain_agent_drains_total{result=\"abandoned\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("port=\"8081\"") && !metrics.contains("port=\"8082\""),
+        "{metrics}"
+    );
+    for waiter in parked {
+        waiter.abort();
+    }
+}
+
 /// Every answer names the agent that gave it (`drain-agent probe` tells two agents on one
 /// address apart by it): `/healthz` healthy or not, and a 404.
 #[tokio::test]
