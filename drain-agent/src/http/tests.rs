@@ -1573,3 +1573,74 @@ async fn an_unreadable_state_file_gates_every_port_and_is_said_in_the_metrics() 
         newer
     );
 }
+
+/// Audit (authorization schemes): an `Authorization` header that was not exactly
+/// `Bearer …` was taken as an empty bearer token, `401` on every endpoint, so Prometheus
+/// scraping `/metrics` with `basic_auth` (or behind a proxy that adds it) was refused, and
+/// `bearer TOKEN` (schemes are case-insensitive, RFC 7235) was refused too. Another scheme
+/// is now no token at all (the caller is told as without the header); `bearer` in any case
+/// is a bearer token.
+#[tokio::test]
+async fn another_authorization_scheme_is_no_token_and_bearer_is_any_case() {
+    use crate::http::identify::{ClientSockets, Identify, Tokens, identify};
+
+    /// The caller is not on the node.
+    struct NotOnTheNode;
+    impl ClientSockets for NotOnTheNode {
+        fn owner_of(
+            &self,
+            _: std::net::SocketAddr,
+            _: std::net::SocketAddr,
+        ) -> anyhow::Result<Option<u32>> {
+            Ok(None)
+        }
+    }
+
+    let (_, state) = app(vec![endpoint("10.0.0.1", 8080, 1)]);
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "0123456789abcdef-ops\n").expect("write");
+    let who = Identify {
+        authority: Arc::clone(&state.authority),
+        sockets: Arc::new(NotOnTheNode),
+        tokens: Some(Arc::new(Tokens::read(&file).expect("tokens"))),
+    };
+    let app = router(state).layer(axum::middleware::from_fn_with_state(who, identify));
+    let call = |uri: &'static str, authorization: Option<String>| {
+        let app = app.clone();
+        async move {
+            let mut request = axum::http::Request::get(uri);
+            if let Some(value) = authorization {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+            let request = request
+                .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                    [203, 0, 113, 5],
+                    40_000,
+                ))))
+                .body(Body::empty())
+                .expect("request");
+            let response = app.oneshot(request).await.expect("answer");
+            (response.status(), body_of(response).await)
+        }
+    };
+    let basic = || Some("Basic cHJvbWV0aGV1czpzZWNyZXQ=".to_owned());
+    // A scraper with basic auth is a remote caller, as without the header.
+    for uri in ["/metrics", "/healthz", "/health?port=8080"] {
+        let (status, body) = call(uri, basic()).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+    }
+    let (status, body) = call("/drains", basic()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // A listed token is the node's, whatever the scheme's case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let value = format!("{scheme} 0123456789abcdef-ops");
+        let (status, body) = call("/drains", Some(value.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{value}: {body}");
+    }
+    // A bearer token that is not listed (or none after the scheme) is still `401`.
+    for value in ["bearer 0123456789abcdef-opz", "Bearer ", "bearer"] {
+        let (status, body) = call("/metrics", Some(value.to_owned())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{value}: {body}");
+    }
+}
