@@ -296,10 +296,11 @@ pub struct RunArgs {
     pub close_method: CloseArg,
 
     /// Bearer tokens (one per line, at least 16 characters; `#` comments) that give a caller
-    /// the node's authority on any listener: the only way for callers that are neither this
-    /// node nor a pod on it to do more than read /metrics, /healthz and /health. Send it as
-    /// `Authorization: Bearer TOKEN` (`drain-agent wait` sends the one in its `--token-file`,
-    /// $DRAIN_AGENT_TOKEN_FILE). See SECURITY.md.
+    /// the node's authority on the node listener (a pod listener does not read them): the
+    /// only way for callers that are neither this node nor a pod on it to do more than read
+    /// /metrics, /healthz and /health. Send it as `Authorization: Bearer TOKEN`
+    /// (`drain-agent wait` sends the one in its `--token-file`, $DRAIN_AGENT_TOKEN_FILE);
+    /// another scheme (a scraper's basic auth) is not read. See SECURITY.md.
     #[arg(long, env = "DRAIN_AGENT_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<std::path::PathBuf>,
 

@@ -106,20 +106,30 @@ impl Ask {
             // A drain this waiter joins or starts: the one a gone agent was asked for, if any.
             drains.catch_up().await;
         }
+        // The waiter's place first, then its drain: a waiter refused (`429`: its owner's
+        // share or `--max-waiters` full) has started and joined nothing. Joined first, it
+        // started the scope's drain, and its membership's drop ended that `abandoned` at
+        // once: a record in `/drains` and the journal, a log line, the drain metrics and the
+        // scope's `/health` gated for that instant, for a request refused for overload.
+        // Neither step depends on the other: the place is the same (`self.share`) whatever
+        // the join finds, and the join awaits nothing (the place counts from the join on)
+        // except a scope's drain that is ending, which this request does wait for. Given
+        // back once the wait is over, before the listing, as before.
+        let slot = tracker.admit(self.share)?;
         let (membership, unrecorded) = match self.member(drains).await? {
             Joined::Drain(membership) => (Some(membership), None),
             Joined::Unrecorded(why) => (None, why),
         };
         let (mut outcome, closed) = match &membership {
-            Some(membership) => await_drain(tracker, &self.spec, self.share, membership).await?,
+            Some(membership) => await_drain(tracker, &self.spec, membership).await?,
             None => {
-                let _slot = tracker.admit(self.share)?;
                 let outcome = tracker
                     .wait_for_drain(&self.spec.filter, self.spec.timeout, &self.spec.rule)
                     .await?;
                 (outcome, None)
             }
         };
+        drop(slot);
         if self.peers && outcome.peers.is_empty() {
             // A pure query asked for the list (a waiter's answer has it already).
             tracker
@@ -176,10 +186,8 @@ enum Joined {
 async fn await_drain(
     tracker: &Tracker,
     spec: &DrainSpec,
-    share: Option<Owner>,
     membership: &Membership,
 ) -> Result<(DrainOutcome, Option<u64>), WaitError> {
-    let _slot = tracker.admit(share)?;
     let started = tokio::time::Instant::now();
     let own_deadline = started + spec.timeout;
     // Of the drain's deadline: the drain's own may change while this waiter waits (a drain

@@ -1,8 +1,10 @@
 //! Who is calling on the node listener: the middleware that gives each request its
 //! [`Caller`] (the rules are in `authority.rs`; SECURITY.md says why each).
 //!
-//! 1. `Authorization: Bearer T` with a token from `--auth-token-file`: [`Caller::Node`]. A
-//!    wrong token is `401`, whatever else the caller is.
+//! 1. `Authorization: Bearer T` (the scheme in any case) with a token from
+//!    `--auth-token-file`: [`Caller::Node`]. A wrong token is `401`, whatever else the
+//!    caller is. Another scheme (a scraper's `Basic`) is no token: the caller is told as
+//!    below.
 //! 2. The caller's own socket in this network namespace's tables (the client end of this
 //!    very connection: local address = the request's peer, remote = the listener's
 //!    address): a process on the node. Root's is [`Caller::Node`], another user's
@@ -211,13 +213,11 @@ pub async fn identify(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let bearer = request.headers().get(AUTHORIZATION).map(|value| {
-        value
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .unwrap_or_default()
-            .to_vec()
-    });
+    let bearer = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| bearer_token(value.as_bytes()))
+        .map(<[u8]>::to_vec);
     let Some(ConnectInfo(peer)) = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -237,6 +237,27 @@ pub async fn identify(
             next.run(request).await
         }
         Err(problem) => problem.into_response(),
+    }
+}
+
+/// The token of an `Authorization` header whose scheme is `Bearer`, in any case (RFC 7235:
+/// schemes are case-insensitive), after one or more spaces; empty when none follows (a
+/// bearer token that is not one the agent accepts). `None` for another scheme: a scraper's
+/// `Basic` credentials, or a proxy's, are not meant for this agent, and their caller is
+/// told as if it had sent no `Authorization` (sending none is always open to it, so nothing
+/// is gained by it). Before, any header not exactly `Bearer …` was an empty token: `401` on
+/// every endpoint, `/metrics` and `/healthz` too.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"Bearer";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    match rest.first() {
+        None => Some(rest),
+        Some(b' ') => Some(rest.trim_ascii_start()),
+        // Another scheme that starts with these letters (`Bearerish …`).
+        Some(_) => None,
     }
 }
 
@@ -360,6 +381,27 @@ mod tests {
                 .await,
             Err(ApiError::Unauthorized(_))
         ));
+    }
+
+    /// The scheme in any case, then the token; another scheme is no bearer token at all
+    /// (the caller is told as without the header); `Bearer` with nothing after it is an
+    /// empty one (`401`). Before, all but `Bearer …` exactly were empty tokens.
+    #[test]
+    fn only_the_bearer_scheme_in_any_case_carries_a_token() {
+        for (value, token) in [
+            (&b"Bearer tok"[..], Some(&b"tok"[..])),
+            (b"bearer tok", Some(b"tok")),
+            (b"BEARER tok", Some(b"tok")),
+            (b"Bearer   tok", Some(b"tok")),
+            (b"Bearer", Some(b"")),
+            (b"Bearer ", Some(b"")),
+            (b"Basic cHJvbWV0aGV1czpzZWNyZXQ=", None),
+            (b"Bearerish tok", None),
+            (b"Digest username=\"x\"", None),
+            (b"", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{}", value.escape_ascii());
+        }
     }
 
     #[test]

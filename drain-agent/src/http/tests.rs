@@ -1401,6 +1401,93 @@ async fn a_pod_parking_waiters_never_fills_the_nodes_waiter_limit() {
     }
 }
 
+/// Audit (a refused waiter left a phantom drain): a `/drained` refused with `429` had
+/// joined its scope's drain before asking for its waiter's place, so it started one, and
+/// dropping its membership ended it `abandoned`: a record in `/drains` and the journal, a
+/// log line, `drains_total{result="abandoned"}`, and the scope's `/health` gated for that
+/// instant. A waiter now takes its place first: past either limit (its owner's, the
+/// node's) the `429` changes nothing.
+#[tokio::test]
+async fn a_waiter_refused_429_starts_no_drain() {
+    // The node allows 8 waiters at once, one owner 3.
+    let (_, state) = app_made(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |tracker| tracker.with_waiters_per_owner(3),
+        |drains| drains,
+    );
+    let pod = Caller::Pod { netns: 7 };
+    // Parks a waiter of `caller` on its busy port 8080 (pod 7's, or the node's scope).
+    let park = |caller: Caller, parked: &mut Vec<tokio::task::JoinHandle<_>>| {
+        let state = Arc::clone(&state);
+        let before = state.tracker.waiters();
+        let waiter = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { request_as(&state, caller, "GET", "/drained?port=8080&timeout=5m").await }
+        });
+        parked.push(waiter);
+        async move {
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while state.tracker.waiters() == before {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("parked");
+        }
+    };
+    let no_record_of = |port: u16| {
+        let state = Arc::clone(&state);
+        async move {
+            let (status, drains) = get(&state, "/drains").await;
+            assert_eq!(status, StatusCode::OK, "{drains}");
+            for list in ["in_progress", "recent"] {
+                let records = drains[list].as_array().expect("a list");
+                assert!(
+                    records.iter().all(|record| record["port"] != port),
+                    "a drain of port {port} in {list}: {drains}"
+                );
+            }
+        }
+    };
+    let mut parked = Vec::new();
+    for _ in 0..3 {
+        park(pod, &mut parked).await;
+    }
+    // Past its owner's share.
+    refused(
+        request_as(&state, pod, "GET", "/drained?port=8081&timeout=1m").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "network namespace 7 has 3 /drained requests waiting, the per-owner limit",
+    );
+    no_record_of(8081).await;
+    // Past the node's limit (the node has no share: only `--max-waiters`).
+    for _ in 0..5 {
+        park(Caller::Node, &mut parked).await;
+    }
+    refused(
+        request_as(&state, Caller::Node, "GET", "/drained?port=8082&timeout=1m").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "8 requests are waiting already (--max-waiters)",
+    );
+    no_record_of(8082).await;
+    let metrics = state.metrics.render().expect("metrics");
+    assert!(
+        metrics.contains("drain_agent_drains_total{result=\"abandoned\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("port=\"8081\"") && !metrics.contains("port=\"8082\""),
+        "{metrics}"
+    );
+    for waiter in parked {
+        waiter.abort();
+    }
+}
+
 /// Every answer names the agent that gave it (`drain-agent probe` tells two agents on one
 /// address apart by it): `/healthz` healthy or not, and a 404.
 #[tokio::test]
@@ -1689,4 +1776,75 @@ async fn an_unreadable_state_file_gates_every_port_and_is_said_in_the_metrics() 
         std::fs::read_to_string(dir.path().join(&set_aside[0])).expect("kept"),
         newer
     );
+}
+
+/// Audit (authorization schemes): an `Authorization` header that was not exactly
+/// `Bearer …` was taken as an empty bearer token, `401` on every endpoint, so Prometheus
+/// scraping `/metrics` with `basic_auth` (or behind a proxy that adds it) was refused, and
+/// `bearer TOKEN` (schemes are case-insensitive, RFC 7235) was refused too. Another scheme
+/// is now no token at all (the caller is told as without the header); `bearer` in any case
+/// is a bearer token.
+#[tokio::test]
+async fn another_authorization_scheme_is_no_token_and_bearer_is_any_case() {
+    use crate::http::identify::{ClientSockets, Identify, Tokens, identify};
+
+    /// The caller is not on the node.
+    struct NotOnTheNode;
+    impl ClientSockets for NotOnTheNode {
+        fn owner_of(
+            &self,
+            _: std::net::SocketAddr,
+            _: std::net::SocketAddr,
+        ) -> anyhow::Result<Option<u32>> {
+            Ok(None)
+        }
+    }
+
+    let (_, state) = app(vec![endpoint("10.0.0.1", 8080, 1)]);
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "0123456789abcdef-ops\n").expect("write");
+    let who = Identify {
+        authority: Arc::clone(&state.authority),
+        sockets: Arc::new(NotOnTheNode),
+        tokens: Some(Arc::new(Tokens::read(&file).expect("tokens"))),
+    };
+    let app = router(state).layer(axum::middleware::from_fn_with_state(who, identify));
+    let call = |uri: &'static str, authorization: Option<String>| {
+        let app = app.clone();
+        async move {
+            let mut request = axum::http::Request::get(uri);
+            if let Some(value) = authorization {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+            let request = request
+                .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                    [203, 0, 113, 5],
+                    40_000,
+                ))))
+                .body(Body::empty())
+                .expect("request");
+            let response = app.oneshot(request).await.expect("answer");
+            (response.status(), body_of(response).await)
+        }
+    };
+    let basic = || Some("Basic cHJvbWV0aGV1czpzZWNyZXQ=".to_owned());
+    // A scraper with basic auth is a remote caller, as without the header.
+    for uri in ["/metrics", "/healthz", "/health?port=8080"] {
+        let (status, body) = call(uri, basic()).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+    }
+    let (status, body) = call("/drains", basic()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // A listed token is the node's, whatever the scheme's case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let value = format!("{scheme} 0123456789abcdef-ops");
+        let (status, body) = call("/drains", Some(value.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{value}: {body}");
+    }
+    // A bearer token that is not listed (or none after the scheme) is still `401`.
+    for value in ["bearer 0123456789abcdef-opz", "Bearer ", "bearer"] {
+        let (status, body) = call("/metrics", Some(value.to_owned())).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{value}: {body}");
+    }
 }
