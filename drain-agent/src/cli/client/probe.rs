@@ -171,7 +171,14 @@ mod tests {
             panic!("passed on another agent's answer: {outcome:?}");
         };
         assert!(others >= 2, "fresh connections were tried: {others}");
-        assert_eq!(others, served.load(Ordering::SeqCst));
+        // Every answer counted as another agent's was one the fake served (it counts before
+        // it answers). It may have served one more: a last request cut by the deadline is a
+        // failed connection to the client (an exact count failed under load).
+        let served = served.load(Ordering::SeqCst);
+        assert!(
+            (others..=others + 1).contains(&served),
+            "{others} answers from other agents, {served} served"
+        );
     }
 
     #[test]
