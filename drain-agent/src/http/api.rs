@@ -139,6 +139,21 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// `Retry-After` (seconds) of a `429`: the agent's limits free up as waiters are answered
+/// and drains end, and a client asking sooner only adds to the load that filled them.
+pub const BUSY_RETRY_AFTER: &str = "1";
+
+/// `429` with [`BUSY_RETRY_AFTER`]: one of the agent's limits turned the request away;
+/// `message` names which. Every `429` of the agent is this one answer.
+pub fn too_many(message: impl Into<String>) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(axum::http::header::RETRY_AFTER, BUSY_RETRY_AFTER)],
+        Json(json!({ "error": message.into() })),
+    )
+        .into_response()
+}
+
 /// Limits on what a client may ask for.
 #[derive(Clone, Copy, Debug)]
 pub struct WaitLimits {

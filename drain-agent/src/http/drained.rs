@@ -15,7 +15,7 @@ use crate::{
     drain::waiter::{Answer, Unanswered},
     http::{
         AppState,
-        api::{AnswerReason, ApiError, DrainedBody, SHUTDOWN_RETRY_AFTER, error},
+        api::{AnswerReason, ApiError, DrainedBody, SHUTDOWN_RETRY_AFTER, error, too_many},
         extract::Waiter,
     },
     metrics::{DrainResult, Metrics},
@@ -39,16 +39,14 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
         ),
         Err(Unanswered::Wait(WaitError::TooManyWaiters(max))) => (
             DrainResult::Rejected,
-            error(
-                StatusCode::TOO_MANY_REQUESTS,
+            too_many(
                 format!("{max} requests are waiting already (--max-waiters); retry later"),
             ),
         ),
         Err(Unanswered::Wait(WaitError::OwnerFull(owner, limit))) => (
             // The caller's own namespace only: other tenants are not its to count or name.
             DrainResult::Rejected,
-            error(
-                StatusCode::TOO_MANY_REQUESTS,
+            too_many(
                 format!(
                     "{owner} has {limit} /drained requests waiting, the per-owner limit of waiters (the waiters of one pod's namespace, or of this node's local users, count together; see README \"Shared limits\"); retry later"
                 ),

@@ -17,7 +17,7 @@ use crate::{
         AppState,
         api::{
             ApiError, DrainsBody, HealthBody, SHUTDOWN_RETRY_AFTER, UNSAVED_WARNING, error,
-            stopping,
+            stopping, too_many,
         },
         extract::{Controlled, HealthQuery, NoParams, Observer, Posted},
     },
@@ -41,19 +41,13 @@ pub(super) async fn start_drain(
     let (record, created) = match state.drains.post(request.spec(), by).await {
         Ok(started) => started,
         Err(JoinError::Full) => {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "as many drains as --max-waiters allows are in progress; retry later",
-            );
+            return too_many("as many drains as --max-waiters allows are in progress; retry later");
         }
         Err(JoinError::OwnerFull(owner, limit)) => {
             // Another pod's (or the node's) drains are not this caller's to count or name.
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{owner} has {limit} drains in progress, the per-owner limit (the drains of one pod's namespace, or of this node's local users, count together; see README \"Shared limits\"): cancel one or retry later; a /drained of a scope past it waits unrecorded"
-                ),
-            );
+            return too_many(format!(
+                "{owner} has {limit} drains in progress, the per-owner limit (the drains of one pod's namespace, or of this node's local users, count together; see README \"Shared limits\"): cancel one or retry later; a /drained of a scope past it waits unrecorded"
+            ));
         }
         Err(JoinError::Ending(id)) => {
             // Its verdict is about a time before this request: neither joined nor lost.

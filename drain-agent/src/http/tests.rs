@@ -205,17 +205,27 @@ async fn request_as(
     method: &str,
     uri: &str,
 ) -> (StatusCode, serde_json::Value) {
+    let response = response_as(state, caller, method, uri).await;
+    (response.status(), body_of(response).await)
+}
+
+/// The whole answer, headers too.
+async fn response_as(
+    state: &Arc<AppState>,
+    caller: Caller,
+    method: &str,
+    uri: &str,
+) -> axum::response::Response {
     let mut request = axum::http::Request::builder()
         .method(method)
         .uri(uri)
         .body(Body::empty())
         .expect("request");
     request.extensions_mut().insert(caller);
-    let response = router(state.clone())
+    router(state.clone())
         .oneshot(request)
         .await
-        .expect("response");
-    (response.status(), body_of(response).await)
+        .expect("response")
 }
 
 /// A response's body as JSON; one that is not JSON (the metrics): the text, as a string.
@@ -1847,4 +1857,54 @@ async fn another_authorization_scheme_is_no_token_and_bearer_is_any_case() {
         let (status, body) = call("/metrics", Some(value.to_owned())).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{value}: {body}");
     }
+}
+
+/// Audit (overload): of the agent's `429`s only the one beyond the connection cap said when
+/// to ask again; the handlers' (`--max-waiters`, an owner's share of waiters or drains) had
+/// no `Retry-After`, so a client could only guess. Every `429` now carries it.
+#[tokio::test]
+async fn every_429_says_when_to_ask_again() {
+    let (_, state) = app_made(
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, 1)
+        }],
+        None,
+        |tracker| tracker.with_waiters_per_owner(1),
+        |drains| drains.with_limits(1, 16),
+    );
+    let pod = Caller::Pod { netns: 7 };
+    let waiter = tokio::spawn({
+        let state = Arc::clone(&state);
+        async move { request_as(&state, pod, "GET", "/drained?port=8080&timeout=5m").await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while state.tracker.waiters() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("parked");
+    for (method, uri) in [
+        // Past the pod's share of waiters.
+        ("GET", "/drained?port=8081&timeout=1m"),
+        // Past its share of drains (its waiter's drain holds the one).
+        ("POST", "/drain?port=8082&timeout=1m"),
+    ] {
+        let response = response_as(&state, pod, method, uri).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{method} {uri}"
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok()),
+            Some("1"),
+            "{method} {uri}"
+        );
+    }
+    waiter.abort();
 }

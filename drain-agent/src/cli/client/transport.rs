@@ -92,6 +92,9 @@ pub struct Response {
     pub status: u16,
     pub body: String,
     pub instance: Option<String>,
+    /// `Retry-After` in seconds (the agent's `429`s and stop answers carry it; an HTTP date
+    /// is not read).
+    pub retry_after: Option<Duration>,
 }
 
 /// The longest a connect may take within a `get` (a SYN to a dead host is not retried
@@ -203,6 +206,13 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
                 .eq_ignore_ascii_case(crate::http::INSTANCE_HEADER)
         })
         .map(|header| String::from_utf8_lossy(header.value).into_owned());
+    let retry_after = head
+        .headers
+        .iter()
+        .find(|header| header.name.eq_ignore_ascii_case("retry-after"))
+        .and_then(|header| std::str::from_utf8(header.value).ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let body = &raw[body_at..];
     let body = if chunked {
         dechunk(body)?
@@ -213,6 +223,7 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
         status,
         body: String::from_utf8_lossy(&body).into_owned(),
         instance,
+        retry_after,
     })
 }
 

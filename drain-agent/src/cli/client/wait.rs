@@ -22,6 +22,10 @@ use crate::{
 /// counted from the request.
 const MAX_SLICE: Duration = Duration::from_secs(600);
 
+/// The longest `wait` pauses for an answer's `Retry-After` (a proxy in front may ask for
+/// minutes; the deadline bounds it as well).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// How long to pause before asking a briefly unreachable agent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -161,6 +165,22 @@ fn refused(status: u16) -> bool {
     (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
+/// How long to pause before asking again after `answer`: [`RETRY_PAUSE`], or longer when a
+/// `429` says when to ask again (its `Retry-After`, at most [`MAX_RETRY_AFTER`]): the agent
+/// turned the request away because its limits are full, and asking sooner only adds to the
+/// load that filled them. A stopping agent's `503` also carries `Retry-After`, but the next
+/// agent answers as soon as it can, so that one is asked again after the usual pause.
+fn pause_after(answer: &anyhow::Result<super::Response>) -> Duration {
+    match answer {
+        Ok(response) if response.status == 429 => {
+            response.retry_after.map_or(RETRY_PAUSE, |asked| {
+                asked.clamp(RETRY_PAUSE, MAX_RETRY_AFTER)
+            })
+        }
+        _ => RETRY_PAUSE,
+    }
+}
+
 /// What `get`'s result says, the same for the waiting requests and the counts.
 fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
     match answer {
@@ -246,7 +266,9 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
         let exchange = (slice + Duration::from_secs(5)).min(remaining + ANSWER_MARGIN);
-        let problem = match judge(get(&url, &query, exchange), &args.agent) {
+        let answer = get(&url, &query, exchange);
+        let pause = pause_after(&answer);
+        let problem = match judge(answer, &args.agent) {
             Reply::Body(body) if body.drained => {
                 match body.closed {
                     Some(closed) => println!(
@@ -280,7 +302,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             break problem;
         }
         last_problem = Some(problem);
-        std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
     };
     finish(args, last_problem, None)
 }
@@ -382,6 +404,7 @@ mod tests {
             status,
             body: body.to_owned(),
             instance: None,
+            retry_after: None,
         })
     }
 
@@ -424,6 +447,61 @@ mod tests {
                 "{status}: not asked again"
             );
         }
+    }
+
+    /// Audit (overload): the agent's `429` says when to ask again (`Retry-After: 1`), and
+    /// `wait` asked again after 250 ms all the same: four requests a second from every
+    /// hook turned away, on an agent already at its limits. It now waits what the answer
+    /// asks (at least its own pause, at most [`MAX_RETRY_AFTER`] and the deadline).
+    #[test]
+    fn a_429_is_asked_again_no_sooner_than_its_retry_after() {
+        use clap::Parser as _;
+        use std::{
+            io::{Read as _, Write as _},
+            net::TcpListener,
+            sync::atomic::AtomicUsize,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let asked = Arc::new(AtomicUsize::new(0));
+        std::thread::spawn({
+            let asked = Arc::clone(&asked);
+            move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { return };
+                    let mut request = [0_u8; 2048];
+                    let _ = stream.read(&mut request);
+                    asked.fetch_add(1, Ordering::SeqCst);
+                    let body = r#"{"error":"8 requests are waiting already (--max-waiters); retry later"}"#;
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            }
+        });
+        let agent = format!("http://127.0.0.1:{port}");
+        let cli = crate::cli::Cli::try_parse_from([
+            "drain-agent",
+            "wait",
+            "--port",
+            "8080",
+            "--timeout",
+            "2500ms",
+            "--agent",
+            agent.as_str(),
+        ])
+        .expect("parse");
+        let Some(crate::cli::Command::Wait(args)) = cli.command else {
+            panic!("not a wait");
+        };
+        let exit = wait(&args);
+        assert_eq!(exit, ExitCode::from(EXIT_NOT_DRAINED), "never drained");
+        // Asked at 0, ~1, ~2 s (and perhaps once more at the deadline's edge); every 250 ms
+        // it was about ten times.
+        let asked = asked.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&asked), "asked {asked} times in 2.5 s");
     }
 
     /// An answer that waited unrecorded (its owner at its limit of drains) says so in what

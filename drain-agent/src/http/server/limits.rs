@@ -12,17 +12,14 @@ use std::{
 
 use anyhow::{Result, ensure};
 use axum::{
-    Json,
     extract::{ConnectInfo, Request, State},
-    http::StatusCode,
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use serde_json::json;
 
 use crate::{
     addr::canonical_addr,
-    http::authority::Caller,
+    http::{api::too_many, authority::Caller},
     metrics::{DrainResult, Metrics},
 };
 
@@ -223,14 +220,10 @@ pub(super) async fn limit_waiters(
                 limiter.metrics.drain_request(DrainResult::Rejected, None);
             }
             return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [
-                    (axum::http::header::RETRY_AFTER, "1"),
-                    (axum::http::header::CONNECTION, "close"),
-                ],
-                Json(json!({
-                    "error": "every HTTP connection the agent allows (--http-max-connections) has a request in progress; retry later"
-                })),
+                [(axum::http::header::CONNECTION, "close")],
+                too_many(
+                    "every HTTP connection the agent allows (--http-max-connections) has a request in progress; retry later",
+                ),
             )
                 .into_response();
         }
@@ -240,17 +233,11 @@ pub(super) async fn limit_waiters(
     };
     let Some(_permit) = limiter.try_acquire(source) else {
         limiter.metrics.drain_request(DrainResult::Rejected, None);
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            Json(json!({
-                "error": format!(
-                    "{} /drained requests from {source} are in progress already \
-                     (--max-waiters-per-source); retry later",
-                    limiter.max
-                )
-            })),
-        )
-            .into_response();
+        return too_many(format!(
+            "{} /drained requests from {source} are in progress already \
+             (--max-waiters-per-source); retry later",
+            limiter.max
+        ));
     };
     next.run(request).await
 }

@@ -362,6 +362,11 @@ async fn a_waiter_over_the_per_source_limit_is_counted_as_rejected() {
     let answer = request(server.addr, "/drained").await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert!(rejected(&server.metrics).ends_with(" 1"));
+    // Audit (overload): it said nothing of when to ask again, unlike the 429 beyond the cap.
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
     server.release.notify_waiters();
     drop(waiters);
     server.stop().await;
