@@ -374,50 +374,6 @@ fn kubernetes_manifests_agree_with_each_other() {
     );
 }
 
-/// The project's docs name only files under deploy/ that exist: a reader sent to
-/// `deploy/…` finds it.
-#[test]
-fn docs_name_only_deploy_files_that_exist() {
-    let mut docs: Vec<PathBuf> = [
-        "README.md",
-        "SECURITY.md",
-        "ARCHITECTURE.md",
-        "INVARIANTS.md",
-    ]
-    .iter()
-    .map(|name| workspace().join(name))
-    .collect();
-    let mut dirs = vec![deploy("")];
-    while let Some(dir) = dirs.pop() {
-        for entry in fs::read_dir(&dir).expect("read_dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "md") {
-                docs.push(path);
-            }
-        }
-    }
-    let mut missing = Vec::new();
-    for doc in &docs {
-        let text = read(doc);
-        // `deploy/…` in backquotes, up to a space or a line's `:NN` / `#anchor`.
-        for quoted in text.split('`').skip(1).step_by(2) {
-            let Some(path) = quoted.strip_prefix("deploy/") else {
-                continue;
-            };
-            let path = path.split([' ', ':', '#']).next().unwrap_or_default();
-            if !deploy(path).exists() {
-                missing.push(format!("{}: `deploy/{path}`", doc.display()));
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "docs name files that do not exist: {missing:#?}"
-    );
-}
-
 /// A `sleep` of user nobody in a network namespace of its own (no name under /run/netns),
 /// holding one established inbound connection to 127.0.0.1:`port` there: a container's
 /// process, as the agent finds it through /proc/PID/ns/net.
