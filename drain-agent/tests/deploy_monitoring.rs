@@ -261,6 +261,45 @@ fn prometheus_files_pass_promtool() {
     }
 }
 
+/// deploy/README.md's "Monitoring" names every alert of both rules files and every
+/// variable of the dashboard: what a reader installs is what it describes.
+#[test]
+fn deploy_readme_names_every_alert_and_dashboard_variable() {
+    let readme = read(&deploy("README.md"));
+    let monitoring = readme
+        .split("\n## Monitoring\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("deploy/README.md has a Monitoring section");
+    let mut missing = Vec::new();
+    for rules in ["drain-agent-rules.yml", KUBERNETES_RULES] {
+        let text = read(&deploy(&format!("prometheus/{rules}")));
+        for line in text.lines() {
+            if let Some(alert) = line.trim_start().strip_prefix("- alert:") {
+                let alert = alert.trim();
+                if !monitoring.contains(&format!("`{alert}`")) {
+                    missing.push(format!("alert {alert} ({rules})"));
+                }
+            }
+        }
+    }
+    let dashboard = read_dashboard();
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    assert!(!variables.is_empty());
+    for variable in variables {
+        let name = variable["name"].as_str().expect("variable name");
+        if !monitoring.contains(&format!("`${name}`")) {
+            missing.push(format!("dashboard variable ${name}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "deploy/README.md's Monitoring does not name {missing:#?}"
+    );
+}
+
 #[test]
 fn grafana_dashboard_is_importable() {
     let dashboard = read_dashboard();

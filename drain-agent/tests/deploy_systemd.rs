@@ -87,8 +87,39 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
     let dir = common::temp_dir("drain-agent-deploy-systemd-");
     let units = units_for_verify(dir.path());
+    // Every Documentation= is a man page the agent writes (`drain-agent manpage`, shipped in
+    // the release's man/): what is installed with it, not a site that may not be there.
+    let man = dir.path().join("man");
+    let pages = man.join("man1");
+    let written = run(Command::new(common::agent_binary())
+        .arg("manpage")
+        .arg(&pages));
+    assert!(written.status.success(), "{}", text_of(&written));
+    for name in [
+        "drain-agent.service",
+        "drain-agent.target",
+        "example-app.service",
+    ] {
+        let unit = unit_directives(&read(&deploy("systemd").join(name)));
+        for documentation in unit_values(&unit, "Unit", "Documentation") {
+            for uri in documentation.split_whitespace() {
+                let page = uri
+                    .strip_prefix("man:")
+                    .and_then(|page| page.strip_suffix("(1)"))
+                    .unwrap_or_else(|| {
+                        panic!("{name}: Documentation={uri} is not a man page of the agent's")
+                    });
+                assert!(
+                    pages.join(format!("{page}.1")).is_file(),
+                    "{name}: Documentation={uri}: `drain-agent manpage` writes no {page}.1"
+                );
+            }
+        }
+    }
+    // --man=yes: verify runs `man` for each man: page, found here through MANPATH.
     let output = run(Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
+        .args(["verify", "--man=yes"])
+        .env("MANPATH", &man)
         .args(&units));
     let text = text_of(&output);
     // verify exits 0 on an unknown directive or a bad value ("…, ignoring."): any message

@@ -1,9 +1,10 @@
 //! The image `cargo xtask dist` builds with buildah (localhost/drain-agent:VERSION), run
 //! with podman as the DaemonSet runs it: the host's network and PID namespaces, all
-//! capabilities dropped but the four the DaemonSet adds, a read-only root, the host's BTF,
-//! tracefs and /run/netns mounted read-only — no --privileged. It must start, attach, and
-//! count a connection made on the host. And it must have deploy/Dockerfile's layout:
-//! binary, entrypoint, command, labels.
+//! capabilities dropped but the five the DaemonSet adds, a read-only root, the host's BTF,
+//! tracefs and /run/netns mounted read-only, its bpffs and a state directory — no
+//! --privileged. It must start, attach, and count a connection made on the host. And it must
+//! have deploy/Dockerfile's layout: binary, entrypoint, command, labels. The podman command
+//! README.md and deploy/README.md give is this one (`documented_podman_command_is_the_tested_one`).
 //!
 //! A kernel test (root); skips loudly without podman or the image, or fails with
 //! `DRAIN_AGENT_REQUIRE_KERNEL=1` (`cargo xtask test` builds the image first).
@@ -236,6 +237,100 @@ fn daemonset_capabilities() -> Vec<String> {
     capabilities
 }
 
+/// How the image runs as the DaemonSet runs it, as podman's flags: the host's network and
+/// PID namespaces, a read-only root, every capability dropped but the DaemonSet's, and its
+/// hostPath mounts (`state`: the host's directory for `--state-dir`; `tracing`: whether
+/// tracefs is mounted on the host to be mounted in).
+fn podman_daemonset_flags(state: &str, tracing: bool) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--network",
+        "host",
+        "--pid",
+        "host",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for capability in daemonset_capabilities() {
+        flags.extend(["--cap-add".to_owned(), capability]);
+    }
+    let mut volumes = vec!["/sys/kernel/btf:/sys/kernel/btf:ro".to_owned()];
+    if tracing {
+        volumes.push("/sys/kernel/tracing:/sys/kernel/tracing:ro".to_owned());
+    }
+    volumes.extend([
+        "/run/netns:/run/netns:ro,rslave".to_owned(),
+        "/sys/fs/bpf:/sys/fs/bpf:rslave".to_owned(),
+        format!("{state}:/run/drain-agent"),
+    ]);
+    for volume in volumes {
+        flags.extend(["-v".to_owned(), volume]);
+    }
+    flags
+}
+
+/// podman's flags as (flag, value) pairs, `--cap-add A,B` as one pair per capability,
+/// sorted: the same set of flags however they are ordered or grouped.
+fn flag_pairs(words: &[String]) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut words = words.iter();
+    while let Some(flag) = words.next() {
+        assert!(flag.starts_with('-'), "{flag:?} is not a flag in {words:?}");
+        let value = match flag.as_str() {
+            "--read-only" => String::new(),
+            _ => words
+                .next()
+                .unwrap_or_else(|| panic!("{flag} without a value"))
+                .clone(),
+        };
+        if flag == "--cap-add" {
+            pairs.extend(value.split(',').map(|c| (flag.clone(), c.to_owned())));
+        } else {
+            pairs.push((flag.clone(), value));
+        }
+    }
+    pairs.sort();
+    pairs
+}
+
+/// The podman command README.md and deploy/README.md give runs the image as the test above
+/// does: the same capabilities (the DaemonSet's five), mounts and namespaces; only its
+/// host's state directory is the one the DaemonSet mounts.
+#[test]
+fn documented_podman_command_is_the_tested_one() {
+    let expected = flag_pairs(&podman_daemonset_flags("/run/drain-agent", true));
+    for doc in ["README.md", "deploy/README.md"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(doc);
+        // Prose wraps the command: one space for each run of whitespace.
+        let text = std::fs::read_to_string(&path)
+            .expect("read the doc")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let commands: Vec<&str> = text
+            .match_indices("podman run ")
+            .map(|(at, _)| {
+                let rest = &text[at + "podman run ".len()..];
+                let end = rest
+                    .find("localhost/drain-agent:")
+                    .unwrap_or_else(|| panic!("{doc}: `podman run` without the image"));
+                &rest[..end]
+            })
+            .collect();
+        assert_eq!(commands.len(), 1, "{doc}: one `podman run` command");
+        let words: Vec<String> = commands[0].split_whitespace().map(str::to_owned).collect();
+        assert_eq!(
+            flag_pairs(&words),
+            expected,
+            "{doc}'s podman command is not the one tests/image.rs runs: {}",
+            words.join(" ")
+        );
+    }
+}
+
 /// The running container, removed on drop.
 struct Container(String);
 
@@ -265,13 +360,6 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
         "--detach",
         "--name",
         &name,
-        "--network",
-        "host",
-        "--pid",
-        "host",
-        "--read-only",
-        "--cap-drop",
-        "ALL",
         // podman raises the open-file and process limits by default, which needs
         // CAP_SYS_RESOURCE outside the container (this sandbox has not got it). The agent
         // needs far fewer than these (--http-max-connections 512 plus its maps).
@@ -283,30 +371,13 @@ fn image_runs_like_the_daemonset_and_counts_host_connections() {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    for capability in daemonset_capabilities() {
-        args.push("--cap-add".to_owned());
-        args.push(capability);
-    }
-    args.extend(
-        [
-            "-v",
-            "/sys/kernel/btf:/sys/kernel/btf:ro",
-            "-v",
-            "/run/netns:/run/netns:ro,rslave",
-            "-v",
-            "/sys/fs/bpf:/sys/fs/bpf:rslave",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned()),
-    );
-    if Path::new("/sys/kernel/tracing/events").is_dir() {
-        args.push("-v".to_owned());
-        args.push("/sys/kernel/tracing:/sys/kernel/tracing:ro".to_owned());
-    }
-    // The DaemonSet's hostPath for the state directory (--state-dir), one per test run.
+    // The DaemonSet's hostPath for the state directory (--state-dir), one per test run;
+    // tracefs only where the host has it mounted.
     let state = common::temp_dir("da-state-");
-    args.push("-v".to_owned());
-    args.push(format!("{}:/run/drain-agent", state.path().display()));
+    args.extend(podman_daemonset_flags(
+        &state.path().display().to_string(),
+        Path::new("/sys/kernel/tracing/events").is_dir(),
+    ));
     args.push(image());
     args.extend(["run", "--listen"].iter().map(|s| (*s).to_owned()));
     args.push(format!("127.0.0.1:{port}"));

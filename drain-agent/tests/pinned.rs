@@ -236,6 +236,23 @@ fn kill_9_while_a_service_churns_then_the_new_agent_adopts_and_is_exact() {
         opened_after >= opened_before,
         "the adopted counters lost their history (a re-seed?): {opened_before} opened before the kill, {opened_after} after"
     );
+    // And /metrics says so of the counters it carried over: they count since the pinned
+    // counting state was made, not since this agent started.
+    let (_, metrics) = second.try_get("/metrics").expect("metrics");
+    for family in [
+        "drain_agent_connections_opened_total",
+        "drain_agent_connections_closed_total",
+        "drain_agent_connection_duration_seconds",
+    ] {
+        let help = metrics
+            .lines()
+            .find(|line| line.starts_with(&format!("# HELP {family} ")))
+            .unwrap_or_else(|| panic!("no HELP for {family}:\n{metrics}"));
+        assert!(
+            help.contains("--pin-dir") && !help.contains("agent started"),
+            "{family}'s help hides that an adopting agent goes on from it: {help}"
+        );
+    }
     // And it follows the churn on from there.
     churn.resume();
     std::thread::sleep(Duration::from_millis(500));

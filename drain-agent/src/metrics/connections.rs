@@ -29,15 +29,15 @@ const ACTIVE: (&str, &str) = (
 );
 const OPENED: (&str, &str) = (
     "drain_agent_connections_opened_total",
-    "Inbound TCP connections opened (or found open at start) since the agent started, per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
+    "Inbound TCP connections opened (or found open by a walk) since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
 );
 const CLOSED: (&str, &str) = (
     "drain_agent_connections_closed_total",
-    "Inbound TCP connections closed since the agent started, per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
+    "Inbound TCP connections closed since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
 );
 const DURATION: (&str, &str) = (
     "drain_agent_connection_duration_seconds",
-    "How long inbound TCP connections stayed open, per local port (connections open before the agent started are not included).",
+    "How long inbound TCP connections stayed open, per local port, since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it; connections already open when it was made are not included).",
 );
 const TRACKED: (&str, &str) = (
     "drain_agent_tracked_sockets",

@@ -79,8 +79,9 @@ fn short_ms(ms: Option<u64>) -> String {
 
 /// How long each port's connections last, and the timeout that covers them.
 fn render_advice(advice: &[PortAdvice]) -> String {
-    let mut out =
-        String::from("connection durations since the agent started (histogram bounds):\n");
+    let mut out = String::from(
+        "connection durations since the counting state was made (kept through restarts with --pin-dir; histogram bounds):\n",
+    );
     for port in advice {
         let pick = match (port.timeout_s, port.grace_period_s) {
             (Some(timeout), Some(grace)) => {
@@ -180,5 +181,16 @@ mod tests {
         assert_eq!(&lines[1][active_end - 2..active_end], "12", "{table}");
         assert_eq!(&lines[2][active_end - 1..active_end], "1", "{table}");
         assert!(render_table(&[]).contains("no open inbound connections"));
+    }
+
+    /// The durations come from the kernel's histograms, which a restarted agent adopts
+    /// (`--pin-dir`): the heading says since when they count, not since this agent started.
+    #[test]
+    fn advice_heading_says_the_durations_outlive_the_agent() {
+        let heading = render_advice(&[]);
+        assert!(
+            heading.contains("--pin-dir") && !heading.contains("agent started"),
+            "{heading}"
+        );
     }
 }
