@@ -7,8 +7,11 @@ use crate::{drain_rule::Peer, tracker::Filter};
 pub trait Closer: Send + Sync + 'static {
     /// Closes `targets` (connections of `filter`); returns how many were closed.
     fn close(&self, filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64>;
-    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie: a new
-    /// cookie is a new instance of the service.
+    /// The listening sockets that may take connections of `filter`'s scope, by socket
+    /// cookie: a new cookie is a new instance of the service. On its port in its
+    /// namespaces; with an address, in the namespace `filter.netns` (the one holding the
+    /// address: required, else an error) and bound to that address or to the wildcard that
+    /// takes it — never another pod's listener on the same port.
     fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>>;
     /// Why no connection can be closed here at all (found once at the start, e.g. the
     /// netlink method without `CAP_NET_ADMIN`), or `None` when closing can work. A drain

@@ -288,3 +288,69 @@ fn wait_for_an_unknown_netns_inode_is_refused_at_once() {
         "refused at once, not after its timeout: {took:?}"
     );
 }
+
+/// Audit (held gates): after a root drain scoped `addr=<pod A's IP>` ended, its gate was
+/// reopened by a listener on the port in any namespace: pod B's (a rolling update's
+/// replacement) put A back in rotation while A was stopping. Only a listener that can take
+/// connections to A's address (bound to it, or to its family's wildcard, in the namespace
+/// that holds it) is a new instance of A.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn another_pods_listener_does_not_reopen_a_pods_held_gate() {
+    if !kernel_available("another_pods_listener_does_not_reopen_a_pods_held_gate") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let port = free_port();
+    let pod_a = Pod::new("gla", 81);
+    let pod_b = Pod::new("glb", 82);
+    // A's listener, held here (no connection is made): closed when dropped.
+    let listening =
+        move |bind: String| move || std::net::TcpListener::bind(&bind).expect("bind in pod A");
+    let server_a = pod_a.netns.run_in(listening(format!("0.0.0.0:{port}")));
+    let health = || {
+        common::http::curl(
+            None,
+            None,
+            "GET",
+            &format!("{}/health?port={port}&addr={}", agent.url, pod_a.ip),
+        )
+        .0
+    };
+    assert_eq!(health(), 200, "A in rotation before its drain");
+
+    let (status, body) = common::http::curl_json(
+        "POST",
+        &format!(
+            "{}/drain?port={port}&addr={}&timeout=2s",
+            agent.url, pod_a.ip
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].clone();
+    common::wait_until("A's drain ends", Duration::from_secs(20), || {
+        let (_, drains) = agent.get_json("/drains");
+        drains["recent"]
+            .as_array()
+            .expect("recent")
+            .iter()
+            .any(|record| record["id"] == id && record["result"] == "drained")
+    });
+    assert_eq!(health(), 503, "A's gate is held after its drain");
+
+    // B (another pod, same port) starts listening: not a new instance of A.
+    let _server_b = pod_b.listen(port);
+    for _ in 0..5 {
+        assert_eq!(health(), 503, "B's listener put A back in rotation");
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    // A new instance of A, on [::] (dual-stack: it takes A's IPv4 address): back in rotation.
+    drop(server_a);
+    let _new_a = pod_a.netns.run_in(listening(format!("[::]:{port}")));
+    common::wait_until(
+        "A's new instance puts A back in rotation",
+        Duration::from_secs(10),
+        || health() == 200,
+    );
+}

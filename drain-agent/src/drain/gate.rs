@@ -95,8 +95,56 @@ pub const HELD_MAX: usize = 4096;
 /// A scope kept out of rotation after its drain.
 pub(super) struct Held {
     /// The listeners when the drain ended: any other one is a new instance.
-    pub(super) listeners: HashSet<u64>,
+    pub(super) listeners: AtEnd,
     pub(super) until: tokio::time::Instant,
+}
+
+/// The listeners of a held scope when its drain ended (socket cookies: a socket's never
+/// changes), which a listener must not be among to be a new instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum AtEnd {
+    /// Read: any other listener is a new instance.
+    Read(HashSet<u64>),
+    /// The read at the end failed (or the scope's address named no one namespace then).
+    /// Fail closed: no listener is new until a read succeeds, and the first that does is
+    /// taken for the end's (nothing in it is new; a later listener is). A new instance
+    /// already listening by then keeps the scope out of rotation until `DELETE /drain` or
+    /// the hold's end, never puts it back too early. Before, an empty set was kept and
+    /// the application's own listener, still running, reopened the gate at once.
+    Unknown,
+}
+
+impl AtEnd {
+    /// From the read at a drain's end.
+    pub(super) fn of(read: anyhow::Result<Vec<u64>>) -> Self {
+        match read {
+            Ok(cookies) => Self::Read(cookies.into_iter().collect()),
+            Err(problem) => {
+                log::warn!(
+                    "cannot read the listeners at a drain's end ({problem:#}): its gate holds until a read succeeds, and then until a listener appears that it did not see"
+                );
+                Self::Unknown
+            }
+        }
+    }
+
+    /// Whether a listener in `now` (read after the end) is a new instance.
+    pub(super) fn new_among(&self, now: &[u64]) -> bool {
+        match self {
+            Self::Read(seen) => now.iter().any(|cookie| !seen.contains(cookie)),
+            Self::Unknown => false,
+        }
+    }
+
+    /// Whether `now` reopens the gate, learning the end's listeners from the first read
+    /// that succeeds when the end's failed (see [`AtEnd::Unknown`]).
+    pub(super) fn reopened_by(&mut self, now: &[u64]) -> bool {
+        if *self == Self::Unknown {
+            *self = Self::Read(now.iter().copied().collect());
+            return false;
+        }
+        self.new_among(now)
+    }
 }
 
 /// Which scopes are draining now (implemented by the agent's drain registry): a port, or a
@@ -224,11 +272,9 @@ impl Drains {
                 return true;
             }
             let reopen = now >= hold.until
-                || self.closer.as_ref().is_some_and(|closer| {
-                    closer
-                        .listeners(scope)
-                        .is_ok_and(|now| now.iter().any(|cookie| !hold.listeners.contains(cookie)))
-                });
+                || self
+                    .scope_listeners(scope)
+                    .is_some_and(|read| read.is_ok_and(|now| hold.listeners.reopened_by(&now)));
             if reopen {
                 log::info!(
                     "port {} (addr {}, netns {}) back in rotation: a new instance listens, or the hold ended",
@@ -244,6 +290,52 @@ impl Drains {
         // An upgrade's overlap: beside the writer, what was POSTed to it meanwhile; the
         // writer, what was POSTed to the agent beside it.
         gated || self.writers_gate(asked) || self.beside_gate(asked)
+    }
+
+    /// The listeners that may take `scope`'s connections now, by cookie, which a held gate
+    /// compares with those at its drain's end (`None`: no closer here to read them). For a
+    /// scope of one address and no namespace (a root or token drain `addr=<pod IP>`): only
+    /// in the namespace that address names (`sys/pod_addresses.rs`, as last read: a
+    /// question from the node's listener reads it when stale, [`Drains::resolve`], and a
+    /// drain's end before its read, [`Drains::read_addresses_of`]; an address that names no
+    /// pod, the node's namespace), and there only listeners that take connections to it
+    /// ([`crate::closer::Closer::listeners`]). Before, every namespace's listener on the
+    /// port counted: another pod's (a rolling update's new pod) put a stopping pod back in
+    /// rotation. An address that names no one namespace for sure ([`Named::Unsure`]), or
+    /// not read yet, cannot be told: `Err`, which never reopens a gate.
+    pub(super) fn scope_listeners(&self, scope: &Filter) -> Option<anyhow::Result<Vec<u64>>> {
+        let closer = self.closer.as_ref()?;
+        Some(
+            self.listening_scope(scope)
+                .and_then(|listening| closer.listeners(&listening)),
+        )
+    }
+
+    /// `scope` with the namespace its address names (see [`Drains::scope_listeners`]).
+    fn listening_scope(&self, scope: &Filter) -> anyhow::Result<Filter> {
+        let (Some(addr), None, Some(pods)) = (scope.addr, scope.netns, &self.pods) else {
+            return Ok(scope.clone());
+        };
+        let netns = match pods.named_as_read(addr) {
+            Some(Named::Pod(netns)) => netns,
+            Some(Named::Nobody) => pods.own_netns(),
+            Some(Named::Unsure(maybe)) => anyhow::bail!(
+                "address {addr} names no one network namespace (it may be any of {maybe:?}): its listeners cannot be told"
+            ),
+            None => anyhow::bail!("which network namespace holds {addr} has not been read"),
+        };
+        Ok(Filter {
+            netns: Some(netns),
+            ..scope.clone()
+        })
+    }
+
+    /// Before a drain's end reads its scope's listeners ([`Drains::scope_listeners`]): the
+    /// namespace its address names, read again if stale.
+    pub(super) async fn read_addresses_of(&self, scope: &Filter) {
+        if let (Some(addr), None, Some(pods)) = (scope.addr, scope.netns, &self.pods) {
+            pods.named(addr).await;
+        }
     }
 
     /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).

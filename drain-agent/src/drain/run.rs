@@ -2,13 +2,13 @@
 //! at the deadline (`on_timeout=close`) and the recount after it, then the record: the
 //! history, the held gate, the journal, the log line and the metrics.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use crate::{
     drain::{
         DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HISTORY,
         OnTimeout, StartedBy,
-        gate::Held,
+        gate::{AtEnd, Held},
         lock,
         owner::{self, Holding, Owner},
         registry::Running,
@@ -161,17 +161,20 @@ impl Drains {
             record.clone()
         };
         // The listeners now (the gate waits for a new one): a netlink query per namespace,
-        // off the async workers, which are answering the drain's waiters meanwhile.
-        let listeners = match (&self.closer, record.result) {
-            (Some(closer), Some(result)) if result.holds_the_gate() => {
-                let (closer, filter) = (Arc::clone(closer), spec.filter.clone());
-                tokio::task::spawn_blocking(move || closer.listeners(&filter))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default()
+        // off the async workers, which are answering the drain's waiters meanwhile. A read
+        // that fails is kept as such (`AtEnd::Unknown`): it never reopens the gate.
+        let listeners = match record.result {
+            Some(result) if result.holds_the_gate() && self.closer.is_some() => {
+                self.read_addresses_of(&spec.filter).await;
+                let (drains, filter) = (Arc::clone(&self), spec.filter.clone());
+                let read = tokio::task::spawn_blocking(move || drains.scope_listeners(&filter));
+                AtEnd::of(match read.await {
+                    Ok(Some(read)) => read,
+                    Ok(None) => Ok(Vec::new()),
+                    Err(problem) => Err(anyhow::anyhow!("the listener read failed: {problem}")),
+                })
             }
-            _ => Vec::new(),
+            _ => AtEnd::Read(HashSet::new()),
         };
         // The record is on disk before any waiter gets the answer (`Final` is sent last).
         if let Some(journal) = &self.journal {
@@ -338,7 +341,7 @@ impl Drains {
     }
 
     /// Moves an ended drain to the history, the journal, the log and the metrics.
-    pub(super) fn finish(&self, filter: &Filter, record: DrainRecord, listeners: Vec<u64>) {
+    pub(super) fn finish(&self, filter: &Filter, record: DrainRecord, listeners: AtEnd) {
         if record.result.is_some_and(DrainEnd::holds_the_gate) {
             let mut held = lock(&self.held);
             if held.len() >= self.held_max && !held.contains_key(filter) {
@@ -352,7 +355,7 @@ impl Drains {
             held.insert(
                 filter.clone(),
                 Held {
-                    listeners: listeners.into_iter().collect(),
+                    listeners,
                     until: tokio::time::Instant::now() + GATE_HOLD,
                 },
             );

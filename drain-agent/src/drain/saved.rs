@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     drain::{
         DrainRecord, DrainSpec, Drains, Given,
-        gate::{Asked, Held},
+        gate::{Asked, AtEnd, Held},
         lock,
         owner::Owner,
         registry::{Running, scope_text},
@@ -113,8 +113,12 @@ struct SavedHold {
     addr: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     netns: Option<u32>,
-    /// Cookies of the listeners when the drain ended (a socket's cookie never changes).
-    listeners: Vec<u64>,
+    /// Cookies of the listeners when the drain ended (a socket's cookie never changes);
+    /// `null` when they could not be read then ([`AtEnd::Unknown`]: no listener reopens
+    /// the gate until a read succeeds). An agent before this one cannot read `null`: it
+    /// takes the file for unreadable and fails closed (every scope gated), never reopens
+    /// the gate at the first listener as it would have with the `[]` it wrote then.
+    listeners: Option<Vec<u64>>,
     /// Unix time in milliseconds when the hold ends.
     until_ms: u64,
 }
@@ -236,7 +240,10 @@ impl Drains {
                 port: scope.port,
                 addr: scope.addr,
                 netns: scope.netns,
-                listeners: hold.listeners.iter().copied().collect(),
+                listeners: match &hold.listeners {
+                    AtEnd::Read(cookies) => Some(cookies.iter().copied().collect()),
+                    AtEnd::Unknown => None,
+                },
                 until_ms: saved_end(hold.until, now, now_ms),
             })
             .collect();
@@ -664,7 +671,7 @@ impl Drains {
                 held.insert(
                     scope.clone(),
                     Held {
-                        listeners: hold.listeners.into_iter().collect(),
+                        listeners: hold.at_end(),
                         until,
                     },
                 );
@@ -863,7 +870,7 @@ enum Verdict {
     Gated,
     /// Out of rotation if one of these gates (scope, listeners when its drain ended) is not
     /// reopened by a new listener.
-    Holds(Vec<(Filter, HashSet<u64>)>),
+    Holds(Vec<(Filter, AtEnd)>),
 }
 
 impl Seen {
@@ -891,7 +898,7 @@ impl Seen {
                     held.iter()
                         .filter(|hold| hold.until_ms > now_ms && asked.covered_by(&hold.scope()))
                         .filter(|hold| !released(hold))
-                        .map(|hold| (hold.scope(), hold.listeners.iter().copied().collect()))
+                        .map(|hold| (hold.scope(), hold.at_end()))
                         .collect(),
                 )
             }
@@ -966,17 +973,17 @@ impl Drains {
         self.holds_stand(verdict)
     }
 
-    /// Whether `verdict` gates: as `Drains::gated` reopens its own holds, a listener the
-    /// drain did not see is a new instance; listeners that cannot be read keep the gate.
+    /// Whether `verdict` gates: as `Drains::gated` reopens its own holds, a listener of the
+    /// scope ([`Drains::scope_listeners`]) the drain did not see is a new instance;
+    /// listeners that cannot be read keep the gate, and so does a hold whose listeners were
+    /// not read at its end ([`AtEnd::Unknown`]: this view is read only, it learns nothing).
     fn holds_stand(&self, verdict: Verdict) -> bool {
         match verdict {
             Verdict::Gated => true,
             Verdict::Holds(holds) => holds.iter().any(|(scope, listeners)| {
-                !self.closer.as_ref().is_some_and(|closer| {
-                    closer
-                        .listeners(scope)
-                        .is_ok_and(|now| now.iter().any(|cookie| !listeners.contains(cookie)))
-                })
+                !self
+                    .scope_listeners(scope)
+                    .is_some_and(|read| read.is_ok_and(|now| listeners.new_among(&now)))
             }),
         }
     }
@@ -1186,6 +1193,13 @@ impl SavedDrain {
 }
 
 impl SavedHold {
+    /// The listeners when its drain ended, as the gate compares them.
+    fn at_end(&self) -> AtEnd {
+        self.listeners.as_ref().map_or(AtEnd::Unknown, |cookies| {
+            AtEnd::Read(cookies.iter().copied().collect())
+        })
+    }
+
     fn scope(&self) -> Filter {
         Filter {
             port: self.port,

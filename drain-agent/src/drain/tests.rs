@@ -9,6 +9,11 @@ fn registry(active: u64) -> (Arc<FakeSource>, Arc<Tracker>, Arc<Drains>) {
     (source, tracker, drains)
 }
 
+/// The listeners read at a drain's end: these cookies.
+fn read(cookies: &[u64]) -> gate::AtEnd {
+    gate::AtEnd::Read(cookies.iter().copied().collect())
+}
+
 fn spec(timeout: Duration) -> DrainSpec {
     DrainSpec {
         filter: Filter::port(8080),
@@ -130,7 +135,7 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
             port: 9090,
             ..record.clone()
         },
-        vec![7],
+        read(&[7]),
     );
     drains.save().await;
 
@@ -467,7 +472,7 @@ async fn the_agent_check_answers_from_what_a_gone_agent_beside_the_writer_kept()
                 port: 9090,
                 ..record
             },
-            vec![7],
+            read(&[7]),
         );
         beside.cancel(&Filter::port(8080)).await;
         beside.save().await;
@@ -793,11 +798,11 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
     };
     // Pod 8's drain ended first: its hold ends soonest.
     let (scope, record) = ended(8, 8080);
-    drains.finish(&scope, record, Vec::new());
+    drains.finish(&scope, record, read(&[]));
     for port in 1..=12 {
         tokio::time::advance(Duration::from_secs(1)).await;
         let (scope, record) = ended(7, port);
-        drains.finish(&scope, record, Vec::new());
+        drains.finish(&scope, record, read(&[]));
     }
     assert!(
         drains.gated(&pod(8, 8080)),
@@ -813,12 +818,12 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
             netns: None,
             ..ended(7, 9090).1
         },
-        Vec::new(),
+        read(&[]),
     );
     for port in 13..=20 {
         tokio::time::advance(Duration::from_secs(1)).await;
         let (scope, record) = ended(7, port);
-        drains.finish(&scope, record, Vec::new());
+        drains.finish(&scope, record, read(&[]));
     }
     assert!(drains.gated(&node(9090)) && drains.gated(&pod(8, 8080)));
     assert!(drains.gated(&pod(7, 20)));
@@ -1114,7 +1119,7 @@ async fn the_writer_gates_from_what_the_agent_beside_it_keeps() {
             port: 9090,
             ..record
         },
-        vec![7],
+        read(&[7]),
     );
     assert_eq!(new.save().await, Saved::Yes);
     assert!(gate.draining(9090, None).await, "the gate held beside");
@@ -1446,4 +1451,226 @@ async fn a_local_users_drained_drain_holds_its_gate_only_while_no_other_user_is_
         assert_eq!(ended.result, Some(result), "{owners_now:?}: {ended:?}");
         assert_eq!(drains.gated(&node(8080)), gated, "{owners_now:?}");
     }
+}
+
+/// A closer whose `listeners()` fails the first time (a netlink read failing at a drain's
+/// end), then sees the one listener that was there all along (cookie 1): the application's
+/// own, still running.
+#[derive(Default)]
+struct FlakyListeners {
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Closer for FlakyListeners {
+    fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
+        Ok(targets.len() as u64)
+    }
+
+    fn listeners(&self, _filter: &Filter) -> anyhow::Result<Vec<u64>> {
+        if self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            anyhow::bail!("the socket tables cannot be read now");
+        }
+        Ok(vec![1])
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Audit (held gates, fail open): when the listeners could not be read at a drain's end,
+/// the gate was held with none, and the next read took the application's own listener,
+/// still running, for a new instance: the port was back in rotation at the first question.
+/// A failed read at the end never reopens: a listener is new only against a set read.
+#[tokio::test(start_paused = true)]
+async fn a_failed_listener_read_at_a_drains_end_never_reopens_its_gate() {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    let tracker = Arc::new(Tracker::new(source, 16));
+    let closer = Arc::new(FlakyListeners::default());
+    let drains = Arc::new(Drains::new(
+        tracker,
+        Some(Arc::clone(&closer) as Arc<dyn Closer>),
+        None,
+        None,
+        4,
+    ));
+    drains
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
+        .await
+        .expect("room");
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::Drained));
+    for question in 0..3 {
+        assert!(
+            drains.gated(&node(8080)),
+            "question {question}: the application's own listener reopened the gate"
+        );
+    }
+    assert!(
+        closer.reads.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the gate never looked at the listeners"
+    );
+}
+
+/// The same across a restart: a gate held with its listeners unread is kept so
+/// (`"listeners":null`), and the next agent does not take the application's listener for a
+/// new instance either.
+#[tokio::test(start_paused = true)]
+async fn a_gate_held_with_its_listeners_unread_stays_so_across_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let registry = |closer: FlakyListeners| {
+        let source = Arc::new(FakeSource::default());
+        source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+        Arc::new(
+            Drains::new(
+                Arc::new(Tracker::new(source, 16)),
+                Some(Arc::new(closer) as Arc<dyn Closer>),
+                None,
+                None,
+                4,
+            )
+            .with_state_file(StateFile::open(dir.path()).expect("state file")),
+        )
+    };
+    let drains = registry(FlakyListeners::default());
+    drains
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
+        .await
+        .expect("room");
+    drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    drains.save().await;
+    let saved = std::fs::read_to_string(dir.path().join("drains.json")).expect("state file");
+    assert!(saved.contains(r#""listeners":null"#), "{saved}");
+    drop(drains);
+
+    // The next agent's reads all succeed, and see the application's listener.
+    let again = registry(FlakyListeners {
+        reads: std::sync::atomic::AtomicUsize::new(1),
+    });
+    again.restore();
+    for question in 0..3 {
+        assert!(
+            again.gated(&node(8080)),
+            "question {question}: the application's own listener reopened the restored gate"
+        );
+    }
+}
+
+/// Listening sockets by namespace, as a test sets them; asked without a namespace, every
+/// namespace's (what the kernel side answered for a scope of an address alone).
+#[derive(Default)]
+struct ListenersByNetns(Mutex<HashMap<u32, Vec<u64>>>);
+
+impl Closer for ListenersByNetns {
+    fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
+        Ok(targets.len() as u64)
+    }
+
+    fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>> {
+        let by_netns = lock(&self.0);
+        Ok(match filter.netns {
+            Some(netns) => by_netns.get(&netns).cloned().unwrap_or_default(),
+            None => by_netns.values().flatten().copied().collect(),
+        })
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Namespaces' addresses as a test sets them (the node is namespace 1).
+#[derive(Default)]
+struct SetAddresses(Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
+
+impl crate::sys::pod_addresses::AddressSource for SetAddresses {
+    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+        lock(&self.0).clone()
+    }
+}
+
+/// Audit (held gates): a root drain scoped `addr=<pod A's IP>` held its gate after it ended
+/// until a listener appeared on the port in any namespace: pod B's put A back in rotation.
+/// Only listeners in the namespace holding A's address count; while the address names no
+/// one namespace for sure, none does.
+#[tokio::test(start_paused = true)]
+async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
+    let a: std::net::IpAddr = "10.1.0.7".parse().expect("ip");
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("10.1.0.7", 8080, 0)]);
+    let addresses = Arc::new(SetAddresses::default());
+    lock(&addresses.0).insert(7, vec![a]);
+    lock(&addresses.0).insert(8, vec!["10.1.0.8".parse().expect("ip")]);
+    let pods = Arc::new(crate::sys::pod_addresses::PodAddresses::new(
+        1,
+        Arc::clone(&addresses) as Arc<dyn crate::sys::pod_addresses::AddressSource>,
+    ));
+    let closer = Arc::new(ListenersByNetns::default());
+    lock(&closer.0).insert(7, vec![1]);
+    let drains = Arc::new(Drains::new(
+        Arc::new(Tracker::new(source, 16)),
+        Some(Arc::clone(&closer) as Arc<dyn Closer>),
+        None,
+        Some(pods),
+        4,
+    ));
+    let scope = Filter {
+        addr: Some(a),
+        ..Filter::port(8080)
+    };
+    let drained = |drains: Arc<Drains>| {
+        let scope = scope.clone();
+        async move {
+            drains
+                .post(
+                    DrainSpec {
+                        filter: scope.clone(),
+                        ..spec(Duration::from_secs(60))
+                    },
+                    StartedBy::Node,
+                )
+                .await
+                .expect("room");
+            let record = drains
+                .wait_ended(&scope, Duration::from_secs(5))
+                .await
+                .expect("record");
+            assert_eq!(record.result, Some(DrainEnd::Drained));
+        }
+    };
+    // `/health?port=8080&addr=10.1.0.7` from the node.
+    let health_gated = |drains: Arc<Drains>| async move {
+        let question = drains.resolve(8080, Some(a), None).await;
+        drains.gated_any(&question)
+    };
+    drained(Arc::clone(&drains)).await;
+    assert!(health_gated(Arc::clone(&drains)).await);
+    // Pod B (namespace 8) listens on 8080: not A's.
+    lock(&closer.0).insert(8, vec![2]);
+    assert!(
+        health_gated(Arc::clone(&drains)).await,
+        "pod B's listener put pod A back in rotation"
+    );
+    // A new instance in A: back in rotation.
+    lock(&closer.0).insert(7, vec![1, 3]);
+    assert!(!health_gated(Arc::clone(&drains)).await);
+
+    // Drained again; then namespace 8 takes A's address too: it names no one namespace, and
+    // no listener can be told to be A's.
+    drained(Arc::clone(&drains)).await;
+    lock(&addresses.0).insert(8, vec!["10.1.0.8".parse().expect("ip"), a]);
+    tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
+    lock(&closer.0).insert(7, vec![1, 3, 4]);
+    lock(&closer.0).insert(8, vec![2, 5]);
+    assert!(
+        health_gated(Arc::clone(&drains)).await,
+        "a listener reopened the gate of an address two namespaces hold"
+    );
 }

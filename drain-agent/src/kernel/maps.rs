@@ -12,7 +12,7 @@ use std::{
     },
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
 use drain_agent_common::{
     AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
@@ -428,9 +428,21 @@ impl KernelMaps {
         Ok(tracked)
     }
 
-    /// The listening sockets on `filter`'s port in its namespaces, by socket cookie (for
-    /// the drains' gate, through [`super::destroy::KernelCloser`]).
+    /// The listening sockets that may take connections of `filter`'s scope, by socket
+    /// cookie (for the drains' gate, through [`super::destroy::KernelCloser`]): on its port
+    /// in its namespaces; with an address, only in the one namespace `filter.netns` names
+    /// (the one that holds the address: the drains resolve it, `drain/gate.rs`) and only
+    /// those bound to that address or to the wildcard that takes it ([`takes_address`]).
+    /// An address without a namespace is an error: which namespace's listeners take its
+    /// connections is not known here, and a listener elsewhere (another pod's on the same
+    /// port) must never count as the scope's.
     pub fn listeners(&self, filter: &Filter) -> Result<Vec<u64>> {
+        if let (Some(addr), None) = (filter.addr, filter.netns) {
+            bail!(
+                "the listeners of {addr} port {} are asked without its network namespace",
+                filter.port
+            );
+        }
         let mut cookies = Vec::new();
         for (inode, path) in namespaces_of(filter)? {
             let port = filter.port;
@@ -442,12 +454,39 @@ impl KernelMaps {
                 })
             });
             match found {
-                Ok(sockets) => cookies.extend(sockets.iter().map(|socket| socket.cookie)),
+                Ok(sockets) => cookies.extend(
+                    sockets
+                        .iter()
+                        .filter(|socket| {
+                            filter.addr.is_none_or(|addr| {
+                                takes_address(socket.local.ip(), socket.v6only, addr)
+                            })
+                        })
+                        .map(|socket| socket.cookie),
+                ),
                 Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
                 Err(problem) => return Err(problem),
             }
         }
         Ok(cookies)
+    }
+}
+
+/// Whether a listener bound to `bound` (as the socket tables give it: IPv4-mapped folded to
+/// IPv4) takes connections to `addr` (canonical) in its namespace: bound to it, to
+/// `0.0.0.0` for an IPv4 one, to `[::]` for an IPv6 one, or to `[::]` dual-stack
+/// (`v6only` false) for an IPv4 one. An IPv6 wildcard whose `IPV6_V6ONLY` the kernel did
+/// not say takes no IPv4 address here: such a listener must not reopen a gate.
+fn takes_address(bound: IpAddr, v6only: Option<bool>, addr: IpAddr) -> bool {
+    let bound = canonical_addr(bound);
+    if bound == addr {
+        return true;
+    }
+    match (bound, addr) {
+        (IpAddr::V4(bound), IpAddr::V4(_)) => bound.is_unspecified(),
+        (IpAddr::V6(bound), IpAddr::V6(_)) => bound.is_unspecified(),
+        (IpAddr::V6(bound), IpAddr::V4(_)) => bound.is_unspecified() && v6only == Some(false),
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
     }
 }
 
@@ -471,6 +510,26 @@ mod tests {
 
     fn at(addr: &str) -> SocketAddr {
         addr.parse().expect("address")
+    }
+
+    #[test]
+    fn a_listener_takes_its_address_or_its_familys_wildcard() {
+        let ip = |text: &str| -> IpAddr { text.parse().expect("address") };
+        let (pod, pod6) = (ip("10.213.81.2"), ip("fd00::2"));
+        assert!(takes_address(ip("10.213.81.2"), None, pod));
+        assert!(takes_address(ip("0.0.0.0"), None, pod));
+        assert!(!takes_address(ip("10.213.82.2"), None, pod));
+        assert!(!takes_address(ip("127.0.0.1"), None, pod));
+        // [::] takes IPv4 only dual-stack; unsaid is not taken for it.
+        assert!(takes_address(ip("::"), Some(false), pod));
+        assert!(!takes_address(ip("::"), Some(true), pod));
+        assert!(!takes_address(ip("::"), None, pod));
+        // An IPv6 socket bound to the IPv4-mapped address is that address's.
+        assert!(takes_address(ip("::ffff:10.213.81.2"), Some(false), pod));
+        assert!(takes_address(ip("::"), Some(true), pod6));
+        assert!(takes_address(ip("fd00::2"), Some(true), pod6));
+        assert!(!takes_address(ip("0.0.0.0"), None, pod6));
+        assert!(!takes_address(ip("fd00::3"), Some(false), pod6));
     }
 
     #[test]

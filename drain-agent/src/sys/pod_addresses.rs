@@ -332,6 +332,19 @@ impl PodAddresses {
             .addresses_of(netns, Instant::now())
     }
 
+    /// What `addr` names as last read, without reading again (`None`: never read yet). For
+    /// a held gate asked about (`drain/gate.rs`), which must not wait: the question's
+    /// [`PodAddresses::named`] has read it when stale, and so has the drain's end.
+    pub fn named_as_read(&self, addr: IpAddr) -> Option<Named> {
+        let addr = canonical_addr(addr);
+        if !may_name_a_pod(addr) {
+            return Some(Named::Nobody);
+        }
+        let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        snapshot.read_at?;
+        Some(snapshot.named(addr, Instant::now()))
+    }
+
     /// Reads the namespaces again, unless another caller did since `seen`.
     async fn refresh(&self, seen: Option<Instant>) {
         let _reading = self.reading.lock().await;

@@ -83,6 +83,10 @@ pub struct TcpSocket {
     /// From `INET_DIAG_INFO`, when [`Query::with_info`] and the socket has one (time-wait and
     /// request sockets do not).
     pub info: Option<TcpInfoSummary>,
+    /// For an IPv6 listener: whether it is IPv6-only (`IPV6_V6ONLY`, `INET_DIAG_SKV6ONLY`);
+    /// if not, it takes IPv4 connections too (dual-stack). `None` for any other socket,
+    /// or when the kernel did not say.
+    pub v6only: Option<bool>,
     /// The address family the kernel reported (an IPv4 peer of a dual-stack listener is
     /// `AF_INET6`), and `idiag_if`: both go back into [`destroy`]'s request as they came.
     family: u8,

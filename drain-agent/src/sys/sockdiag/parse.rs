@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     TcpInfoSummary, TcpSocket,
-    request::INET_DIAG_INFO,
+    request::{INET_DIAG_INFO, INET_DIAG_SKV6ONLY},
     sockid::{SOCKID_LEN, SockId},
 };
 use crate::sys::netlink::wire::{Attributes, align4, read_array, read_u32};
@@ -59,12 +59,21 @@ pub(super) fn parse_socket(payload: &[u8], with_info: bool) -> Result<TcpSocket>
         Ok(SocketAddr::new(ip, port))
     };
     let mut info = None;
-    if with_info {
+    let mut v6only = None;
+    // The kernel sends INET_DIAG_SKV6ONLY for every IPv6 socket listening or closed
+    // (`inet_diag_msg_attrs_fill`), asked or not.
+    let v6_listener = family == libc::AF_INET6 as u8 && state == super::state::LISTEN;
+    if with_info || v6_listener {
         let attributes = payload.get(align4(DIAG_MSG_LEN)..).unwrap_or_default();
         for attribute in Attributes::new(attributes) {
             let (kind, value) = attribute?;
-            if kind == INET_DIAG_INFO {
+            if kind == INET_DIAG_INFO && with_info {
                 info = Some(parse_tcp_info(value).context("INET_DIAG_INFO")?);
+            } else if kind == INET_DIAG_SKV6ONLY && v6_listener {
+                let &[flag] = value else {
+                    bail!("INET_DIAG_SKV6ONLY of {} bytes, expected 1", value.len());
+                };
+                v6only = Some(flag != 0);
             }
         }
     }
@@ -78,6 +87,7 @@ pub(super) fn parse_socket(payload: &[u8], with_info: bool) -> Result<TcpSocket>
         recv_queue,
         send_queue,
         info,
+        v6only,
         family,
         interface: id.interface,
     })

@@ -17,6 +17,8 @@ const REQ_V2_LEN: usize = 8 + SOCKID_LEN;
 /// include/uapi/linux/inet_diag.h: request attribute and extension numbers, bytecode ops.
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 pub(super) const INET_DIAG_INFO: u16 = 2;
+/// The attribute saying whether an IPv6 listener is IPv6-only (`IPV6_V6ONLY`).
+pub(super) const INET_DIAG_SKV6ONLY: u16 = 11;
 const INET_DIAG_BC_S_GE: u8 = 2;
 const INET_DIAG_BC_S_LE: u8 = 3;
 const INET_DIAG_BC_D_GE: u8 = 4;

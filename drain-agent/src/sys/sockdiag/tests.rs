@@ -304,3 +304,39 @@ fn destroy_resets_the_peer_and_the_socket_is_gone() {
         assert_eq!(errno, Some(libc::ENOENT), "{again:#}");
     }
 }
+
+/// Whether an IPv6 listener takes IPv4 too (the drains' gate asks which listeners take a
+/// pod's IPv4 address: `kernel/maps.rs` `takes_address`): told for each, and for no other.
+#[test]
+fn an_ipv6_listeners_v6only_is_told() {
+    use rustix::net::sockopt;
+    let dual = dual_stack_listener();
+    let only = {
+        let fd = rustix::net::socket_with(
+            rustix::net::AddressFamily::INET6,
+            rustix::net::SocketType::STREAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        sockopt::set_ipv6_v6only(&fd, true).expect("IPV6_V6ONLY");
+        rustix::net::bind(&fd, &SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))).expect("bind");
+        rustix::net::listen(&fd, 16).expect("listen");
+        TcpListener::from(fd)
+    };
+    let v4 = TcpListener::bind("0.0.0.0:0").expect("bind v4");
+    let listening = |listener: &TcpListener| {
+        let port = listener.local_addr().expect("addr").port();
+        let found = query(&Query {
+            local_port: port,
+            states: state::bit(state::LISTEN),
+            with_info: false,
+        })
+        .expect("sock_diag query");
+        assert_eq!(found.len(), 1, "{found:#?}");
+        found[0].v6only
+    };
+    assert_eq!(listening(&dual), Some(false), "dual-stack [::]");
+    assert_eq!(listening(&only), Some(true), "IPv6-only [::]");
+    assert_eq!(listening(&v4), None, "an IPv4 listener");
+}
