@@ -302,8 +302,8 @@ fn another_pods_listener_does_not_reopen_a_pods_held_gate() {
     }
     let agent = Agent::start(&[]);
     let port = free_port();
-    let pod_a = Pod::new("gla", 81);
-    let pod_b = Pod::new("glb", 82);
+    let pod_a = Pod::new("glc", 81);
+    let pod_b = Pod::new("gld", 82);
     // A's listener, held here (no connection is made): closed when dropped.
     let listening =
         move |bind: String| move || std::net::TcpListener::bind(&bind).expect("bind in pod A");

@@ -12,15 +12,13 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// `tag` names the namespace; its last character and this process's id name the host
-    /// side of the veth pair (at most 15 characters), so concurrent test binaries do not clash.
+    /// `tag` names the namespace; `subnet` (one per pod, as its addresses are) and this
+    /// process's id name the host side of the veth pair (at most 15 characters), so neither
+    /// concurrent tests nor concurrent test binaries clash. (It was the tag's last letter:
+    /// two tests of one file, "podb" and "glb", took the same link from each other.)
     pub fn new(tag: &str, subnet: u8) -> Self {
         let netns = Netns::new(tag);
-        let host_link = format!(
-            "dp{}{}",
-            std::process::id() % 100_000,
-            tag.chars().last().unwrap_or('x')
-        );
+        let host_link = format!("dp{}s{subnet}", std::process::id() % 100_000);
         let _ = Command::new("ip")
             .args(["link", "del", &host_link])
             .output();
