@@ -60,7 +60,8 @@ pub enum CloseArg {
              answers \"is this port drained?\" for deploy hooks.",
     long_about = "Counts the inbound TCP connections of every local port from the kernel (eBPF) \
                   and answers \"is this port drained?\" for deploy hooks.\n\n\
-                  Run the agent (as root, or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE), then block a \
+                  Run the agent (as root, or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, and \
+                  CAP_NET_ADMIN to close connections at a deadline on kernels before 6.5), then block a \
                   stop hook on it:\n  curl -fsS 'localhost:9100/drained?port=8080&timeout=30s'\n  \
                   drain-agent wait --port 8080 --timeout 30s",
     args_conflicts_with_subcommands = true

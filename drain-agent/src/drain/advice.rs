@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAdvice {
     pub port: u16,
-    /// Connections closed since the agent started (those the histogram knows).
+    /// Connections closed since the kernel's counting state was made (those the histogram
+    /// knows; kept across restarts with `--pin-dir`).
     pub connections: u64,
     /// Upper bounds of the histogram buckets the quantiles fall in; `None`: over 1 h.
     pub p50_ms: Option<u64>,
