@@ -347,9 +347,10 @@ impl Drains {
     /// pod's, running all along, look new to it and put the drained pod back in rotation.
     /// It is a superset of the scope's listeners at the end ([`Drains::scope_listeners`]),
     /// and a valid one to tell a new listener of the scope by: a socket's namespace never
-    /// changes and cookies are not reused, so a listener that was elsewhere at the end is
-    /// never later one of the scope's (and one that was not, bound to another address in
-    /// its namespace, was there at the end: not a new instance). It needs no address map,
+    /// changes and cookies are not reused, so a listener the scope gains later is in it
+    /// only if it was there at the end (bound to another address of its namespace, or in
+    /// another namespace that the address moved to): not a new instance, which keeps the
+    /// gate held, never reopens it early. It needs no address map,
     /// so a scope whose address names no one namespace at the end (its pod gave it up) is
     /// read as well: only a failed read is [`AtEnd::Unknown`] (`"listeners":null`).
     ///
@@ -357,8 +358,8 @@ impl Drains {
     /// pod was deleted) has no listener: an empty set, which an earlier release reads too.
     /// Safe: its later reads fail (it cannot be entered) and keep the gate held, as they
     /// did before with the empty set the end's failed read left; were its inode reused by
-    /// a new namespace, that one's listeners are a new pod's, which this gate never covered
-    /// rightly (it is one pod's), so their reopening it is no loss.
+    /// a new namespace, listeners there are a new pod's, which the gone pod's gate should
+    /// not keep out of rotation anyway.
     pub(super) fn end_listeners(&self, scope: &Filter) -> Option<anyhow::Result<Vec<u64>>> {
         let closer = self.closer.as_ref()?;
         let everywhere = Filter {
