@@ -19,3 +19,18 @@ pub trait Closer: Send + Sync + 'static {
     /// would record a close that never happens.
     fn unavailable(&self) -> Option<&str>;
 }
+
+/// What [`Closer::listeners`] fails with when the one namespace it is asked about
+/// (`filter.netns`, an inode) is gone: no process and no name holds it any more, so nothing
+/// can listen in it. A drain's end tells it from a failed read (`drain/gate.rs`
+/// `Drains::end_listeners`): a pod's drain ending after its pod was deleted.
+#[derive(Debug)]
+pub struct NamespaceGone(pub u32);
+
+impl std::fmt::Display for NamespaceGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "network namespace {} is gone", self.0)
+    }
+}
+
+impl std::error::Error for NamespaceGone {}

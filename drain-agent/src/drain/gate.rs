@@ -5,6 +5,7 @@
 use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
+    closer::NamespaceGone,
     drain::{Drains, lock},
     sys::pod_addresses::{Named, may_name_a_pod},
     tracker::Filter,
@@ -100,22 +101,26 @@ pub(super) struct Held {
 }
 
 /// The listeners of a held scope when its drain ended (socket cookies: a socket's never
-/// changes), which a listener must not be among to be a new instance.
+/// changes, nor its namespace), which a listener must not be among to be a new instance.
+/// Read as [`Drains::end_listeners`] reads them: every listener on the port in the
+/// namespaces the scope names, whatever its address — a superset of the scope's own
+/// ([`Drains::scope_listeners`]), which is what the state file keeps and what an agent of an
+/// earlier release compares with every listener of those namespaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum AtEnd {
-    /// Read: any other listener is a new instance.
+    /// Read: any other listener of the scope is a new instance.
     Read(HashSet<u64>),
-    /// The read at the end failed (or the scope's address named no one namespace then).
-    /// Fail closed: no listener is new until a read succeeds, and the first that does is
-    /// taken for the end's (nothing in it is new; a later listener is). A new instance
-    /// already listening by then keeps the scope out of rotation until `DELETE /drain` or
-    /// the hold's end, never puts it back too early. Before, an empty set was kept and
-    /// the application's own listener, still running, reopened the gate at once.
+    /// The read at the end failed (a failed netlink read). Fail closed: no listener is new
+    /// until a read succeeds, and the first that does is taken for the end's (nothing in it
+    /// is new; a later listener is). A new instance already listening by then keeps the
+    /// scope out of rotation until `DELETE /drain` or the hold's end, never puts it back
+    /// too early. Before, an empty set was kept and the application's own listener, still
+    /// running, reopened the gate at once.
     Unknown,
 }
 
 impl AtEnd {
-    /// From the read at a drain's end.
+    /// From the read at a drain's end ([`Drains::end_listeners`]).
     pub(super) fn of(read: anyhow::Result<Vec<u64>>) -> Self {
         match read {
             Ok(cookies) => Self::Read(cookies.into_iter().collect()),
@@ -128,22 +133,13 @@ impl AtEnd {
         }
     }
 
-    /// Whether a listener in `now` (read after the end) is a new instance.
+    /// Whether a listener of the scope in `now` (read after the end,
+    /// [`Drains::scope_listeners`]) is a new instance.
     pub(super) fn new_among(&self, now: &[u64]) -> bool {
         match self {
             Self::Read(seen) => now.iter().any(|cookie| !seen.contains(cookie)),
             Self::Unknown => false,
         }
-    }
-
-    /// Whether `now` reopens the gate, learning the end's listeners from the first read
-    /// that succeeds when the end's failed (see [`AtEnd::Unknown`]).
-    pub(super) fn reopened_by(&mut self, now: &[u64]) -> bool {
-        if *self == Self::Unknown {
-            *self = Self::Read(now.iter().copied().collect());
-            return false;
-        }
-        self.new_among(now)
     }
 }
 
@@ -271,10 +267,7 @@ impl Drains {
             if !asked.covered_by(scope) {
                 return true;
             }
-            let reopen = now >= hold.until
-                || self
-                    .scope_listeners(scope)
-                    .is_some_and(|read| read.is_ok_and(|now| hold.listeners.reopened_by(&now)));
+            let reopen = now >= hold.until || self.reopens(scope, &mut hold.listeners);
             if reopen {
                 log::info!(
                     "port {} (addr {}, netns {}) back in rotation: a new instance listens, or the hold ended",
@@ -293,12 +286,12 @@ impl Drains {
     }
 
     /// The listeners that may take `scope`'s connections now, by cookie, which a held gate
-    /// compares with those at its drain's end (`None`: no closer here to read them). For a
-    /// scope of one address and no namespace (a root or token drain `addr=<pod IP>`): only
-    /// in the namespace that address names (`sys/pod_addresses.rs`, as last read: a
-    /// question from the node's listener reads it when stale, [`Drains::resolve`], and a
-    /// drain's end before its read, [`Drains::read_addresses_of`]; an address that names no
-    /// pod, the node's namespace), and there only listeners that take connections to it
+    /// compares with those its drain's end saw ([`Drains::end_listeners`], a superset)
+    /// (`None`: no closer here to read them). For a scope of one address and no namespace
+    /// (a root or token drain `addr=<pod IP>`): only in the namespace that address names
+    /// (`sys/pod_addresses.rs`, as last read: a question from the node's listener reads it
+    /// when stale, [`Drains::resolve`]; an address that names no pod, the node's
+    /// namespace), and there only listeners that take connections to it
     /// ([`crate::closer::Closer::listeners`]). Before, every namespace's listener on the
     /// port counted: another pod's (a rolling update's new pod) put a stopping pod back in
     /// rotation. An address that names no one namespace for sure ([`Named::Unsure`]), or
@@ -330,12 +323,59 @@ impl Drains {
         })
     }
 
-    /// Before a drain's end reads its scope's listeners ([`Drains::scope_listeners`]): the
-    /// namespace its address names, read again if stale.
-    pub(super) async fn read_addresses_of(&self, scope: &Filter) {
-        if let (Some(addr), None, Some(pods)) = (scope.addr, scope.netns, &self.pods) {
-            pods.named(addr).await;
+    /// Whether a listener of `scope` now is one its drain did not see at its end: a new
+    /// instance, which reopens the gate. When the end's read failed ([`AtEnd::Unknown`]),
+    /// nothing reopens it yet: the first read that succeeds is taken for the end's, read as
+    /// the end reads ([`Drains::end_listeners`]) so that the state file keeps one meaning.
+    fn reopens(&self, scope: &Filter, at_end: &mut AtEnd) -> bool {
+        if *at_end == AtEnd::Unknown {
+            if let Some(Ok(seen)) = self.end_listeners(scope) {
+                *at_end = AtEnd::Read(seen.into_iter().collect());
+            }
+            return false;
         }
+        self.scope_listeners(scope)
+            .is_some_and(|read| read.is_ok_and(|now| at_end.new_among(&now)))
+    }
+
+    /// The listeners a held gate keeps from its drain's end ([`AtEnd`]; `None`: no closer
+    /// here to read them): every listener on `scope`'s port in the namespaces it names,
+    /// whatever its address (no namespace: every namespace's). It is what an agent of an
+    /// earlier release saved and compares with every listener of those namespaces, so the
+    /// state file means the same to it (a rollback, or the other agent of an upgrade's
+    /// overlap reading this one's file): saving only the scope's own listeners made another
+    /// pod's, running all along, look new to it and put the drained pod back in rotation.
+    /// It is a superset of the scope's listeners at the end ([`Drains::scope_listeners`]),
+    /// and a valid one to tell a new listener of the scope by: a socket's namespace never
+    /// changes and cookies are not reused, so a listener the scope gains later is in it
+    /// only if it was there at the end (bound to another address of its namespace, or in
+    /// another namespace that the address moved to): not a new instance, which keeps the
+    /// gate held, never reopens it early. It needs no address map,
+    /// so a scope whose address names no one namespace at the end (its pod gave it up) is
+    /// read as well: only a failed read is [`AtEnd::Unknown`] (`"listeners":null`).
+    ///
+    /// A scope's namespace that is gone ([`NamespaceGone`]: a pod's drain ending after its
+    /// pod was deleted) has no listener: an empty set, which an earlier release reads too.
+    /// Safe: its later reads fail (it cannot be entered) and keep the gate held, as they
+    /// did before with the empty set the end's failed read left; were its inode reused by
+    /// a new namespace, listeners there are a new pod's, which the gone pod's gate should
+    /// not keep out of rotation anyway.
+    pub(super) fn end_listeners(&self, scope: &Filter) -> Option<anyhow::Result<Vec<u64>>> {
+        let closer = self.closer.as_ref()?;
+        let everywhere = Filter {
+            addr: None,
+            ..scope.clone()
+        };
+        Some(match closer.listeners(&everywhere) {
+            Err(problem)
+                if scope.netns.is_some()
+                    && problem.chain().any(|cause| cause.is::<NamespaceGone>()) =>
+            {
+                log::debug!("no listeners at a drain's end: {problem:#}");
+                Ok(Vec::new())
+            }
+            read => read,
+        })
     }
 
     /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).

@@ -160,14 +160,14 @@ impl Drains {
             record.wait_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             record.clone()
         };
-        // The listeners now (the gate waits for a new one): a netlink query per namespace,
-        // off the async workers, which are answering the drain's waiters meanwhile. A read
-        // that fails is kept as such (`AtEnd::Unknown`): it never reopens the gate.
+        // The listeners now (the gate waits for a new one): every one on the port in the
+        // scope's namespaces (`Drains::end_listeners`), a netlink query per namespace, off
+        // the async workers, which are answering the drain's waiters meanwhile. A read that
+        // fails is kept as such (`AtEnd::Unknown`): it never reopens the gate.
         let listeners = match record.result {
             Some(result) if result.holds_the_gate() && self.closer.is_some() => {
-                self.read_addresses_of(&spec.filter).await;
                 let (drains, filter) = (Arc::clone(&self), spec.filter.clone());
-                let read = tokio::task::spawn_blocking(move || drains.scope_listeners(&filter));
+                let read = tokio::task::spawn_blocking(move || drains.end_listeners(&filter));
                 AtEnd::of(match read.await {
                     Ok(Some(read)) => read,
                     Ok(None) => Ok(Vec::new()),

@@ -113,11 +113,16 @@ struct SavedHold {
     addr: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     netns: Option<u32>,
-    /// Cookies of the listeners when the drain ended (a socket's cookie never changes);
-    /// `null` when they could not be read then ([`AtEnd::Unknown`]: no listener reopens
-    /// the gate until a read succeeds). An agent before this one cannot read `null`: it
-    /// takes the file for unreadable and fails closed (every scope gated), never reopens
-    /// the gate at the first listener as it would have with the `[]` it wrote then.
+    /// Cookies of the listeners when the drain ended (a socket's cookie never changes):
+    /// every one on `port` in the namespaces the scope names (`netns`; without it, every
+    /// namespace's), whatever its address ([`Drains::end_listeners`]) — what every release
+    /// has saved and compares with those namespaces' listeners; this one compares only the
+    /// scope's own with them ([`Drains::scope_listeners`]). `[]` for a namespace gone at
+    /// the end. `null` only when that read failed ([`AtEnd::Unknown`], rare: a failed
+    /// netlink read; no listener reopens the gate until a read succeeds). An agent before
+    /// this one cannot read `null`: it takes the file for unreadable and fails closed
+    /// (every scope gated), never reopens the gate at the first listener as it would have
+    /// with the `[]` it wrote then.
     listeners: Option<Vec<u64>>,
     /// Unix time in milliseconds when the hold ends.
     until_ms: u64,

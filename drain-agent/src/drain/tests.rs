@@ -1564,9 +1564,16 @@ async fn a_gate_held_with_its_listeners_unread_stays_so_across_a_restart() {
 }
 
 /// Listening sockets by namespace, as a test sets them; asked without a namespace, every
-/// namespace's (what the kernel side answered for a scope of an address alone).
+/// namespace's (what the kernel side answered for a scope of an address alone, and what an
+/// agent before the address's namespace was told answers for it). Ignores `filter.addr`.
 #[derive(Default)]
-struct ListenersByNetns(Mutex<HashMap<u32, Vec<u64>>>);
+struct ListenersByNetns {
+    listening: Mutex<HashMap<u32, Vec<u64>>>,
+    /// Namespaces gone: asked about one, the read fails with [`NamespaceGone`].
+    gone: Mutex<Vec<u32>>,
+    /// How many of the next reads fail (a netlink read failing).
+    failing: std::sync::atomic::AtomicUsize,
+}
 
 impl Closer for ListenersByNetns {
     fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
@@ -1574,7 +1581,21 @@ impl Closer for ListenersByNetns {
     }
 
     fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>> {
-        let by_netns = lock(&self.0);
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .failing
+            .fetch_update(SeqCst, SeqCst, |left| left.checked_sub(1))
+            .is_ok()
+        {
+            anyhow::bail!("the socket tables cannot be read now");
+        }
+        if let Some(netns) = filter.netns
+            && lock(&self.gone).contains(&netns)
+        {
+            return Err(anyhow::Error::new(crate::closer::NamespaceGone(netns))
+                .context("cannot enter the namespace"));
+        }
+        let by_netns = lock(&self.listening);
         Ok(match filter.netns {
             Some(netns) => by_netns.get(&netns).cloned().unwrap_or_default(),
             None => by_netns.values().flatten().copied().collect(),
@@ -1613,7 +1634,7 @@ async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
         Arc::clone(&addresses) as Arc<dyn crate::sys::pod_addresses::AddressSource>,
     ));
     let closer = Arc::new(ListenersByNetns::default());
-    lock(&closer.0).insert(7, vec![1]);
+    lock(&closer.listening).insert(7, vec![1]);
     let drains = Arc::new(Drains::new(
         Arc::new(Tracker::new(source, 16)),
         Some(Arc::clone(&closer) as Arc<dyn Closer>),
@@ -1653,13 +1674,13 @@ async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
     drained(Arc::clone(&drains)).await;
     assert!(health_gated(Arc::clone(&drains)).await);
     // Pod B (namespace 8) listens on 8080: not A's.
-    lock(&closer.0).insert(8, vec![2]);
+    lock(&closer.listening).insert(8, vec![2]);
     assert!(
         health_gated(Arc::clone(&drains)).await,
         "pod B's listener put pod A back in rotation"
     );
     // A new instance in A: back in rotation.
-    lock(&closer.0).insert(7, vec![1, 3]);
+    lock(&closer.listening).insert(7, vec![1, 3]);
     assert!(!health_gated(Arc::clone(&drains)).await);
 
     // Drained again; then namespace 8 takes A's address too: it names no one namespace, and
@@ -1667,10 +1688,203 @@ async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
     drained(Arc::clone(&drains)).await;
     lock(&addresses.0).insert(8, vec!["10.1.0.8".parse().expect("ip"), a]);
     tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
-    lock(&closer.0).insert(7, vec![1, 3, 4]);
-    lock(&closer.0).insert(8, vec![2, 5]);
+    lock(&closer.listening).insert(7, vec![1, 3, 4]);
+    lock(&closer.listening).insert(8, vec![2, 5]);
     assert!(
         health_gated(Arc::clone(&drains)).await,
         "a listener reopened the gate of an address two namespaces hold"
+    );
+}
+
+/// The saved hold of `dir`'s state file (its one held gate): its `listeners`, as written.
+fn saved_listeners(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("drains.json")).expect("state file");
+    let saved: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let held = saved["state"]["held"].as_array().expect("held gates");
+    assert_eq!(held.len(), 1, "{text}");
+    held[0]["listeners"].clone()
+}
+
+/// A registry on `dir` with `closer` and, when given, the pods' addresses.
+fn gate_registry(
+    dir: &std::path::Path,
+    closer: &Arc<ListenersByNetns>,
+    addresses: Option<&Arc<SetAddresses>>,
+) -> Arc<Drains> {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("10.1.0.7", 8080, 0)]);
+    let pods = addresses.map(|addresses| {
+        Arc::new(crate::sys::pod_addresses::PodAddresses::new(
+            1,
+            Arc::clone(addresses) as Arc<dyn crate::sys::pod_addresses::AddressSource>,
+        ))
+    });
+    Arc::new(
+        Drains::new(
+            Arc::new(Tracker::new(source, 16)),
+            Some(Arc::clone(closer) as Arc<dyn Closer>),
+            None,
+            pods,
+            4,
+        )
+        .with_state_file(StateFile::open(dir).expect("state file")),
+    )
+}
+
+/// Posts a drain of `scope` and waits for it to end drained.
+async fn drain_to_the_end(drains: &Arc<Drains>, scope: &Filter) {
+    drains
+        .post(
+            DrainSpec {
+                filter: scope.clone(),
+                ..spec(Duration::from_secs(60))
+            },
+            StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    let record = drains
+        .wait_ended(scope, Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(record.result, Some(DrainEnd::Drained));
+}
+
+/// Pod A (namespace 7, 10.1.0.7) listening with cookie 1 and pod B (namespace 8) with
+/// cookie 2, both on 8080.
+fn two_pods_listening() -> (std::net::IpAddr, Arc<SetAddresses>, Arc<ListenersByNetns>) {
+    let a: std::net::IpAddr = "10.1.0.7".parse().expect("ip");
+    let addresses = Arc::new(SetAddresses::default());
+    lock(&addresses.0).insert(7, vec![a]);
+    lock(&addresses.0).insert(8, vec!["10.1.0.8".parse().expect("ip")]);
+    let closer = Arc::new(ListenersByNetns::default());
+    lock(&closer.listening).insert(7, vec![1]);
+    lock(&closer.listening).insert(8, vec![2]);
+    (a, addresses, closer)
+}
+
+/// Audit (state-file compatibility): the saved listeners of a held `addr=<pod IP>` scope
+/// were narrowed to the pod's own, but an agent of an earlier release (a rollback, or the
+/// writer of an upgrade's overlap reading `drains.next.json`) compares them with every
+/// namespace's listeners on the port: pod B's, running all along, looked new and put pod A
+/// back in rotation there. What is saved is every listener on the port in the namespaces
+/// the scope names (here all), as before; the narrowed check still holds with it.
+#[tokio::test(start_paused = true)]
+async fn a_held_addr_gate_saves_every_namespaces_listeners_as_an_older_agent_reads_them() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (a, addresses, closer) = two_pods_listening();
+    let scope = Filter {
+        addr: Some(a),
+        ..Filter::port(8080)
+    };
+    let drains = gate_registry(dir.path(), &closer, Some(&addresses));
+    drain_to_the_end(&drains, &scope).await;
+    drains.save().await;
+    let mut saved: Vec<u64> = serde_json::from_value(saved_listeners(dir.path()))
+        .expect("listeners an older agent can read");
+    saved.sort_unstable();
+    assert_eq!(saved, [1, 2], "pod B's listener is not in the saved hold");
+    // This agent still reopens only for a new listener of A's.
+    let question = drains.resolve(8080, Some(a), None).await;
+    assert!(drains.gated_any(&question));
+    drop(drains);
+
+    // An agent of an earlier release restoring it: no address map, every namespace's
+    // listeners on the port for the scope.
+    let older = gate_registry(dir.path(), &closer, None);
+    older.restore();
+    let asked = Asked {
+        port: 8080,
+        addr: Some(a),
+        netns: 7,
+        whole_namespace: false,
+    };
+    assert!(
+        older.gated(&asked),
+        "pod B's listener, there all along, reopened the restored gate"
+    );
+    lock(&closer.listening).insert(7, vec![1, 3]);
+    assert!(!older.gated(&asked), "a new instance did not reopen it");
+}
+
+/// Audit (state-file compatibility): an `addr=` drain ending after its pod gave up the
+/// address (it names no one namespace for `FORMER_KEPT`) was saved `"listeners":null`,
+/// which an agent of an earlier release cannot read: it failed closed for every scope of
+/// the node. Its listeners are read as every namespace's, which needs no address.
+#[tokio::test(start_paused = true)]
+async fn an_addr_drain_ending_after_its_pod_gave_up_the_address_saves_its_listeners() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (a, addresses, closer) = two_pods_listening();
+    let scope = Filter {
+        addr: Some(a),
+        ..Filter::port(8080)
+    };
+    let drains = gate_registry(dir.path(), &closer, Some(&addresses));
+    // The address was read as A's, then A gives it up.
+    assert!(!drains.gated_any(&drains.resolve(8080, Some(a), None).await));
+    lock(&addresses.0).insert(7, Vec::new());
+    tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
+    drain_to_the_end(&drains, &scope).await;
+    drains.save().await;
+    let listeners = saved_listeners(dir.path());
+    assert!(!listeners.is_null(), "saved \"listeners\":null");
+    let mut saved: Vec<u64> = serde_json::from_value(listeners).expect("listeners");
+    saved.sort_unstable();
+    assert_eq!(saved, [1, 2]);
+    assert!(drains.gated_any(&drains.resolve(8080, Some(a), None).await));
+}
+
+/// Audit (state-file compatibility): a pod's drain (its namespace) ending after the pod's
+/// namespace was gone was saved `"listeners":null`. Nothing listens in a gone namespace: an
+/// empty set is saved, and the gate stays held (its namespace's listeners cannot be read).
+#[tokio::test(start_paused = true)]
+async fn a_pods_drain_ending_after_its_namespace_went_saves_no_listeners() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, closer) = two_pods_listening();
+    lock(&closer.gone).push(7);
+    let scope = Filter {
+        netns: Some(7),
+        ..Filter::port(8080)
+    };
+    let drains = gate_registry(dir.path(), &closer, None);
+    drain_to_the_end(&drains, &scope).await;
+    drains.save().await;
+    assert_eq!(saved_listeners(dir.path()), serde_json::json!([]));
+    let asked = Asked {
+        port: 8080,
+        addr: None,
+        netns: 7,
+        whole_namespace: true,
+    };
+    assert!(drains.gated(&asked));
+}
+
+/// A failed read at an `addr=` drain's end (`"listeners":null`): the first read that
+/// succeeds is taken for the end's, and it is what the end would have read — every
+/// namespace's listeners on the port — so the file saved after it reads for an agent of an
+/// earlier release as the end's would have (pod B's listener in it, not new).
+#[tokio::test(start_paused = true)]
+async fn listeners_learned_after_a_failed_read_at_the_end_are_saved_as_the_ends() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (a, addresses, closer) = two_pods_listening();
+    closer.failing.store(1, std::sync::atomic::Ordering::SeqCst);
+    let scope = Filter {
+        addr: Some(a),
+        ..Filter::port(8080)
+    };
+    let drains = gate_registry(dir.path(), &closer, Some(&addresses));
+    drain_to_the_end(&drains, &scope).await;
+    let question = drains.resolve(8080, Some(a), None).await;
+    assert!(drains.gated_any(&question), "the first read after it");
+    drains.save().await;
+    let mut saved: Vec<u64> = serde_json::from_value(saved_listeners(dir.path()))
+        .expect("listeners an older agent can read");
+    saved.sort_unstable();
+    assert_eq!(saved, [1, 2], "pod B's listener is not in the saved hold");
+    assert!(drains.gated_any(&question));
+    lock(&closer.listening).insert(7, vec![1, 3]);
+    assert!(
+        !drains.gated_any(&question),
+        "a new instance did not reopen it"
     );
 }

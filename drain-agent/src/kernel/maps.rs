@@ -18,7 +18,10 @@ use drain_agent_common::{
     AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
 };
 
-use crate::{addr::canonical_addr, doubt::Doubt, sys::netns, sys::sockdiag, tracker::Filter};
+use crate::{
+    addr::canonical_addr, closer::NamespaceGone, doubt::Doubt, sys::netns, sys::sockdiag,
+    tracker::Filter,
+};
 
 /// A connection by its addresses: (netns, local, remote), addresses canonical
 /// ([`canonical_addr`]: IPv4-mapped IPv6 folded to IPv4, as the kernel side keys them).
@@ -289,7 +292,9 @@ fn lost_in_all(errors: &[u64; error_index::COUNT as usize]) -> u64 {
         .saturating_add(errors[error_index::ADDRESS_TAKEN as usize])
 }
 
-/// The namespaces a filter covers, with a path to enter each.
+/// The namespaces a filter covers, with a path to enter each. The one namespace it names
+/// gone (no process nor name holds it): [`NamespaceGone`], which a drain's end tells from a
+/// failed read (`drain/gate.rs` `Drains::end_listeners`).
 pub(super) fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
     let namespaces = netns::all_namespaces();
     Ok(match filter.netns {
@@ -298,7 +303,7 @@ pub(super) fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
             namespaces
                 .get(&wanted)
                 .cloned()
-                .with_context(|| format!("network namespace {wanted} cannot be entered"))?,
+                .ok_or(NamespaceGone(wanted))?,
         )],
         None => namespaces.into_iter().collect(),
     })
