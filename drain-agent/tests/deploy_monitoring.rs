@@ -143,9 +143,10 @@ fn expand_grafana(expr: &str, instance: &str, rate_interval: &str) -> String {
     expanded
 }
 
-/// A copy of a Prometheus config whose `kubernetes_sd_configs` blocks are static targets,
-/// for a promtool built without Kubernetes discovery (Debian's).
-fn without_kubernetes_sd(text: &str) -> String {
+/// A copy of a Prometheus config whose `kubernetes_sd_configs` blocks are `static_configs`
+/// (flow-style YAML: `[{targets: [...], labels: {...}}]`), for a promtool or Prometheus
+/// built without Kubernetes discovery (Debian's).
+fn without_kubernetes_sd(text: &str, static_configs: &str) -> String {
     let mut out = Vec::new();
     let mut skipping: Option<usize> = None;
     for line in text.lines() {
@@ -158,7 +159,7 @@ fn without_kubernetes_sd(text: &str) -> String {
         }
         if line.trim_start().starts_with("kubernetes_sd_configs:") {
             out.push(format!(
-                "{}static_configs: [{{targets: [\"127.0.0.1:9100\"]}}]",
+                "{}static_configs: {static_configs}",
                 " ".repeat(indent)
             ));
             skipping = Some(indent);
@@ -241,7 +242,7 @@ fn prometheus_files_pass_promtool() {
         let config = read(&dir.join("prometheus-kubernetes.yml"));
         fs::write(
             temp.path().join("prometheus-kubernetes.yml"),
-            without_kubernetes_sd(&config),
+            without_kubernetes_sd(&config, r#"[{targets: ["127.0.0.1:9100"]}]"#),
         )
         .expect("write");
         let output = run(Command::new("promtool")
@@ -258,6 +259,83 @@ fn prometheus_files_pass_promtool() {
             "promtool check config prometheus-kubernetes.yml:\n{}",
             text_of(&output)
         );
+    }
+}
+
+/// prometheus-kubernetes.yml in a real Prometheus, its pod discovery replaced by static
+/// targets that carry what `role: pod` gives an agent's pod (no container port: the
+/// address is the bare pod IP, the port only in the annotation): an IPv4 and an IPv6 pod,
+/// each served on loopback, are scraped at the annotation's port, and an IPv6 pod IP
+/// becomes a bracketed address.
+#[test]
+fn kubernetes_config_scrapes_ipv4_and_ipv6_pods_in_a_real_prometheus() {
+    let test = "kubernetes_config_scrapes_ipv4_and_ipv6_pods_in_a_real_prometheus";
+    if !tool_available(test, PROMETHEUS, &["--version"]) {
+        return;
+    }
+    let body = || "# TYPE drain_agent_build_info gauge\ndrain_agent_build_info 1\n".to_owned();
+    let v4 = serve_text("127.0.0.1:0", body());
+    let v6 = serve_text("[::1]:0", body());
+    let pod = |ip: &str, port: u16, node: &str| {
+        format!(
+            "{{targets: [\"{ip}\"], labels: {{__meta_kubernetes_pod_ip: \"{ip}\", \
+             __meta_kubernetes_pod_annotation_prometheus_io_port: \"{port}\", \
+             __meta_kubernetes_pod_label_app_kubernetes_io_name: drain-agent, \
+             __meta_kubernetes_pod_node_name: {node}}}}}"
+        )
+    };
+    let pods = format!(
+        "[{}, {}, {}]",
+        pod("127.0.0.1", v4.port(), "node-v4"),
+        pod("::1", v6.port(), "node-v6"),
+        pod("fd00::5", 19700, "node-far"),
+    );
+    let dir = deploy("prometheus");
+    let temp = common::temp_dir("drain-agent-deploy-pod-addresses-");
+    for rules in ["drain-agent-rules.yml", KUBERNETES_RULES] {
+        fs::copy(dir.join(rules), temp.path().join(rules)).expect("copy rules");
+    }
+    let config = read(&dir.join("prometheus-kubernetes.yml"));
+    assert!(config.contains("scrape_interval: 15s"), "update this test");
+    let config = without_kubernetes_sd(&config, &pods)
+        .replace("scrape_interval: 15s", "scrape_interval: 1s");
+    fs::write(temp.path().join("prometheus.yml"), config).expect("write config");
+    let prometheus = Prometheus::start_in(temp);
+
+    let expected = [
+        ("node-v4", format!("127.0.0.1:{}", v4.port()), true),
+        ("node-v6", format!("[::1]:{}", v6.port()), true),
+        ("node-far", "[fd00::5]:19700".to_owned(), false),
+    ];
+    let started = Instant::now();
+    loop {
+        let targets = prometheus_get(&prometheus, "/api/v1/targets");
+        let active = targets["data"]["activeTargets"]
+            .as_array()
+            .expect("activeTargets");
+        let found = |node: &str| active.iter().find(|t| t["labels"]["node"] == node);
+        let problems: Vec<String> = expected
+            .iter()
+            .filter_map(|(node, instance, scraped)| {
+                let target = found(node);
+                let right = target.is_some_and(|t| {
+                    t["labels"]["instance"] == instance.as_str()
+                        && t["scrapeUrl"] == format!("http://{instance}/metrics")
+                        && (!scraped || t["health"] == "up")
+                });
+                (!right).then(|| format!("{node}: wanted {instance}, got {target:?}"))
+            })
+            .collect();
+        if problems.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "pods scraped at the wrong address:\n{}\ntargets: {targets}\nlog:\n{}",
+            problems.join("\n"),
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -731,8 +809,14 @@ fn serve_kube_state_metrics(pods: &[(&str, &str, &str, &str)]) -> String {
             ));
         }
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
-    let address = listener.local_addr().expect("addr").to_string();
+    serve_text("127.0.0.1:0", body).to_string()
+}
+
+/// Serves `body` as a Prometheus text exposition on `bind` (plain HTTP, any path) until the
+/// test ends.
+fn serve_text(bind: &str, body: String) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind(bind).expect("listen");
+    let address = listener.local_addr().expect("addr");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
