@@ -1052,6 +1052,122 @@ fn pods_are_named_in_a_real_prometheus() {
     }
 }
 
+/// The Argo Rollouts AnalysisTemplate's query, its arguments filled in, on made-up series
+/// with `promtool test rules` (the recording rules loaded): a rollout whose drains were cut
+/// short fails, one whose drains were clean passes, and with nothing measured (no agent
+/// scraped, or the rollout's pods not named by kube-state-metrics and the rules) it fails
+/// too: no data is not a clean rollout. `sgn` of the answer: 1 and -1 fail
+/// `result[0] == 0`, 0 passes.
+#[test]
+fn argo_analysis_fails_closed_without_measurements() {
+    let test = "argo_analysis_fails_closed_without_measurements";
+    if !tool_available(test, "promtool", &["--version"]) {
+        return;
+    }
+    let Some(docs) =
+        common::deploy::yaml_documents(test, &deploy("recipes/argo-rollouts-analysis.yaml"))
+    else {
+        return;
+    };
+    let metric = &docs[0]["spec"]["metrics"][0];
+    assert_eq!(metric["successCondition"], "result[0] == 0", "{metric}");
+    let query = metric["provider"]["prometheus"]["query"]
+        .as_str()
+        .expect("query")
+        .replace("{{args.namespace}}", "shop")
+        .replace("{{args.rollout}}", "web");
+    assert!(!query.contains("{{"), "an argument left in {query}");
+    let expr = serde_json::to_string(&format!("sgn({query})")).expect("quote");
+
+    let agent = r#"'drain_agent_build_info{job="drain-agent", instance="10.0.0.1:19700", version="0.1.0", attach="tp_btf"}'"#;
+    let pod_info = r#"'kube_pod_info{namespace="shop", pod="web-6d8-x1", pod_ip="10.1.0.5", node="n1", created_by_kind="ReplicaSet", created_by_name="web-6d8", host_network="false"}'"#;
+    let pod_phase =
+        r#"'kube_pod_status_phase{namespace="shop", pod="web-6d8-x1", phase="Running"}'"#;
+    let drains = |result: &str| {
+        format!(
+            r#"'drain_agent_scope_drains_total{{job="drain-agent", instance="10.0.0.1:19700", addr="10.1.0.5", port="8080", result="{result}"}}'"#
+        )
+    };
+    // (what, input series, sgn of the answer at 8m)
+    let cases: Vec<(&str, Vec<String>, i32)> = vec![
+        ("nothing scraped at all", vec![], -1),
+        (
+            "the rollout's pods named, no agent scraped",
+            vec![pod_info.to_owned(), pod_phase.to_owned()],
+            -1,
+        ),
+        (
+            "agents scraped, the rollout's pods not named",
+            vec![agent.to_owned()],
+            -1,
+        ),
+        (
+            "agents and pods, no drain",
+            vec![agent.to_owned(), pod_info.to_owned(), pod_phase.to_owned()],
+            0,
+        ),
+        (
+            "a clean drain",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("drained"),
+            ],
+            0,
+        ),
+        (
+            "a drain cut short",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("timeout"),
+            ],
+            1,
+        ),
+    ];
+    let mut file =
+        format!("rule_files:\n  - {KUBERNETES_RULES}\nevaluation_interval: 1m\ntests:\n");
+    for (what, series, sign) in &cases {
+        file.push_str(&format!("  # {what}\n  - interval: 1m\n    input_series:"));
+        if series.is_empty() {
+            file.push_str(" []\n");
+        } else {
+            file.push('\n');
+        }
+        for name in series {
+            // A drain ended at 5m: inside the 5-minute window of the answer at 8m.
+            let values = if name.contains("drains_total") {
+                "0 0 0 0 0 1 1 1 1 1 1"
+            } else {
+                "1x10"
+            };
+            file.push_str(&format!(
+                "      - series: {name}\n        values: \"{values}\"\n"
+            ));
+        }
+        file.push_str(&format!(
+            "    promql_expr_test:\n      - expr: {expr}\n        eval_time: 8m\n        exp_samples:\n          - labels: '{{}}'\n            value: {sign}\n"
+        ));
+    }
+    let temp = common::temp_dir("drain-agent-deploy-argo-");
+    fs::copy(
+        deploy(&format!("prometheus/{KUBERNETES_RULES}")),
+        temp.path().join(KUBERNETES_RULES),
+    )
+    .expect("copy rules");
+    fs::write(temp.path().join("argo.test.yml"), &file).expect("write test");
+    let output = run(Command::new("promtool")
+        .args(["test", "rules", "argo.test.yml"])
+        .current_dir(temp.path()));
+    assert!(
+        output.status.success(),
+        "the AnalysisTemplate's query:\n{}\n{file}",
+        text_of(&output)
+    );
+}
+
 #[test]
 fn recipes_parse_and_name_what_the_rules_define() {
     let test = "recipes_parse_and_name_what_the_rules_define";
