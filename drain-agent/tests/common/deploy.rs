@@ -266,7 +266,7 @@ fn selects(selector: &Value, labels: &Value) -> bool {
         .is_some_and(|wanted| !wanted.is_empty() && wanted.iter().all(|(k, v)| &labels[k] == v))
 }
 
-/// Whether a monitor's `namespaceSelector` (in `monitor_namespace`) looks in `namespace`.
+/// Whether a monitor's `namespaceSelector` looks in `namespace` (none: its own namespace).
 fn looks_in(monitor: &Value, namespace: &Value) -> bool {
     let selector = &monitor["spec"]["namespaceSelector"];
     if selector["any"] == true {
