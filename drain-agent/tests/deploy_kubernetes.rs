@@ -23,8 +23,9 @@ use std::{
 use common::{
     child::Guard,
     deploy::{
-        STOP_MARGIN, agent_capabilities, deploy, flag_value, kubernetes_validate, read, run_args,
-        tool_available, unit_directives, unit_value, workspace, yaml_documents,
+        STOP_MARGIN, agent_capabilities, deploy, flag_value, kubernetes_validate,
+        monitors_reach_agent, read, run_args, tool_available, unit_directives, unit_value,
+        workspace, yaml_documents,
     },
 };
 use drain_agent::{
@@ -33,8 +34,8 @@ use drain_agent::{
 };
 use serde_json::Value;
 
-/// The complete manifests as written: the kustomize base's resources, the PodMonitor (of
-/// overlays/podmonitor) and the example application. Patches and kustomizations are not
+/// The complete manifests as written: the kustomize base's resources, the ServiceMonitor (of
+/// overlays/servicemonitor) and the example application. Patches and kustomizations are not
 /// manifests; drain-agent/tests/kustomize.rs renders and validates every overlay.
 fn kubernetes_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(deploy("kubernetes/base"))
@@ -43,7 +44,7 @@ fn kubernetes_files() -> Vec<PathBuf> {
         .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .filter(|path| !path.ends_with("kustomization.yaml"))
         .chain([
-            deploy("kubernetes/overlays/podmonitor/podmonitor.yaml"),
+            deploy("kubernetes/overlays/servicemonitor/servicemonitor.yaml"),
             deploy("kubernetes/example-app.yaml"),
         ])
         .collect();
@@ -62,8 +63,8 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     for version in ["1.29.0", "1.37.0"] {
         for file in kubernetes_files() {
             let passed = kubernetes_validate(&file, version);
-            // A file of custom resources only (the PodMonitor) validates nothing.
-            let custom = read(&file).contains("kind: PodMonitor");
+            // A file of custom resources only (the ServiceMonitor) validates nothing.
+            let custom = read(&file).contains("kind: ServiceMonitor");
             assert!(
                 passed > 0 || custom,
                 "{}: nothing validated",
@@ -71,6 +72,112 @@ fn kubernetes_manifests_validate_against_the_schemas() {
             );
         }
     }
+}
+
+/// The check of the monitors fails the shapes that scrape nothing: a PodMonitor on the
+/// agent's port-less pods (by number or by name: the overlay this project once shipped), a
+/// ServiceMonitor by container port or naming a port the Service does not have, and a
+/// Service that selects other pods.
+#[test]
+fn monitors_that_reach_no_agent_are_refused() {
+    let test = "monitors_that_reach_no_agent_are_refused";
+    let mut base = Vec::new();
+    for file in kubernetes_files() {
+        let Some(docs) = yaml_documents(test, &file) else {
+            return;
+        };
+        base.extend(docs);
+    }
+    let daemonset = find_kind(&base, "DaemonSet", "drain-agent");
+    let listen = daemonset["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "DRAIN_AGENT_LISTEN")
+        .and_then(|e| e["value"].as_str())
+        .expect("DRAIN_AGENT_LISTEN");
+    let port: u16 = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    assert_eq!(monitors_reach_agent(&base, port), Ok(1), "as shipped");
+
+    let without_monitors = || -> Vec<Value> {
+        base.iter()
+            .filter(|d| d["kind"] != "ServiceMonitor")
+            .cloned()
+            .collect()
+    };
+    let pod_monitor = |endpoint: Value| {
+        serde_json::json!({
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": {"name": "drain-agent", "namespace": "drain-agent"},
+            "spec": {
+                "jobLabel": "app.kubernetes.io/name",
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "drain-agent"}},
+                "namespaceSelector": {"matchNames": ["drain-agent"]},
+                "podMetricsEndpoints": [endpoint],
+            }
+        })
+    };
+    let service_monitor = |endpoint: Value| {
+        serde_json::json!({
+            "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+            "metadata": {"name": "drain-agent", "namespace": "drain-agent"},
+            "spec": {
+                "jobLabel": "app.kubernetes.io/name",
+                "selector": {"matchLabels": {"app.kubernetes.io/name": "drain-agent"}},
+                "namespaceSelector": {"matchNames": ["drain-agent"]},
+                "endpoints": [endpoint],
+            }
+        })
+    };
+    let refused = [
+        (
+            "the old PodMonitor",
+            pod_monitor(serde_json::json!({"targetPort": port, "path": "/metrics"})),
+        ),
+        (
+            "a PodMonitor by port name",
+            pod_monitor(serde_json::json!({"port": "metrics"})),
+        ),
+        (
+            "a ServiceMonitor by container port",
+            service_monitor(serde_json::json!({"targetPort": port})),
+        ),
+        (
+            "a ServiceMonitor of a port the Service lacks",
+            service_monitor(serde_json::json!({"port": "http"})),
+        ),
+    ];
+    for (what, monitor) in refused {
+        let mut documents = without_monitors();
+        documents.push(monitor);
+        let answer = monitors_reach_agent(&documents, port);
+        assert!(answer.is_err(), "{what} passed: {answer:?}");
+        eprintln!("{what}: {}", answer.unwrap_err());
+    }
+    let mut documents = base.clone();
+    let service = documents
+        .iter_mut()
+        .find(|d| d["kind"] == "Service")
+        .expect("the Service");
+    service["spec"]["selector"] = serde_json::json!({"app.kubernetes.io/name": "something-else"});
+    assert!(
+        monitors_reach_agent(&documents, port).is_err(),
+        "a Service that selects other pods passed"
+    );
+    let mut documents = base.clone();
+    let service = documents
+        .iter_mut()
+        .find(|d| d["kind"] == "Service")
+        .expect("the Service");
+    service["spec"]["ports"][0]["targetPort"] = serde_json::json!(port + 1);
+    assert!(
+        monitors_reach_agent(&documents, port).is_err(),
+        "a Service port leading elsewhere passed"
+    );
 }
 
 fn find_kind<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -263,27 +370,21 @@ fn kubernetes_manifests_agree_with_each_other() {
         .expect("the bpffs volume");
     assert_eq!(bpffs_volume["hostPath"]["path"], "/sys/fs/bpf");
 
-    // Discovery: the Service and the PodMonitor select the agent's pods and port.
+    // Discovery: the Service selects the agent's pods and leads to its port, and the
+    // ServiceMonitor scrapes that port (by name) with job="drain-agent", as prometheus-operator
+    // keeps its targets.
     let labels = &daemonset["spec"]["template"]["metadata"]["labels"];
     let service = find_kind(&documents, "Service", "drain-agent");
     for (key, value) in service["spec"]["selector"].as_object().expect("selector") {
         assert_eq!(&labels[key], value, "Service selector {key}");
     }
     assert_eq!(service["spec"]["ports"][0]["port"], agent_port);
-    let monitor = find_kind(&documents, "PodMonitor", "drain-agent");
-    for (key, value) in monitor["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .expect("matchLabels")
-    {
-        assert_eq!(&labels[key], value, "PodMonitor selector {key}");
-    }
+    find_kind(&documents, "ServiceMonitor", "drain-agent");
     assert_eq!(
-        monitor["spec"]["podMetricsEndpoints"][0]["targetPort"],
-        agent_port
+        monitors_reach_agent(&documents, agent_port),
+        Ok(1),
+        "the ServiceMonitor scrapes the agents"
     );
-    // The alert rules select job="drain-agent".
-    let job_label = monitor["spec"]["jobLabel"].as_str().expect("jobLabel");
-    assert_eq!(labels[job_label], "drain-agent");
 
     // The example application: preStop is an httpGet to the agent's listener inside the
     // pod (--pod-listen), nothing in the image.

@@ -143,9 +143,10 @@ fn expand_grafana(expr: &str, instance: &str, rate_interval: &str) -> String {
     expanded
 }
 
-/// A copy of a Prometheus config whose `kubernetes_sd_configs` blocks are static targets,
-/// for a promtool built without Kubernetes discovery (Debian's).
-fn without_kubernetes_sd(text: &str) -> String {
+/// A copy of a Prometheus config whose `kubernetes_sd_configs` blocks are `static_configs`
+/// (flow-style YAML: `[{targets: [...], labels: {...}}]`), for a promtool or Prometheus
+/// built without Kubernetes discovery (Debian's).
+fn without_kubernetes_sd(text: &str, static_configs: &str) -> String {
     let mut out = Vec::new();
     let mut skipping: Option<usize> = None;
     for line in text.lines() {
@@ -158,7 +159,7 @@ fn without_kubernetes_sd(text: &str) -> String {
         }
         if line.trim_start().starts_with("kubernetes_sd_configs:") {
             out.push(format!(
-                "{}static_configs: [{{targets: [\"127.0.0.1:9100\"]}}]",
+                "{}static_configs: {static_configs}",
                 " ".repeat(indent)
             ));
             skipping = Some(indent);
@@ -241,7 +242,7 @@ fn prometheus_files_pass_promtool() {
         let config = read(&dir.join("prometheus-kubernetes.yml"));
         fs::write(
             temp.path().join("prometheus-kubernetes.yml"),
-            without_kubernetes_sd(&config),
+            without_kubernetes_sd(&config, r#"[{targets: ["127.0.0.1:9100"]}]"#),
         )
         .expect("write");
         let output = run(Command::new("promtool")
@@ -258,6 +259,83 @@ fn prometheus_files_pass_promtool() {
             "promtool check config prometheus-kubernetes.yml:\n{}",
             text_of(&output)
         );
+    }
+}
+
+/// prometheus-kubernetes.yml in a real Prometheus, its pod discovery replaced by static
+/// targets that carry what `role: pod` gives an agent's pod (no container port: the
+/// address is the bare pod IP, the port only in the annotation): an IPv4 and an IPv6 pod,
+/// each served on loopback, are scraped at the annotation's port, and an IPv6 pod IP
+/// becomes a bracketed address.
+#[test]
+fn kubernetes_config_scrapes_ipv4_and_ipv6_pods_in_a_real_prometheus() {
+    let test = "kubernetes_config_scrapes_ipv4_and_ipv6_pods_in_a_real_prometheus";
+    if !tool_available(test, PROMETHEUS, &["--version"]) {
+        return;
+    }
+    let body = || "# TYPE drain_agent_build_info gauge\ndrain_agent_build_info 1\n".to_owned();
+    let v4 = serve_text("127.0.0.1:0", body());
+    let v6 = serve_text("[::1]:0", body());
+    let pod = |ip: &str, port: u16, node: &str| {
+        format!(
+            "{{targets: [\"{ip}\"], labels: {{__meta_kubernetes_pod_ip: \"{ip}\", \
+             __meta_kubernetes_pod_annotation_prometheus_io_port: \"{port}\", \
+             __meta_kubernetes_pod_label_app_kubernetes_io_name: drain-agent, \
+             __meta_kubernetes_pod_node_name: {node}}}}}"
+        )
+    };
+    let pods = format!(
+        "[{}, {}, {}]",
+        pod("127.0.0.1", v4.port(), "node-v4"),
+        pod("::1", v6.port(), "node-v6"),
+        pod("fd00::5", 19700, "node-far"),
+    );
+    let dir = deploy("prometheus");
+    let temp = common::temp_dir("drain-agent-deploy-pod-addresses-");
+    for rules in ["drain-agent-rules.yml", KUBERNETES_RULES] {
+        fs::copy(dir.join(rules), temp.path().join(rules)).expect("copy rules");
+    }
+    let config = read(&dir.join("prometheus-kubernetes.yml"));
+    assert!(config.contains("scrape_interval: 15s"), "update this test");
+    let config = without_kubernetes_sd(&config, &pods)
+        .replace("scrape_interval: 15s", "scrape_interval: 1s");
+    fs::write(temp.path().join("prometheus.yml"), config).expect("write config");
+    let prometheus = Prometheus::start_in(temp);
+
+    let expected = [
+        ("node-v4", format!("127.0.0.1:{}", v4.port()), true),
+        ("node-v6", format!("[::1]:{}", v6.port()), true),
+        ("node-far", "[fd00::5]:19700".to_owned(), false),
+    ];
+    let started = Instant::now();
+    loop {
+        let targets = prometheus_get(&prometheus, "/api/v1/targets");
+        let active = targets["data"]["activeTargets"]
+            .as_array()
+            .expect("activeTargets");
+        let found = |node: &str| active.iter().find(|t| t["labels"]["node"] == node);
+        let problems: Vec<String> = expected
+            .iter()
+            .filter_map(|(node, instance, scraped)| {
+                let target = found(node);
+                let right = target.is_some_and(|t| {
+                    t["labels"]["instance"] == instance.as_str()
+                        && t["scrapeUrl"] == format!("http://{instance}/metrics")
+                        && (!scraped || t["health"] == "up")
+                });
+                (!right).then(|| format!("{node}: wanted {instance}, got {target:?}"))
+            })
+            .collect();
+        if problems.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "pods scraped at the wrong address:\n{}\ntargets: {targets}\nlog:\n{}",
+            problems.join("\n"),
+            prometheus.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -731,8 +809,14 @@ fn serve_kube_state_metrics(pods: &[(&str, &str, &str, &str)]) -> String {
             ));
         }
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
-    let address = listener.local_addr().expect("addr").to_string();
+    serve_text("127.0.0.1:0", body).to_string()
+}
+
+/// Serves `body` as a Prometheus text exposition on `bind` (plain HTTP, any path) until the
+/// test ends.
+fn serve_text(bind: &str, body: String) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind(bind).expect("listen");
+    let address = listener.local_addr().expect("addr");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -966,6 +1050,122 @@ fn pods_are_named_in_a_real_prometheus() {
             "rollout {rollout}: {query}: {answer:?}"
         );
     }
+}
+
+/// The Argo Rollouts AnalysisTemplate's query, its arguments filled in, on made-up series
+/// with `promtool test rules` (the recording rules loaded): a rollout whose drains were cut
+/// short fails, one whose drains were clean passes, and with nothing measured (no agent
+/// scraped, or the rollout's pods not named by kube-state-metrics and the rules) it fails
+/// too: no data is not a clean rollout. `sgn` of the answer: 1 and -1 fail
+/// `result[0] == 0`, 0 passes.
+#[test]
+fn argo_analysis_fails_closed_without_measurements() {
+    let test = "argo_analysis_fails_closed_without_measurements";
+    if !tool_available(test, "promtool", &["--version"]) {
+        return;
+    }
+    let Some(docs) =
+        common::deploy::yaml_documents(test, &deploy("recipes/argo-rollouts-analysis.yaml"))
+    else {
+        return;
+    };
+    let metric = &docs[0]["spec"]["metrics"][0];
+    assert_eq!(metric["successCondition"], "result[0] == 0", "{metric}");
+    let query = metric["provider"]["prometheus"]["query"]
+        .as_str()
+        .expect("query")
+        .replace("{{args.namespace}}", "shop")
+        .replace("{{args.rollout}}", "web");
+    assert!(!query.contains("{{"), "an argument left in {query}");
+    let expr = serde_json::to_string(&format!("sgn({query})")).expect("quote");
+
+    let agent = r#"'drain_agent_build_info{job="drain-agent", instance="10.0.0.1:19700", version="0.1.0", attach="tp_btf"}'"#;
+    let pod_info = r#"'kube_pod_info{namespace="shop", pod="web-6d8-x1", pod_ip="10.1.0.5", node="n1", created_by_kind="ReplicaSet", created_by_name="web-6d8", host_network="false"}'"#;
+    let pod_phase =
+        r#"'kube_pod_status_phase{namespace="shop", pod="web-6d8-x1", phase="Running"}'"#;
+    let drains = |result: &str| {
+        format!(
+            r#"'drain_agent_scope_drains_total{{job="drain-agent", instance="10.0.0.1:19700", addr="10.1.0.5", port="8080", result="{result}"}}'"#
+        )
+    };
+    // (what, input series, sgn of the answer at 8m)
+    let cases: Vec<(&str, Vec<String>, i32)> = vec![
+        ("nothing scraped at all", vec![], -1),
+        (
+            "the rollout's pods named, no agent scraped",
+            vec![pod_info.to_owned(), pod_phase.to_owned()],
+            -1,
+        ),
+        (
+            "agents scraped, the rollout's pods not named",
+            vec![agent.to_owned()],
+            -1,
+        ),
+        (
+            "agents and pods, no drain",
+            vec![agent.to_owned(), pod_info.to_owned(), pod_phase.to_owned()],
+            0,
+        ),
+        (
+            "a clean drain",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("drained"),
+            ],
+            0,
+        ),
+        (
+            "a drain cut short",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("timeout"),
+            ],
+            1,
+        ),
+    ];
+    let mut file =
+        format!("rule_files:\n  - {KUBERNETES_RULES}\nevaluation_interval: 1m\ntests:\n");
+    for (what, series, sign) in &cases {
+        file.push_str(&format!("  # {what}\n  - interval: 1m\n    input_series:"));
+        if series.is_empty() {
+            file.push_str(" []\n");
+        } else {
+            file.push('\n');
+        }
+        for name in series {
+            // A drain ended at 5m: inside the 5-minute window of the answer at 8m.
+            let values = if name.contains("drains_total") {
+                "0 0 0 0 0 1 1 1 1 1 1"
+            } else {
+                "1x10"
+            };
+            file.push_str(&format!(
+                "      - series: {name}\n        values: \"{values}\"\n"
+            ));
+        }
+        file.push_str(&format!(
+            "    promql_expr_test:\n      - expr: {expr}\n        eval_time: 8m\n        exp_samples:\n          - labels: '{{}}'\n            value: {sign}\n"
+        ));
+    }
+    let temp = common::temp_dir("drain-agent-deploy-argo-");
+    fs::copy(
+        deploy(&format!("prometheus/{KUBERNETES_RULES}")),
+        temp.path().join(KUBERNETES_RULES),
+    )
+    .expect("copy rules");
+    fs::write(temp.path().join("argo.test.yml"), &file).expect("write test");
+    let output = run(Command::new("promtool")
+        .args(["test", "rules", "argo.test.yml"])
+        .current_dir(temp.path()));
+    assert!(
+        output.status.success(),
+        "the AnalysisTemplate's query:\n{}\n{file}",
+        text_of(&output)
+    );
 }
 
 #[test]

@@ -339,6 +339,23 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
         "noticed after {:?}",
         started.elapsed()
     );
+    // deploy/README.md quotes the message (for the default port) word for word.
+    let said = message
+        .split("cannot listen on ")
+        .nth(1)
+        .and_then(|rest| rest.split_once("address)"))
+        .map(|(said, _)| format!("cannot listen on {said}address)"))
+        .expect("the message");
+    let quoted = said.replace(&format!("127.0.0.1:{port}"), "127.0.0.1:9100");
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/README.md"),
+    )
+    .expect("deploy/README.md");
+    let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        readme.contains(&quoted),
+        "deploy/README.md does not quote the agent's message {quoted:?}"
+    );
     let agent = common::Agent::start(&[]);
     assert_ne!(agent.port, port);
 }

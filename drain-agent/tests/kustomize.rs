@@ -22,7 +22,9 @@ use std::{
     process::Command,
 };
 
-use common::deploy::{deploy, kubernetes_validate, run, text_of, tool_available, yaml_documents};
+use common::deploy::{
+    deploy, kubernetes_validate, monitors_reach_agent, run, text_of, tool_available, yaml_documents,
+};
 use serde_json::Value;
 
 fn kubernetes_dir() -> PathBuf {
@@ -178,9 +180,10 @@ fn agent_port(rendered: &Rendered) -> u16 {
         service["spec"]["ports"][0]["targetPort"], port,
         "{name}: Service"
     );
-    if has(rendered, "PodMonitor") {
-        let endpoint = &find(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
-        assert_eq!(endpoint["targetPort"], port, "{name}: PodMonitor");
+    // A prometheus-operator monitor scrapes the agents: what the operator keeps of the
+    // targets it discovers, not the port number written in it.
+    if let Err(problem) = monitors_reach_agent(&rendered.documents, port) {
+        panic!("{name}: {problem}");
     }
     port
 }
@@ -236,11 +239,11 @@ fn every_overlay_keeps_the_agents_promises() {
                 );
             }
         }
-        if has(output, "PodMonitor") {
+        if has(output, "ServiceMonitor") {
             assert_eq!(
-                find(output, "PodMonitor")["spec"]["namespaceSelector"]["matchNames"],
+                find(output, "ServiceMonitor")["spec"]["namespaceSelector"]["matchNames"],
                 serde_json::json!([namespace]),
-                "{name}: the PodMonitor looks in the agent's namespace"
+                "{name}: the ServiceMonitor looks in the agent's namespace"
             );
         }
 
@@ -282,10 +285,12 @@ fn every_overlay_keeps_the_agents_promises() {
             "{name}: the Service carries scrape annotations too"
         );
         let pod_scraped = annotations["prometheus.io/scrape"] == "true";
-        // With the PodMonitor, the annotations go (no double scrape).
+        // With the ServiceMonitor, the annotations go (no double scrape).
+        let monitors = monitors_reach_agent(&output.documents, agent_port(output))
+            .unwrap_or_else(|problem| panic!("{name}: {problem}"));
         assert_ne!(
             pod_scraped,
-            has(output, "PodMonitor"),
+            monitors > 0,
             "{name}: exactly one way to be scraped"
         );
     }
@@ -347,11 +352,16 @@ fn every_overlay_keeps_the_agents_promises() {
     assert_eq!(node_selector["kubernetes.io/arch"], "amd64");
     assert_eq!(node_selector["kubernetes.io/os"], "linux");
 
-    let monitor = by_name("overlays/podmonitor");
-    let podmonitor = find(monitor, "PodMonitor");
+    // The ServiceMonitor scrapes the Service's port (agent_port checked where it leads).
+    let monitor = by_name("overlays/servicemonitor");
     assert_eq!(
-        podmonitor["spec"]["podMetricsEndpoints"][0]["targetPort"],
-        base_port
+        monitors_reach_agent(&monitor.documents, base_port),
+        Ok(1),
+        "overlays/servicemonitor"
     );
-    assert!(!has(base, "PodMonitor"), "the base needs no CRD");
+    assert!(
+        !has(monitor, "PodMonitor"),
+        "a PodMonitor scrapes no port-less pod"
+    );
+    assert!(!has(base, "ServiceMonitor"), "the base needs no CRD");
 }

@@ -174,8 +174,8 @@ pub fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
 
 /// `kubernetes-validate --strict` of `file` against Kubernetes `version`: panics naming what
 /// it found wrong, and returns how many documents it validated. prometheus-operator's
-/// PodMonitor is a custom resource with no schema in the tool: its warning is allowed (the
-/// tests check PodMonitors by hand).
+/// ServiceMonitor is a custom resource with no schema in the tool: its warning is allowed
+/// (the tests check it by hand: [`monitors_reach_agent`]).
 pub fn kubernetes_validate(file: &Path, version: &str) -> usize {
     let output = run(Command::new("kubernetes-validate")
         .args(["--strict", "--kubernetes-version", version])
@@ -185,7 +185,7 @@ pub fn kubernetes_validate(file: &Path, version: &str) -> usize {
         .lines()
         .filter(|l| !l.starts_with("INFO"))
         .filter(|l| {
-            !(l.starts_with("WARN") && l.contains("Couldn't find schema for kind PodMonitor"))
+            !(l.starts_with("WARN") && l.contains("Couldn't find schema for kind ServiceMonitor"))
         })
         .collect();
     assert!(
@@ -257,4 +257,150 @@ pub fn run_args(flags: &[&str], environment: &[(&str, &str)]) -> drain_agent::cl
         Ok(other) => panic!("{words:?} is not `run`: {other:?}"),
         Err(problem) => panic!("{words:?}: {problem}"),
     }
+}
+
+/// Labels a `matchLabels` selector asks for, all present in `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|wanted| !wanted.is_empty() && wanted.iter().all(|(k, v)| &labels[k] == v))
+}
+
+/// Whether a monitor's `namespaceSelector` looks in `namespace` (none: its own namespace).
+fn looks_in(monitor: &Value, namespace: &Value) -> bool {
+    let selector = &monitor["spec"]["namespaceSelector"];
+    if selector["any"] == true {
+        return true;
+    }
+    match selector["matchNames"].as_array() {
+        Some(names) => names.contains(namespace),
+        None => &monitor["metadata"]["namespace"] == namespace,
+    }
+}
+
+/// Every prometheus-operator monitor (PodMonitor, ServiceMonitor) among `documents`, checked
+/// the way the operator turns it into scrape targets, against the agent's DaemonSet
+/// listening on `agent_port`: how many there are, or what keeps one from scraping the
+/// agents.
+///
+/// The operator keeps only the discovered targets whose port matches the monitor's: a
+/// PodMonitor's `port`/`targetPort` must be a `containerPort` of the pods (a
+/// `__meta_kubernetes_pod_container_port_*` keep rule), which the agent's pods never
+/// declare (with hostNetwork it would become a hostPort); a ServiceMonitor's `port` must
+/// name a port of a Service that selects the pods, and that port's `targetPort` must be the
+/// agent's (a number: there is no named container port to resolve a name).
+pub fn monitors_reach_agent(documents: &[Value], agent_port: u16) -> Result<usize, String> {
+    let daemonset = documents
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "drain-agent")
+        .ok_or("no DaemonSet drain-agent")?;
+    let namespace = &daemonset["metadata"]["namespace"];
+    let pod_labels = &daemonset["spec"]["template"]["metadata"]["labels"];
+    let container_ports: Vec<&Value> = daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .collect();
+    let mut monitors = 0;
+    for monitor in documents {
+        let kind = monitor["kind"].as_str().unwrap_or_default();
+        let name = format!("{kind} {}", monitor["metadata"]["name"]);
+        let spec = &monitor["spec"];
+        match kind {
+            "PodMonitor" => {
+                if !looks_in(monitor, namespace)
+                    || !selects(&spec["selector"]["matchLabels"], pod_labels)
+                {
+                    return Err(format!("{name} does not select the agent's pods"));
+                }
+                let endpoints = spec["podMetricsEndpoints"]
+                    .as_array()
+                    .ok_or(format!("{name}: no endpoints"))?;
+                for endpoint in endpoints {
+                    let declared = container_ports.iter().any(|p| {
+                        (endpoint["port"].is_string() && p["name"] == endpoint["port"])
+                            || (endpoint["targetPort"].is_string()
+                                && p["name"] == endpoint["targetPort"])
+                            || (endpoint["targetPort"].is_u64()
+                                && p["containerPort"] == endpoint["targetPort"])
+                            || (endpoint["portNumber"].is_u64()
+                                && p["containerPort"] == endpoint["portNumber"])
+                    });
+                    if !declared {
+                        return Err(format!(
+                            "{name}: endpoint {endpoint} names no containerPort of the agent's pods \
+                             (they declare {container_ports:?}): prometheus-operator keeps no target"
+                        ));
+                    }
+                }
+            }
+            "ServiceMonitor" => {
+                if !looks_in(monitor, namespace) {
+                    return Err(format!("{name} does not look in namespace {namespace}"));
+                }
+                let services: Vec<&Value> = documents
+                    .iter()
+                    .filter(|s| {
+                        s["kind"] == "Service"
+                            && &s["metadata"]["namespace"] == namespace
+                            && selects(&spec["selector"]["matchLabels"], &s["metadata"]["labels"])
+                    })
+                    .collect();
+                if services.is_empty() {
+                    return Err(format!(
+                        "{name} selects no Service in namespace {namespace}"
+                    ));
+                }
+                let endpoints = spec["endpoints"]
+                    .as_array()
+                    .ok_or(format!("{name}: no endpoints"))?;
+                for service in services {
+                    let service_name = &service["metadata"]["name"];
+                    if !selects(&service["spec"]["selector"], pod_labels) {
+                        return Err(format!(
+                            "Service {service_name}'s selector does not match the agent's pods ({pod_labels})"
+                        ));
+                    }
+                    for endpoint in endpoints {
+                        if !endpoint["targetPort"].is_null() {
+                            return Err(format!(
+                                "{name}: targetPort selects by container port, which the agent's pods do not declare: name the Service's port"
+                            ));
+                        }
+                        let port = service["spec"]["ports"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|p| endpoint["port"].is_string() && p["name"] == endpoint["port"])
+                            .ok_or(format!(
+                                "{name}: port {} is no port of Service {service_name}",
+                                endpoint["port"]
+                            ))?;
+                        if port["targetPort"] != agent_port {
+                            return Err(format!(
+                                "{name}: Service {service_name}'s port {} goes to {}, the agent listens on {agent_port}",
+                                endpoint["port"], port["targetPort"]
+                            ));
+                        }
+                    }
+                    // The alert rules select job="drain-agent": the jobLabel's value on the Service.
+                    if let Some(job_label) = spec["jobLabel"].as_str() {
+                        if service["metadata"]["labels"][job_label] != "drain-agent" {
+                            return Err(format!(
+                                "{name}: jobLabel {job_label} is not drain-agent on Service {service_name}"
+                            ));
+                        }
+                    } else if service_name != "drain-agent" {
+                        return Err(format!(
+                            "{name}: job would be {service_name}, not drain-agent"
+                        ));
+                    }
+                }
+            }
+            _ => continue,
+        }
+        monitors += 1;
+    }
+    Ok(monitors)
 }
