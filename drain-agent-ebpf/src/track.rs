@@ -60,7 +60,9 @@ pub(crate) fn track_open(sk: u64, key: ConnKey, peer: Peer, found_by_walk: bool)
     match SOCKETS.insert(sk, entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // A walk found it tracked meanwhile: it holds the socket's lock, as the handler
-        // does, so this is the handler's own entry (counted once).
+        // does, so this is the handler's own entry (counted once). Before Linux 5.15 the
+        // walk does not hold it (see `seed_established_tcp`): the agent doubts the counts
+        // there (`Doubt::WalkUnlocked`).
         Err(error) if error == -EEXIST && found_by_walk => return false,
         // The handler's open found the address taken. Not by this socket: a socket opens
         // passively once, and before its open is stored no walk can see it active (the
@@ -135,7 +137,9 @@ fn tell_of_an_untracked_arrival(key: ConnKey, peer: Peer, now: u64) {
 #[inline(always)]
 pub(crate) fn track_close(sk: u64, closed_now: bool) -> bool {
     // SAFETY: the entry is copied out at once; state changes of one socket are serialised
-    // by its lock, so nobody else removes it between here and our own remove.
+    // by its lock, so nobody else removes it between here and our own remove. (A walk
+    // before Linux 5.15 does not hold that lock: a remove that fails below is someone
+    // else's, and the agent doubts the counts there, `Doubt::WalkUnlocked`.)
     let Some(entry) = (unsafe { SOCKETS.get(sk) }).copied() else {
         // Not tracked: an outbound connection, or one the agent could not track.
         return false;
@@ -311,6 +315,12 @@ fn counts_of(key: &ConnKey) -> Option<*mut ConnCounts> {
 /// kernel skips a run that would nest in a running one: `bpf_prog_get_recursion_context()`
 /// in `__bpf_trace_run()`, counted as `recursion_misses`), and no other program writes
 /// this map. So nothing interleaves between a load and its store.
+///
+/// tp_btf and the raw tracepoint got that check in Linux 6.1 (commit 05b24ff9b2cf, "bpf:
+/// Prevent bpf program recursion for raw tracepoint probes"); before, a softirq's run nests
+/// in the interrupted one, and one of two adds to the same bucket can be lost. Durations and
+/// advice only, never counts (those are atomic adds and map inserts and deletes). The
+/// classic tracepoint never nests (`trace_call_bpf()` skips instead).
 #[inline(always)]
 fn record_duration(port: u16, duration_ns: u64) {
     let port = u32::from(port);

@@ -27,6 +27,14 @@ use crate::{
 /// (`lock_sock_fast`) while this runs and skips unhashed sockets, so the state we read cannot
 /// change under us: a socket that closes during the walk is seen closed (skipped), or its
 /// close runs after our insert and removes it. Counted once or not at all, never twice.
+///
+/// Only from Linux 5.15 (commit 04c7820b776f, "bpf: tcp: Bpf iter batching and
+/// lock_sock"). Before, this runs under the ehash bucket's spinlock only, which a close from
+/// ESTABLISHED or CLOSE_WAIT does not take: the handler can un-track a socket on another CPU
+/// between our read of its state and our insert, and the walk tracks it again (a count too
+/// high until a later walk), or with a stale entry and a reused address un-count an endpoint
+/// twice (too low). The agent doubts every count there once a walk has run
+/// (`Doubt::WalkUnlocked`): answers are confirmed with the socket tables.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn seed_established_tcp(ctx: *mut c_void) -> i32 {
@@ -64,7 +72,10 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
         // *untracked* socket was opened passively (an inbound connection) at all.
         match SOCKETS.get_ptr_mut(sk) {
             // Tracked: stamp it as seen open by this walk.
-            // SAFETY: a pointer into the live map value; the socket lock is held.
+            // SAFETY: a pointer into the live map value; the socket lock is held. (Before
+            // 5.15 it is not, and a racing close may remove the entry meanwhile: the element
+            // stays map memory under RCU, and a stamp on a reused one keeps a dead entry for
+            // one more walk, a count too high. The counts are doubted there, see above.)
             Some(entry) if unsafe { (*entry).key } == key => unsafe {
                 ptr::write_volatile(ptr::addr_of_mut!((*entry).audited_ns), bpf_ktime_get_ns());
             },

@@ -37,6 +37,17 @@ pub enum Doubt {
     /// This kernel cannot walk the open sockets (no `iter/tcp`): pre-existing connections
     /// and skipped runs cannot be found.
     NoWalker,
+    /// The handler is the classic tracepoint on a kernel older than 6.7: the kernel skips
+    /// it whenever another kprobe or tracepoint BPF program runs on that CPU (and while any
+    /// `bpf()` map lookup or update, the agent's own reads included, runs there) without
+    /// counting the skip (`trace_call_bpf()` counts `recursion_misses` from Linux 6.7,
+    /// commit dd8657894c11): a missed open or close leaves no trace. Permanent on this node.
+    SkipsUnseen,
+    /// A walk has run on a kernel older than 5.15, whose `iter/tcp` shows each socket
+    /// under the hash bucket's spinlock only, not the socket's lock (`lock_sock_fast()`
+    /// came with commit 04c7820b776f): a walk can race a close and count a socket twice
+    /// or un-count an endpoint twice. Permanent on this node once a walk has run.
+    WalkUnlocked,
     /// Connections on this port could not be tracked since the last walk began: the
     /// per-socket map was full (`--max-connections`), or an open found its socket's
     /// address still held by a dead socket whose close the kernel skipped.
@@ -80,6 +91,18 @@ impl Doubt {
     }
 }
 
+impl Doubt {
+    /// Whether a walk of the sockets may clear the doubt: not a property of the kernel
+    /// (`NoWalker`, `SkipsUnseen`, `WalkUnlocked` hold for good), for which walking again
+    /// only costs a pass over every socket.
+    pub const fn walk_may_clear(&self) -> bool {
+        !matches!(
+            self,
+            Self::NoWalker | Self::SkipsUnseen | Self::WalkUnlocked
+        )
+    }
+}
+
 impl fmt::Display for Doubt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -102,6 +125,12 @@ impl fmt::Display for Doubt {
             ),
             Self::NoWalker => f.write_str(
                 "this kernel cannot walk the open sockets (iter/tcp): pre-existing connections are unknown",
+            ),
+            Self::SkipsUnseen => f.write_str(
+                "the classic tracepoint before Linux 6.7 skips the handler without counting it (--attach tp-btf or raw-tracepoint avoids it): every answer is confirmed with the socket tables",
+            ),
+            Self::WalkUnlocked => f.write_str(
+                "before Linux 5.15 a walk of the sockets does not hold each socket's lock and can race a close: every answer is confirmed with the socket tables",
             ),
             Self::ConnectionsLost { port } => write!(
                 f,
@@ -155,6 +184,19 @@ mod tests {
         assert!(Doubt::NotSeeded.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
         assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
+        // The kernel's own limits hold for good: shown as degraded, as NoWalker is.
+        assert!(Doubt::NoWalker.degrades_health());
+        assert!(Doubt::SkipsUnseen.degrades_health());
+        assert!(Doubt::WalkUnlocked.degrades_health());
+    }
+
+    #[test]
+    fn no_walk_clears_a_limit_of_the_kernel() {
+        for doubt in [Doubt::NoWalker, Doubt::SkipsUnseen, Doubt::WalkUnlocked] {
+            assert!(!doubt.walk_may_clear(), "{doubt:?}");
+        }
+        assert!(Doubt::NamespaceUnwalked { netns: 7 }.walk_may_clear());
+        assert!(Doubt::SocketMapFull.walk_may_clear());
     }
 
     #[test]

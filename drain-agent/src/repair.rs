@@ -123,7 +123,8 @@ pub async fn repair_missed_changes(
         for doubt in reported.difference(&doubts) {
             info!("resolved: {doubt}");
         }
-        let doubted = !doubts.is_empty();
+        // A limit of the kernel (old kernels: `kernel::version`) is no reason to walk.
+        let doubted = doubts.iter().any(Doubt::walk_may_clear);
         reported = doubts;
         let kernel = Arc::clone(&kernel);
         let periodic = !interval.is_zero() && last_walk.elapsed() >= interval;

@@ -239,7 +239,7 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_METRICS_LABELS", value_enum, default_value_t = ConnectionLabels::Address)]
     pub metrics_labels: ConnectionLabels,
 
-    /// Attach only this way instead of trying tp_btf, then tracepoint, then raw-tracepoint.
+    /// Attach only this way instead of trying tp_btf, then raw-tracepoint, then tracepoint.
     #[arg(long, env = "DRAIN_AGENT_ATTACH", value_enum)]
     pub attach: Option<AttachArg>,
 

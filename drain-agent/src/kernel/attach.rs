@@ -19,14 +19,18 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 pub enum AttachMethod {
     /// BTF-enabled tracepoint (`tp_btf`): cheapest; needs no tracefs.
     TpBtf,
-    /// Classic tracepoint through tracefs (mounted by the agent if absent).
+    /// Classic tracepoint through tracefs (mounted by the agent if absent). Last: before
+    /// Linux 6.7 the kernel skips it without counting the skip (`trace_call_bpf()`), so the
+    /// agent confirms every answer with the socket tables there (`Doubt::SkipsUnseen`).
     Tracepoint,
     /// Raw tracepoint: needs no tracefs; for kernels that refuse tp_btf.
     RawTracepoint,
 }
 
 impl AttachMethod {
-    pub const ALL: [Self; 3] = [Self::TpBtf, Self::Tracepoint, Self::RawTracepoint];
+    /// The order the agent tries them in. Only this matters about it: a pinned layout
+    /// holds one handler, whichever method attached it (`pin`).
+    pub const ALL: [Self; 3] = [Self::TpBtf, Self::RawTracepoint, Self::Tracepoint];
 
     /// The name used in logs and in the `attach` metric label.
     pub const fn name(self) -> &'static str {
@@ -185,6 +189,20 @@ format:
 \tfield:int newstate;\toffset:20;\tsize:4;\tsigned:1;
 \tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;
 ";
+
+    /// Found by an audit: before Linux 6.7 the classic tracepoint's skipped runs are not
+    /// counted (`trace_call_bpf()`), the raw tracepoint's are not skipped that way at all:
+    /// when tp_btf cannot attach, the raw tracepoint comes first.
+    #[test]
+    fn the_raw_tracepoint_is_tried_before_the_classic_one() {
+        let position = |method| AttachMethod::ALL.iter().position(|tried| *tried == method);
+        assert_eq!(position(AttachMethod::TpBtf), Some(0));
+        assert!(
+            position(AttachMethod::RawTracepoint) < position(AttachMethod::Tracepoint),
+            "{:?}",
+            AttachMethod::ALL
+        );
+    }
 
     #[test]
     fn accepts_the_known_tracepoint_layout() {

@@ -5,7 +5,10 @@
 use std::{
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64},
+    },
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -24,6 +27,7 @@ use super::{
     pin::{Adoptable, PinDir, Publication},
     pod::load_pod_seeder,
     prealloc, rcu, steer,
+    version::{self, warn_of_old_kernel},
     walk::{self, load_walker},
 };
 
@@ -268,6 +272,8 @@ impl Kernel {
                 "connections open before start cannot be counted, nor missed changes repaired: {problem}"
             );
         }
+        let kernel_version = version::running();
+        warn_of_old_kernel(kernel_version, attach, walker_problem.is_none());
         let no_grace_period = rcu::unavailable();
         if let Some(problem) = &no_grace_period {
             warn!(
@@ -317,6 +323,10 @@ impl Kernel {
             no_walker: walker_problem.is_some(),
             not_seeded: options.no_seed,
             adopted: adopt.is_some(),
+            kernel_version: Mutex::new(kernel_version),
+            attach,
+            // An earlier agent's walks shaped adopted counts.
+            walk_began: AtomicBool::new(adopt.is_some()),
             own_bound: Mutex::default(),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;

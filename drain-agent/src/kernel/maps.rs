@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
     sync::{
         Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -18,6 +18,10 @@ use drain_agent_common::{
     AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
 };
 
+use super::{
+    AttachMethod,
+    version::{KernelVersion, old_kernel_doubts},
+};
 use crate::{
     addr::canonical_addr, closer::NamespaceGone, doubt::Doubt, sys::netns, sys::sockdiag,
     tracker::Filter,
@@ -62,6 +66,13 @@ pub struct KernelMaps {
     /// The counts were adopted from an earlier agent's pinned state (`pin`): nothing
     /// vouches for what happened while no agent watched until this agent's first walk.
     pub(super) adopted: bool,
+    /// The running kernel's version (`version`), and how the handler is attached: what an
+    /// older kernel cannot vouch for (`version::old_kernel_doubts`).
+    pub(super) kernel_version: Mutex<KernelVersion>,
+    pub(super) attach: AttachMethod,
+    /// A walk has begun on these counts (this agent's, or the earlier agent's whose pinned
+    /// counts were adopted).
+    pub(super) walk_began: AtomicBool,
     /// The addresses of the agent's own bound listeners (the node's `--listen`, the in-pod
     /// ones of the binding fallback) by namespace and port. `OWN_ENDPOINTS` marks a
     /// (namespace, port) only, so a program on the same port at another address (an
@@ -210,12 +221,35 @@ impl KernelMaps {
         self.walks.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The doubts this kernel's version holds for good (`version::old_kernel_doubts`).
+    pub fn old_kernel_doubts(&self) -> Vec<Doubt> {
+        old_kernel_doubts(
+            *self
+                .kernel_version
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            self.attach,
+            !self.no_walker,
+            self.walk_began.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Doubts from now on as on a kernel of `version`: how the tests of older kernels'
+    /// doubts run on a newer one (the agent itself uses the running kernel's).
+    pub fn assume_kernel_version(&self, version: KernelVersion) {
+        *self
+            .kernel_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = version;
+    }
+
     /// Doubts that concern every scope.
     pub(super) fn global_doubts(&self, health: bool) -> Result<Vec<Doubt>> {
         let mut doubts = Vec::new();
         if self.no_walker {
             doubts.push(Doubt::NoWalker);
         }
+        doubts.extend(self.old_kernel_doubts());
         let vouched = self.vouched();
         let Some(snapshot) = &vouched.snapshot else {
             // No walk has ended yet. With --no-seed none was asked for. On adopted counts

@@ -19,6 +19,7 @@ pub mod reclaim;
 pub mod reuseport;
 mod source;
 pub mod steer;
+pub mod version;
 pub mod walk;
 
 use std::{
@@ -156,7 +157,8 @@ impl Kernel {
 
     /// Runs of the attached handler the kernel skipped so far (`recursion_misses`: the
     /// handler was already running on that CPU, interrupted by a softirq). Each may be a
-    /// missed open or close; [`Kernel::repair`] finds those.
+    /// missed open or close; [`Kernel::repair`] finds those. Not every skip is counted on
+    /// older kernels: see [`recursion_misses`].
     pub fn handler_skipped_runs(&self) -> Result<u64> {
         self.maps.handler_skipped_runs()
     }
@@ -174,7 +176,13 @@ impl Kernel {
     }
 }
 
-/// `bpf_prog_info.recursion_misses` of a loaded program (Linux >= 5.12; 0 before).
+/// `bpf_prog_info.recursion_misses` of a loaded program (Linux >= 5.12; 0 before). What
+/// lands there depends on the attach method and the kernel: tp_btf's and the raw
+/// tracepoint's nested runs are skipped and counted from 6.1 (before, they run nested); the
+/// classic tracepoint's runs that `trace_call_bpf()` skips (another kprobe or tracepoint
+/// program on that CPU, or a `bpf()` map lookup or update there) are counted only from 6.7.
+/// Before that the agent cannot see them and doubts every count (`Doubt::SkipsUnseen`,
+/// `version::old_kernel_doubts`).
 fn recursion_misses(program: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
     Ok(raw::prog_info(program, &mut [])?.recursion_misses)
 }

@@ -57,6 +57,8 @@ impl Kernel {
         if let Some(problem) = &self.walker_problem {
             bail!("{problem}");
         }
+        // Before Linux 5.15 a walk can race a close from here on (`Doubt::WalkUnlocked`).
+        self.maps.walk_began.store(true, Ordering::Relaxed);
         let program: &mut Iter = self
             .ebpf
             .program_mut(WALKER)

@@ -282,6 +282,35 @@ async fn a_doubted_count_is_the_socket_tables_count() {
     }
 }
 
+/// Found by an audit: on a kernel older than 6.7 the classic tracepoint's skipped runs are
+/// counted nowhere, and before 5.15 a walk races closes: a zero in the maps there answered
+/// "drained" with a connection open. With the doubts of such a kernel, a zero in the maps
+/// is confirmed with the socket tables, and a connection there is not drained.
+#[tokio::test(start_paused = true)]
+async fn a_zero_on_an_old_kernel_is_confirmed_with_the_socket_tables() {
+    use crate::kernel::{AttachMethod, version::old_kernel_doubts};
+    for (version, attach) in [
+        ((5, 10), AttachMethod::Tracepoint),
+        ((6, 6), AttachMethod::Tracepoint),
+        ((5, 14), AttachMethod::TpBtf),
+    ] {
+        let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);
+        *source.doubts.lock().expect("lock") = old_kernel_doubts(version, attach, true, true);
+        *source.confirmed.lock().expect("lock") = Ok(1);
+        let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
+        assert_eq!(
+            (outcome.drained, outcome.active),
+            (false, 1),
+            "{version:?} {attach}"
+        );
+        assert!(source.confirmations.load(Ordering::Relaxed) > 0);
+        // From 6.7 the maps' zero stands.
+        *source.doubts.lock().expect("lock") = old_kernel_doubts((6, 7), attach, true, true);
+        let outcome = answer(&tracker, 80, Duration::ZERO, &DrainRule::default()).await;
+        assert_eq!((outcome.drained, outcome.active), (true, 0), "{attach}");
+    }
+}
+
 /// Found by an audit: the doubts were read after the count, which catches a doubt that
 /// appears meanwhile but not one a walk clears. A walk that ended between the two reads
 /// (it counted a connection the count had missed, then vouched) left a zero from before
