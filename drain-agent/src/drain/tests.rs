@@ -1646,32 +1646,12 @@ async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
         addr: Some(a),
         ..Filter::port(8080)
     };
-    let drained = |drains: Arc<Drains>| {
-        let scope = scope.clone();
-        async move {
-            drains
-                .post(
-                    DrainSpec {
-                        filter: scope.clone(),
-                        ..spec(Duration::from_secs(60))
-                    },
-                    StartedBy::Node,
-                )
-                .await
-                .expect("room");
-            let record = drains
-                .wait_ended(&scope, Duration::from_secs(5))
-                .await
-                .expect("record");
-            assert_eq!(record.result, Some(DrainEnd::Drained));
-        }
-    };
     // `/health?port=8080&addr=10.1.0.7` from the node.
     let health_gated = |drains: Arc<Drains>| async move {
         let question = drains.resolve(8080, Some(a), None).await;
         drains.gated_any(&question)
     };
-    drained(Arc::clone(&drains)).await;
+    drain_to_the_end(&drains, &scope).await;
     assert!(health_gated(Arc::clone(&drains)).await);
     // Pod B (namespace 8) listens on 8080: not A's.
     lock(&closer.listening).insert(8, vec![2]);
@@ -1685,7 +1665,7 @@ async fn only_the_listeners_of_a_scopes_address_reopen_its_gate() {
 
     // Drained again; then namespace 8 takes A's address too: it names no one namespace, and
     // no listener can be told to be A's.
-    drained(Arc::clone(&drains)).await;
+    drain_to_the_end(&drains, &scope).await;
     lock(&addresses.0).insert(8, vec!["10.1.0.8".parse().expect("ip"), a]);
     tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
     lock(&closer.listening).insert(7, vec![1, 3, 4]);

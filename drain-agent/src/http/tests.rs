@@ -209,6 +209,11 @@ async fn request_as(
     (response.status(), body_of(response).await)
 }
 
+/// The status of `GET uri` asked by `caller`.
+async fn status_as(state: &Arc<AppState>, caller: Caller, uri: &str) -> StatusCode {
+    request_as(state, caller, "GET", uri).await.0
+}
+
 /// The whole answer, headers too.
 async fn response_as(
     state: &Arc<AppState>,
@@ -1039,10 +1044,7 @@ async fn a_pods_drain_is_its_own() {
     let (status, body) = request_as(&state, a, "POST", "/drain?port=8080&timeout=5m").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["netns"], 7);
-    let health = |caller, uri: &'static str| {
-        let state = state.clone();
-        async move { request_as(&state, caller, "GET", uri).await.0 }
-    };
+    let health = |caller, uri: &'static str| status_as(&state, caller, uri);
     assert_eq!(
         health(a, "/health?port=8080").await,
         StatusCode::SERVICE_UNAVAILABLE
@@ -1083,10 +1085,7 @@ async fn the_nodes_drain_of_a_pods_address_covers_the_pods_own_question() {
     }]);
     let (status, body) = request(&state, "POST", "/drain?port=8080&addr=10.1.0.7&timeout=5m").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let health = |caller, uri: &'static str| {
-        let state = state.clone();
-        async move { request_as(&state, caller, "GET", uri).await.0 }
-    };
+    let health = |caller, uri: &'static str| status_as(&state, caller, uri);
     let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
     assert_eq!(
         crate::http::agentcheck::reply_for(b"8080 10.1.0.7\n", &state.drains).await,
@@ -1128,10 +1127,7 @@ async fn a_pod_asking_about_another_pods_address_is_told_that_pods_drain() {
     let (a, b) = (Caller::Pod { netns: 7 }, Caller::Pod { netns: 8 });
     let (status, body) = request_as(&state, b, "POST", "/drain?port=8080&timeout=5m").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let health = |caller, uri: &'static str| {
-        let state = state.clone();
-        async move { request_as(&state, caller, "GET", uri).await.0 }
-    };
+    let health = |caller, uri: &'static str| status_as(&state, caller, uri);
     assert_eq!(
         crate::http::agentcheck::reply_for(b"8080 10.1.0.8\n", &state.drains).await,
         Reply::Drain

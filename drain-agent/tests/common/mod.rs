@@ -30,11 +30,11 @@ use drain_agent::cli::client::AgentUrl;
 /// `(major, minor)` (zeros where it cannot be read).
 pub fn kernel_version() -> (String, (u32, u32)) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|part| part.parse::<u32>().ok());
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    (release.trim().to_owned(), version)
+    let release = release.trim().to_owned();
+    // The agent's own reading of a release.
+    let version = drain_agent::kernel::version::parse_release(&release)
+        .unwrap_or(drain_agent::kernel::version::UNKNOWN);
+    (release, version)
 }
 
 /// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
