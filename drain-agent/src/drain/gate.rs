@@ -53,7 +53,8 @@ pub struct Question {
     /// The namespaces `addr` may be about beside `asked.netns` (none when it names one pod
     /// or nobody).
     pub unsure: Vec<u32>,
-    /// A pod asking about itself: the addresses that may be its (as an `addr=` question
+    /// A pod asking about itself (with no address, one of its own, or loopback): the
+    /// addresses that may be its (as an `addr=` question
     /// resolves them, [`PodAddresses::addresses_of`]). A drain scoped by one of them and no
     /// namespace (the node's `POST /drain?port=P&addr=<pod IP>`) covers the pod as it covers
     /// `/health?addr=` and the agent-check about that address.
@@ -194,9 +195,12 @@ impl Drains {
                 (Some(_), Some(addr), Named::Nobody) => !may_name_a_pod(addr),
             };
             if own {
-                let addresses = match (&self.pods, addr) {
-                    (Some(pods), None) => pods.addresses_of(netns).await,
-                    _ => Vec::new(),
+                // Whichever way it names itself (no address, one of its own, its loopback),
+                // a drain of any address that may be its covers it, as README says: a
+                // readiness check by loopback was answered 200 while the node drained it.
+                let addresses = match &self.pods {
+                    Some(pods) => pods.addresses_of(netns).await,
+                    None => Vec::new(),
                 };
                 return Question {
                     asked: Asked {

@@ -1104,6 +1104,12 @@ async fn the_nodes_drain_of_a_pods_address_covers_the_pods_own_question() {
         health(a, "/health?port=8080&addr=10.1.0.7").await,
         StatusCode::SERVICE_UNAVAILABLE
     );
+    // Audit: asked with its loopback (its own, as README says), it was answered 200.
+    assert_eq!(
+        health(a, "/health?port=8080&addr=127.0.0.1").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the pod's own question by its loopback"
+    );
     // Another pod, and the node's port, are not in it.
     assert_eq!(health(b, "/health?port=8080").await, StatusCode::OK);
     assert_eq!(
