@@ -77,16 +77,31 @@ pub enum Doubt {
 
 impl Doubt {
     /// Whether the doubt means something is wrong with the agent or its limits (shown by
-    /// `/healthz` as degraded), not a routine condition the next walk clears.
+    /// `/healthz` as degraded), not a routine condition the next walk clears nor a limit of
+    /// the kernel ([`Doubt::kernel_limit`]).
     pub const fn degrades_health(&self) -> bool {
-        !matches!(
+        !self.kernel_limit()
+            && !matches!(
+                self,
+                Self::HandlerSkipped
+                    | Self::Seeding
+                    | Self::Unscoped { .. }
+                    | Self::OwnPortShared { .. }
+                    | Self::PassivityUnknown { .. }
+                    | Self::AdoptedUnwalked
+            )
+    }
+
+    /// Whether the doubt is a limit of the kernel the agent runs on (`NoWalker`,
+    /// `SkipsUnseen`, `WalkUnlocked`): it holds for good, every answer is confirmed with the
+    /// socket tables for it, and nothing an operator sets clears it short of another kernel
+    /// (or attach method). Shown apart from `degraded` (`/healthz` `kernel_limits`,
+    /// `drain_agent_kernel_limited`): as a fault it kept `DrainAgentDegraded` firing on
+    /// every such node, where a real fault could not be told from it.
+    pub const fn kernel_limit(&self) -> bool {
+        matches!(
             self,
-            Self::HandlerSkipped
-                | Self::Seeding
-                | Self::Unscoped { .. }
-                | Self::OwnPortShared { .. }
-                | Self::PassivityUnknown { .. }
-                | Self::AdoptedUnwalked
+            Self::NoWalker | Self::SkipsUnseen | Self::WalkUnlocked
         )
     }
 }
@@ -96,10 +111,7 @@ impl Doubt {
     /// (`NoWalker`, `SkipsUnseen`, `WalkUnlocked` hold for good), for which walking again
     /// only costs a pass over every socket.
     pub const fn walk_may_clear(&self) -> bool {
-        !matches!(
-            self,
-            Self::NoWalker | Self::SkipsUnseen | Self::WalkUnlocked
-        )
+        !self.kernel_limit()
     }
 }
 
@@ -184,10 +196,14 @@ mod tests {
         assert!(Doubt::NotSeeded.degrades_health());
         assert!(Doubt::ConnectionsLost { port: 1 }.degrades_health());
         assert!(Doubt::NamespaceUnwalked { netns: 7 }.degrades_health());
-        // The kernel's own limits hold for good: shown as degraded, as NoWalker is.
-        assert!(Doubt::NoWalker.degrades_health());
-        assert!(Doubt::SkipsUnseen.degrades_health());
-        assert!(Doubt::WalkUnlocked.degrades_health());
+        // The kernel's own limits hold for good: shown apart, not as degraded.
+        for doubt in [Doubt::NoWalker, Doubt::SkipsUnseen, Doubt::WalkUnlocked] {
+            assert!(
+                doubt.kernel_limit() && !doubt.degrades_health(),
+                "{doubt:?}"
+            );
+        }
+        assert!(!Doubt::SocketMapFull.kernel_limit());
     }
 
     #[test]

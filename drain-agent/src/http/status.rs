@@ -19,7 +19,9 @@ use crate::http::{
 };
 
 /// `200 ok`, `200 degraded` with the reasons (the agent serves, but some answers need the
-/// socket tables or say "unknown"), or `503` when the maps cannot be read.
+/// socket tables or say "unknown"), or `503` when the maps cannot be read; `kernel_limits`
+/// names the kernel's limits (every answer confirmed with the socket tables), whatever the
+/// status.
 pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.tracker.check_health() {
         Ok(()) => {
@@ -33,6 +35,16 @@ pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
             if !reasons.is_empty() {
                 body["reasons"] = json!(reasons);
+            }
+            // Limits of this kernel: every answer is confirmed with the socket tables for
+            // them (right, each a little slower); not a fault the status should raise.
+            let limits: Vec<String> = doubts
+                .iter()
+                .filter(|doubt| doubt.kernel_limit())
+                .map(ToString::to_string)
+                .collect();
+            if !limits.is_empty() {
+                body["kernel_limits"] = json!(limits);
             }
             // Not a fault of the counts (the status stays): drains that close at their
             // deadline are refused, and this says why.

@@ -1910,3 +1910,38 @@ async fn every_429_says_when_to_ask_again() {
     }
     waiter.abort();
 }
+
+/// Audit (old kernels): a limit of the kernel (no walker; the classic tracepoint before 6.7;
+/// walks without the socket lock before 5.15) holds for good, and every answer is confirmed
+/// with the socket tables for it: the answers are right. Shown as `degraded`, it set
+/// `drain_agent_degraded` on every such node for good, so `DrainAgentDegraded` fired and never
+/// resolved, and a real fault there (a full map) could not be told from it. It is now named
+/// apart: `/healthz` stays `ok` and lists it, and its own gauge says so.
+#[tokio::test]
+async fn a_limit_of_the_kernel_is_shown_apart_from_degraded() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    *source.doubts.lock().expect("lock") = vec![crate::doubt::Doubt::WalkUnlocked];
+    let (status, body) = get(&state, "/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "ok", "{body}");
+    assert!(
+        body["kernel_limits"][0]
+            .as_str()
+            .is_some_and(|reason| reason.contains("5.15")),
+        "{body}"
+    );
+    let metrics = state.metrics.render().expect("metrics");
+    assert!(metrics.contains("drain_agent_degraded 0"), "{metrics}");
+    assert!(
+        metrics.contains("drain_agent_kernel_limited 1"),
+        "{metrics}"
+    );
+    // A real fault beside it is still degraded.
+    *source.doubts.lock().expect("lock") = vec![
+        crate::doubt::Doubt::WalkUnlocked,
+        crate::doubt::Doubt::SocketMapFull,
+    ];
+    let (_, body) = get(&state, "/healthz").await;
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["reasons"].as_array().map(Vec::len), Some(1), "{body}");
+}

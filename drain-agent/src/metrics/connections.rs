@@ -63,6 +63,10 @@ const DEGRADED: (&str, &str) = (
     "drain_agent_degraded",
     "1 while the agent cannot vouch for every count (a full map, a namespace it cannot walk, …; /healthz gives the reasons): /drained then confirms with the kernel's socket tables or answers 503.",
 );
+const KERNEL_LIMITED: (&str, &str) = (
+    "drain_agent_kernel_limited",
+    "1 while a limit of this kernel (no socket walker; the classic tracepoint before Linux 6.7; walks without the socket lock before 5.15; /healthz kernel_limits names it) has every /drained answer confirmed with the kernel's socket tables: right, each a little slower. Not counted in drain_agent_degraded.",
+);
 const WAITERS: (&str, &str) = (
     "drain_agent_drain_waiters",
     "/drained requests blocked now.",
@@ -91,6 +95,7 @@ impl ConnectionCollector {
             desc(WAITERS, &[])?,
             desc(WALKS, &[])?,
             desc(DEGRADED, &[])?,
+            desc(KERNEL_LIMITED, &[])?,
         ];
         Ok(Self {
             tracker,
@@ -145,15 +150,18 @@ impl Collector for ConnectionCollector {
             MetricType::COUNTER,
             vec![counter(&[], self.tracker.walks() as f64)],
         ));
-        let degraded = self
-            .tracker
-            .health_doubts()
-            .iter()
-            .any(crate::doubt::Doubt::degrades_health);
+        let doubts = self.tracker.health_doubts();
+        let degraded = doubts.iter().any(crate::doubt::Doubt::degrades_health);
         families.push(family(
             DEGRADED,
             MetricType::GAUGE,
             vec![gauge(&[], f64::from(u8::from(degraded)))],
+        ));
+        let limited = doubts.iter().any(crate::doubt::Doubt::kernel_limit);
+        families.push(family(
+            KERNEL_LIMITED,
+            MetricType::GAUGE,
+            vec![gauge(&[], f64::from(u8::from(limited)))],
         ));
 
         // A scrape that cannot read the kernel shows no connection metrics rather than
