@@ -150,11 +150,13 @@ impl Manager {
         }
         if chosen.over_limit > 0 && self.over_limit == 0 {
             warn!(
-                "{max} pod listeners are open (--pod-max-listeners): {} more network namespaces get none while it stays so (drain_agent_pod_listeners{{state=\"over_limit\"}}); their hooks find no agent there",
+                "{max} pod listeners are open or opening (--pod-max-listeners): {} more network namespaces get none while it stays so (drain_agent_pod_listeners{{state=\"over_limit\"}}); their hooks find no agent there",
                 chosen.over_limit
             );
         } else if chosen.over_limit == 0 && self.over_limit > 0 {
-            info!("within --pod-max-listeners ({max}) again: every namespace found is served");
+            info!(
+                "within --pod-max-listeners ({max}) again: no namespace is left out for want of room"
+            );
         }
         self.over_limit = chosen.over_limit;
         self.open_all(chosen.open).await;
