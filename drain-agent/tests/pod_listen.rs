@@ -609,3 +609,157 @@ fn only_root_of_the_node_acts_for_a_pod_at_its_address() {
         String::from_utf8_lossy(&inside.stderr)
     );
 }
+
+/// Audit: with no `--pod-netns-prefix` (the DaemonSet's default) a listener was opened in
+/// every network namespace, those any local user makes (`unshare -Urn`) among them: each
+/// cost the agent descriptors, a program and a server, and each was an owner of its own
+/// in the shared limits (its loopback callers a pod's), so a local user could fill the
+/// node's drains and waiters and run the agent out of descriptors. Namespaces a user's user
+/// namespace owns are no pod's (`sys/pod_addresses.rs`): the agent listens in none of them.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn no_listener_in_a_namespace_a_local_user_made() {
+    if !kernel_available("no_listener_in_a_namespace_a_local_user_made") {
+        return;
+    }
+    const NOBODY: &str = "65534";
+    const USER_NAMESPACES: usize = 5;
+    let pid = std::process::id();
+    // uid 65534's own user and network namespaces, loopback up, as any local user can.
+    let users: Vec<common::child::Guard> = (0..USER_NAMESPACES)
+        .map(|n| {
+            common::child::Guard::spawn(
+                &format!("unshare -Urn ({n})"),
+                Command::new("setpriv")
+                    .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+                    .args([
+                        "unshare",
+                        "-Urn",
+                        "sh",
+                        "-c",
+                        "ip link set lo up && exec sleep 120",
+                    ]),
+            )
+        })
+        .collect();
+    // A namespace root made (a pod's): served, so the agent has looked at the others.
+    let pod = Netns::new(&format!("pn{pid}"));
+    let user_paths: Vec<String> = users
+        .iter()
+        .map(|user| format!("/proc/{}/ns/net", user.pid()))
+        .collect();
+    let own = inode_of("/proc/self/ns/net");
+    wait_until("the user namespaces", Duration::from_secs(5), || {
+        user_paths.iter().all(|path| {
+            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
+                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
+                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
+                        .iter()
+                        .any(|addr| addr.is_loopback()))
+                })
+                .unwrap_or(false)
+        })
+    });
+    let user_inodes: Vec<u64> = user_paths.iter().map(|path| inode_of(path)).collect();
+    let (pod_port, socket_port) = (free_port(), free_port());
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &format!("127.0.0.1:{pod_port}"),
+        "--pod-socket-port",
+        &socket_port.to_string(),
+    ]);
+    let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
+    let pod_path = pod.path();
+    wait_until("the pod's listener", Duration::from_secs(10), || {
+        drain_agent::sys::netns::run_in_path(Path::new(&pod_path), move || {
+            Ok(TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok())
+        })
+        .unwrap_or(false)
+    });
+    // A rescan or two more: a namespace found in the same scan as the pod's is served by now.
+    thread::sleep(Duration::from_millis(2500));
+    let held = socket_namespaces(agent.pid());
+    assert!(
+        held.contains(&inode_of(&pod_path)),
+        "the pod's listener: {held:?}"
+    );
+    for (path, inode) in user_paths.iter().zip(&user_inodes) {
+        assert!(
+            !held.contains(inode),
+            "a socket of the agent's in uid {NOBODY}'s namespace {inode}"
+        );
+        for port in [pod_port, socket_port] {
+            let connected = drain_agent::sys::netns::run_in_path(Path::new(path), move || {
+                Ok(TcpStream::connect_timeout(
+                    &SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_secs(1),
+                )
+                .is_ok())
+            })
+            .expect("enter the user's namespace");
+            assert!(!connected, "port {port} answered in namespace {inode}");
+        }
+    }
+    let user_owned = agent.metric("drain_agent_pod_listeners{state=\"user_owned\"}");
+    assert!(user_owned >= Some(USER_NAMESPACES as f64), "{user_owned:?}");
+    let log = agent.log_text();
+    for inode in &user_inodes {
+        assert!(
+            !log.contains(&format!("inside network namespace {inode} ")),
+            "the agent served namespace {inode}: {log}"
+        );
+    }
+    drop(users);
+}
+
+/// Audit: pod listeners had no bound: each costs descriptors (socket, steering program and
+/// link, up to 16 + 4 connections), and every server was sized against the whole open-file
+/// limit. `--pod-max-listeners` bounds them: past it a namespace gets none (WARN once,
+/// `state="over_limit"`), and gets one once room is made.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn pod_listeners_stop_at_the_limit() {
+    if !kernel_available("pod_listeners_stop_at_the_limit") {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-pm{pid}-");
+    let first = Netns::new(&format!("pm{pid}-a"));
+    let second = Netns::new(&format!("pm{pid}-b"));
+    let pod_port = free_port();
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &format!("127.0.0.1:{pod_port}"),
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-max-listeners",
+        "1",
+    ]);
+    let state =
+        |state: &str| agent.metric(&format!("drain_agent_pod_listeners{{state=\"{state}\"}}"));
+    wait_until(
+        "one listener, one namespace over the limit",
+        Duration::from_secs(5),
+        || state("listening") == Some(1.0) && state("over_limit") == Some(1.0),
+    );
+    // Stays so over rescans, told once.
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        (state("listening"), state("over_limit")),
+        (Some(1.0), Some(1.0))
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("--pod-max-listeners): 1 more").count(),
+        1,
+        "{log}"
+    );
+    // One goes: the other is served.
+    drop(first);
+    wait_until("the other namespace served", Duration::from_secs(5), || {
+        state("listening") == Some(1.0) && state("over_limit") == Some(0.0)
+    });
+    let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
+    let (status, _) = get_from(Some(&second.path()), local, "/healthz");
+    assert_eq!(status, 200);
+}

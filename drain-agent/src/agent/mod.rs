@@ -329,6 +329,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 name_prefix: args.pod_netns_prefix.clone(),
                 bind_only: args.pod_listen_bind,
                 socket_port: args.pod_socket_port,
+                max_listeners: usize::try_from(args.pod_max_listeners).unwrap_or(usize::MAX),
                 handover: Arc::clone(&handover),
                 tasks: tasks.clone(),
                 limits: ServerLimits {

@@ -137,6 +137,19 @@ pub struct RunArgs {
     )]
     pub pod_http_max_connections: usize,
 
+    /// With --pod-listen: pod listeners open at most. Each costs descriptors (its socket,
+    /// its steering program and link, and up to --pod-http-max-connections + 4 connections)
+    /// and a server; past it, further namespaces get no listener while it stays so (WARN,
+    /// drain_agent_pod_listeners{state="over_limit"}). Namespaces a user's user namespace
+    /// owns (unshare -Urn) are never served and not counted.
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_POD_MAX_LISTENERS",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub pod_max_listeners: u32,
+
     /// With --pod-listen (steered with sk_lookup): the port of the agent's own socket in
     /// each pod, on loopback (127.0.0.1; [::1] or [::] for an IPv6 --pod-listen), which the
     /// in-pod port is steered to. It is taken in every pod: no application there can bind it

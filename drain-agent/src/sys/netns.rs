@@ -145,6 +145,23 @@ pub enum UserOwner {
     User(u32),
 }
 
+impl UserOwner {
+    /// Whether a network namespace so owned may be a pod's: never one another user's user
+    /// namespace owns ([`UserOwner::User`]): any local user can make one (`unshare -Urn`)
+    /// and give it any address, and a pod's is never such a namespace (the CRI runtime,
+    /// root, makes it). The one rule for every part of the agent that looks for pods: whose
+    /// an address is (`pod_addresses.rs`) and where `--pod-listen` listens
+    /// (`http/pods/manager.rs`).
+    pub fn may_be_a_pod(self) -> bool {
+        !matches!(self, Self::User(_))
+    }
+}
+
+/// [`user_owner`] of the network namespace `inode` at `path` ([`open_checked`]).
+pub fn user_owner_of(inode: u32, path: &Path) -> Result<UserOwner> {
+    user_owner(&open_checked(inode, path)?)
+}
+
 /// include/uapi/linux/nsfs.h: `_IO(0xb7, 0x1)`, a new descriptor of the owning user
 /// namespace.
 const NS_GET_USERNS: libc::c_ulong = 0xb701;

@@ -88,11 +88,11 @@ impl AddressSource for NamespaceAddresses {
                 continue;
             }
             let read = netns::open_checked(inode, &path).and_then(|namespace| {
-                match netns::user_owner(&namespace)? {
-                    netns::UserOwner::Initial | netns::UserOwner::Root => {}
-                    netns::UserOwner::User(uid) => anyhow::bail!(
-                        "owned by a user namespace uid {uid} created: its addresses name nobody"
-                    ),
+                let owner = netns::user_owner(&namespace)?;
+                if !owner.may_be_a_pod() {
+                    anyhow::bail!(
+                        "owned by a user's user namespace ({owner:?}): its addresses name nobody"
+                    );
                 }
                 netns::run_in_file(
                     namespace,

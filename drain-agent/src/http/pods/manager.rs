@@ -64,6 +64,12 @@ pub(super) struct Manager {
     /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
     /// every rescan, the problem logged once.
     pub(super) failing: BTreeMap<u32, String>,
+    /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
+    /// pod's, never served, and not looked at again for their lifetime.
+    pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
+    /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
+    /// served already.
+    pub(super) over_limit: usize,
     pub(super) tasks: JoinSet<()>,
     pub(super) stop: watch::Receiver<StopPhase>,
 }
@@ -106,15 +112,54 @@ impl Manager {
             .retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
+        self.user_owned
+            .retain(|inode, _| present.contains_key(inode));
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
                 !self.listening.contains_key(inode)
                     && !self.skipped.contains(inode)
                     && !self.socket_port_taken.contains(inode)
+                    && !self.user_owned.contains_key(inode)
             })
             .collect();
-        self.open_all(new).await;
+        // Two ioctls each, only for namespaces not served yet: off the runtime's threads.
+        let owned = tokio::task::spawn_blocking(move || {
+            new.into_iter()
+                .map(|(inode, path)| {
+                    let owner = netns::user_owner_of(inode, &path);
+                    (inode, path, owner)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let owned = match owned {
+            Ok(owned) => owned,
+            Err(problem) => {
+                warn!("reading the owners of new namespaces failed: {problem}");
+                return;
+            }
+        };
+        let max = self.options.max_listeners;
+        let chosen = choose(owned, max.saturating_sub(self.listening.len()));
+        for (inode, owner) in chosen.user_owned {
+            debug!(
+                "network namespace {inode}: owned by a user's user namespace ({owner:?}), no pod's; not listening there"
+            );
+            self.user_owned.insert(inode, owner);
+        }
+        if chosen.over_limit > 0 && self.over_limit == 0 {
+            warn!(
+                "{max} pod listeners are open or opening (--pod-max-listeners): {} more network namespaces get none while it stays so (drain_agent_pod_listeners{{state=\"over_limit\"}}); their hooks find no agent there",
+                chosen.over_limit
+            );
+        } else if chosen.over_limit == 0 && self.over_limit > 0 {
+            info!(
+                "within --pod-max-listeners ({max}) again: no namespace is left out for want of room"
+            );
+        }
+        self.over_limit = chosen.over_limit;
+        self.open_all(chosen.open).await;
     }
 
     /// Opens listeners in `new` namespaces, [`OPEN_AT_ONCE`] at a time: each takes a thread
@@ -357,6 +402,36 @@ fn pod_router(
 /// At most this many pod listeners are being opened at once (threads inside namespaces).
 const OPEN_AT_ONCE: usize = 8;
 
+/// Which of the namespaces found new (each with its owner, or why it could not be read) a
+/// rescan opens listeners in.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Chosen {
+    /// Those to open: at most `room` of the namespaces that may be pods'.
+    open: Vec<(u32, PathBuf)>,
+    /// Owned by a user's user namespace: no pod's ([`netns::UserOwner::may_be_a_pod`]).
+    user_owned: Vec<(u32, netns::UserOwner)>,
+    /// May be pods', left out for want of room (`--pod-max-listeners`).
+    over_limit: usize,
+}
+
+/// Chooses, among the namespaces found new, those to listen in: none a user's user
+/// namespace owns (any local user makes them: each listener would cost the agent
+/// descriptors, a program and a server, and count as a pod of its own in the shared
+/// limits), and at most `room` (in inode order). One whose owner cannot be read (gone
+/// meanwhile) is left for the next rescan.
+fn choose(found: Vec<(u32, PathBuf, Result<netns::UserOwner>)>, room: usize) -> Chosen {
+    let mut chosen = Chosen::default();
+    for (inode, path, owner) in found {
+        match owner {
+            Ok(owner) if !owner.may_be_a_pod() => chosen.user_owned.push((inode, owner)),
+            Ok(_) if chosen.open.len() < room => chosen.open.push((inode, path)),
+            Ok(_) => chosen.over_limit += 1,
+            Err(problem) => debug!("network namespace {inode}: {problem:#} (retrying)"),
+        }
+    }
+    chosen
+}
+
 /// The namespaces to listen in: every one but the agent's own, or with a name prefix only
 /// named ones whose name starts with it.
 fn candidates(own: u32, prefix: Option<&str>) -> BTreeMap<u32, PathBuf> {
@@ -391,6 +466,51 @@ mod tests {
 
     use super::*;
     use crate::http::{identify::SocketTables, pods::callers::NodeAddresses, tests::app};
+
+    /// Audit: every namespace found got a listener, those any local user makes
+    /// (`unshare -Urn`, owned by the user's user namespace) among them, and without bound:
+    /// the user's are left out (the rule `pod_addresses.rs` uses), the rest capped at the
+    /// room left, and one whose owner cannot be read is left for the next rescan.
+    #[test]
+    fn listens_in_no_namespace_a_user_owns_and_at_most_the_room_left() {
+        use netns::UserOwner::{Initial, Root, User};
+        let found = |owners: &[(u32, Option<netns::UserOwner>)]| {
+            owners
+                .iter()
+                .map(|&(inode, owner)| {
+                    (
+                        inode,
+                        PathBuf::from(format!("/proc/{inode}/ns/net")),
+                        owner.ok_or_else(|| anyhow::anyhow!("gone")),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let owners = [
+            (1, Some(Initial)),
+            (2, Some(User(1_000))),
+            (3, Some(Root)),
+            (4, None),
+            (5, Some(User(65_534))),
+        ];
+        let chosen = choose(found(&owners), 10);
+        assert_eq!(
+            chosen,
+            Chosen {
+                open: vec![
+                    (1, PathBuf::from("/proc/1/ns/net")),
+                    (3, PathBuf::from("/proc/3/ns/net")),
+                ],
+                user_owned: vec![(2, User(1_000)), (5, User(65_534))],
+                over_limit: 0,
+            }
+        );
+        let chosen = choose(found(&owners), 1);
+        assert_eq!(chosen.open, vec![(1, PathBuf::from("/proc/1/ns/net"))]);
+        assert_eq!(chosen.over_limit, 1);
+        assert_eq!(chosen.user_owned.len(), 2);
+        assert_eq!(choose(found(&owners), 0).over_limit, 2);
+    }
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.
     async fn healthz(app: Router) -> StatusCode {

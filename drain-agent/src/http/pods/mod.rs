@@ -125,6 +125,9 @@ pub struct PodListenOptions {
     /// The port of the agent's own socket in each pod, which ADDR is steered to
     /// (`--pod-socket-port`, [`DEFAULT_SOCKET_PORT`]).
     pub socket_port: u16,
+    /// At most this many listeners are open (`--pod-max-listeners`); more namespaces get
+    /// none while it stays so.
+    pub max_listeners: usize,
     /// Binds the fallback's listeners so that the next agent shares them.
     pub handover: Arc<Handover>,
     /// The agent's watched tasks: `/healthz` on every pod listener fails once one has
@@ -150,7 +153,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), or waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), user_owned (namespaces a user's user namespace owns, e.g. unshare -Urn: no pod's, never served), or over_limit (namespaces left without a listener: --pod-max-listeners are open).",
         ),
         &["state"],
     )?;
@@ -202,6 +205,8 @@ pub async fn serve_in_pods(
         socket_port_taken: BTreeSet::new(),
         waiting: BTreeSet::new(),
         failing: BTreeMap::new(),
+        user_owned: BTreeMap::new(),
+        over_limit: 0,
         tasks: JoinSet::new(),
         stop: stop.clone(),
     };
@@ -247,6 +252,12 @@ pub async fn serve_in_pods(
         gauge
             .with_label_values(&["waiting"])
             .set(i64::try_from(manager.waiting.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["user_owned"])
+            .set(i64::try_from(manager.user_owned.len()).unwrap_or(i64::MAX));
+        gauge
+            .with_label_values(&["over_limit"])
+            .set(i64::try_from(manager.over_limit).unwrap_or(i64::MAX));
         let steered = manager.listening.values().filter(|l| l.steered).count();
         gauge
             .with_label_values(&["steered"])
