@@ -6,7 +6,11 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use crate::{
     closer::NamespaceGone,
-    drain::{Drains, lock},
+    drain::{
+        Drains,
+        listener_reads::{Read, Serial},
+        lock,
+    },
     sys::pod_addresses::{Named, may_name_a_pod},
     tracker::Filter,
 };
@@ -94,11 +98,28 @@ pub const GATE_HOLD: Duration = Duration::from_secs(300);
 /// pod's drains evict its own holds, not another pod's).
 pub const HELD_MAX: usize = 4096;
 
+/// How long a listener read answers for the questions about a held gate of its scope after
+/// it started (`listener_reads.rs`): a new instance's listener reopens the gate at most this
+/// much (and a read) later; until then the gate stays closed.
+pub const LISTENERS_FRESH: Duration = Duration::from_secs(1);
+
 /// A scope kept out of rotation after its drain.
 pub(super) struct Held {
     /// The listeners when the drain ended: any other one is a new instance.
     pub(super) listeners: AtEnd,
     pub(super) until: tokio::time::Instant,
+    /// Its listener read mark: only reads numbered above it, started after the hold was
+    /// made, are its (`listener_reads.rs`; an earlier one may hold a listener gone at the
+    /// end, which would look new). Also tells this hold from a later one of its scope.
+    pub(super) reads_from: Serial,
+}
+
+/// A live hold covering a question, as it was when the question looked (the listener read
+/// is done without the `held` lock).
+struct Covering {
+    scope: Filter,
+    listeners: AtEnd,
+    reads_from: Serial,
 }
 
 /// The listeners of a held scope when its drain ended (socket cookies: a socket's never
@@ -166,7 +187,7 @@ impl PortGate for Arc<Drains> {
         Box::pin(async move {
             self.catch_up().await;
             let question = self.resolve(port, addr, None).await;
-            self.gated_any(&question)
+            self.gated_any(&question).await
         })
     }
 }
@@ -237,8 +258,13 @@ impl Drains {
     }
 
     /// Whether any scope `question` may be about is out of rotation ([`Drains::gated`]).
-    pub fn gated_any(&self, question: &Question) -> bool {
-        question.each().any(|asked| self.gated(&asked))
+    pub async fn gated_any(&self, question: &Question) -> bool {
+        for asked in question.each() {
+            if self.gated(&asked).await {
+                return true;
+            }
+        }
+        false
     }
 
     /// Whether what is asked is out of rotation: a drain that covers it is in progress (or
@@ -251,7 +277,13 @@ impl Drains {
     /// beside it keeps in `drains.next.json`, as the last [`Drains::catch_up`] read it
     /// ([`Drains::beside_gate`]); and, for every scope, a state file this agent could not
     /// read ([`Drains::fail_closed`]).
-    pub fn gated(&self, asked: &Asked) -> bool {
+    ///
+    /// A held gate's listeners are read on a blocking thread, shared by the questions of
+    /// the moment and reused for [`LISTENERS_FRESH`] (`listener_reads.rs`), never on the
+    /// async worker answering nor under the `held` lock: before, a flood of public
+    /// questions about a held gate held up every answer of the agent (its liveness probe's
+    /// too), and the drains ending meanwhile.
+    pub async fn gated(&self, asked: &Asked) -> bool {
         // A state file this agent could not read (a later release's, after a rollback) may
         // hold a drain or a gate of any scope: none is vouched for until it could not.
         if self.failing_closed() {
@@ -264,34 +296,84 @@ impl Drains {
         {
             return true;
         }
-        let now = tokio::time::Instant::now();
-        let mut held = lock(&self.held);
         let mut gated = false;
-        held.retain(|scope, hold| {
+        // Every covering hold is looked at (none skipped once one gates): a hold whose
+        // listeners were not read at its end learns them at its first question.
+        for hold in self.covering_holds(asked) {
+            gated |= !self.reopens(hold).await;
+        }
+        // An upgrade's overlap: beside the writer, what was POSTed to it meanwhile; the
+        // writer, what was POSTed to the agent beside it.
+        gated || self.writers_gate(asked).await || self.beside_gate(asked).await
+    }
+
+    /// The holds that cover `asked` and have not ended; those that have are put back in
+    /// rotation. Under the `held` lock, no I/O.
+    fn covering_holds(&self, asked: &Asked) -> Vec<Covering> {
+        let now = tokio::time::Instant::now();
+        let mut covering = Vec::new();
+        lock(&self.held).retain(|scope, hold| {
             if !asked.covered_by(scope) {
                 return true;
             }
-            let reopen = now >= hold.until || self.reopens(scope, &mut hold.listeners);
-            if reopen {
-                log::info!(
-                    "port {} (addr {}, netns {}) back in rotation: a new instance listens, or the hold ended",
-                    scope.port,
-                    scope.addr.map_or("-".into(), |addr| addr.to_string()),
-                    scope.netns.map_or("-".into(), |netns| netns.to_string())
-                );
+            if now >= hold.until {
+                back_in_rotation(scope);
+                return false;
             }
-            gated |= !reopen;
-            !reopen
+            covering.push(Covering {
+                scope: scope.clone(),
+                listeners: hold.listeners.clone(),
+                reads_from: hold.reads_from,
+            });
+            true
         });
-        drop(held);
-        // An upgrade's overlap: beside the writer, what was POSTed to it meanwhile; the
-        // writer, what was POSTed to the agent beside it.
-        gated || self.writers_gate(asked) || self.beside_gate(asked)
+        covering
+    }
+
+    /// Whether a listener of `hold`'s scope now is one its drain did not see at its end: a
+    /// new instance, which reopens the gate (the hold goes, if it is still the one asked
+    /// about). When the end's read failed ([`AtEnd::Unknown`]), nothing reopens it yet:
+    /// the first read that succeeds is taken for the end's, read as the end reads
+    /// ([`Drains::end_listeners`]) so that the state file keeps one meaning.
+    async fn reopens(&self, hold: Covering) -> bool {
+        match &hold.listeners {
+            AtEnd::Unknown => {
+                let read = self.later_end_listeners(&hold.scope, hold.reads_from).await;
+                // Learned only by the hold it was read for (not a later one of the scope).
+                if let Some(Ok(seen)) = read
+                    && let Some(now) = lock(&self.held).get_mut(&hold.scope)
+                    && now.reads_from == hold.reads_from
+                    && now.listeners == AtEnd::Unknown
+                {
+                    now.listeners = AtEnd::Read(seen.iter().copied().collect());
+                }
+                false
+            }
+            AtEnd::Read(_) => {
+                let reopen = self
+                    .scope_listeners(&hold.scope, hold.reads_from)
+                    .await
+                    .is_some_and(|read| read.is_ok_and(|now| hold.listeners.new_among(&now)));
+                if reopen {
+                    let mut held = lock(&self.held);
+                    if held
+                        .get(&hold.scope)
+                        .is_some_and(|now| now.reads_from == hold.reads_from)
+                    {
+                        held.remove(&hold.scope);
+                        back_in_rotation(&hold.scope);
+                    }
+                }
+                reopen
+            }
+        }
     }
 
     /// The listeners that may take `scope`'s connections now, by cookie, which a held gate
     /// compares with those its drain's end saw ([`Drains::end_listeners`], a superset)
-    /// (`None`: no closer here to read them). For a scope of one address and no namespace
+    /// (`None`: no closer here to read them), by a read numbered above `from`
+    /// ([`crate::drain::listener_reads::ListenerReads::read`]: shared, off the workers).
+    /// For a scope of one address and no namespace
     /// (a root or token drain `addr=<pod IP>`): only in the namespace that address names
     /// (`sys/pod_addresses.rs`, as last read: a question from the node's listener reads it
     /// when stale, [`Drains::resolve`]; an address that names no pod, the node's
@@ -300,12 +382,12 @@ impl Drains {
     /// port counted: another pod's (a rolling update's new pod) put a stopping pod back in
     /// rotation. An address that names no one namespace for sure ([`Named::Unsure`]), or
     /// not read yet, cannot be told: `Err`, which never reopens a gate.
-    pub(super) fn scope_listeners(&self, scope: &Filter) -> Option<anyhow::Result<Vec<u64>>> {
+    pub(super) async fn scope_listeners(&self, scope: &Filter, from: Serial) -> Option<Read> {
         let closer = self.closer.as_ref()?;
-        Some(
-            self.listening_scope(scope)
-                .and_then(|listening| closer.listeners(&listening)),
-        )
+        Some(match self.listening_scope(scope) {
+            Ok(listening) => self.listener_reads.read(closer, &listening, from).await,
+            Err(problem) => Err(Arc::new(problem)),
+        })
     }
 
     /// `scope` with the namespace its address names (see [`Drains::scope_listeners`]).
@@ -325,21 +407,6 @@ impl Drains {
             netns: Some(netns),
             ..scope.clone()
         })
-    }
-
-    /// Whether a listener of `scope` now is one its drain did not see at its end: a new
-    /// instance, which reopens the gate. When the end's read failed ([`AtEnd::Unknown`]),
-    /// nothing reopens it yet: the first read that succeeds is taken for the end's, read as
-    /// the end reads ([`Drains::end_listeners`]) so that the state file keeps one meaning.
-    fn reopens(&self, scope: &Filter, at_end: &mut AtEnd) -> bool {
-        if *at_end == AtEnd::Unknown {
-            if let Some(Ok(seen)) = self.end_listeners(scope) {
-                *at_end = AtEnd::Read(seen.into_iter().collect());
-            }
-            return false;
-        }
-        self.scope_listeners(scope)
-            .is_some_and(|read| read.is_ok_and(|now| at_end.new_among(&now)))
     }
 
     /// The listeners a held gate keeps from its drain's end ([`AtEnd`]; `None`: no closer
@@ -371,10 +438,7 @@ impl Drains {
             ..scope.clone()
         };
         Some(match closer.listeners(&everywhere) {
-            Err(problem)
-                if scope.netns.is_some()
-                    && problem.chain().any(|cause| cause.is::<NamespaceGone>()) =>
-            {
+            Err(problem) if gone_namespace(scope, &problem) => {
                 log::debug!("no listeners at a drain's end: {problem:#}");
                 Ok(Vec::new())
             }
@@ -382,8 +446,41 @@ impl Drains {
         })
     }
 
+    /// What [`Drains::end_listeners`] reads, read for a hold whose end's read failed (its
+    /// first question after it, [`AtEnd::Unknown`]), by a read numbered above `from`:
+    /// shared with the questions, off the workers.
+    async fn later_end_listeners(&self, scope: &Filter, from: Serial) -> Option<Read> {
+        let closer = self.closer.as_ref()?;
+        let everywhere = Filter {
+            addr: None,
+            ..scope.clone()
+        };
+        Some(
+            match self.listener_reads.read(closer, &everywhere, from).await {
+                Err(problem) if gone_namespace(scope, &problem) => Ok(Arc::from([])),
+                read => read,
+            },
+        )
+    }
+
     /// Puts `filter`'s scope back in rotation at once (`DELETE /drain` after a drain ended).
     pub fn release(&self, filter: &Filter) -> bool {
         lock(&self.held).remove(filter).is_some()
     }
+}
+
+/// Whether `problem` says that the one namespace `scope` names is gone: none listens there
+/// ([`Drains::end_listeners`]).
+fn gone_namespace(scope: &Filter, problem: &anyhow::Error) -> bool {
+    scope.netns.is_some() && problem.chain().any(|cause| cause.is::<NamespaceGone>())
+}
+
+/// Says that `scope`'s gate reopened.
+fn back_in_rotation(scope: &Filter) {
+    log::info!(
+        "port {} (addr {}, netns {}) back in rotation: a new instance listens, or the hold ended",
+        scope.port,
+        scope.addr.map_or("-".into(), |addr| addr.to_string()),
+        scope.netns.map_or("-".into(), |netns| netns.to_string())
+    );
 }

@@ -12,6 +12,7 @@
 pub mod advice;
 mod gate;
 pub mod journal;
+mod listener_reads;
 pub mod owner;
 mod registry;
 mod run;
@@ -36,7 +37,7 @@ use crate::{
     tracker::{Filter, Tracker},
 };
 
-pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate, Question};
+pub use gate::{Asked, GATE_HOLD, HELD_MAX, LISTENERS_FRESH, PortGate, Question};
 pub use registry::{ENDING_WAIT, Membership};
 pub use saved::Saved;
 
@@ -336,6 +337,8 @@ pub struct Drains {
     /// Until when a state file this agent could not read (set aside) could still gate:
     /// every scope is answered "draining" until then ([`Drains::fail_closed`]).
     unreadable_until: Mutex<Option<tokio::time::Instant>>,
+    /// The held gates' listener reads, shared by the questions (`listener_reads.rs`).
+    listener_reads: listener_reads::ListenerReads,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -387,6 +390,7 @@ impl Drains {
             beside_view: Mutex::new(saved::WriterView::default()),
             beside_looking: tokio::sync::Mutex::new(()),
             unreadable_until: Mutex::new(None),
+            listener_reads: listener_reads::ListenerReads::default(),
         }
     }
 

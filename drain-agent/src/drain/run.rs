@@ -357,6 +357,7 @@ impl Drains {
                 Held {
                     listeners,
                     until: tokio::time::Instant::now() + GATE_HOLD,
+                    reads_from: self.listener_reads.mark(),
                 },
             );
         }

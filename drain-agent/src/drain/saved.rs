@@ -15,6 +15,7 @@ use crate::{
     drain::{
         DrainRecord, DrainSpec, Drains, Given,
         gate::{Asked, AtEnd, Held},
+        listener_reads::Serial,
         lock,
         owner::Owner,
         registry::{Running, scope_text},
@@ -678,6 +679,7 @@ impl Drains {
                     Held {
                         listeners: hold.at_end(),
                         until,
+                        reads_from: self.listener_reads.mark(),
                     },
                 );
                 restored.gates.insert(scope, (hold.until_ms, until));
@@ -849,10 +851,13 @@ enum Seen {
     /// No file: nothing there is out of rotation.
     #[default]
     Nothing,
-    /// Its drains in progress and its held gates.
+    /// Its drains in progress and its held gates, and the first listener read that may
+    /// reopen them: one that started after the file was read, so after their drains ended
+    /// (`listener_reads.rs`).
     Read {
         drains: Vec<DrainIdentity>,
         held: Vec<SavedHold>,
+        reads_from: Serial,
     },
     /// It could not be read: whether a scope is out of rotation there cannot be vouched for.
     Unreadable,
@@ -874,8 +879,8 @@ enum Verdict {
     /// Out of rotation.
     Gated,
     /// Out of rotation if one of these gates (scope, listeners when its drain ended) is not
-    /// reopened by a new listener.
-    Holds(Vec<(Filter, AtEnd)>),
+    /// reopened by a new listener, read by a listener read numbered above the second.
+    Holds(Vec<(Filter, AtEnd)>, Serial),
 }
 
 impl Seen {
@@ -889,9 +894,13 @@ impl Seen {
         released: impl Fn(&SavedHold) -> bool,
     ) -> Verdict {
         match self {
-            Self::Nothing => Verdict::Holds(Vec::new()),
+            Self::Nothing => Verdict::Holds(Vec::new(), 0),
             Self::Unreadable => Verdict::Gated,
-            Self::Read { drains, held } => {
+            Self::Read {
+                drains,
+                held,
+                reads_from,
+            } => {
                 if drains
                     .iter()
                     .any(|drain| asked.covered_by(&drain.scope()) && !ended(drain))
@@ -905,6 +914,7 @@ impl Seen {
                         .filter(|hold| !released(hold))
                         .map(|hold| (hold.scope(), hold.at_end()))
                         .collect(),
+                    *reads_from,
                 )
             }
         }
@@ -926,7 +936,7 @@ impl Drains {
     /// read is [`WRITER_VIEW_FRESH`] old). A file that cannot be read gates every question:
     /// "not draining" is never said unvouched (as a held gate whose listeners cannot be read
     /// stays held).
-    pub(super) fn writers_gate(&self, asked: &Asked) -> bool {
+    pub(super) async fn writers_gate(&self, asked: &Asked) -> bool {
         let Some(file) = &self.state else {
             return false;
         };
@@ -940,7 +950,7 @@ impl Drains {
             let mut view = lock(&self.writer_view);
             let now = tokio::time::Instant::now();
             let looked = WriterView::look(view.read, file, Which::State, now);
-            view.apply(looked, Which::State);
+            view.apply(looked, Which::State, self.listener_reads.mark());
             view.seen.verdict(
                 asked,
                 |drain| cancelled.contains(drain),
@@ -951,7 +961,7 @@ impl Drains {
                 },
             )
         };
-        self.holds_stand(verdict)
+        self.holds_stand(verdict).await
     }
 
     /// For the state file's writer during an upgrade's overlap: whether the agent started
@@ -965,7 +975,7 @@ impl Drains {
     /// of the node's `/health` and agent-check questions until its stop: HAProxy flapped.
     /// A file that cannot be read gates every question. Not while this agent holds the
     /// file's lock (then the file is its own, or a gone agent's it folds in).
-    pub(super) fn beside_gate(&self, asked: &Asked) -> bool {
+    pub(super) async fn beside_gate(&self, asked: &Asked) -> bool {
         let Some(file) = &self.state else {
             return false;
         };
@@ -975,22 +985,33 @@ impl Drains {
         let verdict = lock(&self.beside_view)
             .seen
             .verdict(asked, |_| false, |_| false);
-        self.holds_stand(verdict)
+        self.holds_stand(verdict).await
     }
 
     /// Whether `verdict` gates: as `Drains::gated` reopens its own holds, a listener of the
     /// scope ([`Drains::scope_listeners`]) the drain did not see is a new instance;
     /// listeners that cannot be read keep the gate, and so does a hold whose listeners were
     /// not read at its end ([`AtEnd::Unknown`]: this view is read only, it learns nothing).
-    fn holds_stand(&self, verdict: Verdict) -> bool {
-        match verdict {
-            Verdict::Gated => true,
-            Verdict::Holds(holds) => holds.iter().any(|(scope, listeners)| {
-                !self
-                    .scope_listeners(scope)
-                    .is_some_and(|read| read.is_ok_and(|now| listeners.new_among(&now)))
-            }),
+    /// The listeners are read as for this agent's own holds: off the workers, shared by the
+    /// questions, by a read that started after the file was read.
+    async fn holds_stand(&self, verdict: Verdict) -> bool {
+        let (holds, reads_from) = match verdict {
+            Verdict::Gated => return true,
+            Verdict::Holds(holds, reads_from) => (holds, reads_from),
+        };
+        for (scope, listeners) in holds {
+            if listeners == AtEnd::Unknown {
+                return true;
+            }
+            let reopened = self
+                .scope_listeners(&scope, reads_from)
+                .await
+                .is_some_and(|read| read.is_ok_and(|now| listeners.new_among(&now)));
+            if !reopened {
+                return true;
+            }
         }
+        false
     }
 
     /// For the state file's writer: looks at `drains.next.json` (an agent started beside
@@ -1013,8 +1034,9 @@ impl Drains {
                         now,
                     )
                 });
+        let reads_from = self.listener_reads.mark();
         let mut view = lock(&self.beside_view);
-        view.apply(looked, Which::Next);
+        view.apply(looked, Which::Next, reads_from);
         !matches!(view.seen, Seen::Nothing)
     }
 }
@@ -1048,8 +1070,9 @@ impl WriterView {
         }
     }
 
-    /// Takes in what a [`WriterView::look`] found.
-    fn apply(&mut self, looked: Looked, which: Which) {
+    /// Takes in what a [`WriterView::look`] found; `reads_from`: a listener read mark
+    /// taken after the look (only later reads may reopen the holds read).
+    fn apply(&mut self, looked: Looked, which: Which, reads_from: Serial) {
         match looked {
             Looked::Same => {}
             Looked::Nothing(now) => {
@@ -1061,6 +1084,7 @@ impl WriterView {
                 self.seen = Seen::Read {
                     drains: saved.drains.iter().map(SavedDrain::identity).collect(),
                     held: saved.held,
+                    reads_from,
                 };
             }
             Looked::Unreadable(stamp, problem, now) => {

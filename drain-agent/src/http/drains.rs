@@ -160,7 +160,7 @@ pub(super) async fn health(
 ) -> Response {
     state.drains.catch_up().await;
     let question = state.drains.resolve(port, addr, pod).await;
-    let draining = state.drains.gated_any(&question);
+    let draining = state.drains.gated_any(&question).await;
     let status = if draining {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

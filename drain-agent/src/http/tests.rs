@@ -1945,3 +1945,142 @@ async fn a_limit_of_the_kernel_is_shown_apart_from_degraded() {
     assert_eq!(body["status"], "degraded", "{body}");
     assert_eq!(body["reasons"].as_array().map(Vec::len), Some(1), "{body}");
 }
+
+/// A closer whose `listeners()` takes `delay` (a scan of every namespace on a loaded node)
+/// and sees one listener (cookie 1), counting its reads.
+struct SlowListeners {
+    delay: Duration,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowListeners {
+    fn new(delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            delay,
+            reads: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl crate::closer::Closer for SlowListeners {
+    fn close(
+        &self,
+        _filter: &crate::tracker::Filter,
+        targets: &[crate::drain_rule::Peer],
+    ) -> anyhow::Result<u64> {
+        Ok(targets.len() as u64)
+    }
+
+    fn listeners(&self, _filter: &crate::tracker::Filter) -> anyhow::Result<Vec<u64>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        Ok(vec![1])
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// An app whose drains read the listeners with `closer`, port 8080 drained to the end: its
+/// gate held (the end's read done).
+async fn held_on_8080(closer: &Arc<SlowListeners>) -> Arc<AppState> {
+    let (_, state) = app_closing(
+        vec![endpoint("127.0.0.1", 8080, 0)],
+        None,
+        Some(Arc::clone(closer) as Arc<dyn crate::closer::Closer>),
+        |drains| drains,
+    );
+    let (status, posted) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{posted}");
+    let record = state
+        .drains
+        .wait_ended(&crate::tracker::Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("the drain ended");
+    assert_eq!(record.result, Some(crate::drain::DrainEnd::Drained));
+    state
+}
+
+/// Audit (held gates): a question about a held gate (`/health`, the agent-check: public)
+/// read the scope's listeners (a scan of /proc, a thread per namespace, a sock_diag dump)
+/// on the async worker answering it, with the registry's `held` lock held: every other
+/// answer on that worker waited, the liveness probe's `/healthz` included (2 workers, a 2 s
+/// probe timeout). On a one-thread runtime, `/healthz` asked while a held gate's question
+/// reads its listeners (here a read that takes a second) is answered at once.
+#[tokio::test(flavor = "current_thread")]
+async fn a_held_gates_listener_read_does_not_hold_up_other_answers() {
+    let closer = SlowListeners::new(Duration::from_secs(1));
+    let state = held_on_8080(&closer).await;
+    let at_end = closer.reads();
+    let started = std::time::Instant::now();
+    let health = tokio::spawn({
+        let state = Arc::clone(&state);
+        async move { get(&state, "/health?port=8080").await }
+    });
+    // The question starts (and reads) first.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let healthz = tokio::time::timeout(Duration::from_millis(200), get(&state, "/healthz")).await;
+    let answered = started.elapsed();
+    let (status, body) = healthz.expect("/healthz answered within 200 ms");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        answered < Duration::from_millis(200),
+        "/healthz waited {answered:?} for a held gate's listener read"
+    );
+    let (status, body) = health.await.expect("question");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        closer.reads(),
+        at_end + 1,
+        "the question read the listeners"
+    );
+}
+
+/// Audit (held gates): every question about a held gate read the listeners again, so a
+/// flood of `/health` or agent-check questions was a flood of scans. Questions asked
+/// together share one read, and a read of the last [`crate::drain::LISTENERS_FRESH`]
+/// answers for its scope: at most one read per scope per interval.
+#[tokio::test(flavor = "current_thread")]
+async fn questions_about_a_held_gate_share_one_listener_read() {
+    let closer = SlowListeners::new(Duration::from_millis(100));
+    let state = held_on_8080(&closer).await;
+    let at_end = closer.reads();
+    let questions: Vec<_> = (0..20)
+        .map(|question| {
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                if question % 2 == 0 {
+                    get(&state, "/health?port=8080").await.0 == StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    crate::http::agentcheck::reply_for(b"8080\n", &state.drains).await
+                        == Reply::Drain
+                }
+            })
+        })
+        .collect();
+    for question in questions {
+        assert!(question.await.expect("question"), "the gate is held");
+    }
+    assert_eq!(
+        closer.reads() - at_end,
+        1,
+        "20 questions asked together, one read"
+    );
+    // Within the interval, the read answers again; past it, a question reads again.
+    assert_eq!(
+        get(&state, "/health?port=8080").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(closer.reads() - at_end, 1);
+    tokio::time::sleep(crate::drain::LISTENERS_FRESH).await;
+    assert_eq!(
+        get(&state, "/health?port=8080").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(closer.reads() - at_end, 2);
+}
