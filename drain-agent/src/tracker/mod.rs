@@ -142,9 +142,20 @@ impl Tracker {
         }
     }
 
-    /// Every endpoint, as the kernel counts it now.
+    /// Every endpoint, as the kernel counts it now. Blocking (a pass over the whole
+    /// endpoint map); on the runtime, use [`Tracker::snapshot_off_runtime`].
     pub fn snapshot(&self) -> Result<Vec<Endpoint>> {
         self.source.endpoints()
+    }
+
+    /// [`Tracker::snapshot`] on a blocking thread: never holds an async worker.
+    pub async fn snapshot_off_runtime(&self) -> Result<Vec<Endpoint>> {
+        let source = Arc::clone(&self.source);
+        tokio::task::spawn_blocking(move || source.endpoints())
+            .await
+            .map_err(|problem| {
+                anyhow::anyhow!("the read of the counts did not finish: {problem}")
+            })?
     }
 
     pub fn check_health(&self) -> Result<()> {
