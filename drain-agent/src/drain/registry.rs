@@ -118,6 +118,9 @@ enum Started {
     Drain(Arc<Running>, bool),
     /// The scope's drain has taken its verdict and is ending.
     Ending(Arc<Running>),
+    /// A drain would start, and its count at the start is not read yet: read it (off the
+    /// registry's lock and the async workers) and look again.
+    Uncounted,
 }
 
 /// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
@@ -228,11 +231,22 @@ impl Drains {
         by: StartedBy,
     ) -> Result<(Arc<Running>, bool), JoinError> {
         let limit = tokio::time::Instant::now() + ENDING_WAIT;
+        // The scope's count, read before the registry's lock is taken: for a scope narrower
+        // than a port it is a pass over the whole endpoint map, and the health hooks take
+        // that lock. Read only when a drain would start; a record's, not a decision's.
+        let mut active_at_start = None;
         loop {
-            let ending = match self.start_now(&spec, posted, by)? {
+            let ending = match self.start_now(&spec, posted, by, active_at_start)? {
                 Started::Drain(drain, created) => return Ok((drain, created)),
                 Started::Ending(ending) => ending,
+                Started::Uncounted => {
+                    let active = self.tracker.active_off_runtime(&spec.filter).await;
+                    active_at_start = Some(active.unwrap_or(0));
+                    continue;
+                }
             };
+            // Read afresh for the scope's next drain.
+            active_at_start = None;
             let mut finished = ending.finished.subscribe();
             let ended = tokio::time::timeout_at(limit, finished.wait_for(Option::is_some)).await;
             if !matches!(ended, Ok(Ok(_))) {
@@ -241,12 +255,14 @@ impl Drains {
         }
     }
 
-    /// [`Drains::start`]'s one look at the registry, under its lock.
+    /// [`Drains::start`]'s one look at the registry, under its lock; a drain it starts
+    /// records `active_at_start` (None: [`Started::Uncounted`], nothing started).
     fn start_now(
         self: &Arc<Self>,
         spec: &DrainSpec,
         posted: bool,
         by: StartedBy,
+        active_at_start: Option<u64>,
     ) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
@@ -282,8 +298,10 @@ impl Drains {
         if running.len() >= self.max_running {
             return Err(JoinError::Full);
         }
+        let Some(active_at_start) = active_at_start else {
+            return Ok(Started::Uncounted);
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let active_at_start = self.tracker.active(&spec.filter).unwrap_or(0);
         let record = DrainRecord {
             id,
             port: spec.filter.port,

@@ -74,7 +74,7 @@ impl Drains {
         };
         let mut closed = 0;
         let (result, outcome) = match waited {
-            Err(end) => (end, self.not_drained(&spec.filter, started, None)),
+            Err(end) => (end, self.not_drained(&spec.filter, started, None).await),
             Ok(Ok(outcome)) => {
                 {
                     let mut record = lock(&drain.record);
@@ -131,7 +131,7 @@ impl Drains {
                 };
                 (
                     DrainEnd::Timeout,
-                    self.not_drained(&spec.filter, started, Some(why)),
+                    self.not_drained(&spec.filter, started, Some(why)).await,
                 )
             }
         };
@@ -282,17 +282,19 @@ impl Drains {
         Err(DrainEnd::NotOwned)
     }
 
-    /// A not-drained outcome with the count now (a drain that ended before its wait did).
-    fn not_drained(
+    /// A not-drained outcome with the count now (a drain that ended before its wait did),
+    /// read off the async workers (a scope's count is a pass over the endpoint map).
+    async fn not_drained(
         &self,
         filter: &Filter,
         started: tokio::time::Instant,
         unknown: Option<String>,
     ) -> DrainOutcome {
+        let waited = started.elapsed();
         DrainOutcome {
             drained: false,
-            active: self.tracker.active(filter).unwrap_or(0),
-            waited: started.elapsed(),
+            active: self.tracker.active_off_runtime(filter).await.unwrap_or(0),
+            waited,
             unknown,
             idle: None,
             busy: None,

@@ -1932,3 +1932,56 @@ async fn a_listener_read_from_before_a_drains_end_never_reopens_its_gate() {
         "a read from before the drain's end (listener 2 in it) reopened its gate"
     );
 }
+
+/// Found by an audit: a drain's start read its scope's count (for a pod's scope, a pass over
+/// the whole endpoint map) under the registry's lock, on an async worker: the health hooks
+/// (`gated`, which take that lock) waited for the read. The count is read first, on a
+/// blocking thread, and the lock is taken after it.
+#[tokio::test]
+async fn a_drains_start_reads_its_count_outside_the_registrys_lock() {
+    let (source, _tracker, drains) = registry(0);
+    source.set(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("127.0.0.1", 8080, 2)
+    }]);
+    *source.read_takes.lock().expect("lock") = Duration::from_millis(300);
+    let posting = {
+        let drains = Arc::clone(&drains);
+        tokio::spawn(async move {
+            drains
+                .post(pod_spec(7, 8080), StartedBy::Node)
+                .await
+                .map(|(record, _)| record.active_at_start)
+                .map_err(|problem| format!("{problem:?}"))
+        })
+    };
+    // A health hook on a thread of its own, asked while the count is being read.
+    let hook = {
+        let (drains, source) = (Arc::clone(&drains), Arc::clone(&source));
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            while source
+                .reads_running
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let asked = std::time::Instant::now();
+            (runtime.block_on(drains.gated(&node(9090))), asked.elapsed())
+        })
+    };
+    let (gated, took) = tokio::task::spawn_blocking(move || hook.join().expect("hook"))
+        .await
+        .expect("join");
+    assert!(!gated);
+    assert!(
+        took < Duration::from_millis(100),
+        "a health hook waited {took:?} for a drain's start"
+    );
+    assert_eq!(
+        posting.await.expect("join"),
+        Ok(2),
+        "the count at the start"
+    );
+}

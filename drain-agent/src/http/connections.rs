@@ -26,7 +26,7 @@ pub(super) async fn connections(
     Confined(_, (scope, port, with_peers)): Confined<ConnectionsQuery>,
 ) -> Response {
     let (addr, netns) = (scope.addr, scope.netns);
-    let mut endpoints = match state.tracker.snapshot() {
+    let mut endpoints = match state.tracker.snapshot_off_runtime().await {
         Ok(endpoints) => endpoints,
         Err(problem) => {
             return error(

@@ -677,6 +677,31 @@ async fn connections_lists_active_endpoints() {
     );
 }
 
+/// Found by an audit: `/connections` read the whole endpoint map on an async worker (two
+/// system calls an entry, up to `--max-endpoints`): a slow read held the agent's other
+/// requests (`/healthz` among them). Read on a blocking thread; one worker here.
+#[tokio::test]
+async fn a_slow_read_of_the_connections_never_holds_the_async_worker() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 3)]);
+    *source.read_takes.lock().expect("lock") = Duration::from_millis(300);
+    let beside = tokio::spawn(async {
+        let started = std::time::Instant::now();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        started.elapsed()
+    });
+    tokio::task::yield_now().await;
+    let (status, body) = get(&state, "/connections").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["endpoints"][0]["active"], 3);
+    let took = beside.await.expect("join");
+    assert!(
+        took < Duration::from_millis(100),
+        "a task beside /connections took {took:?} for 10 ms of sleeps"
+    );
+}
+
 /// Issue 22: anyone who could reach the node listener drained, gated and closed every
 /// pod's port and read every pod's clients. A remote caller now gets the public
 /// endpoints only, and nothing it asks changes anything.

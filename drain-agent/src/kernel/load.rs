@@ -26,7 +26,9 @@ use super::{
     budget, destroy, pin,
     pin::{Adoptable, PinDir, Publication},
     pod::load_pod_seeder,
-    prealloc, rcu, steer,
+    prealloc, rcu,
+    shared_pass::SharedPasses,
+    steer,
     version::{self, warn_of_old_kernel},
     walk::{self, load_walker},
 };
@@ -328,6 +330,7 @@ impl Kernel {
             // An earlier agent's walks shaped adopted counts.
             walk_began: AtomicBool::new(adopt.is_some()),
             own_bound: Mutex::default(),
+            own_port_passes: SharedPasses::default(),
         };
         let events = take_map(&mut ebpf, "EVENTS")?;
         let steering = pod_seeder.and_then(|()| {

@@ -20,6 +20,7 @@ use drain_agent_common::{
 
 use super::{
     AttachMethod,
+    shared_pass::SharedPasses,
     version::{KernelVersion, old_kernel_doubts},
 };
 use crate::{
@@ -79,6 +80,8 @@ pub struct KernelMaps {
     /// IPv6-only `[::]:9100` beside the agent's `0.0.0.0:9100`) would have its connections
     /// taken for the agent's: [`KernelMaps::own_port_shared`] finds those sockets.
     pub(super) own_bound: Mutex<BTreeMap<(u32, u16), SocketAddr>>,
+    /// [`KernelMaps::own_port_shared`]'s passes, one at a time per own listener.
+    pub(super) own_port_passes: SharedPasses<(u32, SocketAddr), Result<bool, String>>,
 }
 
 /// The counters of endpoints that were reclaimed, summed per port.
@@ -376,33 +379,24 @@ impl KernelMaps {
         if own.is_empty() {
             return Ok(Vec::new());
         }
-        let namespaces = netns::all_namespaces();
         let mut doubts = Vec::new();
         for (inode, addr) in own {
-            // A namespace that is gone has no sockets left.
-            let Some(path) = namespaces.get(&inode) else {
-                continue;
-            };
-            let shared = netns::run_in(inode, path, move || {
-                use sockdiag::state::{CLOSE_WAIT, ESTABLISHED, LISTEN, SYN_RECV, bit};
-                let sockets = sockdiag::query(&sockdiag::Query {
-                    local_port: addr.port(),
-                    states: bit(LISTEN) | bit(SYN_RECV) | bit(ESTABLISHED) | bit(CLOSE_WAIT),
-                    with_info: false,
-                })?;
-                Ok(sockets
-                    .iter()
-                    .any(|socket| not_the_agents(addr, socket.local, socket.state == LISTEN)))
-            });
+            // One pass at a time per listener, shared by the reads that ask meanwhile, each
+            // given a pass begun after it asked (`shared_pass`). Not cached: this is a doubt
+            // input, and a kept "not shared" would go stale in the unsafe direction (a
+            // program that binds beside the agent and is answered drained); only what
+            // fails closed may be kept, and a kept "shared" would save nothing that matters.
+            let shared = self
+                .own_port_passes
+                .get(&(inode, addr), || own_port_shared_in(inode, addr));
             match shared {
                 Ok(true) => doubts.push(Doubt::OwnPortShared {
                     port: filter.port,
                     netns: inode,
                 }),
                 Ok(false) => {}
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
                 Err(problem) => {
-                    return Err(problem).with_context(|| {
+                    return Err(anyhow::Error::msg(problem)).with_context(|| {
                         format!(
                             "cannot read who uses the agent's own port {} in network namespace {inode}",
                             filter.port
@@ -412,6 +406,31 @@ impl KernelMaps {
             }
         }
         Ok(doubts)
+    }
+}
+
+/// Whether another program has sockets on the port of the agent's own listener at `addr`
+/// in namespace `inode` (its socket tables, read on a thread inside it). A namespace that
+/// is gone has no sockets left.
+fn own_port_shared_in(inode: u32, addr: SocketAddr) -> Result<bool, String> {
+    let Some(path) = netns::all_namespaces().remove(&inode) else {
+        return Ok(false);
+    };
+    let shared = netns::run_in(inode, &path, move || {
+        use sockdiag::state::{CLOSE_WAIT, ESTABLISHED, LISTEN, SYN_RECV, bit};
+        let sockets = sockdiag::query(&sockdiag::Query {
+            local_port: addr.port(),
+            states: bit(LISTEN) | bit(SYN_RECV) | bit(ESTABLISHED) | bit(CLOSE_WAIT),
+            with_info: false,
+        })?;
+        Ok(sockets
+            .iter()
+            .any(|socket| not_the_agents(addr, socket.local, socket.state == LISTEN)))
+    });
+    match shared {
+        Ok(shared) => Ok(shared),
+        Err(_) if !netns::all_namespaces().contains_key(&inode) => Ok(false),
+        Err(problem) => Err(format!("{problem:#}")),
     }
 }
 

@@ -17,6 +17,7 @@ mod raw;
 mod rcu;
 pub mod reclaim;
 pub mod reuseport;
+mod shared_pass;
 mod source;
 pub mod steer;
 pub mod version;

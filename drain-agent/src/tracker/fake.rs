@@ -36,6 +36,12 @@ pub struct FakeSource {
     /// Run once, by the next `endpoints` read, right after it took the counts: what
     /// happens between a read of the counts and the read of their doubts.
     pub after_next_read: Mutex<Option<AfterRead>>,
+    /// How long an `endpoints` read takes (real time, blocking: a whole endpoint map).
+    pub read_takes: Mutex<std::time::Duration>,
+    /// `endpoints` reads done, running now, and the most ever running at once.
+    pub reads: AtomicUsize,
+    pub reads_running: AtomicUsize,
+    pub most_reads_running: AtomicUsize,
 }
 
 impl Default for FakeSource {
@@ -52,6 +58,10 @@ impl Default for FakeSource {
             listed: Mutex::default(),
             walks: AtomicU64::default(),
             after_next_read: Mutex::default(),
+            read_takes: Mutex::default(),
+            reads: AtomicUsize::default(),
+            reads_running: AtomicUsize::default(),
+            most_reads_running: AtomicUsize::default(),
         }
     }
 }
@@ -72,6 +82,12 @@ impl FakeSource {
 impl Counts for FakeSource {
     fn endpoints(&self) -> Result<Vec<Endpoint>> {
         self.health()?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let running = self.reads_running.fetch_add(1, Ordering::AcqRel) + 1;
+        self.most_reads_running.fetch_max(running, Ordering::AcqRel);
+        let takes = *self.read_takes.lock().expect("lock");
+        std::thread::sleep(takes);
+        self.reads_running.fetch_sub(1, Ordering::AcqRel);
         let endpoints = self.endpoints.lock().expect("lock").clone();
         let after = self.after_next_read.lock().expect("lock").take();
         if let Some(after) = after {

@@ -142,9 +142,20 @@ impl Tracker {
         }
     }
 
-    /// Every endpoint, as the kernel counts it now.
+    /// Every endpoint, as the kernel counts it now. Blocking (a pass over the whole
+    /// endpoint map); on the runtime, use [`Tracker::snapshot_off_runtime`].
     pub fn snapshot(&self) -> Result<Vec<Endpoint>> {
         self.source.endpoints()
+    }
+
+    /// [`Tracker::snapshot`] on a blocking thread: never holds an async worker.
+    pub async fn snapshot_off_runtime(&self) -> Result<Vec<Endpoint>> {
+        let source = Arc::clone(&self.source);
+        tokio::task::spawn_blocking(move || source.endpoints())
+            .await
+            .map_err(|problem| {
+                anyhow::anyhow!("the read of the counts did not finish: {problem}")
+            })?
     }
 
     pub fn check_health(&self) -> Result<()> {
@@ -173,61 +184,36 @@ impl Tracker {
         self.source.reclaimed_totals()
     }
 
-    /// Active connections matching `filter`, now.
+    /// Active connections matching `filter`, now. Blocking: a scope narrower than a port
+    /// is a pass over the whole endpoint map; on the runtime, use
+    /// [`Tracker::active_off_runtime`].
     pub fn active(&self, filter: &Filter) -> Result<u64> {
-        Ok(self.state(filter)?.active)
+        Ok(scope_state(&*self.source, filter)?.active)
     }
 
-    fn state(&self, filter: &Filter) -> Result<PortState> {
-        if filter.addr.is_none()
-            && filter.netns.is_none()
-            && let Some(state) = self.source.port_state(filter.port)?
-        {
-            return Ok(state);
-        }
-        let mut state = PortState {
-            active: 0,
-            last_change_ns: 0,
-        };
-        for endpoint in self.source.endpoints()? {
-            if filter.matches(&endpoint) {
-                state.active += endpoint.active;
-                state.last_change_ns = state.last_change_ns.max(endpoint.last_change_ns);
-            }
-        }
-        // A reclaimed endpoint of this port may have been in scope: its last change counts.
-        state.last_change_ns = state
-            .last_change_ns
-            .max(self.source.reclaimed_last_change(filter.port));
-        Ok(state)
+    /// [`Tracker::active`] on a blocking thread: a scoped count never holds an async worker.
+    pub async fn active_off_runtime(&self, filter: &Filter) -> Result<u64> {
+        let source = Arc::clone(&self.source);
+        let scope = filter.clone();
+        tokio::task::spawn_blocking(move || Ok(scope_state(&*source, &scope)?.active))
+            .await
+            .map_err(|problem| anyhow::anyhow!("the count did not finish: {problem}"))?
     }
 
-    /// The scope's count, then its doubts: the waiter judges a zero by the doubts of the
-    /// same read. Read in that order, a doubt that appears in between is seen; one that a
-    /// walk *clears* in between is not (the walk counted what the count missed, then
-    /// vouched), so a read during which a walk ended is read again. Walks are seconds
-    /// apart: after [`SCOPE_READS`] reads that each saw one end, the last read's doubts
-    /// are replaced by an error, which is a doubt (never a drained answer from it).
-    fn read_scope(&self, filter: &Filter) -> Result<(u64, Result<Vec<Doubt>, String>)> {
-        let mut read = 0;
-        loop {
-            read += 1;
-            let walks = self.source.walks();
-            let count = self.state(filter)?.active;
-            let doubts = self
-                .source
-                .doubts(filter)
-                .map_err(|problem| format!("{problem:#}"));
-            if self.source.walks() == walks {
-                return Ok((count, doubts));
-            }
-            if read == SCOPE_READS {
-                return Ok((
-                    count,
-                    Err("walks of the open sockets kept ending while the counts were read".into()),
-                ));
-            }
-        }
+    /// [`read_scope`] on a blocking thread, awaited: the count of a scope narrower than a
+    /// port is a pass over the whole endpoint map (up to `--max-endpoints` entries, two
+    /// system calls each), and the doubts of the agent's own port enter namespaces. On an
+    /// async worker, a few waiters woken by every arrival kept both workers busy. A waiter
+    /// awaits its read before it looks at anything else, so it never has two in flight;
+    /// what it hears meanwhile is taken in after the read, together.
+    async fn read_scope(&self, filter: &Filter) -> Result<(u64, Result<Vec<Doubt>, String>)> {
+        let source = Arc::clone(&self.source);
+        let scope = filter.clone();
+        tokio::task::spawn_blocking(move || read_scope(&*source, &scope))
+            .await
+            .map_err(|problem| {
+                anyhow::anyhow!("the read of the counts did not finish: {problem}")
+            })?
     }
 
     /// Called by the event reader: an endpoint on `port` crossed zero.
@@ -482,7 +468,7 @@ impl Tracker {
             while let Some(heard) = port_watch.try_hear() {
                 waiter.hear(heard);
             }
-            let (count, doubts) = self.read_scope(filter).map_err(WaitError::Source)?;
+            let (count, doubts) = self.read_scope(filter).await.map_err(WaitError::Source)?;
             let skipped = self.source.skipped_runs() > skipped_at_start;
             let mut pass = Pass {
                 now: Instant::now(),
@@ -559,6 +545,60 @@ impl Tracker {
     /// Doubts about the agent as a whole (for `/healthz`).
     pub fn health_doubts(&self) -> Vec<Doubt> {
         self.source.health_doubts()
+    }
+}
+
+/// The counts of `filter` now: a port's totals, or (a narrower scope, or a source without
+/// totals) a pass over every endpoint. Blocking.
+fn scope_state(source: &dyn Source, filter: &Filter) -> Result<PortState> {
+    if filter.addr.is_none()
+        && filter.netns.is_none()
+        && let Some(state) = source.port_state(filter.port)?
+    {
+        return Ok(state);
+    }
+    let mut state = PortState {
+        active: 0,
+        last_change_ns: 0,
+    };
+    for endpoint in source.endpoints()? {
+        if filter.matches(&endpoint) {
+            state.active += endpoint.active;
+            state.last_change_ns = state.last_change_ns.max(endpoint.last_change_ns);
+        }
+    }
+    // A reclaimed endpoint of this port may have been in scope: its last change counts.
+    state.last_change_ns = state
+        .last_change_ns
+        .max(source.reclaimed_last_change(filter.port));
+    Ok(state)
+}
+
+/// The scope's count, then its doubts: the waiter judges a zero by the doubts of the
+/// same read. Read in that order, a doubt that appears in between is seen; one that a
+/// walk *clears* in between is not (the walk counted what the count missed, then
+/// vouched), so a read during which a walk ended is read again. Walks are seconds
+/// apart: after [`SCOPE_READS`] reads that each saw one end, the last read's doubts
+/// are replaced by an error, which is a doubt (never a drained answer from it).
+/// Blocking ([`Tracker::read_scope`] runs it off the async workers).
+fn read_scope(source: &dyn Source, filter: &Filter) -> Result<(u64, Result<Vec<Doubt>, String>)> {
+    let mut read = 0;
+    loop {
+        read += 1;
+        let walks = source.walks();
+        let count = scope_state(source, filter)?.active;
+        let doubts = source
+            .doubts(filter)
+            .map_err(|problem| format!("{problem:#}"));
+        if source.walks() == walks {
+            return Ok((count, doubts));
+        }
+        if read == SCOPE_READS {
+            return Ok((
+                count,
+                Err("walks of the open sockets kept ending while the counts were read".into()),
+            ));
+        }
     }
 }
 

@@ -368,6 +368,69 @@ async fn lost_events_restart_the_quiet_window() {
     }
 }
 
+/// Found by an audit: a scoped waiter (an address or a namespace: every pod's) read its
+/// count from the whole endpoint map on an async worker, at each wake-up, and a quiet
+/// window wakes on every open: a few such waiters on a churning port kept the agent's two
+/// workers busy, and `/healthz` missed its liveness timeout. The read runs on a blocking
+/// thread, awaited, one at a time per waiter. One worker here (a current-thread runtime),
+/// reads that take 50 ms: a task beside the waiter still runs at once.
+#[tokio::test]
+async fn a_scoped_read_never_holds_the_async_worker() {
+    let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
+    *source.read_takes.lock().expect("lock") = Duration::from_millis(50);
+    let scope = Filter {
+        addr: Some("127.0.0.1".parse().expect("ip")),
+        ..Filter::port(80)
+    };
+    let rule = DrainRule {
+        quiet: Duration::from_secs(1),
+        ..DrainRule::default()
+    };
+    let waiter = {
+        let tracker = Arc::clone(&tracker);
+        tokio::spawn(async move {
+            tracker
+                .wait_until_drained(&scope, Duration::from_secs(600), &rule)
+                .await
+                .map_err(|e| format!("{e:?}"))
+        })
+    };
+    // Connections churn on the port: every open wakes the waiter (its quiet window).
+    let churn = {
+        let tracker = Arc::clone(&tracker);
+        tokio::spawn(async move {
+            loop {
+                tracker.publish(arrival(80, monotonic_ns()));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A trivial task: ten short sleeps, 10 ms of work for the clock.
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let took = started.elapsed();
+    // Let a few reads finish, so that the waiter is seen re-reading on arrivals.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    churn.abort();
+    waiter.abort();
+    assert!(
+        took < Duration::from_millis(100),
+        "a task beside a scoped waiter took {took:?} for 10 ms of sleeps"
+    );
+    assert!(
+        source.reads.load(Ordering::Relaxed) >= 3,
+        "the waiter re-read on arrivals"
+    );
+    assert_eq!(
+        source.most_reads_running.load(Ordering::Relaxed),
+        1,
+        "one read at a time for one waiter"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_answers_open_waiters() {
     let (_, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 1)]);
