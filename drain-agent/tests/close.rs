@@ -23,7 +23,7 @@ use std::{
 use common::{Netns, kernel_available};
 use drain_agent::{
     drain_rule::Peer,
-    kernel::{Kernel, KernelOptions, destroy::CloseMethod},
+    kernel::{Kernel, destroy::CloseMethod},
     sys::netns,
     tracker::{Counts as _, Filter},
 };
@@ -32,16 +32,7 @@ use drain_agent::{
 static ONE_KERNEL_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn load_kernel() -> Kernel {
-    Kernel::load(&KernelOptions {
-        max_connections: 4_096,
-        max_endpoints: 1_024,
-        attach: None,
-        no_seed: true,
-        preallocate_sockets: false,
-        pod_port: 0,
-        pin_dir: None,
-    })
-    .expect("load the kernel side")
+    common::small_kernel(None, true)
 }
 
 /// A listener on 127.0.0.1 and three connections to it: (client, server end) pairs.

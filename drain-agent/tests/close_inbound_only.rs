@@ -35,7 +35,7 @@ use std::{
 use common::{Agent, kernel_available};
 use drain_agent::{
     drain_rule::Peer,
-    kernel::{Kernel, KernelOptions, destroy::CloseMethod},
+    kernel::{Kernel, destroy::CloseMethod},
     sys::netns,
     tracker::Filter,
 };
@@ -387,16 +387,7 @@ fn netlink_forced_close_leaves_outbound_connections_from_the_port() {
 }
 
 fn load_kernel() -> Kernel {
-    Kernel::load(&KernelOptions {
-        max_connections: 4_096,
-        max_endpoints: 1_024,
-        attach: None,
-        no_seed: true,
-        preallocate_sockets: false,
-        pod_port: 0,
-        pin_dir: None,
-    })
-    .expect("load the kernel side")
+    common::small_kernel(None, true)
 }
 
 /// Each guard on its own, in-process: `Kernel::close_connections` given the outbound

@@ -13,21 +13,12 @@ mod common;
 use common::kernel_available;
 use drain_agent::{
     doubt::Doubt,
-    kernel::{AttachMethod, Kernel, KernelOptions},
+    kernel::{AttachMethod, Kernel},
     tracker::{Filter, Vouch as _},
 };
 
 fn load_kernel(attach: AttachMethod) -> Kernel {
-    Kernel::load(&KernelOptions {
-        max_connections: 4_096,
-        max_endpoints: 1_024,
-        attach: Some(attach),
-        no_seed: false,
-        preallocate_sockets: false,
-        pod_port: 0,
-        pin_dir: None,
-    })
-    .expect("load the kernel side")
+    common::small_kernel(Some(attach), false)
 }
 
 /// Found by an audit: before Linux 6.7 the classic tracepoint's skipped runs are counted

@@ -98,11 +98,6 @@ pub const GATE_HOLD: Duration = Duration::from_secs(300);
 /// pod's drains evict its own holds, not another pod's).
 pub const HELD_MAX: usize = 4096;
 
-/// How long a listener read answers for the questions about a held gate of its scope after
-/// it started (`listener_reads.rs`): a new instance's listener reopens the gate at most this
-/// much (and a read) later; until then the gate stays closed.
-pub const LISTENERS_FRESH: Duration = Duration::from_secs(1);
-
 /// A scope kept out of rotation after its drain.
 pub(super) struct Held {
     /// The listeners when the drain ended: any other one is a new instance.
@@ -279,7 +274,7 @@ impl Drains {
     /// read ([`Drains::fail_closed`]).
     ///
     /// A held gate's listeners are read on a blocking thread, shared by the questions of
-    /// the moment and reused for [`LISTENERS_FRESH`] (`listener_reads.rs`), never on the
+    /// the moment and reused for [`LISTENERS_FRESH`](crate::drain::LISTENERS_FRESH) (`listener_reads.rs`), never on the
     /// async worker answering nor under the `held` lock: before, a flood of public
     /// questions about a held gate held up every answer of the agent (its liveness probe's
     /// too), and the drains ending meanwhile.

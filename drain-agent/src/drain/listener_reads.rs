@@ -22,7 +22,12 @@ use std::{
 
 use tokio::{sync::watch, time::Instant};
 
-use crate::{closer::Closer, drain::gate::LISTENERS_FRESH, drain::lock, tracker::Filter};
+use crate::{closer::Closer, drain::lock, tracker::Filter};
+
+/// How long a listener read answers for the questions about a held gate of its scope after
+/// it started: a new instance's listener reopens the gate at most this much (and a read)
+/// later; until then the gate stays closed.
+pub const LISTENERS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One read's outcome: the listeners' cookies, or why they could not be read.
 pub(super) type Read = Result<Arc<[u64]>, Arc<anyhow::Error>>;

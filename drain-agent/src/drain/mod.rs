@@ -37,7 +37,8 @@ use crate::{
     tracker::{Filter, Tracker},
 };
 
-pub use gate::{Asked, GATE_HOLD, HELD_MAX, LISTENERS_FRESH, PortGate, Question};
+pub use gate::{Asked, GATE_HOLD, HELD_MAX, PortGate, Question};
+pub use listener_reads::LISTENERS_FRESH;
 pub use registry::{ENDING_WAIT, Membership};
 pub use saved::Saved;
 

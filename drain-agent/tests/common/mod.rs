@@ -37,6 +37,24 @@ pub fn kernel_version() -> (String, (u32, u32)) {
     (release, version)
 }
 
+/// The kernel side loaded in-process with small maps (4,096 sockets, 1,024 endpoints),
+/// attached by `attach` (the agent's choice with `None`), seeding or not.
+pub fn small_kernel(
+    attach: Option<drain_agent::kernel::AttachMethod>,
+    no_seed: bool,
+) -> drain_agent::kernel::Kernel {
+    drain_agent::kernel::Kernel::load(&drain_agent::kernel::KernelOptions {
+        max_connections: 4_096,
+        max_endpoints: 1_024,
+        attach,
+        no_seed,
+        preallocate_sockets: false,
+        pod_port: 0,
+        pin_dir: None,
+    })
+    .expect("load the kernel side")
+}
+
 /// Whether kernel tests can run here. When they cannot: with `DRAIN_AGENT_REQUIRE_KERNEL=1`
 /// (CI) the test fails; otherwise it reports a SKIP (see [`report_skip`]) and the caller
 /// returns.
