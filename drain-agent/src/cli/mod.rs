@@ -140,8 +140,10 @@ pub struct RunArgs {
     /// With --pod-listen: pod listeners open at most. Each costs descriptors (its socket,
     /// its steering program and link, and up to --pod-http-max-connections + 4 connections)
     /// and a server; past it, further namespaces get no listener while it stays so (WARN,
-    /// drain_agent_pod_listeners{state="over_limit"}). Namespaces a user's user namespace
-    /// owns (unshare -Urn) are never served and not counted.
+    /// drain_agent_pod_listeners{state="over_limit"}). Lowered at start (WARN) to what the
+    /// open-file limit leaves beside the node listener and 128 for the rest of the agent.
+    /// Namespaces a user's user namespace owns (unshare -Urn) are never served and not
+    /// counted.
     #[arg(
         long,
         env = "DRAIN_AGENT_POD_MAX_LISTENERS",

@@ -135,6 +135,36 @@ pub struct PodListenOptions {
     pub tasks: TaskWatch,
 }
 
+/// Descriptors one pod listener may hold: its socket, its steering program and link, and
+/// its server's connections (`pod_connections`) with their overflow reserve.
+fn descriptors_per_listener(pod_connections: usize) -> u64 {
+    let connections = pod_connections + crate::http::server::overflow_reserve(pod_connections);
+    u64::try_from(connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(3)
+}
+
+/// How many pod listeners `open_file_limit` leaves room for, each holding what
+/// [`descriptors_per_listener`] says, beside the node listener's `node_connections` (and its
+/// reserve) and the descriptors kept for the rest of the agent
+/// ([`RESERVED_FDS`](crate::http::server::RESERVED_FDS)); at least 1. Each server's own cap
+/// is sized against the whole limit, so without this budget, listeners past it (1,024 by
+/// default, each up to 23 descriptors) could take the node listener's and the agent's last
+/// descriptors: stop hooks and pods refused with EMFILE.
+pub fn listener_budget(
+    open_file_limit: u64,
+    node_connections: usize,
+    pod_connections: usize,
+) -> usize {
+    let node = node_connections + crate::http::server::overflow_reserve(node_connections);
+    let room = open_file_limit
+        .saturating_sub(crate::http::server::RESERVED_FDS)
+        .saturating_sub(u64::try_from(node).unwrap_or(u64::MAX));
+    usize::try_from(room / descriptors_per_listener(pod_connections))
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 /// Serves the API inside every pod namespace until the agent stops (`stop` reaches
 /// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
 /// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
@@ -295,4 +325,32 @@ pub async fn serve_in_pods(
     // The agent stops: every listener hands over and shuts down on its own; wait for them.
     while manager.tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Audit (descriptors): each pod server's cap is sized against the whole open-file
+    /// limit, so the default 1,024 pod listeners (each up to 16 + 4 connections, its socket,
+    /// its program and link) could hold 23,552 descriptors under a 20,000 limit, the node
+    /// listener's and the agent's among them. The listeners' number is now kept within what
+    /// the limit leaves.
+    #[test]
+    fn pod_listeners_are_kept_within_the_open_file_limit() {
+        // This machine's hard limit, the node's default 1,024 connections, 16 per pod.
+        let budget = listener_budget(20_000, 1_024, 16);
+        assert!(budget < 1_024, "{budget}");
+        let per = descriptors_per_listener(16);
+        assert_eq!(per, 23);
+        let node = 1_024 + crate::http::server::overflow_reserve(1_024) as u64;
+        assert!(
+            budget as u64 * per + node + crate::http::server::RESERVED_FDS <= 20_000,
+            "{budget} listeners of {per} descriptors"
+        );
+        // A node with a generous limit keeps the default.
+        assert!(listener_budget(1 << 20, 1_024, 16) >= 1_024);
+        // Never none.
+        assert_eq!(listener_budget(100, 1_024, 16), 1);
+    }
 }

@@ -80,7 +80,7 @@ use crate::{metrics::Metrics, sys::fdlimit};
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
 /// links, the runtime, namespace files while seeding): the connection cap is lowered to
 /// stay this far below the open-file limit.
-const RESERVED_FDS: u64 = 128;
+pub const RESERVED_FDS: u64 = 128;
 
 /// The largest request head (request line and headers) the server reads, and the most
 /// it buffers from a connection. hyper's default (~400 KiB) let an unauthenticated client
