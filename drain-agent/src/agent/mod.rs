@@ -100,35 +100,6 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
 }
 
-/// `--pod-max-listeners`, lowered to what the open-file limit leaves room for
-/// ([`listener_budget`](crate::http::pods::listener_budget)), with a WARN when it is.
-fn pod_listener_limit(args: &RunArgs) -> usize {
-    let wanted = usize::try_from(args.pod_max_listeners).unwrap_or(usize::MAX);
-    let limit = match crate::sys::fdlimit::soft_limit() {
-        Ok(limit) => limit,
-        Err(problem) => {
-            warn!("{problem:#}; keeping --pod-max-listeners {wanted}");
-            return wanted;
-        }
-    };
-    let budget = crate::http::pods::listener_budget(
-        limit,
-        args.http_max_connections,
-        args.pod_http_max_connections,
-    );
-    if budget < wanted {
-        warn!(
-            "--pod-max-listeners {wanted} lowered to {budget}: the open-file limit is {limit}, and each pod listener may hold up to {} descriptors beside the node listener's (raise LimitNOFILE, or lower --pod-http-max-connections)",
-            args.pod_http_max_connections
-                + crate::http::server::overflow_reserve(args.pod_http_max_connections)
-                + 3
-        );
-        budget
-    } else {
-        wanted
-    }
-}
-
 /// The agent itself.
 pub async fn run(args: RunArgs) -> Result<()> {
     // Room for the eBPF objects and --http-max-connections sockets under a default unit's
@@ -358,7 +329,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 name_prefix: args.pod_netns_prefix.clone(),
                 bind_only: args.pod_listen_bind,
                 socket_port: args.pod_socket_port,
-                max_listeners: pod_listener_limit(&args),
+                max_listeners: crate::http::pods::listener_limit(
+                    args.pod_max_listeners,
+                    args.http_max_connections,
+                    args.pod_http_max_connections,
+                ),
                 handover: Arc::clone(&handover),
                 tasks: tasks.clone(),
                 limits: ServerLimits {

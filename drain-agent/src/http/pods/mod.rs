@@ -165,6 +165,29 @@ pub fn listener_budget(
         .max(1)
 }
 
+/// `--pod-max-listeners` (`wanted`), lowered to what the open-file limit leaves room for
+/// ([`listener_budget`]), with a WARN when it is.
+pub fn listener_limit(wanted: u32, node_connections: usize, pod_connections: usize) -> usize {
+    let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
+    let limit = match crate::sys::fdlimit::soft_limit() {
+        Ok(limit) => limit,
+        Err(problem) => {
+            warn!("{problem:#}; keeping --pod-max-listeners {wanted}");
+            return wanted;
+        }
+    };
+    let budget = listener_budget(limit, node_connections, pod_connections);
+    if budget < wanted {
+        warn!(
+            "--pod-max-listeners {wanted} lowered to {budget}: the open-file limit is {limit}, and each pod listener may hold up to {} descriptors beside the node listener's (raise LimitNOFILE, or lower --pod-http-max-connections)",
+            descriptors_per_listener(pod_connections)
+        );
+        budget
+    } else {
+        wanted
+    }
+}
+
 /// Serves the API inside every pod namespace until the agent stops (`stop` reaches
 /// [`StopPhase::HandingOver`]); then every pod listener hands over and shuts down (answers
 /// in progress get the agent's grace, then `limits.shutdown_timeout`) before this returns.
