@@ -1626,8 +1626,11 @@ impl Closer for ListenersByNetns {
 struct SetAddresses(Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
 
 impl crate::sys::pod_addresses::AddressSource for SetAddresses {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-        lock(&self.0).clone()
+    fn read(&self) -> std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace> {
+        lock(&self.0)
+            .iter()
+            .map(|(&inode, addresses)| (inode, addresses.clone().into()))
+            .collect()
     }
 }
 

@@ -10,7 +10,7 @@ use super::*;
 use crate::{
     http::agentcheck::Reply,
     http::authority::PortOwners,
-    sys::pod_addresses::{AddressSource, PodAddresses},
+    sys::pod_addresses::{AddressSource, Namespace, PodAddresses},
     tracker::fake::{FakeSource, endpoint},
 };
 use crate::{
@@ -141,16 +141,23 @@ fn app_full(
 struct TwoPods;
 
 impl AddressSource for TwoPods {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+    fn read(&self) -> std::collections::BTreeMap<u32, Namespace> {
         std::collections::BTreeMap::from([
-            (7, vec!["10.1.0.7".parse().expect("ip")]),
-            (8, vec!["10.1.0.8".parse().expect("ip")]),
+            (
+                7,
+                vec!["10.1.0.7".parse::<std::net::IpAddr>().expect("ip")].into(),
+            ),
+            (
+                8,
+                vec!["10.1.0.8".parse::<std::net::IpAddr>().expect("ip")].into(),
+            ),
         ])
     }
 }
 
-/// Namespaces whose addresses a test changes (the node is namespace 1).
-struct Addresses(std::sync::Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
+/// Namespaces whose addresses a test changes (the node is namespace 1), each with a cookie
+/// of its own.
+struct Addresses(std::sync::Mutex<(std::collections::BTreeMap<u32, Namespace>, u64)>);
 
 impl Addresses {
     fn new(namespaces: &[(u32, &[&str])]) -> Arc<Self> {
@@ -161,18 +168,34 @@ impl Addresses {
         this
     }
 
+    /// Namespace `netns`'s addresses are `addresses` now (a new namespace if none was).
     fn set(&self, netns: u32, addresses: &[&str]) {
         let addresses = addresses
             .iter()
             .map(|text| text.parse().expect("ip"))
             .collect();
-        self.0.lock().expect("lock").insert(netns, addresses);
+        let (namespaces, cookies) = &mut *self.0.lock().expect("lock");
+        let namespace = namespaces.entry(netns).or_insert_with(|| {
+            *cookies += 1;
+            Namespace {
+                cookie: Some(*cookies),
+                addresses: Vec::new(),
+            }
+        });
+        namespace.addresses = addresses;
+    }
+
+    /// Namespace `netns` is gone and a new one has its inode (the kernel hands the lowest
+    /// free inode out again), with `addresses`.
+    fn replace(&self, netns: u32, addresses: &[&str]) {
+        self.0.lock().expect("lock").0.remove(&netns);
+        self.set(netns, addresses);
     }
 }
 
 impl AddressSource for Addresses {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-        self.0.lock().expect("lock").clone()
+    fn read(&self) -> std::collections::BTreeMap<u32, Namespace> {
+        self.0.lock().expect("lock").0.clone()
     }
 }
 
@@ -1781,6 +1804,89 @@ async fn an_address_that_left_a_draining_pod_keeps_it_out_of_rotation() {
     tokio::time::advance(crate::sys::pod_addresses::MISS_REFRESH).await;
     let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
     assert_eq!((status, reply), (StatusCode::OK, Reply::Ready), "{body}");
+}
+
+/// Found by an audit: pods are known by their network namespace's inode, and the kernel
+/// gives a freed inode to the next namespace (the lowest free one). Pod A (inode 7, address
+/// A) was deleted while the node drained A's address (`POST /drain?port=8080&addr=A`, the
+/// documented recipe); pod B started on inode 7 with address B. A, kept as maybe inode 7's
+/// for 10 minutes, counted as B's own: B's readiness question (`/health?port=8080` on its
+/// pod listener) was 503 while that drain ran and for the 5-minute hold after it, while
+/// `/health?addr=B` and the agent-check about B said ready. An address a namespace held
+/// until lately is its own only while the inode is still that namespace (its cookie); the
+/// same namespace giving A up while draining stays out of rotation, as before.
+#[tokio::test(start_paused = true)]
+async fn a_new_pod_on_a_deleted_pods_inode_is_not_gated_by_its_address() {
+    let a: std::net::IpAddr = "10.1.0.7".parse().expect("ip");
+    for held in [false, true] {
+        for replaced in [false, true] {
+            let case = format!("gate held: {held}, namespace replaced: {replaced}");
+            let addresses = Addresses::new(&[(7, &["10.1.0.7"]), (8, &["10.1.0.8"])]);
+            let (_, state) = app_addressed(
+                vec![crate::tracker::Endpoint {
+                    netns: 7,
+                    ..endpoint("10.1.0.7", 8080, if held { 0 } else { 1 })
+                }],
+                None,
+                |drains| drains,
+                addresses.clone(),
+            );
+            let (status, body) =
+                request(&state, "POST", "/drain?port=8080&addr=10.1.0.7&timeout=5m").await;
+            assert_eq!(status, StatusCode::CREATED, "{case}: {body}");
+            if held {
+                let scope = crate::tracker::Filter {
+                    addr: Some(a),
+                    ..crate::tracker::Filter::port(8080)
+                };
+                let record = state
+                    .drains
+                    .wait_ended(&scope, Duration::from_secs(5))
+                    .await
+                    .expect("the drain");
+                assert_eq!(
+                    record.result,
+                    Some(crate::drain::DrainEnd::Drained),
+                    "{case}"
+                );
+            }
+            let pod = Caller::Pod { netns: 7 };
+            assert_eq!(
+                status_as(&state, pod, "/health?port=8080").await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{case}: pod A's own question"
+            );
+            if replaced {
+                addresses.replace(7, &["10.1.0.9"]);
+            } else {
+                addresses.set(7, &["10.1.0.9"]);
+            }
+            tokio::time::advance(crate::sys::pod_addresses::HIT_REFRESH).await;
+            let own = status_as(&state, pod, "/health?port=8080").await;
+            if replaced {
+                assert_eq!(own, StatusCode::OK, "{case}: pod B's readiness question");
+            } else {
+                assert_eq!(
+                    own,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "{case}: pod A, whose address left it while it drained"
+                );
+            }
+            let (status, body, reply) = lb_view(&state, "10.1.0.9").await;
+            assert_eq!(
+                (status, reply),
+                (StatusCode::OK, Reply::Ready),
+                "{case}: {body}"
+            );
+            // A itself stays out of rotation (it may still be inode 7's, fail closed).
+            let (status, body, reply) = lb_view(&state, "10.1.0.7").await;
+            assert_eq!(
+                (status, reply),
+                (StatusCode::SERVICE_UNAVAILABLE, Reply::Drain),
+                "{case}: {body}"
+            );
+        }
+    }
 }
 /// A state file this agent cannot read (a later release's: a rollback) is moved aside at
 /// start, not written over, and every port answers `/health` 503 while it could still gate;

@@ -208,6 +208,52 @@ pub fn user_owner(namespace: &File) -> Result<UserOwner> {
     })
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE` on a socket made
+/// there, Linux 5.14+): a number the kernel gives each network namespace once and never to
+/// another while it runs (`net_cookie`, a counter), unlike its inode, which
+/// `proc_alloc_inum` hands out again (the lowest free one: a deleted pod's, to the next
+/// pod's namespace). Tells a namespace from a later one on the same inode. `None` where the
+/// kernel has no such option (`ENOPROTOOPT`: before Linux 5.14).
+pub fn thread_cookie() -> Result<Option<u64>> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    // Any socket is made in the calling thread's network namespace; a unix datagram socket
+    // needs nothing configured there (no interface up) and is never bound.
+    let socket = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)
+    .context("cannot open a socket to read the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let size = std::mem::size_of::<u64>();
+    let mut len = libc::socklen_t::try_from(size).context("socklen_t too small")?;
+    // SAFETY: getsockopt(2) on a socket we hold open writes at most `len` (8) bytes to the
+    // pointer given, which points to `cookie` (a u64, 8 bytes, alive for the call), and the
+    // length written back to `len`, alive too.
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if done < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ENOPROTOOPT) {
+            return Ok(None);
+        }
+        return Err(error).context("cannot read the network namespace cookie (SO_NETNS_COOKIE)");
+    }
+    if usize::try_from(len).ok() != Some(size) {
+        bail!("SO_NETNS_COOKIE answered {len} bytes, not {size}");
+    }
+    Ok(Some(cookie))
+}
+
 /// Opens the network namespace `inode` at `path` (a name found earlier, which may name
 /// another one by now: refused then, see [`run_in`]).
 pub fn open_checked(inode: u32, path: &Path) -> Result<File> {
@@ -305,6 +351,43 @@ mod tests {
         let problem = format!("{:#}", refused.expect_err("another namespace's path"));
         assert!(problem.contains(&format!("not {other}")), "{problem}");
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// A namespace's cookie is the same on every thread in it, and another namespace's is
+    /// not (this kernel has `SO_NETNS_COOKIE`: Linux 5.14+).
+    #[test]
+    #[ignore = "kernel test: needs root (makes a namespace); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    fn a_namespace_cookie_tells_namespaces_apart() {
+        let own = thread_cookie().expect("own cookie");
+        let Some(own) = own else {
+            panic!("this kernel has no SO_NETNS_COOKIE (before Linux 5.14)");
+        };
+        let path = Path::new("/proc/self/ns/net");
+        let again = run_in_path(path, thread_cookie).expect("own namespace");
+        assert_eq!(again, Some(own), "the same namespace on another thread");
+        let mut child = std::process::Command::new("unshare")
+            .args(["-n", "sleep", "600"])
+            .spawn()
+            .expect("unshare");
+        let other = Path::new("/proc")
+            .join(child.id().to_string())
+            .join("ns/net");
+        // The child is in its own namespace once unshare has run: wait for it.
+        let mut entered = None;
+        for _ in 0..200 {
+            if inode_of(&other).ok() != inode_of(path).ok() {
+                entered = Some(run_in_path(&other, thread_cookie));
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let cookie = entered.expect("the child's namespace").expect("its cookie");
+        assert!(
+            cookie.is_some_and(|cookie| cookie != own),
+            "{cookie:?} vs {own}"
+        );
     }
 
     #[test]

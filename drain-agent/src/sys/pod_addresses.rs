@@ -16,10 +16,19 @@
 //! named one until lately: [`FORMER_KEPT`]), and the gate answers "draining" when a drain of
 //! any of them covers the question (`drain/gate.rs`, fail closed).
 //!
+//! A namespace is keyed by its inode, which the kernel gives to a later namespace once it is
+//! freed (the lowest free one: a deleted pod's goes to the next pod's). So each namespace's
+//! cookie is read with its addresses ([`Namespace::cookie`], never reused), and an address
+//! kept as a former pod's ([`FORMER_KEPT`]) counts as the pod's own only while its inode is
+//! still the namespace that held it ([`PodAddresses::addresses_of`]): a new pod on the
+//! inode is not gated by the deleted pod's address. Where the kernel has no cookies (before
+//! Linux 5.14), the two cannot be told apart and the address counts as the new pod's too.
+//!
 //! Reading every namespace costs a thread and a `setns` each (about 0.1 ms), so the map is
 //! read again only when asked and stale: on a miss at most once per [`MISS_REFRESH`] (a
 //! caller from another node is a miss every time), and a hit older than [`HIT_REFRESH`] is
-//! checked again (a pod's address can move to a new pod).
+//! checked again (a pod's address can move to a new pod: until then a caller from it is
+//! taken for the pod it named, SECURITY.md).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -59,9 +68,31 @@ pub enum Named {
     Unsure(Vec<u32>),
 }
 
-/// Reads the addresses of every namespace but the agent's own, by inode.
+/// One network namespace as read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Its cookie ([`netns::thread_cookie`]), read on the thread that read its addresses:
+    /// unlike its inode, never another namespace's. `None` where the kernel has none
+    /// (before Linux 5.14) or it could not be read: it cannot be told from a later
+    /// namespace on its inode.
+    pub cookie: Option<u64>,
+    /// Every address configured on its interfaces.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// A namespace whose cookie is not known: told apart by its inode only.
+impl From<Vec<IpAddr>> for Namespace {
+    fn from(addresses: Vec<IpAddr>) -> Self {
+        Self {
+            cookie: None,
+            addresses,
+        }
+    }
+}
+
+/// Reads every namespace (the agent's own too), by inode.
 pub trait AddressSource: Send + Sync + 'static {
-    fn read(&self) -> BTreeMap<u32, Vec<IpAddr>>;
+    fn read(&self) -> BTreeMap<u32, Namespace>;
 }
 
 /// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
@@ -79,10 +110,16 @@ pub struct NamespaceAddresses {
 }
 
 impl AddressSource for NamespaceAddresses {
-    fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
+    fn read(&self) -> BTreeMap<u32, Namespace> {
         let mut found = BTreeMap::new();
         let own = crate::sys::ifaddrs::local_addresses().unwrap_or_default();
-        found.insert(self.own_netns, own.into_iter().collect());
+        found.insert(
+            self.own_netns,
+            Namespace {
+                cookie: cookie_here(),
+                addresses: own.into_iter().collect(),
+            },
+        );
         for (inode, path) in netns::all_namespaces() {
             if inode == self.own_netns {
                 continue;
@@ -94,15 +131,19 @@ impl AddressSource for NamespaceAddresses {
                         "owned by a user's user namespace ({owner:?}): its addresses name nobody"
                     );
                 }
-                netns::run_in_file(
-                    namespace,
-                    path.display().to_string(),
-                    crate::sys::ifaddrs::local_addresses,
-                )
+                // Its cookie on the same thread: the addresses are that namespace's.
+                netns::run_in_file(namespace, path.display().to_string(), || {
+                    Ok(Namespace {
+                        cookie: cookie_here(),
+                        addresses: crate::sys::ifaddrs::local_addresses()?
+                            .into_iter()
+                            .collect(),
+                    })
+                })
             });
             match read {
-                Ok(addresses) => {
-                    found.insert(inode, addresses.into_iter().collect());
+                Ok(namespace) => {
+                    found.insert(inode, namespace);
                 }
                 // Gone meanwhile, not enterable, or a user's own: its addresses name nobody.
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
@@ -112,6 +153,34 @@ impl AddressSource for NamespaceAddresses {
     }
 }
 
+/// The cookie of the calling thread's namespace, `None` when it cannot be read (said once:
+/// namespaces are then told apart by inode only, see the module's documentation).
+fn cookie_here() -> Option<u64> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let problem = match netns::thread_cookie() {
+        Ok(Some(cookie)) => return Some(cookie),
+        Ok(None) => "this kernel has no SO_NETNS_COOKIE (before Linux 5.14)".to_owned(),
+        Err(problem) => format!("{problem:#}"),
+    };
+    SAID.call_once(|| {
+        log::warn!(
+            "network namespace cookies cannot be read ({problem}): a pod whose namespace takes a deleted pod's inode may be kept out of rotation by a drain of the deleted pod's address (up to 10 minutes, see SECURITY.md)"
+        );
+    });
+    None
+}
+
+/// An address that named a pod and names none now ([`Snapshot::former`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Former {
+    /// The namespace that held it, by inode...
+    netns: u32,
+    /// ...and by cookie, as read when it held it.
+    cookie: Option<u64>,
+    /// Since when it names none.
+    since: Instant,
+}
+
 #[derive(Default)]
 struct Snapshot {
     /// Addresses of exactly one namespace, not the node's.
@@ -119,7 +188,9 @@ struct Snapshot {
     /// Addresses of two or more namespaces: all of them.
     shared: HashMap<IpAddr, Vec<u32>>,
     /// Addresses that named a pod and name none now: that pod, and since when.
-    former: HashMap<IpAddr, (u32, Instant)>,
+    former: HashMap<IpAddr, Former>,
+    /// Each namespace's cookie, as read.
+    cookies: HashMap<u32, Option<u64>>,
     read_at: Option<Instant>,
 }
 
@@ -129,10 +200,12 @@ impl Snapshot {
             return Named::Pod(netns);
         }
         let mut maybe = self.shared.get(&addr).cloned().unwrap_or_default();
-        if let Some(&(netns, since)) = self.former.get(&addr)
-            && now.saturating_duration_since(since) < FORMER_KEPT
+        // Even when its inode is another namespace now: a drain of the pod that held it is
+        // known by that inode only (fail closed, SECURITY.md).
+        if let Some(former) = self.former.get(&addr)
+            && now.saturating_duration_since(former.since) < FORMER_KEPT
         {
-            maybe.push(netns);
+            maybe.push(former.netns);
         }
         maybe.sort_unstable();
         maybe.dedup();
@@ -144,7 +217,8 @@ impl Snapshot {
     }
 
     /// Every address that may be `netns`'s as [`Snapshot::named`] says: those it alone
-    /// holds, those it holds with others, and those it held until lately.
+    /// holds, those it holds with others, and those it held until lately — if it is still
+    /// the namespace that held them ([`Snapshot::still_holder`]).
     fn addresses_of(&self, netns: u32, now: Instant) -> Vec<IpAddr> {
         let mut found: Vec<IpAddr> = self
             .owners
@@ -160,8 +234,10 @@ impl Snapshot {
             .chain(
                 self.former
                     .iter()
-                    .filter(|&(_, &(former, since))| {
-                        former == netns && now.saturating_duration_since(since) < FORMER_KEPT
+                    .filter(|&(_, former)| {
+                        former.netns == netns
+                            && now.saturating_duration_since(former.since) < FORMER_KEPT
+                            && self.still_holder(former)
                     })
                     .map(|(&addr, _)| addr),
             )
@@ -169,6 +245,20 @@ impl Snapshot {
         found.sort_unstable();
         found.dedup();
         found
+    }
+
+    /// Whether the namespace on `former`'s inode is still the one that held its address,
+    /// not a later one the kernel gave the inode (a new pod's, after the pod that held it
+    /// was deleted): their cookies differ. Without both cookies (a kernel without them, a
+    /// failed read, or the inode unread now) it cannot be told, and is taken to be.
+    fn still_holder(&self, former: &Former) -> bool {
+        match (
+            former.cookie,
+            self.cookies.get(&former.netns).copied().flatten(),
+        ) {
+            (Some(then), Some(now)) => then == now,
+            _ => true,
+        }
     }
 }
 
@@ -200,11 +290,11 @@ pub fn may_name_a_pod(addr: IpAddr) -> bool {
 /// and addresses of two or more namespaces with all of them.
 fn holders_of(
     own: u32,
-    read: &BTreeMap<u32, Vec<IpAddr>>,
+    read: &BTreeMap<u32, Namespace>,
 ) -> (HashMap<IpAddr, u32>, HashMap<IpAddr, Vec<u32>>) {
     let mut seen: HashMap<IpAddr, Vec<u32>> = HashMap::new();
-    for (&inode, addresses) in read {
-        for &addr in addresses {
+    for (&inode, namespace) in read {
+        for &addr in &namespace.addresses {
             let addr = canonical_addr(addr);
             if !may_name_a_pod(addr) {
                 continue;
@@ -233,29 +323,38 @@ fn holders_of(
 }
 
 /// The former owners after a read: `before`'s, and every address that named a pod
-/// (`owned_before`) and names none now (it named another pod: that one is believed). Those
-/// named again, or older than [`FORMER_KEPT`], go; past [`FORMER_MAX`] the oldest go.
+/// (`owned_before`, its namespace's cookie as then read in `cookies_before`) and names none
+/// now (it named another pod: that one is believed). Those named again, or older than
+/// [`FORMER_KEPT`], go; past [`FORMER_MAX`] the oldest go.
 fn former_after(
-    before: &HashMap<IpAddr, (u32, Instant)>,
+    before: &HashMap<IpAddr, Former>,
     owned_before: &HashMap<IpAddr, u32>,
+    cookies_before: &HashMap<u32, Option<u64>>,
     owners: &HashMap<IpAddr, u32>,
     now: Instant,
-) -> HashMap<IpAddr, (u32, Instant)> {
-    let mut former: HashMap<IpAddr, (u32, Instant)> = before
+) -> HashMap<IpAddr, Former> {
+    let mut former: HashMap<IpAddr, Former> = before
         .iter()
-        .filter(|(addr, (_, since))| {
-            !owners.contains_key(addr) && now.saturating_duration_since(*since) < FORMER_KEPT
+        .filter(|(addr, kept)| {
+            !owners.contains_key(addr) && now.saturating_duration_since(kept.since) < FORMER_KEPT
         })
         .map(|(&addr, &kept)| (addr, kept))
         .collect();
     for (&addr, &netns) in owned_before {
         if !owners.contains_key(&addr) {
-            former.insert(addr, (netns, now));
+            former.insert(
+                addr,
+                Former {
+                    netns,
+                    cookie: cookies_before.get(&netns).copied().flatten(),
+                    since: now,
+                },
+            );
         }
     }
     if former.len() > FORMER_MAX {
-        let mut newest: Vec<(IpAddr, (u32, Instant))> = former.into_iter().collect();
-        newest.sort_unstable_by_key(|&(_, (_, since))| std::cmp::Reverse(since));
+        let mut newest: Vec<(IpAddr, Former)> = former.into_iter().collect();
+        newest.sort_unstable_by_key(|&(_, kept)| std::cmp::Reverse(kept.since));
         newest.truncate(FORMER_MAX);
         former = newest.into_iter().collect();
     }
@@ -370,9 +469,19 @@ impl PodAddresses {
                 );
             }
         }
-        snapshot.former = former_after(&snapshot.former, &snapshot.owners, &owners, now);
+        snapshot.former = former_after(
+            &snapshot.former,
+            &snapshot.owners,
+            &snapshot.cookies,
+            &owners,
+            now,
+        );
         snapshot.owners = owners;
         snapshot.shared = shared;
+        snapshot.cookies = read
+            .iter()
+            .map(|(&inode, namespace)| (inode, namespace.cookie))
+            .collect();
         snapshot.read_at = Some(now);
     }
 }
@@ -386,12 +495,36 @@ mod tests {
     struct Fake {
         map: Mutex<BTreeMap<u32, Vec<IpAddr>>>,
         reads: AtomicUsize,
+        /// The namespaces' cookies (none for those not in it).
+        cookies: Mutex<BTreeMap<u32, u64>>,
+    }
+
+    impl Fake {
+        fn new(map: BTreeMap<u32, Vec<IpAddr>>) -> Arc<Self> {
+            Arc::new(Self {
+                map: Mutex::new(map),
+                reads: AtomicUsize::new(0),
+                cookies: Mutex::default(),
+            })
+        }
     }
 
     impl AddressSource for Fake {
-        fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
+        fn read(&self) -> BTreeMap<u32, Namespace> {
             self.reads.fetch_add(1, Ordering::Relaxed);
-            self.map.lock().expect("lock").clone()
+            let cookies = self.cookies.lock().expect("lock");
+            self.map
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|(&inode, addresses)| {
+                    let namespace = Namespace {
+                        cookie: cookies.get(&inode).copied(),
+                        addresses: addresses.clone(),
+                    };
+                    (inode, namespace)
+                })
+                .collect()
         }
     }
 
@@ -418,6 +551,10 @@ mod tests {
             ),
             (9, vec![ip("192.168.5.1")]),
         ]);
+        let read = read
+            .into_iter()
+            .map(|(inode, addresses)| (inode, Namespace::from(addresses)))
+            .collect();
         let (owners, _) = holders_of(1, &read);
         assert_eq!(owners.get(&ip("10.1.0.7")), Some(&7));
         assert_eq!(owners.get(&ip("10.1.0.8")), Some(&8));
@@ -438,14 +575,11 @@ mod tests {
     /// one it held until lately; never the node's, loopback, or another pod's.
     #[tokio::test(start_paused = true)]
     async fn a_pods_addresses_are_those_that_may_name_it() {
-        let fake = Arc::new(Fake {
-            map: Mutex::new(BTreeMap::from([
-                (1, vec![ip("10.0.0.1")]),
-                (7, vec![ip("10.1.0.7"), ip("127.0.0.1"), ip("10.9.9.9")]),
-                (8, vec![ip("10.1.0.8"), ip("10.9.9.9"), ip("10.1.0.78")]),
-            ])),
-            reads: AtomicUsize::new(0),
-        });
+        let fake = Fake::new(BTreeMap::from([
+            (1, vec![ip("10.0.0.1")]),
+            (7, vec![ip("10.1.0.7"), ip("127.0.0.1"), ip("10.9.9.9")]),
+            (8, vec![ip("10.1.0.8"), ip("10.9.9.9"), ip("10.1.0.78")]),
+        ]));
         let pods = PodAddresses::new(1, fake.clone());
         assert_eq!(
             pods.addresses_of(7).await,
@@ -472,10 +606,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn misses_and_old_hits_read_again_but_not_on_every_call() {
-        let fake = Arc::new(Fake {
-            map: Mutex::new(BTreeMap::from([(7, vec![ip("10.1.0.7")])])),
-            reads: AtomicUsize::new(0),
-        });
+        let fake = Fake::new(BTreeMap::from([(7, vec![ip("10.1.0.7")])]));
         let pods = PodAddresses::new(1, fake.clone());
         assert_eq!(pods.owner(ip("10.1.0.7")).await, Some(7));
         assert_eq!(fake.reads.load(Ordering::Relaxed), 1);
@@ -511,13 +642,10 @@ mod tests {
     /// `FORMER_KEPT`, and forgotten at once when it names a pod again.
     #[tokio::test(start_paused = true)]
     async fn an_address_that_names_no_one_pod_says_which_it_may_be() {
-        let fake = Arc::new(Fake {
-            map: Mutex::new(BTreeMap::from([
-                (1, vec![ip("10.0.0.1")]),
-                (7, vec![ip("10.1.0.7")]),
-            ])),
-            reads: AtomicUsize::new(0),
-        });
+        let fake = Fake::new(BTreeMap::from([
+            (1, vec![ip("10.0.0.1")]),
+            (7, vec![ip("10.1.0.7")]),
+        ]));
         let set = |netns: u32, addresses: &[&str]| {
             fake.map
                 .lock()
@@ -571,6 +699,75 @@ mod tests {
         assert_eq!(pods.named(ip("10.1.0.7")).await, Named::Pod(9));
     }
 
+    /// Found by an audit: the kernel gives a freed namespace inode to the next namespace, so
+    /// a pod started after another was deleted often gets its inode, and the address the
+    /// deleted pod held until lately counted as the new pod's own: a node's drain of that
+    /// address (held 5 minutes after it ends) kept the new pod's own readiness question at
+    /// 503 while `/health?addr=` of its address said 200. A former address is the
+    /// namespace's only while the inode is still that namespace (the same cookie); the
+    /// address itself is still asked in the inode's namespace (fail closed); without
+    /// cookies (before Linux 5.14) nothing can be told apart.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_namespace_on_a_deleted_pods_inode_is_not_given_its_addresses() {
+        for cookies in [true, false] {
+            let fake = Fake::new(BTreeMap::from([
+                (7, vec![ip("10.1.0.7")]),
+                (8, vec![ip("10.1.0.8")]),
+                (9, vec![ip("10.1.0.9")]),
+            ]));
+            let cookie = |inode: u32, cookie: u64| {
+                if cookies {
+                    fake.cookies.lock().expect("lock").insert(inode, cookie);
+                }
+            };
+            let set = |inode: u32, addresses: &[&str]| {
+                fake.map
+                    .lock()
+                    .expect("lock")
+                    .insert(inode, addresses.iter().map(|text| ip(text)).collect());
+            };
+            for (inode, first) in [(7, 70), (8, 80), (9, 90)] {
+                cookie(inode, first);
+            }
+            let pods = PodAddresses::new(1, fake.clone());
+            assert_eq!(pods.addresses_of(7).await, vec![ip("10.1.0.7")]);
+            // Pod 7 is deleted and a new pod's namespace takes inode 7 between two reads;
+            // pod 9's goes, and a new one takes inode 9 a read later; pod 8 (the same
+            // namespace) changes its address.
+            set(7, &["10.1.0.17"]);
+            cookie(7, 71);
+            fake.map.lock().expect("lock").remove(&9);
+            set(8, &["10.1.0.18"]);
+            tokio::time::advance(HIT_REFRESH).await;
+            assert_eq!(
+                pods.addresses_of(9).await,
+                vec![ip("10.1.0.9")],
+                "gone, not replaced yet: still maybe its"
+            );
+            set(9, &["10.1.0.19"]);
+            cookie(9, 91);
+            tokio::time::advance(HIT_REFRESH).await;
+            let (seven, nine) = if cookies {
+                (vec![ip("10.1.0.17")], vec![ip("10.1.0.19")])
+            } else {
+                (
+                    vec![ip("10.1.0.7"), ip("10.1.0.17")],
+                    vec![ip("10.1.0.9"), ip("10.1.0.19")],
+                )
+            };
+            assert_eq!(pods.addresses_of(7).await, seven, "cookies: {cookies}");
+            assert_eq!(pods.addresses_of(9).await, nine, "cookies: {cookies}");
+            assert_eq!(
+                pods.addresses_of(8).await,
+                vec![ip("10.1.0.8"), ip("10.1.0.18")],
+                "the same namespace: still maybe its"
+            );
+            for (gone, inode) in [("10.1.0.7", 7), ("10.1.0.8", 8), ("10.1.0.9", 9)] {
+                assert_eq!(pods.named(ip(gone)).await, Named::Unsure(vec![inode]));
+            }
+        }
+    }
+
     #[test]
     fn former_owners_are_bounded_oldest_first() {
         let start = Instant::now();
@@ -578,17 +775,32 @@ mod tests {
         for n in 0..FORMER_MAX as u32 {
             before.insert(
                 IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)),
-                (7, start),
+                Former {
+                    netns: 7,
+                    cookie: None,
+                    since: start,
+                },
             );
         }
         let later = start + Duration::from_secs(1);
         let owned_before = HashMap::from([(ip("10.200.0.1"), 8)]);
-        let former = former_after(&before, &owned_before, &HashMap::new(), later);
+        let cookies_before = HashMap::from([(8, Some(80))]);
+        let former = former_after(
+            &before,
+            &owned_before,
+            &cookies_before,
+            &HashMap::new(),
+            later,
+        );
         assert_eq!(former.len(), FORMER_MAX);
         assert_eq!(
             former.get(&ip("10.200.0.1")),
-            Some(&(8, later)),
-            "the newest is kept"
+            Some(&Former {
+                netns: 8,
+                cookie: Some(80),
+                since: later
+            }),
+            "the newest is kept, with its namespace's cookie"
         );
     }
 
@@ -663,7 +875,13 @@ mod tests {
         let user_namespaced_pod = Held::new(None, true, &hidden);
         let neighbour = Held::new(Some(65534), true, &a);
         let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
-        let pods = PodAddresses::new(own, Arc::new(NamespaceAddresses { own_netns: own }));
+        let source = NamespaceAddresses { own_netns: own };
+        // Each namespace's cookie is read with its addresses: the pod's is not the node's.
+        let read = source.read();
+        let cookie = |inode: u32| read.get(&inode).and_then(|namespace| namespace.cookie);
+        assert!(cookie(own).is_some(), "this kernel has SO_NETNS_COOKIE");
+        assert!(cookie(pod.inode).is_some_and(|found| Some(found) != cookie(own)));
+        let pods = PodAddresses::new(own, Arc::new(source));
         assert_eq!(pods.owner(ip(&a)).await, Some(pod.inode), "pod A's address");
         assert_eq!(
             pods.owner(ip(&hidden)).await,

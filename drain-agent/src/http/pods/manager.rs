@@ -66,6 +66,12 @@ pub(super) struct Manager {
     pub(super) failing: BTreeMap<u32, String>,
     /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
     /// pod's, never served, and not looked at again for their lifetime.
+    ///
+    /// This set, `skipped` and `socket_port_taken` know a namespace by its inode alone,
+    /// forgotten when a rescan finds it gone: a pod sandbox the kernel gives that inode
+    /// (it hands the lowest free one out again) before then is taken for it and gets no
+    /// listener (SECURITY.md). A served namespace's inode is not reused meanwhile: the
+    /// listening socket holds the namespace.
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
     /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
     /// served already.

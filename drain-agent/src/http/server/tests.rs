@@ -87,7 +87,7 @@ async fn start_identifying(limits: ServerLimits) -> TestServer {
     }
     struct NoPods;
     impl AddressSource for NoPods {
-        fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
+        fn read(&self) -> std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace> {
             std::collections::BTreeMap::new()
         }
     }
