@@ -540,6 +540,18 @@ mod tests {
         for bad in [list(MAX_IGNORE + 1), "10.0.0.0/99".to_owned()] {
             assert!(wait(&bad).is_err(), "{bad}");
         }
+        // Address bits beyond the prefix (`$HOST_IP/32` on an IPv6 node) are refused,
+        // naming the flag; a bare address (its own /32 or /128) is taken.
+        for bad in ["2600:1f14:ab:cd00::5/32", "10.1.2.3/8"] {
+            let problem = wait(bad).expect_err(bad).to_string();
+            assert!(
+                problem.contains("--ignore") && problem.contains("beyond its prefix"),
+                "{bad}: {problem}"
+            );
+        }
+        for good in ["2600:1f14:ab:cd00::5", "10.1.2.3", "::ffff:10.1.0.0/112"] {
+            assert!(wait(good).is_ok(), "{good}");
+        }
         // The help states the limit (a doc comment cannot name the constant).
         let mut command = <Cli as clap::CommandFactory>::command();
         let help = command
