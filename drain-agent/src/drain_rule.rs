@@ -31,38 +31,42 @@ pub struct Cidr {
     prefix: u8,
 }
 
+/// What a network may have set beyond its prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostBits {
+    /// Refused: a request, the command line. `10.1.2.3/8` is not a network but a mistake
+    /// (an address with a prefix it does not fill), and reading it as its network hid one:
+    /// the docs' `$HOST_IP/32` on an IPv6 node ignored a /32 of IPv6, every client.
+    Refused,
+    /// Cleared: a drain an agent saved before they were refused, which matched the network.
+    Cleared,
+}
+
 impl Cidr {
     pub fn contains(&self, addr: IpAddr) -> bool {
         match (self.network, canonical_addr(addr)) {
-            (IpAddr::V4(network), IpAddr::V4(addr)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(network) & mask == u32::from(addr) & mask
-            }
-            (IpAddr::V6(network), IpAddr::V6(addr)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(network) & mask == u128::from(addr) & mask
+            (IpAddr::V4(_), addr @ IpAddr::V4(_)) | (IpAddr::V6(_), addr @ IpAddr::V6(_)) => {
+                masked(addr, self.prefix) == self.network
             }
             _ => false,
         }
     }
-}
 
-impl FromStr for Cidr {
-    type Err = String;
+    /// A network a drain saved in `--state-dir` names: as a request's, except that bits set
+    /// beyond the prefix (taken before they were refused) are cleared, as they matched.
+    pub fn from_saved(text: &str) -> Result<Self, String> {
+        Self::parse(text, HostBits::Cleared)
+    }
 
-    fn from_str(text: &str) -> Result<Self, String> {
+    fn parse(text: &str, host_bits: HostBits) -> Result<Self, String> {
         let (addr, prefix) = match text.split_once('/') {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (text, None),
         };
-        let network = addr
+        let given = addr
             .parse::<IpAddr>()
             .map_err(|_| format!("{text:?} is not an address or network (e.g. 10.0.0.0/8)"))?;
-        let max = if network.is_ipv4() { 32 } else { 128 };
+        let max = if given.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
             Some(prefix) => prefix
@@ -74,18 +78,51 @@ impl FromStr for Cidr {
         // An IPv4-mapped network (`::ffff:a.b.c.d/N`, as `ss` shows the clients of a
         // dual-stack listener) is the IPv4 network of its last 32 bits, the way connections
         // are compared (folded to IPv4); its prefix counts the 96 bits of `::ffff:` too.
-        match canonical_addr(network) {
-            IpAddr::V4(v4) if network.is_ipv6() => match prefix.checked_sub(96) {
-                Some(prefix) => Ok(Self {
-                    network: IpAddr::V4(v4),
-                    prefix,
-                }),
-                None => Err(format!(
-                    "{text:?}: an IPv4-mapped network (::ffff:a.b.c.d) needs a prefix length of 96-128, the 96 bits of ::ffff: and then the IPv4 network's; a shorter one would take in addresses that are not IPv4-mapped (write the IPv4 network itself, e.g. 10.1.0.0/16 for ::ffff:10.1.0.0/112)"
-                )),
+        let (network, prefix) = match canonical_addr(given) {
+            IpAddr::V4(v4) if given.is_ipv6() => match prefix.checked_sub(96) {
+                Some(prefix) => (IpAddr::V4(v4), prefix),
+                None => {
+                    return Err(format!(
+                        "{text:?}: an IPv4-mapped network (::ffff:a.b.c.d) needs a prefix length of 96-128, the 96 bits of ::ffff: and then the IPv4 network's; a shorter one would take in addresses that are not IPv4-mapped (write the IPv4 network itself, e.g. 10.1.0.0/16 for ::ffff:10.1.0.0/112)"
+                    ));
+                }
             },
-            network => Ok(Self { network, prefix }),
+            network => (network, prefix),
+        };
+        let cleared = masked(network, prefix);
+        if cleared != network && host_bits == HostBits::Refused {
+            return Err(format!(
+                "{text:?} has address bits set beyond its prefix: the network is {cleared}/{prefix}, and a single address is written without a prefix ({addr})"
+            ));
         }
+        Ok(Self {
+            network: cleared,
+            prefix,
+        })
+    }
+}
+
+/// `addr` with every bit beyond the first `prefix` cleared.
+fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    /// A network as a request or the command line gives it: address bits set beyond the
+    /// prefix are refused.
+    fn from_str(text: &str) -> Result<Self, String> {
+        Self::parse(text, HostBits::Refused)
     }
 }
 
@@ -447,5 +484,54 @@ mod tests {
             assert!(problem.contains("96-128"), "{short}: {problem}");
         }
         assert!("::ffff:10.0.0.0/129".parse::<Cidr>().is_err());
+    }
+
+    /// A network with address bits set beyond its prefix was read as the network: the docs'
+    /// `--ignore "$HOST_IP/32"` on an IPv6 node (`2600:1f14:ab:cd00::5/32`) ignored every
+    /// client in 2600:1f14::/32, and the wait answered drained with clients connected. It is
+    /// refused, naming the network it would have been and the single address's spelling.
+    #[test]
+    fn address_bits_beyond_the_prefix_are_refused() {
+        for (given, network) in [
+            ("2600:1f14:ab:cd00::5/32", "2600:1f14::/32"),
+            ("10.1.2.3/8", "10.0.0.0/8"),
+            ("192.168.4.1/22", "192.168.4.0/22"),
+            ("::ffff:10.1.2.3/112", "10.1.0.0/16"),
+            ("10.0.0.1/0", "0.0.0.0/0"),
+        ] {
+            let problem = given.parse::<Cidr>().expect_err(given);
+            assert!(
+                problem.contains("beyond its prefix") && problem.contains(network),
+                "{given}: {problem}"
+            );
+            assert!(
+                parse_cidrs(&format!("10.0.0.0/8,{given}")).is_err(),
+                "{given}"
+            );
+        }
+        // A single address is its own /32 or /128, and a network without host bits is
+        // taken, IPv4-mapped ones too.
+        let host: Cidr = "2600:1f14:ab:cd00::5".parse().expect("address");
+        assert!(host.contains("2600:1f14:ab:cd00::5".parse().expect("ip")));
+        assert!(!host.contains("2600:1f14:ab:cd00::6".parse().expect("ip")));
+        for good in [
+            "2600:1f14:ab:cd00::5/128",
+            "10.1.2.3/32",
+            "10.0.0.0/8",
+            "fd00::/8",
+            "::ffff:10.1.0.0/112",
+            "::ffff:10.1.2.3/128",
+            "::ffff:10.1.2.3",
+            "0.0.0.0/0",
+            "::/0",
+        ] {
+            assert!(good.parse::<Cidr>().is_ok(), "{good}");
+        }
+        // A drain an earlier agent saved with such a network resumes with the network it
+        // matched.
+        let saved = Cidr::from_saved("10.1.2.3/8").expect("saved");
+        assert_eq!(saved.to_string(), "10.0.0.0/8");
+        assert!(saved.contains("10.200.0.1".parse().expect("ip")));
+        assert!(Cidr::from_saved("10.0.0.0/99").is_err());
     }
 }

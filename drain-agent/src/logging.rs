@@ -19,10 +19,39 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--log-level`: the least severe records written. A level only: env_logger read any
+/// other word (`warning`) as a module name to log, and the agent logged nothing, its fatal
+/// start-up error included. `RUST_LOG` takes env_logger's whole syntax and overrides it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+    /// Nothing at all, not even a fatal error.
+    Off,
+}
+
+impl LogLevel {
+    /// The level as env_logger's filter spells it.
+    const fn filter(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// Sets up the global logger at `level` (RUST_LOG overrides it). A second call (tests) is
 /// harmless.
-pub fn init(level: &str, format: LogFormat) {
-    let env = env_logger::Env::default().default_filter_or(level);
+pub fn init(level: LogLevel, format: LogFormat) {
+    let env = env_logger::Env::default().default_filter_or(level.filter());
     let mut builder = env_logger::Builder::from_env(env);
     match format {
         LogFormat::Text => {

@@ -444,17 +444,20 @@ fn kubernetes_manifests_agree_with_each_other() {
     // nothing in the app's image.
     for doc in [deploy("README.md"), workspace().join("README.md")] {
         let text = read(&doc);
-        for (at, _) in text.match_indices("$(HOST_IP):") {
-            let port: String = text[at + "$(HOST_IP):".len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            assert_eq!(
-                port,
-                agent_port.to_string(),
-                "{} names the node listener $(HOST_IP):{port}; the DaemonSet listens on {agent_port}",
-                doc.display()
-            );
+        // And an IPv6 node's `[$(HOST_IP)]:PORT`.
+        for form in ["$(HOST_IP):", "$(HOST_IP)]:"] {
+            for (at, _) in text.match_indices(form) {
+                let port: String = text[at + form.len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                assert_eq!(
+                    port,
+                    agent_port.to_string(),
+                    "{} names the node listener {form}{port}; the DaemonSet listens on {agent_port}",
+                    doc.display()
+                );
+            }
         }
     }
     let readme = read(&workspace().join("README.md"));

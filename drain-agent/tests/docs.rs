@@ -152,3 +152,101 @@ fn architecture_names_every_subcommand() {
         .collect();
     assert_eq!(listed, subcommands, "ARCHITECTURE.md: {line}");
 }
+
+/// The project's docs and every text file under deploy/ (manifests, units, examples).
+fn docs_and_deploy_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = [
+        "README.md",
+        "SECURITY.md",
+        "ARCHITECTURE.md",
+        "INVARIANTS.md",
+    ]
+    .iter()
+    .map(|name| workspace().join(name))
+    .collect();
+    let mut dirs = vec![deploy("")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if fs::read_to_string(&path).is_ok() {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The value shown after `at` (`--ignore "$HOST_IP"`, `ignore=10.0.0.0/8&…`): quotes,
+/// `=`, blanks and a shell's `\` skipped, up to the next blank, quote, backquote or `&`; a
+/// `<placeholder>` is taken whole, blanks and all.
+fn shown_value(text: &str) -> String {
+    let text = text.trim_start_matches([' ', '=', '"', '\\']);
+    let mut value = String::new();
+    let mut placeholder = false;
+    for c in text.chars() {
+        match c {
+            '<' => placeholder = true,
+            '>' => placeholder = false,
+            ' ' if placeholder => {}
+            ' ' | '\n' | '"' | '\\' | '`' | '&' | '\'' => break,
+            _ => {}
+        }
+        value.push(c);
+    }
+    value
+}
+
+/// Every `--ignore` / `ignore=` the docs and deploy files show names the node's address
+/// alone, or networks the agent takes. They showed `--ignore "$HOST_IP/32"`: on an IPv6 node
+/// (`2600:1f14:ab:cd00::5/32`) a /32 of IPv6, every client ignored, and the wait answered
+/// drained with clients connected (now refused: address bits beyond the prefix).
+#[test]
+fn documented_ignores_name_the_node_address_alone() {
+    let mut wrong = Vec::new();
+    let mut shown = 0;
+    for file in docs_and_deploy_files() {
+        let text = read(&file);
+        for keyword in ["--ignore", "ignore="] {
+            for (at, _) in text.match_indices(keyword) {
+                let value = shown_value(&text[at + keyword.len()..]);
+                shown += 1;
+                let variable = value.contains('$') || value.contains('<');
+                let literal = value.starts_with(|c: char| c.is_ascii_digit() || c == ':');
+                let refused = if variable {
+                    // A variable or placeholder address: bare, without a prefix.
+                    value.contains('/')
+                } else {
+                    literal && drain_agent::drain_rule::parse_cidrs(&value).is_err()
+                };
+                if refused {
+                    wrong.push(format!("{}: {keyword} {value}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(shown >= 10, "found only {shown} ignores in the docs");
+    assert!(
+        wrong.is_empty(),
+        "documented ignores that are not one address or a network the agent takes: {wrong:#?}"
+    );
+}
+
+/// Where the docs give a hook's `DRAIN_AGENT_URL` from the node's address, they give the
+/// IPv6 node's bracketed form too: `http://$(HOST_IP):19700` there is refused by `wait`
+/// (which colon starts the port cannot be told).
+#[test]
+fn documented_agent_urls_from_the_node_address_say_how_on_ipv6() {
+    for file in docs_and_deploy_files() {
+        let text = read(&file);
+        if text.contains("http://$(HOST_IP):") {
+            assert!(
+                text.contains("http://[$(HOST_IP)]:"),
+                "{} gives DRAIN_AGENT_URL=http://$(HOST_IP):… without the IPv6 node's http://[$(HOST_IP)]:…",
+                file.display()
+            );
+        }
+    }
+}

@@ -81,7 +81,7 @@ fn random_instance() -> String {
 
 /// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
 pub fn main(args: RunArgs) -> ExitCode {
-    crate::logging::init(&args.log_level, args.log_format);
+    crate::logging::init(args.log_level, args.log_format);
     let result = process::runtime().and_then(|runtime| {
         let result = runtime.block_on(run(args));
         // A walk of the sockets or a pass over the socket tables may still run on a

@@ -11,7 +11,7 @@ use crate::{
     duration::parse_duration,
     http::server::ServerLimits,
     kernel::AttachMethod,
-    logging::LogFormat,
+    logging::{LogFormat, LogLevel},
     metrics::{ConnectionLabels, PortSet},
 };
 
@@ -133,7 +133,8 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "DRAIN_AGENT_POD_HTTP_MAX_CONNECTIONS",
-        default_value_t = 16
+        default_value_t = 16,
+        value_parser = at_least_one
     )]
     pub pod_http_max_connections: usize,
 
@@ -191,15 +192,20 @@ pub struct RunArgs {
     /// the new one is served on a small reserve beyond the cap (/healthz, and a /drained
     /// from a source with none in progress) or answered 429 with Retry-After; when the
     /// reserve is full too, new connections wait in the listen backlog. None is reset.
-    #[arg(long, env = "DRAIN_AGENT_HTTP_MAX_CONNECTIONS", default_value_t = 512)]
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_HTTP_MAX_CONNECTIONS",
+        default_value_t = 512,
+        value_parser = at_least_one
+    )]
     pub http_max_connections: usize,
 
     /// Time a client has to send a complete request head (idle connections are closed then).
-    #[arg(long, env = "DRAIN_AGENT_HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "DRAIN_AGENT_HTTP_HEADER_TIMEOUT", default_value = "5s", value_parser = longer_than_zero)]
     pub http_header_timeout: Duration,
 
     /// Drop a connection whose answer makes no progress this long (a client that does not read).
-    #[arg(long, env = "DRAIN_AGENT_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "DRAIN_AGENT_HTTP_WRITE_TIMEOUT", default_value = "10s", value_parser = longer_than_zero)]
     pub http_write_timeout: Duration,
 
     /// How long open HTTP connections get to finish on SIGTERM before they are dropped
@@ -223,7 +229,12 @@ pub struct RunArgs {
     /// How many /drained requests one source may have in progress; more get 429. A source is
     /// a local user (by its socket's owner, whatever loopback address it calls from), a pod
     /// (by its namespace), else an IP address (root's processes among them).
-    #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS_PER_SOURCE", default_value_t = 64)]
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_MAX_WAITERS_PER_SOURCE",
+        default_value_t = 64,
+        value_parser = at_least_one
+    )]
     pub max_waiters_per_source: usize,
 
     /// Connections tracked at once (kernel per-socket map size). Memory is used as
@@ -296,7 +307,9 @@ pub struct RunArgs {
 
     /// Serve HAProxy's agent-check protocol on this address: `drain` for a port being
     /// drained, `ready` otherwise (point `agent-check agent-port … agent-send "PORT\n"` at it).
-    /// Closed at SIGTERM with the other listeners (the next agent answers).
+    /// Closed at SIGTERM with the other listeners (the next agent answers). On a port of its
+    /// own: an address --listen would share (the same, or a wildcard covering the other, on
+    /// the same port) is refused.
     #[arg(long, env = "DRAIN_AGENT_AGENT_CHECK_LISTEN")]
     pub agent_check_listen: Option<SocketAddr>,
 
@@ -347,9 +360,16 @@ pub struct RunArgs {
     )]
     pub state_dir: std::path::PathBuf,
 
-    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides it).
-    #[arg(long, env = "DRAIN_AGENT_LOG", default_value = "info")]
-    pub log_level: String,
+    /// Log level: error, warn, info, debug, trace or off; another word is refused
+    /// (RUST_LOG, in env_logger's syntax, overrides it).
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_LOG",
+        value_enum,
+        ignore_case = true,
+        default_value_t = LogLevel::Info
+    )]
+    pub log_level: LogLevel,
 
     /// Log format: text, or json (one object per line: ts, level, target, message).
     #[arg(long, env = "DRAIN_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -491,6 +511,15 @@ impl RunArgs {
                 self.pod_socket_port
             );
         }
+        // --pod-listen needs no such check: it is bound (or steered) in every namespace but
+        // the agent's own (`http/pods/manager.rs` `candidates`), never beside these two.
+        if let Some(agent_check) = self.agent_check_listen {
+            anyhow::ensure!(
+                !overlapping(agent_check, self.listen),
+                "--agent-check-listen ({agent_check}) and --listen ({}) would take the same connections (one port, and one address or a wildcard that covers the other): both are bound with SO_REUSEPORT, so they would share the port and the kernel would split its connections between the HTTP API and the agent-check protocol; give them different ports",
+                self.listen
+            );
+        }
         Ok(())
     }
 
@@ -504,6 +533,47 @@ impl RunArgs {
             shutdown_timeout: self.http_shutdown_timeout,
         }
     }
+}
+
+/// A limit of the HTTP servers (`--http-max-connections`, `--pod-http-max-connections`,
+/// `--max-waiters-per-source`): 0 serves nobody. Refused here, naming the flag: the servers'
+/// own check comes only once they start (after the program load), and each pod listener's
+/// named `--http-max-connections` in a WARN while the agent ran on with no pod served.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (0 would serve nobody)".to_owned()),
+        Ok(count) => Ok(count),
+        Err(problem) => Err(problem.to_string()),
+    }
+}
+
+/// `--http-header-timeout`, `--http-write-timeout`: 0 would drop every connection.
+fn longer_than_zero(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        duration if duration.is_zero() => {
+            Err("must be longer than 0 (0 would drop every connection)".to_owned())
+        }
+        duration => Ok(duration),
+    }
+}
+
+/// Whether listeners on `a` and `b` would take the same connections: the same port (not 0,
+/// which the kernel picks anew for each), and the same address, or one of them the wildcard
+/// that takes the other's (`0.0.0.0` every IPv4 address; `[::]` every address, as the agent
+/// binds it dual-stack, `http/handover.rs`).
+fn overlapping(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let takes = |wildcard: IpAddr, other: IpAddr| match wildcard {
+        IpAddr::V4(v4) => v4.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    let (a_ip, b_ip) = (
+        crate::addr::canonical_addr(a.ip()),
+        crate::addr::canonical_addr(b.ip()),
+    );
+    a.port() != 0
+        && a.port() == b.port()
+        && (a_ip == b_ip || takes(a_ip, b_ip) || takes(b_ip, a_ip))
 }
 
 /// `wait --ignore`: checked as the agent checks its `ignore=` (the same parser and limit),
@@ -539,6 +609,18 @@ mod tests {
         assert!(wait(&list(MAX_IGNORE)).is_ok());
         for bad in [list(MAX_IGNORE + 1), "10.0.0.0/99".to_owned()] {
             assert!(wait(&bad).is_err(), "{bad}");
+        }
+        // Address bits beyond the prefix (`$HOST_IP/32` on an IPv6 node) are refused,
+        // naming the flag; a bare address (its own /32 or /128) is taken.
+        for bad in ["2600:1f14:ab:cd00::5/32", "10.1.2.3/8"] {
+            let problem = wait(bad).expect_err(bad).to_string();
+            assert!(
+                problem.contains("--ignore") && problem.contains("beyond its prefix"),
+                "{bad}: {problem}"
+            );
+        }
+        for good in ["2600:1f14:ab:cd00::5", "10.1.2.3", "::ffff:10.1.0.0/112"] {
+            assert!(wait(good).is_ok(), "{good}");
         }
         // The help states the limit (a doc comment cannot name the constant).
         let mut command = <Cli as clap::CommandFactory>::command();
@@ -641,6 +723,127 @@ mod tests {
             vec!["drain-agent", "--pod-socket-port", "0"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?}");
+        }
+    }
+
+    /// `--pod-http-max-connections 0` passed the start, and then every pod listener failed
+    /// (a WARN naming `--http-max-connections`) and the pods' hooks were refused. Each
+    /// limit of the HTTP servers that 0 breaks is refused by the parser, naming its flag.
+    #[test]
+    fn server_limits_of_zero_are_refused_naming_their_flag() {
+        for (flag, zero) in [
+            ("--pod-http-max-connections", "0"),
+            ("--http-max-connections", "0"),
+            ("--max-waiters-per-source", "0"),
+            ("--http-header-timeout", "0s"),
+            ("--http-write-timeout", "0ms"),
+        ] {
+            let problem = Cli::try_parse_from(["drain-agent", flag, zero])
+                .expect_err(flag)
+                .to_string();
+            assert!(problem.contains(flag), "{flag} {zero}: {problem}");
+        }
+        let cli = Cli::try_parse_from([
+            "drain-agent",
+            "--pod-listen",
+            "0.0.0.0:9100",
+            "--pod-http-max-connections",
+            "1",
+            "--http-max-connections",
+            "1",
+            "--max-waiters-per-source",
+            "1",
+            "--http-header-timeout",
+            "1ms",
+            "--http-write-timeout",
+            "1ms",
+        ])
+        .expect("the least of each is taken");
+        assert_eq!(cli.run.pod_http_max_connections, 1);
+        assert!(cli.run.check().is_ok());
+    }
+
+    /// `--log-level warning` was taken, and env_logger read the word as a module name: every
+    /// log line was silenced, the fatal start-up error too. A word that is no level is
+    /// refused, naming the flag and the levels; any case of a level is taken.
+    #[test]
+    fn the_log_level_is_a_level() {
+        let parse = |level: &str| Cli::try_parse_from(["drain-agent", "--log-level", level]);
+        for bad in ["warning", "drain_agent=debug", "verbose", ""] {
+            let problem = parse(bad).expect_err(bad).to_string();
+            assert!(
+                problem.contains("--log-level")
+                    && ["error", "warn", "info", "debug", "trace", "off"]
+                        .iter()
+                        .all(|level| problem.contains(level)),
+                "{bad}: {problem}"
+            );
+        }
+        for (given, level) in [
+            ("warn", LogLevel::Warn),
+            ("WARN", LogLevel::Warn),
+            ("Debug", LogLevel::Debug),
+            ("off", LogLevel::Off),
+        ] {
+            assert_eq!(parse(given).expect(given).run.log_level, level, "{given}");
+        }
+        assert_eq!(
+            Cli::try_parse_from(["drain-agent"])
+                .expect("parse")
+                .run
+                .log_level,
+            LogLevel::Info
+        );
+    }
+
+    /// `--agent-check-listen` on --listen's address, or on a wildcard of the same port, was
+    /// taken: both sockets are SO_REUSEPORT, so they shared the port and the kernel split its
+    /// connections between the HTTP API and the agent-check server. Refused at start, naming
+    /// both flags; another port, or another address on the same port, is fine.
+    #[test]
+    fn the_agent_check_listener_is_not_the_api_listener() {
+        let check = |listen: &str, agent_check: &str| {
+            Cli::try_parse_from([
+                "drain-agent",
+                "--listen",
+                listen,
+                "--agent-check-listen",
+                agent_check,
+            ])
+            .expect("parse")
+            .run
+            .check()
+        };
+        for (listen, agent_check) in [
+            ("127.0.0.1:9100", "127.0.0.1:9100"),
+            ("0.0.0.0:9100", "127.0.0.1:9100"),
+            ("127.0.0.1:9100", "0.0.0.0:9100"),
+            ("10.0.0.5:19700", "0.0.0.0:19700"),
+            ("[::1]:9100", "[::1]:9100"),
+            ("[::]:9100", "[::1]:9100"),
+            ("[fd00::5]:9100", "[::]:9100"),
+            // `[::]` is bound dual-stack: it takes IPv4 too.
+            ("[::]:9100", "127.0.0.1:9100"),
+            ("0.0.0.0:9100", "[::]:9100"),
+            ("[::ffff:127.0.0.1]:9100", "127.0.0.1:9100"),
+        ] {
+            let problem = format!(
+                "{:#}",
+                check(listen, agent_check).expect_err(&format!("{listen} {agent_check}"))
+            );
+            assert!(
+                problem.contains("--agent-check-listen") && problem.contains("--listen"),
+                "{listen} {agent_check}: {problem}"
+            );
+        }
+        for (listen, agent_check) in [
+            ("127.0.0.1:9100", "127.0.0.1:9101"),
+            ("127.0.0.1:9100", "127.0.0.2:9100"),
+            ("0.0.0.0:9100", "[::1]:9100"),
+            ("[::1]:9100", "0.0.0.0:9100"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            assert!(check(listen, agent_check).is_ok(), "{listen} {agent_check}");
         }
     }
 

@@ -170,7 +170,7 @@ impl SavedDrain {
         let ignore = self
             .ignore
             .iter()
-            .map(|cidr| cidr.parse::<Cidr>().ok())
+            .map(|cidr| Cidr::from_saved(cidr).ok())
             .collect::<Option<Vec<_>>>()?;
         Some(DrainSpec {
             filter: Filter {

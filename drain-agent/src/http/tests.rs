@@ -407,6 +407,18 @@ async fn bad_drain_requests_are_400_and_change_nothing() {
         ("POST", "/drain?port=8080&on_timeout=explode", "on_timeout"),
         ("POST", "/drain?port=8080&pace=-1", "pace"),
         ("POST", "/drain?port=8080&ignore=10.0.0.0/99", "ignore"),
+        // Address bits beyond the prefix: `$HOST_IP/32` on an IPv6 node was read as a /32
+        // of IPv6 (every client ignored, drained at once with clients connected).
+        (
+            "POST",
+            "/drain?port=8080&ignore=2600:1f14:ab:cd00::5/32",
+            "ignore: \"2600:1f14:ab:cd00::5/32\" has address bits set beyond its prefix",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=0&ignore=10.1.2.3/8",
+            "ignore: \"10.1.2.3/8\" has address bits set beyond its prefix",
+        ),
         ("POST", "/drain?port=8080&idle=soon", "idle"),
         ("DELETE", "/drain?port=8080&timeout=1s", "unknown parameter"),
         ("GET", "/health", "missing parameter \"port\""),

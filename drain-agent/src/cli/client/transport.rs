@@ -45,8 +45,17 @@ impl AgentUrl {
     /// `http://host[:port][/prefix]`; the port defaults to 80, a trailing `/` of the prefix
     /// is dropped.
     pub fn parse(text: &str) -> Result<Self> {
-        if !text.starts_with("http://") {
+        let Some(rest) = text.strip_prefix("http://") else {
             bail!("agent URL {text:?} must start with http:// (e.g. http://127.0.0.1:9100)");
+        };
+        // `http://$(HOST_IP):19700` on an IPv6 node: which colon starts the port cannot be
+        // told (`fd00::5:9100` is an address too), so it is refused saying how to write it.
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host_port = authority.rsplit('@').next().unwrap_or_default();
+        if host_port.matches(':').count() > 1 && !host_port.contains('[') {
+            bail!(
+                "agent URL {text:?}: an IPv6 address is written in brackets in a URL, e.g. http://[fd00::5]:19700 (in a pod spec: http://[$(HOST_IP)]:19700)"
+            );
         }
         let uri = text
             .parse::<http::Uri>()
@@ -286,6 +295,18 @@ mod tests {
             ("::1", 9110, "/agent")
         );
         assert_eq!(AgentUrl::parse("http://node").expect("url").port, 80);
+        // An IPv6 node's address, as the docs' DRAIN_AGENT_URL=http://[$(HOST_IP)]:19700
+        // gives it; unbracketed (http://$(HOST_IP):19700 there) it is refused saying how to
+        // write it: which colon starts the port cannot be told.
+        let url = AgentUrl::parse("http://[2600:1f14:ab:cd00::5]:19700").expect("url");
+        assert_eq!(
+            (url.host.as_str(), url.port),
+            ("2600:1f14:ab:cd00::5", 19700)
+        );
+        for unbracketed in ["http://2600:1f14:ab:cd00::5:19700", "http://fd00::5/agent"] {
+            let problem = format!("{:#}", AgentUrl::parse(unbracketed).expect_err(unbracketed));
+            assert!(problem.contains("in brackets"), "{unbracketed}: {problem}");
+        }
         for bad in [
             "https://x:1",
             "127.0.0.1:9100",
