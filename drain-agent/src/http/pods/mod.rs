@@ -138,7 +138,8 @@ pub struct PodListenOptions {
 /// Descriptors one pod listener may hold: its socket, its steering program and link, and
 /// its server's connections (`pod_connections`) with their overflow reserve.
 fn descriptors_per_listener(pod_connections: usize) -> u64 {
-    let connections = pod_connections + crate::http::server::overflow_reserve(pod_connections);
+    let connections =
+        pod_connections.saturating_add(crate::http::server::overflow_reserve(pod_connections));
     u64::try_from(connections)
         .unwrap_or(u64::MAX)
         .saturating_add(3)
@@ -156,7 +157,8 @@ pub fn listener_budget(
     node_connections: usize,
     pod_connections: usize,
 ) -> usize {
-    let node = node_connections + crate::http::server::overflow_reserve(node_connections);
+    let node =
+        node_connections.saturating_add(crate::http::server::overflow_reserve(node_connections));
     let room = open_file_limit
         .saturating_sub(crate::http::server::RESERVED_FDS)
         .saturating_sub(u64::try_from(node).unwrap_or(u64::MAX));
@@ -375,5 +377,15 @@ mod tests {
         assert!(listener_budget(1 << 20, 1_024, 16) >= 1_024);
         // Never none.
         assert_eq!(listener_budget(100, 1_024, 16), 1);
+    }
+
+    /// `--http-max-connections` and `--pod-http-max-connections` take any `usize`: the
+    /// budget of the largest overflowed (a panic in a debug build) where it should say that
+    /// nothing but one listener fits.
+    #[test]
+    fn the_largest_connection_limits_leave_room_for_one_listener() {
+        assert_eq!(descriptors_per_listener(usize::MAX), u64::MAX);
+        assert_eq!(listener_budget(20_000, usize::MAX, usize::MAX), 1);
+        assert_eq!(listener_budget(u64::MAX, 1_024, usize::MAX), 1);
     }
 }
