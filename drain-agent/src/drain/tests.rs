@@ -1626,8 +1626,8 @@ impl Closer for ListenersByNetns {
 struct SetAddresses(Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
 
 impl crate::sys::pod_addresses::AddressSource for SetAddresses {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-        lock(&self.0).clone()
+    fn read(&self) -> anyhow::Result<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>> {
+        Ok(lock(&self.0).clone())
     }
 }
 

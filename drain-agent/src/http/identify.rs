@@ -287,8 +287,8 @@ mod tests {
     struct Pods;
 
     impl AddressSource for Pods {
-        fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
-            BTreeMap::from([(7, vec!["10.1.0.7".parse().expect("ip")])])
+        fn read(&self) -> Result<BTreeMap<u32, Vec<IpAddr>>> {
+            Ok(BTreeMap::from([(7, vec!["10.1.0.7".parse().expect("ip")])]))
         }
     }
 

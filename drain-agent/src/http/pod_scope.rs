@@ -85,7 +85,7 @@ impl PodScope {
     async fn addresses(&self) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
         let inode = self.netns;
         tokio::task::spawn_blocking(move || {
-            let path: PathBuf = netns::all_namespaces()
+            let path: PathBuf = netns::all_namespaces()?
                 .remove(&inode)
                 .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
             netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses)

@@ -141,11 +141,11 @@ fn app_full(
 struct TwoPods;
 
 impl AddressSource for TwoPods {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-        std::collections::BTreeMap::from([
+    fn read(&self) -> anyhow::Result<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>> {
+        Ok(std::collections::BTreeMap::from([
             (7, vec!["10.1.0.7".parse().expect("ip")]),
             (8, vec!["10.1.0.8".parse().expect("ip")]),
-        ])
+        ]))
     }
 }
 
@@ -171,8 +171,8 @@ impl Addresses {
 }
 
 impl AddressSource for Addresses {
-    fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-        self.0.lock().expect("lock").clone()
+    fn read(&self) -> anyhow::Result<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>> {
+        Ok(self.0.lock().expect("lock").clone())
     }
 }
 
@@ -507,7 +507,9 @@ async fn busy_port_answers_503_with_the_count() {
     assert_eq!(body["active"], 2);
     // The fake's endpoints live in a namespace that does not exist here: 404, not 0.
     let (status, _) = get(&state, "/drained?port=8080&timeout=0&netns=4026531840").await;
-    let exists = crate::sys::netns::all_namespaces().contains_key(&4_026_531_840);
+    let exists = crate::sys::netns::all_namespaces()
+        .expect("scan")
+        .contains_key(&4_026_531_840);
     assert_eq!(status == StatusCode::NOT_FOUND, !exists);
     // An inode that is no network namespace is not "drained": it is not found.
     let answer = get(&state, "/drained?port=8080&timeout=0&netns=1").await;

@@ -61,7 +61,9 @@ pub enum Named {
 
 /// Reads the addresses of every namespace but the agent's own, by inode.
 pub trait AddressSource: Send + Sync + 'static {
-    fn read(&self) -> BTreeMap<u32, Vec<IpAddr>>;
+    /// An error when not every namespace could be looked for (`netns::IncompleteScan`):
+    /// the last map read stands then, rather than one that misses every pod.
+    fn read(&self) -> anyhow::Result<BTreeMap<u32, Vec<IpAddr>>>;
 }
 
 /// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
@@ -79,11 +81,11 @@ pub struct NamespaceAddresses {
 }
 
 impl AddressSource for NamespaceAddresses {
-    fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
+    fn read(&self) -> anyhow::Result<BTreeMap<u32, Vec<IpAddr>>> {
         let mut found = BTreeMap::new();
         let own = crate::sys::ifaddrs::local_addresses().unwrap_or_default();
         found.insert(self.own_netns, own.into_iter().collect());
-        for (inode, path) in netns::all_namespaces() {
+        for (inode, path) in netns::all_namespaces()? {
             if inode == self.own_netns {
                 continue;
             }
@@ -108,7 +110,7 @@ impl AddressSource for NamespaceAddresses {
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
             }
         }
-        found
+        Ok(found)
     }
 }
 
@@ -357,9 +359,22 @@ impl PodAddresses {
             return;
         }
         let source = Arc::clone(&self.source);
-        let read = tokio::task::spawn_blocking(move || source.read())
-            .await
-            .unwrap_or_default();
+        let read = match tokio::task::spawn_blocking(move || source.read()).await {
+            Ok(Ok(read)) => read,
+            // Not every namespace was looked for (out of descriptors, none is found): the
+            // map read last stands, not one in which no address names a pod. Read again
+            // at the next question.
+            Ok(Err(problem)) => {
+                log::warn!("cannot read the pods' addresses: {problem:#}; keeping those read last");
+                return;
+            }
+            Err(problem) => {
+                log::warn!(
+                    "reading the pods' addresses failed: {problem}; keeping those read last"
+                );
+                return;
+            }
+        };
         let (owners, shared) = holders_of(self.own_netns, &read);
         let now = Instant::now();
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -389,9 +404,9 @@ mod tests {
     }
 
     impl AddressSource for Fake {
-        fn read(&self) -> BTreeMap<u32, Vec<IpAddr>> {
+        fn read(&self) -> anyhow::Result<BTreeMap<u32, Vec<IpAddr>>> {
             self.reads.fetch_add(1, Ordering::Relaxed);
-            self.map.lock().expect("lock").clone()
+            Ok(self.map.lock().expect("lock").clone())
         }
     }
 

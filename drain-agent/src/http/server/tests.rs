@@ -87,8 +87,8 @@ async fn start_identifying(limits: ServerLimits) -> TestServer {
     }
     struct NoPods;
     impl AddressSource for NoPods {
-        fn read(&self) -> std::collections::BTreeMap<u32, Vec<std::net::IpAddr>> {
-            std::collections::BTreeMap::new()
+        fn read(&self) -> Result<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>> {
+            Ok(std::collections::BTreeMap::new())
         }
     }
     struct NoOwners;
