@@ -414,41 +414,15 @@ mod tests {
         assert!(!is_gone(own));
     }
 
-    /// Set in the process [`a_scan_without_descriptors_says_it_is_incomplete`] starts: how
-    /// many descriptors its child leaves free.
-    const FREE_DESCRIPTORS: &str = "DRAIN_AGENT_TEST_FREE_DESCRIPTORS";
-
     /// Found by an audit: out of descriptors (EMFILE), every open of the scan failed and
     /// was skipped as a vanished process, so the scan returned `{}`, "no namespace exists"
     /// (with one descriptor free, only the agent's own): a confirmation then read no
     /// tables and answered drained from the maps' doubted count, a walk vouched for the
     /// counts, the pod manager closed every listener. The scan says it is incomplete, and
-    /// no namespace is taken for gone. Run in a process of its own (the open-file limit is
-    /// the whole process's): this test binary, running only
-    /// [`scan_without_descriptors_child`].
+    /// no namespace is taken for gone.
     #[test]
     fn a_scan_without_descriptors_says_it_is_incomplete() {
-        let exe = std::env::current_exe().expect("test binary");
-        for free in ["0", "1"] {
-            let output = std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "sys::netns::tests::scan_without_descriptors_child",
-                    "--include-ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(FREE_DESCRIPTORS, free)
-                .output()
-                .expect("run the child");
-            let shown = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            assert!(output.status.success(), "{free} free: {shown}");
-            assert!(shown.contains("1 passed"), "{free} free: {shown}");
-        }
+        without_descriptors::run_child("sys::netns::tests::scan_without_descriptors_child");
     }
 
     /// The child of [`a_scan_without_descriptors_says_it_is_incomplete`]: nothing unless
@@ -456,31 +430,12 @@ mod tests {
     #[test]
     #[ignore = "run in a process of its own by a_scan_without_descriptors_says_it_is_incomplete"]
     fn scan_without_descriptors_child() {
-        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-        let Ok(free) = std::env::var(FREE_DESCRIPTORS) else {
+        if !without_descriptors::is_child() {
             return;
-        };
-        let free: usize = free.parse().expect("a number");
+        }
         let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
         assert!(all_namespaces().expect("scan").contains_key(&own));
-        let limit = getrlimit(Resource::Nofile);
-        setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(256),
-                maximum: limit.maximum,
-            },
-        )
-        .expect("lower the open-file limit");
-        let mut held = Vec::new();
-        let exhausted = loop {
-            match File::open("/dev/null") {
-                Ok(file) => held.push(file),
-                Err(problem) => break problem,
-            }
-        };
-        assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE), "{exhausted}");
-        held.truncate(held.len().saturating_sub(free));
+        let held = without_descriptors::exhaust();
         let scanned = all_namespaces();
         let gone = is_gone(own);
         drop(held);
@@ -534,5 +489,78 @@ mod tests {
         );
         let error = inode_of(Path::new("/nonexistent/ns")).expect_err("missing");
         assert!(error.to_string().contains("/nonexistent/ns"), "{error}");
+    }
+}
+
+/// Test help: code run with the process's descriptors exhausted (EMFILE), in a child
+/// process of the test binary (the open-file limit is the whole process's, and the tests
+/// share theirs).
+#[cfg(test)]
+pub(crate) mod without_descriptors {
+    use std::fs::File;
+
+    /// Set in the child: how many descriptors it leaves free.
+    const FREE: &str = "DRAIN_AGENT_TEST_FREE_DESCRIPTORS";
+
+    /// Runs the test `child` (its path in the crate, an ignored test that returns at once
+    /// unless [`is_child`], then calls [`exhaust`]) in a child process of this test binary,
+    /// once with no descriptor free and once with one; panics with its output unless it
+    /// passed both times.
+    pub(crate) fn run_child(child: &str) {
+        let exe = std::env::current_exe().expect("test binary");
+        for free in ["0", "1"] {
+            let output = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    child,
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(FREE, free)
+                .output()
+                .expect("run the child");
+            let shown = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{free} free: {shown}");
+            assert!(shown.contains("1 passed"), "{free} free: {shown}");
+        }
+    }
+
+    /// Whether this process is such a child.
+    pub(crate) fn is_child() -> bool {
+        std::env::var_os(FREE).is_some()
+    }
+
+    /// In the child: lowers the open-file limit and opens files until it is reached, then
+    /// frees as many as the parent asked. Dropping what it returns frees the rest.
+    pub(crate) fn exhaust() -> Vec<File> {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let free: usize = std::env::var(FREE)
+            .expect("a child")
+            .parse()
+            .expect("a number");
+        let limit = getrlimit(Resource::Nofile);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(256),
+                maximum: limit.maximum,
+            },
+        )
+        .expect("lower the open-file limit");
+        let mut held = Vec::new();
+        let exhausted = loop {
+            match File::open("/dev/null") {
+                Ok(file) => held.push(file),
+                Err(problem) => break problem,
+            }
+        };
+        assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE), "{exhausted}");
+        held.truncate(held.len().saturating_sub(free));
+        held
     }
 }
