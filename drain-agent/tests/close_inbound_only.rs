@@ -409,6 +409,7 @@ fn each_guard_alone_leaves_outbound_connections() {
     let mut setup = Setup::open();
     let ours = netns::inode_of(Path::new("/proc/self/ns/net")).expect("our netns");
     let path = netns::all_namespaces()
+        .expect("scan")
         .remove(&ours)
         .expect("our namespace is found");
     let outbound = setup.outbound_ends.clone();

@@ -259,7 +259,9 @@ fn wait_for_an_unknown_netns_inode_is_refused_at_once() {
     }
     let unknown = 1;
     assert!(
-        !drain_agent::sys::netns::all_namespaces().contains_key(&unknown),
+        !drain_agent::sys::netns::all_namespaces()
+            .expect("scan")
+            .contains_key(&unknown),
         "inode {unknown} is a network namespace here"
     );
     let agent = Agent::start(&[]);

@@ -1626,11 +1626,13 @@ impl Closer for ListenersByNetns {
 struct SetAddresses(Mutex<std::collections::BTreeMap<u32, Vec<std::net::IpAddr>>>);
 
 impl crate::sys::pod_addresses::AddressSource for SetAddresses {
-    fn read(&self) -> std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace> {
-        lock(&self.0)
+    fn read(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace>> {
+        Ok(lock(&self.0)
             .iter()
             .map(|(&inode, addresses)| (inode, addresses.clone().into()))
-            .collect()
+            .collect())
     }
 }
 

@@ -182,6 +182,9 @@ pub enum ApiError {
     /// 422: a well-formed request this agent cannot carry out as it runs (the message says
     /// why): asking again cannot help, changing the request or the agent's setup can.
     CannotDo(String),
+    /// 503: the agent cannot tell now (e.g. whether a `netns` inode exists, while it cannot
+    /// find every namespace: out of descriptors); asking again may help.
+    Unavailable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -197,6 +200,7 @@ impl IntoResponse for ApiError {
             Self::Forbidden(message) => error(StatusCode::FORBIDDEN, message),
             Self::Conflict(message) => error(StatusCode::CONFLICT, message),
             Self::CannotDo(message) => error(StatusCode::UNPROCESSABLE_ENTITY, message),
+            Self::Unavailable(message) => error(StatusCode::SERVICE_UNAVAILABLE, message),
         }
     }
 }
@@ -459,13 +463,17 @@ pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
 }
 
 /// `netns` is an inode number of a network namespace that exists, or the path of one in
-/// the places where they live. Every refused path gets the same answer.
+/// the places where they live. Every refused path gets the same answer. An inode the scan
+/// does not find is unknown (`404`, which `drain-agent wait` takes as a refusal and stops
+/// waiting) only when the scan looked everywhere: an incomplete one is `503` (asked again).
 fn parse_netns(text: &str) -> Result<u32, ApiError> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let inode = text.parse::<u32>().map_err(|_| {
             ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
         })?;
-        if !netns::all_namespaces().contains_key(&inode) {
+        let found = netns::all_namespaces()
+            .map_err(|problem| ApiError::Unavailable(format!("netns: {problem:#}")))?;
+        if !found.contains_key(&inode) {
             return Err(ApiError::NotFound(format!(
                 "netns: no network namespace with inode {inode} is known to the agent"
             )));

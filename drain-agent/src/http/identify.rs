@@ -287,8 +287,11 @@ mod tests {
     struct Pods;
 
     impl AddressSource for Pods {
-        fn read(&self) -> BTreeMap<u32, crate::sys::pod_addresses::Namespace> {
-            BTreeMap::from([(7, vec!["10.1.0.7".parse::<IpAddr>().expect("ip")].into())])
+        fn read(&self) -> Result<BTreeMap<u32, crate::sys::pod_addresses::Namespace>> {
+            Ok(BTreeMap::from([(
+                7,
+                vec!["10.1.0.7".parse::<IpAddr>().expect("ip")].into(),
+            )]))
         }
     }
 

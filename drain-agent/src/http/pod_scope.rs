@@ -7,7 +7,8 @@
 //! The rules (README "HTTP API" → "Inside a pod"):
 //! - a `/drained`, `/drain` or `/connections` scope gets `netns=` set to the pod's own
 //!   namespace; naming another namespace (or one that does not exist: no probing which
-//!   do) is 400, and so is an `addr=` that is not an address of the pod's namespace;
+//!   do) is 400, and so is an `addr=` that is not an address of the pod's namespace (503
+//!   while the namespace's addresses cannot be read: the agent's failure, asked again);
 //! - `/drains` lists only the pod's drains, `/health?port=P` says whether the pod's own
 //!   drain of P (or the node's of one of its addresses) is in progress; `/health` is public,
 //!   so its `addr=` naming another pod is asked about that pod (`Drains::resolve`);
@@ -67,8 +68,11 @@ impl PodScope {
         }
         if let Some(addr) = addr {
             let addr = canonical_addr(addr);
+            // The agent's failure (a scan that could not look everywhere, out of
+            // descriptors), not the request's: 503, asked again, where a 400 is a refusal
+            // that ends `drain-agent wait` at once.
             let own = self.addresses().await.map_err(|problem| {
-                ApiError::BadRequest(format!(
+                ApiError::Unavailable(format!(
                     "addr: cannot read this namespace's addresses: {problem:#}"
                 ))
             })?;
@@ -85,7 +89,7 @@ impl PodScope {
     async fn addresses(&self) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
         let inode = self.netns;
         tokio::task::spawn_blocking(move || {
-            let path: PathBuf = netns::all_namespaces()
+            let path: PathBuf = netns::all_namespaces()?
                 .remove(&inode)
                 .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
             netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses)
@@ -131,4 +135,26 @@ pub fn node_only() -> Response {
         StatusCode::FORBIDDEN,
         "node-wide data is served on the agent's node listener only, not inside a pod",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by an audit: when the pod's namespace addresses could not be read (out of
+    /// descriptors the namespace scan found no namespace: "the namespace is gone"), an
+    /// `addr=` on a pod listener was a 400, which `drain-agent wait` takes as a refusal and
+    /// stops waiting: the pod stopped undrained. It is 503, asked again.
+    #[tokio::test]
+    async fn unreadable_addresses_are_no_refusal() {
+        // Inode 1 is no namespace: its addresses cannot be read.
+        let scope = PodScope { netns: 1 };
+        let addr: IpAddr = "10.1.0.7".parse().expect("ip");
+        match scope.check(Some(addr), None).await {
+            Err(ApiError::Unavailable(message)) => {
+                assert!(message.contains("cannot read"), "{message}");
+            }
+            other => panic!("expected 503, got {other:?}"),
+        }
+    }
 }

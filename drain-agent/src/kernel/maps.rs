@@ -331,18 +331,20 @@ fn lost_in_all(errors: &[u64; error_index::COUNT as usize]) -> u64 {
 
 /// The namespaces a filter covers, with a path to enter each. The one namespace it names
 /// gone (no process nor name holds it): [`NamespaceGone`], which a drain's end tells from a
-/// failed read (`drain/gate.rs` `Drains::end_listeners`).
+/// failed read (`drain/gate.rs` `Drains::end_listeners`). A scan that could not look
+/// everywhere is an error ([`netns::IncompleteScan`]): neither "no namespace" nor "gone".
 pub(super) fn namespaces_of(filter: &Filter) -> Result<Vec<(u32, PathBuf)>> {
-    let namespaces = netns::all_namespaces();
+    namespaces_in(filter, netns::all_namespaces()?)
+}
+
+/// [`namespaces_of`] among the namespaces a complete scan `found`.
+pub(super) fn namespaces_in(
+    filter: &Filter,
+    mut found: BTreeMap<u32, PathBuf>,
+) -> Result<Vec<(u32, PathBuf)>> {
     Ok(match filter.netns {
-        Some(wanted) => vec![(
-            wanted,
-            namespaces
-                .get(&wanted)
-                .cloned()
-                .ok_or(NamespaceGone(wanted))?,
-        )],
-        None => namespaces.into_iter().collect(),
+        Some(wanted) => vec![(wanted, found.remove(&wanted).ok_or(NamespaceGone(wanted))?)],
+        None => found.into_iter().collect(),
     })
 }
 
@@ -411,9 +413,12 @@ impl KernelMaps {
 
 /// Whether another program has sockets on the port of the agent's own listener at `addr`
 /// in namespace `inode` (its socket tables, read on a thread inside it). A namespace that
-/// is gone has no sockets left.
+/// is gone has no sockets left; an incomplete scan cannot say it is gone (an error).
 fn own_port_shared_in(inode: u32, addr: SocketAddr) -> Result<bool, String> {
-    let Some(path) = netns::all_namespaces().remove(&inode) else {
+    let Some(path) = netns::all_namespaces()
+        .map_err(|problem| format!("{problem:#}"))?
+        .remove(&inode)
+    else {
         return Ok(false);
     };
     let shared = netns::run_in(inode, &path, move || {
@@ -429,7 +434,7 @@ fn own_port_shared_in(inode: u32, addr: SocketAddr) -> Result<bool, String> {
     });
     match shared {
         Ok(shared) => Ok(shared),
-        Err(_) if !netns::all_namespaces().contains_key(&inode) => Ok(false),
+        Err(_) if netns::is_gone(inode) => Ok(false),
         Err(problem) => Err(format!("{problem:#}")),
     }
 }
@@ -522,7 +527,7 @@ impl KernelMaps {
                         })
                         .map(|socket| socket.cookie),
                 ),
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                Err(_) if netns::is_gone(inode) => {}
                 Err(problem) => return Err(problem),
             }
         }

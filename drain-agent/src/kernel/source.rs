@@ -1,14 +1,19 @@
 //! The kernel maps as the tracker's source ([`Counts`], [`Vouch`], [`Stats`]): counts, doubts, peers and the
 //! confirmation from the socket tables.
 
-use std::{collections::HashSet, sync::PoisonError, sync::atomic::Ordering};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+    sync::PoisonError,
+    sync::atomic::Ordering,
+};
 
 use anyhow::{Context as _, Result};
 use drain_agent_common::{
     DurationHistogram, SOCK_UNSCOPED, STARTED_UNKNOWN, error_index, repair, watched_bit,
 };
 
-use super::maps::{KernelMaps, canonical, key_addr, namespaces_of};
+use super::maps::{KernelMaps, canonical, key_addr, namespaces_in, namespaces_of};
 use crate::{
     addr::canonical_addr,
     doubt::Doubt,
@@ -75,28 +80,12 @@ impl Counts for KernelMaps {
     }
 
     fn confirm(&self, filter: &Filter) -> Result<u64> {
-        let targets = namespaces_of(filter)?;
-        let mut open = 0;
-        let mut read = HashSet::new();
-        for (inode, path) in targets {
-            match Self::count_in_namespace(inode, path, filter) {
-                Ok(count) => {
-                    open += count;
-                    read.insert(inode);
-                }
-                // A namespace that is gone has no connections left.
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
-                Err(problem) => {
-                    return Err(problem)
-                        .with_context(|| format!("cannot read network namespace {inode}"));
-                }
-            }
-        }
-        // The tables of a namespace the agent cannot find (one kept alive only by its
-        // sockets: no process in it, nothing mounted on it) were not read, so what the maps
-        // count there stands: a namespace that is really gone closed its sockets, and their
-        // closes took its counts to zero (or left them too high, the safe side).
-        Ok(open + self.counted_unread(filter, &read)?)
+        confirm_with(
+            filter,
+            &netns::all_namespaces,
+            &|inode, path| Self::count_in_namespace(inode, path, filter),
+            &|read| self.counted_unread(filter, read),
+        )
     }
 
     /// The connections of `filter` from the socket tables. A report (`with_age`: the
@@ -123,8 +112,8 @@ impl Counts for KernelMaps {
                 })
             }) {
                 Ok(sockets) => sockets,
-                // A namespace that is gone has no connections left.
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => continue,
+                // A namespace that is gone has no connections left (a complete scan says so).
+                Err(_) if netns::is_gone(inode) => continue,
                 Err(problem) => {
                     return Err(problem)
                         .with_context(|| format!("cannot read network namespace {inode}"));
@@ -353,5 +342,125 @@ impl KernelMaps {
             }
         }
         Ok(counted)
+    }
+}
+
+/// [`Counts::confirm`] of the kernel maps: the socket tables' count of `filter` in each
+/// namespace of its scope that `scan` finds (`count` reads one's tables), plus what the maps
+/// count (`unread`) in the namespaces whose tables were not read (the agent cannot find
+/// them: one kept alive only by its sockets, no process in it, nothing mounted on it; a
+/// namespace that is really gone closed its sockets, and their closes took its counts to
+/// zero, or left them too high, the safe side).
+///
+/// Fails closed: a scan that could not look everywhere ([`netns::IncompleteScan`]: out of
+/// descriptors, every namespace looks gone) is an error, not a scope without namespaces
+/// whose answer is the maps' own doubted count; and a namespace whose tables cannot be read
+/// is taken for gone only when a complete scan no longer finds it.
+fn confirm_with(
+    filter: &Filter,
+    scan: &dyn Fn() -> Result<BTreeMap<u32, PathBuf>>,
+    count: &dyn Fn(u32, PathBuf) -> Result<u64>,
+    unread: &dyn Fn(&HashSet<u32>) -> Result<u64>,
+) -> Result<u64> {
+    let targets = namespaces_in(filter, scan()?)?;
+    let mut open = 0;
+    let mut read = HashSet::new();
+    for (inode, path) in targets {
+        match count(inode, path) {
+            Ok(count) => {
+                open += count;
+                read.insert(inode);
+            }
+            // A namespace that is gone has no connections left.
+            Err(_) if scan().is_ok_and(|found| !found.contains_key(&inode)) => {}
+            Err(problem) => {
+                return Err(problem)
+                    .with_context(|| format!("cannot read network namespace {inode}"));
+            }
+        }
+    }
+    Ok(open + unread(&read)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::closer::NamespaceGone;
+
+    /// Found by an audit: out of descriptors (EMFILE), the namespace scan found no
+    /// namespace at all and said nothing, so a confirmation read no tables and answered the
+    /// maps' own count, the doubted one it was asked to check: a port-wide scope under a
+    /// doubt (seeding, skipped handler runs) answered drained with a connection the maps
+    /// missed, and a pod's scope took its namespace for gone. An incomplete scan fails the
+    /// confirmation (503 unknown), and a namespace whose tables cannot be read is gone only
+    /// when a complete scan says so.
+    #[test]
+    fn a_confirmation_fails_closed_when_the_namespace_scan_is_incomplete() {
+        let incomplete =
+            || -> Result<BTreeMap<u32, PathBuf>> { Err(anyhow::Error::new(netns::IncompleteScan)) };
+        // The tables hold a connection the maps missed; the maps count none.
+        let tables = |_: u32, _: PathBuf| -> Result<u64> { Ok(1) };
+        let maps = |_: &HashSet<u32>| -> Result<u64> { Ok(0) };
+        for scope in [None, Some(7)] {
+            let filter = Filter {
+                port: 8080,
+                addr: None,
+                netns: scope,
+            };
+            let problem = confirm_with(&filter, &incomplete, &tables, &maps)
+                .expect_err("an incomplete scan is no answer");
+            assert!(
+                problem.downcast_ref::<netns::IncompleteScan>().is_some(),
+                "{scope:?}: {problem:#}"
+            );
+            assert!(
+                !problem.chain().any(|cause| cause.is::<NamespaceGone>()),
+                "{scope:?}: a namespace taken for gone: {problem:#}"
+            );
+        }
+        // Found at first, its tables unreadable, then the scan incomplete: not gone.
+        let port_wide = Filter {
+            port: 8080,
+            addr: None,
+            netns: None,
+        };
+        let scans = AtomicUsize::new(0);
+        let found_then_incomplete = || -> Result<BTreeMap<u32, PathBuf>> {
+            if scans.fetch_add(1, Ordering::SeqCst) == 0 {
+                Ok(BTreeMap::from([(7, PathBuf::from("/proc/7/ns/net"))]))
+            } else {
+                incomplete()
+            }
+        };
+        let unreadable = |_: u32, _: PathBuf| -> Result<u64> { anyhow::bail!("cannot enter") };
+        let problem = confirm_with(&port_wide, &found_then_incomplete, &unreadable, &maps)
+            .expect_err("an unreadable namespace that may exist is no answer");
+        assert!(
+            format!("{problem:#}").contains("namespace 7"),
+            "{problem:#}"
+        );
+        // A complete scan that no longer finds it: gone, no connections left there.
+        let scans = AtomicUsize::new(0);
+        let found_then_gone = || -> Result<BTreeMap<u32, PathBuf>> {
+            Ok(if scans.fetch_add(1, Ordering::SeqCst) == 0 {
+                BTreeMap::from([(7, PathBuf::from("/proc/7/ns/net"))])
+            } else {
+                BTreeMap::new()
+            })
+        };
+        assert_eq!(
+            confirm_with(&port_wide, &found_then_gone, &unreadable, &maps).expect("gone"),
+            0
+        );
+        // And a complete scan is read as before: the tables' count.
+        let complete = || -> Result<BTreeMap<u32, PathBuf>> {
+            Ok(BTreeMap::from([(7, PathBuf::from("/proc/7/ns/net"))]))
+        };
+        assert_eq!(
+            confirm_with(&port_wide, &complete, &tables, &maps).expect("read"),
+            1
+        );
     }
 }

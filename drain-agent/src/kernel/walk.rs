@@ -67,6 +67,12 @@ impl Kernel {
             .context("the walker is not an iterator")?;
         // Every counter as it is before the walk: what the walk will vouch for.
         let snapshot = self.maps.snapshot()?;
+        // Found after the snapshot: every namespace that existed at it is walked. A scan
+        // that could not look everywhere (out of descriptors it finds none) fails the walk
+        // before it changes anything: walking only what it found would vouch for the
+        // namespaces it missed (`Doubt::Seeding`'s connections opened before the start,
+        // never counted).
+        let namespaces = netns::all_namespaces().context("cannot walk the open sockets")?;
         // Listeners are recorded afresh by each walk (a closed one must not linger, and a
         // full map is then only ever this walk's).
         let stale_listeners: Vec<u64> = self.listeners.keys().filter_map(Result::ok).collect();
@@ -83,7 +89,7 @@ impl Kernel {
             ..WalkReport::default()
         };
         let mut failed = BTreeSet::new();
-        for (inode, path) in netns::all_namespaces() {
+        for (inode, path) in namespaces {
             let link_id = program
                 .attach()
                 .context("cannot attach the iter/tcp iterator")?;
@@ -112,9 +118,17 @@ impl Kernel {
             }
         }
         // A namespace whose processes just exited is gone, and so are its connections;
-        // one that is still there was not walked, and its counts are not vouched for.
-        let still_there = netns::all_namespaces();
-        failed.retain(|inode| still_there.contains_key(inode));
+        // one that is still there was not walked, and its counts are not vouched for. Only
+        // a complete scan says which are gone: after an incomplete one every namespace not
+        // walked stays doubted (`Doubt::NamespaceUnwalked`).
+        match netns::all_namespaces() {
+            Ok(still_there) => failed.retain(|inode| still_there.contains_key(inode)),
+            Err(problem) if !failed.is_empty() => warn!(
+                "{problem:#}: the {} network namespace(s) not walked stay doubted",
+                failed.len()
+            ),
+            Err(_) => {}
+        }
         let unsure = self.unsure_ports.keys().filter_map(Result::ok).collect();
         report.vouches = Some((snapshot, failed, unsure));
         Ok(report)

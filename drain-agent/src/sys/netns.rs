@@ -23,23 +23,31 @@ pub const NAMED_NETNS_DIR: &str = "/run/netns";
 /// The inode number of the network namespace at `path` (`/proc/PID/ns/net`,
 /// `/run/netns/NAME`): the same number the kernel has in `net->ns.inum`.
 pub fn inode_of(path: &Path) -> Result<u32> {
+    match namespace_inode(path) {
+        Ok(Some(inode)) => Ok(inode),
+        Ok(None) => bail!("{} is not a namespace file", path.display()),
+        Err(problem) => Err(problem)
+            .with_context(|| format!("cannot open network namespace {}", path.display())),
+    }
+}
+
+/// [`inode_of`] with the system's own error: `Ok(None)` for a file that is no namespace
+/// file (not on nsfs).
+fn namespace_inode(path: &Path) -> std::io::Result<Option<u32>> {
     // O_PATH: resolve without opening for I/O, so a FIFO or device named by a client
     // cannot block or trigger anything.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-        .open(path)
-        .with_context(|| format!("cannot open network namespace {}", path.display()))?;
-    let stat = rustix::fs::fstatfs(&file)
-        .map_err(std::io::Error::from)
-        .with_context(|| format!("cannot stat {}", path.display()))?;
+        .open(path)?;
+    let stat = rustix::fs::fstatfs(&file).map_err(std::io::Error::from)?;
     if stat.f_type as u64 != NSFS_MAGIC {
-        bail!("{} is not a namespace file", path.display());
+        return Ok(None);
     }
-    let metadata = file
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?;
-    u32::try_from(metadata.ino()).with_context(|| format!("inode of {} too big", path.display()))
+    let inode = file.metadata()?.ino();
+    u32::try_from(inode)
+        .map(Some)
+        .map_err(|_| std::io::Error::other(format!("inode {inode} too big")))
 }
 
 /// The one answer to every `netns=` path that is refused, whatever the reason (missing,
@@ -101,33 +109,125 @@ pub fn inode_of_client_path(text: &str) -> Option<u32> {
 }
 
 /// Every network namespace that has a process in it or a name under [`NAMED_NETNS_DIR`],
-/// keyed by inode, with one path that opens it.
-pub fn all_namespaces() -> BTreeMap<u32, PathBuf> {
+/// keyed by inode, with one path that opens it; an error when the scan could not look
+/// everywhere ([`IncompleteScan`]).
+///
+/// A process that exits while we look, a name removed meanwhile, a file under
+/// [`NAMED_NETNS_DIR`] with no namespace mounted on it (yet), and a process the agent may
+/// not look into (without `CAP_SYS_PTRACE`, another user's; `deploy/README.md`) are
+/// skipped. Anything else that cannot be read (the agent's own namespace, `/proc` itself,
+/// an entry failing for want of descriptors or memory: `EMFILE`, `ENFILE`, `ENOMEM`) makes
+/// the scan incomplete: under descriptor exhaustion every open fails, and a scan that
+/// skipped them all would say that no namespace exists. Callers fail closed on it: a
+/// confirmation errs (never "drained" from the maps), a walk vouches for nothing, a
+/// namespace is gone only if a complete scan says so ([`is_gone`]), and the pod listeners
+/// stay open.
+pub fn all_namespaces() -> Result<BTreeMap<u32, PathBuf>> {
     let mut found = BTreeMap::new();
-    let mut consider = |path: PathBuf| match inode_of(&path) {
-        Ok(inode) => {
+    let own = PathBuf::from("/proc/self/ns/net");
+    let inode = inode_of(&own)
+        .context("cannot read the agent's own network namespace")
+        .context(IncompleteScan)?;
+    found.insert(inode, own);
+    let mut consider = |path: PathBuf| -> Result<()> {
+        if let Some(inode) = scanned_inode(&path)? {
             found.entry(inode).or_insert(path);
         }
-        // Processes come and go while we look (a vanished one is simply skipped); without
-        // CAP_SYS_PTRACE, other users' processes cannot be opened.
-        Err(problem) => log::debug!("skipping {}: {problem:#}", path.display()),
+        Ok(())
     };
-    consider(PathBuf::from("/proc/self/ns/net"));
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-                consider(entry.path().join("ns/net"));
-            }
+    let processes = std::fs::read_dir("/proc")
+        .context("cannot list /proc")
+        .context(IncompleteScan)?;
+    for entry in processes {
+        let entry = entry.context("cannot list /proc").context(IncompleteScan)?;
+        let name = entry.file_name();
+        if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            consider(entry.path().join("ns/net"))?;
         }
     }
-    if let Ok(entries) = std::fs::read_dir(NAMED_NETNS_DIR) {
-        for entry in entries.flatten() {
-            consider(entry.path());
-        }
+    for (_, path) in named_namespace_files()? {
+        consider(path)?;
     }
-    found
+    Ok(found)
 }
+
+/// The files under [`NAMED_NETNS_DIR`], by name (none when it does not exist); an
+/// [`IncompleteScan`] when it cannot be listed.
+pub fn named_namespace_files() -> Result<Vec<(String, PathBuf)>> {
+    let entries = match std::fs::read_dir(NAMED_NETNS_DIR) {
+        Ok(entries) => entries,
+        Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(problem) => {
+            return Err(problem)
+                .with_context(|| format!("cannot list {NAMED_NETNS_DIR}"))
+                .context(IncompleteScan);
+        }
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry
+            .with_context(|| format!("cannot list {NAMED_NETNS_DIR}"))
+            .context(IncompleteScan)?;
+        files.push((
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.path(),
+        ));
+    }
+    Ok(files)
+}
+
+/// The inode of one namespace file a scan found, `None` for one it skips (gone meanwhile,
+/// no namespace, not ours to look into: [`all_namespaces`]), or an [`IncompleteScan`].
+pub fn scanned_inode(path: &Path) -> Result<Option<u32>> {
+    match namespace_inode(path) {
+        Ok(Some(inode)) => Ok(Some(inode)),
+        Ok(None) => {
+            log::debug!("skipping {}: not a namespace file", path.display());
+            Ok(None)
+        }
+        // ENOENT: the process exited (or is a zombie), the name was removed. ESRCH: the
+        // process went. EACCES: it went between the lookup and the open (the kernel answers
+        // EACCES then: fs/proc/namespaces.c), or the agent may not look into it (no
+        // CAP_SYS_PTRACE, or an LSM): a documented limit, not a failure to look.
+        Err(problem)
+            if matches!(
+                problem.raw_os_error(),
+                Some(libc::ENOENT | libc::ESRCH | libc::EACCES | libc::EPERM)
+            ) =>
+        {
+            log::debug!("skipping {}: {problem}", path.display());
+            Ok(None)
+        }
+        Err(problem) => Err(problem)
+            .with_context(|| format!("cannot open network namespace {}", path.display()))
+            .context(IncompleteScan),
+    }
+}
+
+/// Whether the network namespace `inode` is gone: a complete scan ([`all_namespaces`])
+/// does not find it. An incomplete scan says nothing of it: not gone.
+pub fn is_gone(inode: u32) -> bool {
+    match all_namespaces() {
+        Ok(found) => !found.contains_key(&inode),
+        Err(problem) => {
+            log::debug!("network namespace {inode} may still exist: {problem:#}");
+            false
+        }
+    }
+}
+
+/// The error of a namespace scan that could not look everywhere ([`all_namespaces`]):
+/// what it did not find may exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IncompleteScan;
+
+impl std::fmt::Display for IncompleteScan {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("cannot find every network namespace")
+    }
+}
+
+impl std::error::Error for IncompleteScan {}
 
 /// Whose user namespace owns a network namespace: whether its addresses may name a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -393,7 +493,48 @@ mod tests {
     #[test]
     fn own_namespace_is_found() {
         let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
-        assert!(all_namespaces().contains_key(&own));
+        assert!(all_namespaces().expect("scan").contains_key(&own));
+        assert!(!is_gone(own));
+    }
+
+    /// Found by an audit: out of descriptors (EMFILE), every open of the scan failed and
+    /// was skipped as a vanished process, so the scan returned `{}`, "no namespace exists"
+    /// (with one descriptor free, only the agent's own): a confirmation then read no
+    /// tables and answered drained from the maps' doubted count, a walk vouched for the
+    /// counts, the pod manager closed every listener. The scan says it is incomplete, and
+    /// no namespace is taken for gone.
+    #[test]
+    fn a_scan_without_descriptors_says_it_is_incomplete() {
+        without_descriptors::run_child("sys::netns::tests::scan_without_descriptors_child");
+    }
+
+    /// The child of [`a_scan_without_descriptors_says_it_is_incomplete`]: nothing unless
+    /// started by it.
+    #[test]
+    #[ignore = "run in a process of its own by a_scan_without_descriptors_says_it_is_incomplete"]
+    fn scan_without_descriptors_child() {
+        if !without_descriptors::is_child() {
+            return;
+        }
+        let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
+        assert!(all_namespaces().expect("scan").contains_key(&own));
+        let held = without_descriptors::exhaust();
+        let scanned = all_namespaces();
+        let gone = is_gone(own);
+        drop(held);
+        let problem = scanned.expect_err("a scan without descriptors is incomplete");
+        assert!(
+            problem.downcast_ref::<IncompleteScan>().is_some(),
+            "{problem:#}"
+        );
+        assert!(
+            format!("{problem:#}").contains("Too many open files"),
+            "{problem:#}"
+        );
+        assert!(
+            !gone,
+            "an incomplete scan took the agent's own namespace for gone"
+        );
     }
 
     #[test]
@@ -431,5 +572,78 @@ mod tests {
         );
         let error = inode_of(Path::new("/nonexistent/ns")).expect_err("missing");
         assert!(error.to_string().contains("/nonexistent/ns"), "{error}");
+    }
+}
+
+/// Test help: code run with the process's descriptors exhausted (EMFILE), in a child
+/// process of the test binary (the open-file limit is the whole process's, and the tests
+/// share theirs).
+#[cfg(test)]
+pub(crate) mod without_descriptors {
+    use std::fs::File;
+
+    /// Set in the child: how many descriptors it leaves free.
+    const FREE: &str = "DRAIN_AGENT_TEST_FREE_DESCRIPTORS";
+
+    /// Runs the test `child` (its path in the crate, an ignored test that returns at once
+    /// unless [`is_child`], then calls [`exhaust`]) in a child process of this test binary,
+    /// once with no descriptor free and once with one; panics with its output unless it
+    /// passed both times.
+    pub(crate) fn run_child(child: &str) {
+        let exe = std::env::current_exe().expect("test binary");
+        for free in ["0", "1"] {
+            let output = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    child,
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(FREE, free)
+                .output()
+                .expect("run the child");
+            let shown = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{free} free: {shown}");
+            assert!(shown.contains("1 passed"), "{free} free: {shown}");
+        }
+    }
+
+    /// Whether this process is such a child.
+    pub(crate) fn is_child() -> bool {
+        std::env::var_os(FREE).is_some()
+    }
+
+    /// In the child: lowers the open-file limit and opens files until it is reached, then
+    /// frees as many as the parent asked. Dropping what it returns frees the rest.
+    pub(crate) fn exhaust() -> Vec<File> {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let free: usize = std::env::var(FREE)
+            .expect("a child")
+            .parse()
+            .expect("a number");
+        let limit = getrlimit(Resource::Nofile);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(256),
+                maximum: limit.maximum,
+            },
+        )
+        .expect("lower the open-file limit");
+        let mut held = Vec::new();
+        let exhausted = loop {
+            match File::open("/dev/null") {
+                Ok(file) => held.push(file),
+                Err(problem) => break problem,
+            }
+        };
+        assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE), "{exhausted}");
+        held.truncate(held.len().saturating_sub(free));
+        held
     }
 }

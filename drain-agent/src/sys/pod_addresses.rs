@@ -92,7 +92,9 @@ impl From<Vec<IpAddr>> for Namespace {
 
 /// Reads every namespace (the agent's own too), by inode.
 pub trait AddressSource: Send + Sync + 'static {
-    fn read(&self) -> BTreeMap<u32, Namespace>;
+    /// An error when not every namespace could be looked for (`netns::IncompleteScan`):
+    /// the last map read stands then, rather than one that misses every pod.
+    fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>>;
 }
 
 /// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
@@ -110,7 +112,7 @@ pub struct NamespaceAddresses {
 }
 
 impl AddressSource for NamespaceAddresses {
-    fn read(&self) -> BTreeMap<u32, Namespace> {
+    fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>> {
         let mut found = BTreeMap::new();
         let own = crate::sys::ifaddrs::local_addresses().unwrap_or_default();
         found.insert(
@@ -120,7 +122,7 @@ impl AddressSource for NamespaceAddresses {
                 addresses: own.into_iter().collect(),
             },
         );
-        for (inode, path) in netns::all_namespaces() {
+        for (inode, path) in netns::all_namespaces()? {
             if inode == self.own_netns {
                 continue;
             }
@@ -149,7 +151,7 @@ impl AddressSource for NamespaceAddresses {
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
             }
         }
-        found
+        Ok(found)
     }
 }
 
@@ -456,9 +458,22 @@ impl PodAddresses {
             return;
         }
         let source = Arc::clone(&self.source);
-        let read = tokio::task::spawn_blocking(move || source.read())
-            .await
-            .unwrap_or_default();
+        let read = match tokio::task::spawn_blocking(move || source.read()).await {
+            Ok(Ok(read)) => read,
+            // Not every namespace was looked for (out of descriptors, none is found): the
+            // map read last stands, not one in which no address names a pod. Read again
+            // at the next question.
+            Ok(Err(problem)) => {
+                log::warn!("cannot read the pods' addresses: {problem:#}; keeping those read last");
+                return;
+            }
+            Err(problem) => {
+                log::warn!(
+                    "reading the pods' addresses failed: {problem}; keeping those read last"
+                );
+                return;
+            }
+        };
         let (owners, shared) = holders_of(self.own_netns, &read);
         let now = Instant::now();
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -510,10 +525,11 @@ mod tests {
     }
 
     impl AddressSource for Fake {
-        fn read(&self) -> BTreeMap<u32, Namespace> {
+        fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>> {
             self.reads.fetch_add(1, Ordering::Relaxed);
             let cookies = self.cookies.lock().expect("lock");
-            self.map
+            Ok(self
+                .map
                 .lock()
                 .expect("lock")
                 .iter()
@@ -524,7 +540,7 @@ mod tests {
                     };
                     (inode, namespace)
                 })
-                .collect()
+                .collect())
         }
     }
 
@@ -877,7 +893,7 @@ mod tests {
         let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
         let source = NamespaceAddresses { own_netns: own };
         // Each namespace's cookie is read with its addresses: the pod's is not the node's.
-        let read = source.read();
+        let read = source.read().expect("a complete scan");
         let cookie = |inode: u32| read.get(&inode).and_then(|namespace| namespace.cookie);
         assert!(cookie(own).is_some(), "this kernel has SO_NETNS_COOKIE");
         assert!(cookie(pod.inode).is_some_and(|found| Some(found) != cookie(own)));

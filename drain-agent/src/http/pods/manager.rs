@@ -78,16 +78,29 @@ pub(super) struct Manager {
     pub(super) over_limit: usize,
     pub(super) tasks: JoinSet<()>,
     pub(super) stop: watch::Receiver<StopPhase>,
+    /// Where the namespaces to listen in are found: [`candidates`] (a test's own in tests).
+    pub(super) scan: Scan,
+    /// The last scan could not look everywhere (logged once when it begins, once when it
+    /// ends).
+    pub(super) scan_failing: bool,
 }
 
+/// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
+/// given; an error when the scan could not look everywhere ([`netns::IncompleteScan`]).
+pub(super) type Scan = fn(u32, Option<&str>) -> Result<BTreeMap<u32, PathBuf>>;
+
 impl Manager {
-    /// One rescan: close listeners of namespaces that are gone, open them in new ones.
+    /// One rescan: close listeners of namespaces that are gone, open them in new ones. A
+    /// scan that could not look everywhere (out of descriptors it finds no namespace at
+    /// all) changes nothing: every listener stays open (closing them would drop the
+    /// `preStop` waiters they serve), and none is opened until a scan is complete.
     pub(super) async fn reconcile(&mut self) {
         let prefix = self.options.name_prefix.clone();
         let own = self.own_netns;
+        let scan = self.scan;
         let scanned = tokio::task::spawn_blocking(move || {
             let addresses = crate::sys::ifaddrs::local_addresses();
-            (candidates(own, prefix.as_deref()), addresses)
+            (scan(own, prefix.as_deref()), addresses)
         })
         .await;
         let (present, addresses) = match scanned {
@@ -101,6 +114,23 @@ impl Manager {
             Ok(addresses) => self.node.addresses.set(addresses),
             Err(problem) => debug!("cannot read the node's addresses: {problem:#}"),
         }
+        let present = match present {
+            Ok(present) => {
+                if std::mem::take(&mut self.scan_failing) {
+                    info!("the namespace scan looks everywhere again: pod listeners follow it");
+                }
+                present
+            }
+            Err(problem) => {
+                if !std::mem::replace(&mut self.scan_failing, true) {
+                    warn!(
+                        "{problem:#}: the {} pod listener(s) stay open and no new one opens until a scan looks everywhere",
+                        self.listening.len()
+                    );
+                }
+                return;
+            }
+        };
         let gone: Vec<u32> = self
             .listening
             .keys()
@@ -439,28 +469,26 @@ fn choose(found: Vec<(u32, PathBuf, Result<netns::UserOwner>)>, room: usize) -> 
 }
 
 /// The namespaces to listen in: every one but the agent's own, or with a name prefix only
-/// named ones whose name starts with it.
-fn candidates(own: u32, prefix: Option<&str>) -> BTreeMap<u32, PathBuf> {
-    let mut found = netns::all_namespaces();
-    found.remove(&own);
+/// named ones whose name starts with it. An error when the scan could not look everywhere
+/// ([`netns::IncompleteScan`]): what it did not find may still be there.
+pub(super) fn candidates(own: u32, prefix: Option<&str>) -> Result<BTreeMap<u32, PathBuf>> {
     let Some(prefix) = prefix else {
-        return found;
+        let mut found = netns::all_namespaces()?;
+        found.remove(&own);
+        return Ok(found);
     };
     let mut named = BTreeMap::new();
-    if let Ok(entries) = std::fs::read_dir(netns::NAMED_NETNS_DIR) {
-        for entry in entries.flatten() {
-            if !entry.file_name().to_string_lossy().starts_with(prefix) {
-                continue;
-            }
-            let path = entry.path();
-            if let Ok(inode) = netns::inode_of(&path)
-                && inode != own
-            {
-                named.insert(inode, path);
-            }
+    for (name, path) in netns::named_namespace_files()? {
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        if let Some(inode) = netns::scanned_inode(&path)?
+            && inode != own
+        {
+            named.insert(inode, path);
         }
     }
-    named
+    Ok(named)
 }
 
 #[cfg(test)]
@@ -516,6 +544,102 @@ mod tests {
         assert_eq!(chosen.over_limit, 1);
         assert_eq!(chosen.user_owned.len(), 2);
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
+    }
+
+    /// Own endpoints that need nothing: nothing is opened in these tests.
+    struct NoEndpoints;
+
+    impl OwnEndpoints for NoEndpoints {
+        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
+            Ok(())
+        }
+        fn forget(&self, _: u32, _: u16) -> Result<()> {
+            Ok(())
+        }
+        fn steering_problem(&self) -> Option<String> {
+            None
+        }
+        fn steering_stopped(&self) -> bool {
+            false
+        }
+        fn steer(
+            &self,
+            _: SocketAddr,
+            _: u32,
+            _: &std::fs::File,
+            _: std::os::fd::BorrowedFd<'_>,
+        ) -> Result<SteerLink> {
+            anyhow::bail!("nothing is steered in this test")
+        }
+    }
+
+    /// A scan out of descriptors.
+    fn incomplete(_: u32, _: Option<&str>) -> Result<BTreeMap<u32, PathBuf>> {
+        Err(anyhow::Error::new(netns::IncompleteScan))
+    }
+
+    /// A complete scan that finds no namespace.
+    fn none_left(_: u32, _: Option<&str>) -> Result<BTreeMap<u32, PathBuf>> {
+        Ok(BTreeMap::new())
+    }
+
+    /// Found by an audit: out of descriptors (EMFILE) the namespace scan found no
+    /// namespace and said nothing, so the manager took every pod's namespace for gone and
+    /// closed every listener ("is gone: closing its listener"), dropping the `preStop`
+    /// waiters they served. An incomplete scan keeps every listener; a complete one that no
+    /// longer finds a namespace closes its listener.
+    #[tokio::test]
+    async fn an_incomplete_scan_closes_no_listener() {
+        let (_, state) = app(Vec::new());
+        let (_phases, stop) = watch::channel(StopPhase::Serving);
+        let mut manager = Manager {
+            steer: true,
+            options: PodListenOptions {
+                addr: SocketAddr::from(([127, 0, 0, 1], 9100)),
+                name_prefix: None,
+                limits: crate::http::server::ServerLimits::default(),
+                bind_only: false,
+                socket_port: super::super::DEFAULT_SOCKET_PORT,
+                max_listeners: 10,
+                handover: Arc::new(crate::http::handover::Handover::new()),
+                tasks: TaskWatch::default(),
+            },
+            state,
+            endpoints: Arc::new(NoEndpoints),
+            node: NodeCallers {
+                addresses: NodeAddresses::default(),
+                sockets: Arc::new(SocketTables),
+            },
+            own_netns: 1,
+            listening: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            socket_port_taken: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            failing: BTreeMap::new(),
+            user_owned: BTreeMap::new(),
+            over_limit: 0,
+            tasks: JoinSet::new(),
+            stop,
+            scan: incomplete,
+            scan_failing: false,
+        };
+        let pod = 4_026_532_000;
+        let (stop_listener, stopped) = watch::channel(false);
+        manager.listening.insert(
+            pod,
+            Listening {
+                stop: stop_listener,
+                steered: true,
+            },
+        );
+        manager.reconcile().await;
+        assert!(
+            manager.listening.contains_key(&pod) && !*stopped.borrow(),
+            "an incomplete scan closed a pod's listener"
+        );
+        manager.scan = none_left;
+        manager.reconcile().await;
+        assert!(manager.listening.is_empty() && *stopped.borrow());
     }
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.

@@ -9,7 +9,8 @@
 //! caps and per-source waiter limits apply per pod: one pod cannot starve another), and
 //! closes the listener as soon as the namespace is gone from [`netns::all_namespaces`] —
 //! a listening socket holds its namespace alive, so keeping it would pin a dead pod's
-//! whole network stack.
+//! whole network stack. Only a complete scan says a namespace is gone: one that could not
+//! look everywhere (out of descriptors) closes nothing and opens nothing.
 //!
 //! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
 //! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
@@ -264,6 +265,8 @@ pub async fn serve_in_pods(
         over_limit: 0,
         tasks: JoinSet::new(),
         stop: stop.clone(),
+        scan: manager::candidates,
+        scan_failing: false,
     };
     info!(
         "serving inside pod network namespaces on {} (callers: the pod itself on loopback, and root of this node from its addresses)",

@@ -87,8 +87,10 @@ async fn start_identifying(limits: ServerLimits) -> TestServer {
     }
     struct NoPods;
     impl AddressSource for NoPods {
-        fn read(&self) -> std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace> {
-            std::collections::BTreeMap::new()
+        fn read(
+            &self,
+        ) -> Result<std::collections::BTreeMap<u32, crate::sys::pod_addresses::Namespace>> {
+            Ok(std::collections::BTreeMap::new())
         }
     }
     struct NoOwners;

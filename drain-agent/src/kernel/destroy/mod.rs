@@ -184,8 +184,8 @@ impl Kernel {
             };
             match result {
                 Ok(count) => closed += count,
-                // A namespace that is gone has no connections left.
-                Err(_) if !netns::all_namespaces().contains_key(&inode) => {}
+                // A namespace that is gone has no connections left (a complete scan says so).
+                Err(_) if netns::is_gone(inode) => {}
                 Err(error) => {
                     warn!(
                         "cannot close connections in network namespace {inode} ({}): {error:#}",
