@@ -182,8 +182,15 @@ impl Manager {
                 );
                 opening.spawn_blocking(move || {
                     let opened = if steer {
-                        open_steered(&path, inode, addr, socket_port, endpoints.as_ref())
-                            .map(|(listener, link)| (listener, Some(link)))
+                        open_steered(
+                            &path,
+                            inode,
+                            addr,
+                            socket_port,
+                            endpoints.as_ref(),
+                            &handover,
+                        )
+                        .map(|(listener, link)| (listener, Some(link)))
                     } else {
                         bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
                     };
