@@ -12,7 +12,8 @@ use std::{
 use anyhow::Result;
 use axum::{Extension, Router, middleware::from_fn_with_state};
 use log::{debug, info, warn};
-use tokio::{sync::watch, task::JoinSet};
+use prometheus::IntGaugeVec;
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 
 use super::{
     OwnEndpoints, PodListenOptions,
@@ -34,11 +35,63 @@ use crate::{
 /// this socket (within a round trip: loopback or the pod's veth).
 const STEER_SETTLE: Duration = Duration::from_millis(250);
 
+/// A namespace failing this long to get a listener (a socket, `setns`, the steering: EMFILE,
+/// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
+/// namespace just made, and a retry a second later serves it).
+const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
+/// At most one such WARN this often, for all namespaces together.
+const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
+
 /// A listener being served.
 pub(super) struct Listening {
     pub(super) stop: watch::Sender<bool>,
     /// On a socket of its own, the in-pod port steered to it (not bound).
     pub(super) steered: bool,
+}
+
+/// Why a namespace has no listener yet, and since when.
+pub(super) struct Failing {
+    problem: String,
+    since: Instant,
+}
+
+/// A state of `drain_agent_pod_listeners` (its `state` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListenerState {
+    Listening,
+    Steered,
+    Skipped,
+    SocketPortTaken,
+    Waiting,
+    Failing,
+    UserOwned,
+    OverLimit,
+}
+
+impl ListenerState {
+    pub(super) const ALL: [Self; 8] = [
+        Self::Listening,
+        Self::Steered,
+        Self::Skipped,
+        Self::SocketPortTaken,
+        Self::Waiting,
+        Self::Failing,
+        Self::UserOwned,
+        Self::OverLimit,
+    ];
+
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Listening => "listening",
+            Self::Steered => "steered",
+            Self::Skipped => "skipped",
+            Self::SocketPortTaken => "socket_port_taken",
+            Self::Waiting => "waiting",
+            Self::Failing => "failing",
+            Self::UserOwned => "user_owned",
+            Self::OverLimit => "over_limit",
+        }
+    }
 }
 
 pub(super) struct Manager {
@@ -62,8 +115,13 @@ pub(super) struct Manager {
     /// fallback only): retried on every rescan, logged once.
     pub(super) waiting: BTreeSet<u32>,
     /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
-    /// every rescan, the problem logged once.
-    pub(super) failing: BTreeMap<u32, String>,
+    /// every rescan, the problem logged once (at debug: at WARN once the namespace has
+    /// failed for [`FAILING_WARN_AFTER`], see [`Manager::report`]), counted
+    /// `state="failing"`.
+    pub(super) failing: BTreeMap<u32, Failing>,
+    /// When [`Manager::report`] last said at WARN that namespaces keep failing; `None`
+    /// while none has failed for [`FAILING_WARN_AFTER`].
+    pub(super) failing_told: Option<Instant>,
     /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
     /// pod's, never served, and not looked at again for their lifetime.
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
@@ -216,9 +274,11 @@ impl Manager {
         opened: Result<(std::net::TcpListener, Option<SteerLink>), Bind>,
     ) {
         let addr = self.options.addr;
+        // In `failing` only while the last try failed that way (one served, skipped or
+        // waited for is counted there, not as failing too).
+        let failed_before = self.failing.remove(&inode);
         let (problem, steering) = match opened {
             Ok((listener, link)) => {
-                self.failing.remove(&inode);
                 if self.waiting.remove(&inode) {
                     info!(
                         "network namespace {inode}: {addr} is free of the older agent now; listening"
@@ -260,9 +320,14 @@ impl Manager {
             Err(Bind::Steer(problem)) => (problem, true),
         };
         let text = format!("{problem:#}");
-        if self.failing.get(&inode) == Some(&text) {
-            return;
-        }
+        let since = match failed_before {
+            Some(failing) if failing.problem == text => {
+                self.failing.insert(inode, failing);
+                return;
+            }
+            Some(failing) => failing.since,
+            None => Instant::now(),
+        };
         if steering {
             warn!(
                 "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
@@ -276,7 +341,68 @@ impl Manager {
         } else {
             debug!("network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)");
         }
-        self.failing.insert(inode, text);
+        self.failing.insert(
+            inode,
+            Failing {
+                problem: text,
+                since,
+            },
+        );
+    }
+
+    /// How many namespaces are in `state` now.
+    pub(super) fn count(&self, state: ListenerState) -> usize {
+        match state {
+            ListenerState::Listening => self.listening.len(),
+            ListenerState::Steered => self.listening.values().filter(|l| l.steered).count(),
+            ListenerState::Skipped => self.skipped.len(),
+            ListenerState::SocketPortTaken => self.socket_port_taken.len(),
+            ListenerState::Waiting => self.waiting.len(),
+            ListenerState::Failing => self.failing.len(),
+            ListenerState::UserOwned => self.user_owned.len(),
+            ListenerState::OverLimit => self.over_limit,
+        }
+    }
+
+    /// Sets `gauge` (`drain_agent_pod_listeners`) to the namespaces in each state, and says
+    /// at WARN, at most every [`FAILING_WARN_EVERY`], when namespaces have been failing to
+    /// get a listener for [`FAILING_WARN_AFTER`]: their pods' hooks find no agent.
+    pub(super) fn report(&mut self, gauge: &IntGaugeVec) {
+        for state in ListenerState::ALL {
+            gauge
+                .with_label_values(&[state.label()])
+                .set(i64::try_from(self.count(state)).unwrap_or(i64::MAX));
+        }
+        let mut long = self
+            .failing
+            .iter()
+            .filter(|(_, failing)| failing.since.elapsed() >= FAILING_WARN_AFTER);
+        let Some((inode, first)) = long.next() else {
+            if self.failing_told.take().is_some() {
+                info!(
+                    "no network namespace has failed to get a pod listener for {FAILING_WARN_AFTER:?} any more"
+                );
+            }
+            return;
+        };
+        if self
+            .failing_told
+            .is_some_and(|told| told.elapsed() < FAILING_WARN_EVERY)
+        {
+            return;
+        }
+        warn!(
+            "{} network namespace(s) have had no pod listener for over {FAILING_WARN_AFTER:?} (drain_agent_pod_listeners{{state=\"failing\"}}; retrying on every rescan), their hooks finding no agent there: namespace {inode}: {}",
+            long.count() + 1,
+            first.problem
+        );
+        self.failing_told = Some(Instant::now());
+    }
+
+    /// Waits until every listener has stopped (at the agent's stop they hand over and shut
+    /// down on their own, each bounded, `serve`).
+    pub(super) async fn stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 
     /// Serves the routes on `listener` until the namespace is gone or the agent stops.
@@ -517,6 +643,135 @@ mod tests {
         assert_eq!(chosen.over_limit, 1);
         assert_eq!(chosen.user_owned.len(), 2);
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
+    }
+
+    /// A kernel side whose `forget` waits for `lock`, as the real one waits for the
+    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections).
+    struct LockedKernel {
+        lock: Arc<std::sync::Mutex<()>>,
+    }
+
+    impl OwnEndpoints for LockedKernel {
+        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
+            Ok(())
+        }
+
+        fn forget(&self, _: u32, _: u16) -> Result<()> {
+            drop(self.lock.lock());
+            Ok(())
+        }
+
+        fn steering_problem(&self) -> Option<String> {
+            Some("a fake".to_owned())
+        }
+
+        fn steering_stopped(&self) -> bool {
+            false
+        }
+
+        fn steer(
+            &self,
+            _: SocketAddr,
+            _: u32,
+            _: &std::fs::File,
+            _: std::os::fd::BorrowedFd<'_>,
+        ) -> Result<SteerLink> {
+            anyhow::bail!("a fake")
+        }
+    }
+
+    /// A manager as `serve_in_pods` makes it, with `endpoints` for the kernel side.
+    fn manager(endpoints: Arc<dyn OwnEndpoints>, stop: watch::Receiver<StopPhase>) -> Manager {
+        let (_, state) = app(Vec::new());
+        Manager {
+            steer: false,
+            options: PodListenOptions {
+                addr: SocketAddr::from(([127, 0, 0, 1], 9_100)),
+                name_prefix: None,
+                limits: server::ServerLimits::default(),
+                bind_only: true,
+                socket_port: super::super::DEFAULT_SOCKET_PORT,
+                max_listeners: 8,
+                handover: Arc::new(crate::http::handover::Handover::new()),
+                tasks: TaskWatch::default(),
+            },
+            state,
+            endpoints,
+            node: NodeCallers {
+                addresses: NodeAddresses::default(),
+                sockets: Arc::new(SocketTables),
+            },
+            own_netns: 1,
+            listening: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            socket_port_taken: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            failing: BTreeMap::new(),
+            failing_told: None,
+            user_owned: BTreeMap::new(),
+            over_limit: 0,
+            tasks: JoinSet::new(),
+            stop,
+        }
+    }
+
+    /// Audit (silent lost hook): a namespace whose listener kept failing to open (EMFILE,
+    /// ENOMEM, a setns error) was logged at debug and counted nowhere:
+    /// `drain_agent_pod_listeners` had no state for it, so a pod without an agent was
+    /// invisible. It is `state="failing"` now (an alert watches it), and gone from it once
+    /// served.
+    #[tokio::test]
+    async fn a_namespace_failing_to_get_a_listener_is_counted() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        let gauge = IntGaugeVec::new(
+            prometheus::Opts::new("drain_agent_pod_listeners", "test"),
+            &["state"],
+        )
+        .expect("gauge");
+        let failing = |gauge: &IntGaugeVec| gauge.with_label_values(&["failing"]).get();
+        let path = Path::new("/run/netns/pod");
+        manager.opened(
+            4_026_532_001,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!(
+                "cannot listen on 127.0.0.1:9100: Too many open files (os error 24)"
+            ))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        assert_eq!(gauge.with_label_values(&["listening"]).get(), 0);
+        // Another problem the next time: still one namespace.
+        manager.opened(
+            4_026_532_001,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!(
+                "cannot enter the namespace: Cannot allocate memory (os error 12)"
+            ))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        // Another one failed once, then an application held the address: skipped, not
+        // failing too.
+        manager.opened(
+            4_026_532_002,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!("loopback not up"))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 2);
+        manager.opened(4_026_532_002, path, Err(Bind::InUse));
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        assert_eq!(gauge.with_label_values(&["skipped"]).get(), 1);
+        // Served at last.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        manager.opened(4_026_532_001, path, Ok((listener, None)));
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 0);
+        assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
     }
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.
