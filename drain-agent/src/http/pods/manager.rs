@@ -441,6 +441,7 @@ impl Manager {
         );
         let (stop_listener, stopped) = watch::channel(false);
         let agent_stop = self.stop.clone();
+        let phase = self.stop.clone();
         let limits = self.options.limits;
         let metrics = Arc::clone(&self.state.metrics);
         if steered {
@@ -497,9 +498,18 @@ impl Manager {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
             // The listener is closed (dropped by serve): the namespace is no longer held.
-            let forgotten =
-                tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
-            if !matches!(forgotten, Ok(Ok(()))) {
+            let forgotten = tokio::task::spawn_blocking(move || endpoints.forget(inode, port));
+            if agent_stopping(&phase) {
+                // Not waited for: `forget` takes the kernel's lock, which a walk of the
+                // sockets holds for its whole run (minutes with 100k connections), and the
+                // agent's stop waits for that lock at most `EXIT_WAIT`, and for the blocking
+                // pool as long again (`agent/mod.rs`). Undone, it is what a crash leaves:
+                // these marks die with an unpinned agent's maps, and an adopting agent clears
+                // a dead agent's (`Kernel::clear_dead_agents_marks`).
+                debug!("network namespace {inode}: listener closed at the agent's stop");
+                return;
+            }
+            if !matches!(forgotten.await, Ok(Ok(()))) {
                 debug!("network namespace {inode}: own endpoint not forgotten");
             }
             debug!("network namespace {inode}: listener closed");
@@ -512,6 +522,12 @@ impl Manager {
             },
         );
     }
+}
+
+/// Whether the agent is stopping: [`StopPhase::HandingOver`] reached, or the phases' sender
+/// gone (the node's server failed), as [`reached`] takes it.
+fn agent_stopping(phase: &watch::Receiver<StopPhase>) -> bool {
+    *phase.borrow() >= StopPhase::HandingOver || phase.has_changed().is_err()
 }
 
 /// The routes of the listener in network namespace `netns`: the node's, confined to the
@@ -713,6 +729,47 @@ mod tests {
             tasks: JoinSet::new(),
             stop,
         }
+    }
+
+    /// Audit (a stop waited on a walk): each pod listener, once closed, forgets its own
+    /// endpoint under the kernel's lock, and `serve_in_pods` waited for every listener task
+    /// before the agent's stop went on, so a walk holding the lock (minutes at 100k
+    /// connections) held the stop beyond every bound `agent::longest_stop` counts (the
+    /// supervisor's SIGKILL). Here the "walk" holds the lock for 30 s: the listeners stop
+    /// within the stop's own bounds; the forget is left to the exit's bounded wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agents_stop_does_not_wait_for_a_walk_to_forget_a_pod_listener() {
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let (phase, phases) = watch::channel(StopPhase::Serving);
+        let mut manager = manager(
+            Arc::new(LockedKernel {
+                lock: Arc::clone(&lock),
+            }),
+            phases,
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        manager.serve(4_026_532_001, Path::new("/run/netns/pod"), listener, None);
+        // The walk: a thread holding the kernel's lock for 30 s, or until told to end.
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let (end_walk, walk_ends) = std::sync::mpsc::channel::<()>();
+        let walk = std::thread::spawn(move || {
+            let _held = lock.lock();
+            let _ = locked.send(());
+            let _ = walk_ends.recv_timeout(Duration::from_secs(30));
+        });
+        is_locked.recv().expect("the walk holds the kernel's lock");
+        phase.send(StopPhase::HandingOver).expect("SIGTERM");
+        phase
+            .send(StopPhase::AnsweringRest)
+            .expect("the grace ends");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), manager.stopped()).await;
+        drop(end_walk);
+        walk.join().expect("the walk");
+        assert!(
+            stopped.is_ok(),
+            "the pod listeners' stop waited for the walk holding the kernel's lock"
+        );
     }
 
     /// Audit (silent lost hook): a namespace whose listener kept failing to open (EMFILE,

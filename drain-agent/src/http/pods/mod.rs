@@ -39,7 +39,9 @@
 //! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
 //! it before, then closes, what is still queued on it moving to the next agent's socket; a
 //! bound one closes, its queued connections moving to the next agent's listener. Requests
-//! in progress get their usual answers during the agent's `--shutdown-grace`.
+//! in progress get their usual answers during the agent's `--shutdown-grace`. What a closed
+//! listener then does under the kernel's lock (forgetting its own endpoint) is not waited
+//! for: a walk may hold that lock for minutes, and the agent's exit waits for it, bounded.
 
 mod callers;
 mod manager;
@@ -329,7 +331,8 @@ pub async fn serve_in_pods(
         // Finished listener tasks (their namespaces went away).
         while manager.tasks.try_join_next().is_some() {}
     }
-    // The agent stops: every listener hands over and shuts down on its own; wait for them.
+    // The agent stops: every listener hands over and shuts down on its own; wait for them
+    // (not for what they leave on a blocking thread: `Manager::serve`).
     manager.stopped().await;
     Ok(())
 }
