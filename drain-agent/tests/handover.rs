@@ -518,6 +518,93 @@ fn queued_connections_move_to_the_next_agent() {
     drop(new);
 }
 
+/// A connection from `source` (an address of the calling thread's loopback) to `target`,
+/// with `request` sent: one source each, so the pod listener's reserve serves each one's
+/// first `/drained` (its limits count a pod's callers by address).
+fn connect_from(source: [u8; 4], target: SocketAddr, request: &str) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, bind, connect, socket};
+    let socket = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    bind(&socket, &SocketAddr::from((source, 0))).expect("bind the source");
+    connect(&socket, &target).expect("connect");
+    let mut stream = TcpStream::from(socket);
+    stream.write_all(request.as_bytes()).expect("send");
+    stream
+}
+
+/// Audit (lost hook at an upgrade): the agent's steered socket in a pod carried no migrate
+/// program, so when the old agent closed it at its stop, a hook waiting in its accept queue
+/// (every connection slot busy: `--pod-http-max-connections` and the reserve) was reset
+/// instead of moving to the new agent's socket in the same `SO_REUSEPORT` group. Here the
+/// pod listener's 1 + 4 slots hold `/drained` waiters, one more hook waits in the queue, a
+/// new agent starts, and the old one gets SIGTERM: the new one answers the queued hook.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_hook_queued_on_a_full_pod_listener_moves_to_the_next_agent() {
+    if !kernel_available("a_hook_queued_on_a_full_pod_listener_moves_to_the_next_agent") {
+        return;
+    }
+    let pod = common::Netns::new(&format!("hv{}-q", std::process::id() % 100_000));
+    let port = free_port();
+    let pod_port = free_port();
+    let extra = ["--pod-http-max-connections", "1"];
+    let old = start_agent(port, pod_port, 1, &extra);
+    assert!(
+        old.log_text().contains("through sk_lookup"),
+        "the test needs a steered pod listener; the log:\n{}",
+        old.log_text()
+    );
+    let target = node(pod_port);
+    // The cap (1) and the reserve (4): waiters that stay (quiet=30s), each from its own
+    // source and about its own port.
+    let waiters: Vec<TcpStream> = (1..=5_u8)
+        .map(|n| {
+            let request = format!(
+                "GET /drained?port={}&timeout=60s&quiet=30s HTTP/1.1\r\nHost: x\r\n\r\n",
+                40_000 + u16::from(n)
+            );
+            let stream = pod.run_in(move || connect_from([127, 0, 0, n], target, &request));
+            thread::sleep(Duration::from_millis(300));
+            stream
+        })
+        .collect();
+    let mut queued = pod.run_in(move || {
+        connect_from(
+            [127, 0, 0, 6],
+            target,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    });
+    thread::sleep(Duration::from_millis(500));
+    let in_queue =
+        pod.run_in(|| common::ss::accept_queue_len(drain_agent::http::pods::DEFAULT_SOCKET_PORT));
+    assert!(
+        in_queue > 0,
+        "the test proves nothing: no hook waits in the old agent's accept queue"
+    );
+    queued
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut byte = [0_u8; 1];
+    assert!(
+        queued.read(&mut byte).is_err(),
+        "the queued hook was answered before the upgrade"
+    );
+    let new = start_agent(port, pod_port, 1, &extra);
+    sigterm(&old);
+    queued
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let read = queued.read_to_end(&mut raw);
+    let answer = String::from_utf8_lossy(&raw).into_owned();
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+        "the hook queued on the old agent's socket (its slots stay busy for 30 s: only the new agent can answer it): {read:?}, {answer:?}"
+    );
+    drop(waiters);
+    drop(new);
+}
+
 /// An agent of an older version did not share its listener (no `SO_REUSEPORT`): a new agent
 /// on its address does not fail its start but retries until the old one is gone. Here a
 /// plain listener holds the address for 2 s.

@@ -401,8 +401,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         // The pod listeners stop too (the phase's sender is gone).
         stopper.abort();
     }
+    // No walk starts from here on (one in progress keeps the kernel's lock until it ends:
+    // waited for below, at most EXIT_WAIT).
+    repair_task.abort();
     if let Some(pods_task) = pods_task {
         // The pod listeners shut down with the node's (their shutdown is bounded as well).
+        // What each does under the kernel's lock once closed (`OwnEndpoints::forget`) is
+        // not waited for here, but with the walk below and the blocking pool in `main`.
         match pods_task.await {
             Ok(Ok(())) => {}
             Ok(Err(problem)) => error!("the pod listeners failed: {problem:#}"),
@@ -421,7 +426,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let _ = tokio::time::timeout(AGENT_CHECK_STOP_WAIT, task).await;
     }
     event_task.abort();
-    repair_task.abort();
     skip_task.abort();
     // A walk in progress holds the lock; it is waited for, but not for long.
     if !process::released_within(&kernel, EXIT_WAIT).await {

@@ -1,9 +1,11 @@
 //! Listeners an upgrade hands over: every listener of the agent that has a fixed address
 //! (the node's `--listen`, `--agent-check-listen`, the in-pod ones of the fallback that
-//! binds) is bound with `SO_REUSEPORT`, so the next agent binds the same address while this
-//! one still serves (the kernel spreads new connections over both by hash), and the group
-//! carries the program of `kernel/reuseport.rs`, so when this agent closes its listener the
-//! connections queued on it move to the next agent's instead of being reset.
+//! binds, and the agent's socket in each pod that the in-pod port is steered to) is bound
+//! with `SO_REUSEPORT`, so the next agent binds the same address while this one still
+//! serves (the kernel spreads new connections over both by hash; a steered pod's socket
+//! gets only what its own agent's `sk_lookup` program assigns), and the group carries the
+//! program of `kernel/reuseport.rs`, so when this agent closes its listener the connections
+//! queued on it move to the next agent's instead of being reset.
 //!
 //! Both need the agents to run as the same user (the kernel only groups sockets of one
 //! uid, net/core/sock_reuseport.c via `inet_csk_bind_conflict()`), which the shipped units
@@ -33,9 +35,8 @@ const BIND_RETRY_EVERY: Duration = Duration::from_millis(200);
 const BACKLOG: i32 = 1024;
 
 /// A non-blocking TCP listener on `addr` in the calling thread's namespace, in the
-/// `SO_REUSEPORT` group of that address: the node's listeners here, and the agent's socket in
-/// each pod (`pods/open.rs`), which the agents of an upgrade share the same way.
-pub(crate) fn listening_in_group(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+/// `SO_REUSEPORT` group of that address ([`Handover::bind`]).
+fn listening_in_group(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,

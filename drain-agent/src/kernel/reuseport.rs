@@ -1,5 +1,5 @@
 //! Listeners that hand over without a reset: every listener of the agent (the node's
-//! `--listen`, `--agent-check-listen`, the bound in-pod ones) is a member of a
+//! `--listen`, `--agent-check-listen`, the in-pod ones, bound or steered to) is a member of a
 //! `SO_REUSEPORT` group, so the next agent of an upgrade binds the same address while this
 //! one still serves, and this program is attached to the group.
 //!

@@ -50,7 +50,10 @@
 //! The old agent stops by detaching its link first, then accepting what is already queued
 //! on its socket (a connection is steered at its SYN: one steered before the detach may
 //! still complete its handshake onto the old socket), and only then closing it
-//! (`http/pods/`): no connection is refused or reset while one agent remains.
+//! (`http/pods/`); what it could not accept meanwhile (every connection slot busy) moves at
+//! the close to the new agent's socket, since the group carries the migrate program
+//! (`kernel/reuseport.rs`, bound by `http/handover.rs`): no connection is refused or reset
+//! while one agent remains.
 
 use std::{
     fs::File,

@@ -12,7 +12,8 @@ use std::{
 use anyhow::Result;
 use axum::{Extension, Router, middleware::from_fn_with_state};
 use log::{debug, info, warn};
-use tokio::{sync::watch, task::JoinSet};
+use prometheus::IntGaugeVec;
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 
 use super::{
     OwnEndpoints, PodListenOptions,
@@ -34,11 +35,63 @@ use crate::{
 /// this socket (within a round trip: loopback or the pod's veth).
 const STEER_SETTLE: Duration = Duration::from_millis(250);
 
+/// A namespace failing this long to get a listener (a socket, `setns`, the steering: EMFILE,
+/// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
+/// namespace just made, and a retry a second later serves it).
+const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
+/// At most one such WARN this often, for all namespaces together.
+const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
+
 /// A listener being served.
 pub(super) struct Listening {
     pub(super) stop: watch::Sender<bool>,
     /// On a socket of its own, the in-pod port steered to it (not bound).
     pub(super) steered: bool,
+}
+
+/// Why a namespace has no listener yet, and since when.
+pub(super) struct Failing {
+    problem: String,
+    since: Instant,
+}
+
+/// A state of `drain_agent_pod_listeners` (its `state` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ListenerState {
+    Listening,
+    Steered,
+    Skipped,
+    SocketPortTaken,
+    Waiting,
+    Failing,
+    UserOwned,
+    OverLimit,
+}
+
+impl ListenerState {
+    pub(super) const ALL: [Self; 8] = [
+        Self::Listening,
+        Self::Steered,
+        Self::Skipped,
+        Self::SocketPortTaken,
+        Self::Waiting,
+        Self::Failing,
+        Self::UserOwned,
+        Self::OverLimit,
+    ];
+
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Self::Listening => "listening",
+            Self::Steered => "steered",
+            Self::Skipped => "skipped",
+            Self::SocketPortTaken => "socket_port_taken",
+            Self::Waiting => "waiting",
+            Self::Failing => "failing",
+            Self::UserOwned => "user_owned",
+            Self::OverLimit => "over_limit",
+        }
+    }
 }
 
 pub(super) struct Manager {
@@ -62,8 +115,13 @@ pub(super) struct Manager {
     /// fallback only): retried on every rescan, logged once.
     pub(super) waiting: BTreeSet<u32>,
     /// Namespaces where binding failed otherwise (e.g. loopback not up yet): retried on
-    /// every rescan, the problem logged once.
-    pub(super) failing: BTreeMap<u32, String>,
+    /// every rescan, the problem logged once (at debug: at WARN once the namespace has
+    /// failed for [`FAILING_WARN_AFTER`], see [`Manager::report`]), counted
+    /// `state="failing"`.
+    pub(super) failing: BTreeMap<u32, Failing>,
+    /// When [`Manager::report`] last said at WARN that namespaces keep failing; `None`
+    /// while none has failed for [`FAILING_WARN_AFTER`].
+    pub(super) failing_told: Option<Instant>,
     /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
     /// pod's, never served, and not looked at again for their lifetime.
     ///
@@ -218,8 +276,15 @@ impl Manager {
                 );
                 opening.spawn_blocking(move || {
                     let opened = if steer {
-                        open_steered(&path, inode, addr, socket_port, endpoints.as_ref())
-                            .map(|(listener, link)| (listener, Some(link)))
+                        open_steered(
+                            &path,
+                            inode,
+                            addr,
+                            socket_port,
+                            endpoints.as_ref(),
+                            &handover,
+                        )
+                        .map(|(listener, link)| (listener, Some(link)))
                     } else {
                         bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
                     };
@@ -245,9 +310,11 @@ impl Manager {
         opened: Result<(std::net::TcpListener, Option<SteerLink>), Bind>,
     ) {
         let addr = self.options.addr;
+        // In `failing` only while the last try failed that way (one served, skipped or
+        // waited for is counted there, not as failing too).
+        let failed_before = self.failing.remove(&inode);
         let (problem, steering) = match opened {
             Ok((listener, link)) => {
-                self.failing.remove(&inode);
                 if self.waiting.remove(&inode) {
                     info!(
                         "network namespace {inode}: {addr} is free of the older agent now; listening"
@@ -289,9 +356,14 @@ impl Manager {
             Err(Bind::Steer(problem)) => (problem, true),
         };
         let text = format!("{problem:#}");
-        if self.failing.get(&inode) == Some(&text) {
-            return;
-        }
+        let since = match failed_before {
+            Some(failing) if failing.problem == text => {
+                self.failing.insert(inode, failing);
+                return;
+            }
+            Some(failing) => failing.since,
+            None => Instant::now(),
+        };
         if steering {
             warn!(
                 "network namespace {inode}: cannot steer the in-pod port {} there yet: {text} (retrying)",
@@ -305,7 +377,68 @@ impl Manager {
         } else {
             debug!("network namespace {inode}: cannot listen on {addr} yet: {text} (retrying)");
         }
-        self.failing.insert(inode, text);
+        self.failing.insert(
+            inode,
+            Failing {
+                problem: text,
+                since,
+            },
+        );
+    }
+
+    /// How many namespaces are in `state` now.
+    pub(super) fn count(&self, state: ListenerState) -> usize {
+        match state {
+            ListenerState::Listening => self.listening.len(),
+            ListenerState::Steered => self.listening.values().filter(|l| l.steered).count(),
+            ListenerState::Skipped => self.skipped.len(),
+            ListenerState::SocketPortTaken => self.socket_port_taken.len(),
+            ListenerState::Waiting => self.waiting.len(),
+            ListenerState::Failing => self.failing.len(),
+            ListenerState::UserOwned => self.user_owned.len(),
+            ListenerState::OverLimit => self.over_limit,
+        }
+    }
+
+    /// Sets `gauge` (`drain_agent_pod_listeners`) to the namespaces in each state, and says
+    /// at WARN, at most every [`FAILING_WARN_EVERY`], when namespaces have been failing to
+    /// get a listener for [`FAILING_WARN_AFTER`]: their pods' hooks find no agent.
+    pub(super) fn report(&mut self, gauge: &IntGaugeVec) {
+        for state in ListenerState::ALL {
+            gauge
+                .with_label_values(&[state.label()])
+                .set(i64::try_from(self.count(state)).unwrap_or(i64::MAX));
+        }
+        let mut long = self
+            .failing
+            .iter()
+            .filter(|(_, failing)| failing.since.elapsed() >= FAILING_WARN_AFTER);
+        let Some((inode, first)) = long.next() else {
+            if self.failing_told.take().is_some() {
+                info!(
+                    "no network namespace has failed to get a pod listener for {FAILING_WARN_AFTER:?} any more"
+                );
+            }
+            return;
+        };
+        if self
+            .failing_told
+            .is_some_and(|told| told.elapsed() < FAILING_WARN_EVERY)
+        {
+            return;
+        }
+        warn!(
+            "{} network namespace(s) have had no pod listener for over {FAILING_WARN_AFTER:?} (drain_agent_pod_listeners{{state=\"failing\"}}; retrying on every rescan), their hooks finding no agent there: namespace {inode}: {}",
+            long.count() + 1,
+            first.problem
+        );
+        self.failing_told = Some(Instant::now());
+    }
+
+    /// Waits until every listener has stopped (at the agent's stop they hand over and shut
+    /// down on their own, each bounded, `serve`).
+    pub(super) async fn stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 
     /// Serves the routes on `listener` until the namespace is gone or the agent stops.
@@ -344,6 +477,7 @@ impl Manager {
         );
         let (stop_listener, stopped) = watch::channel(false);
         let agent_stop = self.stop.clone();
+        let phase = self.stop.clone();
         let limits = self.options.limits;
         let metrics = Arc::clone(&self.state.metrics);
         if steered {
@@ -400,9 +534,18 @@ impl Manager {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
             // The listener is closed (dropped by serve): the namespace is no longer held.
-            let forgotten =
-                tokio::task::spawn_blocking(move || endpoints.forget(inode, port)).await;
-            if !matches!(forgotten, Ok(Ok(()))) {
+            let forgotten = tokio::task::spawn_blocking(move || endpoints.forget(inode, port));
+            if agent_stopping(&phase) {
+                // Not waited for: `forget` takes the kernel's lock, which a walk of the
+                // sockets holds for its whole run (minutes with 100k connections), and the
+                // agent's stop waits for that lock at most `EXIT_WAIT`, and for the blocking
+                // pool as long again (`agent/mod.rs`). Undone, it is what a crash leaves:
+                // these marks die with an unpinned agent's maps, and an adopting agent clears
+                // a dead agent's (`Kernel::clear_dead_agents_marks`).
+                debug!("network namespace {inode}: listener closed at the agent's stop");
+                return;
+            }
+            if !matches!(forgotten.await, Ok(Ok(()))) {
                 debug!("network namespace {inode}: own endpoint not forgotten");
             }
             debug!("network namespace {inode}: listener closed");
@@ -415,6 +558,12 @@ impl Manager {
             },
         );
     }
+}
+
+/// Whether the agent is stopping: [`StopPhase::HandingOver`] reached, or the phases' sender
+/// gone (the node's server failed), as [`reached`] takes it.
+fn agent_stopping(phase: &watch::Receiver<StopPhase>) -> bool {
+    *phase.borrow() >= StopPhase::HandingOver || phase.has_changed().is_err()
 }
 
 /// The routes of the listener in network namespace `netns`: the node's, confined to the
@@ -546,22 +695,30 @@ mod tests {
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
     }
 
-    /// Own endpoints that need nothing: nothing is opened in these tests.
-    struct NoEndpoints;
+    /// A kernel side whose `forget` waits for `lock`, as the real one waits for the
+    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections).
+    struct LockedKernel {
+        lock: Arc<std::sync::Mutex<()>>,
+    }
 
-    impl OwnEndpoints for NoEndpoints {
+    impl OwnEndpoints for LockedKernel {
         fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
             Ok(())
         }
+
         fn forget(&self, _: u32, _: u16) -> Result<()> {
+            drop(self.lock.lock());
             Ok(())
         }
+
         fn steering_problem(&self) -> Option<String> {
-            None
+            Some("a fake".to_owned())
         }
+
         fn steering_stopped(&self) -> bool {
             false
         }
+
         fn steer(
             &self,
             _: SocketAddr,
@@ -569,7 +726,7 @@ mod tests {
             _: &std::fs::File,
             _: std::os::fd::BorrowedFd<'_>,
         ) -> Result<SteerLink> {
-            anyhow::bail!("nothing is steered in this test")
+            anyhow::bail!("a fake")
         }
     }
 
@@ -583,29 +740,23 @@ mod tests {
         Ok(BTreeMap::new())
     }
 
-    /// Found by an audit: out of descriptors (EMFILE) the namespace scan found no
-    /// namespace and said nothing, so the manager took every pod's namespace for gone and
-    /// closed every listener ("is gone: closing its listener"), dropping the `preStop`
-    /// waiters they served. An incomplete scan keeps every listener; a complete one that no
-    /// longer finds a namespace closes its listener.
-    #[tokio::test]
-    async fn an_incomplete_scan_closes_no_listener() {
+    /// A manager as `serve_in_pods` makes it, with `endpoints` for the kernel side.
+    fn manager(endpoints: Arc<dyn OwnEndpoints>, stop: watch::Receiver<StopPhase>) -> Manager {
         let (_, state) = app(Vec::new());
-        let (_phases, stop) = watch::channel(StopPhase::Serving);
-        let mut manager = Manager {
-            steer: true,
+        Manager {
+            steer: false,
             options: PodListenOptions {
-                addr: SocketAddr::from(([127, 0, 0, 1], 9100)),
+                addr: SocketAddr::from(([127, 0, 0, 1], 9_100)),
                 name_prefix: None,
-                limits: crate::http::server::ServerLimits::default(),
-                bind_only: false,
+                limits: server::ServerLimits::default(),
+                bind_only: true,
                 socket_port: super::super::DEFAULT_SOCKET_PORT,
-                max_listeners: 10,
+                max_listeners: 8,
                 handover: Arc::new(crate::http::handover::Handover::new()),
                 tasks: TaskWatch::default(),
             },
             state,
-            endpoints: Arc::new(NoEndpoints),
+            endpoints,
             node: NodeCallers {
                 addresses: NodeAddresses::default(),
                 sockets: Arc::new(SocketTables),
@@ -616,13 +767,28 @@ mod tests {
             socket_port_taken: BTreeSet::new(),
             waiting: BTreeSet::new(),
             failing: BTreeMap::new(),
+            failing_told: None,
             user_owned: BTreeMap::new(),
             over_limit: 0,
             tasks: JoinSet::new(),
             stop,
-            scan: incomplete,
+            scan: candidates,
             scan_failing: false,
-        };
+        }
+    }
+
+    /// Found by an audit: out of descriptors (EMFILE) the namespace scan found no
+    /// namespace and said nothing, so the manager took every pod's namespace for gone and
+    /// closed every listener ("is gone: closing its listener"), dropping the `preStop`
+    /// waiters they served. An incomplete scan keeps every listener; a complete one that no
+    /// longer finds a namespace closes its listener.
+    #[tokio::test]
+    async fn an_incomplete_scan_closes_no_listener() {
+        let (_phases, stop) = watch::channel(StopPhase::Serving);
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let mut manager = manager(Arc::new(LockedKernel { lock }), stop);
+        manager.steer = true;
+        manager.scan = incomplete;
         let pod = 4_026_532_000;
         let (stop_listener, stopped) = watch::channel(false);
         manager.listening.insert(
@@ -640,6 +806,106 @@ mod tests {
         manager.scan = none_left;
         manager.reconcile().await;
         assert!(manager.listening.is_empty() && *stopped.borrow());
+    }
+
+    /// Audit (a stop waited on a walk): each pod listener, once closed, forgets its own
+    /// endpoint under the kernel's lock, and `serve_in_pods` waited for every listener task
+    /// before the agent's stop went on, so a walk holding the lock (minutes at 100k
+    /// connections) held the stop beyond every bound `agent::longest_stop` counts (the
+    /// supervisor's SIGKILL). Here the "walk" holds the lock for 30 s: the listeners stop
+    /// within the stop's own bounds; the forget is left to the exit's bounded wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agents_stop_does_not_wait_for_a_walk_to_forget_a_pod_listener() {
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let (phase, phases) = watch::channel(StopPhase::Serving);
+        let mut manager = manager(
+            Arc::new(LockedKernel {
+                lock: Arc::clone(&lock),
+            }),
+            phases,
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        manager.serve(4_026_532_001, Path::new("/run/netns/pod"), listener, None);
+        // The walk: a thread holding the kernel's lock for 30 s, or until told to end.
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let (end_walk, walk_ends) = std::sync::mpsc::channel::<()>();
+        let walk = std::thread::spawn(move || {
+            let _held = lock.lock();
+            let _ = locked.send(());
+            let _ = walk_ends.recv_timeout(Duration::from_secs(30));
+        });
+        is_locked.recv().expect("the walk holds the kernel's lock");
+        phase.send(StopPhase::HandingOver).expect("SIGTERM");
+        phase
+            .send(StopPhase::AnsweringRest)
+            .expect("the grace ends");
+        let stopped = tokio::time::timeout(Duration::from_secs(10), manager.stopped()).await;
+        drop(end_walk);
+        walk.join().expect("the walk");
+        assert!(
+            stopped.is_ok(),
+            "the pod listeners' stop waited for the walk holding the kernel's lock"
+        );
+    }
+
+    /// Audit (silent lost hook): a namespace whose listener kept failing to open (EMFILE,
+    /// ENOMEM, a setns error) was logged at debug and counted nowhere:
+    /// `drain_agent_pod_listeners` had no state for it, so a pod without an agent was
+    /// invisible. It is `state="failing"` now (an alert watches it), and gone from it once
+    /// served.
+    #[tokio::test]
+    async fn a_namespace_failing_to_get_a_listener_is_counted() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        let gauge = IntGaugeVec::new(
+            prometheus::Opts::new("drain_agent_pod_listeners", "test"),
+            &["state"],
+        )
+        .expect("gauge");
+        let failing = |gauge: &IntGaugeVec| gauge.with_label_values(&["failing"]).get();
+        let path = Path::new("/run/netns/pod");
+        manager.opened(
+            4_026_532_001,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!(
+                "cannot listen on 127.0.0.1:9100: Too many open files (os error 24)"
+            ))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        assert_eq!(gauge.with_label_values(&["listening"]).get(), 0);
+        // Another problem the next time: still one namespace.
+        manager.opened(
+            4_026_532_001,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!(
+                "cannot enter the namespace: Cannot allocate memory (os error 12)"
+            ))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        // Another one failed once, then an application held the address: skipped, not
+        // failing too.
+        manager.opened(
+            4_026_532_002,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!("loopback not up"))),
+        );
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 2);
+        manager.opened(4_026_532_002, path, Err(Bind::InUse));
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 1);
+        assert_eq!(gauge.with_label_values(&["skipped"]).get(), 1);
+        // Served at last.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        manager.opened(4_026_532_001, path, Ok((listener, None)));
+        manager.report(&gauge);
+        assert_eq!(failing(&gauge), 0);
+        assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
     }
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.

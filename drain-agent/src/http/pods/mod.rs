@@ -32,11 +32,17 @@
 //! version holds it (it did not share it; found through the socket tables and `/proc`) is
 //! retried on every rescan until that agent stops (`state="waiting"`).
 //!
+//! A namespace where the listener cannot be opened otherwise (its socket, entering the
+//! namespace, the steering: EMFILE, ENOMEM…) is retried on every rescan, counted
+//! `state="failing"` at once and said at WARN once it has failed for a minute.
+//!
 //! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
 //! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
-//! it before, then closes; a bound one closes, its queued connections moving to the next
-//! agent's listener. Requests in progress get their usual answers during the agent's
-//! `--shutdown-grace`.
+//! it before, then closes, what is still queued on it moving to the next agent's socket; a
+//! bound one closes, its queued connections moving to the next agent's listener. Requests
+//! in progress get their usual answers during the agent's `--shutdown-grace`. What a closed
+//! listener then does under the kernel's lock (forgetting its own endpoint) is not waited
+//! for: a walk may hold that lock for minutes, and the agent's exit waits for it, bounded.
 
 mod callers;
 mod manager;
@@ -209,7 +215,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), user_owned (namespaces a user's user namespace owns, e.g. unshare -Urn: no pod's, never served), or over_limit (namespaces left without a listener: --pod-max-listeners are open).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), failing (the listener could not be opened: loopback not up yet, EMFILE, ENOMEM, setns or steering errors; retried on every rescan, WARN after a minute), user_owned (namespaces a user's user namespace owns, e.g. unshare -Urn: no pod's, never served), or over_limit (namespaces left without a listener: --pod-max-listeners are open).",
         ),
         &["state"],
     )?;
@@ -261,6 +267,7 @@ pub async fn serve_in_pods(
         socket_port_taken: BTreeSet::new(),
         waiting: BTreeSet::new(),
         failing: BTreeMap::new(),
+        failing_told: None,
         user_owned: BTreeMap::new(),
         over_limit: 0,
         tasks: JoinSet::new(),
@@ -298,28 +305,7 @@ pub async fn serve_in_pods(
                 manager.options.addr.port()
             );
         }
-        gauge
-            .with_label_values(&["listening"])
-            .set(i64::try_from(manager.listening.len()).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["skipped"])
-            .set(i64::try_from(manager.skipped.len()).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["socket_port_taken"])
-            .set(i64::try_from(manager.socket_port_taken.len()).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["waiting"])
-            .set(i64::try_from(manager.waiting.len()).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["user_owned"])
-            .set(i64::try_from(manager.user_owned.len()).unwrap_or(i64::MAX));
-        gauge
-            .with_label_values(&["over_limit"])
-            .set(i64::try_from(manager.over_limit).unwrap_or(i64::MAX));
-        let steered = manager.listening.values().filter(|l| l.steered).count();
-        gauge
-            .with_label_values(&["steered"])
-            .set(i64::try_from(steered).unwrap_or(i64::MAX));
+        manager.report(&gauge);
         if let Some(watch) = &mut watch {
             watch.watch_dirs();
         }
@@ -350,8 +336,9 @@ pub async fn serve_in_pods(
         // Finished listener tasks (their namespaces went away).
         while manager.tasks.try_join_next().is_some() {}
     }
-    // The agent stops: every listener hands over and shuts down on its own; wait for them.
-    while manager.tasks.join_next().await.is_some() {}
+    // The agent stops: every listener hands over and shuts down on its own; wait for them
+    // (not for what they leave on a blocking thread: `Manager::serve`).
+    manager.stopped().await;
     Ok(())
 }
 

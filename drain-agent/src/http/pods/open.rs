@@ -20,15 +20,18 @@ use crate::{
 };
 
 /// A socket of the agent's on loopback at `socket_port` in the namespace at `path` (checked
-/// to be `inode`), and the in-pod port steered to it.
+/// to be `inode`), and the in-pod port steered to it. The socket is bound by `handover`, as
+/// the node's listeners are: at the agent's stop the connections queued on it move to the
+/// next agent's socket there instead of being reset.
 pub(super) fn open_steered(
     path: &Path,
     inode: u32,
     addr: SocketAddr,
     socket_port: u16,
     endpoints: &dyn OwnEndpoints,
+    handover: &Arc<Handover>,
 ) -> Result<(std::net::TcpListener, SteerLink), Bind> {
-    let (listener, netns_file) = socket_in(path, inode, addr, socket_port)?;
+    let (listener, netns_file) = socket_in(path, inode, addr, socket_port, handover)?;
     let link = endpoints
         .steer(addr, inode, &netns_file, listener.as_fd())
         .map_err(Bind::Steer)?;
@@ -94,12 +97,17 @@ pub(super) fn bind_in(
 /// `sk_lookup` link. It is in the `SO_REUSEPORT` group of its address, so the next agent of
 /// an upgrade (the same user) makes its own beside it; each agent's program assigns its own
 /// socket with `BPF_SK_LOOKUP_F_NO_REUSEPORT`, so the group never spreads the steered
-/// connections. The port in use by anything else is [`Bind::SocketPortTaken`].
+/// connections. The group carries the migrate program (`handover.rs`): a connection steered
+/// here that waits in its accept queue when the agent closes it at its stop (every
+/// connection slot busy, `--pod-http-max-connections` and the reserve) moves to the next
+/// agent's socket; without it, it was reset. The port in use by anything else is
+/// [`Bind::SocketPortTaken`].
 fn socket_in(
     path: &Path,
     inode: u32,
     addr: SocketAddr,
     socket_port: u16,
+    handover: &Arc<Handover>,
 ) -> Result<(std::net::TcpListener, File), Bind> {
     let local = match addr.ip() {
         IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, socket_port)),
@@ -112,10 +120,11 @@ fn socket_in(
         }
         IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, socket_port)),
     };
+    let handover = Arc::clone(handover);
     let made = netns::run_in(inode, path, move || {
         let own = Path::new("/proc/thread-self/ns/net");
         let netns_file = File::open(own).context("cannot open the namespace's file")?;
-        Ok(shared_listener(local).map(|listener| (listener, netns_file)))
+        Ok(handover.bind(local).map(|listener| (listener, netns_file)))
     });
     match made {
         Ok(Ok(made)) => Ok(made),
@@ -127,10 +136,4 @@ fn socket_in(
         )),
         Err(problem) => Err(Bind::Failed(problem)),
     }
-}
-
-/// A non-blocking listener on `local` in the calling thread's namespace, in the
-/// `SO_REUSEPORT` group of that address (`[::]` dual-stack whatever `bindv6only` says).
-fn shared_listener(local: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    crate::http::handover::listening_in_group(local).map(std::net::TcpListener::from)
 }
