@@ -243,14 +243,14 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_MAX_ENDPOINTS", default_value_t = 16_384)]
     pub max_endpoints: u32,
 
-    /// Only export these ports in /metrics and /connections, e.g. `80,443,8080-8090`
-    /// (default: every port that has had an inbound connection).
+    /// Only export these ports in /metrics (connections and drains) and /connections, e.g.
+    /// `80,443,8080-8090` (default: every port that has had an inbound connection).
     #[arg(long, env = "DRAIN_AGENT_PORTS", value_parser = clap::value_parser!(PortSet))]
     pub ports: Option<PortSet>,
 
-    /// The labels of the connection metrics: `address` (port and local address, a pod's
-    /// IP: one series per address and port served on the node, never client addresses) or
-    /// `port` (one series per port).
+    /// The labels of the connection and drain metrics: `address` (port and local address,
+    /// a pod's IP: one series per address and port served on the node, never client
+    /// addresses) or `port` (one series per port, no address anywhere in /metrics).
     #[arg(long, env = "DRAIN_AGENT_METRICS_LABELS", value_enum, default_value_t = ConnectionLabels::Address)]
     pub metrics_labels: ConnectionLabels,
 

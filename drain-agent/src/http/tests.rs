@@ -118,7 +118,8 @@ fn app_full(
     let pods = Arc::new(PodAddresses::new(1, addresses));
     let owners: Arc<dyn PortOwners> = Arc::new(Owners);
     let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8)
-        .with_port_owners(Arc::clone(&owners));
+        .with_port_owners(Arc::clone(&owners))
+        .with_metric_labels(metrics.labels().clone());
     if let Some(dir) = state_dir {
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
