@@ -322,7 +322,8 @@ pub struct RunArgs {
 
     /// Append a record of every ended drain to this file (JSON lines), and read the last
     /// ones back at start so `/drains` survives restarts. A regular file or nothing (then
-    /// created mode 0600): a link, FIFO or device there stops the start.
+    /// created mode 0600): a link, FIFO or device there, or a file or directory another
+    /// user than the agent's owns, stops the start.
     #[arg(long, env = "DRAIN_AGENT_JOURNAL")]
     pub journal: Option<std::path::PathBuf>,
 
@@ -335,7 +336,8 @@ pub struct RunArgs {
     /// DIR/drains.json (written atomically, synced before a POST /drain is answered), so a
     /// restarted agent resumes them. During an upgrade the new agent keeps what it is asked
     /// in DIR/drains.next.json until the old one has gone. Created mode 0700 if absent; a
-    /// link there, or a state file that is not a regular file, stops the start. A state file
+    /// link there, a directory another user than the agent's owns, or a state file that is
+    /// not a regular file, stops the start. A state file
     /// this agent cannot read (a later release's, after a rollback) is moved aside, never
     /// written over, and /health answers "draining" for every port while it could still
     /// gate. Keep it on a file system that
