@@ -13,6 +13,7 @@ pub mod duration;
 pub mod http;
 pub mod kernel;
 pub mod logging;
+pub mod metric_labels;
 pub mod metrics;
 pub mod repair;
 pub mod sys;

@@ -459,6 +459,50 @@ fn a_local_user_drains_its_own_port_and_cannot_close_anothers() {
     assert_eq!(status, 200);
 }
 
+/// Audit (local user's addr=): `nobody`, owning a port on the node, could `POST
+/// /drain?port=P&addr=<pod B's IP>&timeout=5m` (201), and the public /metrics showed a drain
+/// of pod B's address (which the per-pod recording rule attributes to B). A local user's
+/// `addr=` must be an address of the node's own namespace; any other gets one `403` naming
+/// `addr`, whether or not a pod holds it.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_local_user_names_only_the_nodes_own_addresses() {
+    if !kernel_available("a_local_user_names_only_the_nodes_own_addresses") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let url = |path: &str| format!("http://127.0.0.1:{api}{path}");
+    let pod_b = Pod::new("aue", 37);
+    let own = free_port();
+    nobodys_service(own);
+    let post = |addr: &str| {
+        curl(
+            None,
+            Some(NOBODY),
+            "POST",
+            &url(&format!("/drain?port={own}&addr={addr}&timeout=5m")),
+        )
+    };
+    let (status, pods) = post(&pod_b.ip);
+    assert_eq!(status, 403, "{pods}");
+    assert!(pods.contains("addr"), "{pods}");
+    // An address nobody holds: the same answer.
+    let (status, nobodys) = post("10.213.37.99");
+    assert_eq!((status, &nobodys), (403, &pods));
+    let (_, metrics) = curl(None, None, "GET", &url("/metrics"));
+    assert!(
+        !metrics.contains(&format!("addr=\"{}\"", pod_b.ip)),
+        "{metrics}"
+    );
+    // Its own namespace's: loopback, and the node's end of the pod's link (nothing is
+    // connected there: each drains at once).
+    for addr in ["127.0.0.1", "10.213.37.1"] {
+        let (status, body) = post(addr);
+        assert_eq!(status, 201, "{addr}: {body}");
+    }
+}
+
 /// `GET path` to the agent on 127.0.0.1:`api`, from `source`, as `uid`, sent and left
 /// open: the socket is made on a thread whose fsuid is `uid`, so the kernel records it as
 /// that user's (what the agent looks up), whatever address it binds.

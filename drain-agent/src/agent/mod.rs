@@ -262,7 +262,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.max_waiters,
         )
         .with_state_file(state_file)
-        .with_port_owners(owners),
+        .with_port_owners(owners)
+        // Counted by scope as /metrics exports them (--ports, --metrics-labels).
+        .with_metric_labels(metrics.labels().clone()),
     );
     // Before anything is served: /health answers for a restored drain from the first question.
     drains.restore();

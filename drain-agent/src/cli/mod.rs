@@ -254,14 +254,14 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_MAX_ENDPOINTS", default_value_t = 16_384)]
     pub max_endpoints: u32,
 
-    /// Only export these ports in /metrics and /connections, e.g. `80,443,8080-8090`
-    /// (default: every port that has had an inbound connection).
+    /// Only export these ports in /metrics (connections and drains) and /connections, e.g.
+    /// `80,443,8080-8090` (default: every port that has had an inbound connection).
     #[arg(long, env = "DRAIN_AGENT_PORTS", value_parser = clap::value_parser!(PortSet))]
     pub ports: Option<PortSet>,
 
-    /// The labels of the connection metrics: `address` (port and local address, a pod's
-    /// IP: one series per address and port served on the node, never client addresses) or
-    /// `port` (one series per port).
+    /// The labels of the connection and drain metrics: `address` (port and local address,
+    /// a pod's IP: one series per address and port served on the node, never client
+    /// addresses) or `port` (one series per port, no address anywhere in /metrics).
     #[arg(long, env = "DRAIN_AGENT_METRICS_LABELS", value_enum, default_value_t = ConnectionLabels::Address)]
     pub metrics_labels: ConnectionLabels,
 
@@ -335,7 +335,8 @@ pub struct RunArgs {
 
     /// Append a record of every ended drain to this file (JSON lines), and read the last
     /// ones back at start so `/drains` survives restarts. A regular file or nothing (then
-    /// created mode 0600): a link, FIFO or device there stops the start.
+    /// created mode 0600): a link, FIFO or device there, or a file or directory another
+    /// user than the agent's owns, stops the start.
     #[arg(long, env = "DRAIN_AGENT_JOURNAL")]
     pub journal: Option<std::path::PathBuf>,
 
@@ -348,7 +349,8 @@ pub struct RunArgs {
     /// DIR/drains.json (written atomically, synced before a POST /drain is answered), so a
     /// restarted agent resumes them. During an upgrade the new agent keeps what it is asked
     /// in DIR/drains.next.json until the old one has gone. Created mode 0700 if absent; a
-    /// link there, or a state file that is not a regular file, stops the start. A state file
+    /// link there, a directory another user than the agent's owns, or a state file that is
+    /// not a regular file, stops the start. A state file
     /// this agent cannot read (a later release's, after a rollback) is moved aside, never
     /// written over, and /health answers "draining" for every port while it could still
     /// gate. Keep it on a file system that

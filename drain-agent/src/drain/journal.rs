@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::drain::untrusted_path::{Access, Named};
+use crate::drain::untrusted_path::{Access, Named, refuse_foreign_owner};
 
 /// At start at most this much of the end of each file (`PATH.1`, `PATH`) is read. A fixed
 /// cap rather than `--journal-max-bytes`: that flag has no upper bound, and the agent
@@ -144,8 +144,9 @@ fn tail_lines(path: &Path, file: &mut File) -> Result<Vec<(u64, Vec<u8>)>> {
 
 impl Journal {
     /// Opens (creating if needed, mode 0600) the journal at `path`, and checks `PATH.1` if
-    /// it is there; fails early when either is not a regular file or cannot be written, so
-    /// a bad path is found at start, not at the first drain.
+    /// it is there; fails early when either is not a regular file or cannot be written, or
+    /// when it or its directory is another user's than the agent's, so a bad path is found
+    /// at start, not at the first drain.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self> {
         let journal = Self {
             path: path.to_owned(),
@@ -153,13 +154,34 @@ impl Journal {
             lock: Mutex::new(()),
             failed_appends: std::sync::atomic::AtomicU64::new(0),
         };
+        // Its directory's owner could rename another journal over it (records read back at
+        // the next start): refused before anything is created there.
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let dir_meta = fs::metadata(dir).with_context(|| {
+            format!(
+                "cannot stat the drain journal's directory {}",
+                dir.display()
+            )
+        })?;
+        refuse_foreign_owner("the drain journal's directory", dir, &dir_meta, "--journal")?;
         let file = open_regular(path, Access::Append(NEW_FILE_MODE))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot stat the drain journal {}", path.display()))?;
+        refuse_foreign_owner("the drain journal", path, &meta, "--journal")?;
         warn_if_loose(path, &file);
         let rotated = journal.rotated();
         match fs::symlink_metadata(&rotated) {
             Err(problem) if problem.kind() == std::io::ErrorKind::NotFound => {}
             _ => {
                 let file = open_regular(&rotated, Access::Read)?;
+                let meta = file.metadata().with_context(|| {
+                    format!("cannot stat the drain journal {}", rotated.display())
+                })?;
+                refuse_foreign_owner("the drain journal", &rotated, &meta, "--journal")?;
                 warn_if_loose(&rotated, &file);
             }
         }
@@ -691,5 +713,44 @@ mod tests {
                 "record 1 {extra} byte(s) before the window"
             );
         }
+    }
+
+    /// Audit (state owner): only the journal's mode was checked, never whose it was or
+    /// whose its directory: a user owning the directory (one made under /tmp, 0700) could
+    /// rename a journal of its own over it, read back at the next start. Both are refused,
+    /// naming the flag.
+    #[test]
+    fn a_journal_or_directory_another_user_owns_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: chown needs root");
+            return;
+        }
+        let root = tempfile::tempdir().expect("dir");
+        let users = root.path().join("users");
+        fs::create_dir(&users).expect("dir");
+        std::os::unix::fs::chown(&users, Some(65_534), Some(65_534)).expect("chown");
+        let refused = Journal::open(&users.join("drains.jsonl"), 1 << 20)
+            .err()
+            .expect("a directory of uid 65534 is refused");
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains("owned by uid 65534") && text.contains("--journal"),
+            "{text}"
+        );
+        assert!(!users.join("drains.jsonl").exists(), "nothing made there");
+        // A journal of that user's in a directory of the agent's.
+        let theirs = root.path().join("theirs.jsonl");
+        fs::write(&theirs, "").expect("journal");
+        std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).expect("chown");
+        let refused = Journal::open(&theirs, 1 << 20)
+            .err()
+            .expect("a journal of uid 65534 is refused");
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains("owned by uid 65534") && text.contains("--journal"),
+            "{text}"
+        );
+        // The agent's own.
+        Journal::open(&root.path().join("ours.jsonl"), 1 << 20).expect("its own journal");
     }
 }

@@ -34,6 +34,7 @@ use crate::{
     closer::Closer,
     drain::{gate::Held, journal::Journal, registry::Running, state_file::StateFile},
     drain_rule::{DrainRule, Peer},
+    metric_labels::MetricLabels,
     tracker::{Filter, Tracker},
 };
 
@@ -261,14 +262,16 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 /// of pods long gone leave the metrics.
 pub const SCOPE_KEEP: Duration = Duration::from_secs(3600);
 
-/// Scopes counted by scope at most (the oldest go first): a bound however many pods come
-/// and go within [`SCOPE_KEEP`].
+/// Scopes counted by scope at most: a bound however many pods come and go within
+/// [`SCOPE_KEEP`]. Past it the oldest scope of the owner counting the most goes
+/// ([`owner::evictee`], as for held gates): one pod ending many drains pushes out its own
+/// scopes, never another pod's (whose `timeout` an alert is about to see).
 pub const SCOPES_MAX: usize = 256;
 
-/// A drain's scope as the metrics name it: its port and the address it was asked for or,
-/// for a namespace's drain (a pod listener's), the namespace's own address on that port
-/// (`None`: every address, or a namespace with none known; the namespace itself is nothing
-/// Prometheus can join).
+/// A drain's scope as the metrics name it: its port and, with `--metrics-labels address`,
+/// the address it was asked for or, for a namespace's drain (a pod listener's), the
+/// namespace's own address on that port (`None`: every address, or a namespace with none
+/// known, or `--metrics-labels port`; the namespace itself is nothing Prometheus can join).
 pub type ScopeLabels = (u16, Option<IpAddr>);
 
 /// The ended drains of one scope.
@@ -276,6 +279,11 @@ pub type ScopeLabels = (u16, Option<IpAddr>);
 pub struct ScopeEnds {
     pub ended: HashMap<DrainEnd, u64>,
     pub last_end: std::time::Instant,
+    /// Whose drains ended here, for [`SCOPES_MAX`]: the owner of its drains' scopes, or
+    /// [`Owner::Node`](owner::Owner::Node) once drains of two owners ended here (a port
+    /// every pod serves, with `--metrics-labels port`): then neither can push it out by
+    /// ending drains of its own.
+    pub owner: owner::Owner,
 }
 
 /// Ended drains, counted for the metrics.
@@ -340,6 +348,9 @@ pub struct Drains {
     unreadable_until: Mutex<Option<tokio::time::Instant>>,
     /// The held gates' listener reads, shared by the questions (`listener_reads.rs`).
     listener_reads: listener_reads::ListenerReads,
+    /// What the metrics export: which drains are counted by scope, and how a scope is
+    /// named ([`Drains::with_metric_labels`]).
+    metric_labels: MetricLabels,
 }
 
 pub(super) fn unix_ms() -> u64 {
@@ -392,7 +403,24 @@ impl Drains {
             beside_looking: tokio::sync::Mutex::new(()),
             unreadable_until: Mutex::new(None),
             listener_reads: listener_reads::ListenerReads::default(),
+            metric_labels: MetricLabels::default(),
         }
+    }
+
+    /// Counts ended drains by scope as the metrics export them (`--ports`,
+    /// `--metrics-labels`; the metrics refuse drains counted otherwise): a drain of a port
+    /// left out is not counted by scope, and with `--metrics-labels port` a scope is its
+    /// port alone, every address's drains summed when they end (a counter that never goes
+    /// down while it shows). Without it: every port, by address.
+    #[must_use]
+    pub fn with_metric_labels(mut self, labels: MetricLabels) -> Self {
+        self.metric_labels = labels;
+        self
+    }
+
+    /// What the drains count by scope with ([`Drains::with_metric_labels`]).
+    pub fn metric_labels(&self) -> &MetricLabels {
+        &self.metric_labels
     }
 
     /// Keeps POSTed drains and held gates in `file` from now on (see [`Drains::restore`]).
@@ -448,64 +476,95 @@ impl Drains {
 }
 
 impl Drains {
-    /// The scopes of the drains in progress, as the metrics label them.
+    /// The scopes of the drains in progress, as the metrics label them (those of ports the
+    /// metrics leave out are not among them).
     pub fn in_progress_scopes(&self) -> Vec<ScopeLabels> {
         let (running, _) = self.list();
-        let endpoints = if running
-            .iter()
-            .any(|r| r.addr.is_none() && r.netns.is_some())
-        {
+        let endpoints = if running.iter().any(|r| self.needs_endpoints(r)) {
             self.tracker.snapshot().unwrap_or_default()
         } else {
             Vec::new()
         };
         running
             .iter()
-            .map(|record| scope_labels(record, &endpoints))
+            .filter_map(|record| self.scope_labels(record, &endpoints))
             .collect()
     }
-}
 
-/// `record`'s scope as the metrics label it: a namespace's drain gets the lowest address
-/// (IPv4 first) its endpoints of the port have other than loopback: the pod's IP.
-fn scope_labels(record: &DrainRecord, endpoints: &[crate::tracker::Endpoint]) -> ScopeLabels {
-    let addr = record.addr.or_else(|| {
-        let netns = record.netns?;
-        endpoints
-            .iter()
-            .filter(|e| e.netns == netns && e.port == record.port && !e.addr.is_loopback())
-            .map(|e| e.addr)
-            .min()
-    });
-    (record.port, addr)
+    /// Whether labelling `record` reads the endpoints (a namespace's drain, by address).
+    fn needs_endpoints(&self, record: &DrainRecord) -> bool {
+        record.addr.is_none()
+            && record.netns.is_some()
+            && self.metric_labels.by_address()
+            && self.metric_labels.exports_port(record.port)
+    }
+
+    /// `record`'s scope as the metrics label it (`None`: its port is not exported). By
+    /// address, a namespace's drain gets the lowest address (IPv4 first) its endpoints of
+    /// the port have other than loopback: the pod's IP.
+    fn scope_labels(
+        &self,
+        record: &DrainRecord,
+        endpoints: &[crate::tracker::Endpoint],
+    ) -> Option<ScopeLabels> {
+        if !self.metric_labels.exports_port(record.port) {
+            return None;
+        }
+        if !self.metric_labels.by_address() {
+            return Some((record.port, None));
+        }
+        let addr = record.addr.or_else(|| {
+            let netns = record.netns?;
+            endpoints
+                .iter()
+                .filter(|e| e.netns == netns && e.port == record.port && !e.addr.is_loopback())
+                .map(|e| e.addr)
+                .min()
+        });
+        Some((record.port, addr))
+    }
 }
 
 impl DrainStats {
-    /// Counts a drain of `scope` that ended with `result` at `now`.
-    fn count_scope(&mut self, scope: ScopeLabels, result: DrainEnd, now: std::time::Instant) {
+    /// Counts a drain of `scope`, `whose`'s, that ended with `result` at `now`. A scope new
+    /// here when [`SCOPES_MAX`] are counted pushes out one of the owner counting the most
+    /// (its oldest; among owners counting as many, `whose`'s own): so an owner loses a scope
+    /// to another only while it counts more than that other one.
+    fn count_scope(
+        &mut self,
+        scope: ScopeLabels,
+        whose: owner::Owner,
+        result: DrainEnd,
+        now: std::time::Instant,
+    ) {
+        self.forget_old_scopes(now);
+        if self.by_scope.len() >= SCOPES_MAX
+            && !self.by_scope.contains_key(&scope)
+            && let Some(evicted) = owner::evictee(
+                &self.by_scope,
+                |_, ends| ends.owner,
+                |ends| ends.last_end,
+                whose,
+            )
+        {
+            self.by_scope.remove(&evicted);
+        }
         let ends = self.by_scope.entry(scope).or_insert_with(|| ScopeEnds {
             ended: HashMap::new(),
             last_end: now,
+            owner: whose,
         });
+        if ends.owner != whose {
+            ends.owner = owner::Owner::Node;
+        }
         *ends.ended.entry(result).or_default() += 1;
         ends.last_end = now;
-        self.forget_old_scopes(now);
     }
 
-    /// Leaves out the scopes past [`SCOPE_KEEP`], then the oldest beyond [`SCOPES_MAX`].
+    /// Leaves out the scopes past [`SCOPE_KEEP`].
     fn forget_old_scopes(&mut self, now: std::time::Instant) {
         self.by_scope
             .retain(|_, ends| now.saturating_duration_since(ends.last_end) <= SCOPE_KEEP);
-        while self.by_scope.len() > SCOPES_MAX {
-            let oldest = self
-                .by_scope
-                .iter()
-                .min_by_key(|(_, ends)| ends.last_end)
-                .map(|(scope, _)| *scope);
-            if let Some(oldest) = oldest {
-                self.by_scope.remove(&oldest);
-            }
-        }
     }
 }
 

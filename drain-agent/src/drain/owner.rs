@@ -1,6 +1,8 @@
 //! Whose a drain's scope is, for the limits shared by the whole node: drains in progress
-//! (`--max-waiters`), `/drained` waiters blocked (`--max-waiters` too) and gates held after
-//! a drain ([`HELD_MAX`]). Without an owner, one pod
+//! (`--max-waiters`), `/drained` waiters blocked (`--max-waiters` too), gates held after
+//! a drain ([`HELD_MAX`]) and scopes the metrics count ended drains by ([`SCOPES_MAX`]:
+//! one pod's many short drains must not push another pod's `timeout` out before a scrape,
+//! [`evictee`] as for the gates). Without an owner, one pod
 //! could use them all up: post drains until the node's limit, so that another pod's `POST
 //! /drain` got 429 and its `/drained` waited unrecorded (no `/health` gate, no close at the
 //! deadline); or end short drains until the held gates' limit, evicting another pod's gate
@@ -12,11 +14,11 @@
 //! ports whose sockets are all its own, when its drain starts and while it runs.
 //!
 //! [`HELD_MAX`]: super::HELD_MAX
+//! [`SCOPES_MAX`]: super::SCOPES_MAX
 
 use std::collections::HashMap;
 
 pub use crate::tracker::owner::{Owner, WAITERS_PER_OWNER};
-use crate::{drain::gate::Held, tracker::Filter};
 
 /// Drains in progress one [`Owner`] may have at once (beside the node-wide `--max-waiters`);
 /// [`Owner::Node`] has only the node-wide limit. A pod needs about one per port it serves
@@ -83,29 +85,36 @@ pub async fn holding(
     })
 }
 
-/// The gate to evict so that `newcomer`'s can be held, when as many are held as allowed:
-/// the soonest-ending one of the owner holding the most; among owners holding as many, the
-/// newcomer's own. So an owner loses a gate to another only while it holds more than that
-/// other one (and so more than its share, the limit split among the owners holding gates
-/// and the newcomer's): an owner that holds no more gates than the newcomer's loses none,
-/// and one that keeps posting evicts its own once it holds the most. `None`: nothing held.
-pub(super) fn evictee(held: &HashMap<Filter, Held>, newcomer: Owner) -> Option<Filter> {
+/// What to evict from `kept` (held gates, scopes counted for the metrics) so that
+/// `newcomer`'s can be kept, when as many are kept as allowed: the first to go (the least
+/// `first_to_go`: the soonest-ending gate, the oldest scope) of the owner keeping the most;
+/// among owners keeping as many, the newcomer's own. So an owner loses one to another only
+/// while it keeps more than that other one (and so more than its share, the limit split
+/// among the owners keeping some and the newcomer's): an owner that keeps no more than the
+/// newcomer's loses none, and one that keeps adding evicts its own once it keeps the most.
+/// `owner` says whose an entry is. `None`: nothing kept.
+pub(super) fn evictee<K: Clone, V, T: Ord>(
+    kept: &HashMap<K, V>,
+    owner: impl Fn(&K, &V) -> Owner,
+    first_to_go: impl Fn(&V) -> T,
+    newcomer: Owner,
+) -> Option<K> {
     let mut counts: HashMap<Owner, usize> = HashMap::new();
-    for scope in held.keys() {
-        *counts.entry(Owner::of(scope)).or_default() += 1;
+    for (key, value) in kept {
+        *counts.entry(owner(key, value)).or_default() += 1;
     }
     let own = counts.get(&newcomer).copied().unwrap_or(0);
     let most = counts.values().copied().max()?;
-    let owner = if own == most {
+    let evicted = if own == most {
         newcomer
     } else {
         counts
             .iter()
             .find(|&(_, &count)| count == most)
-            .map(|(&owner, _)| owner)?
+            .map(|(&whose, _)| whose)?
     };
-    held.iter()
-        .filter(|(scope, _)| Owner::of(scope) == owner)
-        .min_by_key(|(_, hold)| hold.until)
-        .map(|(scope, _)| scope.clone())
+    kept.iter()
+        .filter(|(key, value)| owner(key, value) == evicted)
+        .min_by_key(|(_, value)| first_to_go(value))
+        .map(|(key, _)| key.clone())
 }

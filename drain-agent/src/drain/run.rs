@@ -350,7 +350,12 @@ impl Drains {
                 // Bounded: a hold of the owner holding the most goes (its soonest-ending),
                 // never one of an owner holding fewer than this scope's: one pod ending
                 // many drains evicts its own gates, not another pod's (`owner::evictee`).
-                if let Some(evicted) = owner::evictee(&held, Owner::of(filter)) {
+                if let Some(evicted) = owner::evictee(
+                    &held,
+                    |scope, _| Owner::of(scope),
+                    |hold| hold.until,
+                    Owner::of(filter),
+                ) {
                     held.remove(&evicted);
                 }
             }
@@ -394,17 +399,19 @@ impl Drains {
             record.closed_by_agent
         );
         // Read before the lock: a namespace's drain is labelled by its endpoints' address.
-        let endpoints = if record.addr.is_none() && record.netns.is_some() {
+        let endpoints = if self.needs_endpoints(&record) {
             self.tracker.snapshot().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let scope = super::scope_labels(&record, &endpoints);
+        let scope = self.scope_labels(&record, &endpoints);
         {
             let mut stats = lock(&self.stats);
             if let Some(result) = record.result {
                 *stats.ended.entry(result).or_default() += 1;
-                stats.count_scope(scope, result, std::time::Instant::now());
+                if let Some(scope) = scope {
+                    stats.count_scope(scope, Owner::of(filter), result, std::time::Instant::now());
+                }
             }
             let seconds = record.wait_ms as f64 / 1000.0;
             for (bound, count) in DURATION_BUCKETS.iter().zip(stats.buckets.iter_mut()) {

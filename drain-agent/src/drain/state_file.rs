@@ -33,7 +33,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::drain::untrusted_path::{Access, Named, kind_of};
+use crate::drain::untrusted_path::{Access, Named, kind_of, refuse_foreign_owner};
 
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "drains.json";
@@ -299,6 +299,7 @@ impl StateFile {
                 kind_of(meta.file_type())
             );
         }
+        refuse_foreign_owner("the state directory", dir, &meta, "--state-dir")?;
         if meta.mode() & 0o022 != 0 {
             log::warn!(
                 "the state directory {} has mode {:04o}: others than its owner may replace the state file (held /health gates); `chmod 700` it",
@@ -1007,6 +1008,35 @@ mod tests {
             format!("{refused:#}").contains("not a directory"),
             "{refused:#}"
         );
+    }
+
+    /// Audit (state owner): only the state directory's mode was checked, never its owner:
+    /// a user owning it (made under /tmp before the agent, 0700) could swap drains.json and
+    /// have drains, gates and `on_timeout=close` resumed at the next start. It is refused at
+    /// start, naming the flag.
+    #[test]
+    fn a_state_directory_another_user_owns_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            println!("skipped: chown needs root");
+            return;
+        }
+        let root = dir();
+        let theirs = root.path().join("theirs");
+        DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&theirs)
+            .expect("dir");
+        std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).expect("chown");
+        let refused = StateFile::open(&theirs)
+            .err()
+            .expect("a directory of uid 65534 is refused");
+        let text = format!("{refused:#}");
+        assert!(
+            text.contains("owned by uid 65534") && text.contains("--state-dir"),
+            "{text}"
+        );
+        assert!(!theirs.join(NEXT_LOCK_NAME).exists(), "nothing made there");
+        StateFile::open(&root.path().join("ours")).expect("its own");
     }
 
     #[test]

@@ -829,6 +829,103 @@ async fn one_pod_ending_many_drains_never_evicts_another_pods_gate() {
     assert!(drains.gated(&pod(7, 20)).await);
 }
 
+/// A drain of `netns`'s `port` asked for its `addr`, ended with `result`: its scope and
+/// record, as `finish` takes them.
+fn ended_at(netns: u32, addr: &str, port: u16, result: DrainEnd) -> (Filter, DrainRecord) {
+    let addr: IpAddr = addr.parse().expect("addr");
+    let record = DrainRecord {
+        id: u64::from(port),
+        port,
+        addr: Some(addr),
+        netns: Some(netns),
+        started_ms: 0,
+        first_zero_after_ms: None,
+        ended_ms: Some(0),
+        result: Some(result),
+        active_at_start: 0,
+        late_arrivals: 0,
+        peers_at_end: Vec::new(),
+        closed_by_agent: 0,
+        wait_ms: 0,
+        on_timeout: OnTimeout::Keep,
+        started_by: Some(StartedBy::Pod),
+    };
+    let scope = Filter {
+        port,
+        addr: Some(addr),
+        netns: Some(netns),
+    };
+    (scope, record)
+}
+
+/// Audit (monitoring integrity): the metrics count ended drains by scope for at most
+/// `SCOPES_MAX` scopes, and past it the oldest went, whoever's it was: pod 7 ending 300
+/// instant drains on ports of its own pushed pod 8's `timeout` out of
+/// `drain_agent_scope_drains_total` before a scrape, and `DrainAgentDrainsCutShort` never
+/// fired. Past the limit a scope now goes from the owner counting the most: pod 7's own.
+#[tokio::test]
+async fn one_pod_ending_many_drains_never_pushes_another_pods_scope_out_of_the_metrics() {
+    let (_, _, drains) = registry(0);
+    let (scope, record) = ended_at(8, "10.0.0.8", 8080, DrainEnd::Timeout);
+    drains.finish(&scope, record, read(&[]));
+    // Strictly older than every scope of pod 7's.
+    std::thread::sleep(Duration::from_millis(2));
+    for port in 1..=300 {
+        let (scope, record) = ended_at(7, "10.0.0.7", port, DrainEnd::Drained);
+        drains.finish(&scope, record, read(&[]));
+    }
+    let stats = drains.stats();
+    assert_eq!(stats.by_scope.len(), SCOPES_MAX);
+    let counted = |port: u16, addr: &str, result: DrainEnd| {
+        stats
+            .by_scope
+            .get(&(port, Some(addr.parse().expect("addr"))))
+            .and_then(|ends| ends.ended.get(&result).copied())
+    };
+    assert_eq!(
+        counted(8080, "10.0.0.8", DrainEnd::Timeout),
+        Some(1),
+        "pod 7's drains pushed pod 8's timeout out"
+    );
+    // Pod 7 keeps its newest.
+    assert_eq!(counted(300, "10.0.0.7", DrainEnd::Drained), Some(1));
+    assert_eq!(counted(1, "10.0.0.7", DrainEnd::Drained), None);
+}
+
+/// With `--metrics-labels port` a scope is a port, which every pod may drain in its own
+/// namespace: pod 7 ending one drain on pod 8's port does not make that scope pod 7's to
+/// push out. A scope two owners' drains ended in is the node's.
+#[tokio::test]
+async fn by_port_a_scope_two_pods_share_is_pushed_out_by_neither() {
+    let source = Arc::new(FakeSource::default());
+    let tracker = Arc::new(Tracker::new(source, 16));
+    let drains = Arc::new(
+        Drains::new(tracker, None, None, None, 4).with_metric_labels(MetricLabels {
+            ports: None,
+            labels: crate::metric_labels::ConnectionLabels::Port,
+        }),
+    );
+    let (scope, record) = ended_at(8, "10.0.0.8", 8080, DrainEnd::Timeout);
+    drains.finish(&scope, record, read(&[]));
+    let (scope, record) = ended_at(7, "10.0.0.7", 8080, DrainEnd::Drained);
+    drains.finish(&scope, record, read(&[]));
+    std::thread::sleep(Duration::from_millis(2));
+    for port in 1..=300 {
+        let (scope, record) = ended_at(7, "10.0.0.7", port, DrainEnd::Drained);
+        drains.finish(&scope, record, read(&[]));
+    }
+    let stats = drains.stats();
+    assert_eq!(stats.by_scope.len(), SCOPES_MAX);
+    let shared = stats
+        .by_scope
+        .get(&(8080, None))
+        .expect("port 8080 is still counted");
+    assert_eq!(shared.ended.get(&DrainEnd::Timeout), Some(&1));
+    assert_eq!(shared.owner, Owner::Node);
+    // No address in any scope.
+    assert!(stats.by_scope.keys().all(|(_, addr)| addr.is_none()));
+}
+
 /// Audit (upgrade overlap): a drain POSTed to the old agent (saved in the state file) and a
 /// `/drained` waiter's drain of the same scope started on the new agent meanwhile. At the
 /// take-over the POSTed drain wins: its id, deadline, `on_timeout=close` and gate, and the

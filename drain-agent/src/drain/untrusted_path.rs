@@ -3,8 +3,8 @@
 //! `/health` gates). One way to open, and one vocabulary for what was found instead.
 
 use std::{
-    fs::{self, File, FileType, OpenOptions},
-    os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    fs::{self, File, FileType, Metadata, OpenOptions},
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::Path,
 };
 
@@ -27,6 +27,28 @@ pub(super) fn kind_of(file_type: FileType) -> &'static str {
     } else {
         "of an unknown type"
     }
+}
+
+/// Refuses `path` (`what`: the state directory, the journal's directory or file, given with
+/// `flag`) when another user than the agent's own owns it: its owner may replace what the
+/// agent keeps there, whatever its mode (an owner can `chmod` it), and the agent reads it
+/// back at its next start (drains resumed with their settings, `on_timeout=close`
+/// included; held `/health` gates; records). The agent's user is root wherever it is
+/// deployed; one started as another user keeps its files in directories of its own.
+pub(super) fn refuse_foreign_owner(
+    what: &str,
+    path: &Path,
+    meta: &Metadata,
+    flag: &str,
+) -> Result<()> {
+    let agent = rustix::process::geteuid().as_raw();
+    let owner = meta.uid();
+    anyhow::ensure!(
+        owner == agent,
+        "{what} {} is owned by uid {owner}, not by the agent's user (uid {agent}): that user could replace what the agent keeps there and reads back at its next start; refused. `chown {agent}` it (and `chmod go-w`), or choose another with {flag}",
+        path.display()
+    );
+    Ok(())
 }
 
 /// How a file is opened.

@@ -65,6 +65,10 @@ pub struct Authority {
     pub owners: Arc<dyn PortOwners>,
 }
 
+/// The text of every refusal of a local user's `addr=` that is not the node's: the same for
+/// a pod's address and for one nobody holds, so that it tells nothing about either.
+pub const NODE_ADDRESSES_ONLY: &str = "addr: a local user may name only an address of this node's own network namespace (its interfaces' or loopback); ask as root for others (SECURITY.md)";
+
 /// The text of every refusal of a remote caller.
 pub const REMOTE_RULE: &str = "this agent answers /metrics, /healthz and /health to callers that are neither this node nor a pod on it; everything else needs a bearer token the agent was configured with (--auth-token-file); see SECURITY.md";
 
@@ -78,7 +82,8 @@ impl Caller {
     }
 
     /// Parses a request (`parse`) and confines it to what this caller may ask about: a pod's
-    /// namespace, the node's namespace for a local user, unchanged for the node. A remote
+    /// namespace, the node's namespace (and its addresses, loopback included) for a local
+    /// user, unchanged for the node. A remote
     /// caller is refused before `parse` runs: a parse error could say something about the
     /// host, and a parse can cost a scan of every process in /proc (`netns=INODE`) or the
     /// opening of a namespace file (`netns=PATH`), which a caller who may ask nothing must
@@ -106,6 +111,14 @@ impl Caller {
                 let filter = parsed.filter_mut();
                 if filter.netns.is_some_and(|asked| asked != own) {
                     return Err(other());
+                }
+                // An address of another namespace (a pod's IP) would count nothing here,
+                // yet a drain of it is labelled with it in the public /metrics, as that
+                // pod's. One answer for every such address, a pod's or nobody's.
+                if let Some(addr) = filter.addr
+                    && !authority.pods.node_holds(addr).await
+                {
+                    return Err(ApiError::Forbidden(NODE_ADDRESSES_ONLY.into()));
                 }
                 filter.netns = Some(own);
                 Ok(parsed)

@@ -118,7 +118,8 @@ fn app_full(
     let pods = Arc::new(PodAddresses::new(1, addresses));
     let owners: Arc<dyn PortOwners> = Arc::new(Owners);
     let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8)
-        .with_port_owners(Arc::clone(&owners));
+        .with_port_owners(Arc::clone(&owners))
+        .with_metric_labels(metrics.labels().clone());
     if let Some(dir) = state_dir {
         drains = drains
             .with_state_file(crate::drain::state_file::StateFile::open(dir).expect("state dir"));
@@ -933,6 +934,62 @@ async fn a_local_user_controls_only_its_own_ports() {
     );
     let (status, _) = request_as(&state, user, "DELETE", "/drain?port=8080").await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Audit (local user's addr=): a local user's scope was confined to the node's namespace
+/// by `netns=` only: uid 1000, owning 8080 there, could `POST /drain?port=8080&addr=<pod
+/// B's IP>` (201), and the public /metrics showed a drain of pod B (the per-pod rule
+/// attributes it to B). Its `addr=` must now be an address of the node's namespace or
+/// loopback; any other is one `403` naming `addr`, a pod's or nobody's alike.
+#[tokio::test(start_paused = true)]
+async fn a_local_users_addr_is_an_address_of_the_nodes_namespace() {
+    let on_node = |port| crate::tracker::Endpoint {
+        netns: 1,
+        ..endpoint("127.0.0.1", port, 1)
+    };
+    let addresses = Addresses::new(&[(1, &["192.168.0.10"]), (7, &["10.1.0.7"])]);
+    let (_, state) = app_addressed(vec![on_node(8080)], None, |drains| drains, addresses);
+    let user = Caller::LocalUser { uid: Some(1000) };
+    let mut refusals = Vec::new();
+    for uri in [
+        "/drain?port=8080&timeout=1m&addr=10.1.0.7",
+        "/drain?port=8080&timeout=1m&addr=10.9.9.9",
+        "/drain?port=8080&timeout=1m&addr=::ffff:10.1.0.7",
+    ] {
+        let (status, body) = request_as(&state, user, "POST", uri).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{uri}: {body}");
+        refusals.push(body);
+    }
+    let (status, body) = request_as(
+        &state,
+        user,
+        "GET",
+        "/drained?port=8080&timeout=0&addr=10.1.0.7",
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    refusals.push(body);
+    // One answer, naming addr: whether an address is a pod's is not told.
+    for body in &refusals {
+        assert_eq!(body, &refusals[0]);
+    }
+    assert_eq!(
+        refusals[0]["error"],
+        crate::http::authority::NODE_ADDRESSES_ONLY
+    );
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["in_progress"].as_array().map(Vec::len), Some(0));
+    // The node's own addresses and loopback are its namespace's.
+    for addr in ["192.168.0.10", "127.0.0.2"] {
+        let (status, body) = request_as(
+            &state,
+            user,
+            "POST",
+            &format!("/drain?port=8080&timeout=1m&addr={addr}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{addr}: {body}");
+    }
 }
 
 /// `/drains` showed a local user every record of the node's namespace: another user's

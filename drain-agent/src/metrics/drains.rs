@@ -21,11 +21,11 @@ const DRAIN_DURATION: (&str, &str) = (
 
 const IN_PROGRESS: (&str, &str) = (
     "drain_agent_drain_in_progress",
-    "Drains in progress, by scope: port and, for a drain asked for an address (a pod's IP), addr. Only scopes with a drain in progress: a series goes when its drain ends.",
+    "Drains in progress, by scope: port (only ports --ports allows) and, with --metrics-labels address, for a drain asked for an address (a pod's IP) or a pod's namespace, addr. Only scopes with a drain in progress: a series goes when its drain ends.",
 );
 const SCOPE_DRAINS: (&str, &str) = (
     "drain_agent_scope_drains_total",
-    "Drains ended, by scope (port and, for a drain asked for an address, addr) and result; a scope shows while its drain runs and for an hour after its last one ended.",
+    "Drains ended, by scope (port, only ports --ports allows, and with --metrics-labels address, for a drain asked for an address or a pod's namespace, addr) and result; a scope shows while its drain runs and for an hour after its last one ended.",
 );
 
 const UNSAVED: (&str, &str) = (
@@ -54,12 +54,20 @@ pub(super) struct DrainCollector {
 }
 
 impl DrainCollector {
+    /// The drains count and name their scopes as the metrics export them
+    /// ([`Drains::with_metric_labels`]): ports `--ports` leaves out are not among them,
+    /// and with `--metrics-labels port` no scope has an address.
     pub(super) fn new(drains: Arc<Drains>) -> prometheus::Result<Self> {
+        let (scope, scope_result): (&[&str], &[&str]) = if drains.metric_labels().by_address() {
+            (&["port", "addr"], &["port", "addr", "result"])
+        } else {
+            (&["port"], &["port", "result"])
+        };
         let descs = vec![
             desc(DRAINS, &["result"])?,
             desc(DRAIN_DURATION, &[])?,
-            desc(IN_PROGRESS, &["port", "addr"])?,
-            desc(SCOPE_DRAINS, &["port", "addr", "result"])?,
+            desc(IN_PROGRESS, scope)?,
+            desc(SCOPE_DRAINS, scope_result)?,
             desc(UNSAVED, &[])?,
             desc(SAVE_FAILURES, &[])?,
             desc(STATE_UNREADABLE, &[])?,
@@ -168,7 +176,8 @@ impl Collector for DrainCollector {
     }
 }
 
-/// A scope's labels: `port`, and `addr` when the drain was asked for an address.
+/// A scope's labels: `port`, and `addr` when the drains name one (by address, a drain
+/// asked for an address or of a namespace whose address is known).
 fn scope_labels((port, addr): &ScopeLabels) -> Vec<(&'static str, String)> {
     let mut labels = vec![("port", port.to_string())];
     if let Some(addr) = addr {

@@ -3,7 +3,8 @@
 //! Connection metrics come from a [`Collector`] that reads the tracker at scrape time, so a
 //! scrape always shows the kernel's current counts and nothing is kept twice. Label sets
 //! stay bounded: ports (optionally limited by `--ports`) and local addresses (the node's
-//! and its pods' own, [`ConnectionLabels`]), never client addresses.
+//! and its pods' own, [`ConnectionLabels`]), never client addresses. The drain metrics by
+//! scope follow the same [`MetricLabels`]: the drains count by them.
 
 mod connections;
 mod drains;
@@ -20,6 +21,7 @@ use prometheus::{
 use self::{
     connections::ConnectionCollector, drains::DrainCollector, kernel_state::KernelStateCollector,
 };
+pub use crate::metric_labels::{ConnectionLabels, MetricLabels, PortSet};
 use crate::{drain::Drains, kernel::KernelState, tracker::Tracker};
 
 /// The agent's metrics and the registry that renders them.
@@ -28,7 +30,8 @@ pub struct Metrics {
     drain_requests: IntCounterVec,
     drain_wait_seconds: Histogram,
     attach: String,
-    ports: Option<PortSet>,
+    /// What is exported (`--ports`, `--metrics-labels`).
+    labels: MetricLabels,
     /// One render at a time ([`Metrics::render_off_runtime`]).
     rendering: tokio::sync::Semaphore,
 }
@@ -84,7 +87,7 @@ impl Metrics {
             drain_requests,
             drain_wait_seconds,
             attach: attach.to_owned(),
-            ports,
+            labels: MetricLabels { ports, labels },
             rendering: tokio::sync::Semaphore::new(1),
         })
     }
@@ -106,7 +109,13 @@ impl Metrics {
 
     /// Whether `--ports` lets this port be exported.
     pub fn exports_port(&self, port: u16) -> bool {
-        self.ports.as_ref().is_none_or(|ports| ports.contains(port))
+        self.labels.exports_port(port)
+    }
+
+    /// What is exported: the drains count their ends by scope with it
+    /// ([`Drains::with_metric_labels`]).
+    pub fn labels(&self) -> &MetricLabels {
+        &self.labels
     }
 
     /// [`Metrics::render`] on a blocking thread, one render at a time. A render reads every
@@ -153,71 +162,20 @@ impl Metrics {
             .context("cannot register the kernel state metric")
     }
 
-    /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`).
+    /// Adds the drains' metrics (`drains_total`, `drain_duration_seconds`, by scope). The
+    /// drains must count by scope with these metrics' labels ([`Drains::with_metric_labels`]):
+    /// otherwise their series would show ports `--ports` leaves out, or addresses
+    /// `--metrics-labels port` hides.
     pub fn register_drains(&self, drains: Arc<Drains>) -> Result<()> {
+        anyhow::ensure!(
+            drains.metric_labels() == &self.labels,
+            "the drains count by scope with {:?}, the metrics export {:?}",
+            drains.metric_labels(),
+            self.labels
+        );
         self.registry
             .register(Box::new(DrainCollector::new(drains)?))
             .context("cannot register the drain metrics")
-    }
-}
-
-/// The labels of the connection metrics (`--metrics-labels`).
-///
-/// By address (the default), a series is a (local address, port): on a node that is the
-/// pods' IPs and the node's own addresses times the ports served, bounded by what runs on
-/// the node (110 pods × 2 ports: 220 series a metric), and the address is what
-/// kube-state-metrics' `kube_pod_info{pod_ip}` joins on. The network namespace is no label:
-/// Prometheus has nothing to join it with, and endpoints that share an address and port in
-/// several namespaces (127.0.0.1 in each pod) are summed. Client addresses never are labels.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum ConnectionLabels {
-    /// `port` only: one series a port, the sum over every address and namespace.
-    Port,
-    /// `port` and `addr` (the local address: a pod's IP).
-    #[default]
-    Address,
-}
-
-/// A set of ports, as given to `--ports` (`80,443,8080-8090`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortSet {
-    ranges: Vec<(u16, u16)>,
-}
-
-impl PortSet {
-    pub fn contains(&self, port: u16) -> bool {
-        self.ranges
-            .iter()
-            .any(|(low, high)| (*low..=*high).contains(&port))
-    }
-}
-
-impl std::str::FromStr for PortSet {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let port = |part: &str| match part.trim().parse::<u32>() {
-            Ok(port @ 1..=65535) => Ok(port as u16),
-            _ => Err(format!("{part:?} is not a port number (1-65535)")),
-        };
-        let mut ranges = Vec::new();
-        for item in text.split(',') {
-            let range = match item.split_once('-') {
-                Some((low, high)) => {
-                    let (low, high) = (port(low)?, port(high)?);
-                    if low > high {
-                        return Err(format!("range {item:?} is backwards"));
-                    }
-                    (low, high)
-                }
-                None => {
-                    let single = port(item)?;
-                    (single, single)
-                }
-            };
-            ranges.push(range);
-        }
-        Ok(Self { ranges })
     }
 }
 
@@ -270,11 +228,48 @@ mod tests {
     use crate::tracker::fake::{FakeSource, endpoint};
 
     fn metrics(ports: Option<PortSet>) -> (Arc<FakeSource>, Metrics) {
+        labelled(ports, ConnectionLabels::Port)
+    }
+
+    fn labelled(ports: Option<PortSet>, labels: ConnectionLabels) -> (Arc<FakeSource>, Metrics) {
         let source = Arc::new(FakeSource::default());
         let tracker = Arc::new(Tracker::new(source.clone(), 4));
-        let metrics =
-            Metrics::new(tracker, ports, ConnectionLabels::Port, "tp_btf", false).expect("metrics");
+        let metrics = Metrics::new(tracker, ports, labels, "tp_btf", false).expect("metrics");
         (source, metrics)
+    }
+
+    /// Drains on `source`'s endpoints, counted as `metrics` exports them and registered.
+    fn drains_of(source: &Arc<FakeSource>, metrics: &Metrics) -> Arc<Drains> {
+        let tracker = Arc::new(Tracker::new(source.clone(), 4));
+        let drains = Arc::new(
+            Drains::new(tracker, None, None, None, 4).with_metric_labels(metrics.labels().clone()),
+        );
+        metrics
+            .register_drains(Arc::clone(&drains))
+            .expect("register");
+        drains
+    }
+
+    /// A drain of `filter` posted by the node, ending at `timeout`.
+    async fn post(drains: &Arc<Drains>, filter: crate::tracker::Filter, timeout: Duration) {
+        use crate::{
+            drain::{DrainSpec, Given, OnTimeout},
+            drain_rule::DrainRule,
+        };
+        drains
+            .post(
+                DrainSpec {
+                    filter,
+                    timeout,
+                    rule: DrainRule::default(),
+                    on_timeout: OnTimeout::Keep,
+                    pace: 0,
+                    given: Given::default(),
+                },
+                crate::drain::StartedBy::Node,
+            )
+            .await
+            .expect("room");
     }
 
     #[test]
@@ -357,59 +352,26 @@ mod tests {
 
     #[tokio::test]
     async fn drains_by_scope_show_while_they_run_and_count_their_results() {
-        use crate::{
-            drain::{DrainSpec, Given, OnTimeout},
-            drain_rule::DrainRule,
-            tracker::Filter,
-        };
-        let (source, metrics) = metrics(None);
+        use crate::tracker::Filter;
+        let (source, metrics) = labelled(None, ConnectionLabels::Address);
         source.set(vec![endpoint("10.0.0.1", 8080, 1)]);
-        let tracker = Arc::new(Tracker::new(source.clone(), 4));
-        let drains = Arc::new(Drains::new(tracker, None, None, None, 4));
-        metrics
-            .register_drains(Arc::clone(&drains))
-            .expect("register");
+        let drains = drains_of(&source, &metrics);
         let pod = Filter {
             addr: Some("10.0.0.1".parse().expect("addr")),
             ..Filter::port(8080)
         };
-        drains
-            .post(
-                DrainSpec {
-                    filter: pod.clone(),
-                    timeout: Duration::from_millis(300),
-                    rule: DrainRule::default(),
-                    on_timeout: OnTimeout::Keep,
-                    pace: 0,
-                    given: Given::default(),
-                },
-                crate::drain::StartedBy::Node,
-            )
-            .await
-            .expect("room");
+        post(&drains, pod.clone(), Duration::from_millis(300)).await;
         // A pod listener's drain (its namespace): labelled by the pod's address there.
         let mut in_pod = endpoint("127.0.0.1", 8081, 1);
         in_pod.netns = 7;
         let mut pod_ip = endpoint("10.0.0.7", 8081, 1);
         pod_ip.netns = 7;
         source.set(vec![endpoint("10.0.0.1", 8080, 1), in_pod, pod_ip]);
-        drains
-            .post(
-                DrainSpec {
-                    filter: Filter {
-                        netns: Some(7),
-                        ..Filter::port(8081)
-                    },
-                    timeout: Duration::from_secs(60),
-                    rule: DrainRule::default(),
-                    on_timeout: OnTimeout::Keep,
-                    pace: 0,
-                    given: Given::default(),
-                },
-                crate::drain::StartedBy::Node,
-            )
-            .await
-            .expect("room");
+        let in_namespace = Filter {
+            netns: Some(7),
+            ..Filter::port(8081)
+        };
+        post(&drains, in_namespace, Duration::from_secs(60)).await;
         let scope = "port=\"8080\",addr=\"10.0.0.1\"";
         let text = metrics.render().expect("render");
         for line in [
@@ -444,6 +406,78 @@ mod tests {
         assert!(text.contains("port=\"8080\""), "{text}");
         assert!(!text.contains("port=\"9\""), "{text}");
         assert!(metrics.exports_port(8080) && !metrics.exports_port(9));
+    }
+
+    /// Audit (--ports, --metrics-labels): the drain metrics ignored both. `--ports 8080`
+    /// still exported drains of 9090, and `--metrics-labels port` (SECURITY.md: what hides
+    /// the pods' addresses from a public /metrics) still gave each drain its pod's `addr`,
+    /// a namespace's drain included. Now they follow the connection metrics: ports left
+    /// out are not exported, and by port every address's drains are one series a port.
+    #[tokio::test]
+    async fn drain_metrics_follow_the_ports_allow_list_and_the_port_label() {
+        use crate::tracker::Filter;
+        let (source, metrics) =
+            labelled(Some("8080".parse().expect("ports")), ConnectionLabels::Port);
+        let mut pod_ip = endpoint("10.0.0.7", 8080, 1);
+        pod_ip.netns = 7;
+        source.set(vec![
+            endpoint("10.0.0.1", 8080, 1),
+            endpoint("10.0.0.2", 8080, 1),
+            pod_ip,
+            endpoint("10.0.0.1", 9090, 1),
+        ]);
+        let drains = drains_of(&source, &metrics);
+        let at = |addr: &str, port: u16| Filter {
+            addr: Some(addr.parse().expect("addr")),
+            ..Filter::port(port)
+        };
+        let short = Duration::from_millis(200);
+        let scopes = [
+            at("10.0.0.1", 8080),
+            at("10.0.0.2", 8080),
+            Filter {
+                netns: Some(7),
+                ..Filter::port(8080)
+            },
+            at("10.0.0.1", 9090),
+        ];
+        for scope in &scopes {
+            post(&drains, scope.clone(), short).await;
+        }
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("drain_agent_drain_in_progress{port=\"8080\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains("addr="), "{text}");
+        assert!(!text.contains("port=\"9090\""), "{text}");
+        // Each ends at its timeout (`None`: ended already, counted with its end: the test's
+        // runtime has one thread).
+        for scope in &scopes {
+            let _ = drains.wait_ended(scope, Duration::from_secs(5)).await;
+        }
+        let text = metrics.render().expect("render");
+        assert!(
+            text.contains("drain_agent_scope_drains_total{port=\"8080\",result=\"timeout\"} 3"),
+            "{text}"
+        );
+        assert!(!text.contains("addr="), "{text}");
+        assert!(!text.contains("port=\"9090\""), "{text}");
+        // Every drain is in the totals, whatever its port.
+        assert!(
+            text.contains("drain_agent_drains_total{result=\"timeout\"} 4"),
+            "{text}"
+        );
+    }
+
+    /// The drains must count by scope as the metrics export: drains counted otherwise are
+    /// refused, not rendered with the wrong labels.
+    #[test]
+    fn drains_counted_with_other_labels_are_refused() {
+        let (source, metrics) = metrics(Some("8080".parse().expect("ports")));
+        let tracker = Arc::new(Tracker::new(source, 4));
+        let drains = Arc::new(Drains::new(tracker, None, None, None, 4));
+        assert!(metrics.register_drains(drains).is_err());
     }
 
     #[test]

@@ -193,6 +193,8 @@ struct Snapshot {
     former: HashMap<IpAddr, Former>,
     /// Each namespace's cookie, as read.
     cookies: HashMap<u32, Option<u64>>,
+    /// The addresses of the agent's own namespace (the node's).
+    own: std::collections::BTreeSet<IpAddr>,
     read_at: Option<Instant>,
 }
 
@@ -433,6 +435,35 @@ impl PodAddresses {
             .addresses_of(netns, Instant::now())
     }
 
+    /// Whether `addr` is an address of the node's own namespace (the agent's): one of its
+    /// interfaces', or loopback (all of 127.0.0.0/8 and `::1` reach the node's loopback).
+    /// What a local user, whose scope is that namespace, may name as `addr=`
+    /// (`http/authority.rs`). A miss is read again when the read is older than
+    /// [`MISS_REFRESH`], a hit when older than [`HIT_REFRESH`].
+    pub async fn node_holds(&self, addr: IpAddr) -> bool {
+        let addr = canonical_addr(addr);
+        if addr.is_loopback() {
+            return true;
+        }
+        let (held, read_at) = {
+            let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+            (snapshot.own.contains(&addr), snapshot.read_at)
+        };
+        let stale = read_at.is_none_or(|at| {
+            let age = Instant::now().saturating_duration_since(at);
+            age >= if held { HIT_REFRESH } else { MISS_REFRESH }
+        });
+        if !stale {
+            return held;
+        }
+        self.refresh(read_at).await;
+        self.snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .own
+            .contains(&addr)
+    }
+
     /// What `addr` names as last read, without reading again (`None`: never read yet). For
     /// a held gate asked about (`drain/gate.rs`), which must not wait: the question's
     /// [`PodAddresses::named`] has read it when stale, and so has the drain's end.
@@ -496,6 +527,12 @@ impl PodAddresses {
         snapshot.cookies = read
             .iter()
             .map(|(&inode, namespace)| (inode, namespace.cookie))
+            .collect();
+        snapshot.own = read
+            .get(&self.own_netns)
+            .into_iter()
+            .flat_map(|namespace| namespace.addresses.iter())
+            .map(|&addr| canonical_addr(addr))
             .collect();
         snapshot.read_at = Some(now);
     }
