@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use super::owner::{self, ServerOwners};
+
 /// `http://host:port[/prefix]`, split up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentUrl {
@@ -17,6 +19,9 @@ pub struct AgentUrl {
     pub prefix: String,
     /// Sent as `Authorization: Bearer …` when set ([`AgentUrl::with_token_file`]).
     pub token: Option<String>,
+    /// Whose server socket a request goes to, when it is in this network namespace: an
+    /// agent's ([`AgentUrl::parse`]; [`AgentUrl::with_agent_uid`]).
+    pub owners: ServerOwners,
 }
 
 impl AgentUrl {
@@ -40,6 +45,14 @@ impl AgentUrl {
             self.token = Some(token.to_owned());
         }
         Ok(self)
+    }
+
+    /// Also takes a server socket of `agent_uid` for the agent's, if given (`--agent-uid`:
+    /// an agent run as a user other than root and this one).
+    #[must_use]
+    pub fn with_agent_uid(mut self, agent_uid: Option<u32>) -> Self {
+        self.owners = ServerOwners::Agent { agent_uid };
+        self
     }
 
     /// `http://host[:port][/prefix]`; the port defaults to 80, a trailing `/` of the prefix
@@ -81,6 +94,7 @@ impl AgentUrl {
             port,
             prefix: prefix.to_owned(),
             token: None,
+            owners: ServerOwners::Agent { agent_uid: None },
         })
     }
 }
@@ -181,16 +195,18 @@ fn get_from(
     parse_response(&raw)
 }
 
-/// A connection to the first of `addresses` that takes one, tried in turn within the
-/// deadline (each connect bounded by [`CONNECT_TIMEOUT`]): `localhost` resolves to `::1`
-/// first on glibc and musl, and an agent on `127.0.0.1` is still found. The error says why
-/// each address failed.
+/// A connection to the first of `addresses` that takes one and is the agent's
+/// ([`owner::check`]: a server socket of another user gets nothing sent), tried in turn
+/// within the deadline (each connect bounded by [`CONNECT_TIMEOUT`]): `localhost` resolves
+/// to `::1` first on glibc and musl, and an agent on `127.0.0.1` is still found. The error
+/// says why each address failed.
 fn connect(addresses: &[SocketAddr], url: &AgentUrl, deadline: Instant) -> Result<TcpStream> {
     let mut problems = Vec::new();
     for address in addresses {
         let Ok(left) = left(deadline) else { break };
         match TcpStream::connect_timeout(address, left.min(CONNECT_TIMEOUT))
             .with_context(|| format!("cannot connect to the agent at {address}"))
+            .and_then(|stream| owner::check(&stream, url.owners, deadline).map(|()| stream))
         {
             Ok(stream) => return Ok(stream),
             Err(problem) => problems.push(problem),
@@ -305,6 +321,7 @@ mod tests {
                 port: 9100,
                 prefix: String::new(),
                 token: None,
+                owners: ServerOwners::Agent { agent_uid: None },
             }
         );
         let dir = tempfile::tempdir().expect("dir");
