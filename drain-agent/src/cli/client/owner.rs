@@ -69,7 +69,8 @@ pub(super) fn check(stream: &TcpStream, owners: ServerOwners, deadline: Instant)
                     "the server at {server} is not the agent: its socket is uid {uid}'s, not {}; nothing was sent to it",
                     trusted(me, agent_uid)
                 ),
-                // Its listener's yet: the handshake ended, no process has accepted it.
+                // Still its listener's (a request socket, or one in the accept queue): no
+                // process holds it yet.
                 None if matches!(
                     socket.state,
                     sockdiag::state::ESTABLISHED | sockdiag::state::SYN_RECV
