@@ -975,3 +975,128 @@ fn the_rollout_operator_recipe_drains_the_pod() {
     );
     assert_eq!(status, 503, "the pod's readiness probe: {body}");
 }
+
+/// A server of user `nobody` on 127.0.0.1:`port` that answers every request as an agent
+/// whose port 8080 drained (the real contract type), and keeps what it was sent. It
+/// accepts on its own thread, whose fsuid is `nobody`: the accepted sockets are that
+/// user's, as a local user's listener on the agent's address would be.
+fn nobodys_fake_agent(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use drain_agent::http::api::DrainedBody;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let kept = std::sync::Arc::clone(&seen);
+    thread::spawn(move || {
+        // SAFETY: setfsuid is per thread; it changes whose sockets this thread makes.
+        unsafe { libc::setfsuid(NOBODY) };
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        ready_tx.send(()).expect("ready");
+        let body = serde_json::to_string(&DrainedBody {
+            port: 8080,
+            drained: true,
+            active: 0,
+            waited_ms: 0,
+            unknown: None,
+            idle: None,
+            busy: None,
+            peers: Vec::new(),
+            drain: None,
+            unrecorded: None,
+            closed: None,
+            reason: None,
+        })
+        .expect("json");
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            let mut request = Vec::new();
+            let mut buffer = [0_u8; 4096];
+            while !request.windows(4).any(|end| end == b"\r\n\r\n") {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => request.extend_from_slice(&buffer[..read]),
+                }
+            }
+            if request.is_empty() {
+                continue;
+            }
+            kept.lock()
+                .expect("lock")
+                .push(String::from_utf8_lossy(&request).into_owned());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    ready_rx.recv().expect("ready");
+    seen
+}
+
+/// While the agent is down (its 2 s restart, a crash), its address is an unprivileged
+/// port any local user may bind. `nobody` did, and answered root's stop hook
+/// (`drain-agent wait`, run by systemd's `ExecStop=`) "drained": `wait` exited 0 with
+/// connections open, and sent nobody the bearer token of its `--token-file`. The client
+/// now looks up the server's end of its connection (the agent's own sock_diag lookup)
+/// before it sends anything: a socket of another user is not the agent, and is treated
+/// as an agent out of reach (exit 2 at the timeout), nothing sent.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_local_user_on_the_agents_address_is_not_the_agent() {
+    if !kernel_available("a_local_user_on_the_agents_address_is_not_the_agent") {
+        return;
+    }
+    let port = free_port();
+    let seen = nobodys_fake_agent(port);
+    let tokens = common::temp_dir("tokens");
+    let token_file = tokens.path().join("token");
+    std::fs::write(&token_file, "root-hook-token-0123456789\n").expect("write");
+    let started = Instant::now();
+    let output = Command::new(agent_binary())
+        .args(["wait", "--port", "8080", "--timeout", "3s", "--agent"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .env_remove("DRAIN_AGENT_UID")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drain-agent wait");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let seen = seen.lock().expect("lock").clone();
+    assert!(
+        seen.iter()
+            .all(|request| !request.contains("root-hook-token")),
+        "nobody was sent root's token: {seen:?}"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "nobody's answer ended the wait (stdout {:?}, stderr {stderr:?})",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(seen.is_empty(), "nobody was sent requests: {seen:?}");
+    assert!(
+        stderr.contains("uid 65534") && stderr.contains(&format!("127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(
+        took >= Duration::from_millis(2900),
+        "waited out its timeout: {took:?}"
+    );
+    // An agent run as that user is named with --agent-uid: its answer is taken.
+    let output = Command::new(agent_binary())
+        .args(["wait", "--port", "8080", "--timeout", "3s", "--agent"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["--agent-uid", &NOBODY.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drain-agent wait");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -81,7 +81,8 @@ pub enum Command {
     /// Block until a port is drained, by asking a running agent (for images without curl).
     /// Exit status: 0 drained, 1 not drained in time, 2 usage error, a refusal (a 4xx other
     /// than 408, 425 or 429, e.g. 404 for an unknown --netns inode: at once) or agent
-    /// unreachable.
+    /// unreachable (a server on its address whose socket is another user's, see
+    /// --agent-uid, counts as unreachable: nothing is sent to it).
     Wait(WaitArgs),
     /// Print the ports with open connections, as a running agent counts them.
     Status(StatusArgs),
@@ -474,6 +475,15 @@ pub struct WaitArgs {
     /// when asking an agent from beyond its node and pods (SECURITY.md).
     #[arg(long, env = "DRAIN_AGENT_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+
+    /// The agent's user, if it is neither root nor the user running this command (an agent
+    /// run as a user with capabilities). A request, and its token, goes only to a server
+    /// socket of root, of this user or of this uid when the socket is in this network
+    /// namespace: while the agent is down, any local user may bind its address. Another
+    /// user's server is not the agent: nothing is sent to it, and it counts as an agent out
+    /// of reach (SECURITY.md).
+    #[arg(long, env = "DRAIN_AGENT_UID", value_name = "UID")]
+    pub agent_uid: Option<u32>,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -486,6 +496,15 @@ pub struct StatusArgs {
     /// when asking an agent from beyond its node and pods (SECURITY.md).
     #[arg(long, env = "DRAIN_AGENT_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+
+    /// The agent's user, if it is neither root nor the user running this command (an agent
+    /// run as a user with capabilities). A request, and its token, goes only to a server
+    /// socket of root, of this user or of this uid when the socket is in this network
+    /// namespace: while the agent is down, any local user may bind its address. Another
+    /// user's server is not the agent: nothing is sent to it, and it counts as an agent out
+    /// of reach (SECURITY.md).
+    #[arg(long, env = "DRAIN_AGENT_UID", value_name = "UID")]
+    pub agent_uid: Option<u32>,
 
     /// Only this local port.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]

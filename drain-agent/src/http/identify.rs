@@ -52,24 +52,10 @@ pub struct SocketTables;
 
 impl ClientSockets for SocketTables {
     fn owner_of(&self, client: SocketAddr, server: SocketAddr) -> Result<Option<u32>> {
-        Ok(crate::sys::sockdiag::find_one(client, server)?
-            .filter(can_be_waiting)
-            .map(|socket| socket.uid))
+        // Only a full socket a process holds names an owner (`TcpSocket::owner`): not a
+        // time-wait one, which the kernel reports as root's.
+        Ok(crate::sys::sockdiag::find_one(client, server)?.and_then(|socket| socket.owner()))
     }
-}
-
-/// Whether `socket` is a full socket whose process may wait for an answer: established or
-/// closing, and with an inode. A time-wait socket comes back from a lookup with its
-/// substate (a process that sent its request and closed at once leaves one in
-/// `FIN_WAIT2`) and uid 0 (`inet_twsk_diag_fill()`): taken as its owner, it would make any
-/// user root. It has no inode; neither has a socket whose process closed it.
-fn can_be_waiting(socket: &crate::sys::sockdiag::TcpSocket) -> bool {
-    use crate::sys::sockdiag::state;
-    let states = state::bit(state::ESTABLISHED)
-        | state::bit(state::CLOSE_WAIT)
-        | state::bit(state::FIN_WAIT1)
-        | state::bit(state::FIN_WAIT2);
-    states & state::bit(socket.state) != 0 && socket.inode != 0
 }
 
 /// Bearer tokens from `--auth-token-file`: one per line; blank lines and `#` comments are

@@ -8,15 +8,18 @@ use std::{
     time::Duration,
 };
 
-use drain_agent::cli::client::{AgentUrl, get as client_get};
+use drain_agent::cli::client::{AgentUrl, ServerOwners, get as client_get};
 
-/// `GET path` from the server at `addr`: status and body.
+/// `GET path` from the server at `addr`: status and body. Any server of the tests', not
+/// only agents: nginx's workers run as `nobody`, and the agent's client talks to root's
+/// and its own user's sockets only.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
     let url = AgentUrl {
         host: addr.ip().to_string(),
         port: addr.port(),
         prefix: String::new(),
         token: None,
+        owners: ServerOwners::Anyone,
     };
     get_url(&url, path, timeout)
 }

@@ -1,14 +1,17 @@
-//! `drain-agent wait` and `drain-agent status`: small clients of a running agent, for
-//! images without curl. Plain HTTP/1.1 over a TCP socket, no TLS: the transport
-//! (`transport.rs`, URL and answers parsed by the `http` and `httparse` crates) and the two
-//! commands (`wait.rs`, `status.rs`).
+//! `drain-agent wait`, `status` and `probe`: small clients of a running agent, for images
+//! without curl. Plain HTTP/1.1 over a TCP socket, no TLS: the transport (`transport.rs`,
+//! URL and answers parsed by the `http` and `httparse` crates), whose server must be the
+//! agent's socket when it is in this network namespace (`owner.rs`), and the commands
+//! (`wait.rs`, `status.rs`, `probe.rs`).
 
+mod owner;
 mod probe;
 mod status;
 mod transport;
 mod wait;
 
 pub use self::{
+    owner::ServerOwners,
     probe::probe,
     status::status,
     transport::{AgentUrl, Response, get},

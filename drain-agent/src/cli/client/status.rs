@@ -29,7 +29,9 @@ pub fn status(args: &StatusArgs) -> ExitCode {
 }
 
 fn status_text(args: &StatusArgs) -> Result<String> {
-    let url = AgentUrl::parse(&args.agent)?.with_token_file(args.token_file.as_deref())?;
+    let url = AgentUrl::parse(&args.agent)?
+        .with_token_file(args.token_file.as_deref())?
+        .with_agent_uid(args.agent_uid);
     let path = match args.port {
         Some(port) => format!("/connections?port={port}"),
         None => "/connections".to_owned(),

@@ -3,11 +3,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{TcpStream, ToSocketAddrs as _},
+    net::{SocketAddr, TcpStream, ToSocketAddrs as _},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use super::owner::{self, ServerOwners};
 
 /// `http://host:port[/prefix]`, split up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +19,9 @@ pub struct AgentUrl {
     pub prefix: String,
     /// Sent as `Authorization: Bearer …` when set ([`AgentUrl::with_token_file`]).
     pub token: Option<String>,
+    /// Whose server socket a request goes to, when it is in this network namespace: an
+    /// agent's ([`AgentUrl::parse`]; [`AgentUrl::with_agent_uid`]).
+    pub owners: ServerOwners,
 }
 
 impl AgentUrl {
@@ -40,6 +45,14 @@ impl AgentUrl {
             self.token = Some(token.to_owned());
         }
         Ok(self)
+    }
+
+    /// Also takes a server socket of `agent_uid` for the agent's, if given (`--agent-uid`:
+    /// an agent run as a user other than root and this one).
+    #[must_use]
+    pub fn with_agent_uid(mut self, agent_uid: Option<u32>) -> Self {
+        self.owners = ServerOwners::Agent { agent_uid };
+        self
     }
 
     /// `http://host[:port][/prefix]`; the port defaults to 80, a trailing `/` of the prefix
@@ -90,6 +103,7 @@ impl AgentUrl {
             port,
             prefix: prefix.to_owned(),
             token: None,
+            owners: ServerOwners::Agent { agent_uid: None },
         })
     }
 }
@@ -113,17 +127,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most of an answer `get` reads (the agent's largest, /metrics, is far smaller).
 const MAX_ANSWER: usize = 16 << 20;
 
-/// `GET path` with a deadline for the whole exchange: connect, send and read together take
-/// at most `timeout` (name resolution aside: the agent URL is normally an IP address).
+/// `GET path` with a deadline for the whole exchange: connect (to each address of the host
+/// in turn, [`connect`]), send and read together take at most `timeout` (name resolution
+/// aside: the agent URL is normally an IP address).
 pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
-    let deadline = Instant::now() + timeout;
-    let address = (url.host.as_str(), url.port)
+    let addresses: Vec<SocketAddr> = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {}", url.host))?
-        .next()
-        .with_context(|| format!("{} has no address", url.host))?;
-    let mut stream = TcpStream::connect_timeout(&address, left(deadline)?.min(CONNECT_TIMEOUT))
-        .with_context(|| format!("cannot connect to the agent at {address}"))?;
+        .collect();
+    get_from(&addresses, url, path, timeout)
+}
+
+/// [`get`] from the host's `addresses`, in the resolver's order ([`connect`]).
+fn get_from(
+    addresses: &[SocketAddr],
+    url: &AgentUrl,
+    path: &str,
+    timeout: Duration,
+) -> Result<Response> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = connect(addresses, url, deadline)?;
     let host = if url.host.contains(':') {
         format!("[{}]", url.host)
     } else {
@@ -179,6 +202,39 @@ pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
         }
     }
     parse_response(&raw)
+}
+
+/// A connection to the first of `addresses` that takes one and is the agent's
+/// ([`owner::check`]: a server socket of another user gets nothing sent), tried in turn
+/// within the deadline (each connect bounded by [`CONNECT_TIMEOUT`]): `localhost` resolves
+/// to `::1` first on glibc and musl, and an agent on `127.0.0.1` is still found. The error
+/// says why each address failed.
+fn connect(addresses: &[SocketAddr], url: &AgentUrl, deadline: Instant) -> Result<TcpStream> {
+    let mut problems = Vec::new();
+    for address in addresses {
+        let Ok(left) = left(deadline) else { break };
+        match TcpStream::connect_timeout(address, left.min(CONNECT_TIMEOUT))
+            .with_context(|| format!("cannot connect to the agent at {address}"))
+            .and_then(|stream| owner::check(&stream, url.owners, deadline).map(|()| stream))
+        {
+            Ok(stream) => return Ok(stream),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    let mut problems = problems.into_iter();
+    match (problems.next(), problems.len()) {
+        (None, _) if addresses.is_empty() => bail!("{} has no address", url.host),
+        (None, _) => bail!("no complete answer from the agent by the deadline"),
+        (Some(only), 0) => Err(only),
+        (Some(first), _) => bail!(
+            "{}",
+            std::iter::once(first)
+                .chain(problems)
+                .map(|problem| format!("{problem:#}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
 }
 
 /// Time left until `deadline`; an error once it has passed (a zero socket timeout would
@@ -274,6 +330,7 @@ mod tests {
                 port: 9100,
                 prefix: String::new(),
                 token: None,
+                owners: ServerOwners::Agent { agent_uid: None },
             }
         );
         let dir = tempfile::tempdir().expect("dir");
@@ -372,6 +429,33 @@ mod tests {
             took >= Duration::from_millis(650) && took < Duration::from_millis(1200),
             "took {took:?}"
         );
+    }
+
+    /// `localhost` resolves to `::1` first (glibc and musl sort it so), and the agent
+    /// listens on 127.0.0.1 only: `get` tried the first address alone, and `wait --agent
+    /// http://localhost:9100` retried a refused `[::1]:9100` until its timeout (exit 2).
+    /// Every address is tried in turn; the test hands over the resolver's order itself.
+    #[test]
+    fn every_address_of_the_host_is_tried_in_turn() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut request = [0_u8; 1024];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            }
+        });
+        let url = AgentUrl::parse(&format!("http://localhost:{port}")).expect("url");
+        let resolved = [
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+        ];
+        let answer = get_from(&resolved, &url, "/healthz", Duration::from_secs(2))
+            .expect("answered at 127.0.0.1 after [::1] refused");
+        assert_eq!((answer.status, answer.body.as_str()), (200, "{}"));
     }
 
     #[test]

@@ -217,6 +217,7 @@ fn judge(answer: anyhow::Result<super::Response>, agent: &str) -> Reply {
 pub fn wait(args: &WaitArgs) -> ExitCode {
     let url = match AgentUrl::parse(&args.agent)
         .and_then(|url| url.with_token_file(args.token_file.as_deref()))
+        .map(|url| url.with_agent_uid(args.agent_uid))
     {
         Ok(url) => url,
         Err(problem) => {

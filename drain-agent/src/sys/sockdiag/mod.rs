@@ -93,6 +93,24 @@ pub struct TcpSocket {
     interface: u32,
 }
 
+impl TcpSocket {
+    /// The uid of the process that holds this socket, when the socket names one: a full
+    /// socket with an inode (a process holds it), established or closing. A time-wait
+    /// socket comes back from a lookup with its substate (a process that sent and closed at
+    /// once leaves one in `FIN_WAIT2`) and uid 0 (`inet_twsk_diag_fill()`): taken as its
+    /// owner, it would make anyone root. It has no inode; neither has a socket whose
+    /// process closed it, nor a connection its listener has not accepted yet. Both ends of
+    /// a connection are told by it: the agent's callers (`http/identify.rs`) and the
+    /// servers its client talks to (`cli/client/owner.rs`).
+    pub fn owner(&self) -> Option<u32> {
+        let states = state::bit(state::ESTABLISHED)
+            | state::bit(state::CLOSE_WAIT)
+            | state::bit(state::FIN_WAIT1)
+            | state::bit(state::FIN_WAIT2);
+        (states & state::bit(self.state) != 0 && self.inode != 0).then_some(self.uid)
+    }
+}
+
 /// The few `struct tcp_info` fields this agent looks at. Times are milliseconds *ago*.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpInfoSummary {
