@@ -263,6 +263,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )
         .with_state_file(state_file)
         .with_port_owners(owners)
+        // A pod's drain ends once its namespace is gone or its inode another namespace's.
+        .with_namespaces(Arc::new(
+            crate::drain::namespace::KernelNamespaces::default(),
+        ))
         // Counted by scope as /metrics exports them (--ports, --metrics-labels).
         .with_metric_labels(metrics.labels().clone()),
     );

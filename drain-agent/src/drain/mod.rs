@@ -13,6 +13,7 @@ pub mod advice;
 mod gate;
 pub mod journal;
 mod listener_reads;
+pub mod namespace;
 pub mod owner;
 mod registry;
 mod run;
@@ -319,6 +320,9 @@ pub struct Drains {
     /// Whose a port's sockets are: a local user's drain acts on its scope only while they
     /// are all that user's ([`Drains::with_port_owners`]; `None`: never).
     port_owners: Option<Arc<dyn owner::PortOwners>>,
+    /// What a namespace's drain checks its namespace against: still the one it started in
+    /// ([`Drains::with_namespaces`]; `None`: never checked, as in unit tests on the node).
+    namespaces: Option<Arc<dyn namespace::Namespaces>>,
     /// Drains in progress at most (`--max-waiters`).
     max_running: usize,
     /// Drains in progress one owner may have at most ([`owner::RUNNING_PER_OWNER`]).
@@ -390,6 +394,7 @@ impl Drains {
             interrupted: Mutex::new(HashSet::new()),
             pods,
             port_owners: None,
+            namespaces: None,
             max_running,
             running_per_owner: owner::RUNNING_PER_OWNER,
             held_max: HELD_MAX,
@@ -437,6 +442,16 @@ impl Drains {
     #[must_use]
     pub fn with_port_owners(mut self, owners: Arc<dyn owner::PortOwners>) -> Self {
         self.port_owners = Some(owners);
+        self
+    }
+
+    /// Checks that a namespace's drain's namespace is still the one it started in (its
+    /// cookie, `namespace.rs`), at its start, when restored, while it runs and before it
+    /// acts at its end: one whose namespace is gone or replaced (a new pod given the inode)
+    /// ends drained, closing nothing and keeping none of the new namespace's listeners.
+    #[must_use]
+    pub fn with_namespaces(mut self, namespaces: Arc<dyn namespace::Namespaces>) -> Self {
+        self.namespaces = Some(namespaces);
         self
     }
 

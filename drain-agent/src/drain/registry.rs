@@ -27,6 +27,10 @@ pub(super) struct Running {
     pub(super) started: tokio::time::Instant,
     pub(super) deadline: tokio::time::Instant,
     pub(super) record: Mutex<DrainRecord>,
+    /// The cookie of its namespace when it started (`spec.filter.netns`; `None`: no
+    /// namespace, or its cookie could not be read): once the namespace has another one,
+    /// the inode is another namespace's and the drain is over (`namespace.rs`).
+    pub(super) netns_cookie: Option<u64>,
     /// Set to end the drain early: `Cancelled` (`DELETE`) or `Abandoned` (its waiters left).
     pub(super) cancel: watch::Sender<Option<DrainEnd>>,
     pub(super) finished: watch::Sender<Option<Arc<Final>>>,
@@ -54,6 +58,7 @@ impl Running {
         started: tokio::time::Instant,
         deadline: tokio::time::Instant,
         record: DrainRecord,
+        netns_cookie: Option<u64>,
         posted: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -61,6 +66,7 @@ impl Running {
             started,
             deadline,
             record: Mutex::new(record),
+            netns_cookie,
             cancel: watch::channel(None).0,
             finished: watch::channel(None).0,
             posted: AtomicBool::new(posted),
@@ -233,7 +239,9 @@ impl Drains {
         let limit = tokio::time::Instant::now() + ENDING_WAIT;
         // The scope's count, read before the registry's lock is taken: for a scope narrower
         // than a port it is a pass over the whole endpoint map, and the health hooks take
-        // that lock. Read only when a drain would start; a record's, not a decision's.
+        // that lock. Read only when a drain would start; a record's, not a decision's. So is
+        // its namespace's cookie (a namespace's drain), which tells its namespace from a
+        // later one given the same inode (`namespace.rs`).
         let mut active_at_start = None;
         loop {
             let ending = match self.start_now(&spec, posted, by, active_at_start)? {
@@ -241,7 +249,8 @@ impl Drains {
                 Started::Ending(ending) => ending,
                 Started::Uncounted => {
                     let active = self.tracker.active_off_runtime(&spec.filter).await;
-                    active_at_start = Some(active.unwrap_or(0));
+                    let cookie = self.namespace_cookie(&spec.filter).await;
+                    active_at_start = Some((active.unwrap_or(0), cookie));
                     continue;
                 }
             };
@@ -256,13 +265,14 @@ impl Drains {
     }
 
     /// [`Drains::start`]'s one look at the registry, under its lock; a drain it starts
-    /// records `active_at_start` (None: [`Started::Uncounted`], nothing started).
+    /// records `active_at_start` and keeps its namespace's cookie, read with it (None:
+    /// [`Started::Uncounted`], nothing started).
     fn start_now(
         self: &Arc<Self>,
         spec: &DrainSpec,
         posted: bool,
         by: StartedBy,
-        active_at_start: Option<u64>,
+        active_at_start: Option<(u64, Option<u64>)>,
     ) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
@@ -298,7 +308,7 @@ impl Drains {
         if running.len() >= self.max_running {
             return Err(JoinError::Full);
         }
-        let Some(active_at_start) = active_at_start else {
+        let Some((active_at_start, netns_cookie)) = active_at_start else {
             return Ok(Started::Uncounted);
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -320,7 +330,14 @@ impl Drains {
             started_by: Some(by),
         };
         let now = tokio::time::Instant::now();
-        let drain = Running::new(spec.clone(), now, now + spec.timeout, record, posted);
+        let drain = Running::new(
+            spec.clone(),
+            now,
+            now + spec.timeout,
+            record,
+            netns_cookie,
+            posted,
+        );
         running.insert(spec.filter.clone(), Arc::clone(&drain));
         drop(running);
         log::info!(

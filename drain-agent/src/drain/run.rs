@@ -6,8 +6,8 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use crate::{
     drain::{
-        DURATION_BUCKETS, DrainEnd, DrainRecord, DrainSpec, Drains, Final, GATE_HOLD, HISTORY,
-        OnTimeout, StartedBy,
+        DURATION_BUCKETS, DrainEnd, DrainRecord, Drains, Final, GATE_HOLD, HISTORY, OnTimeout,
+        StartedBy,
         gate::{AtEnd, Held},
         lock,
         owner::{self, Holding, Owner},
@@ -41,18 +41,30 @@ impl Drains {
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
         let by = lock(&drain.record).started_by;
+        // A namespace's drain whose namespace is gone, or is another one given its inode (a
+        // new pod), is over (`namespace.rs`): checked while it waits, after, and before
+        // it closes anything. It ends drained (no connection of its namespace can remain),
+        // closes nothing more, and keeps no listener of the namespace there now.
+        let mut lost = false;
         let waited = tokio::select! {
             outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
             end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
             end = self.owner_lost(&drain, by) => Err(end),
+            () = self.namespace_lost(&drain) => {
+                lost = true;
+                Err(DrainEnd::Drained)
+            }
         };
+        if waited.is_ok() && !self.tracker.shutting_down() {
+            lost = self.namespace_replaced(&drain).await;
+        }
         // A close at the deadline first waits for the seeding walk (see `await_seeding`; a
         // cancel meanwhile ends the drain as before its deadline). Then a local user's drain
         // acts on its scope (closes, lists the clients left, holds the gate) only if the
         // port is still its own (`still_owned`).
         let id = lock(&drain.record).id;
         let waited = match waited {
-            Ok(Ok(outcome)) if !self.tracker.shutting_down() => {
+            Ok(Ok(outcome)) if !lost && !self.tracker.shutting_down() => {
                 let seeded = if !outcome.drained && spec.on_timeout == OnTimeout::Close {
                     self.await_seeding(id, &mut cancel).await
                 } else {
@@ -66,7 +78,7 @@ impl Drains {
                     Err(end) => Err(end),
                 }
             }
-            Ok(Err(problem)) if !self.tracker.shutting_down() => self
+            Ok(Err(problem)) if !lost && !self.tracker.shutting_down() => self
                 .still_owned(id, spec.filter.port, by, false)
                 .await
                 .map(|()| Err(problem)),
@@ -74,6 +86,7 @@ impl Drains {
         };
         let mut closed = 0;
         let (result, outcome) = match waited {
+            _ if lost => (DrainEnd::Drained, namespace_gone(started)),
             Err(end) => (end, self.not_drained(&spec.filter, started, None).await),
             Ok(Ok(outcome)) => {
                 {
@@ -89,34 +102,16 @@ impl Drains {
                 } else if self.tracker.shutting_down() {
                     (DrainEnd::AgentShutdown, outcome)
                 } else if spec.on_timeout == OnTimeout::Close {
-                    if outcome.peers.is_empty() {
-                        // The deadline's list missed its budget (a busy node): the record
-                        // still names whom the close cuts. The answer waits for the close
-                        // anyway, so the list may take a report's budget.
-                        let mut listed = outcome.clone();
-                        self.tracker
-                            .list_remaining(&spec.filter, &spec.rule, &mut listed, REPORT_BUDGET)
-                            .await;
-                        lock(&drain.record).peers_at_end = listed.peers;
+                    // After the seeding walk's wait: the namespace may be another by now.
+                    if self.namespace_replaced(&drain).await {
+                        lost = true;
                     }
-                    closed = self.close_remaining(&spec).await;
-                    // Drained only if nothing is left now: a close that failed must not turn
-                    // into a "drained". Asked like any answer (doubts confirmed), without the
-                    // quiet window, which the deadline has ended.
-                    let now_rule = DrainRule {
-                        quiet: Duration::ZERO,
-                        ..spec.rule.clone()
-                    };
-                    let after = self
-                        .tracker
-                        .wait_for_drain(&spec.filter, Duration::ZERO, &now_rule)
-                        .await
-                        .map(|after| DrainOutcome {
-                            waited: started.elapsed(),
-                            ..after
-                        })
-                        .unwrap_or(outcome);
-                    (DrainEnd::ClosedAtDeadline, after)
+                    if lost {
+                        (DrainEnd::Drained, namespace_gone(started))
+                    } else {
+                        self.close_at_deadline(&drain, outcome, &mut closed, &mut lost)
+                            .await
+                    }
                 } else {
                     (DrainEnd::Timeout, outcome)
                 }
@@ -135,6 +130,10 @@ impl Drains {
                 )
             }
         };
+        if lost {
+            // Whoever the wait listed is the namespace there now's, or nobody.
+            lock(&drain.record).peers_at_end.clear();
+        }
         // The verdict is taken: a request arriving from now on waits for this drain to end
         // and starts a fresh one, rather than get an answer about a time before it asked.
         if !self.decide(&drain) {
@@ -168,11 +167,20 @@ impl Drains {
             Some(result) if result.holds_the_gate() && self.closer.is_some() => {
                 let (drains, filter) = (Arc::clone(&self), spec.filter.clone());
                 let read = tokio::task::spawn_blocking(move || drains.end_listeners(&filter));
-                AtEnd::of(match read.await {
-                    Ok(Some(read)) => read,
-                    Ok(None) => Ok(Vec::new()),
-                    Err(problem) => Err(anyhow::anyhow!("the listener read failed: {problem}")),
-                })
+                let read = read.await;
+                // A namespace gone, or another one now (whose listeners the read may have
+                // found: a new pod's, which must reopen the gate), has none of its own: as
+                // for a namespace gone at the end (`end_listeners`), an empty set. Checked
+                // after the read, so the read was of the drain's namespace if it still is.
+                if lost || self.namespace_replaced(&drain).await {
+                    AtEnd::Read(HashSet::new())
+                } else {
+                    AtEnd::of(match read {
+                        Ok(Some(read)) => read,
+                        Ok(None) => Ok(Vec::new()),
+                        Err(problem) => Err(anyhow::anyhow!("the listener read failed: {problem}")),
+                    })
+                }
             }
             _ => AtEnd::Read(HashSet::new()),
         };
@@ -304,17 +312,71 @@ impl Drains {
         }
     }
 
-    /// Closes what is left of `spec`'s scope: idle connections first, then the rest, paced.
-    async fn close_remaining(&self, spec: &DrainSpec) -> u64 {
+    /// `on_timeout=close` at the deadline (the seeding walk waited for, the port still its
+    /// starter's): names whom the close cuts, closes them, and counts what is left. `lost`
+    /// is set if the drain's namespace went, or was replaced, while it closed: then it
+    /// ended drained ([`namespace_gone`]), and closed nothing of the namespace there now.
+    async fn close_at_deadline(
+        &self,
+        drain: &Running,
+        outcome: DrainOutcome,
+        closed: &mut u64,
+        lost: &mut bool,
+    ) -> (DrainEnd, DrainOutcome) {
+        let (spec, started) = (&drain.spec, drain.started);
+        if outcome.peers.is_empty() {
+            // The deadline's list missed its budget (a busy node): the record
+            // still names whom the close cuts. The answer waits for the close
+            // anyway, so the list may take a report's budget.
+            let mut listed = outcome.clone();
+            self.tracker
+                .list_remaining(&spec.filter, &spec.rule, &mut listed, REPORT_BUDGET)
+                .await;
+            lock(&drain.record).peers_at_end = listed.peers;
+        }
+        match self.close_remaining(drain).await {
+            Closing::Done(count) => *closed = count,
+            Closing::NamespaceLost(count) => {
+                // Those closed before it went: the drain's own namespace's.
+                *closed = count;
+                *lost = true;
+                return (DrainEnd::Drained, namespace_gone(started));
+            }
+        }
+        // Drained only if nothing is left now: a close that failed must not turn
+        // into a "drained". Asked like any answer (doubts confirmed), without the
+        // quiet window, which the deadline has ended.
+        let now_rule = DrainRule {
+            quiet: Duration::ZERO,
+            ..spec.rule.clone()
+        };
+        let after = self
+            .tracker
+            .wait_for_drain(&spec.filter, Duration::ZERO, &now_rule)
+            .await
+            .map(|after| DrainOutcome {
+                waited: started.elapsed(),
+                ..after
+            })
+            .unwrap_or(outcome);
+        (DrainEnd::ClosedAtDeadline, after)
+    }
+
+    /// Closes what is left of `drain`'s scope: idle connections first, then the rest,
+    /// paced. A namespace's drain checks before each round (a second apart) that its
+    /// namespace is still the one it started in: never closes a new pod's connections
+    /// ([`Closing::NamespaceLost`]).
+    async fn close_remaining(&self, drain: &Running) -> Closing {
+        let spec = &drain.spec;
         let Some(closer) = self.closer.clone() else {
             log::warn!("cannot close connections: this agent has no way to close sockets");
-            return 0;
+            return Closing::Done(0);
         };
         let mut peers = match self.tracker.remaining(&spec.filter).await {
             Ok(peers) => peers,
             Err(problem) => {
                 log::warn!("cannot list the connections to close: {problem:#}");
-                return 0;
+                return Closing::Done(0);
             }
         };
         // Ignored sources (probes) never held the drain: leave them. Idle ones first:
@@ -331,6 +393,9 @@ impl Drains {
             if round > 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            if self.namespace_replaced(drain).await {
+                return Closing::NamespaceLost(closed);
+            }
             let (closer, filter, chunk) =
                 (Arc::clone(&closer), spec.filter.clone(), chunk.to_vec());
             match tokio::task::spawn_blocking(move || closer.close(&filter, &chunk)).await {
@@ -339,7 +404,7 @@ impl Drains {
                 Err(problem) => log::warn!("closing failed: {problem}"),
             }
         }
-        closed
+        Closing::Done(closed)
     }
 
     /// Moves an ended drain to the history, the journal, the log and the metrics.
@@ -427,5 +492,29 @@ impl Drains {
         while history.len() > HISTORY {
             history.pop_front();
         }
+    }
+}
+
+/// How a close at the deadline went ([`Drains::close_remaining`]), with how many it closed.
+enum Closing {
+    Done(u64),
+    /// Stopped: the drain's namespace went, or another one has its inode now.
+    NamespaceLost(u64),
+}
+
+/// The outcome of a namespace's drain whose namespace is gone or another's now: no
+/// connection of its namespace can remain (a socket holds its namespace), whatever the
+/// count of the inode says (the new namespace's connections).
+fn namespace_gone(started: tokio::time::Instant) -> DrainOutcome {
+    DrainOutcome {
+        drained: true,
+        active: 0,
+        waited: started.elapsed(),
+        unknown: None,
+        idle: None,
+        busy: None,
+        peers: Vec::new(),
+        first_zero: None,
+        arrivals: 0,
     }
 }

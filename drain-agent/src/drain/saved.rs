@@ -90,6 +90,13 @@ struct SavedDrain {
     idle_ms: Option<u64>,
     pace: u32,
     given: SavedGiven,
+    /// The cookie of its namespace when it started (a namespace's drain, on a kernel with
+    /// cookies): restored, it ends at once if the inode is another namespace's by then
+    /// (`namespace.rs`). Optional and left out when unknown, so the file keeps its version:
+    /// an older agent ignores it (nothing there denies unknown fields), and a file without
+    /// it (an older agent's) is restored checking only that the namespace still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns_cookie: Option<u64>,
 }
 
 /// [`Given`] on disk.
@@ -140,15 +147,11 @@ fn saved_end(until: tokio::time::Instant, now: tokio::time::Instant, now_ms: u64
 }
 
 impl SavedDrain {
-    fn of(
-        spec: &DrainSpec,
-        record: &DrainRecord,
-        deadline: tokio::time::Instant,
-        now: tokio::time::Instant,
-        now_ms: u64,
-    ) -> Self {
+    fn of(drain: &Running, now: tokio::time::Instant, now_ms: u64) -> Self {
+        let (spec, deadline) = (&drain.spec, drain.deadline);
         Self {
-            record: record.clone(),
+            netns_cookie: drain.netns_cookie,
+            record: lock(&drain.record).clone(),
             deadline_ms: now_ms.saturating_add(millis(deadline.saturating_duration_since(now))),
             timeout_ms: millis(spec.timeout),
             quiet_ms: millis(spec.rule.quiet),
@@ -221,15 +224,7 @@ impl Drains {
                         .contains(&DrainIdentity::of(&lock(&drain.record)))
                 })
             })
-            .map(|drain| {
-                SavedDrain::of(
-                    &drain.spec,
-                    &lock(&drain.record),
-                    drain.deadline,
-                    now,
-                    now_ms,
-                )
-            })
+            .map(|drain| SavedDrain::of(drain, now, now_ms))
             .collect();
         let held = lock(&self.held)
             .iter()
@@ -707,6 +702,7 @@ impl Drains {
                 now.checked_sub(ran_for).unwrap_or(now),
                 now + left,
                 drain.record,
+                drain.netns_cookie,
                 true,
             );
             let existing = {

@@ -2087,3 +2087,254 @@ async fn a_drains_start_reads_its_count_outside_the_registrys_lock() {
         "the count at the start"
     );
 }
+
+/// Network namespaces as a test sets them: each inode's cookie (`None`: a kernel without
+/// cookies); an inode not there is gone.
+#[derive(Default)]
+struct FakeNamespaces(Mutex<HashMap<u32, Option<u64>>>);
+
+impl namespace::Namespaces for FakeNamespaces {
+    fn now(&self, inode: u32) -> namespace::NamespaceNow {
+        match lock(&self.0).get(&inode) {
+            Some(cookie) => namespace::NamespaceNow::Is(*cookie),
+            None => namespace::NamespaceNow::Gone,
+        }
+    }
+}
+
+/// Pod X's namespace 7 (cookie 100) with one client on 8080 (listed at the deadline), its
+/// listener cookie 1; a closer that records its closes; drains kept in `dir`.
+fn pod_registry(
+    dir: &std::path::Path,
+    namespaces: &Arc<FakeNamespaces>,
+) -> (
+    Arc<ListenersByNetns>,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<Drains>,
+) {
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    let peer = crate::tracker::fake::peer("10.0.0.2:5000", "10.1.0.7:8080");
+    *lock(&source.listed) = Some((Duration::ZERO, vec![peer]));
+    let closer = Arc::new(ClosesCounted::default());
+    lock(&closer.listeners.listening).insert(7, vec![1]);
+    let drains = Arc::new(
+        Drains::new(
+            Arc::new(Tracker::new(source, 16)),
+            Some(Arc::clone(&closer) as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_state_file(StateFile::open(dir).expect("state file"))
+        .with_namespaces(Arc::clone(namespaces) as Arc<dyn namespace::Namespaces>),
+    );
+    let closer_listeners = Arc::clone(&closer.listeners);
+    (closer_listeners, Arc::clone(&closer.closed), drains)
+}
+
+/// [`ListenersByNetns`] counting the connections it is asked to close.
+#[derive(Default)]
+struct ClosesCounted {
+    listeners: Arc<ListenersByNetns>,
+    closed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Closer for ClosesCounted {
+    fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
+        let count = targets.len() as u64;
+        self.closed
+            .fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+        Ok(count)
+    }
+
+    fn listeners(&self, filter: &Filter) -> anyhow::Result<Vec<u64>> {
+        self.listeners.listeners(filter)
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+}
+
+fn pod_x_close_spec() -> DrainSpec {
+    DrainSpec {
+        filter: Filter {
+            netns: Some(7),
+            ..Filter::port(8080)
+        },
+        on_timeout: OnTimeout::Close,
+        ..spec(Duration::from_secs(600))
+    }
+}
+
+/// What pod Y, in namespace 7 now, asks about itself.
+fn pod_y_asks() -> Asked {
+    Asked {
+        port: 8080,
+        addr: None,
+        netns: 7,
+        whole_namespace: true,
+    }
+}
+
+/// Audit (security, inode reuse): pod X's `on_timeout=close` drain of namespace 7 was saved,
+/// the agent restarted while X was deleted, and pod Y got inode 7. The drain was resumed
+/// from `drains.json` as X's and, past its deadline, reset Y's connections, kept Y out of
+/// rotation and held the gate with Y's own listener taken for "there at the end". Restored
+/// now, a drain whose namespace has another cookie ends drained at once: nothing closed,
+/// Y's listener reopens the gate, and Y's own drain starts (no 409).
+#[tokio::test]
+async fn a_pods_drain_restored_after_its_namespace_was_replaced_ends_and_closes_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, Some(100));
+    let (_, _, x_agent) = pod_registry(dir.path(), &namespaces);
+    let (record, _) = x_agent
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    x_agent.save().await;
+    // The agent stops (what is on disk stays) and lets go of the state file.
+    x_agent.tracker.begin_shutdown();
+    x_agent.wait_all_ended(Duration::from_secs(5)).await;
+    drop(x_agent);
+    let path = dir.path().join("drains.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("state file")).expect("json");
+    let drain = &mut saved["state"]["drains"][0];
+    assert_eq!(drain["netns_cookie"], serde_json::json!(100), "{drain}");
+    // Past its deadline while the agent was down.
+    drain["deadline_ms"] = serde_json::json!(unix_ms() - 1000);
+    std::fs::write(&path, saved.to_string()).expect("write");
+
+    // X is gone; Y has inode 7 (another cookie), listening with cookie 9.
+    lock(&namespaces.0).insert(7, Some(200));
+    let (listeners, closed, restarted) = pod_registry(dir.path(), &namespaces);
+    lock(&listeners.listening).insert(7, vec![9]);
+    restarted.restore();
+    let ended = restarted
+        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
+        .await
+        .expect("X's drain ended");
+    assert_eq!(ended.id, record.id);
+    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    assert_eq!(ended.closed_by_agent, 0, "{ended:?}");
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(
+        !restarted.gated(&pod_y_asks()).await,
+        "Y kept out of rotation"
+    );
+    let (_, created) = restarted
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("Y's own drain");
+    assert!(created);
+}
+
+/// Audit (security, inode reuse): pod X's drain of namespace 7 kept running after X was
+/// deleted (its count stayed above 0: a missed close), and pod Y, given inode 7, was
+/// counted in it, gated by it, and would have been reset at X's deadline. A running drain
+/// whose namespace has another cookie (or is gone) ends drained within a second, closes
+/// nothing, and keeps none of Y's listeners as its end's.
+#[tokio::test]
+async fn a_running_pods_drain_ends_when_its_namespace_is_replaced() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, Some(100));
+    let (listeners, closed, drains) = pod_registry(dir.path(), &namespaces);
+    let (record, _) = drains
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(drains.list().0.len(), 1, "X's drain in progress");
+    lock(&namespaces.0).insert(7, Some(200));
+    lock(&listeners.listening).insert(7, vec![9]);
+    let ended = drains
+        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
+        .await
+        .expect("X's drain ended");
+    assert_eq!(ended.id, record.id);
+    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drains.save().await;
+    assert_eq!(saved_listeners(dir.path()), serde_json::json!([]));
+    assert!(!drains.gated(&pod_y_asks()).await, "Y kept out of rotation");
+
+    // Gone rather than replaced: ended too.
+    let (record, _) = drains
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    lock(&namespaces.0).remove(&7);
+    let ended = drains
+        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
+        .await
+        .expect("ended");
+    assert_eq!(
+        (ended.id, ended.result),
+        (record.id, Some(DrainEnd::Drained))
+    );
+}
+
+/// Where the kernel has no cookies, a drain of a namespace that still exists runs on (an
+/// inode reused cannot be told: SECURITY.md), and the state file holds no cookie.
+#[tokio::test]
+async fn without_cookies_a_pods_drain_runs_while_its_namespace_exists() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, None);
+    let (_, _, drains) = pod_registry(dir.path(), &namespaces);
+    drains
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(drains.list().0.len(), 1, "still in progress");
+    drains.save().await;
+    let text = std::fs::read_to_string(dir.path().join("drains.json")).expect("state file");
+    assert!(!text.contains("netns_cookie"), "{text}");
+}
+
+/// A pod's drain an older agent saved (no `netns_cookie`) resumes, and ends only once its
+/// namespace is gone: whose its inode is cannot be told without the cookie at its start.
+#[tokio::test]
+async fn an_older_agents_saved_pod_drain_resumes_until_its_namespace_is_gone() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, Some(100));
+    let (_, _, old) = pod_registry(dir.path(), &namespaces);
+    old.post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    old.save().await;
+    old.tracker.begin_shutdown();
+    old.wait_all_ended(Duration::from_secs(5)).await;
+    drop(old);
+    let path = dir.path().join("drains.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("state file")).expect("json");
+    saved["state"]["drains"][0]
+        .as_object_mut()
+        .expect("drain")
+        .remove("netns_cookie")
+        .expect("a cookie saved");
+    std::fs::write(&path, saved.to_string()).expect("write");
+
+    lock(&namespaces.0).insert(7, Some(200));
+    let (_, closed, restarted) = pod_registry(dir.path(), &namespaces);
+    restarted.restore();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(restarted.list().0.len(), 1, "resumed, and running");
+    lock(&namespaces.0).remove(&7);
+    let ended = restarted
+        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
+        .await
+        .expect("ended");
+    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
