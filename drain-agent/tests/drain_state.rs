@@ -736,3 +736,103 @@ fn a_rollback_keeps_the_later_releases_state_file_and_gates_every_port() {
     assert_eq!(health(&after, other.port), 503, "after a restart");
     assert_eq!(after.metric("drain_agent_state_unreadable"), Some(1.0));
 }
+
+/// A listener in `netns` on `port` and one connection to it from inside (loopback), both
+/// sockets of that namespace: (listener, client, accepted).
+fn connected_in(netns: &common::Netns, port: u16) -> (std::net::TcpListener, TcpStream, TcpStream) {
+    netns.run_in(move || {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        (listener, client, accepted)
+    })
+}
+
+fn inode_of(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).expect("namespace").ino()
+}
+
+/// Audit (security, inode reuse): pod X's `on_timeout=close` drain of its namespace was
+/// resumed from `--state-dir` after X was deleted while the agent was down, and pod Y,
+/// whose namespace took X's inode, had its connection reset at X's deadline (and its own
+/// `POST` joined X's drain). The drain keeps its namespace's cookie: restored onto another
+/// namespace, it ends drained and closes nothing.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_pods_drain_restored_onto_a_new_namespace_with_its_inode_closes_nothing() {
+    if !kernel_available("a_pods_drain_restored_onto_a_new_namespace_with_its_inode_closes_nothing")
+    {
+        return;
+    }
+    let state = temp_dir("da-drain-state-");
+    let port = common::free_port();
+    let x = common::Netns::new("nsx");
+    let x_inode = inode_of(&x.path());
+    let x_sockets = connected_in(&x, port);
+    let agent = Agent::start_with_state_dir(state.path(), &[]);
+    let (status, started) = curl_json(
+        "POST",
+        &format!(
+            "{}/drain?port={port}&netns={}&timeout=2s&on_timeout=close",
+            agent.url,
+            x.path()
+        ),
+    );
+    assert_eq!(status, 201, "{started}");
+    let id = started["id"].as_u64().expect("id");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    go(agent, Stop::Term);
+
+    // X goes; Y gets its inode (the lowest free one: once X's is given back).
+    drop(x_sockets);
+    drop(x);
+    let mut y = None;
+    for attempt in 0..50 {
+        let candidate = common::Netns::new(&format!("nsy{attempt}"));
+        if inode_of(&candidate.path()) == x_inode {
+            y = Some(candidate);
+            break;
+        }
+        drop(candidate);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let y = y.expect("a new namespace with X's inode");
+    let (_y_listener, mut y_client, _y_accepted) = connected_in(&y, port);
+    std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()));
+
+    let agent = Agent::start_with_state_dir(state.path(), &[]);
+    let mut ended = None;
+    for _ in 0..150 {
+        let recent = agent.get_json("/drains").1["recent"].clone();
+        ended = recent
+            .as_array()
+            .and_then(|recent| recent.iter().find(|drain| drain["id"] == id).cloned());
+        if ended.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ended = ended.expect("X's drain ended");
+    assert_eq!(
+        (&ended["result"], &ended["closed_by_agent"]),
+        (&"drained".into(), &0.into()),
+        "{ended}"
+    );
+    y_client.set_nonblocking(true).expect("nonblocking");
+    let mut byte = [0_u8; 1];
+    let read = y_client.read(&mut byte);
+    assert!(
+        matches!(&read, Err(problem) if problem.kind() == std::io::ErrorKind::WouldBlock),
+        "Y's connection: {read:?}"
+    );
+    let (status, own) = curl_json(
+        "POST",
+        &format!(
+            "{}/drain?port={port}&netns={}&timeout=10m&on_timeout=close",
+            agent.url,
+            y.path()
+        ),
+    );
+    assert_eq!(status, 201, "Y's own drain: {own}");
+}
