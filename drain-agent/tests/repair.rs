@@ -464,12 +464,18 @@ fn a_close_during_a_sweep_is_left_to_the_next_walk() {
         "{:?}",
         started.elapsed()
     );
+    // This test's own entries, not the agent's global counters: with other tests' agents
+    // on the same tracepoint, the handler skips runs under load, and the walks repair
+    // (and the agent's own sweeps defer) other sockets too, so `missed_close` may pass
+    // `deferred` or be reached by others' repairs (a CI run timed out waiting for
+    // equality after the drain had already finished).
     common::wait_until("the sweep's repairs", Duration::from_secs(10), || {
-        agent.metric(missed_close) == Some(deferred)
+        addresses.iter().all(|sk| maps.sockets.get(sk, 0).is_err())
     });
+    let repaired = agent.metric(missed_close).expect("missed_close");
     assert!(
-        addresses.iter().all(|sk| maps.sockets.get(sk, 0).is_err()),
-        "the entries are gone"
+        repaired >= left as f64,
+        "{left} entries left by deferred closes, {repaired} missed closes repaired"
     );
     // Unmarked, closes count as usual.
     let clients = connect_counted(&agent, &server, N);
@@ -477,5 +483,4 @@ fn a_close_during_a_sweep_is_left_to_the_next_walk() {
     server.close_all();
     agent.expect_active(port, 0);
     assert_eq!(agent.metric(deferred_metric), Some(deferred));
-    assert_eq!(agent.metric(missed_close), Some(deferred));
 }

@@ -447,8 +447,8 @@ impl Drains {
 
     /// Checks that a namespace's drain's namespace is still the one it started in (its
     /// cookie, `namespace.rs`), at its start, when restored, while it runs and before it
-    /// acts at its end: one whose namespace is gone or replaced (a new pod given the inode)
-    /// ends drained, closing nothing and keeping none of the new namespace's listeners.
+    /// acts at its end: one whose namespace is replaced (a new pod given the inode: another
+    /// cookie) ends drained, closing nothing and keeping none of the new namespace's listeners.
     #[must_use]
     pub fn with_namespaces(mut self, namespaces: Arc<dyn namespace::Namespaces>) -> Self {
         self.namespaces = Some(namespaces);

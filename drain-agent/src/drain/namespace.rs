@@ -6,10 +6,18 @@
 //! listener taken for "there at the end", and with `on_timeout=close` its connections reset
 //! at the gone pod's deadline. So a drain keeps its namespace's cookie (`SO_NETNS_COOKIE`,
 //! never reused while the system runs) from its start, in the state file too, and ends once
-//! its namespace is gone or has another cookie: no connection of its namespace can remain
-//! (a socket holds its namespace), so it is drained ([`super::DrainEnd::Drained`]), closes
-//! nothing, and holds its gate with no listener of its own (a gone namespace's, `[]`).
-//! Where the kernel has no cookies (before Linux 5.14) only a namespace gone is seen.
+//! its inode is another namespace's (another cookie): the namespace it started in is then
+//! freed (a live namespace keeps its inode), so no connection of it can remain (a socket
+//! holds its namespace); it is drained ([`super::DrainEnd::Drained`]), closes nothing, and
+//! holds its gate with no listener of its own (a gone namespace's, `[]`).
+//!
+//! A namespace the scan does not find ([`NamespaceNow::Gone`]) ends nothing: the scan
+//! proves no namespace freed. A socket whose process is in another namespace, a bind mount
+//! outside the scanned directories, or processes the agent may not look into (without
+//! `CAP_SYS_PTRACE`, another user's) keep a namespace alive unseen, with its connections;
+//! ending its drain `drained` would be a false "drained". Such a drain goes on counting
+//! what the kernel counts for the inode, as before. Where the kernel has no cookies (before
+//! Linux 5.14) nothing is concluded.
 
 use std::{
     collections::HashMap,
@@ -28,7 +36,8 @@ pub const NAMESPACE_RECHECK: Duration = Duration::from_secs(1);
 /// What a network namespace (by inode) is now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NamespaceNow {
-    /// A complete scan does not find it (`netns::is_gone`).
+    /// A complete scan does not find it (`netns::is_gone`): it may be gone, or alive where
+    /// the scan cannot see (module documentation). Concludes nothing.
     Gone,
     /// It exists; its cookie (`None`: the kernel has none, before Linux 5.14).
     Is(Option<u64>),
@@ -38,13 +47,12 @@ pub enum NamespaceNow {
 
 impl NamespaceNow {
     /// Whether a drain that started in the namespace with cookie `started` (`None`: not
-    /// known) is over: its namespace is gone, or has another cookie now (another namespace
-    /// with the inode).
+    /// known) is over: its inode is another namespace's now (another cookie), so the one it
+    /// started in is freed. Never on a scan's miss ([`NamespaceNow::Gone`]).
     pub fn replaces(self, started: Option<u64>) -> bool {
         match self {
-            Self::Gone => true,
             Self::Is(Some(now)) => started.is_some_and(|started| started != now),
-            Self::Is(None) | Self::Unknown => false,
+            Self::Gone | Self::Is(None) | Self::Unknown => false,
         }
     }
 
@@ -139,8 +147,8 @@ impl super::Drains {
         now_of(namespaces, inode).await.cookie()
     }
 
-    /// Whether `drain`'s namespace is gone, or is another namespace given its inode (it has
-    /// another cookie than at the start): the drain is over. Never for a drain of no one
+    /// Whether `drain`'s inode is another namespace's now (it has another cookie than at the
+    /// start): the drain is over. Never for a drain of no one
     /// namespace, nor when nothing can be told.
     pub(super) async fn namespace_replaced(&self, drain: &super::registry::Running) -> bool {
         let (Some(inode), Some(namespaces)) = (drain.spec.filter.netns, &self.namespaces) else {
@@ -150,19 +158,14 @@ impl super::Drains {
         let replaced = now.replaces(drain.netns_cookie);
         if replaced {
             log::info!(
-                "drain {}: its network namespace {inode} is {}: no connection of it can remain; ended drained, nothing closed, none of a new namespace's listeners kept",
+                "drain {}: its network namespace {inode} is another one now (the inode was reused): no connection of the one it started in can remain; ended drained, nothing closed, none of the new namespace's listeners kept",
                 lock(&drain.record).id,
-                if now == NamespaceNow::Gone {
-                    "gone"
-                } else {
-                    "another one now (the inode was reused)"
-                }
             );
         }
         replaced
     }
 
-    /// Resolves once `drain`'s namespace is gone or replaced ([`Drains::namespace_replaced`]),
+    /// Resolves once `drain`'s namespace is replaced ([`Drains::namespace_replaced`]),
     /// checked at once (a drain restored after a restart: its pod may have gone meanwhile)
     /// and then every [`NAMESPACE_RECHECK`]. Never for a drain of no one namespace.
     ///
@@ -195,7 +198,9 @@ mod tests {
         // Again, by the path that opened it.
         assert_eq!(namespaces.now(own), NamespaceNow::Is(here));
         assert_eq!(namespaces.now(1), NamespaceNow::Gone);
-        assert!(NamespaceNow::Gone.replaces(None));
+        // A miss of the scan proves nothing freed (a namespace alive where it cannot look).
+        assert!(!NamespaceNow::Gone.replaces(None));
+        assert!(!NamespaceNow::Gone.replaces(Some(1)));
         assert!(NamespaceNow::Is(Some(2)).replaces(Some(1)));
         assert!(!NamespaceNow::Is(Some(1)).replaces(Some(1)));
         assert!(!NamespaceNow::Is(Some(2)).replaces(None));
@@ -204,11 +209,11 @@ mod tests {
     }
 
     /// A real namespace: found with its own cookie while its process lives; once it exits,
-    /// the inode is gone (or, reused meanwhile, another namespace's): either way a drain
-    /// that started in it is over.
+    /// the inode is not found (which ends no drain: the scan proves nothing freed) or, reused
+    /// meanwhile, another namespace's (which ends a drain that started in it).
     #[test]
     #[ignore = "kernel test: needs root (makes a namespace); run by cargo xtask test (or cargo test -- --include-ignored)"]
-    fn a_namespace_whose_process_exited_replaces_the_drains_start() {
+    fn a_namespace_whose_process_exited_is_not_found_with_its_cookie() {
         let own = netns::thread_cookie().expect("cookie");
         let self_path = std::path::Path::new("/proc/self/ns/net");
         let mut child = std::process::Command::new("unshare")
@@ -238,7 +243,13 @@ mod tests {
         };
         assert_ne!(Some(started), own);
         assert!(!NamespaceNow::Is(Some(started)).replaces(Some(started)));
-        let after = namespaces.now(inode);
-        assert!(after.replaces(Some(started)), "{after:?}");
+        match namespaces.now(inode) {
+            NamespaceNow::Gone => assert!(!NamespaceNow::Gone.replaces(Some(started))),
+            after @ NamespaceNow::Is(Some(cookie)) => {
+                assert_ne!(cookie, started, "a freed namespace's cookie");
+                assert!(after.replaces(Some(started)));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

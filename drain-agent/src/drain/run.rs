@@ -498,11 +498,11 @@ impl Drains {
 /// How a close at the deadline went ([`Drains::close_remaining`]), with how many it closed.
 enum Closing {
     Done(u64),
-    /// Stopped: the drain's namespace went, or another one has its inode now.
+    /// Stopped: another namespace has the drain's inode now (its own is freed).
     NamespaceLost(u64),
 }
 
-/// The outcome of a namespace's drain whose namespace is gone or another's now: no
+/// The outcome of a namespace's drain whose inode is another namespace's now: no
 /// connection of its namespace can remain (a socket holds its namespace), whatever the
 /// count of the inode says (the new namespace's connections).
 fn namespace_gone(started: tokio::time::Instant) -> DrainOutcome {

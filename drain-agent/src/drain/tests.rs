@@ -2238,8 +2238,10 @@ async fn a_pods_drain_restored_after_its_namespace_was_replaced_ends_and_closes_
 /// Audit (security, inode reuse): pod X's drain of namespace 7 kept running after X was
 /// deleted (its count stayed above 0: a missed close), and pod Y, given inode 7, was
 /// counted in it, gated by it, and would have been reset at X's deadline. A running drain
-/// whose namespace has another cookie (or is gone) ends drained within a second, closes
-/// nothing, and keeps none of Y's listeners as its end's.
+/// whose namespace has another cookie ends drained within a second, closes nothing, and
+/// keeps none of Y's listeners as its end's. One whose namespace the scan does not find
+/// runs on: the scan proves nothing freed (a namespace alive where it cannot look, with
+/// its connections, would be a false "drained").
 #[tokio::test]
 async fn a_running_pods_drain_ends_when_its_namespace_is_replaced() {
     let dir = tempfile::tempdir().expect("dir");
@@ -2265,19 +2267,17 @@ async fn a_running_pods_drain_ends_when_its_namespace_is_replaced() {
     assert_eq!(saved_listeners(dir.path()), serde_json::json!([]));
     assert!(!drains.gated(&pod_y_asks()).await, "Y kept out of rotation");
 
-    // Gone rather than replaced: ended too.
-    let (record, _) = drains
+    // Not found rather than replaced: runs on.
+    drains
         .post(pod_x_close_spec(), StartedBy::Pod)
         .await
         .expect("room");
     lock(&namespaces.0).remove(&7);
-    let ended = drains
-        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
-        .await
-        .expect("ended");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        (ended.id, ended.result),
-        (record.id, Some(DrainEnd::Drained))
+        drains.list().0.len(),
+        1,
+        "a drain ended on a scan's miss (its namespace may be alive where the scan cannot look)"
     );
 }
 
@@ -2300,10 +2300,11 @@ async fn without_cookies_a_pods_drain_runs_while_its_namespace_exists() {
     assert!(!text.contains("netns_cookie"), "{text}");
 }
 
-/// A pod's drain an older agent saved (no `netns_cookie`) resumes, and ends only once its
-/// namespace is gone: whose its inode is cannot be told without the cookie at its start.
+/// A pod's drain an older agent saved (no `netns_cookie`) resumes and runs on, as before,
+/// whatever its inode is now: whose it is cannot be told without the cookie at its start,
+/// and a scan's miss proves nothing freed.
 #[tokio::test]
-async fn an_older_agents_saved_pod_drain_resumes_until_its_namespace_is_gone() {
+async fn an_older_agents_saved_pod_drain_resumes_as_before() {
     let dir = tempfile::tempdir().expect("dir");
     let namespaces = Arc::new(FakeNamespaces::default());
     lock(&namespaces.0).insert(7, Some(100));
@@ -2331,10 +2332,7 @@ async fn an_older_agents_saved_pod_drain_resumes_until_its_namespace_is_gone() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(restarted.list().0.len(), 1, "resumed, and running");
     lock(&namespaces.0).remove(&7);
-    let ended = restarted
-        .wait_ended(&pod_x_close_spec().filter, Duration::from_secs(5))
-        .await
-        .expect("ended");
-    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(restarted.list().0.len(), 1, "still running, not found");
     assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
