@@ -187,6 +187,38 @@ pub enum ApiError {
     Unavailable(String),
 }
 
+/// The answer while the agent cannot read the network namespaces (a scan that could not
+/// look everywhere: out of descriptors), whoever asks: the detail names host paths and
+/// processes, and goes to the agent's log ([`ApiError::namespaces_unreadable`]).
+pub const NAMESPACES_UNREADABLE: &str =
+    "the agent cannot read the network namespaces right now; ask again";
+
+/// How often the detail of [`ApiError::namespaces_unreadable`] is WARNed (DEBUG between).
+const UNREADABLE_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl ApiError {
+    /// 503 for `field` (`"netns"`, `"addr"`) while the namespaces cannot be read:
+    /// [`NAMESPACES_UNREADABLE`], the same for every caller; `problem` (why, if this
+    /// caller's read found out) goes to the log, at most once per minute as a WARN.
+    pub fn namespaces_unreadable(field: &str, problem: Option<&anyhow::Error>) -> Self {
+        static LOGGED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+        if let Some(problem) = problem {
+            let mut logged = LOGGED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if logged.is_none_or(|at| at.elapsed() >= UNREADABLE_LOGGED_EVERY) {
+                *logged = Some(std::time::Instant::now());
+                log::warn!(
+                    "{field}: cannot read the network namespaces: {problem:#} (answered 503; said at most once per {UNREADABLE_LOGGED_EVERY:?})"
+                );
+            } else {
+                log::debug!("{field}: cannot read the network namespaces: {problem:#}");
+            }
+        }
+        Self::Unavailable(format!("{field}: {NAMESPACES_UNREADABLE}"))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
@@ -472,7 +504,7 @@ fn parse_netns(text: &str) -> Result<u32, ApiError> {
             ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
         })?;
         let found = netns::all_namespaces()
-            .map_err(|problem| ApiError::Unavailable(format!("netns: {problem:#}")))?;
+            .map_err(|problem| ApiError::namespaces_unreadable("netns", Some(&problem)))?;
         if !found.contains_key(&inode) {
             return Err(ApiError::NotFound(format!(
                 "netns: no network namespace with inode {inode} is known to the agent"

@@ -97,7 +97,9 @@ impl Caller {
         let parsed = parse();
         match caller {
             Self::Node => parsed,
-            Self::Pod { netns } => confine(Some(&PodScope { netns }), parsed).await,
+            Self::Pod { netns } => {
+                confine(Some(&PodScope { netns }), &authority.pods, parsed).await
+            }
             Self::LocalUser { .. } => {
                 let own = authority.pods.own_netns();
                 let other = || {
@@ -115,10 +117,17 @@ impl Caller {
                 // An address of another namespace (a pod's IP) would count nothing here,
                 // yet a drain of it is labelled with it in the public /metrics, as that
                 // pod's. One answer for every such address, a pod's or nobody's.
-                if let Some(addr) = filter.addr
-                    && !authority.pods.node_holds(addr).await
-                {
-                    return Err(ApiError::Forbidden(NODE_ADDRESSES_ONLY.into()));
+                // While the node's addresses are not known (no read of them worked yet, or
+                // the last one failed), the agent's failure: 503, asked again, where a 403
+                // ends `drain-agent wait` at once. Why went to the log when the read failed.
+                if let Some(addr) = filter.addr {
+                    match authority.pods.node_holds(addr).await {
+                        Some(true) => {}
+                        Some(false) => {
+                            return Err(ApiError::Forbidden(NODE_ADDRESSES_ONLY.into()));
+                        }
+                        None => return Err(ApiError::namespaces_unreadable("addr", None)),
+                    }
                 }
                 filter.netns = Some(own);
                 Ok(parsed)

@@ -52,10 +52,32 @@ pub struct SocketTables;
 
 impl ClientSockets for SocketTables {
     fn owner_of(&self, client: SocketAddr, server: SocketAddr) -> Result<Option<u32>> {
-        // Only a full socket a process holds names an owner (`TcpSocket::owner`): not a
-        // time-wait one, which the kernel reports as root's.
-        Ok(crate::sys::sockdiag::find_one(client, server)?.and_then(|socket| socket.owner()))
+        owner_in(&crate::sys::sockdiag::find_one, client, server)
     }
+}
+
+/// One lookup of this namespace's socket by its local and remote ends
+/// (`sockdiag::find_one`; a fake in the tests).
+type Lookup<'a> =
+    &'a dyn Fn(SocketAddr, SocketAddr) -> Result<Option<crate::sys::sockdiag::TcpSocket>>;
+
+/// [`SocketTables::owner_of`] with the lookup given. Only a full socket a process holds
+/// names an owner (`TcpSocket::owner`): not a time-wait one, which the kernel reports as
+/// root's. The kernel answers "no such socket" too when it cannot look (a host without the
+/// `inet_diag`/`tcp_diag` modules, a supported degraded mode): when the client's end is
+/// missing, the agent's own end of the connection, there while the request is served,
+/// tells which. Missing too, the tables cannot be read: an error (a loopback caller may
+/// then observe, [`Identify::caller`]), not a caller from elsewhere.
+fn owner_in(lookup: Lookup<'_>, client: SocketAddr, server: SocketAddr) -> Result<Option<u32>> {
+    if let Some(socket) = lookup(client, server)? {
+        return Ok(socket.owner());
+    }
+    if lookup(server, client)?.is_none() {
+        bail!(
+            "the socket tables cannot be read here: neither end of the connection {client} -> {server} is in them (are the inet_diag and tcp_diag modules loaded?)"
+        );
+    }
+    Ok(None)
 }
 
 /// Bearer tokens from `--auth-token-file`: one per line; blank lines and `#` comments are
@@ -256,6 +278,39 @@ mod tests {
         http::authority::PortOwners,
         sys::pod_addresses::{AddressSource, PodAddresses},
     };
+
+    /// Found by a review: on a host without the `inet_diag`/`tcp_diag` modules the kernel
+    /// answers every lookup "no such socket", so root's `drain-agent wait` on loopback was
+    /// taken for a remote caller (`403`, the stop hook gave up at once). Neither end found
+    /// is tables that cannot be read (a loopback caller then observes); the agent's own end
+    /// found is a caller from elsewhere.
+    #[test]
+    fn unreadable_tables_are_no_caller_from_elsewhere() {
+        let client: SocketAddr = "127.0.0.1:40000".parse().expect("client");
+        let server: SocketAddr = "127.0.0.1:9100".parse().expect("server");
+        let nothing = |_: SocketAddr, _: SocketAddr| Ok(None);
+        let problem = owner_in(&nothing, client, server).expect_err("unreadable");
+        assert!(format!("{problem:#}").contains("inet_diag"), "{problem:#}");
+        // A real socket for the agent's end: this test's own connection.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (_accepted, _) = listener.accept().expect("accept");
+        let ours = crate::sys::sockdiag::find_one(
+            stream.peer_addr().expect("peer"),
+            stream.local_addr().expect("local"),
+        );
+        let Ok(Some(ours)) = ours else {
+            eprintln!("skipped: this host's socket tables cannot be read");
+            return;
+        };
+        let agents_end_only =
+            |local: SocketAddr, _: SocketAddr| Ok((local == server).then(|| ours.clone()));
+        assert_eq!(
+            owner_in(&agents_end_only, client, server).expect("lookup"),
+            None
+        );
+    }
 
     /// The tables answer `uid` as the owner of every client end asked about, or fail.
     struct Sockets(Mutex<Option<Result<Option<u32>>>>, SocketAddr, SocketAddr);

@@ -15,14 +15,14 @@
 //! - `/metrics` and `/advice` are node-wide (other pods' ports, and with them what runs
 //!   there): 403, served on the node listener only.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use axum::{http::StatusCode, response::Response};
 
 use crate::{
     addr::canonical_addr,
     http::api::{ApiError, DrainRequest, error},
-    sys::netns,
+    sys::{netns, pod_addresses::PodAddresses},
     tracker::Filter,
 };
 
@@ -62,7 +62,12 @@ impl Scoped for DrainRequest {
 
 impl PodScope {
     /// The namespace a request may ask about, given the `addr` and `netns` it named.
-    pub async fn check(&self, addr: Option<IpAddr>, netns: Option<u32>) -> Result<u32, ApiError> {
+    pub async fn check(
+        &self,
+        pods: &PodAddresses,
+        addr: Option<IpAddr>,
+        netns: Option<u32>,
+    ) -> Result<u32, ApiError> {
         if netns.is_some_and(|asked| asked != self.netns) {
             return Err(ApiError::BadRequest(OTHER_NETNS.into()));
         }
@@ -71,11 +76,10 @@ impl PodScope {
             // The agent's failure (a scan that could not look everywhere, out of
             // descriptors), not the request's: 503, asked again, where a 400 is a refusal
             // that ends `drain-agent wait` at once.
-            let own = self.addresses().await.map_err(|problem| {
-                ApiError::Unavailable(format!(
-                    "addr: cannot read this namespace's addresses: {problem:#}"
-                ))
-            })?;
+            let own = pods
+                .addresses_in(self.netns)
+                .await
+                .map_err(|problem| ApiError::namespaces_unreadable("addr", Some(&problem)))?;
             if !own.contains(&addr) {
                 return Err(ApiError::BadRequest(format!(
                     "addr: {addr} is not an address of this pod's network namespace"
@@ -83,18 +87,6 @@ impl PodScope {
             }
         }
         Ok(self.netns)
-    }
-
-    /// The addresses of the namespace, read on a thread inside it.
-    async fn addresses(&self) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
-        let inode = self.netns;
-        tokio::task::spawn_blocking(move || {
-            let path: PathBuf = netns::all_namespaces()?
-                .remove(&inode)
-                .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
-            netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses)
-        })
-        .await?
     }
 
     /// A parse error as a pod sees it: "not found" would tell which namespaces exist.
@@ -118,6 +110,7 @@ pub fn hide_namespaces(problem: ApiError, other: impl FnOnce() -> ApiError) -> A
 /// Confines a parsed request to the pod's namespace (no scope: unchanged).
 pub async fn confine<T: Scoped>(
     scope: Option<&PodScope>,
+    pods: &PodAddresses,
     parsed: Result<T, ApiError>,
 ) -> Result<T, ApiError> {
     let Some(scope) = scope else {
@@ -125,7 +118,7 @@ pub async fn confine<T: Scoped>(
     };
     let mut parsed = parsed.map_err(|problem| scope.hide(problem))?;
     let filter = parsed.filter_mut();
-    filter.netns = Some(scope.check(filter.addr, filter.netns).await?);
+    filter.netns = Some(scope.check(pods, filter.addr, filter.netns).await?);
     Ok(parsed)
 }
 
@@ -150,9 +143,14 @@ mod tests {
         // Inode 1 is no namespace: its addresses cannot be read.
         let scope = PodScope { netns: 1 };
         let addr: IpAddr = "10.1.0.7".parse().expect("ip");
-        match scope.check(Some(addr), None).await {
+        let pods = PodAddresses::new(
+            2,
+            std::sync::Arc::new(crate::sys::pod_addresses::NamespaceAddresses { own_netns: 2 }),
+        );
+        match scope.check(&pods, Some(addr), None).await {
             Err(ApiError::Unavailable(message)) => {
                 assert!(message.contains("cannot read"), "{message}");
+                assert!(!message.contains("namespace is gone"), "{message}");
             }
             other => panic!("expected 503, got {other:?}"),
         }

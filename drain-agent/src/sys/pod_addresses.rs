@@ -28,7 +28,10 @@
 //! read again only when asked and stale: on a miss at most once per [`MISS_REFRESH`] (a
 //! caller from another node is a miss every time), and a hit older than [`HIT_REFRESH`] is
 //! checked again (a pod's address can move to a new pod: until then a caller from it is
-//! taken for the pod it named, SECURITY.md).
+//! taken for the pod it named, SECURITY.md). A read that fails (a scan that could not look
+//! everywhere) keeps the last map, is tried again at most once per [`MISS_REFRESH`] too,
+//! and is WARNed once until a read works again; meanwhile the node's own addresses are not
+//! known ([`PodAddresses::node_holds`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -37,6 +40,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use tokio::time::Instant;
 
 use crate::{addr::canonical_addr, sys::netns};
@@ -95,6 +99,16 @@ pub trait AddressSource: Send + Sync + 'static {
     /// An error when not every namespace could be looked for (`netns::IncompleteScan`):
     /// the last map read stands then, rather than one that misses every pod.
     fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>>;
+
+    /// The addresses of namespace `inode` alone, read inside it now (a pod's own `addr=`,
+    /// `http/pod_scope.rs`). An error when they cannot be read (the namespace is not
+    /// found, or the scan could not look everywhere).
+    fn read_in(&self, inode: u32) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
+        let path = netns::all_namespaces()?
+            .remove(&inode)
+            .ok_or_else(|| anyhow::anyhow!("the namespace is gone"))?;
+        netns::run_in(inode, &path, crate::sys::ifaddrs::local_addresses)
+    }
 }
 
 /// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
@@ -114,7 +128,10 @@ pub struct NamespaceAddresses {
 impl AddressSource for NamespaceAddresses {
     fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>> {
         let mut found = BTreeMap::new();
-        let own = crate::sys::ifaddrs::local_addresses().unwrap_or_default();
+        // Not read, the node's addresses would be taken for none (a local user's `addr=`
+        // of the node refused): the whole read fails, and the last one stands.
+        let own = crate::sys::ifaddrs::local_addresses()
+            .context("cannot read the node's own addresses")?;
         found.insert(
             self.own_netns,
             Namespace {
@@ -195,7 +212,11 @@ struct Snapshot {
     cookies: HashMap<u32, Option<u64>>,
     /// The addresses of the agent's own namespace (the node's).
     own: std::collections::BTreeSet<IpAddr>,
+    /// When the map was last read in full.
     read_at: Option<Instant>,
+    /// When a read last failed, if none has worked since: none is tried again before
+    /// [`MISS_REFRESH`] has passed.
+    failed_at: Option<Instant>,
 }
 
 impl Snapshot {
@@ -380,6 +401,16 @@ impl PodAddresses {
         self.own_netns
     }
 
+    /// The addresses of namespace `inode`, read inside it now ([`AddressSource::read_in`],
+    /// on a blocking thread).
+    pub async fn addresses_in(
+        &self,
+        inode: u32,
+    ) -> anyhow::Result<std::collections::BTreeSet<IpAddr>> {
+        let source = Arc::clone(&self.source);
+        tokio::task::spawn_blocking(move || source.read_in(inode)).await?
+    }
+
     /// The pod namespace that has `addr`, if exactly one does: who a caller from it is.
     pub async fn owner(&self, addr: IpAddr) -> Option<u32> {
         match self.named(addr).await {
@@ -439,11 +470,13 @@ impl PodAddresses {
     /// interfaces', or loopback (all of 127.0.0.0/8 and `::1` reach the node's loopback).
     /// What a local user, whose scope is that namespace, may name as `addr=`
     /// (`http/authority.rs`). A miss is read again when the read is older than
-    /// [`MISS_REFRESH`], a hit when older than [`HIT_REFRESH`].
-    pub async fn node_holds(&self, addr: IpAddr) -> bool {
+    /// [`MISS_REFRESH`], a hit when older than [`HIT_REFRESH`]. `None`: not known (no read
+    /// has worked yet, or the read this answer needed failed): the agent's failure, not a
+    /// refusal.
+    pub async fn node_holds(&self, addr: IpAddr) -> Option<bool> {
         let addr = canonical_addr(addr);
         if addr.is_loopback() {
-            return true;
+            return Some(true);
         }
         let (held, read_at) = {
             let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -454,14 +487,14 @@ impl PodAddresses {
             age >= if held { HIT_REFRESH } else { MISS_REFRESH }
         });
         if !stale {
-            return held;
+            return Some(held);
         }
         self.refresh(read_at).await;
-        self.snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .own
-            .contains(&addr)
+        let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        if snapshot.read_at.is_none() || snapshot.failed_at.is_some() {
+            return None;
+        }
+        Some(snapshot.own.contains(&addr))
     }
 
     /// What `addr` names as last read, without reading again (`None`: never read yet). For
@@ -477,33 +510,28 @@ impl PodAddresses {
         Some(snapshot.named(addr, Instant::now()))
     }
 
-    /// Reads the namespaces again, unless another caller did since `seen`.
+    /// Reads the namespaces again, unless another caller did since `seen`, or a read
+    /// failed less than [`MISS_REFRESH`] ago (any caller can make the agent read: a
+    /// `/health?addr=` from anywhere).
     async fn refresh(&self, seen: Option<Instant>) {
         let _reading = self.reading.lock().await;
-        let current = self
-            .snapshot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read_at;
-        if current != seen {
-            return;
+        {
+            let snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+            if snapshot.read_at != seen
+                || snapshot
+                    .failed_at
+                    .is_some_and(|at| Instant::now().saturating_duration_since(at) < MISS_REFRESH)
+            {
+                return;
+            }
         }
         let source = Arc::clone(&self.source);
         let read = match tokio::task::spawn_blocking(move || source.read()).await {
             Ok(Ok(read)) => read,
             // Not every namespace was looked for (out of descriptors, none is found): the
-            // map read last stands, not one in which no address names a pod. Read again
-            // at the next question.
-            Ok(Err(problem)) => {
-                log::warn!("cannot read the pods' addresses: {problem:#}; keeping those read last");
-                return;
-            }
-            Err(problem) => {
-                log::warn!(
-                    "reading the pods' addresses failed: {problem}; keeping those read last"
-                );
-                return;
-            }
+            // map read last stands, not one in which no address names a pod.
+            Ok(Err(problem)) => return self.failed(&format!("{problem:#}")),
+            Err(problem) => return self.failed(&problem.to_string()),
         };
         let (owners, shared) = holders_of(self.own_netns, &read);
         let now = Instant::now();
@@ -535,6 +563,22 @@ impl PodAddresses {
             .map(|&addr| canonical_addr(addr))
             .collect();
         snapshot.read_at = Some(now);
+        if snapshot.failed_at.take().is_some() {
+            log::info!("the pods' addresses can be read again");
+        }
+    }
+
+    /// A read that failed: WARNed at the first of a streak, tried again after
+    /// [`MISS_REFRESH`].
+    fn failed(&self, problem: &str) {
+        let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        if snapshot.failed_at.replace(Instant::now()).is_none() {
+            log::warn!(
+                "cannot read the pods' addresses: {problem}; keeping those read last, the node's own unknown (a local user's addr= is answered 503), and reading again at most once per {MISS_REFRESH:?}; INFO when reads work again"
+            );
+        } else {
+            log::debug!("cannot read the pods' addresses: {problem}");
+        }
     }
 }
 
@@ -549,6 +593,8 @@ mod tests {
         reads: AtomicUsize,
         /// The namespaces' cookies (none for those not in it).
         cookies: Mutex<BTreeMap<u32, u64>>,
+        /// Whether a read fails as an incomplete scan does.
+        failing: std::sync::atomic::AtomicBool,
     }
 
     impl Fake {
@@ -557,6 +603,7 @@ mod tests {
                 map: Mutex::new(map),
                 reads: AtomicUsize::new(0),
                 cookies: Mutex::default(),
+                failing: std::sync::atomic::AtomicBool::new(false),
             })
         }
     }
@@ -564,6 +611,9 @@ mod tests {
     impl AddressSource for Fake {
         fn read(&self) -> anyhow::Result<BTreeMap<u32, Namespace>> {
             self.reads.fetch_add(1, Ordering::Relaxed);
+            if self.failing.load(Ordering::Relaxed) {
+                return Err(anyhow::Error::new(netns::IncompleteScan));
+            }
             let cookies = self.cookies.lock().expect("lock");
             Ok(self
                 .map
@@ -688,6 +738,42 @@ mod tests {
         let reads = fake.reads.load(Ordering::Relaxed);
         assert_eq!(pods.owner(ip("127.0.0.1")).await, None);
         assert_eq!(fake.reads.load(Ordering::Relaxed), reads);
+    }
+
+    /// Found by a review: while reads failed (an incomplete scan: out of descriptors),
+    /// every question read again (any caller can ask: `/health?addr=` from anywhere) and
+    /// WARNed again, and the node's own addresses were taken as known — empty before a
+    /// first read worked, so a local user's `addr=` of the node was refused for good. A
+    /// failed read is tried again at most once per MISS_REFRESH, and the node's addresses
+    /// are unknown until a read works.
+    #[tokio::test(start_paused = true)]
+    async fn failed_reads_are_not_tried_on_every_question_and_leave_the_node_unknown() {
+        let fake = Fake::new(BTreeMap::from([(1, vec![ip("192.168.0.10")])]));
+        fake.failing.store(true, Ordering::Relaxed);
+        let pods = PodAddresses::new(1, fake.clone());
+        for _ in 0..50 {
+            assert_eq!(pods.node_holds(ip("192.168.0.10")).await, None);
+            assert_eq!(pods.owner(ip("10.1.0.7")).await, None);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            fake.reads.load(Ordering::Relaxed),
+            1,
+            "one read per MISS_REFRESH"
+        );
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.node_holds(ip("192.168.0.10")).await, None);
+        assert_eq!(fake.reads.load(Ordering::Relaxed), 2);
+        // Reads work again: known at the next read.
+        fake.failing.store(false, Ordering::Relaxed);
+        tokio::time::advance(MISS_REFRESH).await;
+        assert_eq!(pods.node_holds(ip("192.168.0.10")).await, Some(true));
+        assert_eq!(pods.node_holds(ip("10.1.0.7")).await, Some(false));
+        // A later failure leaves a fresh answer standing, and makes a stale one unknown.
+        fake.failing.store(true, Ordering::Relaxed);
+        assert_eq!(pods.node_holds(ip("192.168.0.10")).await, Some(true));
+        tokio::time::advance(HIT_REFRESH).await;
+        assert_eq!(pods.node_holds(ip("192.168.0.10")).await, None);
     }
 
     /// An address of two namespaces, or one that left the pod it named, names no pod: it

@@ -14,7 +14,12 @@
 //! finished: with SYN cookies, as a listener with a backlog of 0 gets, its socket is made
 //! when the client's last ACK arrives, which may be after `connect` returned). Such a
 //! connection is looked up again, as is one its listener has not accepted yet (no process
-//! holds it, so no uid is its holder's), until the deadline.
+//! holds it, so no uid is its holder's), until the deadline. When the client's own end is
+//! missing too, the tables cannot be read here (no `inet_diag`/`tcp_diag` modules: the
+//! kernel then answers every lookup "no such socket"): the server is asked unverified,
+//! with a warning, unless the request carries a bearer token, which is then not sent
+//! (SECURITY.md, "Whom the clients trust"). A lookup that fails stops only a server at this
+//! namespace's own address.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpStream},
@@ -46,22 +51,78 @@ const MAX_PAUSE: Duration = Duration::from_millis(20);
 
 /// Checks, by `deadline`, whose socket the server end of `stream` is. An error says why
 /// the server is not taken for the agent (naming its address, and the uid of a socket of
-/// someone else); nothing has been sent to it.
-pub(super) fn check(stream: &TcpStream, owners: ServerOwners, deadline: Instant) -> Result<()> {
+/// someone else); nothing has been sent to it. `token`: whether the request carries a
+/// bearer token (never sent to a server that cannot be verified).
+pub(super) fn check(
+    stream: &TcpStream,
+    owners: ServerOwners,
+    token: bool,
+    deadline: Instant,
+) -> Result<()> {
     let ServerOwners::Agent { agent_uid } = owners else {
         return Ok(());
     };
     let canonical = |end: SocketAddr| SocketAddr::new(canonical_addr(end.ip()), end.port());
-    let server = canonical(stream.peer_addr().context("the server's address")?);
-    let client = canonical(stream.local_addr().context("this end's address")?);
+    let ends = Ends {
+        server: canonical(stream.peer_addr().context("the server's address")?),
+        client: canonical(stream.local_addr().context("this end's address")?),
+    };
+    check_ends(
+        ends,
+        agent_uid,
+        token,
+        deadline,
+        &sockdiag::find_one,
+        is_this_namespaces,
+    )
+}
+
+/// The two ends of the connection to the server, as this namespace's tables name them.
+#[derive(Clone, Copy, Debug)]
+struct Ends {
+    server: SocketAddr,
+    client: SocketAddr,
+}
+
+/// One lookup of this namespace's socket by its local and remote ends
+/// ([`sockdiag::find_one`]; a fake in the tests).
+type Lookup<'a> = &'a dyn Fn(SocketAddr, SocketAddr) -> Result<Option<sockdiag::TcpSocket>>;
+
+/// Said once per process when the tables cannot be read (the client asks again and again).
+static UNVERIFIED_SAID: std::sync::Once = std::sync::Once::new();
+
+/// [`check`] of `ends`, with the table lookup and the "is this address ours" question given.
+fn check_ends(
+    Ends { server, client }: Ends,
+    agent_uid: Option<u32>,
+    token: bool,
+    deadline: Instant,
+    lookup: Lookup<'_>,
+    ours: fn(IpAddr) -> Result<bool>,
+) -> Result<()> {
     let me = rustix::process::geteuid().as_raw();
     // Whether the server's address is this namespace's, read once when first needed.
     let mut server_here: Option<bool> = None;
+    let mut here = || -> Result<bool> {
+        Ok(match server_here {
+            Some(here) => here,
+            None => *server_here.insert(ours(server.ip())?),
+        })
+    };
     let mut pause = Duration::from_millis(1);
     loop {
-        let found = sockdiag::find_one(server, client).with_context(|| {
-            format!("cannot tell whose socket the server at {server} is (sock_diag)")
-        })?;
+        let found = match lookup(server, client) {
+            Ok(found) => found,
+            // Another namespace's server is asked as before, whatever the lookup says.
+            Err(_) if !here()? => return Ok(()),
+            Err(problem) => {
+                return Err(problem).with_context(|| {
+                    format!(
+                        "cannot tell whose socket the server at {server} is (sock_diag); nothing was sent to it"
+                    )
+                });
+            }
+        };
         let pending = match found {
             Some(socket) => match socket.owner() {
                 Some(uid) if uid == 0 || uid == me || Some(uid) == agent_uid => return Ok(()),
@@ -82,14 +143,20 @@ pub(super) fn check(stream: &TcpStream, owners: ServerOwners, deadline: Instant)
                     "the server at {server} closed the connection before its owner could be told"
                 ),
             },
+            // Another namespace's server (or one behind address translation).
+            None if !here()? => return Ok(()),
             None => {
-                let here = match server_here {
-                    Some(here) => here,
-                    None => *server_here.insert(is_this_namespaces(server.ip())?),
-                };
-                if !here {
-                    // Another namespace's server (or one behind address translation).
-                    return Ok(());
+                // This end is always in the tables while the connection is open: when it
+                // is missing too, the tables cannot be read here (the kernel answers a
+                // lookup as "no such socket" when the `inet_diag`/`tcp_diag` modules are
+                // not loaded), and waiting will not change that.
+                let own = lookup(client, server).with_context(|| {
+                    format!(
+                        "cannot tell whose socket the server at {server} is (sock_diag); nothing was sent to it"
+                    )
+                })?;
+                if own.is_none() {
+                    return unverifiable(server, token);
                 }
                 "its socket is not in this namespace's tables, though its address is this namespace's"
             }
@@ -100,6 +167,25 @@ pub(super) fn check(stream: &TcpStream, owners: ServerOwners, deadline: Instant)
         std::thread::sleep(pause);
         pause = (pause * 2).min(MAX_PAUSE);
     }
+}
+
+/// A server at this namespace's own address when this namespace's socket tables cannot be
+/// read (SECURITY.md, "Whom the clients trust"): asked unverified, as before the check
+/// existed and as the agent itself runs on such a host, with a warning; but a bearer token
+/// is not sent to it.
+fn unverifiable(server: SocketAddr, token: bool) -> Result<()> {
+    const WHY: &str = "this network namespace's socket tables cannot be read (the kernel's inet_diag and tcp_diag modules are not loaded)";
+    if token {
+        bail!(
+            "cannot tell whose socket the server at {server} is: {WHY}; the bearer token is not sent to a server that cannot be verified, so nothing was sent to it"
+        );
+    }
+    UNVERIFIED_SAID.call_once(|| {
+        eprintln!(
+            "drain-agent: WARNING: cannot tell whose socket the server at {server} is: {WHY}; asking it unverified (any local user who holds that address while the agent is down could answer)"
+        );
+    });
+    Ok(())
 }
 
 /// Whether `ip` is an address of this network namespace: loopback, or an interface's.
@@ -168,7 +254,7 @@ mod tests {
         let (address, accept) = nobodys_listener();
         let stream = TcpStream::connect(address).expect("connect");
         let started = Instant::now();
-        let problem = check(&stream, agents, started + Duration::from_millis(300))
+        let problem = check(&stream, agents, false, started + Duration::from_millis(300))
             .expect_err("an unaccepted connection is nobody's yet");
         assert!(
             format!("{problem:#}").contains("has not accepted"),
@@ -176,8 +262,13 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_millis(400));
         accept.send(()).expect("accept");
-        let problem = check(&stream, agents, Instant::now() + Duration::from_secs(2))
-            .expect_err("nobody's server");
+        let problem = check(
+            &stream,
+            agents,
+            false,
+            Instant::now() + Duration::from_secs(2),
+        )
+        .expect_err("nobody's server");
         assert!(
             format!("{problem:#}").contains(&format!("uid {NOBODY}'s")),
             "{problem:#}"
@@ -185,12 +276,98 @@ mod tests {
         let named = ServerOwners::Agent {
             agent_uid: Some(NOBODY),
         };
-        check(&stream, named, Instant::now() + Duration::from_secs(2)).expect("--agent-uid");
-        check(&stream, ServerOwners::Anyone, Instant::now()).expect("anyone's");
+        check(
+            &stream,
+            named,
+            false,
+            Instant::now() + Duration::from_secs(2),
+        )
+        .expect("--agent-uid");
+        check(&stream, ServerOwners::Anyone, true, Instant::now()).expect("anyone's");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let _accepted = listener.accept().expect("accept");
-        check(&ours, agents, Instant::now() + Duration::from_secs(2)).expect("root's server");
+        check(&ours, agents, true, Instant::now() + Duration::from_secs(2)).expect("root's server");
+    }
+
+    fn ends(server: &str) -> Ends {
+        Ends {
+            server: server.parse().expect("server"),
+            client: "127.0.0.1:40000".parse().expect("client"),
+        }
+    }
+
+    /// Tables that hold neither end: a host without the `inet_diag`/`tcp_diag` modules,
+    /// where the kernel answers every lookup "no such socket".
+    fn unreadable(_: SocketAddr, _: SocketAddr) -> Result<Option<sockdiag::TcpSocket>> {
+        Ok(None)
+    }
+
+    fn failing(_: SocketAddr, _: SocketAddr) -> Result<Option<sockdiag::TcpSocket>> {
+        bail!("cannot open a NETLINK_SOCK_DIAG socket")
+    }
+
+    /// The agent at its own-interface or loopback address on a host whose tables cannot be
+    /// read (a supported, degraded mode) is asked at once, unverified, without a token;
+    /// with a token, the client says so at once, not after its whole timeout.
+    #[test]
+    fn unreadable_tables_are_told_at_once_and_get_no_token() {
+        let agents = None;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(2);
+        check_ends(
+            ends("127.0.0.1:9100"),
+            agents,
+            false,
+            deadline,
+            &unreadable,
+            is_this_namespaces,
+        )
+        .expect("asked unverified");
+        let problem = check_ends(
+            ends("127.0.0.1:9100"),
+            agents,
+            true,
+            deadline,
+            &unreadable,
+            is_this_namespaces,
+        )
+        .expect_err("no token to an unverified server");
+        assert!(format!("{problem:#}").contains("inet_diag"), "{problem:#}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A lookup that fails stops only a server at this namespace's own address: one in
+    /// another namespace (a pod calling `$HOST_IP`) is asked as before.
+    #[test]
+    fn a_failed_lookup_stops_only_a_server_at_our_own_address() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        check_ends(
+            ends("192.0.2.1:19700"),
+            None,
+            true,
+            deadline,
+            &failing,
+            is_this_namespaces,
+        )
+        .expect("another namespace's server");
+        let problem = check_ends(
+            ends("127.0.0.1:9100"),
+            None,
+            false,
+            deadline,
+            &failing,
+            is_this_namespaces,
+        )
+        .expect_err("fail closed here");
+        assert!(
+            format!("{problem:#}").contains("NETLINK_SOCK_DIAG"),
+            "{problem:#}"
+        );
     }
 
     #[test]

@@ -215,8 +215,9 @@ fn connect(addresses: &[SocketAddr], url: &AgentUrl, deadline: Instant) -> Resul
         let Ok(left) = left(deadline) else { break };
         match TcpStream::connect_timeout(address, left.min(CONNECT_TIMEOUT))
             .with_context(|| format!("cannot connect to the agent at {address}"))
-            .and_then(|stream| owner::check(&stream, url.owners, deadline).map(|()| stream))
-        {
+            .and_then(|stream| {
+                owner::check(&stream, url.owners, url.token.is_some(), deadline).map(|()| stream)
+            }) {
             Ok(stream) => return Ok(stream),
             Err(problem) => problems.push(problem),
         }
