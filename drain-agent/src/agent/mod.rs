@@ -263,7 +263,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )
         .with_state_file(state_file)
         .with_port_owners(owners)
-        // A pod's drain ends once its namespace is gone or its inode another namespace's.
+        // A pod's drain ends once its inode is another namespace's (another cookie).
         .with_namespaces(Arc::new(
             crate::drain::namespace::KernelNamespaces::default(),
         ))

@@ -167,11 +167,17 @@ impl super::Drains {
 
     /// Resolves once `drain`'s namespace is replaced ([`Drains::namespace_replaced`]),
     /// checked at once (a drain restored after a restart: its pod may have gone meanwhile)
-    /// and then every [`NAMESPACE_RECHECK`]. Never for a drain of no one namespace.
+    /// and then every [`NAMESPACE_RECHECK`]. Never for a drain of no one namespace, nor for
+    /// one without a cookie from its start.
     ///
     /// [`Drains::namespace_replaced`]: super::Drains::namespace_replaced
     pub(super) async fn namespace_lost(&self, drain: &super::registry::Running) {
-        if drain.spec.filter.netns.is_none() || self.namespaces.is_none() {
+        // Without a cookie at its start nothing can ever show it replaced
+        // (`NamespaceNow::replaces`): no look, no thread, no scan.
+        if drain.spec.filter.netns.is_none()
+            || self.namespaces.is_none()
+            || drain.netns_cookie.is_none()
+        {
             return std::future::pending().await;
         }
         loop {

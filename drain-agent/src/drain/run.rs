@@ -41,9 +41,9 @@ impl Drains {
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
         let by = lock(&drain.record).started_by;
-        // A namespace's drain whose namespace is gone, or is another one given its inode (a
-        // new pod), is over (`namespace.rs`): checked while it waits, after, and before
-        // it closes anything. It ends drained (no connection of its namespace can remain),
+        // A namespace's drain whose inode is another namespace's now (a new pod: another
+        // cookie) is over (`namespace.rs`): checked while it waits, after, and before it
+        // closes anything. It ends drained (no connection of its namespace can remain),
         // closes nothing more, and keeps no listener of the namespace there now.
         let mut lost = false;
         let waited = tokio::select! {

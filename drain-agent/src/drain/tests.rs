@@ -2089,12 +2089,16 @@ async fn a_drains_start_reads_its_count_outside_the_registrys_lock() {
 }
 
 /// Network namespaces as a test sets them: each inode's cookie (`None`: a kernel without
-/// cookies); an inode not there is gone.
+/// cookies); an inode not there is gone. `.1` counts the looks.
 #[derive(Default)]
-struct FakeNamespaces(Mutex<HashMap<u32, Option<u64>>>);
+struct FakeNamespaces(
+    Mutex<HashMap<u32, Option<u64>>>,
+    std::sync::atomic::AtomicUsize,
+);
 
 impl namespace::Namespaces for FakeNamespaces {
     fn now(&self, inode: u32) -> namespace::NamespaceNow {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match lock(&self.0).get(&inode) {
             Some(cookie) => namespace::NamespaceNow::Is(*cookie),
             None => namespace::NamespaceNow::Gone,
@@ -2335,4 +2339,29 @@ async fn an_older_agents_saved_pod_drain_resumes_as_before() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(restarted.list().0.len(), 1, "still running, not found");
     assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Audit (wasted work): a drain of a namespace whose cookie was not known at its start (a
+/// kernel before 5.14, a namespace that could not be read then) can never be found
+/// replaced, yet it looked at its namespace every second (a thread entering it, and a
+/// `/proc` scan whenever the inode was not found) for as long as it ran: up to
+/// `--max-waiters` drains for up to `--max-timeout`. It looks once, at its start.
+#[tokio::test]
+async fn a_pods_drain_without_a_cookie_does_not_look_at_its_namespace_again() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, None);
+    let (_, _, drains) = pod_registry(dir.path(), &namespaces);
+    drains
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    let at_start = namespaces.1.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(drains.list().0.len(), 1, "still in progress");
+    let looks = namespaces.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        looks <= at_start + 1,
+        "{looks} looks at the namespace ({at_start} by the start)"
+    );
 }
