@@ -316,15 +316,23 @@ impl StateFile {
         .is_ok();
         // A link, FIFO or device at the lock's name stops the start, as at the state file's.
         open_regular(&dir.join(NEXT_LOCK_NAME))?;
-        // The writer takes it too when it can: a file left there is a crashed agent's. One
-        // that cannot be made (a read-only directory) costs only what it would keep: the
-        // agent starts, as it does when the state file cannot be written.
-        let next_lock = Self::take_next_lock(dir).unwrap_or_else(|problem| {
-            log::warn!(
-                "{problem:#}: drains POSTed during an upgrade's overlap are kept in memory only"
-            );
+        // The writer takes it too when it can, but only when a file is there: a crashed
+        // agent's, which it folds in. With none there it leaves the lock alone: an agent
+        // started beside it (an upgrade right after this start) must get it, and an agent
+        // beside makes the file only once it holds the lock (`take_orphaned_next` takes one
+        // made later, once its agent has gone). One that cannot be made (a read-only
+        // directory) costs only what it would keep: the agent starts, as it does when the
+        // state file cannot be written.
+        let next_lock = if writer && !dir.join(NEXT_FILE_NAME).exists() {
             None
-        });
+        } else {
+            Self::take_next_lock(dir).unwrap_or_else(|problem| {
+                log::warn!(
+                    "{problem:#}: drains POSTed during an upgrade's overlap are kept in memory only"
+                );
+                None
+            })
+        };
         if !writer {
             if next_lock.is_some() {
                 log::info!(
@@ -958,6 +966,24 @@ mod tests {
         );
     }
 
+    /// Found in a CI run: the writer took the next file's lock at its start whether or not
+    /// a file was there, and let it go only once its take-over task had run; an agent started
+    /// beside it meanwhile (an upgrade right after a start, slowed by load) found both locks
+    /// taken, took itself for a third agent, and kept drains POSTed to it in memory only
+    /// (no `drains.next.json`: the old agent answered "not draining" for them).
+    #[test]
+    fn an_agent_started_right_after_the_writer_keeps_the_next_file() {
+        let root = dir();
+        let writer = StateFile::open(root.path()).expect("open");
+        let beside = StateFile::open(root.path()).expect("beside");
+        assert_eq!(
+            beside.role(),
+            Role::Next,
+            "the writer held the next file's lock"
+        );
+        drop(writer);
+    }
+
     /// The writer takes up a next file whose agent has gone, and only such a one: with no
     /// file it never touches the lock (an agent starting beside it must get it).
     #[test]
@@ -1139,7 +1165,8 @@ mod tests {
         );
 
         // The next file too, for the agent holding its lock; and a bound past the cap is
-        // taken as damaged.
+        // taken as damaged. (`again`, opened beside the writer, holds that lock: gone first.)
+        drop(again);
         let next = format!("{{\"version\":3,\"until_ms\":{},\"state\":{{}}}}", u64::MAX);
         fs::write(root.path().join(NEXT_FILE_NAME), &next).expect("write");
         assert!(file.take_orphaned_next().expect("its lock"));
