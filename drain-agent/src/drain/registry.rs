@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use crate::{
     drain::{
-        DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, StartedBy, lock, owner::Owner,
-        unix_ms,
+        DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, StartedBy, lock,
+        namespace::NamespaceNow, owner::Owner, unix_ms,
     },
     tracker::Filter,
 };
@@ -31,6 +31,10 @@ pub(super) struct Running {
     /// namespace, or its cookie could not be read): once the namespace has another one,
     /// the inode is another namespace's and the drain is over (`namespace.rs`).
     pub(super) netns_cookie: Option<u64>,
+    /// Set once its inode is known to be another namespace's (another cookie): by its own
+    /// check, or by a request for its scope that read the cookie there now
+    /// ([`Drains::start`]). It then ends drained (`namespace.rs`) and nobody joins it.
+    pub(super) replaced: watch::Sender<bool>,
     /// Set to end the drain early: `Cancelled` (`DELETE`) or `Abandoned` (its waiters left).
     pub(super) cancel: watch::Sender<Option<DrainEnd>>,
     pub(super) finished: watch::Sender<Option<Arc<Final>>>,
@@ -67,6 +71,7 @@ impl Running {
             deadline,
             record: Mutex::new(record),
             netns_cookie,
+            replaced: watch::channel(false).0,
             cancel: watch::channel(None).0,
             finished: watch::channel(None).0,
             posted: AtomicBool::new(posted),
@@ -94,6 +99,16 @@ impl Running {
         self.moved.send_replace(Some(Arc::clone(successor)));
         // Wakes its run, which then finds it handed over.
         self.end(DrainEnd::Cancelled);
+    }
+
+    /// Marks its namespace replaced: its run ends it drained at once (`namespace.rs`).
+    pub(super) fn mark_replaced(&self) {
+        self.replaced.send_replace(true);
+    }
+
+    /// Whether its namespace is known to be replaced ([`Running::mark_replaced`]).
+    pub(super) fn is_replaced(&self) -> bool {
+        *self.replaced.borrow()
     }
 
     /// Whether it handed its scope and waiters over ([`Running::hand_over`]).
@@ -127,6 +142,10 @@ enum Started {
     /// A drain would start, and its count at the start is not read yet: read it (off the
     /// registry's lock and the async workers) and look again.
     Uncounted,
+    /// The scope's drain is of a namespace (with its cookie kept) and would be joined, and
+    /// the cookie of its inode now is not read yet: read it (off the registry's lock and the
+    /// async workers) and look again.
+    Unchecked,
 }
 
 /// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
@@ -242,9 +261,17 @@ impl Drains {
         // that lock. Read only when a drain would start; a record's, not a decision's. So is
         // its namespace's cookie (a namespace's drain), which tells its namespace from a
         // later one given the same inode (`namespace.rs`).
+        //
+        // A namespace's drain in progress is joined only while its inode is still the
+        // namespace it started in: the cookie there now is read first (`checked`). Once the
+        // inode is another namespace's (a new pod's), that drain is of a freed namespace
+        // and ends drained; a waiter of the new pod joining it would get that "drained"
+        // with its own connections open. It is ended now instead (as its own check would
+        // within a second) and the request waits for it and starts the scope's next drain.
         let mut active_at_start = None;
+        let mut checked = None;
         loop {
-            let ending = match self.start_now(&spec, posted, by, active_at_start)? {
+            let ending = match self.start_now(&spec, posted, by, active_at_start, checked)? {
                 Started::Drain(drain, created) => return Ok((drain, created)),
                 Started::Ending(ending) => ending,
                 Started::Uncounted => {
@@ -253,9 +280,14 @@ impl Drains {
                     active_at_start = Some((active.unwrap_or(0), cookie));
                     continue;
                 }
+                Started::Unchecked => {
+                    checked = Some(self.namespace_now(&spec.filter).await);
+                    continue;
+                }
             };
             // Read afresh for the scope's next drain.
             active_at_start = None;
+            checked = None;
             let mut finished = ending.finished.subscribe();
             let ended = tokio::time::timeout_at(limit, finished.wait_for(Option::is_some)).await;
             if !matches!(ended, Ok(Ok(_))) {
@@ -266,20 +298,39 @@ impl Drains {
 
     /// [`Drains::start`]'s one look at the registry, under its lock; a drain it starts
     /// records `active_at_start` and keeps its namespace's cookie, read with it (None:
-    /// [`Started::Uncounted`], nothing started).
+    /// [`Started::Uncounted`], nothing started). A namespace's drain with a cookie is joined
+    /// only after `checked` (what its inode is now; None: [`Started::Unchecked`]) tells it
+    /// is not another namespace's; if it is, that drain is ended ([`Running::mark_replaced`])
+    /// and waited for ([`Started::Ending`]).
     fn start_now(
         self: &Arc<Self>,
         spec: &DrainSpec,
         posted: bool,
         by: StartedBy,
         active_at_start: Option<(u64, Option<u64>)>,
+        checked: Option<NamespaceNow>,
     ) -> Result<Started, JoinError> {
         let mut running = lock(&self.running);
         if let Some(existing) = running.get(&spec.filter) {
             if existing.decided.load(Ordering::Acquire)
                 || existing.cancelling.load(Ordering::Acquire)
+                || existing.is_replaced()
             {
                 return Ok(Started::Ending(Arc::clone(existing)));
+            }
+            if existing.netns_cookie.is_some() && self.namespaces.is_some() {
+                match checked {
+                    None => return Ok(Started::Unchecked),
+                    Some(now) if now.replaces(existing.netns_cookie) => {
+                        log::info!(
+                            "drain {}: a request for its scope found its network namespace to be another one now (the inode was reused): ended drained, and the request gets a drain of its own",
+                            lock(&existing.record).id,
+                        );
+                        existing.mark_replaced();
+                        return Ok(Started::Ending(Arc::clone(existing)));
+                    }
+                    Some(_) => {}
+                }
             }
             if let Some(difference) = existing.spec.conflict(spec) {
                 return Err(JoinError::Conflict(lock(&existing.record).id, difference));

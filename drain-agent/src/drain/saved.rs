@@ -725,7 +725,28 @@ impl Drains {
                     // and a looser rule, no `quiet` or an `idle`, would answer them drained
                     // by a rule they did not ask for). Otherwise the restored drain has the
                     // scope and theirs ends on its own, by their rule.
-                    if spec.conflict(&existing.spec).is_none() {
+                    //
+                    // Two drains of one namespace's scope with different cookies: the inode
+                    // was another namespace's at each start, and the one of the earlier start
+                    // is freed (a live namespace keeps its inode). That drain is over
+                    // (`namespace.rs`), and no waiter of the namespace there now is handed to
+                    // it, nor kept on it: it ends drained at once, the other has the scope.
+                    if of_two_namespaces(existing, &resumed) {
+                        if lock(&resumed.record).started_ms <= lock(&existing.record).started_ms {
+                            resumed.mark_replaced();
+                            drop(running);
+                            log::info!(
+                                "drain {id} of {}, POSTed to another agent, was of a network namespace replaced since (the inode was reused): ended drained; drain {} (of the namespace there now) keeps the scope",
+                                scope_text(&spec.filter),
+                                lock(&existing.record).id,
+                            );
+                            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+                            self.launch(resumed);
+                            restored.drains.insert(identity);
+                            continue;
+                        }
+                        existing.mark_replaced();
+                    } else if spec.conflict(&existing.spec).is_none() {
                         existing.hand_over(&resumed);
                     }
                 }
@@ -1271,6 +1292,12 @@ pub(super) struct Overlap {
     ended: HashSet<DrainIdentity>,
     /// Restored gates `DELETE /drain` released here.
     released: HashSet<ReleasedGate>,
+}
+
+/// Whether `a` and `b`, drains of one scope, started in different namespaces given the same
+/// inode (both cookies known, and different).
+fn of_two_namespaces(a: &Running, b: &Running) -> bool {
+    matches!((a.netns_cookie, b.netns_cookie), (Some(a), Some(b)) if a != b)
 }
 
 #[cfg(test)]

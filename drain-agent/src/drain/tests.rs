@@ -2365,3 +2365,108 @@ async fn a_pods_drain_without_a_cookie_does_not_look_at_its_namespace_again() {
         "{looks} looks at the namespace ({at_start} by the start)"
     );
 }
+
+/// Review (inode reuse, a join): pod X's drain of namespace 7 runs; X goes and pod Y gets
+/// inode 7, and before X's drain's next check (a second apart) Y's `/drained` joins it, as
+/// the drain of its scope. X's drain then ended drained (its namespace replaced) and Y's
+/// waiter was answered "drained" with Y's connection open. A request now reads the cookie
+/// of the inode before it joins: X's drain ends, and Y waits on a drain of its own.
+#[tokio::test]
+async fn a_waiter_of_a_new_namespace_does_not_join_the_replaced_ones_drain() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, Some(100));
+    let (_, closed, drains) = pod_registry(dir.path(), &namespaces);
+    let (record, _) = drains
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    // Past the drain's first check (at its start).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Y has inode 7 now, with its connection (the fake's count of namespace 7 is 1).
+    lock(&namespaces.0).insert(7, Some(200));
+    let (membership, created) = drains
+        .join(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    let outcome = membership
+        .outcome(|_| tokio::time::Instant::now() + Duration::from_secs(2))
+        .await;
+    assert!(
+        outcome.as_ref().is_none_or(|done| !done.outcome.drained),
+        "Y's waiter was answered drained: {outcome:?}"
+    );
+    assert!(created, "Y's waiter joined X's drain");
+    assert_ne!(membership.id(), record.id);
+    let ended = drains
+        .list()
+        .1
+        .into_iter()
+        .find(|ended| ended.id == record.id)
+        .expect("X's drain ended");
+    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Review (inode reuse, the take-over): pod X's drain of namespace 7 POSTed to the old agent
+/// (saved with X's cookie); during the upgrade's overlap X goes, pod Y gets inode 7, and Y's
+/// `/drained` starts a waiters' drain on the new agent. The take-over handed Y's waiters to
+/// X's drain, restored: that one ended drained at once (its namespace replaced) and Y's
+/// waiter was answered "drained" with Y's connection open. Drains of two namespaces are
+/// never handed over: X's ends drained, Y's waiter waits on its own drain.
+#[tokio::test]
+async fn a_taken_over_drain_of_a_replaced_namespace_gets_no_waiter_of_the_new_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let namespaces = Arc::new(FakeNamespaces::default());
+    lock(&namespaces.0).insert(7, Some(100));
+    let (_, _, old) = pod_registry(dir.path(), &namespaces);
+    old.state
+        .as_ref()
+        .expect("state file")
+        .retire_next()
+        .expect("nothing to retire");
+    let (_, closed, new) = pod_registry(dir.path(), &namespaces);
+    new.restore();
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    spend_an_id(&old).await;
+    let (record, _) = old
+        .post(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    // X goes; Y has inode 7, with its connection, and asks the new agent.
+    lock(&namespaces.0).insert(7, Some(200));
+    let (membership, created) = new
+        .join(pod_x_close_spec(), StartedBy::Pod)
+        .await
+        .expect("room");
+    assert!(created);
+    let old_tracker = Arc::clone(&old.tracker);
+    old_agent_goes(&old_tracker, old, &new).await;
+    let outcome = membership
+        .outcome(|_| tokio::time::Instant::now() + Duration::from_secs(2))
+        .await;
+    assert!(
+        outcome.as_ref().is_none_or(|done| !done.outcome.drained),
+        "Y's waiter was answered drained: {outcome:?}"
+    );
+    assert_ne!(membership.id(), record.id, "Y's waiter waits on X's drain");
+    let ended = new
+        .list()
+        .1
+        .into_iter()
+        .find(|ended| ended.id == record.id)
+        .expect("X's drain ended");
+    assert_eq!(ended.result, Some(DrainEnd::Drained), "{ended:?}");
+    let (running, _) = new.list();
+    assert_eq!(
+        running.iter().map(|drain| drain.id).collect::<Vec<_>>(),
+        vec![membership.id()],
+        "Y's drain has the scope"
+    );
+    assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
+    take_over.abort();
+}
