@@ -4,7 +4,8 @@
 
 use std::{
     io::Write as _,
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use clap::ValueEnum;
@@ -125,6 +126,60 @@ pub fn json_line(ts: &str, level: &str, target: &str, message: &str) -> String {
         message,
     };
     serde_json::to_string(&line).unwrap_or_else(|_| format!("{{\"message\":{message:?}}}"))
+}
+
+/// What an answer says in place of a failure's detail ([`withheld`]).
+pub const DETAIL_IN_LOG: &str = "the detail is in the agent's log";
+
+/// How often the detail of a failure kept from an answer is WARNed (DEBUG between).
+pub const WITHHELD_LOGGED_EVERY: Duration = Duration::from_secs(60);
+
+/// A failure's detail kept from an answer (an HTTP body, a `/drained` answer's `unknown`, a
+/// drain's record): its error chain may name host paths and processes (`/proc/<PID>/ns/net`,
+/// `/run/netns/…`: SECURITY.md), which no caller is told. `what` (what failed, in general
+/// terms) and `detail` (`{:#}`: an `anyhow` chain whole) go to the log, as a WARN at most
+/// once per [`WITHHELD_LOGGED_EVERY`] (a failure every request meets must not flood it),
+/// DEBUG between. Returns [`DETAIL_IN_LOG`], for the answer to say after `what`.
+pub fn withheld(what: &str, detail: impl std::fmt::Display) -> &'static str {
+    static LOGGED: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut logged = LOGGED.lock().unwrap_or_else(PoisonError::into_inner);
+    if logged.is_none_or(|at| at.elapsed() >= WITHHELD_LOGGED_EVERY) {
+        *logged = Some(Instant::now());
+        drop(logged);
+        log::warn!(
+            "{what}: {detail:#} (not told to the caller; said at most once per {WITHHELD_LOGGED_EVERY:?})"
+        );
+    } else {
+        drop(logged);
+        log::debug!("{what}: {detail:#}");
+    }
+    DETAIL_IN_LOG
+}
+
+/// A failure whose text names nothing of the host: answers may say it whole ([`told`]).
+#[derive(Debug)]
+pub struct Told(pub String);
+
+impl std::fmt::Display for Told {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Told {}
+
+/// What an answer may say of `problem`: the text of a [`Told`] in its chain, or
+/// [`DETAIL_IN_LOG`], the chain logged ([`withheld`], `what` naming what failed).
+pub fn told(what: &str, problem: &anyhow::Error) -> String {
+    match problem.downcast_ref::<Told>() {
+        Some(told) => told.0.clone(),
+        None => withheld(what, problem).to_owned(),
+    }
+}
+
+/// `what: ` and what an answer may say of `problem` ([`told`]).
+pub fn in_general(what: &str, problem: &anyhow::Error) -> String {
+    format!("{what}: {}", told(what, problem))
 }
 
 #[cfg(test)]

@@ -122,7 +122,9 @@ impl Drains {
                     WaitError::OwnerFull(owner, max) => {
                         format!("{owner} has {max} waiters already")
                     }
-                    WaitError::Source(source) => format!("{source:#}"),
+                    WaitError::Source(source) => {
+                        crate::logging::in_general("cannot read the connection counts", &source)
+                    }
                 };
                 (
                     DrainEnd::Timeout,

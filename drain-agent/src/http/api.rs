@@ -193,27 +193,16 @@ pub enum ApiError {
 pub const NAMESPACES_UNREADABLE: &str =
     "the agent cannot read the network namespaces right now; ask again";
 
-/// How often the detail of [`ApiError::namespaces_unreadable`] is WARNed (DEBUG between).
-const UNREADABLE_LOGGED_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
 impl ApiError {
     /// 503 for `field` (`"netns"`, `"addr"`) while the namespaces cannot be read:
     /// [`NAMESPACES_UNREADABLE`], the same for every caller; `problem` (why, if this
-    /// caller's read found out) goes to the log, at most once per minute as a WARN.
+    /// caller's read found out) goes to the log ([`crate::logging::withheld`]).
     pub fn namespaces_unreadable(field: &str, problem: Option<&anyhow::Error>) -> Self {
-        static LOGGED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
         if let Some(problem) = problem {
-            let mut logged = LOGGED
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if logged.is_none_or(|at| at.elapsed() >= UNREADABLE_LOGGED_EVERY) {
-                *logged = Some(std::time::Instant::now());
-                log::warn!(
-                    "{field}: cannot read the network namespaces: {problem:#} (answered 503; said at most once per {UNREADABLE_LOGGED_EVERY:?})"
-                );
-            } else {
-                log::debug!("{field}: cannot read the network namespaces: {problem:#}");
-            }
+            crate::logging::withheld(
+                &format!("{field}: cannot read the network namespaces (answered 503)"),
+                problem,
+            );
         }
         Self::Unavailable(format!("{field}: {NAMESPACES_UNREADABLE}"))
     }

@@ -16,6 +16,7 @@ use crate::{
         api::{ConnectionsBody, EndpointRow, error},
         extract::{Confined, ConnectionsQuery},
     },
+    logging::in_general,
     tracker::Filter,
 };
 
@@ -31,7 +32,7 @@ pub(super) async fn connections(
         Err(problem) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the connection counts: {problem:#}"),
+                in_general("cannot read the connection counts", &problem),
             );
         }
     };
@@ -53,6 +54,8 @@ pub(super) async fn connections(
             };
             match state.tracker.remaining(&filter).await {
                 Ok(peers) => Some(peers),
+                // Told already: the tracker makes a listing's error what answers may say
+                // (`logging::told`), the detail logged.
                 Err(problem) => {
                     return error(
                         StatusCode::INTERNAL_SERVER_ERROR,

@@ -56,7 +56,7 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
             DrainResult::Error,
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the connection counts: {source:#}"),
+                crate::logging::in_general("cannot read the connection counts", &source),
             ),
         ),
     };

@@ -702,7 +702,11 @@ async fn unknown_paths_are_404_and_health_is_200() {
     let (status, _) = get(&state, "/healthz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let answer = get(&state, "/drained?port=1&timeout=0").await;
-    refused(answer, StatusCode::INTERNAL_SERVER_ERROR, "broken");
+    refused(
+        answer,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "cannot read the connection counts",
+    );
 }
 
 #[tokio::test]
@@ -1073,6 +1077,115 @@ async fn an_unreadable_namespace_is_told_without_host_paths() {
         "{text}"
     );
     assert!(text.contains("network namespaces"), "{text}");
+}
+
+/// What a namespace that cannot be opened says (out of descriptors), as
+/// `netns::open_checked` and `netns::all_namespaces` say it: a host path and a PID.
+const HOST_CHAIN: &str = "cannot find every network namespace: cannot open network namespace /proc/4242/ns/net: Too many open files";
+
+/// Whether `text` names the host's paths or processes.
+fn names_the_host(text: &str) -> bool {
+    text.contains("/proc/") || text.contains("4242") || text.contains("/run/netns/")
+}
+
+/// Found by a review: a pod's `GET /connections?peers=true` whose listing failed was `500`
+/// with the error chain in the body: host paths and PIDs (`/proc/4242/ns/net`). The body
+/// says what failed in general terms; the detail goes to the agent's log.
+#[tokio::test]
+async fn a_failed_listing_is_told_without_host_paths() {
+    let (source, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    *source.unlisted.lock().expect("lock") = HOST_CHAIN.into();
+    let (status, body) = request_as(
+        &state,
+        Caller::Pod { netns: 7 },
+        "GET",
+        "/connections?port=8080&peers=true",
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let text = body.to_string();
+    assert!(!names_the_host(&text), "{text}");
+    assert!(text.contains("cannot list the connections"), "{text}");
+}
+
+/// Found by a review: a `/drained` question whose counts could not be read was `500` with
+/// the error chain in the body. It says what failed in general terms.
+#[tokio::test]
+async fn unreadable_counts_are_told_without_host_paths() {
+    let (source, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    *source.why_broken.lock().expect("lock") = HOST_CHAIN.into();
+    source
+        .broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for uri in ["/drained?port=8080&timeout=0", "/connections?port=8080"] {
+        let (status, body) = request_as(&state, Caller::Pod { netns: 7 }, "GET", uri).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{uri}: {body}");
+        assert!(!names_the_host(&body.to_string()), "{uri}: {body}");
+    }
+}
+
+/// Found by a review: a drain whose counts could not be read ended with the error chain as
+/// its `unknown`, which its waiters' answers show (a pod's own). It says what failed in
+/// general terms.
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_cannot_read_its_counts_is_told_without_host_paths() {
+    let (source, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 1)
+    }]);
+    let pod = Caller::Pod { netns: 7 };
+    let (status, body) = request_as(&state, pod, "POST", "/drain?port=8080&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let waiter = tokio::spawn({
+        let state = Arc::clone(&state);
+        async move { request_as(&state, pod, "GET", "/drained?port=8080&timeout=1m").await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    *source.why_broken.lock().expect("lock") = HOST_CHAIN.into();
+    source
+        .broken
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let (_, body) = waiter.await.expect("answered");
+    assert_eq!(body["drain"], 1, "{body}");
+    let unknown = body["unknown"].as_str().unwrap_or_default();
+    assert!(
+        unknown.contains("cannot read the connection counts"),
+        "{body}"
+    );
+    assert!(!names_the_host(&body.to_string()), "{body}");
+}
+
+/// Found by a review: a `/drained` answer whose confirmation with the socket tables failed
+/// said why in `unknown` with the whole error chain: host paths and PIDs. It says what
+/// failed in general terms; the detail goes to the agent's log.
+#[tokio::test]
+async fn a_failed_confirmation_is_told_without_host_paths() {
+    let (source, state) = app(vec![crate::tracker::Endpoint {
+        netns: 7,
+        ..endpoint("10.1.0.7", 8080, 0)
+    }]);
+    *source.doubts.lock().expect("lock") = vec![crate::doubt::Doubt::SocketMapFull];
+    *source.confirmed.lock().expect("lock") = Err(HOST_CHAIN.into());
+    let (status, body) = request_as(
+        &state,
+        Caller::Pod { netns: 7 },
+        "GET",
+        "/drained?port=8080&timeout=0",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let unknown = body["unknown"].as_str().unwrap_or_default();
+    assert!(
+        unknown.contains("socket tables could not be read"),
+        "{body}"
+    );
+    assert!(!names_the_host(&body.to_string()), "{body}");
 }
 
 /// `/drains` showed a local user every record of the node's namespace: another user's

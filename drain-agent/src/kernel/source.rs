@@ -134,9 +134,10 @@ impl Counts for KernelMaps {
         // each connection would judge it drained, and an answer's count would be too low.
         let unread = self.counted_unread(filter, &read)?;
         if unread > 0 {
-            anyhow::bail!(
+            // Names nothing of the host: answers may say it whole.
+            return Err(anyhow::Error::new(crate::logging::Told(format!(
                 "{unread} connection(s) of the scope are in network namespaces the agent cannot enter, and cannot be listed"
-            );
+            ))));
         }
         // Read after the tables: an inbound connection they show open was inserted before
         // it became ESTABLISHED (the handler runs before the state is stored), so unless the

@@ -16,6 +16,8 @@ pub type AfterRead = Box<dyn FnOnce(&FakeSource) + Send>;
 pub struct FakeSource {
     pub endpoints: Mutex<Vec<Endpoint>>,
     pub broken: AtomicBool,
+    /// What a read says while `broken`.
+    pub why_broken: Mutex<String>,
     /// Ports the tracker asked to watch, as it left them.
     pub watched: Mutex<std::collections::BTreeSet<u16>>,
     /// What `doubts` says for every filter.
@@ -29,8 +31,10 @@ pub struct FakeSource {
     /// How often the connections were listed (`peers`).
     pub peer_lists: AtomicUsize,
     /// What `peers` lists, and how long a listing takes (real time: a slow socket table);
-    /// `None`: listing fails.
+    /// `None`: listing fails, with [`FakeSource::unlisted`]'s text.
     pub listed: Mutex<Option<(std::time::Duration, Vec<Peer>)>>,
+    /// Why listing fails while `listed` is `None`.
+    pub unlisted: Mutex<String>,
     /// What `walks` says.
     pub walks: AtomicU64,
     /// Run once, by the next `endpoints` read, right after it took the counts: what
@@ -49,6 +53,7 @@ impl Default for FakeSource {
         Self {
             endpoints: Mutex::default(),
             broken: AtomicBool::default(),
+            why_broken: Mutex::new("fake source is broken".into()),
             watched: Mutex::default(),
             doubts: Mutex::default(),
             skipped_runs: AtomicU64::default(),
@@ -56,6 +61,7 @@ impl Default for FakeSource {
             confirmations: AtomicUsize::default(),
             peer_lists: AtomicUsize::default(),
             listed: Mutex::default(),
+            unlisted: Mutex::new("no socket tables in the fake".into()),
             walks: AtomicU64::default(),
             after_next_read: Mutex::default(),
             read_takes: Mutex::default(),
@@ -73,7 +79,7 @@ impl FakeSource {
 
     fn health(&self) -> Result<()> {
         if self.broken.load(Ordering::Relaxed) {
-            bail!("fake source is broken");
+            bail!("{}", self.why_broken.lock().expect("lock"));
         }
         Ok(())
     }
@@ -123,7 +129,7 @@ impl Counts for FakeSource {
     fn peers(&self, _filter: &Filter, _with_age: bool) -> Result<Vec<Peer>> {
         self.peer_lists.fetch_add(1, Ordering::Relaxed);
         let Some((takes, peers)) = self.listed.lock().expect("lock").clone() else {
-            bail!("no socket tables in the fake")
+            bail!("{}", self.unlisted.lock().expect("lock"))
         };
         std::thread::sleep(takes);
         Ok(peers)

@@ -355,7 +355,10 @@ impl Tracker {
                 tokio::task::spawn_blocking(move || source.peers(&scope, with_age))
                     .await
                     .map_err(|problem| format!("listing connections failed: {problem}"))?
-                    .map_err(|problem| format!("{problem:#}"))
+                    // The one place a listing's error becomes text: what answers may say.
+                    .map_err(|problem| {
+                        crate::logging::told("cannot list the connections", &problem)
+                    })
             }
         };
         let mut peers = match look {
@@ -490,13 +493,12 @@ impl Tracker {
                 pass.stopping = *shutdown.borrow_and_update();
                 match waiter.judge(&pass) {
                     Step::Confirm => {
-                        pass.tables = Some(
-                            self.confirm(filter)
-                                .await
-                                .map_err(|problem| format!("{problem:#}")),
-                        );
+                        pass.tables = Some(self.confirm(filter).await.map_err(|problem| {
+                            crate::logging::told("cannot read the socket tables", &problem)
+                        }));
                     }
                     Step::ListPeers => {
+                        // Told already (`peers`: a listing's error is what answers may say).
                         pass.peers = Some(
                             self.peers(filter, idle_bar, Look::Rule)
                                 .await
@@ -587,9 +589,9 @@ fn read_scope(source: &dyn Source, filter: &Filter) -> Result<(u64, Result<Vec<D
         read += 1;
         let walks = source.walks();
         let count = scope_state(source, filter)?.active;
-        let doubts = source
-            .doubts(filter)
-            .map_err(|problem| format!("{problem:#}"));
+        let doubts = source.doubts(filter).map_err(|problem| {
+            crate::logging::in_general("cannot read whether the counts are whole", &problem)
+        });
         if source.walks() == walks {
             return Ok((count, doubts));
         }
