@@ -9,7 +9,11 @@
 
 mod common;
 
-use std::{collections::BTreeSet, fs, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use clap::CommandFactory as _;
 use common::deploy::{deploy, read, workspace};
@@ -18,26 +22,7 @@ use common::deploy::{deploy, read, workspace};
 /// `deploy/…` finds it.
 #[test]
 fn docs_name_only_deploy_files_that_exist() {
-    let mut docs: Vec<PathBuf> = [
-        "README.md",
-        "SECURITY.md",
-        "ARCHITECTURE.md",
-        "INVARIANTS.md",
-    ]
-    .iter()
-    .map(|name| workspace().join(name))
-    .collect();
-    let mut dirs = vec![deploy("")];
-    while let Some(dir) = dirs.pop() {
-        for entry in fs::read_dir(&dir).expect("read_dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "md") {
-                docs.push(path);
-            }
-        }
-    }
+    let docs = docs_and_deploy_files(|path| path.extension().is_some_and(|e| e == "md"));
     let mut missing = Vec::new();
     for doc in &docs {
         let text = read(doc);
@@ -153,8 +138,9 @@ fn architecture_names_every_subcommand() {
     assert_eq!(listed, subcommands, "ARCHITECTURE.md: {line}");
 }
 
-/// The project's docs and every text file under deploy/ (manifests, units, examples).
-fn docs_and_deploy_files() -> Vec<PathBuf> {
+/// The project's docs, and the files under deploy/ (manifests, units, examples) that
+/// `wanted` takes.
+fn docs_and_deploy_files(wanted: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = [
         "README.md",
         "SECURITY.md",
@@ -170,13 +156,18 @@ fn docs_and_deploy_files() -> Vec<PathBuf> {
             let path = entry.expect("entry").path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if fs::read_to_string(&path).is_ok() {
+            } else if wanted(&path) {
                 files.push(path);
             }
         }
     }
     files.sort();
     files
+}
+
+/// A text file (manifests, units, examples, docs).
+fn is_text(path: &Path) -> bool {
+    fs::read_to_string(path).is_ok()
 }
 
 /// The value shown after `at` (`--ignore "$HOST_IP"`, `ignore=10.0.0.0/8&…`): quotes,
@@ -207,7 +198,7 @@ fn shown_value(text: &str) -> String {
 fn documented_ignores_name_the_node_address_alone() {
     let mut wrong = Vec::new();
     let mut shown = 0;
-    for file in docs_and_deploy_files() {
+    for file in docs_and_deploy_files(is_text) {
         let text = read(&file);
         for keyword in ["--ignore", "ignore="] {
             for (at, _) in text.match_indices(keyword) {
@@ -239,7 +230,7 @@ fn documented_ignores_name_the_node_address_alone() {
 /// (which colon starts the port cannot be told).
 #[test]
 fn documented_agent_urls_from_the_node_address_say_how_on_ipv6() {
-    for file in docs_and_deploy_files() {
+    for file in docs_and_deploy_files(is_text) {
         let text = read(&file);
         if text.contains("http://$(HOST_IP):") {
             assert!(
