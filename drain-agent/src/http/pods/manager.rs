@@ -148,6 +148,38 @@ pub(super) struct Manager {
 pub(super) type Scan = fn(u32, Option<&str>) -> Result<BTreeMap<u32, PathBuf>>;
 
 impl Manager {
+    /// A manager with nothing opened yet, scanning with `candidates`.
+    pub(super) fn new(
+        steer: bool,
+        options: PodListenOptions,
+        state: Arc<AppState>,
+        endpoints: Arc<dyn OwnEndpoints>,
+        node: NodeCallers,
+        own_netns: u32,
+        stop: watch::Receiver<StopPhase>,
+    ) -> Self {
+        Self {
+            steer,
+            options,
+            state,
+            endpoints,
+            node,
+            own_netns,
+            listening: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            socket_port_taken: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            failing: BTreeMap::new(),
+            failing_told: None,
+            user_owned: BTreeMap::new(),
+            over_limit: 0,
+            tasks: JoinSet::new(),
+            stop,
+            scan: candidates,
+            scan_failing: false,
+        }
+    }
+
     /// One rescan: close listeners of namespaces that are gone, open them in new ones. A
     /// scan that could not look everywhere (out of descriptors it finds no namespace at
     /// all) changes nothing: every listener stays open (closing them would drop the
@@ -743,38 +775,21 @@ mod tests {
     /// A manager as `serve_in_pods` makes it, with `endpoints` for the kernel side.
     fn manager(endpoints: Arc<dyn OwnEndpoints>, stop: watch::Receiver<StopPhase>) -> Manager {
         let (_, state) = app(Vec::new());
-        Manager {
-            steer: false,
-            options: PodListenOptions {
-                addr: SocketAddr::from(([127, 0, 0, 1], 9_100)),
-                name_prefix: None,
-                limits: server::ServerLimits::default(),
-                bind_only: true,
-                socket_port: super::super::DEFAULT_SOCKET_PORT,
-                max_listeners: 8,
-                handover: Arc::new(crate::http::handover::Handover::new()),
-                tasks: TaskWatch::default(),
-            },
-            state,
-            endpoints,
-            node: NodeCallers {
-                addresses: NodeAddresses::default(),
-                sockets: Arc::new(SocketTables),
-            },
-            own_netns: 1,
-            listening: BTreeMap::new(),
-            skipped: BTreeSet::new(),
-            socket_port_taken: BTreeSet::new(),
-            waiting: BTreeSet::new(),
-            failing: BTreeMap::new(),
-            failing_told: None,
-            user_owned: BTreeMap::new(),
-            over_limit: 0,
-            tasks: JoinSet::new(),
-            stop,
-            scan: candidates,
-            scan_failing: false,
-        }
+        let options = PodListenOptions {
+            addr: SocketAddr::from(([127, 0, 0, 1], 9_100)),
+            name_prefix: None,
+            limits: server::ServerLimits::default(),
+            bind_only: true,
+            socket_port: super::super::DEFAULT_SOCKET_PORT,
+            max_listeners: 8,
+            handover: Arc::new(crate::http::handover::Handover::new()),
+            tasks: TaskWatch::default(),
+        };
+        let node = NodeCallers {
+            addresses: NodeAddresses::default(),
+            sockets: Arc::new(SocketTables),
+        };
+        Manager::new(false, options, state, endpoints, node, 1, stop)
     }
 
     /// Found by an audit: out of descriptors (EMFILE) the namespace scan found no

@@ -48,20 +48,12 @@ mod callers;
 mod manager;
 mod open;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fs::File,
-    net::SocketAddr,
-    os::fd::BorrowedFd,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs::File, net::SocketAddr, os::fd::BorrowedFd, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
 use prometheus::{IntGaugeVec, Opts};
-use tokio::{sync::watch, task::JoinSet, time::Instant};
+use tokio::{sync::watch, time::Instant};
 
 use self::{
     callers::{NodeAddresses, NodeCallers},
@@ -255,26 +247,15 @@ pub async fn serve_in_pods(
             false
         }
     };
-    let mut manager = Manager {
+    let mut manager = Manager::new(
         steer,
         options,
         state,
         endpoints,
-        node: node.clone(),
+        node.clone(),
         own_netns,
-        listening: BTreeMap::new(),
-        skipped: BTreeSet::new(),
-        socket_port_taken: BTreeSet::new(),
-        waiting: BTreeSet::new(),
-        failing: BTreeMap::new(),
-        failing_told: None,
-        user_owned: BTreeMap::new(),
-        over_limit: 0,
-        tasks: JoinSet::new(),
-        stop: stop.clone(),
-        scan: manager::candidates,
-        scan_failing: false,
-    };
+        stop.clone(),
+    );
     info!(
         "serving inside pod network namespaces on {} (callers: the pod itself on loopback, and root of this node from its addresses)",
         manager.options.addr
