@@ -154,58 +154,6 @@ impl super::Drains {
         };
         now_of(namespaces, inode).await
     }
-
-    /// Whether `drain`'s inode is another namespace's now (it has another cookie than at the
-    /// start), or was found to be by a request for its scope
-    /// ([`super::registry::Running::mark_replaced`]): the drain is over. Never for a drain
-    /// of no one namespace, nor when nothing can be told.
-    pub(super) async fn namespace_replaced(&self, drain: &super::registry::Running) -> bool {
-        if drain.is_replaced() {
-            return true;
-        }
-        let (Some(inode), Some(namespaces)) = (drain.spec.filter.netns, &self.namespaces) else {
-            return false;
-        };
-        let now = now_of(namespaces, inode).await;
-        let replaced = now.replaces(drain.netns_cookie);
-        if replaced {
-            drain.mark_replaced();
-            log::info!(
-                "drain {}: its network namespace {inode} is another one now (the inode was reused): no connection of the one it started in can remain; ended drained, nothing closed, none of the new namespace's listeners kept",
-                lock(&drain.record).id,
-            );
-        }
-        replaced
-    }
-
-    /// Resolves once `drain`'s namespace is replaced ([`Drains::namespace_replaced`]),
-    /// checked at once (a drain restored after a restart: its pod may have gone meanwhile)
-    /// and then every [`NAMESPACE_RECHECK`], or at once when a request for its scope finds
-    /// it replaced. Never for a drain of no one namespace, nor for one without a cookie from
-    /// its start (a request checks only a drain with one).
-    ///
-    /// [`Drains::namespace_replaced`]: super::Drains::namespace_replaced
-    pub(super) async fn namespace_lost(&self, drain: &super::registry::Running) {
-        let mut marked = drain.replaced.subscribe();
-        // Without a cookie at its start nothing can ever show it replaced
-        // (`NamespaceNow::replaces`): no look, no thread, no scan.
-        if drain.spec.filter.netns.is_none()
-            || self.namespaces.is_none()
-            || drain.netns_cookie.is_none()
-        {
-            return std::future::pending().await;
-        }
-        loop {
-            if self.namespace_replaced(drain).await {
-                return;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(NAMESPACE_RECHECK) => {}
-                // The sender lives as long as `drain`: an error never comes.
-                _ = marked.wait_for(|replaced| *replaced) => {}
-            }
-        }
-    }
 }
 
 #[cfg(test)]

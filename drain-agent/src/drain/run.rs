@@ -9,7 +9,7 @@ use crate::{
         DURATION_BUCKETS, DrainEnd, DrainRecord, Drains, Final, GATE_HOLD, HISTORY, OnTimeout,
         StartedBy,
         gate::{AtEnd, Held},
-        lock,
+        lock, namespace,
         owner::{self, Holding, Owner},
         registry::Running,
         unix_ms,
@@ -17,6 +17,61 @@ use crate::{
     drain_rule::DrainRule,
     tracker::{DrainOutcome, Filter, REPORT_BUDGET, WaitError},
 };
+
+/// A namespace's drain ends once its inode is another namespace's (`namespace.rs`): how a
+/// running drain finds out.
+impl Drains {
+    /// Whether `drain`'s inode is another namespace's now (it has another cookie than at the
+    /// start), or was found to be by a request for its scope
+    /// ([`Running::mark_replaced`]): the drain is over. Never for a drain
+    /// of no one namespace, nor when nothing can be told.
+    pub(super) async fn namespace_replaced(&self, drain: &Running) -> bool {
+        if drain.is_replaced() {
+            return true;
+        }
+        let (Some(inode), Some(namespaces)) = (drain.spec.filter.netns, &self.namespaces) else {
+            return false;
+        };
+        let now = namespace::now_of(namespaces, inode).await;
+        let replaced = now.replaces(drain.netns_cookie);
+        if replaced {
+            drain.mark_replaced();
+            log::info!(
+                "drain {}: its network namespace {inode} is another one now (the inode was reused): no connection of the one it started in can remain; ended drained, nothing closed, none of the new namespace's listeners kept",
+                lock(&drain.record).id,
+            );
+        }
+        replaced
+    }
+
+    /// Resolves once `drain`'s namespace is replaced ([`Drains::namespace_replaced`]),
+    /// checked at once (a drain restored after a restart: its pod may have gone meanwhile)
+    /// and then every [`NAMESPACE_RECHECK`](namespace::NAMESPACE_RECHECK), or at once when a request for its scope finds
+    /// it replaced. Never for a drain of no one namespace, nor for one without a cookie from
+    /// its start (a request checks only a drain with one).
+    ///
+    pub(super) async fn namespace_lost(&self, drain: &Running) {
+        let mut marked = drain.replaced.subscribe();
+        // Without a cookie at its start nothing can ever show it replaced
+        // (`NamespaceNow::replaces`): no look, no thread, no scan.
+        if drain.spec.filter.netns.is_none()
+            || self.namespaces.is_none()
+            || drain.netns_cookie.is_none()
+        {
+            return std::future::pending().await;
+        }
+        loop {
+            if self.namespace_replaced(drain).await {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(namespace::NAMESPACE_RECHECK) => {}
+                // The sender lives as long as `drain`: an error never comes.
+                _ = marked.wait_for(|replaced| *replaced) => {}
+            }
+        }
+    }
+}
 
 /// How long a close at a drain's deadline waits for the seeding walk (the first walk of the
 /// sockets after a start on fresh kernel state: it begins within 3 s,
