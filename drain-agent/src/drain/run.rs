@@ -356,17 +356,8 @@ impl Drains {
         unknown: Option<String>,
     ) -> DrainOutcome {
         let waited = started.elapsed();
-        DrainOutcome {
-            drained: false,
-            active: self.tracker.active_off_runtime(filter).await.unwrap_or(0),
-            waited,
-            unknown,
-            idle: None,
-            busy: None,
-            peers: Vec::new(),
-            first_zero: None,
-            arrivals: 0,
-        }
+        let active = self.tracker.active_off_runtime(filter).await.unwrap_or(0);
+        DrainOutcome::counted(false, active, waited, unknown)
     }
 
     /// `on_timeout=close` at the deadline (the seeding walk waited for, the port still its
@@ -563,15 +554,5 @@ enum Closing {
 /// connection of its namespace can remain (a socket holds its namespace), whatever the
 /// count of the inode says (the new namespace's connections).
 fn namespace_gone(started: tokio::time::Instant) -> DrainOutcome {
-    DrainOutcome {
-        drained: true,
-        active: 0,
-        waited: started.elapsed(),
-        unknown: None,
-        idle: None,
-        busy: None,
-        peers: Vec::new(),
-        first_zero: None,
-        arrivals: 0,
-    }
+    DrainOutcome::counted(true, 0, started.elapsed(), None)
 }

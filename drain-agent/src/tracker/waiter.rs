@@ -41,6 +41,23 @@ pub struct DrainOutcome {
     pub arrivals: u64,
 }
 
+impl DrainOutcome {
+    /// An outcome of counts alone: nothing looked at one by one, no peer, no arrival.
+    pub fn counted(drained: bool, active: u64, waited: Duration, unknown: Option<String>) -> Self {
+        Self {
+            drained,
+            active,
+            waited,
+            unknown,
+            idle: None,
+            busy: None,
+            peers: Vec::new(),
+            first_zero: None,
+            arrivals: 0,
+        }
+    }
+}
+
 /// How many remaining connections a not-drained answer lists.
 pub const PEERS_SHOWN: usize = 10;
 
