@@ -441,9 +441,11 @@ pub struct WaitArgs {
     #[arg(long, alias = "settle", default_value = "0s", value_parser = parse_duration)]
     pub quiet: Duration,
 
-    /// Probe traffic: connections from these sources (CIDR[,CIDR…], e.g. the node's own
-    /// address, where the kubelet's probes come from) neither count as arrivals nor hold
-    /// the drain. At most 64 sources.
+    /// Probe traffic: connections from these sources (CIDR[,CIDR…], e.g. the node's
+    /// address toward the pod, where the kubelet's probes come from) neither count as
+    /// arrivals nor hold the drain. Every client arriving from them is ignored too (traffic
+    /// masqueraded to the node, a hostNetwork proxy): leave out an address real clients
+    /// come from. At most 64 sources.
     #[arg(long, value_name = "CIDR[,CIDR...]", value_parser = ignore_list)]
     pub ignore: Option<String>,
 
