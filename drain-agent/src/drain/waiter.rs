@@ -97,6 +97,13 @@ impl From<WaitError> for Unanswered {
 }
 
 impl Ask {
+    /// A pure query (`timeout=0`): answered at once with the count, it starts, joins and
+    /// waits for nothing, and is counted apart from the waits
+    /// ([`crate::metrics::DrainResult::Query`]).
+    pub fn is_query(&self) -> bool {
+        self.spec.timeout.is_zero()
+    }
+
     /// The answer to this `/drained` request: its one wait. A client that hangs up drops
     /// this future, and with it the [`Membership`], whose drop ends a drain no one waits
     /// for any more.
@@ -156,7 +163,7 @@ impl Ask {
     /// fail). The same when the scope's drain has taken its verdict and is slow to end: the
     /// waiter waits on its own count, never that verdict.
     async fn member(&self, drains: &Arc<Drains>) -> Result<Joined, Unanswered> {
-        let Some(by) = self.control.filter(|_| !self.spec.timeout.is_zero()) else {
+        let Some(by) = self.control.filter(|_| !self.is_query()) else {
             return Ok(Joined::Unrecorded(None));
         };
         let why = match drains.join(self.spec.clone(), by).await {

@@ -49,7 +49,7 @@ impl Metrics {
         let drain_requests = IntCounterVec::new(
             Opts::new(
                 "drain_agent_drain_requests_total",
-                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (429: too many waiters, or every connection busy), error.",
+                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown.",
             ),
             &["result"],
         )?;
@@ -61,7 +61,7 @@ impl Metrics {
         let drain_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "drain_agent_drain_wait_seconds",
-                "How long /drained requests waited before answering.",
+                "How long /drained waits (a timeout above 0) waited before answering; queries (timeout=0) are not waits.",
             )
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -92,7 +92,7 @@ impl Metrics {
         })
     }
 
-    /// Counts a `/drained` answer; `waited` only for answered waits.
+    /// Counts a `/drained` answer; `waited` only for answered waits (never a query's).
     pub fn drain_request(&self, result: DrainResult, waited: Option<Duration>) {
         self.drain_requests
             .with_label_values(&[result.label()])
@@ -182,8 +182,14 @@ impl Metrics {
 /// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainResult {
+    /// A wait (a timeout above 0) answered drained.
     Drained,
+    /// A wait whose timeout passed before its port drained.
     Timeout,
+    /// A pure query (`timeout=0`: a progress line, a script's look), answered at once,
+    /// drained or not. Not a drain and not a wait: no `drain_wait_seconds` sample, and
+    /// neither `drained` nor `timeout`, whose share the alerts and dashboards read.
+    Query,
     /// Bad input (4xx).
     Invalid,
     /// Too many waiters (429).
@@ -197,9 +203,10 @@ pub enum DrainResult {
 }
 
 impl DrainResult {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Drained,
         Self::Timeout,
+        Self::Query,
         Self::Invalid,
         Self::Rejected,
         Self::Error,
@@ -211,6 +218,7 @@ impl DrainResult {
         match self {
             Self::Drained => "drained",
             Self::Timeout => "timeout",
+            Self::Query => "query",
             Self::Invalid => "invalid",
             Self::Rejected => "rejected",
             Self::Error => "error",
