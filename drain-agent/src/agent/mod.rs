@@ -311,6 +311,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         drains: Arc::clone(&drains),
         authority: Arc::clone(&authority),
+        pod_steering: crate::http::pods::SteeringStop::default(),
     });
     // The node's socket tables: they tell a local caller of the node listener, and a caller
     // from a node address of a pod listener, by its socket's owner.
@@ -357,6 +358,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 metrics: Arc::clone(&state.metrics),
                 drains: Arc::clone(&state.drains),
                 authority: Arc::clone(&state.authority),
+                // One for the node's `/healthz` and the pods': the manager sets it.
+                pod_steering: state.pod_steering.clone(),
             });
             let endpoints: Arc<dyn OwnEndpoints> =
                 Arc::new(kernel_side::KernelEndpoints(Arc::clone(&kernel)));

@@ -134,6 +134,7 @@ fn app_full(
         metrics,
         drains,
         authority: Arc::new(Authority { pods, owners }),
+        pod_steering: crate::http::pods::SteeringStop::default(),
     });
     (source, state)
 }

@@ -39,7 +39,8 @@ const STEER_SETTLE: Duration = Duration::from_millis(250);
 /// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
 /// namespace just made, and a retry a second later serves it).
 const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
-/// At most one such WARN this often, for all namespaces together.
+/// At most one such WARN this often, for all namespaces together (and the stopped
+/// steering's, [`Manager::report`]).
 const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// A listener being served.
@@ -66,10 +67,13 @@ pub(super) enum ListenerState {
     Failing,
     UserOwned,
     OverLimit,
+    /// Listening, steered, but the steering stopped for good ([`Manager::check_steering`]):
+    /// counted here instead of [`ListenerState::Steered`].
+    Stopped,
 }
 
 impl ListenerState {
-    pub(super) const ALL: [Self; 8] = [
+    pub(super) const ALL: [Self; 9] = [
         Self::Listening,
         Self::Steered,
         Self::Skipped,
@@ -78,6 +82,7 @@ impl ListenerState {
         Self::Failing,
         Self::UserOwned,
         Self::OverLimit,
+        Self::Stopped,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -90,6 +95,7 @@ impl ListenerState {
             Self::Failing => "failing",
             Self::UserOwned => "user_owned",
             Self::OverLimit => "over_limit",
+            Self::Stopped => "stopped",
         }
     }
 }
@@ -141,6 +147,9 @@ pub(super) struct Manager {
     /// The last scan could not look everywhere (logged once when it begins, once when it
     /// ends).
     pub(super) scan_failing: bool,
+    /// When [`Manager::report`] last said at WARN that the steering stopped; `None` while it
+    /// runs (`state.pod_steering`, [`Manager::check_steering`]).
+    pub(super) stopped_told: Option<Instant>,
 }
 
 /// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
@@ -177,7 +186,29 @@ impl Manager {
             stop,
             scan: candidates,
             scan_failing: false,
+            stopped_told: None,
         }
+    }
+
+    /// Whether the steering stopped for good: asked of the kernel side after every rescan
+    /// until it has, then kept in `state.pod_steering` (`/healthz` on every listener says
+    /// so) and counted `state="stopped"` by [`Manager::report`].
+    pub(super) async fn check_steering(&mut self) {
+        if !self.steer || self.steering_stopped() {
+            return;
+        }
+        // The kernel's lock may be held by a walk: not on the runtime's threads.
+        let endpoints = Arc::clone(&self.endpoints);
+        let stopped = tokio::task::spawn_blocking(move || endpoints.steering_stopped())
+            .await
+            .unwrap_or(false);
+        if stopped {
+            self.state.pod_steering.stop();
+        }
+    }
+
+    fn steering_stopped(&self) -> bool {
+        self.steer && self.state.pod_steering.stopped()
     }
 
     /// One rescan: close listeners of namespaces that are gone, open them in new ones. A
@@ -422,7 +453,10 @@ impl Manager {
     pub(super) fn count(&self, state: ListenerState) -> usize {
         match state {
             ListenerState::Listening => self.listening.len(),
-            ListenerState::Steered => self.listening.values().filter(|l| l.steered).count(),
+            ListenerState::Steered if self.steering_stopped() => 0,
+            ListenerState::Steered => self.steered(),
+            ListenerState::Stopped if self.steering_stopped() => self.steered(),
+            ListenerState::Stopped => 0,
             ListenerState::Skipped => self.skipped.len(),
             ListenerState::SocketPortTaken => self.socket_port_taken.len(),
             ListenerState::Waiting => self.waiting.len(),
@@ -432,14 +466,32 @@ impl Manager {
         }
     }
 
+    /// Listeners served through the steering (stopped or not).
+    fn steered(&self) -> usize {
+        self.listening.values().filter(|l| l.steered).count()
+    }
+
     /// Sets `gauge` (`drain_agent_pod_listeners`) to the namespaces in each state, and says
-    /// at WARN, at most every [`FAILING_WARN_EVERY`], when namespaces have been failing to
-    /// get a listener for [`FAILING_WARN_AFTER`]: their pods' hooks find no agent.
+    /// at WARN, at most every [`FAILING_WARN_EVERY`], that the steering stopped, and when
+    /// namespaces have been failing to get a listener for [`FAILING_WARN_AFTER`]: their
+    /// pods' hooks find no agent.
     pub(super) fn report(&mut self, gauge: &IntGaugeVec) {
         for state in ListenerState::ALL {
             gauge
                 .with_label_values(&[state.label()])
                 .set(i64::try_from(self.count(state)).unwrap_or(i64::MAX));
+        }
+        if self.steering_stopped()
+            && self
+                .stopped_told
+                .is_none_or(|told| told.elapsed() >= FAILING_WARN_EVERY)
+        {
+            warn!(
+                "the in-pod port {} is steered to the agent in no pod: a count of the applications' listeners on it failed (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}), so the kernel side steers nowhere for good rather than take a connection from an application; the hooks of {} pod(s) to it are refused (drain_agent_pod_listeners{{state=\"stopped\"}}, /healthz degraded). Restart the agent beside a new one (a rollout restart: the next agent steers with kernel state of its own)",
+                self.options.addr.port(),
+                self.count(ListenerState::Stopped)
+            );
+            self.stopped_told = Some(Instant::now());
         }
         let mut long = self
             .failing
@@ -925,13 +977,129 @@ mod tests {
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.
     async fn healthz(app: Router) -> StatusCode {
+        healthz_body(app).await.0
+    }
+
+    /// `GET /healthz` on `app` from the pod itself (loopback): the status and JSON body.
+    async fn healthz_body(app: Router) -> (StatusCode, serde_json::Value) {
         let mut request = Request::get("/healthz")
             .body(Body::empty())
             .expect("request");
         request
             .extensions_mut()
             .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
-        app.oneshot(request).await.expect("response").status()
+        let response = app.oneshot(request).await.expect("response");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("JSON"))
+    }
+
+    /// A kernel side whose steering has stopped for good (a count of the applications'
+    /// listeners on the in-pod port failed), counting how often it was asked.
+    #[derive(Default)]
+    struct StoppedKernel {
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl OwnEndpoints for StoppedKernel {
+        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
+            Ok(())
+        }
+
+        fn forget(&self, _: u32, _: u16) -> Result<()> {
+            Ok(())
+        }
+
+        fn steering_problem(&self) -> Option<String> {
+            None
+        }
+
+        fn steering_stopped(&self) -> bool {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        }
+
+        fn steer(
+            &self,
+            _: SocketAddr,
+            _: u32,
+            _: &std::fs::File,
+            _: std::os::fd::BorrowedFd<'_>,
+        ) -> Result<SteerLink> {
+            anyhow::bail!("a fake")
+        }
+    }
+
+    /// Audit (a silent stop): once the kernel side stopped steering for good, every pod's
+    /// hook to the in-pod port was refused, and the agent said so in one WARN only:
+    /// `/healthz` stayed `ok` and `drain_agent_pod_listeners{state="steered"}` counted the
+    /// listeners as steered. Now `/healthz` (node and pods) says `degraded` naming it, and
+    /// the listeners are counted `stopped`, for as long as it lasts.
+    #[tokio::test]
+    async fn a_stopped_steering_is_reported_while_it_lasts() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let kernel = Arc::new(StoppedKernel::default());
+        let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, phases);
+        let gauge = IntGaugeVec::new(
+            prometheus::Opts::new("drain_agent_pod_listeners", "test"),
+            &["state"],
+        )
+        .expect("gauge");
+        let count = |state: &str| gauge.with_label_values(&[state]).get();
+        let routers = |manager: &Manager| {
+            [
+                router(Arc::clone(&manager.state)),
+                pod_router(
+                    Arc::clone(&manager.state),
+                    4_026_532_001,
+                    None,
+                    &manager.options.tasks,
+                ),
+            ]
+        };
+        // The binding fallback steers nothing: nothing to ask, nothing stopped.
+        manager.check_steering().await;
+        assert_eq!(kernel.asked.load(std::sync::atomic::Ordering::Relaxed), 0);
+        manager.steer = true;
+        let (stop_listener, _stopped) = watch::channel(false);
+        manager.listening.insert(
+            4_026_532_001,
+            Listening {
+                stop: stop_listener,
+                steered: true,
+            },
+        );
+        manager.report(&gauge);
+        assert_eq!((count("steered"), count("stopped")), (1, 0));
+        for app in routers(&manager) {
+            assert_eq!(healthz_body(app).await.1["status"], "ok");
+        }
+        // A rescan finds it stopped.
+        manager.check_steering().await;
+        for _ in 0..3 {
+            manager.report(&gauge);
+            assert_eq!(
+                (count("listening"), count("steered"), count("stopped")),
+                (1, 0, 1)
+            );
+            assert_eq!(count("failing"), 0, "open, not failing");
+            for app in routers(&manager) {
+                let (status, body) = healthz_body(app).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(body["status"], "degraded", "{body}");
+                assert_eq!(
+                    body["reasons"],
+                    serde_json::json!([super::super::SteeringStop::REASON]),
+                    "{body}"
+                );
+            }
+            // For good: not asked again.
+            manager.check_steering().await;
+        }
+        assert_eq!(kernel.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// Audit: `/healthz` on a pod listener is "as on the node" (README), but only the
