@@ -695,21 +695,37 @@ fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
         run("ip", &["-n", &netns.name, "addr", "add", addr, "dev", link]);
         run("ip", &["-n", &netns.name, "link", "set", link, "up"]);
     }
-    let pod_port = free_port();
-    let agent = Agent::start(&[
-        "--pod-listen",
-        &format!("0.0.0.0:{pod_port}"),
-        "--pod-netns-prefix",
-        &prefix,
-    ]);
-    wait_until("the pod listener", Duration::from_secs(5), || {
-        agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(1.0)
-    });
     let pod_ip: Ipv4Addr = pod.ip.parse().expect("the pod's address");
-    let relay = sidecar(&pod.netns, SocketAddrV4::new(pod_ip, pod_port));
     let port = free_port();
     let server = pod.listen(port);
     let _clients = connect(&pod.ip, port, 2, &server);
+    // Steered to the agent's socket (its local end is the address the caller addressed),
+    // and bound in the pod (the fallback without `sk_lookup`).
+    for mode in [None, Some("--pod-listen-bind")] {
+        let pod_port = free_port();
+        let pod_listen = format!("0.0.0.0:{pod_port}");
+        let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
+        args.extend(mode);
+        let agent = Agent::start(&args);
+        wait_until("the pod listener", Duration::from_secs(5), || {
+            agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(1.0)
+        });
+        let relay = sidecar(&pod.netns, SocketAddrV4::new(pod_ip, pod_port));
+        relayed_calls_are_refused(&agent, &pod, &other, relay, pod_port, port, mode);
+    }
+}
+
+/// [`a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod`] with `agent` serving the pod at
+/// `pod_port` and the sidecar at `relay`, the pod's clients on `port`.
+fn relayed_calls_are_refused(
+    agent: &Agent,
+    pod: &Pod,
+    other: &Netns,
+    relay: u16,
+    pod_port: u16,
+    port: u16,
+    mode: Option<&str>,
+) {
     let drains_in_progress = || {
         let (status, body) = agent.get_json("/drains");
         assert_eq!(status, 200, "{body}");
@@ -723,16 +739,19 @@ fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
             method,
             &format!("http://10.213.38.1:{relay}{path}"),
         );
-        println!("{method} {path} relayed: {status} {body}");
+        println!("{mode:?}: {method} {path} relayed: {status} {body}");
         (status, body)
     };
     let refused = |(status, body): (u16, String)| {
-        assert_eq!(status, 403, "{body}");
-        assert!(body.contains("proxy"), "says why: {body}");
-        assert!(body.contains("excludeInboundPorts"), "says the way out: {body}");
+        assert_eq!(status, 403, "{mode:?}: {body}");
+        assert!(body.contains("proxy"), "{mode:?}: says why: {body}");
+        assert!(
+            body.contains("excludeInboundPorts"),
+            "{mode:?}: says the way out: {body}"
+        );
         assert!(
             !body.contains("10.213.") && !body.contains("127.0.0."),
-            "names no address: {body}"
+            "{mode:?}: names no address: {body}"
         );
     };
 
@@ -740,10 +759,14 @@ fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
         "POST",
         &format!("/drain?port={port}&timeout=1s&on_timeout=close"),
     ));
-    assert_eq!(drains_in_progress(), 0, "the relayed call started none");
+    assert_eq!(
+        drains_in_progress(),
+        0,
+        "{mode:?}: the relayed call started none"
+    );
     // The clients are there still, past the refused drain's deadline.
     thread::sleep(Duration::from_millis(1500));
-    assert_eq!(agent.active(port), 2);
+    assert_eq!(agent.active(port), 2, "{mode:?}");
 
     // The pod itself, on its loopback: its drain starts.
     let inside = |method: &str, path: &str| {
@@ -755,11 +778,15 @@ fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
         )
     };
     let (status, body) = inside("POST", &format!("/drain?port={port}&timeout=30s"));
-    assert_eq!(status, 201, "{body}");
-    assert_eq!(drains_in_progress(), 1);
+    assert_eq!(status, 201, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 1, "{mode:?}");
     // Relayed, the pod's drain can be neither cancelled nor looked at.
     refused(relayed("DELETE", &format!("/drain?port={port}")));
-    assert_eq!(drains_in_progress(), 1, "the relayed call cancelled nothing");
+    assert_eq!(
+        drains_in_progress(),
+        1,
+        "{mode:?}: the relayed call cancelled nothing"
+    );
     refused(relayed(
         "GET",
         &format!("/connections?port={port}&peers=true"),
@@ -767,10 +794,10 @@ fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
     refused(relayed("GET", "/drains"));
     // The pod's own calls are answered as before.
     let (status, body) = inside("GET", &format!("/connections?port={port}&peers=true"));
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(status, 200, "{mode:?}: {body}");
     let (status, body) = inside("DELETE", &format!("/drain?port={port}"));
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(drains_in_progress(), 0);
+    assert_eq!(status, 200, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 0, "{mode:?}");
 }
 
 /// Audit: with no `--pod-netns-prefix` (the DaemonSet's default) a listener was opened in

@@ -680,7 +680,9 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::http::{identify::SocketTables, pods::callers::NodeAddresses, tests::app};
+    use crate::http::{
+        identify::SocketTables, pods::callers::NodeAddresses, server::LocalAddr, tests::app,
+    };
 
     /// Audit: every namespace found got a listener, those any local user makes
     /// (`unshare -Urn`, owned by the user's user namespace) among them, and without bound:
@@ -923,7 +925,7 @@ mod tests {
         assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
     }
 
-    /// `GET /healthz` on `app` from the pod itself (loopback): the status.
+    /// `GET /healthz` on `app` from the pod itself (loopback at both ends): the status.
     async fn healthz(app: Router) -> StatusCode {
         let mut request = Request::get("/healthz")
             .body(Body::empty())
@@ -931,6 +933,9 @@ mod tests {
         request
             .extensions_mut()
             .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        request
+            .extensions_mut()
+            .insert(LocalAddr(SocketAddr::from(([127, 0, 0, 1], 9100))));
         app.oneshot(request).await.expect("response").status()
     }
 
