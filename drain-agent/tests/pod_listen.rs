@@ -2,7 +2,8 @@
 //! namespaces with veth pairs to the host (10.213.3x.0/30, addresses that exist only in
 //! this test); the real agent binary serves inside them. A pod's requests answer for that
 //! pod only; the kubelet-style caller (root on the host, at the pod's IP) is answered, other
-//! callers (another user on the host among them) are refused; a new namespace gets its listener within a second, a deleted one
+//! callers (another user on the host, and a call a sidecar in the pod relays, among them)
+//! are refused; a new namespace gets its listener within a second, a deleted one
 //! is let go (no socket of the agent pins it); a pod holding the port keeps it; and
 //! SIGTERM answers waiters on every listener.
 #![allow(

@@ -143,8 +143,8 @@ impl NodeCallers {
 }
 
 /// Middleware of listeners bound beyond loopback: the pod itself (loopback at both ends)
-/// and root of the node (a node address, and a socket of root's in the node's tables) only; anyone
-/// else gets `403` and nothing is read or changed.
+/// and root of the node (a node address, and a socket of root's in the node's tables)
+/// only; anyone else gets `403` and nothing is read or changed.
 pub(super) async fn pod_or_node_root_only(
     State(callers): State<NodeCallers>,
     request: Request,
@@ -261,6 +261,8 @@ mod tests {
         let node = || callers(anything.0, anything.1, Ok(Some(0)));
         for (pod, server) in [
             ("127.0.0.1:40000", "127.0.0.1:9100"),
+            // Loopback at both ends, whoever it is: a relay to localhost is not told from
+            // the pod (SECURITY.md, "A proxy in the pod").
             ("127.0.0.6:40000", "127.0.0.1:9100"),
             ("[::1]:40000", "[::1]:9100"),
             ("[::ffff:127.0.0.1]:40000", "[::ffff:127.0.0.1]:9100"),
