@@ -2,7 +2,8 @@
 //! namespaces with veth pairs to the host (10.213.3x.0/30, addresses that exist only in
 //! this test); the real agent binary serves inside them. A pod's requests answer for that
 //! pod only; the kubelet-style caller (root on the host, at the pod's IP) is answered, other
-//! callers (another user on the host among them) are refused; a new namespace gets its listener within a second, a deleted one
+//! callers (another user on the host, and a call a sidecar in the pod relays, among them)
+//! are refused; a new namespace gets its listener within a second, a deleted one
 //! is let go (no socket of the agent pins it); a pod holding the port keeps it; and
 //! SIGTERM answers waiters on every listener.
 #![allow(
@@ -14,7 +15,7 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::unix::fs::MetadataExt as _,
     path::Path,
     process::Command,
@@ -23,7 +24,7 @@ use std::{
 };
 
 use common::{
-    Agent, Netns, free_port,
+    Agent, Netns, connect_from, free_port,
     http::curl,
     kernel_available,
     pod::{Pod, connect},
@@ -608,6 +609,196 @@ fn only_root_of_the_node_acts_for_a_pod_at_its_address() {
         "{}",
         String::from_utf8_lossy(&inside.stderr)
     );
+}
+
+/// A service mesh's sidecar in REDIRECT mode (Istio's): the mesh's rules send every
+/// connection to the pod to the sidecar's own port, and the sidecar opens each one's
+/// upstream to the original destination, the pod's address, from 127.0.0.6 over the pod's
+/// loopback. Here it takes connections on a port of its own on every address of `pod` and
+/// relays each to `upstream` so. Returns its port.
+fn sidecar(pod: &Netns, upstream: SocketAddrV4) -> u16 {
+    pod.run_in(move || {
+        let listener = TcpListener::bind("0.0.0.0:0").expect("the sidecar's port");
+        let port = listener.local_addr().expect("addr").port();
+        // Started from this thread, the relay is in the pod's namespace too: the upstream
+        // sockets it makes are the pod's.
+        thread::spawn(move || {
+            for downstream in listener.incoming() {
+                let Ok(downstream) = downstream else {
+                    break;
+                };
+                let upstream = connect_from(Ipv4Addr::new(127, 0, 0, 6), upstream)
+                    .expect("the sidecar's upstream");
+                let (mut from, mut to) = (
+                    downstream.try_clone().expect("clone"),
+                    upstream.try_clone().expect("clone"),
+                );
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                let (mut from, mut to) = (upstream, downstream);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        port
+    })
+}
+
+/// Audit: with a service mesh's sidecar in the pod (REDIRECT mode, Istio's default), a
+/// connection from another pod or host to the pod's address reaches the in-pod listener
+/// relayed: from 127.0.0.6, a loopback address, to the pod's address. The listener took
+/// every loopback caller for the pod itself, so any pod could drain another (out of
+/// rotation, its clients closed at the deadline), cancel its stop hook's drain, and read its
+/// clients' addresses. A loopback caller is the pod only when the connection is loopback at
+/// both ends: a relayed one gets `403` saying so, and nothing changes; the pod's own call on
+/// its loopback is answered as before. Before the fix the relayed `POST /drain` was `201`.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
+    if !kernel_available("a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod") {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-pr{pid}-");
+    let pod = Pod::new(&format!("pr{pid}-r"), 36);
+    // Another pod, wired to this one directly: it calls the sidecar at the pod's address on
+    // that link.
+    let other = Netns::new(&format!("prx{pid}"));
+    let (pod_side, other_side) = (
+        format!("dr{}p", pid % 100_000),
+        format!("dr{}o", pid % 100_000),
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod.netns.name,
+            "link",
+            "add",
+            &pod_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &other_side,
+            "netns",
+            &other.name,
+        ],
+    );
+    for (netns, link, addr) in [
+        (&pod.netns, &pod_side, "10.213.38.1/30"),
+        (&other, &other_side, "10.213.38.2/30"),
+    ] {
+        run("ip", &["-n", &netns.name, "addr", "add", addr, "dev", link]);
+        run("ip", &["-n", &netns.name, "link", "set", link, "up"]);
+    }
+    let pod_ip: Ipv4Addr = pod.ip.parse().expect("the pod's address");
+    let port = free_port();
+    let server = pod.listen(port);
+    let _clients = connect(&pod.ip, port, 2, &server);
+    // Steered to the agent's socket (its local end is the address the caller addressed),
+    // and bound in the pod (the fallback without `sk_lookup`).
+    for mode in [None, Some("--pod-listen-bind")] {
+        let pod_port = free_port();
+        let pod_listen = format!("0.0.0.0:{pod_port}");
+        let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
+        args.extend(mode);
+        let agent = Agent::start(&args);
+        wait_until("the pod listener", Duration::from_secs(5), || {
+            agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(1.0)
+        });
+        let relay = sidecar(&pod.netns, SocketAddrV4::new(pod_ip, pod_port));
+        relayed_calls_are_refused(&agent, &pod, &other, relay, pod_port, port, mode);
+    }
+}
+
+/// [`a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod`] with `agent` serving the pod at
+/// `pod_port` and the sidecar at `relay`, the pod's clients on `port`.
+fn relayed_calls_are_refused(
+    agent: &Agent,
+    pod: &Pod,
+    other: &Netns,
+    relay: u16,
+    pod_port: u16,
+    port: u16,
+    mode: Option<&str>,
+) {
+    let drains_in_progress = || {
+        let (status, body) = agent.get_json("/drains");
+        assert_eq!(status, 200, "{body}");
+        body["in_progress"].as_array().expect("in_progress").len()
+    };
+    let other_path = other.path();
+    let relayed = |method: &str, path: &str| {
+        let (status, body) = curl(
+            Some(&other_path),
+            None,
+            method,
+            &format!("http://10.213.38.1:{relay}{path}"),
+        );
+        println!("{mode:?}: {method} {path} relayed: {status} {body}");
+        (status, body)
+    };
+    let refused = |(status, body): (u16, String)| {
+        assert_eq!(status, 403, "{mode:?}: {body}");
+        assert!(body.contains("proxy"), "{mode:?}: says why: {body}");
+        assert!(
+            body.contains("excludeInboundPorts"),
+            "{mode:?}: says the way out: {body}"
+        );
+        assert!(
+            !body.contains("10.213.") && !body.contains("127.0.0."),
+            "{mode:?}: names no address: {body}"
+        );
+    };
+
+    refused(relayed(
+        "POST",
+        &format!("/drain?port={port}&timeout=1s&on_timeout=close"),
+    ));
+    assert_eq!(
+        drains_in_progress(),
+        0,
+        "{mode:?}: the relayed call started none"
+    );
+    // The clients are there still, past the refused drain's deadline.
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.active(port), 2, "{mode:?}");
+
+    // The pod itself, on its loopback: its drain starts.
+    let inside = |method: &str, path: &str| {
+        curl(
+            Some(&pod.netns.path()),
+            None,
+            method,
+            &format!("http://127.0.0.1:{pod_port}{path}"),
+        )
+    };
+    let (status, body) = inside("POST", &format!("/drain?port={port}&timeout=30s"));
+    assert_eq!(status, 201, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 1, "{mode:?}");
+    // Relayed, the pod's drain can be neither cancelled nor looked at.
+    refused(relayed("DELETE", &format!("/drain?port={port}")));
+    assert_eq!(
+        drains_in_progress(),
+        1,
+        "{mode:?}: the relayed call cancelled nothing"
+    );
+    refused(relayed(
+        "GET",
+        &format!("/connections?port={port}&peers=true"),
+    ));
+    refused(relayed("GET", "/drains"));
+    // The pod's own calls are answered as before.
+    let (status, body) = inside("GET", &format!("/connections?port={port}&peers=true"));
+    assert_eq!(status, 200, "{mode:?}: {body}");
+    let (status, body) = inside("DELETE", &format!("/drain?port={port}"));
+    assert_eq!(status, 200, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 0, "{mode:?}");
 }
 
 /// Audit: with no `--pod-netns-prefix` (the DaemonSet's default) a listener was opened in

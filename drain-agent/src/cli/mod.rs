@@ -121,7 +121,8 @@ pub struct RunArgs {
     /// e.g. 127.0.0.1:9100 (hooks call localhost) or 0.0.0.0:9100 (the kubelet's httpGet
     /// calls the pod IP). Requests there answer for that namespace only; beyond loopback only
     /// the pod itself (localhost) and root on the node (the kubelet) are answered, anyone
-    /// else gets 403 (SECURITY.md). Off by default.
+    /// else gets 403, a call a proxy in the pod relays (a service mesh's sidecar) included:
+    /// exclude the port from its inbound interception (SECURITY.md). Off by default.
     #[arg(long, env = "DRAIN_AGENT_POD_LISTEN")]
     pub pod_listen: Option<SocketAddr>,
 

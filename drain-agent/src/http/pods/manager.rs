@@ -732,7 +732,9 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::http::{identify::SocketTables, pods::callers::NodeAddresses, tests::app};
+    use crate::http::{
+        identify::SocketTables, pods::callers::NodeAddresses, server::LocalAddr, tests::app,
+    };
 
     /// Audit: every namespace found got a listener, those any local user makes
     /// (`unshare -Urn`, owned by the user's user namespace) among them, and without bound:
@@ -975,7 +977,7 @@ mod tests {
         assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
     }
 
-    /// `GET /healthz` on `app` from the pod itself (loopback): the status.
+    /// `GET /healthz` on `app` from the pod itself (loopback at both ends): the status.
     async fn healthz(app: Router) -> StatusCode {
         healthz_body(app).await.0
     }
@@ -988,6 +990,9 @@ mod tests {
         request
             .extensions_mut()
             .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+        request
+            .extensions_mut()
+            .insert(LocalAddr(SocketAddr::from(([127, 0, 0, 1], 9100))));
         let response = app.oneshot(request).await.expect("response");
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 16)

@@ -13,10 +13,11 @@
 //! look everywhere (out of descriptors) closes nothing and opens nothing.
 //!
 //! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
-//! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
-//! root of the node are answered (the kubelet calls the pod IP from the node: a caller
-//! from a node address is told by its socket's owner in the node's tables, `callers.rs`),
-//! others get 403.
+//! `pod_scope.rs`); bound beyond loopback, only callers on loopback at both ends (the pod
+//! itself calling localhost) and root of the node are answered (the kubelet calls the pod
+//! IP from the node: a caller from a node address is told by its socket's owner in the
+//! node's tables, `callers.rs`), others get 403, a call a proxy in the pod relays from
+//! loopback to the pod's address (a service mesh's sidecar) among them.
 //!
 //! The port is taken from no pod: the socket is on loopback at `--pod-socket-port` (29100:
 //! that port is taken in every pod instead, and a pod whose application holds it already is
@@ -296,7 +297,7 @@ pub async fn serve_in_pods(
         stop.clone(),
     );
     info!(
-        "serving inside pod network namespaces on {} (callers: the pod itself on loopback, and root of this node from its addresses)",
+        "serving inside pod network namespaces on {} (callers: the pod itself calling localhost, and root of this node from its addresses)",
         manager.options.addr
     );
     let mut burst_until: Option<Instant> = None;
