@@ -164,7 +164,7 @@ impl DrainSpec {
                 self.rule.quiet, asked.rule.quiet
             ));
         }
-        if asked.given.ignore && asked.rule.ignore != self.rule.ignore {
+        if asked.given.ignore && !asked.rule.ignores_the_same(&self.rule) {
             differences.push("a different ignore list".into());
         }
         if asked.given.idle && asked.rule.idle != self.rule.idle {

@@ -290,7 +290,7 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
 /// close request answered `on_timeout: keep`). Named settings that differ are refused.
 #[tokio::test(start_paused = true)]
 async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
-    let (_, _, drains) = registry(1);
+    let (source, _, drains) = registry(1);
     drains
         .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
@@ -335,6 +335,46 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         drains.post(quiet, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
+    // An ignore list is a set of sources: the drain's list in another order, or with a
+    // source repeated, is the same list and joins (before: 409 "a different ignore list",
+    // and `wait` exited 2); one source more or less is another list.
+    let ignoring = |list: &str| DrainSpec {
+        filter: Filter::port(8081),
+        rule: DrainRule {
+            ignore: crate::drain_rule::parse_cidrs(list).expect("cidrs"),
+            ..DrainRule::default()
+        },
+        given: Given {
+            ignore: true,
+            ..Given::default()
+        },
+        ..spec(Duration::from_secs(600))
+    };
+    source.set(vec![
+        endpoint("127.0.0.1", 8080, 1),
+        endpoint("127.0.0.1", 8081, 1),
+    ]);
+    let (ignored, _) = drains
+        .post(ignoring("10.0.0.0/8,fd00::7"), StartedBy::Node)
+        .await
+        .expect("room");
+    for same in ["fd00::7,10.0.0.0/8", "10.0.0.0/8,fd00::7,10.0.0.0/8"] {
+        match drains.join(ignoring(same), StartedBy::Node).await {
+            Ok((membership, created)) => {
+                assert_eq!((membership.id(), created), (ignored.id, false), "{same}");
+            }
+            Err(problem) => panic!("{same}: {problem:?}"),
+        }
+    }
+    for other in ["10.0.0.0/8", "10.0.0.0/8,fd00::7,fd00::8"] {
+        assert!(
+            matches!(
+                drains.join(ignoring(other), StartedBy::Node).await,
+                Err(JoinError::Conflict(id, ref text)) if id == ignored.id && text == "a different ignore list"
+            ),
+            "{other}"
+        );
+    }
 }
 
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and
