@@ -377,6 +377,109 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
     }
 }
 
+/// A `/drained` waiter whose caller controls the scope, asking with `timeout` and
+/// nothing else named (a stop hook's `wait --timeout`).
+fn plain_hook(timeout: Duration) -> waiter::Ask {
+    waiter::Ask {
+        spec: spec(timeout),
+        control: Some(StartedBy::Node),
+        peers: false,
+        share: None,
+    }
+}
+
+/// A short connection to 8080 opened now (the load balancer still sending).
+fn arrival_now(tracker: &Tracker) {
+    tracker.publish(crate::tracker::ConnectionEvent {
+        netns: 4_026_531_840,
+        addr: "127.0.0.1".parse().expect("ip"),
+        port: 8080,
+        remote: "10.0.0.9".parse().expect("ip"),
+        opened: true,
+        crossing: false,
+        at_ns: crate::tracker::monotonic_ns(),
+    });
+}
+
+/// A POSTed drain of 8080 with a quiet window and `timeout`.
+fn quiet_drain(quiet: Duration, timeout: Duration) -> DrainSpec {
+    let mut posted = spec(timeout);
+    posted.rule.quiet = quiet;
+    posted.given.quiet = true;
+    posted
+}
+
+/// Audit (joined waiters): a waiter that joined a drain in progress and named no `quiet`
+/// was judged by its own default (quiet 0) once its own deadline came first: a stop hook's
+/// `wait --timeout 1s` joining `POST /drain?quiet=2s` was answered 200 drained at its
+/// deadline (count 0) while the drain ran on, its quiet window not met (an arrival at
+/// 0.5 s). Settings it does not name are the drain's: 503, as for a hook naming quiet=2s.
+#[tokio::test(start_paused = true)]
+async fn a_joined_waiter_whose_deadline_comes_first_is_judged_by_the_drains_rule() {
+    let (_, tracker, drains) = registry(0);
+    let (posted, _) = drains
+        .post(
+            quiet_drain(Duration::from_secs(2), Duration::from_secs(600)),
+            StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    let hook = tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move { plain_hook(Duration::from_secs(1)).answer(&drains).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    arrival_now(&tracker);
+    let answer = hook.await.expect("task").expect("answer");
+    assert_eq!(answer.drain, Some(posted.id), "{answer:?}");
+    assert!(
+        !answer.outcome.drained,
+        "answered drained by its own quiet=0 while the drain's window was not met: {answer:?}"
+    );
+    assert_eq!(answer.outcome.waited, Duration::from_secs(1));
+    let (running, _) = drains.list();
+    assert_eq!(running.len(), 1, "the drain runs on: {running:?}");
+}
+
+/// Audit (joined waiters): a joined waiter whose drain ended without draining (its timeout)
+/// before the waiter's own deadline waits on as an observer, and did so by its own rule:
+/// named no `quiet`, it was answered drained at the first zero, right as the drain ended
+/// `timeout` for its quiet window. It waits by the drain's rule: no answer before the
+/// window, counted from then, is over.
+#[tokio::test(start_paused = true)]
+async fn a_joined_waiter_outliving_its_undrained_drain_keeps_the_drains_rule() {
+    let (_, tracker, drains) = registry(0);
+    let (posted, _) = drains
+        .post(
+            quiet_drain(Duration::from_secs(2), Duration::from_secs(2)),
+            StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    let hook = tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move { plain_hook(Duration::from_secs(3)).answer(&drains).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    arrival_now(&tracker);
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(
+        (record.id, record.result),
+        (posted.id, Some(DrainEnd::Timeout))
+    );
+    let answer = hook.await.expect("task").expect("answer");
+    assert_eq!(answer.drain, Some(posted.id), "{answer:?}");
+    // 1 s was left after the drain's end, less than its 2 s quiet window.
+    assert!(
+        !answer.outcome.drained,
+        "answered drained by its own quiet=0 after the drain ended undrained: {answer:?}"
+    );
+    assert_eq!(answer.outcome.waited, Duration::from_secs(3));
+}
+
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and
 /// agent-check for 5 minutes. A drain gates only what it covers.
 #[tokio::test(start_paused = true)]
