@@ -167,6 +167,13 @@ impl DrainRule {
         self.ignore.iter().any(|cidr| cidr.contains(remote))
     }
 
+    /// Whether `other` ignores the same sources: the lists compared as sets (another order,
+    /// or a source named twice, is the same list).
+    pub fn ignores_the_same(&self, other: &Self) -> bool {
+        let within = |some: &[Cidr], all: &[Cidr]| some.iter().all(|cidr| all.contains(cidr));
+        within(&self.ignore, &other.ignore) && within(&other.ignore, &self.ignore)
+    }
+
     /// Whether deciding needs the remaining connections one by one (their peers and queues)
     /// rather than their count.
     pub const fn needs_peers(&self) -> bool {

@@ -690,6 +690,54 @@ async fn bad_input_is_400_naming_the_parameter() {
     assert_eq!(body["active"], 1);
 }
 
+/// Audit (docs-lie): `quiet` longer than `timeout` is a 400 (README), but `timeout=0` was
+/// let through: `/drained?port=8080&timeout=0&quiet=5s` was accepted and could only answer
+/// 503 (its window counts from the request, which is answered at once), with nothing
+/// drained or not about it. Now it is refused naming `quiet`, as for any other timeout; a
+/// pure query with no quiet window (what `wait` polls with) is still answered.
+#[tokio::test]
+async fn a_quiet_window_on_a_pure_query_is_refused_naming_quiet() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 0)]);
+    for (method, uri, expected) in [
+        ("GET", "/drained?port=8080&timeout=0&quiet=5s", "quiet: 5s"),
+        (
+            "GET",
+            "/drained?port=8080&quiet=1ms&timeout=0",
+            "quiet: 1ms",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=0ms&settle=5s",
+            "settle: 5s",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=0&quiet=5s&peers=true",
+            "quiet: 5s",
+        ),
+        ("POST", "/drain?port=8080&timeout=0&quiet=5s", "quiet: 5s"),
+    ] {
+        let (status, body) = request(&state, method, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(expected) && message.contains("could only be 503"),
+            "{method} {uri}: {message}"
+        );
+    }
+    // Nothing was started, and a pure query without a window is answered.
+    assert!(state.drains.list().0.is_empty());
+    for uri in [
+        "/drained?port=8080&timeout=0",
+        "/drained?port=8080&timeout=0&quiet=0s",
+        "/drained?port=8080&timeout=0&peers=true&idle=1s",
+    ] {
+        let (status, body) = get(&state, uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(body["drained"], true, "{uri}: {body}");
+    }
+}
+
 /// `addr=0.0.0.0` (or `::`, a multicast or the broadcast address) names no connection's
 /// local address: the count at it is always 0, so `/drained` answered 200 drained at once
 /// with clients connected, and a drain with `on_timeout=close` closed nothing. Such an

@@ -556,6 +556,48 @@ mod tests {
         args
     }
 
+    /// The agent refuses a quiet window on a pure query (`timeout=0`: its window, counted
+    /// from the request, could never be met). `wait`'s own pure queries — the progress
+    /// lines and the counts of a wait that can no longer end drained — carry none whatever
+    /// `--quiet` is, and keep the rest of the rule (`--ignore`, `--idle`): the agent takes
+    /// them as they are sent.
+    #[test]
+    fn the_counts_wait_asks_carry_no_quiet_window() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::try_parse_from([
+            "drain-agent",
+            "wait",
+            "--port",
+            "8080",
+            "--timeout",
+            "20s",
+            "--quiet",
+            "10s",
+            "--ignore",
+            "10.0.0.0/8",
+            "--idle",
+            "2s",
+        ])
+        .expect("parse");
+        let Some(crate::cli::Command::Wait(args)) = cli.command else {
+            panic!("not a wait");
+        };
+        let query = count_query(&args);
+        let limits = crate::http::api::WaitLimits {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(600),
+            own_port: None,
+        };
+        let asked = crate::http::api::parse_drain_request(query.strip_prefix("/drained?"), limits)
+            .unwrap_or_else(|problem| panic!("{query}: refused: {problem:?}"));
+        assert!(asked.timeout.is_zero() && asked.peers, "{query}");
+        assert!(asked.rule.quiet.is_zero() && !asked.given.quiet, "{query}");
+        assert!(
+            asked.rule.idle == Some(Duration::from_secs(2)) && asked.rule.ignore.len() == 1,
+            "{query}"
+        );
+    }
+
     /// An answer that waited unrecorded (its owner at its limit of drains) says so in what
     /// `wait` prints: without a drain there is no gate and no close at the deadline, which a
     /// hook asking `--close-at-timeout` must hear. Before, the line left it out.
