@@ -77,7 +77,7 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
                 if let Ok(lost) = maps.lost_events() && lost > lost_seen {
                     warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
                     lost_seen = lost;
-                    tracker.events_lost();
+                    tracker.events_lost(lost);
                 }
             }
         }
