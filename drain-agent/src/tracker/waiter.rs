@@ -1,14 +1,16 @@
 //! The wait for a drain, as decisions: a [`Waiter`] takes what one look at the scope found
 //! (a [`Pass`]: the count, its doubts, the time, and what the socket tables said when it
 //! asked) and says what to do next (a [`Step`]): ask the socket tables, list the
-//! connections, answer, or sleep until a time. It does no I/O and reads no clock, so it is
-//! tested on a fake clock like [`crate::drain_rule::decide`]; `Tracker::wait` only gathers
-//! the inputs and carries the steps out.
+//! connections, read the kernel's count of lost events, answer, or sleep until a time. It
+//! does no I/O and reads no clock, so it is tested on a fake clock like
+//! [`crate::drain_rule::decide`]; `Tracker::wait` only gathers the inputs and carries the
+//! steps out.
 //!
 //! Never answers drained from a count it cannot vouch for (see [`Doubt`]): a zero from the
 //! maps is drained only when the scope has no doubt, or when the socket tables confirm it;
 //! a doubts read that fails is a doubt; a list that cannot be made is an unknown, not a
-//! zero.
+//! zero. Nor does a quiet window end over events the kernel lost that it has not
+//! accounted for ([`Step::CountLosses`]).
 
 use std::time::Duration;
 
@@ -267,7 +269,8 @@ impl<'a> Waiter<'a> {
     }
 
     /// The decision of one pass, from what it found so far. Called again after each
-    /// [`Step::Confirm`] or [`Step::ListPeers`] with the answer filled in.
+    /// [`Step::Confirm`], [`Step::ListPeers`] or [`Step::CountLosses`] with the answer
+    /// filled in.
     pub(super) fn judge(&mut self, pass: &Pass) -> Step {
         let rule = self.rule;
         // The kernel skipped runs that may be this scope's, or the scope has other doubts
