@@ -147,12 +147,6 @@ impl KernelMaps {
         Ok(counts)
     }
 
-    /// Ring-buffer records the kernel could not write (the buffer was full) so far.
-    pub fn lost_events(&self) -> u64 {
-        self.error_count(error_index::EVENT_LOST)
-            .unwrap_or_default()
-    }
-
     /// Passive opens so far that found their socket's address held by the entry of a dead
     /// socket whose close was skipped (each such connection is untracked until a walk).
     pub fn addresses_taken(&self) -> Result<u64> {

@@ -243,6 +243,10 @@ impl Vouch for KernelMaps {
     fn skipped_runs(&self) -> u64 {
         self.handler_skipped_runs().unwrap_or(0)
     }
+
+    fn lost_events(&self) -> Result<u64> {
+        self.error_count(error_index::EVENT_LOST)
+    }
 }
 
 impl Stats for KernelMaps {

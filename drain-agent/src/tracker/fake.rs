@@ -24,6 +24,8 @@ pub struct FakeSource {
     pub doubts: Mutex<Vec<Doubt>>,
     /// What `skipped_runs` says.
     pub skipped_runs: AtomicU64,
+    /// What `lost_events` says.
+    pub lost_events: AtomicU64,
     /// What `confirm` answers (an error text, or the count).
     pub confirmed: Mutex<Result<u64, String>>,
     /// How often `confirm` was asked.
@@ -57,6 +59,7 @@ impl Default for FakeSource {
             watched: Mutex::default(),
             doubts: Mutex::default(),
             skipped_runs: AtomicU64::default(),
+            lost_events: AtomicU64::default(),
             confirmed: Mutex::new(Err("no socket tables in the fake".into())),
             confirmations: AtomicUsize::default(),
             peer_lists: AtomicUsize::default(),
@@ -155,6 +158,11 @@ impl Vouch for FakeSource {
 
     fn skipped_runs(&self) -> u64 {
         self.skipped_runs.load(Ordering::Relaxed)
+    }
+
+    fn lost_events(&self) -> Result<u64> {
+        self.health()?;
+        Ok(self.lost_events.load(Ordering::Relaxed))
     }
 }
 

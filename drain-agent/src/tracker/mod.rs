@@ -232,10 +232,12 @@ impl Tracker {
         self.channels.notify_all();
     }
 
-    /// Called when the kernel lost events (its ring buffer was full): every waiter re-reads
-    /// its count, and a quiet window restarts, since an arrival may have gone unheard.
-    pub fn events_lost(&self) {
-        self.channels.events_lost();
+    /// Called when the kernel lost events (its ring buffer was full; its count of lost
+    /// events reads `lost`): every waiter re-reads its count, and a quiet window restarts,
+    /// since an arrival may have gone unheard (unless the waiter counted these losses
+    /// itself already: it reads the count before a drained answer under a quiet window).
+    pub fn events_lost(&self, lost: u64) {
+        self.channels.events_lost(lost);
     }
 
     /// Open waiters answer at once with what they have; new ones answer immediately.
@@ -458,7 +460,17 @@ impl Tracker {
             .channels
             .watch(filter.port, &*self.source)
             .map_err(WaitError::Source)?;
-        let mut waiter = Waiter::new(filter, rule, started, monotonic_ns(), timeout);
+        // Read before the window's start: every loss it counts is of a change before the
+        // request (an unknown count: the first look before a drained answer is a loss).
+        let lost_at_start = self.source.lost_events().ok();
+        let mut waiter = Waiter::new(
+            filter,
+            rule,
+            started,
+            monotonic_ns(),
+            timeout,
+            lost_at_start,
+        );
         // A run the kernel skips after this may be this scope's close: the socket tables
         // then decide, whatever a walk vouches for meanwhile.
         let skipped_at_start = self.source.skipped_runs();
@@ -482,6 +494,7 @@ impl Tracker {
                 skipped,
                 tables: None,
                 peers: None,
+                lost_events: None,
             };
             let (judgment, until) = loop {
                 // Events heard meanwhile count (a longer quiet window, never shorter).
@@ -504,6 +517,14 @@ impl Tracker {
                                 .await
                                 .map_err(|problem| format!("{problem:#}")),
                         );
+                    }
+                    Step::CountLosses => {
+                        pass.lost_events = Some(self.source.lost_events().map_err(|problem| {
+                            crate::logging::in_general(
+                                "cannot read whether the kernel lost events",
+                                &problem,
+                            )
+                        }));
                     }
                     Step::Answer {
                         judgment,

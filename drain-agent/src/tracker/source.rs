@@ -81,6 +81,10 @@ pub trait Vouch: Send + Sync + 'static {
     /// Runs of the handler the kernel skipped so far (fresh): a waiter whose scope may
     /// have lost a run since it started asks the socket tables.
     fn skipped_runs(&self) -> u64;
+    /// Events the kernel could not send so far (its ring buffer was full; fresh): a waiter
+    /// whose answer depends on hearing every arrival (a quiet window) reads it before it
+    /// answers drained, and a loss it has not heard of restarts its window.
+    fn lost_events(&self) -> Result<u64>;
 }
 
 /// What is reported and decides nothing: empty by default.
