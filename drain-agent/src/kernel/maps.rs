@@ -20,6 +20,7 @@ use drain_agent_common::{
 
 use super::{
     AttachMethod,
+    reclaimed::Reclaimed,
     shared_pass::SharedPasses,
     version::{KernelVersion, old_kernel_doubts},
 };
@@ -58,8 +59,9 @@ pub struct KernelMaps {
     pub(super) vouched: Mutex<Vouched>,
     /// Walks completed.
     pub(super) walks: AtomicU64,
-    /// Totals of reclaimed endpoints, by port (their counters left the kernel map).
-    pub(super) reclaimed: Mutex<StdHashMap<u16, Reclaimed>>,
+    /// What reclaimed endpoints counted (their counters left the kernel map), pinned with
+    /// the counting state. Held by a reclaim from its first delete to its last fold.
+    pub(super) reclaimed: Mutex<Reclaimed>,
     /// This kernel cannot walk the open sockets.
     pub(super) no_walker: bool,
     /// Connections open before start were not counted (`--no-seed`).
@@ -82,15 +84,6 @@ pub struct KernelMaps {
     pub(super) own_bound: Mutex<BTreeMap<(u32, u16), SocketAddr>>,
     /// [`KernelMaps::own_port_shared`]'s passes, one at a time per own listener.
     pub(super) own_port_passes: SharedPasses<(u32, SocketAddr), Result<bool, String>>,
-}
-
-/// The counters of endpoints that were reclaimed, summed per port.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reclaimed {
-    pub opened: u64,
-    pub closed: u64,
-    pub last_change_ns: u64,
-    pub endpoints: u64,
 }
 
 /// The error counters and skipped runs at one instant, and the per-port `lost` counters

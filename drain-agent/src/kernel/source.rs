@@ -19,7 +19,7 @@ use crate::{
     doubt::Doubt,
     drain_rule::Peer,
     sys::{netns, sockdiag},
-    tracker::{Counts, Endpoint, Filter, PortState, Stats, Vouch, monotonic_ns},
+    tracker::{Counts, Endpoint, Filter, PortState, ReclaimedTotals, Stats, Vouch, monotonic_ns},
 };
 
 impl Counts for KernelMaps {
@@ -56,8 +56,7 @@ impl Counts for KernelMaps {
         self.reclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&port)
-            .map_or(0, |totals| totals.last_change_ns)
+            .last_change(port)
     }
 
     fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
@@ -295,13 +294,11 @@ impl Stats for KernelMaps {
         ])
     }
 
-    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+    fn reclaimed_totals(&self) -> ReclaimedTotals {
         self.reclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(port, totals)| (*port, totals.opened, totals.closed))
-            .collect()
+            .totals()
     }
 }
 

@@ -31,7 +31,10 @@ use self::{
     wake::PortChannels,
 };
 pub use self::{
-    source::{Counts, Endpoint, Filter, PortState, Source, Stats, Vouch, monotonic_ns},
+    source::{
+        Counts, Endpoint, Filter, PortState, ReclaimedTotals, Source, Stats, Totals, Vouch,
+        monotonic_ns,
+    },
     waiter::{DrainOutcome, PEERS_SHOWN},
     wake::ConnectionEvent,
 };
@@ -179,9 +182,21 @@ impl Tracker {
         self.source.walks()
     }
 
-    /// Opened and closed totals of reclaimed endpoints, by port.
-    pub fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
-        self.source.reclaimed_totals()
+    /// Every endpoint and what the reclaimed ones counted, read with no reclaim between the
+    /// two reads (one would show its endpoint's totals twice in a scrape, or not at all:
+    /// counters that go down in the next). Blocking, as [`Tracker::snapshot`].
+    pub fn counters(&self) -> Result<(Vec<Endpoint>, ReclaimedTotals)> {
+        // Reclaims are 10 s apart: a second read is all but certain to see none.
+        const READS: usize = 4;
+        for _ in 0..READS {
+            let before = self.source.reclaimed_totals().generation;
+            let endpoints = self.source.endpoints()?;
+            let reclaimed = self.source.reclaimed_totals();
+            if reclaimed.generation == before {
+                return Ok((endpoints, reclaimed));
+            }
+        }
+        anyhow::bail!("endpoints were reclaimed during each of {READS} reads of the counters")
     }
 
     /// Active connections matching `filter`, now. Blocking: a scope narrower than a port
