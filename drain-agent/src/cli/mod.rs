@@ -451,8 +451,11 @@ pub struct WaitArgs {
     pub ignore: Option<String>,
 
     /// Idle connections need not hold the drain: a connection with nothing in flight that
-    /// has moved no data for this long does not count (keep-alive pools). Off by default:
-    /// an idle WebSocket is still a live session.
+    /// has moved no data for this long does not count (keep-alive pools). Nothing in
+    /// flight: both queues empty and no reply awaited. A connection whose last bytes came
+    /// from the client (a request being worked on, but also a WebSocket pong or an HTTP/2
+    /// WINDOW_UPDATE after a response) is busy until the server sends again, and may hold
+    /// the drain to its timeout. Off by default: an idle WebSocket is still a live session.
     #[arg(long, value_parser = parse_duration)]
     pub idle: Option<Duration>,
 

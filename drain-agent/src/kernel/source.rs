@@ -164,11 +164,12 @@ impl Counts for KernelMaps {
             let idle_ms = socket.info.as_ref().map_or(0, |info| {
                 u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
             });
-            // Received more recently than sent: a request read and not answered yet.
+            // A request read and not answered yet (received, and nothing sent since or ever;
+            // what is left undecided is told at `TcpInfoSummary::awaiting_reply`).
             let awaiting_reply = socket
                 .info
                 .as_ref()
-                .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
+                .is_some_and(sockdiag::TcpInfoSummary::awaiting_reply);
             let age_ms = started
                 .filter(|started| **started != STARTED_UNKNOWN)
                 .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
