@@ -130,15 +130,16 @@ pub(super) struct Manager {
     pub(super) failing_told: Option<Instant>,
     /// Namespaces no pod's ([`netns::UserOwner::may_be_a_pod`]): a user's user namespace
     /// owns them, or one root made and they are not pinned under /run/netns (a root
-    /// container's own). Never served, and not looked at again for their lifetime, but for
-    /// an unpinned one of root's once it is pinned (a runtime makes a `hostUsers: false`
-    /// pod's namespace, then pins it: a rescan between the two found it unpinned).
+    /// container's own). Never served, and not looked at again for their lifetime, but
+    /// once their inode is pinned there (a runtime makes a `hostUsers: false` pod's
+    /// namespace, then pins it: a rescan between the two found it unpinned).
     ///
     /// This set, `skipped` and `socket_port_taken` know a namespace by its inode alone,
     /// forgotten when a rescan finds it gone: a pod sandbox the kernel gives that inode
     /// (it hands the lowest free one out again) before then is taken for it and gets no
-    /// listener (SECURITY.md). A served namespace's inode is not reused meanwhile: the
-    /// listening socket holds the namespace.
+    /// listener (SECURITY.md), but in this set, where a pin of the inode has it looked at
+    /// again (CRI runtimes pin every pod's). A served namespace's inode is not reused
+    /// meanwhile: the listening socket holds the namespace.
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
     /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
     /// served already.
@@ -280,10 +281,10 @@ impl Manager {
             .retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
-        self.user_owned.retain(|inode, owner| {
-            present.contains_key(inode)
-                && !(*owner == netns::UserOwner::RootUnpinned && pins.contains(*inode))
-        });
+        // One pinned now is looked at again: a `hostUsers: false` pod's, found before its
+        // runtime pinned it, or a pod sandbox on the inode of one that went meanwhile.
+        self.user_owned
+            .retain(|inode, _| present.contains_key(inode) && !pins.contains(*inode));
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
