@@ -903,6 +903,111 @@ fn no_listener_in_a_namespace_a_local_user_made() {
     drop(users);
 }
 
+/// Audit: a pod running as root without a user namespace of its own (`hostUsers` left
+/// true, as the `baseline` Pod Security level allows) could make any number of network
+/// namespaces, each in a user namespace of its own (`unshare -Urn`); the user namespaces'
+/// creator being root (uid 0 on the node), each was taken for a `hostUsers: false` pod's
+/// and got a listener, an owner of its own in the shared limits: ~1,024 of them filled
+/// `--pod-max-listeners`, and later pods' hooks found no agent. Such a namespace is not
+/// pinned under /run/netns (only root of the node mounts there; a CRI runtime pins every
+/// pod's): it gets none, and counts `user_owned`. One that a runtime pins after the agent
+/// first saw it (a `hostUsers: false` pod: the runtime makes the namespace, then pins it)
+/// is served once pinned.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn no_listener_in_a_namespace_a_root_container_made() {
+    if !kernel_available("no_listener_in_a_namespace_a_root_container_made") {
+        return;
+    }
+    const NESTED: usize = 3;
+    let pid = std::process::id();
+    // As a root container makes them: root of the node, a user namespace mapping root, a
+    // network namespace inside it, loopback up; the last one is pinned later, as a runtime
+    // pins a `hostUsers: false` pod's.
+    let nested: Vec<common::child::Guard> = (0..=NESTED)
+        .map(|n| {
+            common::child::Guard::spawn(
+                &format!("unshare --user --map-root-user --net ({n})"),
+                Command::new("unshare").args([
+                    "--user",
+                    "--map-root-user",
+                    "--net",
+                    "sh",
+                    "-c",
+                    "ip link set lo up && exec sleep 120",
+                ]),
+            )
+        })
+        .collect();
+    // A namespace the runtime's way (`ip netns add`): served, so the agent has looked at
+    // the others.
+    let pod = Netns::new(&format!("rc{pid}"));
+    let nested_paths: Vec<String> = nested
+        .iter()
+        .map(|child| format!("/proc/{}/ns/net", child.pid()))
+        .collect();
+    let own = inode_of("/proc/self/ns/net");
+    wait_until("the nested namespaces", Duration::from_secs(5), || {
+        nested_paths.iter().all(|path| {
+            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
+                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
+                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
+                        .iter()
+                        .any(|addr| addr.is_loopback()))
+                })
+                .unwrap_or(false)
+        })
+    });
+    let nested_inodes: Vec<u64> = nested_paths.iter().map(|path| inode_of(path)).collect();
+    let (pod_port, socket_port) = (free_port(), free_port());
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &format!("127.0.0.1:{pod_port}"),
+        "--pod-socket-port",
+        &socket_port.to_string(),
+    ]);
+    let served = |path: String| {
+        let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
+        drain_agent::sys::netns::run_in_path(Path::new(&path), move || {
+            Ok(TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok())
+        })
+        .expect("enter the namespace")
+    };
+    wait_until("the pod's listener", Duration::from_secs(10), || {
+        served(pod.path())
+    });
+    // A rescan or two more: a namespace found in the same scan as the pod's is served by now.
+    thread::sleep(Duration::from_millis(2500));
+    let held = socket_namespaces(agent.pid());
+    assert!(
+        held.contains(&inode_of(&pod.path())),
+        "the pod's listener: {held:?}"
+    );
+    for (path, inode) in nested_paths.iter().zip(&nested_inodes) {
+        assert!(
+            !held.contains(inode),
+            "a socket of the agent's in the nested namespace {inode}"
+        );
+        assert!(!served(path.clone()), "served in namespace {inode}");
+    }
+    let user_owned = agent.metric("drain_agent_pod_listeners{state=\"user_owned\"}");
+    assert!(user_owned >= Some((NESTED + 1) as f64), "{user_owned:?}");
+    // The runtime pins the last one (`ip netns attach`: a bind mount under /run/netns, as
+    // containerd and CRI-O pin a `hostUsers: false` pod's): it is served.
+    let pinned = Netns {
+        name: format!("da-rc{pid}-pinned"),
+    };
+    let last = nested.last().expect("one to pin").pid().to_string();
+    run("ip", &["netns", "attach", &pinned.name, &last]);
+    wait_until(
+        "the pinned namespace's listener",
+        Duration::from_secs(5),
+        || served(pinned.path()),
+    );
+    drop(pinned);
+    drop(nested);
+}
+
 /// Audit: pod listeners had no bound: each costs descriptors (socket, steering program and
 /// link, up to 16 + 4 connections), and every server was sized against the whole open-file
 /// limit. `--pod-max-listeners` bounds them: past it a namespace gets none (WARN once,

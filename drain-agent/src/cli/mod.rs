@@ -127,7 +127,8 @@ pub struct RunArgs {
     pub pod_listen: Option<SocketAddr>,
 
     /// With --pod-listen: only named namespaces (/run/netns/NAME) whose NAME starts with
-    /// this (e.g. "cni-" for the pods of containerd and CRI-O); default: every namespace.
+    /// this (e.g. "cni-" for containerd's pods; CRI-O names its pods' by a UUID); default:
+    /// every namespace that may be a pod's (not one a user or a container made for itself).
     #[arg(long, env = "DRAIN_AGENT_POD_NETNS_PREFIX", requires = "pod_listen")]
     pub pod_netns_prefix: Option<String>,
 

@@ -128,14 +128,18 @@ pub(super) struct Manager {
     /// When [`Manager::report`] last said at WARN that namespaces keep failing; `None`
     /// while none has failed for [`FAILING_WARN_AFTER`].
     pub(super) failing_told: Option<Instant>,
-    /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
-    /// pod's, never served, and not looked at again for their lifetime.
+    /// Namespaces no pod's ([`netns::UserOwner::may_be_a_pod`]): a user's user namespace
+    /// owns them, or one root made and they are not pinned under /run/netns (a root
+    /// container's own). Never served, and not looked at again for their lifetime, but
+    /// once their inode is pinned there (a runtime makes a `hostUsers: false` pod's
+    /// namespace, then pins it: a rescan between the two found it unpinned).
     ///
     /// This set, `skipped` and `socket_port_taken` know a namespace by its inode alone,
     /// forgotten when a rescan finds it gone: a pod sandbox the kernel gives that inode
     /// (it hands the lowest free one out again) before then is taken for it and gets no
-    /// listener (SECURITY.md). A served namespace's inode is not reused meanwhile: the
-    /// listening socket holds the namespace.
+    /// listener (SECURITY.md), but in this set, where a pin of the inode has it looked at
+    /// again (CRI runtimes pin every pod's). A served namespace's inode is not reused
+    /// meanwhile: the listening socket holds the namespace.
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
     /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
     /// served already.
@@ -221,10 +225,18 @@ impl Manager {
         let scan = self.scan;
         let scanned = tokio::task::spawn_blocking(move || {
             let addresses = crate::sys::ifaddrs::local_addresses();
-            (scan(own, prefix.as_deref()), addresses)
+            let present = scan(own, prefix.as_deref());
+            // After the scan, before any namespace is opened: `user_owner` checks a pin
+            // again once it holds the namespace. Unread, nothing counts as pinned (no
+            // listener in a namespace of root's user namespaces until it is read).
+            let pins = netns::Pins::read().unwrap_or_else(|problem| {
+                debug!("cannot read the pinned network namespaces: {problem:#}");
+                netns::Pins::default()
+            });
+            (present, pins, addresses)
         })
         .await;
-        let (present, addresses) = match scanned {
+        let (present, pins, addresses) = match scanned {
             Ok(scanned) => scanned,
             Err(problem) => {
                 warn!("namespace scan failed: {problem}");
@@ -269,8 +281,10 @@ impl Manager {
             .retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
+        // One pinned now is looked at again: a `hostUsers: false` pod's, found before its
+        // runtime pinned it, or a pod sandbox on the inode of one that went meanwhile.
         self.user_owned
-            .retain(|inode, _| present.contains_key(inode));
+            .retain(|inode, _| present.contains_key(inode) && !pins.contains(*inode));
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
@@ -284,7 +298,7 @@ impl Manager {
         let owned = tokio::task::spawn_blocking(move || {
             new.into_iter()
                 .map(|(inode, path)| {
-                    let owner = netns::user_owner_of(inode, &path);
+                    let owner = netns::user_owner_of(inode, &path, &pins);
                     (inode, path, owner)
                 })
                 .collect::<Vec<_>>()
@@ -301,7 +315,7 @@ impl Manager {
         let chosen = choose(owned, max.saturating_sub(self.listening.len()));
         for (inode, owner) in chosen.user_owned {
             debug!(
-                "network namespace {inode}: owned by a user's user namespace ({owner:?}), no pod's; not listening there"
+                "network namespace {inode}: no pod's ({owner:?}: a user's user namespace owns it, or one root made and it is not pinned under /run/netns); not listening there"
             );
             self.user_owned.insert(inode, owner);
         }
@@ -677,16 +691,18 @@ const OPEN_AT_ONCE: usize = 8;
 struct Chosen {
     /// Those to open: at most `room` of the namespaces that may be pods'.
     open: Vec<(u32, PathBuf)>,
-    /// Owned by a user's user namespace: no pod's ([`netns::UserOwner::may_be_a_pod`]).
+    /// No pod's ([`netns::UserOwner::may_be_a_pod`]): a user's user namespace owns it, or a
+    /// root container made it.
     user_owned: Vec<(u32, netns::UserOwner)>,
     /// May be pods', left out for want of room (`--pod-max-listeners`).
     over_limit: usize,
 }
 
-/// Chooses, among the namespaces found new, those to listen in: none a user's user
-/// namespace owns (any local user makes them: each listener would cost the agent
-/// descriptors, a program and a server, and count as a pod of its own in the shared
-/// limits), and at most `room` (in inode order). One whose owner cannot be read (gone
+/// Chooses, among the namespaces found new, those to listen in: none that may not be a
+/// pod's (a user's user namespace owns it, or a root container made it: any local user, and
+/// any pod running as root, makes them; each listener would cost the agent descriptors, a
+/// program and a server, and count as a pod of its own in the shared limits), and at most
+/// `room` (in inode order). One whose owner cannot be read (gone
 /// meanwhile) is left for the next rescan.
 fn choose(found: Vec<(u32, PathBuf, Result<netns::UserOwner>)>, room: usize) -> Chosen {
     let mut chosen = Chosen::default();
@@ -739,10 +755,13 @@ mod tests {
     /// Audit: every namespace found got a listener, those any local user makes
     /// (`unshare -Urn`, owned by the user's user namespace) among them, and without bound:
     /// the user's are left out (the rule `pod_addresses.rs` uses), the rest capped at the
-    /// room left, and one whose owner cannot be read is left for the next rescan.
+    /// room left, and one whose owner cannot be read is left for the next rescan. A later
+    /// audit: those a root container makes (`unshare -Urn` as root: a user namespace root
+    /// made, the network namespace not pinned under /run/netns) were served; they are left
+    /// out too, and a pinned one (a `hostUsers: false` pod's) is served.
     #[test]
     fn listens_in_no_namespace_a_user_owns_and_at_most_the_room_left() {
-        use netns::UserOwner::{Initial, Root, User};
+        use netns::UserOwner::{Initial, RootPinned, RootUnpinned, User};
         let found = |owners: &[(u32, Option<netns::UserOwner>)]| {
             owners
                 .iter()
@@ -758,9 +777,10 @@ mod tests {
         let owners = [
             (1, Some(Initial)),
             (2, Some(User(1_000))),
-            (3, Some(Root)),
+            (3, Some(RootPinned)),
             (4, None),
             (5, Some(User(65_534))),
+            (6, Some(RootUnpinned)),
         ];
         let chosen = choose(found(&owners), 10);
         assert_eq!(
@@ -770,14 +790,14 @@ mod tests {
                     (1, PathBuf::from("/proc/1/ns/net")),
                     (3, PathBuf::from("/proc/3/ns/net")),
                 ],
-                user_owned: vec![(2, User(1_000)), (5, User(65_534))],
+                user_owned: vec![(2, User(1_000)), (5, User(65_534)), (6, RootUnpinned)],
                 over_limit: 0,
             }
         );
         let chosen = choose(found(&owners), 1);
         assert_eq!(chosen.open, vec![(1, PathBuf::from("/proc/1/ns/net"))]);
         assert_eq!(chosen.over_limit, 1);
-        assert_eq!(chosen.user_owned.len(), 2);
+        assert_eq!(chosen.user_owned.len(), 3);
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
     }
 
