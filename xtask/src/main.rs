@@ -151,7 +151,10 @@ fn test_args(extra: &[String]) -> Vec<String> {
 }
 
 /// Runs `cargo test`, passing its output through, and ends with one line that adds up every
-/// test binary's `test result:` line: `xtask test: N passed, N failed, N skipped`.
+/// test binary's `test result:` line: `xtask-test: N passed, N failed, N skipped`. One word
+/// and a colon before the counts, alone on its line: the plain closing line that CI reads
+/// (with two words, `xtask test:`, it was not one, and CI counted from libtest's lines, in
+/// which every skip is a pass).
 fn run_tests_with_summary(command: &mut Command) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
 
@@ -208,7 +211,7 @@ impl TestSummary {
 
     fn closing_line(&self) -> String {
         format!(
-            "xtask test: {} passed, {} failed, {} skipped",
+            "xtask-test: {} passed, {} failed, {} skipped",
             self.passed(),
             self.failed,
             self.ignored + self.skipped
@@ -344,7 +347,7 @@ test result: ok. 39 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; fin
         );
         assert_eq!(
             summary.closing_line(),
-            "xtask test: 40 passed, 0 failed, 3 skipped"
+            "xtask-test: 40 passed, 0 failed, 3 skipped"
         );
     }
 
@@ -360,7 +363,7 @@ test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
         assert_eq!(summary.skipped, 0);
         assert_eq!(
             summary.closing_line(),
-            "xtask test: 5 passed, 2 failed, 0 skipped"
+            "xtask-test: 5 passed, 2 failed, 0 skipped"
         );
     }
 
@@ -397,13 +400,22 @@ test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
     }
 
     #[test]
+    fn the_closing_line_is_the_plain_one_ci_reads() {
+        // `N passed, N failed, N skipped` alone on its line, after one word and a colon.
+        let line = TestSummary::default().closing_line();
+        let (word, counts) = line.split_once(": ").expect("a colon");
+        assert!(!word.contains(char::is_whitespace), "{line}");
+        assert_eq!(counts, "0 passed, 0 failed, 0 skipped");
+    }
+
+    #[test]
     fn more_skips_than_passes_never_underflow() {
         let summary =
             summary_of("SKIP a: x\nSKIP b: y\ntest result: ok. 1 passed; 0 failed; 0 ignored;\n");
         assert_eq!(summary.passed(), 0);
         assert_eq!(
             summary.closing_line(),
-            "xtask test: 0 passed, 0 failed, 2 skipped"
+            "xtask-test: 0 passed, 0 failed, 2 skipped"
         );
     }
 }
