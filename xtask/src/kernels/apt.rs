@@ -230,6 +230,7 @@ impl PrivateApt {
         let _ = fs::remove_dir_all(&modules);
         fs::create_dir_all(&modules)
             .with_context(|| format!("cannot create {}", modules.display()))?;
+        let mut modules_missing = false;
         // From 7.3 the modules are a package of their own, linux-modules-ABI.
         if find_module(&unpacked, DIAG_MODULES[0])?.is_none()
             && let Some(flavour) = kernel
@@ -255,11 +256,16 @@ impl PrivateApt {
                     )?;
                     let _ = fs::remove_file(&modules_deb);
                 }
-                // The guest then says so in its socket-tables cell.
-                Err(problem) => eprintln!(
-                    "xtask: no socket-diagnostics modules for {}: {problem:#}",
-                    kernel.abi
-                ),
+                // The guest then says so in its socket-tables cell, and this kernel is not
+                // marked done: the next run fetches again, rather than keep an empty module
+                // set for good and report the check as not applicable every run after.
+                Err(problem) => {
+                    eprintln!(
+                        "xtask: no socket-diagnostics modules for {}: {problem:#}",
+                        kernel.abi
+                    );
+                    modules_missing = true;
+                }
             }
         }
         for name in DIAG_MODULES {
@@ -267,7 +273,9 @@ impl PrivateApt {
                 unpack_module(&packed, &modules.join(format!("{name}.ko")))?;
             }
         }
-        fs::write(&done, "").with_context(|| format!("cannot write {}", done.display()))?;
+        if !modules_missing {
+            fs::write(&done, "").with_context(|| format!("cannot write {}", done.display()))?;
+        }
         let _ = fs::remove_dir_all(&unpacked);
         let _ = fs::remove_file(&deb);
         Ok((image, diag_modules(&modules)))
