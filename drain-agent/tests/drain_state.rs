@@ -431,6 +431,66 @@ fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overl
     assert_eq!(health(&new, held), 200, "after the old agent's DELETE");
 }
 
+/// Audit (upgrade overlap): the same for a drain only a `/drained` waiter started on the old
+/// agent, the README's preStop `httpGet` form. Before, the old agent's `drains.json` kept
+/// only POSTed drains: once it closed its listeners at SIGTERM (its grace answering the
+/// hook, still waiting there), every `/health` reached the new agent, which answered 200 for
+/// the scope the hook drained, and a load balancer put the pod back in rotation for the
+/// rest of its hook. The new agent still runs nothing of it, then or after the take-over
+/// (its waiter was the old agent's).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
+    if !kernel_available("the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on") {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-waiter-");
+    let mut old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "60s"]);
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (busy, held) = busy_servers(1);
+    let draining = busy[0].port;
+    assert_eq!(health(&new, draining), 200);
+    // A pod's preStop hook, to the old agent: its `/drained` starts the scope's drain.
+    let hook = {
+        let url = format!("{}/drained?port={draining}&timeout=30s", old.url);
+        std::thread::spawn(move || curl_json("GET", &url))
+    };
+    old.wait_for_waiters(1);
+    assert_eq!(health(&old, draining), 503, "the old agent drains the scope");
+    // The upgrade's SIGTERM: the old agent's listeners close, its hook is still answered.
+    // SAFETY: kill(2) on the agent, a child of this test.
+    let termed = unsafe { libc::kill(i32::try_from(old.pid()).expect("pid"), libc::SIGTERM) };
+    assert_eq!(termed, 0);
+    common::wait_until(
+        "the old agent closes its listener",
+        Duration::from_secs(10),
+        || old.try_get("/healthz").is_err(),
+    );
+    assert_eq!(
+        health(&new, draining),
+        503,
+        "the new agent answers for the scope the old agent's hook drains"
+    );
+    assert!(
+        in_progress(&new).is_empty(),
+        "the new agent runs nothing of the old one's"
+    );
+    // The service's connection goes: the hook is answered, and the old agent exits.
+    drop(held);
+    busy[0].close_all();
+    let (status, body) = hook.join().expect("hook");
+    assert_eq!(status, 200, "{body}");
+    old.stop();
+    // The take-over merges the old agent's last state (logged as the start's restore is).
+    common::wait_until("the new agent takes over", Duration::from_secs(10), || {
+        new.log_text().matches("restored ").count() >= 2
+    });
+    assert!(
+        in_progress(&new).is_empty(),
+        "the waiters' drain is not resumed without its waiter"
+    );
+}
+
 /// Audit (upgrade overlap), the other way round: the old agent (the state file's writer)
 /// answers `/health` (and the agent-check) from what the new agent keeps in
 /// `drains.next.json` too: a drain POSTed to the new agent (a pod's preStop hook reaching

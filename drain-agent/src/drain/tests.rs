@@ -1032,6 +1032,68 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     assert!(new.gated(&node(8081)).await, "an unreadable writer's file");
 }
 
+/// Whether `drains` answers `asked` "not draining" within 5 s (after `catch_up`, as a
+/// question does): an ended drain's save follows its end.
+async fn reopens_within_seconds(drains: &Arc<Drains>, asked: &Asked) -> bool {
+    for _ in 0..500 {
+        drains.catch_up().await;
+        if !drains.gated(asked).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Audit (upgrade overlap): a drain only `/drained` waiters started (the README's preStop
+/// `httpGet /drained?...`) was not in its agent's file, which kept POSTed drains only: the
+/// other agent's gate answered "not draining" for the scope while its hook still waited,
+/// both ways (the writer's `drains.json` read beside it, the `drains.next.json` of the agent
+/// beside it read by the writer). Now its start and its end are saved, and the other agent
+/// gates from it while it runs, without running it.
+#[tokio::test]
+async fn a_drain_only_waiters_started_gates_the_other_agent_while_it_runs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old, new) = overlapping_registries(dir.path());
+    // A hook's `/drained` reaches the writer: no save asked for but the join's own.
+    let (membership, created) = old
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .await
+        .expect("room");
+    assert!(created);
+    assert!(
+        new.gated(&node(8080)).await,
+        "beside the writer: the writer's waiters' drain"
+    );
+    assert!(!new.gated(&node(8081)).await, "another scope");
+    assert!(new.list().0.is_empty(), "nothing of it runs here");
+    // Its waiter leaves: it ends (abandoned, no hold), and so does the gate beside.
+    drop(membership);
+    assert!(
+        reopens_within_seconds(&new, &node(8080)).await,
+        "after its end"
+    );
+
+    // The other way round: a hook's `/drained` reaches the agent beside the writer.
+    let beside = DrainSpec {
+        filter: Filter::port(8081),
+        ..spec(Duration::from_secs(600))
+    };
+    let (membership, created) = new.join(beside, StartedBy::Node).await.expect("room");
+    assert!(created);
+    old.catch_up().await;
+    assert!(
+        old.gated(&node(8081)).await,
+        "the writer: the waiters' drain of the agent beside it"
+    );
+    assert!(old.list().0.is_empty(), "nothing of it runs on the writer");
+    drop(membership);
+    assert!(
+        reopens_within_seconds(&old, &node(8081)).await,
+        "after its end"
+    );
+}
+
 /// Audit (overlap): during an upgrade's overlap every `DELETE /drain` noted the drain it
 /// ended (so that the take-over does not bring it back), with no bound: a pod posting and
 /// cancelling in a loop for the whole overlap (up to the old agent's `--shutdown-grace`, 10
