@@ -456,7 +456,11 @@ fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
         std::thread::spawn(move || curl_json("GET", &url))
     };
     old.wait_for_waiters(1);
-    assert_eq!(health(&old, draining), 503, "the old agent drains the scope");
+    assert_eq!(
+        health(&old, draining),
+        503,
+        "the old agent drains the scope"
+    );
     // The upgrade's SIGTERM: the old agent's listeners close, its hook is still answered.
     // SAFETY: kill(2) on the agent, a child of this test.
     let termed = unsafe { libc::kill(i32::try_from(old.pid()).expect("pid"), libc::SIGTERM) };

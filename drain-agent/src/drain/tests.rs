@@ -111,10 +111,13 @@ async fn old_agent_goes(old_tracker: &Tracker, old: Arc<Drains>, new: &Drains) {
     assert!(state.is_writer(), "the new agent took over");
 }
 
+/// A restart resumes the POSTed drains and held gates, not a drain only `/drained` waiters
+/// started: the file has that one too (for the other agent of an upgrade's overlap to gate
+/// its scope), marked, and its waiters went with the agent.
 #[tokio::test]
 async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let dir = tempfile::tempdir().expect("dir");
-    let (_, _, drains) = saving_registry(2, dir.path());
+    let (_, stopping, drains) = saving_registry(2, dir.path());
     let mut posted = spec(Duration::from_secs(600));
     posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
     posted.given.ignore = true;
@@ -126,7 +129,7 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (_membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
+    let (membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -138,8 +141,33 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
         read(&[7]),
     );
     drains.save().await;
+    let on_disk = std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file");
+    assert_eq!(
+        on_disk.matches(r#""waiters_only":true"#).count(),
+        1,
+        "the waiters' drain is saved, marked: {on_disk}"
+    );
+    // The agent stops: its waiters are answered and gone, its drains end `agent_shutdown`
+    // (nothing is written any more), and its lock goes with it.
+    stopping.begin_shutdown();
+    drop(membership);
+    drains.wait_all_ended(Duration::from_secs(5)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&drains) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(Arc::strong_count(&drains), 1, "a drain task still runs");
+    drop(drains);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file"),
+        on_disk,
+        "nothing written at the stop"
+    );
 
     let (_, tracker, restored) = saving_registry(2, dir.path());
+    assert!(restored.state.as_ref().expect("state file").is_writer());
     restored.restore();
     let (running, _) = restored.list();
     assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
