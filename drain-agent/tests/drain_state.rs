@@ -437,7 +437,8 @@ fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overl
 /// hook, still waiting there), every `/health` reached the new agent, which answered 200 for
 /// the scope the hook drained, and a load balancer put the pod back in rotation for the
 /// rest of its hook. The new agent still runs nothing of it, then or after the take-over
-/// (its waiter was the old agent's).
+/// (the old agent killed mid-hook: the file still lists the drain, but its waiter was the
+/// old agent's).
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
@@ -445,7 +446,7 @@ fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
         return;
     }
     let state = temp_dir("da-state-overlap-waiter-");
-    let mut old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "60s"]);
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "60s"]);
     let new = Agent::start_with_state_dir(state.path(), &[]);
     let (busy, held) = busy_servers(1);
     let draining = busy[0].port;
@@ -479,20 +480,24 @@ fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
         in_progress(&new).is_empty(),
         "the new agent runs nothing of the old one's"
     );
-    // The service's connection goes: the hook is answered, and the old agent exits.
-    drop(held);
-    busy[0].close_all();
-    let (status, body) = hook.join().expect("hook");
-    assert_eq!(status, 200, "{body}");
-    old.stop();
-    // The take-over merges the old agent's last state (logged as the start's restore is).
+    // The old agent's file has it, for the new one's gate; not as a drain to resume. The
+    // old agent goes with its hook still waiting (killed): the new one takes over and runs
+    // no drain of the scope, whose connection is still open (its waiter was the old one's).
+    let on_disk = std::fs::read_to_string(state.path().join("drains.json")).expect("state");
+    assert!(on_disk.contains(r#""waiters_only":true"#), "{on_disk}");
+    let restores = new.log_text().matches("restored ").count();
+    go(old, Stop::Kill);
+    let _ = hook.join().expect("hook");
+    // The take-over merges the old agent's last state (logged as a start's restore is).
     common::wait_until("the new agent takes over", Duration::from_secs(10), || {
-        new.log_text().matches("restored ").count() >= 2
+        new.log_text().matches("restored ").count() > restores
     });
     assert!(
         in_progress(&new).is_empty(),
         "the waiters' drain is not resumed without its waiter"
     );
+    assert_eq!(health(&new, draining), 200, "nothing drains the scope now");
+    drop(held);
 }
 
 /// Audit (upgrade overlap), the other way round: the old agent (the state file's writer)
