@@ -431,6 +431,75 @@ fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overl
     assert_eq!(health(&new, held), 200, "after the old agent's DELETE");
 }
 
+/// Audit (upgrade overlap): the same for a drain only a `/drained` waiter started on the old
+/// agent, the README's preStop `httpGet` form. Before, the old agent's `drains.json` kept
+/// only POSTed drains: once it closed its listeners at SIGTERM (its grace answering the
+/// hook, still waiting there), every `/health` reached the new agent, which answered 200 for
+/// the scope the hook drained, and a load balancer put the pod back in rotation for the
+/// rest of its hook. The new agent still runs nothing of it, then or after the take-over
+/// (the old agent killed mid-hook: the file still lists the drain, but its waiter was the
+/// old agent's).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
+    if !kernel_available("the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on") {
+        return;
+    }
+    let state = temp_dir("da-state-overlap-waiter-");
+    let old = Agent::start_with_state_dir(state.path(), &["--shutdown-grace", "60s"]);
+    let new = Agent::start_with_state_dir(state.path(), &[]);
+    let (busy, held) = busy_servers(1);
+    let draining = busy[0].port;
+    assert_eq!(health(&new, draining), 200);
+    // A pod's preStop hook, to the old agent: its `/drained` starts the scope's drain.
+    let hook = {
+        let url = format!("{}/drained?port={draining}&timeout=30s", old.url);
+        std::thread::spawn(move || curl_json("GET", &url))
+    };
+    old.wait_for_waiters(1);
+    assert_eq!(
+        health(&old, draining),
+        503,
+        "the old agent drains the scope"
+    );
+    // The upgrade's SIGTERM: the old agent's listeners close, its hook is still answered.
+    // SAFETY: kill(2) on the agent, a child of this test.
+    let termed = unsafe { libc::kill(i32::try_from(old.pid()).expect("pid"), libc::SIGTERM) };
+    assert_eq!(termed, 0);
+    common::wait_until(
+        "the old agent closes its listener",
+        Duration::from_secs(10),
+        || old.try_get("/healthz").is_err(),
+    );
+    assert_eq!(
+        health(&new, draining),
+        503,
+        "the new agent answers for the scope the old agent's hook drains"
+    );
+    assert!(
+        in_progress(&new).is_empty(),
+        "the new agent runs nothing of the old one's"
+    );
+    // The old agent's file has it, for the new one's gate; not as a drain to resume. The
+    // old agent goes with its hook still waiting (killed): the new one takes over and runs
+    // no drain of the scope, whose connection is still open (its waiter was the old one's).
+    let on_disk = std::fs::read_to_string(state.path().join("drains.json")).expect("state");
+    assert!(on_disk.contains(r#""waiters_only":true"#), "{on_disk}");
+    let restores = new.log_text().matches("restored ").count();
+    go(old, Stop::Kill);
+    let _ = hook.join().expect("hook");
+    // The take-over merges the old agent's last state (logged as a start's restore is).
+    common::wait_until("the new agent takes over", Duration::from_secs(10), || {
+        new.log_text().matches("restored ").count() > restores
+    });
+    assert!(
+        in_progress(&new).is_empty(),
+        "the waiters' drain is not resumed without its waiter"
+    );
+    assert_eq!(health(&new, draining), 200, "nothing drains the scope now");
+    drop(held);
+}
+
 /// Audit (upgrade overlap), the other way round: the old agent (the state file's writer)
 /// answers `/health` (and the agent-check) from what the new agent keeps in
 /// `drains.next.json` too: a drain POSTed to the new agent (a pod's preStop hook reaching

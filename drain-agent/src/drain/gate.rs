@@ -297,8 +297,9 @@ impl Drains {
         for hold in self.covering_holds(asked) {
             gated |= !self.reopens(hold).await;
         }
-        // An upgrade's overlap: beside the writer, what was POSTed to it meanwhile; the
-        // writer, what was POSTed to the agent beside it.
+        // An upgrade's overlap: beside the writer, what it drains (POSTed to it meanwhile,
+        // or started there by a hook's `/drained`); the writer, what the agent beside it
+        // drains.
         gated || self.writers_gate(asked).await || self.beside_gate(asked).await
     }
 

@@ -243,13 +243,24 @@ impl Drains {
 
     /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
     /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
+    ///
+    /// A drain it starts is saved before its wait begins (its end is, as every drain's): not
+    /// to be resumed, but for the other agent of an upgrade's overlap, whose `/health` and
+    /// agent-check read this agent's file (`Drains::writers_gate`, `Drains::beside_gate`)
+    /// while a pod's preStop hook waits here. A save that fails is logged and counted; the
+    /// waiter waits all the same.
     pub async fn join(
         self: &Arc<Self>,
         spec: DrainSpec,
         by: StartedBy,
     ) -> Result<(Membership, bool), JoinError> {
         let (drain, created) = self.start(spec, false, by).await?;
-        Ok((Membership { drain }, created))
+        // Attached first: a waiter gone during the save ends the drain it started.
+        let membership = Membership { drain };
+        if created {
+            self.save().await;
+        }
+        Ok((membership, created))
     }
 
     /// The drain of `spec.filter`, started now (`true`) or in progress, with one more

@@ -20,7 +20,8 @@ use crate::{
         owner::Owner,
         registry::{Running, scope_text},
         state_file::{
-            Found, Lasting, NEXT_FILE_NAME, Role, Stamp, StateFile, Unreadable, Which, Written,
+            Found, Lasting, MAX_BYTES, NEXT_FILE_NAME, Role, Stamp, StateFile, Unreadable, Which,
+            Written,
         },
         unix_ms,
     },
@@ -42,11 +43,15 @@ pub enum Saved {
 }
 
 /// What `--state-dir` keeps across a restart: the drains `POST /drain` started that are in
-/// progress, and the scopes held out of rotation after their drains.
+/// progress, and the scopes held out of rotation after their drains. The drains in progress
+/// that only `/drained` waiters started are there too, marked ([`SavedDrain::waiters_only`]):
+/// for the other agent of an upgrade's overlap to gate their scopes while they run, never
+/// to be resumed.
 ///
 /// In the next agent's file (`drains.next.json`, an upgrade's overlap) it is that agent's own:
-/// drains POSTed to it, gates its drains left, and what `DELETE /drain` ended there of the
-/// state it restored (`cancelled`, `released`; never in the state file itself).
+/// drains POSTed to it (or its waiters started), gates its drains left, and what `DELETE
+/// /drain` ended there of the state it restored (`cancelled`, `released`; never in the state
+/// file itself).
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedDrains {
     drains: Vec<SavedDrain>,
@@ -76,7 +81,49 @@ impl Lasting for SavedDrains {
     }
 }
 
-/// A POSTed drain in progress: its record and everything its spec needs.
+/// What the state may take of the file: [`MAX_BYTES`] (past it nothing is written, and a
+/// restart reads no more), less room for the envelope around it (`version`, `until_ms`).
+const STATE_ROOM: u64 = MAX_BYTES - 1024;
+
+/// The length of `value` as the file encodes it (JSON); `u64::MAX` if it cannot be.
+fn encoded_len(value: &impl Serialize) -> u64 {
+    serde_json::to_vec(value).map_or(u64::MAX, |data| {
+        u64::try_from(data.len()).unwrap_or(u64::MAX)
+    })
+}
+
+impl SavedDrains {
+    /// Adds `waiters_drains` (drains only `/drained` waiters started), oldest first, while
+    /// the state stays within `room` bytes encoded: they only gate the other agent of an
+    /// overlap, and must never take the file past its limit, which would leave every POSTed
+    /// drain and held gate unsaved. Their number is bounded as every drain's is (the node's
+    /// `--max-waiters`, an owner's `RUNNING_PER_OWNER`); this bounds their bytes. Returns
+    /// how many were left out.
+    fn add_waiters_drains(&mut self, mut waiters_drains: Vec<SavedDrain>, room: u64) -> usize {
+        if waiters_drains.is_empty() {
+            return 0;
+        }
+        let mut left = room.saturating_sub(encoded_len(self));
+        waiters_drains.sort_by_key(|drain| (drain.record.started_ms, drain.record.id));
+        let all = waiters_drains.len();
+        for drain in waiters_drains {
+            // With the comma before it.
+            let size = encoded_len(&drain).saturating_add(1);
+            if size > left {
+                break;
+            }
+            left -= size;
+            self.drains.push(drain);
+        }
+        all - self
+            .drains
+            .iter()
+            .filter(|drain| drain.waiters_only)
+            .count()
+    }
+}
+
+/// A drain in progress: its record and everything its spec needs.
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedDrain {
     record: DrainRecord,
@@ -97,6 +144,18 @@ struct SavedDrain {
     /// it (an older agent's) is restored checking only that the namespace still exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     netns_cookie: Option<u64>,
+    /// Started by `/drained` waiters only (no `POST` asked for it): kept so that the other
+    /// agent of an upgrade's overlap answers its scope "draining" while it runs
+    /// ([`Drains::writers_gate`], [`Drains::beside_gate`]: a pod's preStop hook waiting on
+    /// one agent while the other answers `/health`), and never resumed, taken over or folded
+    /// in: its waiters are its agent's and end with it (without them it would have ended
+    /// `abandoned`). Left out when false, so the file keeps its version: an agent before
+    /// this one ignores it (nothing in the layout denies unknown fields) and takes such a
+    /// drain for a POSTed one — its gate answers "draining" for it, and at its start it
+    /// resumes it to its deadline (with its `on_timeout`, as its waiters asked): more out of
+    /// rotation, never less.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    waiters_only: bool,
 }
 
 /// [`Given`] on disk.
@@ -151,6 +210,7 @@ impl SavedDrain {
         let (spec, deadline) = (&drain.spec, drain.deadline);
         Self {
             netns_cookie: drain.netns_cookie,
+            waiters_only: !drain.posted.load(Ordering::Acquire),
             record: lock(&drain.record).clone(),
             deadline_ms: now_ms.saturating_add(millis(deadline.saturating_duration_since(now))),
             timeout_ms: millis(spec.timeout),
@@ -206,6 +266,10 @@ impl Drains {
     ///
     /// For [`Role::Next`] (beside the writer): only what is this agent's own, and the cancels
     /// of what it restored ([`Overlap`]); the writer's file has the rest.
+    ///
+    /// The drains only `/drained` waiters started come last, and only within the file's
+    /// limit ([`SavedDrains::add_waiters_drains`]): never at the cost of a POSTed drain or
+    /// a held gate.
     fn saved(&self, role: Role) -> Option<SavedDrains> {
         if self.tracker.shutting_down() {
             return None;
@@ -214,9 +278,8 @@ impl Drains {
         let now = tokio::time::Instant::now();
         let overlap = lock(&self.overlap);
         let theirs = overlap.as_ref().filter(|_| role == Role::Next);
-        let drains = lock(&self.running)
+        let (waiters_drains, drains): (Vec<_>, Vec<_>) = lock(&self.running)
             .values()
-            .filter(|drain| drain.posted.load(Ordering::Acquire))
             .filter(|drain| {
                 theirs.is_none_or(|overlap| {
                     !overlap
@@ -225,7 +288,7 @@ impl Drains {
                 })
             })
             .map(|drain| SavedDrain::of(drain, now, now_ms))
-            .collect();
+            .partition(|drain| drain.waiters_only);
         let held = lock(&self.held)
             .iter()
             .filter(|(_, hold)| hold.until > now)
@@ -254,12 +317,19 @@ impl Drains {
                 overlap.released.iter().cloned().collect(),
             )
         });
-        Some(SavedDrains {
+        let mut saved = SavedDrains {
             drains,
             held,
             cancelled,
             released,
-        })
+        };
+        let left_out = saved.add_waiters_drains(waiters_drains, STATE_ROOM);
+        if left_out > 0 {
+            log::warn!(
+                "{left_out} drain(s) only /drained waiters started are not saved (the state file would pass {MAX_BYTES} bytes): during an upgrade's overlap the other agent's /health and agent-check do not see them"
+            );
+        }
+        Some(saved)
     }
 
     /// Writes the state file (if any) and syncs it: called before `POST /drain` and
@@ -309,7 +379,8 @@ impl Drains {
 
     /// At start-up: the drains POSTed before the last stop resume with their own deadlines
     /// (waiters of `/drained` are gone with the old process: a drain only they started would
-    /// have ended `abandoned`, so none is kept), and held gates stay held until their hold
+    /// have ended `abandoned`, so none is resumed, though the file has them for the overlap's
+    /// gates), and held gates stay held until their hold
     /// ends, a new listener appears, or `DELETE /drain`. Ids go on after the restored ones.
     /// Beside an agent that still writes the file (an upgrade), what is restored is noted
     /// for the take-over ([`Overlap`]).
@@ -639,7 +710,8 @@ impl Drains {
         }
     }
 
-    /// Restores `saved`'s drains and gates. Beside `overlap` (the take-over, a fold-in): not
+    /// Restores `saved`'s drains and gates, never a drain only `/drained` waiters started
+    /// ([`SavedDrain::waiters_only`]). Beside `overlap` (the take-over, a fold-in): not
     /// for scopes this agent has a gate or a POSTed drain of already, nor what was cancelled
     /// here meanwhile. A drain of the scope only `/drained` waiters started gives way to a
     /// saved POSTed one ([`Running::hand_over`]: its waiters wait on that one). Returns what
@@ -680,7 +752,14 @@ impl Drains {
                 restored.gates.insert(scope, (hold.until_ms, until));
             }
         }
+        // The waiters of a drain only they started were the saving agent's (gone, or still
+        // answering them beside this one): without them it is no drain to resume.
+        let mut waiters_drains = 0_usize;
         for drain in saved.drains {
+            if drain.waiters_only {
+                waiters_drains += 1;
+                continue;
+            }
             let Some(spec) = drain.spec() else {
                 log::warn!(
                     "{path}: drain {} has settings this agent cannot read: not resumed",
@@ -783,9 +862,16 @@ impl Drains {
             restored.drains.insert(identity);
         }
         log::info!(
-            "restored {} drain(s) in progress and {} held /health gate(s) from {path}",
+            "restored {} drain(s) in progress and {} held /health gate(s) from {path}{}",
             restored.drains.len(),
-            restored.gates.len()
+            restored.gates.len(),
+            if waiters_drains == 0 {
+                String::new()
+            } else {
+                format!(
+                    " ({waiters_drains} drain(s) only /drained waiters of the agent that saved them started are not resumed: their waiters were that agent's)"
+                )
+            }
         );
         restored
     }
@@ -940,14 +1026,17 @@ impl Seen {
 
 impl Drains {
     /// Beside the state file's writer (an upgrade's overlap, until the take-over): whether
-    /// the writer's file says what is asked is out of rotation — a drain of it in progress,
-    /// or a gate held after one that no new listener has reopened — other than what a
+    /// the writer's file says what is asked is out of rotation — a drain of it in progress
+    /// (POSTed, or started by `/drained` waiters there), or a gate held after one that no
+    /// new listener has reopened — other than what a
     /// `DELETE /drain` sent to this agent ended ([`Overlap`]'s `cancelled` and `released`).
     /// Read only: this agent neither runs nor ends what is there.
     ///
     /// Without it, the drains POSTed to the writer after this agent started were unknown
     /// here: once the writer closed its listeners at SIGTERM every `/health` and agent-check
     /// reached this agent, which answered "not draining" although the file said otherwise.
+    /// So were, until the file kept them too, the drains a pod's preStop hook started there
+    /// with a `/drained` (the README's `httpGet`), while the hook still waited there.
     ///
     /// One `lstat` per question; the file is read again only when it changed (or the last
     /// read is [`WRITER_VIEW_FRESH`] old). A file that cannot be read gates every question:
@@ -983,7 +1072,8 @@ impl Drains {
 
     /// For the state file's writer during an upgrade's overlap: whether the agent started
     /// beside it keeps what is asked out of rotation in its `drains.next.json` — a drain
-    /// POSTed to it, or a gate held after one that no new listener has reopened — as last
+    /// POSTed to it or started there by `/drained` waiters, or a gate held after one that
+    /// no new listener has reopened — as last
     /// read by [`Drains::look_beside`] (which every question's [`Drains::catch_up`] calls).
     /// Read only: this agent neither runs nor ends what is there; the take-over merges it.
     ///
@@ -1303,6 +1393,98 @@ fn of_two_namespaces(a: &Running, b: &Running) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A drain as saved: `ignore` sources in its rule (each as long as an IPv6 one).
+    fn saved_drain(id: u64, waiters_only: bool, ignore: usize) -> SavedDrain {
+        SavedDrain {
+            record: DrainRecord {
+                id,
+                port: 8080,
+                addr: None,
+                netns: None,
+                started_ms: 1_000 + id,
+                first_zero_after_ms: None,
+                ended_ms: None,
+                result: None,
+                active_at_start: 1,
+                late_arrivals: 0,
+                peers_at_end: Vec::new(),
+                closed_by_agent: 0,
+                wait_ms: 0,
+                on_timeout: crate::drain::OnTimeout::Keep,
+                started_by: None,
+            },
+            deadline_ms: 2_000,
+            timeout_ms: 600_000,
+            quiet_ms: 0,
+            ignore: vec!["2001:db8::/128".to_owned(); ignore],
+            idle_ms: None,
+            pace: 0,
+            given: SavedGiven {
+                on_timeout: false,
+                quiet: false,
+                ignore: ignore > 0,
+                idle: false,
+                pace: false,
+            },
+            netns_cookie: None,
+            waiters_only,
+        }
+    }
+
+    /// The drains only waiters started are saved after everything else and only within the
+    /// file's limit, oldest first: a flood of them never takes the file past it (which
+    /// would leave the POSTed drains and held gates unsaved) nor pushes a POSTed drain out.
+    /// They are written marked; a POSTed drain is written as before, and a file without the
+    /// mark (an older agent's) reads as POSTed.
+    #[test]
+    fn waiters_drains_are_saved_within_the_files_limit_after_the_rest() {
+        let mut state = SavedDrains {
+            drains: vec![saved_drain(1, false, 64)],
+            ..SavedDrains::default()
+        };
+        let posted = encoded_len(&state);
+        let one = encoded_len(&saved_drain(2, true, 64)) + 1;
+        // Room for two of the three, not three.
+        let room = posted + 2 * one + one / 2;
+        let waiting = vec![
+            saved_drain(4, true, 64),
+            saved_drain(2, true, 64),
+            saved_drain(3, true, 64),
+        ];
+        assert_eq!(state.add_waiters_drains(waiting, room), 1);
+        let ids: Vec<_> = state.drains.iter().map(|drain| drain.record.id).collect();
+        assert_eq!(
+            ids,
+            [1, 2, 3],
+            "the POSTed one, then the oldest waiters' ones"
+        );
+        assert!(encoded_len(&state) <= room);
+        // No room left beside the rest: none is added, the POSTed drain stays.
+        let mut full = SavedDrains {
+            drains: vec![saved_drain(1, false, 64)],
+            ..SavedDrains::default()
+        };
+        assert_eq!(
+            full.add_waiters_drains(vec![saved_drain(2, true, 0)], posted),
+            1
+        );
+        assert_eq!(full.drains.len(), 1);
+        // As written: marked, and read back so.
+        let mut marked = SavedDrains::default();
+        assert_eq!(
+            marked.add_waiters_drains(vec![saved_drain(2, true, 0)], STATE_ROOM),
+            0
+        );
+        let text = serde_json::to_string(&marked).expect("json");
+        assert!(text.contains(r#""waiters_only":true"#), "{text}");
+        let back: SavedDrains = serde_json::from_str(&text).expect("read");
+        assert!(back.drains[0].waiters_only);
+        let posted = serde_json::to_string(&saved_drain(1, false, 0)).expect("json");
+        assert!(!posted.contains("waiters_only"), "{posted}");
+        let older: SavedDrain = serde_json::from_str(&posted).expect("read");
+        assert!(!older.waiters_only);
+    }
 
     /// A hold's saved end moves by a millisecond between two saves of the same hold (it is
     /// computed anew from the monotonic deadline): still the released gate. A hold of the

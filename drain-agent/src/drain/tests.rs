@@ -111,10 +111,13 @@ async fn old_agent_goes(old_tracker: &Tracker, old: Arc<Drains>, new: &Drains) {
     assert!(state.is_writer(), "the new agent took over");
 }
 
+/// A restart resumes the POSTed drains and held gates, not a drain only `/drained` waiters
+/// started: the file has that one too (for the other agent of an upgrade's overlap to gate
+/// its scope), marked, and its waiters went with the agent.
 #[tokio::test]
 async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let dir = tempfile::tempdir().expect("dir");
-    let (_, _, drains) = saving_registry(2, dir.path());
+    let (_, stopping, drains) = saving_registry(2, dir.path());
     let mut posted = spec(Duration::from_secs(600));
     posted.rule.ignore = vec!["10.0.0.0/8".parse().expect("cidr")];
     posted.given.ignore = true;
@@ -126,7 +129,7 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (_membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
+    let (membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -138,8 +141,33 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
         read(&[7]),
     );
     drains.save().await;
+    let on_disk = std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file");
+    assert_eq!(
+        on_disk.matches(r#""waiters_only":true"#).count(),
+        1,
+        "the waiters' drain is saved, marked: {on_disk}"
+    );
+    // The agent stops: its waiters are answered and gone, its drains end `agent_shutdown`
+    // (nothing is written any more), and its lock goes with it.
+    stopping.begin_shutdown();
+    drop(membership);
+    drains.wait_all_ended(Duration::from_secs(5)).await;
+    for _ in 0..500 {
+        if Arc::strong_count(&drains) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(Arc::strong_count(&drains), 1, "a drain task still runs");
+    drop(drains);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file"),
+        on_disk,
+        "nothing written at the stop"
+    );
 
     let (_, tracker, restored) = saving_registry(2, dir.path());
+    assert!(restored.state.as_ref().expect("state file").is_writer());
     restored.restore();
     let (running, _) = restored.list();
     assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
@@ -1173,6 +1201,68 @@ async fn beside_the_writer_the_gate_answers_from_the_writers_file_too() {
     // A file that cannot be read: no scope is vouched for.
     std::fs::write(dir.path().join(state_file::FILE_NAME), b"not json").expect("write");
     assert!(new.gated(&node(8081)).await, "an unreadable writer's file");
+}
+
+/// Whether `drains` answers `asked` "not draining" within 5 s (after `catch_up`, as a
+/// question does): an ended drain's save follows its end.
+async fn reopens_within_seconds(drains: &Arc<Drains>, asked: &Asked) -> bool {
+    for _ in 0..500 {
+        drains.catch_up().await;
+        if !drains.gated(asked).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Audit (upgrade overlap): a drain only `/drained` waiters started (the README's preStop
+/// `httpGet /drained?...`) was not in its agent's file, which kept POSTed drains only: the
+/// other agent's gate answered "not draining" for the scope while its hook still waited,
+/// both ways (the writer's `drains.json` read beside it, the `drains.next.json` of the agent
+/// beside it read by the writer). Now its start and its end are saved, and the other agent
+/// gates from it while it runs, without running it.
+#[tokio::test]
+async fn a_drain_only_waiters_started_gates_the_other_agent_while_it_runs() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old, new) = overlapping_registries(dir.path());
+    // A hook's `/drained` reaches the writer: no save asked for but the join's own.
+    let (membership, created) = old
+        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .await
+        .expect("room");
+    assert!(created);
+    assert!(
+        new.gated(&node(8080)).await,
+        "beside the writer: the writer's waiters' drain"
+    );
+    assert!(!new.gated(&node(8081)).await, "another scope");
+    assert!(new.list().0.is_empty(), "nothing of it runs here");
+    // Its waiter leaves: it ends (abandoned, no hold), and so does the gate beside.
+    drop(membership);
+    assert!(
+        reopens_within_seconds(&new, &node(8080)).await,
+        "after its end"
+    );
+
+    // The other way round: a hook's `/drained` reaches the agent beside the writer.
+    let beside = DrainSpec {
+        filter: Filter::port(8081),
+        ..spec(Duration::from_secs(600))
+    };
+    let (membership, created) = new.join(beside, StartedBy::Node).await.expect("room");
+    assert!(created);
+    old.catch_up().await;
+    assert!(
+        old.gated(&node(8081)).await,
+        "the writer: the waiters' drain of the agent beside it"
+    );
+    assert!(old.list().0.is_empty(), "nothing of it runs on the writer");
+    drop(membership);
+    assert!(
+        reopens_within_seconds(&old, &node(8081)).await,
+        "after its end"
+    );
 }
 
 /// Audit (overlap): during an upgrade's overlap every `DELETE /drain` noted the drain it
