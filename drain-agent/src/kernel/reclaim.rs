@@ -16,12 +16,7 @@
 //! space into the map instead (or deleting without the grace period) could let an open add
 //! to an element that is already freed and reused by another key: a count silently too low.
 
-use std::{
-    collections::{HashMap as StdHashMap, HashSet},
-    net::IpAddr,
-    sync::PoisonError,
-    time::Duration,
-};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, sync::PoisonError, time::Duration};
 
 use anyhow::{Context as _, Result};
 use drain_agent_common::{ConnKey, watched_bit};
@@ -97,7 +92,14 @@ impl Kernel {
                 .reclaimed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let mut gone = Vec::new();
+            // An address's series keeps a reclaimed endpoint's totals while another
+            // endpoint (another namespace's) has its port and address; with the last one it
+            // ends. Read before the first delete, so that each endpoint's totals are written
+            // to the pinned map right after its delete: a `kill -9` in between loses that
+            // one endpoint's totals, not a whole round's. Unread: kept (dropped by a later
+            // round).
+            let mut live = self.live_endpoints();
+            let mut folded = false;
             for key in &marked {
                 let Ok(counts) = self.counts.get(key, 0) else {
                     continue;
@@ -106,25 +108,28 @@ impl Kernel {
                     report.kept += 1;
                     continue;
                 }
-                if self.counts.remove(key).is_ok() {
-                    gone.push((*key, counts));
+                if self.counts.remove(key).is_err() {
+                    continue;
                 }
+                let kept = live.as_mut().is_none_or(|live| {
+                    let address = (key.port, key_addr(key));
+                    let others = live.get_mut(&address).map_or(0, |endpoints| {
+                        *endpoints = endpoints.saturating_sub(1);
+                        *endpoints
+                    });
+                    others > 0
+                });
+                reclaimed.fold(key, &counts, kept);
+                report.reclaimed += 1;
+                folded = true;
             }
-            if !gone.is_empty() {
-                // An address's series keeps a reclaimed endpoint's totals while another
-                // endpoint (another namespace's) has its port and address; with the last
-                // one it ends. Unread: kept (dropped by a later round).
-                let live = self.live_addresses();
-                for (key, counts) in &gone {
-                    let kept = live
-                        .as_ref()
-                        .is_none_or(|live| live.contains(&(key.port, key_addr(key))));
-                    reclaimed.fold(key, counts, kept);
-                    report.reclaimed += 1;
-                }
-                if let Some(live) = &live {
-                    reclaimed.keep_addresses(live);
-                }
+            if folded && let Some(live) = &live {
+                let addresses = live
+                    .iter()
+                    .filter(|(_, endpoints)| **endpoints > 0)
+                    .map(|(address, _)| *address)
+                    .collect();
+                reclaimed.keep_addresses(&addresses);
             }
         }
         // 4. Unmark: the keys first, then the bits (an open that still sees a bit finds no
@@ -160,11 +165,15 @@ impl Kernel {
     }
 
     /// The ports and addresses endpoints have now (`None`: the map could not be read).
-    fn live_addresses(&self) -> Option<HashSet<(u16, IpAddr)>> {
-        self.counts
-            .keys()
-            .map(|key| key.ok().map(|key| (key.port, key_addr(&key))))
-            .collect()
+    /// How many endpoints of the map each (port, address) has; `None` if the map could not
+    /// be read whole.
+    fn live_endpoints(&self) -> Option<StdHashMap<(u16, IpAddr), usize>> {
+        let mut live = StdHashMap::new();
+        for key in self.counts.keys() {
+            let key = key.ok()?;
+            *live.entry((key.port, key_addr(&key))).or_insert(0) += 1;
+        }
+        Some(live)
     }
 
     /// Keys being reclaimed now (for tests).
