@@ -311,6 +311,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         drains: Arc::clone(&drains),
         authority: Arc::clone(&authority),
+        // Ready (`/healthz?ready=true`, the readiness probe's `drain-agent probe --ready`)
+        // once the pod listeners of the namespaces there at the start are open (or could not
+        // be, http/pods/manager.rs): before, an upgrade's old agent would be stopped, and
+        // detach its steering in pods this one does not serve yet.
+        ready: if args.pod_listen.is_some() {
+            crate::http::ready::Readiness::after_first_round()
+        } else {
+            crate::http::ready::Readiness::ready()
+        },
     });
     // The node's socket tables: they tell a local caller of the node listener, and a caller
     // from a node address of a pod listener, by its socket's owner.
@@ -357,6 +366,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 metrics: Arc::clone(&state.metrics),
                 drains: Arc::clone(&state.drains),
                 authority: Arc::clone(&state.authority),
+                ready: state.ready.clone(),
             });
             let endpoints: Arc<dyn OwnEndpoints> =
                 Arc::new(kernel_side::KernelEndpoints(Arc::clone(&kernel)));

@@ -13,6 +13,7 @@ pub mod handover;
 pub mod identify;
 pub mod pod_scope;
 pub mod pods;
+pub mod ready;
 pub mod server;
 mod status;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub drains: Arc<Drains>,
     /// Who may do what (`authority.rs`).
     pub authority: Arc<Authority>,
+    /// Whether `/healthz?ready=true` passes (`ready.rs`).
+    pub ready: ready::Readiness,
 }
 
 /// The agent's routes.
@@ -54,7 +57,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/drains", get(drains::list_drains))
         .route("/health", get(drains::health))
         .route("/advice", get(status::advice))
-        .route("/healthz", get(status::healthz))
+        .route("/healthz", get(ready::healthz))
         .route("/connections", get(connections::connections))
         .route("/metrics", get(status::metrics))
         .fallback(not_found)

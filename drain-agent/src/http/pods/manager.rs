@@ -42,6 +42,32 @@ const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
 /// At most one such WARN this often, for all namespaces together.
 const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
 
+/// The longest the agent's readiness waits, from its first complete scan, for a namespace
+/// of that scan to be served or classified for good (skipped, its socket port taken, an
+/// older agent's, a user's): one that keeps failing to get a listener (EMFILE, ENOMEM,
+/// loopback not up, the steering) is retried on every rescan meanwhile, and after this
+/// the agent is ready without it (WARN; `state="failing"`). Long enough for a passing
+/// shortage or a sandbox being made; short enough that a namespace failing for good
+/// delays an upgrade on its node by this much only.
+pub(super) const FIRST_ROUND_WAIT: Duration = Duration::from_secs(30);
+
+/// The first round of listeners, which the agent's readiness waits for
+/// ([`crate::http::ready`]).
+#[derive(Debug)]
+pub(super) enum FirstRound {
+    /// No scan has looked everywhere yet (an incomplete one opens nothing).
+    Unscanned,
+    /// The namespaces the first complete scan chose to listen in that are neither served
+    /// nor classified yet, and when that scan was.
+    Opening {
+        since: Instant,
+        namespaces: BTreeSet<u32>,
+    },
+    /// Every one was served or classified, or [`FIRST_ROUND_WAIT`] passed: the agent is
+    /// ready.
+    Done,
+}
+
 /// A listener being served.
 pub(super) struct Listening {
     pub(super) stop: watch::Sender<bool>,
@@ -141,6 +167,8 @@ pub(super) struct Manager {
     /// The last scan could not look everywhere (logged once when it begins, once when it
     /// ends).
     pub(super) scan_failing: bool,
+    /// What the agent's readiness still waits for (`state.ready`).
+    pub(super) first_round: FirstRound,
 }
 
 /// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
@@ -177,6 +205,7 @@ impl Manager {
             stop,
             scan: candidates,
             scan_failing: false,
+            first_round: FirstRound::Unscanned,
         }
     }
 
@@ -240,6 +269,9 @@ impl Manager {
         self.failing.retain(|inode, _| present.contains_key(inode));
         self.user_owned
             .retain(|inode, _| present.contains_key(inode));
+        if let FirstRound::Opening { namespaces, .. } = &mut self.first_round {
+            namespaces.retain(|inode| present.contains_key(inode));
+        }
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
@@ -285,7 +317,45 @@ impl Manager {
             );
         }
         self.over_limit = chosen.over_limit;
+        if matches!(self.first_round, FirstRound::Unscanned) {
+            self.first_round = FirstRound::Opening {
+                since: Instant::now(),
+                namespaces: chosen.open.iter().map(|(inode, _)| *inode).collect(),
+            };
+        }
         self.open_all(chosen.open).await;
+    }
+
+    /// Marks the agent ready (`state.ready`) once every namespace of the first round is
+    /// served or classified for good, or [`FIRST_ROUND_WAIT`] has passed since its scan.
+    /// Those still failing then are retried on every rescan as any other, and counted
+    /// `state="failing"`; those waiting for an older agent (the binding fallback) count as
+    /// classified, since that agent stops only once this one is ready.
+    pub(super) fn check_first_round(&mut self) {
+        let FirstRound::Opening { since, namespaces } = &mut self.first_round else {
+            return;
+        };
+        namespaces.retain(|inode| {
+            !self.listening.contains_key(inode)
+                && !self.skipped.contains(inode)
+                && !self.socket_port_taken.contains(inode)
+                && !self.waiting.contains(inode)
+                && !self.user_owned.contains_key(inode)
+        });
+        if namespaces.is_empty() {
+            info!(
+                "the pod listeners of the network namespaces found at the start are open: ready (/healthz?ready=true)"
+            );
+        } else if since.elapsed() >= FIRST_ROUND_WAIT {
+            warn!(
+                "{} network namespace(s) found at the start still have no pod listener after {FIRST_ROUND_WAIT:?} (drain_agent_pod_listeners{{state=\"failing\"}}; retrying on every rescan): ready without them, and once an agent beside this one stops their hooks find no agent there",
+                namespaces.len()
+            );
+        } else {
+            return;
+        }
+        self.first_round = FirstRound::Done;
+        self.state.ready.set_ready();
     }
 
     /// Opens listeners in `new` namespaces, [`OPEN_AT_ONCE`] at a time: each takes a thread
@@ -921,6 +991,80 @@ mod tests {
         manager.report(&gauge);
         assert_eq!(failing(&gauge), 0);
         assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
+    }
+
+    /// Audit (ready before serving in the pods): the agent was ready while its first round
+    /// of pod listeners was still being opened. It is ready once every namespace of its
+    /// first complete scan is served or classified for good (skipped, waiting for an older
+    /// agent); an incomplete scan makes no round; one that keeps failing holds readiness for
+    /// [`FIRST_ROUND_WAIT`] at most.
+    #[tokio::test(start_paused = true)]
+    async fn ready_once_the_first_round_is_served_or_classified() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        // The manager's state, waiting for the first round.
+        let waiting = |manager: &mut Manager| {
+            let ready = crate::http::ready::Readiness::after_first_round();
+            manager.state = Arc::new(AppState {
+                tracker: Arc::clone(&manager.state.tracker),
+                limits: manager.state.limits,
+                metrics: Arc::clone(&manager.state.metrics),
+                drains: Arc::clone(&manager.state.drains),
+                authority: Arc::clone(&manager.state.authority),
+                ready: ready.clone(),
+            });
+            ready
+        };
+        let ready = waiting(&mut manager);
+        manager.scan = incomplete;
+        manager.reconcile().await;
+        manager.check_first_round();
+        tokio::time::advance(FIRST_ROUND_WAIT * 2).await;
+        manager.check_first_round();
+        assert!(!ready.is_ready(), "ready without a complete scan");
+        // The first complete scan chose four namespaces.
+        manager.first_round = FirstRound::Opening {
+            since: Instant::now(),
+            namespaces: BTreeSet::from([1, 2, 3, 4]),
+        };
+        let path = Path::new("/run/netns/pod");
+        let listener = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.set_nonblocking(true).expect("non-blocking");
+            listener
+        };
+        manager.opened(1, path, Ok((listener(), None)));
+        manager.opened(2, path, Err(Bind::InUse));
+        manager.opened(3, path, Err(Bind::AgentThere));
+        manager.opened(
+            4,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!("loopback not up"))),
+        );
+        manager.check_first_round();
+        assert!(!ready.is_ready(), "ready while a namespace still fails");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        manager.opened(4, path, Ok((listener(), None)));
+        manager.check_first_round();
+        assert!(ready.is_ready(), "every namespace served or classified");
+        // One that keeps failing holds readiness for FIRST_ROUND_WAIT, not longer.
+        let ready = waiting(&mut manager);
+        manager.first_round = FirstRound::Opening {
+            since: Instant::now(),
+            namespaces: BTreeSet::from([5]),
+        };
+        manager.opened(5, path, Err(Bind::Failed(anyhow::anyhow!("EMFILE"))));
+        tokio::time::advance(FIRST_ROUND_WAIT - Duration::from_millis(1)).await;
+        manager.check_first_round();
+        assert!(!ready.is_ready());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        manager.check_first_round();
+        assert!(
+            ready.is_ready(),
+            "a failing namespace held readiness past the bound"
+        );
+        assert!(matches!(manager.first_round, FirstRound::Done));
     }
 
     /// `GET /healthz` on `app` from the pod itself (loopback): the status.

@@ -265,6 +265,9 @@ pub async fn serve_in_pods(
     let mut opened = Some(opened);
     loop {
         manager.reconcile().await;
+        // Ready once the first round is served (or classified, or FIRST_ROUND_WAIT passed):
+        // after every rescan, complete or not.
+        manager.check_first_round();
         if let Some(opened) = opened.take() {
             // The namespaces there at the start are served: the seeding walk may take the
             // kernel's lock now (agent/mod.rs).
