@@ -42,7 +42,8 @@ pub const EXIT_WAIT: Duration = process::EXIT_WAIT;
 /// A supervisor's stop timeout (`terminationGracePeriodSeconds`, `TimeoutStopSec=`) must
 /// be longer, or it kills the agent while it still answers waiters; the deploy tests
 /// (`tests/deploy_kubernetes.rs`, `tests/deploy_systemd.rs`) hold the shipped ones to it.
-/// Not counted: a pod's steering detached for 250 ms at the start of the grace, which the
+/// Not counted: a pod's steering kept, where no other agent serves, for up to 2 s of the
+/// grace (`http/pods/manager.rs` `SUCCESSOR_WAIT`) and then detached for 250 ms, which the
 /// supervisors' margin covers.
 pub fn longest_stop(args: &RunArgs) -> Duration {
     let agent_check = if args.agent_check_listen.is_some() {

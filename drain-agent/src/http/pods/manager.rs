@@ -35,6 +35,15 @@ use crate::{
 /// this socket (within a round trip: loopback or the pod's veth).
 const STEER_SETTLE: Duration = Duration::from_millis(250);
 
+/// At the agent's stop, how long a steered listener keeps its steering in a namespace where
+/// no other agent's program is attached yet, waiting for one (never past the grace): an
+/// upgrade's next agent is ready once it serves the pods there at its start
+/// ([`FirstRound`]), but a pod made since is opened by each agent on its own, within a
+/// rescan (1 s; a few ms for a named namespace, inotify). Polled every
+/// [`SUCCESSOR_POLL`]. Where no agent comes (an uninstall) the stop takes this much longer.
+pub(super) const SUCCESSOR_WAIT: Duration = Duration::from_secs(2);
+const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
+
 /// A namespace failing this long to get a listener (a socket, `setns`, the steering: EMFILE,
 /// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
 /// namespace just made, and a retry a second later serves it).
@@ -602,9 +611,16 @@ impl Manager {
                 async move {
                     let agent_stopping = tokio::select! {
                         _ = stopped.wait_for(|stop| *stop) => false,
-                        () = reached(agent_stop, StopPhase::HandingOver) => true,
+                        () = reached(agent_stop.clone(), StopPhase::HandingOver) => true,
                     };
                     if let Some(link) = link {
+                        if agent_stopping {
+                            // Not before the next agent serves here, if it comes soon.
+                            tokio::select! {
+                                () = successor_serves(&link, inode) => {}
+                                () = reached(agent_stop, StopPhase::AnsweringRest) => {}
+                            }
+                        }
                         // The agent stops: the steering goes first (another agent's program
                         // serves the port from now on, kernel/steer.rs), then what was steered
                         // here before is accepted, then the socket closes.
@@ -658,6 +674,31 @@ impl Manager {
                 stop: stop_listener,
                 steered,
             },
+        );
+    }
+}
+
+/// Returns once another agent's `sk_lookup` program is attached beside `link` in namespace
+/// `inode` (it serves the in-pod port there: the last attached wins), or after
+/// [`SUCCESSOR_WAIT`], or at once when the kernel cannot say. Detaching before, a hook there
+/// found no listener: refused, and the kubelet never retries an `httpGet` hook.
+async fn successor_serves(link: &SteerLink, inode: u32) {
+    let waited = tokio::time::timeout(SUCCESSOR_WAIT, async {
+        loop {
+            match link.others_attached() {
+                Ok(true) => return,
+                Ok(false) => tokio::time::sleep(SUCCESSOR_POLL).await,
+                Err(problem) => {
+                    debug!("network namespace {inode}: {problem:#}; detaching the steering");
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        info!(
+            "network namespace {inode}: no other agent serves the in-pod port there after {SUCCESSOR_WAIT:?}; detaching the steering (its hooks find no agent until one does)"
         );
     }
 }

@@ -37,8 +37,10 @@
 //! `state="failing"` at once and said at WARN once it has failed for a minute.
 //!
 //! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
-//! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
-//! it before, then closes, what is still queued on it moving to the next agent's socket; a
+//! steered one detaches its steering first — once another agent's program is attached in
+//! its namespace (the next agent serves there), or after `SUCCESSOR_WAIT` (2 s, never past
+//! the grace) where none comes — accepts for [`STEER_SETTLE`] what was steered to it before,
+//! then closes, what is still queued on it moving to the next agent's socket; a
 //! bound one closes, its queued connections moving to the next agent's listener. Requests
 //! in progress get their usual answers during the agent's `--shutdown-grace`. What a closed
 //! listener then does under the kernel's lock (forgetting its own endpoint) is not waited
