@@ -324,7 +324,9 @@ pub mod error_index {
     /// whose close the kernel skipped: the connection could not be tracked until a walk.
     pub const ADDRESS_TAKEN: u32 = 7;
     /// A tracked socket closed at an address the agent was dropping a dead socket's entry
-    /// from: its entry was left for the next repair walk (a count too high until then).
+    /// from, or its entry could not be removed (the map's bucket lock busy in a nested run,
+    /// before Linux 6.7): its entry was left for the next repair walk (a count too high
+    /// until then).
     pub const CLOSE_DEFERRED: u32 = 8;
     /// An application's listener on the in-pod port could not get its entry in
     /// `POD_LISTENERS`: it is counted all the same and never un-counted (its namespace's

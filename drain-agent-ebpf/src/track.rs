@@ -154,6 +154,19 @@ pub(crate) fn track_close(sk: u64, closed_now: bool) -> bool {
         return false;
     }
     if SOCKETS.remove(sk).is_err() {
+        // Someone else removed it (a walk before Linux 5.15, see above), or the bucket's
+        // lock was busy: before Linux 6.7 (d35381aa73f7, "bpf: Fix unnecessary -EBUSY from
+        // htab_lock_bucket") `htab_lock_bucket()` raises its per-CPU `map_locked` before it
+        // disables interrupts, and a run of this handler nested in that gap (an interrupt's
+        // softirq closing another socket; nested runs are not skipped before 6.1) gets
+        // -EBUSY for a bucket of the same lock slot. Then the entry stays, counted: a count
+        // too high, never too low. Counted as a deferred close so that a repair walk follows
+        // within seconds (the agent's `missed_changes`), not the periodic one. Only the
+        // handler's closes: a walk's runs one at a time with the forgetter, and a walk
+        // asking for another walk on a failed remove could ask for itself for ever.
+        if closed_now {
+            count_error_at(error_index::CLOSE_DEFERRED);
+        }
         return false;
     }
     // SAFETY: a BPF helper with no arguments.

@@ -4,7 +4,9 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
-use drain_agent_common::{ConnKey, error_index, is_active, netns_port_key, repair, tcp_state};
+use drain_agent_common::{
+    ConnKey, SockEntry, error_index, is_active, netns_port_key, repair, tcp_state,
+};
 
 use crate::{
     count::{Error, count_error, count_error_at, count_repair},
@@ -71,12 +73,18 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
         // has (graceful shutdown, one-shot servers). The listener only decides whether an
         // *untracked* socket was opened passively (an inbound connection) at all.
         match SOCKETS.get_ptr_mut(sk) {
-            // Tracked: stamp it as seen open by this walk.
+            // Tracked: stamp it as seen open by this walk. The same local endpoint is not
+            // enough to call the entry this socket's: a dead socket of the same service
+            // (its close skipped) leaves its entry at an address the allocator soon gives
+            // to the service's next inbound socket, whose open then found it taken. A
+            // connection's peer never changes, so the whole four-tuple tells them apart;
+            // stamped, the dead entry would keep its peer and start, and this connection
+            // would be missing from the peers the agent reports and closes.
             // SAFETY: a pointer into the live map value; the socket lock is held. (Before
             // 5.15 it is not, and a racing close may remove the entry meanwhile: the element
             // stays map memory under RCU, and a stamp on a reused one keeps a dead entry for
             // one more walk, a count too high. The counts are doubted there, see above.)
-            Some(entry) if unsafe { (*entry).key } == key => unsafe {
+            Some(entry) if unsafe { is_entry_of(&*entry, &key, &peer) } => unsafe {
                 ptr::write_volatile(ptr::addr_of_mut!((*entry).audited_ns), bpf_ktime_get_ns());
             },
             // The address belongs to an earlier socket whose close was missed: un-count
@@ -92,6 +100,16 @@ fn try_seed_established_tcp(ctx: *mut c_void) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Whether `entry` is the one the handler made for a socket with this local endpoint and
+/// peer (both read the same way, by [`read_key`] and [`read_peer`]).
+#[inline(always)]
+fn is_entry_of(entry: &SockEntry, key: &ConnKey, peer: &Peer) -> bool {
+    entry.key == *key
+        && entry.remote == peer.addr
+        && entry.remote_port == peer.port
+        && entry.remote_family == peer.family
 }
 
 /// Drops the entry of a socket whose close was missed. Not attached: the agent runs it with

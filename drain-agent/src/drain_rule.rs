@@ -167,6 +167,13 @@ impl DrainRule {
         self.ignore.iter().any(|cidr| cidr.contains(remote))
     }
 
+    /// Whether `other` ignores the same sources: the lists compared as sets (another order,
+    /// or a source named twice, is the same list).
+    pub fn ignores_the_same(&self, other: &Self) -> bool {
+        let within = |some: &[Cidr], all: &[Cidr]| some.iter().all(|cidr| all.contains(cidr));
+        within(&self.ignore, &other.ignore) && within(&other.ignore, &self.ignore)
+    }
+
     /// Whether deciding needs the remaining connections one by one (their peers and queues)
     /// rather than their count.
     pub const fn needs_peers(&self) -> bool {
@@ -189,8 +196,12 @@ pub struct Peer {
     pub recv_queue: u32,
     /// Bytes not yet sent or not yet acknowledged by the peer.
     pub send_queue: u32,
-    /// Data arrived after the last data sent: a request the application has read and not
-    /// answered yet (it may be thinking, with both queues empty).
+    /// Data arrived after the last data sent, or data arrived and nothing was ever sent: a
+    /// request the application has read and not answered yet (it may be thinking, with
+    /// both queues empty). Any data from the peer counts (a WebSocket pong, an HTTP/2
+    /// WINDOW_UPDATE): busy until this end sends again. One case reads as not awaiting: a
+    /// request that arrived in the same kernel tick (1 to 10 ms) as the previous response
+    /// left (`TcpInfoSummary::awaiting_reply`).
     #[serde(default)]
     pub awaiting_reply: bool,
     /// Busy or idle by the request's `idle` (or a 0 s bar when it has none).

@@ -638,7 +638,7 @@ fn dashboard_and_alerts_name_only_exported_metrics() {
     assert_eq!(rules.len(), 9, "{rules:?}");
     queries.extend(rules.into_iter().map(|q| ("alert rule".to_owned(), q)));
     let rules = rule_expressions(&read(&deploy(&format!("prometheus/{KUBERNETES_RULES}"))));
-    assert_eq!(rules.len(), 10, "{rules:?}");
+    assert_eq!(rules.len(), 11, "{rules:?}");
     queries.extend(rules.into_iter().map(|q| ("kubernetes rule".to_owned(), q)));
     for (place, query) in &queries {
         for prefix in ["drain_agent_", "process_"] {

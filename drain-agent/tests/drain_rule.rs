@@ -106,6 +106,73 @@ fn queued_data_is_busy_and_silence_is_idle() {
     drop(server_end);
 }
 
+/// A slow first request on a new connection is busy, not idle. The client sends its
+/// request microseconds after its handshake; the kernel stamps the accepted socket's last
+/// send and last receive with the tick it was created in (`tcp_create_openreq_child`), and
+/// the request nearly always arrives in that same tick. A server that has not answered yet
+/// has sent nothing, so the two times stay equal: compared alone they said "not awaiting a
+/// reply", and an idle drain answered drained while the request was still being worked on.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_first_request_read_and_not_answered_is_busy() {
+    if !kernel_available("a_first_request_read_and_not_answered_is_busy") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The request goes out right after the handshake, as a client's does.
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(request).expect("request");
+    let (mut server_end, _) = listener.accept().expect("accept");
+    // The server reads the whole request (its receive queue is empty) and never answers.
+    let mut read = vec![0; request.len()];
+    server_end.read_exact(&mut read).expect("read the request");
+
+    let (status, body, took) = drained(&agent, &format!("port={port}&idle=1s&timeout=3s"));
+    assert_eq!(
+        (status, &body["busy"], &body["idle"]),
+        (503, &serde_json::json!(1), &serde_json::json!(0)),
+        "a request read and not answered was taken for idle after {took:?}: {body}"
+    );
+    let (status, body) = agent.get_json(&format!("/connections?port={port}&peers=true"));
+    assert_eq!(status, 200, "{body}");
+    let peer = &body["endpoints"][0]["peers"][0];
+    assert_eq!(
+        (
+            &peer["recv_queue"],
+            &peer["send_queue"],
+            &peer["awaiting_reply"],
+            &peer["busy"]
+        ),
+        (
+            &serde_json::json!(0),
+            &serde_json::json!(0),
+            &serde_json::json!(true),
+            &serde_json::json!(true)
+        ),
+        "{body}"
+    );
+
+    // Once answered, and silent for the bar, the same connection is idle (a keep-alive
+    // connection between requests).
+    server_end
+        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        .expect("answer");
+    let mut answer = [0; 64];
+    let n = client.read(&mut answer).expect("read the answer");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 204"));
+    let (status, body, _) = drained(&agent, &format!("port={port}&idle=1s&timeout=5s"));
+    assert_eq!(
+        (status, &body["idle"], &body["busy"]),
+        (200, &serde_json::json!(1), &serde_json::json!(0)),
+        "{body}"
+    );
+    drop(client);
+    drop(server_end);
+}
+
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_ignored_source_neither_holds_the_drain_nor_restarts_the_quiet_window() {

@@ -2,7 +2,8 @@
 //! namespaces with veth pairs to the host (10.213.3x.0/30, addresses that exist only in
 //! this test); the real agent binary serves inside them. A pod's requests answer for that
 //! pod only; the kubelet-style caller (root on the host, at the pod's IP) is answered, other
-//! callers (another user on the host among them) are refused; a new namespace gets its listener within a second, a deleted one
+//! callers (another user on the host, and a call a sidecar in the pod relays, among them)
+//! are refused; a new namespace gets its listener within a second, a deleted one
 //! is let go (no socket of the agent pins it); a pod holding the port keeps it; and
 //! SIGTERM answers waiters on every listener.
 #![allow(
@@ -14,7 +15,7 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::unix::fs::MetadataExt as _,
     path::Path,
     process::Command,
@@ -23,7 +24,7 @@ use std::{
 };
 
 use common::{
-    Agent, Netns, free_port,
+    Agent, Netns, connect_from, free_port,
     http::curl,
     kernel_available,
     pod::{Pod, connect},
@@ -610,6 +611,196 @@ fn only_root_of_the_node_acts_for_a_pod_at_its_address() {
     );
 }
 
+/// A service mesh's sidecar in REDIRECT mode (Istio's): the mesh's rules send every
+/// connection to the pod to the sidecar's own port, and the sidecar opens each one's
+/// upstream to the original destination, the pod's address, from 127.0.0.6 over the pod's
+/// loopback. Here it takes connections on a port of its own on every address of `pod` and
+/// relays each to `upstream` so. Returns its port.
+fn sidecar(pod: &Netns, upstream: SocketAddrV4) -> u16 {
+    pod.run_in(move || {
+        let listener = TcpListener::bind("0.0.0.0:0").expect("the sidecar's port");
+        let port = listener.local_addr().expect("addr").port();
+        // Started from this thread, the relay is in the pod's namespace too: the upstream
+        // sockets it makes are the pod's.
+        thread::spawn(move || {
+            for downstream in listener.incoming() {
+                let Ok(downstream) = downstream else {
+                    break;
+                };
+                let upstream = connect_from(Ipv4Addr::new(127, 0, 0, 6), upstream)
+                    .expect("the sidecar's upstream");
+                let (mut from, mut to) = (
+                    downstream.try_clone().expect("clone"),
+                    upstream.try_clone().expect("clone"),
+                );
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                let (mut from, mut to) = (upstream, downstream);
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        port
+    })
+}
+
+/// Audit: with a service mesh's sidecar in the pod (REDIRECT mode, Istio's default), a
+/// connection from another pod or host to the pod's address reaches the in-pod listener
+/// relayed: from 127.0.0.6, a loopback address, to the pod's address. The listener took
+/// every loopback caller for the pod itself, so any pod could drain another (out of
+/// rotation, its clients closed at the deadline), cancel its stop hook's drain, and read its
+/// clients' addresses. A loopback caller is the pod only when the connection is loopback at
+/// both ends: a relayed one gets `403` saying so, and nothing changes; the pod's own call on
+/// its loopback is answered as before. Before the fix the relayed `POST /drain` was `201`.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod() {
+    if !kernel_available("a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod") {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("da-pr{pid}-");
+    let pod = Pod::new(&format!("pr{pid}-r"), 36);
+    // Another pod, wired to this one directly: it calls the sidecar at the pod's address on
+    // that link.
+    let other = Netns::new(&format!("prx{pid}"));
+    let (pod_side, other_side) = (
+        format!("dr{}p", pid % 100_000),
+        format!("dr{}o", pid % 100_000),
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod.netns.name,
+            "link",
+            "add",
+            &pod_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &other_side,
+            "netns",
+            &other.name,
+        ],
+    );
+    for (netns, link, addr) in [
+        (&pod.netns, &pod_side, "10.213.38.1/30"),
+        (&other, &other_side, "10.213.38.2/30"),
+    ] {
+        run("ip", &["-n", &netns.name, "addr", "add", addr, "dev", link]);
+        run("ip", &["-n", &netns.name, "link", "set", link, "up"]);
+    }
+    let pod_ip: Ipv4Addr = pod.ip.parse().expect("the pod's address");
+    let port = free_port();
+    let server = pod.listen(port);
+    let _clients = connect(&pod.ip, port, 2, &server);
+    // Steered to the agent's socket (its local end is the address the caller addressed),
+    // and bound in the pod (the fallback without `sk_lookup`).
+    for mode in [None, Some("--pod-listen-bind")] {
+        let pod_port = free_port();
+        let pod_listen = format!("0.0.0.0:{pod_port}");
+        let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
+        args.extend(mode);
+        let agent = Agent::start(&args);
+        wait_until("the pod listener", Duration::from_secs(5), || {
+            agent.metric("drain_agent_pod_listeners{state=\"listening\"}") == Some(1.0)
+        });
+        let relay = sidecar(&pod.netns, SocketAddrV4::new(pod_ip, pod_port));
+        relayed_calls_are_refused(&agent, &pod, &other, relay, pod_port, port, mode);
+    }
+}
+
+/// [`a_call_relayed_by_a_sidecar_in_the_pod_is_not_the_pod`] with `agent` serving the pod at
+/// `pod_port` and the sidecar at `relay`, the pod's clients on `port`.
+fn relayed_calls_are_refused(
+    agent: &Agent,
+    pod: &Pod,
+    other: &Netns,
+    relay: u16,
+    pod_port: u16,
+    port: u16,
+    mode: Option<&str>,
+) {
+    let drains_in_progress = || {
+        let (status, body) = agent.get_json("/drains");
+        assert_eq!(status, 200, "{body}");
+        body["in_progress"].as_array().expect("in_progress").len()
+    };
+    let other_path = other.path();
+    let relayed = |method: &str, path: &str| {
+        let (status, body) = curl(
+            Some(&other_path),
+            None,
+            method,
+            &format!("http://10.213.38.1:{relay}{path}"),
+        );
+        println!("{mode:?}: {method} {path} relayed: {status} {body}");
+        (status, body)
+    };
+    let refused = |(status, body): (u16, String)| {
+        assert_eq!(status, 403, "{mode:?}: {body}");
+        assert!(body.contains("proxy"), "{mode:?}: says why: {body}");
+        assert!(
+            body.contains("excludeInboundPorts"),
+            "{mode:?}: says the way out: {body}"
+        );
+        assert!(
+            !body.contains("10.213.") && !body.contains("127.0.0."),
+            "{mode:?}: names no address: {body}"
+        );
+    };
+
+    refused(relayed(
+        "POST",
+        &format!("/drain?port={port}&timeout=1s&on_timeout=close"),
+    ));
+    assert_eq!(
+        drains_in_progress(),
+        0,
+        "{mode:?}: the relayed call started none"
+    );
+    // The clients are there still, past the refused drain's deadline.
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(agent.active(port), 2, "{mode:?}");
+
+    // The pod itself, on its loopback: its drain starts.
+    let inside = |method: &str, path: &str| {
+        curl(
+            Some(&pod.netns.path()),
+            None,
+            method,
+            &format!("http://127.0.0.1:{pod_port}{path}"),
+        )
+    };
+    let (status, body) = inside("POST", &format!("/drain?port={port}&timeout=30s"));
+    assert_eq!(status, 201, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 1, "{mode:?}");
+    // Relayed, the pod's drain can be neither cancelled nor looked at.
+    refused(relayed("DELETE", &format!("/drain?port={port}")));
+    assert_eq!(
+        drains_in_progress(),
+        1,
+        "{mode:?}: the relayed call cancelled nothing"
+    );
+    refused(relayed(
+        "GET",
+        &format!("/connections?port={port}&peers=true"),
+    ));
+    refused(relayed("GET", "/drains"));
+    // The pod's own calls are answered as before.
+    let (status, body) = inside("GET", &format!("/connections?port={port}&peers=true"));
+    assert_eq!(status, 200, "{mode:?}: {body}");
+    let (status, body) = inside("DELETE", &format!("/drain?port={port}"));
+    assert_eq!(status, 200, "{mode:?}: {body}");
+    assert_eq!(drains_in_progress(), 0, "{mode:?}");
+}
+
 /// Audit: with no `--pod-netns-prefix` (the DaemonSet's default) a listener was opened in
 /// every network namespace, those any local user makes (`unshare -Urn`) among them: each
 /// cost the agent descriptors, a program and a server, and each was an owner of its own
@@ -710,6 +901,111 @@ fn no_listener_in_a_namespace_a_local_user_made() {
         );
     }
     drop(users);
+}
+
+/// Audit: a pod running as root without a user namespace of its own (`hostUsers` left
+/// true, as the `baseline` Pod Security level allows) could make any number of network
+/// namespaces, each in a user namespace of its own (`unshare -Urn`); the user namespaces'
+/// creator being root (uid 0 on the node), each was taken for a `hostUsers: false` pod's
+/// and got a listener, an owner of its own in the shared limits: ~1,024 of them filled
+/// `--pod-max-listeners`, and later pods' hooks found no agent. Such a namespace is not
+/// pinned under /run/netns (only root of the node mounts there; a CRI runtime pins every
+/// pod's): it gets none, and counts `user_owned`. One that a runtime pins after the agent
+/// first saw it (a `hostUsers: false` pod: the runtime makes the namespace, then pins it)
+/// is served once pinned.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn no_listener_in_a_namespace_a_root_container_made() {
+    if !kernel_available("no_listener_in_a_namespace_a_root_container_made") {
+        return;
+    }
+    const NESTED: usize = 3;
+    let pid = std::process::id();
+    // As a root container makes them: root of the node, a user namespace mapping root, a
+    // network namespace inside it, loopback up; the last one is pinned later, as a runtime
+    // pins a `hostUsers: false` pod's.
+    let nested: Vec<common::child::Guard> = (0..=NESTED)
+        .map(|n| {
+            common::child::Guard::spawn(
+                &format!("unshare --user --map-root-user --net ({n})"),
+                Command::new("unshare").args([
+                    "--user",
+                    "--map-root-user",
+                    "--net",
+                    "sh",
+                    "-c",
+                    "ip link set lo up && exec sleep 120",
+                ]),
+            )
+        })
+        .collect();
+    // A namespace the runtime's way (`ip netns add`): served, so the agent has looked at
+    // the others.
+    let pod = Netns::new(&format!("rc{pid}"));
+    let nested_paths: Vec<String> = nested
+        .iter()
+        .map(|child| format!("/proc/{}/ns/net", child.pid()))
+        .collect();
+    let own = inode_of("/proc/self/ns/net");
+    wait_until("the nested namespaces", Duration::from_secs(5), || {
+        nested_paths.iter().all(|path| {
+            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
+                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
+                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
+                        .iter()
+                        .any(|addr| addr.is_loopback()))
+                })
+                .unwrap_or(false)
+        })
+    });
+    let nested_inodes: Vec<u64> = nested_paths.iter().map(|path| inode_of(path)).collect();
+    let (pod_port, socket_port) = (free_port(), free_port());
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &format!("127.0.0.1:{pod_port}"),
+        "--pod-socket-port",
+        &socket_port.to_string(),
+    ]);
+    let served = |path: String| {
+        let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
+        drain_agent::sys::netns::run_in_path(Path::new(&path), move || {
+            Ok(TcpStream::connect_timeout(&local, Duration::from_secs(1)).is_ok())
+        })
+        .expect("enter the namespace")
+    };
+    wait_until("the pod's listener", Duration::from_secs(10), || {
+        served(pod.path())
+    });
+    // A rescan or two more: a namespace found in the same scan as the pod's is served by now.
+    thread::sleep(Duration::from_millis(2500));
+    let held = socket_namespaces(agent.pid());
+    assert!(
+        held.contains(&inode_of(&pod.path())),
+        "the pod's listener: {held:?}"
+    );
+    for (path, inode) in nested_paths.iter().zip(&nested_inodes) {
+        assert!(
+            !held.contains(inode),
+            "a socket of the agent's in the nested namespace {inode}"
+        );
+        assert!(!served(path.clone()), "served in namespace {inode}");
+    }
+    let user_owned = agent.metric("drain_agent_pod_listeners{state=\"user_owned\"}");
+    assert!(user_owned >= Some((NESTED + 1) as f64), "{user_owned:?}");
+    // The runtime pins the last one (`ip netns attach`: a bind mount under /run/netns, as
+    // containerd and CRI-O pin a `hostUsers: false` pod's): it is served.
+    let pinned = Netns {
+        name: format!("da-rc{pid}-pinned"),
+    };
+    let last = nested.last().expect("one to pin").pid().to_string();
+    run("ip", &["netns", "attach", &pinned.name, &last]);
+    wait_until(
+        "the pinned namespace's listener",
+        Duration::from_secs(5),
+        || served(pinned.path()),
+    );
+    drop(pinned);
+    drop(nested);
 }
 
 /// Audit: pod listeners had no bound: each costs descriptors (socket, steering program and

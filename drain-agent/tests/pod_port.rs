@@ -799,3 +799,114 @@ fn a_pod_holding_the_socket_port_is_not_served() {
     assert_eq!(listening_ports(&taken), vec![socket_port]);
     reaches_app(&taken, local(socket_port), &app);
 }
+
+/// The agent's `/healthz` (on the node listener) as status and JSON body.
+fn healthz(agent: &Agent) -> (u16, serde_json::Value) {
+    agent.get_json("/healthz")
+}
+
+/// Sets `ERRORS[index]` in the kernel state pinned in `pins` (its one layout), as the
+/// kernel side does when it cannot keep a count.
+fn set_pinned_error(pins: &common::PinDir, index: u32, value: u64) {
+    let layouts: Vec<_> = std::fs::read_dir(&pins.path)
+        .expect("pin dir")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.is_dir())
+        .collect();
+    let [layout] = layouts.try_into().expect("one layout");
+    let data = aya::maps::MapData::from_pin(layout.join("ERRORS")).expect("ERRORS");
+    let mut errors: aya::maps::Array<aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    errors.set(index, value, 0).expect("set the error counter");
+}
+
+/// Found by an audit: once `ERRORS[pod_listen_count_failed]` grows (a listener count the
+/// kernel side could not keep, or a socket it could not read), every pod's steering stops
+/// for good and every `httpGet` preStop to the in-pod port is refused, but the agent said
+/// so in one WARN only: `/healthz` stayed `ok`, `drain_agent_pod_listeners{state="steered"}`
+/// unchanged, and the tracking-errors alert resolved after 5 minutes. Now `/healthz` says
+/// `degraded` naming it, the gauge counts the listeners as `stopped` (none `steered`) while
+/// it lasts, and a hand-over restart (the next agent beside this one, as the DaemonSet's
+/// rollout starts it) steers again with no moment without an agent.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_node_whose_steering_stopped_says_so_until_a_hand_over_restart_steers_again() {
+    let test = "a_node_whose_steering_stopped_says_so_until_a_hand_over_restart_steers_again";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let netns = Netns::new(&format!("pz{pid}-a"));
+    let prefix = format!("da-pz{pid}-");
+    let pins = common::PinDir::new();
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let pin_dir = pins.arg();
+    let args = [
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pin-dir",
+        &pin_dir,
+    ];
+    let steered = |agent: &Agent| agent.metric("drain_agent_pod_listeners{state=\"steered\"}");
+    let stopped = |agent: &Agent| agent.metric("drain_agent_pod_listeners{state=\"stopped\"}");
+    let mut first = Agent::start(&args);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&netns)
+    });
+    let (status, body) = healthz(&first);
+    assert_eq!((status, &body["status"]), (200, &"ok".into()), "{body}");
+    assert_eq!(steered(&first), Some(1.0));
+    assert_eq!(stopped(&first), Some(0.0));
+
+    set_pinned_error(
+        &pins,
+        drain_agent_common::error_index::POD_LISTEN_COUNT_FAILED,
+        1,
+    );
+    // The kernel's programs stop steering at once: the hook's connection is refused.
+    let refused = netns
+        .run_in(|| TcpStream::connect_timeout(&local(POD_PORT), Duration::from_secs(2)).map(drop));
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the steering stopped"
+    );
+    wait_until(
+        "the agent to report the stopped steering",
+        Duration::from_secs(5),
+        || stopped(&first) == Some(1.0),
+    );
+    assert_eq!(steered(&first), Some(0.0));
+    let (status, body) = healthz(&first);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    let reasons = body["reasons"].to_string();
+    assert!(reasons.contains("steered to the agent in no pod"), "{body}");
+    // Lasting: still so a while later.
+    thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(stopped(&first), Some(1.0));
+    assert_eq!(healthz(&first).1["status"], "degraded");
+    assert!(
+        first.log_text().contains("pod_listen_count_failed"),
+        "a WARN names it: {}",
+        first.log_text()
+    );
+
+    // The next agent beside this one (an upgrade, a rollout restart) makes state of its own
+    // and steers again; the old one then stops.
+    let second = Agent::start(&args);
+    wait_until(
+        "the next agent to serve the pod",
+        Duration::from_secs(5),
+        || agent_answers(&netns),
+    );
+    wait_until("the next agent to steer", Duration::from_secs(5), || {
+        steered(&second) == Some(1.0)
+    });
+    assert_eq!(stopped(&second), Some(0.0));
+    assert_eq!(healthz(&second).1["status"], "ok");
+    assert!(first.stop().success(), "a clean stop");
+    assert!(agent_answers(&netns), "served through the old agent's stop");
+}

@@ -162,9 +162,9 @@ fn promtool_accepts_a_live_scrape() {
     let mut accepted = server.take_all();
     accepted.truncate(2);
     agent.expect_active(server.port, 2);
-    // A drained and an invalid /drained answer (expect_active made timeouts), so the drain
-    // metrics have samples of every kind too.
-    let (status, _) = agent.get_json(&format!("/drained?port={}&timeout=0", common::free_port()));
+    // A drained wait and an invalid /drained answer (expect_active made queries), so the
+    // drain metrics have samples of every kind too.
+    let (status, _) = agent.get_json(&format!("/drained?port={}&timeout=1s", common::free_port()));
     assert_eq!(status, 200);
     let (status, _) = agent.get_json("/drained?port=0");
     assert_eq!(status, 400);
@@ -220,6 +220,83 @@ fn promtool_accepts_a_live_scrape() {
         output.status
     );
     drop((clients, accepted));
+}
+
+/// Audit: `drain-agent wait`'s progress lines ask `timeout=0` every `--progress`, and each
+/// not-drained answer was counted `drain_requests_total{result="timeout"}` with a 0 s
+/// `drain_wait_seconds` sample: one hook that waited for one connection counted a timeout
+/// per progress line, and `DrainAgentDrainsTimingOut` fired for drains that never timed
+/// out. The real client against the real agent: one wait, drained, is one `drained` and one
+/// wait sample; its progress lines are `query`.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_waits_progress_lines_are_queries_not_timeouts() {
+    if !kernel_available("a_waits_progress_lines_are_queries_not_timeouts") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let client = connect(server.port, 1);
+    server.wait_accepted(1);
+    agent.expect_active(server.port, 1);
+    let counts = || {
+        let body = scrape(&agent);
+        let samples = parse_samples(&body);
+        let requests = |result| {
+            value(
+                &samples,
+                "drain_agent_drain_requests_total",
+                &[("result", result)],
+            )
+        };
+        let counted = |result| {
+            requests(result)
+                .unwrap_or_else(|| panic!("drain_requests_total{{result={result}}}:\n{body}"))
+        };
+        let waits = value(&samples, "drain_agent_drain_wait_seconds_count", &[])
+            .unwrap_or_else(|| panic!("drain_wait_seconds_count:\n{body}"));
+        // `query` checked last: an agent from before it existed fails on the timeouts.
+        (
+            counted("timeout"),
+            counted("drained"),
+            requests("query"),
+            waits,
+        )
+    };
+    let before = counts();
+    let wait = Command::new(common::agent_binary())
+        .args([
+            "wait",
+            "--port",
+            &server.port.to_string(),
+            "--timeout",
+            "30s",
+        ])
+        .args(["--progress", "1s", "--agent", &agent.url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wait");
+    // The connection stays open for some progress lines, then closes.
+    std::thread::sleep(Duration::from_millis(3500));
+    server.close_all();
+    drop(client);
+    let output = wait.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let lines = stderr.matches(": 1 active").count();
+    assert!(lines >= 2, "progress lines:\n{stderr}");
+    let after = counts();
+    let (timeouts, drained, waits) = (after.0 - before.0, after.1 - before.1, after.3 - before.3);
+    assert_eq!(
+        (timeouts, drained, waits),
+        (0.0, 1.0, 1.0),
+        "timeouts, drained, waits; stderr:\n{stderr}"
+    );
+    // A progress line is printed for each not-drained answer (one more may have found the
+    // port drained).
+    let queries = after.2.expect("query counted") - before.2.expect("query counted");
+    assert!(queries >= lines as f64, "{queries} queries, {lines} lines");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -638,7 +715,9 @@ fn process_build_info_and_agent_wide_metrics_are_exported() {
         Some(0.0),
         "no /drained request was made:\n{body}"
     );
-    for result in ["drained", "timeout", "invalid", "rejected", "error"] {
+    for result in [
+        "drained", "timeout", "query", "invalid", "rejected", "error",
+    ] {
         assert!(
             value(
                 &samples,

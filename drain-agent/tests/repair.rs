@@ -392,6 +392,100 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
     agent.expect_active(port, 0);
 }
 
+/// Audit (kernel counts): a dead socket's entry at an address the allocator gave to a new
+/// inbound socket *of the same endpoint* (the same service, the common case) was taken by
+/// the walk for the new socket's own (it compared the local endpoint only) and stamped: the
+/// count came out right, but the entry kept the dead socket's peer and start, so the new
+/// connection was left out of the peers of `/drained` and `/connections`, and a close at the
+/// deadline (which closes tracked four-tuples only) never closed it. The walk now compares
+/// the peer too and replaces such an entry.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_walk_replaces_a_dead_sockets_entry_under_the_same_endpoint() {
+    if !kernel_available("a_walk_replaces_a_dead_sockets_entry_under_the_same_endpoint") {
+        return;
+    }
+    let (_alone, agent, mut maps) = start_alone(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    const N: usize = 100;
+
+    let clients = connect_counted(&agent, &server, N);
+    let addresses = maps.inbound_addresses(port);
+    assert_eq!(addresses.len(), N, "one entry per inbound socket");
+    drop(clients);
+    server.close_all();
+    agent.expect_active(port, 0);
+    common::wait_until("their entries gone", Duration::from_secs(10), || {
+        addresses.iter().all(|sk| maps.sockets.get(sk, 0).is_err())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Skipped closes of this very endpoint: dead sockets under its own key, with no peer.
+    maps.plant_dead_sockets(loopback_key(port), &addresses);
+
+    let mut clients: Vec<TcpStream> = Vec::new();
+    let mut taken = 0.0;
+    for round in 1..=5 {
+        clients = (0..N)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+            .collect();
+        server.wait_accepted(N);
+        taken = agent
+            .metric("drain_agent_tracking_errors_total{reason=\"address_taken\"}")
+            .expect("the address_taken counter");
+        if taken >= 1.0 {
+            break;
+        }
+        println!("round {round}: no new inbound socket at a dead socket's address; again");
+        drop(std::mem::take(&mut clients));
+        server.close_all();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        taken >= 1.0,
+        "no new inbound socket got a dead socket's address in 5 rounds ({taken}): the test did not happen"
+    );
+    let mut client_ports: Vec<u16> = clients
+        .iter()
+        .map(|client| client.local_addr().expect("local address").port())
+        .collect();
+    client_ports.sort_unstable();
+    // After the walk (within seconds) and its sweep, every tracked socket of the port is a
+    // live one under its own peer: the dead sockets' entries are gone or replaced.
+    let peers = || {
+        let mut ports: Vec<u16> = maps
+            .sockets
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, entry)| entry.key.port == port)
+            .map(|(_, entry)| entry.remote_port)
+            .collect();
+        ports.sort_unstable();
+        ports
+    };
+    let settled = Instant::now() + Duration::from_secs(20);
+    while peers() != client_ports && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let found = peers();
+    let dead = found.iter().filter(|peer| **peer == 0).count();
+    assert_eq!(
+        (found.len(), dead),
+        (N, 0),
+        "tracked sockets of the port and those still under a dead socket's peer"
+    );
+    assert_eq!(
+        found, client_ports,
+        "each tracked socket under its own peer"
+    );
+    let (_, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
+    assert_eq!(body["active"].as_u64(), Some(N as u64), "{body}");
+    drop(clients);
+    server.close_all();
+    agent.expect_active(port, 0);
+}
+
 /// The sweep after a repair walk drops dead sockets' entries without any socket's lock, so
 /// the agent marks their addresses first (`FORGETTING`, then `FORGETTING_NOW`) and the
 /// handler's close at a marked address leaves the entry to the sweep: otherwise a close of

@@ -321,6 +321,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         } else {
             crate::http::ready::Readiness::ready()
         },
+        pod_steering: crate::http::pods::SteeringStop::default(),
     });
     // The node's socket tables: they tell a local caller of the node listener, and a caller
     // from a node address of a pod listener, by its socket's owner.
@@ -368,6 +369,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 drains: Arc::clone(&state.drains),
                 authority: Arc::clone(&state.authority),
                 ready: state.ready.clone(),
+                // One for the node's `/healthz` and the pods': the manager sets it.
+                pod_steering: state.pod_steering.clone(),
             });
             let endpoints: Arc<dyn OwnEndpoints> =
                 Arc::new(kernel_side::KernelEndpoints(Arc::clone(&kernel)));

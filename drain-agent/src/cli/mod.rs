@@ -121,12 +121,14 @@ pub struct RunArgs {
     /// e.g. 127.0.0.1:9100 (hooks call localhost) or 0.0.0.0:9100 (the kubelet's httpGet
     /// calls the pod IP). Requests there answer for that namespace only; beyond loopback only
     /// the pod itself (localhost) and root on the node (the kubelet) are answered, anyone
-    /// else gets 403 (SECURITY.md). Off by default.
+    /// else gets 403, a call a proxy in the pod relays (a service mesh's sidecar) included:
+    /// exclude the port from its inbound interception (SECURITY.md). Off by default.
     #[arg(long, env = "DRAIN_AGENT_POD_LISTEN")]
     pub pod_listen: Option<SocketAddr>,
 
     /// With --pod-listen: only named namespaces (/run/netns/NAME) whose NAME starts with
-    /// this (e.g. "cni-" for the pods of containerd and CRI-O); default: every namespace.
+    /// this (e.g. "cni-" for containerd's pods; CRI-O names its pods' by a UUID); default:
+    /// every namespace that may be a pod's (not one a user or a container made for itself).
     #[arg(long, env = "DRAIN_AGENT_POD_NETNS_PREFIX", requires = "pod_listen")]
     pub pod_netns_prefix: Option<String>,
 
@@ -458,13 +460,17 @@ pub struct WaitArgs {
     pub ignore: Option<String>,
 
     /// Idle connections need not hold the drain: a connection with nothing in flight that
-    /// has moved no data for this long does not count (keep-alive pools). Off by default:
-    /// an idle WebSocket is still a live session.
+    /// has moved no data for this long does not count (keep-alive pools). Nothing in
+    /// flight: both queues empty and no reply awaited. A connection whose last bytes came
+    /// from the client (a request being worked on, but also a WebSocket pong or an HTTP/2
+    /// WINDOW_UPDATE after a response) is busy until the server sends again, and may hold
+    /// the drain to its timeout. Off by default: an idle WebSocket is still a live session.
     #[arg(long, value_parser = parse_duration)]
     pub idle: Option<Duration>,
 
     /// At the timeout, close the connections still open (idle ones first) instead of
-    /// leaving them: the drain ends then, and the peers get a reset. Never by default.
+    /// leaving them: the drain ends then, and the peers get a reset. Never by default, and
+    /// never before the timeout (a wait over 10 minutes asks in slices; only the last closes).
     #[arg(long)]
     pub close_at_timeout: bool,
 

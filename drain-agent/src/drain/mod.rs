@@ -164,7 +164,7 @@ impl DrainSpec {
                 self.rule.quiet, asked.rule.quiet
             ));
         }
-        if asked.given.ignore && asked.rule.ignore != self.rule.ignore {
+        if asked.given.ignore && !asked.rule.ignores_the_same(&self.rule) {
             differences.push("a different ignore list".into());
         }
         if asked.given.idle && asked.rule.idle != self.rule.idle {
@@ -177,6 +177,31 @@ impl DrainSpec {
             differences.push(format!("pace={} (asked {})", self.pace, asked.pace));
         }
         (!differences.is_empty()).then(|| differences.join(", "))
+    }
+
+    /// The rule a request `asked` that joined this drain judges by when it judges for itself
+    /// (its own deadline came first, or the drain ended undrained before it): the settings
+    /// it named, and this drain's for the rest. Never its own defaults: a stop hook naming
+    /// no `quiet` that joined a drain with a quiet window was answered drained at the first
+    /// zero, the window not met.
+    fn rule_for(&self, asked: &Self) -> DrainRule {
+        DrainRule {
+            quiet: if asked.given.quiet {
+                asked.rule.quiet
+            } else {
+                self.rule.quiet
+            },
+            ignore: if asked.given.ignore {
+                asked.rule.ignore.clone()
+            } else {
+                self.rule.ignore.clone()
+            },
+            idle: if asked.given.idle {
+                asked.rule.idle
+            } else {
+                self.rule.idle
+            },
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use crate::{
         DrainEnd, DrainRecord, DrainSpec, Drains, Final, JoinError, StartedBy, lock,
         namespace::NamespaceNow, owner::Owner, unix_ms,
     },
+    drain_rule::DrainRule,
     tracker::Filter,
 };
 
@@ -172,6 +173,13 @@ impl Membership {
 
     pub fn id(&self) -> u64 {
         lock(&self.current().record).id
+    }
+
+    /// The rule this waiter, which asked `asked`, judges by when it judges for itself: the
+    /// settings it named, those of the drain it waits on now for the rest
+    /// ([`DrainSpec::rule_for`]).
+    pub fn rule_for(&self, asked: &DrainSpec) -> DrainRule {
+        self.current().spec.rule_for(asked)
     }
 
     /// The drain's outcome, if it ends before `until(its deadline)`. A drain handed over

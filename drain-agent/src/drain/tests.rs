@@ -290,7 +290,7 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
 /// close request answered `on_timeout: keep`). Named settings that differ are refused.
 #[tokio::test(start_paused = true)]
 async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
-    let (_, _, drains) = registry(1);
+    let (source, _, drains) = registry(1);
     drains
         .post(spec(Duration::from_secs(600)), StartedBy::Node)
         .await
@@ -335,6 +335,149 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         drains.post(quiet, StartedBy::Node).await,
         Err(JoinError::Conflict(..))
     ));
+    // An ignore list is a set of sources: the drain's list in another order, or with a
+    // source repeated, is the same list and joins (before: 409 "a different ignore list",
+    // and `wait` exited 2); one source more or less is another list.
+    let ignoring = |list: &str| DrainSpec {
+        filter: Filter::port(8081),
+        rule: DrainRule {
+            ignore: crate::drain_rule::parse_cidrs(list).expect("cidrs"),
+            ..DrainRule::default()
+        },
+        given: Given {
+            ignore: true,
+            ..Given::default()
+        },
+        ..spec(Duration::from_secs(600))
+    };
+    source.set(vec![
+        endpoint("127.0.0.1", 8080, 1),
+        endpoint("127.0.0.1", 8081, 1),
+    ]);
+    let (ignored, _) = drains
+        .post(ignoring("10.0.0.0/8,fd00::7"), StartedBy::Node)
+        .await
+        .expect("room");
+    for same in ["fd00::7,10.0.0.0/8", "10.0.0.0/8,fd00::7,10.0.0.0/8"] {
+        match drains.join(ignoring(same), StartedBy::Node).await {
+            Ok((membership, created)) => {
+                assert_eq!((membership.id(), created), (ignored.id, false), "{same}");
+            }
+            Err(problem) => panic!("{same}: {problem:?}"),
+        }
+    }
+    for other in ["10.0.0.0/8", "10.0.0.0/8,fd00::7,fd00::8"] {
+        assert!(
+            matches!(
+                drains.join(ignoring(other), StartedBy::Node).await,
+                Err(JoinError::Conflict(id, ref text)) if id == ignored.id && text == "a different ignore list"
+            ),
+            "{other}"
+        );
+    }
+}
+
+/// A `/drained` waiter whose caller controls the scope, asking with `timeout` and
+/// nothing else named (a stop hook's `wait --timeout`).
+fn plain_hook(timeout: Duration) -> waiter::Ask {
+    waiter::Ask {
+        spec: spec(timeout),
+        control: Some(StartedBy::Node),
+        peers: false,
+        share: None,
+    }
+}
+
+/// A short connection to 8080 opened now (the load balancer still sending).
+fn arrival_now(tracker: &Tracker) {
+    tracker.publish(crate::tracker::ConnectionEvent {
+        netns: 4_026_531_840,
+        addr: "127.0.0.1".parse().expect("ip"),
+        port: 8080,
+        remote: "10.0.0.9".parse().expect("ip"),
+        opened: true,
+        crossing: false,
+        at_ns: crate::tracker::monotonic_ns(),
+    });
+}
+
+/// A POSTed drain of 8080 with a quiet window and `timeout`.
+fn quiet_drain(quiet: Duration, timeout: Duration) -> DrainSpec {
+    let mut posted = spec(timeout);
+    posted.rule.quiet = quiet;
+    posted.given.quiet = true;
+    posted
+}
+
+/// Audit (joined waiters): a waiter that joined a drain in progress and named no `quiet`
+/// was judged by its own default (quiet 0) once its own deadline came first: a stop hook's
+/// `wait --timeout 1s` joining `POST /drain?quiet=2s` was answered 200 drained at its
+/// deadline (count 0) while the drain ran on, its quiet window not met (an arrival at
+/// 0.5 s). Settings it does not name are the drain's: 503, as for a hook naming quiet=2s.
+#[tokio::test(start_paused = true)]
+async fn a_joined_waiter_whose_deadline_comes_first_is_judged_by_the_drains_rule() {
+    let (_, tracker, drains) = registry(0);
+    let (posted, _) = drains
+        .post(
+            quiet_drain(Duration::from_secs(2), Duration::from_secs(600)),
+            StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    let hook = tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move { plain_hook(Duration::from_secs(1)).answer(&drains).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    arrival_now(&tracker);
+    let answer = hook.await.expect("task").expect("answer");
+    assert_eq!(answer.drain, Some(posted.id), "{answer:?}");
+    assert!(
+        !answer.outcome.drained,
+        "answered drained by its own quiet=0 while the drain's window was not met: {answer:?}"
+    );
+    assert_eq!(answer.outcome.waited, Duration::from_secs(1));
+    let (running, _) = drains.list();
+    assert_eq!(running.len(), 1, "the drain runs on: {running:?}");
+}
+
+/// Audit (joined waiters): a joined waiter whose drain ended without draining (its timeout)
+/// before the waiter's own deadline waits on as an observer, and did so by its own rule:
+/// named no `quiet`, it was answered drained at the first zero, right as the drain ended
+/// `timeout` for its quiet window. It waits by the drain's rule: no answer before the
+/// window, counted from then, is over.
+#[tokio::test(start_paused = true)]
+async fn a_joined_waiter_outliving_its_undrained_drain_keeps_the_drains_rule() {
+    let (_, tracker, drains) = registry(0);
+    let (posted, _) = drains
+        .post(
+            quiet_drain(Duration::from_secs(2), Duration::from_secs(2)),
+            StartedBy::Node,
+        )
+        .await
+        .expect("room");
+    let hook = tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move { plain_hook(Duration::from_secs(3)).answer(&drains).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    arrival_now(&tracker);
+    let record = drains
+        .wait_ended(&Filter::port(8080), Duration::from_secs(5))
+        .await
+        .expect("record");
+    assert_eq!(
+        (record.id, record.result),
+        (posted.id, Some(DrainEnd::Timeout))
+    );
+    let answer = hook.await.expect("task").expect("answer");
+    assert_eq!(answer.drain, Some(posted.id), "{answer:?}");
+    // 1 s was left after the drain's end, less than its 2 s quiet window.
+    assert!(
+        !answer.outcome.drained,
+        "answered drained by its own quiet=0 after the drain ended undrained: {answer:?}"
+    );
+    assert_eq!(answer.outcome.waited, Duration::from_secs(3));
 }
 
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P` and

@@ -97,6 +97,13 @@ impl From<WaitError> for Unanswered {
 }
 
 impl Ask {
+    /// A pure query (`timeout=0`): answered at once with the count, it starts, joins and
+    /// waits for nothing, and is counted apart from the waits
+    /// ([`crate::metrics::DrainResult::Query`]).
+    pub fn is_query(&self) -> bool {
+        self.spec.timeout.is_zero()
+    }
+
     /// The answer to this `/drained` request: its one wait. A client that hangs up drops
     /// this future, and with it the [`Membership`], whose drop ends a drain no one waits
     /// for any more.
@@ -131,14 +138,14 @@ impl Ask {
         };
         drop(slot);
         if self.peers && outcome.peers.is_empty() {
-            // A pure query asked for the list (a waiter's answer has it already).
+            // A pure query asked for the list (a waiter's answer has it already); a waiter
+            // that joined a drain lists by the rule it was judged by.
+            let rule = membership.as_ref().map_or_else(
+                || self.spec.rule.clone(),
+                |membership| membership.rule_for(&self.spec),
+            );
             tracker
-                .list_remaining(
-                    &self.spec.filter,
-                    &self.spec.rule,
-                    &mut outcome,
-                    REPORT_BUDGET,
-                )
+                .list_remaining(&self.spec.filter, &rule, &mut outcome, REPORT_BUDGET)
                 .await;
         }
         Ok(Answer {
@@ -156,7 +163,7 @@ impl Ask {
     /// fail). The same when the scope's drain has taken its verdict and is slow to end: the
     /// waiter waits on its own count, never that verdict.
     async fn member(&self, drains: &Arc<Drains>) -> Result<Joined, Unanswered> {
-        let Some(by) = self.control.filter(|_| !self.spec.timeout.is_zero()) else {
+        let Some(by) = self.control.filter(|_| !self.is_query()) else {
             return Ok(Joined::Unrecorded(None));
         };
         let why = match drains.join(self.spec.clone(), by).await {
@@ -182,7 +189,9 @@ enum Joined {
 /// the deadline and the final recount: a waiter whose deadline is the drain's (or later)
 /// gets the drain's outcome; one whose deadline comes first is answered then, with the
 /// count at that moment. A drain that ended without draining (its timeout, a cancel)
-/// before this waiter's own deadline leaves it waiting, as an observer, until then.
+/// before this waiter's own deadline leaves it waiting, as an observer, until then. Where
+/// it judges for itself it judges by the drain's rule, but for the settings it named
+/// ([`Membership::rule_for`]): never by its own defaults for what it left to the drain.
 async fn await_drain(
     tracker: &Tracker,
     spec: &DrainSpec,
@@ -218,19 +227,22 @@ async fn await_drain(
             Ok((waited(done.outcome.clone()), done.closed))
         }
         Some(_) => {
+            // The drain ended undrained: an observer's wait for the rest of this waiter's
+            // time, its quiet window counted from now.
+            let rule = membership.rule_for(spec);
             let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
-            let outcome = tracker
-                .wait_for_drain(&spec.filter, left, &spec.rule)
-                .await?;
+            let outcome = tracker.wait_for_drain(&spec.filter, left, &rule).await?;
             Ok((waited(outcome), None))
         }
         None => {
-            // This waiter's deadline came first: the count now, asked like any answer.
+            // This waiter's deadline came first: the count now, asked like any answer (a
+            // quiet window, counted from now, is not met: the drain runs on, undecided).
+            let rule = membership.rule_for(spec);
             let mut outcome = tracker
-                .wait_for_drain(&spec.filter, Duration::ZERO, &spec.rule)
+                .wait_for_drain(&spec.filter, Duration::ZERO, &rule)
                 .await?;
             tracker
-                .list_remaining(&spec.filter, &spec.rule, &mut outcome, ANSWER_LIST_BUDGET)
+                .list_remaining(&spec.filter, &rule, &mut outcome, ANSWER_LIST_BUDGET)
                 .await;
             Ok((waited(outcome), None))
         }

@@ -377,18 +377,23 @@ pub fn parse_drain_request(
         ));
     }
     let deprecated_settle = values.contains_key("settle");
+    let quiet_name = if deprecated_settle { "settle" } else { "quiet" };
     let quiet = match values.get("quiet").or_else(|| values.get("settle")) {
         None => Duration::ZERO,
-        Some(text) => {
-            let name = if deprecated_settle { "settle" } else { "quiet" };
-            parse_limited(name, text, limits.max_timeout)?
-        }
+        Some(text) => parse_limited(quiet_name, text, limits.max_timeout)?,
     };
-    if quiet > timeout && !timeout.is_zero() {
+    // A pure query (`timeout=0`) too: its window counts from the request, which it answers
+    // at once.
+    if quiet > timeout {
         return Err(ApiError::BadRequest(format!(
-            "quiet: {} is longer than the timeout {}, so the answer could only be 503",
+            "{quiet_name}: {} is longer than the timeout {}, so the answer could only be 503{}",
             format_duration(quiet),
-            format_duration(timeout)
+            format_duration(timeout),
+            if timeout.is_zero() {
+                " (timeout=0 answers at once: leave the quiet window out of a pure query)"
+            } else {
+                ""
+            }
         )));
     }
     let ignore = match values.get("ignore") {

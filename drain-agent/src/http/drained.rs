@@ -24,12 +24,13 @@ use crate::{
 
 pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Waiter) -> Response {
     let port = ask.spec.filter.port;
+    let query = ask.is_query();
     // A client that hangs up drops this future: the guard still records the request.
     let abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let answer = ask.answer(&state.drains).await;
     abandoned.disarm();
     let (result, problem) = match answer {
-        Ok(answer) => return render(&state.metrics, port, answer),
+        Ok(answer) => return render(&state.metrics, port, query, answer),
         Err(Unanswered::Conflict(id, difference)) => (
             DrainResult::Invalid,
             ApiError::Conflict(format!(
@@ -64,8 +65,10 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
     problem
 }
 
-/// A waiter's answer: recorded, and 200 or 503 with its body.
-fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
+/// A waiter's answer: recorded, and 200 or 503 with its body. A pure query's (`query`:
+/// `timeout=0`) is counted as one, drained or not, and is no wait: a hook's progress lines
+/// and a script's looks are neither drains that timed out nor waits of 0 s.
+fn render(metrics: &Metrics, port: u16, query: bool, answer: Answer) -> Response {
     let Answer {
         outcome,
         closed,
@@ -73,14 +76,18 @@ fn render(metrics: &Metrics, port: u16, answer: Answer) -> Response {
         shutdown,
         unrecorded,
     } = answer;
-    let result = if outcome.drained {
-        DrainResult::Drained
-    } else if shutdown {
-        DrainResult::AgentShutdown
+    if query {
+        metrics.drain_request(DrainResult::Query, None);
     } else {
-        DrainResult::Timeout
-    };
-    metrics.drain_request(result, Some(outcome.waited));
+        let result = if outcome.drained {
+            DrainResult::Drained
+        } else if shutdown {
+            DrainResult::AgentShutdown
+        } else {
+            DrainResult::Timeout
+        };
+        metrics.drain_request(result, Some(outcome.waited));
+    }
     let status = if outcome.drained {
         StatusCode::OK
     } else {

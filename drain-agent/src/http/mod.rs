@@ -42,6 +42,8 @@ pub struct AppState {
     pub drains: Arc<Drains>,
     /// Who may do what (`authority.rs`).
     pub authority: Arc<Authority>,
+    /// Whether the in-pod port's steering stopped for good (`pods/`): `/healthz` says so.
+    pub pod_steering: pods::SteeringStop,
     /// Whether `/healthz?ready=true` passes (`ready.rs`).
     pub ready: ready::Readiness,
 }

@@ -19,18 +19,24 @@ use crate::http::{
 };
 
 /// `200 ok`, `200 degraded` with the reasons (the agent serves, but some answers need the
-/// socket tables or say "unknown"), or `503` when the maps cannot be read; `kernel_limits`
-/// names the kernel's limits (every answer confirmed with the socket tables), whatever the
-/// status.
+/// socket tables or say "unknown", or the in-pod port is steered to it in no pod:
+/// [`SteeringStop`](crate::http::pods::SteeringStop)), or `503` when the maps cannot be
+/// read; `kernel_limits` names the kernel's limits (every answer confirmed with the socket
+/// tables), whatever the status.
 pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.tracker.check_health() {
         Ok(()) => {
             let doubts = state.tracker.health_doubts();
-            let reasons: Vec<String> = doubts
+            let mut reasons: Vec<String> = doubts
                 .iter()
                 .filter(|doubt| doubt.degrades_health())
                 .map(ToString::to_string)
                 .collect();
+            // Not a doubt about a count (`drain_agent_degraded` stays 0 for it): pods' hooks
+            // to the in-pod port are refused (`drain_agent_pod_listeners{state="stopped"}`).
+            if state.pod_steering.stopped() {
+                reasons.push(crate::http::pods::SteeringStop::REASON.to_owned());
+            }
             let status = if reasons.is_empty() { "ok" } else { "degraded" };
             let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
             if !reasons.is_empty() {

@@ -134,6 +134,7 @@ fn app_full(
         metrics,
         drains,
         authority: Arc::new(Authority { pods, owners }),
+        pod_steering: crate::http::pods::SteeringStop::default(),
         ready: crate::http::ready::Readiness::ready(),
     });
     (source, state)
@@ -501,6 +502,63 @@ async fn a_pure_query_lists_the_connections_only_when_asked() {
     assert!(lists() >= 2, "{}", lists());
 }
 
+/// `drain_agent_drain_requests_total` of `result` and `drain_agent_drain_wait_seconds_count`,
+/// as `/metrics` renders them now.
+fn drain_request_metrics(state: &Arc<AppState>, result: &str) -> (u64, u64) {
+    let metrics = state.metrics.render().expect("metrics");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a count in {metrics}"))
+    };
+    (
+        value(&format!(
+            "drain_agent_drain_requests_total{{result=\"{result}\"}}"
+        )),
+        value("drain_agent_drain_wait_seconds_count"),
+    )
+}
+
+/// Audit: every not-drained `/drained` answer was counted `result="timeout"` with a wait
+/// sample, pure queries (`timeout=0`) too. `drain-agent wait` sends one every `--progress`
+/// (5 s) and, waiting out, every second: one stop hook that waited 17 s for one connection
+/// counted three timeouts and one drained, `DrainAgentDrainsTimingOut` fired for drains
+/// that never timed out, and the wait histogram filled with zeros. A query is counted
+/// `result="query"`, drained or not, and is no wait.
+#[tokio::test(start_paused = true)]
+async fn a_pure_query_is_neither_a_timed_out_drain_nor_a_wait() {
+    let (source, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    // The queries of a hook's progress lines, and of a wait that waits out its timeout.
+    for uri in [
+        "/drained?port=8080&timeout=0",
+        "/drained?port=8080&timeout=0&peers=true",
+        "/drained?port=8080&timeout=0ms&peers=true",
+    ] {
+        let (status, body) = get(&state, uri).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+    }
+    assert_eq!(drain_request_metrics(&state, "timeout"), (0, 0));
+    assert_eq!(drain_request_metrics(&state, "query").0, 3);
+    // A real wait that runs out is one timeout and one wait.
+    let (status, _) = get(&state, "/drained?port=8080&timeout=1s").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(drain_request_metrics(&state, "timeout"), (1, 1));
+    // A query that finds the port drained is no drain either: the drained count (and the
+    // alert's share) is of the waits.
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    let (status, _) = get(&state, "/drained?port=8080&timeout=0").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drain_request_metrics(&state, "drained"), (0, 1));
+    assert_eq!(drain_request_metrics(&state, "query").0, 4);
+    let (status, _) = get(&state, "/drained?port=8080&timeout=5s").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(drain_request_metrics(&state, "drained"), (1, 2));
+    assert_eq!(drain_request_metrics(&state, "timeout").0, 1);
+}
+
 /// A close at the deadline that left connections open (here: the agent has no way to
 /// close, so nothing was closed) must not answer drained.
 #[tokio::test(start_paused = true)]
@@ -633,6 +691,54 @@ async fn bad_input_is_400_naming_the_parameter() {
     assert_eq!(body["active"], 1);
 }
 
+/// Audit (docs-lie): `quiet` longer than `timeout` is a 400 (README), but `timeout=0` was
+/// let through: `/drained?port=8080&timeout=0&quiet=5s` was accepted and could only answer
+/// 503 (its window counts from the request, which is answered at once), with nothing
+/// drained or not about it. Now it is refused naming `quiet`, as for any other timeout; a
+/// pure query with no quiet window (what `wait` polls with) is still answered.
+#[tokio::test]
+async fn a_quiet_window_on_a_pure_query_is_refused_naming_quiet() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 0)]);
+    for (method, uri, expected) in [
+        ("GET", "/drained?port=8080&timeout=0&quiet=5s", "quiet: 5s"),
+        (
+            "GET",
+            "/drained?port=8080&quiet=1ms&timeout=0",
+            "quiet: 1ms",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=0ms&settle=5s",
+            "settle: 5s",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=0&quiet=5s&peers=true",
+            "quiet: 5s",
+        ),
+        ("POST", "/drain?port=8080&timeout=0&quiet=5s", "quiet: 5s"),
+    ] {
+        let (status, body) = request(&state, method, uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(expected) && message.contains("could only be 503"),
+            "{method} {uri}: {message}"
+        );
+    }
+    // Nothing was started, and a pure query without a window is answered.
+    assert!(state.drains.list().0.is_empty());
+    for uri in [
+        "/drained?port=8080&timeout=0",
+        "/drained?port=8080&timeout=0&quiet=0s",
+        "/drained?port=8080&timeout=0&peers=true&idle=1s",
+    ] {
+        let (status, body) = get(&state, uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(body["drained"], true, "{uri}: {body}");
+    }
+}
+
 /// `addr=0.0.0.0` (or `::`, a multicast or the broadcast address) names no connection's
 /// local address: the count at it is always 0, so `/drained` answered 200 drained at once
 /// with clients connected, and a drain with `on_timeout=close` closed nothing. Such an
@@ -703,6 +809,7 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
         metrics: Arc::clone(&app_state.metrics),
         drains: Arc::clone(&app_state.drains),
         authority: Arc::clone(&app_state.authority),
+        pod_steering: app_state.pod_steering.clone(),
         ready: ready.clone(),
     });
     let readiness = format!("/healthz?{READY_QUERY}");

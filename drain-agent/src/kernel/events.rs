@@ -10,7 +10,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use drain_agent_common::{ConnEvent, ConnKey, crossing, event_kind};
 
 use super::{KernelMaps, maps::key_addr, parse_event};
-use crate::tracker::{ConnectionEvent, Tracker};
+use crate::tracker::{ConnectionEvent, Tracker, Vouch as _};
 
 /// The kernel's record, in the tracker's terms.
 fn connection_event(event: &ConnEvent) -> ConnectionEvent {
@@ -45,7 +45,7 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
             return;
         }
     };
-    let mut lost_seen = maps.lost_events();
+    let mut lost_seen = maps.lost_events().unwrap_or_default();
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -74,11 +74,10 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
                 guard.clear_ready();
             }
             _ = lost_check.tick() => {
-                let lost = maps.lost_events();
-                if lost > lost_seen {
+                if let Ok(lost) = maps.lost_events() && lost > lost_seen {
                     warn!("{} wake-up events were lost (ring buffer full); waking every waiter", lost - lost_seen);
                     lost_seen = lost;
-                    tracker.events_lost();
+                    tracker.events_lost(lost);
                 }
             }
         }

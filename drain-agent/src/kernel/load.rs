@@ -27,6 +27,7 @@ use super::{
     pin::{Adoptable, PinDir, Publication},
     pod::load_pod_seeder,
     prealloc, rcu,
+    reclaimed::Reclaimed,
     shared_pass::SharedPasses,
     steer,
     version::{self, warn_of_old_kernel},
@@ -212,6 +213,12 @@ impl Kernel {
             .filter(|(name, _)| name.starts_with('.'))
             .count();
 
+        // Adopted with the counts, or new with them.
+        let reclaimed = match adopt {
+            Some(found) => Reclaimed::adopt(&found.dir)?,
+            None => Reclaimed::new(options.max_endpoints)?,
+        };
+
         let (attach, handler, handler_link) = match adopt {
             Some(found) => {
                 // The pinned link keeps the earlier agent's handler attached and counting
@@ -238,7 +245,10 @@ impl Kernel {
             (Some(link), None) if options.pin_dir.is_some() => {
                 match pin::check_handler_maps(handler.as_fd(), &shared_ids, data_maps) {
                     Ok(()) => Some(Publication {
-                        maps: shared_maps,
+                        maps: shared_maps
+                            .into_iter()
+                            .chain([(pin::RECLAIMED, reclaimed.map_fd()?)])
+                            .collect(),
                         handler: handler
                             .try_clone()
                             .context("cannot duplicate the handler's fd")?,
@@ -321,7 +331,7 @@ impl Kernel {
             handler_skipped: AtomicU64::new(0),
             vouched: Mutex::default(),
             walks: AtomicU64::new(0),
-            reclaimed: Mutex::default(),
+            reclaimed: Mutex::new(reclaimed),
             no_walker: walker_problem.is_some(),
             not_seeded: options.no_seed,
             adopted: adopt.is_some(),

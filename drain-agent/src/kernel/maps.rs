@@ -20,6 +20,7 @@ use drain_agent_common::{
 
 use super::{
     AttachMethod,
+    reclaimed::Reclaimed,
     shared_pass::SharedPasses,
     version::{KernelVersion, old_kernel_doubts},
 };
@@ -58,8 +59,9 @@ pub struct KernelMaps {
     pub(super) vouched: Mutex<Vouched>,
     /// Walks completed.
     pub(super) walks: AtomicU64,
-    /// Totals of reclaimed endpoints, by port (their counters left the kernel map).
-    pub(super) reclaimed: Mutex<StdHashMap<u16, Reclaimed>>,
+    /// What reclaimed endpoints counted (their counters left the kernel map), pinned with
+    /// the counting state. Held by a reclaim from its first delete to its last fold.
+    pub(super) reclaimed: Mutex<Reclaimed>,
     /// This kernel cannot walk the open sockets.
     pub(super) no_walker: bool,
     /// Connections open before start were not counted (`--no-seed`).
@@ -82,15 +84,6 @@ pub struct KernelMaps {
     pub(super) own_bound: Mutex<BTreeMap<(u32, u16), SocketAddr>>,
     /// [`KernelMaps::own_port_shared`]'s passes, one at a time per own listener.
     pub(super) own_port_passes: SharedPasses<(u32, SocketAddr), Result<bool, String>>,
-}
-
-/// The counters of endpoints that were reclaimed, summed per port.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reclaimed {
-    pub opened: u64,
-    pub closed: u64,
-    pub last_change_ns: u64,
-    pub endpoints: u64,
 }
 
 /// The error counters and skipped runs at one instant, and the per-port `lost` counters
@@ -147,12 +140,6 @@ impl KernelMaps {
         Ok(counts)
     }
 
-    /// Ring-buffer records the kernel could not write (the buffer was full) so far.
-    pub fn lost_events(&self) -> u64 {
-        self.error_count(error_index::EVENT_LOST)
-            .unwrap_or_default()
-    }
-
     /// Passive opens so far that found their socket's address held by the entry of a dead
     /// socket whose close was skipped (each such connection is untracked until a walk).
     pub fn addresses_taken(&self) -> Result<u64> {
@@ -187,20 +174,16 @@ impl KernelMaps {
         // Read without holding `vouched`: every waiter's pass reads it, and 65,536 lookups
         // take long enough under load to make them late (a CI run saw answers 1 s late).
         // Only the walker takes snapshots, so no other writer races this one.
-        if lost_in_all > 0 && read_at != Some(lost_in_all) {
-            let mut lost = StdHashMap::new();
-            for port in 1..PORT_COUNT {
-                let totals = self
-                    .port_totals
-                    .get(&port, 0)
-                    .context("cannot read the port totals")?;
-                if totals.lost > 0 {
-                    lost.insert(u16::try_from(port).unwrap_or(u16::MAX), totals.lost);
-                }
-            }
+        if let Some((lost, read_at)) = read_lost_if_moved(lost_in_all, read_at, |port| {
+            Ok(self
+                .port_totals
+                .get(&port, 0)
+                .context("cannot read the port totals")?
+                .lost)
+        })? {
             let mut vouched = self.vouched();
             vouched.lost = lost;
-            vouched.lost_read_at = Some(lost_in_all);
+            vouched.lost_read_at = Some(read_at);
         }
         Ok(Snapshot {
             skipped,
@@ -327,6 +310,36 @@ impl KernelMaps {
 fn lost_in_all(errors: &[u64; error_index::COUNT as usize]) -> u64 {
     errors[error_index::SOCKET_MAP_FULL as usize]
         .saturating_add(errors[error_index::ADDRESS_TAKEN as usize])
+}
+
+/// The ports' `lost` counts read one by one (`port_lost`), when the connections lost in all
+/// (`lost_in_all`, from `ERRORS`) moved since they were last read (`read_at`); with the sum of
+/// what was read, the `read_at` of the next snapshot.
+///
+/// The handler adds to `ERRORS` first and to the port's `lost` after (`lose_connection`), so
+/// a read between its two adds finds the port one short of `lost_in_all`. Keeping
+/// `lost_in_all` as `read_at` then kept that short map for good (every later snapshot found
+/// nothing moved), and the port's live `lost`, one above it, doubted its answers until some
+/// other connection was lost. The sum of what was read is short too, so the next snapshot
+/// reads again.
+fn read_lost_if_moved(
+    lost_in_all: u64,
+    read_at: Option<u64>,
+    port_lost: impl Fn(u32) -> Result<u64>,
+) -> Result<Option<(StdHashMap<u16, u64>, u64)>> {
+    if lost_in_all == 0 || read_at == Some(lost_in_all) {
+        return Ok(None);
+    }
+    let mut lost = StdHashMap::new();
+    let mut sum = 0_u64;
+    for port in 1..PORT_COUNT {
+        let count = port_lost(port)?;
+        if count > 0 {
+            lost.insert(u16::try_from(port).unwrap_or(u16::MAX), count);
+            sum = sum.saturating_add(count);
+        }
+    }
+    Ok(Some((lost, sum)))
 }
 
 /// The namespaces a filter covers, with a path to enter each. The one namespace it names
@@ -570,6 +583,30 @@ pub fn key_addr(key: &ConnKey) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Audit (kernel counts): a snapshot read between the handler's two adds (`ERRORS`, then
+    /// the port's `lost`) found port 8080 one short, and remembered `ERRORS`' total as read:
+    /// the next snapshots never read the ports again, and 8080's answers stayed doubted.
+    #[test]
+    fn a_port_read_short_of_the_total_is_read_again() {
+        let short = |_port: u32| Ok(0);
+        let (lost, read_at) = read_lost_if_moved(1, None, short)
+            .expect("read")
+            .expect("moved: read");
+        assert!(lost.is_empty());
+        // The handler's second add lands; nothing else was lost.
+        let complete = |port: u32| Ok(u64::from(port == 8080));
+        let again = read_lost_if_moved(1, Some(read_at), complete)
+            .expect("read")
+            .expect("the short read is read again");
+        assert_eq!(again, (StdHashMap::from([(8080, 1)]), 1));
+        // Read complete: nothing to read until something else is lost.
+        assert!(
+            read_lost_if_moved(1, Some(again.1), complete)
+                .expect("read")
+                .is_none()
+        );
+    }
 
     fn at(addr: &str) -> SocketAddr {
         addr.parse().expect("address")

@@ -16,6 +16,7 @@ mod prealloc;
 mod raw;
 mod rcu;
 pub mod reclaim;
+mod reclaimed;
 pub mod reuseport;
 mod shared_pass;
 mod source;

@@ -1,7 +1,7 @@
 //! The one door to the raw `bpf()` syscall, for what aya 0.14 does not offer: programs the
 //! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
 //! once, and these are a few instructions each, built at run time), `pin/`'s pins and
-//! object lookups, and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
+//! object lookups, a map of the agent's own outside the object (`reclaimed.rs`), and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
 //! runs), and which `sk_lookup` programs a namespace has (`steer.rs`,
 //! `BPF_PROG_QUERY`). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
 use anyhow::{Context as _, Result, bail};
 use aya_obj::generated::{
-    bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_info, bpf_prog_info, bpf_prog_type,
+    bpf_attach_type, bpf_attr, bpf_cmd, bpf_map_info, bpf_map_type, bpf_prog_info, bpf_prog_type,
 };
 
 /// A kernel struct for which all-zero bytes are a valid value.
@@ -98,6 +98,34 @@ pub(super) fn prog_info(fd: BorrowedFd<'_>, map_ids: &mut [u32]) -> Result<bpf_p
     }
     obj_info(fd, &mut info)?;
     Ok(info)
+}
+
+/// What a map made by [`map_create`] is.
+pub(super) struct MapKind {
+    pub map_type: bpf_map_type,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+    /// For `bpftool map` (under 16 bytes).
+    pub name: &'static [u8],
+}
+
+/// `BPF_MAP_CREATE` of a map no program uses (`reclaimed.rs`).
+pub(super) fn map_create(kind: &MapKind) -> Result<OwnedFd> {
+    anyhow::ensure!(kind.name.len() < 16, "map name too long");
+    let mut map_name = [0 as libc::c_char; 16];
+    for (to, from) in map_name.iter_mut().zip(kind.name.iter()) {
+        *to = *from as libc::c_char;
+    }
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_1.map_type = kind.map_type as u32;
+    attr.__bindgen_anon_1.key_size = kind.key_size;
+    attr.__bindgen_anon_1.value_size = kind.value_size;
+    attr.__bindgen_anon_1.max_entries = kind.max_entries;
+    attr.__bindgen_anon_1.map_flags = kind.flags;
+    attr.__bindgen_anon_1.map_name = map_name;
+    bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")
 }
 
 /// What to load: the program's type, expected attach type and name (for `bpftool prog`).

@@ -16,13 +16,18 @@
 //! space into the map instead (or deleting without the grace period) could let an open add
 //! to an element that is already freed and reused by another key: a count silently too low.
 
-use std::{collections::HashMap as StdHashMap, sync::PoisonError, time::Duration};
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    net::IpAddr,
+    sync::PoisonError,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use drain_agent_common::{ConnKey, watched_bit};
 use log::debug;
 
-use super::{Kernel, rcu::grace_period};
+use super::{Kernel, maps::key_addr, rcu::grace_period};
 use crate::tracker::monotonic_ns;
 
 /// An endpoint at zero for this long is reclaimed.
@@ -84,11 +89,15 @@ impl Kernel {
         // 3. Delete the entries still at zero (only if the wait really happened).
         let mut report = ReclaimReport::default();
         if waited.is_ok() {
+            // Held from the first delete to the last fold: a scrape sees each endpoint's
+            // totals in the endpoint or in the reclaimed totals, never in both or neither
+            // (`Tracker::counters`).
             let mut reclaimed = self
                 .maps
                 .reclaimed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            let mut gone = Vec::new();
             for key in &marked {
                 let Ok(counts) = self.counts.get(key, 0) else {
                     continue;
@@ -98,12 +107,23 @@ impl Kernel {
                     continue;
                 }
                 if self.counts.remove(key).is_ok() {
-                    let totals = reclaimed.entry(key.port).or_default();
-                    totals.opened += counts.opened;
-                    totals.closed += counts.closed;
-                    totals.last_change_ns = totals.last_change_ns.max(counts.last_change_ns);
-                    totals.endpoints += 1;
+                    gone.push((*key, counts));
+                }
+            }
+            if !gone.is_empty() {
+                // An address's series keeps a reclaimed endpoint's totals while another
+                // endpoint (another namespace's) has its port and address; with the last
+                // one it ends. Unread: kept (dropped by a later round).
+                let live = self.live_addresses();
+                for (key, counts) in &gone {
+                    let kept = live
+                        .as_ref()
+                        .is_none_or(|live| live.contains(&(key.port, key_addr(key))));
+                    reclaimed.fold(key, counts, kept);
                     report.reclaimed += 1;
+                }
+                if let Some(live) = &live {
+                    reclaimed.keep_addresses(live);
                 }
             }
         }
@@ -137,6 +157,14 @@ impl Kernel {
                 .context("retiring bitmap")?;
         }
         Ok(())
+    }
+
+    /// The ports and addresses endpoints have now (`None`: the map could not be read).
+    fn live_addresses(&self) -> Option<HashSet<(u16, IpAddr)>> {
+        self.counts
+            .keys()
+            .map(|key| key.ok().map(|key| (key.port, key_addr(&key))))
+            .collect()
     }
 
     /// Keys being reclaimed now (for tests).

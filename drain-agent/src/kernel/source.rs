@@ -19,7 +19,7 @@ use crate::{
     doubt::Doubt,
     drain_rule::Peer,
     sys::{netns, sockdiag},
-    tracker::{Counts, Endpoint, Filter, PortState, Stats, Vouch, monotonic_ns},
+    tracker::{Counts, Endpoint, Filter, PortState, ReclaimedTotals, Stats, Vouch, monotonic_ns},
 };
 
 impl Counts for KernelMaps {
@@ -56,8 +56,7 @@ impl Counts for KernelMaps {
         self.reclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&port)
-            .map_or(0, |totals| totals.last_change_ns)
+            .last_change(port)
     }
 
     fn watch_port(&self, port: u16, watched: bool) -> Result<()> {
@@ -165,11 +164,12 @@ impl Counts for KernelMaps {
             let idle_ms = socket.info.as_ref().map_or(0, |info| {
                 u64::from(info.last_data_recv_ms.min(info.last_data_sent_ms))
             });
-            // Received more recently than sent: a request read and not answered yet.
+            // A request read and not answered yet (received, and nothing sent since or ever;
+            // what is left undecided is told at `TcpInfoSummary::awaiting_reply`).
             let awaiting_reply = socket
                 .info
                 .as_ref()
-                .is_some_and(|info| info.last_data_recv_ms < info.last_data_sent_ms);
+                .is_some_and(sockdiag::TcpInfoSummary::awaiting_reply);
             let age_ms = started
                 .filter(|started| **started != STARTED_UNKNOWN)
                 .map(|started| now_ns.saturating_sub(*started) / 1_000_000);
@@ -243,6 +243,10 @@ impl Vouch for KernelMaps {
     fn skipped_runs(&self) -> u64 {
         self.handler_skipped_runs().unwrap_or(0)
     }
+
+    fn lost_events(&self) -> Result<u64> {
+        self.error_count(error_index::EVENT_LOST)
+    }
 }
 
 impl Stats for KernelMaps {
@@ -291,13 +295,11 @@ impl Stats for KernelMaps {
         ])
     }
 
-    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
+    fn reclaimed_totals(&self) -> ReclaimedTotals {
         self.reclaimed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(port, totals)| (*port, totals.opened, totals.closed))
-            .collect()
+            .totals()
     }
 }
 

@@ -29,11 +29,11 @@ const ACTIVE: (&str, &str) = (
 );
 const OPENED: (&str, &str) = (
     "drain_agent_connections_opened_total",
-    "Inbound TCP connections opened (or found open by a walk) since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
+    "Inbound TCP connections opened (or found open by a walk) since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
 );
 const CLOSED: (&str, &str) = (
     "drain_agent_connections_closed_total",
-    "Inbound TCP connections closed since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; a series without addr holds idle endpoints' reclaimed totals.",
+    "Inbound TCP connections closed since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
 );
 const DURATION: (&str, &str) = (
     "drain_agent_connection_duration_seconds",
@@ -112,8 +112,8 @@ impl ConnectionCollector {
 }
 
 /// One series of the connection metrics: a port and, labelled by address, the local
-/// address (`None`: what no address can be given: connections counted for their port
-/// only, reclaimed endpoints' totals; with port labels only, the whole port).
+/// address (`None`: what no address can be given: connections open now that are counted
+/// for their port only; with port labels only, the whole port).
 type SeriesKey = (u16, Option<IpAddr>);
 
 /// Totals of one series, summed over the namespaces (and, by port, the addresses) in it.
@@ -166,7 +166,7 @@ impl Collector for ConnectionCollector {
 
         // A scrape that cannot read the kernel shows no connection metrics rather than
         // wrong ones; /healthz says why.
-        let Ok(endpoints) = self.tracker.snapshot() else {
+        let Ok((endpoints, reclaimed)) = self.tracker.counters() else {
             return families;
         };
         let by_address = self.labels == ConnectionLabels::Address;
@@ -185,17 +185,30 @@ impl Collector for ConnectionCollector {
             totals.opened += endpoint.opened;
             totals.closed += endpoint.closed;
         }
-        // Endpoints reclaimed after going idle keep their totals here, by port only.
-        for (port, opened, closed) in self.tracker.reclaimed_totals() {
-            if self.exported(port) {
-                let totals = series.entry((port, None)).or_default();
-                totals.opened += opened;
-                totals.closed += closed;
+        // What reclaimed endpoints counted stays in the series that showed it, so that no
+        // counter goes down: by port, the port's; by address, the address's while an
+        // endpoint (of another namespace) still has it. Never in another series: one that
+        // took a reclaimed address's totals would jump by counts already reported.
+        if by_address {
+            for ((port, addr), counted) in &reclaimed.by_address {
+                if let Some(totals) = series.get_mut(&(*port, Some(*addr))) {
+                    totals.opened += counted.opened;
+                    totals.closed += counted.closed;
+                }
+            }
+        } else {
+            for (port, counted) in &reclaimed.by_port {
+                if self.exported(*port) {
+                    let totals = series.entry((*port, None)).or_default();
+                    totals.opened += counted.opened;
+                    totals.closed += counted.closed;
+                }
             }
         }
         // The port totals are exact even for connections counted for their port only (the
         // endpoint map was full): by port they replace the sum, by address what no endpoint
-        // holds goes to the port's series without an address, so a sum by port stays exact.
+        // holds goes to the port's series without an address, so a sum by port of the
+        // active connections stays exact.
         let ports: std::collections::BTreeSet<u16> = series.keys().map(|(port, _)| *port).collect();
         for port in ports {
             let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(port)) else {
@@ -219,26 +232,30 @@ impl Collector for ConnectionCollector {
             labels
         };
         let per_port = |value: fn(&PortTotals) -> u64,
-                        make: fn(&[(&str, String)], f64) -> proto::Metric| {
+                        make: fn(&[(&str, String)], f64) -> proto::Metric,
+                        counted: bool| {
             series
                 .iter()
+                // By address, the series without one holds connections open now that are
+                // counted for their port only: it has no opened or closed to count.
+                .filter(|((_, addr), _)| !(counted && by_address && addr.is_none()))
                 .map(|(key, totals)| make(&labels(key), value(totals) as f64))
                 .collect::<Vec<_>>()
         };
         families.push(family(
             ACTIVE,
             MetricType::GAUGE,
-            per_port(|t| t.active, gauge),
+            per_port(|t| t.active, gauge, false),
         ));
         families.push(family(
             OPENED,
             MetricType::COUNTER,
-            per_port(|t| t.opened, counter),
+            per_port(|t| t.opened, counter, true),
         ));
         families.push(family(
             CLOSED,
             MetricType::COUNTER,
-            per_port(|t| t.closed, counter),
+            per_port(|t| t.closed, counter, true),
         ));
         families.push(family(
             TRACKED,

@@ -49,7 +49,7 @@ impl Metrics {
         let drain_requests = IntCounterVec::new(
             Opts::new(
                 "drain_agent_drain_requests_total",
-                "/drained requests answered, by result: drained, timeout, invalid (bad input), rejected (429: too many waiters, or every connection busy), error.",
+                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown.",
             ),
             &["result"],
         )?;
@@ -61,7 +61,7 @@ impl Metrics {
         let drain_wait_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "drain_agent_drain_wait_seconds",
-                "How long /drained requests waited before answering.",
+                "How long /drained waits (a timeout above 0) waited before answering; queries (timeout=0) are not waits.",
             )
             .buckets(vec![
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -92,7 +92,7 @@ impl Metrics {
         })
     }
 
-    /// Counts a `/drained` answer; `waited` only for answered waits.
+    /// Counts a `/drained` answer; `waited` only for answered waits (never a query's).
     pub fn drain_request(&self, result: DrainResult, waited: Option<Duration>) {
         self.drain_requests
             .with_label_values(&[result.label()])
@@ -182,8 +182,14 @@ impl Metrics {
 /// How a `/drained` request ended: the `result` label of `drain_agent_drain_requests_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DrainResult {
+    /// A wait (a timeout above 0) answered drained.
     Drained,
+    /// A wait whose timeout passed before its port drained.
     Timeout,
+    /// A pure query (`timeout=0`: a progress line, a script's look), answered at once,
+    /// drained or not. Not a drain and not a wait: no `drain_wait_seconds` sample, and
+    /// neither `drained` nor `timeout`, whose share the alerts and dashboards read.
+    Query,
     /// Bad input (4xx).
     Invalid,
     /// Too many waiters (429).
@@ -197,9 +203,10 @@ pub enum DrainResult {
 }
 
 impl DrainResult {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Drained,
         Self::Timeout,
+        Self::Query,
         Self::Invalid,
         Self::Rejected,
         Self::Error,
@@ -211,6 +218,7 @@ impl DrainResult {
         match self {
             Self::Drained => "drained",
             Self::Timeout => "timeout",
+            Self::Query => "query",
             Self::Invalid => "invalid",
             Self::Rejected => "rejected",
             Self::Error => "error",
@@ -393,6 +401,158 @@ mod tests {
         );
         let line = format!("drain_agent_scope_drains_total{{{scope},result=\"timeout\"}} 1");
         assert!(text.contains(&line), "{line}:\n{text}");
+    }
+
+    /// The opened and closed counters of a render, by series (name and labels as rendered).
+    fn counters(text: &str) -> std::collections::BTreeMap<String, f64> {
+        text.lines()
+            .filter(|line| {
+                line.starts_with("drain_agent_connections_opened_total")
+                    || line.starts_with("drain_agent_connections_closed_total")
+            })
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Renders `metrics`' counters, checking that no series shown in `before` as well went
+    /// down (Prometheus reads a decrease as a reset: the whole value as new increase).
+    fn counters_after(
+        metrics: &Metrics,
+        before: &std::collections::BTreeMap<String, f64>,
+    ) -> std::collections::BTreeMap<String, f64> {
+        let after = counters(&metrics.render().expect("render"));
+        for (series, value) in &after {
+            if let Some(was) = before.get(series) {
+                assert!(value >= was, "{series} went down from {was} to {value}");
+            }
+        }
+        after
+    }
+
+    /// An endpoint with no connection open that had `total` (opened and closed).
+    fn idle(addr: &str, port: u16, total: u64) -> crate::tracker::Endpoint {
+        let mut endpoint = endpoint(addr, port, 0);
+        endpoint.opened = total;
+        endpoint.closed = total;
+        endpoint
+    }
+
+    /// Audit: a reclaimed endpoint's totals went to its port's series without `addr`, so
+    /// that series jumped by the pod's whole lifetime count in one scrape (a spike of
+    /// `sum by (port) (rate(...))`: counts its own series had reported already). Now the
+    /// address's series goes (no endpoint has it: Prometheus marks it stale) and its totals
+    /// show nowhere else.
+    #[test]
+    fn a_reclaimed_address_leaves_its_series_and_adds_nothing_to_the_port_series() {
+        let (source, metrics) = labelled(None, ConnectionLabels::Address);
+        let gone = idle("10.0.0.1", 8080, 500);
+        source.set(vec![gone.clone(), endpoint("10.0.0.2", 8080, 2)]);
+        let before = counters(&metrics.render().expect("render"));
+        assert_eq!(
+            before.get("drain_agent_connections_opened_total{port=\"8080\",addr=\"10.0.0.1\"}"),
+            Some(&500.0),
+            "{before:?}"
+        );
+        source.reclaim(&gone);
+        let after = counters_after(&metrics, &before);
+        assert!(
+            !after.keys().any(|series| series.contains("10.0.0.1")),
+            "{after:?}"
+        );
+        for family in [
+            "drain_agent_connections_opened_total",
+            "drain_agent_connections_closed_total",
+        ] {
+            let port_only = format!("{family}{{port=\"8080\"}}");
+            let (was, now) = (
+                before.get(&port_only).copied().unwrap_or(0.0),
+                after.get(&port_only).copied().unwrap_or(0.0),
+            );
+            assert!(
+                now <= was,
+                "{port_only} grew from {was} to {now} by totals 10.0.0.1 had reported: {after:?}"
+            );
+        }
+    }
+
+    /// Audit: endpoints that share an address in several namespaces (127.0.0.1 in every pod)
+    /// are one series, and reclaiming one of them took its totals out of that series: it
+    /// went down, and Prometheus counted the whole rest as new. Now the series keeps them
+    /// while an endpoint has its address, and loses them (bounded) with its last endpoint.
+    #[test]
+    fn reclaiming_one_namespaces_endpoint_keeps_a_shared_address_whole() {
+        let (source, metrics) = labelled(None, ConnectionLabels::Address);
+        let shared = "drain_agent_connections_opened_total{port=\"8080\",addr=\"127.0.0.1\"}";
+        let quiet = idle("127.0.0.1", 8080, 300);
+        let mut busy = endpoint("127.0.0.1", 8080, 1);
+        busy.netns += 1;
+        source.set(vec![quiet.clone(), busy.clone()]);
+        let before = counters(&metrics.render().expect("render"));
+        assert_eq!(before.get(shared), Some(&301.0), "{before:?}");
+        source.reclaim(&quiet);
+        let after = counters_after(&metrics, &before);
+        assert_eq!(after.get(shared), Some(&301.0), "{after:?}");
+        assert!(
+            !after.contains_key("drain_agent_connections_opened_total{port=\"8080\"}"),
+            "{after:?}"
+        );
+        // It counts on from there.
+        busy.opened += 2;
+        source.set(vec![busy.clone()]);
+        let later = counters_after(&metrics, &after);
+        assert_eq!(later.get(shared), Some(&303.0), "{later:?}");
+        // The last endpoint of the address goes: so does the series, and what it carried.
+        source.reclaim(&busy);
+        let gone = counters_after(&metrics, &later);
+        assert!(gone.is_empty(), "{gone:?}");
+        // A new endpoint there (a reused address) starts afresh, not from the old totals.
+        source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+        let again = counters(&metrics.render().expect("render"));
+        assert_eq!(again.get(shared), Some(&1.0), "{again:?}");
+    }
+
+    /// By port, the port's series holds every reclaimed endpoint's totals: it never goes
+    /// down when one is reclaimed.
+    #[test]
+    fn by_port_the_series_keeps_reclaimed_totals() {
+        let (source, metrics) = labelled(None, ConnectionLabels::Port);
+        let quiet = idle("10.0.0.1", 8080, 40);
+        source.set(vec![quiet.clone(), endpoint("10.0.0.2", 8080, 2)]);
+        let series = "drain_agent_connections_opened_total{port=\"8080\"}";
+        let before = counters(&metrics.render().expect("render"));
+        assert_eq!(before.get(series), Some(&42.0), "{before:?}");
+        source.reclaim(&quiet);
+        let after = counters_after(&metrics, &before);
+        assert_eq!(after.get(series), Some(&42.0), "{after:?}");
+    }
+
+    /// A reclaim between a scrape's read of the endpoints and its read of the reclaimed
+    /// totals would count the endpoint twice in that scrape (and the next one would go
+    /// down): the two are read together.
+    #[test]
+    fn a_reclaim_during_a_scrape_is_not_counted_twice() {
+        for labels in [ConnectionLabels::Port, ConnectionLabels::Address] {
+            let (source, metrics) = labelled(None, labels);
+            let quiet = idle("127.0.0.1", 8080, 40);
+            let mut busy = endpoint("127.0.0.1", 8080, 2);
+            busy.netns += 1;
+            source.set(vec![quiet.clone(), busy]);
+            *source.after_next_read.lock().expect("lock") =
+                Some(Box::new(move |source: &FakeSource| source.reclaim(&quiet)));
+            let during = counters(&metrics.render().expect("render"));
+            assert!(
+                during.values().all(|value| *value <= 42.0),
+                "{labels:?}: {during:?}"
+            );
+            let after = counters_after(&metrics, &during);
+            assert!(
+                after.values().any(|value| *value == 42.0),
+                "{labels:?}: {after:?}"
+            );
+        }
     }
 
     #[test]

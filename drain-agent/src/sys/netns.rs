@@ -229,37 +229,106 @@ impl std::fmt::Display for IncompleteScan {
 
 impl std::error::Error for IncompleteScan {}
 
-/// Whose user namespace owns a network namespace: whether its addresses may name a pod.
+/// The network namespaces pinned by a name under [`NAMED_NETNS_DIR`] (a bind mount of the
+/// namespace on a file there: `ip netns add`, a CRI runtime's pod sandbox), by inode, with
+/// the name, as listed when read. Only root of the node mounts there (a container may not
+/// mount into the node's mount namespace, and the directory is root's), so a pin says that
+/// the node's root made or keeps the namespace, which a container cannot say of one it made
+/// itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pins(BTreeMap<u32, PathBuf>);
+
+impl Pins {
+    /// The pins under [`NAMED_NETNS_DIR`] now; an [`IncompleteScan`] when it cannot be
+    /// listed. A name that cannot be opened (gone meanwhile, nothing mounted on it yet) or
+    /// is no namespace file pins nothing; a symbolic link there pins nothing either (only
+    /// a mount is root's word; a link could name any namespace).
+    pub fn read() -> Result<Self> {
+        let mut pins = BTreeMap::new();
+        for (_, path) in named_namespace_files()? {
+            match pinned_inode(&path) {
+                Ok(Some(inode)) => {
+                    pins.insert(inode, path);
+                }
+                Ok(None) => log::debug!("{} pins no namespace", path.display()),
+                Err(problem) => log::debug!("{} pins no namespace: {problem}", path.display()),
+            }
+        }
+        Ok(Self(pins))
+    }
+
+    /// Whether the namespace `inode` was pinned when these pins were read.
+    pub fn contains(&self, inode: u32) -> bool {
+        self.0.contains_key(&inode)
+    }
+
+    /// Whether the namespace `inode`, which the caller holds open, is pinned: its name, read
+    /// earlier, names it still. An inode is given to one live namespace at a time, and the
+    /// caller's is alive: the name is then a pin of that very namespace, not of an earlier
+    /// one whose inode the kernel gave it (a deleted pod's).
+    fn pin_holds(&self, inode: u32) -> bool {
+        self.0
+            .get(&inode)
+            .is_some_and(|path| matches!(pinned_inode(path), Ok(Some(found)) if found == inode))
+    }
+}
+
+/// The inode of the namespace mounted on `path`, `None` when it is no namespace file (a
+/// file with nothing mounted on it, a symbolic link: not followed).
+fn pinned_inode(path: &Path) -> std::io::Result<Option<u32>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let stat = rustix::fs::fstatfs(&file).map_err(std::io::Error::from)?;
+    if stat.f_type as u64 != NSFS_MAGIC {
+        return Ok(None);
+    }
+    Ok(u32::try_from(file.metadata()?.ino()).ok())
+}
+
+/// Whose user namespace owns a network namespace, and whether root of the node pinned it
+/// ([`Pins`]): whether its addresses may name a pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserOwner {
     /// The agent's own user namespace: the initial one (the agent loads BPF programs, which
-    /// needs capabilities there). Pods with the host's users, `ip netns add`.
+    /// needs capabilities there). Pods with the host's users, `ip netns add`. Only root of
+    /// the node makes one (`CAP_SYS_ADMIN` in the initial user namespace).
     Initial,
-    /// A user namespace root created: a CRI runtime's for a `hostUsers: false` pod
-    /// (containerd and CRI-O make the pod's network namespace inside the pod's user
-    /// namespace, so that the pod may mount sysfs; they run as root).
-    Root,
+    /// A user namespace root created, and the network namespace is pinned under
+    /// [`NAMED_NETNS_DIR`]: a CRI runtime's `hostUsers: false` pod (containerd and CRI-O make
+    /// the pod's network namespace inside the pod's user namespace, so that the pod may
+    /// mount sysfs, as root, and pin it there: containerd's `cni-…`, CRI-O's by UUID).
+    RootPinned,
+    /// A user namespace root created, the network namespace not pinned: one made inside a
+    /// container that runs as root with the node's users (`unshare -Urn`: any pod that runs
+    /// as root without `hostUsers: false` may, at the `baseline` Pod Security level, unless
+    /// a seccomp profile forbids it; Kubernetes' default is `Unconfined`), a namespace made
+    /// inside a `hostUsers: false` pod's user namespace without one of its own, or such a
+    /// pod's own before its runtime pins it (looked at again once pinned).
+    RootUnpinned,
     /// A user namespace another user created (`unshare -U`, a rootless container), or one
-    /// made inside a pod's: that user's uid on the node (the kernel's `owner` of the user
-    /// namespace, the creator's effective uid).
+    /// made inside a `hostUsers: false` pod's: that user's uid on the node (the kernel's
+    /// `owner` of the user namespace, the creator's effective uid).
     User(u32),
 }
 
 impl UserOwner {
-    /// Whether a network namespace so owned may be a pod's: never one another user's user
-    /// namespace owns ([`UserOwner::User`]): any local user can make one (`unshare -Urn`)
-    /// and give it any address, and a pod's is never such a namespace (the CRI runtime,
-    /// root, makes it). The one rule for every part of the agent that looks for pods: whose
-    /// an address is (`pod_addresses.rs`) and where `--pod-listen` listens
-    /// (`http/pods/manager.rs`).
+    /// Whether a network namespace so owned may be a pod's: one the initial user namespace
+    /// owns, or one pinned by root in a user namespace root made. Never one any process can
+    /// make for itself: another user's user namespace ([`UserOwner::User`], `unshare -Urn`
+    /// as a local user) or a root container's ([`UserOwner::RootUnpinned`]), which may give
+    /// itself any address (it holds `CAP_NET_ADMIN` there), a pod's included. The one rule
+    /// for every part of the agent that looks for pods: whose an address is
+    /// (`pod_addresses.rs`) and where `--pod-listen` listens (`http/pods/manager.rs`).
     pub fn may_be_a_pod(self) -> bool {
-        !matches!(self, Self::User(_))
+        matches!(self, Self::Initial | Self::RootPinned)
     }
 }
 
 /// [`user_owner`] of the network namespace `inode` at `path` ([`open_checked`]).
-pub fn user_owner_of(inode: u32, path: &Path) -> Result<UserOwner> {
-    user_owner(&open_checked(inode, path)?)
+pub fn user_owner_of(inode: u32, path: &Path, pins: &Pins) -> Result<UserOwner> {
+    user_owner(&open_checked(inode, path)?, pins)
 }
 
 /// include/uapi/linux/nsfs.h: `_IO(0xb7, 0x1)`, a new descriptor of the owning user
@@ -268,9 +337,10 @@ const NS_GET_USERNS: libc::c_ulong = 0xb701;
 /// include/uapi/linux/nsfs.h: `_IO(0xb7, 0x4)`, the uid that created a user namespace.
 const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
 
-/// Who owns the network namespace open in `namespace` ([`UserOwner`]). Two ioctls and a
-/// `stat`: cheap beside entering it.
-pub fn user_owner(namespace: &File) -> Result<UserOwner> {
+/// Who owns the network namespace open in `namespace` ([`UserOwner`]), `pins` read before
+/// it was opened ([`Pins::read`]). Two ioctls and a `stat`, and for a namespace root's user
+/// namespace owns, one open of its pin: cheap beside entering it.
+pub fn user_owner(namespace: &File, pins: &Pins) -> Result<UserOwner> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     let own = std::fs::metadata("/proc/self/ns/user")
         .context("cannot stat the agent's own user namespace")?
@@ -301,10 +371,18 @@ pub fn user_owner(namespace: &File) -> Result<UserOwner> {
         return Err(std::io::Error::last_os_error())
             .context("cannot read who created a user namespace");
     }
-    Ok(if uid == 0 {
-        UserOwner::Root
+    if uid != 0 {
+        return Ok(UserOwner::User(uid));
+    }
+    let inode = namespace
+        .metadata()
+        .context("cannot stat a network namespace")?
+        .ino();
+    let pinned = u32::try_from(inode).is_ok_and(|inode| pins.pin_holds(inode));
+    Ok(if pinned {
+        UserOwner::RootPinned
     } else {
-        UserOwner::User(uid)
+        UserOwner::RootUnpinned
     })
 }
 

@@ -112,14 +112,16 @@ pub trait AddressSource: Send + Sync + 'static {
 }
 
 /// The real source: `netns::all_namespaces` and `ifaddrs::local_addresses` inside each
-/// one root's user namespaces own ([`netns::UserOwner`]).
+/// one that may be a pod's ([`netns::UserOwner::may_be_a_pod`]).
 ///
 /// A network namespace another user's user namespace owns is left out: any local user can
 /// make one (`unshare -Urn`) and give it any address, pod A's included; counted, it made A's
 /// address name nobody (A's calls to the node listener `403`, and before the gate failed
-/// closed, A's `/health?addr=` 200 while A drained). A pod's is never such a namespace: the
-/// CRI runtime (root) makes it, in the initial user namespace or, for a `hostUsers: false`
-/// pod, in a user namespace the runtime creates as root. Rootless containers' namespaces
+/// closed, A's `/health?addr=` 200 while A drained). So is one in a user namespace root
+/// made that root of the node has not pinned under /run/netns: a container running as root
+/// makes one as easily. A pod's is never such a namespace: the CRI runtime (root) makes it,
+/// in the initial user namespace or, for a `hostUsers: false` pod, in a user namespace the
+/// runtime creates as root, and pins it under /run/netns. Rootless containers' namespaces
 /// are left out too: they are no pod of the node's.
 pub struct NamespaceAddresses {
     pub own_netns: u32,
@@ -139,16 +141,18 @@ impl AddressSource for NamespaceAddresses {
                 addresses: own.into_iter().collect(),
             },
         );
-        for (inode, path) in netns::all_namespaces()? {
+        let namespaces = netns::all_namespaces()?;
+        // Read before each namespace is opened: `user_owner` checks a pin again once the
+        // namespace is held.
+        let pins = netns::Pins::read()?;
+        for (inode, path) in namespaces {
             if inode == self.own_netns {
                 continue;
             }
             let read = netns::open_checked(inode, &path).and_then(|namespace| {
-                let owner = netns::user_owner(&namespace)?;
+                let owner = netns::user_owner(&namespace, &pins)?;
                 if !owner.may_be_a_pod() {
-                    anyhow::bail!(
-                        "owned by a user's user namespace ({owner:?}): its addresses name nobody"
-                    );
+                    anyhow::bail!("no pod's ({owner:?}): its addresses name nobody");
                 }
                 // Its cookie on the same thread: the addresses are that namespace's.
                 netns::run_in_file(namespace, path.display().to_string(), || {
@@ -164,7 +168,7 @@ impl AddressSource for NamespaceAddresses {
                 Ok(namespace) => {
                     found.insert(inode, namespace);
                 }
-                // Gone meanwhile, not enterable, or a user's own: its addresses name nobody.
+                // Gone meanwhile, not enterable, or no pod's: its addresses name nobody.
                 Err(problem) => log::debug!("addresses of netns {inode}: {problem:#}"),
             }
         }
@@ -994,6 +998,48 @@ mod tests {
         }
     }
 
+    /// A held namespace pinned under /run/netns as a CRI runtime pins a pod's
+    /// (`ip netns attach`: a bind mount); the pin is removed on drop.
+    struct Pin(String);
+
+    impl Pin {
+        fn new(held: &Held, tag: &str) -> Self {
+            let name = format!("da-{tag}-{}", std::process::id());
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .output();
+            let attached = std::process::Command::new("ip")
+                .args(["netns", "attach", &name, &held.child.id().to_string()])
+                .output()
+                .expect("ip netns attach");
+            assert!(
+                attached.status.success(),
+                "{}",
+                String::from_utf8_lossy(&attached.stderr)
+            );
+            Self(name)
+        }
+
+        /// A symbolic link to the held namespace's /proc file instead of a bind mount.
+        fn link(held: &Held, tag: &str) -> Self {
+            let name = format!("da-{tag}-{}", std::process::id());
+            let path = std::path::Path::new(netns::NAMED_NETNS_DIR).join(&name);
+            let _ = std::fs::remove_file(&path);
+            std::fs::create_dir_all(netns::NAMED_NETNS_DIR).expect("/run/netns");
+            std::os::unix::fs::symlink(format!("/proc/{}/ns/net", held.child.id()), &path)
+                .expect("symlink");
+            Self(name)
+        }
+    }
+
+    impl Drop for Pin {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .output();
+        }
+    }
+
     /// An address of this test's own (so that other tests' namespaces never hold it).
     fn test_addr(net: u8) -> String {
         let pid = std::process::id();
@@ -1004,14 +1050,16 @@ mod tests {
     /// (`unshare -Urn`) and give it pod A's address, and the agent read every namespace in
     /// /proc: A's address, held twice, named nobody (A's calls to the node listener `403`,
     /// A's `/health?addr=` asked in the node's namespace). A namespace a user's own user
-    /// namespace owns names nothing now; a pod's (root's user namespaces, whether the
-    /// initial one or a `hostUsers: false` pod's that the runtime makes as root) still does.
+    /// namespace owns names nothing now; a pod's (the initial user namespace's, or a
+    /// `hostUsers: false` pod's, in a user namespace the runtime makes as root, pinned under
+    /// /run/netns) still does.
     #[tokio::test]
     #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
     async fn a_users_own_namespace_does_not_take_a_pods_address() {
         let (a, hidden) = (test_addr(18), test_addr(19));
         let pod = Held::new(None, false, &a);
         let user_namespaced_pod = Held::new(None, true, &hidden);
+        let _pinned = Pin::new(&user_namespaced_pod, "pa-hu");
         let neighbour = Held::new(Some(65534), true, &a);
         let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
         let source = NamespaceAddresses { own_netns: own };
@@ -1030,6 +1078,32 @@ mod tests {
         drop(neighbour);
     }
 
+    /// Found by an audit: a pod running as root without a user namespace of its own
+    /// (`hostUsers` left true, as the `baseline` Pod Security level allows) could make a
+    /// user namespace and a network namespace in it (`unshare -Urn`); the user namespace's
+    /// creator is root (uid 0 on the node), so the network namespace counted as a pod's,
+    /// and inside it the container may give itself pod A's address: A's address, held
+    /// twice, named nobody. Such a namespace is not pinned under /run/netns (only root of
+    /// the node mounts there: a CRI runtime pins every pod's) and names nothing now.
+    #[tokio::test]
+    #[ignore = "kernel test: needs root (makes namespaces); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    async fn a_namespace_a_root_container_made_does_not_take_a_pods_address() {
+        let a = test_addr(20);
+        let pod = Held::new(None, false, &a);
+        // Made as a root container makes one: root (of the node), a user namespace of its
+        // own mapping root, a network namespace inside it; not pinned.
+        let nested = Held::new(None, true, &a);
+        let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own");
+        let source = NamespaceAddresses { own_netns: own };
+        let read = source.read().expect("a complete scan");
+        assert!(
+            !read.contains_key(&nested.inode),
+            "the nested namespace's addresses were read"
+        );
+        let pods = PodAddresses::new(own, Arc::new(source));
+        assert_eq!(pods.owner(ip(&a)).await, Some(pod.inode), "pod A's address");
+    }
+
     /// Who owns each kind of namespace, as the rule above reads it.
     #[test]
     #[ignore = "kernel test: needs root (makes namespaces, one as another user); run by cargo xtask test (or cargo test -- --include-ignored)"]
@@ -1038,8 +1112,15 @@ mod tests {
             std::fs::File::open(format!("/proc/{}/ns/net", held.child.id())).expect("open")
         };
         let own = std::fs::File::open("/proc/self/ns/net").expect("own");
+        let hidden_users = Held::new(None, true, &test_addr(18));
+        let _pinned = Pin::new(&hidden_users, "pa-owner");
+        // A symbolic link under /run/netns is no pin: anyone who may write there could
+        // name any namespace with one.
+        let linked = Held::new(None, true, &test_addr(18));
+        let _link = Pin::link(&linked, "pa-link");
+        let pins = netns::Pins::read().expect("pins");
         assert_eq!(
-            netns::user_owner(&own).expect("own"),
+            netns::user_owner(&own, &pins).expect("own"),
             netns::UserOwner::Initial
         );
         let cases = [
@@ -1047,17 +1128,22 @@ mod tests {
                 Held::new(None, false, &test_addr(18)),
                 netns::UserOwner::Initial,
             ),
+            (hidden_users, netns::UserOwner::RootPinned),
             (
                 Held::new(None, true, &test_addr(18)),
-                netns::UserOwner::Root,
+                netns::UserOwner::RootUnpinned,
             ),
+            (linked, netns::UserOwner::RootUnpinned),
             (
                 Held::new(Some(65534), true, &test_addr(18)),
                 netns::UserOwner::User(65534),
             ),
         ];
         for (held, expected) in &cases {
-            assert_eq!(netns::user_owner(&open(held)).expect("owner"), *expected);
+            assert_eq!(
+                netns::user_owner(&open(held), &pins).expect("owner"),
+                *expected
+            );
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{
 
 use anyhow::{Result, bail};
 
-use super::source::{Counts, Endpoint, Filter, Stats, Vouch};
+use super::source::{Counts, Endpoint, Filter, ReclaimedTotals, Stats, Totals, Vouch};
 use crate::{doubt::Doubt, drain_rule::Peer};
 
 /// What the fake does right after a read of its counts.
@@ -24,6 +24,8 @@ pub struct FakeSource {
     pub doubts: Mutex<Vec<Doubt>>,
     /// What `skipped_runs` says.
     pub skipped_runs: AtomicU64,
+    /// What `lost_events` says.
+    pub lost_events: AtomicU64,
     /// What `confirm` answers (an error text, or the count).
     pub confirmed: Mutex<Result<u64, String>>,
     /// How often `confirm` was asked.
@@ -46,6 +48,8 @@ pub struct FakeSource {
     pub reads: AtomicUsize,
     pub reads_running: AtomicUsize,
     pub most_reads_running: AtomicUsize,
+    /// What `reclaimed_totals` says ([`FakeSource::reclaim`] adds to it).
+    pub reclaimed: Mutex<ReclaimedTotals>,
 }
 
 impl Default for FakeSource {
@@ -57,6 +61,7 @@ impl Default for FakeSource {
             watched: Mutex::default(),
             doubts: Mutex::default(),
             skipped_runs: AtomicU64::default(),
+            lost_events: AtomicU64::default(),
             confirmed: Mutex::new(Err("no socket tables in the fake".into())),
             confirmations: AtomicUsize::default(),
             peer_lists: AtomicUsize::default(),
@@ -68,6 +73,7 @@ impl Default for FakeSource {
             reads: AtomicUsize::default(),
             reads_running: AtomicUsize::default(),
             most_reads_running: AtomicUsize::default(),
+            reclaimed: Mutex::default(),
         }
     }
 }
@@ -75,6 +81,24 @@ impl Default for FakeSource {
 impl FakeSource {
     pub fn set(&self, endpoints: Vec<Endpoint>) {
         *self.endpoints.lock().expect("lock") = endpoints;
+    }
+
+    /// What the kernel's reclaim does to an idle endpoint: its counters leave the endpoints
+    /// and go to the reclaimed totals.
+    pub fn reclaim(&self, gone: &Endpoint) {
+        let mut endpoints = self.endpoints.lock().expect("lock");
+        endpoints.retain(|endpoint| endpoint != gone);
+        let address_kept = endpoints
+            .iter()
+            .any(|endpoint| (endpoint.port, endpoint.addr) == (gone.port, gone.addr));
+        let counted = Totals {
+            opened: gone.opened,
+            closed: gone.closed,
+        };
+        self.reclaimed
+            .lock()
+            .expect("lock")
+            .fold(gone.port, gone.addr, counted, address_kept);
     }
 
     fn health(&self) -> Result<()> {
@@ -156,10 +180,19 @@ impl Vouch for FakeSource {
     fn skipped_runs(&self) -> u64 {
         self.skipped_runs.load(Ordering::Relaxed)
     }
+
+    fn lost_events(&self) -> Result<u64> {
+        self.health()?;
+        Ok(self.lost_events.load(Ordering::Relaxed))
+    }
 }
 
-/// No statistics: the defaults.
-impl Stats for FakeSource {}
+/// No statistics but the reclaimed totals set by hand: the defaults.
+impl Stats for FakeSource {
+    fn reclaimed_totals(&self) -> ReclaimedTotals {
+        self.reclaimed.lock().expect("lock").clone()
+    }
+}
 
 pub fn endpoint(addr: &str, port: u16, active: u64) -> Endpoint {
     Endpoint {

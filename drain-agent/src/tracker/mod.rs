@@ -31,7 +31,10 @@ use self::{
     wake::PortChannels,
 };
 pub use self::{
-    source::{Counts, Endpoint, Filter, PortState, Source, Stats, Vouch, monotonic_ns},
+    source::{
+        Counts, Endpoint, Filter, PortState, ReclaimedTotals, Source, Stats, Totals, Vouch,
+        monotonic_ns,
+    },
     waiter::{DrainOutcome, PEERS_SHOWN},
     wake::ConnectionEvent,
 };
@@ -179,9 +182,21 @@ impl Tracker {
         self.source.walks()
     }
 
-    /// Opened and closed totals of reclaimed endpoints, by port.
-    pub fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
-        self.source.reclaimed_totals()
+    /// Every endpoint and what the reclaimed ones counted, read with no reclaim between the
+    /// two reads (one would show its endpoint's totals twice in a scrape, or not at all:
+    /// counters that go down in the next). Blocking, as [`Tracker::snapshot`].
+    pub fn counters(&self) -> Result<(Vec<Endpoint>, ReclaimedTotals)> {
+        // Reclaims are 10 s apart: a second read is all but certain to see none.
+        const READS: usize = 4;
+        for _ in 0..READS {
+            let before = self.source.reclaimed_totals().generation;
+            let endpoints = self.source.endpoints()?;
+            let reclaimed = self.source.reclaimed_totals();
+            if reclaimed.generation == before {
+                return Ok((endpoints, reclaimed));
+            }
+        }
+        anyhow::bail!("endpoints were reclaimed during each of {READS} reads of the counters")
     }
 
     /// Active connections matching `filter`, now. Blocking: a scope narrower than a port
@@ -232,10 +247,12 @@ impl Tracker {
         self.channels.notify_all();
     }
 
-    /// Called when the kernel lost events (its ring buffer was full): every waiter re-reads
-    /// its count, and a quiet window restarts, since an arrival may have gone unheard.
-    pub fn events_lost(&self) {
-        self.channels.events_lost();
+    /// Called when the kernel lost events (its ring buffer was full; its count of lost
+    /// events reads `lost`): every waiter re-reads its count, and a quiet window restarts,
+    /// since an arrival may have gone unheard (unless the waiter counted these losses
+    /// itself already: it reads the count before a drained answer under a quiet window).
+    pub fn events_lost(&self, lost: u64) {
+        self.channels.events_lost(lost);
     }
 
     /// Open waiters answer at once with what they have; new ones answer immediately.
@@ -458,7 +475,17 @@ impl Tracker {
             .channels
             .watch(filter.port, &*self.source)
             .map_err(WaitError::Source)?;
-        let mut waiter = Waiter::new(filter, rule, started, monotonic_ns(), timeout);
+        // Read before the window's start: every loss it counts is of a change before the
+        // request (an unknown count: the first look before a drained answer is a loss).
+        let lost_at_start = self.source.lost_events().ok();
+        let mut waiter = Waiter::new(
+            filter,
+            rule,
+            started,
+            monotonic_ns(),
+            timeout,
+            lost_at_start,
+        );
         // A run the kernel skips after this may be this scope's close: the socket tables
         // then decide, whatever a walk vouches for meanwhile.
         let skipped_at_start = self.source.skipped_runs();
@@ -482,6 +509,7 @@ impl Tracker {
                 skipped,
                 tables: None,
                 peers: None,
+                lost_events: None,
             };
             let (judgment, until) = loop {
                 // Events heard meanwhile count (a longer quiet window, never shorter).
@@ -504,6 +532,14 @@ impl Tracker {
                                 .await
                                 .map_err(|problem| format!("{problem:#}")),
                         );
+                    }
+                    Step::CountLosses => {
+                        pass.lost_events = Some(self.source.lost_events().map_err(|problem| {
+                            crate::logging::in_general(
+                                "cannot read whether the kernel lost events",
+                                &problem,
+                            )
+                        }));
                     }
                     Step::Answer {
                         judgment,

@@ -8,7 +8,10 @@
 //! either fail (`confirm`, `peers`: the wait then stays in doubt, never answers drained) or
 //! report nothing (`Stats`, `port_state`: the tracker then adds the endpoints up itself).
 
-use std::net::IpAddr;
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+};
 
 use anyhow::{Result, bail};
 use drain_agent_common::DurationHistogram;
@@ -81,6 +84,10 @@ pub trait Vouch: Send + Sync + 'static {
     /// Runs of the handler the kernel skipped so far (fresh): a waiter whose scope may
     /// have lost a run since it started asks the socket tables.
     fn skipped_runs(&self) -> u64;
+    /// Events the kernel could not send so far (its ring buffer was full; fresh): a waiter
+    /// whose answer depends on hearing every arrival (a quiet window) reads it before it
+    /// answers drained, and a loss it has not heard of restarts its window.
+    fn lost_events(&self) -> Result<u64>;
 }
 
 /// What is reported and decides nothing: empty by default.
@@ -97,9 +104,70 @@ pub trait Stats: Send + Sync + 'static {
     fn repairs(&self) -> Result<Vec<(&'static str, u64)>> {
         Ok(Vec::new())
     }
-    /// Opened and closed totals of reclaimed endpoints, by port: `(port, opened, closed)`.
-    fn reclaimed_totals(&self) -> Vec<(u16, u64, u64)> {
-        Vec::new()
+    /// What reclaimed endpoints counted (nothing by default).
+    fn reclaimed_totals(&self) -> ReclaimedTotals {
+        ReclaimedTotals::default()
+    }
+}
+
+/// Connections opened and closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub opened: u64,
+    pub closed: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, other: Self) {
+        self.opened = self.opened.saturating_add(other.opened);
+        self.closed = self.closed.saturating_add(other.closed);
+    }
+}
+
+/// What the endpoints that were reclaimed (idle, their counters taken out of the source's
+/// map) had counted, so that the counters made from the endpoints never go down.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimedTotals {
+    /// Every reclaimed endpoint's, by port: a port's whole history (`--metrics-labels port`).
+    pub by_port: BTreeMap<u16, Totals>,
+    /// By port and local address, only while an endpoint (of another namespace: 127.0.0.1
+    /// in every pod) still has that port and address: its address's series goes on from
+    /// them. With the last endpoint of a port and address its series goes, and these with
+    /// it (so they are bounded by the endpoints).
+    pub by_address: BTreeMap<(u16, IpAddr), Totals>,
+    /// Changed by every reclaim: two reads with the same generation saw none between them.
+    pub generation: u64,
+}
+
+impl ReclaimedTotals {
+    /// Takes in what an endpoint at `port` and `addr` counted as it is reclaimed;
+    /// `address_kept`: another endpoint still has that port and address.
+    pub fn fold(&mut self, port: u16, addr: IpAddr, counted: Totals, address_kept: bool) {
+        self.by_port.entry(port).or_default().add(counted);
+        if address_kept {
+            self.by_address
+                .entry((port, addr))
+                .or_default()
+                .add(counted);
+        } else {
+            self.by_address.remove(&(port, addr));
+        }
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Drops the totals of every port and address that no endpoint has (`live`); what
+    /// it dropped.
+    pub fn keep_addresses(&mut self, live: &HashSet<(u16, IpAddr)>) -> Vec<(u16, IpAddr)> {
+        let gone: Vec<(u16, IpAddr)> = self
+            .by_address
+            .keys()
+            .filter(|key| !live.contains(key))
+            .copied()
+            .collect();
+        for key in &gone {
+            self.by_address.remove(key);
+        }
+        gone
     }
 }
 

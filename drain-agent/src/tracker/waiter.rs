@@ -1,14 +1,16 @@
 //! The wait for a drain, as decisions: a [`Waiter`] takes what one look at the scope found
 //! (a [`Pass`]: the count, its doubts, the time, and what the socket tables said when it
 //! asked) and says what to do next (a [`Step`]): ask the socket tables, list the
-//! connections, answer, or sleep until a time. It does no I/O and reads no clock, so it is
-//! tested on a fake clock like [`crate::drain_rule::decide`]; `Tracker::wait` only gathers
-//! the inputs and carries the steps out.
+//! connections, read the kernel's count of lost events, answer, or sleep until a time. It
+//! does no I/O and reads no clock, so it is tested on a fake clock like
+//! [`crate::drain_rule::decide`]; `Tracker::wait` only gathers the inputs and carries the
+//! steps out.
 //!
 //! Never answers drained from a count it cannot vouch for (see [`Doubt`]): a zero from the
 //! maps is drained only when the scope has no doubt, or when the socket tables confirm it;
 //! a doubts read that fails is a doubt; a list that cannot be made is an unknown, not a
-//! zero.
+//! zero. Nor does a quiet window end over events the kernel lost that it has not
+//! accounted for ([`Step::CountLosses`]).
 
 use std::time::Duration;
 
@@ -94,6 +96,9 @@ pub(super) struct Pass {
     pub tables: Option<Result<u64, String>>,
     /// The connections one by one for the rule, once listed ([`Step::ListPeers`]).
     pub peers: Option<Result<Vec<Peer>, String>>,
+    /// The kernel's count of lost events, once read ([`Step::CountLosses`]; the error says
+    /// what an answer may say).
+    pub lost_events: Option<Result<u64, String>>,
 }
 
 impl Pass {
@@ -150,6 +155,9 @@ pub(super) enum Step {
     Confirm,
     /// List the scope's connections for the rule (a fresh pass), then judge again.
     ListPeers,
+    /// Read the kernel's count of lost events ([`super::Vouch::lost_events`]), then judge
+    /// again: the last look before a drained answer that depends on hearing arrivals.
+    CountLosses,
     /// Answer now; with `list`, first look up who is still connected (a report, best
     /// effort, within the answer's small budget).
     Answer {
@@ -174,6 +182,10 @@ pub(super) struct Waiter<'a> {
     /// `timeout` zero: a pure query, answered at once without a list unless asked.
     at_once: bool,
     last_arrival_ns: Option<u64>,
+    /// The kernel's count of lost events that this waiter has accounted for: every loss it
+    /// counts happened before the request, or before the quiet window's current start.
+    /// None: not known (the read at the start failed), so any count read is a loss.
+    lost_seen: Option<u64>,
     arrivals: u64,
     first_zero: Option<Duration>,
     /// The one extra look after the start ([`ARRIVAL_RECHECK`]); None once done.
@@ -188,6 +200,7 @@ impl<'a> Waiter<'a> {
         started: Instant,
         started_ns: u64,
         timeout: Duration,
+        lost_events: Option<u64>,
     ) -> Self {
         Self {
             filter,
@@ -197,6 +210,7 @@ impl<'a> Waiter<'a> {
             deadline: started + timeout,
             at_once: timeout.is_zero(),
             last_arrival_ns: None,
+            lost_seen: lost_events,
             arrivals: 0,
             first_zero: None,
             recheck_at: Some(started + ARRIVAL_RECHECK),
@@ -206,7 +220,9 @@ impl<'a> Waiter<'a> {
 
     /// Takes in an event of the port: an arrival in scope, from a source not ignored, after
     /// the request restarts the quiet window. Fell behind, or the kernel lost events: an
-    /// arrival now as far as the window goes (a longer window, never shorter).
+    /// arrival now as far as the window goes (a longer window, never shorter); a loss this
+    /// waiter accounted for already (read at its start, or at a look before it answered:
+    /// [`Step::CountLosses`]) is not heard again.
     pub(super) fn hear(&mut self, heard: Heard) {
         let at_ns = match heard {
             Heard::Event(event) => {
@@ -228,8 +244,19 @@ impl<'a> Waiter<'a> {
             }
             // Not counted (it may have been none, or another port's), but the window
             // restarts: an arrival may have gone unheard.
-            Heard::Lost { at_ns } => at_ns,
+            Heard::Lost(notice) => {
+                if self.lost_seen.is_some_and(|seen| notice.lost <= seen) {
+                    return;
+                }
+                self.lost_seen = Some(notice.lost);
+                notice.at_ns
+            }
         };
+        self.restart_window(at_ns);
+    }
+
+    /// The quiet window counts from `at_ns` or later.
+    fn restart_window(&mut self, at_ns: u64) {
         self.last_arrival_ns = Some(self.last_arrival_ns.map_or(at_ns, |at| at.max(at_ns)));
     }
 
@@ -242,7 +269,8 @@ impl<'a> Waiter<'a> {
     }
 
     /// The decision of one pass, from what it found so far. Called again after each
-    /// [`Step::Confirm`] or [`Step::ListPeers`] with the answer filled in.
+    /// [`Step::Confirm`], [`Step::ListPeers`] or [`Step::CountLosses`] with the answer
+    /// filled in.
     pub(super) fn judge(&mut self, pass: &Pass) -> Step {
         let rule = self.rule;
         // The kernel skipped runs that may be this scope's, or the scope has other doubts
@@ -341,6 +369,33 @@ impl<'a> Waiter<'a> {
                         decision = wait;
                     }
                 },
+            }
+        }
+        // A quiet window hears arrivals only as the kernel's events, and an event the kernel
+        // could not send (its ring buffer was full) is never heard: the ring reader notices
+        // the loss at its next poll, up to a second later, and a window that ended before
+        // then would answer drained over an arrival nobody heard. So a drained answer under
+        // a quiet window first reads the kernel's count of lost events (one lookup): a loss
+        // this waiter has not accounted for restarts the window now. Only the window
+        // depends on hearing: the counts, the socket tables and the rule's list
+        // (`ignore`, `idle`) are read afresh whatever was lost.
+        if decision == Decision::Drained && !rule.quiet.is_zero() {
+            match &pass.lost_events {
+                None => return Step::CountLosses,
+                Some(Ok(lost)) => {
+                    if self.lost_seen.is_none_or(|seen| *lost > seen) {
+                        self.lost_seen = Some(*lost);
+                        self.restart_window(pass.now_ns);
+                        decision = Decision::Wait {
+                            recheck_in: Some(rule.quiet),
+                        };
+                    }
+                }
+                Some(Err(problem)) => {
+                    doubted = true;
+                    unknown = Some(problem.clone());
+                    decision = wait;
+                }
             }
         }
         let drained = decision == Decision::Drained;

@@ -13,10 +13,10 @@ fn waiter<'a>(
     start: Instant,
     timeout: Duration,
 ) -> Waiter<'a> {
-    Waiter::new(filter, rule, start, START_NS, timeout)
+    Waiter::new(filter, rule, start, START_NS, timeout, Some(0))
 }
 
-/// A fresh pass at `after` the start: the maps count `count`, no doubt.
+/// A fresh pass at `after` the start: the maps count `count`, no doubt, no event lost.
 fn pass(start: Instant, after: Duration, count: u64) -> Pass {
     Pass {
         now: start + after,
@@ -27,6 +27,7 @@ fn pass(start: Instant, after: Duration, count: u64) -> Pass {
         skipped: false,
         tables: None,
         peers: None,
+        lost_events: Some(Ok(0)),
     }
 }
 
@@ -199,7 +200,7 @@ fn a_doubted_count_is_the_socket_tables_count() {
     }));
     assert!(judged.from_tables && judged.decision == Decision::Drained);
     // The tables say 200: that is the count; an error leaves the maps' count.
-    let mut other = Waiter::new(&filter, &rule, start, START_NS, MS(5000));
+    let mut other = Waiter::new(&filter, &rule, start, START_NS, MS(5000), Some(0));
     let Step::Sleep { judgment, .. } = other.judge(&Pass {
         tables: Some(Ok(200)),
         ..skipped.clone()
@@ -295,6 +296,185 @@ fn the_quiet_window_restarts_on_arrivals_in_scope_not_ignored() {
     let (judged, _, _) = answer(waiter.judge(&pass(start, MS(700), 0)));
     assert_eq!(judged.decision, Decision::Drained);
     assert_eq!(waiter.outcome(judged, None, MS(700)).arrivals, 4);
+}
+
+/// A pass at `after` the start that has not read the kernel's count of lost events yet.
+fn unread_losses(start: Instant, after: Duration, count: u64) -> Pass {
+    Pass {
+        lost_events: None,
+        ..pass(start, after, count)
+    }
+}
+
+fn lost(at_ns: u64, lost: u64) -> Heard {
+    Heard::Lost(crate::tracker::wake::LostNotice { at_ns, lost })
+}
+
+#[test]
+fn a_quiet_window_reads_the_lost_events_before_it_answers_drained() {
+    let rule = DrainRule {
+        quiet: MS(300),
+        ..DrainRule::default()
+    };
+    let (filter, start) = (Filter::port(80), Instant::now());
+    // Two lost before the request (read at the start): no arrival in the window.
+    let mut waiter = Waiter::new(&filter, &rule, start, START_NS, MS(5000), Some(2));
+    // Not drained yet: nothing to read.
+    assert_eq!(
+        sleep_until(&waiter.judge(&unread_losses(start, MS(100), 0))),
+        start + MS(300)
+    );
+    // Drained by the window, but first the count of lost events.
+    assert_eq!(
+        waiter.judge(&unread_losses(start, MS(300), 0)),
+        Step::CountLosses
+    );
+    // One lost since the start, that nobody told this waiter of: the window restarts now.
+    let moved = Pass {
+        lost_events: Some(Ok(3)),
+        ..pass(start, MS(300), 0)
+    };
+    let Step::Sleep { judgment, until } = waiter.judge(&moved) else {
+        panic!("not drained")
+    };
+    assert_eq!(until, start + MS(600));
+    assert_eq!(
+        judgment.decision,
+        Decision::Wait {
+            recheck_in: Some(MS(300))
+        }
+    );
+    // The ring reader's poll notices the same loss later: accounted for, no restart.
+    waiter.hear(lost(START_NS + 450_000_000, 3));
+    let still = Pass {
+        lost_events: Some(Ok(3)),
+        ..pass(start, MS(600), 0)
+    };
+    let (judged, _, _) = answer(waiter.judge(&still));
+    assert_eq!(judged.decision, Decision::Drained);
+    // Not an arrival: there may have been none.
+    assert_eq!(waiter.outcome(judged, None, MS(600)).arrivals, 0);
+}
+
+#[test]
+fn a_loss_noticed_by_the_poll_restarts_the_window_once() {
+    let rule = DrainRule {
+        quiet: MS(300),
+        ..DrainRule::default()
+    };
+    let (filter, start) = (Filter::port(80), Instant::now());
+    let mut waiter = Waiter::new(&filter, &rule, start, START_NS, MS(5000), Some(2));
+    // A notice of losses from before the start: nothing to restart.
+    waiter.hear(lost(START_NS + 100_000_000, 2));
+    assert_eq!(
+        sleep_until(&waiter.judge(&pass(start, MS(100), 0))),
+        start + MS(300)
+    );
+    // A new loss, noticed at 200 ms: the window ends at 500 ms.
+    waiter.hear(lost(START_NS + 200_000_000, 4));
+    assert_eq!(
+        sleep_until(&waiter.judge(&pass(start, MS(300), 0))),
+        start + MS(500)
+    );
+    // Read again before the answer, unchanged: drained.
+    let (judged, _, _) = answer(waiter.judge(&Pass {
+        lost_events: Some(Ok(4)),
+        ..pass(start, MS(500), 0)
+    }));
+    assert_eq!(judged.decision, Decision::Drained);
+}
+
+#[test]
+fn an_unknown_count_of_lost_events_never_answers_drained() {
+    let rule = DrainRule {
+        quiet: MS(300),
+        ..DrainRule::default()
+    };
+    let (filter, start) = (Filter::port(80), Instant::now());
+    // The read at the start failed: the first count read is a loss.
+    let mut waiter = Waiter::new(&filter, &rule, start, START_NS, MS(5000), None);
+    assert_eq!(
+        sleep_until(&waiter.judge(&pass(start, MS(300), 0))),
+        start + MS(600)
+    );
+    let (judged, _, _) = answer(waiter.judge(&pass(start, MS(600), 0)));
+    assert_eq!(judged.decision, Decision::Drained);
+    // A read that fails: not drained, and the answer says why (asked again soon).
+    let mut waiter = waiter_at(&filter, &rule, start);
+    let failed = Pass {
+        lost_events: Some(Err("cannot read whether the kernel lost events".into())),
+        ..pass(start, MS(300), 0)
+    };
+    let Step::Sleep { judgment, until } = waiter.judge(&failed) else {
+        panic!("not drained")
+    };
+    assert_eq!(until, start + MS(300) + CONFIRM_RETRY);
+    assert_eq!(
+        judgment.unknown.as_deref(),
+        Some("cannot read whether the kernel lost events")
+    );
+    let (judged, _, _) = answer(waiter.judge(&Pass {
+        now: start + MS(5000),
+        ..failed
+    }));
+    assert_eq!(judged.decision, WAIT);
+    assert!(judged.unknown.is_some());
+}
+
+/// A waiter on port 80, five seconds, nothing lost at its start.
+fn waiter_at<'a>(filter: &'a Filter, rule: &'a DrainRule, start: Instant) -> Waiter<'a> {
+    waiter(filter, rule, start, MS(5000))
+}
+
+#[test]
+fn only_a_quiet_window_reads_the_lost_events() {
+    let (filter, start) = (Filter::port(80), Instant::now());
+    // Without a window no answer depends on hearing arrivals: the count, the socket tables
+    // and the rule's list are read afresh whatever the kernel lost.
+    let idle = DrainRule {
+        idle: Some(MS(1000)),
+        ignore: parse_cidrs("10.9.0.0/16").expect("cidr"),
+        ..DrainRule::default()
+    };
+    for rule in [DrainRule::default(), idle.clone()] {
+        let (judged, _, _) =
+            answer(waiter_at(&filter, &rule, start).judge(&unread_losses(start, MS(1), 0)));
+        assert_eq!(judged.decision, Decision::Drained, "{rule:?}");
+        let mut waiter = waiter_at(&filter, &rule, start);
+        let left = unread_losses(start, MS(1), 1);
+        if rule.needs_peers() {
+            assert_eq!(waiter.judge(&left), Step::ListPeers);
+            let listed = Pass {
+                peers: Some(Ok(vec![crate::tracker::fake::peer(
+                    "10.9.0.1:4000",
+                    "127.0.0.1:80",
+                )])),
+                ..left
+            };
+            assert_eq!(answer(waiter.judge(&listed)).0.decision, Decision::Drained);
+        }
+    }
+    // With a window, the rule's list comes first, the count of lost events last.
+    let rule = DrainRule {
+        quiet: MS(300),
+        ..idle
+    };
+    let mut waiter = waiter_at(&filter, &rule, start);
+    let left = unread_losses(start, MS(300), 1);
+    assert_eq!(waiter.judge(&left), Step::ListPeers);
+    let listed = Pass {
+        peers: Some(Ok(vec![crate::tracker::fake::peer(
+            "10.9.0.1:4000",
+            "127.0.0.1:80",
+        )])),
+        ..left
+    };
+    assert_eq!(waiter.judge(&listed), Step::CountLosses);
+    let counted = Pass {
+        lost_events: Some(Ok(0)),
+        ..listed
+    };
+    assert_eq!(answer(waiter.judge(&counted)).0.decision, Decision::Drained);
 }
 
 #[test]

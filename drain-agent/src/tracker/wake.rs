@@ -56,10 +56,20 @@ impl PortChannel {
 #[derive(Default)]
 pub(super) struct PortChannels {
     ports: Mutex<HashMap<u16, PortChannel>>,
-    /// Times the kernel lost events (its ring buffer was full), and when the last loss was
-    /// noticed (CLOCK_MONOTONIC ns): every waiter hears it once as [`Heard::Lost`].
+    /// Times a loss of events was noticed (the kernel's ring buffer was full), and the last
+    /// notice: every waiter hears it once as [`Heard::Lost`]. The notice is written before
+    /// the count moves, so a waiter that sees the count move reads that notice or a later one.
     losses: AtomicU64,
-    lost_at_ns: AtomicU64,
+    last_loss: Mutex<LostNotice>,
+}
+
+/// When a loss of events was noticed, and the kernel's count of lost events then.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct LostNotice {
+    /// CLOCK_MONOTONIC ns of the notice.
+    pub at_ns: u64,
+    /// The kernel's `event_lost` counter read for it: every loss it counts happened before.
+    pub lost: u64,
 }
 
 impl PortChannels {
@@ -77,10 +87,17 @@ impl PortChannels {
         self.lock().values().for_each(PortChannel::wake);
     }
 
-    /// Events were lost: any port may have had arrivals nobody heard of. Every waiter hears
-    /// it once ([`Heard::Lost`]) and re-reads its count.
-    pub(super) fn events_lost(&self) {
-        self.lost_at_ns.store(monotonic_ns(), Ordering::Release);
+    /// Events were lost (the kernel's counter of lost events reads `lost`): any port may
+    /// have had arrivals nobody heard of. Every waiter hears it once ([`Heard::Lost`]) and
+    /// re-reads its count.
+    pub(super) fn events_lost(&self, lost: u64) {
+        *self
+            .last_loss
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = LostNotice {
+            at_ns: monotonic_ns(),
+            lost,
+        };
         self.losses.fetch_add(1, Ordering::AcqRel);
         self.notify_all();
     }
@@ -135,10 +152,8 @@ pub(super) enum Heard {
         at_ns: u64,
     },
     /// The kernel lost events (of any port: how many of this one's, and which, is not
-    /// known), noticed at `at_ns`.
-    Lost {
-        at_ns: u64,
-    },
+    /// known).
+    Lost(LostNotice),
 }
 
 impl Heard {
@@ -178,9 +193,13 @@ impl PortWatch<'_> {
         let losses = self.channels.losses.load(Ordering::Acquire);
         if losses != self.losses_heard {
             self.losses_heard = losses;
-            return Some(Heard::Lost {
-                at_ns: self.channels.lost_at_ns.load(Ordering::Acquire),
-            });
+            return Some(Heard::Lost(
+                *self
+                    .channels
+                    .last_loss
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ));
         }
         Heard::from(self.events.try_recv())
     }

@@ -46,8 +46,10 @@ fn scope_query(args: &WaitArgs) -> String {
     query
 }
 
-/// The drain-rule parameters of `wait`'s requests.
-fn rule_query(args: &WaitArgs) -> String {
+/// The drain-rule parameters of `wait`'s requests. `closes`: the request's deadline is the
+/// wait's own, so it may carry `--close-at-timeout` (a slice that ends earlier must not: the
+/// agent would reset the connections at the slice's end, minutes before the timeout).
+fn rule_query(args: &WaitArgs, closes: bool) -> String {
     let mut query = String::new();
     if !args.quiet.is_zero() {
         query.push_str(&format!("&quiet={}ms", args.quiet.as_millis()));
@@ -59,7 +61,7 @@ fn rule_query(args: &WaitArgs) -> String {
     if let Some(idle) = args.idle {
         query.push_str(&format!("&idle={}ms", idle.as_millis()));
     }
-    if args.close_at_timeout {
+    if args.close_at_timeout && closes {
         query.push_str("&on_timeout=close");
         if args.pace > 0 {
             query.push_str(&format!("&pace={}", args.pace));
@@ -242,11 +244,11 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         // restarted agent is found again quickly. The first request asks for --timeout
         // itself, not the microseconds less that are left by now: a --quiet as long as
         // --timeout is allowed, and 1999 ms would have been refused for a 2 s window.
-        let slice = match last_problem {
+        let until_deadline = match last_problem {
             None => args.timeout,
             Some(_) => remaining,
-        }
-        .min(MAX_SLICE);
+        };
+        let slice = until_deadline.min(MAX_SLICE);
         // A retry (the agent restarted or was out of reach) asks for what is left, and the
         // quiet window is counted from each request: with less left than --quiet, no
         // answer can say drained in time (the agent refuses such a request, and a shorter
@@ -261,7 +263,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             args.port,
             slice.as_millis(),
             scope_query(args),
-            rule_query(args)
+            rule_query(args, slice == until_deadline)
         );
         // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
         // does: an agent that accepts but never answers (stopped, or out of file
@@ -456,53 +458,144 @@ mod tests {
     /// asks (at least its own pause, at most [`MAX_RETRY_AFTER`] and the deadline).
     #[test]
     fn a_429_is_asked_again_no_sooner_than_its_retry_after() {
-        use clap::Parser as _;
+        let asked = fake_agent(
+            "429 Too Many Requests\r\nretry-after: 1",
+            r#"{"error":"8 requests are waiting already (--max-waiters); retry later"}"#,
+        );
+        let exit = wait(&wait_args(&asked.agent, &["--timeout", "2500ms"]));
+        assert_eq!(exit, ExitCode::from(EXIT_NOT_DRAINED), "never drained");
+        // Asked at 0, ~1, ~2 s (and perhaps once more at the deadline's edge); every 250 ms
+        // it was about ten times.
+        let asked = asked.requests().len();
+        assert!((2..=4).contains(&asked), "asked {asked} times in 2.5 s");
+    }
+
+    /// Audit (drain rules): `wait --timeout 20m --close-at-timeout` asked its first slice
+    /// (10 minutes, the longest one request asks) with `on_timeout=close`, so the agent
+    /// reset every connection left at 10 minutes and `wait` exited 0 ten minutes early.
+    /// Only a request whose deadline is the wait's own carries the close now.
+    #[test]
+    fn only_the_slice_that_ends_at_the_timeout_closes() {
+        let agent = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(
+            &agent.agent,
+            &["--timeout", "20m", "--close-at-timeout"],
+        ));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR), "a 400 ends the wait");
+        let first = agent.requests().remove(0);
+        assert!(
+            first.contains("timeout=600000ms") && !first.contains("on_timeout=close"),
+            "the first 10 minutes of a 20-minute wait must not close: {first}"
+        );
+        let short = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(
+            &short.agent,
+            &["--timeout", "5m", "--close-at-timeout"],
+        ));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR));
+        let first = short.requests().remove(0);
+        assert!(
+            first.contains("timeout=300000ms") && first.contains("on_timeout=close"),
+            "a wait that fits one request closes at its timeout: {first}"
+        );
+    }
+
+    /// A fake agent on loopback that answers every request with `status` (its status line
+    /// after `HTTP/1.1`, with any extra header lines) and `body`, and keeps each request line.
+    struct FakeAgent {
+        agent: String,
+        requests: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl FakeAgent {
+        fn requests(&self) -> Vec<String> {
+            self.requests.lock().expect("requests").clone()
+        }
+    }
+
+    fn fake_agent(status: &'static str, body: &'static str) -> FakeAgent {
         use std::{
             io::{Read as _, Write as _},
             net::TcpListener,
-            sync::atomic::AtomicUsize,
         };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let asked = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
         std::thread::spawn({
-            let asked = Arc::clone(&asked);
+            let requests = Arc::clone(&requests);
             move || {
                 for stream in listener.incoming() {
                     let Ok(mut stream) = stream else { return };
                     let mut request = [0_u8; 2048];
-                    let _ = stream.read(&mut request);
-                    asked.fetch_add(1, Ordering::SeqCst);
-                    let body = r#"{"error":"8 requests are waiting already (--max-waiters); retry later"}"#;
+                    let read = stream.read(&mut request).unwrap_or(0);
+                    let text = String::from_utf8_lossy(&request[..read]);
+                    let line = text.lines().next().unwrap_or_default().to_owned();
+                    requests.lock().expect("requests").push(line);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
                     );
                 }
             }
         });
-        let agent = format!("http://127.0.0.1:{port}");
+        FakeAgent {
+            agent: format!("http://127.0.0.1:{port}"),
+            requests,
+        }
+    }
+
+    fn wait_args(agent: &str, more: &[&str]) -> WaitArgs {
+        use clap::Parser as _;
+        let mut argv = vec!["drain-agent", "wait", "--port", "8080", "--agent", agent];
+        argv.extend_from_slice(more);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("parse");
+        let Some(crate::cli::Command::Wait(args)) = cli.command else {
+            panic!("not a wait");
+        };
+        args
+    }
+
+    /// The agent refuses a quiet window on a pure query (`timeout=0`: its window, counted
+    /// from the request, could never be met). `wait`'s own pure queries — the progress
+    /// lines and the counts of a wait that can no longer end drained — carry none whatever
+    /// `--quiet` is, and keep the rest of the rule (`--ignore`, `--idle`): the agent takes
+    /// them as they are sent.
+    #[test]
+    fn the_counts_wait_asks_carry_no_quiet_window() {
+        use clap::Parser as _;
         let cli = crate::cli::Cli::try_parse_from([
             "drain-agent",
             "wait",
             "--port",
             "8080",
             "--timeout",
-            "2500ms",
-            "--agent",
-            agent.as_str(),
+            "20s",
+            "--quiet",
+            "10s",
+            "--ignore",
+            "10.0.0.0/8",
+            "--idle",
+            "2s",
         ])
         .expect("parse");
         let Some(crate::cli::Command::Wait(args)) = cli.command else {
             panic!("not a wait");
         };
-        let exit = wait(&args);
-        assert_eq!(exit, ExitCode::from(EXIT_NOT_DRAINED), "never drained");
-        // Asked at 0, ~1, ~2 s (and perhaps once more at the deadline's edge); every 250 ms
-        // it was about ten times.
-        let asked = asked.load(Ordering::SeqCst);
-        assert!((2..=4).contains(&asked), "asked {asked} times in 2.5 s");
+        let query = count_query(&args);
+        let limits = crate::http::api::WaitLimits {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(600),
+            own_port: None,
+        };
+        let asked = crate::http::api::parse_drain_request(query.strip_prefix("/drained?"), limits)
+            .unwrap_or_else(|problem| panic!("{query}: refused: {problem:?}"));
+        assert!(asked.timeout.is_zero() && asked.peers, "{query}");
+        assert!(asked.rule.quiet.is_zero() && !asked.given.quiet, "{query}");
+        assert!(
+            asked.rule.idle == Some(Duration::from_secs(2)) && asked.rule.ignore.len() == 1,
+            "{query}"
+        );
     }
 
     /// An answer that waited unrecorded (its owner at its limit of drains) says so in what

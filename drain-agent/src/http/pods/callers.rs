@@ -2,6 +2,14 @@
 //! itself) and root of the node, calling from one of the node's own addresses (the
 //! kubelet's `httpGet` hook connects from the node's namespace to the pod's IP).
 //!
+//! Loopback is the pod only at both ends of the connection. A proxy in the pod that
+//! intercepts inbound traffic (a service mesh's sidecar in REDIRECT mode: Istio's opens its
+//! upstream from 127.0.0.6 to the original destination, the pod's address) relays a caller
+//! from anywhere from a loopback address to an address beyond loopback: such a connection is
+//! refused, and its answer says how to exclude the port from the interception. A process of
+//! the pod calling `localhost` is loopback at both ends; one calling the pod's own address
+//! comes from that address, not loopback, and is refused as from elsewhere.
+//!
 //! A node address alone says only that the caller is *on* the node: any user there, or a
 //! hostNetwork pod of another tenant, calls from the same addresses. So such a caller is
 //! told the way the node listener tells local callers (`identify.rs`): by the owner of its
@@ -63,12 +71,15 @@ pub(super) struct NodeCallers {
 enum Refusal {
     /// Neither loopback nor a node address: another pod, another host.
     Elsewhere(IpAddr),
+    /// From loopback to an address beyond it: relayed by a proxy in the pod for a caller
+    /// from anywhere.
+    Relayed,
     /// From a node address, with a socket of a user other than root.
     NotRoot,
     /// From a node address, with no socket of its own in the node's tables that can be
     /// read: whose it is cannot be told.
     Unidentified,
-    /// No peer address (not from the server).
+    /// No peer address, or no local address for a loopback peer (not from the server).
     Unknown,
 }
 
@@ -80,6 +91,7 @@ impl Refusal {
             Self::Elsewhere(peer) => format!(
                 "{peer} may not ask here: this listener inside a pod answers the pod itself (localhost) and root on its node only (SECURITY.md)"
             ),
+            Self::Relayed => "this connection came from loopback to an address of the pod beyond loopback: a proxy in the pod that intercepts inbound traffic (a service mesh's sidecar) relayed it, so it is not the pod's own call. This listener inside a pod answers the pod itself (localhost) and root on its node only: exclude this port from the proxy's inbound interception (Istio: the pod annotation traffic.sidecar.istio.io/excludeInboundPorts; Linkerd: config.linkerd.io/skip-inbound-ports) (SECURITY.md)".into(),
             Self::NotRoot => "this listener inside a pod answers a caller from its node only as root (the kubelet): this connection's socket on the node is another user's. A local user asks the node listener about its own ports (SECURITY.md)".into(),
             Self::Unidentified => "this listener inside a pod answers a caller from its node only as root (the kubelet), and this connection's own socket could not be found in the node's network namespace to tell whose it is (SECURITY.md)".into(),
             Self::Unknown => "unknown caller".into(),
@@ -100,8 +112,17 @@ impl NodeCallers {
         };
         let ip = canonical_addr(peer.ip());
         if ip.is_loopback() {
-            // Loopback traffic never leaves its namespace: this is the pod.
-            return Ok(());
+            // Loopback at both ends never left the pod's namespace: this is the pod. From
+            // loopback to the pod's address (its local end, as the caller addressed it, also
+            // when steered) is a proxy of the pod's relaying a caller from anywhere.
+            let Some(server) = server else {
+                return Err(Refusal::Unknown);
+            };
+            return if canonical_addr(server.ip()).is_loopback() {
+                Ok(())
+            } else {
+                Err(Refusal::Relayed)
+            };
         }
         if !self.addresses.contains(ip) {
             return Err(Refusal::Elsewhere(ip));
@@ -121,9 +142,9 @@ impl NodeCallers {
     }
 }
 
-/// Middleware of listeners bound beyond loopback: the pod itself (loopback) and root of
-/// the node (a node address, and a socket of root's in the node's tables) only; anyone
-/// else gets `403` and nothing is read or changed.
+/// Middleware of listeners bound beyond loopback: the pod itself (loopback at both ends)
+/// and root of the node (a node address, and a socket of root's in the node's tables)
+/// only; anyone else gets `403` and nothing is read or changed.
 pub(super) async fn pod_or_node_root_only(
     State(callers): State<NodeCallers>,
     request: Request,
@@ -238,8 +259,20 @@ mod tests {
         let anything = ("10.1.0.1:40000", "10.1.0.2:9100");
         // Tables that would make anyone root: never asked for these callers.
         let node = || callers(anything.0, anything.1, Ok(Some(0)));
-        for pod in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
-            assert_eq!(node().admit(Some(at(pod)), None).await, Ok(()), "{pod}");
+        for (pod, server) in [
+            ("127.0.0.1:40000", "127.0.0.1:9100"),
+            // Loopback at both ends, whoever it is: a relay to localhost is not told from
+            // the pod (SECURITY.md, "A proxy in the pod").
+            ("127.0.0.6:40000", "127.0.0.1:9100"),
+            ("[::1]:40000", "[::1]:9100"),
+            ("[::ffff:127.0.0.1]:40000", "[::ffff:127.0.0.1]:9100"),
+            ("[::ffff:127.0.0.1]:40000", "127.0.0.1:9100"),
+        ] {
+            assert_eq!(
+                node().admit(Some(at(pod)), Some(at(server))).await,
+                Ok(()),
+                "{pod} -> {server}"
+            );
         }
         let stranger: SocketAddr = at("10.1.0.6:40000");
         assert_eq!(
@@ -254,6 +287,35 @@ mod tests {
         );
     }
 
+    /// Audit: a proxy in the pod (a service mesh's sidecar in REDIRECT mode) relays a
+    /// caller from anywhere from loopback (Istio: 127.0.0.6) to the pod's address, and every
+    /// loopback caller was the pod. Loopback is the pod at both ends only.
+    #[tokio::test]
+    async fn loopback_relayed_to_the_pods_address_is_not_the_pod() {
+        let anything = ("10.1.0.1:40000", "10.1.0.2:9100");
+        // Tables that would make anyone root: never asked for these callers.
+        let node = || callers(anything.0, anything.1, Ok(Some(0)));
+        for (peer, server) in [
+            ("127.0.0.6:40000", "10.1.0.2:9100"),
+            ("127.0.0.1:40000", "10.1.0.2:9100"),
+            ("[::1]:40000", "[fd00::2]:9100"),
+            ("[::ffff:127.0.0.6]:40000", "[::ffff:10.1.0.2]:9100"),
+            ("[::ffff:127.0.0.6]:40000", "10.1.0.2:9100"),
+            ("[::1]:40000", "[::ffff:10.1.0.2]:9100"),
+        ] {
+            assert_eq!(
+                node().admit(Some(at(peer)), Some(at(server))).await,
+                Err(Refusal::Relayed),
+                "{peer} -> {server}"
+            );
+        }
+        // A loopback caller whose connection's local end is not known cannot be told.
+        assert_eq!(
+            node().admit(Some(at("127.0.0.1:40000")), None).await,
+            Err(Refusal::Unknown)
+        );
+    }
+
     #[test]
     fn refusals_say_the_rule_and_nothing_of_the_host() {
         for refusal in [Refusal::NotRoot, Refusal::Unidentified] {
@@ -261,5 +323,10 @@ mod tests {
             assert!(text.contains("only as root"), "{text}");
             assert!(!text.chars().any(|c| c.is_ascii_digit()), "{text}");
         }
+        let text = Refusal::Relayed.text();
+        for says in ["proxy", "excludeInboundPorts", "skip-inbound-ports"] {
+            assert!(text.contains(says), "{text}");
+        }
+        assert!(!text.chars().any(|c| c.is_ascii_digit()), "{text}");
     }
 }

@@ -48,7 +48,8 @@ const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
 /// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
 /// namespace just made, and a retry a second later serves it).
 const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
-/// At most one such WARN this often, for all namespaces together.
+/// At most one such WARN this often, for all namespaces together (and the stopped
+/// steering's, [`Manager::report`]).
 const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
 
 /// The longest the agent's readiness waits, from its first complete scan, for a namespace
@@ -101,10 +102,13 @@ pub(super) enum ListenerState {
     Failing,
     UserOwned,
     OverLimit,
+    /// Listening, steered, but the steering stopped for good ([`Manager::check_steering`]):
+    /// counted here instead of [`ListenerState::Steered`].
+    Stopped,
 }
 
 impl ListenerState {
-    pub(super) const ALL: [Self; 8] = [
+    pub(super) const ALL: [Self; 9] = [
         Self::Listening,
         Self::Steered,
         Self::Skipped,
@@ -113,6 +117,7 @@ impl ListenerState {
         Self::Failing,
         Self::UserOwned,
         Self::OverLimit,
+        Self::Stopped,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -125,6 +130,7 @@ impl ListenerState {
             Self::Failing => "failing",
             Self::UserOwned => "user_owned",
             Self::OverLimit => "over_limit",
+            Self::Stopped => "stopped",
         }
     }
 }
@@ -157,14 +163,18 @@ pub(super) struct Manager {
     /// When [`Manager::report`] last said at WARN that namespaces keep failing; `None`
     /// while none has failed for [`FAILING_WARN_AFTER`].
     pub(super) failing_told: Option<Instant>,
-    /// Namespaces a user's user namespace owns ([`netns::UserOwner::may_be_a_pod`]): no
-    /// pod's, never served, and not looked at again for their lifetime.
+    /// Namespaces no pod's ([`netns::UserOwner::may_be_a_pod`]): a user's user namespace
+    /// owns them, or one root made and they are not pinned under /run/netns (a root
+    /// container's own). Never served, and not looked at again for their lifetime, but
+    /// once their inode is pinned there (a runtime makes a `hostUsers: false` pod's
+    /// namespace, then pins it: a rescan between the two found it unpinned).
     ///
     /// This set, `skipped` and `socket_port_taken` know a namespace by its inode alone,
     /// forgotten when a rescan finds it gone: a pod sandbox the kernel gives that inode
     /// (it hands the lowest free one out again) before then is taken for it and gets no
-    /// listener (SECURITY.md). A served namespace's inode is not reused meanwhile: the
-    /// listening socket holds the namespace.
+    /// listener (SECURITY.md), but in this set, where a pin of the inode has it looked at
+    /// again (CRI runtimes pin every pod's). A served namespace's inode is not reused
+    /// meanwhile: the listening socket holds the namespace.
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
     /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
     /// served already.
@@ -176,6 +186,9 @@ pub(super) struct Manager {
     /// The last scan could not look everywhere (logged once when it begins, once when it
     /// ends).
     pub(super) scan_failing: bool,
+    /// When [`Manager::report`] last said at WARN that the steering stopped; `None` while it
+    /// runs (`state.pod_steering`, [`Manager::check_steering`]).
+    pub(super) stopped_told: Option<Instant>,
     /// What the agent's readiness still waits for (`state.ready`).
     pub(super) first_round: FirstRound,
 }
@@ -214,8 +227,30 @@ impl Manager {
             stop,
             scan: candidates,
             scan_failing: false,
+            stopped_told: None,
             first_round: FirstRound::Unscanned,
         }
+    }
+
+    /// Whether the steering stopped for good: asked of the kernel side after every rescan
+    /// until it has, then kept in `state.pod_steering` (`/healthz` on every listener says
+    /// so) and counted `state="stopped"` by [`Manager::report`].
+    pub(super) async fn check_steering(&mut self) {
+        if !self.steer || self.steering_stopped() {
+            return;
+        }
+        // The kernel's lock may be held by a walk: not on the runtime's threads.
+        let endpoints = Arc::clone(&self.endpoints);
+        let stopped = tokio::task::spawn_blocking(move || endpoints.steering_stopped())
+            .await
+            .unwrap_or(false);
+        if stopped {
+            self.state.pod_steering.stop();
+        }
+    }
+
+    fn steering_stopped(&self) -> bool {
+        self.steer && self.state.pod_steering.stopped()
     }
 
     /// One rescan: close listeners of namespaces that are gone, open them in new ones. A
@@ -228,10 +263,18 @@ impl Manager {
         let scan = self.scan;
         let scanned = tokio::task::spawn_blocking(move || {
             let addresses = crate::sys::ifaddrs::local_addresses();
-            (scan(own, prefix.as_deref()), addresses)
+            let present = scan(own, prefix.as_deref());
+            // After the scan, before any namespace is opened: `user_owner` checks a pin
+            // again once it holds the namespace. Unread, nothing counts as pinned (no
+            // listener in a namespace of root's user namespaces until it is read).
+            let pins = netns::Pins::read().unwrap_or_else(|problem| {
+                debug!("cannot read the pinned network namespaces: {problem:#}");
+                netns::Pins::default()
+            });
+            (present, pins, addresses)
         })
         .await;
-        let (present, addresses) = match scanned {
+        let (present, pins, addresses) = match scanned {
             Ok(scanned) => scanned,
             Err(problem) => {
                 warn!("namespace scan failed: {problem}");
@@ -276,8 +319,10 @@ impl Manager {
             .retain(|inode| present.contains_key(inode));
         self.waiting.retain(|inode| present.contains_key(inode));
         self.failing.retain(|inode, _| present.contains_key(inode));
+        // One pinned now is looked at again: a `hostUsers: false` pod's, found before its
+        // runtime pinned it, or a pod sandbox on the inode of one that went meanwhile.
         self.user_owned
-            .retain(|inode, _| present.contains_key(inode));
+            .retain(|inode, _| present.contains_key(inode) && !pins.contains(*inode));
         if let FirstRound::Opening { namespaces, .. } = &mut self.first_round {
             namespaces.retain(|inode| present.contains_key(inode));
         }
@@ -294,7 +339,7 @@ impl Manager {
         let owned = tokio::task::spawn_blocking(move || {
             new.into_iter()
                 .map(|(inode, path)| {
-                    let owner = netns::user_owner_of(inode, &path);
+                    let owner = netns::user_owner_of(inode, &path, &pins);
                     (inode, path, owner)
                 })
                 .collect::<Vec<_>>()
@@ -311,7 +356,7 @@ impl Manager {
         let chosen = choose(owned, max.saturating_sub(self.listening.len()));
         for (inode, owner) in chosen.user_owned {
             debug!(
-                "network namespace {inode}: owned by a user's user namespace ({owner:?}), no pod's; not listening there"
+                "network namespace {inode}: no pod's ({owner:?}: a user's user namespace owns it, or one root made and it is not pinned under /run/netns); not listening there"
             );
             self.user_owned.insert(inode, owner);
         }
@@ -501,7 +546,10 @@ impl Manager {
     pub(super) fn count(&self, state: ListenerState) -> usize {
         match state {
             ListenerState::Listening => self.listening.len(),
-            ListenerState::Steered => self.listening.values().filter(|l| l.steered).count(),
+            ListenerState::Steered if self.steering_stopped() => 0,
+            ListenerState::Steered => self.steered(),
+            ListenerState::Stopped if self.steering_stopped() => self.steered(),
+            ListenerState::Stopped => 0,
             ListenerState::Skipped => self.skipped.len(),
             ListenerState::SocketPortTaken => self.socket_port_taken.len(),
             ListenerState::Waiting => self.waiting.len(),
@@ -511,14 +559,32 @@ impl Manager {
         }
     }
 
+    /// Listeners served through the steering (stopped or not).
+    fn steered(&self) -> usize {
+        self.listening.values().filter(|l| l.steered).count()
+    }
+
     /// Sets `gauge` (`drain_agent_pod_listeners`) to the namespaces in each state, and says
-    /// at WARN, at most every [`FAILING_WARN_EVERY`], when namespaces have been failing to
-    /// get a listener for [`FAILING_WARN_AFTER`]: their pods' hooks find no agent.
+    /// at WARN, at most every [`FAILING_WARN_EVERY`], that the steering stopped, and when
+    /// namespaces have been failing to get a listener for [`FAILING_WARN_AFTER`]: their
+    /// pods' hooks find no agent.
     pub(super) fn report(&mut self, gauge: &IntGaugeVec) {
         for state in ListenerState::ALL {
             gauge
                 .with_label_values(&[state.label()])
                 .set(i64::try_from(self.count(state)).unwrap_or(i64::MAX));
+        }
+        if self.steering_stopped()
+            && self
+                .stopped_told
+                .is_none_or(|told| told.elapsed() >= FAILING_WARN_EVERY)
+        {
+            warn!(
+                "the in-pod port {} is steered to the agent in no pod: a count of the applications' listeners on it failed (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}), so the kernel side steers nowhere for good rather than take a connection from an application; the hooks of {} pod(s) to it are refused (drain_agent_pod_listeners{{state=\"stopped\"}}, /healthz degraded). Restart the agent beside a new one (a rollout restart: the next agent steers with kernel state of its own)",
+                self.options.addr.port(),
+                self.count(ListenerState::Stopped)
+            );
+            self.stopped_told = Some(Instant::now());
         }
         let mut long = self
             .failing
@@ -736,16 +802,18 @@ const OPEN_AT_ONCE: usize = 8;
 struct Chosen {
     /// Those to open: at most `room` of the namespaces that may be pods'.
     open: Vec<(u32, PathBuf)>,
-    /// Owned by a user's user namespace: no pod's ([`netns::UserOwner::may_be_a_pod`]).
+    /// No pod's ([`netns::UserOwner::may_be_a_pod`]): a user's user namespace owns it, or a
+    /// root container made it.
     user_owned: Vec<(u32, netns::UserOwner)>,
     /// May be pods', left out for want of room (`--pod-max-listeners`).
     over_limit: usize,
 }
 
-/// Chooses, among the namespaces found new, those to listen in: none a user's user
-/// namespace owns (any local user makes them: each listener would cost the agent
-/// descriptors, a program and a server, and count as a pod of its own in the shared
-/// limits), and at most `room` (in inode order). One whose owner cannot be read (gone
+/// Chooses, among the namespaces found new, those to listen in: none that may not be a
+/// pod's (a user's user namespace owns it, or a root container made it: any local user, and
+/// any pod running as root, makes them; each listener would cost the agent descriptors, a
+/// program and a server, and count as a pod of its own in the shared limits), and at most
+/// `room` (in inode order). One whose owner cannot be read (gone
 /// meanwhile) is left for the next rescan.
 fn choose(found: Vec<(u32, PathBuf, Result<netns::UserOwner>)>, room: usize) -> Chosen {
     let mut chosen = Chosen::default();
@@ -791,15 +859,20 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::http::{identify::SocketTables, pods::callers::NodeAddresses, tests::app};
+    use crate::http::{
+        identify::SocketTables, pods::callers::NodeAddresses, server::LocalAddr, tests::app,
+    };
 
     /// Audit: every namespace found got a listener, those any local user makes
     /// (`unshare -Urn`, owned by the user's user namespace) among them, and without bound:
     /// the user's are left out (the rule `pod_addresses.rs` uses), the rest capped at the
-    /// room left, and one whose owner cannot be read is left for the next rescan.
+    /// room left, and one whose owner cannot be read is left for the next rescan. A later
+    /// audit: those a root container makes (`unshare -Urn` as root: a user namespace root
+    /// made, the network namespace not pinned under /run/netns) were served; they are left
+    /// out too, and a pinned one (a `hostUsers: false` pod's) is served.
     #[test]
     fn listens_in_no_namespace_a_user_owns_and_at_most_the_room_left() {
-        use netns::UserOwner::{Initial, Root, User};
+        use netns::UserOwner::{Initial, RootPinned, RootUnpinned, User};
         let found = |owners: &[(u32, Option<netns::UserOwner>)]| {
             owners
                 .iter()
@@ -815,9 +888,10 @@ mod tests {
         let owners = [
             (1, Some(Initial)),
             (2, Some(User(1_000))),
-            (3, Some(Root)),
+            (3, Some(RootPinned)),
             (4, None),
             (5, Some(User(65_534))),
+            (6, Some(RootUnpinned)),
         ];
         let chosen = choose(found(&owners), 10);
         assert_eq!(
@@ -827,14 +901,14 @@ mod tests {
                     (1, PathBuf::from("/proc/1/ns/net")),
                     (3, PathBuf::from("/proc/3/ns/net")),
                 ],
-                user_owned: vec![(2, User(1_000)), (5, User(65_534))],
+                user_owned: vec![(2, User(1_000)), (5, User(65_534)), (6, RootUnpinned)],
                 over_limit: 0,
             }
         );
         let chosen = choose(found(&owners), 1);
         assert_eq!(chosen.open, vec![(1, PathBuf::from("/proc/1/ns/net"))]);
         assert_eq!(chosen.over_limit, 1);
-        assert_eq!(chosen.user_owned.len(), 2);
+        assert_eq!(chosen.user_owned.len(), 3);
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
     }
 
@@ -1053,6 +1127,7 @@ mod tests {
                 metrics: Arc::clone(&manager.state.metrics),
                 drains: Arc::clone(&manager.state.drains),
                 authority: Arc::clone(&manager.state.authority),
+                pod_steering: manager.state.pod_steering.clone(),
                 ready: ready.clone(),
             });
             ready
@@ -1108,15 +1183,134 @@ mod tests {
         assert!(matches!(manager.first_round, FirstRound::Done));
     }
 
-    /// `GET /healthz` on `app` from the pod itself (loopback): the status.
+    /// `GET /healthz` on `app` from the pod itself (loopback at both ends): the status.
     async fn healthz(app: Router) -> StatusCode {
+        healthz_body(app).await.0
+    }
+
+    /// `GET /healthz` on `app` from the pod itself (loopback): the status and JSON body.
+    async fn healthz_body(app: Router) -> (StatusCode, serde_json::Value) {
         let mut request = Request::get("/healthz")
             .body(Body::empty())
             .expect("request");
         request
             .extensions_mut()
             .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
-        app.oneshot(request).await.expect("response").status()
+        request
+            .extensions_mut()
+            .insert(LocalAddr(SocketAddr::from(([127, 0, 0, 1], 9100))));
+        let response = app.oneshot(request).await.expect("response");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("JSON"))
+    }
+
+    /// A kernel side whose steering has stopped for good (a count of the applications'
+    /// listeners on the in-pod port failed), counting how often it was asked.
+    #[derive(Default)]
+    struct StoppedKernel {
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl OwnEndpoints for StoppedKernel {
+        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
+            Ok(())
+        }
+
+        fn forget(&self, _: u32, _: u16) -> Result<()> {
+            Ok(())
+        }
+
+        fn steering_problem(&self) -> Option<String> {
+            None
+        }
+
+        fn steering_stopped(&self) -> bool {
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        }
+
+        fn steer(
+            &self,
+            _: SocketAddr,
+            _: u32,
+            _: &std::fs::File,
+            _: std::os::fd::BorrowedFd<'_>,
+        ) -> Result<SteerLink> {
+            anyhow::bail!("a fake")
+        }
+    }
+
+    /// Audit (a silent stop): once the kernel side stopped steering for good, every pod's
+    /// hook to the in-pod port was refused, and the agent said so in one WARN only:
+    /// `/healthz` stayed `ok` and `drain_agent_pod_listeners{state="steered"}` counted the
+    /// listeners as steered. Now `/healthz` (node and pods) says `degraded` naming it, and
+    /// the listeners are counted `stopped`, for as long as it lasts.
+    #[tokio::test]
+    async fn a_stopped_steering_is_reported_while_it_lasts() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let kernel = Arc::new(StoppedKernel::default());
+        let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, phases);
+        let gauge = IntGaugeVec::new(
+            prometheus::Opts::new("drain_agent_pod_listeners", "test"),
+            &["state"],
+        )
+        .expect("gauge");
+        let count = |state: &str| gauge.with_label_values(&[state]).get();
+        let routers = |manager: &Manager| {
+            [
+                router(Arc::clone(&manager.state)),
+                pod_router(
+                    Arc::clone(&manager.state),
+                    4_026_532_001,
+                    None,
+                    &manager.options.tasks,
+                ),
+            ]
+        };
+        // The binding fallback steers nothing: nothing to ask, nothing stopped.
+        manager.check_steering().await;
+        assert_eq!(kernel.asked.load(std::sync::atomic::Ordering::Relaxed), 0);
+        manager.steer = true;
+        let (stop_listener, _stopped) = watch::channel(false);
+        manager.listening.insert(
+            4_026_532_001,
+            Listening {
+                stop: stop_listener,
+                steered: true,
+            },
+        );
+        manager.report(&gauge);
+        assert_eq!((count("steered"), count("stopped")), (1, 0));
+        for app in routers(&manager) {
+            assert_eq!(healthz_body(app).await.1["status"], "ok");
+        }
+        // A rescan finds it stopped.
+        manager.check_steering().await;
+        for _ in 0..3 {
+            manager.report(&gauge);
+            assert_eq!(
+                (count("listening"), count("steered"), count("stopped")),
+                (1, 0, 1)
+            );
+            assert_eq!(count("failing"), 0, "open, not failing");
+            for app in routers(&manager) {
+                let (status, body) = healthz_body(app).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                assert_eq!(body["status"], "degraded", "{body}");
+                assert_eq!(
+                    body["reasons"],
+                    serde_json::json!([super::super::SteeringStop::REASON]),
+                    "{body}"
+                );
+            }
+            // For good: not asked again.
+            manager.check_steering().await;
+        }
+        assert_eq!(kernel.asked.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// Audit: `/healthz` on a pod listener is "as on the node" (README), but only the

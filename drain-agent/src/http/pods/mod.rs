@@ -13,10 +13,11 @@
 //! look everywhere (out of descriptors) closes nothing and opens nothing.
 //!
 //! Requests there carry a [`PodScope`] (the handlers confine them to the namespace, see
-//! `pod_scope.rs`); bound beyond loopback, only callers from loopback (the pod itself) and
-//! root of the node are answered (the kubelet calls the pod IP from the node: a caller
-//! from a node address is told by its socket's owner in the node's tables, `callers.rs`),
-//! others get 403.
+//! `pod_scope.rs`); bound beyond loopback, only callers on loopback at both ends (the pod
+//! itself calling localhost) and root of the node are answered (the kubelet calls the pod
+//! IP from the node: a caller from a node address is told by its socket's owner in the
+//! node's tables, `callers.rs`), others get 403, a call a proxy in the pod relays from
+//! loopback to the pod's address (a service mesh's sidecar) among them.
 //!
 //! The port is taken from no pod: the socket is on loopback at `--pod-socket-port` (29100:
 //! that port is taken in every pod instead, and a pod whose application holds it already is
@@ -36,6 +37,17 @@
 //! namespace, the steering: EMFILE, ENOMEM…) is retried on every rescan, counted
 //! `state="failing"` at once and said at WARN once it has failed for a minute.
 //!
+//! Once the kernel side could not keep a count of an application's listeners on the port
+//! (`pod_listen_count_failed`), every namespace's steering stops for good: no pod's port
+//! is steered to the agent, and its hooks there are refused. The agent says so as long as
+//! it lasts ([`SteeringStop`]): `/healthz` is `degraded` naming it, the steered listeners
+//! are counted `state="stopped"` (none `steered`), and a WARN repeats every 10 minutes. Not
+//! a failed `/healthz`: the liveness probe's restart would close the node listener too (for
+//! up to `--shutdown-grace` while waiters are held: their hooks refused as well), and a
+//! cause that lasts would restart it in a loop. The next agent started beside this one (an
+//! upgrade, a rollout restart) makes kernel state of its own and steers again, with no
+//! moment without an agent.
+//!
 //! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
 //! steered one detaches its steering first — once another agent's program is attached in
 //! its namespace (the next agent serves there), or after `SUCCESSOR_WAIT` (2 s, never past
@@ -50,7 +62,17 @@ mod callers;
 mod manager;
 mod open;
 
-use std::{fs::File, net::SocketAddr, os::fd::BorrowedFd, path::Path, sync::Arc, time::Duration};
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::BorrowedFd,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use log::{info, warn};
@@ -102,6 +124,24 @@ pub trait OwnEndpoints: Send + Sync + 'static {
         netns_file: &File,
         socket: BorrowedFd<'_>,
     ) -> Result<SteerLink>;
+}
+
+/// Whether the in-pod port's steering stopped for good ([`OwnEndpoints::steering_stopped`]):
+/// set by the listener manager, read by `/healthz` on every listener. Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct SteeringStop(Arc<AtomicBool>);
+
+impl SteeringStop {
+    /// `/healthz`'s reason while the steering is stopped: general, naming the state only.
+    pub const REASON: &str = "the in-pod port is steered to the agent in no pod (a count of its listeners failed: pod_listen_count_failed); its hooks there are refused until the agent is restarted beside a new one (a rollout restart)";
+
+    pub fn stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// `--pod-socket-port`'s default: the port of the agent's own socket in every pod. A fixed
@@ -209,7 +249,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), failing (the listener could not be opened: loopback not up yet, EMFILE, ENOMEM, setns or steering errors; retried on every rescan, WARN after a minute), user_owned (namespaces a user's user namespace owns, e.g. unshare -Urn: no pod's, never served), or over_limit (namespaces left without a listener: --pod-max-listeners are open).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), failing (the listener could not be opened: loopback not up yet, EMFILE, ENOMEM, setns or steering errors; retried on every rescan, WARN after a minute), user_owned (no pod's, never served: namespaces a user's user namespace owns, e.g. unshare -Urn, or a user namespace root made while no bind mount under /run/netns pins them, e.g. unshare -Urn in a container running as root), over_limit (namespaces left without a listener: --pod-max-listeners are open), or stopped (listening, but the steering stopped for good: a count of the applications' listeners on the port failed, tracking_errors_total{reason=\"pod_listen_count_failed\"}; their hooks to the in-pod port are refused until the agent is restarted, and steered is 0 meanwhile).",
         ),
         &["state"],
     )?;
@@ -259,11 +299,10 @@ pub async fn serve_in_pods(
         stop.clone(),
     );
     info!(
-        "serving inside pod network namespaces on {} (callers: the pod itself on loopback, and root of this node from its addresses)",
+        "serving inside pod network namespaces on {} (callers: the pod itself calling localhost, and root of this node from its addresses)",
         manager.options.addr
     );
     let mut burst_until: Option<Instant> = None;
-    let mut stopped_told = false;
     let mut opened = Some(opened);
     loop {
         manager.reconcile().await;
@@ -275,22 +314,7 @@ pub async fn serve_in_pods(
             // kernel's lock now (agent/mod.rs).
             let _ = opened.send(());
         }
-        let stopped = if manager.steer && !stopped_told {
-            // The kernel's lock may be held by a walk: not on the runtime's threads.
-            let endpoints = Arc::clone(&manager.endpoints);
-            tokio::task::spawn_blocking(move || endpoints.steering_stopped())
-                .await
-                .unwrap_or(false)
-        } else {
-            false
-        };
-        if stopped {
-            stopped_told = true;
-            warn!(
-                "a listener on the in-pod port {} could not be counted (drain_agent_tracking_errors_total{{reason=\"pod_listen_count_failed\"}}): the port is steered to the agent in no pod any more, so no application can lose a connection to it; restart the agent to steer again",
-                manager.options.addr.port()
-            );
-        }
+        manager.check_steering().await;
         manager.report(&gauge);
         if let Some(watch) = &mut watch {
             watch.watch_dirs();

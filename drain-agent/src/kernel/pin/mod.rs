@@ -6,8 +6,9 @@
 //! The pin directory (`--pin-dir`, `/sys/fs/bpf/drain-agent` by default) holds one
 //! subdirectory per *layout*: a hash of the embedded eBPF object and of every choice that
 //! shapes its maps or what the handler counts ([`layout_name`]). Inside: each map of
-//! [`SHARED_MAPS`] under its name, the handler program (`handler-<attach method>`) and its
-//! link (`link`, pinned last: a layout without it is incomplete and never adopted).
+//! [`SHARED_MAPS`] under its name, the totals of reclaimed endpoints ([`RECLAIMED`]), the
+//! handler program (`handler-<attach method>`) and its link (`link`, pinned last: a layout
+//! without it is incomplete and never adopted).
 //!
 //! Ownership is a `flock(LOCK_EX)` on the pin directory, held for the agent's lifetime
 //! (the kernel drops it when the process ends, however it ends). Only the holder adopts
@@ -50,7 +51,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The handler's link, pinned last.
 const LINK: &str = "link";
 /// Bumped when the meaning of a pinned layout changes in a way the object bytes do not show.
-const LAYOUT_VERSION: &str = "v1";
+/// v2: [`RECLAIMED`] is pinned too (a v1 layout's counts, adopted without it, would have
+/// lost every reclaimed endpoint's totals).
+const LAYOUT_VERSION: &str = "v2";
+/// The totals of reclaimed endpoints (`kernel/reclaimed.rs`): a map no program uses, pinned
+/// with the counting state so that an adopting agent goes on from them.
+pub(super) const RECLAIMED: &str = "RECLAIMED";
 /// How often an agent that found the pin directory locked tries again.
 const LOCK_RETRY: Duration = Duration::from_millis(250);
 
@@ -207,7 +213,12 @@ impl PinDir {
     /// The complete pinned state of this layout, if there is one (check with the lock held).
     pub(super) fn adoptable(&self) -> Option<Adoptable> {
         let dir = self.layout_dir();
-        if !dir.join(LINK).exists() || SHARED_MAPS.iter().any(|name| !dir.join(name).exists()) {
+        if !dir.join(LINK).exists()
+            || SHARED_MAPS
+                .iter()
+                .chain([&RECLAIMED])
+                .any(|name| !dir.join(name).exists())
+        {
             return None;
         }
         let method = AttachMethod::ALL
@@ -354,7 +365,7 @@ mod tests {
         assert_ne!(one, layout_name(b"object2", "max_connections=1"));
         // The boundary between object and facts is part of the hash.
         assert_ne!(layout_name(b"ab", "c"), layout_name(b"a", "bc"));
-        assert!(one.starts_with("v1-") && one.len() == 3 + 16, "{one}");
+        assert!(one.starts_with("v2-") && one.len() == 3 + 16, "{one}");
     }
 
     #[test]

@@ -125,6 +125,40 @@ pub struct TcpInfoSummary {
     pub bytes_acked: Option<u64>,
     /// Bytes received over the connection's life (Linux 4.1+).
     pub bytes_received: Option<u64>,
+    /// Segments carrying data sent over the connection's life, retransmissions included
+    /// (Linux 4.6+).
+    pub data_segs_out: Option<u32>,
+}
+
+impl TcpInfoSummary {
+    /// Whether the peer's data came after this end's last data: for a request/response
+    /// protocol, a request the application has read and not answered yet (it may be
+    /// working on it with both queues empty, moving no bytes).
+    ///
+    /// Either of two signs says so:
+    /// - data received and none ever sent. The kernel stamps an accepted socket's last send
+    ///   and last receive with the tick it was created in (`tcp_create_openreq_child`), and a
+    ///   client's first request nearly always arrives in that same tick (1 to 10 ms): until
+    ///   the server answers, the two times below stay equal, and compared alone they would
+    ///   call a slow first request idle.
+    /// - the last data received more recently than the last data sent.
+    ///
+    /// One tie is left: a later request that arrives in the same tick as the previous
+    /// response was sent shows both times equal, and is not told apart from a response sent
+    /// after its request (a fast keep-alive exchange, which must turn idle). Such a request
+    /// counts as awaiting nothing, and the connection as idle once silent for the bar.
+    /// Taking every tie as awaiting would keep a keep-alive connection whose last response
+    /// left in the tick of its request busy forever.
+    ///
+    /// Any data from the peer counts, not only requests: a WebSocket pong or an HTTP/2
+    /// WINDOW_UPDATE after a response keeps the connection awaiting (busy) until this end
+    /// sends again. That is the fail-closed side: telling them from a request would need the
+    /// protocol.
+    pub fn awaiting_reply(&self) -> bool {
+        let received = self.bytes_received.is_some_and(|bytes| bytes > 0);
+        let sent_nothing = self.data_segs_out == Some(0);
+        (received && sent_nothing) || self.last_data_recv_ms < self.last_data_sent_ms
+    }
 }
 
 /// Every TCP socket (IPv4 and IPv6) in the calling thread's network namespace with the given

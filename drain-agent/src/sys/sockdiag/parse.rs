@@ -27,8 +27,9 @@ const TCPI_BASE_LEN: usize = TCPI_LAST_ACK_RECV + 4;
 /// `__u64 tcpi_bytes_acked`, `tcpi_bytes_received` (Linux 4.1).
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
-/// `__u32 tcpi_notsent_bytes` (Linux 4.6).
+/// `__u32 tcpi_notsent_bytes`, `tcpi_data_segs_out` (Linux 4.6).
 const TCPI_NOTSENT_BYTES: usize = 144;
+const TCPI_DATA_SEGS_OUT: usize = 156;
 
 /// One `struct inet_diag_msg` and its attributes.
 pub(super) fn parse_socket(payload: &[u8], with_info: bool) -> Result<TcpSocket> {
@@ -113,6 +114,7 @@ fn parse_tcp_info(raw: &[u8]) -> Result<TcpInfoSummary> {
         bytes_received: read_array(raw, TCPI_BYTES_RECEIVED)
             .ok()
             .map(u64::from_ne_bytes),
+        data_segs_out: read_u32(raw, TCPI_DATA_SEGS_OUT).ok(),
     })
 }
 
@@ -137,6 +139,7 @@ mod tests {
             tcpi_bytes_acked = TCPI_BYTES_ACKED,
             tcpi_bytes_received = TCPI_BYTES_RECEIVED,
             tcpi_notsent_bytes = TCPI_NOTSENT_BYTES,
+            tcpi_data_segs_out = TCPI_DATA_SEGS_OUT,
         );
     }
 
@@ -152,6 +155,9 @@ mod tests {
         // tcp_info too short for the base fields; then only the base fields: optionals None.
         assert!(parse_tcp_info(&[0; TCPI_BASE_LEN - 1]).is_err());
         let base = parse_tcp_info(&[0; TCPI_BASE_LEN]).expect("base tcp_info");
-        assert_eq!((base.notsent_bytes, base.bytes_acked), (None, None));
+        assert_eq!(
+            (base.notsent_bytes, base.bytes_acked, base.data_segs_out),
+            (None, None, None)
+        );
     }
 }

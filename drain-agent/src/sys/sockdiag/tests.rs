@@ -260,6 +260,81 @@ fn queues_and_tcp_info_show_busy_and_idle() {
     assert!(after.last_data_sent_ms >= 250, "never sent: {after:#?}");
 }
 
+/// `tcp_info` of an accepted socket, `ms` after its last data sent and received.
+fn info(sent_ms: u32, recv_ms: u32, received: u64, data_segs_out: u32) -> TcpInfoSummary {
+    TcpInfoSummary {
+        last_data_sent_ms: sent_ms,
+        last_data_recv_ms: recv_ms,
+        last_ack_recv_ms: recv_ms,
+        unacked: 0,
+        notsent_bytes: Some(0),
+        bytes_acked: Some(0),
+        bytes_received: Some(received),
+        data_segs_out: Some(data_segs_out),
+    }
+}
+
+#[test]
+fn a_request_read_and_not_answered_is_awaiting_a_reply() {
+    // The first request arrived in the tick the socket was created in: both times equal
+    // (the socket's creation counts as its last send), nothing sent.
+    assert!(info(5_000, 5_000, 40, 0).awaiting_reply());
+    // Or in a later tick: received more recently than "sent".
+    assert!(info(5_000, 4_990, 40, 0).awaiting_reply());
+    // A keep-alive connection with a request after the last response.
+    assert!(info(5_000, 3_000, 80, 1).awaiting_reply());
+    // Nothing received: a connection the client opened and has not used.
+    assert!(!info(5_000, 5_000, 0, 0).awaiting_reply());
+    // Answered: the response left after the request, or in the same tick.
+    assert!(!info(3_000, 5_000, 40, 1).awaiting_reply());
+    assert!(!info(5_000, 5_000, 40, 1).awaiting_reply());
+    // A kernel without the counters: the times alone.
+    let old = TcpInfoSummary {
+        bytes_received: None,
+        data_segs_out: None,
+        ..info(5_000, 5_000, 40, 0)
+    };
+    assert!(!old.awaiting_reply());
+    assert!(
+        TcpInfoSummary {
+            last_data_recv_ms: 10,
+            ..old
+        }
+        .awaiting_reply()
+    );
+}
+
+#[test]
+fn a_first_request_sent_with_the_handshake_is_awaiting_until_answered() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let request = b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    client.write_all(request).expect("request");
+    let remote = client.local_addr().expect("addr");
+    let (mut server, _) = listener.accept().expect("accept");
+    let mut read = vec![0; request.len()];
+    server.read_exact(&mut read).expect("read the request");
+    let socket = by_remote(&live(port, true), remote).clone();
+    let info = socket.info.expect("tcp_info asked for");
+    assert_eq!(
+        (socket.recv_queue, socket.send_queue, info.data_segs_out),
+        (0, 0, Some(0)),
+        "{socket:#?}"
+    );
+    assert!(info.awaiting_reply(), "{info:#?}");
+    server
+        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        .expect("answer");
+    let mut answer = [0; 64];
+    let n = client.read(&mut answer).expect("read the answer");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 204"));
+    eventually("answered, not awaiting", || {
+        let socket = by_remote(&live(port, true), remote).clone();
+        socket.send_queue == 0 && socket.info.is_some_and(|info| !info.awaiting_reply())
+    });
+}
+
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn destroy_resets_the_peer_and_the_socket_is_gone() {
