@@ -291,13 +291,16 @@ fn kubernetes_manifests_agree_with_each_other() {
     assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(agent["livenessProbe"]["httpGet"]["port"], agent_port);
     // Readiness and startup: this pod's own agent only, never the upgrade's other agent on
-    // the same address (tests/probe.rs).
-    for probe in ["startupProbe", "readinessProbe"] {
-        assert_eq!(
-            agent[probe]["exec"]["command"],
-            serde_json::json!(["/drain-agent", "probe"]),
-            "{probe}"
-        );
+    // the same address (tests/probe.rs); ready only once it serves in the pods there at its
+    // start (tests/handover.rs), which startup does not wait for (its failures restart).
+    for (probe, command) in [
+        ("startupProbe", serde_json::json!(["/drain-agent", "probe"])),
+        (
+            "readinessProbe",
+            serde_json::json!(["/drain-agent", "probe", "--ready"]),
+        ),
+    ] {
+        assert_eq!(agent[probe]["exec"]["command"], command, "{probe}");
     }
     // The hand-over: the new agent starts beside the old one, which stops once it is ready.
     let rolling = &daemonset["spec"]["updateStrategy"];

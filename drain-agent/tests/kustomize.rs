@@ -152,17 +152,23 @@ fn agent_port(rendered: &Rendered) -> u16 {
         "{name}: livenessProbe"
     );
     // Startup and readiness: only this pod's own agent may pass them (an upgrade's other
-    // agent shares the address): `drain-agent probe` with the pod's UID as the instance.
+    // agent shares the address): `drain-agent probe` with the pod's UID as the instance;
+    // readiness also waits for the agent to serve in the pods (`--ready`, tests/handover.rs).
     assert_eq!(
         env[at("DRAIN_AGENT_INSTANCE")].1["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.uid",
         "{name}: the instance is the pod's UID"
     );
-    for probe in ["startupProbe", "readinessProbe"] {
+    for (probe, command) in [
+        ("startupProbe", serde_json::json!(["/drain-agent", "probe"])),
+        (
+            "readinessProbe",
+            serde_json::json!(["/drain-agent", "probe", "--ready"]),
+        ),
+    ] {
         assert!(container[probe]["httpGet"].is_null(), "{name}: {probe}");
         assert_eq!(
-            container[probe]["exec"]["command"],
-            serde_json::json!(["/drain-agent", "probe"]),
+            container[probe]["exec"]["command"], command,
             "{name}: {probe}"
         );
         assert!(

@@ -42,7 +42,8 @@ pub const EXIT_WAIT: Duration = process::EXIT_WAIT;
 /// A supervisor's stop timeout (`terminationGracePeriodSeconds`, `TimeoutStopSec=`) must
 /// be longer, or it kills the agent while it still answers waiters; the deploy tests
 /// (`tests/deploy_kubernetes.rs`, `tests/deploy_systemd.rs`) hold the shipped ones to it.
-/// Not counted: a pod's steering detached for 250 ms at the start of the grace, which the
+/// Not counted: a pod's steering kept, where no other agent serves, for up to 2 s of the
+/// grace (`http/pods/manager.rs` `SUCCESSOR_WAIT`) and then detached for 250 ms, which the
 /// supervisors' margin covers.
 pub fn longest_stop(args: &RunArgs) -> Duration {
     let agent_check = if args.agent_check_listen.is_some() {
@@ -311,6 +312,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         drains: Arc::clone(&drains),
         authority: Arc::clone(&authority),
+        // Ready (`/healthz?ready=true`, the readiness probe's `drain-agent probe --ready`)
+        // once the pod listeners of the namespaces there at the start are open (or could not
+        // be, http/pods/manager.rs): before, an upgrade's old agent would be stopped, and
+        // detach its steering in pods this one does not serve yet.
+        ready: if args.pod_listen.is_some() {
+            crate::http::ready::Readiness::after_first_round()
+        } else {
+            crate::http::ready::Readiness::ready()
+        },
         pod_steering: crate::http::pods::SteeringStop::default(),
     });
     // The node's socket tables: they tell a local caller of the node listener, and a caller
@@ -358,6 +368,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 metrics: Arc::clone(&state.metrics),
                 drains: Arc::clone(&state.drains),
                 authority: Arc::clone(&state.authority),
+                ready: state.ready.clone(),
                 // One for the node's `/healthz` and the pods': the manager sets it.
                 pod_steering: state.pod_steering.clone(),
             });

@@ -91,8 +91,8 @@ pub enum Command {
     /// each connection goes to either; an `httpGet` probe of the new pod may be answered by
     /// the old agent. This tries fresh connections (each hashed anew) until the named agent
     /// answers `/healthz` (its answers carry its name) or --within passes. Exit status: 0
-    /// that agent answered 200; 1 it answered otherwise, or only other agents or none did;
-    /// 2 usage error.
+    /// that agent answered 200 (with --ready: and is ready); 1 it answered otherwise, or
+    /// only other agents or none did; 2 usage error.
     Probe(ProbeArgs),
     /// Print a shell completion script, e.g.
     /// `drain-agent completions bash > /etc/bash_completion.d/drain-agent`.
@@ -395,6 +395,14 @@ pub struct ProbeArgs {
     /// the probe's timeoutSeconds.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub within: Duration,
+
+    /// Pass only once the agent is also ready (`/healthz?ready=true`): with `run
+    /// --pod-listen`, the listeners of the pod namespaces there at its start are open (or
+    /// could not be within 30 s). The DaemonSet's readiness probe: an upgrade's old agent
+    /// is stopped once the new one is ready. Not for the startup or liveness probe: their
+    /// failures restart the agent, and a long first round would only start over.
+    #[arg(long)]
+    pub ready: bool,
 }
 
 /// The longest `--instance`.

@@ -13,6 +13,7 @@ pub mod handover;
 pub mod identify;
 pub mod pod_scope;
 pub mod pods;
+pub mod ready;
 pub mod server;
 mod status;
 
@@ -43,6 +44,8 @@ pub struct AppState {
     pub authority: Arc<Authority>,
     /// Whether the in-pod port's steering stopped for good (`pods/`): `/healthz` says so.
     pub pod_steering: pods::SteeringStop,
+    /// Whether `/healthz?ready=true` passes (`ready.rs`).
+    pub ready: ready::Readiness,
 }
 
 /// The agent's routes.
@@ -56,7 +59,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/drains", get(drains::list_drains))
         .route("/health", get(drains::health))
         .route("/advice", get(status::advice))
-        .route("/healthz", get(status::healthz))
+        .route("/healthz", get(ready::healthz))
         .route("/connections", get(connections::connections))
         .route("/metrics", get(status::metrics))
         .fallback(not_found)

@@ -135,6 +135,7 @@ fn app_full(
         drains,
         authority: Arc::new(Authority { pods, owners }),
         pod_steering: crate::http::pods::SteeringStop::default(),
+        ready: crate::http::ready::Readiness::ready(),
     });
     (source, state)
 }
@@ -789,6 +790,49 @@ async fn an_address_no_connection_can_have_is_refused() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["active"], 2);
     assert_eq!(get(&state, "/health?port=8080").await.0, StatusCode::OK);
+}
+
+/// Audit (ready before serving in the pods): the readiness probe passed on `/healthz` as
+/// soon as the node listener served, while the first round of pod listeners was still being
+/// opened; an upgrade's old agent then stopped and detached its steering in pods this one
+/// did not serve yet. `/healthz?ready=true` (`drain-agent probe --ready`) is `503` until
+/// the pod listener manager says the round is done; plain `/healthz` (liveness, the startup
+/// probe) is not held.
+#[tokio::test]
+async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
+    use crate::http::ready::{NOT_READY, READY_QUERY, Readiness};
+    let (_, app_state) = app(vec![]);
+    let ready = Readiness::after_first_round();
+    let state = Arc::new(AppState {
+        tracker: Arc::clone(&app_state.tracker),
+        limits: app_state.limits,
+        metrics: Arc::clone(&app_state.metrics),
+        drains: Arc::clone(&app_state.drains),
+        authority: Arc::clone(&app_state.authority),
+        pod_steering: app_state.pod_steering.clone(),
+        ready: ready.clone(),
+    });
+    let readiness = format!("/healthz?{READY_QUERY}");
+    let (status, body) = get(&state, &readiness).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], NOT_READY);
+    for live in ["/healthz", "/healthz?ready=false"] {
+        let (status, body) = get(&state, live).await;
+        assert_eq!(
+            (status, &body["status"]),
+            (StatusCode::OK, &"ok".into()),
+            "{live}"
+        );
+    }
+    let (status, body) = get(&state, "/healthz?ready=yes").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    ready.set_ready();
+    let (status, body) = get(&state, &readiness).await;
+    assert_eq!(
+        (status, &body["status"]),
+        (StatusCode::OK, &"ok".into()),
+        "{body}"
+    );
 }
 
 #[tokio::test]

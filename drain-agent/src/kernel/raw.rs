@@ -2,11 +2,13 @@
 //! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
 //! once, and these are a few instructions each, built at run time), `pin/`'s pins and
 //! object lookups, a map of the agent's own outside the object (`reclaimed.rs`), and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
-//! runs). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
+//! runs), and which `sk_lookup` programs a namespace has (`steer.rs`,
+//! `BPF_PROG_QUERY`). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
 //!
 //! Callers only *write* members of the `bpf_attr` union (safe in Rust); what the kernel
-//! answers comes back in the syscall's return value or in a plain struct it filled.
+//! answers comes back in the syscall's return value or in a plain struct or array it
+//! filled.
 
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 

@@ -47,7 +47,9 @@
 //! attached last, the new agent's, serves at once, and the old agent's socket gets no new
 //! connection. If the later program finds no socket of its agent (its socket closed: the
 //! socket map drops a closed socket), it assigns nothing and the earlier selection stands.
-//! The old agent stops by detaching its link first, then accepting what is already queued
+//! The old agent stops by detaching its link first (once another program is attached to
+//! the namespace, `SteerLink::others_attached`, or after 2 s: `http/pods/`), then accepting
+//! what is already queued
 //! on its socket (a connection is steered at its SYN: one steered before the detach may
 //! still complete its handshake onto the old socket), and only then closing it
 //! (`http/pods/`); what it could not accept meanwhile (every connection slot busy) moves at
@@ -298,6 +300,32 @@ fn attach(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> Result<OwnedFd> {
 pub struct SteerLink {
     _link: OwnedFd,
     _program: OwnedFd,
+    /// The namespace (a file of it), to ask which programs are attached there. Held no
+    /// longer than the agent's socket there, which holds the namespace anyway.
+    netns: OwnedFd,
+}
+
+impl SteerLink {
+    /// Whether another `sk_lookup` program than this one is attached to the namespace: an
+    /// agent beside this one (an upgrade's next) serves the in-pod port there.
+    /// `BPF_PROG_QUERY` (CAP_NET_ADMIN, as the attach) for at most two program ids: more
+    /// is `ENOSPC`, which says as much.
+    pub fn others_attached(&self) -> Result<bool> {
+        let mut ids = [0_u32; 2];
+        let mut attr = zeroed_attr();
+        attr.query.__bindgen_anon_1.target_fd =
+            u32::try_from(self.netns.as_raw_fd()).context("bad namespace fd")?;
+        attr.query.attach_type = bpf_attach_type::BPF_SK_LOOKUP as u32;
+        attr.query.prog_ids = ids.as_mut_ptr() as u64;
+        attr.query.__bindgen_anon_2.prog_cnt = 2;
+        match raw::bpf_call(bpf_cmd::BPF_PROG_QUERY, &mut attr) {
+            Ok(_) => Ok(ids.iter().filter(|id| **id != 0).count() > 1),
+            Err(error) if error.raw_os_error() == Some(libc::ENOSPC) => Ok(true),
+            Err(error) => Err(anyhow::anyhow!(
+                "cannot list the sk_lookup programs of a network namespace: {error}"
+            )),
+        }
+    }
 }
 
 /// The in-pod port's steering: the maps and the target, set up at load.
@@ -342,9 +370,13 @@ impl Steering {
         let insns = program(target, netns, &self.maps())?;
         let program = load(&insns)?;
         let link = attach(program.as_fd(), netns_file.as_fd())?;
+        let netns = netns_file
+            .try_clone()
+            .context("cannot keep the namespace's file")?;
         Ok(SteerLink {
             _link: link,
             _program: program,
+            netns: netns.into(),
         })
     }
 

@@ -5,19 +5,25 @@
 //! new pod Ready, and the old one deleted, while the new agent is still loading or about
 //! to fail. Every answer on the node listener names its agent (`INSTANCE_HEADER`), so the
 //! probe opens fresh connections (a new source port hashes anew) until the named agent
-//! answers, and passes only on that agent's own `200`.
+//! answers, and passes only on that agent's own `200`. With `--ready` (the readiness
+//! probe) it asks `/healthz?ready=true`, which also waits for the agent's first round of
+//! pod listeners (`http/ready.rs`): the old agent detaches its steering in every pod at its
+//! stop.
 
 use std::{
     process::ExitCode,
     time::{Duration, Instant},
 };
 
-use crate::cli::{
-    ProbeArgs,
-    client::{AgentUrl, EXIT_ERROR, error_text, get},
+use crate::{
+    cli::{
+        ProbeArgs,
+        client::{AgentUrl, EXIT_ERROR, error_text, get},
+    },
+    http::ready::READY_QUERY,
 };
 
-/// Exit status: the named agent answered `/healthz` with `200`.
+/// Exit status: the named agent answered `/healthz` (`?ready=true` with `--ready`) with `200`.
 const EXIT_READY: u8 = 0;
 /// Exit status: it answered otherwise, or only other agents (or none) answered in time.
 const EXIT_NOT_READY: u8 = 1;
@@ -43,9 +49,9 @@ enum Outcome {
     },
 }
 
-/// Tries fresh connections to `url` until the agent named `instance` answers `/healthz`
-/// or `within` passes.
-fn reach(url: &AgentUrl, instance: &str, within: Duration) -> Outcome {
+/// Tries fresh connections to `url` until the agent named `instance` answers `path` (a
+/// `/healthz`) or `within` passes.
+fn reach(url: &AgentUrl, path: &str, instance: &str, within: Duration) -> Outcome {
     let deadline = Instant::now() + within;
     let (mut others, mut failures, mut last_problem) = (0, 0, None);
     loop {
@@ -57,7 +63,7 @@ fn reach(url: &AgentUrl, instance: &str, within: Duration) -> Outcome {
                 last_problem,
             };
         }
-        let pause = match get(url, "/healthz", left) {
+        let pause = match get(url, path, left) {
             Ok(answer) if answer.instance.as_deref() == Some(instance) => {
                 return Outcome::Reached {
                     status: answer.status,
@@ -87,7 +93,12 @@ pub fn probe(args: &ProbeArgs) -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    match reach(&url, &args.instance, args.within) {
+    let (path, not) = if args.ready {
+        (format!("/healthz?{READY_QUERY}"), "ready")
+    } else {
+        ("/healthz".to_owned(), "healthy")
+    };
+    match reach(&url, &path, &args.instance, args.within) {
         Outcome::Reached { status: 200, body } => {
             println!(
                 "agent {} at {}: {}",
@@ -99,7 +110,7 @@ pub fn probe(args: &ProbeArgs) -> ExitCode {
         }
         Outcome::Reached { status, body } => {
             eprintln!(
-                "drain-agent probe: agent {} at {} is not healthy: {status} {}",
+                "drain-agent probe: agent {} at {} is not {not}: {status} {}",
                 args.instance,
                 args.listen,
                 error_text(&body)
@@ -166,7 +177,7 @@ mod tests {
     #[test]
     fn another_agents_200_never_passes() {
         let (url, served) = fake_agents(vec![(200, "old-agent")]);
-        let outcome = reach(&url, "new-agent", Duration::from_millis(300));
+        let outcome = reach(&url, "/healthz", "new-agent", Duration::from_millis(300));
         let Outcome::NotReached { others, .. } = outcome else {
             panic!("passed on another agent's answer: {outcome:?}");
         };
@@ -189,7 +200,7 @@ mod tests {
             (200, "new-agent"),
         ]);
         assert_eq!(
-            reach(&url, "new-agent", Duration::from_secs(5)),
+            reach(&url, "/healthz", "new-agent", Duration::from_secs(5)),
             Outcome::Reached {
                 status: 200,
                 body: "{\"status\":\"200\"}".into()
@@ -201,7 +212,7 @@ mod tests {
     #[test]
     fn the_named_agents_own_failure_is_final() {
         let (url, served) = fake_agents(vec![(503, "new-agent"), (200, "new-agent")]);
-        let outcome = reach(&url, "new-agent", Duration::from_secs(5));
+        let outcome = reach(&url, "/healthz", "new-agent", Duration::from_secs(5));
         assert!(
             matches!(outcome, Outcome::Reached { status: 503, .. }),
             "{outcome:?}"
@@ -215,7 +226,7 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         drop(listener);
         let url = AgentUrl::parse(&format!("http://127.0.0.1:{port}")).expect("url");
-        let outcome = reach(&url, "new-agent", Duration::from_millis(200));
+        let outcome = reach(&url, "/healthz", "new-agent", Duration::from_millis(200));
         assert!(
             matches!(
                 outcome,

@@ -35,6 +35,15 @@ use crate::{
 /// this socket (within a round trip: loopback or the pod's veth).
 const STEER_SETTLE: Duration = Duration::from_millis(250);
 
+/// At the agent's stop, how long a steered listener keeps its steering in a namespace where
+/// no other agent's program is attached yet, waiting for one (never past the grace): an
+/// upgrade's next agent is ready once it serves the pods there at its start
+/// ([`FirstRound`]), but a pod made since is opened by each agent on its own, within a
+/// rescan (1 s; a few ms for a named namespace, inotify). Polled every
+/// [`SUCCESSOR_POLL`]. Where no agent comes (an uninstall) the stop takes this much longer.
+pub(super) const SUCCESSOR_WAIT: Duration = Duration::from_secs(2);
+const SUCCESSOR_POLL: Duration = Duration::from_millis(20);
+
 /// A namespace failing this long to get a listener (a socket, `setns`, the steering: EMFILE,
 /// ENOMEM…) is said at WARN; before, only at debug (loopback may not be up yet in a
 /// namespace just made, and a retry a second later serves it).
@@ -42,6 +51,32 @@ const FAILING_WARN_AFTER: Duration = Duration::from_secs(60);
 /// At most one such WARN this often, for all namespaces together (and the stopped
 /// steering's, [`Manager::report`]).
 const FAILING_WARN_EVERY: Duration = Duration::from_secs(600);
+
+/// The longest the agent's readiness waits, from its first complete scan, for a namespace
+/// of that scan to be served or classified for good (skipped, its socket port taken, an
+/// older agent's, a user's): one that keeps failing to get a listener (EMFILE, ENOMEM,
+/// loopback not up, the steering) is retried on every rescan meanwhile, and after this
+/// the agent is ready without it (WARN; `state="failing"`). Long enough for a passing
+/// shortage or a sandbox being made; short enough that a namespace failing for good
+/// delays an upgrade on its node by this much only.
+pub(super) const FIRST_ROUND_WAIT: Duration = Duration::from_secs(30);
+
+/// The first round of listeners, which the agent's readiness waits for
+/// ([`crate::http::ready`]).
+#[derive(Debug)]
+pub(super) enum FirstRound {
+    /// No scan has looked everywhere yet (an incomplete one opens nothing).
+    Unscanned,
+    /// The namespaces the first complete scan chose to listen in that are neither served
+    /// nor classified yet, and when that scan was.
+    Opening {
+        since: Instant,
+        namespaces: BTreeSet<u32>,
+    },
+    /// Every one was served or classified, or [`FIRST_ROUND_WAIT`] passed: the agent is
+    /// ready.
+    Done,
+}
 
 /// A listener being served.
 pub(super) struct Listening {
@@ -154,6 +189,8 @@ pub(super) struct Manager {
     /// When [`Manager::report`] last said at WARN that the steering stopped; `None` while it
     /// runs (`state.pod_steering`, [`Manager::check_steering`]).
     pub(super) stopped_told: Option<Instant>,
+    /// What the agent's readiness still waits for (`state.ready`).
+    pub(super) first_round: FirstRound,
 }
 
 /// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
@@ -191,6 +228,7 @@ impl Manager {
             scan: candidates,
             scan_failing: false,
             stopped_told: None,
+            first_round: FirstRound::Unscanned,
         }
     }
 
@@ -285,6 +323,9 @@ impl Manager {
         // runtime pinned it, or a pod sandbox on the inode of one that went meanwhile.
         self.user_owned
             .retain(|inode, _| present.contains_key(inode) && !pins.contains(*inode));
+        if let FirstRound::Opening { namespaces, .. } = &mut self.first_round {
+            namespaces.retain(|inode| present.contains_key(inode));
+        }
         let new: Vec<(u32, PathBuf)> = present
             .into_iter()
             .filter(|(inode, _)| {
@@ -330,7 +371,45 @@ impl Manager {
             );
         }
         self.over_limit = chosen.over_limit;
+        if matches!(self.first_round, FirstRound::Unscanned) {
+            self.first_round = FirstRound::Opening {
+                since: Instant::now(),
+                namespaces: chosen.open.iter().map(|(inode, _)| *inode).collect(),
+            };
+        }
         self.open_all(chosen.open).await;
+    }
+
+    /// Marks the agent ready (`state.ready`) once every namespace of the first round is
+    /// served or classified for good, or [`FIRST_ROUND_WAIT`] has passed since its scan.
+    /// Those still failing then are retried on every rescan as any other, and counted
+    /// `state="failing"`; those waiting for an older agent (the binding fallback) count as
+    /// classified, since that agent stops only once this one is ready.
+    pub(super) fn check_first_round(&mut self) {
+        let FirstRound::Opening { since, namespaces } = &mut self.first_round else {
+            return;
+        };
+        namespaces.retain(|inode| {
+            !self.listening.contains_key(inode)
+                && !self.skipped.contains(inode)
+                && !self.socket_port_taken.contains(inode)
+                && !self.waiting.contains(inode)
+                && !self.user_owned.contains_key(inode)
+        });
+        if namespaces.is_empty() {
+            info!(
+                "the pod listeners of the network namespaces found at the start are open: ready (/healthz?ready=true)"
+            );
+        } else if since.elapsed() >= FIRST_ROUND_WAIT {
+            warn!(
+                "{} network namespace(s) found at the start still have no pod listener after {FIRST_ROUND_WAIT:?} (drain_agent_pod_listeners{{state=\"failing\"}}; retrying on every rescan): ready without them, and once an agent beside this one stops their hooks find no agent there",
+                namespaces.len()
+            );
+        } else {
+            return;
+        }
+        self.first_round = FirstRound::Done;
+        self.state.ready.set_ready();
     }
 
     /// Opens listeners in `new` namespaces, [`OPEN_AT_ONCE`] at a time: each takes a thread
@@ -598,9 +677,16 @@ impl Manager {
                 async move {
                     let agent_stopping = tokio::select! {
                         _ = stopped.wait_for(|stop| *stop) => false,
-                        () = reached(agent_stop, StopPhase::HandingOver) => true,
+                        () = reached(agent_stop.clone(), StopPhase::HandingOver) => true,
                     };
                     if let Some(link) = link {
+                        if agent_stopping {
+                            // Not before the next agent serves here, if it comes soon.
+                            tokio::select! {
+                                () = successor_serves(&link, inode) => {}
+                                () = reached(agent_stop, StopPhase::AnsweringRest) => {}
+                            }
+                        }
                         // The agent stops: the steering goes first (another agent's program
                         // serves the port from now on, kernel/steer.rs), then what was steered
                         // here before is accepted, then the socket closes.
@@ -654,6 +740,31 @@ impl Manager {
                 stop: stop_listener,
                 steered,
             },
+        );
+    }
+}
+
+/// Returns once another agent's `sk_lookup` program is attached beside `link` in namespace
+/// `inode` (it serves the in-pod port there: the last attached wins), or after
+/// [`SUCCESSOR_WAIT`], or at once when the kernel cannot say. Detaching before, a hook there
+/// found no listener: refused, and the kubelet never retries an `httpGet` hook.
+async fn successor_serves(link: &SteerLink, inode: u32) {
+    let waited = tokio::time::timeout(SUCCESSOR_WAIT, async {
+        loop {
+            match link.others_attached() {
+                Ok(true) => return,
+                Ok(false) => tokio::time::sleep(SUCCESSOR_POLL).await,
+                Err(problem) => {
+                    debug!("network namespace {inode}: {problem:#}; detaching the steering");
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        info!(
+            "network namespace {inode}: no other agent serves the in-pod port there after {SUCCESSOR_WAIT:?}; detaching the steering (its hooks find no agent until one does)"
         );
     }
 }
@@ -995,6 +1106,81 @@ mod tests {
         manager.report(&gauge);
         assert_eq!(failing(&gauge), 0);
         assert_eq!(gauge.with_label_values(&["listening"]).get(), 1);
+    }
+
+    /// Audit (ready before serving in the pods): the agent was ready while its first round
+    /// of pod listeners was still being opened. It is ready once every namespace of its
+    /// first complete scan is served or classified for good (skipped, waiting for an older
+    /// agent); an incomplete scan makes no round; one that keeps failing holds readiness for
+    /// [`FIRST_ROUND_WAIT`] at most.
+    #[tokio::test(start_paused = true)]
+    async fn ready_once_the_first_round_is_served_or_classified() {
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        // The manager's state, waiting for the first round.
+        let waiting = |manager: &mut Manager| {
+            let ready = crate::http::ready::Readiness::after_first_round();
+            manager.state = Arc::new(AppState {
+                tracker: Arc::clone(&manager.state.tracker),
+                limits: manager.state.limits,
+                metrics: Arc::clone(&manager.state.metrics),
+                drains: Arc::clone(&manager.state.drains),
+                authority: Arc::clone(&manager.state.authority),
+                pod_steering: manager.state.pod_steering.clone(),
+                ready: ready.clone(),
+            });
+            ready
+        };
+        let ready = waiting(&mut manager);
+        manager.scan = incomplete;
+        manager.reconcile().await;
+        manager.check_first_round();
+        tokio::time::advance(FIRST_ROUND_WAIT * 2).await;
+        manager.check_first_round();
+        assert!(!ready.is_ready(), "ready without a complete scan");
+        // The first complete scan chose four namespaces.
+        manager.first_round = FirstRound::Opening {
+            since: Instant::now(),
+            namespaces: BTreeSet::from([1, 2, 3, 4]),
+        };
+        let path = Path::new("/run/netns/pod");
+        let listener = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.set_nonblocking(true).expect("non-blocking");
+            listener
+        };
+        manager.opened(1, path, Ok((listener(), None)));
+        manager.opened(2, path, Err(Bind::InUse));
+        manager.opened(3, path, Err(Bind::AgentThere));
+        manager.opened(
+            4,
+            path,
+            Err(Bind::Failed(anyhow::anyhow!("loopback not up"))),
+        );
+        manager.check_first_round();
+        assert!(!ready.is_ready(), "ready while a namespace still fails");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        manager.opened(4, path, Ok((listener(), None)));
+        manager.check_first_round();
+        assert!(ready.is_ready(), "every namespace served or classified");
+        // One that keeps failing holds readiness for FIRST_ROUND_WAIT, not longer.
+        let ready = waiting(&mut manager);
+        manager.first_round = FirstRound::Opening {
+            since: Instant::now(),
+            namespaces: BTreeSet::from([5]),
+        };
+        manager.opened(5, path, Err(Bind::Failed(anyhow::anyhow!("EMFILE"))));
+        tokio::time::advance(FIRST_ROUND_WAIT - Duration::from_millis(1)).await;
+        manager.check_first_round();
+        assert!(!ready.is_ready());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        manager.check_first_round();
+        assert!(
+            ready.is_ready(),
+            "a failing namespace held readiness past the bound"
+        );
+        assert!(matches!(manager.first_round, FirstRound::Done));
     }
 
     /// `GET /healthz` on `app` from the pod itself (loopback at both ends): the status.

@@ -49,8 +49,10 @@
 //! moment without an agent.
 //!
 //! At the agent's stop each listener hands over (`handover.rs`, `kernel/steer.rs`): a
-//! steered one detaches its steering first, accepts for [`STEER_SETTLE`] what was steered to
-//! it before, then closes, what is still queued on it moving to the next agent's socket; a
+//! steered one detaches its steering first — once another agent's program is attached in
+//! its namespace (the next agent serves there), or after `SUCCESSOR_WAIT` (2 s, never past
+//! the grace) where none comes — accepts for [`STEER_SETTLE`] what was steered to it before,
+//! then closes, what is still queued on it moving to the next agent's socket; a
 //! bound one closes, its queued connections moving to the next agent's listener. Requests
 //! in progress get their usual answers during the agent's `--shutdown-grace`. What a closed
 //! listener then does under the kernel's lock (forgetting its own endpoint) is not waited
@@ -304,6 +306,9 @@ pub async fn serve_in_pods(
     let mut opened = Some(opened);
     loop {
         manager.reconcile().await;
+        // Ready once the first round is served (or classified, or FIRST_ROUND_WAIT passed):
+        // after every rescan, complete or not.
+        manager.check_first_round();
         if let Some(opened) = opened.take() {
             // The namespaces there at the start are served: the seeding walk may take the
             // kernel's lock now (agent/mod.rs).
