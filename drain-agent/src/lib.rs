@@ -18,4 +18,6 @@ pub mod metrics;
 pub mod repair;
 pub mod sys;
 pub mod tasks;
+#[cfg(test)]
+mod test_skip;
 pub mod tracker;

@@ -73,7 +73,7 @@ fn image_available(test: &str) -> bool {
         !required(),
         "{test}: {why} and DRAIN_AGENT_REQUIRE_KERNEL=1"
     );
-    eprintln!("SKIP {test}: {why}");
+    common::report_skip(test, &why);
     false
 }
 

@@ -7,6 +7,8 @@ mod e2e;
 mod kernels;
 mod setup;
 mod systemd;
+#[cfg(test)]
+mod test_skip;
 
 use std::{
     path::{Path, PathBuf},
@@ -397,6 +399,63 @@ test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
                 "--include-ignored"
             ])
         );
+    }
+
+    /// Found by an audit: skips written with `eprintln!` (standard error, which libtest
+    /// captures and the summary never reads), `println!("skipped: …")` (captured) or
+    /// `SKIP: …` (no test named) were counted as passed. The line of each skip helper —
+    /// xtask's own (`test_skip`), drain-agent's crate (src/test_skip.rs, the same words) and
+    /// its tests/common `report_skip` (behind `kernel_available`, `tool_available`,
+    /// `dist_binary`, HAProxy's `available`, image.rs) — counts as skipped, not passed, on
+    /// a line of its own and after libtest's `test NAME ... ` (one test thread).
+    #[test]
+    fn each_skip_helpers_line_counts_as_skipped_not_passed() {
+        let lines = [
+            test_skip::skip_line(
+                "each_reference_records_real_connections_and_drops_them",
+                "kernel test cannot run (not running as root)",
+            ),
+            // drain-agent/src/test_skip.rs `skip`.
+            "SKIP an_applications_listener_is_told_apart_from_nobody: the kernel's socket \
+             tables (inet_diag) cannot be read: Operation not permitted (os error 1); set \
+             DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+                .to_owned(),
+            "SKIP a_state_directory_another_user_owns_is_refused: chown needs root; set \
+             DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
+                .to_owned(),
+            // drain-agent/tests/common `report_skip`, from `tool_available` and `dist_binary`.
+            "SKIP the_granted_capabilities_are_enough_to_steer: `setpriv` is not installed; \
+             run `cargo xtask setup` (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)"
+                .to_owned(),
+            "SKIP the_static_binary_runs: target/dist/x86_64-unknown-linux-musl/\
+             drain-agent is missing; run `cargo xtask dist` (set DRAIN_AGENT_REQUIRE_KERNEL=1 \
+             to fail instead)"
+                .to_owned(),
+        ];
+        for line in &lines {
+            let name = line
+                .strip_prefix("SKIP ")
+                .and_then(|rest| rest.split_once(": "))
+                .map(|(name, _)| name)
+                .expect("a test name");
+            for shown in [line.clone(), format!("test {name} ... {line}")] {
+                let summary = summary_of(&format!(
+                    "running 2 tests\n{shown}\nok\ntest other ... ok\n\n\
+                     test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n"
+                ));
+                assert_eq!(
+                    (summary.passed(), summary.skipped),
+                    (1, 1),
+                    "one passed, one skipped: {shown}"
+                );
+            }
+        }
+        // What the audit found: lines the summary cannot tell from a pass.
+        let summary = summary_of(
+            "SKIP: the socket tables cannot be read here\nskipped: chown needs root\n\
+             test result: ok. 2 passed; 0 failed; 0 ignored;\n",
+        );
+        assert_eq!((summary.passed(), summary.skipped), (2, 0));
     }
 
     #[test]

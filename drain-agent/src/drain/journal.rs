@@ -722,7 +722,10 @@ mod tests {
     #[test]
     fn a_journal_or_directory_another_user_owns_is_refused() {
         if !rustix::process::geteuid().is_root() {
-            println!("skipped: chown needs root");
+            crate::test_skip::skip(
+                "a_journal_or_directory_another_user_owns_is_refused",
+                "chown needs root",
+            );
             return;
         }
         let root = tempfile::tempdir().expect("dir");

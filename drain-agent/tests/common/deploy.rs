@@ -47,9 +47,12 @@ pub fn tool_available(test: &str, program: &str, args: &[&str]) -> bool {
          DRAIN_AGENT_REQUIRE_KERNEL=1",
         args.join(" ")
     );
-    eprintln!(
-        "SKIP {test}: `{program}` is not installed; run `cargo xtask setup` \
-         (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)"
+    super::report_skip(
+        test,
+        &format!(
+            "`{program}` is not installed; run `cargo xtask setup` \
+             (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)"
+        ),
     );
     false
 }

@@ -234,9 +234,12 @@ pub fn dist_binary(test: &str) -> Option<PathBuf> {
         "{test}: {} is missing (`cargo xtask dist` builds it) and DRAIN_AGENT_REQUIRE_KERNEL=1",
         binary.display()
     );
-    eprintln!(
-        "SKIP {test}: {} is missing; run `cargo xtask dist` (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)",
-        binary.display()
+    report_skip(
+        test,
+        &format!(
+            "{} is missing; run `cargo xtask dist` (set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead)",
+            binary.display()
+        ),
     );
     None
 }

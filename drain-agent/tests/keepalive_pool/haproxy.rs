@@ -28,7 +28,10 @@ pub fn available(test: &str) -> bool {
         !required,
         "{test}: {HAPROXY} is not installed (cargo xtask setup installs it)"
     );
-    eprintln!("SKIP {test}: {HAPROXY} is not installed (cargo xtask setup installs it)");
+    crate::common::report_skip(
+        test,
+        &format!("{HAPROXY} is not installed (cargo xtask setup installs it)"),
+    );
     false
 }
 

@@ -684,6 +684,7 @@ mod tests {
     /// Each reference loads, runs on real connections, records each passive open and
     /// drops it at the close: the work it is a reference for is really done.
     #[test]
+    #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
     fn each_reference_records_real_connections_and_drops_them() {
         if !sys::root_or_skip("each_reference_records_real_connections_and_drops_them") {
             return;

@@ -493,18 +493,13 @@ pub fn tcp_sockets() -> TcpSockets {
 pub static KERNEL_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// In a test: whether it runs as root (BPF needs it); if not, the test is skipped with a
-/// note, or fails under `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
+/// `SKIP` line `cargo xtask test` counts, or fails under `DRAIN_AGENT_REQUIRE_KERNEL=1` (CI).
 #[cfg(test)]
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
-        panic!("{test}: needs root (BPF) and DRAIN_AGENT_REQUIRE_KERNEL=1");
-    }
-    eprintln!(
-        "SKIP {test}: kernel test cannot run (not running as root); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
-    );
+    crate::test_skip::skip(test, "kernel test cannot run (not running as root)");
     false
 }

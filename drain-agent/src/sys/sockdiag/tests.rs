@@ -75,12 +75,7 @@ fn root_or_skip(test: &str) -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    if std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
-        panic!("{test}: needs root (CAP_NET_ADMIN) and DRAIN_AGENT_REQUIRE_KERNEL=1");
-    }
-    eprintln!(
-        "SKIP {test}: needs root (CAP_NET_ADMIN); set DRAIN_AGENT_REQUIRE_KERNEL=1 to fail instead"
-    );
+    crate::test_skip::skip(test, "needs root (CAP_NET_ADMIN)");
     false
 }
 
