@@ -158,6 +158,17 @@ impl Counts for FakeSource {
         Ok(Some(state))
     }
 
+    /// As the kernel's: the endpoints added up by port, and the connections counted for
+    /// their port only.
+    fn port_totals(&self) -> Result<Option<BTreeMap<u16, u64>>> {
+        self.health()?;
+        let mut totals = self.port_only.lock().expect("lock").clone();
+        for endpoint in self.endpoints.lock().expect("lock").iter() {
+            *totals.entry(endpoint.port).or_default() += endpoint.active;
+        }
+        Ok(Some(totals))
+    }
+
     fn reclaimed_last_change(&self, _port: u16) -> u64 {
         0
     }
