@@ -676,6 +676,66 @@ fn labels_are_local_ports_only_and_the_ports_flag_limits_them() {
     drop(clients);
 }
 
+/// Audit: with the endpoint map full (`--max-endpoints 1`), a port whose connections were
+/// all counted for the port only had no `connections_active` series at all (the exported
+/// ports came from the endpoints), although the HELP text and the README promise such
+/// connections in the port's series without `addr`; and `tracked_sockets`, a sum over the
+/// endpoints, left them out just when the maps were under pressure
+/// (`DrainAgentSocketMapFilling`). Both ports' series now carry their whole counts, by
+/// address and by port, and the gauge counts every tracked socket.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn ports_counted_for_the_port_only_keep_their_series_with_a_full_endpoint_map() {
+    if !kernel_available(
+        "ports_counted_for_the_port_only_keep_their_series_with_a_full_endpoint_map",
+    ) {
+        return;
+    }
+    let by_address = Agent::start(&["--max-endpoints", "1"]);
+    let by_port = Agent::start(&["--max-endpoints", "1", "--metrics-labels", "port"]);
+    let first = Server::start("127.0.0.1:0");
+    let second = Server::start("127.0.0.1:0");
+    // One endpoint's room: the first port's connections may take it (or another test's
+    // traffic may have); the second port's are counted for their port only.
+    let first_clients = connect(first.port, 2);
+    first.wait_accepted(2);
+    let second_clients = connect(second.port, 3);
+    second.wait_accepted(3);
+    let expected = [(first.port, 2.0), (second.port, 3.0)];
+    for agent in [&by_address, &by_port] {
+        for (port, count) in expected {
+            // The port totals count them all (a port-only /drained reads them).
+            agent.expect_active(port, count as u64);
+        }
+        let body = scrape_until(agent, Duration::from_secs(10), "both ports", |samples| {
+            expected.iter().all(|(port, count)| {
+                sum(
+                    samples,
+                    "drain_agent_connections_active",
+                    &[("port", &port.to_string())],
+                ) == *count
+            })
+        });
+        let samples = parse_samples(&body);
+        for (port, _) in expected {
+            assert!(
+                !find(
+                    &samples,
+                    "drain_agent_connections_active",
+                    &[("port", &port.to_string())]
+                )
+                .is_empty(),
+                "no series for port {port}:\n{body}"
+            );
+        }
+        assert!(
+            value(&samples, "drain_agent_tracked_sockets", &[]).is_some_and(|n| n >= 5.0),
+            "the 5 tracked sockets of the two ports are not all in the gauge:\n{body}"
+        );
+    }
+    drop((first_clients, second_clients));
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Process, build-info and agent-wide metrics
 

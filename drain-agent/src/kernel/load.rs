@@ -324,6 +324,7 @@ impl Kernel {
             durations: take_map(&mut ebpf, "DURATIONS")?,
             errors: take_map(&mut ebpf, "ERRORS")?,
             port_totals: take_map(&mut ebpf, "PORT_TOTALS")?,
+            tracked_ports: map_fd(&ebpf, "TRACKED_PORTS")?,
             watched_ports: Mutex::new(take_map(&mut ebpf, "WATCHED_PORTS")?),
             repairs: take_map(&mut ebpf, "REPAIRS")?,
             handler,

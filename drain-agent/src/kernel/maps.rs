@@ -45,6 +45,9 @@ pub struct KernelMaps {
     pub(super) durations: PerCpuHashMap<MapData, u32, DurationHistogram>,
     pub(super) errors: Array<MapData, u64>,
     pub(super) port_totals: Array<MapData, PortTotals>,
+    /// `TRACKED_PORTS`: the ports that have had a tracked connection, one byte each (set
+    /// by the programs, never cleared): which of `port_totals` to read for the metrics.
+    pub(super) tracked_ports: OwnedFd,
     /// The bitmap of ports with waiters; updated read-modify-write, hence the lock.
     pub(super) watched_ports: Mutex<Array<MapData, u64>>,
     pub(super) repairs: Array<MapData, u64>,

@@ -2,8 +2,8 @@
 //! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
 //! once, and these are a few instructions each, built at run time), `pin/`'s pins and
 //! object lookups, a map of the agent's own outside the object (`reclaimed.rs`), and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
-//! runs), and which `sk_lookup` programs a namespace has (`steer.rs`,
-//! `BPF_PROG_QUERY`). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
+//! runs), which `sk_lookup` programs a namespace has (`steer.rs`, `BPF_PROG_QUERY`), and a
+//! whole array read at once (`BPF_MAP_LOOKUP_BATCH`). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
 //!
 //! Callers only *write* members of the `bpf_attr` union (safe in Rust); what the kernel
@@ -98,6 +98,45 @@ pub(super) fn prog_info(fd: BorrowedFd<'_>, map_ids: &mut [u32]) -> Result<bpf_p
     }
     obj_info(fd, &mut info)?;
     Ok(info)
+}
+
+/// Every value of the array map `fd` (`values.len() / value_size` entries, in index order)
+/// in one `BPF_MAP_LOOKUP_BATCH` (Linux 5.6; the agent needs 5.9), where a lookup per entry
+/// is a system call each.
+pub(super) fn array_values(fd: BorrowedFd<'_>, value_size: usize, values: &mut [u8]) -> Result<()> {
+    anyhow::ensure!(
+        value_size > 0 && values.len().is_multiple_of(value_size),
+        "a buffer of whole values"
+    );
+    let entries = values.len() / value_size;
+    // The kernel writes `count` keys and values of the map's own sizes: the buffers are
+    // only as large as the sizes given here, so those must be the map's.
+    let info = map_info(fd)?;
+    anyhow::ensure!(
+        (info.key_size, info.value_size, info.max_entries)
+            == (
+                u32::try_from(size_of::<u32>()).context("key size")?,
+                u32::try_from(value_size).context("value size")?,
+                u32::try_from(entries).context("too many entries")?,
+            ),
+        "the map is no array of {entries} values of {value_size} bytes"
+    );
+    let mut keys = vec![u32::MAX; entries];
+    let mut next = 0_u32;
+    let mut attr = zeroed_attr();
+    // No `in_batch`: from the first entry. The kernel stops with success only once it has
+    // copied `count` entries (fewer, at the map's end, is ENOENT).
+    attr.batch.out_batch = std::ptr::from_mut(&mut next) as u64;
+    attr.batch.keys = keys.as_mut_ptr() as u64;
+    attr.batch.values = values.as_mut_ptr() as u64;
+    attr.batch.count = u32::try_from(entries).context("too many entries")?;
+    attr.batch.map_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    bpf_call(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr).context("BPF_MAP_LOOKUP_BATCH")?;
+    // An array's entries come in index order; anything else is no array of that size.
+    if !(0_u32..).zip(&keys).all(|(index, key)| index == *key) {
+        bail!("BPF_MAP_LOOKUP_BATCH gave the entries out of order");
+    }
+    Ok(())
 }
 
 /// What a map made by [`map_create`] is.

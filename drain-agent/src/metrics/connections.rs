@@ -29,11 +29,11 @@ const ACTIVE: (&str, &str) = (
 );
 const OPENED: (&str, &str) = (
     "drain_agent_connections_opened_total",
-    "Inbound TCP connections opened (or found open by a walk) since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
+    "Inbound TCP connections opened (or found open by a walk) since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; those counted for their port only are not in it. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
 );
 const CLOSED: (&str, &str) = (
     "drain_agent_connections_closed_total",
-    "Inbound TCP connections closed since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
+    "Inbound TCP connections closed since the kernel counting state was made (pinned in --pin-dir, a restarted agent goes on from it), per local port and (--metrics-labels address) local address; those counted for their port only are not in it. An endpoint idle for 60 s is reclaimed: by port its totals stay in the port's series (pinned with the counting state too); by address they stay in the address's series while an endpoint of another namespace has that address, else that series ends.",
 );
 const DURATION: (&str, &str) = (
     "drain_agent_connection_duration_seconds",
@@ -41,7 +41,7 @@ const DURATION: (&str, &str) = (
 );
 const TRACKED: (&str, &str) = (
     "drain_agent_tracked_sockets",
-    "Sockets tracked in the kernel map now, all ports.",
+    "Sockets tracked in the kernel map now, all ports (those counted for their port only included).",
 );
 const ERRORS: (&str, &str) = (
     "drain_agent_tracking_errors_total",
@@ -119,6 +119,10 @@ type SeriesKey = (u16, Option<IpAddr>);
 /// Totals of one series, summed over the namespaces (and, by port, the addresses) in it.
 #[derive(Default)]
 struct PortTotals {
+    /// An endpoint (or a reclaimed one) counted its opens and closes: connections counted
+    /// for their port only are in no opened or closed count, so a series of those alone
+    /// has none to show.
+    counted: bool,
     active: u64,
     opened: u64,
     closed: u64,
@@ -169,11 +173,19 @@ impl Collector for ConnectionCollector {
         let Ok((endpoints, reclaimed)) = self.tracker.counters() else {
             return families;
         };
+        // Every port that has had a tracked connection, with what is open there now, those
+        // counted for their port only (the endpoint map was full, or the endpoint was being
+        // reclaimed, when they opened) included: those are in no endpoint, and a port may
+        // have no endpoint at all. (A port whose first connection is being counted right
+        // now may show in the endpoints and not here yet: its series is then theirs.)
+        let Ok(port_totals) = self.tracker.port_totals(&endpoints) else {
+            return families;
+        };
+        // Every tracked socket is in its port's total, scoped or not, exported or not.
+        let tracked: u64 = port_totals.values().sum();
         let by_address = self.labels == ConnectionLabels::Address;
         let mut series: BTreeMap<SeriesKey, PortTotals> = BTreeMap::new();
-        let mut tracked = 0;
         for endpoint in &endpoints {
-            tracked += endpoint.active;
             if !self.exported(endpoint.port) {
                 continue;
             }
@@ -181,6 +193,7 @@ impl Collector for ConnectionCollector {
             // every pod) are one series: the namespace is nothing Prometheus can join on.
             let addr = by_address.then_some(endpoint.addr);
             let totals = series.entry((endpoint.port, addr)).or_default();
+            totals.counted = true;
             totals.active += endpoint.active;
             totals.opened += endpoint.opened;
             totals.closed += endpoint.closed;
@@ -200,20 +213,20 @@ impl Collector for ConnectionCollector {
             for (port, counted) in &reclaimed.by_port {
                 if self.exported(*port) {
                     let totals = series.entry((*port, None)).or_default();
+                    totals.counted = true;
                     totals.opened += counted.opened;
                     totals.closed += counted.closed;
                 }
             }
         }
-        // The port totals are exact even for connections counted for their port only (the
-        // endpoint map was full): by port they replace the sum, by address what no endpoint
-        // holds goes to the port's series without an address, so a sum by port of the
-        // active connections stays exact.
-        let ports: std::collections::BTreeSet<u16> = series.keys().map(|(port, _)| *port).collect();
-        for port in ports {
-            let Ok(active) = self.tracker.active(&crate::tracker::Filter::port(port)) else {
+        // The port totals are exact even for connections counted for their port only: by
+        // port they replace the sum (a port with no endpoint gets its series from them), by
+        // address what no endpoint holds goes to the port's series without an address, so
+        // a sum by port of the active connections is the port's total.
+        for (port, active) in port_totals {
+            if !self.exported(port) {
                 continue;
-            };
+            }
             let in_endpoints: u64 = series
                 .range((port, Some(IpAddr::from([0u8; 4])))..)
                 .take_while(|((other, _), _)| *other == port)
@@ -236,9 +249,10 @@ impl Collector for ConnectionCollector {
                         counted: bool| {
             series
                 .iter()
-                // By address, the series without one holds connections open now that are
-                // counted for their port only: it has no opened or closed to count.
-                .filter(|((_, addr), _)| !(counted && by_address && addr.is_none()))
+                // A series no endpoint counted (by address, the one without an address;
+                // by port, a port whose connections were all counted for the port only)
+                // holds connections open now: it has no opened or closed to count.
+                .filter(|(_, totals)| !counted || totals.counted)
                 .map(|(key, totals)| make(&labels(key), value(totals) as f64))
                 .collect::<Vec<_>>()
         };

@@ -555,6 +555,58 @@ mod tests {
         }
     }
 
+    /// Audit: connections counted for their port only (the endpoint map was full when they
+    /// opened) showed only on ports that had an endpoint series already: a port with none
+    /// in the endpoint map had no `connections_active` series at all, and
+    /// `tracked_sockets`, a sum over the endpoints, left them all out. Every port with
+    /// tracked connections now has its series (by address, the one without `addr` holds
+    /// what no endpoint does), a sum by port is the port's total, and the gauge counts every
+    /// tracked socket, exported or not.
+    #[test]
+    fn connections_counted_for_their_port_only_show_on_every_port() {
+        for labels in [ConnectionLabels::Address, ConnectionLabels::Port] {
+            for ports in [None, Some("8080,9090".parse::<PortSet>().expect("ports"))] {
+                let all_exported = ports.is_none();
+                let (source, metrics) = labelled(ports, labels);
+                source.set(vec![endpoint("10.0.0.1", 8080, 2)]);
+                *source.port_only.lock().expect("lock") =
+                    std::collections::BTreeMap::from([(8080, 1), (9090, 4), (7070, 5)]);
+                let text = metrics.render().expect("render");
+                let lines: &[&str] = match labels {
+                    ConnectionLabels::Address => &[
+                        "drain_agent_connections_active{port=\"8080\",addr=\"10.0.0.1\"} 2",
+                        "drain_agent_connections_active{port=\"8080\"} 1",
+                        "drain_agent_connections_active{port=\"9090\"} 4",
+                    ],
+                    ConnectionLabels::Port => &[
+                        "drain_agent_connections_active{port=\"8080\"} 3",
+                        "drain_agent_connections_active{port=\"9090\"} 4",
+                    ],
+                };
+                for line in lines {
+                    assert!(text.contains(line), "{labels:?} {line}:\n{text}");
+                }
+                // Port 7070 is tracked: in the gauge, and in the series unless --ports
+                // leaves it out.
+                assert!(
+                    text.contains("drain_agent_tracked_sockets 12"),
+                    "{labels:?}:\n{text}"
+                );
+                assert_eq!(
+                    text.contains("drain_agent_connections_active{port=\"7070\"} 5"),
+                    all_exported,
+                    "{labels:?} all exported {all_exported}:\n{text}"
+                );
+                // No endpoint ever counted port 9090's opens and closes: no counter says
+                // they were none.
+                assert!(
+                    !text.contains("_total{port=\"9090\""),
+                    "{labels:?}:\n{text}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn ports_allow_list_limits_the_labels() {
         let (source, metrics) = metrics(Some("8080".parse().expect("ports")));

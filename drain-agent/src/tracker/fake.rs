@@ -1,13 +1,16 @@
 //! A connection source the tests set by hand.
 
-use std::sync::{
-    Mutex,
-    atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
 };
 
 use anyhow::{Result, bail};
 
-use super::source::{Counts, Endpoint, Filter, ReclaimedTotals, Stats, Totals, Vouch};
+use super::source::{Counts, Endpoint, Filter, PortState, ReclaimedTotals, Stats, Totals, Vouch};
 use crate::{doubt::Doubt, drain_rule::Peer};
 
 /// What the fake does right after a read of its counts.
@@ -50,6 +53,9 @@ pub struct FakeSource {
     pub most_reads_running: AtomicUsize,
     /// What `reclaimed_totals` says ([`FakeSource::reclaim`] adds to it).
     pub reclaimed: Mutex<ReclaimedTotals>,
+    /// Connections open now that are counted for their port only, by port (the kernel's
+    /// endpoint map was full): in the port's totals, under no endpoint.
+    pub port_only: Mutex<BTreeMap<u16, u64>>,
 }
 
 impl Default for FakeSource {
@@ -74,6 +80,7 @@ impl Default for FakeSource {
             reads_running: AtomicUsize::default(),
             most_reads_running: AtomicUsize::default(),
             reclaimed: Mutex::default(),
+            port_only: Mutex::default(),
         }
     }
 }
@@ -101,6 +108,15 @@ impl FakeSource {
             .fold(gone.port, gone.addr, counted, address_kept);
     }
 
+    fn port_only(&self, port: u16) -> u64 {
+        self.port_only
+            .lock()
+            .expect("lock")
+            .get(&port)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn health(&self) -> Result<()> {
         if self.broken.load(Ordering::Relaxed) {
             bail!("{}", self.why_broken.lock().expect("lock"));
@@ -124,6 +140,33 @@ impl Counts for FakeSource {
             after(self);
         }
         Ok(endpoints)
+    }
+
+    /// As the kernel's port totals: the endpoints of the port added up, and the connections
+    /// counted for the port only.
+    fn port_state(&self, port: u16) -> Result<Option<PortState>> {
+        let mut state = PortState {
+            active: self.port_only(port),
+            last_change_ns: 0,
+        };
+        for endpoint in self.endpoints()? {
+            if endpoint.port == port {
+                state.active += endpoint.active;
+                state.last_change_ns = state.last_change_ns.max(endpoint.last_change_ns);
+            }
+        }
+        Ok(Some(state))
+    }
+
+    /// As the kernel's: the endpoints added up by port, and the connections counted for
+    /// their port only.
+    fn port_totals(&self) -> Result<Option<BTreeMap<u16, u64>>> {
+        self.health()?;
+        let mut totals = self.port_only.lock().expect("lock").clone();
+        for endpoint in self.endpoints.lock().expect("lock").iter() {
+            *totals.entry(endpoint.port).or_default() += endpoint.active;
+        }
+        Ok(Some(totals))
     }
 
     fn reclaimed_last_change(&self, _port: u16) -> u64 {

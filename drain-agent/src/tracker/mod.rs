@@ -15,7 +15,7 @@ mod waiter;
 mod wake;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -159,6 +159,20 @@ impl Tracker {
             .map_err(|problem| {
                 anyhow::anyhow!("the read of the counts did not finish: {problem}")
             })?
+    }
+
+    /// The connections open now of every port that has had a tracked connection, those
+    /// counted for their port only included ([`Counts::port_totals`]); for a source that
+    /// counts by endpoint only, `endpoints` (read just before) added up by port. Blocking.
+    pub fn port_totals(&self, endpoints: &[Endpoint]) -> Result<BTreeMap<u16, u64>> {
+        if let Some(totals) = self.source.port_totals()? {
+            return Ok(totals);
+        }
+        let mut totals = BTreeMap::new();
+        for endpoint in endpoints {
+            *totals.entry(endpoint.port).or_default() += endpoint.active;
+        }
+        Ok(totals)
     }
 
     pub fn check_health(&self) -> Result<()> {

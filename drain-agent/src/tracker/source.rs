@@ -6,7 +6,8 @@
 //! "nothing forgotten" is a claim a source must make on purpose, so those methods have no
 //! default (a new source that forgot one would otherwise be trusted). The defaults left
 //! either fail (`confirm`, `peers`: the wait then stays in doubt, never answers drained) or
-//! report nothing (`Stats`, `port_state`: the tracker then adds the endpoints up itself).
+//! report nothing (`Stats`, `port_state`, `port_totals`: the tracker then adds the endpoints
+//! up itself).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -43,6 +44,14 @@ pub trait Counts: Send + Sync + 'static {
     /// (one lookup instead of a walk over every endpoint). None: the tracker adds up
     /// [`Counts::endpoints`].
     fn port_state(&self, _port: u16) -> Result<Option<PortState>> {
+        Ok(None)
+    }
+    /// The connections open now of every port that has had a tracked connection (0 for
+    /// one that has none now), over every namespace and address, those counted for their
+    /// port only included: what the metrics show by port, and the tracked sockets in all.
+    /// None: the source counts by endpoint only, and the tracker adds up
+    /// [`Counts::endpoints`].
+    fn port_totals(&self) -> Result<Option<BTreeMap<u16, u64>>> {
         Ok(None)
     }
     /// The last change of endpoints of `port` that were reclaimed (CLOCK_MONOTONIC ns, 0:
