@@ -470,7 +470,8 @@ pub struct WaitArgs {
 
     /// At the timeout, close the connections still open (idle ones first) instead of
     /// leaving them: the drain ends then, and the peers get a reset. Never by default, and
-    /// never before the timeout (a wait over 10 minutes asks in slices; only the last closes).
+    /// never before the timeout (a wait over 10 minutes asks in slices, the last one at least
+    /// --quiet long where the timeout is at least twice --quiet; only the last closes).
     #[arg(long)]
     pub close_at_timeout: bool,
 

@@ -167,6 +167,28 @@ fn refused(status: u16) -> bool {
     (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
+/// The timeout of the next request when `until_deadline` is left: at most [`MAX_SLICE`], and,
+/// when more is left, short enough that the rest is at least `quiet` long. The last request
+/// is the one that may end drained with its own quiet window and close at the deadline
+/// (`--close-at-timeout`): with less than `quiet` left for it, no request would close. Where
+/// both cannot be (more than 10 minutes left, but less than twice `quiet`), the longest slice.
+fn next_slice(until_deadline: Duration, quiet: Duration) -> Duration {
+    if until_deadline <= MAX_SLICE {
+        return until_deadline;
+    }
+    let rest = until_deadline - MAX_SLICE;
+    if rest >= quiet {
+        return MAX_SLICE;
+    }
+    // Less than MAX_SLICE, since `rest` < `quiet`.
+    let leaving_quiet = until_deadline - quiet;
+    if leaving_quiet >= quiet {
+        leaving_quiet
+    } else {
+        MAX_SLICE
+    }
+}
+
 /// How long to pause before asking again after `answer`: [`RETRY_PAUSE`], or longer when a
 /// `429` says when to ask again (its `Retry-After`, at most [`MAX_RETRY_AFTER`]): the agent
 /// turned the request away because its limits are full, and asking sooner only adds to the
@@ -248,7 +270,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
             None => args.timeout,
             Some(_) => remaining,
         };
-        let slice = until_deadline.min(MAX_SLICE);
+        let slice = next_slice(until_deadline, args.quiet);
         // A retry (the agent restarted or was out of reach) asks for what is left, and the
         // quiet window is counted from each request: with less left than --quiet, no
         // answer can say drained in time (the agent refuses such a request, and a shorter
@@ -498,6 +520,27 @@ mod tests {
             first.contains("timeout=300000ms") && first.contains("on_timeout=close"),
             "a wait that fits one request closes at its timeout: {first}"
         );
+    }
+
+    /// Audit (a second look): with the close only on the slice that ends at the timeout, a
+    /// wait of 10 minutes 5 seconds with a 10 s quiet window asked 10 minutes first and had 5 s
+    /// left, less than the window: it waited out the rest, and nothing closed at all. The
+    /// slices now leave the last one at least the window long when they can.
+    #[test]
+    fn the_last_slice_is_long_enough_for_the_quiet_window() {
+        let (second, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+        // Fits one request.
+        assert_eq!(next_slice(5 * minute, 10 * second), 5 * minute);
+        assert_eq!(next_slice(MAX_SLICE, 10 * second), MAX_SLICE);
+        // Enough left after a whole slice.
+        assert_eq!(next_slice(20 * minute, 10 * second), MAX_SLICE);
+        assert_eq!(next_slice(25 * minute, Duration::ZERO), MAX_SLICE);
+        // 10 min 5 s, quiet 10 s: 9 min 55 s, then the last 10 s (which closes).
+        let first = next_slice(10 * minute + 5 * second, 10 * second);
+        assert_eq!(first, 9 * minute + 55 * second);
+        assert_eq!(next_slice(10 * second, 10 * second), 10 * second);
+        // Cannot leave a window for both: the longest slice.
+        assert_eq!(next_slice(11 * minute, 8 * minute), MAX_SLICE);
     }
 
     /// A fake agent on loopback that answers every request with `status` (its status line
