@@ -136,6 +136,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "DRAIN_AGENT_POD_HTTP_MAX_CONNECTIONS",
+        requires = "pod_listen",
         default_value_t = 16,
         value_parser = at_least_one
     )]
@@ -151,6 +152,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "DRAIN_AGENT_POD_MAX_LISTENERS",
+        requires = "pod_listen",
         default_value_t = 1024,
         value_parser = clap::value_parser!(u32).range(1..)
     )]
@@ -165,6 +167,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "DRAIN_AGENT_POD_SOCKET_PORT",
+        requires = "pod_listen",
         default_value_t = crate::http::pods::DEFAULT_SOCKET_PORT,
         value_parser = clap::value_parser!(u16).range(1..)
     )]
@@ -345,7 +348,12 @@ pub struct RunArgs {
 
     /// Past this size the journal moves to PATH.1 and a new one starts (at most twice
     /// this is kept).
-    #[arg(long, env = "DRAIN_AGENT_JOURNAL_MAX_BYTES", default_value_t = 8 << 20)]
+    #[arg(
+        long,
+        env = "DRAIN_AGENT_JOURNAL_MAX_BYTES",
+        default_value_t = 8 << 20,
+        requires = "journal"
+    )]
     pub journal_max_bytes: u64,
 
     /// Keep the drains POSTed and in progress, and the /health gates held after drains, in
@@ -477,7 +485,7 @@ pub struct WaitArgs {
 
     /// With --close-at-timeout: close at most this many connections per second (0: all at
     /// once; closing 10,000 WebSockets at once makes a reconnect storm).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "close_at_timeout")]
     pub pace: u32,
 
     /// Print a progress line to stderr this often (0: never).
@@ -906,5 +914,68 @@ mod tests {
             problem.contains("--pod-socket-port (9100)") && problem.contains("--pod-listen"),
             "{problem}"
         );
+    }
+
+    /// Audit (the operator's view): these flags only mean something beside another, and were
+    /// accepted and ignored without it (`wait --pace 100` closed nothing, at no pace).
+    #[test]
+    fn a_flag_without_the_one_it_belongs_to_is_refused() {
+        for (argv, needs) in [
+            (
+                vec!["drain-agent", "wait", "--port", "8080", "--pace", "100"],
+                "--close-at-timeout",
+            ),
+            (
+                vec!["drain-agent", "--pod-http-max-connections", "8"],
+                "--pod-listen",
+            ),
+            (
+                vec!["drain-agent", "--pod-max-listeners", "8"],
+                "--pod-listen",
+            ),
+            (
+                vec!["drain-agent", "--pod-socket-port", "29200"],
+                "--pod-listen",
+            ),
+            (
+                vec!["drain-agent", "--journal-max-bytes", "4096"],
+                "--journal",
+            ),
+        ] {
+            let problem = Cli::try_parse_from(&argv)
+                .map(|_| ())
+                .expect_err("refused without the flag it belongs to")
+                .to_string();
+            assert!(problem.contains(needs), "{argv:?}: {problem}");
+        }
+        // With it, and the defaults without either, parse.
+        for argv in [
+            vec![
+                "drain-agent",
+                "wait",
+                "--port",
+                "8080",
+                "--close-at-timeout",
+                "--pace",
+                "100",
+            ],
+            vec![
+                "drain-agent",
+                "--pod-listen",
+                "0.0.0.0:9100",
+                "--pod-max-listeners",
+                "8",
+            ],
+            vec![
+                "drain-agent",
+                "--journal",
+                "/tmp/j",
+                "--journal-max-bytes",
+                "4096",
+            ],
+            vec!["drain-agent"],
+        ] {
+            assert!(Cli::try_parse_from(&argv).is_ok(), "{argv:?}");
+        }
     }
 }

@@ -348,9 +348,28 @@ impl Netns<'_> {
 }
 
 /// Parses the query of `/drained`. Every error names the parameter and what was wrong.
+/// What a request of the drain's parameters asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asking {
+    /// An answer (`GET /drained`): `timeout=0` makes it a pure query.
+    Answer,
+    /// A drain (`POST /drain`), which needs a timeout above 0.
+    Drain,
+}
+
+/// The parameters of `GET /drained` ([`Asking::Answer`]).
 pub fn parse_drain_request(
     query: Option<&str>,
     limits: WaitLimits,
+) -> Result<DrainRequest, ApiError> {
+    parse_drain_parameters(query, limits, Asking::Answer)
+}
+
+/// The parameters of `/drained` or `POST /drain`, checked for what `asking` asks for.
+pub fn parse_drain_parameters(
+    query: Option<&str>,
+    limits: WaitLimits,
+    asking: Asking,
 ) -> Result<DrainRequest, ApiError> {
     let values = parse_query(query, &DRAIN_PARAMETERS)?;
     let port = match values.get("port") {
@@ -371,6 +390,12 @@ pub fn parse_drain_request(
         None => limits.default_timeout,
         Some(text) => parse_limited("timeout", text, limits.max_timeout)?,
     };
+    // Before the quiet window's check, whose advice is for pure queries.
+    if asking == Asking::Drain && timeout.is_zero() {
+        return Err(ApiError::BadRequest(
+            "timeout: a drain needs a timeout above 0".into(),
+        ));
+    }
     if values.contains_key("quiet") && values.contains_key("settle") {
         return Err(ApiError::BadRequest(
             "settle: give quiet only (settle is its deprecated name)".into(),

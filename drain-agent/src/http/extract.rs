@@ -19,9 +19,9 @@ use crate::{
     http::{
         AppState,
         api::{
-            ApiError, CONNECTION_PARAMETERS, DrainRequest, OnTimeout, WaitLimits, parse_addr,
-            parse_drain_request, parse_peers_flag, parse_port, parse_query, parse_scope,
-            parse_scope_request,
+            ApiError, Asking, CONNECTION_PARAMETERS, DrainRequest, OnTimeout, WaitLimits,
+            parse_addr, parse_drain_parameters, parse_drain_request, parse_peers_flag, parse_port,
+            parse_query, parse_scope, parse_scope_request,
         },
         authority::Caller,
         pod_scope::Scoped,
@@ -95,16 +95,7 @@ impl Scoped for Posted {
 
 impl Params for Posted {
     fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, ApiError> {
-        parse_drain_request(query, limits).map(Self)
-    }
-
-    fn check(&self) -> Result<(), ApiError> {
-        if self.0.timeout.is_zero() {
-            return Err(ApiError::BadRequest(
-                "timeout: a drain needs a timeout above 0".into(),
-            ));
-        }
-        Ok(())
+        parse_drain_parameters(query, limits, Asking::Drain).map(Self)
     }
 }
 
