@@ -14,7 +14,7 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::deploy::{
-    deploy, dockerfile_instructions, read, run, text_of, tool_available, workspace,
+    deploy, dockerfile_instructions, read, run, text_of, tool, tool_available, workspace,
 };
 
 /// `const NAME: &str = "value";` in a Rust source file.
@@ -150,7 +150,7 @@ fn dockerfile_builds_like_xtask_setup() {
     );
 
     if tool_available(test, "hadolint", &["--version"]) {
-        let output = run(Command::new("hadolint")
+        let output = run(Command::new(tool("hadolint"))
             .args(["--no-color", "--failure-threshold", "style"])
             .arg(&path));
         assert!(output.status.success(), "hadolint:\n{}", text_of(&output));

