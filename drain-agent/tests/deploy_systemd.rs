@@ -163,6 +163,20 @@ fn systemd_agent_unit_is_least_privilege() {
         ]
     );
     assert_eq!(unit_value(&unit, "Service", "Restart"), "on-failure");
+    // Audit (the operator's view): `ConditionPathExists=` on a kernel without BTF left the
+    // unit "inactive (dead)", not failed: `systemctl --failed` and unit-failure alerts saw
+    // nothing while every stop hook retried an absent agent. A missing prerequisite fails
+    // the unit (`Assert…=`); no `Condition…=` skips it silently.
+    assert_eq!(
+        unit_value(&unit, "Unit", "AssertPathExists"),
+        "/sys/kernel/btf/vmlinux"
+    );
+    let skipping: Vec<&String> = unit
+        .iter()
+        .filter(|(_, key, _)| key.starts_with("Condition"))
+        .map(|(_, key, _)| key)
+        .collect();
+    assert!(skipping.is_empty(), "{skipping:?}");
     let capabilities: BTreeSet<String> = unit_value(&unit, "Service", "CapabilityBoundingSet")
         .split_whitespace()
         .map(str::to_owned)
