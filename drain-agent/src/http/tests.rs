@@ -909,6 +909,47 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
     );
 }
 
+/// Audit (docs-lie): a route asked with a method it does not have (`POST /drained`,
+/// `GET /drain`) got axum's bare `405` with an empty body, where every error answer is
+/// `{"error": "..."}`. It names the method and the allowed ones, and keeps axum's `Allow`.
+#[tokio::test]
+async fn a_wrong_method_is_a_json_405_naming_it() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    for (caller, method, uri, allowed) in [
+        (Caller::Node, "POST", "/drained?port=8080", "GET,HEAD"),
+        (Caller::Node, "GET", "/drain?port=8080", "POST,DELETE"),
+        (Caller::Node, "PUT", "/healthz", "GET,HEAD"),
+        (
+            Caller::Pod { netns: 7 },
+            "DELETE",
+            "/health?port=8080",
+            "GET,HEAD",
+        ),
+        (Caller::Remote, "PATCH", "/metrics", "GET,HEAD"),
+    ] {
+        let response = response_as(&state, caller, method, uri).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{uri}");
+        assert_eq!(
+            response
+                .headers()
+                .get(header::ALLOW)
+                .map(|value| value.as_bytes()),
+            Some(allowed.as_bytes()),
+            "{method} {uri}"
+        );
+        let body = body_of(response).await;
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(method), "{method} {uri}: {body}");
+        for method in allowed.split(',') {
+            assert!(message.contains(method), "{method} {uri}: {body}");
+        }
+    }
+    // It changed nothing: no drain was started.
+    let (status, body) = get(&state, "/drains").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["in_progress"], serde_json::json!([]), "{body}");
+}
+
 #[tokio::test]
 async fn unknown_paths_are_404_and_health_is_200() {
     let (source, state) = app(vec![]);
