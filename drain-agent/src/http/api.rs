@@ -516,7 +516,8 @@ pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
 /// `netns` is an inode number of a network namespace that exists, or the path of one in
 /// the places where they live. Every refused path gets the same answer. An inode the scan
 /// does not find is unknown (`404`, which `drain-agent wait` takes as a refusal and stops
-/// waiting) only when the scan looked everywhere: an incomplete one is `503` (asked again).
+/// waiting) only when the scan looked everywhere: an incomplete one is `503` (asked again),
+/// and so is a path the agent could not open for want of descriptors or memory.
 fn parse_netns(text: &str) -> Result<u32, ApiError> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let inode = text.parse::<u32>().map_err(|_| {
@@ -531,8 +532,14 @@ fn parse_netns(text: &str) -> Result<u32, ApiError> {
         }
         return Ok(inode);
     }
-    netns::inode_of_client_path(text)
-        .ok_or_else(|| ApiError::BadRequest(netns::REFUSED_PATH.into()))
+    // The agent's want of descriptors or memory is its failure, not the request's: `503`,
+    // asked again, where a `400` (a pod's, a local user's answer to it too) is a refusal
+    // that ends `drain-agent wait` at once.
+    match netns::inode_of_client_path(text) {
+        Ok(Some(inode)) => Ok(inode),
+        Ok(None) => Err(ApiError::BadRequest(netns::REFUSED_PATH.into())),
+        Err(problem) => Err(ApiError::namespaces_unreadable("netns", Some(&problem))),
+    }
 }
 
 fn parse_limited(name: &str, text: &str, max: Duration) -> Result<Duration, String> {

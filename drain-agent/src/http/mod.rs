@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use axum::{
     Router,
+    extract::Request,
     http::StatusCode,
+    middleware::Next,
     response::Response,
     routing::{get, post},
 };
@@ -50,7 +52,7 @@ pub struct AppState {
 
 /// The agent's routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/drained", get(drained::drained))
         .route(
             "/drain",
@@ -63,7 +65,42 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/connections", get(connections::connections))
         .route("/metrics", get(status::metrics))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    // axum answers a route asked with a method it does not have itself, and sets its `Allow`
+    // header outside every layer of the routes: the answer is made JSON around them all.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(method_not_allowed))
+}
+
+/// axum's own `405` (a route asked with a method it does not have: `POST /drained`,
+/// `GET /drain`) has an empty body: made `{"error": "..."}` naming the method and the ones
+/// the route has, as every error answer of the agent ([`api::ErrorBody`]), keeping axum's
+/// `Allow` header. Any other answer passes unchanged.
+async fn method_not_allowed(request: Request, next: Next) -> Response {
+    use axum::{body::HttpBody as _, http::header::ALLOW};
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED
+        || response.body().size_hint().exact() != Some(0)
+    {
+        return response;
+    }
+    let allow = response.headers().get(ALLOW).cloned();
+    let allowed = allow
+        .as_ref()
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.split(',').collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    let mut answer = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {path}; it takes: {allowed}"),
+    );
+    if let Some(allow) = allow {
+        answer.headers_mut().insert(ALLOW, allow);
+    }
+    answer
 }
 
 /// The header of every answer on the node listener that names the agent answering

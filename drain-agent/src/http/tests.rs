@@ -644,6 +644,80 @@ fn netns_without_descriptors_child() {
     }
 }
 
+/// Found by an audit: out of descriptors, the open of a `netns=` path failed (EMFILE) and
+/// was answered as a refused path, `400` (a pod's and a local user's answer to it too), which
+/// `drain-agent wait --netns /run/netns/…` takes as a refusal and stops waiting: the hook
+/// ended undrained, where the inode form got `503` and was asked again. The agent's want of
+/// descriptors is `503` for a path too, to every caller, whether the file exists or not.
+#[test]
+fn a_netns_path_is_unavailable_not_refused_without_descriptors() {
+    netns::without_descriptors::run_child("http::tests::netns_path_without_descriptors_child");
+}
+
+/// The child of [`a_netns_path_is_unavailable_not_refused_without_descriptors`]: nothing
+/// unless started by it.
+#[test]
+#[ignore = "run in a process of its own by a_netns_path_is_unavailable_not_refused_without_descriptors"]
+fn netns_path_without_descriptors_child() {
+    if !netns::without_descriptors::is_child() {
+        return;
+    }
+    // Everything that needs a descriptor is made before they run out.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
+    let existing = format!("/proc/{}/ns/net", std::process::id());
+    let query = format!("port=8080&timeout=0&netns={existing}");
+    let parsed = api::parse_drain_request(Some(&query), LIMITS).expect("a namespace path");
+    assert_eq!(parsed.filter.netns, Some(own));
+    let mut held = netns::without_descriptors::exhaust();
+    // With one descriptor free (the second run), the path is looked up as ever; then that
+    // one is taken too.
+    if let Ok(spare) = std::fs::File::open("/dev/null") {
+        drop(spare);
+        let parsed = api::parse_drain_request(Some(&query), LIMITS);
+        assert_eq!(parsed.map(|parsed| parsed.filter.netns), Ok(Some(own)));
+        held.push(std::fs::File::open("/dev/null").expect("the one free descriptor"));
+    }
+    let parsed = api::parse_drain_request(Some(&query), LIMITS);
+    let missing = "/run/netns/drain-agent-test-no-such-namespace";
+    let answers = runtime.block_on(async {
+        let mut answers = Vec::new();
+        for caller in [
+            Caller::Node,
+            Caller::LocalUser { uid: Some(1000) },
+            Caller::Pod { netns: 7 },
+        ] {
+            for path in [existing.as_str(), missing] {
+                let uri = format!("/drained?port=8080&timeout=0&netns={path}");
+                answers.push((
+                    format!("{caller:?} {path}"),
+                    request_as(&state, caller, "GET", &uri).await,
+                ));
+            }
+        }
+        answers
+    });
+    drop(held);
+    match parsed {
+        Err(api::ApiError::Unavailable(message)) => {
+            assert_eq!(message, format!("netns: {}", api::NAMESPACES_UNREADABLE));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // The same answer for every caller and path: it tells nothing of which files exist.
+    for (asked, (status, body)) in &answers {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{asked}: {body}");
+        assert_eq!(
+            body["error"],
+            format!("netns: {}", api::NAMESPACES_UNREADABLE),
+            "{asked}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_input_is_400_naming_the_parameter() {
     let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
@@ -840,6 +914,47 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
         (StatusCode::OK, &"ok".into()),
         "{body}"
     );
+}
+
+/// Audit (docs-lie): a route asked with a method it does not have (`POST /drained`,
+/// `GET /drain`) got axum's bare `405` with an empty body, where every error answer is
+/// `{"error": "..."}`. It names the method and the allowed ones, and keeps axum's `Allow`.
+#[tokio::test]
+async fn a_wrong_method_is_a_json_405_naming_it() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    for (caller, method, uri, allowed) in [
+        (Caller::Node, "POST", "/drained?port=8080", "GET,HEAD"),
+        (Caller::Node, "GET", "/drain?port=8080", "POST,DELETE"),
+        (Caller::Node, "PUT", "/healthz", "GET,HEAD"),
+        (
+            Caller::Pod { netns: 7 },
+            "DELETE",
+            "/health?port=8080",
+            "GET,HEAD",
+        ),
+        (Caller::Remote, "PATCH", "/metrics", "GET,HEAD"),
+    ] {
+        let response = response_as(&state, caller, method, uri).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{uri}");
+        assert_eq!(
+            response
+                .headers()
+                .get(header::ALLOW)
+                .map(|value| value.as_bytes()),
+            Some(allowed.as_bytes()),
+            "{method} {uri}"
+        );
+        let body = body_of(response).await;
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(method), "{method} {uri}: {body}");
+        for method in allowed.split(',') {
+            assert!(message.contains(method), "{method} {uri}: {body}");
+        }
+    }
+    // It changed nothing: no drain was started.
+    let (status, body) = get(&state, "/drains").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["in_progress"], serde_json::json!([]), "{body}");
 }
 
 #[tokio::test]

@@ -70,12 +70,23 @@ fn is_allowed_netns_path(text: &str) -> bool {
         .any(|dir| text.strip_prefix(dir).is_some_and(component))
 }
 
-/// The inode of the *network* namespace at a client-given path, or `None` for anything
-/// else; the caller answers [`REFUSED_PATH`] for every `None`.
-pub fn inode_of_client_path(text: &str) -> Option<u32> {
+/// The inode of the *network* namespace at a client-given path, or `Ok(None)` for anything
+/// else (missing, not a namespace, another kind of namespace, outside the allowed places):
+/// the caller answers [`REFUSED_PATH`] for every `None`. An error when the agent could not
+/// look for want of resources ([`is_want_of_resources`]): not an answer about the path, nor
+/// one that tells whether it exists (asking again may help).
+pub fn inode_of_client_path(text: &str) -> Result<Option<u32>> {
     if !is_allowed_netns_path(text) {
-        return None;
+        return Ok(None);
     }
+    // A failure is the path's (refused: `None`) or the agent's (an error).
+    let failed = |problem: std::io::Error, doing: &str| -> Result<Option<u32>> {
+        if is_want_of_resources(&problem) {
+            Err(problem).with_context(|| format!("cannot {doing} network namespace {text}"))
+        } else {
+            Ok(None)
+        }
+    };
     // Not O_PATH: the namespace-type ioctl needs a real descriptor. O_NONBLOCK so that a
     // FIFO left in /run/netns cannot block us. /proc/PID/ns/net is a link that must be
     // followed; a named namespace is a bind-mounted file, so a link there is refused.
@@ -84,14 +95,20 @@ pub fn inode_of_client_path(text: &str) -> Option<u32> {
     } else {
         libc::O_NOFOLLOW
     };
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | follow)
         .open(text)
-        .ok()?;
-    let stat = rustix::fs::fstatfs(&file).ok()?;
+    {
+        Ok(file) => file,
+        Err(problem) => return failed(problem, "open"),
+    };
+    let stat = match rustix::fs::fstatfs(&file) {
+        Ok(stat) => stat,
+        Err(problem) => return failed(std::io::Error::from(problem), "statfs"),
+    };
     if stat.f_type as u64 != NSFS_MAGIC {
-        return None;
+        return Ok(None);
     }
     // NS_GET_NSTYPE (include/uapi/linux/nsfs.h: _IO(0xb7, 0x3)): the namespace's kind.
     // Neither std nor rustix has a safe call for it (rustix's `ioctl` is unsafe too, and
@@ -102,10 +119,27 @@ pub fn inode_of_client_path(text: &str) -> Option<u32> {
     // ours, its answer is the return value.
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
-        return None;
+        return Ok(None);
     }
-    let metadata = file.metadata().ok()?;
-    u32::try_from(metadata.ino()).ok()
+    let metadata = match file.metadata() {
+        Ok(metadata) => metadata,
+        Err(problem) => return failed(problem, "stat"),
+    };
+    Ok(u32::try_from(metadata.ino()).ok())
+}
+
+/// Whether `problem` is the agent's want of resources, not an answer about the file asked
+/// for: out of descriptors, its own (`EMFILE`) or the system's (`ENFILE`), or of kernel
+/// memory (`ENOMEM`). Asking again may help. None tells whether the file exists: an open
+/// takes a descriptor and a file before it looks the path up (fs/open.c `do_sys_openat2`,
+/// fs/namei.c `path_openat`), so `EMFILE` and `ENFILE` come whatever the path, and `ENOMEM`
+/// is the whole system's state. Not `EAGAIN`: an open fails so only while a lease is held on
+/// that very file (which would tell that it exists); `EINTR` std's open retries itself.
+fn is_want_of_resources(problem: &std::io::Error) -> bool {
+    matches!(
+        problem.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// Every network namespace that has a process in it or a name under [`NAMED_NETNS_DIR`],
@@ -620,7 +654,7 @@ mod tests {
         let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
         let pid = std::process::id();
         assert_eq!(
-            inode_of_client_path(&format!("/proc/{pid}/ns/net")),
+            inode_of_client_path(&format!("/proc/{pid}/ns/net")).expect("readable"),
             Some(own)
         );
         for refused in [
@@ -637,7 +671,11 @@ mod tests {
             "/run/netns/no-such-namespace".into(),
             "/var/run/netns/a/b".into(),
         ] {
-            assert_eq!(inode_of_client_path(&refused), None, "{refused}");
+            assert_eq!(
+                inode_of_client_path(&refused).expect("an answer about the path"),
+                None,
+                "{refused}"
+            );
         }
     }
 
