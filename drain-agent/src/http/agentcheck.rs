@@ -790,6 +790,56 @@ mod tests {
         running.stop().await;
     }
 
+    /// A gate that says "draining" once the test releases it, telling the test when asked.
+    #[derive(Default)]
+    struct HeldGate {
+        asked: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl PortGate for HeldGate {
+        fn draining(
+            &self,
+            _port: u16,
+            _addr: Option<IpAddr>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+            Box::pin(async move {
+                self.asked.notify_one();
+                self.release.notified().await;
+                true
+            })
+        }
+    }
+
+    /// A check accepted (its request read) before the stop gets its answer, what the gate
+    /// says then, not a reset from a socket closed with its request unread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_accepted_before_the_stop_is_answered() {
+        let gate = Arc::new(HeldGate::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let task = tokio::spawn(serve_with(
+            listener,
+            Arc::clone(&gate) as Arc<dyn PortGate>,
+            limits,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let check = tokio::spawn(try_exchange(address, b"8080\n", false));
+        gate.asked.notified().await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.release.notify_one();
+        assert_eq!(check.await.unwrap().unwrap(), b"drain\n");
+        task.await.unwrap().unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_closes_the_listener_and_is_bounded() {
         let limits = Limits {
