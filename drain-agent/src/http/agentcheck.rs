@@ -43,11 +43,16 @@
 //! `tests/agent_check.rs` shows each of these against a real HAProxy.
 //!
 //! Bounds: at most [`Limits::max_connections`] connections at once. At the cap, a new
-//! connection takes the place of the *oldest one still waiting for its request* (HAProxy
-//! sends its `agent-send` at once, so that is an idle or hostile client), which is closed
-//! unanswered (no change in HAProxy); when every connection has its request already (being
-//! answered), the listener stops accepting until one ends, so new checks wait in the
-//! kernel's backlog instead of being refused; the request must arrive within
+//! connection takes the place of the *oldest one already answered* (its answer written and
+//! our end of input sent, waiting up to [`LINGER`] for the client's close: HAProxy closes as
+//! soon as it has read the line, so that is a client that neither reads nor closes, and
+//! closing it loses nothing of the answer), else of the *oldest one still waiting for its
+//! request* (HAProxy sends its `agent-send` at once, so that is an idle or hostile client),
+//! which is closed unanswered (no change in HAProxy); only when every connection is being
+//! answered (its request read, its answer not yet written) does the listener stop accepting
+//! until one ends, so new checks wait in the kernel's backlog instead of being refused, and
+//! clients that send a request and hold the connection open cannot keep a check waiting
+//! there past HAProxy's `timeout check`; the request must arrive within
 //! [`Limits::read_timeout`] (counted once for the whole request, not per read) and fit in
 //! [`MAX_REQUEST`] bytes; the answer must be written within [`Limits::write_timeout`]. A request
 //! that is not `\n`-ended is answered when the read timeout ends it, which is later than
@@ -61,7 +66,7 @@ use std::{
     net::{IpAddr, Shutdown, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU8, Ordering},
     },
     time::Duration,
 };
@@ -86,8 +91,8 @@ const LINGER: Duration = Duration::from_millis(500);
 /// What the listener allows its clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections served at once; at the cap the oldest still waiting for its request
-    /// makes room.
+    /// Connections served at once; at the cap the oldest already answered makes room, else
+    /// the oldest still waiting for its request.
     pub max_connections: usize,
     /// The whole request must arrive within this long after the connection is accepted.
     pub read_timeout: Duration,
@@ -207,8 +212,10 @@ pub async fn serve_with(
     let mut acceptor = Acceptor::default();
     'serve: loop {
         // Full of connections being answered: leave new ones in the backlog (they end within
-        // the write timeout and the linger). A stop ends the serving (a completed `shutdown`
-        // must not be polled again by the accept below).
+        // the write timeout). A stop ends the serving (a completed `shutdown` must not be
+        // polled again by the accept below). Room is made here, before the accept, and the
+        // open connections only decrease until the `add` below: the accepted one always has
+        // its place, and is answered even if a stop comes meanwhile.
         while !open.make_room(limits.max_connections) {
             tokio::select! {
                 biased;
@@ -225,23 +232,13 @@ pub async fn serve_with(
         let Some((stream, peer)) = accepted else {
             break;
         };
-        // The look before the accept can be stale (a connection still reading got its
-        // request meanwhile): this one waits, accepted, for a place rather than being closed
-        // unanswered.
-        while !open.make_room(limits.max_connections) {
-            tokio::select! {
-                biased;
-                () = shutdown.as_mut() => break 'serve,
-                () = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
-        }
         debug!("agent-check: {peer}: accepted");
         let gate = Arc::clone(&gate);
-        let reading = Arc::new(AtomicBool::new(true));
-        let (id, guard) = open.add(Arc::clone(&reading));
+        let phase = Arc::new(AtomicU8::new(Phase::Reading as u8));
+        let (id, guard) = open.add(Arc::clone(&phase));
         let abort = tasks.spawn(async move {
             let _guard = guard;
-            if let Err(problem) = answer(stream, peer, gate.as_ref(), limits, &reading).await {
+            if let Err(problem) = answer(stream, peer, gate.as_ref(), limits, &phase).await {
                 debug!("agent-check: {peer}: {problem:#}");
             }
         });
@@ -259,7 +256,34 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// The open connections, oldest first, and whether each is still waiting for its request.
+/// Where a connection is in its exchange, which says whether it may make room for a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// Waiting for its request: closed to make room once [`CONNECT_GRACE`] has passed.
+    Reading = 0,
+    /// Its request read, its answer being found and written: never closed to make room.
+    Answering = 1,
+    /// Its answer written and our end of input sent, lingering for the client's close:
+    /// closed first to make room (nothing of the answer is lost).
+    Answered = 2,
+}
+
+impl Phase {
+    fn load(phase: &AtomicU8) -> Self {
+        match phase.load(Ordering::Acquire) {
+            0 => Self::Reading,
+            1 => Self::Answering,
+            _ => Self::Answered,
+        }
+    }
+
+    fn store(self, phase: &AtomicU8) {
+        phase.store(self as u8, Ordering::Release);
+    }
+}
+
+/// The open connections, oldest first, and the [`Phase`] of each.
 #[derive(Default)]
 struct Open {
     map: std::sync::Mutex<OpenMap>,
@@ -272,7 +296,7 @@ struct OpenMap {
 }
 
 struct Connection {
-    reading: Arc<AtomicBool>,
+    phase: Arc<AtomicU8>,
     abort: Option<AbortHandle>,
     accepted: std::time::Instant,
 }
@@ -289,43 +313,47 @@ impl Open {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether one more connection fits under `cap`, closing the oldest one still waiting
-    /// for its request (and accepted at least [`CONNECT_GRACE`] ago) if needed.
+    /// Whether one more connection fits under `cap`, closing if needed the oldest one
+    /// already answered, else the oldest one still waiting for its request (and accepted at
+    /// least [`CONNECT_GRACE`] ago).
     fn make_room(&self, cap: usize) -> bool {
         let victim = {
             let mut map = self.lock();
             if map.connections.len() < cap {
                 return true;
             }
-            let Some(id) = map
-                .connections
-                .iter()
-                .find(|(_, open)| {
-                    open.abort.is_some()
-                        && open.reading.load(Ordering::Acquire)
-                        && open.accepted.elapsed() >= CONNECT_GRACE
-                })
-                .map(|(id, _)| *id)
-            else {
+            let closable = |wanted: Phase| {
+                map.connections
+                    .iter()
+                    .find(|(_, open)| {
+                        open.abort.is_some()
+                            && Phase::load(&open.phase) == wanted
+                            && (wanted != Phase::Reading
+                                || open.accepted.elapsed() >= CONNECT_GRACE)
+                    })
+                    .map(|(id, _)| *id)
+            };
+            let Some(id) = closable(Phase::Answered).or_else(|| closable(Phase::Reading)) else {
                 return false;
             };
             map.connections.remove(&id)
         };
         if let Some(abort) = victim.and_then(|victim| victim.abort) {
-            // Dropping the connection's future closes its socket, unanswered.
+            // Dropping the connection's future closes its socket: unanswered if it was still
+            // reading; if answered, the answer and our end of input were sent already.
             abort.abort();
         }
         true
     }
 
-    fn add(self: &Arc<Self>, reading: Arc<AtomicBool>) -> (u64, OpenGuard) {
+    fn add(self: &Arc<Self>, phase: Arc<AtomicU8>) -> (u64, OpenGuard) {
         let mut map = self.lock();
         let id = map.next_id;
         map.next_id += 1;
         map.connections.insert(
             id,
             Connection {
-                reading,
+                phase,
                 abort: None,
                 accepted: std::time::Instant::now(),
             },
@@ -364,11 +392,11 @@ async fn answer(
     peer: SocketAddr,
     gate: &dyn PortGate,
     limits: Limits,
-    reading: &AtomicBool,
+    phase: &AtomicU8,
 ) -> Result<()> {
     let request = read_request(&stream, limits.read_timeout).await?;
-    // Answering now: no longer the first to make room for a new connection.
-    reading.store(false, Ordering::Release);
+    // Answering now: not closed to make room for a new connection until answered.
+    Phase::Answering.store(phase);
     let reply = reply_for(&request, gate).await;
     if reply == Reply::Invalid {
         debug!(
@@ -381,7 +409,7 @@ async fn answer(
         .await
         .context("answer not written in time")?
         .context("write the answer")?;
-    close(stream).await
+    close(stream, phase).await
 }
 
 /// Reads until a line end, the end of input, [`MAX_REQUEST`] bytes or the deadline, and
@@ -422,12 +450,14 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Sends our end of input (FIN), then reads and drops what the peer still sends until it
-/// closes or [`LINGER`] passes, so the close does not turn into a reset.
-async fn close(stream: TcpStream) -> Result<()> {
+/// closes or [`LINGER`] passes, so the close does not turn into a reset. Meanwhile the
+/// connection is the first closed to make room for a new one ([`Phase::Answered`]).
+async fn close(stream: TcpStream, phase: &AtomicU8) -> Result<()> {
     let stream = stream.into_std().context("take the socket")?;
     stream
         .shutdown(Shutdown::Write)
         .context("shut down the write side")?;
+    Phase::Answered.store(phase);
     let stream = TcpStream::from_std(stream).context("give the socket back")?;
     let deadline = Instant::now() + LINGER;
     let mut sink = [0_u8; 512];
@@ -456,7 +486,7 @@ mod tests {
     use std::{
         collections::HashSet,
         io::{Read as _, Write as _},
-        sync::Mutex,
+        sync::{Mutex, atomic::AtomicBool},
     };
 
     use tokio::sync::oneshot;
@@ -705,6 +735,109 @@ mod tests {
             assert_eq!(answer, b"", "a silent connection gets no answer");
         }
         running.stop().await;
+    }
+
+    /// Clients that send a request and then neither read nor close cannot keep every place
+    /// lingering (the answer written, waiting for the client's close): a real check is served
+    /// at once instead of waiting in the backlog behind theirs, past HAProxy's `timeout check`
+    /// (a `drain` that never reached HAProxy).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_that_never_close_do_not_hold_back_a_check() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let running = start(Arc::new(FakeGate::default()), limits).await;
+        let address = running.address;
+        let stop = Arc::new(AtomicBool::new(false));
+        // Two clients, each opening a connection every 400 ms that sends its request and
+        // stays open, unread, for longer than the linger.
+        let holders: Vec<_> = (0..2_u64)
+            .map(|client| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200 * client));
+                    let mut held = std::collections::VecDeque::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok(mut stream) = std::net::TcpStream::connect(address) {
+                            let _ = stream.write_all(b"8080\n");
+                            held.push_back(stream);
+                        }
+                        if held.len() > 3 {
+                            held.pop_front();
+                        }
+                        std::thread::sleep(Duration::from_millis(400));
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            assert_eq!(exchange(address, b"8080\n", false).await, b"ready\n");
+            took.push(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for holder in holders {
+            holder.join().unwrap();
+        }
+        assert!(
+            took.iter().all(|took| *took < Duration::from_millis(300)),
+            "{took:?}"
+        );
+        running.stop().await;
+    }
+
+    /// A gate that says "draining" once the test releases it, telling the test when asked.
+    #[derive(Default)]
+    struct HeldGate {
+        asked: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+    }
+
+    impl PortGate for HeldGate {
+        fn draining(
+            &self,
+            _port: u16,
+            _addr: Option<IpAddr>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+            Box::pin(async move {
+                self.asked.notify_one();
+                self.release.notified().await;
+                true
+            })
+        }
+    }
+
+    /// A check accepted (its request read) before the stop gets its answer, what the gate
+    /// says then, not a reset from a socket closed with its request unread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_accepted_before_the_stop_is_answered() {
+        let gate = Arc::new(HeldGate::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let task = tokio::spawn(serve_with(
+            listener,
+            Arc::clone(&gate) as Arc<dyn PortGate>,
+            limits,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let check = tokio::spawn(try_exchange(address, b"8080\n", false));
+        gate.asked.notified().await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.release.notify_one();
+        assert_eq!(check.await.unwrap().unwrap(), b"drain\n");
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
