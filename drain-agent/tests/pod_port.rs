@@ -97,6 +97,32 @@ impl App {
         Ok(Self::serve(listener))
     }
 
+    /// `bind()` + `listen()` with `SO_REUSEPORT` set first, as nginx's `reuseport`, HAProxy
+    /// and many Go servers do (this test runs as root, the agent's user).
+    fn listen_reuseport(netns: &Netns, addr: &str) -> std::io::Result<Self> {
+        Ok(Self::serve(Self::bind_reuseport(netns, addr)?))
+    }
+
+    /// The listener of [`App::listen_reuseport`], not yet served.
+    fn bind_reuseport(netns: &Netns, addr: &str) -> std::io::Result<TcpListener> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+        let addr: SocketAddr = addr.parse().expect("address");
+        netns.run_in(move || -> std::io::Result<TcpListener> {
+            let family = match addr {
+                SocketAddr::V4(_) => AddressFamily::INET,
+                SocketAddr::V6(_) => AddressFamily::INET6,
+            };
+            // Close-on-exec, as std's: the agent this test starts must not hold it too.
+            let socket =
+                rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+            sockopt::set_socket_reuseaddr(&socket, true)?;
+            sockopt::set_socket_reuseport(&socket, true)?;
+            rustix::net::bind(&socket, &addr)?;
+            rustix::net::listen(&socket, 128)?;
+            Ok(TcpListener::from(socket))
+        })
+    }
+
     fn serve(listener: TcpListener) -> Self {
         listener.set_nonblocking(true).expect("non-blocking");
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -798,6 +824,128 @@ fn a_pod_holding_the_socket_port_is_not_served() {
     );
     assert_eq!(listening_ports(&taken), vec![socket_port]);
     reaches_app(&taken, local(socket_port), &app);
+}
+
+/// Found by an audit: an application that set `SO_REUSEPORT` (nginx's `reuseport`, HAProxy,
+/// many Go servers) and runs as the agent's user (root) was no conflict for the agent's
+/// socket: the agent bound `127.0.0.1:<socket port>` beside the application's `0.0.0.0`
+/// one (and then took every loopback connection to it, its address being the more
+/// specific), or joined the application's own `127.0.0.1` group (a share of its
+/// connections, and its group's program replaced), with no WARN and no `socket_port_taken`.
+/// Now the pod is not served, as for any application there.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_pod_holding_the_socket_port_with_reuseport_is_not_served() {
+    let test = "a_pod_holding_the_socket_port_with_reuseport_is_not_served";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let socket_port = free_port();
+    let taken: Vec<(Netns, App)> = ["0.0.0.0", "127.0.0.1"]
+        .iter()
+        .enumerate()
+        .map(|(index, ip)| {
+            let netns = Netns::new(&format!("pr{pid}-{index}"));
+            let app = App::listen_reuseport(&netns, &format!("{ip}:{socket_port}"))
+                .expect("the app listens");
+            (netns, app)
+        })
+        .collect();
+    let served = Netns::new(&format!("pr{pid}-s"));
+    let prefix = format!("da-pr{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let socket_port_arg = socket_port.to_string();
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-socket-port",
+        &socket_port_arg,
+    ]);
+    wait_until(
+        "the agent to serve the other pod",
+        Duration::from_secs(5),
+        || agent_answers(&served),
+    );
+    wait_until(
+        "the taken pods to be reported",
+        Duration::from_secs(5),
+        || agent.metric("drain_agent_pod_listeners{state=\"socket_port_taken\"}") == Some(2.0),
+    );
+    let log = agent.log_text();
+    assert!(
+        log.contains("the agent's socket port is taken there"),
+        "a WARN names the pod: {log}"
+    );
+    for (netns, app) in &taken {
+        assert_eq!(
+            listening_ports(netns),
+            vec![socket_port],
+            "the application's socket only in {}",
+            netns.name
+        );
+        // Every loopback connection to the port is the application's.
+        for _ in 0..8 {
+            reaches_app(netns, local(socket_port), app);
+        }
+    }
+}
+
+/// The binding fallback (`--pod-listen-bind`) likewise leaves a pod whose application
+/// listens on the in-pod address with `SO_REUSEPORT` as root (its wildcard, or the address
+/// itself): the agent's bind would not fail there but join its group or sit beside it, so
+/// it looks before binding and once bound, and skips the pod.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn the_bound_fallback_skips_a_pod_holding_the_port_with_reuseport() {
+    let test = "the_bound_fallback_skips_a_pod_holding_the_port_with_reuseport";
+    if !kernel_available(test) {
+        return;
+    }
+    let pid = std::process::id();
+    let taken: Vec<(Netns, App)> = ["0.0.0.0", "127.0.0.1"]
+        .iter()
+        .enumerate()
+        .map(|(index, ip)| {
+            let netns = Netns::new(&format!("pf{pid}-{index}"));
+            let app = App::listen_reuseport(&netns, &format!("{ip}:{POD_PORT}"))
+                .expect("the app listens");
+            (netns, app)
+        })
+        .collect();
+    let served = Netns::new(&format!("pf{pid}-s"));
+    let prefix = format!("da-pf{pid}-");
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pod-listen-bind",
+    ]);
+    wait_until(
+        "the agent to serve the other pod",
+        Duration::from_secs(5),
+        || agent_answers(&served),
+    );
+    wait_until(
+        "the taken pods to be skipped",
+        Duration::from_secs(5),
+        || agent.metric("drain_agent_pod_listeners{state=\"skipped\"}") == Some(2.0),
+    );
+    for (netns, app) in &taken {
+        assert_eq!(
+            listening_ports(netns),
+            vec![POD_PORT],
+            "the application's socket only in {}",
+            netns.name
+        );
+        for _ in 0..8 {
+            reaches_app(netns, local(POD_PORT), app);
+        }
+    }
 }
 
 /// The agent's `/healthz` (on the node listener) as status and JSON body.

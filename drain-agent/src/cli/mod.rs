@@ -161,8 +161,10 @@ pub struct RunArgs {
     /// With --pod-listen (steered with sk_lookup): the port of the agent's own socket in
     /// each pod, on loopback (127.0.0.1; [::1] or [::] for an IPv6 --pod-listen), which the
     /// in-pod port is steered to. It is taken in every pod: no application there can bind it
-    /// (on any address). Choose one your pods never use; a pod whose application holds it
-    /// already is not served (WARN, drain_agent_pod_listeners{state="socket_port_taken"}).
+    /// (on any address), but one running as root that sets SO_REUSEPORT, which then shares
+    /// the agent's socket unnoticed. Choose one your pods never use; a pod whose application
+    /// holds it already, also with SO_REUSEPORT, is not served (WARN,
+    /// drain_agent_pod_listeners{state="socket_port_taken"}).
     /// Must differ from --pod-listen's port.
     #[arg(
         long,

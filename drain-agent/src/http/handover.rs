@@ -13,6 +13,14 @@
 //! bind fail with `EADDRINUSE` until it stops: the node's listeners are then retried for up
 //! to [`BIND_RETRY_FOR`] (the old agent is about to stop), the in-pod ones on every rescan
 //! (`http/pods/`). An address held by another program fails the start at once.
+//!
+//! The same rule lets a pod's application share an in-pod socket of the agent when it runs
+//! as the agents' user (root) and sets `SO_REUSEPORT` (nginx's `reuseport`, HAProxy, many Go
+//! servers): the agent's bind would join its group, or sit beside its wildcard. So
+//! [`Handover::bind_pod`] looks at who holds the address before binding and once bound
+//! ([`holder_of`]), and gives the socket up where an application does. An application
+//! that binds with `SO_REUSEPORT` *after* that is let in by the kernel all the same: see
+//! `http/pods/` for the window left.
 
 use std::{
     net::SocketAddr,
@@ -95,12 +103,43 @@ impl Handover {
     /// `SO_REUSEPORT` group of that address, with the migrate program attached.
     pub fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
         let socket = listening_in_group(addr)?;
+        Ok(self.attach(socket, addr))
+    }
+
+    /// [`Handover::bind`] for a listener in a pod, in the calling thread's namespace (root's,
+    /// shared with other agents as before): `Ok(None)` where an application (anything but an
+    /// agent) holds `addr` or a wildcard covering it, looked at before binding and again
+    /// once bound, before the migrate program is attached (attached in an application's
+    /// group, it would replace that group's program). An application's `SO_REUSEPORT`
+    /// socket, as root, does not make the bind fail: the agent's would join its group, or
+    /// sit beside its wildcard and take its loopback connections. Where the socket tables
+    /// cannot be read, `unknown` stands for who holds it (the fallback: an application, as
+    /// before; the steered socket: nobody, served as before).
+    pub fn bind_pod(
+        &self,
+        addr: SocketAddr,
+        unknown: Holder,
+    ) -> std::io::Result<Option<std::net::TcpListener>> {
+        if holder_of(addr).unwrap_or(unknown) == Holder::Application {
+            return Ok(None);
+        }
+        let socket = listening_in_group(addr)?;
+        // An application that bound between the look and the bind: its socket is in the
+        // agent's group or beside it now.
+        if holder_besides(addr, &socket).unwrap_or(unknown) == Holder::Application {
+            return Ok(None);
+        }
+        Ok(Some(self.attach(socket, addr)))
+    }
+
+    /// `socket`, listening on `addr`, with the migrate program attached.
+    fn attach(&self, socket: OwnedFd, addr: SocketAddr) -> std::net::TcpListener {
         if let Some(migrate) = &self.migrate
             && let Err(problem) = migrate.attach(socket.as_fd())
         {
             warn!("{addr}: {problem:#}; connections queued on it at the agent's stop may be reset");
         }
-        Ok(std::net::TcpListener::from(socket))
+        std::net::TcpListener::from(socket)
     }
 
     /// [`Handover::bind`] for a listener of the node (`what` names its flag), as a tokio
@@ -165,6 +204,19 @@ pub enum Holder {
 /// (an application that set `SO_REUSEPORT` too, as the agent's user, would otherwise share
 /// its port with the agent), and retries where an older agent holds the address unshared.
 pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
+    holder_except(addr, None)
+}
+
+/// [`holder_of`] but for `own` (the agent's socket just bound there): its own socket is
+/// not looked for in `/proc`, so where nobody else listens no process is.
+pub fn holder_besides(addr: SocketAddr, own: &OwnedFd) -> Result<Holder> {
+    let inode = rustix::fs::fstat(own)
+        .context("cannot stat the agent's socket")?
+        .st_ino;
+    holder_except(addr, Some(inode))
+}
+
+fn holder_except(addr: SocketAddr, own: Option<u64>) -> Result<Holder> {
     use crate::sys::sockdiag::{Query, query, state};
     let conflicts =
         |ip: std::net::IpAddr| ip.is_unspecified() || addr.ip().is_unspecified() || ip == addr.ip();
@@ -176,6 +228,7 @@ pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
     .into_iter()
     .filter(|socket| conflicts(socket.local.ip()))
     .map(|socket| u64::from(socket.inode))
+    .filter(|inode| Some(*inode) != own)
     .collect();
     if inodes.is_empty() {
         return Ok(Holder::Nobody);
@@ -262,6 +315,44 @@ mod tests {
         assert_eq!(holder_of(at([127, 0, 0, 2])).ok(), Some(Holder::Nobody));
         drop(listener);
         assert_eq!(holder_of(at([127, 0, 0, 1])).ok(), Some(Holder::Nobody));
+    }
+
+    /// An application's listener with `SO_REUSEPORT` (this test process is not a
+    /// drain-agent; root, the agents' user) does not make a pod listener's bind fail, on its
+    /// address or on one its wildcard covers: [`Handover::bind_pod`] gives the socket up
+    /// there, and binds where nobody listens (its own socket not taken for another's).
+    #[test]
+    #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+    fn a_pods_listener_is_given_up_beside_an_applications_reuseport_listener() {
+        let test = "a_pods_listener_is_given_up_beside_an_applications_reuseport_listener";
+        if let Err(problem) = crate::sys::sockdiag::check_readable() {
+            crate::test_skip::skip(test, &format!("{problem:#}"));
+            return;
+        }
+        let handover = Handover { migrate: None };
+        let application = listening_in_group("0.0.0.0:0".parse().expect("addr")).expect("bind");
+        let port = rustix::net::getsockname(&application)
+            .ok()
+            .and_then(|addr| SocketAddr::try_from(addr).ok())
+            .expect("addr")
+            .port();
+        for addr in [
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ] {
+            assert!(
+                handover
+                    .bind_pod(addr, Holder::Nobody)
+                    .expect("bind")
+                    .is_none(),
+                "{addr}"
+            );
+        }
+        drop(application);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let first = handover.bind_pod(addr, Holder::Application).expect("bind");
+        assert!(first.is_some(), "nobody else holds {addr}");
+        drop(first);
     }
 
     #[test]

@@ -21,7 +21,11 @@
 //!
 //! The port is taken from no pod: the socket is on loopback at `--pod-socket-port` (29100:
 //! that port is taken in every pod instead, and a pod whose application holds it already is
-//! not served, logged once, `state="socket_port_taken"`), and
+//! not served, logged once, `state="socket_port_taken"`: also an application running as
+//! root with `SO_REUSEPORT`, whose socket would not make the agent's bind fail — who holds
+//! the port is looked at before the bind and once bound, `open.rs`; one that binds it that
+//! way *after* the agent shares the agent's socket until the pod is gone, a window
+//! SECURITY.md describes), and
 //! the namespace's `sk_lookup` program (`kernel/steer.rs`) steers ADDR's connections to it
 //! only while no application listens on ADDR's port in that namespace; the application
 //! keeps the port whenever it listens, before or after the agent came. Without `sk_lookup`
@@ -249,7 +253,7 @@ pub async fn serve_in_pods(
     let gauge = IntGaugeVec::new(
         Opts::new(
             "drain_agent_pod_listeners",
-            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application holds --pod-socket-port there; not served), waiting (fallback only: an agent of an older version holds it without sharing it; retried on every rescan), failing (the listener could not be opened: loopback not up yet, EMFILE, ENOMEM, setns or steering errors; retried on every rescan, WARN after a minute), user_owned (no pod's, never served: namespaces a user's user namespace owns, e.g. unshare -Urn, or a user namespace root made while no bind mount under /run/netns pins them, e.g. unshare -Urn in a container running as root), over_limit (namespaces left without a listener: --pod-max-listeners are open), or stopped (listening, but the steering stopped for good: a count of the applications' listeners on the port failed, tracking_errors_total{reason=\"pod_listen_count_failed\"}; their hooks to the in-pod port are refused until the agent is restarted, and steered is 0 meanwhile).",
+            "--pod-listen listeners inside pod network namespaces: listening (all served), steered (of those, served through sk_lookup without taking the port; 0 while listening is not means the fallback that binds the port), skipped (fallback only: an application holds the address in that namespace), socket_port_taken (steered only: an application held --pod-socket-port there when the agent came, also one with SO_REUSEPORT; not served), waiting (an agent of an older version holds the address, or steered --pod-socket-port, without sharing it; retried on every rescan), failing (the listener could not be opened: loopback not up yet, EMFILE, ENOMEM, setns or steering errors; retried on every rescan, WARN after a minute), user_owned (no pod's, never served: namespaces a user's user namespace owns, e.g. unshare -Urn, or a user namespace root made while no bind mount under /run/netns pins them, e.g. unshare -Urn in a container running as root), over_limit (namespaces left without a listener: --pod-max-listeners are open), or stopped (listening, but the steering stopped for good: a count of the applications' listeners on the port failed, tracking_errors_total{reason=\"pod_listen_count_failed\"}; their hooks to the in-pod port are refused until the agent is restarted, and steered is 0 meanwhile).",
         ),
         &["state"],
     )?;

@@ -42,7 +42,8 @@ pub(super) fn open_steered(
 pub(super) enum Bind {
     /// An application holds the address in that namespace (skip it for good).
     InUse,
-    /// An agent of an older version holds it without `SO_REUSEPORT` (retry on each rescan).
+    /// An agent of an older version holds it without `SO_REUSEPORT`, which this one cannot
+    /// share (retry on each rescan).
     AgentThere,
     /// An application holds the agent's socket port (`--pod-socket-port`) at this address
     /// in that namespace: not served (skip it for good, WARN).
@@ -56,7 +57,9 @@ pub(super) enum Bind {
 /// Binds `addr` on a thread inside the namespace at `path`, checking that it is still the
 /// namespace `inode` (a PID may have been reused since the scan).
 /// The listener is in the address's `SO_REUSEPORT` group (`handover.rs`): another agent's
-/// listener there is shared, not a conflict.
+/// listener there is shared, not a conflict. Where an application holds the address or a
+/// wildcard covering it, before the bind or once bound ([`Handover::bind_pod`]; also one
+/// that set `SO_REUSEPORT`, whose group the agent's bind would join), the pod is skipped.
 pub(super) fn bind_in(
     path: &Path,
     inode: u32,
@@ -65,16 +68,12 @@ pub(super) fn bind_in(
 ) -> Result<std::net::TcpListener, Bind> {
     let handover = Arc::clone(handover);
     let result = netns::run_in(inode, path, move || {
-        // Who listens there already: an application keeps the port for good (also one that
-        // set SO_REUSEPORT, whose group the agent's bind would join), agents share it, and
-        // an older agent that does not share it is retried. Unknown (the socket tables
-        // unreadable): an application's.
-        let holder = holder_of(addr).unwrap_or(Holder::Application);
-        if holder == Holder::Application {
-            return Ok(Err(Holder::Application));
-        }
-        match handover.bind(addr) {
-            Ok(listener) => Ok(Ok(listener)),
+        // An application keeps the port for good, agents share it, and an older agent that
+        // does not share it is retried. Unknown (the socket tables unreadable): an
+        // application's.
+        match handover.bind_pod(addr, Holder::Application) {
+            Ok(Some(listener)) => Ok(Ok(listener)),
+            Ok(None) => Ok(Err(Holder::Application)),
             Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
                 // Taken between the look and the bind: look again.
                 Ok(Err(holder_of(addr).unwrap_or(Holder::Application)))
@@ -101,7 +100,10 @@ pub(super) fn bind_in(
 /// here that waits in its accept queue when the agent closes it at its stop (every
 /// connection slot busy, `--pod-http-max-connections` and the reserve) moves to the next
 /// agent's socket; without it, it was reset. The port in use by anything else is
-/// [`Bind::SocketPortTaken`].
+/// [`Bind::SocketPortTaken`] (looked at before the bind and once bound,
+/// [`Handover::bind_pod`]: an application's `SO_REUSEPORT` socket there, as root, does not
+/// make the bind fail, and the agent's socket would join its group or sit beside its
+/// wildcard), by an older agent's socket that does not share it [`Bind::AgentThere`].
 fn socket_in(
     path: &Path,
     inode: u32,
@@ -124,16 +126,22 @@ fn socket_in(
     let made = netns::run_in(inode, path, move || {
         let own = Path::new("/proc/thread-self/ns/net");
         let netns_file = File::open(own).context("cannot open the namespace's file")?;
-        Ok(handover.bind(local).map(|listener| (listener, netns_file)))
+        // Unknown (the socket tables unreadable): served, as before the look was made,
+        // but a port the bind finds taken is an application's.
+        Ok(match handover.bind_pod(local, Holder::Nobody) {
+            Ok(Some(listener)) => Ok((listener, netns_file)),
+            Ok(None) => Err(Bind::SocketPortTaken(local)),
+            Err(problem) if problem.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(match holder_of(local).unwrap_or(Holder::Application) {
+                    Holder::Application => Bind::SocketPortTaken(local),
+                    // An older agent's socket without SO_REUSEPORT, or one gone meanwhile.
+                    Holder::Agents | Holder::Nobody => Bind::AgentThere,
+                })
+            }
+            Err(problem) => Err(Bind::Failed(
+                anyhow::Error::new(problem).context(format!("cannot listen on {local}")),
+            )),
+        })
     });
-    match made {
-        Ok(Ok(made)) => Ok(made),
-        Ok(Err(problem)) if problem.kind() == std::io::ErrorKind::AddrInUse => {
-            Err(Bind::SocketPortTaken(local))
-        }
-        Ok(Err(problem)) => Err(Bind::Failed(
-            anyhow::Error::new(problem).context(format!("cannot listen on {local}")),
-        )),
-        Err(problem) => Err(Bind::Failed(problem)),
-    }
+    made.unwrap_or_else(|problem| Err(Bind::Failed(problem)))
 }
