@@ -176,6 +176,12 @@ pub struct RunArgs {
     #[arg(long, hide = true, requires = "pod_listen")]
     pub pod_listen_bind: bool,
 
+    /// Makes the event reader (a watched task, `tasks.rs`) end this long after the start,
+    /// as a failed ring buffer would end it. For the tests of the agent's stop when a
+    /// watched task ends; hidden.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub end_event_reader_after: Option<Duration>,
+
     /// How long /drained blocks when the request has no `timeout`.
     #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub default_timeout: Duration,
