@@ -1,12 +1,19 @@
-//! The agent's background tasks (the event reader, the repair task), watched: when one ends
-//! or panics, `/healthz` answers 503 naming it, so that the kubelet's liveness probe (or
-//! systemd's watchdog script) restarts an agent that still serves but no longer wakes
-//! waiters or repairs counts.
+//! The agent's background tasks (the event reader, the skipped-run watch, the repair task),
+//! watched: when one ends or panics the agent no longer wakes waiters at a close, or no
+//! longer repairs counts, so it stops. It logs at ERROR which task ended and how, stops as
+//! at SIGTERM but without the grace (`agent::process::stop_in_phases`: listeners closed,
+//! every waiter answered `agent_shutdown` with `Retry-After`, so `drain-agent wait` asks
+//! the next agent) and exits 1 ([`TaskWatch::outcome`]): systemd's `Restart=on-failure`, or
+//! the container runtime, restarts it. Nothing else would: systemd has no probe, and the
+//! kubelet's liveness probe would stop it with SIGTERM, through the whole grace.
 //!
-//! A layer around the routers (the node listener's and every pod listener's, whose
+//! Until the stop has closed the listeners, `/healthz` answers 503 naming the task: a
+//! layer around the routers (the node listener's and every pod listener's, whose
 //! `/healthz` is the node's), not a change to the routes: the tasks belong to `agent`.
 
 use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{Result, bail};
 
 use axum::{
     Json, Router,
@@ -17,12 +24,26 @@ use axum::{
 };
 use log::error;
 use serde_json::json;
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::{
+    sync::watch,
+    task::{AbortHandle, JoinHandle},
+};
 
 /// Names and fates of the tasks that have ended (empty while all run).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TaskWatch {
     ended: Arc<Mutex<Vec<String>>>,
+    /// How many have ended (counted after `ended` has them): the agent's stop waits on it.
+    count: Arc<watch::Sender<usize>>,
+}
+
+impl Default for TaskWatch {
+    fn default() -> Self {
+        Self {
+            ended: Arc::default(),
+            count: Arc::new(watch::Sender::new(0)),
+        }
+    }
 }
 
 impl TaskWatch {
@@ -31,19 +52,43 @@ impl TaskWatch {
     pub fn watch<T: Send + 'static>(&self, name: &'static str, task: JoinHandle<T>) -> AbortHandle {
         let abort = task.abort_handle();
         let ended = Arc::clone(&self.ended);
+        let count = Arc::clone(&self.count);
         tokio::spawn(async move {
             let fate = match task.await {
                 Ok(_) => "ended".to_owned(),
                 Err(problem) if problem.is_cancelled() => return,
                 Err(problem) => format!("panicked: {problem}"),
             };
-            error!("the {name} {fate}; /healthz now fails so the agent gets restarted");
+            error!(
+                "the {name} {fate}: the agent stops (its waiters answered agent_shutdown) and exits 1, to be restarted"
+            );
             ended
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(format!("the {name} {fate}"));
+            count.send_modify(|count| *count += 1);
         });
         abort
+    }
+
+    /// Resolves once a watched task has ended (at once if one has), with what ended first.
+    pub async fn first_end(&self) -> String {
+        let mut count = self.count.subscribe();
+        // Never closed: `self` holds the sender.
+        let _ = count.wait_for(|count| *count > 0).await;
+        self.ended().into_iter().next().unwrap_or_default()
+    }
+
+    /// An error naming what has ended, if anything has: the agent then exits 1.
+    pub fn outcome(&self) -> Result<()> {
+        let ended = self.ended();
+        if ended.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "stopped because {}: exiting 1, for the supervisor to restart the agent",
+            ended.join("; ")
+        )
     }
 
     /// What has ended, in order.
@@ -133,10 +178,11 @@ mod tests {
         let repair = watch.watch("repair task", tokio::spawn(std::future::pending::<()>()));
         assert_eq!(healthz(&router).await.0, StatusCode::OK);
 
-        // Aborted at shutdown: not a failure.
+        // Aborted at shutdown: not a failure (the agent exits 0).
         repair.abort();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(healthz(&router).await.0, StatusCode::OK);
+        assert!(watch.outcome().is_ok());
 
         release.send(()).expect("send");
         let started = std::time::Instant::now();

@@ -406,6 +406,62 @@ fn sigterm_answers_fifty_long_waiters_after_the_grace() {
     );
 }
 
+/// Audit (a watched task ended): when the event reader ended (here made to by the hidden
+/// `--end-event-reader-after`; a failed ring buffer does it too) `/healthz` failed, but
+/// nothing restarted the agent (systemd has no liveness probe): it kept serving, and every
+/// waiter on a port with connections waited out its full timeout, since no close woke it.
+/// Now the agent stops as at SIGTERM, without the grace (no next agent can start beside it
+/// before it exits): its waiters are answered `agent_shutdown` with `Retry-After` (so
+/// `drain-agent wait` asks the restarted agent), and it exits 1, for `Restart=on-failure`
+/// or the container runtime to restart it.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn an_agent_whose_event_reader_ended_answers_its_waiters_and_exits_1() {
+    if !kernel_available("an_agent_whose_event_reader_ended_answers_its_waiters_and_exits_1") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let service = server.port;
+    let _client = TcpStream::connect(("127.0.0.1", service)).expect("connect");
+    server.wait_accepted(1);
+    // The DaemonSet's grace: a stop that waited it out would hold the waiter 10 minutes.
+    let mut agent = Agent::start(&["--shutdown-grace", "10m", "--end-event-reader-after", "6s"]);
+    agent.expect_active(service, 1);
+    let port = agent.port;
+    let waiter = {
+        let path = format!("/drained?port={service}&timeout=10m");
+        thread::spawn(move || single_shot(None, node(port), &path))
+    };
+    agent.wait_for_waiters(1);
+    assert!(
+        !agent.log_text().contains("the event reader ended"),
+        "the test was too slow: the event reader ended before the waiter waited; log:\n{}",
+        agent.log_text()
+    );
+    let status = agent
+        .wait_for_exit(Duration::from_secs(40))
+        .unwrap_or_else(|| {
+            panic!(
+                "the agent still runs 40 s after it was started with its event reader ending at 6 s; log:\n{}",
+                agent.log_text()
+            )
+        });
+    let answer = waiter
+        .join()
+        .expect("waiter")
+        .expect("the waiter is answered");
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body["reason"], "agent_shutdown", "{answer:?}");
+    assert_eq!(answer.retry_after.as_deref(), Some("1"), "{answer:?}");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("ERROR") && line.contains("the event reader ended")),
+        "{log}"
+    );
+}
+
 /// Audit (stop): the agent-check listener (`--agent-check-listen`) closes at SIGTERM, with
 /// the other listeners, so HAProxy's checks reach the next agent (or, at a restart, find
 /// none and change nothing). Before, it answered through the whole grace (10 min in the

@@ -1,5 +1,5 @@
 //! `drain-agent run`: wire the kernel side, the tracker and the HTTP server together, and
-//! shut them down in order on SIGTERM or Ctrl-C.
+//! shut them down in order on SIGTERM or Ctrl-C, or when a watched task ends (then exit 1).
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -80,7 +80,20 @@ fn random_instance() -> String {
     }
 }
 
-/// Runs the agent until SIGTERM/Ctrl-C; exit status 0 after a clean shutdown, 1 on error.
+/// `task`, ended after `after` when given (`run --end-event-reader-after`, a test hook).
+async fn ending_after(after: Option<Duration>, task: impl Future<Output = ()>) {
+    match after {
+        Some(after) => {
+            let _ = tokio::time::timeout(after, task).await;
+        }
+        None => task.await,
+    }
+}
+
+/// Runs the agent until SIGTERM/Ctrl-C, or until one of its watched tasks ends
+/// (`crate::tasks`); exit status 0 after a clean shutdown at a signal, 1 on error or after
+/// such a task ended (the same stop, then `Restart=on-failure` or the container runtime
+/// restarts the agent).
 pub fn main(args: RunArgs) -> ExitCode {
     crate::logging::init(args.log_level, args.log_format);
     let result = process::runtime().and_then(|runtime| {
@@ -152,11 +165,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let events = kernel
         .take_events()
         .context("the ring buffer was taken already")?;
-    // A task that ends makes /healthz fail (crate::tasks), so the agent gets restarted.
+    // A task that ends stops the agent as SIGTERM does, without the grace, and it exits 1 to
+    // be restarted (crate::tasks, `process::stop_in_phases`); /healthz fails meanwhile.
     let tasks = crate::tasks::TaskWatch::default();
     let event_task = tasks.watch(
         "event reader",
-        tokio::spawn(forward_events(events, Arc::clone(&tracker), kernel.maps())),
+        tokio::spawn(ending_after(
+            args.end_event_reader_after,
+            forward_events(events, Arc::clone(&tracker), kernel.maps()),
+        )),
     );
     // The seeding walk (2-13 ms per network namespace) runs beside the serving agent, as
     // the repair task's first walk: until it ends every answer is doubted and confirmed
@@ -282,7 +299,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     metrics.register_drains(Arc::clone(&drains))?;
     // The stop, in phases (handover.rs): SIGTERM closes the listeners (the next agent takes
     // new and queued connections) and the waiters get their usual answers for up to
-    // --shutdown-grace; then the rest are answered `agent_shutdown`.
+    // --shutdown-grace; then the rest are answered `agent_shutdown`. A watched task that
+    // ends starts the same stop, with no grace (`process::stop_in_phases`).
     let (phase, phases) = tokio::sync::watch::channel(StopPhase::Serving);
     // HAProxy's agent-check: bound before serving, so a conflict fails the start. It closes
     // at SIGTERM with the other listeners: an agent that stops answers from a state about to
@@ -334,7 +352,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     info!("serving on http://{address} (attached with {attach})");
     let stopper = tokio::spawn(process::stop_in_phases(
-        process::StopSignals::install(),
+        process::StopSignals::install().first(),
+        tasks.clone(),
         phase,
         args.shutdown_grace,
         Arc::clone(&tracker),
@@ -452,7 +471,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         warn!(
             "a walk of the sockets still runs after {EXIT_WAIT:?}: exiting without it; the next agent finishes what it left, as after a crash"
         );
-        return Ok(());
+        return tasks.outcome();
     }
     drop(kernel);
     if kernel_state.pinned() {
@@ -460,5 +479,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         info!("programs detached; bye");
     }
-    Ok(())
+    // A watched task that ended stopped the agent: exit 1, so that it is restarted.
+    tasks.outcome()
 }

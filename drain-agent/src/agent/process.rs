@@ -13,7 +13,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{http::handover::StopPhase, tracker::Tracker};
+use crate::{http::handover::StopPhase, tasks::TaskWatch, tracker::Tracker};
 
 /// How long the exit waits for work on blocking threads (a walk of the sockets, a pass over
 /// the socket tables) before it leaves without it.
@@ -54,22 +54,49 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// The stop, in phases (handover.rs): at SIGTERM or Ctrl-C the listeners close (the next
-/// agent takes new and queued connections) and the waiters get their usual answers for up
-/// to `grace` (--shutdown-grace); then the rest are answered `agent_shutdown`.
+/// The stop, in phases (handover.rs): at `signal` (SIGTERM or Ctrl-C) the listeners close
+/// (the next agent takes new and queued connections) and the waiters get their usual
+/// answers for up to `grace` (--shutdown-grace); then the rest are answered
+/// `agent_shutdown`.
+///
+/// When one of the watched `tasks` ends (`crate::tasks`: the event reader, the repair
+/// task, …) the agent cannot keep its answers on time, and it stops the same way, but
+/// without the grace: no next agent can start beside it before it exits (its supervisor
+/// restarts it once it has: `agent::main` exits 1), so its waiters are answered
+/// `agent_shutdown` at once, with `Retry-After`, and `drain-agent wait` asks the next
+/// agent. A task that ends during a SIGTERM's grace ends the grace likewise.
 pub async fn stop_in_phases(
-    mut signals: StopSignals,
+    signal: impl Future<Output = ()>,
+    tasks: TaskWatch,
     phase: watch::Sender<StopPhase>,
     grace: Duration,
     tracker: Arc<Tracker>,
 ) {
-    signals.first().await;
-    info!(
-        "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
-    );
+    let grace = tokio::select! {
+        () = signal => {
+            info!(
+                "stopping: listeners closed (an agent beside this one takes new connections); open waiters get their usual answers for up to {grace:?} (--shutdown-grace)"
+            );
+            grace
+        }
+        ended = tasks.first_end() => {
+            warn!(
+                "stopping because {ended}: listeners closed, the waiters answered agent_shutdown at once (no grace: no next agent can start beside this one), then exiting 1 for the supervisor to restart the agent"
+            );
+            Duration::ZERO
+        }
+    };
     phase.send_replace(StopPhase::HandingOver);
-    tokio::time::sleep(grace).await;
-    info!("shutdown grace over: answering the waiters left (agent_shutdown)");
+    tokio::select! {
+        () = tokio::time::sleep(grace) => {
+            info!("shutdown grace over: answering the waiters left (agent_shutdown)");
+        }
+        ended = tasks.first_end(), if !grace.is_zero() => {
+            warn!(
+                "{ended} during the shutdown grace: answering the waiters left now (agent_shutdown), then exiting 1"
+            );
+        }
+    }
     tracker.begin_shutdown();
     phase.send_replace(StopPhase::AnsweringRest);
 }
@@ -100,7 +127,7 @@ impl StopSignals {
     }
 
     /// Resolves at the first SIGTERM or SIGINT since [`StopSignals::install`].
-    async fn first(&mut self) {
+    pub async fn first(mut self) {
         async fn next(signal: Option<&mut Signal>) {
             match signal {
                 Some(signal) => {
@@ -152,6 +179,114 @@ mod tests {
 }
 
 #[cfg(test)]
+mod task_end_tests {
+    use super::*;
+    use crate::tracker::fake::FakeSource;
+
+    /// Audit: a watched task that ended (the event reader, the repair task) only made
+    /// `/healthz` fail, and nothing restarted the agent under systemd: it served on, its
+    /// waiters never woken. Now the end of one stops the agent as SIGTERM does, without the
+    /// grace (no next agent starts beside it before it exits): listeners closed, then every
+    /// waiter answered `agent_shutdown`.
+    #[tokio::test]
+    async fn a_task_that_ends_stops_the_agent_without_the_grace() {
+        let tracker = Arc::new(Tracker::new(Arc::new(FakeSource::default()), 4));
+        let tasks = TaskWatch::default();
+        let (phase, mut phases) = watch::channel(StopPhase::Serving);
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        tasks.watch(
+            "event reader",
+            tokio::spawn(async move {
+                let _ = ended.await;
+            }),
+        );
+        // No signal ever comes; the DaemonSet's grace.
+        let stopper = tokio::spawn(stop_in_phases(
+            std::future::pending(),
+            tasks.clone(),
+            phase,
+            Duration::from_secs(600),
+            Arc::clone(&tracker),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*phases.borrow(), StopPhase::Serving);
+        assert!(!tracker.shutting_down());
+
+        end.send(()).expect("end the task");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            phases.wait_for(|phase| *phase == StopPhase::AnsweringRest),
+        )
+        .await
+        .expect("the stop reaches AnsweringRest at once, not after the grace")
+        .expect("phases");
+        assert!(tracker.shutting_down());
+        tokio::time::timeout(Duration::from_secs(5), stopper)
+            .await
+            .expect("the stop task ends")
+            .expect("stopper");
+        let outcome = tasks.outcome().expect_err("the agent exits 1");
+        assert!(
+            outcome.to_string().contains("the event reader ended"),
+            "{outcome:#}"
+        );
+    }
+
+    /// A task that ends during a SIGTERM's grace ends the grace: the waiters it would have
+    /// woken (or kept counted right) are answered `agent_shutdown` at once, not at their
+    /// timeouts.
+    #[tokio::test]
+    async fn a_task_that_ends_during_the_grace_ends_it() {
+        let tracker = Arc::new(Tracker::new(Arc::new(FakeSource::default()), 4));
+        let tasks = TaskWatch::default();
+        let (phase, mut phases) = watch::channel(StopPhase::Serving);
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        tasks.watch(
+            "repair task",
+            tokio::spawn(async move {
+                let _ = ended.await;
+            }),
+        );
+        let (sigterm, signal) = tokio::sync::oneshot::channel::<()>();
+        let stopper = tokio::spawn(stop_in_phases(
+            async move {
+                let _ = signal.await;
+            },
+            tasks.clone(),
+            phase,
+            Duration::from_secs(600),
+            Arc::clone(&tracker),
+        ));
+        sigterm.send(()).expect("SIGTERM");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            phases.wait_for(|phase| *phase == StopPhase::HandingOver),
+        )
+        .await
+        .expect("the stop starts")
+        .expect("phases");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(*phases.borrow(), StopPhase::HandingOver, "in the grace");
+        assert!(!tracker.shutting_down());
+
+        end.send(()).expect("end the task");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            phases.wait_for(|phase| *phase == StopPhase::AnsweringRest),
+        )
+        .await
+        .expect("the grace ends with the task")
+        .expect("phases");
+        assert!(tracker.shutting_down());
+        tokio::time::timeout(Duration::from_secs(5), stopper)
+            .await
+            .expect("the stop task ends")
+            .expect("stopper");
+        assert!(tasks.outcome().is_err(), "the agent exits 1");
+    }
+}
+
+#[cfg(test)]
 mod signal_tests {
     use super::*;
 
@@ -159,7 +294,7 @@ mod signal_tests {
     /// does not kill the test process with the default action).
     #[tokio::test]
     async fn a_signal_right_after_install_is_caught() {
-        let mut signals = StopSignals::install();
+        let signals = StopSignals::install();
         // SAFETY: a signal to this very process, whose handler is installed above.
         unsafe { libc::raise(libc::SIGINT) };
         tokio::time::timeout(Duration::from_secs(5), signals.first())

@@ -181,6 +181,12 @@ pub struct RunArgs {
     #[arg(long, hide = true, requires = "pod_listen")]
     pub pod_listen_bind: bool,
 
+    /// Makes the event reader (a watched task, `tasks.rs`) end this long after the start,
+    /// as a failed ring buffer would end it. For the tests of the agent's stop when a
+    /// watched task ends; hidden.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub end_event_reader_after: Option<Duration>,
+
     /// How long /drained blocks when the request has no `timeout`.
     #[arg(long, env = "DRAIN_AGENT_DEFAULT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub default_timeout: Duration,
@@ -230,7 +236,9 @@ pub struct RunArgs {
     /// stop timeout (terminationGracePeriodSeconds, TimeoutStopSec=) must cover it plus
     /// --http-shutdown-timeout plus 8 s (drains' records 2 s, exit waits 3 s + 3 s; 2 s more
     /// with --agent-check-listen; a grace under 2 s counts as 2 s) and a margin. The agent exits as soon as no waiter is
-    /// left.
+    /// left. Not waited for when the agent stops because a background task of its own ended
+    /// (the event reader, the repair task): it answers every waiter at once and exits 1, to
+    /// be restarted.
     #[arg(long, env = "DRAIN_AGENT_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 

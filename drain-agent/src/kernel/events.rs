@@ -32,6 +32,8 @@ fn connection_event(event: &ConnEvent) -> ConnectionEvent {
 
 /// Wakes the waiters of a port whenever the kernel says one of its endpoints crossed zero.
 /// If the ring buffer ever overflows (the kernel counts it), every waiter re-reads once.
+/// Returns only when the ring buffer cannot be read (said at ERROR): the agent, which
+/// watches this task (`crate::tasks`), then stops and exits 1 to be restarted.
 pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps: Arc<KernelMaps>) {
     // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
     // and the AsyncFd owns the ring buffer.
@@ -40,7 +42,7 @@ pub async fn forward_events(ring: RingBuf<MapData>, tracker: Arc<Tracker>, maps:
         Err(problem) => {
             let (_, problem) = problem.into_parts();
             error!(
-                "cannot watch the event ring buffer: {problem}; waiters will only answer on timeout"
+                "cannot watch the event ring buffer: {problem}; no close would wake a waiter, so the agent stops"
             );
             return;
         }

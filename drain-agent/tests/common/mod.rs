@@ -480,6 +480,11 @@ impl Agent {
         status.unwrap_or_else(|| panic!("agent did not exit within {took:?} of SIGTERM"))
     }
 
+    /// Waits up to `limit` for the agent to exit by itself; its exit status, if it did.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        self.process.wait_for(limit)
+    }
+
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
     }
