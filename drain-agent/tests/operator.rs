@@ -1,5 +1,6 @@
 //! Operator conveniences, against the real agent: `--log-format json` (every line one JSON
-//! object), `drain-agent status --json` (the agent's /connections) and `status --port`.
+//! object), `drain-agent status --json` (the agent's /connections) and `status --port`, and
+//! `status` saying what the agent cannot vouch for (exit 1) instead of a short table.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -212,4 +213,9 @@ fn status_says_a_port_outside_ports_is_not_listed() {
     assert!(!said.contains("no open inbound connections"), "{said}");
     assert!(said.contains("outside --ports"), "{said}");
     assert!(said.contains(&format!("{port}: 1 active")), "{said}");
+    // The agent's own API port has no count (a refusal, as `wait` takes it): exit 2, never
+    // an empty table.
+    let (code, stdout, stderr) = status_run(&agent, &["--port", &agent.port.to_string()]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("own API port"), "{stderr}");
 }

@@ -13,7 +13,9 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{AgentUrl, EXIT_ERROR, EXIT_NOT_VOUCHED, describe_remaining, error_text, get};
+use super::{
+    AgentUrl, EXIT_ERROR, EXIT_NOT_VOUCHED, describe_remaining, error_text, get, wait::refused,
+};
 use crate::{
     cli::StatusArgs,
     drain::advice::PortAdvice,
@@ -97,7 +99,7 @@ fn look(args: &StatusArgs) -> Result<Look> {
             loop {
                 read += 1;
                 let (raw, connections) = connections(&url, &path, &args.agent)?;
-                let count = port_count(&url, port);
+                let count = port_count(&url, port)?;
                 let agree = count.as_ref().is_ok_and(|count| {
                     connections.outside_ports || count.active == listed(&connections)
                 });
@@ -166,28 +168,39 @@ fn listed(connections: &ConnectionsBody) -> u64 {
 }
 
 /// The agent's fail-closed count for `port` (a pure query, `timeout=0`: it starts and waits
-/// for nothing), or why there is none.
-fn port_count(url: &AgentUrl, port: u16) -> Result<DrainedBody, String> {
-    let response = get(
+/// for nothing), or why there is none (a doubt); an error when the agent refuses the
+/// question for good (a `4xx` `wait` takes as a refusal, e.g. `400` for its own API port).
+fn port_count(url: &AgentUrl, port: u16) -> Result<Result<DrainedBody, String>> {
+    let response = match get(
         url,
         &format!("/drained?port={port}&timeout=0"),
         REQUEST_TIMEOUT,
-    )
-    .map_err(|problem| format!("port {port}: no count from the agent: {problem:#}"))?;
-    if response.status != 200 && response.status != 503 {
-        return Err(format!(
-            "port {port}: no count from the agent (it answered {}: {})",
+    ) {
+        Ok(response) => response,
+        Err(problem) => {
+            return Ok(Err(format!(
+                "port {port}: no count from the agent: {problem:#}"
+            )));
+        }
+    };
+    if refused(response.status) {
+        bail!(
+            "the agent refused to count port {port} ({}): {}",
             response.status,
             error_text(&response.body)
-        ));
+        );
     }
-    serde_json::from_str(&response.body).map_err(|_| {
+    let no_count = || {
         format!(
             "port {port}: no count from the agent (it answered {}: {})",
             response.status,
             error_text(&response.body)
         )
-    })
+    };
+    if response.status != 200 && response.status != 503 {
+        return Ok(Err(no_count()));
+    }
+    Ok(serde_json::from_str(&response.body).map_err(|_| no_count()))
 }
 
 /// What `/healthz` says the counts cannot be vouched for: its degraded `reasons` (but the
@@ -215,6 +228,11 @@ fn health_doubts(url: &AgentUrl, whole_table: bool) -> Vec<String> {
             )];
         }
     };
+    doubts_of(&health, whole_table)
+}
+
+/// The doubts of one `/healthz` answer ([`health_doubts`]).
+fn doubts_of(health: &HealthzBody, whole_table: bool) -> Vec<String> {
     let mut doubts: Vec<String> = health
         .reasons
         .iter()
@@ -395,6 +413,37 @@ mod tests {
         assert_eq!(&lines[2][active_end - 1..active_end], "1", "{table}");
         assert!(render_table(&[], true).contains("no open inbound connections"));
         assert!(!render_table(&[], false).contains("no open inbound connections"));
+    }
+
+    /// Degraded reasons and seeding are doubts; the in-pod port's steering is not one
+    /// about a count; the kernel's limits are for the whole table only (a port's count is
+    /// confirmed with the socket tables).
+    #[test]
+    fn health_doubts_are_the_counts_ones() {
+        let mut health = HealthzBody {
+            status: HealthStatus::Ok,
+            attach: "tp_btf".into(),
+            reasons: Vec::new(),
+            kernel_limits: Vec::new(),
+            close_unavailable: Some("no way to close".into()),
+            seeding: false,
+        };
+        assert!(doubts_of(&health, true).is_empty());
+        health.kernel_limits = vec!["old kernel".into()];
+        assert!(doubts_of(&health, false).is_empty());
+        assert!(doubts_of(&health, true)[0].contains("old kernel"));
+        health.kernel_limits.clear();
+        health.status = HealthStatus::Degraded;
+        health.reasons = vec![SteeringStop::REASON.into()];
+        assert!(doubts_of(&health, true).is_empty());
+        health
+            .reasons
+            .push("the socket map is full (--max-connections)".into());
+        health.seeding = true;
+        let doubts = doubts_of(&health, false);
+        assert_eq!(doubts.len(), 2, "{doubts:?}");
+        assert!(doubts[0].contains("--max-connections"), "{doubts:?}");
+        assert!(doubts[1].contains("seeding"), "{doubts:?}");
     }
 
     /// The durations come from the kernel's histograms, which a restarted agent adopts
