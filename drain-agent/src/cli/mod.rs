@@ -84,7 +84,12 @@ pub enum Command {
     /// unreachable (a server on its address whose socket is another user's, see
     /// --agent-uid, counts as unreachable: nothing is sent to it).
     Wait(WaitArgs),
-    /// Print the ports with open connections, as a running agent counts them.
+    /// Print the ports with open connections, as a running agent counts them, and every
+    /// reason the agent cannot vouch for them (/healthz degraded or seeding; with --port the
+    /// agent's own count for the port, which rows short of it or a port outside the agent's
+    /// --ports are told against). Exit status: 0 the agent vouches for every count shown;
+    /// 1 it cannot (the reasons printed after the table, on stderr with --json); 2 usage
+    /// error, a refused request or agent unreachable.
     Status(StatusArgs),
     /// Whether the agent named --instance serves and is healthy at --listen: an exec probe
     /// for the kubelet. During an upgrade two agents share the address (SO_REUSEPORT) and
@@ -545,7 +550,8 @@ pub struct StatusArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
 
-    /// Print the agent's `/connections` JSON instead of a table (for scripts and jq).
+    /// Print the agent's `/connections` JSON instead of a table (for scripts and jq); what
+    /// the agent cannot vouch for goes to stderr, and the exit status is the table's.
     #[arg(long)]
     pub json: bool,
 }

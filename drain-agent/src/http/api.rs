@@ -118,6 +118,41 @@ pub fn stopping(what: &str) -> Response {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionsBody {
     pub endpoints: Vec<EndpointRow>,
+    /// The query's `port` is outside the agent's `--ports`: its connections are counted
+    /// (`/drained` answers for it) but not listed here, so no rows do not mean none open.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outside_ports: bool,
+}
+
+/// The `status` of a `200` answer of `GET /healthz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Every count can be vouched for (or is confirmed with the socket tables).
+    Ok,
+    /// Some counts cannot be vouched for, or the in-pod port is steered nowhere: `reasons`.
+    Degraded,
+}
+
+/// The answer of `GET /healthz` when the maps can be read (`200`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthzBody {
+    pub status: HealthStatus,
+    /// How the handler is attached (`tp_btf`, …).
+    pub attach: String,
+    /// Why the status is degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// Limits of this kernel: every answer is confirmed with the socket tables for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_limits: Vec<String>,
+    /// Why drains that close at their deadline are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_unavailable: Option<String>,
+    /// The first walk after a start still runs: connections open before the start are not
+    /// all counted in the maps yet (answers are confirmed with the socket tables meanwhile).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seeding: bool,
 }
 
 /// One endpoint in `/connections`, with its connections one by one when `peers=true`.

@@ -68,5 +68,9 @@ pub(super) async fn connections(
         };
         rows.push(EndpointRow { endpoint, peers });
     }
-    (StatusCode::OK, Json(ConnectionsBody { endpoints: rows })).into_response()
+    let body = ConnectionsBody {
+        endpoints: rows,
+        outside_ports: port.is_some_and(|port| !state.metrics.exports_port(port)),
+    };
+    (StatusCode::OK, Json(body)).into_response()
 }

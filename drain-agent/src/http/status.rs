@@ -3,19 +3,17 @@
 
 use std::sync::Arc;
 
+use crate::http::{
+    AppState,
+    api::{HealthStatus, HealthzBody, error},
+    extract::{NoParams, NodeWide},
+    pod_scope::{PodScope, node_only},
+};
 use axum::{
     Json,
     extract::{Extension, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-};
-use serde_json::json;
-
-use crate::http::{
-    AppState,
-    api::error,
-    extract::{NoParams, NodeWide},
-    pod_scope::{PodScope, node_only},
 };
 
 /// `200 ok`, `200 degraded` with the reasons (the agent serves, but some answers need the
@@ -37,37 +35,35 @@ pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
             if state.pod_steering.stopped() {
                 reasons.push(crate::http::pods::SteeringStop::REASON.to_owned());
             }
-            let status = if reasons.is_empty() { "ok" } else { "degraded" };
-            let mut body = json!({ "status": status, "attach": state.metrics.attach_method() });
-            if !reasons.is_empty() {
-                body["reasons"] = json!(reasons);
-            }
-            // Limits of this kernel: every answer is confirmed with the socket tables for
-            // them (right, each a little slower); not a fault the status should raise.
-            let limits: Vec<String> = doubts
-                .iter()
-                .filter(|doubt| doubt.kernel_limit())
-                .map(ToString::to_string)
-                .collect();
-            if !limits.is_empty() {
-                body["kernel_limits"] = json!(limits);
-            }
-            // Not a fault of the counts (the status stays): drains that close at their
-            // deadline are refused, and this says why.
-            if let Some(problem) = state.drains.close_unavailable() {
-                body["close_unavailable"] = json!(problem);
-            }
-            // Serving while the first walk counts what was open before the start (or checks
-            // adopted counts): answers are confirmed with the socket tables meanwhile (not a
-            // fault).
-            if doubts.iter().any(|doubt| {
-                matches!(
-                    doubt,
-                    crate::doubt::Doubt::Seeding | crate::doubt::Doubt::AdoptedUnwalked
-                )
-            }) {
-                body["seeding"] = json!(true);
-            }
+            let status = if reasons.is_empty() {
+                HealthStatus::Ok
+            } else {
+                HealthStatus::Degraded
+            };
+            let body = HealthzBody {
+                status,
+                attach: state.metrics.attach_method().to_owned(),
+                reasons,
+                // Limits of this kernel: every answer is confirmed with the socket tables
+                // for them (right, each a little slower); not a fault the status should raise.
+                kernel_limits: doubts
+                    .iter()
+                    .filter(|doubt| doubt.kernel_limit())
+                    .map(ToString::to_string)
+                    .collect(),
+                // Not a fault of the counts (the status stays): drains that close at their
+                // deadline are refused, and this says why.
+                close_unavailable: state.drains.close_unavailable().map(ToString::to_string),
+                // Serving while the first walk counts what was open before the start (or
+                // checks adopted counts): answers are confirmed with the socket tables
+                // meanwhile (not a fault).
+                seeding: doubts.iter().any(|doubt| {
+                    matches!(
+                        doubt,
+                        crate::doubt::Doubt::Seeding | crate::doubt::Doubt::AdoptedUnwalked
+                    )
+                }),
+            };
             (StatusCode::OK, Json(body)).into_response()
         }
         Err(problem) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{problem:#}")),

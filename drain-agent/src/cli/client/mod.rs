@@ -23,6 +23,9 @@ use crate::http::api::ErrorBody;
 pub const EXIT_DRAINED: u8 = 0;
 /// Exit status of `wait` when the port did not drain in time.
 pub const EXIT_NOT_DRAINED: u8 = 1;
+/// Exit status of `status` when the agent cannot vouch for the counts it shows (degraded,
+/// seeding, a port outside `--ports`, rows short of the port's count).
+pub const EXIT_NOT_VOUCHED: u8 = 1;
 /// Exit status for usage errors and an unreachable agent.
 pub const EXIT_ERROR: u8 = 2;
 

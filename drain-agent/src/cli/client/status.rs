@@ -1,34 +1,84 @@
 //! `drain-agent status`: the agent's open connections as a table (or its JSON), with the
-//! timeout advice from history.
+//! timeout advice from history, and what the agent cannot vouch for in them.
+//!
+//! `/connections` lists the endpoint map as it is: rows a full map has no room for, ports
+//! outside `--ports` and connections a doubt leaves uncounted are not in it. So `status`
+//! also asks `/healthz` (degraded, seeding, the kernel's limits) and, with `--port`, the
+//! agent's fail-closed count for the port (`/drained?port=P&timeout=0`: its `active`, and
+//! `unknown` when even that cannot be vouched for), prints each doubt, and exits
+//! [`EXIT_NOT_VOUCHED`] when there is one: never a table presented as complete that the
+//! agent cannot vouch for.
 
 use std::{process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{AgentUrl, EXIT_ERROR, error_text, get};
+use super::{
+    AgentUrl, EXIT_ERROR, EXIT_NOT_VOUCHED, describe_remaining, error_text, get, wait::refused,
+};
 use crate::{
     cli::StatusArgs,
     drain::advice::PortAdvice,
     duration::format_duration,
-    http::api::{ConnectionsBody, Endpoint},
+    http::{
+        api::{ConnectionsBody, DrainedBody, Endpoint, HealthStatus, HealthzBody},
+        pods::SteeringStop,
+    },
 };
 
+/// How long one request of `status` may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often `status --port` reads the rows and the port's count again when they disagree
+/// (connections opening or closing between the two reads).
+const CONSISTENT_READS: usize = 3;
+
+/// What `status` found: the `/connections` answer (as sent, and parsed), the agent's count
+/// for `--port`, and each reason the counts shown cannot be vouched for.
+struct Look {
+    url: AgentUrl,
+    raw: String,
+    connections: ConnectionsBody,
+    port_count: Option<DrainedBody>,
+    doubts: Vec<String>,
+}
+
 /// `drain-agent status`: a table of the ports with open connections, or with `--json` the
-/// agent's `/connections` answer as it is (one line), for scripts.
+/// agent's `/connections` answer as it is (one line), for scripts. Exit status: 0 the agent
+/// vouches for every count shown; 1 it cannot (each reason printed: after the table, or on
+/// stderr with `--json`); 2 usage error, agent unreachable or a refused request.
 pub fn status(args: &StatusArgs) -> ExitCode {
-    match status_text(args) {
-        Ok(table) => {
-            print!("{table}");
-            ExitCode::SUCCESS
-        }
+    let look = match look(args) {
+        Ok(look) => look,
         Err(problem) => {
             eprintln!("drain-agent status: {problem:#}");
-            ExitCode::from(EXIT_ERROR)
+            return ExitCode::from(EXIT_ERROR);
         }
+    };
+    if args.json {
+        // Parsed and printed again: one line, and never a non-JSON answer passed on.
+        match serde_json::from_str::<serde_json::Value>(&look.raw) {
+            Ok(body) => println!("{body}"),
+            Err(problem) => {
+                eprintln!("drain-agent status: the agent's answer is not JSON: {problem}");
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+        for doubt in &look.doubts {
+            eprintln!("drain-agent status: cannot vouch for the counts: {doubt}");
+        }
+    } else {
+        print!("{}", render(args, &look));
+    }
+    if look.doubts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_VOUCHED)
     }
 }
 
-fn status_text(args: &StatusArgs) -> Result<String> {
+/// Asks the agent: `/connections`, `/healthz`, and with `--port` the port's count.
+fn look(args: &StatusArgs) -> Result<Look> {
     let url = AgentUrl::parse(&args.agent)?
         .with_token_file(args.token_file.as_deref())?
         .with_agent_uid(args.agent_uid);
@@ -36,8 +86,66 @@ fn status_text(args: &StatusArgs) -> Result<String> {
         Some(port) => format!("/connections?port={port}"),
         None => "/connections".to_owned(),
     };
-    let response = get(&url, &path, Duration::from_secs(10))
-        .with_context(|| format!("agent unreachable at {}", args.agent))?;
+    let mut doubts = health_doubts(&url, args.port.is_none());
+    let (raw, connections, port_count) = match args.port {
+        None => {
+            let (raw, connections) = connections(&url, &path, &args.agent)?;
+            (raw, connections, None)
+        }
+        Some(port) => {
+            // The rows and the port's count, read again while they disagree (a connection
+            // that opened or closed between the two reads).
+            let mut read = 0;
+            loop {
+                read += 1;
+                let (raw, connections) = connections(&url, &path, &args.agent)?;
+                let count = port_count(&url, port)?;
+                let agree = count.as_ref().is_ok_and(|count| {
+                    connections.outside_ports || count.active == listed(&connections)
+                });
+                if agree || read == CONSISTENT_READS {
+                    match count {
+                        Ok(count) => break (raw, connections, Some(count)),
+                        Err(doubt) => {
+                            doubts.push(doubt);
+                            break (raw, connections, None);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let (Some(port), Some(count)) = (args.port, &port_count) {
+        if let Some(why) = &count.unknown {
+            doubts.push(format!(
+                "port {port}: the agent cannot vouch for its own count: {why}"
+            ));
+        }
+        let rows = listed(&connections);
+        if connections.outside_ports {
+            doubts.push(format!(
+                "port {port}: not listed: outside --ports (the agent lists and exports only the ports of its --ports; its count for the port is above)"
+            ));
+        } else if rows != count.active {
+            doubts.push(format!(
+                "port {port}: the rows add up to {rows}, the agent counts {} for the port (connections counted for the port only, not for their address and namespace, are in no row)",
+                count.active
+            ));
+        }
+    }
+    Ok(Look {
+        url,
+        raw,
+        connections,
+        port_count,
+        doubts,
+    })
+}
+
+/// `/connections` (or `?port=P`): its text and its parse; anything but `200` is an error.
+fn connections(url: &AgentUrl, path: &str, agent: &str) -> Result<(String, ConnectionsBody)> {
+    let response =
+        get(url, path, REQUEST_TIMEOUT).with_context(|| format!("agent unreachable at {agent}"))?;
     if response.status != 200 {
         bail!(
             "agent answered {}: {}",
@@ -45,18 +153,133 @@ fn status_text(args: &StatusArgs) -> Result<String> {
             error_text(&response.body)
         );
     }
-    if args.json {
-        // Parsed and printed again: one line, and never a non-JSON answer passed on.
-        let body: serde_json::Value =
-            serde_json::from_str(&response.body).context("the agent's answer is not JSON")?;
-        return Ok(format!("{body}\n"));
-    }
     let body: ConnectionsBody = serde_json::from_str(&response.body)
         .context("the agent's answer is not the expected JSON")?;
-    let endpoints: Vec<Endpoint> = body.endpoints.into_iter().map(|row| row.endpoint).collect();
-    let mut out = render_table(&endpoints);
+    Ok((response.body, body))
+}
+
+/// The connections the rows of an answer count.
+fn listed(connections: &ConnectionsBody) -> u64 {
+    connections
+        .endpoints
+        .iter()
+        .map(|row| row.endpoint.active)
+        .sum()
+}
+
+/// The agent's fail-closed count for `port` (a pure query, `timeout=0`: it starts and waits
+/// for nothing), or why there is none (a doubt); an error when the agent refuses the
+/// question for good (a `4xx` `wait` takes as a refusal, e.g. `400` for its own API port).
+fn port_count(url: &AgentUrl, port: u16) -> Result<Result<DrainedBody, String>> {
+    let response = match get(
+        url,
+        &format!("/drained?port={port}&timeout=0"),
+        REQUEST_TIMEOUT,
+    ) {
+        Ok(response) => response,
+        Err(problem) => {
+            return Ok(Err(format!(
+                "port {port}: no count from the agent: {problem:#}"
+            )));
+        }
+    };
+    if refused(response.status) {
+        bail!(
+            "the agent refused to count port {port} ({}): {}",
+            response.status,
+            error_text(&response.body)
+        );
+    }
+    let no_count = || {
+        format!(
+            "port {port}: no count from the agent (it answered {}: {})",
+            response.status,
+            error_text(&response.body)
+        )
+    };
+    if response.status != 200 && response.status != 503 {
+        return Ok(Err(no_count()));
+    }
+    Ok(serde_json::from_str(&response.body).map_err(|_| no_count()))
+}
+
+/// What `/healthz` says the counts cannot be vouched for: its degraded `reasons` (but the
+/// in-pod port's steering, which is no doubt about a count), seeding, and — `whole_table`:
+/// no `--port`, whose count would be confirmed — the kernel's limits, with which the maps'
+/// counts are not checked. An agent that does not answer it is a doubt too.
+fn health_doubts(url: &AgentUrl, whole_table: bool) -> Vec<String> {
+    let response = match get(url, "/healthz", REQUEST_TIMEOUT) {
+        Ok(response) => response,
+        Err(problem) => return vec![format!("no answer from /healthz: {problem:#}")],
+    };
+    if response.status != 200 {
+        return vec![format!(
+            "the agent's /healthz answered {}: {}",
+            response.status,
+            error_text(&response.body)
+        )];
+    }
+    let health: HealthzBody = match serde_json::from_str(&response.body) {
+        Ok(health) => health,
+        Err(_) => {
+            return vec![format!(
+                "the agent's /healthz answer is not the expected JSON: {}",
+                response.body.trim()
+            )];
+        }
+    };
+    doubts_of(&health, whole_table)
+}
+
+/// The doubts of one `/healthz` answer ([`health_doubts`]).
+fn doubts_of(health: &HealthzBody, whole_table: bool) -> Vec<String> {
+    let mut doubts: Vec<String> = health
+        .reasons
+        .iter()
+        .filter(|reason| reason.as_str() != SteeringStop::REASON)
+        .map(|reason| format!("degraded: {reason}"))
+        .collect();
+    if health.status == HealthStatus::Degraded && health.reasons.is_empty() {
+        doubts.push("degraded (no reason given)".into());
+    }
+    if health.seeding {
+        doubts.push(
+            "seeding: the agent is still counting the connections open before it started".into(),
+        );
+    }
+    if whole_table {
+        doubts.extend(health.kernel_limits.iter().map(|limit| {
+            format!(
+                "a limit of this kernel: {limit} (the rows are the maps' counts, not confirmed; status --port P shows a port's confirmed count)"
+            )
+        }));
+    }
+    doubts
+}
+
+/// The table, the port's count (`--port`), the doubts, the advice from history.
+fn render(args: &StatusArgs, look: &Look) -> String {
+    let endpoints: Vec<Endpoint> = look
+        .connections
+        .endpoints
+        .iter()
+        .map(|row| row.endpoint.clone())
+        .collect();
+    let mut out = render_table(&endpoints, look.doubts.is_empty());
+    if let Some(count) = &look.port_count {
+        out.push_str(&format!(
+            "the agent's count for the port: {}\n",
+            describe_remaining(count)
+        ));
+    }
+    if !look.doubts.is_empty() {
+        out.push_str("\nthe agent cannot vouch for these counts (exit 1):\n");
+        for doubt in &look.doubts {
+            out.push_str(&format!("  - {doubt}\n"));
+        }
+    }
     // Advice from history; an older agent without /advice just gets the table.
-    if let Ok(response) = get(&url, "/advice", Duration::from_secs(10))
+    if let Ok(response) = get(&look.url, "/advice", REQUEST_TIMEOUT)
         && response.status == 200
         && let Ok(mut advice) = serde_json::from_str::<Vec<PortAdvice>>(&response.body)
         && {
@@ -67,7 +290,7 @@ fn status_text(args: &StatusArgs) -> Result<String> {
         out.push('\n');
         out.push_str(&render_advice(&advice));
     }
-    Ok(out)
+    out
 }
 
 /// `ms` as a short duration ("over 1h" for the overflow bucket).
@@ -103,7 +326,9 @@ fn render_advice(advice: &[PortAdvice]) -> String {
     out
 }
 
-fn render_table(rows: &[Endpoint]) -> String {
+/// The rows; `vouched`: an empty table says no connections are open (else that none are
+/// listed, the reasons below it).
+fn render_table(rows: &[Endpoint], vouched: bool) -> String {
     let header = ["PORT", "ADDRESS", "NETNS", "ACTIVE", "OPENED", "CLOSED"];
     let cells: Vec<[String; 6]> = rows
         .iter()
@@ -143,7 +368,11 @@ fn render_table(rows: &[Endpoint]) -> String {
         line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
     }
     if rows.is_empty() {
-        out.push_str("(no open inbound connections)\n");
+        out.push_str(if vouched {
+            "(no open inbound connections)\n"
+        } else {
+            "(no connections listed: see below)\n"
+        });
     }
     out
 }
@@ -174,7 +403,7 @@ mod tests {
                 last_change_ns: 0,
             },
         ];
-        let table = render_table(&rows);
+        let table = render_table(&rows, true);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("PORT  ADDRESS"), "{table}");
@@ -182,7 +411,39 @@ mod tests {
         let active_end = lines[0].find("ACTIVE").expect("header") + "ACTIVE".len();
         assert_eq!(&lines[1][active_end - 2..active_end], "12", "{table}");
         assert_eq!(&lines[2][active_end - 1..active_end], "1", "{table}");
-        assert!(render_table(&[]).contains("no open inbound connections"));
+        assert!(render_table(&[], true).contains("no open inbound connections"));
+        assert!(!render_table(&[], false).contains("no open inbound connections"));
+    }
+
+    /// Degraded reasons and seeding are doubts; the in-pod port's steering is not one
+    /// about a count; the kernel's limits are for the whole table only (a port's count is
+    /// confirmed with the socket tables).
+    #[test]
+    fn health_doubts_are_the_counts_ones() {
+        let mut health = HealthzBody {
+            status: HealthStatus::Ok,
+            attach: "tp_btf".into(),
+            reasons: Vec::new(),
+            kernel_limits: Vec::new(),
+            close_unavailable: Some("no way to close".into()),
+            seeding: false,
+        };
+        assert!(doubts_of(&health, true).is_empty());
+        health.kernel_limits = vec!["old kernel".into()];
+        assert!(doubts_of(&health, false).is_empty());
+        assert!(doubts_of(&health, true)[0].contains("old kernel"));
+        health.kernel_limits.clear();
+        health.status = HealthStatus::Degraded;
+        health.reasons = vec![SteeringStop::REASON.into()];
+        assert!(doubts_of(&health, true).is_empty());
+        health
+            .reasons
+            .push("the socket map is full (--max-connections)".into());
+        health.seeding = true;
+        let doubts = doubts_of(&health, false);
+        assert_eq!(doubts.len(), 2, "{doubts:?}");
+        assert!(doubts[0].contains("--max-connections"), "{doubts:?}");
+        assert!(doubts[1].contains("seeding"), "{doubts:?}");
     }
 
     /// The durations come from the kernel's histograms, which a restarted agent adopts

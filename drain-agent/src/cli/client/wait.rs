@@ -163,7 +163,7 @@ enum Reply {
 /// (a request head too large) to requests that will be refused again however often they
 /// are asked. 5xx (the counts could not be read, a proxy without an agent behind it) and
 /// anything else are asked again within the timeout; a refusal is never drained either.
-fn refused(status: u16) -> bool {
+pub(super) fn refused(status: u16) -> bool {
     (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
