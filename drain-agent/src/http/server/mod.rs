@@ -224,7 +224,9 @@ pub async fn serve_handing_over(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
-        let activity = Arc::new(Activity::default());
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let io = WriteTimeout::new(stream, limits.write_timeout);
+        let activity = Arc::new(Activity::new(io.blocked()));
         let service = {
             let app = app.clone();
             let activity = Arc::clone(&activity);
@@ -245,8 +247,7 @@ pub async fn serve_handing_over(
                 }
             })
         };
-        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+        let io = TokioIo::new(io);
         let connection = graceful.watch(builder.serve_connection(io, service));
         slots.open_slot(&mut tasks, activity, socket, async move {
             if let Err(problem) = connection.await {
