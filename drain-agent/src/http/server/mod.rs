@@ -8,9 +8,14 @@
 //!   so `accept` does not run out of file descriptors). At the cap, a new connection takes
 //!   the place of the *oldest idle* connection (one with no request in a handler and none
 //!   on its way: kept alive between requests, or holding a socket silent), which is closed.
-//!   A connection with received bytes not read yet, or accepted within 250 ms, is not
-//!   idle: a burst of 600 hooks evicted 87 of its own before their requests were read, each
-//!   an early EOF or a reset (`tests/overload.rs`). Why not "stop accepting until one frees": new connections would queue in the
+//!   A connection with its first request received and not read yet, or accepted within
+//!   250 ms, is not idle: a burst of 600 hooks evicted 87 of its own before their requests
+//!   were read, each an early EOF or a reset (`tests/overload.rs`). A connection answered
+//!   before is idle whatever it sent since while no request of it is in a handler, the
+//!   quiet ones first: a client pipelining requests and reading its answers slowly leaves
+//!   them unread (hyper reads nothing while it writes an answer with a request left in its
+//!   buffer), and held every slot that way, past the write timeout (a segment read every
+//!   few seconds is progress); its answer is cut short. Why not "stop accepting until one frees": new connections would queue in the
 //!   kernel's backlog behind the idle ones, and a stop hook would wait for idle sockets to
 //!   time out. Why not "accept and close at once": anyone holding `max_connections` idle
 //!   sockets would shut everyone else out. Evicting the oldest idle one lets a well-behaved
@@ -224,7 +229,9 @@ pub async fn serve_handing_over(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
-        let activity = Arc::new(Activity::default());
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
+        let io = WriteTimeout::new(stream, limits.write_timeout);
+        let activity = Arc::new(Activity::new(io.blocked()));
         let service = {
             let app = app.clone();
             let activity = Arc::clone(&activity);
@@ -245,8 +252,7 @@ pub async fn serve_handing_over(
                 }
             })
         };
-        let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
-        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+        let io = TokioIo::new(io);
         let connection = graceful.watch(builder.serve_connection(io, service));
         slots.open_slot(&mut tasks, activity, socket, async move {
             if let Err(problem) = connection.await {

@@ -7,7 +7,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -48,33 +48,86 @@ pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 pub(super) const CONNECT_GRACE: Duration = Duration::from_millis(250);
 
 /// What a connection is doing, for the cap.
-#[derive(Default)]
 pub(super) struct Activity {
     /// Requests in a handler now.
     in_flight: AtomicUsize,
     /// Requests started so far.
     requests: AtomicUsize,
+    /// Whether writing to the client is blocked: it does not take its answers as fast as
+    /// they come ([`WriteTimeout::blocked`](super::WriteTimeout::blocked)).
+    write_blocked: Arc<AtomicBool>,
+}
+
+impl Activity {
+    /// A connection's activity; `write_blocked` is its writer's
+    /// [`WriteTimeout::blocked`](super::WriteTimeout::blocked).
+    pub(super) fn new(write_blocked: Arc<AtomicBool>) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            write_blocked,
+        }
+    }
+}
+
+/// Whether a connection may be closed to make room for a new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Idleness {
+    /// A request in a handler, or the first one on its way: never closed.
+    Busy,
+    /// Nothing received and not read yet, nothing being written: closed first.
+    Quiet,
+    /// Kept alive with bytes received and not read yet, or an answer being written that
+    /// the client does not take: closed when no connection is [`Idleness::Quiet`].
+    Active,
 }
 
 impl Slot {
-    /// Idle, evictable: no request in a handler, and none on its way — nothing received
-    /// and not read yet, and not accepted within [`CONNECT_GRACE`]; or no request at all
-    /// within [`FIRST_REQUEST_GRACE`]. A burst of hooks at the cap must not evict its own
-    /// members before their requests are read (600 at once lost 87 that way, each an early
-    /// EOF or a reset: `tests/overload.rs`); sockets held silent are evicted at once.
-    fn idle(&self) -> bool {
+    /// Idle, evictable: no request in a handler, and not its first request on its way —
+    /// nothing received and not read yet, and not accepted within [`CONNECT_GRACE`]; or no
+    /// request at all within [`FIRST_REQUEST_GRACE`]. A burst of hooks at the cap must not
+    /// evict its own members before their requests are read (600 at once lost 87 that way,
+    /// each an early EOF or a reset: `tests/overload.rs`); sockets held silent are evicted
+    /// at once.
+    ///
+    /// A connection that has been answered before is idle whatever it sent since, while no
+    /// request of it is in a handler: what it sent may be requests it pipelined that hyper
+    /// does not read while it writes an answer (nothing is read then while hyper's buffer
+    /// holds a request), and a client reading its answers slowly — a segment every few
+    /// seconds, progress for the write timeout — held every slot that way, and new
+    /// connections waited in the listen backlog. Its answer in progress (computed already)
+    /// is cut short; a kept-alive client whose next request was not read yet sees the
+    /// connection closed, the usual race of keep-alive that HTTP clients retry. Such a
+    /// connection goes after the [`Idleness::Quiet`] ones.
+    fn idleness(&self) -> Idleness {
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
-            return false;
+            return Idleness::Busy;
         }
         let age = self.opened.elapsed();
         let asked = self.activity.requests.load(Ordering::Acquire) > 0;
         if !asked && age >= FIRST_REQUEST_GRACE {
-            return true;
+            return Idleness::Quiet;
         }
         if !asked && age < CONNECT_GRACE {
-            return false;
+            return Idleness::Busy;
         }
-        unread_bytes(self.socket) == 0
+        let unread = unread_bytes(self.socket) > 0;
+        if !asked {
+            return if unread {
+                Idleness::Busy
+            } else {
+                Idleness::Quiet
+            };
+        }
+        if unread || self.activity.write_blocked.load(Ordering::Acquire) {
+            Idleness::Active
+        } else {
+            Idleness::Quiet
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.idleness() != Idleness::Busy
     }
 }
 
@@ -136,12 +189,22 @@ impl Slots {
             if map.slots.len() < cap {
                 return true;
             }
-            let Some(id) = map
-                .slots
-                .iter()
-                .find(|(_, slot)| slot.idle())
-                .map(|(id, _)| *id)
-            else {
+            // The oldest quiet connection, else the oldest idle one.
+            let mut oldest_active = None;
+            let mut victim = None;
+            for (id, slot) in &map.slots {
+                match slot.idleness() {
+                    Idleness::Quiet => {
+                        victim = Some(*id);
+                        break;
+                    }
+                    Idleness::Active => {
+                        oldest_active = oldest_active.or(Some(*id));
+                    }
+                    Idleness::Busy => {}
+                }
+            }
+            let Some(id) = victim.or(oldest_active) else {
                 return false;
             };
             map.slots.remove(&id)

@@ -916,3 +916,102 @@ async fn writes_fail_after_the_write_timeout_without_progress() {
     let mut sink = [0u8; 64];
     assert_eq!(reader.read(&mut sink).await.expect("read"), 64);
 }
+
+/// A client that pipelines and reads its answers slowly: with a small receive buffer, it
+/// sends 100,000 `GET /healthz` at once (answered beyond the cap too; megabytes of answers,
+/// more than the kernel's buffers hold) and reads 1 KiB a second — progress, so the write
+/// timeout never fires. hyper reads nothing while it writes an answer with requests left in
+/// its buffer, so requests stay unread in the kernel the whole time.
+fn slow_reader(addr: SocketAddr) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let (mut reader, mut writer) = socket.connect(addr).await.expect("connect").into_split();
+        let pipelined = "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n".repeat(100_000);
+        let sending = tokio::spawn(async move {
+            let _ = writer.write_all(pipelined.as_bytes()).await;
+            // Kept open: a half-close would end the connection after its answers.
+            std::future::pending::<()>().await;
+        });
+        let mut buffer = [0u8; 1024];
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        sending.abort();
+    })
+}
+
+/// A connection writing an answer to a client that reads it slowly has no request in a
+/// handler: it is evicted to make room, and a new client is answered rather than left in
+/// the listen backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_do_not_keep_new_connections_in_the_backlog() {
+    let server = start(ServerLimits {
+        max_connections: 4,
+        write_timeout: Duration::from_secs(2),
+        ..limits()
+    })
+    .await;
+    // The cap (4) and the reserve (4), every one writing to a slow reader.
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        readers.push(slow_reader(server.addr));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), request(server.addr, "/healthz"))
+        .await
+        .expect("a new client is answered, not left in the listen backlog");
+    assert_ok(&answer);
+    for reader in readers {
+        reader.abort();
+    }
+    server.stop().await;
+}
+
+/// At the cap, a quiet kept-alive connection is closed before an older one that is being
+/// answered (its answer would be cut short).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_connections_are_evicted_before_ones_being_answered() {
+    let server = start(ServerLimits {
+        max_connections: 4,
+        ..limits()
+    })
+    .await;
+    // 8 MiB of answers asked for, none read: the answer's writing is blocked.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut unread = socket.connect(server.addr).await.expect("connect");
+    let pipelined = "GET /big HTTP/1.1\r\nHost: test\r\n\r\n".repeat(32);
+    unread.write_all(pipelined.as_bytes()).await.expect("send");
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
+    let mut quiet = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        send(&mut stream, "/healthz").await;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.expect("answer");
+        assert_eq!(&head, b"HTTP/1.1 200");
+        quiet.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut rest = vec![0u8; 1024];
+    for stream in &mut quiet {
+        let _ = tokio::time::timeout(Duration::from_millis(50), stream.read(&mut rest)).await;
+    }
+    assert_ok(&request(server.addr, "/healthz").await);
+    for (i, stream) in quiet.iter_mut().enumerate() {
+        assert_eq!(closed_by_server(stream).await, i < 1, "connection {i}");
+    }
+    // Still answered: its answers read out and the connection stays open.
+    let mut answers = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(1), unread.read_to_end(&mut answers))
+        .await
+        .is_ok();
+    assert!(!ended, "evicted after {} bytes", answers.len());
+    server.stop().await;
+}

@@ -4,6 +4,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,6 +25,8 @@ pub struct WriteTimeout<T> {
     /// Armed while a write is pending; reset when one makes progress.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// `armed`, shared: see [`WriteTimeout::blocked`].
+    blocked: Arc<AtomicBool>,
 }
 
 impl<T> WriteTimeout<T> {
@@ -30,14 +36,26 @@ impl<T> WriteTimeout<T> {
             limit,
             timer: None,
             armed: false,
+            blocked: Arc::default(),
         }
+    }
+
+    /// True while the last write (or flush) is pending: the peer does not take what is
+    /// written to it (a client not reading its answers), and the writer can go no further.
+    pub fn blocked(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.blocked)
+    }
+
+    fn arm(&mut self, armed: bool) {
+        self.armed = armed;
+        self.blocked.store(armed, Ordering::Release);
     }
 
     /// Passes a ready result through (progress: disarm); on pending, arms the timer and
     /// fails once it fires.
     fn guard<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         if poll.is_ready() {
-            self.armed = false;
+            self.arm(false);
             return poll;
         }
         let deadline = Instant::now() + self.limit;
@@ -52,9 +70,9 @@ impl<T> WriteTimeout<T> {
                 .timer
                 .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
-        self.armed = true;
-        if timer.as_mut().poll(cx).is_ready() {
-            self.armed = false;
+        let fired = timer.as_mut().poll(cx).is_ready();
+        self.arm(!fired);
+        if fired {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("the client read nothing for {:?}", self.limit),
