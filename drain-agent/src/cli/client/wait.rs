@@ -168,26 +168,32 @@ pub(super) fn refused(status: u16) -> bool {
 }
 
 /// The timeout of the next request when `until_deadline` is left: at most [`MAX_SLICE`], and,
-/// when more is left, short enough that the rest is at least `quiet` long. The last request
-/// is the one that may end drained with its own quiet window and close at the deadline
-/// (`--close-at-timeout`): with less than `quiet` left for it, no request would close. Where
-/// both cannot be (more than 10 minutes left, but less than twice `quiet`), the longest slice.
+/// when more is left, short enough that the rest is at least `quiet` long by the time the
+/// next request is sent ([`SLICE_GAP`] later). The last request is the one that may end
+/// drained with its own quiet window and close at the deadline (`--close-at-timeout`): with
+/// less than `quiet` left for it, no request would close. Where both cannot be (more than 10
+/// minutes left, but less than about twice `quiet`), the longest slice.
 fn next_slice(until_deadline: Duration, quiet: Duration) -> Duration {
     if until_deadline <= MAX_SLICE {
         return until_deadline;
     }
+    let last = quiet + SLICE_GAP;
     let rest = until_deadline - MAX_SLICE;
-    if rest >= quiet {
+    if quiet.is_zero() || rest >= last {
         return MAX_SLICE;
     }
-    // Less than MAX_SLICE, since `rest` < `quiet`.
-    let leaving_quiet = until_deadline - quiet;
-    if leaving_quiet >= quiet {
-        leaving_quiet
+    // Less than MAX_SLICE, since `rest` < `last`.
+    let leaving_last = until_deadline - last;
+    if leaving_last >= quiet {
+        leaving_last
     } else {
         MAX_SLICE
     }
 }
+
+/// What passes between one slice's end and the next request: the pause before asking
+/// again, and the answer's way back (the agent answers a slice at its deadline).
+const SLICE_GAP: Duration = RETRY_PAUSE.saturating_add(ANSWER_MARGIN);
 
 /// How long to pause before asking again after `answer`: [`RETRY_PAUSE`], or longer when a
 /// `429` says when to ask again (its `Retry-After`, at most [`MAX_RETRY_AFTER`]): the agent
@@ -535,10 +541,23 @@ mod tests {
         // Enough left after a whole slice.
         assert_eq!(next_slice(20 * minute, 10 * second), MAX_SLICE);
         assert_eq!(next_slice(25 * minute, Duration::ZERO), MAX_SLICE);
-        // 10 min 5 s, quiet 10 s: 9 min 55 s, then the last 10 s (which closes).
-        let first = next_slice(10 * minute + 5 * second, 10 * second);
-        assert_eq!(first, 9 * minute + 55 * second);
-        assert_eq!(next_slice(10 * second, 10 * second), 10 * second);
+        // 10 min 5 s, quiet 10 s: the first slice leaves the window and the gap before the
+        // next request, so that the last request, sent after the pause and the answer's
+        // way back, still holds the whole window (and closes at the deadline).
+        let total = 10 * minute + 5 * second;
+        let first = next_slice(total, 10 * second);
+        assert_eq!(first, total - 10 * second - SLICE_GAP);
+        // Audit (a third look): leaving exactly the window was not enough: the pause and the
+        // answer's way back (up to SLICE_GAP) left 9.74 s for a 10 s window, and the wait
+        // waited out the rest with nothing closed.
+        for late in [RETRY_PAUSE, SLICE_GAP] {
+            let left = total - first - late;
+            let last = next_slice(left, 10 * second);
+            assert!(
+                last >= 10 * second,
+                "{last:?} left after a slice {late:?} late"
+            );
+        }
         // Cannot leave a window for both: the longest slice.
         assert_eq!(next_slice(11 * minute, 8 * minute), MAX_SLICE);
     }
