@@ -101,13 +101,27 @@ fn prefix() -> String {
     format!("da-hv{}-", std::process::id() % 100_000)
 }
 
+/// The name of a namespace of a test that counts the pods its agents serve, and the
+/// `--pod-netns-prefix` of those agents: `test` keeps them apart from every other test's
+/// (tests run side by side in this binary, and `prefix()` takes all of theirs).
+fn own_pods(test: &str) -> (impl Fn(&str) -> String, String) {
+    let pid = std::process::id() % 100_000;
+    let test = test.to_owned();
+    let prefix = format!("da-h{test}{pid}-");
+    (move |name: &str| format!("h{test}{pid}-{name}"), prefix)
+}
+
 /// Starts an agent on `port` with `--pod-listen 127.0.0.1:pod_port` for the namespaces of
 /// `prefix`, and waits until *it* serves (its log says so: another agent on the same
 /// addresses answers `/healthz` too) in `pods` pods.
 fn start_agent(port: u16, pod_port: u16, pods: usize, extra: &[&str]) -> Agent {
+    start_agent_for(&prefix(), port, pod_port, pods, extra)
+}
+
+/// [`start_agent`] for the namespaces of `prefix` only.
+fn start_agent_for(prefix: &str, port: u16, pod_port: u16, pods: usize, extra: &[&str]) -> Agent {
     let pod_listen = format!("127.0.0.1:{pod_port}");
-    let prefix = prefix();
-    let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", &prefix];
+    let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", prefix];
     args.extend_from_slice(extra);
     let agent = Agent::start_on(port, &args);
     let started = Instant::now();
@@ -841,16 +855,16 @@ fn the_new_agent_is_ready_only_once_it_serves_in_every_pod() {
         return;
     }
     const PODS: usize = 96;
+    let (name, prefix) = own_pods("ready");
     let namespaces: Vec<common::Netns> = (0..PODS)
-        .map(|i| common::Netns::new(&format!("hv{}-r{i}", std::process::id() % 100_000)))
+        .map(|i| common::Netns::new(&name(&i.to_string())))
         .collect();
     let port = free_port();
     let pod_port = free_port();
-    let mut old = start_agent(port, pod_port, PODS, &["--instance", "old-agent"]);
+    let mut old = start_agent_for(&prefix, port, pod_port, PODS, &["--instance", "old-agent"]);
     let probe = daemonset_readiness_probe();
     assert_eq!(probe.first().map(String::as_str), Some("/drain-agent"));
     let pod_listen = format!("127.0.0.1:{pod_port}");
-    let prefix = prefix();
     // Returns once /healthz answers 200 on the shared address: the old agent's, at once.
     let new = Agent::start_on(
         port,
@@ -931,12 +945,12 @@ fn the_old_agent_keeps_steering_a_pod_the_new_one_does_not_serve_yet() {
     if !kernel_available("the_old_agent_keeps_steering_a_pod_the_new_one_does_not_serve_yet") {
         return;
     }
-    let tag = |name: &str| format!("hv{}-{name}", std::process::id() % 100_000);
+    let (tag, prefix) = own_pods("succ");
     let shared = common::Netns::new(&tag("s"));
     let old_only = common::Netns::new(&tag("o"));
     let port = free_port();
     let pod_port = free_port();
-    let mut old = start_agent(port, pod_port, 2, &[]);
+    let mut old = start_agent_for(&prefix, port, pod_port, 2, &[]);
     let pod_listen = format!("127.0.0.1:{pod_port}");
     let shared_only = format!("da-{}", tag("s"));
     let new = Agent::start_on(

@@ -786,30 +786,15 @@ fn a_pod_holding_the_socket_port_is_not_served() {
     let pid = std::process::id();
     let taken = Netns::new(&format!("pt{pid}-a"));
     let served = Netns::new(&format!("pt{pid}-b"));
-    let prefix = format!("da-pt{pid}-");
     let socket_port = free_port();
     let app = App::listen(&taken, &format!("0.0.0.0:{socket_port}")).expect("the app listens");
-    let pod_listen = format!("0.0.0.0:{POD_PORT}");
     let socket_port_arg = socket_port.to_string();
-    let agent = Agent::start(&[
-        "--pod-listen",
-        &pod_listen,
-        "--pod-netns-prefix",
-        &prefix,
-        "--pod-socket-port",
-        &socket_port_arg,
-    ]);
-    wait_until(
-        "the agent to serve the other pod",
-        Duration::from_secs(5),
-        || agent_answers(&served),
+    let agent = pod_agent(
+        &format!("da-pt{pid}-"),
+        &["--pod-socket-port", &socket_port_arg],
     );
+    served_and_left(&agent, &served, "socket_port_taken", 1);
     assert_eq!(listening_ports(&served), vec![socket_port]);
-    wait_until(
-        "the taken pod to be reported",
-        Duration::from_secs(5),
-        || agent.metric("drain_agent_pod_listeners{state=\"socket_port_taken\"}") == Some(1.0),
-    );
     let log = agent.log_text();
     assert!(
         log.contains("the agent's socket port is taken there"),
@@ -842,55 +827,20 @@ fn a_pod_holding_the_socket_port_with_reuseport_is_not_served() {
     }
     let pid = std::process::id();
     let socket_port = free_port();
-    let taken: Vec<(Netns, App)> = ["0.0.0.0", "127.0.0.1"]
-        .iter()
-        .enumerate()
-        .map(|(index, ip)| {
-            let netns = Netns::new(&format!("pr{pid}-{index}"));
-            let app = App::listen_reuseport(&netns, &format!("{ip}:{socket_port}"))
-                .expect("the app listens");
-            (netns, app)
-        })
-        .collect();
+    let taken = reuseport_apps(&format!("pr{pid}"), socket_port);
     let served = Netns::new(&format!("pr{pid}-s"));
-    let prefix = format!("da-pr{pid}-");
-    let pod_listen = format!("0.0.0.0:{POD_PORT}");
     let socket_port_arg = socket_port.to_string();
-    let agent = Agent::start(&[
-        "--pod-listen",
-        &pod_listen,
-        "--pod-netns-prefix",
-        &prefix,
-        "--pod-socket-port",
-        &socket_port_arg,
-    ]);
-    wait_until(
-        "the agent to serve the other pod",
-        Duration::from_secs(5),
-        || agent_answers(&served),
+    let agent = pod_agent(
+        &format!("da-pr{pid}-"),
+        &["--pod-socket-port", &socket_port_arg],
     );
-    wait_until(
-        "the taken pods to be reported",
-        Duration::from_secs(5),
-        || agent.metric("drain_agent_pod_listeners{state=\"socket_port_taken\"}") == Some(2.0),
-    );
+    served_and_left(&agent, &served, "socket_port_taken", 2);
     let log = agent.log_text();
     assert!(
         log.contains("the agent's socket port is taken there"),
         "a WARN names the pod: {log}"
     );
-    for (netns, app) in &taken {
-        assert_eq!(
-            listening_ports(netns),
-            vec![socket_port],
-            "the application's socket only in {}",
-            netns.name
-        );
-        // Every loopback connection to the port is the application's.
-        for _ in 0..8 {
-            reaches_app(netns, local(socket_port), app);
-        }
-    }
+    only_the_apps_listen(&taken, socket_port);
 }
 
 /// The binding fallback (`--pod-listen-bind`) likewise leaves a pod whose application
@@ -905,45 +855,63 @@ fn the_bound_fallback_skips_a_pod_holding_the_port_with_reuseport() {
         return;
     }
     let pid = std::process::id();
-    let taken: Vec<(Netns, App)> = ["0.0.0.0", "127.0.0.1"]
+    let taken = reuseport_apps(&format!("pf{pid}"), POD_PORT);
+    let served = Netns::new(&format!("pf{pid}-s"));
+    let agent = pod_agent(&format!("da-pf{pid}-"), &["--pod-listen-bind"]);
+    served_and_left(&agent, &served, "skipped", 2);
+    only_the_apps_listen(&taken, POD_PORT);
+}
+
+/// Applications listening with `SO_REUSEPORT` on `port`, one on the wildcard and one on
+/// loopback, each in a namespace of its own named `<tag>-<n>`.
+fn reuseport_apps(tag: &str, port: u16) -> Vec<(Netns, App)> {
+    ["0.0.0.0", "127.0.0.1"]
         .iter()
         .enumerate()
         .map(|(index, ip)| {
-            let netns = Netns::new(&format!("pf{pid}-{index}"));
-            let app = App::listen_reuseport(&netns, &format!("{ip}:{POD_PORT}"))
-                .expect("the app listens");
+            let netns = Netns::new(&format!("{tag}-{index}"));
+            let app =
+                App::listen_reuseport(&netns, &format!("{ip}:{port}")).expect("the app listens");
             (netns, app)
         })
-        .collect();
-    let served = Netns::new(&format!("pf{pid}-s"));
-    let prefix = format!("da-pf{pid}-");
+        .collect()
+}
+
+/// An agent serving the pods whose namespaces start with `prefix`, on the in-pod port.
+fn pod_agent(prefix: &str, extra: &[&str]) -> Agent {
     let pod_listen = format!("0.0.0.0:{POD_PORT}");
-    let agent = Agent::start(&[
-        "--pod-listen",
-        &pod_listen,
-        "--pod-netns-prefix",
-        &prefix,
-        "--pod-listen-bind",
-    ]);
+    let mut args = vec!["--pod-listen", &pod_listen, "--pod-netns-prefix", prefix];
+    args.extend_from_slice(extra);
+    Agent::start(&args)
+}
+
+/// Waits until `agent` serves `served` and reports `count` pod listeners in `state`.
+fn served_and_left(agent: &Agent, served: &Netns, state: &str, count: u32) {
     wait_until(
         "the agent to serve the other pod",
         Duration::from_secs(5),
-        || agent_answers(&served),
+        || agent_answers(served),
     );
+    let gauge = format!("drain_agent_pod_listeners{{state=\"{state}\"}}");
     wait_until(
-        "the taken pods to be skipped",
+        "the taken pods to be reported",
         Duration::from_secs(5),
-        || agent.metric("drain_agent_pod_listeners{state=\"skipped\"}") == Some(2.0),
+        || agent.metric(&gauge) == Some(f64::from(count)),
     );
-    for (netns, app) in &taken {
+}
+
+/// Only each application listens on `port` in its namespace, and every loopback connection
+/// to it there is the application's.
+fn only_the_apps_listen(taken: &[(Netns, App)], port: u16) {
+    for (netns, app) in taken {
         assert_eq!(
             listening_ports(netns),
-            vec![POD_PORT],
+            vec![port],
             "the application's socket only in {}",
             netns.name
         );
         for _ in 0..8 {
-            reaches_app(netns, local(POD_PORT), app);
+            reaches_app(netns, local(port), app);
         }
     }
 }

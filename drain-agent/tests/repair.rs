@@ -199,6 +199,39 @@ fn connect_counted(agent: &Agent, server: &Server, n: usize) -> Vec<TcpStream> {
     clients
 }
 
+/// `n` new connections to `server`, opened until at least one of them found its socket's
+/// address held by a dead socket's entry (`address_taken`). Which addresses the slab
+/// allocator hands out depends on the CPU and on what else allocates meanwhile (a loaded CI
+/// machine): a round in which none landed there is closed (`settle` runs after) and tried
+/// again, at most 5.
+fn connect_until_an_address_is_taken(
+    agent: &Agent,
+    server: &Server,
+    n: usize,
+    settle: impl Fn(),
+) -> Vec<TcpStream> {
+    for round in 1..=5 {
+        let clients: Vec<TcpStream> = (0..n)
+            .map(|_| TcpStream::connect(("127.0.0.1", server.port)).expect("connect"))
+            .collect();
+        server.wait_accepted(n);
+        let taken = agent
+            .metric("drain_agent_tracking_errors_total{reason=\"address_taken\"}")
+            .expect("the address_taken counter");
+        if taken >= 1.0 {
+            return clients;
+        }
+        println!("round {round}: no new inbound socket at a dead socket's address; again");
+        drop(clients);
+        server.close_all();
+        settle();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "no new inbound socket got a dead socket's address in 5 rounds: the test did not happen"
+    );
+}
+
 /// 127.0.0.1:`port` in the test's own network namespace.
 fn loopback_key(port: u16) -> ConnKey {
     let mut key = ConnKey {
@@ -335,32 +368,10 @@ fn an_open_at_a_dead_sockets_address_is_not_lost_unseen() {
     let dead_port = common::free_port();
     maps.plant_dead_sockets(loopback_key(dead_port), &addresses);
 
-    // New inbound connections: some land on those addresses. Which addresses the slab
-    // allocator hands out depends on the CPU and on what else allocates meanwhile (a loaded
-    // CI machine): a round in which none landed there is closed and tried again, at most 5.
-    let mut clients: Vec<TcpStream> = Vec::new();
-    let mut taken = 0.0;
-    for round in 1..=5 {
-        clients = (0..N)
-            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
-            .collect();
-        server.wait_accepted(N);
-        taken = agent
-            .metric("drain_agent_tracking_errors_total{reason=\"address_taken\"}")
-            .expect("the address_taken counter");
-        if taken >= 1.0 {
-            break;
-        }
-        println!("round {round}: no new inbound socket at a dead socket's address; again");
-        drop(std::mem::take(&mut clients));
-        server.close_all();
+    // New inbound connections: some land on those addresses.
+    let clients = connect_until_an_address_is_taken(&agent, &server, N, || {
         agent.expect_active(port, 0);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        taken >= 1.0,
-        "no new inbound socket got a dead socket's address in 5 rounds ({taken}): the test did not happen"
-    );
+    });
     // Every answer counts all of them: from the socket tables until a walk has repaired the
     // maps, then from the maps.
     let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=0"));
@@ -424,28 +435,7 @@ fn a_walk_replaces_a_dead_sockets_entry_under_the_same_endpoint() {
     // Skipped closes of this very endpoint: dead sockets under its own key, with no peer.
     maps.plant_dead_sockets(loopback_key(port), &addresses);
 
-    let mut clients: Vec<TcpStream> = Vec::new();
-    let mut taken = 0.0;
-    for round in 1..=5 {
-        clients = (0..N)
-            .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
-            .collect();
-        server.wait_accepted(N);
-        taken = agent
-            .metric("drain_agent_tracking_errors_total{reason=\"address_taken\"}")
-            .expect("the address_taken counter");
-        if taken >= 1.0 {
-            break;
-        }
-        println!("round {round}: no new inbound socket at a dead socket's address; again");
-        drop(std::mem::take(&mut clients));
-        server.close_all();
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        taken >= 1.0,
-        "no new inbound socket got a dead socket's address in 5 rounds ({taken}): the test did not happen"
-    );
+    let clients = connect_until_an_address_is_taken(&agent, &server, N, || {});
     let mut client_ports: Vec<u16> = clients
         .iter()
         .map(|client| client.local_addr().expect("local address").port())
