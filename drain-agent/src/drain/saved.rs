@@ -20,8 +20,8 @@ use crate::{
         owner::Owner,
         registry::{Running, scope_text},
         state_file::{
-            Found, Lasting, MAX_BYTES, NEXT_FILE_NAME, Role, Stamp, StateFile, Unreadable, Which,
-            Written,
+            FILE_NAME, Found, Lasting, MAX_BYTES, NEXT_FILE_NAME, Role, Stamp, StateFile,
+            Unreadable, Which, Written,
         },
         unix_ms,
     },
@@ -93,6 +93,14 @@ fn encoded_len(value: &impl Serialize) -> u64 {
 }
 
 impl SavedDrains {
+    /// How many of its drains only `/drained` waiters started.
+    fn waiters_drains(&self) -> usize {
+        self.drains
+            .iter()
+            .filter(|drain| drain.waiters_only)
+            .count()
+    }
+
     /// Adds `waiters_drains` (drains only `/drained` waiters started), oldest first, while
     /// the state stays within `room` bytes encoded: they only gate the other agent of an
     /// overlap, and must never take the file past its limit, which would leave every POSTed
@@ -115,11 +123,7 @@ impl SavedDrains {
             left -= size;
             self.drains.push(drain);
         }
-        all - self
-            .drains
-            .iter()
-            .filter(|drain| drain.waiters_only)
-            .count()
+        all - self.waiters_drains()
     }
 }
 
@@ -149,7 +153,8 @@ struct SavedDrain {
     /// ([`Drains::writers_gate`], [`Drains::beside_gate`]: a pod's preStop hook waiting on
     /// one agent while the other answers `/health`), and never resumed, taken over or folded
     /// in: its waiters are its agent's and end with it (without them it would have ended
-    /// `abandoned`). Left out when false, so the file keeps its version: an agent before
+    /// `abandoned`); the next agent that owns the file writes it again without it
+    /// ([`Drains::restore`], a take-over, a fold-in). Left out when false, so the file keeps its version: an agent before
     /// this one ignores it (nothing in the layout denies unknown fields) and takes such a
     /// drain for a POSTed one — its gate answers "draining" for it, and at its start it
     /// resumes it to its deadline (with its `on_timeout`, as its waiters asked): more out of
@@ -344,16 +349,29 @@ impl Drains {
         let written =
             tokio::task::spawn_blocking(move || file.write_with(|role| drains.saved(role))).await;
         match written {
-            Ok(Ok(Written::OnDisk)) => Saved::Yes,
-            Ok(Ok(Written::Nothing)) => Saved::Stopping,
-            // Warned at start (`StateFile::open`).
-            Ok(Ok(Written::InMemoryOnly)) => Saved::No,
-            Ok(Err(problem)) => {
-                log::warn!("cannot save the drains (they will not survive a restart): {problem:#}");
-                Saved::No
-            }
+            Ok(written) => Self::saved_as(written),
             Err(problem) => {
                 log::warn!("the state file writer failed: {problem}");
+                Saved::No
+            }
+        }
+    }
+
+    /// [`Drains::save`] on this thread: at start-up ([`Drains::restore`]), which reads the
+    /// files on it too.
+    fn save_here(&self, file: &StateFile) -> Saved {
+        Self::saved_as(file.write_with(|role| self.saved(role)))
+    }
+
+    /// What a write of the state says of the drains: a failure logged.
+    fn saved_as(written: anyhow::Result<Written>) -> Saved {
+        match written {
+            Ok(Written::OnDisk) => Saved::Yes,
+            Ok(Written::Nothing) => Saved::Stopping,
+            // Warned at start (`StateFile::open`).
+            Ok(Written::InMemoryOnly) => Saved::No,
+            Err(problem) => {
+                log::warn!("cannot save the drains (they will not survive a restart): {problem:#}");
                 Saved::No
             }
         }
@@ -387,6 +405,13 @@ impl Drains {
     ///
     /// A `drains.next.json` a crashed agent left (its lock free) is taken over: its cancels
     /// hold (what they ended is not restored), its own drains and gates join.
+    ///
+    /// A file this agent owns now (the state file for the writer, a `drains.next.json` left
+    /// by a gone agent) that lists drains only `/drained` waiters started is written again at
+    /// once without them: their waiters were the agent's that saved them, gone, and nothing
+    /// else may rewrite the file for days on a quiet node, while the other agent of the next
+    /// upgrade's overlap (and an older agent after a rollback, which resumes them) reads them.
+    /// The writer's file read beside it is that agent's, live: left as it is.
     pub fn restore(self: &Arc<Self>) {
         let Some(file) = &self.state else {
             return;
@@ -415,7 +440,11 @@ impl Drains {
         } else {
             file.read::<SavedDrains>()
         };
+        let mut gone_waiters = left.waiters_drains();
         if let Some(saved) = saved {
+            if file.is_writer() {
+                gone_waiters += saved.waiters_drains();
+            }
             let restored = self.restore_saved(saved, Some(&ended));
             ended.drains = restored.drains;
             ended.gates = restored.gates;
@@ -426,6 +455,16 @@ impl Drains {
         }
         if !file.is_writer() {
             *lock(&self.overlap) = Some(ended);
+        }
+        // After the overlap is noted: beside the writer, only this agent's own is written.
+        if gone_waiters > 0 && self.save_here(file) == Saved::Yes {
+            log::info!(
+                "{gone_waiters} drain(s) only /drained waiters of a gone agent started are no longer in {}",
+                match file.role() {
+                    Role::Next => NEXT_FILE_NAME,
+                    Role::Writer | Role::Neither => FILE_NAME,
+                }
+            );
         }
     }
 

@@ -169,6 +169,24 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     let (_, tracker, restored) = saving_registry(2, dir.path());
     assert!(restored.state.as_ref().expect("state file").is_writer());
     restored.restore();
+    // The waiters' drain went with the agent that waited on it: the restart writes the file
+    // without it at once. Before, it stayed until some later drain changed the file, and
+    // the next upgrade's agent, beside this one, answered "draining" for its scope.
+    {
+        let (_, beside_tracker, beside) = registry_beside(dir.path());
+        assert!(
+            !beside.gated(&node(8081)).await,
+            "beside the writer: a drain whose waiters are gone"
+        );
+        assert!(beside.gated(&node(8080)).await, "the POSTed drain");
+        beside_tracker.begin_shutdown();
+        beside.wait_all_ended(Duration::from_secs(5)).await;
+    }
+    let rewritten = std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file");
+    assert!(
+        !rewritten.contains(r#""waiters_only":true"#),
+        "the gone waiters' drain is still saved: {rewritten}"
+    );
     let (running, _) = restored.list();
     assert_eq!(running.len(), 1, "only the POSTed drain: {running:?}");
     assert_eq!((running[0].id, running[0].port), (record.id, 8080));
@@ -193,6 +211,59 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
     again.restore();
     assert!(again.gated(&node(9090)).await);
     assert_eq!(again.list().0.len(), 1);
+}
+
+/// The agent beside the writer (an upgrade's overlap) stops with a drain only `/drained`
+/// waiters started there in its `drains.next.json` (nothing is written at a stop), and no
+/// take-over follows. The agent started beside the writer next takes that file over and
+/// writes it without that drain at once: before, the entry stayed until its first save, and
+/// the writer, reading the file, answered "draining" for the scope meanwhile.
+#[tokio::test]
+async fn a_gone_agents_waiters_drains_leave_the_next_file_it_left() {
+    let dir = tempfile::tempdir().expect("dir");
+    let next_file = dir.path().join(state_file::NEXT_FILE_NAME);
+    let (_, _, writer) = writing_registry(dir.path());
+    {
+        let (_, tracker, first) = registry_beside(dir.path());
+        let joined = DrainSpec {
+            filter: Filter::port(8081),
+            ..spec(Duration::from_secs(600))
+        };
+        let (membership, created) = first.join(joined, StartedBy::Node).await.expect("room");
+        assert!(created);
+        let left = std::fs::read_to_string(&next_file).expect("next file");
+        assert!(left.contains(r#""waiters_only":true"#), "{left}");
+        tracker.begin_shutdown();
+        drop(membership);
+        first.wait_all_ended(Duration::from_secs(5)).await;
+        for _ in 0..500 {
+            if Arc::strong_count(&first) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(Arc::strong_count(&first), 1, "the drain's task still runs");
+        assert_eq!(
+            std::fs::read_to_string(&next_file).expect("next file"),
+            left,
+            "nothing written at the stop"
+        );
+    }
+    let (_, _, second) = registry_beside(dir.path());
+    assert_eq!(
+        second.state.as_ref().expect("state file").role(),
+        state_file::Role::Next
+    );
+    writer.catch_up().await;
+    assert!(
+        !writer.gated(&node(8081)).await,
+        "the writer: a drain whose waiters are gone"
+    );
+    let rewritten = std::fs::read_to_string(&next_file).expect("next file");
+    assert!(
+        !rewritten.contains(r#""waiters_only":true"#),
+        "the gone waiters' drain is still saved: {rewritten}"
+    );
 }
 
 /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
