@@ -1,12 +1,28 @@
 //! One spelling per address: what the kernel side keys by and what requests compare against.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use drain_agent_common::{AF_INET, ConnKey};
 
 /// Folds `::ffff:a.b.c.d` to `a.b.c.d`, as the kernel side does for keys.
 pub fn canonical_addr(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         IpAddr::V4(_) => addr,
+    }
+}
+
+/// The address of a kernel-side key, as an `IpAddr`.
+pub fn key_addr(key: &ConnKey) -> IpAddr {
+    if key.family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(
+            key.addr[0],
+            key.addr[1],
+            key.addr[2],
+            key.addr[3],
+        ))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(key.addr))
     }
 }
 

@@ -9,7 +9,8 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use drain_agent_common::{ConnEvent, ConnKey, crossing, event_kind};
 
-use super::{KernelMaps, maps::key_addr, parse_event};
+use super::{KernelMaps, parse_event};
+use crate::addr::key_addr;
 use crate::tracker::{ConnectionEvent, Tracker, Vouch as _};
 
 /// The kernel's record, in the tracker's terms.

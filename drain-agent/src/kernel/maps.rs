@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
     sync::{
@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, MapData, PerCpuHashMap};
 use drain_agent_common::{
-    AF_INET, ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
+    ConnCounts, ConnKey, DurationHistogram, PORT_COUNT, PortTotals, SockEntry, error_index,
 };
 
 use super::{
@@ -25,7 +25,11 @@ use super::{
     version::{KernelVersion, old_kernel_doubts},
 };
 use crate::{
-    addr::canonical_addr, closer::NamespaceGone, doubt::Doubt, sys::netns, sys::sockdiag,
+    addr::{canonical_addr, key_addr},
+    closer::NamespaceGone,
+    doubt::Doubt,
+    sys::netns,
+    sys::sockdiag,
     tracker::Filter,
 };
 
@@ -566,20 +570,6 @@ fn takes_address(bound: IpAddr, v6only: Option<bool>, addr: IpAddr) -> bool {
         (IpAddr::V6(bound), IpAddr::V6(_)) => bound.is_unspecified(),
         (IpAddr::V6(bound), IpAddr::V4(_)) => bound.is_unspecified() && v6only == Some(false),
         (IpAddr::V4(_), IpAddr::V6(_)) => false,
-    }
-}
-
-/// The address of a key, as an `IpAddr`.
-pub fn key_addr(key: &ConnKey) -> IpAddr {
-    if key.family == AF_INET {
-        IpAddr::V4(Ipv4Addr::new(
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
-        ))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(key.addr))
     }
 }
 

@@ -215,7 +215,7 @@ pub fn parse_event(bytes: &[u8]) -> Option<ConnEvent> {
 mod tests {
     use super::*;
 
-    use crate::kernel::maps::key_addr;
+    use crate::addr::key_addr;
     use drain_agent_common::AF_INET;
     use std::net::{IpAddr, Ipv6Addr};
 

@@ -22,7 +22,8 @@ use anyhow::{Context as _, Result};
 use drain_agent_common::{ConnKey, watched_bit};
 use log::debug;
 
-use super::{Kernel, maps::key_addr, rcu::grace_period};
+use super::{Kernel, rcu::grace_period};
+use crate::addr::key_addr;
 use crate::tracker::monotonic_ns;
 
 /// An endpoint at zero for this long is reclaimed.

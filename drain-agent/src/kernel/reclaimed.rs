@@ -19,7 +19,8 @@ use aya_obj::generated::{BPF_F_NO_PREALLOC, bpf_map_type};
 use drain_agent_common::{ConnCounts, ConnKey, PORT_COUNT};
 use log::warn;
 
-use super::{maps::key_addr, pin, raw};
+use super::{pin, raw};
+use crate::addr::key_addr;
 use crate::tracker::{ReclaimedTotals, Totals};
 
 /// The reclaimed totals, in memory and pinned.

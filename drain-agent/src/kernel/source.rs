@@ -15,7 +15,8 @@ use drain_agent_common::{
     repair, watched_bit,
 };
 
-use super::maps::{KernelMaps, canonical, key_addr, namespaces_in, namespaces_of};
+use super::maps::{KernelMaps, canonical, namespaces_in, namespaces_of};
+use crate::addr::key_addr;
 use crate::{
     addr::canonical_addr,
     doubt::Doubt,
