@@ -93,13 +93,14 @@ fn look(args: &StatusArgs) -> Result<Look> {
     let (raw, connections, port_count) = match args.port {
         None => {
             // Read again while a port's rows add up to less than its total (a connection
-            // that opened between the agent's two reads).
+            // that opened between the agent's two reads); no totals stay none.
             let mut read = 0;
             loop {
                 read += 1;
                 let (raw, connections) = connections(&url, &path, &args.agent)?;
                 let table = table_doubts(&connections);
-                if table.is_empty() || read == CONSISTENT_READS {
+                if table.is_empty() || connections.port_totals.is_none() || read == CONSISTENT_READS
+                {
                     doubts.extend(table);
                     break (raw, connections, None);
                 }
