@@ -191,7 +191,8 @@ fn status_says_it_cannot_vouch_for_a_full_endpoint_map() {
 }
 
 /// A port outside `--ports` is not listed by `/connections`: `status --port` says so, with
-/// the agent's count for it, and exits 1, never "(no open inbound connections)".
+/// the agent's count for it, and exits 1, never "(no open inbound connections)"; so does
+/// `status` without `--port`.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn status_says_a_port_outside_ports_is_not_listed() {
@@ -213,6 +214,17 @@ fn status_says_a_port_outside_ports_is_not_listed() {
     assert!(!said.contains("no open inbound connections"), "{said}");
     assert!(said.contains("outside --ports"), "{said}");
     assert!(said.contains(&format!("{port}: 1 active")), "{said}");
+    // The whole table too (found by an audit: it said "(no open inbound connections)" and
+    // exited 0): the agent's per-port totals count the port, no row lists it.
+    let (code, stdout, stderr) = status_run(&agent, &[]);
+    println!("{stdout}{stderr}");
+    let said = format!("{stdout}{stderr}");
+    assert_eq!(code, NOT_VOUCHED, "{said}");
+    assert!(!said.contains("no open inbound connections"), "{said}");
+    assert!(
+        said.contains("not listed: outside --ports") && said.contains(&format!(" {port} (1 open)")),
+        "{said}"
+    );
     // The agent's own API port has no count (a refusal, as `wait` takes it): exit 2, never
     // an empty table.
     let (code, stdout, stderr) = status_run(&agent, &["--port", &agent.port.to_string()]);

@@ -87,9 +87,10 @@ pub enum Command {
     /// Print the ports with open connections, as a running agent counts them, and every
     /// reason the agent cannot vouch for them (/healthz degraded or seeding; with --port the
     /// agent's own count for the port, which rows short of it or a port outside the agent's
-    /// --ports are told against). Exit status: 0 the agent vouches for every count shown;
-    /// 1 it cannot (the reasons printed after the table, on stderr with --json); 2 usage
-    /// error, a refused request or agent unreachable.
+    /// --ports are told against; without, its per-port totals, the same way: sent to root
+    /// or a token holder only, so a pod or local user gets exit 1 there). Exit status: 0
+    /// the agent vouches for every count shown; 1 it cannot (the reasons printed after the
+    /// table, on stderr with --json); 2 usage error, a refused request or agent unreachable.
     Status(StatusArgs),
     /// Whether the agent named --instance serves and is healthy at --listen: an exec probe
     /// for the kubelet. During an upgrade two agents share the address (SO_REUSEPORT) and

@@ -122,6 +122,25 @@ pub struct ConnectionsBody {
     /// (`/drained` answers for it) but not listed here, so no rows do not mean none open.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outside_ports: bool,
+    /// Each port's connections open now (of the query's `port` only, when given), over
+    /// every namespace and address, those counted for their port only included (in no
+    /// row): what the rows of a port must add up to for the table to be complete. Sent only
+    /// to the node (root, or a token) asking with no `addr` or `netns`: they count every
+    /// namespace, which a confined caller may not learn about. Absent otherwise, and from
+    /// an older agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_totals: Option<Vec<PortTotal>>,
+}
+
+/// One port's total in a [`ConnectionsBody`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortTotal {
+    pub port: u16,
+    /// Connections open now (ports with none are left out).
+    pub active: u64,
+    /// The port is outside the agent's `--ports`: counted, but in no row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outside_ports: bool,
 }
 
 /// The `status` of a `200` answer of `GET /healthz`.

@@ -1,5 +1,6 @@
 //! `GET /connections`: the endpoints with active connections, and with `peers=true` each
-//! one's connections.
+//! one's connections; for the node asking about every namespace, each port's total too
+//! (what the rows must add up to: connections counted for their port only are in none).
 
 use std::sync::Arc;
 
@@ -13,7 +14,8 @@ use axum::{
 use crate::{
     http::{
         AppState,
-        api::{ConnectionsBody, EndpointRow, error},
+        api::{ConnectionsBody, EndpointRow, PortTotal, error},
+        authority::Caller,
         extract::{Confined, ConnectionsQuery},
     },
     logging::in_general,
@@ -24,7 +26,7 @@ use crate::{
 /// connections, and with `peers=true` each one's connections (peer, age, idle, queues).
 pub(super) async fn connections(
     State(state): State<Arc<AppState>>,
-    Confined(_, (scope, port, with_peers)): Confined<ConnectionsQuery>,
+    Confined(caller, (scope, port, with_peers)): Confined<ConnectionsQuery>,
 ) -> Response {
     let (addr, netns) = (scope.addr, scope.netns);
     let mut endpoints = match state.tracker.snapshot_off_runtime().await {
@@ -35,6 +37,39 @@ pub(super) async fn connections(
                 in_general("cannot read the connection counts", &problem),
             );
         }
+    };
+    // The port totals count every namespace and address: the node's, asking for all.
+    let port_totals = if caller == Caller::Node && addr.is_none() && netns.is_none() {
+        let tracker = Arc::clone(&state.tracker);
+        let read = endpoints.clone();
+        let totals = match tokio::task::spawn_blocking(move || tracker.port_totals(&read)).await {
+            Ok(Ok(totals)) => totals,
+            Ok(Err(problem)) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    in_general("cannot read the connection counts", &problem),
+                );
+            }
+            Err(problem) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the read of the counts did not finish: {problem}"),
+                );
+            }
+        };
+        Some(
+            totals
+                .into_iter()
+                .filter(|&(total_port, active)| active > 0 && port.is_none_or(|p| p == total_port))
+                .map(|(port, active)| PortTotal {
+                    port,
+                    active,
+                    outside_ports: !state.metrics.exports_port(port),
+                })
+                .collect(),
+        )
+    } else {
+        None
     };
     endpoints.retain(|e| {
         e.active > 0
@@ -71,6 +106,7 @@ pub(super) async fn connections(
     let body = ConnectionsBody {
         endpoints: rows,
         outside_ports: port.is_some_and(|port| !state.metrics.exports_port(port)),
+        port_totals,
     };
     (StatusCode::OK, Json(body)).into_response()
 }

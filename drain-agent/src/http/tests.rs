@@ -2789,3 +2789,38 @@ async fn questions_about_a_held_gate_share_one_listener_read() {
     );
     assert_eq!(closer.reads() - at_end, 2);
 }
+
+/// Found by an audit: a connection counted for its port only (opened while its endpoint was
+/// reclaimed, or with the endpoint map full) is in no `/connections` row until it closes,
+/// and nothing in the answer said so: `status` showed "(no open inbound connections)" and
+/// exited 0. The node's answer carries every port's total to check the rows against; a
+/// caller confined to a namespace gets none (they count every namespace).
+#[tokio::test]
+async fn connections_carry_the_port_totals_to_the_node_only() {
+    let (source, state) = app(Vec::new());
+    source.port_only.lock().expect("lock").insert(8080, 1);
+    let (status, body) = get(&state, "/connections").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["endpoints"].as_array().map(Vec::len),
+        Some(0),
+        "{body}"
+    );
+    assert_eq!(
+        body["port_totals"],
+        serde_json::json!([{"port": 8080, "active": 1}]),
+        "{body}"
+    );
+    let (_, body) = get(&state, "/connections?port=443").await;
+    assert_eq!(body["port_totals"], serde_json::json!([]), "{body}");
+    for caller in [
+        Caller::Pod { netns: 7 },
+        Caller::LocalUser { uid: Some(1000) },
+    ] {
+        let (status, body) = request_as(&state, caller, "GET", "/connections").await;
+        assert_eq!(status, StatusCode::OK, "{caller:?}: {body}");
+        assert!(body.get("port_totals").is_none(), "{caller:?}: {body}");
+    }
+    let (_, body) = get(&state, "/connections?netns=1").await;
+    assert!(body.get("port_totals").is_none(), "{body}");
+}

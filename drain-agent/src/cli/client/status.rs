@@ -3,9 +3,11 @@
 //!
 //! `/connections` lists the endpoint map as it is: rows a full map has no room for, ports
 //! outside `--ports` and connections a doubt leaves uncounted are not in it. So `status`
-//! also asks `/healthz` (degraded, seeding, the kernel's limits) and, with `--port`, the
-//! agent's fail-closed count for the port (`/drained?port=P&timeout=0`: its `active`, and
-//! `unknown` when even that cannot be vouched for), prints each doubt, and exits
+//! also asks `/healthz` (degraded, seeding, the kernel's limits) and checks the rows: with
+//! `--port`, against the agent's fail-closed count for the port (`/drained?port=P&timeout=0`:
+//! its `active`, and `unknown` when even that cannot be vouched for); without, against the
+//! per-port totals of the answer (`port_totals`, sent to the node only: a table they do not
+//! come with cannot be checked). It prints each doubt, and exits
 //! [`EXIT_NOT_VOUCHED`] when there is one: never a table presented as complete that the
 //! agent cannot vouch for.
 
@@ -29,8 +31,9 @@ use crate::{
 /// How long one request of `status` may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often `status --port` reads the rows and the port's count again when they disagree
-/// (connections opening or closing between the two reads).
+/// How often `status` reads the rows and the agent's counts (`--port`: the port's; else
+/// the per-port totals) again when they disagree (connections opening or closing between
+/// the two reads).
 const CONSISTENT_READS: usize = 3;
 
 /// What `status` found: the `/connections` answer (as sent, and parsed), the agent's count
@@ -89,8 +92,19 @@ fn look(args: &StatusArgs) -> Result<Look> {
     let mut doubts = health_doubts(&url, args.port.is_none());
     let (raw, connections, port_count) = match args.port {
         None => {
-            let (raw, connections) = connections(&url, &path, &args.agent)?;
-            (raw, connections, None)
+            // Read again while a port's rows add up to less than its total (a connection
+            // that opened between the agent's two reads); no totals stay none.
+            let mut read = 0;
+            loop {
+                read += 1;
+                let (raw, connections) = connections(&url, &path, &args.agent)?;
+                let table = table_doubts(&connections);
+                if table.is_empty() || connections.port_totals.is_none() || read == CONSISTENT_READS
+                {
+                    doubts.extend(table);
+                    break (raw, connections, None);
+                }
+            }
         }
         Some(port) => {
             // The rows and the port's count, read again while they disagree (a connection
@@ -165,6 +179,47 @@ fn listed(connections: &ConnectionsBody) -> u64 {
         .iter()
         .map(|row| row.endpoint.active)
         .sum()
+}
+
+/// What the whole table (no `--port`) cannot vouch for: each port whose rows add up to
+/// less than the agent's total for it (connections counted for their port only, a port
+/// outside `--ports`), or that no totals came to check the rows with.
+fn table_doubts(connections: &ConnectionsBody) -> Vec<String> {
+    let Some(totals) = &connections.port_totals else {
+        return vec![
+            "the agent sent no per-port totals to check the rows against (it sends them to root or a token holder only; an older agent sends none): connections counted for their port only, or on ports outside --ports, may be in no row (status --port P shows a port's count)".into(),
+        ];
+    };
+    let mut doubts = Vec::new();
+    // Ports outside --ports are in no row at all: one doubt naming them all.
+    let mut outside = Vec::new();
+    for total in totals {
+        let port = total.port;
+        if total.outside_ports {
+            outside.push(format!("{port} ({} open)", total.active));
+            continue;
+        }
+        let rows: u64 = connections
+            .endpoints
+            .iter()
+            .filter(|row| row.endpoint.port == port)
+            .map(|row| row.endpoint.active)
+            .sum();
+        // More rows than the total: one closed between the agent's reads, none missing.
+        if rows < total.active {
+            doubts.push(format!(
+                "port {port}: the rows add up to {rows}, the agent counts {} for the port (connections counted for the port only, not for their address and namespace, are in no row; status --port {port} shows its count)",
+                total.active
+            ));
+        }
+    }
+    if !outside.is_empty() {
+        doubts.push(format!(
+            "not listed: outside --ports (the agent lists and exports only the ports of its --ports), counted: {}",
+            outside.join(", ")
+        ));
+    }
+    doubts
 }
 
 /// The agent's fail-closed count for `port` (a pure query, `timeout=0`: it starts and waits
@@ -444,6 +499,49 @@ mod tests {
         assert_eq!(doubts.len(), 2, "{doubts:?}");
         assert!(doubts[0].contains("--max-connections"), "{doubts:?}");
         assert!(doubts[1].contains("seeding"), "{doubts:?}");
+    }
+
+    /// Found by an audit: a connection counted for its port only (its endpoint being
+    /// reclaimed, or the endpoint map full, when it opened) is in no row until it closes,
+    /// with `/healthz` ok: the whole table said "(no open inbound connections)" and exit 0.
+    /// The rows are checked against the agent's per-port totals.
+    #[test]
+    fn a_port_total_the_rows_do_not_add_up_to_is_not_vouched() {
+        let answer = |json: &str| -> ConnectionsBody { serde_json::from_str(json).expect("json") };
+        let unlisted = answer(r#"{"endpoints":[],"port_totals":[{"port":8080,"active":1}]}"#);
+        let doubts = table_doubts(&unlisted);
+        assert_eq!(doubts.len(), 1, "{doubts:?}");
+        assert!(
+            doubts[0].contains("port 8080") && doubts[0].contains("counts 1"),
+            "{doubts:?}"
+        );
+        assert!(!render_table(&[], doubts.is_empty()).contains("no open inbound connections"));
+        let outside = answer(
+            r#"{"endpoints":[],"port_totals":[{"port":9000,"active":2,"outside_ports":true}]}"#,
+        );
+        let doubts = table_doubts(&outside);
+        assert!(
+            doubts.len() == 1
+                && doubts[0].contains("outside --ports")
+                && doubts[0].contains("9000 (2 open)"),
+            "{doubts:?}"
+        );
+        // Rows that add up to every total (or more: one closed between the reads) vouch.
+        let row = r#"{"netns":1,"addr":"127.0.0.1","port":8080,"active":2,"opened":2,"closed":0}"#;
+        let listed = answer(&format!(
+            r#"{{"endpoints":[{row}],"port_totals":[{{"port":8080,"active":2}}]}}"#
+        ));
+        assert!(table_doubts(&listed).is_empty());
+        let closed = answer(&format!(
+            r#"{{"endpoints":[{row}],"port_totals":[{{"port":8080,"active":1}}]}}"#
+        ));
+        assert!(table_doubts(&closed).is_empty());
+        // No totals (a confined caller, an older agent): nothing to check the rows with.
+        let unchecked = table_doubts(&answer(r#"{"endpoints":[]}"#));
+        assert!(
+            unchecked.len() == 1 && unchecked[0].contains("no per-port totals"),
+            "{unchecked:?}"
+        );
     }
 
     /// The durations come from the kernel's histograms, which a restarted agent adopts
