@@ -183,6 +183,39 @@ mod task_end_tests {
     use super::*;
     use crate::tracker::fake::FakeSource;
 
+    /// A watched task named `name` that ends when the sender is used.
+    fn task_that_ends(tasks: &TaskWatch, name: &'static str) -> tokio::sync::oneshot::Sender<()> {
+        let (end, ended) = tokio::sync::oneshot::channel::<()>();
+        tasks.watch(
+            name,
+            tokio::spawn(async move {
+                let _ = ended.await;
+            }),
+        );
+        end
+    }
+
+    /// The stop reaches `AnsweringRest` at once (not after a grace), the tracker answers its
+    /// waiters as shutting down, and the stop task ends.
+    async fn answers_the_rest_at_once(
+        phases: &mut watch::Receiver<StopPhase>,
+        stopper: tokio::task::JoinHandle<()>,
+        tracker: &Tracker,
+    ) {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            phases.wait_for(|phase| *phase == StopPhase::AnsweringRest),
+        )
+        .await
+        .expect("the stop reaches AnsweringRest at once, not after the grace")
+        .expect("phases");
+        assert!(tracker.shutting_down());
+        tokio::time::timeout(Duration::from_secs(5), stopper)
+            .await
+            .expect("the stop task ends")
+            .expect("stopper");
+    }
+
     /// Audit: a watched task that ended (the event reader, the repair task) only made
     /// `/healthz` fail, and nothing restarted the agent under systemd: it served on, its
     /// waiters never woken. Now the end of one stops the agent as SIGTERM does, without the
@@ -193,13 +226,7 @@ mod task_end_tests {
         let tracker = Arc::new(Tracker::new(Arc::new(FakeSource::default()), 4));
         let tasks = TaskWatch::default();
         let (phase, mut phases) = watch::channel(StopPhase::Serving);
-        let (end, ended) = tokio::sync::oneshot::channel::<()>();
-        tasks.watch(
-            "event reader",
-            tokio::spawn(async move {
-                let _ = ended.await;
-            }),
-        );
+        let end = task_that_ends(&tasks, "event reader");
         // No signal ever comes; the DaemonSet's grace.
         let stopper = tokio::spawn(stop_in_phases(
             std::future::pending(),
@@ -213,18 +240,7 @@ mod task_end_tests {
         assert!(!tracker.shutting_down());
 
         end.send(()).expect("end the task");
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            phases.wait_for(|phase| *phase == StopPhase::AnsweringRest),
-        )
-        .await
-        .expect("the stop reaches AnsweringRest at once, not after the grace")
-        .expect("phases");
-        assert!(tracker.shutting_down());
-        tokio::time::timeout(Duration::from_secs(5), stopper)
-            .await
-            .expect("the stop task ends")
-            .expect("stopper");
+        answers_the_rest_at_once(&mut phases, stopper, &tracker).await;
         let outcome = tasks.outcome().expect_err("the agent exits 1");
         assert!(
             outcome.to_string().contains("the event reader ended"),
@@ -240,13 +256,7 @@ mod task_end_tests {
         let tracker = Arc::new(Tracker::new(Arc::new(FakeSource::default()), 4));
         let tasks = TaskWatch::default();
         let (phase, mut phases) = watch::channel(StopPhase::Serving);
-        let (end, ended) = tokio::sync::oneshot::channel::<()>();
-        tasks.watch(
-            "repair task",
-            tokio::spawn(async move {
-                let _ = ended.await;
-            }),
-        );
+        let end = task_that_ends(&tasks, "repair task");
         let (sigterm, signal) = tokio::sync::oneshot::channel::<()>();
         let stopper = tokio::spawn(stop_in_phases(
             async move {
@@ -270,18 +280,7 @@ mod task_end_tests {
         assert!(!tracker.shutting_down());
 
         end.send(()).expect("end the task");
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            phases.wait_for(|phase| *phase == StopPhase::AnsweringRest),
-        )
-        .await
-        .expect("the grace ends with the task")
-        .expect("phases");
-        assert!(tracker.shutting_down());
-        tokio::time::timeout(Duration::from_secs(5), stopper)
-            .await
-            .expect("the stop task ends")
-            .expect("stopper");
+        answers_the_rest_at_once(&mut phases, stopper, &tracker).await;
         assert!(tasks.outcome().is_err(), "the agent exits 1");
     }
 }
