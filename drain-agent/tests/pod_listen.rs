@@ -835,23 +835,8 @@ fn no_listener_in_a_namespace_a_local_user_made() {
         .collect();
     // A namespace root made (a pod's): served, so the agent has looked at the others.
     let pod = Netns::new(&format!("pn{pid}"));
-    let user_paths: Vec<String> = users
-        .iter()
-        .map(|user| format!("/proc/{}/ns/net", user.pid()))
-        .collect();
-    let own = inode_of("/proc/self/ns/net");
-    wait_until("the user namespaces", Duration::from_secs(5), || {
-        user_paths.iter().all(|path| {
-            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
-                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
-                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
-                        .iter()
-                        .any(|addr| addr.is_loopback()))
-                })
-                .unwrap_or(false)
-        })
-    });
-    let user_inodes: Vec<u64> = user_paths.iter().map(|path| inode_of(path)).collect();
+    let (user_paths, user_inodes) =
+        namespaces_up("the user namespaces", users.iter().map(|user| user.pid()));
     let (pod_port, socket_port) = (free_port(), free_port());
     let agent = Agent::start(&[
         "--pod-listen",
@@ -942,23 +927,10 @@ fn no_listener_in_a_namespace_a_root_container_made() {
     // A namespace the runtime's way (`ip netns add`): served, so the agent has looked at
     // the others.
     let pod = Netns::new(&format!("rc{pid}"));
-    let nested_paths: Vec<String> = nested
-        .iter()
-        .map(|child| format!("/proc/{}/ns/net", child.pid()))
-        .collect();
-    let own = inode_of("/proc/self/ns/net");
-    wait_until("the nested namespaces", Duration::from_secs(5), || {
-        nested_paths.iter().all(|path| {
-            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
-                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
-                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
-                        .iter()
-                        .any(|addr| addr.is_loopback()))
-                })
-                .unwrap_or(false)
-        })
-    });
-    let nested_inodes: Vec<u64> = nested_paths.iter().map(|path| inode_of(path)).collect();
+    let (nested_paths, nested_inodes) = namespaces_up(
+        "the nested namespaces",
+        nested.iter().map(|child| child.pid()),
+    );
     let (pod_port, socket_port) = (free_port(), free_port());
     let agent = Agent::start(&[
         "--pod-listen",
@@ -1058,4 +1030,24 @@ fn pod_listeners_stop_at_the_limit() {
     let local = SocketAddr::from(([127, 0, 0, 1], pod_port));
     let (status, _) = get_from(Some(&second.path()), local, "/healthz");
     assert_eq!(status, 200);
+}
+
+/// The network namespaces of the processes `pids`, once each is a namespace of its own with
+/// its loopback up (`what` names them in a timeout): their paths and inodes.
+fn namespaces_up(what: &str, pids: impl Iterator<Item = u32>) -> (Vec<String>, Vec<u64>) {
+    let paths: Vec<String> = pids.map(|pid| format!("/proc/{pid}/ns/net")).collect();
+    let own = inode_of("/proc/self/ns/net");
+    wait_until(what, Duration::from_secs(5), || {
+        paths.iter().all(|path| {
+            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
+                && drain_agent::sys::netns::run_in_path(Path::new(path), || {
+                    Ok(drain_agent::sys::ifaddrs::local_addresses()?
+                        .iter()
+                        .any(|addr| addr.is_loopback()))
+                })
+                .unwrap_or(false)
+        })
+    });
+    let inodes = paths.iter().map(|path| inode_of(path)).collect();
+    (paths, inodes)
 }
