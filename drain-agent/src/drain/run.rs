@@ -2,7 +2,11 @@
 //! at the deadline (`on_timeout=close`) and the recount after it, then the record: the
 //! history, the held gate, the journal, the log line and the metrics.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use crate::{
     drain::{
@@ -252,15 +256,25 @@ impl Drains {
             }
         }
         self.finish(&spec.filter, record, listeners);
+        // Ended (and its gate held, if it holds one). A POSTed drain is saved after the
+        // answer, which then does not wait for a second sync: a crash in between resumes the
+        // drain, which ends again. A drain only `/drained` waiters started is not resumed
+        // (`restore_saved`: its waiters went with the process), so its end is saved first:
+        // a crash between the answer and the save would leave the hook answered and the
+        // scope's gate forgotten, its `/health` 200 while the service stops.
+        let resumable = drain.posted.load(Ordering::Acquire);
+        if !resumable {
+            self.save().await;
+        }
         drain.finished.send_replace(Some(Arc::new(Final {
             result,
             outcome,
             closed: (spec.on_timeout == OnTimeout::Close && result == DrainEnd::ClosedAtDeadline)
                 .then_some(closed),
         })));
-        // Ended (and its gate held, if it holds one): after the answer, which must not wait
-        // for a second sync. A crash in between resumes the drain, which ends again.
-        self.save().await;
+        if resumable {
+            self.save().await;
+        }
     }
 
     /// Before a close at the deadline: waits until the seeding walk has counted the

@@ -266,6 +266,40 @@ async fn a_gone_agents_waiters_drains_leave_the_next_file_it_left() {
     );
 }
 
+/// Audit (files and clients): a drain only `/drained` waiters started was answered before its
+/// end was saved. The agent dying in between (`kill -9`, the OOM killer) left a file with the
+/// drain still running, marked waiters-only, which the next start does not resume: the gate
+/// the end holds was lost, and `/health` said 200 for a scope whose stop hook had just been
+/// answered. Now such a drain's end is on disk before its waiters hear it.
+#[tokio::test(start_paused = true)]
+async fn a_waiters_drain_is_saved_ended_before_its_waiter_hears() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, drains) = saving_registry(2, dir.path());
+    let (membership, _) = drains
+        .join(spec(Duration::from_secs(1)), StartedBy::Node)
+        .await
+        .expect("room");
+    let end = membership
+        .outcome(|deadline| deadline + Duration::from_secs(5))
+        .await
+        .expect("an end");
+    assert_eq!(end.result, DrainEnd::Timeout);
+    // The agent dies as the answer leaves: the next start finds the file as it is now.
+    let crashed = tempfile::tempdir().expect("dir");
+    std::fs::copy(
+        dir.path().join(state_file::FILE_NAME),
+        crashed.path().join(state_file::FILE_NAME),
+    )
+    .expect("the state file");
+    let (_, _, restarted) = saving_registry(2, crashed.path());
+    restarted.restore();
+    assert!(
+        restarted.gated(&node(8080)).await,
+        "the hook was answered, and the restart forgot the scope's gate: {}",
+        std::fs::read_to_string(crashed.path().join(state_file::FILE_NAME)).expect("file")
+    );
+}
+
 /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
 fn node(port: u16) -> Asked {
     Asked {
