@@ -221,9 +221,9 @@ pub(crate) fn being_forgotten(sk: u64) -> bool {
 ///
 /// The reclaim rule (the agent's side is `kernel::reclaim`): the agent (1) sets the port's
 /// bit in `RETIRING_PORTS` and puts the key in `RETIRING`, (2) waits for an RCU grace
-/// period (`membarrier(MEMBARRIER_CMD_GLOBAL)` calls `synchronize_rcu()`; every run of
-/// these programs is an RCU read-side critical section: tracepoints run their probes with
-/// preemption disabled, `__bpf_trace_run()` and `bpf_iter_run_prog()` take
+/// period (an update of a map of maps from user space calls `synchronize_rcu()`; every run
+/// of these programs is an RCU read-side critical section, preemptible or not:
+/// `__bpf_trace_run()`, `trace_call_bpf()` and `bpf_iter_run_prog()` take
 /// `rcu_read_lock()`), (3) reads the entry and deletes it only if `active` is 0, (4) takes
 /// the key out of `RETIRING`. After (2), no open that missed the mark is still running, and
 /// every later open sees the mark and does not touch `COUNTS[key]`; a close touches it only

@@ -23,7 +23,7 @@ use aya::programs::{RawTracePoint, RawTracePointRunOptions, TestRun as _};
 use drain_agent_common::FORGET_BATCH;
 use log::warn;
 
-use super::{Kernel, rcu::grace_period};
+use super::Kernel;
 
 /// Drops one stale entry; run with `BPF_PROG_TEST_RUN`, never attached (loaded with the
 /// walker, `walk::load_walker`).
@@ -34,7 +34,7 @@ impl Kernel {
     /// `walk_started_ns` (see the module documentation). When no grace period can be
     /// waited for, drops nothing and says so: the counts stay too high, never too low.
     pub(super) fn forget_stale(&mut self, stale: &[u64], walk_started_ns: u64) -> Result<()> {
-        if self.no_grace_period.is_some() {
+        if self.grace_periods.is_err() {
             // Said once at start.
             return Ok(());
         }
@@ -48,7 +48,7 @@ impl Kernel {
             }
             let swept = self.set_forgetting_now(1).and_then(|()| {
                 // 2. Wait for every handler run that may have missed the mark.
-                grace_period()
+                self.grace_period()
                     .context("cannot wait for running programs; no dead socket's entry dropped")?;
                 // 3. Drop the entries that are still stale.
                 self.run_forgetter(&marked, walk_started_ns)

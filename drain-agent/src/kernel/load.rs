@@ -286,8 +286,8 @@ impl Kernel {
         }
         let kernel_version = version::running();
         warn_of_old_kernel(kernel_version, attach, walker_problem.is_none());
-        let no_grace_period = rcu::unavailable();
-        if let Some(problem) = &no_grace_period {
+        let grace_periods = rcu::GracePeriods::new().map_err(|problem| format!("{problem:#}"));
+        if let Err(problem) = &grace_periods {
             warn!(
                 "{problem}: idle endpoint counters are not reclaimed (a full endpoint map counts for the port only), and a close the kernel skipped keeps its count one too high (drains wait for their deadline)"
             );
@@ -372,7 +372,7 @@ impl Kernel {
             events: Some(events),
             sockets,
             walker_problem,
-            no_grace_period,
+            grace_periods,
             closer,
             max_endpoints: options.max_endpoints,
             steering,

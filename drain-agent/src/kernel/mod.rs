@@ -99,9 +99,9 @@ pub struct Kernel {
     own_ports: Array<MapData, u64>,
     /// Why walks cannot run on this kernel, if they cannot.
     walker_problem: Option<String>,
-    /// Why no RCU grace period can be waited for here, if it cannot (`rcu`): then idle
-    /// endpoints are not reclaimed and missed closes are not swept.
-    no_grace_period: Option<String>,
+    /// The RCU grace periods the reclaim and the sweep wait for (`rcu`), or why none can be
+    /// waited for here: then idle endpoints are not reclaimed and missed closes are not swept.
+    grace_periods: Result<rcu::GracePeriods, String>,
     /// The `bpf_sock_destroy()` iterator's maps, and whether it loaded.
     closer: destroy::Closer,
     /// Capacity of the endpoint map (reclaim pressure).

@@ -1,7 +1,7 @@
 //! The one door to the raw `bpf()` syscall, for what aya 0.14 does not offer: programs the
 //! agent assembles itself (`steer.rs`, `reuseport.rs`: aya loads the programs of its object
 //! once, and these are a few instructions each, built at run time), `pin/`'s pins and
-//! object lookups, a map of the agent's own outside the object (`reclaimed.rs`), and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
+//! object lookups, maps of the agent's own outside the object (`reclaimed.rs`, `rcu.rs`), and object info (`BPF_OBJ_GET_INFO_BY_FD`: a program's maps, its skipped
 //! runs), which `sk_lookup` programs a namespace has (`steer.rs`, `BPF_PROG_QUERY`), and a
 //! whole array read at once (`BPF_MAP_LOOKUP_BATCH`). The shared pieces: the syscall, zeroed kernel structs, `BPF_PROG_LOAD` with the
 //! verifier's last line in the error.
@@ -140,8 +140,10 @@ pub(super) fn array_values(fd: BorrowedFd<'_>, value_size: usize, values: &mut [
 }
 
 /// What a map made by [`map_create`] is.
-pub(super) struct MapKind {
+pub(super) struct MapKind<'a> {
     pub map_type: bpf_map_type,
+    /// For a map of maps: a map like those it holds.
+    pub inner_map: Option<BorrowedFd<'a>>,
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
@@ -150,8 +152,8 @@ pub(super) struct MapKind {
     pub name: &'static [u8],
 }
 
-/// `BPF_MAP_CREATE` of a map no program uses (`reclaimed.rs`).
-pub(super) fn map_create(kind: &MapKind) -> Result<OwnedFd> {
+/// `BPF_MAP_CREATE` of a map no program uses (`reclaimed.rs`, `rcu.rs`).
+pub(super) fn map_create(kind: &MapKind<'_>) -> Result<OwnedFd> {
     anyhow::ensure!(kind.name.len() < 16, "map name too long");
     let mut map_name = [0 as libc::c_char; 16];
     for (to, from) in map_name.iter_mut().zip(kind.name.iter()) {
@@ -164,7 +166,21 @@ pub(super) fn map_create(kind: &MapKind) -> Result<OwnedFd> {
     attr.__bindgen_anon_1.max_entries = kind.max_entries;
     attr.__bindgen_anon_1.map_flags = kind.flags;
     attr.__bindgen_anon_1.map_name = map_name;
+    if let Some(inner) = kind.inner_map {
+        attr.__bindgen_anon_1.inner_map_fd = u32::try_from(inner.as_raw_fd()).context("bad fd")?;
+    }
     bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr).context("BPF_MAP_CREATE")
+}
+
+/// `BPF_MAP_UPDATE_ELEM` (`BPF_ANY`) of the map `fd` with a key and a value of 4 bytes each.
+pub(super) fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> Result<()> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_ref(&value) as u64;
+    attr.__bindgen_anon_2.flags = u64::from(aya_obj::generated::BPF_ANY);
+    bpf_call(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
+    Ok(())
 }
 
 /// What to load: the program's type, expected attach type and name (for `bpftool prog`).

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result};
 use drain_agent_common::{ConnKey, watched_bit};
 use log::debug;
 
-use super::{Kernel, rcu::grace_period};
+use super::Kernel;
 use crate::addr::key_addr;
 use crate::tracker::monotonic_ns;
 
@@ -46,7 +46,7 @@ impl Kernel {
     /// Reclaims the counters of endpoints at zero that have been idle for `idle` (or at all,
     /// when the map is under pressure). See the module documentation for why it is safe.
     pub fn reclaim_idle_endpoints(&mut self, idle: Duration) -> Result<ReclaimReport> {
-        if self.no_grace_period.is_some() {
+        if self.grace_periods.is_err() {
             // Said once at start.
             return Ok(ReclaimReport::default());
         }
@@ -81,7 +81,7 @@ impl Kernel {
             }
         }
         // 2. Wait for every program run that may have missed the mark.
-        let waited = grace_period();
+        let waited = self.grace_period();
         // 3. Delete the entries still at zero (only if the wait really happened).
         let mut report = ReclaimReport::default();
         if waited.is_ok() {

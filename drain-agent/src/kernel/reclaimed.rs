@@ -76,6 +76,7 @@ impl Reclaimed {
     pub(super) fn new(max_endpoints: u32) -> Result<Self> {
         let fd = raw::map_create(&raw::MapKind {
             map_type: bpf_map_type::BPF_MAP_TYPE_HASH,
+            inner_map: None,
             key_size: u32::try_from(size_of::<ConnKey>()).context("key size")?,
             value_size: u32::try_from(size_of::<ConnCounts>()).context("value size")?,
             max_entries: PORT_COUNT.saturating_add(max_endpoints),
