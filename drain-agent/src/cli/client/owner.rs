@@ -14,7 +14,8 @@
 //! finished: with SYN cookies, as a listener with a backlog of 0 gets, its socket is made
 //! when the client's last ACK arrives, which may be after `connect` returned). Such a
 //! connection is looked up again, as is one its listener has not accepted yet (no process
-//! holds it, so no uid is its holder's), until the deadline. When the client's own end is
+//! holds it, so no uid is its holder's), until the deadline (`get`'s, or a shorter one when
+//! the host has another address to try). When the client's own end is
 //! missing too, the tables cannot be read here (no `inet_diag`/`tcp_diag` modules: the
 //! kernel then answers every lookup "no such socket"): the server is asked unverified,
 //! with a warning, unless the request carries a bearer token, which is then not sent
