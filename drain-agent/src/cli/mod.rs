@@ -88,7 +88,9 @@ pub enum Command {
     /// reason the agent cannot vouch for them (/healthz degraded or seeding; with --port the
     /// agent's own count for the port, which rows short of it or a port outside the agent's
     /// --ports are told against; without, its per-port totals, the same way: sent to root
-    /// or a token holder only, so a pod or local user gets exit 1 there). Exit status: 0
+    /// or a token holder only, so a pod or local user gets exit 1 there; answers of two
+    /// agents, an upgrade's old and new one on the same address, asked again and still
+    /// mixed). Exit status: 0
     /// the agent vouches for every count shown; 1 it cannot (the reasons printed after the
     /// table, on stderr with --json); 2 usage error, a refused request or agent unreachable.
     Status(StatusArgs),

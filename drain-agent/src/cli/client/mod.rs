@@ -7,6 +7,8 @@
 mod owner;
 mod probe;
 mod status;
+#[cfg(test)]
+mod testing;
 mod transport;
 mod wait;
 

@@ -14,7 +14,8 @@
 //! finished: with SYN cookies, as a listener with a backlog of 0 gets, its socket is made
 //! when the client's last ACK arrives, which may be after `connect` returned). Such a
 //! connection is looked up again, as is one its listener has not accepted yet (no process
-//! holds it, so no uid is its holder's), until the deadline. When the client's own end is
+//! holds it, so no uid is its holder's), until the deadline (`get`'s, or a shorter one when
+//! the host has another address to try). When the client's own end is
 //! missing too, the tables cannot be read here (no `inet_diag`/`tcp_diag` modules: the
 //! kernel then answers every lookup "no such socket"): the server is asked unverified,
 //! with a warning, unless the request carries a bearer token, which is then not sent
@@ -219,29 +220,10 @@ fn trusted(me: u32, agent_uid: Option<u32>) -> String {
 mod tests {
     use std::net::TcpListener;
 
-    use super::*;
-
-    const NOBODY: u32 = 65_534;
-
-    /// A listener on a free loopback port whose sockets are `nobody`'s (made on a thread
-    /// whose fsuid is that user's), and the means to accept one connection there as it.
-    fn nobodys_listener() -> (SocketAddr, std::sync::mpsc::Sender<()>) {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (accept_tx, accept_rx) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            // SAFETY: setfsuid is per thread; it changes whose sockets this thread makes.
-            unsafe { libc::setfsuid(NOBODY) };
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            ready_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("ready");
-            let mut held = Vec::new();
-            while accept_rx.recv().is_ok() {
-                held.push(listener.accept().expect("accept"));
-            }
-        });
-        (ready_rx.recv().expect("ready"), accept_tx)
-    }
+    use super::{
+        super::testing::{NOBODY, nobodys_listener},
+        *,
+    };
 
     /// The server end names its holder only once a process holds it: a connection in
     /// `nobody`'s listen queue is never taken for the agent's (a kernel that reports such
@@ -251,7 +233,7 @@ mod tests {
     #[ignore = "kernel test: needs root (setfsuid); run by cargo xtask test (or cargo test -- --include-ignored)"]
     fn only_a_server_socket_held_by_root_or_this_user_is_the_agent() {
         let agents = ServerOwners::Agent { agent_uid: None };
-        let (address, accept) = nobodys_listener();
+        let (address, accept) = nobodys_listener(SocketAddr::from(([127, 0, 0, 1], 0)));
         let stream = TcpStream::connect(address).expect("connect");
         let started = Instant::now();
         let problem = check(&stream, agents, false, started + Duration::from_millis(300))

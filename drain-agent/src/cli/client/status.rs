@@ -7,7 +7,8 @@
 //! `--port`, against the agent's fail-closed count for the port (`/drained?port=P&timeout=0`:
 //! its `active`, and `unknown` when even that cannot be vouched for); without, against the
 //! per-port totals of the answer (`port_totals`, sent to the node only: a table they do not
-//! come with cannot be checked). It prints each doubt, and exits
+//! come with cannot be checked). The answers it combines must all be one agent's (an
+//! upgrade's two agents share the address, [`OneAgent`]). It prints each doubt, and exits
 //! [`EXIT_NOT_VOUCHED`] when there is one: never a table presented as complete that the
 //! agent cannot vouch for.
 
@@ -35,6 +36,82 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// the per-port totals) again when they disagree (connections opening or closing between
 /// the two reads).
 const CONSISTENT_READS: usize = 3;
+
+/// How often one request is sent, on a fresh connection each time, while another agent
+/// than the one that answered first answers it ([`OneAgent`]): with two agents, each try
+/// reaches either.
+const SAME_AGENT_TRIES: usize = 8;
+
+/// How often the whole look is read while its answers still come from two agents (the
+/// first answer's agent may stop answering: an old agent handing over).
+const SAME_AGENT_LOOKS: usize = 3;
+
+/// The pause after another agent's answer before the next connection (as `probe`'s).
+const AFTER_ANOTHER: Duration = Duration::from_millis(10);
+
+/// The agent `status` asks. During an upgrade's overlap the old and the new agent share the
+/// address (`SO_REUSEPORT`) and each new connection may reach either: the old agent's
+/// `/healthz` (ok) with the new one's rows (still seeding, which only its own `/healthz`
+/// says) would be a table short of connections, vouched for. Every answer names its agent
+/// ([`crate::http::INSTANCE_HEADER`]): the first one's is the agent of this look, and a
+/// request another agent answers is sent again on a fresh connection (hashed anew), up to
+/// [`SAME_AGENT_TRIES`] times.
+struct OneAgent {
+    url: AgentUrl,
+    /// The instance the first answer named (`Some(None)`: it named none).
+    first: Option<Option<String>>,
+    /// An answer that still came from another agent: the first's instance, and its.
+    other: Option<(Option<String>, Option<String>)>,
+}
+
+impl OneAgent {
+    fn new(url: AgentUrl) -> Self {
+        Self {
+            url,
+            first: None,
+            other: None,
+        }
+    }
+
+    /// `GET path` from this look's agent; another agent's answer when no try reached it
+    /// (then [`OneAgent::other`] says so).
+    fn get(&mut self, path: &str) -> Result<super::Response> {
+        let mut another = None;
+        for _ in 0..SAME_AGENT_TRIES {
+            let response = match get(&self.url, path, REQUEST_TIMEOUT) {
+                Ok(response) => response,
+                // Another agent answered before: that answer stands (the look is read again).
+                Err(_) if another.is_some() => break,
+                Err(problem) => return Err(problem),
+            };
+            let first = self.first.get_or_insert_with(|| response.instance.clone());
+            if *first == response.instance {
+                return Ok(response);
+            }
+            another = Some(response);
+            std::thread::sleep(AFTER_ANOTHER);
+        }
+        let response = another.context("no answer from the agent")?;
+        self.other
+            .get_or_insert_with(|| (self.first.clone().flatten(), response.instance.clone()));
+        Ok(response)
+    }
+}
+
+/// The doubt of answers from two agents (`first` and `other`'s instances).
+fn two_agents((first, other): &(Option<String>, Option<String>)) -> String {
+    let name = |instance: &Option<String>| {
+        instance.as_ref().map_or_else(
+            || "one that names none".to_owned(),
+            |name| format!("{name:?}"),
+        )
+    };
+    format!(
+        "the answers came from two agents ({} and {}; an upgrade's old and new agent share the address) however often they were read again: one agent's counts cannot be checked with another's /healthz and counts",
+        name(first),
+        name(other)
+    )
+}
 
 /// What `status` found: the `/connections` answer (as sent, and parsed), the agent's count
 /// for `--port`, and each reason the counts shown cannot be vouched for.
@@ -80,16 +157,36 @@ pub fn status(args: &StatusArgs) -> ExitCode {
     }
 }
 
-/// Asks the agent: `/connections`, `/healthz`, and with `--port` the port's count.
+/// Asks the agent: `/connections`, `/healthz`, and with `--port` the port's count, all from
+/// one agent ([`OneAgent`]): read again, [`SAME_AGENT_LOOKS`] times in all, while two
+/// agents answered, and then a doubt.
 fn look(args: &StatusArgs) -> Result<Look> {
     let url = AgentUrl::parse(&args.agent)?
         .with_token_file(args.token_file.as_deref())?
         .with_agent_uid(args.agent_uid);
+    let mut read = 0;
+    loop {
+        read += 1;
+        let mut agent = OneAgent::new(url.clone());
+        let mut look = look_once(args, &mut agent)?;
+        match agent.other {
+            None => return Ok(look),
+            Some(other) if read == SAME_AGENT_LOOKS => {
+                look.doubts.push(two_agents(&other));
+                return Ok(look);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// One [`look`], its answers from `agent`.
+fn look_once(args: &StatusArgs, agent: &mut OneAgent) -> Result<Look> {
     let path = match args.port {
         Some(port) => format!("/connections?port={port}"),
         None => "/connections".to_owned(),
     };
-    let mut doubts = health_doubts(&url, args.port.is_none());
+    let mut doubts = health_doubts(agent, args.port.is_none());
     let (raw, connections, port_count) = match args.port {
         None => {
             // Read again while a port's rows add up to less than its total (a connection
@@ -97,7 +194,7 @@ fn look(args: &StatusArgs) -> Result<Look> {
             let mut read = 0;
             loop {
                 read += 1;
-                let (raw, connections) = connections(&url, &path, &args.agent)?;
+                let (raw, connections) = connections(agent, &path, &args.agent)?;
                 let table = table_doubts(&connections);
                 if table.is_empty() || connections.port_totals.is_none() || read == CONSISTENT_READS
                 {
@@ -112,8 +209,8 @@ fn look(args: &StatusArgs) -> Result<Look> {
             let mut read = 0;
             loop {
                 read += 1;
-                let (raw, connections) = connections(&url, &path, &args.agent)?;
-                let count = port_count(&url, port)?;
+                let (raw, connections) = connections(agent, &path, &args.agent)?;
+                let count = port_count(agent, port)?;
                 let agree = count.as_ref().is_ok_and(|count| {
                     connections.outside_ports || count.active == listed(&connections)
                 });
@@ -148,7 +245,7 @@ fn look(args: &StatusArgs) -> Result<Look> {
         }
     }
     Ok(Look {
-        url,
+        url: agent.url.clone(),
         raw,
         connections,
         port_count,
@@ -157,9 +254,10 @@ fn look(args: &StatusArgs) -> Result<Look> {
 }
 
 /// `/connections` (or `?port=P`): its text and its parse; anything but `200` is an error.
-fn connections(url: &AgentUrl, path: &str, agent: &str) -> Result<(String, ConnectionsBody)> {
-    let response =
-        get(url, path, REQUEST_TIMEOUT).with_context(|| format!("agent unreachable at {agent}"))?;
+fn connections(agent: &mut OneAgent, path: &str, url: &str) -> Result<(String, ConnectionsBody)> {
+    let response = agent
+        .get(path)
+        .with_context(|| format!("agent unreachable at {url}"))?;
     if response.status != 200 {
         bail!(
             "agent answered {}: {}",
@@ -225,12 +323,8 @@ fn table_doubts(connections: &ConnectionsBody) -> Vec<String> {
 /// The agent's fail-closed count for `port` (a pure query, `timeout=0`: it starts and waits
 /// for nothing), or why there is none (a doubt); an error when the agent refuses the
 /// question for good (a `4xx` `wait` takes as a refusal, e.g. `400` for its own API port).
-fn port_count(url: &AgentUrl, port: u16) -> Result<Result<DrainedBody, String>> {
-    let response = match get(
-        url,
-        &format!("/drained?port={port}&timeout=0"),
-        REQUEST_TIMEOUT,
-    ) {
+fn port_count(agent: &mut OneAgent, port: u16) -> Result<Result<DrainedBody, String>> {
+    let response = match agent.get(&format!("/drained?port={port}&timeout=0")) {
         Ok(response) => response,
         Err(problem) => {
             return Ok(Err(format!(
@@ -262,8 +356,8 @@ fn port_count(url: &AgentUrl, port: u16) -> Result<Result<DrainedBody, String>> 
 /// in-pod port's steering, which is no doubt about a count), seeding, and — `whole_table`:
 /// no `--port`, whose count would be confirmed — the kernel's limits, with which the maps'
 /// counts are not checked. An agent that does not answer it is a doubt too.
-fn health_doubts(url: &AgentUrl, whole_table: bool) -> Vec<String> {
-    let response = match get(url, "/healthz", REQUEST_TIMEOUT) {
+fn health_doubts(agent: &mut OneAgent, whole_table: bool) -> Vec<String> {
+    let response = match agent.get("/healthz") {
         Ok(response) => response,
         Err(problem) => return vec![format!("no answer from /healthz: {problem:#}")],
     };
@@ -434,7 +528,10 @@ fn render_table(rows: &[Endpoint], vouched: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        super::testing::{FakeAgent, fake_agent_on},
+        *,
+    };
 
     #[test]
     fn table_columns_line_up() {
@@ -541,6 +638,127 @@ mod tests {
         assert!(
             unchecked.len() == 1 && unchecked[0].contains("no per-port totals"),
             "{unchecked:?}"
+        );
+    }
+
+    /// A fake agent whose `/healthz` (ok), `/connections` (rows that add up to their
+    /// totals: 2 open on 8080) and `/drained` (8080's count: 2) answers name these instances
+    /// (`None`: no `drain-agent-instance` header); anything else is a 404.
+    fn agents(
+        healthz: Option<&'static str>,
+        connections: Option<&'static str>,
+        drained: Option<&'static str>,
+    ) -> FakeAgent {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        fake_agent_on(listener, move |target| {
+            let (instance, body) = match target.split('?').next().unwrap_or_default() {
+                "/healthz" => (healthz, r#"{"status":"ok","attach":"tp_btf"}"#),
+                "/connections" => (
+                    connections,
+                    r#"{"endpoints":[{"netns":1,"addr":"127.0.0.1","port":8080,"active":2,"opened":2,"closed":0}],"port_totals":[{"port":8080,"active":2}]}"#,
+                ),
+                "/drained" => (
+                    drained,
+                    r#"{"port":8080,"drained":false,"active":2,"waited_ms":0}"#,
+                ),
+                _ => {
+                    return (
+                        "404 Not Found".into(),
+                        r#"{"error":"no such endpoint"}"#.into(),
+                    );
+                }
+            };
+            let status = match instance {
+                Some(instance) => format!("200 OK\r\n{}: {instance}", crate::http::INSTANCE_HEADER),
+                None => "200 OK".into(),
+            };
+            (status, body.into())
+        })
+    }
+
+    fn status_args(agent: &FakeAgent, more: &[&str]) -> StatusArgs {
+        use clap::Parser as _;
+        let mut argv = vec!["drain-agent", "status", "--agent", &agent.agent];
+        argv.extend_from_slice(more);
+        let cli = crate::cli::Cli::try_parse_from(argv).expect("parse");
+        let Some(crate::cli::Command::Status(args)) = cli.command else {
+            panic!("not a status");
+        };
+        args
+    }
+
+    /// Audit (upgrade): two agents share the address during an upgrade's overlap, and each
+    /// request of `status` may reach either. `/healthz` from the old agent (ok) and
+    /// `/connections` from the new one, still seeding (which only its own `/healthz` says),
+    /// made a table short of connections with no doubt, exit 0. Answers from different agents
+    /// are read again, and if they still differ, that is a doubt (exit 1).
+    #[test]
+    fn answers_from_two_agents_are_not_vouched_for() {
+        let same = agents(Some("new"), Some("new"), Some("new"));
+        assert_eq!(status(&status_args(&same, &[])), ExitCode::SUCCESS);
+        assert_eq!(
+            status(&status_args(&same, &["--port", "8080"])),
+            ExitCode::SUCCESS
+        );
+        let unnamed = agents(None, None, None);
+        assert_eq!(status(&status_args(&unnamed, &[])), ExitCode::SUCCESS);
+        for (mixed, args) in [
+            (agents(Some("old"), Some("new"), Some("new")), &[][..]),
+            (agents(None, Some("new"), Some("new")), &[][..]),
+            (
+                agents(Some("new"), Some("new"), Some("old")),
+                &["--port", "8080"][..],
+            ),
+        ] {
+            let args = status_args(&mixed, args);
+            assert_eq!(
+                status(&args),
+                ExitCode::from(EXIT_NOT_VOUCHED),
+                "{:?}",
+                mixed.requests()
+            );
+            let doubts = look(&args).expect("a look").doubts;
+            assert!(
+                doubts.len() == 1 && doubts[0].contains("two agents"),
+                "{doubts:?}"
+            );
+        }
+        // Read again on fresh connections: the other agent's answer was asked again.
+        let once = agents(Some("old"), Some("new"), Some("new"));
+        let _ = look(&status_args(&once, &[])).expect("a look");
+        let asked = once.requests().len();
+        assert!(asked > 2, "asked {asked} times");
+        // Another agent's answer, then this one's on a fresh connection: vouched for.
+        let answered = std::sync::atomic::AtomicUsize::new(0);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let connections = r#"{"endpoints":[],"port_totals":[]}"#;
+        let switching = fake_agent_on(listener, move |target| {
+            let instance = match target {
+                "/connections"
+                    if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 =>
+                {
+                    "old"
+                }
+                _ => "new",
+            };
+            let body = match target {
+                "/healthz" => r#"{"status":"ok","attach":"tp_btf"}"#,
+                _ => connections,
+            };
+            (
+                format!("200 OK\r\n{}: {instance}", crate::http::INSTANCE_HEADER),
+                body.into(),
+            )
+        });
+        let look = look(&status_args(&switching, &[])).expect("a look");
+        assert!(look.doubts.is_empty(), "{:?}", look.doubts);
+        assert_eq!(
+            switching.requests(),
+            [
+                "GET /healthz HTTP/1.1",
+                "GET /connections HTTP/1.1",
+                "GET /connections HTTP/1.1"
+            ]
         );
     }
 

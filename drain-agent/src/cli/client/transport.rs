@@ -207,16 +207,26 @@ fn get_from(
 /// A connection to the first of `addresses` that takes one and is the agent's
 /// ([`owner::check`]: a server socket of another user gets nothing sent), tried in turn
 /// within the deadline (each connect bounded by [`CONNECT_TIMEOUT`]): `localhost` resolves
-/// to `::1` first on glibc and musl, and an agent on `127.0.0.1` is still found. The error
-/// says why each address failed.
+/// to `::1` first on glibc and musl, and an agent on `127.0.0.1` is still found. The wait
+/// for a connection's owner to show (a listener that has not accepted it yet) is bounded by
+/// [`CONNECT_TIMEOUT`] too while more addresses remain: a listener that never accepts, on
+/// the first address, would otherwise hold the request until its deadline. The last
+/// address has the rest of the deadline. The error says why each address failed.
 fn connect(addresses: &[SocketAddr], url: &AgentUrl, deadline: Instant) -> Result<TcpStream> {
     let mut problems = Vec::new();
-    for address in addresses {
+    for (index, address) in addresses.iter().enumerate() {
         let Ok(left) = left(deadline) else { break };
+        let more = index + 1 < addresses.len();
         match TcpStream::connect_timeout(address, left.min(CONNECT_TIMEOUT))
             .with_context(|| format!("cannot connect to the agent at {address}"))
             .and_then(|stream| {
-                owner::check(&stream, url.owners, url.token.is_some(), deadline).map(|()| stream)
+                let owner_deadline = if more {
+                    deadline.min(Instant::now() + CONNECT_TIMEOUT)
+                } else {
+                    deadline
+                };
+                owner::check(&stream, url.owners, url.token.is_some(), owner_deadline)
+                    .map(|()| stream)
             }) {
             Ok(stream) => return Ok(stream),
             Err(problem) => problems.push(problem),
@@ -320,7 +330,10 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>> {
 mod tests {
     use std::io::Write as _;
 
-    use super::*;
+    use super::{
+        super::testing::{fake_agent_on, nobodys_listener},
+        *,
+    };
 
     #[test]
     fn agent_urls_parse() {
@@ -457,6 +470,56 @@ mod tests {
         let answer = get_from(&resolved, &url, "/healthz", Duration::from_secs(2))
             .expect("answered at 127.0.0.1 after [::1] refused");
         assert_eq!((answer.status, answer.body.as_str()), (200, "{}"));
+    }
+
+    /// Audit: `localhost` is `[::1]` first, and a local user who listened on `[::1]:9100`
+    /// and never accepted held every request there: the owner lookup waited for the
+    /// connection to be accepted until the request's whole deadline, and the agent at
+    /// `127.0.0.1:9100` was never asked (`wait` exited 2 at its timeout, no drain ran). An
+    /// address with more after it is waited for [`CONNECT_TIMEOUT`] at most.
+    #[test]
+    #[ignore = "kernel test: needs root (setfsuid); run by cargo xtask test (or cargo test -- --include-ignored)"]
+    fn a_listener_that_never_accepts_does_not_hold_up_the_next_address() {
+        // nobody's listener on [::1]:P, never accepting; root's agent on 127.0.0.1:P.
+        let (never, agent, _accept) = (0..20)
+            .find_map(|_| {
+                let (never, accept) =
+                    nobodys_listener(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)));
+                let agent =
+                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, never.port()))
+                        .ok()?;
+                Some((never, agent, accept))
+            })
+            .expect("a port free on both loopback addresses");
+        let port = never.port();
+        let _agent = fake_agent_on(agent, |_| ("200 OK".into(), r#"{"agent":"root's"}"#.into()));
+        let url = AgentUrl::parse(&format!("http://localhost:{port}")).expect("url");
+        let resolved = [
+            never,
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+        ];
+        let started = Instant::now();
+        let answer = get_from(&resolved, &url, "/healthz", Duration::from_secs(10))
+            .expect("answered at 127.0.0.1 after [::1] never accepted");
+        assert_eq!(answer.body, r#"{"agent":"root's"}"#);
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        // The last address is waited for until the deadline, as before.
+        let started = Instant::now();
+        let problem = get_from(&[never], &url, "/healthz", Duration::from_secs(3))
+            .expect_err("nobody's listener never accepts");
+        assert!(
+            format!("{problem:#}").contains("has not accepted"),
+            "{problem:#}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(2900),
+            "gave up after {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -428,7 +428,7 @@ impl WaitProblem {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{super::testing::fake_agent, *};
 
     fn answered(status: u16, body: &str) -> anyhow::Result<super::super::Response> {
         Ok(super::super::Response {
@@ -560,51 +560,6 @@ mod tests {
         }
         // Cannot leave a window for both: the longest slice.
         assert_eq!(next_slice(11 * minute, 8 * minute), MAX_SLICE);
-    }
-
-    /// A fake agent on loopback that answers every request with `status` (its status line
-    /// after `HTTP/1.1`, with any extra header lines) and `body`, and keeps each request line.
-    struct FakeAgent {
-        agent: String,
-        requests: Arc<std::sync::Mutex<Vec<String>>>,
-    }
-
-    impl FakeAgent {
-        fn requests(&self) -> Vec<String> {
-            self.requests.lock().expect("requests").clone()
-        }
-    }
-
-    fn fake_agent(status: &'static str, body: &'static str) -> FakeAgent {
-        use std::{
-            io::{Read as _, Write as _},
-            net::TcpListener,
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let requests = Arc::clone(&requests);
-            move || {
-                for stream in listener.incoming() {
-                    let Ok(mut stream) = stream else { return };
-                    let mut request = [0_u8; 2048];
-                    let read = stream.read(&mut request).unwrap_or(0);
-                    let text = String::from_utf8_lossy(&request[..read]);
-                    let line = text.lines().next().unwrap_or_default().to_owned();
-                    requests.lock().expect("requests").push(line);
-                    let _ = write!(
-                        stream,
-                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                }
-            }
-        });
-        FakeAgent {
-            agent: format!("http://127.0.0.1:{port}"),
-            requests,
-        }
     }
 
     fn wait_args(agent: &str, more: &[&str]) -> WaitArgs {
