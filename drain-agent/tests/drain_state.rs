@@ -438,7 +438,8 @@ fn the_new_agent_answers_health_from_what_the_old_one_was_asked_during_the_overl
 /// the scope the hook drained, and a load balancer put the pod back in rotation for the
 /// rest of its hook. The new agent still runs nothing of it, then or after the take-over
 /// (the old agent killed mid-hook: the file still lists the drain, but its waiter was the
-/// old agent's).
+/// old agent's). Its metrics count that drain meanwhile (`other_agent_drains_in_progress`):
+/// the old agent's `/metrics` is closed, and kured's alert must not go silent.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
@@ -471,6 +472,14 @@ fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
         Duration::from_secs(10),
         || old.try_get("/healthz").is_err(),
     );
+    // Scraped before any question reaches the new agent: the metrics look at the file too.
+    // Before, only the new agent's own drains showed (none), and kured's alert went silent.
+    let other = "drain_agent_other_agent_drains_in_progress ";
+    assert_eq!(
+        new.metric(other),
+        Some(1.0),
+        "the old agent's hook's drain, counted by the new one"
+    );
     assert_eq!(
         health(&new, draining),
         503,
@@ -497,6 +506,11 @@ fn the_new_agent_answers_health_for_a_drain_the_old_ones_hook_waits_on() {
         "the waiters' drain is not resumed without its waiter"
     );
     assert_eq!(health(&new, draining), 200, "nothing drains the scope now");
+    assert_eq!(
+        new.metric(other),
+        Some(0.0),
+        "nothing drains on another agent"
+    );
     drop(held);
 }
 

@@ -26,6 +26,7 @@ use crate::{
         unix_ms,
     },
     drain_rule::{Cidr, DrainRule},
+    metric_labels::MetricLabels,
     tracker::Filter,
 };
 
@@ -1026,6 +1027,22 @@ enum Verdict {
 }
 
 impl Seen {
+    /// How many drains the file says run that are not among `ours` (drains this agent runs
+    /// too) and whose port `labels` exports; 1 for a file that cannot be read.
+    fn running_besides(&self, ours: &HashSet<DrainIdentity>, labels: &MetricLabels) -> u64 {
+        match self {
+            Self::Nothing => 0,
+            Self::Unreadable => 1,
+            Self::Read { drains, .. } => {
+                let running = drains
+                    .iter()
+                    .filter(|drain| !ours.contains(*drain) && labels.exports_port(drain.port))
+                    .count();
+                u64::try_from(running).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
     /// Whether the file says `asked` is out of rotation: a drain of it in progress (other
     /// than those `ended` says ended here), or a gate held after one (other than those
     /// `released` says were released here). An unreadable file gates every question.
@@ -1184,6 +1201,63 @@ impl Drains {
         let mut view = lock(&self.beside_view);
         view.apply(looked, Which::Next, reads_from);
         !matches!(view.seen, Seen::Nothing)
+    }
+}
+
+impl Drains {
+    /// The drains in progress on the other agent of an upgrade's overlap, as its file in
+    /// `--state-dir` says (`drain_agent_other_agent_drains_in_progress`): beside the writer,
+    /// the writer's `drains.json` (the view [`Drains::writers_gate`] reads); for the writer,
+    /// the `drains.next.json` of the agent started beside it ([`Drains::beside_gate`]'s).
+    /// POSTed drains and those only `/drained` waiters started alike (their hooks wait on
+    /// that agent); not those this agent runs too (a POSTed drain it restored), which
+    /// `drain_in_progress` shows already, nor those of ports the metrics leave out
+    /// (`--ports`), as for this agent's own. A file that cannot be read counts 1: which
+    /// drains run there cannot be vouched for, and "none" is never said unvouched (kured's
+    /// alert must not go silent). 0 outside an overlap.
+    ///
+    /// Without it, once the old agent of an upgrade closed its listeners at SIGTERM (its
+    /// `/metrics` with them) while its hooks' drains ran on for up to its `--shutdown-grace`,
+    /// scrapes reached only the new agent, whose metrics showed none of them:
+    /// `DrainAgentDrainsInProgress` went silent and kured could reboot the node mid-drain.
+    ///
+    /// Looks at the file first, as a question does (an `lstat`, and a read when it changed
+    /// or the last read is [`WRITER_VIEW_FRESH`] old; at most `MAX_BYTES`): a node nobody
+    /// asks about between scrapes is counted as it is now, not as last asked. Blocking file
+    /// I/O, no lock held meanwhile: called off the async workers (the scrape's render runs
+    /// on a blocking thread).
+    pub fn other_agents_drains(&self) -> u64 {
+        let Some(file) = &self.state else {
+            return 0;
+        };
+        let ours: HashSet<DrainIdentity> = self.list().0.iter().map(DrainIdentity::of).collect();
+        let mut counted = 0_u64;
+        if lock(&self.overlap).is_some() {
+            // Looked at outside the view's lock: a question looks again before it answers
+            // whenever the file changed since the read applied last.
+            let last = lock(&self.writer_view).read;
+            let looked = WriterView::look(last, file, Which::State, tokio::time::Instant::now());
+            let reads_from = self.listener_reads.mark();
+            let mut view = lock(&self.writer_view);
+            view.apply(looked, Which::State, reads_from);
+            counted += view.seen.running_besides(&ours, &self.metric_labels);
+        }
+        if file.is_writer() && !file.holds_next_lock() {
+            // One look at a time, as `look_beside`'s; while one is under way its view is
+            // as fresh as this one would be.
+            if let Ok(_one_at_a_time) = self.beside_looking.try_lock() {
+                let last = lock(&self.beside_view).read;
+                let looked = WriterView::look(last, file, Which::Next, tokio::time::Instant::now());
+                let reads_from = self.listener_reads.mark();
+                lock(&self.beside_view).apply(looked, Which::Next, reads_from);
+            }
+            counted = counted.saturating_add(
+                lock(&self.beside_view)
+                    .seen
+                    .running_besides(&ours, &self.metric_labels),
+            );
+        }
+        counted
     }
 }
 

@@ -1370,6 +1370,91 @@ async fn a_drain_only_waiters_started_gates_the_other_agent_while_it_runs() {
     );
 }
 
+/// `scope`'s drain (port 8080 or 8081, all of its connections on 127.0.0.1) at that address.
+fn at_loopback(port: u16) -> DrainSpec {
+    DrainSpec {
+        filter: Filter {
+            addr: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+            ..Filter::port(port)
+        },
+        ..spec(Duration::from_secs(600))
+    }
+}
+
+/// Whether [`Drains::other_agents_drains`] of `drains` comes to `wanted` within 5 s: an
+/// ended drain's save follows its end.
+async fn other_agents_drains_come_to(drains: &Drains, wanted: u64) -> bool {
+    for _ in 0..500 {
+        if drains.other_agents_drains() == wanted {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Audit (upgrade overlap, kured): at SIGTERM the old agent closes its listeners, `/metrics`
+/// with them, while its hooks' drains run on for up to its `--shutdown-grace`; scrapes reach
+/// only the new agent, whose `drain_in_progress` shows its own drains alone.
+/// `DrainAgentDrainsInProgress` went silent and kured could reboot the node mid-drain. Now
+/// each agent counts the drains the other agent's file says run (the writer's beside it;
+/// the one beside it, for the writer), POSTed or waiters' alike, less those it runs itself
+/// (a POSTed drain it restored), and at least 1 while that file cannot be read.
+#[tokio::test]
+async fn each_agent_of_an_overlap_counts_the_other_agents_drains() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, old) = writing_registry(dir.path());
+    // Before the new agent starts: a POSTed drain it restores, and runs too.
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (_, _, new) = registry_beside(dir.path());
+    assert_eq!(new.list().0.len(), 1, "restored here");
+    assert_eq!(new.other_agents_drains(), 0, "that one runs here too");
+    assert_eq!(old.other_agents_drains(), 0);
+    // After: one POSTed to the writer, one a hook's `/drained` started there.
+    let posted = DrainSpec {
+        filter: Filter::port(8081),
+        ..spec(Duration::from_secs(600))
+    };
+    old.post(posted, StartedBy::Node).await.expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (membership, created) = old
+        .join(at_loopback(8080), StartedBy::Node)
+        .await
+        .expect("room");
+    assert!(created);
+    assert_eq!(
+        new.other_agents_drains(),
+        2,
+        "the writer's drains that do not run here"
+    );
+    // The other way round: a drain POSTed to the agent beside the writer.
+    new.post(at_loopback(8081), StartedBy::Node)
+        .await
+        .expect("room");
+    assert_eq!(new.save().await, Saved::Yes);
+    assert_eq!(old.other_agents_drains(), 1, "the writer counts it");
+    // The writer's drains end: none left there that does not run here.
+    old.cancel(&Filter::port(8081)).await;
+    assert_eq!(old.save().await, Saved::Yes);
+    drop(membership);
+    assert!(
+        other_agents_drains_come_to(&new, 0).await,
+        "after the writer's drains ended: {}",
+        new.other_agents_drains()
+    );
+    // A file that cannot be read: never a silent 0.
+    std::fs::write(dir.path().join(state_file::FILE_NAME), b"not json").expect("write");
+    assert!(
+        new.other_agents_drains() >= 1,
+        "an unreadable writer's file"
+    );
+    std::fs::write(dir.path().join(state_file::NEXT_FILE_NAME), b"not json").expect("write");
+    assert!(old.other_agents_drains() >= 1, "an unreadable file beside");
+}
+
 /// Audit (overlap): during an upgrade's overlap every `DELETE /drain` noted the drain it
 /// ended (so that the take-over does not bring it back), with no bound: a pod posting and
 /// cancelling in a loop for the whole overlap (up to the old agent's `--shutdown-grace`, 10

@@ -23,6 +23,10 @@ const IN_PROGRESS: (&str, &str) = (
     "drain_agent_drain_in_progress",
     "Drains in progress, by scope: port (only ports --ports allows) and, with --metrics-labels address, for a drain asked for an address (a pod's IP) or a pod's namespace, addr. Only scopes with a drain in progress: a series goes when its drain ends.",
 );
+const OTHER_AGENT: (&str, &str) = (
+    "drain_agent_other_agent_drains_in_progress",
+    "During an upgrade's overlap: drains in progress on the other agent sharing --state-dir (the old agent, whose /metrics closes at its SIGTERM while its drains run on; or the agent started beside this one), POSTed or started by /drained waiters, as its state file says, less those this agent runs too (in drain_in_progress) and those of ports --ports leaves out. At least 1 while that file cannot be read. 0 outside an overlap.",
+);
 const SCOPE_DRAINS: (&str, &str) = (
     "drain_agent_scope_drains_total",
     "Drains ended, by scope (port, only ports --ports allows, and with --metrics-labels address, for a drain asked for an address or a pod's namespace, addr) and result; a scope shows while its drain runs and for an hour after its last one ended.",
@@ -67,6 +71,7 @@ impl DrainCollector {
             desc(DRAINS, &["result"])?,
             desc(DRAIN_DURATION, &[])?,
             desc(IN_PROGRESS, scope)?,
+            desc(OTHER_AGENT, &[])?,
             desc(SCOPE_DRAINS, scope_result)?,
             desc(UNSAVED, &[])?,
             desc(SAVE_FAILURES, &[])?,
@@ -144,6 +149,11 @@ impl Collector for DrainCollector {
             family(DRAINS, MetricType::COUNTER, ended),
             family(DRAIN_DURATION, MetricType::HISTOGRAM, vec![duration]),
             family(IN_PROGRESS, MetricType::GAUGE, in_progress),
+            family(
+                OTHER_AGENT,
+                MetricType::GAUGE,
+                vec![gauge(&[], self.drains.other_agents_drains() as f64)],
+            ),
             family(SCOPE_DRAINS, MetricType::COUNTER, scope_drains),
         ];
         let (unsaved, save_failures) = self.drains.unsaved();

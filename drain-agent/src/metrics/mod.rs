@@ -403,6 +403,53 @@ mod tests {
         assert!(text.contains(&line), "{line}:\n{text}");
     }
 
+    /// Audit (upgrade overlap, kured): beside the state file's writer, whose `/metrics` is
+    /// closed from its SIGTERM on while its drains run on, nothing here showed them: the
+    /// kured alert went silent. `other_agent_drains_in_progress` counts them (ports
+    /// `--ports` leaves out excepted, as for this agent's own), 0 outside an overlap.
+    #[tokio::test]
+    async fn the_writers_drains_are_counted_beside_it() {
+        use crate::{drain::state_file::StateFile, tracker::Filter};
+        let dir = tempfile::tempdir().expect("dir");
+        let (source, metrics) =
+            labelled(Some("8080".parse().expect("ports")), ConnectionLabels::Port);
+        source.set(vec![
+            endpoint("10.0.0.1", 8080, 1),
+            endpoint("10.0.0.1", 9090, 1),
+        ]);
+        let writer = {
+            let file = StateFile::open(dir.path()).expect("state file");
+            // As the writer at its start: the next agent's file is free for another agent.
+            file.retire_next().expect("nothing to retire");
+            let tracker = Arc::new(Tracker::new(source.clone(), 4));
+            Arc::new(Drains::new(tracker, None, None, None, 4).with_state_file(file))
+        };
+        let beside = {
+            let tracker = Arc::new(Tracker::new(source.clone(), 4));
+            let drains = Arc::new(
+                Drains::new(tracker, None, None, None, 4)
+                    .with_metric_labels(metrics.labels().clone())
+                    .with_state_file(StateFile::open(dir.path()).expect("state file")),
+            );
+            metrics
+                .register_drains(Arc::clone(&drains))
+                .expect("register");
+            drains
+        };
+        beside.restore();
+        let gauge = "drain_agent_other_agent_drains_in_progress";
+        let text = metrics.render().expect("render");
+        assert!(text.contains(&format!("# TYPE {gauge} gauge")), "{text}");
+        assert!(text.contains(&format!("\n{gauge} 0\n")), "{text}");
+        for port in [8080, 9090] {
+            post(&writer, Filter::port(port), Duration::from_secs(600)).await;
+        }
+        assert_eq!(writer.save().await, crate::drain::Saved::Yes);
+        let text = metrics.render().expect("render");
+        assert!(text.contains(&format!("\n{gauge} 1\n")), "{text}");
+        assert!(!text.contains("drain_agent_drain_in_progress"), "{text}");
+    }
+
     /// The opened and closed counters of a render, by series (name and labels as rendered).
     fn counters(text: &str) -> std::collections::BTreeMap<String, f64> {
         text.lines()
