@@ -1083,6 +1083,8 @@ fn argo_analysis_fails_closed_without_measurements() {
     let pod_info = r#"'kube_pod_info{namespace="shop", pod="web-6d8-x1", pod_ip="10.1.0.5", node="n1", created_by_kind="ReplicaSet", created_by_name="web-6d8", host_network="false"}'"#;
     let pod_phase =
         r#"'kube_pod_status_phase{namespace="shop", pod="web-6d8-x1", phase="Running"}'"#;
+    // Marks a drain series first scraped at 1, after its drain ended.
+    const BORN_AT_ONE: &str = " born at 1";
     let drains = |result: &str| {
         format!(
             r#"'drain_agent_scope_drains_total{{job="drain-agent", instance="10.0.0.1:19700", addr="10.1.0.5", port="8080", result="{result}"}}'"#
@@ -1126,6 +1128,18 @@ fn argo_analysis_fails_closed_without_measurements() {
             ],
             1,
         ),
+        // Shorter than a scrape interval: its scope's series is born at 1 (its 0, shown
+        // while the drain ran, was never scraped). increase() alone saw nothing of it.
+        (
+            "a drain cut short that no scrape saw in progress",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("closed_at_deadline") + BORN_AT_ONE,
+            ],
+            1,
+        ),
     ];
     let mut file =
         format!("rule_files:\n  - {KUBERNETES_RULES}\nevaluation_interval: 1m\ntests:\n");
@@ -1138,10 +1152,12 @@ fn argo_analysis_fails_closed_without_measurements() {
         }
         for name in series {
             // A drain ended at 5m: inside the 5-minute window of the answer at 8m.
-            let values = if name.contains("drains_total") {
-                "0 0 0 0 0 1 1 1 1 1 1"
+            let (name, values) = if let Some(name) = name.strip_suffix(BORN_AT_ONE) {
+                (name, "stale stale stale stale stale 1 1 1 1 1 1")
+            } else if name.contains("drains_total") {
+                (name.as_str(), "0 0 0 0 0 1 1 1 1 1 1")
             } else {
-                "1x10"
+                (name.as_str(), "1x10")
             };
             file.push_str(&format!(
                 "      - series: {name}\n        values: \"{values}\"\n"
