@@ -315,3 +315,31 @@ fn security_says_which_clients_check_no_owner() {
         );
     }
 }
+
+/// Every `reason` of `drain_agent_tracking_errors_total` the agent exports (the kernel
+/// side's errors and `handler_skipped`).
+fn tracking_error_reasons() -> Vec<&'static str> {
+    drain_agent_common::error_index::NAMES
+        .into_iter()
+        .chain(["handler_skipped"])
+        .collect()
+}
+
+/// README's metrics table says what each reason of `tracking_errors_total` means: it left
+/// out `listener_map_full`, `count_missing` and `pod_listener_map_full`.
+#[test]
+fn readme_names_every_tracking_error_reason() {
+    let readme = read(&workspace().join("README.md"));
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with("| `tracking_errors_total{reason}`"))
+        .expect("README.md's metrics table has tracking_errors_total");
+    let missing: Vec<&str> = tracking_error_reasons()
+        .into_iter()
+        .filter(|reason| !row.contains(reason))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md's tracking_errors_total row does not name {missing:?}: {row}"
+    );
+}
