@@ -1083,6 +1083,8 @@ fn argo_analysis_fails_closed_without_measurements() {
     let pod_info = r#"'kube_pod_info{namespace="shop", pod="web-6d8-x1", pod_ip="10.1.0.5", node="n1", created_by_kind="ReplicaSet", created_by_name="web-6d8", host_network="false"}'"#;
     let pod_phase =
         r#"'kube_pod_status_phase{namespace="shop", pod="web-6d8-x1", phase="Running"}'"#;
+    // Marks a drain series first scraped at 1, after its drain ended.
+    const BORN_AT_ONE: &str = " born at 1";
     let drains = |result: &str| {
         format!(
             r#"'drain_agent_scope_drains_total{{job="drain-agent", instance="10.0.0.1:19700", addr="10.1.0.5", port="8080", result="{result}"}}'"#
@@ -1126,6 +1128,18 @@ fn argo_analysis_fails_closed_without_measurements() {
             ],
             1,
         ),
+        // Shorter than a scrape interval: its scope's series is born at 1 (its 0, shown
+        // while the drain ran, was never scraped). increase() alone saw nothing of it.
+        (
+            "a drain cut short that no scrape saw in progress",
+            vec![
+                agent.to_owned(),
+                pod_info.to_owned(),
+                pod_phase.to_owned(),
+                drains("closed_at_deadline") + BORN_AT_ONE,
+            ],
+            1,
+        ),
     ];
     let mut file =
         format!("rule_files:\n  - {KUBERNETES_RULES}\nevaluation_interval: 1m\ntests:\n");
@@ -1138,10 +1152,12 @@ fn argo_analysis_fails_closed_without_measurements() {
         }
         for name in series {
             // A drain ended at 5m: inside the 5-minute window of the answer at 8m.
-            let values = if name.contains("drains_total") {
-                "0 0 0 0 0 1 1 1 1 1 1"
+            let (name, values) = if let Some(name) = name.strip_suffix(BORN_AT_ONE) {
+                (name, "stale stale stale stale stale 1 1 1 1 1 1")
+            } else if name.contains("drains_total") {
+                (name.as_str(), "0 0 0 0 0 1 1 1 1 1 1")
             } else {
-                "1x10"
+                (name.as_str(), "1x10")
             };
             file.push_str(&format!(
                 "      - series: {name}\n        values: \"{values}\"\n"
@@ -1229,4 +1245,124 @@ fn recipes_parse_and_name_what_the_rules_define() {
     assert_eq!(analysis[0]["apiVersion"], "argoproj.io/v1alpha1");
     assert_eq!(analysis[0]["kind"], "AnalysisTemplate");
     assert_eq!(analysis[0]["spec"]["metrics"][0]["failureLimit"], 0);
+}
+
+/// Every panel of the dashboard, rows' nested panels included.
+fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut panels: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .collect();
+    let mut all = Vec::new();
+    while let Some(panel) = panels.pop() {
+        if let Some(nested) = panel["panels"].as_array() {
+            panels.extend(nested);
+        }
+        all.push(panel);
+    }
+    all
+}
+
+/// The dashboard's tracking-error panels agree with the code and the alert: a panel that
+/// says "counts may be off" leaves out `handler_skipped` as `DrainAgentTrackingErrors`
+/// does (those skips are repaired: the stat summed them and showed every busy host as
+/// off), and the by-reason panel says what every exported reason means (it called
+/// `histogram_failed` a failed map read, and left out most reasons).
+#[test]
+fn dashboard_tracking_errors_agree_with_the_code_and_the_alert() {
+    let alerts = read(&deploy("prometheus/drain-agent-rules.yml"));
+    let skipped = "reason!=\"handler_skipped\"";
+    assert!(
+        rule_expressions(&alerts).iter().any(|expr| expr
+            .contains("drain_agent_tracking_errors_total")
+            && expr.contains(skipped)),
+        "DrainAgentTrackingErrors leaves out handler_skipped"
+    );
+    let dashboard = read_dashboard();
+    let panels = dashboard_panels(&dashboard);
+    let mut off = 0;
+    for panel in &panels {
+        let description = panel["description"].as_str().unwrap_or_default();
+        if !description.contains("counts may be off") {
+            continue;
+        }
+        off += 1;
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            assert!(
+                !expr.contains("drain_agent_tracking_errors_total") || expr.contains(skipped),
+                "{:?} says counts may be off but counts handler_skipped: {expr}",
+                panel["title"]
+            );
+        }
+    }
+    assert!(off > 0, "no panel says when counts may be off");
+    let by_reason = panels
+        .iter()
+        .find(|panel| panel["title"] == "Tracking errors by reason")
+        .expect("the dashboard has Tracking errors by reason");
+    let description = by_reason["description"].as_str().expect("description");
+    let reasons = drain_agent_common::error_index::NAMES
+        .into_iter()
+        .chain(["handler_skipped"]);
+    let missing: Vec<&str> = reasons
+        .filter(|reason| !description.contains(reason))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "Tracking errors by reason does not say what {missing:?} mean"
+    );
+    assert!(
+        !description.contains("map reads failed"),
+        "histogram_failed is no failed read: {description}"
+    );
+}
+
+/// The panels that name pods join on `addr`: with `--metrics-labels port` there is none, and
+/// the pod row says they are empty then (deploy/README.md says so).
+#[test]
+fn dashboard_pod_row_says_it_is_empty_by_port() {
+    let dashboard = read_dashboard();
+    let panels = dashboard_panels(&dashboard);
+    let mut joined = 0;
+    for panel in &panels {
+        let reads_pods = panel["targets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|target| target["expr"].as_str())
+            .any(|expr| {
+                recorded_names(expr)
+                    .iter()
+                    .any(|name| name.starts_with("namespace_"))
+            });
+        if !reads_pods {
+            continue;
+        }
+        joined += 1;
+        let description = panel["description"].as_str().unwrap_or_default();
+        assert!(
+            description.contains("--metrics-labels port"),
+            "{:?} reads pods joined on addr and does not say it is empty with --metrics-labels port",
+            panel["title"]
+        );
+    }
+    assert!(joined >= 3, "only {joined} panels name pods");
+    let row = panels
+        .iter()
+        .find(|panel| {
+            panel["type"] == "row"
+                && panel["title"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("Pods"))
+        })
+        .expect("the dashboard has a row of pods");
+    assert!(
+        row["title"]
+            .as_str()
+            .is_some_and(|title| title.contains("--metrics-labels port")),
+        "the pod row's title: {}",
+        row["title"]
+    );
 }

@@ -241,3 +241,105 @@ fn documented_agent_urls_from_the_node_address_say_how_on_ipv6() {
         }
     }
 }
+
+/// A request to `localhost:9100/` that is a pod's own hook (an `exec` hook in a pod's spec):
+/// inside the pod, loopback is the pod's, and `localhost` is the agent's in-pod listener.
+fn is_in_pod_hook(line: &str) -> bool {
+    line.contains("command: [")
+}
+
+/// No node-side example asks the agent at `localhost:9100`: `localhost` resolves to `::1`
+/// first, and the agent listens on `127.0.0.1` only, so any local user may bind
+/// `[::1]:9100` and answer root's curl hook `200 {"drained":true}` (curl does not check
+/// whose server it reached). The examples name `127.0.0.1:9100`; a pod's own hook calling
+/// its in-pod listener at `localhost` is another case (the pod's loopback is its own).
+#[test]
+fn node_side_examples_do_not_ask_localhost() {
+    let mut shown = Vec::new();
+    for file in docs_and_deploy_files(is_text) {
+        let text = read(&file);
+        for (number, line) in text.lines().enumerate() {
+            if line.contains("localhost:9100/") && !is_in_pod_hook(line) {
+                shown.push(format!(
+                    "{}:{}: {}",
+                    file.display(),
+                    number + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    let help = drain_agent::cli::Cli::command()
+        .render_long_help()
+        .to_string();
+    for line in help.lines() {
+        if line.contains("localhost:9100/") {
+            shown.push(format!("drain-agent --help: {}", line.trim()));
+        }
+    }
+    assert!(
+        shown.is_empty(),
+        "node-side examples ask localhost:9100 (::1 first, which any local user may bind): {shown:#?}"
+    );
+    // README's first example does not call curl the same as `drain-agent wait`: only the
+    // client checks whose server it reached.
+    let readme = read(&workspace().join("README.md"));
+    let first = readme
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("README.md opens with a sh example");
+    if first.contains("curl") {
+        assert!(
+            !first.contains("# the same"),
+            "README.md calls curl the same as drain-agent wait: {first}"
+        );
+    }
+}
+
+/// SECURITY.md's "Whom the clients trust" says that curl and other plain HTTP clients (the
+/// kubelet's `httpGet` from the node) check no owner, and which hook to use on a node shared
+/// with untrusted local users.
+#[test]
+fn security_says_which_clients_check_no_owner() {
+    let security = read(&workspace().join("SECURITY.md"));
+    let section = security
+        .split("\n## Whom the clients trust\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("SECURITY.md has \"Whom the clients trust\"");
+    for needed in ["curl", "no owner check", "untrusted local users"] {
+        assert!(
+            section.contains(needed),
+            "SECURITY.md's \"Whom the clients trust\" does not say {needed:?}"
+        );
+    }
+}
+
+/// Every `reason` of `drain_agent_tracking_errors_total` the agent exports (the kernel
+/// side's errors and `handler_skipped`).
+fn tracking_error_reasons() -> Vec<&'static str> {
+    drain_agent_common::error_index::NAMES
+        .into_iter()
+        .chain(["handler_skipped"])
+        .collect()
+}
+
+/// README's metrics table says what each reason of `tracking_errors_total` means: it left
+/// out `listener_map_full`, `count_missing` and `pod_listener_map_full`.
+#[test]
+fn readme_names_every_tracking_error_reason() {
+    let readme = read(&workspace().join("README.md"));
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with("| `tracking_errors_total{reason}`"))
+        .expect("README.md's metrics table has tracking_errors_total");
+    let missing: Vec<&str> = tracking_error_reasons()
+        .into_iter()
+        .filter(|reason| !row.contains(reason))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md's tracking_errors_total row does not name {missing:?}: {row}"
+    );
+}

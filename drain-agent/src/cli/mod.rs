@@ -62,8 +62,10 @@ pub enum CloseArg {
                   and answers \"is this port drained?\" for deploy hooks.\n\n\
                   Run the agent (as root, or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE, and \
                   CAP_NET_ADMIN to close connections at a deadline on kernels before 6.5), then block a \
-                  stop hook on it:\n  curl -fsS 'localhost:9100/drained?port=8080&timeout=30s'\n  \
-                  drain-agent wait --port 8080 --timeout 30s",
+                  stop hook on it:\n  drain-agent wait --port 8080 --timeout 30s\n  \
+                  curl -fsS 'http://127.0.0.1:9100/drained?port=8080&timeout=30s'   (curl does \
+                  not check whose server answers: on a host shared with untrusted users, use \
+                  drain-agent wait)",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -78,7 +80,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent: attach to the kernel, count connections, serve the HTTP API.
     Run(Box<RunArgs>),
-    /// Block until a port is drained, by asking a running agent (for images without curl).
+    /// Block until a port is drained, by asking a running agent (for images without curl; and
+    /// unlike curl, it asks only a server socket of root or its own user).
     /// Exit status: 0 drained, 1 not drained in time, 2 usage error, a refusal (a 4xx other
     /// than 408, 425 or 429, e.g. 404 for an unknown --netns inode: at once) or agent
     /// unreachable (a server on its address whose socket is another user's, see
