@@ -253,6 +253,7 @@ impl Drains {
         self: &Arc<Self>,
         spec: DrainSpec,
         by: StartedBy,
+        _continues: bool,
     ) -> Result<(Membership, bool), JoinError> {
         let (drain, created) = self.start(spec, false, by).await?;
         // Attached first: a waiter gone during the save ends the drain it started.

@@ -200,10 +200,14 @@ pub enum DrainResult {
     Abandoned,
     /// Answered not drained because the agent is shutting down (not a timeout).
     AgentShutdown,
+    /// A wait that asked `continues=true` (one slice of a longer wait: `drain-agent wait`
+    /// over `--max-timeout`) whose timeout passed before its port drained: the hook asks
+    /// again, so neither a `timeout` nor a wait of its own (no `drain_wait_seconds` sample).
+    Continued,
 }
 
 impl DrainResult {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Drained,
         Self::Timeout,
         Self::Query,
@@ -212,6 +216,7 @@ impl DrainResult {
         Self::Error,
         Self::Abandoned,
         Self::AgentShutdown,
+        Self::Continued,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -224,6 +229,7 @@ impl DrainResult {
             Self::Error => "error",
             Self::Abandoned => "abandoned",
             Self::AgentShutdown => "agent_shutdown",
+            Self::Continued => "continued",
         }
     }
 }

@@ -46,6 +46,17 @@ fn scope_query(args: &WaitArgs) -> String {
     query
 }
 
+/// The query of a waiting request asking `slice` when `until_deadline` is left of the wait.
+fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> String {
+    format!(
+        "/drained?port={}&timeout={}ms{}{}",
+        args.port,
+        slice.as_millis(),
+        scope_query(args),
+        rule_query(args, slice == until_deadline)
+    )
+}
+
 /// The drain-rule parameters of `wait`'s requests. `closes`: the request's deadline is the
 /// wait's own, so it may carry `--close-at-timeout` (a slice that ends earlier must not: the
 /// agent would reset the connections at the slice's end, minutes before the timeout).
@@ -286,13 +297,7 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         {
             return wait_out(&url, args, deadline, problem);
         }
-        let query = format!(
-            "/drained?port={}&timeout={}ms{}{}",
-            args.port,
-            slice.as_millis(),
-            scope_query(args),
-            rule_query(args, slice == until_deadline)
-        );
+        let query = wait_query(args, slice, until_deadline);
         // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
@@ -576,6 +581,13 @@ mod tests {
     }
 
     fn fake_agent(status: &'static str, body: &'static str) -> FakeAgent {
+        fake_agent_by(move |_| (status, body))
+    }
+
+    /// [`fake_agent`] answering each request line with what `answer` says of it.
+    fn fake_agent_by(
+        answer: impl Fn(&str) -> (&'static str, &'static str) + Send + 'static,
+    ) -> FakeAgent {
         use std::{
             io::{Read as _, Write as _},
             net::TcpListener,
@@ -592,6 +604,7 @@ mod tests {
                     let read = stream.read(&mut request).unwrap_or(0);
                     let text = String::from_utf8_lossy(&request[..read]);
                     let line = text.lines().next().unwrap_or_default().to_owned();
+                    let (status, body) = answer(&line);
                     requests.lock().expect("requests").push(line);
                     let _ = write!(
                         stream,
@@ -605,6 +618,85 @@ mod tests {
             agent: format!("http://127.0.0.1:{port}"),
             requests,
         }
+    }
+
+    /// Audit (slices): each slice of a wait over 10 minutes started a drain that ended
+    /// `timeout` at the slice's end, for the alerts a hook that gave up (one per slice,
+    /// though the pod drained in time). Every slice but the last says so
+    /// (`continues=true`): its drain ends `continued`. The last one, whose deadline is the
+    /// wait's own, does not, and it alone carries `--close-at-timeout`.
+    #[test]
+    fn only_the_slices_before_the_last_say_the_wait_continues() {
+        let long = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(&long.agent, &["--timeout", "20m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR), "a 400 ends the wait");
+        let first = long.requests().remove(0);
+        assert!(
+            first.contains("timeout=600000ms") && first.contains("&continues=true"),
+            "the first 10 minutes of a 20-minute wait are a slice: {first}"
+        );
+        let short = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(&short.agent, &["--timeout", "5m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR));
+        let first = short.requests().remove(0);
+        assert!(
+            first.contains("timeout=300000ms") && !first.contains("continues"),
+            "a wait that fits one request is the hook's own: {first}"
+        );
+        // Every request of a 25-minute wait: two slices, then the last.
+        let args = wait_args(
+            "http://127.0.0.1:1",
+            &["--timeout", "25m", "--quiet", "10s", "--close-at-timeout"],
+        );
+        let mut left = args.timeout;
+        let mut queries = Vec::new();
+        while !left.is_zero() {
+            let slice = next_slice(left, args.quiet);
+            queries.push(wait_query(&args, slice, left));
+            left -= slice;
+        }
+        let Some((last, slices)) = queries.split_last() else {
+            panic!("no request");
+        };
+        assert_eq!(slices.len(), 2, "{queries:?}");
+        for slice in slices {
+            assert!(
+                slice.contains("&continues=true") && !slice.contains("on_timeout"),
+                "{slice}"
+            );
+        }
+        assert!(
+            !last.contains("continues") && last.contains("&on_timeout=close"),
+            "{last}"
+        );
+    }
+
+    /// An agent from before `continues` refuses it as an unknown parameter (`400`): the
+    /// slice is asked again without it (its drain then ends `timeout` there, as before),
+    /// rather than the wait ending at once with 2.
+    #[test]
+    fn an_agent_that_does_not_know_continues_is_asked_without_it() {
+        let agent = fake_agent_by(|request| {
+            if request.contains("continues") {
+                (
+                    "400 Bad Request",
+                    r#"{"error":"unknown parameter \"continues\" (known: port, addr, netns, timeout, quiet, ignore, idle, settle, on_timeout, pace, peers)"}"#,
+                )
+            } else {
+                (
+                    "200 OK",
+                    r#"{"port":8080,"drained":true,"active":0,"waited_ms":5}"#,
+                )
+            }
+        });
+        let exit = wait(&wait_args(&agent.agent, &["--timeout", "20m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_DRAINED));
+        let requests = agent.requests();
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert!(
+            requests[0].contains("continues=true") && !requests[1].contains("continues"),
+            "{requests:?}"
+        );
     }
 
     fn wait_args(agent: &str, more: &[&str]) -> WaitArgs {
