@@ -98,9 +98,14 @@ impl DrainEnd {
     /// Whether the scope stays out of rotation after this end (for [`GATE_HOLD`], across a
     /// restart): a drain that ran its course precedes a stop; a cancelled, abandoned or
     /// interrupted one does not. An interrupted one stays out of rotation until the
-    /// stopping agent exits (`Drains::gated`), and resumes at the next start.
+    /// stopping agent exits (`Drains::gated`), and resumes at the next start. A `continued`
+    /// one holds it as a `timeout` does: its hook still waits, and its next slice's drain
+    /// takes over the scope.
     pub const fn holds_the_gate(self) -> bool {
-        matches!(self, Self::Drained | Self::Timeout | Self::ClosedAtDeadline)
+        matches!(
+            self,
+            Self::Drained | Self::Timeout | Self::ClosedAtDeadline | Self::Continued
+        )
     }
 }
 

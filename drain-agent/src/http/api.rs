@@ -506,6 +506,9 @@ pub fn parse_drain_parameters(
     };
     let peers = parse_peers_flag(&values)?;
     let continues = parse_flag(&values, "continues")?;
+    if continues {
+        check_continues(asking, timeout, on_timeout)?;
+    }
     let netns = netns.resolve()?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
@@ -528,6 +531,28 @@ pub fn parse_drain_parameters(
         },
         continues,
     })
+}
+
+/// Where `continues=true` makes no sense: a `POST /drain` (a POSTed drain's deadline is its
+/// own, whoever waits), a pure query (`timeout=0` starts and waits for nothing), and
+/// `on_timeout=close` (a slice's deadline is not the wait's: closing there would reset the
+/// clients before the hook's timeout; `drain-agent wait` asks for the close on its last
+/// request only, which does not continue).
+fn check_continues(
+    asking: Asking,
+    timeout: Duration,
+    on_timeout: OnTimeout,
+) -> Result<(), ApiError> {
+    let why = if asking == Asking::Drain {
+        "only for /drained waiters (a slice of a longer wait): a POSTed drain's deadline is its own"
+    } else if timeout.is_zero() {
+        "a pure query (timeout=0) is no slice of a wait: leave it out"
+    } else if on_timeout == OnTimeout::Close {
+        "a slice of a longer wait never closes: on_timeout=close belongs to the request whose deadline is the wait's own, which does not continue"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::BadRequest(format!("continues: {why}")))
 }
 
 /// `peers=true|false` (default false), of `/drained` and `/connections`.

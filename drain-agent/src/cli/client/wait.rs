@@ -47,15 +47,27 @@ fn scope_query(args: &WaitArgs) -> String {
 }
 
 /// The query of a waiting request asking `slice` when `until_deadline` is left of the wait.
+/// A slice that ends before the wait's deadline says so (`continues=true`): the agent then
+/// ends its drain `continued` at the slice's end, not `timeout` (no alert, no aborted
+/// rollout for a hook that goes on waiting). The last one does not, and may close.
 fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> String {
+    let last = slice == until_deadline;
     format!(
-        "/drained?port={}&timeout={}ms{}{}",
+        "/drained?port={}&timeout={}ms{}{}{}",
         args.port,
         slice.as_millis(),
         scope_query(args),
-        rule_query(args, slice == until_deadline)
+        rule_query(args, last),
+        if last { "" } else { CONTINUES }
     )
 }
+
+/// What a slice before the last adds to its query.
+const CONTINUES: &str = "&continues=true";
+
+/// The start of an agent's `400` to a parameter it does not know, for `continues` (an agent
+/// from before it): `wait` then asks its slices without it, as before.
+const CONTINUES_UNKNOWN: &str = "unknown parameter \"continues\"";
 
 /// The drain-rule parameters of `wait`'s requests. `closes`: the request's deadline is the
 /// wait's own, so it may carry `--close-at-timeout` (a slice that ends earlier must not: the
@@ -270,6 +282,8 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let deadline = started + args.timeout;
     // Why the last request did not end the wait; none before the first.
     let mut last_problem: Option<WaitProblem> = None;
+    // Until an agent refuses `continues` as a parameter it does not know (an older one).
+    let mut agent_knows_continues = true;
     let done = Arc::new(AtomicBool::new(false));
     let _stop_progress = StopOnDrop(Arc::clone(&done));
     if !args.progress.is_zero() {
@@ -297,7 +311,10 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         {
             return wait_out(&url, args, deadline, problem);
         }
-        let query = wait_query(args, slice, until_deadline);
+        let mut query = wait_query(args, slice, until_deadline);
+        if !agent_knows_continues {
+            query = query.replace(CONTINUES, "");
+        }
         // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
@@ -328,6 +345,12 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                 }
                 None => describe_remaining(&body),
             }),
+            Reply::Refused(why) if agent_knows_continues && why.contains(CONTINUES_UNKNOWN) => {
+                // An agent from before `continues`: the same slice at once without it (its
+                // drain ends `timeout` at the slice's end there, as it always did).
+                agent_knows_continues = false;
+                continue;
+            }
             Reply::Refused(why) => {
                 eprintln!("drain-agent wait: the agent refused the request {why}");
                 return ExitCode::from(EXIT_ERROR);
