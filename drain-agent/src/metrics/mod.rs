@@ -49,7 +49,7 @@ impl Metrics {
         let drain_requests = IntCounterVec::new(
             Opts::new(
                 "drain_agent_drain_requests_total",
-                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown.",
+                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown, continued (a slice of a longer wait, continues=true, that ran out: its hook asks again; no wait time).",
             ),
             &["result"],
         )?;
