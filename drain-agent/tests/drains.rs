@@ -345,3 +345,57 @@ fn a_waiter_is_answered_at_its_own_timeout_and_a_conflicting_close_is_refused() 
     let (_, body) = agent.get_json("/drains");
     assert_eq!(body["in_progress"][0]["on_timeout"], "keep", "{body}");
 }
+
+/// Audit (slices): `drain-agent wait` over 10 minutes asks in slices; each slice that ran
+/// out ended its drain `timeout` (`drains_total`, `/drains`, the journal), so the alerts
+/// read a hook that went on waiting as one cut short. A slice says `continues=true`: its
+/// drain ends `continued`, the scope stays out of rotation, and the next request (the
+/// wait's last, without it) ends `drained` when the client goes.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_slice_of_a_longer_wait_ends_continued_not_timeout() {
+    if !kernel_available("a_slice_of_a_longer_wait_ends_continued_not_timeout") {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let server = Server::start("127.0.0.1:0");
+    let port = server.port;
+    let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    server.wait_accepted(1);
+    let (status, body) = agent.get_json(&format!("/drained?port={port}&timeout=1s&continues=true"));
+    assert_eq!((status, &body["drained"]), (503, &serde_json::json!(false)));
+    assert_eq!(
+        agent.get_json(&format!("/health?port={port}")).0,
+        503,
+        "between the slices the scope stays out of rotation"
+    );
+    // The last request waits; the connection closes meanwhile.
+    let (status, body) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            server.close_all();
+        });
+        agent.get_json(&format!("/drained?port={port}&timeout=10s"))
+    });
+    drop(client);
+    assert_eq!(status, 200, "{body}");
+    let (_, drains) = agent.get_json("/drains");
+    let results: Vec<_> = drains["recent"]
+        .as_array()
+        .expect("recent")
+        .iter()
+        .map(|record| record["result"].clone())
+        .collect();
+    assert_eq!(results, ["drained", "continued"], "{drains}");
+    for (line, expected) in [
+        ("drain_agent_drains_total{result=\"continued\"}", 1.0),
+        ("drain_agent_drains_total{result=\"timeout\"}", 0.0),
+        (
+            "drain_agent_drain_requests_total{result=\"continued\"}",
+            1.0,
+        ),
+        ("drain_agent_drain_requests_total{result=\"timeout\"}", 0.0),
+    ] {
+        assert_eq!(agent.metric(line), Some(expected), "{line}");
+    }
+}

@@ -61,10 +61,17 @@ pub enum DrainEnd {
     /// Nothing closed, no gate held (`http/authority.rs`: a local user controls only ports
     /// whose sockets are all its own, for as long as its drain acts on them).
     NotOwned,
+    /// Started by `/drained` waiters only, every one attached at its deadline a slice of a
+    /// longer wait (`continues=true`: `drain-agent wait` asks a wait over `--max-timeout`
+    /// in slices): the hook asks again, and its next slice starts the scope's next drain.
+    /// Not a timeout: the alerts and the Argo template do not count it as cut short. It
+    /// holds the gate as `Timeout` does (the hook still waits: the scope stays out of
+    /// rotation between the slices).
+    Continued,
 }
 
 impl DrainEnd {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Drained,
         Self::Timeout,
         Self::ClosedAtDeadline,
@@ -72,6 +79,7 @@ impl DrainEnd {
         Self::AgentShutdown,
         Self::Abandoned,
         Self::NotOwned,
+        Self::Continued,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -83,15 +91,21 @@ impl DrainEnd {
             Self::AgentShutdown => "agent_shutdown",
             Self::Abandoned => "abandoned",
             Self::NotOwned => "not_owned",
+            Self::Continued => "continued",
         }
     }
 
     /// Whether the scope stays out of rotation after this end (for [`GATE_HOLD`], across a
     /// restart): a drain that ran its course precedes a stop; a cancelled, abandoned or
     /// interrupted one does not. An interrupted one stays out of rotation until the
-    /// stopping agent exits (`Drains::gated`), and resumes at the next start.
+    /// stopping agent exits (`Drains::gated`), and resumes at the next start. A `continued`
+    /// one holds it as a `timeout` does: its hook still waits, and its next slice's drain
+    /// takes over the scope.
     pub const fn holds_the_gate(self) -> bool {
-        matches!(self, Self::Drained | Self::Timeout | Self::ClosedAtDeadline)
+        matches!(
+            self,
+            Self::Drained | Self::Timeout | Self::ClosedAtDeadline | Self::Continued
+        )
     }
 }
 

@@ -43,6 +43,10 @@ pub(super) struct Running {
     pub(super) posted: AtomicBool,
     /// `/drained` waiters attached now.
     waiters: AtomicUsize,
+    /// Of [`Running::waiters`], those whose deadline is their hook's own (they did not ask
+    /// `continues=true`): while none is attached, a waiters' drain that reaches its
+    /// deadline ends [`DrainEnd::Continued`], not `Timeout` ([`Running::only_slices_wait`]).
+    final_waiters: AtomicUsize,
     /// Its verdict is taken (set under the registry's lock, see [`Drains::decide`]): it is
     /// ending (its listeners read, its record written) and nobody joins it any more.
     decided: AtomicBool,
@@ -57,7 +61,8 @@ pub(super) struct Running {
 }
 
 impl Running {
-    /// A drain of `spec` with no waiter attached yet if `posted`, else with one.
+    /// A drain of `spec` with no waiter attached yet if `posted`, else with one, which asked
+    /// `continues` (one slice of a longer wait) or not.
     pub(super) fn new(
         spec: DrainSpec,
         started: tokio::time::Instant,
@@ -65,6 +70,7 @@ impl Running {
         record: DrainRecord,
         netns_cookie: Option<u64>,
         posted: bool,
+        continues: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             spec,
@@ -77,6 +83,7 @@ impl Running {
             finished: watch::channel(None).0,
             posted: AtomicBool::new(posted),
             waiters: AtomicUsize::new(usize::from(!posted)),
+            final_waiters: AtomicUsize::new(usize::from(!posted && !continues)),
             decided: AtomicBool::new(false),
             cancelling: AtomicBool::new(false),
             moved: watch::channel(None).0,
@@ -100,6 +107,15 @@ impl Running {
         self.moved.send_replace(Some(Arc::clone(successor)));
         // Wakes its run, which then finds it handed over.
         self.end(DrainEnd::Cancelled);
+    }
+
+    /// Whether only slices of longer waits wait on it: no `POST` asked for it, and every
+    /// `/drained` waiter attached (at least one) asked `continues=true`. Such a drain that
+    /// reaches its deadline ends [`DrainEnd::Continued`]: its waiters' hooks ask again.
+    pub(super) fn only_slices_wait(&self) -> bool {
+        !self.posted.load(Ordering::Acquire)
+            && self.waiters.load(Ordering::Acquire) > 0
+            && self.final_waiters.load(Ordering::Acquire) == 0
     }
 
     /// Marks its namespace replaced: its run ends it drained at once (`namespace.rs`).
@@ -156,6 +172,8 @@ enum Started {
 /// waiters to ([`Running::hand_over`]: at an upgrade's take-over).
 pub struct Membership {
     pub(super) drain: Arc<Running>,
+    /// It asked `continues=true`: one slice of a longer wait ([`Running::only_slices_wait`]).
+    continues: bool,
 }
 
 impl Membership {
@@ -215,6 +233,9 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        if !self.continues {
+            self.drain.final_waiters.fetch_sub(1, Ordering::AcqRel);
+        }
         let left = self.drain.waiters.fetch_sub(1, Ordering::AcqRel) - 1;
         if left == 0
             && !self.drain.posted.load(Ordering::Acquire)
@@ -235,7 +256,7 @@ impl Drains {
         spec: DrainSpec,
         by: StartedBy,
     ) -> Result<(DrainRecord, bool), JoinError> {
-        let (drain, created) = self.start(spec, true, by).await?;
+        let (drain, created) = self.start(spec, true, by, false).await?;
         drain.posted.store(true, Ordering::Release);
         let record = lock(&drain.record).clone();
         Ok((record, created))
@@ -243,6 +264,8 @@ impl Drains {
 
     /// A `/drained` waiter with a timeout: joins the drain of its scope, starting one if
     /// none is in progress. The drain lives while a waiter is attached (or a `POST` asked).
+    /// `continues`: the waiter is one slice of a longer wait (`continues=true`), whose
+    /// deadline is not its hook's ([`Running::only_slices_wait`]).
     ///
     /// A drain it starts is saved before its wait begins (its end is, as every drain's): not
     /// to be resumed, but for the other agent of an upgrade's overlap, whose `/health` and
@@ -253,10 +276,11 @@ impl Drains {
         self: &Arc<Self>,
         spec: DrainSpec,
         by: StartedBy,
+        continues: bool,
     ) -> Result<(Membership, bool), JoinError> {
-        let (drain, created) = self.start(spec, false, by).await?;
+        let (drain, created) = self.start(spec, false, by, continues).await?;
         // Attached first: a waiter gone during the save ends the drain it started.
-        let membership = Membership { drain };
+        let membership = Membership { drain, continues };
         if created {
             self.save().await;
         }
@@ -264,8 +288,9 @@ impl Drains {
     }
 
     /// The drain of `spec.filter`, started now (`true`) or in progress, with one more
-    /// waiter attached unless `posted`. A drain whose verdict is taken is never joined: its
-    /// verdict is about a time before this request (a connection may have opened since).
+    /// waiter attached unless `posted` (one that asked `continues`, or not). A drain whose
+    /// verdict is taken is never joined: its verdict is about a time before this request (a
+    /// connection may have opened since).
     /// The request waits for it to end (at most [`ENDING_WAIT`], on its `finished`, not
     /// polling) and then starts or joins the scope's next one.
     async fn start(
@@ -273,6 +298,7 @@ impl Drains {
         spec: DrainSpec,
         posted: bool,
         by: StartedBy,
+        continues: bool,
     ) -> Result<(Arc<Running>, bool), JoinError> {
         let limit = tokio::time::Instant::now() + ENDING_WAIT;
         // The scope's count, read before the registry's lock is taken: for a scope narrower
@@ -290,20 +316,21 @@ impl Drains {
         let mut active_at_start = None;
         let mut checked = None;
         loop {
-            let ending = match self.start_now(&spec, posted, by, active_at_start, checked)? {
-                Started::Drain(drain, created) => return Ok((drain, created)),
-                Started::Ending(ending) => ending,
-                Started::Uncounted => {
-                    let active = self.tracker.active_off_runtime(&spec.filter).await;
-                    let cookie = self.namespace_cookie(&spec.filter).await;
-                    active_at_start = Some((active.unwrap_or(0), cookie));
-                    continue;
-                }
-                Started::Unchecked => {
-                    checked = Some(self.namespace_now(&spec.filter).await);
-                    continue;
-                }
-            };
+            let ending =
+                match self.start_now(&spec, posted, continues, by, active_at_start, checked)? {
+                    Started::Drain(drain, created) => return Ok((drain, created)),
+                    Started::Ending(ending) => ending,
+                    Started::Uncounted => {
+                        let active = self.tracker.active_off_runtime(&spec.filter).await;
+                        let cookie = self.namespace_cookie(&spec.filter).await;
+                        active_at_start = Some((active.unwrap_or(0), cookie));
+                        continue;
+                    }
+                    Started::Unchecked => {
+                        checked = Some(self.namespace_now(&spec.filter).await);
+                        continue;
+                    }
+                };
             // Read afresh for the scope's next drain.
             active_at_start = None;
             checked = None;
@@ -325,6 +352,7 @@ impl Drains {
         self: &Arc<Self>,
         spec: &DrainSpec,
         posted: bool,
+        continues: bool,
         by: StartedBy,
         active_at_start: Option<(u64, Option<u64>)>,
         checked: Option<NamespaceNow>,
@@ -359,6 +387,9 @@ impl Drains {
             if posted {
                 existing.posted.store(true, Ordering::Release);
             } else {
+                if !continues {
+                    existing.final_waiters.fetch_add(1, Ordering::AcqRel);
+                }
                 existing.waiters.fetch_add(1, Ordering::AcqRel);
             }
             return Ok(Started::Drain(Arc::clone(existing), false));
@@ -407,6 +438,7 @@ impl Drains {
             record,
             netns_cookie,
             posted,
+            continues,
         );
         running.insert(spec.filter.clone(), Arc::clone(&drain));
         drop(running);

@@ -171,6 +171,10 @@ impl Drains {
                         self.close_at_deadline(&drain, outcome, &mut closed, &mut lost)
                             .await
                     }
+                } else if drain.only_slices_wait() {
+                    // Its deadline is none of its waiters' hooks': each asks again, and
+                    // its next slice starts the scope's next drain.
+                    (DrainEnd::Continued, outcome)
                 } else {
                     (DrainEnd::Timeout, outcome)
                 }

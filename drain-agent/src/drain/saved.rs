@@ -823,6 +823,7 @@ impl Drains {
                 drain.record,
                 drain.netns_cookie,
                 true,
+                false,
             );
             let existing = {
                 let mut running = lock(&self.running);

@@ -129,7 +129,10 @@ async fn posted_drains_and_held_gates_are_restored_and_joined_ones_are_not() {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (membership, _) = drains.join(joined, StartedBy::Node).await.expect("room");
+    let (membership, _) = drains
+        .join(joined, StartedBy::Node, false)
+        .await
+        .expect("room");
     // A gate held after a drain of 9090 that ran its course.
     drains.finish(
         &Filter::port(9090),
@@ -229,7 +232,10 @@ async fn a_gone_agents_waiters_drains_leave_the_next_file_it_left() {
             filter: Filter::port(8081),
             ..spec(Duration::from_secs(600))
         };
-        let (membership, created) = first.join(joined, StartedBy::Node).await.expect("room");
+        let (membership, created) = first
+            .join(joined, StartedBy::Node, false)
+            .await
+            .expect("room");
         assert!(created);
         let left = std::fs::read_to_string(&next_file).expect("next file");
         assert!(left.contains(r#""waiters_only":true"#), "{left}");
@@ -379,12 +385,12 @@ async fn cancel_and_timeout_are_recorded() {
 async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not() {
     let (_, _, drains) = registry(1);
     let (first, created) = drains
-        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .join(spec(Duration::from_secs(600)), StartedBy::Node, false)
         .await
         .expect("room");
     assert!(created);
     let (second, _) = drains
-        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .join(spec(Duration::from_secs(600)), StartedBy::Node, false)
         .await
         .expect("room");
     assert_eq!(first.id(), second.id());
@@ -407,7 +413,7 @@ async fn a_drain_whose_only_waiter_left_ends_at_once_and_a_posted_one_does_not()
     );
     // A POST keeps it running whoever waits.
     let (waiter, _) = drains
-        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .join(spec(Duration::from_secs(600)), StartedBy::Node, false)
         .await
         .expect("room");
     drains
@@ -443,13 +449,13 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        drains.join(close, StartedBy::Node).await,
+        drains.join(close, StartedBy::Node, false).await,
         Err(JoinError::Conflict(..))
     ));
     // Settings not named take the drain's: the plain hook joins.
     assert!(
         drains
-            .join(spec(Duration::from_secs(3)), StartedBy::Node)
+            .join(spec(Duration::from_secs(3)), StartedBy::Node, false)
             .await
             .is_ok()
     );
@@ -492,7 +498,7 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
         .await
         .expect("room");
     for same in ["fd00::7,10.0.0.0/8", "10.0.0.0/8,fd00::7,10.0.0.0/8"] {
-        match drains.join(ignoring(same), StartedBy::Node).await {
+        match drains.join(ignoring(same), StartedBy::Node, false).await {
             Ok((membership, created)) => {
                 assert_eq!((membership.id(), created), (ignored.id, false), "{same}");
             }
@@ -502,7 +508,7 @@ async fn a_request_whose_settings_differ_is_refused_naming_the_difference() {
     for other in ["10.0.0.0/8", "10.0.0.0/8,fd00::7,fd00::8"] {
         assert!(
             matches!(
-                drains.join(ignoring(other), StartedBy::Node).await,
+                drains.join(ignoring(other), StartedBy::Node, false).await,
                 Err(JoinError::Conflict(id, ref text)) if id == ignored.id && text == "a different ignore list"
             ),
             "{other}"
@@ -518,6 +524,7 @@ fn plain_hook(timeout: Duration) -> waiter::Ask {
         control: Some(StartedBy::Node),
         peers: false,
         share: None,
+        continues: false,
     }
 }
 
@@ -863,6 +870,7 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
         control: Some(StartedBy::Node),
         peers: false,
         share: None,
+        continues: false,
     };
     let answer = |ask: waiter::Ask| {
         let drains = Arc::clone(&drains);
@@ -1029,6 +1037,7 @@ async fn one_pod_filling_its_drains_leaves_room_for_another_pod() {
         control: Some(StartedBy::Node),
         peers: false,
         share: Some(Owner::Netns(7)),
+        continues: false,
     };
     let answer = ask.answer(&drains).await.expect("answer");
     assert_eq!(
@@ -1231,7 +1240,7 @@ async fn a_posted_drain_taken_over_wins_over_a_waiters_drain_of_its_scope() {
     assert_eq!(old.save().await, Saved::Yes);
     // A stop hook's `/drained?timeout=60s` reaches the new agent: a drain of its own.
     let (membership, created) = new
-        .join(spec(Duration::from_secs(60)), StartedBy::Node)
+        .join(spec(Duration::from_secs(60)), StartedBy::Node, false)
         .await
         .expect("room");
     assert!(created, "the new agent started its own drain of the scope");
@@ -1333,7 +1342,7 @@ async fn a_drain_only_waiters_started_gates_the_other_agent_while_it_runs() {
     let (_, old, new) = overlapping_registries(dir.path());
     // A hook's `/drained` reaches the writer: no save asked for but the join's own.
     let (membership, created) = old
-        .join(spec(Duration::from_secs(600)), StartedBy::Node)
+        .join(spec(Duration::from_secs(600)), StartedBy::Node, false)
         .await
         .expect("room");
     assert!(created);
@@ -1355,7 +1364,10 @@ async fn a_drain_only_waiters_started_gates_the_other_agent_while_it_runs() {
         filter: Filter::port(8081),
         ..spec(Duration::from_secs(600))
     };
-    let (membership, created) = new.join(beside, StartedBy::Node).await.expect("room");
+    let (membership, created) = new
+        .join(beside, StartedBy::Node, false)
+        .await
+        .expect("room");
     assert!(created);
     old.catch_up().await;
     assert!(
@@ -1554,7 +1566,7 @@ async fn a_posted_drain_of_other_settings_does_not_take_the_waiters_over() {
     let mut quiet = spec(Duration::from_secs(60));
     quiet.rule.quiet = Duration::from_secs(5);
     quiet.given.quiet = true;
-    let (membership, created) = new.join(quiet, StartedBy::Node).await.expect("room");
+    let (membership, created) = new.join(quiet, StartedBy::Node, false).await.expect("room");
     assert!(created);
     let own = membership.id();
     old_agent_goes(&old_tracker, old, &new).await;
@@ -2809,7 +2821,7 @@ async fn a_waiter_of_a_new_namespace_does_not_join_the_replaced_ones_drain() {
     // Y has inode 7 now, with its connection (the fake's count of namespace 7 is 1).
     lock(&namespaces.0).insert(7, Some(200));
     let (membership, created) = drains
-        .join(pod_x_close_spec(), StartedBy::Pod)
+        .join(pod_x_close_spec(), StartedBy::Pod, false)
         .await
         .expect("room");
     let outcome = membership
@@ -2863,7 +2875,7 @@ async fn a_taken_over_drain_of_a_replaced_namespace_gets_no_waiter_of_the_new_on
     // X goes; Y has inode 7, with its connection, and asks the new agent.
     lock(&namespaces.0).insert(7, Some(200));
     let (membership, created) = new
-        .join(pod_x_close_spec(), StartedBy::Pod)
+        .join(pod_x_close_spec(), StartedBy::Pod, false)
         .await
         .expect("room");
     assert!(created);
@@ -2892,4 +2904,125 @@ async fn a_taken_over_drain_of_a_replaced_namespace_gets_no_waiter_of_the_new_on
     );
     assert_eq!(closed.load(std::sync::atomic::Ordering::SeqCst), 0);
     take_over.abort();
+}
+
+/// A stop hook's `/drained` waiter asking `timeout`, with `continues=true` when it is one
+/// slice of a longer wait (`drain-agent wait` over `--max-timeout`).
+fn slice_hook(timeout: Duration, continues: bool) -> waiter::Ask {
+    waiter::Ask {
+        continues,
+        ..plain_hook(timeout)
+    }
+}
+
+/// The results of `drains`' ended drains, oldest first.
+fn ended_results(drains: &Drains) -> Vec<Option<DrainEnd>> {
+    drains
+        .list()
+        .1
+        .iter()
+        .rev()
+        .map(|record| record.result)
+        .collect()
+}
+
+/// Audit (slices): `drain-agent wait --timeout 25m` asks in slices of 10 minutes (the
+/// agent's `--max-timeout`), each a waiter's drain of its own. Each slice that ran out
+/// ended its drain `timeout`: recorded, journaled, counted in `drains_total` and the scope's
+/// `scope_drains_total{result="timeout"}`, so `DrainAgentDrainsCutShort` fired and the Argo
+/// template aborted the rollout although the pod drained in time (here in the second
+/// slice). A slice asks `continues=true`: its drain ends `continued`, which still keeps the
+/// scope out of rotation until the next slice's drain, and nothing says `timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_wait_asked_in_slices_records_its_slices_continued_not_timeout() {
+    let dir = tempfile::tempdir().expect("dir");
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let tracker = Arc::new(Tracker::new(source.clone(), 16));
+    let journal_path = dir.path().join("drains.jsonl");
+    let journal = Journal::open(&journal_path, 1 << 20).expect("journal");
+    let drains = Arc::new(Drains::new(
+        Arc::clone(&tracker),
+        None,
+        Some(journal),
+        None,
+        4,
+    ));
+    let first = slice_hook(Duration::from_secs(600), true)
+        .answer(&drains)
+        .await
+        .expect("answer");
+    assert!(!first.outcome.drained, "{first:?}");
+    assert_eq!(ended_results(&drains), [Some(DrainEnd::Continued)]);
+    assert!(
+        drains.gated(&node(8080)).await,
+        "between the slices the scope stays out of rotation"
+    );
+    // The last slice: the wait's own deadline. The port drains 5 minutes into it.
+    let last = tokio::spawn({
+        let drains = Arc::clone(&drains);
+        async move {
+            slice_hook(Duration::from_secs(600), false)
+                .answer(&drains)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    source.set(vec![endpoint("127.0.0.1", 8080, 0)]);
+    tracker.notify_port(8080);
+    let last = last.await.expect("task").expect("answer");
+    assert!(last.outcome.drained, "{last:?}");
+    assert_eq!(
+        ended_results(&drains),
+        [Some(DrainEnd::Continued), Some(DrainEnd::Drained)]
+    );
+    let stats = drains.stats();
+    assert_eq!(stats.ended.get(&DrainEnd::Timeout), None, "{stats:?}");
+    assert_eq!(stats.ended.get(&DrainEnd::Continued), Some(&1), "{stats:?}");
+    assert_eq!(stats.ended.get(&DrainEnd::Drained), Some(&1), "{stats:?}");
+    let scope = stats.by_scope.get(&(8080, None)).expect("the scope's ends");
+    assert_eq!(scope.ended.get(&DrainEnd::Timeout), None, "{scope:?}");
+    assert_eq!(scope.ended.get(&DrainEnd::Continued), Some(&1), "{scope:?}");
+    let journaled = std::fs::read_to_string(&journal_path).expect("journal");
+    assert!(
+        journaled.contains(r#""result":"continued""#)
+            && !journaled.contains(r#""result":"timeout""#),
+        "{journaled}"
+    );
+}
+
+/// A slice's drain ends `continued` only when every waiter still attached at its deadline
+/// asked `continues`: one hook whose own deadline it is (no `continues`) makes it a
+/// `timeout`, as does a `POST` (a drain that lives until its own timeout).
+#[tokio::test(start_paused = true)]
+async fn a_drain_with_a_waiter_whose_deadline_it_is_still_times_out() {
+    let (_, _, drains) = registry(1);
+    let waiters = [true, false].map(|continues| {
+        let drains = Arc::clone(&drains);
+        tokio::spawn(async move {
+            slice_hook(Duration::from_secs(60), continues)
+                .answer(&drains)
+                .await
+        })
+    });
+    for waiter in waiters {
+        let answer = waiter.await.expect("task").expect("answer");
+        assert!(!answer.outcome.drained, "{answer:?}");
+    }
+    assert_eq!(ended_results(&drains), [Some(DrainEnd::Timeout)]);
+    // A slice joining a POSTed drain: the drain's deadline is the POST's.
+    drains
+        .post(spec(Duration::from_secs(60)), StartedBy::Node)
+        .await
+        .expect("room");
+    let answer = slice_hook(Duration::from_secs(60), true)
+        .answer(&drains)
+        .await
+        .expect("answer");
+    assert!(!answer.outcome.drained, "{answer:?}");
+    assert_eq!(
+        ended_results(&drains),
+        [Some(DrainEnd::Timeout), Some(DrainEnd::Timeout)]
+    );
+    assert_eq!(drains.stats().ended.get(&DrainEnd::Continued), None);
 }

@@ -32,6 +32,9 @@ pub struct Ask {
     /// Whose share of `--max-waiters` it takes ([`Tracker::admit`]): its scope's owner;
     /// `None` for the node (root, a bearer token) and its port-wide scopes.
     pub share: Option<Owner>,
+    /// `continues=true`: one slice of a longer wait, whose deadline is not the hook's
+    /// ([`Drains::join`]).
+    pub continues: bool,
 }
 
 /// A waiter's answer.
@@ -166,7 +169,7 @@ impl Ask {
         let Some(by) = self.control.filter(|_| !self.is_query()) else {
             return Ok(Joined::Unrecorded(None));
         };
-        let why = match drains.join(self.spec.clone(), by).await {
+        let why = match drains.join(self.spec.clone(), by, self.continues).await {
             Ok((membership, _)) => return Ok(Joined::Drain(membership)),
             Err(JoinError::Conflict(id, difference)) => {
                 return Err(Unanswered::Conflict(id, difference));

@@ -304,6 +304,11 @@ pub struct DrainRequest {
     pub peers: bool,
     /// Which drain settings the request named (they must agree with a drain in progress).
     pub given: Given,
+    /// `continues=true`: this request is one slice of a longer wait (`drain-agent wait`
+    /// asks a wait over `--max-timeout` in slices), so its deadline is not the hook's. A
+    /// drain that reaches its deadline with only such waiters attached ends `continued`,
+    /// not `timeout` (`DrainEnd::Continued`), and the request is counted `continued`.
+    pub continues: bool,
 }
 
 impl DrainRequest {
@@ -335,7 +340,7 @@ impl DrainRequest {
 }
 
 /// The parameters of `/drained`.
-pub const DRAIN_PARAMETERS: [&str; 11] = [
+pub const DRAIN_PARAMETERS: [&str; 12] = [
     "port",
     "addr",
     "netns",
@@ -347,6 +352,7 @@ pub const DRAIN_PARAMETERS: [&str; 11] = [
     "on_timeout",
     "pace",
     "peers",
+    "continues",
 ];
 /// The parameters of `DELETE /drain` and `GET /health`: a scope only.
 pub const SCOPE_PARAMETERS: [&str; 3] = ["port", "addr", "netns"];
@@ -499,6 +505,10 @@ pub fn parse_drain_parameters(
             .map_err(|_| format!("pace: {text:?} is not a number of closings per second"))?,
     };
     let peers = parse_peers_flag(&values)?;
+    let continues = parse_flag(&values, "continues")?;
+    if continues {
+        check_continues(asking, timeout, on_timeout)?;
+    }
     let netns = netns.resolve()?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
@@ -519,16 +529,44 @@ pub fn parse_drain_parameters(
             idle: values.contains_key("idle"),
             pace: values.contains_key("pace"),
         },
+        continues,
     })
+}
+
+/// Where `continues=true` makes no sense: a `POST /drain` (a POSTed drain's deadline is its
+/// own, whoever waits), a pure query (`timeout=0` starts and waits for nothing), and
+/// `on_timeout=close` (a slice's deadline is not the wait's: closing there would reset the
+/// clients before the hook's timeout; `drain-agent wait` asks for the close on its last
+/// request only, which does not continue).
+fn check_continues(
+    asking: Asking,
+    timeout: Duration,
+    on_timeout: OnTimeout,
+) -> Result<(), ApiError> {
+    let why = if asking == Asking::Drain {
+        "only for /drained waiters (a slice of a longer wait): a POSTed drain's deadline is its own"
+    } else if timeout.is_zero() {
+        "a pure query (timeout=0) is no slice of a wait: leave it out"
+    } else if on_timeout == OnTimeout::Close {
+        "a slice of a longer wait never closes: on_timeout=close belongs to the request whose deadline is the wait's own, which does not continue"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::BadRequest(format!("continues: {why}")))
 }
 
 /// `peers=true|false` (default false), of `/drained` and `/connections`.
 pub fn parse_peers_flag(values: &BTreeMap<String, String>) -> Result<bool, ApiError> {
-    match values.get("peers").map(String::as_str) {
+    parse_flag(values, "peers")
+}
+
+/// `name=true|false` (default false).
+fn parse_flag(values: &BTreeMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match values.get(name).map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
         Some(other) => Err(ApiError::BadRequest(format!(
-            "peers: {other:?} is neither true nor false"
+            "{name}: {other:?} is neither true nor false"
         ))),
     }
 }

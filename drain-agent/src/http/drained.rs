@@ -25,12 +25,13 @@ use crate::{
 pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Waiter) -> Response {
     let port = ask.spec.filter.port;
     let query = ask.is_query();
+    let continues = ask.continues;
     // A client that hangs up drops this future: the guard still records the request.
     let abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let answer = ask.answer(&state.drains).await;
     abandoned.disarm();
     let (result, problem) = match answer {
-        Ok(answer) => return render(&state.metrics, port, query, answer),
+        Ok(answer) => return render(&state.metrics, port, query, continues, answer),
         Err(Unanswered::Conflict(id, difference)) => (
             DrainResult::Invalid,
             ApiError::Conflict(format!(
@@ -67,8 +68,10 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
 
 /// A waiter's answer: recorded, and 200 or 503 with its body. A pure query's (`query`:
 /// `timeout=0`) is counted as one, drained or not, and is no wait: a hook's progress lines
-/// and a script's looks are neither drains that timed out nor waits of 0 s.
-fn render(metrics: &Metrics, port: u16, query: bool, answer: Answer) -> Response {
+/// and a script's looks are neither drains that timed out nor waits of 0 s. A slice of a
+/// longer wait (`continues`) that ran out is counted `continued`, with no wait time: its
+/// hook asks again, and has not timed out.
+fn render(metrics: &Metrics, port: u16, query: bool, continues: bool, answer: Answer) -> Response {
     let Answer {
         outcome,
         closed,
@@ -83,10 +86,13 @@ fn render(metrics: &Metrics, port: u16, query: bool, answer: Answer) -> Response
             DrainResult::Drained
         } else if shutdown {
             DrainResult::AgentShutdown
+        } else if continues {
+            DrainResult::Continued
         } else {
             DrainResult::Timeout
         };
-        metrics.drain_request(result, Some(outcome.waited));
+        let waited = (result != DrainResult::Continued).then_some(outcome.waited);
+        metrics.drain_request(result, waited);
     }
     let status = if outcome.drained {
         StatusCode::OK

@@ -264,6 +264,7 @@ impl FromRequestParts<Arc<AppState>> for Waiter {
             control,
             peers: request.peers,
             share,
+            continues: request.continues,
         }))
     }
 }

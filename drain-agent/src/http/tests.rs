@@ -2824,3 +2824,79 @@ async fn connections_carry_the_port_totals_to_the_node_only() {
     let (_, body) = get(&state, "/connections?netns=1").await;
     assert!(body.get("port_totals").is_none(), "{body}");
 }
+
+/// `continues=true` says a `/drained` waiter is one slice of a longer wait, whose deadline
+/// is not the hook's. It makes no sense on a pure query (`timeout=0` starts and waits for
+/// nothing), beside `on_timeout=close` (a slice's deadline is not the wait's: closing
+/// there would reset clients before the timeout), nor on `POST /drain` (a POSTed drain's
+/// deadline is its own): each is a `400` naming it, starting nothing.
+#[tokio::test]
+async fn continues_is_refused_where_it_makes_no_sense() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    for (method, uri, expected) in [
+        (
+            "GET",
+            "/drained?port=8080&timeout=0&continues=true",
+            "continues: a pure query (timeout=0)",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=5s&on_timeout=close&continues=true",
+            "continues: a slice of a longer wait never closes",
+        ),
+        (
+            "POST",
+            "/drain?port=8080&timeout=5s&continues=true",
+            "continues: only for /drained",
+        ),
+        (
+            "GET",
+            "/drained?port=8080&timeout=5s&continues=yes",
+            "continues: \"yes\" is neither true nor false",
+        ),
+    ] {
+        refused(
+            request(&state, method, uri).await,
+            StatusCode::BAD_REQUEST,
+            expected,
+        );
+    }
+    assert!(state.drains.list().0.is_empty() && state.drains.list().1.is_empty());
+    // `continues=false` is the default, and says nothing against the rest.
+    let (status, body) = request(
+        &state,
+        "POST",
+        "/drain?port=8080&timeout=5s&continues=false",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// Audit (slices): a slice of `drain-agent wait` (`continues=true`) that ran out was
+/// counted `drain_requests_total{result="timeout"}` and its drain
+/// `drains_total{result="timeout"}`: the alerts read a hook that went on waiting as one that
+/// gave up. Both are `continued` now, and the scope stays out of rotation.
+#[tokio::test]
+async fn a_slice_that_runs_out_is_counted_continued() {
+    let (_, state) = app(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let (status, body) = get(&state, "/drained?port=8080&timeout=1s&continues=true").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["drained"], false, "{body}");
+    let (_, drains) = get(&state, "/drains").await;
+    assert_eq!(drains["recent"][0]["result"], "continued", "{drains}");
+    assert_eq!(
+        get(&state, "/health?port=8080").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the hook still waits: the scope stays out of rotation"
+    );
+    let metrics = state.metrics.render().expect("metrics");
+    for line in [
+        "drain_agent_drain_requests_total{result=\"continued\"} 1",
+        "drain_agent_drain_requests_total{result=\"timeout\"} 0",
+        "drain_agent_drains_total{result=\"continued\"} 1",
+        "drain_agent_drains_total{result=\"timeout\"} 0",
+        "drain_agent_drain_wait_seconds_count 0",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+}

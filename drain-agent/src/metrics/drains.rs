@@ -12,7 +12,7 @@ use crate::drain::{DURATION_BUCKETS as DRAIN_DURATION_BUCKETS, DrainEnd, Drains,
 
 const DRAINS: (&str, &str) = (
     "drain_agent_drains_total",
-    "Drains ended since the agent started, by result (drained, timeout, closed_at_deadline, cancelled, agent_shutdown, abandoned, not_owned).",
+    "Drains ended since the agent started, by result (drained, timeout, closed_at_deadline, cancelled, agent_shutdown, abandoned, not_owned, continued: a slice of a longer wait ran out, and its hook asked again).",
 );
 const DRAIN_DURATION: (&str, &str) = (
     "drain_agent_drain_duration_seconds",

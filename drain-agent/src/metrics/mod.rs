@@ -49,7 +49,7 @@ impl Metrics {
         let drain_requests = IntCounterVec::new(
             Opts::new(
                 "drain_agent_drain_requests_total",
-                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown.",
+                "/drained requests answered, by result: drained, timeout (waits, with a timeout above 0), query (timeout=0: answered at once, drained or not; no wait), invalid (bad input), rejected (429: too many waiters, or every connection busy), error, abandoned, agent_shutdown, continued (a slice of a longer wait, continues=true, that ran out: its hook asks again; no wait time).",
             ),
             &["result"],
         )?;
@@ -200,10 +200,14 @@ pub enum DrainResult {
     Abandoned,
     /// Answered not drained because the agent is shutting down (not a timeout).
     AgentShutdown,
+    /// A wait that asked `continues=true` (one slice of a longer wait: `drain-agent wait`
+    /// over `--max-timeout`) whose timeout passed before its port drained: the hook asks
+    /// again, so neither a `timeout` nor a wait of its own (no `drain_wait_seconds` sample).
+    Continued,
 }
 
 impl DrainResult {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Drained,
         Self::Timeout,
         Self::Query,
@@ -212,6 +216,7 @@ impl DrainResult {
         Self::Error,
         Self::Abandoned,
         Self::AgentShutdown,
+        Self::Continued,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -224,6 +229,7 @@ impl DrainResult {
             Self::Error => "error",
             Self::Abandoned => "abandoned",
             Self::AgentShutdown => "agent_shutdown",
+            Self::Continued => "continued",
         }
     }
 }

@@ -46,6 +46,29 @@ fn scope_query(args: &WaitArgs) -> String {
     query
 }
 
+/// The query of a waiting request asking `slice` when `until_deadline` is left of the wait.
+/// A slice that ends before the wait's deadline says so (`continues=true`): the agent then
+/// ends its drain `continued` at the slice's end, not `timeout` (no alert, no aborted
+/// rollout for a hook that goes on waiting). The last one does not, and may close.
+fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> String {
+    let last = slice == until_deadline;
+    format!(
+        "/drained?port={}&timeout={}ms{}{}{}",
+        args.port,
+        slice.as_millis(),
+        scope_query(args),
+        rule_query(args, last),
+        if last { "" } else { CONTINUES }
+    )
+}
+
+/// What a slice before the last adds to its query.
+const CONTINUES: &str = "&continues=true";
+
+/// The start of an agent's `400` to a parameter it does not know, for `continues` (an agent
+/// from before it): `wait` then asks its slices without it, as before.
+const CONTINUES_UNKNOWN: &str = "unknown parameter \"continues\"";
+
 /// The drain-rule parameters of `wait`'s requests. `closes`: the request's deadline is the
 /// wait's own, so it may carry `--close-at-timeout` (a slice that ends earlier must not: the
 /// agent would reset the connections at the slice's end, minutes before the timeout).
@@ -259,6 +282,8 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
     let deadline = started + args.timeout;
     // Why the last request did not end the wait; none before the first.
     let mut last_problem: Option<WaitProblem> = None;
+    // Until an agent refuses `continues` as a parameter it does not know (an older one).
+    let mut agent_knows_continues = true;
     let done = Arc::new(AtomicBool::new(false));
     let _stop_progress = StopOnDrop(Arc::clone(&done));
     if !args.progress.is_zero() {
@@ -286,13 +311,10 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         {
             return wait_out(&url, args, deadline, problem);
         }
-        let query = format!(
-            "/drained?port={}&timeout={}ms{}{}",
-            args.port,
-            slice.as_millis(),
-            scope_query(args),
-            rule_query(args, slice == until_deadline)
-        );
+        let mut query = wait_query(args, slice, until_deadline);
+        if !agent_knows_continues {
+            query = query.replace(CONTINUES, "");
+        }
         // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
         // does: an agent that accepts but never answers (stopped, or out of file
         // descriptors with connections queued in its backlog) must not stretch the wait.
@@ -323,6 +345,12 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
                 }
                 None => describe_remaining(&body),
             }),
+            Reply::Refused(why) if agent_knows_continues && why.contains(CONTINUES_UNKNOWN) => {
+                // An agent from before `continues`: the same slice at once without it (its
+                // drain ends `timeout` at the slice's end there, as it always did).
+                agent_knows_continues = false;
+                continue;
+            }
             Reply::Refused(why) => {
                 eprintln!("drain-agent wait: the agent refused the request {why}");
                 return ExitCode::from(EXIT_ERROR);
@@ -428,7 +456,10 @@ impl WaitProblem {
 
 #[cfg(test)]
 mod tests {
-    use super::{super::testing::fake_agent, *};
+    use super::{
+        super::testing::{fake_agent, fake_agent_on},
+        *,
+    };
 
     fn answered(status: u16, body: &str) -> anyhow::Result<super::super::Response> {
         Ok(super::super::Response {
@@ -560,6 +591,86 @@ mod tests {
         }
         // Cannot leave a window for both: the longest slice.
         assert_eq!(next_slice(11 * minute, 8 * minute), MAX_SLICE);
+    }
+
+    /// Audit (slices): each slice of a wait over 10 minutes started a drain that ended
+    /// `timeout` at the slice's end, for the alerts a hook that gave up (one per slice,
+    /// though the pod drained in time). Every slice but the last says so
+    /// (`continues=true`): its drain ends `continued`. The last one, whose deadline is the
+    /// wait's own, does not, and it alone carries `--close-at-timeout`.
+    #[test]
+    fn only_the_slices_before_the_last_say_the_wait_continues() {
+        let long = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(&long.agent, &["--timeout", "20m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR), "a 400 ends the wait");
+        let first = long.requests().remove(0);
+        assert!(
+            first.contains("timeout=600000ms") && first.contains("&continues=true"),
+            "the first 10 minutes of a 20-minute wait are a slice: {first}"
+        );
+        let short = fake_agent("400 Bad Request", r#"{"error":"stop here"}"#);
+        let exit = wait(&wait_args(&short.agent, &["--timeout", "5m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_ERROR));
+        let first = short.requests().remove(0);
+        assert!(
+            first.contains("timeout=300000ms") && !first.contains("continues"),
+            "a wait that fits one request is the hook's own: {first}"
+        );
+        // Every request of a 25-minute wait: two slices, then the last.
+        let args = wait_args(
+            "http://127.0.0.1:1",
+            &["--timeout", "25m", "--quiet", "10s", "--close-at-timeout"],
+        );
+        let mut left = args.timeout;
+        let mut queries = Vec::new();
+        while !left.is_zero() {
+            let slice = next_slice(left, args.quiet);
+            queries.push(wait_query(&args, slice, left));
+            left -= slice;
+        }
+        let Some((last, slices)) = queries.split_last() else {
+            panic!("no request");
+        };
+        assert_eq!(slices.len(), 2, "{queries:?}");
+        for slice in slices {
+            assert!(
+                slice.contains("&continues=true") && !slice.contains("on_timeout"),
+                "{slice}"
+            );
+        }
+        assert!(
+            !last.contains("continues") && last.contains("&on_timeout=close"),
+            "{last}"
+        );
+    }
+
+    /// An agent from before `continues` refuses it as an unknown parameter (`400`): the
+    /// slice is asked again without it (its drain then ends `timeout` there, as before),
+    /// rather than the wait ending at once with 2.
+    #[test]
+    fn an_agent_that_does_not_know_continues_is_asked_without_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let agent = fake_agent_on(listener, |target| {
+            if target.contains("continues") {
+                (
+                    "400 Bad Request".to_owned(),
+                    r#"{"error":"unknown parameter \"continues\" (known: port, addr, netns, timeout, quiet, ignore, idle, settle, on_timeout, pace, peers)"}"#.to_owned(),
+                )
+            } else {
+                (
+                    "200 OK".to_owned(),
+                    r#"{"port":8080,"drained":true,"active":0,"waited_ms":5}"#.to_owned(),
+                )
+            }
+        });
+        let exit = wait(&wait_args(&agent.agent, &["--timeout", "20m"]));
+        assert_eq!(exit, ExitCode::from(EXIT_DRAINED));
+        let requests = agent.requests();
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert!(
+            requests[0].contains("continues=true") && !requests[1].contains("continues"),
+            "{requests:?}"
+        );
     }
 
     fn wait_args(agent: &str, more: &[&str]) -> WaitArgs {
