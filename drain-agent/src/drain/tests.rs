@@ -282,7 +282,7 @@ async fn a_waiters_drain_is_saved_ended_before_its_waiter_hears() {
     let dir = tempfile::tempdir().expect("dir");
     let (_, _, drains) = saving_registry(2, dir.path());
     let (membership, _) = drains
-        .join(spec(Duration::from_secs(1)), StartedBy::Node)
+        .join(spec(Duration::from_secs(1)), StartedBy::Node, false)
         .await
         .expect("room");
     let end = membership
@@ -1433,7 +1433,7 @@ async fn each_agent_of_an_overlap_counts_the_other_agents_drains() {
     old.post(posted, StartedBy::Node).await.expect("room");
     assert_eq!(old.save().await, Saved::Yes);
     let (membership, created) = old
-        .join(at_loopback(8080), StartedBy::Node)
+        .join(at_loopback(8080), StartedBy::Node, false)
         .await
         .expect("room");
     assert!(created);
