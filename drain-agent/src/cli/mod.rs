@@ -471,9 +471,9 @@ pub struct WaitArgs {
     pub netns: Option<String>,
 
     /// Give up (exit 1) after this long. Over 10 minutes it is asked in slices of at most 10
-    /// minutes (the agent's default --max-timeout); each slice but the last says so
-    /// (`continues=true`), and its drain ends `continued`, not `timeout`: no alert for a
-    /// hook that goes on waiting.
+    /// minutes (the agent's default --max-timeout); each slice the wait asks again after
+    /// says so (`continues=true`), and its drain ends `continued`, not `timeout`: no alert
+    /// for a hook that goes on waiting.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 

@@ -47,18 +47,23 @@ fn scope_query(args: &WaitArgs) -> String {
 }
 
 /// The query of a waiting request asking `slice` when `until_deadline` is left of the wait.
-/// A slice that ends before the wait's deadline says so (`continues=true`): the agent then
-/// ends its drain `continued` at the slice's end, not `timeout` (no alert, no aborted
-/// rollout for a hook that goes on waiting). The last one does not, and may close.
+/// A slice after which the wait asks again says so (`continues=true`): the agent then ends
+/// its drain `continued` at the slice's end, not `timeout` (no alert, no aborted rollout for
+/// a hook that goes on waiting). The last one does not, and may close. Nor does a slice that
+/// ends before the deadline with less than `--quiet` left after it (the longest slice, when
+/// no split leaves room for the quiet window twice): no request follows it (the wait's loop
+/// asks nothing that could not end drained), so its drain is the hook's last, and a
+/// `timeout` there is one.
 fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> String {
     let last = slice == until_deadline;
+    let continues = !last && until_deadline.saturating_sub(slice + SLICE_GAP) >= args.quiet;
     format!(
         "/drained?port={}&timeout={}ms{}{}{}",
         args.port,
         slice.as_millis(),
         scope_query(args),
         rule_query(args, last),
-        if last { "" } else { CONTINUES }
+        if continues { CONTINUES } else { "" }
     )
 }
 
@@ -642,6 +647,55 @@ mod tests {
             !last.contains("continues") && last.contains("&on_timeout=close"),
             "{last}"
         );
+    }
+
+    /// Audit (second look): `--timeout 10m30s --quiet 6m` asked 10 minutes with
+    /// `continues=true`, then had 30 s left, less than `--quiet`, and asked nothing more:
+    /// the hook's only drain ended `continued`, and its timeout was nowhere (no alert for a
+    /// stop that did cut connections off). A slice says it continues only when the wait
+    /// will ask again after it.
+    #[test]
+    fn a_slice_says_it_continues_only_when_another_request_follows() {
+        let minute = Duration::from_secs(60);
+        for (timeout, quiet) in [
+            (10 * minute + Duration::from_secs(30), 6 * minute),
+            (11 * minute, 8 * minute),
+            (25 * minute, Duration::from_secs(10)),
+            (20 * minute, Duration::ZERO),
+            (10 * minute + Duration::from_secs(1), Duration::ZERO),
+        ] {
+            let args = wait_args(
+                "http://127.0.0.1:1",
+                &[
+                    "--timeout",
+                    &format!("{}ms", timeout.as_millis()),
+                    "--quiet",
+                    &format!("{}ms", quiet.as_millis()),
+                ],
+            );
+            // As the wait's loop goes when every slice runs out: each next request is
+            // asked after the gap, and none when less than --quiet is left.
+            let mut left = timeout;
+            let mut queries = Vec::new();
+            loop {
+                let slice = next_slice(left, args.quiet);
+                if !queries.is_empty() && args.quiet > slice {
+                    break;
+                }
+                queries.push(wait_query(&args, slice, left));
+                left = left.saturating_sub(slice + SLICE_GAP);
+                if left.is_zero() {
+                    break;
+                }
+            }
+            let Some(last) = queries.last() else {
+                panic!("no request");
+            };
+            assert!(
+                !last.contains("continues"),
+                "{timeout:?} with --quiet {quiet:?}: the last request says the wait continues: {queries:#?}"
+            );
+        }
     }
 
     /// An agent from before `continues` refuses it as an unknown parameter (`400`): the
