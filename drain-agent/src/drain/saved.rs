@@ -217,7 +217,15 @@ impl SavedDrain {
         Self {
             netns_cookie: drain.netns_cookie,
             waiters_only: !drain.posted.load(Ordering::Acquire),
-            record: lock(&drain.record).clone(),
+            record: DrainRecord {
+                // A drain reaching its end has its result set while it is still running (its
+                // end's listener read and journal line come first): a save meanwhile would
+                // write it, and an older agent cannot read a result newer than itself
+                // (`continued`), failing closed on the whole file. No restore reads a
+                // running drain's result: a resumed drain ends again.
+                result: None,
+                ..lock(&drain.record).clone()
+            },
             deadline_ms: now_ms.saturating_add(millis(deadline.saturating_duration_since(now))),
             timeout_ms: millis(spec.timeout),
             quiet_ms: millis(spec.rule.quiet),

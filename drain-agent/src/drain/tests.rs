@@ -306,6 +306,33 @@ async fn a_waiters_drain_is_saved_ended_before_its_waiter_hears() {
     );
 }
 
+/// Audit (second look): a drain's end is set in its record while it is still among the
+/// running ones (the end's listener read and journal line come first), and a save by any
+/// other drain meanwhile wrote that record with its result. `continued` is new: the
+/// previous release cannot read a file that has it (it fails closed on the whole file:
+/// every scope gated, its POSTed drains not resumed at a rollback's take-over). A running
+/// drain is saved with no result (no restore reads it: a resumed drain ends again).
+#[tokio::test(start_paused = true)]
+async fn a_running_drain_is_saved_without_the_end_it_is_reaching() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, _, drains) = saving_registry(2, dir.path());
+    drains
+        .post(spec(Duration::from_secs(600)), StartedBy::Node)
+        .await
+        .expect("room");
+    {
+        let running = lock(&drains.running);
+        let drain = running.get(&Filter::port(8080)).expect("running");
+        lock(&drain.record).result = Some(DrainEnd::Continued);
+    }
+    assert_eq!(drains.save().await, Saved::Yes);
+    let on_disk = std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file");
+    assert!(
+        !on_disk.contains("continued") && !on_disk.contains(r#""result""#),
+        "{on_disk}"
+    );
+}
+
 /// What `/health?port=P` asks on the node (the node's namespace is 0 here).
 fn node(port: u16) -> Asked {
     Asked {
