@@ -394,8 +394,13 @@ fn only_the_old_agent_answers_metrics_until_it_closes_its_listener() {
             _ => panic!("while both listen, only the old agent serves /metrics: {answer:?}"),
         }
     }
-    println!("while both listen: {from_old} scrapes answered by the old agent, {refused_by_new} refused by the new one");
-    assert!(from_old > 0 && refused_by_new > 0, "both agents were reached");
+    println!(
+        "while both listen: {from_old} scrapes answered by the old agent, {refused_by_new} refused by the new one"
+    );
+    assert!(
+        from_old > 0 && refused_by_new > 0,
+        "both agents were reached"
+    );
     sigterm(&old);
     let started = Instant::now();
     loop {
@@ -423,7 +428,10 @@ fn only_the_old_agent_answers_metrics_until_it_closes_its_listener() {
     }
     drop(held);
     server.close_all();
-    let answer = waiter.join().expect("waiter").expect("the waiter is answered");
+    let answer = waiter
+        .join()
+        .expect("waiter")
+        .expect("the waiter is answered");
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(old.stop().success());
     drop(new);
