@@ -38,6 +38,8 @@ use common::{
 struct Answer {
     status: u16,
     retry_after: Option<String>,
+    /// The answering agent's `run --instance` (`drain-agent-instance`).
+    instance: Option<String>,
     body: serde_json::Value,
 }
 
@@ -73,15 +75,18 @@ fn single_shot(netns: Option<&str>, addr: SocketAddr, path: &str) -> Result<Answ
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("bad status line: {head:?}"))?;
-        let retry_after = head.lines().find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("retry-after")
-                .then(|| value.trim().to_owned())
-        });
+        let header = |wanted: &str| {
+            head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case(wanted)
+                    .then(|| value.trim().to_owned())
+            })
+        };
         let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
         Ok(Answer {
             status,
-            retry_after,
+            retry_after: header("retry-after"),
+            instance: header(drain_agent::http::INSTANCE_HEADER),
             body,
         })
     };
@@ -339,6 +344,97 @@ fn twenty_upgrades_lose_no_hook() {
     assert_eq!(answered, 100);
     assert!(failures.is_empty(), "failed probes: {failures:#?}");
     assert!(old.stop().success());
+}
+
+/// Audit (metrics during an overlap): both agents of an upgrade listen on the node address,
+/// and each scrape (a fresh connection: the keep-alive idle limit is shorter than the
+/// scrape interval) reached either, whose counters differ: every switch from the new agent
+/// to the old read as a counter reset and a jump. Now only one answers `/metrics` at a time:
+/// the new agent answers `503` with `Retry-After` while the old one still listens, and `200`
+/// once it has closed its listener at its SIGTERM, though it still runs (a waiter holds it
+/// in its grace).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn only_the_old_agent_answers_metrics_until_it_closes_its_listener() {
+    if !kernel_available("only_the_old_agent_answers_metrics_until_it_closes_its_listener") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let service = server.port;
+    let held = TcpStream::connect(("127.0.0.1", service)).expect("connect");
+    server.wait_accepted(1);
+    let port = free_port();
+    let mut old = Agent::start_on(port, &["--instance", "old"]);
+    // A waiter on the old agent alone (no other listens yet): it keeps the old agent in its
+    // grace after SIGTERM, listener closed.
+    let waiter = thread::spawn(move || {
+        single_shot(
+            None,
+            node(port),
+            &format!("/drained?port={service}&timeout=60s"),
+        )
+    });
+    old.wait_for_waiters(1);
+    let new = Agent::start_on(port, &["--instance", "new"]);
+    wait_until("the new agent serves", Duration::from_secs(30), || {
+        let log = new.log_text();
+        assert!(!log.contains("ERROR"), "the new agent failed:\n{log}");
+        log.contains("serving on http://")
+    });
+    let scrape = || single_shot(None, node(port), "/metrics").expect("a scrape is answered");
+    let (mut from_old, mut refused_by_new) = (0, 0);
+    for _ in 0..40 {
+        let answer = scrape();
+        match (answer.status, answer.instance.as_deref()) {
+            (200, Some("old")) => from_old += 1,
+            (503, Some("new")) => {
+                assert!(answer.retry_after.is_some(), "{answer:?}");
+                refused_by_new += 1;
+            }
+            _ => panic!("while both listen, only the old agent serves /metrics: {answer:?}"),
+        }
+    }
+    println!(
+        "while both listen: {from_old} scrapes answered by the old agent, {refused_by_new} refused by the new one"
+    );
+    assert!(
+        from_old > 0 && refused_by_new > 0,
+        "both agents were reached"
+    );
+    sigterm(&old);
+    let started = Instant::now();
+    loop {
+        let answer = scrape();
+        if answer.status == 200 && answer.instance.as_deref() == Some("new") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new agent does not serve /metrics once the old one stopped listening: {answer:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        old.wait_for_exit(Duration::ZERO).is_none(),
+        "the old agent still runs (its waiter holds it in its grace)"
+    );
+    for _ in 0..10 {
+        let answer = scrape();
+        assert_eq!(
+            (answer.status, answer.instance.as_deref()),
+            (200, Some("new")),
+            "{answer:?}"
+        );
+    }
+    drop(held);
+    server.close_all();
+    let answer = waiter
+        .join()
+        .expect("waiter")
+        .expect("the waiter is answered");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(old.stop().success());
+    drop(new);
 }
 
 /// A second agent started beside a running one serves every pod's listener (and the node's)

@@ -129,7 +129,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // cost the programs' load to find out. Shared with the next agent of an upgrade
     // (handover.rs).
     let handover = Arc::new(Handover::new());
-    let listener = handover.bind_node(args.listen, "--listen").await?;
+    // Who listened there before is looked at just before the bind: while one of them still
+    // does (an upgrade's older agent), it answers /metrics and this one does not
+    // (http/metrics_turn.rs).
+    let (listener, earlier) = handover.bind_node_looking(args.listen, "--listen").await?;
+    let metrics_turn = Arc::new(crate::http::metrics_turn::MetricsTurn::after_look(
+        listener.local_addr().context("listener address")?,
+        earlier,
+    ));
 
     // The journal next, also before the program load: a path that is not a regular file
     // of its own (a link, a FIFO, a device) stops the start at once, naming it.
@@ -340,6 +347,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             crate::http::ready::Readiness::ready()
         },
         pod_steering: crate::http::pods::SteeringStop::default(),
+        metrics_turn,
     });
     // The node's socket tables: they tell a local caller of the node listener, and a caller
     // from a node address of a pod listener, by its socket's owner.
@@ -390,6 +398,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 ready: state.ready.clone(),
                 // One for the node's `/healthz` and the pods': the manager sets it.
                 pod_steering: state.pod_steering.clone(),
+                // Not served in a pod: the node listener's.
+                metrics_turn: Arc::clone(&state.metrics_turn),
             });
             let endpoints: Arc<dyn OwnEndpoints> =
                 Arc::new(kernel_side::KernelEndpoints(Arc::clone(&kernel)));

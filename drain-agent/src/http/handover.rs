@@ -146,11 +146,37 @@ impl Handover {
     /// listener. An address in use by a socket that does not share it (an agent of an older
     /// version, being replaced) is retried for up to [`BIND_RETRY_FOR`], said once at WARN.
     pub async fn bind_node(&self, addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+        Ok(self.bind_node_after(addr, what, || ()).await?.0)
+    }
+
+    /// [`Handover::bind_node`] for the node's `--listen`, with the cookies of the listeners
+    /// that were on `addr` just before the bind (`metrics_turn.rs`: while one of them
+    /// listens, this agent leaves `/metrics` to it), or why they could not be read.
+    pub async fn bind_node_looking(
+        &self,
+        addr: SocketAddr,
+        what: &str,
+    ) -> Result<(tokio::net::TcpListener, Result<Vec<u64>>)> {
+        self.bind_node_after(addr, what, || {
+            crate::http::metrics_turn::earlier_listeners(addr)
+        })
+        .await
+    }
+
+    /// [`Handover::bind_node`], calling `look` just before each attempt to bind: what the
+    /// last one found comes with the listener.
+    async fn bind_node_after<T>(
+        &self,
+        addr: SocketAddr,
+        what: &str,
+        mut look: impl FnMut() -> T,
+    ) -> Result<(tokio::net::TcpListener, T)> {
         let started = tokio::time::Instant::now();
         let mut told = false;
-        let listener = loop {
+        let (listener, found) = loop {
+            let found = look();
             match self.bind(addr) {
-                Ok(listener) => break listener,
+                Ok(listener) => break (listener, found),
                 // Waited for only while the holder is an agent (an older version being
                 // replaced): another program on the address (node_exporter on 9100) is a
                 // start-up error at once, naming the address.
@@ -182,8 +208,9 @@ impl Handover {
                 started.elapsed()
             );
         }
-        tokio::net::TcpListener::from_std(listener)
-            .with_context(|| format!("cannot register the listener on {addr}"))
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .with_context(|| format!("cannot register the listener on {addr}"))?;
+        Ok((listener, found))
     }
 }
 

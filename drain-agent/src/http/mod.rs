@@ -11,6 +11,7 @@ mod drains;
 pub mod extract;
 pub mod handover;
 pub mod identify;
+pub mod metrics_turn;
 pub mod pod_scope;
 pub mod pods;
 pub mod ready;
@@ -48,6 +49,9 @@ pub struct AppState {
     pub pod_steering: pods::SteeringStop,
     /// Whether `/healthz?ready=true` passes (`ready.rs`).
     pub ready: ready::Readiness,
+    /// Whether this agent answers `/metrics` or an older one beside it does
+    /// (`metrics_turn.rs`).
+    pub metrics_turn: Arc<metrics_turn::MetricsTurn>,
 }
 
 /// The agent's routes.

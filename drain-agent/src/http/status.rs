@@ -7,6 +7,7 @@ use crate::http::{
     AppState,
     api::{HealthStatus, HealthzBody, error},
     extract::{NoParams, NodeWide},
+    metrics_turn::{RETRY_AFTER, Turn},
     pod_scope::{PodScope, node_only},
 };
 use axum::{
@@ -89,14 +90,28 @@ pub(super) async fn advice(
     }
 }
 
+/// The `503` of `/metrics` while an older agent beside this one answers it.
+pub const OLDER_AGENT_SERVES: &str = "another agent on this node (an upgrade's older one) listens on this address and answers /metrics until it stops; this one answers once it has";
+
 /// `GET /metrics`: public on the node listener (Prometheus, wherever it runs: no client
-/// addresses are in it); not served inside a pod (node-wide data).
+/// addresses are in it); not served inside a pod (node-wide data), nor while an older
+/// agent listens on the same address (`metrics_turn.rs`: `503` with `Retry-After`).
 pub(super) async fn metrics(
     State(state): State<Arc<AppState>>,
     scope: Option<Extension<PodScope>>,
 ) -> Response {
     if scope.is_some() {
         return node_only();
+    }
+    // An upgrade's overlap: the older agent answers until it closes its listener, so that
+    // scrapes do not alternate between two agents' counters.
+    if state.metrics_turn.now().await == Turn::Older {
+        let mut answer = error(StatusCode::SERVICE_UNAVAILABLE, OLDER_AGENT_SERVES);
+        answer.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from_static(RETRY_AFTER),
+        );
+        return answer;
     }
     match state.metrics.render_off_runtime().await {
         Ok(text) => (

@@ -136,6 +136,7 @@ fn app_full(
         authority: Arc::new(Authority { pods, owners }),
         pod_steering: crate::http::pods::SteeringStop::default(),
         ready: crate::http::ready::Readiness::ready(),
+        metrics_turn: Arc::new(crate::http::metrics_turn::MetricsTurn::alone()),
     });
     (source, state)
 }
@@ -892,6 +893,7 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
         authority: Arc::clone(&app_state.authority),
         pod_steering: app_state.pod_steering.clone(),
         ready: ready.clone(),
+        metrics_turn: Arc::clone(&app_state.metrics_turn),
     });
     let readiness = format!("/healthz?{READY_QUERY}");
     let (status, body) = get(&state, &readiness).await;
@@ -2899,4 +2901,101 @@ async fn a_slice_that_runs_out_is_counted_continued() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+}
+
+/// The listeners on the node address as a test sets them, by cookie; `None`: the socket
+/// tables cannot be read.
+#[derive(Default)]
+struct Listeners(std::sync::Mutex<Option<Vec<u64>>>);
+
+impl Listeners {
+    fn set(&self, cookies: Option<Vec<u64>>) {
+        *self.0.lock().expect("listeners") = cookies;
+    }
+}
+
+impl crate::http::metrics_turn::ListenerTable for Listeners {
+    fn listeners_on(&self, _: std::net::SocketAddr) -> anyhow::Result<Vec<u64>> {
+        self.0
+            .lock()
+            .expect("listeners")
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no socket tables here"))
+    }
+}
+
+/// `app`'s state with the `/metrics` turn of an agent that bound its node listener when
+/// `earlier` listened on its address, reading `table`.
+fn with_turn(
+    app_state: &Arc<AppState>,
+    earlier: Vec<u64>,
+    table: &Arc<Listeners>,
+) -> Arc<AppState> {
+    Arc::new(AppState {
+        tracker: Arc::clone(&app_state.tracker),
+        limits: app_state.limits,
+        metrics: Arc::clone(&app_state.metrics),
+        drains: Arc::clone(&app_state.drains),
+        authority: Arc::clone(&app_state.authority),
+        pod_steering: app_state.pod_steering.clone(),
+        ready: app_state.ready.clone(),
+        metrics_turn: Arc::new(crate::http::metrics_turn::MetricsTurn::after(
+            "127.0.0.1:9090".parse().expect("addr"),
+            earlier,
+            Arc::clone(table) as Arc<dyn crate::http::metrics_turn::ListenerTable>,
+        )),
+    })
+}
+
+/// Audit (metrics during an overlap): both agents of an upgrade answered `/metrics`, and
+/// Prometheus's scrapes alternated between their counters. An agent that bound beside an
+/// older listener (cookie 7) answers `503` with `Retry-After` while that one listens, and
+/// `200` once it has closed (for good: the tables are not read again); a listener bound
+/// after this agent's (cookie 11) never makes it yield; tables that cannot be read leave
+/// the metrics served.
+#[tokio::test]
+async fn metrics_are_left_to_the_older_agent_while_it_listens() {
+    use crate::http::{metrics_turn::RETRY_AFTER, status::OLDER_AGENT_SERVES};
+    let (_, app_state) = app(vec![]);
+    let table = Arc::new(Listeners::default());
+    // The new agent of an overlap: 7 (the old agent's) listened before its own (9).
+    let state = with_turn(&app_state, vec![7], &table);
+    table.set(Some(vec![7, 9]));
+    let response = response_as(&state, Caller::Node, "GET", "/metrics").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()),
+        Some(RETRY_AFTER)
+    );
+    assert_eq!(body_of(response).await["error"], OLDER_AGENT_SERVES);
+    // Unreadable tables: served.
+    table.set(None);
+    let (status, body) = get(&state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    table.set(Some(vec![7, 9]));
+    assert_eq!(
+        get(&state, "/metrics").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // The old agent closed its listener (at its SIGTERM): this one serves, and goes on
+    // serving whoever binds later.
+    table.set(Some(vec![9]));
+    let (status, body) = get(&state, "/metrics").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.as_str()
+            .is_some_and(|text| text.contains("drain_agent_")),
+        "{body}"
+    );
+    table.set(Some(vec![9, 11]));
+    assert_eq!(get(&state, "/metrics").await.0, StatusCode::OK);
+    // The old agent of an overlap (nothing listened before it) serves beside a newer one.
+    let old = with_turn(&app_state, Vec::new(), &table);
+    table.set(Some(vec![7, 9]));
+    assert_eq!(get(&old, "/metrics").await.0, StatusCode::OK);
+    // Other endpoints are answered by both.
+    assert_eq!(get(&state, "/healthz").await.0, StatusCode::OK);
 }

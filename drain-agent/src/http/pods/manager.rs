@@ -1129,6 +1129,7 @@ mod tests {
                 authority: Arc::clone(&manager.state.authority),
                 pod_steering: manager.state.pod_steering.clone(),
                 ready: ready.clone(),
+                metrics_turn: Arc::clone(&manager.state.metrics_turn),
             });
             ready
         };
