@@ -1403,6 +1403,8 @@ mod tests {
     struct SkippingKernel {
         skips: std::sync::atomic::AtomicU64,
         counted: std::sync::atomic::AtomicBool,
+        /// How often the count was read.
+        read: std::sync::atomic::AtomicU64,
         recounted: std::sync::Mutex<Vec<u32>>,
     }
 
@@ -1438,6 +1440,7 @@ mod tests {
         }
 
         fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
+            self.read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(self.counted.load(std::sync::atomic::Ordering::SeqCst))
         }
 
@@ -1496,9 +1499,10 @@ mod tests {
             manager.counts_checked = None;
             manager.check_counts().await;
         };
-        // No skip: the count is the handler's, trusted.
+        // No skip: the count is the handler's, trusted (not even read).
         check(&mut manager).await;
         assert_eq!(recounted(), Vec::<u32>::new());
+        assert_eq!(kernel.read.load(SeqCst), 0);
         // A skip, the count not 0: nothing steered there, nothing to do yet.
         kernel.skips.store(1, SeqCst);
         kernel.counted.store(true, SeqCst);

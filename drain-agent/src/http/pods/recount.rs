@@ -83,11 +83,8 @@ pub(super) enum Step {
 /// application listener there now (`counted`: the count is not 0, so nothing is steered),
 /// and what the socket tables said.
 pub(super) fn next_step(skipped: u64, skips_seen: bool, counted: bool, tables: Tables) -> Step {
-    if counted {
-        // Not steered now. In doubt it stays so, and is checked once the count is 0.
-        return Step::Keep;
-    }
-    if skips_seen && skipped == 0 {
+    if !in_doubt(skipped, skips_seen) || counted {
+        // In doubt but not steered now: it stays in doubt, checked once the count is 0.
         return Step::Keep;
     }
     match tables {
@@ -95,6 +92,12 @@ pub(super) fn next_step(skipped: u64, skips_seen: bool, counted: bool, tables: T
         Tables::NoListener => Step::Verified,
         Tables::Listener | Tables::Unreadable => Step::Recount,
     }
+}
+
+/// Whether a namespace's count may miss a listener: a skip was counted since it was
+/// verified, or this kernel does not count the skips. Not in doubt, nothing is read.
+pub(super) fn in_doubt(skipped: u64, skips_seen: bool) -> bool {
+    !skips_seen || skipped > 0
 }
 
 /// As of which reading of the handler's skipped runs a steered namespace's count is known
@@ -144,6 +147,10 @@ fn check(
     skipped: u64,
     skips_seen: bool,
 ) -> Found {
+    if !in_doubt(skipped, skips_seen) {
+        // The count is not even read: nothing per namespace while no skip happens.
+        return Found::Kept;
+    }
     let mut tables = Tables::Unread;
     loop {
         // Read again after the tables: a listener that began meanwhile is the handler's.
