@@ -141,7 +141,10 @@ fn pod_port() -> u16 {
 /// the walk reaches it is unhashed and skipped. Every walk (`seed_established_tcp`) does
 /// the same for the listeners it passes, so a listener the seed could not see (one whose
 /// `listen()` passed its tracepoint before the handler was attached and reached the
-/// listening hash only after the seed passed its bucket) is counted by the next walk.
+/// listening hash only after the seed passed its bucket) is counted by the next walk. The
+/// agent runs it again in a namespace whose count is 0 while its socket tables show a
+/// listener on the port (one a skipped handler run missed: drain-agent's
+/// `http/pods/recount.rs`).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn seed_pod_listeners(ctx: *mut c_void) -> i32 {

@@ -138,6 +138,30 @@ impl OwnEndpoints for KernelEndpoints {
         }
         steered
     }
+
+    fn handler_skips(&self) -> Result<Option<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .handler_skips()
+    }
+
+    fn pod_listeners_counted(&self, netns: u32) -> Result<bool> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pod_listeners_counted(netns)
+    }
+
+    fn recount_pod_listeners(&self, netns: u32, netns_file: &std::fs::File) -> Result<()> {
+        let seeder = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pod_listener_seeder()?;
+        // Not under the lock, as in `steer`.
+        crate::kernel::count_pod_listeners(seeder, netns, netns_file)
+    }
 }
 
 #[cfg(test)]

@@ -160,6 +160,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pod_port: args.pod_listen.map_or(0, |addr| addr.port()),
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     })?;
+    if let Some(version) = args.assume_kernel_version {
+        warn!(
+            "doubting as on Linux {}.{} (--assume-kernel-version, for tests)",
+            version.0, version.1
+        );
+        kernel.maps().assume_kernel_version(version);
+    }
     // The agent's own API connections are not a service's: they take no slot.
     let own_netns = crate::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
         .context("cannot read the agent's own network namespace")?;

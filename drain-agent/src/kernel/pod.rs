@@ -68,6 +68,28 @@ impl Kernel {
             .steer(target, netns, netns_file, socket)
     }
 
+    /// Whether the kernel side counts an application listener on the in-pod port in `netns`
+    /// now (then its program steers nothing there).
+    pub fn pod_listeners_counted(&self, netns: u32) -> Result<bool> {
+        self.steering
+            .as_ref()
+            .map_err(|problem| anyhow!("{problem}"))?
+            .counted(netns)
+    }
+
+    /// Runs of the attached handler the kernel skipped so far, or `None` where this kernel
+    /// does not count them all (`Doubt::SkipsUnseen`: the classic tracepoint before 6.7).
+    pub fn handler_skips(&self) -> Result<Option<u64>> {
+        if self
+            .maps
+            .old_kernel_doubts()
+            .contains(&crate::doubt::Doubt::SkipsUnseen)
+        {
+            return Ok(None);
+        }
+        self.maps.handler_skipped_runs().map(Some)
+    }
+
     /// Forgets the agent's socket in `netns` (after its link was dropped).
     pub fn unsteer_pod_port(&mut self, netns: u32) {
         if let Ok(steering) = self.steering.as_mut() {

@@ -183,6 +183,21 @@ pub(super) fn map_update_u32(fd: BorrowedFd<'_>, key: u32, value: u32) -> Result
     Ok(())
 }
 
+/// `BPF_MAP_LOOKUP_ELEM` of the map `fd` with a key of 4 bytes and a value of 8: `None` for
+/// a key it does not hold.
+pub(super) fn map_lookup_u32_i64(fd: BorrowedFd<'_>, key: u32) -> Result<Option<i64>> {
+    let mut value: i64 = 0;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2.map_fd = u32::try_from(fd.as_raw_fd()).context("bad fd")?;
+    attr.__bindgen_anon_2.key = std::ptr::from_ref(&key) as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
+    match bpf_call(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(error) => Err(error).context("BPF_MAP_LOOKUP_ELEM"),
+    }
+}
+
 /// What to load: the program's type, expected attach type and name (for `bpftool prog`).
 pub(super) struct ProgramKind {
     pub prog_type: bpf_prog_type,

@@ -61,6 +61,7 @@ use std::{
     fs::File,
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result};
@@ -300,12 +301,18 @@ fn attach(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> Result<OwnedFd> {
 pub struct SteerLink {
     _link: OwnedFd,
     _program: OwnedFd,
-    /// The namespace (a file of it), to ask which programs are attached there. Held no
-    /// longer than the agent's socket there, which holds the namespace anyway.
-    netns: OwnedFd,
+    /// The namespace (a file of it), to ask which programs are attached there, and for the
+    /// pod manager's checks of the count there (`http/pods/recount.rs`). Held no longer than
+    /// the agent's socket there, which holds the namespace anyway.
+    netns: Arc<File>,
 }
 
 impl SteerLink {
+    /// The namespace the program is attached to (a file of it).
+    pub fn namespace(&self) -> Arc<File> {
+        Arc::clone(&self.netns)
+    }
+
     /// Whether another `sk_lookup` program than this one is attached to the namespace: an
     /// agent beside this one (an upgrade's next) serves the in-pod port there.
     /// `BPF_PROG_QUERY` (CAP_NET_ADMIN, as the attach) for at most two program ids: more
@@ -376,8 +383,16 @@ impl Steering {
         Ok(SteerLink {
             _link: link,
             _program: program,
-            netns: netns.into(),
+            netns: Arc::new(netns),
         })
+    }
+
+    /// Whether the kernel side counts an application listener on the in-pod port in `netns`
+    /// (`POD_LISTEN_COUNTS[netns]` is not 0: the namespace's program steers nothing).
+    pub(super) fn counted(&self, netns: u32) -> Result<bool> {
+        Ok(raw::map_lookup_u32_i64(self.counts.as_fd(), netns)
+            .context("cannot read the count of the in-pod port's listeners")?
+            .is_some_and(|count| count != 0))
     }
 
     /// Forgets the agent's socket of `netns` (its close removes it too).

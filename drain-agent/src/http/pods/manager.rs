@@ -19,6 +19,7 @@ use super::{
     OwnEndpoints, PodListenOptions,
     callers::{NodeCallers, pod_or_node_root_only},
     open::{Bind, bind_in, open_steered},
+    recount::{Steered, Verified},
 };
 use crate::{
     http::handover::{StopPhase, reached},
@@ -83,6 +84,8 @@ pub(super) struct Listening {
     pub(super) stop: watch::Sender<bool>,
     /// On a socket of its own, the in-pod port steered to it (not bound).
     pub(super) steered: bool,
+    /// Steered: what the checks of the namespace's listener count need (`recount.rs`).
+    pub(super) count_check: Option<Steered>,
 }
 
 /// Why a namespace has no listener yet, and since when.
@@ -191,6 +194,11 @@ pub(super) struct Manager {
     pub(super) stopped_told: Option<Instant>,
     /// What the agent's readiness still waits for (`state.ready`).
     pub(super) first_round: FirstRound,
+    /// When the steered namespaces' listener counts were last checked (`recount.rs`).
+    pub(super) counts_checked: Option<Instant>,
+    /// The handler's skipped runs as that check read them (`None` before, or where this
+    /// kernel does not count them).
+    pub(super) skips_read: Option<u64>,
 }
 
 /// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
@@ -229,6 +237,8 @@ impl Manager {
             scan_failing: false,
             stopped_told: None,
             first_round: FirstRound::Unscanned,
+            counts_checked: None,
+            skips_read: None,
         }
     }
 
@@ -628,6 +638,14 @@ impl Manager {
     ) {
         let addr = self.options.addr;
         let steered = link.is_some();
+        // The seeder counted the namespace's listeners before the steering began: right as
+        // of the skips the last check read, or earlier (`recount.rs`).
+        let count_check = link.as_ref().map(|link| Steered {
+            namespace: link.namespace(),
+            verified: Verified {
+                skips: self.skips_read.unwrap_or(0),
+            },
+        });
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(problem) => {
@@ -739,6 +757,7 @@ impl Manager {
             Listening {
                 stop: stop_listener,
                 steered,
+                count_check,
             },
         );
     }
@@ -945,6 +964,18 @@ mod tests {
         ) -> Result<SteerLink> {
             anyhow::bail!("a fake")
         }
+
+        fn handler_skips(&self) -> Result<Option<u64>> {
+            Ok(Some(0))
+        }
+
+        fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
+            Ok(false)
+        }
+
+        fn recount_pod_listeners(&self, _: u32, _: &std::fs::File) -> Result<()> {
+            anyhow::bail!("a fake")
+        }
     }
 
     /// A scan out of descriptors.
@@ -996,6 +1027,7 @@ mod tests {
             Listening {
                 stop: stop_listener,
                 steered: true,
+                count_check: None,
             },
         );
         manager.reconcile().await;
@@ -1243,6 +1275,18 @@ mod tests {
         ) -> Result<SteerLink> {
             anyhow::bail!("a fake")
         }
+
+        fn handler_skips(&self) -> Result<Option<u64>> {
+            Ok(Some(0))
+        }
+
+        fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
+            Ok(false)
+        }
+
+        fn recount_pod_listeners(&self, _: u32, _: &std::fs::File) -> Result<()> {
+            anyhow::bail!("a fake")
+        }
     }
 
     /// Audit (a silent stop): once the kernel side stopped steering for good, every pod's
@@ -1282,6 +1326,7 @@ mod tests {
             Listening {
                 stop: stop_listener,
                 steered: true,
+                count_check: None,
             },
         );
         manager.report(&gauge);
@@ -1351,5 +1396,132 @@ mod tests {
         for app in routers() {
             assert_eq!(healthz(app).await, StatusCode::SERVICE_UNAVAILABLE);
         }
+    }
+
+    /// A kernel side whose handler skipped `skips` runs and counts an application listener
+    /// where `counted`; it records the namespaces counted again.
+    #[derive(Default)]
+    struct SkippingKernel {
+        skips: std::sync::atomic::AtomicU64,
+        counted: std::sync::atomic::AtomicBool,
+        /// How often the count was read.
+        read: std::sync::atomic::AtomicU64,
+        recounted: std::sync::Mutex<Vec<u32>>,
+    }
+
+    impl OwnEndpoints for SkippingKernel {
+        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
+            Ok(())
+        }
+
+        fn forget(&self, _: u32, _: u16) -> Result<()> {
+            Ok(())
+        }
+
+        fn steering_problem(&self) -> Option<String> {
+            None
+        }
+
+        fn steering_stopped(&self) -> bool {
+            false
+        }
+
+        fn steer(
+            &self,
+            _: SocketAddr,
+            _: u32,
+            _: &std::fs::File,
+            _: std::os::fd::BorrowedFd<'_>,
+        ) -> Result<SteerLink> {
+            anyhow::bail!("a fake")
+        }
+
+        fn handler_skips(&self) -> Result<Option<u64>> {
+            Ok(Some(self.skips.load(std::sync::atomic::Ordering::SeqCst)))
+        }
+
+        fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
+            self.read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.counted.load(std::sync::atomic::Ordering::SeqCst))
+        }
+
+        fn recount_pod_listeners(&self, netns: u32, _: &std::fs::File) -> Result<()> {
+            self.recounted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(netns);
+            Ok(())
+        }
+    }
+
+    /// Found by an audit: a `listen()` whose handler run the kernel skipped left its
+    /// namespace's count at 0, and the agent kept taking the application's connections on
+    /// the in-pod port until a walk. A skip counted since the namespace was verified sends
+    /// the manager's check to the namespace's socket tables, and a listener there is counted
+    /// again; no skip, no listener, or a count that is not 0 leave the count alone. (Here the
+    /// "namespace" is the test's own, and the in-pod port one the test listens on.)
+    #[tokio::test]
+    async fn a_skipped_run_has_the_listener_it_missed_counted_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let test = "a_skipped_run_has_the_listener_it_missed_counted_again";
+        if let Err(problem) = crate::sys::sockdiag::check_readable() {
+            crate::test_skip::skip(test, &format!("{problem:#}"));
+            return;
+        }
+        let app = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let (_phases, stop) = watch::channel(StopPhase::Serving);
+        let kernel = Arc::new(SkippingKernel::default());
+        let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, stop);
+        manager.steer = true;
+        manager.options.addr = app.local_addr().expect("address");
+        let pod = 4_026_532_000;
+        let namespace = std::fs::File::open("/proc/self/ns/net").expect("own namespace");
+        let (stop_listener, _stopped) = watch::channel(false);
+        manager.listening.insert(
+            pod,
+            Listening {
+                stop: stop_listener,
+                steered: true,
+                count_check: Some(Steered {
+                    namespace: Arc::new(namespace),
+                    verified: Verified { skips: 0 },
+                }),
+            },
+        );
+        let recounted = || {
+            std::mem::take(
+                &mut *kernel
+                    .recounted
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        };
+        let check = async |manager: &mut Manager| {
+            manager.counts_checked = None;
+            manager.check_counts().await;
+        };
+        // No skip: the count is the handler's, trusted (not even read).
+        check(&mut manager).await;
+        assert_eq!(recounted(), Vec::<u32>::new());
+        assert_eq!(kernel.read.load(SeqCst), 0);
+        // A skip, the count not 0: nothing steered there, nothing to do yet.
+        kernel.skips.store(1, SeqCst);
+        kernel.counted.store(true, SeqCst);
+        check(&mut manager).await;
+        assert_eq!(recounted(), Vec::<u32>::new());
+        // The count 0 while the tables show the listener: counted again.
+        kernel.counted.store(false, SeqCst);
+        check(&mut manager).await;
+        assert_eq!(recounted(), vec![pod]);
+        // Once the listener is gone, a skip finds nothing to count.
+        drop(app);
+        kernel.skips.store(2, SeqCst);
+        check(&mut manager).await;
+        check(&mut manager).await;
+        assert_eq!(recounted(), Vec::<u32>::new());
+        // Verified as of the skips read: no check, no recount, even with a listener.
+        let _app = std::net::TcpListener::bind(manager.options.addr).expect("listen again");
+        check(&mut manager).await;
+        assert_eq!(recounted(), Vec::<u32>::new());
     }
 }

@@ -65,6 +65,7 @@
 mod callers;
 mod manager;
 mod open;
+mod recount;
 
 use std::{
     fs::File,
@@ -128,6 +129,15 @@ pub trait OwnEndpoints: Send + Sync + 'static {
         netns_file: &File,
         socket: BorrowedFd<'_>,
     ) -> Result<SteerLink>;
+    /// Runs of the kernel side's handler the kernel skipped so far, or `None` where it does
+    /// not count them all (`recount.rs`).
+    fn handler_skips(&self) -> Result<Option<u64>>;
+    /// Whether the kernel side counts an application listener on the in-pod port in
+    /// `netns` now (then nothing is steered there).
+    fn pod_listeners_counted(&self, netns: u32) -> Result<bool>;
+    /// Counts the listeners on the in-pod port in `netns` (file `netns_file`) again, as
+    /// before its steering began: one a skipped handler run missed is counted, none twice.
+    fn recount_pod_listeners(&self, netns: u32, netns_file: &File) -> Result<()>;
 }
 
 /// Whether the in-pod port's steering stopped for good ([`OwnEndpoints::steering_stopped`]):
@@ -319,6 +329,8 @@ pub async fn serve_in_pods(
             let _ = opened.send(());
         }
         manager.check_steering().await;
+        // A listener a skipped handler run left uncounted gets its port back (recount.rs).
+        manager.check_counts().await;
         manager.report(&gauge);
         if let Some(watch) = &mut watch {
             watch.watch_dirs();
