@@ -360,6 +360,50 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
     assert_ne!(agent.port, port);
 }
 
+/// Audit (resources): an application that listens on the agent's address with
+/// `SO_REUSEPORT` (Envoy sets it by default, nginx with `reuseport`), as root, did not make
+/// the agent's bind fail: the agent joined its group, started without a word, and the
+/// kernel split the application's new connections between it and the agent's API (and the
+/// agent's program replaced the group's). Now it is a start-up error naming the address,
+/// as for an application that does not share it.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn an_application_sharing_the_listen_address_is_a_clear_error() {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let test = "an_application_sharing_the_listen_address_is_a_clear_error";
+    if !kernel_available(test) {
+        return;
+    }
+    let socket = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    sockopt::set_socket_reuseport(&socket, true).expect("SO_REUSEPORT");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    rustix::net::bind(&socket, &any).expect("bind");
+    rustix::net::listen(&socket, 16).expect("listen");
+    let application = TcpListener::from(socket);
+    let port = application.local_addr().expect("addr").port();
+    let refused = std::panic::catch_unwind(|| common::Agent::start_on(port, &[]));
+    let message = match refused {
+        Ok(_) => panic!("the agent started in an application's SO_REUSEPORT group on {port}"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default(),
+    };
+    assert!(
+        message.contains("(it exited)")
+            && message.contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && message.contains("SO_REUSEPORT"),
+        "{message}"
+    );
+    drop(application);
+}
+
 /// Audit: `drain_agent_drain_requests_total{result="rejected"}` (README's metrics, and the
 /// shipped alert `DrainAgentWaitersRejected`) counted only the `--max-waiters` and
 /// per-owner 429s; a hook turned away by `--max-waiters-per-source` was answered 429 and

@@ -144,7 +144,8 @@ impl Handover {
 
     /// [`Handover::bind`] for a listener of the node (`what` names its flag), as a tokio
     /// listener. An address in use by a socket that does not share it (an agent of an older
-    /// version, being replaced) is retried for up to [`BIND_RETRY_FOR`], said once at WARN.
+    /// version, being replaced) is retried for up to [`BIND_RETRY_FOR`], said once at WARN;
+    /// one an application holds is a start-up error, shared (`SO_REUSEPORT`) or not.
     pub async fn bind_node(&self, addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
         Ok(self.bind_node_after(addr, what, || ()).await?.0)
     }
@@ -175,8 +176,25 @@ impl Handover {
         let mut told = false;
         let (listener, found) = loop {
             let found = look();
-            match self.bind(addr) {
-                Ok(listener) => break (listener, found),
+            match listening_in_group(addr) {
+                Ok(socket) => {
+                    // Bound: in a group of its own, an agent's (an upgrade), or an
+                    // application's that set `SO_REUSEPORT` too (Envoy by default, nginx's
+                    // `reuseport`), which the bind does not refuse: the kernel would split
+                    // the application's new connections between it and the agent's API, and
+                    // the migrate program would replace the group's. Looked at before the
+                    // program is attached; where the socket tables cannot be read, served as
+                    // before.
+                    if holder_besides(addr, &socket)
+                        .is_ok_and(|holder| holder == Holder::Application)
+                    {
+                        drop(socket);
+                        anyhow::bail!(
+                            "cannot listen on {addr} ({what}; another program listens there with SO_REUSEPORT and would share its connections with the agent: choose another address)"
+                        );
+                    }
+                    break (self.attach(socket, addr), found);
+                }
                 // Waited for only while the holder is an agent (an older version being
                 // replaced): another program on the address (node_exporter on 9100) is a
                 // start-up error at once, naming the address.

@@ -386,7 +386,11 @@ mod tests {
         let budget = listener_budget(20_000, 512, 16);
         assert!(budget < 1_024, "{budget}");
         let per = descriptors_per_listener(16);
-        assert_eq!(per, 16 + 4 + 4, "connections, socket, program, link, namespace");
+        assert_eq!(
+            per,
+            16 + 4 + 4,
+            "connections, socket, program, link, namespace"
+        );
         assert_eq!(budget, 804, "the README's figure");
         let node = 512 + crate::http::server::overflow_reserve(512) as u64;
         assert!(
