@@ -487,7 +487,7 @@ impl Tracker {
         // request's quiet window starts here, once arrivals are announced.
         let mut port_watch = self
             .channels
-            .watch(filter.port, &*self.source)
+            .watch(filter, &*self.source)
             .map_err(WaitError::Source)?;
         // Read before the window's start: every loss it counts is of a change before the
         // request (an unknown count: the first look before a drained answer is a loss).
@@ -579,8 +579,9 @@ impl Tracker {
                 tokio::select! {
                     heard = port_watch.woken() => {
                         if let Some(heard) = heard {
+                            let wakes = waiter.wakes_on(&heard, judgment.in_doubt);
                             waiter.hear(heard);
-                            if !waiter.wakes_on_events(judgment.in_doubt) {
+                            if !wakes {
                                 // Counted; nothing to decide until a crossing or the clock.
                                 continue;
                             }

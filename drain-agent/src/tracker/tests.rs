@@ -208,6 +208,183 @@ async fn the_quiet_window_counts_from_the_request_and_restarts_on_arrivals() {
     }
 }
 
+/// A waiter scoped to the namespace of `endpoint` (netns 4026531840) on port 80, with a
+/// quiet window of `quiet` and `ignore=10.9.0.0/16`, running in the background.
+fn spawn_pod_waiter(
+    tracker: &Arc<Tracker>,
+    quiet: Duration,
+) -> tokio::task::JoinHandle<WaitResult> {
+    let tracker = Arc::clone(tracker);
+    let rule = DrainRule {
+        quiet,
+        ignore: crate::drain_rule::parse_cidrs("10.9.0.0/16").expect("cidr"),
+        ..DrainRule::default()
+    };
+    tokio::spawn(async move {
+        let scope = Filter {
+            netns: Some(4_026_531_840),
+            ..Filter::port(80)
+        };
+        tracker
+            .wait_until_drained(&scope, Duration::from_secs(30), &rule)
+            .await
+            .map_err(|e| format!("{e:?}"))
+    })
+}
+
+/// Found by an audit: every event of a port woke every waiter of that port number. A
+/// waiter scoped to one pod (a namespace: every pod's hook) re-read its count, a pass over
+/// the whole endpoint map, for each event of *another* pod on the same port, and once
+/// 1,024 of those were unread it counted them as its own arrivals: its quiet window
+/// restarted while its own pod was idle (a drain that ends `timeout` under a busy
+/// neighbour). Another namespace's events (crossings too) neither wake it nor fill its
+/// backlog; its own arrivals still restart the window, and so does falling behind on its
+/// own events (they cannot be told apart then). Real time: the window is measured on the
+/// kernel's clock (CLOCK_MONOTONIC), not tokio's.
+#[tokio::test]
+async fn another_namespace_s_events_neither_wake_a_scoped_waiter_nor_restart_its_window() {
+    let quiet = Duration::from_millis(1000);
+    let other_pod = |opened: bool, crossing: bool| ConnectionEvent {
+        netns: 7,
+        addr: "10.0.0.2".parse().expect("ip"),
+        opened,
+        crossing,
+        ..arrival(80, monotonic_ns())
+    };
+    let (source, tracker) = tracker(vec![
+        endpoint("127.0.0.1", 80, 0),
+        Endpoint {
+            netns: 7,
+            ..endpoint("10.0.0.2", 80, 1)
+        },
+    ]);
+    let started = Instant::now();
+    let waiter = spawn_pod_waiter(&tracker, quiet);
+    tokio::time::sleep(quiet / 2).await;
+    // 5,000 events of the other pod: 2,000 at once (more than a backlog), 3,000 one by one
+    // (opens and closes, each a crossing of its endpoint and of the port).
+    for n in 0..5_000 {
+        tracker.publish(other_pod(n % 2 == 0, true));
+        if n >= 2_000 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let outcome = waiter.await.expect("join").expect("outcome");
+    let took = started.elapsed();
+    // The start, the look after it (ARRIVAL_RECHECK), the window's end: not one per event.
+    let reads = source.reads.load(Ordering::Relaxed);
+    assert!(reads <= 4, "{reads} reads of the endpoint map");
+    assert!(outcome.drained);
+    assert!(
+        took >= quiet && took < quiet + quiet / 2,
+        "the other pod's events restarted the window: {took:?}"
+    );
+    assert_eq!(outcome.arrivals, 0);
+
+    // Its own pod's arrival restarts the window.
+    let started = Instant::now();
+    let waiter = spawn_pod_waiter(&tracker, quiet);
+    tokio::time::sleep(quiet / 2).await;
+    tracker.publish(arrival(80, monotonic_ns()));
+    let outcome = waiter.await.expect("join").expect("outcome");
+    let took = started.elapsed();
+    assert!(outcome.drained);
+    assert_eq!(outcome.arrivals, 1);
+    assert!(took >= quiet + quiet / 2, "an own arrival: {took:?}");
+
+    // Its own pod's events from an ignored source do not, until the waiter falls behind
+    // them: what it missed may have been arrivals (fail closed).
+    for (events, restarts) in [(100, false), (2_000, true)] {
+        let started = Instant::now();
+        let waiter = spawn_pod_waiter(&tracker, quiet);
+        tokio::time::sleep(quiet / 2).await;
+        for _ in 0..events {
+            tracker.publish(ConnectionEvent {
+                remote: "10.9.0.1".parse().expect("ip"),
+                ..arrival(80, monotonic_ns())
+            });
+        }
+        let outcome = waiter.await.expect("join").expect("outcome");
+        let took = started.elapsed();
+        assert!(outcome.drained);
+        assert_eq!(
+            took >= quiet + quiet / 2,
+            restarts,
+            "{events} ignored: {took:?}"
+        );
+    }
+}
+
+/// The strict rule sleeps until a zero crossing: a crossing of another namespace's
+/// endpoint on the same port wakes a waiter of the whole port (its count is the port's),
+/// not one scoped to a namespace, which its own namespace's crossing wakes.
+#[tokio::test(start_paused = true)]
+async fn a_crossing_wakes_the_waiters_whose_scope_it_is_in() {
+    let (source, tracker) = tracker(vec![
+        endpoint("127.0.0.1", 80, 1),
+        Endpoint {
+            netns: 7,
+            ..endpoint("10.0.0.2", 80, 0)
+        },
+    ]);
+    let scoped = {
+        let tracker = Arc::clone(&tracker);
+        tokio::spawn(async move {
+            let scope = Filter {
+                netns: Some(4_026_531_840),
+                ..Filter::port(80)
+            };
+            tracker
+                .wait_until_drained(&scope, Duration::from_secs(3600), &DrainRule::default())
+                .await
+                .map_err(|e| format!("{e:?}"))
+        })
+    };
+    let whole_port = spawn_hour_long_waiter(&tracker, 80);
+    // Past the one look after the start: from now on only a crossing wakes them.
+    tokio::time::sleep(ARRIVAL_RECHECK * 2).await;
+    // The close in namespace A lands in the maps; its event is not out yet.
+    source.set(vec![
+        endpoint("127.0.0.1", 80, 0),
+        Endpoint {
+            netns: 7,
+            ..endpoint("10.0.0.2", 80, 0)
+        },
+    ]);
+    let reads = source.reads.load(Ordering::Relaxed);
+    // Namespace B's endpoint crosses zero (an open and its close).
+    for opened in [true, false] {
+        tracker.publish(ConnectionEvent {
+            netns: 7,
+            addr: "10.0.0.2".parse().expect("ip"),
+            opened,
+            crossing: true,
+            ..arrival(80, monotonic_ns())
+        });
+    }
+    let outcome = whole_port.await.expect("join").expect("outcome");
+    assert!(outcome.drained, "the port's waiter re-read on B's crossing");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!scoped.is_finished(), "B's crossing woke A's waiter");
+    assert_eq!(
+        source.reads.load(Ordering::Relaxed),
+        reads + 1,
+        "one read: the port's waiter's"
+    );
+    // A's own crossing wakes it.
+    tracker.publish(ConnectionEvent {
+        opened: false,
+        crossing: true,
+        ..arrival(80, monotonic_ns())
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(1), scoped)
+        .await
+        .expect("woken by its crossing")
+        .expect("join")
+        .expect("outcome");
+    assert!(outcome.drained);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_doubted_zero_is_never_drained_unless_the_socket_tables_confirm_it() {
     let (source, tracker) = tracker(vec![endpoint("127.0.0.1", 80, 0)]);

@@ -166,7 +166,7 @@ pub(super) enum Step {
         waited: Duration,
     },
     /// Sleep until `until`, a zero crossing of the port, an event that concerns the
-    /// waiter ([`Waiter::wakes_on_events`]) or shutdown; then look again.
+    /// waiter ([`Waiter::wakes_on`]) or shutdown; then look again.
     Sleep { judgment: Judgment, until: Instant },
 }
 
@@ -219,8 +219,9 @@ impl<'a> Waiter<'a> {
     }
 
     /// Takes in an event of the port: an arrival in scope, from a source not ignored, after
-    /// the request restarts the quiet window. Fell behind, or the kernel lost events: an
-    /// arrival now as far as the window goes (a longer window, never shorter); a loss this
+    /// the request restarts the quiet window. Fell behind on the scope's events (they
+    /// cannot be told apart then), or the kernel lost events (of any scope): an arrival now
+    /// as far as the window goes (a longer window, never shorter); a loss this
     /// waiter accounted for already (read at its start, or at a look before it answered:
     /// [`Step::CountLosses`]) is not heard again.
     pub(super) fn hear(&mut self, heard: Heard) {
@@ -260,11 +261,21 @@ impl<'a> Waiter<'a> {
         self.last_arrival_ns = Some(self.last_arrival_ns.map_or(at_ns, |at| at.max(at_ns)));
     }
 
-    /// Whether an event heard while asleep is worth a look now. Events matter to the
+    /// Whether what it heard while asleep is worth a look now. An event outside the scope
+    /// never is: it moves no count of the scope and is no arrival in it (the port's channel
+    /// tells a waiter only its scope's events; this says so again). Events matter to the
     /// decision with a quiet window or a look at each connection; otherwise they are only
     /// counted (arrivals, for the drain's record), and a zero crossing wakes the waiter.
     /// In doubt, a count may move without a crossing, so every event is a reason to look.
-    pub(super) fn wakes_on_events(&self, in_doubt: bool) -> bool {
+    /// Events missed or lost may have been the scope's: a reason to look, as an event.
+    pub(super) fn wakes_on(&self, heard: &Heard, in_doubt: bool) -> bool {
+        if let Heard::Event(event) = heard
+            && !self
+                .filter
+                .matches_parts(event.netns, event.addr, event.port)
+        {
+            return false;
+        }
         !self.rule.quiet.is_zero() || self.rule.needs_peers() || in_doubt
     }
 

@@ -95,11 +95,12 @@ fn a_count_sleeps_until_the_one_recheck_then_until_the_deadline() {
     // Woken by the recheck: no more clock wake-ups but the deadline (events wake it).
     let second = waiter.judge(&pass(start, ARRIVAL_RECHECK, 2));
     assert_eq!(sleep_until(&second), start + MS(5000));
+    let event = arrival(START_NS, "127.0.0.9");
     assert!(
-        !waiter.wakes_on_events(false),
+        !waiter.wakes_on(&event, false),
         "strict rule: crossings only"
     );
-    assert!(waiter.wakes_on_events(true), "in doubt every event counts");
+    assert!(waiter.wakes_on(&event, true), "in doubt every event counts");
     // At the deadline: not drained, and the answer lists who is left.
     let (judged, list, waited) = answer(waiter.judge(&pass(start, MS(5000), 2)));
     assert_eq!(judged, judgment(2, WAIT));
@@ -227,7 +228,7 @@ fn a_rule_that_looks_at_each_connection_lists_them_and_fails_closed() {
     let mut waiter = waiter(&filter, &rule, start, MS(5000));
     let busy = pass(start, MS(1), 1);
     assert_eq!(waiter.judge(&busy), Step::ListPeers);
-    assert!(waiter.wakes_on_events(false));
+    assert!(waiter.wakes_on(&arrival(START_NS, "127.0.0.9"), false));
     let Step::Sleep { judgment, .. } = waiter.judge(&Pass {
         peers: Some(Err("netlink refused".into())),
         ..busy.clone()
@@ -509,4 +510,57 @@ fn an_answer_counts_and_shows_the_list_it_has() {
         MS(1),
     );
     assert!(drained.peers.is_empty());
+}
+
+/// Found by an audit: a waiter scoped to one pod's namespace woke (and re-read its count, a
+/// pass over the whole endpoint map) on every event of its port number, other pods' too.
+/// Another namespace's event neither wakes it nor restarts its window, even in doubt; its
+/// own do, and so do events missed or lost (they may have been its own).
+#[test]
+fn an_event_outside_the_scope_neither_wakes_nor_restarts_the_window() {
+    let rule = DrainRule {
+        quiet: MS(300),
+        ..DrainRule::default()
+    };
+    let filter = Filter {
+        netns: Some(7),
+        ..Filter::port(80)
+    };
+    let start = Instant::now();
+    let mut waiter = waiter(&filter, &rule, start, MS(5000));
+    let own = arrival(START_NS + 150_000_000, "127.0.0.9");
+    let Heard::Event(event) = own else {
+        unreachable!()
+    };
+    let other_pod = Heard::Event(crate::tracker::ConnectionEvent {
+        netns: 8,
+        crossing: true,
+        ..event
+    });
+    for in_doubt in [false, true] {
+        assert!(
+            !waiter.wakes_on(&other_pod, in_doubt),
+            "in doubt: {in_doubt}"
+        );
+    }
+    waiter.hear(other_pod);
+    assert_eq!(
+        sleep_until(&waiter.judge(&pass(start, MS(200), 0))),
+        start + MS(300)
+    );
+    let missed = Heard::Missed {
+        count: 2_000,
+        at_ns: START_NS + 100_000_000,
+    };
+    for heard in [own, missed, lost(START_NS + 100_000_000, 1)] {
+        assert!(waiter.wakes_on(&heard, false), "{heard:?}");
+    }
+    waiter.hear(own);
+    assert_eq!(
+        sleep_until(&waiter.judge(&pass(start, MS(300), 0))),
+        start + MS(450)
+    );
+    let (judged, _, _) = answer(waiter.judge(&pass(start, MS(450), 0)));
+    assert_eq!(judged.decision, Decision::Drained);
+    assert_eq!(waiter.outcome(judged, None, MS(450)).arrivals, 1);
 }

@@ -1,23 +1,39 @@
-//! Wake-up channels: per watched port, a `watch` channel the ring-buffer reader bumps
-//! whenever an endpoint's count may have crossed zero, and a `broadcast` of every tracked
-//! open and close, so that a waiter sleeps until something that concerns it happens.
+//! Wake-up channels: per waiter, a `watch` channel the ring-buffer reader bumps whenever
+//! a count of its scope may have crossed zero, and a queue of the tracked opens and closes
+//! in its scope, so that a waiter sleeps until something that concerns it happens.
+//!
+//! Per waiter, not per port: every pod's hook waits on the same port number (8080), each
+//! scoped to its own namespace, and an event of one pod must neither wake another pod's
+//! waiter (a re-read of its count, a pass over the whole endpoint map) nor fill its
+//! backlog (a waiter that falls behind counts what it missed as arrivals of its own).
+//! So each event goes only to the waiters whose scope holds its endpoint.
+//!
+//! No wake-up is lost by that: a waiter's count is its scope's endpoints added up (or, for
+//! a port-only waiter, the port's total, and every endpoint of the port is in its scope).
+//! The change that brings that count to 0, or off it, is a change of one of those
+//! endpoints, and the kernel follows it with an event of that endpoint marked as a
+//! crossing (`emit_event` in the eBPF `track.rs`: each counter's last decrement reads
+//! the 0 it leaves): an event in the waiter's scope. An endpoint outside the scope moves
+//! no count the waiter reads. What cannot be attributed still goes to every waiter of
+//! the port: a wake-up without an event ([`PortChannels::notify`], a repair walk's
+//! [`PortChannels::notify_all`]) and a loss of events ([`Heard::Lost`]).
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
 };
 
 use anyhow::Result;
 use tokio::sync::{
-    broadcast::{self, error::TryRecvError},
+    mpsc::{self, error::TrySendError},
     watch,
 };
 
-use super::source::{Source, monotonic_ns};
+use super::source::{Filter, Source, monotonic_ns};
 
 /// A tracked open or close on a watched port, as the kernel reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,35 +43,71 @@ pub struct ConnectionEvent {
     pub port: u16,
     pub remote: IpAddr,
     pub opened: bool,
-    /// A count moved between 0 and 1 (waiters of the port must re-read).
+    /// A count moved between 0 and 1 (the waiters whose scope holds the endpoint re-read).
     pub crossing: bool,
     /// CLOCK_MONOTONIC nanoseconds of the change.
     pub at_ns: u64,
 }
 
-/// Events kept per port for waiters that have not read them yet; a waiter that falls
-/// further behind treats it as an arrival now (the safe side: a longer quiet window).
+/// Events of its scope kept per waiter until it reads them; a waiter that falls further
+/// behind treats those it missed as arrivals now (the safe side: a longer quiet window).
+/// Only its own scope's events count towards it: another pod's traffic never makes it
+/// fall behind.
 const EVENT_BACKLOG: usize = 1024;
 
-/// One port's wake-up channel, its stream of events, and how many waiters listen on it.
+/// One waiter's end of its port's channel: its scope, and how to wake it and tell it of
+/// an event.
+struct Listener {
+    /// Tells this listener from the port's others (to remove it).
+    id: u64,
+    scope: Filter,
+    changes: watch::Sender<u64>,
+    events: mpsc::Sender<ConnectionEvent>,
+    /// Events of its scope that did not fit in its backlog, not yet heard.
+    missed: Arc<AtomicU64>,
+}
+
+impl Listener {
+    /// This waiter re-reads its count.
+    fn wake(&self) {
+        self.changes
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// An event of its scope: a crossing wakes it, and the event joins its backlog (or is
+    /// counted as missed when the backlog is full).
+    fn tell(&self, event: ConnectionEvent) {
+        if event.crossing {
+            self.wake();
+        }
+        match self.events.try_send(event) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.missed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The waiters of one port.
+#[derive(Default)]
 struct PortChannel {
-    sender: watch::Sender<u64>,
-    events: broadcast::Sender<ConnectionEvent>,
-    waiters: usize,
+    listeners: Vec<Listener>,
 }
 
 impl PortChannel {
     /// Every waiter of the port re-reads its count.
     fn wake(&self) {
-        self.sender
-            .send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.listeners.iter().for_each(Listener::wake);
     }
 }
 
-/// Wakes the waiters of one port when its count may have crossed zero.
+/// Wakes the waiters of one port when a count of their scope may have crossed zero.
 #[derive(Default)]
 pub(super) struct PortChannels {
     ports: Mutex<HashMap<u16, PortChannel>>,
+    /// The next [`Listener::id`].
+    next_id: AtomicU64,
     /// Times a loss of events was noticed (the kernel's ring buffer was full), and the last
     /// notice: every waiter hears it once as [`Heard::Lost`]. The notice is written before
     /// the count moves, so a waiter that sees the count move reads that notice or a later one.
@@ -102,41 +154,58 @@ impl PortChannels {
         self.notify_all();
     }
 
+    /// An open or close: told to the waiters of its port whose scope holds its endpoint
+    /// (a few comparisons a waiter of the port), none of the others (see the module's
+    /// comment for why no wake-up is lost).
     pub(super) fn publish(&self, event: ConnectionEvent) {
         if let Some(channel) = self.lock().get(&event.port) {
-            if event.crossing {
-                channel.wake();
-            }
-            // Nobody subscribed is fine: only waiters with a quiet window or a rule that
-            // looks at each connection listen.
-            let _ = channel.events.send(event);
+            channel
+                .listeners
+                .iter()
+                .filter(|listener| {
+                    listener
+                        .scope
+                        .matches_parts(event.netns, event.addr, event.port)
+                })
+                .for_each(|listener| listener.tell(event));
         }
     }
 
-    /// Subscribes to `port`'s wake-ups; the first waiter on a port asks `source` to
-    /// announce its zero crossings.
-    pub(super) fn watch<'a>(&'a self, port: u16, source: &'a dyn Source) -> Result<PortWatch<'a>> {
+    /// Subscribes to the wake-ups and events of `scope`; the first waiter on a port asks
+    /// `source` to announce its zero crossings.
+    pub(super) fn watch<'a>(
+        &'a self,
+        scope: &Filter,
+        source: &'a dyn Source,
+    ) -> Result<PortWatch<'a>> {
+        let port = scope.port;
         let mut ports = self.lock();
-        let channel = ports.entry(port).or_insert_with(|| PortChannel {
-            sender: watch::channel(0).0,
-            events: broadcast::channel(EVENT_BACKLOG).0,
-            waiters: 0,
-        });
-        if channel.waiters == 0
+        let channel = ports.entry(port).or_default();
+        if channel.listeners.is_empty()
             && let Err(problem) = source.watch_port(port, true)
         {
             ports.remove(&port);
             return Err(problem);
         }
-        channel.waiters += 1;
-        let changes = channel.sender.subscribe();
-        let events = channel.events.subscribe();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (changes, changes_heard) = watch::channel(0);
+        let (events, events_heard) = mpsc::channel(EVENT_BACKLOG);
+        let missed = Arc::new(AtomicU64::new(0));
+        channel.listeners.push(Listener {
+            id,
+            scope: scope.clone(),
+            changes,
+            events,
+            missed: Arc::clone(&missed),
+        });
         Ok(PortWatch {
             channels: self,
             source,
             port,
-            changes,
-            events,
+            id,
+            changes: changes_heard,
+            events: events_heard,
+            missed,
             losses_heard: self.losses.load(Ordering::Acquire),
         })
     }
@@ -146,7 +215,7 @@ impl PortChannels {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Heard {
     Event(ConnectionEvent),
-    /// It fell this many events behind, noticed at `at_ns`.
+    /// It fell this many events of its scope behind, noticed at `at_ns`.
     Missed {
         count: u64,
         at_ns: u64,
@@ -156,27 +225,17 @@ pub(super) enum Heard {
     Lost(LostNotice),
 }
 
-impl Heard {
-    /// What a receive gave (None: nothing more, or the stream closed).
-    fn from(received: Result<ConnectionEvent, TryRecvError>) -> Option<Self> {
-        match received {
-            Ok(event) => Some(Self::Event(event)),
-            Err(TryRecvError::Lagged(count)) => Some(Self::Missed {
-                count,
-                at_ns: monotonic_ns(),
-            }),
-            Err(TryRecvError::Empty | TryRecvError::Closed) => None,
-        }
-    }
-}
-
-/// A waiter's subscription to its port; the last one to leave unwatches the port.
+/// A waiter's subscription to its scope; the last one of a port to leave unwatches it.
 pub(super) struct PortWatch<'a> {
     channels: &'a PortChannels,
     source: &'a dyn Source,
     port: u16,
+    /// Its [`Listener::id`].
+    id: u64,
     changes: watch::Receiver<u64>,
-    events: broadcast::Receiver<ConnectionEvent>,
+    events: mpsc::Receiver<ConnectionEvent>,
+    /// [`Listener::missed`].
+    missed: Arc<AtomicU64>,
     /// [`PortChannels::losses`] when last heard.
     losses_heard: u64,
 }
@@ -188,7 +247,8 @@ impl PortWatch<'_> {
         self.changes.borrow_and_update();
     }
 
-    /// The next event already received, without waiting; a loss of events first.
+    /// The next thing already heard, without waiting: a loss of events first, then events
+    /// missed, then the events of the backlog.
     pub(super) fn try_hear(&mut self) -> Option<Heard> {
         let losses = self.channels.losses.load(Ordering::Acquire);
         if losses != self.losses_heard {
@@ -201,12 +261,27 @@ impl PortWatch<'_> {
                     .unwrap_or_else(PoisonError::into_inner),
             ));
         }
-        Heard::from(self.events.try_recv())
+        self.missed()
+            .or_else(|| self.events.try_recv().ok().map(Heard::Event))
     }
 
-    /// Sleeps until the port's count may have crossed zero (None) or an event comes (Some);
-    /// None too if the stream of events closed (it does not while the tracker lives).
+    /// The events of its scope that did not fit in its backlog since last heard, if any.
+    /// Only a full backlog misses one, and a full backlog is never waited on: `woken`
+    /// returns at once, and the next `woken` or `try_hear` hears what was missed.
+    fn missed(&self) -> Option<Heard> {
+        let count = self.missed.swap(0, Ordering::AcqRel);
+        (count > 0).then(|| Heard::Missed {
+            count,
+            at_ns: monotonic_ns(),
+        })
+    }
+
+    /// Sleeps until a count of its scope may have crossed zero (None) or an event of its
+    /// scope comes (Some): events missed first.
     pub(super) async fn woken(&mut self) -> Option<Heard> {
+        if let Some(missed) = self.missed() {
+            return Some(missed);
+        }
         tokio::select! {
             changed = self.changes.changed() => {
                 if changed.is_err() {
@@ -216,10 +291,11 @@ impl PortWatch<'_> {
                 }
                 None
             }
-            received = self.events.recv() => Heard::from(received.map_err(|problem| match problem {
-                broadcast::error::RecvError::Lagged(n) => TryRecvError::Lagged(n),
-                broadcast::error::RecvError::Closed => TryRecvError::Closed,
-            })),
+            received = self.events.recv() => match received {
+                Some(event) => Some(Heard::Event(event)),
+                // Closed: as above, never while the waiter is listed.
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -230,8 +306,8 @@ impl Drop for PortWatch<'_> {
         let Some(channel) = ports.get_mut(&self.port) else {
             return;
         };
-        channel.waiters = channel.waiters.saturating_sub(1);
-        if channel.waiters == 0 {
+        channel.listeners.retain(|listener| listener.id != self.id);
+        if channel.listeners.is_empty() {
             ports.remove(&self.port);
             if let Err(problem) = self.source.watch_port(self.port, false) {
                 log::warn!("cannot unwatch port {}: {problem:#}", self.port);
