@@ -307,6 +307,18 @@ fn wait_with_quiet_and_nobody_listening_exits_2_at_its_deadline() {
     );
 }
 
+/// The message of an agent that could not start on `port` (the tests' start panics with
+/// it); `started` is the failure when it did start.
+fn refused_start(port: u16, started: &str) -> String {
+    match std::panic::catch_unwind(|| common::Agent::start_on(port, &[])) {
+        Ok(_) => panic!("{started}"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
 /// An address already taken (another agent, node_exporter): the agent exits at once with an
 /// error naming it, not a hang, and another free port works (what the tests' own start does
 /// when another test took the free port it was given).
@@ -320,14 +332,7 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let started = std::time::Instant::now();
-    let refused = std::panic::catch_unwind(|| common::Agent::start_on(port, &[]));
-    let message = match refused {
-        Ok(_) => panic!("the agent started on a taken port"),
-        Err(payload) => payload
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default(),
-    };
+    let message = refused_start(port, "the agent started on a taken port");
     assert!(
         message.contains("(it exited)")
             && message.contains(&format!("cannot listen on 127.0.0.1:{port}"))
@@ -387,14 +392,10 @@ fn an_application_sharing_the_listen_address_is_a_clear_error() {
     rustix::net::listen(&socket, 16).expect("listen");
     let application = TcpListener::from(socket);
     let port = application.local_addr().expect("addr").port();
-    let refused = std::panic::catch_unwind(|| common::Agent::start_on(port, &[]));
-    let message = match refused {
-        Ok(_) => panic!("the agent started in an application's SO_REUSEPORT group on {port}"),
-        Err(payload) => payload
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default(),
-    };
+    let message = refused_start(
+        port,
+        &format!("the agent started in an application's SO_REUSEPORT group on {port}"),
+    );
     assert!(
         message.contains("(it exited)")
             && message.contains(&format!("cannot listen on 127.0.0.1:{port}"))
