@@ -1039,7 +1039,10 @@ fn pinned_pod_listen_counts(pins: &common::PinDir) -> std::collections::HashMap<
         .expect("POD_LISTEN_COUNTS");
     let counts: aya::maps::HashMap<aya::maps::MapData, u32, i64> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
-    counts.iter().map(|entry| entry.expect("an entry")).collect()
+    counts
+        .iter()
+        .map(|entry| entry.expect("an entry"))
+        .collect()
 }
 
 /// Found by an audit: a listener on the in-pod port in *any* network namespace made a
@@ -1096,7 +1099,9 @@ fn listeners_in_namespaces_the_agent_does_not_serve_are_not_counted() {
             )
         })
         .collect();
-    let own = std::fs::metadata("/proc/self/ns/net").expect("own netns").ino();
+    let own = std::fs::metadata("/proc/self/ns/net")
+        .expect("own netns")
+        .ino();
     let paths: Vec<String> = nested
         .iter()
         .map(|child| format!("/proc/{}/ns/net", child.pid()))
