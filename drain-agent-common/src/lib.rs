@@ -160,6 +160,12 @@ pub const OWN_BOUND: u8 = 1;
 /// in-pod port to it only while no application listens on that port in the namespace:
 /// a connection there is the agent's only while the namespace's `POD_LISTEN_COUNTS` is 0.
 pub const OWN_STEERED: u8 = 2;
+/// The agent is about to steer the in-pod port in the namespace: its listeners on that
+/// port are counted in `POD_LISTEN_COUNTS` (as under [`OWN_STEERED`]), but no connection
+/// there is the agent's yet (the `sk_lookup` program is not attached). Listeners on the
+/// in-pod port are counted only in namespaces marked [`OWN_SEEDING`] or [`OWN_STEERED`]:
+/// the ones the agent serves.
+pub const OWN_SEEDING: u8 = 3;
 
 /// Entries of the `FORGETTING` map: socket addresses whose stale entries one round of the
 /// agent's sweep drops (larger sweeps take several rounds).

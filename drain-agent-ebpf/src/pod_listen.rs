@@ -4,11 +4,13 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use drain_agent_common::{KernelOffsets, error_index, tcp_state};
+use drain_agent_common::{
+    KernelOffsets, OWN_SEEDING, OWN_STEERED, error_index, netns_port_key, tcp_state,
+};
 
 use crate::{
     count::{EEXIST, Error, add_active, count_error, count_error_at},
-    maps::{KERNEL_OFFSETS, POD_LISTEN_COUNTS, POD_LISTENERS, POD_PORT},
+    maps::{KERNEL_OFFSETS, OWN_ENDPOINTS, POD_LISTEN_COUNTS, POD_LISTENERS, POD_PORT},
     read::{KernelMemory, ProbeReads, is_tcp, kernel_offsets, read_ctx_u64, read_netns},
 };
 
@@ -62,9 +64,13 @@ pub(crate) fn try_on_unlisten(sk: impl FnOnce() -> Result<u64, Error>) -> Result
     Ok(())
 }
 
-/// Counts the listener `sk` of namespace `netns` unless it is counted already.
+/// Counts the listener `sk` of namespace `netns` unless it is counted already, or unless
+/// the agent does not serve `netns` ([`served`]).
 #[inline(always)]
 fn pod_listener_open(sk: u64, netns: u32, found_by_walk: bool) {
+    if !served(netns) {
+        return;
+    }
     match POD_LISTENERS.insert(sk, netns, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         // A walk found the handler's entry (both hold the socket's lock): counted once.
@@ -81,6 +87,36 @@ fn pod_listener_open(sk: u64, netns: u32, found_by_walk: bool) {
         Err(_) => count_error_at(error_index::POD_LISTENER_MAP_FULL),
     }
     add_pod_listeners(netns, 1);
+}
+
+/// Whether the agent serves the in-pod port in `netns`: marked [`OWN_SEEDING`] or
+/// [`OWN_STEERED`] in `OWN_ENDPOINTS`. Listeners are counted in those namespaces only, so
+/// that `POD_LISTEN_COUNTS` holds an entry for no namespace but those the agent served: a
+/// listener in any other namespace (any local user can make one, `unshare -Urn`) made an
+/// entry that was never deleted, and a user who made ~16,384 of them, each on a fresh
+/// inode, filled the map; the next insert failed and stopped every pod's steering for
+/// good (`POD_LISTEN_COUNT_FAILED`). One hash lookup, on a listen (rare).
+///
+/// Exact with the seed, since the agent serves a namespace in this order
+/// (`agent/kernel_side.rs`, `KernelEndpoints::steer`): (1) it writes the `OWN_SEEDING`
+/// mark; (2) it waits for an RCU grace period (`kernel/rcu.rs`): every handler run that
+/// began before the mark was visible has ended, and every later one sees it; (3) it runs
+/// the namespace's seed walk ([`seed_pod_listeners`]), which counts what is in the
+/// listening hash; (4) it marks `OWN_STEERED` and attaches the `sk_lookup` program. A
+/// `listen()` whose tracepoint saw the mark is counted by the handler; one whose
+/// tracepoint did not ended that run before (3) began, so its socket is in the listening
+/// hash before the walk reaches its bucket (counted by the seed; both insert into
+/// `POD_LISTENERS` with `BPF_NOEXIST`, so once) or reaches it a few microseconds after the
+/// tracepoint, after the walk passed its bucket: the one gap, the same as before
+/// (INVARIANTS.md), closed by the next walk. A namespace no longer served keeps its entries:
+/// a close still un-counts (it looks the socket up in `POD_LISTENERS`, whatever the mark),
+/// a listen meanwhile is not counted, and serving it again runs (1)–(4) again, whose seed
+/// counts what the handler missed: never too low.
+#[inline(always)]
+fn served(netns: u32) -> bool {
+    // SAFETY: the map value is plain data, copied out at once.
+    let mark = unsafe { OWN_ENDPOINTS.get(netns_port_key(netns, pod_port())) }.copied();
+    matches!(mark, Some(OWN_SEEDING | OWN_STEERED))
 }
 
 /// Un-counts the listener `sk` if it is counted.
@@ -135,7 +171,8 @@ fn pod_port() -> u16 {
 
 /// `iter/tcp`, run by the agent in one pod namespace before it attaches that namespace's
 /// `sk_lookup` program: counts the listeners on the in-pod port that began listening before
-/// the handler was attached. Exactly once with the handler: both insert into
+/// the handler counted them (before it was attached, or before the namespace was marked
+/// served, [`served`]). Exactly once with the handler: both insert into
 /// `POD_LISTENERS` with `BPF_NOEXIST` under the socket's lock (`bpf_iter_tcp_seq_show()`
 /// takes `lock_sock_fast()`, `inet_listen()` `lock_sock()`), and a socket closed before
 /// the walk reaches it is unhashed and skipped. Every walk (`seed_established_tcp`) does

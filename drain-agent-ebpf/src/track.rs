@@ -6,9 +6,9 @@ use core::ptr;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use drain_agent_common::{
-    ConnCounts, ConnEvent, ConnKey, DurationHistogram, OWN_STEERED, SOCK_FOUND_BY_WALK,
-    SOCK_UNSCOPED, SockEntry, crossing, duration_bucket, error_index, event_kind, netns_port_key,
-    tracked_port_byte, watched_bit,
+    ConnCounts, ConnEvent, ConnKey, DurationHistogram, OWN_SEEDING, OWN_STEERED,
+    SOCK_FOUND_BY_WALK, SOCK_UNSCOPED, SockEntry, crossing, duration_bucket, error_index,
+    event_kind, netns_port_key, tracked_port_byte, watched_bit,
 };
 
 use crate::{
@@ -253,7 +253,8 @@ pub(crate) fn is_retiring(key: &ConnKey) -> bool {
 /// one that stops listening meanwhile leaves its half-open connection uncounted, but that
 /// one never opens: a child queued on a closed listener is aborted
 /// (`inet_csk_reqsk_queue_add()` checks LISTEN under the queue lock, `inet_csk_listen_stop()`
-/// aborts what was queued).
+/// aborts what was queued). A pod endpoint marked [`OWN_SEEDING`] is not steered yet: no
+/// connection there is the agent's.
 #[inline(always)]
 fn is_own_endpoint(key: &ConnKey) -> bool {
     let (word, mask) = watched_bit(key.port);
@@ -265,6 +266,7 @@ fn is_own_endpoint(key: &ConnKey) -> bool {
     match unsafe { OWN_ENDPOINTS.get(netns_port_key(key.netns, key.port)) }.copied() {
         None => false,
         Some(OWN_STEERED) => !app_listens(key.netns),
+        Some(OWN_SEEDING) => false,
         Some(_) => true,
     }
 }

@@ -924,13 +924,7 @@ fn healthz(agent: &Agent) -> (u16, serde_json::Value) {
 /// Sets `ERRORS[index]` in the kernel state pinned in `pins` (its one layout), as the
 /// kernel side does when it cannot keep a count.
 fn set_pinned_error(pins: &common::PinDir, index: u32, value: u64) {
-    let layouts: Vec<_> = std::fs::read_dir(&pins.path)
-        .expect("pin dir")
-        .map(|entry| entry.expect("entry").path())
-        .filter(|path| path.is_dir())
-        .collect();
-    let [layout] = layouts.try_into().expect("one layout");
-    let data = aya::maps::MapData::from_pin(layout.join("ERRORS")).expect("ERRORS");
+    let data = pinned_map(pins, "ERRORS");
     let mut errors: aya::maps::Array<aya::maps::MapData, u64> =
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
     errors.set(index, value, 0).expect("set the error counter");
@@ -1147,4 +1141,138 @@ fn an_application_listener_a_skipped_run_left_uncounted_gets_its_port_back() {
         || agent_answers(&netns),
     );
     assert_eq!(pod_listen_count(&pins, &netns), 0);
+}
+
+/// The pinned `POD_LISTEN_COUNTS` of the layout in `pins`: listeners on the in-pod port
+/// counted by network namespace inode.
+fn pinned_pod_listen_counts(pins: &common::PinDir) -> std::collections::HashMap<u32, i64> {
+    let data = pinned_map(pins, "POD_LISTEN_COUNTS");
+    let counts: aya::maps::HashMap<aya::maps::MapData, u32, i64> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).expect("a hash map");
+    counts
+        .iter()
+        .map(|entry| entry.expect("an entry"))
+        .collect()
+}
+
+/// Found by an audit: a listener on the in-pod port in *any* network namespace made a
+/// `POD_LISTEN_COUNTS` entry, never deleted (16,384 of them, pinned across restarts). A
+/// local user who listens there in namespaces of their own (`unshare -Urn`), holding
+/// cheap namespaces of other kinds so that each new network namespace gets a fresh inode,
+/// filled the map; the next insert failed, `pod_listen_count_failed` grew, and every pod's
+/// steering stopped for good (every `httpGet` preStop refused). Listeners are now counted
+/// only in namespaces the agent serves: `K` namespaces no pod's (user namespaces a root
+/// container makes, and a namespace the agent is not told to serve), each with a listener
+/// on the in-pod port, leave no entry, and a pod's application is still counted (its
+/// connections go to it, the agent answers again once it stops listening).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn listeners_in_namespaces_the_agent_does_not_serve_are_not_counted() {
+    let test = "listeners_in_namespaces_the_agent_does_not_serve_are_not_counted";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    const K: usize = 50;
+    let pid = std::process::id();
+    let prefix = format!("da-pu{pid}-");
+    let pod = Netns::new(&format!("pu{pid}-a"));
+    // Pinned under /run/netns like a pod's, but not under the prefix: not served.
+    let unserved = Netns::new(&format!("pv{pid}-a"));
+    let pins = common::PinDir::new();
+    let pod_listen = format!("0.0.0.0:{POD_PORT}");
+    let pin_dir = pins.arg();
+    let agent = Agent::start(&[
+        "--pod-listen",
+        &pod_listen,
+        "--pod-netns-prefix",
+        &prefix,
+        "--pin-dir",
+        &pin_dir,
+    ]);
+    wait_until("the agent to serve the pod", Duration::from_secs(5), || {
+        agent_answers(&pod)
+    });
+    // As a root container (or, with `unshare -Urn`, any local user) makes them.
+    let nested: Vec<common::child::Guard> = (0..K)
+        .map(|n| {
+            common::child::Guard::spawn(
+                &format!("unshare --user --map-root-user --net ({n})"),
+                Command::new("unshare").args([
+                    "--user",
+                    "--map-root-user",
+                    "--net",
+                    "sh",
+                    "-c",
+                    "ip link set lo up && exec sleep 120",
+                ]),
+            )
+        })
+        .collect();
+    let own = std::fs::metadata("/proc/self/ns/net")
+        .expect("own netns")
+        .ino();
+    let paths: Vec<String> = nested
+        .iter()
+        .map(|child| format!("/proc/{}/ns/net", child.pid()))
+        .chain(std::iter::once(unserved.path()))
+        .collect();
+    // Each listens on the in-pod port inside (once its loopback is up).
+    let mut listeners = Vec::new();
+    let mut inodes = Vec::new();
+    for path in &paths {
+        wait_until("a namespace of its own", Duration::from_secs(5), || {
+            std::fs::metadata(path).is_ok_and(|m| m.ino() != own)
+        });
+        let listener = wait_for_listener(path);
+        inodes.push(u32::try_from(std::fs::metadata(path).expect("netns").ino()).expect("inode"));
+        listeners.push(listener);
+    }
+    // The pod's application: counted, its connections its own.
+    let app = App::listen(&pod, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
+    reaches_app(&pod, local(POD_PORT), &app);
+    assert!(!agent_answers(&pod), "the agent answered instead");
+    // Past a walk or two too (each walk passes every namespace's listeners).
+    thread::sleep(Duration::from_millis(2_500));
+    let counts = pinned_pod_listen_counts(&pins);
+    let counted: Vec<u32> = inodes
+        .iter()
+        .copied()
+        .filter(|inode| counts.contains_key(inode))
+        .collect();
+    assert!(
+        counted.is_empty(),
+        "{} of {} namespaces the agent does not serve have a count: {counted:?}",
+        counted.len(),
+        inodes.len()
+    );
+    let pod_inode =
+        u32::try_from(std::fs::metadata(pod.path()).expect("netns").ino()).expect("inode");
+    assert_eq!(counts.get(&pod_inode), Some(&1), "{counts:?}");
+    assert_eq!(
+        agent.metric("drain_agent_pod_listeners{state=\"stopped\"}"),
+        Some(0.0)
+    );
+    drop(app);
+    wait_until(
+        "the agent to serve the pod again",
+        Duration::from_secs(5),
+        || agent_answers(&pod),
+    );
+    drop(listeners);
+    drop(nested);
+}
+
+/// A listener on the in-pod port on loopback inside the namespace at `path`, once its
+/// loopback is up.
+fn wait_for_listener(path: &str) -> TcpListener {
+    let mut listener = None;
+    wait_until("a listener inside", Duration::from_secs(5), || {
+        listener = drain_agent::sys::netns::run_in_path(Path::new(path), || {
+            Ok(TcpListener::bind(local(POD_PORT)).ok())
+        })
+        .unwrap_or(None);
+        listener.is_some()
+    });
+    listener.expect("a listener")
 }

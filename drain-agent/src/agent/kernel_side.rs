@@ -119,19 +119,20 @@ impl OwnEndpoints for KernelEndpoints {
         socket: std::os::fd::BorrowedFd<'_>,
     ) -> Result<crate::kernel::steer::SteerLink> {
         let lock = || self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        // Before the program is attached: the first steered connection is the agent's.
-        let seeder = {
-            let mut kernel = lock();
-            kernel.ignore_steered_endpoint(netns, target.port())?;
-            kernel.pod_listener_seeder()
-        };
-        // The count of the namespace's listeners walks the whole TCP hash: not under the
-        // lock, which every other pod being opened (and the walks) need.
+        // Listeners on the in-pod port are counted only in namespaces marked served: mark
+        // this one (`OWN_SEEDING`), wait until every handler run sees the mark, then count
+        // the listeners from before (the eBPF side's `pod_listen::served` says why this
+        // order counts each once, never too low).
+        let seeder = lock().pod_listener_seeder(netns, target.port());
+        // The wait and the walk of the whole TCP hash: not under the lock, which every
+        // other pod being opened (and the walks) need.
         let counted =
-            seeder.and_then(|link| crate::kernel::count_pod_listeners(link, netns, netns_file));
+            seeder.and_then(|seed| crate::kernel::count_pod_listeners(seed, netns, netns_file));
         let mut kernel = lock();
-        let steered =
-            counted.and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
+        // Before the program is attached: the first steered connection is the agent's.
+        let steered = counted
+            .and_then(|()| kernel.ignore_steered_endpoint(netns, target.port()))
+            .and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
         if steered.is_err() {
             kernel.unsteer_pod_port(netns);
             let _ = kernel.forget_own_endpoint(netns, target.port());
@@ -158,7 +159,7 @@ impl OwnEndpoints for KernelEndpoints {
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pod_listener_seeder()?;
+            .pod_listener_reseeder()?;
         // Not under the lock, as in `steer`.
         crate::kernel::count_pod_listeners(seeder, netns, netns_file)
     }

@@ -46,7 +46,7 @@ pub use self::{
     attach::AttachMethod,
     maps::KernelMaps,
     pin::{KernelState, Origin},
-    pod::count_pod_listeners,
+    pod::{PodSeed, count_pod_listeners},
     reclaim::{RECLAIM_IDLE, ReclaimReport},
     walk::{RepairReport, WalkReport},
 };

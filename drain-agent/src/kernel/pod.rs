@@ -27,15 +27,39 @@ impl Kernel {
                 .is_ok_and(|count| count > 0)
     }
 
-    /// The iterator that counts a pod namespace's listeners on the in-pod port
-    /// (`seed_pod_listeners`): run it with [`count_pod_listeners`] inside the namespace
-    /// *without* holding the kernel's lock (it walks the whole TCP hash, 1–8 ms per
-    /// namespace: 300 pods opened after a restart waited on each other's walks), then
-    /// [`Kernel::steer_pod_port`].
-    pub fn pod_listener_seeder(&mut self) -> Result<aya::programs::iter::IterLink> {
+    /// Starts counting the listeners on the in-pod port `port` of the namespace `netns`:
+    /// marks it served (`OWN_SEEDING`: the handler counts its listeners from now on, and
+    /// only in namespaces so marked) and returns the seed that counts the listeners from
+    /// before (`seed_pod_listeners`): run it with [`count_pod_listeners`] inside the
+    /// namespace *without* holding the kernel's lock (it waits for a grace period, then
+    /// walks the whole TCP hash, 1–8 ms per namespace: 300 pods opened after a restart
+    /// waited on each other's walks), then [`Kernel::ignore_steered_endpoint`] and
+    /// [`Kernel::steer_pod_port`]. If any step fails, [`Kernel::forget_own_endpoint`].
+    pub fn pod_listener_seeder(&mut self, netns: u32, port: u16) -> Result<PodSeed> {
         self.steering
             .as_ref()
             .map_err(|problem| anyhow!("{problem}"))?;
+        // Before the mark: with no grace period to wait for, the seed could miss a listener
+        // whose listen() ran before the mark for as long as that run is preempted.
+        let grace = self.grace_periods()?.try_clone()?;
+        self.ignore_own_endpoint_as(netns, port, drain_agent_common::OWN_SEEDING)?;
+        self.attach_pod_seeder(grace)
+    }
+
+    /// [`Kernel::pod_listener_seeder`] for a namespace served already (its mark stays:
+    /// `OWN_STEERED`, the handler counts its listeners and the agent's connections there are
+    /// its own): the pod manager's recount after a skipped handler run
+    /// (`http/pods/recount.rs`). The seed cannot count a listener twice (`POD_LISTENERS`).
+    pub fn pod_listener_reseeder(&mut self) -> Result<PodSeed> {
+        self.steering
+            .as_ref()
+            .map_err(|problem| anyhow!("{problem}"))?;
+        let grace = self.grace_periods()?.try_clone()?;
+        self.attach_pod_seeder(grace)
+    }
+
+    /// The pod listener seed's iterator, attached, with `grace` to wait on before it runs.
+    fn attach_pod_seeder(&mut self, grace: super::rcu::GracePeriods) -> Result<PodSeed> {
         let seeder: &mut aya::programs::Iter = self
             .ebpf
             .program_mut(POD_SEEDER)
@@ -45,9 +69,10 @@ impl Kernel {
         let link_id = seeder
             .attach()
             .context("cannot attach the iter/tcp iterator")?;
-        seeder
+        let link = seeder
             .take_link(link_id)
-            .context("cannot take the iterator link")
+            .context("cannot take the iterator link")?;
+        Ok(PodSeed { link, grace })
     }
 
     /// Steers the in-pod port of the namespace `netns` (its file `netns_file`) to `socket`,
@@ -149,14 +174,25 @@ impl Kernel {
 /// The `iter/tcp` program that counts a pod namespace's listeners on the in-pod port.
 const POD_SEEDER: &str = "seed_pod_listeners";
 
-/// Runs the pod listener seeder (`link`, from [`Kernel::pod_listener_seeder`]) in the
-/// namespace `netns` (its file `netns_file`): the iterator walks the namespace of whoever
-/// creates its file, so that is done inside.
-pub fn count_pod_listeners(
+/// A pod namespace's listener count, started ([`Kernel::pod_listener_seeder`]): the seed
+/// walk, and what to wait on before it.
+pub struct PodSeed {
     link: aya::programs::iter::IterLink,
-    netns: u32,
-    netns_file: &std::fs::File,
-) -> Result<()> {
+    grace: super::rcu::GracePeriods,
+}
+
+/// Runs the pod listener seeder (`seed`, from [`Kernel::pod_listener_seeder`]) in the
+/// namespace `netns` (its file `netns_file`): the iterator walks the namespace of whoever
+/// creates its file, so that is done inside. First it waits for a grace period: every
+/// handler run that missed the namespace's mark has then ended, and the `listen()` it ran
+/// for is in the listening hash before the walk passes its bucket, or at most microseconds
+/// after (the one gap, INVARIANTS.md: counted by the next walk; the eBPF side's `served`
+/// says why the count is otherwise exact).
+pub fn count_pod_listeners(seed: PodSeed, netns: u32, netns_file: &std::fs::File) -> Result<()> {
+    let PodSeed { link, grace } = seed;
+    grace
+        .wait()
+        .context("cannot wait for the handler to see the namespace served")?;
     let namespace = netns_file
         .try_clone()
         .context("cannot duplicate the namespace file")?;

@@ -1,6 +1,7 @@
 //! Waiting for every handler run that may have missed a mark the agent just set: the one
 //! synchronisation between the agent and the programs, used by the endpoint reclaim
-//! (`reclaim`) and the sweep of dead sockets' entries (`forget`).
+//! (`reclaim`), the sweep of dead sockets' entries (`forget`) and the start of a pod
+//! namespace's listener count (`pod`).
 
 use std::os::fd::{AsFd as _, OwnedFd};
 
@@ -60,6 +61,20 @@ impl GracePeriods {
         Ok(Self { outer, inner })
     }
 
+    /// The same two maps through descriptors of its own: to wait without the kernel's lock.
+    pub(super) fn try_clone(&self) -> Result<Self> {
+        Ok(Self {
+            outer: self
+                .outer
+                .try_clone()
+                .context("cannot duplicate a map descriptor")?,
+            inner: self
+                .inner
+                .try_clone()
+                .context("cannot duplicate a map descriptor")?,
+        })
+    }
+
     /// Returns once every program run that began before the call has ended, so that every
     /// run after it sees what the agent wrote before the call.
     pub(super) fn wait(&self) -> Result<()> {
@@ -74,12 +89,15 @@ impl super::Kernel {
     /// Waits for an RCU grace period ([`GracePeriods::wait`]); an error if none can be
     /// waited for here (said once at start).
     pub(super) fn grace_period(&self) -> Result<()> {
-        match &self.grace_periods {
-            Ok(periods) => periods.wait(),
-            Err(problem) => Err(anyhow::anyhow!(
-                "no grace period can be waited for: {problem}"
-            )),
-        }
+        self.grace_periods()?.wait()
+    }
+
+    /// What [`Kernel::grace_period`](super::Kernel) waits on; an error if none can be
+    /// waited for here.
+    pub(super) fn grace_periods(&self) -> Result<&GracePeriods> {
+        self.grace_periods
+            .as_ref()
+            .map_err(|problem| anyhow::anyhow!("no grace period can be waited for: {problem}"))
     }
 }
 
