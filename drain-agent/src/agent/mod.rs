@@ -160,7 +160,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         pod_port: args.pod_listen.map_or(0, |addr| addr.port()),
         pin_dir: (!args.no_pin).then(|| args.pin_dir.clone()),
     })?;
-    if let Some(version) = args.assume_kernel_version {
+    if let Some(asked) = args.assume_kernel_version {
+        let version = crate::kernel::version::assumed(asked, crate::kernel::version::running());
         warn!(
             "doubting as on Linux {}.{} (--assume-kernel-version, for tests)",
             version.0, version.1

@@ -200,7 +200,8 @@ pub struct RunArgs {
 
     /// Doubts as on a kernel of this version (`MAJOR.MINOR`, an older one than the running
     /// kernel: what it cannot vouch for, such as the classic tracepoint's skipped runs
-    /// before 6.7, is doubted here too). For the tests of older kernels' doubts; hidden.
+    /// before 6.7, is doubted here too; a newer one is taken as the running kernel's, whose
+    /// doubts stay). For the tests of older kernels' doubts; hidden.
     #[arg(long, hide = true, value_parser = parse_kernel_version)]
     pub assume_kernel_version: Option<crate::kernel::version::KernelVersion>,
 
