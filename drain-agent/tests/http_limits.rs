@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{child::Guard, free_port, kernel_available};
+use common::{child::Guard, free_port, kernel_available, wait_until};
 use drain_agent::cli::client::AgentUrl;
 
 fn binary() -> PathBuf {
@@ -367,42 +367,53 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
 
 /// Audit (resources): an application that listens on the agent's address with
 /// `SO_REUSEPORT` (Envoy sets it by default, nginx with `reuseport`), as root, did not make
-/// the agent's bind fail: the agent joined its group, started without a word, and the
-/// kernel split the application's new connections between it and the agent's API (and the
-/// agent's program replaced the group's). Now it is a start-up error naming the address,
-/// as for an application that does not share it.
+/// the agent's bind fail: the agent joined its group without a word, and the kernel split
+/// the application's new connections between it and the agent's API. The agent now says so
+/// at start (WARN, naming the address). Not a start-up error: the holder is told from an
+/// agent by its process's name, and an upgrade's older agent under another name must not
+/// stop the new one. A wildcard listener on the port is another group: no warning.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
-fn an_application_sharing_the_listen_address_is_a_clear_error() {
+fn an_application_sharing_the_listen_address_is_said() {
     use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
-    let test = "an_application_sharing_the_listen_address_is_a_clear_error";
+    let test = "an_application_sharing_the_listen_address_is_said";
     if !kernel_available(test) {
         return;
     }
-    let socket = rustix::net::socket_with(
-        AddressFamily::INET,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    sockopt::set_socket_reuseport(&socket, true).expect("SO_REUSEPORT");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-    rustix::net::bind(&socket, &any).expect("bind");
-    rustix::net::listen(&socket, 16).expect("listen");
-    let application = TcpListener::from(socket);
+    let listen_reuseport = |addr: &str| {
+        let socket = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        sockopt::set_socket_reuseport(&socket, true).expect("SO_REUSEPORT");
+        let addr: SocketAddr = addr.parse().expect("address");
+        rustix::net::bind(&socket, &addr).expect("bind");
+        rustix::net::listen(&socket, 16).expect("listen");
+        TcpListener::from(socket)
+    };
+    let application = listen_reuseport("127.0.0.1:0");
     let port = application.local_addr().expect("addr").port();
-    let message = refused_start(
-        port,
-        &format!("the agent started in an application's SO_REUSEPORT group on {port}"),
-    );
-    assert!(
-        message.contains("(it exited)")
-            && message.contains(&format!("cannot listen on 127.0.0.1:{port}"))
-            && message.contains("SO_REUSEPORT"),
-        "{message}"
-    );
+    let agent = common::Agent::start_on(port, &[]);
+    let said =
+        format!("127.0.0.1:{port} (--listen) is shared with a program that is not a drain-agent");
+    wait_until("the warning", Duration::from_secs(5), || {
+        agent.log_text().contains(&said)
+    });
+    drop(agent);
     drop(application);
+    // A wildcard on the port is not the agent's group.
+    let wildcard = listen_reuseport("0.0.0.0:0");
+    let port = wildcard.local_addr().expect("addr").port();
+    let agent = common::Agent::start_on(port, &[]);
+    assert!(
+        !agent.log_text().contains("is shared with"),
+        "{}",
+        agent.log_text()
+    );
+    drop(wildcard);
 }
 
 /// Audit: `drain_agent_drain_requests_total{result="rejected"}` (README's metrics, and the

@@ -145,7 +145,8 @@ impl Handover {
     /// [`Handover::bind`] for a listener of the node (`what` names its flag), as a tokio
     /// listener. An address in use by a socket that does not share it (an agent of an older
     /// version, being replaced) is retried for up to [`BIND_RETRY_FOR`], said once at WARN;
-    /// one an application holds is a start-up error, shared (`SO_REUSEPORT`) or not.
+    /// one an application holds unshared is a start-up error, and one it shares
+    /// (`SO_REUSEPORT`) is said at WARN.
     pub async fn bind_node(&self, addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
         Ok(self.bind_node_after(addr, what, || ()).await?.0)
     }
@@ -179,18 +180,19 @@ impl Handover {
             match listening_in_group(addr) {
                 Ok(socket) => {
                     // Bound: in a group of its own, an agent's (an upgrade), or an
-                    // application's that set `SO_REUSEPORT` too (Envoy by default, nginx's
-                    // `reuseport`), which the bind does not refuse: the kernel would split
-                    // the application's new connections between it and the agent's API, and
-                    // the migrate program would replace the group's. Looked at before the
-                    // program is attached; where the socket tables cannot be read, served as
-                    // before.
-                    if holder_besides(addr, &socket)
+                    // application's that bound this very address with `SO_REUSEPORT` too
+                    // (Envoy by default, nginx's `reuseport`), which the bind does not
+                    // refuse: the kernel then splits the application's new connections
+                    // between it and the agent's API. Said at WARN, not refused: the
+                    // holder is told from an agent by its process's name (`holder_of`),
+                    // and an upgrade's older agent under another name, or one this agent
+                    // cannot see (no host PID namespace), must not stop the start.
+                    // Wildcards are another group (the kernel prefers the exact address).
+                    if holder_besides_exactly(addr, &socket)
                         .is_ok_and(|holder| holder == Holder::Application)
                     {
-                        drop(socket);
-                        anyhow::bail!(
-                            "cannot listen on {addr} ({what}; another program listens there with SO_REUSEPORT and would share its connections with the agent: choose another address)"
+                        warn!(
+                            "{addr} ({what}) is shared with a program that is not a drain-agent (SO_REUSEPORT on the same address, or an agent this one cannot identify): the kernel splits new connections between it and the agent's API; choose another address"
                         );
                     }
                     break (self.attach(socket, addr), found);
@@ -249,22 +251,42 @@ pub enum Holder {
 /// (an application that set `SO_REUSEPORT` too, as the agent's user, would otherwise share
 /// its port with the agent), and retries where an older agent holds the address unshared.
 pub fn holder_of(addr: SocketAddr) -> Result<Holder> {
-    holder_except(addr, None)
+    holder_except(addr, None, Overlap::Covering)
 }
 
 /// [`holder_of`] but for `own` (the agent's socket just bound there): its own socket is
 /// not looked for in `/proc`, so where nobody else listens no process is.
 pub fn holder_besides(addr: SocketAddr, own: &OwnedFd) -> Result<Holder> {
-    let inode = rustix::fs::fstat(own)
-        .context("cannot stat the agent's socket")?
-        .st_ino;
-    holder_except(addr, Some(inode))
+    holder_except(addr, Some(own_inode(own)?), Overlap::Covering)
 }
 
-fn holder_except(addr: SocketAddr, own: Option<u64>) -> Result<Holder> {
+/// [`holder_besides`] among the listeners on exactly `addr`: those of `own`'s
+/// `SO_REUSEPORT` group.
+fn holder_besides_exactly(addr: SocketAddr, own: &OwnedFd) -> Result<Holder> {
+    holder_except(addr, Some(own_inode(own)?), Overlap::Exact)
+}
+
+fn own_inode(own: &OwnedFd) -> Result<u64> {
+    Ok(rustix::fs::fstat(own)
+        .context("cannot stat the agent's socket")?
+        .st_ino)
+}
+
+/// Which listeners on the port [`holder_except`] looks at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overlap {
+    /// The same address, or either one unspecified.
+    Covering,
+    /// The same address only.
+    Exact,
+}
+
+fn holder_except(addr: SocketAddr, own: Option<u64>, overlap: Overlap) -> Result<Holder> {
     use crate::sys::sockdiag::{Query, query, state};
-    let conflicts =
-        |ip: std::net::IpAddr| ip.is_unspecified() || addr.ip().is_unspecified() || ip == addr.ip();
+    let conflicts = |ip: std::net::IpAddr| {
+        ip == addr.ip()
+            || (overlap == Overlap::Covering && (ip.is_unspecified() || addr.ip().is_unspecified()))
+    };
     let mut inodes: std::collections::BTreeSet<u64> = query(&Query {
         local_port: addr.port(),
         states: state::bit(state::LISTEN),
