@@ -154,7 +154,9 @@ pub struct RunArgs {
     pub pod_http_max_connections: usize,
 
     /// With --pod-listen: pod listeners open at most. Each costs descriptors (its socket,
-    /// its steering program and link, and up to --pod-http-max-connections + 4 connections)
+    /// its steering program and link, a file of its namespace, and up to
+    /// --pod-http-max-connections connections plus a reserve of an eighth of them, 4 to 64:
+    /// 24 by default)
     /// and a server; past it, further namespaces get no listener while it stays so (WARN,
     /// drain_agent_pod_listeners{state="over_limit"}). Lowered at start (WARN) to what the
     /// open-file limit leaves beside the node listener and 128 for the rest of the agent.
