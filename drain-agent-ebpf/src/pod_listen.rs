@@ -73,11 +73,18 @@ fn pod_listener_open(sk: u64, netns: u32, found_by_walk: bool) {
     }
     match POD_LISTENERS.insert(sk, netns, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
-        // A walk found the handler's entry (both hold the socket's lock): counted once.
-        Err(error) if error == -EEXIST && found_by_walk => return,
-        // The handler's listen found the address taken: a dead listener's entry whose close
-        // was missed. Take the entry over and count this one: the dead one's count stays
-        // (too high, never too low).
+        // A walk found an entry of this namespace at the socket's address: the handler's (or
+        // an earlier walk's) for this very listener (both hold the socket's lock), counted
+        // once; or a dead listener's of the same namespace whose close was missed, which
+        // already stands for one listener there. Either way not counted again.
+        Err(error) if error == -EEXIST && found_by_walk && recorded_in(sk, netns) => return,
+        // The address is taken by a dead listener's entry of *another* namespace (a socket's
+        // namespace never changes, so it is not this listener's), whose close was missed, or
+        // the handler's listen found it taken. Since listeners are counted only in served
+        // namespaces, a listener that began before its namespace was served is counted by
+        // a walk alone: the walk must take the entry over too, or the count stays too low
+        // and the application's port goes to the agent. The dead one's count stays (too
+        // high, never too low).
         Err(error) if error == -EEXIST => {
             if POD_LISTENERS.insert(sk, netns, 0).is_err() {
                 count_error_at(error_index::POD_LISTENER_MAP_FULL);
@@ -117,6 +124,13 @@ fn served(netns: u32) -> bool {
     // SAFETY: the map value is plain data, copied out at once.
     let mark = unsafe { OWN_ENDPOINTS.get(netns_port_key(netns, pod_port())) }.copied();
     matches!(mark, Some(OWN_SEEDING | OWN_STEERED))
+}
+
+/// Whether `POD_LISTENERS` holds `sk` under the namespace `netns`.
+#[inline(always)]
+fn recorded_in(sk: u64, netns: u32) -> bool {
+    // SAFETY: the value is plain data, copied out at once.
+    unsafe { POD_LISTENERS.get(sk) }.is_some_and(|owner| *owner == netns)
 }
 
 /// Un-counts the listener `sk` if it is counted.
