@@ -369,9 +369,10 @@ fn a_taken_listen_address_is_a_clear_error_at_once() {
 /// `SO_REUSEPORT` (Envoy sets it by default, nginx with `reuseport`), as root, did not make
 /// the agent's bind fail: the agent joined its group without a word, and the kernel split
 /// the application's new connections between it and the agent's API. The agent now says so
-/// at start (WARN, naming the address). Not a start-up error: the holder is told from an
-/// agent by its process's name, and an upgrade's older agent under another name must not
-/// stop the new one. A wildcard listener on the port is another group: no warning.
+/// at start (WARN, naming the address), as for an application's wildcard that the agent's
+/// exact address would take loopback connections from. Not a start-up error: the holder is
+/// told from an agent by its process's name, and an upgrade's older agent under another name
+/// must not stop the new one.
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn an_application_sharing_the_listen_address_is_said() {
@@ -397,17 +398,26 @@ fn an_application_sharing_the_listen_address_is_said() {
     let application = listen_reuseport("127.0.0.1:0");
     let port = application.local_addr().expect("addr").port();
     let agent = common::Agent::start_on(port, &[]);
-    let said =
-        format!("127.0.0.1:{port} (--listen) is shared with a program that is not a drain-agent");
+    let said = format!(
+        "127.0.0.1:{port} (--listen) is shared with or covered by a listener of a program that is not a drain-agent"
+    );
     wait_until("the warning", Duration::from_secs(5), || {
         agent.log_text().contains(&said)
     });
     drop(agent);
     drop(application);
-    // A wildcard on the port is not the agent's group.
+    // Under an application's wildcard the agent's exact address takes the application's
+    // loopback connections: said too.
     let wildcard = listen_reuseport("0.0.0.0:0");
     let port = wildcard.local_addr().expect("addr").port();
     let agent = common::Agent::start_on(port, &[]);
+    let said = format!("127.0.0.1:{port} (--listen) is shared with or covered by");
+    wait_until("the warning", Duration::from_secs(5), || {
+        agent.log_text().contains(&said)
+    });
+    drop(agent);
+    // Alone on its address: nothing said.
+    let agent = common::Agent::start(&[]);
     assert!(
         !agent.log_text().contains("is shared with"),
         "{}",

@@ -179,21 +179,28 @@ impl Handover {
             let found = look();
             match listening_in_group(addr) {
                 Ok(socket) => {
-                    // Bound: in a group of its own, an agent's (an upgrade), or an
-                    // application's that bound this very address with `SO_REUSEPORT` too
-                    // (Envoy by default, nginx's `reuseport`), which the bind does not
-                    // refuse: the kernel then splits the application's new connections
-                    // between it and the agent's API. Said at WARN, not refused: the
-                    // holder is told from an agent by its process's name (`holder_of`),
-                    // and an upgrade's older agent under another name, or one this agent
-                    // cannot see (no host PID namespace), must not stop the start.
-                    // Wildcards are another group (the kernel prefers the exact address).
-                    if holder_besides_exactly(addr, &socket)
+                    // Bound: in a group of its own, an agent's (an upgrade), or beside an
+                    // application that set `SO_REUSEPORT` too (Envoy by default, nginx's
+                    // `reuseport`), which the bind does not refuse: on the very address the
+                    // kernel splits the application's new connections between it and the
+                    // agent's API; under its wildcard the agent's exact address takes the
+                    // application's connections to it. Said at WARN, not refused: the holder
+                    // is told from an agent by its process's name (`holder_of`), and an
+                    // upgrade's older agent under another name, or one this agent cannot see
+                    // (no host PID namespace), must not stop the start.
+                    if holder_besides(addr, &socket)
                         .is_ok_and(|holder| holder == Holder::Application)
                     {
                         warn!(
-                            "{addr} ({what}) is shared with a program that is not a drain-agent (SO_REUSEPORT on the same address, or an agent this one cannot identify): the kernel splits new connections between it and the agent's API; choose another address"
+                            "{addr} ({what}) is shared with or covered by a listener of a program that is not a drain-agent (SO_REUSEPORT, or one this agent cannot identify): connections meant for it may reach the agent's API; choose another address"
                         );
+                    }
+                    // Not in an application's group: the program would replace the group's
+                    // and hand the application's queued connections to the agent at its close.
+                    if holder_besides_exactly(addr, &socket)
+                        .is_ok_and(|holder| holder == Holder::Application)
+                    {
+                        break (std::net::TcpListener::from(socket), found);
                     }
                     break (self.attach(socket, addr), found);
                 }
