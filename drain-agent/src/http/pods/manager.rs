@@ -19,7 +19,7 @@ use super::{
     OwnEndpoints, PodListenOptions,
     callers::{NodeCallers, pod_or_node_root_only},
     open::{Bind, bind_in, open_steered},
-    recount::{Steered, Verified},
+    recount::{CountChecks, Steered, Verified},
 };
 use crate::{
     http::handover::{StopPhase, reached},
@@ -194,11 +194,8 @@ pub(super) struct Manager {
     pub(super) stopped_told: Option<Instant>,
     /// What the agent's readiness still waits for (`state.ready`).
     pub(super) first_round: FirstRound,
-    /// When the steered namespaces' listener counts were last checked (`recount.rs`).
-    pub(super) counts_checked: Option<Instant>,
-    /// The handler's skipped runs as that check read them (`None` before, or where this
-    /// kernel does not count them).
-    pub(super) skips_read: Option<u64>,
+    /// The checks of the steered namespaces' listener counts (`recount.rs`).
+    pub(super) count_checks: CountChecks,
 }
 
 /// Finds the namespaces to listen in: the agent's own inode and `--pod-listen-prefix`
@@ -206,6 +203,22 @@ pub(super) struct Manager {
 pub(super) type Scan = fn(u32, Option<&str>) -> Result<BTreeMap<u32, PathBuf>>;
 
 impl Manager {
+    /// The pass over the steered namespaces' listener counts (`recount.rs`): after every
+    /// rescan, at most every `recount::CHECK_EVERY`.
+    pub(super) async fn check_counts(&mut self) {
+        if !self.steer || self.state.pod_steering.stopped() || self.count_checks.recent() {
+            return;
+        }
+        let steered: Vec<(u32, &mut Steered)> = self
+            .listening
+            .iter_mut()
+            .filter_map(|(inode, listening)| Some((*inode, listening.count_check.as_mut()?)))
+            .collect();
+        self.count_checks
+            .pass(&self.endpoints, self.options.addr.port(), steered)
+            .await;
+    }
+
     /// A manager with nothing opened yet, scanning with `candidates`.
     pub(super) fn new(
         steer: bool,
@@ -237,8 +250,7 @@ impl Manager {
             scan_failing: false,
             stopped_told: None,
             first_round: FirstRound::Unscanned,
-            counts_checked: None,
-            skips_read: None,
+            count_checks: CountChecks::default(),
         }
     }
 
@@ -643,7 +655,7 @@ impl Manager {
         let count_check = link.as_ref().map(|link| Steered {
             namespace: link.namespace(),
             verified: Verified {
-                skips: self.skips_read.unwrap_or(0),
+                skips: self.count_checks.skips_read.unwrap_or(0),
             },
         });
         let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -1497,7 +1509,7 @@ mod tests {
             )
         };
         let check = async |manager: &mut Manager| {
-            manager.counts_checked = None;
+            manager.count_checks.checked = None;
             manager.check_counts().await;
         };
         // No skip: the count is the handler's, trusted (not even read).

@@ -1,6 +1,6 @@
 //! Whether a steered namespace's count of application listeners on the in-pod port can be
 //! trusted, or is checked against the socket tables and counted again: the rule
-//! ([`next_step`]) and the pod manager's pass that applies it ([`Manager::check_counts`]).
+//! ([`next_step`]) and the pod manager's pass that applies it ([`CountChecks::pass`]).
 //!
 //! The `sk_lookup` program of a namespace steers the in-pod port to the agent while the
 //! kernel side's count (`POD_LISTEN_COUNTS`) is 0. The count goes up at the handler's run
@@ -44,7 +44,7 @@ use std::{fs::File, sync::Arc, time::Duration};
 use anyhow::{Context as _, Result};
 use log::warn;
 
-use super::{OwnEndpoints, manager::Manager};
+use super::OwnEndpoints;
 use crate::sys::{netns, sockdiag};
 
 /// The shortest time between two passes: the rescan's period (bursts of rescans after a
@@ -178,33 +178,41 @@ fn check(
     }
 }
 
-impl Manager {
-    /// The pass (see the module doc): after every rescan, at most every [`CHECK_EVERY`].
-    pub(super) async fn check_counts(&mut self) {
-        if !self.steer
-            || self.state.pod_steering.stopped()
-            || self
-                .counts_checked
-                .is_some_and(|at| at.elapsed() < CHECK_EVERY)
-        {
-            return;
-        }
-        self.counts_checked = Some(tokio::time::Instant::now());
-        let steered: Vec<(u32, Arc<File>, Verified)> = self
-            .listening
+/// The pod manager's record of its passes.
+#[derive(Debug, Default)]
+pub(super) struct CountChecks {
+    /// When the steered namespaces' listener counts were last checked.
+    pub(super) checked: Option<tokio::time::Instant>,
+    /// The handler's skipped runs as that check read them (`None` before, or where this
+    /// kernel does not count them).
+    pub(super) skips_read: Option<u64>,
+}
+
+impl CountChecks {
+    /// Whether the last pass is less than [`CHECK_EVERY`] old.
+    pub(super) fn recent(&self) -> bool {
+        self.checked.is_some_and(|at| at.elapsed() < CHECK_EVERY)
+    }
+
+    /// The pass (see the module doc) over the `steered` namespaces (inode, and what the pass
+    /// keeps of each), asking `endpoints` (the in-pod port `port`).
+    pub(super) async fn pass(
+        &mut self,
+        endpoints: &Arc<dyn OwnEndpoints>,
+        port: u16,
+        mut steered: Vec<(u32, &mut Steered)>,
+    ) {
+        self.checked = Some(tokio::time::Instant::now());
+        let asked: Vec<(u32, Arc<File>, Verified)> = steered
             .iter()
-            .filter_map(|(inode, listening)| {
-                let steered = listening.count_check.as_ref()?;
-                Some((*inode, Arc::clone(&steered.namespace), steered.verified))
-            })
+            .map(|(inode, steered)| (*inode, Arc::clone(&steered.namespace), steered.verified))
             .collect();
-        let endpoints = Arc::clone(&self.endpoints);
-        let port = self.options.addr.port();
+        let endpoints = Arc::clone(endpoints);
         let before = self.skips_read;
         let checked = tokio::task::spawn_blocking(move || {
             // `None`: this kernel does not count the skips (`Doubt::SkipsUnseen`).
             let skips = endpoints.handler_skips()?;
-            let found: Vec<(u32, Found)> = steered
+            let found: Vec<(u32, Found)> = asked
                 .into_iter()
                 .map(|(inode, namespace, verified)| {
                     let skipped = skips.map_or(0, |now| now.saturating_sub(verified.skips));
@@ -240,11 +248,7 @@ impl Manager {
             skips: before.unwrap_or(0),
         };
         for (inode, found) in found {
-            let Some(steered) = self
-                .listening
-                .get_mut(&inode)
-                .and_then(|listening| listening.count_check.as_mut())
-            else {
+            let Some((_, steered)) = steered.iter_mut().find(|(at, _)| *at == inode) else {
                 continue;
             };
             match found {
