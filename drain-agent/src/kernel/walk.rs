@@ -88,47 +88,29 @@ impl Kernel {
             started_ns: crate::tracker::monotonic_ns(),
             ..WalkReport::default()
         };
-        let mut failed = BTreeSet::new();
-        for (inode, path) in namespaces {
-            let link_id = program
-                .attach()
-                .context("cannot attach the iter/tcp iterator")?;
-            let link = program
-                .take_link(link_id)
-                .context("cannot take the iterator link")?;
-            // The iterator walks the namespace of whoever creates its file: do that inside.
-            let walked = netns::run_in(inode, &path, move || -> Result<()> {
-                let mut file = link.into_file().context("cannot create the iterator")?;
-                let mut sink = Vec::new();
-                file.read_to_end(&mut sink).context("the iterator failed")?;
-                Ok(())
-            });
-            match walked {
-                Ok(()) => {
-                    report.walked.insert(inode);
-                }
-                Err(error) => {
-                    report.failed += 1;
-                    failed.insert(inode);
-                    warn!(
-                        "cannot walk network namespace {inode} ({}): {error:#}",
-                        path.display()
-                    );
-                }
-            }
-        }
-        // A namespace whose processes just exited is gone, and so are its connections;
-        // one that is still there was not walked, and its counts are not vouched for. Only
-        // a complete scan says which are gone: after an incomplete one every namespace not
-        // walked stays doubted (`Doubt::NamespaceUnwalked`).
-        match netns::all_namespaces() {
-            Ok(still_there) => failed.retain(|inode| still_there.contains_key(inode)),
-            Err(problem) if !failed.is_empty() => warn!(
-                "{problem:#}: the {} network namespace(s) not walked stay doubted",
-                failed.len()
-            ),
-            Err(_) => {}
-        }
+        let walked = walk_each(
+            namespaces,
+            |inode, path| {
+                let link_id = program
+                    .attach()
+                    .context("cannot attach the iter/tcp iterator")?;
+                let link = program
+                    .take_link(link_id)
+                    .context("cannot take the iterator link")?;
+                // The iterator walks the namespace of whoever creates its file: do that
+                // inside.
+                netns::run_in(inode, path, move || -> Result<()> {
+                    let mut file = link.into_file().context("cannot create the iterator")?;
+                    let mut sink = Vec::new();
+                    file.read_to_end(&mut sink).context("the iterator failed")?;
+                    Ok(())
+                })
+            },
+            netns::all_namespaces,
+        );
+        report.failed = walked.failed.len();
+        report.walked = walked.walked;
+        let failed = walked.failed;
         let unsure = self.unsure_ports.keys().filter_map(Result::ok).collect();
         report.vouches = Some((snapshot, failed, unsure));
         Ok(report)
@@ -217,9 +199,152 @@ pub struct WalkReport {
     pub vouches: Option<(super::maps::Snapshot, BTreeSet<u32>, BTreeSet<u16>)>,
 }
 
+/// What [`walk_each`] did: the namespaces walked, and those not walked that are still
+/// there (their counts are not vouched for).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Walked {
+    walked: HashSet<u32>,
+    failed: BTreeSet<u32>,
+}
+
+/// Walks each of `namespaces` (inode, and a path to it) with `walk`, then asks `rescan`
+/// which are still there. A namespace whose walk failed and that is gone (its processes
+/// exited) is gone with its connections. One still there was reached through a path that
+/// went away (the process it was found through exited between the scan and the walk, while
+/// another process or a pin keeps the namespace): it is walked once more through the path
+/// the rescan found, so that a short-lived process in a pod does not leave the pod's counts
+/// doubted until the next walk (on a busy node, every walk). Only a complete rescan says
+/// which are gone: after an incomplete one every namespace not walked stays doubted
+/// (`Doubt::NamespaceUnwalked`).
+fn walk_each(
+    namespaces: impl IntoIterator<Item = (u32, std::path::PathBuf)>,
+    mut walk: impl FnMut(u32, &std::path::Path) -> Result<()>,
+    rescan: impl FnOnce() -> Result<std::collections::BTreeMap<u32, std::path::PathBuf>>,
+) -> Walked {
+    let mut done = Walked::default();
+    let mut tried = std::collections::HashMap::new();
+    for (inode, path) in namespaces {
+        match walk(inode, &path) {
+            Ok(()) => {
+                done.walked.insert(inode);
+            }
+            Err(error) => {
+                warn!(
+                    "cannot walk network namespace {inode} ({}): {error:#}",
+                    path.display()
+                );
+                done.failed.insert(inode);
+                tried.insert(inode, path);
+            }
+        }
+    }
+    if done.failed.is_empty() {
+        return done;
+    }
+    let still_there = match rescan() {
+        Ok(still_there) => still_there,
+        Err(problem) => {
+            warn!(
+                "{problem:#}: the {} network namespace(s) not walked stay doubted",
+                done.failed.len()
+            );
+            return done;
+        }
+    };
+    done.failed.retain(|inode| still_there.contains_key(inode));
+    let again: Vec<(u32, std::path::PathBuf)> = done
+        .failed
+        .iter()
+        .filter_map(|inode| {
+            let path = still_there.get(inode)?;
+            (tried.get(inode) != Some(path)).then(|| (*inode, path.clone()))
+        })
+        .collect();
+    for (inode, path) in again {
+        match walk(inode, &path) {
+            Ok(()) => {
+                done.failed.remove(&inode);
+                done.walked.insert(inode);
+                info!(
+                    "walked network namespace {inode} through {} (its first path went away)",
+                    path.display()
+                );
+            }
+            Err(error) => warn!(
+                "cannot walk network namespace {inode} ({}) either: {error:#}",
+                path.display()
+            ),
+        }
+    }
+    done
+}
+
 /// What a repair found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RepairReport {
     pub opens_found: u64,
     pub closes_found: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        path::{Path, PathBuf},
+    };
+
+    use super::*;
+
+    /// Seen in a CI run: a namespace found through a process that exited between the scan
+    /// and the walk, kept alive by another one, was not walked, and its counts stayed doubted
+    /// (`/healthz` degraded, `status` exit 1) until the next walk. It is walked once more
+    /// through the path the second scan finds; one whose path is the same is not asked again,
+    /// one that is gone is gone, and after an incomplete scan every one not walked stays.
+    #[test]
+    fn a_namespace_whose_path_went_away_is_walked_through_another() {
+        let found = || {
+            vec![
+                (7, PathBuf::from("/proc/10/ns/net")),
+                (8, PathBuf::from("/proc/11/ns/net")),
+                (9, PathBuf::from("/proc/12/ns/net")),
+                (6, PathBuf::from("/proc/13/ns/net")),
+            ]
+        };
+        let mut asked = Vec::new();
+        let walk = |asked: &mut Vec<PathBuf>, _: u32, path: &Path| -> Result<()> {
+            asked.push(path.to_owned());
+            match path.to_str() {
+                Some("/proc/12/ns/net" | "/proc/20/ns/net") => Ok(()),
+                _ => bail!("No such file or directory"),
+            }
+        };
+        let done = walk_each(
+            found(),
+            |inode, path| walk(&mut asked, inode, path),
+            || {
+                Ok(BTreeMap::from([
+                    (7, PathBuf::from("/proc/20/ns/net")),
+                    (8, PathBuf::from("/proc/11/ns/net")),
+                    (9, PathBuf::from("/proc/12/ns/net")),
+                ]))
+            },
+        );
+        assert_eq!(done.walked, HashSet::from([7, 9]));
+        assert_eq!(
+            done.failed,
+            BTreeSet::from([8]),
+            "6 is gone; 8 is there and not walked"
+        );
+        assert_eq!(
+            asked.len(),
+            5,
+            "8 is not asked again through the same path: {asked:?}"
+        );
+        let incomplete = walk_each(
+            found(),
+            |inode, path| walk(&mut Vec::new(), inode, path),
+            || bail!("out of descriptors"),
+        );
+        assert_eq!(incomplete.failed, BTreeSet::from([6, 7, 8]));
+    }
 }
