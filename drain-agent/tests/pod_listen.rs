@@ -909,21 +909,7 @@ fn no_listener_in_a_namespace_a_root_container_made() {
     // As a root container makes them: root of the node, a user namespace mapping root, a
     // network namespace inside it, loopback up; the last one is pinned later, as a runtime
     // pins a `hostUsers: false` pod's.
-    let nested: Vec<common::child::Guard> = (0..=NESTED)
-        .map(|n| {
-            common::child::Guard::spawn(
-                &format!("unshare --user --map-root-user --net ({n})"),
-                Command::new("unshare").args([
-                    "--user",
-                    "--map-root-user",
-                    "--net",
-                    "sh",
-                    "-c",
-                    "ip link set lo up && exec sleep 120",
-                ]),
-            )
-        })
-        .collect();
+    let nested = common::child::user_owned_namespaces(NESTED + 1);
     // A namespace the runtime's way (`ip netns add`): served, so the agent has looked at
     // the others.
     let pod = Netns::new(&format!("rc{pid}"));

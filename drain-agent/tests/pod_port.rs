@@ -1236,21 +1236,7 @@ fn listeners_in_namespaces_the_agent_does_not_serve_are_not_counted() {
         agent_answers(&pod)
     });
     // As a root container (or, with `unshare -Urn`, any local user) makes them.
-    let nested: Vec<common::child::Guard> = (0..K)
-        .map(|n| {
-            common::child::Guard::spawn(
-                &format!("unshare --user --map-root-user --net ({n})"),
-                Command::new("unshare").args([
-                    "--user",
-                    "--map-root-user",
-                    "--net",
-                    "sh",
-                    "-c",
-                    "ip link set lo up && exec sleep 120",
-                ]),
-            )
-        })
-        .collect();
+    let nested = common::child::user_owned_namespaces(K);
     let own = std::fs::metadata("/proc/self/ns/net")
         .expect("own netns")
         .ino();

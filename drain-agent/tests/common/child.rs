@@ -162,3 +162,24 @@ pub fn become_subreaper() {
         assert_eq!(result, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
     });
 }
+
+/// `count` network namespaces as a root container makes them (or, unprivileged, any local
+/// user): a user namespace mapping root, a network namespace inside it, loopback up; each
+/// held by a process until its guard drops.
+pub fn user_owned_namespaces(count: usize) -> Vec<Guard> {
+    (0..count)
+        .map(|n| {
+            Guard::spawn(
+                &format!("unshare --user --map-root-user --net ({n})"),
+                Command::new("unshare").args([
+                    "--user",
+                    "--map-root-user",
+                    "--net",
+                    "sh",
+                    "-c",
+                    "ip link set lo up && exec sleep 120",
+                ]),
+            )
+        })
+        .collect()
+}
