@@ -66,12 +66,7 @@ impl Kernel {
             .context("the eBPF object has no pod listener seeder")?
             .try_into()
             .context("the pod listener seeder is not an iterator")?;
-        let link_id = seeder
-            .attach()
-            .context("cannot attach the iter/tcp iterator")?;
-        let link = seeder
-            .take_link(link_id)
-            .context("cannot take the iterator link")?;
+        let link = super::walk::iterator_link(seeder, "the iter/tcp iterator")?;
         Ok(PodSeed { link, grace })
     }
 
@@ -196,11 +191,8 @@ pub fn count_pod_listeners(seed: PodSeed, netns: u32, netns_file: &std::fs::File
     let namespace = netns_file
         .try_clone()
         .context("cannot duplicate the namespace file")?;
-    crate::sys::netns::run_in_file(namespace, format!("{netns}"), move || -> Result<()> {
-        let mut file = link.into_file().context("cannot create the iterator")?;
-        let mut sink = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut sink).context("the iterator failed")?;
-        Ok(())
+    crate::sys::netns::run_in_file(namespace, format!("{netns}"), move || {
+        super::walk::run_iterator(link, "the iterator")
     })
     .with_context(|| format!("cannot count the listeners of network namespace {netns}"))
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{Iter, RawTracePoint},
+    programs::{Iter, RawTracePoint, iter::IterLink},
 };
 use drain_agent_common::repair;
 use log::{info, warn};
@@ -91,20 +91,10 @@ impl Kernel {
         let walked = walk_each(
             namespaces,
             |inode, path| {
-                let link_id = program
-                    .attach()
-                    .context("cannot attach the iter/tcp iterator")?;
-                let link = program
-                    .take_link(link_id)
-                    .context("cannot take the iterator link")?;
+                let link = iterator_link(program, "the iter/tcp iterator")?;
                 // The iterator walks the namespace of whoever creates its file: do that
                 // inside.
-                netns::run_in(inode, path, move || -> Result<()> {
-                    let mut file = link.into_file().context("cannot create the iterator")?;
-                    let mut sink = Vec::new();
-                    file.read_to_end(&mut sink).context("the iterator failed")?;
-                    Ok(())
-                })
+                netns::run_in(inode, path, move || run_iterator(link, "the iterator"))
             },
             netns::all_namespaces,
         );
@@ -197,6 +187,27 @@ pub struct WalkReport {
     /// start, the namespaces it could not enter, the ports of open sockets it could not call
     /// passive or not).
     pub vouches: Option<(super::maps::Snapshot, BTreeSet<u32>, BTreeSet<u16>)>,
+}
+
+/// `program` (an `iter/tcp` iterator, `what` in errors) attached, its link taken: run it with
+/// [`run_iterator`] in the namespace to walk.
+pub(super) fn iterator_link(program: &mut Iter, what: &str) -> Result<IterLink> {
+    let link_id = program
+        .attach()
+        .with_context(|| format!("cannot attach {what}"))?;
+    program
+        .take_link(link_id)
+        .context("cannot take the iterator link")
+}
+
+/// Runs the iterator of `link` (`what` in errors) to its end in the calling thread's network
+/// namespace: the iterator walks the namespace of whoever creates its file.
+pub(super) fn run_iterator(link: IterLink, what: &str) -> Result<()> {
+    let mut file = link.into_file().context("cannot create the iterator")?;
+    let mut sink = Vec::new();
+    file.read_to_end(&mut sink)
+        .with_context(|| format!("{what} failed"))?;
+    Ok(())
 }
 
 /// What [`walk_each`] did: the namespaces walked, and those not walked that are still

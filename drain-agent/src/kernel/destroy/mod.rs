@@ -24,7 +24,6 @@ mod kfunc;
 
 use std::{
     collections::{BTreeSet, HashSet},
-    io::Read as _,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
@@ -280,19 +279,10 @@ impl Kernel {
             .with_context(|| format!("the eBPF object has no {DESTROYER}"))?
             .try_into()
             .with_context(|| format!("{DESTROYER} is not an iterator"))?;
-        let link_id = program
-            .attach()
-            .with_context(|| format!("cannot attach {DESTROYER}"))?;
-        let link = program
-            .take_link(link_id)
-            .context("cannot take the iterator link")?;
+        let link = super::walk::iterator_link(program, DESTROYER)?;
         // The iterator walks the namespace of whoever creates its file: do that inside.
-        netns::run_in(inode, path, move || -> Result<()> {
-            let mut file = link.into_file().context("cannot create the iterator")?;
-            let mut sink = Vec::new();
-            file.read_to_end(&mut sink)
-                .with_context(|| format!("{DESTROYER} failed"))?;
-            Ok(())
+        netns::run_in(inode, path, move || {
+            super::walk::run_iterator(link, DESTROYER)
         })
     }
 
