@@ -38,6 +38,7 @@ use crate::{
 };
 
 /// Everything the handlers need.
+#[derive(Clone)]
 pub struct AppState {
     pub tracker: Arc<Tracker>,
     pub limits: WaitLimits,

@@ -886,14 +886,8 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
     let (_, app_state) = app(vec![]);
     let ready = Readiness::after_first_round();
     let state = Arc::new(AppState {
-        tracker: Arc::clone(&app_state.tracker),
-        limits: app_state.limits,
-        metrics: Arc::clone(&app_state.metrics),
-        drains: Arc::clone(&app_state.drains),
-        authority: Arc::clone(&app_state.authority),
-        pod_steering: app_state.pod_steering.clone(),
         ready: ready.clone(),
-        metrics_turn: Arc::clone(&app_state.metrics_turn),
+        ..(*app_state).clone()
     });
     let readiness = format!("/healthz?{READY_QUERY}");
     let (status, body) = get(&state, &readiness).await;
@@ -2932,18 +2926,12 @@ fn with_turn(
     table: &Arc<Listeners>,
 ) -> Arc<AppState> {
     Arc::new(AppState {
-        tracker: Arc::clone(&app_state.tracker),
-        limits: app_state.limits,
-        metrics: Arc::clone(&app_state.metrics),
-        drains: Arc::clone(&app_state.drains),
-        authority: Arc::clone(&app_state.authority),
-        pod_steering: app_state.pod_steering.clone(),
-        ready: app_state.ready.clone(),
         metrics_turn: Arc::new(crate::http::metrics_turn::MetricsTurn::after(
             "127.0.0.1:9090".parse().expect("addr"),
             earlier,
             Arc::clone(table) as Arc<dyn crate::http::metrics_turn::ListenerTable>,
         )),
+        ..(**app_state).clone()
     })
 }
 

@@ -1166,14 +1166,8 @@ mod tests {
         let waiting = |manager: &mut Manager| {
             let ready = crate::http::ready::Readiness::after_first_round();
             manager.state = Arc::new(AppState {
-                tracker: Arc::clone(&manager.state.tracker),
-                limits: manager.state.limits,
-                metrics: Arc::clone(&manager.state.metrics),
-                drains: Arc::clone(&manager.state.drains),
-                authority: Arc::clone(&manager.state.authority),
-                pod_steering: manager.state.pod_steering.clone(),
                 ready: ready.clone(),
-                metrics_turn: Arc::clone(&manager.state.metrics_turn),
+                ..(*manager.state).clone()
             });
             ready
         };
