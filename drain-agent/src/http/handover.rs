@@ -194,13 +194,14 @@ impl Handover {
                         warn!(
                             "{addr} ({what}) is shared with or covered by a listener of a program that is not a drain-agent (SO_REUSEPORT, or one this agent cannot identify): connections meant for it may reach the agent's API; choose another address"
                         );
-                    }
-                    // Not in an application's group: the program would replace the group's
-                    // and hand the application's queued connections to the agent at its close.
-                    if holder_besides_exactly(addr, &socket)
-                        .is_ok_and(|holder| holder == Holder::Application)
-                    {
-                        break (std::net::TcpListener::from(socket), found);
+                        // Not in an application's group (the exact address, a subset of
+                        // what covers it): the program would replace the group's and hand
+                        // the application's queued connections to the agent at its close.
+                        if holder_besides_exactly(addr, &socket)
+                            .is_ok_and(|holder| holder == Holder::Application)
+                        {
+                            break (std::net::TcpListener::from(socket), found);
+                        }
                     }
                     break (self.attach(socket, addr), found);
                 }
