@@ -1,7 +1,8 @@
 //! The hot churn side by side, in rounds: the agent's `tp_btf` handler, the bare hash map
 //! reference (default flags, like the agent's socket map), the same map with a duration
-//! (`Reference::Timed`), and the empty program (the floor), each over the same churn
-//! (connect, accept, close the client, close the server; every map hot).
+//! (`Reference::Timed`), that with an endpoint counter (`Reference::Counted`: the least a
+//! design that answers per endpoint does), and the empty program (the floor), each over the
+//! same churn (connect, accept, close the client, close the server; every map hot).
 //!
 //! Why rounds: on a shared VM the bare map's churn swings several-fold between runs (84 to
 //! 437 ns per connection over nine runs of one pass each), far more than the 1.3× the goal
@@ -37,15 +38,18 @@ pub enum Program {
     Bare,
     /// The same with a connection's duration (`Reference::Timed`).
     Timed,
+    /// The same with a duration and an endpoint counter (`Reference::Counted`).
+    Counted,
     /// `r0 = 0; exit`.
     Empty,
 }
 
 impl Program {
-    const ALL: [Program; 4] = [
+    const ALL: [Program; 5] = [
         Program::Agent,
         Program::Bare,
         Program::Timed,
+        Program::Counted,
         Program::Empty,
     ];
 
@@ -58,6 +62,7 @@ impl Program {
             .label()
             .to_owned(),
             Program::Timed => Reference::Timed.label().to_owned(),
+            Program::Counted => Reference::Counted.label().to_owned(),
             Program::Empty => "empty program (the floor)".to_owned(),
         }
     }
@@ -79,6 +84,7 @@ impl Program {
                 preallocated: false,
             })?),
             Program::Timed => Running::Reference(ReferenceProgram::attach(Reference::Timed)?),
+            Program::Counted => Running::Reference(ReferenceProgram::attach(Reference::Counted)?),
             Program::Empty => Running::Empty(EmptyProgram::attach()?),
         })
     }
@@ -162,6 +168,8 @@ impl HotRounds {
             (Program::Agent, Program::Bare),
             (Program::Timed, Program::Bare),
             (Program::Agent, Program::Timed),
+            (Program::Counted, Program::Bare),
+            (Program::Agent, Program::Counted),
         ]
         .into_iter()
         .map(|(of, to)| {
@@ -238,13 +246,19 @@ pub fn run(plan: &Plan, binary: &Path, log_dir: &Path, foreign: &mut Foreign) ->
         }
     }
     hot.summarise();
-    if let (Some(agent_bare), Some(timed_bare)) = (
+    if let (Some(agent_bare), Some(timed_bare), Some(counted_bare), Some(agent_counted)) = (
         hot.ratio(Program::Agent, Program::Bare),
         hot.ratio(Program::Timed, Program::Bare),
+        hot.ratio(Program::Counted, Program::Bare),
+        hot.ratio(Program::Agent, Program::Counted),
     ) {
         eprintln!(
-            "bench: [kernel] hot churn over {} rounds: the handler {:.2}× the bare map, the bare map with a duration {:.2}× it (medians of round ratios, net of each round's floor)",
-            hot.rounds, agent_bare.median, timed_bare.median
+            "bench: [kernel] hot churn over {} rounds: the handler {:.2}× the bare map, the bare map with a duration {:.2}× it, with a duration and an endpoint counter {:.2}× it; the handler {:.2}× the last (medians of round ratios, net of each round's floor)",
+            hot.rounds,
+            agent_bare.median,
+            timed_bare.median,
+            counted_bare.median,
+            agent_counted.median
         );
     }
     Ok(hot)
@@ -278,11 +292,13 @@ mod tests {
                 sample(0, Program::Agent, 110.0),
                 sample(0, Program::Bare, 80.0),
                 sample(0, Program::Timed, 90.0),
+                sample(0, Program::Counted, 100.0),
                 // A slower round: everything doubles, the floor too.
                 sample(1, Program::Empty, 100.0),
                 sample(1, Program::Agent, 220.0),
                 sample(1, Program::Bare, 160.0),
                 sample(1, Program::Timed, 180.0),
+                sample(1, Program::Counted, 200.0),
                 // The bare map's churn failed in this round.
                 sample(2, Program::Empty, 50.0),
                 sample(2, Program::Agent, 500.0),
@@ -299,6 +315,11 @@ mod tests {
         let agent_timed = hot.ratio(Program::Agent, Program::Timed).expect("ratio");
         assert_eq!(agent_timed.ratios, vec![1.5, 1.5, 11.25]);
         assert_eq!(agent_timed.median, 1.5);
+        // Round 2 has no endpoint-counter sample: its ratios leave the round out.
+        let agent_counted = hot.ratio(Program::Agent, Program::Counted).expect("ratio");
+        assert_eq!(agent_counted.ratios, vec![1.2, 1.2]);
+        let counted_bare = hot.ratio(Program::Counted, Program::Bare).expect("ratio");
+        assert_eq!(counted_bare.ratios, vec![5.0 / 3.0, 5.0 / 3.0]);
         assert_eq!(hot.median_net(Program::Empty), Some(50.0));
         assert_eq!(hot.median_net(Program::Agent), Some(1200.0));
     }

@@ -24,7 +24,18 @@
 //!   hot-churn goal can be read against it (the agent's duration histograms, its idle rule's
 //!   clock and its events' times all come from these two reads).
 //!
-//! Both classify transitions as the handler does (`drain_agent_common::classify`): an open
+//! - [`Reference::Counted`]: [`Reference::Timed`] plus the one thing a drain of *one*
+//!   endpoint needs on top of a socket map: a counter per endpoint, in a preallocated hash
+//!   map keyed like the agent's `COUNTS` (24 bytes, 16,384 entries), looked up (created on
+//!   first use) and atomically incremented at the open, looked up and atomically
+//!   decremented at the close. Its key is a stand-in (it reads nothing from the socket): two
+//!   bits of the socket's address pick one of four endpoints, as the hot churn's four
+//!   threads each use a port of their own. The least any design that answers per endpoint
+//!   (`/drained?port=P&netns=N`, a pod's own drain) and measures durations does, so the
+//!   hot-churn goal can be read against what the handler must do, not only against a bare
+//!   map.
+//!
+//! The four above classify transitions as the handler does (`drain_agent_common::classify`): an open
 //! is `SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, a close leaves those two states; every other
 //! run returns before touching memory. The empty program ([`EmptyProgram`]) is the floor.
 //!
@@ -64,6 +75,14 @@ const LINE_SLOTS_LOG2: u32 = 16;
 const LINE_BYTES: u32 = 64;
 /// `size_of::<drain_agent_common::SockEntry>()` (the key 24, two u64, the peer 16 + 8).
 const SOCK_ENTRY_BYTES: u32 = 64;
+/// `size_of::<drain_agent_common::ConnKey>()` and `ConnCounts`, and `COUNTS`' size.
+const ENDPOINT_KEY_BYTES: u32 = 24;
+const ENDPOINT_VALUE_BYTES: u32 = 32;
+const ENDPOINT_ENTRIES: u32 = 16_384;
+/// [`Reference::Counted`]'s endpoint: bits 12–13 of the socket's address (below them, a
+/// TCP socket's slab object of about 2 KiB leaves little to choose from).
+const ENDPOINT_SHIFT: i32 = 12;
+const ENDPOINTS: i32 = 4;
 
 /// What a reference program does per tracked event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -76,6 +95,9 @@ pub enum Reference {
     /// [`Reference::Hash`] (default flags) with a duration: the clock at the open into the
     /// value; at the close a lookup, the clock again and the subtraction, then the delete.
     Timed,
+    /// [`Reference::Timed`] with a counter per endpoint (24-byte key, as `COUNTS`), atomically
+    /// added to at the open and the close.
+    Counted,
     /// `map[sk] = now` at a passive open, `delete(map[sk])` when a socket leaves
     /// ESTABLISHED: what a bpftrace one-liner does (not in [`Reference::ALL`]: the kernel
     /// section's phases do not run it).
@@ -102,6 +124,9 @@ impl Reference {
             Reference::Timed => {
                 "hash map insert/delete with a duration (two clock reads, a lookup)"
             }
+            Reference::Counted => {
+                "the same with a duration and an endpoint counter (two more lookups, two atomic adds)"
+            }
             Reference::SocketMap {
                 preallocated: false,
             } => "minimal socket-keyed map (default flags)",
@@ -117,6 +142,7 @@ const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
 const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
 const STX_W: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
 const ST_DW: u8 = 0x7a; // BPF_ST | BPF_MEM | BPF_DW
+const ATOMIC_DW: u8 = 0xdb; // BPF_STX | BPF_ATOMIC | BPF_DW, imm BPF_ADD (0): *(dst + off) += src
 const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW (two slots)
 const MOV64_K: u8 = 0xb7;
 const MOV64_X: u8 = 0xbf;
@@ -124,6 +150,7 @@ const ADD64_K: u8 = 0x07;
 const MUL64_X: u8 = 0x2f;
 const SUB64_X: u8 = 0x1f;
 const RSH64_K: u8 = 0x77;
+const AND64_K: u8 = 0x57;
 const JA: u8 = 0x05;
 const JEQ_K: u8 = 0x15;
 const JNE_K: u8 = 0x55;
@@ -161,7 +188,11 @@ const CLOSE_WAIT: i32 = 8;
 enum Label {
     NewActive,
     Open,
+    /// [`counted_program`]: the open's endpoint counter exists.
+    Count,
     Close,
+    /// [`counted_program`]: the close's socket entry is deleted.
+    Delete,
     Out,
 }
 
@@ -340,6 +371,83 @@ fn timed_program(map: &OwnedFd) -> Result<Vec<u64>> {
     asm.finish()
 }
 
+/// r1 = the endpoint map, r2 = &key, the key being [`Reference::Counted`]'s stand-in
+/// endpoint of the socket at fp − 96 (24 bytes: the endpoint's number, then zeros).
+fn endpoint_key(asm: &mut Asm, map: &OwnedFd) {
+    asm.insn(MOV64_X, R1, SK, 0, 0);
+    asm.insn(RSH64_K, R1, 0, 0, ENDPOINT_SHIFT);
+    asm.insn(AND64_K, R1, 0, 0, ENDPOINTS - 1);
+    asm.insn(STX_DW, FP, R1, ENDPOINT_KEY, 0);
+    asm.insn(ST_DW, FP, 0, ENDPOINT_KEY + 8, 0);
+    asm.insn(ST_DW, FP, 0, ENDPOINT_KEY + 16, 0);
+    asm.load_map(R1, map);
+    asm.insn(MOV64_X, R2, FP, 0, 0);
+    asm.insn(ADD64_K, R2, 0, 0, i32::from(ENDPOINT_KEY));
+}
+
+/// Where [`endpoint_key`] puts the key, and [`counted_program`] a new endpoint's zero value.
+const ENDPOINT_KEY: i16 = -96;
+const ENDPOINT_ZERO: i16 = ENDPOINT_KEY - ENDPOINT_VALUE_BYTES as i16;
+
+/// [`timed_program`] with an endpoint counter: after the open's insert succeeds, the
+/// endpoint's counter is looked up (inserted with `BPF_NOEXIST` and looked up again on its
+/// first use, as the agent's `counts_of`) and 1 added to it atomically; the close, after
+/// the duration, looks the counter up again and adds −1 before the delete.
+fn counted_program(sockets: &OwnedFd, endpoints: &OwnedFd) -> Result<Vec<u64>> {
+    let value = -8 - SOCK_ENTRY_BYTES as i16;
+    let mut asm = Asm::default();
+    classify(&mut asm);
+    asm.label(Label::Open);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(STX_DW, FP, R0, value, 0);
+    for offset in (value + 8..-8).step_by(8) {
+        asm.insn(ST_DW, FP, 0, offset, 0);
+    }
+    map_and_key(&mut asm, sockets);
+    asm.insn(MOV64_X, R3, FP, 0, 0);
+    asm.insn(ADD64_K, R3, 0, 0, i32::from(value));
+    asm.insn(MOV64_K, R4, 0, 0, BPF_NOEXIST);
+    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
+    // Not inserted: not counted (the handler's exactly-once rule).
+    asm.jump(JNE_K, R0, 0, 0, Label::Out);
+    endpoint_key(&mut asm, endpoints);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JNE_K, R0, 0, 0, Label::Count);
+    for offset in (ENDPOINT_ZERO..ENDPOINT_KEY).step_by(8) {
+        asm.insn(ST_DW, FP, 0, offset, 0);
+    }
+    endpoint_key(&mut asm, endpoints);
+    asm.insn(MOV64_X, R3, FP, 0, 0);
+    asm.insn(ADD64_K, R3, 0, 0, i32::from(ENDPOINT_ZERO));
+    asm.insn(MOV64_K, R4, 0, 0, BPF_NOEXIST);
+    asm.insn(CALL, 0, 0, 0, MAP_UPDATE_ELEM);
+    endpoint_key(&mut asm, endpoints);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
+    asm.label(Label::Count);
+    asm.insn(MOV64_K, R1, 0, 0, 1);
+    asm.insn(ATOMIC_DW, R0, R1, 0, 0);
+    asm.jump(JA, 0, 0, 0, Label::Out);
+    asm.label(Label::Close);
+    map_and_key(&mut asm, sockets);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
+    asm.insn(LDX_DW, OPENED, R0, 0, 0);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(SUB64_X, R0, OPENED, 0, 0);
+    asm.insn(STX_DW, FP, R0, -16, 0);
+    endpoint_key(&mut asm, endpoints);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JEQ_K, R0, 0, 0, Label::Delete);
+    asm.insn(MOV64_K, R1, 0, 0, -1);
+    asm.insn(ATOMIC_DW, R0, R1, 0, 0);
+    asm.label(Label::Delete);
+    map_and_key(&mut asm, sockets);
+    asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
+    epilogue(&mut asm);
+    asm.finish()
+}
+
 /// The bpftrace one-liner's program: `if (old == SYN_RECV && new == ESTABLISHED)
 /// @s[sk] = nsecs; else if (old == ESTABLISHED) delete(@s[sk]);`. Not `classify`: the
 /// one-liner knows nothing of CLOSE_WAIT (a server end the client closed first leaves
@@ -512,6 +620,8 @@ pub struct ReferenceProgram {
     reference: Reference,
     id: u32,
     map: OwnedFd,
+    /// [`Reference::Counted`]'s endpoint counters.
+    endpoints: Option<OwnedFd>,
     _prog: OwnedFd,
     _link: OwnedFd,
 }
@@ -525,6 +635,7 @@ impl ReferenceProgram {
     /// socket map's `max_entries`, for a like-for-like comparison).
     pub fn attach_sized(reference: Reference, entries: u32) -> Result<Self> {
         use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
+        let mut endpoints = None;
         let (map, insns) = match reference {
             Reference::Line => {
                 let map = create_map(
@@ -560,6 +671,25 @@ impl ReferenceProgram {
                 let insns = timed_program(&map)?;
                 (map, insns)
             }
+            Reference::Counted => {
+                let map = create_map(
+                    BPF_MAP_TYPE_HASH as u32,
+                    8,
+                    SOCK_ENTRY_BYTES,
+                    entries,
+                    map_flags(false),
+                )?;
+                let counts = create_map(
+                    BPF_MAP_TYPE_HASH as u32,
+                    ENDPOINT_KEY_BYTES,
+                    ENDPOINT_VALUE_BYTES,
+                    ENDPOINT_ENTRIES,
+                    map_flags(true),
+                )?;
+                let insns = counted_program(&map, &counts)?;
+                endpoints = Some(counts);
+                (map, insns)
+            }
             Reference::SocketMap { preallocated } => {
                 let map = create_map(
                     BPF_MAP_TYPE_HASH as u32,
@@ -577,6 +707,7 @@ impl ReferenceProgram {
             reference,
             id,
             map,
+            endpoints,
             _prog: prog,
             _link: link,
         })
@@ -611,9 +742,10 @@ impl ReferenceProgram {
                 }
                 Ok(held)
             }
-            Reference::Hash { .. } | Reference::Timed | Reference::SocketMap { .. } => {
-                count_keys(self.map.as_fd())
-            }
+            Reference::Hash { .. }
+            | Reference::Timed
+            | Reference::Counted
+            | Reference::SocketMap { .. } => count_keys(self.map.as_fd()),
         }
     }
 
@@ -625,8 +757,21 @@ impl ReferenceProgram {
         let held = self.held()?;
         let enough = match self.reference {
             Reference::Line => held * 5 >= n * 4,
-            Reference::Hash { .. } | Reference::Timed | Reference::SocketMap { .. } => held >= n,
+            Reference::Hash { .. }
+            | Reference::Timed
+            | Reference::Counted
+            | Reference::SocketMap { .. } => held >= n,
         };
+        // Other passive opens on the host may come and go between the two reads: the
+        // counters are held to the same bound as the sockets, not to their exact number.
+        if let Some(counted) = self.endpoint_total()?
+            && counted < i64::try_from(n).unwrap_or(i64::MAX)
+        {
+            bail!(
+                "the reference program ({}) counts {counted} connections in its endpoints after {n} passive opens",
+                self.reference.label()
+            );
+        }
         if !enough {
             bail!(
                 "the reference program ({}) holds {held} sockets after {n} passive opens",
@@ -646,7 +791,63 @@ impl ReferenceProgram {
                 self.reference.label()
             );
         }
+        if let Some(counted) = self.endpoint_total()?
+            && (counted < 0 || counted.unsigned_abs() * 10 > n)
+        {
+            bail!(
+                "the reference program ({}) still counts {counted} connections in its endpoints after {n} connections closed",
+                self.reference.label()
+            );
+        }
         Ok(())
+    }
+
+    /// [`Reference::Counted`]'s endpoint counters added up (`None` for the others): the
+    /// sockets it holds, if every open and close was counted.
+    fn endpoint_total(&self) -> Result<Option<i64>> {
+        let Some(endpoints) = &self.endpoints else {
+            return Ok(None);
+        };
+        let mut total = 0i64;
+        let mut key = [0u8; ENDPOINT_KEY_BYTES as usize];
+        let mut next = [0u8; ENDPOINT_KEY_BYTES as usize];
+        let mut first = true;
+        let fd = u32::try_from(endpoints.as_raw_fd()).context("negative fd")?;
+        loop {
+            let mut attr = bpf_attr_zeroed();
+            // The members BPF_MAP_GET_NEXT_KEY reads; a null key starts the walk.
+            attr.__bindgen_anon_2.map_fd = fd;
+            attr.__bindgen_anon_2.key = if first { 0 } else { key.as_ptr() as u64 };
+            attr.__bindgen_anon_2.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
+            match sys::bpf(
+                bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long,
+                (&raw mut attr).cast(),
+                size_of::<bpf_attr>(),
+            ) {
+                Ok(_) => {}
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
+                    return Ok(Some(total));
+                }
+                Err(error) => return Err(error).context("bpf BPF_MAP_GET_NEXT_KEY"),
+            }
+            let mut value = [0u8; ENDPOINT_VALUE_BYTES as usize];
+            let mut attr = bpf_attr_zeroed();
+            // The members BPF_MAP_LOOKUP_ELEM reads; the pointers outlive the call.
+            attr.__bindgen_anon_2.map_fd = fd;
+            attr.__bindgen_anon_2.key = next.as_ptr() as u64;
+            attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+            sys::bpf(
+                bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long,
+                (&raw mut attr).cast(),
+                size_of::<bpf_attr>(),
+            )
+            .context("bpf BPF_MAP_LOOKUP_ELEM")?;
+            let mut active = [0u8; 8];
+            active.copy_from_slice(&value[..8]);
+            total += i64::from_ne_bytes(active);
+            key = next;
+            first = false;
+        }
     }
 }
 
@@ -695,6 +896,7 @@ mod tests {
         let _stats = sys::Sysctl::set("kernel.bpf_stats_enabled", "1").unwrap();
         const N: u64 = 300;
         let all = Reference::ALL.into_iter().chain([
+            Reference::Counted,
             Reference::SocketMap {
                 preallocated: false,
             },
@@ -725,6 +927,14 @@ mod tests {
         assert_eq!(
             SOCK_ENTRY_BYTES as usize,
             size_of::<drain_agent_common::SockEntry>()
+        );
+        assert_eq!(
+            ENDPOINT_KEY_BYTES as usize,
+            size_of::<drain_agent_common::ConnKey>()
+        );
+        assert_eq!(
+            ENDPOINT_VALUE_BYTES as usize,
+            size_of::<drain_agent_common::ConnCounts>()
         );
     }
 }

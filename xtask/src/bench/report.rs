@@ -238,16 +238,19 @@ fn interval_against(interval: Option<(f64, f64, f64)>, target: f64) -> String {
 const HOT_GOAL: &str = "hot churn per connection ≤ 1.3× the bare hash map reference";
 
 /// The hot churn in rounds: the handler against the bare hash map, and what a duration
-/// alone (two clock reads and the close's lookup) costs against the same map.
+/// alone (two clock reads and the close's lookup), then a duration and an endpoint counter
+/// (the least a per-endpoint drain needs), cost against the same map.
 fn hot_goal(hot: &HotRounds) -> Option<Goal> {
     let agent_bare = hot.ratio(HotProgram::Agent, HotProgram::Bare)?;
     let timed_bare = hot.ratio(HotProgram::Timed, HotProgram::Bare)?;
     let agent_timed = hot.ratio(HotProgram::Agent, HotProgram::Timed)?;
+    let counted_bare = hot.ratio(HotProgram::Counted, HotProgram::Bare)?;
+    let agent_counted = hot.ratio(HotProgram::Agent, HotProgram::Counted)?;
     let ns = |program| hot.median_net(program).unwrap_or(f64::NAN);
     Some(at_most(
         HOT_GOAL,
         format!(
-            "{:.2}× with {} (median of {} round ratios, {}; {:.0} vs {:.0} ns per connection, net of each round's floor, median {:.0} ns per run); the bare map with a duration (two clock reads and the close's lookup) {:.2}× the bare map ({}), and the handler {:.2}× that",
+            "{:.2}× with {} (median of {} round ratios, {}; {:.0} vs {:.0} ns per connection, net of each round's floor, median {:.0} ns per run); the bare map with a duration (two clock reads and the close's lookup) {:.2}× the bare map ({}), and the handler {:.2}× that; with a duration and an endpoint counter (what a per-endpoint drain needs at least) {:.2}× the bare map ({}), and the handler {:.2}× that ({})",
             agent_bare.median,
             hot.attach,
             agent_bare.ratios.len(),
@@ -257,7 +260,11 @@ fn hot_goal(hot: &HotRounds) -> Option<Goal> {
             ns(HotProgram::Empty),
             timed_bare.median,
             interval_against(timed_bare.interval, 1.3),
-            agent_timed.median
+            agent_timed.median,
+            counted_bare.median,
+            interval_against(counted_bare.interval, 1.3),
+            agent_counted.median,
+            interval_text(agent_counted.interval)
         ),
         agent_bare.median,
         1.3,
@@ -813,8 +820,9 @@ fn hot_rounds(out: &mut String, hot: &HotRounds) {
         out,
         "\n**The hot churn in rounds.** The same churn, {} connections per program and round, over \
          {} rounds; the programs take turns in the order the handler ({}, a fresh agent each \
-         round), the bare hash map, the bare map with a duration, the empty program, reversed every \
-         other round. One pass per program, as in the table above, cannot resolve a 1.3× ratio on a \
+         round), the bare hash map, the bare map with a duration, the same with an endpoint counter \
+         (the least a drain of one endpoint needs: a counter per endpoint, looked up and atomically \
+         added to at the open and the close), the empty program, reversed every other round. One pass per program, as in the table above, cannot resolve a 1.3× ratio on a \
          shared VM: between runs the bare map's churn alone has swung several-fold. So each ratio is \
          taken within a round, net of that round's own floor, and the goal reads the median of the \
          round ratios with its interval. ns per connection, net of the round's floor (the floor's \
@@ -828,10 +836,13 @@ fn hot_rounds(out: &mut String, hot: &HotRounds) {
             "the handler",
             "bare hash map",
             "with a duration",
+            "and an endpoint counter",
             "floor (ns/run)",
             "handler / bare",
             "duration / bare",
             "handler / duration",
+            "counter / bare",
+            "handler / counter",
         ],
     );
     let cell = |round: usize, program: HotProgram| {
@@ -858,10 +869,13 @@ fn hot_rounds(out: &mut String, hot: &HotRounds) {
                 cell(round, HotProgram::Agent),
                 cell(round, HotProgram::Bare),
                 cell(round, HotProgram::Timed),
+                cell(round, HotProgram::Counted),
                 cell(round, HotProgram::Empty),
                 ratio(round, HotProgram::Agent, HotProgram::Bare),
                 ratio(round, HotProgram::Timed, HotProgram::Bare),
                 ratio(round, HotProgram::Agent, HotProgram::Timed),
+                ratio(round, HotProgram::Counted, HotProgram::Bare),
+                ratio(round, HotProgram::Agent, HotProgram::Counted),
             ],
         );
     }
@@ -881,11 +895,14 @@ fn hot_rounds(out: &mut String, hot: &HotRounds) {
             ns(HotProgram::Agent),
             ns(HotProgram::Bare),
             ns(HotProgram::Timed),
+            ns(HotProgram::Counted),
             hot.median_net(HotProgram::Empty)
                 .map_or("—".to_owned(), |ns| format!("{ns:.1}")),
             median(HotProgram::Agent, HotProgram::Bare),
             median(HotProgram::Timed, HotProgram::Bare),
             median(HotProgram::Agent, HotProgram::Timed),
+            median(HotProgram::Counted, HotProgram::Bare),
+            median(HotProgram::Agent, HotProgram::Counted),
         ],
     );
     let _ = writeln!(
