@@ -35,9 +35,9 @@
 //!   hot-churn goal can be read against what the handler must do, not only against a bare
 //!   map.
 //!
-//! The four above classify transitions as the handler does (`drain_agent_common::classify`): an open
-//! is `SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, a close leaves those two states; every other
-//! run returns before touching memory. The empty program ([`EmptyProgram`]) is the floor.
+//! The four above classify transitions as the handler does
+//! (`drain_agent_common::classify`): an open is `SYN_RECV` → `ESTABLISHED`/`CLOSE_WAIT`, a
+//! close leaves those two states; every other run returns before touching memory. The empty program ([`EmptyProgram`]) is the floor.
 //!
 //! - [`Reference::SocketMap`]: the minimal socket-keyed map a drain needs, as a `bpftrace`
 //!   one-liner keeps it (`@s[skaddr] = nsecs` on `SYN_RECV` → `ESTABLISHED`,
