@@ -943,13 +943,23 @@ mod tests {
         assert_eq!(choose(found(&owners), 0).over_limit, 2);
     }
 
-    /// A kernel side whose `forget` waits for `lock`, as the real one waits for the
-    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections).
-    struct LockedKernel {
+    /// The kernel side, faked: `forget` waits for `lock`, as the real one waits for the
+    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections);
+    /// the steering stopped for good where `stopped` (counting how often that was asked);
+    /// the handler skipped `skips` runs, and an application listener is counted where
+    /// `counted` (counting the reads); the namespaces counted again are recorded.
+    #[derive(Default)]
+    struct FakeKernel {
         lock: Arc<std::sync::Mutex<()>>,
+        stopped: bool,
+        asked: std::sync::atomic::AtomicUsize,
+        skips: std::sync::atomic::AtomicU64,
+        counted: std::sync::atomic::AtomicBool,
+        read: std::sync::atomic::AtomicU64,
+        recounted: std::sync::Mutex<Vec<u32>>,
     }
 
-    impl OwnEndpoints for LockedKernel {
+    impl OwnEndpoints for FakeKernel {
         fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
             Ok(())
         }
@@ -960,11 +970,13 @@ mod tests {
         }
 
         fn steering_problem(&self) -> Option<String> {
-            Some("a fake".to_owned())
+            None
         }
 
         fn steering_stopped(&self) -> bool {
-            false
+            self.asked
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stopped
         }
 
         fn steer(
@@ -978,15 +990,20 @@ mod tests {
         }
 
         fn handler_skips(&self) -> Result<Option<u64>> {
-            Ok(Some(0))
+            Ok(Some(self.skips.load(std::sync::atomic::Ordering::SeqCst)))
         }
 
         fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
-            Ok(false)
+            self.read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self.counted.load(std::sync::atomic::Ordering::SeqCst))
         }
 
-        fn recount_pod_listeners(&self, _: u32, _: &std::fs::File) -> Result<()> {
-            anyhow::bail!("a fake")
+        fn recount_pod_listeners(&self, netns: u32, _: &std::fs::File) -> Result<()> {
+            self.recounted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(netns);
+            Ok(())
         }
     }
 
@@ -1028,8 +1045,7 @@ mod tests {
     #[tokio::test]
     async fn an_incomplete_scan_closes_no_listener() {
         let (_phases, stop) = watch::channel(StopPhase::Serving);
-        let lock = Arc::new(std::sync::Mutex::new(()));
-        let mut manager = manager(Arc::new(LockedKernel { lock }), stop);
+        let mut manager = manager(Arc::new(FakeKernel::default()), stop);
         manager.steer = true;
         manager.scan = incomplete;
         let pod = 4_026_532_000;
@@ -1063,8 +1079,9 @@ mod tests {
         let lock = Arc::new(std::sync::Mutex::new(()));
         let (phase, phases) = watch::channel(StopPhase::Serving);
         let mut manager = manager(
-            Arc::new(LockedKernel {
+            Arc::new(FakeKernel {
                 lock: Arc::clone(&lock),
+                ..FakeKernel::default()
             }),
             phases,
         );
@@ -1101,8 +1118,7 @@ mod tests {
     #[tokio::test]
     async fn a_namespace_failing_to_get_a_listener_is_counted() {
         let (_phase, phases) = watch::channel(StopPhase::Serving);
-        let lock = Arc::new(std::sync::Mutex::new(()));
-        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        let mut manager = manager(Arc::new(FakeKernel::default()), phases);
         let gauge = IntGaugeVec::new(
             prometheus::Opts::new("drain_agent_pod_listeners", "test"),
             &["state"],
@@ -1160,8 +1176,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ready_once_the_first_round_is_served_or_classified() {
         let (_phase, phases) = watch::channel(StopPhase::Serving);
-        let lock = Arc::new(std::sync::Mutex::new(()));
-        let mut manager = manager(Arc::new(LockedKernel { lock }), phases);
+        let mut manager = manager(Arc::new(FakeKernel::default()), phases);
         // The manager's state, waiting for the first round.
         let waiting = |manager: &mut Manager| {
             let ready = crate::http::ready::Readiness::after_first_round();
@@ -1246,55 +1261,6 @@ mod tests {
         (status, serde_json::from_slice(&body).expect("JSON"))
     }
 
-    /// A kernel side whose steering has stopped for good (a count of the applications'
-    /// listeners on the in-pod port failed), counting how often it was asked.
-    #[derive(Default)]
-    struct StoppedKernel {
-        asked: std::sync::atomic::AtomicUsize,
-    }
-
-    impl OwnEndpoints for StoppedKernel {
-        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
-            Ok(())
-        }
-
-        fn forget(&self, _: u32, _: u16) -> Result<()> {
-            Ok(())
-        }
-
-        fn steering_problem(&self) -> Option<String> {
-            None
-        }
-
-        fn steering_stopped(&self) -> bool {
-            self.asked
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            true
-        }
-
-        fn steer(
-            &self,
-            _: SocketAddr,
-            _: u32,
-            _: &std::fs::File,
-            _: std::os::fd::BorrowedFd<'_>,
-        ) -> Result<SteerLink> {
-            anyhow::bail!("a fake")
-        }
-
-        fn handler_skips(&self) -> Result<Option<u64>> {
-            Ok(Some(0))
-        }
-
-        fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
-            Ok(false)
-        }
-
-        fn recount_pod_listeners(&self, _: u32, _: &std::fs::File) -> Result<()> {
-            anyhow::bail!("a fake")
-        }
-    }
-
     /// Audit (a silent stop): once the kernel side stopped steering for good, every pod's
     /// hook to the in-pod port was refused, and the agent said so in one WARN only:
     /// `/healthz` stayed `ok` and `drain_agent_pod_listeners{state="steered"}` counted the
@@ -1303,7 +1269,10 @@ mod tests {
     #[tokio::test]
     async fn a_stopped_steering_is_reported_while_it_lasts() {
         let (_phase, phases) = watch::channel(StopPhase::Serving);
-        let kernel = Arc::new(StoppedKernel::default());
+        let kernel = Arc::new(FakeKernel {
+            stopped: true,
+            ..FakeKernel::default()
+        });
         let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, phases);
         let gauge = IntGaugeVec::new(
             prometheus::Opts::new("drain_agent_pod_listeners", "test"),
@@ -1404,62 +1373,6 @@ mod tests {
         }
     }
 
-    /// A kernel side whose handler skipped `skips` runs and counts an application listener
-    /// where `counted`; it records the namespaces counted again.
-    #[derive(Default)]
-    struct SkippingKernel {
-        skips: std::sync::atomic::AtomicU64,
-        counted: std::sync::atomic::AtomicBool,
-        /// How often the count was read.
-        read: std::sync::atomic::AtomicU64,
-        recounted: std::sync::Mutex<Vec<u32>>,
-    }
-
-    impl OwnEndpoints for SkippingKernel {
-        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
-            Ok(())
-        }
-
-        fn forget(&self, _: u32, _: u16) -> Result<()> {
-            Ok(())
-        }
-
-        fn steering_problem(&self) -> Option<String> {
-            None
-        }
-
-        fn steering_stopped(&self) -> bool {
-            false
-        }
-
-        fn steer(
-            &self,
-            _: SocketAddr,
-            _: u32,
-            _: &std::fs::File,
-            _: std::os::fd::BorrowedFd<'_>,
-        ) -> Result<SteerLink> {
-            anyhow::bail!("a fake")
-        }
-
-        fn handler_skips(&self) -> Result<Option<u64>> {
-            Ok(Some(self.skips.load(std::sync::atomic::Ordering::SeqCst)))
-        }
-
-        fn pod_listeners_counted(&self, _: u32) -> Result<bool> {
-            self.read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(self.counted.load(std::sync::atomic::Ordering::SeqCst))
-        }
-
-        fn recount_pod_listeners(&self, netns: u32, _: &std::fs::File) -> Result<()> {
-            self.recounted
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(netns);
-            Ok(())
-        }
-    }
-
     /// Found by an audit: a `listen()` whose handler run the kernel skipped left its
     /// namespace's count at 0, and the agent kept taking the application's connections on
     /// the in-pod port until a walk. A skip counted since the namespace was verified sends
@@ -1476,7 +1389,7 @@ mod tests {
         }
         let app = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
         let (_phases, stop) = watch::channel(StopPhase::Serving);
-        let kernel = Arc::new(SkippingKernel::default());
+        let kernel = Arc::new(FakeKernel::default());
         let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, stop);
         manager.steer = true;
         manager.options.addr = app.local_addr().expect("address");
