@@ -1304,3 +1304,86 @@ fn wait_for_listener(path: &str) -> TcpListener {
     });
     listener.expect("a listener")
 }
+
+/// Found by an audit: a pod listener's forget of its own endpoint runs under the kernel's
+/// lock, which a walk holds for minutes, so it may run long after the listener closed; the
+/// pod's namespace is gone by then, and the kernel hands its inode to the next namespace
+/// made, where the manager may serve already. That late forget took the new pod's
+/// registration: its steering (the hooks to the in-pod port refused) and its mark (its own
+/// connections counted as the application's, a drain that never ends, and the
+/// application's listeners there left uncounted, its connections steered to the agent).
+/// Here the "new pod" is the same namespace served again (its inode is the same), with the
+/// kernel side loaded in-process as the agent has it (`KernelEndpoints`).
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_late_forget_leaves_the_next_registration_on_its_inode_alone() {
+    use std::os::{fd::AsFd as _, unix::fs::MetadataExt as _};
+
+    use drain_agent::{agent::KernelEndpoints, http::pods::OwnEndpoints as _, tracker::Filter};
+
+    let test = "a_late_forget_leaves_the_next_registration_on_its_inode_alone";
+    if !sk_lookup_available(test) {
+        return;
+    }
+    let kernel = drain_agent::kernel::Kernel::load(&drain_agent::kernel::KernelOptions {
+        max_connections: 4_096,
+        max_endpoints: 1_024,
+        attach: None,
+        no_seed: true,
+        preallocate_sockets: false,
+        pod_port: POD_PORT,
+        pin_dir: None,
+    })
+    .expect("load the kernel side");
+    let maps = kernel.maps();
+    let endpoints = KernelEndpoints(Arc::new(std::sync::Mutex::new(kernel)));
+    let pod = Netns::new("late-forget");
+    let inode = u32::try_from(std::fs::metadata(pod.path()).expect("netns").ino()).expect("u32");
+    let file = std::fs::File::open(pod.path()).expect("the namespace's file");
+    let target = local(POD_PORT);
+    let socket_port = drain_agent::http::pods::DEFAULT_SOCKET_PORT;
+    let socket = || {
+        pod.run_in(move || TcpListener::bind(local(socket_port)))
+            .expect("the agent's socket")
+    };
+    // The old pod's listener, served, then closed: its link dropped, its socket closed.
+    let old = socket();
+    let old_steered = endpoints
+        .steer(target, inode, &file, old.as_fd())
+        .expect("steer in the old pod");
+    drop(old_steered.link);
+    drop(old);
+    // The new pod on that inode, served before the old listener's forget ran.
+    let new = socket();
+    let _new_steered = endpoints
+        .steer(target, inode, &file, new.as_fd())
+        .expect("steer in the new pod");
+    // The old listener's forget, late.
+    endpoints.forget(old_steered.own).expect("the late forget");
+
+    // The new pod's hook reaches its socket (steered), and is not counted (the mark).
+    let client = pod.run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(2)));
+    let steered = client.is_ok();
+    let uncounted = steered && {
+        let (_accepted, _) = new.accept().expect("accept the hook");
+        let filter = Filter {
+            port: POD_PORT,
+            addr: None,
+            netns: Some(inode),
+        };
+        maps.tracked(&filter)
+            .expect("the tracked sockets")
+            .is_empty()
+    };
+    drop(client);
+    // The new pod's application listens on the port: counted, as in a served namespace.
+    let app = App::listen(&pod, &format!("0.0.0.0:{POD_PORT}")).expect("the app listens");
+    let app_counted = endpoints
+        .pod_listeners_counted(inode)
+        .expect("read the count");
+    drop(app);
+    assert!(
+        steered && uncounted && app_counted,
+        "the old listener's late forget undid the new pod's registration: steered {steered}, own connection uncounted {uncounted}, the application's listener counted {app_counted}"
+    );
+}

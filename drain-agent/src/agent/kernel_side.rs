@@ -10,8 +10,8 @@ use rustix::thread::CapabilitySet;
 
 use crate::{
     cli::CloseArg,
-    http::pods::OwnEndpoints,
-    kernel::{Kernel, destroy::CloseMethod},
+    http::pods::{OwnEndpoints, SteeredPort},
+    kernel::{Kernel, OwnEndpoint, destroy::CloseMethod},
 };
 
 /// The close method asked for, checked against what this kernel loaded.
@@ -83,17 +83,18 @@ fn netlink_problem(net_admin: bool, asked: CloseArg) -> Option<String> {
 pub struct KernelEndpoints(pub Arc<Mutex<Kernel>>);
 
 impl OwnEndpoints for KernelEndpoints {
-    fn ignore(&self, netns: u32, addr: std::net::SocketAddr) -> Result<()> {
+    fn ignore(&self, netns: u32, addr: std::net::SocketAddr) -> Result<OwnEndpoint> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .ignore_own_endpoint(netns, addr)
     }
 
-    fn forget(&self, netns: u32, port: u16) -> Result<()> {
-        let mut kernel = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        kernel.unsteer_pod_port(netns);
-        kernel.forget_own_endpoint(netns, port)
+    fn forget(&self, own: OwnEndpoint) -> Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_own_endpoint(own)
     }
 
     fn steering_problem(&self) -> Option<String> {
@@ -117,27 +118,29 @@ impl OwnEndpoints for KernelEndpoints {
         netns: u32,
         netns_file: &std::fs::File,
         socket: std::os::fd::BorrowedFd<'_>,
-    ) -> Result<crate::kernel::steer::SteerLink> {
+    ) -> Result<SteeredPort> {
         let lock = || self.0.lock().unwrap_or_else(PoisonError::into_inner);
         // Listeners on the in-pod port are counted only in namespaces marked served: mark
-        // this one (`OWN_SEEDING`), wait until every handler run sees the mark, then count
-        // the listeners from before (the eBPF side's `pod_listen::served` says why this
-        // order counts each once, never too low).
-        let seeder = lock().pod_listener_seeder(netns, target.port());
+        // this one (`OWN_SEEDING`, a registration of its own: a late forget of an earlier
+        // listener on this inode leaves it alone), wait until every handler run sees the
+        // mark, then count the listeners from before (the eBPF side's `pod_listen::served`
+        // says why this order counts each once, never too low).
+        let (own, seed) = lock().pod_listener_seeder(netns, target.port())?;
         // The wait and the walk of the whole TCP hash: not under the lock, which every
         // other pod being opened (and the walks) need.
-        let counted =
-            seeder.and_then(|seed| crate::kernel::count_pod_listeners(seed, netns, netns_file));
+        let counted = crate::kernel::count_pod_listeners(seed, netns, netns_file);
         let mut kernel = lock();
         // Before the program is attached: the first steered connection is the agent's.
         let steered = counted
-            .and_then(|()| kernel.ignore_steered_endpoint(netns, target.port()))
-            .and_then(|()| kernel.steer_pod_port(target, netns, netns_file, socket));
-        if steered.is_err() {
-            kernel.unsteer_pod_port(netns);
-            let _ = kernel.forget_own_endpoint(netns, target.port());
+            .and_then(|()| kernel.ignore_steered_endpoint(&own))
+            .and_then(|()| kernel.steer_pod_port(target, &own, netns_file, socket));
+        match steered {
+            Ok(link) => Ok(SteeredPort { link, own }),
+            Err(problem) => {
+                let _ = kernel.forget_own_endpoint(own);
+                Err(problem)
+            }
         }
-        steered
     }
 
     fn handler_skips(&self) -> Result<Option<u64>> {

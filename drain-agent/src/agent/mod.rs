@@ -9,6 +9,8 @@ use log::{error, info, warn};
 mod kernel_side;
 mod process;
 
+pub use self::kernel_side::KernelEndpoints;
+
 use crate::{
     cli::RunArgs,
     closer::Closer,
@@ -168,7 +170,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
         kernel.maps().assume_kernel_version(version);
     }
-    // The agent's own API connections are not a service's: they take no slot.
+    // The agent's own API connections are not a service's: they take no slot (for as long
+    // as the agent runs: this registration is never forgotten).
     let own_netns = crate::sys::netns::inode_of(std::path::Path::new("/proc/self/ns/net"))
         .context("cannot read the agent's own network namespace")?;
     kernel.ignore_own_endpoint(

@@ -366,6 +366,7 @@ impl Kernel {
             forgetting_now: take_map(&mut ebpf, "FORGETTING_NOW")?,
             own_endpoints: take_map(&mut ebpf, "OWN_ENDPOINTS")?,
             own_ports: take_map(&mut ebpf, "OWN_PORTS")?,
+            own_registrations: super::OwnRegistrations::default(),
             ebpf,
             attach,
             maps: Arc::new(maps),

@@ -46,7 +46,7 @@ pub use self::{
     attach::AttachMethod,
     maps::KernelMaps,
     pin::{KernelState, Origin},
-    pod::{PodSeed, count_pod_listeners},
+    pod::{OwnEndpoint, OwnRegistrations, PodSeed, count_pod_listeners},
     reclaim::{RECLAIM_IDLE, ReclaimReport},
     walk::{RepairReport, WalkReport},
 };
@@ -97,6 +97,9 @@ pub struct Kernel {
     forgetting_now: Array<MapData, u64>,
     own_endpoints: HashMap<MapData, u64, u8>,
     own_ports: Array<MapData, u64>,
+    /// The latest registration of each own endpoint marked in `own_endpoints`: a forget
+    /// undoes its own only (`pod.rs`).
+    own_registrations: OwnRegistrations,
     /// Why walks cannot run on this kernel, if they cannot.
     walker_problem: Option<String>,
     /// The RCU grace periods the reclaim and the sweep wait for (`rcu`), or why none can be

@@ -16,7 +16,7 @@ use prometheus::IntGaugeVec;
 use tokio::{sync::watch, task::JoinSet, time::Instant};
 
 use super::{
-    OwnEndpoints, PodListenOptions,
+    OwnEndpoints, PodListenOptions, SteeredPort,
     callers::{NodeCallers, pod_or_node_root_only},
     open::{Bind, bind_in, open_steered},
     recount::{CountChecks, Steered, Verified},
@@ -177,7 +177,9 @@ pub(super) struct Manager {
     /// (it hands the lowest free one out again) before then is taken for it and gets no
     /// listener (SECURITY.md), but in this set, where a pin of the inode has it looked at
     /// again (CRI runtimes pin every pod's). A served namespace's inode is not reused
-    /// meanwhile: the listening socket holds the namespace.
+    /// meanwhile: the listening socket holds the namespace. Once the listener is closed it
+    /// may be, before that listener's forget ran (it waits for the kernel's lock): the
+    /// forget undoes that listener's registration only ([`OwnEndpoints::forget`]).
     pub(super) user_owned: BTreeMap<u32, netns::UserOwner>,
     /// Namespaces left without a listener at the last rescan: `--pod-max-listeners` are
     /// served already.
@@ -462,7 +464,7 @@ impl Manager {
                             endpoints.as_ref(),
                             &handover,
                         )
-                        .map(|(listener, link)| (listener, Some(link)))
+                        .map(|(listener, steered)| (listener, Some(steered)))
                     } else {
                         bind_in(&path, inode, addr, &handover).map(|listener| (listener, None))
                     };
@@ -485,20 +487,20 @@ impl Manager {
         &mut self,
         inode: u32,
         path: &Path,
-        opened: Result<(std::net::TcpListener, Option<SteerLink>), Bind>,
+        opened: Result<(std::net::TcpListener, Option<SteeredPort>), Bind>,
     ) {
         let addr = self.options.addr;
         // In `failing` only while the last try failed that way (one served, skipped or
         // waited for is counted there, not as failing too).
         let failed_before = self.failing.remove(&inode);
         let (problem, steering) = match opened {
-            Ok((listener, link)) => {
+            Ok((listener, steered)) => {
                 if self.waiting.remove(&inode) {
                     info!(
                         "network namespace {inode}: {addr} is free of the older agent now; listening"
                     );
                 }
-                self.serve(inode, path, listener, link);
+                self.serve(inode, path, listener, steered);
                 return;
             }
             Err(Bind::AgentThere) => {
@@ -640,15 +642,20 @@ impl Manager {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Serves the routes on `listener` until the namespace is gone or the agent stops.
+    /// Serves the routes on `listener` until the namespace is gone or the agent stops
+    /// (`steered`: its in-pod port steered to it, else bound).
     fn serve(
         &mut self,
         inode: u32,
         path: &Path,
         listener: std::net::TcpListener,
-        link: Option<SteerLink>,
+        steered: Option<SteeredPort>,
     ) {
         let addr = self.options.addr;
+        let (link, steered_own) = match steered {
+            Some(SteeredPort { link, own }) => (Some(link), Some(own)),
+            None => (None, None),
+        };
         let steered = link.is_some();
         // The seeder counted the namespace's listeners before the steering began: right as
         // of the skips the last check read, or earlier (`recount.rs`).
@@ -666,16 +673,21 @@ impl Manager {
             }
         };
         let endpoints = Arc::clone(&self.endpoints);
-        let port = addr.port();
         // Bound: after the bind (a pod that holds the port keeps its connections counted);
         // a connection in between is counted and un-counted like any other. Steered: done
         // by `steer` before the program is attached.
-        if !steered && let Err(problem) = endpoints.ignore(inode, addr) {
-            warn!(
-                "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
-            );
-            return;
-        }
+        let own = match steered_own {
+            Some(own) => own,
+            None => match endpoints.ignore(inode, addr) {
+                Ok(own) => own,
+                Err(problem) => {
+                    warn!(
+                        "network namespace {inode}: cannot leave the agent's own connections there uncounted ({problem:#}); not listening"
+                    );
+                    return;
+                }
+            },
+        };
         let app = pod_router(
             Arc::clone(&self.state),
             inode,
@@ -747,8 +759,10 @@ impl Manager {
             {
                 warn!("network namespace {inode}: the listener failed: {problem:#}");
             }
-            // The listener is closed (dropped by serve): the namespace is no longer held.
-            let forgotten = tokio::task::spawn_blocking(move || endpoints.forget(inode, port));
+            // The listener is closed (dropped by serve): the namespace is no longer held, and
+            // its inode may be another's before this runs, served already: `forget` undoes
+            // this listener's registration only.
+            let forgotten = tokio::task::spawn_blocking(move || endpoints.forget(own));
             if agent_stopping(&phase) {
                 // Not waited for: `forget` takes the kernel's lock, which a walk of the
                 // sockets holds for its whole run (minutes with 100k connections), and the
@@ -890,8 +904,11 @@ mod tests {
     use tower::ServiceExt as _;
 
     use super::*;
-    use crate::http::{
-        identify::SocketTables, pods::callers::NodeAddresses, server::LocalAddr, tests::app,
+    use crate::{
+        http::{
+            identify::SocketTables, pods::callers::NodeAddresses, server::LocalAddr, tests::app,
+        },
+        kernel::OwnEndpoint,
     };
 
     /// Audit: every namespace found got a listener, those any local user makes
@@ -944,7 +961,9 @@ mod tests {
     }
 
     /// The kernel side, faked: `forget` waits for `lock`, as the real one waits for the
-    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections);
+    /// kernel's lock while a walk of the sockets holds it (minutes with 100k connections),
+    /// then undoes its registration as the real one does, only if it is the latest of its
+    /// namespace and port (recording whether it was, in `forgotten`);
     /// the steering stopped for good where `stopped` (counting how often that was asked);
     /// the handler skipped `skips` runs, and an application listener is counted where
     /// `counted` (counting the reads); the namespaces counted again are recorded.
@@ -957,15 +976,43 @@ mod tests {
         counted: std::sync::atomic::AtomicBool,
         read: std::sync::atomic::AtomicU64,
         recounted: std::sync::Mutex<Vec<u32>>,
+        registrations: std::sync::Mutex<crate::kernel::OwnRegistrations>,
+        forgotten: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl FakeKernel {
+        /// Whether each forget since the last call undid its registration (the latest of its
+        /// namespace and port), in order.
+        fn forgotten(&self) -> Vec<bool> {
+            std::mem::take(
+                &mut *self
+                    .forgotten
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        }
     }
 
     impl OwnEndpoints for FakeKernel {
-        fn ignore(&self, _: u32, _: SocketAddr) -> Result<()> {
-            Ok(())
+        fn ignore(&self, netns: u32, addr: SocketAddr) -> Result<OwnEndpoint> {
+            Ok(self
+                .registrations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .register(netns, addr.port()))
         }
 
-        fn forget(&self, _: u32, _: u16) -> Result<()> {
+        fn forget(&self, own: OwnEndpoint) -> Result<()> {
             drop(self.lock.lock());
+            let undone = self
+                .registrations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .release(&own);
+            self.forgotten
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(undone);
             Ok(())
         }
 
@@ -985,7 +1032,7 @@ mod tests {
             _: u32,
             _: &std::fs::File,
             _: std::os::fd::BorrowedFd<'_>,
-        ) -> Result<SteerLink> {
+        ) -> Result<SteeredPort> {
             anyhow::bail!("a fake")
         }
 
@@ -1108,6 +1155,66 @@ mod tests {
             stopped.is_ok(),
             "the pod listeners' stop waited for the walk holding the kernel's lock"
         );
+    }
+
+    /// Found by an audit: a closed pod listener's forget of its own endpoint waits for the
+    /// kernel's lock, which a walk holds for minutes; by the time it ran, the namespace was
+    /// gone and the kernel had given its inode to a new pod's namespace, served already, and
+    /// the forget undid the new pod's registration (its own connections counted as the
+    /// application's: a drain that never ends; its steering gone). The late forget undoes
+    /// nothing now (tests/pod_port.rs shows it against the real kernel side); the new
+    /// listener's own forget still undoes its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_forget_leaves_the_next_listener_on_its_inode_registered() {
+        let lock = Arc::new(std::sync::Mutex::new(()));
+        let kernel = Arc::new(FakeKernel {
+            lock: Arc::clone(&lock),
+            ..FakeKernel::default()
+        });
+        let (_phase, phases) = watch::channel(StopPhase::Serving);
+        let mut manager = manager(Arc::clone(&kernel) as Arc<dyn OwnEndpoints>, phases);
+        manager.scan = none_left;
+        let pod = 4_026_532_001;
+        let path = Path::new("/run/netns/pod");
+        let listener = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.set_nonblocking(true).expect("non-blocking");
+            listener
+        };
+        let closed = async |manager: &mut Manager| {
+            tokio::time::timeout(Duration::from_secs(10), manager.tasks.join_next())
+                .await
+                .expect("a listener's task ends")
+                .expect("a listener's task")
+                .expect("it did not panic");
+        };
+        // The walk: a thread holding the kernel's lock until told to end.
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let (end_walk, walk_ends) = std::sync::mpsc::channel::<()>();
+        let walk = std::thread::spawn(move || {
+            let _held = lock.lock();
+            let _ = locked.send(());
+            let _ = walk_ends.recv_timeout(Duration::from_secs(30));
+        });
+        is_locked.recv().expect("the walk holds the kernel's lock");
+        manager.serve(pod, path, listener(), None);
+        // The namespace is gone: its listener closes, its forget waits for the walk.
+        manager.reconcile().await;
+        assert!(manager.listening.is_empty());
+        // A new pod's namespace on that inode, served meanwhile.
+        manager.serve(pod, path, listener(), None);
+        drop(end_walk);
+        walk.join().expect("the walk");
+        closed(&mut manager).await;
+        assert_eq!(
+            kernel.forgotten(),
+            vec![false],
+            "the old listener's late forget undid the new pod's registration"
+        );
+        // The new pod's namespace goes in turn: its listener's forget undoes its own.
+        manager.reconcile().await;
+        closed(&mut manager).await;
+        assert_eq!(kernel.forgotten(), vec![true]);
     }
 
     /// Audit (silent lost hook): a namespace whose listener kept failing to open (EMFILE,

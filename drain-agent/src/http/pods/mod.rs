@@ -61,6 +61,10 @@
 //! in progress get their usual answers during the agent's `--shutdown-grace`. What a closed
 //! listener then does under the kernel's lock (forgetting its own endpoint) is not waited
 //! for: a walk may hold that lock for minutes, and the agent's exit waits for it, bounded.
+//!
+//! That forget, whenever it runs, undoes only its own listener's registration
+//! ([`OwnEndpoint`]): run late, it may find the namespace gone and its inode given to a new
+//! pod's namespace, served already, whose mark and steering it leaves alone.
 
 mod callers;
 mod manager;
@@ -93,7 +97,7 @@ use crate::{
     http::handover::{Handover, StopPhase},
     http::identify::ClientSockets,
     http::server::ServerLimits,
-    kernel::steer::SteerLink,
+    kernel::{OwnEndpoint, steer::SteerLink},
     metrics::Metrics,
     sys::netns,
     sys::netns_watch::NetnsWatch,
@@ -110,25 +114,28 @@ const BURST_FOR: Duration = Duration::from_millis(750);
 /// Keeps the agent's own connections uncounted and steers the in-pod port to the agent
 /// (the kernel side implements it).
 pub trait OwnEndpoints: Send + Sync + 'static {
-    /// Leaves connections to the agent's listener bound at `addr` in `netns` uncounted.
-    fn ignore(&self, netns: u32, addr: SocketAddr) -> Result<()>;
-    /// Undoes [`OwnEndpoints::ignore`] and [`OwnEndpoints::steer`] once the listener is
-    /// closed.
-    fn forget(&self, netns: u32, port: u16) -> Result<()>;
+    /// Leaves connections to the agent's listener bound at `addr` in `netns` uncounted;
+    /// returns the registration [`OwnEndpoints::forget`] undoes.
+    fn ignore(&self, netns: u32, addr: SocketAddr) -> Result<OwnEndpoint>;
+    /// Undoes the registration `own` made by [`OwnEndpoints::ignore`] or
+    /// [`OwnEndpoints::steer`] once its listener is closed: nothing when its namespace and
+    /// port were registered again since. A forget can run minutes late (it waits for the
+    /// kernel's lock, which a walk holds), when the namespace is gone and the kernel has
+    /// given its inode to another, which the agent may serve already.
+    fn forget(&self, own: OwnEndpoint) -> Result<()>;
     /// Why the in-pod port cannot be steered with `sk_lookup` here, or `None`.
     fn steering_problem(&self) -> Option<String>;
     /// Whether the steering stopped everywhere (a listener on the port may be uncounted).
     fn steering_stopped(&self) -> bool;
     /// Steers connections to `target` in `netns` (file `netns_file`) to `socket` while no
-    /// application listens on `target`'s port there, and leaves them uncounted meanwhile;
-    /// dropping the link detaches the steering.
+    /// application listens on `target`'s port there, and leaves them uncounted meanwhile.
     fn steer(
         &self,
         target: SocketAddr,
         netns: u32,
         netns_file: &File,
         socket: BorrowedFd<'_>,
-    ) -> Result<SteerLink>;
+    ) -> Result<SteeredPort>;
     /// Runs of the kernel side's handler the kernel skipped so far, or `None` where it does
     /// not count them all (`recount.rs`).
     fn handler_skips(&self) -> Result<Option<u64>>;
@@ -138,6 +145,14 @@ pub trait OwnEndpoints: Send + Sync + 'static {
     /// Counts the listeners on the in-pod port in `netns` (file `netns_file`) again, as
     /// before its steering began: one a skipped handler run missed is counted, none twice.
     fn recount_pod_listeners(&self, netns: u32, netns_file: &File) -> Result<()>;
+}
+
+/// A pod namespace's in-pod port steered to the agent ([`OwnEndpoints::steer`]).
+pub struct SteeredPort {
+    /// Dropping it detaches the steering.
+    pub link: SteerLink,
+    /// The registration [`OwnEndpoints::forget`] undoes once the listener is closed.
+    pub own: OwnEndpoint,
 }
 
 /// Whether the in-pod port's steering stopped for good ([`OwnEndpoints::steering_stopped`]):

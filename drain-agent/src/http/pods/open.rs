@@ -12,10 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::OwnEndpoints;
+use super::{OwnEndpoints, SteeredPort};
 use crate::{
     http::handover::{Handover, Holder, holder_of},
-    kernel::steer::SteerLink,
     sys::netns,
 };
 
@@ -30,12 +29,12 @@ pub(super) fn open_steered(
     socket_port: u16,
     endpoints: &dyn OwnEndpoints,
     handover: &Arc<Handover>,
-) -> Result<(std::net::TcpListener, SteerLink), Bind> {
+) -> Result<(std::net::TcpListener, SteeredPort), Bind> {
     let (listener, netns_file) = socket_in(path, inode, addr, socket_port, handover)?;
-    let link = endpoints
+    let steered = endpoints
         .steer(addr, inode, &netns_file, listener.as_fd())
         .map_err(Bind::Steer)?;
-    Ok((listener, link))
+    Ok((listener, steered))
 }
 
 /// Why a bind failed.
