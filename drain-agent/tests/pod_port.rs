@@ -386,6 +386,21 @@ fn the_hook_works_in_a_pod_that_does_not_use_the_port() {
         "",
         "the port is free in the pod"
     );
+    // An IPv4 `--pod-listen` steers IPv4 only (README, "Which pods it cannot serve this
+    // way"): a dual-stack pod's hook to its IPv6 address needs `[::]:9100`
+    // (`an_ipv6_wildcard_pod_listen_serves_both_families`).
+    let v6: SocketAddr = format!("[::1]:{POD_PORT}").parse().expect("addr");
+    assert_eq!(
+        get(
+            Some(&pod.netns.path()),
+            v6,
+            "/healthz",
+            Duration::from_secs(2)
+        )
+        .map(|(s, _)| s),
+        None,
+        "nothing answers the pod's IPv6 loopback on the port"
+    );
     let port = free_port();
     let server = pod.listen(port);
     let clients = connect(&pod.ip, port, 2, &server);
