@@ -47,6 +47,8 @@ use crate::{addr::canonical_addr, sys::netns};
 
 /// A miss reads the namespaces again at most this often.
 pub const MISS_REFRESH: Duration = Duration::from_secs(1);
+/// How often addresses newly held by two namespaces are WARNed about ([`Snapshot::newly_shared`]).
+const SHARED_TOLD_EVERY: Duration = crate::logging::WITHHELD_LOGGED_EVERY;
 /// A hit older than this is read again before it is believed.
 pub const HIT_REFRESH: Duration = Duration::from_secs(5);
 /// An address that named a pod and names none now (no namespace holds it, or two do) is
@@ -221,9 +223,38 @@ struct Snapshot {
     /// When a read last failed, if none has worked since: none is tried again before
     /// [`MISS_REFRESH`] has passed.
     failed_at: Option<Instant>,
+    /// When an address newly held by two namespaces was last WARNed about
+    /// ([`Snapshot::newly_shared`]).
+    shared_told_at: Option<Instant>,
 }
 
 impl Snapshot {
+    /// The addresses of `shared` that were not shared at the last read, and whether to WARN
+    /// about them now: at most once per [`SHARED_TOLD_EVERY`] (DEBUG between). A pod with
+    /// `CAP_NET_ADMIN` in its own namespace can add and remove other pods' addresses and
+    /// make the agent read again (`/health?addr=` from anywhere, at most once a second):
+    /// one WARN per address and read would fill the journal.
+    fn newly_shared(
+        &mut self,
+        shared: &HashMap<IpAddr, Vec<u32>>,
+        now: Instant,
+    ) -> (Vec<IpAddr>, bool) {
+        let mut newly: Vec<IpAddr> = shared
+            .keys()
+            .filter(|addr| !self.shared.contains_key(addr))
+            .copied()
+            .collect();
+        newly.sort_unstable();
+        let due = !newly.is_empty()
+            && self
+                .shared_told_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= SHARED_TOLD_EVERY);
+        if due {
+            self.shared_told_at = Some(now);
+        }
+        (newly, due)
+    }
+
     fn named(&self, addr: IpAddr, now: Instant) -> Named {
         if let Some(&netns) = self.owners.get(&addr) {
             return Named::Pod(netns);
@@ -540,12 +571,18 @@ impl PodAddresses {
         let (owners, shared) = holders_of(self.own_netns, &read);
         let now = Instant::now();
         let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
-        for (addr, holders) in &shared {
-            if !snapshot.shared.contains_key(addr) {
-                log::warn!(
-                    "address {addr} is held by network namespaces {holders:?}: it names no pod (a caller from it is remote), and /health or agent-check asking about it answers draining if a drain covers it in any of them"
-                );
-            }
+        let (newly, warn) = snapshot.newly_shared(&shared, now);
+        for addr in newly {
+            let holders = shared.get(&addr).map(Vec::as_slice).unwrap_or_default();
+            let level = if warn {
+                log::Level::Warn
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "address {addr} is held by network namespaces {holders:?}: it names no pod (a caller from it is remote), and /health or agent-check asking about it answers draining if a drain covers it in any of them (addresses newly shared are WARNed at most once per {SHARED_TOLD_EVERY:?})"
+            );
         }
         snapshot.former = former_after(
             &snapshot.former,
@@ -1148,5 +1185,32 @@ mod tests {
                 *expected
             );
         }
+    }
+
+    /// Audit: a pod with CAP_NET_ADMIN that adds and removes other pods' addresses, and
+    /// makes the agent read again each second, got one WARN per address and read. Now
+    /// addresses newly shared are WARNed at most once per period (DEBUG between), and each
+    /// is still said.
+    #[test]
+    fn addresses_newly_shared_over_and_over_are_warned_about_once_a_period() {
+        let addr: IpAddr = "10.1.0.7".parse().unwrap();
+        let shared = HashMap::from([(addr, vec![7, 9])]);
+        let mut snapshot = Snapshot::default();
+        let start = Instant::now();
+        let mut warned = 0;
+        for second in 0..30 {
+            let now = start + Duration::from_secs(second);
+            // Shared at this read, not at the next: newly shared at every other read.
+            let (newly, warn) = snapshot.newly_shared(&shared, now);
+            assert_eq!(newly, vec![addr], "still said, at {second} s");
+            warned += usize::from(warn);
+            snapshot.shared = shared.clone();
+            let (newly, _) = snapshot.newly_shared(&shared, now);
+            assert!(newly.is_empty(), "shared at the read before: not new");
+            snapshot.shared.clear();
+        }
+        assert_eq!(warned, 1, "one WARN in 30 s");
+        let later = start + SHARED_TOLD_EVERY + Duration::from_secs(1);
+        assert_eq!(snapshot.newly_shared(&shared, later), (vec![addr], true));
     }
 }
