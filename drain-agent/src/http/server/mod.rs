@@ -26,7 +26,14 @@
 //!   [`RESERVED_FDS`]): `/healthz` (the liveness probe) is answered there as usual, and so
 //!   is a `/drained` from a source (as below) that has none in progress (a pod's own hook,
 //!   whoever holds the rest); anything else gets `429` with `Retry-After` and the connection is
-//!   closed after the answer. When the reserve is full too, the server stops accepting until
+//!   closed after the answer. A connection keeps the place it was let in (`slots.rs`
+//!   `Place`), and one that takes the place of an idle one takes its place too: while every
+//!   connection under the cap is busy, the place of an idle one in the reserve is beyond
+//!   the cap (an idle one under the cap goes first, of the same idleness). It counted as
+//!   under the cap whatever it replaced, and a pod with its first waiter in the reserve
+//!   swapped a kept-alive connection there for one that let its every `/drained` in: one
+//!   pod filled the reserve. A place under the cap that frees is the next one's, under the
+//!   cap. When the reserve is full too, the server stops accepting until
 //!   a connection ends or turns idle: new connections wait in the kernel's listen backlog
 //!   (refused or reset by nobody) instead of being closed unanswered. A connection accepted
 //!   on a stale look (an idle connection got a request meanwhile) waits for a place; if the
@@ -78,7 +85,7 @@ pub use self::{
 };
 use self::{
     limits::{BeyondCap, SourceLimiter, limit_waiters},
-    slots::{Activity, Busy, Slots},
+    slots::{Activity, Busy, Place, Slots},
 };
 use crate::{metrics::Metrics, sys::fdlimit};
 
@@ -207,26 +214,26 @@ pub async fn serve_handing_over(
         // then waits, accepted, for a place. At a stop it is served beyond the reserve, as
         // an overload (its descriptor is open already, and no other is accepted after it),
         // and answered like the others rather than closed unread (a reset).
-        let (beyond_cap, stopping) = loop {
-            if slots.make_room(cap) {
-                break (false, false);
-            }
-            if slots.make_room(cap + reserve) {
-                debug!(
-                    "{peer}: served beyond the cap, {cap} connections have requests in progress"
-                );
-                break (true, false);
+        let (place, stopping) = loop {
+            if let Some(place) = slots.admit(cap, reserve) {
+                if place == Place::BeyondCap {
+                    debug!(
+                        "{peer}: served beyond the cap, {cap} connections have requests in progress"
+                    );
+                }
+                break (place, false);
             }
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => {
                     debug!("{peer}: served beyond the reserve, accepted just before the stop");
-                    break (true, true);
+                    break (Place::BeyondCap, true);
                 }
                 () = slots.freed.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         };
+        let beyond_cap = place == Place::BeyondCap;
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(LocalAddr);
         let socket = std::os::fd::AsRawFd::as_raw_fd(&stream);
@@ -254,7 +261,7 @@ pub async fn serve_handing_over(
         };
         let io = TokioIo::new(io);
         let connection = graceful.watch(builder.serve_connection(io, service));
-        slots.open_slot(&mut tasks, activity, socket, async move {
+        slots.open_slot(&mut tasks, activity, socket, place, async move {
             if let Err(problem) = connection.await {
                 debug!("{peer}: connection ended: {problem}");
             }

@@ -37,6 +37,18 @@ struct Slot {
     /// The connection's socket (see [`unread_bytes`]).
     socket: std::os::fd::RawFd,
     abort: AbortHandle,
+    /// Where it was let in; a connection that takes its place takes this too.
+    place: Place,
+}
+
+/// Where a connection was let in (see the module documentation of `http::server`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Place {
+    /// Under the cap: served as usual.
+    UnderCap,
+    /// In the overflow reserve (or, at a stop, past it): only `/healthz` and a source's
+    /// first `/drained` are served there.
+    BeyondCap,
 }
 
 /// A connection that has sent no request within this long after it was accepted is idle,
@@ -182,38 +194,78 @@ impl Slots {
         map.slots.len() < limit || map.slots.values().any(Slot::idle)
     }
 
-    /// Whether one more connection fits under `cap`, closing the oldest idle one if needed.
-    pub(super) fn make_room(&self, cap: usize) -> bool {
+    /// A place for one more connection, `cap` under the cap and `reserve` beyond it, closing
+    /// the oldest idle one if that is needed; `None` while there is none.
+    ///
+    /// Under the cap first: a free place there, else the place of an idle connection (the
+    /// oldest [`Idleness::Quiet`] one, else the oldest [`Idleness::Active`] one; one under the
+    /// cap before one in the reserve of the same idleness). The newcomer takes the place the
+    /// evicted one held: when every connection under the cap is busy, the place of an idle
+    /// one in the reserve is beyond the cap. (It counted as under the cap, whatever it
+    /// replaced: a pod kept a connection idle in the reserve, opened another that took its
+    /// place, and had every `/drained` of it let in; repeated, it filled the reserve.) Then
+    /// a free place in the reserve.
+    pub(super) fn admit(&self, cap: usize, reserve: usize) -> Option<Place> {
         let victim = {
             let mut map = self.lock();
-            if map.slots.len() < cap {
-                return true;
+            let open = map.slots.len();
+            if open < cap {
+                return Some(Place::UnderCap);
             }
-            // The oldest quiet connection, else the oldest idle one.
-            let mut oldest_active = None;
-            let mut victim = None;
+            let under = map
+                .slots
+                .values()
+                .filter(|slot| slot.place == Place::UnderCap)
+                .count();
+            // Evicting one in the reserve leaves the newcomer there while the cap is taken.
+            let cap_taken = under >= cap;
+            let mut quiet = None;
+            let mut active = None;
             for (id, slot) in &map.slots {
-                match slot.idleness() {
-                    Idleness::Quiet => {
-                        victim = Some(*id);
-                        break;
+                let candidate = match slot.idleness() {
+                    Idleness::Quiet => &mut quiet,
+                    Idleness::Active => &mut active,
+                    Idleness::Busy => continue,
+                };
+                match candidate {
+                    None => *candidate = Some((*id, slot.place)),
+                    Some((_, Place::BeyondCap)) if cap_taken && slot.place == Place::UnderCap => {
+                        *candidate = Some((*id, slot.place));
                     }
-                    Idleness::Active => {
-                        oldest_active = oldest_active.or(Some(*id));
-                    }
-                    Idleness::Busy => {}
+                    Some(_) => {}
+                }
+                if cap_taken && matches!(quiet, Some((_, Place::UnderCap))) {
+                    break;
+                }
+                if !cap_taken && quiet.is_some() {
+                    break;
                 }
             }
-            let Some(id) = victim.or(oldest_active) else {
-                return false;
-            };
-            map.slots.remove(&id)
+            match quiet.or(active) {
+                Some((id, place)) => {
+                    let left_under = under - usize::from(place == Place::UnderCap);
+                    let place = if left_under < cap {
+                        Place::UnderCap
+                    } else {
+                        Place::BeyondCap
+                    };
+                    map.slots.remove(&id).map(|victim| (victim, place))
+                }
+                None if open < cap + reserve => {
+                    return Some(if cap_taken {
+                        Place::BeyondCap
+                    } else {
+                        Place::UnderCap
+                    });
+                }
+                None => return None,
+            }
         };
-        if let Some(victim) = victim {
+        victim.map(|(victim, place)| {
             // Dropping the connection's future closes its socket.
             victim.abort.abort();
-        }
-        true
+            place
+        })
     }
 
     /// Runs a connection task that holds a slot until it ends (or is aborted).
@@ -222,6 +274,7 @@ impl Slots {
         tasks: &mut JoinSet<()>,
         activity: Arc<Activity>,
         socket: std::os::fd::RawFd,
+        place: Place,
         work: impl Future<Output = ()> + Send + 'static,
     ) {
         // Held while spawning, so the task's guard cannot remove the slot before it exists.
@@ -243,6 +296,7 @@ impl Slots {
                 opened: Instant::now(),
                 socket,
                 abort,
+                place,
             },
         );
     }

@@ -525,12 +525,13 @@ async fn a_connection_waiting_for_a_place_at_the_stop_is_answered() {
 /// now one source whatever its addresses, and root's `/drained` is let in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_loopback_addresses_of_one_user_do_not_lock_root_out() {
-    // As many waiters per source as the cap: a connection that comes when one of the
-    // reserve's has just ended takes its place as one under the cap (the eviction of an
-    // idle connection), and only the per-source limit then keeps uid 1000 to 2.
+    // More waiters per source than the cap: a connection that comes while one of the
+    // reserve's is closing after its answer (idle) takes its place beyond the cap
+    // (`a_connection_taking_an_idle_ones_place_in_the_reserve_stays_beyond_the_cap`), so the
+    // reserve's rule, not the per-source limit, keeps uid 1000 out of the reserve.
     let server = start_identifying(ServerLimits {
         max_connections: 2,
-        max_waiters_per_source: 2,
+        max_waiters_per_source: 64,
         ..limits()
     })
     .await;
@@ -570,6 +571,101 @@ async fn many_loopback_addresses_of_one_user_do_not_lock_root_out() {
         assert!(answer.starts_with("HTTP/1.1 429"), "{answer:?}");
     }
     drop(users);
+    server.stop().await;
+}
+
+/// Audit (reserve): with every connection under the cap busy, a source's second `/drained`
+/// is turned away beyond the cap. A connection that took the place of an idle one counted
+/// as one under the cap, whichever place the idle one held: a pod whose first waiter was in
+/// the reserve kept a connection idle there (a kept-alive `/healthz`), opened another, which
+/// evicted it and came in as under the cap, and its second `/drained` entered the wait.
+/// Repeated, one pod filled the reserve, and every other caller's first `/drained` waited
+/// in the listen backlog. The newcomer now takes the idle one's place: beyond the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_taking_an_idle_ones_place_in_the_reserve_stays_beyond_the_cap() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        max_waiters_per_source: 64,
+        ..limits()
+    })
+    .await;
+    let mut parked = Vec::new();
+    for index in 0..2 {
+        let mut stream = connect_from(server.addr, &format!("127.0.1.{}", index + 1)).await;
+        send(&mut stream, "/drained").await;
+        parked.push(stream);
+        server.wait_entered(index + 1).await;
+    }
+    // The cap is busy: the first waiter of 127.0.3.1 is let in, in the reserve.
+    let mut first = connect_from(server.addr, "127.0.3.1").await;
+    send(&mut first, "/drained").await;
+    server.wait_entered(3).await;
+    parked.push(first);
+    // A kept-alive connection in the reserve, answered and left idle.
+    let mut idle = connect_from(server.addr, "127.0.3.1").await;
+    send(&mut idle, "/healthz").await;
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).ends_with("ok") {
+        let mut chunk = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut chunk))
+            .await
+            .expect("the /healthz answer")
+            .expect("read");
+        assert!(read > 0, "closed before its answer");
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    assert_ok(&String::from_utf8_lossy(&answer));
+    tokio::time::sleep(CONNECT_GRACE + Duration::from_millis(100)).await;
+    // Another connection of the same source takes its place: still beyond the cap.
+    let mut second = connect_from(server.addr, "127.0.3.1").await;
+    send_closing(&mut second, "/drained").await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), second.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with("HTTP/1.1 429"),
+        "a second /drained of 127.0.3.1 was let in ({read:?}, {answer:?}): it took the idle \
+         connection's place in the reserve as one under the cap"
+    );
+    assert_eq!(server.entered.load(Ordering::SeqCst), 3);
+    server.release.notify_waiters();
+    drop(parked);
+    server.stop().await;
+}
+
+/// A place under the cap freed while the reserve holds connections goes to the next one:
+/// it is served as under the cap (a source's second `/drained` is let in), not turned away
+/// as beyond it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_freed_under_the_cap_is_taken_under_the_cap() {
+    let server = start(ServerLimits {
+        max_connections: 2,
+        max_waiters_per_source: 64,
+        ..limits()
+    })
+    .await;
+    let mut kept = connect_from(server.addr, "127.0.1.1").await;
+    send(&mut kept, "/drained").await;
+    server.wait_entered(1).await;
+    let mut gone = connect_from(server.addr, "127.0.1.2").await;
+    send(&mut gone, "/drained").await;
+    server.wait_entered(2).await;
+    let mut first = connect_from(server.addr, "127.0.3.1").await;
+    send(&mut first, "/drained").await;
+    server.wait_entered(3).await;
+    // 127.0.1.2 goes away: its waiter is dropped and its place under the cap freed.
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = connect_from(server.addr, "127.0.3.1").await;
+    send(&mut second, "/drained").await;
+    server.wait_entered(4).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.release.notify_waiters();
+    for stream in [&mut kept, &mut first, &mut second] {
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.expect("answer");
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
     server.stop().await;
 }
 
