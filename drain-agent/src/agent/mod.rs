@@ -388,6 +388,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     args.pod_max_listeners,
                     args.http_max_connections,
                     args.pod_http_max_connections,
+                    args.agent_check_listen
+                        .map(|_| crate::http::agentcheck::Limits::default()),
                 ),
                 handover: Arc::clone(&handover),
                 tasks: tasks.clone(),

@@ -159,7 +159,9 @@ pub struct RunArgs {
     /// 24 by default)
     /// and a server; past it, further namespaces get no listener while it stays so (WARN,
     /// drain_agent_pod_listeners{state="over_limit"}). Lowered at start (WARN) to what the
-    /// open-file limit leaves beside the node listener and 128 for the rest of the agent.
+    /// open-file limit leaves beside the node listener (its connections and their reserve),
+    /// the agent-check listener (with --agent-check-listen: 64 connections and its socket)
+    /// and 128 for the rest of the agent.
     /// Namespaces a user's user namespace owns (unshare -Urn) are never served and not
     /// counted.
     #[arg(
@@ -221,7 +223,8 @@ pub struct RunArgs {
     #[arg(long, env = "DRAIN_AGENT_MAX_WAITERS", default_value_t = 1024)]
     pub max_waiters: usize,
 
-    /// Open HTTP connections at most (kept below the open-file limit). At the cap, a new
+    /// Open HTTP connections at most (lowered so that they and the reserve below stay 128
+    /// under the open-file limit). At the cap, a new
     /// connection replaces the oldest idle one; when every one has a request in progress,
     /// the new one is served on a small reserve beyond the cap (/healthz, and a /drained
     /// from a source with none in progress) or answered 429 with Retry-After; when the

@@ -110,6 +110,17 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The descriptors the listener may hold: its connections and its own socket. The pod
+    /// listeners' budget leaves them out of the open-file limit when there is one
+    /// (`http::pods::listener_budget`).
+    pub fn descriptors(&self) -> u64 {
+        u64::try_from(self.max_connections)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+}
+
 /// The answer to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {

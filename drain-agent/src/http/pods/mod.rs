@@ -209,30 +209,30 @@ pub struct PodListenOptions {
 /// of its namespace (`SteerLink`), and its server's connections (`pod_connections`) with
 /// their overflow reserve.
 fn descriptors_per_listener(pod_connections: usize) -> u64 {
-    let connections =
-        pod_connections.saturating_add(crate::http::server::overflow_reserve(pod_connections));
-    u64::try_from(connections)
-        .unwrap_or(u64::MAX)
-        .saturating_add(4)
+    crate::http::server::connection_descriptors(pod_connections).saturating_add(4)
 }
 
 /// How many pod listeners `open_file_limit` leaves room for, each holding what
-/// [`descriptors_per_listener`] says, beside the node listener's `node_connections` (and its
-/// reserve) and the descriptors kept for the rest of the agent
-/// ([`RESERVED_FDS`](crate::http::server::RESERVED_FDS)); at least 1. Each server's own cap
-/// is sized against the whole limit, so without this budget, listeners past it (1,024 by
-/// default, each up to 24 descriptors) could take the node listener's and the agent's last
-/// descriptors: stop hooks and pods refused with EMFILE.
+/// [`descriptors_per_listener`] says, beside the node listener's `node_connections` and its
+/// reserve ([`connection_descriptors`](crate::http::server::connection_descriptors)), the
+/// agent-check listener's when there is one (`agent_check`, its limits:
+/// [`Limits::descriptors`](crate::http::agentcheck::Limits::descriptors)) and the descriptors
+/// kept for the rest of the agent ([`RESERVED_FDS`](crate::http::server::RESERVED_FDS)); at
+/// least 1. Each server's own cap is sized against the whole limit, so without this budget,
+/// listeners past it (1,024 by default, each up to 24 descriptors) could take the node
+/// listener's and the agent's last descriptors: stop hooks and pods refused with EMFILE.
 pub fn listener_budget(
     open_file_limit: u64,
     node_connections: usize,
     pod_connections: usize,
+    agent_check: Option<crate::http::agentcheck::Limits>,
 ) -> usize {
-    let node =
-        node_connections.saturating_add(crate::http::server::overflow_reserve(node_connections));
+    let node = crate::http::server::connection_descriptors(node_connections);
+    let checks = agent_check.map_or(0, |limits| limits.descriptors());
     let room = open_file_limit
         .saturating_sub(crate::http::server::RESERVED_FDS)
-        .saturating_sub(u64::try_from(node).unwrap_or(u64::MAX));
+        .saturating_sub(node)
+        .saturating_sub(checks);
     usize::try_from(room / descriptors_per_listener(pod_connections))
         .unwrap_or(usize::MAX)
         .max(1)
@@ -240,7 +240,12 @@ pub fn listener_budget(
 
 /// `--pod-max-listeners` (`wanted`), lowered to what the open-file limit leaves room for
 /// ([`listener_budget`]), with a WARN when it is.
-pub fn listener_limit(wanted: u32, node_connections: usize, pod_connections: usize) -> usize {
+pub fn listener_limit(
+    wanted: u32,
+    node_connections: usize,
+    pod_connections: usize,
+    agent_check: Option<crate::http::agentcheck::Limits>,
+) -> usize {
     let wanted = usize::try_from(wanted).unwrap_or(usize::MAX);
     let limit = match crate::sys::fdlimit::soft_limit() {
         Ok(limit) => limit,
@@ -249,11 +254,16 @@ pub fn listener_limit(wanted: u32, node_connections: usize, pod_connections: usi
             return wanted;
         }
     };
-    let budget = listener_budget(limit, node_connections, pod_connections);
+    let budget = listener_budget(limit, node_connections, pod_connections, agent_check);
     if budget < wanted {
         warn!(
-            "--pod-max-listeners {wanted} lowered to {budget}: the open-file limit is {limit}, and each pod listener may hold up to {} descriptors beside the node listener's (raise LimitNOFILE, or lower --pod-http-max-connections)",
-            descriptors_per_listener(pod_connections)
+            "--pod-max-listeners {wanted} lowered to {budget}: the open-file limit is {limit}, and each pod listener may hold up to {} descriptors beside the node listener's{} (raise LimitNOFILE, or lower --pod-http-max-connections)",
+            descriptors_per_listener(pod_connections),
+            if agent_check.is_some() {
+                " and the agent-check listener's"
+            } else {
+                ""
+            }
         );
         budget
     } else {
@@ -398,7 +408,7 @@ mod tests {
     #[test]
     fn pod_listeners_are_kept_within_the_open_file_limit() {
         // This machine's hard limit, the node's default 512 connections, 16 per pod.
-        let budget = listener_budget(20_000, 512, 16);
+        let budget = listener_budget(20_000, 512, 16, None);
         assert!(budget < 1_024, "{budget}");
         let per = descriptors_per_listener(16);
         assert_eq!(
@@ -412,10 +422,21 @@ mod tests {
             budget as u64 * per + node + crate::http::server::RESERVED_FDS <= 20_000,
             "{budget} listeners of {per} descriptors"
         );
+        // Audit (descriptors): with `--agent-check-listen`, its connections and its socket
+        // were counted nowhere, and the pod listeners took those descriptors from the rest
+        // of the agent's.
+        let agent_check = crate::http::agentcheck::Limits::default();
+        let checks = agent_check.max_connections as u64 + 1;
+        let budget = listener_budget(20_000, 512, 16, Some(agent_check));
+        assert_eq!(budget, 801, "the README's figure with --agent-check-listen");
+        assert!(
+            budget as u64 * per + node + checks + crate::http::server::RESERVED_FDS <= 20_000,
+            "{budget} listeners of {per} descriptors beside the agent-check's {checks}"
+        );
         // A node with a generous limit keeps the default.
-        assert!(listener_budget(1 << 20, 1_024, 16) >= 1_024);
+        assert!(listener_budget(1 << 20, 1_024, 16, Some(agent_check)) >= 1_024);
         // Never none.
-        assert_eq!(listener_budget(100, 1_024, 16), 1);
+        assert_eq!(listener_budget(100, 1_024, 16, Some(agent_check)), 1);
     }
 
     /// `--http-max-connections` and `--pod-http-max-connections` take any `usize`: the
@@ -424,7 +445,7 @@ mod tests {
     #[test]
     fn the_largest_connection_limits_leave_room_for_one_listener() {
         assert_eq!(descriptors_per_listener(usize::MAX), u64::MAX);
-        assert_eq!(listener_budget(20_000, usize::MAX, usize::MAX), 1);
-        assert_eq!(listener_budget(u64::MAX, 1_024, usize::MAX), 1);
+        assert_eq!(listener_budget(20_000, usize::MAX, usize::MAX, None), 1);
+        assert_eq!(listener_budget(u64::MAX, 1_024, usize::MAX, None), 1);
     }
 }

@@ -22,8 +22,8 @@
 //!   client in at once.
 //! - **Overload answers, never resets.** When every connection under the cap has a request in
 //!   progress (blocked `/drained` waiters), a new connection is still served, on one of
-//!   [`overflow_reserve`] connections kept beyond the cap (their file descriptors come out of
-//!   [`RESERVED_FDS`]): `/healthz` (the liveness probe) is answered there as usual, and so
+//!   [`overflow_reserve`] connections kept beyond the cap (their file descriptors count
+//!   beside [`RESERVED_FDS`], as the cap's do: [`connection_descriptors`]): `/healthz` (the liveness probe) is answered there as usual, and so
 //!   is a `/drained` from a source (as below) that has none in progress (a pod's own hook,
 //!   whoever holds the rest); anything else gets `429` with `Retry-After` and the connection is
 //!   closed after the answer. A connection keeps the place it was let in (`slots.rs`
@@ -90,8 +90,9 @@ use self::{
 use crate::{metrics::Metrics, sys::fdlimit};
 
 /// File descriptors kept free for everything but HTTP connections (eBPF maps, programs and
-/// links, the runtime, namespace files while seeding): the connection cap is lowered to
-/// stay this far below the open-file limit.
+/// links, the runtime, namespace files while seeding): the connection cap is lowered so that
+/// it and its overflow reserve ([`connection_descriptors`]) stay this far below the
+/// open-file limit.
 pub const RESERVED_FDS: u64 = 128;
 
 /// The largest request head (request line and headers) the server reads, and the most
@@ -307,12 +308,20 @@ pub async fn serve_handing_over(
 }
 
 /// Connections kept beyond `cap` for what must not wait (see the module documentation):
-/// an eighth of the cap, from 4 to 64 (at most half of [`RESERVED_FDS`]).
+/// an eighth of the cap, from 4 to 64.
 pub fn overflow_reserve(cap: usize) -> usize {
     (cap / 8).clamp(4, 64)
 }
 
-/// The connection cap: `wanted`, lowered to stay [`RESERVED_FDS`] below the open-file limit.
+/// The descriptors a server with the connection cap `cap` may hold for its connections:
+/// the cap and its [`overflow_reserve`], beside [`RESERVED_FDS`]. The one count of them, for
+/// the cap ([`connection_cap`]) and the pod listeners' budget alike.
+pub fn connection_descriptors(cap: usize) -> u64 {
+    u64::try_from(cap.saturating_add(overflow_reserve(cap))).unwrap_or(u64::MAX)
+}
+
+/// The connection cap: `wanted`, lowered so that it and its reserve stay [`RESERVED_FDS`]
+/// below the open-file limit ([`connection_descriptors`]).
 fn connection_cap(wanted: usize) -> usize {
     let limit = match fdlimit::soft_limit() {
         Ok(limit) => limit,
@@ -321,18 +330,28 @@ fn connection_cap(wanted: usize) -> usize {
             return wanted;
         }
     };
-    let room = usize::try_from(limit.saturating_sub(RESERVED_FDS))
-        .unwrap_or(usize::MAX)
-        .max(1);
-    if wanted > room {
+    let cap = cap_within(limit, wanted);
+    if cap < wanted {
         warn!(
-            "--http-max-connections {wanted} lowered to {room}: the open-file limit is {limit} \
-             and {RESERVED_FDS} are kept for the rest of the agent (raise LimitNOFILE)"
+            "--http-max-connections {wanted} lowered to {cap}: the open-file limit is {limit} \
+             and {RESERVED_FDS} are kept for the rest of the agent, beside the cap and its \
+             reserve of {} (raise LimitNOFILE)",
+            overflow_reserve(cap)
         );
-        room
-    } else {
-        wanted
     }
+    cap
+}
+
+/// [`connection_cap`] under the open-file limit `limit`: `wanted`, or less so that the
+/// cap's [`connection_descriptors`] (its reserve's too) and [`RESERVED_FDS`] fit; at least 1.
+fn cap_within(limit: u64, wanted: usize) -> usize {
+    let room = limit.saturating_sub(RESERVED_FDS);
+    if connection_descriptors(wanted) <= room {
+        return wanted;
+    }
+    // The reserve grows with the cap: the room's own reserve is at least the lowered cap's.
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    room.saturating_sub(overflow_reserve(room)).max(1)
 }
 
 #[cfg(test)]

@@ -1111,3 +1111,26 @@ async fn quiet_connections_are_evicted_before_ones_being_answered() {
     assert!(!ended, "evicted after {} bytes", answers.len());
     server.stop().await;
 }
+
+/// Audit (descriptors): the overflow reserve's descriptors were said to come out of
+/// [`RESERVED_FDS`], and the pod listeners' budget counted them beside it: a cap lowered to
+/// the open-file limit less [`RESERVED_FDS`] left the reserve to take the rest of the
+/// agent's. The cap is lowered so that it and its reserve stay [`RESERVED_FDS`] below.
+#[test]
+fn the_cap_and_its_reserve_stay_below_the_open_file_limit() {
+    for limit in [200_u64, 600, 1_024, 20_000] {
+        for wanted in [16, 512, 20_000, usize::MAX] {
+            let cap = cap_within(limit, wanted);
+            assert!(cap <= wanted && cap >= 1, "{limit} {wanted}: {cap}");
+            let held = connection_descriptors(cap);
+            assert!(
+                held + RESERVED_FDS <= limit,
+                "under {limit}, a cap of {cap} and its reserve hold {held}"
+            );
+        }
+    }
+    // A limit with room keeps what was asked.
+    assert_eq!(cap_within(20_000, 512), 512);
+    // Fewer descriptors than the reserve itself: still one connection.
+    assert_eq!(cap_within(100, 512), 1);
+}
