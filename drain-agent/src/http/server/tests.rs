@@ -628,6 +628,10 @@ async fn a_connection_taking_an_idle_ones_place_in_the_reserve_stays_beyond_the_
          connection's place in the reserve as one under the cap"
     );
     assert_eq!(server.entered.load(Ordering::SeqCst), 3);
+    assert!(
+        closed_by_server(&mut idle).await,
+        "the idle one made the room"
+    );
     server.release.notify_waiters();
     drop(parked);
     server.stop().await;
