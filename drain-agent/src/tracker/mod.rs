@@ -627,6 +627,55 @@ fn scope_state(source: &dyn Source, filter: &Filter) -> Result<PortState> {
     Ok(state)
 }
 
+/// The scope's count, for a decision: a port's total (one atomic counter), or the scope's
+/// endpoints added up, and `false` when that sum is 0 but could not be read twice alike.
+///
+/// Why twice: the endpoints are read one by one (a pass over the map, milliseconds), so
+/// their sum is no snapshot. With a connection left on endpoint A and a new one opening on
+/// C (the pod's address and its loopback), a pass that reads C before the open and A after
+/// the close adds up to 0 although the scope never was at 0, and a waiter answered drained
+/// at once with C's connection open (an audit found it; the wake-up rule only helps a
+/// waiter that goes to sleep). A zero is vouched for only when a second pass finds every
+/// endpoint of the scope as the first did (the same endpoints, each with the same
+/// `opened`, `closed` and `active`): an endpoint's `opened` and `closed` only grow, so none
+/// of them changed between its two reads, and the span from the end of the first pass to
+/// the start of the second lies between the two reads of every one of them. Throughout
+/// that span each was at the `active` read, 0: the scope was at 0 at an instant inside
+/// the read, as a port's single counter is. Other scopes' changes (other pods on the same
+/// port) do not matter. After [`SCOPE_READS`] pairs that differ, the zero is a doubt.
+fn scope_count(source: &dyn Source, filter: &Filter) -> Result<(u64, bool)> {
+    if filter.addr.is_none()
+        && filter.netns.is_none()
+        && let Some(state) = source.port_state(filter.port)?
+    {
+        return Ok((state.active, true));
+    }
+    let in_scope = || -> Result<Vec<Endpoint>> {
+        let mut endpoints: Vec<Endpoint> = source
+            .endpoints()?
+            .into_iter()
+            .filter(|endpoint| filter.matches(endpoint))
+            .collect();
+        endpoints.sort_by_key(|endpoint| (endpoint.netns, endpoint.addr, endpoint.port));
+        Ok(endpoints)
+    };
+    let sum = |endpoints: &[Endpoint]| endpoints.iter().map(|endpoint| endpoint.active).sum();
+    let mut first = in_scope()?;
+    for _ in 0..SCOPE_READS {
+        let count: u64 = sum(&first);
+        if count > 0 {
+            // Too high at worst (a close read before another's open): never a drained answer.
+            return Ok((count, true));
+        }
+        let second = in_scope()?;
+        if second == first {
+            return Ok((0, true));
+        }
+        first = second;
+    }
+    Ok((sum(&first), false))
+}
+
 /// The scope's count, then its doubts: the waiter judges a zero by the doubts of the
 /// same read. Read in that order, a doubt that appears in between is seen; one that a
 /// walk *clears* in between is not (the walk counted what the count missed, then
@@ -639,10 +688,14 @@ fn read_scope(source: &dyn Source, filter: &Filter) -> Result<(u64, Result<Vec<D
     loop {
         read += 1;
         let walks = source.walks();
-        let count = scope_state(source, filter)?.active;
-        let doubts = source.doubts(filter).map_err(|problem| {
-            crate::logging::in_general("cannot read whether the counts are whole", &problem)
-        });
+        let (count, steady) = scope_count(source, filter)?;
+        let doubts = if steady {
+            source.doubts(filter).map_err(|problem| {
+                crate::logging::in_general("cannot read whether the counts are whole", &problem)
+            })
+        } else {
+            Err("the scope's connections kept opening and closing while they were counted".into())
+        };
         if source.walks() == walks {
             return Ok((count, doubts));
         }
