@@ -17,7 +17,7 @@ use crate::{
     drain::{DrainSpec, Given},
     drain_rule::{DrainRule, parse_cidrs},
     duration::{format_duration, parse_duration},
-    sys::netns,
+    sys::netns::{self, ProcessPaths},
     tracker::Filter,
 };
 pub use crate::{
@@ -401,9 +401,12 @@ pub fn parse_scope(
 pub struct Netns<'a>(Option<&'a str>);
 
 impl Netns<'_> {
-    /// The inode of the namespace named, if one was: the last step of a parse.
-    pub fn resolve(self) -> Result<Option<u32>, ApiError> {
-        self.0.map(parse_netns).transpose()
+    /// The inode of the namespace named, if one was: the last step of a parse. `processes`:
+    /// whose `/proc/PID/ns/net` the caller may name ([`Caller::process_paths`]).
+    ///
+    /// [`Caller::process_paths`]: crate::http::authority::Caller::process_paths
+    pub fn resolve(self, processes: ProcessPaths) -> Result<Option<u32>, ApiError> {
+        self.0.map(|text| parse_netns(text, processes)).transpose()
     }
 }
 
@@ -421,15 +424,18 @@ pub enum Asking {
 pub fn parse_drain_request(
     query: Option<&str>,
     limits: WaitLimits,
+    processes: ProcessPaths,
 ) -> Result<DrainRequest, ApiError> {
-    parse_drain_parameters(query, limits, Asking::Answer)
+    parse_drain_parameters(query, limits, Asking::Answer, processes)
 }
 
-/// The parameters of `/drained` or `POST /drain`, checked for what `asking` asks for.
+/// The parameters of `/drained` or `POST /drain`, checked for what `asking` asks for;
+/// `processes` as [`Netns::resolve`] takes it.
 pub fn parse_drain_parameters(
     query: Option<&str>,
     limits: WaitLimits,
     asking: Asking,
+    processes: ProcessPaths,
 ) -> Result<DrainRequest, ApiError> {
     let values = parse_query(query, &DRAIN_PARAMETERS)?;
     let port = match values.get("port") {
@@ -509,7 +515,7 @@ pub fn parse_drain_parameters(
     if continues {
         check_continues(asking, timeout, on_timeout)?;
     }
-    let netns = netns.resolve()?;
+    let netns = netns.resolve(processes)?;
     Ok(DrainRequest {
         filter: Filter { port, addr, netns },
         timeout,
@@ -572,7 +578,11 @@ fn parse_flag(values: &BTreeMap<String, String>, name: &str) -> Result<bool, Api
 }
 
 /// Parses a query that names a scope only (`port`, `addr`, `netns`).
-pub fn parse_scope_request(query: Option<&str>, limits: WaitLimits) -> Result<Filter, ApiError> {
+pub fn parse_scope_request(
+    query: Option<&str>,
+    limits: WaitLimits,
+    processes: ProcessPaths,
+) -> Result<Filter, ApiError> {
     let values = parse_query(query, &SCOPE_PARAMETERS)?;
     let port = match values.get("port") {
         None => return Err(ApiError::BadRequest("missing parameter \"port\"".into())),
@@ -584,7 +594,7 @@ pub fn parse_scope_request(query: Option<&str>, limits: WaitLimits) -> Result<Fi
         )));
     }
     let (addr, netns) = parse_scope(&values)?;
-    let netns = netns.resolve()?;
+    let netns = netns.resolve(processes)?;
     Ok(Filter { port, addr, netns })
 }
 
@@ -610,7 +620,7 @@ pub fn parse_addr(text: &str) -> Result<IpAddr, String> {
 /// does not find is unknown (`404`, which `drain-agent wait` takes as a refusal and stops
 /// waiting) only when the scan looked everywhere: an incomplete one is `503` (asked again),
 /// and so is a path the agent could not open for want of descriptors or memory.
-fn parse_netns(text: &str) -> Result<u32, ApiError> {
+fn parse_netns(text: &str, processes: ProcessPaths) -> Result<u32, ApiError> {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let inode = text.parse::<u32>().map_err(|_| {
             ApiError::BadRequest(format!("netns: {text:?} is not a namespace inode number"))
@@ -627,7 +637,7 @@ fn parse_netns(text: &str) -> Result<u32, ApiError> {
     // The agent's want of descriptors or memory is its failure, not the request's: `503`,
     // asked again, where a `400` (a pod's, a local user's answer to it too) is a refusal
     // that ends `drain-agent wait` at once.
-    match netns::inode_of_client_path(text) {
+    match netns::inode_of_client_path(text, processes) {
         Ok(Some(inode)) => Ok(inode),
         Ok(None) => Err(ApiError::BadRequest(netns::REFUSED_PATH.into())),
         Err(problem) => Err(ApiError::namespaces_unreadable("netns", Some(&problem))),

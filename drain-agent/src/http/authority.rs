@@ -26,7 +26,7 @@ use crate::{
     },
     http::api::ApiError,
     http::pod_scope::{PodScope, Scoped, confine, hide_namespaces},
-    sys::pod_addresses::PodAddresses,
+    sys::{netns::ProcessPaths, pod_addresses::PodAddresses},
     tracker::Filter,
 };
 
@@ -91,10 +91,10 @@ impl Caller {
     pub async fn confine<T: Scoped>(
         self,
         authority: &Authority,
-        parse: impl FnOnce() -> Result<T, ApiError>,
+        parse: impl FnOnce(ProcessPaths) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let caller = self.observer()?;
-        let parsed = parse();
+        let parsed = parse(caller.process_paths());
         match caller {
             Self::Node => parsed,
             Self::Pod { netns } => {
@@ -133,6 +133,20 @@ impl Caller {
                 Ok(parsed)
             }
             Self::Remote => Err(ApiError::Forbidden(REMOTE_RULE.into())),
+        }
+    }
+
+    /// Whose `/proc/PID/ns/net` this caller may name in `netns=`: the node any process's; a
+    /// local user its own processes' only, any other being answered as a missing one (the
+    /// answer would tell whether a PID runs and whether it is in the node's namespace, which
+    /// it may not open itself, nor under `hidepid=2` see); a pod none (the PID is one of the
+    /// agent's PID namespace: for a pod that names its own namespace it would tell which
+    /// host PIDs are its; leaving `netns` out names it).
+    pub fn process_paths(self) -> ProcessPaths {
+        match self {
+            Self::Node => ProcessPaths::Any,
+            Self::LocalUser { uid: Some(uid) } => ProcessPaths::OwnedBy(uid),
+            Self::LocalUser { uid: None } | Self::Pod { .. } | Self::Remote => ProcessPaths::None,
         }
     }
 

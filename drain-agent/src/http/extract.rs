@@ -27,6 +27,7 @@ use crate::{
         pod_scope::Scoped,
     },
     metrics::DrainResult,
+    sys::netns::ProcessPaths,
     tracker::Filter,
 };
 
@@ -40,7 +41,12 @@ async fn caller(parts: &mut Parts, state: &Arc<AppState>) -> Caller {
 
 /// Parameters a request's query carries, with a scope to confine.
 pub trait Params: Scoped + Sized + Send {
-    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, ApiError>;
+    /// `processes`: whose `/proc/PID/ns/net` the caller may name ([`Caller::process_paths`]).
+    fn parse(
+        query: Option<&str>,
+        limits: WaitLimits,
+        processes: ProcessPaths,
+    ) -> Result<Self, ApiError>;
 
     /// What is checked once the scope is confined (before, a pod would learn about
     /// other namespaces from the error).
@@ -50,15 +56,23 @@ pub trait Params: Scoped + Sized + Send {
 }
 
 impl Params for DrainRequest {
-    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, ApiError> {
-        parse_drain_request(query, limits)
+    fn parse(
+        query: Option<&str>,
+        limits: WaitLimits,
+        processes: ProcessPaths,
+    ) -> Result<Self, ApiError> {
+        parse_drain_request(query, limits, processes)
     }
 }
 
 /// `DELETE /drain`: a scope.
 impl Params for Filter {
-    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, ApiError> {
-        parse_scope_request(query, limits)
+    fn parse(
+        query: Option<&str>,
+        limits: WaitLimits,
+        processes: ProcessPaths,
+    ) -> Result<Self, ApiError> {
+        parse_scope_request(query, limits, processes)
     }
 }
 
@@ -66,7 +80,11 @@ impl Params for Filter {
 pub type ConnectionsQuery = (Filter, Option<u16>, bool);
 
 impl Params for ConnectionsQuery {
-    fn parse(query: Option<&str>, _: WaitLimits) -> Result<Self, ApiError> {
+    fn parse(
+        query: Option<&str>,
+        _: WaitLimits,
+        processes: ProcessPaths,
+    ) -> Result<Self, ApiError> {
         let values = parse_query(query, &CONNECTION_PARAMETERS)?;
         let port = values
             .get("port")
@@ -74,7 +92,7 @@ impl Params for ConnectionsQuery {
             .transpose()?;
         let (addr, netns) = parse_scope(&values)?;
         let peers = parse_peers_flag(&values)?;
-        let netns = netns.resolve()?;
+        let netns = netns.resolve(processes)?;
         let scope = Filter {
             port: port.unwrap_or(0),
             addr,
@@ -94,8 +112,12 @@ impl Scoped for Posted {
 }
 
 impl Params for Posted {
-    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, ApiError> {
-        parse_drain_parameters(query, limits, Asking::Drain).map(Self)
+    fn parse(
+        query: Option<&str>,
+        limits: WaitLimits,
+        processes: ProcessPaths,
+    ) -> Result<Self, ApiError> {
+        parse_drain_parameters(query, limits, Asking::Drain, processes).map(Self)
     }
 }
 
@@ -112,7 +134,9 @@ impl<T: Params> FromRequestParts<Arc<AppState>> for Confined<T> {
         let caller = caller(parts, state).await;
         let query = parts.uri.query();
         let params = caller
-            .confine(&state.authority, || T::parse(query, state.limits))
+            .confine(&state.authority, |processes| {
+                T::parse(query, state.limits, processes)
+            })
             .await?;
         params.check()?;
         Ok(Self(caller, params))

@@ -55,7 +55,15 @@ fn app_made(
     made: impl FnOnce(Tracker) -> Tracker,
     build: impl FnOnce(Drains) -> Drains,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
-    app_full(endpoints, state_dir, None, made, build, Arc::new(TwoPods))
+    app_full(
+        endpoints,
+        state_dir,
+        None,
+        made,
+        build,
+        Arc::new(TwoPods),
+        1,
+    )
 }
 
 /// [`app_built`] whose drains close connections with `closer`.
@@ -72,6 +80,7 @@ fn app_closing(
         |tracker| tracker,
         build,
         Arc::new(TwoPods),
+        1,
     )
 }
 
@@ -89,11 +98,13 @@ fn app_addressed(
         |tracker| tracker,
         build,
         addresses,
+        1,
     )
 }
 
 /// Every test app: drains closing with `closer`, the tracker set up by `made`, the
-/// registry by `build`, the namespaces' addresses from `addresses`.
+/// registry by `build`, the namespaces' addresses from `addresses`, the node's own
+/// namespace the inode `node_netns`.
 fn app_full(
     endpoints: Vec<crate::tracker::Endpoint>,
     state_dir: Option<&std::path::Path>,
@@ -101,6 +112,7 @@ fn app_full(
     made: impl FnOnce(Tracker) -> Tracker,
     build: impl FnOnce(Drains) -> Drains,
     addresses: Arc<dyn AddressSource>,
+    node_netns: u32,
 ) -> (Arc<FakeSource>, Arc<AppState>) {
     let source = Arc::new(FakeSource::default());
     source.set(endpoints);
@@ -115,7 +127,7 @@ fn app_full(
         )
         .expect("metrics"),
     );
-    let pods = Arc::new(PodAddresses::new(1, addresses));
+    let pods = Arc::new(PodAddresses::new(node_netns, addresses));
     let owners: Arc<dyn PortOwners> = Arc::new(Owners);
     let mut drains = Drains::new(tracker.clone(), closer, None, Some(Arc::clone(&pods)), 8)
         .with_port_owners(Arc::clone(&owners))
@@ -631,9 +643,9 @@ fn netns_without_descriptors_child() {
     }
     let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
     let query = format!("port=8080&timeout=0&netns={own}");
-    assert!(api::parse_drain_request(Some(&query), LIMITS).is_ok());
+    assert!(api::parse_drain_request(Some(&query), LIMITS, netns::ProcessPaths::Any).is_ok());
     let held = netns::without_descriptors::exhaust();
-    let parsed = api::parse_drain_request(Some(&query), LIMITS);
+    let parsed = api::parse_drain_request(Some(&query), LIMITS, netns::ProcessPaths::Any);
     drop(held);
     match parsed {
         // Said in general terms: the scan's chain (host paths, PIDs) goes to the log.
@@ -671,36 +683,48 @@ fn netns_path_without_descriptors_child() {
     let own = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
     let existing = format!("/proc/{}/ns/net", std::process::id());
     let query = format!("port=8080&timeout=0&netns={existing}");
-    let parsed = api::parse_drain_request(Some(&query), LIMITS).expect("a namespace path");
+    let parsed = api::parse_drain_request(Some(&query), LIMITS, netns::ProcessPaths::Any)
+        .expect("a namespace path");
     assert_eq!(parsed.filter.netns, Some(own));
     let mut held = netns::without_descriptors::exhaust();
     // With one descriptor free (the second run), the path is looked up as ever; then that
     // one is taken too.
     if let Ok(spare) = std::fs::File::open("/dev/null") {
         drop(spare);
-        let parsed = api::parse_drain_request(Some(&query), LIMITS);
+        let parsed = api::parse_drain_request(Some(&query), LIMITS, netns::ProcessPaths::Any);
         assert_eq!(parsed.map(|parsed| parsed.filter.netns), Ok(Some(own)));
         held.push(std::fs::File::open("/dev/null").expect("the one free descriptor"));
     }
-    let parsed = api::parse_drain_request(Some(&query), LIMITS);
+    let parsed = api::parse_drain_request(Some(&query), LIMITS, netns::ProcessPaths::Any);
     let missing = "/run/netns/drain-agent-test-no-such-namespace";
+    let pod = Caller::Pod { netns: 7 };
     let answers = runtime.block_on(async {
         let mut answers = Vec::new();
-        for caller in [
-            Caller::Node,
-            Caller::LocalUser { uid: Some(1000) },
-            Caller::Pod { netns: 7 },
-        ] {
+        for caller in [Caller::Node, Caller::LocalUser { uid: Some(1000) }, pod] {
             for path in [existing.as_str(), missing] {
                 let uri = format!("/drained?port=8080&timeout=0&netns={path}");
                 answers.push((
-                    format!("{caller:?} {path}"),
+                    (caller, path),
                     request_as(&state, caller, "GET", &uri).await,
                 ));
             }
         }
         answers
     });
+    // A pod may name no process's namespace file: refused before anything is opened.
+    let (answers, pods_process): (Vec<_>, Vec<_>) = answers
+        .into_iter()
+        .partition(|((caller, path), _)| *caller != pod || *path == missing);
+    for (asked, answer) in &pods_process {
+        assert_eq!(
+            *answer,
+            (
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": crate::http::pod_scope::OTHER_NETNS })
+            ),
+            "{asked:?}"
+        );
+    }
     drop(held);
     match parsed {
         Err(api::ApiError::Unavailable(message)) => {
@@ -710,11 +734,15 @@ fn netns_path_without_descriptors_child() {
     }
     // The same answer for every caller and path: it tells nothing of which files exist.
     for (asked, (status, body)) in &answers {
-        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{asked}: {body}");
+        assert_eq!(
+            *status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{asked:?}: {body}"
+        );
         assert_eq!(
             body["error"],
             format!("netns: {}", api::NAMESPACES_UNREADABLE),
-            "{asked}"
+            "{asked:?}"
         );
     }
 }
@@ -1094,9 +1122,13 @@ impl crate::http::pod_scope::Scoped for Counted {
 }
 
 impl crate::http::extract::Params for Counted {
-    fn parse(query: Option<&str>, limits: WaitLimits) -> Result<Self, api::ApiError> {
+    fn parse(
+        query: Option<&str>,
+        limits: WaitLimits,
+        processes: netns::ProcessPaths,
+    ) -> Result<Self, api::ApiError> {
         COUNTED_PARSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        api::parse_scope_request(query, limits).map(Self)
+        api::parse_scope_request(query, limits, processes).map(Self)
     }
 }
 
@@ -1648,6 +1680,87 @@ async fn a_local_user_cannot_tell_which_namespaces_exist() {
         netns::REFUSED_PATH,
     );
     refused(node("1").await, StatusCode::NOT_FOUND, "inode 1");
+}
+
+/// Found by an audit: a local user learnt whether a host PID exists and whether it is in the
+/// node's namespace. The agent (root) opened `/proc/PID/ns/net` for it: a process of the
+/// node's namespace was `200`, a missing PID `403`, though the user may open no other
+/// user's namespace file (`ptrace` read access) and under `hidepid=2` not even see the PID.
+/// A pod had the same oracle for PIDs in its own namespace (`200` against `400`). The node's
+/// namespace here is this process's real one (root's, as the agent's is).
+#[tokio::test]
+async fn a_process_path_tells_a_confined_caller_nothing_about_other_users_processes() {
+    let node = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
+    let (_, state) = app_full(
+        vec![endpoint("127.0.0.1", 8080, 1)],
+        None,
+        None,
+        |tracker| tracker,
+        |drains| drains,
+        Arc::new(TwoPods),
+        node,
+    );
+    // This process is root's (or the test runner's) and in the node's namespace; the
+    // other PID does not exist.
+    let ours = format!("/proc/{}/ns/net", std::process::id());
+    let missing = "/proc/4294967295/ns/net";
+    for (caller, status) in [
+        (
+            Caller::LocalUser {
+                uid: Some(u32::MAX - 1),
+            },
+            StatusCode::FORBIDDEN,
+        ),
+        (Caller::LocalUser { uid: None }, StatusCode::FORBIDDEN),
+        (Caller::Pod { netns: node }, StatusCode::BAD_REQUEST),
+    ] {
+        for route in ["/connections?port=8080", "/drained?port=8080&timeout=0"] {
+            let process = request_as(&state, caller, "GET", &format!("{route}&netns={ours}")).await;
+            let nobody =
+                request_as(&state, caller, "GET", &format!("{route}&netns={missing}")).await;
+            assert_eq!(process.0, status, "{caller:?} {route}: {}", process.1);
+            assert_eq!(process, nobody, "{caller:?} {route}");
+        }
+    }
+    // The node is answered about any process.
+    let (status, body) = request(
+        &state,
+        "GET",
+        &format!("/connections?port=8080&netns={ours}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A local user about its own processes: a child of this test run as that user.
+    if rustix::process::geteuid().is_root() {
+        use std::os::unix::process::CommandExt as _;
+        let uid = 4242;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .expect("spawn sleep as another user");
+        let path = format!("/proc/{}/ns/net", child.id());
+        let user = Caller::LocalUser { uid: Some(uid) };
+        let own = request_as(
+            &state,
+            user,
+            "GET",
+            &format!("/connections?port=8080&netns={path}"),
+        )
+        .await;
+        let other = request_as(
+            &state,
+            Caller::LocalUser { uid: Some(uid + 1) },
+            "GET",
+            &format!("/connections?port=8080&netns={path}"),
+        )
+        .await;
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        assert_eq!(own.0, StatusCode::OK, "{}", own.1);
+        assert_eq!(other.0, StatusCode::FORBIDDEN, "{}", other.1);
+    }
 }
 
 /// Issue 22: a pod's drain of its own port flipped the node-wide `/health?port=P`, and a

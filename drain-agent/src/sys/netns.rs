@@ -70,12 +70,30 @@ fn is_allowed_netns_path(text: &str) -> bool {
         .any(|dir| text.strip_prefix(dir).is_some_and(component))
 }
 
+/// Whose `/proc/PID/ns/net` a client may name (the named namespaces under `/run/netns` are
+/// anyone's to name: `ip netns list` shows them to every user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessPaths {
+    /// Any process's: root of the node, who may open every one itself.
+    Any,
+    /// A process of this uid only (the owner of its `/proc/PID`: its effective uid while it
+    /// is dumpable, root's otherwise, as `ps` shows it): a local user, who may open no other
+    /// user's namespace file (`ptrace` read access) and under `hidepid=2` not even see the
+    /// PID. Any other process is refused as a missing one is, so that the answer tells
+    /// neither whether it runs nor in which namespace.
+    OwnedBy(u32),
+    /// None: a pod, whose PIDs are not the agent's (the PID is looked up in the agent's PID
+    /// namespace, which a pod does not see), or a local user the tables could not name.
+    None,
+}
+
 /// The inode of the *network* namespace at a client-given path, or `Ok(None)` for anything
-/// else (missing, not a namespace, another kind of namespace, outside the allowed places):
-/// the caller answers [`REFUSED_PATH`] for every `None`. An error when the agent could not
-/// look for want of resources ([`is_want_of_resources`]): not an answer about the path, nor
-/// one that tells whether it exists (asking again may help).
-pub fn inode_of_client_path(text: &str) -> Result<Option<u32>> {
+/// else (missing, not a namespace, another kind of namespace, outside the allowed places, a
+/// process `processes` does not let the client name): the caller answers [`REFUSED_PATH`]
+/// for every `None`. An error when the agent could not look for want of resources
+/// ([`is_want_of_resources`]): not an answer about the path, nor one that tells whether it
+/// exists (asking again may help).
+pub fn inode_of_client_path(text: &str, processes: ProcessPaths) -> Result<Option<u32>> {
     if !is_allowed_netns_path(text) {
         return Ok(None);
     }
@@ -88,19 +106,22 @@ pub fn inode_of_client_path(text: &str) -> Result<Option<u32>> {
         }
     };
     // Not O_PATH: the namespace-type ioctl needs a real descriptor. O_NONBLOCK so that a
-    // FIFO left in /run/netns cannot block us. /proc/PID/ns/net is a link that must be
-    // followed; a named namespace is a bind-mounted file, so a link there is refused.
-    let follow = if text.starts_with("/proc/") {
-        0
-    } else {
-        libc::O_NOFOLLOW
-    };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | follow)
-        .open(text)
+    // FIFO left in /run/netns cannot block us. A named namespace is a bind-mounted file, so
+    // a link there is refused.
+    let opened = match text
+        .strip_prefix("/proc/")
+        .and_then(|rest| rest.strip_suffix("/ns/net"))
     {
-        Ok(file) => file,
+        Some(pid) => open_process_netns(pid, processes),
+        None => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(text)
+            .map(Some),
+    };
+    let file = match opened {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(None),
         Err(problem) => return failed(problem, "open"),
     };
     let stat = match rustix::fs::fstatfs(&file) {
@@ -126,6 +147,41 @@ pub fn inode_of_client_path(text: &str) -> Result<Option<u32>> {
         Err(problem) => return failed(problem, "stat"),
     };
     Ok(u32::try_from(metadata.ino()).ok())
+}
+
+/// The network namespace file of process `pid` (digits), if `processes` lets the client
+/// name it. Opened inside the process's `/proc/PID`, held open: the owner checked is that
+/// of the process whose namespace is read, not of another a reused PID names a moment later
+/// (a lookup in a gone process's directory fails).
+fn open_process_netns(pid: &str, processes: ProcessPaths) -> std::io::Result<Option<File>> {
+    // `ns/net` is a link that must be followed.
+    let uid = match processes {
+        ProcessPaths::None => return Ok(None),
+        // One open, as for any other path: a descriptor short, the same answer for each.
+        ProcessPaths::Any => {
+            return std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(format!("/proc/{pid}/ns/net"))
+                .map(Some);
+        }
+        ProcessPaths::OwnedBy(uid) => uid,
+    };
+    let process = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}"))?;
+    if process.metadata()?.uid() != uid {
+        return Ok(None);
+    }
+    let namespace = rustix::fs::openat(
+        &process,
+        "ns/net",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(Some(File::from(namespace)))
 }
 
 /// Whether `problem` is the agent's want of resources, not an answer about the file asked
@@ -654,9 +710,26 @@ mod tests {
         let own = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
         let pid = std::process::id();
         assert_eq!(
-            inode_of_client_path(&format!("/proc/{pid}/ns/net")).expect("readable"),
+            inode_of_client_path(&format!("/proc/{pid}/ns/net"), ProcessPaths::Any)
+                .expect("readable"),
             Some(own)
         );
+        // This process's owner may name it; another user and a pod may not.
+        let me = std::fs::metadata(format!("/proc/{pid}"))
+            .expect("stat")
+            .uid();
+        for (processes, inode) in [
+            (ProcessPaths::OwnedBy(me), Some(own)),
+            (ProcessPaths::OwnedBy(me.wrapping_add(1)), None),
+            (ProcessPaths::None, None),
+        ] {
+            assert_eq!(
+                inode_of_client_path(&format!("/proc/{pid}/ns/net"), processes)
+                    .expect("an answer about the path"),
+                inode,
+                "{processes:?}"
+            );
+        }
         for refused in [
             "/proc/self/ns/net".to_owned(),
             format!("/proc/{pid}/ns/mnt"),
@@ -672,7 +745,8 @@ mod tests {
             "/var/run/netns/a/b".into(),
         ] {
             assert_eq!(
-                inode_of_client_path(&refused).expect("an answer about the path"),
+                inode_of_client_path(&refused, ProcessPaths::Any)
+                    .expect("an answer about the path"),
                 None,
                 "{refused}"
             );

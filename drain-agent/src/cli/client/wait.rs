@@ -770,8 +770,12 @@ mod tests {
             max_timeout: Duration::from_secs(600),
             own_port: None,
         };
-        let asked = crate::http::api::parse_drain_request(query.strip_prefix("/drained?"), limits)
-            .unwrap_or_else(|problem| panic!("{query}: refused: {problem:?}"));
+        let asked = crate::http::api::parse_drain_request(
+            query.strip_prefix("/drained?"),
+            limits,
+            crate::sys::netns::ProcessPaths::Any,
+        )
+        .unwrap_or_else(|problem| panic!("{query}: refused: {problem:?}"));
         assert!(asked.timeout.is_zero() && asked.peers, "{query}");
         assert!(asked.rule.quiet.is_zero() && !asked.given.quiet, "{query}");
         assert!(
