@@ -344,6 +344,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             default_timeout: args.default_timeout,
             max_timeout: args.max_timeout,
             own_port: Some(address.port()),
+            own_netns: Some(own_netns),
         },
         metrics,
         drains: Arc::clone(&drains),
@@ -403,6 +404,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 tracker: Arc::clone(&state.tracker),
                 limits: WaitLimits {
                     own_port: Some(addr.port()),
+                    own_netns: None,
                     ..state.limits
                 },
                 metrics: Arc::clone(&state.metrics),

@@ -215,9 +215,39 @@ pub struct WaitLimits {
     pub default_timeout: Duration,
     /// The longest `timeout` or `settle` a request may ask for.
     pub max_timeout: Duration,
-    /// The agent's own API port: its connections are not counted, so asking about it is
-    /// a mistake (it could never drain while the request itself is open).
+    /// The agent's own API port: its connections are not counted where the agent listens
+    /// on it, so asking about it there is a mistake (it could never drain while the request
+    /// itself is open). Elsewhere the port is any application's ([`WaitLimits::check_own_port`]).
     pub own_port: Option<u16>,
+    /// The network namespace where the agent listens on `own_port`: the node listener's.
+    /// `None`: every namespace a request may ask about (a pod listener, which answers for
+    /// the pod's own namespace only, where the agent takes the port).
+    pub own_netns: Option<u32>,
+}
+
+impl WaitLimits {
+    /// Refuses a scope (confined already: a pod's is its own namespace) that takes in the
+    /// agent's own port where the agent listens on it. The kernel leaves the agent's
+    /// connections uncounted by namespace and port (`is_own_endpoint`), whatever the
+    /// address, so a scope of that namespace, or of every namespace, is refused whatever
+    /// its `addr`; the port in another namespace is an application's, counted as any.
+    pub fn check_own_port(&self, filter: &Filter) -> Result<(), ApiError> {
+        let port = filter.port;
+        if self.own_port != Some(port) {
+            return Ok(());
+        }
+        match self.own_netns {
+            None => Err(ApiError::BadRequest(format!(
+                "port: {port} is the agent's own API port, whose connections are not counted"
+            ))),
+            Some(own) if filter.netns.is_none_or(|asked| asked == own) => {
+                Err(ApiError::BadRequest(format!(
+                    "port: {port} is the agent's own API port in the node's network namespace ({own}), whose connections there are not counted; name another namespace (netns=) to ask about the port there"
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 /// Why a request is refused; each becomes a status and `{"error": "..."}`.
@@ -446,11 +476,6 @@ pub fn parse_drain_parameters(
         }
         Some(text) => parse_port(text)?,
     };
-    if limits.own_port == Some(port) {
-        return Err(ApiError::BadRequest(format!(
-            "port: {port} is the agent's own API port, whose connections are not counted"
-        )));
-    }
     let (addr, netns) = parse_scope(&values)?;
     let timeout = match values.get("timeout") {
         None => limits.default_timeout,
@@ -580,7 +605,6 @@ fn parse_flag(values: &BTreeMap<String, String>, name: &str) -> Result<bool, Api
 /// Parses a query that names a scope only (`port`, `addr`, `netns`).
 pub fn parse_scope_request(
     query: Option<&str>,
-    limits: WaitLimits,
     processes: ProcessPaths,
 ) -> Result<Filter, ApiError> {
     let values = parse_query(query, &SCOPE_PARAMETERS)?;
@@ -588,11 +612,6 @@ pub fn parse_scope_request(
         None => return Err(ApiError::BadRequest("missing parameter \"port\"".into())),
         Some(text) => parse_port(text)?,
     };
-    if limits.own_port == Some(port) {
-        return Err(ApiError::BadRequest(format!(
-            "port: {port} is the agent's own API port, whose connections are not counted"
-        )));
-    }
     let (addr, netns) = parse_scope(&values)?;
     let netns = netns.resolve(processes)?;
     Ok(Filter { port, addr, netns })

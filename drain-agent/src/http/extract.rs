@@ -49,8 +49,8 @@ pub trait Params: Scoped + Sized + Send {
     ) -> Result<Self, ApiError>;
 
     /// What is checked once the scope is confined (before, a pod would learn about
-    /// other namespaces from the error).
-    fn check(&self) -> Result<(), ApiError> {
+    /// other namespaces from the error, and its scope would not be its namespace yet).
+    fn check(&self, _: &WaitLimits) -> Result<(), ApiError> {
         Ok(())
     }
 }
@@ -63,16 +63,24 @@ impl Params for DrainRequest {
     ) -> Result<Self, ApiError> {
         parse_drain_request(query, limits, processes)
     }
+
+    fn check(&self, limits: &WaitLimits) -> Result<(), ApiError> {
+        limits.check_own_port(&self.filter)
+    }
 }
 
 /// `DELETE /drain`: a scope.
 impl Params for Filter {
     fn parse(
         query: Option<&str>,
-        limits: WaitLimits,
+        _: WaitLimits,
         processes: ProcessPaths,
     ) -> Result<Self, ApiError> {
-        parse_scope_request(query, limits, processes)
+        parse_scope_request(query, processes)
+    }
+
+    fn check(&self, limits: &WaitLimits) -> Result<(), ApiError> {
+        limits.check_own_port(self)
     }
 }
 
@@ -119,6 +127,10 @@ impl Params for Posted {
     ) -> Result<Self, ApiError> {
         parse_drain_parameters(query, limits, Asking::Drain, processes).map(Self)
     }
+
+    fn check(&self, limits: &WaitLimits) -> Result<(), ApiError> {
+        limits.check_own_port(&self.0.filter)
+    }
 }
 
 /// A request's parameters, confined to its caller's scope; the caller beside them.
@@ -138,7 +150,7 @@ impl<T: Params> FromRequestParts<Arc<AppState>> for Confined<T> {
                 T::parse(query, state.limits, processes)
             })
             .await?;
-        params.check()?;
+        params.check(&state.limits)?;
         Ok(Self(caller, params))
     }
 }

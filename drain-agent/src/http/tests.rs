@@ -24,6 +24,7 @@ const LIMITS: WaitLimits = WaitLimits {
     default_timeout: Duration::from_secs(30),
     max_timeout: Duration::from_secs(300),
     own_port: Some(9100),
+    own_netns: Some(1),
 };
 
 /// A test app over `endpoints` (also the pod listeners' router tests', `pods/manager.rs`).
@@ -1124,11 +1125,11 @@ impl crate::http::pod_scope::Scoped for Counted {
 impl crate::http::extract::Params for Counted {
     fn parse(
         query: Option<&str>,
-        limits: WaitLimits,
+        _: WaitLimits,
         processes: netns::ProcessPaths,
     ) -> Result<Self, api::ApiError> {
         COUNTED_PARSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        api::parse_scope_request(query, limits, processes).map(Self)
+        api::parse_scope_request(query, processes).map(Self)
     }
 }
 
@@ -1760,6 +1761,82 @@ async fn a_process_path_tells_a_confined_caller_nothing_about_other_users_proces
         child.wait().expect("reap sleep");
         assert_eq!(own.0, StatusCode::OK, "{}", own.1);
         assert_eq!(other.0, StatusCode::FORBIDDEN, "{}", other.1);
+    }
+}
+
+/// Found by an audit: the node listener refused its own port number whatever the scope,
+/// though the kernel leaves uncounted only the connections of the namespace where the agent
+/// listens on it (`is_own_endpoint`: by namespace and port). A pod whose application serves
+/// on that number (19700, the DaemonSet's node port) asking through the node listener was
+/// refused (`400`), which `drain-agent wait` takes as the end: the pod stopped undrained. So
+/// was root naming another namespace (`--netns /run/netns/X --port 9100`).
+#[tokio::test]
+async fn the_agents_own_port_is_refused_only_where_the_agent_listens_on_it() {
+    // Another namespace for the node to name: this process's real one (the node's is 1 here).
+    let other = netns::inode_of(std::path::Path::new("/proc/self/ns/net")).expect("own netns");
+    let (_, state) = app(vec![
+        crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 9100, 1)
+        },
+        crate::tracker::Endpoint {
+            netns: other,
+            ..endpoint("10.2.0.1", 9100, 1)
+        },
+        crate::tracker::Endpoint {
+            netns: 1,
+            ..endpoint("127.0.0.1", 9100, 1)
+        },
+    ]);
+    let pod = Caller::Pod { netns: 7 };
+    for (caller, uri) in [
+        (pod, "/drained?port=9100&timeout=0".to_owned()),
+        (
+            Caller::Node,
+            format!("/drained?port=9100&timeout=0&netns={other}"),
+        ),
+    ] {
+        let (status, body) = request_as(&state, caller, "GET", &uri).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{caller:?} {uri}: {body}"
+        );
+        assert_eq!(body["active"], 1, "{caller:?} {uri}: {body}");
+    }
+    let (status, body) = request_as(&state, pod, "GET", "/connections?port=9100").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = request_as(&state, pod, "POST", "/drain?port=9100&timeout=1m").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = request_as(&state, pod, "DELETE", "/drain?port=9100").await;
+    assert!(status.is_success(), "{body}");
+    // Where the agent listens on it (the node's namespace, 1 here, a local user's scope),
+    // or every namespace: refused, as ever.
+    for (caller, method, uri) in [
+        (Caller::Node, "GET", "/drained?port=9100&timeout=0"),
+        (
+            Caller::Node,
+            "GET",
+            "/drained?port=9100&timeout=0&addr=10.1.0.7",
+        ),
+        (Caller::Node, "POST", "/drain?port=9100&timeout=1m"),
+        (Caller::Node, "DELETE", "/drain?port=9100"),
+        (
+            Caller::LocalUser { uid: Some(1000) },
+            "GET",
+            "/drained?port=9100&timeout=0",
+        ),
+        (
+            Caller::LocalUser { uid: Some(1000) },
+            "DELETE",
+            "/drain?port=9100",
+        ),
+    ] {
+        refused(
+            request_as(&state, caller, method, uri).await,
+            StatusCode::BAD_REQUEST,
+            "port: 9100 is the agent's own API port",
+        );
     }
 }
 

@@ -769,6 +769,7 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(600),
             own_port: None,
+            own_netns: None,
         };
         let asked = crate::http::api::parse_drain_request(
             query.strip_prefix("/drained?"),
