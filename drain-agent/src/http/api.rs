@@ -535,6 +535,7 @@ pub fn parse_drain_parameters(
             .parse::<u32>()
             .map_err(|_| format!("pace: {text:?} is not a number of closings per second"))?,
     };
+    check_closing(timeout, on_timeout, values.contains_key("pace"))?;
     let peers = parse_peers_flag(&values)?;
     let continues = parse_flag(&values, "continues")?;
     if continues {
@@ -562,6 +563,29 @@ pub fn parse_drain_parameters(
         },
         continues,
     })
+}
+
+/// Refuses the settings of the close at the deadline where they cannot take effect: a pure
+/// query (`timeout=0`) closes nothing, and `pace` (`pace_given`) paces only a close that
+/// `on_timeout=close` asks for. Taken silently, a hook's close would never happen unsaid,
+/// and a drain would record a pace it never uses (a later request naming another got `409`
+/// over it). The CLI refuses the same (`wait --pace` requires `--close-at-timeout`).
+fn check_closing(
+    timeout: Duration,
+    on_timeout: OnTimeout,
+    pace_given: bool,
+) -> Result<(), ApiError> {
+    if on_timeout == OnTimeout::Close && timeout.is_zero() {
+        return Err(ApiError::BadRequest(
+            "on_timeout: a pure query (timeout=0) answers at once and closes nothing: leave on_timeout=close out, or give a timeout".into(),
+        ));
+    }
+    if pace_given && on_timeout != OnTimeout::Close {
+        return Err(ApiError::BadRequest(
+            "pace: it paces the closing at the timeout, which only on_timeout=close asks for: without it nothing is closed (add on_timeout=close, or leave pace out)".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Where `continues=true` makes no sense: a `POST /drain` (a POSTed drain's deadline is its

@@ -423,6 +423,11 @@ async fn bad_drain_requests_are_400_and_change_nothing() {
         ("POST", "/drain?port=8080&timeout=0", "timeout"),
         ("POST", "/drain?port=8080&on_timeout=explode", "on_timeout"),
         ("POST", "/drain?port=8080&pace=-1", "pace"),
+        (
+            "POST",
+            "/drain?port=8080&timeout=5m&pace=50",
+            "pace: it paces the closing at the timeout",
+        ),
         ("POST", "/drain?port=8080&ignore=10.0.0.0/99", "ignore"),
         // Address bits beyond the prefix: `$HOST_IP/32` on an IPv6 node was read as a /32
         // of IPv6 (every client ignored, drained at once with clients connected).
@@ -782,6 +787,21 @@ async fn bad_input_is_400_naming_the_parameter() {
             "longer than the timeout",
         ),
         ("/drained?port=%ZZ", "port:"),
+        // Found by an audit: settings that cannot take effect were taken silently (a pure
+        // query closes nothing; a pace without the close paces nothing, yet a later request
+        // with another was refused 409 over it).
+        (
+            "/drained?port=8080&timeout=0&on_timeout=close",
+            "on_timeout: a pure query",
+        ),
+        (
+            "/drained?port=8080&timeout=5s&pace=50",
+            "pace: it paces the closing at the timeout",
+        ),
+        (
+            "/drained?port=8080&timeout=5s&on_timeout=keep&pace=50",
+            "pace: it paces the closing at the timeout",
+        ),
     ];
     for (uri, expected) in cases {
         let (status, body) = get(&state, uri).await;
@@ -2449,9 +2469,13 @@ async fn a_close_that_cannot_happen_is_refused() {
             .is_some_and(|why| why.contains("CAP_NET_ADMIN")),
         "{health}"
     );
-    // A pure query asks nothing to be closed; a drain that keeps its connections is taken.
-    let (status, _) = get(&state, "/drained?port=8080&timeout=0&on_timeout=close").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // A pure query closes nothing: asking it to is refused for that, whether or not closing
+    // is available; a drain that keeps its connections is taken.
+    refused(
+        get(&state, "/drained?port=8080&timeout=0&on_timeout=close").await,
+        StatusCode::BAD_REQUEST,
+        "on_timeout: a pure query",
+    );
     let (status, body) = request(&state, "POST", "/drain?port=8080&timeout=1m").await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
 }
