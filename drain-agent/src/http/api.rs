@@ -397,10 +397,11 @@ pub fn parse_query(
     let mut values: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !known.contains(&name.as_ref()) {
-            return Err(ApiError::BadRequest(format!(
-                "unknown parameter {name:?} (known: {})",
-                known.join(", ")
-            )));
+            return Err(ApiError::BadRequest(if known.is_empty() {
+                format!("unknown parameter {name:?} (this path takes none)")
+            } else {
+                format!("unknown parameter {name:?} (known: {})", known.join(", "))
+            }));
         }
         if values.insert(name.to_string(), value.to_string()).is_some() {
             return Err(ApiError::BadRequest(format!(
@@ -616,7 +617,7 @@ pub fn parse_peers_flag(values: &BTreeMap<String, String>) -> Result<bool, ApiEr
 }
 
 /// `name=true|false` (default false).
-fn parse_flag(values: &BTreeMap<String, String>, name: &str) -> Result<bool, ApiError> {
+pub fn parse_flag(values: &BTreeMap<String, String>, name: &str) -> Result<bool, ApiError> {
     match values.get(name).map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),

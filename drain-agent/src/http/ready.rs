@@ -24,7 +24,7 @@ use axum::{
 
 use crate::http::{
     AppState,
-    api::{ApiError, error},
+    api::{ApiError, error, parse_flag, parse_query},
     status,
 };
 
@@ -61,29 +61,10 @@ impl Readiness {
 }
 
 /// Whether `query` asks for readiness (`ready=true`; `ready=false` or none: health only).
-/// Other parameters are ignored, as `/healthz` always did.
+/// Any other parameter, or `ready` twice, is a `400` naming it, as on every route: ignored,
+/// a misspelt `readiness=true` passed before the agent was ready.
 fn asks_ready(query: Option<&str>) -> Result<bool, ApiError> {
-    let mut asked = None;
-    for (name, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
-        if name != "ready" {
-            continue;
-        }
-        let value = match value.as_ref() {
-            "true" => true,
-            "false" => false,
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "ready: {other:?} is neither true nor false"
-                )));
-            }
-        };
-        if asked.replace(value).is_some() {
-            return Err(ApiError::BadRequest(
-                "parameter \"ready\" is given more than once".into(),
-            ));
-        }
-    }
-    Ok(asked.unwrap_or(false))
+    parse_flag(&parse_query(query, &["ready"])?, "ready")
 }
 
 /// `GET /healthz`: the agent's health ([`status::healthz`]); with `?ready=true`, first

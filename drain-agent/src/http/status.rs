@@ -99,6 +99,9 @@ pub const OLDER_AGENT_SERVES: &str = "another agent on this node (an upgrade's o
 pub(super) async fn metrics(
     State(state): State<Arc<AppState>>,
     scope: Option<Extension<PodScope>>,
+    // A scraper's `params:` are refused (400 naming the first), not ignored: the answer
+    // would be the same whatever they ask.
+    NoParams: NoParams,
 ) -> Response {
     if scope.is_some() {
         return node_only();

@@ -952,6 +952,26 @@ async fn healthz_is_not_ready_until_the_first_round_of_pod_listeners_is_open() {
     }
     let (status, body) = get(&state, "/healthz?ready=yes").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // Found by an audit: other parameters were ignored, so a probe that misspelt the one
+    // it meant passed before the agent was ready. Each is a 400 naming it, as on every
+    // route (README), and so on /metrics.
+    for (uri, named) in [
+        (
+            "/healthz?readiness=true",
+            "unknown parameter \"readiness\" (known: ready)",
+        ),
+        ("/healthz?ready=true&x=1", "unknown parameter \"x\""),
+        (
+            "/healthz?ready=false&ready=false",
+            "parameter \"ready\" is given more than once",
+        ),
+        (
+            "/metrics?format=json",
+            "unknown parameter \"format\" (this path takes none)",
+        ),
+    ] {
+        refused(get(&state, uri).await, StatusCode::BAD_REQUEST, named);
+    }
     ready.set_ready();
     let (status, body) = get(&state, &readiness).await;
     assert_eq!(
