@@ -85,7 +85,7 @@ pub use self::{
 };
 use self::{
     limits::{BeyondCap, SourceLimiter, limit_waiters},
-    slots::{Activity, Busy, Place, Slots},
+    slots::{Activity, Busy, Place, Slots, reset_by_client},
 };
 use crate::{metrics::Metrics, sys::fdlimit};
 
@@ -172,6 +172,14 @@ pub async fn serve_handing_over(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
+        // A client's FIN after its request is not a hang-up: HTTP/1.0 clients that
+        // half-close (busybox `nc` in a preStop hook) wait for their answer. hyper's default
+        // took it for an unfinished exchange and dropped the request unanswered (a
+        // `/drained` waiter's drain ended `abandoned`, its hook stopped the container at
+        // once). hyper then reads nothing while a request is in a handler: a client that
+        // resets is seen by `reset_by_client`, one that closes is answered and the write
+        // fails.
+        .half_close(true)
         .header_read_timeout(limits.header_timeout)
         // hyper reads no more than this into its buffer and answers 431 when the head is
         // not complete in it: the bound on an unfinished head and on a complete one alike.
@@ -254,9 +262,19 @@ pub async fn serve_handing_over(
                 let busy = Busy::new(Arc::clone(&activity));
                 let app = app.clone();
                 async move {
-                    let response = app.oneshot(request).await;
+                    // A client that resets its connection went away: its request's future
+                    // is dropped (a `/drained` waiter leaves its drain) and the connection
+                    // ends (see `half_close` above).
+                    let answered = tokio::select! {
+                        biased;
+                        response = app.oneshot(request) => {
+                            let Ok(response) = response;
+                            Ok(response)
+                        }
+                        problem = reset_by_client(socket) => Err(problem),
+                    };
                     drop(busy);
-                    response
+                    answered
                 }
             })
         };

@@ -5,6 +5,8 @@
 use std::{
     collections::BTreeMap,
     future::Future,
+    io,
+    os::fd::{BorrowedFd, RawFd},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -35,7 +37,7 @@ struct Slot {
     activity: Arc<Activity>,
     opened: Instant,
     /// The connection's socket (see [`unread_bytes`]).
-    socket: std::os::fd::RawFd,
+    socket: RawFd,
     abort: AbortHandle,
     /// Where it was let in; a connection that takes its place takes this too.
     place: Place,
@@ -147,17 +149,43 @@ impl Slot {
 /// TCP). A descriptor closed meanwhile (its connection ended; its slot goes next) reads
 /// as nothing pending, and a number reused by a newer socket only makes this look busy:
 /// both at worst keep a connection that is about to go anyway. Not through a shared
-/// `Arc<TcpStream>` read with `try_read`: that stream made hyper see a client's half-close
-/// (HTTP/1.0 and `SHUT_WR` after the request, as busybox nc does) before it answered, and
-/// close without an answer.
-fn unread_bytes(fd: std::os::fd::RawFd) -> usize {
-    // SAFETY: the number is only borrowed for this one ioctl, which reads nothing through
-    // it but the descriptor; a closed number fails with EBADF (see above).
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    rustix::io::ioctl_fionread(fd)
+/// `Arc<TcpStream>` read with `try_read`: a read beside hyper's takes what hyper must see.
+fn unread_bytes(fd: RawFd) -> usize {
+    on_socket(fd, |fd| rustix::io::ioctl_fionread(fd))
         .ok()
         .and_then(|pending| usize::try_from(pending).ok())
         .unwrap_or(0)
+}
+
+/// How often a connection with a request in a handler is looked at for a reset.
+const RESET_LOOK: Duration = Duration::from_millis(250);
+
+/// Resolves when the client of the connection whose socket is `fd` resets it (`SO_ERROR`
+/// set: a reset received, `SO_LINGER` 0 or a close with data unread, or the connection
+/// timed out), with that error. For a request in a handler only: `fd` must stay open while
+/// this runs, as hyper's stream does while it polls its service's future.
+///
+/// hyper reads nothing while a request is in a handler (`half_close`): a client's FIN is
+/// not a hang-up (busybox `nc` in a preStop hook half-closes after its request, and waits
+/// for the answer), and a reset is seen here instead of by a read. A client that closes
+/// without a reset sends a FIN like one that half-closes: it is answered at the end (the
+/// write then fails) like any other.
+pub(super) async fn reset_by_client(fd: RawFd) -> io::Error {
+    loop {
+        tokio::time::sleep(RESET_LOOK).await;
+        match on_socket(fd, |fd| rustix::net::sockopt::socket_error(fd)) {
+            Ok(Ok(())) => {}
+            Ok(Err(problem)) | Err(problem) => return problem.into(),
+        }
+    }
+}
+
+/// `op` on the connection socket whose number is `fd`, borrowed for that call. A number
+/// closed meanwhile fails with EBADF (see [`unread_bytes`] and [`reset_by_client`]).
+fn on_socket<R>(fd: RawFd, op: impl FnOnce(BorrowedFd<'_>) -> R) -> R {
+    // SAFETY: the number is only borrowed for this one call, which reads nothing through it
+    // but the descriptor; a closed number fails with EBADF.
+    op(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
 impl Slots {
@@ -273,7 +301,7 @@ impl Slots {
         self: &Arc<Self>,
         tasks: &mut JoinSet<()>,
         activity: Arc<Activity>,
-        socket: std::os::fd::RawFd,
+        socket: RawFd,
         place: Place,
         work: impl Future<Output = ()> + Send + 'static,
     ) {

@@ -18,12 +18,15 @@ use super::{slots::CONNECT_GRACE, *};
 use tokio::time::Instant;
 
 /// A test app: `/healthz` answers at once, `/drained` blocks until released (and
-/// counts the requests that reached it), `/big` answers 256 KiB.
+/// counts the requests that reached it, and those dropped unanswered), `/big` answers
+/// 256 KiB.
 struct TestServer {
     addr: SocketAddr,
     /// Where the server counts the `/drained` requests its limits turn away.
     metrics: Arc<Metrics>,
     entered: Arc<AtomicUsize>,
+    /// `/drained` handlers dropped before they were released (their client went away).
+    dropped: Arc<AtomicUsize>,
     release: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<()>>,
@@ -117,10 +120,26 @@ async fn start_with(
     limits: ServerLimits,
     front: impl FnOnce(Router) -> Result<Router> + Send + 'static,
 ) -> TestServer {
+    /// Counts its handler dropped while armed.
+    struct Dropped(Option<Arc<AtomicUsize>>);
+    impl Dropped {
+        fn disarm(mut self) {
+            self.0 = None;
+        }
+    }
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            if let Some(dropped) = self.0.take() {
+                dropped.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
     let entered = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
     let app = {
         let entered = Arc::clone(&entered);
+        let dropped = Arc::clone(&dropped);
         let release = Arc::clone(&release);
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
@@ -129,9 +148,11 @@ async fn start_with(
                 "/drained",
                 get(move || {
                     let release = Arc::clone(&release);
+                    let guard = Dropped(Some(Arc::clone(&dropped)));
                     entered.fetch_add(1, Ordering::SeqCst);
                     async move {
                         release.notified().await;
+                        guard.disarm();
                         "released"
                     }
                 }),
@@ -156,6 +177,7 @@ async fn start_with(
         addr,
         metrics,
         entered,
+        dropped,
         release,
         stop: Some(stop),
         task,
@@ -1137,4 +1159,49 @@ fn the_cap_and_its_reserve_stay_below_the_open_file_limit() {
     assert_eq!(cap_within(20_000, 512), 512);
     // Fewer descriptors than the reserve itself: still one connection.
     assert_eq!(cap_within(100, 512), 1);
+}
+
+/// A client that half-closes after its request (busybox `nc` in a preStop hook does, when
+/// its stdin ends) is still answered when the handler finishes: its FIN is not taken for a
+/// client gone away, and the handler is not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_is_answered() {
+    let server = start(limits()).await;
+    let mut client = TcpStream::connect(server.addr).await.expect("connect");
+    client
+        .write_all(b"GET /drained HTTP/1.0\r\n\r\n")
+        .await
+        .expect("send");
+    server.wait_entered(1).await;
+    client.shutdown().await.expect("half-close");
+    // hyper sees the FIN while the handler waits.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.release.notify_waiters();
+    let answer = read_all(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
+    assert!(answer.ends_with("released"), "{answer:?}");
+    server.stop().await;
+}
+
+/// A client that resets its connection while its request waits (`SO_LINGER` 0, or a close
+/// with data unread) went away: its handler is dropped at once, not left to its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_while_its_request_waits_is_gone() {
+    let server = start(limits()).await;
+    let mut client = TcpStream::connect(server.addr).await.expect("connect");
+    client
+        .write_all(b"GET /drained HTTP/1.0\r\n\r\n")
+        .await
+        .expect("send");
+    server.wait_entered(1).await;
+    client.set_zero_linger().expect("SO_LINGER 0");
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while server.dropped.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the handler was dropped");
+    server.stop().await;
 }
