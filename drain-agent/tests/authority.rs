@@ -676,6 +676,8 @@ fn a_local_users_drain_lets_go_of_a_port_root_takes_back() {
 }
 
 /// A `GET` whose client went away left its 10-minute drain (and the port's gate) running.
+/// Gone: it reset its connection (`SO_LINGER` 0, as a killed client with data unread does);
+/// a FIN alone is a client that half-closed and waits for its answer (below).
 #[test]
 #[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
 fn a_drain_whose_only_client_left_is_gone_within_a_second() {
@@ -689,12 +691,17 @@ fn a_drain_whose_only_client_left_is_gone_within_a_second() {
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let _accepted = listener.accept().expect("accept");
-    let output = Command::new("curl")
-        .args(["-sS", "-m", "1"])
-        .arg(url(&format!("/drained?port={port}&timeout=10m")))
-        .output()
-        .expect("curl");
-    assert!(!output.status.success(), "curl gave up after 1 s");
+    let mut waiter = TcpStream::connect(("127.0.0.1", api)).expect("connect");
+    write!(
+        waiter,
+        "GET /drained?port={port}&timeout=10m HTTP/1.1\r\nHost: agent\r\n\r\n"
+    )
+    .expect("send");
+    thread::sleep(Duration::from_secs(1));
+    let (_, body) = curl(None, None, "GET", &url("/drains"));
+    assert!(!body.contains("\"in_progress\":[]"), "{body}");
+    rustix::net::sockopt::set_socket_linger(&waiter, Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(waiter);
     thread::sleep(Duration::from_millis(1000));
     let (_, body) = curl(None, None, "GET", &url("/drains"));
     assert!(body.contains("\"in_progress\":[]"), "{body}");
@@ -703,6 +710,43 @@ fn a_drain_whose_only_client_left_is_gone_within_a_second() {
         curl(None, None, "GET", &url(&format!("/health?port={port}"))).0,
         200
     );
+}
+
+/// A hook that half-closes after its request (busybox `nc` in an alpine preStop does, when
+/// its stdin ends) waits for its answer: its FIN is not a hang-up. It was: hyper saw the
+/// EOF and dropped the request at once, unanswered, its drain ended `abandoned`, and `nc`
+/// exited 0 — the container stopped with its connections open.
+#[test]
+#[ignore = "kernel test: needs root and BPF; run by cargo xtask test (or cargo test -- --include-ignored)"]
+fn a_hook_that_half_closes_after_its_request_gets_its_answer() {
+    if !kernel_available("a_hook_that_half_closes_after_its_request_gets_its_answer") {
+        return;
+    }
+    let api = free_port();
+    let _agent = start_agent(api);
+    let url = |path: &str| format!("http://127.0.0.1:{api}{path}");
+    let port = free_port();
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let _client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let _accepted = listener.accept().expect("accept");
+    let started = Instant::now();
+    let mut hook = TcpStream::connect(("127.0.0.1", api)).expect("connect");
+    write!(hook, "GET /drained?port={port}&timeout=3s HTTP/1.0\r\n\r\n").expect("send");
+    hook.shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    hook.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = hook.read_to_string(&mut answer);
+    let took = started.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.0 503"),
+        "after {took:?}: {answer:?}"
+    );
+    assert!(took >= Duration::from_millis(2500), "{took:?}: {answer:?}");
+    let (_, body) = curl(None, None, "GET", &url("/drains"));
+    assert!(!body.contains("\"abandoned\""), "{body}");
+    assert!(body.contains("\"timeout\""), "{body}");
 }
 
 /// Control from beyond the node is opt-in, with a bearer token from `--auth-token-file`.

@@ -165,8 +165,9 @@ enum Started {
     Unchecked,
 }
 
-/// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away)
-/// ends the drain when it was the last waiter of a drain no `POST` asked for.
+/// A `/drained` waiter's part in a drain. Dropping it (answered, or the client went away:
+/// reset its connection) ends the drain when it was the last waiter of a drain no `POST`
+/// asked for.
 ///
 /// The drain it waits on is the one it joined, or the POSTed drain that one handed its
 /// waiters to ([`Running::hand_over`]: at an upgrade's take-over).

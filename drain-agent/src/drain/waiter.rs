@@ -107,9 +107,10 @@ impl Ask {
         self.spec.timeout.is_zero()
     }
 
-    /// The answer to this `/drained` request: its one wait. A client that hangs up drops
-    /// this future, and with it the [`Membership`], whose drop ends a drain no one waits
-    /// for any more.
+    /// The answer to this `/drained` request: its one wait. A client that resets its
+    /// connection drops this future (`http/server` `reset_by_client`; a FIN alone, a
+    /// half-close or a close, does not: it is answered), and with it the [`Membership`],
+    /// whose drop ends a drain no one waits for any more.
     pub async fn answer(self, drains: &Arc<Drains>) -> Result<Answer, Unanswered> {
         let tracker = drains.tracker.as_ref();
         if self.control.is_some() {

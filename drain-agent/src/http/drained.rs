@@ -26,7 +26,8 @@ pub(super) async fn drained(State(state): State<Arc<AppState>>, Waiter(ask): Wai
     let port = ask.spec.filter.port;
     let query = ask.is_query();
     let continues = ask.continues;
-    // A client that hangs up drops this future: the guard still records the request.
+    // A client that resets its connection while it waits drops this future (a FIN alone
+    // does not: `http/server` `reset_by_client`): the guard still records the request.
     let abandoned = AbandonedGuard(Some(Arc::clone(&state.metrics)));
     let answer = ask.answer(&state.drains).await;
     abandoned.disarm();

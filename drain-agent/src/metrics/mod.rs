@@ -196,7 +196,8 @@ pub enum DrainResult {
     Rejected,
     /// The counts could not be read (500).
     Error,
-    /// The client hung up before its answer.
+    /// The client reset its connection before its answer (a FIN alone is not counted:
+    /// a half-closed client waits for its answer).
     Abandoned,
     /// Answered not drained because the agent is shutting down (not a timeout).
     AgentShutdown,
