@@ -679,7 +679,9 @@ async fn a_place_freed_under_the_cap_is_taken_under_the_cap() {
     let mut first = connect_from(server.addr, "127.0.3.1").await;
     send(&mut first, "/drained").await;
     server.wait_entered(3).await;
-    // 127.0.1.2 goes away: its waiter is dropped and its place under the cap freed.
+    // 127.0.1.2 goes away (a reset: a FIN alone is a half-close, still answered): its
+    // waiter is dropped and its place under the cap freed.
+    gone.set_zero_linger().expect("SO_LINGER 0");
     drop(gone);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut second = connect_from(server.addr, "127.0.3.1").await;
