@@ -250,6 +250,11 @@ pub struct Final {
     pub outcome: crate::tracker::DrainOutcome,
     /// Connections the agent closed at the deadline (`on_timeout=close`).
     pub closed: Option<u64>,
+    /// Whose verdict a drained `outcome` is: a waiter's that asked by then
+    /// ([`Membership::takes`]). For a verdict of the counts, when the last read it was
+    /// judged by began ([`crate::tracker::Tracker::wait_for_verdict`]); for a namespace
+    /// replaced, its end (no connection of the namespace any member asked about is left).
+    pub asked_by: tokio::time::Instant,
 }
 
 /// The record of one drain (`/drains`, the journal).

@@ -175,6 +175,9 @@ pub struct Membership {
     pub(super) drain: Arc<Running>,
     /// It asked `continues=true`: one slice of a longer wait ([`Running::only_slices_wait`]).
     continues: bool,
+    /// When it asked to join (after its request arrived, before it joined): the verdicts
+    /// it takes are about a time after that ([`Membership::takes`]).
+    asked: tokio::time::Instant,
 }
 
 impl Membership {
@@ -192,6 +195,22 @@ impl Membership {
 
     pub fn id(&self) -> u64 {
         lock(&self.current().record).id
+    }
+
+    /// Whether `done`, the outcome of the drain it waits on, is this waiter's answer: not
+    /// when it is "drained" from reads that began before this waiter asked (`asked_by`).
+    ///
+    /// Exact: every connection of its caller was open by the time it asked (its request
+    /// came after them), which is by `asked`; a read that began at or after `asked` counts
+    /// them, so a drained verdict from such reads is about its whole wait. A read that began
+    /// before may have missed one opened just before it asked. Such a verdict (the drain
+    /// took it while this waiter joined: between its last read's start and
+    /// [`Drains::decide`], which a drained wait's verdict takes as the wait returns) is
+    /// not its answer: it waits on its own count for the rest of its time, as after a drain
+    /// that ended undrained. A verdict that is not "drained" is any member's: it never
+    /// answers drained.
+    pub fn takes(&self, done: &Final) -> bool {
+        !done.outcome.drained || self.asked <= done.asked_by
     }
 
     /// The rule this waiter, which asked `asked`, judges by when it judges for itself: the
@@ -279,9 +298,14 @@ impl Drains {
         by: StartedBy,
         continues: bool,
     ) -> Result<(Membership, bool), JoinError> {
+        let asked = tokio::time::Instant::now();
         let (drain, created) = self.start(spec, false, by, continues).await?;
         // Attached first: a waiter gone during the save ends the drain it started.
-        let membership = Membership { drain, continues };
+        let membership = Membership {
+            drain,
+            continues,
+            asked,
+        };
         if created {
             self.save().await;
         }
@@ -454,9 +478,11 @@ impl Drains {
 
     /// Marks `drain`'s verdict taken: from now on a request for its scope waits for it to
     /// end instead of joining it. Under the registry's lock, so that a request either joined
-    /// before (the verdict covers its whole wait, which began before it was taken) or sees
-    /// the mark. False when it was handed over ([`Running::hand_over`]) instead: it ends
-    /// without a verdict, its successor has its scope and waiters.
+    /// before or sees the mark. A member that joined after the reads of a drained verdict
+    /// began (before the mark) does not take it ([`Membership::takes`]). False when it was
+    /// handed over ([`Running::hand_over`]) instead: it ends without a verdict, its
+    /// successor has its scope and waiters. Called again (as a drained wait's verdict is
+    /// marked at once, and again at the end), it changes nothing.
     pub(super) fn decide(&self, drain: &Running) -> bool {
         let _running = lock(&self.running);
         if drain.handed_over() {

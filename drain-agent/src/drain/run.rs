@@ -106,7 +106,7 @@ impl Drains {
         // closes nothing more, and keeps no listener of the namespace there now.
         let mut lost = false;
         let waited = tokio::select! {
-            outcome = self.tracker.wait_for_drain(&spec.filter, left, &spec.rule) => Ok(outcome),
+            outcome = self.tracker.wait_for_verdict(&spec.filter, left, &spec.rule) => Ok(outcome),
             end = cancel.wait_for(Option::is_some) => Err(end.ok().and_then(|end| *end).unwrap_or(DrainEnd::Cancelled)),
             end = self.owner_lost(&drain, by) => Err(end),
             () = self.namespace_lost(&drain) => {
@@ -114,6 +114,26 @@ impl Drains {
                 Err(DrainEnd::Drained)
             }
         };
+        // When the reads of the verdict began (`Final::asked_by`): a member that asked later
+        // does not take a drained one (`Membership::takes`). None: not a verdict of the
+        // counts, about every member.
+        let mut asked_by = None;
+        let waited = waited.map(|wait| {
+            wait.map(|(outcome, read_began)| {
+                asked_by = Some(read_began);
+                outcome
+            })
+        });
+        // A drained wait is the verdict (the checks below can only turn it for the members
+        // that joined by now: a namespace replaced, a port another user's): taken at once.
+        // A request from now on waits for this drain's end and starts the scope's next
+        // drain, rather than join it while the checks run (a thread entering the namespace,
+        // a socket-table query) and get "drained" about a time before it asked. One that
+        // joined between the start of the verdict's last read and now does not take it
+        // either (`Membership::takes`).
+        if matches!(&waited, Ok(Ok(outcome)) if outcome.drained) {
+            self.decide(&drain);
+        }
         if waited.is_ok() && !self.tracker.shutting_down() {
             lost = self.namespace_replaced(&drain).await;
         }
@@ -168,8 +188,14 @@ impl Drains {
                     if lost {
                         (DrainEnd::Drained, namespace_gone(started))
                     } else {
-                        self.close_at_deadline(&drain, outcome, &mut closed, &mut lost)
-                            .await
+                        self.close_at_deadline(
+                            &drain,
+                            outcome,
+                            &mut closed,
+                            &mut lost,
+                            &mut asked_by,
+                        )
+                        .await
                     }
                 } else if drain.only_slices_wait() {
                     // Its deadline is none of its waiters' hooks': each asks again, and
@@ -201,6 +227,11 @@ impl Drains {
         }
         // The verdict is taken: a request arriving from now on waits for this drain to end
         // and starts a fresh one, rather than get an answer about a time before it asked.
+        // Ended drained by its namespace replaced: about every member (none of the
+        // namespace's connections is left), as any verdict not of the counts.
+        let asked_by = asked_by
+            .filter(|_| !lost)
+            .unwrap_or_else(tokio::time::Instant::now);
         if !self.decide(&drain) {
             // Handed over (`Running::hand_over`): the POSTed drain that replaced it has its
             // scope, its waiters and the record. Ended for a `DELETE` waiting on it, which
@@ -213,6 +244,7 @@ impl Drains {
                 result,
                 outcome,
                 closed: None,
+                asked_by,
             })));
             return;
         }
@@ -275,6 +307,7 @@ impl Drains {
             outcome,
             closed: (spec.on_timeout == OnTimeout::Close && result == DrainEnd::ClosedAtDeadline)
                 .then_some(closed),
+            asked_by,
         })));
         if resumable {
             self.save().await;
@@ -382,12 +415,14 @@ impl Drains {
     /// starter's): names whom the close cuts, closes them, and counts what is left. `lost`
     /// is set if the drain's namespace went, or was replaced, while it closed: then it
     /// ended drained ([`namespace_gone`]), and closed nothing of the namespace there now.
+    /// `asked_by` is set to when the recount's read began (`Final::asked_by`).
     async fn close_at_deadline(
         &self,
         drain: &Running,
         outcome: DrainOutcome,
         closed: &mut u64,
         lost: &mut bool,
+        asked_by: &mut Option<tokio::time::Instant>,
     ) -> (DrainEnd, DrainOutcome) {
         let (spec, started) = (&drain.spec, drain.started);
         if outcome.peers.is_empty() {
@@ -416,15 +451,20 @@ impl Drains {
             quiet: Duration::ZERO,
             ..spec.rule.clone()
         };
-        let after = self
+        let after = match self
             .tracker
-            .wait_for_drain(&spec.filter, Duration::ZERO, &now_rule)
+            .wait_for_verdict(&spec.filter, Duration::ZERO, &now_rule)
             .await
-            .map(|after| DrainOutcome {
-                waited: started.elapsed(),
-                ..after
-            })
-            .unwrap_or(outcome);
+        {
+            Ok((after, read_began)) => {
+                *asked_by = Some(read_began);
+                DrainOutcome {
+                    waited: started.elapsed(),
+                    ..after
+                }
+            }
+            Err(_) => outcome,
+        };
         (DrainEnd::ClosedAtDeadline, after)
     }
 

@@ -934,6 +934,231 @@ async fn a_waiter_arriving_after_a_drains_verdict_does_not_get_it() {
     assert_ne!(second.drain, first.drain, "B joined the decided drain");
 }
 
+/// A one-shot hold for a fake's blocking call: the first call after [`OneHold::arm`] says
+/// it was entered, then blocks until released; every other call passes.
+#[derive(Default)]
+struct OneHold(
+    Mutex<
+        Option<(
+            std::sync::mpsc::SyncSender<()>,
+            std::sync::mpsc::Receiver<()>,
+        )>,
+    >,
+);
+
+impl OneHold {
+    /// Arms it: the receiver hears the held call enter, the sender releases it.
+    fn arm(
+        &self,
+    ) -> (
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::SyncSender<()>,
+    ) {
+        let (entered, entered_rx) = std::sync::mpsc::sync_channel(1);
+        let (release, release_rx) = std::sync::mpsc::sync_channel(1);
+        *lock(&self.0) = Some((entered, release_rx));
+        (entered_rx, release)
+    }
+
+    /// In the fake's call: blocks there if armed (once).
+    fn pass(&self) {
+        let held = lock(&self.0).take();
+        if let Some((entered, release)) = held {
+            let _ = entered.send(());
+            let _ = release.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Waits (off the async workers) until a held call was entered.
+async fn entered(entered: std::sync::mpsc::Receiver<()>) {
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("task")
+        .expect("the held call was never entered");
+}
+
+/// [`FakeNamespaces`] whose next look, once armed, blocks: a drain's check of its
+/// namespace after its wait (a thread entering the namespace) taking its time.
+#[derive(Default)]
+struct HeldNamespaces {
+    namespaces: FakeNamespaces,
+    hold: OneHold,
+}
+
+impl namespace::Namespaces for HeldNamespaces {
+    fn now(&self, inode: u32) -> namespace::NamespaceNow {
+        self.hold.pass();
+        self.namespaces.now(inode)
+    }
+}
+
+/// Port 8080's sockets all uid 1000's; the next look, once armed, blocks: a local user's
+/// drain's check of its port after its wait (a socket-table query) taking its time.
+#[derive(Default)]
+struct HeldOwners(OneHold);
+
+impl owner::PortOwners for HeldOwners {
+    fn owners(&self, _port: u16) -> anyhow::Result<Vec<u32>> {
+        self.0.pass();
+        Ok(vec![1000])
+    }
+}
+
+/// Two `/drained` waiters of one scope: A's drain reaches "drained" (its count set to 0),
+/// `arm`ed then (a hold: its entered, its release), holds the drain between the start of
+/// its wait's last read and its end, a connection opens, and B asks meanwhile. Returns A's
+/// and B's answers.
+async fn a_late_waiter(
+    source: &Arc<FakeSource>,
+    drains: &Arc<Drains>,
+    ask: impl Fn(Duration) -> waiter::Ask,
+    active: impl Fn(u64) -> Vec<crate::tracker::Endpoint>,
+    arm: impl FnOnce() -> (
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::SyncSender<()>,
+    ),
+) -> (waiter::Answer, waiter::Answer) {
+    let answer = |ask: waiter::Ask| {
+        let drains = Arc::clone(drains);
+        tokio::spawn(async move { ask.answer(&drains).await })
+    };
+    let first = answer(ask(Duration::from_secs(5)));
+    // A's drain waits (its start's looks done).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (held, release) = arm();
+    source.set(active(0));
+    drains.tracker.notify_port(8080);
+    entered(held).await;
+    // A connection opens; B asks.
+    source.set(active(1));
+    drains.tracker.notify_port(8080);
+    let second = answer(ask(Duration::from_millis(300)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release.send(()).expect("release");
+    let first = first.await.expect("task").expect("answer");
+    let second = tokio::time::timeout(Duration::from_secs(15), second)
+        .await
+        .expect("B answered")
+        .expect("task")
+        .expect("answer");
+    (first, second)
+}
+
+/// Audit (drain lifecycle): a pod's drain, its wait over ("drained"), looks whether its
+/// namespace is still the one it started in before it takes its verdict; a waiter of the
+/// same pod and port that asked meanwhile joined it and was answered "drained", active 0,
+/// with its connection open. A request arriving after the wait's verdict waits for that
+/// drain to end and gets a drain of its own.
+#[tokio::test]
+async fn a_pods_waiter_arriving_while_its_drain_checks_the_namespace_does_not_get_the_verdict() {
+    let namespaces = Arc::new(HeldNamespaces::default());
+    lock(&namespaces.namespaces.0).insert(7, Some(100));
+    let pod = |active| {
+        vec![crate::tracker::Endpoint {
+            netns: 7,
+            ..endpoint("10.1.0.7", 8080, active)
+        }]
+    };
+    let source = Arc::new(FakeSource::default());
+    source.set(pod(1));
+    let closer = Arc::new(ClosesCounted::default());
+    lock(&closer.listeners.listening).insert(7, vec![1]);
+    let drains = Arc::new(
+        Drains::new(
+            Arc::new(Tracker::new(source.clone(), 16)),
+            Some(closer as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_namespaces(Arc::clone(&namespaces) as Arc<dyn namespace::Namespaces>),
+    );
+    let ask = |timeout| waiter::Ask {
+        spec: DrainSpec {
+            filter: Filter {
+                netns: Some(7),
+                ..Filter::port(8080)
+            },
+            ..spec(timeout)
+        },
+        control: Some(StartedBy::Pod),
+        peers: false,
+        share: None,
+        continues: false,
+    };
+    let arm = || namespaces.hold.arm();
+    let (first, second) = a_late_waiter(&source, &drains, ask, pod, arm).await;
+    assert!(first.outcome.drained, "A's verdict: {first:?}");
+    assert!(
+        !second.outcome.drained,
+        "B asked while a connection was open and got A's verdict: {second:?}"
+    );
+    assert_eq!(second.outcome.active, 1, "{second:?}");
+    assert_ne!(second.drain, first.drain, "B joined the decided drain");
+}
+
+/// The same for a local user's drain, which looks whose its port's sockets are before it
+/// takes its verdict.
+#[tokio::test]
+async fn a_local_users_waiter_arriving_while_its_drain_checks_the_port_does_not_get_the_verdict() {
+    let owners = Arc::new(HeldOwners::default());
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 1)]);
+    let (closer, _entered, release_listeners) = HeldCloser::new();
+    for _ in 0..4 {
+        release_listeners.send(()).expect("release");
+    }
+    let drains = Arc::new(
+        Drains::new(
+            Arc::new(Tracker::new(source.clone(), 16)),
+            Some(closer as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_port_owners(Arc::clone(&owners) as Arc<dyn owner::PortOwners>),
+    );
+    let ask = |timeout| waiter::Ask {
+        control: Some(StartedBy::LocalUser { uid: 1000 }),
+        ..plain_hook(timeout)
+    };
+    let node = |active| vec![endpoint("127.0.0.1", 8080, active)];
+    let arm = || owners.0.arm();
+    let (first, second) = a_late_waiter(&source, &drains, ask, node, arm).await;
+    assert!(first.outcome.drained, "A's verdict: {first:?}");
+    assert!(
+        !second.outcome.drained,
+        "B asked while a connection was open and got A's verdict: {second:?}"
+    );
+    assert_eq!(second.outcome.active, 1, "{second:?}");
+    assert_ne!(second.drain, first.drain, "B joined the decided drain");
+}
+
+/// The verdict's last read itself: it took the count (0) and was still reading (its doubts)
+/// when a connection opened and B asked, joining the drain before its wait returned. B
+/// got "drained" with its connection open. A drained verdict goes only to the waiters that
+/// asked before the reads it was judged by began; B waits on its own count.
+#[tokio::test]
+async fn a_waiter_arriving_during_the_verdicts_read_does_not_get_it() {
+    let (source, _tracker, drains) = registry(1);
+    // The next read (the one after the count is set to 0) holds once it took the count.
+    let arm = || {
+        let hold = OneHold::default();
+        let armed = hold.arm();
+        *lock(&source.after_next_read) = Some(Box::new(move |_: &FakeSource| hold.pass()));
+        armed
+    };
+    let node = |active| vec![endpoint("127.0.0.1", 8080, active)];
+    let (first, second) = a_late_waiter(&source, &drains, plain_hook, node, arm).await;
+    assert!(first.outcome.drained, "A's verdict: {first:?}");
+    assert!(
+        !second.outcome.drained,
+        "B asked while a connection was open and got A's verdict: {second:?}"
+    );
+    assert_eq!(second.outcome.active, 1, "{second:?}");
+}
+
 /// Audit (drain lifecycle): a restored `on_timeout=close` drain whose deadline passed while
 /// no agent ran closed at once, before the seeding walk had counted the connections open
 /// before the start. On fresh kernel state only tracked connections can be closed: it

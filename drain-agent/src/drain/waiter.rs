@@ -220,19 +220,22 @@ async fn await_drain(
         outcome
     };
     match final_outcome {
+        // Not a drained verdict from before it asked (`Membership::takes`).
         Some(done)
-            if done.outcome.drained
-                || matches!(
-                    done.result,
-                    DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
-                )
-                || tokio::time::Instant::now() >= own_deadline =>
+            if membership.takes(&done)
+                && (done.outcome.drained
+                    || matches!(
+                        done.result,
+                        DrainEnd::ClosedAtDeadline | DrainEnd::AgentShutdown
+                    )
+                    || tokio::time::Instant::now() >= own_deadline) =>
         {
             Ok((waited(done.outcome.clone()), done.closed))
         }
         Some(_) => {
-            // The drain ended undrained: an observer's wait for the rest of this waiter's
-            // time, its quiet window counted from now.
+            // The drain ended undrained (or drained from reads before it asked): an
+            // observer's wait for the rest of this waiter's time, its quiet window counted
+            // from now.
             let rule = membership.rule_for(spec);
             let left = own_deadline.saturating_duration_since(tokio::time::Instant::now());
             let outcome = tracker.wait_for_drain(&spec.filter, left, &rule).await?;

@@ -459,7 +459,7 @@ impl Tracker {
         rule: &DrainRule,
     ) -> Result<DrainOutcome, WaitError> {
         let _slot = self.admit(None)?;
-        self.wait(filter, timeout, rule).await
+        Ok(self.wait(filter, timeout, rule).await?.0)
     }
 
     /// [`Tracker::wait_until_drained`] for the agent's own drains: not a request, so not
@@ -471,17 +471,32 @@ impl Tracker {
         timeout: Duration,
         rule: &DrainRule,
     ) -> Result<DrainOutcome, WaitError> {
+        Ok(self.wait(filter, timeout, rule).await?.0)
+    }
+
+    /// [`Tracker::wait_for_drain`] for a drain's verdict: the outcome, and when the last
+    /// read of the counts it was judged by began (before that read's count, its doubts and
+    /// any look at the socket tables after it). The outcome is about every connection
+    /// opened by then: a drained one is the verdict of a waiter that asked by then, and of
+    /// no later one (a connection it has may have opened after the read began).
+    pub async fn wait_for_verdict(
+        &self,
+        filter: &Filter,
+        timeout: Duration,
+        rule: &DrainRule,
+    ) -> Result<(DrainOutcome, Instant), WaitError> {
         self.wait(filter, timeout, rule).await
     }
 
     /// The wait: gathers what a [`Waiter`] needs (counts, doubts, events, the time) and
-    /// carries out its steps; every decision is the waiter's ([`Waiter::judge`]).
+    /// carries out its steps; every decision is the waiter's ([`Waiter::judge`]). With the
+    /// outcome, when the last read of the counts began ([`Tracker::wait_for_verdict`]).
     async fn wait(
         &self,
         filter: &Filter,
         timeout: Duration,
         rule: &DrainRule,
-    ) -> Result<DrainOutcome, WaitError> {
+    ) -> Result<(DrainOutcome, Instant), WaitError> {
         let started = Instant::now();
         // Watch before the first read: a change after the read is then announced. The
         // request's quiet window starts here, once arrivals are announced.
@@ -512,6 +527,7 @@ impl Tracker {
             while let Some(heard) = port_watch.try_hear() {
                 waiter.hear(heard);
             }
+            let read_began = Instant::now();
             let (count, doubts) = self.read_scope(filter).await.map_err(WaitError::Source)?;
             let skipped = self.source.skipped_runs() > skipped_at_start;
             let mut pass = Pass {
@@ -569,7 +585,7 @@ impl Tracker {
                         {
                             peers = Some(report);
                         }
-                        return Ok(waiter.outcome(judgment, peers, waited));
+                        return Ok((waiter.outcome(judgment, peers, waited), read_began));
                     }
                     Step::Sleep { judgment, until } => break (judgment, until),
                 }
