@@ -351,20 +351,10 @@ fn timed_program(map: &OwnedFd) -> Result<Vec<u64>> {
     let mut asm = Asm::default();
     classify(&mut asm);
     asm.label(Label::Open);
-    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
-    asm.insn(STX_DW, FP, R0, value, 0);
-    for offset in (value + 8..-8).step_by(8) {
-        asm.insn(ST_DW, FP, 0, offset, 0);
-    }
+    clock_into_value(&mut asm, value);
     update(&mut asm, map, value, BPF_NOEXIST);
     asm.label(Label::Close);
-    map_and_key(&mut asm, map);
-    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
-    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
-    asm.insn(LDX_DW, OPENED, R0, 0, 0);
-    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
-    asm.insn(SUB64_X, R0, OPENED, 0, 0);
-    asm.insn(STX_DW, FP, R0, -16, 0);
+    duration_at_close(&mut asm, map);
     map_and_key(&mut asm, map);
     asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
     epilogue(&mut asm);
@@ -398,11 +388,7 @@ fn counted_program(sockets: &OwnedFd, endpoints: &OwnedFd) -> Result<Vec<u64>> {
     let mut asm = Asm::default();
     classify(&mut asm);
     asm.label(Label::Open);
-    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
-    asm.insn(STX_DW, FP, R0, value, 0);
-    for offset in (value + 8..-8).step_by(8) {
-        asm.insn(ST_DW, FP, 0, offset, 0);
-    }
+    clock_into_value(&mut asm, value);
     map_and_key(&mut asm, sockets);
     asm.insn(MOV64_X, R3, FP, 0, 0);
     asm.insn(ADD64_K, R3, 0, 0, i32::from(value));
@@ -429,13 +415,7 @@ fn counted_program(sockets: &OwnedFd, endpoints: &OwnedFd) -> Result<Vec<u64>> {
     asm.insn(ATOMIC_DW, R0, R1, 0, 0);
     asm.jump(JA, 0, 0, 0, Label::Out);
     asm.label(Label::Close);
-    map_and_key(&mut asm, sockets);
-    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
-    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
-    asm.insn(LDX_DW, OPENED, R0, 0, 0);
-    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
-    asm.insn(SUB64_X, R0, OPENED, 0, 0);
-    asm.insn(STX_DW, FP, R0, -16, 0);
+    duration_at_close(&mut asm, sockets);
     endpoint_key(&mut asm, endpoints);
     asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
     asm.jump(JEQ_K, R0, 0, 0, Label::Delete);
@@ -446,6 +426,28 @@ fn counted_program(sockets: &OwnedFd, endpoints: &OwnedFd) -> Result<Vec<u64>> {
     asm.insn(CALL, 0, 0, 0, MAP_DELETE_ELEM);
     epilogue(&mut asm);
     asm.finish()
+}
+
+/// A socket entry's value on the stack at fp + `value`: the clock, then zeros.
+fn clock_into_value(asm: &mut Asm, value: i16) {
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(STX_DW, FP, R0, value, 0);
+    for offset in (value + 8..-8).step_by(8) {
+        asm.insn(ST_DW, FP, 0, offset, 0);
+    }
+}
+
+/// The close's duration: the socket's entry looked up (to [`Label::Out`] if there is none),
+/// the clock read again and the open's time subtracted, kept at fp − 16 as a histogram
+/// would take it.
+fn duration_at_close(asm: &mut Asm, map: &OwnedFd) {
+    map_and_key(asm, map);
+    asm.insn(CALL, 0, 0, 0, MAP_LOOKUP_ELEM);
+    asm.jump(JEQ_K, R0, 0, 0, Label::Out);
+    asm.insn(LDX_DW, OPENED, R0, 0, 0);
+    asm.insn(CALL, 0, 0, 0, KTIME_GET_NS);
+    asm.insn(SUB64_X, R0, OPENED, 0, 0);
+    asm.insn(STX_DW, FP, R0, -16, 0);
 }
 
 /// The bpftrace one-liner's program: `if (old == SYN_RECV && new == ESTABLISHED)
@@ -579,31 +581,59 @@ impl EmptyProgram {
     }
 }
 
-/// The keys of a hash map with u64 keys (`BPF_MAP_GET_NEXT_KEY` from the start).
+/// The keys of a hash map with u64 keys.
 pub fn count_keys(map: BorrowedFd<'_>) -> Result<u64> {
     let mut held = 0;
-    let mut key = 0u64;
-    let mut next = 0u64;
+    each_key::<8>(map, |_| {
+        held += 1;
+        Ok(())
+    })?;
+    Ok(held)
+}
+
+/// Each key of a hash map with `N`-byte keys, in turn (`BPF_MAP_GET_NEXT_KEY` from the start).
+fn each_key<const N: usize>(
+    map: BorrowedFd<'_>,
+    mut each: impl FnMut(&[u8; N]) -> Result<()>,
+) -> Result<()> {
+    let mut key = [0u8; N];
+    let mut next = [0u8; N];
     let mut first = true;
     loop {
         let mut attr = bpf_attr_zeroed();
         // The members BPF_MAP_GET_NEXT_KEY reads; a null key starts the walk.
         attr.__bindgen_anon_2.map_fd = u32::try_from(map.as_raw_fd()).context("negative fd")?;
-        attr.__bindgen_anon_2.key = if first { 0 } else { (&raw const key) as u64 };
-        attr.__bindgen_anon_2.__bindgen_anon_1.next_key = (&raw mut next) as u64;
+        attr.__bindgen_anon_2.key = if first { 0 } else { key.as_ptr() as u64 };
+        attr.__bindgen_anon_2.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
         match sys::bpf(
             bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long,
             (&raw mut attr).cast(),
             size_of::<bpf_attr>(),
         ) {
             Ok(_) => {}
-            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(held),
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(error) => return Err(error).context("bpf BPF_MAP_GET_NEXT_KEY"),
         }
-        held += 1;
+        each(&next)?;
         key = next;
         first = false;
     }
+}
+
+/// `BPF_MAP_LOOKUP_ELEM`: the value of `key` in `map`, into `value`.
+fn lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> Result<()> {
+    let mut attr = bpf_attr_zeroed();
+    // The members BPF_MAP_LOOKUP_ELEM reads; the pointers outlive the call.
+    attr.__bindgen_anon_2.map_fd = u32::try_from(map.as_raw_fd()).context("negative fd")?;
+    attr.__bindgen_anon_2.key = key.as_ptr() as u64;
+    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+    sys::bpf(
+        bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long,
+        (&raw mut attr).cast(),
+        size_of::<bpf_attr>(),
+    )
+    .context("bpf BPF_MAP_LOOKUP_ELEM")?;
+    Ok(())
 }
 
 /// A hash map's flags: none (preallocated, the kernel's default) or `BPF_F_NO_PREALLOC`.
@@ -724,18 +754,7 @@ impl ReferenceProgram {
                 let mut held = 0;
                 let mut value = [0u8; LINE_BYTES as usize];
                 for slot in 0u32..1 << LINE_SLOTS_LOG2 {
-                    let mut attr = bpf_attr_zeroed();
-                    // The members BPF_MAP_LOOKUP_ELEM reads; the pointers outlive the call.
-                    attr.__bindgen_anon_2.map_fd =
-                        u32::try_from(self.map.as_raw_fd()).context("negative fd")?;
-                    attr.__bindgen_anon_2.key = (&raw const slot) as u64;
-                    attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
-                    sys::bpf(
-                        bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long,
-                        (&raw mut attr).cast(),
-                        size_of::<bpf_attr>(),
-                    )
-                    .context("bpf BPF_MAP_LOOKUP_ELEM")?;
+                    lookup(self.map.as_fd(), &slot.to_ne_bytes(), &mut value)?;
                     if value[..8] != [0; 8] {
                         held += 1;
                     }
@@ -809,45 +828,15 @@ impl ReferenceProgram {
             return Ok(None);
         };
         let mut total = 0i64;
-        let mut key = [0u8; ENDPOINT_KEY_BYTES as usize];
-        let mut next = [0u8; ENDPOINT_KEY_BYTES as usize];
-        let mut first = true;
-        let fd = u32::try_from(endpoints.as_raw_fd()).context("negative fd")?;
-        loop {
-            let mut attr = bpf_attr_zeroed();
-            // The members BPF_MAP_GET_NEXT_KEY reads; a null key starts the walk.
-            attr.__bindgen_anon_2.map_fd = fd;
-            attr.__bindgen_anon_2.key = if first { 0 } else { key.as_ptr() as u64 };
-            attr.__bindgen_anon_2.__bindgen_anon_1.next_key = next.as_mut_ptr() as u64;
-            match sys::bpf(
-                bpf_cmd::BPF_MAP_GET_NEXT_KEY as libc::c_long,
-                (&raw mut attr).cast(),
-                size_of::<bpf_attr>(),
-            ) {
-                Ok(_) => {}
-                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
-                    return Ok(Some(total));
-                }
-                Err(error) => return Err(error).context("bpf BPF_MAP_GET_NEXT_KEY"),
-            }
+        each_key::<{ ENDPOINT_KEY_BYTES as usize }>(endpoints.as_fd(), |key| {
             let mut value = [0u8; ENDPOINT_VALUE_BYTES as usize];
-            let mut attr = bpf_attr_zeroed();
-            // The members BPF_MAP_LOOKUP_ELEM reads; the pointers outlive the call.
-            attr.__bindgen_anon_2.map_fd = fd;
-            attr.__bindgen_anon_2.key = next.as_ptr() as u64;
-            attr.__bindgen_anon_2.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
-            sys::bpf(
-                bpf_cmd::BPF_MAP_LOOKUP_ELEM as libc::c_long,
-                (&raw mut attr).cast(),
-                size_of::<bpf_attr>(),
-            )
-            .context("bpf BPF_MAP_LOOKUP_ELEM")?;
+            lookup(endpoints.as_fd(), key, &mut value)?;
             let mut active = [0u8; 8];
             active.copy_from_slice(&value[..8]);
             total += i64::from_ne_bytes(active);
-            key = next;
-            first = false;
-        }
+            Ok(())
+        })?;
+        Ok(Some(total))
     }
 }
 
