@@ -51,12 +51,15 @@ fn scope_query(args: &WaitArgs) -> String {
 /// its drain `continued` at the slice's end, not `timeout` (no alert, no aborted rollout for
 /// a hook that goes on waiting). The last one does not, and may close. Nor does a slice that
 /// ends before the deadline with less than `--quiet` left after it (the longest slice, when
-/// no split leaves room for the quiet window twice): no request follows it (the wait's loop
-/// asks nothing that could not end drained), so its drain is the hook's last, and a
-/// `timeout` there is one.
+/// no split leaves room for the quiet window twice), nor one that leaves no more than the
+/// gap before the next request ([`SLICE_GAP`]; with `--quiet 0`, a wait a little over 10
+/// minutes): no request that could end drained follows it (the wait's loop asks nothing
+/// that could not end drained, and what it asks with nothing left is a pure query, which
+/// starts no drain), so its drain is the hook's last, and a `timeout` there is one.
 fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> String {
     let last = slice == until_deadline;
-    let continues = !last && until_deadline.saturating_sub(slice + SLICE_GAP) >= args.quiet;
+    let after = until_deadline.saturating_sub(slice + SLICE_GAP);
+    let continues = !last && !after.is_zero() && after >= args.quiet;
     format!(
         "/drained?port={}&timeout={}ms{}{}{}",
         args.port,
@@ -663,6 +666,9 @@ mod tests {
             (25 * minute, Duration::from_secs(10)),
             (20 * minute, Duration::ZERO),
             (10 * minute + Duration::from_secs(1), Duration::ZERO),
+            // Less than the gap left after the first slice: no request follows it (the
+            // next one would be a pure query, `timeout=0`, no drain).
+            (10 * minute + Duration::from_millis(200), Duration::ZERO),
         ] {
             let args = wait_args(
                 "http://127.0.0.1:1",
