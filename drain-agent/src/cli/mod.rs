@@ -491,7 +491,9 @@ pub struct WaitArgs {
     /// Give up (exit 1) after this long. Over 10 minutes it is asked in slices of at most 10
     /// minutes (the agent's default --max-timeout); each slice the wait asks again after
     /// says so (`continues=true`), and its drain ends `continued`, not `timeout`: no alert
-    /// for a hook that goes on waiting.
+    /// for a hook that goes on waiting. The wait ends at most 5.5 s after this when the
+    /// agent takes its request late (its restart, an overloaded agent), and waits for a
+    /// close's answer (--close-at-timeout) up to 30 s more.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
@@ -521,7 +523,8 @@ pub struct WaitArgs {
     /// At the timeout, close the connections still open (idle ones first) instead of
     /// leaving them: the drain ends then, and the peers get a reset. Never by default, and
     /// never before the timeout (a wait over 10 minutes asks in slices, the last one at least
-    /// --quiet long where the timeout is at least twice --quiet; only the last closes).
+    /// --quiet long where the timeout is at least twice --quiet; only the last closes). The
+    /// wait ends once the agent has closed them (with --pace, up to 30 s past the timeout).
     #[arg(long)]
     pub close_at_timeout: bool,
 

@@ -15,8 +15,9 @@ use crate::{
 };
 
 /// How long past its drain's deadline a waiter waits for the drain's outcome: a paced
-/// close at the deadline takes its time.
-const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// close at the deadline takes its time. `drain-agent wait` waits as long (and its margin)
+/// for the answer to a request that asked for the close (`cli/client/wait.rs`).
+pub const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 /// What a `/drained` request asks for.
 #[derive(Clone, Debug)]

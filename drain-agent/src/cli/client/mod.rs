@@ -16,7 +16,7 @@ pub use self::{
     owner::ServerOwners,
     probe::probe,
     status::status,
-    transport::{AgentUrl, Response, get},
+    transport::{AgentUrl, Deadlines, Response, get, get_within},
     wait::{describe_remaining, wait},
 };
 use crate::http::api::ErrorBody;

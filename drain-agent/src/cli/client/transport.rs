@@ -131,22 +131,57 @@ const MAX_ANSWER: usize = 16 << 20;
 /// in turn, [`connect`]), send and read together take at most `timeout` (name resolution
 /// aside: the agent URL is normally an IP address).
 pub fn get(url: &AgentUrl, path: &str, timeout: Duration) -> Result<Response> {
+    let deadline = Instant::now() + timeout;
+    get_within(
+        url,
+        path,
+        Deadlines {
+            connect: deadline,
+            answer_after_sent: timeout,
+            answer: deadline,
+        },
+    )
+}
+
+/// When a `GET` gives up ([`get_within`]): the connection by one deadline, the answer by
+/// another that may count from the request's sending.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// By when the connection is made and taken by the agent ([`connect`]: where its socket
+    /// is in this network namespace, its accept is waited for).
+    pub connect: Instant,
+    /// How long the answer may take, counted from when the request goes out (right after
+    /// the agent took the connection): an agent that took it late answers as much later.
+    pub answer_after_sent: Duration,
+    /// By when the answer is complete at the latest, however late the request went out.
+    pub answer: Instant,
+}
+
+/// `GET path` with [`Deadlines`] of its own: [`get`]'s, but the answer awaited for
+/// `answer_after_sent` from the request's sending (bounded by `answer`) rather than from
+/// the call.
+pub fn get_within(url: &AgentUrl, path: &str, deadlines: Deadlines) -> Result<Response> {
     let addresses: Vec<SocketAddr> = (url.host.as_str(), url.port)
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {}", url.host))?
         .collect();
-    get_from(&addresses, url, path, timeout)
+    get_from(&addresses, url, path, deadlines)
 }
 
-/// [`get`] from the host's `addresses`, in the resolver's order ([`connect`]).
+/// [`get_within`] from the host's `addresses`, in the resolver's order ([`connect`]).
 fn get_from(
     addresses: &[SocketAddr],
     url: &AgentUrl,
     path: &str,
-    timeout: Duration,
+    deadlines: Deadlines,
 ) -> Result<Response> {
-    let deadline = Instant::now() + timeout;
-    let mut stream = connect(addresses, url, deadline)?;
+    let started = Instant::now();
+    let mut stream = connect(addresses, url, deadlines.connect)?;
+    // The agent has the connection (or is in another namespace, where its accept cannot be
+    // seen): it counts a request's timeout from when it reads it, which is no sooner.
+    let sent_at = Instant::now();
+    let deadline = (sent_at + deadlines.answer_after_sent).min(deadlines.answer);
+    let timeout = deadline.saturating_duration_since(started);
     let host = if url.host.contains(':') {
         format!("[{}]", url.host)
     } else {
@@ -424,6 +459,16 @@ mod tests {
         );
     }
 
+    /// [`get`]'s deadlines: the whole exchange within `timeout` from now.
+    fn within(timeout: Duration) -> Deadlines {
+        let deadline = Instant::now() + timeout;
+        Deadlines {
+            connect: deadline,
+            answer_after_sent: timeout,
+            answer: deadline,
+        }
+    }
+
     /// A listener that accepts (through the backlog) and never answers.
     fn silent_agent() -> (std::net::TcpListener, AgentUrl) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -467,7 +512,7 @@ mod tests {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
             SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
         ];
-        let answer = get_from(&resolved, &url, "/healthz", Duration::from_secs(2))
+        let answer = get_from(&resolved, &url, "/healthz", within(Duration::from_secs(2)))
             .expect("answered at 127.0.0.1 after [::1] refused");
         assert_eq!((answer.status, answer.body.as_str()), (200, "{}"));
     }
@@ -499,7 +544,7 @@ mod tests {
             SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
         ];
         let started = Instant::now();
-        let answer = get_from(&resolved, &url, "/healthz", Duration::from_secs(10))
+        let answer = get_from(&resolved, &url, "/healthz", within(Duration::from_secs(10)))
             .expect("answered at 127.0.0.1 after [::1] never accepted");
         assert_eq!(answer.body, r#"{"agent":"root's"}"#);
         assert!(
@@ -509,7 +554,7 @@ mod tests {
         );
         // The last address is waited for until the deadline, as before.
         let started = Instant::now();
-        let problem = get_from(&[never], &url, "/healthz", Duration::from_secs(3))
+        let problem = get_from(&[never], &url, "/healthz", within(Duration::from_secs(3)))
             .expect_err("nobody's listener never accepts");
         assert!(
             format!("{problem:#}").contains("has not accepted"),

@@ -10,9 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{AgentUrl, EXIT_DRAINED, EXIT_ERROR, EXIT_NOT_DRAINED, error_text, get};
+use super::{
+    AgentUrl, Deadlines, EXIT_DRAINED, EXIT_ERROR, EXIT_NOT_DRAINED, error_text, get, get_within,
+};
 use crate::{
     cli::WaitArgs,
+    drain::waiter::CLOSE_WAIT,
     duration::format_duration,
     http::api::{AnswerReason, DrainedBody},
 };
@@ -32,6 +35,16 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How long past its deadline `wait` waits for an answer the agent sends at that deadline
 /// (the agent answers a `timeout=T` request after T, plus the time to send it).
 const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
+/// The same for a slice before the last: its answer is not the end of the wait, and one
+/// that comes back late delays the next request only.
+const SLICE_ANSWER_MARGIN: Duration = Duration::from_secs(5);
+
+/// How late the agent may take a request (accept its connection: its listener bound before
+/// it serves, at its start or restart; an overloaded agent's backlog) and still have its
+/// answer awaited: the agent counts `timeout=T` from when it reads the request, and answers
+/// as much later. Past the request's own end by more than this, `wait` gives up on it.
+const LATE_ACCEPT: Duration = Duration::from_secs(5);
 
 /// Which of the port's listeners `wait`'s requests are about (`--addr`, `--netns`).
 fn scope_query(args: &WaitArgs) -> String {
@@ -65,9 +78,51 @@ fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> Str
         args.port,
         slice.as_millis(),
         scope_query(args),
-        rule_query(args, last),
+        rule_query(args, closes(args, slice, until_deadline)),
         if continues { CONTINUES } else { "" }
     )
+}
+
+/// Whether the request asking `slice` when `until_deadline` is left carries the close at
+/// the deadline (`--close-at-timeout`): only the last, whose deadline is the wait's own.
+fn closes(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> bool {
+    args.close_at_timeout && slice == until_deadline
+}
+
+/// When `wait` gives up on the request asking `slice` (sent now) when `until_deadline` is
+/// left. The agent answers it `slice` after it reads it, and one that closes at the
+/// deadline up to [`CLOSE_WAIT`] later still (its paced rounds a second apart, the list of
+/// whom it closes first): that answer, the close's count, is the wait's, and hanging up
+/// before it would end the hook while the agent still closes. The answer is awaited that
+/// long from the request's sending (which follows the agent's accept, when its socket is
+/// in this network namespace), plus the way back; the agent may take the connection up to
+/// [`LATE_ACCEPT`] past the request's own end. Whatever the agent does, every request ends
+/// by the wait's `deadline` plus [`LATE_ACCEPT`] and [`ANSWER_MARGIN`], plus [`CLOSE_WAIT`]
+/// for the one that closes; a prompt agent that closes nothing answers the last one by the
+/// deadline plus the way back.
+fn request_deadlines(
+    args: &WaitArgs,
+    slice: Duration,
+    until_deadline: Duration,
+    deadline: Instant,
+) -> Deadlines {
+    let asked = Instant::now();
+    let close_wait = if closes(args, slice, until_deadline) {
+        CLOSE_WAIT
+    } else {
+        Duration::ZERO
+    };
+    let margin = if slice == until_deadline {
+        ANSWER_MARGIN
+    } else {
+        SLICE_ANSWER_MARGIN
+    };
+    let latest = deadline + LATE_ACCEPT;
+    Deadlines {
+        connect: (asked + slice + LATE_ACCEPT).min(latest),
+        answer_after_sent: slice + close_wait + margin,
+        answer: (asked + slice + LATE_ACCEPT + margin).min(latest + ANSWER_MARGIN) + close_wait,
+    }
 }
 
 /// What a slice before the last adds to its query.
@@ -323,11 +378,15 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         if !agent_knows_continues {
             query = query.replace(CONTINUES, "");
         }
-        // The whole exchange ends by the deadline (plus ANSWER_MARGIN), whatever the agent
-        // does: an agent that accepts but never answers (stopped, or out of file
-        // descriptors with connections queued in its backlog) must not stretch the wait.
-        let exchange = (slice + Duration::from_secs(5)).min(remaining + ANSWER_MARGIN);
-        let answer = get(&url, &query, exchange);
+        // The exchange ends when the agent's answer is due, whatever the agent does (an
+        // agent that accepts but never answers, stopped or out of file descriptors, must
+        // not stretch the wait further): counted from the request's sending, and for the
+        // close's answer past the deadline ([`request_deadlines`]).
+        let answer = get_within(
+            &url,
+            &query,
+            request_deadlines(args, slice, until_deadline, deadline),
+        );
         let pause = pause_after(&answer);
         let problem = match judge(answer, &args.agent) {
             Reply::Body(body) if body.drained => {
@@ -731,6 +790,106 @@ mod tests {
             requests[0].contains("continues=true") && !requests[1].contains("continues"),
             "{requests:?}"
         );
+    }
+
+    /// The `timeout=` a request asked for, as the fake agents read it.
+    fn asked_timeout(target: &str) -> Duration {
+        let millis = target
+            .split(['?', '&'])
+            .find_map(|pair| pair.strip_prefix("timeout="))
+            .and_then(|value| {
+                value
+                    .strip_suffix("ms")
+                    .unwrap_or(value)
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no timeout in {target}"));
+        Duration::from_millis(millis)
+    }
+
+    /// Audit (paced close): `wait --close-at-timeout --pace N` hung up 0.5 s after its
+    /// timeout while the agent was still closing (it answers a close up to
+    /// [`CLOSE_WAIT`] past the deadline, the paced rounds a second apart), and exited 2
+    /// "agent unreachable": the hook returned and SIGTERM hit the app mid-pacing. A request
+    /// that asked for the close waits for the close's answer.
+    #[test]
+    fn a_paced_close_is_waited_for_past_the_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let agent = fake_agent_on(listener, |target| {
+            // Closing for 3 s past the deadline (three rounds of one connection).
+            std::thread::sleep(asked_timeout(target) + Duration::from_secs(3));
+            (
+                "200 OK".to_owned(),
+                r#"{"port":8080,"drained":true,"active":0,"waited_ms":3000,"closed":3}"#.to_owned(),
+            )
+        });
+        let exit = wait(&wait_args(
+            &agent.agent,
+            &["--timeout", "1s", "--close-at-timeout", "--pace", "1"],
+        ));
+        let requests = agent.requests();
+        assert!(
+            requests[0].contains("&on_timeout=close&pace=1"),
+            "{requests:?}"
+        );
+        assert_eq!(exit, ExitCode::from(EXIT_DRAINED), "{requests:?}");
+    }
+
+    /// Audit (late accept): a request's `timeout=` was fixed, and its deadline for the
+    /// answer started, before connecting; but an agent may take the connection late (its
+    /// listener bound before it serves, at a start or restart; an overloaded backlog), and
+    /// it counts the timeout from when it reads the request. `wait` gave up before the
+    /// agent's answer and exited 2 "agent unreachable" instead of the agent's own verdict.
+    /// The answer's deadline now counts from the request's write, which follows the agent's
+    /// accept (the owner check waits for it: this needs the socket tables).
+    #[test]
+    fn a_request_the_agent_takes_late_gets_the_agents_answer() {
+        let test = "a_request_the_agent_takes_late_gets_the_agents_answer";
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("addr");
+        // Whether this host's socket tables answer (else the request is sent at once, into
+        // the backlog, and when the agent reads it cannot be told).
+        let probe = std::net::TcpStream::connect(address).expect("connect");
+        let (_accepted, _) = listener.accept().expect("accept");
+        match crate::sys::sockdiag::find_one(
+            probe.peer_addr().expect("peer"),
+            probe.local_addr().expect("local"),
+        ) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                crate::test_skip::skip(
+                    test,
+                    "this host's socket tables do not answer (no inet_diag/tcp_diag)",
+                );
+                return;
+            }
+            Err(problem) => {
+                crate::test_skip::skip(
+                    test,
+                    &format!("this host's socket tables cannot be read: {problem:#}"),
+                );
+                return;
+            }
+        }
+        drop(probe);
+        // The agent starts serving 1.5 s after its listener was bound.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let _agent = fake_agent_on(listener, |target| {
+                std::thread::sleep(asked_timeout(target));
+                (
+                    "503 Service Unavailable".to_owned(),
+                    r#"{"port":8080,"drained":false,"active":1,"waited_ms":1000}"#.to_owned(),
+                )
+            });
+            std::thread::sleep(Duration::from_secs(10));
+        });
+        let exit = wait(&wait_args(
+            &format!("http://{address}"),
+            &["--timeout", "1s", "--progress", "0s"],
+        ));
+        assert_eq!(exit, ExitCode::from(EXIT_NOT_DRAINED));
     }
 
     fn wait_args(agent: &str, more: &[&str]) -> WaitArgs {
