@@ -491,9 +491,10 @@ pub struct WaitArgs {
     /// Give up (exit 1) after this long. Over 10 minutes it is asked in slices of at most 10
     /// minutes (the agent's default --max-timeout); each slice the wait asks again after
     /// says so (`continues=true`), and its drain ends `continued`, not `timeout`: no alert
-    /// for a hook that goes on waiting. The wait ends at most 5.5 s after this when the
-    /// agent takes its request late (its restart, an overloaded agent), and waits for a
-    /// close's answer (--close-at-timeout) up to 30 s more.
+    /// for a hook that goes on waiting. The wait ends by 0.5 s after this (1 s when the agent
+    /// never takes its request), up to 5.5 s when the agent took its request late (its
+    /// restart, an overloaded agent: it answers as much later), and waits for a close's
+    /// answer (--close-at-timeout) up to 30 s more.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 

@@ -40,11 +40,16 @@ const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 /// that comes back late delays the next request only.
 const SLICE_ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
-/// How late the agent may take a request (accept its connection: its listener bound before
-/// it serves, at its start or restart; an overloaded agent's backlog) and still have its
-/// answer awaited: the agent counts `timeout=T` from when it reads the request, and answers
-/// as much later. Past the request's own end by more than this, `wait` gives up on it.
-const LATE_ACCEPT: Duration = Duration::from_secs(5);
+/// How long past a request's own end `wait` waits for the agent to take it (accept its
+/// connection: its listener bound before it serves, at its start or restart; an overloaded
+/// agent's backlog). A stopped agent, whose backlog takes connections that nobody accepts,
+/// holds the wait no longer than this past its deadline.
+const LATE_ACCEPT: Duration = Duration::from_secs(1);
+
+/// How much later than its own end `wait` still awaits the answer to a request the agent
+/// took late: the agent counts `timeout=T` from when it reads the request, and answers as
+/// much later.
+const LATE_ANSWER: Duration = Duration::from_secs(5);
 
 /// Which of the port's listeners `wait`'s requests are about (`--addr`, `--netns`).
 fn scope_query(args: &WaitArgs) -> String {
@@ -96,9 +101,10 @@ fn closes(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> bool {
 /// before it would end the hook while the agent still closes. The answer is awaited that
 /// long from the request's sending (which follows the agent's accept, when its socket is
 /// in this network namespace), plus the way back; the agent may take the connection up to
-/// [`LATE_ACCEPT`] past the request's own end. Whatever the agent does, every request ends
-/// by the wait's `deadline` plus [`LATE_ACCEPT`] and [`ANSWER_MARGIN`], plus [`CLOSE_WAIT`]
-/// for the one that closes; a prompt agent that closes nothing answers the last one by the
+/// [`LATE_ACCEPT`] past the request's own end, and its answer is awaited up to
+/// [`LATE_ANSWER`] later than that end. Whatever the agent does, every request ends by the
+/// wait's `deadline` plus [`LATE_ANSWER`] and [`ANSWER_MARGIN`], plus [`CLOSE_WAIT`] for
+/// the one that closes; a prompt agent that closes nothing answers the last one by the
 /// deadline plus the way back.
 fn request_deadlines(
     args: &WaitArgs,
@@ -117,11 +123,12 @@ fn request_deadlines(
     } else {
         SLICE_ANSWER_MARGIN
     };
-    let latest = deadline + LATE_ACCEPT;
+    let end = (asked + slice).min(deadline);
     Deadlines {
-        connect: (asked + slice + LATE_ACCEPT).min(latest),
+        connect: end + LATE_ACCEPT,
         answer_after_sent: slice + close_wait + margin,
-        answer: (asked + slice + LATE_ACCEPT + margin).min(latest + ANSWER_MARGIN) + close_wait,
+        answer: (asked + slice + LATE_ANSWER + margin).min(deadline + LATE_ANSWER + ANSWER_MARGIN)
+            + close_wait,
     }
 }
 
