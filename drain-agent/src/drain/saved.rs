@@ -481,8 +481,9 @@ impl Drains {
     /// state is merged with this agent's, and this agent writes from now on.
     ///
     /// The merge: what that agent saved after this one started (drains POSTed to it
-    /// meanwhile, gates it held) joins this agent's, scopes this agent has a gate or a POSTed
-    /// drain of kept as they are (a drain only waiters started gives way to a POSTed one);
+    /// meanwhile, gates it held) joins this agent's, scopes this agent has a POSTed drain of kept
+    /// as they are (a drain only waiters started gives way to a POSTed one), and of two holds
+    /// of a scope the later end kept;
     /// what this agent restored at its start and that agent no longer has (it
     /// ended or cancelled them meanwhile) ends here too; and what was cancelled here
     /// meanwhile ([`Drains::note_cancel`]), or restored at start and ended here since
@@ -550,8 +551,9 @@ impl Drains {
     /// whose agent has gone (crashed, or stopped while this one runs on: an upgrade rolled
     /// back) is folded in at once, not left until the next start. Its cancels end what they
     /// ended here (the drain or gate it had restored from this agent's file), its own drains
-    /// and gates join (scopes this agent has a gate or a POSTed drain of already stay as they
-    /// are; a drain of the scope only waiters started gives way). A request about
+    /// and gates join (scopes this agent has a POSTed drain of already stay as they are; a
+    /// drain of the scope only waiters started gives way; of two holds of a scope the later
+    /// end is kept). A request about
     /// drains does not wait for this check: it folds the file in first ([`Drains::catch_up`]).
     async fn fold_in_orphans(self: &Arc<Self>, file: &StateFile) {
         loop {
@@ -760,7 +762,8 @@ impl Drains {
 
     /// Restores `saved`'s drains and gates, never a drain only `/drained` waiters started
     /// ([`SavedDrain::waiters_only`]). Beside `overlap` (the take-over, a fold-in): not
-    /// for scopes this agent has a gate or a POSTed drain of already, nor what was cancelled
+    /// for scopes this agent has a POSTed drain of already (of two holds of a scope, the later
+    /// end is kept), nor what was cancelled
     /// here meanwhile. A drain of the scope only `/drained` waiters started gives way to a
     /// saved POSTed one ([`Running::hand_over`]: its waiters wait on that one). Returns what
     /// it restored.
@@ -775,20 +778,32 @@ impl Drains {
         {
             let mut held = lock(&self.held);
             for hold in saved.held {
-                if hold.until_ms <= now_ms || held.len() >= self.held_max {
+                if hold.until_ms <= now_ms {
                     continue;
                 }
                 let scope = hold.scope();
-                if let Some(overlap) = overlap
-                    && (held.contains_key(&scope)
-                        || overlap
-                            .released
-                            .iter()
-                            .any(|released| released.is(&scope, hold.until_ms)))
-                {
+                let until = now + Duration::from_millis(hold.until_ms - now_ms);
+                if overlap.is_some_and(|overlap| {
+                    overlap
+                        .released
+                        .iter()
+                        .any(|released| released.is(&scope, hold.until_ms))
+                }) {
                     continue;
                 }
-                let until = now + Duration::from_millis(hold.until_ms - now_ms);
+                // Two holds of one scope (the take-over, a fold-in: this agent's own, or its
+                // copy restored at its start, and the other agent's): the later end wins,
+                // listeners and all, as the later drain's end is the later one. Before,
+                // this agent's was kept whatever its end (even one already over, which only
+                // a covering question removes): a `drain-agent wait` whose last slice ended
+                // `drained` on the other agent was back in rotation at the end of an
+                // earlier slice's hold, up to 5 minutes early.
+                match held.get(&scope) {
+                    Some(kept) if kept.until >= until => continue,
+                    Some(_) => {}
+                    None if held.len() >= self.held_max => continue,
+                    None => {}
+                }
                 held.insert(
                     scope.clone(),
                     Held {

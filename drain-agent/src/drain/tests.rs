@@ -3278,3 +3278,50 @@ async fn a_drain_with_a_waiter_whose_deadline_it_is_still_times_out() {
     );
     assert_eq!(drains.stats().ended.get(&DrainEnd::Continued), None);
 }
+
+/// Audit (gates across an upgrade): a `drain-agent wait` longer than `--max-timeout` ends
+/// one slice `continued` on the old agent (its gate held 5 minutes); the new agent starts
+/// and restores a copy of that hold; the next slice ends `drained` on the old agent 270 s
+/// later (held until 570 s). At the take-over the new agent kept its own copy (ending at
+/// 300 s) and skipped the old agent's later hold: the scope was back in rotation 30 s after
+/// the hook was told "drained". The later end is kept.
+#[tokio::test(start_paused = true)]
+async fn the_take_over_keeps_the_later_of_two_holds_of_a_scope() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = writing_registry(dir.path());
+    let (_, first) = ended_at(0, "127.0.0.1", 8080, DrainEnd::Continued);
+    old.finish(&Filter::port(8080), first, read(&[]));
+    assert_eq!(old.save().await, Saved::Yes);
+    // The new agent starts beside it: a copy of that hold, until 300 s.
+    let (_, _, new) = registry_beside(dir.path());
+    assert!(new.gated(&node(8080)).await);
+    tokio::time::advance(Duration::from_secs(270)).await;
+    let (_, second) = ended_at(0, "127.0.0.1", 8080, DrainEnd::Drained);
+    old.finish(&Filter::port(8080), second, read(&[]));
+    assert_eq!(old.save().await, Saved::Yes);
+    // The old agent goes; the new one takes over.
+    old_tracker.begin_shutdown();
+    assert_eq!(Arc::strong_count(&old), 1, "the old agent runs no task");
+    drop(old);
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    let state = Arc::clone(new.state.as_ref().expect("state file"));
+    for _ in 0..500 {
+        if state.is_writer() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(state.is_writer(), "the new agent took over");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past the first hold's end (300 s), well before the second's (570 s).
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert!(
+        new.gated(&node(8080)).await,
+        "the later hold was dropped at the take-over: {}",
+        std::fs::read_to_string(dir.path().join(state_file::FILE_NAME)).expect("file")
+    );
+    take_over.abort();
+}
