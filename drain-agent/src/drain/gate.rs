@@ -284,6 +284,20 @@ impl Drains {
         if self.failing_closed() {
             return true;
         }
+        // Beside the writer (an upgrade's overlap), what its file says, *before* this
+        // agent's own drains and holds. The take-over moves that agent's last state into
+        // them and ends the overlap under one hold of the `overlap` lock
+        // (`Drains::take_over_state`), which `writers_gate` reads first: if it sees the
+        // overlap, the file it then reads has that agent's drains (its last state, or the
+        // merge this agent wrote since); if not, the take-over's restore is done, and the
+        // look at `running` and `held` below, which comes after, sees what it restored.
+        // Looked at last (as before), a question that had looked at `running`, then waited
+        // on a held gate's listener read while the take-over ran, found no overlap and
+        // missed the drain POSTed to the old agent: "not draining" once while it ran
+        // (`a_question_during_the_take_over_sees_the_old_agents_drain`).
+        if self.writers_gate(asked).await {
+            return true;
+        }
         if lock(&self.running)
             .keys()
             .chain(lock(&self.interrupted).iter())
@@ -297,10 +311,9 @@ impl Drains {
         for hold in self.covering_holds(asked) {
             gated |= !self.reopens(hold).await;
         }
-        // An upgrade's overlap: beside the writer, what it drains (POSTed to it meanwhile,
-        // or started there by a hook's `/drained`); the writer, what the agent beside it
-        // drains.
-        gated || self.writers_gate(asked).await || self.beside_gate(asked).await
+        // The writer of an upgrade's overlap: what the agent beside it drains (POSTed to it
+        // meanwhile, or started there by a hook's `/drained`).
+        gated || self.beside_gate(asked).await
     }
 
     /// The holds that cover `asked` and have not ended; those that have are put back in

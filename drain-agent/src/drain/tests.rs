@@ -3325,3 +3325,82 @@ async fn the_take_over_keeps_the_later_of_two_holds_of_a_scope() {
     );
     take_over.abort();
 }
+
+/// Listener 1 on every scope; the next read, once armed, blocks.
+#[derive(Default)]
+struct HeldListenerRead(OneHold);
+
+impl Closer for HeldListenerRead {
+    fn close(&self, _filter: &Filter, targets: &[Peer]) -> anyhow::Result<u64> {
+        Ok(targets.len() as u64)
+    }
+
+    fn listeners(&self, _filter: &Filter) -> anyhow::Result<Vec<u64>> {
+        self.0.pass();
+        Ok(vec![1])
+    }
+
+    fn unavailable(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Audit (gates during the take-over): a question looked at the running drains, then at
+/// its covering hold (its listener read taking its time), then at the writer's file
+/// (`writers_gate`). The take-over ran meanwhile: the old agent's drain (POSTed to it) moved
+/// into this agent's running drains, after the question had looked there, and the overlap
+/// was gone, so `writers_gate` said nothing either. The hold reopened (a new listener): the
+/// question was answered "not draining" once while the old agent's drain ran.
+#[tokio::test]
+async fn a_question_during_the_take_over_sees_the_old_agents_drain() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_, old_tracker, old) = writing_registry(dir.path());
+    let closer = Arc::new(HeldListenerRead::default());
+    let source = Arc::new(FakeSource::default());
+    source.set(vec![endpoint("127.0.0.1", 8080, 2)]);
+    let new = Arc::new(
+        Drains::new(
+            Arc::new(Tracker::new(source, 16)),
+            Some(Arc::clone(&closer) as Arc<dyn Closer>),
+            None,
+            None,
+            4,
+        )
+        .with_state_file(StateFile::open(dir.path()).expect("state file")),
+    );
+    new.restore();
+    // A hold of this agent's that a new listener (1) reopens.
+    let (_, record) = ended_at(0, "127.0.0.1", 8080, DrainEnd::Drained);
+    new.finish(&Filter::port(8080), record, read(&[]));
+    let take_over = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.take_over_state().await }
+    });
+    spend_an_id(&old).await;
+    old.post(spec(Duration::from_secs(600)), StartedBy::Node)
+        .await
+        .expect("room");
+    assert_eq!(old.save().await, Saved::Yes);
+    let (entered_read, release) = closer.0.arm();
+    let question = tokio::spawn({
+        let new = Arc::clone(&new);
+        async move { new.gated(&node(8080)).await }
+    });
+    // Asked in the old order (running drains, holds, the writer's file) it waits in the
+    // hold's listener read now; the writer's file looked at first, it is answered already.
+    let in_the_read =
+        tokio::task::spawn_blocking(move || entered_read.recv_timeout(Duration::from_secs(2)))
+            .await
+            .expect("task")
+            .is_ok();
+    assert!(in_the_read || question.is_finished(), "the question hangs");
+    old_agent_goes(&old_tracker, old, &new).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(new.list().0.len(), 1, "the old agent's drain runs here now");
+    release.send(()).expect("release");
+    assert!(
+        question.await.expect("question"),
+        "asked while the old agent's drain ran, answered not draining"
+    );
+    take_over.abort();
+}
