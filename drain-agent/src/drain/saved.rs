@@ -162,6 +162,18 @@ struct SavedDrain {
     /// rotation, never less.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     waiters_only: bool,
+    /// A namespace's drain: the addresses that may be that pod's as this agent read them at
+    /// the save ([`PodAddresses::addresses_of`]: its own, and those it gave up lately). The
+    /// next agent takes them as maybe that namespace's while the drain and the hold after
+    /// it could gate ([`Drains::keep_pod_addresses`]): its fresh map never saw an address
+    /// that left the pod before its start, and a question about it was asked in the node's
+    /// namespace, "not draining". Left out when empty, so the file keeps its version: an
+    /// older agent ignores it (nothing in the layout denies unknown fields), and a file
+    /// without it (an older agent's) is restored as before.
+    ///
+    /// [`PodAddresses::addresses_of`]: crate::sys::pod_addresses::PodAddresses::addresses_of
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<IpAddr>,
 }
 
 /// [`Given`] on disk.
@@ -199,6 +211,10 @@ struct SavedHold {
     listeners: Option<Vec<u64>>,
     /// Unix time in milliseconds when the hold ends.
     until_ms: u64,
+    /// A namespace's hold: the addresses that may be that pod's, as
+    /// [`SavedDrain::addresses`] (left out when empty; an older agent ignores it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<IpAddr>,
 }
 
 pub(super) fn millis(duration: Duration) -> u64 {
@@ -211,10 +227,29 @@ fn saved_end(until: tokio::time::Instant, now: tokio::time::Instant, now_ms: u64
     now_ms.saturating_add(millis(until.saturating_duration_since(now)))
 }
 
+/// The addresses that may be each namespace's, as read for a save ([`Drains::save`]): those
+/// of the namespaces its drains and holds are scoped by.
+type PodAddressesNow = HashMap<u32, Vec<IpAddr>>;
+
+/// `scope`'s pod addresses in `addresses` (none for a scope of no namespace).
+fn addresses_of(scope: &Filter, addresses: &PodAddressesNow) -> Vec<IpAddr> {
+    scope
+        .netns
+        .and_then(|netns| addresses.get(&netns))
+        .cloned()
+        .unwrap_or_default()
+}
+
 impl SavedDrain {
-    fn of(drain: &Running, now: tokio::time::Instant, now_ms: u64) -> Self {
+    fn of(
+        drain: &Running,
+        now: tokio::time::Instant,
+        now_ms: u64,
+        addresses: &PodAddressesNow,
+    ) -> Self {
         let (spec, deadline) = (&drain.spec, drain.deadline);
         Self {
+            addresses: addresses_of(&spec.filter, addresses),
             netns_cookie: drain.netns_cookie,
             waiters_only: !drain.posted.load(Ordering::Acquire),
             record: DrainRecord {
@@ -284,7 +319,7 @@ impl Drains {
     /// The drains only `/drained` waiters started come last, and only within the file's
     /// limit ([`SavedDrains::add_waiters_drains`]): never at the cost of a POSTed drain or
     /// a held gate.
-    fn saved(&self, role: Role) -> Option<SavedDrains> {
+    fn saved(&self, role: Role, addresses: &PodAddressesNow) -> Option<SavedDrains> {
         if self.tracker.shutting_down() {
             return None;
         }
@@ -301,7 +336,7 @@ impl Drains {
                         .contains(&DrainIdentity::of(&lock(&drain.record)))
                 })
             })
-            .map(|drain| SavedDrain::of(drain, now, now_ms))
+            .map(|drain| SavedDrain::of(drain, now, now_ms, addresses))
             .partition(|drain| drain.waiters_only);
         let held = lock(&self.held)
             .iter()
@@ -323,6 +358,7 @@ impl Drains {
                     AtEnd::Unknown => None,
                 },
                 until_ms: saved_end(hold.until, now, now_ms),
+                addresses: addresses_of(scope, addresses),
             })
             .collect();
         let (cancelled, released) = theirs.map_or_else(Default::default, |overlap| {
@@ -354,9 +390,18 @@ impl Drains {
         let Some(file) = self.state.clone() else {
             return Saved::Yes;
         };
+        let mut addresses = PodAddressesNow::new();
+        if let Some(pods) = &self.pods {
+            // Read again if stale (at most once per `HIT_REFRESH`), not under a lock.
+            for netns in self.scoped_namespaces() {
+                addresses.insert(netns, pods.addresses_of(netns).await);
+            }
+        }
         let drains = Arc::clone(self);
-        let written =
-            tokio::task::spawn_blocking(move || file.write_with(|role| drains.saved(role))).await;
+        let written = tokio::task::spawn_blocking(move || {
+            file.write_with(|role| drains.saved(role, &addresses))
+        })
+        .await;
         match written {
             Ok(written) => Self::saved_as(written),
             Err(problem) => {
@@ -369,7 +414,70 @@ impl Drains {
     /// [`Drains::save`] on this thread: at start-up ([`Drains::restore`]), which reads the
     /// files on it too.
     fn save_here(&self, file: &StateFile) -> Saved {
-        Self::saved_as(file.write_with(|role| self.saved(role)))
+        let addresses: PodAddressesNow = self.pods.as_ref().map_or_else(Default::default, |pods| {
+            self.scoped_namespaces()
+                .into_iter()
+                .map(|netns| (netns, pods.addresses_of_as_read(netns)))
+                .collect()
+        });
+        Self::saved_as(file.write_with(|role| self.saved(role, &addresses)))
+    }
+
+    /// The namespaces the drains in progress and the held gates are scoped by: the pods
+    /// whose addresses a save keeps with them ([`SavedDrain::addresses`]).
+    fn scoped_namespaces(&self) -> HashSet<u32> {
+        let mut namespaces: HashSet<u32> = lock(&self.running)
+            .keys()
+            .filter_map(|scope| scope.netns)
+            .collect();
+        namespaces.extend(lock(&self.held).keys().filter_map(|scope| scope.netns));
+        namespaces
+    }
+
+    /// [`Drains::keep_pod_addresses`] of the other agent's file just read (an upgrade's
+    /// overlap: a drain or hold made there after this agent started).
+    fn keep_looked_addresses(&self, looked: &Looked) {
+        if let Looked::Read(_, saved, _) = looked {
+            self.keep_pod_addresses(saved);
+        }
+    }
+
+    /// The addresses `saved` keeps with its namespaces' drains and holds
+    /// ([`SavedDrain::addresses`]), taken as maybe those namespaces' for as long as each
+    /// could gate (a drain: to its deadline, its close and the hold after it; a hold: to its
+    /// end), at most `FORMER_KEPT` from now ([`PodAddresses::keep_former`]). Whatever is
+    /// restored of it: such an address only makes a question about it be asked in that
+    /// namespace too, never gates by itself.
+    ///
+    /// [`PodAddresses::keep_former`]: crate::sys::pod_addresses::PodAddresses::keep_former
+    fn keep_pod_addresses(&self, saved: &SavedDrains) {
+        let Some(pods) = &self.pods else {
+            return;
+        };
+        let now_ms = unix_ms();
+        let now = tokio::time::Instant::now();
+        let after_a_drain = millis(CLOSING_ALLOWANCE + crate::drain::GATE_HOLD);
+        let drains = saved.drains.iter().map(|drain| {
+            (
+                drain.record.netns,
+                drain.netns_cookie,
+                &drain.addresses,
+                drain.deadline_ms.saturating_add(after_a_drain),
+            )
+        });
+        let held = saved
+            .held
+            .iter()
+            .map(|hold| (hold.netns, None, &hold.addresses, hold.until_ms));
+        for (netns, cookie, addresses, until_ms) in drains.chain(held) {
+            if let Some(netns) = netns
+                && !addresses.is_empty()
+                && until_ms > now_ms
+            {
+                let until = now + Duration::from_millis(until_ms - now_ms);
+                pods.keep_former(netns, cookie, addresses, until);
+            }
+        }
     }
 
     /// What a write of the state says of the drains: a failure logged.
@@ -584,7 +692,21 @@ impl Drains {
         let Some(file) = &self.state else {
             return;
         };
-        if !file.is_writer() || !self.look_beside(file).await {
+        if !file.is_writer() {
+            // Beside the writer: its file looked at before the question is resolved, for
+            // the pod addresses kept with its drains and holds (`keep_looked_addresses`:
+            // an address that left its pod before this agent started names it here too).
+            if lock(&self.overlap).is_some() {
+                let last = lock(&self.writer_view).read;
+                let looked =
+                    WriterView::look(last, file, Which::State, tokio::time::Instant::now());
+                self.keep_looked_addresses(&looked);
+                let reads_from = self.listener_reads.mark();
+                lock(&self.writer_view).apply(looked, Which::State, reads_from);
+            }
+            return;
+        }
+        if !self.look_beside(file).await {
             return;
         }
         match self.fold_in_orphan(file).await {
@@ -768,6 +890,7 @@ impl Drains {
     /// saved POSTed one ([`Running::hand_over`]: its waiters wait on that one). Returns what
     /// it restored.
     fn restore_saved(self: &Arc<Self>, saved: SavedDrains, overlap: Option<&Overlap>) -> Overlap {
+        self.keep_pod_addresses(&saved);
         let path = self
             .state
             .as_ref()
@@ -1136,6 +1259,7 @@ impl Drains {
             let mut view = lock(&self.writer_view);
             let now = tokio::time::Instant::now();
             let looked = WriterView::look(view.read, file, Which::State, now);
+            self.keep_looked_addresses(&looked);
             view.apply(looked, Which::State, self.listener_reads.mark());
             view.seen.verdict(
                 asked,
@@ -1221,6 +1345,7 @@ impl Drains {
                         now,
                     )
                 });
+        self.keep_looked_addresses(&looked);
         let reads_from = self.listener_reads.mark();
         let mut view = lock(&self.beside_view);
         view.apply(looked, Which::Next, reads_from);
@@ -1261,6 +1386,7 @@ impl Drains {
             // whenever the file changed since the read applied last.
             let last = lock(&self.writer_view).read;
             let looked = WriterView::look(last, file, Which::State, tokio::time::Instant::now());
+            self.keep_looked_addresses(&looked);
             let reads_from = self.listener_reads.mark();
             let mut view = lock(&self.writer_view);
             view.apply(looked, Which::State, reads_from);
@@ -1272,6 +1398,7 @@ impl Drains {
             if let Ok(_one_at_a_time) = self.beside_looking.try_lock() {
                 let last = lock(&self.beside_view).read;
                 let looked = WriterView::look(last, file, Which::Next, tokio::time::Instant::now());
+                self.keep_looked_addresses(&looked);
                 let reads_from = self.listener_reads.mark();
                 lock(&self.beside_view).apply(looked, Which::Next, reads_from);
             }
@@ -1556,6 +1683,7 @@ mod tests {
             quiet_ms: 0,
             ignore: vec!["2001:db8::/128".to_owned(); ignore],
             idle_ms: None,
+            addresses: Vec::new(),
             pace: 0,
             given: SavedGiven {
                 on_timeout: false,

@@ -202,8 +202,9 @@ struct Former {
     netns: u32,
     /// ...and by cookie, as read when it held it.
     cookie: Option<u64>,
-    /// Since when it names none.
-    since: Instant,
+    /// Until when it is kept: [`FORMER_KEPT`] after it named none (as read), or as long as
+    /// a restored drain or hold of its namespace could gate ([`PodAddresses::keep_former`]).
+    until: Instant,
 }
 
 #[derive(Default)]
@@ -212,7 +213,7 @@ struct Snapshot {
     owners: HashMap<IpAddr, u32>,
     /// Addresses of two or more namespaces: all of them.
     shared: HashMap<IpAddr, Vec<u32>>,
-    /// Addresses that named a pod and name none now: that pod, and since when.
+    /// Addresses that named a pod and name none now: that pod, and until when.
     former: HashMap<IpAddr, Former>,
     /// Each namespace's cookie, as read.
     cookies: HashMap<u32, Option<u64>>,
@@ -263,7 +264,7 @@ impl Snapshot {
         // Even when its inode is another namespace now: a drain of the pod that held it is
         // known by that inode only (fail closed, SECURITY.md).
         if let Some(former) = self.former.get(&addr)
-            && now.saturating_duration_since(former.since) < FORMER_KEPT
+            && now < former.until
         {
             maybe.push(former.netns);
         }
@@ -295,9 +296,7 @@ impl Snapshot {
                 self.former
                     .iter()
                     .filter(|&(_, former)| {
-                        former.netns == netns
-                            && now.saturating_duration_since(former.since) < FORMER_KEPT
-                            && self.still_holder(former)
+                        former.netns == netns && now < former.until && self.still_holder(former)
                     })
                     .map(|(&addr, _)| addr),
             )
@@ -395,9 +394,7 @@ fn former_after(
 ) -> HashMap<IpAddr, Former> {
     let mut former: HashMap<IpAddr, Former> = before
         .iter()
-        .filter(|(addr, kept)| {
-            !owners.contains_key(addr) && now.saturating_duration_since(kept.since) < FORMER_KEPT
-        })
+        .filter(|(addr, kept)| !owners.contains_key(addr) && now < kept.until)
         .map(|(&addr, &kept)| (addr, kept))
         .collect();
     for (&addr, &netns) in owned_before {
@@ -407,14 +404,14 @@ fn former_after(
                 Former {
                     netns,
                     cookie: cookies_before.get(&netns).copied().flatten(),
-                    since: now,
+                    until: now + FORMER_KEPT,
                 },
             );
         }
     }
     if former.len() > FORMER_MAX {
         let mut newest: Vec<(IpAddr, Former)> = former.into_iter().collect();
-        newest.sort_unstable_by_key(|&(_, kept)| std::cmp::Reverse(kept.since));
+        newest.sort_unstable_by_key(|&(_, kept)| std::cmp::Reverse(kept.until));
         newest.truncate(FORMER_MAX);
         former = newest.into_iter().collect();
     }
@@ -428,6 +425,42 @@ impl PodAddresses {
             source,
             snapshot: Mutex::new(Snapshot::default()),
             reading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// After a restart, or beside the other agent of an upgrade's overlap: `addresses`, saved
+    /// with a drain or held gate of namespace `netns` (`drain/saved.rs`; `cookie`: that
+    /// namespace's, when known), are taken as maybe `netns`'s until `until` — as long as that
+    /// drain or hold could gate — and at most [`FORMER_KEPT`] from now: as an address that
+    /// left a pod while this agent ran is ([`Snapshot::former`]). This map is in memory
+    /// only and a fresh one never saw an address that left before the start: a question
+    /// about it was asked in the node's namespace and missed the pod's restored drain.
+    /// One that names a pod as read is that pod's ([`Snapshot::named`]: believed, and the
+    /// next read forgets it here); loopback and the like are never kept.
+    pub fn keep_former(
+        &self,
+        netns: u32,
+        cookie: Option<u64>,
+        addresses: &[IpAddr],
+        until: Instant,
+    ) {
+        let until = until.min(Instant::now() + FORMER_KEPT);
+        let mut snapshot = self.snapshot.lock().unwrap_or_else(PoisonError::into_inner);
+        for &addr in addresses {
+            let addr = canonical_addr(addr);
+            if !may_name_a_pod(addr) || snapshot.owners.contains_key(&addr) {
+                continue;
+            }
+            let kept = Former {
+                netns,
+                cookie,
+                until,
+            };
+            // One namespace per address: the one kept longer.
+            let entry = snapshot.former.entry(addr).or_insert(kept);
+            if entry.until < until {
+                *entry = kept;
+            }
         }
     }
 
@@ -495,6 +528,15 @@ impl PodAddresses {
         if read_at.is_none_or(|at| now.saturating_duration_since(at) >= HIT_REFRESH) {
             self.refresh(read_at).await;
         }
+        self.snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .addresses_of(netns, Instant::now())
+    }
+
+    /// [`PodAddresses::addresses_of`] as last read, without reading again (a save at
+    /// start-up, on its thread).
+    pub fn addresses_of_as_read(&self, netns: u32) -> Vec<IpAddr> {
         self.snapshot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -958,7 +1000,7 @@ mod tests {
                 Former {
                     netns: 7,
                     cookie: None,
-                    since: start,
+                    until: start + FORMER_KEPT,
                 },
             );
         }
@@ -978,7 +1020,7 @@ mod tests {
             Some(&Former {
                 netns: 8,
                 cookie: Some(80),
-                since: later
+                until: later + FORMER_KEPT
             }),
             "the newest is kept, with its namespace's cookie"
         );
