@@ -27,3 +27,33 @@ pub fn skip(test: &str, why: &str) {
     );
     let _ = out.flush();
 }
+
+/// This host's socket-table entry of `stream` (a connection of the test's own), or `None`
+/// after [`skip`] when the socket tables do not answer or cannot be read: for tests that need
+/// them (the owner checks).
+pub fn socket_of_or_skip(
+    test: &str,
+    stream: &std::net::TcpStream,
+) -> Option<crate::sys::sockdiag::TcpSocket> {
+    let found = crate::sys::sockdiag::find_one(
+        stream.peer_addr().expect("peer"),
+        stream.local_addr().expect("local"),
+    );
+    match found {
+        Ok(Some(socket)) => Some(socket),
+        Ok(None) => {
+            skip(
+                test,
+                "this host's socket tables do not answer (no inet_diag/tcp_diag)",
+            );
+            None
+        }
+        Err(problem) => {
+            skip(
+                test,
+                &format!("this host's socket tables cannot be read: {problem:#}"),
+            );
+            None
+        }
+    }
+}

@@ -306,26 +306,8 @@ mod tests {
         let stream =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_accepted, _) = listener.accept().expect("accept");
-        let ours = crate::sys::sockdiag::find_one(
-            stream.peer_addr().expect("peer"),
-            stream.local_addr().expect("local"),
-        );
-        let ours = match ours {
-            Ok(Some(ours)) => ours,
-            Ok(None) => {
-                crate::test_skip::skip(
-                    test,
-                    "this host's socket tables do not answer (no inet_diag/tcp_diag)",
-                );
-                return;
-            }
-            Err(problem) => {
-                crate::test_skip::skip(
-                    test,
-                    &format!("this host's socket tables cannot be read: {problem:#}"),
-                );
-                return;
-            }
+        let Some(ours) = crate::test_skip::socket_of_or_skip(test, &stream) else {
+            return;
         };
         let agents_end_only =
             |local: SocketAddr, _: SocketAddr| Ok((local == server).then(|| ours.clone()));

@@ -859,25 +859,8 @@ mod tests {
         // the backlog, and when the agent reads it cannot be told).
         let probe = std::net::TcpStream::connect(address).expect("connect");
         let (_accepted, _) = listener.accept().expect("accept");
-        match crate::sys::sockdiag::find_one(
-            probe.peer_addr().expect("peer"),
-            probe.local_addr().expect("local"),
-        ) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                crate::test_skip::skip(
-                    test,
-                    "this host's socket tables do not answer (no inet_diag/tcp_diag)",
-                );
-                return;
-            }
-            Err(problem) => {
-                crate::test_skip::skip(
-                    test,
-                    &format!("this host's socket tables cannot be read: {problem:#}"),
-                );
-                return;
-            }
+        if crate::test_skip::socket_of_or_skip(test, &probe).is_none() {
+            return;
         }
         drop(probe);
         // The agent starts serving 1.5 s after its listener was bound.
