@@ -666,6 +666,16 @@ impl ReferenceProgram {
     pub fn attach_sized(reference: Reference, entries: u32) -> Result<Self> {
         use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH};
         let mut endpoints = None;
+        // A socket-keyed map of `SockEntry`-sized values, `SOCKETS`' size.
+        let socket_map = |preallocated: bool| {
+            create_map(
+                BPF_MAP_TYPE_HASH as u32,
+                8,
+                SOCK_ENTRY_BYTES,
+                entries,
+                map_flags(preallocated),
+            )
+        };
         let (map, insns) = match reference {
             Reference::Line => {
                 let map = create_map(
@@ -679,36 +689,17 @@ impl ReferenceProgram {
                 (map, insns)
             }
             Reference::Hash { preallocated } => {
-                let flags = map_flags(preallocated);
-                let map = create_map(
-                    BPF_MAP_TYPE_HASH as u32,
-                    8,
-                    SOCK_ENTRY_BYTES,
-                    entries,
-                    flags,
-                )?;
+                let map = socket_map(preallocated)?;
                 let insns = hash_program(&map)?;
                 (map, insns)
             }
             Reference::Timed => {
-                let map = create_map(
-                    BPF_MAP_TYPE_HASH as u32,
-                    8,
-                    SOCK_ENTRY_BYTES,
-                    entries,
-                    map_flags(false),
-                )?;
+                let map = socket_map(false)?;
                 let insns = timed_program(&map)?;
                 (map, insns)
             }
             Reference::Counted => {
-                let map = create_map(
-                    BPF_MAP_TYPE_HASH as u32,
-                    8,
-                    SOCK_ENTRY_BYTES,
-                    entries,
-                    map_flags(false),
-                )?;
+                let map = socket_map(false)?;
                 let counts = create_map(
                     BPF_MAP_TYPE_HASH as u32,
                     ENDPOINT_KEY_BYTES,
