@@ -1005,6 +1005,16 @@ impl owner::PortOwners for HeldOwners {
     }
 }
 
+/// A was answered drained; B, which asked while a connection was open, was not, and saw it.
+fn a_got_drained_b_waited(first: &waiter::Answer, second: &waiter::Answer) {
+    assert!(first.outcome.drained, "A's verdict: {first:?}");
+    assert!(
+        !second.outcome.drained,
+        "B asked while a connection was open and got A's verdict: {second:?}"
+    );
+    assert_eq!(second.outcome.active, 1, "{second:?}");
+}
+
 /// Two `/drained` waiters of one scope: A's drain reaches "drained" (its count set to 0),
 /// `arm`ed then (a hold: its entered, its release), holds the drain between the start of
 /// its wait's last read and its end, a connection opens, and B asks meanwhile. Returns A's
@@ -1089,12 +1099,7 @@ async fn a_pods_waiter_arriving_while_its_drain_checks_the_namespace_does_not_ge
     };
     let arm = || namespaces.hold.arm();
     let (first, second) = a_late_waiter(&source, &drains, ask, pod, arm).await;
-    assert!(first.outcome.drained, "A's verdict: {first:?}");
-    assert!(
-        !second.outcome.drained,
-        "B asked while a connection was open and got A's verdict: {second:?}"
-    );
-    assert_eq!(second.outcome.active, 1, "{second:?}");
+    a_got_drained_b_waited(&first, &second);
     assert_ne!(second.drain, first.drain, "B joined the decided drain");
 }
 
@@ -1126,12 +1131,7 @@ async fn a_local_users_waiter_arriving_while_its_drain_checks_the_port_does_not_
     let node = |active| vec![endpoint("127.0.0.1", 8080, active)];
     let arm = || owners.0.arm();
     let (first, second) = a_late_waiter(&source, &drains, ask, node, arm).await;
-    assert!(first.outcome.drained, "A's verdict: {first:?}");
-    assert!(
-        !second.outcome.drained,
-        "B asked while a connection was open and got A's verdict: {second:?}"
-    );
-    assert_eq!(second.outcome.active, 1, "{second:?}");
+    a_got_drained_b_waited(&first, &second);
     assert_ne!(second.drain, first.drain, "B joined the decided drain");
 }
 
@@ -1151,12 +1151,7 @@ async fn a_waiter_arriving_during_the_verdicts_read_does_not_get_it() {
     };
     let node = |active| vec![endpoint("127.0.0.1", 8080, active)];
     let (first, second) = a_late_waiter(&source, &drains, plain_hook, node, arm).await;
-    assert!(first.outcome.drained, "A's verdict: {first:?}");
-    assert!(
-        !second.outcome.drained,
-        "B asked while a connection was open and got A's verdict: {second:?}"
-    );
-    assert_eq!(second.outcome.active, 1, "{second:?}");
+    a_got_drained_b_waited(&first, &second);
 }
 
 /// Audit (drain lifecycle): a restored `on_timeout=close` drain whose deadline passed while
