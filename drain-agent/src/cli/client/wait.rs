@@ -89,9 +89,10 @@ fn wait_query(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> Str
 }
 
 /// Whether the request asking `slice` when `until_deadline` is left carries the close at
-/// the deadline (`--close-at-timeout`): only the last, whose deadline is the wait's own.
+/// the deadline (`--close-at-timeout`): only the last, whose deadline is the wait's own,
+/// and never a pure query (`timeout=0` closes nothing: the agent refuses the pair).
 fn closes(args: &WaitArgs, slice: Duration, until_deadline: Duration) -> bool {
-    args.close_at_timeout && slice == until_deadline
+    args.close_at_timeout && slice == until_deadline && !slice.is_zero()
 }
 
 /// When `wait` gives up on the request asking `slice` (sent now) when `until_deadline` is
@@ -434,8 +435,14 @@ pub fn wait(args: &WaitArgs) -> ExitCode {
         if Instant::now() >= deadline {
             break problem;
         }
-        last_problem = Some(problem);
         std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+        // A pause that ran to the deadline (a 429's Retry-After, a retry's pause with less
+        // left) leaves nothing to ask: the wait ends with what it last heard, as at the
+        // deadline above (asking then was a pure query, `timeout=0`, with the close: `400`).
+        if Instant::now() >= deadline {
+            break problem;
+        }
+        last_problem = Some(problem);
     };
     finish(args, last_problem, None)
 }
@@ -601,6 +608,42 @@ mod tests {
         // it was about ten times.
         let asked = asked.requests().len();
         assert!((2..=4).contains(&asked), "asked {asked} times in 2.5 s");
+    }
+
+    /// Audit (a second look): a pause that ran to the deadline (here a 429's `Retry-After`
+    /// longer than what was left) was followed by one more request, asking `timeout=0ms`
+    /// with `on_timeout=close`, which the agent refuses (`400`: a pure query closes
+    /// nothing): `wait` exited 2, "the agent refused the request", not 1.
+    #[test]
+    fn a_pause_that_runs_to_the_deadline_ends_the_wait_not_drained() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let agent = fake_agent_on(listener, |target| {
+            if target.contains("timeout=0ms") && target.contains("on_timeout=close") {
+                (
+                    "400 Bad Request".to_owned(),
+                    r#"{"error":"on_timeout: a pure query (timeout=0) answers at once and closes nothing"}"#.to_owned(),
+                )
+            } else {
+                (
+                    "429 Too Many Requests\r\nretry-after: 2".to_owned(),
+                    r#"{"error":"8 requests are waiting already (--max-waiters); retry later"}"#
+                        .to_owned(),
+                )
+            }
+        });
+        let exit = wait(&wait_args(
+            &agent.agent,
+            &["--timeout", "1s", "--close-at-timeout"],
+        ));
+        let requests = agent.requests();
+        assert_eq!(exit, ExitCode::from(EXIT_NOT_DRAINED), "{requests:#?}");
+        assert!(
+            requests
+                .iter()
+                .all(|target| !(target.contains("timeout=0ms")
+                    && target.contains("on_timeout=close"))),
+            "{requests:#?}"
+        );
     }
 
     /// Audit (drain rules): `wait --timeout 20m --close-at-timeout` asked its first slice
