@@ -266,14 +266,17 @@ pub(super) fn refused(status: u16) -> bool {
 /// next request is sent ([`SLICE_GAP`] later). The last request is the one that may end
 /// drained with its own quiet window and close at the deadline (`--close-at-timeout`): with
 /// less than `quiet` left for it, no request would close. Where both cannot be (more than 10
-/// minutes left, but less than about twice `quiet`), the longest slice.
+/// minutes left, but less than about twice `quiet`), the longest slice. The last request
+/// is given at least [`LAST_SLICE_LEAST`] also without a quiet window: a wait of 10 minutes
+/// and 200 ms asked 10 minutes first, had nothing left to ask after the gap, and with
+/// `--close-at-timeout` closed nothing at all.
 fn next_slice(until_deadline: Duration, quiet: Duration) -> Duration {
     if until_deadline <= MAX_SLICE {
         return until_deadline;
     }
-    let last = quiet + SLICE_GAP;
+    let last = quiet.max(LAST_SLICE_LEAST) + SLICE_GAP;
     let rest = until_deadline - MAX_SLICE;
-    if quiet.is_zero() || rest >= last {
+    if rest >= last {
         return MAX_SLICE;
     }
     // Less than MAX_SLICE, since `rest` < `last`.
@@ -284,6 +287,10 @@ fn next_slice(until_deadline: Duration, quiet: Duration) -> Duration {
         MAX_SLICE
     }
 }
+
+/// The least the last request of a sliced wait asks for ([`next_slice`]): time for the
+/// agent to read it and answer, and to close at the deadline.
+const LAST_SLICE_LEAST: Duration = Duration::from_secs(1);
 
 /// What passes between one slice's end and the next request: the pause before asking
 /// again, and the answer's way back (the agent answers a slice at its deadline).
@@ -809,6 +816,52 @@ mod tests {
             assert!(
                 !last.contains("continues"),
                 "{timeout:?} with --quiet {quiet:?}: the last request says the wait continues: {queries:#?}"
+            );
+        }
+    }
+
+    /// Audit (a second look): a wait just over 10 minutes asked 10 minutes first and had
+    /// less than the gap left after it: no request followed, and with `--close-at-timeout`
+    /// nothing closed at the deadline. The last request now gets at least a second.
+    #[test]
+    fn a_wait_just_over_ten_minutes_closes_at_its_deadline() {
+        let minute = Duration::from_secs(60);
+        for timeout in [
+            10 * minute + Duration::from_millis(1),
+            10 * minute + Duration::from_millis(200),
+            10 * minute + Duration::from_millis(1_700),
+            20 * minute + Duration::from_millis(300),
+        ] {
+            let args = wait_args(
+                "http://127.0.0.1:1",
+                &[
+                    "--timeout",
+                    &format!("{}ms", timeout.as_millis()),
+                    "--close-at-timeout",
+                ],
+            );
+            // As the wait's loop goes when every slice runs out.
+            let mut left = timeout;
+            let mut queries = Vec::new();
+            while !left.is_zero() {
+                let slice = next_slice(left, args.quiet);
+                queries.push(wait_query(&args, slice, left));
+                left = left.saturating_sub(slice + SLICE_GAP);
+            }
+            let Some(last) = queries.last() else {
+                panic!("no request");
+            };
+            assert!(
+                last.contains("on_timeout=close") && !last.contains("timeout=0ms"),
+                "{timeout:?}: the last request does not close: {queries:#?}"
+            );
+            assert!(
+                queries
+                    .iter()
+                    .filter(|q| q.contains("on_timeout=close"))
+                    .count()
+                    == 1,
+                "{timeout:?}: {queries:#?}"
             );
         }
     }
